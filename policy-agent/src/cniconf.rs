@@ -1,0 +1,1 @@
+//! Rendering and atomic writing of the conflist (see ARCHITECTURE.md, "Conflist").
