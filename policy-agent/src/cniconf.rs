@@ -1,1 +1,824 @@
 //! Rendering and atomic writing of the conflist (see ARCHITECTURE.md, "Conflist").
+//!
+//! [`render`] is pure: the node's podCIDRs and a few settings in, the conflist text out. [`write`]
+//! puts that text at `<cniConfDir>/10-palisade.conflist` atomically (temp file in the same directory,
+//! fsync, rename, fsync of the directory) and leaves the file alone when its content is already what
+//! we want, so the runtime never sees a half-written file nor a pointless change. [`remove`] is for
+//! `palisade-agent cleanup`.
+
+use ipnet::IpNet;
+use palisade_contract::{BUILTIN_IPAM_TYPE, CONFLIST_FILE, NETWORK_NAME, PLUGIN_TYPE};
+use serde::Serialize;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Spec version of the conflist. libcni picks the highest of `cniVersion` ∪ `cniVersions` it knows.
+pub const CNI_VERSION: &str = "1.1.0";
+/// Every spec version we advertise; the plugin answers results in both.
+pub const CNI_VERSIONS: [&str; 2] = ["1.0.0", "1.1.0"];
+/// Type of the chained plugin that implements `hostPort`.
+pub const PORTMAP_TYPE: &str = "portmap";
+/// Smallest MTU we accept (the IPv4 minimum datagram every host must take).
+pub const MIN_MTU: u32 = 576;
+/// Smallest MTU of a link that carries IPv6 (RFC 8200).
+pub const MIN_MTU_V6: u32 = 1280;
+/// Largest MTU a Linux veth takes.
+pub const MAX_MTU: u32 = 65535;
+/// Mode of the written conflist: the runtime reads it as root; nothing in it is secret.
+const CONFLIST_MODE: u32 = 0o644;
+
+/// Everything wrong that can happen while rendering, writing or removing the conflist.
+#[derive(Debug, thiserror::Error)]
+pub enum CniConfError {
+    #[error(
+        "the node has no podCIDR: set --pod-network-cidr (kubeadm) or the node's spec.podCIDRs"
+    )]
+    NoPodCidr,
+    #[error("podCIDR {0:?} is not a CIDR (want e.g. 10.244.1.0/24 or fd00:10:244:1::/64)")]
+    BadPodCidr(String),
+    #[error(
+        "podCIDR {cidr} has host bits set; its network is {network} (host-local IPAM rejects it)"
+    )]
+    HostBitsSet { cidr: IpNet, network: IpNet },
+    #[error("podCIDR {0} is too small to allocate pod addresses from")]
+    PodCidrTooSmall(IpNet),
+    #[error(
+        "podCIDRs {0} and {1} are of the same address family; a node has at most one per family"
+    )]
+    SameFamilyTwice(IpNet, IpNet),
+    #[error("mtu {mtu} is out of range {min}..={max}")]
+    BadMtu { mtu: u32, min: u32, max: u32 },
+    #[error("{what} {path:?} must be an absolute UTF-8 path")]
+    BadPath { what: &'static str, path: PathBuf },
+    #[error("cannot serialize the conflist: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("cannot {action} {path:?}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CniConfError {
+    let path = path.to_path_buf();
+    move |source| CniConfError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// What the conflist depends on: the node's podCIDRs and the agent's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflistParams {
+    /// The node's `spec.podCIDRs` (one IPv4 and/or one IPv6), in the node's order.
+    pub pod_cidrs: Vec<IpNet>,
+    /// MTU of the pod interfaces.
+    pub mtu: u32,
+    /// The plugin's state directory (lock, attachment records).
+    pub state_dir: PathBuf,
+    /// Where the built-in IPAM keeps its host-local layout.
+    pub ipam_data_dir: PathBuf,
+    /// Wire pods even when our nft table is missing (no pending mark) instead of failing ADD.
+    pub fail_open: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Conflist<'a> {
+    cni_version: &'static str,
+    cni_versions: [&'static str; 2],
+    name: &'static str,
+    plugins: (PalisadeConf<'a>, PortmapConf),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PalisadeConf<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    mtu: u32,
+    state_dir: &'a str,
+    fail_open: bool,
+    ipam: Ipam<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Ipam<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    data_dir: &'a str,
+    /// One range set per podCIDR, each with one range.
+    ranges: Vec<[Range; 1]>,
+}
+
+#[derive(Serialize)]
+struct Range {
+    subnet: IpNet,
+}
+
+#[derive(Serialize)]
+struct PortmapConf {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    capabilities: PortmapCapabilities,
+    snat: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PortmapCapabilities {
+    port_mappings: bool,
+}
+
+/// Parses the node's `spec.podCIDRs` strings, naming the first bad one.
+pub fn parse_pod_cidrs<S: AsRef<str>>(cidrs: &[S]) -> Result<Vec<IpNet>, CniConfError> {
+    cidrs
+        .iter()
+        .map(|s| {
+            let s = s.as_ref();
+            s.trim()
+                .parse::<IpNet>()
+                .map_err(|_| CniConfError::BadPodCidr(s.to_string()))
+        })
+        .collect()
+}
+
+fn check_pod_cidrs(cidrs: &[IpNet]) -> Result<(), CniConfError> {
+    if cidrs.is_empty() {
+        return Err(CniConfError::NoPodCidr);
+    }
+    for (i, cidr) in cidrs.iter().enumerate() {
+        if cidr.trunc() != *cidr {
+            return Err(CniConfError::HostBitsSet {
+                cidr: *cidr,
+                network: cidr.trunc(),
+            });
+        }
+        // host-local refuses networks without two host bits (/31, /32, /127, /128).
+        if cidr.prefix_len() + 2 > cidr.max_prefix_len() {
+            return Err(CniConfError::PodCidrTooSmall(*cidr));
+        }
+        if let Some(other) = cidrs[..i]
+            .iter()
+            .find(|o| o.addr().is_ipv4() == cidr.addr().is_ipv4())
+        {
+            return Err(CniConfError::SameFamilyTwice(*other, *cidr));
+        }
+    }
+    Ok(())
+}
+
+fn abs_utf8<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, CniConfError> {
+    match path.to_str() {
+        Some(s) if path.is_absolute() => Ok(s),
+        _ => Err(CniConfError::BadPath {
+            what,
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// Renders the conflist (pretty JSON, trailing newline) exactly as ARCHITECTURE.md shows it.
+pub fn render(params: &ConflistParams) -> Result<String, CniConfError> {
+    check_pod_cidrs(&params.pod_cidrs)?;
+    let has_v6 = params.pod_cidrs.iter().any(|c| c.addr().is_ipv6());
+    let min = if has_v6 { MIN_MTU_V6 } else { MIN_MTU };
+    if !(min..=MAX_MTU).contains(&params.mtu) {
+        return Err(CniConfError::BadMtu {
+            mtu: params.mtu,
+            min,
+            max: MAX_MTU,
+        });
+    }
+    let conflist = Conflist {
+        cni_version: CNI_VERSION,
+        cni_versions: CNI_VERSIONS,
+        name: NETWORK_NAME,
+        plugins: (
+            PalisadeConf {
+                kind: PLUGIN_TYPE,
+                mtu: params.mtu,
+                state_dir: abs_utf8("stateDir", &params.state_dir)?,
+                fail_open: params.fail_open,
+                ipam: Ipam {
+                    kind: BUILTIN_IPAM_TYPE,
+                    data_dir: abs_utf8("ipam dataDir", &params.ipam_data_dir)?,
+                    ranges: params
+                        .pod_cidrs
+                        .iter()
+                        .map(|c| [Range { subnet: *c }])
+                        .collect(),
+                },
+            },
+            PortmapConf {
+                kind: PORTMAP_TYPE,
+                capabilities: PortmapCapabilities {
+                    port_mappings: true,
+                },
+                snat: true,
+            },
+        ),
+    };
+    let mut text = serde_json::to_string_pretty(&conflist)?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// Path of our conflist in `conf_dir`.
+pub fn conflist_path(conf_dir: &Path) -> PathBuf {
+    conf_dir.join(CONFLIST_FILE)
+}
+
+/// What [`write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The file was created or replaced.
+    Written,
+    /// The file already held exactly this content; nothing was touched.
+    Unchanged,
+}
+
+/// Writes `content` to `<conf_dir>/10-palisade.conflist` atomically; skips the write when the file
+/// already holds exactly `content`. Creates `conf_dir` when missing.
+pub fn write(conf_dir: &Path, content: &str) -> Result<WriteOutcome, CniConfError> {
+    let path = conflist_path(conf_dir);
+    match fs::read(&path) {
+        Ok(current) if current == content.as_bytes() => return Ok(WriteOutcome::Unchanged),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("read", &path)(e)),
+    }
+    fs::create_dir_all(conf_dir).map_err(io_err("create directory", conf_dir))?;
+    // A leading dot and a `.tmp` extension: libcni only loads `.conf`, `.conflist` and `.json`.
+    let tmp = conf_dir.join(format!(".{CONFLIST_FILE}.{}.tmp", std::process::id()));
+    let result = write_then_rename(&tmp, &path, content.as_bytes());
+    if result.is_err() {
+        // Best effort: the error that matters is the one we return.
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(conf_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", conf_dir))?;
+    Ok(WriteOutcome::Written)
+}
+
+fn write_then_rename(tmp: &Path, path: &Path, content: &[u8]) -> Result<(), CniConfError> {
+    // A temp file left by a crashed agent with our pid is stale: start afresh.
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove stale temp file", tmp)(e)),
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(CONFLIST_MODE)
+        .open(tmp)
+        .map_err(io_err("create", tmp))?;
+    file.write_all(content).map_err(io_err("write", tmp))?;
+    file.sync_all().map_err(io_err("fsync", tmp))?;
+    drop(file);
+    fs::rename(tmp, path).map_err(io_err("rename into place", path))
+}
+
+/// Removes our conflist from `conf_dir`. Returns whether there was one; a missing file is no error.
+pub fn remove(conf_dir: &Path) -> Result<bool, CniConfError> {
+    let path = conflist_path(conf_dir);
+    match fs::remove_file(&path) {
+        Ok(()) => {
+            File::open(conf_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("fsync directory", conf_dir))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("remove", &path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    fn unique(prefix: &str) -> String {
+        format!(
+            "{prefix}{}n{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        )
+    }
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(unique("palisade-cniconf-"));
+            fs::create_dir_all(&dir).expect("create temp dir");
+            TempDir(dir)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn cidrs(list: &[&str]) -> Vec<IpNet> {
+        parse_pod_cidrs(list).expect("valid test cidrs")
+    }
+
+    fn params(list: &[&str]) -> ConflistParams {
+        ConflistParams {
+            pod_cidrs: cidrs(list),
+            mtu: 1500,
+            state_dir: PathBuf::from("/var/lib/palisade"),
+            ipam_data_dir: PathBuf::from("/var/lib/cni/networks"),
+            fail_open: false,
+        }
+    }
+
+    fn dual_stack() -> ConflistParams {
+        params(&["10.244.1.0/24", "fd00:10:244:1::/64"])
+    }
+
+    fn rendered(p: &ConflistParams) -> Value {
+        serde_json::from_str(&render(p).expect("render")).expect("rendered text is JSON")
+    }
+
+    #[test]
+    fn render_matches_the_architecture_conflist_for_a_dual_stack_node() {
+        let want = json!({ "cniVersion": "1.1.0", "cniVersions": ["1.0.0", "1.1.0"], "name": "palisade",
+          "plugins": [
+            { "type": "palisade", "mtu": 1500, "stateDir": "/var/lib/palisade", "failOpen": false,
+              "ipam": { "type": "palisade", "dataDir": "/var/lib/cni/networks",
+                        "ranges": [[{ "subnet": "10.244.1.0/24" }], [{ "subnet": "fd00:10:244:1::/64" }]] } },
+            { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true } ] });
+        assert_eq!(rendered(&dual_stack()), want);
+    }
+
+    #[test]
+    fn render_keeps_key_order_readable_and_ends_with_newline() {
+        let text = render(&dual_stack()).unwrap();
+        assert!(text.ends_with("}\n"));
+        let pos = |k: &str| text.find(k).unwrap_or_else(|| panic!("{k} missing"));
+        assert!(pos("\"cniVersion\"") < pos("\"cniVersions\""));
+        assert!(pos("\"name\"") < pos("\"plugins\""));
+        assert!(pos("\"stateDir\"") < pos("\"ipam\""));
+    }
+
+    #[test]
+    fn render_gives_one_range_set_per_pod_cidr_in_node_order() {
+        let v4 = rendered(&params(&["10.244.7.0/24"]));
+        assert_eq!(
+            v4["plugins"][0]["ipam"]["ranges"],
+            json!([[{ "subnet": "10.244.7.0/24" }]])
+        );
+        let v6_first = rendered(&params(&["fd00:1::/64", "10.1.0.0/16"]));
+        assert_eq!(
+            v6_first["plugins"][0]["ipam"]["ranges"],
+            json!([[{ "subnet": "fd00:1::/64" }], [{ "subnet": "10.1.0.0/16" }]])
+        );
+    }
+
+    #[test]
+    fn render_carries_mtu_paths_and_fail_open() {
+        let mut p = params(&["10.0.0.0/24"]);
+        p.mtu = 1450;
+        p.state_dir = PathBuf::from("/run/pal");
+        p.ipam_data_dir = PathBuf::from("/tmp/ipam");
+        p.fail_open = true;
+        let v = rendered(&p);
+        assert_eq!(v["plugins"][0]["mtu"], 1450);
+        assert_eq!(v["plugins"][0]["stateDir"], "/run/pal");
+        assert_eq!(v["plugins"][0]["failOpen"], true);
+        assert_eq!(v["plugins"][0]["ipam"]["dataDir"], "/tmp/ipam");
+    }
+
+    #[test]
+    fn render_rejects_a_node_without_pod_cidrs() {
+        assert!(matches!(render(&params(&[])), Err(CniConfError::NoPodCidr)));
+    }
+
+    #[test]
+    fn render_rejects_pod_cidrs_with_host_bits() {
+        let err = render(&params(&["10.244.1.5/24"])).unwrap_err();
+        assert!(matches!(err, CniConfError::HostBitsSet { .. }), "{err}");
+        assert!(err.to_string().contains("10.244.1.0/24"), "{err}");
+    }
+
+    #[test]
+    fn render_rejects_pod_cidrs_too_small_to_allocate_from() {
+        for c in ["10.0.0.0/31", "10.0.0.1/32", "fd00::/127"] {
+            let err = render(&params(&[c])).unwrap_err();
+            assert!(
+                matches!(err, CniConfError::PodCidrTooSmall(_)),
+                "{c}: {err}"
+            );
+        }
+        assert!(render(&params(&["10.0.0.0/30"])).is_ok());
+    }
+
+    #[test]
+    fn render_rejects_two_pod_cidrs_of_one_family() {
+        let err = render(&params(&["10.0.0.0/24", "10.0.1.0/24"])).unwrap_err();
+        assert!(matches!(err, CniConfError::SameFamilyTwice(..)), "{err}");
+        let err = render(&params(&["fd00::/64", "10.0.0.0/24", "fd01::/64"])).unwrap_err();
+        assert!(matches!(err, CniConfError::SameFamilyTwice(..)), "{err}");
+    }
+
+    #[test]
+    fn render_rejects_mtu_out_of_range_with_a_stricter_floor_for_ipv6() {
+        let mut p = params(&["10.0.0.0/24"]);
+        for bad in [0, 575, 65536] {
+            p.mtu = bad;
+            assert!(
+                matches!(render(&p), Err(CniConfError::BadMtu { .. })),
+                "{bad}"
+            );
+        }
+        p.mtu = 1000;
+        assert!(render(&p).is_ok());
+        let mut p6 = dual_stack();
+        p6.mtu = 1000;
+        assert!(matches!(
+            render(&p6),
+            Err(CniConfError::BadMtu { min: 1280, .. })
+        ));
+    }
+
+    #[test]
+    fn render_rejects_relative_paths() {
+        let mut p = dual_stack();
+        p.state_dir = PathBuf::from("var/lib/palisade");
+        assert!(matches!(
+            render(&p),
+            Err(CniConfError::BadPath {
+                what: "stateDir",
+                ..
+            })
+        ));
+        let mut p = dual_stack();
+        p.ipam_data_dir = PathBuf::from("");
+        assert!(matches!(render(&p), Err(CniConfError::BadPath { .. })));
+    }
+
+    #[test]
+    fn parse_pod_cidrs_names_the_bad_entry() {
+        let err = parse_pod_cidrs(&["10.0.0.0/24", "not-a-cidr"]).unwrap_err();
+        assert!(err.to_string().contains("not-a-cidr"), "{err}");
+        assert!(
+            parse_pod_cidrs(&["10.0.0.1"]).is_err(),
+            "a bare address is not a CIDR"
+        );
+    }
+
+    #[test]
+    fn write_creates_the_file_then_skips_identical_content_then_replaces() {
+        let dir = TempDir::new();
+        let conf_dir = dir.0.join("net.d");
+        let text = render(&dual_stack()).unwrap();
+        assert_eq!(write(&conf_dir, &text).unwrap(), WriteOutcome::Written);
+        let path = conflist_path(&conf_dir);
+        assert_eq!(fs::read_to_string(&path).unwrap(), text);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+
+        let before = fs::metadata(&path).unwrap();
+        assert_eq!(write(&conf_dir, &text).unwrap(), WriteOutcome::Unchanged);
+        let after = fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            before.ino(),
+            after.ino(),
+            "unchanged content must not be rewritten"
+        );
+
+        let other = render(&params(&["10.9.0.0/24"])).unwrap();
+        assert_eq!(write(&conf_dir, &other).unwrap(), WriteOutcome::Written);
+        assert_eq!(fs::read_to_string(&path).unwrap(), other);
+        assert_ne!(
+            fs::metadata(&path).unwrap().ino(),
+            after.ino(),
+            "replaced by rename"
+        );
+    }
+
+    #[test]
+    fn write_leaves_only_the_conflist_even_over_a_stale_temp_file() {
+        let dir = TempDir::new();
+        let stale = dir
+            .0
+            .join(format!(".{CONFLIST_FILE}.{}.tmp", std::process::id()));
+        fs::write(&stale, "half written").unwrap();
+        write(&dir.0, "{}\n").unwrap();
+        let names: Vec<String> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![CONFLIST_FILE.to_string()]);
+    }
+
+    #[test]
+    fn write_reports_the_path_it_could_not_write() {
+        let dir = TempDir::new();
+        let not_a_dir = dir.0.join("file");
+        fs::write(&not_a_dir, "x").unwrap();
+        let err = write(&not_a_dir, "{}").unwrap_err();
+        assert!(matches!(err, CniConfError::Io { .. }), "{err}");
+        assert!(err.to_string().contains("file"), "{err}");
+    }
+
+    #[test]
+    fn remove_deletes_our_conflist_only_and_tolerates_its_absence() {
+        let dir = TempDir::new();
+        let neighbour = dir.0.join("05-other.conflist");
+        fs::write(&neighbour, "{}").unwrap();
+        write(&dir.0, "{}\n").unwrap();
+        assert!(remove(&dir.0).unwrap());
+        assert!(!conflist_path(&dir.0).exists());
+        assert!(neighbour.exists());
+        assert!(!remove(&dir.0).unwrap());
+    }
+
+    // ---- What libcni (containernetworking/cni, libcni/conf.go and pkg/utils) accepts ----
+
+    /// libcni's network name rule: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`.
+    fn libcni_valid_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    }
+
+    fn semver(v: &str) -> (u64, u64, u64) {
+        let parts: Vec<u64> = v
+            .split('.')
+            .map(|p| p.parse().unwrap_or_else(|_| panic!("bad version {v}")))
+            .collect();
+        assert_eq!(parts.len(), 3, "libcni wants x.y.z, got {v}");
+        (parts[0], parts[1], parts[2])
+    }
+
+    /// libcni's NetworkConfFromBytes checks and version choice, for a libcni whose own spec
+    /// version is `current`; returns the chosen version and the plugin configs as libcni keeps them.
+    fn libcni_load(text: &str, current: &str) -> Result<(String, Vec<Value>), String> {
+        let raw: Value = serde_json::from_str(text).map_err(|e| format!("parse: {e}"))?;
+        let name = raw["name"].as_str().ok_or("no name")?;
+        if !libcni_valid_name(name) {
+            return Err(format!("invalid network name {name:?}"));
+        }
+        let mut version = match raw.get("cniVersion") {
+            None => String::new(),
+            Some(v) => v.as_str().ok_or("invalid cniVersion type")?.to_string(),
+        };
+        if let Some(list) = raw.get("cniVersions") {
+            let list = list.as_array().ok_or("invalid type for cniVersions")?;
+            let mut vs = Vec::new();
+            for v in list {
+                let v = v.as_str().ok_or("invalid cniVersions entry")?;
+                if semver(v) <= semver(current) {
+                    vs.push(v.to_string());
+                }
+            }
+            if !version.is_empty() && semver(&version) <= semver(current) {
+                vs.push(version.clone());
+            }
+            vs.sort_by_key(|v| semver(v));
+            if let Some(highest) = vs.last() {
+                version = highest.clone();
+            }
+        }
+        let plugins = raw["plugins"].as_array().ok_or("invalid 'plugins' type")?;
+        if plugins.is_empty() {
+            return Err("no plugins in list".into());
+        }
+        for p in plugins {
+            match p.get("type").and_then(Value::as_str) {
+                Some(t) if !t.is_empty() => {}
+                _ => return Err("missing 'type'".into()),
+            }
+        }
+        Ok((version, plugins.clone()))
+    }
+
+    /// The stdin libcni hands one plugin of the chain: its entry with `name`, `cniVersion` and
+    /// (after the first plugin) `prevResult` injected, plus `runtimeConfig` for declared capabilities.
+    fn libcni_plugin_stdin(
+        entry: &Value,
+        name: &str,
+        version: &str,
+        prev: Option<&Value>,
+        runtime: Value,
+    ) -> Value {
+        let mut conf = entry.clone();
+        conf["name"] = json!(name);
+        conf["cniVersion"] = json!(version);
+        if let Some(prev) = prev {
+            conf["prevResult"] = prev.clone();
+        }
+        conf["runtimeConfig"] = runtime;
+        conf
+    }
+
+    #[test]
+    fn libcni_accepts_the_dual_stack_conflist_and_picks_1_1_0() {
+        let text = render(&dual_stack()).unwrap();
+        let (version, plugins) = libcni_load(&text, "1.1.0").expect("libcni 1.2+ loads it");
+        assert_eq!(version, "1.1.0");
+        let types: Vec<&str> = plugins
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            types,
+            vec![PLUGIN_TYPE, PORTMAP_TYPE],
+            "palisade first, then portmap"
+        );
+        assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
+        // A libcni limited to spec 1.0.0 still finds a version it speaks in cniVersions.
+        let (old, _) = libcni_load(&text, "1.0.0").unwrap();
+        assert_eq!(old, "1.0.0");
+    }
+
+    #[test]
+    fn libcni_rule_checker_rejects_what_libcni_rejects() {
+        // Guards the checker above: it must be able to fail.
+        assert!(libcni_load(
+            r#"{"cniVersion":"1.0.0","name":"-x","plugins":[{"type":"a"}]}"#,
+            "1.1.0"
+        )
+        .is_err());
+        assert!(libcni_load(
+            r#"{"cniVersion":"1.0.0","name":"a b","plugins":[{"type":"a"}]}"#,
+            "1.1.0"
+        )
+        .is_err());
+        assert!(libcni_load(r#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#, "1.1.0").is_err());
+        assert!(libcni_load(
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"mtu":1}]}"#,
+            "1.1.0"
+        )
+        .is_err());
+        assert!(libcni_load(
+            r#"{"cniVersion":"1.0.0","plugins":[{"type":"a"}]}"#,
+            "1.1.0"
+        )
+        .is_err());
+        assert!(libcni_valid_name(NETWORK_NAME));
+    }
+
+    // ---- The real portmap plugin (Debian containernetworking-plugins 1.1.1, spec <= 1.0.0) ----
+
+    const PORTMAP: &str = "/usr/lib/cni/portmap";
+
+    /// A network namespace created for this test, deleted on drop (also on panic).
+    struct Netns(String);
+    impl Netns {
+        fn new() -> Self {
+            let name = unique("palcc");
+            let status = Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .expect("run ip netns add (iproute2 must be installed; run as root)");
+            assert!(status.success(), "ip netns add {name} failed: run as root");
+            Netns(name)
+        }
+        fn path(&self) -> String {
+            format!("/var/run/netns/{}", self.0)
+        }
+    }
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// Runs portmap inside `node` (so its iptables rules land there, never in the host's netns).
+    fn portmap(node: &Netns, command: &str, container: &Netns, stdin: &Value) -> (bool, Value) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.0, PORTMAP])
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "0123456789abcdef")
+            .env("CNI_NETNS", container.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn portmap via ip netns exec");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).unwrap_or_else(|e| {
+                panic!(
+                    "portmap {command} printed non-JSON ({e}): {stdout} / {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        (out.status.success(), value)
+    }
+
+    fn iptables_save(node: &Netns, tool: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.0, tool, "-t", "nat"])
+            .output()
+            .unwrap_or_else(|e| panic!("run {tool} in {}: {e}", node.0));
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn real_portmap_plugin_accepts_the_chained_entry_as_libcni_derives_it() {
+        assert!(
+            Path::new(PORTMAP).exists(),
+            "{PORTMAP} missing: apt-get install containernetworking-plugins (scripts/setup.sh)"
+        );
+        let text = render(&dual_stack()).unwrap();
+        let (_, plugins) = libcni_load(&text, "1.1.0").expect("libcni loads it");
+        let entry = &plugins[1];
+
+        let node = Netns::new();
+        let container = Netns::new();
+
+        // VERSION: the plugin speaks the version we hand it.
+        let (ok, info) = portmap(
+            &node,
+            "VERSION",
+            &container,
+            &json!({"cniVersion": "1.0.0"}),
+        );
+        assert!(ok, "VERSION failed: {info}");
+        let supported = info["supportedVersions"]
+            .as_array()
+            .expect("supportedVersions");
+        assert!(supported.contains(&json!("1.0.0")), "{info}");
+
+        // What palisade's ADD returns (host veth first, the pod interface in the sandbox).
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{ "name": "pal0123456789a" }, { "name": "eth0", "sandbox": container.path() }],
+            "ips": [
+                { "address": "10.244.1.5/32", "interface": 1, "gateway": "169.254.1.1" },
+                { "address": "fd00:10:244:1::5/128", "interface": 1, "gateway": "fe80::1" }
+            ]
+        });
+        let mappings = json!({ "portMappings": [
+            { "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }
+        ]});
+
+        // ADD with a hostPort: the plugin parses our entry and programs both families.
+        let add = libcni_plugin_stdin(entry, NETWORK_NAME, "1.0.0", Some(&prev), mappings.clone());
+        let (ok, result) = portmap(&node, "ADD", &container, &add);
+        assert!(ok, "portmap ADD rejected our entry: {result}");
+        assert_eq!(
+            result["ips"], prev["ips"],
+            "portmap passes prevResult through"
+        );
+        let v4 = iptables_save(&node, "iptables-save");
+        assert!(v4.contains("--to-destination 10.244.1.5:80"), "{v4}");
+        let v6 = iptables_save(&node, "ip6tables-save");
+        assert!(
+            v6.contains("--to-destination [fd00:10:244:1::5]:80"),
+            "{v6}"
+        );
+
+        // CHECK without mappings (what libcni sends for a pod without hostPorts) parses and passes.
+        let check = libcni_plugin_stdin(entry, NETWORK_NAME, "1.0.0", Some(&prev), json!({}));
+        let (ok, out) = portmap(&node, "CHECK", &container, &check);
+        assert!(ok, "portmap CHECK rejected our entry: {out}");
+
+        // DEL removes what ADD made.
+        let (ok, out) = portmap(&node, "DEL", &container, &add);
+        assert!(ok, "portmap DEL failed: {out}");
+        let v4 = iptables_save(&node, "iptables-save");
+        assert!(!v4.contains("10.244.1.5:80"), "{v4}");
+    }
+}
