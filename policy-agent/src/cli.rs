@@ -1,0 +1,171 @@
+//! The command line: `run`, `cleanup`, `explain`, `compile`. Every flag can also come from the
+//! environment (shown in `--help`).
+
+use crate::nft::Backend;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Default address of /healthz, /readyz and /metrics.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9799";
+
+/// palisade-agent: compiles Kubernetes NetworkPolicies into the nftables table `inet palisade` on this
+/// node, routes to other nodes' pod ranges, and writes the CNI conflist once the first sync succeeded.
+#[derive(Debug, Parser)]
+#[command(name = "palisade-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "PALISADE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `palisade_agent=debug`).
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: watch the cluster (or a manifest directory), enforce policies, route, serve metrics.
+    Run(RunArgs),
+    /// Remove everything the agent put on this node: our nft table, our routes, our conflist.
+    Cleanup(CleanupArgs),
+    /// Say whether traffic from one pod (or IP) to another on PORT/PROTO is allowed, and why.
+    Explain(ExplainArgs),
+    /// Print the nft JSON a node would get (debug aid; no root, no kernel).
+    Compile(CompileArgs),
+}
+
+/// Where cluster objects come from: a kubeconfig, a manifest directory, or (neither) in-cluster config.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Kubeconfig file to reach the API server (default: in-cluster service account). Ignored when
+    /// --manifests is given.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Directory of YAML/JSON manifests (Pods, Namespaces, NetworkPolicies, Nodes) used instead of an
+    /// API server; watched for changes.
+    #[arg(long, env = "PALISADE_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Name of the Node this agent runs on (in a DaemonSet: the downward API's spec.nodeName).
+    #[arg(long, env = "PALISADE_NODE_NAME")]
+    pub node_name: String,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// State directory shared with the CNI plugin (lock file, attachment records).
+    #[arg(long, env = "PALISADE_STATE_DIR", default_value = palisade_contract::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Directory the container runtime reads CNI configs from; our conflist goes there.
+    #[arg(long, env = "PALISADE_CNI_CONF_DIR", default_value = palisade_contract::DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// IPAM data directory written into the conflist (host-local layout).
+    #[arg(long, env = "PALISADE_IPAM_DATA_DIR", default_value = palisade_contract::DEFAULT_IPAM_DATA_DIR)]
+    pub ipam_data_dir: PathBuf,
+    /// Pod interface MTU written into the conflist.
+    #[arg(long, env = "PALISADE_MTU", default_value_t = 1500)]
+    pub mtu: u32,
+    /// Let the plugin wire pods when our table is missing (written into the conflist). Default: fail closed.
+    #[arg(long, env = "PALISADE_FAIL_OPEN")]
+    pub fail_open: bool,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "PALISADE_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// Seconds between checks that our table is still what we committed (restored when not).
+    #[arg(long, env = "PALISADE_RESYNC_SECONDS", default_value_t = 30)]
+    pub resync_seconds: u64,
+    /// Milliseconds to wait for more events before compiling (changes arriving together are coalesced).
+    #[arg(long, env = "PALISADE_DEBOUNCE_MS", default_value_t = 5)]
+    pub debounce_ms: u64,
+    /// Do not install routes to other nodes' pod ranges (another component routes pod traffic).
+    #[arg(long, env = "PALISADE_NO_ROUTES")]
+    pub no_routes: bool,
+    /// How transactions reach the kernel: in-process libnftables, or `nft -j -f -`.
+    #[arg(long, env = "PALISADE_NFT_BACKEND", value_enum, default_value_t = Backend::Lib)]
+    pub nft_backend: Backend,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    /// Directory holding our conflist.
+    #[arg(long, env = "PALISADE_CNI_CONF_DIR", default_value = palisade_contract::DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// Leave routes alone.
+    #[arg(long, env = "PALISADE_NO_ROUTES")]
+    pub no_routes: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Source: `namespace/pod` or an IP address.
+    #[arg(long)]
+    pub from: String,
+    /// Destination: `namespace/pod` or an IP address.
+    #[arg(long)]
+    pub to: String,
+    /// Destination port and protocol, e.g. `80/TCP`, `53/udp` (protocol defaults to TCP).
+    #[arg(long)]
+    pub port: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompileArgs {
+    /// Directory of manifests to compile.
+    #[arg(long, env = "PALISADE_MANIFESTS")]
+    pub manifests: PathBuf,
+    /// Node whose table to print.
+    #[arg(long, env = "PALISADE_NODE_NAME")]
+    pub node_name: String,
+    /// State directory whose attachment records to include (pending marks, local pod IPs).
+    #[arg(long, env = "PALISADE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_lab_command_line_parses() {
+        let c = Cli::try_parse_from([
+            "palisade-agent",
+            "run",
+            "--node-name",
+            "n1",
+            "--manifests",
+            "/m",
+            "--state-dir",
+            "/s",
+            "--cni-conf-dir",
+            "/c",
+            "--ipam-data-dir",
+            "/i",
+            "--listen",
+            "127.0.0.1:9799",
+        ])
+        .unwrap();
+        let Command::Run(r) = c.command else {
+            panic!("not run")
+        };
+        assert_eq!(r.node_name, "n1");
+        assert_eq!(r.resync_seconds, 30);
+        assert!(!r.fail_open);
+    }
+}

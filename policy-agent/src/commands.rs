@@ -1,0 +1,220 @@
+//! What the subcommands do. `run` wires the edges together; the others are one-shot.
+
+use crate::attachments;
+use crate::cli::{CleanupArgs, CompileArgs, ExplainArgs, RunArgs, SourceArgs};
+use crate::cniconf;
+use crate::compiled;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::nft::Nft;
+use crate::reconcile::{Config, Engine, Msg};
+use crate::routes::Routes;
+use crate::server;
+use crate::source::kube::KubeSource;
+use crate::source::manifests::ManifestSource;
+use crate::source::SourceEvent;
+use crate::state::{self, Applied};
+use palisade_policy::model::{Change, ClusterState};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// Capacity of the source → engine channel (backpressure on a burst of watch events).
+const SOURCE_CHANNEL: usize = 4096;
+
+/// Starts the configured source, sending into `tx`; the task ends with the source.
+async fn start_source(
+    args: &SourceArgs,
+    tx: mpsc::Sender<SourceEvent>,
+) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let src_err = |e: crate::source::SourceError| Error::Source(e.to_string());
+    Ok(if let Some(dir) = &args.manifests {
+        info!(dir = %dir.display(), "source: manifest directory");
+        let s = ManifestSource::new(dir.clone());
+        tokio::spawn(async move { s.run(tx).await.map_err(src_err) })
+    } else {
+        let s = match &args.kubeconfig {
+            Some(path) => {
+                info!(kubeconfig = %path.display(), "source: kubernetes API");
+                KubeSource::from_kubeconfig(path).await.map_err(src_err)?
+            }
+            None => {
+                info!("source: kubernetes API (in-cluster config)");
+                KubeSource::in_cluster().map_err(src_err)?
+            }
+        };
+        tokio::spawn(async move { s.run(tx).await.map_err(src_err) })
+    })
+}
+
+/// `palisade-agent run`.
+pub async fn run(args: RunArgs) -> Result<()> {
+    if args.node_name.is_empty() {
+        return Err(Error::Usage(
+            "--node-name (PALISADE_NODE_NAME) must not be empty".into(),
+        ));
+    }
+    let metrics = Arc::new(Metrics::default());
+    let listener = server::bind(&args.listen).await?;
+    info!(listen = %args.listen, "serving /healthz, /readyz, /metrics");
+    tokio::spawn(server::serve(listener, metrics.clone()));
+
+    let nft = Nft::new(args.nft_backend);
+    info!(backend = ?nft.backend(), "nft backend");
+    let routes = if args.no_routes {
+        None
+    } else {
+        Some(Routes::new()?)
+    };
+
+    let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+    let wake = tx.clone();
+    let poll_attachments = match attachments::watch(&args.state_dir, move || {
+        wake.send(Msg::AttachmentsChanged).is_ok()
+    }) {
+        Ok(()) => false,
+        Err(e) => {
+            warn!(error = %e, "cannot watch attachment records; polling them instead");
+            true
+        }
+    };
+
+    let cfg = Config {
+        node_name: args.node_name.clone(),
+        state_dir: args.state_dir.clone(),
+        cni_conf_dir: args.cni_conf_dir.clone(),
+        ipam_data_dir: args.ipam_data_dir.clone(),
+        mtu: args.mtu,
+        fail_open: args.fail_open,
+        resync: Duration::from_secs(args.resync_seconds.max(1)),
+        debounce: Duration::from_millis(args.debounce_ms),
+        routes: !args.no_routes,
+        poll_attachments,
+    };
+    let engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes);
+    let engine_thread = std::thread::Builder::new()
+        .name("reconcile".into())
+        .spawn(move || engine.run(rx))
+        .map_err(|e| Error::io("spawn reconcile thread", "reconcile", e))?;
+
+    let (stx, mut srx) = mpsc::channel(SOURCE_CHANNEL);
+    let mut source = start_source(&args.source, stx).await?;
+    let fwd = tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = srx.recv().await {
+            if fwd.send(Msg::Source(ev)).is_err() {
+                return;
+            }
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("install SIGTERM handler", "signal", e))?;
+    let result = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: exiting; rules stay in the kernel, new pods stay pending"); Ok(()) }
+        _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting; rules stay in the kernel"); Ok(()) }
+        r = &mut source => match r {
+            Ok(Ok(())) => Err(Error::Source("source ended".into())),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::Source(format!("source task: {e}"))),
+        },
+    };
+    source.abort();
+    let _ = tx.send(Msg::Stop);
+    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    result
+}
+
+/// `palisade-agent cleanup`: our table, our routes, our conflist. Keeps going past failures and
+/// reports them all.
+pub async fn cleanup(args: CleanupArgs) -> Result<()> {
+    let mut errors = Vec::new();
+    match Nft::new(crate::nft::Backend::Exec).delete_table() {
+        Ok(true) => info!("table inet palisade removed"),
+        Ok(false) => info!("table inet palisade was not there"),
+        Err(e) => errors.push(e.to_string()),
+    }
+    if !args.no_routes {
+        match Routes::new() {
+            Ok(r) => match r.remove_all().await {
+                Ok(n) => info!(removed = n, "pod routes removed"),
+                Err(e) => errors.push(e.to_string()),
+            },
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    match cniconf::remove(&args.cni_conf_dir) {
+        Ok(true) => info!(dir = %args.cni_conf_dir.display(), "conflist removed"),
+        Ok(false) => info!(dir = %args.cni_conf_dir.display(), "no conflist to remove"),
+        Err(e) => errors.push(e.to_string()),
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        for e in &errors {
+            error!("{e}");
+        }
+        Err(Error::Usage(format!(
+            "cleanup incomplete: {}",
+            errors.join("; ")
+        )))
+    }
+}
+
+/// Lists every object once (until the source's `Synced`) into a state.
+pub async fn list_once(args: &SourceArgs) -> Result<ClusterState> {
+    let (tx, mut rx) = mpsc::channel(SOURCE_CHANNEL);
+    let task = start_source(args, tx).await?;
+    let mut st = ClusterState::default();
+    while let Some(ev) = rx.recv().await {
+        let what = match &ev {
+            SourceEvent::Applied(o) => o.reference().to_string(),
+            _ => String::new(),
+        };
+        match state::apply(&mut st, ev) {
+            Applied::Changed => {}
+            Applied::Rejected(m) => warn!(object = %what, error = %m, "skipping invalid object"),
+            Applied::Synced => {
+                task.abort();
+                return Ok(st);
+            }
+        }
+    }
+    match task.await {
+        Ok(Err(e)) => Err(e),
+        _ => Err(Error::Source(
+            "source ended before its initial list completed".into(),
+        )),
+    }
+}
+
+/// `palisade-agent compile`: prints the full-replace transaction of one node.
+pub async fn compile(args: CompileArgs) -> Result<()> {
+    let src = SourceArgs {
+        kubeconfig: None,
+        manifests: Some(args.manifests.clone()),
+    };
+    let mut st = list_once(&src).await?;
+    if let Some(dir) = &args.state_dir {
+        let (good, bad) = palisade_contract::read_attachments(dir);
+        for (p, e) in bad {
+            warn!(record = %p.display(), error = %e, "skipping unreadable attachment record");
+        }
+        st.apply(Change::SetAttachments(good));
+    }
+    let d = compiled::compile(&st, &args.node_name);
+    for w in &d.warnings {
+        warn!("{w}");
+    }
+    println!("{}", compiled::full_replace(&d));
+    Ok(())
+}
+
+/// `palisade-agent explain`.
+pub async fn explain(args: ExplainArgs) -> Result<()> {
+    let st = list_once(&args.source).await?;
+    let text = compiled::explain(&st, &args.from, &args.to, &args.port)?;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The agent's one error type. Every variant says which edge failed and carries the context an operator
+//! needs to act (the path, the command, the object).
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the agent's edges.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory could not be read, written or locked.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nft` (exec or libnftables) refused or failed a transaction.
+    #[error("nft {action} failed: {message}")]
+    Nft {
+        action: &'static str,
+        message: String,
+    },
+    /// A netlink request (routes) failed.
+    #[error("netlink {action}: {message}")]
+    Netlink {
+        action: &'static str,
+        message: String,
+    },
+    /// The Kubernetes client could not be built or a request failed.
+    #[error("kubernetes {action}: {message}")]
+    Kube {
+        action: &'static str,
+        message: String,
+    },
+    /// A source (kube watch, manifest directory) failed.
+    #[error("source: {0}")]
+    Source(String),
+    /// Compiling the cluster state into a ruleset failed.
+    #[error("compile: {0}")]
+    Compile(String),
+    /// The conflist could not be rendered or written.
+    #[error("conflist: {0}")]
+    Conflist(String),
+    /// The command line or its arguments are wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// The HTTP server could not bind or serve.
+    #[error("http server on {addr}: {source}")]
+    Server {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A short, stable label for the `palisade_errors_total{kind=...}` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::Nft { .. } => "nft",
+            Error::Netlink { .. } => "netlink",
+            Error::Kube { .. } => "kube",
+            Error::Source(_) => "source",
+            Error::Compile(_) => "compile",
+            Error::Conflist(_) => "conflist",
+            Error::Usage(_) => "usage",
+            Error::Server { .. } => "server",
+        }
+    }
+
+    /// Shorthand for an [`Error::Io`].
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result with the agent's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,388 @@
+//! The reconcile engine: one thread that owns the cluster state and the last committed ruleset.
+//!
+//! Events are coalesced for `debounce` after the first one, then one reconcile runs: take the node lock,
+//! re-read the attachment records into the state, compile, and commit ONE nft transaction (a full replace
+//! of our table at start, after a failure, and when our table was changed behind our back; otherwise the
+//! diff against the last committed ruleset). Routes and the conflist follow the committed state. Nothing
+//! is enforced before every source reported `Synced`: until then the rules of a previous run stay in the
+//! kernel and new pods stay pending (fail closed).
+
+use crate::cniconf;
+use crate::compiled::{self, Desired};
+use crate::error::{Error, Result};
+use crate::lock::NodeLock;
+use crate::metrics::{Metrics, Sizes};
+use crate::nft::{self, Nft, TableSummary};
+use crate::routes::{self, PodRoute, Routes};
+use crate::source::SourceEvent;
+use crate::state::{self, Applied};
+use palisade_policy::model::{Change, ClusterState};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+/// First retry delay after a failed commit or route sync; doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Attachment directory poll interval when inotify is unavailable.
+pub const ATTACHMENT_POLL: Duration = Duration::from_millis(200);
+
+/// What the engine needs to know.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub ipam_data_dir: PathBuf,
+    pub mtu: u32,
+    pub fail_open: bool,
+    pub resync: Duration,
+    pub debounce: Duration,
+    pub routes: bool,
+    /// Poll the attachments dir (set when the inotify watch could not start).
+    pub poll_attachments: bool,
+}
+
+/// Messages into the engine.
+#[derive(Debug)]
+pub enum Msg {
+    Source(SourceEvent),
+    /// Attachment records changed.
+    AttachmentsChanged,
+    /// Leave the loop (rules stay in the kernel).
+    Stop,
+}
+
+/// The engine's state between reconciles.
+pub struct Engine {
+    cfg: Config,
+    nft: Nft,
+    metrics: Arc<Metrics>,
+    rt: tokio::runtime::Handle,
+    routes: Option<Routes>,
+    state: ClusterState,
+    synced: bool,
+    /// Last committed ruleset and what our table looked like right after the commit.
+    last: Option<(Desired, Option<TableSummary>)>,
+    need_full: bool,
+    applied_routes: Option<BTreeSet<PodRoute>>,
+    conflist_written: bool,
+    backoff: Duration,
+}
+
+impl Engine {
+    pub fn new(
+        cfg: Config,
+        nft: Nft,
+        metrics: Arc<Metrics>,
+        rt: tokio::runtime::Handle,
+        routes: Option<Routes>,
+    ) -> Self {
+        Engine {
+            cfg,
+            nft,
+            metrics,
+            rt,
+            routes,
+            state: ClusterState::default(),
+            synced: false,
+            last: None,
+            need_full: true,
+            applied_routes: None,
+            conflist_written: false,
+            backoff: MIN_BACKOFF,
+        }
+    }
+
+    /// Runs until [`Msg::Stop`] or every sender is gone.
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        let mut due: Option<Instant> = None; // when the next reconcile runs
+        let mut next_check = Instant::now() + self.cfg.resync;
+        let mut next_poll = Instant::now() + ATTACHMENT_POLL;
+        loop {
+            let now = Instant::now();
+            let mut wake = next_check;
+            if let Some(d) = due {
+                wake = wake.min(d);
+            }
+            if self.cfg.poll_attachments {
+                wake = wake.min(next_poll);
+            }
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    info!("reconcile loop stopping; rules stay in the kernel");
+                    return;
+                }
+                Ok(Msg::Source(ev)) => {
+                    if self.on_event(ev) {
+                        due.get_or_insert(Instant::now() + self.cfg.debounce);
+                    }
+                }
+                Ok(Msg::AttachmentsChanged) => {
+                    due.get_or_insert(Instant::now() + self.cfg.debounce);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            let now = Instant::now();
+            if self.cfg.poll_attachments && now >= next_poll {
+                next_poll = now + ATTACHMENT_POLL;
+                due.get_or_insert(now);
+            }
+            if now >= next_check {
+                next_check = now + self.cfg.resync;
+                if self.synced && self.check_table() {
+                    due = Some(now);
+                }
+            }
+            if due.is_some_and(|d| now >= d) && self.synced {
+                due = match self.reconcile() {
+                    Ok(()) => {
+                        self.backoff = MIN_BACKOFF;
+                        None
+                    }
+                    Err(e) => {
+                        self.metrics.error(e.kind());
+                        error!(error = %e, retry_in = ?self.backoff, "reconcile failed; the last committed rules stay enforced");
+                        let d = Instant::now() + self.backoff;
+                        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                        Some(d)
+                    }
+                };
+            } else if due.is_some() && !self.synced {
+                due = None; // nothing is enforced before Synced; Synced schedules the first reconcile
+            }
+        }
+    }
+
+    /// Applies a source event; true when a reconcile is needed.
+    fn on_event(&mut self, ev: SourceEvent) -> bool {
+        let what = describe(&ev);
+        match state::apply(&mut self.state, ev) {
+            Applied::Changed => {
+                debug!(object = %what, "state changed");
+                self.synced
+            }
+            Applied::Rejected(msg) => {
+                self.metrics.error("bad_object");
+                warn!(object = %what, error = %msg, "skipping invalid object; fix it (the API server would have rejected it)");
+                false
+            }
+            Applied::Synced => {
+                if !self.synced {
+                    info!(
+                        pods = self.state.pods.len(),
+                        policies = self.state.policies.len(),
+                        nodes = self.state.nodes.len(),
+                        "source synced; enforcing"
+                    );
+                }
+                self.synced = true;
+                true
+            }
+        }
+    }
+
+    /// One reconcile: lock, read attachments, compile, commit, then routes and conflist.
+    fn reconcile(&mut self) -> Result<()> {
+        let start = Instant::now();
+        let lock = NodeLock::acquire(&self.cfg.state_dir)?;
+        let (attachments, bad) = palisade_contract::read_attachments(&self.cfg.state_dir);
+        for (path, err) in bad {
+            self.metrics.error("bad_attachment");
+            warn!(record = %path.display(), error = %err, "skipping unreadable attachment record");
+        }
+        self.state.apply(Change::SetAttachments(attachments));
+        let next = compiled::compile(&self.state, &self.cfg.node_name);
+        for w in &next.warnings {
+            warn!("{w}");
+        }
+        let full = self.need_full || self.last.is_none();
+        let committed = if full {
+            self.commit_full(&next)?;
+            true
+        } else {
+            let Some((last, _)) = &self.last else {
+                return Err(Error::Compile("no last ruleset".into()));
+            };
+            match compiled::diff(last, &next) {
+                None => false,
+                Some(batch) => match self.nft.apply(&batch.json) {
+                    Ok(()) => {
+                        debug!(stats = %batch.stats, "incremental transaction committed");
+                        true
+                    }
+                    Err(e) => {
+                        self.metrics.error("nft_rejected");
+                        error!(error = %e, objects = %batch.stats, "nft rejected the incremental batch; falling back to a full replace");
+                        self.commit_full(&next)?;
+                        true
+                    }
+                },
+            }
+        };
+        drop(lock);
+        let took = start.elapsed();
+        if committed || self.last.is_none() {
+            let summary = match self.nft.list_table() {
+                Ok(Some(l)) => nft::summarize(&l).ok(),
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(error = %e, "cannot read back our table");
+                    None
+                }
+            };
+            if full {
+                info!(
+                    took_ms = took.as_secs_f64() * 1e3,
+                    chains = summary.map(|s| s.chains),
+                    rules = summary.map(|s| s.rules),
+                    elements = summary.map(|s| s.elements),
+                    "table replaced"
+                );
+            }
+            self.last = Some((next, summary));
+            self.metrics.commit_ok(took, full, self.sizes(summary));
+        } else if let Some((_, summary)) = self.last.take() {
+            self.last = Some((next, summary));
+            self.metrics.commit_ok(took, false, self.sizes(summary));
+        }
+        self.need_full = false;
+        self.sync_routes()?;
+        self.write_conflist()?;
+        Ok(())
+    }
+
+    fn commit_full(&mut self, next: &Desired) -> Result<()> {
+        let json = compiled::full_replace(next);
+        if let Err(e) = self.nft.apply(&json) {
+            self.need_full = true;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn sizes(&self, s: Option<TableSummary>) -> Sizes {
+        let s = s.unwrap_or_default();
+        Sizes {
+            pods: self.state.pods.len() as u64,
+            policies: self.state.policies.len() as u64,
+            chains: s.chains,
+            rules: s.rules,
+            set_elements: s.elements,
+            pending: s.pending,
+        }
+    }
+
+    /// Compares our table with what we committed; true (after logging and counting) when it was changed
+    /// or removed behind our back and must be restored.
+    fn check_table(&mut self) -> bool {
+        let Some((_, Some(expected))) = &self.last else {
+            return self.last.is_none();
+        };
+        let found = match self.nft.list_table() {
+            Ok(Some(l)) => nft::summarize(&l).ok(),
+            Ok(None) => None,
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, "cannot list our table to verify it");
+                return false;
+            }
+        };
+        if found.map(|f| f.fingerprint) == Some(expected.fingerprint) {
+            // Routes can be removed behind our back too.
+            self.applied_routes = None;
+            return true_if_routes_differ(self);
+        }
+        self.metrics.restored();
+        match found {
+            None => warn!("table inet palisade was removed behind our back (nft flush ruleset?); restoring it"),
+            Some(f) => warn!(expected_chains = expected.chains, found_chains = f.chains, expected_rules = expected.rules,
+                found_rules = f.rules, expected_elements = expected.elements - expected.pending,
+                found_elements = f.elements - f.pending,
+                "table inet palisade was changed behind our back; restoring it"),
+        }
+        self.need_full = true;
+        true
+    }
+
+    fn sync_routes(&mut self) -> Result<()> {
+        let Some(r) = &self.routes else { return Ok(()) };
+        let (want, warnings) = routes::desired_routes(&self.state.nodes, &self.cfg.node_name);
+        if self.applied_routes.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        for w in warnings {
+            warn!("{w}");
+        }
+        let changes = self.rt.block_on(r.sync(&want))?;
+        for a in &changes.added {
+            info!(destination = %a.destination, via = %a.via, "pod route added");
+        }
+        for d in &changes.removed {
+            info!(destination = %d.destination, via = %d.via, "stale pod route removed");
+        }
+        self.applied_routes = Some(want);
+        Ok(())
+    }
+
+    fn write_conflist(&mut self) -> Result<()> {
+        if self.conflist_written {
+            return Ok(());
+        }
+        let Some(me) = self.state.nodes.get(&self.cfg.node_name) else {
+            warn!(node = %self.cfg.node_name, "our Node object is not known yet; no conflist (pods cannot start) until it is");
+            return Ok(());
+        };
+        if me.pod_cidrs.is_empty() {
+            warn!(node = %self.cfg.node_name, "our Node has no spec.podCIDRs; no conflist until it has");
+            return Ok(());
+        }
+        let params = cniconf::ConflistParams {
+            pod_cidrs: me.pod_cidrs.clone(),
+            mtu: self.cfg.mtu,
+            state_dir: self.cfg.state_dir.clone(),
+            ipam_data_dir: self.cfg.ipam_data_dir.clone(),
+            fail_open: self.cfg.fail_open,
+        };
+        let text = cniconf::render(&params)
+            .map_err(|e| Error::Conflist(format!("node {}: {e}", self.cfg.node_name)))?;
+        cniconf::write(&self.cfg.cni_conf_dir, &text)
+            .map_err(|e| Error::Conflist(e.to_string()))?;
+        let path = cniconf::conflist_path(&self.cfg.cni_conf_dir);
+        info!(path = %path.display(), "conflist written; the runtime can start pods on this node");
+        self.conflist_written = true;
+        Ok(())
+    }
+}
+
+/// Resync also re-checks routes: when ours differ from what we want, a reconcile is due.
+fn true_if_routes_differ(e: &mut Engine) -> bool {
+    let Some(r) = &e.routes else { return false };
+    let (want, _) = routes::desired_routes(&e.state.nodes, &e.cfg.node_name);
+    match e.rt.block_on(r.ours()) {
+        Ok(have) if have == want => {
+            e.applied_routes = Some(want);
+            false
+        }
+        Ok(_) => {
+            warn!("pod routes differ from the cluster's Nodes; converging");
+            true
+        }
+        Err(err) => {
+            warn!(error = %err, "cannot list our routes");
+            true
+        }
+    }
+}
+
+fn describe(ev: &SourceEvent) -> String {
+    match ev {
+        SourceEvent::Applied(o) => o.reference().to_string(),
+        SourceEvent::Deleted(r) => format!("{r} (deleted)"),
+        SourceEvent::Synced => "synced".into(),
+    }
+}
