@@ -1,1 +1,98 @@
-fn main() {}
+//! `palisade-probe`: the server and client that run inside lab pods.
+//!
+//! `palisade-probe serve --name x/a --tcp 80,81 --udp 80,81` answers every TCP connection and UDP
+//! datagram with `x/a`. `palisade-probe connect --timeout-ms 500` reads a JSON array of targets
+//! (`[{"id":..,"addr":"10.244.1.2:80","protocol":"tcp"}]`) on stdin, probes them all in parallel and
+//! prints a JSON array of outcomes (`{id, addr, protocol, connected, reply?, error?, millis}`).
+
+use clap::{Parser, Subcommand};
+use palisade_netns_tests::probe::{self, Protocol, Target};
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "palisade-probe",
+    about = "TCP/UDP servers and batch probes for palisade-lab pods"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve TCP and UDP on the given ports, answering with NAME.
+    Serve {
+        #[arg(long)]
+        name: String,
+        /// TCP ports, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<u16>,
+        /// UDP ports, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<u16>,
+    },
+    /// Probe targets read as JSON from stdin (or given as PROTO:ADDR:PORT arguments), print JSON.
+    Connect {
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
+        /// Targets like tcp:10.0.0.1:80 or udp:[fd00::1]:81; when none, a JSON array on stdin.
+        targets: Vec<String>,
+    },
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    let (proto, addr) = s
+        .split_once(':')
+        .ok_or_else(|| format!("target {s:?}: expected PROTO:ADDR:PORT"))?;
+    let protocol: Protocol = proto.parse()?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("target {s:?}: bad address: {e}"))?;
+    Ok(Target {
+        id: s.to_string(),
+        addr,
+        protocol,
+    })
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { name, tcp, udp } => {
+            probe::serve(&name, &tcp, &udp).map_err(|e| format!("serve {name}: {e}"))
+        }
+        Command::Connect {
+            timeout_ms,
+            targets,
+        } => {
+            let targets: Vec<Target> = if targets.is_empty() {
+                let mut input = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut input)
+                    .map_err(|e| format!("reading targets from stdin: {e}"))?;
+                serde_json::from_str(&input).map_err(|e| format!("targets on stdin: {e}"))?
+            } else {
+                targets
+                    .iter()
+                    .map(|t| parse_target(t))
+                    .collect::<Result<_, _>>()?
+            };
+            let out = probe::probe_all(&targets, Duration::from_millis(timeout_ms));
+            let json = serde_json::to_string(&out).map_err(|e| format!("encoding results: {e}"))?;
+            println!("{json}");
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("palisade-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1324 @@
+//! The lab: nodes as network namespaces joined by an underlay bridge, each running the real
+//! `palisade-agent`; pods as namespaces wired by the real `palisade` CNI plugin and running
+//! `palisade-probe serve`. All state lives in a run directory so separate CLI invocations (and a
+//! `down` after a crash) find everything the lab created.
+
+use crate::cni;
+use crate::error::{LabError, Result};
+use crate::k8s::{self, LabelEdit, ManifestDir, ObjKey};
+use crate::netns;
+use crate::probe::{Outcome, Protocol, Target};
+use crate::process;
+use crate::signals;
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Parent of every lab's run directory.
+pub const RUN_ROOT: &str = "/run/palisade-lab";
+/// Environment variable naming the directory with `palisade`, `palisade-agent`, `palisade-probe`.
+pub const BIN_DIR_ENV: &str = "PALISADE_BIN_DIR";
+/// Where each agent listens (inside its node namespace, so every node can use the same address).
+pub const AGENT_LISTEN: &str = "127.0.0.1:9799";
+/// Bridge joining the nodes, inside the underlay namespace.
+const UNDERLAY_BRIDGE: &str = "br0";
+/// Name of a node's underlay interface inside its namespace.
+const NODE_UPLINK: &str = "eth0";
+/// Interface of the node that has the external network behind it.
+const NODE_EXTERNAL_LINK: &str = "ext0";
+/// State file inside a run directory.
+const STATE_FILE: &str = "state.json";
+/// How long agents get to write their conflist.
+const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default probe timeout per connection.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(400);
+/// The external network behind node 1 (an address outside every pod CIDR, reached via ipBlock).
+pub const EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+const EXTERNAL_GW_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+pub const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x77, 0, 0, 0, 2);
+const EXTERNAL_GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x77, 0, 0, 0, 1);
+/// Name the external server answers with.
+pub const EXTERNAL_NAME: &str = "external";
+
+/// Node `n` (1-based) underlay IPv4 address.
+pub fn node_underlay_v4(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 31, 0, n as u8)
+}
+/// Node `n` underlay IPv6 address.
+pub fn node_underlay_v6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, n as u16)
+}
+
+/// Address family of probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn pick(self, ips: &[IpAddr]) -> Option<IpAddr> {
+        ips.iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == (self == Family::V4))
+    }
+}
+
+/// Paths of the three binaries the lab drives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bins {
+    pub dir: PathBuf,
+}
+
+impl Bins {
+    /// `$PALISADE_BIN_DIR`, else the workspace's `target/debug`.
+    pub fn from_env() -> Self {
+        let dir = std::env::var_os(BIN_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+        Self { dir }
+    }
+    pub fn plugin(&self) -> PathBuf {
+        self.dir.join("palisade")
+    }
+    pub fn agent(&self) -> PathBuf {
+        self.dir.join("palisade-agent")
+    }
+    pub fn probe(&self) -> PathBuf {
+        self.dir.join("palisade-probe")
+    }
+    /// Fails with a clear message when a binary has not been built.
+    pub fn check(&self) -> Result<()> {
+        for b in [self.plugin(), self.agent(), self.probe()] {
+            if !b.is_file() {
+                return Err(LabError::Invalid(format!(
+                    "{} not found: run `cargo build --workspace --bins` first (or set {BIN_DIR_ENV})",
+                    b.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub index: usize,
+    pub netns: String,
+    pub dir: PathBuf,
+    pub pod_cidr_v4: String,
+    pub pod_cidr_v6: String,
+    pub agent_pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub netns: String,
+    pub container_id: String,
+    pub ips: Vec<IpAddr>,
+    pub cni_result: Option<serde_json::Value>,
+    pub server_pid: Option<u32>,
+}
+
+impl PodState {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExternalState {
+    pub netns: String,
+    pub behind: String,
+    pub server_pid: Option<u32>,
+}
+
+/// Everything a lab created, persisted after every change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub run_dir: PathBuf,
+    pub bins: Bins,
+    /// Every namespace the lab created (recorded before it is created), in creation order.
+    pub netns: Vec<String>,
+    pub nodes: Vec<NodeState>,
+    /// Pods by `namespace/name`.
+    pub pods: BTreeMap<String, PodState>,
+    pub external: Option<ExternalState>,
+    pub counter: u64,
+}
+
+impl LabState {
+    fn save(&self) -> Result<()> {
+        let path = self.run_dir.join(STATE_FILE);
+        let tmp = self.run_dir.join(format!(".{STATE_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(self).map_err(|e| LabError::Parse {
+            what: "lab state".into(),
+            detail: e.to_string(),
+        })?;
+        std::fs::write(&tmp, text).map_err(LabError::io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(LabError::io(&path))
+    }
+
+    fn load(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(STATE_FILE);
+        let text = std::fs::read(&path).map_err(LabError::io(&path))?;
+        serde_json::from_slice(&text).map_err(|e| LabError::Parse {
+            what: path.display().to_string(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Short name, `[a-z0-9]{1,10}`: namespaces are `pl-<name>-...`.
+    pub name: String,
+    pub nodes: usize,
+    pub run_root: PathBuf,
+    pub bins: Bins,
+    /// Also build an external network (a namespace with a server) behind node 1.
+    pub external: bool,
+}
+
+impl LabOptions {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            nodes: 2,
+            run_root: PathBuf::from(RUN_ROOT),
+            bins: Bins::from_env(),
+            external: false,
+        }
+    }
+}
+
+/// A unique lab name for a test: `t<pid><counter>`.
+pub fn unique_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A running lab. Dropping it tears everything down, unless it was [`Lab::detach`]ed.
+pub struct Lab {
+    state: LabState,
+    manifests: ManifestDir,
+    owned: bool,
+}
+
+fn valid_lab_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn check_interrupted() -> Result<()> {
+    if signals::interrupted() {
+        Err(LabError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+impl Lab {
+    /// Run directory of a lab name.
+    pub fn run_dir_of(run_root: &Path, name: &str) -> PathBuf {
+        run_root.join(name)
+    }
+
+    /// Builds the nodes, underlay and agents (no pods yet); tears down whatever it built on error,
+    /// panic or signal.
+    pub fn up(opts: &LabOptions) -> Result<Lab> {
+        if !valid_lab_name(&opts.name) {
+            return Err(LabError::Invalid(format!(
+                "lab name {:?}: use 1-16 of [a-z0-9]",
+                opts.name
+            )));
+        }
+        if opts.nodes == 0 || opts.nodes > 200 {
+            return Err(LabError::Invalid("a lab has 1 to 200 nodes".into()));
+        }
+        opts.bins.check()?;
+        let run_dir = Self::run_dir_of(&opts.run_root, &opts.name);
+        if run_dir.join(STATE_FILE).exists() {
+            return Err(LabError::Invalid(format!(
+                "lab {} is already up ({}); run `palisade-lab down --name {}` first",
+                opts.name,
+                run_dir.display(),
+                opts.name
+            )));
+        }
+        std::fs::create_dir_all(run_dir.join("manifests")).map_err(LabError::io(&run_dir))?;
+        let state = LabState {
+            name: opts.name.clone(),
+            run_dir: run_dir.clone(),
+            bins: opts.bins.clone(),
+            netns: Vec::new(),
+            nodes: Vec::new(),
+            pods: BTreeMap::new(),
+            external: None,
+            counter: 0,
+        };
+        state.save()?;
+        signals::register(&run_dir);
+        let mut lab = Lab {
+            manifests: ManifestDir::new(run_dir.join("manifests")),
+            state,
+            owned: true,
+        };
+        // On error, `lab` is dropped here and tears down what exists.
+        lab.build(opts)?;
+        Ok(lab)
+    }
+
+    /// Opens a running lab (from a previous `up`); dropping it leaves the lab running.
+    pub fn open(run_root: &Path, name: &str) -> Result<Lab> {
+        let run_dir = Self::run_dir_of(run_root, name);
+        let state = LabState::load(&run_dir).map_err(|e| {
+            LabError::Invalid(format!(
+                "no lab {name:?} is up ({e}); start one with `palisade-lab up DIR`"
+            ))
+        })?;
+        Ok(Lab {
+            manifests: ManifestDir::new(run_dir.join("manifests")),
+            state,
+            owned: false,
+        })
+    }
+
+    /// Leaves the lab running when this handle is dropped (CLI `up`).
+    pub fn detach(mut self) {
+        self.owned = false;
+        signals::unregister(&self.state.run_dir);
+    }
+
+    pub fn state(&self) -> &LabState {
+        &self.state
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    fn new_netns(&mut self, role: &str) -> Result<String> {
+        check_interrupted()?;
+        let name = format!("pl-{}-{role}", self.state.name);
+        self.state.netns.push(name.clone());
+        self.state.save()?;
+        netns::create(&name)?;
+        Ok(name)
+    }
+
+    fn build(&mut self, opts: &LabOptions) -> Result<()> {
+        let ul = self.new_netns("ul")?;
+        cmd_ip(&["-n", &ul, "link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
+        cmd_ip(&["-n", &ul, "link", "set", UNDERLAY_BRIDGE, "up"])?;
+        for i in 1..=opts.nodes {
+            self.add_node(&ul, i)?;
+        }
+        if opts.external {
+            self.add_external()?;
+        }
+        for i in 0..self.state.nodes.len() {
+            self.start_agent(i)?;
+        }
+        for i in 0..self.state.nodes.len() {
+            self.wait_conflist(i)?;
+        }
+        Ok(())
+    }
+
+    fn add_node(&mut self, ul: &str, i: usize) -> Result<()> {
+        let name = format!("node{i}");
+        let ns = self.new_netns(&name)?;
+        let ul_port = format!("n{i}");
+        cmd_ip(&[
+            "-n",
+            ul,
+            "link",
+            "add",
+            &ul_port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            NODE_UPLINK,
+            "netns",
+            &ns,
+        ])?;
+        cmd_ip(&[
+            "-n",
+            ul,
+            "link",
+            "set",
+            &ul_port,
+            "master",
+            UNDERLAY_BRIDGE,
+            "up",
+        ])?;
+        cmd_ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node_underlay_v4(i)),
+            "dev",
+            NODE_UPLINK,
+        ])?;
+        cmd_ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/64", node_underlay_v6(i)),
+            "dev",
+            NODE_UPLINK,
+            "nodad",
+        ])?;
+        cmd_ip(&["-n", &ns, "link", "set", NODE_UPLINK, "up"])?;
+        netns::sysctl(
+            &ns,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        let dir = self.state.run_dir.join("nodes").join(&name);
+        for sub in ["state", "net.d", "ipam"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(LabError::io(dir.join(sub)))?;
+        }
+        let node = NodeState {
+            name: name.clone(),
+            index: i,
+            netns: ns,
+            dir,
+            pod_cidr_v4: format!("10.244.{i}.0/24"),
+            pod_cidr_v6: format!("fd00:10:244:{i:x}::/64"),
+            agent_pid: None,
+        };
+        let obj = node_object(&node);
+        self.manifests.write(&obj)?;
+        self.state.nodes.push(node);
+        self.state.save()
+    }
+
+    fn add_external(&mut self) -> Result<()> {
+        let ext = self.new_netns("ext")?;
+        let behind = self
+            .state
+            .nodes
+            .first()
+            .cloned()
+            .ok_or_else(|| LabError::Invalid("no node".into()))?;
+        cmd_ip(&[
+            "-n",
+            &behind.netns,
+            "link",
+            "add",
+            NODE_EXTERNAL_LINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ext,
+        ])?;
+        cmd_ip(&[
+            "-n",
+            &behind.netns,
+            "addr",
+            "add",
+            &format!("{EXTERNAL_GW_V4}/24"),
+            "dev",
+            NODE_EXTERNAL_LINK,
+        ])?;
+        cmd_ip(&[
+            "-n",
+            &behind.netns,
+            "addr",
+            "add",
+            &format!("{EXTERNAL_GW_V6}/64"),
+            "dev",
+            NODE_EXTERNAL_LINK,
+            "nodad",
+        ])?;
+        cmd_ip(&["-n", &behind.netns, "link", "set", NODE_EXTERNAL_LINK, "up"])?;
+        cmd_ip(&[
+            "-n",
+            &ext,
+            "addr",
+            "add",
+            &format!("{EXTERNAL_V4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        cmd_ip(&[
+            "-n",
+            &ext,
+            "addr",
+            "add",
+            &format!("{EXTERNAL_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        cmd_ip(&["-n", &ext, "link", "set", "eth0", "up"])?;
+        cmd_ip(&[
+            "-n",
+            &ext,
+            "route",
+            "add",
+            "default",
+            "via",
+            &EXTERNAL_GW_V4.to_string(),
+        ])?;
+        cmd_ip(&[
+            "-n",
+            &ext,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &EXTERNAL_GW_V6.to_string(),
+        ])?;
+        // The other nodes reach the external network through node 1's underlay address.
+        for n in self.state.nodes.iter().filter(|n| n.name != behind.name) {
+            cmd_ip(&[
+                "-n",
+                &n.netns,
+                "route",
+                "add",
+                "192.168.77.0/24",
+                "via",
+                &node_underlay_v4(behind.index).to_string(),
+            ])?;
+            cmd_ip(&[
+                "-n",
+                &n.netns,
+                "-6",
+                "route",
+                "add",
+                "fd00:192:168:77::/64",
+                "via",
+                &node_underlay_v6(behind.index).to_string(),
+            ])?;
+        }
+        let log = self.state.run_dir.join("external.log");
+        let pid = process::spawn_in_netns(
+            &self.state.name,
+            &ext,
+            &self.state.bins.probe(),
+            &[
+                "serve".into(),
+                "--name".into(),
+                EXTERNAL_NAME.into(),
+                "--tcp".into(),
+                "80,81".into(),
+                "--udp".into(),
+                "80,81".into(),
+            ],
+            &log,
+        )?;
+        self.state.external = Some(ExternalState {
+            netns: ext,
+            behind: behind.name,
+            server_pid: Some(pid),
+        });
+        self.state.save()
+    }
+
+    fn start_agent(&mut self, i: usize) -> Result<()> {
+        check_interrupted()?;
+        let node = self.state.nodes[i].clone();
+        let manifests = self.manifests.dir.display().to_string();
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--node-name".into(),
+            node.name.clone(),
+            "--manifests".into(),
+            manifests,
+            "--state-dir".into(),
+            node.dir.join("state").display().to_string(),
+            "--cni-conf-dir".into(),
+            node.dir.join("net.d").display().to_string(),
+            "--ipam-data-dir".into(),
+            node.dir.join("ipam").display().to_string(),
+            "--listen".into(),
+            AGENT_LISTEN.into(),
+        ];
+        let pid = process::spawn_in_netns(
+            &self.state.name,
+            &node.netns,
+            &self.state.bins.agent(),
+            &args,
+            &node.dir.join("agent.log"),
+        )?;
+        self.state.nodes[i].agent_pid = Some(pid);
+        self.state.save()
+    }
+
+    fn conflist_path(node: &NodeState) -> PathBuf {
+        node.dir
+            .join("net.d")
+            .join(palisade_contract::CONFLIST_FILE)
+    }
+
+    fn wait_conflist(&self, i: usize) -> Result<()> {
+        let node = &self.state.nodes[i];
+        let path = Self::conflist_path(node);
+        let start = Instant::now();
+        loop {
+            check_interrupted()?;
+            if path.is_file() {
+                return Ok(());
+            }
+            if let Some(pid) = node.agent_pid {
+                process::reap();
+                if !process::is_ours(pid, &self.state.name) {
+                    return Err(LabError::Command {
+                        what: format!("palisade-agent on {}", node.name),
+                        detail: format!(
+                            "exited before writing its conflist; log:\n{}",
+                            tail(&node.dir.join("agent.log"))
+                        ),
+                    });
+                }
+            }
+            if start.elapsed() > AGENT_SYNC_TIMEOUT {
+                return Err(LabError::Timeout(format!(
+                    "palisade-agent on {} did not write {} within {:?}; log:\n{}",
+                    node.name,
+                    path.display(),
+                    AGENT_SYNC_TIMEOUT,
+                    tail(&node.dir.join("agent.log"))
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn node(&self, name: &str) -> Result<&NodeState> {
+        self.state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| {
+                LabError::Invalid(format!("no node {name:?} in lab {}", self.state.name))
+            })
+    }
+
+    /// Applies objects as `kubectl apply` would: namespaces first, pods last. Pods that exist get
+    /// their labels updated (a pod's spec is immutable); new pods are wired and started.
+    pub fn apply(&mut self, objects: Vec<Value>) -> Result<()> {
+        let mut objects = objects;
+        objects.sort_by_key(|o| match o.get("kind").and_then(Value::as_str) {
+            Some("Namespace") => 0,
+            Some("Pod") => 2,
+            _ => 1,
+        });
+        for obj in objects {
+            check_interrupted()?;
+            let key = k8s::key_of(&obj)?;
+            match key.kind.as_str() {
+                "Namespace" => {
+                    let mut obj = obj;
+                    // The API server sets this label on every namespace; policies select by it.
+                    k8s::edit_labels(
+                        &mut obj,
+                        &[LabelEdit::Set(
+                            k8s::NAMESPACE_NAME_LABEL.into(),
+                            key.name.clone(),
+                        )],
+                    )?;
+                    self.manifests.write(&obj)?;
+                }
+                "Pod" => self.apply_pod(obj, &key)?,
+                "Node" => {
+                    return Err(LabError::Invalid(format!(
+                        "{key}: the lab owns Node objects; do not apply them"
+                    )));
+                }
+                _ => {
+                    self.require_namespace(&key)?;
+                    self.manifests.write(&obj)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn require_namespace(&self, key: &ObjKey) -> Result<()> {
+        if key.namespace.is_empty()
+            || self
+                .read_object(&ObjKey::new("Namespace", "", &key.namespace))
+                .is_ok()
+        {
+            Ok(())
+        } else {
+            Err(LabError::Invalid(format!(
+                "{key}: namespace {:?} not found (apply the Namespace first)",
+                key.namespace
+            )))
+        }
+    }
+
+    /// Reads an object back from the manifest directory.
+    pub fn read_object(&self, key: &ObjKey) -> Result<Value> {
+        let path = self.manifests.dir.join(key.file_name());
+        let text = std::fs::read_to_string(&path)
+            .map_err(|_| LabError::Invalid(format!("{key} not found")))?;
+        serde_yaml::from_str(&text).map_err(|e| LabError::Parse {
+            what: path.display().to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    fn apply_pod(&mut self, obj: Value, key: &ObjKey) -> Result<()> {
+        self.require_namespace(key)?;
+        let pod_key = format!("{}/{}", key.namespace, key.name);
+        if self.state.pods.contains_key(&pod_key) {
+            let mut current = self.read_object(key)?;
+            let labels = obj
+                .get("metadata")
+                .and_then(|m| m.get("labels"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            k8s::set_path(&mut current, &["metadata", "labels"], labels)?;
+            self.manifests.write(&current)?;
+            return Ok(());
+        }
+        self.create_pod(obj, key)
+    }
+
+    fn create_pod(&mut self, mut obj: Value, key: &ObjKey) -> Result<()> {
+        let node_name = match k8s::get_str(&obj, &["spec", "nodeName"]) {
+            Some(n) => n.to_string(),
+            None => {
+                // Spread unscheduled pods round-robin, as a scheduler might.
+                let n = &self.state.nodes[(self.state.counter as usize) % self.state.nodes.len()];
+                let n = n.name.clone();
+                k8s::set_path(&mut obj, &["spec", "nodeName"], Value::from(n.as_str()))?;
+                n
+            }
+        };
+        let node = self.node(&node_name)?.clone();
+        self.state.counter += 1;
+        let seq = self.state.counter;
+        let uid = match k8s::get_str(&obj, &["metadata", "uid"]) {
+            Some(u) => u.to_string(),
+            None => {
+                let u = pseudo_uid(&self.state.name, &key.namespace, &key.name, seq);
+                k8s::set_path(&mut obj, &["metadata", "uid"], Value::from(u.as_str()))?;
+                u
+            }
+        };
+        let container_id = format!("pl{}{}", self.state.name, seq);
+        let pod_ns = self.new_netns(&format!("p{seq}"))?;
+        let pod_key = format!("{}/{}", key.namespace, key.name);
+        self.state.pods.insert(
+            pod_key.clone(),
+            PodState {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                uid: uid.clone(),
+                node: node.name.clone(),
+                netns: pod_ns.clone(),
+                container_id: container_id.clone(),
+                ips: Vec::new(),
+                cni_result: None,
+                server_pid: None,
+            },
+        );
+        self.state.save()?;
+        let config = cni::plugin_config(&cni::read_conflist(&Self::conflist_path(&node))?)?;
+        let pod_netns_path = netns::path(&pod_ns);
+        let inv = cni::Invocation {
+            node_netns: &node.netns,
+            container_id: &container_id,
+            pod_netns_path: &pod_netns_path,
+            pod_namespace: &key.namespace,
+            pod_name: &key.name,
+            pod_uid: &uid,
+        };
+        let result = cni::add(
+            &self.state.bins.plugin(),
+            &self.state.bins.dir,
+            &config,
+            &inv,
+        )?;
+        let ips = cni::result_ips(&result);
+        if ips.is_empty() {
+            return Err(LabError::Parse {
+                what: format!("CNI ADD result for pod {pod_key}"),
+                detail: format!("no ips: {result}"),
+            });
+        }
+        if let Some(p) = self.state.pods.get_mut(&pod_key) {
+            p.ips = ips.clone();
+            p.cni_result = Some(result);
+        }
+        self.state.save()?;
+        // Servers on the declared container ports.
+        let ports = k8s::container_ports(&obj);
+        let tcp: Vec<String> = ports
+            .iter()
+            .filter(|(_, p)| p == "TCP")
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let udp: Vec<String> = ports
+            .iter()
+            .filter(|(_, p)| p == "UDP")
+            .map(|(n, _)| n.to_string())
+            .collect();
+        for (port, proto) in ports.iter().filter(|(_, p)| p != "TCP" && p != "UDP") {
+            tracing::warn!(pod = %pod_key, port, protocol = %proto, "no server for this protocol (the kernel has no sockets for it)");
+        }
+        let mut args = vec!["serve".to_string(), "--name".to_string(), pod_key.clone()];
+        if !tcp.is_empty() {
+            args.extend(["--tcp".to_string(), tcp.join(",")]);
+        }
+        if !udp.is_empty() {
+            args.extend(["--udp".to_string(), udp.join(",")]);
+        }
+        let log = self
+            .state
+            .run_dir
+            .join(format!("pod-{}-{}.log", key.namespace, key.name));
+        let pid = process::spawn_in_netns(
+            &self.state.name,
+            &pod_ns,
+            &self.state.bins.probe(),
+            &args,
+            &log,
+        )?;
+        if let Some(p) = self.state.pods.get_mut(&pod_key) {
+            p.server_pid = Some(pid);
+        }
+        self.state.save()?;
+        // What the kubelet reports once the sandbox is up.
+        let pod_ips: Vec<Value> = ips
+            .iter()
+            .map(|ip| {
+                let mut m = serde_yaml::Mapping::new();
+                m.insert(Value::from("ip"), Value::from(ip.to_string()));
+                Value::Mapping(m)
+            })
+            .collect();
+        k8s::set_path(&mut obj, &["status", "phase"], Value::from("Running"))?;
+        k8s::set_path(
+            &mut obj,
+            &["status", "podIP"],
+            Value::from(ips[0].to_string()),
+        )?;
+        k8s::set_path(&mut obj, &["status", "podIPs"], Value::Sequence(pod_ips))?;
+        k8s::set_path(
+            &mut obj,
+            &["status", "hostIP"],
+            Value::from(node_underlay_v4(node.index).to_string()),
+        )?;
+        self.manifests.write(&obj)?;
+        Ok(())
+    }
+
+    /// Deletes objects as `kubectl delete` would; deleting a namespace deletes what lives in it.
+    pub fn delete(&mut self, objects: Vec<Value>) -> Result<()> {
+        for obj in objects {
+            let key = k8s::key_of(&obj)?;
+            self.delete_key(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes one object by key.
+    pub fn delete_key(&mut self, key: &ObjKey) -> Result<()> {
+        match key.kind.as_str() {
+            "Pod" => self.delete_pod(&key.namespace, &key.name),
+            "Namespace" => {
+                let pods: Vec<String> = self
+                    .state
+                    .pods
+                    .values()
+                    .filter(|p| p.namespace == key.name)
+                    .map(|p| p.name.clone())
+                    .collect();
+                for p in pods {
+                    self.delete_pod(&key.name, &p)?;
+                }
+                for other in self.objects_in(&key.name)? {
+                    self.manifests.remove(&other)?;
+                }
+                self.manifests.remove(key)
+            }
+            "Node" => Err(LabError::Invalid(format!(
+                "{key}: the lab owns Node objects"
+            ))),
+            _ => self.manifests.remove(key),
+        }
+    }
+
+    /// Keys of the objects in the manifest directory.
+    pub fn objects(&self) -> Result<Vec<ObjKey>> {
+        let mut out = Vec::new();
+        for v in k8s::read_path(&self.manifests.dir)? {
+            out.push(k8s::key_of(&v)?);
+        }
+        Ok(out)
+    }
+
+    fn objects_in(&self, namespace: &str) -> Result<Vec<ObjKey>> {
+        Ok(self
+            .objects()?
+            .into_iter()
+            .filter(|k| k.namespace == namespace)
+            .collect())
+    }
+
+    /// Deletes every NetworkPolicy in every namespace.
+    pub fn delete_all_policies(&mut self) -> Result<()> {
+        for k in self
+            .objects()?
+            .into_iter()
+            .filter(|k| k.kind == "NetworkPolicy")
+        {
+            self.manifests.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    fn delete_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
+        let pod_key = format!("{namespace}/{name}");
+        let pod = self.state.pods.get(&pod_key).cloned().ok_or_else(|| {
+            LabError::Invalid(format!("no pod {pod_key} in lab {}", self.state.name))
+        })?;
+        self.manifests
+            .remove(&ObjKey::new("Pod", namespace, name))?;
+        let mut errors = Vec::new();
+        teardown_pod(&self.state, &pod, &mut errors);
+        self.state.pods.remove(&pod_key);
+        self.state.netns.retain(|n| *n != pod.netns);
+        self.state.save()?;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::Teardown(errors))
+        }
+    }
+
+    /// `label pod ns/name k=v k-`.
+    pub fn label_pod(&mut self, namespace: &str, name: &str, edits: &[LabelEdit]) -> Result<()> {
+        let key = ObjKey::new("Pod", namespace, name);
+        let mut obj = self.read_object(&key)?;
+        k8s::edit_labels(&mut obj, edits)?;
+        self.manifests.write(&obj).map(|_| ())
+    }
+
+    /// Replaces an object's labels wholesale (reverting label changes).
+    pub fn restore_labels(&mut self, key: &ObjKey, labels: Value) -> Result<()> {
+        let mut obj = self.read_object(key)?;
+        k8s::set_path(&mut obj, &["metadata", "labels"], labels)?;
+        self.manifests.write(&obj).map(|_| ())
+    }
+
+    /// `label ns name k=v k-` (the `kubernetes.io/metadata.name` label is the API server's).
+    pub fn label_namespace(&mut self, name: &str, edits: &[LabelEdit]) -> Result<()> {
+        let touches_name_label = edits.iter().any(|e| match e {
+            LabelEdit::Set(k, _) | LabelEdit::Remove(k) => k == k8s::NAMESPACE_NAME_LABEL,
+        });
+        if touches_name_label {
+            return Err(LabError::Invalid(format!(
+                "{} is set by the API server and cannot be changed",
+                k8s::NAMESPACE_NAME_LABEL
+            )));
+        }
+        let key = ObjKey::new("Namespace", "", name);
+        let mut obj = self.read_object(&key)?;
+        k8s::edit_labels(&mut obj, edits)?;
+        self.manifests.write(&obj).map(|_| ())
+    }
+
+    /// Pods, sorted by `namespace/name`.
+    pub fn pods(&self) -> impl Iterator<Item = &PodState> {
+        self.state.pods.values()
+    }
+
+    pub fn pod(&self, key: &str) -> Result<&PodState> {
+        self.state
+            .pods
+            .get(key)
+            .ok_or_else(|| LabError::Invalid(format!("no pod {key} in lab {}", self.state.name)))
+    }
+
+    /// Runs targets from inside one namespace with one `palisade-probe connect`.
+    pub fn probe_from_netns(
+        &self,
+        netns: &str,
+        targets: &[Target],
+        timeout: Duration,
+    ) -> Result<Vec<Outcome>> {
+        let mut batch = self.spawn_probe(netns, targets, timeout)?;
+        batch.finish()
+    }
+
+    fn spawn_probe(
+        &self,
+        netns: &str,
+        targets: &[Target],
+        timeout: Duration,
+    ) -> Result<ProbeBatch> {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(self.state.bins.probe())
+            .args(["connect", "--timeout-ms", &timeout.as_millis().to_string()])
+            .env(process::MARKER_ENV, &self.state.name)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let what = format!("palisade-probe connect in {netns}");
+        let mut child = cmd.spawn().map_err(|e| LabError::Command {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        let input = serde_json::to_vec(targets).map_err(|e| LabError::Parse {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&input).map_err(|e| LabError::Command {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(ProbeBatch {
+            child: Some(child),
+            what,
+        })
+    }
+
+    /// Targets for every pod (except `skip`) on each (port, protocol), ids `ns/name|port|proto`.
+    fn pod_targets(
+        &self,
+        skip: Option<&str>,
+        ports: &[(u16, Protocol)],
+        family: Family,
+    ) -> Vec<Target> {
+        let mut out = Vec::new();
+        for to in self.state.pods.values() {
+            if Some(to.key().as_str()) == skip {
+                continue;
+            }
+            let Some(ip) = family.pick(&to.ips) else {
+                continue;
+            };
+            for &(port, protocol) in ports {
+                out.push(Target {
+                    id: format!("{}|{port}|{}", to.key(), protocol.as_str()),
+                    addr: SocketAddr::new(ip, port),
+                    protocol,
+                });
+            }
+        }
+        out
+    }
+
+    /// Probes every ordered pair of distinct pods on each (port, protocol): one probe process per
+    /// source pod, all in parallel.
+    pub fn probe_matrix(
+        &self,
+        ports: &[(u16, Protocol)],
+        family: Family,
+        timeout: Duration,
+    ) -> Result<Vec<ProbeRecord>> {
+        let mut batches = Vec::new();
+        for from in self.state.pods.values() {
+            let targets = self.pod_targets(Some(&from.key()), ports, family);
+            batches.push((
+                from.key(),
+                self.spawn_probe(&from.netns, &targets, timeout)?,
+            ));
+        }
+        let mut records = Vec::new();
+        for (from, mut batch) in batches {
+            for o in batch.finish()? {
+                records.push(ProbeRecord::from_outcome(&from, &o));
+            }
+        }
+        records.sort();
+        Ok(records)
+    }
+
+    /// Probes every pod from a node's own namespace (what the kubelet's probes do).
+    pub fn probe_from_node(
+        &self,
+        node: &str,
+        ports: &[(u16, Protocol)],
+        family: Family,
+        timeout: Duration,
+    ) -> Result<Vec<ProbeRecord>> {
+        let n = self.node(node)?;
+        let targets = self.pod_targets(None, ports, family);
+        Ok(self
+            .probe_from_netns(&n.netns, &targets, timeout)?
+            .iter()
+            .map(|o| ProbeRecord::from_outcome(node, o))
+            .collect())
+    }
+
+    /// Node state by name.
+    pub fn node_state(&self, name: &str) -> Result<&NodeState> {
+        self.node(name)
+    }
+
+    /// Installs a ClusterIP stand-in in a node's namespace: `vip:port` DNAT to the backend pod.
+    /// This is what kube-proxy does before our chains see the packet.
+    pub fn add_cluster_ip(
+        &self,
+        node: &str,
+        vip: Ipv4Addr,
+        port: u16,
+        protocol: Protocol,
+        backend: &str,
+    ) -> Result<()> {
+        let n = self.node(node)?;
+        let pod = self.pod(backend)?;
+        let ip = Family::V4
+            .pick(&pod.ips)
+            .ok_or_else(|| LabError::Invalid(format!("pod {backend} has no IPv4")))?;
+        let proto = protocol.as_str();
+        let script = format!(
+            "table ip pl_svc {{\n  chain dnat {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {vip} {proto} dport {port} dnat to {ip}:{port}\n  }}\n}}\n"
+        );
+        netns::nft(&n.netns, &script)
+    }
+
+    /// Tears everything down now (also done on drop for owned labs).
+    pub fn down(mut self) -> Result<()> {
+        self.owned = false;
+        signals::unregister(&self.state.run_dir);
+        teardown(&self.state)
+    }
+}
+
+/// One running `palisade-probe connect`.
+struct ProbeBatch {
+    child: Option<std::process::Child>,
+    what: String,
+}
+
+impl ProbeBatch {
+    fn finish(&mut self) -> Result<Vec<Outcome>> {
+        let child = self
+            .child
+            .take()
+            .ok_or_else(|| LabError::Invalid("probe already collected".into()))?;
+        let out = child.wait_with_output().map_err(|e| LabError::Command {
+            what: self.what.clone(),
+            detail: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                what: self.what.clone(),
+                detail: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| LabError::Parse {
+            what: self.what.clone(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+impl Drop for ProbeBatch {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One probe of a matrix, as printed by `probe --json` (schema in netns-tests/README.md).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    pub connected: bool,
+}
+
+impl ProbeRecord {
+    fn from_outcome(from: &str, o: &Outcome) -> Self {
+        let to = o.id.split('|').next().unwrap_or(&o.id).to_string();
+        ProbeRecord {
+            from: from.to_string(),
+            to,
+            port: o.addr.port(),
+            protocol: o.protocol.to_string(),
+            connected: o.connected,
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.owned {
+            self.owned = false;
+            signals::unregister(&self.state.run_dir);
+            if let Err(e) = teardown(&self.state) {
+                eprintln!("palisade-lab: tearing down lab {}: {e}", self.state.name);
+            }
+        }
+    }
+}
+
+fn cmd_ip(args: &[&str]) -> Result<String> {
+    crate::cmd::ip(args)
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A stable, UUID-shaped id for a pod without `metadata.uid`.
+fn pseudo_uid(lab: &str, ns: &str, name: &str, seq: u64) -> String {
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for b in format!("{lab}/{ns}/{name}/{seq}").bytes() {
+        h ^= u128::from(b);
+        h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    let s = format!("{h:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &s[0..8],
+        &s[8..12],
+        &s[12..16],
+        &s[16..20],
+        &s[20..32]
+    )
+}
+
+fn node_object(node: &NodeState) -> Value {
+    let text = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    kubernetes.io/hostname: {name}\nspec:\n  podCIDR: {v4}\n  podCIDRs: [\"{v4}\", \"{v6}\"]\nstatus:\n  addresses:\n  - {{type: InternalIP, address: \"{a4}\"}}\n  - {{type: InternalIP, address: \"{a6}\"}}\n  - {{type: Hostname, address: {name}}}\n",
+        name = node.name,
+        v4 = node.pod_cidr_v4,
+        v6 = node.pod_cidr_v6,
+        a4 = node_underlay_v4(node.index),
+        a6 = node_underlay_v6(node.index),
+    );
+    serde_yaml::from_str(&text).unwrap_or(Value::Null)
+}
+
+fn teardown_pod(state: &LabState, pod: &PodState, errors: &mut Vec<String>) {
+    if let Some(pid) = pod.server_pid {
+        process::stop(pid, &state.name);
+    }
+    if let Some(node) = state.nodes.iter().find(|n| n.name == pod.node) {
+        let conflist = Lab::conflist_path(node);
+        if netns::exists(&node.netns) && conflist.is_file() {
+            let pod_netns_path = netns::path(&pod.netns);
+            let inv = cni::Invocation {
+                node_netns: &node.netns,
+                container_id: &pod.container_id,
+                pod_netns_path: &pod_netns_path,
+                pod_namespace: &pod.namespace,
+                pod_name: &pod.name,
+                pod_uid: &pod.uid,
+            };
+            let res = cni::read_conflist(&conflist)
+                .and_then(|c| cni::plugin_config(&c))
+                .and_then(|config| {
+                    cni::del(
+                        &state.bins.plugin(),
+                        &state.bins.dir,
+                        &config,
+                        pod.cni_result.as_ref(),
+                        &inv,
+                    )
+                });
+            if let Err(e) = res {
+                errors.push(e.to_string());
+            }
+        }
+    }
+    if let Err(e) = netns::delete(&pod.netns) {
+        errors.push(e.to_string());
+    }
+}
+
+/// Removes everything a lab created, from its state: pods (CNI DEL), servers, agents, namespaces,
+/// run directory. Keeps going past errors and reports them all.
+pub fn teardown(state: &LabState) -> Result<()> {
+    let mut errors = Vec::new();
+    for pod in state.pods.values() {
+        teardown_pod(state, pod, &mut errors);
+    }
+    if let Some(ext) = &state.external {
+        if let Some(pid) = ext.server_pid {
+            process::stop(pid, &state.name);
+        }
+    }
+    for node in &state.nodes {
+        if let Some(pid) = node.agent_pid {
+            process::stop(pid, &state.name);
+        }
+    }
+    for ns in state.netns.iter().rev() {
+        if let Err(e) = netns::delete(ns) {
+            errors.push(e.to_string());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(&state.run_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            errors.push(format!("{}: {e}", state.run_dir.display()));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Teardown(errors))
+    }
+}
+
+/// `down` for a run directory: works from the state file alone (after a crash too).
+pub fn down_run_dir(run_dir: &Path) -> Result<()> {
+    let state = LabState::load(run_dir)?;
+    teardown(&state)
+}
+
+/// Every lab run directory under a root that has a state file.
+pub fn list_labs(run_root: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(run_root)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join(STATE_FILE).is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}

@@ -1,0 +1,104 @@
+//! Long-running processes of the lab (agents, pod servers): started detached in their own process
+//! group, marked with an environment variable so a later `down` can tell ours from a reused pid.
+
+use crate::error::{LabError, Result};
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Environment variable every lab process carries: `PALISADE_LAB=<lab name>`.
+pub const MARKER_ENV: &str = "PALISADE_LAB";
+
+/// Starts `ip netns exec NS program args..` detached (own process group, so a terminal's Ctrl-C
+/// reaches only the lab CLI, which tears down in order), logging to `log`. Returns the pid.
+pub fn spawn_in_netns(
+    lab: &str,
+    netns: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<u32> {
+    let out = File::create(log).map_err(LabError::io(log))?;
+    let err = out.try_clone().map_err(LabError::io(log))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(program)
+        .args(args)
+        .env(MARKER_ENV, lab)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let child = cmd.spawn().map_err(|e| LabError::Command {
+        what: crate::cmd::describe(&cmd),
+        detail: format!("cannot start: {e}"),
+    })?;
+    let pid = child.id();
+    // The child is reaped by `reap` (same process) or by init once the CLI exits.
+    std::mem::forget(child);
+    Ok(pid)
+}
+
+/// Whether `pid` is alive and carries our marker for `lab` (so never a reused pid of someone else).
+pub fn is_ours(pid: u32, lab: &str) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let want = format!("{MARKER_ENV}={lab}");
+    environ.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
+}
+
+/// Whether a process is still running (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Reaps any of our exited children without blocking.
+pub fn reap() {
+    loop {
+        match nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after a grace period; waits until the process is gone (bounded).
+pub fn kill_and_wait(pid: i32) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let p = Pid::from_raw(pid);
+    if kill(p, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let start = Instant::now();
+    while alive(pid) && start.elapsed() < Duration::from_millis(1500) {
+        reap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if alive(pid) {
+        let _ = kill(p, Signal::SIGKILL);
+        while alive(pid) && start.elapsed() < Duration::from_secs(5) {
+            reap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    reap();
+}
+
+/// Kills a recorded lab process if it is still ours.
+pub fn stop(pid: u32, lab: &str) {
+    if is_ours(pid, lab) {
+        if let Ok(p) = i32::try_from(pid) {
+            kill_and_wait(p);
+        }
+    }
+}
