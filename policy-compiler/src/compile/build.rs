@@ -1,0 +1,326 @@
+//! From the semantic model to the ruleset (shape: ARCHITECTURE.md "The ruleset").
+//!
+//! Chains depend only on policy specs and on which combinations of policies select local pods;
+//! pods, labels and addresses only ever change set and map elements.
+
+use super::{Compiled, CompiledPolicy, CompiledRule};
+use crate::model::Direction;
+use crate::ruleset::names::{self, *};
+use crate::ruleset::{
+    AddrField, BaseHook, Chain, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
+};
+use std::collections::BTreeSet;
+
+pub(crate) fn build(c: &Compiled) -> Ruleset {
+    let mut rs = Ruleset::default();
+    base(&mut rs, c);
+    // Group chains and the verdict maps pointing at them.
+    for pod in c.pods.values() {
+        for dir in Direction::BOTH {
+            let keys = pod.policies(dir);
+            if keys.is_empty() {
+                continue;
+            }
+            let group = group_chain(keys, dir);
+            if !rs.chains.contains_key(&group) {
+                let mut rules: Vec<Rule> = keys
+                    .iter()
+                    .map(|k| {
+                        Rule::new(vec![Stmt::Jump(policy_chain(k, dir))])
+                            .with_comment(comment(&format!("policy {k}")))
+                    })
+                    .collect();
+                let what = format!(
+                    "{dir} of pods selected by {}: nothing allowed it",
+                    keys.join(", ")
+                );
+                rules.push(Rule::new(vec![Stmt::Counter, Stmt::Drop]).with_comment(comment(&what)));
+                rs.add_chain(Chain {
+                    name: group.clone(),
+                    base: None,
+                    comment: comment(&format!("{dir} of pods selected by {}", keys.join(", "))),
+                    rules,
+                });
+            }
+            for ip in &pod.ips {
+                if let Some(m) = rs.sets.get_mut(map_name(dir, Family::of(ip))) {
+                    m.elements.insert(Elem::GotoChain(*ip, group.clone()));
+                }
+            }
+        }
+    }
+    for pol in c.policies.values() {
+        for dir in Direction::BOTH {
+            if let Some(rules) = pol.rules(dir) {
+                policy(&mut rs, pol, dir, rules);
+            }
+        }
+    }
+    rs
+}
+
+fn base(rs: &mut Ruleset, c: &Compiled) {
+    for fam in Family::BOTH {
+        let key = match fam {
+            Family::V4 => SetKey::Ipv4,
+            Family::V6 => SetKey::Ipv6,
+        };
+        rs.add_set(Set {
+            name: pending_set(fam).to_string(),
+            key,
+            interval: false,
+            verdict_map: false,
+            comment: comment(
+                "pod addresses wired by the CNI plugin whose policy is not compiled yet: dropped",
+            ),
+            elements: c
+                .pending
+                .iter()
+                .filter(|ip| Family::of(ip) == fam)
+                .map(|ip| Elem::Addr(*ip))
+                .collect(),
+        });
+        for dir in Direction::BOTH {
+            rs.add_set(Set {
+                name: map_name(dir, fam).to_string(),
+                key,
+                interval: false,
+                verdict_map: true,
+                comment: comment(&format!(
+                    "{dir}-isolated local pod address -> its group chain"
+                )),
+                elements: BTreeSet::new(),
+            });
+        }
+    }
+    let chains = [
+        (
+            CHAIN_EGRESS,
+            Hook::Postrouting,
+            PRIORITY_EGRESS,
+            Direction::Egress,
+            AddrField::Saddr,
+            "egress of local pods",
+        ),
+        (
+            CHAIN_INGRESS,
+            Hook::Postrouting,
+            PRIORITY_INGRESS,
+            Direction::Ingress,
+            AddrField::Daddr,
+            "ingress of local pods",
+        ),
+        (
+            CHAIN_EGRESS_HOST,
+            Hook::Input,
+            PRIORITY_EGRESS_HOST,
+            Direction::Egress,
+            AddrField::Saddr,
+            "egress of local pods to their own node",
+        ),
+    ];
+    for (name, hook, priority, dir, field, what) in chains {
+        let mut rules = vec![
+            Rule::new(vec![Stmt::CtEstablishedRelated, Stmt::Accept]),
+            Rule::new(vec![Stmt::CtInvalid, Stmt::Drop]),
+            Rule::new(vec![Stmt::FibSaddrLocal, Stmt::Accept])
+                .with_comment("from this node (kubelet probes, hostNetwork)"),
+            Rule::new(vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]),
+        ];
+        for fam in Family::BOTH {
+            for f in [AddrField::Saddr, AddrField::Daddr] {
+                rules.push(
+                    Rule::new(vec![
+                        Stmt::AddrInSet {
+                            family: fam,
+                            field: f,
+                            set: pending_set(fam).to_string(),
+                        },
+                        Stmt::Drop,
+                    ])
+                    .with_comment("pending pod"),
+                );
+            }
+        }
+        for fam in Family::BOTH {
+            rules.push(Rule::new(vec![Stmt::VmapLookup {
+                family: fam,
+                field,
+                map: map_name(dir, fam).to_string(),
+            }]));
+        }
+        rs.add_chain(Chain {
+            name: name.to_string(),
+            base: Some(BaseHook { hook, priority }),
+            comment: what.to_string(),
+            rules,
+        });
+    }
+}
+
+fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[CompiledRule]) {
+    let key = &pol.key;
+    let chain = policy_chain(key, dir);
+    let peer_field = match dir {
+        Direction::Ingress => AddrField::Saddr,
+        Direction::Egress => AddrField::Daddr,
+    };
+    let mut out = Vec::new();
+    for r in rules {
+        let what = format!("{key} {dir} rule {}", r.index);
+        let mk =
+            |prefix: &str, fam: Option<Family>| names::rule_set(prefix, key, dir, r.index, fam);
+        // Peer conditions, each with the family it implies.
+        let mut peer_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
+        if r.peers.any {
+            peer_conds.push((None, None));
+        }
+        if r.peers.uses_pods {
+            for fam in Family::BOTH {
+                let name = mk(PEER_SET_PREFIX, Some(fam));
+                rs.add_set(Set {
+                    name: name.clone(),
+                    key: addr_key(fam),
+                    interval: false,
+                    verdict_map: false,
+                    comment: comment(&format!("{what}: peer pods ({})", fam_word(fam))),
+                    elements: r
+                        .peers
+                        .pod_ips
+                        .iter()
+                        .filter(|ip| Family::of(ip) == fam)
+                        .map(|ip| Elem::Addr(*ip))
+                        .collect(),
+                });
+                peer_conds.push((
+                    Some(fam),
+                    Some(Stmt::AddrInSet {
+                        family: fam,
+                        field: peer_field,
+                        set: name,
+                    }),
+                ));
+            }
+        }
+        for (fam, has) in [
+            (Family::V4, r.peers.has_v4_blocks),
+            (Family::V6, r.peers.has_v6_blocks),
+        ] {
+            if !has {
+                continue;
+            }
+            let name = mk(CIDR_SET_PREFIX, Some(fam));
+            rs.add_set(Set {
+                name: name.clone(),
+                key: addr_key(fam),
+                interval: true,
+                verdict_map: false,
+                comment: comment(&format!(
+                    "{what}: ipBlocks minus excepts ({})",
+                    fam_word(fam)
+                )),
+                elements: r
+                    .peers
+                    .blocks
+                    .iter()
+                    .filter(|(a, _)| Family::of(a) == fam)
+                    .map(|(a, b)| Elem::Range(*a, *b))
+                    .collect(),
+            });
+            peer_conds.push((
+                Some(fam),
+                Some(Stmt::AddrInSet {
+                    family: fam,
+                    field: peer_field,
+                    set: name,
+                }),
+            ));
+        }
+        // Port conditions.
+        let mut port_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
+        if r.ports.any {
+            port_conds.push((None, None));
+        }
+        if !r.ports.ranges.is_empty() {
+            let name = mk(PORTS_SET_PREFIX, None);
+            rs.add_set(Set {
+                name: name.clone(),
+                key: SetKey::ProtoPort,
+                interval: true,
+                verdict_map: false,
+                comment: comment(&format!("{what}: protocols and ports")),
+                elements: r
+                    .ports
+                    .ranges
+                    .iter()
+                    .map(|(p, a, b)| Elem::ProtoPort(*p, *a, *b))
+                    .collect(),
+            });
+            port_conds.push((None, Some(Stmt::ProtoPortInSet { set: name })));
+        }
+        if r.ports.uses_named {
+            for fam in Family::BOTH {
+                let name = mk(NAMED_SET_PREFIX, Some(fam));
+                rs.add_set(Set {
+                    name: name.clone(),
+                    key: match fam {
+                        Family::V4 => SetKey::Ipv4ProtoPort,
+                        Family::V6 => SetKey::Ipv6ProtoPort,
+                    },
+                    interval: false,
+                    verdict_map: false,
+                    comment: comment(&format!(
+                        "{what}: named ports per destination pod ({})",
+                        fam_word(fam)
+                    )),
+                    elements: r
+                        .ports
+                        .named
+                        .iter()
+                        .filter(|(ip, _, _)| Family::of(ip) == fam)
+                        .map(|(ip, p, port)| Elem::AddrProtoPort(*ip, *p, *port))
+                        .collect(),
+                });
+                port_conds.push((
+                    Some(fam),
+                    Some(Stmt::DaddrProtoPortInSet {
+                        family: fam,
+                        set: name,
+                    }),
+                ));
+            }
+        }
+        for (pf, pc) in &peer_conds {
+            for (qf, qc) in &port_conds {
+                if let (Some(a), Some(b)) = (pf, qf) {
+                    if a != b {
+                        continue; // an IPv4 peer never meets an IPv6 destination
+                    }
+                }
+                let mut stmts: Vec<Stmt> = pc.iter().chain(qc.iter()).cloned().collect();
+                stmts.push(Stmt::Accept);
+                out.push(Rule::new(stmts).with_comment(comment(&what)));
+            }
+        }
+    }
+    rs.add_chain(Chain {
+        name: chain,
+        base: None,
+        comment: comment(&format!("policy {key} {dir}")),
+        rules: out,
+    });
+}
+
+fn addr_key(fam: Family) -> SetKey {
+    match fam {
+        Family::V4 => SetKey::Ipv4,
+        Family::V6 => SetKey::Ipv6,
+    }
+}
+
+fn fam_word(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}

@@ -1,0 +1,344 @@
+//! `explain`: why traffic between two endpoints is allowed or denied, read from the same
+//! compiled model the ruleset is built from (never separate logic).
+
+use crate::compile::{compile, Compiled, LocalPod, PeerMatch};
+use crate::error::PolicyError;
+use crate::model::{pod_key, ClusterState, Direction, Protocol};
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// One end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Pod { namespace: String, name: String },
+    Ip(IpAddr),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+    /// `namespace/name` or an IP address.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Self::Ip(ip));
+        }
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self::Pod {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                })
+            }
+            _ => Err(format!("{s:?} is neither an IP address nor namespace/name")),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pod { namespace, name } => write!(f, "{namespace}/{name}"),
+            Self::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// What decided one direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint is not a pod NetworkPolicy applies to (external, node, hostNetwork, ...).
+    NotApplicable(String),
+    /// Always allowed, whatever the policies say (semantics 38, 39).
+    AlwaysAllowed(String),
+    /// No policy selects the pod for this direction (semantics 1).
+    NotIsolated,
+    /// Allowed by these (policy, rule index, how the peer matched).
+    Allowed(Vec<(String, usize, PeerMatch)>),
+    /// Isolated by these policies and no rule of theirs matched.
+    Denied(Vec<String>),
+    /// The address is still pending (wired, policy not compiled yet): all traffic dropped.
+    Pending,
+}
+
+impl Outcome {
+    pub fn allows(&self) -> bool {
+        !matches!(self, Self::Denied(_) | Self::Pending)
+    }
+}
+
+/// The verdict of one direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectionVerdict {
+    pub direction: Direction,
+    /// The pod whose policies apply (source for egress, destination for ingress).
+    pub pod: Option<String>,
+    /// The node enforcing it.
+    pub node: Option<String>,
+    pub outcome: Outcome,
+}
+
+/// The answer of [`explain`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    pub from: Endpoint,
+    pub to: Endpoint,
+    pub from_ip: IpAddr,
+    pub to_ip: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub egress: DirectionVerdict,
+    pub ingress: DirectionVerdict,
+    /// Both directions allow (semantics 7).
+    pub allowed: bool,
+}
+
+struct Resolved {
+    /// Policy-subject pod key, if the endpoint is one.
+    pod: Option<String>,
+    node: Option<String>,
+    ips: Vec<IpAddr>,
+    host_network: bool,
+}
+
+fn resolve(
+    state: &ClusterState,
+    compiled: &Compiled,
+    e: &Endpoint,
+) -> Result<Resolved, PolicyError> {
+    match e {
+        Endpoint::Pod { namespace, name } => {
+            let key = pod_key(namespace, name);
+            let pod = state
+                .pods
+                .get(&key)
+                .ok_or_else(|| PolicyError::UnknownPod(key.clone()))?;
+            let mut ips: Vec<IpAddr> = match compiled.pods.get(&key) {
+                Some(lp) => lp.ips.iter().copied().collect(),
+                None => pod.ips.clone(),
+            };
+            ips.sort();
+            ips.dedup();
+            Ok(Resolved {
+                pod: pod.is_policy_subject().then_some(key),
+                node: pod.node_name.clone(),
+                ips,
+                host_network: pod.host_network,
+            })
+        }
+        Endpoint::Ip(ip) => {
+            if let Some(lp) = compiled.local_pod_by_ip(*ip) {
+                return Ok(Resolved {
+                    pod: Some(lp.key.clone()),
+                    node: Some(compiled.node.clone()),
+                    ips: vec![*ip],
+                    host_network: false,
+                });
+            }
+            let found = state
+                .pods
+                .values()
+                .find(|p| p.is_policy_subject() && p.ips.contains(ip));
+            Ok(match found {
+                Some(p) => Resolved {
+                    pod: Some(p.key()),
+                    node: p.node_name.clone(),
+                    ips: vec![*ip],
+                    host_network: false,
+                },
+                None => Resolved {
+                    pod: None,
+                    node: None,
+                    ips: vec![*ip],
+                    host_network: false,
+                },
+            })
+        }
+    }
+}
+
+/// Explains whether `from` may open a connection to `to` on `proto`/`port`.
+///
+/// Each direction is judged by the compiled model of the node hosting the pod it concerns: the
+/// given `compiled` when that is its node, otherwise the state is compiled for that node with the
+/// same [`compile`] function.
+pub fn explain(
+    state: &ClusterState,
+    compiled: &Compiled,
+    from: &Endpoint,
+    to: &Endpoint,
+    port: u16,
+    proto: Protocol,
+) -> Result<Explanation, PolicyError> {
+    let f = resolve(state, compiled, from)?;
+    let t = resolve(state, compiled, to)?;
+    let pair = f
+        .ips
+        .iter()
+        .flat_map(|a| t.ips.iter().map(move |b| (*a, *b)))
+        .find(|(a, b)| a.is_ipv4() == b.is_ipv4())
+        .ok_or_else(|| PolicyError::NoCommonFamily(format!("{from} and {to}")))?;
+    let (from_ip, to_ip) = pair;
+
+    let same_pod = f.pod.is_some() && f.pod == t.pod;
+    let verdict = |dir: Direction, r: &Resolved, peer: IpAddr| -> DirectionVerdict {
+        let mut v = DirectionVerdict {
+            direction: dir,
+            pod: r.pod.clone(),
+            node: r.node.clone(),
+            outcome: Outcome::NotIsolated,
+        };
+        if same_pod {
+            v.outcome =
+                Outcome::AlwaysAllowed("a pod can always reach itself (semantics 38)".into());
+            return v;
+        }
+        let Some(key) = &r.pod else {
+            v.outcome = Outcome::NotApplicable(if r.host_network {
+                "hostNetwork pod: outside NetworkPolicy".into()
+            } else {
+                "not a pod address: no policy applies on this side".into()
+            });
+            return v;
+        };
+        let Some(node) = &r.node else {
+            v.outcome = Outcome::NotApplicable("pod is not scheduled to a node".into());
+            return v;
+        };
+        let model: Cow<'_, Compiled> = if &compiled.node == node {
+            Cow::Borrowed(compiled)
+        } else {
+            Cow::Owned(compile(state, node))
+        };
+        if model.pending.contains(&from_ip) || model.pending.contains(&to_ip) {
+            v.outcome = Outcome::Pending;
+            return v;
+        }
+        if dir == Direction::Ingress
+            && state
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.internal_ips.contains(&peer))
+        {
+            v.outcome = Outcome::AlwaysAllowed("from the pod's own node (semantics 39)".into());
+            return v;
+        }
+        let Some(lp) = model.pods.get(key) else {
+            v.outcome = Outcome::NotIsolated;
+            return v;
+        };
+        v.outcome = judge(&model, lp, dir, peer, to_ip, proto, port);
+        v
+    };
+    let egress = verdict(Direction::Egress, &f, to_ip);
+    let ingress = verdict(Direction::Ingress, &t, from_ip);
+    let allowed = egress.outcome.allows() && ingress.outcome.allows();
+    Ok(Explanation {
+        from: from.clone(),
+        to: to.clone(),
+        from_ip,
+        to_ip,
+        protocol: proto,
+        port,
+        egress,
+        ingress,
+        allowed,
+    })
+}
+
+fn judge(
+    model: &Compiled,
+    lp: &LocalPod,
+    dir: Direction,
+    peer: IpAddr,
+    dst: IpAddr,
+    proto: Protocol,
+    port: u16,
+) -> Outcome {
+    let keys = lp.policies(dir);
+    if keys.is_empty() {
+        return Outcome::NotIsolated;
+    }
+    let mut by = Vec::new();
+    for k in keys {
+        for r in model
+            .policies
+            .get(k)
+            .and_then(|p| p.rules(dir))
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(m), true) = (r.peers.matches(peer), r.ports.matches(dst, proto, port)) {
+                by.push((k.clone(), r.index, m));
+            }
+        }
+    }
+    if by.is_empty() {
+        Outcome::Denied(keys.to_vec())
+    } else {
+        Outcome::Allowed(by)
+    }
+}
+
+impl fmt::Display for PeerMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PeerMatch::Any => "any peer",
+            PeerMatch::Pod => "peer pod selected",
+            PeerMatch::IpBlock => "peer address in ipBlock",
+        })
+    }
+}
+
+impl fmt::Display for DirectionVerdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let who = match (&self.pod, &self.node) {
+            (Some(p), Some(n)) => format!("{} of {p} (node {n})", self.direction),
+            (Some(p), None) => format!("{} of {p}", self.direction),
+            _ => format!("{}", self.direction),
+        };
+        match &self.outcome {
+            Outcome::NotApplicable(why) => write!(f, "{who}: allowed, {why}"),
+            Outcome::AlwaysAllowed(why) => write!(f, "{who}: allowed, {why}"),
+            Outcome::NotIsolated => write!(
+                f,
+                "{who}: allowed, no policy selects the pod for {}",
+                self.direction
+            ),
+            Outcome::Pending => write!(
+                f,
+                "{who}: DENIED, address still pending (pod not known to the agent yet)"
+            ),
+            Outcome::Allowed(by) => {
+                let list: Vec<String> = by
+                    .iter()
+                    .map(|(p, i, m)| format!("policy {p} rule {i} ({m})"))
+                    .collect();
+                write!(f, "{who}: allowed by {}", list.join("; "))
+            }
+            Outcome::Denied(pols) => write!(
+                f,
+                "{who}: DENIED, isolated by {} and none of their rules matches",
+                pols.join(", ")
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} ({}) -> {} ({}) {}/{}: {}",
+            self.from,
+            self.from_ip,
+            self.to,
+            self.to_ip,
+            self.protocol,
+            self.port,
+            if self.allowed { "ALLOWED" } else { "DENIED" }
+        )?;
+        writeln!(f, "  {}", self.egress)?;
+        write!(f, "  {}", self.ingress)
+    }
+}

@@ -1,0 +1,345 @@
+//! The trimmed cluster state the compiler reads: only what NetworkPolicy semantics need.
+//!
+//! Objects enter through the `*_from_k8s` conversions (which validate exactly as the API server
+//! would and name the object and field on error) and through [`Change`]s applied to a
+//! [`ClusterState`].
+
+mod convert;
+mod selector;
+
+pub use convert::{namespace_from_k8s, node_from_k8s, pod_from_k8s, policy_from_k8s};
+pub use selector::{LabelSelector, Requirement};
+
+use palisade_contract::Attachment;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// Label keys to values.
+pub type Labels = BTreeMap<String, String>;
+
+/// Label every namespace carries, equal to its name (semantics 18).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Transport protocols NetworkPolicy knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the API spelling (`TCP`, `UDP`, `SCTP`; case-sensitive as the API server is).
+    pub fn from_api(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+    /// The API spelling.
+    pub fn as_api(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+    /// The nft `inet_proto` name.
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+    /// All protocols, for generators and tests.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_api())
+    }
+}
+
+/// Traffic direction relative to the selected (local) pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+    /// Short tag used in derived names (`in` / `eg`).
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::Ingress => "in",
+            Self::Egress => "eg",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        })
+    }
+}
+
+/// A namespace: its name and labels (always including [`NAMESPACE_NAME_LABEL`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+impl Namespace {
+    /// Builds a namespace, adding `kubernetes.io/metadata.name` (the API server always sets it).
+    pub fn new(name: impl Into<String>, mut labels: Labels) -> Self {
+        let name = name.into();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+        Self { name, labels }
+    }
+}
+
+/// Pod lifecycle phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+impl PodPhase {
+    /// Parses `status.phase`; absent or unknown spellings are `Pending`/`Unknown`.
+    pub fn from_api(s: Option<&str>) -> Self {
+        match s {
+            None | Some("Pending") => Self::Pending,
+            Some("Running") => Self::Running,
+            Some("Succeeded") => Self::Succeeded,
+            Some("Failed") => Self::Failed,
+            Some(_) => Self::Unknown,
+        }
+    }
+    /// Succeeded and Failed pods have released their IPs: they are gone for policy purposes.
+    pub fn is_terminated(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// One declared container port (used to resolve named ports, semantics 34).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A pod, trimmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: Labels,
+    pub node_name: Option<String>,
+    /// `status.podIPs` (IPv4 and/or IPv6).
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ContainerPort>,
+    pub host_network: bool,
+    pub phase: PodPhase,
+}
+
+impl Pod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        pod_key(&self.namespace, &self.name)
+    }
+    /// Whether NetworkPolicy applies to this pod at all (not hostNetwork, not terminated).
+    pub fn is_policy_subject(&self) -> bool {
+        !self.host_network && !self.phase.is_terminated()
+    }
+}
+
+/// `namespace/name` key used for pods and policies.
+pub fn pod_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// A node: its pod CIDRs and internal addresses (for routes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    pub internal_ips: Vec<IpAddr>,
+}
+
+/// A validated NetworkPolicy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: LabelSelector,
+    /// `Some` iff `Ingress` is in the (defaulted) policyTypes; rules of a direction not listed are
+    /// dropped here (semantics 2, 3). `Some(vec![])` denies all ingress (semantics 4).
+    pub ingress: Option<Vec<Rule>>,
+    /// Same for `Egress`.
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl Policy {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        pod_key(&self.namespace, &self.name)
+    }
+    /// The rules of one direction, `None` if the policy does not apply to that direction.
+    pub fn rules(&self, dir: Direction) -> Option<&[Rule]> {
+        match dir {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+}
+
+/// One ingress or egress rule.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rule {
+    /// Empty = any peer, pods and external IPs alike (semantics 12).
+    pub peers: Vec<Peer>,
+    /// Empty = all ports of all protocols (semantics 29).
+    pub ports: Vec<PortSpec>,
+}
+
+/// One `from`/`to` element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// Pods chosen by selectors. At least one selector is set.
+    Pods {
+        /// `None` = the policy's own namespace (semantics 13).
+        namespace_selector: Option<LabelSelector>,
+        /// `None` = all pods of the selected namespaces (semantics 14).
+        pod_selector: Option<LabelSelector>,
+    },
+    /// Addresses; `cidr` is masked (semantics 26), each `except` is a strict subset of it.
+    IpBlock {
+        cidr: ipnet::IpNet,
+        except: Vec<ipnet::IpNet>,
+    },
+}
+
+/// One `ports` element: protocol and which destination ports.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub port: PortMatch,
+}
+
+/// The port part of a [`PortSpec`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PortMatch {
+    /// `port` omitted: every port of the protocol (semantics 31).
+    All,
+    /// `port` (and `endPort`), inclusive.
+    Range(u16, u16),
+    /// A named port, resolved per destination pod (semantics 34).
+    Named(String),
+}
+
+/// One change to the cluster state, as the agent's sources emit them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    UpsertNamespace(Namespace),
+    DeleteNamespace {
+        name: String,
+    },
+    UpsertPod(Pod),
+    DeletePod {
+        namespace: String,
+        name: String,
+    },
+    UpsertPolicy(Policy),
+    DeletePolicy {
+        namespace: String,
+        name: String,
+    },
+    UpsertNode(Node),
+    DeleteNode {
+        name: String,
+    },
+    /// The complete current set of this node's attachment records (from the CNI plugin).
+    SetAttachments(Vec<Attachment>),
+}
+
+/// Everything the compiler reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterState {
+    /// By name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// By `namespace/name`. Succeeded/Failed pods are never stored.
+    pub pods: BTreeMap<String, Pod>,
+    /// By `namespace/name`.
+    pub policies: BTreeMap<String, Policy>,
+    /// By name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Attachment records of THIS node (set by the agent).
+    pub attachments: Vec<Attachment>,
+}
+
+impl ClusterState {
+    /// Applies one change. Upserts replace the whole object (semantics 10).
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::UpsertNamespace(mut ns) => {
+                ns.labels
+                    .insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+                self.namespaces.insert(ns.name.clone(), ns);
+            }
+            Change::DeleteNamespace { name } => {
+                self.namespaces.remove(&name);
+            }
+            Change::UpsertPod(pod) => {
+                let key = pod.key();
+                if pod.phase.is_terminated() {
+                    self.pods.remove(&key);
+                } else {
+                    self.pods.insert(key, pod);
+                }
+            }
+            Change::DeletePod { namespace, name } => {
+                self.pods.remove(&pod_key(&namespace, &name));
+            }
+            Change::UpsertPolicy(p) => {
+                self.policies.insert(p.key(), p);
+            }
+            Change::DeletePolicy { namespace, name } => {
+                self.policies.remove(&pod_key(&namespace, &name));
+            }
+            Change::UpsertNode(n) => {
+                self.nodes.insert(n.name.clone(), n);
+            }
+            Change::DeleteNode { name } => {
+                self.nodes.remove(&name);
+            }
+            Change::SetAttachments(a) => {
+                self.attachments = a;
+            }
+        }
+    }
+
+    /// Labels of a namespace. A namespace not (yet) known still carries its name label, so
+    /// `kubernetes.io/metadata.name` selectors work before the namespace event arrives.
+    pub fn namespace_labels(&self, name: &str) -> Labels {
+        match self.namespaces.get(name) {
+            Some(ns) => ns.labels.clone(),
+            None => Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The typed model of our one nft table and its rendering to nft JSON (`nft -j -f -`).
+//!
+//! Nothing else in palisade knows nft syntax. Chain and set names are derived from stable hashes
+//! (see [`names`]); user strings reach nft only as JSON string values in comments.
+
+pub mod names;
+pub(crate) mod render;
+
+pub use render::Batch;
+
+use crate::model::Protocol;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// Hook of a base chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Postrouting,
+    Input,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postrouting => "postrouting",
+            Self::Input => "input",
+        }
+    }
+}
+
+/// A base chain's attachment: `type filter hook <hook> priority <priority>; policy accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseHook {
+    pub hook: Hook,
+    pub priority: i32,
+}
+
+/// Address family of an address match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+    /// `v4` / `v6`, used in derived names.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::V4 => "v4",
+            Self::V6 => "v6",
+        }
+    }
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+}
+
+/// Which address of the packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrField {
+    Saddr,
+    Daddr,
+}
+
+/// A typed statement (match or verdict) of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stmt {
+    /// `ct state established,related`
+    CtEstablishedRelated,
+    /// `ct state invalid`
+    CtInvalid,
+    /// `fib saddr type local`: the source is an address of this node.
+    FibSaddrLocal,
+    /// `icmpv6 type { nd-* }` (types 133-137).
+    Icmpv6NeighbourDiscovery,
+    /// `ip[6] <field> @set`
+    AddrInSet {
+        family: Family,
+        field: AddrField,
+        set: String,
+    },
+    /// `meta l4proto . th dport @set`
+    ProtoPortInSet {
+        set: String,
+    },
+    /// `ip[6] daddr . meta l4proto . th dport @set`
+    DaddrProtoPortInSet {
+        family: Family,
+        set: String,
+    },
+    /// `ip[6] <field> vmap @map`
+    VmapLookup {
+        family: Family,
+        field: AddrField,
+        map: String,
+    },
+    Counter,
+    Accept,
+    Drop,
+    Jump(String),
+}
+
+/// One rule: statements in order, and an optional comment (a plain JSON string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub stmts: Vec<Stmt>,
+    pub comment: Option<String>,
+}
+
+impl Rule {
+    pub fn new(stmts: Vec<Stmt>) -> Self {
+        Self {
+            stmts,
+            comment: None,
+        }
+    }
+    pub fn with_comment(mut self, c: impl Into<String>) -> Self {
+        self.comment = Some(c.into());
+        self
+    }
+}
+
+/// A chain of our table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub base: Option<BaseHook>,
+    pub comment: String,
+    pub rules: Vec<Rule>,
+}
+
+/// Key type of a set or map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKey {
+    Ipv4,
+    Ipv6,
+    /// `inet_proto . inet_service`
+    ProtoPort,
+    /// `ipv4_addr . inet_proto . inet_service`
+    Ipv4ProtoPort,
+    /// `ipv6_addr . inet_proto . inet_service`
+    Ipv6ProtoPort,
+}
+
+/// One element of a set or map.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Elem {
+    Addr(IpAddr),
+    /// Inclusive address range (interval sets).
+    Range(IpAddr, IpAddr),
+    /// Protocol and inclusive port range (`tcp . 53-80`).
+    ProtoPort(Protocol, u16, u16),
+    /// `addr . proto . port`
+    AddrProtoPort(IpAddr, Protocol, u16),
+    /// Verdict map element: `addr : goto <chain>`.
+    GotoChain(IpAddr, String),
+}
+
+/// A named set or verdict map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub key: SetKey,
+    /// `flags interval`
+    pub interval: bool,
+    /// A verdict map (`type <key> : verdict`) rather than a set.
+    pub verdict_map: bool,
+    pub comment: String,
+    pub elements: BTreeSet<Elem>,
+}
+
+impl Set {
+    /// Whether two sets have the same definition (everything but the elements).
+    pub fn same_definition(&self, other: &Set) -> bool {
+        self.name == other.name
+            && self.key == other.key
+            && self.interval == other.interval
+            && self.verdict_map == other.verdict_map
+            && self.comment == other.comment
+    }
+}
+
+/// Our whole table: what the kernel should hold.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    pub chains: BTreeMap<String, Chain>,
+    pub sets: BTreeMap<String, Set>,
+}
+
+/// Size figures of a ruleset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RulesetStats {
+    pub chains: usize,
+    pub rules: usize,
+    pub sets: usize,
+    pub elements: usize,
+}
+
+impl Ruleset {
+    pub fn add_chain(&mut self, c: Chain) {
+        self.chains.insert(c.name.clone(), c);
+    }
+    pub fn add_set(&mut self, s: Set) {
+        self.sets.insert(s.name.clone(), s);
+    }
+    pub fn stats(&self) -> RulesetStats {
+        RulesetStats {
+            chains: self.chains.len(),
+            rules: self.chains.values().map(|c| c.rules.len()).sum(),
+            sets: self.sets.len(),
+            elements: self.sets.values().map(|s| s.elements.len()).sum(),
+        }
+    }
+}

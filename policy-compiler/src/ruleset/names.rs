@@ -1,0 +1,123 @@
+//! Every name of our table: fixed names as constants, derived names from stable hashes.
+//!
+//! Derived names never contain user strings, so no namespace, policy or label can reach nft
+//! syntax through a name.
+
+use crate::model::Direction;
+use crate::ruleset::Family;
+pub use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
+
+/// Base chain checking traffic leaving local pods (postrouting).
+pub const CHAIN_EGRESS: &str = "egress";
+/// Base chain checking traffic entering local pods (postrouting).
+pub const CHAIN_INGRESS: &str = "ingress";
+/// Base chain checking traffic from local pods to their own node (input).
+pub const CHAIN_EGRESS_HOST: &str = "egress_host";
+/// srcnat - 10: after DNAT (and IPVS), before SNAT.
+pub const PRIORITY_EGRESS: i32 = 90;
+/// srcnat - 5: after the egress check, so both directions are checked (semantics 7).
+pub const PRIORITY_INGRESS: i32 = 95;
+/// srcnat + 1 on input: after IPVS's LOCAL_IN (98).
+pub const PRIORITY_EGRESS_HOST: i32 = 101;
+/// Verdict maps: local pod IP → goto its group chain.
+pub const MAP_EGRESS_V4: &str = "egress_v4";
+pub const MAP_EGRESS_V6: &str = "egress_v6";
+pub const MAP_INGRESS_V4: &str = "ingress_v4";
+pub const MAP_INGRESS_V6: &str = "ingress_v6";
+/// Prefix of a policy's chain.
+pub const POLICY_CHAIN_PREFIX: &str = "pol_";
+/// Prefixes of per-rule sets.
+pub const PEER_SET_PREFIX: &str = "peer_";
+pub const CIDR_SET_PREFIX: &str = "cidr_";
+pub const PORTS_SET_PREFIX: &str = "ports_";
+pub const NAMED_SET_PREFIX: &str = "named_";
+/// Longest comment we hand to nft (the kernel keeps at most 256 bytes of rule userdata).
+pub const MAX_COMMENT_BYTES: usize = 120;
+
+/// FNV-1a 64: stable across processes and releases (std's hasher is randomised).
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h ^= 0xff; // never a UTF-8 byte: separates parts unambiguously
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        for b in p.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Verdict map of a direction and family.
+pub fn map_name(dir: Direction, fam: Family) -> &'static str {
+    match (dir, fam) {
+        (Direction::Ingress, Family::V4) => MAP_INGRESS_V4,
+        (Direction::Ingress, Family::V6) => MAP_INGRESS_V6,
+        (Direction::Egress, Family::V4) => MAP_EGRESS_V4,
+        (Direction::Egress, Family::V6) => MAP_EGRESS_V6,
+    }
+}
+
+/// Pending set of a family.
+pub fn pending_set(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => PENDING_SET_V4,
+        Family::V6 => PENDING_SET_V6,
+    }
+}
+
+/// Stable id of a policy (`namespace/name`), 16 hex digits.
+pub fn policy_id(policy_key: &str) -> String {
+    format!("{:016x}", stable_hash(&["policy", policy_key]))
+}
+
+/// `pol_<id>_<in|eg>`
+pub fn policy_chain(policy_key: &str, dir: Direction) -> String {
+    format!(
+        "{POLICY_CHAIN_PREFIX}{}_{}",
+        policy_id(policy_key),
+        dir.tag()
+    )
+}
+
+/// `<in|eg>_<hash of the sorted policy keys>`: the group chain of pods selected by exactly these.
+pub fn group_chain(policy_keys: &[String], dir: Direction) -> String {
+    let mut parts: Vec<&str> = vec!["group"];
+    parts.extend(policy_keys.iter().map(String::as_str));
+    format!("{}_{:016x}", dir.tag(), stable_hash(&parts))
+}
+
+/// Name of a per-rule set: `<prefix><policy id>_<in|eg>_<rule>[_<v4|v6>]`.
+pub fn rule_set(
+    prefix: &str,
+    policy_key: &str,
+    dir: Direction,
+    rule: usize,
+    fam: Option<Family>,
+) -> String {
+    match fam {
+        Some(f) => format!(
+            "{prefix}{}_{}_{rule}_{}",
+            policy_id(policy_key),
+            dir.tag(),
+            f.tag()
+        ),
+        None => format!("{prefix}{}_{}_{rule}", policy_id(policy_key), dir.tag()),
+    }
+}
+
+/// A comment safe to hand to nft as a JSON string: control characters become spaces and it is
+/// cut (on a character boundary) to [`MAX_COMMENT_BYTES`].
+pub fn comment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_COMMENT_BYTES));
+    for c in text.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > MAX_COMMENT_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}

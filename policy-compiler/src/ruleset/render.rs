@@ -1,0 +1,274 @@
+//! Rendering of the typed ruleset to nft JSON (`{"nftables": [...]}`, as `nft -j -f -` reads it).
+
+use super::names::{TABLE_FAMILY, TABLE_NAME};
+use super::{AddrField, Chain, Elem, Family, Rule, Ruleset, Set, SetKey, Stmt};
+use serde_json::{json, Map, Value};
+use std::net::IpAddr;
+
+/// One nft transaction: the JSON document and its size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// `{"nftables": [...]}`
+    pub json: Value,
+    /// Number of commands in it.
+    pub commands: usize,
+    /// Length of the serialized JSON in bytes.
+    pub bytes: usize,
+}
+
+impl Batch {
+    pub(crate) fn from_commands(cmds: Vec<Value>) -> Self {
+        let commands = cmds.len();
+        let json = json!({ "nftables": cmds });
+        let bytes = json.to_string().len();
+        Self {
+            json,
+            commands,
+            bytes,
+        }
+    }
+    /// Whether the batch changes nothing (the agent can skip running nft).
+    pub fn is_empty(&self) -> bool {
+        self.commands == 0
+    }
+    /// The JSON text to feed to `nft -j -f -`.
+    pub fn to_json_string(&self) -> String {
+        self.json.to_string()
+    }
+}
+
+pub(crate) fn table_obj() -> Value {
+    json!({"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}})
+}
+
+pub(crate) fn cmd(verb: &str, obj: Value) -> Value {
+    let mut m = Map::new();
+    m.insert(verb.to_string(), obj);
+    Value::Object(m)
+}
+
+/// `{"chain": {...}}` with the definition (hook etc.) when `full`.
+pub(crate) fn chain_obj(c: &Chain, full: bool) -> Value {
+    let mut o = Map::new();
+    o.insert("family".into(), json!(TABLE_FAMILY));
+    o.insert("table".into(), json!(TABLE_NAME));
+    o.insert("name".into(), json!(c.name));
+    if full {
+        if let Some(b) = c.base {
+            o.insert("type".into(), json!("filter"));
+            o.insert("hook".into(), json!(b.hook.as_str()));
+            o.insert("prio".into(), json!(b.priority));
+            o.insert("policy".into(), json!("accept"));
+        }
+        o.insert("comment".into(), json!(c.comment));
+    }
+    json!({ "chain": Value::Object(o) })
+}
+
+fn set_kind(s: &Set) -> &'static str {
+    if s.verdict_map {
+        "map"
+    } else {
+        "set"
+    }
+}
+
+fn key_type(k: SetKey) -> Value {
+    match k {
+        SetKey::Ipv4 => json!("ipv4_addr"),
+        SetKey::Ipv6 => json!("ipv6_addr"),
+        SetKey::ProtoPort => json!(["inet_proto", "inet_service"]),
+        SetKey::Ipv4ProtoPort => json!(["ipv4_addr", "inet_proto", "inet_service"]),
+        SetKey::Ipv6ProtoPort => json!(["ipv6_addr", "inet_proto", "inet_service"]),
+    }
+}
+
+/// `{"set"|"map": {...}}`: the definition, plus `elem` when given.
+pub(crate) fn set_obj(s: &Set, elems: Option<Vec<Value>>) -> Value {
+    let mut o = Map::new();
+    o.insert("family".into(), json!(TABLE_FAMILY));
+    o.insert("table".into(), json!(TABLE_NAME));
+    o.insert("name".into(), json!(s.name));
+    o.insert("type".into(), key_type(s.key));
+    if s.verdict_map {
+        o.insert("map".into(), json!("verdict"));
+    }
+    if s.interval {
+        o.insert("flags".into(), json!(["interval"]));
+    }
+    o.insert("comment".into(), json!(s.comment));
+    if let Some(e) = elems.filter(|e| !e.is_empty()) {
+        o.insert("elem".into(), Value::Array(e));
+    }
+    let mut w = Map::new();
+    w.insert(set_kind(s).into(), Value::Object(o));
+    Value::Object(w)
+}
+
+/// A bare reference to a set (for `delete`).
+pub(crate) fn set_ref(s: &Set) -> Value {
+    let mut w = Map::new();
+    w.insert(
+        set_kind(s).into(),
+        json!({"family": TABLE_FAMILY, "table": TABLE_NAME, "name": s.name}),
+    );
+    Value::Object(w)
+}
+
+/// `{"element": {...}}` for adding (`key_only` false) or deleting (map elements by key only).
+pub(crate) fn element_obj<'a>(
+    s: &Set,
+    elems: impl IntoIterator<Item = &'a Elem>,
+    key_only: bool,
+) -> Value {
+    let e: Vec<Value> = elems.into_iter().map(|e| elem_json(e, key_only)).collect();
+    json!({"element": {"family": TABLE_FAMILY, "table": TABLE_NAME, "name": s.name, "elem": e}})
+}
+
+fn ip_json(ip: &IpAddr) -> Value {
+    json!(ip.to_string())
+}
+
+fn port_json(lo: u16, hi: u16) -> Value {
+    if lo == hi {
+        json!(lo)
+    } else {
+        json!({"range": [lo, hi]})
+    }
+}
+
+pub(crate) fn elem_json(e: &Elem, key_only: bool) -> Value {
+    match e {
+        Elem::Addr(ip) => ip_json(ip),
+        Elem::Range(a, b) if a == b => ip_json(a),
+        Elem::Range(a, b) => json!({"range": [a.to_string(), b.to_string()]}),
+        Elem::ProtoPort(p, lo, hi) => json!({"concat": [p.nft_name(), port_json(*lo, *hi)]}),
+        Elem::AddrProtoPort(ip, p, port) => json!({"concat": [ip.to_string(), p.nft_name(), port]}),
+        Elem::GotoChain(ip, target) if key_only => ip_json(ip),
+        Elem::GotoChain(ip, target) => json!([ip.to_string(), {"goto": {"target": target}}]),
+    }
+}
+
+fn fam_proto(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn field_name(f: AddrField) -> &'static str {
+    match f {
+        AddrField::Saddr => "saddr",
+        AddrField::Daddr => "daddr",
+    }
+}
+
+fn addr(f: Family, field: AddrField) -> Value {
+    json!({"payload": {"protocol": fam_proto(f), "field": field_name(field)}})
+}
+
+fn l4proto_dport() -> [Value; 2] {
+    [
+        json!({"meta": {"key": "l4proto"}}),
+        json!({"payload": {"protocol": "th", "field": "dport"}}),
+    ]
+}
+
+fn set_ref_str(name: &str) -> Value {
+    json!(format!("@{name}"))
+}
+
+fn matches(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+pub(crate) fn stmt_json(s: &Stmt) -> Value {
+    match s {
+        Stmt::CtEstablishedRelated => {
+            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}})
+        }
+        Stmt::CtInvalid => {
+            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}})
+        }
+        Stmt::FibSaddrLocal => matches(
+            json!({"fib": {"result": "type", "flags": ["saddr"]}}),
+            json!("local"),
+        ),
+        Stmt::Icmpv6NeighbourDiscovery => matches(
+            json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
+            json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}),
+        ),
+        Stmt::AddrInSet { family, field, set } => matches(addr(*family, *field), set_ref_str(set)),
+        Stmt::ProtoPortInSet { set } => {
+            matches(json!({"concat": l4proto_dport()}), set_ref_str(set))
+        }
+        Stmt::DaddrProtoPortInSet { family, set } => {
+            let [p, d] = l4proto_dport();
+            matches(
+                json!({"concat": [addr(*family, AddrField::Daddr), p, d]}),
+                set_ref_str(set),
+            )
+        }
+        Stmt::VmapLookup { family, field, map } => {
+            json!({"vmap": {"key": addr(*family, *field), "data": set_ref_str(map)}})
+        }
+        Stmt::Counter => json!({"counter": null}),
+        Stmt::Accept => json!({"accept": null}),
+        Stmt::Drop => json!({"drop": null}),
+        Stmt::Jump(target) => json!({"jump": {"target": target}}),
+    }
+}
+
+/// `{"rule": {...}}` appending `r` to chain `chain`.
+pub(crate) fn rule_obj(chain: &str, r: &Rule) -> Value {
+    let mut o = Map::new();
+    o.insert("family".into(), json!(TABLE_FAMILY));
+    o.insert("table".into(), json!(TABLE_NAME));
+    o.insert("chain".into(), json!(chain));
+    o.insert(
+        "expr".into(),
+        Value::Array(r.stmts.iter().map(stmt_json).collect()),
+    );
+    if let Some(c) = &r.comment {
+        o.insert("comment".into(), json!(c));
+    }
+    json!({ "rule": Value::Object(o) })
+}
+
+impl Ruleset {
+    /// The commands that create everything of this ruleset in an existing, empty table: chains
+    /// first (verdict map elements and jumps need them), then sets with their elements, then rules.
+    pub(crate) fn create_commands(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for c in self.chains.values() {
+            out.push(cmd("add", chain_obj(c, true)));
+        }
+        for s in self.sets.values() {
+            let elems = s.elements.iter().map(|e| elem_json(e, false)).collect();
+            out.push(cmd("add", set_obj(s, Some(elems))));
+        }
+        for c in self.chains.values() {
+            for r in &c.rules {
+                out.push(cmd("add", rule_obj(&c.name, r)));
+            }
+        }
+        out
+    }
+
+    /// One transaction that replaces our table with this ruleset, whatever the kernel holds:
+    /// `add table; delete table; add table; ...everything`. Other tables are never touched.
+    pub fn full_replace(&self) -> Batch {
+        let mut cmds = vec![
+            cmd("add", table_obj()),
+            cmd("delete", table_obj()),
+            cmd("add", table_obj()),
+        ];
+        cmds.extend(self.create_commands());
+        Batch::from_commands(cmds)
+    }
+
+    /// The whole ruleset as nft JSON (the same document as [`Ruleset::full_replace`]).
+    pub fn to_json(&self) -> Value {
+        self.full_replace().json
+    }
+}
