@@ -1,0 +1,258 @@
+//! datapath-bench: connection rate, request/response latency and throughput between two pods on two
+//! lab nodes, for no policy, two baseline models and palisade, at several policy counts.
+//!
+//! `run` orchestrates everything (needs root; creates and deletes its own namespaces). `serve`, `crr`,
+//! `rr` and `probe` are the traffic tools it runs inside the pod namespaces.
+
+use clap::{Parser, Subcommand};
+use palisade_bench::datapath::{report, rulesets, run, traffic, workload};
+use palisade_bench::{Error, Result};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(about = "palisade datapath benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the matrix and write bench/results/datapath-<stamp>.{json,md,png}.
+    Run {
+        #[arg(long, value_delimiter = ',', default_value = "0,100,1000,10000")]
+        policies: Vec<usize>,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "none,iptables-model,naive-nft-model,palisade"
+        )]
+        systems: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement (connect/close, request/response, iperf3 each).
+        #[arg(long, default_value_t = 3)]
+        secs: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        no_iperf: bool,
+        /// Directory for the results.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Name stem of the results files (default: datapath-<unix time>).
+        #[arg(long)]
+        name: Option<String>,
+        /// Directory with palisade's compiled rulesets as `nft -f` input, `<policies>-node-1.nft` and
+        /// `<policies>-node-2.nft` (see `export-manifests`); default: the bench's model of the layout.
+        #[arg(long)]
+        palisade_from: Option<PathBuf>,
+    },
+    /// Print one system's ruleset for one node of the synthetic cluster.
+    Render {
+        #[arg(long)]
+        policies: usize,
+        #[arg(long)]
+        system: String,
+        #[arg(long, default_value = "node-2")]
+        node: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Serve the connect/close and request/response protocols (inside the server pod).
+    Serve {
+        #[arg(long)]
+        ip: String,
+        #[arg(long)]
+        crr_port: u16,
+        #[arg(long)]
+        rr_port: u16,
+        #[arg(long)]
+        secs: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// Connect/close loop; prints JSON.
+    Crr {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// Request/response on one connection; prints JSON.
+    Rr {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// One SYN probe; prints `open`, `refused` (RST: the path is open) or `blocked` (timeout).
+    Probe {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Err(e) = real_main(Cli::parse()) {
+        tracing::error!(error = %e, "datapath-bench failed");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve {
+            ip,
+            crr_port,
+            rr_port,
+            secs,
+            cpu,
+        } => {
+            if let Some(c) = cpu {
+                traffic::pin_to_cpu(c);
+            }
+            traffic::serve(&ip, crr_port, rr_port, Duration::from_secs(secs))
+        }
+        Command::Crr { target, secs, cpu } => {
+            if let Some(c) = cpu {
+                traffic::pin_to_cpu(c);
+            }
+            let r = traffic::crr(target, Duration::from_secs(secs))?;
+            println!(
+                "{}",
+                serde_json::to_string(&r).map_err(|e| Error::Parse {
+                    what: "crr result".into(),
+                    detail: e.to_string()
+                })?
+            );
+            Ok(())
+        }
+        Command::Rr { target, secs, cpu } => {
+            if let Some(c) = cpu {
+                traffic::pin_to_cpu(c);
+            }
+            let r = traffic::rr(target, Duration::from_secs(secs))?;
+            println!(
+                "{}",
+                serde_json::to_string(&r).map_err(|e| Error::Parse {
+                    what: "rr result".into(),
+                    detail: e.to_string()
+                })?
+            );
+            Ok(())
+        }
+        Command::Probe { target, timeout_ms } => {
+            let outcome = traffic::probe_once(target, Duration::from_millis(timeout_ms));
+            println!("{}", outcome.name());
+            Ok(())
+        }
+        Command::Render {
+            policies,
+            system,
+            node,
+            seed,
+        } => {
+            let sys = rulesets::System::parse(&system)
+                .ok_or_else(|| Error::Invalid(format!("unknown system {system}")))?;
+            let cluster = workload::Cluster::generate(policies, seed)?;
+            let r = rulesets::render(sys, &cluster.node_view(&node));
+            for part in [r.ipset, r.iptables, r.nft].into_iter().flatten() {
+                print!("{part}");
+            }
+            eprintln!("rules {} elements {}", r.rules, r.elements);
+            Ok(())
+        }
+        Command::Run {
+            policies,
+            systems,
+            rounds,
+            secs,
+            seed,
+            no_iperf,
+            out,
+            name,
+            palisade_from,
+        } => {
+            let systems = systems
+                .iter()
+                .map(|s| {
+                    rulesets::System::parse(s)
+                        .ok_or_else(|| Error::Invalid(format!("unknown system {s}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut palisade_override = BTreeMap::new();
+            if let Some(dir) = &palisade_from {
+                for &p in &policies {
+                    let read = |node: &str| {
+                        let path = dir.join(format!("{p}-{node}.nft"));
+                        std::fs::read_to_string(&path).map_err(palisade_bench::io_err_pub(format!(
+                            "reading {}",
+                            path.display()
+                        )))
+                    };
+                    palisade_override.insert(p, (read("node-1")?, read("node-2")?));
+                }
+            }
+            let exe = std::env::current_exe()
+                .map_err(palisade_bench::io_err_pub("finding this binary"))?;
+            let cfg = run::Config {
+                policies,
+                systems,
+                rounds,
+                secs,
+                seed,
+                iperf: !no_iperf,
+                exe,
+                palisade_override,
+            };
+            let command: String = std::env::args().collect::<Vec<_>>().join(" ");
+            let started = palisade_bench::utc_now();
+            let before = report::machine();
+            let samples = run::run(&cfg)?;
+            let after = report::machine();
+            std::fs::create_dir_all(&out).map_err(palisade_bench::io_err_pub(format!(
+                "creating {}",
+                out.display()
+            )))?;
+            let stem = name.unwrap_or_else(|| format!("datapath-{}", palisade_bench::unix_now()));
+            let json = out.join(format!("{stem}.json"));
+            let text = serde_json::to_string_pretty(&samples).map_err(|e| Error::Parse {
+                what: "samples".into(),
+                detail: e.to_string(),
+            })?;
+            std::fs::write(&json, text).map_err(|source| Error::Write {
+                path: json.clone(),
+                source,
+            })?;
+            let charts = report::charts(&json).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "no charts (python3 with matplotlib needed: pip install matplotlib)");
+                Vec::new()
+            });
+            let md = report::markdown(&samples, &command, &before, &after, &started, &charts);
+            let md_path = out.join(format!("{stem}.md"));
+            std::fs::write(&md_path, md).map_err(|source| Error::Write {
+                path: md_path.clone(),
+                source,
+            })?;
+            println!("{}", md_path.display());
+            Ok(())
+        }
+    }
+}

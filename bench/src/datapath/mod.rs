@@ -1,0 +1,12 @@
+//! The datapath benchmark: lab topology, synthetic workload, rulesets of every compared system,
+//! traffic generators and the report.
+
+pub mod cmd;
+pub mod report;
+pub mod rng;
+pub mod rulesets;
+pub mod run;
+pub mod stats;
+pub mod topo;
+pub mod traffic;
+pub mod workload;

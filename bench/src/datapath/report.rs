@@ -1,0 +1,309 @@
+//! Results: the machine, the command, medians and ratios to the no-policy run, and charts.
+
+use super::run::Sample;
+use super::stats::median;
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::Path;
+
+/// What the machine looked like: CPUs, kernel, tool versions, load.
+pub fn machine() -> String {
+    let cmd = |p: &str, a: &[&str]| {
+        super::cmd::run(p, a)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|e| format!("({e})"))
+    };
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "- nproc: {}\n- CPU: {}\n- kernel: {}\n- nft: {}\n- iptables: {}\n- ipset: {}\n- iperf3: {}\n- load average (1/5/15 min, running/total): {}\n",
+        cmd("nproc", &[]),
+        cpu,
+        cmd("uname", &["-r"]),
+        cmd("nft", &["--version"]),
+        cmd("iptables", &["--version"]),
+        cmd("ipset", &["--version"]),
+        cmd("iperf3", &["--version"]).lines().next().unwrap_or_default(),
+        loadavg.trim()
+    )
+}
+
+type Metric = fn(&Sample) -> Option<f64>;
+
+fn crr_rate(s: &Sample) -> Option<f64> {
+    s.crr.as_ref().map(|c| c.per_second)
+}
+fn crr_p99(s: &Sample) -> Option<f64> {
+    s.crr.as_ref().map(|c| c.p99_us)
+}
+fn rr_p50(s: &Sample) -> Option<f64> {
+    s.rr.as_ref().map(|r| r.p50_us)
+}
+fn rr_p99(s: &Sample) -> Option<f64> {
+    s.rr.as_ref().map(|r| r.p99_us)
+}
+fn rr_rate(s: &Sample) -> Option<f64> {
+    s.rr.as_ref().map(|r| r.per_second)
+}
+fn iperf(s: &Sample) -> Option<f64> {
+    s.iperf_gbps
+}
+fn load_ms(s: &Sample) -> Option<f64> {
+    Some(s.load_ms)
+}
+
+/// Valid samples only (gates passed).
+fn valid(samples: &[Sample]) -> impl Iterator<Item = &Sample> {
+    samples.iter().filter(|s| s.error.is_none())
+}
+
+/// Median over rounds of the per-round ratio metric(system, P) / metric(none, P).
+pub fn ratio_table(
+    samples: &[Sample],
+    metric: Metric,
+) -> BTreeMap<(usize, String), (f64, f64, usize)> {
+    let mut none: BTreeMap<(usize, usize), f64> = BTreeMap::new();
+    for s in valid(samples).filter(|s| s.system == "none") {
+        if let Some(v) = metric(s) {
+            none.insert((s.round, s.policies), v);
+        }
+    }
+    // The no-policy reference of a round: the median of its none runs over all policy counts.
+    let mut none_round: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for ((round, _), v) in &none {
+        none_round.entry(*round).or_default().push(*v);
+    }
+    let mut acc: BTreeMap<(usize, String), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for s in valid(samples) {
+        let Some(v) = metric(s) else { continue };
+        let reference = none_round.get(&s.round).and_then(|vs| median(vs));
+        let entry = acc.entry((s.policies, s.system.clone())).or_default();
+        entry.0.push(v);
+        if let Some(r) = reference {
+            if r > 0.0 {
+                entry.1.push(v / r);
+            }
+        }
+    }
+    acc.into_iter()
+        .map(|(k, (abs, ratios))| {
+            (
+                k,
+                (
+                    median(&abs).unwrap_or(f64::NAN),
+                    median(&ratios).unwrap_or(f64::NAN),
+                    abs.len(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn table(
+    out: &mut String,
+    title: &str,
+    unit: &str,
+    samples: &[Sample],
+    metric: Metric,
+    systems: &[String],
+    policies: &[usize],
+) {
+    let t = ratio_table(samples, metric);
+    let _ = writeln!(out, "\n### {title}\n");
+    let _ = write!(out, "| policies |");
+    for s in systems {
+        let _ = write!(out, " {s} |");
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in systems {
+        let _ = write!(out, "---|");
+    }
+    out.push('\n');
+    for p in policies {
+        let _ = write!(out, "| {p} |");
+        for s in systems {
+            match t.get(&(*p, s.clone())) {
+                Some((abs, ratio, n)) => {
+                    let _ = write!(out, " {abs:.1} {unit} (×{ratio:.3}, n={n}) |");
+                }
+                None => {
+                    let _ = write!(out, " – |");
+                }
+            }
+        }
+        out.push('\n');
+    }
+}
+
+/// Renders the markdown report.
+pub fn markdown(
+    samples: &[Sample],
+    command: &str,
+    machine_before: &str,
+    machine_after: &str,
+    started: &str,
+    charts: &[String],
+) -> String {
+    let mut systems: Vec<String> = Vec::new();
+    for s in samples {
+        if !systems.contains(&s.system) {
+            systems.push(s.system.clone());
+        }
+    }
+    let order = ["none", "iptables-model", "naive-nft-model", "palisade"];
+    systems.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(99));
+    let mut policies: Vec<usize> = samples.iter().map(|s| s.policies).collect();
+    policies.sort();
+    policies.dedup();
+    let mut out = String::new();
+    let _ = writeln!(out, "# Datapath benchmark (issue 7)\n\nStarted {started} (UTC).\n\nCommand:\n\n```\n{command}\n```\n");
+    let _ = writeln!(out, "## Machine\n\nBefore the run:\n\n{machine_before}\nAfter the run (load average shows how busy the 2 shared cores were):\n\n{machine_after}");
+    out.push_str(
+        "## Method\n\nTwo node namespaces joined by a veth underlay; a client pod (10.244.1.10) on node 1 and a server pod \
+(10.244.2.10) on node 2, wired like palisade (pod /32, link-local gateway, /32 route), forwarding on in the node \
+namespaces only. Conntrack is on in every system (a `ct state new counter` table stands in for kube-proxy). \
+The synthetic cluster (10,000 pods over 100 nodes; `bench/src/datapath/workload.rs`) loads every policy onto one of \
+the two lab nodes; 4 ingress policies select the server and 4 egress policies select the client, each with a \
+500-IP peer set, and only the last of each four admits the other pod. Each round measures every system at every \
+policy count (system order rotated per round). A run is void (excluded) when allowed connections fail or when a \
+SYN to a port no policy admits is not dropped. Ratios are medians over rounds of metric / the same round's \
+no-policy (`none`) median; `none` at every policy count is the same (empty) ruleset and shows the noise.\n\n\
+Systems: `none` (a); `iptables-model` (b) = a MODEL of the kube-router/Calico iptables+ipset layout \
+(`bench/src/datapath/rulesets/iptables.rs`); `naive-nft-model` (c) = a MODEL of a naive nftables ruleset, one rule \
+per (pod, policy, peer), full reload per change (`rulesets/naive_nft.rs`); `palisade` = palisade's layout.\n",
+    );
+    let palisade_source = if samples.iter().any(|s| s.system == "palisade") {
+        "The palisade ruleset source is stated in the command line (`--palisade-from`); without it, the bench renders \
+palisade's documented layout itself (`rulesets/palisade_model.rs`).\n"
+    } else {
+        ""
+    };
+    out.push_str(palisade_source);
+    out.push_str("\n## Results (median, ×ratio to no policy, n = valid rounds)\n");
+    table(
+        &mut out,
+        "New connections per second (connect, 1-byte request/response, close; one client thread)",
+        "conn/s",
+        samples,
+        crr_rate,
+        &systems,
+        &policies,
+    );
+    table(
+        &mut out,
+        "Connection time p99",
+        "µs",
+        samples,
+        crr_p99,
+        &systems,
+        &policies,
+    );
+    table(
+        &mut out,
+        "Request/response transactions per second (one connection)",
+        "tx/s",
+        samples,
+        rr_rate,
+        &systems,
+        &policies,
+    );
+    table(
+        &mut out,
+        "Request/response latency p50",
+        "µs",
+        samples,
+        rr_p50,
+        &systems,
+        &policies,
+    );
+    table(
+        &mut out,
+        "Request/response latency p99",
+        "µs",
+        samples,
+        rr_p99,
+        &systems,
+        &policies,
+    );
+    table(
+        &mut out,
+        "Bulk throughput (iperf3, one stream)",
+        "Gbit/s",
+        samples,
+        iperf,
+        &systems,
+        &policies,
+    );
+    table(
+        &mut out,
+        "Full ruleset load into one node (the per-change cost of full-reload systems)",
+        "ms",
+        samples,
+        load_ms,
+        &systems,
+        &policies,
+    );
+    let _ = writeln!(out, "\n### Ruleset size (both nodes)\n\n| policies | system | rules | set elements |\n|---|---|---|---|");
+    let mut seen = std::collections::BTreeSet::new();
+    for s in samples {
+        if seen.insert((s.policies, s.system.clone())) {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                s.policies, s.system, s.rules, s.elements
+            );
+        }
+    }
+    let void: Vec<&Sample> = samples.iter().filter(|s| s.error.is_some()).collect();
+    if !void.is_empty() {
+        let _ = writeln!(out, "\n### Void runs\n");
+        for s in void {
+            let _ = writeln!(
+                out,
+                "- round {} {} @ {} policies: {}",
+                s.round,
+                s.system,
+                s.policies,
+                s.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    if !charts.is_empty() {
+        out.push_str("\n## Charts\n\n");
+        for c in charts {
+            let _ = writeln!(out, "![{c}]({c})\n");
+        }
+    }
+    out
+}
+
+const PLOT: &str = include_str!("plot_datapath.py");
+
+/// Draws the charts with python3 + matplotlib; returns the PNG file names written next to `json`.
+pub fn charts(json: &Path) -> Result<Vec<String>> {
+    let dir = std::env::temp_dir().join(format!("palisade-bench-plot-{}.py", std::process::id()));
+    std::fs::write(&dir, PLOT).map_err(|source| Error::Write {
+        path: dir.clone(),
+        source,
+    })?;
+    let json_s = json
+        .to_str()
+        .ok_or_else(|| Error::Invalid("results path is not UTF-8".into()))?;
+    let dir_s = dir
+        .to_str()
+        .ok_or_else(|| Error::Invalid("temp path is not UTF-8".into()))?;
+    let result = super::cmd::run("python3", &[dir_s, json_s]);
+    let _ = std::fs::remove_file(&dir);
+    Ok(result?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| l.ends_with(".png"))
+        .collect())
+}

@@ -1,0 +1,155 @@
+//! The rulesets of every compared system, rendered from the same [`NodeView`], and how each is loaded
+//! into (and removed from) a node namespace.
+//!
+//! - `none`: no policy at all (a).
+//! - `iptables`: a MODEL of the kube-router / Calico iptables layout (b): a chain per pod and a chain
+//!   per policy, evaluated in order, peers in ipsets; a change is a full `ipset restore` +
+//!   `iptables-restore`.
+//! - `naive-nft`: a MODEL of a naive nftables programmer (c): one rule per (pod, policy, peer) in one
+//!   chain per direction; a change is a full `nft -f` of the table.
+//! - `palisade`: palisade's layout (ARCHITECTURE.md "The ruleset"): one verdict-map lookup per
+//!   direction, then only the policies of the pod, peers in sets.
+//!
+//! Every system, `none` included, runs with connection tracking on in the node namespaces (the
+//! `bench_base` table below), as it is on any node that runs kube-proxy: so "no policy" differs from
+//! the others only by the policy rules.
+
+pub mod iptables;
+pub mod naive_nft;
+pub mod palisade_model;
+
+use super::cmd::timed_in;
+use super::workload::NodeView;
+use crate::Result;
+use std::time::Duration;
+
+/// The compared systems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum System {
+    None,
+    Iptables,
+    NaiveNft,
+    Palisade,
+}
+
+impl System {
+    pub const ALL: [System; 4] = [
+        System::None,
+        System::Iptables,
+        System::NaiveNft,
+        System::Palisade,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            System::None => "none",
+            System::Iptables => "iptables-model",
+            System::NaiveNft => "naive-nft-model",
+            System::Palisade => "palisade",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<System> {
+        System::ALL
+            .into_iter()
+            .find(|sys| sys.name() == s || sys.name().starts_with(s))
+    }
+}
+
+/// Conntrack on in every run: a kube-proxy stand-in that only reads the ct state.
+pub const BASE_TABLE: &str = "table inet bench_base {
+  chain prerouting {
+    type filter hook prerouting priority -150; policy accept;
+    ct state new counter
+  }
+}
+";
+
+/// A ruleset rendered for one node, ready to load.
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    /// `nft -f` input (naive, palisade).
+    pub nft: Option<String>,
+    /// `ipset restore` input (iptables model).
+    pub ipset: Option<String>,
+    /// `iptables-restore` input (iptables model).
+    pub iptables: Option<String>,
+    /// Rules (iptables rules, or nft rules incl. chain statements) and set elements, for the report.
+    pub rules: usize,
+    pub elements: usize,
+}
+
+/// Renders `system`'s ruleset for one node.
+pub fn render(system: System, view: &NodeView) -> Rendered {
+    match system {
+        System::None => Rendered::default(),
+        System::Iptables => iptables::render(view),
+        System::NaiveNft => naive_nft::render(view),
+        System::Palisade => palisade_model::render(view),
+    }
+}
+
+/// Loads a rendered ruleset into `ns`; returns the wall time of the load (the "full reload" cost).
+pub fn load(ns: &str, rendered: &Rendered) -> Result<Duration> {
+    let mut total = Duration::ZERO;
+    if let Some(ipset) = &rendered.ipset {
+        total += timed_in(ns, "ipset", &["restore"], Some(ipset.as_bytes()))?.1;
+    }
+    if let Some(ipt) = &rendered.iptables {
+        total += timed_in(ns, "iptables-restore", &[], Some(ipt.as_bytes()))?.1;
+    }
+    if let Some(nft) = &rendered.nft {
+        total += timed_in(ns, "nft", &["-f", "-"], Some(nft.as_bytes()))?.1;
+    }
+    Ok(total)
+}
+
+/// Removes whatever `system` loaded into `ns`.
+pub fn clear(ns: &str, system: System) -> Result<()> {
+    match system {
+        System::None => Ok(()),
+        System::Iptables => {
+            timed_in(
+                ns,
+                "iptables-restore",
+                &[],
+                Some(iptables::EMPTY.as_bytes()),
+            )?;
+            timed_in(ns, "ipset", &["destroy"], None)?;
+            Ok(())
+        }
+        System::NaiveNft => {
+            timed_in(
+                ns,
+                "nft",
+                &["delete", "table", "inet", naive_nft::TABLE],
+                None,
+            )?;
+            Ok(())
+        }
+        System::Palisade => {
+            timed_in(
+                ns,
+                "nft",
+                &["delete", "table", "inet", palisade_model::TABLE],
+                None,
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// Loads the conntrack-on base table into a node namespace.
+pub fn load_base(ns: &str) -> Result<()> {
+    timed_in(ns, "nft", &["-f", "-"], Some(BASE_TABLE.as_bytes()))?;
+    Ok(())
+}
+
+/// Joins ports for `tcp dport { .. }` / multiport.
+pub(crate) fn join<T: std::fmt::Display>(items: &[T], sep: &str) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(sep)
+}

@@ -1,0 +1,222 @@
+//! The lab: two "node" namespaces joined by an underlay veth, a client pod on node 1 and a server pod
+//! on node 2, wired the way palisade wires pods (a /32 on the pod side, a link-local gateway owned by
+//! the host veth, a /32 route on the node). Forwarding is switched on inside the node namespaces only.
+//! Every object is created inside namespaces we create; dropping the [`Lab`] deletes them all.
+
+use super::cmd::run;
+use crate::{Error, Result};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Address of the client pod (on node 1, pod CIDR 10.244.1.0/24).
+pub const CLIENT_IP: &str = "10.244.1.10";
+/// Address of the server pod (on node 2, pod CIDR 10.244.2.0/24).
+pub const SERVER_IP: &str = "10.244.2.10";
+/// Pod CIDRs of the two lab nodes.
+pub const NODE1_POD_CIDR: &str = "10.244.1.0/24";
+pub const NODE2_POD_CIDR: &str = "10.244.2.0/24";
+/// Underlay addresses of the two nodes.
+pub const NODE1_UNDERLAY: &str = "10.250.0.1";
+pub const NODE2_UNDERLAY: &str = "10.250.0.2";
+/// Link-local gateway every pod routes through (the contract's).
+pub const GATEWAY: &str = palisade_contract::GATEWAY_V4;
+/// Host-side veth names of the two pods inside their node namespace.
+pub const CLIENT_HOST_VETH: &str = "palclient";
+pub const SERVER_HOST_VETH: &str = "palserver";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The four namespaces of one lab. Deleted on drop.
+#[derive(Debug)]
+pub struct Lab {
+    pub node1: String,
+    pub node2: String,
+    pub client: String,
+    pub server: String,
+    created: Vec<String>,
+}
+
+impl Lab {
+    /// Builds the topology. Names carry our pid and a counter, so parallel runs never collide.
+    pub fn create() -> Result<Lab> {
+        let id = format!(
+            "pbench{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut lab = Lab {
+            node1: format!("{id}-node1"),
+            node2: format!("{id}-node2"),
+            client: format!("{id}-client"),
+            server: format!("{id}-server"),
+            created: Vec::new(),
+        };
+        for ns in [&lab.node1, &lab.node2, &lab.client, &lab.server].map(|s| s.clone()) {
+            run("ip", &["netns", "add", &ns])?;
+            lab.created.push(ns.clone());
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        lab.wire()?;
+        Ok(lab)
+    }
+
+    fn wire(&self) -> Result<()> {
+        let (n1, n2, c, s) = (&self.node1, &self.node2, &self.client, &self.server);
+        // Underlay between the nodes, created inside node1 with its peer placed straight into node2.
+        run(
+            "ip",
+            &[
+                "-n", n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+                n2,
+            ],
+        )?;
+        for (ns, addr) in [(n1, NODE1_UNDERLAY), (n2, NODE2_UNDERLAY)] {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        run(
+            "ip",
+            &[
+                "-n",
+                n1,
+                "route",
+                "add",
+                NODE2_POD_CIDR,
+                "via",
+                NODE2_UNDERLAY,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                n2,
+                "route",
+                "add",
+                NODE1_POD_CIDR,
+                "via",
+                NODE1_UNDERLAY,
+            ],
+        )?;
+        self.wire_pod(n1, c, CLIENT_HOST_VETH, CLIENT_IP)?;
+        self.wire_pod(n2, s, SERVER_HOST_VETH, SERVER_IP)?;
+        for ns in [n1, n2] {
+            sysctls(
+                ns,
+                &[
+                    ("net.ipv4.ip_forward", "1"),
+                    ("net.ipv4.conf.all.rp_filter", "0"),
+                    ("net.ipv4.conf.default.rp_filter", "0"),
+                    // Connect/close loops leave many TIME_WAIT entries; keep the per-namespace table small
+                    // so every system runs with the same, never-full conntrack table.
+                    ("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "2"),
+                ],
+            )?;
+        }
+        for ns in [c, s] {
+            sysctls(
+                ns,
+                &[
+                    ("net.ipv4.ip_local_port_range", "1024 65000"),
+                    ("net.ipv4.tcp_tw_reuse", "1"),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn wire_pod(&self, node: &str, pod: &str, host_veth: &str, ip: &str) -> Result<()> {
+        run(
+            "ip",
+            &[
+                "-n", node, "link", "add", host_veth, "type", "veth", "peer", "name", "eth0",
+                "netns", pod,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                node,
+                "addr",
+                "add",
+                &format!("{GATEWAY}/32"),
+                "dev",
+                host_veth,
+            ],
+        )?;
+        run("ip", &["-n", node, "link", "set", host_veth, "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                node,
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                host_veth,
+            ],
+        )?;
+        run(
+            "ip",
+            &["-n", pod, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
+        )?;
+        run("ip", &["-n", pod, "link", "set", "eth0", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n", pod, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n", pod, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes every namespace we created (which removes their veths), collecting all errors.
+    pub fn teardown(&mut self) -> Result<()> {
+        let mut errors = Vec::new();
+        for ns in self.created.drain(..).rev() {
+            if let Err(e) = run("ip", &["netns", "del", &ns]) {
+                errors.push(format!("{ns}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Teardown(errors.join("; ")))
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!(error = %e, "lab teardown failed; delete the namespaces listed by `ip netns list` that start with pbench");
+        }
+    }
+}
+
+/// Sets sysctls inside `ns` (never in the host namespace).
+pub fn sysctls(ns: &str, pairs: &[(&str, &str)]) -> Result<()> {
+    for (key, value) in pairs {
+        let kv = format!("{key}={value}");
+        run("ip", &["netns", "exec", ns, "sysctl", "-q", "-w", &kv])?;
+    }
+    Ok(())
+}

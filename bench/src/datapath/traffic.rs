@@ -1,0 +1,252 @@
+//! Traffic generators, run inside the pod namespaces: a connect/close loop (TCP_CRR-like), a
+//! request/response ping-pong on one connection (TCP_RR-like), their server, and a SYN probe.
+//! Every loop is bounded by a duration and a count.
+
+use crate::{io_err, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// Upper bound of connections or transactions in one run.
+pub const MAX_COUNT: u64 = 50_000_000;
+
+/// Pins the calling thread to `cpu` (best effort: a failure is logged, not fatal).
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it, and
+    // sched_setaffinity reads it for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, "could not pin to the CPU; the run continues unpinned");
+        }
+    }
+}
+
+/// Sets SO_RCVTIMEO on a listener so that `accept` returns periodically.
+fn set_accept_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid fd owned by `listener`, and a pointer to a timeval of the advertised size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Io {
+            context: "setting the accept timeout".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Closes with RST instead of FIN (no TIME_WAIT), for probes.
+fn set_linger_zero(stream: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd owned by `stream`, pointer to a linger of the advertised size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Serves both protocols until `duration` has passed: on `crr_port` each connection gets one byte
+/// back for its one-byte request and is then closed by the server; on `rr_port` every byte is echoed.
+/// Prints `ready` on stdout once both listeners are bound.
+pub fn serve(ip: &str, crr_port: u16, rr_port: u16, duration: Duration) -> Result<()> {
+    let deadline = Instant::now() + duration;
+    let crr =
+        TcpListener::bind((ip, crr_port)).map_err(io_err(format!("binding {ip}:{crr_port}")))?;
+    let rr = TcpListener::bind((ip, rr_port)).map_err(io_err(format!("binding {ip}:{rr_port}")))?;
+    set_accept_timeout(&crr, Duration::from_millis(200))?;
+    set_accept_timeout(&rr, Duration::from_millis(200))?;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let rr_thread = std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            let Ok((mut s, _)) = rr.accept() else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = [0u8; 64];
+            while Instant::now() < deadline {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    });
+    let mut buf = [0u8; 1];
+    while Instant::now() < deadline {
+        let Ok((mut s, _)) = crr.accept() else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        if matches!(s.read(&mut buf), Ok(1)) {
+            let _ = s.write_all(&buf);
+        }
+        drop(s);
+    }
+    let _ = rr_thread.join();
+    Ok(())
+}
+
+/// Result of a connect/close loop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CrrResult {
+    pub connections: u64,
+    pub failures: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Opens, uses (1-byte request, 1-byte response) and closes connections one after another.
+pub fn crr(target: SocketAddr, duration: Duration) -> Result<CrrResult> {
+    let start = Instant::now();
+    let mut ok = 0u64;
+    let mut failures = 0u64;
+    let mut samples: Vec<f64> = Vec::with_capacity(1 << 16);
+    let mut buf = [0u8; 8];
+    while start.elapsed() < duration && ok + failures < MAX_COUNT {
+        let t0 = Instant::now();
+        let attempt = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.write_all(b"x")?;
+            s.read_exact(&mut buf[..1])?;
+            // The server closes first; wait for its FIN so the TIME_WAIT is on its side.
+            let _ = s.read(&mut buf);
+            let _ = s.shutdown(Shutdown::Both);
+            Ok(())
+        })();
+        match attempt {
+            Ok(()) => {
+                ok += 1;
+                if samples.len() < 1_000_000 {
+                    samples.push(t0.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(CrrResult {
+        connections: ok,
+        failures,
+        seconds,
+        per_second: ok as f64 / seconds,
+        p50_us: super::stats::median(&samples).unwrap_or(f64::NAN),
+        p99_us: super::stats::quantile(&samples, 0.99).unwrap_or(f64::NAN),
+    })
+}
+
+/// Result of a request/response run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RrResult {
+    pub transactions: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// One connection, one-byte ping-pong, per-transaction latency.
+pub fn rr(target: SocketAddr, duration: Duration) -> Result<RrResult> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        .map_err(io_err(format!("connecting to {target}")))?;
+    s.set_nodelay(true).map_err(io_err("setting TCP_NODELAY"))?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(io_err("setting read timeout"))?;
+    let start = Instant::now();
+    let mut samples: Vec<f64> = Vec::with_capacity(1 << 18);
+    let mut n = 0u64;
+    let mut buf = [0u8; 1];
+    while start.elapsed() < duration && n < MAX_COUNT {
+        let t0 = Instant::now();
+        s.write_all(b"x").map_err(io_err("request"))?;
+        s.read_exact(&mut buf).map_err(io_err("response"))?;
+        if samples.len() < 5_000_000 {
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        n += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(RrResult {
+        transactions: n,
+        seconds,
+        per_second: n as f64 / seconds,
+        p50_us: super::stats::median(&samples).unwrap_or(f64::NAN),
+        p99_us: super::stats::quantile(&samples, 0.99).unwrap_or(f64::NAN),
+    })
+}
+
+/// Outcome of one SYN probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The handshake completed.
+    Open,
+    /// The SYN reached the target, which answered with RST (nothing listens): the path is open.
+    Refused,
+    /// No answer within the timeout (dropped), or another error.
+    Blocked,
+}
+
+impl ProbeOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeOutcome::Open => "open",
+            ProbeOutcome::Refused => "refused",
+            ProbeOutcome::Blocked => "blocked",
+        }
+    }
+
+    /// Whether the SYN got through the network (open or refused).
+    pub fn reached(self) -> bool {
+        self != ProbeOutcome::Blocked
+    }
+}
+
+/// One SYN probe to `target` with a timeout. A completed handshake is closed with RST.
+pub fn probe_once(target: SocketAddr, timeout: Duration) -> ProbeOutcome {
+    match TcpStream::connect_timeout(&target, timeout) {
+        Ok(s) => {
+            set_linger_zero(&s);
+            ProbeOutcome::Open
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => ProbeOutcome::Refused,
+        Err(_) => ProbeOutcome::Blocked,
+    }
+}
