@@ -1,0 +1,562 @@
+//! The network configuration on stdin: our keys, the IPAM section, `prevResult`, the GC list.
+//!
+//! Parsed by hand from a `serde_json::Value` so every error names the field path and the bad value
+//! (`ipam.ranges[0][0].subnet: "10.0.0.0/33" is not a CIDR`). Unknown keys are tolerated, as the
+//! spec asks runtimes to pass them through.
+
+use crate::cni::{validate_id, CniResult};
+use crate::error::{Error, Result};
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Default MTU of both veth ends.
+pub const DEFAULT_MTU: u32 = 1500;
+/// Smallest MTU we accept (IPv4 minimum; IPv6 needs 1280, checked when an IPv6 range is set).
+pub const MIN_MTU: u32 = 576;
+/// Largest MTU we accept (jumbo frames).
+pub const MAX_MTU: u32 = 65535;
+/// IPv6 minimum link MTU.
+pub const MIN_MTU_V6: u32 = 1280;
+
+/// GC key listing the attachments still in use (spec 1.1.0).
+pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
+/// Legacy name of the same list, still sent by libcni.
+pub const LEGACY_ATTACHMENTS_KEY: &str = "cni.dev/attachments";
+
+/// One allocation range (host-local's `range`), canonicalised: start, end and gateway are set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range {
+    pub subnet: IpNet,
+    pub start: IpAddr,
+    pub end: IpAddr,
+    pub gateway: IpAddr,
+}
+
+impl Range {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.subnet.contains(&ip) && ip >= self.start && ip <= self.end
+    }
+}
+
+/// A list of ranges that together yield one address (one per family, usually).
+pub type RangeSet = Vec<Range>;
+
+/// The built-in allocator's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltinIpam {
+    pub data_dir: PathBuf,
+    pub range_sets: Vec<RangeSet>,
+    /// Extra routes for the pod, via our link-local gateway of the route's family.
+    pub routes: Vec<IpNet>,
+}
+
+/// `ipam`: the built-in allocator or a delegate plugin from `CNI_PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ipam {
+    Builtin(BuiltinIpam),
+    Delegate { plugin: String },
+}
+
+/// The parsed network configuration.
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    pub mtu: u32,
+    pub state_dir: PathBuf,
+    pub fail_open: bool,
+    pub ipam: Ipam,
+    pub prev_result: Option<CniResult>,
+    /// Requested addresses from `args.cni.ips` and `runtimeConfig.ips`.
+    pub requested_ips: Vec<IpAddr>,
+    /// GC: the attachments (container id, ifname) the runtime still uses.
+    pub valid_attachments: Option<Vec<(String, String)>>,
+    /// The bytes we were given, passed unchanged to a delegate (as libcni does).
+    pub raw: Vec<u8>,
+}
+
+/// Reads just `cniVersion` (for VERSION and for the version of an error object).
+pub fn peek_version(raw: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(raw)
+        .ok()?
+        .get("cniVersion")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+fn string(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<String>> {
+    match field(obj, key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(Error::config(
+            format!("{path}{key}"),
+            format!("{v} is not a string"),
+        )),
+    }
+}
+
+fn parse_ip(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<IpAddr>> {
+    string(obj, path, key)?
+        .map(|s| {
+            s.parse().map_err(|_| {
+                Error::config(
+                    format!("{path}{key}"),
+                    format!("{s:?} is not an IP address"),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn parse_ips(v: Option<&Value>, path: &str) -> Result<Vec<IpAddr>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let arr = v
+        .as_array()
+        .ok_or_else(|| Error::config(path, format!("{v} is not a list of IP addresses")))?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            // args.cni.ips may carry a prefix ("10.0.0.5/24"); only the address matters.
+            let s = ip.as_str().unwrap_or_default();
+            let s = s.split('/').next().unwrap_or_default();
+            s.parse().map_err(|_| {
+                Error::config(format!("{path}[{i}]"), format!("{ip} is not an IP address"))
+            })
+        })
+        .collect()
+}
+
+impl NetConf {
+    pub fn parse(raw: &[u8]) -> Result<Self> {
+        let v: Value = serde_json::from_slice(raw).map_err(|e| Error::Decode(e.to_string()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::Decode(format!("expected a JSON object, got {v}")))?;
+        let cni_version =
+            string(obj, "", "cniVersion")?.ok_or_else(|| Error::config("cniVersion", "missing"))?;
+        let name = string(obj, "", "name")?.ok_or_else(|| Error::config("name", "missing"))?;
+        validate_id(&name).map_err(|r| Error::config("name", r))?;
+        let mtu = match field(obj, "mtu") {
+            None => DEFAULT_MTU,
+            Some(m) => m
+                .as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .filter(|m| (MIN_MTU..=MAX_MTU).contains(m))
+                .ok_or_else(|| {
+                    Error::config(
+                        "mtu",
+                        format!("{m} is not an integer between {MIN_MTU} and {MAX_MTU}"),
+                    )
+                })?,
+        };
+        let state_dir = string(obj, "", "stateDir")?
+            .unwrap_or_else(|| palisade_contract::DEFAULT_STATE_DIR.to_string());
+        if !state_dir.starts_with('/') {
+            return Err(Error::config(
+                "stateDir",
+                format!("{state_dir:?} is not an absolute path"),
+            ));
+        }
+        let fail_open = match field(obj, "failOpen") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(Error::config("failOpen", format!("{v} is not a boolean"))),
+        };
+        let ipam_obj = match field(obj, "ipam") {
+            Some(Value::Object(o)) => o,
+            Some(v) => return Err(Error::config("ipam", format!("{v} is not an object"))),
+            None => {
+                return Err(Error::config(
+                    "ipam",
+                    "missing (palisade needs an IPAM section)",
+                ))
+            }
+        };
+        let ipam_type = string(ipam_obj, "ipam.", "type")?
+            .ok_or_else(|| Error::config("ipam.type", "missing"))?;
+        let ipam = if ipam_type == palisade_contract::BUILTIN_IPAM_TYPE {
+            Ipam::Builtin(parse_builtin(ipam_obj)?)
+        } else {
+            if ipam_type.is_empty() || ipam_type.contains('/') || ipam_type.starts_with('.') {
+                return Err(Error::config(
+                    "ipam.type",
+                    format!("{ipam_type:?} is not a plugin name"),
+                ));
+            }
+            Ipam::Delegate { plugin: ipam_type }
+        };
+        if let Ipam::Builtin(b) = &ipam {
+            let has_v6 = b
+                .range_sets
+                .iter()
+                .flatten()
+                .any(|r| r.subnet.addr().is_ipv6());
+            if has_v6 && mtu < MIN_MTU_V6 {
+                return Err(Error::config(
+                    "mtu",
+                    format!("{mtu} is below {MIN_MTU_V6}, the IPv6 minimum"),
+                ));
+            }
+        }
+        let prev_result = match field(obj, "prevResult") {
+            None => None,
+            Some(p) => Some(
+                serde_json::from_value(p.clone())
+                    .map_err(|e| Error::config("prevResult", e.to_string()))?,
+            ),
+        };
+        let mut requested_ips = parse_ips(v.pointer("/args/cni/ips"), "args.cni.ips")?;
+        requested_ips.extend(parse_ips(
+            v.pointer("/runtimeConfig/ips"),
+            "runtimeConfig.ips",
+        )?);
+        let valid_attachments = match field(obj, VALID_ATTACHMENTS_KEY)
+            .map(|v| (VALID_ATTACHMENTS_KEY, v))
+            .or_else(|| field(obj, LEGACY_ATTACHMENTS_KEY).map(|v| (LEGACY_ATTACHMENTS_KEY, v)))
+        {
+            None => None,
+            Some((key, v)) => Some(parse_attachments(key, v)?),
+        };
+        Ok(NetConf {
+            cni_version,
+            name,
+            mtu,
+            state_dir: PathBuf::from(state_dir),
+            fail_open,
+            ipam,
+            prev_result,
+            requested_ips,
+            valid_attachments,
+            raw: raw.to_vec(),
+        })
+    }
+}
+
+fn parse_attachments(key: &str, v: &Value) -> Result<Vec<(String, String)>> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| Error::config(key, format!("{v} is not a list")))?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let o = a.as_object().ok_or_else(|| {
+                Error::config(format!("{key}[{i}]"), format!("{a} is not an object"))
+            })?;
+            let p = format!("{key}[{i}].");
+            let cid = string(o, &p, "containerID")?
+                .ok_or_else(|| Error::config(format!("{p}containerID"), "missing"))?;
+            let ifname = string(o, &p, "ifname")?
+                .ok_or_else(|| Error::config(format!("{p}ifname"), "missing"))?;
+            Ok((cid, ifname))
+        })
+        .collect()
+}
+
+fn parse_builtin(ipam: &Map<String, Value>) -> Result<BuiltinIpam> {
+    let data_dir = string(ipam, "ipam.", "dataDir")?
+        .unwrap_or_else(|| palisade_contract::DEFAULT_IPAM_DATA_DIR.to_string());
+    if !data_dir.starts_with('/') {
+        return Err(Error::config(
+            "ipam.dataDir",
+            format!("{data_dir:?} is not an absolute path"),
+        ));
+    }
+    let mut range_sets = Vec::new();
+    match field(ipam, "ranges") {
+        Some(Value::Array(sets)) => {
+            for (i, set) in sets.iter().enumerate() {
+                let ranges = set.as_array().ok_or_else(|| {
+                    Error::config(
+                        format!("ipam.ranges[{i}]"),
+                        format!("{set} is not a list of ranges"),
+                    )
+                })?;
+                if ranges.is_empty() {
+                    return Err(Error::config(format!("ipam.ranges[{i}]"), "is empty"));
+                }
+                let mut parsed = Vec::new();
+                for (j, r) in ranges.iter().enumerate() {
+                    let path = format!("ipam.ranges[{i}][{j}]");
+                    let o = r
+                        .as_object()
+                        .ok_or_else(|| Error::config(&path, format!("{r} is not an object")))?;
+                    parsed.push(parse_range(o, &format!("{path}."))?);
+                }
+                range_sets.push(parsed);
+            }
+        }
+        Some(v) => {
+            return Err(Error::config(
+                "ipam.ranges",
+                format!("{v} is not a list of range sets"),
+            ))
+        }
+        // host-local's legacy single-range form: subnet/rangeStart/rangeEnd/gateway in ipam.
+        None if field(ipam, "subnet").is_some() => {
+            range_sets.push(vec![parse_range(ipam, "ipam.")?])
+        }
+        None => {
+            return Err(Error::config(
+                "ipam.ranges",
+                "missing (give at least one range set)",
+            ))
+        }
+    }
+    if range_sets.is_empty() {
+        return Err(Error::config("ipam.ranges", "is empty"));
+    }
+    let all: Vec<(String, &Range)> = range_sets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.iter()
+                .enumerate()
+                .map(move |(j, r)| (format!("ipam.ranges[{i}][{j}]"), r))
+        })
+        .collect();
+    for (i, set) in range_sets.iter().enumerate() {
+        if set
+            .iter()
+            .any(|r| r.subnet.addr().is_ipv4() != set[0].subnet.addr().is_ipv4())
+        {
+            return Err(Error::config(
+                format!("ipam.ranges[{i}]"),
+                "mixes IPv4 and IPv6 ranges",
+            ));
+        }
+    }
+    for (a, (pa, ra)) in all.iter().enumerate() {
+        for (pb, rb) in all.iter().skip(a + 1) {
+            if ra.start <= rb.end && rb.start <= ra.end {
+                return Err(Error::config(pb, format!("overlaps {pa} ({})", ra.subnet)));
+            }
+        }
+    }
+    let routes = match field(ipam, "routes") {
+        None => Vec::new(),
+        Some(Value::Array(rs)) => rs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let o = r.as_object().ok_or_else(|| {
+                    Error::config(format!("ipam.routes[{i}]"), format!("{r} is not an object"))
+                })?;
+                let p = format!("ipam.routes[{i}].");
+                let dst = string(o, &p, "dst")?
+                    .ok_or_else(|| Error::config(format!("{p}dst"), "missing"))?;
+                dst.parse::<IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| Error::config(format!("{p}dst"), format!("{dst:?} is not a CIDR")))
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => return Err(Error::config("ipam.routes", format!("{v} is not a list"))),
+    };
+    Ok(BuiltinIpam {
+        data_dir: PathBuf::from(data_dir),
+        range_sets,
+        routes,
+    })
+}
+
+fn parse_range(o: &Map<String, Value>, path: &str) -> Result<Range> {
+    let s = string(o, path, "subnet")?
+        .ok_or_else(|| Error::config(format!("{path}subnet"), "missing"))?;
+    let subnet: IpNet = s
+        .parse()
+        .map_err(|_| Error::config(format!("{path}subnet"), format!("{s:?} is not a CIDR")))?;
+    if subnet.trunc() != subnet {
+        return Err(Error::config(
+            format!("{path}subnet"),
+            format!(
+                "{s:?} has host bits set (the network address is {})",
+                subnet.trunc()
+            ),
+        ));
+    }
+    if subnet.prefix_len() + 1 >= subnet.max_prefix_len() {
+        return Err(Error::config(
+            format!("{path}subnet"),
+            format!("{s:?} is too small to allocate from"),
+        ));
+    }
+    let in_subnet = |key: &str, ip: Option<IpAddr>| -> Result<Option<IpAddr>> {
+        match ip {
+            Some(ip) if !subnet.contains(&ip) => Err(Error::config(
+                format!("{path}{key}"),
+                format!("{ip} is not in {subnet}"),
+            )),
+            other => Ok(other),
+        }
+    };
+    let first = next_ip(subnet.network());
+    let last = match subnet {
+        IpNet::V4(n) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n.broadcast()) - 1)),
+        IpNet::V6(n) => IpAddr::V6(n.broadcast()),
+    };
+    let gateway = in_subnet("gateway", parse_ip(o, path, "gateway")?)?.unwrap_or(first);
+    let start = in_subnet("rangeStart", parse_ip(o, path, "rangeStart")?)?.unwrap_or(first);
+    let end = in_subnet("rangeEnd", parse_ip(o, path, "rangeEnd")?)?.unwrap_or(last);
+    if start > end {
+        return Err(Error::config(
+            format!("{path}rangeStart"),
+            format!("{start} is after rangeEnd {end}"),
+        ));
+    }
+    Ok(Range {
+        subnet,
+        start,
+        end,
+        gateway,
+    })
+}
+
+/// The address after `ip` (wrapping at the top of the family's space).
+pub fn next_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(1).into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(1).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: &str) -> String {
+        format!(r#"{{"cniVersion":"1.1.0","name":"net1","type":"palisade"{extra}}}"#)
+    }
+
+    const IPAM: &str = r#","ipam":{"type":"palisade","dataDir":"/tmp/d","ranges":[[{"subnet":"10.1.0.0/24"}],[{"subnet":"fd00::/64"}]]}"#;
+
+    #[test]
+    fn defaults_are_applied() {
+        let c = NetConf::parse(conf(IPAM).as_bytes()).unwrap();
+        assert_eq!(c.mtu, 1500);
+        assert_eq!(
+            c.state_dir,
+            PathBuf::from(palisade_contract::DEFAULT_STATE_DIR)
+        );
+        assert!(!c.fail_open);
+        let Ipam::Builtin(b) = c.ipam else {
+            panic!("builtin expected")
+        };
+        let r = &b.range_sets[0][0];
+        assert_eq!(r.start.to_string(), "10.1.0.1");
+        assert_eq!(r.end.to_string(), "10.1.0.254");
+        assert_eq!(r.gateway.to_string(), "10.1.0.1");
+        assert_eq!(
+            b.range_sets[1][0].end.to_string(),
+            "fd00::ffff:ffff:ffff:ffff"
+        );
+    }
+
+    #[test]
+    fn other_ipam_types_are_delegated() {
+        let c = NetConf::parse(
+            conf(r#","ipam":{"type":"host-local","subnet":"10.0.0.0/24"}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.ipam,
+            Ipam::Delegate {
+                plugin: "host-local".into()
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_a_decode_error() {
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code(), 6);
+        assert_eq!(NetConf::parse(b"[1]").unwrap_err().code(), 6);
+    }
+
+    #[test]
+    fn bad_config_names_the_field_and_value() {
+        let cases = [
+            (conf(&format!(r#","mtu":"big"{IPAM}"#)), "mtu"),
+            (conf(&format!(r#","mtu":70000{IPAM}"#)), "mtu"),
+            (conf(&format!(r#","failOpen":"yes"{IPAM}"#)), "failOpen"),
+            (conf(&format!(r#","stateDir":"rel"{IPAM}"#)), "stateDir"),
+            (conf(""), "ipam"),
+            (
+                conf(r#","ipam":{"type":"palisade","ranges":[[{"subnet":"10.0.0.0/33"}]]}"#),
+                "ipam.ranges[0][0].subnet",
+            ),
+            (
+                conf(r#","ipam":{"type":"palisade","ranges":[[{"subnet":"10.0.0.5/24"}]]}"#),
+                "host bits",
+            ),
+            (
+                conf(r#","ipam":{"type":"palisade","ranges":[[{"subnet":"10.0.0.0/31"}]]}"#),
+                "too small",
+            ),
+            (
+                conf(
+                    r#","ipam":{"type":"palisade","ranges":[[{"subnet":"10.0.0.0/24","rangeStart":"10.0.1.1"}]]}"#,
+                ),
+                "rangeStart",
+            ),
+            (
+                conf(
+                    r#","ipam":{"type":"palisade","ranges":[[{"subnet":"10.0.0.0/24"}],[{"subnet":"10.0.0.0/25"}]]}"#,
+                ),
+                "overlaps",
+            ),
+            (
+                conf(r#","ipam":{"type":"palisade","ranges":[]}"#),
+                "ipam.ranges",
+            ),
+            (conf(r#","ipam":{"type":"../x"}"#), "ipam.type"),
+            (
+                r#"{"cniVersion":"1.1.0","name":"bad name","ipam":{"type":"x"}}"#.to_string(),
+                "name",
+            ),
+        ];
+        for (json, needle) in cases {
+            let err = NetConf::parse(json.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), 7, "{json}: {err}");
+            assert!(err.to_string().contains(needle), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn gc_list_is_read_from_the_new_and_the_legacy_key() {
+        for key in [VALID_ATTACHMENTS_KEY, LEGACY_ATTACHMENTS_KEY] {
+            let c = NetConf::parse(
+                conf(&format!(
+                    r#"{IPAM},"{key}":[{{"containerID":"c1","ifname":"eth0"}}]"#
+                ))
+                .as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(
+                c.valid_attachments,
+                Some(vec![("c1".into(), "eth0".into())])
+            );
+        }
+    }
+
+    #[test]
+    fn requested_ips_come_from_args_and_runtime_config() {
+        let c = NetConf::parse(
+            conf(&format!(r#"{IPAM},"args":{{"cni":{{"ips":["10.1.0.9/24"]}}}},"runtimeConfig":{{"ips":["fd00::9"]}}"#))
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.requested_ips,
+            vec![
+                "10.1.0.9".parse::<IpAddr>().unwrap(),
+                "fd00::9".parse().unwrap()
+            ]
+        );
+    }
+}

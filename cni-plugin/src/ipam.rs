@@ -1,0 +1,751 @@
+//! IP address management: the built-in allocator (host-local's on-disk layout and semantics) and
+//! delegation to another IPAM plugin found in `CNI_PATH`, executed as libcni would.
+//!
+//! On-disk layout under `<dataDir>/<network>/` (identical to host-local, so either can read the
+//! other's store): one file per reserved address named by the address and holding
+//! `"<containerID>\r\n<ifname>"`, `last_reserved_ip.<rangeSetIndex>` for round robin, and `lock`,
+//! flock'd exclusively around every allocation and release.
+
+use crate::cni::{CniResult, Env};
+use crate::config::{next_ip, BuiltinIpam, Ipam, NetConf, Range, RangeSet};
+use crate::error::{Error, Result};
+use ipnet::IpNet;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+
+/// File name of host-local's lock in the network's store directory.
+pub const LOCK_FILE: &str = "lock";
+/// Prefix of host-local's round-robin cursor files.
+pub const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
+/// Separator between container id and ifname in a reservation file (host-local's `LineBreak`).
+pub const LINE_BREAK: &str = "\r\n";
+
+/// What IPAM gave one attachment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allocation {
+    pub ips: Vec<IpAddr>,
+    /// Extra routes (destinations only: the pod always routes via our link-local gateway).
+    pub routes: Vec<IpNet>,
+    pub dns: Option<serde_json::Value>,
+}
+
+/// The store of one network, locked for as long as it lives.
+pub struct Store {
+    dir: PathBuf,
+    _lock: File,
+}
+
+/// One reservation file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub ip: IpAddr,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl Store {
+    /// Opens (creating) `<data_dir>/<network>` and takes its exclusive lock.
+    pub fn open(data_dir: &Path, network: &str) -> Result<Self> {
+        let dir = data_dir.join(network);
+        fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating IPAM store {}", dir.display()), e))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("opening IPAM lock {}", lock_path.display()), e))?;
+        lock.lock()
+            .map_err(|e| Error::io(format!("locking IPAM store {}", lock_path.display()), e))?;
+        Ok(Store { dir, _lock: lock })
+    }
+
+    /// Reserves `ip` for (id, ifname); false when it is already taken.
+    fn reserve(&self, ip: IpAddr, id: &str, ifname: &str, range_set: usize) -> Result<bool> {
+        let path = self.dir.join(ip.to_string());
+        let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(Error::io(format!("reserving {}", path.display()), e)),
+        };
+        let content = format!("{}{LINE_BREAK}{ifname}", id.trim());
+        if let Err(e) = f.write_all(content.as_bytes()) {
+            let _ = fs::remove_file(&path);
+            return Err(Error::io(format!("writing {}", path.display()), e));
+        }
+        let last = self.dir.join(format!("{LAST_RESERVED_PREFIX}{range_set}"));
+        fs::write(&last, ip.to_string())
+            .map_err(|e| Error::io(format!("writing {}", last.display()), e))?;
+        Ok(true)
+    }
+
+    fn last_reserved(&self, range_set: usize) -> Option<IpAddr> {
+        fs::read_to_string(self.dir.join(format!("{LAST_RESERVED_PREFIX}{range_set}")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Every reservation in the store (files named by an address).
+    pub fn reservations(&self) -> Result<Vec<Reservation>> {
+        let entries = fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("reading IPAM store {}", self.dir.display()), e))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let Ok(data) = fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let data = data.trim();
+            let (cid, ifname) = match data.split_once(LINE_BREAK) {
+                Some((c, i)) => (c.to_string(), i.trim().to_string()),
+                // Legacy host-local files hold only the container id.
+                None => (data.to_string(), String::new()),
+            };
+            out.push(Reservation {
+                ip,
+                container_id: cid,
+                ifname,
+            });
+        }
+        out.sort_by_key(|r| r.ip);
+        Ok(out)
+    }
+
+    fn matches(r: &Reservation, id: &str, ifname: &str) -> bool {
+        r.container_id == id.trim() && (r.ifname == ifname || r.ifname.is_empty())
+    }
+
+    /// Addresses held by (id, ifname).
+    pub fn by_id(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>> {
+        Ok(self
+            .reservations()?
+            .into_iter()
+            .filter(|r| Self::matches(r, id, ifname))
+            .map(|r| r.ip)
+            .collect())
+    }
+
+    fn remove(&self, ip: IpAddr) -> Result<()> {
+        let path = self.dir.join(ip.to_string());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("releasing {}", path.display()), e)),
+        }
+    }
+
+    /// Releases everything (id, ifname) holds; an unknown id is fine.
+    pub fn release_by_id(&self, id: &str, ifname: &str) -> Result<Vec<IpAddr>> {
+        let ips = self.by_id(id, ifname)?;
+        for ip in &ips {
+            self.remove(*ip)?;
+        }
+        Ok(ips)
+    }
+
+    /// Allocates one address per range set for (id, ifname), honouring requested addresses.
+    /// On any failure every address reserved by this call is released again.
+    pub fn allocate(
+        &self,
+        sets: &[RangeSet],
+        id: &str,
+        ifname: &str,
+        requested: &[IpAddr],
+    ) -> Result<Vec<IpAddr>> {
+        let held = self.by_id(id, ifname)?;
+        for (i, set) in sets.iter().enumerate() {
+            if let Some(ip) = held.iter().find(|ip| set.iter().any(|r| r.contains(**ip))) {
+                return Err(Error::IpamDuplicate(format!(
+                    "{ip} (range set {i}) has been allocated to {id}/{ifname}, duplicate allocation is not allowed"
+                )));
+            }
+        }
+        let mut got: Vec<Option<IpAddr>> = vec![None; sets.len()];
+        let result = self.allocate_into(sets, id, ifname, requested, &mut got);
+        if result.is_err() {
+            for ip in got.iter().flatten() {
+                let _ = self.remove(*ip);
+            }
+        }
+        result?;
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    fn allocate_into(
+        &self,
+        sets: &[RangeSet],
+        id: &str,
+        ifname: &str,
+        requested: &[IpAddr],
+        got: &mut [Option<IpAddr>],
+    ) -> Result<()> {
+        for ip in requested {
+            let Some((i, range)) = sets
+                .iter()
+                .enumerate()
+                .find_map(|(i, s)| s.iter().find(|r| r.contains(*ip)).map(|r| (i, r)))
+            else {
+                return Err(Error::IpamRequest(format!(
+                    "requested IP address {ip} is not in any range"
+                )));
+            };
+            if got[i].is_some() {
+                return Err(Error::IpamRequest(format!(
+                    "requested IP address {ip}: range set {i} already has a requested address"
+                )));
+            }
+            if *ip == range.gateway {
+                return Err(Error::IpamRequest(format!(
+                    "requested IP address {ip} is the subnet's gateway"
+                )));
+            }
+            if !self.reserve(*ip, id, ifname, i)? {
+                return Err(Error::IpamRequest(format!(
+                    "requested IP address {ip} is not available in range set {}",
+                    describe(&sets[i])
+                )));
+            }
+            got[i] = Some(*ip);
+        }
+        for (i, set) in sets.iter().enumerate() {
+            if got[i].is_some() {
+                continue;
+            }
+            let last = self.last_reserved(i);
+            let mut found = None;
+            for (ip, range) in RangeIter::new(set, last) {
+                if ip == range.gateway {
+                    continue;
+                }
+                if self.reserve(ip, id, ifname, i)? {
+                    found = Some(ip);
+                    break;
+                }
+            }
+            match found {
+                Some(ip) => got[i] = Some(ip),
+                None => {
+                    return Err(Error::IpamExhausted(format!(
+                        "no IP addresses available in range set {}",
+                        describe(set)
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn describe(set: &RangeSet) -> String {
+    set.iter()
+        .map(|r| format!("{}-{}", r.start, r.end))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// host-local's round-robin iterator over a range set: starts after the last reserved address
+/// (when it is in the set, else at the first range's start), wraps, and ends where it began.
+pub struct RangeIter<'a> {
+    set: &'a [Range],
+    pos: Option<(usize, IpAddr)>,
+    begin: (usize, IpAddr),
+}
+
+impl<'a> RangeIter<'a> {
+    pub fn new(set: &'a [Range], last: Option<IpAddr>) -> Self {
+        let begin =
+            match last.and_then(|ip| set.iter().position(|r| r.contains(ip)).map(|i| (i, ip))) {
+                Some(pos) => Self::advance(set, pos),
+                None => (0, set[0].start),
+            };
+        RangeIter {
+            set,
+            pos: Some(begin),
+            begin,
+        }
+    }
+
+    fn advance(set: &[Range], (i, ip): (usize, IpAddr)) -> (usize, IpAddr) {
+        if ip < set[i].end {
+            (i, next_ip(ip))
+        } else {
+            let j = (i + 1) % set.len();
+            (j, set[j].start)
+        }
+    }
+}
+
+impl<'a> Iterator for RangeIter<'a> {
+    type Item = (IpAddr, &'a Range);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let cur = self.pos?;
+        let nxt = Self::advance(self.set, cur);
+        self.pos = (nxt != self.begin).then_some(nxt);
+        Some((cur.1, &self.set[cur.0]))
+    }
+}
+
+/// Runs IPAM ADD for an attachment.
+pub fn add(conf: &NetConf, env: &Env) -> Result<Allocation> {
+    match &conf.ipam {
+        Ipam::Builtin(b) => {
+            let store = Store::open(&b.data_dir, &conf.name)?;
+            let mut requested = env.args.ips.clone();
+            requested.extend(conf.requested_ips.iter().copied());
+            let ips = store.allocate(&b.range_sets, &env.container_id, &env.ifname, &requested)?;
+            Ok(Allocation {
+                ips,
+                routes: b.routes.clone(),
+                dns: None,
+            })
+        }
+        Ipam::Delegate { plugin } => {
+            let r = exec_delegate(
+                plugin,
+                "ADD",
+                env,
+                &DelegateTarget::from_env(env),
+                &conf.raw,
+            )?
+            .ok_or_else(|| Error::Delegate {
+                plugin: plugin.clone(),
+                code: crate::error::code::IO,
+                msg: "ADD printed no result".into(),
+                details: String::new(),
+            })?;
+            if r.ips.is_empty() {
+                return Err(Error::Delegate {
+                    plugin: plugin.clone(),
+                    code: crate::error::code::IO,
+                    msg: "ADD returned no IP address".into(),
+                    details: String::new(),
+                });
+            }
+            Ok(Allocation {
+                ips: r.ips.iter().map(|i| i.address.addr()).collect(),
+                routes: r.routes.iter().map(|r| r.dst).collect(),
+                dns: r
+                    .dns
+                    .filter(|d| d.as_object().is_some_and(|o| !o.is_empty())),
+            })
+        }
+    }
+}
+
+/// Releases what (container, ifname) holds. Unknown attachments are fine.
+pub fn release(conf: &NetConf, env: &Env, target: &DelegateTarget) -> Result<()> {
+    match &conf.ipam {
+        Ipam::Builtin(b) => {
+            let store = Store::open(&b.data_dir, &conf.name)?;
+            let ips = store.release_by_id(&target.container_id, &target.ifname)?;
+            tracing::debug!(container = %target.container_id, ifname = %target.ifname, ?ips, "released addresses");
+            Ok(())
+        }
+        Ipam::Delegate { plugin } => {
+            exec_delegate(plugin, "DEL", env, target, &conf.raw).map(|_| ())
+        }
+    }
+}
+
+/// Verifies the reservation of (container, ifname) holds `expected`.
+pub fn check(conf: &NetConf, env: &Env, expected: &[IpAddr]) -> Result<()> {
+    match &conf.ipam {
+        Ipam::Builtin(b) => {
+            let store = Store::open(&b.data_dir, &conf.name)?;
+            let held = store.by_id(&env.container_id, &env.ifname)?;
+            for ip in expected {
+                if !held.contains(ip) {
+                    return Err(Error::CheckFailed(format!(
+                        "{ip} is not reserved for {}/{} in IPAM store {}",
+                        env.container_id,
+                        env.ifname,
+                        b.data_dir.join(&conf.name).display()
+                    )));
+                }
+            }
+            Ok(())
+        }
+        Ipam::Delegate { plugin } => exec_delegate(
+            plugin,
+            "CHECK",
+            env,
+            &DelegateTarget::from_env(env),
+            &conf.raw,
+        )
+        .map(|_| ()),
+    }
+}
+
+/// Releases every reservation not in `valid`; forwards GC to a delegate.
+pub fn gc(conf: &NetConf, env: &Env, valid: &HashSet<(String, String)>) -> Result<()> {
+    match &conf.ipam {
+        Ipam::Builtin(b) => gc_builtin(b, &conf.name, valid),
+        Ipam::Delegate { plugin } => tolerate_unsupported(
+            plugin,
+            exec_delegate(plugin, "GC", env, &DelegateTarget::from_env(env), &conf.raw),
+        ),
+    }
+}
+
+fn gc_builtin(b: &BuiltinIpam, network: &str, valid: &HashSet<(String, String)>) -> Result<()> {
+    let store = Store::open(&b.data_dir, network)?;
+    let mut errors = crate::error::Errors::default();
+    for r in store.reservations()? {
+        let keep = valid.iter().any(|(c, i)| Store::matches(&r, c, i));
+        if !keep {
+            tracing::info!(ip = %r.ip, container = %r.container_id, ifname = %r.ifname, "GC: releasing stale reservation");
+            errors.keep(store.remove(r.ip));
+        }
+    }
+    errors.into_result()
+}
+
+/// STATUS: the store can be opened (built-in) or the delegate says it is ready.
+pub fn status(conf: &NetConf, env: &Env) -> Result<()> {
+    match &conf.ipam {
+        Ipam::Builtin(b) => Store::open(&b.data_dir, &conf.name)
+            .map(|_| ())
+            .map_err(|e| {
+                Error::NotAvailable(format!(
+                    "IPAM store {} is not usable: {e}",
+                    b.data_dir.display()
+                ))
+            }),
+        Ipam::Delegate { plugin } => tolerate_unsupported(
+            plugin,
+            exec_delegate(
+                plugin,
+                "STATUS",
+                env,
+                &DelegateTarget::from_env(env),
+                &conf.raw,
+            ),
+        ),
+    }
+}
+
+/// A delegate older than spec 1.1.0 answers GC/STATUS with "incompatible version" or "unknown
+/// command": it has nothing to collect and no status to report, so that is not a failure.
+fn tolerate_unsupported(plugin: &str, r: Result<Option<CniResult>>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(Error::Delegate { code, msg, .. })
+            if code == crate::error::code::INCOMPATIBLE_VERSION
+                || code == crate::error::code::INVALID_ENV =>
+        {
+            tracing::info!(
+                plugin,
+                code,
+                msg,
+                "delegate does not support this command; skipped"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The attachment a delegate call is about (the current one, or a stale one during GC).
+#[derive(Debug, Clone)]
+pub struct DelegateTarget {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: Option<String>,
+}
+
+impl DelegateTarget {
+    pub fn from_env(env: &Env) -> Self {
+        DelegateTarget {
+            container_id: env.container_id.clone(),
+            ifname: env.ifname.clone(),
+            netns: env.netns.clone(),
+        }
+    }
+}
+
+/// Finds `plugin` in `CNI_PATH`.
+pub fn find_plugin(plugin: &str, path: &[PathBuf]) -> Result<PathBuf> {
+    path.iter()
+        .map(|d| d.join(plugin))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::config(
+                "ipam.type",
+                format!(
+                    "plugin {plugin:?} not found in CNI_PATH ({})",
+                    path.iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(":")
+                ),
+            )
+        })
+}
+
+/// Executes a delegate exactly as libcni does: the whole config on stdin, the CNI environment with
+/// `CNI_COMMAND` set; stdout is the result (or an error object when the exit status is non-zero).
+pub fn exec_delegate(
+    plugin: &str,
+    command: &str,
+    env: &Env,
+    target: &DelegateTarget,
+    stdin: &[u8],
+) -> Result<Option<CniResult>> {
+    let bin = find_plugin(plugin, &env.path)?;
+    let mut cmd = Process::new(&bin);
+    cmd.env("CNI_COMMAND", command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if command == "GC" || command == "STATUS" {
+        cmd.env_remove("CNI_CONTAINERID")
+            .env_remove("CNI_IFNAME")
+            .env_remove("CNI_NETNS");
+    } else {
+        cmd.env("CNI_CONTAINERID", &target.container_id)
+            .env("CNI_IFNAME", &target.ifname);
+        match &target.netns {
+            Some(n) => cmd.env("CNI_NETNS", n),
+            None => cmd.env_remove("CNI_NETNS"),
+        };
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io(format!("executing IPAM plugin {}", bin.display()), e))?;
+    if let Some(mut s) = child.stdin.take() {
+        s.write_all(stdin).map_err(|e| {
+            Error::io(
+                format!("writing config to IPAM plugin {}", bin.display()),
+                e,
+            )
+        })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io(format!("waiting for IPAM plugin {}", bin.display()), e))?;
+    if !out.status.success() {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        return Err(Error::Delegate {
+            plugin: plugin.to_string(),
+            code: v["code"]
+                .as_u64()
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(crate::error::code::IO),
+            msg: v["msg"].as_str().map(str::to_string).unwrap_or_else(|| {
+                format!(
+                    "{command} failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            }),
+            details: v["details"].as_str().unwrap_or_default().to_string(),
+        });
+    }
+    if command != "ADD" || out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&out.stdout)
+        .map(Some)
+        .map_err(|e| Error::Delegate {
+            plugin: plugin.to_string(),
+            code: crate::error::code::DECODE,
+            msg: format!("cannot parse its ADD result: {e}"),
+            details: String::from_utf8_lossy(&out.stdout).into_owned(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NetConf;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "palisade-ipam-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sets(ranges: &str) -> Vec<RangeSet> {
+        let json = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","ipam":{{"type":"palisade","ranges":{ranges}}}}}"#
+        );
+        match NetConf::parse(json.as_bytes()).unwrap().ipam {
+            Ipam::Builtin(b) => b.range_sets,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn allocates_round_robin_skipping_the_gateway_in_host_local_layout() {
+        let d = TempDir::new("rr");
+        let s = sets(r#"[[{"subnet":"10.9.0.0/29"}]]"#);
+        let store = Store::open(&d.0, "net").unwrap();
+        assert_eq!(
+            store.allocate(&s, "c1", "eth0", &[]).unwrap(),
+            vec![ip("10.9.0.2")]
+        );
+        assert_eq!(
+            store.allocate(&s, "c2", "eth0", &[]).unwrap(),
+            vec![ip("10.9.0.3")]
+        );
+        let dir = d.0.join("net");
+        assert_eq!(
+            fs::read_to_string(dir.join("10.9.0.2")).unwrap(),
+            "c1\r\neth0"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("last_reserved_ip.0")).unwrap(),
+            "10.9.0.3"
+        );
+        assert!(dir.join("lock").exists());
+        // Releasing c1 does not move the cursor back: the next one is .4 (round robin).
+        store.release_by_id("c1", "eth0").unwrap();
+        assert_eq!(
+            store.allocate(&s, "c3", "eth0", &[]).unwrap(),
+            vec![ip("10.9.0.4")]
+        );
+    }
+
+    #[test]
+    fn exhausted_range_errors_and_reserves_nothing_more() {
+        let d = TempDir::new("ex");
+        let s = sets(r#"[[{"subnet":"10.9.0.0/30"}]]"#); // usable: .1 (gateway) and .2
+        let store = Store::open(&d.0, "net").unwrap();
+        store.allocate(&s, "c1", "eth0", &[]).unwrap();
+        let err = store.allocate(&s, "c2", "eth0", &[]).unwrap_err();
+        assert_eq!(err.code(), crate::error::code::IPAM_EXHAUSTED, "{err}");
+        assert_eq!(store.reservations().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn dual_stack_rolls_back_the_first_family_when_the_second_fails() {
+        let d = TempDir::new("dual");
+        let s = sets(r#"[[{"subnet":"10.9.0.0/24"}],[{"subnet":"fd00::/126"}]]"#);
+        let store = Store::open(&d.0, "net").unwrap();
+        assert_eq!(
+            store.allocate(&s, "c1", "eth0", &[]).unwrap(),
+            vec![ip("10.9.0.2"), ip("fd00::2")]
+        );
+        assert_eq!(
+            store.allocate(&s, "c2", "eth0", &[]).unwrap(),
+            vec![ip("10.9.0.3"), ip("fd00::3")]
+        );
+        assert!(store.allocate(&s, "c3", "eth0", &[]).is_err());
+        assert!(store.by_id("c3", "eth0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn duplicate_allocation_for_the_same_attachment_is_refused() {
+        let d = TempDir::new("dup");
+        let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
+        let store = Store::open(&d.0, "net").unwrap();
+        store.allocate(&s, "c1", "eth0", &[]).unwrap();
+        assert_eq!(
+            store.allocate(&s, "c1", "eth0", &[]).unwrap_err().code(),
+            crate::error::code::IPAM_DUPLICATE
+        );
+        assert!(store.allocate(&s, "c1", "eth1", &[]).is_ok());
+    }
+
+    #[test]
+    fn requested_ips_are_honoured_or_refused() {
+        let d = TempDir::new("req");
+        let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
+        let store = Store::open(&d.0, "net").unwrap();
+        assert_eq!(
+            store
+                .allocate(&s, "c1", "eth0", &[ip("10.9.0.77")])
+                .unwrap(),
+            vec![ip("10.9.0.77")]
+        );
+        let taken = store
+            .allocate(&s, "c2", "eth0", &[ip("10.9.0.77")])
+            .unwrap_err();
+        assert!(taken.to_string().contains("10.9.0.77"), "{taken}");
+        assert!(store.allocate(&s, "c2", "eth0", &[ip("10.8.0.1")]).is_err());
+        assert!(store.allocate(&s, "c2", "eth0", &[ip("10.9.0.1")]).is_err());
+        assert!(store.by_id("c2", "eth0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn iterator_wraps_across_ranges_and_stops_where_it_began() {
+        let s = sets(
+            r#"[[{"subnet":"10.9.0.0/24","rangeStart":"10.9.0.10","rangeEnd":"10.9.0.11"},{"subnet":"10.9.1.0/24","rangeStart":"10.9.1.5","rangeEnd":"10.9.1.5"}]]"#,
+        );
+        let all: Vec<String> = RangeIter::new(&s[0], Some(ip("10.9.0.11")))
+            .map(|(i, _)| i.to_string())
+            .collect();
+        assert_eq!(all, ["10.9.1.5", "10.9.0.10", "10.9.0.11"]);
+        let from_start: Vec<String> = RangeIter::new(&s[0], Some(ip("192.168.0.1")))
+            .map(|(i, _)| i.to_string())
+            .collect();
+        assert_eq!(from_start, ["10.9.0.10", "10.9.0.11", "10.9.1.5"]);
+    }
+
+    #[test]
+    fn store_survives_reopen_and_legacy_files_release_by_id() {
+        let d = TempDir::new("reopen");
+        let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
+        {
+            let store = Store::open(&d.0, "net").unwrap();
+            store.allocate(&s, "c1", "eth0", &[]).unwrap();
+        }
+        fs::write(d.0.join("net").join("10.9.0.50"), "old\n").unwrap();
+        let store = Store::open(&d.0, "net").unwrap();
+        assert_eq!(
+            store.allocate(&s, "c2", "eth0", &[]).unwrap(),
+            vec![ip("10.9.0.3")]
+        );
+        assert_eq!(
+            store.release_by_id("old", "eth0").unwrap(),
+            vec![ip("10.9.0.50")]
+        );
+        assert!(store.release_by_id("nobody", "eth0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn concurrent_allocations_from_threads_get_distinct_addresses() {
+        let d = TempDir::new("conc");
+        let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let (dir, s) = (d.0.clone(), s.clone());
+                std::thread::spawn(move || {
+                    let store = Store::open(&dir, "net").unwrap();
+                    store.allocate(&s, &format!("c{i}"), "eth0", &[]).unwrap()[0]
+                })
+            })
+            .collect();
+        let ips: HashSet<IpAddr> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(ips.len(), 16);
+    }
+}
