@@ -40,3 +40,146 @@ pub enum SourceEvent {
     /// Every kind's initial list is complete: enforcing may start. Sent once per source start.
     Synced,
 }
+
+pub mod kube;
+pub mod manifests;
+
+pub use self::kube::KubeSource;
+pub use self::manifests::ManifestSource;
+
+use std::path::PathBuf;
+
+use ::kube::api::ObjectMeta;
+use ::kube::Resource;
+
+/// What can stop a source. Watch errors inside a running source are not errors of this type: the
+/// Kubernetes source logs them and retries with backoff; the manifest source logs a bad file and keeps its
+/// last good objects.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The Kubernetes client configuration (in-cluster or kubeconfig) could not be loaded.
+    #[error("kubernetes client config from {origin}: {message}")]
+    KubeConfig { origin: String, message: String },
+    /// The Kubernetes client could not be built from a valid configuration.
+    #[error("kubernetes client: {0}")]
+    KubeClient(String),
+    /// The manifest directory could not be read or watched.
+    #[error("manifest directory {path}: {action}: {source}")]
+    ManifestDir {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Kind {
+    /// Every kind the agent watches, in a stable order.
+    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy, Kind::Node];
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn is_namespaced(self) -> bool {
+        matches!(self, Kind::Pod | Kind::NetworkPolicy)
+    }
+
+    /// The `kind` field the API uses for this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+impl ObjectRef {
+    /// A reference to a namespaced object.
+    pub fn namespaced(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// A reference to a cluster-scoped object (empty namespace).
+    pub fn cluster(kind: Kind, name: impl Into<String>) -> Self {
+        ObjectRef {
+            kind,
+            namespace: String::new(),
+            name: name.into(),
+        }
+    }
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Pod(_) => Kind::Pod,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+
+    /// The object's metadata.
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Pod(o) => o.meta(),
+            Object::Namespace(o) => o.meta(),
+            Object::NetworkPolicy(o) => o.meta(),
+            Object::Node(o) => o.meta(),
+        }
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Object::Pod(o) => o.meta_mut(),
+            Object::Namespace(o) => o.meta_mut(),
+            Object::NetworkPolicy(o) => o.meta_mut(),
+            Object::Node(o) => o.meta_mut(),
+        }
+    }
+
+    /// The object's identity: kind, namespace (empty for cluster-scoped kinds) and name.
+    pub fn reference(&self) -> ObjectRef {
+        let meta = self.meta();
+        let namespace = if self.kind().is_namespaced() {
+            meta.namespace.clone().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        ObjectRef {
+            kind: self.kind(),
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Drops what nothing downstream reads and what makes objects large: `managedFields` and annotations.
+    /// Every source strips objects before emitting them.
+    pub fn strip(mut self) -> Self {
+        let meta = self.meta_mut();
+        meta.managed_fields = None;
+        meta.annotations = None;
+        self
+    }
+}
