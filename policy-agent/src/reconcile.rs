@@ -195,6 +195,9 @@ impl Engine {
             self.metrics.error("bad_attachment");
             warn!(record = %path.display(), error = %err, "skipping unreadable attachment record");
         }
+        if let Some((last, _)) = &mut self.last {
+            last.note_plugin_pending(&attachments);
+        }
         self.state.apply(Change::SetAttachments(attachments));
         let next = compiled::compile(&self.state, &self.cfg.node_name);
         for w in &next.warnings {

@@ -1,0 +1,422 @@
+//! The agent end to end in network namespaces we create (root; never the host's own namespace):
+//! routes between nodes, the conflist only after the first sync, fail-closed across kill -9, restore
+//! after `nft flush ruleset`, and the new-pod window.
+
+mod agent_support;
+
+use agent_support::*;
+use std::time::Duration;
+
+const NODE: &str = "n1";
+const PORT: u16 = 7001;
+
+/// Two node namespaces joined by a veth underlay (192.168.77.1/.2, fd00:77::1/::2).
+fn two_nodes() -> (Netns, Netns) {
+    let a = Netns::new("pan");
+    let b = Netns::new("pan");
+    let va = unique("pu");
+    a.ip(&[
+        "link", "add", &va, "type", "veth", "peer", "name", "under0", "netns", &b.0,
+    ]);
+    a.ip(&["addr", "add", "192.168.77.1/24", "dev", &va]);
+    a.ip(&["addr", "add", "fd00:77::1/64", "dev", &va, "nodad"]);
+    b.ip(&["addr", "add", "192.168.77.2/24", "dev", "under0"]);
+    b.ip(&["addr", "add", "fd00:77::2/64", "dev", "under0", "nodad"]);
+    a.ip(&["link", "set", &va, "up"]);
+    b.ip(&["link", "set", "under0", "up"]);
+    (a, b)
+}
+
+#[test]
+fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_alone() {
+    let (n1, _n2) = two_nodes();
+    let t = TempDir::new("pa-routes");
+    let d = AgentDirs::new(&t);
+    let nodes = |n2: &str| {
+        format!(
+            "{}{}",
+            node_yaml(
+                NODE,
+                &["10.244.1.0/24", "fd00:10:244:1::/64"],
+                &["192.168.77.1", "fd00:77::1"]
+            ),
+            n2
+        )
+    };
+    manifest(
+        &d.manifests,
+        "nodes.yaml",
+        &nodes(&node_yaml(
+            "n2",
+            &["10.244.2.0/24", "fd00:10:244:2::/64"],
+            &["192.168.77.2", "fd00:77::2"],
+        )),
+    );
+    // A route that is not ours, to the same gateway: must survive everything.
+    n1.ip(&["route", "add", "10.99.0.0/16", "via", "192.168.77.2"]);
+    let agent = Agent::start(&n1, NODE, &d, &[]);
+    assert!(
+        agent.wait_ready(&n1, Duration::from_secs(10)),
+        "agent never became ready"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let r = n1.our_routes();
+            r.contains("10.244.2.0/24 via 192.168.77.2")
+                && r.contains("fd00:10:244:2::/64 via fd00:77::2")
+        }),
+        "routes to n2 missing: {}",
+        n1.our_routes()
+    );
+    assert!(
+        !n1.our_routes().contains("10.244.1.0/24"),
+        "no route to our own pod range"
+    );
+
+    // n2's range changes: the old route goes, the new one comes.
+    manifest(
+        &d.manifests,
+        "nodes.yaml",
+        &nodes(&node_yaml("n2", &["10.244.3.0/24"], &["192.168.77.2"])),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let r = n1.our_routes();
+            r.contains("10.244.3.0/24 via 192.168.77.2")
+                && !r.contains("10.244.2.0/24")
+                && !r.contains("fd00:10:244:2::")
+        }),
+        "routes did not follow n2's change: {}",
+        n1.our_routes()
+    );
+
+    // n2 goes away: its route goes too.
+    manifest(&d.manifests, "nodes.yaml", &nodes(""));
+    assert!(
+        wait_until(Duration::from_secs(5), || n1.our_routes().trim().is_empty()),
+        "stale route: {}",
+        n1.our_routes()
+    );
+    let all = String::from_utf8_lossy(&n1.ip(&["route"]).stdout).into_owned();
+    assert!(
+        all.contains("10.99.0.0/16 via 192.168.77.2"),
+        "a route not ours was touched: {all}"
+    );
+
+    // cleanup removes table, routes and conflist; everything else stays.
+    manifest(
+        &d.manifests,
+        "nodes.yaml",
+        &nodes(&node_yaml("n2", &["10.244.2.0/24"], &["192.168.77.2"])),
+    );
+    assert!(wait_until(Duration::from_secs(5), || n1
+        .our_routes()
+        .contains("10.244.2.0/24")));
+    drop(agent);
+    let bin = env!("CARGO_BIN_EXE_palisade-agent");
+    let out = n1.exec(&[
+        bin,
+        "cleanup",
+        "--cni-conf-dir",
+        d.cni_conf.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(n1.table().is_none(), "cleanup left our table");
+    assert!(
+        n1.our_routes().trim().is_empty(),
+        "cleanup left routes: {}",
+        n1.our_routes()
+    );
+    assert!(
+        !d.cni_conf.join(palisade_contract::CONFLIST_FILE).exists(),
+        "cleanup left the conflist"
+    );
+    let all = String::from_utf8_lossy(&n1.ip(&["route"]).stdout).into_owned();
+    assert!(
+        all.contains("10.99.0.0/16"),
+        "cleanup touched a route not ours: {all}"
+    );
+}
+
+#[test]
+fn conflist_and_readiness_wait_for_the_first_committed_sync_and_sigterm_keeps_rules() {
+    let n1 = Netns::new("pan");
+    let t = TempDir::new("pa-conf");
+    let d = AgentDirs::new(&t);
+    manifest(
+        &d.manifests,
+        "nodes.yaml",
+        &node_yaml(NODE, &["10.244.1.0/24"], &["192.168.77.1"]),
+    );
+    let conflist = d.cni_conf.join(palisade_contract::CONFLIST_FILE);
+    // Hold the node lock as a plugin mid-ADD would: the agent cannot commit its first sync.
+    let lock = lock_state(&d.state);
+    let mut agent = Agent::start(&n1, NODE, &d, &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || n1
+            .http(AGENT_PORT, "/healthz")
+            .is_some()),
+        "agent not serving"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        n1.http(AGENT_PORT, "/readyz").map(|r| r.0),
+        Some(503),
+        "ready before the first sync"
+    );
+    assert!(!conflist.exists(), "conflist written before the first sync");
+    assert!(n1.table().is_none(), "table committed without the lock");
+    drop(lock);
+    assert!(
+        agent.wait_ready(&n1, Duration::from_secs(5)),
+        "not ready after the lock was released"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || conflist.exists()),
+        "no conflist after the first sync"
+    );
+    let text = std::fs::read_to_string(&conflist).unwrap();
+    assert!(
+        text.contains("10.244.1.0/24") && text.contains("\"failOpen\": false"),
+        "{text}"
+    );
+    let (_, metrics) = n1.http(AGENT_PORT, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("palisade_transactions_total{kind=\"full\"} 1"),
+        "{metrics}"
+    );
+
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agent.child.wait().expect("wait agent");
+    assert!(status.success(), "SIGTERM exit status {status}");
+    assert!(n1.table().is_some(), "SIGTERM removed our table");
+}
+
+/// A node with a client pod and an isolated target pod (deny all ingress), agent running and ready,
+/// and a probe stream client → target already flowing-and-dropped.
+struct Isolated {
+    n1: Netns,
+    _client: Pod,
+    target: Pod,
+    d: AgentDirs,
+    t: TempDir,
+    agent: Option<Agent>,
+    log: std::path::PathBuf,
+}
+
+fn isolated_target(extra: &[&str]) -> Isolated {
+    let n1 = Netns::new("pan");
+    let t = TempDir::new("pa-iso");
+    let d = AgentDirs::new(&t);
+    let client = Pod::new("10.244.1.11");
+    let target = Pod::new("10.244.1.10");
+    client.wire(&n1);
+    target.wire(&n1);
+    let base = format!(
+        "{}{}{}{}",
+        node_yaml(NODE, &["10.244.1.0/24"], &["192.168.77.1"]),
+        namespace_yaml("demo"),
+        pod_yaml("demo", "client", "client", NODE, Some("10.244.1.11")),
+        pod_yaml("demo", "target", "target", NODE, Some("10.244.1.10")),
+    );
+    manifest(&d.manifests, "base.yaml", &base);
+    let agent = Agent::start(&n1, NODE, &d, extra);
+    assert!(
+        agent.wait_ready(&n1, Duration::from_secs(10)),
+        "agent never became ready"
+    );
+    let log = t.0.join("arrivals.log");
+    Isolated {
+        n1,
+        _client: client,
+        target,
+        d,
+        t,
+        agent: Some(agent),
+        log,
+    }
+}
+
+/// Proves the probe path works (packets arrive without policy), then isolates the target and waits
+/// until nothing arrives any more. Returns the receiver and sender (kept running).
+fn start_probing_then_isolate(s: &Isolated) -> (Receiver, Sender) {
+    let rx = Receiver::start(&s.target.ns, PORT, &s.log);
+    let tx = Sender::start(&s._client.ns, "10.244.1.10", PORT, 3);
+    assert!(
+        wait_until(Duration::from_secs(5), || arrivals(&s.log).len() > 5),
+        "control: probes do not arrive without policy"
+    );
+    manifest(
+        &s.d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let a = arrivals(&s.log);
+            a.last().is_some_and(|l| now() - l > 0.3)
+        }),
+        "probes still arrive after the deny policy"
+    );
+    (rx, tx)
+}
+
+#[test]
+fn kill_9_and_restart_let_not_one_probe_through_to_an_isolated_pod() {
+    let mut s = isolated_target(&[]);
+    let (_rx, _tx) = start_probing_then_isolate(&s);
+    let t0 = now();
+    let agent = s.agent.take().unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(300)); // agent down: rules must stay
+    let again = Agent::start(&s.n1, NODE, &s.d, &[]);
+    assert!(
+        again.wait_ready(&s.n1, Duration::from_secs(10)),
+        "restarted agent never became ready"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let leaked: Vec<f64> = arrivals(&s.log).into_iter().filter(|a| *a >= t0).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} probes reached the isolated pod across kill -9/restart",
+        leaked.len()
+    );
+    // And the restarted agent still enforces: removing the policy opens the path again (probe alive).
+    std::fs::remove_file(s.d.manifests.join("deny.yaml")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || arrivals(&s.log)
+            .iter()
+            .any(|a| *a >= t0)),
+        "probe dead after restart"
+    );
+    drop(again);
+    let _ = &s.t;
+}
+
+#[test]
+fn table_flushed_from_outside_is_restored_and_the_gap_is_measured() {
+    let s = isolated_target(&["--resync-seconds", "1"]);
+    let (_rx, _tx) = start_probing_then_isolate(&s);
+    let t_flush = now();
+    let out = s.n1.exec(&["nft", "flush", "ruleset"]);
+    assert!(out.status.success());
+    assert!(s.n1.table().is_none());
+    assert!(
+        wait_until(Duration::from_secs(5), || s.n1.table().is_some()),
+        "table not restored"
+    );
+    let t_back = now();
+    std::thread::sleep(Duration::from_millis(500));
+    let a = arrivals(&s.log);
+    let in_gap = a
+        .iter()
+        .filter(|x| **x >= t_flush && **x <= t_back + 0.01)
+        .count();
+    let after = a.iter().filter(|x| **x > t_back + 0.05).count();
+    eprintln!(
+        "flush → restore gap: {:.0} ms, {in_gap} probes got through in the gap",
+        (t_back - t_flush) * 1e3
+    );
+    assert_eq!(after, 0, "probes got through after the table was restored");
+    let (_, m) = s.n1.http(AGENT_PORT, "/metrics").expect("metrics");
+    assert!(m.contains("palisade_resync_restores_total 1"), "{m}");
+}
+
+#[test]
+fn a_new_pod_is_never_reachable_before_its_policy_is_in() {
+    let s = isolated_target(&[]);
+    // The worst case: the runtime wires the pod before the agent knows its Pod object (API lag). The
+    // pending mark alone must keep it unreachable until its policy is in.
+    let fresh_ip = "10.244.1.20";
+    let fresh = Pod::new(fresh_ip);
+    let log = s.t.0.join("fresh.log");
+    let _rx = Receiver::start(&fresh.ns, PORT, &log);
+    let _tx = Sender::start(&s._client.ns, fresh_ip, PORT, 2);
+    std::thread::sleep(Duration::from_millis(100));
+
+    // The plugin's ADD, per the contract: lock → pending mark + record → unlock → wire.
+    let lock = lock_state(&s.d.state);
+    let out = s.n1.exec(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "palisade",
+        "pending_v4",
+        &format!("{{ {fresh_ip} }}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "pending mark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_record(
+        &s.d.state,
+        &palisade_contract::Attachment {
+            container_id: "fresh0001".into(),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{}", fresh.ns.0),
+            host_veth: fresh.host_veth.clone(),
+            ips: vec![fresh_ip.parse().unwrap()],
+            pod_namespace: Some("demo".into()),
+            pod_name: Some("fresh".into()),
+            pod_uid: None,
+            pending: true,
+        },
+    );
+    drop(lock);
+    let t_add = now();
+    fresh.wire(&s.n1);
+    std::thread::sleep(Duration::from_millis(300));
+    let pending = || {
+        let out =
+            s.n1.exec(&["nft", "list", "set", "inet", "palisade", "pending_v4"]);
+        String::from_utf8_lossy(&out.stdout).contains(fresh_ip)
+    };
+    assert!(
+        pending(),
+        "the pending mark of a pod whose Pod object is unknown was removed"
+    );
+    // Now the Pod object and its deny policy arrive: policy in and pending cleared in one transaction.
+    let t_known = now();
+    manifest(
+        &s.d.manifests,
+        "fresh.yaml",
+        &format!(
+            "{}{}",
+            pod_yaml("demo", "fresh", "fresh", NODE, None),
+            deny_ingress_yaml("demo", "deny-fresh", "fresh")
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || !pending()),
+        "pending mark never cleared"
+    );
+    eprintln!(
+        "pending mark cleared {:.1} ms after the Pod object appeared",
+        (now() - t_known) * 1e3
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let got = arrivals(&log);
+    assert!(
+        got.is_empty(),
+        "{} probes reached the new pod before its policy (first {:.1} ms after wiring)",
+        got.len(),
+        (got[0] - t_add) * 1e3
+    );
+    // Control: without its deny policy the new pod is reachable, so the probe could have seen a leak.
+    manifest(
+        &s.d.manifests,
+        "fresh.yaml",
+        &pod_yaml("demo", "fresh", "fresh", NODE, None),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !arrivals(&log).is_empty()),
+        "control: new pod unreachable without policy"
+    );
+}

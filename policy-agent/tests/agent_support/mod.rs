@@ -1,0 +1,419 @@
+//! Helpers for the agent's root/netns tests: uniquely named namespaces, veths and temp dirs that are
+//! removed on drop (also on panic), the agent as a child process killed on drop, UDP probes.
+//! Nothing here touches the host's own network namespace: every `ip`/`nft` runs with `-n NS` or
+//! `ip netns exec NS`.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this process and call: `<prefix><pid>x<n>`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Runs a command; panics with its stderr when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Wall-clock seconds (shared by all namespaces), as the probe receiver stamps packets.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+/// Polls `f` every 5 ms until it is true or `timeout` passes; returns whether it became true.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f()
+}
+
+/// A network namespace we created; deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
+        ns
+    }
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut a = vec!["-n", self.0.as_str()];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut a = vec!["netns", "exec", self.0.as_str()];
+        a.extend_from_slice(args);
+        Command::new("ip").args(&a).output().expect("ip netns exec")
+    }
+    pub fn sysctl(&self, key: &str, value: &str) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.0,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        );
+    }
+    /// `nft -j list table inet palisade` in this namespace; None when absent.
+    pub fn table(&self) -> Option<String> {
+        let o = self.exec(&["nft", "-j", "list", "table", "inet", "palisade"]);
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+    /// Routes with palisade's protocol number, both families, as `ip` prints them.
+    pub fn our_routes(&self) -> String {
+        let v4 = self.ip(&["route", "show", "proto", "140"]);
+        let v6 = self.ip(&["-6", "route", "show", "proto", "140"]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&v4.stdout),
+            String::from_utf8_lossy(&v6.stdout)
+        )
+    }
+    /// GET http://127.0.0.1:PORT/PATH from inside the namespace: (status, body), None if unreachable.
+    pub fn http(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        let script = format!(
+            "import urllib.request,urllib.error,sys\ntry:\n r=urllib.request.urlopen('http://127.0.0.1:{port}{path}',timeout=2)\n print(r.status);print(r.read().decode())\nexcept urllib.error.HTTPError as e:\n print(e.code);print(e.read().decode())\nexcept Exception:\n sys.exit(1)\n"
+        );
+        let o = self.exec(&["python3", "-c", &script]);
+        if !o.status.success() {
+            return None;
+        }
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (code, body) = s.split_once('\n')?;
+        Some((code.trim().parse().ok()?, body.to_string()))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let d = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&d).expect("create temp dir");
+        TempDir(d)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn sub(&self, name: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::create_dir_all(&p).expect("create sub dir");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a file atomically (temp + rename), as a careful editor or kubectl would.
+pub fn write_atomic(path: &Path, content: &str) {
+    let tmp = path.with_file_name(format!(".{}.tmp", unique("w")));
+    std::fs::write(&tmp, content).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename into place");
+}
+
+/// Port of the agent's HTTP server inside its namespace.
+pub const AGENT_PORT: u16 = 9799;
+
+/// The agent running in a node namespace; SIGKILLed on drop.
+pub struct Agent {
+    pub child: Child,
+}
+
+pub struct AgentDirs {
+    pub manifests: PathBuf,
+    pub state: PathBuf,
+    pub cni_conf: PathBuf,
+    pub ipam: PathBuf,
+}
+
+impl AgentDirs {
+    pub fn new(t: &TempDir) -> Self {
+        AgentDirs {
+            manifests: t.sub("manifests"),
+            state: t.sub("state"),
+            cni_conf: t.sub("net.d"),
+            ipam: t.sub("ipam"),
+        }
+    }
+}
+
+impl Agent {
+    /// Starts `palisade-agent run` in `ns` exactly as the lab does, plus `extra` flags.
+    pub fn start(ns: &Netns, node: &str, d: &AgentDirs, extra: &[&str]) -> Self {
+        let bin = env!("CARGO_BIN_EXE_palisade-agent");
+        let listen = format!("127.0.0.1:{AGENT_PORT}");
+        let mut args = vec![
+            "netns",
+            "exec",
+            &ns.0,
+            bin,
+            "run",
+            "--node-name",
+            node,
+            "--manifests",
+            d.manifests.to_str().unwrap(),
+            "--state-dir",
+            d.state.to_str().unwrap(),
+            "--cni-conf-dir",
+            d.cni_conf.to_str().unwrap(),
+            "--ipam-data-dir",
+            d.ipam.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new("ip")
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start palisade-agent");
+        Agent { child }
+    }
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal agent");
+    }
+    /// Waits until /readyz answers 200.
+    pub fn wait_ready(&self, ns: &Netns, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            matches!(ns.http(AGENT_PORT, "/readyz"), Some((200, _)))
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A pod: a namespace wired to the node namespace by a veth, the node routing `ip/32` to it and
+/// answering ARP by proxy (the contract's wiring, minus IPv6).
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: String,
+    pub host_veth: String,
+}
+
+impl Pod {
+    /// An unwired pod namespace (wire it later with [`Pod::wire`]).
+    pub fn new(ip: &str) -> Self {
+        let host_veth = unique("pv");
+        Pod {
+            ns: Netns::new("pap"),
+            ip: ip.to_string(),
+            host_veth,
+        }
+    }
+    pub fn wire(&self, node: &Netns) {
+        node.ip(&[
+            "link",
+            "add",
+            &self.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &self.ns.0,
+        ]);
+        self.ns
+            .ip(&["addr", "add", &format!("{}/32", self.ip), "dev", "eth0"]);
+        self.ns.ip(&["link", "set", "eth0", "up"]);
+        self.ns.ip(&["route", "add", "default", "dev", "eth0"]);
+        node.sysctl(&format!("net.ipv4.conf.{}.proxy_arp", self.host_veth), "1");
+        node.ip(&["link", "set", &self.host_veth, "up"]);
+        node.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", self.ip),
+            "dev",
+            &self.host_veth,
+        ]);
+    }
+}
+
+/// UDP probe receiver: records the arrival time of every datagram on `port` in `log` (one line each).
+pub struct Receiver(Child);
+
+impl Receiver {
+    pub fn start(ns: &Netns, port: u16, log: &Path) -> Self {
+        let script = format!(
+            "import socket,time,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',{port}))\nf=open({log:?},'a',buffering=1)\nprint('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(100)\n f.write('%f %s\\n'%(time.time(),d.decode()))\n"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start receiver");
+        let mut out = child.stdout.take().expect("receiver stdout");
+        let mut buf = [0u8; 6];
+        let _ = std::io::Read::read_exact(&mut out, &mut buf);
+        assert_eq!(&buf, b"ready\n", "receiver did not start");
+        Receiver(child)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Arrival times (wall-clock seconds) logged by a receiver.
+pub fn arrivals(log: &Path) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// UDP probe sender: a fresh socket (so a fresh conntrack flow) every `every_ms` to `dst:port`.
+pub struct Sender(Child);
+
+impl Sender {
+    pub fn start(ns: &Netns, dst: &str, port: u16, every_ms: u32) -> Self {
+        let script = format!(
+            "import socket,time\ni=0\nwhile True:\n s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n try:\n  s.sendto(str(i).encode(),({dst:?},{port}))\n except OSError:\n  pass\n s.close()\n i+=1\n time.sleep({})\n",
+            f64::from(every_ms) / 1000.0
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+            .spawn()
+            .expect("start sender");
+        Sender(child)
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Holds the node lock as the plugin does (flock on `<state>/nft.lock`).
+pub fn lock_state(state: &Path) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(palisade_contract::lock_path(state))
+        .expect("open lock");
+    f.lock().expect("flock");
+    f
+}
+
+/// Writes a manifest file.
+pub fn manifest(dir: &Path, name: &str, yaml: &str) {
+    write_atomic(&dir.join(name), yaml);
+}
+
+pub fn node_yaml(name: &str, cidrs: &[&str], ips: &[&str]) -> String {
+    let cidrs = cidrs
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let addrs = ips
+        .iter()
+        .map(|a| format!("{{type: InternalIP, address: \"{a}\"}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDRs: [{cidrs}]}}\nstatus: {{addresses: [{addrs}]}}\n---\n")
+}
+
+pub fn pod_yaml(ns: &str, name: &str, app: &str, node: &str, ip: Option<&str>) -> String {
+    let status = match ip {
+        Some(ip) => format!("{{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}"),
+        None => "{phase: Pending}".to_string(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, image: x}}]}}\nstatus: {status}\n---\n"
+    )
+}
+
+pub fn deny_ingress_yaml(ns: &str, name: &str, app: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{podSelector: {{matchLabels: {{app: {app}}}}}, policyTypes: [Ingress]}}\n---\n"
+    )
+}
+
+pub fn namespace_yaml(ns: &str) -> String {
+    format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n")
+}
+
+/// Writes `s` to a file in the state dir like the plugin's record write (temp + rename).
+pub fn write_record(state: &Path, a: &palisade_contract::Attachment) {
+    let dir = palisade_contract::attachments_dir(state);
+    std::fs::create_dir_all(&dir).expect("attachments dir");
+    let path = palisade_contract::attachment_path(state, &a.container_id, &a.ifname);
+    let tmp = dir.join(format!(".{}.tmp", unique("rec")));
+    let mut f = std::fs::File::create(&tmp).expect("temp record");
+    f.write_all(&serde_json::to_vec(a).expect("record json"))
+        .expect("write record");
+    f.sync_all().expect("fsync record");
+    std::fs::rename(&tmp, &path).expect("rename record");
+}
