@@ -1,0 +1,147 @@
+//! A reference evaluator of our typed ruleset: what the kernel would decide for one new packet.
+//!
+//! Used by tests to check that the ruleset implements the compiled model (the same answers as
+//! `explain`), without root. It models only the statements we emit.
+
+use super::names::{CHAIN_EGRESS, CHAIN_EGRESS_HOST, CHAIN_INGRESS};
+use super::{AddrField, Elem, Family, Ruleset, Stmt};
+use crate::model::Protocol;
+use std::net::IpAddr;
+
+/// One packet of a new connection (conntrack state `new`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet {
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
+    /// `None` for a non-port protocol (e.g. ICMP).
+    pub proto: Option<Protocol>,
+    pub dport: u16,
+    /// The source is an address of this node (`fib saddr type local`).
+    pub from_this_node: bool,
+}
+
+/// Verdict of a chain walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    /// Fell off the end of a non-base chain.
+    Return,
+}
+
+const MAX_DEPTH: usize = 16;
+
+impl Ruleset {
+    /// Runs a base chain (its policy is accept): `true` if the packet passes it.
+    pub fn eval_base(&self, chain: &str, p: &Packet) -> bool {
+        !matches!(self.eval_chain(chain, p, 0), Verdict::Drop)
+    }
+
+    /// Whether a forwarded packet passes this node's postrouting checks (egress, then ingress).
+    pub fn eval_forward(&self, p: &Packet) -> bool {
+        self.eval_base(CHAIN_EGRESS, p) && self.eval_base(CHAIN_INGRESS, p)
+    }
+
+    /// Whether a packet to this node itself passes the input check.
+    pub fn eval_to_host(&self, p: &Packet) -> bool {
+        self.eval_base(CHAIN_EGRESS_HOST, p)
+    }
+
+    fn eval_chain(&self, name: &str, p: &Packet, depth: usize) -> Verdict {
+        let Some(chain) = self.chains.get(name) else {
+            return Verdict::Drop;
+        };
+        if depth > MAX_DEPTH {
+            return Verdict::Drop;
+        }
+        'rules: for rule in &chain.rules {
+            for s in &rule.stmts {
+                match s {
+                    Stmt::CtEstablishedRelated
+                    | Stmt::CtInvalid
+                    | Stmt::Icmpv6NeighbourDiscovery => continue 'rules,
+                    Stmt::FibSaddrLocal => {
+                        if !p.from_this_node {
+                            continue 'rules;
+                        }
+                    }
+                    Stmt::AddrInSet { family, field, set } => {
+                        let ip = addr(p, *field);
+                        if Family::of(&ip) != *family || !self.set_has_addr(set, ip) {
+                            continue 'rules;
+                        }
+                    }
+                    Stmt::ProtoPortInSet { set } => {
+                        let Some(proto) = p.proto else {
+                            continue 'rules;
+                        };
+                        let hit = self.sets.get(set).is_some_and(|s| {
+                            s.elements.iter().any(|e| matches!(e, Elem::ProtoPort(q, a, b) if *q == proto && *a <= p.dport && p.dport <= *b))
+                        });
+                        if !hit {
+                            continue 'rules;
+                        }
+                    }
+                    Stmt::DaddrProtoPortInSet { family, set } => {
+                        let Some(proto) = p.proto else {
+                            continue 'rules;
+                        };
+                        if Family::of(&p.daddr) != *family {
+                            continue 'rules;
+                        }
+                        let want = Elem::AddrProtoPort(p.daddr, proto, p.dport);
+                        if !self
+                            .sets
+                            .get(set)
+                            .is_some_and(|s| s.elements.contains(&want))
+                        {
+                            continue 'rules;
+                        }
+                    }
+                    Stmt::VmapLookup { family, field, map } => {
+                        let ip = addr(p, *field);
+                        if Family::of(&ip) != *family {
+                            continue 'rules;
+                        }
+                        let target = self.sets.get(map).and_then(|m| {
+                            m.elements.iter().find_map(|e| match e {
+                                Elem::GotoChain(k, t) if *k == ip => Some(t.clone()),
+                                _ => None,
+                            })
+                        });
+                        match target {
+                            // goto: the target's end is this chain's end.
+                            Some(t) => return self.eval_chain(&t, p, depth + 1),
+                            None => continue 'rules,
+                        }
+                    }
+                    Stmt::Counter => {}
+                    Stmt::Accept => return Verdict::Accept,
+                    Stmt::Drop => return Verdict::Drop,
+                    Stmt::Jump(t) => match self.eval_chain(t, p, depth + 1) {
+                        Verdict::Return => continue 'rules,
+                        v => return v,
+                    },
+                }
+            }
+        }
+        Verdict::Return
+    }
+
+    fn set_has_addr(&self, set: &str, ip: IpAddr) -> bool {
+        self.sets.get(set).is_some_and(|s| {
+            s.elements.iter().any(|e| match e {
+                Elem::Addr(a) => *a == ip,
+                Elem::Range(a, b) => Family::of(a) == Family::of(&ip) && *a <= ip && ip <= *b,
+                _ => false,
+            })
+        })
+    }
+}
+
+fn addr(p: &Packet, f: AddrField) -> IpAddr {
+    match f {
+        AddrField::Saddr => p.saddr,
+        AddrField::Daddr => p.daddr,
+    }
+}
