@@ -80,6 +80,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
 
+    let table_wake = tx.clone();
+    crate::nft::watch_destroy(move || table_wake.send(Msg::TableEvent).is_ok())?;
+
     let cfg = Config {
         node_name: args.node_name.clone(),
         state_dir: args.state_dir.clone(),

@@ -147,6 +147,54 @@ fn exec(args: &[&str], stdin: Option<&str>) -> std::result::Result<String, Strin
     }
 }
 
+/// Starts a thread running `nft monitor destroy` and calls `wake` whenever something of our table other
+/// than a pending element is deleted (e.g. `nft flush ruleset`), so a check runs at once instead of at the
+/// next resync. The monitor dies with the agent (PR_SET_PDEATHSIG) and is restarted when it exits.
+pub fn watch_destroy(wake: impl Fn() -> bool + Send + 'static) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let ours = format!(" {TABLE_FAMILY} {TABLE_NAME}");
+    std::thread::Builder::new()
+        .name("nft-monitor".into())
+        .spawn(move || loop {
+            let mut cmd = Command::new(NFT_BINARY);
+            cmd.args(["monitor", "destroy"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+            // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child with us.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot run `nft monitor`; changes to our table are noticed at resync only");
+                    return;
+                }
+            };
+            if let Some(out) = child.stdout.take() {
+                for line in std::io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    let pending_elem = line.starts_with("delete element")
+                        && (line.contains(PENDING_SET_V4) || line.contains(PENDING_SET_V6));
+                    if line.contains(&ours) && !pending_elem && !wake() {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return;
+                    }
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        })
+        .map_err(|e| Error::io("spawn nft monitor thread", NFT_BINARY, e))?;
+    Ok(())
+}
+
 /// What we compare to notice our table was changed behind our back, and what the gauges show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TableSummary {

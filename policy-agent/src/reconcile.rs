@@ -28,6 +28,8 @@ use tracing::{debug, error, info, warn};
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Delay between a deletion seen in our table and the check (coalesces a burst of events).
+pub const TABLE_EVENT_DELAY: Duration = Duration::from_millis(10);
 /// Attachment directory poll interval when inotify is unavailable.
 pub const ATTACHMENT_POLL: Duration = Duration::from_millis(200);
 
@@ -53,6 +55,8 @@ pub enum Msg {
     Source(SourceEvent),
     /// Attachment records changed.
     AttachmentsChanged,
+    /// Something of our table was deleted by someone (seen by `nft monitor`): check it soon.
+    TableEvent,
     /// Leave the loop (rules stay in the kernel).
     Stop,
 }
@@ -124,6 +128,9 @@ impl Engine {
                 }
                 Ok(Msg::AttachmentsChanged) => {
                     due.get_or_insert(Instant::now() + self.cfg.debounce);
+                }
+                Ok(Msg::TableEvent) => {
+                    next_check = next_check.min(Instant::now() + TABLE_EVENT_DELAY);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }

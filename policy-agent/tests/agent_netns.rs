@@ -300,7 +300,8 @@ fn kill_9_and_restart_let_not_one_probe_through_to_an_isolated_pod() {
 
 #[test]
 fn table_flushed_from_outside_is_restored_and_the_gap_is_measured() {
-    let s = isolated_target(&["--resync-seconds", "1"]);
+    // Default resync (30 s): the restore must come from noticing the deletion, not from the timer.
+    let s = isolated_target(&[]);
     let (_rx, _tx) = start_probing_then_isolate(&s);
     let t_flush = now();
     let out = s.n1.exec(&["nft", "flush", "ruleset"]);
@@ -323,6 +324,11 @@ fn table_flushed_from_outside_is_restored_and_the_gap_is_measured() {
         (t_back - t_flush) * 1e3
     );
     assert_eq!(after, 0, "probes got through after the table was restored");
+    assert!(
+        t_back - t_flush < 1.0,
+        "restore took {:.0} ms",
+        (t_back - t_flush) * 1e3
+    );
     let (_, m) = s.n1.http(AGENT_PORT, "/metrics").expect("metrics");
     assert!(m.contains("palisade_resync_restores_total 1"), "{m}");
 }
