@@ -13,11 +13,13 @@ start=$(date +%s)
 # Kubernetes version of the schemas: the one k8s-openapi is built for (feature v1_33 in Cargo.toml).
 K8S_VERSION=1.33.0
 REQUIREMENTS=(kubernetes-validate==1.37.0 checkov==3.3.30)
-venv="${PALISADE_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/palisade/deploy-check-venv}"
+venv="${PALISADE_DEPLOY_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/palisade/deploy-check-venv}"
 stamp="$venv/.palisade-requirements"
 
 python=$(command -v python3 || true)
 [ -n "$python" ] || { echo "deploy-check: python3 not found (apt-get install python3)" >&2; exit 1; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "deploy-check: needs Python >= 3.11 (tomllib); $python is $("$python" -V 2>&1)" >&2; exit 1; }
 
 make_venv() {
   rm -rf "$venv"
