@@ -599,7 +599,14 @@ fn semantics_27_checks_run_in_postrouting_after_dnat_before_snat() {
             "after dstnat (-100), before srcnat (100)"
         );
     }
-    assert!(PRIORITY_EGRESS < PRIORITY_INGRESS);
+    let (eg, ing) = (
+        rs.chains[CHAIN_EGRESS].base.unwrap(),
+        rs.chains[CHAIN_INGRESS].base.unwrap(),
+    );
+    assert!(
+        eg.priority < ing.priority,
+        "egress is checked before ingress"
+    );
 }
 
 #[test]
