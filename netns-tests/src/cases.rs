@@ -69,9 +69,14 @@ pub fn load(path: &Path) -> Result<Vec<Case>> {
     })
 }
 
-/// The cases shipped with the crate (`cases/upstream.yaml`).
+/// The upstream cases shipped with the crate (`cases/upstream.yaml`).
 pub fn upstream_cases_path() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/upstream.yaml")
+}
+
+/// Our own cases of the same shape (`cases/extra.yaml`).
+pub fn extra_cases_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/extra.yaml")
 }
 
 fn pattern_matches(pattern: &str, pod: &str) -> bool {
@@ -508,7 +513,9 @@ mod tests {
         for u in ["U1", "U2", "U3"] {
             assert!(ids.contains(&u), "{u} missing");
         }
-        for c in &cases {
+        let extra = load(&extra_cases_path()).unwrap();
+        assert!(extra.iter().any(|c| c.family.as_deref() == Some("ipv6")));
+        for c in cases.iter().chain(&extra) {
             assert!(!c.steps.is_empty(), "{}", c.id);
             for s in &c.steps {
                 expected_matrix(&s.expect, &pods(), &MODEL_PORTS).unwrap();

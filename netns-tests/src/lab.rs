@@ -1101,9 +1101,97 @@ impl Lab {
             .ok_or_else(|| LabError::Invalid(format!("pod {backend} has no IPv4")))?;
         let proto = protocol.as_str();
         let script = format!(
-            "table ip pl_svc {{\n  chain dnat {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {vip} {proto} dport {port} dnat to {ip}:{port}\n  }}\n}}\n"
+            "table ip pl_svc {{\n  chain svc_prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {vip} {proto} dport {port} dnat to {ip}:{port}\n  }}\n}}\n"
         );
         netns::nft(&n.netns, &script)
+    }
+
+    /// Addresses in a node's pending sets (pods wired but not yet compiled by the agent); an error
+    /// when the agent's table or sets do not exist yet.
+    pub fn pending_ips(&self, node: &str) -> Result<Vec<IpAddr>> {
+        let n = self.node(node)?;
+        let mut out = Vec::new();
+        for set in [
+            palisade_contract::PENDING_SET_V4,
+            palisade_contract::PENDING_SET_V6,
+        ] {
+            let text = crate::cmd::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &n.netns,
+                    "nft",
+                    "-j",
+                    "list",
+                    "set",
+                    palisade_contract::TABLE_FAMILY,
+                    palisade_contract::TABLE_NAME,
+                    set,
+                ],
+                None,
+            )?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LabError::Parse {
+                    what: format!("nft set {set} on {node}"),
+                    detail: e.to_string(),
+                })?;
+            for item in v
+                .get("nftables")
+                .and_then(|x| x.as_array())
+                .into_iter()
+                .flatten()
+            {
+                for elem in item
+                    .get("set")
+                    .and_then(|s| s.get("elem"))
+                    .and_then(|e| e.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    let s = elem.as_str().or_else(|| {
+                        elem.get("elem")
+                            .and_then(|e| e.get("val"))
+                            .and_then(|v| v.as_str())
+                    });
+                    if let Some(ip) = s.and_then(|s| s.parse().ok()) {
+                        out.push(ip);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until no pod of the lab is pending on its node (the agent has compiled every pod).
+    pub fn wait_pods_ready(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            check_interrupted()?;
+            let mut waiting = Vec::new();
+            for node in &self.state.nodes {
+                match self.pending_ips(&node.name) {
+                    Ok(pending) => {
+                        for p in self.state.pods.values().filter(|p| p.node == node.name) {
+                            if p.ips.iter().any(|ip| pending.contains(ip)) {
+                                waiting.push(p.key());
+                            }
+                        }
+                    }
+                    Err(e) => waiting.push(format!("{} ({e})", node.name)),
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(LabError::Timeout(format!(
+                    "pods still pending after {timeout:?} (the agent has not compiled them): {}",
+                    waiting.join(", ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Tears everything down now (also done on drop for owned labs).
@@ -1321,4 +1409,49 @@ pub fn list_labs(run_root: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     out.sort();
     out
+}
+
+/// `palisade-agent compile --manifests DIR --node-name NODE --state-dir NODE/state`: the ruleset
+/// the agent would commit on that node, as printed by the agent (nft JSON).
+pub fn run_agent_compile(lab: &Lab, manifests: &Path, node: &NodeState) -> Result<String> {
+    let manifests = manifests.display().to_string();
+    let state_dir = node.dir.join("state").display().to_string();
+    let agent = lab.state.bins.agent();
+    let agent = agent.display().to_string();
+    crate::cmd::run(
+        &agent,
+        &[
+            "compile",
+            "--manifests",
+            &manifests,
+            "--node-name",
+            &node.name,
+            "--state-dir",
+            &state_dir,
+        ],
+        None,
+    )
+}
+
+fn contains_string(v: &serde_json::Value, s: &str) -> bool {
+    match v {
+        serde_json::Value::String(x) => x == s,
+        serde_json::Value::Array(a) => a.iter().any(|x| contains_string(x, s)),
+        serde_json::Value::Object(o) => o.values().any(|x| contains_string(x, s)),
+        _ => false,
+    }
+}
+
+/// Whether nft JSON holds `value` among the elements of the map or set named `name` (in a `map`,
+/// `set` or `element` object).
+pub fn map_has_element(v: &serde_json::Value, name: &str, value: &str) -> bool {
+    match v {
+        serde_json::Value::Array(a) => a.iter().any(|x| map_has_element(x, name, value)),
+        serde_json::Value::Object(o) => {
+            let here = o.get("name").and_then(|n| n.as_str()) == Some(name)
+                && o.get("elem").is_some_and(|e| contains_string(e, value));
+            here || o.values().any(|x| map_has_element(x, name, value))
+        }
+        _ => false,
+    }
 }

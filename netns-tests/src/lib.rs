@@ -9,6 +9,7 @@
 pub mod cases;
 pub mod cmd;
 pub mod cni;
+pub mod demo;
 pub mod error;
 pub mod k8s;
 pub mod lab;

@@ -1,1 +1,244 @@
-fn main() {}
+//! `palisade-lab`: a multi-node Kubernetes-like lab in network namespaces, driving the real
+//! `palisade-agent` and `palisade` CNI plugin. See netns-tests/README.md.
+
+use clap::{Parser, Subcommand};
+use palisade_netns_tests::demo;
+use palisade_netns_tests::k8s::{self, LabelEdit};
+use palisade_netns_tests::lab::{self, Bins, Family, Lab, LabOptions};
+use palisade_netns_tests::matrix::Matrix;
+use palisade_netns_tests::probe::Protocol;
+use palisade_netns_tests::LabError;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "palisade-lab",
+    about = "A Kubernetes-like lab in network namespaces running the real palisade binaries"
+)]
+struct Cli {
+    /// Lab name (1-16 of [a-z0-9]); several labs can run side by side.
+    #[arg(long, global = true, default_value = "lab", env = "PALISADE_LAB_NAME")]
+    name: String,
+    /// Where labs keep their state.
+    #[arg(long, global = true, default_value = lab::RUN_ROOT, env = "PALISADE_LAB_RUN_ROOT")]
+    run_root: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bring up a lab from a directory (or file) of Kubernetes YAML: Namespaces, Pods, NetworkPolicies.
+    Up {
+        path: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Also put an external network (192.168.77.2, fd00:192:168:77::2) behind node1.
+        #[arg(long)]
+        external: bool,
+    },
+    /// Apply objects to a running lab (`kubectl apply -f`).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete objects from a running lab (`kubectl delete -f`).
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Change labels: `label pod NS/NAME k=v k2-` or `label ns NAME k=v`.
+    Label {
+        /// `pod` or `ns`.
+        kind: String,
+        target: String,
+        #[arg(required = true)]
+        edits: Vec<String>,
+    },
+    /// Probe every ordered pair of pods on the given ports and protocols.
+    Probe {
+        #[arg(long, value_delimiter = ',', default_value = "80")]
+        ports: Vec<u16>,
+        #[arg(long, value_delimiter = ',', default_value = "tcp")]
+        protocols: Vec<Protocol>,
+        /// Probe the pods' IPv6 addresses.
+        #[arg(long)]
+        ipv6: bool,
+        /// One JSON object per probe: {from, to, port, protocol, connected}.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 400)]
+        timeout_ms: u64,
+    },
+    /// Show the lab's nodes and pods.
+    Status,
+    /// Tear a lab down (works from its state file, also after a crash).
+    Down {
+        /// Tear down every lab under the run root.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Bring up a two-node lab from an example directory, show what policies change, tear down.
+    Demo { path: PathBuf },
+}
+
+fn run(cli: Cli) -> Result<(), LabError> {
+    let opts = || {
+        let mut o = LabOptions::new(&cli.name);
+        o.run_root = cli.run_root.clone();
+        o.bins = Bins::from_env();
+        o
+    };
+    match &cli.command {
+        Command::Up {
+            path,
+            nodes,
+            external,
+        } => {
+            let objects = k8s::read_path(path)?;
+            let mut o = opts();
+            o.nodes = *nodes;
+            o.external = *external;
+            let mut lab = Lab::up(&o)?;
+            lab.apply(objects)?;
+            lab.wait_pods_ready(Duration::from_secs(20))?;
+            print!("{}", demo::describe_lab(&lab));
+            println!(
+                "lab {} is up; `palisade-lab --name {} down` removes it",
+                lab.name(),
+                lab.name()
+            );
+            lab.detach();
+            Ok(())
+        }
+        Command::Apply { file } => {
+            let mut lab = Lab::open(&cli.run_root, &cli.name)?;
+            let objects = k8s::read_path(file)?;
+            let n = objects.len();
+            lab.apply(objects)?;
+            lab.wait_pods_ready(Duration::from_secs(20))?;
+            println!("applied {n} object(s)");
+            Ok(())
+        }
+        Command::Delete { file } => {
+            let mut lab = Lab::open(&cli.run_root, &cli.name)?;
+            let objects = k8s::read_path(file)?;
+            let n = objects.len();
+            lab.delete(objects)?;
+            println!("deleted {n} object(s)");
+            Ok(())
+        }
+        Command::Label {
+            kind,
+            target,
+            edits,
+        } => {
+            let mut lab = Lab::open(&cli.run_root, &cli.name)?;
+            let edits: Vec<LabelEdit> =
+                edits.iter().map(|e| e.parse()).collect::<Result<_, _>>()?;
+            match kind.as_str() {
+                "pod" | "pods" | "po" => {
+                    let (ns, name) = target.split_once('/').ok_or_else(|| {
+                        LabError::Invalid(format!("pod {target:?}: write NAMESPACE/NAME"))
+                    })?;
+                    lab.label_pod(ns, name, &edits)?;
+                }
+                "ns" | "namespace" | "namespaces" => lab.label_namespace(target, &edits)?,
+                other => {
+                    return Err(LabError::Invalid(format!(
+                        "label {other:?}: expected pod or ns"
+                    )))
+                }
+            }
+            println!("labelled {kind} {target}");
+            Ok(())
+        }
+        Command::Probe {
+            ports,
+            protocols,
+            ipv6,
+            json,
+            timeout_ms,
+        } => {
+            let lab = Lab::open(&cli.run_root, &cli.name)?;
+            let pp: Vec<(u16, Protocol)> = protocols
+                .iter()
+                .flat_map(|pr| ports.iter().map(move |p| (*p, *pr)))
+                .collect();
+            let family = if *ipv6 { Family::V6 } else { Family::V4 };
+            let records = lab.probe_matrix(&pp, family, Duration::from_millis(*timeout_ms))?;
+            if *json {
+                for r in &records {
+                    println!(
+                        "{}",
+                        serde_json::to_string(r).map_err(|e| LabError::Parse {
+                            what: "probe record".into(),
+                            detail: e.to_string()
+                        })?
+                    );
+                }
+            } else {
+                let pods: Vec<String> = lab.pods().map(|p| p.key()).collect();
+                print!(
+                    "{}",
+                    Matrix::from_records(pods, &records).render(None, false)
+                );
+            }
+            Ok(())
+        }
+        Command::Status => {
+            let lab = Lab::open(&cli.run_root, &cli.name)?;
+            print!("{}", demo::describe_lab(&lab));
+            Ok(())
+        }
+        Command::Down { all } => {
+            let dirs = if *all {
+                lab::list_labs(&cli.run_root)
+            } else {
+                vec![Lab::run_dir_of(&cli.run_root, &cli.name)]
+            };
+            let mut errors = Vec::new();
+            for d in dirs {
+                match lab::down_run_dir(&d) {
+                    Ok(()) => println!("lab at {} removed", d.display()),
+                    Err(e) => errors.push(format!("{}: {e}", d.display())),
+                }
+            }
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(LabError::Teardown(errors))
+            }
+        }
+        Command::Demo { path } => {
+            let mut o = opts();
+            if cli.name == "lab" {
+                o.name = "demo".into();
+            }
+            demo::run(
+                &o,
+                path,
+                std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            )
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PALISADE_LAB_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("palisade-lab: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
