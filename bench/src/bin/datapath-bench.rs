@@ -172,8 +172,11 @@ fn real_main(cli: Cli) -> Result<()> {
             let sys = rulesets::System::parse(&system)
                 .ok_or_else(|| Error::Invalid(format!("unknown system {system}")))?;
             let cluster = workload::Cluster::generate(policies, seed)?;
-            let r = rulesets::render(sys, &cluster.node_view(&node));
-            for part in [r.ipset, r.iptables, r.nft].into_iter().flatten() {
+            let r = rulesets::render(sys, &cluster, &node)?;
+            for part in [r.ipset, r.iptables, r.nft, r.nft_json]
+                .into_iter()
+                .flatten()
+            {
                 print!("{part}");
             }
             eprintln!("rules {} elements {}", r.rules, r.elements);

@@ -64,17 +64,15 @@ fn prepare(cfg: &Config) -> Result<BTreeMap<(usize, System), Prepared>> {
     let mut out = BTreeMap::new();
     for &p in &cfg.policies {
         let cluster = Cluster::generate(p, cfg.seed)?;
-        let v1 = cluster.node_view("node-1");
-        let v2 = cluster.node_view("node-2");
         for &sys in &cfg.systems {
             let mut prepared = Prepared {
-                node1: rulesets::render(sys, &v1),
-                node2: rulesets::render(sys, &v2),
+                node1: rulesets::render(sys, &cluster, "node-1")?,
+                node2: rulesets::render(sys, &cluster, "node-2")?,
             };
             if sys == System::Palisade {
                 if let Some((a, b)) = cfg.palisade_override.get(&p) {
-                    prepared.node1.nft = Some(a.clone());
-                    prepared.node2.nft = Some(b.clone());
+                    prepared.node1.nft_json = Some(a.clone());
+                    prepared.node2.nft_json = Some(b.clone());
                 }
             }
             tracing::info!(

@@ -124,5 +124,6 @@ pub fn render(view: &NodeView) -> Rendered {
         iptables: Some(iptables),
         rules: n_rules,
         elements: n_elements,
+        nft_json: None,
     }
 }

@@ -7,8 +7,9 @@
 //!   `iptables-restore`.
 //! - `naive-nft`: a MODEL of a naive nftables programmer (c): one rule per (pod, policy, peer) in one
 //!   chain per direction; a change is a full `nft -f` of the table.
-//! - `palisade`: palisade's layout (ARCHITECTURE.md "The ruleset"): one verdict-map lookup per
-//!   direction, then only the policies of the pod, peers in sets.
+//! - `palisade`: the ruleset palisade-policy compiles for the node (the agent's full-replace batch).
+//! - `palisade-layout-model`: the bench's own rendering of the documented layout (ARCHITECTURE.md
+//!   "The ruleset"), kept as a cross-check of the compiler's output.
 //!
 //! Every system, `none` included, runs with connection tracking on in the node namespaces (the
 //! `bench_base` table below), as it is on any node that runs kube-proxy: so "no policy" differs from
@@ -17,9 +18,10 @@
 pub mod iptables;
 pub mod naive_nft;
 pub mod palisade_model;
+pub mod palisade_real;
 
 use super::cmd::timed_in;
-use super::workload::NodeView;
+use super::workload::Cluster;
 use crate::Result;
 use std::time::Duration;
 
@@ -29,15 +31,19 @@ pub enum System {
     None,
     Iptables,
     NaiveNft,
+    /// palisade's real compiler (palisade-policy).
     Palisade,
+    /// The bench's own rendering of palisade's documented layout (a cross-check).
+    PalisadeModel,
 }
 
 impl System {
-    pub const ALL: [System; 4] = [
+    pub const ALL: [System; 5] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
         System::Palisade,
+        System::PalisadeModel,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,13 +52,19 @@ impl System {
             System::Iptables => "iptables-model",
             System::NaiveNft => "naive-nft-model",
             System::Palisade => "palisade",
+            System::PalisadeModel => "palisade-layout-model",
         }
     }
 
     pub fn parse(s: &str) -> Option<System> {
         System::ALL
             .into_iter()
-            .find(|sys| sys.name() == s || sys.name().starts_with(s))
+            .find(|sys| sys.name() == s)
+            .or_else(|| {
+                System::ALL
+                    .into_iter()
+                    .find(|sys| sys.name().starts_with(s))
+            })
     }
 }
 
@@ -68,8 +80,10 @@ pub const BASE_TABLE: &str = "table inet bench_base {
 /// A ruleset rendered for one node, ready to load.
 #[derive(Debug, Clone, Default)]
 pub struct Rendered {
-    /// `nft -f` input (naive, palisade).
+    /// `nft -f` input (naive, palisade model).
     pub nft: Option<String>,
+    /// `nft -j -f` input (palisade compiled by palisade-policy).
+    pub nft_json: Option<String>,
     /// `ipset restore` input (iptables model).
     pub ipset: Option<String>,
     /// `iptables-restore` input (iptables model).
@@ -79,14 +93,16 @@ pub struct Rendered {
     pub elements: usize,
 }
 
-/// Renders `system`'s ruleset for one node.
-pub fn render(system: System, view: &NodeView) -> Rendered {
-    match system {
+/// Renders `system`'s ruleset for one node of `cluster`.
+pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered> {
+    let view = cluster.node_view(node);
+    Ok(match system {
         System::None => Rendered::default(),
-        System::Iptables => iptables::render(view),
-        System::NaiveNft => naive_nft::render(view),
-        System::Palisade => palisade_model::render(view),
-    }
+        System::Iptables => iptables::render(&view),
+        System::NaiveNft => naive_nft::render(&view),
+        System::Palisade => palisade_real::render(cluster, node)?,
+        System::PalisadeModel => palisade_model::render(&view),
+    })
 }
 
 /// Loads a rendered ruleset into `ns`; returns the wall time of the load (the "full reload" cost).
@@ -100,6 +116,9 @@ pub fn load(ns: &str, rendered: &Rendered) -> Result<Duration> {
     }
     if let Some(nft) = &rendered.nft {
         total += timed_in(ns, "nft", &["-f", "-"], Some(nft.as_bytes()))?.1;
+    }
+    if let Some(json) = &rendered.nft_json {
+        total += timed_in(ns, "nft", &["-j", "-f", "-"], Some(json.as_bytes()))?.1;
     }
     Ok(total)
 }
@@ -127,7 +146,7 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
             )?;
             Ok(())
         }
-        System::Palisade => {
+        System::Palisade | System::PalisadeModel => {
             timed_in(
                 ns,
                 "nft",

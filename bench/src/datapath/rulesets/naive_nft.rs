@@ -58,5 +58,6 @@ pub fn render(view: &NodeView) -> Rendered {
         iptables: None,
         rules: n_rules,
         elements: 0,
+        nft_json: None,
     }
 }

@@ -123,5 +123,6 @@ pub fn render(view: &NodeView) -> Rendered {
         iptables: None,
         rules: n_rules,
         elements: n_elements,
+        nft_json: None,
     }
 }
