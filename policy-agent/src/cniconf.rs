@@ -14,8 +14,11 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Spec version of the conflist. libcni picks the highest of `cniVersion` ∪ `cniVersions` it knows.
-pub const CNI_VERSION: &str = "1.1.0";
+/// Top-level spec version of the conflist: 1.0.0, for runtimes whose libcni predates `cniVersions`
+/// (containerd 1.6/1.7 vendor libcni 1.1.x) and so hand this version to every plugin of the chain,
+/// including a `portmap` too old for 1.1.0 (Debian 12 ships 1.1.1, which rejects it and would fail
+/// every pod's ADD). libcni >= 1.2 reads `cniVersions` and picks 1.1.0 (GC, STATUS).
+pub const CNI_VERSION: &str = "1.0.0";
 /// Every spec version we advertise; the plugin answers results in both.
 pub const CNI_VERSIONS: [&str; 2] = ["1.0.0", "1.1.0"];
 /// Type of the chained plugin that implements `hostPort`.
@@ -360,7 +363,7 @@ mod tests {
 
     #[test]
     fn render_matches_the_architecture_conflist_for_a_dual_stack_node() {
-        let want = json!({ "cniVersion": "1.1.0", "cniVersions": ["1.0.0", "1.1.0"], "name": "palisade",
+        let want = json!({ "cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"], "name": "palisade",
           "plugins": [
             { "type": "palisade", "mtu": 1500, "stateDir": "/var/lib/palisade", "failOpen": false,
               "ipam": { "type": "palisade", "dataDir": "/var/lib/cni/networks",
@@ -652,6 +655,15 @@ mod tests {
         // A libcni limited to spec 1.0.0 still finds a version it speaks in cniVersions.
         let (old, _) = libcni_load(&text, "1.0.0").unwrap();
         assert_eq!(old, "1.0.0");
+    }
+
+    #[test]
+    fn libcni_without_cni_versions_support_hands_plugins_1_0_0_which_old_portmap_accepts() {
+        // libcni 1.1.x (containerd 1.6/1.7) knows nothing of `cniVersions`: it uses the top-level
+        // version for every plugin, so that must be one Debian 12's portmap 1.1.1 speaks.
+        let text = render(&dual_stack()).unwrap();
+        let raw: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(raw["cniVersion"], "1.0.0");
     }
 
     #[test]
