@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast
+bash scripts/deploy-check.sh
