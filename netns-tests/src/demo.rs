@@ -145,7 +145,7 @@ pub fn run(opts: &LabOptions, dir: &Path, color: bool) -> Result<()> {
         }
     }
     println!(
-        "   Each agent compiled them into its node's nftables table (table inet palisade) in {} ms.\n",
+        "   Each node's agent compiled them into its own nftables table (table inet palisade);\n   no pod was restarted. The new matrix settled {} ms after the apply (probing included).\n",
         start.elapsed().as_millis()
     );
     println!("3) The same probes again. Cells marked ! changed:\n");
@@ -154,6 +154,35 @@ pub fn run(opts: &LabOptions, dir: &Path, color: bool) -> Result<()> {
     println!("What changed ({} connection(s)):", diffs.len());
     for d in &diffs {
         println!("  {d}");
+    }
+    // Why the rest still connects: a destination with a blocked cell in its column is isolated now,
+    // so what still reaches it is explicitly allowed; the others are not restricted at all.
+    let isolated: BTreeSet<&String> = after
+        .cells
+        .iter()
+        .filter(|(_, v)| !**v)
+        .map(|((_, _, to), _)| to)
+        .collect();
+    let mut allowed = Vec::new();
+    let mut open = BTreeSet::new();
+    for ((pp, from, to), v) in &after.cells {
+        if *v && isolated.contains(to) {
+            allowed.push(format!("  {from} -> {to} {}/{}", pp.1, pp.0));
+        } else if *v {
+            open.insert(to.clone());
+        }
+    }
+    if !allowed.is_empty() {
+        println!("\nStill connected because a policy allows it (the destination is isolated now):");
+        for a in &allowed {
+            println!("{a}");
+        }
+    }
+    if !open.is_empty() {
+        println!(
+            "Still open to everyone: no policy restricts traffic into {}.",
+            open.into_iter().collect::<Vec<_>>().join(", ")
+        );
     }
     let total = after.cells.len();
     let blocked = after.cells.values().filter(|v| !**v).count();

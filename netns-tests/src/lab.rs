@@ -1197,8 +1197,10 @@ impl Lab {
     /// Tears everything down now (also done on drop for owned labs).
     pub fn down(mut self) -> Result<()> {
         self.owned = false;
+        // Unregister only afterwards: a signal arriving meanwhile waits for this teardown.
+        let r = teardown(&self.state);
         signals::unregister(&self.state.run_dir);
-        teardown(&self.state)
+        r
     }
 }
 
@@ -1272,10 +1274,11 @@ impl Drop for Lab {
     fn drop(&mut self) {
         if self.owned {
             self.owned = false;
-            signals::unregister(&self.state.run_dir);
             if let Err(e) = teardown(&self.state) {
                 eprintln!("palisade-lab: tearing down lab {}: {e}", self.state.name);
             }
+            // Only now: a signal arriving during the teardown waits for it instead of exiting.
+            signals::unregister(&self.state.run_dir);
         }
     }
 }
@@ -1373,6 +1376,10 @@ pub fn teardown(state: &LabState) -> Result<()> {
         if let Some(pid) = node.agent_pid {
             process::stop(pid, &state.name);
         }
+    }
+    // Anything else carrying our marker (e.g. a process whose pid a crash kept out of the state).
+    for pid in process::lab_pids(&state.name) {
+        process::stop(pid, &state.name);
     }
     for ns in state.netns.iter().rev() {
         if let Err(e) = netns::delete(ns) {

@@ -102,3 +102,15 @@ pub fn stop(pid: u32, lab: &str) {
         }
     }
 }
+
+/// Every live process carrying the marker of `lab` (ours by construction: only the lab sets it).
+pub fn lab_pids(lab: &str) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| *pid != me && is_ours(*pid, lab) && alive(*pid as i32))
+        .collect()
+}

@@ -14,6 +14,8 @@ static REGISTERED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 static INSTALL: Once = Once::new();
+/// How long the owner of a lab gets to tear it down itself after a signal.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 extern "C" fn on_signal(_: libc::c_int) {
     let fd = PIPE_WRITE.load(Ordering::SeqCst);
@@ -77,6 +79,15 @@ fn install() {
                 return;
             }
             INTERRUPTED.store(true, Ordering::SeqCst);
+            // Give the owning thread a moment to notice (its next step fails with Interrupted and
+            // its guard tears down from the in-memory state); then tear down whatever is left
+            // from the state files ourselves.
+            let start = std::time::Instant::now();
+            while start.elapsed() < GRACE
+                && REGISTERED.lock().map(|r| !r.is_empty()).unwrap_or(false)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             let dirs: Vec<PathBuf> = REGISTERED
                 .lock()
                 .map(|r| r.iter().cloned().collect())
