@@ -1,7 +1,9 @@
 //! The agent's one door into the pure compiler (`palisade-policy`): compile, full replace, diff,
 //! explain. Nothing else in the agent calls the compiler.
 
-use palisade_policy::model::ClusterState;
+use crate::error::{Error, Result};
+use palisade_policy::model::{pod_key, ClusterState, Protocol};
+use palisade_policy::Endpoint;
 use palisade_policy::{Compiled, Ruleset};
 
 /// A compiled ruleset for this node.
@@ -77,14 +79,55 @@ pub fn diff(last: &Desired, next: &Desired) -> Option<Batch> {
     })
 }
 
-/// Explains `from` → `to` on `port` (stub until the compiler's explain lands).
-pub fn explain(
-    _state: &ClusterState,
-    _from: &str,
-    _to: &str,
-    _port: &str,
-) -> crate::error::Result<String> {
-    Err(crate::error::Error::Compile(
-        "explain is not available yet".into(),
-    ))
+/// Parses `80/TCP`, `53/udp` or `443` (TCP) into a port and protocol.
+pub fn parse_port(s: &str) -> std::result::Result<(u16, Protocol), String> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let port: u16 =
+        port.trim().parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+            format!("port {port:?} is not a number in 1..=65535 (want e.g. 80/TCP)")
+        })?;
+    let proto = Protocol::from_api(&proto.trim().to_ascii_uppercase())
+        .ok_or_else(|| format!("protocol {proto:?} is not TCP, UDP or SCTP"))?;
+    Ok((port, proto))
+}
+
+/// Explains `from` → `to` on `port`: compiles for the destination's node (else the source's), and
+/// the compiler's explain compiles any other node it needs.
+pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result<String> {
+    let from: Endpoint = from
+        .parse()
+        .map_err(|e| Error::Usage(format!("--from: {e}")))?;
+    let to: Endpoint = to.parse().map_err(|e| Error::Usage(format!("--to: {e}")))?;
+    let (port, proto) = parse_port(port).map_err(|e| Error::Usage(format!("--port: {e}")))?;
+    let node_of = |e: &Endpoint| match e {
+        Endpoint::Pod { namespace, name } => state
+            .pods
+            .get(&pod_key(namespace, name))
+            .and_then(|p| p.node_name.clone()),
+        Endpoint::Ip(ip) => state
+            .pods
+            .values()
+            .find(|p| p.ips.contains(ip))
+            .and_then(|p| p.node_name.clone()),
+    };
+    let node = node_of(&to).or_else(|| node_of(&from)).unwrap_or_default();
+    let compiled = palisade_policy::compile(state, &node);
+    let x = palisade_policy::explain(state, &compiled, &from, &to, port, proto)
+        .map_err(|e| Error::Compile(e.to_string()))?;
+    Ok(x.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse_with_default_tcp_and_any_case_protocol() {
+        assert_eq!(parse_port("80/TCP"), Ok((80, Protocol::Tcp)));
+        assert_eq!(parse_port("53/udp"), Ok((53, Protocol::Udp)));
+        assert_eq!(parse_port("443"), Ok((443, Protocol::Tcp)));
+        assert!(parse_port("0/TCP").is_err());
+        assert!(parse_port("80/ICMP").unwrap_err().contains("ICMP"));
+        assert!(parse_port("http").is_err());
+    }
 }

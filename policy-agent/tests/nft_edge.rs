@@ -88,7 +88,20 @@ fn lib_backend_is_cheaper_per_small_transaction_than_exec() {
         let list_start = Instant::now();
         nft.list_table().unwrap().unwrap();
         let list = list_start.elapsed();
-        eprintln!("nft {backend:?}: {took:?} per one-element transaction, list table {list:?}");
+        let big: Vec<String> = (0..5000u32)
+            .map(|i| format!("\"10.{}.{}.{}\"", 100 + (i >> 16), (i >> 8) & 255, i & 255))
+            .collect();
+        let big = format!(
+            r#"{{"nftables":[{{"add":{{"element":{{"family":"inet","table":"palisade","name":"peers","elem":[{}]}}}}}}]}}"#,
+            big.join(",")
+        );
+        let big_start = Instant::now();
+        nft.apply(&big).unwrap();
+        let big_took = big_start.elapsed();
+        eprintln!(
+            "nft {backend:?}: {took:?} per one-element transaction, {big_took:?} for one 5000-element transaction, list table ({} elements) {list:?}",
+            N
+        );
         per_tx.push(took);
     }
     assert!(
