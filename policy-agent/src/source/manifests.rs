@@ -39,6 +39,9 @@ use super::{Kind, Object, ObjectRef, SourceError, SourceEvent};
 /// How often the directory is rescanned as a safety net behind inotify.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 
+/// The periodic rescan leaves files modified more recently than this to inotify (they may be mid-write).
+pub const RESCAN_SETTLE: Duration = Duration::from_secs(2);
+
 /// Namespace given to namespaced objects that name none (what `kubectl apply` does).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -97,7 +100,7 @@ impl ManifestSource {
                 .map_err(|e| dir_error("register inotify with tokio", e.into()))?;
 
         let mut state = DirState::new(self.dir.clone());
-        let initial = state.rescan().map_err(|e| dir_error("list", e))?;
+        let initial = state.rescan(true).map_err(|e| dir_error("list", e))?;
         info!(dir = %self.dir.display(), objects = state.emitted.len(), "manifest source: initial scan done");
         if !send_all(&tx, initial).await || tx.send(SourceEvent::Synced).await.is_err() {
             return Ok(());
@@ -129,7 +132,7 @@ impl ManifestSource {
                         }
                         Ok(Err(e)) => {
                             warn!(dir = %self.dir.display(), error = %e, "manifest source: reading inotify events failed; rescanning");
-                            state.rescan_logged()
+                            state.rescan_logged(true)
                         }
                         Err(_would_block) => continue,
                     }
@@ -144,7 +147,7 @@ impl ManifestSource {
                             Err(e) => debug!(dir = %self.dir.display(), error = %e, "manifest directory still missing"),
                         }
                     }
-                    state.rescan_logged()
+                    state.rescan_logged(false)
                 }
                 _ = tx.closed() => return Ok(()),
             };
@@ -288,17 +291,19 @@ impl DirState {
 
     fn apply_changes(&mut self, changes: Changes) -> Vec<SourceEvent> {
         if changes.rescan {
-            return self.rescan_logged();
+            return self.rescan_logged(true);
         }
-        let mut out = Vec::new();
+        // All files of one batch first, then the events: a rename between two manifest names (moved
+        // from + moved to in one batch) emits nothing.
+        let mut affected = BTreeSet::new();
         for name in changes.files {
-            out.extend(self.reload(&name, true));
+            affected.extend(self.reload(&name, true));
         }
-        out
+        self.emit(affected)
     }
 
-    fn rescan_logged(&mut self) -> Vec<SourceEvent> {
-        match self.rescan() {
+    fn rescan_logged(&mut self, include_fresh: bool) -> Vec<SourceEvent> {
+        match self.rescan(include_fresh) {
             Ok(out) => out,
             Err(e) => {
                 warn!(dir = %self.dir.display(), error = %e, "manifest source: cannot list the directory; keeping the last objects");
@@ -307,8 +312,10 @@ impl DirState {
         }
     }
 
-    /// Re-reads files that appeared or changed (by fingerprint) and forgets files that are gone.
-    fn rescan(&mut self) -> io::Result<Vec<SourceEvent>> {
+    /// Re-reads files that appeared or changed (by fingerprint) and forgets files that are gone. Unless
+    /// `include_fresh` (initial scan, inotify overflow, ConfigMap `..data` swap), files modified less
+    /// than [`RESCAN_SETTLE`] ago are left to inotify.
+    fn rescan(&mut self, include_fresh: bool) -> io::Result<Vec<SourceEvent>> {
         let mut present = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
@@ -319,7 +326,7 @@ impl DirState {
             // Follow symlinks (ConfigMap volumes are symlinks into `..data`).
             match std::fs::metadata(entry.path()) {
                 Ok(meta) if meta.is_file() => {
-                    present.insert(name, Fingerprint::of(&meta));
+                    present.insert(name, (Fingerprint::of(&meta), meta.modified().ok()));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -327,7 +334,7 @@ impl DirState {
                 }
             }
         }
-        let mut out = Vec::new();
+        let mut affected = BTreeSet::new();
         let gone: Vec<OsString> = self
             .files
             .keys()
@@ -335,19 +342,28 @@ impl DirState {
             .cloned()
             .collect();
         for name in gone {
-            out.extend(self.reload(&name, false));
+            affected.extend(self.reload(&name, false));
         }
-        for (name, fingerprint) in present {
+        let now = std::time::SystemTime::now();
+        for (name, (fingerprint, modified)) in present {
             let known = self.files.get(&name).and_then(|f| f.fingerprint);
-            if known != Some(fingerprint) {
-                out.extend(self.reload(&name, false));
+            if known == Some(fingerprint) {
+                continue;
+            }
+            // A file written to moments ago may still be half-written in place; its close brings an
+            // inotify event, and if that is lost the next rescan reads it.
+            let fresh = modified
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age < RESCAN_SETTLE);
+            if include_fresh || !fresh {
+                affected.extend(self.reload(&name, false));
             }
         }
-        Ok(out)
+        Ok(self.emit(affected))
     }
 
     /// Reads one file again and returns the events its change causes. `from_inotify` only affects logs.
-    fn reload(&mut self, name: &OsStr, from_inotify: bool) -> Vec<SourceEvent> {
+    fn reload(&mut self, name: &OsStr, from_inotify: bool) -> BTreeSet<ObjectRef> {
         let path = self.dir.join(name);
         let shown = path.display().to_string();
         let meta = match std::fs::metadata(&path) {
@@ -362,7 +378,7 @@ impl DirState {
             }
             Err(e) => {
                 warn!(file = %shown, error = %e, "manifest source: cannot stat file; keeping its last objects");
-                return Vec::new();
+                return BTreeSet::new();
             }
         };
         let fingerprint = Fingerprint::of(&meta);
@@ -371,7 +387,7 @@ impl DirState {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return self.replace(name, None),
             Err(e) => {
                 warn!(file = %shown, error = %e, "manifest source: cannot read file; keeping its last objects");
-                return Vec::new();
+                return BTreeSet::new();
             }
         };
         match parse_manifests(&shown, &text) {
@@ -393,17 +409,17 @@ impl DirState {
                     .entry(name.to_os_string())
                     .or_default()
                     .fingerprint = Some(fingerprint);
-                Vec::new()
+                BTreeSet::new()
             }
         }
     }
 
-    /// Replaces a file's objects (None: the file is gone) and returns the resulting events.
+    /// Replaces a file's objects (None: the file is gone) and returns the keys it defined before or now.
     fn replace(
         &mut self,
         name: &OsStr,
         new: Option<(Fingerprint, BTreeMap<ObjectRef, Object>)>,
-    ) -> Vec<SourceEvent> {
+    ) -> BTreeSet<ObjectRef> {
         let old = match new {
             Some((fingerprint, objects)) => {
                 let file = self.files.entry(name.to_os_string()).or_default();
@@ -434,6 +450,11 @@ impl DirState {
                 .insert(name.to_os_string());
             affected.insert(key);
         }
+        affected
+    }
+
+    /// Compares the effective definition of each key with what was emitted, and emits the difference.
+    fn emit(&mut self, affected: BTreeSet<ObjectRef>) -> Vec<SourceEvent> {
         let mut out = Vec::new();
         for key in affected {
             let effective = self
