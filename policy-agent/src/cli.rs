@@ -23,6 +23,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+const RUN_HELP: &str = "\
+Behaviour:
+  - Nothing is enforced until the source listed everything once; then our table `inet palisade` is
+    replaced atomically, and later changes go in as one incremental transaction each.
+  - /readyz turns 200 and the conflist is written only after that first commit.
+  - Fail closed: while the agent is down the rules stay in the kernel and new pods stay pending
+    (dropped). SIGTERM exits 0 and leaves the rules in place; `palisade-agent cleanup` removes them.
+  - If our table is changed or removed behind our back (e.g. `nft flush ruleset`) it is restored and
+    palisade_resync_restores_total counts it.
+  - Needs root (CAP_NET_ADMIN) in the node's network namespace, and `nft` on PATH for the exec backend.
+
+Example (lab node in a network namespace):
+  ip netns exec node1 palisade-agent run --node-name node1 --manifests ./manifests \\
+    --state-dir /run/pal/node1 --cni-conf-dir /run/pal/node1/net.d --listen 127.0.0.1:9799";
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -33,6 +48,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: watch the cluster (or a manifest directory), enforce policies, route, serve metrics.
+    #[command(after_long_help = RUN_HELP)]
     Run(RunArgs),
     /// Remove everything the agent put on this node: our nft table, our routes, our conflist.
     Cleanup(CleanupArgs),
