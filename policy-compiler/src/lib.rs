@@ -14,7 +14,9 @@ pub use model::{
 pub mod compile;
 pub mod diff;
 pub mod explain;
+pub mod kernel_sim;
 pub mod ruleset;
+pub mod synth;
 
 pub use compile::{compile, Compiled};
 pub use diff::diff;

@@ -1025,3 +1025,68 @@ fn names_are_hashes_and_hostile_strings_stay_inside_json_comments() {
         .values()
         .all(|c| c.comment.len() <= MAX_COMMENT_BYTES && !c.comment.chars().any(char::is_control)));
 }
+
+/// Random synthetic clusters and random connections: the compiled model (via explain) and the
+/// rulesets of the nodes involved must always agree.
+#[test]
+fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
+    use crate::synth::{self, Rng, SynthConfig};
+    let mut checked = 0;
+    let mut denied = 0;
+    for seed in 0..12u64 {
+        let cfg = SynthConfig {
+            nodes: 3,
+            namespaces: 4,
+            pods: 30,
+            policies: 12,
+            seed,
+            dual_stack: false,
+        };
+        let st = synth::cluster(&cfg);
+        let models: std::collections::BTreeMap<String, Compiled> = st
+            .nodes
+            .keys()
+            .map(|n| (n.clone(), compile(&st, n)))
+            .collect();
+        let pods: Vec<&Pod> = st.pods.values().collect();
+        let mut rng = Rng::new(seed + 1000);
+        for _ in 0..300 {
+            let a = pods[rng.below(pods.len())];
+            let b = pods[rng.below(pods.len())];
+            if a.key() == b.key() {
+                continue;
+            }
+            let from = if rng.chance(15) {
+                Endpoint::Ip(ip("192.168.77.5"))
+            } else {
+                Endpoint::Pod {
+                    namespace: a.namespace.clone(),
+                    name: a.name.clone(),
+                }
+            };
+            let to = Endpoint::Pod {
+                namespace: b.namespace.clone(),
+                name: b.name.clone(),
+            };
+            let proto = Protocol::ALL[rng.below(3)];
+            let port =
+                [53u16, 80, 443, 8000, 8050, 8080, 8081, 9000, 9100, 5050, 22][rng.below(11)];
+            let x = explain(&st, &models["n0"], &from, &to, port, proto).unwrap();
+            let p = Packet {
+                saddr: x.from_ip,
+                daddr: x.to_ip,
+                proto: Some(proto),
+                dport: port,
+                from_this_node: false,
+            };
+            let by_rules = models.values().all(|m| m.ruleset.eval_forward(&p));
+            assert_eq!(x.allowed, by_rules, "seed {seed}:\n{x}");
+            checked += 1;
+            denied += usize::from(!by_rules);
+        }
+    }
+    assert!(
+        denied > checked / 20 && denied < checked * 19 / 20,
+        "{denied} of {checked} denied: not a useful mix"
+    );
+}

@@ -1,0 +1,257 @@
+//! A model of what the kernel does with our nft JSON batches, at the level of our own table:
+//! chains with their rules, sets and maps with their elements. It checks what the kernel checks
+//! for the commands we emit (missing objects, deleting referenced chains or sets, deleting
+//! missing elements, rules referring to missing sets or chains, conflicting map keys), and
+//! applies a batch atomically. Used to prove `diff` equals a full replace without root.
+
+use crate::error::PolicyError;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Our table as the kernel would hold it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelTable {
+    pub exists: bool,
+    /// Chain name → (definition JSON, rules as JSON text).
+    pub chains: BTreeMap<String, (String, Vec<String>)>,
+    /// Set or map name → (definition JSON without elements, key JSON text → value JSON text).
+    pub sets: BTreeMap<String, (String, BTreeMap<String, String>)>,
+}
+
+fn bad(msg: impl Into<String>) -> PolicyError {
+    PolicyError::BadBatch(msg.into())
+}
+
+fn name_of(body: &Value) -> Result<String, PolicyError> {
+    body.get("name")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| bad(format!("no name in {body}")))
+}
+
+fn refs(v: &Value, sets: &mut BTreeSet<String>, chains: &mut BTreeSet<String>) {
+    match v {
+        Value::String(s) => {
+            if let Some(n) = s.strip_prefix('@') {
+                sets.insert(n.to_string());
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| refs(x, sets, chains)),
+        Value::Object(o) => {
+            for (k, x) in o {
+                if k == "jump" || k == "goto" {
+                    if let Some(t) = x.get("target").and_then(Value::as_str) {
+                        chains.insert(t.to_string());
+                    }
+                }
+                refs(x, sets, chains);
+            }
+        }
+        _ => {}
+    }
+}
+
+impl KernelTable {
+    /// Applies one `{"nftables": [...]}` batch atomically: on error nothing changes.
+    pub fn apply(&mut self, batch: &Value) -> Result<(), PolicyError> {
+        let cmds = batch
+            .get("nftables")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("not an nftables document"))?;
+        let mut next = self.clone();
+        for (i, c) in cmds.iter().enumerate() {
+            next.command(c)
+                .map_err(|e| bad(format!("command {i} {c}: {e}")))?;
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn referenced(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut sets = BTreeSet::new();
+        let mut chains = BTreeSet::new();
+        for (_, rules) in self.chains.values() {
+            for r in rules {
+                if let Ok(v) = serde_json::from_str::<Value>(r) {
+                    refs(&v, &mut sets, &mut chains);
+                }
+            }
+        }
+        for (_, elems) in self.sets.values() {
+            for val in elems.values() {
+                if let Ok(v) = serde_json::from_str::<Value>(val) {
+                    refs(&v, &mut sets, &mut chains);
+                }
+            }
+        }
+        (sets, chains)
+    }
+
+    fn command(&mut self, c: &Value) -> Result<(), PolicyError> {
+        let (verb, obj) = c
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .ok_or_else(|| bad("empty command"))?;
+        let (kind, body) = obj
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .ok_or_else(|| bad("empty object"))?;
+        if kind != "table" && !self.exists {
+            return Err(bad("table does not exist"));
+        }
+        match (verb.as_str(), kind.as_str()) {
+            ("add", "table") => self.exists = true,
+            ("delete", "table") => {
+                if !self.exists {
+                    return Err(bad("delete of missing table"));
+                }
+                *self = KernelTable::default();
+            }
+            ("add", "chain") => {
+                let n = name_of(body)?;
+                self.chains
+                    .entry(n)
+                    .or_insert_with(|| (body.to_string(), Vec::new()));
+            }
+            ("flush", "chain") => {
+                let n = name_of(body)?;
+                self.chains
+                    .get_mut(&n)
+                    .ok_or_else(|| bad(format!("flush of missing chain {n}")))?
+                    .1
+                    .clear();
+            }
+            ("delete", "chain") => {
+                let n = name_of(body)?;
+                let (_, rules) = self
+                    .chains
+                    .get(&n)
+                    .ok_or_else(|| bad(format!("delete of missing chain {n}")))?;
+                if !rules.is_empty() {
+                    return Err(bad(format!("delete of non-empty chain {n}")));
+                }
+                if self.referenced().1.contains(&n) {
+                    return Err(bad(format!("delete of referenced chain {n}")));
+                }
+                self.chains.remove(&n);
+            }
+            ("add", "set" | "map") => {
+                let n = name_of(body)?;
+                let mut def = body.clone();
+                let elems = def.as_object_mut().and_then(|o| o.remove("elem"));
+                if !self.sets.contains_key(&n) {
+                    self.sets
+                        .insert(n.clone(), (def.to_string(), BTreeMap::new()));
+                }
+                if let Some(e) = elems {
+                    self.add_elements(&n, kind == "map", &e)?;
+                }
+            }
+            ("delete", "set" | "map") => {
+                let n = name_of(body)?;
+                if !self.sets.contains_key(&n) {
+                    return Err(bad(format!("delete of missing set {n}")));
+                }
+                if self.referenced().0.contains(&n) {
+                    return Err(bad(format!("delete of referenced set {n}")));
+                }
+                self.sets.remove(&n);
+            }
+            ("add", "element") => {
+                let n = name_of(body)?;
+                let is_map = self
+                    .sets
+                    .get(&n)
+                    .is_some_and(|(d, _)| d.contains("\"map\":\"verdict\""));
+                self.add_elements(&n, is_map, body.get("elem").unwrap_or(&Value::Null))?;
+            }
+            ("delete", "element") => {
+                let n = name_of(body)?;
+                let set = self
+                    .sets
+                    .get_mut(&n)
+                    .ok_or_else(|| bad(format!("no set {n}")))?;
+                for e in body
+                    .get("elem")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad("no elem"))?
+                {
+                    let key = match e {
+                        Value::Array(kv) => kv.first().cloned().unwrap_or(Value::Null),
+                        other => other.clone(),
+                    };
+                    if set.1.remove(&key.to_string()).is_none() {
+                        return Err(bad(format!("delete of missing element {key} of {n}")));
+                    }
+                }
+            }
+            ("add", "rule") => {
+                let chain = body
+                    .get("chain")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("rule without chain"))?
+                    .to_string();
+                let (mut sets, mut chains) = (BTreeSet::new(), BTreeSet::new());
+                refs(body, &mut sets, &mut chains);
+                for s in &sets {
+                    if !self.sets.contains_key(s) {
+                        return Err(bad(format!("rule refers to missing set {s}")));
+                    }
+                }
+                for t in &chains {
+                    if !self.chains.contains_key(t) {
+                        return Err(bad(format!("rule jumps to missing chain {t}")));
+                    }
+                }
+                let mut r = body.clone();
+                if let Some(o) = r.as_object_mut() {
+                    o.remove("chain");
+                }
+                self.chains
+                    .get_mut(&chain)
+                    .ok_or_else(|| bad(format!("no chain {chain}")))?
+                    .1
+                    .push(r.to_string());
+            }
+            (v, k) => return Err(bad(format!("unsupported command {v} {k}"))),
+        }
+        Ok(())
+    }
+
+    fn add_elements(&mut self, set: &str, is_map: bool, elems: &Value) -> Result<(), PolicyError> {
+        let list = elems
+            .as_array()
+            .ok_or_else(|| bad("elem is not a list"))?
+            .clone();
+        for e in list {
+            let (key, val) = match (&e, is_map) {
+                (Value::Array(kv), true) if kv.len() == 2 => (kv[0].to_string(), kv[1].to_string()),
+                (_, true) => return Err(bad(format!("map element without value {e}"))),
+                (other, false) => (other.to_string(), String::new()),
+            };
+            if is_map {
+                let (mut s, mut c) = (BTreeSet::new(), BTreeSet::new());
+                refs(&e, &mut s, &mut c);
+                if let Some(missing) = c.iter().find(|t| !self.chains.contains_key(*t)) {
+                    return Err(bad(format!("map element goes to missing chain {missing}")));
+                }
+            }
+            let entry = &mut self
+                .sets
+                .get_mut(set)
+                .ok_or_else(|| bad(format!("no set {set}")))?
+                .1;
+            match entry.get(&key) {
+                Some(old) if *old != val => {
+                    return Err(bad(format!(
+                        "element {key} of {set} exists with another value"
+                    )))
+                }
+                _ => {
+                    entry.insert(key, val);
+                }
+            }
+        }
+        Ok(())
+    }
+}

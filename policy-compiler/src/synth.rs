@@ -1,0 +1,441 @@
+//! Seeded synthetic clusters and change streams: deterministic and pure, for property tests and
+//! the compile benchmark.
+
+use crate::model::{
+    pod_key, Change, ClusterState, ContainerPort, LabelSelector, Labels, Namespace, Node, Peer,
+    Pod, PodPhase, Policy, PortMatch, PortSpec, Protocol, Requirement, Rule,
+};
+use palisade_contract::Attachment;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// A small, fast, seeded generator (splitmix64). Not for cryptography.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % (n.max(1) as u64)) as usize
+    }
+    /// True with probability `pct`/100.
+    pub fn chance(&mut self, pct: u64) -> bool {
+        self.next_u64() % 100 < pct
+    }
+}
+
+/// Size and seed of a synthetic cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct SynthConfig {
+    pub nodes: usize,
+    pub namespaces: usize,
+    pub pods: usize,
+    pub policies: usize,
+    pub seed: u64,
+    /// Give every pod an IPv6 address too.
+    pub dual_stack: bool,
+}
+
+impl SynthConfig {
+    /// 10k pods on 100 nodes, 500 namespaces, 1k policies of mixed shapes.
+    pub fn large(seed: u64) -> Self {
+        Self {
+            nodes: 100,
+            namespaces: 500,
+            pods: 10_000,
+            policies: 1_000,
+            seed,
+            dual_stack: true,
+        }
+    }
+    /// A small cluster where most things touch node `n0` (property tests).
+    pub fn small(seed: u64) -> Self {
+        Self {
+            nodes: 3,
+            namespaces: 4,
+            pods: 24,
+            policies: 8,
+            seed,
+            dual_stack: true,
+        }
+    }
+}
+
+const APPS: usize = 12;
+const TIERS: [&str; 3] = ["web", "api", "db"];
+const TEAMS: usize = 8;
+
+/// Name of node `i`.
+pub fn node_name(i: usize) -> String {
+    format!("n{i}")
+}
+
+fn ns_name(i: usize) -> String {
+    format!("ns{i}")
+}
+
+fn pod_ips(i: usize, dual: bool) -> Vec<IpAddr> {
+    let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
+    let mut v = vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + n))];
+    if dual {
+        v.push(IpAddr::V6(Ipv6Addr::from(
+            0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(n),
+        )));
+    }
+    v
+}
+
+fn pod_labels(rng: &mut Rng) -> Labels {
+    let mut l = Labels::new();
+    l.insert("app".into(), format!("app{}", rng.below(APPS)));
+    l.insert("tier".into(), TIERS[rng.below(TIERS.len())].into());
+    if rng.chance(50) {
+        l.insert(
+            "env".into(),
+            if rng.chance(50) { "prod" } else { "dev" }.into(),
+        );
+    }
+    l
+}
+
+fn pod_ports(rng: &mut Rng) -> Vec<ContainerPort> {
+    let mut v = vec![ContainerPort {
+        name: Some("http".into()),
+        port: 8080 + rng.below(3) as u16,
+        protocol: Protocol::Tcp,
+    }];
+    if rng.chance(40) {
+        v.push(ContainerPort {
+            name: Some("metrics".into()),
+            port: 9100,
+            protocol: Protocol::Tcp,
+        });
+    }
+    if rng.chance(20) {
+        v.push(ContainerPort {
+            name: Some("dns".into()),
+            port: 53,
+            protocol: Protocol::Udp,
+        });
+    }
+    v
+}
+
+/// Pod number `i` of a cluster.
+pub fn make_pod(cfg: &SynthConfig, rng: &mut Rng, i: usize) -> Pod {
+    Pod {
+        namespace: ns_name(rng.below(cfg.namespaces)),
+        name: format!("pod{i}"),
+        uid: format!("uid-{i}-{}", rng.next_u64() % 1000),
+        labels: pod_labels(rng),
+        node_name: Some(node_name(rng.below(cfg.nodes))),
+        ips: pod_ips(i, cfg.dual_stack),
+        ports: pod_ports(rng),
+        host_network: false,
+        phase: PodPhase::Running,
+    }
+}
+
+fn sel(pairs: &[(&str, String)]) -> LabelSelector {
+    LabelSelector {
+        match_labels: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        expressions: vec![],
+    }
+}
+
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse()
+        .unwrap_or(ipnet::IpNet::V4(ipnet::Ipv4Net::default()))
+}
+
+fn port(p: Protocol, m: PortMatch) -> PortSpec {
+    PortSpec {
+        protocol: p,
+        port: m,
+    }
+}
+
+/// Policy number `i` (shape chosen by the generator).
+pub fn make_policy(cfg: &SynthConfig, rng: &mut Rng, i: usize) -> Policy {
+    let namespace = ns_name(rng.below(cfg.namespaces));
+    let app = |rng: &mut Rng| format!("app{}", rng.below(APPS));
+    let target = if rng.chance(20) {
+        LabelSelector::everything()
+    } else {
+        sel(&[("app", app(rng))])
+    };
+    let mut ingress = None;
+    let mut egress = None;
+    match rng.below(10) {
+        0 => ingress = Some(vec![]),
+        1 => {
+            ingress = Some(vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespace_selector: None,
+                    pod_selector: Some(sel(&[("app", app(rng))])),
+                }],
+                ports: vec![port(Protocol::Tcp, PortMatch::Range(80, 80))],
+            }])
+        }
+        2 => {
+            ingress = Some(vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespace_selector: Some(sel(&[("team", format!("t{}", rng.below(TEAMS)))])),
+                    pod_selector: None,
+                }],
+                ports: vec![
+                    port(Protocol::Tcp, PortMatch::Range(8000, 8100)),
+                    port(Protocol::Udp, PortMatch::All),
+                ],
+            }])
+        }
+        3 => {
+            egress = Some(vec![Rule {
+                peers: vec![Peer::IpBlock {
+                    cidr: net("10.0.0.0/8"),
+                    except: vec![net(&format!("10.0.{}.0/24", rng.below(40)))],
+                }],
+                ports: vec![],
+            }])
+        }
+        4 => {
+            ingress = Some(vec![Rule {
+                peers: vec![],
+                ports: vec![
+                    port(Protocol::Tcp, PortMatch::Named("http".into())),
+                    port(Protocol::Tcp, PortMatch::Named("metrics".into())),
+                ],
+            }])
+        }
+        5 => {
+            egress = Some(vec![
+                Rule {
+                    peers: vec![Peer::Pods {
+                        namespace_selector: Some(LabelSelector::everything()),
+                        pod_selector: Some(sel(&[("tier", TIERS[rng.below(3)].to_string())])),
+                    }],
+                    ports: vec![port(Protocol::Tcp, PortMatch::Named("http".into()))],
+                },
+                Rule {
+                    peers: vec![Peer::Pods {
+                        namespace_selector: Some(sel(&[(
+                            "kubernetes.io/metadata.name",
+                            "kube-system".to_string(),
+                        )])),
+                        pod_selector: None,
+                    }],
+                    ports: vec![port(Protocol::Udp, PortMatch::Range(53, 53))],
+                },
+            ])
+        }
+        6 => ingress = Some(vec![Rule::default()]),
+        7 => {
+            ingress = Some(vec![Rule {
+                peers: vec![],
+                ports: vec![
+                    port(Protocol::Sctp, PortMatch::Range(9000, 9000)),
+                    port(Protocol::Udp, PortMatch::Range(5000, 5100)),
+                ],
+            }])
+        }
+        8 => {
+            let values: BTreeSet<String> = [format!("t{}", rng.below(TEAMS))].into();
+            ingress = Some(vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespace_selector: Some(LabelSelector {
+                        match_labels: Default::default(),
+                        expressions: vec![Requirement::NotIn {
+                            key: "team".into(),
+                            values,
+                        }],
+                    }),
+                    pod_selector: Some(LabelSelector {
+                        match_labels: Default::default(),
+                        expressions: vec![Requirement::In {
+                            key: "env".into(),
+                            values: ["prod".to_string()].into(),
+                        }],
+                    }),
+                }],
+                ports: vec![port(Protocol::Tcp, PortMatch::Range(443, 443))],
+            }])
+        }
+        _ => {
+            ingress = Some(vec![Rule {
+                peers: vec![
+                    Peer::Pods {
+                        namespace_selector: None,
+                        pod_selector: Some(LabelSelector::everything()),
+                    },
+                    Peer::IpBlock {
+                        cidr: net("192.168.0.0/16"),
+                        except: vec![],
+                    },
+                    Peer::IpBlock {
+                        cidr: net("fd00::/112"),
+                        except: vec![],
+                    },
+                ],
+                ports: vec![],
+            }]);
+            egress = Some(vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespace_selector: None,
+                    pod_selector: Some(LabelSelector::everything()),
+                }],
+                ports: vec![port(Protocol::Tcp, PortMatch::Range(1, 1024))],
+            }]);
+        }
+    }
+    Policy {
+        namespace,
+        name: format!("pol{i}"),
+        pod_selector: target,
+        ingress,
+        egress,
+    }
+}
+
+fn make_namespace(rng: &mut Rng, i: usize) -> Namespace {
+    let mut l = Labels::new();
+    l.insert("team".into(), format!("t{}", rng.below(TEAMS)));
+    if rng.chance(30) {
+        l.insert("env".into(), "prod".into());
+    }
+    Namespace::new(ns_name(i), l)
+}
+
+/// A whole synthetic cluster, deterministic for a config.
+pub fn cluster(cfg: &SynthConfig) -> ClusterState {
+    let mut rng = Rng::new(cfg.seed);
+    let mut st = ClusterState::default();
+    for i in 0..cfg.nodes {
+        st.apply(Change::UpsertNode(Node {
+            name: node_name(i),
+            pod_cidrs: vec![],
+            internal_ips: vec![IpAddr::V4(Ipv4Addr::new(
+                192,
+                168,
+                (i / 250) as u8,
+                (i % 250 + 1) as u8,
+            ))],
+        }));
+    }
+    st.apply(Change::UpsertNamespace(Namespace::new(
+        "kube-system",
+        Labels::new(),
+    )));
+    for i in 0..cfg.namespaces {
+        st.apply(Change::UpsertNamespace(make_namespace(&mut rng, i)));
+    }
+    for i in 0..cfg.pods {
+        st.apply(Change::UpsertPod(make_pod(cfg, &mut rng, i)));
+    }
+    for i in 0..cfg.policies {
+        st.apply(Change::UpsertPolicy(make_policy(cfg, &mut rng, i)));
+    }
+    st
+}
+
+/// A random change to a synthetic cluster, as a watch stream would deliver. `serial` makes new
+/// names unique.
+pub fn random_change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) -> Change {
+    let pick = |rng: &mut Rng, n: usize| rng.below(n);
+    match rng.below(11) {
+        0 | 1 => {
+            let mut p = make_pod(cfg, rng, cfg.pods + serial);
+            if rng.chance(50) {
+                p.node_name = Some(node_name(0));
+            }
+            Change::UpsertPod(p)
+        }
+        2 => match st.pods.values().nth(pick(rng, st.pods.len())) {
+            Some(p) => Change::DeletePod {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            },
+            None => Change::SetAttachments(vec![]),
+        },
+        3 | 4 => match st.pods.values().nth(pick(rng, st.pods.len())) {
+            Some(p) => {
+                let mut p = p.clone();
+                p.labels = pod_labels(rng);
+                Change::UpsertPod(p)
+            }
+            None => Change::SetAttachments(vec![]),
+        },
+        5 => {
+            let i = pick(rng, cfg.namespaces);
+            Change::UpsertNamespace(make_namespace(rng, i))
+        }
+        6 => Change::UpsertPolicy(make_policy(cfg, rng, cfg.policies + serial)),
+        7 => match st.policies.values().nth(pick(rng, st.policies.len())) {
+            Some(p) => {
+                let mut np = make_policy(cfg, rng, 0);
+                np.namespace = p.namespace.clone();
+                np.name = p.name.clone();
+                Change::UpsertPolicy(np)
+            }
+            None => Change::SetAttachments(vec![]),
+        },
+        8 => match st.policies.values().nth(pick(rng, st.policies.len())) {
+            Some(p) => Change::DeletePolicy {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            },
+            None => Change::SetAttachments(vec![]),
+        },
+        _ => {
+            // Attachments on node n0: some for known pods, some pending for pods not known yet.
+            let mut v = Vec::new();
+            for (k, p) in st
+                .pods
+                .iter()
+                .filter(|(_, p)| p.node_name.as_deref() == Some("n0"))
+            {
+                if rng.chance(50) {
+                    let (ns, name) = k.split_once('/').unwrap_or_default();
+                    v.push(attachment(ns, name, &p.ips, rng.chance(50)));
+                }
+            }
+            for j in 0..rng.below(3) {
+                let i = cfg.pods + 10_000 + serial * 4 + j;
+                v.push(attachment(
+                    &ns_name(0),
+                    &format!("new{i}"),
+                    &pod_ips(i, cfg.dual_stack),
+                    true,
+                ));
+            }
+            Change::SetAttachments(v)
+        }
+    }
+}
+
+fn attachment(ns: &str, name: &str, ips: &[IpAddr], pending: bool) -> Attachment {
+    let cid = format!("c-{}", pod_key(ns, name).replace('/', "-"));
+    Attachment {
+        host_veth: palisade_contract::host_veth_name(&cid, "eth0"),
+        container_id: cid,
+        ifname: "eth0".into(),
+        netns: String::new(),
+        ips: ips.to_vec(),
+        pod_namespace: Some(ns.into()),
+        pod_name: Some(name.into()),
+        pod_uid: None,
+        pending,
+    }
+}
