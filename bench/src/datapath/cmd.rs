@@ -108,6 +108,46 @@ impl ChildGuard {
         })
     }
 
+    /// Spawns `program args` inside `ns` with stdout and stderr appended to `log`.
+    pub fn spawn_in_logged(
+        ns: &str,
+        program: &str,
+        args: &[&str],
+        log: &std::path::Path,
+    ) -> Result<ChildGuard> {
+        let command = describe(program, args);
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(|source| Error::Write {
+                    path: log.to_path_buf(),
+                    source,
+                })
+        };
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(open()?)
+            .stderr(open()?)
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        Ok(ChildGuard {
+            name: command,
+            child: Some(child),
+        })
+    }
+
+    /// Process id of the child (`ip netns exec` execs the program, so this is the program's pid).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The child, to read its stdout.
     pub fn child_mut(&mut self) -> Option<&mut Child> {
         self.child.as_mut()

@@ -2,6 +2,7 @@
 //! traffic generators and the report.
 
 pub mod cmd;
+pub mod enforce;
 pub mod k8s;
 pub mod report;
 pub mod rng;

@@ -107,10 +107,55 @@ fn matches(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// Size of a synthetic cluster: `namespaces` × [`NODES`] other pods, `policies` policies.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub namespaces: u32,
+    pub policies: usize,
+    /// Whether the 8 policies selecting the measured pods are part of the policy count (datapath
+    /// bench); without them, every policy selects other pods (enforcement bench).
+    pub measured: bool,
+}
+
+impl Shape {
+    /// The enforcement bench's cluster of about `pods` pods (rounded to a multiple of 100) with
+    /// `policies` policies, none selecting the measured pods.
+    pub fn for_pods(pods: usize, policies: usize) -> Shape {
+        Shape {
+            namespaces: (pods / NODES as usize).clamp(1, 200) as u32,
+            policies,
+            measured: false,
+        }
+    }
+}
+
 impl Cluster {
-    /// Generates the cluster with `policies` policies (0 or at least [`MEASURED_POLICIES`]).
+    /// Generates the datapath cluster (10,000 other pods) with `policies` policies (0 or at least
+    /// [`MEASURED_POLICIES`]).
     pub fn generate(policies: usize, seed: u64) -> crate::Result<Cluster> {
-        if policies != 0 && policies < MEASURED_POLICIES {
+        Cluster::generate_shape(
+            Shape {
+                namespaces: NAMESPACES,
+                policies,
+                measured: true,
+            },
+            seed,
+        )
+    }
+
+    /// Generates a cluster of the given shape.
+    pub fn generate_shape(shape: Shape, seed: u64) -> crate::Result<Cluster> {
+        let Shape {
+            namespaces: ns_count,
+            policies,
+            measured: with_measured,
+        } = shape;
+        if ns_count == 0 || ns_count > 200 {
+            return Err(crate::Error::Invalid(format!(
+                "{ns_count} namespaces: use 1..=200"
+            )));
+        }
+        if with_measured && policies != 0 && policies < MEASURED_POLICIES {
             return Err(crate::Error::Invalid(format!(
                 "policy count {policies}: use 0 or at least {MEASURED_POLICIES}"
             )));
@@ -135,7 +180,7 @@ impl Cluster {
                 labels: labels(&[("app", "server")]),
             },
         ];
-        for k in 0..NAMESPACES {
+        for k in 0..ns_count {
             let name = format!("ns-{k}");
             namespaces.push(Namespace {
                 labels: labels(&[
@@ -159,8 +204,13 @@ impl Cluster {
         }
         let mut rng = Rng::new(seed);
         let mut others = Vec::new();
-        for j in 0..policies.saturating_sub(MEASURED_POLICIES) {
-            let namespace = format!("ns-{}", j % NAMESPACES as usize);
+        let n_measured = if with_measured && policies > 0 {
+            MEASURED_POLICIES
+        } else {
+            0
+        };
+        for j in 0..policies - n_measured {
+            let namespace = format!("ns-{}", j % ns_count as usize);
             let role = labels(&[("role", &format!("r{}", rng.below(20)))]);
             let peer = if rng.below(5) == 0 {
                 Peer {
@@ -194,7 +244,7 @@ impl Cluster {
             });
         }
         let mut measured = Vec::new();
-        if policies > 0 {
+        if n_measured > 0 {
             for t in 0..4 {
                 for direction in [Direction::Ingress, Direction::Egress] {
                     let (me, other, dir, role) = match direction {
@@ -400,6 +450,14 @@ mod tests {
         let n2 = cluster.node_view("node-2").policies.len();
         assert_eq!(n1 + n2, 1000);
         assert!(n1 > 400 && n2 > 400, "{n1} {n2}");
+    }
+
+    #[test]
+    fn enforcement_shape_scales_pods_and_selects_no_measured_pod() {
+        let cluster = Cluster::generate_shape(Shape::for_pods(1000, 100), 1).unwrap();
+        assert_eq!(cluster.pods.len(), 1000 + 2);
+        assert_eq!(cluster.policies.len(), 100);
+        assert!(cluster.policies.iter().all(|p| !p.measured));
     }
 
     #[test]

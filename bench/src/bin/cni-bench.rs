@@ -1,0 +1,391 @@
+//! cni-bench: ADD+DEL latency of `palisade` beside the reference `ptp` + `host-local` plugins,
+//! measured on the same machine in one run, sequentially and with 20 attachments in parallel.
+//!
+//! Everything happens in a node network namespace the bench creates (this process enters it with
+//! `setns` before it starts any thread or plugin) and in pod namespaces it creates; all of them and
+//! the temporary directories are removed at the end, also on error. Run as root:
+//!
+//! ```text
+//! cargo build --release -p palisade-cni
+//! cargo run -p palisade-bench --bin cni-bench -- --palisade target/release/palisade
+//! ```
+//!
+//! Both plugins get an IPv4-only network and the same MTU; palisade runs as in a cluster: the
+//! runtime passes the pod identity, so every ADD also takes the node lock, marks the pod pending in
+//! `table inet palisade` (created here as the agent would) and writes the attachment record.
+
+use clap::Parser;
+use palisade_bench::{io_err_pub, Error, Result};
+use serde_json::json;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// Where Debian's containernetworking-plugins live.
+const REFERENCE_DIR: &str = "/usr/lib/cni";
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "ADD/DEL latency of palisade vs ptp+host-local, in namespaces this bench creates"
+)]
+struct Args {
+    /// The palisade plugin binary (default: `palisade` next to this executable).
+    #[arg(long)]
+    palisade: Option<PathBuf>,
+    /// Directory of the reference plugins (ptp, host-local).
+    #[arg(long, default_value = REFERENCE_DIR)]
+    reference_dir: PathBuf,
+    /// Sequential ADD+DEL pairs per plugin.
+    #[arg(long, default_value_t = 100)]
+    iterations: usize,
+    /// Attachments added (then deleted) at the same time in the parallel phase.
+    #[arg(long, default_value_t = 20)]
+    parallel: usize,
+    /// Parallel rounds per plugin.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Result<Self> {
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        Ok(Netns(name))
+    }
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().map_err(|source| Error::Spawn {
+        command: format!("{cmd:?}"),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("{cmd:?}"),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One plugin under test.
+struct Subject {
+    label: &'static str,
+    bin: PathBuf,
+    cni_path: String,
+    conf: String,
+    /// `CNI_ARGS` (the pod identity for palisade).
+    pod_args: bool,
+}
+
+impl Subject {
+    /// Runs one command for (container, netns); returns the wall time.
+    fn exec(&self, command: &str, container: &str, netns: &str) -> Result<Duration> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.cni_path)
+            .env("PALISADE_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if self.pod_args {
+            cmd.env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container};K8S_POD_UID=uid-{container}"),
+            );
+        }
+        let start = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            command: format!("{cmd:?}"),
+            source,
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(self.conf.as_bytes())
+                .map_err(io_err_pub("writing plugin stdin"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(io_err_pub("waiting for the plugin"))?;
+        let took = start.elapsed();
+        if !out.status.success() {
+            return Err(Error::Command {
+                command: format!("{} {command} {container}", self.label),
+                status: out.status.to_string(),
+                stderr: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        Ok(took)
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+}
+
+fn percentile(v: &[Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut s = v.to_vec();
+    s.sort();
+    let idx = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[idx.min(s.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn sequential(subjects: &[Subject], pod: &Netns, iterations: usize) -> Result<Vec<Samples>> {
+    let mut out: Vec<Samples> = subjects.iter().map(|_| Samples::default()).collect();
+    for i in 0..iterations {
+        // Interleaved, so drift on a shared machine hits both plugins alike.
+        for (s, samples) in subjects.iter().zip(out.iter_mut()) {
+            let cid = format!("seq-{i}");
+            samples.add.push(s.exec("ADD", &cid, &pod.path())?);
+            samples.del.push(s.exec("DEL", &cid, &pod.path())?);
+        }
+    }
+    Ok(out)
+}
+
+fn parallel_round(s: &Subject, pods: &[Netns], round: usize, samples: &mut Samples) -> Result<()> {
+    for command in ["ADD", "DEL"] {
+        let barrier = Arc::new(Barrier::new(pods.len()));
+        let results: Vec<Result<Duration>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, pod)| {
+                    let barrier = Arc::clone(&barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        s.exec(command, &format!("par-{round}-{i}"), &pod.path())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Invalid("bench thread panicked".into())))
+                })
+                .collect()
+        });
+        for r in results {
+            let d = r?;
+            if command == "ADD" {
+                samples.add.push(d);
+            } else {
+                samples.del.push(d);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parallel(subjects: &[Subject], pods: &[Netns], rounds: usize) -> Result<Vec<Samples>> {
+    let mut out: Vec<Samples> = subjects.iter().map(|_| Samples::default()).collect();
+    for round in 0..rounds {
+        for (s, samples) in subjects.iter().zip(out.iter_mut()) {
+            parallel_round(s, pods, round, samples)?;
+        }
+    }
+    Ok(out)
+}
+
+fn report(phase: &str, subjects: &[Subject], samples: &[Samples]) {
+    println!("\n{phase}");
+    println!(
+        "{:<28} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "plugin", "n", "ADD p50", "ADD p99", "DEL p50", "DEL p99"
+    );
+    for (s, v) in subjects.iter().zip(samples) {
+        println!(
+            "{:<28} {:>6} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms",
+            s.label,
+            v.add.len(),
+            ms(percentile(&v.add, 50.0)),
+            ms(percentile(&v.add, 99.0)),
+            ms(percentile(&v.del, 50.0)),
+            ms(percentile(&v.del, 99.0))
+        );
+    }
+    if samples.len() == 2 {
+        let r = |f: fn(&Samples) -> &Vec<Duration>, p: f64| {
+            ms(percentile(f(&samples[0]), p)) / ms(percentile(f(&samples[1]), p)).max(f64::EPSILON)
+        };
+        println!(
+            "ratio {} / {}: ADD p50 {:.2}  ADD p99 {:.2}  DEL p50 {:.2}  DEL p99 {:.2}",
+            subjects[0].label,
+            subjects[1].label,
+            r(|s| &s.add, 50.0),
+            r(|s| &s.add, 99.0),
+            r(|s| &s.del, 50.0),
+            r(|s| &s.del, 99.0)
+        );
+    }
+}
+
+fn enter(ns: &Netns) -> Result<()> {
+    let f = std::fs::File::open(ns.path()).map_err(io_err_pub(format!("opening {}", ns.path())))?;
+    // SAFETY: setns on a valid netns fd; called before this process starts any other thread, so
+    // every thread and child inherits the node namespace (the host's own is never modified).
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(Error::Io {
+            context: "entering the node namespace".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn default_palisade() -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(io_err_pub("locating this executable"))?;
+    Ok(exe.with_file_name("palisade"))
+}
+
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cni-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::Invalid(
+            "run as root: the bench creates network namespaces".into(),
+        ));
+    }
+    let palisade = match args.palisade {
+        Some(p) => p,
+        None => default_palisade()?,
+    };
+    for bin in [
+        palisade.clone(),
+        args.reference_dir.join("ptp"),
+        args.reference_dir.join("host-local"),
+    ] {
+        if !bin.is_file() {
+            return Err(Error::Invalid(format!(
+                "{} not found (build palisade, install containernetworking-plugins)",
+                bin.display()
+            )));
+        }
+    }
+    let palisade =
+        std::fs::canonicalize(&palisade).map_err(io_err_pub("resolving the palisade path"))?;
+    let pid = std::process::id();
+    let tmp = TempDir(std::env::temp_dir().join(format!("palisade-cni-bench-{pid}")));
+    std::fs::create_dir_all(&tmp.0).map_err(io_err_pub("creating the temp dir"))?;
+    let node = Netns::new(format!("pcb{pid}n"))?;
+    let seq_pod = Netns::new(format!("pcb{pid}s"))?;
+    let pods: Vec<Netns> = (0..args.parallel)
+        .map(|i| Netns::new(format!("pcb{pid}p{i}")))
+        .collect::<Result<_>>()?;
+    run(Command::new("ip").args([
+        "netns", "exec", &node.0, "nft",
+        "add table inet palisade; add set inet palisade pending_v4 { type ipv4_addr; }; add set inet palisade pending_v6 { type ipv6_addr; }",
+    ]))?;
+    enter(&node)?;
+
+    let cni_path = format!(
+        "{}:{}",
+        palisade.parent().unwrap_or(Path::new("/")).display(),
+        args.reference_dir.display()
+    );
+    let subjects = [
+        Subject {
+            label: "palisade (builtin IPAM)",
+            bin: palisade.clone(),
+            cni_path: cni_path.clone(),
+            conf: json!({
+                "cniVersion": "1.0.0", "name": "benchpal", "type": "palisade", "mtu": 1500,
+                "stateDir": tmp.0.join("state"),
+                "ipam": {"type": "palisade", "dataDir": tmp.0.join("ipam"), "ranges": [[{"subnet": "10.210.0.0/16"}]]}
+            })
+            .to_string(),
+            pod_args: true,
+        },
+        Subject {
+            label: "ptp + host-local",
+            bin: args.reference_dir.join("ptp"),
+            cni_path,
+            conf: json!({
+                "cniVersion": "1.0.0", "name": "benchptp", "type": "ptp", "mtu": 1500, "ipMasq": false,
+                "ipam": {"type": "host-local", "dataDir": tmp.0.join("ipam"), "ranges": [[{"subnet": "10.211.0.0/16"}]],
+                         "routes": [{"dst": "0.0.0.0/0"}]}
+            })
+            .to_string(),
+            pod_args: true,
+        },
+    ];
+    println!("cni-bench: {} sequential ADD+DEL per plugin, {} rounds of {} parallel ADDs then DELs; node netns {}", args.iterations, args.rounds, args.parallel, node.0);
+    // Warm-up (page cache, first nft run) outside the figures.
+    for s in &subjects {
+        s.exec("ADD", "warmup", &seq_pod.path())?;
+        s.exec("DEL", "warmup", &seq_pod.path())?;
+    }
+    let seq = sequential(&subjects, &seq_pod, args.iterations)?;
+    report("sequential (one attachment at a time)", &subjects, &seq);
+    let par = parallel(&subjects, &pods, args.rounds)?;
+    report(
+        &format!(
+            "parallel ({} attachments at once; latency of each)",
+            args.parallel
+        ),
+        &subjects,
+        &par,
+    );
+    let leftovers = run(Command::new("ip").args(["-o", "link", "show"]))?;
+    let left = leftovers.lines().filter(|l| !l.contains(": lo:")).count();
+    if left > 0 {
+        return Err(Error::Teardown(format!(
+            "{left} links left in the node namespace:\n{leftovers}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! enforce-bench: enforcement latency of the real palisade-agent (manifest source → probe flip),
+//! the agent's CPU and memory under churn, and the compiler's per-change cost.
+//!
+//! `run` needs root and the agent binary; it creates and deletes its own namespaces. `compile-cost`
+//! needs neither. `probe-loop`, `serve` and `fetch-metrics` are run by `run` inside the namespaces.
+
+use clap::{Parser, Subcommand};
+use palisade_bench::datapath::{enforce, report, traffic};
+use palisade_bench::{Error, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(about = "palisade enforcement-latency and scale benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure enforcement latency and agent CPU/RSS; write bench/results/<name>.{json,md}.
+    Run {
+        /// palisade-agent binary.
+        #[arg(long, default_value = "target/release/palisade-agent")]
+        agent: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        pods: Vec<usize>,
+        /// Background policies per pod (0.1: 1,000 policies at 10,000 pods).
+        #[arg(long, default_value_t = 0.1)]
+        policies_per_pod: f64,
+        /// Trials per scenario (each a grant and a revoke).
+        #[arg(long, default_value_t = 100)]
+        trials: usize,
+        /// Background churn rates (changes per second) to measure under.
+        #[arg(long, value_delimiter = ',', default_value = "0,20,100")]
+        churn: Vec<u32>,
+        /// Also measure the compiler's per-change cost with this many changes per size (0: skip).
+        #[arg(long, default_value_t = 200)]
+        compile_changes: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Only the compiler's per-change cost (no root, no agent).
+    CompileCost {
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        pods: Vec<usize>,
+        #[arg(long, default_value_t = 0.1)]
+        policies_per_pod: f64,
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// SYN probe every interval; prints `<monotonic ns> open|blocked` at start and at each flip.
+    ProbeLoop {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        interval_us: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_us: u64,
+        #[arg(long)]
+        secs: u64,
+    },
+    /// The probe's server (accepts and closes; same as datapath-bench serve).
+    Serve {
+        #[arg(long)]
+        ip: String,
+        #[arg(long)]
+        crr_port: u16,
+        #[arg(long)]
+        rr_port: u16,
+        #[arg(long)]
+        secs: u64,
+    },
+    /// GET /metrics from the agent (run inside its namespace).
+    FetchMetrics {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Err(e) = real_main(Cli::parse()) {
+        tracing::error!(error = %e, "enforce-bench failed");
+        std::process::exit(1);
+    }
+}
+
+fn policies_for(pods: usize, per_pod: f64) -> usize {
+    (pods as f64 * per_pod).round() as usize
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::ProbeLoop {
+            target,
+            interval_us,
+            timeout_us,
+            secs,
+        } => {
+            enforce::probe_loop(
+                target,
+                Duration::from_micros(interval_us),
+                Duration::from_micros(timeout_us),
+                Duration::from_secs(secs),
+            );
+            Ok(())
+        }
+        Command::Serve {
+            ip,
+            crr_port,
+            rr_port,
+            secs,
+        } => traffic::serve(&ip, crr_port, rr_port, Duration::from_secs(secs)),
+        Command::FetchMetrics { addr } => {
+            print!("{}", enforce::http_get(addr, "/metrics")?);
+            Ok(())
+        }
+        Command::CompileCost {
+            pods,
+            policies_per_pod,
+            changes,
+            seed,
+        } => {
+            let mut costs = Vec::new();
+            for p in pods {
+                costs.push(enforce::compile_cost(
+                    p,
+                    policies_for(p, policies_per_pod),
+                    changes,
+                    seed,
+                )?);
+            }
+            print!("{}", enforce::markdown(&[], &costs, &[]));
+            Ok(())
+        }
+        Command::Run {
+            agent,
+            pods,
+            policies_per_pod,
+            trials,
+            churn,
+            compile_changes,
+            seed,
+            out,
+            name,
+        } => {
+            let exe = std::env::current_exe()
+                .map_err(palisade_bench::io_err_pub("finding this binary"))?;
+            let agent = std::fs::canonicalize(&agent).map_err(palisade_bench::io_err_pub(
+                format!("finding the agent at {}", agent.display()),
+            ))?;
+            let work_dir =
+                std::env::temp_dir().join(format!("palisade-enforce-{}", std::process::id()));
+            let cfg = enforce::Config {
+                agent,
+                exe,
+                pods: pods.clone(),
+                policies_per_pod,
+                trials,
+                churn,
+                seed,
+                work_dir: work_dir.clone(),
+            };
+            let command: String = std::env::args().collect::<Vec<_>>().join(" ");
+            let started = palisade_bench::utc_now();
+            let before = report::machine();
+            let run = enforce::run(&cfg);
+            let _ = std::fs::remove_dir_all(&work_dir);
+            let (results, metrics) = run?;
+            let mut costs = Vec::new();
+            if compile_changes > 0 {
+                for &p in &pods {
+                    costs.push(enforce::compile_cost(
+                        p,
+                        policies_for(p, policies_per_pod),
+                        compile_changes,
+                        seed,
+                    )?);
+                }
+            }
+            let after = report::machine();
+            std::fs::create_dir_all(&out).map_err(palisade_bench::io_err_pub(format!(
+                "creating {}",
+                out.display()
+            )))?;
+            let stem = name.unwrap_or_else(|| format!("enforce-{}", palisade_bench::unix_now()));
+            let json_path = out.join(format!("{stem}.json"));
+            let json = serde_json::json!({"scenarios": results, "compile_cost": costs});
+            let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Parse {
+                what: "results".into(),
+                detail: e.to_string(),
+            })?;
+            std::fs::write(&json_path, text).map_err(|source| Error::Write {
+                path: json_path.clone(),
+                source,
+            })?;
+            let md = format!(
+                "# Enforcement latency and agent scale (issue 7)\n\nStarted {started} (UTC).\n\nCommand:\n\n```\n{command}\n```\n\n## Machine\n\nBefore:\n\n{before}\nAfter:\n\n{after}\n## Method\n\n\
+Lab of `bench/src/datapath/topo.rs` (client pod on node 1, server pod on node 2). The real `palisade-agent run --manifests DIR --node-name node-2 --no-routes` runs in node 2's namespace; \
+the synthetic cluster (`Shape::for_pods`: pods spread over 100 nodes, background policies that do not select the measured pods) is one List file, the measured objects are small files. \
+The server is isolated by a deny-all ingress policy. A probe in the client pod sends a SYN to the server every 1 ms (1 ms timeout) and timestamps each flip with CLOCK_MONOTONIC; \
+a change is timestamped just before its file is renamed into (or unlinked from) the directory. Latency = flip − write, so it includes inotify, parsing, debounce (5 ms default), compile, diff, \
+the nft commit and up to ~1 ms of probe granularity. Changes: policy create/delete (grant/revoke), the client's label added/removed (the policy selects it), the client pod created/deleted \
+(a remote pod entering/leaving a peer set). Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
+its CPU figures are the agent's /proc utime+stime over the scenario's wall time. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}",
+                enforce::markdown(&results, &costs, &metrics)
+            );
+            let md_path = out.join(format!("{stem}.md"));
+            std::fs::write(&md_path, md).map_err(|source| Error::Write {
+                path: md_path.clone(),
+                source,
+            })?;
+            println!("{}", md_path.display());
+            Ok(())
+        }
+    }
+}

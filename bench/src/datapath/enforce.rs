@@ -1,0 +1,807 @@
+//! Enforcement latency: from the moment a change is written into the agent's manifest directory to
+//! the moment a probe that sends a SYN every millisecond flips, for policy create/delete, label
+//! change and new/deleted pod, with the real `palisade-agent` running in the server's node namespace.
+//! Also the agent's CPU time and memory, at rest and while a background churn writes changes.
+
+use super::cmd::{run_in, ChildGuard};
+use super::k8s;
+use super::rng::Rng;
+use super::stats::{max, median, quantile};
+use super::topo::{Lab, CLIENT_IP, SERVER_IP};
+use super::workload::{Cluster, Shape};
+use crate::{io_err, Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Port the probe targets on the server pod.
+pub const PROBE_PORT: u16 = 7000;
+/// How long one flip may take before the trial counts as failed.
+pub const FLIP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Node the agent runs as (the server's node).
+pub const AGENT_NODE: &str = "node-2";
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of the machine.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The probe: one SYN every `interval`; prints `<mono_ns> open|blocked` at start and at every flip.
+/// The timestamp of a flip is the send time of the first attempt with the new outcome.
+pub fn probe_loop(
+    target: std::net::SocketAddr,
+    interval: Duration,
+    timeout: Duration,
+    duration: Duration,
+) {
+    use std::io::Write;
+    let start = Instant::now();
+    let mut last: Option<bool> = None;
+    let mut next = Instant::now();
+    let stdout = std::io::stdout();
+    while start.elapsed() < duration {
+        let sent = mono_ns();
+        let open =
+            super::traffic::probe_once(target, timeout) == super::traffic::ProbeOutcome::Open;
+        if last != Some(open) {
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{sent} {}", if open { "open" } else { "blocked" });
+            let _ = out.flush();
+            last = Some(open);
+        }
+        next += interval;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+}
+
+/// CPU seconds (user + system) and memory of a process, from /proc.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct ProcStats {
+    pub cpu_seconds: f64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+}
+
+pub fn proc_stats(pid: u32) -> Result<ProcStats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(io_err(format!("reading /proc/{pid}/stat")))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the state field (index 0).
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(io_err(format!("reading /proc/{pid}/status")))?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(ProcStats {
+        cpu_seconds: (ticks(11) + ticks(12)) / hz,
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+    })
+}
+
+/// Writes `name` into the manifest directory atomically (dotfile + rename); returns the monotonic
+/// time just before the rename, which is when the change becomes visible.
+pub fn write_manifest(dir: &Path, name: &str, doc: &Value) -> Result<u64> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let text = serde_json::to_vec(doc).map_err(|e| Error::Parse {
+        what: "manifest".into(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(&tmp, text).map_err(|source| Error::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    let t = mono_ns();
+    std::fs::rename(&tmp, dir.join(name))
+        .map_err(io_err(format!("renaming into {}", dir.display())))?;
+    Ok(t)
+}
+
+/// Removes `name` from the manifest directory; returns the monotonic time just before the unlink.
+pub fn remove_manifest(dir: &Path, name: &str) -> Result<u64> {
+    let t = mono_ns();
+    std::fs::remove_file(dir.join(name)).map_err(io_err(format!("removing {name}")))?;
+    Ok(t)
+}
+
+fn list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
+/// The measured client pod object, with or without the `access=yes` label.
+fn client_pod(access: bool) -> Value {
+    let mut labels = json!({"app": "client"});
+    if access {
+        labels["access"] = json!("yes");
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "client", "namespace": "bench", "labels": labels, "uid": "bench-client"},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "none"}]},
+        "status": {"phase": "Running", "podIP": CLIENT_IP, "podIPs": [{"ip": CLIENT_IP}]}
+    })
+}
+
+/// A policy on the server admitting pods matching `from` on the probe port.
+fn allow_policy(name: &str, from: Value) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": from}}], "ports": [{"protocol": "TCP", "port": PROBE_PORT}]}]}
+    })
+}
+
+/// The server's default deny (always present): the server is ingress-isolated.
+fn server_deny() -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "server-deny", "namespace": "bench"},
+        "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}
+    })
+}
+
+const F_CLUSTER: &str = "00-cluster.json";
+const F_DENY: &str = "05-server-deny.json";
+const F_CLIENT: &str = "10-client.json";
+const F_ALLOW: &str = "60-allow.json";
+const F_ALLOW_LABEL: &str = "61-allow-access.json";
+
+/// The changes measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scenario {
+    /// grant: create a policy admitting the client; revoke: delete it.
+    Policy,
+    /// grant: the client pod gains the label the policy selects; revoke: loses it.
+    Label,
+    /// grant: a new (remote) pod matching the policy's peers appears; revoke: it is deleted.
+    Pod,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 3] = [Scenario::Policy, Scenario::Label, Scenario::Pod];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Policy => "policy create/delete",
+            Scenario::Label => "label change",
+            Scenario::Pod => "new/deleted pod",
+        }
+    }
+
+    /// Puts the directory in this scenario's starting (blocked) state.
+    fn setup(self, dir: &Path) -> Result<()> {
+        let _ = std::fs::remove_file(dir.join(F_ALLOW));
+        let _ = std::fs::remove_file(dir.join(F_ALLOW_LABEL));
+        match self {
+            Scenario::Policy => {
+                write_manifest(dir, F_CLIENT, &client_pod(false))?;
+            }
+            Scenario::Label => {
+                write_manifest(dir, F_CLIENT, &client_pod(false))?;
+                write_manifest(
+                    dir,
+                    F_ALLOW_LABEL,
+                    &allow_policy("allow-access", json!({"access": "yes"})),
+                )?;
+            }
+            Scenario::Pod => {
+                let _ = std::fs::remove_file(dir.join(F_CLIENT));
+                write_manifest(
+                    dir,
+                    F_ALLOW,
+                    &allow_policy("allow-client", json!({"app": "client"})),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn grant(self, dir: &Path) -> Result<u64> {
+        match self {
+            Scenario::Policy => write_manifest(
+                dir,
+                F_ALLOW,
+                &allow_policy("allow-client", json!({"app": "client"})),
+            ),
+            Scenario::Label => write_manifest(dir, F_CLIENT, &client_pod(true)),
+            Scenario::Pod => write_manifest(dir, F_CLIENT, &client_pod(false)),
+        }
+    }
+
+    fn revoke(self, dir: &Path) -> Result<u64> {
+        match self {
+            Scenario::Policy => remove_manifest(dir, F_ALLOW),
+            Scenario::Label => write_manifest(dir, F_CLIENT, &client_pod(false)),
+            Scenario::Pod => remove_manifest(dir, F_CLIENT),
+        }
+    }
+}
+
+/// Latencies of one scenario at one size, in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub pods: usize,
+    pub policies: usize,
+    pub churn_per_second: u32,
+    pub scenario: Scenario,
+    pub grant_ms: Vec<f64>,
+    pub revoke_ms: Vec<f64>,
+    pub failures: usize,
+    pub agent_before: ProcStats,
+    pub agent_after: ProcStats,
+    pub wall_seconds: f64,
+    pub churn_writes: u64,
+}
+
+impl ScenarioResult {
+    pub fn summary(v: &[f64]) -> (f64, f64, f64) {
+        (
+            median(v).unwrap_or(f64::NAN),
+            quantile(v, 0.99).unwrap_or(f64::NAN),
+            max(v).unwrap_or(f64::NAN),
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: PathBuf,
+    pub exe: PathBuf,
+    pub pods: Vec<usize>,
+    pub policies_per_pod: f64,
+    pub trials: usize,
+    pub churn: Vec<u32>,
+    pub seed: u64,
+    pub work_dir: PathBuf,
+}
+
+/// Flip events from the probe process.
+struct Probe {
+    _guard: ChildGuard,
+    rx: mpsc::Receiver<(u64, bool)>,
+    state: Option<bool>,
+}
+
+impl Probe {
+    fn start(lab: &Lab, exe: &str) -> Result<Probe> {
+        let target = format!("{SERVER_IP}:{PROBE_PORT}");
+        let mut guard = ChildGuard::spawn_in(
+            &lab.client,
+            exe,
+            &["probe-loop", "--target", &target, "--secs", "7200"],
+        )?;
+        let stdout = guard
+            .child_mut()
+            .and_then(|c| c.stdout.take())
+            .ok_or_else(|| Error::Invalid("probe stdout not captured".into()))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                let mut it = line.split_whitespace();
+                if let (Some(ns), Some(state)) =
+                    (it.next().and_then(|v| v.parse::<u64>().ok()), it.next())
+                {
+                    if tx.send((ns, state == "open")).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Probe {
+            _guard: guard,
+            rx,
+            state: None,
+        })
+    }
+
+    /// Waits until the probe reports `open` (true) or `blocked`; returns the flip time.
+    fn wait_for(&mut self, open: bool, limit: Duration) -> Option<u64> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.state == Some(open) {
+                return Some(0);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.rx.recv_timeout(left) {
+                Ok((ns, state)) => {
+                    self.state = Some(state);
+                    if state == open {
+                        return Some(ns);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Applies a change and waits for the flip to `open`; returns the latency in ms.
+    fn measure(&mut self, open: bool, change: impl FnOnce() -> Result<u64>) -> Result<Option<f64>> {
+        // Drain anything pending so `state` is current.
+        while let Ok((_, s)) = self.rx.try_recv() {
+            self.state = Some(s);
+        }
+        if self.state == Some(open) {
+            return Err(Error::Invalid(format!(
+                "probe already {} before the change",
+                if open { "open" } else { "blocked" }
+            )));
+        }
+        let t0 = change()?;
+        Ok(self
+            .wait_for(open, FLIP_TIMEOUT)
+            .map(|t| (t.saturating_sub(t0)) as f64 / 1e6))
+    }
+}
+
+/// Background churn: every 1/rate seconds, one random background pod gets another `role` label
+/// (one of 200 churn files, each overriding one pod; rewriting a file moves its override to another
+/// pod, so a write is one or two pod changes).
+struct Churn {
+    stop: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Churn {
+    fn start(dir: &Path, cluster: &Cluster, rate: u32, seed: u64) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let handle = (rate > 0).then(|| {
+            let (stop, writes, dir) = (stop.clone(), writes.clone(), dir.to_path_buf());
+            let pods: Vec<_> = cluster
+                .pods
+                .iter()
+                .filter(|p| p.namespace != "bench")
+                .cloned()
+                .collect();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed);
+                let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut pod = pods[rng.below(pods.len() as u64) as usize].clone();
+                    pod.labels
+                        .insert("role".into(), format!("r{}", rng.below(20)));
+                    let name = format!("70-churn-{}.json", rng.below(200));
+                    if write_manifest(&dir, &name, &k8s::pod(&pod)).is_ok() {
+                        writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    next += period;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
+                    }
+                }
+            })
+        });
+        Churn {
+            stop,
+            writes,
+            handle,
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.writes.load(Ordering::Relaxed)
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", p.display())))
+}
+
+/// The agent's /metrics text at the end of each size's run, by pod count.
+pub type AgentMetrics = Vec<(usize, String)>;
+
+/// Runs every size; returns every scenario result and the agent's metrics per size.
+pub fn run(cfg: &Config) -> Result<(Vec<ScenarioResult>, AgentMetrics)> {
+    let lab = Lab::create()?;
+    super::rulesets::load_base(&lab.node1)?;
+    super::rulesets::load_base(&lab.node2)?;
+    let exe = path_str(&cfg.exe)?.to_string();
+    let _server = {
+        let mut s = ChildGuard::spawn_in(
+            &lab.server,
+            &exe,
+            &[
+                "serve",
+                "--ip",
+                SERVER_IP,
+                "--crr-port",
+                &PROBE_PORT.to_string(),
+                "--rr-port",
+                "7001",
+                "--secs",
+                "7200",
+            ],
+        )?;
+        let out = s
+            .child_mut()
+            .and_then(|c| c.stdout.take())
+            .ok_or_else(|| Error::Invalid("server stdout".into()))?;
+        let mut line = String::new();
+        BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(io_err("reading the server's ready line"))?;
+        s
+    };
+    let mut results = Vec::new();
+    let mut metrics = Vec::new();
+    for (i, &pods) in cfg.pods.iter().enumerate() {
+        let policies = (pods as f64 * cfg.policies_per_pod).round() as usize;
+        let work = cfg.work_dir.join(format!("size-{i}-{pods}"));
+        let r = run_size(cfg, &lab, &exe, &work, pods, policies);
+        // The agent is gone; remove its table so the next size starts clean.
+        let _ = run_in(
+            &lab.node2,
+            "nft",
+            &["delete", "table", "inet", palisade_contract::TABLE_NAME],
+            None,
+        );
+        match r {
+            Ok((mut v, m)) => {
+                results.append(&mut v);
+                metrics.push((pods, m));
+            }
+            Err(e) => tracing::error!(pods, error = %e, "size failed; continuing with the next"),
+        }
+    }
+    Ok((results, metrics))
+}
+
+fn run_size(
+    cfg: &Config,
+    lab: &Lab,
+    exe: &str,
+    work: &Path,
+    pods: usize,
+    policies: usize,
+) -> Result<(Vec<ScenarioResult>, String)> {
+    let manifests = work.join("manifests");
+    let state = work.join("state");
+    let conf = work.join("cni");
+    let ipam = work.join("ipam");
+    for d in [&manifests, &state, &conf, &ipam] {
+        std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+    }
+    let cluster = Cluster::generate_shape(Shape::for_pods(pods, policies), cfg.seed)?;
+    // Everything but the measured client pod goes into one list; the client has its own file.
+    let objects: Vec<Value> = k8s::objects(&cluster)
+        .into_iter()
+        .filter(|o| o["metadata"]["name"] != "client")
+        .collect();
+    write_manifest(&manifests, F_CLUSTER, &list(objects))?;
+    write_manifest(&manifests, F_DENY, &server_deny())?;
+    Scenario::Policy.setup(&manifests)?;
+    let log = work.join("agent.log");
+    let agent = ChildGuard::spawn_in_logged(
+        &lab.node2,
+        path_str(&cfg.agent)?,
+        &[
+            "run",
+            "--node-name",
+            AGENT_NODE,
+            "--manifests",
+            path_str(&manifests)?,
+            "--state-dir",
+            path_str(&state)?,
+            "--cni-conf-dir",
+            path_str(&conf)?,
+            "--ipam-data-dir",
+            path_str(&ipam)?,
+            "--listen",
+            "127.0.0.1:9799",
+            "--no-routes",
+            "--resync-seconds",
+            "3600",
+        ],
+        &log,
+    )?;
+    let pid = agent
+        .pid()
+        .ok_or_else(|| Error::Invalid("agent has no pid".into()))?;
+    let started = Instant::now();
+    let conflist = conf.join(palisade_contract::CONFLIST_FILE);
+    while !conflist.exists() {
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(Error::Invalid(format!(
+                "agent wrote no conflist in 300 s; see {}",
+                log.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first_sync = started.elapsed().as_secs_f64();
+    tracing::info!(pods, policies, first_sync_s = first_sync, "agent synced");
+    let mut probe = Probe::start(lab, exe)?;
+    let mut results = Vec::new();
+    for &churn in &cfg.churn {
+        for scenario in Scenario::ALL {
+            scenario.setup(&manifests)?;
+            if probe.wait_for(false, Duration::from_secs(10)).is_none() {
+                return Err(Error::Invalid(format!(
+                    "{}: probe not blocked after setup",
+                    scenario.name()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let churner = Churn::start(&manifests, &cluster, churn, cfg.seed ^ u64::from(churn));
+            let before = proc_stats(pid)?;
+            let t = Instant::now();
+            let mut res = ScenarioResult {
+                pods: cluster.pods.len(),
+                policies,
+                churn_per_second: churn,
+                scenario,
+                grant_ms: Vec::new(),
+                revoke_ms: Vec::new(),
+                failures: 0,
+                agent_before: before,
+                agent_after: before,
+                wall_seconds: 0.0,
+                churn_writes: 0,
+            };
+            let mut rng = Rng::new(cfg.seed);
+            for _ in 0..cfg.trials {
+                match probe.measure(true, || scenario.grant(&manifests))? {
+                    Some(ms) => res.grant_ms.push(ms),
+                    None => res.failures += 1,
+                }
+                std::thread::sleep(Duration::from_millis(10 + rng.below(20)));
+                match probe.measure(false, || scenario.revoke(&manifests))? {
+                    Some(ms) => res.revoke_ms.push(ms),
+                    None => res.failures += 1,
+                }
+                std::thread::sleep(Duration::from_millis(10 + rng.below(20)));
+                if res.failures > 5 {
+                    break;
+                }
+            }
+            res.churn_writes = churner.finish();
+            res.wall_seconds = t.elapsed().as_secs_f64();
+            res.agent_after = proc_stats(pid)?;
+            let (g50, g99, gmax) = ScenarioResult::summary(&res.grant_ms);
+            let (r50, r99, rmax) = ScenarioResult::summary(&res.revoke_ms);
+            tracing::info!(
+                pods,
+                churn,
+                scenario = scenario.name(),
+                g50,
+                g99,
+                gmax,
+                r50,
+                r99,
+                rmax,
+                failures = res.failures,
+                "scenario done"
+            );
+            results.push(res);
+        }
+    }
+    drop(probe);
+    let metrics = run_in(
+        &lab.node2,
+        exe,
+        &["fetch-metrics", "--addr", "127.0.0.1:9799"],
+        None,
+    )
+    .unwrap_or_else(|e| format!("(no metrics: {e})"));
+    drop(agent);
+    Ok((results, metrics))
+}
+
+/// Fetches `path` from an HTTP/1.0 server (the agent's /metrics), inside whatever namespace we run in.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(io_err(format!("connecting to {addr}")))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_err("setting read timeout"))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(io_err("sending the request"))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)
+        .map_err(io_err("reading the response"))?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(body))
+}
+
+/// Per-change cost of the compiler as the agent uses it (apply one change, compile the node, diff
+/// against the last ruleset), under the same churn as [`Churn`]; one figure per change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompileCost {
+    pub pods: usize,
+    pub policies: usize,
+    pub initial_compile_ms: f64,
+    pub initial_batch_bytes: usize,
+    pub change_ms: Vec<f64>,
+    pub batch_bytes: Vec<f64>,
+    pub batch_commands: Vec<f64>,
+}
+
+/// Measures [`CompileCost`] for `changes` churn changes (role flips of random pods; every tenth is a
+/// policy created or deleted).
+pub fn compile_cost(
+    pods: usize,
+    policies: usize,
+    changes: usize,
+    seed: u64,
+) -> Result<CompileCost> {
+    use palisade_policy::model::Change;
+    let cluster = Cluster::generate_shape(Shape::for_pods(pods, policies), seed)?;
+    let mut state = k8s::cluster_state(&cluster)?;
+    let t = Instant::now();
+    let mut last = palisade_policy::compile(&state, AGENT_NODE);
+    let initial_batch = last.ruleset.full_replace();
+    let initial_compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let others: Vec<_> = cluster
+        .pods
+        .iter()
+        .filter(|p| p.namespace != "bench")
+        .collect();
+    let mut out = CompileCost {
+        pods: cluster.pods.len(),
+        policies,
+        initial_compile_ms,
+        initial_batch_bytes: initial_batch.bytes,
+        change_ms: Vec::new(),
+        batch_bytes: Vec::new(),
+        batch_commands: Vec::new(),
+    };
+    let extra = allow_policy("churn-allow", json!({"app": "client"}));
+    let mut extra_present = false;
+    for i in 0..changes {
+        let change = if i % 10 == 9 {
+            extra_present = !extra_present;
+            if extra_present {
+                k8s::change(&extra)?
+            } else {
+                Change::DeletePolicy {
+                    namespace: "bench".into(),
+                    name: "churn-allow".into(),
+                }
+            }
+        } else {
+            let mut pod = others[rng.below(others.len() as u64) as usize].clone();
+            pod.labels
+                .insert("role".into(), format!("r{}", rng.below(20)));
+            k8s::change(&k8s::pod(&pod))?
+        };
+        let t = Instant::now();
+        state.apply(change);
+        let next = palisade_policy::compile(&state, AGENT_NODE);
+        let batch = palisade_policy::diff(&last.ruleset, &next.ruleset);
+        let _text = batch.to_json_string();
+        out.change_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        out.batch_bytes.push(batch.bytes as f64);
+        out.batch_commands.push(batch.commands as f64);
+        last = next;
+    }
+    Ok(out)
+}
+
+/// Markdown for the enforcement results.
+pub fn markdown(
+    results: &[ScenarioResult],
+    costs: &[CompileCost],
+    metrics: &[(usize, String)],
+) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "### Enforcement latency (ms, change written → probe flips; probe period 1 ms)\n"
+    );
+    let _ = writeln!(o, "| pods | policies | churn/s | change | grant p50 | grant p99 | grant max | revoke p50 | revoke p99 | revoke max | n (grant/revoke) | failed |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let (g50, g99, gmax) = ScenarioResult::summary(&r.grant_ms);
+        let (r50, r99, rmax) = ScenarioResult::summary(&r.revoke_ms);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {g50:.1} | {g99:.1} | {gmax:.1} | {r50:.1} | {r99:.1} | {rmax:.1} | {}/{} | {} |",
+            r.pods, r.policies, r.churn_per_second, r.scenario.name(), r.grant_ms.len(), r.revoke_ms.len(), r.failures
+        );
+    }
+    let _ = writeln!(o, "\n### Agent CPU and memory during each scenario\n");
+    let _ = writeln!(o, "| pods | churn/s (writes) | change | wall s | agent CPU s | CPU share of one core | RSS MiB | peak RSS MiB |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let cpu = r.agent_after.cpu_seconds - r.agent_before.cpu_seconds;
+        let _ = writeln!(
+            o,
+            "| {} | {} ({}) | {} | {:.1} | {:.2} | {:.0} % | {:.1} | {:.1} |",
+            r.pods,
+            r.churn_per_second,
+            r.churn_writes,
+            r.scenario.name(),
+            r.wall_seconds,
+            cpu,
+            100.0 * cpu / r.wall_seconds.max(1e-9),
+            r.agent_after.rss_kib as f64 / 1024.0,
+            r.agent_after.hwm_kib as f64 / 1024.0
+        );
+    }
+    if !costs.is_empty() {
+        let _ = writeln!(o, "\n### Compiler cost per change (apply + compile node + diff + render JSON, in process)\n");
+        let _ = writeln!(o, "| pods | policies | initial compile ms | initial batch KiB | per change p50 ms | p99 ms | max ms | batch bytes p50 | p99 | commands p50 |");
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|");
+        for c in costs {
+            let (a, b, m) = ScenarioResult::summary(&c.change_ms);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.1} | {:.0} | {a:.2} | {b:.2} | {m:.2} | {:.0} | {:.0} | {:.0} |",
+                c.pods,
+                c.policies,
+                c.initial_compile_ms,
+                c.initial_batch_bytes as f64 / 1024.0,
+                median(&c.batch_bytes).unwrap_or(f64::NAN),
+                quantile(&c.batch_bytes, 0.99).unwrap_or(f64::NAN),
+                median(&c.batch_commands).unwrap_or(f64::NAN)
+            );
+        }
+    }
+    for (pods, m) in metrics {
+        let lines: Vec<&str> = m
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.contains("reconcile_duration_seconds_sum")
+                        || l.contains("reconcile_duration_seconds_count")
+                        || l.contains("transactions_total")
+                        || l.contains("errors_total")
+                        || l.starts_with("palisade_nft")
+                        || l.starts_with("palisade_pods")
+                        || l.starts_with("palisade_policies"))
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "\nAgent /metrics at the end of the {pods}-pod run:\n\n```\n{}\n```",
+            lines.join("\n")
+        );
+    }
+    o
+}
