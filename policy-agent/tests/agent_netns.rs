@@ -435,3 +435,132 @@ fn a_new_pod_is_never_reachable_before_its_policy_is_in() {
         "control: new pod unreachable without policy"
     );
 }
+
+/// The real `palisade` CNI binary, built beside the agent (`cargo build --workspace --bins`).
+fn plugin_binary() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_palisade-agent")).with_file_name("palisade");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs the plugin in the node namespace as a runtime would for the first plugin of our conflist.
+fn plugin_add(
+    node: &Netns,
+    conflist: &std::path::Path,
+    pod: &Netns,
+    container_id: &str,
+    args: &str,
+) -> std::process::Output {
+    let bin = plugin_binary();
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conflist).expect("conflist"))
+            .expect("conflist json");
+    let mut conf = list["plugins"][0].clone();
+    conf["name"] = list["name"].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.0, bin.to_str().unwrap()])
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/run/netns/{}", pod.0))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin.parent().unwrap())
+        .env("CNI_ARGS", args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run palisade");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
+    let s = isolated_target(&[]);
+    let conflist = s.d.cni_conf.join(palisade_contract::CONFLIST_FILE);
+    assert!(
+        wait_until(Duration::from_secs(5), || conflist.exists()),
+        "no conflist"
+    );
+    let fresh_ip = "10.244.1.30";
+    let pod = Netns::new("pap");
+    let log = s.t.0.join("real.log");
+    let _rx = Receiver::start(&pod, PORT, &log);
+    let _tx = Sender::start(&s._client.ns, fresh_ip, PORT, 2);
+    std::thread::sleep(Duration::from_millis(100));
+    // The Pod object is not known yet (API lag): only the pending mark protects the pod.
+    let t_add = now();
+    let out = plugin_add(
+        &s.n1,
+        &conflist,
+        &pod,
+        "real0001",
+        &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=real;IP={fresh_ip}"),
+    );
+    assert!(
+        out.status.success(),
+        "ADD failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(fresh_ip),
+        "ADD result: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        arrivals(&log).is_empty(),
+        "a pending pod was reachable {:.1} ms after ADD",
+        (arrivals(&log)[0] - t_add) * 1e3
+    );
+    manifest(
+        &s.d.manifests,
+        "real.yaml",
+        &format!(
+            "{}{}",
+            pod_yaml("demo", "real", "real", NODE, None),
+            deny_ingress_yaml("demo", "deny-real", "real")
+        ),
+    );
+    let pending = || {
+        String::from_utf8_lossy(
+            &s.n1
+                .exec(&["nft", "list", "set", "inet", "palisade", "pending_v4"])
+                .stdout,
+        )
+        .contains(fresh_ip)
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || !pending()),
+        "pending mark never cleared"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let got = arrivals(&log);
+    assert!(
+        got.is_empty(),
+        "{} probes reached the new pod before or after its policy",
+        got.len()
+    );
+    // Control: without the deny policy the pod is reachable through the plugin's wiring.
+    manifest(
+        &s.d.manifests,
+        "real.yaml",
+        &pod_yaml("demo", "real", "real", NODE, None),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !arrivals(&log).is_empty()),
+        "control: pod unreachable without policy"
+    );
+}
