@@ -340,6 +340,58 @@ async fn watch_timeout_resumes_from_last_resource_version_without_relist() {
 }
 
 #[tokio::test]
+async fn bookmarks_keep_a_quiet_kind_resumable_after_compaction() {
+    let server = ApiServer::start().await;
+    populate(&server);
+    let mut run = start(&server, Some(1));
+    run.events
+        .until("Synced", WAIT, |e| *e == SourceEvent::Synced)
+        .await;
+
+    // Pods churn, nodes stay quiet: only the BOOKMARK at the end of each node watch moves the node
+    // watcher's resourceVersion forward.
+    server.apply(pod("default", "churn", "v1"));
+    let churned = server.apply(pod("default", "churn", "v2"));
+    server
+        .wait_for_requests("a node watch resumed from a bookmark", WAIT, |rs| {
+            rs.iter().any(|r| {
+                r.resource == "nodes"
+                    && r.watch
+                    && r.params
+                        .get("resourceVersion")
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .is_some_and(|v| v >= churned)
+            })
+        })
+        .await;
+    server.compact();
+    let after_compaction = server.requests().len();
+    server
+        .wait_for_requests("a node watch after the compaction", WAIT, |rs| {
+            rs[after_compaction..]
+                .iter()
+                .any(|r| r.resource == "nodes" && r.watch)
+        })
+        .await;
+    let node_watches = server.requests_for("nodes", true);
+    assert!(
+        node_watches.iter().all(|r| !r.gone),
+        "the bookmarked node watch resumes after compaction without 410: {node_watches:?}"
+    );
+    assert_eq!(
+        server.requests_for("nodes", false).len(),
+        1,
+        "no node relist"
+    );
+    run.events
+        .until("Applied churn", WAIT, |e| {
+            is(e, "Applied Pod default/churn")
+        })
+        .await;
+    run.task.abort();
+}
+
+#[tokio::test]
 async fn deletes_missed_while_disconnected_are_replayed_by_resuming_the_watch() {
     let server = ApiServer::start().await;
     populate(&server);
