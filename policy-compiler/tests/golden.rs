@@ -1,0 +1,65 @@
+//! Golden nft JSON for representative policies (regenerate with `UPDATE_GOLDEN=1`), and proof
+//! that every golden ruleset is accepted by the real `nft -j -f` in a throwaway netns (root).
+
+mod common;
+
+use palisade_policy::compile;
+use std::path::PathBuf;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("golden")
+}
+
+fn rendered() -> Vec<(&'static str, String)> {
+    common::scenarios()
+        .into_iter()
+        .map(|(name, st)| {
+            let rs = compile(&st, common::NODE).ruleset;
+            (
+                name,
+                serde_json::to_string_pretty(&rs.full_replace().json).unwrap() + "\n",
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn golden_rulesets_are_unchanged() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    for (name, text) in rendered() {
+        let path = golden_dir().join(format!("{name}.json"));
+        if update {
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+                path.display()
+            )
+        });
+        assert!(
+            want == text,
+            "{name}: rendering changed; review and rerun with UPDATE_GOLDEN=1\n{text}"
+        );
+    }
+}
+
+#[test]
+fn golden_rulesets_load_into_real_nft_root() {
+    for (name, text) in rendered() {
+        let ns = common::Netns::new();
+        ns.nft_load(&text)
+            .unwrap_or_else(|e| panic!("{name}: nft rejected the ruleset: {e}"));
+        // Load twice: a full replace must also work over an existing table.
+        ns.nft_load(&text)
+            .unwrap_or_else(|e| panic!("{name}: second full replace failed: {e}"));
+        let listed = ns.list_table();
+        assert!(
+            listed.as_array().unwrap().len() > 10,
+            "{name}: table looks empty"
+        );
+    }
+}
