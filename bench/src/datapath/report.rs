@@ -130,8 +130,11 @@ fn table(
         let _ = write!(out, "| {p} |");
         for s in systems {
             match t.get(&(*p, s.clone())) {
-                Some((abs, ratio, n)) => {
+                Some((abs, ratio, n)) if ratio.is_finite() => {
                     let _ = write!(out, " {abs:.1} {unit} (×{ratio:.3}, n={n}) |");
+                }
+                Some((abs, _, n)) => {
+                    let _ = write!(out, " {abs:.1} {unit} (n={n}) |");
                 }
                 None => {
                     let _ = write!(out, " – |");

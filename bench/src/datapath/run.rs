@@ -330,3 +330,64 @@ fn iperf(lab: &Lab, secs: u64) -> Result<f64> {
             detail: "no end.sum_received.bits_per_second".into(),
         })
 }
+
+/// Runs `f` on a fresh thread that has entered network namespace `ns` (only that thread moves).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).map_err(crate::io_err(format!("opening {path}")))?;
+    let handle = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd; it only changes this thread's network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(Error::Io {
+                context: "entering the namespace".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(f())
+    });
+    handle
+        .join()
+        .map_err(|_| Error::Invalid("namespace thread panicked".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::traffic::{probe_once, ProbeOutcome};
+    use std::net::{SocketAddr, TcpListener};
+
+    /// Needs root (we always run tests as root): fails, never skips, when it cannot build the lab.
+    #[test]
+    fn every_system_admits_the_measured_flow_and_drops_a_port_no_policy_admits() {
+        let lab = Lab::create().expect("creating the lab needs root");
+        rulesets::load_base(&lab.node1).unwrap();
+        rulesets::load_base(&lab.node2).unwrap();
+        let listener = in_netns(&lab.server, || TcpListener::bind((SERVER_IP, CRR_PORT)))
+            .unwrap()
+            .unwrap();
+        let cluster = Cluster::generate(100, 42).unwrap();
+        let allowed: SocketAddr = format!("{SERVER_IP}:{CRR_PORT}").parse().unwrap();
+        let denied: SocketAddr = format!("{SERVER_IP}:{DENIED_PORT}").parse().unwrap();
+        for sys in System::ALL {
+            for (ns, node) in [(&lab.node1, "node-1"), (&lab.node2, "node-2")] {
+                rulesets::load(ns, &rulesets::render(sys, &cluster, node).unwrap()).unwrap();
+            }
+            let t = Duration::from_millis(300);
+            let ok = in_netns(&lab.client, move || probe_once(allowed, t)).unwrap();
+            let no = in_netns(&lab.client, move || probe_once(denied, t)).unwrap();
+            assert_eq!(ok, ProbeOutcome::Open, "{}: allowed flow", sys.name());
+            let expect = if sys == System::None {
+                ProbeOutcome::Refused
+            } else {
+                ProbeOutcome::Blocked
+            };
+            assert_eq!(no, expect, "{}: port no policy admits", sys.name());
+            for ns in [&lab.node1, &lab.node2] {
+                rulesets::clear(ns, sys).unwrap();
+            }
+        }
+        drop(listener);
+    }
+}
