@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
+use palisade_policy::ruleset::names;
 use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -16,6 +17,12 @@ use std::sync::Mutex;
 pub const NFT_BINARY: &str = "nft";
 /// The libnftables shared object (runtime package `libnftables1`).
 pub const LIBNFTABLES_SONAME: &str = "libnftables.so.1";
+/// Base chains of our table (named by the compiler).
+pub const BASE_CHAINS: [&str; 3] = [
+    names::CHAIN_EGRESS,
+    names::CHAIN_INGRESS,
+    names::CHAIN_EGRESS_HOST,
+];
 /// What nft says when our table does not exist.
 const ABSENT_MARKER: &str = "No such file or directory";
 
@@ -147,13 +154,19 @@ fn exec(args: &[&str], stdin: Option<&str>) -> std::result::Result<String, Strin
     }
 }
 
-/// Starts a thread running `nft monitor destroy` and calls `wake` whenever something of our table other
-/// than a pending element is deleted (e.g. `nft flush ruleset`), so a check runs at once instead of at the
-/// next resync. The monitor dies with the agent (PR_SET_PDEATHSIG) and is restarted when it exits.
+/// Starts a thread running `nft monitor destroy` and calls `wake` whenever our table or one of its base
+/// chains is deleted (e.g. `nft flush ruleset`), so the check runs at once instead of at the next resync.
+/// Incremental commits never delete those, so our own churn does not wake it (a full replace does, once).
+/// Smaller changes behind our back are found by the periodic check. The monitor dies with the agent
+/// (PR_SET_PDEATHSIG) and is restarted when it exits.
 pub fn watch_destroy(wake: impl Fn() -> bool + Send + 'static) -> Result<()> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let ours = format!(" {TABLE_FAMILY} {TABLE_NAME}");
+    let table = format!("delete table {TABLE_FAMILY} {TABLE_NAME}");
+    let chains: Vec<String> = BASE_CHAINS
+        .iter()
+        .map(|c| format!("delete chain {TABLE_FAMILY} {TABLE_NAME} {c}"))
+        .collect();
     std::thread::Builder::new()
         .name("nft-monitor".into())
         .spawn(move || loop {
@@ -178,9 +191,9 @@ pub fn watch_destroy(wake: impl Fn() -> bool + Send + 'static) -> Result<()> {
             if let Some(out) = child.stdout.take() {
                 for line in std::io::BufReader::new(out).lines() {
                     let Ok(line) = line else { break };
-                    let pending_elem = line.starts_with("delete element")
-                        && (line.contains(PENDING_SET_V4) || line.contains(PENDING_SET_V6));
-                    if line.contains(&ours) && !pending_elem && !wake() {
+                    let line = line.trim_end();
+                    let ours = line == table || chains.iter().any(|c| line == c);
+                    if ours && !wake() {
                         let _ = child.kill();
                         let _ = child.wait();
                         return;

@@ -70,13 +70,21 @@ pub struct Engine {
     routes: Option<Routes>,
     state: ClusterState,
     synced: bool,
-    /// Last committed ruleset and what our table looked like right after the commit.
-    last: Option<(Desired, Option<TableSummary>)>,
+    /// Last committed ruleset.
+    last: Option<Desired>,
+    /// What our table looked like after the last commits (see [`SNAPSHOT_DELAY`]); `None` while stale.
+    expected: Option<TableSummary>,
+    /// When to take the next snapshot of our table.
+    snapshot_due: Option<Instant>,
     need_full: bool,
     applied_routes: Option<BTreeSet<PodRoute>>,
     conflist_written: bool,
     backoff: Duration,
 }
+
+/// How long after a commit our table is read back to remember what it looks like (the fingerprint the
+/// resync compares). Not after every commit: under churn at most one read-back per this interval.
+pub const SNAPSHOT_DELAY: Duration = Duration::from_millis(200);
 
 impl Engine {
     pub fn new(
@@ -95,6 +103,8 @@ impl Engine {
             state: ClusterState::default(),
             synced: false,
             last: None,
+            expected: None,
+            snapshot_due: None,
             need_full: true,
             applied_routes: None,
             conflist_written: false,
@@ -110,7 +120,7 @@ impl Engine {
         loop {
             let now = Instant::now();
             let mut wake = next_check;
-            if let Some(d) = due {
+            for d in [due, self.snapshot_due].into_iter().flatten() {
                 wake = wake.min(d);
             }
             if self.cfg.poll_attachments {
@@ -144,6 +154,9 @@ impl Engine {
                 if self.synced && self.check_table() {
                     due = Some(now);
                 }
+            }
+            if self.snapshot_due.is_some_and(|d| now >= d) && due.is_none() && self.snapshot() {
+                due = Some(now);
             }
             if due.is_some_and(|d| now >= d) && self.synced {
                 due = match self.reconcile() {
@@ -193,32 +206,39 @@ impl Engine {
         }
     }
 
-    /// One reconcile: lock, read attachments, compile, commit, then routes and conflist.
-    fn reconcile(&mut self) -> Result<()> {
-        let start = Instant::now();
-        let lock = NodeLock::acquire(&self.cfg.state_dir)?;
+    fn read_attachments(&self) -> Vec<palisade_contract::Attachment> {
         let (attachments, bad) = palisade_contract::read_attachments(&self.cfg.state_dir);
         for (path, err) in bad {
             self.metrics.error("bad_attachment");
             warn!(record = %path.display(), error = %err, "skipping unreadable attachment record");
         }
-        if let Some((last, _)) = &mut self.last {
-            last.note_plugin_pending(&attachments);
+        attachments
+    }
+
+    /// One reconcile: compile (outside the lock, so the plugin waits only for the commit), then under
+    /// the node lock re-read the attachment records (recompiling if they changed meanwhile) and commit
+    /// one transaction; then routes and conflist.
+    fn reconcile(&mut self) -> Result<()> {
+        let start = Instant::now();
+        let before = self.read_attachments();
+        self.state.apply(Change::SetAttachments(before.clone()));
+        let mut next = compiled::compile(&self.state, &self.cfg.node_name);
+        let lock = NodeLock::acquire(&self.cfg.state_dir)?;
+        let attachments = self.read_attachments();
+        if attachments != before {
+            self.state
+                .apply(Change::SetAttachments(attachments.clone()));
+            next = compiled::compile(&self.state, &self.cfg.node_name);
         }
-        self.state.apply(Change::SetAttachments(attachments));
-        let next = compiled::compile(&self.state, &self.cfg.node_name);
         for w in &next.warnings {
             warn!("{w}");
         }
+        if let Some(last) = &mut self.last {
+            last.note_plugin_pending(&attachments);
+        }
         let full = self.need_full || self.last.is_none();
-        let committed = if full {
-            self.commit_full(&next)?;
-            true
-        } else {
-            let Some((last, _)) = &self.last else {
-                return Err(Error::Compile("no last ruleset".into()));
-            };
-            match compiled::diff(last, &next) {
+        let committed = match (&self.last, full) {
+            (Some(last), false) => match compiled::diff(last, &next) {
                 None => false,
                 Some(batch) => match self.nft.apply(&batch.json) {
                     Ok(()) => {
@@ -233,34 +253,40 @@ impl Engine {
                         true
                     }
                 },
+            },
+            _ => {
+                self.commit_full(&next)?;
+                true
             }
         };
         drop(lock);
         let took = start.elapsed();
-        if committed || self.last.is_none() {
-            let summary = match self.nft.list_table() {
-                Ok(Some(l)) => nft::summarize(&l).ok(),
-                Ok(None) => None,
-                Err(e) => {
-                    warn!(error = %e, "cannot read back our table");
-                    None
-                }
-            };
-            if full {
-                info!(
-                    took_ms = took.as_secs_f64() * 1e3,
-                    chains = summary.map(|s| s.chains),
-                    rules = summary.map(|s| s.rules),
-                    elements = summary.map(|s| s.elements),
-                    "table replaced"
-                );
-            }
-            self.last = Some((next, summary));
-            self.metrics.commit_ok(took, full, self.sizes(summary));
-        } else if let Some((_, summary)) = self.last.take() {
-            self.last = Some((next, summary));
-            self.metrics.commit_ok(took, false, self.sizes(summary));
+        let stats = next.ruleset().stats();
+        if full {
+            info!(
+                took_ms = took.as_secs_f64() * 1e3,
+                chains = stats.chains,
+                rules = stats.rules,
+                elements = stats.elements,
+                pending = next.compiled.pending.len(),
+                "table replaced"
+            );
         }
+        let sizes = Sizes {
+            pods: self.state.pods.len() as u64,
+            policies: self.state.policies.len() as u64,
+            chains: stats.chains as u64,
+            rules: stats.rules as u64,
+            set_elements: stats.elements as u64,
+            pending: next.compiled.pending.len() as u64,
+        };
+        self.metrics.commit_ok(took, full, sizes);
+        if committed {
+            self.expected = None;
+            self.snapshot_due
+                .get_or_insert(Instant::now() + SNAPSHOT_DELAY);
+        }
+        self.last = Some(next);
         self.need_full = false;
         self.sync_routes()?;
         self.write_conflist()?;
@@ -276,48 +302,95 @@ impl Engine {
         Ok(())
     }
 
-    fn sizes(&self, s: Option<TableSummary>) -> Sizes {
-        let s = s.unwrap_or_default();
-        Sizes {
-            pods: self.state.pods.len() as u64,
-            policies: self.state.policies.len() as u64,
-            chains: s.chains,
-            rules: s.rules,
-            set_elements: s.elements,
-            pending: s.pending,
+    /// Reads our table back and remembers its fingerprint. Chains, rules and sets map one to one from
+    /// our ruleset, so a count that differs already means someone changed the table: true (restore).
+    fn snapshot(&mut self) -> bool {
+        self.snapshot_due = None;
+        let Some(last) = &self.last else { return false };
+        let stats = last.ruleset().stats();
+        match self.nft.list_table() {
+            Ok(Some(l)) => match nft::summarize(&l) {
+                Ok(s)
+                    if (s.chains, s.rules, s.sets)
+                        == (stats.chains as u64, stats.rules as u64, stats.sets as u64) =>
+                {
+                    self.expected = Some(s);
+                    false
+                }
+                Ok(s) => {
+                    self.restore_needed(&format!(
+                        "found {} chains, {} rules, {} sets where we committed {}, {}, {}",
+                        s.chains, s.rules, s.sets, stats.chains, stats.rules, stats.sets
+                    ));
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read back our table");
+                    false
+                }
+            },
+            Ok(None) => {
+                self.restore_needed("table inet palisade was removed (nft flush ruleset?)");
+                true
+            }
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, "cannot read back our table");
+                false
+            }
         }
     }
 
+    fn restore_needed(&mut self, what: &str) {
+        self.metrics.restored();
+        warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
+        self.need_full = true;
+        self.expected = None;
+    }
+
     /// Compares our table with what we committed; true (after logging and counting) when it was changed
-    /// or removed behind our back and must be restored.
+    /// or removed behind our back and must be restored, or our routes differ.
     fn check_table(&mut self) -> bool {
-        let Some((_, Some(expected))) = &self.last else {
-            return self.last.is_none();
-        };
+        if self.last.is_none() {
+            return true;
+        }
         let found = match self.nft.list_table() {
-            Ok(Some(l)) => nft::summarize(&l).ok(),
-            Ok(None) => None,
+            Ok(Some(l)) => match nft::summarize(&l) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot parse our table's listing");
+                    return false;
+                }
+            },
+            Ok(None) => {
+                self.restore_needed("table inet palisade was removed (nft flush ruleset?)");
+                return true;
+            }
             Err(e) => {
                 self.metrics.error(e.kind());
                 warn!(error = %e, "cannot list our table to verify it");
                 return false;
             }
         };
-        if found.map(|f| f.fingerprint) == Some(expected.fingerprint) {
-            // Routes can be removed behind our back too.
-            self.applied_routes = None;
-            return true_if_routes_differ(self);
+        match self.expected {
+            Some(exp) if exp.fingerprint != found.fingerprint => {
+                self.restore_needed(&format!(
+                    "found {} chains, {} rules, {} elements where we had {}, {}, {} (pending excluded)",
+                    found.chains,
+                    found.rules,
+                    found.elements - found.pending,
+                    exp.chains,
+                    exp.rules,
+                    exp.elements - exp.pending
+                ));
+                true
+            }
+            // Fingerprint matches, or a snapshot is about to be taken (it checks the counts).
+            _ => {
+                self.applied_routes = None;
+                true_if_routes_differ(self)
+            }
         }
-        self.metrics.restored();
-        match found {
-            None => warn!("table inet palisade was removed behind our back (nft flush ruleset?); restoring it"),
-            Some(f) => warn!(expected_chains = expected.chains, found_chains = f.chains, expected_rules = expected.rules,
-                found_rules = f.rules, expected_elements = expected.elements - expected.pending,
-                found_elements = f.elements - f.pending,
-                "table inet palisade was changed behind our back; restoring it"),
-        }
-        self.need_full = true;
-        true
     }
 
     fn sync_routes(&mut self) -> Result<()> {

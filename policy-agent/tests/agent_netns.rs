@@ -564,3 +564,43 @@ fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
         "control: pod unreachable without policy"
     );
 }
+
+#[test]
+fn rules_removed_behind_our_back_are_restored_at_the_next_resync() {
+    let s = isolated_target(&["--resync-seconds", "1"]);
+    let (_rx, _tx) = start_probing_then_isolate(&s);
+    std::thread::sleep(Duration::from_millis(400)); // past the post-commit snapshot
+    let rules = |ns: &Netns| {
+        ns.table()
+            .map(|t| t.matches("\"rule\"").count())
+            .unwrap_or(0)
+    };
+    let before = rules(&s.n1);
+    let t_flush = now();
+    let out =
+        s.n1.exec(&["nft", "flush", "chain", "inet", "palisade", "ingress"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || rules(&s.n1) == before),
+        "rules not restored within 3 s"
+    );
+    let t_back = now();
+    std::thread::sleep(Duration::from_millis(300));
+    let a = arrivals(&s.log);
+    eprintln!(
+        "flush chain → restore: {:.0} ms, {} probes got through meanwhile",
+        (t_back - t_flush) * 1e3,
+        a.iter().filter(|x| **x >= t_flush).count()
+    );
+    assert_eq!(
+        a.iter().filter(|x| **x > t_back + 0.05).count(),
+        0,
+        "probes got through after the restore"
+    );
+    let (_, m) = s.n1.http(AGENT_PORT, "/metrics").expect("metrics");
+    assert!(m.contains("palisade_resync_restores_total 1"), "{m}");
+}
