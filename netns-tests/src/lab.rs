@@ -32,7 +32,7 @@ const NODE_EXTERNAL_LINK: &str = "ext0";
 /// State file inside a run directory.
 const STATE_FILE: &str = "state.json";
 /// How long agents get to write their conflist.
-const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default probe timeout per connection.
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(400);
 /// The external network behind node 1 (an address outside every pod CIDR, reached via ipBlock).
@@ -589,7 +589,9 @@ impl Lab {
             }
             if let Some(pid) = node.agent_pid {
                 process::reap();
-                if !process::is_ours(pid, &self.state.name) {
+                // Our own unreaped child: its pid cannot be reused, and right after the fork its
+                // environment is still ours (no marker), so ask only whether it runs.
+                if !process::alive(pid as i32) {
                     return Err(LabError::Command {
                         what: format!("palisade-agent on {}", node.name),
                         detail: format!(

@@ -8,6 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Lab processes spawned by this process and not reaped yet.
+static CHILDREN: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
+
 /// Environment variable every lab process carries: `PALISADE_LAB=<lab name>`.
 pub const MARKER_ENV: &str = "PALISADE_LAB";
 
@@ -36,8 +39,10 @@ pub fn spawn_in_netns(
         detail: format!("cannot start: {e}"),
     })?;
     let pid = child.id();
-    // The child is reaped by `reap` (same process) or by init once the CLI exits.
-    std::mem::forget(child);
+    // Reaped by `reap` (same process), or by init once the CLI exits.
+    if let Ok(mut children) = CHILDREN.lock() {
+        children.push(child);
+    }
     Ok(pid)
 }
 
@@ -61,13 +66,12 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// Reaps any of our exited children without blocking.
+/// Reaps the lab processes this process spawned that have exited, without blocking. Only our own
+/// `Child` handles are waited on, never `waitpid(-1)`, so other threads' commands keep their exit
+/// statuses.
 pub fn reap() {
-    loop {
-        match nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => break,
-            Ok(_) => continue,
-        }
+    if let Ok(mut children) = CHILDREN.lock() {
+        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
     }
 }
 

@@ -221,15 +221,25 @@ fn demo_explains_the_change_and_leaves_nothing() {
 /// Starts `up` and waits until the lab has pods (so there is plenty to leave behind).
 fn start_up_and_wait_for_pods(name: &str) -> std::process::Child {
     let mut up = cli(name);
+    let log = std::env::temp_dir().join(format!("palisade-lab-{name}.log"));
+    let file = std::fs::File::create(&log).unwrap();
     up.args(["up", "examples/demo"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let child = up.spawn().unwrap();
+        .stderr(file);
+    let mut child = up.spawn().unwrap();
     let start = Instant::now();
     while !netns::exists(&format!("pl-{name}-p1")) {
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "up exited ({status}) before lab {name} got a pod: {}",
+                log_text()
+            );
+        }
         assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "lab {name} never got a pod"
+            start.elapsed() < Duration::from_secs(90),
+            "lab {name} never got a pod: {}",
+            log_text()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
