@@ -59,6 +59,10 @@ enum Command {
     },
     /// Probe every ordered pair of pods on the given ports and protocols.
     Probe {
+        /// Port/protocol pairs like `80/TCP,81/udp` (protocol defaults to TCP); replaces
+        /// --ports/--protocols when given.
+        #[arg(long = "port", value_delimiter = ',')]
+        port: Vec<String>,
         #[arg(long, value_delimiter = ',', default_value = "80")]
         ports: Vec<u16>,
         #[arg(long, value_delimiter = ',', default_value = "tcp")]
@@ -156,6 +160,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             Ok(())
         }
         Command::Probe {
+            port,
             ports,
             protocols,
             ipv6,
@@ -163,10 +168,16 @@ fn run(cli: Cli) -> Result<(), LabError> {
             timeout_ms,
         } => {
             let lab = Lab::open(&cli.run_root, &cli.name)?;
-            let pp: Vec<(u16, Protocol)> = protocols
-                .iter()
-                .flat_map(|pr| ports.iter().map(move |p| (*p, *pr)))
-                .collect();
+            let pp: Vec<(u16, Protocol)> = if port.is_empty() {
+                protocols
+                    .iter()
+                    .flat_map(|pr| ports.iter().map(move |p| (*p, *pr)))
+                    .collect()
+            } else {
+                port.iter()
+                    .map(|p| parse_port(p))
+                    .collect::<Result<_, _>>()?
+            };
             let family = if *ipv6 { Family::V6 } else { Family::V4 };
             let records = lab.probe_matrix(&pp, family, Duration::from_millis(*timeout_ms))?;
             if *json {
@@ -224,6 +235,16 @@ fn run(cli: Cli) -> Result<(), LabError> {
             )
         }
     }
+}
+
+/// `80/TCP`, `81/udp` or `80` (TCP).
+fn parse_port(s: &str) -> Result<(u16, Protocol), LabError> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+    let port = port.parse().map_err(|_| {
+        LabError::Invalid(format!("--port {s:?}: expected PORT/PROTOCOL, e.g. 80/TCP"))
+    })?;
+    let proto = proto.parse().map_err(LabError::Invalid)?;
+    Ok((port, proto))
 }
 
 fn main() -> ExitCode {
