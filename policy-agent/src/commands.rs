@@ -206,7 +206,7 @@ pub async fn compile(args: CompileArgs) -> Result<()> {
         }
         st.apply(Change::SetAttachments(good));
     }
-    let d = compiled::compile(&st, &args.node_name);
+    let d = compiled::compile(&st, &args.node_name)?;
     for w in &d.warnings {
         warn!("{w}");
     }

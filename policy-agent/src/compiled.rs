@@ -50,12 +50,26 @@ pub struct Batch {
     pub stats: String,
 }
 
-/// Compiles the state for `node`.
-pub fn compile(state: &ClusterState, node: &str) -> Desired {
-    Desired {
-        compiled: palisade_policy::compile(state, node),
+/// Compiles the state for `node`. The compiler is pure and must not panic; should it anyway, the
+/// panic is caught and returned as an error so the last committed rules stay enforced.
+pub fn compile(state: &ClusterState, node: &str) -> Result<Desired> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        palisade_policy::compile(state, node)
+    }))
+    .map(|compiled| Desired {
+        compiled,
         warnings: Vec::new(),
-    }
+    })
+    .map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Error::Compile(format!(
+            "compiler panicked (a bug; please report it with the objects involved): {msg}"
+        ))
+    })
 }
 
 /// One transaction that replaces our whole table with `d`.
@@ -111,7 +125,7 @@ pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result
             .and_then(|p| p.node_name.clone()),
     };
     let node = node_of(&to).or_else(|| node_of(&from)).unwrap_or_default();
-    let compiled = palisade_policy::compile(state, &node);
+    let compiled = compile(state, &node)?.compiled;
     let x = palisade_policy::explain(state, &compiled, &from, &to, port, proto)
         .map_err(|e| Error::Compile(e.to_string()))?;
     Ok(x.to_string())

@@ -151,7 +151,9 @@ impl Engine {
             }
             if now >= next_check {
                 next_check = now + self.cfg.resync;
-                if self.synced && self.check_table() {
+                if self.synced
+                    && (self.check_table() || self.read_attachments() != self.state.attachments)
+                {
                     due = Some(now);
                 }
             }
@@ -222,13 +224,13 @@ impl Engine {
         let start = Instant::now();
         let before = self.read_attachments();
         self.state.apply(Change::SetAttachments(before.clone()));
-        let mut next = compiled::compile(&self.state, &self.cfg.node_name);
+        let mut next = compiled::compile(&self.state, &self.cfg.node_name)?;
         let lock = NodeLock::acquire(&self.cfg.state_dir)?;
         let attachments = self.read_attachments();
         if attachments != before {
             self.state
                 .apply(Change::SetAttachments(attachments.clone()));
-            next = compiled::compile(&self.state, &self.cfg.node_name);
+            next = compiled::compile(&self.state, &self.cfg.node_name)?;
         }
         for w in &next.warnings {
             warn!("{w}");
