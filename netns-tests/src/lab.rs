@@ -1464,3 +1464,61 @@ pub fn map_has_element(v: &serde_json::Value, name: &str, value: &str) -> bool {
         _ => false,
     }
 }
+
+/// Whether nft JSON holds an SCTP port rule for `port`: a `sctp . port` concatenation element, or a
+/// match whose left side names sctp and whose right side holds the port.
+pub fn has_sctp_port(v: &serde_json::Value, port: u16) -> bool {
+    use serde_json::Value as J;
+    let is_port = |x: &J| x.as_u64() == Some(u64::from(port));
+    let holds_port = |x: &J| contains_number(x, u64::from(port));
+    match v {
+        J::Array(a) => {
+            (a.iter().any(|x| x.as_str() == Some("sctp")) && a.iter().any(is_port))
+                || a.iter().any(|x| has_sctp_port(x, port))
+        }
+        J::Object(o) => {
+            let this = o.get("match").is_some_and(|m| {
+                m.get("left").is_some_and(|l| contains_string(l, "sctp"))
+                    && m.get("right").is_some_and(holds_port)
+            });
+            this || o.values().any(|x| has_sctp_port(x, port))
+        }
+        _ => false,
+    }
+}
+
+fn contains_number(v: &serde_json::Value, n: u64) -> bool {
+    match v {
+        serde_json::Value::Number(x) => x.as_u64() == Some(n),
+        serde_json::Value::Array(a) => a.iter().any(|x| contains_number(x, n)),
+        serde_json::Value::Object(o) => o.values().any(|x| contains_number(x, n)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod nft_json_tests {
+    use super::*;
+
+    #[test]
+    fn sctp_port_rules_are_found_in_concatenations_and_matches_only() {
+        let concat = serde_json::json!({"add": {"set": {"name": "ports_x", "elem": [{"concat": ["sctp", 81]}]}}});
+        assert!(has_sctp_port(&concat, 81));
+        assert!(!has_sctp_port(&concat, 80));
+        let tcp = serde_json::json!({"add": {"set": {"comment": "sctp-only", "elem": [{"concat": ["tcp", 81]}]}}});
+        assert!(
+            !has_sctp_port(&tcp, 81),
+            "a policy named sctp-only is no SCTP rule"
+        );
+        let m = serde_json::json!({"match": {"op": "==", "left": {"payload": {"protocol": "sctp", "field": "dport"}}, "right": 81}});
+        assert!(has_sctp_port(&m, 81));
+    }
+
+    #[test]
+    fn map_elements_are_found_by_map_name() {
+        let v = serde_json::json!([{"add": {"map": {"name": "ingress_v4", "elem": [["10.244.1.3", {"goto": {"target": "in_a"}}]]}}}]);
+        assert!(map_has_element(&v, "ingress_v4", "10.244.1.3"));
+        assert!(!map_has_element(&v, "egress_v4", "10.244.1.3"));
+        assert!(!map_has_element(&v, "ingress_v4", "10.244.1.30"));
+    }
+}

@@ -365,7 +365,7 @@ fn sctp_cases_at_rule_level(lab: &mut Lab) -> TestResult {
                 return Err(format!("{id}: x/a ({xa}) is not in the ingress_v4 map: x/a not isolated by the compiled ruleset"));
             }
             if let Some(port) = sctp_port {
-                if !text.contains("\"sctp\"") || !text.contains(&port.to_string()) {
+                if !lab::has_sctp_port(&json, port) {
                     return Err(format!(
                         "{id}: the compiled ruleset has no SCTP port {port} rule"
                     ));
@@ -568,6 +568,11 @@ fn main() -> ExitCode {
     let mut ok = failed.is_empty();
     if let Err(e) = teardown {
         println!("teardown: {e}");
+        ok = false;
+    }
+    let leftover_pids = palisade_netns_tests::process::lab_pids(&opts.name);
+    if !leftover_pids.is_empty() {
+        println!("teardown left processes behind: {leftover_pids:?}");
         ok = false;
     }
     if !leftovers.is_empty() {
