@@ -290,8 +290,10 @@ impl Engine {
         }
         self.last = Some(next);
         self.need_full = false;
-        self.sync_routes()?;
+        // The conflist first: a route that cannot be added (retried with backoff) must not keep pods
+        // from starting on this node.
         self.write_conflist()?;
+        self.sync_routes()?;
         Ok(())
     }
 

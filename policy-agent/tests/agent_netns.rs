@@ -278,7 +278,7 @@ fn kill_9_and_restart_let_not_one_probe_through_to_an_isolated_pod() {
     agent.signal(nix::sys::signal::Signal::SIGKILL);
     drop(agent);
     std::thread::sleep(Duration::from_millis(300)); // agent down: rules must stay
-    // Restart on the other nft backend (exec), so both run end to end.
+                                                    // Restart on the other nft backend (exec), so both run end to end.
     let again = Agent::start(&s.n1, NODE, &s.d, &["--nft-backend", "exec"]);
     assert!(
         again.wait_ready(&s.n1, Duration::from_secs(10)),
