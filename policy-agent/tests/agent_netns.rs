@@ -254,6 +254,7 @@ fn start_probing_then_isolate(s: &Isolated) -> (Receiver, Sender) {
         wait_until(Duration::from_secs(5), || arrivals(&s.log).len() > 5),
         "control: probes do not arrive without policy"
     );
+    let t_write = now();
     manifest(
         &s.d.manifests,
         "deny.yaml",
@@ -265,6 +266,11 @@ fn start_probing_then_isolate(s: &Isolated) -> (Receiver, Sender) {
             a.last().is_some_and(|l| now() - l > 0.3)
         }),
         "probes still arrive after the deny policy"
+    );
+    let last = arrivals(&s.log).last().copied().unwrap_or(t_write);
+    eprintln!(
+        "deny policy enforced within {:.1} ms of the manifest write (last probe through)",
+        (last - t_write) * 1e3
     );
     (rx, tx)
 }
