@@ -79,6 +79,8 @@ pub struct Engine {
     need_full: bool,
     applied_routes: Option<BTreeSet<PodRoute>>,
     conflist_written: bool,
+    /// The reason for not writing the conflist was logged once already.
+    conflist_warned: bool,
     backoff: Duration,
 }
 
@@ -108,6 +110,7 @@ impl Engine {
             need_full: true,
             applied_routes: None,
             conflist_written: false,
+            conflist_warned: false,
             backoff: MIN_BACKOFF,
         }
     }
@@ -422,11 +425,15 @@ impl Engine {
             return Ok(());
         }
         let Some(me) = self.state.nodes.get(&self.cfg.node_name) else {
-            warn!(node = %self.cfg.node_name, "our Node object is not known yet; no conflist (pods cannot start) until it is");
+            if !std::mem::replace(&mut self.conflist_warned, true) {
+                warn!(node = %self.cfg.node_name, "our Node object is not known (check --node-name); no conflist, so no pods start here, until it is");
+            }
             return Ok(());
         };
         if me.pod_cidrs.is_empty() {
-            warn!(node = %self.cfg.node_name, "our Node has no spec.podCIDRs; no conflist until it has");
+            if !std::mem::replace(&mut self.conflist_warned, true) {
+                warn!(node = %self.cfg.node_name, "our Node has no spec.podCIDRs (kube-controller-manager --allocate-node-cidrs); no conflist until it has");
+            }
             return Ok(());
         }
         let params = cniconf::ConflistParams {
