@@ -263,3 +263,44 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_parses_the_documented_forms() {
+        Cli::command().debug_assert();
+        for args in [
+            &["palisade-lab", "up", "examples/demo"][..],
+            &["palisade-lab", "--name", "x1", "apply", "-f", "p.yaml"],
+            &["palisade-lab", "label", "pod", "x/a", "k=v", "k2-"],
+            &["palisade-lab", "label", "ns", "y", "ns2=updated"],
+            &["palisade-lab", "probe", "--port", "80/TCP,81/udp", "--json"],
+            &[
+                "palisade-lab",
+                "probe",
+                "--ports",
+                "80,81",
+                "--protocols",
+                "tcp,udp",
+                "--ipv6",
+            ],
+            &["palisade-lab", "down", "--all"],
+            &["palisade-lab", "demo", "examples/demo"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["palisade-lab", "label", "pod", "x/a"]).is_err());
+    }
+
+    #[test]
+    fn port_flags_parse_with_tcp_as_the_default_protocol() {
+        assert_eq!(parse_port("80/TCP").unwrap(), (80, Protocol::Tcp));
+        assert_eq!(parse_port("81/udp").unwrap(), (81, Protocol::Udp));
+        assert_eq!(parse_port("80").unwrap(), (80, Protocol::Tcp));
+        assert!(parse_port("80/sctp").is_err());
+        assert!(parse_port("http").is_err());
+    }
+}
