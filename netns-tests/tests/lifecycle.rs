@@ -316,3 +316,54 @@ fn up_refuses_a_second_lab_of_the_same_name_and_bad_names() {
     lab.down().unwrap();
     assert_nothing_left(&name);
 }
+
+/// Links, addresses, routes (v4 and v6) and sysctls of the host's own namespace.
+fn host_snapshot() -> String {
+    let mut s = String::new();
+    for args in [
+        &["-o", "link", "show"][..],
+        &["-o", "addr", "show"],
+        &["route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+    ] {
+        let out = Command::new("ip").args(args).output().expect("ip runs");
+        // Counters and timers change on their own; keep names, flags, addresses and routes.
+        let text = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split(" valid_lft").next().unwrap_or(l).to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        s.push_str(&text);
+    }
+    for f in [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        s.push_str(&std::fs::read_to_string(f).unwrap_or_default());
+    }
+    s
+}
+
+#[test]
+fn a_lab_never_touches_the_host_network_namespace() {
+    let before = host_snapshot();
+    let name = lab::unique_name();
+    let mut opts = LabOptions::new(&name);
+    opts.external = true;
+    let mut lab = Lab::up(&opts).unwrap();
+    let pods = palisade_netns_tests::k8s::read_path(&repo().join("examples/demo")).unwrap();
+    lab.apply(pods).unwrap();
+    lab.wait_pods_ready(Duration::from_secs(30)).unwrap();
+    let during = host_snapshot();
+    lab.down().unwrap();
+    let after = host_snapshot();
+    assert_eq!(
+        before, during,
+        "the host namespace changed while the lab was up"
+    );
+    assert_eq!(
+        before, after,
+        "the host namespace changed after the lab was removed"
+    );
+    assert_nothing_left(&name);
+}
