@@ -60,7 +60,7 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
         "agent never became ready"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(10), || {
             let r = n1.our_routes();
             r.contains("10.244.2.0/24 via 192.168.77.2")
                 && r.contains("fd00:10:244:2::/64 via fd00:77::2")
@@ -80,7 +80,7 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
         &nodes(&node_yaml("n2", &["10.244.3.0/24"], &["192.168.77.2"])),
     );
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(10), || {
             let r = n1.our_routes();
             r.contains("10.244.3.0/24 via 192.168.77.2")
                 && !r.contains("10.244.2.0/24")
@@ -93,7 +93,10 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
     // n2 goes away: its route goes too.
     manifest(&d.manifests, "nodes.yaml", &nodes(""));
     assert!(
-        wait_until(Duration::from_secs(5), || n1.our_routes().trim().is_empty()),
+        wait_until(Duration::from_secs(10), || n1
+            .our_routes()
+            .trim()
+            .is_empty()),
         "stale route: {}",
         n1.our_routes()
     );
@@ -109,7 +112,7 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
         "nodes.yaml",
         &nodes(&node_yaml("n2", &["10.244.2.0/24"], &["192.168.77.2"])),
     );
-    assert!(wait_until(Duration::from_secs(5), || n1
+    assert!(wait_until(Duration::from_secs(10), || n1
         .our_routes()
         .contains("10.244.2.0/24")));
     drop(agent);
@@ -157,7 +160,7 @@ fn conflist_and_readiness_wait_for_the_first_committed_sync_and_sigterm_keeps_ru
     let lock = lock_state(&d.state);
     let mut agent = Agent::start(&n1, NODE, &d, &[]);
     assert!(
-        wait_until(Duration::from_secs(5), || n1
+        wait_until(Duration::from_secs(10), || n1
             .http(AGENT_PORT, "/healthz")
             .is_some()),
         "agent not serving"
@@ -172,11 +175,11 @@ fn conflist_and_readiness_wait_for_the_first_committed_sync_and_sigterm_keeps_ru
     assert!(n1.table().is_none(), "table committed without the lock");
     drop(lock);
     assert!(
-        agent.wait_ready(&n1, Duration::from_secs(5)),
+        agent.wait_ready(&n1, Duration::from_secs(10)),
         "not ready after the lock was released"
     );
     assert!(
-        wait_until(Duration::from_secs(2), || conflist.exists()),
+        wait_until(Duration::from_secs(5), || conflist.exists()),
         "no conflist after the first sync"
     );
     let text = std::fs::read_to_string(&conflist).unwrap();
@@ -251,7 +254,7 @@ fn start_probing_then_isolate(s: &Isolated) -> (Receiver, Sender) {
     let rx = Receiver::start(&s.target.ns, PORT, &s.log);
     let tx = Sender::start(&s._client.ns, "10.244.1.10", PORT, 3);
     assert!(
-        wait_until(Duration::from_secs(5), || arrivals(&s.log).len() > 5),
+        wait_until(Duration::from_secs(10), || arrivals(&s.log).len() > 5),
         "control: probes do not arrive without policy"
     );
     let t_write = now();
@@ -261,7 +264,7 @@ fn start_probing_then_isolate(s: &Isolated) -> (Receiver, Sender) {
         &deny_ingress_yaml("demo", "deny", "target"),
     );
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(10), || {
             let a = arrivals(&s.log);
             a.last().is_some_and(|l| now() - l > 0.3)
         }),
@@ -300,7 +303,7 @@ fn kill_9_and_restart_let_not_one_probe_through_to_an_isolated_pod() {
     // And the restarted agent still enforces: removing the policy opens the path again (probe alive).
     std::fs::remove_file(s.d.manifests.join("deny.yaml")).unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || arrivals(&s.log)
+        wait_until(Duration::from_secs(10), || arrivals(&s.log)
             .iter()
             .any(|a| *a >= t0)),
         "probe dead after restart"
@@ -320,7 +323,7 @@ fn table_flushed_from_outside_is_restored_and_the_gap_is_measured() {
     // (No check that the table is gone: the agent may already have restored it; the restore counter
     // below proves it noticed.)
     assert!(
-        wait_until(Duration::from_secs(5), || s.n1.table().is_some()),
+        wait_until(Duration::from_secs(10), || s.n1.table().is_some()),
         "table not restored"
     );
     let t_back = now();
@@ -337,7 +340,7 @@ fn table_flushed_from_outside_is_restored_and_the_gap_is_measured() {
     );
     assert_eq!(after, 0, "probes got through after the table was restored");
     assert!(
-        t_back - t_flush < 1.0,
+        t_back - t_flush < 5.0, // far below the 30 s resync: the deletion itself woke the agent
         "restore took {:.0} ms",
         (t_back - t_flush) * 1e3
     );
@@ -416,7 +419,7 @@ fn a_new_pod_is_never_reachable_before_its_policy_is_in() {
         ),
     );
     assert!(
-        wait_until(Duration::from_secs(2), || !pending()),
+        wait_until(Duration::from_secs(5), || !pending()),
         "pending mark never cleared"
     );
     eprintln!(
@@ -438,7 +441,7 @@ fn a_new_pod_is_never_reachable_before_its_policy_is_in() {
         &pod_yaml("demo", "fresh", "fresh", NODE, None),
     );
     assert!(
-        wait_until(Duration::from_secs(5), || !arrivals(&log).is_empty()),
+        wait_until(Duration::from_secs(10), || !arrivals(&log).is_empty()),
         "control: new pod unreachable without policy"
     );
 }
@@ -497,7 +500,7 @@ fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
     let s = isolated_target(&[]);
     let conflist = s.d.cni_conf.join(palisade_contract::CONFLIST_FILE);
     assert!(
-        wait_until(Duration::from_secs(5), || conflist.exists()),
+        wait_until(Duration::from_secs(10), || conflist.exists()),
         "no conflist"
     );
     let fresh_ip = "10.244.1.30";
@@ -550,7 +553,7 @@ fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
         .contains(fresh_ip)
     };
     assert!(
-        wait_until(Duration::from_secs(2), || !pending()),
+        wait_until(Duration::from_secs(5), || !pending()),
         "pending mark never cleared"
     );
     std::thread::sleep(Duration::from_millis(500));
@@ -567,7 +570,7 @@ fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
         &pod_yaml("demo", "real", "real", NODE, None),
     );
     assert!(
-        wait_until(Duration::from_secs(5), || !arrivals(&log).is_empty()),
+        wait_until(Duration::from_secs(10), || !arrivals(&log).is_empty()),
         "control: pod unreachable without policy"
     );
 }
@@ -592,8 +595,8 @@ fn rules_removed_behind_our_back_are_restored_at_the_next_resync() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        wait_until(Duration::from_secs(3), || rules(&s.n1) == before),
-        "rules not restored within 3 s"
+        wait_until(Duration::from_secs(8), || rules(&s.n1) == before),
+        "rules not restored within 8 s"
     );
     let t_back = now();
     std::thread::sleep(Duration::from_millis(300));
