@@ -74,12 +74,26 @@ pub struct Bins {
 }
 
 impl Bins {
-    /// `$PALISADE_BIN_DIR`, else the workspace's `target/debug`.
+    /// `$PALISADE_BIN_DIR`; else the directory of the running executable (or its parent, for test
+    /// binaries in `deps/`) when it holds `palisade-agent`; else the workspace's `target/debug`.
     pub fn from_env() -> Self {
-        let dir = std::env::var_os(BIN_DIR_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
-        Self { dir }
+        if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+            return Self {
+                dir: PathBuf::from(dir),
+            };
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            for dir in exe.ancestors().skip(1).take(2) {
+                if dir.join("palisade-agent").is_file() {
+                    return Self {
+                        dir: dir.to_path_buf(),
+                    };
+                }
+            }
+        }
+        Self {
+            dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
+        }
     }
     pub fn plugin(&self) -> PathBuf {
         self.dir.join("palisade")
