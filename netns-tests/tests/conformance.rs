@@ -406,6 +406,21 @@ fn sctp_cases_at_rule_level(lab: &mut Lab) -> TestResult {
     }
 }
 
+/// The harness itself: a case whose expectation is wrong (T01's policy, but "all allowed") must
+/// fail, and the lab must be back at the baseline afterwards. Without this, a matrix check that
+/// passed everything would go unnoticed.
+fn harness_detects_a_wrong_expectation(lab: &mut Lab) -> TestResult {
+    let wrong: Vec<Case> = serde_yaml::from_str(
+        "- id: SELF\n  title: wrong on purpose\n  steps:\n  - apply:\n    - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: deny-ingress, namespace: x}, spec: {podSelector: {}, policyTypes: [Ingress], ingress: []}}\n    expect: {}\n",
+    )
+    .map_err(|e| e.to_string())?;
+    match cases::run_case(lab, &wrong[0]) {
+        Ok(()) => Err("a deny-all policy checked against an all-allowed expectation passed: the matrix check is vacuous".into()),
+        Err(report) if report.contains("-> x/") && !report.contains("baseline after cleanup") => Ok(()),
+        Err(report) => Err(format!("the wrong expectation failed for another reason:\n{report}")),
+    }
+}
+
 fn case_test(case: Case, prefix: &str) -> Test {
     Test {
         name: format!("{prefix}::{} {}", case.id, case.title),
@@ -421,7 +436,11 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::extra_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "extra"));
     }
-    let named: [(&str, LabTest); 5] = [
+    let named: [(&str, LabTest); 6] = [
+        (
+            "extra::harness_detects_a_wrong_expectation",
+            harness_detects_a_wrong_expectation,
+        ),
         (
             "extra::node_reaches_its_own_pods_under_deny_all",
             node_reaches_its_own_pods_under_deny_all,
