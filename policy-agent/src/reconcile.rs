@@ -81,6 +81,8 @@ pub struct Engine {
     conflist_written: bool,
     /// The reason for not writing the conflist was logged once already.
     conflist_warned: bool,
+    /// The next full replace is the periodic one (logged at debug).
+    quiet_full: bool,
     backoff: Duration,
 }
 
@@ -111,6 +113,7 @@ impl Engine {
             applied_routes: None,
             conflist_written: false,
             conflist_warned: false,
+            quiet_full: false,
             backoff: MIN_BACKOFF,
         }
     }
@@ -118,12 +121,13 @@ impl Engine {
     /// Runs until [`Msg::Stop`] or every sender is gone.
     pub fn run(mut self, rx: Receiver<Msg>) {
         let mut due: Option<Instant> = None; // when the next reconcile runs
-        let mut next_check = Instant::now() + self.cfg.resync;
+        let mut next_resync = Instant::now() + self.cfg.resync;
+        let mut check_due: Option<Instant> = None; // a deletion in our table was seen
         let mut next_poll = Instant::now() + ATTACHMENT_POLL;
         loop {
             let now = Instant::now();
-            let mut wake = next_check;
-            for d in [due, self.snapshot_due].into_iter().flatten() {
+            let mut wake = next_resync;
+            for d in [due, self.snapshot_due, check_due].into_iter().flatten() {
                 wake = wake.min(d);
             }
             if self.cfg.poll_attachments {
@@ -143,7 +147,7 @@ impl Engine {
                     due.get_or_insert(Instant::now() + self.cfg.debounce);
                 }
                 Ok(Msg::TableEvent) => {
-                    next_check = next_check.min(Instant::now() + TABLE_EVENT_DELAY);
+                    check_due.get_or_insert(Instant::now() + TABLE_EVENT_DELAY);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -152,11 +156,21 @@ impl Engine {
                 next_poll = now + ATTACHMENT_POLL;
                 due.get_or_insert(now);
             }
-            if now >= next_check {
-                next_check = now + self.cfg.resync;
-                if self.synced
-                    && (self.check_table() || self.read_attachments() != self.state.attachments)
-                {
+            if check_due.is_some_and(|d| now >= d) {
+                check_due = None;
+                if self.synced && self.check_table() {
+                    due = Some(now);
+                }
+            }
+            if now >= next_resync {
+                // Resync: say whether anything drifted (log, metric), then replace the whole table
+                // anyway, so even a change the fingerprint cannot see is undone.
+                next_resync = now + self.cfg.resync;
+                if self.synced {
+                    let drifted = self.check_table();
+                    self.quiet_full = !drifted && !self.need_full;
+                    self.need_full = true;
+                    self.applied_routes = None;
                     due = Some(now);
                 }
             }
@@ -268,15 +282,18 @@ impl Engine {
         let took = start.elapsed();
         let stats = next.ruleset().stats();
         if full {
-            info!(
-                took_ms = took.as_secs_f64() * 1e3,
-                chains = stats.chains,
-                rules = stats.rules,
-                elements = stats.elements,
-                pending = next.compiled.pending.len(),
-                "table replaced"
-            );
+            let (took_ms, pending) = (took.as_secs_f64() * 1e3, next.compiled.pending.len());
+            let (chains, rules, elements) = (stats.chains, stats.rules, stats.elements);
+            if self.quiet_full {
+                debug!(
+                    took_ms,
+                    chains, rules, elements, pending, "table replaced (periodic resync)"
+                );
+            } else {
+                info!(took_ms, chains, rules, elements, pending, "table replaced");
+            }
         }
+        self.quiet_full = false;
         let sizes = Sizes {
             pods: self.state.pods.len() as u64,
             policies: self.state.policies.len() as u64,
