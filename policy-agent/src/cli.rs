@@ -96,7 +96,8 @@ pub struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "PALISADE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
-    /// Seconds between checks that our table is still what we committed (restored when not).
+    /// Seconds between resyncs: our table is compared with what we committed (drift is logged and
+    /// counted) and replaced as a whole. Deletion of our table is noticed at once, not only here.
     #[arg(long, env = "PALISADE_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
     /// Milliseconds to wait for more events before compiling (changes arriving together are coalesced).
