@@ -1,11 +1,18 @@
 //! The reconcile engine: one thread that owns the cluster state and the last committed ruleset.
 //!
-//! Events are coalesced for `debounce` after the first one, then one reconcile runs: take the node lock,
-//! re-read the attachment records into the state, compile, and commit ONE nft transaction (a full replace
-//! of our table at start, after a failure, and when our table was changed behind our back; otherwise the
-//! diff against the last committed ruleset). Routes and the conflist follow the committed state. Nothing
-//! is enforced before every source reported `Synced`: until then the rules of a previous run stay in the
-//! kernel and new pods stay pending (fail closed).
+//! - Events are coalesced for `debounce` after the first one; then one reconcile runs: read the
+//!   attachment records and compile (outside the lock), take the node lock, re-read the records
+//!   (recompiling if they changed), teach the last ruleset the pending marks the plugin added, and commit
+//!   ONE nft transaction: a full replace at start, at every resync, after a failure and when our table
+//!   was changed behind our back; otherwise the diff against the last committed ruleset.
+//! - A rejected incremental batch falls back to a full replace; any failure is retried with backoff while
+//!   the last committed rules stay in the kernel.
+//! - 200 ms after commits our table is read back once: its chain/rule/set counts must match the ruleset,
+//!   and its fingerprint is what later checks compare. `nft monitor` wakes a check at once when our table
+//!   or a base chain is deleted.
+//! - The conflist (once) and routes follow each commit.
+//! - Nothing is enforced before the source reported `Synced`: until then the rules of a previous run stay
+//!   in the kernel and new pods stay pending (fail closed).
 
 use crate::cniconf;
 use crate::compiled::{self, Desired};
