@@ -133,7 +133,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 /// reports them all.
 pub async fn cleanup(args: CleanupArgs) -> Result<()> {
     let mut errors = Vec::new();
-    match Nft::new(crate::nft::Backend::Exec).delete_table() {
+    match Nft::new(crate::nft::Backend::Lib).delete_table() {
         Ok(true) => info!("table inet palisade removed"),
         Ok(false) => info!("table inet palisade was not there"),
         Err(e) => errors.push(e.to_string()),
