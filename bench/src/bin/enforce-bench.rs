@@ -39,6 +39,9 @@ enum Command {
         /// Also measure the compiler's per-change cost with this many changes per size (0: skip).
         #[arg(long, default_value_t = 200)]
         compile_changes: usize,
+        /// Length of each churn-only window (agent CPU/RSS while only churn runs).
+        #[arg(long, default_value_t = 10)]
+        churn_seconds: u64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value = "bench/results")]
@@ -145,7 +148,10 @@ fn real_main(cli: Cli) -> Result<()> {
                     seed,
                 )?);
             }
-            print!("{}", enforce::markdown(&[], &costs, &[]));
+            print!(
+                "{}",
+                enforce::markdown(&enforce::RunResults::default(), &costs)
+            );
             Ok(())
         }
         Command::Run {
@@ -155,6 +161,7 @@ fn real_main(cli: Cli) -> Result<()> {
             trials,
             churn,
             compile_changes,
+            churn_seconds,
             seed,
             out,
             name,
@@ -175,13 +182,14 @@ fn real_main(cli: Cli) -> Result<()> {
                 churn,
                 seed,
                 work_dir: work_dir.clone(),
+                churn_seconds,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();
             let before = report::machine();
             let run = enforce::run(&cfg);
             let _ = std::fs::remove_dir_all(&work_dir);
-            let (results, metrics) = run?;
+            let results = run?;
             let mut costs = Vec::new();
             if compile_changes > 0 {
                 for &p in &pods {
@@ -200,7 +208,7 @@ fn real_main(cli: Cli) -> Result<()> {
             )))?;
             let stem = name.unwrap_or_else(|| format!("enforce-{}", palisade_bench::unix_now()));
             let json_path = out.join(format!("{stem}.json"));
-            let json = serde_json::json!({"scenarios": results, "compile_cost": costs});
+            let json = serde_json::json!({"run": results, "compile_cost": costs});
             let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Parse {
                 what: "results".into(),
                 detail: e.to_string(),
@@ -218,7 +226,7 @@ a change is timestamped just before its file is renamed into (or unlinked from) 
 the nft commit and up to ~1 ms of probe granularity. Changes: policy create/delete (grant/revoke), the client's label added/removed (the policy selects it), the client pod created/deleted \
 (a remote pod entering/leaving a peer set). Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
 its CPU figures are the agent's /proc utime+stime over the scenario's wall time. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}",
-                enforce::markdown(&results, &costs, &metrics)
+                enforce::markdown(&results, &costs)
             );
             let md_path = out.join(format!("{stem}.md"));
             std::fs::write(&md_path, md).map_err(|source| Error::Write {

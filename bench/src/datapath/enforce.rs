@@ -282,6 +282,8 @@ pub struct Config {
     pub churn: Vec<u32>,
     pub seed: u64,
     pub work_dir: PathBuf,
+    /// Length of each churn-only window.
+    pub churn_seconds: u64,
 }
 
 /// Flip events from the probe process.
@@ -424,6 +426,86 @@ impl Churn {
     }
 }
 
+/// Agent load while the churn writer runs alone (no trials).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChurnResult {
+    pub pods: usize,
+    pub policies: usize,
+    pub rate: u32,
+    pub writes: u64,
+    pub wall_seconds: f64,
+    pub agent_cpu_seconds: f64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// Reconciles (committed transactions) during the window and their mean duration, from /metrics.
+    pub reconciles: f64,
+    pub reconcile_mean_ms: f64,
+}
+
+/// Value of an unlabelled (or exactly labelled) sample in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+fn fetch_metrics(lab: &Lab, exe: &str) -> String {
+    run_in(
+        &lab.node2,
+        exe,
+        &["fetch-metrics", "--addr", "127.0.0.1:9799"],
+        None,
+    )
+    .unwrap_or_default()
+}
+
+fn churn_window(
+    lab: &Lab,
+    exe: &str,
+    dir: &Path,
+    cluster: &Cluster,
+    pid: u32,
+    rate: u32,
+    secs: u64,
+    seed: u64,
+) -> Result<ChurnResult> {
+    const SUM: &str = "palisade_reconcile_duration_seconds_sum";
+    const COUNT: &str = "palisade_reconcile_duration_seconds_count";
+    let m0 = fetch_metrics(lab, exe);
+    let before = proc_stats(pid)?;
+    let t = Instant::now();
+    let churn = Churn::start(dir, cluster, rate, seed);
+    std::thread::sleep(Duration::from_secs(secs));
+    let writes = churn.finish();
+    // Let the last changes land before reading the counters.
+    std::thread::sleep(Duration::from_millis(300));
+    let wall = t.elapsed().as_secs_f64();
+    let after = proc_stats(pid)?;
+    let m1 = fetch_metrics(lab, exe);
+    let d = |name: &str| {
+        metric_value(&m1, name).unwrap_or(f64::NAN) - metric_value(&m0, name).unwrap_or(f64::NAN)
+    };
+    let reconciles = d(COUNT);
+    Ok(ChurnResult {
+        pods: cluster.pods.len(),
+        policies: cluster.policies.len(),
+        rate,
+        writes,
+        wall_seconds: wall,
+        agent_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+        rss_kib: after.rss_kib,
+        hwm_kib: after.hwm_kib,
+        reconciles,
+        reconcile_mean_ms: if reconciles > 0.0 {
+            d(SUM) * 1e3 / reconciles
+        } else {
+            f64::NAN
+        },
+    })
+}
+
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", p.display())))
@@ -432,8 +514,18 @@ fn path_str(p: &Path) -> Result<&str> {
 /// The agent's /metrics text at the end of each size's run, by pod count.
 pub type AgentMetrics = Vec<(usize, String)>;
 
+/// Everything one `run` measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunResults {
+    pub scenarios: Vec<ScenarioResult>,
+    pub churn: Vec<ChurnResult>,
+    pub metrics: AgentMetrics,
+    /// Seconds from agent start to its conflist (first sync committed), by pod count.
+    pub first_sync_seconds: Vec<(usize, f64)>,
+}
+
 /// Runs every size; returns every scenario result and the agent's metrics per size.
-pub fn run(cfg: &Config) -> Result<(Vec<ScenarioResult>, AgentMetrics)> {
+pub fn run(cfg: &Config) -> Result<RunResults> {
     let lab = Lab::create()?;
     super::rulesets::load_base(&lab.node1)?;
     super::rulesets::load_base(&lab.node2)?;
@@ -464,8 +556,7 @@ pub fn run(cfg: &Config) -> Result<(Vec<ScenarioResult>, AgentMetrics)> {
             .map_err(io_err("reading the server's ready line"))?;
         s
     };
-    let mut results = Vec::new();
-    let mut metrics = Vec::new();
+    let mut all = RunResults::default();
     for (i, &pods) in cfg.pods.iter().enumerate() {
         let policies = (pods as f64 * cfg.policies_per_pod).round() as usize;
         let work = cfg.work_dir.join(format!("size-{i}-{pods}"));
@@ -478,14 +569,16 @@ pub fn run(cfg: &Config) -> Result<(Vec<ScenarioResult>, AgentMetrics)> {
             None,
         );
         match r {
-            Ok((mut v, m)) => {
-                results.append(&mut v);
-                metrics.push((pods, m));
+            Ok(mut r) => {
+                all.scenarios.append(&mut r.scenarios);
+                all.churn.append(&mut r.churn);
+                all.metrics.append(&mut r.metrics);
+                all.first_sync_seconds.append(&mut r.first_sync_seconds);
             }
             Err(e) => tracing::error!(pods, error = %e, "size failed; continuing with the next"),
         }
     }
-    Ok((results, metrics))
+    Ok(all)
 }
 
 fn run_size(
@@ -495,7 +588,7 @@ fn run_size(
     work: &Path,
     pods: usize,
     policies: usize,
-) -> Result<(Vec<ScenarioResult>, String)> {
+) -> Result<RunResults> {
     let manifests = work.join("manifests");
     let state = work.join("state");
     let conf = work.join("cni");
@@ -552,6 +645,32 @@ fn run_size(
     }
     let first_sync = started.elapsed().as_secs_f64();
     tracing::info!(pods, policies, first_sync_s = first_sync, "agent synced");
+    let mut out = RunResults {
+        first_sync_seconds: vec![(cluster.pods.len(), first_sync)],
+        ..RunResults::default()
+    };
+    for &rate in cfg.churn.iter().filter(|r| **r > 0) {
+        let r = churn_window(
+            lab,
+            exe,
+            &manifests,
+            &cluster,
+            pid,
+            rate,
+            cfg.churn_seconds,
+            cfg.seed ^ 0xc4,
+        )?;
+        tracing::info!(
+            pods,
+            rate,
+            cpu_s = r.agent_cpu_seconds,
+            wall_s = r.wall_seconds,
+            reconciles = r.reconciles,
+            mean_ms = r.reconcile_mean_ms,
+            "churn window done"
+        );
+        out.churn.push(r);
+    }
     let mut probe = Probe::start(lab, exe)?;
     let mut results = Vec::new();
     for &churn in &cfg.churn {
@@ -618,15 +737,11 @@ fn run_size(
         }
     }
     drop(probe);
-    let metrics = run_in(
-        &lab.node2,
-        exe,
-        &["fetch-metrics", "--addr", "127.0.0.1:9799"],
-        None,
-    )
-    .unwrap_or_else(|e| format!("(no metrics: {e})"));
+    out.metrics
+        .push((cluster.pods.len(), fetch_metrics(lab, exe)));
     drop(agent);
-    Ok((results, metrics))
+    out.scenarios = results;
+    Ok(out)
 }
 
 /// Fetches `path` from an HTTP/1.0 server (the agent's /metrics), inside whatever namespace we run in.
@@ -723,13 +838,39 @@ pub fn compile_cost(
 }
 
 /// Markdown for the enforcement results.
-pub fn markdown(
-    results: &[ScenarioResult],
-    costs: &[CompileCost],
-    metrics: &[(usize, String)],
-) -> String {
+pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
     use std::fmt::Write;
+    let results = &run.scenarios;
+    let metrics = &run.metrics;
     let mut o = String::new();
+    if !run.first_sync_seconds.is_empty() {
+        let _ = writeln!(o, "### Agent start → first sync committed (conflist written)\n\n| pods | seconds |\n|---|---|");
+        for (p, s) in &run.first_sync_seconds {
+            let _ = writeln!(o, "| {p} | {s:.2} |");
+        }
+        o.push('\n');
+    }
+    if !run.churn.is_empty() {
+        let _ = writeln!(o, "### Agent under churn alone (no probe trials)\n\n| pods | policies | churn/s | writes | wall s | agent CPU s | CPU share of one core | RSS MiB | peak RSS MiB | reconciles | mean reconcile ms |\n|---|---|---|---|---|---|---|---|---|---|---|");
+        for c in &run.churn {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {:.1} | {:.2} | {:.0} % | {:.1} | {:.1} | {:.0} | {:.1} |",
+                c.pods,
+                c.policies,
+                c.rate,
+                c.writes,
+                c.wall_seconds,
+                c.agent_cpu_seconds,
+                100.0 * c.agent_cpu_seconds / c.wall_seconds.max(1e-9),
+                c.rss_kib as f64 / 1024.0,
+                c.hwm_kib as f64 / 1024.0,
+                c.reconciles,
+                c.reconcile_mean_ms
+            );
+        }
+        o.push('\n');
+    }
     let _ = writeln!(
         o,
         "### Enforcement latency (ms, change written → probe flips; probe period 1 ms)\n"
