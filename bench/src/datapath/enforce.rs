@@ -461,16 +461,22 @@ fn fetch_metrics(lab: &Lab, exe: &str) -> String {
     .unwrap_or_default()
 }
 
-fn churn_window(
-    lab: &Lab,
-    exe: &str,
-    dir: &Path,
-    cluster: &Cluster,
+/// The agent under observation: its node's lab, the bench binary, its manifest directory and pid.
+struct Observed<'a> {
+    lab: &'a Lab,
+    exe: &'a str,
+    dir: &'a Path,
     pid: u32,
+}
+
+fn churn_window(
+    obs: &Observed<'_>,
+    cluster: &Cluster,
     rate: u32,
     secs: u64,
     seed: u64,
 ) -> Result<ChurnResult> {
+    let Observed { lab, exe, dir, pid } = *obs;
     const SUM: &str = "palisade_reconcile_duration_seconds_sum";
     const COUNT: &str = "palisade_reconcile_duration_seconds_count";
     let m0 = fetch_metrics(lab, exe);
@@ -650,16 +656,13 @@ fn run_size(
         ..RunResults::default()
     };
     for &rate in cfg.churn.iter().filter(|r| **r > 0) {
-        let r = churn_window(
+        let obs = Observed {
             lab,
             exe,
-            &manifests,
-            &cluster,
+            dir: &manifests,
             pid,
-            rate,
-            cfg.churn_seconds,
-            cfg.seed ^ 0xc4,
-        )?;
+        };
+        let r = churn_window(&obs, &cluster, rate, cfg.churn_seconds, cfg.seed ^ 0xc4)?;
         tracing::info!(
             pods,
             rate,
