@@ -217,6 +217,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 path: json_path.clone(),
                 source,
             })?;
+            let charts = report::charts_enforce(&json_path).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "no charts (python3 with matplotlib needed: pip install matplotlib)");
+                Vec::new()
+            });
+            let chart_md: String = charts.iter().map(|c| format!("\n![{c}]({c})\n")).collect();
             let md = format!(
                 "# Enforcement latency and agent scale (issue 7)\n\nStarted {started} (UTC).\n\nCommand:\n\n```\n{command}\n```\n\n## Machine\n\nBefore:\n\n{before}\nAfter:\n\n{after}\n## Method\n\n\
 Lab of `bench/src/datapath/topo.rs` (client pod on node 1, server pod on node 2). The real `palisade-agent run --manifests DIR --node-name node-2 --no-routes` runs in node 2's namespace; \
@@ -225,7 +230,7 @@ The server is isolated by a deny-all ingress policy. A probe in the client pod s
 a change is timestamped just before its file is renamed into (or unlinked from) the directory. Latency = flip − write, so it includes inotify, parsing, debounce (5 ms default), compile, diff, \
 the nft commit and up to ~1 ms of probe granularity. Changes: policy create/delete (grant/revoke), the client's label added/removed (the policy selects it), the client pod created/deleted \
 (a remote pod entering/leaving a peer set). Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
-its CPU figures are the agent's /proc utime+stime over the scenario's wall time. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}",
+its CPU figures are the agent's /proc utime+stime over the scenario's wall time. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}\n## Charts\n{chart_md}",
                 enforce::markdown(&results, &costs)
             );
             let md_path = out.join(format!("{stem}.md"));

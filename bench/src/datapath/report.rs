@@ -288,11 +288,21 @@ palisade's documented layout itself (`rulesets/palisade_model.rs`).\n"
 }
 
 const PLOT: &str = include_str!("plot_datapath.py");
+const PLOT_ENFORCE: &str = include_str!("plot_enforce.py");
 
-/// Draws the charts with python3 + matplotlib; returns the PNG file names written next to `json`.
+/// Draws the datapath charts with python3 + matplotlib; returns the PNG file names written next to `json`.
 pub fn charts(json: &Path) -> Result<Vec<String>> {
+    charts_with(PLOT, json)
+}
+
+/// Draws the enforcement charts (see [`charts`]).
+pub fn charts_enforce(json: &Path) -> Result<Vec<String>> {
+    charts_with(PLOT_ENFORCE, json)
+}
+
+fn charts_with(script: &str, json: &Path) -> Result<Vec<String>> {
     let dir = std::env::temp_dir().join(format!("palisade-bench-plot-{}.py", std::process::id()));
-    std::fs::write(&dir, PLOT).map_err(|source| Error::Write {
+    std::fs::write(&dir, script).map_err(|source| Error::Write {
         path: dir.clone(),
         source,
     })?;
