@@ -262,7 +262,7 @@ impl Engine {
         if let Some(last) = &mut self.last {
             last.note_plugin_pending(&attachments);
         }
-        let full = self.need_full || self.last.is_none();
+        let mut full = self.need_full || self.last.is_none();
         let committed = match (&self.last, full) {
             (Some(last), false) => match compiled::diff(last, &next) {
                 None => false,
@@ -276,6 +276,7 @@ impl Engine {
                         error!(error = %e, objects = %batch.stats, "nft rejected the incremental batch; falling back to a full replace");
                         debug!(batch = %batch.json, "rejected batch");
                         self.commit_full(&next)?;
+                        full = true;
                         true
                     }
                 },

@@ -614,3 +614,60 @@ fn rules_removed_behind_our_back_are_restored_at_the_next_resync() {
     let (_, m) = s.n1.http(AGENT_PORT, "/metrics").expect("metrics");
     assert!(m.contains("palisade_resync_restores_total 1"), "{m}");
 }
+
+#[test]
+fn a_batch_nft_rejects_falls_back_to_a_full_replace_and_enforcement_continues() {
+    let s = isolated_target(&[]);
+    let (_rx, _tx) = start_probing_then_isolate(&s);
+    std::thread::sleep(Duration::from_millis(400)); // past the post-commit read-back
+                                                    // Someone removes the target's map element behind our back (no resync soon: default 30 s).
+    let out = s.n1.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "palisade",
+        "ingress_v4",
+        "{ 10.244.1.10 }",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Our next diff deletes that element (the deny policy goes): nft rejects the batch.
+    std::fs::remove_file(s.d.manifests.join("deny.yaml")).unwrap();
+    let metric = |name: &str| {
+        s.n1.http(AGENT_PORT, "/metrics")
+            .and_then(|(_, m)| m.lines().find(|l| l.starts_with(name)).map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            "palisade_errors_total{kind=\"nft_rejected\"}"
+        )
+        .ends_with(" 1")),
+        "no rejected batch counted: {}",
+        metric("palisade_errors_total")
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            "palisade_transactions_total{kind=\"full\"}"
+        )
+        .ends_with(" 2")),
+        "no fallback full replace: {}",
+        metric("palisade_transactions_total{kind=\"full\"}")
+    );
+    // The table is what we compiled, and later changes still go in: isolating again works.
+    manifest(
+        &s.d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(&s.log)
+            .last()
+            .is_some_and(|l| now() - l > 0.3)),
+        "isolation did not come back after the fallback"
+    );
+}
