@@ -671,3 +671,108 @@ fn a_batch_nft_rejects_falls_back_to_a_full_replace_and_enforcement_continues() 
         "isolation did not come back after the fallback"
     );
 }
+
+#[test]
+fn real_plugin_dual_stack_pod_is_pending_then_isolated_on_ipv6_too() {
+    let n1 = Netns::new("pan");
+    let t = TempDir::new("pa-v6");
+    let d = AgentDirs::new(&t);
+    let base = format!(
+        "{}{}{}",
+        node_yaml(
+            NODE,
+            &["10.244.1.0/24", "fd00:10:244:1::/64"],
+            &["192.168.77.1", "fd00:77::1"]
+        ),
+        namespace_yaml("demo"),
+        pod_yaml("demo", "client", "client", NODE, None),
+    );
+    manifest(&d.manifests, "base.yaml", &base);
+    let _agent = Agent::start(&n1, NODE, &d, &[]);
+    let conflist = d.cni_conf.join(palisade_contract::CONFLIST_FILE);
+    assert!(
+        wait_until(Duration::from_secs(10), || conflist.exists()),
+        "no conflist"
+    );
+
+    // The client pod through the real plugin; its Pod object is known, so it is enforced at once.
+    let client = Netns::new("pap");
+    let out = plugin_add(
+        &n1,
+        &conflist,
+        &client,
+        "client01",
+        "K8S_POD_NAMESPACE=demo;K8S_POD_NAME=client;IP=10.244.1.11,fd00:10:244:1::11",
+    );
+    assert!(
+        out.status.success(),
+        "client ADD: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let fresh_ip = "fd00:10:244:1::30";
+    let pod = Netns::new("pap");
+    let log = t.0.join("v6.log");
+    let _rx = Receiver::start6(&pod, PORT, &log);
+    let _tx = Sender::start(&client, fresh_ip, PORT, 2);
+    std::thread::sleep(Duration::from_millis(100));
+    let out = plugin_add(
+        &n1,
+        &conflist,
+        &pod,
+        "fresh601",
+        &format!("K8S_POD_NAMESPACE=demo;K8S_POD_NAME=fresh;IP=10.244.1.30,{fresh_ip}"),
+    );
+    assert!(
+        out.status.success(),
+        "ADD: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        arrivals(&log).is_empty(),
+        "a pending pod was reachable over IPv6"
+    );
+    let pending = || {
+        String::from_utf8_lossy(
+            &n1.exec(&["nft", "list", "set", "inet", "palisade", "pending_v6"])
+                .stdout,
+        )
+        .contains(fresh_ip)
+    };
+    assert!(
+        pending(),
+        "no IPv6 pending mark for a pod whose Pod object is unknown"
+    );
+
+    manifest(
+        &d.manifests,
+        "fresh.yaml",
+        &format!(
+            "{}{}",
+            pod_yaml("demo", "fresh", "fresh", NODE, None),
+            deny_ingress_yaml("demo", "deny-fresh", "fresh")
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !pending()),
+        "IPv6 pending mark never cleared"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        arrivals(&log).is_empty(),
+        "probes reached the new pod over IPv6 despite its deny policy"
+    );
+    // Control: without its policy the pod is reachable over IPv6 through the plugin's wiring.
+    manifest(
+        &d.manifests,
+        "fresh.yaml",
+        &pod_yaml("demo", "fresh", "fresh", NODE, None),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !arrivals(&log).is_empty()),
+        "control: IPv6 path never opened"
+    );
+}

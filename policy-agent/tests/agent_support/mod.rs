@@ -298,8 +298,20 @@ pub struct Receiver(Child);
 
 impl Receiver {
     pub fn start(ns: &Netns, port: u16, log: &Path) -> Self {
+        Self::start_family(ns, port, log, false)
+    }
+    /// An IPv6 receiver (`[::]:port`).
+    pub fn start6(ns: &Netns, port: u16, log: &Path) -> Self {
+        Self::start_family(ns, port, log, true)
+    }
+    fn start_family(ns: &Netns, port: u16, log: &Path, v6: bool) -> Self {
+        let (fam, any) = if v6 {
+            ("AF_INET6", "::")
+        } else {
+            ("AF_INET", "0.0.0.0")
+        };
         let script = format!(
-            "import socket,time,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',{port}))\nf=open({log:?},'a',buffering=1)\nprint('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(100)\n f.write('%f %s\\n'%(time.time(),d.decode()))\n"
+            "import socket,time,sys\ns=socket.socket(socket.{fam},socket.SOCK_DGRAM)\ns.bind(('{any}',{port}))\nf=open({log:?},'a',buffering=1)\nprint('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(100)\n f.write('%f %s\\n'%(time.time(),d.decode()))\n"
         );
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.0, "python3", "-c", &script])
@@ -330,14 +342,16 @@ pub fn arrivals(log: &Path) -> Vec<f64> {
         .collect()
 }
 
-/// UDP probe sender: a fresh socket (so a fresh conntrack flow) every `every_ms` to `dst:port`.
+/// UDP probe sender: a fresh socket (so a fresh conntrack flow) every `every_ms` to `dst:port`
+/// (IPv6 when `dst` is an IPv6 address).
 pub struct Sender(Child);
 
 impl Sender {
     pub fn start(ns: &Netns, dst: &str, port: u16, every_ms: u32) -> Self {
         let script = format!(
-            "import socket,time\ni=0\nwhile True:\n s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n try:\n  s.sendto(str(i).encode(),({dst:?},{port}))\n except OSError:\n  pass\n s.close()\n i+=1\n time.sleep({})\n",
-            f64::from(every_ms) / 1000.0
+            "import socket,time\ni=0\nwhile True:\n s=socket.socket(socket.{fam},socket.SOCK_DGRAM)\n try:\n  s.sendto(str(i).encode(),({dst:?},{port}))\n except OSError:\n  pass\n s.close()\n i+=1\n time.sleep({})\n",
+            f64::from(every_ms) / 1000.0,
+            fam = if dst.contains(':') { "AF_INET6" } else { "AF_INET" },
         );
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.0, "python3", "-c", &script])
