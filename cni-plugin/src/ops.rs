@@ -2,7 +2,8 @@
 //! configuration and returns what main prints.
 //!
 //! ADD order (ARCHITECTURE.md): IPAM → under the node lock: pending mark + attachment record →
-//! veth, addresses, routes → result. A failure after IPAM tears down everything done so far, in
+//! links up, routes → result. The veth pair is created and addressed (both links down, no routes)
+//! while the mark is written, to hide the nft run; nothing can reach the pod before the mark is in. A failure after IPAM tears down everything done so far, in
 //! DEL's order (link, then mark and record, then the address), so the address is never free while
 //! a mark for it could still be removed by us.
 
@@ -53,6 +54,7 @@ fn open_pod_netns(env: &Env) -> Result<File> {
 
 /// ADD.
 pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
+    let t0 = std::time::Instant::now();
     let ns = open_pod_netns(env)?;
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
     runtime()?.block_on(async {
@@ -71,9 +73,14 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
                 env.container_id, env.ifname
             )));
         }
+        let t_checked = t0.elapsed();
         let alloc = ipam::add(conf, env)?;
+        let t_ipam = t0.elapsed();
         match setup(env, conf, &ns, &node, &pod, &host_veth, &alloc).await {
-            Ok(r) => Ok(r),
+            Ok(r) => {
+                tracing::debug!(checks = ?t_checked, ipam = ?t_ipam, total = ?t0.elapsed(), "ADD timings (cumulative)");
+                Ok(r)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, container = %env.container_id, ifname = %env.ifname, "ADD failed; rolling back");
                 if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await {
@@ -94,8 +101,18 @@ async fn setup(
     host_veth: &str,
     alloc: &Allocation,
 ) -> Result<CniResult> {
-    mark_and_record(env, conf, host_veth, &alloc.ips)?;
-    ensure_forwarding(&alloc.ips)?;
+    // The pending mark and the record (an nft run) proceed on their own thread while the veth is
+    // created and addressed with both links down; only when both are done do the links go up.
+    let (env_c, conf_c, veth_c, ips_c) = (
+        env.clone(),
+        conf.clone(),
+        host_veth.to_string(),
+        alloc.ips.clone(),
+    );
+    let marking = std::thread::Builder::new()
+        .name("pending".into())
+        .spawn(move || mark_and_record(&env_c, &conf_c, &veth_c, &ips_c))
+        .map_err(|e| Error::io("spawning the pending-mark thread", e))?;
     let plan = Plan {
         host_veth,
         ifname: &env.ifname,
@@ -103,7 +120,13 @@ async fn setup(
         ips: &alloc.ips,
         routes: &alloc.routes,
     };
-    let wired = veth::wire(node, pod, ns.as_raw_fd(), &plan).await?;
+    let prepared = veth::prepare(node, pod, ns.as_raw_fd(), &plan).await;
+    marking
+        .join()
+        .map_err(|_| Error::io("pending-mark thread", std::io::Error::other("panicked")))??;
+    let wired = prepared?;
+    ensure_forwarding(&alloc.ips)?;
+    veth::activate(node, pod, &plan, &wired).await?;
     tracing::info!(
         container = %env.container_id, ifname = %env.ifname, host_veth, ips = ?alloc.ips,
         pod = ?env.args.pod_namespace.as_deref().zip(env.args.pod_name.as_deref()),

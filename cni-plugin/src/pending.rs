@@ -191,7 +191,9 @@ pub fn agent_absent_message() -> String {
     )
 }
 
-/// Writes the attachment record atomically (temp file, fsync, rename).
+/// Writes the attachment record atomically (temp file + rename: readers see the old state or the
+/// whole new record, never a partial one). No fsync: after a node crash the pod namespaces are
+/// gone anyway and the runtime's GC removes what is left.
 pub fn write_record(state_dir: &Path, a: &Attachment) -> Result<()> {
     let path = contract::attachment_path(state_dir, &a.container_id, &a.ifname);
     let tmp = path.with_extension("json.tmp");
@@ -200,7 +202,6 @@ pub fn write_record(state_dir: &Path, a: &Attachment) -> Result<()> {
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(&body)?;
-        f.sync_all()?;
         fs::rename(&tmp, &path)
     };
     write().map_err(|e| {

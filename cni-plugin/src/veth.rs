@@ -97,12 +97,27 @@ pub struct Wired {
     pub pod: Link,
 }
 
-/// Builds the pair and configures both ends (the two sides run concurrently).
-pub async fn wire(node: &Netlink, pod: &Netlink, pod_ns: RawFd, plan: &Plan<'_>) -> Result<Wired> {
+/// Phase 1: creates the pair and puts the addresses on both ends, leaving both links down, so
+/// nothing can reach the pod yet (it runs while the pending mark is being written).
+pub async fn prepare(
+    node: &Netlink,
+    pod: &Netlink,
+    pod_ns: RawFd,
+    plan: &Plan<'_>,
+) -> Result<Wired> {
     node.create_veth(plan.host_veth, plan.ifname, plan.mtu, pod_ns)
         .await?;
-    let (host, podl) = futures::try_join!(configure_host(node, plan), configure_pod(pod, plan))?;
+    let (host, podl) = futures::try_join!(address_host(node, plan), address_pod(pod, plan))?;
     Ok(Wired { host, pod: podl })
+}
+
+/// Phase 2 (only once the pod is marked pending): links up, pod routes, node routes.
+pub async fn activate(node: &Netlink, pod: &Netlink, plan: &Plan<'_>, wired: &Wired) -> Result<()> {
+    futures::try_join!(
+        activate_host(node, plan, &wired.host),
+        activate_pod(pod, plan, &wired.pod)
+    )?;
+    Ok(())
 }
 
 async fn must_link(nl: &Netlink, name: &str, side: &str) -> Result<Link> {
@@ -113,7 +128,7 @@ async fn must_link(nl: &Netlink, name: &str, side: &str) -> Result<Link> {
     })
 }
 
-async fn configure_host(node: &Netlink, plan: &Plan<'_>) -> Result<Link> {
+async fn address_host(node: &Netlink, plan: &Plan<'_>) -> Result<Link> {
     let host = must_link(node, plan.host_veth, "host").await?;
     let what = format!("host veth {}", plan.host_veth);
     if plan.has_v4() {
@@ -129,14 +144,19 @@ async fn configure_host(node: &Netlink, plan: &Plan<'_>) -> Result<Link> {
         )
         .await?;
     }
-    node.set_up(host.index, &what).await?;
-    for ip in plan.ips {
-        node.add_route(host_prefix(*ip), None, host.index).await?;
-    }
     Ok(host)
 }
 
-async fn configure_pod(pod: &Netlink, plan: &Plan<'_>) -> Result<Link> {
+async fn activate_host(node: &Netlink, plan: &Plan<'_>, host: &Link) -> Result<()> {
+    node.set_up(host.index, &format!("host veth {}", plan.host_veth))
+        .await?;
+    for ip in plan.ips {
+        node.add_route(host_prefix(*ip), None, host.index).await?;
+    }
+    Ok(())
+}
+
+async fn address_pod(pod: &Netlink, plan: &Plan<'_>) -> Result<Link> {
     let link = must_link(pod, plan.ifname, "pod").await?;
     let what = format!("pod interface {}", plan.ifname);
     for ip in plan.ips {
@@ -144,7 +164,12 @@ async fn configure_pod(pod: &Netlink, plan: &Plan<'_>) -> Result<Link> {
         pod.add_address(link.index, *ip, p.prefix_len(), &what)
             .await?;
     }
-    pod.set_up(link.index, &what).await?;
+    Ok(link)
+}
+
+async fn activate_pod(pod: &Netlink, plan: &Plan<'_>, link: &Link) -> Result<()> {
+    pod.set_up(link.index, &format!("pod interface {}", plan.ifname))
+        .await?;
     if plan.has_v4() {
         pod.add_route(host_prefix(IpAddr::V4(gateway_v4())), None, link.index)
             .await?;
@@ -152,5 +177,5 @@ async fn configure_pod(pod: &Netlink, plan: &Plan<'_>) -> Result<Link> {
     for (dst, gw) in plan.pod_routes() {
         pod.add_route(dst, Some(gw), link.index).await?;
     }
-    Ok(link)
+    Ok(())
 }
