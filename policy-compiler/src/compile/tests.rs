@@ -1090,3 +1090,62 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
         "{denied} of {checked} denied: not a useful mix"
     );
 }
+
+#[test]
+fn explain_names_the_deciding_policies_and_rules_for_an_operator() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.pod("b/y", N2, &["10.0.2.1"], &[("app", "y")]);
+    w.policy("a/web", json!({"podSelector": {"matchLabels": {"app": "x"}}, "ingress": [{"ports": [{"port": 80}]}]}));
+    w.policy("b/lockdown", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]}]}));
+    let c = compile(&w.st, N1);
+    let x = explain(
+        &w.st,
+        &c,
+        &"b/y".parse().unwrap(),
+        &"a/x".parse().unwrap(),
+        80,
+        TCP,
+    )
+    .unwrap();
+    assert!(x.allowed);
+    let text = x.to_string();
+    assert!(text.contains("ALLOWED"), "{text}");
+    assert!(
+        text.contains(
+            "egress of b/y (node n2): allowed by policy b/lockdown rule 0 (peer pod selected)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("ingress of a/x (node n1): allowed by policy a/web rule 0 (any peer)"),
+        "{text}"
+    );
+    let x = explain(
+        &w.st,
+        &c,
+        &"b/y".parse().unwrap(),
+        &"a/x".parse().unwrap(),
+        443,
+        TCP,
+    )
+    .unwrap();
+    let text = x.to_string();
+    assert!(!x.allowed);
+    assert!(
+        text.contains(
+            "ingress of a/x (node n1): DENIED, isolated by a/web and none of their rules matches"
+        ),
+        "{text}"
+    );
+    assert!(explain(
+        &w.st,
+        &c,
+        &"a/nope".parse().unwrap(),
+        &"a/x".parse().unwrap(),
+        80,
+        TCP
+    )
+    .is_err());
+    assert!("not an endpoint".parse::<Endpoint>().is_err());
+}
