@@ -25,6 +25,14 @@ fn rendered() -> Vec<(&'static str, String)> {
         .collect()
 }
 
+fn scenario(name: &str) -> palisade_policy::model::ClusterState {
+    common::scenarios()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, st)| st)
+        .unwrap()
+}
+
 #[test]
 fn golden_rulesets_are_unchanged() {
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();

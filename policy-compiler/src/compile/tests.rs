@@ -985,10 +985,26 @@ fn unrelated_policies_and_remote_pods_add_no_chains() {
 fn names_are_hashes_and_hostile_strings_stay_inside_json_comments() {
     let mut w = W::new();
     let evil = "x\"; } delete table inet filter; { \"\n\u{0}";
-    w.ns("evil", &[("team", evil)]);
-    w.pod("evil/x", N1, &["10.0.1.1"], &[("k", evil)]);
-    let np = serde_json::from_value(json!({"metadata": {"namespace": "evil", "name": "p-q.r"}, "spec": {"podSelector": {"matchLabels": {"k": evil}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": evil}}}]}]}})).unwrap();
-    w.st.apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
+    // The API would reject most of this; the ruleset must stay safe even if something slips by.
+    let ev_ns = format!("ns{evil}");
+    w.ns(&ev_ns, &[("team", evil)]);
+    w.pod(&format!("{ev_ns}/x"), N1, &["10.0.1.1"], &[("k", evil)]);
+    w.st.apply(Change::UpsertPolicy(Policy {
+        namespace: ev_ns.clone(),
+        name: format!("p{evil}"),
+        pod_selector: LabelSelector::from_labels([("k", evil)]),
+        ingress: Some(vec![Rule {
+            peers: vec![Peer::Pods {
+                namespace_selector: Some(LabelSelector::from_labels([("team", evil)])),
+                pod_selector: None,
+            }],
+            ports: vec![PortSpec {
+                protocol: TCP,
+                port: PortMatch::Named(evil.to_string()),
+            }],
+        }]),
+        egress: None,
+    }));
     let rs = compiled(&w).ruleset;
     assert!(rs.chains.len() > 3);
     for name in rs.chains.keys().chain(rs.sets.keys()) {

@@ -257,12 +257,28 @@ impl Validator<'_> {
             match_labels: s.match_labels.clone().unwrap_or_default(),
             expressions: Vec::new(),
         };
+        for (k, v) in &out.match_labels {
+            if let Err(why) = validate_label_key(k) {
+                return Err(self.err(format!("{field}.matchLabels"), format!("key {k:?}: {why}")));
+            }
+            if let Err(why) = validate_label_value(v) {
+                return Err(self.err(
+                    format!("{field}.matchLabels"),
+                    format!("value {v:?} of {k:?}: {why}"),
+                ));
+            }
+        }
         for (i, r) in s.match_expressions.iter().flatten().enumerate() {
             let f = format!("{field}.matchExpressions[{i}]");
-            if r.key.is_empty() {
-                return Err(self.err(format!("{f}.key"), "must not be empty"));
+            if let Err(why) = validate_label_key(&r.key) {
+                return Err(self.err(format!("{f}.key"), format!("{:?}: {why}", r.key)));
             }
             let values: BTreeSet<String> = r.values.iter().flatten().cloned().collect();
+            for v in &values {
+                if let Err(why) = validate_label_value(v) {
+                    return Err(self.err(format!("{f}.values"), format!("{v:?}: {why}")));
+                }
+            }
             let key = r.key.clone();
             let req = match r.operator.as_str() {
                 "In" | "NotIn" => {
@@ -439,6 +455,51 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+const LABEL_NAME_MAX: usize = 63;
+const DNS_SUBDOMAIN_MAX: usize = 253;
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63 characters (empty allowed for values).
+fn validate_label_value(v: &str) -> Result<(), &'static str> {
+    if v.len() > LABEL_NAME_MAX {
+        return Err("must be no more than 63 characters");
+    }
+    let ok_inner = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.';
+    let bytes = v.as_bytes();
+    match (bytes.first(), bytes.last()) {
+        (None, _) => Ok(()),
+        (Some(f), Some(l)) if f.is_ascii_alphanumeric() && l.is_ascii_alphanumeric() && bytes.iter().all(|b| ok_inner(*b)) => Ok(()),
+        _ => Err("must consist of alphanumerics, '-', '_' or '.', and start and end with an alphanumeric"),
+    }
+}
+
+/// A qualified name: optional DNS-subdomain prefix and `/`, then a non-empty label name.
+fn validate_label_key(k: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if name.is_empty() {
+        return Err("name part must not be empty");
+    }
+    validate_label_value(name)?;
+    if let Some(p) = prefix {
+        let ok = !p.is_empty()
+            && p.len() <= DNS_SUBDOMAIN_MAX
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            });
+        if !ok {
+            return Err("prefix part must be a lowercase DNS subdomain");
+        }
+    }
+    Ok(())
 }
 
 fn valid_port(n: i32) -> Option<u16> {

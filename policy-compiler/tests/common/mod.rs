@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use palisade_contract::Attachment;
-use palisade_policy::model::{Change, ClusterState, Labels, Namespace, Node, Pod, PodPhase};
+use palisade_policy::model::{
+    Change, ClusterState, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase, Policy, Rule,
+};
 use palisade_policy::policy_from_k8s;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -81,6 +83,11 @@ impl Scenario {
             .apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
         self
     }
+    /// A policy that skipped validation (the ruleset must stay safe even then).
+    pub fn policy_unchecked(mut self, p: Policy) -> Self {
+        self.st.apply(Change::UpsertPolicy(p));
+        self
+    }
     pub fn attachment(mut self, key: &str, ips: &[&str], pending: bool) -> Self {
         let (ns, name) = key.split_once('/').unwrap();
         let mut a = self.st.attachments.clone();
@@ -147,8 +154,16 @@ pub fn scenarios() -> Vec<(&'static str, ClusterState)> {
             "hostile_strings_and_pending",
             Scenario::new()
                 .pod("a/x", "n1", &["10.244.1.2"], &[("k", evil)], &[])
-                .policy("a", "p-q.r", json!({"podSelector": {"matchLabels": {"k": evil}}, "ingress": [
-                    {"from": [{"podSelector": {"matchLabels": {"k": evil}}}]}]}))
+                .policy_unchecked(Policy {
+                    namespace: "a".into(),
+                    name: format!("p{evil}"),
+                    pod_selector: LabelSelector::from_labels([("k", evil)]),
+                    ingress: Some(vec![Rule {
+                        peers: vec![Peer::Pods { namespace_selector: None, pod_selector: Some(LabelSelector::from_labels([("k", evil)])) }],
+                        ports: vec![],
+                    }]),
+                    egress: None,
+                })
                 .attachment("a/x", &["10.244.1.2"], false)
                 .attachment("a/not-yet-known", &["10.244.1.9", "fd00:10:244:1::9"], true)
                 .st,
@@ -256,6 +271,22 @@ fn normalise(v: &mut Value) {
         }
         Value::Array(a) => a.iter_mut().for_each(normalise),
         _ => {}
+    }
+}
+
+impl Netns {
+    /// `nft list tables` inside the namespace.
+    pub fn list_tables(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "list", "tables"])
+            .output()
+            .expect("run nft");
+        assert!(
+            out.status.success(),
+            "nft list tables: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 

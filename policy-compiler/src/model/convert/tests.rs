@@ -273,3 +273,20 @@ fn node_conversion_reads_pod_cidrs_and_internal_ips() {
         vec!["192.168.1.10".parse::<IpAddr>().unwrap()]
     );
 }
+
+#[test]
+fn invalid_label_keys_and_values_in_selectors_are_rejected() {
+    let e = err_of(json!({"podSelector": {"matchLabels": {"bad key": "x"}}}));
+    assert_eq!(e.field, "spec.podSelector.matchLabels");
+    let e = err_of(json!({"podSelector": {"matchLabels": {"k": "-x"}}}));
+    assert_eq!(e.field, "spec.podSelector.matchLabels");
+    let e = err_of(
+        json!({"podSelector": {"matchExpressions": [{"key": "Example.COM/x", "operator": "Exists"}]}}),
+    );
+    assert_eq!(e.field, "spec.podSelector.matchExpressions[0].key");
+    let e = err_of(
+        json!({"podSelector": {"matchExpressions": [{"key": "k", "operator": "In", "values": ["a b"]}]}}),
+    );
+    assert_eq!(e.field, "spec.podSelector.matchExpressions[0].values");
+    assert!(policy_from_k8s(&np(json!({"podSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-1", "app.kubernetes.io/name": "", "A_b.c": "V1"}}}))).is_ok());
+}
