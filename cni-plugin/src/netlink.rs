@@ -196,6 +196,27 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Sets the link called `name` down; false when it does not exist.
+    pub async fn set_down_by_name(&self, name: &str) -> Result<bool> {
+        match self
+            .handle
+            .link()
+            .set(LinkUnspec::new_with_name(name).down().build())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = Error::netlink(format!("setting link {name} down"), e);
+                if e.is_errno(libc::ENODEV) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Deletes the link called `name`; false when it did not exist.
     pub async fn delete_link(&self, name: &str) -> Result<bool> {
         match self

@@ -220,9 +220,11 @@ fn ensure_forwarding(ips: &[IpAddr]) -> Result<()> {
     Ok(())
 }
 
-/// Removes everything of one attachment, keeping going on errors: the host veth (and with it the
-/// pod end and the host routes), then under the lock the pending mark and the record, then the
-/// IPAM reservation.
+/// Removes everything of one attachment, keeping going on errors. First the host veth goes down,
+/// which takes the pod off the network (its routes die with the link state); then the slow kernel
+/// deletion of the pair runs while, under the lock, the pending mark and the record are removed,
+/// and after them the IPAM reservation. So an address is never free while our mark for it could
+/// still be removed, and a pod is never reachable without its mark.
 async fn teardown(
     node: &Netlink,
     conf: &NetConf,
@@ -231,13 +233,39 @@ async fn teardown(
     host_veth: &str,
 ) -> Result<()> {
     let mut errors = Errors::default();
-    errors.keep(node.delete_link(host_veth).await);
-    errors.keep(unmark_and_unrecord(
-        conf,
-        &target.container_id,
-        &target.ifname,
-    ));
-    errors.keep(ipam::release(conf, env, target));
+    let exists = errors
+        .keep(node.set_down_by_name(host_veth).await)
+        .unwrap_or(true);
+    let (conf_c, env_c, target_c) = (conf.clone(), env.clone(), target.clone());
+    let records = std::thread::Builder::new()
+        .name("teardown".into())
+        .spawn(move || {
+            let mut errors = Errors::default();
+            errors.keep(unmark_and_unrecord(
+                &conf_c,
+                &target_c.container_id,
+                &target_c.ifname,
+            ));
+            errors.keep(ipam::release(&conf_c, &env_c, &target_c));
+            errors.into_result()
+        })
+        .map_err(|e| Error::io("spawning the teardown thread", e));
+    if exists {
+        errors.keep(node.delete_link(host_veth).await);
+    }
+    match records {
+        Ok(handle) => {
+            errors.keep(
+                handle
+                    .join()
+                    .map_err(|_| Error::io("teardown thread", std::io::Error::other("panicked")))
+                    .and_then(|r| r),
+            );
+        }
+        Err(e) => {
+            errors.keep::<()>(Err(e));
+        }
+    }
     errors.into_result()
 }
 
