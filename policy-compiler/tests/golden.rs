@@ -69,5 +69,29 @@ fn golden_rulesets_load_into_real_nft_root() {
             listed.as_array().unwrap().len() > 10,
             "{name}: table looks empty"
         );
+        // Nothing but our table exists: no user string turned into extra nft syntax.
+        assert_eq!(ns.list_tables().trim(), "table inet palisade", "{name}");
+        // Every rule comment in the kernel is one of ours, verbatim.
+        let ours: Vec<String> = compile(&scenario(name), common::NODE)
+            .ruleset
+            .chains
+            .values()
+            .flat_map(|c| c.rules.iter().filter_map(|r| r.comment.clone()))
+            .collect();
+        let mut seen = 0;
+        for item in listed.as_array().unwrap() {
+            if let Some(c) = item
+                .get("rule")
+                .and_then(|r| r.get("comment"))
+                .and_then(|c| c.as_str())
+            {
+                assert!(
+                    ours.iter().any(|o| o == c),
+                    "{name}: unexpected comment {c:?}"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "{name}: no rule comments listed");
     }
 }
