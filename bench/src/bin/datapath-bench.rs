@@ -40,6 +40,9 @@ enum Command {
         seed: u64,
         #[arg(long)]
         no_iperf: bool,
+        /// Run iperf3 in every n-th round only.
+        #[arg(long, default_value_t = 1)]
+        iperf_every: usize,
         /// Directory for the results.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
@@ -189,6 +192,7 @@ fn real_main(cli: Cli) -> Result<()> {
             secs,
             seed,
             no_iperf,
+            iperf_every,
             out,
             name,
             palisade_from,
@@ -222,6 +226,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 secs,
                 seed,
                 iperf: !no_iperf,
+                iperf_every,
                 exe,
                 palisade_override,
             };

@@ -39,6 +39,9 @@ enum Command {
         /// Also measure the compiler's per-change cost with this many changes per size (0: skip).
         #[arg(long, default_value_t = 200)]
         compile_changes: usize,
+        /// Trials per scenario under churn (rates > 0).
+        #[arg(long, default_value_t = 30)]
+        churn_trials: usize,
         /// Length of each churn-only window (agent CPU/RSS while only churn runs).
         #[arg(long, default_value_t = 10)]
         churn_seconds: u64,
@@ -162,6 +165,7 @@ fn real_main(cli: Cli) -> Result<()> {
             churn,
             compile_changes,
             churn_seconds,
+            churn_trials,
             seed,
             out,
             name,
@@ -183,6 +187,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 seed,
                 work_dir: work_dir.clone(),
                 churn_seconds,
+                churn_trials,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();

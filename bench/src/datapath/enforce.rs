@@ -284,6 +284,8 @@ pub struct Config {
     pub work_dir: PathBuf,
     /// Length of each churn-only window.
     pub churn_seconds: u64,
+    /// Trials per scenario while churn runs (rates > 0).
+    pub churn_trials: usize,
 }
 
 /// Flip events from the probe process.
@@ -703,7 +705,12 @@ fn run_size(
                 churn_writes: 0,
             };
             let mut rng = Rng::new(cfg.seed);
-            for _ in 0..cfg.trials {
+            let trials = if churn == 0 {
+                cfg.trials
+            } else {
+                cfg.churn_trials
+            };
+            for _ in 0..trials {
                 match probe.measure(true, || scenario.grant(&manifests))? {
                     Some(ms) => res.grant_ms.push(ms),
                     None => res.failures += 1,

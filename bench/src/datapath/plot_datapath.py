@@ -25,14 +25,14 @@ def ratios(f):
     ref = {}
     for s in samples:
         if s["system"] == "none" and f(s) is not None:
-            ref.setdefault(s["round"], []).append(f(s))
-    ref = {r: statistics.median(v) for r, v in ref.items()}
+            ref[(s["round"], s["policies"])] = f(s)
     out = {}
     for s in samples:
         v = f(s)
-        if v is None or not ref.get(s["round"]):
+        r = ref.get((s["round"], s["policies"]))
+        if v is None or not r:
             continue
-        out.setdefault((s["system"], s["policies"]), []).append(v / ref[s["round"]])
+        out.setdefault((s["system"], s["policies"]), []).append(v / r)
     return {k: statistics.median(v) for k, v in out.items()}
 
 written = []

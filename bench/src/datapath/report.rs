@@ -64,7 +64,7 @@ fn valid(samples: &[Sample]) -> impl Iterator<Item = &Sample> {
     samples.iter().filter(|s| s.error.is_none())
 }
 
-/// Median over rounds of the per-round ratio metric(system, P) / metric(none, P).
+/// Median over rounds of the per-round ratio metric(system, P) / metric(none, same round, P).
 pub fn ratio_table(
     samples: &[Sample],
     metric: Metric,
@@ -75,15 +75,13 @@ pub fn ratio_table(
             none.insert((s.round, s.policies), v);
         }
     }
-    // The no-policy reference of a round: the median of its none runs over all policy counts.
-    let mut none_round: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    for ((round, _), v) in &none {
-        none_round.entry(*round).or_default().push(*v);
-    }
+    // The reference of a sample: the no-policy run of the same round and policy block (measured in
+    // the same minute, in rotated order); `none` itself is then 1 by construction, and its absolute
+    // values across policy blocks show the drift of the machine.
     let mut acc: BTreeMap<(usize, String), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     for s in valid(samples) {
         let Some(v) = metric(s) else { continue };
-        let reference = none_round.get(&s.round).and_then(|vs| median(vs));
+        let reference = none.get(&(s.round, s.policies)).copied();
         let entry = acc.entry((s.policies, s.system.clone())).or_default();
         entry.0.push(v);
         if let Some(r) = reference {
@@ -174,10 +172,10 @@ pub fn markdown(
 namespaces only. Conntrack is on in every system (a `ct state new counter` table stands in for kube-proxy). \
 The synthetic cluster (10,000 pods over 100 nodes; `bench/src/datapath/workload.rs`) loads every policy onto one of \
 the two lab nodes; 4 ingress policies select the server and 4 egress policies select the client, each with a \
-500-IP peer set, and only the last of each four admits the other pod. Each round measures every system at every \
-policy count (system order rotated per round). A run is void (excluded) when allowed connections fail or when a \
-SYN to a port no policy admits is not dropped. Ratios are medians over rounds of metric / the same round's \
-no-policy (`none`) median; `none` at every policy count is the same (empty) ruleset and shows the noise.\n\n\
+500-IP peer set, and only the last of each four admits the other pod. For each policy count, every system gets its own \
+identical lab with its ruleset loaded once (load time reported), then rounds measure the systems in rotated order. A run is void (excluded) when allowed connections fail or when a \
+SYN to a port no policy admits is not dropped. Ratios are medians over rounds of metric / the `none` \
+run of the same round and policy count; `none`'s absolute values across policy counts show the machine's drift.\n\n\
 Systems: `none` (a); `iptables-model` (b) = a MODEL of the kube-router/Calico iptables+ipset layout \
 (`bench/src/datapath/rulesets/iptables.rs`); `naive-nft-model` (c) = a MODEL of a naive nftables ruleset, one rule \
 per (pod, policy, peer), full reload per change (`rulesets/naive_nft.rs`); `palisade` = palisade's layout.\n",

@@ -32,6 +32,8 @@ pub struct Config {
     pub secs: u64,
     pub seed: u64,
     pub iperf: bool,
+    /// Run iperf3 only in every n-th round (it is the slowest and least noisy measurement).
+    pub iperf_every: usize,
     /// This binary, run inside the pod namespaces for `serve`, `crr` and `rr`.
     pub exe: PathBuf,
     /// Overrides the palisade ruleset (e.g. from `palisade-agent compile`): policy count ->
@@ -96,66 +98,107 @@ fn exe_str(cfg: &Config) -> Result<String> {
     })
 }
 
+/// One lab per system with that system's ruleset loaded once, so rounds interleave systems without
+/// reloading (the 10k-policy naive ruleset takes minutes to load).
+struct Loaded {
+    system: System,
+    lab: Lab,
+    load_ms: f64,
+    rules: usize,
+    elements: usize,
+    load_error: Option<String>,
+}
+
+fn load_labs(
+    p: usize,
+    systems: &[System],
+    prepared: &BTreeMap<(usize, System), Prepared>,
+) -> Result<Vec<Loaded>> {
+    let mut labs = Vec::new();
+    for &sys in systems {
+        let Some(prep) = prepared.get(&(p, sys)) else {
+            continue;
+        };
+        let lab = Lab::create()?;
+        rulesets::load_base(&lab.node1)?;
+        rulesets::load_base(&lab.node2)?;
+        tracing::info!(policies = p, system = sys.name(), "loading");
+        // Both nodes load in parallel; the figure is the mean per node.
+        let (n1, n2) = (lab.node1.clone(), lab.node2.clone());
+        let (r1, r2) = std::thread::scope(|s| {
+            let a = s.spawn(|| rulesets::load(&n1, &prep.node1));
+            let b = s.spawn(|| rulesets::load(&n2, &prep.node2));
+            (a.join(), b.join())
+        });
+        let mut loaded = Loaded {
+            system: sys,
+            lab,
+            load_ms: 0.0,
+            rules: prep.node1.rules + prep.node2.rules,
+            elements: prep.node1.elements + prep.node2.elements,
+            load_error: None,
+        };
+        match (r1, r2) {
+            (Ok(Ok(a)), Ok(Ok(b))) => loaded.load_ms = (a + b).as_secs_f64() * 1e3 / 2.0,
+            (Ok(Err(e)), _) | (_, Ok(Err(e))) => loaded.load_error = Some(e.to_string()),
+            _ => loaded.load_error = Some("loader thread panicked".into()),
+        }
+        tracing::info!(
+            policies = p,
+            system = sys.name(),
+            load_ms = loaded.load_ms,
+            "loaded"
+        );
+        labs.push(loaded);
+    }
+    Ok(labs)
+}
+
 /// Runs the whole matrix; returns every sample (failed measurements carry `error`).
 pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
-    let prepared = prepare(cfg)?;
-    let lab = Lab::create()?;
-    rulesets::load_base(&lab.node1)?;
-    rulesets::load_base(&lab.node2)?;
     let exe = exe_str(cfg)?;
     let mut samples = Vec::new();
-    for round in 0..cfg.rounds {
-        for &p in &cfg.policies {
-            let mut order = cfg.systems.clone();
+    for &p in &cfg.policies {
+        let single = Config {
+            policies: vec![p],
+            ..cfg.clone()
+        };
+        let prepared = prepare(&single)?;
+        let labs = load_labs(p, &cfg.systems, &prepared)?;
+        drop(prepared);
+        for round in 0..cfg.rounds {
+            let mut order: Vec<&Loaded> = labs.iter().collect();
             let shift = round % order.len().max(1);
             order.rotate_left(shift);
-            for sys in order {
-                let Some(prep) = prepared.get(&(p, sys)) else {
-                    continue;
-                };
+            for loaded in order {
+                let sys = loaded.system;
                 tracing::info!(round, policies = p, system = sys.name(), "measuring");
-                let sample = measure_one(cfg, &lab, &exe, round, p, sys, prep);
+                let mut sample = Sample {
+                    round,
+                    policies: p,
+                    system: sys.name().to_string(),
+                    rules: loaded.rules,
+                    elements: loaded.elements,
+                    load_ms: loaded.load_ms,
+                    deny_ok: false,
+                    crr: None,
+                    rr: None,
+                    iperf_gbps: None,
+                    error: loaded.load_error.clone(),
+                };
+                if sample.error.is_none() {
+                    if let Err(e) = measure_into(cfg, &loaded.lab, &exe, sys, p, &mut sample) {
+                        sample.error = Some(e.to_string());
+                    }
+                }
                 if let Some(e) = &sample.error {
                     tracing::error!(round, policies = p, system = sys.name(), error = %e, "measurement failed");
                 }
                 samples.push(sample);
-                for ns in [&lab.node1, &lab.node2] {
-                    if let Err(e) = rulesets::clear(ns, sys) {
-                        tracing::error!(system = sys.name(), error = %e, "could not clear the ruleset");
-                    }
-                }
             }
         }
     }
     Ok(samples)
-}
-
-fn measure_one(
-    cfg: &Config,
-    lab: &Lab,
-    exe: &str,
-    round: usize,
-    p: usize,
-    sys: System,
-    prep: &Prepared,
-) -> Sample {
-    let mut sample = Sample {
-        round,
-        policies: p,
-        system: sys.name().to_string(),
-        rules: prep.node1.rules + prep.node2.rules,
-        elements: prep.node1.elements + prep.node2.elements,
-        load_ms: 0.0,
-        deny_ok: false,
-        crr: None,
-        rr: None,
-        iperf_gbps: None,
-        error: None,
-    };
-    if let Err(e) = measure_into(cfg, lab, exe, sys, p, prep, &mut sample) {
-        sample.error = Some(e.to_string());
-    }
-    sample
 }
 
 fn measure_into(
@@ -164,12 +207,8 @@ fn measure_into(
     exe: &str,
     sys: System,
     p: usize,
-    prep: &Prepared,
     sample: &mut Sample,
 ) -> Result<()> {
-    let l1 = rulesets::load(&lab.node1, &prep.node1)?;
-    let l2 = rulesets::load(&lab.node2, &prep.node2)?;
-    sample.load_ms = (l1 + l2).as_secs_f64() * 1e3 / 2.0;
     let secs = cfg.secs.to_string();
     let server_secs = (cfg.secs * 2 + 10).to_string();
     let cpu_s = SERVER_CPU.to_string();
@@ -250,7 +289,7 @@ fn measure_into(
     sample.crr = Some(crr);
     sample.rr = Some(rr);
     drop(server);
-    if cfg.iperf {
+    if cfg.iperf && sample.round % cfg.iperf_every.max(1) == 0 {
         sample.iperf_gbps = Some(iperf(lab, cfg.secs)?);
     }
     if !sample.deny_ok {
