@@ -8,18 +8,33 @@ use crate::model::{
 use crate::ruleset::Ruleset;
 use ipnet::IpNet;
 use palisade_contract::Attachment;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 /// Lookup structures over the state, built once per compile.
 pub(crate) struct Index<'a> {
     /// Every pod NetworkPolicy applies to (not hostNetwork, not terminated), with its addresses.
-    pub subjects: BTreeMap<&'a str, (&'a Pod, BTreeSet<IpAddr>)>,
-    /// Subject pod keys by namespace.
-    pub by_ns: BTreeMap<&'a str, Vec<&'a str>>,
+    pub subjects: &'a BTreeMap<&'a str, (&'a Pod, BTreeSet<IpAddr>)>,
+    /// Subject pods by namespace.
+    pub by_ns: BTreeMap<&'a str, Vec<Subject<'a>>>,
     /// Labels of every namespace known or holding pods.
     pub ns_labels: BTreeMap<String, Labels>,
+    /// Pod peers already resolved in this compile, by (namespace selector, own namespace when
+    /// that is absent, pod selector): many policies repeat the same peers.
+    pub peer_cache: RefCell<HashMap<PeerKey<'a>, Rc<ResolvedPods>>>,
 }
+
+/// A subject pod: key, object, addresses.
+pub(crate) type Subject<'a> = (&'a str, &'a Pod, &'a BTreeSet<IpAddr>);
+type PeerKey<'a> = (
+    Option<&'a LabelSelector>,
+    &'a str,
+    Option<&'a LabelSelector>,
+);
+/// Keys and addresses of the pods one pod peer selects.
+pub(crate) type ResolvedPods = (BTreeSet<String>, BTreeSet<IpAddr>);
 
 fn attachment_matches(a: &Attachment, p: &Pod) -> bool {
     match (a.pod_uid.as_deref(), p.uid.as_str()) {
@@ -37,7 +52,6 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
         }
     }
     let mut subjects = BTreeMap::new();
-    let mut by_ns: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut local_keys: Vec<&str> = Vec::new();
     let mut matched_attachments: BTreeSet<(&str, &str)> = BTreeSet::new();
     for (key, pod) in &state.pods {
@@ -55,10 +69,6 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
             }
         }
         subjects.insert(key.as_str(), (pod, ips));
-        by_ns
-            .entry(pod.namespace.as_str())
-            .or_default()
-            .push(key.as_str());
         if local {
             local_keys.push(key.as_str());
         }
@@ -69,6 +79,13 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
         {
             pending.extend(a.ips.iter().copied());
         }
+    }
+    let mut by_ns: BTreeMap<&str, Vec<Subject<'_>>> = BTreeMap::new();
+    for (k, (p, ips)) in &subjects {
+        by_ns
+            .entry(p.namespace.as_str())
+            .or_default()
+            .push((k, p, ips));
     }
     let mut ns_labels: BTreeMap<String, Labels> = state
         .namespaces
@@ -81,9 +98,10 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
         }
     }
     let ix = Index {
-        subjects,
+        subjects: &subjects,
         by_ns,
         ns_labels,
+        peer_cache: RefCell::new(HashMap::new()),
     };
 
     // Local pods by namespace, for policy selection.
@@ -173,13 +191,43 @@ fn selector_opt_matches(s: &Option<LabelSelector>, labels: &Labels) -> bool {
     s.as_ref().is_none_or(|s| s.matches(labels))
 }
 
-fn compile_rule(
+fn resolve_pod_peer(
     ix: &Index<'_>,
     pol: &Policy,
+    namespace_selector: &Option<LabelSelector>,
+    pod_selector: &Option<LabelSelector>,
+) -> ResolvedPods {
+    let namespaces: Vec<&str> = match namespace_selector {
+        // semantics 13: only the policy's own namespace.
+        None => vec![pol.namespace.as_str()],
+        // semantics 14, 18: namespaces whose labels match.
+        Some(ns_sel) => ix
+            .ns_labels
+            .iter()
+            .filter(|(_, l)| ns_sel.matches(l))
+            .map(|(n, _)| n.as_str())
+            .collect(),
+    };
+    let mut out = ResolvedPods::default();
+    for ns in namespaces {
+        for (k, p, ips) in ix.by_ns.get(ns).into_iter().flatten() {
+            // semantics 15: both selectors in one peer are ANDed.
+            if selector_opt_matches(pod_selector, &p.labels) {
+                out.0.insert(k.to_string());
+                out.1.extend(ips.iter().copied());
+            }
+        }
+    }
+    out
+}
+
+fn compile_rule<'a>(
+    ix: &Index<'a>,
+    pol: &'a Policy,
     dir: Direction,
     selected: &BTreeSet<String>,
     index: usize,
-    rule: &Rule,
+    rule: &'a Rule,
 ) -> CompiledRule {
     let mut peers = PeerSet {
         any: rule.peers.is_empty(),
@@ -193,27 +241,28 @@ fn compile_rule(
                 pod_selector,
             } => {
                 peers.uses_pods = true;
-                let namespaces: Vec<&str> = match namespace_selector {
-                    // semantics 13: only the policy's own namespace.
-                    None => vec![pol.namespace.as_str()],
-                    // semantics 14, 18: namespaces whose labels match.
-                    Some(ns_sel) => ix
-                        .ns_labels
-                        .iter()
-                        .filter(|(_, l)| ns_sel.matches(l))
-                        .map(|(n, _)| n.as_str())
-                        .collect(),
+                let scope = if namespace_selector.is_none() {
+                    pol.namespace.as_str()
+                } else {
+                    ""
                 };
-                for ns in namespaces {
-                    for k in ix.by_ns.get(ns).into_iter().flatten() {
-                        if let Some((p, ips)) = ix.subjects.get(k) {
-                            // semantics 15: both selectors in one peer are ANDed.
-                            if selector_opt_matches(pod_selector, &p.labels) {
-                                peers.pods.insert(k.to_string());
-                                peers.pod_ips.extend(ips.iter().copied());
-                            }
-                        }
+                let key = (namespace_selector.as_ref(), scope, pod_selector.as_ref());
+                let cached = ix.peer_cache.borrow().get(&key).cloned();
+                let found = match cached {
+                    Some(f) => f,
+                    None => {
+                        let f =
+                            Rc::new(resolve_pod_peer(ix, pol, namespace_selector, pod_selector));
+                        ix.peer_cache.borrow_mut().insert(key, f.clone());
+                        f
                     }
+                };
+                if peers.pods.is_empty() {
+                    peers.pods = found.0.clone();
+                    peers.pod_ips = found.1.clone();
+                } else {
+                    peers.pods.extend(found.0.iter().cloned());
+                    peers.pod_ips.extend(found.1.iter().copied());
                 }
             }
             Peer::IpBlock { cidr, except } => {
