@@ -10,9 +10,11 @@
 //! cargo run -p palisade-bench --bin cni-bench -- --palisade target/release/palisade
 //! ```
 //!
-//! Both plugins get an IPv4-only network and the same MTU; palisade runs as in a cluster: the
+//! Both plugins get an IPv4-only network and the same MTU. palisade runs as in a cluster: the
 //! runtime passes the pod identity, so every ADD also takes the node lock, marks the pod pending in
-//! `table inet palisade` (created here as the agent would) and writes the attachment record.
+//! `table inet palisade` (created here as the agent would; one `nft` run per ADD and per DEL) and
+//! writes the attachment record. A second palisade row without the pod identity (no `nft` run)
+//! shows what the pending mark costs. The last row (ptp) is the baseline of every ratio.
 
 use clap::Parser;
 use palisade_bench::{io_err_pub, Error, Result};
@@ -247,14 +249,18 @@ fn report(phase: &str, subjects: &[Subject], samples: &[Samples]) {
             ms(percentile(&v.del, 99.0))
         );
     }
-    if samples.len() == 2 {
+    // The last subject is the baseline; every other one is compared with it.
+    let (Some(base), Some(base_subject)) = (samples.last(), subjects.last()) else {
+        return;
+    };
+    for (s, v) in subjects.iter().zip(samples).take(samples.len() - 1) {
         let r = |f: fn(&Samples) -> &Vec<Duration>, p: f64| {
-            ms(percentile(f(&samples[0]), p)) / ms(percentile(f(&samples[1]), p)).max(f64::EPSILON)
+            ms(percentile(f(v), p)) / ms(percentile(f(base), p)).max(f64::EPSILON)
         };
         println!(
             "ratio {} / {}: ADD p50 {:.2}  ADD p99 {:.2}  DEL p50 {:.2}  DEL p99 {:.2}",
-            subjects[0].label,
-            subjects[1].label,
+            s.label,
+            base_subject.label,
             r(|s| &s.add, 50.0),
             r(|s| &s.add, 99.0),
             r(|s| &s.del, 50.0),
@@ -337,18 +343,26 @@ fn real_main() -> Result<()> {
         palisade.parent().unwrap_or(Path::new("/")).display(),
         args.reference_dir.display()
     );
+    let palisade_conf = json!({
+        "cniVersion": "1.0.0", "name": "benchpal", "type": "palisade", "mtu": 1500,
+        "stateDir": tmp.0.join("state"),
+        "ipam": {"type": "palisade", "dataDir": tmp.0.join("ipam"), "ranges": [[{"subnet": "10.210.0.0/16"}]]}
+    })
+    .to_string();
     let subjects = [
         Subject {
             label: "palisade (builtin IPAM)",
             bin: palisade.clone(),
             cni_path: cni_path.clone(),
-            conf: json!({
-                "cniVersion": "1.0.0", "name": "benchpal", "type": "palisade", "mtu": 1500,
-                "stateDir": tmp.0.join("state"),
-                "ipam": {"type": "palisade", "dataDir": tmp.0.join("ipam"), "ranges": [[{"subnet": "10.210.0.0/16"}]]}
-            })
-            .to_string(),
+            conf: palisade_conf.clone(),
             pod_args: true,
+        },
+        Subject {
+            label: "palisade, no pod identity",
+            bin: palisade.clone(),
+            cni_path: cni_path.clone(),
+            conf: palisade_conf,
+            pod_args: false,
         },
         Subject {
             label: "ptp + host-local",

@@ -934,6 +934,29 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
             );
         }
     }
+    let _ = writeln!(o, "\n### Targets\n");
+    for r in results
+        .iter()
+        .filter(|r| r.churn_per_second == 0 && r.pods >= 10_000)
+    {
+        let (_, g99, _) = ScenarioResult::summary(&r.grant_ms);
+        let (_, r99, _) = ScenarioResult::summary(&r.revoke_ms);
+        let worst = g99.max(r99);
+        let verdict = if worst < 100.0 { "met" } else { "NOT met" };
+        let _ = writeln!(o, "- {} at {} pods: p99 grant {g99:.1} ms, revoke {r99:.1} ms; target p99 < 100 ms: **{verdict}**.", r.scenario.name(), r.pods);
+    }
+    for r in results.iter().filter(|r| r.churn_per_second == 0) {
+        let (g50, g99, _) = ScenarioResult::summary(&r.grant_ms);
+        let (r50, r99, _) = ScenarioResult::summary(&r.revoke_ms);
+        let same = r50 <= g50 * 1.2 + 1.0 && r99 <= g99 * 1.2 + 5.0;
+        let _ = writeln!(
+            o,
+            "- Revocation vs grant, {} at {} pods: p50 {r50:.1} vs {g50:.1} ms, p99 {r99:.1} vs {g99:.1} ms: **{}**.",
+            r.scenario.name(),
+            r.pods,
+            if same { "as fast" } else { "slower" }
+        );
+    }
     for (pods, m) in metrics {
         let lines: Vec<&str> = m
             .lines()

@@ -262,6 +262,7 @@ palisade's documented layout itself (`rulesets/palisade_model.rs`).\n"
             );
         }
     }
+    out.push_str(&targets(samples));
     let void: Vec<&Sample> = samples.iter().filter(|s| s.error.is_some()).collect();
     if !void.is_empty() {
         let _ = writeln!(out, "\n### Void runs\n");
@@ -283,6 +284,57 @@ palisade's documented layout itself (`rulesets/palisade_model.rs`).\n"
         }
     }
     out
+}
+
+/// The issue's targets, checked against the figures: palisade's connection rate with 1k policies at
+/// least 0.95 of no policy; its throughput within the no-policy runs' own spread.
+pub fn targets(samples: &[Sample]) -> String {
+    let mut o = String::from("\n### Targets\n\n");
+    let crr = ratio_table(samples, crr_rate);
+    match crr.get(&(1000, "palisade".to_string())) {
+        Some((_, ratio, n)) => {
+            let verdict = if *ratio >= 0.95 { "met" } else { "NOT met" };
+            let _ = writeln!(o, "- New connections/s with 1,000 policies: palisade ×{ratio:.3} of no policy (median of {n} rounds); target ≥ 0.95: **{verdict}**.");
+        }
+        None => o.push_str("- New connections/s with 1,000 policies: not measured in this run.\n"),
+    }
+    // Noise band of throughput: spread of the no-policy runs themselves (each divided by the median
+    // no-policy throughput of its policy block).
+    let mut none_ratios = Vec::new();
+    let mut by_block: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for s in valid(samples).filter(|s| s.system == "none") {
+        if let Some(v) = s.iperf_gbps {
+            by_block.entry(s.policies).or_default().push(v);
+        }
+    }
+    for vs in by_block.values() {
+        if let Some(m) = median(vs) {
+            none_ratios.extend(vs.iter().map(|v| v / m));
+        }
+    }
+    let lo = none_ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = none_ratios
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    let thr = ratio_table(samples, iperf);
+    let mut any = false;
+    for ((p, sys), (_, ratio, _)) in &thr {
+        if sys != "palisade" || !ratio.is_finite() {
+            continue;
+        }
+        any = true;
+        let within = if lo.is_finite() && *ratio >= lo.min(0.98) && *ratio <= hi.max(1.02) {
+            "within"
+        } else {
+            "OUTSIDE"
+        };
+        let _ = writeln!(o, "- Throughput with {p} policies: palisade ×{ratio:.3}; no-policy runs spread ×{lo:.3}–×{hi:.3} around their median (band at least ±2 %): **{within} noise**.");
+    }
+    if !any {
+        o.push_str("- Throughput: not measured in this run.\n");
+    }
+    o
 }
 
 const PLOT: &str = include_str!("plot_datapath.py");
