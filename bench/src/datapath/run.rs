@@ -289,7 +289,7 @@ fn measure_into(
     sample.crr = Some(crr);
     sample.rr = Some(rr);
     drop(server);
-    if cfg.iperf && sample.round % cfg.iperf_every.max(1) == 0 {
+    if cfg.iperf && sample.round.is_multiple_of(cfg.iperf_every.max(1)) {
         sample.iperf_gbps = Some(iperf(lab, cfg.secs)?);
     }
     if !sample.deny_ok {
