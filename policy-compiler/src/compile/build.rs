@@ -9,10 +9,15 @@ use crate::ruleset::names::{self, *};
 use crate::ruleset::{
     AddrField, BaseHook, Chain, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-pub(crate) fn build(c: &Compiled) -> Ruleset {
+pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>) {
     let mut rs = Ruleset::default();
+    let mut warnings = Vec::new();
+    // A verdict map holds one verdict per address: two local pods claiming one address (a stale
+    // status) would make the kernel reject the whole batch. The first pod (by key) keeps it.
+    let mut owner: BTreeMap<(Direction, IpAddr), &str> = BTreeMap::new();
     base(&mut rs, c);
     // Group chains and the verdict maps pointing at them.
     for pod in c.pods.values() {
@@ -43,6 +48,14 @@ pub(crate) fn build(c: &Compiled) -> Ruleset {
                 });
             }
             for ip in &pod.ips {
+                if let Some(first) = owner.get(&(dir, *ip)) {
+                    warnings.push(format!(
+                        "pods {first} and {} both claim address {ip}; {dir} of {ip} follows {first}'s policies",
+                        pod.key
+                    ));
+                    continue;
+                }
+                owner.insert((dir, *ip), pod.key.as_str());
                 if let Some(m) = rs.sets.get_mut(map_name(dir, Family::of(ip))) {
                     m.elements.insert(Elem::GotoChain(*ip, group.clone()));
                 }
@@ -56,7 +69,7 @@ pub(crate) fn build(c: &Compiled) -> Ruleset {
             }
         }
     }
-    rs
+    (rs, warnings)
 }
 
 fn base(rs: &mut Ruleset, c: &Compiled) {

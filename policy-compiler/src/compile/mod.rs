@@ -157,6 +157,8 @@ pub struct Compiled {
     /// Addresses of local attachments still pending (their pod is not known yet).
     pub pending: BTreeSet<IpAddr>,
     pub ruleset: Ruleset,
+    /// Problems the compiler worked around, each naming the objects (for the agent's log).
+    pub warnings: Vec<String>,
 }
 
 impl Compiled {
@@ -169,7 +171,9 @@ impl Compiled {
 /// Compiles the cluster state for one node. Pure and deterministic.
 pub fn compile(state: &crate::model::ClusterState, node: &str) -> Compiled {
     let mut c = resolve::resolve(state, node);
-    c.ruleset = build::build(&c);
+    let (ruleset, warnings) = build::build(&c);
+    c.ruleset = ruleset;
+    c.warnings.extend(warnings);
     c
 }
 

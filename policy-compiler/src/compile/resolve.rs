@@ -184,6 +184,7 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
         policies,
         pending,
         ruleset: Ruleset::default(),
+        warnings: Vec::new(),
     }
 }
 

@@ -1165,3 +1165,29 @@ fn explain_names_the_deciding_policies_and_rules_for_an_operator() {
     .is_err());
     assert!("not an endpoint".parse::<Endpoint>().is_err());
 }
+
+#[test]
+fn two_local_pods_claiming_one_address_never_break_the_batch() {
+    let mut w = W::new();
+    w.pod("a/old", N1, &["10.0.1.1"], &[("app", "old")]);
+    w.pod("a/new", N1, &["10.0.1.1"], &[("app", "new")]);
+    w.policy(
+        "a/p-old",
+        json!({"podSelector": {"matchLabels": {"app": "old"}}}),
+    );
+    w.policy(
+        "a/p-new",
+        json!({"podSelector": {"matchLabels": {"app": "new"}}, "ingress": [{}]}),
+    );
+    let c = compiled(&w);
+    let keys: Vec<_> = c.ruleset.sets[MAP_INGRESS_V4].elements.iter().collect();
+    assert_eq!(keys.len(), 1, "one verdict per address: {keys:?}");
+    assert_eq!(c.warnings.len(), 1);
+    assert!(
+        c.warnings[0].contains("a/new") && c.warnings[0].contains("a/old"),
+        "{:?}",
+        c.warnings
+    );
+    let mut k = crate::kernel_sim::KernelTable::default();
+    k.apply(&c.ruleset.full_replace().json).unwrap();
+}
