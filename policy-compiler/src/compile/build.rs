@@ -93,6 +93,23 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
                 .map(|ip| Elem::Addr(*ip))
                 .collect(),
         });
+        rs.add_set(Set {
+            name: self_set(fam).to_string(),
+            key: match fam {
+                Family::V4 => SetKey::Ipv4Pair,
+                Family::V6 => SetKey::Ipv6Pair,
+            },
+            interval: false,
+            verdict_map: false,
+            comment: comment("local pod address twice: a pod can always reach itself"),
+            elements: c
+                .pods
+                .values()
+                .flat_map(|p| p.ips.iter())
+                .filter(|ip| Family::of(ip) == fam)
+                .map(|ip| Elem::AddrPair(*ip, *ip))
+                .collect(),
+        });
         for dir in Direction::BOTH {
             rs.add_set(Set {
                 name: map_name(dir, fam).to_string(),
@@ -152,6 +169,20 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
                         Stmt::Drop,
                     ])
                     .with_comment("pending pod"),
+                );
+            }
+        }
+        if hook == Hook::Postrouting {
+            for fam in Family::BOTH {
+                rules.push(
+                    Rule::new(vec![
+                        Stmt::SelfTraffic {
+                            family: fam,
+                            set: self_set(fam).to_string(),
+                        },
+                        Stmt::Accept,
+                    ])
+                    .with_comment("a pod reaching itself (semantics 38)"),
                 );
             }
         }

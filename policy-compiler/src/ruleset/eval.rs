@@ -71,6 +71,17 @@ impl Ruleset {
                             continue 'rules;
                         }
                     }
+                    Stmt::SelfTraffic { family, set } => {
+                        let want = Elem::AddrPair(p.saddr, p.daddr);
+                        if Family::of(&p.saddr) != *family
+                            || !self
+                                .sets
+                                .get(set)
+                                .is_some_and(|s| s.elements.contains(&want))
+                        {
+                            continue 'rules;
+                        }
+                    }
                     Stmt::ProtoPortInSet { set } => {
                         let Some(proto) = p.proto else {
                             continue 'rules;

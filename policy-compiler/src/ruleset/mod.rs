@@ -84,6 +84,11 @@ pub enum Stmt {
         field: AddrField,
         set: String,
     },
+    /// `ip[6] saddr . ip[6] daddr @set`: source and destination are the same local pod.
+    SelfTraffic {
+        family: Family,
+        set: String,
+    },
     /// `meta l4proto . th dport @set`
     ProtoPortInSet {
         set: String,
@@ -145,6 +150,10 @@ pub enum SetKey {
     Ipv4ProtoPort,
     /// `ipv6_addr . inet_proto . inet_service`
     Ipv6ProtoPort,
+    /// `ipv4_addr . ipv4_addr`
+    Ipv4Pair,
+    /// `ipv6_addr . ipv6_addr`
+    Ipv6Pair,
 }
 
 /// One element of a set or map.
@@ -157,6 +166,8 @@ pub enum Elem {
     ProtoPort(Protocol, u16, u16),
     /// `addr . proto . port`
     AddrProtoPort(IpAddr, Protocol, u16),
+    /// `addr . addr`
+    AddrPair(IpAddr, IpAddr),
     /// Verdict map element: `addr : goto <chain>`.
     GotoChain(IpAddr, String),
 }

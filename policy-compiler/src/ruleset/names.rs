@@ -60,6 +60,19 @@ pub fn map_name(dir: Direction, fam: Family) -> &'static str {
     }
 }
 
+/// Sets of `addr . addr` pairs, one per local pod address: a pod reaching itself (e.g. through
+/// a Service that DNATs back to it) is always allowed (semantics 38).
+pub const SELF_SET_V4: &str = "self_v4";
+pub const SELF_SET_V6: &str = "self_v6";
+
+/// Self-traffic set of a family.
+pub fn self_set(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => SELF_SET_V4,
+        Family::V6 => SELF_SET_V6,
+    }
+}
+
 /// Pending set of a family.
 pub fn pending_set(fam: Family) -> &'static str {
     match fam {

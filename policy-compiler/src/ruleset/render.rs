@@ -80,6 +80,8 @@ fn key_type(k: SetKey) -> Value {
         SetKey::ProtoPort => json!(["inet_proto", "inet_service"]),
         SetKey::Ipv4ProtoPort => json!(["ipv4_addr", "inet_proto", "inet_service"]),
         SetKey::Ipv6ProtoPort => json!(["ipv6_addr", "inet_proto", "inet_service"]),
+        SetKey::Ipv4Pair => json!(["ipv4_addr", "ipv4_addr"]),
+        SetKey::Ipv6Pair => json!(["ipv6_addr", "ipv6_addr"]),
     }
 }
 
@@ -144,6 +146,7 @@ pub(crate) fn elem_json(e: &Elem, key_only: bool) -> Value {
         Elem::Range(a, b) => json!({"range": [a.to_string(), b.to_string()]}),
         Elem::ProtoPort(p, lo, hi) => json!({"concat": [p.nft_name(), port_json(*lo, *hi)]}),
         Elem::AddrProtoPort(ip, p, port) => json!({"concat": [ip.to_string(), p.nft_name(), port]}),
+        Elem::AddrPair(a, b) => json!({"concat": [a.to_string(), b.to_string()]}),
         Elem::GotoChain(ip, target) if key_only => ip_json(ip),
         Elem::GotoChain(ip, target) => json!([ip.to_string(), {"goto": {"target": target}}]),
     }
@@ -199,6 +202,10 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
             json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}),
         ),
         Stmt::AddrInSet { family, field, set } => matches(addr(*family, *field), set_ref_str(set)),
+        Stmt::SelfTraffic { family, set } => matches(
+            json!({"concat": [addr(*family, AddrField::Saddr), addr(*family, AddrField::Daddr)]}),
+            set_ref_str(set),
+        ),
         Stmt::ProtoPortInSet { set } => {
             matches(json!({"concat": l4proto_dport()}), set_ref_str(set))
         }
