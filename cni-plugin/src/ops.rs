@@ -57,6 +57,12 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
     let t0 = std::time::Instant::now();
     let ns = open_pod_netns(env)?;
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
+    // A pod will be marked pending: start nft now so it loads while we do the rest.
+    let nft = if env.args.is_pod() {
+        Some(pending::Nft::spawn()?)
+    } else {
+        None
+    };
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         let pod = Netlink::from_socket(netns::netlink_socket_in(&ns)?)?;
@@ -76,14 +82,14 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
         let t_checked = t0.elapsed();
         let alloc = ipam::add(conf, env)?;
         let t_ipam = t0.elapsed();
-        match setup(env, conf, &ns, &node, &pod, &host_veth, &alloc).await {
+        match setup(env, conf, &ns, (&node, &pod), &host_veth, &alloc, nft).await {
             Ok(r) => {
                 tracing::debug!(checks = ?t_checked, ipam = ?t_ipam, total = ?t0.elapsed(), "ADD timings (cumulative)");
                 Ok(r)
             }
             Err(e) => {
                 tracing::warn!(error = %e, container = %env.container_id, ifname = %env.ifname, "ADD failed; rolling back");
-                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await {
+                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth, None).await {
                     tracing::error!(error = %re, "rollback after a failed ADD was incomplete; DEL will finish it");
                 }
                 Err(e)
@@ -96,10 +102,10 @@ async fn setup(
     env: &Env,
     conf: &NetConf,
     ns: &File,
-    node: &Netlink,
-    pod: &Netlink,
+    (node, pod): (&Netlink, &Netlink),
     host_veth: &str,
     alloc: &Allocation,
+    nft: Option<pending::Nft>,
 ) -> Result<CniResult> {
     // The pending mark and the record (an nft run) proceed on their own thread while the veth is
     // created and addressed with both links down; only when both are done do the links go up.
@@ -111,7 +117,7 @@ async fn setup(
     );
     let marking = std::thread::Builder::new()
         .name("pending".into())
-        .spawn(move || mark_and_record(&env_c, &conf_c, &veth_c, &ips_c))
+        .spawn(move || mark_and_record(&env_c, &conf_c, &veth_c, &ips_c, nft))
         .map_err(|e| Error::io("spawning the pending-mark thread", e))?;
     let plan = Plan {
         host_veth,
@@ -168,10 +174,16 @@ async fn setup(
 
 /// Under the node lock: the pending mark (for pods), then the record. If the record cannot be
 /// written the mark is taken back, so a mark never exists without its record.
-fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -> Result<()> {
+fn mark_and_record(
+    env: &Env,
+    conf: &NetConf,
+    host_veth: &str,
+    ips: &[IpAddr],
+    nft: Option<pending::Nft>,
+) -> Result<()> {
     let _lock = NodeLock::acquire(&conf.state_dir)?;
     let pending = if env.args.is_pod() {
-        match pending::mark(ips)? {
+        match pending::mark(nft, ips)? {
             Mark::Marked => true,
             Mark::TableAbsent if conf.fail_open => {
                 tracing::warn!(container = %env.container_id, "{}; failOpen is set, so the pod is wired without a pending mark", pending::agent_absent_message());
@@ -195,7 +207,7 @@ fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -
     };
     if let Err(e) = pending::write_record(&conf.state_dir, &record) {
         if pending {
-            let _ = pending::unmark(ips);
+            let _ = pending::unmark(None, ips);
         }
         return Err(e);
     }
@@ -231,6 +243,7 @@ async fn teardown(
     env: &Env,
     target: &DelegateTarget,
     host_veth: &str,
+    nft: Option<pending::Nft>,
 ) -> Result<()> {
     let mut errors = Errors::default();
     let exists = errors
@@ -245,6 +258,7 @@ async fn teardown(
                 &conf_c,
                 &target_c.container_id,
                 &target_c.ifname,
+                nft,
             ));
             errors.keep(ipam::release(&conf_c, &env_c, &target_c));
             errors.into_result()
@@ -269,7 +283,12 @@ async fn teardown(
     errors.into_result()
 }
 
-fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Result<()> {
+fn unmark_and_unrecord(
+    conf: &NetConf,
+    container_id: &str,
+    ifname: &str,
+    nft: Option<pending::Nft>,
+) -> Result<()> {
     let _lock = NodeLock::acquire(&conf.state_dir)?;
     let record = match pending::read_record(&conf.state_dir, container_id, ifname) {
         Ok(r) => r,
@@ -279,7 +298,7 @@ fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Resu
         }
     };
     if let Some(r) = record.as_ref().filter(|r| r.pending) {
-        pending::unmark(&r.ips)?;
+        pending::unmark(nft, &r.ips)?;
     }
     pending::remove_record(&conf.state_dir, container_id, ifname)
 }
@@ -287,9 +306,23 @@ fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Resu
 /// DEL: idempotent; works with the netns gone or unset (nothing here needs it).
 pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
+    // A pod's mark will most likely be removed: start nft now (unused, it exits on EOF).
+    let nft = if env.args.is_pod() {
+        pending::Nft::spawn().ok()
+    } else {
+        None
+    };
     runtime()?.block_on(async {
         let node = Netlink::current()?;
-        teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await
+        teardown(
+            &node,
+            conf,
+            env,
+            &DelegateTarget::from_env(env),
+            &host_veth,
+            nft,
+        )
+        .await
     })
 }
 
@@ -417,7 +450,7 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         for r in records.iter().filter(|r| !valid.contains(&(r.container_id.clone(), r.ifname.clone()))) {
             tracing::info!(container = %r.container_id, ifname = %r.ifname, pod = ?r.pod_key(), "GC: removing stale attachment");
             let target = DelegateTarget { container_id: r.container_id.clone(), ifname: r.ifname.clone(), netns: None };
-            errors.keep(teardown(&node, conf, env, &target, &r.host_veth).await);
+            errors.keep(teardown(&node, conf, env, &target, &r.host_veth, None).await);
         }
         Ok::<_, Error>(())
     })?;

@@ -11,7 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 /// The nft binary (looked up on PATH, as the nftables crate does).
 pub const NFT_BIN: &str = "nft";
@@ -89,46 +89,82 @@ fn is_absent(stderr: &str) -> bool {
     stderr.contains("No such file or directory")
 }
 
-/// Runs one `nft -j -f -` transaction; Ok(false) when our table or a pending set is absent.
-fn apply(batch: &Value) -> Result<bool> {
-    let mut child = Command::new(NFT_BIN)
-        .args(["-j", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            Error::Nft(format!(
-                "cannot run {NFT_BIN} (is nftables installed on this node?): {e}"
-            ))
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(batch.to_string().as_bytes())
-            .map_err(|e| Error::Nft(format!("writing the batch to {NFT_BIN}: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Nft(format!("waiting for {NFT_BIN}: {e}")))?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if is_absent(&stderr) {
-        return Ok(false);
-    }
-    Err(Error::Nft(format!(
-        "{NFT_BIN} -j -f - failed: {}",
-        stderr.trim()
-    )))
+/// An `nft -j -f -` process started ahead of time: it loads while the plugin does other work and
+/// touches nothing until it receives its batch on stdin (one atomic transaction). Started early so
+/// its start-up (about 4 ms of dynamic loading) is off the critical path; the batch itself is still
+/// written only with the node lock held.
+pub struct Nft {
+    child: Option<Child>,
 }
 
-/// Marks `ips` pending (call with the [`NodeLock`] held).
-pub fn mark(ips: &[IpAddr]) -> Result<Mark> {
+impl Nft {
+    /// Starts `nft -j -f -`, waiting for its batch.
+    pub fn spawn() -> Result<Self> {
+        let child = Command::new(NFT_BIN)
+            .args(["-j", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                Error::Nft(format!(
+                    "cannot run {NFT_BIN} (is nftables installed on this node?): {e}"
+                ))
+            })?;
+        Ok(Nft { child: Some(child) })
+    }
+
+    /// Sends `batch` and waits; Ok(false) when our table or a pending set is absent.
+    pub fn apply(mut self, batch: &Value) -> Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Err(Error::Nft("nft process already used".into()));
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(batch.to_string().as_bytes())
+                .map_err(|e| Error::Nft(format!("writing the batch to {NFT_BIN}: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| Error::Nft(format!("waiting for {NFT_BIN}: {e}")))?;
+        if out.status.success() {
+            return Ok(true);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if is_absent(&stderr) {
+            return Ok(false);
+        }
+        Err(Error::Nft(format!(
+            "{NFT_BIN} -j -f - failed: {}",
+            stderr.trim()
+        )))
+    }
+}
+
+impl Drop for Nft {
+    /// An unused process gets an empty batch (EOF) and is reaped; it changes nothing.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs one transaction on `nft` (or a fresh one); Ok(false) when our table or a set is absent.
+fn apply(nft: Option<Nft>, batch: &Value) -> Result<bool> {
+    match nft {
+        Some(n) => n.apply(batch),
+        None => Nft::spawn()?.apply(batch),
+    }
+}
+
+/// Marks `ips` pending (call with the [`NodeLock`] held), on `nft` if one was started early.
+pub fn mark(nft: Option<Nft>, ips: &[IpAddr]) -> Result<Mark> {
     if ips.is_empty() {
         return Ok(Mark::Marked);
     }
-    Ok(if apply(&mark_batch(ips))? {
+    Ok(if apply(nft, &mark_batch(ips))? {
         Mark::Marked
     } else {
         Mark::TableAbsent
@@ -136,11 +172,11 @@ pub fn mark(ips: &[IpAddr]) -> Result<Mark> {
 }
 
 /// Removes the pending marks of `ips` (call with the [`NodeLock`] held). Absent table: nothing to do.
-pub fn unmark(ips: &[IpAddr]) -> Result<()> {
+pub fn unmark(nft: Option<Nft>, ips: &[IpAddr]) -> Result<()> {
     if ips.is_empty() {
         return Ok(());
     }
-    if !apply(&unmark_batch(ips))? {
+    if !apply(nft, &unmark_batch(ips))? {
         tracing::debug!(
             ?ips,
             "table inet palisade is absent; no pending mark to remove"
