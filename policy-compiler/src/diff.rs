@@ -253,3 +253,31 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod redefinition_tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::ruleset::names::{CHAIN_EGRESS, MAP_INGRESS_V4};
+    use crate::synth::{self, SynthConfig};
+
+    #[test]
+    fn a_chain_or_set_that_cannot_change_in_place_gives_a_full_replace() {
+        let st = synth::cluster(&SynthConfig::small(2));
+        let last = compile(&st, "n0").ruleset;
+        let mut next = last.clone();
+        if let Some(b) = next
+            .chains
+            .get_mut(CHAIN_EGRESS)
+            .and_then(|c| c.base.as_mut())
+        {
+            b.priority += 1;
+        }
+        assert_eq!(diff(&last, &next), next.full_replace());
+        let mut next = last.clone();
+        if let Some(s) = next.sets.get_mut(MAP_INGRESS_V4) {
+            s.interval = true;
+        }
+        assert_eq!(diff(&last, &next), next.full_replace());
+    }
+}

@@ -255,3 +255,62 @@ impl KernelTable {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn t() -> Value {
+        json!({"table": {"family": "inet", "name": "palisade"}})
+    }
+
+    fn base() -> KernelTable {
+        let mut k = KernelTable::default();
+        k.apply(&json!({"nftables": [
+            {"add": t()},
+            {"add": {"chain": {"family": "inet", "table": "palisade", "name": "a"}}},
+            {"add": {"chain": {"family": "inet", "table": "palisade", "name": "b"}}},
+            {"add": {"set": {"family": "inet", "table": "palisade", "name": "s", "type": "ipv4_addr", "elem": ["10.0.0.1"]}}},
+            {"add": {"map": {"family": "inet", "table": "palisade", "name": "m", "type": "ipv4_addr", "map": "verdict",
+                             "elem": [["10.0.0.1", {"goto": {"target": "b"}}]]}}},
+            {"add": {"rule": {"family": "inet", "table": "palisade", "chain": "a", "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@s"}},
+                {"jump": {"target": "b"}}]}}}
+        ]}))
+        .unwrap();
+        k
+    }
+
+    fn rejects(k: &KernelTable, cmd: Value) -> String {
+        let mut k2 = k.clone();
+        let e = k2
+            .apply(&json!({"nftables": [cmd]}))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(&k2, k, "a failed batch changes nothing");
+        e
+    }
+
+    #[test]
+    fn model_rejects_what_the_kernel_rejects() {
+        let k = base();
+        let chain = |n: &str| json!({"family": "inet", "table": "palisade", "name": n});
+        assert!(rejects(&k, json!({"delete": {"chain": chain("a")}})).contains("non-empty"));
+        assert!(rejects(&k, json!({"delete": {"chain": chain("b")}})).contains("referenced"));
+        assert!(rejects(&k, json!({"delete": {"set": chain("s")}})).contains("referenced"));
+        assert!(rejects(&k, json!({"delete": {"element": {"family": "inet", "table": "palisade", "name": "s", "elem": ["10.0.0.9"]}}})).contains("missing element"));
+        assert!(rejects(&k, json!({"add": {"element": {"family": "inet", "table": "palisade", "name": "m", "elem": [["10.0.0.1", {"goto": {"target": "a"}}]]}}})).contains("another value"));
+        assert!(rejects(&k, json!({"add": {"rule": {"family": "inet", "table": "palisade", "chain": "b", "expr": [{"jump": {"target": "nope"}}]}}})).contains("missing chain"));
+        assert!(rejects(&k, json!({"add": {"rule": {"family": "inet", "table": "palisade", "chain": "b", "expr": [{"match": {"op": "==", "left": 1, "right": "@nope"}}]}}})).contains("missing set"));
+        assert!(rejects(
+            &KernelTable::default(),
+            json!({"add": {"chain": chain("x")}})
+        )
+        .contains("table does not exist"));
+        // And accepts the valid order: flush, then delete.
+        let mut k2 = k.clone();
+        k2.apply(&json!({"nftables": [{"flush": {"chain": chain("a")}}, {"delete": {"chain": chain("a")}}, {"delete": {"set": chain("s")}}]})).unwrap();
+        assert!(!k2.chains.contains_key("a") && !k2.sets.contains_key("s"));
+    }
+}
