@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const NAMESPACE: &str = "palisade-test";
 const IMAGE: &str = "docker.io/palisade/busybox:test";
 const PAGE: &str = "palisade-ok";
 
@@ -113,6 +112,8 @@ struct World {
     holder: Proc,
     dir: PathBuf,
     sock: PathBuf,
+    /// containerd namespace, unique per run (runc names its cgroups after it).
+    namespace: String,
 }
 
 impl World {
@@ -134,7 +135,7 @@ impl World {
         let mut c = self.cmd("ctr");
         c.arg("--address")
             .arg(&self.sock)
-            .args(["-n", NAMESPACE])
+            .args(["-n", &self.namespace])
             .args(args);
         run(&mut c)
     }
@@ -234,6 +235,7 @@ fn containerd_ctr_run_with_cni_gets_a_working_pod_network_from_palisade() {
         holder: Proc(holder),
         dir: dir.clone(),
         sock: sock.clone(),
+        namespace: unique("palisade-test-"),
     };
     let self_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -453,6 +455,12 @@ impl Drop for Cleanup<'_> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             let _ = self.world.ctr(&["container", "delete", id]);
+        }
+        // runc leaves the (now empty) per-namespace cgroup directories behind.
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in controllers.flatten() {
+                let _ = std::fs::remove_dir(c.path().join(&self.world.namespace));
+            }
         }
     }
 }
