@@ -17,6 +17,16 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
+/// With `PALISADE_BENCH_DUMP=<dir>`, each batch is also written there, to time `nft -j -f` on it.
+fn dump(file: &str, json: &str) {
+    if let Some(dir) = std::env::var_os("PALISADE_BENCH_DUMP") {
+        let path = std::path::Path::new(&dir).join(file);
+        if let Err(e) = std::fs::write(&path, json) {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+    }
+}
+
 fn measure(name: &str, st: &ClusterState, last: &Ruleset) -> Ruleset {
     let t = Instant::now();
     let next = compile(st, NODE).ruleset;
@@ -27,6 +37,11 @@ fn measure(name: &str, st: &ClusterState, last: &Ruleset) -> Ruleset {
     let t = Instant::now();
     let full = next.full_replace();
     let full_t = t.elapsed();
+    let slug: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    dump(&format!("diff_{slug}.json"), &d.to_json_string());
     println!(
         "{name:<14} compile {:>10} | diff {:>9}, {:>4} cmds, {:>8} bytes | full replace {:>9}, {:>6} cmds, {:>9} bytes | {:.0}x fewer bytes",
         ms(compile_t),
@@ -64,6 +79,7 @@ fn main() {
     let t = Instant::now();
     let full = c.ruleset.full_replace();
     let render_t = t.elapsed();
+    dump("full.json", &full.to_json_string());
     println!(
         "node {NODE}: {} local pods, {} policies select them; compile {}",
         c.pods.len(),
