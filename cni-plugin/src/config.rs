@@ -69,6 +69,8 @@ pub struct NetConf {
     pub fail_open: bool,
     pub ipam: Ipam,
     pub prev_result: Option<CniResult>,
+    /// `dns` of the network config, when any of its fields is set (it then overrides IPAM's).
+    pub dns: Option<Value>,
     /// Requested addresses from `args.cni.ips` and `runtimeConfig.ips`.
     pub requested_ips: Vec<IpAddr>,
     /// GC: the attachments (container id, ifname) the runtime still uses.
@@ -213,6 +215,19 @@ impl NetConf {
                     .map_err(|e| Error::config("prevResult", e.to_string()))?,
             ),
         };
+        let dns = match field(obj, "dns") {
+            None => None,
+            Some(Value::Object(d)) => {
+                let set = d.values().any(|v| match v {
+                    Value::String(s) => !s.is_empty(),
+                    Value::Array(a) => !a.is_empty(),
+                    Value::Null => false,
+                    _ => true,
+                });
+                set.then(|| Value::Object(d.clone()))
+            }
+            Some(v) => return Err(Error::config("dns", format!("{v} is not an object"))),
+        };
         let mut requested_ips = parse_ips(v.pointer("/args/cni/ips"), "args.cni.ips")?;
         requested_ips.extend(parse_ips(
             v.pointer("/runtimeConfig/ips"),
@@ -233,6 +248,7 @@ impl NetConf {
             fail_open,
             ipam,
             prev_result,
+            dns,
             requested_ips,
             valid_attachments,
             raw: raw.to_vec(),
@@ -525,6 +541,21 @@ mod tests {
             assert_eq!(err.code(), 7, "{json}: {err}");
             assert!(err.to_string().contains(needle), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn dns_is_kept_only_when_a_field_is_set() {
+        let c = NetConf::parse(
+            conf(&format!(r#"{IPAM},"dns":{{"nameservers":["10.96.0.10"]}}"#)).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.dns,
+            Some(serde_json::json!({"nameservers":["10.96.0.10"]}))
+        );
+        let c = NetConf::parse(conf(&format!(r#"{IPAM},"dns":{{"nameservers":[]}}"#)).as_bytes())
+            .unwrap();
+        assert_eq!(c.dns, None);
     }
 
     #[test]

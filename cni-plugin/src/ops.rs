@@ -138,19 +138,21 @@ async fn setup(
         pod = ?env.args.pod_namespace.as_deref().zip(env.args.pod_name.as_deref()),
         "attachment wired"
     );
+    // `interfaces[].mtu` exists since spec 1.1.0.
+    let mtu = (conf.cni_version.as_str() >= crate::cni::VERSION_1_1_0).then_some(conf.mtu);
     Ok(CniResult {
         cni_version: conf.cni_version.clone(),
         interfaces: vec![
             Interface {
                 name: host_veth.to_string(),
                 mac: wired.host.mac,
-                mtu: Some(conf.mtu),
+                mtu,
                 sandbox: String::new(),
             },
             Interface {
                 name: env.ifname.clone(),
                 mac: wired.pod.mac,
-                mtu: Some(conf.mtu),
+                mtu,
                 sandbox: netns_path(env)?.to_string(),
             },
         ],
@@ -168,7 +170,7 @@ async fn setup(
             .into_iter()
             .map(|(dst, gw)| Route { dst, gw: Some(gw) })
             .collect(),
-        dns: alloc.dns.clone(),
+        dns: conf.dns.clone().or_else(|| alloc.dns.clone()),
     })
 }
 

@@ -195,6 +195,10 @@ fn add_check_del_del_wires_records_marks_and_cleans_up_dual_stack() {
     assert_eq!(r["interfaces"][1]["name"], "eth0");
     assert_eq!(r["interfaces"][1]["sandbox"], json!(netns));
     assert_eq!(r["interfaces"][1]["mac"].as_str().unwrap().len(), 17);
+    assert_eq!(
+        r["interfaces"][1]["mtu"], 1400,
+        "spec 1.1.0 results carry the MTU"
+    );
     let (v4, v6) = (v4_of(&r), v6_of(&r));
     assert!(r["ips"]
         .as_array()
@@ -766,6 +770,10 @@ fn chained_with_the_real_portmap_a_host_port_reaches_the_pod() {
         json!({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]});
     let r = f.rt.add(&list, &att).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r["cniVersion"], "1.0.0");
+    assert!(
+        r["interfaces"][1].get("mtu").is_none(),
+        "no 1.1.0-only fields in a 1.0.0 result: {r}"
+    );
     let other = Attachment::new("ctr-pm-client", &nb);
     f.rt.add(&list, &other).unwrap_or_else(|e| panic!("{e}"));
     // CHECK our link of the chain with the chain's final result as prevResult. (Debian's portmap
