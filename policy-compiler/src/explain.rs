@@ -181,7 +181,8 @@ pub fn explain(
     let (from_ip, to_ip) = pair;
 
     let same_pod = f.pod.is_some() && f.pod == t.pod;
-    let verdict = |dir: Direction, r: &Resolved, peer: IpAddr| -> DirectionVerdict {
+    // `own` is the address of the endpoint this direction is about (source for egress).
+    let verdict = |dir: Direction, r: &Resolved, own: IpAddr, peer: IpAddr| -> DirectionVerdict {
         let mut v = DirectionVerdict {
             direction: dir,
             pod: r.pod.clone(),
@@ -191,6 +192,12 @@ pub fn explain(
         if same_pod {
             v.outcome =
                 Outcome::AlwaysAllowed("a pod can always reach itself (semantics 38)".into());
+            return v;
+        }
+        // A pending address of this node (wired, pod not known yet): everything is dropped.
+        if compiled.pending.contains(&own) {
+            v.node = Some(compiled.node.clone());
+            v.outcome = Outcome::Pending;
             return v;
         }
         let Some(key) = &r.pod else {
@@ -208,7 +215,8 @@ pub fn explain(
         let model: Cow<'_, Compiled> = if &compiled.node == node {
             Cow::Borrowed(compiled)
         } else {
-            Cow::Owned(compile(state, node))
+            // The attachment records in the state are this node's: another node has none here.
+            Cow::Owned(compile(&foreign_state(state), node))
         };
         if model.pending.contains(&from_ip) || model.pending.contains(&to_ip) {
             v.outcome = Outcome::Pending;
@@ -230,8 +238,8 @@ pub fn explain(
         v.outcome = judge(&model, lp, dir, peer, to_ip, proto, port);
         v
     };
-    let egress = verdict(Direction::Egress, &f, to_ip);
-    let ingress = verdict(Direction::Ingress, &t, from_ip);
+    let egress = verdict(Direction::Egress, &f, from_ip, to_ip);
+    let ingress = verdict(Direction::Ingress, &t, to_ip, from_ip);
     let allowed = egress.outcome.allows() && ingress.outcome.allows();
     Ok(Explanation {
         from: from.clone(),
@@ -244,6 +252,16 @@ pub fn explain(
         ingress,
         allowed,
     })
+}
+
+fn foreign_state(state: &ClusterState) -> Cow<'_, ClusterState> {
+    if state.attachments.is_empty() {
+        Cow::Borrowed(state)
+    } else {
+        let mut s = state.clone();
+        s.attachments.clear();
+        Cow::Owned(s)
+    }
 }
 
 fn judge(

@@ -1059,6 +1059,7 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
     use crate::synth::{self, Rng, SynthConfig};
     let mut checked = 0;
     let mut denied = 0;
+    let mut pending_seen = 0;
     for seed in 0..12u64 {
         let cfg = SynthConfig {
             nodes: 3,
@@ -1068,14 +1069,30 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
             seed,
             dual_stack: false,
         };
-        let st = synth::cluster(&cfg);
+        let mut st = synth::cluster(&cfg);
+        let mut rng = Rng::new(seed + 1000);
+        // Churn, including attachment records (of node n0) and pending addresses.
+        for i in 0..8 {
+            let ch = synth::random_change(&cfg, &st, &mut rng, i);
+            st.apply(ch);
+        }
+        let mut foreign = st.clone();
+        foreign.attachments.clear();
         let models: std::collections::BTreeMap<String, Compiled> = st
             .nodes
             .keys()
-            .map(|n| (n.clone(), compile(&st, n)))
+            .map(|n| {
+                (
+                    n.clone(),
+                    if n == "n0" {
+                        compile(&st, n)
+                    } else {
+                        compile(&foreign, n)
+                    },
+                )
+            })
             .collect();
-        let pods: Vec<&Pod> = st.pods.values().collect();
-        let mut rng = Rng::new(seed + 1000);
+        let pods: Vec<&Pod> = st.pods.values().filter(|p| !p.ips.is_empty()).collect();
         for _ in 0..300 {
             let a = pods[rng.below(pods.len())];
             let b = pods[rng.below(pods.len())];
@@ -1090,9 +1107,19 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
                     name: a.name.clone(),
                 }
             };
-            let to = Endpoint::Pod {
-                namespace: b.namespace.clone(),
-                name: b.name.clone(),
+            let pending: Vec<IpAddr> = models["n0"]
+                .pending
+                .iter()
+                .filter(|i| i.is_ipv4())
+                .copied()
+                .collect();
+            let to = if !pending.is_empty() && rng.chance(10) {
+                Endpoint::Ip(pending[rng.below(pending.len())])
+            } else {
+                Endpoint::Pod {
+                    namespace: b.namespace.clone(),
+                    name: b.name.clone(),
+                }
             };
             let proto = Protocol::ALL[rng.below(3)];
             let port =
@@ -1109,8 +1136,13 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
             assert_eq!(x.allowed, by_rules, "seed {seed}:\n{x}");
             checked += 1;
             denied += usize::from(!by_rules);
+            pending_seen += usize::from(matches!(
+                x.ingress.outcome,
+                crate::explain::Outcome::Pending
+            ));
         }
     }
+    assert!(pending_seen > 0, "no pending address was ever checked");
     assert!(
         denied > checked / 20 && denied < checked * 19 / 20,
         "{denied} of {checked} denied: not a useful mix"
