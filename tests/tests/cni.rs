@@ -903,3 +903,42 @@ fn concurrent_adds_across_processes_and_restarts_keep_the_store_consistent() {
     f.rt.del(&list, &a2).unwrap();
     f.assert_clean("after DELs");
 }
+
+#[test]
+fn builtin_allocator_and_host_local_share_one_store() {
+    let mut f = Fixture::with_table();
+    let list = f.list(
+        "1.0.0",
+        vec![f.plugin(json!([[{"subnet":"10.93.0.0/24"}]]), json!({}))],
+    );
+    let hl_conf = json!({"cniVersion": "1.0.0", "name": "testnet",
+        "ipam": {"type": "host-local", "dataDir": f.ipam_dir(), "ranges": [[{"subnet": "10.93.0.0/24"}]]}})
+    .to_string();
+    let (n1, _) = f.pod();
+    let (n2, _) = f.pod();
+    let hl1 = Attachment::new("ctr-hl-1", &n1);
+    let r =
+        f.rt.exec("host-local", "ADD", Some(&hl1), hl_conf.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap();
+    assert_eq!(v4_of(&r), "10.93.0.2");
+    // palisade sees host-local's reservation and its round-robin cursor.
+    let pal = Attachment::new("ctr-pal", &n2);
+    assert_eq!(
+        v4_of(&f.rt.add(&list, &pal).unwrap_or_else(|e| panic!("{e}"))),
+        "10.93.0.3"
+    );
+    // host-local sees ours.
+    let hl2 = Attachment::new("ctr-hl-2", &n1);
+    let r =
+        f.rt.exec("host-local", "ADD", Some(&hl2), hl_conf.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap();
+    assert_eq!(v4_of(&r), "10.93.0.4");
+    for a in [&hl1, &hl2] {
+        f.rt.exec("host-local", "DEL", Some(a), hl_conf.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    f.rt.del(&list, &pal).unwrap();
+    f.assert_clean("after DELs");
+}
