@@ -18,6 +18,9 @@ const CLIENT_IP: &str = "10.244.1.2";
 const SERVER_IP: &str = "10.244.1.3";
 const GATEWAY: &str = "169.254.1.1";
 const NODE_IP: &str = "192.168.0.1";
+const CLIENT_IP6: &str = "fd00:10:244:1::2";
+const SERVER_IP6: &str = "fd00:10:244:1::3";
+const GATEWAY6: &str = "fe80::1";
 
 fn run(ns: &str, args: &[&str]) {
     let out = Command::new("ip")
@@ -38,6 +41,9 @@ ss = []
 for p in sys.argv[1:]:
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", int(p))); s.listen(16); ss.append(s)
+    s6 = socket.socket(socket.AF_INET6); s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s6.bind(("::", int(p))); s6.listen(16); ss.append(s6)
 print("ready", flush=True)
 while True:
     r, _, _ = select.select(ss, [], [])
@@ -78,7 +84,7 @@ fn connects(ns: &str, ip: &str, port: u16) -> bool {
         .success()
 }
 
-fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str) {
+fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
     run(
         &node.name,
         &[
@@ -133,8 +139,12 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         &["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
     );
     run(&node.name, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    wire(&node, &client, "palc", CLIENT_IP);
-    wire(&node, &server, "pals", SERVER_IP);
+    run(
+        &node.name,
+        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+    );
+    wire(&node, &client, "palc", CLIENT_IP, CLIENT_IP6);
+    wire(&node, &server, "pals", SERVER_IP, SERVER_IP6);
 
     let mut child = Command::new("ip")
         .args([
@@ -165,8 +175,8 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     );
 
     let mut st = Scenario::new()
-        .pod("a/client", "n1", &[CLIENT_IP], &[("app", "client")], &[])
-        .pod("a/server", "n1", &[SERVER_IP], &[("app", "server")], &[("http", 8080, "TCP")])
+        .pod("a/client", "n1", &[CLIENT_IP, CLIENT_IP6], &[("app", "client")], &[])
+        .pod("a/server", "n1", &[SERVER_IP, SERVER_IP6], &[("app", "server")], &[("http", 8080, "TCP")])
         .policy("a", "server-in", json!({"podSelector": {"matchLabels": {"app": "server"}},
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]}]}))
         .policy("a", "client-no-ingress", json!({"podSelector": {"matchLabels": {"app": "client"}}}))
