@@ -191,7 +191,11 @@ mod tests {
             pod_uid: None,
             pending: false,
         };
-        std::fs::write(attachment_path(&dir, "c1", "eth0"), serde_json::to_vec(&a).unwrap()).unwrap();
+        std::fs::write(
+            attachment_path(&dir, "c1", "eth0"),
+            serde_json::to_vec(&a).unwrap(),
+        )
+        .unwrap();
         std::fs::write(attachments_dir(&dir).join("broken.json"), b"{not json").unwrap();
         let (good, bad) = read_attachments(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
