@@ -126,6 +126,48 @@ fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
             "ip", "route", "add", "default", "via", GATEWAY, "dev", "eth0",
         ],
     );
+    run(
+        &node.name,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{GATEWAY6}/64"),
+            "dev",
+            host_if,
+            "nodad",
+        ],
+    );
+    run(
+        &node.name,
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            host_if,
+        ],
+    );
+    run(
+        &pod.name,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    run(
+        &pod.name,
+        &[
+            "ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+        ],
+    );
 }
 
 #[test]
@@ -139,6 +181,10 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         &["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
     );
     run(&node.name, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    run(
+        &node.name,
+        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+    );
     run(
         &node.name,
         &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
@@ -173,6 +219,7 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         connects(&client.name, SERVER_IP, 8081),
         "the topology itself must work before any policy"
     );
+    assert!(connects(&client.name, SERVER_IP6, 8081), "IPv6 too");
 
     let mut st = Scenario::new()
         .pod("a/client", "n1", &[CLIENT_IP, CLIENT_IP6], &[("app", "client")], &[])
@@ -196,6 +243,17 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     assert!(
         connects(&node.name, SERVER_IP, 8081),
         "the pod's own node always reaches it (semantics 39)"
+    );
+    // IPv6: separate sets and maps; neighbour discovery keeps working under isolation.
+    run(&node.name, &["ip", "-6", "neigh", "flush", "all"]);
+    run(&client.name, &["ip", "-6", "neigh", "flush", "all"]);
+    assert!(
+        connects(&client.name, SERVER_IP6, 8080),
+        "IPv6 named port allowed"
+    );
+    assert!(
+        !connects(&client.name, SERVER_IP6, 8081),
+        "IPv6 other ports dropped"
     );
 
     let mut step = |st: &palisade_policy::model::ClusterState| {
