@@ -185,10 +185,6 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         &node.name,
         &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
     );
-    run(
-        &node.name,
-        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-    );
     wire(&node, &client, "palc", CLIENT_IP, CLIENT_IP6);
     wire(&node, &server, "pals", SERVER_IP, SERVER_IP6);
 
