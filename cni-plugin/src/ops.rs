@@ -58,11 +58,7 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
     let ns = open_pod_netns(env)?;
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
     // A pod will be marked pending: start nft now so it loads while we do the rest.
-    let nft = if env.args.is_pod() {
-        Some(pending::Nft::spawn()?)
-    } else {
-        None
-    };
+    let nft = env.args.is_pod().then(pending::NftStarting::start);
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         let pod = Netlink::from_socket(netns::netlink_socket_in(&ns)?)?;
@@ -105,7 +101,7 @@ async fn setup(
     (node, pod): (&Netlink, &Netlink),
     host_veth: &str,
     alloc: &Allocation,
-    nft: Option<pending::Nft>,
+    nft: Option<pending::NftStarting>,
 ) -> Result<CniResult> {
     // The pending mark and the record (an nft run) proceed on their own thread while the veth is
     // created and addressed with both links down; only when both are done do the links go up.
@@ -181,7 +177,7 @@ fn mark_and_record(
     conf: &NetConf,
     host_veth: &str,
     ips: &[IpAddr],
-    nft: Option<pending::Nft>,
+    nft: Option<pending::NftStarting>,
 ) -> Result<()> {
     let _lock = NodeLock::acquire(&conf.state_dir)?;
     let pending = if env.args.is_pod() {
@@ -245,7 +241,7 @@ async fn teardown(
     env: &Env,
     target: &DelegateTarget,
     host_veth: &str,
-    nft: Option<pending::Nft>,
+    nft: Option<pending::NftStarting>,
 ) -> Result<()> {
     let mut errors = Errors::default();
     let exists = errors
@@ -289,7 +285,7 @@ fn unmark_and_unrecord(
     conf: &NetConf,
     container_id: &str,
     ifname: &str,
-    nft: Option<pending::Nft>,
+    nft: Option<pending::NftStarting>,
 ) -> Result<()> {
     let _lock = NodeLock::acquire(&conf.state_dir)?;
     let record = match pending::read_record(&conf.state_dir, container_id, ifname) {
@@ -309,11 +305,7 @@ fn unmark_and_unrecord(
 pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
     // A pod's mark will most likely be removed: start nft now (unused, it exits on EOF).
-    let nft = if env.args.is_pod() {
-        pending::Nft::spawn().ok()
-    } else {
-        None
-    };
+    let nft = env.args.is_pod().then(pending::NftStarting::start);
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         teardown(

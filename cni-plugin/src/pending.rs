@@ -141,6 +141,38 @@ impl Nft {
     }
 }
 
+/// An [`Nft`] being started on a helper thread, so the caller never waits for the fork/exec.
+pub struct NftStarting(Option<std::thread::JoinHandle<Result<Nft>>>);
+
+impl NftStarting {
+    /// Starts `nft -j -f -` in the background.
+    pub fn start() -> Self {
+        NftStarting(
+            std::thread::Builder::new()
+                .name("nft-spawn".into())
+                .spawn(Nft::spawn)
+                .ok(),
+        )
+    }
+
+    /// The started process (or a fresh one if the helper thread could not run).
+    pub fn ready(mut self) -> Result<Nft> {
+        match self.0.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            _ => Nft::spawn(),
+        }
+    }
+}
+
+impl Drop for NftStarting {
+    /// Unused: reap the process (it gets EOF and changes nothing).
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 impl Drop for Nft {
     /// An unused process gets an empty batch (EOF) and is reaped; it changes nothing.
     fn drop(&mut self) {
@@ -152,15 +184,15 @@ impl Drop for Nft {
 }
 
 /// Runs one transaction on `nft` (or a fresh one); Ok(false) when our table or a set is absent.
-fn apply(nft: Option<Nft>, batch: &Value) -> Result<bool> {
+fn apply(nft: Option<NftStarting>, batch: &Value) -> Result<bool> {
     match nft {
-        Some(n) => n.apply(batch),
+        Some(n) => n.ready()?.apply(batch),
         None => Nft::spawn()?.apply(batch),
     }
 }
 
 /// Marks `ips` pending (call with the [`NodeLock`] held), on `nft` if one was started early.
-pub fn mark(nft: Option<Nft>, ips: &[IpAddr]) -> Result<Mark> {
+pub fn mark(nft: Option<NftStarting>, ips: &[IpAddr]) -> Result<Mark> {
     if ips.is_empty() {
         return Ok(Mark::Marked);
     }
@@ -172,7 +204,7 @@ pub fn mark(nft: Option<Nft>, ips: &[IpAddr]) -> Result<Mark> {
 }
 
 /// Removes the pending marks of `ips` (call with the [`NodeLock`] held). Absent table: nothing to do.
-pub fn unmark(nft: Option<Nft>, ips: &[IpAddr]) -> Result<()> {
+pub fn unmark(nft: Option<NftStarting>, ips: &[IpAddr]) -> Result<()> {
     if ips.is_empty() {
         return Ok(());
     }
