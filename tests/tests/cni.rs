@@ -942,3 +942,65 @@ fn builtin_allocator_and_host_local_share_one_store() {
     f.rt.del(&list, &pal).unwrap();
     f.assert_clean("after DELs");
 }
+
+/// Tries one TCP exchange; true when it got the echo.
+fn tcp_works(from: &Netns, to: &Netns, ip: &str, port: u16) -> bool {
+    let server = Server::start(to, "tcp", port, ip.contains(':'));
+    const CLI: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET); s.settimeout(1.5)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2]))); s.sendall(b'hi'); print(s.recv(100).decode())
+except OSError:
+    print('blocked')
+"#;
+    let out = run(from
+        .command("python3")
+        .args(["-c", CLI, ip, &port.to_string()]));
+    drop(server);
+    String::from_utf8_lossy(&out.stdout).trim() == "echo:hi"
+}
+
+#[test]
+fn a_new_pod_is_isolated_by_its_pending_mark_until_the_agent_clears_it() {
+    let mut f = Fixture::with_table();
+    // What the agent's base chains do with pending addresses (ARCHITECTURE.md "The ruleset").
+    f.node.exec(&[
+        "nft",
+        "add chain inet palisade guard { type filter hook forward priority 0; }; \
+         add rule inet palisade guard ip saddr @pending_v4 drop; add rule inet palisade guard ip daddr @pending_v4 drop",
+    ]);
+    let list = f.list(
+        "1.1.0",
+        vec![f.plugin(json!([[{"subnet":"10.94.0.0/24"}]]), json!({}))],
+    );
+    let (na, _) = f.pod();
+    let (nb, _) = f.pod();
+    let plain = Attachment::new("ctr-iso-a", &na); // no pod identity: never pending
+    let pod = Attachment::new("ctr-iso-b", &nb).pod("iso", "b", "u");
+    f.rt.add(&list, &plain).unwrap_or_else(|e| panic!("{e}"));
+    let rb = f.rt.add(&list, &pod).unwrap_or_else(|e| panic!("{e}"));
+    let ip_b = v4_of(&rb);
+    assert!(
+        !tcp_works(&f.pods[0], &f.pods[1], &ip_b, 7000),
+        "a pending pod must not be reachable"
+    );
+    // The agent compiles the pod's policy and clears the mark in the same transaction.
+    f.node.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "palisade",
+        "pending_v4",
+        &format!("{{ {ip_b} }}"),
+    ]);
+    assert!(
+        tcp_works(&f.pods[0], &f.pods[1], &ip_b, 7001),
+        "cleared pod must be reachable"
+    );
+    // DEL of a pod whose mark the agent already removed still succeeds.
+    f.rt.del(&list, &pod).unwrap_or_else(|e| panic!("{e}"));
+    f.rt.del(&list, &plain).unwrap();
+    f.assert_clean("after DELs");
+}
