@@ -1,0 +1,57 @@
+//! The crate's one error type.
+
+/// nft refused or failed a command, or was asked for something that is not an nft name.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The command ran (in-process or as `nft`) and failed; `message` is nft's own error text.
+    #[error("nft {action} failed: {message}")]
+    Failed {
+        action: &'static str,
+        message: String,
+    },
+    /// A family, table or set name that is not a plain nft identifier (never sent to nft).
+    #[error("nft {action}: {name:?} is not an nft identifier (letters, digits, `_`, `-`, `.`)")]
+    BadName { action: &'static str, name: String },
+}
+
+/// What nft says when a command names a table, chain, set or element that does not exist (ENOENT).
+pub(crate) const ABSENT_MARKER: &str = "No such file or directory";
+
+impl Error {
+    /// Whether nft failed because the command named an object that does not exist (a table, chain,
+    /// set, or an element being deleted): for `add element` this means the table or set is absent.
+    pub fn is_absent(&self) -> bool {
+        match self {
+            Error::Failed { message, .. } => message.contains(ABSENT_MARKER),
+            Error::BadName { .. } => false,
+        }
+    }
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enoent_from_nft_counts_as_absent_and_other_failures_do_not() {
+        let absent = Error::Failed {
+            action: "apply",
+            message: "Error: Could not process rule: No such file or directory".into(),
+        };
+        let syntax = Error::Failed {
+            action: "apply",
+            message: "Error: syntax error, unexpected junk".into(),
+        };
+        assert!(absent.is_absent());
+        assert!(!syntax.is_absent());
+        assert!(!Error::BadName {
+            action: "list",
+            name: "a b".into()
+        }
+        .is_absent());
+        assert!(absent.to_string().starts_with("nft apply failed: "));
+    }
+}

@@ -1,0 +1,127 @@
+//! libnftables through dlopen: `nft_ctx_new`, buffered output and error, `nft_run_cmd_from_buffer`
+//! with the JSON output flag set (which makes the parser take JSON input too).
+//!
+//! A context keeps its netlink socket from `nft_ctx_new` on, so it acts on the network namespace of
+//! the thread that opened it.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+
+/// The libnftables shared object (runtime package `libnftables1`).
+pub const LIBNFTABLES_SONAME: &str = "libnftables.so.1";
+
+const NFT_CTX_DEFAULT: u32 = 0;
+const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
+
+type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
+type CtxFree = unsafe extern "C" fn(*mut c_void);
+type SetFlags = unsafe extern "C" fn(*mut c_void, c_uint);
+type Buffer = unsafe extern "C" fn(*mut c_void) -> c_int;
+type GetBuffer = unsafe extern "C" fn(*mut c_void) -> *const c_char;
+type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
+
+/// One libnftables context. Not thread-safe: the caller wraps it in a mutex.
+pub struct LibNft {
+    handle: *mut c_void,
+    ctx: *mut c_void,
+    free: CtxFree,
+    get_output: GetBuffer,
+    get_error: GetBuffer,
+    run: RunCmd,
+}
+
+// SAFETY: the context is only ever used by one thread at a time (behind a Mutex); libnftables keeps
+// no thread-local state tied to the creating thread.
+unsafe impl Send for LibNft {}
+
+unsafe fn sym<T: Copy>(handle: *mut c_void, name: &CStr) -> Result<T, String> {
+    // SAFETY: handle comes from dlopen; the caller names the symbol's true C signature as T.
+    let p = unsafe { libc::dlsym(handle, name.as_ptr()) };
+    if p.is_null() {
+        return Err(format!(
+            "{LIBNFTABLES_SONAME} lacks {}",
+            name.to_string_lossy()
+        ));
+    }
+    // SAFETY: T is a function pointer type of the same size as *mut c_void.
+    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
+}
+
+impl LibNft {
+    pub fn open() -> Result<Self, String> {
+        let soname = CString::new(LIBNFTABLES_SONAME).map_err(|e| e.to_string())?;
+        // SAFETY: dlopen with a valid C string; the handle is kept for the life of LibNft.
+        let handle = unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            return Err(format!(
+                "cannot load {LIBNFTABLES_SONAME} (install libnftables1)"
+            ));
+        }
+        // SAFETY: the symbol types match libnftables.h.
+        unsafe {
+            let new: CtxNew = sym(handle, c"nft_ctx_new")?;
+            let free: CtxFree = sym(handle, c"nft_ctx_free")?;
+            let set_flags: SetFlags = sym(handle, c"nft_ctx_output_set_flags")?;
+            let buf_out: Buffer = sym(handle, c"nft_ctx_buffer_output")?;
+            let buf_err: Buffer = sym(handle, c"nft_ctx_buffer_error")?;
+            let get_output: GetBuffer = sym(handle, c"nft_ctx_get_output_buffer")?;
+            let get_error: GetBuffer = sym(handle, c"nft_ctx_get_error_buffer")?;
+            let run: RunCmd = sym(handle, c"nft_run_cmd_from_buffer")?;
+            let ctx = new(NFT_CTX_DEFAULT);
+            if ctx.is_null() {
+                return Err("nft_ctx_new returned NULL".into());
+            }
+            set_flags(ctx, NFT_CTX_OUTPUT_JSON);
+            if buf_out(ctx) != 0 || buf_err(ctx) != 0 {
+                free(ctx);
+                return Err("cannot buffer libnftables output".into());
+            }
+            Ok(LibNft {
+                handle,
+                ctx,
+                free,
+                get_output,
+                get_error,
+                run,
+            })
+        }
+    }
+
+    /// Runs one command buffer (JSON or nft syntax); stdout on success, the error buffer on failure.
+    pub fn run(&mut self, cmd: &str) -> Result<String, String> {
+        let c = CString::new(cmd).map_err(|_| "command contains a NUL byte".to_string())?;
+        // SAFETY: ctx is live; buffers are read right after the call, before the next one replaces them.
+        unsafe {
+            let rc = (self.run)(self.ctx, c.as_ptr());
+            let out = read((self.get_output)(self.ctx));
+            let err = read((self.get_error)(self.ctx));
+            if rc == 0 {
+                Ok(out)
+            } else {
+                Err(if err.trim().is_empty() {
+                    format!("libnftables returned {rc}")
+                } else {
+                    err.trim().to_string()
+                })
+            }
+        }
+    }
+}
+
+unsafe fn read(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: libnftables returns a NUL-terminated buffer it owns until the next call.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for LibNft {
+    fn drop(&mut self) {
+        // SAFETY: ctx and handle were created in open() and are freed exactly once.
+        unsafe {
+            (self.free)(self.ctx);
+            libc::dlclose(self.handle);
+        }
+    }
+}
