@@ -11,5 +11,5 @@ target/release/enforce-bench run --agent target/release/palisade-agent \
     --churn 0,20,100 --churn-trials 30 --churn-seconds 10 --compile-changes 200 \
     --out bench/results --name "enforce-$STAMP"
 target/release/datapath-bench run --policies 0,100,1000,10000 \
-    --systems none,iptables-model,naive-nft-model,palisade --rounds 5 --secs 2 --iperf-every 1 \
+    --systems none,iptables-model,naive-nft-model,palisade --rounds 12 --slice-ms 500 --iperf-every 3 --iperf-secs 2 \
     --out bench/results --name "datapath-$STAMP"

@@ -31,17 +31,21 @@ enum Command {
             default_value = "none,iptables-model,naive-nft-model,palisade"
         )]
         systems: Vec<String>,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 16)]
         rounds: usize,
-        /// Seconds per measurement (connect/close, request/response, iperf3 each).
-        #[arg(long, default_value_t = 3)]
-        secs: u64,
+        /// Milliseconds of one connect/close or request/response slice (each round runs one slice of
+        /// each per system, the systems one after the other).
+        #[arg(long, default_value_t = 500)]
+        slice_ms: u64,
+        /// Seconds of one iperf3 run.
+        #[arg(long, default_value_t = 1)]
+        iperf_secs: u64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long)]
         no_iperf: bool,
         /// Run iperf3 in every n-th round only.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 4)]
         iperf_every: usize,
         /// Directory for the results.
         #[arg(long, default_value = "bench/results")]
@@ -82,8 +86,9 @@ enum Command {
     Crr {
         #[arg(long)]
         target: SocketAddr,
+        /// Duration in milliseconds.
         #[arg(long)]
-        secs: u64,
+        ms: u64,
         #[arg(long)]
         cpu: Option<usize>,
     },
@@ -91,8 +96,9 @@ enum Command {
     Rr {
         #[arg(long)]
         target: SocketAddr,
+        /// Duration in milliseconds.
         #[arg(long)]
-        secs: u64,
+        ms: u64,
         #[arg(long)]
         cpu: Option<usize>,
     },
@@ -133,11 +139,11 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             traffic::serve(&ip, crr_port, rr_port, Duration::from_secs(secs))
         }
-        Command::Crr { target, secs, cpu } => {
+        Command::Crr { target, ms, cpu } => {
             if let Some(c) = cpu {
                 traffic::pin_to_cpu(c);
             }
-            let r = traffic::crr(target, Duration::from_secs(secs))?;
+            let r = traffic::crr(target, Duration::from_millis(ms))?;
             println!(
                 "{}",
                 serde_json::to_string(&r).map_err(|e| Error::Parse {
@@ -147,11 +153,11 @@ fn real_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Rr { target, secs, cpu } => {
+        Command::Rr { target, ms, cpu } => {
             if let Some(c) = cpu {
                 traffic::pin_to_cpu(c);
             }
-            let r = traffic::rr(target, Duration::from_secs(secs))?;
+            let r = traffic::rr(target, Duration::from_millis(ms))?;
             println!(
                 "{}",
                 serde_json::to_string(&r).map_err(|e| Error::Parse {
@@ -189,7 +195,8 @@ fn real_main(cli: Cli) -> Result<()> {
             policies,
             systems,
             rounds,
-            secs,
+            slice_ms,
+            iperf_secs,
             seed,
             no_iperf,
             iperf_every,
@@ -223,7 +230,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 policies,
                 systems,
                 rounds,
-                secs,
+                slice_ms,
+                iperf_secs,
                 seed,
                 iperf: !no_iperf,
                 iperf_every,

@@ -29,7 +29,10 @@ pub struct Config {
     pub policies: Vec<usize>,
     pub systems: Vec<System>,
     pub rounds: usize,
-    pub secs: u64,
+    /// Length of one connect/close or request/response slice.
+    pub slice_ms: u64,
+    /// Length of one iperf3 run.
+    pub iperf_secs: u64,
     pub seed: u64,
     pub iperf: bool,
     /// Run iperf3 only in every n-th round (it is the slowest and least noisy measurement).
@@ -98,60 +101,110 @@ fn exe_str(cfg: &Config) -> Result<String> {
     })
 }
 
-/// One lab per system with that system's ruleset loaded once, so rounds interleave systems without
-/// reloading (the 10k-policy naive ruleset takes minutes to load).
+/// One lab per system with that system's ruleset loaded once and its server running, so rounds
+/// interleave short slices of every system without reloading (the 10k-policy naive ruleset takes
+/// minutes to load).
 struct Loaded {
     system: System,
     lab: Lab,
+    _server: Option<ChildGuard>,
     load_ms: f64,
     rules: usize,
     elements: usize,
-    load_error: Option<String>,
+    deny_ok: bool,
+    error: Option<String>,
 }
 
-fn load_labs(
-    p: usize,
-    systems: &[System],
-    prepared: &BTreeMap<(usize, System), Prepared>,
-) -> Result<Vec<Loaded>> {
-    let mut labs = Vec::new();
-    for &sys in systems {
-        let Some(prep) = prepared.get(&(p, sys)) else {
-            continue;
-        };
-        let lab = Lab::create()?;
-        rulesets::load_base(&lab.node1)?;
-        rulesets::load_base(&lab.node2)?;
-        tracing::info!(policies = p, system = sys.name(), "loading");
-        // Both nodes load in parallel; the figure is the mean per node.
-        let (n1, n2) = (lab.node1.clone(), lab.node2.clone());
-        let (r1, r2) = std::thread::scope(|s| {
-            let a = s.spawn(|| rulesets::load(&n1, &prep.node1));
-            let b = s.spawn(|| rulesets::load(&n2, &prep.node2));
-            (a.join(), b.join())
-        });
-        let mut loaded = Loaded {
-            system: sys,
-            lab,
-            load_ms: 0.0,
-            rules: prep.node1.rules + prep.node2.rules,
-            elements: prep.node1.elements + prep.node2.elements,
-            load_error: None,
-        };
-        match (r1, r2) {
-            (Ok(Ok(a)), Ok(Ok(b))) => loaded.load_ms = (a + b).as_secs_f64() * 1e3 / 2.0,
-            (Ok(Err(e)), _) | (_, Ok(Err(e))) => loaded.load_error = Some(e.to_string()),
-            _ => loaded.load_error = Some("loader thread panicked".into()),
+fn load_one(p: usize, sys: System, prep: &Prepared, exe: &str) -> Result<Loaded> {
+    let lab = Lab::create()?;
+    rulesets::load_base(&lab.node1)?;
+    rulesets::load_base(&lab.node2)?;
+    tracing::info!(policies = p, system = sys.name(), "loading");
+    // Both nodes load in parallel; the figure is the mean per node.
+    let (n1, n2) = (lab.node1.clone(), lab.node2.clone());
+    let (r1, r2) = std::thread::scope(|s| {
+        let a = s.spawn(|| rulesets::load(&n1, &prep.node1));
+        let b = s.spawn(|| rulesets::load(&n2, &prep.node2));
+        (a.join(), b.join())
+    });
+    let mut loaded = Loaded {
+        system: sys,
+        lab,
+        _server: None,
+        load_ms: 0.0,
+        rules: prep.node1.rules + prep.node2.rules,
+        elements: prep.node1.elements + prep.node2.elements,
+        deny_ok: false,
+        error: None,
+    };
+    match (r1, r2) {
+        (Ok(Ok(a)), Ok(Ok(b))) => loaded.load_ms = (a + b).as_secs_f64() * 1e3 / 2.0,
+        (Ok(Err(e)), _) | (_, Ok(Err(e))) => {
+            loaded.error = Some(e.to_string());
+            return Ok(loaded);
         }
-        tracing::info!(
-            policies = p,
-            system = sys.name(),
-            load_ms = loaded.load_ms,
-            "loaded"
-        );
-        labs.push(loaded);
+        _ => {
+            loaded.error = Some("loader thread panicked".into());
+            return Ok(loaded);
+        }
     }
-    Ok(labs)
+    tracing::info!(
+        policies = p,
+        system = sys.name(),
+        load_ms = loaded.load_ms,
+        "loaded"
+    );
+    let mut server = ChildGuard::spawn_in(
+        &loaded.lab.server,
+        exe,
+        &[
+            "serve",
+            "--ip",
+            SERVER_IP,
+            "--crr-port",
+            &CRR_PORT.to_string(),
+            "--rr-port",
+            &RR_PORT.to_string(),
+            "--secs",
+            "7200",
+            "--cpu",
+            &SERVER_CPU.to_string(),
+        ],
+    )?;
+    wait_ready(&mut server)?;
+    loaded._server = Some(server);
+    // Gate: a port no policy admits must be dropped (timeout), unless no policy is loaded; and the
+    // measured flow must pass.
+    let probe = |port: u16| {
+        run_in(
+            &loaded.lab.client,
+            exe,
+            &[
+                "probe",
+                "--target",
+                &format!("{SERVER_IP}:{port}"),
+                "--timeout-ms",
+                "300",
+            ],
+            None,
+        )
+        .map(|o| o.trim().to_string())
+    };
+    let denied = probe(DENIED_PORT)? == "blocked";
+    let allowed = probe(CRR_PORT)? == "open";
+    loaded.deny_ok = if sys == System::None || p == 0 {
+        !denied
+    } else {
+        denied
+    };
+    if !loaded.deny_ok {
+        loaded.error = Some(
+            "deny gate failed (a port no policy admits was not dropped): the run is void".into(),
+        );
+    } else if !allowed {
+        loaded.error = Some("the measured flow is blocked: the run is void".into());
+    }
+    Ok(loaded)
 }
 
 /// Runs the whole matrix; returns every sample (failed measurements carry `error`).
@@ -164,143 +217,92 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
             ..cfg.clone()
         };
         let prepared = prepare(&single)?;
-        let labs = load_labs(p, &cfg.systems, &prepared)?;
+        let mut labs = Vec::new();
+        for &sys in &cfg.systems {
+            if let Some(prep) = prepared.get(&(p, sys)) {
+                labs.push(load_one(p, sys, prep, &exe)?);
+            }
+        }
         drop(prepared);
         for round in 0..cfg.rounds {
             let mut order: Vec<&Loaded> = labs.iter().collect();
             let shift = round % order.len().max(1);
             order.rotate_left(shift);
-            for loaded in order {
-                let sys = loaded.system;
-                tracing::info!(round, policies = p, system = sys.name(), "measuring");
-                let mut sample = Sample {
+            let mut round_samples: Vec<Sample> = order
+                .iter()
+                .map(|l| Sample {
                     round,
                     policies: p,
-                    system: sys.name().to_string(),
-                    rules: loaded.rules,
-                    elements: loaded.elements,
-                    load_ms: loaded.load_ms,
-                    deny_ok: false,
+                    system: l.system.name().to_string(),
+                    rules: l.rules,
+                    elements: l.elements,
+                    load_ms: l.load_ms,
+                    deny_ok: l.deny_ok,
                     crr: None,
                     rr: None,
                     iperf_gbps: None,
-                    error: loaded.load_error.clone(),
-                };
+                    error: l.error.clone(),
+                })
+                .collect();
+            // Short slices, one system after the other, so every system sees the same machine.
+            for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
                 if sample.error.is_none() {
-                    if let Err(e) = measure_into(cfg, &loaded.lab, &exe, sys, p, &mut sample) {
-                        sample.error = Some(e.to_string());
+                    match client(cfg, l, &exe, "crr") {
+                        Ok(v) => sample.crr = serde_json::from_str(v.trim()).ok(),
+                        Err(e) => sample.error = Some(e.to_string()),
                     }
                 }
-                if let Some(e) = &sample.error {
-                    tracing::error!(round, policies = p, system = sys.name(), error = %e, "measurement failed");
-                }
-                samples.push(sample);
             }
+            for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
+                if sample.error.is_none() {
+                    match client(cfg, l, &exe, "rr") {
+                        Ok(v) => sample.rr = serde_json::from_str(v.trim()).ok(),
+                        Err(e) => sample.error = Some(e.to_string()),
+                    }
+                }
+            }
+            if cfg.iperf && round.is_multiple_of(cfg.iperf_every.max(1)) {
+                for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
+                    if sample.error.is_none() {
+                        match iperf(&l.lab, cfg.iperf_secs) {
+                            Ok(g) => sample.iperf_gbps = Some(g),
+                            Err(e) => sample.error = Some(e.to_string()),
+                        }
+                    }
+                }
+            }
+            for sample in &mut round_samples {
+                if sample.error.is_none() && sample.crr.as_ref().is_some_and(|c| c.failures > 0) {
+                    sample.error = Some("allowed connections failed: the run is void".into());
+                }
+                if let Some(e) = &sample.error {
+                    tracing::error!(round, policies = p, system = %sample.system, error = %e, "measurement void");
+                }
+            }
+            tracing::info!(round, policies = p, "round done");
+            samples.append(&mut round_samples);
         }
     }
     Ok(samples)
 }
 
-fn measure_into(
-    cfg: &Config,
-    lab: &Lab,
-    exe: &str,
-    sys: System,
-    p: usize,
-    sample: &mut Sample,
-) -> Result<()> {
-    let secs = cfg.secs.to_string();
-    let server_secs = (cfg.secs * 2 + 10).to_string();
-    let cpu_s = SERVER_CPU.to_string();
-    let cpu_c = CLIENT_CPU.to_string();
-    let mut server = ChildGuard::spawn_in(
-        &lab.server,
+/// Runs one `crr` or `rr` slice in the lab's client pod; returns its JSON.
+fn client(cfg: &Config, l: &Loaded, exe: &str, kind: &str) -> Result<String> {
+    let port = if kind == "crr" { CRR_PORT } else { RR_PORT };
+    run_in(
+        &l.lab.client,
         exe,
         &[
-            "serve",
-            "--ip",
-            SERVER_IP,
-            "--crr-port",
-            &CRR_PORT.to_string(),
-            "--rr-port",
-            &RR_PORT.to_string(),
-            "--secs",
-            &server_secs,
-            "--cpu",
-            &cpu_s,
-        ],
-    )?;
-    wait_ready(&mut server)?;
-    // Gate: a port no policy admits must be dropped (timeout), unless no policy is loaded.
-    let deny = run_in(
-        &lab.client,
-        exe,
-        &[
-            "probe",
+            kind,
             "--target",
-            &format!("{SERVER_IP}:{DENIED_PORT}"),
-            "--timeout-ms",
-            "200",
+            &format!("{SERVER_IP}:{port}"),
+            "--ms",
+            &cfg.slice_ms.to_string(),
+            "--cpu",
+            &CLIENT_CPU.to_string(),
         ],
         None,
-    )?;
-    let denied = deny.trim() == "blocked";
-    sample.deny_ok = if sys == System::None || p == 0 {
-        !denied
-    } else {
-        denied
-    };
-    let crr_out = run_in(
-        &lab.client,
-        exe,
-        &[
-            "crr",
-            "--target",
-            &format!("{SERVER_IP}:{CRR_PORT}"),
-            "--secs",
-            &secs,
-            "--cpu",
-            &cpu_c,
-        ],
-        None,
-    )?;
-    let crr: CrrResult = serde_json::from_str(crr_out.trim()).map_err(|e| Error::Parse {
-        what: "crr output".into(),
-        detail: e.to_string(),
-    })?;
-    let rr_out = run_in(
-        &lab.client,
-        exe,
-        &[
-            "rr",
-            "--target",
-            &format!("{SERVER_IP}:{RR_PORT}"),
-            "--secs",
-            &secs,
-            "--cpu",
-            &cpu_c,
-        ],
-        None,
-    )?;
-    let rr: RrResult = serde_json::from_str(rr_out.trim()).map_err(|e| Error::Parse {
-        what: "rr output".into(),
-        detail: e.to_string(),
-    })?;
-    sample.crr = Some(crr);
-    sample.rr = Some(rr);
-    drop(server);
-    if cfg.iperf && sample.round.is_multiple_of(cfg.iperf_every.max(1)) {
-        sample.iperf_gbps = Some(iperf(lab, cfg.secs)?);
-    }
-    if !sample.deny_ok {
-        return Err(Error::Invalid("deny gate failed: the run is void".into()));
-    }
-    if sample.crr.as_ref().is_some_and(|c| c.failures > 0) {
-        return Err(Error::Invalid(
-            "allowed connections failed: the run is void".into(),
-        ));
-    }
-    Ok(())
+    )
 }
 
 fn wait_ready(server: &mut ChildGuard) -> Result<()> {
