@@ -14,7 +14,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// `nft` (exec or libnftables) refused or failed a transaction.
+    /// `nft` (exec or libnftables) refused or failed a transaction or a listing.
+    #[error(transparent)]
+    NftRun(#[from] palisade_nft::Error),
+    /// nft's output could not be understood.
     #[error("nft {action} failed: {message}")]
     Nft {
         action: &'static str,
@@ -58,7 +61,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Io { .. } => "io",
-            Error::Nft { .. } => "nft",
+            Error::Nft { .. } | Error::NftRun(_) => "nft",
             Error::Netlink { .. } => "netlink",
             Error::Kube { .. } => "kube",
             Error::Source(_) => "source",

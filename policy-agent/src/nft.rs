@@ -1,112 +1,50 @@
-//! The nft edge: runs one JSON transaction and reads back our table, nothing else.
-//!
-//! Two interchangeable backends: `exec` pipes the batch into `nft -j -f -` (one process per transaction),
-//! `lib` calls libnftables in-process (dlopen'ed `libnftables.so.1`, so no build-time link). When the
-//! library cannot be loaded, `lib` falls back to `exec` with a warning. Only our table is ever listed
-//! (`list table inet palisade`); other tables are never parsed.
+//! The agent's nft edge: our table through palisade-nft (which runs the transactions: libnftables
+//! in-process, `nft -j -f -` as fallback), the drift watch, and the summary we compare to notice
+//! changes behind our back. Only our table is ever listed (`list table inet palisade`); other tables
+//! are never parsed.
 
 use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
+pub use palisade_nft::Backend;
+use palisade_nft::NFT_BINARY;
 use palisade_policy::ruleset::names;
 use serde_json::Value;
-use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 
-/// The `nft` binary, looked up on PATH.
-pub const NFT_BINARY: &str = "nft";
-/// The libnftables shared object (runtime package `libnftables1`).
-pub const LIBNFTABLES_SONAME: &str = "libnftables.so.1";
 /// Base chains of our table (named by the compiler).
 pub const BASE_CHAINS: [&str; 3] = [
     names::CHAIN_EGRESS,
     names::CHAIN_INGRESS,
     names::CHAIN_EGRESS_HOST,
 ];
-/// What nft says when our table does not exist.
-const ABSENT_MARKER: &str = "No such file or directory";
 
-/// Which way transactions reach the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    /// `nft -j -f -`, one process per transaction.
-    Exec,
-    /// libnftables in-process (falls back to exec when the library is missing).
-    Lib,
-}
-
-/// Runs transactions and lists our table.
+/// palisade-nft bound to our table, with errors in the agent's type.
 pub struct Nft {
-    lib: Option<Mutex<lib::LibNft>>,
+    runner: palisade_nft::Nft,
 }
 
 impl Nft {
     /// A runner for `backend`. A `Lib` backend whose library cannot be loaded degrades to exec.
+    /// The lib backend acts on the network namespace of the calling thread.
     pub fn new(backend: Backend) -> Self {
-        let lib = match backend {
-            Backend::Exec => None,
-            Backend::Lib => match lib::LibNft::open() {
-                Ok(l) => Some(Mutex::new(l)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "libnftables unavailable, using `nft -j -f -` instead");
-                    None
-                }
-            },
-        };
-        Nft { lib }
+        Nft {
+            runner: palisade_nft::Nft::new(backend),
+        }
     }
 
     /// The backend actually in use.
     pub fn backend(&self) -> Backend {
-        if self.lib.is_some() {
-            Backend::Lib
-        } else {
-            Backend::Exec
-        }
+        self.runner.backend()
     }
 
     /// Applies one JSON batch (`{"nftables":[...]}`) as one atomic transaction.
     pub fn apply(&self, batch: &str) -> Result<()> {
-        match &self.lib {
-            Some(l) => {
-                let mut l = l.lock().map_err(|_| Error::Nft {
-                    action: "apply",
-                    message: "libnftables context poisoned".into(),
-                })?;
-                l.run(batch).map(|_| ()).map_err(|message| Error::Nft {
-                    action: "apply",
-                    message,
-                })
-            }
-            None => exec(&["-j", "-f", "-"], Some(batch))
-                .map(|_| ())
-                .map_err(|message| Error::Nft {
-                    action: "apply",
-                    message,
-                }),
-        }
+        Ok(self.runner.apply(batch)?)
     }
 
     /// Lists our table as nft JSON; `None` when the table does not exist.
     pub fn list_table(&self) -> Result<Option<String>> {
-        let out = match &self.lib {
-            Some(l) => {
-                let mut l = l.lock().map_err(|_| Error::Nft {
-                    action: "list",
-                    message: "libnftables context poisoned".into(),
-                })?;
-                l.run(&format!("list table {TABLE_FAMILY} {TABLE_NAME}"))
-            }
-            None => exec(&["-j", "list", "table", TABLE_FAMILY, TABLE_NAME], None),
-        };
-        match out {
-            Ok(s) => Ok(Some(s)),
-            Err(m) if m.contains(ABSENT_MARKER) => Ok(None),
-            Err(message) => Err(Error::Nft {
-                action: "list table",
-                message,
-            }),
-        }
+        Ok(self.runner.list_table(TABLE_FAMILY, TABLE_NAME)?)
     }
 
     /// Deletes our table (cleanup). Absent is success.
@@ -118,39 +56,6 @@ impl Nft {
         let existed = self.list_table()?.is_some();
         self.apply(&batch.to_string())?;
         Ok(existed)
-    }
-}
-
-/// Runs `nft ARGS`, feeding `stdin`; returns stdout, or stderr (with the exit status) on failure.
-fn exec(args: &[&str], stdin: Option<&str>) -> std::result::Result<String, String> {
-    let mut child = Command::new(NFT_BINARY)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!("cannot run `{NFT_BINARY}` (is nftables installed and on PATH?): {e}")
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| format!("writing the batch to nft: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for nft: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{} ({})",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            out.status
-        ))
     }
 }
 
@@ -286,131 +191,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
-}
-
-/// libnftables through dlopen: `nft_ctx_new`, buffered output and error, `nft_run_cmd_from_buffer`
-/// with the JSON output flag set (which makes the parser take JSON input too).
-mod lib {
-    use super::LIBNFTABLES_SONAME;
-    use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
-
-    const NFT_CTX_DEFAULT: u32 = 0;
-    const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
-
-    type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
-    type CtxFree = unsafe extern "C" fn(*mut c_void);
-    type SetFlags = unsafe extern "C" fn(*mut c_void, c_uint);
-    type Buffer = unsafe extern "C" fn(*mut c_void) -> c_int;
-    type GetBuffer = unsafe extern "C" fn(*mut c_void) -> *const c_char;
-    type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
-
-    /// One libnftables context. Not thread-safe: the caller wraps it in a mutex.
-    pub struct LibNft {
-        handle: *mut c_void,
-        ctx: *mut c_void,
-        free: CtxFree,
-        get_output: GetBuffer,
-        get_error: GetBuffer,
-        run: RunCmd,
-    }
-
-    // SAFETY: the context is only ever used by one thread at a time (behind a Mutex); libnftables keeps
-    // no thread-local state tied to the creating thread.
-    unsafe impl Send for LibNft {}
-
-    unsafe fn sym<T: Copy>(handle: *mut c_void, name: &CStr) -> Result<T, String> {
-        // SAFETY: handle comes from dlopen; the caller names the symbol's true C signature as T.
-        let p = unsafe { libc::dlsym(handle, name.as_ptr()) };
-        if p.is_null() {
-            return Err(format!(
-                "{LIBNFTABLES_SONAME} lacks {}",
-                name.to_string_lossy()
-            ));
-        }
-        // SAFETY: T is a function pointer type of the same size as *mut c_void.
-        Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
-    }
-
-    impl LibNft {
-        pub fn open() -> Result<Self, String> {
-            let soname = CString::new(LIBNFTABLES_SONAME).map_err(|e| e.to_string())?;
-            // SAFETY: dlopen with a valid C string; the handle is kept for the life of LibNft.
-            let handle =
-                unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-            if handle.is_null() {
-                return Err(format!(
-                    "cannot load {LIBNFTABLES_SONAME} (install libnftables1)"
-                ));
-            }
-            // SAFETY: the symbol types match libnftables.h.
-            unsafe {
-                let new: CtxNew = sym(handle, c"nft_ctx_new")?;
-                let free: CtxFree = sym(handle, c"nft_ctx_free")?;
-                let set_flags: SetFlags = sym(handle, c"nft_ctx_output_set_flags")?;
-                let buf_out: Buffer = sym(handle, c"nft_ctx_buffer_output")?;
-                let buf_err: Buffer = sym(handle, c"nft_ctx_buffer_error")?;
-                let get_output: GetBuffer = sym(handle, c"nft_ctx_get_output_buffer")?;
-                let get_error: GetBuffer = sym(handle, c"nft_ctx_get_error_buffer")?;
-                let run: RunCmd = sym(handle, c"nft_run_cmd_from_buffer")?;
-                let ctx = new(NFT_CTX_DEFAULT);
-                if ctx.is_null() {
-                    return Err("nft_ctx_new returned NULL".into());
-                }
-                set_flags(ctx, NFT_CTX_OUTPUT_JSON);
-                if buf_out(ctx) != 0 || buf_err(ctx) != 0 {
-                    free(ctx);
-                    return Err("cannot buffer libnftables output".into());
-                }
-                Ok(LibNft {
-                    handle,
-                    ctx,
-                    free,
-                    get_output,
-                    get_error,
-                    run,
-                })
-            }
-        }
-
-        /// Runs one command buffer (JSON or nft syntax); stdout on success, the error buffer on failure.
-        pub fn run(&mut self, cmd: &str) -> Result<String, String> {
-            let c = CString::new(cmd).map_err(|_| "command contains a NUL byte".to_string())?;
-            // SAFETY: ctx is live; buffers are read right after the call, before the next one replaces them.
-            unsafe {
-                let rc = (self.run)(self.ctx, c.as_ptr());
-                let out = read((self.get_output)(self.ctx));
-                let err = read((self.get_error)(self.ctx));
-                if rc == 0 {
-                    Ok(out)
-                } else {
-                    Err(if err.trim().is_empty() {
-                        format!("libnftables returned {rc}")
-                    } else {
-                        err.trim().to_string()
-                    })
-                }
-            }
-        }
-    }
-
-    unsafe fn read(p: *const c_char) -> String {
-        if p.is_null() {
-            String::new()
-        } else {
-            // SAFETY: libnftables returns a NUL-terminated buffer it owns until the next call.
-            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-        }
-    }
-
-    impl Drop for LibNft {
-        fn drop(&mut self) {
-            // SAFETY: ctx and handle were created in open() and are freed exactly once.
-            unsafe {
-                (self.free)(self.ctx);
-                libc::dlclose(self.handle);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
