@@ -16,6 +16,7 @@ use crate::netns;
 use crate::pending::{self, Mark, NodeLock};
 use crate::veth::{self, Plan};
 use palisade_contract::{self as contract, Attachment};
+use palisade_nft::Nft;
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::IpAddr;
@@ -57,8 +58,6 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
     let t0 = std::time::Instant::now();
     let ns = open_pod_netns(env)?;
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
-    // A pod will be marked pending: start nft now so it loads while we do the rest.
-    let nft = env.args.is_pod().then(pending::NftStarting::start);
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         let pod = Netlink::from_socket(netns::netlink_socket_in(&ns)?)?;
@@ -78,14 +77,14 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
         let t_checked = t0.elapsed();
         let alloc = ipam::add(conf, env)?;
         let t_ipam = t0.elapsed();
-        match setup(env, conf, &ns, (&node, &pod), &host_veth, &alloc, nft).await {
+        match setup(env, conf, &ns, (&node, &pod), &host_veth, &alloc).await {
             Ok(r) => {
                 tracing::debug!(checks = ?t_checked, ipam = ?t_ipam, total = ?t0.elapsed(), "ADD timings (cumulative)");
                 Ok(r)
             }
             Err(e) => {
                 tracing::warn!(error = %e, container = %env.container_id, ifname = %env.ifname, "ADD failed; rolling back");
-                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth, None).await {
+                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth, false).await {
                     tracing::error!(error = %re, "rollback after a failed ADD was incomplete; DEL will finish it");
                 }
                 Err(e)
@@ -101,7 +100,6 @@ async fn setup(
     (node, pod): (&Netlink, &Netlink),
     host_veth: &str,
     alloc: &Allocation,
-    nft: Option<pending::NftStarting>,
 ) -> Result<CniResult> {
     // The pending mark and the record (an nft run) proceed on their own thread while the veth is
     // created and addressed with both links down; only when both are done do the links go up.
@@ -113,7 +111,7 @@ async fn setup(
     );
     let marking = std::thread::Builder::new()
         .name("pending".into())
-        .spawn(move || mark_and_record(&env_c, &conf_c, &veth_c, &ips_c, nft))
+        .spawn(move || mark_and_record(&env_c, &conf_c, &veth_c, &ips_c))
         .map_err(|e| Error::io("spawning the pending-mark thread", e))?;
     let plan = Plan {
         host_veth,
@@ -172,15 +170,11 @@ async fn setup(
 
 /// Under the node lock: the pending mark (for pods), then the record. If the record cannot be
 /// written the mark is taken back, so a mark never exists without its record.
-fn mark_and_record(
-    env: &Env,
-    conf: &NetConf,
-    host_veth: &str,
-    ips: &[IpAddr],
-    nft: Option<pending::NftStarting>,
-) -> Result<()> {
+fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -> Result<()> {
+    // Opened before the lock so loading libnftables does not lengthen the time we hold it.
+    let nft = env.args.is_pod().then(pending::runner);
     let _lock = NodeLock::acquire(&conf.state_dir)?;
-    let pending = if env.args.is_pod() {
+    let pending = if let Some(nft) = &nft {
         match pending::mark(nft, ips)? {
             Mark::Marked => true,
             Mark::TableAbsent if conf.fail_open => {
@@ -204,8 +198,8 @@ fn mark_and_record(
         pending,
     };
     if let Err(e) = pending::write_record(&conf.state_dir, &record) {
-        if pending {
-            let _ = pending::unmark(None, ips);
+        if let Some(nft) = nft.as_ref().filter(|_| pending) {
+            let _ = pending::unmark(nft, ips);
         }
         return Err(e);
     }
@@ -241,7 +235,7 @@ async fn teardown(
     env: &Env,
     target: &DelegateTarget,
     host_veth: &str,
-    nft: Option<pending::NftStarting>,
+    likely_pending: bool,
 ) -> Result<()> {
     let mut errors = Errors::default();
     let exists = errors
@@ -252,6 +246,8 @@ async fn teardown(
         .name("teardown".into())
         .spawn(move || {
             let mut errors = Errors::default();
+            // A pod's mark will most likely be removed: load the nft runner before the lock.
+            let nft = likely_pending.then(pending::runner);
             errors.keep(unmark_and_unrecord(
                 &conf_c,
                 &target_c.container_id,
@@ -285,7 +281,7 @@ fn unmark_and_unrecord(
     conf: &NetConf,
     container_id: &str,
     ifname: &str,
-    nft: Option<pending::NftStarting>,
+    nft: Option<Nft>,
 ) -> Result<()> {
     let _lock = NodeLock::acquire(&conf.state_dir)?;
     let record = match pending::read_record(&conf.state_dir, container_id, ifname) {
@@ -296,7 +292,8 @@ fn unmark_and_unrecord(
         }
     };
     if let Some(r) = record.as_ref().filter(|r| r.pending) {
-        pending::unmark(nft, &r.ips)?;
+        let nft = nft.unwrap_or_else(pending::runner);
+        pending::unmark(&nft, &r.ips)?;
     }
     pending::remove_record(&conf.state_dir, container_id, ifname)
 }
@@ -304,8 +301,6 @@ fn unmark_and_unrecord(
 /// DEL: idempotent; works with the netns gone or unset (nothing here needs it).
 pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
-    // A pod's mark will most likely be removed: start nft now (unused, it exits on EOF).
-    let nft = env.args.is_pod().then(pending::NftStarting::start);
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         teardown(
@@ -314,7 +309,7 @@ pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
             env,
             &DelegateTarget::from_env(env),
             &host_veth,
-            nft,
+            env.args.is_pod(),
         )
         .await
     })
@@ -444,7 +439,7 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         for r in records.iter().filter(|r| !valid.contains(&(r.container_id.clone(), r.ifname.clone()))) {
             tracing::info!(container = %r.container_id, ifname = %r.ifname, pod = ?r.pod_key(), "GC: removing stale attachment");
             let target = DelegateTarget { container_id: r.container_id.clone(), ifname: r.ifname.clone(), netns: None };
-            errors.keep(teardown(&node, conf, env, &target, &r.host_veth, None).await);
+            errors.keep(teardown(&node, conf, env, &target, &r.host_veth, r.pending).await);
         }
         Ok::<_, Error>(())
     })?;

@@ -1,20 +1,18 @@
 //! The node contract's plugin side: the lock, the pending mark in `inet palisade`, and the
 //! attachment record (ARCHITECTURE.md, "The node contract").
 //!
-//! The pending mark is added with one `nft -j -f -` transaction whose JSON is built here with
-//! serde_json; addresses only ever travel as JSON string values.
+//! The pending mark is added with one nftables transaction whose JSON is built here with
+//! serde_json; addresses only ever travel as JSON string values. palisade-nft runs it: libnftables
+//! in-process (about 0.2 ms), or one `nft -j -f -` process (about 4 ms) when the library is missing.
 
 use crate::error::{Error, Result};
 use palisade_contract::{self as contract, Attachment};
+use palisade_nft::{Backend, Nft};
 use serde_json::{json, Value};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// The nft binary (looked up on PATH, as the nftables crate does).
-pub const NFT_BIN: &str = "nft";
 
 /// The exclusive flock on `<stateDir>/nft.lock`; released on drop.
 pub struct NodeLock {
@@ -84,115 +82,24 @@ pub fn unmark_batch(ips: &[IpAddr]) -> Value {
     json!({ "nftables": cmds })
 }
 
-/// Whether nft's error says our table or set is missing.
-fn is_absent(stderr: &str) -> bool {
-    stderr.contains("No such file or directory")
+/// The runner for this plugin run: libnftables in-process, `nft -j -f -` if the library cannot be
+/// loaded. Loading the library takes about a millisecond, so open it before taking the [`NodeLock`].
+/// It acts on the network namespace of the calling thread: call it from a thread in the node's.
+pub fn runner() -> Nft {
+    Nft::new(Backend::Lib)
 }
 
-/// An `nft -j -f -` process started ahead of time: it loads while the plugin does other work and
-/// touches nothing until it receives its batch on stdin (one atomic transaction). Started early so
-/// its start-up (about 4 ms of dynamic loading) is off the critical path; the batch itself is still
-/// written only with the node lock held.
-pub struct Nft {
-    child: Option<Child>,
-}
-
-impl Nft {
-    /// Starts `nft -j -f -`, waiting for its batch.
-    pub fn spawn() -> Result<Self> {
-        let child = Command::new(NFT_BIN)
-            .args(["-j", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                Error::Nft(format!(
-                    "cannot run {NFT_BIN} (is nftables installed on this node?): {e}"
-                ))
-            })?;
-        Ok(Nft { child: Some(child) })
-    }
-
-    /// Sends `batch` and waits; Ok(false) when our table or a pending set is absent.
-    pub fn apply(mut self, batch: &Value) -> Result<bool> {
-        let Some(mut child) = self.child.take() else {
-            return Err(Error::Nft("nft process already used".into()));
-        };
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(batch.to_string().as_bytes())
-                .map_err(|e| Error::Nft(format!("writing the batch to {NFT_BIN}: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| Error::Nft(format!("waiting for {NFT_BIN}: {e}")))?;
-        if out.status.success() {
-            return Ok(true);
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if is_absent(&stderr) {
-            return Ok(false);
-        }
-        Err(Error::Nft(format!(
-            "{NFT_BIN} -j -f - failed: {}",
-            stderr.trim()
-        )))
+/// Runs one transaction; Ok(false) when our table or a pending set is absent.
+fn apply(nft: &Nft, batch: &Value) -> Result<bool> {
+    match nft.apply(&batch.to_string()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_absent() => Ok(false),
+        Err(e) => Err(Error::Nft(e.to_string())),
     }
 }
 
-/// An [`Nft`] being started on a helper thread, so the caller never waits for the fork/exec.
-pub struct NftStarting(Option<std::thread::JoinHandle<Result<Nft>>>);
-
-impl NftStarting {
-    /// Starts `nft -j -f -` in the background.
-    pub fn start() -> Self {
-        NftStarting(
-            std::thread::Builder::new()
-                .name("nft-spawn".into())
-                .spawn(Nft::spawn)
-                .ok(),
-        )
-    }
-
-    /// The started process (or a fresh one if the helper thread could not run).
-    pub fn ready(mut self) -> Result<Nft> {
-        match self.0.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => Nft::spawn(),
-        }
-    }
-}
-
-impl Drop for NftStarting {
-    /// Unused: reap the process (it gets EOF and changes nothing).
-    fn drop(&mut self) {
-        if let Some(h) = self.0.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Nft {
-    /// An unused process gets an empty batch (EOF) and is reaped; it changes nothing.
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            drop(child.stdin.take());
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Runs one transaction on `nft` (or a fresh one); Ok(false) when our table or a set is absent.
-fn apply(nft: Option<NftStarting>, batch: &Value) -> Result<bool> {
-    match nft {
-        Some(n) => n.ready()?.apply(batch),
-        None => Nft::spawn()?.apply(batch),
-    }
-}
-
-/// Marks `ips` pending (call with the [`NodeLock`] held), on `nft` if one was started early.
-pub fn mark(nft: Option<NftStarting>, ips: &[IpAddr]) -> Result<Mark> {
+/// Marks `ips` pending (call with the [`NodeLock`] held).
+pub fn mark(nft: &Nft, ips: &[IpAddr]) -> Result<Mark> {
     if ips.is_empty() {
         return Ok(Mark::Marked);
     }
@@ -204,7 +111,7 @@ pub fn mark(nft: Option<NftStarting>, ips: &[IpAddr]) -> Result<Mark> {
 }
 
 /// Removes the pending marks of `ips` (call with the [`NodeLock`] held). Absent table: nothing to do.
-pub fn unmark(nft: Option<NftStarting>, ips: &[IpAddr]) -> Result<()> {
+pub fn unmark(nft: &Nft, ips: &[IpAddr]) -> Result<()> {
     if ips.is_empty() {
         return Ok(());
     }
@@ -219,32 +126,12 @@ pub fn unmark(nft: Option<NftStarting>, ips: &[IpAddr]) -> Result<()> {
 
 /// Whether our table and its pending sets exist (STATUS).
 pub fn table_ready() -> Result<bool> {
-    let out = Command::new(NFT_BIN)
-        .args([
-            "-j",
-            "list",
-            "set",
-            contract::TABLE_FAMILY,
-            contract::TABLE_NAME,
-            contract::PENDING_SET_V4,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| Error::Nft(format!("cannot run {NFT_BIN}: {e}")))?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if is_absent(&stderr) {
-        Ok(false)
-    } else {
-        Err(Error::Nft(format!(
-            "{NFT_BIN} list set failed: {}",
-            stderr.trim()
-        )))
-    }
+    let nft = runner();
+    let listed = |set| {
+        nft.list_set(contract::TABLE_FAMILY, contract::TABLE_NAME, set)
+            .map_err(|e| Error::Nft(e.to_string()))
+    };
+    Ok(listed(contract::PENDING_SET_V4)?.is_some() && listed(contract::PENDING_SET_V6)?.is_some())
 }
 
 /// The message for a node the agent has not programmed.
