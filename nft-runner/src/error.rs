@@ -12,6 +12,32 @@ pub enum Error {
     /// A family, table or set name that is not a plain nft identifier (never sent to nft).
     #[error("nft {action}: {name:?} is not an nft identifier (letters, digits, `_`, `-`, `.`)")]
     BadName { action: &'static str, name: String },
+    /// The kernel answered ENOENT to a set element batch or probe: the table or the set does not
+    /// exist (only from [`crate::setelem`]; nothing was changed).
+    #[error(
+        "nfnetlink {action}: table {family} {table} or one of the sets {sets:?} does not exist"
+    )]
+    Absent {
+        action: &'static str,
+        family: String,
+        table: String,
+        sets: Vec<String>,
+    },
+    /// The kernel refused a set element batch or probe for another reason, or the socket failed;
+    /// nothing was changed.
+    #[error("nfnetlink {action} on table {table} failed: {source}")]
+    Netlink {
+        action: &'static str,
+        table: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel's answer was not what the protocol promises (truncated or missing acks).
+    #[error("nfnetlink {action}: unexpected answer from the kernel: {message}")]
+    Protocol {
+        action: &'static str,
+        message: String,
+    },
 }
 
 /// What nft says when a command names a table, chain, set or element that does not exist (ENOENT).
@@ -23,7 +49,8 @@ impl Error {
     pub fn is_absent(&self) -> bool {
         match self {
             Error::Failed { message, .. } => message.contains(ABSENT_MARKER),
-            Error::BadName { .. } => false,
+            Error::Absent { .. } => true,
+            Error::BadName { .. } | Error::Netlink { .. } | Error::Protocol { .. } => false,
         }
     }
 }

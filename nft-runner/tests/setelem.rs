@@ -1,0 +1,192 @@
+//! The nfnetlink set element client against a real kernel, each test in a network namespace of its
+//! own (unshare on the test thread: the namespace dies with the thread; the host's ruleset is never
+//! touched). The table is made and read back with the `nft` binary, so the client is checked against
+//! nft's own view. Run as root; without root they fail, never skip.
+
+use palisade_nft::setelem::{self, SetOp};
+use palisade_nft::Error;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+const FAMILY: &str = "inet";
+const TABLE: &str = "palisade";
+const V4: &str = "pending_v4";
+const V6: &str = "pending_v6";
+
+/// Moves this test's thread into a fresh network namespace (children it spawns inherit it).
+fn private_netns() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare(CLONE_NEWNET) failed: these tests must run as root");
+}
+
+fn nft(script: &str) {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft must be installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "nft -f - failed on {script}"
+    );
+}
+
+fn make_table() {
+    nft("table inet palisade {\n set pending_v4 { type ipv4_addr; }\n set pending_v6 { type ipv6_addr; }\n}\n");
+}
+
+/// The elements of a set as `nft -j list set` shows them, sorted.
+fn listed(set: &str) -> Vec<IpAddr> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "set", FAMILY, TABLE, set])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let set = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|i| i.get("set"))
+        .expect("a set in the listing");
+    let mut elems: Vec<IpAddr> = set
+        .get("elem")
+        .map(|e| {
+            e.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().parse().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    elems.sort();
+    elems
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn adds_and_deletes_v4_and_v6_elements_in_one_batch() {
+    private_netns();
+    make_table();
+    setelem::apply(
+        FAMILY,
+        TABLE,
+        &[
+            (SetOp::Add, V4, ip("10.1.0.2")),
+            (SetOp::Add, V4, ip("10.1.0.3")),
+            (SetOp::Add, V6, ip("fd00::2")),
+        ],
+    )
+    .unwrap();
+    assert_eq!(listed(V4), vec![ip("10.1.0.2"), ip("10.1.0.3")]);
+    assert_eq!(listed(V6), vec![ip("fd00::2")]);
+
+    // Adding what is there is fine; delete one of each.
+    setelem::apply(
+        FAMILY,
+        TABLE,
+        &[
+            (SetOp::Add, V4, ip("10.1.0.2")),
+            (SetOp::Delete, V4, ip("10.1.0.3")),
+            (SetOp::Delete, V6, ip("fd00::2")),
+        ],
+    )
+    .unwrap();
+    assert_eq!(listed(V4), vec![ip("10.1.0.2")]);
+    assert_eq!(listed(V6), Vec::<IpAddr>::new());
+}
+
+#[test]
+fn add_then_delete_removes_an_element_whether_or_not_it_was_there() {
+    private_netns();
+    make_table();
+    setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("10.1.0.2"))]).unwrap();
+    for _ in 0..2 {
+        setelem::apply(
+            FAMILY,
+            TABLE,
+            &[
+                (SetOp::Add, V4, ip("10.1.0.2")),
+                (SetOp::Delete, V4, ip("10.1.0.2")),
+            ],
+        )
+        .unwrap();
+        assert_eq!(listed(V4), Vec::<IpAddr>::new());
+    }
+}
+
+#[test]
+fn a_missing_table_or_set_is_the_absent_error_and_the_probe_says_false() {
+    private_netns();
+    let err = setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("10.1.0.2"))]).unwrap_err();
+    assert!(matches!(err, Error::Absent { .. }), "{err}");
+    assert!(err.is_absent());
+    assert!(!setelem::set_exists(FAMILY, TABLE, V4).unwrap());
+
+    make_table();
+    assert!(setelem::set_exists(FAMILY, TABLE, V4).unwrap());
+    assert!(setelem::set_exists(FAMILY, TABLE, V6).unwrap());
+    assert!(!setelem::set_exists(FAMILY, TABLE, "nope").unwrap());
+    let err = setelem::apply(FAMILY, TABLE, &[(SetOp::Add, "nope", ip("10.1.0.2"))]).unwrap_err();
+    assert!(matches!(err, Error::Absent { .. }), "{err}");
+}
+
+#[test]
+fn a_batch_whose_second_op_fails_leaves_the_first_undone() {
+    private_netns();
+    make_table();
+    let err = setelem::apply(
+        FAMILY,
+        TABLE,
+        &[
+            (SetOp::Add, V4, ip("10.1.0.2")),
+            (SetOp::Add, "nope", ip("10.1.0.3")),
+        ],
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Absent { .. }), "{err}");
+    assert_eq!(
+        listed(V4),
+        Vec::<IpAddr>::new(),
+        "the first add must have been rolled back"
+    );
+
+    // Another reason to fail: deleting an element that is not there, after a valid add.
+    let err = setelem::apply(
+        FAMILY,
+        TABLE,
+        &[
+            (SetOp::Add, V6, ip("fd00::2")),
+            (SetOp::Delete, V4, ip("10.9.9.9")),
+        ],
+    )
+    .unwrap_err();
+    assert!(err.is_absent(), "{err}");
+    assert_eq!(listed(V6), Vec::<IpAddr>::new());
+}
+
+#[test]
+fn a_key_of_the_wrong_length_is_a_netlink_error_with_the_errno_text() {
+    private_netns();
+    make_table();
+    let err = setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("fd00::2"))]).unwrap_err();
+    assert!(matches!(err, Error::Netlink { .. }), "{err}");
+    assert!(!err.is_absent());
+    eprintln!("{err}");
+    assert!(err.to_string().contains("os error"), "{err}");
+    assert_eq!(listed(V4), Vec::<IpAddr>::new());
+}
