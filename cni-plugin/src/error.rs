@@ -22,7 +22,7 @@ pub mod code {
     pub const IPAM_EXHAUSTED: u32 = 101;
     /// `CNI_IFNAME` (or our host veth) already exists.
     pub const INTERFACE_EXISTS: u32 = 102;
-    /// Running `nft` failed for another reason than our table being absent.
+    /// Changing or probing our nft table failed for another reason than its being absent.
     pub const NFT: u32 = 103;
     /// CHECK found the attachment differs from what ADD set up.
     pub const CHECK_FAILED: u32 = 104;

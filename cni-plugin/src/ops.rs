@@ -3,8 +3,8 @@
 //!
 //! ADD order (ARCHITECTURE.md): IPAM → under the node lock: pending mark + attachment record →
 //! links up, routes → result. The veth pair is created and addressed (both links down, no routes)
-//! while the mark is written, to hide the nft run; nothing can reach the pod before the mark is in. A failure after IPAM tears down everything done so far, in
-//! DEL's order (link, then mark and record, then the address), so the address is never free while
+//! while the mark is written; nothing can reach the pod before the mark is in. A failure after IPAM
+//! tears down everything done so far, in DEL's order (link, then mark and record, then the address), so the address is never free while
 //! a mark for it could still be removed by us.
 
 use crate::cni::{CniResult, Env, Interface, IpConfig, Route};
@@ -16,7 +16,6 @@ use crate::netns;
 use crate::pending::{self, Mark, NodeLock};
 use crate::veth::{self, Plan};
 use palisade_contract::{self as contract, Attachment};
-use palisade_nft::Nft;
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::IpAddr;
@@ -84,7 +83,7 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, container = %env.container_id, ifname = %env.ifname, "ADD failed; rolling back");
-                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth, false).await {
+                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await {
                     tracing::error!(error = %re, "rollback after a failed ADD was incomplete; DEL will finish it");
                 }
                 Err(e)
@@ -101,8 +100,9 @@ async fn setup(
     host_veth: &str,
     alloc: &Allocation,
 ) -> Result<CniResult> {
-    // The pending mark and the record (an nft run) proceed on their own thread while the veth is
-    // created and addressed with both links down; only when both are done do the links go up.
+    // The pending mark and the record (a netlink batch and a file) proceed on their own thread
+    // while the veth is created and addressed with both links down; only when both are done do the
+    // links go up.
     let (env_c, conf_c, veth_c, ips_c) = (
         env.clone(),
         conf.clone(),
@@ -171,11 +171,10 @@ async fn setup(
 /// Under the node lock: the pending mark (for pods), then the record. If the record cannot be
 /// written the mark is taken back, so a mark never exists without its record.
 fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -> Result<()> {
-    // Opened before the lock so loading libnftables does not lengthen the time we hold it.
-    let nft = env.args.is_pod().then(pending::runner);
+    let is_pod = env.args.is_pod();
     let _lock = NodeLock::acquire(&conf.state_dir)?;
-    let pending = if let Some(nft) = &nft {
-        match pending::mark(nft, ips)? {
+    let pending = if is_pod {
+        match pending::mark(ips)? {
             Mark::Marked => true,
             Mark::TableAbsent if conf.fail_open => {
                 tracing::warn!(container = %env.container_id, "{}; failOpen is set, so the pod is wired without a pending mark", pending::agent_absent_message());
@@ -198,8 +197,8 @@ fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -
         pending,
     };
     if let Err(e) = pending::write_record(&conf.state_dir, &record) {
-        if let Some(nft) = nft.as_ref().filter(|_| pending) {
-            let _ = pending::unmark(nft, ips);
+        if pending {
+            let _ = pending::unmark(ips);
         }
         return Err(e);
     }
@@ -235,7 +234,6 @@ async fn teardown(
     env: &Env,
     target: &DelegateTarget,
     host_veth: &str,
-    likely_pending: bool,
 ) -> Result<()> {
     let mut errors = Errors::default();
     let exists = errors
@@ -246,13 +244,10 @@ async fn teardown(
         .name("teardown".into())
         .spawn(move || {
             let mut errors = Errors::default();
-            // A pod's mark will most likely be removed: load the nft runner before the lock.
-            let nft = likely_pending.then(pending::runner);
             errors.keep(unmark_and_unrecord(
                 &conf_c,
                 &target_c.container_id,
                 &target_c.ifname,
-                nft,
             ));
             errors.keep(ipam::release(&conf_c, &env_c, &target_c));
             errors.into_result()
@@ -277,12 +272,7 @@ async fn teardown(
     errors.into_result()
 }
 
-fn unmark_and_unrecord(
-    conf: &NetConf,
-    container_id: &str,
-    ifname: &str,
-    nft: Option<Nft>,
-) -> Result<()> {
+fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Result<()> {
     let _lock = NodeLock::acquire(&conf.state_dir)?;
     let record = match pending::read_record(&conf.state_dir, container_id, ifname) {
         Ok(r) => r,
@@ -292,8 +282,7 @@ fn unmark_and_unrecord(
         }
     };
     if let Some(r) = record.as_ref().filter(|r| r.pending) {
-        let nft = nft.unwrap_or_else(pending::runner);
-        pending::unmark(&nft, &r.ips)?;
+        pending::unmark(&r.ips)?;
     }
     pending::remove_record(&conf.state_dir, container_id, ifname)
 }
@@ -303,15 +292,7 @@ pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
     runtime()?.block_on(async {
         let node = Netlink::current()?;
-        teardown(
-            &node,
-            conf,
-            env,
-            &DelegateTarget::from_env(env),
-            &host_veth,
-            env.args.is_pod(),
-        )
-        .await
+        teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await
     })
 }
 
@@ -439,7 +420,7 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         for r in records.iter().filter(|r| !valid.contains(&(r.container_id.clone(), r.ifname.clone()))) {
             tracing::info!(container = %r.container_id, ifname = %r.ifname, pod = ?r.pod_key(), "GC: removing stale attachment");
             let target = DelegateTarget { container_id: r.container_id.clone(), ifname: r.ifname.clone(), netns: None };
-            errors.keep(teardown(&node, conf, env, &target, &r.host_veth, r.pending).await);
+            errors.keep(teardown(&node, conf, env, &target, &r.host_veth).await);
         }
         Ok::<_, Error>(())
     })?;

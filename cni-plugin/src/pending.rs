@@ -1,14 +1,16 @@
 //! The node contract's plugin side: the lock, the pending mark in `inet palisade`, and the
 //! attachment record (ARCHITECTURE.md, "The node contract").
 //!
-//! The pending mark is added with one nftables transaction whose JSON is built here with
-//! serde_json; addresses only ever travel as JSON string values. palisade-nft runs it: libnftables
-//! in-process (about 0.2 ms), or one `nft -j -f -` process (about 4 ms) when the library is missing.
+//! The pending mark is added and removed with one nf_tables transaction sent over nfnetlink by
+//! `palisade_nft::setelem` (tens of microseconds; addresses travel as bytes of `IpAddr`s, never as
+//! text). There is no libnftables or `nft` fallback here: they reach the kernel the same way, so
+//! whatever refuses the netlink batch (no privilege, no nf_tables) refuses them too, and loading
+//! libnftables alone used to cost a millisecond per ADD. The sockets act on the network namespace
+//! of the calling thread: call these from a thread in the node's.
 
 use crate::error::{Error, Result};
 use palisade_contract::{self as contract, Attachment};
-use palisade_nft::{Backend, Nft};
-use serde_json::{json, Value};
+use palisade_nft::setelem::{self, ElementOp, SetOp};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
@@ -56,54 +58,42 @@ fn set_for(ip: &IpAddr) -> &'static str {
     }
 }
 
-fn element(ip: &IpAddr) -> Value {
-    json!({ "element": {
-        "family": contract::TABLE_FAMILY,
-        "table": contract::TABLE_NAME,
-        "name": set_for(ip),
-        "elem": [ip.to_string()],
-    }})
+/// The element changes that mark `ips` pending.
+pub fn mark_ops(ips: &[IpAddr]) -> Vec<ElementOp<'static>> {
+    ips.iter()
+        .map(|ip| (SetOp::Add, set_for(ip), *ip))
+        .collect()
 }
 
-/// The batch that marks `ips` pending.
-pub fn mark_batch(ips: &[IpAddr]) -> Value {
-    let cmds: Vec<Value> = ips.iter().map(|ip| json!({ "add": element(ip) })).collect();
-    json!({ "nftables": cmds })
+/// The element changes that remove the marks of `ips`: add then delete for each, in one batch, so
+/// it succeeds whether or not the element is there.
+pub fn unmark_ops(ips: &[IpAddr]) -> Vec<ElementOp<'static>> {
+    ips.iter()
+        .flat_map(|ip| {
+            [
+                (SetOp::Add, set_for(ip), *ip),
+                (SetOp::Delete, set_for(ip), *ip),
+            ]
+        })
+        .collect()
 }
 
-/// The batch that removes the marks of `ips`: `add` then `delete` for each, so it succeeds whether
-/// or not the element is there.
-pub fn unmark_batch(ips: &[IpAddr]) -> Value {
-    let mut cmds = Vec::new();
-    for ip in ips {
-        cmds.push(json!({ "add": element(ip) }));
-        cmds.push(json!({ "delete": element(ip) }));
-    }
-    json!({ "nftables": cmds })
-}
-
-/// The runner for this plugin run: libnftables in-process, `nft -j -f -` if the library cannot be
-/// loaded. Loading the library takes about a millisecond, so open it before taking the [`NodeLock`].
-/// It acts on the network namespace of the calling thread: call it from a thread in the node's.
-pub fn runner() -> Nft {
-    Nft::new(Backend::Lib)
-}
-
-/// Runs one transaction; Ok(false) when our table or a pending set is absent.
-fn apply(nft: &Nft, batch: &Value) -> Result<bool> {
-    match nft.apply(&batch.to_string()) {
+/// Runs one transaction on our table's pending sets; Ok(false) when the table or a set is absent.
+fn apply(ops: &[ElementOp<'_>]) -> Result<bool> {
+    match setelem::apply(contract::TABLE_FAMILY, contract::TABLE_NAME, ops) {
         Ok(()) => Ok(true),
         Err(e) if e.is_absent() => Ok(false),
         Err(e) => Err(Error::Nft(e.to_string())),
     }
 }
 
-/// Marks `ips` pending (call with the [`NodeLock`] held).
-pub fn mark(nft: &Nft, ips: &[IpAddr]) -> Result<Mark> {
+/// Marks `ips` pending (call with the [`NodeLock`] held). The table's absence is learnt from the
+/// mark itself (ENOENT), so ADD needs no separate probe.
+pub fn mark(ips: &[IpAddr]) -> Result<Mark> {
     if ips.is_empty() {
         return Ok(Mark::Marked);
     }
-    Ok(if apply(nft, &mark_batch(ips))? {
+    Ok(if apply(&mark_ops(ips))? {
         Mark::Marked
     } else {
         Mark::TableAbsent
@@ -111,11 +101,11 @@ pub fn mark(nft: &Nft, ips: &[IpAddr]) -> Result<Mark> {
 }
 
 /// Removes the pending marks of `ips` (call with the [`NodeLock`] held). Absent table: nothing to do.
-pub fn unmark(nft: &Nft, ips: &[IpAddr]) -> Result<()> {
+pub fn unmark(ips: &[IpAddr]) -> Result<()> {
     if ips.is_empty() {
         return Ok(());
     }
-    if !apply(nft, &unmark_batch(ips))? {
+    if !apply(&unmark_ops(ips))? {
         tracing::debug!(
             ?ips,
             "table inet palisade is absent; no pending mark to remove"
@@ -124,14 +114,13 @@ pub fn unmark(nft: &Nft, ips: &[IpAddr]) -> Result<()> {
     Ok(())
 }
 
-/// Whether our table and its pending sets exist (STATUS).
+/// Whether our table and its pending sets exist (STATUS): one GETSET per set, nothing changed.
 pub fn table_ready() -> Result<bool> {
-    let nft = runner();
-    let listed = |set| {
-        nft.list_set(contract::TABLE_FAMILY, contract::TABLE_NAME, set)
+    let exists = |set| {
+        setelem::set_exists(contract::TABLE_FAMILY, contract::TABLE_NAME, set)
             .map_err(|e| Error::Nft(e.to_string()))
     };
-    Ok(listed(contract::PENDING_SET_V4)?.is_some() && listed(contract::PENDING_SET_V6)?.is_some())
+    Ok(exists(contract::PENDING_SET_V4)? && exists(contract::PENDING_SET_V6)?)
 }
 
 /// The message for a node the agent has not programmed.
@@ -205,26 +194,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mark_batch_puts_addresses_only_in_json_values_of_the_right_set() {
+    fn mark_ops_put_each_address_into_the_set_of_its_family() {
         let ips: Vec<IpAddr> = vec!["10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap()];
-        let b = mark_batch(&ips);
         assert_eq!(
-            b,
-            json!({"nftables":[
-                {"add":{"element":{"family":"inet","table":"palisade","name":"pending_v4","elem":["10.1.0.2"]}}},
-                {"add":{"element":{"family":"inet","table":"palisade","name":"pending_v6","elem":["fd00::2"]}}}
-            ]})
+            mark_ops(&ips),
+            vec![
+                (SetOp::Add, contract::PENDING_SET_V4, ips[0]),
+                (SetOp::Add, contract::PENDING_SET_V6, ips[1]),
+            ]
         );
     }
 
     #[test]
-    fn unmark_batch_adds_before_it_deletes_so_it_never_fails_on_absence() {
-        let b = unmark_batch(&["10.1.0.2".parse().unwrap()]);
-        let cmds = b["nftables"].as_array().unwrap();
-        assert_eq!(cmds.len(), 2);
-        assert!(cmds[0].get("add").is_some());
-        assert!(cmds[1].get("delete").is_some());
-        assert_eq!(cmds[0]["add"], cmds[1]["delete"]);
+    fn unmark_ops_add_before_they_delete_so_they_never_fail_on_absence() {
+        let ip: IpAddr = "10.1.0.2".parse().unwrap();
+        assert_eq!(
+            unmark_ops(&[ip]),
+            vec![
+                (SetOp::Add, contract::PENDING_SET_V4, ip),
+                (SetOp::Delete, contract::PENDING_SET_V4, ip),
+            ]
+        );
     }
 
     #[test]
