@@ -1,6 +1,8 @@
 //! Adds and deletes elements of named address sets in one atomic nf_tables transaction by speaking
 //! nfnetlink (NETLINK_NETFILTER) directly: no libnftables to load, no nft process, no ruleset cache.
-//! About 0.05 ms for a small batch in a fresh process, where libnftables costs over a millisecond.
+//! An add batch takes about 0.03 ms and a GETSET probe 0.05 ms in a fresh process, where libnftables
+//! costs over a millisecond to load. A batch that deletes an element took about 16 ms on Linux 6.18
+//! (in the kernel's commit, the same with `nft`): keep deletes out of latency-critical paths.
 //!
 //! One batch is `NFNL_MSG_BATCH_BEGIN`, one `NFT_MSG_NEWSETELEM`/`NFT_MSG_DELSETELEM` per element,
 //! `NFNL_MSG_BATCH_END`; the kernel commits all of it or none of it. Elements are encoded from
