@@ -13,7 +13,7 @@ pub enum Error {
     #[error("nft {action}: {name:?} is not an nft identifier (letters, digits, `_`, `-`, `.`)")]
     BadName { action: &'static str, name: String },
     /// The kernel answered ENOENT to a set element batch or probe: the table or the set does not
-    /// exist (only from [`crate::setelem`]; nothing was changed).
+    /// exist, or a deleted element was not there (only from [`crate::setelem`]; nothing was changed).
     #[error(
         "nfnetlink {action}: table {family} {table} or one of the sets {sets:?} does not exist"
     )]
