@@ -2,19 +2,25 @@
 //!
 //! `cargo run --release -p palisade-policy --example compile_bench [seed]`
 //!
-//! Prints compile time, ruleset size and full-replace bytes for one node, then for three single
-//! changes (pod add, label change, policy change) the incremental diff beside a full replace of
-//! the same new ruleset, in one run.
+//! Prints compile time and ruleset size for one node, then for each kind of single change the
+//! cost from change to batch two ways in one run: the incremental compiler beside the old path
+//! (full compile + diff of the whole ruleset), checking both give the same ruleset. Then, when
+//! run as root, commits the full table and every change's batch into a throwaway network
+//! namespace through palisade-nft's lib backend and prints the wall times (the host namespace is
+//! never touched; without root this part says so and is skipped).
 
-use palisade_policy::model::{Change, ClusterState, Peer, PortMatch, PortSpec, Protocol, Rule};
+use palisade_contract::Attachment;
+use palisade_policy::model::{
+    Change, ClusterState, Peer, Pod, PortMatch, PortSpec, Protocol, Rule,
+};
 use palisade_policy::synth::{self, Rng, SynthConfig};
-use palisade_policy::{compile, diff, Ruleset};
+use palisade_policy::{compile, diff, Batch, IncrementalCompiler};
 use std::time::{Duration, Instant};
 
 const NODE: &str = "n0";
 
 fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
 /// With `PALISADE_BENCH_DUMP=<dir>`, each batch is also written there, to time `nft -j -f` on it.
@@ -27,33 +33,63 @@ fn dump(file: &str, json: &str) {
     }
 }
 
-fn measure(name: &str, st: &ClusterState, last: &Ruleset) -> Ruleset {
-    let t = Instant::now();
-    let next = compile(st, NODE).ruleset;
-    let compile_t = t.elapsed();
-    let t = Instant::now();
-    let d = diff(last, &next);
-    let diff_t = t.elapsed();
-    let t = Instant::now();
-    let full = next.full_replace();
-    let full_t = t.elapsed();
-    let slug: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    dump(&format!("diff_{slug}.json"), &d.to_json_string());
-    println!(
-        "{name:<14} compile {:>10} | diff {:>9}, {:>4} cmds, {:>8} bytes | full replace {:>9}, {:>6} cmds, {:>9} bytes | {:.0}x fewer bytes",
-        ms(compile_t),
-        ms(diff_t),
-        d.commands,
-        d.bytes,
-        ms(full_t),
-        full.commands,
-        full.bytes,
-        full.bytes as f64 / d.bytes.max(1) as f64
-    );
-    next
+struct Bench {
+    st: ClusterState,
+    inc: IncrementalCompiler,
+    last: palisade_policy::Ruleset,
+    batches: Vec<(String, Batch)>,
+}
+
+impl Bench {
+    /// Applies one change both ways and prints both costs.
+    fn change(&mut self, name: &str, ch: Change) {
+        let t = Instant::now();
+        self.st.apply(ch.clone());
+        let next = compile(&self.st, NODE).ruleset;
+        let compile_t = t.elapsed();
+        let t = Instant::now();
+        let old_batch = diff(&self.last, &next);
+        let diff_t = t.elapsed();
+        let t = Instant::now();
+        let batch = self.inc.apply(ch);
+        let inc_t = t.elapsed();
+        let same = self.inc.ruleset() == &next && batch == old_batch;
+        println!(
+            "{name:<26} incremental {:>10} | full compile + diff {:>10} ({} + {}) | {:>3} cmds, {:>6} bytes | {}",
+            ms(inc_t),
+            ms(compile_t + diff_t),
+            ms(compile_t),
+            ms(diff_t),
+            batch.commands,
+            batch.bytes,
+            if same { "same result" } else { "DIFFERENT RESULT" }
+        );
+        if !same {
+            std::process::exit(1);
+        }
+        let slug: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        dump(&format!("diff_{slug}.json"), &batch.to_json_string());
+        self.last = next;
+        self.batches.push((name.to_string(), batch));
+    }
+}
+
+fn attachment(p: &Pod, pending: bool) -> Attachment {
+    let cid = format!("c-{}-{}", p.namespace, p.name);
+    Attachment {
+        host_veth: palisade_contract::host_veth_name(&cid, "eth0"),
+        container_id: cid,
+        ifname: "eth0".into(),
+        netns: String::new(),
+        ips: p.ips.clone(),
+        pod_namespace: Some(p.namespace.clone()),
+        pod_name: Some(p.name.clone()),
+        pod_uid: Some(p.uid.clone()),
+        pending,
+    }
 }
 
 fn main() {
@@ -63,7 +99,7 @@ fn main() {
         .unwrap_or(42);
     let cfg = SynthConfig::large(seed);
     let t = Instant::now();
-    let mut st = synth::cluster(&cfg);
+    let st = synth::cluster(&cfg);
     println!(
         "synthetic cluster (seed {seed}): {} pods, {} nodes, {} namespaces, {} policies, dual stack; generated in {}",
         st.pods.len(),
@@ -81,7 +117,7 @@ fn main() {
     let render_t = t.elapsed();
     dump("full.json", &full.to_json_string());
     println!(
-        "node {NODE}: {} local pods, {} policies select them; compile {}",
+        "node {NODE}: {} local pods, {} policies select them; full compile {}",
         c.pods.len(),
         c.policies.len(),
         ms(compile_t)
@@ -96,44 +132,84 @@ fn main() {
         full.bytes,
         ms(render_t)
     );
-    // Average compile over all nodes (the whole cluster's work, one node at a time).
     let t = Instant::now();
-    let mut total = 0usize;
-    for n in st.nodes.keys().take(10) {
-        total += compile(&st, n).ruleset.stats().elements;
-    }
+    let inc = IncrementalCompiler::new(st.clone(), NODE);
     println!(
-        "compile of 10 nodes: {} total ({} per node, {total} elements)",
-        ms(t.elapsed()),
-        ms(t.elapsed() / 10)
+        "incremental compiler built from state (full compile + indexes) in {}",
+        ms(t.elapsed())
     );
     println!();
-    let mut last = c.ruleset;
+    let mut b = Bench {
+        st,
+        inc,
+        last: c.ruleset.clone(),
+        batches: Vec::new(),
+    };
     let mut rng = Rng::new(seed + 1);
 
-    // 1. one pod added on this node (labels like its neighbours)
+    // Pods.
     let mut p = synth::make_pod(&cfg, &mut rng, cfg.pods + 1);
     p.node_name = Some(NODE.into());
-    st.apply(Change::UpsertPod(p.clone()));
-    last = measure("pod add", &st, &last);
-
-    // 2. one label change on a local pod that a policy selects
+    // CNI ADD: the plugin's attachment record arrives first (pending), then the Pod object.
+    let mut atts = b.st.attachments.clone();
+    atts.push(attachment(&p, true));
+    b.change("attachment (CNI ADD)", Change::SetAttachments(atts));
+    b.change("pod add, this node", Change::UpsertPod(p.clone()));
+    let mut q = synth::make_pod(&cfg, &mut rng, cfg.pods + 2);
+    q.node_name = Some("n7".into());
+    b.change("pod add, other node", Change::UpsertPod(q.clone()));
     let key = c
         .pods
         .values()
         .find(|lp| !lp.ingress.is_empty())
         .map(|lp| lp.key.clone())
         .unwrap_or(p.key());
-    let mut pod = st.pods[&key].clone();
+    let mut pod = b.st.pods[&key].clone();
     pod.labels.insert("tier".into(), "db".into());
     pod.labels.insert("env".into(), "prod".into());
-    st.apply(Change::UpsertPod(pod));
-    last = measure("label change", &st, &last);
+    b.change("label change, this node", Change::UpsertPod(pod));
+    let mut q2 = q.clone();
+    q2.labels.insert("tier".into(), "web".into());
+    q2.labels.insert("app".into(), "app3".into());
+    b.change("label change, other node", Change::UpsertPod(q2));
+    b.change(
+        "pod delete, other node",
+        Change::DeletePod {
+            namespace: q.namespace.clone(),
+            name: q.name.clone(),
+        },
+    );
+    b.change(
+        "pod delete, this node",
+        Change::DeletePod {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+        },
+    );
+    b.change(
+        "attachment (CNI DEL)",
+        Change::SetAttachments(
+            b.st.attachments
+                .iter()
+                .filter(|a| a.pod_name.as_deref() != Some(p.name.as_str()))
+                .cloned()
+                .collect(),
+        ),
+    );
 
-    // 3. one policy selecting local pods changes its spec: a port added to its first rule
-    //    (elements only), then a new rule with an ipBlock (its chain is flushed and refilled)
+    // A namespace's labels (namespace selectors of every policy see its pods come or go).
+    let ns_of_local = key.split_once('/').map(|(n, _)| n).unwrap_or_default();
+    if let Some(mut ns) = b.st.namespaces.get(ns_of_local).cloned() {
+        let team = ns.labels.get("team").cloned().unwrap_or_default();
+        let other = if team == "t1" { "t2" } else { "t1" };
+        ns.labels.insert("team".into(), other.into());
+        ns.labels.insert("env".into(), "prod".into());
+        b.change("namespace label change", Change::UpsertNamespace(ns));
+    }
+
+    // Policies.
     let pkey = c.policies.keys().next().cloned().unwrap_or_default();
-    if let Some(mut pol) = st.policies.get(&pkey).cloned() {
+    if let Some(mut pol) = b.st.policies.get(&pkey).cloned() {
         let rules = pol.ingress.get_or_insert_with(Vec::new);
         if rules.is_empty() {
             rules.push(Rule {
@@ -148,8 +224,7 @@ fn main() {
             protocol: Protocol::Tcp,
             port: PortMatch::Range(8443, 8443),
         });
-        st.apply(Change::UpsertPolicy(pol.clone()));
-        last = measure("policy: +port", &st, &last);
+        b.change("policy update: +port", Change::UpsertPolicy(pol.clone()));
         pol.ingress.get_or_insert_with(Vec::new).push(Rule {
             peers: vec![Peer::IpBlock {
                 cidr: "203.0.113.0/24".parse().unwrap_or_default(),
@@ -160,7 +235,102 @@ fn main() {
                 port: PortMatch::Range(5000, 5010),
             }],
         });
-        st.apply(Change::UpsertPolicy(pol));
-        measure("policy: +rule", &st, &last);
+        b.change("policy update: +rule", Change::UpsertPolicy(pol));
     }
+    // A new policy in the namespace of a local pod, selecting it among others.
+    let mut np = synth::make_policy(&cfg, &mut rng, cfg.policies + 1);
+    np.namespace = ns_of_local.to_string();
+    np.pod_selector = Default::default();
+    b.change("policy create", Change::UpsertPolicy(np.clone()));
+    b.change(
+        "policy delete",
+        Change::DeletePolicy {
+            namespace: np.namespace.clone(),
+            name: np.name.clone(),
+        },
+    );
+
+    println!();
+    commit_in_throwaway_netns(&full, &b.batches);
+}
+
+/// A network namespace of our own, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("could not delete netns {}: {out:?}", self.0);
+        }
+    }
+}
+
+fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
+    let name = format!("palbench-{}-{}", std::process::id(), 0);
+    let created = std::process::Command::new("ip")
+        .args(["netns", "add", &name])
+        .output();
+    if !created.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("commit: skipped, cannot create a network namespace (needs root): {created:?}");
+        return;
+    }
+    let ns = Netns(name);
+    let path = format!("/run/netns/{}", ns.0);
+    let full_json = full.to_json_string();
+    let batches: Vec<(String, String)> = batches
+        .iter()
+        .filter(|(_, b)| !b.is_empty())
+        .map(|(n, b)| (n.clone(), b.to_json_string()))
+        .collect();
+    // A thread of our own enters the namespace: the main thread stays in the host namespace.
+    let res = std::thread::spawn(move || -> Result<Vec<String>, String> {
+        let f = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns {path}: {e}"))?;
+        let t = Instant::now();
+        let nft = palisade_nft::Nft::new(palisade_nft::Backend::Lib);
+        let load = t.elapsed();
+        if nft.backend() != palisade_nft::Backend::Lib {
+            return Err("libnftables not available".into());
+        }
+        let mut out = vec![format!(
+            "commit through palisade-nft (libnftables in-process), in netns {path}; library loaded in {}",
+            ms(load)
+        )];
+        let t = Instant::now();
+        nft.apply(&full_json).map_err(|e| format!("full table: {e}"))?;
+        out.push(format!(
+            "{:<26} {:>10}  ({} bytes)",
+            "full table, first commit",
+            ms(t.elapsed()),
+            full_json.len()
+        ));
+        let t = Instant::now();
+        nft.apply(&full_json).map_err(|e| format!("full table again: {e}"))?;
+        out.push(format!(
+            "{:<26} {:>10}  (resync: replaces the table in place)",
+            "full table, replace",
+            ms(t.elapsed())
+        ));
+        for (name, json) in &batches {
+            let t = Instant::now();
+            nft.apply(json).map_err(|e| format!("{name}: {e}"))?;
+            out.push(format!(
+                "{name:<26} {:>10}  ({} bytes)",
+                ms(t.elapsed()),
+                json.len()
+            ));
+        }
+        Ok(out)
+    })
+    .join();
+    match res {
+        Ok(Ok(lines)) => lines.iter().for_each(|l| println!("{l}")),
+        Ok(Err(e)) => println!("commit: FAILED: {e}"),
+        Err(_) => println!("commit: FAILED: the commit thread panicked"),
+    }
+    drop(ns);
 }

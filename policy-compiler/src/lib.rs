@@ -39,6 +39,7 @@ pub mod kernel_sim;
 pub mod ruleset;
 pub mod synth;
 
+pub use compile::incremental::IncrementalCompiler;
 pub use compile::{compile, Compiled};
 pub use diff::diff;
 pub use explain::{explain, Endpoint, Explanation};

@@ -80,7 +80,8 @@ pub fn node_name(i: usize) -> String {
     format!("n{i}")
 }
 
-fn ns_name(i: usize) -> String {
+/// Name of namespace `i`.
+pub fn ns_name(i: usize) -> String {
     format!("ns{i}")
 }
 

@@ -13,6 +13,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>) {
+    let (mut rs, warnings) = local_part(c);
+    for pol in c.policies.values() {
+        policy_part_into(&mut rs, pol);
+    }
+    (rs, warnings)
+}
+
+/// The objects that depend on local pods and pending addresses only: base chains, pending and
+/// self sets, verdict maps and group chains.
+pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>) {
     let mut rs = Ruleset::default();
     let mut warnings = Vec::new();
     // A verdict map holds one verdict per address: two local pods claiming one address (a stale
@@ -62,14 +72,22 @@ pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>) {
             }
         }
     }
-    for pol in c.policies.values() {
-        for dir in Direction::BOTH {
-            if let Some(rules) = pol.rules(dir) {
-                policy(&mut rs, pol, dir, rules);
-            }
+    (rs, warnings)
+}
+
+/// The chains and sets of one compiled policy.
+pub(crate) fn policy_part(pol: &CompiledPolicy) -> Ruleset {
+    let mut rs = Ruleset::default();
+    policy_part_into(&mut rs, pol);
+    rs
+}
+
+fn policy_part_into(rs: &mut Ruleset, pol: &CompiledPolicy) {
+    for dir in Direction::BOTH {
+        if let Some(rules) = pol.rules(dir) {
+            policy(rs, pol, dir, rules);
         }
     }
-    (rs, warnings)
 }
 
 fn base(rs: &mut Ruleset, c: &Compiled) {

@@ -5,6 +5,7 @@
 //! rendered from exactly that model. `explain` reads the same model.
 
 mod build;
+pub mod incremental;
 pub mod intervals;
 mod resolve;
 

@@ -36,7 +36,101 @@ type PeerKey<'a> = (
 /// Keys and addresses of the pods one pod peer selects.
 pub(crate) type ResolvedPods = (BTreeSet<String>, BTreeSet<IpAddr>);
 
-fn attachment_matches(a: &Attachment, p: &Pod) -> bool {
+/// What rule resolution reads: the per-compile [`Index`] of a full compile, or the persistent
+/// index of the incremental compiler. Both answer from the same state, so a rule resolves the same.
+pub(crate) trait Lookup<'a> {
+    /// Keys and addresses of the subject pods one pod peer of `pol` selects.
+    fn peer_pods(
+        &self,
+        pol: &'a Policy,
+        namespace_selector: &'a Option<LabelSelector>,
+        pod_selector: &'a Option<LabelSelector>,
+    ) -> Rc<ResolvedPods>;
+    /// A subject pod and its addresses.
+    fn subject(&self, key: &str) -> Option<(&Pod, &BTreeSet<IpAddr>)>;
+    /// Keys of every subject pod.
+    fn subject_keys(&self) -> Box<dyn Iterator<Item = &str> + '_>;
+}
+
+impl<'a> Lookup<'a> for Index<'a> {
+    fn peer_pods(
+        &self,
+        pol: &'a Policy,
+        namespace_selector: &'a Option<LabelSelector>,
+        pod_selector: &'a Option<LabelSelector>,
+    ) -> Rc<ResolvedPods> {
+        let scope = if namespace_selector.is_none() {
+            pol.namespace.as_str()
+        } else {
+            ""
+        };
+        let key = (namespace_selector.as_ref(), scope, pod_selector.as_ref());
+        let cached = self.peer_cache.borrow().get(&key).cloned();
+        match cached {
+            Some(f) => f,
+            None => {
+                let namespaces: Vec<&str> = match namespace_selector {
+                    // semantics 13: only the policy's own namespace.
+                    None => vec![pol.namespace.as_str()],
+                    // semantics 14, 18: namespaces whose labels match.
+                    Some(ns_sel) => self
+                        .ns_labels
+                        .iter()
+                        .filter(|(_, l)| ns_sel.matches(l))
+                        .map(|(n, _)| n.as_str())
+                        .collect(),
+                };
+                let mut out = ResolvedPods::default();
+                for ns in namespaces {
+                    for (k, p, ips) in self.by_ns.get(ns).into_iter().flatten() {
+                        // semantics 15: both selectors in one peer are ANDed.
+                        if selector_opt_matches(pod_selector, &p.labels) {
+                            out.0.insert(k.to_string());
+                            out.1.extend(ips.iter().copied());
+                        }
+                    }
+                }
+                let f = Rc::new(out);
+                self.peer_cache.borrow_mut().insert(key, f.clone());
+                f
+            }
+        }
+    }
+    fn subject(&self, key: &str) -> Option<(&Pod, &BTreeSet<IpAddr>)> {
+        self.subjects.get(key).map(|(p, ips)| (*p, ips))
+    }
+    fn subject_keys(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        Box::new(self.subjects.keys().copied())
+    }
+}
+
+/// Compiles one policy whose selected local pods are known (non-empty).
+pub(crate) fn compile_policy<'a>(
+    ix: &impl Lookup<'a>,
+    pkey: &str,
+    pol: &'a Policy,
+    selected: BTreeSet<String>,
+) -> CompiledPolicy {
+    let compile_dir = |dir: Direction| {
+        pol.rules(dir).map(|rules| {
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| compile_rule(ix, pol, dir, &selected, i, r))
+                .collect()
+        })
+    };
+    CompiledPolicy {
+        key: pkey.to_string(),
+        namespace: pol.namespace.clone(),
+        name: pol.name.clone(),
+        ingress: compile_dir(Direction::Ingress),
+        egress: compile_dir(Direction::Egress),
+        selected,
+    }
+}
+
+pub(crate) fn attachment_matches(a: &Attachment, p: &Pod) -> bool {
     match (a.pod_uid.as_deref(), p.uid.as_str()) {
         (Some(au), pu) if !au.is_empty() && !pu.is_empty() => au == pu,
         _ => true,
@@ -157,26 +251,7 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
                 }
             }
         }
-        let compile_dir = |dir: Direction| {
-            pol.rules(dir).map(|rules| {
-                rules
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| compile_rule(&ix, pol, dir, &selected, i, r))
-                    .collect()
-            })
-        };
-        policies.insert(
-            pkey.clone(),
-            CompiledPolicy {
-                key: pkey.clone(),
-                namespace: pol.namespace.clone(),
-                name: pol.name.clone(),
-                ingress: compile_dir(Direction::Ingress),
-                egress: compile_dir(Direction::Egress),
-                selected,
-            },
-        );
+        policies.insert(pkey.clone(), compile_policy(&ix, pkey, pol, selected));
     }
     Compiled {
         node: node.to_string(),
@@ -188,42 +263,12 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
     }
 }
 
-fn selector_opt_matches(s: &Option<LabelSelector>, labels: &Labels) -> bool {
+pub(crate) fn selector_opt_matches(s: &Option<LabelSelector>, labels: &Labels) -> bool {
     s.as_ref().is_none_or(|s| s.matches(labels))
 }
 
-fn resolve_pod_peer(
-    ix: &Index<'_>,
-    pol: &Policy,
-    namespace_selector: &Option<LabelSelector>,
-    pod_selector: &Option<LabelSelector>,
-) -> ResolvedPods {
-    let namespaces: Vec<&str> = match namespace_selector {
-        // semantics 13: only the policy's own namespace.
-        None => vec![pol.namespace.as_str()],
-        // semantics 14, 18: namespaces whose labels match.
-        Some(ns_sel) => ix
-            .ns_labels
-            .iter()
-            .filter(|(_, l)| ns_sel.matches(l))
-            .map(|(n, _)| n.as_str())
-            .collect(),
-    };
-    let mut out = ResolvedPods::default();
-    for ns in namespaces {
-        for (k, p, ips) in ix.by_ns.get(ns).into_iter().flatten() {
-            // semantics 15: both selectors in one peer are ANDed.
-            if selector_opt_matches(pod_selector, &p.labels) {
-                out.0.insert(k.to_string());
-                out.1.extend(ips.iter().copied());
-            }
-        }
-    }
-    out
-}
-
 fn compile_rule<'a>(
-    ix: &Index<'a>,
+    ix: &impl Lookup<'a>,
     pol: &'a Policy,
     dir: Direction,
     selected: &BTreeSet<String>,
@@ -242,22 +287,7 @@ fn compile_rule<'a>(
                 pod_selector,
             } => {
                 peers.uses_pods = true;
-                let scope = if namespace_selector.is_none() {
-                    pol.namespace.as_str()
-                } else {
-                    ""
-                };
-                let key = (namespace_selector.as_ref(), scope, pod_selector.as_ref());
-                let cached = ix.peer_cache.borrow().get(&key).cloned();
-                let found = match cached {
-                    Some(f) => f,
-                    None => {
-                        let f =
-                            Rc::new(resolve_pod_peer(ix, pol, namespace_selector, pod_selector));
-                        ix.peer_cache.borrow_mut().insert(key, f.clone());
-                        f
-                    }
-                };
+                let found = ix.peer_pods(pol, namespace_selector, pod_selector);
                 if peers.pods.is_empty() {
                     peers.pods = found.0.clone();
                     peers.pod_ips = found.1.clone();
@@ -296,14 +326,12 @@ fn compile_rule<'a>(
         // semantics 34: ingress → the selected local pod's own ports; egress → the peer's.
         let candidates: Box<dyn Iterator<Item = &str>> = match dir {
             Direction::Ingress => Box::new(selected.iter().map(String::as_str)),
-            Direction::Egress if peers.any || !peers.blocks.is_empty() => {
-                Box::new(ix.subjects.keys().copied())
-            }
+            Direction::Egress if peers.any || !peers.blocks.is_empty() => ix.subject_keys(),
             Direction::Egress => Box::new(peers.pods.iter().map(String::as_str)),
         };
         let mut out = BTreeSet::new();
         for k in candidates {
-            let Some((p, ips)) = ix.subjects.get(k) else {
+            let Some((p, ips)) = ix.subject(k) else {
                 continue;
             };
             for cp in &p.ports {

@@ -1,0 +1,110 @@
+use super::*;
+use crate::kernel_sim::KernelTable;
+use crate::model::Namespace;
+use crate::synth::{self, Rng, SynthConfig};
+
+fn kernel_after_full(rs: &Ruleset) -> KernelTable {
+    let mut k = KernelTable::default();
+    k.apply(&rs.full_replace().json).unwrap();
+    k
+}
+
+/// A random change, now and then one `random_change` does not make: a namespace deleted or
+/// relabelled to match nothing, a pod moved onto this node, a pod turned hostNetwork.
+fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) -> Change {
+    match rng.below(14) {
+        0 => {
+            let i = rng.below(cfg.namespaces);
+            Change::DeleteNamespace {
+                name: synth::ns_name(i),
+            }
+        }
+        1 => Change::UpsertNamespace(Namespace::new(
+            synth::ns_name(rng.below(cfg.namespaces)),
+            Labels::new(),
+        )),
+        2 => match st.pods.values().nth(rng.below(st.pods.len())) {
+            Some(p) => {
+                let mut p = p.clone();
+                if rng.chance(50) {
+                    p.node_name = Some("n0".into());
+                } else {
+                    p.host_network = true;
+                }
+                Change::UpsertPod(p)
+            }
+            None => Change::SetAttachments(vec![]),
+        },
+        _ => synth::random_change(cfg, st, rng, serial),
+    }
+}
+
+fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthConfig) -> usize {
+    let mut nonempty = 0;
+    for seed in seeds {
+        let cfg = cfg_of(seed);
+        let mut inc = IncrementalCompiler::new(synth::cluster(&cfg), "n0");
+        assert_eq!(
+            inc.compiled(),
+            &compile(inc.state(), "n0"),
+            "seed {seed} start"
+        );
+        let mut rng = Rng::new(seed * 7919 + 3);
+        let mut kernel = kernel_after_full(inc.ruleset());
+        for step in 0..steps {
+            let ch = change(&cfg, inc.state(), &mut rng, step);
+            let what = format!("seed {seed} step {step}: {ch:?}");
+            let last = inc.ruleset().clone();
+            let batch = inc.apply(ch);
+            let full = compile(inc.state(), "n0");
+            assert_eq!(inc.compiled(), &full, "{what}");
+            assert_eq!(batch, diff(&last, &full.ruleset), "{what}");
+            kernel
+                .apply(&batch.json)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(kernel, kernel_after_full(&full.ruleset), "{what}");
+            nonempty += usize::from(!batch.is_empty());
+        }
+    }
+    nonempty
+}
+
+#[test]
+fn incremental_changes_equal_full_compile_and_diff_on_small_clusters() {
+    let nonempty = run(0..40, 50, SynthConfig::small);
+    // The sequences must change the table often, or this test proves nothing.
+    assert!(
+        nonempty > 60 * 60 / 3,
+        "only {nonempty} batches changed something"
+    );
+}
+
+#[test]
+fn incremental_changes_equal_full_compile_on_a_medium_cluster() {
+    let cfg = |seed| SynthConfig {
+        nodes: 5,
+        namespaces: 12,
+        pods: 300,
+        policies: 60,
+        seed,
+        dual_stack: true,
+    };
+    let nonempty = run(0..2, 60, cfg);
+    assert!(
+        nonempty > 2 * 60 / 3,
+        "only {nonempty} batches changed something"
+    );
+}
+
+#[test]
+fn a_change_that_touches_nothing_compiled_gives_an_empty_batch() {
+    let cfg = SynthConfig::small(5);
+    let mut inc = IncrementalCompiler::new(synth::cluster(&cfg), "n0");
+    let b = inc.apply(Change::DeleteNode { name: "n1".into() });
+    assert!(b.is_empty());
+    let b = inc.apply(Change::DeletePod {
+        namespace: "nowhere".into(),
+        name: "nothing".into(),
+    });
+    assert!(b.is_empty());
+}
