@@ -101,13 +101,31 @@ pub fn mark(ips: &[IpAddr]) -> Result<Mark> {
 }
 
 /// Removes the pending marks of `ips` (call with the [`NodeLock`] held). Absent table: nothing to do.
+///
+/// Each mark is probed first (~0.05 ms) and only the ones still there are removed: the agent usually
+/// cleared them long before DEL, and any kernel batch containing a delete costs ~16 ms, which parallel
+/// DELs would otherwise queue for behind the node lock. The probe cannot race: every writer of the
+/// pending sets (this plugin, the agent) holds the node lock.
 pub fn unmark(ips: &[IpAddr]) -> Result<()> {
-    if ips.is_empty() {
+    let mut present = Vec::with_capacity(ips.len());
+    for ip in ips {
+        let there = setelem::element_exists(
+            contract::TABLE_FAMILY,
+            contract::TABLE_NAME,
+            set_for(ip),
+            *ip,
+        )
+        .map_err(|e| Error::Nft(e.to_string()))?;
+        if there {
+            present.push(*ip);
+        }
+    }
+    if present.is_empty() {
         return Ok(());
     }
-    if !apply(&unmark_ops(ips))? {
+    if !apply(&unmark_ops(&present))? {
         tracing::debug!(
-            ?ips,
+            ips = ?present,
             "table inet palisade is absent; no pending mark to remove"
         );
     }

@@ -44,6 +44,7 @@ const NFPROTO_IPV6: u8 = 10;
 // linux/netfilter/nf_tables.h: enum nf_tables_msg_types
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 // enum nft_set_attributes
 const NFTA_SET_TABLE: u16 = 1;
@@ -159,6 +160,55 @@ pub fn set_exists(family: &str, table: &str, set: &str) -> Result<bool> {
     }
 }
 
+/// Whether `addr` is an element of `set FAMILY TABLE SET` (one `NFT_MSG_GETSETELEM`, nothing changed).
+/// An absent table or set is `false` too: there is no element to remove either way.
+///
+/// About 0.05 ms, where any batch containing a delete costs ~16 ms in the kernel (Linux 6.18): callers
+/// that would delete an element which is usually gone probe first, under a lock every writer holds.
+pub fn element_exists(family: &str, table: &str, set: &str, addr: IpAddr) -> Result<bool> {
+    const ACTION: &str = "get set element";
+    let nfproto = family_number(ACTION, family)?;
+    check_names(ACTION, [table, set])?;
+    let mut buf = Vec::with_capacity(128);
+    let m = begin_msg(
+        &mut buf,
+        nft_type(NFT_MSG_GETSETELEM),
+        NLM_F_REQUEST | NLM_F_ACK,
+        FIRST_SEQ,
+        nfproto,
+        0,
+    );
+    put_element_list(&mut buf, table, set, &addr);
+    end_msg(&mut buf, m);
+    let ctx = Context {
+        action: ACTION,
+        family,
+        table,
+        sets: vec![set],
+    };
+    match talk(&ctx, &buf, 1) {
+        Ok(()) => Ok(true),
+        Err(Error::Absent { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The element-list attributes naming one element of `set` in `table`.
+fn put_element_list(buf: &mut Vec<u8>, table: &str, set: &str, addr: &IpAddr) {
+    put_strz(buf, NFTA_SET_ELEM_LIST_TABLE, table);
+    put_strz(buf, NFTA_SET_ELEM_LIST_SET, set);
+    let elements = begin_nest(buf, NFTA_SET_ELEM_LIST_ELEMENTS);
+    let elem = begin_nest(buf, NFTA_LIST_ELEM);
+    let key = begin_nest(buf, NFTA_SET_ELEM_KEY);
+    match addr {
+        IpAddr::V4(a) => put_attr(buf, NFTA_DATA_VALUE, &a.octets()),
+        IpAddr::V6(a) => put_attr(buf, NFTA_DATA_VALUE, &a.octets()),
+    }
+    end_nest(buf, key);
+    end_nest(buf, elem);
+    end_nest(buf, elements);
+}
+
 /// The message type of an nf_tables message.
 fn nft_type(msg: u16) -> u16 {
     (NFNL_SUBSYS_NFTABLES << 8) | msg
@@ -189,18 +239,7 @@ pub(crate) fn encode_batch(nfproto: u8, table: &str, ops: &[ElementOp<'_>], seq:
             nfproto,
             0,
         );
-        put_strz(&mut buf, NFTA_SET_ELEM_LIST_TABLE, table);
-        put_strz(&mut buf, NFTA_SET_ELEM_LIST_SET, set);
-        let elements = begin_nest(&mut buf, NFTA_SET_ELEM_LIST_ELEMENTS);
-        let elem = begin_nest(&mut buf, NFTA_LIST_ELEM);
-        let key = begin_nest(&mut buf, NFTA_SET_ELEM_KEY);
-        match addr {
-            IpAddr::V4(a) => put_attr(&mut buf, NFTA_DATA_VALUE, &a.octets()),
-            IpAddr::V6(a) => put_attr(&mut buf, NFTA_DATA_VALUE, &a.octets()),
-        }
-        end_nest(&mut buf, key);
-        end_nest(&mut buf, elem);
-        end_nest(&mut buf, elements);
+        put_element_list(&mut buf, table, set, addr);
         end_msg(&mut buf, m);
     }
     let m = begin_msg(

@@ -190,3 +190,27 @@ fn a_key_of_the_wrong_length_is_a_netlink_error_with_the_errno_text() {
     assert!(err.to_string().contains("os error"), "{err}");
     assert_eq!(listed(V4), Vec::<IpAddr>::new());
 }
+
+#[test]
+fn the_element_probe_sees_exactly_the_elements_nft_lists_and_false_without_table() {
+    private_netns();
+    assert!(!setelem::element_exists(FAMILY, TABLE, V4, ip("10.1.0.2")).unwrap());
+    make_table();
+    setelem::apply(
+        FAMILY,
+        TABLE,
+        &[
+            (SetOp::Add, V4, ip("10.1.0.2")),
+            (SetOp::Add, V6, ip("fd00::2")),
+        ],
+    )
+    .unwrap();
+    assert_eq!(listed(V4), vec![ip("10.1.0.2")]);
+    assert!(setelem::element_exists(FAMILY, TABLE, V4, ip("10.1.0.2")).unwrap());
+    assert!(setelem::element_exists(FAMILY, TABLE, V6, ip("fd00::2")).unwrap());
+    assert!(!setelem::element_exists(FAMILY, TABLE, V4, ip("10.1.0.3")).unwrap());
+    assert!(!setelem::element_exists(FAMILY, TABLE, V6, ip("fd00::3")).unwrap());
+    assert!(!setelem::element_exists(FAMILY, TABLE, "nope", ip("10.1.0.2")).unwrap());
+    setelem::apply(FAMILY, TABLE, &[(SetOp::Delete, V4, ip("10.1.0.2"))]).unwrap();
+    assert!(!setelem::element_exists(FAMILY, TABLE, V4, ip("10.1.0.2")).unwrap());
+}
