@@ -287,6 +287,8 @@ pub struct IncrementalCompiler {
     local_names: (BTreeSet<String>, BTreeSet<String>),
     /// Names of the chains and sets of each compiled policy.
     policy_names: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>,
+    /// What changed since the last [`IncrementalCompiler::take_batch`].
+    tr: Tracker,
 }
 
 fn names_of(rs: &Ruleset) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -406,6 +408,7 @@ impl IncrementalCompiler {
             att_by_pod,
             local_names,
             policy_names,
+            tr: Tracker::default(),
         }
     }
 
@@ -427,9 +430,45 @@ impl IncrementalCompiler {
     }
 
     /// Applies one change; returns the batch from the previous ruleset to the new one (empty
-    /// when nothing in the table changes).
+    /// when nothing in the table changes). Same as [`Self::stage`] then [`Self::take_batch`].
     pub fn apply(&mut self, change: Change) -> Batch {
-        let mut tr = Tracker::default();
+        self.stage(change);
+        self.take_batch()
+    }
+
+    /// The one batch from the ruleset of the last `take_batch` (or of `new`) to the current one,
+    /// however many changes were staged since.
+    pub fn take_batch(&mut self) -> Batch {
+        std::mem::take(&mut self.tr).batch(&self.compiled.ruleset)
+    }
+
+    /// Pending marks the CNI plugin put into the kernel behind our back (from the attachment
+    /// records, read under the node lock): the batch treats them as committed, so it removes the
+    /// ones whose pod is known now (`add` + `delete`, which never fails on an element the plugin
+    /// removed meanwhile).
+    pub fn note_plugin_pending(&mut self, attachments: &[Attachment]) {
+        let mut tr = std::mem::take(&mut self.tr);
+        for a in attachments.iter().filter(|a| a.pending) {
+            for ip in &a.ips {
+                let set = names::pending_set(Family::of(ip));
+                let committed = match tr.old_sets.get_mut(set) {
+                    Some(old) => old.as_mut(),
+                    None => self.compiled.ruleset.sets.get_mut(set),
+                };
+                if let Some(s) = committed {
+                    s.elements.insert(Elem::Addr(*ip));
+                }
+            }
+        }
+        // The current ruleset is what compile says again (the marks were taken as committed).
+        self.rebuild_local(&mut tr);
+        self.tr = tr;
+    }
+
+    /// Applies one change to the state, the model and the ruleset; the kernel's part is kept
+    /// for the next [`Self::take_batch`].
+    pub fn stage(&mut self, change: Change) {
+        let mut tr = std::mem::take(&mut self.tr);
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         match change {
             Change::UpsertPod(p) => {
@@ -478,7 +517,7 @@ impl IncrementalCompiler {
         }
         self.recompile_policies(&dirty, &mut tr);
         self.rebuild_local(&mut tr);
-        tr.batch(&self.compiled.ruleset)
+        self.tr = tr;
     }
 
     fn pods_changed(

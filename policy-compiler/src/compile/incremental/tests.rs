@@ -39,6 +39,22 @@ fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) ->
     }
 }
 
+/// The agent's view of what the plugin did: its pending marks are in the kernel too.
+fn with_plugin_pending(rs: &Ruleset, atts: &[Attachment]) -> Ruleset {
+    let mut rs = rs.clone();
+    for a in atts.iter().filter(|a| a.pending) {
+        for ip in &a.ips {
+            if let Some(s) = rs.sets.get_mut(names::pending_set(Family::of(ip))) {
+                s.elements.insert(Elem::Addr(*ip));
+            }
+        }
+    }
+    rs
+}
+
+/// Seeded random sequences: 1-3 changes staged per batch, sometimes with the plugin's pending
+/// marks noted. After every batch the model equals a full compile, the batch equals `diff`
+/// of the whole rulesets, and the kernel model after all batches so far equals a full replace.
 fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthConfig) -> usize {
     let mut nonempty = 0;
     for seed in seeds {
@@ -52,10 +68,22 @@ fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthC
         let mut rng = Rng::new(seed * 7919 + 3);
         let mut kernel = kernel_after_full(inc.ruleset());
         for step in 0..steps {
-            let ch = change(&cfg, inc.state(), &mut rng, step);
-            let what = format!("seed {seed} step {step}: {ch:?}");
-            let last = inc.ruleset().clone();
-            let batch = inc.apply(ch);
+            let mut last = inc.ruleset().clone();
+            let mut what = format!("seed {seed} step {step}:");
+            for j in 0..=rng.below(3) {
+                let ch = change(&cfg, inc.state(), &mut rng, step * 4 + j);
+                what.push_str(&format!(" {ch:?}"));
+                inc.stage(ch);
+            }
+            if rng.chance(30) {
+                let atts = inc.state().attachments.clone();
+                let noted = with_plugin_pending(&last, &atts);
+                kernel.apply(&diff(&last, &noted).json).unwrap();
+                last = noted;
+                inc.note_plugin_pending(&atts);
+                what.push_str(" + plugin pending marks");
+            }
+            let batch = inc.take_batch();
             let full = compile(inc.state(), "n0");
             assert_eq!(inc.compiled(), &full, "{what}");
             assert_eq!(batch, diff(&last, &full.ruleset), "{what}");
