@@ -1,10 +1,10 @@
 //! The agent's one door into the pure compiler (`palisade-policy`): compile, full replace, diff,
-//! explain. Nothing else in the agent calls the compiler.
+//! the incremental compiler, explain. Nothing else in the agent calls the compiler.
 
 use crate::error::{Error, Result};
-use palisade_policy::model::{pod_key, ClusterState, Protocol};
+use palisade_policy::model::{pod_key, Change, ClusterState, Protocol};
 use palisade_policy::Endpoint;
-use palisade_policy::{Compiled, Ruleset};
+use palisade_policy::{Compiled, IncrementalCompiler, Ruleset};
 
 /// A compiled ruleset for this node.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,14 +53,43 @@ pub struct Batch {
 /// Compiles the state for `node`. The compiler is pure and must not panic; should it anyway, the
 /// panic is caught and returned as an error so the last committed rules stay enforced.
 pub fn compile(state: &ClusterState, node: &str) -> Result<Desired> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        palisade_policy::compile(state, node)
-    }))
-    .map(|compiled| Desired {
+    guarded(|| palisade_policy::compile(state, node)).map(|compiled| Desired {
         compiled,
         warnings: Vec::new(),
     })
-    .map_err(|p| {
+}
+
+/// A full compile of `state` for `node` that later changes update incrementally.
+pub fn incremental(state: &ClusterState, node: &str) -> Result<IncrementalCompiler> {
+    guarded(|| IncrementalCompiler::new(state.clone(), node))
+}
+
+/// Applies changes to the incremental compiler. After an error (a compiler panic) the compiler
+/// may be inconsistent: drop it and start again from [`incremental`].
+pub fn stage(
+    inc: &mut IncrementalCompiler,
+    changes: impl IntoIterator<Item = Change>,
+) -> Result<()> {
+    guarded(|| changes.into_iter().for_each(|c| inc.stage(c)))
+}
+
+/// The transaction from the last taken batch to the compiler's current ruleset, with the
+/// plugin's pending marks (from the attachment records read under the node lock) taken as
+/// committed, so it removes those whose pod is known now; `None` when nothing changes.
+pub fn take_batch(
+    inc: &mut IncrementalCompiler,
+    attachments: &[palisade_contract::Attachment],
+) -> Result<Option<Batch>> {
+    let b = guarded(|| {
+        inc.note_plugin_pending(attachments);
+        inc.take_batch()
+    })?;
+    Ok(batch(b, inc.ruleset()))
+}
+
+/// Runs the compiler, turning a panic into an error.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
         let msg = p
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -77,13 +106,24 @@ pub fn full_replace(d: &Desired) -> String {
     d.ruleset().full_replace().to_json_string()
 }
 
+/// One transaction that replaces our whole table with `rs`.
+pub fn full_replace_of(rs: &Ruleset) -> String {
+    rs.full_replace().to_json_string()
+}
+
 /// The transaction from `last` to `next`; `None` when nothing changes.
 pub fn diff(last: &Desired, next: &Desired) -> Option<Batch> {
-    let b = palisade_policy::diff(last.ruleset(), next.ruleset());
+    batch(
+        palisade_policy::diff(last.ruleset(), next.ruleset()),
+        next.ruleset(),
+    )
+}
+
+fn batch(b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
     if b.is_empty() {
         return None;
     }
-    let s = next.ruleset().stats();
+    let s = next.stats();
     Some(Batch {
         json: b.to_json_string(),
         stats: format!(

@@ -2,9 +2,12 @@
 //!
 //! - Events are coalesced for `debounce` after the first one; then one reconcile runs: read the
 //!   attachment records and compile (outside the lock), take the node lock, re-read the records
-//!   (recompiling if they changed), teach the last ruleset the pending marks the plugin added, and commit
-//!   ONE nft transaction: a full replace at start, at every resync, after a failure and when our table
-//!   was changed behind our back; otherwise the diff against the last committed ruleset.
+//!   (a change of them is one more change to compile), teach the compiler the pending marks the plugin
+//!   added, and commit ONE nft transaction: a full replace (after a full compile) at start, at every
+//!   resync, after a failure and when our table was changed behind our back; otherwise the batch of the
+//!   incremental compiler, which applies the changes since the last commit to what they can affect only
+//!   (~1 ms at 10k pods, where a full compile + diff takes ~90 ms) and equals the diff against the last
+//!   committed ruleset.
 //! - A rejected incremental batch falls back to a full replace; any failure is retried with backoff while
 //!   the last committed rules stay in the kernel.
 //! - 200 ms after commits our table is read back once: its chain/rule/set counts must match the ruleset,
@@ -15,7 +18,7 @@
 //!   in the kernel and new pods stay pending (fail closed).
 
 use crate::cniconf;
-use crate::compiled::{self, Desired};
+use crate::compiled;
 use crate::error::{Error, Result};
 use crate::lock::NodeLock;
 use crate::metrics::{Metrics, Sizes};
@@ -24,6 +27,7 @@ use crate::routes::{self, PodRoute, Routes};
 use crate::source::SourceEvent;
 use crate::state::{self, Applied};
 use palisade_policy::model::{Change, ClusterState};
+use palisade_policy::{IncrementalCompiler, Ruleset};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -77,8 +81,11 @@ pub struct Engine {
     routes: Option<Routes>,
     state: ClusterState,
     synced: bool,
-    /// Last committed ruleset.
-    last: Option<Desired>,
+    /// The compiler holding the last committed ruleset; `None` before the first commit and after a
+    /// failure (the next reconcile compiles in full).
+    inc: Option<IncrementalCompiler>,
+    /// Changes applied to `state` since `inc` last saw it (kept only while there is an `inc`).
+    queued: Vec<Change>,
     /// What our table looked like after the last commits (see [`SNAPSHOT_DELAY`]); `None` while stale.
     expected: Option<TableSummary>,
     /// When to take the next snapshot of our table.
@@ -113,7 +120,8 @@ impl Engine {
             routes,
             state: ClusterState::default(),
             synced: false,
-            last: None,
+            inc: None,
+            queued: Vec::new(),
             expected: None,
             snapshot_due: None,
             need_full: true,
@@ -207,7 +215,18 @@ impl Engine {
     /// Applies a source event; true when a reconcile is needed.
     fn on_event(&mut self, ev: SourceEvent) -> bool {
         let what = describe(&ev);
-        match state::apply(&mut self.state, ev) {
+        let applied = match state::change_for(ev) {
+            Ok(Some(c)) => {
+                if self.inc.is_some() {
+                    self.queued.push(c.clone());
+                }
+                self.state.apply(c);
+                Applied::Changed
+            }
+            Ok(None) => Applied::Synced,
+            Err(e) => Applied::Rejected(e),
+        };
+        match applied {
             Applied::Changed => {
                 debug!(object = %what, "state changed");
                 self.synced
@@ -242,29 +261,44 @@ impl Engine {
     }
 
     /// One reconcile: compile (outside the lock, so the plugin waits only for the commit), then under
-    /// the node lock re-read the attachment records (recompiling if they changed meanwhile) and commit
-    /// one transaction; then routes and conflist.
+    /// the node lock re-read the attachment records (their change is one more change to compile) and
+    /// commit one transaction; then routes and conflist.
     fn reconcile(&mut self) -> Result<()> {
         let start = Instant::now();
+        let node = self.cfg.node_name.clone();
         let before = self.read_attachments();
-        self.state.apply(Change::SetAttachments(before.clone()));
-        let mut next = compiled::compile(&self.state, &self.cfg.node_name)?;
+        let attach = Change::SetAttachments(before.clone());
+        self.state.apply(attach.clone());
+        let queued = std::mem::take(&mut self.queued);
+        // Whatever fails from here on leaves `self.inc` empty: the next reconcile compiles in full.
+        let mut full = self.need_full;
+        let mut inc = match self.inc.take() {
+            Some(mut inc) if !full => {
+                compiled::stage(&mut inc, queued.into_iter().chain([attach]))?;
+                inc
+            }
+            _ => {
+                full = true;
+                compiled::incremental(&self.state, &node)?
+            }
+        };
         let lock = NodeLock::acquire(&self.cfg.state_dir)?;
         let attachments = self.read_attachments();
         if attachments != before {
-            self.state
-                .apply(Change::SetAttachments(attachments.clone()));
-            next = compiled::compile(&self.state, &self.cfg.node_name)?;
+            let attach = Change::SetAttachments(attachments.clone());
+            self.state.apply(attach.clone());
+            compiled::stage(&mut inc, [attach])?;
         }
-        for w in &next.warnings {
+        for w in &inc.compiled().warnings {
             warn!("{w}");
         }
-        if let Some(last) = &mut self.last {
-            last.note_plugin_pending(&attachments);
-        }
-        let mut full = self.need_full || self.last.is_none();
-        let committed = match (&self.last, full) {
-            (Some(last), false) => match compiled::diff(last, &next) {
+        // The plugin's pending marks are taken as committed (the full replace overwrites them).
+        let batch = compiled::take_batch(&mut inc, &attachments)?;
+        let committed = if full {
+            self.commit_full(inc.ruleset())?;
+            true
+        } else {
+            match batch {
                 None => false,
                 Some(batch) => match self.nft.apply(&batch.json) {
                     Ok(()) => {
@@ -275,22 +309,19 @@ impl Engine {
                         self.metrics.error("nft_rejected");
                         error!(error = %e, objects = %batch.stats, "nft rejected the incremental batch; falling back to a full replace");
                         debug!(batch = %batch.json, "rejected batch");
-                        self.commit_full(&next)?;
+                        self.commit_full(inc.ruleset())?;
                         full = true;
                         true
                     }
                 },
-            },
-            _ => {
-                self.commit_full(&next)?;
-                true
             }
         };
         drop(lock);
         let took = start.elapsed();
-        let stats = next.ruleset().stats();
+        let stats = inc.ruleset().stats();
+        let pending = inc.compiled().pending.len();
         if full {
-            let (took_ms, pending) = (took.as_secs_f64() * 1e3, next.compiled.pending.len());
+            let took_ms = took.as_secs_f64() * 1e3;
             let (chains, rules, elements) = (stats.chains, stats.rules, stats.elements);
             if self.quiet_full {
                 debug!(
@@ -300,6 +331,8 @@ impl Engine {
             } else {
                 info!(took_ms, chains, rules, elements, pending, "table replaced");
             }
+        } else if committed {
+            debug!(took_us = took.as_micros() as u64, "change committed");
         }
         self.quiet_full = false;
         let sizes = Sizes {
@@ -308,7 +341,7 @@ impl Engine {
             chains: stats.chains as u64,
             rules: stats.rules as u64,
             set_elements: stats.elements as u64,
-            pending: next.compiled.pending.len() as u64,
+            pending: pending as u64,
         };
         self.metrics.commit_ok(took, full, sizes);
         if committed {
@@ -316,7 +349,7 @@ impl Engine {
             self.snapshot_due
                 .get_or_insert(Instant::now() + SNAPSHOT_DELAY);
         }
-        self.last = Some(next);
+        self.inc = Some(inc);
         self.need_full = false;
         // The conflist first: a route that cannot be added (retried with backoff) must not keep pods
         // from starting on this node.
@@ -325,8 +358,8 @@ impl Engine {
         Ok(())
     }
 
-    fn commit_full(&mut self, next: &Desired) -> Result<()> {
-        let json = compiled::full_replace(next);
+    fn commit_full(&mut self, next: &Ruleset) -> Result<()> {
+        let json = compiled::full_replace_of(next);
         if let Err(e) = self.nft.apply(&json) {
             self.need_full = true;
             return Err(e);
@@ -338,7 +371,7 @@ impl Engine {
     /// our ruleset, so a count that differs already means someone changed the table: true (restore).
     fn snapshot(&mut self) -> bool {
         self.snapshot_due = None;
-        let Some(last) = &self.last else { return false };
+        let Some(last) = &self.inc else { return false };
         let stats = last.ruleset().stats();
         match self.nft.list_table() {
             Ok(Some(l)) => match nft::summarize(&l) {
@@ -383,7 +416,7 @@ impl Engine {
     /// Compares our table with what we committed; true (after logging and counting) when it was changed
     /// or removed behind our back and must be restored, or our routes differ.
     fn check_table(&mut self) -> bool {
-        if self.last.is_none() {
+        if self.inc.is_none() {
             return true;
         }
         let found = match self.nft.list_table() {
