@@ -289,6 +289,8 @@ pub struct IncrementalCompiler {
     policy_names: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>,
     /// What changed since the last [`IncrementalCompiler::take_batch`].
     tr: Tracker,
+    /// Resolved peers of unchanged rules of a policy being recompiled, by (policy, dir, index).
+    reuse: BTreeMap<(String, Direction, usize), super::PeerSet>,
 }
 
 fn names_of(rs: &Ruleset) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -409,6 +411,7 @@ impl IncrementalCompiler {
             local_names,
             policy_names,
             tr: Tracker::default(),
+            reuse: BTreeMap::new(),
         }
     }
 
@@ -500,8 +503,9 @@ impl IncrementalCompiler {
             }
             Change::UpsertPolicy(p) => {
                 let (key, ns) = (p.key(), p.namespace.clone());
+                let old = self.state.policies.get(&key).cloned();
                 self.state.apply(Change::UpsertPolicy(p));
-                self.policy_changed(key, &ns, &mut dirty);
+                self.policy_changed(key, &ns, old, &mut dirty);
             }
             Change::DeletePolicy { namespace, name } => {
                 let key = crate::model::pod_key(&namespace, &name);
@@ -509,13 +513,14 @@ impl IncrementalCompiler {
                     namespace: namespace.clone(),
                     name,
                 });
-                self.policy_changed(key, &namespace, &mut dirty);
+                self.policy_changed(key, &namespace, None, &mut dirty);
             }
             ch @ (Change::UpsertNode(_) | Change::DeleteNode { .. }) => {
                 self.state.apply(ch); // nodes are for routes: nothing compiled reads them
             }
         }
         self.recompile_policies(&dirty, &mut tr);
+        self.reuse.clear(); // peers of a policy that no longer selects a local pod
         self.rebuild_local(&mut tr);
         self.tr = tr;
     }
@@ -707,7 +712,37 @@ impl IncrementalCompiler {
         }
     }
 
-    fn policy_changed(&mut self, pkey: String, ns: &str, dirty: &mut BTreeSet<String>) {
+    fn policy_changed(
+        &mut self,
+        pkey: String,
+        ns: &str,
+        old: Option<Policy>,
+        dirty: &mut BTreeSet<String>,
+    ) {
+        // Rules whose peers did not change keep their resolved peers (they are up to date).
+        if let (Some(old), Some(new), Some(cp)) = (
+            old,
+            self.state.policies.get(&pkey),
+            self.compiled.policies.get_mut(&pkey),
+        ) {
+            for dir in Direction::BOTH {
+                let (Some(a), Some(b)) = (old.rules(dir), new.rules(dir)) else {
+                    continue;
+                };
+                let Some(rules) = (match dir {
+                    Direction::Ingress => cp.ingress.as_mut(),
+                    Direction::Egress => cp.egress.as_mut(),
+                }) else {
+                    continue;
+                };
+                for (i, cr) in rules.iter_mut().enumerate() {
+                    if a.get(i).map(|r| &r.peers) == b.get(i).map(|r| &r.peers) {
+                        self.reuse
+                            .insert((pkey.clone(), dir, i), std::mem::take(&mut cr.peers));
+                    }
+                }
+            }
+        }
         let local: Vec<String> = self
             .compiled
             .pods
@@ -745,7 +780,19 @@ impl IncrementalCompiler {
                     .cloned()
                     .collect();
                 if !selected.is_empty() && (pol.ingress.is_some() || pol.egress.is_some()) {
-                    let cp = compile_policy(&self.ix, pkey, pol, selected);
+                    let reuse = self
+                        .reuse
+                        .range((pkey.clone(), Direction::Ingress, 0)..)
+                        .take_while(|((k, _, _), _)| k == pkey)
+                        .map(|((_, d, i), _)| (*d, *i))
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .filter_map(|(d, i)| {
+                            let p = self.reuse.remove(&(pkey.clone(), d, i))?;
+                            Some(((d, i), p))
+                        })
+                        .collect();
+                    let cp = compile_policy(&self.ix, pkey, pol, selected, reuse);
                     part = build::policy_part(&cp);
                     self.compiled.policies.insert(pkey.clone(), cp);
                 }

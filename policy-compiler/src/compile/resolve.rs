@@ -104,19 +104,25 @@ impl<'a> Lookup<'a> for Index<'a> {
     }
 }
 
-/// Compiles one policy whose selected local pods are known (non-empty).
+/// Compiles one policy whose selected local pods are known (non-empty). `reuse` holds peers
+/// already resolved against the same state for rules (by direction and index) whose peers are
+/// unchanged; the others are resolved.
 pub(crate) fn compile_policy<'a>(
     ix: &impl Lookup<'a>,
     pkey: &str,
     pol: &'a Policy,
     selected: BTreeSet<String>,
+    mut reuse: BTreeMap<(Direction, usize), PeerSet>,
 ) -> CompiledPolicy {
-    let compile_dir = |dir: Direction| {
+    let mut compile_dir = |dir: Direction| {
         pol.rules(dir).map(|rules| {
             rules
                 .iter()
                 .enumerate()
-                .map(|(i, r)| compile_rule(ix, pol, dir, &selected, i, r))
+                .map(|(i, r)| {
+                    let peers = reuse.remove(&(dir, i));
+                    compile_rule(ix, pol, dir, &selected, i, r, peers)
+                })
                 .collect()
         })
     };
@@ -251,7 +257,10 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
                 }
             }
         }
-        policies.insert(pkey.clone(), compile_policy(&ix, pkey, pol, selected));
+        policies.insert(
+            pkey.clone(),
+            compile_policy(&ix, pkey, pol, selected, BTreeMap::new()),
+        );
     }
     Compiled {
         node: node.to_string(),
@@ -274,13 +283,15 @@ fn compile_rule<'a>(
     selected: &BTreeSet<String>,
     index: usize,
     rule: &'a Rule,
+    reuse: Option<PeerSet>,
 ) -> CompiledRule {
     let mut peers = PeerSet {
         any: rule.peers.is_empty(),
         ..PeerSet::default()
     };
     let mut blocks: Vec<(&IpNet, &[IpNet])> = Vec::new();
-    for peer in &rule.peers {
+    let resolve_peers = reuse.is_none();
+    for peer in rule.peers.iter().filter(|_| resolve_peers) {
         match peer {
             Peer::Pods {
                 namespace_selector,
@@ -305,7 +316,10 @@ fn compile_rule<'a>(
             }
         }
     }
-    peers.blocks = intervals::block_ranges(blocks);
+    match reuse {
+        Some(p) => peers = p,
+        None => peers.blocks = intervals::block_ranges(blocks),
+    }
 
     let mut ports = PortSet {
         any: rule.ports.is_empty(),

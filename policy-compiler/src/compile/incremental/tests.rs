@@ -12,7 +12,7 @@ fn kernel_after_full(rs: &Ruleset) -> KernelTable {
 /// A random change, now and then one `random_change` does not make: a namespace deleted or
 /// relabelled to match nothing, a pod moved onto this node, a pod turned hostNetwork.
 fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) -> Change {
-    match rng.below(14) {
+    match rng.below(16) {
         0 => {
             let i = rng.below(cfg.namespaces);
             Change::DeleteNamespace {
@@ -32,6 +32,33 @@ fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) ->
                     p.host_network = true;
                 }
                 Change::UpsertPod(p)
+            }
+            None => Change::SetAttachments(vec![]),
+        },
+        3 | 4 => match st.policies.values().nth(rng.below(st.policies.len())) {
+            // A policy edited in place: ports added, a rule dropped, its selector widened; the
+            // peers of the other rules stay as they were.
+            Some(p) => {
+                let mut p = p.clone();
+                let extra = 7000 + rng.below(5) as u16;
+                for rules in [p.ingress.as_mut(), p.egress.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(r) = rules.first_mut() {
+                        r.ports.push(crate::model::PortSpec {
+                            protocol: Protocol::Tcp,
+                            port: PortMatch::Range(extra, extra),
+                        });
+                    }
+                    if rng.chance(30) {
+                        rules.pop();
+                    }
+                }
+                if rng.chance(30) {
+                    p.pod_selector = LabelSelector::everything();
+                }
+                Change::UpsertPolicy(p)
             }
             None => Change::SetAttachments(vec![]),
         },
