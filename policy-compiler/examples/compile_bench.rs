@@ -132,8 +132,9 @@ fn main() {
         full.bytes,
         ms(render_t)
     );
+    let copy = st.clone();
     let t = Instant::now();
-    let inc = IncrementalCompiler::new(st.clone(), NODE);
+    let inc = IncrementalCompiler::new(copy, NODE);
     println!(
         "incremental compiler built from state (full compile + indexes) in {}",
         ms(t.elapsed())

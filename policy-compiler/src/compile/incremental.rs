@@ -25,9 +25,9 @@
 
 use super::build;
 use super::resolve::{
-    attachment_matches, compile_policy, selector_opt_matches, Lookup, ResolvedPods,
+    self, attachment_matches, compile_policy, selector_opt_matches, Lookup, ResolvedPods,
 };
-use super::{compile, Compiled, CompiledRule, LocalPod};
+use super::{Compiled, CompiledRule, LocalPod};
 use crate::diff::diff;
 use crate::model::{
     Change, ClusterState, Direction, LabelSelector, Labels, Peer, Pod, Policy, PortMatch, Protocol,
@@ -389,7 +389,19 @@ fn local_pod(state: &ClusterState, key: &str, s: &Subject) -> LocalPod {
 impl IncrementalCompiler {
     /// Compiles `state` for `node` in full and keeps what later changes need.
     pub fn new(state: ClusterState, node: &str) -> Self {
-        let compiled = compile(&state, node);
+        // `compile`, keeping the names of each part's objects on the way.
+        let mut compiled = resolve::resolve(&state, node);
+        let (mut rs, warnings) = build::local_part(&compiled);
+        let local_names = names_of(&rs);
+        let mut policy_names = BTreeMap::new();
+        for (k, cp) in &compiled.policies {
+            let part = build::policy_part(cp);
+            policy_names.insert(k.clone(), names_of(&part));
+            rs.chains.extend(part.chains);
+            rs.sets.extend(part.sets);
+        }
+        compiled.ruleset = rs;
+        compiled.warnings.extend(warnings);
         let att_by_pod = attachments_by_pod(&state.attachments);
         let mut ix = SubjectIndex::default();
         for key in state.pods.keys() {
@@ -397,12 +409,6 @@ impl IncrementalCompiler {
                 ix.insert(&state, key, s);
             }
         }
-        let local_names = names_of(&build::local_part(&compiled).0);
-        let policy_names = compiled
-            .policies
-            .iter()
-            .map(|(k, cp)| (k.clone(), names_of(&build::policy_part(cp))))
-            .collect();
         Self {
             state,
             compiled,

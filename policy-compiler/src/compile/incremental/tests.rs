@@ -1,4 +1,5 @@
 use super::*;
+use crate::compile::compile;
 use crate::kernel_sim::KernelTable;
 use crate::model::Namespace;
 use crate::synth::{self, Rng, SynthConfig};
