@@ -95,7 +95,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         routes: !args.no_routes,
         poll_attachments,
     };
-    let engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes);
+    let engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes)
+        .with_snapshot_reader(tx.clone())?;
     let engine_thread = std::thread::Builder::new()
         .name("reconcile".into())
         .spawn(move || engine.run(rx))

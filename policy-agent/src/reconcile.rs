@@ -10,8 +10,9 @@
 //!   committed ruleset.
 //! - A rejected incremental batch falls back to a full replace; any failure is retried with backoff while
 //!   the last committed rules stay in the kernel.
-//! - 200 ms after commits our table is read back once: its chain/rule/set counts must match the ruleset,
-//!   and its fingerprint is what later checks compare. `nft monitor` wakes a check at once when our table
+//! - 200 ms after commits our table is read back once, on a thread of its own (a commit never waits for
+//!   it): its chain/rule/set counts must match the ruleset, and its fingerprint is what later checks
+//!   compare. `nft monitor` wakes a check at once when our table
 //!   or a base chain is deleted.
 //! - The conflist (once) and routes follow each commit.
 //! - Nothing is enforced before the source reported `Synced`: until then the rules of a previous run stay
@@ -68,6 +69,11 @@ pub enum Msg {
     AttachmentsChanged,
     /// Something of our table was deleted by someone (seen by `nft monitor`): check it soon.
     TableEvent,
+    /// The snapshot reader listed our table for the commit generation `generation`.
+    Snapshot {
+        generation: u64,
+        listing: std::result::Result<Option<TableSummary>, String>,
+    },
     /// Leave the loop (rules stay in the kernel).
     Stop,
 }
@@ -88,6 +94,11 @@ pub struct Engine {
     queued: Vec<Change>,
     /// What our table looked like after the last commits (see [`SNAPSHOT_DELAY`]); `None` while stale.
     expected: Option<TableSummary>,
+    /// Lists our table off the reconcile thread (its own nft context), so a read-back of a large table
+    /// never delays a commit. Without it (tests of the engine alone) snapshots are taken inline.
+    reader: Option<std::sync::mpsc::Sender<u64>>,
+    /// Counts commits; a snapshot listed for an older generation is stale and dropped.
+    generation: u64,
     /// When to take the next snapshot of our table.
     snapshot_due: Option<Instant>,
     need_full: bool,
@@ -98,6 +109,16 @@ pub struct Engine {
     /// The next full replace is the periodic one (logged at debug).
     quiet_full: bool,
     backoff: Duration,
+}
+
+/// Whether the `nft` binary can be run (the snapshot reader prefers it).
+fn nft_binary_runs() -> bool {
+    std::process::Command::new(palisade_nft::NFT_BINARY)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// How long after a commit our table is read back to remember what it looks like (the fingerprint the
@@ -123,6 +144,8 @@ impl Engine {
             inc: None,
             queued: Vec::new(),
             expected: None,
+            reader: None,
+            generation: 0,
             snapshot_due: None,
             need_full: true,
             applied_routes: None,
@@ -131,6 +154,48 @@ impl Engine {
             quiet_full: false,
             backoff: MIN_BACKOFF,
         }
+    }
+
+    /// Takes post-commit snapshots on a thread of their own with its own nft context, answering on
+    /// `reply`. Listing a table of 100k elements takes hundreds of ms at 10k pods: on the reconcile
+    /// thread that delayed any change arriving meanwhile (the enforcement-latency tail).
+    pub fn with_snapshot_reader(mut self, reply: std::sync::mpsc::Sender<Msg>) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        // An `nft` process per listing: off the commit path its ~4 ms start costs nothing, and the
+        // listing's cache dies with the process instead of living in a second libnftables context.
+        let backend = if nft_binary_runs() {
+            nft::Backend::Exec
+        } else {
+            self.nft.backend()
+        };
+        let nft = Nft::new(backend);
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                while let Ok(mut generation) = rx.recv() {
+                    // Only the newest request matters.
+                    while let Ok(g) = rx.try_recv() {
+                        generation = g;
+                    }
+                    let listing = match nft.list_table() {
+                        Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if reply
+                        .send(Msg::Snapshot {
+                            generation,
+                            listing,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn snapshot thread", "reconcile", e))?;
+        self.reader = Some(tx);
+        Ok(self)
     }
 
     /// Runs until [`Msg::Stop`] or every sender is gone.
@@ -163,6 +228,14 @@ impl Engine {
                 }
                 Ok(Msg::TableEvent) => {
                     check_due.get_or_insert(Instant::now() + TABLE_EVENT_DELAY);
+                }
+                Ok(Msg::Snapshot {
+                    generation,
+                    listing,
+                }) => {
+                    if self.snapshot_listed(generation, listing) {
+                        due = Some(Instant::now());
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -345,6 +418,7 @@ impl Engine {
         };
         self.metrics.commit_ok(took, full, sizes);
         if committed {
+            self.generation += 1;
             self.expected = None;
             self.snapshot_due
                 .get_or_insert(Instant::now() + SNAPSHOT_DELAY);
@@ -367,39 +441,65 @@ impl Engine {
         Ok(())
     }
 
-    /// Reads our table back and remembers its fingerprint. Chains, rules and sets map one to one from
-    /// our ruleset, so a count that differs already means someone changed the table: true (restore).
+    /// Reads our table back and remembers its fingerprint: asks the snapshot reader when there is one
+    /// (the answer arrives as [`Msg::Snapshot`]), else lists inline. True when a restore is needed.
     fn snapshot(&mut self) -> bool {
         self.snapshot_due = None;
+        if self.inc.is_none() {
+            return false;
+        }
+        if let Some(reader) = &self.reader {
+            if reader.send(self.generation).is_ok() {
+                return false;
+            }
+            self.reader = None; // the reader is gone: list inline from now on
+        }
+        let listing = match self.nft.list_table() {
+            Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.metrics.error(e.kind());
+                Err(e.to_string())
+            }
+        };
+        self.snapshot_listed(self.generation, listing)
+    }
+
+    /// Judges a listing of our table taken for commit `generation`. Chains, rules and sets map one to
+    /// one from our ruleset, so a count that differs already means someone changed the table: true
+    /// (restore). A listing from before the newest commit is dropped and a new one scheduled.
+    fn snapshot_listed(
+        &mut self,
+        generation: u64,
+        listing: std::result::Result<Option<TableSummary>, String>,
+    ) -> bool {
+        if generation != self.generation {
+            self.snapshot_due
+                .get_or_insert(Instant::now() + SNAPSHOT_DELAY);
+            return false;
+        }
         let Some(last) = &self.inc else { return false };
         let stats = last.ruleset().stats();
-        match self.nft.list_table() {
-            Ok(Some(l)) => match nft::summarize(&l) {
-                Ok(s)
-                    if (s.chains, s.rules, s.sets)
-                        == (stats.chains as u64, stats.rules as u64, stats.sets as u64) =>
-                {
-                    self.expected = Some(s);
-                    false
-                }
-                Ok(s) => {
-                    self.restore_needed(&format!(
-                        "found {} chains, {} rules, {} sets where we committed {}, {}, {}",
-                        s.chains, s.rules, s.sets, stats.chains, stats.rules, stats.sets
-                    ));
-                    true
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot read back our table");
-                    false
-                }
-            },
+        match listing {
+            Ok(Some(s))
+                if (s.chains, s.rules, s.sets)
+                    == (stats.chains as u64, stats.rules as u64, stats.sets as u64) =>
+            {
+                self.expected = Some(s);
+                false
+            }
+            Ok(Some(s)) => {
+                self.restore_needed(&format!(
+                    "found {} chains, {} rules, {} sets where we committed {}, {}, {}",
+                    s.chains, s.rules, s.sets, stats.chains, stats.rules, stats.sets
+                ));
+                true
+            }
             Ok(None) => {
                 self.restore_needed("table inet palisade was removed (nft flush ruleset?)");
                 true
             }
             Err(e) => {
-                self.metrics.error(e.kind());
                 warn!(error = %e, "cannot read back our table");
                 false
             }
