@@ -23,6 +23,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -262,10 +263,15 @@ impl Fingerprint {
     }
 }
 
+/// An object as a file defines it, kept as its compact JSON (the stripped object serialized): a tenth of
+/// the parsed k8s-openapi object's size, enough to tell whether it changed, and parsed again in the rare
+/// case it must be emitted without its file being re-read (the file that defined it last dropped it).
+type Encoded = Arc<[u8]>;
+
 #[derive(Debug, Default)]
 struct FileState {
     fingerprint: Option<Fingerprint>,
-    objects: BTreeMap<ObjectRef, Object>,
+    objects: BTreeMap<ObjectRef, Encoded>,
 }
 
 /// The files of the directory, their last good objects, and what downstream has been told.
@@ -275,8 +281,12 @@ struct DirState {
     files: BTreeMap<OsString, FileState>,
     /// For each object, the files defining it; the last one (sorted) wins.
     owners: HashMap<ObjectRef, BTreeSet<OsString>>,
-    /// The object last emitted as `Applied` for each key still present downstream.
-    emitted: HashMap<ObjectRef, Object>,
+    /// The encoding of the object last emitted as `Applied` for each key still present downstream
+    /// (shared with the defining file's map).
+    emitted: HashMap<ObjectRef, Encoded>,
+    /// Objects parsed since the last [`DirState::emit`], by file and key, with their encoding: emitted
+    /// as parsed instead of decoded again. Emptied by every `emit`.
+    fresh: HashMap<(OsString, ObjectRef), (Encoded, Object)>,
 }
 
 impl DirState {
@@ -286,6 +296,7 @@ impl DirState {
             files: BTreeMap::new(),
             owners: HashMap::new(),
             emitted: HashMap::new(),
+            fresh: HashMap::new(),
         }
     }
 
@@ -396,9 +407,18 @@ impl DirState {
                 let mut map = BTreeMap::new();
                 for object in objects {
                     let key = object.reference();
-                    if map.insert(key.clone(), object).is_some() {
+                    let encoded = match encode(&object) {
+                        Ok(encoded) => encoded,
+                        Err(e) => {
+                            warn!(file = %shown, object = %key, error = %e, "manifest source: object cannot be encoded; keeping the file's last objects");
+                            return BTreeSet::new();
+                        }
+                    };
+                    if map.insert(key.clone(), encoded.clone()).is_some() {
                         warn!(file = %shown, object = %key, "manifest source: object defined twice in one file; the later document wins");
                     }
+                    self.fresh
+                        .insert((name.to_os_string(), key), (encoded, object));
                 }
                 self.replace(name, Some((fingerprint, map)))
             }
@@ -418,7 +438,7 @@ impl DirState {
     fn replace(
         &mut self,
         name: &OsStr,
-        new: Option<(Fingerprint, BTreeMap<ObjectRef, Object>)>,
+        new: Option<(Fingerprint, BTreeMap<ObjectRef, Encoded>)>,
     ) -> BTreeSet<ObjectRef> {
         let old = match new {
             Some((fingerprint, objects)) => {
@@ -456,18 +476,33 @@ impl DirState {
     /// Compares the effective definition of each key with what was emitted, and emits the difference.
     fn emit(&mut self, affected: BTreeSet<ObjectRef>) -> Vec<SourceEvent> {
         let mut out = Vec::new();
+        let mut fresh = std::mem::take(&mut self.fresh);
         for key in affected {
             let effective = self
                 .owners
                 .get(&key)
                 .and_then(|owners| owners.last())
-                .and_then(|owner| self.files.get(owner))
-                .and_then(|file| file.objects.get(&key));
+                .and_then(|owner| {
+                    let file = self.files.get(owner)?;
+                    Some((owner, file.objects.get(&key)?))
+                });
             match effective {
-                Some(object) => {
-                    if self.emitted.get(&key) != Some(object) {
-                        self.emitted.insert(key, object.clone());
-                        out.push(SourceEvent::Applied(object.clone()));
+                Some((owner, encoded)) => {
+                    if self.emitted.get(&key) == Some(encoded) {
+                        continue;
+                    }
+                    let object = match fresh.remove(&(owner.clone(), key.clone())) {
+                        Some((parsed, object)) if Arc::ptr_eq(&parsed, encoded) => Ok(object),
+                        _ => decode_encoded(key.kind, encoded),
+                    };
+                    match object {
+                        Ok(object) => {
+                            self.emitted.insert(key, encoded.clone());
+                            out.push(SourceEvent::Applied(object));
+                        }
+                        Err(e) => {
+                            warn!(object = %key, error = %e, "manifest source: kept object cannot be decoded; not emitted")
+                        }
                     }
                 }
                 None => {
@@ -507,18 +542,32 @@ pub fn parse_manifests(file: &str, content: &[u8]) -> Result<Vec<Object>, Manife
         message: format!("not UTF-8: {e}"),
     })?;
     let mut objects = Vec::new();
+    // JSON is YAML, but serde_yaml holds a document's every event and then its tree: for a large List
+    // that is ~50 times the file's size, kept by the allocator afterwards. A file that is one JSON
+    // object is read by serde_json (same value, a tenth of the memory); anything else goes through YAML.
+    if text.trim_start().starts_with('{') {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+            objects_from_value(file, 0, value, &mut objects).map_err(|message| ManifestError {
+                document: 0,
+                message,
+            })?;
+            return Ok(objects);
+        }
+    }
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError {
+        let yaml = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError {
             document: index,
             message: e.to_string(),
         })?;
-        if value.is_null() {
+        if yaml.is_null() {
             continue; // empty document (e.g. a trailing `---`)
         }
-        let value = serde_json::to_value(&value).map_err(|e| ManifestError {
+        let value = serde_json::to_value(&yaml).map_err(|e| ManifestError {
             document: index,
             message: format!("not representable as JSON: {e}"),
         })?;
+        // One tree at a time: a large List's YAML tree is many times the size of the file.
+        drop(yaml);
         objects_from_value(file, index, value, &mut objects).map_err(|message| ManifestError {
             document: index,
             message,
@@ -530,7 +579,7 @@ pub fn parse_manifests(file: &str, content: &[u8]) -> Result<Vec<Object>, Manife
 fn objects_from_value(
     file: &str,
     index: usize,
-    value: serde_json::Value,
+    mut value: serde_json::Value,
     out: &mut Vec<Object>,
 ) -> Result<(), String> {
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
@@ -540,8 +589,9 @@ fn objects_from_value(
     let api_version = field("apiVersion").unwrap_or_default();
     let object = match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            let items = match value.get("items") {
-                Some(serde_json::Value::Array(items)) => items.clone(),
+            // Taken, not cloned: each item's tree is freed once it is decoded.
+            let items = match value.get_mut("items").map(serde_json::Value::take) {
+                Some(serde_json::Value::Array(items)) => items,
                 Some(serde_json::Value::Null) | None => Vec::new(),
                 Some(_) => return Err("List `items` is not a list".into()),
             };
@@ -573,6 +623,27 @@ fn objects_from_value(
     Ok(())
 }
 
+/// The compact JSON of a stripped object (see [`Encoded`]).
+fn encode(object: &Object) -> Result<Encoded, serde_json::Error> {
+    let bytes = match object {
+        Object::Pod(o) => serde_json::to_vec(o),
+        Object::Namespace(o) => serde_json::to_vec(o),
+        Object::NetworkPolicy(o) => serde_json::to_vec(o),
+        Object::Node(o) => serde_json::to_vec(o),
+    }?;
+    Ok(bytes.into())
+}
+
+/// The object [`encode`] encoded.
+fn decode_encoded(kind: Kind, encoded: &[u8]) -> Result<Object, serde_json::Error> {
+    Ok(match kind {
+        Kind::Pod => Object::Pod(Box::new(serde_json::from_slice(encoded)?)),
+        Kind::Namespace => Object::Namespace(Box::new(serde_json::from_slice(encoded)?)),
+        Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(serde_json::from_slice(encoded)?)),
+        Kind::Node => Object::Node(Box::new(serde_json::from_slice(encoded)?)),
+    })
+}
+
 fn decode<K: serde::de::DeserializeOwned>(
     value: serde_json::Value,
 ) -> Result<K, serde_json::Error> {
@@ -600,6 +671,48 @@ fn normalize(mut object: Object) -> Result<Object, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_file_parses_like_yaml_and_flow_yaml_falls_back_to_yaml() {
+        let json = r#"{"apiVersion":"v1","kind":"List","items":[
+            {"apiVersion":"v1","kind":"Pod","metadata":{"name":"a","labels":{"app":"web"},
+             "annotations":{"x":"y"}},"spec":{"containers":[{"name":"c","ports":[{"containerPort":80}]}]},
+             "status":{"podIP":"10.0.0.1"}},
+            {"apiVersion":"v1","kind":"Namespace","metadata":{"name":"prod","labels":{"team":"a"}}}]}"#;
+        let fast = parse_manifests("a.json", json.as_bytes()).expect("json");
+        // A trailing document marker is not JSON: the same content goes through the YAML path.
+        let via_yaml =
+            parse_manifests("a.yaml", format!("{json}\n---\n").as_bytes()).expect("yaml");
+        assert_eq!(fast.len(), 2);
+        assert_eq!(fast, via_yaml);
+        let flow = parse_manifests(
+            "f.yaml",
+            b"{apiVersion: v1, kind: Namespace, metadata: {name: n}}",
+        )
+        .expect("flow yaml");
+        assert_eq!(flow.len(), 1);
+        assert_eq!(flow[0].reference().name, "n");
+    }
+
+    #[test]
+    fn kept_objects_decode_to_what_was_parsed() {
+        let text = docs_of_every_kind();
+        for object in parse_manifests("k.yaml", text.as_bytes()).expect("parse") {
+            let encoded = encode(&object).expect("encode");
+            let decoded = decode_encoded(object.kind(), &encoded).expect("decode");
+            assert_eq!(decoded, object);
+        }
+    }
+
+    fn docs_of_every_kind() -> String {
+        [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {a: b}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.1.1, podIPs: [{ip: 10.1.1.1}]}",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns, labels: {t: x}}",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.244.1.0/24}",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: ns}\nspec: {podSelector: {}, policyTypes: [Ingress], ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}], ports: [{port: 80, protocol: TCP}]}]}",
+        ]
+        .join("\n---\n")
+    }
 
     #[test]
     fn manifest_names_exclude_dotfiles_and_temp_files() {
