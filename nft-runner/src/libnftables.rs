@@ -12,6 +12,11 @@ pub const LIBNFTABLES_SONAME: &str = "libnftables.so.1";
 const NFT_CTX_DEFAULT: u32 = 0;
 const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
 
+/// A command or output at least this large leaves libnftables' cache holding (a copy of) the table, ~6 MB
+/// after a full replace of a 10k-pod node and more after listing it: the context is then replaced by a
+/// fresh one (a fraction of a millisecond), so that memory is freed. Small incremental commits keep it.
+pub const RESET_CACHE_AT_BYTES: usize = 64 * 1024;
+
 type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
 type CtxFree = unsafe extern "C" fn(*mut c_void);
 type SetFlags = unsafe extern "C" fn(*mut c_void, c_uint);
@@ -23,6 +28,13 @@ type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
 pub struct LibNft {
     handle: *mut c_void,
     ctx: *mut c_void,
+    /// Network namespace (device, inode) of the thread that opened the context: a replacement context
+    /// is only made from a thread in that same namespace.
+    netns: Option<(u64, u64)>,
+    new: CtxNew,
+    set_flags: SetFlags,
+    buf_out: Buffer,
+    buf_err: Buffer,
     free: CtxFree,
     get_output: GetBuffer,
     get_error: GetBuffer,
@@ -66,18 +78,15 @@ impl LibNft {
             let get_output: GetBuffer = sym(handle, c"nft_ctx_get_output_buffer")?;
             let get_error: GetBuffer = sym(handle, c"nft_ctx_get_error_buffer")?;
             let run: RunCmd = sym(handle, c"nft_run_cmd_from_buffer")?;
-            let ctx = new(NFT_CTX_DEFAULT);
-            if ctx.is_null() {
-                return Err("nft_ctx_new returned NULL".into());
-            }
-            set_flags(ctx, NFT_CTX_OUTPUT_JSON);
-            if buf_out(ctx) != 0 || buf_err(ctx) != 0 {
-                free(ctx);
-                return Err("cannot buffer libnftables output".into());
-            }
+            let ctx = new_ctx(new, set_flags, buf_out, buf_err, free)?;
             Ok(LibNft {
                 handle,
                 ctx,
+                netns: thread_netns(),
+                new,
+                set_flags,
+                buf_out,
+                buf_err,
                 free,
                 get_output,
                 get_error,
@@ -94,6 +103,9 @@ impl LibNft {
             let rc = (self.run)(self.ctx, c.as_ptr());
             let out = read((self.get_output)(self.ctx));
             let err = read((self.get_error)(self.ctx));
+            if cmd.len().max(out.len()) >= RESET_CACHE_AT_BYTES {
+                self.reset_cache();
+            }
             if rc == 0 {
                 Ok(out)
             } else {
@@ -105,6 +117,60 @@ impl LibNft {
             }
         }
     }
+}
+
+impl LibNft {
+    /// Replaces the context by a fresh one (dropping libnftables' cache and output buffer), when this
+    /// thread is in the namespace the context was opened in; otherwise, or if that fails, keeps it.
+    fn reset_cache(&mut self) {
+        if self.netns.is_none() || thread_netns() != self.netns {
+            return;
+        }
+        // SAFETY: the function pointers come from open(); the old context is freed exactly once, after
+        // its replacement exists.
+        unsafe {
+            if let Ok(ctx) = new_ctx(
+                self.new,
+                self.set_flags,
+                self.buf_out,
+                self.buf_err,
+                self.free,
+            ) {
+                (self.free)(self.ctx);
+                self.ctx = ctx;
+            }
+        }
+    }
+}
+
+/// A context with JSON output and buffered output and error.
+unsafe fn new_ctx(
+    new: CtxNew,
+    set_flags: SetFlags,
+    buf_out: Buffer,
+    buf_err: Buffer,
+    free: CtxFree,
+) -> Result<*mut c_void, String> {
+    // SAFETY: the caller passes libnftables' functions with their true signatures.
+    unsafe {
+        let ctx = new(NFT_CTX_DEFAULT);
+        if ctx.is_null() {
+            return Err("nft_ctx_new returned NULL".into());
+        }
+        set_flags(ctx, NFT_CTX_OUTPUT_JSON);
+        if buf_out(ctx) != 0 || buf_err(ctx) != 0 {
+            free(ctx);
+            return Err("cannot buffer libnftables output".into());
+        }
+        Ok(ctx)
+    }
+}
+
+/// The calling thread's network namespace as (device, inode); `None` if it cannot be read.
+fn thread_netns() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+    Some((meta.dev(), meta.ino()))
 }
 
 unsafe fn read(p: *const c_char) -> String {

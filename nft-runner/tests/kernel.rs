@@ -142,3 +142,37 @@ fn lib_backend_is_cheaper_per_small_transaction_than_exec() {
     );
     assert!(per_tx[1] < Duration::from_millis(5));
 }
+
+/// A transaction large enough to make the lib backend replace its context (to drop libnftables' cache)
+/// leaves a runner that still acts on the same namespace: later commits and listings see the table.
+#[test]
+fn lib_backend_keeps_working_in_its_namespace_after_a_large_transaction() {
+    private_netns();
+    let nft = Nft::new(Backend::Lib);
+    assert_eq!(
+        nft.backend(),
+        Backend::Lib,
+        "libnftables1 must be installed"
+    );
+    nft.apply(TABLE).unwrap();
+    let elems: Vec<String> = (0..8000u32)
+        .map(|i| format!("\"10.{}.{}.{}\"", (i >> 16) & 255, (i >> 8) & 255, i & 255))
+        .collect();
+    let big = format!(
+        r#"{{"nftables":[{{"add":{{"element":{{"family":"inet","table":"t","name":"peers","elem":[{}]}}}}}}]}}"#,
+        elems.join(",")
+    );
+    assert!(big.len() > 64 * 1024, "the transaction must be large");
+    nft.apply(&big).unwrap();
+    let listed = nft
+        .list_set(FAMILY, TABLE_NAME, "peers")
+        .unwrap()
+        .expect("set listed after the large transaction");
+    assert!(listed.contains("10.0.31.63"), "last element listed");
+    nft.apply(&element("add", "pending_v4", 7)).unwrap();
+    let set = nft
+        .list_set(FAMILY, TABLE_NAME, "pending_v4")
+        .unwrap()
+        .unwrap();
+    assert!(set.contains("10.0.0.7"), "{set}");
+}
