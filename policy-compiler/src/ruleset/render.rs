@@ -20,7 +20,13 @@ impl Batch {
     pub(crate) fn from_commands(cmds: Vec<Value>) -> Self {
         let commands = cmds.len();
         let json = json!({ "nftables": cmds });
-        let bytes = json.to_string().len();
+        // Counted, not rendered: a full replace at 10k pods is ~10 MB of text.
+        let mut counter = ByteCounter(0);
+        let bytes = match serde_json::to_writer(&mut counter, &json) {
+            Ok(()) => counter.0,
+            // Unreachable (a Value always serializes, the counter never fails); the size is informative.
+            Err(_) => 0,
+        };
         Self {
             json,
             commands,
@@ -31,9 +37,27 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.commands == 0
     }
-    /// The JSON text to feed to `nft -j -f -`.
+    /// The JSON text to feed to `nft -j -f -`, allocated once at its final size (growing a ~10 MB
+    /// string by doubling would hold two copies at the last step).
     pub fn to_json_string(&self) -> String {
-        self.json.to_string()
+        let mut out = Vec::with_capacity(self.bytes);
+        if serde_json::to_writer(&mut out, &self.json).is_err() {
+            return self.json.to_string();
+        }
+        String::from_utf8(out).unwrap_or_else(|_| self.json.to_string())
+    }
+}
+
+/// An `io::Write` that only counts bytes.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -245,33 +269,53 @@ pub(crate) fn rule_obj(chain: &str, r: &Rule) -> Value {
 impl Ruleset {
     /// The commands that create everything of this ruleset in an existing, empty table: chains
     /// first (verdict map elements and jumps need them), then sets with their elements, then rules.
-    pub(crate) fn create_commands(&self) -> Vec<Value> {
-        let mut out = Vec::new();
+    fn each_create_command(&self, mut emit: impl FnMut(Value)) {
         for c in self.chains.values() {
-            out.push(cmd("add", chain_obj(c, true)));
+            emit(cmd("add", chain_obj(c, true)));
         }
         for s in self.sets.values() {
             let elems = s.elements.iter().map(|e| elem_json(e, false)).collect();
-            out.push(cmd("add", set_obj(s, Some(elems))));
+            emit(cmd("add", set_obj(s, Some(elems))));
         }
         for c in self.chains.values() {
             for r in &c.rules {
-                out.push(cmd("add", rule_obj(&c.name, r)));
+                emit(cmd("add", rule_obj(&c.name, r)));
             }
         }
-        out
+    }
+
+    /// The commands of [`Ruleset::full_replace`], one at a time.
+    fn each_full_replace_command(&self, mut emit: impl FnMut(Value)) {
+        emit(cmd("add", table_obj()));
+        emit(cmd("delete", table_obj()));
+        emit(cmd("add", table_obj()));
+        self.each_create_command(emit);
     }
 
     /// One transaction that replaces our table with this ruleset, whatever the kernel holds:
     /// `add table; delete table; add table; ...everything`. Other tables are never touched.
     pub fn full_replace(&self) -> Batch {
-        let mut cmds = vec![
-            cmd("add", table_obj()),
-            cmd("delete", table_obj()),
-            cmd("add", table_obj()),
-        ];
-        cmds.extend(self.create_commands());
+        let mut cmds = Vec::new();
+        self.each_full_replace_command(|c| cmds.push(c));
         Batch::from_commands(cmds)
+    }
+
+    /// The text of [`Ruleset::full_replace`] (byte for byte `full_replace().to_json_string()`), written
+    /// one command at a time: the JSON tree of a whole 10k-pod table is ~30 times its ~1 MB of text,
+    /// this holds one command's tree besides the text.
+    pub fn full_replace_text(&self) -> String {
+        let mut out = br#"{"nftables":["#.to_vec();
+        let mut first = true;
+        self.each_full_replace_command(|c| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            // Writing a Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, &c);
+        });
+        out.extend_from_slice(b"]}");
+        String::from_utf8(out).unwrap_or_else(|_| self.full_replace().to_json_string())
     }
 
     /// The whole ruleset as nft JSON (the same document as [`Ruleset::full_replace`]).
