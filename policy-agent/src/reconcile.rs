@@ -111,6 +111,9 @@ pub struct Engine {
     backoff: Duration,
 }
 
+/// Niceness of the snapshot thread and its `nft` processes (the lowest priority).
+const SNAPSHOT_NICE: libc::c_int = 19;
+
 /// Whether the `nft` binary can be run (the snapshot reader prefers it).
 fn nft_binary_runs() -> bool {
     std::process::Command::new(palisade_nft::NFT_BINARY)
@@ -172,6 +175,14 @@ impl Engine {
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                // Lowest CPU priority for this thread and the `nft` it forks (Linux niceness is per
+                // thread and inherited): on a busy node the read-back must not compete with commits.
+                // SAFETY: setpriority on the calling thread (who 0) with a constant value.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) } != 0 {
+                    debug!(
+                        "cannot lower the snapshot thread's priority; it runs at normal priority"
+                    );
+                }
                 while let Ok(mut generation) = rx.recv() {
                     // Only the newest request matters.
                     while let Ok(g) = rx.try_recv() {
