@@ -103,12 +103,12 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
 
 /// One transaction that replaces our whole table with `d`.
 pub fn full_replace(d: &Desired) -> String {
-    d.ruleset().full_replace().to_json_string()
+    d.ruleset().full_replace_text()
 }
 
 /// One transaction that replaces our whole table with `rs`.
 pub fn full_replace_of(rs: &Ruleset) -> String {
-    rs.full_replace().to_json_string()
+    rs.full_replace_text()
 }
 
 /// The transaction from `last` to `next`; `None` when nothing changes.

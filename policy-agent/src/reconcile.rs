@@ -445,7 +445,14 @@ impl Engine {
 
     fn commit_full(&mut self, next: &Ruleset) -> Result<()> {
         let json = compiled::full_replace_of(next);
-        if let Err(e) = self.nft.apply(&json) {
+        let applied = self.nft.apply(&json);
+        drop(json);
+        // A full replace (start, resync, drift) peaks at tens of MB at 10k pods (the batch text, the
+        // full compile, libnftables' parse); glibc keeps freed heap mapped unless asked. Measured at
+        // 10k pods: RSS 123 → 88 MiB.
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) };
+        if let Err(e) = applied {
             self.need_full = true;
             return Err(e);
         }
