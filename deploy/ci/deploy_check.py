@@ -32,7 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-MANIFESTS = DEPLOY / "manifests"
+MANIFESTS = DEPLOY  # the install: the *.yaml at the top of deploy/ (kubectl apply -f deploy/)
 CLEANUP = DEPLOY / "cleanup"
 EXAMPLES = DEPLOY / "examples"
 KIND = DEPLOY / "kind"
@@ -98,20 +98,20 @@ def key(doc: dict) -> tuple[str, str, str]:
 
 def check_kustomization() -> list[Path]:
     section("kustomization")
-    kfile = DEPLOY / "kustomization.yaml"
+    kfile = DEPLOY / "Kustomization"
     k = yaml.safe_load(kfile.read_text()) or {}
     resources = k.get("resources") or []
     paths = []
     for r in resources:
         p = DEPLOY / r
         if not p.is_file():
-            fail(f"kustomization.yaml lists {r}, which does not exist")
+            fail(f"Kustomization lists {r}, which does not exist")
         paths.append(p)
     if len(set(resources)) != len(resources):
-        fail("kustomization.yaml lists a resource twice")
+        fail("Kustomization lists a resource twice")
     for m in sorted(MANIFESTS.glob("*.y*ml")):
         if m not in paths:
-            fail(f"{rel(m)} is not listed in kustomization.yaml (kubectl apply -k would not install it)")
+            fail(f"{rel(m)} is not listed in deploy/Kustomization (kubectl apply -k would not install it)")
     if not problems:
         ok(f"{len(resources)} resources listed, all present, none missing")
     kubectl = shutil.which("kubectl")
