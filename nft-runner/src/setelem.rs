@@ -132,32 +132,10 @@ pub fn apply(family: &str, table: &str, ops: &[ElementOp<'_>]) -> Result<()> {
 
 /// Whether `set FAMILY TABLE SET` exists (one `NFT_MSG_GETSET`; absence of table or set is `false`).
 pub fn set_exists(family: &str, table: &str, set: &str) -> Result<bool> {
-    const ACTION: &str = "get set";
-    let nfproto = family_number(ACTION, family)?;
-    check_names(ACTION, [table, set])?;
-    let mut buf = Vec::with_capacity(128);
-    let m = begin_msg(
-        &mut buf,
-        nft_type(NFT_MSG_GETSET),
-        NLM_F_REQUEST | NLM_F_ACK,
-        FIRST_SEQ,
-        nfproto,
-        0,
-    );
-    put_strz(&mut buf, NFTA_SET_TABLE, table);
-    put_strz(&mut buf, NFTA_SET_NAME, set);
-    end_msg(&mut buf, m);
-    let ctx = Context {
-        action: ACTION,
-        family,
-        table,
-        sets: vec![set],
-    };
-    match talk(&ctx, &buf, 1) {
-        Ok(()) => Ok(true),
-        Err(Error::Absent { .. }) => Ok(false),
-        Err(e) => Err(e),
-    }
+    probe("get set", family, table, set, NFT_MSG_GETSET, |buf| {
+        put_strz(buf, NFTA_SET_TABLE, table);
+        put_strz(buf, NFTA_SET_NAME, set);
+    })
 }
 
 /// Whether `addr` is an element of `set FAMILY TABLE SET` (one `NFT_MSG_GETSETELEM`, nothing changed).
@@ -166,22 +144,41 @@ pub fn set_exists(family: &str, table: &str, set: &str) -> Result<bool> {
 /// About 0.05 ms, where any batch containing a delete costs ~16 ms in the kernel (Linux 6.18): callers
 /// that would delete an element which is usually gone probe first, under a lock every writer holds.
 pub fn element_exists(family: &str, table: &str, set: &str, addr: IpAddr) -> Result<bool> {
-    const ACTION: &str = "get set element";
-    let nfproto = family_number(ACTION, family)?;
-    check_names(ACTION, [table, set])?;
+    probe(
+        "get set element",
+        family,
+        table,
+        set,
+        NFT_MSG_GETSETELEM,
+        |buf| put_element_list(buf, table, set, &addr),
+    )
+}
+
+/// Sends one read-only nf_tables request `msg` whose attributes `attrs` writes; true when the kernel
+/// answers it, false when it says the object (table, set or element) does not exist.
+fn probe(
+    action: &'static str,
+    family: &str,
+    table: &str,
+    set: &str,
+    msg: u16,
+    attrs: impl FnOnce(&mut Vec<u8>),
+) -> Result<bool> {
+    let nfproto = family_number(action, family)?;
+    check_names(action, [table, set])?;
     let mut buf = Vec::with_capacity(128);
     let m = begin_msg(
         &mut buf,
-        nft_type(NFT_MSG_GETSETELEM),
+        nft_type(msg),
         NLM_F_REQUEST | NLM_F_ACK,
         FIRST_SEQ,
         nfproto,
         0,
     );
-    put_element_list(&mut buf, table, set, &addr);
+    attrs(&mut buf);
     end_msg(&mut buf, m);
     let ctx = Context {
-        action: ACTION,
+        action,
         family,
         table,
         sets: vec![set],
