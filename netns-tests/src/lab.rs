@@ -24,6 +24,11 @@ pub const BIN_DIR_ENV: &str = "PALISADE_BIN_DIR";
 /// Where each agent listens (inside its node namespace, so every node can use the same address).
 pub const AGENT_LISTEN: &str = "127.0.0.1:9799";
 /// Bridge joining the nodes, inside the underlay namespace.
+/// UDP conntrack timeouts in lab nodes (seconds): short, so a probe reusing an earlier probe's source
+/// port does not ride that probe's entry across a policy change (see where they are set).
+const LAB_UDP_CT_TIMEOUT: &str = "net.netfilter.nf_conntrack_udp_timeout=1";
+const LAB_UDP_CT_STREAM_TIMEOUT: &str = "net.netfilter.nf_conntrack_udp_timeout_stream=1";
+
 const UNDERLAY_BRIDGE: &str = "br0";
 /// Name of a node's underlay interface inside its namespace.
 const NODE_UPLINK: &str = "eth0";
@@ -408,7 +413,17 @@ impl Lab {
         cmd_ip(&["-n", &ns, "link", "set", NODE_UPLINK, "up"])?;
         netns::sysctl(
             &ns,
-            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                // Probes are new sockets, but one may reuse an ephemeral UDP source port and so the
+                // 5-tuple of an earlier probe whose conntrack entry (30 s, 120 s once answered) is
+                // still ESTABLISHED: that flow predates a policy change and rides the entry, which is
+                // conntrack's (implementation-defined) behaviour, not what a matrix means to check.
+                // Seen once in CI: z/c -> y/a UDP/80 connected under deny-all. Node namespaces only.
+                LAB_UDP_CT_TIMEOUT,
+                LAB_UDP_CT_STREAM_TIMEOUT,
+            ],
         )?;
         let dir = self.state.run_dir.join("nodes").join(&name);
         for sub in ["state", "net.d", "ipam"] {
