@@ -9,6 +9,17 @@ pub mod datapath;
 
 use std::path::PathBuf;
 
+/// Logs to stderr (stdout carries results), filtered by `RUST_LOG`, `info` by default.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
 /// Everything that can go wrong in a bench run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -93,13 +93,7 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    palisade_bench::init_logging();
     if let Err(e) = real_main(Cli::parse()) {
         tracing::error!(error = %e, "enforce-bench failed");
         std::process::exit(1);
