@@ -20,7 +20,7 @@ pub fn change_for(event: SourceEvent) -> Result<Option<Change>, String> {
     Ok(Some(match event {
         SourceEvent::Synced => return Ok(None),
         SourceEvent::Applied(Object::Pod(p)) => {
-            Change::UpsertPod(model::pod_from_k8s(&p).map_err(|e| e.to_string())?)
+            Change::UpsertPod(model::pod_from_k8s(&p).map_err(|e| e.to_string())?.into())
         }
         SourceEvent::Applied(Object::Namespace(n)) => {
             Change::UpsertNamespace(model::namespace_from_k8s(&n).map_err(|e| e.to_string())?)

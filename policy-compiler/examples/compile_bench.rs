@@ -155,24 +155,24 @@ fn main() {
     let mut atts = b.st.attachments.clone();
     atts.push(attachment(&p, true));
     b.change("attachment (CNI ADD)", Change::SetAttachments(atts));
-    b.change("pod add, this node", Change::UpsertPod(p.clone()));
+    b.change("pod add, this node", Change::UpsertPod(p.clone().into()));
     let mut q = synth::make_pod(&cfg, &mut rng, cfg.pods + 2);
     q.node_name = Some("n7".into());
-    b.change("pod add, other node", Change::UpsertPod(q.clone()));
+    b.change("pod add, other node", Change::UpsertPod(q.clone().into()));
     let key = c
         .pods
         .values()
         .find(|lp| !lp.ingress.is_empty())
         .map(|lp| lp.key.clone())
         .unwrap_or(p.key());
-    let mut pod = b.st.pods[&key].clone();
+    let mut pod = Pod::clone(&b.st.pods[&key]);
     pod.labels.insert("tier".into(), "db".into());
     pod.labels.insert("env".into(), "prod".into());
-    b.change("label change, this node", Change::UpsertPod(pod));
+    b.change("label change, this node", Change::UpsertPod(pod.into()));
     let mut q2 = q.clone();
     q2.labels.insert("tier".into(), "web".into());
     q2.labels.insert("app".into(), "app3".into());
-    b.change("label change, other node", Change::UpsertPod(q2));
+    b.change("label change, other node", Change::UpsertPod(q2.into()));
     b.change(
         "pod delete, other node",
         Change::DeletePod {

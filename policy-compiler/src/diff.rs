@@ -204,7 +204,7 @@ mod tests {
         let mut rng = Rng::new(99);
         let mut p = synth::make_pod(&cfg, &mut rng, 500);
         p.node_name = Some("n2".into());
-        st.apply(Change::UpsertPod(p));
+        st.apply(Change::UpsertPod(p.into()));
         let after = compile(&st, "n0").ruleset;
         let b = diff(&before, &after);
         for (verb, kind) in verbs_and_kinds(&b) {

@@ -343,7 +343,7 @@ pub fn cluster(cfg: &SynthConfig) -> ClusterState {
         st.apply(Change::UpsertNamespace(make_namespace(&mut rng, i)));
     }
     for i in 0..cfg.pods {
-        st.apply(Change::UpsertPod(make_pod(cfg, &mut rng, i)));
+        st.apply(Change::UpsertPod(make_pod(cfg, &mut rng, i).into()));
     }
     for i in 0..cfg.policies {
         st.apply(Change::UpsertPolicy(make_policy(cfg, &mut rng, i)));
@@ -361,7 +361,7 @@ pub fn random_change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial
             if rng.chance(50) {
                 p.node_name = Some(node_name(0));
             }
-            Change::UpsertPod(p)
+            Change::UpsertPod(p.into())
         }
         2 => match st.pods.values().nth(pick(rng, st.pods.len())) {
             Some(p) => Change::DeletePod {
@@ -372,9 +372,9 @@ pub fn random_change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial
         },
         3 | 4 => match st.pods.values().nth(pick(rng, st.pods.len())) {
             Some(p) => {
-                let mut p = p.clone();
+                let mut p = Pod::clone(p);
                 p.labels = pod_labels(rng);
-                Change::UpsertPod(p)
+                Change::UpsertPod(p.into())
             }
             None => Change::SetAttachments(vec![]),
         },

@@ -113,7 +113,9 @@ pub fn change(v: &Value) -> Result<Change> {
             palisade_policy::node_from_k8s(&parse::<core::Node>(v, "Node")?).map_err(model_err)?,
         ),
         Some("Pod") => Change::UpsertPod(
-            palisade_policy::pod_from_k8s(&parse::<core::Pod>(v, "Pod")?).map_err(model_err)?,
+            palisade_policy::pod_from_k8s(&parse::<core::Pod>(v, "Pod")?)
+                .map_err(model_err)?
+                .into(),
         ),
         Some("NetworkPolicy") => Change::UpsertPolicy(
             palisade_policy::policy_from_k8s(&parse::<net::NetworkPolicy>(v, "NetworkPolicy")?)

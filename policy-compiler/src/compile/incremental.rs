@@ -39,11 +39,13 @@ use palisade_contract::Attachment;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// A pod NetworkPolicy applies to, as the compiler sees it.
 #[derive(Debug, Clone, PartialEq)]
 struct Subject {
-    pod: Pod,
+    /// Shared with the cluster state.
+    pod: Arc<Pod>,
     /// Status IPs ∪ IPs of this node's matching attachment records.
     ips: BTreeSet<IpAddr>,
     /// Enforced on this node.
@@ -58,7 +60,8 @@ struct SubjectIndex {
     /// Labels of every namespace holding subjects.
     ns_labels: BTreeMap<String, Labels>,
     /// Subject pods claiming an address.
-    ip_owners: HashMap<IpAddr, BTreeSet<String>>,
+    /// Nearly always one owner: a sorted vector is a tenth of a `BTreeSet`'s size.
+    ip_owners: HashMap<IpAddr, Vec<String>>,
 }
 
 impl SubjectIndex {
@@ -70,10 +73,10 @@ impl SubjectIndex {
         }
         self.by_ns.entry(ns).or_default().insert(key.to_string());
         for ip in &s.ips {
-            self.ip_owners
-                .entry(*ip)
-                .or_default()
-                .insert(key.to_string());
+            let owners = self.ip_owners.entry(*ip).or_default();
+            if let Err(at) = owners.binary_search_by(|k| k.as_str().cmp(key)) {
+                owners.insert(at, key.to_string());
+            }
         }
         self.subjects.insert(key.to_string(), s);
     }
@@ -92,7 +95,7 @@ impl SubjectIndex {
         }
         for ip in &s.ips {
             if let Some(o) = self.ip_owners.get_mut(ip) {
-                o.remove(key);
+                o.retain(|k| k != key);
                 if o.is_empty() {
                     self.ip_owners.remove(ip);
                 }
@@ -129,7 +132,7 @@ impl<'a> Lookup<'a> for SubjectIndex {
         Rc::new(out)
     }
     fn subject(&self, key: &str) -> Option<(&Pod, &BTreeSet<IpAddr>)> {
-        self.subjects.get(key).map(|s| (&s.pod, &s.ips))
+        self.subjects.get(key).map(|s| (&*s.pod, &s.ips))
     }
     fn subject_keys(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         Box::new(self.subjects.keys().map(String::as_str))
@@ -329,7 +332,7 @@ fn subject_view(
         }
     }
     Some(Subject {
-        pod: pod.clone(),
+        pod: Arc::clone(pod),
         ips,
         local,
     })

@@ -168,7 +168,7 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
                 local = true;
             }
         }
-        subjects.insert(key.as_str(), (pod, ips));
+        subjects.insert(key.as_str(), (&**pod, ips));
         if local {
             local_keys.push(key.as_str());
         }

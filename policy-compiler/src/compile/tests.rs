@@ -57,20 +57,23 @@ impl W {
     }
     pub fn pod(&mut self, key: &str, node: &str, ips: &[&str], l: &[(&str, &str)]) {
         let (ns, name) = key.split_once('/').unwrap();
-        self.st.apply(Change::UpsertPod(Pod {
-            namespace: ns.into(),
-            name: name.into(),
-            uid: format!("uid-{key}"),
-            labels: labels(l),
-            node_name: Some(node.into()),
-            ips: ips.iter().map(|s| ip(s)).collect(),
-            ports: vec![],
-            host_network: false,
-            phase: PodPhase::Running,
-        }));
+        self.st.apply(Change::UpsertPod(
+            Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: format!("uid-{key}"),
+                labels: labels(l),
+                node_name: Some(node.into()),
+                ips: ips.iter().map(|s| ip(s)).collect(),
+                ports: vec![],
+                host_network: false,
+                phase: PodPhase::Running,
+            }
+            .into(),
+        ));
     }
     pub fn ports(&mut self, key: &str, ports: &[(&str, u16, Protocol)]) {
-        let p = self.st.pods.get_mut(key).unwrap();
+        let p = std::sync::Arc::make_mut(self.st.pods.get_mut(key).unwrap());
         p.ports = ports
             .iter()
             .map(|(n, port, protocol)| ContainerPort {
@@ -829,7 +832,7 @@ fn semantics_40_host_network_pods_are_not_enforced_and_never_peers() {
     let mut w = W::new();
     w.pod("a/x", N1, &["10.0.1.1"], &[]);
     w.pod("a/hn", N2, &[N2_IP], &[("app", "hn")]);
-    w.st.pods.get_mut("a/hn").unwrap().host_network = true;
+    std::sync::Arc::make_mut(w.st.pods.get_mut("a/hn").unwrap()).host_network = true;
     w.policy("a/p", json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "hn"}}}]}]}));
     w.policy(
         "a/deny-hn",
@@ -1092,7 +1095,12 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
                 )
             })
             .collect();
-        let pods: Vec<&Pod> = st.pods.values().filter(|p| !p.ips.is_empty()).collect();
+        let pods: Vec<&Pod> = st
+            .pods
+            .values()
+            .map(|p| &**p)
+            .filter(|p| !p.ips.is_empty())
+            .collect();
         for _ in 0..300 {
             let a = pods[rng.below(pods.len())];
             let b = pods[rng.below(pods.len())];

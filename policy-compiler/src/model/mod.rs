@@ -14,6 +14,7 @@ use palisade_contract::Attachment;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Label keys to values.
 pub type Labels = BTreeMap<String, String>;
@@ -260,7 +261,9 @@ pub enum Change {
     DeleteNamespace {
         name: String,
     },
-    UpsertPod(Pod),
+    /// Shared: the same pod is held by every state it is applied to (the agent's and the
+    /// compiler's), so a change costs one allocation however many copies of the state exist.
+    UpsertPod(Arc<Pod>),
     DeletePod {
         namespace: String,
         name: String,
@@ -283,8 +286,9 @@ pub enum Change {
 pub struct ClusterState {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
-    /// By `namespace/name`. Succeeded/Failed pods are never stored.
-    pub pods: BTreeMap<String, Pod>,
+    /// By `namespace/name`. Succeeded/Failed pods are never stored. Shared (see [`Change::UpsertPod`]):
+    /// cloning a state does not copy its pods.
+    pub pods: BTreeMap<String, Arc<Pod>>,
     /// By `namespace/name`.
     pub policies: BTreeMap<String, Policy>,
     /// By name.

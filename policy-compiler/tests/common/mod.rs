@@ -54,24 +54,27 @@ impl Scenario {
         ports: &[(&str, u16, &str)],
     ) -> Self {
         let (ns, name) = key.split_once('/').unwrap();
-        self.st.apply(Change::UpsertPod(Pod {
-            namespace: ns.into(),
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            labels: labels(l),
-            node_name: Some(node.into()),
-            ips: ips.iter().map(|s| s.parse::<IpAddr>().unwrap()).collect(),
-            ports: ports
-                .iter()
-                .map(|(n, p, proto)| palisade_policy::model::ContainerPort {
-                    name: (!n.is_empty()).then(|| n.to_string()),
-                    port: *p,
-                    protocol: palisade_policy::model::Protocol::from_api(proto).unwrap(),
-                })
-                .collect(),
-            host_network: false,
-            phase: PodPhase::Running,
-        }));
+        self.st.apply(Change::UpsertPod(
+            Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                labels: labels(l),
+                node_name: Some(node.into()),
+                ips: ips.iter().map(|s| s.parse::<IpAddr>().unwrap()).collect(),
+                ports: ports
+                    .iter()
+                    .map(|(n, p, proto)| palisade_policy::model::ContainerPort {
+                        name: (!n.is_empty()).then(|| n.to_string()),
+                        port: *p,
+                        protocol: palisade_policy::model::Protocol::from_api(proto).unwrap(),
+                    })
+                    .collect(),
+                host_network: false,
+                phase: PodPhase::Running,
+            }
+            .into(),
+        ));
         self
     }
     pub fn policy(mut self, ns: &str, name: &str, spec: Value) -> Self {

@@ -26,13 +26,13 @@ fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) ->
         )),
         2 => match st.pods.values().nth(rng.below(st.pods.len())) {
             Some(p) => {
-                let mut p = p.clone();
+                let mut p = Pod::clone(p);
                 if rng.chance(50) {
                     p.node_name = Some("n0".into());
                 } else {
                     p.host_network = true;
                 }
-                Change::UpsertPod(p)
+                Change::UpsertPod(p.into())
             }
             None => Change::SetAttachments(vec![]),
         },

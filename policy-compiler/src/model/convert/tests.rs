@@ -236,12 +236,15 @@ fn pod_conversion_reads_ips_ports_and_phase_and_terminated_pods_leave_the_state(
         protocol: Protocol::Udp
     }));
     let mut st = ClusterState::default();
-    st.apply(Change::UpsertPod(p.clone()));
+    st.apply(Change::UpsertPod(p.clone().into()));
     assert!(st.pods.contains_key("ns/a"));
-    st.apply(Change::UpsertPod(Pod {
-        phase: PodPhase::Succeeded,
-        ..p
-    }));
+    st.apply(Change::UpsertPod(
+        Pod {
+            phase: PodPhase::Succeeded,
+            ..p
+        }
+        .into(),
+    ));
     assert!(!st.pods.contains_key("ns/a"), "a Succeeded pod is gone");
 }
 
