@@ -9,6 +9,45 @@ use tracing_subscriber::EnvFilter;
 /// Worker threads of the runtime: sources and the HTTP server are light; the reconcile engine has its own thread.
 const WORKER_THREADS: usize = 2;
 
+/// The agent's Rust heap is mimalloc, told to give freed pages back to the kernel at once. With glibc
+/// malloc the start-up peak (a 10k-pod listing parsed, compiled, rendered for the full replace) left
+/// its holes scattered between the long-lived objects, and `malloc_trim` cannot return a page that
+/// still holds one live chunk: at 10k pods / 1k policies resident memory stayed at ~82 MiB with ~35
+/// MiB live. mimalloc keeps small objects in size-class pages and frees whole pages: ~58 MiB.
+/// (libnftables, a C library, still uses glibc malloc; [`MALLOC_ARENAS`] is for it.)
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_t` values (mimalloc.h; stable across v2 and v3, deprecated entries keep
+/// their numbers).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Purge freed pages immediately instead of after 10 ms: mimalloc purges only when the allocator is
+/// next called, and an idle agent (the normal state between changes) otherwise keeps its start-up
+/// peak. And commit arena memory as it is used: in an eagerly committed arena a purge only resets
+/// pages (`MADV_FREE`, which stays resident until the kernel runs short), where a lazily committed
+/// one decommits them. Measured at 10k pods / 1k policies: RSS ~59 MiB with both, 69-81 with the
+/// purge delay alone.
+///
+/// The arena mode is read when mimalloc initializes, in its constructor, before `main`; so this runs
+/// as a constructor that precedes it (a prioritized `.init_array` entry runs before the plain ones
+/// gcc emits for mimalloc). It only sets defaults: `MIMALLOC_PURGE_DELAY` and
+/// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still win.
+extern "C" fn tune_allocator() {
+    // SAFETY: mi_option_set_default writes one entry of mimalloc's static option table; it neither
+    // allocates nor needs mimalloc initialized, and no other thread exists yet.
+    unsafe {
+        libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 0);
+        libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array.00101"]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 /// glibc malloc arenas. The default (8 per core) gives each thread that allocates its own heap: the
 /// source's parse and the engine's full-replace render each leave their peak behind in a separate arena,
 /// never returned. The agent has little parallelism, so one arena costs nothing measurable and at 10k
