@@ -48,10 +48,19 @@ fn parse_ip(kind: &'static str, key: &str, field: &str, s: &str) -> Result<IpAdd
         .map_err(|e| ModelError::new(kind, key, field, format!("{s:?} is not an IP address: {e}")))
 }
 
+/// An object's labels, copied out of its metadata.
+fn labels_of(labels: &Option<std::collections::BTreeMap<String, String>>) -> Labels {
+    labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Converts a Namespace; `kubernetes.io/metadata.name` is added when missing.
 pub fn namespace_from_k8s(ns: &core::Namespace) -> Result<Namespace, ModelError> {
     let name = object_key(KIND_NAMESPACE, &ns.metadata, false)?;
-    let labels: Labels = ns.metadata.labels.clone().unwrap_or_default();
+    let labels: Labels = labels_of(&ns.metadata.labels);
     Ok(Namespace::new(name, labels))
 }
 
@@ -174,7 +183,7 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Result<Pod, ModelError> {
         namespace,
         name,
         uid: pod.metadata.uid.clone().unwrap_or_default(),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: labels_of(&pod.metadata.labels),
         node_name: spec.node_name.filter(|n| !n.is_empty()),
         ips,
         ports,

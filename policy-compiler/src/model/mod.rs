@@ -5,9 +5,11 @@
 //! [`ClusterState`].
 
 mod convert;
+mod labels;
 mod selector;
 
 pub use convert::{namespace_from_k8s, node_from_k8s, pod_from_k8s, policy_from_k8s};
+pub use labels::Labels;
 pub use selector::{LabelSelector, Requirement};
 
 use palisade_contract::Attachment;
@@ -15,9 +17,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
-
-/// Label keys to values.
-pub type Labels = BTreeMap<String, String>;
 
 /// Label every namespace carries, equal to its name (semantics 18).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
