@@ -20,8 +20,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-/// Capacity of the source → engine channel (backpressure on a burst of watch events).
-const SOURCE_CHANNEL: usize = 4096;
+/// Capacity of the source → engine channel (backpressure on a burst of watch events). It bounds the
+/// decoded objects in flight, and so the start-up peak: a list page of the API (500) fits.
+const SOURCE_CHANNEL: usize = 512;
 
 /// Starts the configured source, sending into `tx`; the task ends with the source.
 async fn start_source(

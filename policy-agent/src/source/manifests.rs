@@ -169,12 +169,16 @@ fn watch_flags() -> AddWatchFlags {
         | AddWatchFlags::IN_ONLYDIR
 }
 
-/// Sends every event; false when the receiver is gone.
-async fn send_all(tx: &mpsc::Sender<SourceEvent>, events: Vec<SourceEvent>) -> bool {
+/// Sends events in order, decoding each applied object only when the channel has room for it; false
+/// when the receiver is gone.
+async fn send_all(tx: &mpsc::Sender<SourceEvent>, events: Vec<Emit>) -> bool {
     for event in events {
-        if tx.send(event).await.is_err() {
+        let Ok(permit) = tx.reserve().await else {
             debug!("manifest source: receiver dropped, stopping");
             return false;
+        };
+        if let Some(event) = event.decode() {
+            permit.send(event);
         }
     }
     true
@@ -279,14 +283,37 @@ struct FileState {
 struct DirState {
     dir: PathBuf,
     files: BTreeMap<OsString, FileState>,
-    /// For each object, the files defining it; the last one (sorted) wins.
-    owners: HashMap<ObjectRef, BTreeSet<OsString>>,
+    /// For each object, the files defining it, sorted; the last one wins. Nearly always one file: a
+    /// vector is a tenth of a `BTreeSet`'s size, which at 10k objects is ~3 MB.
+    owners: HashMap<ObjectRef, Vec<OsString>>,
     /// The encoding of the object last emitted as `Applied` for each key still present downstream
     /// (shared with the defining file's map).
     emitted: HashMap<ObjectRef, Encoded>,
-    /// Objects parsed since the last [`DirState::emit`], by file and key, with their encoding: emitted
-    /// as parsed instead of decoded again. Emptied by every `emit`.
-    fresh: HashMap<(OsString, ObjectRef), (Encoded, Object)>,
+}
+
+/// An event as the directory state decides it. An applied object stays encoded until it is sent
+/// ([`Emit::decode`]): a 10k-object initial scan then never holds its objects decoded all at once
+/// (that peak, ~28 MB of k8s-openapi structs, was most of the agent's start-up high-water mark).
+#[derive(Debug)]
+enum Emit {
+    Applied(ObjectRef, Encoded),
+    Deleted(ObjectRef),
+}
+
+impl Emit {
+    /// The source event; `None` (logged) if a kept encoding no longer decodes, which would be a bug.
+    fn decode(self) -> Option<SourceEvent> {
+        match self {
+            Emit::Deleted(key) => Some(SourceEvent::Deleted(key)),
+            Emit::Applied(key, encoded) => match decode_encoded(key.kind, &encoded) {
+                Ok(object) => Some(SourceEvent::Applied(object)),
+                Err(e) => {
+                    warn!(object = %key, error = %e, "manifest source: kept object cannot be decoded; not emitted");
+                    None
+                }
+            },
+        }
+    }
 }
 
 impl DirState {
@@ -296,11 +323,10 @@ impl DirState {
             files: BTreeMap::new(),
             owners: HashMap::new(),
             emitted: HashMap::new(),
-            fresh: HashMap::new(),
         }
     }
 
-    fn apply_changes(&mut self, changes: Changes) -> Vec<SourceEvent> {
+    fn apply_changes(&mut self, changes: Changes) -> Vec<Emit> {
         if changes.rescan {
             return self.rescan_logged(true);
         }
@@ -313,7 +339,7 @@ impl DirState {
         self.emit(affected)
     }
 
-    fn rescan_logged(&mut self, include_fresh: bool) -> Vec<SourceEvent> {
+    fn rescan_logged(&mut self, include_fresh: bool) -> Vec<Emit> {
         match self.rescan(include_fresh) {
             Ok(out) => out,
             Err(e) => {
@@ -326,7 +352,7 @@ impl DirState {
     /// Re-reads files that appeared or changed (by fingerprint) and forgets files that are gone. Unless
     /// `include_fresh` (initial scan, inotify overflow, ConfigMap `..data` swap), files modified less
     /// than [`RESCAN_SETTLE`] ago are left to inotify.
-    fn rescan(&mut self, include_fresh: bool) -> io::Result<Vec<SourceEvent>> {
+    fn rescan(&mut self, include_fresh: bool) -> io::Result<Vec<Emit>> {
         let mut present = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
@@ -401,25 +427,20 @@ impl DirState {
                 return BTreeSet::new();
             }
         };
-        match parse_manifests(&shown, &text) {
-            Ok(objects) => {
-                debug!(file = %shown, objects = objects.len(), from_inotify, "manifest source: file loaded");
-                let mut map = BTreeMap::new();
-                for object in objects {
-                    let key = object.reference();
-                    let encoded = match encode(&object) {
-                        Ok(encoded) => encoded,
-                        Err(e) => {
-                            warn!(file = %shown, object = %key, error = %e, "manifest source: object cannot be encoded; keeping the file's last objects");
-                            return BTreeSet::new();
-                        }
-                    };
-                    if map.insert(key.clone(), encoded.clone()).is_some() {
-                        warn!(file = %shown, object = %key, "manifest source: object defined twice in one file; the later document wins");
-                    }
-                    self.fresh
-                        .insert((name.to_os_string(), key), (encoded, object));
-                }
+        // Each object is encoded as it is parsed and dropped: only the compact encodings are kept.
+        let mut map = BTreeMap::new();
+        let parsed = parse_manifests_with(&shown, &text, &mut |object| {
+            let key = object.reference();
+            let encoded = encode(&object).map_err(|e| format!("{key} cannot be encoded: {e}"))?;
+            if map.insert(key.clone(), encoded).is_some() {
+                warn!(file = %shown, object = %key, "manifest source: object defined twice in one file; the later document wins");
+            }
+            Ok(())
+        });
+        drop(text);
+        match parsed {
+            Ok(()) => {
+                debug!(file = %shown, objects = map.len(), from_inotify, "manifest source: file loaded");
                 self.replace(name, Some((fingerprint, map)))
             }
             Err(e) => {
@@ -460,55 +481,40 @@ impl DirState {
         let mut affected: BTreeSet<ObjectRef> = old.into_keys().collect();
         for key in &affected {
             if let Some(owners) = self.owners.get_mut(key) {
-                owners.remove(name);
+                owners.retain(|o| o.as_os_str() != name);
             }
         }
         for key in new_keys {
-            self.owners
-                .entry(key.clone())
-                .or_default()
-                .insert(name.to_os_string());
+            let owners = self.owners.entry(key.clone()).or_default();
+            if let Err(at) = owners.binary_search_by(|o| o.as_os_str().cmp(name)) {
+                owners.insert(at, name.to_os_string());
+            }
             affected.insert(key);
         }
         affected
     }
 
     /// Compares the effective definition of each key with what was emitted, and emits the difference.
-    fn emit(&mut self, affected: BTreeSet<ObjectRef>) -> Vec<SourceEvent> {
+    fn emit(&mut self, affected: BTreeSet<ObjectRef>) -> Vec<Emit> {
         let mut out = Vec::new();
-        let mut fresh = std::mem::take(&mut self.fresh);
         for key in affected {
             let effective = self
                 .owners
                 .get(&key)
                 .and_then(|owners| owners.last())
-                .and_then(|owner| {
-                    let file = self.files.get(owner)?;
-                    Some((owner, file.objects.get(&key)?))
-                });
+                .and_then(|owner| self.files.get(owner)?.objects.get(&key));
             match effective {
-                Some((owner, encoded)) => {
+                Some(encoded) => {
                     if self.emitted.get(&key) == Some(encoded) {
                         continue;
                     }
-                    let object = match fresh.remove(&(owner.clone(), key.clone())) {
-                        Some((parsed, object)) if Arc::ptr_eq(&parsed, encoded) => Ok(object),
-                        _ => decode_encoded(key.kind, encoded),
-                    };
-                    match object {
-                        Ok(object) => {
-                            self.emitted.insert(key, encoded.clone());
-                            out.push(SourceEvent::Applied(object));
-                        }
-                        Err(e) => {
-                            warn!(object = %key, error = %e, "manifest source: kept object cannot be decoded; not emitted")
-                        }
-                    }
+                    self.emitted.insert(key.clone(), encoded.clone());
+                    out.push(Emit::Applied(key, encoded.clone()));
                 }
                 None => {
                     self.owners.remove(&key);
                     if self.emitted.remove(&key).is_some() {
-                        out.push(SourceEvent::Deleted(key));
+                        out.push(Emit::Deleted(key));
                     }
                 }
             }
@@ -537,21 +543,36 @@ impl std::error::Error for ManifestError {}
 ///
 /// Documents of kinds we do not watch are skipped with a warning. Any other problem rejects the file.
 pub fn parse_manifests(file: &str, content: &[u8]) -> Result<Vec<Object>, ManifestError> {
+    let mut objects = Vec::new();
+    parse_manifests_with(file, content, &mut |object| {
+        objects.push(object);
+        Ok(())
+    })?;
+    Ok(objects)
+}
+
+/// [`parse_manifests`], handing each object to `sink` as soon as it is decoded; an error from the sink
+/// rejects the file like any other.
+fn parse_manifests_with(
+    file: &str,
+    content: &[u8],
+    sink: &mut dyn FnMut(Object) -> Result<(), String>,
+) -> Result<(), ManifestError> {
     let text = std::str::from_utf8(content).map_err(|e| ManifestError {
         document: 0,
         message: format!("not UTF-8: {e}"),
     })?;
-    let mut objects = Vec::new();
+    let objects = sink;
     // JSON is YAML, but serde_yaml holds a document's every event and then its tree: for a large List
     // that is ~50 times the file's size, kept by the allocator afterwards. A file that is one JSON
     // object is read by serde_json (same value, a tenth of the memory); anything else goes through YAML.
     if text.trim_start().starts_with('{') {
         if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
-            objects_from_value(file, 0, value, &mut objects).map_err(|message| ManifestError {
+            objects_from_value(file, 0, value, &mut *objects).map_err(|message| ManifestError {
                 document: 0,
                 message,
             })?;
-            return Ok(objects);
+            return Ok(());
         }
     }
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -568,19 +589,19 @@ pub fn parse_manifests(file: &str, content: &[u8]) -> Result<Vec<Object>, Manife
         })?;
         // One tree at a time: a large List's YAML tree is many times the size of the file.
         drop(yaml);
-        objects_from_value(file, index, value, &mut objects).map_err(|message| ManifestError {
+        objects_from_value(file, index, value, &mut *objects).map_err(|message| ManifestError {
             document: index,
             message,
         })?;
     }
-    Ok(objects)
+    Ok(())
 }
 
 fn objects_from_value(
     file: &str,
     index: usize,
     mut value: serde_json::Value,
-    out: &mut Vec<Object>,
+    out: &mut dyn FnMut(Object) -> Result<(), String>,
 ) -> Result<(), String> {
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
     let Some(kind) = field("kind") else {
@@ -619,8 +640,7 @@ fn objects_from_value(
         }
     }
     .map_err(|e| format!("{api_version} {kind}: {e}"))?;
-    out.push(normalize(object)?);
-    Ok(())
+    out(normalize(object)?)
 }
 
 /// The compact JSON of a stripped object (see [`Encoded`]).
