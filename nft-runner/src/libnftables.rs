@@ -105,6 +105,7 @@ impl LibNft {
             let err = read((self.get_error)(self.ctx));
             if cmd.len().max(out.len()) >= RESET_CACHE_AT_BYTES {
                 self.reset_cache();
+                release_free_heap();
             }
             if rc == 0 {
                 Ok(out)
@@ -116,6 +117,18 @@ impl LibNft {
                 })
             }
         }
+    }
+}
+
+/// libnftables allocates with the C library's malloc: a full replace or a listing of a 10k-pod table
+/// peaks at ~23 MB there, and glibc keeps freed heap pages resident unless asked. Measured at 10k
+/// pods: the agent's RSS stayed ~20 MB higher after each large command until trimmed. (The Rust side
+/// of our binaries may use another allocator; this is only about libnftables' heap.)
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -447,11 +447,6 @@ impl Engine {
         let json = compiled::full_replace_of(next);
         let applied = self.nft.apply(&json);
         drop(json);
-        // A full replace (start, resync, drift) peaks at tens of MB at 10k pods in libnftables' parse
-        // and cache, which live in glibc's heap (the agent's own heap is mimalloc, see main.rs), and
-        // glibc keeps freed heap mapped unless asked.
-        // SAFETY: malloc_trim only returns free heap pages to the kernel.
-        unsafe { libc::malloc_trim(0) };
         if let Err(e) = applied {
             self.need_full = true;
             return Err(e);
