@@ -53,6 +53,8 @@ pub enum Error {
     Invalid(String),
     #[error("teardown left things behind: {0}")]
     Teardown(String),
+    #[error("a result check failed: {0}")]
+    Check(String),
 }
 
 /// Result alias for the bench crate.
