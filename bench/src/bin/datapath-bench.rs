@@ -54,7 +54,7 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Directory with palisade's compiled rulesets as `nft -f` input, `<policies>-node-1.nft` and
-        /// `<policies>-node-2.nft` (see `export-manifests`); default: the bench's model of the layout.
+        /// `<policies>-node-2.nft` (see `export-manifests`); default: palisade-policy compiles them in process.
         #[arg(long)]
         palisade_from: Option<PathBuf>,
     },

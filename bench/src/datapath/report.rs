@@ -184,8 +184,9 @@ Systems: `none` (a); `iptables-model` (b) = a MODEL of the kube-router/Calico ip
 per (pod, policy, peer), full reload per change (`rulesets/naive_nft.rs`); `palisade` = palisade's layout.\n",
     );
     let palisade_source = if samples.iter().any(|s| s.system == "palisade") {
-        "The palisade ruleset source is stated in the command line (`--palisade-from`); without it, the bench renders \
-palisade's documented layout itself (`rulesets/palisade_model.rs`).\n"
+        "The `palisade` ruleset is what palisade-policy compiles for each node from the same synthetic cluster, rendered \
+as the agent's full-replace batch (`rulesets/palisade_real.rs`), unless the command line names files with \
+`--palisade-from`.\n"
     } else {
         ""
     };
