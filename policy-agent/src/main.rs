@@ -12,9 +12,10 @@ const WORKER_THREADS: usize = 2;
 /// The agent's Rust heap is mimalloc, told to give freed pages back to the kernel at once. With glibc
 /// malloc the start-up peak (a 10k-pod listing parsed, compiled, rendered for the full replace) left
 /// its holes scattered between the long-lived objects, and `malloc_trim` cannot return a page that
-/// still holds one live chunk: at 10k pods / 1k policies resident memory stayed at ~82 MiB with ~35
-/// MiB live. mimalloc keeps small objects in size-class pages and frees whole pages: ~58 MiB.
-/// (libnftables, a C library, still uses glibc malloc; [`MALLOC_ARENAS`] is for it.)
+/// still holds one live chunk: at 10k pods / 1k policies resident memory stays at ~82 MiB with ~29
+/// MiB live. mimalloc keeps small objects in size-class pages and frees whole pages: ~49 MiB with the
+/// same code (BENCHMARKS.md, "Scale"). libnftables, a C library, still uses glibc malloc; see
+/// [`MALLOC_ARENAS`].
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -48,10 +49,10 @@ extern "C" fn tune_allocator() {
 #[link_section = ".init_array.00101"]
 static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
 
-/// glibc malloc arenas. The default (8 per core) gives each thread that allocates its own heap: the
-/// source's parse and the engine's full-replace render each leave their peak behind in a separate arena,
-/// never returned. The agent has little parallelism, so one arena costs nothing measurable and at 10k
-/// pods keeps resident memory at ~124 MiB instead of ~200 MiB.
+/// glibc malloc arenas, now used by libnftables (and the few C-library allocations) only. The default
+/// (8 per core) gives each thread that allocates its own heap, and each would keep the peak of the
+/// large commands run on it; with one, palisade-nft's trim after a large command returns it all.
+/// Before mimalloc took the Rust heap, one arena took the agent at 10k pods from ~200 to ~124 MiB.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MALLOC_ARENAS: libc::c_int = 1;
 
