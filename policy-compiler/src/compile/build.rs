@@ -38,13 +38,11 @@ pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>) {
             }
             let group = group_chain(keys, dir);
             if !rs.chains.contains_key(&group) {
-                let mut rules: Vec<Rule> = keys
-                    .iter()
-                    .map(|k| {
-                        Rule::new(vec![Stmt::Jump(policy_chain(k, dir))])
-                            .with_comment(comment(&format!("policy {k}")))
-                    })
-                    .collect();
+                let mut rules = group_exemptions(dir);
+                rules.extend(keys.iter().map(|k| {
+                    Rule::new(vec![Stmt::Jump(policy_chain(k, dir))])
+                        .with_comment(comment(&format!("policy {k}")))
+                }));
                 let what = format!(
                     "{dir} of pods selected by {}: nothing allowed it",
                     keys.join(", ")
@@ -88,6 +86,33 @@ fn policy_part_into(rs: &mut Ruleset, pol: &CompiledPolicy) {
             policy(rs, pol, dir, rules);
         }
     }
+}
+
+/// The first rules of a group chain (the packet belongs to a pod some policy isolates in `dir`):
+/// traffic from this node to the pod (kubelet probes, hostNetwork pods) and a pod reaching itself
+/// (semantics 38) are always allowed. In the group chain rather than the base chain, so that only
+/// packets of isolated pods pay for these checks.
+fn group_exemptions(dir: Direction) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    if dir == Direction::Ingress {
+        rules.push(
+            Rule::new(vec![Stmt::FibSaddrLocal, Stmt::Accept])
+                .with_comment("from this node (kubelet probes, hostNetwork)"),
+        );
+    }
+    for fam in Family::BOTH {
+        rules.push(
+            Rule::new(vec![
+                Stmt::SelfTraffic {
+                    family: fam,
+                    set: self_set(fam).to_string(),
+                },
+                Stmt::Accept,
+            ])
+            .with_comment("a pod reaching itself (semantics 38)"),
+        );
+    }
+    rules
 }
 
 fn base(rs: &mut Ruleset, c: &Compiled) {
@@ -167,41 +192,30 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             "egress of local pods to their own node",
         ),
     ];
+    // The base chains hold only what must be decided for every new packet: established/related,
+    // invalid, neighbour discovery, and pending addresses (an unknown pod is denied whether or not a
+    // policy selects it). What only matters for a packet of an isolated pod (from this node, a pod
+    // reaching itself) is in the group chains (`group_exemptions`), so a new connection of a pod no
+    // policy selects costs one map lookup after the pending check, and no FIB lookup.
     for (name, hook, priority, dir, field, what) in chains {
         let mut rules = vec![
             Rule::new(vec![Stmt::CtEstablishedRelated, Stmt::Accept]),
             Rule::new(vec![Stmt::CtInvalid, Stmt::Drop]),
-            Rule::new(vec![Stmt::FibSaddrLocal, Stmt::Accept])
-                .with_comment("from this node (kubelet probes, hostNetwork)"),
             Rule::new(vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]),
         ];
         for fam in Family::BOTH {
             for f in [AddrField::Saddr, AddrField::Daddr] {
-                rules.push(
-                    Rule::new(vec![
-                        Stmt::AddrInSet {
-                            family: fam,
-                            field: f,
-                            set: pending_set(fam).to_string(),
-                        },
-                        Stmt::Drop,
-                    ])
-                    .with_comment("pending pod"),
-                );
-            }
-        }
-        if hook == Hook::Postrouting {
-            for fam in Family::BOTH {
-                rules.push(
-                    Rule::new(vec![
-                        Stmt::SelfTraffic {
-                            family: fam,
-                            set: self_set(fam).to_string(),
-                        },
-                        Stmt::Accept,
-                    ])
-                    .with_comment("a pod reaching itself (semantics 38)"),
-                );
+                let mut stmts = vec![Stmt::AddrInSet {
+                    family: fam,
+                    field: f,
+                    set: pending_set(fam).to_string(),
+                }];
+                // This node may reach a pending pod (kubelet probes start as soon as it runs).
+                if f == AddrField::Daddr {
+                    stmts.push(Stmt::FibSaddrNotLocal);
+                }
+                stmts.push(Stmt::Drop);
+                rules.push(Rule::new(stmts).with_comment("pending pod"));
             }
         }
         for fam in Family::BOTH {

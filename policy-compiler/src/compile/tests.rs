@@ -906,6 +906,33 @@ fn attachment(key: &str, ips: &[&str], pending: bool) -> Attachment {
 }
 
 #[test]
+fn a_pending_pod_is_reached_only_by_its_own_node_and_reaches_nothing() {
+    let mut w = W::new();
+    w.pod("a/y", N1, &["10.0.1.2"], &[]);
+    w.st.apply(Change::SetAttachments(vec![attachment(
+        "a/x",
+        &["10.0.1.1"],
+        true,
+    )]));
+    let rs = compiled(&w).ruleset;
+    let packet = |saddr: &str, daddr: &str, from_this_node: bool| Packet {
+        saddr: ip(saddr),
+        daddr: ip(daddr),
+        proto: Some(TCP),
+        dport: 8080,
+        from_this_node,
+    };
+    assert!(
+        rs.eval_forward(&packet(N1_IP, "10.0.1.1", true)),
+        "kubelet probe to a pending pod"
+    );
+    assert!(!rs.eval_forward(&packet("10.0.1.2", "10.0.1.1", false)));
+    assert!(!rs.eval_forward(&packet(N2_IP, "10.0.1.1", false)));
+    assert!(!rs.eval_forward(&packet("10.0.1.1", "10.0.1.2", false)));
+    assert!(!rs.eval_to_host(&packet("10.0.1.1", N1_IP, false)));
+}
+
+#[test]
 fn attachment_ips_count_for_local_pods_before_the_api_knows_them_and_pending_clears() {
     let mut w = W::new();
     w.policy("a/p", json!({"podSelector": {}}));
@@ -945,27 +972,79 @@ fn base_chains_have_the_documented_shape() {
     let w = W::new();
     let rs = compiled(&w).ruleset;
     let eg = &rs.chains[CHAIN_EGRESS].rules;
-    assert_eq!(eg[2].stmts, vec![Stmt::FibSaddrLocal, Stmt::Accept]);
+    assert_eq!(eg[0].stmts, vec![Stmt::CtEstablishedRelated, Stmt::Accept]);
+    assert_eq!(eg[1].stmts, vec![Stmt::CtInvalid, Stmt::Drop]);
     assert_eq!(
-        eg[3].stmts,
+        eg[2].stmts,
         vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]
     );
-    assert!(eg[4..8].iter().all(|r| r.stmts.last() == Some(&Stmt::Drop)));
+    assert!(eg[3..7].iter().all(|r| r.stmts.last() == Some(&Stmt::Drop)));
+    // Pending destinations are dropped unless this node sends (kubelet probes).
+    assert_eq!(eg[4].stmts[1], Stmt::FibSaddrNotLocal);
+    assert!(
+        matches!(&eg[7].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_EGRESS_V4)
+    );
+    assert_eq!(eg.len(), 9);
+    // No FIB lookup and no self check for a packet no policy isolates.
+    assert!(!eg.iter().any(|r| r
+        .stmts
+        .iter()
+        .any(|s| matches!(s, Stmt::FibSaddrLocal | Stmt::SelfTraffic { .. }))));
+    let host = rs.chains[CHAIN_EGRESS_HOST].base.unwrap();
+    assert_eq!(
+        (host.hook, host.priority),
+        (crate::ruleset::Hook::Input, PRIORITY_EGRESS_HOST)
+    );
+}
+
+#[test]
+fn group_chains_start_with_the_node_and_self_exemptions() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.policy(
+        "a/p",
+        json!({"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress", "Egress"]}),
+    );
+    let rs = compiled(&w).ruleset;
+    let keys = ["a/p".to_string()];
+    let ing = &rs.chains[&group_chain(&keys, Direction::Ingress)].rules;
+    assert_eq!(ing[0].stmts, vec![Stmt::FibSaddrLocal, Stmt::Accept]);
     assert!(matches!(
-        &eg[8].stmts[0],
+        &ing[1].stmts[0],
         Stmt::SelfTraffic {
             family: Family::V4,
             ..
         }
     ));
-    assert!(
-        matches!(&eg[10].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_EGRESS_V4)
-    );
-    assert_eq!(eg.len(), 12);
-    let host = rs.chains[CHAIN_EGRESS_HOST].base.unwrap();
+    assert!(matches!(
+        &ing[2].stmts[0],
+        Stmt::SelfTraffic {
+            family: Family::V6,
+            ..
+        }
+    ));
     assert_eq!(
-        (host.hook, host.priority),
-        (crate::ruleset::Hook::Input, PRIORITY_EGRESS_HOST)
+        ing[3].stmts,
+        vec![Stmt::Jump(policy_chain("a/p", Direction::Ingress))]
+    );
+    let eg = &rs.chains[&group_chain(&keys, Direction::Egress)].rules;
+    assert!(matches!(
+        &eg[0].stmts[0],
+        Stmt::SelfTraffic {
+            family: Family::V4,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &eg[1].stmts[0],
+        Stmt::SelfTraffic {
+            family: Family::V6,
+            ..
+        }
+    ));
+    assert_eq!(
+        eg[2].stmts,
+        vec![Stmt::Jump(policy_chain("a/p", Direction::Egress))]
     );
 }
 

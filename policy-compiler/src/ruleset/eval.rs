@@ -65,6 +65,11 @@ impl Ruleset {
                             continue 'rules;
                         }
                     }
+                    Stmt::FibSaddrNotLocal => {
+                        if p.from_this_node {
+                            continue 'rules;
+                        }
+                    }
                     Stmt::AddrInSet { family, field, set } => {
                         let ip = addr(p, *field);
                         if Family::of(&ip) != *family || !self.set_has_addr(set, ip) {

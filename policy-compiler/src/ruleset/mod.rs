@@ -76,6 +76,8 @@ pub enum Stmt {
     CtInvalid,
     /// `fib saddr type local`: the source is an address of this node.
     FibSaddrLocal,
+    /// `fib saddr type != local`: the source is not an address of this node.
+    FibSaddrNotLocal,
     /// `icmpv6 type { nd-* }` (types 133-137).
     Icmpv6NeighbourDiscovery,
     /// `ip[6] <field> @set`

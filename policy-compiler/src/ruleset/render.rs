@@ -221,6 +221,9 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
             json!({"fib": {"result": "type", "flags": ["saddr"]}}),
             json!("local"),
         ),
+        Stmt::FibSaddrNotLocal => {
+            json!({"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["saddr"]}}, "right": "local"}})
+        }
         Stmt::Icmpv6NeighbourDiscovery => matches(
             json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
             json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}),

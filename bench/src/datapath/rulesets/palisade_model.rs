@@ -1,9 +1,10 @@
 //! palisade's ruleset layout (ARCHITECTURE.md, "The ruleset"), rendered by the bench from its own
 //! workload view. This is the stand-in used until `palisade-policy`'s compiler is wired in; it follows
 //! the documented shape: per direction one base chain (postrouting, priorities 90 and 95) with
-//! ct/pending/fib prologue and ONE verdict-map lookup of the local pod IP; a chain per group (distinct
-//! set of policies of a pod) that jumps to each policy chain then drops; a chain per policy whose
-//! rule matches peer and port sets and accepts.
+//! ct/ND/pending prologue and ONE verdict-map lookup of the local pod IP; a chain per group (distinct
+//! set of policies of a pod) that lets this node's traffic in (ingress), jumps to each policy chain,
+//! then drops; a chain per policy whose rule matches peer and port sets and accepts. (The self set of
+//! the real layout is left out: the bench has no pod reaching itself.)
 
 use super::{join, Rendered};
 use crate::datapath::rng::fnv1a;
@@ -19,12 +20,11 @@ fn h(key: &str) -> String {
 
 const PROLOGUE: &str = "    ct state established,related accept
     ct state invalid drop
-    fib saddr type local accept
     icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert } accept
     ip saddr @pending_v4 drop
-    ip daddr @pending_v4 drop
+    ip daddr @pending_v4 fib saddr type != local drop
     ip6 saddr @pending_v6 drop
-    ip6 daddr @pending_v6 drop
+    ip6 daddr @pending_v6 fib saddr type != local drop
 ";
 
 pub fn render(view: &NodeView) -> Rendered {
@@ -73,6 +73,10 @@ pub fn render(view: &NodeView) -> Rendered {
         for (pols, pods) in &groups {
             let g = h(&pols.join(","));
             let _ = writeln!(chains, "  chain {dir}_{g} {{");
+            if direction == Direction::Ingress {
+                chains.push_str("    fib saddr type local accept\n");
+                n_rules += 1;
+            }
             for key in pols {
                 let _ = writeln!(chains, "    jump pol_{}_{dir}", h(key));
             }
@@ -96,7 +100,7 @@ pub fn render(view: &NodeView) -> Rendered {
             chains,
             "  chain {base} {{\n    type filter hook postrouting priority {prio}; policy accept;\n{PROLOGUE}    ip {me} vmap @{map}\n  }}"
         );
-        n_rules += 9;
+        n_rules += PROLOGUE.lines().count() + 1;
         for p in view.policies.iter().filter(|p| p.direction == direction) {
             let ph = h(&p.key);
             let _ = writeln!(
