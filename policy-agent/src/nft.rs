@@ -12,11 +12,7 @@ use serde_json::Value;
 use std::process::{Command, Stdio};
 
 /// Base chains of our table (named by the compiler).
-pub const BASE_CHAINS: [&str; 3] = [
-    names::CHAIN_EGRESS,
-    names::CHAIN_INGRESS,
-    names::CHAIN_EGRESS_HOST,
-];
+pub const BASE_CHAINS: [&str; 2] = [names::CHAIN_POSTROUTING, names::CHAIN_EGRESS_HOST];
 
 /// palisade-nft bound to our table, with errors in the agent's type.
 pub struct Nft {

@@ -258,7 +258,7 @@ mod tests {
 mod redefinition_tests {
     use super::*;
     use crate::compile::compile;
-    use crate::ruleset::names::{CHAIN_EGRESS, MAP_INGRESS_V4};
+    use crate::ruleset::names::{CHAIN_POSTROUTING, MAP_INGRESS_V4};
     use crate::synth::{self, SynthConfig};
 
     #[test]
@@ -268,7 +268,7 @@ mod redefinition_tests {
         let mut next = last.clone();
         if let Some(b) = next
             .chains
-            .get_mut(CHAIN_EGRESS)
+            .get_mut(CHAIN_POSTROUTING)
             .and_then(|c| c.base.as_mut())
         {
             b.priority += 1;

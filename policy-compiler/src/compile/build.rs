@@ -166,38 +166,33 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             });
         }
     }
+    // Two base chains, one per hook: every packet crosses one of ours per hook, established ones
+    // after a single rule. Postrouting checks the egress of the source (a verdict map hit goes to
+    // its group; an egress policy's allow continues in the ingress chain), then the ingress of the
+    // destination in the regular `ingress` chain; so both directions must allow (semantics 7) without
+    // a second base chain on the hook. Input sees pod -> own node: the egress check only (an egress
+    // allow goes to `ingress`, whose map lookup misses for a node address and accepts).
+    //
+    // The base chains hold only what must be decided for every new packet: established/related,
+    // invalid, neighbour discovery, and pending addresses (an unknown pod is denied whether or not a
+    // policy selects it). What only matters for a packet of an isolated pod (from this node, a pod
+    // reaching itself) is in the group chains (`group_exemptions`), so a new connection of a pod no
+    // policy selects costs two map lookups after the pending check, and no FIB lookup.
     let chains = [
         (
-            CHAIN_EGRESS,
+            CHAIN_POSTROUTING,
             Hook::Postrouting,
-            PRIORITY_EGRESS,
-            Direction::Egress,
-            AddrField::Saddr,
-            "egress of local pods",
-        ),
-        (
-            CHAIN_INGRESS,
-            Hook::Postrouting,
-            PRIORITY_INGRESS,
-            Direction::Ingress,
-            AddrField::Daddr,
-            "ingress of local pods",
+            PRIORITY_POSTROUTING,
+            "egress of the source, then ingress of the destination, for local pods",
         ),
         (
             CHAIN_EGRESS_HOST,
             Hook::Input,
             PRIORITY_EGRESS_HOST,
-            Direction::Egress,
-            AddrField::Saddr,
             "egress of local pods to their own node",
         ),
     ];
-    // The base chains hold only what must be decided for every new packet: established/related,
-    // invalid, neighbour discovery, and pending addresses (an unknown pod is denied whether or not a
-    // policy selects it). What only matters for a packet of an isolated pod (from this node, a pod
-    // reaching itself) is in the group chains (`group_exemptions`), so a new connection of a pod no
-    // policy selects costs one map lookup after the pending check, and no FIB lookup.
-    for (name, hook, priority, dir, field, what) in chains {
+    for (name, hook, priority, what) in chains {
         let mut rules = vec![
             Rule::new(vec![Stmt::CtEstablishedRelated, Stmt::Accept]),
             Rule::new(vec![Stmt::CtInvalid, Stmt::Drop]),
@@ -218,12 +213,9 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
                 rules.push(Rule::new(stmts).with_comment("pending pod"));
             }
         }
-        for fam in Family::BOTH {
-            rules.push(Rule::new(vec![Stmt::VmapLookup {
-                family: fam,
-                field,
-                map: map_name(dir, fam).to_string(),
-            }]));
+        rules.extend(vmap_lookups(Direction::Egress));
+        if hook == Hook::Postrouting {
+            rules.push(Rule::new(vec![Stmt::Goto(CHAIN_INGRESS.to_string())]));
         }
         rs.add_chain(Chain {
             name: name.to_string(),
@@ -232,6 +224,35 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             rules,
         });
     }
+    let mut rules = vmap_lookups(Direction::Ingress);
+    rules.push(
+        Rule::new(vec![Stmt::Accept]).with_comment("egress allowed; destination not isolated"),
+    );
+    rs.add_chain(Chain {
+        name: CHAIN_INGRESS.to_string(),
+        base: None,
+        comment: "ingress of local pods, after the egress check".to_string(),
+        rules,
+    });
+}
+
+/// The verdict-map lookups of one direction: the local pod's address (source for egress,
+/// destination for ingress) to its group chain.
+fn vmap_lookups(dir: Direction) -> Vec<Rule> {
+    let field = match dir {
+        Direction::Egress => AddrField::Saddr,
+        Direction::Ingress => AddrField::Daddr,
+    };
+    Family::BOTH
+        .into_iter()
+        .map(|fam| {
+            Rule::new(vec![Stmt::VmapLookup {
+                family: fam,
+                field,
+                map: map_name(dir, fam).to_string(),
+            }])
+        })
+        .collect()
 }
 
 fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[CompiledRule]) {
@@ -374,7 +395,7 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
                     }
                 }
                 let mut stmts: Vec<Stmt> = pc.iter().chain(qc.iter()).cloned().collect();
-                stmts.push(Stmt::Accept);
+                stmts.push(allow(dir));
                 out.push(Rule::new(stmts).with_comment(comment(&what)));
             }
         }
@@ -385,6 +406,15 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
         comment: comment(&format!("policy {key} {dir}")),
         rules: out,
     });
+}
+
+/// What a policy rule that matches does: an ingress allow is final; an egress allow goes on to the
+/// destination's ingress check (semantics 7), which ends in a verdict of its own.
+fn allow(dir: Direction) -> Stmt {
+    match dir {
+        Direction::Ingress => Stmt::Accept,
+        Direction::Egress => Stmt::Goto(CHAIN_INGRESS.to_string()),
+    }
 }
 
 fn addr_key(fam: Family) -> SetKey {

@@ -272,7 +272,7 @@ fn semantics_09_replies_pass_through_conntrack_before_any_policy() {
         json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
     );
     let rs = compiled(&w).ruleset;
-    for chain in [CHAIN_EGRESS, CHAIN_INGRESS, CHAIN_EGRESS_HOST] {
+    for chain in [CHAIN_POSTROUTING, CHAIN_EGRESS_HOST] {
         let rules = &rs.chains[chain].rules;
         assert_eq!(
             rules[0].stmts,
@@ -585,27 +585,59 @@ fn semantics_26_host_bits_in_cidr_mean_the_masked_network() {
 fn semantics_27_checks_run_in_postrouting_after_dnat_before_snat() {
     let w = W::new();
     let rs = compiled(&w).ruleset;
-    for (chain, prio) in [
-        (CHAIN_EGRESS, PRIORITY_EGRESS),
-        (CHAIN_INGRESS, PRIORITY_INGRESS),
-    ] {
-        let b = rs.chains[chain].base.unwrap();
-        assert_eq!(
-            (b.hook, b.priority),
-            (crate::ruleset::Hook::Postrouting, prio)
-        );
-        assert!(
-            prio > -100 && prio < 100,
-            "after dstnat (-100), before srcnat (100)"
-        );
-    }
-    let (eg, ing) = (
-        rs.chains[CHAIN_EGRESS].base.unwrap(),
-        rs.chains[CHAIN_INGRESS].base.unwrap(),
+    let b = rs.chains[CHAIN_POSTROUTING].base.unwrap();
+    assert_eq!(
+        (b.hook, b.priority),
+        (crate::ruleset::Hook::Postrouting, PRIORITY_POSTROUTING)
     );
     assert!(
-        eg.priority < ing.priority,
-        "egress is checked before ingress"
+        b.priority > -100 && b.priority < 100,
+        "after dstnat (-100), before srcnat (100)"
+    );
+    // Egress first, then ingress, in the one base chain; the ingress part is a regular chain.
+    let rules = &rs.chains[CHAIN_POSTROUTING].rules;
+    assert!(matches!(
+        &rules[rules.len() - 3].stmts[0],
+        Stmt::VmapLookup { map, .. } if map == MAP_EGRESS_V4
+    ));
+    assert_eq!(
+        rules.last().unwrap().stmts,
+        vec![Stmt::Goto(CHAIN_INGRESS.to_string())]
+    );
+    assert!(rs.chains[CHAIN_INGRESS].base.is_none());
+    assert_eq!(
+        rs.chains.values().filter(|c| c.base.is_some()).count(),
+        2,
+        "one base chain per hook"
+    );
+}
+
+#[test]
+fn semantics_7_an_egress_allow_goes_on_to_the_ingress_check() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.pod("a/y", N1, &["10.0.1.2"], &[("app", "y")]);
+    w.policy(
+        "a/x-out",
+        json!({"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Egress"],
+               "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "y"}}}]}]}),
+    );
+    let rs = compiled(&w).ruleset;
+    let pol = &rs.chains[&policy_chain("a/x-out", Direction::Egress)].rules;
+    assert!(pol
+        .iter()
+        .all(|r| r.stmts.last() == Some(&Stmt::Goto(CHAIN_INGRESS.to_string()))));
+    assert!(
+        w.can("a/x", "a/y", 80, TCP),
+        "y is not isolated for ingress"
+    );
+    w.policy(
+        "a/y-in",
+        json!({"podSelector": {"matchLabels": {"app": "y"}}, "policyTypes": ["Ingress"]}),
+    );
+    assert!(
+        !w.can("a/x", "a/y", 80, TCP),
+        "x's egress allows, y's ingress does not"
     );
 }
 
@@ -971,7 +1003,7 @@ fn attachment_ips_count_for_local_pods_before_the_api_knows_them_and_pending_cle
 fn base_chains_have_the_documented_shape() {
     let w = W::new();
     let rs = compiled(&w).ruleset;
-    let eg = &rs.chains[CHAIN_EGRESS].rules;
+    let eg = &rs.chains[CHAIN_POSTROUTING].rules;
     assert_eq!(eg[0].stmts, vec![Stmt::CtEstablishedRelated, Stmt::Accept]);
     assert_eq!(eg[1].stmts, vec![Stmt::CtInvalid, Stmt::Drop]);
     assert_eq!(
@@ -984,7 +1016,15 @@ fn base_chains_have_the_documented_shape() {
     assert!(
         matches!(&eg[7].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_EGRESS_V4)
     );
-    assert_eq!(eg.len(), 9);
+    assert_eq!(eg[9].stmts, vec![Stmt::Goto(CHAIN_INGRESS.to_string())]);
+    assert_eq!(eg.len(), 10);
+    let ing = &rs.chains[CHAIN_INGRESS].rules;
+    assert!(
+        matches!(&ing[0].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_INGRESS_V4)
+    );
+    assert_eq!(ing[2].stmts, vec![Stmt::Accept]);
+    let host = &rs.chains[CHAIN_EGRESS_HOST].rules;
+    assert_eq!(host.len(), 9, "input: the egress check only");
     // No FIB lookup and no self check for a packet no policy isolates.
     assert!(!eg.iter().any(|r| r
         .stmts

@@ -3,7 +3,7 @@
 //! Used by tests to check that the ruleset implements the compiled model (the same answers as
 //! `explain`), without root. It models only the statements we emit.
 
-use super::names::{CHAIN_EGRESS, CHAIN_EGRESS_HOST, CHAIN_INGRESS};
+use super::names::{CHAIN_EGRESS_HOST, CHAIN_POSTROUTING};
 use super::{AddrField, Elem, Family, Ruleset, Stmt};
 use crate::model::Protocol;
 use std::net::IpAddr;
@@ -37,9 +37,9 @@ impl Ruleset {
         !matches!(self.eval_chain(chain, p, 0), Verdict::Drop)
     }
 
-    /// Whether a forwarded packet passes this node's postrouting checks (egress, then ingress).
+    /// Whether a forwarded packet passes this node's postrouting check (egress, then ingress).
     pub fn eval_forward(&self, p: &Packet) -> bool {
-        self.eval_base(CHAIN_EGRESS, p) && self.eval_base(CHAIN_INGRESS, p)
+        self.eval_base(CHAIN_POSTROUTING, p)
     }
 
     /// Whether a packet to this node itself passes the input check.
@@ -134,6 +134,8 @@ impl Ruleset {
                     Stmt::Counter => {}
                     Stmt::Accept => return Verdict::Accept,
                     Stmt::Drop => return Verdict::Drop,
+                    // The goto'd chain's end is this chain's end.
+                    Stmt::Goto(t) => return self.eval_chain(t, p, depth + 1),
                     Stmt::Jump(t) => match self.eval_chain(t, p, depth + 1) {
                         Verdict::Return => continue 'rules,
                         v => return v,

@@ -110,6 +110,8 @@ pub enum Stmt {
     Accept,
     Drop,
     Jump(String),
+    /// Continue in another chain without returning here (its end returns to this chain's caller).
+    Goto(String),
 }
 
 /// One rule: statements in order, and an optional comment (a plain JSON string).

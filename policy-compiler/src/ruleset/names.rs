@@ -7,16 +7,16 @@ use crate::model::Direction;
 use crate::ruleset::Family;
 pub use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 
-/// Base chain checking traffic leaving local pods (postrouting).
-pub const CHAIN_EGRESS: &str = "egress";
-/// Base chain checking traffic entering local pods (postrouting).
+/// Base chain checking forwarded and locally sent traffic of local pods (postrouting): the egress of
+/// its source, then (through [`CHAIN_INGRESS`]) the ingress of its destination.
+pub const CHAIN_POSTROUTING: &str = "postrouting";
+/// Regular chain checking traffic entering local pods: where the base chain goes after the egress
+/// check, and where an egress policy's allow goes (semantics 7: both directions must allow).
 pub const CHAIN_INGRESS: &str = "ingress";
 /// Base chain checking traffic from local pods to their own node (input).
 pub const CHAIN_EGRESS_HOST: &str = "egress_host";
 /// srcnat - 10: after DNAT (and IPVS), before SNAT.
-pub const PRIORITY_EGRESS: i32 = 90;
-/// srcnat - 5: after the egress check, so both directions are checked (semantics 7).
-pub const PRIORITY_INGRESS: i32 = 95;
+pub const PRIORITY_POSTROUTING: i32 = 90;
 /// srcnat + 1 on input: after IPVS's LOCAL_IN (98).
 pub const PRIORITY_EGRESS_HOST: i32 = 101;
 /// Verdict maps: local pod IP → goto its group chain.

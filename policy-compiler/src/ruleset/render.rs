@@ -250,6 +250,7 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::Accept => json!({"accept": null}),
         Stmt::Drop => json!({"drop": null}),
         Stmt::Jump(target) => json!({"jump": {"target": target}}),
+        Stmt::Goto(target) => json!({"goto": {"target": target}}),
     }
 }
 
