@@ -1360,3 +1360,36 @@ fn two_local_pods_claiming_one_address_never_break_the_batch() {
     let mut k = crate::kernel_sim::KernelTable::default();
     k.apply(&c.ruleset.full_replace().json).unwrap();
 }
+
+#[test]
+fn semantics_36_short_port_ranges_become_exact_elements_of_a_hash_set() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.policy(
+        "a/short",
+        json!({"podSelector": {"matchLabels": {"app": "x"}},
+               "ingress": [{"ports": [{"port": 80}, {"port": 7000, "endPort": 7002}]}]}),
+    );
+    w.policy(
+        "a/long",
+        json!({"podSelector": {"matchLabels": {"app": "x"}},
+               "ingress": [{"ports": [{"port": 8000, "endPort": 9000}]}]}),
+    );
+    let rs = compiled(&w).ruleset;
+    let set = |key: &str| &rs.sets[&rule_set(PORTS_SET_PREFIX, key, Direction::Ingress, 0, None)];
+    let short = set("a/short");
+    assert!(!short.interval, "exact ports: a hash set, no pipapo lookup");
+    assert_eq!(short.elements.len(), 4, "80 and 7000..=7002");
+    assert!(short
+        .elements
+        .contains(&Elem::ProtoPort(Protocol::Tcp, 7001, 7001)));
+    let long = set("a/long");
+    assert!(long.interval);
+    assert_eq!(
+        long.elements,
+        [Elem::ProtoPort(Protocol::Tcp, 8000, 9000)].into()
+    );
+    assert!(w.can("10.9.9.9", "a/x", 7001, TCP));
+    assert!(w.can("10.9.9.9", "a/x", 8500, TCP));
+    assert!(!w.can("10.9.9.9", "a/x", 7003, TCP));
+}
