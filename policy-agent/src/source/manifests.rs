@@ -562,13 +562,12 @@ fn parse_manifests_with(
         document: 0,
         message: format!("not UTF-8: {e}"),
     })?;
-    let objects = sink;
     // JSON is YAML, but serde_yaml holds a document's every event and then its tree: for a large List
     // that is ~50 times the file's size, kept by the allocator afterwards. A file that is one JSON
     // object is read by serde_json (same value, a tenth of the memory); anything else goes through YAML.
     if text.trim_start().starts_with('{') {
         if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
-            objects_from_value(file, 0, value, &mut *objects).map_err(|message| ManifestError {
+            objects_from_value(file, 0, value, &mut *sink).map_err(|message| ManifestError {
                 document: 0,
                 message,
             })?;
@@ -589,7 +588,7 @@ fn parse_manifests_with(
         })?;
         // One tree at a time: a large List's YAML tree is many times the size of the file.
         drop(yaml);
-        objects_from_value(file, index, value, &mut *objects).map_err(|message| ManifestError {
+        objects_from_value(file, index, value, &mut *sink).map_err(|message| ManifestError {
             document: index,
             message,
         })?;

@@ -414,7 +414,7 @@ fn allow(dir: Direction) -> Stmt {
 }
 
 /// Ranges of at most this many ports are listed port by port in a rule's ports set.
-pub(crate) const EXPAND_PORT_RANGE_MAX: u32 = 16;
+const EXPAND_PORT_RANGE_MAX: u32 = 16;
 
 /// The elements of a rule's ports set, and whether it needs the interval flag. A concatenation with
 /// intervals is a pipapo set in the kernel, whose lookup costs measurably more than a hash lookup on

@@ -1047,41 +1047,18 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
     );
     let rs = compiled(&w).ruleset;
     let keys = ["a/p".to_string()];
+    let is_self = |r: &crate::ruleset::Rule, fam: Family| matches!(&r.stmts[0], Stmt::SelfTraffic { family, .. } if *family == fam);
     let ing = &rs.chains[&group_chain(&keys, Direction::Ingress)].rules;
     assert_eq!(ing[0].stmts, vec![Stmt::FibSaddrLocal, Stmt::Accept]);
-    assert!(matches!(
-        &ing[1].stmts[0],
-        Stmt::SelfTraffic {
-            family: Family::V4,
-            ..
-        }
-    ));
-    assert!(matches!(
-        &ing[2].stmts[0],
-        Stmt::SelfTraffic {
-            family: Family::V6,
-            ..
-        }
-    ));
+    assert!(is_self(&ing[1], Family::V4));
+    assert!(is_self(&ing[2], Family::V6));
     assert_eq!(
         ing[3].stmts,
         vec![Stmt::Jump(policy_chain("a/p", Direction::Ingress))]
     );
     let eg = &rs.chains[&group_chain(&keys, Direction::Egress)].rules;
-    assert!(matches!(
-        &eg[0].stmts[0],
-        Stmt::SelfTraffic {
-            family: Family::V4,
-            ..
-        }
-    ));
-    assert!(matches!(
-        &eg[1].stmts[0],
-        Stmt::SelfTraffic {
-            family: Family::V6,
-            ..
-        }
-    ));
+    assert!(is_self(&eg[0], Family::V4));
+    assert!(is_self(&eg[1], Family::V6));
     assert_eq!(
         eg[2].stmts,
         vec![Stmt::Jump(policy_chain("a/p", Direction::Egress))]
