@@ -1,7 +1,8 @@
 //! `explain`: why traffic between two endpoints is allowed or denied, read from the same
 //! compiled model the ruleset is built from (never separate logic).
 
-use crate::compile::{compile, Compiled, LocalPod, PeerMatch};
+use crate::compile::admit::{self, Exemption, RuleVerdict};
+use crate::compile::{compile, Compiled, PeerMatch};
 use crate::error::PolicyError;
 use crate::model::{pod_key, ClusterState, Direction, Protocol};
 use std::borrow::Cow;
@@ -181,6 +182,13 @@ pub fn explain(
     let (from_ip, to_ip) = pair;
 
     let same_pod = f.pod.is_some() && f.pod == t.pod;
+    // Whether the source is an address of `node` (`fib saddr type local` there).
+    let from_node = |node: &str| {
+        state
+            .nodes
+            .get(node)
+            .is_some_and(|n| n.internal_ips.contains(&from_ip))
+    };
     // `own` is the address of the endpoint this direction is about (source for egress).
     let verdict = |dir: Direction, r: &Resolved, own: IpAddr, peer: IpAddr| -> DirectionVerdict {
         let mut v = DirectionVerdict {
@@ -190,14 +198,22 @@ pub fn explain(
             outcome: Outcome::NotIsolated,
         };
         if same_pod {
-            v.outcome =
-                Outcome::AlwaysAllowed("a pod can always reach itself (semantics 38)".into());
+            v.outcome = Outcome::AlwaysAllowed(Exemption::SelfTraffic.why().into());
             return v;
         }
-        // A pending address of this node (wired, pod not known yet): everything is dropped.
+        // A pending address of this node (wired, pod not known yet): dropped, unless this node
+        // reaches it.
         if compiled.pending.contains(&own) {
             v.node = Some(compiled.node.clone());
-            v.outcome = Outcome::Pending;
+            v.outcome = match admit::pending_drop(
+                &compiled.pending,
+                from_ip,
+                to_ip,
+                from_node(&compiled.node),
+            ) {
+                Some(_) => Outcome::Pending,
+                None => Outcome::AlwaysAllowed(Exemption::FromThisNode.why().into()),
+            };
             return v;
         }
         let Some(key) = &r.pod else {
@@ -218,24 +234,25 @@ pub fn explain(
             // The attachment records in the state are this node's: another node has none here.
             Cow::Owned(compile(&foreign_state(state), node))
         };
-        if model.pending.contains(&from_ip) || model.pending.contains(&to_ip) {
+        let from_this_node = from_node(node);
+        if admit::pending_drop(&model.pending, from_ip, to_ip, from_this_node).is_some() {
             v.outcome = Outcome::Pending;
             return v;
         }
-        if dir == Direction::Ingress
-            && state
-                .nodes
-                .get(node)
-                .is_some_and(|n| n.internal_ips.contains(&peer))
-        {
-            v.outcome = Outcome::AlwaysAllowed("from the pod's own node (semantics 39)".into());
+        // `same_pod` was answered above: only the node exemption is left.
+        if let Some(e) = admit::exemption(dir, false, from_this_node) {
+            v.outcome = Outcome::AlwaysAllowed(e.why().into());
             return v;
         }
         let Some(lp) = model.pods.get(key) else {
             v.outcome = Outcome::NotIsolated;
             return v;
         };
-        v.outcome = judge(&model, lp, dir, peer, to_ip, proto, port);
+        v.outcome = match admit::judge(&model, lp, dir, peer, to_ip, Some(proto), port) {
+            RuleVerdict::NotIsolated => Outcome::NotIsolated,
+            RuleVerdict::Allowed(by) => Outcome::Allowed(by),
+            RuleVerdict::Denied(policies) => Outcome::Denied(policies),
+        };
         v
     };
     let egress = verdict(Direction::Egress, &f, from_ip, to_ip);
@@ -261,40 +278,6 @@ fn foreign_state(state: &ClusterState) -> Cow<'_, ClusterState> {
         let mut s = state.clone();
         s.attachments.clear();
         Cow::Owned(s)
-    }
-}
-
-fn judge(
-    model: &Compiled,
-    lp: &LocalPod,
-    dir: Direction,
-    peer: IpAddr,
-    dst: IpAddr,
-    proto: Protocol,
-    port: u16,
-) -> Outcome {
-    let keys = lp.policies(dir);
-    if keys.is_empty() {
-        return Outcome::NotIsolated;
-    }
-    let mut by = Vec::new();
-    for k in keys {
-        for r in model
-            .policies
-            .get(k)
-            .and_then(|p| p.rules(dir))
-            .into_iter()
-            .flatten()
-        {
-            if let (Some(m), true) = (r.peers.matches(peer), r.ports.matches(dst, proto, port)) {
-                by.push((k.clone(), r.index, m));
-            }
-        }
-    }
-    if by.is_empty() {
-        Outcome::Denied(keys.to_vec())
-    } else {
-        Outcome::Allowed(by)
     }
 }
 

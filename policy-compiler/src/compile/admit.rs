@@ -1,0 +1,589 @@
+//! Admission: would this node's ruleset admit one new packet? Decided on the compiled model, by the
+//! same rules `build` renders (base chains: pending addresses; group chains: exemptions, then the
+//! policies' rules). `explain` uses the parts ([`judge`], [`exemption`], [`pending_drop`]); the agent
+//! uses [`Admitter`] to find established flows the current ruleset would no longer admit as new.
+
+use super::{Compiled, LocalPod, PeerMatch};
+use crate::model::{Direction, Protocol};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+/// One packet of a new connection as this node's postrouting hook sees it: after DNAT (a Service
+/// VIP is already its backend), before SNAT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// `None`: a protocol without ports (ICMP and others): only rules without `ports` admit it, as
+    /// the ruleset's `meta l4proto . th dport` lookups never match it.
+    pub proto: Option<Protocol>,
+    /// Destination port (ignored when `proto` is `None`).
+    pub port: u16,
+    /// The source is an address of this node (`fib saddr type local`).
+    pub from_this_node: bool,
+}
+
+/// What the rules of the policies isolating a pod in one direction say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleVerdict {
+    /// No policy selects the pod for this direction (semantics 1).
+    NotIsolated,
+    /// Allowed by these (policy, rule index, how the peer matched).
+    Allowed(Vec<(String, usize, PeerMatch)>),
+    /// Isolated by these policies and none of their rules matches.
+    Denied(Vec<String>),
+}
+
+/// Traffic of an isolated pod that is allowed whatever its policies say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exemption {
+    /// A pod reaching itself (semantics 38), in both directions.
+    SelfTraffic,
+    /// From the pod's own node (semantics 39: kubelet probes, hostNetwork pods), ingress only.
+    FromThisNode,
+}
+
+impl Exemption {
+    /// Why, for an operator.
+    pub fn why(self) -> &'static str {
+        match self {
+            Exemption::SelfTraffic => "a pod can always reach itself (semantics 38)",
+            Exemption::FromThisNode => "from the pod's own node (semantics 39)",
+        }
+    }
+}
+
+/// The exemption that applies to a packet of an isolated pod in `dir`, if any (the first rules of
+/// its group chain).
+pub fn exemption(dir: Direction, self_traffic: bool, from_this_node: bool) -> Option<Exemption> {
+    if dir == Direction::Ingress && from_this_node {
+        Some(Exemption::FromThisNode)
+    } else if self_traffic {
+        Some(Exemption::SelfTraffic)
+    } else {
+        None
+    }
+}
+
+/// The pending address that drops this packet, if any (base chains): a pending source always, a
+/// pending destination unless the source is this node (kubelet probes start as soon as a pod runs).
+pub fn pending_drop(
+    pending: &BTreeSet<IpAddr>,
+    src: IpAddr,
+    dst: IpAddr,
+    from_this_node: bool,
+) -> Option<IpAddr> {
+    if pending.contains(&src) {
+        Some(src)
+    } else if !from_this_node && pending.contains(&dst) {
+        Some(dst)
+    } else {
+        None
+    }
+}
+
+/// What the policies selecting `lp` for `dir` say about a packet whose peer (destination for
+/// egress, source for ingress) is `peer`, going to `dst` on `proto`/`port`.
+pub fn judge(
+    model: &Compiled,
+    lp: &LocalPod,
+    dir: Direction,
+    peer: IpAddr,
+    dst: IpAddr,
+    proto: Option<Protocol>,
+    port: u16,
+) -> RuleVerdict {
+    let keys = lp.policies(dir);
+    if keys.is_empty() {
+        return RuleVerdict::NotIsolated;
+    }
+    let mut by = Vec::new();
+    for k in keys {
+        for r in model
+            .policies
+            .get(k)
+            .and_then(|p| p.rules(dir))
+            .into_iter()
+            .flatten()
+        {
+            let ports = match proto {
+                Some(proto) => r.ports.matches(dst, proto, port),
+                None => r.ports.any,
+            };
+            if let (Some(m), true) = (r.peers.matches(peer), ports) {
+                by.push((k.clone(), r.index, m));
+            }
+        }
+    }
+    if by.is_empty() {
+        RuleVerdict::Denied(keys.to_vec())
+    } else {
+        RuleVerdict::Allowed(by)
+    }
+}
+
+/// The answer of [`Admitter::admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Dropped because this address is pending (wired, its pod not compiled yet).
+    Pending(IpAddr),
+    /// Dropped by the policies isolating `pod` in `direction`.
+    Denied {
+        direction: Direction,
+        pod: String,
+        policies: Vec<String>,
+    },
+}
+
+impl Admission {
+    pub fn admitted(&self) -> bool {
+        matches!(self, Admission::Admitted)
+    }
+}
+
+/// The compiled model indexed by address, to judge many packets (one per conntrack entry) in
+/// O(rules of the pods concerned) each.
+pub struct Admitter<'a> {
+    model: &'a Compiled,
+    /// Address → the pod whose egress policies apply to it. As in the verdict maps, the first
+    /// isolated pod (by key) owning an address keeps it.
+    egress: HashMap<IpAddr, &'a LocalPod>,
+    ingress: HashMap<IpAddr, &'a LocalPod>,
+    /// Addresses of local pods (the `self` sets).
+    local: HashSet<IpAddr>,
+}
+
+impl<'a> Admitter<'a> {
+    pub fn new(model: &'a Compiled) -> Self {
+        let mut egress = HashMap::new();
+        let mut ingress = HashMap::new();
+        let mut local = HashSet::new();
+        for pod in model.pods.values() {
+            for ip in &pod.ips {
+                local.insert(*ip);
+                if pod.isolated(Direction::Egress) {
+                    egress.entry(*ip).or_insert(pod);
+                }
+                if pod.isolated(Direction::Ingress) {
+                    ingress.entry(*ip).or_insert(pod);
+                }
+            }
+        }
+        Admitter {
+            model,
+            egress,
+            ingress,
+            local,
+        }
+    }
+
+    /// Whether the address is a local pod's or a pending one: only packets from or to such an
+    /// address can be dropped by this node's ruleset.
+    pub fn concerns(&self, ip: IpAddr) -> bool {
+        self.local.contains(&ip) || self.model.pending.contains(&ip)
+    }
+
+    /// Whether this node's ruleset admits `f` as a new packet: pending addresses, then the egress
+    /// of the source, then the ingress of the destination (both must allow, semantics 7).
+    pub fn admit(&self, f: &Flow) -> Admission {
+        if let Some(ip) = pending_drop(&self.model.pending, f.src, f.dst, f.from_this_node) {
+            return Admission::Pending(ip);
+        }
+        let self_traffic = f.src == f.dst && self.local.contains(&f.src);
+        for (dir, own, peer) in [
+            (Direction::Egress, f.src, f.dst),
+            (Direction::Ingress, f.dst, f.src),
+        ] {
+            let owners = match dir {
+                Direction::Egress => &self.egress,
+                Direction::Ingress => &self.ingress,
+            };
+            let Some(lp) = owners.get(&own) else { continue };
+            if exemption(dir, self_traffic, f.from_this_node).is_some() {
+                // An exemption accepts: the packet's verdict is final in either group chain.
+                return Admission::Admitted;
+            }
+            if let RuleVerdict::Denied(policies) =
+                judge(self.model, lp, dir, peer, f.dst, f.proto, f.port)
+            {
+                return Admission::Denied {
+                    direction: dir,
+                    pod: lp.key.clone(),
+                    policies,
+                };
+            }
+        }
+        Admission::Admitted
+    }
+}
+
+/// [`Admitter::admit`] for one packet (builds the index: for many, keep an [`Admitter`]).
+pub fn admit(model: &Compiled, f: &Flow) -> Admission {
+    Admitter::new(model).admit(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::compile::tests::W;
+    use crate::ruleset::eval::Packet;
+    use crate::synth::{self, Rng, SynthConfig};
+    use serde_json::json;
+
+    const N1: &str = "n1";
+    const N1_IP: &str = "192.168.0.1";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn packet(f: &Flow) -> Packet {
+        Packet {
+            saddr: f.src,
+            daddr: f.dst,
+            proto: f.proto,
+            dport: f.port,
+            from_this_node: f.from_this_node,
+        }
+    }
+
+    /// A world with every kind of decision: isolated in each direction, named ports, ipBlocks,
+    /// a pending address, two pods on one node and one on the other.
+    fn world() -> W {
+        let mut w = W::new();
+        w.pod("a/web", N1, &["10.0.1.1", "fd00::1:1"], &[("app", "web")]);
+        w.pod("a/cli", N1, &["10.0.1.2", "fd00::1:2"], &[("app", "cli")]);
+        w.pod("a/out", N1, &["10.0.1.3"], &[("app", "out")]);
+        w.pod("b/db", "n2", &["10.0.2.1"], &[("app", "db")]);
+        w.ports("a/web", &[("http", 8080, Protocol::Tcp)]);
+        // web: ingress from cli on tcp/80 and the named port, from 172.16/16 on udp/53.
+        w.policy(
+            "a/web-in",
+            json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}],
+                 "ports": [{"port": 80}, {"port": "http"}]},
+                {"from": [{"ipBlock": {"cidr": "172.16.0.0/16", "except": ["172.16.9.0/24"]}}],
+                 "ports": [{"protocol": "UDP", "port": 53}]}]}),
+        );
+        // out: egress to the db pods only, any port; ICMP too.
+        w.policy(
+            "a/out-eg",
+            json!({"podSelector": {"matchLabels": {"app": "out"}}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}]}]}),
+        );
+        w.st.apply(crate::model::Change::SetAttachments(vec![
+            palisade_contract::Attachment {
+                container_id: "pend".into(),
+                ifname: "eth0".into(),
+                netns: "/x".into(),
+                host_veth: "palx".into(),
+                ips: vec![ip("10.0.1.9")],
+                pod_namespace: Some("a".into()),
+                pod_name: Some("pend".into()),
+                pod_uid: Some("u".into()),
+                pending: true,
+            },
+        ]));
+        w
+    }
+
+    #[test]
+    fn admission_of_new_packets_matches_the_ruleset_case_by_case() {
+        let w = world();
+        let c = compile(&w.st, N1);
+        assert!(
+            c.pending.contains(&ip("10.0.1.9")),
+            "the world has a pending address"
+        );
+        let adm = Admitter::new(&c);
+        let tcp = Some(Protocol::Tcp);
+        let udp = Some(Protocol::Udp);
+        let deny_in = |pod: &str, pol: &str| Admission::Denied {
+            direction: Direction::Ingress,
+            pod: pod.into(),
+            policies: vec![pol.into()],
+        };
+        let deny_eg = |pod: &str, pol: &str| Admission::Denied {
+            direction: Direction::Egress,
+            pod: pod.into(),
+            policies: vec![pol.into()],
+        };
+        let cases: Vec<(&str, &str, &str, Option<Protocol>, u16, bool, Admission)> = vec![
+            (
+                "allowed by pod peer and port",
+                "10.0.1.2",
+                "10.0.1.1",
+                tcp,
+                80,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "allowed by named port",
+                "10.0.1.2",
+                "10.0.1.1",
+                tcp,
+                8080,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "named port is tcp only",
+                "10.0.1.2",
+                "10.0.1.1",
+                udp,
+                8080,
+                false,
+                deny_in("a/web", "a/web-in"),
+            ),
+            (
+                "wrong port",
+                "10.0.1.2",
+                "10.0.1.1",
+                tcp,
+                81,
+                false,
+                deny_in("a/web", "a/web-in"),
+            ),
+            (
+                "remote pod not a peer",
+                "10.0.2.1",
+                "10.0.1.1",
+                tcp,
+                80,
+                false,
+                deny_in("a/web", "a/web-in"),
+            ),
+            (
+                "ipBlock on udp/53",
+                "172.16.3.3",
+                "10.0.1.1",
+                udp,
+                53,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "ipBlock except",
+                "172.16.9.3",
+                "10.0.1.1",
+                udp,
+                53,
+                false,
+                deny_in("a/web", "a/web-in"),
+            ),
+            (
+                "ICMP meets no ports rule",
+                "10.0.1.2",
+                "10.0.1.1",
+                None,
+                0,
+                false,
+                deny_in("a/web", "a/web-in"),
+            ),
+            (
+                "from this node exempt",
+                N1_IP,
+                "10.0.1.1",
+                tcp,
+                9999,
+                true,
+                Admission::Admitted,
+            ),
+            (
+                "self exempt",
+                "10.0.1.1",
+                "10.0.1.1",
+                tcp,
+                9999,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "IPv6 peer pod",
+                "fd00::1:2",
+                "fd00::1:1",
+                tcp,
+                80,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "IPv6 wrong port",
+                "fd00::1:2",
+                "fd00::1:1",
+                tcp,
+                22,
+                false,
+                deny_in("a/web", "a/web-in"),
+            ),
+            (
+                "egress to selected namespace",
+                "10.0.1.3",
+                "10.0.2.1",
+                tcp,
+                5432,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "egress ICMP by any-port rule",
+                "10.0.1.3",
+                "10.0.2.1",
+                None,
+                0,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "egress elsewhere",
+                "10.0.1.3",
+                "8.8.8.8",
+                udp,
+                53,
+                false,
+                deny_eg("a/out", "a/out-eg"),
+            ),
+            (
+                "egress then ingress",
+                "10.0.1.3",
+                "10.0.1.1",
+                tcp,
+                80,
+                false,
+                deny_eg("a/out", "a/out-eg"),
+            ),
+            (
+                "not isolated both ways",
+                "10.0.1.2",
+                "8.8.8.8",
+                tcp,
+                443,
+                false,
+                Admission::Admitted,
+            ),
+            (
+                "pending source",
+                "10.0.1.9",
+                "10.0.1.2",
+                tcp,
+                80,
+                false,
+                Admission::Pending(ip("10.0.1.9")),
+            ),
+            (
+                "pending destination",
+                "10.0.1.2",
+                "10.0.1.9",
+                tcp,
+                80,
+                false,
+                Admission::Pending(ip("10.0.1.9")),
+            ),
+            (
+                "pending destination from this node",
+                N1_IP,
+                "10.0.1.9",
+                tcp,
+                80,
+                true,
+                Admission::Admitted,
+            ),
+            (
+                "node to isolated pod is not a pod peer",
+                N1_IP,
+                "10.0.1.1",
+                tcp,
+                22,
+                true,
+                Admission::Admitted,
+            ),
+        ];
+        for (what, src, dst, proto, port, from_this_node, want) in cases {
+            let f = Flow {
+                src: ip(src),
+                dst: ip(dst),
+                proto,
+                port,
+                from_this_node,
+            };
+            let got = adm.admit(&f);
+            assert_eq!(got, want, "{what}");
+            assert_eq!(
+                got.admitted(),
+                c.ruleset.eval_forward(&packet(&f)),
+                "{what}: admission and ruleset disagree"
+            );
+        }
+        assert!(adm.concerns(ip("10.0.1.9")) && adm.concerns(ip("10.0.1.1")));
+        assert!(!adm.concerns(ip("10.0.2.1")) && !adm.concerns(ip(N1_IP)));
+    }
+
+    #[test]
+    fn admission_agrees_with_the_ruleset_over_generated_states() {
+        let (mut checked, mut denied) = (0usize, 0usize);
+        for seed in 0..10u64 {
+            let cfg = SynthConfig {
+                nodes: 3,
+                namespaces: 4,
+                pods: 30,
+                policies: 12,
+                seed,
+                dual_stack: seed % 2 == 1,
+            };
+            let mut st = synth::cluster(&cfg);
+            let mut rng = Rng::new(seed + 7);
+            for i in 0..8 {
+                let ch = synth::random_change(&cfg, &st, &mut rng, i);
+                st.apply(ch);
+            }
+            let c = compile(&st, "n0");
+            let adm = Admitter::new(&c);
+            let node_ips: Vec<IpAddr> = st
+                .nodes
+                .get("n0")
+                .map(|n| n.internal_ips.clone())
+                .unwrap_or_default();
+            let mut addrs: Vec<IpAddr> = st.pods.values().flat_map(|p| p.ips.clone()).collect();
+            addrs.extend(c.pending.iter().copied());
+            addrs.extend(node_ips.iter().copied());
+            addrs.push(ip("192.168.77.5"));
+            addrs.push(ip("fd77::5"));
+            for _ in 0..600 {
+                let src = addrs[rng.below(addrs.len())];
+                let dst = if rng.chance(5) {
+                    src
+                } else {
+                    addrs[rng.below(addrs.len())]
+                };
+                if src.is_ipv4() != dst.is_ipv4() {
+                    continue;
+                }
+                let proto = if rng.chance(10) {
+                    None
+                } else {
+                    Some(Protocol::ALL[rng.below(3)])
+                };
+                let port = [53u16, 80, 443, 8000, 8050, 8080, 9000, 22][rng.below(8)];
+                let f = Flow {
+                    src,
+                    dst,
+                    proto,
+                    port,
+                    from_this_node: node_ips.contains(&src),
+                };
+                let got = adm.admit(&f);
+                let want = c.ruleset.eval_forward(&packet(&f));
+                assert_eq!(got.admitted(), want, "seed {seed}: {f:?} -> {got:?}");
+                checked += 1;
+                denied += usize::from(!want);
+            }
+        }
+        assert!(
+            denied > checked / 20 && denied < checked * 19 / 20,
+            "{denied} of {checked} denied: not a useful mix"
+        );
+    }
+}
