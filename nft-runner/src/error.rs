@@ -32,6 +32,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The nf_tables notification socket (see [`crate::monitor`]) could not be opened or read.
+    #[error("nf_tables monitor: cannot {action}: {source}")]
+    Monitor {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// The kernel's answer was not what the protocol promises (truncated or missing acks).
     #[error("nfnetlink {action}: unexpected answer from the kernel: {message}")]
     Protocol {
@@ -50,7 +57,10 @@ impl Error {
         match self {
             Error::Failed { message, .. } => message.contains(ABSENT_MARKER),
             Error::Absent { .. } => true,
-            Error::BadName { .. } | Error::Netlink { .. } | Error::Protocol { .. } => false,
+            Error::BadName { .. }
+            | Error::Netlink { .. }
+            | Error::Protocol { .. }
+            | Error::Monitor { .. } => false,
         }
     }
 }

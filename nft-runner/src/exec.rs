@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// The `nft` binary, looked up on PATH.
 pub const NFT_BINARY: &str = "nft";
@@ -9,7 +10,7 @@ pub const NFT_BINARY: &str = "nft";
 /// Runs `nft ARGS`, feeding `stdin`; returns stdout, or stderr (with the exit status) on failure.
 /// Arguments are passed as argv, never through a shell.
 pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let mut child = Command::new(NFT_BINARY)
+    let child = Command::new(NFT_BINARY)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -22,6 +23,16 @@ pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, String> 
         .map_err(|e| {
             format!("cannot run `{NFT_BINARY}` (is nftables installed and on PATH?): {e}")
         })?;
+    // Its netlink socket is autobound to portid = its pid (in our pid namespace): the monitor must take
+    // its commits for ours, also when their notifications are read after it exited.
+    let pid = child.id();
+    crate::monitor::remember_portid(pid, Duration::from_secs(3600));
+    let result = finish(child, stdin);
+    crate::monitor::retire_portid(pid);
+    result
+}
+
+fn finish(mut child: std::process::Child, stdin: Option<&str>) -> Result<String, String> {
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // On a write error nft has exited; its stderr (read below) says why.
         let written = pipe.write_all(input.as_bytes());

@@ -5,11 +5,13 @@
 //!
 //! Shared by the agent (which owns `table inet palisade`) and the CNI plugin (which only adds and
 //! removes pending marks in it). This crate knows no table layout: callers pass the batch and the
-//! names. Only what is asked for is listed; other tables are never parsed.
+//! names. Only what is asked for is listed; other tables are never parsed. [`monitor`] reports
+//! changes to one table that this process did not commit (nf_tables notifications).
 
 mod error;
 mod exec;
 mod libnftables;
+pub mod monitor;
 pub mod setelem;
 
 pub use error::{Error, Result};

@@ -149,6 +149,8 @@ impl LibNft {
                 self.buf_err,
                 self.free,
             ) {
+                // Notifications of what this context committed may still be queued for the monitor.
+                crate::monitor::remember_own_sockets();
                 (self.free)(self.ctx);
                 self.ctx = ctx;
             }
@@ -197,6 +199,8 @@ unsafe fn read(p: *const c_char) -> String {
 
 impl Drop for LibNft {
     fn drop(&mut self) {
+        // Notifications of what this context committed may still be queued for the monitor.
+        crate::monitor::remember_own_sockets();
         // SAFETY: ctx and handle were created in open() and are freed exactly once.
         unsafe {
             (self.free)(self.ctx);

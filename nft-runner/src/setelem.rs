@@ -86,7 +86,7 @@ pub enum SetOp {
 pub type ElementOp<'a> = (SetOp, &'a str, IpAddr);
 
 /// nfnetlink's number for an nft family name (`inet`, `ip`, `ip6`).
-fn family_number(action: &'static str, family: &str) -> Result<u8> {
+pub(crate) fn family_number(action: &'static str, family: &str) -> Result<u8> {
     match family {
         "inet" => Ok(NFPROTO_INET),
         "ip" => Ok(NFPROTO_IPV4),

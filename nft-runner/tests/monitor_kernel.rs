@@ -1,0 +1,162 @@
+//! The drift monitor against a real kernel, each test in a network namespace of its own (unshare on the
+//! test thread; the host's ruleset is never touched). Run as root; without root they fail, never skip.
+
+use palisade_nft::monitor::{Drift, Monitor, Scope};
+use palisade_nft::{Backend, Nft, SetOp};
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn private_netns() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare(CLONE_NEWNET) failed: these tests must run as root");
+}
+
+const TABLE: &str = r#"{"nftables":[
+ {"add":{"table":{"family":"inet","name":"t"}}},
+ {"add":{"set":{"family":"inet","table":"t","name":"pending_v4","type":"ipv4_addr"}}},
+ {"add":{"map":{"family":"inet","table":"t","name":"ingress_v4","type":"ipv4_addr","map":"verdict"}}},
+ {"add":{"chain":{"family":"inet","table":"t","name":"in_1"}}},
+ {"add":{"chain":{"family":"inet","table":"t","name":"postrouting","type":"filter","hook":"postrouting","prio":90,"policy":"accept"}}},
+ {"add":{"rule":{"family":"inet","table":"t","chain":"postrouting","expr":[
+   {"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":"@pending_v4"}},{"counter":null},{"drop":null}]}}},
+ {"add":{"rule":{"family":"inet","table":"t","chain":"postrouting","expr":[
+   {"vmap":{"key":{"payload":{"protocol":"ip","field":"daddr"}},"data":"@ingress_v4"}}]}}},
+ {"add":{"element":{"family":"inet","table":"t","name":"ingress_v4","elem":[["10.0.0.2",{"goto":{"target":"in_1"}}]]}}}
+]}"#;
+
+fn scope() -> Scope {
+    Scope::new("inet", "t", &["pending_v4", "pending_v6"]).unwrap()
+}
+
+/// `nft ARGS` as a process of its own (a foreign committer); returns its pid.
+fn foreign_nft(args: &str) -> u32 {
+    let mut child = Command::new("nft")
+        .args(args.split_whitespace())
+        .spawn()
+        .expect("run nft");
+    let pid = child.id();
+    let st = child.wait().expect("wait nft");
+    assert!(st.success(), "nft {args}: {st}");
+    pid
+}
+
+fn quiet(m: &mut Monitor, for_how_long: Duration) -> Option<Drift> {
+    m.next(Some(for_how_long)).expect("monitor read")
+}
+
+#[test]
+fn a_foreign_nft_process_is_reported_with_its_portid_as_its_pid_and_its_name() {
+    private_netns();
+    let nft = Nft::new(Backend::Lib);
+    nft.apply(TABLE).unwrap();
+    let mut m = Monitor::open(scope()).unwrap();
+    let start = Instant::now();
+    let pid = foreign_nft("flush chain inet t postrouting");
+    let d = quiet(&mut m, Duration::from_secs(2)).expect("a flush chain is drift");
+    println!("flush chain seen after {:?}: {d}", start.elapsed());
+    assert_eq!(
+        d.portid, pid,
+        "nlmsg_pid of a notification is the committer's portid (= pid of nft)"
+    );
+    assert_eq!(d.process.as_deref(), Some("nft"));
+    assert_eq!(
+        d.changes,
+        vec!["delete rule in chain postrouting".to_string()]
+    );
+    assert_eq!(d.more, 1, "two rules flushed: {d:?}");
+}
+
+#[test]
+fn every_kind_of_foreign_change_to_the_table_is_drift_and_other_tables_are_not() {
+    private_netns();
+    let nft = Nft::new(Backend::Lib);
+    nft.apply(TABLE).unwrap();
+    let mut m = Monitor::open(scope()).unwrap();
+    foreign_nft("add table inet other");
+    foreign_nft("add set inet other s { type ipv4_addr; }");
+    foreign_nft("add element inet t pending_v4 { 10.0.0.9 }");
+    foreign_nft("delete element inet t pending_v4 { 10.0.0.9 }");
+    assert_eq!(
+        quiet(&mut m, Duration::from_millis(300)),
+        None,
+        "other tables and pending marks are not drift"
+    );
+    for (cmd, want) in [
+        (
+            "flush map inet t ingress_v4",
+            "delete element from set ingress_v4",
+        ),
+        (
+            "add element inet t ingress_v4 { 10.0.0.3 : accept }",
+            "add element to set ingress_v4",
+        ),
+        (
+            "insert rule inet t postrouting accept",
+            "add rule in chain postrouting",
+        ),
+        ("add chain inet t x", "add chain x"),
+        ("delete chain inet t x", "delete chain x"),
+        ("add table inet t { flags dormant; }", "change table"),
+        ("flush ruleset", "delete table"),
+    ] {
+        foreign_nft(cmd);
+        let d = quiet(&mut m, Duration::from_secs(2)).unwrap_or_else(|| panic!("{cmd}: no drift"));
+        assert!(d.changes.iter().any(|c| c == want), "{cmd}: {d:?}");
+        assert_eq!(
+            quiet(&mut m, Duration::from_millis(50)),
+            None,
+            "{cmd}: one transaction, one report"
+        );
+    }
+}
+
+#[test]
+fn our_own_commits_on_both_backends_are_never_drift() {
+    private_netns();
+    let mut m = Monitor::open(scope()).unwrap();
+    for backend in [Backend::Lib, Backend::Exec] {
+        let nft = Nft::new(backend);
+        assert_eq!(nft.backend(), backend);
+        nft.apply(TABLE).unwrap();
+        nft.apply(
+            r#"{"nftables":[{"flush":{"map":{"family":"inet","table":"t","name":"ingress_v4"}}}]}"#,
+        )
+        .unwrap();
+        // A command this large replaces libnftables' context afterwards (its socket closes).
+        let mut big = String::from(
+            r#"{"nftables":[{"add":{"element":{"family":"inet","table":"t","name":"ingress_v4","elem":["#,
+        );
+        for i in 0..3000u32 {
+            if i > 0 {
+                big.push(',');
+            }
+            big.push_str(&format!(
+                r#"["10.1.{}.{}",{{"goto":{{"target":"in_1"}}}}]"#,
+                i / 250,
+                i % 250
+            ));
+        }
+        big.push_str("]}}}]}");
+        nft.apply(&big).unwrap();
+        nft.apply(r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"t"}}}]}"#)
+            .unwrap();
+        drop(nft);
+        let addr: IpAddr = "10.0.0.7".parse().unwrap();
+        let nft = Nft::new(backend);
+        nft.apply(TABLE).unwrap();
+        palisade_nft::setelem::apply("inet", "t", &[(SetOp::Add, "pending_v4", addr)]).unwrap();
+        assert_eq!(
+            quiet(&mut m, Duration::from_millis(300)),
+            None,
+            "{backend:?}"
+        );
+        // The monitor is awake: the same table changed by someone else is reported.
+        foreign_nft("add chain inet t y");
+        let d = quiet(&mut m, Duration::from_secs(2)).expect("a foreign chain is drift");
+        assert_eq!(d.changes, vec!["add chain y".to_string()], "{backend:?}");
+        nft.apply(r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"t"}}}]}"#)
+            .unwrap();
+    }
+    assert_eq!(quiet(&mut m, Duration::from_millis(300)), None);
+}
