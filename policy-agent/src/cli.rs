@@ -106,6 +106,15 @@ pub struct RunArgs {
     /// Do not install routes to other nodes' pod ranges (another component routes pod traffic).
     #[arg(long, env = "PALISADE_NO_ROUTES")]
     pub no_routes: bool,
+    /// The cluster's pod CIDR (kube-controller-manager's --cluster-cidr), at most one per family,
+    /// repeatable or comma-separated. Another Node's podCIDR outside it gets no route. Unset for a
+    /// family: that family's podCIDRs are only checked for width and overlaps.
+    #[arg(
+        long = "cluster-cidr",
+        env = "PALISADE_CLUSTER_CIDR",
+        value_delimiter = ','
+    )]
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
     /// How transactions reach the kernel: in-process libnftables, or `nft -j -f -`.
     #[arg(long, env = "PALISADE_NFT_BACKEND", value_enum, default_value_t = Backend::Lib)]
     pub nft_backend: Backend,

@@ -56,6 +56,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "--node-name (PALISADE_NODE_NAME) must not be empty".into(),
         ));
     }
+    for v4 in [true, false] {
+        let n = args
+            .cluster_cidrs
+            .iter()
+            .filter(|c| matches!(c, ipnet::IpNet::V4(_)) == v4)
+            .count();
+        if n > 1 {
+            return Err(Error::Usage(format!(
+                "--cluster-cidr (PALISADE_CLUSTER_CIDR) takes at most one CIDR per family, got {n} {}: {:?}",
+                if v4 { "IPv4" } else { "IPv6" },
+                args.cluster_cidrs
+            )));
+        }
+    }
     let metrics = Arc::new(Metrics::default());
     let listener = server::bind(&args.listen).await?;
     info!(listen = %args.listen, "serving /healthz, /readyz, /metrics");
@@ -94,6 +108,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         debounce: Duration::from_millis(args.debounce_ms),
         routes: !args.no_routes,
+        cluster_cidrs: args.cluster_cidrs.iter().map(ipnet::IpNet::trunc).collect(),
         poll_attachments,
     };
     let engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes)

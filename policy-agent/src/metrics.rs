@@ -33,6 +33,10 @@ struct Inner {
     full_replaces: u64,
     incremental: u64,
     sizes: Sizes,
+    /// Other Nodes' podCIDRs refused as routes, by reason (see `routes::RefusalReason::label`).
+    refused_pod_cidrs: BTreeMap<&'static str, u64>,
+    /// Pod routes that failed at the last route sync.
+    route_failures: u64,
 }
 
 /// Shared between the reconcile thread and the HTTP server.
@@ -90,6 +94,16 @@ impl Metrics {
         self.with(|m| m.restores += 1);
     }
 
+    /// The podCIDRs of other Nodes that get no route now, by reason.
+    pub fn refused_pod_cidrs(&self, by_reason: BTreeMap<&'static str, u64>) {
+        self.with(|m| m.refused_pod_cidrs = by_reason);
+    }
+
+    /// Pod routes that could not be added or removed at the last route sync (retried with backoff).
+    pub fn route_failures(&self, n: u64) {
+        self.with(|m| m.route_failures = n);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut o = String::new();
@@ -111,6 +125,12 @@ impl Metrics {
             let _ = writeln!(o, "# HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.\n# TYPE palisade_resync_restores_total counter\npalisade_resync_restores_total {}", m.restores);
             let _ = writeln!(o, "# HELP palisade_transactions_total Committed nft transactions by kind.\n# TYPE palisade_transactions_total counter");
             let _ = writeln!(o, "palisade_transactions_total{{kind=\"full\"}} {}\npalisade_transactions_total{{kind=\"incremental\"}} {}", m.full_replaces, m.incremental);
+            let _ = writeln!(o, "# HELP palisade_refused_pod_cidrs Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason.\n# TYPE palisade_refused_pod_cidrs gauge");
+            for reason in ["too_wide", "outside_cluster_cidr", "overlaps_own_node", "overlaps_other_node"] {
+                let v = m.refused_pod_cidrs.get(reason).copied().unwrap_or(0);
+                let _ = writeln!(o, "palisade_refused_pod_cidrs{{reason=\"{reason}\"}} {v}");
+            }
+            let _ = writeln!(o, "# HELP palisade_pod_route_failures Pod routes that failed at the last route sync (retried with backoff).\n# TYPE palisade_pod_route_failures gauge\npalisade_pod_route_failures {}", m.route_failures);
             let s = m.sizes;
             for (name, help, v) in [
                 ("palisade_pods", "Pods in the cluster state.", s.pods),

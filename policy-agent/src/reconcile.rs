@@ -57,6 +57,9 @@ pub struct Config {
     pub resync: Duration,
     pub debounce: Duration,
     pub routes: bool,
+    /// Cluster pod CIDRs (`--cluster-cidr`, at most one per family): other Nodes' podCIDRs outside
+    /// them get no route.
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
     /// Poll the attachments dir (set when the inotify watch could not start).
     pub poll_attachments: bool,
 }
@@ -103,6 +106,15 @@ pub struct Engine {
     snapshot_due: Option<Instant>,
     need_full: bool,
     applied_routes: Option<BTreeSet<PodRoute>>,
+    /// When routes are synced next on their own (a retry after a failure, or a check found them
+    /// different). Route work never delays or fails a policy commit.
+    route_due: Option<Instant>,
+    /// The routes the last failed sync tried to reach: while they are still what we want, only
+    /// `route_due` retries them (with `route_backoff`); a different want is tried at once.
+    route_attempted: Option<BTreeSet<PodRoute>>,
+    route_backoff: Duration,
+    /// The podCIDRs refused last time (logged when they change).
+    refused: Vec<routes::Refused>,
     conflist_written: bool,
     /// The reason for not writing the conflist was logged once already.
     conflist_warned: bool,
@@ -152,6 +164,10 @@ impl Engine {
             snapshot_due: None,
             need_full: true,
             applied_routes: None,
+            route_due: None,
+            route_attempted: None,
+            route_backoff: MIN_BACKOFF,
+            refused: Vec::new(),
             conflist_written: false,
             conflist_warned: false,
             quiet_full: false,
@@ -218,7 +234,10 @@ impl Engine {
         loop {
             let now = Instant::now();
             let mut wake = next_resync;
-            for d in [due, self.snapshot_due, check_due].into_iter().flatten() {
+            for d in [due, self.snapshot_due, check_due, self.route_due]
+                .into_iter()
+                .flatten()
+            {
                 wake = wake.min(d);
             }
             if self.cfg.poll_attachments {
@@ -271,6 +290,12 @@ impl Engine {
                     self.need_full = true;
                     self.applied_routes = None;
                     due = Some(now);
+                }
+            }
+            if self.route_due.is_some_and(|d| now >= d) {
+                self.route_due = None;
+                if self.synced {
+                    self.sync_routes(true);
                 }
             }
             if self.snapshot_due.is_some_and(|d| now >= d) && due.is_none() && self.snapshot() {
@@ -437,9 +462,10 @@ impl Engine {
         self.inc = Some(inc);
         self.need_full = false;
         // The conflist first: a route that cannot be added (retried with backoff) must not keep pods
-        // from starting on this node.
+        // from starting on this node. Routes fail and retry on their own schedule (`route_due`): a
+        // bad Node never delays a policy commit.
         self.write_conflist()?;
-        self.sync_routes()?;
+        self.sync_routes(false);
         Ok(())
     }
 
@@ -571,24 +597,70 @@ impl Engine {
         }
     }
 
-    fn sync_routes(&mut self) -> Result<()> {
-        let Some(r) = &self.routes else { return Ok(()) };
-        let (want, warnings) = routes::desired_routes(&self.state.nodes, &self.cfg.node_name);
-        if self.applied_routes.as_ref() == Some(&want) {
-            return Ok(());
+    /// Converges our routes to the validated Nodes, route by route. Failures are logged, counted and
+    /// retried with a backoff of their own (`route_due`); they never fail the reconcile. Unless
+    /// `retry`, a want that already failed is left to its retry time.
+    fn sync_routes(&mut self, retry: bool) {
+        let Some(r) = &self.routes else { return };
+        let plan = routes::desired_routes(
+            &self.state.nodes,
+            &self.cfg.node_name,
+            &self.cfg.cluster_cidrs,
+        );
+        if plan.refused != self.refused {
+            for x in plan.refused.iter().filter(|x| !self.refused.contains(x)) {
+                warn!(node = %x.node, cidr = %x.cidr, reason = x.reason.label(), "{x}");
+            }
+            let mut by_reason = std::collections::BTreeMap::new();
+            for x in &plan.refused {
+                *by_reason.entry(x.reason.label()).or_insert(0u64) += 1;
+            }
+            self.metrics.refused_pod_cidrs(by_reason);
+            self.refused = plan.refused;
         }
-        for w in warnings {
+        let want = plan.routes;
+        if self.applied_routes.as_ref() == Some(&want) {
+            return;
+        }
+        if !retry && self.route_due.is_some() && self.route_attempted.as_ref() == Some(&want) {
+            return; // failed before; its retry is scheduled
+        }
+        for w in plan.warnings {
             warn!("{w}");
         }
-        let changes = self.rt.block_on(r.sync(&want))?;
-        for a in &changes.added {
-            info!(destination = %a.destination, via = %a.via, "pod route added");
+        let failed = match self.rt.block_on(r.sync(&want)) {
+            Ok(changes) => {
+                for a in &changes.added {
+                    info!(destination = %a.destination, via = %a.via, "pod route added");
+                }
+                for d in &changes.removed {
+                    info!(destination = %d.destination, via = %d.via, "stale pod route removed");
+                }
+                for (f, e) in &changes.failed {
+                    self.metrics.error(e.kind());
+                    warn!(destination = %f.destination, via = %f.via, error = %e, retry_in = ?self.route_backoff,
+                        "cannot change pod route (is the node's InternalIP on a directly connected link?); other routes and policies are not held up");
+                }
+                changes.failed.len()
+            }
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, retry_in = ?self.route_backoff, "cannot list our routes; retrying");
+                1
+            }
+        };
+        self.metrics.route_failures(failed as u64);
+        if failed == 0 {
+            self.applied_routes = Some(want);
+            self.route_attempted = None;
+            self.route_due = None;
+            self.route_backoff = MIN_BACKOFF;
+        } else {
+            self.applied_routes = None;
+            self.route_attempted = Some(want);
+            self.route_due = Some(Instant::now() + self.route_backoff);
+            self.route_backoff = (self.route_backoff * 2).min(MAX_BACKOFF);
         }
-        for d in &changes.removed {
-            info!(destination = %d.destination, via = %d.via, "stale pod route removed");
-        }
-        self.applied_routes = Some(want);
-        Ok(())
     }
 
     fn write_conflist(&mut self) -> Result<()> {
@@ -625,24 +697,26 @@ impl Engine {
     }
 }
 
-/// Resync also re-checks routes: when ours differ from what we want, a reconcile is due.
+/// Resync also re-checks routes: when ours differ from what we want, a route sync is scheduled (on
+/// the routes' own schedule: a failing route keeps its backoff). Never asks for a reconcile: false.
 fn true_if_routes_differ(e: &mut Engine) -> bool {
     let Some(r) = &e.routes else { return false };
-    let (want, _) = routes::desired_routes(&e.state.nodes, &e.cfg.node_name);
+    let want =
+        routes::desired_routes(&e.state.nodes, &e.cfg.node_name, &e.cfg.cluster_cidrs).routes;
     match e.rt.block_on(r.ours()) {
         Ok(have) if have == want => {
             e.applied_routes = Some(want);
-            false
         }
         Ok(_) => {
             warn!("pod routes differ from the cluster's Nodes; converging");
-            true
+            e.route_due.get_or_insert_with(Instant::now);
         }
         Err(err) => {
             warn!(error = %err, "cannot list our routes");
-            true
+            e.route_due.get_or_insert_with(Instant::now);
         }
     }
+    false
 }
 
 fn describe(ev: &SourceEvent) -> String {

@@ -8,6 +8,7 @@ use palisade_policy::model::Node;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
 };
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -23,37 +24,213 @@ pub struct PodRoute {
     pub via: IpAddr,
 }
 
-/// Routes this node wants: every other node's podCIDRs via its first InternalIP of the same family.
-/// A CIDR without an InternalIP of its family gets no route (returned as a warning naming the node).
+/// Shortest IPv4 podCIDR prefix we route. A node's range holds its pods (kubelet's max-pods is 110 by
+/// default and a few hundred in practice; kube-controller-manager hands out /24s by default): a /16
+/// (65k addresses) is already far more than any node can use, and anything wider claims whole private
+/// ranges (10.0.0.0/8, 172.16.0.0/12), the default route at the extreme. Wider is refused.
+pub const MIN_PREFIX_V4: u8 = 16;
+/// Shortest IPv6 podCIDR prefix we route: node ranges are /64 by default (/80–/112 on some clusters);
+/// a /48 is a whole site. Wider is refused.
+pub const MIN_PREFIX_V6: u8 = 48;
+
+/// Why a Node's podCIDR gets no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RefusalReason {
+    /// Prefix shorter than [`MIN_PREFIX_V4`] / [`MIN_PREFIX_V6`] (the default route included).
+    TooWide,
+    /// Not inside any configured `--cluster-cidr` of its family.
+    OutsideClusterCidr,
+    /// Overlaps a podCIDR of our own Node.
+    OverlapsOwnNode,
+    /// Overlaps a podCIDR another Node claims too (both claims are refused).
+    OverlapsOtherNode,
+}
+
+impl RefusalReason {
+    /// A stable label for the `palisade_refused_pod_cidrs{reason=...}` gauge.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::TooWide => "too_wide",
+            RefusalReason::OutsideClusterCidr => "outside_cluster_cidr",
+            RefusalReason::OverlapsOwnNode => "overlaps_own_node",
+            RefusalReason::OverlapsOtherNode => "overlaps_other_node",
+        }
+    }
+}
+
+/// A podCIDR of a Node that gets no route, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refused {
+    pub node: String,
+    pub cidr: IpNet,
+    pub reason: RefusalReason,
+    /// What it collides with or must lie in (a CIDR, a node), for the log line.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (node, cidr, detail) = (&self.node, &self.cidr, &self.detail);
+        match self.reason {
+            RefusalReason::TooWide => write!(
+                f,
+                "node {node}: podCIDR {cidr} is wider than /{} (IPv4) or /{} (IPv6); no route. A node's pod range is never that wide: check who wrote this Node",
+                MIN_PREFIX_V4, MIN_PREFIX_V6
+            ),
+            RefusalReason::OutsideClusterCidr => write!(
+                f,
+                "node {node}: podCIDR {cidr} is not inside the cluster CIDR ({detail}); no route. Fix the Node or --cluster-cidr"
+            ),
+            RefusalReason::OverlapsOwnNode => write!(
+                f,
+                "node {node}: podCIDR {cidr} overlaps our own node's podCIDR {detail}; no route. Our pods stay local; check who wrote this Node"
+            ),
+            RefusalReason::OverlapsOtherNode => write!(
+                f,
+                "node {node}: podCIDR {cidr} overlaps {detail}; both claims are refused (no route to either) until one Node is fixed"
+            ),
+        }
+    }
+}
+
+/// What [`desired_routes`] decided.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RoutePlan {
+    pub routes: BTreeSet<PodRoute>,
+    /// podCIDRs refused, sorted (node, cidr).
+    pub refused: Vec<Refused>,
+    /// podCIDRs accepted but without an InternalIP of their family (no route).
+    pub warnings: Vec<String>,
+}
+
+/// Whether `n` is IPv4.
+fn v4(n: &IpNet) -> bool {
+    matches!(n, IpNet::V4(_))
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn start_end(n: &IpNet) -> (u128, u128) {
+    match n {
+        IpNet::V4(n) => (
+            u128::from(u32::from(n.network())),
+            u128::from(u32::from(n.broadcast())),
+        ),
+        IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+    }
+}
+
+/// Routes this node wants: every other node's podCIDRs via its first InternalIP of the same family,
+/// for the podCIDRs that pass validation. A podCIDR is refused when it is wider than
+/// [`MIN_PREFIX_V4`]/[`MIN_PREFIX_V6`], lies outside every `cluster_cidrs` entry of its family (when
+/// there is one), overlaps our own Node's podCIDRs, or overlaps a podCIDR of another Node.
+///
+/// Two Nodes claiming overlapping ranges are both refused: kube-controller-manager never hands out
+/// overlapping ranges, so one of the claims is wrong and we cannot tell which (names and order of
+/// arrival prove nothing; a forged Node could pick a name that sorts first). A route to the wrong
+/// node hands its traffic to whoever wrote that Node; no route only breaks reachability, loudly (log
+/// line, metric). The decision depends only on the set of Nodes, never on the order events came in.
 pub fn desired_routes(
     nodes: &BTreeMap<String, Node>,
     self_name: &str,
-) -> (BTreeSet<PodRoute>, Vec<String>) {
-    let mut routes = BTreeSet::new();
-    let mut warnings = Vec::new();
+    cluster_cidrs: &[IpNet],
+) -> RoutePlan {
+    let mut plan = RoutePlan::default();
+    let own: Vec<IpNet> = nodes
+        .get(self_name)
+        .map(|n| n.pod_cidrs.iter().map(IpNet::trunc).collect())
+        .unwrap_or_default();
+    // Claims that pass the per-CIDR checks: (cidr, node).
+    let mut claims: Vec<(IpNet, &str)> = Vec::new();
     for (name, n) in nodes {
         if name == self_name {
             continue;
         }
-        for cidr in &n.pod_cidrs {
-            let via = n
-                .internal_ips
+        let mut seen = BTreeSet::new();
+        for cidr in n.pod_cidrs.iter().map(IpNet::trunc) {
+            if !seen.insert(cidr) {
+                continue;
+            }
+            let refuse = |reason, detail: String| Refused {
+                node: name.clone(),
+                cidr,
+                reason,
+                detail,
+            };
+            let min = match cidr {
+                IpNet::V4(_) => MIN_PREFIX_V4,
+                IpNet::V6(_) => MIN_PREFIX_V6,
+            };
+            let family: Vec<&IpNet> = cluster_cidrs
                 .iter()
-                .find(|ip| ip.is_ipv4() == matches!(cidr, IpNet::V4(_)));
-            match via {
-                Some(via) => {
-                    routes.insert(PodRoute {
-                        destination: *cidr,
-                        via: *via,
-                    });
-                }
-                None => warnings.push(format!(
-                    "node {name}: no InternalIP of the family of podCIDR {cidr}, no route"
-                )),
+                .filter(|c| v4(c) == v4(&cidr))
+                .collect();
+            if cidr.prefix_len() < min {
+                plan.refused
+                    .push(refuse(RefusalReason::TooWide, String::new()));
+            } else if !family.is_empty() && !family.iter().any(|c| c.contains(&cidr)) {
+                let list: Vec<String> = family.iter().map(|c| c.to_string()).collect();
+                plan.refused
+                    .push(refuse(RefusalReason::OutsideClusterCidr, list.join(", ")));
+            } else if let Some(o) = own.iter().find(|o| overlaps(o, &cidr)) {
+                plan.refused
+                    .push(refuse(RefusalReason::OverlapsOwnNode, o.to_string()));
+            } else {
+                claims.push((cidr, name.as_str()));
             }
         }
     }
-    (routes, warnings)
+    // Overlaps between nodes: CIDRs are nested or disjoint, so after sorting by (start, widest first)
+    // every CIDR still open on the stack when `c` comes contains `c`.
+    claims.sort_by_key(|(c, n)| (!v4(c), start_end(c).0, c.prefix_len(), *n));
+    let mut conflict: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    let mut open: Vec<usize> = Vec::new();
+    for i in 0..claims.len() {
+        let (c, node) = claims[i];
+        let (s, _) = start_end(&c);
+        open.retain(|&j| v4(&claims[j].0) == v4(&c) && start_end(&claims[j].0).1 >= s);
+        for &j in &open {
+            let (o, other) = claims[j];
+            if other != node && overlaps(&o, &c) {
+                conflict
+                    .entry(i)
+                    .or_default()
+                    .insert(format!("{o} of node {other}"));
+                conflict
+                    .entry(j)
+                    .or_default()
+                    .insert(format!("{c} of node {node}"));
+            }
+        }
+        open.push(i);
+    }
+    for (i, (cidr, name)) in claims.iter().enumerate() {
+        if let Some(with) = conflict.get(&i) {
+            plan.refused.push(Refused {
+                node: name.to_string(),
+                cidr: *cidr,
+                reason: RefusalReason::OverlapsOtherNode,
+                detail: with.iter().cloned().collect::<Vec<_>>().join(", "),
+            });
+            continue;
+        }
+        let Some(n) = nodes.get(*name) else { continue };
+        match n.internal_ips.iter().find(|ip| ip.is_ipv4() == v4(cidr)) {
+            Some(via) => {
+                plan.routes.insert(PodRoute {
+                    destination: *cidr,
+                    via: *via,
+                });
+            }
+            None => plan.warnings.push(format!(
+                "node {name}: no InternalIP of the family of podCIDR {cidr}, no route"
+            )),
+        }
+    }
+    plan.refused.sort();
+    plan
 }
 
 /// A netlink handle on the current network namespace; its connection runs on the tokio runtime.
@@ -61,11 +238,14 @@ pub struct Routes {
     handle: rtnetlink::Handle,
 }
 
-/// Outcome of one [`Routes::sync`].
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Outcome of one [`Routes::sync`]: each route is tried on its own; one that fails keeps no other
+/// from being added or removed.
+#[derive(Debug, Default)]
 pub struct RouteChanges {
     pub added: Vec<PodRoute>,
     pub removed: Vec<PodRoute>,
+    /// Routes that could not be added or removed, with the error.
+    pub failed: Vec<(PodRoute, Error)>,
 }
 
 fn nl(action: &'static str) -> impl Fn(rtnetlink::Error) -> Error {
@@ -88,7 +268,13 @@ impl Routes {
 
     /// Our routes in the main table, as the kernel has them.
     pub async fn ours(&self) -> Result<BTreeSet<PodRoute>> {
-        let mut out = BTreeSet::new();
+        Ok(self.ours_listed().await?.into_keys().collect())
+    }
+
+    /// Our routes with the kernel's own message for each (deleting with it removes exactly that route,
+    /// whatever attributes it has).
+    async fn ours_listed(&self) -> Result<BTreeMap<PodRoute, RouteMessage>> {
+        let mut out = BTreeMap::new();
         for msg in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -96,7 +282,7 @@ impl Routes {
             let mut s = self.handle.route().get(msg).execute();
             while let Some(r) = s.try_next().await.map_err(nl("list routes"))? {
                 if let Some(pr) = parse_ours(&r) {
-                    out.insert(pr);
+                    out.insert(pr, r);
                 }
             }
         }
@@ -104,46 +290,49 @@ impl Routes {
     }
 
     /// Converges our routes to `want`: adds (replace) missing ones, deletes ours that are not wanted.
-    /// Keeps going past a failed route and reports the first error after trying all.
+    /// Every route is tried; failures are collected in [`RouteChanges::failed`]. Errs only when our
+    /// routes cannot be listed.
     pub async fn sync(&self, want: &BTreeSet<PodRoute>) -> Result<RouteChanges> {
-        let have = self.ours().await?;
+        let have = self.ours_listed().await?;
         let mut changes = RouteChanges::default();
-        let mut first_err = None;
-        for r in have.difference(want) {
-            match self.handle.route().del(message(r)?).execute().await {
+        for (r, msg) in have.iter().filter(|(r, _)| !want.contains(*r)) {
+            match self.handle.route().del(msg.clone()).execute().await {
                 Ok(()) => changes.removed.push(r.clone()),
-                Err(e) => {
-                    tracing::warn!(destination = %r.destination, via = %r.via, error = %e, "cannot delete stale pod route");
-                    first_err.get_or_insert(nl("delete route")(e));
-                }
+                Err(e) => changes.failed.push((r.clone(), nl("delete route")(e))),
             }
         }
-        for r in want.difference(&have) {
-            match self
-                .handle
-                .route()
-                .add(message(r)?)
-                .replace()
-                .execute()
-                .await
-            {
+        for r in want.iter().filter(|r| !have.contains_key(*r)) {
+            let msg = match message(r) {
+                Ok(m) => m,
+                Err(e) => {
+                    changes.failed.push((r.clone(), e));
+                    continue;
+                }
+            };
+            match self.handle.route().add(msg).replace().execute().await {
                 Ok(()) => changes.added.push(r.clone()),
-                Err(e) => {
-                    tracing::warn!(destination = %r.destination, via = %r.via, error = %e,
-                        "cannot add pod route (is the node's InternalIP reachable on a directly connected link?)");
-                    first_err.get_or_insert(nl("add route")(e));
-                }
+                Err(e) => changes.failed.push((r.clone(), nl("add route")(e))),
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(changes),
-        }
+        Ok(changes)
     }
 
-    /// Deletes all our routes (cleanup). Returns how many were removed.
+    /// Deletes all our routes (cleanup), default routes included. Returns how many were removed;
+    /// errs naming every route that could not be.
     pub async fn remove_all(&self) -> Result<usize> {
-        Ok(self.sync(&BTreeSet::new()).await?.removed.len())
+        let c = self.sync(&BTreeSet::new()).await?;
+        if c.failed.is_empty() {
+            return Ok(c.removed.len());
+        }
+        let failed: Vec<String> = c
+            .failed
+            .iter()
+            .map(|(r, e)| format!("{} via {}: {e}", r.destination, r.via))
+            .collect();
+        Err(Error::Netlink {
+            action: "delete routes",
+            message: failed.join("; "),
+        })
     }
 }
 
@@ -181,10 +370,23 @@ fn parse_ours(r: &RouteMessage) -> Option<PodRoute> {
             _ => {}
         }
     }
-    let destination = IpNet::new(dst?, r.header.destination_prefix_length).ok()?;
+    // The kernel sends no RTA_DST for a default route (prefix length 0), and a route of ours without a
+    // gateway could only have been changed behind our back: both are still ours, recognised by the
+    // family, and removed when not wanted.
+    let unspecified = match r.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let dst = match dst {
+        Some(d) => d,
+        None if r.header.destination_prefix_length == 0 => unspecified,
+        None => return None,
+    };
+    let destination = IpNet::new(dst, r.header.destination_prefix_length).ok()?;
     Some(PodRoute {
         destination,
-        via: via?,
+        via: via.unwrap_or(unspecified),
     })
 }
 
@@ -214,9 +416,11 @@ mod tests {
             &["10.244.1.0/24", "fd00:10:244:1::/64"],
             &["fd00::2", "192.168.0.2"],
         )]);
-        let (r, w) = desired_routes(&nodes, "a");
-        assert!(w.is_empty(), "{w:?}");
-        let r: Vec<_> = r
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        assert!(plan.refused.is_empty(), "{:?}", plan.refused);
+        let r: Vec<_> = plan
+            .routes
             .into_iter()
             .map(|r| format!("{} via {}", r.destination, r.via))
             .collect();
@@ -233,8 +437,169 @@ mod tests {
     fn a_cidr_without_an_address_of_its_family_is_a_warning_not_a_route() {
         let mut nodes = BTreeMap::new();
         nodes.extend([node("b", &["fd00:10:244:1::/64"], &["192.168.0.2"])]);
-        let (r, w) = desired_routes(&nodes, "a");
-        assert!(r.is_empty());
-        assert!(w[0].contains("node b"), "{w:?}");
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert!(plan.routes.is_empty());
+        assert!(plan.warnings[0].contains("node b"), "{:?}", plan.warnings);
+    }
+
+    fn routes(plan: &RoutePlan) -> Vec<String> {
+        plan.routes
+            .iter()
+            .map(|r| format!("{} via {}", r.destination, r.via))
+            .collect()
+    }
+
+    fn refused(plan: &RoutePlan) -> Vec<String> {
+        plan.refused
+            .iter()
+            .map(|r| format!("{} {} {}", r.node, r.cidr, r.reason.label()))
+            .collect()
+    }
+
+    #[test]
+    fn a_default_route_or_too_wide_pod_cidr_is_refused_and_the_nodes_other_cidrs_still_route() {
+        let mut nodes = BTreeMap::new();
+        nodes.extend([node("a", &["10.244.0.0/24"], &["192.168.0.1"])]);
+        nodes.extend([node(
+            "evil",
+            &[
+                "0.0.0.0/0",
+                "10.0.0.0/8",
+                "::/0",
+                "fd00::/32",
+                "10.244.9.0/24",
+            ],
+            &["192.168.0.9", "fd00::9"],
+        )]);
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert_eq!(routes(&plan), vec!["10.244.9.0/24 via 192.168.0.9"]);
+        assert_eq!(
+            refused(&plan),
+            vec![
+                "evil 0.0.0.0/0 too_wide",
+                "evil 10.0.0.0/8 too_wide",
+                "evil ::/0 too_wide",
+                "evil fd00::/32 too_wide"
+            ]
+        );
+        assert!(plan.refused[0].to_string().contains("node evil"));
+        assert!(plan.refused[0].to_string().contains("0.0.0.0/0"));
+    }
+
+    #[test]
+    fn a_pod_cidr_overlapping_our_own_nodes_is_refused() {
+        let mut nodes = BTreeMap::new();
+        nodes.extend([node("a", &["10.244.0.0/24"], &["192.168.0.1"])]);
+        nodes.extend([node("b", &["10.244.0.128/25"], &["192.168.0.2"])]);
+        nodes.extend([node("c", &["10.244.0.0/24"], &["192.168.0.3"])]);
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert!(plan.routes.is_empty(), "{:?}", routes(&plan));
+        assert_eq!(
+            refused(&plan),
+            vec![
+                "b 10.244.0.128/25 overlaps_own_node",
+                "c 10.244.0.0/24 overlaps_own_node"
+            ]
+        );
+    }
+
+    #[test]
+    fn two_nodes_claiming_overlapping_ranges_are_both_refused_and_the_others_still_route() {
+        let mut nodes = BTreeMap::new();
+        nodes.extend([node("a", &["10.244.0.0/24"], &["192.168.0.1"])]);
+        // "aaa" sorts before "n1" and claims n1's range: neither gets a route (no hijack by name).
+        nodes.extend([node("aaa", &["10.244.1.0/24"], &["192.168.0.66"])]);
+        nodes.extend([node("n1", &["10.244.1.0/24"], &["192.168.0.2"])]);
+        // Nested claims: a /20 covering n3's /24, with a same-node /24 inside it.
+        nodes.extend([node(
+            "wide",
+            &["10.244.16.0/20", "10.244.17.0/24"],
+            &["192.168.0.7"],
+        )]);
+        nodes.extend([node("n3", &["10.244.17.0/24"], &["192.168.0.3"])]);
+        nodes.extend([node(
+            "n4",
+            &["10.244.4.0/24", "fd00:10:244:4::/64"],
+            &["192.168.0.4", "fd00::4"],
+        )]);
+        nodes.extend([node("n5", &["fd00:10:244:4::/64"], &["fd00::5"])]);
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert_eq!(routes(&plan), vec!["10.244.4.0/24 via 192.168.0.4"]);
+        assert_eq!(
+            refused(&plan),
+            vec![
+                "aaa 10.244.1.0/24 overlaps_other_node",
+                "n1 10.244.1.0/24 overlaps_other_node",
+                "n3 10.244.17.0/24 overlaps_other_node",
+                "n4 fd00:10:244:4::/64 overlaps_other_node",
+                "n5 fd00:10:244:4::/64 overlaps_other_node",
+                "wide 10.244.16.0/20 overlaps_other_node",
+                "wide 10.244.17.0/24 overlaps_other_node",
+            ]
+        );
+        let n1 = plan.refused.iter().find(|r| r.node == "n1").unwrap();
+        assert!(n1.to_string().contains("node aaa"), "{n1}");
+        // The decision does not depend on the order the Nodes are seen in.
+        let mut reversed: Vec<_> = nodes.into_iter().collect();
+        reversed.reverse();
+        let again = desired_routes(&reversed.into_iter().collect(), "a", &[]);
+        assert_eq!(again, plan);
+    }
+
+    #[test]
+    fn a_pod_cidr_outside_the_cluster_cidr_of_its_family_is_refused() {
+        let mut nodes = BTreeMap::new();
+        nodes.extend([node("a", &["10.244.0.0/24"], &["192.168.0.1"])]);
+        nodes.extend([node(
+            "b",
+            &["10.244.1.0/24", "10.99.0.0/24", "fd00:10:244:1::/64"],
+            &["192.168.0.2", "fd00::2"],
+        )]);
+        // Only an IPv4 cluster CIDR: IPv6 ranges are not checked against one.
+        let plan = desired_routes(&nodes, "a", &["10.244.0.0/16".parse().unwrap()]);
+        assert_eq!(
+            routes(&plan),
+            vec![
+                "10.244.1.0/24 via 192.168.0.2",
+                "fd00:10:244:1::/64 via fd00::2"
+            ]
+        );
+        assert_eq!(refused(&plan), vec!["b 10.99.0.0/24 outside_cluster_cidr"]);
+        assert!(plan.refused[0].to_string().contains("10.244.0.0/16"));
+        let plan = desired_routes(
+            &nodes,
+            "a",
+            &[
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:245::/48".parse().unwrap(),
+            ],
+        );
+        assert_eq!(routes(&plan), vec!["10.244.1.0/24 via 192.168.0.2"]);
+    }
+
+    fn our_message(family: AddressFamily, prefix: u8, attrs: Vec<RouteAttribute>) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = family;
+        m.header.destination_prefix_length = prefix;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        m.attributes = attrs;
+        m
+    }
+
+    #[test]
+    fn our_default_route_without_a_destination_attribute_is_recognised_as_ours() {
+        // The kernel omits RTA_DST for 0.0.0.0/0 and ::/0: such a route of ours used to go unseen,
+        // so neither the agent nor `cleanup` removed it.
+        let gw = RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(192, 168, 0, 9)));
+        let r = parse_ours(&our_message(AddressFamily::Inet, 0, vec![gw])).unwrap();
+        assert_eq!(r.destination.to_string(), "0.0.0.0/0");
+        assert_eq!(r.via.to_string(), "192.168.0.9");
+        let r = parse_ours(&our_message(AddressFamily::Inet6, 0, vec![])).unwrap();
+        assert_eq!(r.destination.to_string(), "::/0");
+        // Not ours: another protocol.
+        let mut other = our_message(AddressFamily::Inet, 0, vec![]);
+        other.header.protocol = RouteProtocol::Boot;
+        assert!(parse_ours(&other).is_none());
     }
 }

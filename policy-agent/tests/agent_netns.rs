@@ -776,3 +776,103 @@ fn real_plugin_dual_stack_pod_is_pending_then_isolated_on_ipv6_too() {
         "control: IPv6 path never opened"
     );
 }
+
+/// Issue 11 item 4: a Node claiming our range and the default route got both nodes a default route,
+/// which then outlived the Node (not recognised as ours, `cleanup` left it too); an unreachable
+/// InternalIP made every reconcile fail and policy changes waited for the route backoff.
+#[test]
+fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_node_delays_no_policy(
+) {
+    let (n1, _n2) = two_nodes();
+    let t = TempDir::new("pa-badnode");
+    let d = AgentDirs::new(&t);
+    // A default route of ours left by an agent that accepted a /0 podCIDR: ours, so it must go.
+    n1.ip(&["route", "add", "default", "via", "192.168.77.2", "proto", "140"]);
+    n1.ip(&["-6", "route", "add", "default", "via", "fd00:77::2", "proto", "140"]);
+    assert!(
+        n1.our_routes().contains("default"),
+        "{}",
+        n1.our_routes()
+    );
+    let nodes = format!(
+        "{}{}{}{}{}",
+        node_yaml(NODE, &["10.244.1.0/24"], &["192.168.77.1"]),
+        node_yaml("n2", &["10.244.2.0/24"], &["192.168.77.2"]),
+        // Our range and the default route, via a reachable address.
+        node_yaml("evil", &["10.244.1.0/24", "0.0.0.0/0", "::/0"], &["192.168.77.2", "fd00:77::2"]),
+        // Outside --cluster-cidr.
+        node_yaml("stray", &["10.99.0.0/24"], &["192.168.77.2"]),
+        // An InternalIP on no connected link: its route cannot be added (ENETUNREACH).
+        node_yaml("far", &["10.244.3.0/24"], &["10.9.9.9"]),
+    );
+    manifest(&d.manifests, "nodes.yaml", &format!("{}{nodes}", namespace_yaml("ns")));
+    let agent = Agent::start(&n1, NODE, &d, &["--cluster-cidr", "10.244.0.0/16"]);
+    assert!(
+        agent.wait_ready(&n1, Duration::from_secs(10)),
+        "agent never became ready"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let r = n1.our_routes();
+            r.trim().lines().count() == 1 && r.contains("10.244.2.0/24 via 192.168.77.2")
+        }),
+        "want only n2's route (the default routes of ours removed): {}",
+        n1.our_routes()
+    );
+    let routes = n1.our_routes();
+    for refused in ["10.244.1.0/24", "10.99.0.0", "10.244.3.0/24"] {
+        assert!(!routes.contains(refused), "{refused} routed: {routes}");
+    }
+    let (_, metrics) = n1.http(AGENT_PORT, "/metrics").expect("metrics");
+    for line in [
+        "palisade_refused_pod_cidrs{reason=\"too_wide\"} 2",
+        "palisade_refused_pod_cidrs{reason=\"overlaps_own_node\"} 1",
+        "palisade_refused_pod_cidrs{reason=\"outside_cluster_cidr\"} 1",
+        "palisade_pod_route_failures 1",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+
+    // Policy changes while "far" keeps failing: each is committed at once, none waits for the
+    // route backoff (it used to reach 10 s).
+    let mut policies = String::new();
+    for i in 1..=8 {
+        policies.push_str(&deny_ingress_yaml("ns", &format!("deny{i}"), &format!("a{i}")));
+        manifest(&d.manifests, "policies.yaml", &policies);
+        let start = std::time::Instant::now();
+        let want = format!("palisade_policies {i}\n");
+        assert!(
+            wait_until(Duration::from_secs(10), || n1
+                .http(AGENT_PORT, "/metrics")
+                .is_some_and(|(_, m)| m.contains(&want))),
+            "policy {i} never committed"
+        );
+        let took = start.elapsed();
+        println!("policy change {i} committed after {took:?} with a failing route");
+        assert!(
+            took < Duration::from_secs(2),
+            "policy change {i} waited {took:?} (route backoff?)"
+        );
+    }
+    drop(agent);
+
+    // `cleanup` removes a default route of ours too.
+    n1.ip(&["route", "add", "default", "via", "192.168.77.2", "proto", "140"]);
+    let bin = env!("CARGO_BIN_EXE_palisade-agent");
+    let out = n1.exec(&[
+        bin,
+        "cleanup",
+        "--cni-conf-dir",
+        d.cni_conf.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        n1.our_routes().trim().is_empty(),
+        "cleanup left routes: {}",
+        n1.our_routes()
+    );
+}
