@@ -51,6 +51,22 @@ while True:
         c, _ = s.accept(); c.close()
 "#;
 
+/// Sends UDP datagrams from any source address (IP_TRANSPARENT / IPV6_TRANSPARENT, what a pod with
+/// CAP_NET_RAW can do): argv src dst port count.
+const FORGE: &str = r#"
+import socket, sys
+src, dst, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+if fam == socket.AF_INET6:
+    s.setsockopt(41, 75, 1)
+else:
+    s.setsockopt(0, 19, 1)
+s.bind((src, 0))
+for _ in range(n):
+    s.sendto(b"x", (dst, port))
+"#;
+
 const CONNECT: &str = r#"
 import socket, sys
 socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0).close()
@@ -82,6 +98,33 @@ fn connects(ns: &str, ip: &str, port: u16) -> bool {
         .status()
         .expect("run python3 (needed by this test)")
         .success()
+}
+
+/// Sends `n` UDP datagrams from `src` (not necessarily the pod's address) to `dst`:`port`.
+fn forge(ns: &str, src: &str, dst: &str, port: u16, n: u32) {
+    run(
+        ns,
+        &["python3", "-c", FORGE, src, dst, &port.to_string(), &n.to_string()],
+    );
+}
+
+/// Packets the source guard dropped so far (its last rule's counter).
+fn guard_drops(node: &Netns) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node.name, "nft", "-j", "list", "chain", "inet", "palisade"])
+        .arg(palisade_policy::ruleset::names::CHAIN_SOURCE_GUARD)
+        .output()
+        .expect("list the source guard chain");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .flat_map(|r| r["expr"].as_array().unwrap().iter())
+        .filter_map(|e| e.get("counter"))
+        .map(|c| c["packets"].as_u64().unwrap())
+        .sum()
 }
 
 fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
@@ -185,8 +228,11 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         &node.name,
         &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
     );
-    wire(&node, &client, "palc", CLIENT_IP, CLIENT_IP6);
-    wire(&node, &server, "pals", SERVER_IP, SERVER_IP6);
+    // Host veths named as the plugin names them, for the attachment records below (c0, c1).
+    let client_veth = palisade_contract::host_veth_name("c0", "eth0");
+    let server_veth = palisade_contract::host_veth_name("c1", "eth0");
+    wire(&node, &client, &client_veth, CLIENT_IP, CLIENT_IP6);
+    wire(&node, &server, &server_veth, SERVER_IP, SERVER_IP6);
 
     let mut child = Command::new("ip")
         .args([
@@ -223,6 +269,8 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         .policy("a", "server-in", json!({"podSelector": {"matchLabels": {"app": "server"}},
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]}]}))
         .policy("a", "client-no-ingress", json!({"podSelector": {"matchLabels": {"app": "client"}}}))
+        .attachment("a/client", &[CLIENT_IP, CLIENT_IP6], false)
+        .attachment("a/server", &[SERVER_IP, SERVER_IP6], false)
         .st;
     let mut last = compile(&st, "n1").ruleset;
     node.nft_load(&last.full_replace().to_json_string())
@@ -250,6 +298,20 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     assert!(
         !connects(&client.name, SERVER_IP6, 8081),
         "IPv6 other ports dropped"
+    );
+    // The source guard: what the client sends from an address not its own never gets past
+    // prerouting (counted there), in both families; its own address is not counted.
+    let before = guard_drops(&node);
+    forge(&client.name, CLIENT_IP, SERVER_IP, 9, 5);
+    forge(&client.name, CLIENT_IP6, SERVER_IP6, 9, 5);
+    assert_eq!(guard_drops(&node), before, "the pod's own addresses pass the guard");
+    forge(&client.name, "10.244.1.9", SERVER_IP, 9, 5);
+    forge(&client.name, SERVER_IP, SERVER_IP, 9, 5);
+    forge(&client.name, "fd00:10:244:1::9", SERVER_IP6, 9, 5);
+    assert_eq!(
+        guard_drops(&node),
+        before + 15,
+        "forged sources (unknown, another pod's, IPv6) are dropped and counted"
     );
 
     let mut step = |st: &palisade_policy::model::ClusterState| {

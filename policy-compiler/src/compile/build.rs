@@ -224,6 +224,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             rules,
         });
     }
+    source_guard(rs, c);
     let mut rules = vmap_lookups(Direction::Ingress);
     rules.push(
         Rule::new(vec![Stmt::Accept]).with_comment("egress allowed; destination not isolated"),
@@ -232,6 +233,68 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         name: CHAIN_INGRESS.to_string(),
         base: None,
         comment: "ingress of local pods, after the egress check".to_string(),
+        rules,
+    });
+}
+
+/// The source guard: a packet coming in through a pod's host veth must carry one of the addresses
+/// the attachment record binds to that veth, or it is dropped (and counted) before conntrack and
+/// before any policy sees it; so no pod can borrow another's address (or a node's, or an outside
+/// one) to meet a rule that allows that address. Neighbour discovery from the pod's link-local
+/// address is let through (it is how the pod finds its gateway). A packet from any other interface
+/// passes the first rule.
+fn source_guard(rs: &mut Ruleset, c: &Compiled) {
+    for fam in Family::BOTH {
+        rs.add_set(Set {
+            name: source_set(fam).to_string(),
+            key: match fam {
+                Family::V4 => SetKey::IfnameIpv4,
+                Family::V6 => SetKey::IfnameIpv6,
+            },
+            interval: false,
+            verdict_map: false,
+            comment: comment("host veth . address of local pods: the sources each veth may carry"),
+            elements: c
+                .sources
+                .iter()
+                .filter(|(_, ip)| Family::of(ip) == fam)
+                .map(|(veth, ip)| Elem::IfaceAddr(veth.clone(), *ip))
+                .collect(),
+        });
+    }
+    let mut rules = vec![Rule::new(vec![
+        Stmt::IifnameNotPrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+        Stmt::Accept,
+    ])
+    .with_comment("not from a pod")];
+    for fam in Family::BOTH {
+        rules.push(Rule::new(vec![
+            Stmt::IifSaddrInSet {
+                family: fam,
+                set: source_set(fam).to_string(),
+            },
+            Stmt::Accept,
+        ]));
+    }
+    rules.push(
+        Rule::new(vec![
+            Stmt::Ip6SaddrLinkLocal,
+            Stmt::Icmpv6HostNeighbourDiscovery,
+            Stmt::Accept,
+        ])
+        .with_comment("neighbour discovery from the pod's link-local address"),
+    );
+    rules.push(
+        Rule::new(vec![Stmt::Counter, Stmt::Drop])
+            .with_comment("forged source: not an address of the pod behind this veth"),
+    );
+    rs.add_chain(Chain {
+        name: CHAIN_SOURCE_GUARD.to_string(),
+        base: Some(BaseHook {
+            hook: Hook::Prerouting,
+            priority: PRIORITY_SOURCE_GUARD,
+        }),
+        comment: "packets from a pod's veth carry that pod's address".to_string(),
         rules,
     });
 }

@@ -844,7 +844,12 @@ impl IncrementalCompiler {
             })
             .flat_map(|a| a.ips.iter().copied())
             .collect();
-        let (mut part, warnings) = build::local_part(&self.compiled);
+        let (sources, source_warnings) = resolve::source_bindings(&self.state.attachments);
+        self.compiled.sources = sources;
+        let (mut part, part_warnings) = build::local_part(&self.compiled);
+        // In the order of a full compile: resolve's, then the build's.
+        let mut warnings = source_warnings;
+        warnings.extend(part_warnings);
         let new_names = names_of(&part);
         let rs = &mut self.compiled.ruleset;
         for name in self.local_names.0.union(&new_names.0) {

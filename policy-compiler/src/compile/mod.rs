@@ -4,6 +4,7 @@
 //! policies and rules allow, with peers and ports resolved to addresses) and the [`Ruleset`]
 //! rendered from exactly that model. `explain` reads the same model.
 
+pub mod admit;
 mod build;
 pub mod incremental;
 pub mod intervals;
@@ -157,6 +158,9 @@ pub struct Compiled {
     pub policies: BTreeMap<String, CompiledPolicy>,
     /// Addresses of local attachments still pending (their pod is not known yet).
     pub pending: BTreeSet<IpAddr>,
+    /// (host veth, address) of every local pod interface: a packet coming in through a pod's veth
+    /// must carry one of that pod's addresses (the source guard).
+    pub sources: BTreeSet<(String, IpAddr)>,
     pub ruleset: Ruleset,
     /// Problems the compiler worked around, each naming the objects (for the agent's log).
     pub warnings: Vec<String>,

@@ -262,14 +262,39 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
             compile_policy(&ix, pkey, pol, selected, BTreeMap::new()),
         );
     }
+    let (sources, warnings) = source_bindings(&state.attachments);
     Compiled {
         node: node.to_string(),
         pods,
         policies,
         pending,
+        sources,
         ruleset: Ruleset::default(),
-        warnings: Vec::new(),
+        warnings,
     }
+}
+
+/// (host veth, address) of every attachment record of this node: what the source guard lets in.
+/// A record whose host veth is not the name the plugin derives from its container id and ifname
+/// was not written by our plugin (or was edited): it binds nothing, so that veth's traffic stays
+/// dropped (fail closed), with a warning naming the record.
+pub(crate) fn source_bindings(
+    attachments: &[Attachment],
+) -> (BTreeSet<(String, IpAddr)>, Vec<String>) {
+    let mut sources = BTreeSet::new();
+    let mut warnings = Vec::new();
+    for a in attachments {
+        let expected = palisade_contract::host_veth_name(&a.container_id, &a.ifname);
+        if a.host_veth != expected {
+            warnings.push(format!(
+                "attachment record {}_{} names host veth {:?}, not {expected:?}: its addresses are not accepted from any interface",
+                a.container_id, a.ifname, a.host_veth
+            ));
+            continue;
+        }
+        sources.extend(a.ips.iter().map(|ip| (a.host_veth.clone(), *ip)));
+    }
+    (sources, warnings)
 }
 
 pub(crate) fn selector_opt_matches(s: &Option<LabelSelector>, labels: &Labels) -> bool {

@@ -8,7 +8,7 @@ use crate::explain::{explain, Endpoint};
 use crate::model::*;
 use crate::ruleset::eval::Packet;
 use crate::ruleset::names::*;
-use crate::ruleset::{Elem, Family, Stmt};
+use crate::ruleset::{Elem, Family, SetKey, Stmt};
 use palisade_contract::Attachment;
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -315,7 +315,11 @@ fn semantics_11_deleting_the_last_policy_removes_isolation() {
     assert!(w.can("b/y", "a/x", 80, TCP));
     let rs = compiled(&w).ruleset;
     assert!(rs.sets[MAP_INGRESS_V4].elements.is_empty());
-    assert_eq!(rs.chains.len(), 3, "only the base chains remain");
+    assert_eq!(
+        rs.chains.len(),
+        4,
+        "only the base chains (and the regular ingress chain) remain"
+    );
 }
 
 // ---------------------------------------------------------------- peers
@@ -607,8 +611,8 @@ fn semantics_27_checks_run_in_postrouting_after_dnat_before_snat() {
     assert!(rs.chains[CHAIN_INGRESS].base.is_none());
     assert_eq!(
         rs.chains.values().filter(|c| c.base.is_some()).count(),
-        2,
-        "one base chain per hook"
+        3,
+        "one base chain per hook (prerouting: the source guard)"
     );
 }
 
@@ -997,6 +1001,68 @@ fn attachment_ips_count_for_local_pods_before_the_api_knows_them_and_pending_cle
     assert!(c.ruleset.sets[MAP_INGRESS_V6]
         .elements
         .contains(&Elem::GotoChain(ip("fd00:1::1"), group)));
+}
+
+#[test]
+fn source_guard_binds_each_records_addresses_to_its_own_veth_only() {
+    let mut w = W::new();
+    let x = attachment("a/x", &["10.0.1.1", "fd00:1::1"], false);
+    let y = attachment("a/y", &["10.0.1.2"], true);
+    let vx = x.host_veth.clone();
+    let vy = y.host_veth.clone();
+    w.st.apply(Change::SetAttachments(vec![x, y]));
+    let c = compiled(&w);
+    assert_eq!(
+        c.ruleset.sets[SOURCE_SET_V4].elements,
+        [
+            Elem::IfaceAddr(vx.clone(), ip("10.0.1.1")),
+            Elem::IfaceAddr(vy, ip("10.0.1.2")),
+        ]
+        .into(),
+        "a pending pod's binding is there before its pod is known: pending drops it anyway"
+    );
+    assert_eq!(
+        c.ruleset.sets[SOURCE_SET_V6].elements,
+        [Elem::IfaceAddr(vx, ip("fd00:1::1"))].into()
+    );
+    assert_eq!(c.ruleset.sets[SOURCE_SET_V4].key, SetKey::IfnameIpv4);
+}
+
+#[test]
+fn source_guard_refuses_a_record_whose_veth_is_not_the_derived_name() {
+    let mut w = W::new();
+    let mut a = attachment("a/x", &["10.0.1.1"], false);
+    a.host_veth = "eth0".into();
+    w.st.apply(Change::SetAttachments(vec![a]));
+    let c = compiled(&w);
+    assert!(c.ruleset.sets[SOURCE_SET_V4].elements.is_empty());
+    assert!(
+        c.warnings.iter().any(|w| w.contains("c-x_eth0") && w.contains("\"eth0\"")),
+        "the warning names the record and the veth: {:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn source_guard_runs_before_conntrack_and_drops_with_a_counter() {
+    let rs = compiled(&W::new()).ruleset;
+    let g = &rs.chains[CHAIN_SOURCE_GUARD];
+    let b = g.base.unwrap();
+    assert_eq!(b.hook, crate::ruleset::Hook::Prerouting);
+    assert!(b.priority < -200, "before conntrack (-200): a forged packet never makes an entry");
+    assert_eq!(
+        g.rules[0].stmts,
+        vec![
+            Stmt::IifnameNotPrefix(palisade_contract::HOST_VETH_PREFIX.into()),
+            Stmt::Accept
+        ],
+        "traffic that does not come from a pod passes at the first rule"
+    );
+    assert_eq!(g.rules.last().unwrap().stmts, vec![Stmt::Counter, Stmt::Drop]);
+    // Rendering: the wildcard and the concatenation are what nft expects.
+    let json = rs.to_json().to_string();
+    assert!(json.contains(r#""right":"pal*""#), "{json}");
+    assert!(json.contains(r#""type":["ifname","ipv4_addr"]"#), "{json}");
 }
 
 #[test]

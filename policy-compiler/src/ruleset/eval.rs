@@ -59,7 +59,12 @@ impl Ruleset {
                 match s {
                     Stmt::CtEstablishedRelated
                     | Stmt::CtInvalid
-                    | Stmt::Icmpv6NeighbourDiscovery => continue 'rules,
+                    | Stmt::Icmpv6NeighbourDiscovery
+                    | Stmt::Icmpv6HostNeighbourDiscovery
+                    | Stmt::Ip6SaddrLinkLocal => continue 'rules,
+                    // The packet model has no input interface: the source guard is checked by
+                    // the kernel tests, and policy verdicts start after it.
+                    Stmt::IifnameNotPrefix(_) | Stmt::IifSaddrInSet { .. } => continue 'rules,
                     Stmt::FibSaddrLocal => {
                         if !p.from_this_node {
                             continue 'rules;

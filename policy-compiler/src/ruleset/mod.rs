@@ -16,6 +16,7 @@ use std::net::IpAddr;
 /// Hook of a base chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
+    Prerouting,
     Postrouting,
     Input,
 }
@@ -23,6 +24,7 @@ pub enum Hook {
 impl Hook {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Prerouting => "prerouting",
             Self::Postrouting => "postrouting",
             Self::Input => "input",
         }
@@ -80,6 +82,19 @@ pub enum Stmt {
     FibSaddrNotLocal,
     /// `icmpv6 type { nd-* }` (types 133-137).
     Icmpv6NeighbourDiscovery,
+    /// `iifname != "<prefix>*"`: the packet did not come in through a pod's host veth.
+    IifnameNotPrefix(String),
+    /// `iifname . ip[6] saddr @set`: the source address is one of the pod's behind this veth.
+    IifSaddrInSet {
+        family: Family,
+        set: String,
+    },
+    /// `ip6 saddr { ::, fe80::/10 }`: link-local or unspecified (duplicate address detection).
+    Ip6SaddrLinkLocal,
+    /// `icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,
+    /// mld-listener-report, mld2-listener-report }`: what a pod's interface sends to find its
+    /// gateway (no router advertisements or redirects: a pod is no router).
+    Icmpv6HostNeighbourDiscovery,
     /// `ip[6] <field> @set`
     AddrInSet {
         family: Family,
@@ -158,6 +173,10 @@ pub enum SetKey {
     Ipv4Pair,
     /// `ipv6_addr . ipv6_addr`
     Ipv6Pair,
+    /// `ifname . ipv4_addr`
+    IfnameIpv4,
+    /// `ifname . ipv6_addr`
+    IfnameIpv6,
 }
 
 /// One element of a set or map.
@@ -174,6 +193,8 @@ pub enum Elem {
     AddrPair(IpAddr, IpAddr),
     /// Verdict map element: `addr : goto <chain>`.
     GotoChain(IpAddr, String),
+    /// `ifname . addr`: an address a pod may send from, and the host veth it comes in through.
+    IfaceAddr(String, IpAddr),
 }
 
 /// A named set or verdict map.

@@ -106,6 +106,8 @@ fn key_type(k: SetKey) -> Value {
         SetKey::Ipv6ProtoPort => json!(["ipv6_addr", "inet_proto", "inet_service"]),
         SetKey::Ipv4Pair => json!(["ipv4_addr", "ipv4_addr"]),
         SetKey::Ipv6Pair => json!(["ipv6_addr", "ipv6_addr"]),
+        SetKey::IfnameIpv4 => json!(["ifname", "ipv4_addr"]),
+        SetKey::IfnameIpv6 => json!(["ifname", "ipv6_addr"]),
     }
 }
 
@@ -173,6 +175,7 @@ pub(crate) fn elem_json(e: &Elem, key_only: bool) -> Value {
         Elem::AddrPair(a, b) => json!({"concat": [a.to_string(), b.to_string()]}),
         Elem::GotoChain(ip, target) if key_only => ip_json(ip),
         Elem::GotoChain(ip, target) => json!([ip.to_string(), {"goto": {"target": target}}]),
+        Elem::IfaceAddr(name, ip) => json!({"concat": [name, ip.to_string()]}),
     }
 }
 
@@ -227,6 +230,21 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::Icmpv6NeighbourDiscovery => matches(
             json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
             json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}),
+        ),
+        Stmt::IifnameNotPrefix(prefix) => {
+            json!({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": format!("{prefix}*")}})
+        }
+        Stmt::IifSaddrInSet { family, set } => matches(
+            json!({"concat": [{"meta": {"key": "iifname"}}, addr(*family, AddrField::Saddr)]}),
+            set_ref_str(set),
+        ),
+        Stmt::Ip6SaddrLinkLocal => matches(
+            addr(Family::V6, AddrField::Saddr),
+            json!({"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}),
+        ),
+        Stmt::Icmpv6HostNeighbourDiscovery => matches(
+            json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
+            json!({"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert", "mld-listener-report", "mld2-listener-report"]}),
         ),
         Stmt::AddrInSet { family, field, set } => matches(addr(*family, *field), set_ref_str(set)),
         Stmt::SelfTraffic { family, set } => matches(
