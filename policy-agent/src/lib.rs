@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cniconf;
 pub mod commands;
 pub mod compiled;
+pub mod conntrack;
 pub mod error;
 pub mod lock;
 pub mod metrics;

@@ -1,0 +1,608 @@
+//! The conntrack edge: cuts established flows the current ruleset would no longer admit as new.
+//!
+//! Our base chains accept `ct state established,related` first, so a flow admitted once would live
+//! on after a policy revoked it, or after our table was restored (flows opened while it was gone).
+//! After such commits the engine calls [`Revoker::sweep`]: it dumps this network namespace's
+//! conntrack table (IPv4 and IPv6) over nfnetlink, judges every entry that involves a local pod or
+//! pending address with [`palisade_policy::compile::admit`] as our postrouting hook saw its first
+//! packet (source = original source; destination, port = reply source, i.e. after DNAT), and deletes
+//! the entries that would not be admitted now (by original tuple, zone and id), so the next packet
+//! of such a flow meets the rules. Entries it cannot judge are left alone and counted.
+//!
+//! "From this node" (`fib saddr type local`) is answered from this namespace's own addresses, read
+//! over rtnetlink and cached for [`ADDRS_MAX_AGE`].
+
+use crate::error::{Error, Result};
+use futures::TryStreamExt;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::conntrack::{
+    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol as CtProto, Tuple,
+};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use palisade_policy::compile::admit::{Admission, Admitter, Flow};
+use palisade_policy::compile::Compiled;
+use palisade_policy::model::Protocol;
+use rtnetlink::packet_route::address::AddressAttribute;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// How long the node's own addresses are trusted before they are listed again.
+pub const ADDRS_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// `CTA_ID`: the entry's id; a delete carrying it removes exactly the entry we judged.
+const CTA_ID: u16 = 12;
+/// `CTA_ZONE`: the entry's conntrack zone (u16); a delete must name it.
+const CTA_ZONE: u16 = 18;
+/// `CTA_PROTO_ICMPV6_TYPE` inside a tuple's protocol part.
+const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
+/// ICMPv6 neighbour discovery types (router solicit .. redirect): accepted by our base chains before
+/// any policy, whatever the addresses.
+const ND_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
+
+/// What the postrouting hook saw of one conntrack entry's first packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Judge it as this (new) packet; `from_this_node` is still to be filled in.
+    Judge(Flow),
+    /// Accepted by our base chains whatever the policies (neighbour discovery).
+    AlwaysAdmitted,
+}
+
+/// Why an entry could not be judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unjudged {
+    NoOriginalSource,
+    NoReplySource,
+    NoProtocol,
+    NoReplyPort,
+}
+
+/// Maps one entry's attributes to the packet our postrouting hook judged: source = original-tuple
+/// source (before SNAT), destination = reply-tuple source (after DNAT, e.g. a Service VIP's
+/// backend), port = reply-tuple source port; ICMP and other protocols without ports are judged as
+/// the ruleset does (only rules without `ports` admit them).
+pub fn seen(attrs: &[ConntrackAttribute]) -> std::result::Result<Seen, Unjudged> {
+    let mut orig = None;
+    let mut reply = None;
+    for a in attrs {
+        match a {
+            ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t.as_slice()),
+            ConntrackAttribute::CtaTupleReply(t) => reply = Some(t.as_slice()),
+            _ => {}
+        }
+    }
+    let orig = orig.unwrap_or_default();
+    let reply = reply.unwrap_or_default();
+    let src = ip_src(orig).ok_or(Unjudged::NoOriginalSource)?;
+    let dst = ip_src(reply).ok_or(Unjudged::NoReplySource)?;
+    let proto = proto_parts(orig)
+        .find_map(|p| match p {
+            ProtoTuple::Protocol(p) => Some(*p),
+            _ => None,
+        })
+        .ok_or(Unjudged::NoProtocol)?;
+    let proto = match proto {
+        CtProto::Tcp => Some(Protocol::Tcp),
+        CtProto::Udp => Some(Protocol::Udp),
+        CtProto::Sctp => Some(Protocol::Sctp),
+        CtProto::Ipv6Icmp if icmpv6_type(orig).is_some_and(|t| ND_TYPES.contains(&t)) => {
+            return Ok(Seen::AlwaysAdmitted)
+        }
+        _ => None,
+    };
+    let port = match proto {
+        Some(_) => proto_parts(reply)
+            .find_map(|p| match p {
+                ProtoTuple::SourcePort(p) => Some(*p),
+                _ => None,
+            })
+            .ok_or(Unjudged::NoReplyPort)?,
+        None => 0,
+    };
+    Ok(Seen::Judge(Flow {
+        src,
+        dst,
+        proto,
+        port,
+        from_this_node: false,
+    }))
+}
+
+fn ip_src(tuple: &[Tuple]) -> Option<IpAddr> {
+    tuple.iter().find_map(|t| match t {
+        Tuple::Ip(parts) => parts.iter().find_map(|p| match p {
+            IPTuple::SourceAddress(a) => Some(*a),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn proto_parts(tuple: &[Tuple]) -> impl Iterator<Item = &ProtoTuple> {
+    tuple
+        .iter()
+        .filter_map(|t| match t {
+            Tuple::Proto(parts) => Some(parts.iter()),
+            _ => None,
+        })
+        .flatten()
+}
+
+fn icmpv6_type(tuple: &[Tuple]) -> Option<u8> {
+    proto_parts(tuple).find_map(|p| match p {
+        ProtoTuple::Other(n) if n.kind() == CTA_PROTO_ICMPV6_TYPE => {
+            let mut v = [0u8; 1];
+            (n.value_len() == 1).then(|| {
+                n.emit_value(&mut v);
+                v[0]
+            })
+        }
+        _ => None,
+    })
+}
+
+/// The attributes that name an entry for deletion: original tuple, zone, id.
+fn delete_key(attrs: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
+    attrs
+        .iter()
+        .filter(|a| match a {
+            ConntrackAttribute::CtaTupleOrig(_) => true,
+            ConntrackAttribute::Other(n) => n.kind() == CTA_ZONE || n.kind() == CTA_ID,
+            _ => false,
+        })
+        .cloned()
+        .collect()
+}
+
+/// One flow cut, with what denied it (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub flow: Flow,
+    pub why: Admission,
+}
+
+/// What one [`Revoker::sweep`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Entries in the dumps.
+    pub scanned: u64,
+    /// Entries involving a local pod or pending address (judged).
+    pub judged: u64,
+    /// Entries deleted.
+    pub cut: Vec<Cut>,
+    /// Entries to delete that were already gone.
+    pub gone: u64,
+    /// Entries left alone because they could not be judged (or a delete failed).
+    pub unjudged: u64,
+    pub took: Duration,
+}
+
+/// This namespace's own addresses (`fib saddr type local`), cached.
+struct NodeAddrs {
+    handle: rtnetlink::Handle,
+    rt: tokio::runtime::Handle,
+    addrs: HashSet<IpAddr>,
+    listed: Option<Instant>,
+}
+
+impl NodeAddrs {
+    fn refresh(&mut self) -> Result<()> {
+        if self.listed.is_some_and(|t| t.elapsed() < ADDRS_MAX_AGE) {
+            return Ok(());
+        }
+        let handle = self.handle.clone();
+        let msgs: Vec<_> = self
+            .rt
+            .block_on(async move { handle.address().get().execute().try_collect().await })
+            .map_err(|e| Error::Netlink {
+                action: "list this node's addresses",
+                message: e.to_string(),
+            })?;
+        self.addrs = msgs
+            .iter()
+            .flat_map(|m| m.attributes.iter())
+            .filter_map(|a| match a {
+                AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            })
+            .collect();
+        self.listed = Some(Instant::now());
+        Ok(())
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.addrs.contains(&ip)
+    }
+}
+
+/// Cuts established flows that lost their permission. Lives on the reconcile thread.
+pub struct Revoker {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+    addrs: NodeAddrs,
+}
+
+/// Receive buffer: a dump answers in batches of this much at most.
+const RECV_BUF: usize = 1 << 20;
+
+fn nl(action: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::Netlink {
+        action,
+        message: e.to_string(),
+    }
+}
+
+impl Revoker {
+    /// Opens an nfnetlink socket and an rtnetlink connection (run on `rt`) in the calling thread's
+    /// network namespace.
+    pub fn new(rt: &tokio::runtime::Handle) -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(nl("open conntrack socket"))?;
+        socket.bind_auto().map_err(nl("bind conntrack socket"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(nl("connect conntrack socket"))?;
+        let (conn, handle, _) = {
+            let _guard = rt.enter();
+            rtnetlink::new_connection().map_err(nl("open address socket"))?
+        };
+        rt.spawn(conn);
+        Ok(Revoker {
+            socket,
+            seq: 0,
+            buf: Vec::with_capacity(RECV_BUF),
+            addrs: NodeAddrs {
+                handle,
+                rt: rt.clone(),
+                addrs: HashSet::new(),
+                listed: None,
+            },
+        })
+    }
+
+    /// Deletes one entry; false when it was already gone.
+    fn delete(
+        &mut self,
+        family: NetfilterProtoFamily,
+        key: Vec<ConntrackAttribute>,
+    ) -> Result<bool> {
+        let seq = send(
+            &self.socket,
+            &mut self.seq,
+            family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            ConntrackMessage::Delete(key),
+        )?;
+        loop {
+            self.buf.clear();
+            let n = self
+                .socket
+                .recv(&mut self.buf, 0)
+                .map_err(nl("read conntrack delete answer"))?;
+            let msg =
+                NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[..n]).map_err(|e| {
+                    Error::Netlink {
+                        action: "read conntrack delete answer",
+                        message: e.to_string(),
+                    }
+                })?;
+            if msg.header.sequence_number != seq {
+                continue;
+            }
+            return match msg.payload {
+                NetlinkPayload::Error(e) => match e.code {
+                    None => Ok(true),
+                    Some(c) if c.get() == -libc::ENOENT => Ok(false),
+                    Some(_) => Err(Error::Netlink {
+                        action: "delete conntrack entry",
+                        message: e.to_io().to_string(),
+                    }),
+                },
+                _ => Ok(true),
+            };
+        }
+    }
+
+    /// Judges every conntrack entry of this namespace against `model` and deletes those of flows the
+    /// ruleset built from it would not admit as new. Entries involving no local pod or pending
+    /// address are skipped after the parse (the ruleset cannot drop them).
+    pub fn sweep(&mut self, model: &Compiled) -> Result<SweepReport> {
+        let start = Instant::now();
+        let mut report = SweepReport::default();
+        if model.pods.is_empty() && model.pending.is_empty() {
+            return Ok(report);
+        }
+        self.addrs.refresh()?;
+        let adm = Admitter::new(model);
+        let mut doomed: Vec<(NetfilterProtoFamily, Vec<ConntrackAttribute>, Cut)> = Vec::new();
+        for family in [NetfilterProtoFamily::IPv4, NetfilterProtoFamily::IPv6] {
+            let addrs = &self.addrs;
+            let mut undecodable = 0;
+            let (scanned, judged, unjudged) = (
+                &mut report.scanned,
+                &mut report.judged,
+                &mut report.unjudged,
+            );
+            let mut each = |attrs: &[ConntrackAttribute]| {
+                *scanned += 1;
+                let mut flow = match seen(attrs) {
+                    Ok(Seen::Judge(f)) => f,
+                    Ok(Seen::AlwaysAdmitted) => return,
+                    Err(_) => {
+                        *unjudged += 1;
+                        return;
+                    }
+                };
+                if !adm.concerns(flow.src) && !adm.concerns(flow.dst) {
+                    return;
+                }
+                *judged += 1;
+                flow.from_this_node = addrs.is_local(flow.src);
+                let why = adm.admit(&flow);
+                if !why.admitted() {
+                    doomed.push((family, delete_key(attrs), Cut { flow, why }));
+                }
+            };
+            // The closure reads `self.addrs` while the dump borrows the socket.
+            let mut dumper = Dumper {
+                socket: &self.socket,
+                seq: &mut self.seq,
+                buf: &mut self.buf,
+            };
+            dumper.dump(family, &mut each, &mut undecodable)?;
+            report.unjudged += undecodable;
+        }
+        for (family, key, cut) in doomed {
+            match self.delete(family, key) {
+                Ok(true) => report.cut.push(cut),
+                Ok(false) => report.gone += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, flow = ?cut.flow, "cannot delete the conntrack entry of a revoked flow; it lives on until its next change");
+                    report.unjudged += 1;
+                }
+            }
+        }
+        report.took = start.elapsed();
+        Ok(report)
+    }
+}
+
+/// Sends one conntrack request with the next sequence number, which it returns.
+fn send(
+    socket: &Socket,
+    seq: &mut u32,
+    family: NetfilterProtoFamily,
+    flags: u16,
+    msg: ConntrackMessage,
+) -> Result<u32> {
+    *seq = seq.wrapping_add(1);
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = flags;
+    hdr.sequence_number = *seq;
+    let mut packet = NetlinkMessage::new(
+        hdr,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(family, 0, 0),
+            msg,
+        )),
+    );
+    packet.finalize();
+    let mut out = vec![0; packet.buffer_len()];
+    packet.serialize(&mut out);
+    socket.send(&out, 0).map_err(nl("send conntrack request"))?;
+    Ok(*seq)
+}
+
+/// The dump half of [`Revoker`], borrowing its socket, so the per-entry closure can read the
+/// revoker's cached addresses meanwhile.
+struct Dumper<'a> {
+    socket: &'a Socket,
+    seq: &'a mut u32,
+    buf: &'a mut Vec<u8>,
+}
+
+impl Dumper<'_> {
+    fn dump(
+        &mut self,
+        family: NetfilterProtoFamily,
+        each: &mut dyn FnMut(&[ConntrackAttribute]),
+        undecodable: &mut u64,
+    ) -> Result<()> {
+        let seq = send(
+            self.socket,
+            self.seq,
+            family,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            ConntrackMessage::Get(vec![]),
+        )?;
+        loop {
+            self.buf.clear();
+            let n = self
+                .socket
+                .recv(self.buf, 0)
+                .map_err(nl("read conntrack dump"))?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes([
+                    self.buf[off],
+                    self.buf[off + 1],
+                    self.buf[off + 2],
+                    self.buf[off + 3],
+                ]) as usize;
+                if len < 16 || off + len > n {
+                    return Err(Error::Netlink {
+                        action: "read conntrack dump",
+                        message: format!("truncated message ({len} bytes at {off} of {n})"),
+                    });
+                }
+                let bytes = &self.buf[off..off + len];
+                off += (len + 3) & !3;
+                let msg = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
+                    Ok(m) => m,
+                    Err(_) => {
+                        *undecodable += 1;
+                        continue;
+                    }
+                };
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) if e.code.is_some() => {
+                        return Err(Error::Netlink {
+                            action: "dump conntrack",
+                            message: e.to_io().to_string(),
+                        })
+                    }
+                    NetlinkPayload::InnerMessage(NetfilterMessage {
+                        inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
+                        ..
+                    }) => each(&attrs),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::DefaultNla;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn tuple(src: &str, dst: &str, proto: CtProto, ports: Option<(u16, u16)>) -> Vec<Tuple> {
+        let mut p = vec![ProtoTuple::Protocol(proto)];
+        if let Some((s, d)) = ports {
+            p.push(ProtoTuple::SourcePort(s));
+            p.push(ProtoTuple::DestinationPort(d));
+        }
+        vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(ip(src)),
+                IPTuple::DestinationAddress(ip(dst)),
+            ]),
+            Tuple::Proto(p),
+        ]
+    }
+
+    fn entry(orig: Vec<Tuple>, reply: Vec<Tuple>) -> Vec<ConntrackAttribute> {
+        vec![
+            ConntrackAttribute::CtaTupleOrig(orig),
+            ConntrackAttribute::CtaTupleReply(reply),
+            ConntrackAttribute::CtaTimeout(120),
+            ConntrackAttribute::Other(DefaultNla::new(CTA_ID, vec![0, 0, 0, 7])),
+            ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, vec![0, 3])),
+        ]
+    }
+
+    fn flow(src: &str, dst: &str, proto: Option<Protocol>, port: u16) -> Seen {
+        Seen::Judge(Flow {
+            src: ip(src),
+            dst: ip(dst),
+            proto,
+            port,
+            from_this_node: false,
+        })
+    }
+
+    #[test]
+    fn a_plain_tcp_entry_is_judged_as_its_first_packet() {
+        let e = entry(
+            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
+        );
+        assert_eq!(
+            seen(&e),
+            Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Tcp), 80))
+        );
+    }
+
+    #[test]
+    fn a_service_flow_is_judged_by_its_backend_and_target_port() {
+        // 10.0.1.2 -> VIP 10.96.0.10:53, DNAT to the backend pod 10.0.1.1:5353.
+        let e = entry(
+            tuple("10.0.1.2", "10.96.0.10", CtProto::Udp, Some((40000, 53))),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Udp, Some((5353, 40000))),
+        );
+        assert_eq!(
+            seen(&e),
+            Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Udp), 5353))
+        );
+    }
+
+    #[test]
+    fn a_masqueraded_flow_keeps_the_pod_source_our_hook_saw() {
+        // The pod's egress is SNATed to the node after our hook: the reply goes to the node address.
+        let e = entry(
+            tuple("10.0.1.2", "8.8.8.8", CtProto::Sctp, Some((40000, 9))),
+            tuple("8.8.8.8", "192.168.0.1", CtProto::Sctp, Some((9, 61000))),
+        );
+        assert_eq!(
+            seen(&e),
+            Ok(flow("10.0.1.2", "8.8.8.8", Some(Protocol::Sctp), 9))
+        );
+    }
+
+    #[test]
+    fn icmp_is_judged_without_ports_like_the_ruleset_does() {
+        let e = entry(
+            tuple("fd00::1:2", "fd00::1:1", CtProto::Ipv6Icmp, None),
+            tuple("fd00::1:1", "fd00::1:2", CtProto::Ipv6Icmp, None),
+        );
+        assert_eq!(seen(&e), Ok(flow("fd00::1:2", "fd00::1:1", None, 0)));
+        let e = entry(
+            tuple("10.0.1.2", "10.0.1.1", CtProto::Icmp, None),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Icmp, None),
+        );
+        assert_eq!(seen(&e), Ok(flow("10.0.1.2", "10.0.1.1", None, 0)));
+    }
+
+    #[test]
+    fn neighbour_discovery_is_always_admitted() {
+        let mut orig = tuple("fe80::1", "fe80::2", CtProto::Ipv6Icmp, None);
+        if let Tuple::Proto(p) = &mut orig[1] {
+            p.push(ProtoTuple::Other(DefaultNla::new(
+                CTA_PROTO_ICMPV6_TYPE,
+                vec![135],
+            )));
+        }
+        let e = entry(orig, tuple("fe80::2", "fe80::1", CtProto::Ipv6Icmp, None));
+        assert_eq!(seen(&e), Ok(Seen::AlwaysAdmitted));
+    }
+
+    #[test]
+    fn an_entry_missing_what_the_hook_saw_is_not_judged() {
+        let orig = tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80)));
+        assert_eq!(
+            seen(&[ConntrackAttribute::CtaTupleOrig(orig.clone())]),
+            Err(Unjudged::NoReplySource)
+        );
+        let e = entry(orig, tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, None));
+        assert_eq!(seen(&e), Err(Unjudged::NoReplyPort));
+        assert_eq!(seen(&[]), Err(Unjudged::NoOriginalSource));
+    }
+
+    #[test]
+    fn a_delete_names_the_original_tuple_zone_and_id_only() {
+        let e = entry(
+            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
+        );
+        let key = delete_key(&e);
+        assert_eq!(key.len(), 3);
+        assert!(matches!(key[0], ConntrackAttribute::CtaTupleOrig(_)));
+        let kinds: Vec<u16> = key[1..].iter().map(|a| a.kind()).collect();
+        assert_eq!(kinds, vec![CTA_ID, CTA_ZONE]);
+    }
+}
