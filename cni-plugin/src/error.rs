@@ -30,6 +30,8 @@ pub mod code {
     pub const IPAM_REQUEST: u32 = 105;
     /// An address is already allocated to this (container, ifname).
     pub const IPAM_DUPLICATE: u32 = 106;
+    /// An attachment record names a link the plugin could not have made; DEL and GC refuse it.
+    pub const FOREIGN_RECORD: u32 = 107;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,13 @@ pub enum Error {
     Nft(String),
     #[error("CHECK failed: {0}")]
     CheckFailed(String),
+    /// An attachment record read from disk names a link the plugin could not have made (its
+    /// `hostVeth` is not the name derived from its container id and ifname): nothing is deleted.
+    #[error("attachment record {}: {reason}; refusing to delete any link for it: check who wrote it, then remove the record by hand", .path.display())]
+    ForeignRecord {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// An error returned by a delegated plugin (IPAM); its code and message pass through.
     #[error("{plugin}: {msg}")]
     Delegate {
@@ -134,6 +143,7 @@ impl Error {
             Error::InterfaceExists(_) => code::INTERFACE_EXISTS,
             Error::Nft(_) => code::NFT,
             Error::CheckFailed(_) => code::CHECK_FAILED,
+            Error::ForeignRecord { .. } => code::FOREIGN_RECORD,
             Error::Delegate { code, .. } => *code,
             Error::Many(errs) => errs.first().map_or(code::IO, Error::code),
         }

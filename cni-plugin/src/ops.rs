@@ -287,9 +287,27 @@ fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Resu
     pending::remove_record(&conf.state_dir, container_id, ifname)
 }
 
-/// DEL: idempotent; works with the netns gone or unset (nothing here needs it).
+/// Refuses a record that names a link the plugin could not have made (see
+/// [`Attachment::verify_own`]): DEL and GC then delete nothing for it.
+fn verify_record(path: &std::path::Path, record: &Attachment) -> Result<()> {
+    record
+        .verify_own(path)
+        .map_err(|reason| Error::ForeignRecord {
+            path: path.to_path_buf(),
+            reason,
+        })
+}
+
+/// DEL: idempotent; works with the netns gone or unset (nothing here needs it). A record of this
+/// attachment that names a foreign link is refused before anything is touched.
 pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
+    // An unreadable record is the teardown's business (it warns and removes it).
+    if let Ok(Some(record)) = pending::read_record(&conf.state_dir, &env.container_id, &env.ifname)
+    {
+        let path = contract::attachment_path(&conf.state_dir, &env.container_id, &env.ifname);
+        verify_record(&path, &record)?;
+    }
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await
@@ -410,14 +428,19 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         })?
         .into_iter()
         .collect();
-    let (records, bad) = contract::read_attachments(&conf.state_dir);
+    let (records, bad) = contract::read_attachment_files(&conf.state_dir);
     for (path, e) in bad {
         tracing::warn!(path = %path.display(), error = %e, "GC: skipping an unreadable attachment record; remove it by hand if stale");
     }
     let mut errors = Errors::default();
     runtime()?.block_on(async {
         let node = Netlink::current()?;
-        for r in records.iter().filter(|r| !valid.contains(&(r.container_id.clone(), r.ifname.clone()))) {
+        for (path, r) in records.iter().filter(|(_, r)| !valid.contains(&(r.container_id.clone(), r.ifname.clone()))) {
+            if let Err(e) = verify_record(path, r) {
+                tracing::error!(error = %e, "GC: refusing a stale attachment record that names a link we could not have made");
+                errors.keep::<()>(Err(e));
+                continue;
+            }
             tracing::info!(container = %r.container_id, ifname = %r.ifname, pod = ?r.pod_key(), "GC: removing stale attachment");
             let target = DelegateTarget { container_id: r.container_id.clone(), ifname: r.ifname.clone(), netns: None };
             errors.keep(teardown(&node, conf, env, &target, &r.host_veth).await);

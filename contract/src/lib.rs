@@ -74,6 +74,28 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// Whether this record, read from `path`, names only what the plugin could have made: its file
+    /// is the one of its (container id, ifname), and its `hostVeth` is the name derived from them
+    /// ([`host_veth_name`], our prefix). DEL and GC delete the host veth of a record, so a record
+    /// naming any other link (`eth0`, `lo`, another pod's veth) is refused: `Err` says what differs.
+    pub fn verify_own(&self, path: &Path) -> Result<(), String> {
+        let file = attachment_path(Path::new(""), &self.container_id, &self.ifname);
+        if path.file_name() != file.file_name() {
+            return Err(format!(
+                "its containerId {:?} and ifname {:?} do not match its file name",
+                self.container_id, self.ifname
+            ));
+        }
+        let derived = host_veth_name(&self.container_id, &self.ifname);
+        if self.host_veth != derived {
+            return Err(format!(
+                "its hostVeth {:?} is not {derived:?}, the name derived from its containerId and ifname",
+                self.host_veth
+            ));
+        }
+        Ok(())
+    }
+
     /// `namespace/name` of the pod, when the runtime told us.
     pub fn pod_key(&self) -> Option<String> {
         match (&self.pod_namespace, &self.pod_name) {
@@ -104,6 +126,15 @@ pub fn attachment_path(state_dir: &Path, container_id: &str, ifname: &str) -> Pa
 /// Reads every attachment record of a state directory; unreadable records are returned as errors
 /// beside the good ones so one bad file never hides the others.
 pub fn read_attachments(state_dir: &Path) -> (Vec<Attachment>, Vec<(PathBuf, String)>) {
+    let (good, bad) = read_attachment_files(state_dir);
+    (good.into_iter().map(|(_, a)| a).collect(), bad)
+}
+
+/// Records with the file each was read from.
+pub type RecordFiles = Vec<(PathBuf, Attachment)>;
+
+/// [`read_attachments`] with the file each record was read from (sorted by container id, ifname).
+pub fn read_attachment_files(state_dir: &Path) -> (RecordFiles, Vec<(PathBuf, String)>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     let dir = attachments_dir(state_dir);
@@ -124,11 +155,11 @@ pub fn read_attachments(state_dir: &Path) -> (Vec<Attachment>, Vec<(PathBuf, Str
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Attachment>(&b).map_err(|e| e.to_string()))
         {
-            Ok(a) => good.push(a),
+            Ok(a) => good.push((path, a)),
             Err(e) => bad.push((path, e)),
         }
     }
-    good.sort_by(|a, b| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
+    good.sort_by(|(_, a), (_, b)| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
     (good, bad)
 }
 
@@ -154,6 +185,37 @@ mod tests {
         assert_ne!(a, host_veth_name("abc123", "eth1"));
         assert!(a.len() <= 15, "{a}");
         assert!(a.starts_with(HOST_VETH_PREFIX));
+    }
+
+    #[test]
+    fn a_record_naming_a_link_not_derived_from_its_ids_is_not_ours() {
+        let dir = Path::new("/s");
+        let mut a = Attachment {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: String::new(),
+            host_veth: host_veth_name("c1", "eth0"),
+            ips: vec![],
+            pod_namespace: None,
+            pod_name: None,
+            pod_uid: None,
+            pending: false,
+        };
+        let path = attachment_path(dir, "c1", "eth0");
+        assert_eq!(a.verify_own(&path), Ok(()));
+        for foreign in [
+            "eth0",
+            "lo",
+            "palffffffffffff",
+            &host_veth_name("c2", "eth0"),
+        ] {
+            a.host_veth = foreign.to_string();
+            let e = a.verify_own(&path).unwrap_err();
+            assert!(e.contains("hostVeth"), "{e}");
+        }
+        // A record moved to another container's file name is not that container's either.
+        a.host_veth = host_veth_name("c1", "eth0");
+        assert!(a.verify_own(&attachment_path(dir, "c2", "eth0")).is_err());
     }
 
     #[test]

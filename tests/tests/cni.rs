@@ -1004,3 +1004,64 @@ fn a_new_pod_is_isolated_by_its_pending_mark_until_the_agent_clears_it() {
     f.rt.del(&list, &plain).unwrap();
     f.assert_clean("after DELs");
 }
+
+/// Issue 11 item 5: GC (and DEL) deleted whatever link an attachment record named; `hostVeth` was
+/// read from disk unchecked.
+#[test]
+fn gc_and_del_refuse_a_record_naming_a_link_the_plugin_could_not_have_made() {
+    let mut f = Fixture::with_table();
+    let list = f.dual();
+    let (ns, _) = f.pod();
+    let att = Attachment::new("ctr-foreign", &ns).pod("fg", "p", "u");
+    f.rt.add(&list, &att).unwrap_or_else(|e| panic!("ADD: {e}"));
+    let ours = palisade_contract::host_veth_name("ctr-foreign", "eth0");
+    // A link of someone else's (a veth: this kernel may have no dummy driver).
+    f.node.exec(&[
+        "ip", "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p",
+    ]);
+    let path = palisade_contract::attachment_path(&f.state_dir(), "ctr-foreign", "eth0");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let mut rec: palisade_contract::Attachment = serde_json::from_str(&original).unwrap();
+    rec.host_veth = "eth9".into();
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    // A second stale record, of a container that never ran, naming the loopback.
+    let lo_path = palisade_contract::attachment_path(&f.state_dir(), "ctr-lo", "eth0");
+    let lo = palisade_contract::Attachment {
+        container_id: "ctr-lo".into(),
+        ifname: "eth0".into(),
+        host_veth: "lo".into(),
+        ..rec.clone()
+    };
+    std::fs::write(&lo_path, serde_json::to_vec(&lo).unwrap()).unwrap();
+
+    let e =
+        f.rt.gc(&list, &[])
+            .expect_err("GC must refuse foreign records");
+    assert_eq!(e.code, 107, "{e}");
+    for p in [&path, &lo_path] {
+        assert!(e.msg.contains(&p.display().to_string()), "{e}");
+        assert!(p.exists(), "GC removed the refused record {}", p.display());
+    }
+    let e =
+        f.rt.del(&list, &att)
+            .expect_err("DEL must refuse a foreign record");
+    assert_eq!(e.code, 107, "{e}");
+    assert!(e.msg.contains(&path.display().to_string()), "{e}");
+    let links = f.node.links();
+    for l in ["eth9", "lo", ours.as_str()] {
+        assert!(links.iter().any(|x| x == l), "{l} was deleted: {links:?}");
+    }
+    assert_eq!(
+        pending_elements(&f.node, "pending_v4").len(),
+        1,
+        "a refused DEL removed the pending mark"
+    );
+
+    // Once the records are what the plugin wrote, DEL and GC clean up as always.
+    std::fs::write(&path, original).unwrap();
+    std::fs::remove_file(&lo_path).unwrap();
+    f.rt.del(&list, &att).unwrap_or_else(|e| panic!("DEL: {e}"));
+    f.rt.gc(&list, &[]).unwrap_or_else(|e| panic!("GC: {e}"));
+    f.assert_clean("after DEL of the repaired record");
+    assert!(f.node.links().iter().any(|x| x == "eth9"), "eth9 deleted");
+}
