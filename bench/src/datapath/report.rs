@@ -158,7 +158,13 @@ pub fn markdown(
             systems.push(s.system.clone());
         }
     }
-    let order = ["none", "iptables-model", "naive-nft-model", "palisade"];
+    let order = [
+        "none",
+        "iptables-model",
+        "naive-nft-model",
+        "palisade",
+        "palisade-no-source-guard",
+    ];
     systems.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(99));
     let mut policies: Vec<usize> = samples.iter().map(|s| s.policies).collect();
     policies.sort();
@@ -181,7 +187,8 @@ SYN to a port no policy admits is not dropped. Ratios are medians over rounds of
 run of the same round and policy count; `none`'s absolute values across policy counts show the machine's drift.\n\n\
 Systems: `none` (a); `iptables-model` (b) = a MODEL of the kube-router/Calico iptables+ipset layout \
 (`bench/src/datapath/rulesets/iptables.rs`); `naive-nft-model` (c) = a MODEL of a naive nftables ruleset, one rule \
-per (pod, policy, peer), full reload per change (`rulesets/naive_nft.rs`); `palisade` = palisade's layout.\n",
+per (pod, policy, peer), full reload per change (`rulesets/naive_nft.rs`); `palisade` = palisade's layout; \
+`palisade-no-source-guard` = the same ruleset without its source guard (the guard's cost is the difference).\n",
     );
     let palisade_source = if samples.iter().any(|s| s.system == "palisade") {
         "The `palisade` ruleset is what palisade-policy compiles for each node from the same synthetic cluster, rendered \
@@ -301,6 +308,32 @@ pub fn targets(samples: &[Sample]) -> String {
             let _ = writeln!(o, "- New connections/s with 1,000 policies: palisade ×{ratio:.3} of no policy (median of {n} rounds); target ≥ 0.95: **{verdict}**.");
         }
         None => o.push_str("- New connections/s with 1,000 policies: not measured in this run.\n"),
+    }
+    // The source guard's cost: palisade against itself without the guard, paired by round.
+    let mut paired: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut without: BTreeMap<(usize, usize), f64> = BTreeMap::new();
+    for s in valid(samples).filter(|s| s.system == "palisade-no-source-guard") {
+        if let Some(v) = crr_rate(s) {
+            without.insert((s.round, s.policies), v);
+        }
+    }
+    for s in valid(samples).filter(|s| s.system == "palisade") {
+        if let (Some(v), Some(w)) = (crr_rate(s), without.get(&(s.round, s.policies))) {
+            if *w > 0.0 {
+                paired.entry(s.policies).or_default().push(v / w);
+            }
+        }
+    }
+    for (p, ratios) in &paired {
+        if let Some(m) = median(ratios) {
+            let verdict = if m >= 0.99 { "met" } else { "NOT met" };
+            let target = if *p == 1000 {
+                format!("; target ≥ 0.99: **{verdict}**")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(o, "- Source guard with {p} policies: new connections/s ×{m:.3} of the same ruleset without it (median of {} paired rounds){target}.", ratios.len());
+        }
     }
     // Noise band of throughput: spread of the no-policy runs themselves (each divided by the median
     // no-policy throughput of its policy block).

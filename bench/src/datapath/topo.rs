@@ -19,9 +19,20 @@ pub const NODE1_UNDERLAY: &str = "10.250.0.1";
 pub const NODE2_UNDERLAY: &str = "10.250.0.2";
 /// Link-local gateway every pod routes through (the contract's).
 pub const GATEWAY: &str = palisade_contract::GATEWAY_V4;
-/// Host-side veth names of the two pods inside their node namespace.
-pub const CLIENT_HOST_VETH: &str = "palclient";
-pub const SERVER_HOST_VETH: &str = "palserver";
+/// Host-side veth name of a measured pod (`client`, `server`) inside its node namespace: the name
+/// the plugin derives from the container id `bench-<pod>` (the attachment records that palisade's
+/// source guard reads say so, `rulesets::palisade_real`).
+pub fn host_veth(pod: &str) -> String {
+    palisade_contract::host_veth_name(&container_id(pod), POD_IFNAME)
+}
+
+/// Container id of a measured pod's (simulated) attachment record.
+pub fn container_id(pod: &str) -> String {
+    format!("bench-{pod}")
+}
+
+/// Interface name of every pod.
+pub const POD_IFNAME: &str = "eth0";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -108,8 +119,8 @@ impl Lab {
                 NODE1_UNDERLAY,
             ],
         )?;
-        self.wire_pod(n1, c, CLIENT_HOST_VETH, CLIENT_IP)?;
-        self.wire_pod(n2, s, SERVER_HOST_VETH, SERVER_IP)?;
+        self.wire_pod(n1, c, &host_veth("client"), CLIENT_IP)?;
+        self.wire_pod(n2, s, &host_veth("server"), SERVER_IP)?;
         for ns in [n1, n2] {
             sysctls(
                 ns,

@@ -8,6 +8,7 @@
 //! - `naive-nft`: a MODEL of a naive nftables programmer (c): one rule per (pod, policy, peer) in one
 //!   chain per direction; a change is a full `nft -f` of the table.
 //! - `palisade`: the ruleset palisade-policy compiles for the node (the agent's full-replace batch).
+//! - `palisade-no-source-guard`: the same without the source guard chain and sets (its cost).
 //! - `palisade-layout-model`: the bench's own rendering of the documented layout (ARCHITECTURE.md
 //!   "The ruleset"), kept as a cross-check of the compiler's output.
 //!
@@ -33,16 +34,19 @@ pub enum System {
     NaiveNft,
     /// palisade's real compiler (palisade-policy).
     Palisade,
+    /// The same without the source guard (its cost is the difference).
+    PalisadeNoGuard,
     /// The bench's own rendering of palisade's documented layout (a cross-check).
     PalisadeModel,
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 6] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
         System::Palisade,
+        System::PalisadeNoGuard,
         System::PalisadeModel,
     ];
 
@@ -52,6 +56,7 @@ impl System {
             System::Iptables => "iptables-model",
             System::NaiveNft => "naive-nft-model",
             System::Palisade => "palisade",
+            System::PalisadeNoGuard => "palisade-no-source-guard",
             System::PalisadeModel => "palisade-layout-model",
         }
     }
@@ -100,7 +105,10 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::None => Rendered::default(),
         System::Iptables => iptables::render(&view),
         System::NaiveNft => naive_nft::render(&view),
-        System::Palisade => palisade_real::render(cluster, node)?,
+        System::Palisade => palisade_real::render(cluster, node, palisade_real::SourceGuard::On)?,
+        System::PalisadeNoGuard => {
+            palisade_real::render(cluster, node, palisade_real::SourceGuard::Off)?
+        }
         System::PalisadeModel => palisade_model::render(&view),
     })
 }
@@ -146,7 +154,7 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
             )?;
             Ok(())
         }
-        System::Palisade | System::PalisadeModel => {
+        System::Palisade | System::PalisadeNoGuard | System::PalisadeModel => {
             timed_in(
                 ns,
                 "nft",
