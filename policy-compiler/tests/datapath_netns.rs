@@ -104,14 +104,24 @@ fn connects(ns: &str, ip: &str, port: u16) -> bool {
 fn forge(ns: &str, src: &str, dst: &str, port: u16, n: u32) {
     run(
         ns,
-        &["python3", "-c", FORGE, src, dst, &port.to_string(), &n.to_string()],
+        &[
+            "python3",
+            "-c",
+            FORGE,
+            src,
+            dst,
+            &port.to_string(),
+            &n.to_string(),
+        ],
     );
 }
 
 /// Packets the source guard dropped so far (its last rule's counter).
 fn guard_drops(node: &Netns) -> u64 {
     let out = Command::new("ip")
-        .args(["netns", "exec", &node.name, "nft", "-j", "list", "chain", "inet", "palisade"])
+        .args([
+            "netns", "exec", &node.name, "nft", "-j", "list", "chain", "inet", "palisade",
+        ])
         .arg(palisade_policy::ruleset::names::CHAIN_SOURCE_GUARD)
         .output()
         .expect("list the source guard chain");
@@ -304,7 +314,11 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     let before = guard_drops(&node);
     forge(&client.name, CLIENT_IP, SERVER_IP, 9, 5);
     forge(&client.name, CLIENT_IP6, SERVER_IP6, 9, 5);
-    assert_eq!(guard_drops(&node), before, "the pod's own addresses pass the guard");
+    assert_eq!(
+        guard_drops(&node),
+        before,
+        "the pod's own addresses pass the guard"
+    );
     forge(&client.name, "10.244.1.9", SERVER_IP, 9, 5);
     forge(&client.name, SERVER_IP, SERVER_IP, 9, 5);
     forge(&client.name, "fd00:10:244:1::9", SERVER_IP6, 9, 5);

@@ -1037,7 +1037,9 @@ fn source_guard_refuses_a_record_whose_veth_is_not_the_derived_name() {
     let c = compiled(&w);
     assert!(c.ruleset.sets[SOURCE_SET_V4].elements.is_empty());
     assert!(
-        c.warnings.iter().any(|w| w.contains("c-x_eth0") && w.contains("\"eth0\"")),
+        c.warnings
+            .iter()
+            .any(|w| w.contains("c-x_eth0") && w.contains("\"eth0\"")),
         "the warning names the record and the veth: {:?}",
         c.warnings
     );
@@ -1049,7 +1051,10 @@ fn source_guard_runs_before_conntrack_and_drops_with_a_counter() {
     let g = &rs.chains[CHAIN_SOURCE_GUARD];
     let b = g.base.unwrap();
     assert_eq!(b.hook, crate::ruleset::Hook::Prerouting);
-    assert!(b.priority < -200, "before conntrack (-200): a forged packet never makes an entry");
+    assert!(
+        b.priority < -200,
+        "before conntrack (-200): a forged packet never makes an entry"
+    );
     assert_eq!(
         g.rules[0].stmts,
         vec![
@@ -1058,7 +1063,10 @@ fn source_guard_runs_before_conntrack_and_drops_with_a_counter() {
         ],
         "traffic that does not come from a pod passes at the first rule"
     );
-    assert_eq!(g.rules.last().unwrap().stmts, vec![Stmt::Counter, Stmt::Drop]);
+    assert_eq!(
+        g.rules.last().unwrap().stmts,
+        vec![Stmt::Counter, Stmt::Drop]
+    );
     // Rendering: the wildcard and the concatenation are what nft expects.
     let json = rs.to_json().to_string();
     assert!(json.contains(r#""right":"pal*""#), "{json}");
