@@ -193,7 +193,9 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Result<Pod, ModelError> {
 }
 
 /// Converts and validates a NetworkPolicy exactly as the API server would; policyTypes are
-/// defaulted from the raw object (semantics 3).
+/// defaulted from the raw object (semantics 3). An empty list is defaulted like an omitted one, as
+/// the API server's `SetDefaults_NetworkPolicySpec` does (`len(policyTypes) == 0`): objects from a
+/// manifest directory are never defaulted by an API server, and `policyTypes: []` isolated nothing.
 pub fn policy_from_k8s(np: &net::NetworkPolicy) -> Result<Policy, ModelError> {
     let key = object_key(KIND_POLICY, &np.metadata, true)?;
     let v = Validator { key: &key };
@@ -203,8 +205,8 @@ pub fn policy_from_k8s(np: &net::NetworkPolicy) -> Result<Policy, ModelError> {
         None => LabelSelector::everything(),
     };
     let egress_nonempty = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
-    let (want_in, want_eg) = match &spec.policy_types {
-        None => (true, egress_nonempty),
+    let (want_in, want_eg) = match spec.policy_types.as_deref() {
+        None | Some([]) => (true, egress_nonempty),
         Some(types) => {
             if types.len() > 2 {
                 return Err(v.err("spec.policyTypes", "may list at most 2 types"));

@@ -30,6 +30,36 @@ fn semantics_03_policy_types_default_to_ingress_plus_egress_iff_egress_nonempty(
 }
 
 #[test]
+fn empty_policy_types_default_exactly_like_omitted_ones() {
+    // (spec without policyTypes, isolates ingress, isolates egress): the same with `policyTypes: []`.
+    let table = [
+        (json!({"podSelector": {}}), true, false),
+        (json!({"podSelector": {}, "ingress": [{}]}), true, false),
+        (json!({"podSelector": {}, "egress": []}), true, false),
+        (json!({"podSelector": {}, "egress": [{}]}), true, true),
+        (
+            json!({"podSelector": {}, "ingress": [{}], "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}),
+            true,
+            true,
+        ),
+    ];
+    for (spec, want_in, want_eg) in table {
+        let mut empty = spec.clone();
+        empty["policyTypes"] = json!([]);
+        for s in [&spec, &empty] {
+            let p = policy_from_k8s(&np(s.clone())).unwrap();
+            assert_eq!(p.ingress.is_some(), want_in, "ingress of {s}");
+            assert_eq!(p.egress.is_some(), want_eg, "egress of {s}");
+        }
+        assert_eq!(
+            policy_from_k8s(&np(spec.clone())).unwrap(),
+            policy_from_k8s(&np(empty.clone())).unwrap(),
+            "{spec} and {empty} differ"
+        );
+    }
+}
+
+#[test]
 fn semantics_02_rules_of_an_unlisted_direction_are_dropped() {
     let p = policy_from_k8s(&np(json!({"podSelector": {}, "policyTypes": ["Ingress"], "egress": [{"ports": [{"port": 80}]}]}))).unwrap();
     assert_eq!(p.egress, None);

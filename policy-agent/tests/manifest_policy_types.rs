@@ -1,0 +1,89 @@
+//! Issue 11 item 6: `policyTypes: []` from a manifest directory isolated nothing. The API server
+//! defaults an empty list like an omitted one; objects read from files never meet an API server, so
+//! the model conversion must. `explain` takes the same path as the lab and the demo. No root needed.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const PODS: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, labels: {app: client}}
+spec: {nodeName: n1, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.2, podIPs: [{ip: 10.244.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: target, namespace: demo, labels: {app: target}}
+spec: {nodeName: n1, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.3, podIPs: [{ip: 10.244.1.3}]}
+---
+";
+
+fn explain(test: &str, policy: &str) -> String {
+    let dir = Dir(std::env::temp_dir().join(format!("pa-ptypes-{test}-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("create manifest dir");
+    std::fs::write(dir.0.join("all.yaml"), format!("{PODS}{policy}")).expect("write manifests");
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+        .args([
+            "explain",
+            "--manifests",
+            dir.0.to_str().expect("utf-8 path"),
+        ])
+        .args([
+            "--from",
+            "demo/client",
+            "--to",
+            "demo/target",
+            "--port",
+            "80/TCP",
+        ])
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run palisade-agent explain");
+    assert!(
+        out.status.success(),
+        "explain failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn empty_policy_types_in_a_manifest_isolate_ingress_like_omitted_ones() {
+    for types in ["policyTypes: [], ", ""] {
+        let text = explain(
+            if types.is_empty() { "omitted" } else { "empty" },
+            &format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: deny, namespace: demo}}\nspec: {{{types}podSelector: {{matchLabels: {{app: target}}}}}}\n"
+            ),
+        );
+        assert!(
+            text.contains("DENIED") && text.contains("demo/deny"),
+            "{types:?}: {text}"
+        );
+    }
+}
+
+#[test]
+fn empty_policy_types_with_egress_rules_in_a_manifest_isolate_egress_too() {
+    let text = explain(
+        "egress",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-dns, namespace: demo}\nspec: {podSelector: {matchLabels: {app: client}}, policyTypes: [], egress: [{ports: [{port: 53, protocol: UDP}]}]}\n",
+    );
+    assert!(
+        text.contains("DENIED") && text.contains("demo/only-dns"),
+        "{text}"
+    );
+}
