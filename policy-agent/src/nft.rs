@@ -1,10 +1,11 @@
 //! The agent's nft edge: our table through palisade-nft (which runs the transactions: libnftables
-//! in-process, `nft -j -f -` as fallback), the drift watch, and the summary we compare to notice
-//! changes behind our back. Only our table is ever listed (`list table inet palisade`); other tables
+//! in-process, `nft -j -f -` as fallback), the drift watch (nf_tables notifications of changes we
+//! did not commit), and the summary the resync compares to notice changes behind our back. Only our table is ever listed (`list table inet palisade`); other tables
 //! are never parsed.
 
 use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
+use palisade_nft::monitor::{Monitor, Scope};
 pub use palisade_nft::Backend;
 use palisade_nft::NFT_BINARY;
 use palisade_policy::ruleset::names;
@@ -55,6 +56,54 @@ impl Nft {
     }
 }
 
+/// Starts a thread that watches our table through nf_tables notifications (palisade-nft's monitor,
+/// opened here, so in the calling thread's network namespace: the node's) and calls `wake` with a
+/// description of every change to it that this process did not commit: rules, chains, sets, maps,
+/// their elements (except the plugin's pending marks), table flags, the table itself. Our own commits
+/// (incremental and full replace, either backend) never call it. Lost notifications (receive buffer
+/// overrun) are reported as an unknown change. Stops when `wake` returns false.
+pub fn watch_drift(wake: impl Fn(String) -> bool + Send + 'static) -> Result<()> {
+    let scope = Scope::new(TABLE_FAMILY, TABLE_NAME, &[PENDING_SET_V4, PENDING_SET_V6])?;
+    let mut monitor = Monitor::open(scope.clone())?;
+    std::thread::Builder::new()
+        .name("drift-monitor".into())
+        .spawn(move || loop {
+            match monitor.next(None) {
+                Ok(Some(drift)) => {
+                    if !wake(drift.to_string()) {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Whatever happened meanwhile is unknown: have the table restored, then listen anew.
+                    tracing::warn!(error = %e, "drift monitor failed; restoring our table and reopening the monitor");
+                    if !wake(format!("unknown (the drift monitor failed: {e})")) {
+                        return;
+                    }
+                    loop {
+                        std::thread::sleep(MONITOR_REOPEN_DELAY);
+                        match Monitor::open(scope.clone()) {
+                            Ok(m) => {
+                                monitor = m;
+                                break;
+                            }
+                            Err(e) => tracing::warn!(error = %e, retry_in = ?MONITOR_REOPEN_DELAY, "cannot reopen the drift monitor; changes behind our back are repaired at resync only until it is back"),
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn drift monitor thread", "drift-monitor", e))?;
+    Ok(())
+}
+
+/// Wait before reopening a failed drift monitor.
+const MONITOR_REOPEN_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Superseded by [`watch_drift`] (the agent's `run` uses that); kept only until every caller in the
+/// tree has moved over, then deleted.
+///
 /// Starts a thread running `nft monitor destroy` and calls `wake` whenever our table or one of its base
 /// chains is deleted (e.g. `nft flush ruleset`), so the check runs at once instead of at the next resync.
 /// Incremental commits never delete those, so our own churn does not wake it (a full replace does, once).

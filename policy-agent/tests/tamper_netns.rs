@@ -1,0 +1,323 @@
+//! Tampering with our table behind the agent's back, in network namespaces we create (root; never
+//! the host's own namespace): every kind of change is restored at once (the drift monitor, not the
+//! resync), a denied probe flood gets nothing through after the restore, and our own churn never
+//! triggers a restore.
+
+mod agent_support;
+
+use agent_support::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const NODE: &str = "n1";
+const PORT: u16 = 7001;
+const CLIENT: &str = "10.244.1.11";
+const TARGET: &str = "10.244.1.10";
+
+/// A node with a client and a target pod; the target denies all ingress; probes flow client → target.
+struct Lab {
+    agent: Agent,
+    n1: Netns,
+    _pods: (Pod, Pod),
+    d: AgentDirs,
+    t: TempDir,
+}
+
+fn lab(extra: &[&str]) -> Lab {
+    let n1 = Netns::new("ptn");
+    let t = TempDir::new("pa-tamper");
+    let d = AgentDirs::new(&t);
+    let client = Pod::new(CLIENT);
+    let target = Pod::new(TARGET);
+    client.wire(&n1);
+    target.wire(&n1);
+    let base = format!(
+        "{}{}{}{}",
+        node_yaml(NODE, &["10.244.1.0/24"], &["192.168.77.1"]),
+        namespace_yaml("demo"),
+        pod_yaml("demo", "client", "client", NODE, Some(CLIENT)),
+        pod_yaml("demo", "target", "target", NODE, Some(TARGET)),
+    );
+    manifest(&d.manifests, "base.yaml", &base);
+    let agent = Agent::start(&n1, NODE, &d, extra);
+    assert!(
+        agent.wait_ready(&n1, Duration::from_secs(10)),
+        "agent never became ready"
+    );
+    Lab {
+        agent,
+        n1,
+        _pods: (client, target),
+        d,
+        t,
+    }
+}
+
+/// Our table as a comparable value: no metainfo, handles or counter values; set elements and
+/// objects sorted (a re-created table lists them in another order), rules in order per chain.
+fn normalized(listing: &str) -> Value {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                m.remove("handle");
+                if let Some(Value::Object(c)) = m.get_mut("counter") {
+                    c.remove("packets");
+                    c.remove("bytes");
+                }
+                if let Some(Value::Array(e)) = m.get_mut("elem") {
+                    e.sort_by_key(|x| x.to_string());
+                }
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v: Value = serde_json::from_str(listing).expect("nft listing is JSON");
+    strip(&mut v);
+    // Objects in any order (a full replace creates them in another order than incremental commits
+    // did); rules in their order within each chain.
+    let mut objects = Vec::new();
+    let mut rules = std::collections::BTreeMap::<String, Vec<Value>>::new();
+    for item in v["nftables"].as_array().cloned().unwrap_or_default() {
+        if item.get("metainfo").is_some() {
+            continue;
+        }
+        match item["rule"]["chain"].as_str() {
+            Some(chain) => rules.entry(chain.to_string()).or_default().push(item),
+            None => objects.push(item),
+        }
+    }
+    objects.sort_by_key(|x| x.to_string());
+    serde_json::json!({"objects": objects, "rules": rules})
+}
+
+fn restores(ns: &Netns) -> u64 {
+    let (_, m) = ns.http(AGENT_PORT, "/metrics").expect("metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix("palisade_resync_restores_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("palisade_resync_restores_total in /metrics")
+}
+
+/// The handle of the `counter drop` that ends the target's ingress group chain (`in_<group>`).
+fn drop_rule_handle(ns: &Netns) -> (String, String) {
+    let o = ns.exec(&["nft", "-a", "-j", "list", "table", "inet", "palisade"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("listing");
+    for item in v["nftables"].as_array().expect("items") {
+        let r = &item["rule"];
+        let chain = r["chain"].as_str().unwrap_or_default();
+        let drops = r["expr"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x.get("drop").is_some()));
+        if chain.starts_with("in_") && drops {
+            return (chain.to_string(), r["handle"].to_string());
+        }
+    }
+    panic!("no drop rule in an in_ chain: {v}");
+}
+
+/// The tamperings of issue 11, as `nft` argument lists run in the node namespace.
+fn tamperings(ns: &Netns) -> Vec<(&'static str, Vec<String>)> {
+    let words = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    let (chain, handle) = drop_rule_handle(ns);
+    vec![
+        (
+            "flush chain",
+            words("flush chain inet palisade postrouting"),
+        ),
+        ("flush map", words("flush map inet palisade ingress_v4")),
+        (
+            "delete element",
+            words(&format!(
+                "delete element inet palisade ingress_v4 {{ {TARGET} }}"
+            )),
+        ),
+        (
+            "add element",
+            words("add element inet palisade ingress_v4 { 10.244.1.99 : accept }"),
+        ),
+        (
+            "insert accept",
+            words("insert rule inet palisade postrouting accept"),
+        ),
+        (
+            "delete rule",
+            words(&format!(
+                "delete rule inet palisade {chain} handle {handle}"
+            )),
+        ),
+        ("flush ruleset", words("flush ruleset")),
+        ("delete table", words("delete table inet palisade")),
+    ]
+}
+
+#[test]
+fn every_kind_of_tampering_is_restored_at_once_and_no_denied_probe_passes_after() {
+    // Default resync (30 s): every restore below must come from the drift monitor.
+    let s = lab(&[]);
+    let log = s.t.0.join("arrivals.log");
+    let _rx = Receiver::start(&s._pods.1.ns, PORT, &log);
+    let _tx = Sender::start(&s._pods.0.ns, TARGET, PORT, 2);
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(&log).len() > 5),
+        "control: probes do not arrive without policy"
+    );
+    manifest(
+        &s.d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(&log)
+            .last()
+            .is_some_and(|l| now() - l > 0.3)),
+        "probes still arrive after the deny policy"
+    );
+    std::thread::sleep(Duration::from_millis(300)); // past the post-commit read-back
+    let before = normalized(&s.n1.table().expect("our table"));
+    let mut restored = 0;
+    for k in 0..tamperings(&s.n1).len() {
+        // Listed anew each time: a restore gives our rules new handles.
+        let (kind, args) = tamperings(&s.n1).swap_remove(k);
+        let mut cmd = vec!["nft"];
+        cmd.extend(args.iter().map(String::as_str));
+        let t0 = Instant::now();
+        let t_wall = now();
+        let out = s.n1.exec(&cmd);
+        assert!(
+            out.status.success(),
+            "{kind}: nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let back = wait_until(Duration::from_secs(5), || {
+            s.n1.table().is_some_and(|l| normalized(&l) == before)
+        });
+        let took = t0.elapsed();
+        if !back {
+            let now_listing = s.n1.table().map(|l| normalized(&l));
+            let b = before.to_string();
+            let n = now_listing.map(|v| v.to_string()).unwrap_or_default();
+            let at = b.bytes().zip(n.bytes()).take_while(|(x, y)| x == y).count();
+            panic!(
+                "{kind}: table not restored within 5 s; first difference at byte {at}:\nbefore: {}\nnow:    {}",
+                &b[at.saturating_sub(200)..(at + 300).min(b.len())],
+                &n[at.saturating_sub(200)..(at + 300).min(n.len())]
+            );
+        }
+        let t_back = now();
+        restored += 1;
+        std::thread::sleep(Duration::from_millis(300));
+        let a = arrivals(&log);
+        let gap = a.iter().filter(|x| **x >= t_wall && **x <= t_back).count();
+        let after = a.iter().filter(|x| **x > t_back + 0.05).count();
+        eprintln!(
+            "{kind:>14}: restored within {:.0} ms (polled, including nft's own run); {gap} probes in the gap, {after} after",
+            took.as_secs_f64() * 1e3
+        );
+        assert_eq!(after, 0, "{kind}: probes got through after the restore");
+        assert!(
+            took < Duration::from_secs(2),
+            "{kind}: restore took {took:?}: the resync did it, not the monitor"
+        );
+        assert_eq!(
+            restores(&s.n1),
+            restored,
+            "{kind}: one tampering, one restore"
+        );
+    }
+    // No restore loop: the count stays where it is.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        restores(&s.n1),
+        restored,
+        "restores went on without tampering"
+    );
+    let _ = &s.agent;
+}
+
+#[test]
+fn our_own_churn_of_policies_pods_and_pending_marks_never_triggers_a_restore() {
+    for backend in ["lib", "exec"] {
+        // A 1 s resync: periodic full replaces (ours) happen during the churn too.
+        let s = lab(&[
+            "--nft-backend",
+            backend,
+            "--resync-seconds",
+            "1",
+            "--debounce-ms",
+            "5",
+        ]);
+        let start = Instant::now();
+        let mut i = 0u32;
+        while start.elapsed() < Duration::from_secs(4) {
+            // Policies come and go, pods change labels and appear: incremental commits.
+            manifest(
+                &s.d.manifests,
+                "deny.yaml",
+                &deny_ingress_yaml("demo", &format!("deny{}", i % 3), "target"),
+            );
+            let label = if i.is_multiple_of(2) { "target" } else { "other" };
+            let extra = format!(
+                "{}{}",
+                pod_yaml("demo", "target", label, NODE, Some(TARGET)),
+                pod_yaml(
+                    "demo",
+                    &format!("p{i}"),
+                    "client",
+                    NODE,
+                    Some(&format!("10.244.1.{}", 20 + i % 200))
+                ),
+            );
+            manifest(&s.d.manifests, "churn.yaml", &extra);
+            // The plugin's pending marks, from another process: legitimate.
+            let mark = format!("10.244.1.{}", 100 + i % 100);
+            let out = s.n1.exec(&[
+                "nft",
+                "add",
+                "element",
+                "inet",
+                "palisade",
+                "pending_v4",
+                "{",
+                &mark,
+                "}",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // (A periodic full replace may have removed the mark already: it has no record.)
+            let _ = s.n1.exec(&[
+                "nft",
+                "delete",
+                "element",
+                "inet",
+                "palisade",
+                "pending_v4",
+                "{",
+                &mark,
+                "}",
+            ]);
+            std::thread::sleep(Duration::from_millis(20));
+            i += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let (_, m) = s.n1.http(AGENT_PORT, "/metrics").expect("metrics");
+        let commits: u64 = m
+            .lines()
+            .filter(|l| l.starts_with("palisade_reconcile_duration_seconds_count"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum();
+        eprintln!("{backend}: {i} churn rounds, {commits} commits, 0 restores expected");
+        assert!(commits > 5, "{backend}: the churn was not committed: {m}");
+        assert_eq!(
+            restores(&s.n1),
+            0,
+            "{backend}: our own commits woke a restore: {m}"
+        );
+        let _ = &s.agent;
+    }
+}
