@@ -5,8 +5,9 @@ use crate::nft::Backend;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-/// Default address of /healthz, /readyz and /metrics.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:9799";
+/// Default address of /healthz, /readyz and /metrics: the loopback only. The agent runs with
+/// hostNetwork, where 0.0.0.0 is every address of the node (deploy/README.md says how to expose it).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9799";
 
 /// palisade-agent: compiles Kubernetes NetworkPolicies into the nftables table `inet palisade` on this
 /// node, routes to other nodes' pod ranges, and writes the CNI conflist once the first sync succeeded.
@@ -118,6 +119,11 @@ pub struct RunArgs {
     /// How transactions reach the kernel: in-process libnftables, or `nft -j -f -`.
     #[arg(long, env = "PALISADE_NFT_BACKEND", value_enum, default_value_t = Backend::Lib)]
     pub nft_backend: Backend,
+    /// Keep established connections when a policy change (or a restore of our table) revokes their
+    /// permission, as Calico does. Default: after such commits the conntrack entries of flows the
+    /// new rules would not admit as new are deleted, so their next packet meets the rules.
+    #[arg(long, env = "PALISADE_KEEP_ESTABLISHED_FLOWS")]
+    pub keep_established_flows: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -30,6 +30,8 @@ struct Inner {
     last_sync: Option<f64>,
     errors: BTreeMap<&'static str, u64>,
     restores: u64,
+    flows_cut: u64,
+    flows_unjudged: u64,
     full_replaces: u64,
     incremental: u64,
     sizes: Sizes,
@@ -104,6 +106,14 @@ impl Metrics {
         self.with(|m| m.route_failures = n);
     }
 
+    /// A conntrack sweep deleted `cut` entries and left `unjudged` alone (could not judge them).
+    pub fn flows_revoked(&self, cut: u64, unjudged: u64) {
+        self.with(|m| {
+            m.flows_cut += cut;
+            m.flows_unjudged += unjudged;
+        });
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut o = String::new();
@@ -123,6 +133,8 @@ impl Metrics {
                 let _ = writeln!(o, "palisade_errors_total{{kind=\"{k}\"}} {v}");
             }
             let _ = writeln!(o, "# HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.\n# TYPE palisade_resync_restores_total counter\npalisade_resync_restores_total {}", m.restores);
+            let _ = writeln!(o, "# HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them.\n# TYPE palisade_conntrack_flows_cut_total counter\npalisade_conntrack_flows_cut_total {}", m.flows_cut);
+            let _ = writeln!(o, "# HELP palisade_conntrack_flows_unjudged_total Conntrack entries a sweep could not judge and left alone.\n# TYPE palisade_conntrack_flows_unjudged_total counter\npalisade_conntrack_flows_unjudged_total {}", m.flows_unjudged);
             let _ = writeln!(o, "# HELP palisade_transactions_total Committed nft transactions by kind.\n# TYPE palisade_transactions_total counter");
             let _ = writeln!(o, "palisade_transactions_total{{kind=\"full\"}} {}\npalisade_transactions_total{{kind=\"incremental\"}} {}", m.full_replaces, m.incremental);
             let _ = writeln!(o, "# HELP palisade_refused_pod_cidrs Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason.\n# TYPE palisade_refused_pod_cidrs gauge");

@@ -1,0 +1,343 @@
+//! No flow outlives its deny (issue 11): established connections that a policy change (or a
+//! restore of our table) revokes are cut, in namespaces we create (root; never the host's own).
+//! Each test keeps one long-lived flow that loses its permission and one the change does not
+//! concern, a message per ms on each, and watches where the messages still arrive.
+
+mod agent_support;
+
+use agent_support::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const NODE: &str = "n1";
+const TARGET: &str = "10.244.1.10";
+const CLIENT: &str = "10.244.1.11";
+const OTHER: &str = "10.244.1.12";
+const PORT: u16 = 7001;
+
+/// A python helper in a pod namespace; killed on drop.
+struct Py(Child);
+
+impl Py {
+    /// Runs `script` in `ns`; when `wait_ready`, waits for it to print `ready`.
+    fn start(ns: &Netns, script: &str, wait_ready: bool) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start python helper");
+        if wait_ready {
+            let mut out = child.stdout.take().expect("helper stdout");
+            let mut buf = [0u8; 6];
+            let _ = std::io::Read::read_exact(&mut out, &mut buf);
+            assert_eq!(&buf, b"ready\n", "helper did not start");
+        }
+        Py(child)
+    }
+
+    /// A TCP server on `port` that logs the arrival time of every chunk it reads (one line each).
+    fn tcp_server(ns: &Netns, port: u16, log: &Path) -> Self {
+        let script = format!(
+            "import socket,time\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',{port}))\nl.listen(8)\nf=open({log:?},'a',buffering=1)\nprint('ready',flush=True)\nc,a=l.accept()\nwhile True:\n d=c.recv(4096)\n if not d:\n  break\n f.write('%f %d\\n'%(time.time(),len(d)))\n"
+        );
+        Self::start(ns, &script, true)
+    }
+
+    /// One TCP connection to `dst:port`, a message every ms (Nagle off), until it fails.
+    fn tcp_stream(ns: &Netns, dst: &str, port: u16) -> Self {
+        let script = format!(
+            "import socket,time\ns=socket.create_connection(({dst:?},{port}),timeout=5)\ns.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\nprint('ready',flush=True)\ni=0\nwhile True:\n s.sendall(b'%d\\n'%i)\n i+=1\n time.sleep(0.001)\n"
+        );
+        Self::start(ns, &script, true)
+    }
+
+    /// One UDP socket (one conntrack flow) sending to `dst:port` every ms.
+    fn udp_stream(ns: &Netns, dst: &str, port: u16) -> Self {
+        let script = format!(
+            "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.connect(({dst:?},{port}))\nprint('ready',flush=True)\ni=0\nwhile True:\n try:\n  s.send(str(i).encode())\n except OSError:\n  pass\n i+=1\n time.sleep(0.001)\n"
+        );
+        Self::start(ns, &script, true)
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One node with three pods (client, target, other), the agent running and ready.
+struct World {
+    // Dropped first: the agent stops before its directories and namespaces go.
+    agent: Option<Agent>,
+    n1: Netns,
+    client: Pod,
+    target: Pod,
+    other: Pod,
+    d: AgentDirs,
+    t: TempDir,
+}
+
+fn base_yaml(client_app: &str) -> String {
+    format!(
+        "{}{}{}{}{}",
+        node_yaml(NODE, &["10.244.1.0/24"], &["192.168.77.1"]),
+        namespace_yaml("demo"),
+        pod_yaml("demo", "client", client_app, NODE, Some(CLIENT)),
+        pod_yaml("demo", "target", "target", NODE, Some(TARGET)),
+        pod_yaml("demo", "other", "other", NODE, Some(OTHER)),
+    )
+}
+
+/// Ingress of app=target allowed from app=client only.
+const ALLOW_CLIENT: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-client, namespace: demo}\nspec: {podSelector: {matchLabels: {app: target}}, policyTypes: [Ingress], ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n";
+
+impl World {
+    fn new(policies: &[(&str, &str)]) -> Self {
+        let n1 = Netns::new("prv");
+        let t = TempDir::new("pa-revoke");
+        let d = AgentDirs::new(&t);
+        let (client, target, other) = (Pod::new(CLIENT), Pod::new(TARGET), Pod::new(OTHER));
+        for p in [&client, &target, &other] {
+            p.wire(&n1);
+        }
+        manifest(&d.manifests, "base.yaml", &base_yaml("client"));
+        for (name, yaml) in policies {
+            manifest(&d.manifests, name, yaml);
+        }
+        let agent = Agent::start(&n1, NODE, &d, &[]);
+        assert!(
+            agent.wait_ready(&n1, Duration::from_secs(10)),
+            "agent never became ready"
+        );
+        World {
+            agent: Some(agent),
+            n1,
+            client,
+            target,
+            other,
+            d,
+            t,
+        }
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.t.0.join(name)
+    }
+
+    fn flows_cut(&self) -> u64 {
+        let (_, body) = self.n1.http(AGENT_PORT, "/metrics").unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix("palisade_conntrack_flows_cut_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Waits until messages arrive steadily in `log` (the flow is up).
+fn flowing(log: &Path, what: &str) {
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(log)
+            .last()
+            .is_some_and(|l| now() - l < 0.05)
+            && arrivals(log).len() > 20),
+        "control: {what} does not flow"
+    );
+}
+
+/// Waits until nothing arrives in `log` for 0.5 s; returns the time of the last arrival after
+/// `since` (the cut), in ms after `since`.
+fn cut_within(log: &Path, since: f64, what: &str) -> f64 {
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(log)
+            .last()
+            .is_some_and(|l| now() - l > 0.5)),
+        "{what}: the revoked flow still delivers messages"
+    );
+    let last = arrivals(log).last().copied().unwrap_or(since);
+    (last - since).max(0.0) * 1e3
+}
+
+/// Messages that arrived in `log` after `since`.
+fn arrived_after(log: &Path, since: f64) -> usize {
+    arrivals(log).into_iter().filter(|a| *a > since).count()
+}
+
+/// The flow the change does not concern still delivers: over 100 messages in the 0.5 s that start
+/// 0.3 s from now.
+fn survives(log: &Path, what: &str) {
+    let t = now();
+    std::thread::sleep(Duration::from_millis(800));
+    let n = arrived_after(log, t + 0.3);
+    assert!(
+        n > 100,
+        "{what}: only {n} messages in 0.5 s; a flow that kept its permission was cut"
+    );
+}
+
+#[test]
+fn an_established_tcp_connection_is_cut_when_a_new_policy_denies_it_and_others_survive() {
+    let w = World::new(&[]);
+    let (cut_log, keep_log) = (w.log("target.log"), w.log("other.log"));
+    let _s1 = Py::tcp_server(&w.target.ns, PORT, &cut_log);
+    let _s2 = Py::tcp_server(&w.other.ns, PORT, &keep_log);
+    let _c1 = Py::tcp_stream(&w.client.ns, TARGET, PORT);
+    let _c2 = Py::tcp_stream(&w.client.ns, OTHER, PORT);
+    flowing(&cut_log, "client -> target");
+    flowing(&keep_log, "client -> other");
+    let before = w.flows_cut();
+
+    let t_write = now();
+    manifest(
+        &w.d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    let ms = cut_within(&cut_log, t_write, "deny-all ingress on target");
+    eprintln!("tcp: established flow cut {ms:.1} ms after the policy was written");
+    survives(&keep_log, "client -> other (not selected)");
+    assert!(
+        w.flows_cut() > before,
+        "palisade_conntrack_flows_cut_total did not count the cut"
+    );
+    // A new connection is refused as well (the rules, not only the sweep).
+    let out = w.client.ns.exec(&[
+        "python3",
+        "-c",
+        &format!("import socket\nsocket.create_connection(({TARGET:?},{PORT}),timeout=0.5)"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "a new connection got through the deny"
+    );
+}
+
+#[test]
+fn a_label_change_that_removes_permission_cuts_the_connection_it_allowed() {
+    let w = World::new(&[("allow.yaml", ALLOW_CLIENT)]);
+    let (cut_log, keep_log) = (w.log("target.log"), w.log("other.log"));
+    let _s1 = Py::tcp_server(&w.target.ns, PORT, &cut_log);
+    let _s2 = Py::tcp_server(&w.other.ns, PORT, &keep_log);
+    let _c1 = Py::tcp_stream(&w.client.ns, TARGET, PORT);
+    let _c2 = Py::tcp_stream(&w.client.ns, OTHER, PORT);
+    flowing(&cut_log, "client -> target (allowed by allow-client)");
+    flowing(&keep_log, "client -> other");
+
+    let t_write = now();
+    manifest(&w.d.manifests, "base.yaml", &base_yaml("intruder"));
+    let ms = cut_within(&cut_log, t_write, "client relabelled app=intruder");
+    eprintln!("tcp: flow cut {ms:.1} ms after the label change was written");
+    survives(&keep_log, "client -> other (not isolated)");
+}
+
+#[test]
+fn an_unrelated_change_cuts_no_allowed_long_lived_flow() {
+    let w = World::new(&[("allow.yaml", ALLOW_CLIENT)]);
+    let log = w.log("target.log");
+    let _s = Py::tcp_server(&w.target.ns, PORT, &log);
+    let _c = Py::tcp_stream(&w.client.ns, TARGET, PORT);
+    flowing(&log, "client -> target (allowed by allow-client)");
+    let before = w.flows_cut();
+    // Another policy on another pod, then a deny on "other": commits, sweeps, nothing to cut here.
+    manifest(
+        &w.d.manifests,
+        "deny-other.yaml",
+        &deny_ingress_yaml("demo", "deny-other", "other"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    manifest(
+        &w.d.manifests,
+        "base.yaml",
+        &format!(
+            "{}{}",
+            base_yaml("client"),
+            pod_yaml("demo", "late", "late", NODE, Some("10.244.1.13"))
+        ),
+    );
+    survives(&log, "client -> target (still allowed)");
+    assert_eq!(
+        w.flows_cut(),
+        before,
+        "a sweep cut a flow that kept its permission"
+    );
+}
+
+#[test]
+fn an_established_udp_flow_is_cut_when_a_new_policy_denies_it_and_others_survive() {
+    let w = World::new(&[]);
+    let (cut_log, keep_log) = (w.log("target.log"), w.log("other.log"));
+    let _r1 = Receiver::start(&w.target.ns, PORT, &cut_log);
+    let _r2 = Receiver::start(&w.other.ns, PORT, &keep_log);
+    let _c1 = Py::udp_stream(&w.client.ns, TARGET, PORT);
+    let _c2 = Py::udp_stream(&w.client.ns, OTHER, PORT);
+    flowing(&cut_log, "udp client -> target");
+    flowing(&keep_log, "udp client -> other");
+
+    let t_write = now();
+    manifest(
+        &w.d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    let ms = cut_within(&cut_log, t_write, "deny-all ingress on target (udp)");
+    eprintln!("udp: established flow cut {ms:.1} ms after the policy was written");
+    survives(&keep_log, "udp client -> other (not selected)");
+}
+
+#[test]
+fn a_flow_opened_while_our_table_was_missing_is_cut_when_the_agent_restores_it() {
+    let mut w = World::new(&[("deny.yaml", &deny_ingress_yaml("demo", "deny", "target"))]);
+    let log = w.log("target.log");
+    let _r = Receiver::start(&w.target.ns, PORT, &log);
+    // The agent is down and our table is gone: the denied flow gets in.
+    let agent = w.agent.take().expect("agent");
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(agent);
+    run(
+        "ip",
+        &[
+            "netns", "exec", &w.n1.0, "nft", "delete", "table", "inet", "palisade",
+        ],
+    );
+    let _c = Py::udp_stream(&w.client.ns, TARGET, PORT);
+    flowing(&log, "udp client -> target while our table is missing");
+
+    let t_start = now();
+    let again = Agent::start(&w.n1, NODE, &w.d, &[]);
+    assert!(
+        again.wait_ready(&w.n1, Duration::from_secs(10)),
+        "restarted agent never became ready"
+    );
+    let ms = cut_within(&log, t_start, "flow opened in the gap");
+    eprintln!(
+        "udp: flow opened while the table was missing cut {ms:.1} ms after the agent started"
+    );
+    w.agent = Some(again);
+}
+
+#[test]
+fn keep_established_flows_leaves_a_revoked_connection_alone() {
+    let mut w = World::new(&[]);
+    // Restart with the flag.
+    drop(w.agent.take());
+    let agent = Agent::start(&w.n1, NODE, &w.d, &["--keep-established-flows"]);
+    assert!(
+        agent.wait_ready(&w.n1, Duration::from_secs(10)),
+        "agent never became ready"
+    );
+    w.agent = Some(agent);
+    let log = w.log("target.log");
+    let _s = Py::tcp_server(&w.target.ns, PORT, &log);
+    let _c = Py::tcp_stream(&w.client.ns, TARGET, PORT);
+    flowing(&log, "client -> target");
+    manifest(
+        &w.d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    survives(&log, "client -> target with --keep-established-flows");
+    let _ = (&w.other, &w.client);
+}
