@@ -172,12 +172,17 @@ def contract_consts() -> dict[str, str]:
     return dict(re.findall(r'pub const (\w+): &str = "([^"]*)";', src))
 
 
-def default_listen_port() -> int | None:
+def default_listen() -> str | None:
     cli = ROOT / "policy-agent" / "src" / "cli.rs"
     if not cli.is_file():
         return None
-    m = re.search(r'DEFAULT_LISTEN: &str = "[^"]*:(\d+)"', cli.read_text())
-    return int(m.group(1)) if m else None
+    m = re.search(r'DEFAULT_LISTEN: &str = "([^"]*:\d+)"', cli.read_text())
+    return m.group(1) if m else None
+
+
+def split_listen(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def containers(ds: dict) -> list[dict]:
@@ -278,16 +283,25 @@ def check_promises(objs: dict[tuple, dict]) -> None:
             fail(f"agent: {var}={val!r}, but contract::{const} is {consts.get(const)!r}")
         if var != "PALISADE_IPAM_DATA_DIR" and val not in mounts:
             fail(f"agent: {var}={val} is not mounted")
-    port = default_listen_port()
+    listen = env.get("PALISADE_LISTEN", {}).get("value") or default_listen()
+    host, port = split_listen(listen) if listen else (None, None)
+    if host in ("0.0.0.0", "::", ""):
+        fail(f"agent: listens on {listen}: every address of the node (hostNetwork); "
+             "use 127.0.0.1 or $(HOST_IP), see deploy/README.md")
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = (agent.get(probe) or {}).get("httpGet") or {}
         if get.get("path") != path:
             fail(f"agent: {probe} must GET {path}")
         if port is not None and get.get("port") != port:
-            fail(f"agent: {probe} port {get.get('port')}, but the agent listens on {port} (cli.rs)")
+            fail(f"agent: {probe} port {get.get('port')}, but the agent listens on {listen}")
+        # kubelet probes a hostNetwork pod at the node IP unless httpGet.host says otherwise.
+        want_host = host if host in ("127.0.0.1", "::1") else None
+        if get.get("host") != want_host:
+            fail(f"agent: {probe} host {get.get('host')!r}, but the agent listens on {listen} "
+                 f"(want host {want_host!r})")
     if not problems:
         ok(f"agent DaemonSet: NET_ADMIN only, read-only root, host paths {sorted(AGENT_HOST_PATHS)}, "
-           f"paths = contract constants, probes on :{port}")
+           f"paths = contract constants, listens on {listen}, probes reach it")
 
     cds = objs.get(CLEANUP_DS)
     if not cds:

@@ -1,16 +1,30 @@
 //! A tiny HTTP/1.1 server: `/healthz` (process alive), `/readyz` (first sync committed), `/metrics`.
-//! Hand-rolled on tokio: one request per connection, GET only, bounded request size.
+//! Hand-rolled on tokio: one request per connection, GET only, bounded request size, read timeout,
+//! and at most [`MAX_CONNECTIONS`] connections at once.
+//!
+//! When the cap is reached, a new connection is accepted and the oldest connection that has not sent
+//! its request yet is closed (if every connection is already being answered, the new one is closed
+//! at once). Waiting for a free slot instead (not accepting) would let a client that opens connections
+//! and sends nothing hold every slot until the read timeout, again and again: kubelet's liveness probe
+//! would queue behind them and fail, and the agent be restarted. Closing the newcomer would fail the
+//! probe the same way. Closing the oldest idle one serves any client that sends its request promptly
+//! (a probe sends it within a millisecond of connecting) however many idle connections others hold.
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 
-/// Largest request head we read.
+/// Largest request head we read; a longer one is answered 431.
 const MAX_REQUEST: usize = 8192;
-/// How long a client may take to send its request.
+/// How long a client may take to send its request (and we to answer it).
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most connections open at once. Probes and a scraper need a handful; 64 leaves room for bursts
+/// while bounding memory and file descriptors (17.6k were held open before there was a cap).
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Binds `addr` (so a bad address fails at start) and returns the serving future.
 pub async fn bind(addr: &str) -> Result<TcpListener> {
@@ -22,18 +36,123 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
         })
 }
 
+/// The open connections: those still waiting for their request (evictable, oldest first) and those
+/// being answered. Dropping a connection's sender closes it.
+#[derive(Default)]
+struct Conns {
+    state: Mutex<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    next_id: u64,
+    reading: BTreeMap<u64, oneshot::Sender<()>>,
+    answering: BTreeMap<u64, oneshot::Sender<()>>,
+    /// Connections closed to make room (for /metrics).
+    evicted: u64,
+    /// Connections closed at once because every slot was answering.
+    refused: u64,
+}
+
+impl ConnState {
+    fn open(&self) -> usize {
+        self.reading.len() + self.answering.len()
+    }
+}
+
+impl Conns {
+    fn with<T>(&self, f: impl FnOnce(&mut ConnState) -> T) -> T {
+        // A poisoned lock only means a panic in another connection; the bookkeeping stays usable.
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// A slot for a new connection, closing the oldest one still reading when all are taken; `None`
+    /// when every slot is answering (the new connection is to be closed).
+    fn admit(&self) -> Option<(u64, oneshot::Receiver<()>)> {
+        self.with(|s| {
+            if s.open() >= MAX_CONNECTIONS {
+                if s.reading.pop_first().is_some() {
+                    s.evicted += 1;
+                } else {
+                    s.refused += 1;
+                    return None;
+                }
+            }
+            let id = s.next_id;
+            s.next_id += 1;
+            let (tx, rx) = oneshot::channel();
+            s.reading.insert(id, tx);
+            Some((id, rx))
+        })
+    }
+
+    /// The connection sent its request: it is no longer evictable.
+    fn answering(&self, id: u64) {
+        self.with(|s| {
+            if let Some(tx) = s.reading.remove(&id) {
+                s.answering.insert(id, tx);
+            }
+        });
+    }
+
+    fn close(&self, id: u64) {
+        self.with(|s| {
+            s.reading.remove(&id);
+            s.answering.remove(&id);
+        });
+    }
+
+    fn render(&self) -> String {
+        self.with(|s| {
+            format!(
+                "# HELP palisade_http_open_connections Connections open to this endpoint (at most {MAX_CONNECTIONS}).\n# TYPE palisade_http_open_connections gauge\npalisade_http_open_connections {}\n# HELP palisade_http_closed_connections_total Connections closed because {MAX_CONNECTIONS} were open: the oldest one without a request (evicted), or the new one when all were being answered (refused).\n# TYPE palisade_http_closed_connections_total counter\npalisade_http_closed_connections_total{{reason=\"evicted\"}} {}\npalisade_http_closed_connections_total{{reason=\"refused\"}} {}\n",
+                s.open(),
+                s.evicted,
+                s.refused
+            )
+        })
+    }
+}
+
+/// Removes its connection from [`Conns`] however the connection's task ends.
+struct Slot {
+    conns: Arc<Conns>,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.conns.close(self.id);
+    }
+}
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let conns = Arc::new(Conns::default());
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Some((id, evicted)) = conns.admit() else {
+                    tracing::debug!(%peer, "http: {MAX_CONNECTIONS} connections are being answered; closing a new one");
+                    drop(stream);
+                    continue;
+                };
+                let slot = Slot {
+                    conns: conns.clone(),
+                    id,
+                };
                 let m = metrics.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(READ_TIMEOUT, handle(stream, m)).await;
+                    tokio::select! {
+                        _ = evicted => {}
+                        _ = tokio::time::timeout(READ_TIMEOUT, handle(stream, m, &slot)) => {}
+                    }
+                    drop(slot);
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "http accept failed");
+                tracing::warn!(error = %e, "http accept failed (out of file descriptors?); retrying in 100 ms");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
@@ -64,16 +183,22 @@ pub fn respond(path: &str, metrics: &Metrics) -> (&'static str, &'static str, St
     }
 }
 
-async fn handle(mut stream: TcpStream, metrics: Arc<Metrics>) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, metrics: Arc<Metrics>, slot: &Slot) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let mut too_large = false;
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
         let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > MAX_REQUEST {
+        if n == 0 {
+            break;
+        }
+        if buf.len() + n > MAX_REQUEST {
+            too_large = true;
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+    slot.conns.answering(slot.id);
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (
@@ -81,8 +206,18 @@ async fn handle(mut stream: TcpStream, metrics: Arc<Metrics>) -> std::io::Result
         parts.next().unwrap_or_default(),
     );
     let path = target.split('?').next().unwrap_or_default();
-    let (status, ctype, body) = if method == "GET" || method == "HEAD" {
-        respond(path, &metrics)
+    let (status, ctype, body) = if too_large {
+        (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            format!("request head over {MAX_REQUEST} bytes\n"),
+        )
+    } else if method == "GET" || method == "HEAD" {
+        let (status, ctype, mut body) = respond(path, &metrics);
+        if path == "/metrics" {
+            body.push_str(&slot.conns.render());
+        }
+        (status, ctype, body)
     } else {
         ("405 Method Not Allowed", "text/plain", "GET only\n".into())
     };
@@ -131,5 +266,81 @@ mod tests {
             out.contains("palisade_reconcile_duration_seconds_count 0"),
             "{out}"
         );
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// Whether the server closed `s` (EOF or reset) within `wait`.
+    async fn closed(s: &mut TcpStream, wait: std::time::Duration) -> bool {
+        let mut b = [0u8; 16];
+        match tokio::time::timeout(wait, s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(_)) => false,
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_while_many_idle_connections_are_held_and_open_ones_stay_capped() {
+        let l = bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default())));
+        // 300 connections that never send a request (17.6k were held before the cap).
+        let mut held = Vec::new();
+        for _ in 0..300 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        for _ in 0..3 {
+            let out = get(addr, "/healthz").await;
+            assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        }
+        let metrics = get(addr, "/metrics").await;
+        let open: usize = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("palisade_http_open_connections "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no open-connections gauge in {metrics}"));
+        assert!(open <= MAX_CONNECTIONS, "{open} open");
+        let mut still_open = 0;
+        for s in &mut held {
+            if !closed(s, std::time::Duration::from_millis(20)).await {
+                still_open += 1;
+            }
+        }
+        srv.abort();
+        assert!(
+            still_open < MAX_CONNECTIONS,
+            "{still_open} of the idle connections are still open"
+        );
+        assert!(
+            metrics.contains("palisade_http_closed_connections_total{reason=\"evicted\"}"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_head_is_refused_with_431() {
+        let l = bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default())));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_REQUEST)
+        );
+        let _ = s.write_all(head.as_bytes()).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        srv.abort();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     }
 }
