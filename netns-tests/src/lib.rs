@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod cni;
 pub mod demo;
 pub mod error;
+pub mod forge;
 pub mod k8s;
 pub mod lab;
 pub mod matrix;

@@ -17,6 +17,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+#[path = "conformance/forged.rs"]
+mod forged;
+
 type TestResult = Result<(), String>;
 type LabTest = fn(&mut Lab) -> TestResult;
 
@@ -436,7 +439,11 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::extra_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "extra"));
     }
-    let named: [(&str, LabTest); 6] = [
+    let named: [(&str, LabTest); 7] = [
+        (
+            "extra::forged_sources_are_dropped_at_the_pods_veth",
+            forged::forged_sources_are_dropped_at_the_pods_veth,
+        ),
         (
             "extra::harness_detects_a_wrong_expectation",
             harness_detects_a_wrong_expectation,

@@ -41,6 +41,17 @@ enum Command {
         /// Targets like tcp:10.0.0.1:80 or udp:[fd00::1]:81; when none, a JSON array on stdin.
         targets: Vec<String>,
     },
+    /// Send COUNT UDP datagrams or TCP SYNs to a target from SOURCE, an address that need not be
+    /// ours (as an attacker pod with CAP_NET_RAW can); prints how many left.
+    Forge {
+        /// The source address to put on the packets.
+        #[arg(long)]
+        source: std::net::IpAddr,
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+        /// PROTO:ADDR:PORT, e.g. udp:10.244.1.5:81.
+        target: String,
+    },
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -82,6 +93,17 @@ fn run(cli: Cli) -> Result<(), String> {
             let out = probe::probe_all(&targets, Duration::from_millis(timeout_ms));
             let json = serde_json::to_string(&out).map_err(|e| format!("encoding results: {e}"))?;
             println!("{json}");
+            Ok(())
+        }
+        Command::Forge {
+            source,
+            count,
+            target,
+        } => {
+            let t = parse_target(&target)?;
+            let sent = palisade_netns_tests::forge::send_forged(source, t.addr, t.protocol, count)
+                .map_err(|e| format!("forging {} from {source} to {}: {e}", t.protocol, t.addr))?;
+            println!("{sent}");
             Ok(())
         }
     }

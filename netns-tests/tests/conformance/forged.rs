@@ -1,0 +1,265 @@
+//! Forged source addresses (issue 11, item 1): a pod that sends with an address not its own is
+//! dropped at its veth, before any policy, whatever address it borrows; the owner of an address
+//! still gets through where policy allows it.
+
+use super::{apply, expect_reach, pod_ip, target, with_cleanup, TestResult};
+use palisade_netns_tests::lab::{self, Family, Lab};
+use palisade_netns_tests::probe::Protocol;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+
+/// Datagrams, and SYNs, per forged source and family.
+const COUNT: u32 = 20;
+const VICTIM: &str = "x/a";
+/// Isolated for egress (deny all) and forging: it must not get out under another pod's address.
+const ATTACKER: &str = "z/b";
+/// Counting table in the victim pod's own namespace (the lab's pods are ours to instrument).
+const COUNT_TABLE: &str = "forgecount";
+
+fn run(netns: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .output()
+        .map_err(|e| format!("{args:?} in {netns}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?} in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Sends COUNT UDP datagrams to port 81 and COUNT TCP SYNs to port 80 of `to` from `source`.
+fn forge(lab: &Lab, netns: &str, source: IpAddr, to: IpAddr) -> Result<(), String> {
+    let probe = lab.state().bins.probe();
+    let probe = probe.to_string_lossy();
+    for (proto, port) in [("udp", 81), ("tcp", 80)] {
+        let t = format!("{proto}:{}", SocketAddr::new(to, port));
+        run(
+            netns,
+            &[
+                &probe,
+                "forge",
+                "--source",
+                &source.to_string(),
+                "--count",
+                &COUNT.to_string(),
+                &t,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Installs a counter per source address in the victim's namespace, before its own stack.
+fn install_counters(netns: &str, sources: &[IpAddr]) -> Result<(), String> {
+    let mut rules = String::new();
+    for s in sources {
+        let fam = if s.is_ipv4() { "ip" } else { "ip6" };
+        rules.push_str(&format!(
+            "    {fam} saddr {s} th dport {{ 80, 81 }} counter comment \"{s}\"\n"
+        ));
+    }
+    let text = format!(
+        "table inet {COUNT_TABLE} {{\n  chain pre {{\n    type filter hook prerouting priority -500; policy accept;\n{rules}  }}\n}}\n"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            if let Some(mut i) = c.stdin.take() {
+                i.write_all(text.as_bytes())?;
+            }
+            c.wait_with_output()
+        })
+        .map_err(|e| format!("nft in {netns}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "counting table in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Packets counted so far per comment (source address) in a chain's rules.
+fn counters(netns: &str, args: &[&str]) -> Result<Vec<(String, u64)>, String> {
+    let mut cmd = vec!["nft", "-j", "list"];
+    cmd.extend_from_slice(args);
+    let text = run(netns, &cmd)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("nft listing in {netns}: {e}"))?;
+    let mut out = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let packets = rule["expr"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("counter"))
+            .filter_map(|c| c["packets"].as_u64())
+            .sum();
+        let comment = rule["comment"].as_str().unwrap_or_default().to_string();
+        out.push((comment, packets));
+    }
+    Ok(out)
+}
+
+fn delivered(netns: &str, source: IpAddr) -> Result<u64, String> {
+    Ok(counters(netns, &["chain", "inet", COUNT_TABLE, "pre"])?
+        .into_iter()
+        .filter(|(c, _)| *c == source.to_string())
+        .map(|(_, n)| n)
+        .sum())
+}
+
+/// Packets the source guard of a node dropped so far.
+fn guard_drops(node_netns: &str) -> Result<u64, String> {
+    Ok(
+        counters(node_netns, &["chain", "inet", "palisade", "source_guard"])?
+            .into_iter()
+            .map(|(_, n)| n)
+            .sum(),
+    )
+}
+
+pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult {
+    with_cleanup(lab, "forged sources", |lab| {
+        let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
+        let attacker = lab.pod(ATTACKER).map_err(|e| e.to_string())?.clone();
+        let nodes = lab.state().nodes.clone();
+        let attacker_node = nodes
+            .iter()
+            .find(|n| n.name == attacker.node)
+            .ok_or("attacker's node unknown")?
+            .clone();
+        let other_node = nodes
+            .iter()
+            .find(|n| n.name != attacker.node)
+            .ok_or("a second node is needed")?
+            .clone();
+        let ext = lab
+            .state()
+            .external
+            .clone()
+            .ok_or("the lab needs its external network")?;
+        // The peers x/a admits: every pod of namespace y, on both nodes.
+        let peers: Vec<_> = lab.pods().filter(|p| p.namespace == "y").cloned().collect();
+        let same = peers.iter().find(|p| p.node == attacker.node);
+        let other = peers.iter().find(|p| p.node != attacker.node);
+        let (Some(same), Some(other)) = (same.cloned(), other.cloned()) else {
+            return Err("the model must place pods of y on both nodes".into());
+        };
+        let mut cidrs_v4 = Vec::new();
+        let mut cidrs_v6 = Vec::new();
+        for n in &nodes {
+            cidrs_v4.push(n.pod_cidr_v4.clone());
+            cidrs_v6.push(n.pod_cidr_v6.clone());
+        }
+        // x/a admits y's pods, and any address outside the pod networks (so a forged node or
+        // external address would be admitted too, if it got that far); z/b may send nothing.
+        apply(lab, vec![super::yaml(&format!(
+            "{{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {{name: admit-y-and-outside, namespace: x}}, spec: {{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Ingress], ingress: [{{from: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: y}}}}}}, {{ipBlock: {{cidr: 0.0.0.0/0, except: [{}]}}}}, {{ipBlock: {{cidr: '::/0', except: [{}]}}}}]}}]}}}}",
+            cidrs_v4.join(", "),
+            cidrs_v6.iter().map(|c| format!("'{c}'")).collect::<Vec<_>>().join(", ")
+        )), super::yaml(
+            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: deny-egress, namespace: z}, spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Egress]}}",
+        )])?;
+        let victim4 = pod_ip(lab, VICTIM, Family::V4)?;
+        expect_reach(
+            lab,
+            &[
+                (
+                    same.key().as_str(),
+                    target(VICTIM, victim4, 80, Protocol::Tcp),
+                    true,
+                ),
+                (ATTACKER, target(VICTIM, victim4, 80, Protocol::Tcp), false),
+            ],
+        )?;
+        let mut report = Vec::new();
+        for fam in [Family::V4, Family::V6] {
+            let pick = |ips: &[IpAddr]| fam.pick(ips).ok_or(format!("no {fam:?} address"));
+            let to = pick(&victim.ips)?;
+            let (own_node, far_node, outside) = match fam {
+                Family::V4 => (
+                    IpAddr::V4(lab::node_underlay_v4(attacker_node.index)),
+                    IpAddr::V4(lab::node_underlay_v4(other_node.index)),
+                    IpAddr::V4(lab::EXTERNAL_V4),
+                ),
+                Family::V6 => (
+                    IpAddr::V6(lab::node_underlay_v6(attacker_node.index)),
+                    IpAddr::V6(lab::node_underlay_v6(other_node.index)),
+                    IpAddr::V6(lab::EXTERNAL_V6),
+                ),
+            };
+            let forged = [
+                ("a pod of the same node", pick(&same.ips)?),
+                ("a pod of the other node", pick(&other.ips)?),
+                ("its own node", own_node),
+                ("the other node", far_node),
+                ("an external address", outside),
+            ];
+            let sources: Vec<IpAddr> = forged.iter().map(|(_, s)| *s).collect();
+            let _ = run(
+                &victim.netns,
+                &["nft", "delete", "table", "inet", COUNT_TABLE],
+            );
+            install_counters(&victim.netns, &sources)?;
+            let drops_before = guard_drops(&attacker_node.netns)?;
+            for (_, s) in &forged {
+                forge(lab, &attacker.netns, *s, to)?;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            for (what, s) in &forged {
+                let n = delivered(&victim.netns, *s)?;
+                report.push(format!("{fam:?} {what} ({s}): {n} delivered"));
+                if n != 0 {
+                    return Err(format!(
+                        "{ATTACKER} forging {what} ({s}) reached {VICTIM}: {n} packets of {}",
+                        2 * COUNT
+                    ));
+                }
+            }
+            let dropped = guard_drops(&attacker_node.netns)? - drops_before;
+            let sent = 2 * u64::from(COUNT) * forged.len() as u64;
+            if dropped < sent {
+                return Err(format!(
+                    "{fam:?}: {sent} forged packets sent, the source guard of {} counted {dropped}",
+                    attacker_node.name
+                ));
+            }
+            // The owners of those addresses get through: the policy would have admitted them.
+            for (who, netns, s) in [
+                (same.key(), same.netns.clone(), pick(&same.ips)?),
+                (other.key(), other.netns.clone(), pick(&other.ips)?),
+                ("external".to_string(), ext.netns.clone(), outside),
+            ] {
+                let before = delivered(&victim.netns, s)?;
+                forge(lab, &netns, s, to)?;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let n = delivered(&victim.netns, s)? - before;
+                if n < 2 * u64::from(COUNT) {
+                    return Err(format!(
+                        "{who} sending from its own address {s}: {n} of {} delivered",
+                        2 * COUNT
+                    ));
+                }
+            }
+            let _ = run(
+                &victim.netns,
+                &["nft", "delete", "table", "inet", COUNT_TABLE],
+            );
+        }
+        println!("  forged sources: {}", report.join("; "));
+        Ok(())
+    })
+}
