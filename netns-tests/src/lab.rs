@@ -132,6 +132,99 @@ pub struct NodeState {
     pub pod_cidr_v4: String,
     pub pod_cidr_v6: String,
     pub agent_pid: Option<u32>,
+    /// The arguments the agent was started with (`restart-agent` starts it again with the same).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
+}
+
+/// How long `/healthz` may take to answer `status`.
+pub const HEALTHZ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A node's agent as `palisade-lab status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentHealth {
+    pub node: String,
+    pub pid: Option<u32>,
+    /// The recorded pid is alive and is this lab's process (not a reused pid).
+    pub running: bool,
+    /// HTTP status of `/healthz` in the node's namespace, or why there was none.
+    pub healthz: std::result::Result<u16, String>,
+    pub log: PathBuf,
+}
+
+impl AgentHealth {
+    /// Running and `/healthz` answered 200.
+    pub fn healthy(&self) -> bool {
+        self.running && self.healthz == Ok(200)
+    }
+}
+
+impl std::fmt::Display for AgentHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pid = self
+            .pid
+            .map_or_else(|| "no pid".to_string(), |p| format!("pid {p}"));
+        let health = match &self.healthz {
+            Ok(200) => "/healthz 200".to_string(),
+            Ok(code) => format!("/healthz {code}"),
+            Err(e) => format!("/healthz unreachable ({e})"),
+        };
+        if self.running {
+            write!(f, "  {:<7} agent {pid:<10} running  {health}", self.node)
+        } else {
+            write!(
+                f,
+                "  {:<7} agent {pid:<10} DEAD     {health}; log {}; `palisade-lab restart-agent {}` starts it",
+                self.node,
+                self.log.display(),
+                self.node
+            )
+        }
+    }
+}
+
+/// `GET path` at `addr` inside network namespace `netns` (a thread of ours enters it, nothing else
+/// does): the HTTP status code.
+pub fn http_status_in_netns(
+    netns: &str,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::result::Result<u16, String> {
+    use std::io::{Read, Write};
+    let ns_path = netns::path(netns);
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("address {addr:?}: {e}"))?;
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let ns =
+            std::fs::File::open(&ns_path).map_err(|e| format!("{}: {e}", ns_path.display()))?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering {}: {e}", ns_path.display()))?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .map_err(|e| format!("read from {addr}: {e}"))?;
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "not an HTTP answer: {:?}",
+                    out.lines().next().unwrap_or_default()
+                )
+            })
+    })
+    .join()
+    .map_err(|_| "the HTTP thread panicked".to_string())?
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -437,6 +530,7 @@ impl Lab {
             pod_cidr_v4: format!("10.244.{i}.0/24"),
             pod_cidr_v6: format!("fd00:10:244:{i:x}::/64"),
             agent_pid: None,
+            agent_args: Vec::new(),
         };
         let obj = node_object(&node);
         self.manifests.write(&obj)?;
@@ -575,30 +669,109 @@ impl Lab {
         check_interrupted()?;
         let node = self.state.nodes[i].clone();
         let manifests = self.manifests.dir.display().to_string();
-        let args: Vec<String> = vec![
-            "run".into(),
-            "--node-name".into(),
-            node.name.clone(),
-            "--manifests".into(),
-            manifests,
-            "--state-dir".into(),
-            node.dir.join("state").display().to_string(),
-            "--cni-conf-dir".into(),
-            node.dir.join("net.d").display().to_string(),
-            "--ipam-data-dir".into(),
-            node.dir.join("ipam").display().to_string(),
-            "--listen".into(),
-            AGENT_LISTEN.into(),
-        ];
-        let pid = process::spawn_in_netns(
-            &self.state.name,
-            &node.netns,
-            &self.state.bins.agent(),
-            &args,
-            &node.dir.join("agent.log"),
-        )?;
+        let args: Vec<String> = if !node.agent_args.is_empty() {
+            node.agent_args.clone()
+        } else {
+            vec![
+                "run".into(),
+                "--node-name".into(),
+                node.name.clone(),
+                "--manifests".into(),
+                manifests,
+                "--state-dir".into(),
+                node.dir.join("state").display().to_string(),
+                "--cni-conf-dir".into(),
+                node.dir.join("net.d").display().to_string(),
+                "--ipam-data-dir".into(),
+                node.dir.join("ipam").display().to_string(),
+                "--listen".into(),
+                AGENT_LISTEN.into(),
+            ]
+        };
+        // A restarted agent's log goes after the old one's.
+        let log = node.dir.join("agent.log");
+        let pid = if node.agent_args.is_empty() {
+            process::spawn_in_netns(
+                &self.state.name,
+                &node.netns,
+                &self.state.bins.agent(),
+                &args,
+                &log,
+            )?
+        } else {
+            process::spawn_in_netns_appending(
+                &self.state.name,
+                &node.netns,
+                &self.state.bins.agent(),
+                &args,
+                &log,
+            )?
+        };
         self.state.nodes[i].agent_pid = Some(pid);
+        self.state.nodes[i].agent_args = args;
         self.state.save()
+    }
+
+    /// The agent of `node`: is its recorded pid alive (and ours), does `/healthz` answer.
+    pub fn agent_health(&self, node: &str) -> Result<AgentHealth> {
+        let n = self.node(node)?;
+        process::reap();
+        let running = n
+            .agent_pid
+            .is_some_and(|p| process::is_ours(p, &self.state.name) && process::alive(p as i32));
+        let healthz = http_status_in_netns(&n.netns, AGENT_LISTEN, "/healthz", HEALTHZ_TIMEOUT);
+        Ok(AgentHealth {
+            node: n.name.clone(),
+            pid: n.agent_pid,
+            running,
+            healthz,
+            log: n.dir.join("agent.log"),
+        })
+    }
+
+    /// Stops `node`'s agent by its recorded pid (SIGTERM, then SIGKILL; only if the pid is still
+    /// this lab's) and starts it again with the same arguments; returns once the new agent's
+    /// `/readyz` answers 200 (its first sync is committed). Returns (old pid, new pid).
+    pub fn restart_agent(&mut self, node: &str) -> Result<(Option<u32>, u32)> {
+        let i = self
+            .state
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .ok_or_else(|| {
+                LabError::Invalid(format!("no node {node:?} in lab {}", self.state.name))
+            })?;
+        let old = self.state.nodes[i].agent_pid;
+        if let Some(pid) = old {
+            process::stop(pid, &self.state.name);
+        }
+        self.start_agent(i)?;
+        let n = &self.state.nodes[i];
+        let new = n.agent_pid.unwrap_or_default();
+        let start = Instant::now();
+        loop {
+            check_interrupted()?;
+            if http_status_in_netns(&n.netns, AGENT_LISTEN, "/readyz", HEALTHZ_TIMEOUT) == Ok(200) {
+                return Ok((old, new));
+            }
+            process::reap();
+            if !process::alive(new as i32) {
+                return Err(LabError::Command {
+                    what: format!("palisade-agent on {node}"),
+                    detail: format!(
+                        "exited right after the restart; log:\n{}",
+                        tail(&n.dir.join("agent.log"))
+                    ),
+                });
+            }
+            if start.elapsed() > AGENT_SYNC_TIMEOUT {
+                return Err(LabError::Timeout(format!(
+                    "restarted palisade-agent on {node} not ready within {AGENT_SYNC_TIMEOUT:?}; log:\n{}",
+                    tail(&n.dir.join("agent.log"))
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn conflist_path(node: &NodeState) -> PathBuf {

@@ -24,6 +24,33 @@ pub fn spawn_in_netns(
     log: &Path,
 ) -> Result<u32> {
     let out = File::create(log).map_err(LabError::io(log))?;
+    spawn_logging_to(lab, netns, program, args, out, log)
+}
+
+/// [`spawn_in_netns`], appending to `log` (a restarted process keeps its predecessor's log).
+pub fn spawn_in_netns_appending(
+    lab: &str,
+    netns: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<u32> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(LabError::io(log))?;
+    spawn_logging_to(lab, netns, program, args, out, log)
+}
+
+fn spawn_logging_to(
+    lab: &str,
+    netns: &str,
+    program: &Path,
+    args: &[String],
+    out: File,
+    log: &Path,
+) -> Result<u32> {
     let err = out.try_clone().map_err(LabError::io(log))?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns])

@@ -367,3 +367,88 @@ fn a_lab_never_touches_the_host_network_namespace() {
     );
     assert_nothing_left(&name);
 }
+
+/// Issue 11 item 7: `palisade-lab` could not restart a node's agent, and `status` did not show a
+/// dead one.
+#[test]
+fn status_shows_a_dead_agent_and_restart_agent_brings_it_back_with_the_same_args() {
+    let name = lab::unique_name();
+    let _guard = DownOnDrop(name.clone());
+    let mut up = cli(&name);
+    up.args(["up", "examples/demo"]);
+    run_ok(up);
+
+    let out = run_ok({
+        let mut c = cli(&name);
+        c.arg("status");
+        c
+    });
+    assert_eq!(out.matches("running  /healthz 200").count(), 2, "{out}");
+
+    let lab = Lab::open(Path::new(lab::RUN_ROOT), &name).unwrap();
+    let node2 = lab.state().nodes[1].clone();
+    let old_pid = node2.agent_pid.expect("node2 has an agent");
+    let old_args = node2.agent_args.clone();
+    assert!(!old_args.is_empty(), "the agent's args were not recorded");
+    // The agent dies (as a crash would): status says so and fails.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = Instant::now();
+    while process::alive(old_pid as i32) && gone.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = cli(&name).arg("status").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "status succeeded with a dead agent: {stdout}"
+    );
+    assert!(
+        stdout.contains("node2")
+            && stdout.contains("DEAD")
+            && stdout.contains("restart-agent node2"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = run_ok({
+        let mut c = cli(&name);
+        c.args(["restart-agent", "node2"]);
+        c
+    });
+    assert!(out.contains("node2: agent restarted"), "{out}");
+    let lab = Lab::open(Path::new(lab::RUN_ROOT), &name).unwrap();
+    let node2 = &lab.state().nodes[1];
+    let new_pid = node2.agent_pid.expect("node2 has an agent again");
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(node2.agent_args, old_args, "restarted with other args");
+    assert!(lab.agent_health("node2").unwrap().healthy());
+
+    // A live agent restarts too (stopped by its pid, not by name).
+    let out = run_ok({
+        let mut c = cli(&name);
+        c.args(["restart-agent", "node1"]);
+        c
+    });
+    assert!(out.contains("node1: agent restarted"), "{out}");
+    let out = run_ok({
+        let mut c = cli(&name);
+        c.arg("status");
+        c
+    });
+    assert_eq!(out.matches("running  /healthz 200").count(), 2, "{out}");
+    // Both agents still enforce nothing in the demo: every pair connects.
+    assert!(probe_json(&name).iter().all(|r| r.connected));
+
+    let mut down = cli(&name);
+    down.arg("down");
+    run_ok(down);
+    assert_nothing_left(&name);
+}

@@ -76,8 +76,15 @@ enum Command {
         #[arg(long, default_value_t = 400)]
         timeout_ms: u64,
     },
-    /// Show the lab's nodes and pods.
+    /// Show the lab's nodes, their agents (pid alive, /healthz) and pods; fails when an agent is not
+    /// healthy.
     Status,
+    /// Stop a node's agent (SIGTERM by its pid, SIGKILL after 1.5 s) and start it again with the same
+    /// arguments; returns once it is ready. Rules stay in the kernel meanwhile (fail closed).
+    RestartAgent {
+        /// Node name, e.g. node1.
+        node: String,
+    },
     /// Tear a lab down (works from its state file, also after a crash).
     Down {
         /// Tear down every lab under the run root.
@@ -202,6 +209,33 @@ fn run(cli: Cli) -> Result<(), LabError> {
         Command::Status => {
             let lab = Lab::open(&cli.run_root, &cli.name)?;
             print!("{}", demo::describe_lab(&lab));
+            println!("Agents:");
+            let mut unhealthy = Vec::new();
+            for n in &lab.state().nodes {
+                let h = lab.agent_health(&n.name)?;
+                println!("{h}");
+                if !h.healthy() {
+                    unhealthy.push(n.name.clone());
+                }
+            }
+            if unhealthy.is_empty() {
+                Ok(())
+            } else {
+                Err(LabError::Invalid(format!(
+                    "agent not healthy on {}; `palisade-lab restart-agent NODE` restarts one",
+                    unhealthy.join(", ")
+                )))
+            }
+        }
+        Command::RestartAgent { node } => {
+            let mut lab = Lab::open(&cli.run_root, &cli.name)?;
+            let start = std::time::Instant::now();
+            let (old, new) = lab.restart_agent(node)?;
+            let old = old.map_or_else(|| "none".to_string(), |p| p.to_string());
+            println!(
+                "{node}: agent restarted (pid {old} -> {new}), ready after {:?}",
+                start.elapsed()
+            );
             Ok(())
         }
         Command::Down { all } => {
@@ -288,6 +322,8 @@ mod tests {
                 "--ipv6",
             ],
             &["palisade-lab", "down", "--all"],
+            &["palisade-lab", "restart-agent", "node2"],
+            &["palisade-lab", "status"],
             &["palisade-lab", "demo", "examples/demo"],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
