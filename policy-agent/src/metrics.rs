@@ -138,7 +138,7 @@ impl Metrics {
             let _ = writeln!(o, "# HELP palisade_transactions_total Committed nft transactions by kind.\n# TYPE palisade_transactions_total counter");
             let _ = writeln!(o, "palisade_transactions_total{{kind=\"full\"}} {}\npalisade_transactions_total{{kind=\"incremental\"}} {}", m.full_replaces, m.incremental);
             let _ = writeln!(o, "# HELP palisade_refused_pod_cidrs Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason.\n# TYPE palisade_refused_pod_cidrs gauge");
-            for reason in ["too_wide", "outside_cluster_cidr", "overlaps_own_node", "overlaps_other_node"] {
+            for reason in ["too_wide", "outside_cluster_cidr", "contains_node_address", "overlaps_own_node", "overlaps_other_node"] {
                 let v = m.refused_pod_cidrs.get(reason).copied().unwrap_or(0);
                 let _ = writeln!(o, "palisade_refused_pod_cidrs{{reason=\"{reason}\"}} {v}");
             }

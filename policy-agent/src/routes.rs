@@ -40,6 +40,9 @@ pub enum RefusalReason {
     TooWide,
     /// Not inside any configured `--cluster-cidr` of its family.
     OutsideClusterCidr,
+    /// Contains a Node's InternalIP (ours or another's): a route to it would take over the path
+    /// between nodes.
+    ContainsNodeAddress,
     /// Overlaps a podCIDR of our own Node.
     OverlapsOwnNode,
     /// Overlaps a podCIDR another Node claims too (both claims are refused).
@@ -52,6 +55,7 @@ impl RefusalReason {
         match self {
             RefusalReason::TooWide => "too_wide",
             RefusalReason::OutsideClusterCidr => "outside_cluster_cidr",
+            RefusalReason::ContainsNodeAddress => "contains_node_address",
             RefusalReason::OverlapsOwnNode => "overlaps_own_node",
             RefusalReason::OverlapsOtherNode => "overlaps_other_node",
         }
@@ -80,6 +84,10 @@ impl std::fmt::Display for Refused {
             RefusalReason::OutsideClusterCidr => write!(
                 f,
                 "node {node}: podCIDR {cidr} is not inside the cluster CIDR ({detail}); no route. Fix the Node or --cluster-cidr"
+            ),
+            RefusalReason::ContainsNodeAddress => write!(
+                f,
+                "node {node}: podCIDR {cidr} contains {detail}; no route (it would take over the path between nodes). Check who wrote this Node"
             ),
             RefusalReason::OverlapsOwnNode => write!(
                 f,
@@ -125,7 +133,8 @@ fn start_end(n: &IpNet) -> (u128, u128) {
 /// Routes this node wants: every other node's podCIDRs via its first InternalIP of the same family,
 /// for the podCIDRs that pass validation. A podCIDR is refused when it is wider than
 /// [`MIN_PREFIX_V4`]/[`MIN_PREFIX_V6`], lies outside every `cluster_cidrs` entry of its family (when
-/// there is one), overlaps our own Node's podCIDRs, or overlaps a podCIDR of another Node.
+/// there is one), contains any Node's InternalIP, overlaps our own Node's podCIDRs, or overlaps a
+/// podCIDR of another Node.
 ///
 /// Two Nodes claiming overlapping ranges are both refused: kube-controller-manager never hands out
 /// overlapping ranges, so one of the claims is wrong and we cannot tell which (names and order of
@@ -174,6 +183,16 @@ pub fn desired_routes(
                 let list: Vec<String> = family.iter().map(|c| c.to_string()).collect();
                 plan.refused
                     .push(refuse(RefusalReason::OutsideClusterCidr, list.join(", ")));
+            } else if let Some((holder, ip)) = nodes.iter().find_map(|(holder, h)| {
+                h.internal_ips
+                    .iter()
+                    .find(|ip| cidr.contains(*ip))
+                    .map(|ip| (holder, ip))
+            }) {
+                plan.refused.push(refuse(
+                    RefusalReason::ContainsNodeAddress,
+                    format!("InternalIP {ip} of node {holder}"),
+                ));
             } else if let Some(o) = own.iter().find(|o| overlaps(o, &cidr)) {
                 plan.refused
                     .push(refuse(RefusalReason::OverlapsOwnNode, o.to_string()));
@@ -309,9 +328,24 @@ impl Routes {
                     continue;
                 }
             };
-            match self.handle.route().add(msg).replace().execute().await {
+            // Never `replace`: a route to the same destination that is not ours (a connected route,
+            // an operator's) must stay; the add then fails (EEXIST) and is reported.
+            match self.handle.route().add(msg).execute().await {
                 Ok(()) => changes.added.push(r.clone()),
-                Err(e) => changes.failed.push((r.clone(), nl("add route")(e))),
+                Err(e) => {
+                    let action = match &e {
+                        rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == libc::EEXIST => {
+                            "add route (a route to this destination that is not ours is in the way; it is left alone)"
+                        }
+                        rtnetlink::Error::NetlinkError(m)
+                            if m.raw_code().abs() == libc::ENETUNREACH =>
+                        {
+                            "add route (the node's InternalIP is not on a directly connected link)"
+                        }
+                        _ => "add route",
+                    };
+                    changes.failed.push((r.clone(), nl(action)(e)));
+                }
             }
         }
         Ok(changes)
@@ -484,6 +518,26 @@ mod tests {
         );
         assert!(plan.refused[0].to_string().contains("node evil"));
         assert!(plan.refused[0].to_string().contains("0.0.0.0/0"));
+    }
+
+    #[test]
+    fn a_pod_cidr_containing_a_node_address_is_refused() {
+        let mut nodes = BTreeMap::new();
+        nodes.extend([node("a", &["10.244.0.0/24"], &["192.168.77.1"])]);
+        nodes.extend([node(
+            "b",
+            &["192.168.77.0/24", "10.244.1.0/24"],
+            &["192.168.77.2"],
+        )]);
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert_eq!(routes(&plan), vec!["10.244.1.0/24 via 192.168.77.2"]);
+        assert_eq!(
+            refused(&plan),
+            vec!["b 192.168.77.0/24 contains_node_address"]
+        );
+        assert!(plan.refused[0]
+            .to_string()
+            .contains("InternalIP 192.168.77.1 of node a"));
     }
 
     #[test]

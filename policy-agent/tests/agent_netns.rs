@@ -787,25 +787,58 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
     let t = TempDir::new("pa-badnode");
     let d = AgentDirs::new(&t);
     // A default route of ours left by an agent that accepted a /0 podCIDR: ours, so it must go.
-    n1.ip(&["route", "add", "default", "via", "192.168.77.2", "proto", "140"]);
-    n1.ip(&["-6", "route", "add", "default", "via", "fd00:77::2", "proto", "140"]);
-    assert!(
-        n1.our_routes().contains("default"),
-        "{}",
-        n1.our_routes()
-    );
+    n1.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.77.2",
+        "proto",
+        "140",
+    ]);
+    n1.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:77::2",
+        "proto",
+        "140",
+    ]);
+    // An operator's route to a range a Node claims: not ours, so never replaced.
+    n1.ip(&[
+        "route",
+        "add",
+        "10.244.5.0/24",
+        "via",
+        "192.168.77.2",
+        "metric",
+        "0",
+    ]);
+    assert!(n1.our_routes().contains("default"), "{}", n1.our_routes());
     let nodes = format!(
-        "{}{}{}{}{}",
+        "{}{}{}{}{}{}",
         node_yaml(NODE, &["10.244.1.0/24"], &["192.168.77.1"]),
         node_yaml("n2", &["10.244.2.0/24"], &["192.168.77.2"]),
         // Our range and the default route, via a reachable address.
-        node_yaml("evil", &["10.244.1.0/24", "0.0.0.0/0", "::/0"], &["192.168.77.2", "fd00:77::2"]),
+        node_yaml(
+            "evil",
+            &["10.244.1.0/24", "0.0.0.0/0", "::/0"],
+            &["192.168.77.2", "fd00:77::2"]
+        ),
         // Outside --cluster-cidr.
         node_yaml("stray", &["10.99.0.0/24"], &["192.168.77.2"]),
         // An InternalIP on no connected link: its route cannot be added (ENETUNREACH).
         node_yaml("far", &["10.244.3.0/24"], &["10.9.9.9"]),
+        // Claims the range of the operator's route (EEXIST: left alone).
+        node_yaml("n5", &["10.244.5.0/24"], &["192.168.77.2"]),
     );
-    manifest(&d.manifests, "nodes.yaml", &format!("{}{nodes}", namespace_yaml("ns")));
+    manifest(
+        &d.manifests,
+        "nodes.yaml",
+        &format!("{}{nodes}", namespace_yaml("ns")),
+    );
     let agent = Agent::start(&n1, NODE, &d, &["--cluster-cidr", "10.244.0.0/16"]);
     assert!(
         agent.wait_ready(&n1, Duration::from_secs(10)),
@@ -828,16 +861,27 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
         "palisade_refused_pod_cidrs{reason=\"too_wide\"} 2",
         "palisade_refused_pod_cidrs{reason=\"overlaps_own_node\"} 1",
         "palisade_refused_pod_cidrs{reason=\"outside_cluster_cidr\"} 1",
-        "palisade_pod_route_failures 1",
+        // "far" (unreachable) and "n5" (a route not ours is in the way).
+        "palisade_pod_route_failures 2",
     ] {
         assert!(metrics.contains(line), "no {line} in\n{metrics}");
     }
+    let all = String::from_utf8_lossy(&n1.ip(&["route"]).stdout).into_owned();
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("10.244.5.0/24 via 192.168.77.2") && !l.contains("proto 140")),
+        "the operator's route was replaced: {all}"
+    );
 
     // Policy changes while "far" keeps failing: each is committed at once, none waits for the
     // route backoff (it used to reach 10 s).
     let mut policies = String::new();
     for i in 1..=8 {
-        policies.push_str(&deny_ingress_yaml("ns", &format!("deny{i}"), &format!("a{i}")));
+        policies.push_str(&deny_ingress_yaml(
+            "ns",
+            &format!("deny{i}"),
+            &format!("a{i}"),
+        ));
         manifest(&d.manifests, "policies.yaml", &policies);
         let start = std::time::Instant::now();
         let want = format!("palisade_policies {i}\n");
@@ -857,7 +901,15 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
     drop(agent);
 
     // `cleanup` removes a default route of ours too.
-    n1.ip(&["route", "add", "default", "via", "192.168.77.2", "proto", "140"]);
+    n1.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.77.2",
+        "proto",
+        "140",
+    ]);
     let bin = env!("CARGO_BIN_EXE_palisade-agent");
     let out = n1.exec(&[
         bin,
