@@ -3,11 +3,12 @@
 //! Chains depend only on policy specs and on which combinations of policies select local pods;
 //! pods, labels and addresses only ever change set and map elements.
 
-use super::{Compiled, CompiledPolicy, CompiledRule};
+use super::{intervals, Compiled, CompiledPolicy, CompiledRule};
+use crate::model::EgressNat;
 use crate::model::{Direction, Protocol};
 use crate::ruleset::names::{self, *};
 use crate::ruleset::{
-    AddrField, BaseHook, Chain, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
+    AddrField, BaseHook, Chain, ChainKind, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -219,12 +220,19 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         }
         rs.add_chain(Chain {
             name: name.to_string(),
-            base: Some(BaseHook { hook, priority }),
+            base: Some(BaseHook {
+                kind: ChainKind::Filter,
+                hook,
+                priority,
+            }),
             comment: what.to_string(),
             rules,
         });
     }
     source_guard(rs, c);
+    if let Some(nat) = &c.egress_nat {
+        egress_nat(rs, nat);
+    }
     let mut rules = vmap_lookups(Direction::Ingress);
     rules.push(
         Rule::new(vec![Stmt::Accept]).with_comment("egress allowed; destination not isolated"),
@@ -291,10 +299,81 @@ fn source_guard(rs: &mut Ruleset, c: &Compiled) {
     rs.add_chain(Chain {
         name: CHAIN_SOURCE_GUARD.to_string(),
         base: Some(BaseHook {
+            kind: ChainKind::Filter,
             hook: Hook::Prerouting,
             priority: PRIORITY_SOURCE_GUARD,
         }),
         comment: "packets from a pod's veth carry that pod's address".to_string(),
+        rules,
+    });
+}
+
+/// Egress NAT: a nat chain at srcnat, after every policy check (postrouting 90), masquerades what a
+/// pod of the cluster sends to an address outside the exempt ranges (pod networks, node addresses,
+/// configured exceptions). Only the first packet of a connection meets it (conntrack NATs the rest
+/// and the replies), so connections the outside opens to a pod keep the client's address.
+fn egress_nat(rs: &mut Ruleset, nat: &EgressNat) {
+    let mut rules = Vec::new();
+    for fam in Family::BOTH {
+        let v6 = fam == Family::V6;
+        let ranges = |nets: &[ipnet::IpNet]| -> BTreeSet<Elem> {
+            let empty: &[ipnet::IpNet] = &[];
+            intervals::block_ranges(
+                nets.iter()
+                    .filter(|n| n.addr().is_ipv6() == v6)
+                    .map(|n| (n, empty)),
+            )
+            .into_iter()
+            .map(|(a, b)| Elem::Range(a, b))
+            .collect()
+        };
+        let key = match fam {
+            Family::V4 => SetKey::Ipv4,
+            Family::V6 => SetKey::Ipv6,
+        };
+        rs.add_set(Set {
+            name: nat_sources_set(fam).to_string(),
+            key,
+            interval: true,
+            verdict_map: false,
+            comment: comment("the cluster's pod networks: sources egress NAT applies to"),
+            elements: ranges(&nat.sources),
+        });
+        rs.add_set(Set {
+            name: nat_exempt_set(fam).to_string(),
+            key,
+            interval: true,
+            verdict_map: false,
+            comment: comment(
+                "pod networks, node addresses, exceptions: destinations kept as they are",
+            ),
+            elements: ranges(&nat.exempt),
+        });
+        rules.push(
+            Rule::new(vec![
+                Stmt::AddrInSet {
+                    family: fam,
+                    field: AddrField::Saddr,
+                    set: nat_sources_set(fam).to_string(),
+                },
+                Stmt::AddrNotInSet {
+                    family: fam,
+                    field: AddrField::Daddr,
+                    set: nat_exempt_set(fam).to_string(),
+                },
+                Stmt::Masquerade,
+            ])
+            .with_comment("pod to outside the cluster: the node's address"),
+        );
+    }
+    rs.add_chain(Chain {
+        name: CHAIN_EGRESS_NAT.to_string(),
+        base: Some(BaseHook {
+            kind: ChainKind::Nat,
+            hook: Hook::Postrouting,
+            priority: PRIORITY_EGRESS_NAT,
+        }),
+        comment: "masquerade of pod traffic leaving the cluster".to_string(),
         rules,
     });
 }

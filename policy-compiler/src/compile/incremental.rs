@@ -527,6 +527,9 @@ impl IncrementalCompiler {
             ch @ (Change::UpsertNode(_) | Change::DeleteNode { .. }) => {
                 self.state.apply(ch); // nodes are for routes: nothing compiled reads them
             }
+            ch @ Change::SetEgressNat(_) => {
+                self.state.apply(ch); // the local part, rebuilt below, renders it
+            }
         }
         self.recompile_policies(&dirty, &mut tr);
         self.reuse.clear(); // peers of a policy that no longer selects a local pod
@@ -846,6 +849,7 @@ impl IncrementalCompiler {
             .collect();
         let (sources, source_warnings) = resolve::source_bindings(&self.state.attachments);
         self.compiled.sources = sources;
+        self.compiled.egress_nat = self.state.egress_nat.clone();
         let (mut part, part_warnings) = build::local_part(&self.compiled);
         // In the order of a full compile: resolve's, then the build's.
         let mut warnings = source_warnings;

@@ -161,6 +161,8 @@ pub struct Compiled {
     /// (host veth, address) of every local pod interface: a packet coming in through a pod's veth
     /// must carry one of that pod's addresses (the source guard).
     pub sources: BTreeSet<(String, IpAddr)>,
+    /// This node's egress NAT, as the agent set it.
+    pub egress_nat: Option<crate::model::EgressNat>,
     pub ruleset: Ruleset,
     /// Problems the compiler worked around, each naming the objects (for the agent's log).
     pub warnings: Vec<String>,

@@ -269,6 +269,7 @@ pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
         policies,
         pending,
         sources,
+        egress_nat: state.egress_nat.clone(),
         ruleset: Ruleset::default(),
         warnings,
     }

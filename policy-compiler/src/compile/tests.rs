@@ -8,7 +8,7 @@ use crate::explain::{explain, Endpoint};
 use crate::model::*;
 use crate::ruleset::eval::Packet;
 use crate::ruleset::names::*;
-use crate::ruleset::{Elem, Family, SetKey, Stmt};
+use crate::ruleset::{AddrField, Elem, Family, SetKey, Stmt};
 use palisade_contract::Attachment;
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -1071,6 +1071,77 @@ fn source_guard_runs_before_conntrack_and_drops_with_a_counter() {
     let json = rs.to_json().to_string();
     assert!(json.contains(r#""right":"pal*""#), "{json}");
     assert!(json.contains(r#""type":["ifname","ipv4_addr"]"#), "{json}");
+}
+
+#[test]
+fn egress_nat_is_absent_until_the_agent_sets_it() {
+    let rs = compiled(&W::new()).ruleset;
+    assert!(!rs.chains.contains_key(CHAIN_EGRESS_NAT));
+    assert!(!rs.sets.contains_key(NAT_SOURCES_V4));
+}
+
+#[test]
+fn egress_nat_masquerades_pod_sources_to_destinations_outside_the_exempt_ranges() {
+    let mut w = W::new();
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    w.st.apply(Change::SetEgressNat(Some(EgressNat {
+        sources: vec![net("10.244.0.0/16"), net("fd00:10:244::/48")],
+        exempt: vec![
+            net("10.244.0.0/16"),
+            net("172.31.0.1/32"),
+            net("172.31.0.2/32"),
+            net("fd00:10:244::/48"),
+        ],
+    })));
+    let rs = compiled(&w).ruleset;
+    let chain = &rs.chains[CHAIN_EGRESS_NAT];
+    let base = chain.base.unwrap();
+    assert_eq!(base.kind, crate::ruleset::ChainKind::Nat);
+    assert_eq!(base.hook, crate::ruleset::Hook::Postrouting);
+    assert!(
+        base.priority > PRIORITY_POSTROUTING,
+        "after the policy checks, so they see the pod's own address"
+    );
+    assert_eq!(
+        rs.sets[NAT_SOURCES_V4].elements,
+        [Elem::Range(ip("10.244.0.0"), ip("10.244.255.255"))].into()
+    );
+    assert_eq!(
+        rs.sets[NAT_EXEMPT_V4].elements,
+        [
+            Elem::Range(ip("10.244.0.0"), ip("10.244.255.255")),
+            Elem::Range(ip("172.31.0.1"), ip("172.31.0.2")),
+        ]
+        .into(),
+        "adjacent node addresses merge into one interval"
+    );
+    assert!(rs.sets[NAT_EXEMPT_V6].interval);
+    assert_eq!(
+        chain.rules[0].stmts,
+        vec![
+            Stmt::AddrInSet {
+                family: Family::V4,
+                field: AddrField::Saddr,
+                set: NAT_SOURCES_V4.into()
+            },
+            Stmt::AddrNotInSet {
+                family: Family::V4,
+                field: AddrField::Daddr,
+                set: NAT_EXEMPT_V4.into()
+            },
+            Stmt::Masquerade,
+        ]
+    );
+    let json = rs.to_json().to_string();
+    assert!(
+        json.contains(
+            r#""name":"egress_nat","policy":"accept","prio":100,"table":"palisade","type":"nat""#
+        ),
+        "{json}"
+    );
+    // Turned off again: everything of it goes.
+    w.st.apply(Change::SetEgressNat(None));
+    assert!(!compiled(&w).ruleset.chains.contains_key(CHAIN_EGRESS_NAT));
 }
 
 #[test]

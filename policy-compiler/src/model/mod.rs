@@ -182,6 +182,16 @@ pub struct Node {
     pub internal_ips: Vec<IpAddr>,
 }
 
+/// Egress NAT of this node, decided by the agent (which validates the Nodes it comes from): a
+/// packet from one of `sources` (the cluster's pod networks) to an address outside `exempt` (pod
+/// networks, node addresses, configured exceptions) leaves with the node's address. After every
+/// policy check, so policies see the pod's own address.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EgressNat {
+    pub sources: Vec<ipnet::IpNet>,
+    pub exempt: Vec<ipnet::IpNet>,
+}
+
 /// A validated NetworkPolicy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -278,6 +288,8 @@ pub enum Change {
     },
     /// The complete current set of this node's attachment records (from the CNI plugin).
     SetAttachments(Vec<Attachment>),
+    /// This node's egress NAT (`None`: off).
+    SetEgressNat(Option<EgressNat>),
 }
 
 /// Everything the compiler reads.
@@ -294,6 +306,8 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, Node>,
     /// Attachment records of THIS node (set by the agent).
     pub attachments: Vec<Attachment>,
+    /// Egress NAT of THIS node (set by the agent); `None`: no NAT in our table.
+    pub egress_nat: Option<EgressNat>,
 }
 
 impl ClusterState {
@@ -333,6 +347,9 @@ impl ClusterState {
             }
             Change::SetAttachments(a) => {
                 self.attachments = a;
+            }
+            Change::SetEgressNat(n) => {
+                self.egress_nat = n;
             }
         }
     }

@@ -75,6 +75,13 @@ impl Ruleset {
                             continue 'rules;
                         }
                     }
+                    Stmt::Masquerade => return Verdict::Accept,
+                    Stmt::AddrNotInSet { family, field, set } => {
+                        let ip = addr(p, *field);
+                        if Family::of(&ip) != *family || self.set_has_addr(set, ip) {
+                            continue 'rules;
+                        }
+                    }
                     Stmt::AddrInSet { family, field, set } => {
                         let ip = addr(p, *field);
                         if Family::of(&ip) != *family || !self.set_has_addr(set, ip) {

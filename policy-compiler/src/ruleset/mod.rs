@@ -31,9 +31,26 @@ impl Hook {
     }
 }
 
-/// A base chain's attachment: `type filter hook <hook> priority <priority>; policy accept`.
+/// Type of a base chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    Filter,
+    Nat,
+}
+
+impl ChainKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Filter => "filter",
+            Self::Nat => "nat",
+        }
+    }
+}
+
+/// A base chain's attachment: `type <kind> hook <hook> priority <priority>; policy accept`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseHook {
+    pub kind: ChainKind,
     pub hook: Hook,
     pub priority: i32,
 }
@@ -101,6 +118,14 @@ pub enum Stmt {
         field: AddrField,
         set: String,
     },
+    /// `ip[6] <field> != @set`
+    AddrNotInSet {
+        family: Family,
+        field: AddrField,
+        set: String,
+    },
+    /// `masquerade` (nat chains only): the packet leaves with the address of its output interface.
+    Masquerade,
     /// `ip[6] saddr . ip[6] daddr @set`: source and destination are the same local pod.
     SelfTraffic {
         family: Family,

@@ -22,6 +22,33 @@ pub const PRIORITY_SOURCE_GUARD: i32 = -300;
 /// `host veth . address` of every local pod interface (from the attachment records).
 pub const SOURCE_SET_V4: &str = "sources_v4";
 pub const SOURCE_SET_V6: &str = "sources_v6";
+/// Base chain (type nat) masquerading pod traffic that leaves the cluster (postrouting).
+pub const CHAIN_EGRESS_NAT: &str = "egress_nat";
+/// srcnat: after our filter chain (90), so policies see the pod's own address.
+pub const PRIORITY_EGRESS_NAT: i32 = 100;
+/// Pod networks of the cluster (egress NAT sources), interval sets.
+pub const NAT_SOURCES_V4: &str = "nat_sources_v4";
+pub const NAT_SOURCES_V6: &str = "nat_sources_v6";
+/// Destinations egress NAT leaves alone, interval sets.
+pub const NAT_EXEMPT_V4: &str = "nat_exempt_v4";
+pub const NAT_EXEMPT_V6: &str = "nat_exempt_v6";
+
+/// Egress NAT source set of a family.
+pub fn nat_sources_set(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => NAT_SOURCES_V4,
+        Family::V6 => NAT_SOURCES_V6,
+    }
+}
+
+/// Egress NAT exempt set of a family.
+pub fn nat_exempt_set(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => NAT_EXEMPT_V4,
+        Family::V6 => NAT_EXEMPT_V6,
+    }
+}
+
 /// srcnat - 10: after DNAT (and IPVS), before SNAT.
 pub const PRIORITY_POSTROUTING: i32 = 90;
 /// srcnat + 1 on input: after IPVS's LOCAL_IN (98).

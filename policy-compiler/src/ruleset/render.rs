@@ -79,7 +79,7 @@ pub(crate) fn chain_obj(c: &Chain, full: bool) -> Value {
     o.insert("name".into(), json!(c.name));
     if full {
         if let Some(b) = c.base {
-            o.insert("type".into(), json!("filter"));
+            o.insert("type".into(), json!(b.kind.as_str()));
             o.insert("hook".into(), json!(b.hook.as_str()));
             o.insert("prio".into(), json!(b.priority));
             o.insert("policy".into(), json!("accept"));
@@ -247,6 +247,10 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
             json!({"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert", "mld-listener-report", "mld2-listener-report"]}),
         ),
         Stmt::AddrInSet { family, field, set } => matches(addr(*family, *field), set_ref_str(set)),
+        Stmt::AddrNotInSet { family, field, set } => {
+            json!({"match": {"op": "!=", "left": addr(*family, *field), "right": set_ref_str(set)}})
+        }
+        Stmt::Masquerade => json!({"masquerade": null}),
         Stmt::SelfTraffic { family, set } => matches(
             json!({"concat": [addr(*family, AddrField::Saddr), addr(*family, AddrField::Daddr)]}),
             set_ref_str(set),

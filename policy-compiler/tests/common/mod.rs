@@ -3,7 +3,8 @@
 
 use palisade_contract::Attachment;
 use palisade_policy::model::{
-    Change, ClusterState, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase, Policy, Rule,
+    Change, ClusterState, EgressNat, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase,
+    Policy, Rule,
 };
 use palisade_policy::policy_from_k8s;
 use serde_json::{json, Value};
@@ -91,6 +92,15 @@ impl Scenario {
         self.st.apply(Change::UpsertPolicy(p));
         self
     }
+    /// This node's egress NAT, as the agent would set it.
+    pub fn egress_nat(mut self, sources: &[&str], exempt: &[&str]) -> Self {
+        let nets = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect();
+        self.st.apply(Change::SetEgressNat(Some(EgressNat {
+            sources: nets(sources),
+            exempt: nets(exempt),
+        })));
+        self
+    }
     pub fn attachment(mut self, key: &str, ips: &[&str], pending: bool) -> Self {
         let (ns, name) = key.split_once('/').unwrap();
         let mut a = self.st.attachments.clone();
@@ -169,6 +179,17 @@ pub fn scenarios() -> Vec<(&'static str, ClusterState)> {
                 })
                 .attachment("a/x", &["10.244.1.2"], false)
                 .attachment("a/not-yet-known", &["10.244.1.9", "fd00:10:244:1::9"], true)
+                .st,
+        ),
+        (
+            "egress_nat_dual_stack",
+            Scenario::new()
+                .pod("a/x", "n1", &["10.244.1.2", "fd00:10:244:1::2"], &[("app", "x")], &[])
+                .attachment("a/x", &["10.244.1.2", "fd00:10:244:1::2"], false)
+                .egress_nat(
+                    &["10.244.0.0/16", "fd00:10:244::/48"],
+                    &["10.244.0.0/16", "172.31.0.1/32", "172.31.0.2/32", "fd00:10:244::/48", "fd00:172:31::/64"],
+                )
                 .st,
         ),
     ]

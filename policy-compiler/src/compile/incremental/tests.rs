@@ -13,7 +13,19 @@ fn kernel_after_full(rs: &Ruleset) -> KernelTable {
 /// A random change, now and then one `random_change` does not make: a namespace deleted or
 /// relabelled to match nothing, a pod moved onto this node, a pod turned hostNetwork.
 fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) -> Change {
-    match rng.below(16) {
+    match rng.below(18) {
+        16 => Change::SetEgressNat(None),
+        17 => {
+            let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+            let mut exempt = vec![net("10.0.0.0/8"), net("fd00::/16")];
+            if rng.chance(50) {
+                exempt.push(net(&format!("192.168.{}.0/24", rng.below(4))));
+            }
+            Change::SetEgressNat(Some(crate::model::EgressNat {
+                sources: vec![net("10.0.0.0/8"), net("fd00::/16")],
+                exempt,
+            }))
+        }
         0 => {
             let i = rng.below(cfg.namespaces);
             Change::DeleteNamespace {
