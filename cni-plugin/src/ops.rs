@@ -433,12 +433,16 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         tracing::warn!(path = %path.display(), error = %e, "GC: skipping an unreadable attachment record; remove it by hand if stale");
     }
     let mut errors = Errors::default();
+    // A refused record keeps everything, its built-in IPAM reservation too: the address stays taken
+    // until someone looks at the record.
+    let mut keep = valid.clone();
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         for (path, r) in records.iter().filter(|(_, r)| !valid.contains(&(r.container_id.clone(), r.ifname.clone()))) {
             if let Err(e) = verify_record(path, r) {
                 tracing::error!(error = %e, "GC: refusing a stale attachment record that names a link we could not have made");
                 errors.keep::<()>(Err(e));
+                keep.insert((r.container_id.clone(), r.ifname.clone()));
                 continue;
             }
             tracing::info!(container = %r.container_id, ifname = %r.ifname, pod = ?r.pod_key(), "GC: removing stale attachment");
@@ -447,6 +451,6 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
         }
         Ok::<_, Error>(())
     })?;
-    errors.keep(ipam::gc(conf, env, &valid));
+    errors.keep(ipam::gc(conf, env, &keep));
     errors.into_result()
 }

@@ -1042,6 +1042,11 @@ fn gc_and_del_refuse_a_record_naming_a_link_the_plugin_could_not_have_made() {
         assert!(e.msg.contains(&p.display().to_string()), "{e}");
         assert!(p.exists(), "GC removed the refused record {}", p.display());
     }
+    assert_eq!(
+        f.reserved().len(),
+        2,
+        "GC released the addresses of a refused record"
+    );
     let e =
         f.rt.del(&list, &att)
             .expect_err("DEL must refuse a foreign record");
