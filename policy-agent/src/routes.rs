@@ -33,6 +33,25 @@ pub const MIN_PREFIX_V4: u8 = 16;
 /// a /48 is a whole site. Wider is refused.
 pub const MIN_PREFIX_V6: u8 = 48;
 
+/// Validates `--cluster-cidr`: at most one per family; host bits are dropped.
+pub fn cluster_cidrs(given: &[IpNet]) -> Result<Vec<IpNet>> {
+    for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+        let of: Vec<String> = given
+            .iter()
+            .filter(|c| matches!(c, IpNet::V4(_)) == v4)
+            .map(|c| c.to_string())
+            .collect();
+        if of.len() > 1 {
+            return Err(Error::Usage(format!(
+                "--cluster-cidr (PALISADE_CLUSTER_CIDR) takes at most one CIDR per family, got {} {family} ones: {}",
+                of.len(),
+                of.join(", ")
+            )));
+        }
+    }
+    Ok(given.iter().map(IpNet::trunc).collect())
+}
+
 /// Why a Node's podCIDR gets no route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RefusalReason {
@@ -518,6 +537,20 @@ mod tests {
         );
         assert!(plan.refused[0].to_string().contains("node evil"));
         assert!(plan.refused[0].to_string().contains("0.0.0.0/0"));
+    }
+
+    #[test]
+    fn cluster_cidr_takes_one_per_family_and_drops_host_bits() {
+        let c = |s: &[&str]| {
+            cluster_cidrs(&s.iter().map(|c| c.parse().unwrap()).collect::<Vec<IpNet>>())
+        };
+        let ok = c(&["10.244.1.1/16", "fd00:10:244::/56"]).unwrap();
+        assert_eq!(ok[0].to_string(), "10.244.0.0/16");
+        let e = c(&["10.244.0.0/16", "10.245.0.0/16"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most one") && e.contains("IPv4"), "{e}");
+        assert!(c(&[]).unwrap().is_empty());
     }
 
     #[test]
