@@ -1,0 +1,365 @@
+//! tamper-bench: how long the real palisade-agent takes to restore its table after a change behind
+//! its back, per kind of change (issue 11's list), p50 / max over `--tries`.
+//!
+//! The time is commit to commit: from the kernel's notification of the tampering transaction to the
+//! notification of the agent's restore, both read by one nf_tables monitor (palisade-nft's) that this
+//! bench runs inside the agent's node namespace. It needs root; it creates the enforce-bench lab (its
+//! own namespaces, deleted at the end, also on failure) and never touches the host's namespace.
+
+use clap::Parser;
+use palisade_bench::datapath::cmd::{run_in, ChildGuard};
+use palisade_bench::datapath::enforce::write_manifest;
+use palisade_bench::datapath::stats::{max, median};
+use palisade_bench::datapath::topo::Lab;
+use palisade_bench::datapath::workload::{Cluster, Shape};
+use palisade_bench::datapath::{enforce, k8s, rulesets};
+use palisade_bench::{io_err_pub, Error, Result};
+use palisade_nft::monitor::{Drift, Monitor, Scope};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "palisade tamper-to-restore benchmark")]
+struct Cli {
+    /// palisade-agent binary.
+    #[arg(long, default_value = "target/release/palisade-agent")]
+    agent: PathBuf,
+    /// Cluster sizes (pods); the agent's node holds its share of them.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    pods: Vec<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    policies_per_pod: f64,
+    /// Tries per kind of tampering.
+    #[arg(long, default_value_t = 20)]
+    tries: usize,
+    /// The agent's nft backend (lib or exec).
+    #[arg(long, default_value = "lib")]
+    nft_backend: String,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Copy each size's agent log here (`agent-<pods>.log`) before the work directory is removed.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
+}
+
+/// Longest wait for one notification.
+const WAIT: Duration = Duration::from_secs(5);
+/// Pause after each restore (the agent's post-commit read-back comes 200 ms after a commit).
+const SETTLE: Duration = Duration::from_millis(300);
+
+const KINDS: [&str; 8] = [
+    "flush chain",
+    "flush map",
+    "delete element",
+    "add element",
+    "insert accept",
+    "delete rule",
+    "flush ruleset",
+    "delete table",
+];
+
+fn main() {
+    palisade_bench::init_logging();
+    let cli = Cli::parse();
+    if let Err(e) = run(&cli) {
+        eprintln!("tamper-bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let lab = Lab::create()?;
+    rulesets::load_base(&lab.node2)?;
+    println!("| pods | kind | p50 ms | max ms | restored / tries |");
+    println!("|---:|---|---:|---:|---:|");
+    for &pods in &cli.pods {
+        let work = std::env::temp_dir().join(format!(
+            "palisade-tamper-bench-{}-{pods}",
+            std::process::id()
+        ));
+        let r = measure_size(cli, &lab, &work, pods);
+        if let Some(dir) = &cli.keep_logs {
+            let _ = std::fs::create_dir_all(dir);
+            let _ = std::fs::copy(
+                work.join("agent.log"),
+                dir.join(format!("agent-{pods}.log")),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        // The agent is gone; its table goes too, so the next size starts clean.
+        let _ = run_in(
+            &lab.node2,
+            "nft",
+            &["delete", "table", "inet", palisade_contract::TABLE_NAME],
+            None,
+        );
+        for (kind, ms, tries) in r? {
+            println!(
+                "| {pods} | {kind} | {:.1} | {:.1} | {}/{tries} |",
+                median(&ms).unwrap_or(f64::NAN),
+                max(&ms).unwrap_or(f64::NAN),
+                ms.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", p.display())))
+}
+
+type Rows = Vec<(&'static str, Vec<f64>, usize)>;
+
+fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> {
+    let policies = (pods as f64 * cli.policies_per_pod).round() as usize;
+    let manifests = work.join("manifests");
+    let state = work.join("state");
+    let conf = work.join("cni");
+    let ipam = work.join("ipam");
+    for d in [&manifests, &state, &conf, &ipam] {
+        std::fs::create_dir_all(d).map_err(io_err_pub(format!("creating {}", d.display())))?;
+    }
+    let cluster = Cluster::generate_shape(Shape::for_pods(pods, policies), cli.seed)?;
+    let items: Vec<Value> = k8s::objects(&cluster);
+    write_manifest(
+        &manifests,
+        "00-cluster.json",
+        &json!({"apiVersion": "v1", "kind": "List", "items": items}),
+    )?;
+    // The measured server is ingress-isolated, so the ingress map has an element to tamper with.
+    write_manifest(
+        &manifests,
+        "05-server-deny.json",
+        &json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "server-deny", "namespace": "bench"},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}
+        }),
+    )?;
+    let log = work.join("agent.log");
+    let agent = ChildGuard::spawn_in_logged(
+        &lab.node2,
+        path_str(&cli.agent)?,
+        &[
+            "run",
+            "--node-name",
+            enforce::AGENT_NODE,
+            "--manifests",
+            path_str(&manifests)?,
+            "--state-dir",
+            path_str(&state)?,
+            "--cni-conf-dir",
+            path_str(&conf)?,
+            "--ipam-data-dir",
+            path_str(&ipam)?,
+            "--listen",
+            "127.0.0.1:9799",
+            "--no-routes",
+            "--resync-seconds",
+            "3600",
+            "--nft-backend",
+            &cli.nft_backend,
+        ],
+        &log,
+    )?;
+    let started = Instant::now();
+    let conflist = conf.join(palisade_contract::CONFLIST_FILE);
+    while !conflist.exists() {
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(Error::Invalid(format!(
+                "agent wrote no conflist in 300 s; see {}",
+                log.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(SETTLE);
+    let events = watch(&lab.node2)?;
+    let mut rows = Vec::new();
+    for kind in KINDS {
+        let mut ms = Vec::new();
+        for _ in 0..cli.tries {
+            while events.try_recv().is_ok() {}
+            let args = tamper_args(&lab.node2, kind)?;
+            let words: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_in(&lab.node2, "nft", &words, None)?;
+            match restore_time(&events) {
+                Some(t) => ms.push(t.as_secs_f64() * 1e3),
+                None => tracing::warn!(kind, pods, "no restore seen within 5 s"),
+            }
+            if kind == "flush ruleset" {
+                rulesets::load_base(&lab.node2)?; // the node's other tables, as before
+            }
+            std::thread::sleep(SETTLE);
+        }
+        tracing::info!(
+            kind,
+            pods,
+            p50_ms = median(&ms).unwrap_or(f64::NAN),
+            max_ms = max(&ms).unwrap_or(f64::NAN),
+            "tampering kind done"
+        );
+        rows.push((kind, ms, cli.tries));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    drop(agent);
+    // One restore per tampering and none more (no loop): the agent logs each one.
+    let text =
+        std::fs::read_to_string(&log).map_err(io_err_pub(format!("reading {}", log.display())))?;
+    let restores = text.matches("changed behind our back").count();
+    let tampered = KINDS.len() * cli.tries;
+    println!(
+        "<!-- {pods} pods: {restores} restores logged by the agent for {tampered} tamperings -->"
+    );
+    if restores != tampered {
+        tracing::warn!(pods, restores, tampered, log = %log.display(), "restores differ from tamperings");
+    }
+    Ok(rows)
+}
+
+/// From the tampering's notification to the next transaction of another committer (the agent's
+/// restore); `None` when either does not come within [`WAIT`].
+fn restore_time(events: &mpsc::Receiver<(Instant, Drift)>) -> Option<Duration> {
+    let (t0, tamper) = events.recv_timeout(WAIT).ok()?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (t1, d) = events.recv_timeout(left).ok()?;
+        if d.portid != tamper.portid {
+            return Some(t1 - t0);
+        }
+    }
+}
+
+/// A thread in `ns` reading nf_tables notifications: every transaction on our table not committed
+/// by this process (so the tampering `nft` and the agent both) with the time it was read.
+fn watch(ns: &str) -> Result<mpsc::Receiver<(Instant, Drift)>> {
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let path = PathBuf::from("/run/netns").join(ns);
+    std::thread::Builder::new()
+        .name("tamper-watch".into())
+        .spawn(move || {
+            let opened = enter(&path).and_then(|()| {
+                let scope = Scope::new(
+                    palisade_contract::TABLE_FAMILY,
+                    palisade_contract::TABLE_NAME,
+                    &[
+                        palisade_contract::PENDING_SET_V4,
+                        palisade_contract::PENDING_SET_V6,
+                    ],
+                )
+                .map_err(std::io::Error::other)?;
+                Monitor::open(scope).map_err(std::io::Error::other)
+            });
+            let mut monitor = match opened {
+                Ok(m) => {
+                    let _ = ready_tx.send(Ok(()));
+                    m
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Ok(Some(d)) = monitor.next(None) {
+                if tx.send((Instant::now(), d)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(io_err_pub("spawning the watch thread"))?;
+    ready_rx
+        .recv()
+        .map_err(|_| Error::Invalid("the watch thread died".into()))?
+        .map_err(io_err_pub(format!("opening an nf_tables monitor in {ns}")))?;
+    Ok(rx)
+}
+
+/// Moves the calling thread into the network namespace at `path` (`ip netns` bind mount).
+fn enter(path: &Path) -> std::io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns on a valid namespace fd; only this thread moves.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `nft` arguments of one tampering, read from the table as it is now (handles and elements change
+/// with every restore).
+fn tamper_args(ns: &str, kind: &str) -> Result<Vec<String>> {
+    let words = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    Ok(match kind {
+        "flush chain" => words("flush chain inet palisade postrouting"),
+        "flush map" => words("flush map inet palisade ingress_v4"),
+        "delete element" => {
+            let key = first_ingress_element(ns)?;
+            words(&format!(
+                "delete element inet palisade ingress_v4 {{ {key} }}"
+            ))
+        }
+        "add element" => words("add element inet palisade ingress_v4 { 10.99.0.1 : accept }"),
+        "insert accept" => words("insert rule inet palisade postrouting accept"),
+        "delete rule" => {
+            let (chain, handle) = a_drop_rule(ns)?;
+            words(&format!(
+                "delete rule inet palisade {chain} handle {handle}"
+            ))
+        }
+        "flush ruleset" => words("flush ruleset"),
+        "delete table" => words("delete table inet palisade"),
+        other => return Err(Error::Invalid(format!("unknown tampering {other}"))),
+    })
+}
+
+fn listing(ns: &str) -> Result<Vec<Value>> {
+    let out = run_in(
+        ns,
+        "nft",
+        &["-a", "-j", "list", "table", "inet", "palisade"],
+        None,
+    )?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| Error::Parse {
+        what: "our table's listing".into(),
+        detail: e.to_string(),
+    })?;
+    Ok(v["nftables"].as_array().cloned().unwrap_or_default())
+}
+
+fn first_ingress_element(ns: &str) -> Result<String> {
+    listing(ns)?
+        .iter()
+        .find(|i| i["map"]["name"] == "ingress_v4")
+        .and_then(|m| m["map"]["elem"][0][0].as_str().map(String::from))
+        .ok_or_else(|| Error::Check("ingress_v4 has no element (is the server isolated?)".into()))
+}
+
+/// A `counter drop` of a group chain (the end of an isolated pod's chain), else the last rule of
+/// `postrouting`.
+fn a_drop_rule(ns: &str) -> Result<(String, String)> {
+    let items = listing(ns)?;
+    let rules: Vec<&Value> = items
+        .iter()
+        .map(|i| &i["rule"])
+        .filter(|r| r.is_object())
+        .collect();
+    let drop = rules.iter().find(|r| {
+        let chain = r["chain"].as_str().unwrap_or_default();
+        (chain.starts_with("in_") || chain.starts_with("eg_"))
+            && r["expr"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|x| x.get("drop").is_some()))
+    });
+    let rule = drop
+        .or_else(|| rules.iter().rev().find(|r| r["chain"] == "postrouting"))
+        .ok_or_else(|| Error::Check("no rule of ours to delete".into()))?;
+    Ok((
+        rule["chain"].as_str().unwrap_or_default().to_string(),
+        rule["handle"].to_string(),
+    ))
+}
