@@ -116,6 +116,25 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// Masquerade pod traffic that leaves the cluster (to an address outside the pod networks and
+    /// the Nodes' addresses) with the node's address, IPv4 and IPv6: `--masquerade=false` to turn it
+    /// off (e.g. when the pod networks are routed by the network itself).
+    #[arg(
+        long,
+        env = "PALISADE_MASQUERADE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub masquerade: bool,
+    /// More destinations that keep the pod's address (no masquerade), repeatable or comma-separated.
+    #[arg(
+        long = "no-masquerade-cidr",
+        env = "PALISADE_NO_MASQUERADE_CIDR",
+        value_delimiter = ','
+    )]
+    pub no_masquerade_cidrs: Vec<ipnet::IpNet>,
     /// How transactions reach the kernel: in-process libnftables, or `nft -j -f -`.
     #[arg(long, env = "PALISADE_NFT_BACKEND", value_enum, default_value_t = Backend::Lib)]
     pub nft_backend: Backend,

@@ -109,6 +109,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         debounce: Duration::from_millis(args.debounce_ms),
         routes: !args.no_routes,
         cluster_cidrs: args.cluster_cidrs.iter().map(ipnet::IpNet::trunc).collect(),
+        masquerade: args.masquerade,
+        no_masquerade_cidrs: args.no_masquerade_cidrs.clone(),
         poll_attachments,
     };
     let engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes)

@@ -12,6 +12,7 @@ pub mod cniconf;
 pub mod commands;
 pub mod compiled;
 pub mod conntrack;
+pub mod egress_nat;
 pub mod error;
 pub mod lock;
 pub mod metrics;

@@ -60,6 +60,9 @@ pub struct Config {
     /// Cluster pod CIDRs (`--cluster-cidr`, at most one per family): other Nodes' podCIDRs outside
     /// them get no route.
     pub cluster_cidrs: Vec<ipnet::IpNet>,
+    /// Egress NAT (`--masquerade`, `--no-masquerade-cidr`; the cluster CIDRs are the field above).
+    pub masquerade: bool,
+    pub no_masquerade_cidrs: Vec<ipnet::IpNet>,
     /// Poll the attachments dir (set when the inotify watch could not start).
     pub poll_attachments: bool,
 }
@@ -378,7 +381,15 @@ impl Engine {
         let before = self.read_attachments();
         let attach = Change::SetAttachments(before.clone());
         self.state.apply(attach.clone());
-        let queued = std::mem::take(&mut self.queued);
+        let mut queued = std::mem::take(&mut self.queued);
+        let nat = crate::egress_nat::NatConfig {
+            enabled: self.cfg.masquerade,
+            cluster_cidrs: self.cfg.cluster_cidrs.clone(),
+            no_masquerade: self.cfg.no_masquerade_cidrs.clone(),
+        };
+        if let Some(change) = crate::egress_nat::apply(&nat, &mut self.state, &node) {
+            queued.push(change);
+        }
         // Whatever fails from here on leaves `self.inc` empty: the next reconcile compiles in full.
         let mut full = self.need_full;
         let mut inc = match self.inc.take() {
