@@ -600,25 +600,29 @@ impl Lab {
             "nodad",
         ])?;
         cmd_ip(&["-n", &ext, "link", "set", "eth0", "up"])?;
-        cmd_ip(&[
-            "-n",
-            &ext,
-            "route",
-            "add",
-            "default",
-            "via",
-            &EXTERNAL_GW_V4.to_string(),
-        ])?;
-        cmd_ip(&[
-            "-n",
-            &ext,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &EXTERNAL_GW_V6.to_string(),
-        ])?;
+        // As the internet: it knows the nodes' addresses and no pod network, so a pod reaches it
+        // only through the node's egress NAT (and its replies find the node, then conntrack).
+        for n in &self.state.nodes {
+            cmd_ip(&[
+                "-n",
+                &ext,
+                "route",
+                "add",
+                &node_underlay_v4(n.index).to_string(),
+                "via",
+                &EXTERNAL_GW_V4.to_string(),
+            ])?;
+            cmd_ip(&[
+                "-n",
+                &ext,
+                "-6",
+                "route",
+                "add",
+                &node_underlay_v6(n.index).to_string(),
+                "via",
+                &EXTERNAL_GW_V6.to_string(),
+            ])?;
+        }
         // The other nodes reach the external network through node 1's underlay address.
         for n in self.state.nodes.iter().filter(|n| n.name != behind.name) {
             cmd_ip(&[

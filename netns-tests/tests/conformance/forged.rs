@@ -146,11 +146,6 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
             .find(|n| n.name != attacker.node)
             .ok_or("a second node is needed")?
             .clone();
-        let ext = lab
-            .state()
-            .external
-            .clone()
-            .ok_or("the lab needs its external network")?;
         // The peers x/a admits: every pod of namespace y, on both nodes.
         let peers: Vec<_> = lab.pods().filter(|p| p.namespace == "y").cloned().collect();
         let same = peers.iter().find(|p| p.node == attacker.node);
@@ -237,11 +232,20 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
                     attacker_node.name
                 ));
             }
-            // The owners of those addresses get through: the policy would have admitted them.
+            // The owners of those addresses get through: the policy would have admitted them
+            // (the node that is not the victim's is admitted by the ipBlock alone).
+            let far = nodes
+                .iter()
+                .find(|n| n.name != victim.node)
+                .ok_or("a second node is needed")?;
+            let far_ip = match fam {
+                Family::V4 => IpAddr::V4(lab::node_underlay_v4(far.index)),
+                Family::V6 => IpAddr::V6(lab::node_underlay_v6(far.index)),
+            };
             for (who, netns, s) in [
                 (same.key(), same.netns.clone(), pick(&same.ips)?),
                 (other.key(), other.netns.clone(), pick(&other.ips)?),
-                ("external".to_string(), ext.netns.clone(), outside),
+                (far.name.clone(), far.netns.clone(), far_ip),
             ] {
                 let before = delivered(&victim.netns, s)?;
                 forge(lab, &netns, s, to)?;
