@@ -98,7 +98,8 @@ pub struct RunArgs {
     #[arg(long, env = "PALISADE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
     /// Seconds between resyncs: our table is compared with what we committed (drift is logged and
-    /// counted) and replaced as a whole. Deletion of our table is noticed at once, not only here.
+    /// counted) and replaced as a whole. A change to our table by another process is undone at once
+    /// (see --no-drift-watch), not only here.
     #[arg(long, env = "PALISADE_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
     /// Milliseconds to wait for more events before compiling (changes arriving together are coalesced).
@@ -107,6 +108,10 @@ pub struct RunArgs {
     /// Do not install routes to other nodes' pod ranges (another component routes pod traffic).
     #[arg(long, env = "PALISADE_NO_ROUTES")]
     pub no_routes: bool,
+    /// Do not watch our table for changes by other processes (they are then undone at resync only):
+    /// for tracking down a restore loop, and for tests that need a table changed behind our back.
+    #[arg(long, env = "PALISADE_NO_DRIFT_WATCH")]
+    pub no_drift_watch: bool,
     /// The cluster's pod CIDR (kube-controller-manager's --cluster-cidr), at most one per family,
     /// repeatable or comma-separated. Another Node's podCIDR outside it gets no route. Unset for a
     /// family: that family's podCIDRs are only checked for width and overlaps.

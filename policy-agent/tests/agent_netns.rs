@@ -577,7 +577,8 @@ fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
 
 #[test]
 fn rules_removed_behind_our_back_are_restored_at_the_next_resync() {
-    let s = isolated_target(&["--resync-seconds", "1"]);
+    // The resync is the backstop when the drift watch is off (tamper_netns.rs tests the watch).
+    let s = isolated_target(&["--resync-seconds", "1", "--no-drift-watch"]);
     let (_rx, _tx) = start_probing_then_isolate(&s);
     std::thread::sleep(Duration::from_millis(400)); // past the post-commit snapshot
     let rules = |ns: &Netns| {
@@ -617,7 +618,8 @@ fn rules_removed_behind_our_back_are_restored_at_the_next_resync() {
 
 #[test]
 fn a_batch_nft_rejects_falls_back_to_a_full_replace_and_enforcement_continues() {
-    let s = isolated_target(&[]);
+    // Without the drift watch, which would undo the tampering below before our next batch.
+    let s = isolated_target(&["--no-drift-watch"]);
     let (_rx, _tx) = start_probing_then_isolate(&s);
     std::thread::sleep(Duration::from_millis(400)); // past the post-commit read-back
                                                     // Someone removes the target's map element behind our back (no resync soon: default 30 s).

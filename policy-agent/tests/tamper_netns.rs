@@ -258,7 +258,11 @@ fn our_own_churn_of_policies_pods_and_pending_marks_never_triggers_a_restore() {
                 "deny.yaml",
                 &deny_ingress_yaml("demo", &format!("deny{}", i % 3), "target"),
             );
-            let label = if i.is_multiple_of(2) { "target" } else { "other" };
+            let label = if i.is_multiple_of(2) {
+                "target"
+            } else {
+                "other"
+            };
             let extra = format!(
                 "{}{}",
                 pod_yaml("demo", "target", label, NODE, Some(TARGET)),
