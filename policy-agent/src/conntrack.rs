@@ -161,6 +161,21 @@ fn delete_key(attrs: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
         .collect()
 }
 
+/// The original tuple (and zone) of an entry the flow's reply direction would create: the entry's
+/// reply tuple.
+fn comeback_key(attrs: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
+    attrs
+        .iter()
+        .filter_map(|a| match a {
+            ConntrackAttribute::CtaTupleReply(t) => {
+                Some(ConntrackAttribute::CtaTupleOrig(t.clone()))
+            }
+            ConntrackAttribute::Other(n) if n.kind() == CTA_ZONE => Some(a.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// One flow cut, with what denied it (for the log).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
@@ -275,7 +290,28 @@ pub struct Revoker {
     seq: u32,
     buf: Vec<u8>,
     addrs: NodeAddrs,
+    /// Flows cut recently, watched for a comeback in the other direction (see [`Revoker::recheck`]).
+    watched: Vec<Watched>,
+    next_recheck: Option<Instant>,
 }
+
+/// A cut flow whose reply direction may pick it up again: a packet of the peer that answers (a TCP
+/// retransmission, a late UDP answer) finds no entry and is tracked as a new flow from the peer,
+/// which the rules may admit (the peer may open connections to the client); the client's packets
+/// then pass as its replies. [`Revoker::recheck`] cuts such entries again while the flow is denied.
+struct Watched {
+    until: Instant,
+    family: NetfilterProtoFamily,
+    /// The cut entry's reply tuple (and zone): the original tuple of such a comeback.
+    key: Vec<ConntrackAttribute>,
+    flow: Flow,
+}
+
+/// How long a cut flow is watched for a comeback in its reply direction: covers TCP's first ~9
+/// retransmissions (200 ms doubling) and late UDP answers.
+pub const WATCH_FOR: Duration = Duration::from_secs(60);
+/// Interval of the comeback checks (one conntrack GET per watched flow).
+pub const RECHECK_EVERY: Duration = Duration::from_millis(20);
 
 /// Receive buffer: a dump answers in batches of this much at most.
 const RECV_BUF: usize = 1 << 20;
@@ -311,7 +347,115 @@ impl Revoker {
                 addrs: HashSet::new(),
                 listed: None,
             },
+            watched: Vec::new(),
+            next_recheck: None,
         })
+    }
+
+    /// When [`Revoker::recheck`] is due (`None`: no cut flow is watched).
+    pub fn recheck_due(&self) -> Option<Instant> {
+        self.next_recheck
+    }
+
+    /// Cuts watched flows that came back in their reply direction while still denied by `model`.
+    pub fn recheck(&mut self, model: &Compiled) -> Result<SweepReport> {
+        let start = Instant::now();
+        let mut report = SweepReport::default();
+        self.watched.retain(|w| w.until > start);
+        let watched = std::mem::take(&mut self.watched);
+        let mut adm: Option<Admitter<'_>> = None;
+        for w in &watched {
+            let Some(found) = self.get(w.family, w.key.clone())? else {
+                continue;
+            };
+            report.scanned += 1;
+            let adm = adm.get_or_insert_with(|| Admitter::new(model));
+            let mut flow = w.flow;
+            flow.from_this_node = self.addrs.is_local(flow.src);
+            let why = adm.admit(&flow);
+            if why.admitted() {
+                continue; // allowed again: the comeback is legitimate
+            }
+            report.judged += 1;
+            match self.delete(w.family, delete_key(&found)) {
+                Ok(true) => report.cut.push(Cut { flow, why }),
+                Ok(false) => report.gone += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, flow = ?flow, "cannot delete the comeback of a revoked flow; checking again");
+                    report.unjudged += 1;
+                }
+            }
+        }
+        self.watched = watched;
+        self.next_recheck = (!self.watched.is_empty()).then(|| start + RECHECK_EVERY);
+        report.took = start.elapsed();
+        Ok(report)
+    }
+
+    /// Looks one entry up by original tuple (and zone); `None` when there is none.
+    fn get(
+        &mut self,
+        family: NetfilterProtoFamily,
+        key: Vec<ConntrackAttribute>,
+    ) -> Result<Option<Vec<ConntrackAttribute>>> {
+        let seq = send(
+            &self.socket,
+            &mut self.seq,
+            family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            ConntrackMessage::Get(key),
+        )?;
+        let mut found = None;
+        loop {
+            self.buf.clear();
+            let n = self
+                .socket
+                .recv(&mut self.buf, 0)
+                .map_err(nl("read conntrack get answer"))?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes([
+                    self.buf[off],
+                    self.buf[off + 1],
+                    self.buf[off + 2],
+                    self.buf[off + 3],
+                ]) as usize;
+                if len < 16 || off + len > n {
+                    return Err(Error::Netlink {
+                        action: "read conntrack get answer",
+                        message: format!("truncated message ({len} bytes at {off} of {n})"),
+                    });
+                }
+                let bytes = &self.buf[off..off + len];
+                off += (len + 3) & !3;
+                let msg = NetlinkMessage::<NetfilterMessage>::deserialize(bytes).map_err(|e| {
+                    Error::Netlink {
+                        action: "read conntrack get answer",
+                        message: e.to_string(),
+                    }
+                })?;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(NetfilterMessage {
+                        inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
+                        ..
+                    }) => found = Some(attrs),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(found),
+                            Some(c) if c.get() == -libc::ENOENT => Ok(None),
+                            Some(_) => Err(Error::Netlink {
+                                action: "look up a conntrack entry",
+                                message: e.to_io().to_string(),
+                            }),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Deletes one entry; false when it was already gone.
@@ -368,7 +512,13 @@ impl Revoker {
         }
         self.addrs.refresh()?;
         let adm = Admitter::new(model);
-        let mut doomed: Vec<(NetfilterProtoFamily, Vec<ConntrackAttribute>, Cut)> = Vec::new();
+        type Doomed = (
+            NetfilterProtoFamily,
+            Vec<ConntrackAttribute>,
+            Vec<ConntrackAttribute>,
+            Cut,
+        );
+        let mut doomed: Vec<Doomed> = Vec::new();
         // One dump of both families (family unspecified): the kernel walks its whole conntrack hash
         // table (all namespaces' buckets) per dump, ~10 ms at 256k buckets, whatever we keep.
         {
@@ -396,7 +546,12 @@ impl Revoker {
                 flow.from_this_node = addrs.is_local(flow.src);
                 let why = adm.admit(&flow);
                 if !why.admitted() {
-                    doomed.push((family, delete_key(attrs), Cut { flow, why }));
+                    doomed.push((
+                        family,
+                        delete_key(attrs),
+                        comeback_key(attrs),
+                        Cut { flow, why },
+                    ));
                 }
             };
             // The closure reads `self.addrs` while the dump borrows the socket.
@@ -408,9 +563,19 @@ impl Revoker {
             dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable)?;
             report.unjudged += undecodable;
         }
-        for (family, key, cut) in doomed {
+        for (family, key, watch, cut) in doomed {
             match self.delete(family, key) {
-                Ok(true) => report.cut.push(cut),
+                Ok(true) => {
+                    self.watched.push(Watched {
+                        until: start + WATCH_FOR,
+                        family,
+                        key: watch,
+                        flow: cut.flow,
+                    });
+                    self.next_recheck
+                        .get_or_insert(Instant::now() + RECHECK_EVERY);
+                    report.cut.push(cut);
+                }
                 Ok(false) => report.gone += 1,
                 Err(e) => {
                     tracing::warn!(error = %e, flow = ?cut.flow, "cannot delete the conntrack entry of a revoked flow; it lives on until its next change");

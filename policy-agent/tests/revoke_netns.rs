@@ -44,6 +44,22 @@ impl Py {
         Self::start(ns, &script, true)
     }
 
+    /// A TCP server on `port` that echoes every chunk and logs its arrival time (one line each).
+    fn tcp_echo_server(ns: &Netns, port: u16, log: &Path) -> Self {
+        let script = format!(
+            "import socket,time\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',{port}))\nl.listen(8)\nf=open({log:?},'a',buffering=1)\nprint('ready',flush=True)\nc,a=l.accept()\nc.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\nwhile True:\n d=c.recv(4096)\n if not d:\n  break\n f.write('%f %d\\n'%(time.time(),len(d)))\n c.sendall(d)\n"
+        );
+        Self::start(ns, &script, true)
+    }
+
+    /// Like [`Py::tcp_stream`], reading (and dropping) whatever the server sends back.
+    fn tcp_stream_reading(ns: &Netns, dst: &str, port: u16) -> Self {
+        let script = format!(
+            "import socket,time,threading\ns=socket.create_connection(({dst:?},{port}),timeout=5)\ns.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\ns.settimeout(None)\ndef rd():\n while s.recv(4096):\n  pass\nthreading.Thread(target=rd,daemon=True).start()\nprint('ready',flush=True)\ni=0\nwhile True:\n s.sendall(b'%d\\n'%i)\n i+=1\n time.sleep(0.001)\n"
+        );
+        Self::start(ns, &script, true)
+    }
+
     /// One TCP connection to `dst:port`, a message every ms (Nagle off), until it fails.
     fn tcp_stream(ns: &Netns, dst: &str, port: u16) -> Self {
         let script = format!(
@@ -211,6 +227,33 @@ fn an_established_tcp_connection_is_cut_when_a_new_policy_denies_it_and_others_s
     assert!(
         !out.status.success(),
         "a new connection got through the deny"
+    );
+}
+
+#[test]
+fn a_revoked_flow_whose_server_keeps_answering_does_not_come_back_in_the_reply_direction() {
+    // The echo server has unacknowledged data when the flow is cut: its retransmissions (200 ms,
+    // 400 ms, ...) find no entry and would be tracked as a new flow from the server, which the
+    // rules admit (the client is not isolated); the client's messages would then pass as replies.
+    let w = World::new(&[]);
+    let log = w.log("target.log");
+    let _s = Py::tcp_echo_server(&w.target.ns, PORT, &log);
+    let _c = Py::tcp_stream_reading(&w.client.ns, TARGET, PORT);
+    flowing(&log, "client -> echoing target");
+    let t_write = now();
+    manifest(
+        &w.d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    let ms = cut_within(&log, t_write, "deny-all ingress on the echoing target");
+    eprintln!("tcp echo: flow cut {ms:.1} ms after the policy was written");
+    let t_cut = now();
+    std::thread::sleep(Duration::from_secs(4));
+    let back = arrived_after(&log, t_cut);
+    assert_eq!(
+        back, 0,
+        "{back} messages reached the target after the cut: the flow came back through the server's retransmissions"
     );
 }
 
