@@ -598,13 +598,18 @@ impl Monitor {
     /// Subscribes to nf_tables notifications of this thread's network namespace; from here on no
     /// change to the table is missed.
     pub fn open(scope: Scope) -> Result<Self> {
+        Self::with_receive_buffer(scope, RECEIVE_BUFFER_BYTES)
+    }
+
+    /// [`Monitor::open`] with a receive buffer of `bytes` (tests provoke an overrun with a small one).
+    pub fn with_receive_buffer(scope: Scope, bytes: usize) -> Result<Self> {
         let err = |action: &'static str| move |source| Error::Monitor { action, source };
         let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)
             .map_err(err("open a NETLINK_NETFILTER socket"))?;
         socket
             .bind(&netlink_sys::SocketAddr::new(0, 0))
             .map_err(err("bind the monitor socket"))?;
-        let size = RECEIVE_BUFFER_BYTES as libc::c_int;
+        let size = bytes.min(i32::MAX as usize) as libc::c_int;
         // SAFETY: setsockopt with an int option value on our own socket.
         let forced = unsafe {
             libc::setsockopt(
@@ -618,7 +623,7 @@ impl Monitor {
         if !forced {
             // Without CAP_NET_ADMIN: as much as rmem_max allows.
             socket
-                .set_rx_buf_sz(RECEIVE_BUFFER_BYTES)
+                .set_rx_buf_sz(bytes)
                 .map_err(err("size the monitor socket's receive buffer"))?;
         }
         socket
