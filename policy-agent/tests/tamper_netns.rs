@@ -154,8 +154,17 @@ fn tamperings(ns: &Netns) -> Vec<(&'static str, Vec<String>)> {
 
 #[test]
 fn every_kind_of_tampering_is_restored_at_once_and_no_denied_probe_passes_after() {
+    tamper_and_check(&[]);
+}
+
+#[test]
+fn on_the_exec_backend_too_every_tampering_is_restored_once_and_its_own_nft_is_not_taken_for_one() {
+    tamper_and_check(&["--nft-backend", "exec"]);
+}
+
+fn tamper_and_check(extra: &[&str]) {
     // Default resync (30 s): every restore below must come from the drift monitor.
-    let s = lab(&[]);
+    let s = lab(extra);
     let log = s.t.0.join("arrivals.log");
     let _rx = Receiver::start(&s._pods.1.ns, PORT, &log);
     let _tx = Sender::start(&s._pods.0.ns, TARGET, PORT, 2);
