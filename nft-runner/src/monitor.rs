@@ -1,11 +1,13 @@
 //! Watches one nf_tables table for changes this process did not commit: a NETLINK_NETFILTER socket
-//! joined to the multicast group `NFNLGRP_NFTABLES`, whose notifications (parsed with
-//! `netlink-packet-netfilter`) are grouped per transaction (each ends with `NFT_MSG_NEWGEN`).
+//! joined to the multicast group `NFNLGRP_NFTABLES`, whose notifications are grouped per transaction
+//! (each ends with `NFT_MSG_NEWGEN`). Table and object names are read raw to filter (other tables
+//! cost no decoding); what touched our table is decoded with `netlink-packet-netfilter` for the
+//! report, as is `NEWGEN`.
 //!
 //! A transaction is **drift** when it touched the watched table (family and name) in any way other
 //! than adding or deleting elements of the ignored sets (the CNI plugin's pending marks) and was not
 //! committed by this process. The kernel stamps every notification with the netlink portid of the
-//! socket that committed the batch (`nlmsg_pid`; checked in `tests::kernel`), so "ours" is: a portid
+//! socket that committed the batch (`nlmsg_pid`; checked in tests/monitor_kernel.rs), so "ours" is: a portid
 //! of a NETLINK_NETFILTER socket this process holds (found by `getsockname` on the sockets in
 //! `/proc/self/fd`, cached, rescanned before a portid is called foreign), or one registered with
 //! [`remember_portid`]: libnftables contexts about to be freed ([`remember_own_sockets`]) and `nft`
@@ -84,6 +86,9 @@ pub struct Drift {
     pub pid: Option<u32>,
     /// Notifications were lost (ENOBUFS): what changed is unknown.
     pub overrun: bool,
+    /// When the transaction's first notification was read (the kernel sends them once the new
+    /// ruleset is live, so this is close to the commit); `None` from a bare [`Classifier`].
+    pub first_seen: Option<Instant>,
 }
 
 /// Distinct changes kept per drift report.
@@ -117,6 +122,7 @@ impl std::fmt::Display for Drift {
 #[derive(Debug, Default)]
 struct Txn {
     portid: u32,
+    first_seen: Option<Instant>,
     changes: Vec<String>,
     more: usize,
 }
@@ -127,11 +133,17 @@ struct Txn {
 pub struct Classifier {
     scope: Scope,
     txn: Option<Txn>,
+    /// When the datagram being fed was read (set by [`Monitor`]).
+    received: Option<Instant>,
 }
 
 impl Classifier {
     pub fn new(scope: Scope) -> Self {
-        Classifier { scope, txn: None }
+        Classifier {
+            scope,
+            txn: None,
+            received: None,
+        }
     }
 
     /// Feeds one datagram (one or more netlink messages). `known_own(portid)` answers from a cache (it
@@ -204,14 +216,17 @@ impl Classifier {
             }
             return;
         }
+        let received = self.received;
         let txn = self.txn.get_or_insert_with(|| Txn {
             portid,
+            first_seen: received,
             ..Txn::default()
         });
         if known_own(portid) {
             return;
         }
-        if let Some(change) = describe(&self.scope, ty, payload) {
+        let detailed = txn.changes.len() < MAX_CHANGES;
+        if let Some(change) = describe(&self.scope, ty, payload, detailed) {
             if txn.changes.contains(&change) {
                 txn.more += 1;
             } else if txn.changes.len() < MAX_CHANGES {
@@ -236,6 +251,7 @@ impl Classifier {
             changes: txn.changes,
             more: txn.more,
             portid: txn.portid,
+            first_seen: txn.first_seen,
             ..Drift::default()
         };
         for a in gen.unwrap_or_default() {
@@ -250,31 +266,37 @@ impl Classifier {
 }
 
 /// What one notification did to the watched table, or `None` when it did not touch it (another
-/// table, or elements of an ignored set). Parsed with netlink-packet-netfilter; a message it cannot
-/// decode is read raw (attribute 1 is the table name and attribute 2 the object's name in every
-/// nf_tables object message), so an exotic rule expression cannot hide a change.
-fn describe(scope: &Scope, ty: u16, payload: &[u8]) -> Option<String> {
+/// table, or elements of an ignored set). The family, table and object names are read raw first
+/// (attribute 1 is the table name and attribute 2 the object's name in every nf_tables object
+/// message), so notifications about other tables (kube-proxy's, say) cost no decoding. While
+/// `detailed`, a message about our table is decoded with netlink-packet-netfilter for the report;
+/// one it cannot decode keeps the raw reading, so an exotic rule expression cannot hide a change.
+fn describe(scope: &Scope, ty: u16, payload: &[u8], detailed: bool) -> Option<String> {
     let family = *payload.first()?;
     if family != scope.family {
         return None;
     }
     let kind = (ty & 0xff) as u8;
-    let (table, what) = match NetfilterMessage::parse_with_param(payload, ty) {
-        Ok(NetfilterMessage {
-            inner: NetfilterMessageInner::NfTables(m),
-            ..
-        }) => match parsed(&m) {
-            Some(found) => found,
-            None => raw(kind, payload)?,
-        },
-        _ => raw(kind, payload)?,
-    };
+    let (table, what) = raw(kind, payload)?;
     if table != scope.table {
         return None;
     }
     if let What::Element { set, .. } = &what {
         if scope.ignored_sets.iter().any(|s| s == set) {
             return None;
+        }
+    }
+    if detailed {
+        if let Ok(NetfilterMessage {
+            inner: NetfilterMessageInner::NfTables(m),
+            ..
+        }) = NetfilterMessage::parse_with_param(payload, ty)
+        {
+            if let Some((table, decoded)) = parsed(&m) {
+                if table == scope.table {
+                    return Some(decoded.to_string());
+                }
+            }
         }
     }
     Some(what.to_string())
@@ -415,7 +437,18 @@ fn raw(kind: u8, payload: &[u8]) -> Option<(String, What)> {
         };
         match ty {
             1 => table = Some(text()),
-            2 if kind != NFT_MSG_NEWTABLE && kind != NFT_MSG_DELTABLE => name = text(),
+            // (For a chain, attribute 2 is its handle and 3 its name.)
+            2 if !matches!(
+                kind,
+                NFT_MSG_NEWTABLE
+                    | NFT_MSG_DELTABLE
+                    | NFT_MSG_NEWCHAIN
+                    | NFT_MSG_DELCHAIN
+                    | NFT_MSG_DESTROYCHAIN
+            ) =>
+            {
+                name = text()
+            }
             3 if matches!(
                 kind,
                 NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN
@@ -687,7 +720,8 @@ impl Monitor {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::ENOBUFS) => {
-                        let d = self.classifier.overrun();
+                        let mut d = self.classifier.overrun();
+                        d.first_seen = Some(Instant::now());
                         self.queued.push_back(d);
                     }
                     Some(libc::EAGAIN) | Some(libc::EINTR) => {}
@@ -701,6 +735,7 @@ impl Monitor {
                 continue;
             }
             let n = n as usize;
+            self.classifier.received = Some(Instant::now());
             let drifts = self
                 .classifier
                 .feed(&self.buf[..n], &mut known_own, &mut is_own);

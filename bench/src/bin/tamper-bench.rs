@@ -1,9 +1,9 @@
 //! tamper-bench: how long the real palisade-agent takes to restore its table after a change behind
 //! its back, per kind of change (issue 11's list), p50 / max over `--tries`.
 //!
-//! The time is commit to commit: from the kernel's notification of the tampering transaction to the
-//! notification of the agent's restore, both read by one nf_tables monitor (palisade-nft's) that this
-//! bench runs inside the agent's node namespace. It needs root; it creates the enforce-bench lab (its
+//! The time is commit to commit: from the kernel's first notification of the tampering transaction
+//! to the first of the agent's restore, both read by one nf_tables monitor (palisade-nft's) that
+//! this bench runs inside the agent's node namespace. It needs root; it creates the enforce-bench lab (its
 //! own namespaces, deleted at the end, also on failure) and never touches the host's namespace.
 
 use clap::Parser;
@@ -188,7 +188,14 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
             let words: Vec<&str> = args.iter().map(String::as_str).collect();
             run_in(&lab.node2, "nft", &words, None)?;
             match restore_time(&events) {
-                Some(t) => ms.push(t.as_secs_f64() * 1e3),
+                Some(t) => {
+                    tracing::debug!(
+                        kind,
+                        ms = t.as_secs_f64() * 1e3,
+                        "restored (logged at the restore's notification)"
+                    );
+                    ms.push(t.as_secs_f64() * 1e3)
+                }
                 None => tracing::warn!(kind, pods, "no restore seen within 5 s"),
             }
             if kind == "flush ruleset" {
@@ -221,16 +228,19 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
     Ok(rows)
 }
 
-/// From the tampering's notification to the next transaction of another committer (the agent's
-/// restore); `None` when either does not come within [`WAIT`].
+/// From the tampering's first notification to the first notification of the next transaction of
+/// another committer (the agent's restore): the kernel sends a transaction's notifications once it
+/// is live, so this is commit to commit, without the time this bench takes to parse them. `None`
+/// when either does not come within [`WAIT`].
 fn restore_time(events: &mpsc::Receiver<(Instant, Drift)>) -> Option<Duration> {
     let (t0, tamper) = events.recv_timeout(WAIT).ok()?;
+    let t0 = tamper.first_seen.unwrap_or(t0);
     let deadline = Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let (t1, d) = events.recv_timeout(left).ok()?;
         if d.portid != tamper.portid {
-            return Some(t1 - t0);
+            return Some(d.first_seen.unwrap_or(t1).saturating_duration_since(t0));
         }
     }
 }

@@ -281,3 +281,20 @@ fn this_process_knows_its_own_netfilter_sockets_and_remembered_portids() {
     remember_portid(0x7fff_fff1, Duration::ZERO);
     assert!(!is_own(0x7fff_fff1), "an expired portid is foreign again");
 }
+
+#[test]
+fn the_raw_reading_and_the_decoded_one_describe_a_change_alike() {
+    let scope = Scope::new("inet", "palisade", &["pending_v4"]).unwrap();
+    for m in [
+        table(DELTABLE, INET, NFT, "palisade"),
+        chain(NEWCHAIN, NFT, "palisade", "in_1"),
+        rule(DELRULE, NFT, "palisade", "postrouting"),
+        element(DELSETELEM, NFT, "palisade", "ingress_v4"),
+    ] {
+        let ty = u16::from_ne_bytes([m[4], m[5]]);
+        let payload = &m[16..];
+        let decoded = describe(&scope, ty, payload, true);
+        assert!(decoded.is_some());
+        assert_eq!(decoded, describe(&scope, ty, payload, false));
+    }
+}
