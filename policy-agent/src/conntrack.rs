@@ -19,7 +19,8 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::conntrack::{
-    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol as CtProto, Tuple,
+    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
+    Protocol as CtProto, Tuple,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
@@ -53,7 +54,13 @@ pub enum Seen {
     Judge(Flow),
     /// Accepted by our base chains whatever the policies (neighbour discovery).
     AlwaysAdmitted,
+    /// A TCP connection already closed (TIME_WAIT, CLOSE): it carries nothing more, and a new SYN on
+    /// its tuple starts a new entry that the rules judge. Left alone.
+    Closed,
 }
+
+/// Conntrack TCP states of a closed connection (`TCP_CONNTRACK_TIME_WAIT`, `TCP_CONNTRACK_CLOSE`).
+const TCP_CLOSED_STATES: [u8; 2] = [7, 8];
 
 /// Why an entry could not be judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +82,17 @@ pub fn seen(attrs: &[ConntrackAttribute]) -> std::result::Result<Seen, Unjudged>
         match a {
             ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t.as_slice()),
             ConntrackAttribute::CtaTupleReply(t) => reply = Some(t.as_slice()),
+            ConntrackAttribute::CtaProtoInfo(infos) => {
+                let closed = infos.iter().any(|i| match i {
+                    ProtoInfo::TCP(parts) => parts.iter().any(
+                        |p| matches!(p, ProtoInfoTCP::State(s) if TCP_CLOSED_STATES.contains(s)),
+                    ),
+                    _ => false,
+                });
+                if closed {
+                    return Ok(Seen::Closed);
+                }
+            }
             _ => {}
         }
     }
@@ -300,6 +318,9 @@ pub struct Revoker {
 /// which the rules may admit (the peer may open connections to the client); the client's packets
 /// then pass as its replies. [`Revoker::recheck`] cuts such entries again while the flow is denied.
 struct Watched {
+    since: Instant,
+    /// When this flow is looked up next.
+    next: Instant,
     until: Instant,
     family: NetfilterProtoFamily,
     /// The cut entry's reply tuple (and zone): the original tuple of such a comeback.
@@ -310,8 +331,13 @@ struct Watched {
 /// How long a cut flow is watched for a comeback in its reply direction: covers TCP's first ~9
 /// retransmissions (200 ms doubling) and late UDP answers.
 pub const WATCH_FOR: Duration = Duration::from_secs(60);
-/// Interval of the comeback checks (one conntrack GET per watched flow).
+/// Interval of the comeback checks of a flow just cut (one conntrack GET per watched flow); it grows
+/// with the time since the cut (an eighth of it, at most [`RECHECK_MAX`]), as TCP's retransmissions
+/// do.
 pub const RECHECK_EVERY: Duration = Duration::from_millis(20);
+pub const RECHECK_MAX: Duration = Duration::from_secs(1);
+/// At most this many cut flows are watched (the oldest are dropped first).
+pub const WATCH_MAX: usize = 4096;
 
 /// Receive buffer: a dump answers in batches of this much at most.
 const RECV_BUF: usize = 1 << 20;
@@ -364,7 +390,12 @@ impl Revoker {
         self.watched.retain(|w| w.until > start);
         let watched = std::mem::take(&mut self.watched);
         let mut adm: Option<Admitter<'_>> = None;
-        for w in &watched {
+        let mut watched = watched;
+        for w in &mut watched {
+            if w.next > start {
+                continue;
+            }
+            w.next = start + ((start - w.since) / 8).clamp(RECHECK_EVERY, RECHECK_MAX);
             let Some(found) = self.get(w.family, w.key.clone())? else {
                 continue;
             };
@@ -387,7 +418,7 @@ impl Revoker {
             }
         }
         self.watched = watched;
-        self.next_recheck = (!self.watched.is_empty()).then(|| start + RECHECK_EVERY);
+        self.next_recheck = self.watched.iter().map(|w| w.next).min();
         report.took = start.elapsed();
         Ok(report)
     }
@@ -533,7 +564,7 @@ impl Revoker {
                 *scanned += 1;
                 let mut flow = match seen(attrs) {
                     Ok(Seen::Judge(f)) => f,
-                    Ok(Seen::AlwaysAdmitted) => return,
+                    Ok(Seen::AlwaysAdmitted | Seen::Closed) => return,
                     Err(_) => {
                         *unjudged += 1;
                         return;
@@ -566,14 +597,20 @@ impl Revoker {
         for (family, key, watch, cut) in doomed {
             match self.delete(family, key) {
                 Ok(true) => {
+                    if self.watched.len() >= WATCH_MAX {
+                        self.watched.remove(0);
+                    }
+                    let now = Instant::now();
                     self.watched.push(Watched {
-                        until: start + WATCH_FOR,
+                        since: now,
+                        next: now + RECHECK_EVERY,
+                        until: now + WATCH_FOR,
                         family,
                         key: watch,
                         flow: cut.flow,
                     });
-                    self.next_recheck
-                        .get_or_insert(Instant::now() + RECHECK_EVERY);
+                    let next = now + RECHECK_EVERY;
+                    self.next_recheck = Some(self.next_recheck.map_or(next, |n| n.min(next)));
                     report.cut.push(cut);
                 }
                 Ok(false) => report.gone += 1,
@@ -782,6 +819,26 @@ mod tests {
             tuple("10.0.1.1", "10.0.1.2", CtProto::Icmp, None),
         );
         assert_eq!(seen(&e), Ok(flow("10.0.1.2", "10.0.1.1", None, 0)));
+    }
+
+    #[test]
+    fn a_closed_tcp_connection_is_left_alone() {
+        let mut e = entry(
+            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
+        );
+        e.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(
+            vec![ProtoInfoTCP::State(7)],
+        )]));
+        assert_eq!(seen(&e), Ok(Seen::Closed));
+        e.pop();
+        e.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(
+            vec![ProtoInfoTCP::State(3)],
+        )]));
+        assert_eq!(
+            seen(&e),
+            Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Tcp), 80))
+        );
     }
 
     #[test]
