@@ -306,6 +306,179 @@ pub fn get_str<'a>(obj: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str()
 }
 
+/// Annotation a lab Pod asks for given addresses with (comma-separated, at most one per family):
+/// the lab's runtime passes them to CNI as the `ips` capability (see netns-tests/README.md).
+pub const IPS_ANNOTATION: &str = "palisade-lab/ips";
+/// Annotation a lab Pod is created in a phase with; only `Pending` (no sandbox, no IP yet) is
+/// accepted at creation; `palisade-lab phase` moves it on.
+pub const PHASE_ANNOTATION: &str = "palisade-lab/phase";
+
+/// `status.phase` of a Pod, as the lab sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl PodPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodPhase::Pending => "Pending",
+            PodPhase::Running => "Running",
+            PodPhase::Succeeded => "Succeeded",
+            PodPhase::Failed => "Failed",
+        }
+    }
+
+    /// Succeeded or Failed: the containers are gone and the sandbox with them, but
+    /// `status.podIPs` stays.
+    pub fn is_terminated(self) -> bool {
+        matches!(self, PodPhase::Succeeded | PodPhase::Failed)
+    }
+}
+
+impl std::fmt::Display for PodPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PodPhase {
+    type Err = LabError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "pending" => Ok(PodPhase::Pending),
+            "running" => Ok(PodPhase::Running),
+            "succeeded" => Ok(PodPhase::Succeeded),
+            "failed" => Ok(PodPhase::Failed),
+            _ => Err(LabError::Invalid(format!(
+                "phase {s:?}: expected Pending, Running, Succeeded or Failed"
+            ))),
+        }
+    }
+}
+
+/// `status.phase` of a Pod object, when it is one of the four.
+pub fn phase(pod: &Value) -> Option<PodPhase> {
+    get_str(pod, &["status", "phase"]).and_then(|s| s.parse().ok())
+}
+
+/// `metadata.annotations[key]`.
+pub fn annotation<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
+    obj.get("metadata")?.get("annotations")?.get(key)?.as_str()
+}
+
+/// Removes `metadata.annotations[key]` (a missing one is fine).
+pub fn remove_annotation(obj: &mut Value, key: &str) {
+    if let Some(a) = obj
+        .get_mut("metadata")
+        .and_then(|m| m.get_mut("annotations"))
+        .and_then(Value::as_mapping_mut)
+    {
+        a.remove(Value::from(key));
+    }
+}
+
+/// `spec.hostNetwork: true`.
+pub fn host_network(pod: &Value) -> bool {
+    pod.get("spec")
+        .and_then(|s| s.get("hostNetwork"))
+        .and_then(Value::as_bool)
+        == Some(true)
+}
+
+/// The phase a new Pod asks to start in ([`PHASE_ANNOTATION`]): `None` is Running; only `Pending`
+/// may be asked for (a terminated pod first ran, which `palisade-lab phase` does).
+pub fn requested_phase(pod: &Value) -> Result<Option<PodPhase>> {
+    match annotation(pod, PHASE_ANNOTATION) {
+        None => Ok(None),
+        Some(s) => match s.parse()? {
+            PodPhase::Running => Ok(None),
+            PodPhase::Pending => Ok(Some(PodPhase::Pending)),
+            other => Err(LabError::Invalid(format!(
+                "{PHASE_ANNOTATION}: {other}: a pod starts Pending or Running; run it, then `palisade-lab phase NS/NAME {other}`"
+            ))),
+        },
+    }
+}
+
+/// Addresses a Pod asks for ([`IPS_ANNOTATION`]), at most one per family.
+pub fn requested_ips(pod: &Value) -> Result<Vec<std::net::IpAddr>> {
+    let Some(text) = annotation(pod, IPS_ANNOTATION) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<std::net::IpAddr> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let ip: std::net::IpAddr = part.parse().map_err(|_| {
+            LabError::Invalid(format!(
+                "{IPS_ANNOTATION}: {part:?} is not an IP address (write e.g. 10.244.1.9,fd00:10:244:1::9)"
+            ))
+        })?;
+        if out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+            return Err(LabError::Invalid(format!(
+                "{IPS_ANNOTATION}: {text:?} asks for two addresses of one family; a pod has one per family"
+            )));
+        }
+        out.push(ip);
+    }
+    Ok(out)
+}
+
+/// `hostPort`s of a Pod's containers as CNI port mappings (protocol lowercase, as containerd
+/// passes them); ports without a `hostPort` are skipped.
+pub fn host_ports(pod: &Value) -> Result<Vec<crate::cni::PortMapping>> {
+    let mut out = Vec::new();
+    let containers = pod
+        .get("spec")
+        .and_then(|s| s.get("containers"))
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    for c in containers {
+        for p in c
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .cloned()
+            .unwrap_or_default()
+        {
+            let Some(host) = p
+                .get("hostPort")
+                .and_then(Value::as_u64)
+                .filter(|n| *n != 0)
+            else {
+                continue;
+            };
+            let port = |v: Option<u64>, field: &str| {
+                v.and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| *n != 0)
+                    .ok_or_else(|| {
+                        LabError::Invalid(format!("{field} {v:?} is not a port (1-65535)"))
+                    })
+            };
+            out.push(crate::cni::PortMapping {
+                host_port: port(Some(host), "hostPort")?,
+                container_port: port(
+                    p.get("containerPort").and_then(Value::as_u64),
+                    "containerPort",
+                )?,
+                protocol: p
+                    .get("protocol")
+                    .and_then(Value::as_str)
+                    .unwrap_or("TCP")
+                    .to_ascii_lowercase(),
+                host_ip: p
+                    .get("hostIP")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The shared manifest directory: one YAML file per object, each replaced atomically.
 #[derive(Debug, Clone)]
 pub struct ManifestDir {
@@ -400,5 +573,78 @@ mod tests {
             container_ports(&pod),
             vec![(80, "TCP".to_string()), (80, "UDP".to_string())]
         );
+    }
+
+    #[test]
+    fn host_ports_become_lowercase_port_mappings_and_plain_ports_do_not() {
+        let pod = parse_documents(
+            "kind: Pod\nmetadata: {name: a}\nspec:\n  containers:\n  - name: c\n    ports:\n    - {containerPort: 80, hostPort: 18080}\n    - {containerPort: 81, protocol: UDP, hostPort: 18081, hostIP: 172.31.0.1}\n    - {containerPort: 82}\n",
+            "t",
+        )
+        .unwrap()
+        .remove(0);
+        let m = host_ports(&pod).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[0].host_port, m[0].container_port, m[0].protocol.as_str()),
+            (18080, 80, "tcp")
+        );
+        assert_eq!(m[1].protocol, "udp");
+        assert_eq!(m[1].host_ip.as_deref(), Some("172.31.0.1"));
+        let bad = parse_documents(
+            "kind: Pod\nmetadata: {name: a}\nspec:\n  containers:\n  - name: c\n    ports: [{containerPort: 70000, hostPort: 1}]\n",
+            "t",
+        )
+        .unwrap()
+        .remove(0);
+        assert!(host_ports(&bad).is_err());
+    }
+
+    #[test]
+    fn lab_annotations_ask_for_addresses_and_a_pending_start_only() {
+        let pod = |ann: &str| {
+            parse_documents(
+                &format!("kind: Pod\nmetadata: {{name: a, annotations: {{{ann}}}}}\n"),
+                "t",
+            )
+            .unwrap()
+            .remove(0)
+        };
+        let ips = requested_ips(&pod("palisade-lab/ips: '10.244.1.9, fd00:10:244:1::9'")).unwrap();
+        assert_eq!(ips.len(), 2);
+        assert!(requested_ips(&pod("palisade-lab/ips: '10.244.1.9,10.244.1.10'")).is_err());
+        assert!(requested_ips(&pod("palisade-lab/ips: nope")).is_err());
+        assert!(requested_ips(&pod("x: y")).unwrap().is_empty());
+        assert_eq!(
+            requested_phase(&pod("palisade-lab/phase: Pending")).unwrap(),
+            Some(PodPhase::Pending)
+        );
+        assert_eq!(
+            requested_phase(&pod("palisade-lab/phase: Running")).unwrap(),
+            None
+        );
+        assert!(requested_phase(&pod("palisade-lab/phase: Succeeded")).is_err());
+        assert!(requested_phase(&pod("palisade-lab/phase: Done")).is_err());
+        let mut p = pod("palisade-lab/phase: Pending");
+        remove_annotation(&mut p, PHASE_ANNOTATION);
+        assert_eq!(annotation(&p, PHASE_ANNOTATION), None);
+    }
+
+    #[test]
+    fn host_network_is_read_from_the_spec() {
+        let hn = parse_documents(
+            "kind: Pod\nmetadata: {name: a}\nspec: {hostNetwork: true}\n",
+            "t",
+        )
+        .unwrap()
+        .remove(0);
+        let pod = parse_documents(
+            "kind: Pod\nmetadata: {name: a}\nspec: {hostNetwork: false}\n",
+            "t",
+        )
+        .unwrap()
+        .remove(0);
+        assert!(host_network(&hn));
+        assert!(!host_network(&pod));
     }
 }

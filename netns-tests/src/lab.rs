@@ -238,6 +238,12 @@ pub struct PodState {
     pub ips: Vec<IpAddr>,
     pub cni_result: Option<serde_json::Value>,
     pub server_pid: Option<u32>,
+    /// `hostNetwork: true`: no sandbox and no CNI; `netns` is the node's, `ips` are the node's.
+    #[serde(default)]
+    pub host_network: bool,
+    /// What the runtime asked of CNI (hostPorts, requested addresses); DEL gets the same.
+    #[serde(default)]
+    pub runtime_args: cni::RuntimeArgs,
 }
 
 impl PodState {
@@ -899,7 +905,8 @@ impl Lab {
     fn apply_pod(&mut self, obj: Value, key: &ObjKey) -> Result<()> {
         self.require_namespace(key)?;
         let pod_key = format!("{}/{}", key.namespace, key.name);
-        if self.state.pods.contains_key(&pod_key) {
+        // A pod without a sandbox (Pending, terminated) exists as its object only.
+        if self.state.pods.contains_key(&pod_key) || self.read_object(key).is_ok() {
             let mut current = self.read_object(key)?;
             let labels = obj
                 .get("metadata")
@@ -909,6 +916,9 @@ impl Lab {
             k8s::set_path(&mut current, &["metadata", "labels"], labels)?;
             self.manifests.write(&current)?;
             return Ok(());
+        }
+        if k8s::requested_phase(&obj)? == Some(k8s::PodPhase::Pending) {
+            return self.create_pending_pod(obj, key);
         }
         self.create_pod(obj, key)
     }
@@ -935,6 +945,13 @@ impl Lab {
                 u
             }
         };
+        if k8s::host_network(&obj) {
+            return self.create_host_network_pod(obj, key, &node, uid);
+        }
+        let runtime_args = cni::RuntimeArgs {
+            port_mappings: k8s::host_ports(&obj)?,
+            ips: k8s::requested_ips(&obj)?,
+        };
         let container_id = format!("pl{}{}", self.state.name, seq);
         let pod_ns = self.new_netns(&format!("p{seq}"))?;
         let pod_key = format!("{}/{}", key.namespace, key.name);
@@ -950,10 +967,11 @@ impl Lab {
                 ips: Vec::new(),
                 cni_result: None,
                 server_pid: None,
+                host_network: false,
+                runtime_args: runtime_args.clone(),
             },
         );
         self.state.save()?;
-        let config = cni::plugin_config(&cni::read_conflist(&Self::conflist_path(&node))?)?;
         let pod_netns_path = netns::path(&pod_ns);
         let inv = cni::Invocation {
             node_netns: &node.netns,
@@ -963,26 +981,67 @@ impl Lab {
             pod_name: &key.name,
             pod_uid: &uid,
         };
-        let result = cni::add(
-            &self.state.bins.plugin(),
-            &self.state.bins.dir,
-            &config,
-            &inv,
-        )?;
-        let ips = cni::result_ips(&result);
-        if ips.is_empty() {
-            return Err(LabError::Parse {
-                what: format!("CNI ADD result for pod {pod_key}"),
-                detail: format!("no ips: {result}"),
+        // The agent's whole conflist, as the runtime runs it. A failed ADD (or a result without
+        // the addresses asked for) tears the sandbox down again, as a runtime does.
+        let added = cni::read_conflist(&Self::conflist_path(&node))
+            .and_then(|c| cni::Chain::from_conflist(&c))
+            .and_then(|chain| {
+                cni::add(
+                    &chain,
+                    &cni::cni_path(&self.state.bins.dir),
+                    &runtime_args,
+                    &inv,
+                )
+            })
+            .and_then(|result| {
+                let ips = cni::result_ips(&result);
+                if ips.is_empty() {
+                    return Err(LabError::Parse {
+                        what: format!("CNI ADD result for pod {pod_key}"),
+                        detail: format!("no ips: {result}"),
+                    });
+                }
+                if let Some(ip) = runtime_args.ips.iter().find(|ip| !ips.contains(ip)) {
+                    return Err(LabError::Invalid(format!(
+                        "pod {pod_key} asked for {ip} ({}) and got {ips:?}: the address is taken or outside {}'s podCIDRs",
+                        k8s::IPS_ANNOTATION,
+                        node.name
+                    )));
+                }
+                Ok(result)
             });
-        }
+        let result = match added {
+            Ok(r) => r,
+            Err(e) => {
+                let errors = self.discard_sandbox(&pod_key);
+                return Err(if errors.is_empty() {
+                    e
+                } else {
+                    LabError::Command {
+                        what: format!("creating pod {pod_key}"),
+                        detail: format!(
+                            "{e}; then tearing its sandbox down: {}",
+                            errors.join("; ")
+                        ),
+                    }
+                });
+            }
+        };
+        let ips = cni::result_ips(&result);
         if let Some(p) = self.state.pods.get_mut(&pod_key) {
             p.ips = ips.clone();
             p.cni_result = Some(result);
         }
         self.state.save()?;
-        // Servers on the declared container ports.
-        let ports = k8s::container_ports(&obj);
+        self.start_server(&pod_key, &obj, &pod_ns)?;
+        self.write_running(obj, &ips, &node)
+    }
+
+    /// `palisade-probe serve` in `netns` on the pod's declared TCP and UDP container ports.
+    fn start_server(&mut self, pod_key: &str, obj: &Value, netns: &str) -> Result<()> {
+        let pod_key = pod_key.to_string();
+        let key = k8s::key_of(obj)?;
+        let ports = k8s::container_ports(obj);
         let tcp: Vec<String> = ports
             .iter()
             .filter(|(_, p)| p == "TCP")
@@ -1009,7 +1068,7 @@ impl Lab {
             .join(format!("pod-{}-{}.log", key.namespace, key.name));
         let pid = process::spawn_in_netns(
             &self.state.name,
-            &pod_ns,
+            netns,
             &self.state.bins.probe(),
             &args,
             &log,
@@ -1018,6 +1077,14 @@ impl Lab {
             p.server_pid = Some(pid);
         }
         self.state.save()?;
+        Ok(())
+    }
+
+    /// Writes the Pod object as the kubelet reports a started pod: Running, its addresses, hostIP.
+    fn write_running(&mut self, mut obj: Value, ips: &[IpAddr], node: &NodeState) -> Result<()> {
+        let first = ips
+            .first()
+            .ok_or_else(|| LabError::Invalid("a running pod needs an address".into()))?;
         // What the kubelet reports once the sandbox is up.
         let pod_ips: Vec<Value> = ips
             .iter()
@@ -1031,7 +1098,7 @@ impl Lab {
         k8s::set_path(
             &mut obj,
             &["status", "podIP"],
-            Value::from(ips[0].to_string()),
+            Value::from(first.to_string()),
         )?;
         k8s::set_path(&mut obj, &["status", "podIPs"], Value::Sequence(pod_ips))?;
         k8s::set_path(
@@ -1041,6 +1108,172 @@ impl Lab {
         )?;
         self.manifests.write(&obj)?;
         Ok(())
+    }
+
+    /// A `hostNetwork: true` pod: no sandbox, no CNI; its server runs in the node's namespace and
+    /// its status carries the node's addresses, as the kubelet reports them.
+    fn create_host_network_pod(
+        &mut self,
+        obj: Value,
+        key: &ObjKey,
+        node: &NodeState,
+        uid: String,
+    ) -> Result<()> {
+        if k8s::annotation(&obj, k8s::IPS_ANNOTATION).is_some() {
+            return Err(LabError::Invalid(format!(
+                "{key}: a hostNetwork pod has its node's addresses; drop {}",
+                k8s::IPS_ANNOTATION
+            )));
+        }
+        let pod_key = format!("{}/{}", key.namespace, key.name);
+        let ips = vec![
+            IpAddr::V4(node_underlay_v4(node.index)),
+            IpAddr::V6(node_underlay_v6(node.index)),
+        ];
+        self.state.pods.insert(
+            pod_key.clone(),
+            PodState {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                uid,
+                node: node.name.clone(),
+                netns: node.netns.clone(),
+                container_id: String::new(),
+                ips: ips.clone(),
+                cni_result: None,
+                server_pid: None,
+                host_network: true,
+                runtime_args: cni::RuntimeArgs::default(),
+            },
+        );
+        self.state.save()?;
+        self.start_server(&pod_key, &obj, &node.netns)?;
+        self.write_running(obj, &ips, node)
+    }
+
+    /// A Pod that is scheduled but not started (`palisade-lab/phase: Pending`): its object says
+    /// Pending and has no address; no sandbox exists until `set_pod_phase(.., Running)`.
+    fn create_pending_pod(&mut self, mut obj: Value, key: &ObjKey) -> Result<()> {
+        // Refuse now what would fail at start.
+        k8s::host_ports(&obj)?;
+        k8s::requested_ips(&obj)?;
+        let node = match k8s::get_str(&obj, &["spec", "nodeName"]) {
+            Some(n) => n.to_string(),
+            None => {
+                let n = self.state.nodes[(self.state.counter as usize) % self.state.nodes.len()]
+                    .name
+                    .clone();
+                k8s::set_path(&mut obj, &["spec", "nodeName"], Value::from(n.as_str()))?;
+                n
+            }
+        };
+        self.node(&node)?;
+        self.state.counter += 1;
+        if k8s::get_str(&obj, &["metadata", "uid"]).is_none() {
+            let u = pseudo_uid(
+                &self.state.name,
+                &key.namespace,
+                &key.name,
+                self.state.counter,
+            );
+            k8s::set_path(&mut obj, &["metadata", "uid"], Value::from(u.as_str()))?;
+        }
+        let mut status = serde_yaml::Mapping::new();
+        status.insert(Value::from("phase"), Value::from("Pending"));
+        k8s::set_path(&mut obj, &["status"], Value::Mapping(status))?;
+        self.state.save()?;
+        self.manifests.write(&obj).map(|_| ())
+    }
+
+    /// Moves a pod on as the kubelet would: Pending → Running creates its sandbox (the whole CNI
+    /// chain) and starts it; Pending or Running → Succeeded/Failed stops it and removes its
+    /// sandbox (CNI DEL: its address goes back to IPAM, free for a new pod) while the Pod object
+    /// keeps `status.podIPs`, as a terminated pod's does. Phases never move back.
+    pub fn set_pod_phase(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        phase: k8s::PodPhase,
+    ) -> Result<()> {
+        use k8s::PodPhase::{Failed, Pending, Running, Succeeded};
+        let key = ObjKey::new("Pod", namespace, name);
+        let pod_key = format!("{namespace}/{name}");
+        let mut obj = self.read_object(&key)?;
+        let running = self.state.pods.contains_key(&pod_key);
+        let current = if running {
+            Running
+        } else {
+            k8s::phase(&obj).unwrap_or(Pending)
+        };
+        match (current, phase) {
+            (from, to) if from == to => Ok(()),
+            (Pending, Running) => {
+                k8s::remove_annotation(&mut obj, k8s::PHASE_ANNOTATION);
+                if let Some(m) = obj.as_mapping_mut() {
+                    m.remove(Value::from("status"));
+                }
+                self.create_pod(obj, &key)
+            }
+            (Pending | Running, Succeeded | Failed) => {
+                k8s::set_path(&mut obj, &["status", "phase"], Value::from(phase.as_str()))?;
+                self.manifests.write(&obj)?;
+                let errors = self.discard_sandbox(&pod_key);
+                if errors.is_empty() {
+                    Ok(())
+                } else {
+                    Err(LabError::Teardown(errors))
+                }
+            }
+            (from, to) => Err(LabError::Invalid(format!(
+                "pod {pod_key} is {from}; a phase moves only Pending -> Running -> Succeeded/Failed, never to {to}"
+            ))),
+        }
+    }
+
+    /// Stops a pod, removes its sandbox (CNI DEL of the whole chain, its namespace; nothing for a
+    /// hostNetwork pod but its process) and forgets it; returns what failed along the way.
+    fn discard_sandbox(&mut self, pod_key: &str) -> Vec<String> {
+        let mut errors = Vec::new();
+        let Some(pod) = self.state.pods.remove(pod_key) else {
+            return errors;
+        };
+        teardown_pod(&self.state, &pod, &mut errors);
+        if !pod.host_network {
+            self.state.netns.retain(|n| *n != pod.netns);
+        }
+        if let Err(e) = self.state.save() {
+            errors.push(e.to_string());
+        }
+        errors
+    }
+
+    /// Pods that exist as objects only (Pending, Succeeded, Failed): `(namespace/name, phase,
+    /// status.podIPs)`, sorted.
+    pub fn pods_without_sandbox(&self) -> Result<Vec<(String, String, Vec<String>)>> {
+        let mut out = Vec::new();
+        for obj in k8s::read_path(&self.manifests.dir)? {
+            let key = k8s::key_of(&obj)?;
+            let pod_key = format!("{}/{}", key.namespace, key.name);
+            if key.kind != "Pod" || self.state.pods.contains_key(&pod_key) {
+                continue;
+            }
+            let phase = k8s::get_str(&obj, &["status", "phase"])
+                .unwrap_or("Pending")
+                .to_string();
+            let ips = obj
+                .get("status")
+                .and_then(|s| s.get("podIPs"))
+                .and_then(Value::as_sequence)
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|i| i.get("ip").and_then(Value::as_str).map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((pod_key, phase, ips));
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Deletes objects as `kubectl delete` would; deleting a namespace deletes what lives in it.
@@ -1110,16 +1343,16 @@ impl Lab {
 
     fn delete_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
         let pod_key = format!("{namespace}/{name}");
-        let pod = self.state.pods.get(&pod_key).cloned().ok_or_else(|| {
-            LabError::Invalid(format!("no pod {pod_key} in lab {}", self.state.name))
-        })?;
-        self.manifests
-            .remove(&ObjKey::new("Pod", namespace, name))?;
-        let mut errors = Vec::new();
-        teardown_pod(&self.state, &pod, &mut errors);
-        self.state.pods.remove(&pod_key);
-        self.state.netns.retain(|n| *n != pod.netns);
-        self.state.save()?;
+        let obj_key = ObjKey::new("Pod", namespace, name);
+        if !self.state.pods.contains_key(&pod_key) {
+            // A pod without a sandbox (Pending, Succeeded, Failed) is only its object.
+            self.read_object(&obj_key).map_err(|_| {
+                LabError::Invalid(format!("no pod {pod_key} in lab {}", self.state.name))
+            })?;
+            return self.manifests.remove(&obj_key);
+        }
+        self.manifests.remove(&obj_key)?;
+        let errors = self.discard_sandbox(&pod_key);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1535,6 +1768,10 @@ fn teardown_pod(state: &LabState, pod: &PodState, errors: &mut Vec<String>) {
     if let Some(pid) = pod.server_pid {
         process::stop(pid, &state.name);
     }
+    // A hostNetwork pod is a process in its node's namespace: nothing else is its own.
+    if pod.host_network {
+        return;
+    }
     if let Some(node) = state.nodes.iter().find(|n| n.name == pod.node) {
         let conflist = Lab::conflist_path(node);
         if netns::exists(&node.netns) && conflist.is_file() {
@@ -1548,12 +1785,12 @@ fn teardown_pod(state: &LabState, pod: &PodState, errors: &mut Vec<String>) {
                 pod_uid: &pod.uid,
             };
             let res = cni::read_conflist(&conflist)
-                .and_then(|c| cni::plugin_config(&c))
-                .and_then(|config| {
+                .and_then(|c| cni::Chain::from_conflist(&c))
+                .and_then(|chain| {
                     cni::del(
-                        &state.bins.plugin(),
-                        &state.bins.dir,
-                        &config,
+                        &chain,
+                        &cni::cni_path(&state.bins.dir),
+                        &pod.runtime_args,
                         pod.cni_result.as_ref(),
                         &inv,
                     )

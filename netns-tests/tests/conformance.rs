@@ -17,6 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+#[path = "conformance/cluster_pods.rs"]
+mod cluster_pods;
 #[path = "conformance/forged.rs"]
 mod forged;
 
@@ -439,7 +441,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::extra_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "extra"));
     }
-    let named: [(&str, LabTest); 7] = [
+    let named: [(&str, LabTest); 10] = [
         (
             "extra::forged_sources_are_dropped_at_the_pods_veth",
             forged::forged_sources_are_dropped_at_the_pods_veth,
@@ -467,6 +469,18 @@ fn all_tests() -> Result<Vec<Test>, String> {
         (
             "extra::pods_created_after_the_policy_are_covered_immediately",
             pods_created_after_the_policy_are_covered_immediately,
+        ),
+        (
+            "extra::host_port_reaches_the_pod_through_the_chained_portmap",
+            cluster_pods::host_port_reaches_the_pod_through_the_chained_portmap,
+        ),
+        (
+            "extra::host_network_pod_is_never_isolated_and_meets_policies_as_its_node",
+            cluster_pods::host_network_pod_is_never_isolated_and_meets_policies_as_its_node,
+        ),
+        (
+            "extra::terminated_pods_address_reused_carries_only_the_new_pods_policies",
+            cluster_pods::terminated_pods_address_reused_carries_only_the_new_pods_policies,
         ),
     ];
     for (name, f) in named {
