@@ -194,10 +194,21 @@ pub fn read_conflist(path: &Path) -> Result<Value> {
     })
 }
 
+/// Directories (`:`-separated) searched for the chained plugins after the lab's binaries, instead
+/// of [`SYSTEM_CNI_DIR`] (e.g. `/opt/cni/bin` where the upstream plugin tarball is unpacked).
+pub const CNI_PATH_ENV: &str = "PALISADE_LAB_CNI_PATH";
+
 /// `CNI_PATH` of the lab's runtime: the lab's binaries (the `palisade` plugin), then
-/// [`SYSTEM_CNI_DIR`].
+/// `$PALISADE_LAB_CNI_PATH` or [`SYSTEM_CNI_DIR`].
 pub fn cni_path(bin_dir: &Path) -> Vec<PathBuf> {
-    vec![bin_dir.to_path_buf(), PathBuf::from(SYSTEM_CNI_DIR)]
+    let mut path = vec![bin_dir.to_path_buf()];
+    match std::env::var_os(CNI_PATH_ENV) {
+        Some(dirs) => {
+            path.extend(std::env::split_paths(&dirs).filter(|d| !d.as_os_str().is_empty()))
+        }
+        None => path.push(PathBuf::from(SYSTEM_CNI_DIR)),
+    }
+    path
 }
 
 /// The executable of plugin type `kind`: the first `CNI_PATH` directory holding it, as libcni

@@ -4,6 +4,7 @@
 
 use palisade_netns_tests::lab::{self, Bins, Lab, LabOptions};
 use palisade_netns_tests::{netns, process};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -450,5 +451,180 @@ fn status_shows_a_dead_agent_and_restart_agent_brings_it_back_with_the_same_args
     let mut down = cli(&name);
     down.arg("down");
     run_ok(down);
+    assert_nothing_left(&name);
+}
+
+/// Writes `files` into a fresh directory for one test; returns it.
+fn yaml_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-lab-test-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    dir
+}
+
+fn status(name: &str) -> String {
+    let mut c = cli(name);
+    c.arg("status");
+    run_ok(c)
+}
+
+/// The CLI for the pods a plain lab could not make: `up` takes a hostNetwork pod (run in its
+/// node with the node's addresses) and a pod starting Pending (an object without an address);
+/// `phase` starts it, terminates another (its object keeps the address, `status` lists it), a new
+/// pod asks for that address with `palisade-lab/ips` and gets it; phases never move back.
+#[test]
+fn cli_host_network_pods_phases_and_requested_ips() {
+    let name = lab::unique_name();
+    let _guard = DownOnDrop(name.clone());
+    let dir = yaml_dir(
+        &name,
+        &[(
+            "pods.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: app, labels: {app: web}}\nspec:\n  nodeName: node1\n  containers:\n  - {name: c, ports: [{containerPort: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: hn, namespace: app}\nspec:\n  nodeName: node2\n  hostNetwork: true\n  containers:\n  - {name: c, ports: [{containerPort: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: later, namespace: app, annotations: {palisade-lab/phase: Pending}}\nspec:\n  nodeName: node1\n  containers:\n  - {name: c, ports: [{containerPort: 80}]}\n",
+        )],
+    );
+    let mut up = cli(&name);
+    up.arg("up").arg(&dir);
+    let out = run_ok(up);
+    assert!(out.contains("app/web") && out.contains("app/hn"), "{out}");
+    let lab = Lab::open(Path::new(lab::RUN_ROOT), &name).unwrap();
+    let node2 = lab.node_state("node2").unwrap();
+    let hn = lab.pod("app/hn").unwrap();
+    assert_eq!(hn.netns, node2.netns, "a hostNetwork pod runs in its node");
+    assert!(hn
+        .ips
+        .contains(&IpAddr::V4(lab::node_underlay_v4(node2.index))));
+    let web_ip = lab.pod("app/web").unwrap().ips[0];
+    assert!(
+        lab.pod("app/later").is_err(),
+        "a Pending pod has no sandbox"
+    );
+    let s = status(&name);
+    assert!(
+        s.lines()
+            .any(|l| l.contains("app/later") && l.contains("Pending")),
+        "{s}"
+    );
+    // The hostNetwork pod is probed at its node's address, from its node's namespace.
+    let r = probe_json(&name);
+    assert!(connected(&r, "app/hn", "app/web") && connected(&r, "app/web", "app/hn"));
+
+    run_ok({
+        let mut c = cli(&name);
+        c.args(["phase", "app/web", "Succeeded"]);
+        c
+    });
+    let s = status(&name);
+    assert!(
+        s.lines().any(|l| l.contains("app/web")
+            && l.contains("Succeeded")
+            && l.contains(&web_ip.to_string())),
+        "a terminated pod keeps its address: {s}"
+    );
+    let back = cli(&name)
+        .args(["phase", "app/web", "Running"])
+        .output()
+        .unwrap();
+    assert!(!back.status.success(), "a Succeeded pod ran again");
+
+    let reuse = dir.join("reuse.yaml");
+    std::fs::write(
+        &reuse,
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: reuse, namespace: app, annotations: {{palisade-lab/ips: '{web_ip}'}}}}\nspec:\n  nodeName: node1\n  containers:\n  - {{name: c, ports: [{{containerPort: 80}}]}}\n"),
+    )
+    .unwrap();
+    let mut apply = cli(&name);
+    apply.arg("apply").arg("-f").arg(&reuse);
+    run_ok(apply);
+    run_ok({
+        let mut c = cli(&name);
+        c.args(["phase", "app/later", "Running"]);
+        c
+    });
+    let lab = Lab::open(Path::new(lab::RUN_ROOT), &name).unwrap();
+    assert_eq!(lab.pod("app/reuse").unwrap().ips[0], web_ip);
+    assert!(!lab.pod("app/later").unwrap().ips.is_empty());
+    let r = probe_json(&name);
+    assert!(connected(&r, "app/later", "app/reuse") && connected(&r, "app/hn", "app/later"));
+
+    let mut down = cli(&name);
+    down.arg("down");
+    run_ok(down);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_nothing_left(&name);
+}
+
+/// A broken link of the conflist chain (here: portmap missing from CNI_PATH) fails the pod as a
+/// runtime would, and the lab tears the half-made sandbox down: palisade's DEL ran (no attachment
+/// record, no IPAM reservation), no pod namespace and no Pod object are left.
+#[test]
+fn broken_conflist_chain_fails_the_pod_and_leaves_no_sandbox() {
+    let name = lab::unique_name();
+    let _guard = DownOnDrop(name.clone());
+    let dir = yaml_dir(
+        &name,
+        &[
+            ("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n"),
+            (
+                "pod.yaml-later",
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: app}\nspec:\n  nodeName: node1\n  containers:\n  - {name: c, ports: [{containerPort: 80, hostPort: 18080}]}\n",
+            ),
+        ],
+    );
+    let empty = dir.join("no-cni-plugins-here");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut up = cli(&name);
+    up.arg("up").arg(&dir);
+    run_ok(up);
+    let mut apply = cli(&name);
+    apply
+        .env(palisade_netns_tests::cni::CNI_PATH_ENV, &empty)
+        .args(["apply", "-f"])
+        .arg(dir.join("pod.yaml-later"));
+    let out = apply.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ADD without portmap succeeded");
+    assert!(
+        stderr.contains("plugin portmap (2/2)") && stderr.contains("not found in CNI_PATH"),
+        "{stderr}"
+    );
+    let lab = Lab::open(Path::new(lab::RUN_ROOT), &name).unwrap();
+    assert!(
+        lab.pod("app/web").is_err(),
+        "the failed pod is still in the lab"
+    );
+    assert!(lab
+        .read_object(&palisade_netns_tests::k8s::ObjKey::new("Pod", "app", "web"))
+        .is_err());
+    let node1 = lab.node_state("node1").unwrap();
+    let records: Vec<_> = std::fs::read_dir(node1.dir.join("state/attachments"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(records.is_empty(), "attachment records left: {records:?}");
+    let mut reserved = Vec::new();
+    for net in std::fs::read_dir(node1.dir.join("ipam")).unwrap().flatten() {
+        for f in std::fs::read_dir(net.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if f.file_name().to_string_lossy().parse::<IpAddr>().is_ok() {
+                reserved.push(f.path());
+            }
+        }
+    }
+    assert!(reserved.is_empty(), "IPAM reservations left: {reserved:?}");
+    let pod_netns: Vec<String> = leftover_netns(&name)
+        .into_iter()
+        .filter(|n| !n.ends_with("-ul") && !n.contains("-node"))
+        .collect();
+    assert!(pod_netns.is_empty(), "pod namespaces left: {pod_netns:?}");
+
+    let mut down = cli(&name);
+    down.arg("down");
+    run_ok(down);
+    std::fs::remove_dir_all(&dir).unwrap();
     assert_nothing_left(&name);
 }

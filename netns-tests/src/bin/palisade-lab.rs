@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use palisade_netns_tests::demo;
-use palisade_netns_tests::k8s::{self, LabelEdit};
+use palisade_netns_tests::k8s::{self, LabelEdit, PodPhase};
 use palisade_netns_tests::lab::{self, Bins, Family, Lab, LabOptions};
 use palisade_netns_tests::matrix::Matrix;
 use palisade_netns_tests::probe::Protocol;
@@ -75,6 +75,15 @@ enum Command {
         json: bool,
         #[arg(long, default_value_t = 400)]
         timeout_ms: u64,
+    },
+    /// Move a pod to a phase as the kubelet would: `Running` starts a Pending pod (its sandbox and
+    /// the whole CNI chain); `Succeeded`/`Failed` stops a pod and removes its sandbox (CNI DEL: its
+    /// address is free again) while its Pod object keeps status.podIPs. Phases never move back.
+    Phase {
+        /// `NAMESPACE/NAME`.
+        target: String,
+        /// Running, Succeeded or Failed.
+        phase: String,
     },
     /// Show the lab's nodes, their agents (pid alive, /healthz) and pods; fails when an agent is not
     /// healthy.
@@ -206,9 +215,29 @@ fn run(cli: Cli) -> Result<(), LabError> {
             }
             Ok(())
         }
+        Command::Phase { target, phase } => {
+            let mut lab = Lab::open(&cli.run_root, &cli.name)?;
+            let (ns, name) = target.split_once('/').ok_or_else(|| {
+                LabError::Invalid(format!("pod {target:?}: write NAMESPACE/NAME"))
+            })?;
+            let phase: PodPhase = phase.parse()?;
+            lab.set_pod_phase(ns, name, phase)?;
+            if phase == PodPhase::Running {
+                lab.wait_pods_ready(Duration::from_secs(20))?;
+            }
+            println!("pod {target} is {phase}");
+            Ok(())
+        }
         Command::Status => {
             let lab = Lab::open(&cli.run_root, &cli.name)?;
             print!("{}", demo::describe_lab(&lab));
+            let parked = lab.pods_without_sandbox()?;
+            if !parked.is_empty() {
+                println!("Pods without a sandbox (objects only):");
+                for (pod, phase, ips) in parked {
+                    println!("  {pod:<16} {phase:<10} {}", ips.join(" "));
+                }
+            }
             println!("Agents:");
             let mut unhealthy = Vec::new();
             for n in &lab.state().nodes {
@@ -324,6 +353,7 @@ mod tests {
             &["palisade-lab", "down", "--all"],
             &["palisade-lab", "restart-agent", "node2"],
             &["palisade-lab", "status"],
+            &["palisade-lab", "phase", "x/a", "Succeeded"],
             &["palisade-lab", "demo", "examples/demo"],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
