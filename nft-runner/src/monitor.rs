@@ -556,7 +556,9 @@ pub fn is_own(portid: u32) -> bool {
         let t = Instant::now();
         o.remembered.retain(|_, until| *until > t);
         o.live = now;
-        o.live.contains(&portid)
+        // Remembered counts too: the socket may have been remembered and closed during the scan
+        // (a libnftables context replaced right after its commit).
+        o.live.contains(&portid) || o.remembered.contains_key(&portid)
     })
 }
 

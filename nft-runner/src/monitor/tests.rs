@@ -278,6 +278,10 @@ fn this_process_knows_its_own_netfilter_sockets_and_remembered_portids() {
     assert!(!is_own(0x7fff_fff0));
     remember_portid(0x7fff_fff0, Duration::from_secs(60));
     assert!(known_own(0x7fff_fff0));
+    assert!(
+        is_own(0x7fff_fff0),
+        "a remembered portid whose socket is gone stays ours after a rescan"
+    );
     remember_portid(0x7fff_fff1, Duration::ZERO);
     assert!(!is_own(0x7fff_fff1), "an expired portid is foreign again");
 }
