@@ -342,6 +342,16 @@ fn host_snapshot() -> String {
     ] {
         s.push_str(&std::fs::read_to_string(f).unwrap_or_default());
     }
+    // nftables (and iptables-nft, which the chained portmap uses): read only; counters change on
+    // their own.
+    let out = Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .expect("nft runs");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        s.push_str(line.split(" counter packets").next().unwrap_or(line));
+        s.push('\n');
+    }
     s
 }
 
@@ -352,7 +362,15 @@ fn a_lab_never_touches_the_host_network_namespace() {
     let mut opts = LabOptions::new(&name);
     opts.external = true;
     let mut lab = Lab::up(&opts).unwrap();
-    let pods = palisade_netns_tests::k8s::read_path(&repo().join("examples/demo")).unwrap();
+    let mut pods = palisade_netns_tests::k8s::read_path(&repo().join("examples/demo")).unwrap();
+    // A hostPort: the chained portmap writes iptables rules, in the node's namespace only.
+    pods.extend(
+        palisade_netns_tests::k8s::parse_documents(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: hostport, namespace: shop}\nspec:\n  nodeName: node1\n  containers:\n  - {name: c, ports: [{containerPort: 80, hostPort: 18080}]}\n",
+            "hostPort pod",
+        )
+        .unwrap(),
+    );
     lab.apply(pods).unwrap();
     lab.wait_pods_ready(Duration::from_secs(30)).unwrap();
     let during = host_snapshot();
