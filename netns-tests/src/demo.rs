@@ -30,7 +30,7 @@ pub fn describe_lab(lab: &Lab) -> String {
             n.pod_cidr_v6
         ));
     }
-    s.push_str("Pods (network namespaces wired by the palisade CNI plugin):\n");
+    s.push_str("Pods (network namespaces wired by the palisade CNI plugin; hostNetwork pods share their node's):\n");
     for p in lab.pods() {
         let labels = lab
             .read_object(&ObjKey::new("Pod", &p.namespace, &p.name))
@@ -43,8 +43,9 @@ pub fn describe_lab(lab: &Lab) -> String {
             })
             .unwrap_or_default();
         let ips: Vec<String> = p.ips.iter().map(|i| i.to_string()).collect();
+        let host = if p.host_network { " (hostNetwork)" } else { "" };
         s.push_str(&format!(
-            "  {:<16} on {:<6} {:<28} labels {}\n",
+            "  {:<16} on {:<6} {:<28} labels {}{host}\n",
             p.key(),
             p.node,
             ips.join(" "),
