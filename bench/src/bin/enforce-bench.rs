@@ -74,6 +74,25 @@ enum Command {
         #[arg(long)]
         secs: u64,
     },
+    /// The measured established flow: one connection, a message every interval, each echoed;
+    /// prints `<monotonic ns> open|blocked` when it connects and at the first message that fails.
+    StreamLoop {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        interval_us: u64,
+        #[arg(long)]
+        secs: u64,
+    },
+    /// The stream's echo server (a thread per connection).
+    StreamServe {
+        #[arg(long)]
+        ip: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        secs: u64,
+    },
     /// The probe's server (accepts and closes; same as datapath-bench serve).
     Serve {
         #[arg(long)]
@@ -119,6 +138,22 @@ fn real_main(cli: Cli) -> Result<()> {
                 Duration::from_secs(secs),
             );
             Ok(())
+        }
+        Command::StreamLoop {
+            target,
+            interval_us,
+            secs,
+        } => {
+            enforce::stream_loop(
+                target,
+                Duration::from_micros(interval_us),
+                enforce::STREAM_REPLY_TIMEOUT,
+                Duration::from_secs(secs),
+            );
+            Ok(())
+        }
+        Command::StreamServe { ip, port, secs } => {
+            enforce::stream_serve(&ip, port, Duration::from_secs(secs))
         }
         Command::Serve {
             ip,
@@ -187,7 +222,10 @@ fn real_main(cli: Cli) -> Result<()> {
             let started = palisade_bench::utc_now();
             let before = report::machine();
             let run = enforce::run(&cfg);
-            let _ = std::fs::remove_dir_all(&work_dir);
+            // ENFORCE_KEEP_WORK=1 keeps the manifests and the agent's log of each size.
+            if std::env::var_os("ENFORCE_KEEP_WORK").is_none() {
+                let _ = std::fs::remove_dir_all(&work_dir);
+            }
             let results = run?;
             let mut costs = Vec::new();
             if compile_changes > 0 {
@@ -229,7 +267,10 @@ The server is isolated by a deny-all ingress policy. A probe in the client pod s
 a change is timestamped just before its file is renamed into (or unlinked from) the directory. Latency = flip − write, so it includes inotify, parsing, debounce (5 ms default), compile, diff, \
 the nft commit and up to ~1 ms of probe granularity. Changes: policy create/delete (grant/revoke), the client's label added/removed (the policy selects it), the client pod created/deleted \
 (a remote pod entering/leaving a peer set). Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
-its CPU figures are the agent's /proc utime+stime over the scenario's wall time. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}\n## Charts\n{chart_md}",
+its CPU figures are the agent's /proc utime+stime over the scenario's wall time. \
+Established-flow revocation: a policy `allow-stream` admits the client on port 7002; a stream in the client pod connects (a 1 ms attempt every 1 ms while blocked), then sends one byte per ms on that one \
+connection and waits for its echo (a thread per connection in the server pod). Grant = policy written → stream connected; revoke = policy file removed → send time of the first message whose echo \
+did not come within 100 ms (the agent must delete the flow's conntrack entry: the policy alone leaves an established flow alone). A flow not cut within 5 s counts as not cut. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}\n## Charts\n{chart_md}",
                 enforce::markdown(&results, &costs)
             );
             let md_path = out.join(format!("{stem}.md"));

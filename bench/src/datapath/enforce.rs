@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 
 /// Port the probe targets on the server pod.
 pub const PROBE_PORT: u16 = 7000;
+/// Port of the long-lived TCP flow whose revocation is measured (an echo server per connection).
+pub const STREAM_PORT: u16 = 7002;
+/// How long the stream waits for one echo before it counts the message as failed.
+pub const STREAM_REPLY_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long one flip may take before the trial counts as failed.
 pub const FLIP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Node the agent runs as (the server's node).
@@ -70,6 +74,91 @@ pub fn probe_loop(
             next = now;
         }
     }
+}
+
+/// The measured established flow, client side: connects (a 1 ms attempt every `interval` while
+/// blocked), then sends one byte every `interval` on that one connection and waits for its echo.
+/// Prints `<mono_ns> open` when connected, `<mono_ns> blocked` with the send time of the first
+/// message whose echo did not come within `reply_timeout` (then drops the connection and reconnects).
+pub fn stream_loop(
+    target: std::net::SocketAddr,
+    interval: Duration,
+    reply_timeout: Duration,
+    duration: Duration,
+) {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let stdout = std::io::stdout();
+    let say = |ns: u64, open: bool| {
+        let mut out = stdout.lock();
+        let _ = writeln!(out, "{ns} {}", if open { "open" } else { "blocked" });
+        let _ = out.flush();
+    };
+    let mut said_blocked = false;
+    let mut next = Instant::now();
+    let pace = |next: &mut Instant| {
+        *next += interval;
+        let now = Instant::now();
+        if *next > now {
+            std::thread::sleep(*next - now);
+        } else {
+            *next = now;
+        }
+    };
+    while start.elapsed() < duration {
+        let sent = mono_ns();
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&target, interval) else {
+            if !said_blocked {
+                say(sent, false);
+                said_blocked = true;
+            }
+            pace(&mut next);
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(reply_timeout));
+        say(sent, true);
+        said_blocked = false;
+        let mut buf = [0u8; 1];
+        while start.elapsed() < duration {
+            let sent = mono_ns();
+            let ok = s.write_all(b"m").is_ok() && matches!(s.read(&mut buf), Ok(1));
+            if !ok {
+                say(sent, false);
+                said_blocked = true;
+                break;
+            }
+            pace(&mut next);
+        }
+    }
+}
+
+/// The measured flow's server: echoes every byte, a thread per connection; a connection silent for
+/// 5 s is dropped (a cut flow never closes cleanly).
+pub fn stream_serve(ip: &str, port: u16, duration: Duration) -> Result<()> {
+    use std::io::{Read, Write};
+    let listener =
+        std::net::TcpListener::bind((ip, port)).map_err(io_err(format!("binding {ip}:{port}")))?;
+    println!("ready");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let deadline = Instant::now() + duration;
+    for conn in listener.incoming() {
+        if Instant::now() > deadline {
+            break;
+        }
+        let Ok(mut s) = conn else { continue };
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
 }
 
 /// CPU seconds (user + system) and memory of a process, from /proc.
@@ -160,6 +249,16 @@ fn allow_policy(name: &str, from: Value) -> Value {
     })
 }
 
+/// A policy on the server admitting the client on the stream port (the measured established flow).
+fn allow_stream_policy() -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "allow-stream", "namespace": "bench"},
+        "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"protocol": "TCP", "port": STREAM_PORT}]}]}
+    })
+}
+
 /// The server's default deny (always present): the server is ingress-isolated.
 fn server_deny() -> Value {
     json!({
@@ -174,6 +273,7 @@ const F_DENY: &str = "05-server-deny.json";
 const F_CLIENT: &str = "10-client.json";
 const F_ALLOW: &str = "60-allow.json";
 const F_ALLOW_LABEL: &str = "61-allow-access.json";
+const F_ALLOW_STREAM: &str = "62-allow-stream.json";
 
 /// The changes measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,11 +398,25 @@ struct Probe {
 impl Probe {
     fn start(lab: &Lab, exe: &str) -> Result<Probe> {
         let target = format!("{SERVER_IP}:{PROBE_PORT}");
-        let mut guard = ChildGuard::spawn_in(
-            &lab.client,
+        Self::spawn(
+            lab,
             exe,
             &["probe-loop", "--target", &target, "--secs", "7200"],
-        )?;
+        )
+    }
+
+    /// The established flow (`stream-loop`): `open` while its connection echoes.
+    fn stream(lab: &Lab, exe: &str) -> Result<Probe> {
+        let target = format!("{SERVER_IP}:{STREAM_PORT}");
+        Self::spawn(
+            lab,
+            exe,
+            &["stream-loop", "--target", &target, "--secs", "7200"],
+        )
+    }
+
+    fn spawn(lab: &Lab, exe: &str, args: &[&str]) -> Result<Probe> {
+        let mut guard = ChildGuard::spawn_in(&lab.client, exe, args)?;
         let stdout = guard
             .child_mut()
             .and_then(|c| c.stdout.take())
@@ -367,6 +481,83 @@ impl Probe {
             .wait_for(open, FLIP_TIMEOUT)
             .map(|t| (t.saturating_sub(t0)) as f64 / 1e6))
     }
+}
+
+/// Revocation of an established TCP flow at one size and churn rate, in milliseconds: grant = allow
+/// policy written → the stream connects; revoke = policy removed → send time of the first message
+/// of the (still open) connection whose echo never came.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevocationResult {
+    pub pods: usize,
+    pub policies: usize,
+    pub churn_per_second: u32,
+    pub grant_ms: Vec<f64>,
+    pub revoke_ms: Vec<f64>,
+    /// Trials whose flow was not cut (or not granted) within [`FLIP_TIMEOUT`].
+    pub failures: usize,
+}
+
+/// Measures [`RevocationResult`]: `trials` times, the allow-stream policy is written, the stream
+/// connects and runs for 20-50 ms, then the policy is removed and the stream must fail.
+fn established_flow(
+    lab: &Lab,
+    exe: &str,
+    dir: &Path,
+    (pods, policies, churn): (usize, usize, u32),
+    trials: usize,
+    seed: u64,
+) -> Result<RevocationResult> {
+    // The client pod exists (the allow-stream peer), no other allow policy.
+    Scenario::Policy.setup(dir)?;
+    let _ = std::fs::remove_file(dir.join(F_ALLOW_STREAM));
+    let mut stream = Probe::stream(lab, exe)?;
+    if stream.wait_for(false, Duration::from_secs(10)).is_none() {
+        return Err(Error::Invalid(
+            "the established-flow stream connects without its allow policy".into(),
+        ));
+    }
+    let mut res = RevocationResult {
+        pods,
+        policies,
+        churn_per_second: churn,
+        grant_ms: Vec::new(),
+        revoke_ms: Vec::new(),
+        failures: 0,
+    };
+    let mut rng = Rng::new(seed);
+    for _ in 0..trials {
+        match stream.measure(true, || {
+            write_manifest(dir, F_ALLOW_STREAM, &allow_stream_policy())
+        })? {
+            Some(ms) => res.grant_ms.push(ms),
+            None => {
+                res.failures += 1;
+                let _ = std::fs::remove_file(dir.join(F_ALLOW_STREAM));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20 + rng.below(30)));
+        match stream.measure(false, || remove_manifest(dir, F_ALLOW_STREAM))? {
+            Some(ms) => res.revoke_ms.push(ms),
+            None => {
+                // The flow outlived its deny: count it, start a fresh stream (blocked).
+                res.failures += 1;
+                tracing::warn!(
+                    pods,
+                    churn,
+                    "an established flow was not cut within the timeout"
+                );
+                stream = Probe::stream(lab, exe)?;
+                let _ = stream.wait_for(false, Duration::from_secs(10));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10 + rng.below(20)));
+        if res.failures > 5 {
+            break;
+        }
+    }
+    Ok(res)
 }
 
 /// Background churn: every 1/rate seconds, one random background pod gets another `role` label
@@ -526,6 +717,9 @@ pub type AgentMetrics = Vec<(usize, String)>;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunResults {
     pub scenarios: Vec<ScenarioResult>,
+    /// Revocation of an established TCP flow, per size and churn rate.
+    #[serde(default)]
+    pub revocations: Vec<RevocationResult>,
     pub churn: Vec<ChurnResult>,
     pub metrics: AgentMetrics,
     /// Seconds from agent start to its conflist (first sync committed), by pod count.
@@ -564,6 +758,30 @@ pub fn run(cfg: &Config) -> Result<RunResults> {
             .map_err(io_err("reading the server's ready line"))?;
         s
     };
+    let _stream_server = {
+        let mut s = ChildGuard::spawn_in(
+            &lab.server,
+            &exe,
+            &[
+                "stream-serve",
+                "--ip",
+                SERVER_IP,
+                "--port",
+                &STREAM_PORT.to_string(),
+                "--secs",
+                "7200",
+            ],
+        )?;
+        let out = s
+            .child_mut()
+            .and_then(|c| c.stdout.take())
+            .ok_or_else(|| Error::Invalid("stream server stdout".into()))?;
+        let mut line = String::new();
+        BufReader::new(out)
+            .read_line(&mut line)
+            .map_err(io_err("reading the stream server's ready line"))?;
+        s
+    };
     let mut all = RunResults::default();
     for (i, &pods) in cfg.pods.iter().enumerate() {
         let policies = (pods as f64 * cfg.policies_per_pod).round() as usize;
@@ -579,6 +797,7 @@ pub fn run(cfg: &Config) -> Result<RunResults> {
         match r {
             Ok(mut r) => {
                 all.scenarios.append(&mut r.scenarios);
+                all.revocations.append(&mut r.revocations);
                 all.churn.append(&mut r.churn);
                 all.metrics.append(&mut r.metrics);
                 all.first_sync_seconds.append(&mut r.first_sync_seconds);
@@ -587,6 +806,32 @@ pub fn run(cfg: &Config) -> Result<RunResults> {
         }
     }
     Ok(all)
+}
+
+/// The server pod's attachment record, as the plugin writes it on ADD: the source guard then admits
+/// what the server's veth sends from its own address.
+fn write_server_record(state: &Path) -> Result<()> {
+    let record = palisade_contract::Attachment {
+        container_id: super::topo::container_id("server"),
+        ifname: super::topo::POD_IFNAME.into(),
+        netns: String::new(),
+        host_veth: super::topo::host_veth("server"),
+        ips: vec![SERVER_IP
+            .parse()
+            .map_err(|e| Error::Invalid(format!("server address {SERVER_IP}: {e}")))?],
+        pod_namespace: Some(super::workload::BENCH_NS.into()),
+        pod_name: Some("server".into()),
+        pod_uid: None,
+        pending: false,
+    };
+    let dir = palisade_contract::attachments_dir(state);
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let path = palisade_contract::attachment_path(state, &record.container_id, &record.ifname);
+    let text = serde_json::to_vec(&record).map_err(|e| Error::Parse {
+        what: "attachment record".into(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(&path, text).map_err(|source| Error::Write { path, source })
 }
 
 fn run_size(
@@ -604,6 +849,7 @@ fn run_size(
     for d in [&manifests, &state, &conf, &ipam] {
         std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
     }
+    write_server_record(&state)?;
     let cluster = Cluster::generate_shape(Shape::for_pods(pods, policies), cfg.seed)?;
     // Everything but the measured client pod goes into one list; the client has its own file.
     let objects: Vec<Value> = k8s::objects(&cluster)
@@ -745,6 +991,36 @@ fn run_size(
             );
             results.push(res);
         }
+        let churner = Churn::start(&manifests, &cluster, churn, cfg.seed ^ u64::from(churn) ^ 1);
+        let trials = if churn == 0 {
+            cfg.trials
+        } else {
+            cfg.churn_trials
+        };
+        let rev = established_flow(
+            lab,
+            exe,
+            &manifests,
+            (cluster.pods.len(), policies, churn),
+            trials,
+            cfg.seed,
+        );
+        churner.finish();
+        let rev = rev?;
+        let (g50, g99, _) = ScenarioResult::summary(&rev.grant_ms);
+        let (r50, r99, rmax) = ScenarioResult::summary(&rev.revoke_ms);
+        tracing::info!(
+            pods,
+            churn,
+            g50,
+            g99,
+            r50,
+            r99,
+            rmax,
+            failures = rev.failures,
+            "established flow revocation done"
+        );
+        out.revocations.push(rev);
     }
     drop(probe);
     out.metrics
@@ -914,6 +1190,29 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
             r.pods, r.policies, r.churn_per_second, r.scenario.name(), r.grant_ms.len(), r.revoke_ms.len(), r.failures
         );
     }
+    if !run.revocations.is_empty() {
+        let _ = writeln!(o, "\n### Revocation of an established TCP flow (ms; one message per ms on one connection; revoke = allow policy removed → send time of the first message whose echo never came; grant = the same run's policy create → probe flip, and allow-stream written → stream connected)\n");
+        let _ = writeln!(o, "| pods | policies | churn/s | policy grant p50 | policy grant p99 | stream grant p50 | stream grant p99 | flow cut p50 | flow cut p99 | flow cut max | n | not cut / failed |");
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for v in &run.revocations {
+            let (pg50, pg99, _) = results
+                .iter()
+                .find(|r| {
+                    r.pods == v.pods
+                        && r.churn_per_second == v.churn_per_second
+                        && r.scenario == Scenario::Policy
+                })
+                .map(|r| ScenarioResult::summary(&r.grant_ms))
+                .unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+            let (g50, g99, _) = ScenarioResult::summary(&v.grant_ms);
+            let (r50, r99, rmax) = ScenarioResult::summary(&v.revoke_ms);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {pg50:.1} | {pg99:.1} | {g50:.1} | {g99:.1} | {r50:.1} | {r99:.1} | {rmax:.1} | {} | {} |",
+                v.pods, v.policies, v.churn_per_second, v.revoke_ms.len(), v.failures
+            );
+        }
+    }
     let _ = writeln!(o, "\n### Agent CPU and memory during each scenario\n");
     let _ = writeln!(o, "| pods | churn/s (writes) | change | wall s | agent CPU s | CPU share of one core | RSS MiB | peak RSS MiB |");
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
@@ -963,6 +1262,19 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
         let worst = g99.max(r99);
         let verdict = if worst < 100.0 { "met" } else { "NOT met" };
         let _ = writeln!(o, "- {} at {} pods: p99 grant {g99:.1} ms, revoke {r99:.1} ms; target p99 < 100 ms: **{verdict}**.", r.scenario.name(), r.pods);
+    }
+    for v in run
+        .revocations
+        .iter()
+        .filter(|v| v.churn_per_second == 0 && v.pods >= 10_000)
+    {
+        let (_, r99, _) = ScenarioResult::summary(&v.revoke_ms);
+        let verdict = if r99 <= 100.0 && v.failures == 0 {
+            "met"
+        } else {
+            "NOT met"
+        };
+        let _ = writeln!(o, "- Established TCP flow cut at {} pods: p99 {r99:.1} ms, {} not cut; target p99 ≤ 100 ms: **{verdict}**.", v.pods, v.failures);
     }
     for r in results.iter().filter(|r| r.churn_per_second == 0) {
         let (g50, g99, _) = ScenarioResult::summary(&r.grant_ms);

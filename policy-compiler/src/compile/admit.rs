@@ -310,7 +310,17 @@ mod tests {
             pod: pod.into(),
             policies: vec![pol.into()],
         };
-        let cases: Vec<(&str, &str, &str, Option<Protocol>, u16, bool, Admission)> = vec![
+        // (what, source, destination, protocol, port, from this node, expected)
+        type Case = (
+            &'static str,
+            &'static str,
+            &'static str,
+            Option<Protocol>,
+            u16,
+            bool,
+            Admission,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "allowed by pod peer and port",
                 "10.0.1.2",
