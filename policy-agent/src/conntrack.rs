@@ -821,6 +821,103 @@ mod tests {
         assert_eq!(seen(&e), Ok(flow("10.0.1.2", "10.0.1.1", None, 0)));
     }
 
+    /// Node n1 (192.168.0.1) with a/web (10.0.1.1, ingress denied to all) and a/cli (10.0.1.2).
+    fn deny_web() -> Compiled {
+        use palisade_policy::model::{
+            policy_from_k8s, Change, ClusterState, Labels, Namespace, Node, Pod, PodPhase,
+        };
+        let mut st = ClusterState::default();
+        st.apply(Change::UpsertNode(Node {
+            name: "n1".into(),
+            pod_cidrs: vec![],
+            internal_ips: vec![ip("192.168.0.1")],
+        }));
+        st.apply(Change::UpsertNamespace(Namespace::new(
+            "a",
+            Labels::default(),
+        )));
+        for (name, addr) in [("web", "10.0.1.1"), ("cli", "10.0.1.2")] {
+            st.apply(Change::UpsertPod(
+                Pod {
+                    namespace: "a".into(),
+                    name: name.into(),
+                    uid: name.into(),
+                    labels: [("app".to_string(), name.to_string())]
+                        .into_iter()
+                        .collect(),
+                    node_name: Some("n1".into()),
+                    ips: vec![ip(addr)],
+                    ports: vec![],
+                    host_network: false,
+                    phase: PodPhase::Running,
+                }
+                .into(),
+            ));
+        }
+        let np = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "a", "name": "deny-web"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
+        st.apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
+        palisade_policy::compile(&st, "n1")
+    }
+
+    /// Entry → what the hook saw → verdict, as a sweep does it.
+    fn verdict(c: &Compiled, e: &[ConntrackAttribute], from_this_node: bool) -> Option<Admission> {
+        let adm = Admitter::new(c);
+        match seen(e).unwrap() {
+            Seen::Judge(mut f) => {
+                if !adm.concerns(f.src) && !adm.concerns(f.dst) {
+                    return None;
+                }
+                f.from_this_node = from_this_node;
+                Some(adm.admit(&f))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn entries_map_to_the_verdict_of_the_rules_for_their_first_packet() {
+        let c = deny_web();
+        let denied = Some(Admission::Denied {
+            direction: palisade_policy::model::Direction::Ingress,
+            pod: "a/web".into(),
+            policies: vec!["a/deny-web".into()],
+        });
+        // cli -> web through a Service VIP: judged at the backend, denied.
+        let via_vip = entry(
+            tuple("10.0.1.2", "10.96.0.10", CtProto::Tcp, Some((40000, 443))),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((8443, 40000))),
+        );
+        assert_eq!(verdict(&c, &via_vip, false), denied);
+        // The same from this node (kubelet probe): exempt.
+        let probe = entry(
+            tuple("192.168.0.1", "10.0.1.1", CtProto::Tcp, Some((40000, 8443))),
+            tuple("10.0.1.1", "192.168.0.1", CtProto::Tcp, Some((8443, 40000))),
+        );
+        assert_eq!(verdict(&c, &probe, true), Some(Admission::Admitted));
+        // ICMP to web: no ports rule admits it.
+        let ping = entry(
+            tuple("10.0.1.2", "10.0.1.1", CtProto::Icmp, None),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Icmp, None),
+        );
+        assert_eq!(verdict(&c, &ping, false), denied);
+        // web's own egress (not isolated) and cli's traffic elsewhere: admitted.
+        let out = entry(
+            tuple("10.0.1.1", "8.8.8.8", CtProto::Udp, Some((40000, 53))),
+            tuple("8.8.8.8", "192.168.0.1", CtProto::Udp, Some((53, 61000))),
+        );
+        assert_eq!(verdict(&c, &out, false), Some(Admission::Admitted));
+        // Not a local address on either side: skipped before judging.
+        let transit = entry(
+            tuple("10.0.2.7", "8.8.8.8", CtProto::Tcp, Some((40000, 443))),
+            tuple("8.8.8.8", "10.0.2.7", CtProto::Tcp, Some((443, 40000))),
+        );
+        assert_eq!(verdict(&c, &transit, false), None);
+    }
+
     #[test]
     fn a_closed_tcp_connection_is_left_alone() {
         let mut e = entry(
