@@ -88,9 +88,11 @@ pub struct RunArgs {
     /// IPAM data directory written into the conflist (host-local layout).
     #[arg(long, env = "PALISADE_IPAM_DATA_DIR", default_value = palisade_contract::DEFAULT_IPAM_DATA_DIR)]
     pub ipam_data_dir: PathBuf,
-    /// Pod interface MTU written into the conflist.
-    #[arg(long, env = "PALISADE_MTU", default_value_t = 1500)]
-    pub mtu: u32,
+    /// Pod interface MTU written into the conflist. Default: the MTU of the link of our
+    /// InternalIP, less the VXLAN overhead (50 bytes over IPv4, 70 over IPv6) unless
+    /// `--encapsulation never`.
+    #[arg(long, env = "PALISADE_MTU")]
+    pub mtu: Option<u32>,
     /// Let the plugin wire pods when our table is missing (written into the conflist). Default: fail closed.
     #[arg(long, env = "PALISADE_FAIL_OPEN")]
     pub fail_open: bool,
@@ -108,6 +110,11 @@ pub struct RunArgs {
     /// Do not install routes to other nodes' pod ranges (another component routes pod traffic).
     #[arg(long, env = "PALISADE_NO_ROUTES")]
     pub no_routes: bool,
+    /// When another node's pod range is reached through our VXLAN device instead of a route via
+    /// its InternalIP: `cross-subnet` (only nodes whose InternalIP is not on a directly connected
+    /// subnet), `always`, `never` (VNI 5259596, UDP port 4796; see ARCHITECTURE.md).
+    #[arg(long, env = "PALISADE_ENCAPSULATION", value_enum, default_value_t = crate::overlay::Mode::CrossSubnet)]
+    pub encapsulation: crate::overlay::Mode,
     /// Do not watch our table for changes by other processes (they are then undone at resync only):
     /// for tracking down a restore loop, and for tests that need a table changed behind our back.
     #[arg(long, env = "PALISADE_NO_DRIFT_WATCH")]

@@ -104,6 +104,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         cni_conf_dir: args.cni_conf_dir.clone(),
         ipam_data_dir: args.ipam_data_dir.clone(),
         mtu: args.mtu,
+        encapsulation: args.encapsulation,
         fail_open: args.fail_open,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         debounce: Duration::from_millis(args.debounce_ms),
@@ -113,8 +114,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         no_masquerade_cidrs: args.no_masquerade_cidrs.clone(),
         poll_attachments,
     };
-    let engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes)
+    let mut engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes)
         .with_snapshot_reader(tx.clone())?;
+    if !args.no_routes {
+        info!(
+            mode = args.encapsulation.label(),
+            vni = crate::overlay::VNI,
+            port = crate::overlay::PORT,
+            "encapsulation"
+        );
+        engine = engine.with_overlay(crate::overlay::Overlay::new()?);
+    }
     let engine_thread = std::thread::Builder::new()
         .name("reconcile".into())
         .spawn(move || engine.run(rx))
@@ -161,6 +171,16 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
         match Routes::new() {
             Ok(r) => match r.remove_all().await {
                 Ok(n) => info!(removed = n, "pod routes removed"),
+                Err(e) => errors.push(e.to_string()),
+            },
+            Err(e) => errors.push(e.to_string()),
+        }
+        match crate::overlay::Overlay::new() {
+            Ok(o) => match o.remove_all().await {
+                Ok(n) => info!(
+                    removed = n,
+                    "overlay devices removed (with their FDB and neighbour entries)"
+                ),
                 Err(e) => errors.push(e.to_string()),
             },
             Err(e) => errors.push(e.to_string()),

@@ -18,6 +18,7 @@ pub mod lock;
 pub mod metrics;
 pub mod nft;
 pub mod reconcile;
+pub mod overlay;
 pub mod routes;
 pub mod server;
 pub mod source;

@@ -52,7 +52,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
     pub ipam_data_dir: PathBuf,
-    pub mtu: u32,
+    /// `--mtu`; `None`: detected from our uplink (see `overlay::pod_mtu`).
+    pub mtu: Option<u32>,
+    /// `--encapsulation`: which other nodes are reached through our VXLAN device.
+    pub encapsulation: crate::overlay::Mode,
     pub fail_open: bool,
     pub resync: Duration,
     pub debounce: Duration,
@@ -91,6 +94,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
     routes: Option<Routes>,
+    /// The overlay edge (VXLAN devices, FDB, neighbours); `None` without routes.
+    overlay: Option<crate::overlay::Overlay>,
     state: ClusterState,
     synced: bool,
     /// The compiler holding the last committed ruleset; `None` before the first commit and after a
@@ -108,13 +113,13 @@ pub struct Engine {
     /// When to take the next snapshot of our table.
     snapshot_due: Option<Instant>,
     need_full: bool,
-    applied_routes: Option<BTreeSet<PodRoute>>,
+    applied_routes: Option<crate::overlay::Desired>,
     /// When routes are synced next on their own (a retry after a failure, or a check found them
     /// different). Route work never delays or fails a policy commit.
     route_due: Option<Instant>,
     /// The routes the last failed sync tried to reach: while they are still what we want, only
     /// `route_due` retries them (with `route_backoff`); a different want is tried at once.
-    route_attempted: Option<BTreeSet<PodRoute>>,
+    route_attempted: Option<crate::overlay::Desired>,
     route_backoff: Duration,
     /// The podCIDRs refused last time (logged when they change).
     refused: Vec<routes::Refused>,
@@ -157,6 +162,7 @@ impl Engine {
             metrics,
             rt,
             routes,
+            overlay: None,
             state: ClusterState::default(),
             synced: false,
             inc: None,
@@ -176,6 +182,33 @@ impl Engine {
             quiet_full: false,
             backoff: MIN_BACKOFF,
         }
+    }
+
+    /// Reach other nodes through the overlay edge (`--encapsulation`), in this namespace.
+    pub fn with_overlay(mut self, overlay: crate::overlay::Overlay) -> Self {
+        self.overlay = Some(overlay);
+        self
+    }
+
+    /// What routes, devices and peers the Nodes call for: `routes` (validated, via InternalIPs)
+    /// split into direct and overlay ones by `--encapsulation` and our links.
+    fn route_want(&self, routes: &BTreeSet<PodRoute>) -> Result<crate::overlay::Desired> {
+        let mode = if self.overlay.is_some() {
+            self.cfg.encapsulation
+        } else {
+            crate::overlay::Mode::Never
+        };
+        let local = match &self.overlay {
+            Some(o) if mode != crate::overlay::Mode::Never => self.rt.block_on(o.local())?,
+            _ => crate::overlay::Local::default(),
+        };
+        Ok(crate::overlay::plan(
+            routes,
+            &self.state.nodes,
+            &self.cfg.node_name,
+            mode,
+            &local,
+        ))
     }
 
     /// Takes post-commit snapshots on a thread of their own with its own nft context, answering on
@@ -629,18 +662,42 @@ impl Engine {
             self.metrics.refused_pod_cidrs(by_reason);
             self.refused = plan.refused;
         }
-        let want = plan.routes;
+        let want = match self.route_want(&plan.routes) {
+            Ok(w) => w,
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, retry_in = ?self.route_backoff, "cannot read our links and addresses to place routes; retrying on the routes' own schedule");
+                self.applied_routes = None;
+                self.route_due = Some(Instant::now() + self.route_backoff);
+                self.route_backoff = (self.route_backoff * 2).min(MAX_BACKOFF);
+                return;
+            }
+        };
         if self.applied_routes.as_ref() == Some(&want) {
             return;
         }
         if !retry && self.route_due.is_some() && self.route_attempted.as_ref() == Some(&want) {
             return; // failed before; its retry is scheduled
         }
-        for w in plan.warnings {
+        for w in plan.warnings.iter().chain(&want.warnings) {
             warn!("{w}");
         }
-        let failed = match self.rt.block_on(r.sync(&want)) {
-            Ok(changes) => {
+        let failed = match self.rt.block_on(crate::overlay::converge(
+            r,
+            self.overlay.as_ref(),
+            &want,
+        )) {
+            Ok(converged) => {
+                for d in &converged.overlay.done {
+                    info!("{d}");
+                }
+                for e in &converged.overlay.failed {
+                    self.metrics.error(e.kind());
+                    warn!(error = %e, retry_in = ?self.route_backoff,
+                        "cannot converge the overlay; retrying on the routes' own schedule, policies are not held up");
+                }
+                let overlay_failed = converged.overlay.failed.len();
+                let changes = converged.routes;
                 for a in &changes.added {
                     info!(destination = %a.destination, via = %a.via, "pod route added");
                 }
@@ -652,7 +709,7 @@ impl Engine {
                     warn!(destination = %f.destination, via = %f.via, error = %e, retry_in = ?self.route_backoff,
                         "cannot change pod route (is the node's InternalIP on a directly connected link?); other routes and policies are not held up");
                 }
-                changes.failed.len()
+                changes.failed.len() + overlay_failed
             }
             Err(e) => {
                 self.metrics.error(e.kind());
@@ -690,9 +747,25 @@ impl Engine {
             }
             return Ok(());
         }
+        let overlay =
+            self.overlay.is_some() && self.cfg.encapsulation != crate::overlay::Mode::Never;
+        let local = match (&self.overlay, self.cfg.mtu) {
+            (Some(o), None) => self.rt.block_on(o.local()).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read our links to detect the uplink MTU; assuming 1500 (set --mtu)");
+                crate::overlay::Local::default()
+            }),
+            _ => crate::overlay::Local::default(),
+        };
+        let mtu = crate::overlay::pod_mtu(self.cfg.mtu, overlay, me, &local);
+        if self.cfg.mtu.is_none() {
+            info!(
+                mtu,
+                overlay, "pod MTU derived from the link of our InternalIP (--mtu overrides)"
+            );
+        }
         let params = cniconf::ConflistParams {
             pod_cidrs: me.pod_cidrs.clone(),
-            mtu: self.cfg.mtu,
+            mtu,
             state_dir: self.cfg.state_dir.clone(),
             ipam_data_dir: self.cfg.ipam_data_dir.clone(),
             fail_open: self.cfg.fail_open,
@@ -712,18 +785,31 @@ impl Engine {
 /// the routes' own schedule: a failing route keeps its backoff). Never asks for a reconcile: false.
 fn true_if_routes_differ(e: &mut Engine) -> bool {
     let Some(r) = &e.routes else { return false };
-    let want =
+    let routes =
         routes::desired_routes(&e.state.nodes, &e.cfg.node_name, &e.cfg.cluster_cidrs).routes;
-    match e.rt.block_on(r.ours()) {
-        Ok(have) if have == want => {
+    let want = match e.route_want(&routes) {
+        Ok(w) => w,
+        Err(err) => {
+            warn!(error = %err, "cannot read our links and addresses");
+            e.route_due.get_or_insert_with(Instant::now);
+            return false;
+        }
+    };
+    let overlay_differs = match &e.overlay {
+        Some(o) => e.rt.block_on(o.differs(&want)),
+        None => Ok(false),
+    };
+    let have = e.rt.block_on(r.ours());
+    match (have, overlay_differs) {
+        (Ok(have), Ok(false)) if have == want.routes => {
             e.applied_routes = Some(want);
         }
-        Ok(_) => {
-            warn!("pod routes differ from the cluster's Nodes; converging");
+        (Ok(_), Ok(_)) => {
+            warn!("pod routes or overlay entries differ from the cluster's Nodes; converging");
             e.route_due.get_or_insert_with(Instant::now);
         }
-        Err(err) => {
-            warn!(error = %err, "cannot list our routes");
+        (Err(err), _) | (_, Err(err)) => {
+            warn!(error = %err, "cannot list our routes or overlay entries");
             e.route_due.get_or_insert_with(Instant::now);
         }
     }

@@ -6,7 +6,7 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use palisade_policy::model::Node;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
@@ -22,6 +22,9 @@ pub const ROUTE_PROTOCOL: u8 = 140;
 pub struct PodRoute {
     pub destination: IpNet,
     pub via: IpAddr,
+    /// Through our overlay device of the family (`onlink`, via the other node's VTEP address; see
+    /// `overlay`), not via its InternalIP.
+    pub overlay: bool,
 }
 
 /// Shortest IPv4 podCIDR prefix we route. A node's range holds its pods (kubelet's max-pods is 110 by
@@ -260,6 +263,7 @@ pub fn desired_routes(
                 plan.routes.insert(PodRoute {
                     destination: *cidr,
                     via: *via,
+                    overlay: false,
                 });
             }
             None => plan.warnings.push(format!(
@@ -331,6 +335,16 @@ impl Routes {
     /// Every route is tried; failures are collected in [`RouteChanges::failed`]. Errs only when our
     /// routes cannot be listed.
     pub async fn sync(&self, want: &BTreeSet<PodRoute>) -> Result<RouteChanges> {
+        self.sync_with(want, &BTreeMap::new()).await
+    }
+
+    /// [`Routes::sync`], with the overlay device index per family (true: IPv4) for the overlay
+    /// routes; an overlay route whose device is missing fails (and is retried).
+    pub async fn sync_with(
+        &self,
+        want: &BTreeSet<PodRoute>,
+        devices: &BTreeMap<bool, u32>,
+    ) -> Result<RouteChanges> {
         let have = self.ours_listed().await?;
         let mut changes = RouteChanges::default();
         for (r, msg) in have.iter().filter(|(r, _)| !want.contains(*r)) {
@@ -340,7 +354,7 @@ impl Routes {
             }
         }
         for r in want.iter().filter(|r| !have.contains_key(*r)) {
-            let msg = match message(r) {
+            let msg = match message(r, devices) {
                 Ok(m) => m,
                 Err(e) => {
                     changes.failed.push((r.clone(), e));
@@ -396,14 +410,26 @@ fn bad<E: std::fmt::Display>(e: E) -> Error {
     }
 }
 
-fn message(r: &PodRoute) -> Result<RouteMessage> {
-    Ok(RouteMessageBuilder::<IpAddr>::new()
+fn message(r: &PodRoute, devices: &BTreeMap<bool, u32>) -> Result<RouteMessage> {
+    let b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(r.destination.addr(), r.destination.prefix_len())
         .map_err(bad)?
         .gateway(r.via)
         .map_err(bad)?
-        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-        .build())
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+    if !r.overlay {
+        return Ok(b.build());
+    }
+    let dev = devices
+        .get(&r.destination.addr().is_ipv4())
+        .ok_or_else(|| Error::Netlink {
+            action: "build route",
+            message: format!(
+                "overlay route to {}: our overlay device of that family is missing (see the overlay errors above)",
+                r.destination
+            ),
+        })?;
+    Ok(b.output_interface(*dev).onlink().build())
 }
 
 fn parse_ours(r: &RouteMessage) -> Option<PodRoute> {
@@ -440,6 +466,7 @@ fn parse_ours(r: &RouteMessage) -> Option<PodRoute> {
     Some(PodRoute {
         destination,
         via: via.unwrap_or(unspecified),
+        overlay: r.header.flags.contains(RouteFlags::Onlink),
     })
 }
 

@@ -841,7 +841,19 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
         "nodes.yaml",
         &format!("{}{nodes}", namespace_yaml("ns")),
     );
-    let agent = Agent::start(&n1, NODE, &d, &["--cluster-cidr", "10.244.0.0/16"]);
+    // `never`: "far" must stay a direct route that cannot be added (with the default
+    // cross-subnet mode it would go through the overlay; see overlay_netns).
+    let agent = Agent::start(
+        &n1,
+        NODE,
+        &d,
+        &[
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--encapsulation",
+            "never",
+        ],
+    );
     assert!(
         agent.wait_ready(&n1, Duration::from_secs(10)),
         "agent never became ready"
