@@ -141,11 +141,12 @@ pub fn stream_serve(ip: &str, port: u16, duration: Duration) -> Result<()> {
         std::net::TcpListener::bind((ip, port)).map_err(io_err(format!("binding {ip}:{port}")))?;
     println!("ready");
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    let deadline = Instant::now() + duration;
+    // `accept` blocks: the process ends at the deadline whatever its connections do.
+    std::thread::spawn(move || {
+        std::thread::sleep(duration);
+        std::process::exit(0);
+    });
     for conn in listener.incoming() {
-        if Instant::now() > deadline {
-            break;
-        }
         let Ok(mut s) = conn else { continue };
         std::thread::spawn(move || {
             let _ = s.set_nodelay(true);
