@@ -272,6 +272,9 @@ pub struct LabState {
     pub pods: BTreeMap<String, PodState>,
     pub external: Option<ExternalState>,
     pub counter: u64,
+    /// Recorded so `status` and tests know it; absent in older state files: flat.
+    #[serde(default)]
+    pub topology: Topology,
 }
 
 impl LabState {
@@ -306,6 +309,8 @@ pub struct LabOptions {
     pub bins: Bins,
     /// Also build an external network (a namespace with a server) behind node 1.
     pub external: bool,
+    /// How the nodes' underlay is laid out.
+    pub topology: Topology,
 }
 
 impl LabOptions {
@@ -316,6 +321,7 @@ impl LabOptions {
             run_root: PathBuf::from(RUN_ROOT),
             bins: Bins::from_env(),
             external: false,
+            topology: Topology::Flat,
         }
     }
 }
@@ -392,6 +398,7 @@ impl Lab {
             pods: BTreeMap::new(),
             external: None,
             counter: 0,
+            topology: opts.topology,
         };
         state.save()?;
         signals::register(&run_dir);
@@ -449,6 +456,10 @@ impl Lab {
         cmd_ip(&["-n", &ul, "link", "set", UNDERLAY_BRIDGE, "up"])?;
         for i in 1..=opts.nodes {
             self.add_node(&ul, i)?;
+        }
+        self.count_encapsulation(&ul)?;
+        if opts.topology == Topology::Routed {
+            self.route_underlay(&ul, opts)?;
         }
         if opts.external {
             self.add_external()?;
@@ -1963,5 +1974,190 @@ mod nft_json_tests {
         assert!(map_has_element(&v, "ingress_v4", "10.244.1.3"));
         assert!(!map_has_element(&v, "egress_v4", "10.244.1.3"));
         assert!(!map_has_element(&v, "ingress_v4", "10.244.1.30"));
+    }
+}
+
+/// How the nodes' underlay is laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// One L2 segment: every node's address is on-link (172.31.0.0/24, fd00:172:31::/64).
+    #[default]
+    Flat,
+    /// Two L2 segments (odd nodes, even nodes) behind a router namespace (the underlay namespace),
+    /// each node with a /32 and /128 address and a route to the router, as cloud VMs often have:
+    /// no node's address is on-link to another's, and the router knows only node addresses (no pod
+    /// range), so cross-node pod traffic needs the overlay.
+    Routed,
+}
+
+impl std::fmt::Display for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Topology::Flat => "flat",
+            Topology::Routed => "routed",
+        })
+    }
+}
+
+impl std::str::FromStr for Topology {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "flat" => Ok(Topology::Flat),
+            "routed" => Ok(Topology::Routed),
+            _ => Err(format!("topology {s:?}: want flat or routed")),
+        }
+    }
+}
+
+/// UDP port of the agent's VXLAN devices (`palisade_agent::overlay::PORT`).
+pub const OVERLAY_UDP_PORT: u16 = 4796;
+/// Second underlay bridge (even nodes) of the routed topology.
+const UNDERLAY_BRIDGE_B: &str = "br1";
+/// The router's IPv4 address on each segment (a /32, reached `onlink`).
+const ROUTER_V4: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(172, 31, 255, 1),
+    Ipv4Addr::new(172, 31, 255, 2),
+];
+/// The router's IPv6 gateway on both segments (link-local).
+const ROUTER_V6: &str = "fe80::1";
+/// Counters of UDP to [`OVERLAY_UDP_PORT`] in the underlay namespace: `routed` (forwarded between
+/// segments) and `bridged` (within one segment).
+const COUNT_TABLE: &str = "pallab_count";
+
+impl Lab {
+    /// The underlay namespace (bridge, or router in the routed topology).
+    fn underlay_netns(&self) -> String {
+        format!("pl-{}-ul", self.state.name)
+    }
+
+    /// Counts UDP to the overlay port crossing the underlay, routed or bridged.
+    fn count_encapsulation(&mut self, ul: &str) -> Result<()> {
+        let script = format!(
+            "table inet {COUNT_TABLE} {{\n chain routed {{ type filter hook forward priority 0; udp dport {OVERLAY_UDP_PORT} counter; }}\n}}\ntable bridge {COUNT_TABLE} {{\n chain bridged {{ type filter hook forward priority 0; udp dport {OVERLAY_UDP_PORT} counter; }}\n}}\n"
+        );
+        netns::nft(ul, &script)
+    }
+
+    /// Packets to the overlay's UDP port the underlay has carried so far (both counters).
+    pub fn encapsulated_packets(&self) -> Result<u64> {
+        let ul = self.underlay_netns();
+        let mut total = 0;
+        for family in ["inet", "bridge"] {
+            let out = cmd_ip(&[
+                "netns",
+                "exec",
+                &ul,
+                "nft",
+                "list",
+                "table",
+                family,
+                COUNT_TABLE,
+            ])?;
+            for part in out.split("packets ").skip(1) {
+                total += part
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Turns the flat underlay built by `add_node` into the routed one: even nodes move to a second
+    /// bridge, every node's address becomes a /32 (/128) with a route to the router, and the
+    /// underlay namespace routes between the segments (node addresses only).
+    fn route_underlay(&mut self, ul: &str, opts: &LabOptions) -> Result<()> {
+        if opts.external {
+            return Err(LabError::Invalid(
+                "--external is not available with --topology routed yet".into(),
+            ));
+        }
+        cmd_ip(&["-n", ul, "link", "add", UNDERLAY_BRIDGE_B, "type", "bridge"])?;
+        cmd_ip(&["-n", ul, "link", "set", UNDERLAY_BRIDGE_B, "up"])?;
+        netns::sysctl(
+            ul,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        for (seg, bridge) in [UNDERLAY_BRIDGE, UNDERLAY_BRIDGE_B].iter().enumerate() {
+            cmd_ip(&[
+                "-n",
+                ul,
+                "addr",
+                "add",
+                &format!("{}/32", ROUTER_V4[seg]),
+                "dev",
+                bridge,
+            ])?;
+            cmd_ip(&[
+                "-n",
+                ul,
+                "addr",
+                "add",
+                &format!("{ROUTER_V6}/64"),
+                "dev",
+                bridge,
+                "nodad",
+            ])?;
+        }
+        for node in self.state.nodes.clone() {
+            let i = node.index;
+            let seg = (i + 1) % 2;
+            let bridge = [UNDERLAY_BRIDGE, UNDERLAY_BRIDGE_B][seg];
+            if seg == 1 {
+                cmd_ip(&["-n", ul, "link", "set", &format!("n{i}"), "master", bridge])?;
+            }
+            let (v4, v6) = (node_underlay_v4(i), node_underlay_v6(i));
+            let ns = node.netns.as_str();
+            for (old, new, v6opt) in [
+                (format!("{v4}/24"), format!("{v4}/32"), false),
+                (format!("{v6}/64"), format!("{v6}/128"), true),
+            ] {
+                cmd_ip(&["-n", ns, "addr", "del", &old, "dev", NODE_UPLINK])?;
+                let mut add = vec!["-n", ns, "addr", "add", &new, "dev", NODE_UPLINK];
+                if v6opt {
+                    add.push("nodad");
+                }
+                cmd_ip(&add)?;
+            }
+            cmd_ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "172.31.0.0/16",
+                "via",
+                &ROUTER_V4[seg].to_string(),
+                "dev",
+                NODE_UPLINK,
+                "onlink",
+            ])?;
+            cmd_ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                "fd00:172:31::/48",
+                "via",
+                ROUTER_V6,
+                "dev",
+                NODE_UPLINK,
+            ])?;
+            cmd_ip(&["-n", ul, "route", "add", &format!("{v4}/32"), "dev", bridge])?;
+            cmd_ip(&[
+                "-n",
+                ul,
+                "-6",
+                "route",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                bridge,
+            ])?;
+        }
+        Ok(())
     }
 }

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 mod cluster_pods;
 #[path = "conformance/forged.rs"]
 mod forged;
+#[path = "conformance/overlay.rs"]
+mod overlay;
 
 type TestResult = Result<(), String>;
 type LabTest = fn(&mut Lab) -> TestResult;
@@ -441,7 +443,11 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::extra_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "extra"));
     }
-    let named: [(&str, LabTest); 10] = [
+    let named: [(&str, LabTest); 11] = [
+        (
+            "extra::same_subnet_pod_traffic_is_not_encapsulated",
+            overlay::same_subnet_pod_traffic_is_not_encapsulated,
+        ),
         (
             "extra::forged_sources_are_dropped_at_the_pods_veth",
             forged::forged_sources_are_dropped_at_the_pods_veth,

@@ -38,6 +38,10 @@ enum Command {
         /// Also put an external network (192.168.77.2, fd00:192:168:77::2) behind node1.
         #[arg(long)]
         external: bool,
+        /// `flat`: one L2 segment. `routed`: nodes on two segments behind a router, no node address
+        /// on-link to another's, so cross-node pod traffic goes through the agents' VXLAN overlay.
+        #[arg(long, default_value = "flat")]
+        topology: lab::Topology,
     },
     /// Apply objects to a running lab (`kubectl apply -f`).
     Apply {
@@ -116,11 +120,13 @@ fn run(cli: Cli) -> Result<(), LabError> {
             path,
             nodes,
             external,
+            topology,
         } => {
             let objects = k8s::read_path(path)?;
             let mut o = opts();
             o.nodes = *nodes;
             o.external = *external;
+            o.topology = *topology;
             let mut lab = Lab::up(&o)?;
             lab.apply(objects)?;
             lab.wait_pods_ready(Duration::from_secs(20))?;
@@ -230,6 +236,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
         }
         Command::Status => {
             let lab = Lab::open(&cli.run_root, &cli.name)?;
+            println!("Topology: {}", lab.state().topology);
             print!("{}", demo::describe_lab(&lab));
             let parked = lab.pods_without_sandbox()?;
             if !parked.is_empty() {
