@@ -334,6 +334,7 @@ struct Have {
     port: Option<u16>,
     local: Option<IpAddr>,
     learning: Option<bool>,
+    udp_csum: Option<bool>,
     mac: Vec<u8>,
     mtu: Option<u32>,
     up: bool,
@@ -347,6 +348,7 @@ fn parse_link(m: &LinkMessage) -> Have {
         port: None,
         local: None,
         learning: None,
+        udp_csum: None,
         mac: Vec::new(),
         mtu: None,
         up: m.header.flags.contains(LinkFlags::Up),
@@ -367,6 +369,7 @@ fn parse_link(m: &LinkMessage) -> Have {
                                     InfoVxlan::Local(a) => h.local = Some(IpAddr::V4(*a)),
                                     InfoVxlan::Local6(a) => h.local = Some(IpAddr::V6(*a)),
                                     InfoVxlan::Learning(l) => h.learning = Some(*l),
+                                    InfoVxlan::UDPCsum(c) => h.udp_csum = Some(*c),
                                     _ => {}
                                 }
                             }
@@ -526,8 +529,11 @@ impl Overlay {
             .mtu(d.mtu)
             .address(d.mac.to_vec())
             .up();
+        // IPv4: outer UDP checksum zero, as RFC 7348 says it SHOULD be (the inner packet carries
+        // its own checksums); computing it cost ~10 % of overlay throughput in the datapath bench.
+        // IPv6 requires a UDP checksum (RFC 8200), which the kernel computes by default.
         let b = match d.local {
-            IpAddr::V4(a) => b.local(a),
+            IpAddr::V4(a) => b.local(a).udp_csum(false),
             IpAddr::V6(a) => b.local6(a),
         };
         self.handle
@@ -550,7 +556,8 @@ impl Overlay {
                 && h.id == Some(VNI)
                 && h.port == Some(PORT)
                 && h.local == Some(d.local)
-                && h.learning == Some(false);
+                && h.learning == Some(false)
+                && (!d.v4() || h.udp_csum == Some(false));
             if same {
                 if h.mac != d.mac || h.mtu != Some(d.mtu) || !h.up {
                     let m = LinkUnspec::new_with_index(h.index)
@@ -765,6 +772,7 @@ impl Overlay {
                 && h.id == Some(VNI)
                 && h.port == Some(PORT)
                 && h.local == Some(d.local)
+                && (!d.v4() || h.udp_csum == Some(false))
                 && h.mac == d.mac
                 && h.mtu == Some(d.mtu)
                 && h.up)

@@ -145,6 +145,7 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
         "local 172.31.1.1",
         "dstport 4796",
         "nolearning",
+        "noudpcsum",
         "0e:70:ac:1f:01:01",
     ] {
         assert!(dev.contains(want), "device lacks {want:?}: {dev}");

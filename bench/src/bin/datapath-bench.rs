@@ -57,6 +57,11 @@ enum Command {
         /// `<policies>-node-2.nft` (see `export-manifests`); default: palisade-policy compiles them in process.
         #[arg(long)]
         palisade_from: Option<PathBuf>,
+        /// Underlays to measure every system on: `flat` (one link), `routed-direct` (two subnets
+        /// behind a router that routes the pod CIDRs), `overlay` (the same, pod traffic over the
+        /// agent's VXLAN devices); e.g. `--underlays routed-direct,overlay` for the overlay figure.
+        #[arg(long, value_delimiter = ',', default_value = "flat")]
+        underlays: Vec<String>,
     },
     /// Print one system's ruleset for one node of the synthetic cluster.
     Render {
@@ -197,7 +202,18 @@ fn real_main(cli: Cli) -> Result<()> {
             out,
             name,
             palisade_from,
+            underlays,
         } => {
+            let underlays = underlays
+                .iter()
+                .map(|u| {
+                    palisade_bench::datapath::topo::Underlay::parse(u).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "unknown underlay {u}: want flat, routed-direct or overlay"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let systems = systems
                 .iter()
                 .map(|s| {
@@ -231,6 +247,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 iperf_every,
                 exe,
                 palisade_override,
+                underlays,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();
@@ -255,7 +272,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 tracing::warn!(error = %e, "no charts (python3 with matplotlib needed: pip install matplotlib)");
                 Vec::new()
             });
-            let md = report::markdown(&samples, &command, &before, &after, &started, &charts);
+            let mut md = report::markdown(&samples, &command, &before, &after, &started, &charts);
+            md.push_str(&report::underlay_summary(&samples));
             let md_path = out.join(format!("{stem}.md"));
             std::fs::write(&md_path, md).map_err(|source| Error::Write {
                 path: md_path.clone(),

@@ -407,3 +407,85 @@ fn charts_with(script: &str, json: &Path) -> Result<Vec<String>> {
         .filter(|l| l.ends_with(".png"))
         .collect())
 }
+
+/// Median over (round, policies) of metric(a) / metric(b), both measured in the same round.
+fn paired_ratio(
+    samples: &[Sample],
+    metric: Metric,
+    a: &str,
+    b: &str,
+    policies: usize,
+) -> Option<(f64, usize)> {
+    let mut of_b: BTreeMap<usize, f64> = BTreeMap::new();
+    for s in valid(samples).filter(|s| s.system == b && s.policies == policies) {
+        if let Some(v) = metric(s) {
+            of_b.insert(s.round, v);
+        }
+    }
+    let ratios: Vec<f64> = valid(samples)
+        .filter(|s| s.system == a && s.policies == policies)
+        .filter_map(|s| Some(metric(s)? / of_b.get(&s.round).copied().filter(|r| *r > 0.0)?))
+        .collect();
+    Some((median(&ratios)?, ratios.len()))
+}
+
+/// The overlay figure, when the run measured the routed underlays: overlay against direct routes
+/// (same router, same round) with and without policy, and the policy's cost on each underlay.
+pub fn underlay_summary(samples: &[Sample]) -> String {
+    let has = |name: &str| samples.iter().any(|s| s.system == name);
+    if !(has("none+overlay") && has("none+routed-direct")) {
+        return String::new();
+    }
+    let mut policies: Vec<usize> = samples.iter().map(|s| s.policies).collect();
+    policies.sort_unstable();
+    policies.dedup();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### Overlay (VXLAN) against direct routes, routed topology\n\nMedian over rounds of per-round ratios (n = rounds with both samples).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| policies | metric | ratio | value |\n|---|---|---|---|"
+    );
+    let rows: [(&str, &str, &str, Metric); 10] = [
+        ("iperf3", "none+overlay", "none+routed-direct", iperf),
+        (
+            "iperf3",
+            "palisade+overlay",
+            "palisade+routed-direct",
+            iperf,
+        ),
+        (
+            "iperf3",
+            "palisade+routed-direct",
+            "none+routed-direct",
+            iperf,
+        ),
+        ("iperf3", "palisade+overlay", "none+overlay", iperf),
+        ("iperf3", "palisade", "none", iperf),
+        ("conn/s", "none+overlay", "none+routed-direct", crr_rate),
+        (
+            "conn/s",
+            "palisade+overlay",
+            "palisade+routed-direct",
+            crr_rate,
+        ),
+        (
+            "conn/s",
+            "palisade+routed-direct",
+            "none+routed-direct",
+            crr_rate,
+        ),
+        ("conn/s", "palisade+overlay", "none+overlay", crr_rate),
+        ("conn/s", "palisade", "none", crr_rate),
+    ];
+    for p in policies {
+        for (what, a, b, m) in rows {
+            if let Some((r, n)) = paired_ratio(samples, m, a, b, p) {
+                let _ = writeln!(out, "| {p} | {what} | {a} / {b} | ×{r:.3} (n={n}) |");
+            }
+        }
+    }
+    out
+}

@@ -5,7 +5,7 @@
 
 use super::cmd::{run_in, ChildGuard};
 use super::rulesets::{self, Rendered, System};
-use super::topo::{Lab, CLIENT_IP, SERVER_IP};
+use super::topo::{Lab, Underlay, CLIENT_IP, SERVER_IP};
 use super::traffic::{CrrResult, RrResult};
 use super::workload::Cluster;
 use crate::{Error, Result};
@@ -42,6 +42,9 @@ pub struct Config {
     /// Overrides the palisade ruleset (e.g. from `palisade-agent compile`): policy count ->
     /// (node-1 nft input, node-2 nft input).
     pub palisade_override: BTreeMap<usize, (String, String)>,
+    /// Underlays every system is measured on (a sample's system name carries the suffix,
+    /// `Underlay::suffix`).
+    pub underlays: Vec<Underlay>,
 }
 
 /// One measurement of one system at one policy count in one round.
@@ -106,6 +109,7 @@ fn exe_str(cfg: &Config) -> Result<String> {
 /// minutes to load).
 struct Loaded {
     system: System,
+    underlay: Underlay,
     lab: Lab,
     _server: Option<ChildGuard>,
     load_ms: f64,
@@ -115,8 +119,14 @@ struct Loaded {
     error: Option<String>,
 }
 
-fn load_one(p: usize, sys: System, prep: &Prepared, exe: &str) -> Result<Loaded> {
-    let lab = Lab::create()?;
+fn load_one(
+    p: usize,
+    sys: System,
+    underlay: Underlay,
+    prep: &Prepared,
+    exe: &str,
+) -> Result<Loaded> {
+    let lab = Lab::create_with(underlay)?;
     rulesets::load_base(&lab.node1)?;
     rulesets::load_base(&lab.node2)?;
     tracing::info!(policies = p, system = sys.name(), "loading");
@@ -129,6 +139,7 @@ fn load_one(p: usize, sys: System, prep: &Prepared, exe: &str) -> Result<Loaded>
     });
     let mut loaded = Loaded {
         system: sys,
+        underlay,
         lab,
         _server: None,
         load_ms: 0.0,
@@ -220,7 +231,9 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
         let mut labs = Vec::new();
         for &sys in &cfg.systems {
             if let Some(prep) = prepared.get(&(p, sys)) {
-                labs.push(load_one(p, sys, prep, &exe)?);
+                for &u in &cfg.underlays {
+                    labs.push(load_one(p, sys, u, prep, &exe)?);
+                }
             }
         }
         drop(prepared);
@@ -233,7 +246,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                 .map(|l| Sample {
                     round,
                     policies: p,
-                    system: l.system.name().to_string(),
+                    system: format!("{}{}", l.system.name(), l.underlay.suffix()),
                     rules: l.rules,
                     elements: l.elements,
                     load_ms: l.load_ms,

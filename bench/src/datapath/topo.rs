@@ -46,9 +46,68 @@ pub struct Lab {
     created: Vec<String>,
 }
 
+/// How the two nodes reach each other's pods (see [`Lab::create_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Underlay {
+    /// One link between the nodes, routes via the other node's address (the default bench lab).
+    Flat,
+    /// The nodes on two subnets behind a router namespace that routes the pod CIDRs too (as a
+    /// cloud route table would): direct routes, one routed hop.
+    RoutedDirect,
+    /// The same subnets and router, which knows node addresses only: pod traffic rides the agent's
+    /// VXLAN devices (`vxlan.palisade`, VNI 5259596, UDP 4796, configured as the agent does),
+    /// pods at MTU 1450 (what the agent writes into the conflist over a 1500 uplink).
+    RoutedOverlay,
+}
+
+impl Underlay {
+    pub fn parse(s: &str) -> Option<Underlay> {
+        match s {
+            "flat" => Some(Underlay::Flat),
+            "routed-direct" => Some(Underlay::RoutedDirect),
+            "overlay" => Some(Underlay::RoutedOverlay),
+            _ => None,
+        }
+    }
+
+    /// Appended to the system's name in samples (`palisade+overlay`); empty for the flat lab.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Underlay::Flat => "",
+            Underlay::RoutedDirect => "+routed-direct",
+            Underlay::RoutedOverlay => "+overlay",
+        }
+    }
+}
+
+/// Agent overlay settings the bench reproduces (policy-agent/src/overlay.rs).
+const OVERLAY_DEV: &str = "vxlan.palisade";
+const OVERLAY_VNI: &str = "5259596";
+const OVERLAY_PORT: &str = "4796";
+/// Node underlay addresses in the routed variants (two /24s, the router at .254 of each).
+const ROUTED_NODE: [&str; 2] = ["10.250.1.1", "10.250.2.2"];
+const ROUTED_GW: [&str; 2] = ["10.250.1.254", "10.250.2.254"];
+
+/// The agent's VTEP MAC of a node with IPv4 InternalIP `ip` (`0e:70:` + the address).
+fn vtep_mac(ip: &str) -> Result<String> {
+    let a: std::net::Ipv4Addr = ip
+        .parse()
+        .map_err(|e| Error::Invalid(format!("{ip}: {e}")))?;
+    let o = a.octets();
+    Ok(format!(
+        "0e:70:{:02x}:{:02x}:{:02x}:{:02x}",
+        o[0], o[1], o[2], o[3]
+    ))
+}
+
 impl Lab {
     /// Builds the topology. Names carry our pid and a counter, so parallel runs never collide.
     pub fn create() -> Result<Lab> {
+        Self::create_with(Underlay::Flat)
+    }
+
+    /// Builds the topology with the given underlay.
+    pub fn create_with(underlay: Underlay) -> Result<Lab> {
         let id = format!(
             "pbench{}x{}",
             std::process::id(),
@@ -66,8 +125,164 @@ impl Lab {
             lab.created.push(ns.clone());
             run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
         }
-        lab.wire()?;
+        if underlay == Underlay::Flat {
+            lab.wire()?;
+        } else {
+            let router = format!("{id}-router");
+            run("ip", &["netns", "add", &router])?;
+            lab.created.push(router.clone());
+            run("ip", &["-n", &router, "link", "set", "lo", "up"])?;
+            lab.wire_routed(&router, underlay)?;
+        }
         Ok(lab)
+    }
+
+    /// The routed variants: node i's `eth0` to the router's `n<i>`, each pair its own /24.
+    fn wire_routed(&self, router: &str, underlay: Underlay) -> Result<()> {
+        let nodes = [&self.node1, &self.node2];
+        let cidrs = [NODE1_POD_CIDR, NODE2_POD_CIDR];
+        for i in 0..2 {
+            let (ns, port) = (nodes[i], format!("n{}", i + 1));
+            run(
+                "ip",
+                &[
+                    "-n", router, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", ns,
+                ],
+            )?;
+            let gw = format!("{}/24", ROUTED_GW[i]);
+            run("ip", &["-n", router, "addr", "add", &gw, "dev", &port])?;
+            run("ip", &["-n", router, "link", "set", &port, "up"])?;
+            let addr = format!("{}/24", ROUTED_NODE[i]);
+            run("ip", &["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+            run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+            run(
+                "ip",
+                &["-n", ns, "route", "add", "default", "via", ROUTED_GW[i]],
+            )?;
+            if underlay == Underlay::RoutedDirect {
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        router,
+                        "route",
+                        "add",
+                        cidrs[i],
+                        "via",
+                        ROUTED_NODE[i],
+                    ],
+                )?;
+            }
+        }
+        sysctls(router, &[("net.ipv4.ip_forward", "1")])?;
+        if underlay == Underlay::RoutedOverlay {
+            for i in 0..2 {
+                let (me, peer) = (i, 1 - i);
+                let ns = nodes[me];
+                let mtu = "1450";
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        ns,
+                        "link",
+                        "add",
+                        OVERLAY_DEV,
+                        "address",
+                        &vtep_mac(ROUTED_NODE[me])?,
+                        "mtu",
+                        mtu,
+                        "type",
+                        "vxlan",
+                        "id",
+                        OVERLAY_VNI,
+                        "dstport",
+                        OVERLAY_PORT,
+                        "local",
+                        ROUTED_NODE[me],
+                        "nolearning",
+                        "noudpcsum",
+                    ],
+                )?;
+                run("ip", &["-n", ns, "link", "set", OVERLAY_DEV, "up"])?;
+                let peer_mac = vtep_mac(ROUTED_NODE[peer])?;
+                let vtep = cidrs[peer].trim_end_matches("/24");
+                run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        ns,
+                        "bridge",
+                        "fdb",
+                        "append",
+                        &peer_mac,
+                        "dev",
+                        OVERLAY_DEV,
+                        "dst",
+                        ROUTED_NODE[peer],
+                        "self",
+                        "permanent",
+                    ],
+                )?;
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        ns,
+                        "neigh",
+                        "add",
+                        vtep,
+                        "lladdr",
+                        &peer_mac,
+                        "dev",
+                        OVERLAY_DEV,
+                        "nud",
+                        "permanent",
+                    ],
+                )?;
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        ns,
+                        "route",
+                        "add",
+                        cidrs[peer],
+                        "via",
+                        vtep,
+                        "dev",
+                        OVERLAY_DEV,
+                        "onlink",
+                    ],
+                )?;
+            }
+        }
+        self.wire_pod(&self.node1, &self.client, &host_veth("client"), CLIENT_IP)?;
+        self.wire_pod(&self.node2, &self.server, &host_veth("server"), SERVER_IP)?;
+        if underlay == Underlay::RoutedOverlay {
+            // The pod MTU the agent writes into the conflist (uplink 1500 - 50), on both veth ends.
+            for (node, pod, pod_name) in [
+                (&self.node1, &self.client, "client"),
+                (&self.node2, &self.server, "server"),
+            ] {
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        node,
+                        "link",
+                        "set",
+                        &host_veth(pod_name),
+                        "mtu",
+                        "1450",
+                    ],
+                )?;
+                run("ip", &["-n", pod, "link", "set", "eth0", "mtu", "1450"])?;
+            }
+        }
+        self.node_sysctls()
     }
 
     fn wire(&self) -> Result<()> {
@@ -121,6 +336,12 @@ impl Lab {
         )?;
         self.wire_pod(n1, c, &host_veth("client"), CLIENT_IP)?;
         self.wire_pod(n2, s, &host_veth("server"), SERVER_IP)?;
+        self.node_sysctls()
+    }
+
+    /// Forwarding and conntrack settings of the nodes, port range of the pods.
+    fn node_sysctls(&self) -> Result<()> {
+        let (n1, n2, c, s) = (&self.node1, &self.node2, &self.client, &self.server);
         for ns in [n1, n2] {
             sysctls(
                 ns,
