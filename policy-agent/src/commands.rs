@@ -56,20 +56,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "--node-name (PALISADE_NODE_NAME) must not be empty".into(),
         ));
     }
-    for v4 in [true, false] {
-        let n = args
-            .cluster_cidrs
-            .iter()
-            .filter(|c| matches!(c, ipnet::IpNet::V4(_)) == v4)
-            .count();
-        if n > 1 {
-            return Err(Error::Usage(format!(
-                "--cluster-cidr (PALISADE_CLUSTER_CIDR) takes at most one CIDR per family, got {n} {}: {:?}",
-                if v4 { "IPv4" } else { "IPv6" },
-                args.cluster_cidrs
-            )));
-        }
-    }
+    let cluster_cidrs = crate::routes::cluster_cidrs(&args.cluster_cidrs)?;
     let metrics = Arc::new(Metrics::default());
     let listener = server::bind(&args.listen).await?;
     info!(listen = %args.listen, "serving /healthz, /readyz, /metrics");
@@ -95,8 +82,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
 
-    let table_wake = tx.clone();
-    crate::nft::watch_destroy(move || table_wake.send(Msg::TableEvent).is_ok())?;
+    // Opened before the first commit, in the node's namespace: no change behind our back is missed.
+    let drift_wake = tx.clone();
+    if args.no_drift_watch {
+        warn!(
+            "--no-drift-watch: changes to our table by other processes are undone at resync only"
+        );
+    } else if let Err(e) =
+        crate::nft::watch_drift(move |what| drift_wake.send(Msg::Drift(what)).is_ok())
+    {
+        warn!(error = %e, "cannot watch our table for changes; changes behind our back are undone at resync only (--resync-seconds); the agent needs CAP_NET_ADMIN");
+    }
 
     let cfg = Config {
         node_name: args.node_name.clone(),
@@ -109,13 +105,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         debounce: Duration::from_millis(args.debounce_ms),
         routes: !args.no_routes,
-        cluster_cidrs: args.cluster_cidrs.iter().map(ipnet::IpNet::trunc).collect(),
+        cluster_cidrs,
         masquerade: args.masquerade,
         no_masquerade_cidrs: args.no_masquerade_cidrs.clone(),
         poll_attachments,
     };
-    let mut engine = Engine::new(cfg, nft, metrics, tokio::runtime::Handle::current(), routes)
-        .with_snapshot_reader(tx.clone())?;
+    let rt = tokio::runtime::Handle::current();
+    let mut engine =
+        Engine::new(cfg, nft, metrics, rt.clone(), routes).with_snapshot_reader(tx.clone())?;
     if !args.no_routes {
         info!(
             mode = args.encapsulation.label(),
@@ -124,6 +121,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "encapsulation"
         );
         engine = engine.with_overlay(crate::overlay::Overlay::new()?);
+    }
+    if args.keep_established_flows {
+        info!("--keep-established-flows: connections stay up when a policy revokes them");
+    } else {
+        match crate::conntrack::Revoker::new(&rt) {
+            Ok(r) => engine = engine.with_revoker(r),
+            Err(e) => {
+                warn!(error = %e, "cannot open conntrack; established flows are not cut when a policy revokes them (is nf_conntrack_netlink available?)")
+            }
+        }
     }
     let engine_thread = std::thread::Builder::new()
         .name("reconcile".into())

@@ -7,13 +7,7 @@ use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 use palisade_nft::monitor::{Monitor, Scope};
 pub use palisade_nft::Backend;
-use palisade_nft::NFT_BINARY;
-use palisade_policy::ruleset::names;
 use serde_json::Value;
-use std::process::{Command, Stdio};
-
-/// Base chains of our table (named by the compiler).
-pub const BASE_CHAINS: [&str; 2] = [names::CHAIN_POSTROUTING, names::CHAIN_EGRESS_HOST];
 
 /// palisade-nft bound to our table, with errors in the agent's type.
 pub struct Nft {
@@ -104,60 +98,6 @@ const MONITOR_REOPEN_DELAY: std::time::Duration = std::time::Duration::from_mill
 /// Superseded by [`watch_drift`] (the agent's `run` uses that); kept only until every caller in the
 /// tree has moved over, then deleted.
 ///
-/// Starts a thread running `nft monitor destroy` and calls `wake` whenever our table or one of its base
-/// chains is deleted (e.g. `nft flush ruleset`), so the check runs at once instead of at the next resync.
-/// Incremental commits never delete those, so our own churn does not wake it (a full replace does, once).
-/// Smaller changes behind our back are found by the periodic check. The monitor dies with the agent
-/// (PR_SET_PDEATHSIG) and is restarted when it exits.
-pub fn watch_destroy(wake: impl Fn() -> bool + Send + 'static) -> Result<()> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let table = format!("delete table {TABLE_FAMILY} {TABLE_NAME}");
-    let chains: Vec<String> = BASE_CHAINS
-        .iter()
-        .map(|c| format!("delete chain {TABLE_FAMILY} {TABLE_NAME} {c}"))
-        .collect();
-    std::thread::Builder::new()
-        .name("nft-monitor".into())
-        .spawn(move || loop {
-            let mut cmd = Command::new(NFT_BINARY);
-            cmd.args(["monitor", "destroy"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-            // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child with us.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let mut child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot run `nft monitor`; changes to our table are noticed at resync only");
-                    return;
-                }
-            };
-            if let Some(out) = child.stdout.take() {
-                for line in std::io::BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    let line = line.trim_end();
-                    let ours = line == table || chains.iter().any(|c| line == c);
-                    if ours && !wake() {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return;
-                    }
-                }
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        })
-        .map_err(|e| Error::io("spawn nft monitor thread", NFT_BINARY, e))?;
-    Ok(())
-}
-
 /// What we compare to notice our table was changed behind our back, and what the gauges show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TableSummary {

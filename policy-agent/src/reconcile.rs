@@ -12,8 +12,8 @@
 //!   the last committed rules stay in the kernel.
 //! - 200 ms after commits our table is read back once, on a thread of its own (a commit never waits for
 //!   it): its chain/rule/set counts must match the ruleset, and its fingerprint is what later checks
-//!   compare. `nft monitor` wakes a check at once when our table
-//!   or a base chain is deleted.
+//!   compare, at resync. A change to our table by any other process
+//!   (seen by the drift monitor, nf_tables notifications) is restored at once with a full replace.
 //! - The conflist (once) and routes follow each commit.
 //! - Nothing is enforced before the source reported `Synced`: until then the rules of a previous run stay
 //!   in the kernel and new pods stay pending (fail closed).
@@ -40,8 +40,6 @@ use tracing::{debug, error, info, warn};
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// Delay between a deletion seen in our table and the check (coalesces a burst of events).
-pub const TABLE_EVENT_DELAY: Duration = Duration::from_millis(10);
 /// Attachment directory poll interval when inotify is unavailable.
 pub const ATTACHMENT_POLL: Duration = Duration::from_millis(200);
 
@@ -76,8 +74,9 @@ pub enum Msg {
     Source(SourceEvent),
     /// Attachment records changed.
     AttachmentsChanged,
-    /// Something of our table was deleted by someone (seen by `nft monitor`): check it soon.
-    TableEvent,
+    /// Our table was changed by another process (seen by the drift monitor; says what and by whom):
+    /// restore it now.
+    Drift(String),
     /// The snapshot reader listed our table for the commit generation `generation`.
     Snapshot {
         generation: u64,
@@ -129,7 +128,24 @@ pub struct Engine {
     /// The next full replace is the periodic one (logged at debug).
     quiet_full: bool,
     backoff: Duration,
+    /// Cuts established flows the committed ruleset no longer admits (`None`: they are kept,
+    /// `--keep-established-flows`).
+    revoker: Option<crate::conntrack::Revoker>,
+    /// When the next conntrack sweep runs (set by every commit).
+    revoke_due: Option<Instant>,
+    /// Time the reconcile thread may still spend sweeping before sweeps wait (seconds; grows by
+    /// [`SWEEP_SHARE`] of the wall time up to [`SWEEP_CREDIT_MAX`], may go negative).
+    sweep_credit: f64,
+    sweep_credit_at: Instant,
 }
+
+/// Share of the reconcile thread's time conntrack sweeps may take under churn: a sweep costs ~10 ms
+/// (the kernel walks its whole conntrack hash table) to ~50 ms (10k pods, thousands of entries).
+/// After a quiet period a commit's sweep runs at once; under churn, commits that come while the
+/// credit is spent share one sweep when it is back.
+pub const SWEEP_SHARE: f64 = 0.25;
+/// Most sweep time saved up in quiet periods (seconds).
+pub const SWEEP_CREDIT_MAX: f64 = 0.1;
 
 /// Niceness of the snapshot thread and its `nft` processes (the lowest priority).
 const SNAPSHOT_NICE: libc::c_int = 19;
@@ -181,6 +197,10 @@ impl Engine {
             conflist_warned: false,
             quiet_full: false,
             backoff: MIN_BACKOFF,
+            revoker: None,
+            revoke_due: None,
+            sweep_credit: SWEEP_CREDIT_MAX,
+            sweep_credit_at: Instant::now(),
         }
     }
 
@@ -209,6 +229,12 @@ impl Engine {
             mode,
             &local,
         ))
+    }
+
+    /// After every commit, cut the established flows the new ruleset would not admit as new.
+    pub fn with_revoker(mut self, revoker: crate::conntrack::Revoker) -> Self {
+        self.revoker = Some(revoker);
+        self
     }
 
     /// Takes post-commit snapshots on a thread of their own with its own nft context, answering on
@@ -265,14 +291,20 @@ impl Engine {
     pub fn run(mut self, rx: Receiver<Msg>) {
         let mut due: Option<Instant> = None; // when the next reconcile runs
         let mut next_resync = Instant::now() + self.cfg.resync;
-        let mut check_due: Option<Instant> = None; // a deletion in our table was seen
         let mut next_poll = Instant::now() + ATTACHMENT_POLL;
         loop {
             let now = Instant::now();
             let mut wake = next_resync;
-            for d in [due, self.snapshot_due, check_due, self.route_due]
-                .into_iter()
-                .flatten()
+            let recheck_due = self.revoker.as_ref().and_then(|r| r.recheck_due());
+            for d in [
+                due,
+                self.snapshot_due,
+                self.route_due,
+                self.revoke_due,
+                recheck_due,
+            ]
+            .into_iter()
+            .flatten()
             {
                 wake = wake.min(d);
             }
@@ -292,8 +324,13 @@ impl Engine {
                 Ok(Msg::AttachmentsChanged) => {
                     due.get_or_insert(Instant::now() + self.cfg.debounce);
                 }
-                Ok(Msg::TableEvent) => {
-                    check_due.get_or_insert(Instant::now() + TABLE_EVENT_DELAY);
+                Ok(Msg::Drift(what)) => {
+                    // Straight to a full replace: no listing, no comparison (our own commits never
+                    // arrive here). Before the first commit the first reconcile replaces it anyway.
+                    if self.synced && self.inc.is_some() {
+                        self.restore_needed(&what);
+                        due = Some(Instant::now());
+                    }
                 }
                 Ok(Msg::Snapshot {
                     generation,
@@ -309,12 +346,6 @@ impl Engine {
             if self.cfg.poll_attachments && now >= next_poll {
                 next_poll = now + ATTACHMENT_POLL;
                 due.get_or_insert(now);
-            }
-            if check_due.is_some_and(|d| now >= d) {
-                check_due = None;
-                if self.synced && self.check_table() {
-                    due = Some(now);
-                }
             }
             if now >= next_resync {
                 // Resync: say whether anything drifted (log, metric), then replace the whole table
@@ -354,6 +385,10 @@ impl Engine {
             } else if due.is_some() && !self.synced {
                 due = None; // nothing is enforced before Synced; Synced schedules the first reconcile
             }
+            if self.revoke_due.is_some_and(|d| Instant::now() >= d) {
+                self.revoke();
+            }
+            self.recheck_revoked();
         }
     }
 
@@ -497,6 +532,16 @@ impl Engine {
             pending: pending as u64,
         };
         self.metrics.commit_ok(took, full, sizes);
+        if committed && self.revoker.is_some() {
+            let now = Instant::now();
+            let credit = self.refill_sweep_credit(now);
+            let wait = if credit >= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(-credit / SWEEP_SHARE)
+            };
+            self.revoke_due.get_or_insert(now + wait);
+        }
         if committed {
             self.generation += 1;
             self.expected = None;
@@ -511,6 +556,51 @@ impl Engine {
         self.write_conflist()?;
         self.sync_routes(false);
         Ok(())
+    }
+
+    /// Cuts the established flows the committed ruleset would not admit as new (`conntrack`).
+    fn revoke(&mut self) {
+        self.revoke_due = None;
+        let (Some(revoker), Some(inc)) = (self.revoker.as_mut(), self.inc.as_ref()) else {
+            return;
+        };
+        let start = Instant::now();
+        let swept = revoker.sweep(inc.compiled());
+        let took = start.elapsed().as_secs_f64();
+        self.refill_sweep_credit(Instant::now());
+        self.sweep_credit -= took;
+        match swept {
+            Ok(report) => crate::conntrack::log_report(&report, &self.metrics),
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, "cannot sweep conntrack; flows that lost permission live on until a later commit's sweep succeeds (the resync commits at least every --resync-seconds)");
+            }
+        }
+    }
+
+    /// Adds the sweep time earned since the last refill; returns the credit.
+    fn refill_sweep_credit(&mut self, now: Instant) -> f64 {
+        let earned = now.duration_since(self.sweep_credit_at).as_secs_f64() * SWEEP_SHARE;
+        self.sweep_credit = (self.sweep_credit + earned).min(SWEEP_CREDIT_MAX);
+        self.sweep_credit_at = now;
+        self.sweep_credit
+    }
+
+    /// Cuts flows cut earlier that came back in their reply direction while still denied.
+    fn recheck_revoked(&mut self) {
+        let (Some(revoker), Some(inc)) = (self.revoker.as_mut(), self.inc.as_ref()) else {
+            return;
+        };
+        if revoker.recheck_due().is_none_or(|d| Instant::now() < d) {
+            return;
+        }
+        match revoker.recheck(inc.compiled()) {
+            Ok(report) => crate::conntrack::log_report(&report, &self.metrics),
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, "cannot recheck revoked flows; one that came back in its reply direction lives on until the next sweep");
+            }
+        }
     }
 
     fn commit_full(&mut self, next: &Ruleset) -> Result<()> {
@@ -707,7 +797,7 @@ impl Engine {
                 for (f, e) in &changes.failed {
                     self.metrics.error(e.kind());
                     warn!(destination = %f.destination, via = %f.via, error = %e, retry_in = ?self.route_backoff,
-                        "cannot change pod route (is the node's InternalIP on a directly connected link?); other routes and policies are not held up");
+                        "cannot change pod route; retrying on its own schedule, other routes and policies are not held up");
                 }
                 changes.failed.len() + overlay_failed
             }
