@@ -104,10 +104,18 @@ struct Conflist<'a> {
 struct PalisadeConf<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
+    /// `ips`: a runtime hands a pod's requested addresses to us as `runtimeConfig.ips` (libcni only
+    /// passes the capabilities a plugin declares).
+    capabilities: PalisadeCapabilities,
     mtu: u32,
     state_dir: &'a str,
     fail_open: bool,
     ipam: Ipam<'a>,
+}
+
+#[derive(Serialize)]
+struct PalisadeCapabilities {
+    ips: bool,
 }
 
 #[derive(Serialize)]
@@ -206,6 +214,7 @@ pub fn render(params: &ConflistParams) -> Result<String, CniConfError> {
         plugins: (
             PalisadeConf {
                 kind: PLUGIN_TYPE,
+                capabilities: PalisadeCapabilities { ips: true },
                 mtu: params.mtu,
                 state_dir: abs_utf8("stateDir", &params.state_dir)?,
                 fail_open: params.fail_open,
@@ -365,7 +374,7 @@ mod tests {
     fn render_matches_the_architecture_conflist_for_a_dual_stack_node() {
         let want = json!({ "cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"], "name": "palisade",
           "plugins": [
-            { "type": "palisade", "mtu": 1500, "stateDir": "/var/lib/palisade", "failOpen": false,
+            { "type": "palisade", "capabilities": { "ips": true }, "mtu": 1500, "stateDir": "/var/lib/palisade", "failOpen": false,
               "ipam": { "type": "palisade", "dataDir": "/var/lib/cni/networks",
                         "ranges": [[{ "subnet": "10.244.1.0/24" }], [{ "subnet": "fd00:10:244:1::/64" }]] } },
             { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true } ] });
