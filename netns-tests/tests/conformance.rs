@@ -413,16 +413,19 @@ fn sctp_cases_at_rule_level(lab: &mut Lab) -> TestResult {
     }
 }
 
-/// The harness itself: a case whose expectation is wrong (T01's policy, but "all allowed") must
-/// fail, and the lab must be back at the baseline afterwards. Without this, a matrix check that
-/// passed everything would go unnoticed.
+/// The harness itself: a case whose expectation is wrong (T01's policy on x, but the expectation
+/// isolates y instead) must fail, and the lab must be back at the baseline afterwards. Without
+/// this, a matrix check that passed everything would go unnoticed. The wrong expectation differs
+/// from both the state before the policy (all allowed) and the state after it, so the outcome
+/// does not depend on whether the first probe round runs before or after the agents commit:
+/// "all allowed" as the wrong expectation matched the first round whenever it won that race.
 fn harness_detects_a_wrong_expectation(lab: &mut Lab) -> TestResult {
     let wrong: Vec<Case> = serde_yaml::from_str(
-        "- id: SELF\n  title: wrong on purpose\n  steps:\n  - apply:\n    - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: deny-ingress, namespace: x}, spec: {podSelector: {}, policyTypes: [Ingress], ingress: []}}\n    expect: {}\n",
+        "- id: SELF\n  title: wrong on purpose\n  steps:\n  - apply:\n    - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: deny-ingress, namespace: x}, spec: {podSelector: {}, policyTypes: [Ingress], ingress: []}}\n    expect: {all: [\"deny * -> y/*\"]}\n",
     )
     .map_err(|e| e.to_string())?;
     match cases::run_case(lab, &wrong[0]) {
-        Ok(()) => Err("a deny-all policy checked against an all-allowed expectation passed: the matrix check is vacuous".into()),
+        Ok(()) => Err("a deny-all policy on x checked against an expectation that isolates y passed: the matrix check is vacuous".into()),
         Err(report) if report.contains("-> x/") && !report.contains("baseline after cleanup") => Ok(()),
         Err(report) => Err(format!("the wrong expectation failed for another reason:\n{report}")),
     }
