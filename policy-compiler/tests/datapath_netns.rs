@@ -116,21 +116,25 @@ fn forge(ns: &str, src: &str, dst: &str, port: u16, n: u32) {
     );
 }
 
-/// Packets the source guard dropped so far (its last rule's counter).
+/// Packets the source guard dropped so far (the counters of its rules in every base chain).
 fn guard_drops(node: &Netns) -> u64 {
     let out = Command::new("ip")
         .args([
-            "netns", "exec", &node.name, "nft", "-j", "list", "chain", "inet", "palisade",
+            "netns", "exec", &node.name, "nft", "-j", "list", "table", "inet", "palisade",
         ])
-        .arg(palisade_policy::ruleset::names::CHAIN_SOURCE_GUARD)
         .output()
-        .expect("list the source guard chain");
+        .expect("list our table");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
     v["nftables"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|i| i.get("rule"))
+        .filter(|r| {
+            r["comment"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("forged source"))
+        })
         .flat_map(|r| r["expr"].as_array().unwrap().iter())
         .filter_map(|e| e.get("counter"))
         .map(|c| c["packets"].as_u64().unwrap())

@@ -123,12 +123,11 @@ fn delivered(netns: &str, source: IpAddr) -> Result<u64, String> {
 
 /// Packets the source guard of a node dropped so far.
 fn guard_drops(node_netns: &str) -> Result<u64, String> {
-    Ok(
-        counters(node_netns, &["chain", "inet", "palisade", "source_guard"])?
-            .into_iter()
-            .map(|(_, n)| n)
-            .sum(),
-    )
+    Ok(counters(node_netns, &["table", "inet", "palisade"])?
+        .into_iter()
+        .filter(|(c, _)| c.starts_with("forged source"))
+        .map(|(_, n)| n)
+        .sum())
 }
 
 pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult {
@@ -209,27 +208,40 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
                 &["nft", "delete", "table", "inet", COUNT_TABLE],
             );
             install_counters(&victim.netns, &sources)?;
-            let drops_before = guard_drops(&attacker_node.netns)?;
-            for (_, s) in &forged {
-                forge(lab, &attacker.netns, *s, to)?;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            let sent = 2 * u64::from(COUNT);
             for (what, s) in &forged {
+                let drops_before = guard_drops(&attacker_node.netns)?;
+                forge(lab, &attacker.netns, *s, to)?;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let dropped = guard_drops(&attacker_node.netns)? - drops_before;
                 let n = delivered(&victim.netns, *s)?;
-                report.push(format!("{fam:?} {what} ({s}): {n} delivered"));
                 if n != 0 {
                     return Err(format!(
-                        "{ATTACKER} forging {what} ({s}) reached {VICTIM}: {n} packets of {}",
-                        2 * COUNT
+                        "{ATTACKER} forging {what} ({s}) reached {VICTIM}: {n} packets of {sent}"
                     ));
                 }
-            }
-            let dropped = guard_drops(&attacker_node.netns)? - drops_before;
-            let sent = 2 * u64::from(COUNT) * forged.len() as u64;
-            if dropped < sent {
-                return Err(format!(
-                    "{fam:?}: {sent} forged packets sent, the source guard of {} counted {dropped}",
-                    attacker_node.name
+                // Its own node's IPv4 address never reaches the guard: the kernel's martian-source
+                // check (a local address arriving on a non-loopback link) drops it while routing,
+                // before the forward and input hooks. Every other forgery is the guard's to drop.
+                let kernel_drops_it = fam == Family::V4 && *s == own_node;
+                let by = if kernel_drops_it {
+                    if dropped != 0 {
+                        return Err(format!(
+                            "{fam:?} forging {what} ({s}): the guard counted {dropped}, but the kernel's martian-source check should have dropped all {sent} before it"
+                        ));
+                    }
+                    "the kernel's martian-source check"
+                } else {
+                    if dropped < sent {
+                        return Err(format!(
+                            "{fam:?} forging {what} ({s}): {sent} packets sent, the source guard of {} counted {dropped}",
+                            attacker_node.name
+                        ));
+                    }
+                    "the source guard"
+                };
+                report.push(format!(
+                    "{fam:?} {what} ({s}): 0 delivered, dropped by {by}"
                 ));
             }
             // The owners of those addresses get through: the policy would have admitted them

@@ -194,11 +194,12 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         ),
     ];
     for (name, hook, priority, what) in chains {
-        let mut rules = vec![
+        let mut rules = source_guard_rules();
+        rules.extend([
             Rule::new(vec![Stmt::CtEstablishedRelated, Stmt::Accept]),
             Rule::new(vec![Stmt::CtInvalid, Stmt::Drop]),
             Rule::new(vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]),
-        ];
+        ]);
         for fam in Family::BOTH {
             for f in [AddrField::Saddr, AddrField::Daddr] {
                 let mut stmts = vec![Stmt::AddrInSet {
@@ -229,7 +230,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             rules,
         });
     }
-    source_guard(rs, c);
+    source_sets(rs, c);
     if let Some(nat) = &c.egress_nat {
         egress_nat(rs, nat);
     }
@@ -245,13 +246,8 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
     });
 }
 
-/// The source guard: a packet coming in through a pod's host veth must carry one of the addresses
-/// the attachment record binds to that veth, or it is dropped (and counted) before conntrack and
-/// before any policy sees it; so no pod can borrow another's address (or a node's, or an outside
-/// one) to meet a rule that allows that address. Neighbour discovery from the pod's link-local
-/// address is let through (it is how the pod finds its gateway). A packet from any other interface
-/// passes the first rule.
-fn source_guard(rs: &mut Ruleset, c: &Compiled) {
+/// The source guard's sets: (host veth . address) of every local attachment record.
+fn source_sets(rs: &mut Ruleset, c: &Compiled) {
     for fam in Family::BOTH {
         rs.add_set(Set {
             name: source_set(fam).to_string(),
@@ -270,42 +266,41 @@ fn source_guard(rs: &mut Ruleset, c: &Compiled) {
                 .collect(),
         });
     }
-    let mut rules = vec![Rule::new(vec![
-        Stmt::IifnameNotPrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
-        Stmt::Accept,
-    ])
-    .with_comment("not from a pod")];
-    for fam in Family::BOTH {
-        rules.push(Rule::new(vec![
-            Stmt::IifSaddrInSet {
-                family: fam,
-                set: source_set(fam).to_string(),
-            },
-            Stmt::Accept,
-        ]));
-    }
-    rules.push(
+}
+
+/// The source guard, the first rules of every base chain (before the established accept, so a
+/// forged packet can neither open a connection nor ride an existing one; a dropped packet's conntrack
+/// entry is never confirmed): a packet that came in through a pod's host veth must carry an address
+/// the attachment record binds to that veth, or it is counted and dropped before any policy sees it.
+/// The pod's IPv6 link-local and unspecified sources (neighbour discovery, DAD) pass: the kernel
+/// never forwards them. In the base chains rather than a prerouting chain of its own: a base chain
+/// more is a hook invocation more for every packet (measured: x0.94 of new connections).
+pub(crate) fn source_guard_rules() -> Vec<Rule> {
+    let prefix = palisade_contract::HOST_VETH_PREFIX.to_string();
+    let what = "forged source: not an address of the pod behind this veth";
+    vec![
         Rule::new(vec![
-            Stmt::Ip6SaddrLinkLocal,
-            Stmt::Icmpv6HostNeighbourDiscovery,
-            Stmt::Accept,
+            Stmt::IifnamePrefix(prefix.clone()),
+            Stmt::IifSaddrNotInSet {
+                family: Family::V4,
+                set: source_set(Family::V4).to_string(),
+            },
+            Stmt::Counter,
+            Stmt::Drop,
         ])
-        .with_comment("neighbour discovery from the pod's link-local address"),
-    );
-    rules.push(
-        Rule::new(vec![Stmt::Counter, Stmt::Drop])
-            .with_comment("forged source: not an address of the pod behind this veth"),
-    );
-    rs.add_chain(Chain {
-        name: CHAIN_SOURCE_GUARD.to_string(),
-        base: Some(BaseHook {
-            kind: ChainKind::Filter,
-            hook: Hook::Prerouting,
-            priority: PRIORITY_SOURCE_GUARD,
-        }),
-        comment: "packets from a pod's veth carry that pod's address".to_string(),
-        rules,
-    });
+        .with_comment(what),
+        Rule::new(vec![
+            Stmt::IifnamePrefix(prefix),
+            Stmt::Ip6SaddrNotLinkLocal,
+            Stmt::IifSaddrNotInSet {
+                family: Family::V6,
+                set: source_set(Family::V6).to_string(),
+            },
+            Stmt::Counter,
+            Stmt::Drop,
+        ])
+        .with_comment(what),
+    ]
 }
 
 /// Egress NAT: a nat chain at srcnat, after every policy check (postrouting 90), masquerades what a

@@ -273,7 +273,8 @@ fn semantics_09_replies_pass_through_conntrack_before_any_policy() {
     );
     let rs = compiled(&w).ruleset;
     for chain in [CHAIN_POSTROUTING, CHAIN_EGRESS_HOST] {
-        let rules = &rs.chains[chain].rules;
+        // Only the source guard (what a pod sends from another's address) comes first.
+        let rules = &rs.chains[chain].rules[2..];
         assert_eq!(
             rules[0].stmts,
             vec![Stmt::CtEstablishedRelated, Stmt::Accept],
@@ -315,11 +316,7 @@ fn semantics_11_deleting_the_last_policy_removes_isolation() {
     assert!(w.can("b/y", "a/x", 80, TCP));
     let rs = compiled(&w).ruleset;
     assert!(rs.sets[MAP_INGRESS_V4].elements.is_empty());
-    assert_eq!(
-        rs.chains.len(),
-        4,
-        "only the base chains (and the regular ingress chain) remain"
-    );
+    assert_eq!(rs.chains.len(), 3, "only the base chains remain");
 }
 
 // ---------------------------------------------------------------- peers
@@ -611,8 +608,8 @@ fn semantics_27_checks_run_in_postrouting_after_dnat_before_snat() {
     assert!(rs.chains[CHAIN_INGRESS].base.is_none());
     assert_eq!(
         rs.chains.values().filter(|c| c.base.is_some()).count(),
-        3,
-        "one base chain per hook (prerouting: the source guard)"
+        2,
+        "one base chain per hook"
     );
 }
 
@@ -1046,27 +1043,34 @@ fn source_guard_refuses_a_record_whose_veth_is_not_the_derived_name() {
 }
 
 #[test]
-fn source_guard_runs_before_conntrack_and_drops_with_a_counter() {
+fn source_guard_opens_every_base_chain_before_the_established_accept() {
     let rs = compiled(&W::new()).ruleset;
-    let g = &rs.chains[CHAIN_SOURCE_GUARD];
-    let b = g.base.unwrap();
-    assert_eq!(b.hook, crate::ruleset::Hook::Prerouting);
-    assert!(
-        b.priority < -200,
-        "before conntrack (-200): a forged packet never makes an entry"
-    );
+    let guard = super::build::source_guard_rules();
+    for name in [CHAIN_POSTROUTING, CHAIN_EGRESS_HOST] {
+        let rules = &rs.chains[name].rules;
+        assert_eq!(
+            rules[..2],
+            guard[..],
+            "{name}: a forged packet neither opens nor rides a connection"
+        );
+        assert_eq!(
+            rules[2].stmts,
+            vec![Stmt::CtEstablishedRelated, Stmt::Accept]
+        );
+    }
     assert_eq!(
-        g.rules[0].stmts,
+        guard[0].stmts,
         vec![
-            Stmt::IifnameNotPrefix(palisade_contract::HOST_VETH_PREFIX.into()),
-            Stmt::Accept
-        ],
-        "traffic that does not come from a pod passes at the first rule"
+            Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.into()),
+            Stmt::IifSaddrNotInSet {
+                family: Family::V4,
+                set: SOURCE_SET_V4.into()
+            },
+            Stmt::Counter,
+            Stmt::Drop
+        ]
     );
-    assert_eq!(
-        g.rules.last().unwrap().stmts,
-        vec![Stmt::Counter, Stmt::Drop]
-    );
+    assert_eq!(guard[1].stmts[1], Stmt::Ip6SaddrNotLinkLocal);
     // Rendering: the wildcard and the concatenation are what nft expects.
     let json = rs.to_json().to_string();
     assert!(json.contains(r#""right":"pal*""#), "{json}");
@@ -1148,7 +1152,8 @@ fn egress_nat_masquerades_pod_sources_to_destinations_outside_the_exempt_ranges(
 fn base_chains_have_the_documented_shape() {
     let w = W::new();
     let rs = compiled(&w).ruleset;
-    let eg = &rs.chains[CHAIN_POSTROUTING].rules;
+    // After the two source guard rules (their own test).
+    let eg = &rs.chains[CHAIN_POSTROUTING].rules[2..];
     assert_eq!(eg[0].stmts, vec![Stmt::CtEstablishedRelated, Stmt::Accept]);
     assert_eq!(eg[1].stmts, vec![Stmt::CtInvalid, Stmt::Drop]);
     assert_eq!(
@@ -1168,7 +1173,7 @@ fn base_chains_have_the_documented_shape() {
         matches!(&ing[0].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_INGRESS_V4)
     );
     assert_eq!(ing[2].stmts, vec![Stmt::Accept]);
-    let host = &rs.chains[CHAIN_EGRESS_HOST].rules;
+    let host = &rs.chains[CHAIN_EGRESS_HOST].rules[2..];
     assert_eq!(host.len(), 9, "input: the egress check only");
     // No FIB lookup and no self check for a packet no policy isolates.
     assert!(!eg.iter().any(|r| r

@@ -59,12 +59,12 @@ impl Ruleset {
                 match s {
                     Stmt::CtEstablishedRelated
                     | Stmt::CtInvalid
-                    | Stmt::Icmpv6NeighbourDiscovery
-                    | Stmt::Icmpv6HostNeighbourDiscovery
-                    | Stmt::Ip6SaddrLinkLocal => continue 'rules,
-                    // The packet model has no input interface: the source guard is checked by
-                    // the kernel tests, and policy verdicts start after it.
-                    Stmt::IifnameNotPrefix(_) | Stmt::IifSaddrInSet { .. } => continue 'rules,
+                    | Stmt::Icmpv6NeighbourDiscovery => continue 'rules,
+                    // The packet model has no input interface (it models what passed the source
+                    // guard, which the kernel tests check): the guard's rules never match here.
+                    Stmt::IifnamePrefix(_)
+                    | Stmt::IifSaddrNotInSet { .. }
+                    | Stmt::Ip6SaddrNotLinkLocal => continue 'rules,
                     Stmt::FibSaddrLocal => {
                         if !p.from_this_node {
                             continue 'rules;

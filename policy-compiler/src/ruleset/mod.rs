@@ -99,19 +99,15 @@ pub enum Stmt {
     FibSaddrNotLocal,
     /// `icmpv6 type { nd-* }` (types 133-137).
     Icmpv6NeighbourDiscovery,
-    /// `iifname != "<prefix>*"`: the packet did not come in through a pod's host veth.
-    IifnameNotPrefix(String),
-    /// `iifname . ip[6] saddr @set`: the source address is one of the pod's behind this veth.
-    IifSaddrInSet {
+    /// `iifname "<prefix>*"`: the packet came in through a pod's host veth.
+    IifnamePrefix(String),
+    /// `iifname . ip[6] saddr != @set`: the source address is not one of the pod's behind this veth.
+    IifSaddrNotInSet {
         family: Family,
         set: String,
     },
-    /// `ip6 saddr { ::, fe80::/10 }`: link-local or unspecified (duplicate address detection).
-    Ip6SaddrLinkLocal,
-    /// `icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,
-    /// mld-listener-report, mld2-listener-report }`: what a pod's interface sends to find its
-    /// gateway (no router advertisements or redirects: a pod is no router).
-    Icmpv6HostNeighbourDiscovery,
+    /// `ip6 saddr != { ::, fe80::/10 }`: neither link-local nor unspecified (DAD).
+    Ip6SaddrNotLinkLocal,
     /// `ip[6] <field> @set`
     AddrInSet {
         family: Family,

@@ -15,10 +15,6 @@ pub const CHAIN_POSTROUTING: &str = "postrouting";
 pub const CHAIN_INGRESS: &str = "ingress";
 /// Base chain checking traffic from local pods to their own node (input).
 pub const CHAIN_EGRESS_HOST: &str = "egress_host";
-/// Base chain dropping packets from a pod's host veth whose source is not that pod's (prerouting).
-pub const CHAIN_SOURCE_GUARD: &str = "source_guard";
-/// raw: before conntrack, so a forged packet never creates or matches a connection.
-pub const PRIORITY_SOURCE_GUARD: i32 = -300;
 /// `host veth . address` of every local pod interface (from the attachment records).
 pub const SOURCE_SET_V4: &str = "sources_v4";
 pub const SOURCE_SET_V6: &str = "sources_v6";

@@ -231,21 +231,16 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
             json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
             json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}),
         ),
-        Stmt::IifnameNotPrefix(prefix) => {
-            json!({"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": format!("{prefix}*")}})
+        Stmt::IifnamePrefix(prefix) => matches(
+            json!({"meta": {"key": "iifname"}}),
+            json!(format!("{prefix}*")),
+        ),
+        Stmt::IifSaddrNotInSet { family, set } => {
+            json!({"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, addr(*family, AddrField::Saddr)]}, "right": set_ref_str(set)}})
         }
-        Stmt::IifSaddrInSet { family, set } => matches(
-            json!({"concat": [{"meta": {"key": "iifname"}}, addr(*family, AddrField::Saddr)]}),
-            set_ref_str(set),
-        ),
-        Stmt::Ip6SaddrLinkLocal => matches(
-            addr(Family::V6, AddrField::Saddr),
-            json!({"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}),
-        ),
-        Stmt::Icmpv6HostNeighbourDiscovery => matches(
-            json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
-            json!({"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert", "mld-listener-report", "mld2-listener-report"]}),
-        ),
+        Stmt::Ip6SaddrNotLinkLocal => {
+            json!({"match": {"op": "!=", "left": addr(Family::V6, AddrField::Saddr), "right": {"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}}})
+        }
         Stmt::AddrInSet { family, field, set } => matches(addr(*family, *field), set_ref_str(set)),
         Stmt::AddrNotInSet { family, field, set } => {
             json!({"match": {"op": "!=", "left": addr(*family, *field), "right": set_ref_str(set)}})

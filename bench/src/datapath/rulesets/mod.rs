@@ -8,7 +8,7 @@
 //! - `naive-nft`: a MODEL of a naive nftables programmer (c): one rule per (pod, policy, peer) in one
 //!   chain per direction; a change is a full `nft -f` of the table.
 //! - `palisade`: the ruleset palisade-policy compiles for the node (the agent's full-replace batch).
-//! - `palisade-no-source-guard`: the same without the source guard chain and sets (its cost).
+//! - `palisade-no-source-guard`: the same without the source guard rules and sets (its cost).
 //! - `palisade-layout-model`: the bench's own rendering of the documented layout (ARCHITECTURE.md
 //!   "The ruleset"), kept as a cross-check of the compiler's output.
 //!

@@ -11,8 +11,8 @@ use crate::datapath::workload::{Cluster, BENCH_NS};
 use crate::Result;
 use palisade_contract::Attachment;
 use palisade_policy::model::Change;
-use palisade_policy::ruleset::names::{source_set, CHAIN_SOURCE_GUARD};
-use palisade_policy::ruleset::Family;
+use palisade_policy::ruleset::names::source_set;
+use palisade_policy::ruleset::{Family, Stmt};
 
 /// Whether the source guard stays in (the A/B of `palisade` against `palisade-no-source-guard`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,13 @@ pub fn render(cluster: &Cluster, node: &str, guard: SourceGuard) -> Result<Rende
     ));
     let mut ruleset = palisade_policy::compile(&state, node).ruleset;
     if guard == SourceGuard::Off {
-        ruleset.chains.remove(CHAIN_SOURCE_GUARD);
+        for chain in ruleset.chains.values_mut() {
+            chain.rules.retain(|r| {
+                !r.stmts
+                    .iter()
+                    .any(|s| matches!(s, Stmt::IifSaddrNotInSet { .. }))
+            });
+        }
         for fam in Family::BOTH {
             ruleset.sets.remove(source_set(fam));
         }
