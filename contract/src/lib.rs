@@ -151,12 +151,18 @@ pub fn read_attachment_files(state_dir: &Path) -> (RecordFiles, Vec<(PathBuf, St
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Attachment>(&b).map_err(|e| e.to_string()))
-        {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            // Deleted between listing and reading (a CNI DEL or GC meanwhile): gone, not bad.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                bad.push((path, e.to_string()));
+                continue;
+            }
+        };
+        match serde_json::from_slice::<Attachment>(&bytes) {
             Ok(a) => good.push((path, a)),
-            Err(e) => bad.push((path, e)),
+            Err(e) => bad.push((path, e.to_string())),
         }
     }
     good.sort_by(|(_, a), (_, b)| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
@@ -259,9 +265,16 @@ mod tests {
         )
         .unwrap();
         std::fs::write(attachments_dir(&dir).join("broken.json"), b"{not json").unwrap();
+        // A record listed but deleted before it is read (a dangling link reads as NotFound, the
+        // same error a record removed by CNI DEL in between gives): gone, not bad.
+        std::os::unix::fs::symlink(
+            dir.join("deleted-meanwhile"),
+            attachments_dir(&dir).join("gone.json"),
+        )
+        .unwrap();
         let (good, bad) = read_attachments(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(good, vec![a]);
-        assert_eq!(bad.len(), 1);
+        assert_eq!(bad.len(), 1, "only the broken record is bad: {bad:?}");
     }
 }
