@@ -1,15 +1,20 @@
 //! Watching the attachment records: the plugin writes one per pod interface (with its pending mark)
 //! before the interface is up; the agent must notice within milliseconds, so a pod whose Pod object is
-//! known gets its policy and loses its pending mark at once. inotify on the directory, with a poll as
-//! the safety net in `reconcile`.
+//! known gets its policy and loses its pending mark at once. inotify on the directory; when it cannot
+//! start, or stops later, the engine polls the records instead (`schedule`).
 
 use crate::error::{Error, Result};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use std::path::Path;
 
-/// Starts a thread that calls `wake` whenever a record is created, replaced or removed. Creates the
-/// attachments directory when missing (the plugin would create it too).
-pub fn watch(state_dir: &Path, wake: impl Fn() -> bool + Send + 'static) -> Result<()> {
+/// Starts a thread that calls `wake` whenever a record is created, replaced or removed, and `lost`
+/// once should the watch stop (the engine then polls). Creates the attachments directory when
+/// missing (the plugin would create it too).
+pub fn watch(
+    state_dir: &Path,
+    wake: impl Fn() -> bool + Send + 'static,
+    lost: impl FnOnce() + Send + 'static,
+) -> Result<()> {
     let dir = palisade_contract::attachments_dir(state_dir);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create attachments dir", &dir, e))?;
     let ino = Inotify::init(InitFlags::IN_CLOEXEC)
@@ -36,7 +41,8 @@ pub fn watch(state_dir: &Path, wake: impl Fn() -> bool + Send + 'static) -> Resu
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "attachment watch stopped; falling back to the periodic poll");
+                    tracing::warn!(error = %e, "attachment watch stopped; the agent polls the records from now on");
+                    lost();
                     return;
                 }
             }

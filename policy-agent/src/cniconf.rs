@@ -242,6 +242,30 @@ pub fn render(params: &ConflistParams) -> Result<String, CniConfError> {
     Ok(text)
 }
 
+/// The agent writes the conflist once, after its first commit; until it can, it says why once.
+#[derive(Debug, Default)]
+pub struct Once {
+    written: bool,
+    warned: bool,
+}
+
+impl Once {
+    pub fn is_written(&self) -> bool {
+        self.written
+    }
+
+    pub fn written(&mut self) {
+        self.written = true;
+    }
+
+    /// The conflist cannot be written yet: log `why` the first time only.
+    pub fn not_yet(&mut self, why: &str) {
+        if !std::mem::replace(&mut self.warned, true) {
+            tracing::warn!("{why}");
+        }
+    }
+}
+
 /// Path of our conflist in `conf_dir`.
 pub fn conflist_path(conf_dir: &Path) -> PathBuf {
     conf_dir.join(CONFLIST_FILE)

@@ -7,27 +7,26 @@ use crate::compiled;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::nft::Nft;
-use crate::reconcile::{Config, Engine, Msg};
+use crate::reconcile::{self, Config, Engine, Msg};
+use crate::route_sync::RouteSync;
 use crate::routes::Routes;
 use crate::server;
 use crate::source::kube::KubeSource;
 use crate::source::manifests::ManifestSource;
 use crate::source::SourceEvent;
-use crate::state::{self, Applied};
 use palisade_policy::model::{Change, ClusterState};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-/// Capacity of the source → engine channel (backpressure on a burst of watch events). It bounds the
-/// decoded objects in flight, and so the start-up peak: a list page of the API (500) fits.
+/// Capacity of the channel `list_once` reads (backpressure on a burst of watch events).
 const SOURCE_CHANNEL: usize = 512;
 
 /// Starts the configured source, sending into `tx`; the task ends with the source.
-async fn start_source(
+async fn start_source<T: From<SourceEvent> + Send + 'static>(
     args: &SourceArgs,
-    tx: mpsc::Sender<SourceEvent>,
+    tx: mpsc::Sender<T>,
 ) -> Result<tokio::task::JoinHandle<Result<()>>> {
     let src_err = |e: crate::source::SourceError| Error::Source(e.to_string());
     Ok(if let Some(dir) = &args.manifests {
@@ -64,17 +63,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let nft = Nft::new(args.nft_backend);
     info!(backend = ?nft.backend(), "nft backend");
-    let routes = if args.no_routes {
-        None
-    } else {
-        Some(Routes::new()?)
-    };
-
-    let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+    // One channel into the engine: the source, the attachment watch, the drift monitor and the
+    // snapshot reader all send here (the threads with `blocking_send`).
+    let (tx, rx) = mpsc::channel::<Msg>(reconcile::CHANNEL);
     let wake = tx.clone();
-    let poll_attachments = match attachments::watch(&args.state_dir, move || {
-        wake.send(Msg::AttachmentsChanged).is_ok()
-    }) {
+    let lost = tx.clone();
+    let poll_attachments = match attachments::watch(
+        &args.state_dir,
+        move || wake.blocking_send(Msg::AttachmentsChanged).is_ok(),
+        move || {
+            let _ = lost.blocking_send(Msg::AttachmentWatchLost);
+        },
+    ) {
         Ok(()) => false,
         Err(e) => {
             warn!(error = %e, "cannot watch attachment records; polling them instead");
@@ -89,7 +89,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "--no-drift-watch: changes to our table by other processes are undone at resync only"
         );
     } else if let Err(e) =
-        crate::nft::watch_drift(move |what| drift_wake.send(Msg::Drift(what)).is_ok())
+        crate::nft::watch_drift(move |what| drift_wake.blocking_send(Msg::Drift(what)).is_ok())
     {
         warn!(error = %e, "cannot watch our table for changes; changes behind our back are undone at resync only (--resync-seconds); the agent needs CAP_NET_ADMIN");
     }
@@ -100,19 +100,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         cni_conf_dir: args.cni_conf_dir.clone(),
         ipam_data_dir: args.ipam_data_dir.clone(),
         mtu: args.mtu,
-        encapsulation: args.encapsulation,
         fail_open: args.fail_open,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         debounce: Duration::from_millis(args.debounce_ms),
-        routes: !args.no_routes,
-        cluster_cidrs,
+        cluster_cidrs: cluster_cidrs.clone(),
         masquerade: args.masquerade,
         no_masquerade_cidrs: args.no_masquerade_cidrs.clone(),
         poll_attachments,
     };
     let rt = tokio::runtime::Handle::current();
-    let mut engine =
-        Engine::new(cfg, nft, metrics, rt.clone(), routes).with_snapshot_reader(tx.clone())?;
+    let mut engine = Engine::new(cfg, nft, metrics).with_snapshot_reader(tx.clone())?;
     if !args.no_routes {
         info!(
             mode = args.encapsulation.label(),
@@ -120,7 +117,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
             port = crate::overlay::PORT,
             "encapsulation"
         );
-        engine = engine.with_overlay(crate::overlay::Overlay::new()?);
+        let sync = RouteSync::new(
+            Routes::new()?,
+            args.node_name.clone(),
+            cluster_cidrs,
+            args.encapsulation,
+            rt.clone(),
+        )
+        .with_overlay(crate::overlay::Overlay::new()?);
+        engine = engine.with_routes(sync);
     }
     if args.keep_established_flows {
         info!("--keep-established-flows: connections stay up when a policy revokes them");
@@ -132,21 +137,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
+    let engine_rt = rt.clone();
     let engine_thread = std::thread::Builder::new()
         .name("reconcile".into())
-        .spawn(move || engine.run(rx))
+        .spawn(move || engine.run(rx, engine_rt))
         .map_err(|e| Error::io("spawn reconcile thread", "reconcile", e))?;
 
-    let (stx, mut srx) = mpsc::channel(SOURCE_CHANNEL);
-    let mut source = start_source(&args.source, stx).await?;
-    let fwd = tx.clone();
-    tokio::spawn(async move {
-        while let Some(ev) = srx.recv().await {
-            if fwd.send(Msg::Source(ev)).is_err() {
-                return;
-            }
-        }
-    });
+    // The source converts objects into model changes and sends them to the engine directly.
+    let mut source = start_source(&args.source, tx.clone()).await?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("install SIGTERM handler", "signal", e))?;
@@ -160,7 +158,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
     };
     source.abort();
-    let _ = tx.send(Msg::Stop);
+    let _ = tx.send(Msg::Stop).await;
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
     result
 }
@@ -213,18 +211,18 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
 
 /// Lists every object once (until the source's `Synced`) into a state.
 pub async fn list_once(args: &SourceArgs) -> Result<ClusterState> {
-    let (tx, mut rx) = mpsc::channel(SOURCE_CHANNEL);
+    let (tx, mut rx) = mpsc::channel::<SourceEvent>(SOURCE_CHANNEL);
     let task = start_source(args, tx).await?;
     let mut st = ClusterState::default();
     while let Some(ev) = rx.recv().await {
-        let what = match &ev {
-            SourceEvent::Applied(o) => o.reference().to_string(),
-            _ => String::new(),
-        };
-        match state::apply(&mut st, ev) {
-            Applied::Changed => {}
-            Applied::Rejected(m) => warn!(object = %what, error = %m, "skipping invalid object"),
-            Applied::Synced => {
+        match ev {
+            SourceEvent::Changed { change, .. } => {
+                st.apply(change);
+            }
+            SourceEvent::Rejected { object, error } => {
+                warn!(%object, %error, "skipping invalid object")
+            }
+            SourceEvent::Synced => {
                 task.abort();
                 return Ok(st);
             }
@@ -253,7 +251,7 @@ pub async fn compile(args: CompileArgs) -> Result<()> {
         st.apply(Change::SetAttachments(good));
     }
     let d = compiled::compile(&st, &args.node_name)?;
-    for w in &d.warnings {
+    for w in d.warnings() {
         warn!("{w}");
     }
     println!("{}", compiled::full_replace(&d));

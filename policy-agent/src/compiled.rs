@@ -10,8 +10,6 @@ use palisade_policy::{Compiled, IncrementalCompiler, Ruleset};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Desired {
     pub compiled: Compiled,
-    /// Objects the compiler skipped, each naming the object.
-    pub warnings: Vec<String>,
 }
 
 impl Desired {
@@ -19,26 +17,10 @@ impl Desired {
     pub fn ruleset(&self) -> &Ruleset {
         &self.compiled.ruleset
     }
-}
 
-impl Desired {
-    /// Records pending marks the CNI plugin put into the kernel behind our back (read from the
-    /// attachment records under the node lock), so the next diff removes the ones whose pod is now known.
-    pub fn note_plugin_pending(&mut self, attachments: &[palisade_contract::Attachment]) {
-        use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6};
-        for a in attachments.iter().filter(|a| a.pending) {
-            for ip in &a.ips {
-                let name = if ip.is_ipv4() {
-                    PENDING_SET_V4
-                } else {
-                    PENDING_SET_V6
-                };
-                if let Some(set) = self.compiled.ruleset.sets.get_mut(name) {
-                    set.elements
-                        .insert(palisade_policy::ruleset::Elem::Addr(*ip));
-                }
-            }
-        }
+    /// Objects the compiler skipped, each naming the object.
+    pub fn warnings(&self) -> &[String] {
+        &self.compiled.warnings
     }
 }
 
@@ -50,27 +32,34 @@ pub struct Batch {
     pub stats: String,
 }
 
+/// The warnings of `now` not in `seen` (to log), remembering `now` as seen: a warning is logged
+/// once while it holds, and again should it come back after it went away.
+pub fn new_warnings(seen: &mut std::collections::BTreeSet<String>, now: &[String]) -> Vec<String> {
+    let now: std::collections::BTreeSet<String> = now.iter().cloned().collect();
+    let fresh = now.difference(seen).cloned().collect();
+    *seen = now;
+    fresh
+}
+
 /// Compiles the state for `node`. The compiler is pure and must not panic; should it anyway, the
 /// panic is caught and returned as an error so the last committed rules stay enforced.
 pub fn compile(state: &ClusterState, node: &str) -> Result<Desired> {
-    guarded(|| palisade_policy::compile(state, node)).map(|compiled| Desired {
-        compiled,
-        warnings: Vec::new(),
-    })
+    guarded(|| palisade_policy::compile(state, node)).map(|compiled| Desired { compiled })
 }
 
-/// A full compile of `state` for `node` that later changes update incrementally.
-pub fn incremental(state: &ClusterState, node: &str) -> Result<IncrementalCompiler> {
-    guarded(|| IncrementalCompiler::new(state.clone(), node))
-}
-
-/// Applies changes to the incremental compiler. After an error (a compiler panic) the compiler
-/// may be inconsistent: drop it and start again from [`incremental`].
+/// Applies changes to the incremental compiler (to its state only while it is stale); true when
+/// any of them changed the state. After an error (a compiler panic) the compiler may be
+/// inconsistent: invalidate it, and the next [`recompile`] starts again from its state.
 pub fn stage(
     inc: &mut IncrementalCompiler,
     changes: impl IntoIterator<Item = Change>,
-) -> Result<()> {
-    guarded(|| changes.into_iter().for_each(|c| inc.stage(c)))
+) -> Result<bool> {
+    guarded(|| changes.into_iter().fold(false, |any, c| inc.stage(c) | any))
+}
+
+/// Compiles the compiler's state in full when it is stale.
+pub fn recompile(inc: &mut IncrementalCompiler) -> Result<()> {
+    guarded(|| inc.recompile())
 }
 
 /// The transaction from the last taken batch to the compiler's current ruleset, with the
@@ -109,14 +98,6 @@ pub fn full_replace(d: &Desired) -> String {
 /// One transaction that replaces our whole table with `rs`.
 pub fn full_replace_of(rs: &Ruleset) -> String {
     rs.full_replace_text()
-}
-
-/// The transaction from `last` to `next`; `None` when nothing changes.
-pub fn diff(last: &Desired, next: &Desired) -> Option<Batch> {
-    batch(
-        palisade_policy::diff(last.ruleset(), next.ruleset()),
-        next.ruleset(),
-    )
 }
 
 fn batch(b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
@@ -174,6 +155,49 @@ pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state_with_a_bad_record() -> ClusterState {
+        let mut st = ClusterState::default();
+        st.apply(Change::SetAttachments(vec![
+            palisade_contract::Attachment {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+                netns: String::new(),
+                host_veth: "not-ours0".into(),
+                ips: vec!["10.244.1.9".parse().unwrap()],
+                pod_namespace: Some("ns".into()),
+                pod_name: Some("p".into()),
+                pod_uid: None,
+                pending: false,
+            },
+        ]));
+        st
+    }
+
+    #[test]
+    fn a_compile_carries_the_compilers_warnings_for_the_compile_subcommand_to_print() {
+        let d = compile(&state_with_a_bad_record(), "n1").unwrap();
+        assert!(
+            d.warnings().iter().any(|w| w.contains("not-ours0")),
+            "{:?}",
+            d.warnings()
+        );
+    }
+
+    #[test]
+    fn each_warning_is_logged_once_while_it_holds_and_again_when_it_returns() {
+        let mut seen = std::collections::BTreeSet::new();
+        let a = vec!["a".to_string()];
+        let ab = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(new_warnings(&mut seen, &a), a);
+        assert!(
+            new_warnings(&mut seen, &a).is_empty(),
+            "an incremental commit repeats nothing"
+        );
+        assert_eq!(new_warnings(&mut seen, &ab), vec!["b".to_string()]);
+        assert!(new_warnings(&mut seen, &[]).is_empty());
+        assert_eq!(new_warnings(&mut seen, &a), a, "it went away and came back");
+    }
 
     #[test]
     fn ports_parse_with_default_tcp_and_any_case_protocol() {

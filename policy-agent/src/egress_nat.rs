@@ -51,9 +51,9 @@ pub fn desired(
     })
 }
 
-/// Brings `state` to the egress NAT its Nodes and `cfg` call for; the change to stage into the
-/// compiler when that differed (logged), `None` when nothing changed.
-pub fn apply(cfg: &NatConfig, state: &mut ClusterState, self_name: &str) -> Option<Change> {
+/// The change that brings `state` to the egress NAT its Nodes and `cfg` call for (logged), `None`
+/// when it has that already.
+pub fn change(cfg: &NatConfig, state: &ClusterState, self_name: &str) -> Option<Change> {
     let plan = routes::desired_routes(&state.nodes, self_name, &cfg.cluster_cidrs);
     let nat = desired(cfg, &state.nodes, self_name, &plan);
     if nat == state.egress_nat {
@@ -67,9 +67,7 @@ pub fn apply(cfg: &NatConfig, state: &mut ClusterState, self_name: &str) -> Opti
         ),
         None => info!("egress NAT off (--masquerade=false)"),
     }
-    let change = Change::SetEgressNat(nat);
-    state.apply(change.clone());
-    Some(change)
+    Some(Change::SetEgressNat(nat))
 }
 
 fn join(nets: &[IpNet]) -> String {
@@ -161,18 +159,17 @@ mod tests {
     }
 
     #[test]
-    fn apply_changes_the_state_once_and_then_reports_nothing() {
+    fn the_change_is_asked_for_once_and_then_nothing() {
         let mut st = ClusterState::default();
         let (name, n) = node("a", &["10.244.1.0/24"], &["172.31.0.1"]);
         st.apply(Change::UpsertNode(n));
         let cfg = on();
-        assert!(matches!(
-            apply(&cfg, &mut st, &name),
-            Some(Change::SetEgressNat(Some(_)))
-        ));
-        assert!(st.egress_nat.is_some());
+        let c = change(&cfg, &st, &name);
+        assert!(matches!(c, Some(Change::SetEgressNat(Some(_)))), "{c:?}");
+        assert!(st.egress_nat.is_none(), "asking changes nothing");
+        assert!(st.apply(c.unwrap()));
         assert_eq!(
-            apply(&cfg, &mut st, &name),
+            change(&cfg, &st, &name),
             None,
             "nothing changed: nothing to stage"
         );

@@ -1,10 +1,12 @@
 //! palisade-agent: the node agent's edges around the pure core in `palisade-policy`.
 //!
-//! Rooms: `source` (kube watchers, manifest directory) feeds `reconcile`, which compiles with
-//! `palisade_policy` (through `compiled`), commits through `nft` while holding the node `lock`, converges
-//! `routes`, writes the conflist with `cniconf` once the first sync succeeded, and reports through
-//! `server` and `metrics`. `attachments` watches the plugin's records. `cli` holds the clap subcommands,
-//! `commands` what they do.
+//! Rooms: `source` (kube watchers, manifest directory) converts objects into model changes and
+//! sends them to `reconcile`, whose loop keeps the one cluster state inside the incremental compiler
+//! (through `compiled`), runs on the pure timers of `schedule`, commits through `nft` while holding
+//! the node `lock`, converges routes and the overlay with `route_sync` (`routes`, `overlay`), writes
+//! the conflist with `cniconf` once the first sync succeeded, cuts revoked flows with `conntrack`,
+//! and reports through `server` and `metrics`. `attachments` watches the plugin's records. `cli`
+//! holds the clap subcommands, `commands` what they do.
 
 pub mod attachments;
 pub mod cli;
@@ -19,7 +21,8 @@ pub mod metrics;
 pub mod nft;
 pub mod overlay;
 pub mod reconcile;
+pub mod route_sync;
 pub mod routes;
+pub mod schedule;
 pub mod server;
 pub mod source;
-pub mod state;

@@ -39,6 +39,12 @@ struct Inner {
     refused_pod_cidrs: BTreeMap<&'static str, u64>,
     /// Pod routes that failed at the last route sync.
     route_failures: u64,
+    /// Source changes by what they did to the model: changed, unchanged, rejected.
+    source_changes: BTreeMap<&'static str, u64>,
+    /// Reconciles started (successful or not).
+    reconciles: u64,
+    /// Times the reconcile took the node lock.
+    lock_acquisitions: u64,
 }
 
 /// Shared between the reconcile thread and the HTTP server.
@@ -106,6 +112,22 @@ impl Metrics {
         self.with(|m| m.route_failures = n);
     }
 
+    /// One change from a source: `changed`, `unchanged` (nothing we compile differs: no work
+    /// follows) or `rejected` (invalid object).
+    pub fn source_change(&self, result: &'static str) {
+        self.with(|m| *m.source_changes.entry(result).or_default() += 1);
+    }
+
+    /// A reconcile started.
+    pub fn reconcile_started(&self) {
+        self.with(|m| m.reconciles += 1);
+    }
+
+    /// The reconcile took the node lock.
+    pub fn lock_acquired(&self) {
+        self.with(|m| m.lock_acquisitions += 1);
+    }
+
     /// A conntrack sweep deleted `cut` entries and left `unjudged` alone (could not judge them).
     pub fn flows_revoked(&self, cut: u64, unjudged: u64) {
         self.with(|m| {
@@ -143,6 +165,13 @@ impl Metrics {
                 let _ = writeln!(o, "palisade_refused_pod_cidrs{{reason=\"{reason}\"}} {v}");
             }
             let _ = writeln!(o, "# HELP palisade_pod_route_failures Pod routes that failed at the last route sync (retried with backoff).\n# TYPE palisade_pod_route_failures gauge\npalisade_pod_route_failures {}", m.route_failures);
+            let _ = writeln!(o, "# HELP palisade_source_changes_total Changes from the source by what they did to the model (unchanged: a status heartbeat, an ignored field; no work follows).\n# TYPE palisade_source_changes_total counter");
+            for result in ["changed", "unchanged", "rejected"] {
+                let v = m.source_changes.get(result).copied().unwrap_or(0);
+                let _ = writeln!(o, "palisade_source_changes_total{{result=\"{result}\"}} {v}");
+            }
+            let _ = writeln!(o, "# HELP palisade_reconciles_total Reconciles started.\n# TYPE palisade_reconciles_total counter\npalisade_reconciles_total {}", m.reconciles);
+            let _ = writeln!(o, "# HELP palisade_node_lock_acquisitions_total Times the agent took the node lock (the lock CNI ADD and DEL wait for).\n# TYPE palisade_node_lock_acquisitions_total counter\npalisade_node_lock_acquisitions_total {}", m.lock_acquisitions);
             let s = m.sizes;
             for (name, help, v) in [
                 ("palisade_pods", "Pods in the cluster state.", s.pods),

@@ -942,3 +942,79 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
         n1.our_routes()
     );
 }
+
+/// One metric's value (summed over its label sets matching `filter`).
+fn metric(text: &str, name: &str, filter: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn status_heartbeats_that_change_nothing_compiled_schedule_no_reconcile_and_take_no_lock() {
+    let n1 = Netns::new("pan");
+    let t = TempDir::new("pa-beat");
+    let d = AgentDirs::new(&t);
+    manifest(
+        &d.manifests,
+        "nodes.yaml",
+        &node_yaml(NODE, &["10.244.1.0/24"], &["192.168.77.1"]),
+    );
+    manifest(&d.manifests, "ns.yaml", &namespace_yaml("demo"));
+    manifest(
+        &d.manifests,
+        "deny.yaml",
+        &deny_ingress_yaml("demo", "deny", "target"),
+    );
+    let pod = |beat: u32| {
+        pod_yaml("demo", "target", "target", NODE, Some("10.244.1.5")).replace(
+            "status: {phase: Running,",
+            &format!("status: {{phase: Running, conditions: [{{type: Ready, status: 'True', lastProbeTime: '2026-01-01T00:00:{:02}Z'}}],", beat % 60),
+        )
+    };
+    manifest(&d.manifests, "pod.yaml", &pod(0));
+    let mut agent = Agent::start(&n1, NODE, &d, &["--debounce-ms", "5"]);
+    assert!(agent.wait_ready(&n1, Duration::from_secs(10)), "not ready");
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, before) = n1.http(AGENT_PORT, "/metrics").expect("metrics");
+    for beat in 1..=20 {
+        manifest(&d.manifests, "pod.yaml", &pod(beat));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Wait until the source has seen all 20 (each is one unchanged change), then compare.
+    let seen = |m: &str| metric(m, "palisade_source_changes_total", "unchanged");
+    let base = seen(&before);
+    assert!(
+        wait_until(Duration::from_secs(5), || n1
+            .http(AGENT_PORT, "/metrics")
+            .is_some_and(|(_, m)| seen(&m) >= base + 20)),
+        "the heartbeats did not all reach the agent"
+    );
+    let (_, after) = n1.http(AGENT_PORT, "/metrics").expect("metrics");
+    for name in [
+        "palisade_reconciles_total",
+        "palisade_node_lock_acquisitions_total",
+        "palisade_transactions_total",
+    ] {
+        assert_eq!(
+            metric(&after, name, ""),
+            metric(&before, name, ""),
+            "{name} moved for heartbeats:\n{after}"
+        );
+    }
+    // A real change still reconciles at once.
+    manifest(
+        &d.manifests,
+        "pod.yaml",
+        &pod_yaml("demo", "target", "other", NODE, Some("10.244.1.5")),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || n1
+            .http(AGENT_PORT, "/metrics")
+            .is_some_and(|(_, m)| metric(&m, "palisade_reconciles_total", "")
+                > metric(&after, "palisade_reconciles_total", ""))),
+        "a label change was not reconciled"
+    );
+    let _ = agent.child.kill();
+}

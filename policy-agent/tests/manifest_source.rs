@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use palisade_agent::source::{ManifestSource, Object, SourceError, SourceEvent};
-use support::{describe_all, is, Events, WAIT};
+use palisade_agent::source::{ManifestSource, SourceError, SourceEvent};
+use support::{applied_pod, describe_all, is, pod_label, Events, WAIT};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -105,14 +105,7 @@ impl Running {
 }
 
 fn label_of(events: &[SourceEvent], name: &str) -> Option<String> {
-    events.iter().rev().find_map(|e| match e {
-        SourceEvent::Applied(Object::Pod(p)) if p.metadata.name.as_deref() == Some(name) => p
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("app").cloned()),
-        _ => None,
-    })
+    applied_pod(events, name).and_then(pod_label)
 }
 
 #[tokio::test]
@@ -413,7 +406,7 @@ async fn objects_moving_between_files_are_never_deleted() {
 async fn a_missing_directory_is_an_error_naming_it() {
     let dir = TempDir::new("missing");
     let missing = dir.0.join("nope");
-    let (tx, _rx) = mpsc::channel(8);
+    let (tx, _rx) = mpsc::channel::<SourceEvent>(8);
     let result = tokio::time::timeout(WAIT, ManifestSource::new(&missing).run(tx))
         .await
         .expect("returns at once");

@@ -107,7 +107,7 @@ impl KubeSource {
     ///
     /// Watch errors (API server down, 403, 410 Gone, decode errors) are logged and retried with kube's
     /// default backoff; they never end `run`.
-    pub async fn run(self, tx: mpsc::Sender<SourceEvent>) -> Result<(), SourceError> {
+    pub async fn run<T: From<SourceEvent>>(self, tx: mpsc::Sender<T>) -> Result<(), SourceError> {
         let config = watcher::Config::default().timeout(self.watch_timeout_secs);
         let streams = vec![
             kind_stream::<Pod>(&self.client, &config, Kind::Pod, |o| {
@@ -152,7 +152,7 @@ impl KubeSource {
                 }
             };
             for out in tracker.handle(kind, event) {
-                if tx.send(out).await.is_err() {
+                if tx.send(out.into()).await.is_err() {
                     debug!("kubernetes source: receiver dropped, stopping");
                     return Ok(());
                 }
@@ -219,7 +219,7 @@ impl Tracker {
                 known.insert(key.clone(), rv.clone());
                 self.relisting.entry(kind).or_default().insert(key, rv);
                 if !unchanged {
-                    out.push(SourceEvent::Applied(object));
+                    out.push(SourceEvent::applied(object));
                 }
             }
             Event::InitDone => {
@@ -236,7 +236,7 @@ impl Tracker {
                 }
                 for key in gone {
                     known.remove(&key);
-                    out.push(SourceEvent::Deleted(key));
+                    out.push(SourceEvent::deleted(key));
                 }
                 debug!(kind = %kind, objects = known.len(), "kubernetes source: list complete");
                 self.listed.insert(kind);
@@ -251,7 +251,7 @@ impl Tracker {
                 let key = object.reference();
                 let rv = object.meta().resource_version.clone().unwrap_or_default();
                 self.known.entry(kind).or_default().insert(key, rv);
-                out.push(SourceEvent::Applied(object));
+                out.push(SourceEvent::applied(object));
             }
             Event::Delete(object) => {
                 let key = object.reference();
@@ -259,7 +259,7 @@ impl Tracker {
                 if let Some(relisting) = self.relisting.get_mut(&kind) {
                     relisting.remove(&key);
                 }
-                out.push(SourceEvent::Deleted(key));
+                out.push(SourceEvent::deleted(key));
             }
         }
         out

@@ -82,7 +82,7 @@ impl ManifestSource {
     ///
     /// Fails at start if the directory cannot be watched or listed; later I/O errors are logged and the
     /// last good objects kept.
-    pub async fn run(self, tx: mpsc::Sender<SourceEvent>) -> Result<(), SourceError> {
+    pub async fn run<T: From<SourceEvent>>(self, tx: mpsc::Sender<T>) -> Result<(), SourceError> {
         let dir_error = |action: &'static str, source: io::Error| SourceError::ManifestDir {
             path: self.dir.clone(),
             action,
@@ -103,7 +103,7 @@ impl ManifestSource {
         let mut state = DirState::new(self.dir.clone());
         let initial = state.rescan(true).map_err(|e| dir_error("list", e))?;
         info!(dir = %self.dir.display(), objects = state.emitted.len(), "manifest source: initial scan done");
-        if !send_all(&tx, initial).await || tx.send(SourceEvent::Synced).await.is_err() {
+        if !send_all(&tx, initial).await || tx.send(SourceEvent::Synced.into()).await.is_err() {
             return Ok(());
         }
 
@@ -171,14 +171,14 @@ fn watch_flags() -> AddWatchFlags {
 
 /// Sends events in order, decoding each applied object only when the channel has room for it; false
 /// when the receiver is gone.
-async fn send_all(tx: &mpsc::Sender<SourceEvent>, events: Vec<Emit>) -> bool {
+async fn send_all<T: From<SourceEvent>>(tx: &mpsc::Sender<T>, events: Vec<Emit>) -> bool {
     for event in events {
         let Ok(permit) = tx.reserve().await else {
             debug!("manifest source: receiver dropped, stopping");
             return false;
         };
         if let Some(event) = event.decode() {
-            permit.send(event);
+            permit.send(event.into());
         }
     }
     true
@@ -304,9 +304,9 @@ impl Emit {
     /// The source event; `None` (logged) if a kept encoding no longer decodes, which would be a bug.
     fn decode(self) -> Option<SourceEvent> {
         match self {
-            Emit::Deleted(key) => Some(SourceEvent::Deleted(key)),
+            Emit::Deleted(key) => Some(SourceEvent::deleted(key)),
             Emit::Applied(key, encoded) => match decode_encoded(key.kind, &encoded) {
-                Ok(object) => Some(SourceEvent::Applied(object)),
+                Ok(object) => Some(SourceEvent::applied(object)),
                 Err(e) => {
                     warn!(object = %key, error = %e, "manifest source: kept object cannot be decoded; not emitted");
                     None

@@ -1,10 +1,13 @@
-//! Sources of cluster objects. Every source (the Kubernetes API, a manifest directory) emits the same
-//! [`SourceEvent`]s, so nothing downstream knows which one is in use.
+//! Sources of cluster objects. Every source (the Kubernetes API, a manifest directory) converts what
+//! it reads into model changes at the edge and emits the same [`SourceEvent`]s, so nothing
+//! downstream knows which one is in use, nor any `k8s-openapi` type: those stop here.
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use palisade_policy::model::{self, Change};
+use palisade_policy::ModelError;
 
-/// One cluster object of a kind the agent cares about, as the API serves it.
+/// One cluster object of a kind the agent cares about, as the API serves it (inside the sources).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Pod(Box<Pod>),
@@ -33,12 +36,41 @@ pub struct ObjectRef {
 /// What a source tells the reconcile engine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceEvent {
-    /// The object was created or changed (or seen in a (re)list).
-    Applied(Object),
-    /// The object is gone (deleted, or missing from a relist after a disconnect).
-    Deleted(ObjectRef),
+    /// An object was created, changed or seen in a (re)list (an upsert), or is gone (deleted, or
+    /// missing from a relist after a disconnect): as the model change it means. It may equal what
+    /// the model holds already (a status heartbeat); the engine finds that out.
+    Changed { object: ObjectRef, change: Change },
+    /// An object the model cannot take (the API server would have refused it); the error names
+    /// the field. Its previous version, if any, stays.
+    Rejected {
+        object: ObjectRef,
+        error: ModelError,
+    },
     /// Every kind's initial list is complete: enforcing may start. Sent once per source start.
     Synced,
+}
+
+impl SourceEvent {
+    /// The event for an object created, changed or listed.
+    pub fn applied(object: Object) -> Self {
+        let reference = object.reference();
+        match object.into_change() {
+            Ok(change) => SourceEvent::Changed {
+                object: reference,
+                change,
+            },
+            Err(error) => SourceEvent::Rejected {
+                object: reference,
+                error,
+            },
+        }
+    }
+
+    /// The event for an object that is gone.
+    pub fn deleted(object: ObjectRef) -> Self {
+        let change = object.delete_change();
+        SourceEvent::Changed { object, change }
+    }
 }
 
 pub mod kube;
@@ -110,6 +142,17 @@ impl std::fmt::Display for ObjectRef {
 }
 
 impl ObjectRef {
+    /// The model change that removes this object.
+    pub fn delete_change(&self) -> Change {
+        let (namespace, name) = (self.namespace.clone(), self.name.clone());
+        match self.kind {
+            Kind::Pod => Change::DeletePod { namespace, name },
+            Kind::Namespace => Change::DeleteNamespace { name },
+            Kind::NetworkPolicy => Change::DeletePolicy { namespace, name },
+            Kind::Node => Change::DeleteNode { name },
+        }
+    }
+
     /// A reference to a namespaced object.
     pub fn namespaced(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
         ObjectRef {
@@ -130,6 +173,16 @@ impl ObjectRef {
 }
 
 impl Object {
+    /// The model change this object means (an upsert), or why the model cannot take it.
+    pub fn into_change(self) -> Result<Change, ModelError> {
+        Ok(match self {
+            Object::Pod(p) => Change::UpsertPod(model::pod_from_k8s(&p)?.into()),
+            Object::Namespace(n) => Change::UpsertNamespace(model::namespace_from_k8s(&n)?),
+            Object::NetworkPolicy(p) => Change::UpsertPolicy(model::policy_from_k8s(&p)?),
+            Object::Node(n) => Change::UpsertNode(model::node_from_k8s(&n)?),
+        })
+    }
+
     /// The object's kind.
     pub fn kind(&self) -> Kind {
         match self {
@@ -181,5 +234,52 @@ impl Object {
         meta.managed_fields = None;
         meta.annotations = None;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(json: serde_json::Value) -> Object {
+        Object::NetworkPolicy(Box::new(serde_json::from_value(json).unwrap()))
+    }
+
+    #[test]
+    fn a_bad_object_is_rejected_at_the_edge_by_name_and_field_and_a_good_one_is_a_change() {
+        let bad = policy(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "broken"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}
+        }));
+        match SourceEvent::applied(bad) {
+            SourceEvent::Rejected { object, error } => {
+                assert_eq!(object.to_string(), "NetworkPolicy ns/broken");
+                let e = error.to_string();
+                assert!(e.contains("ns/broken") && e.contains("10.0.0.0/33"), "{e}");
+            }
+            other => panic!("accepted a bad policy: {other:?}"),
+        }
+        let good = policy(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "ok"},
+            "spec": {"podSelector": {}}
+        }));
+        assert!(matches!(
+            SourceEvent::applied(good),
+            SourceEvent::Changed {
+                change: Change::UpsertPolicy(_),
+                ..
+            }
+        ));
+        let gone = ObjectRef::namespaced(Kind::NetworkPolicy, "ns", "ok");
+        assert_eq!(
+            SourceEvent::deleted(gone.clone()),
+            SourceEvent::Changed {
+                object: gone,
+                change: Change::DeletePolicy {
+                    namespace: "ns".into(),
+                    name: "ok".into()
+                }
+            }
+        );
     }
 }

@@ -26,10 +26,35 @@ pub fn init_logging() {
 /// One line per event, for assertions and failure messages.
 pub fn describe(event: &SourceEvent) -> String {
     match event {
-        SourceEvent::Applied(object) => format!("Applied {}", object.reference()),
-        SourceEvent::Deleted(key) => format!("Deleted {key}"),
+        SourceEvent::Changed { object, change } => {
+            if *change == object.delete_change() {
+                format!("Deleted {object}")
+            } else {
+                format!("Applied {object}")
+            }
+        }
+        SourceEvent::Rejected { object, .. } => format!("Rejected {object}"),
         SourceEvent::Synced => "Synced".to_owned(),
     }
+}
+
+/// The model pod of the last upsert of pod `name` among `events`.
+pub fn applied_pod<'a>(
+    events: &'a [SourceEvent],
+    name: &str,
+) -> Option<&'a palisade_policy::model::Pod> {
+    events.iter().rev().find_map(|e| match e {
+        SourceEvent::Changed {
+            change: palisade_policy::model::Change::UpsertPod(p),
+            ..
+        } if p.name == name => Some(&**p),
+        _ => None,
+    })
+}
+
+/// The `app` label of that pod.
+pub fn pod_label(pod: &palisade_policy::model::Pod) -> Option<String> {
+    pod.labels.get("app").cloned()
 }
 
 pub fn describe_all(events: &[SourceEvent]) -> Vec<String> {

@@ -294,6 +294,9 @@ pub struct IncrementalCompiler {
     tr: Tracker,
     /// Resolved peers of unchanged rules of a policy being recompiled, by (policy, dir, index).
     reuse: BTreeMap<(String, Direction, usize), super::PeerSet>,
+    /// Set by [`IncrementalCompiler::invalidate`]: changes go to the state only, and
+    /// [`IncrementalCompiler::recompile`] compiles in full.
+    stale: bool,
 }
 
 fn names_of(rs: &Ruleset) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -421,6 +424,36 @@ impl IncrementalCompiler {
             policy_names,
             tr: Tracker::default(),
             reuse: BTreeMap::new(),
+            stale: false,
+        }
+    }
+
+    /// A compiler for `node` that holds no state yet and compiles in full at the first
+    /// [`Self::recompile`] (the changes of an initial list go to the state only).
+    pub fn empty(node: &str) -> Self {
+        let mut c = Self::new(ClusterState::default(), node);
+        c.stale = true;
+        c
+    }
+
+    /// Compile in full next time: until [`Self::recompile`], changes are applied to the state only
+    /// (no incremental work), and what [`Self::compiled`] shows is out of date.
+    pub fn invalidate(&mut self) {
+        self.stale = true;
+    }
+
+    /// Whether the next [`Self::recompile`] compiles in full.
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// Compiles the held state in full (a fresh start: the next batch is relative to this
+    /// ruleset, which callers commit as a full replace); nothing to do unless stale. The state is
+    /// cloned, not moved, into the new compile (pods are shared, so it is cheap beside the compile):
+    /// should the compile panic, this compiler still holds the whole state and stays stale.
+    pub fn recompile(&mut self) {
+        if self.stale {
+            *self = Self::new(self.state.clone(), &self.compiled.node);
         }
     }
 
@@ -478,8 +511,16 @@ impl IncrementalCompiler {
     }
 
     /// Applies one change to the state, the model and the ruleset; the kernel's part is kept
-    /// for the next [`Self::take_batch`].
-    pub fn stage(&mut self, change: Change) {
+    /// for the next [`Self::take_batch`]. Returns whether the state changed: a change equal to what
+    /// is held (see [`ClusterState::would_change`]) does no work at all. While stale, only the state
+    /// changes.
+    pub fn stage(&mut self, change: Change) -> bool {
+        if !self.state.would_change(&change) {
+            return false;
+        }
+        if self.stale {
+            return self.state.apply(change);
+        }
         let mut tr = std::mem::take(&mut self.tr);
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         match change {
@@ -512,8 +553,8 @@ impl IncrementalCompiler {
             }
             Change::UpsertPolicy(p) => {
                 let (key, ns) = (p.key(), p.namespace.clone());
-                let old = self.state.policies.get(&key).cloned();
-                self.state.apply(Change::UpsertPolicy(p));
+                // The previous version is moved out, not cloned (`would_change` said it differs).
+                let old = self.state.policies.insert(key.clone(), p);
                 self.policy_changed(key, &ns, old, &mut dirty);
             }
             Change::DeletePolicy { namespace, name } => {
@@ -535,6 +576,7 @@ impl IncrementalCompiler {
         self.reuse.clear(); // peers of a policy that no longer selects a local pod
         self.rebuild_local(&mut tr);
         self.tr = tr;
+        true
     }
 
     fn pods_changed(

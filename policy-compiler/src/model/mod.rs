@@ -311,8 +311,50 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Applies one change. Upserts replace the whole object (semantics 10).
-    pub fn apply(&mut self, change: Change) {
+    /// Whether applying `change` would change this state. A source re-emits every modified object
+    /// (a status heartbeat, a resourceVersion bump, an annotation) and the model keeps only what the
+    /// compiler reads, so most such events are equal to what is held: they are no-ops, and callers
+    /// schedule no work for them.
+    pub fn would_change(&self, change: &Change) -> bool {
+        match change {
+            Change::UpsertNamespace(ns) => match self.namespaces.get(&ns.name) {
+                None => true,
+                // What `apply` holds: the labels with the name label added.
+                Some(held) => {
+                    let mut labels = ns.labels.clone();
+                    labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+                    held.labels != labels
+                }
+            },
+            Change::DeleteNamespace { name } => self.namespaces.contains_key(name),
+            Change::UpsertPod(pod) => {
+                let held = self.pods.get(&pod.key());
+                if pod.phase.is_terminated() {
+                    held.is_some()
+                } else {
+                    held.is_none_or(|h| **h != **pod)
+                }
+            }
+            Change::DeletePod { namespace, name } => {
+                self.pods.contains_key(&pod_key(namespace, name))
+            }
+            Change::UpsertPolicy(p) => self.policies.get(&p.key()) != Some(p),
+            Change::DeletePolicy { namespace, name } => {
+                self.policies.contains_key(&pod_key(namespace, name))
+            }
+            Change::UpsertNode(n) => self.nodes.get(&n.name) != Some(n),
+            Change::DeleteNode { name } => self.nodes.contains_key(name),
+            Change::SetAttachments(a) => self.attachments != *a,
+            Change::SetEgressNat(n) => self.egress_nat != *n,
+        }
+    }
+
+    /// Applies one change; returns whether the state changed (see [`Self::would_change`]).
+    /// Upserts replace the whole object (semantics 10).
+    pub fn apply(&mut self, change: Change) -> bool {
+        if !self.would_change(&change) {
+            return false;
+        }
         match change {
             Change::UpsertNamespace(mut ns) => {
                 ns.labels
@@ -352,6 +394,7 @@ impl ClusterState {
                 self.egress_nat = n;
             }
         }
+        true
     }
 
     /// Labels of a namespace. A namespace not (yet) known still carries its name label, so
@@ -361,5 +404,80 @@ impl ClusterState {
             Some(ns) => ns.labels.clone(),
             None => Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(labels: &[(&str, &str)]) -> Arc<Pod> {
+        Arc::new(Pod {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: "u1".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            node_name: Some("n1".into()),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            ports: Vec::new(),
+            host_network: false,
+            phase: PodPhase::Running,
+        })
+    }
+
+    #[test]
+    fn an_upsert_equal_to_what_is_held_changes_nothing_and_says_so() {
+        let mut s = ClusterState::default();
+        assert!(s.apply(Change::UpsertPod(pod(&[("app", "a")]))));
+        // A status heartbeat converts to the same model pod (a fresh allocation, equal content).
+        assert!(!s.apply(Change::UpsertPod(pod(&[("app", "a")]))));
+        assert!(s.apply(Change::UpsertPod(pod(&[("app", "b")]))));
+        let mut failed = (*pod(&[("app", "b")])).clone();
+        failed.phase = PodPhase::Failed;
+        assert!(s.apply(Change::UpsertPod(Arc::new(failed.clone()))));
+        assert!(s.pods.is_empty());
+        assert!(
+            !s.apply(Change::UpsertPod(Arc::new(failed))),
+            "a terminated pod not held"
+        );
+        assert!(!s.apply(Change::DeletePod {
+            namespace: "ns".into(),
+            name: "p".into()
+        }));
+    }
+
+    #[test]
+    fn a_namespace_without_its_name_label_equals_the_held_one_with_it() {
+        let mut s = ClusterState::default();
+        let bare = Namespace {
+            name: "x".into(),
+            labels: Labels::from([("team".to_string(), "t".to_string())]),
+        };
+        assert!(s.apply(Change::UpsertNamespace(bare.clone())));
+        assert!(!s.apply(Change::UpsertNamespace(bare.clone())));
+        assert!(!s.apply(Change::UpsertNamespace(Namespace::new(
+            "x",
+            bare.labels.clone()
+        ))));
+        let mut other = bare.clone();
+        other.labels.insert("team".into(), "u".into());
+        assert!(s.apply(Change::UpsertNamespace(other)));
+        assert!(s.apply(Change::DeleteNamespace { name: "x".into() }));
+        assert!(!s.apply(Change::DeleteNamespace { name: "x".into() }));
+    }
+
+    #[test]
+    fn attachments_and_egress_nat_set_to_what_is_held_change_nothing() {
+        let mut s = ClusterState::default();
+        assert!(!s.apply(Change::SetAttachments(Vec::new())));
+        assert!(!s.apply(Change::SetEgressNat(None)));
+        assert!(!s.apply(Change::DeleteNode { name: "n".into() }));
+        assert!(!s.apply(Change::DeletePolicy {
+            namespace: "ns".into(),
+            name: "p".into()
+        }));
     }
 }

@@ -176,3 +176,77 @@ fn a_change_that_touches_nothing_compiled_gives_an_empty_batch() {
     });
     assert!(b.is_empty());
 }
+
+#[test]
+fn a_change_equal_to_what_is_held_does_no_work_and_says_so() {
+    let cfg = SynthConfig::small(6);
+    let mut inc = IncrementalCompiler::new(synth::cluster(&cfg), "n0");
+    let held: Vec<Change> = inc
+        .state()
+        .pods
+        .values()
+        .map(|p| Change::UpsertPod(Arc::new(Pod::clone(p))))
+        .chain(
+            inc.state()
+                .policies
+                .values()
+                .cloned()
+                .map(Change::UpsertPolicy),
+        )
+        .chain(
+            inc.state()
+                .namespaces
+                .values()
+                .cloned()
+                .map(Change::UpsertNamespace),
+        )
+        .chain(inc.state().nodes.values().cloned().map(Change::UpsertNode))
+        .collect();
+    assert!(!held.is_empty());
+    let before = inc.compiled().clone();
+    for ch in held {
+        let what = format!("{ch:?}");
+        assert!(!inc.stage(ch), "an equal upsert reported a change: {what}");
+    }
+    assert!(inc.take_batch().is_empty());
+    assert_eq!(inc.compiled(), &before);
+}
+
+#[test]
+fn a_stale_compiler_only_records_changes_and_recompiles_to_the_full_compile() {
+    let cfg = SynthConfig::small(7);
+    let cluster = synth::cluster(&cfg);
+    let mut inc = IncrementalCompiler::empty("n0");
+    assert!(inc.is_stale());
+    let mut rng = Rng::new(11);
+    for ch in cluster
+        .namespaces
+        .values()
+        .cloned()
+        .map(Change::UpsertNamespace)
+        .chain(cluster.pods.values().cloned().map(Change::UpsertPod))
+        .chain(cluster.policies.values().cloned().map(Change::UpsertPolicy))
+    {
+        assert!(inc.stage(ch));
+    }
+    for i in 0..20 {
+        let ch = change(&cfg, inc.state(), &mut rng, i);
+        inc.stage(ch);
+    }
+    assert!(inc.is_stale());
+    assert_eq!(
+        inc.compiled(),
+        &compile(&ClusterState::default(), "n0"),
+        "no work while stale"
+    );
+    inc.recompile();
+    assert!(!inc.is_stale());
+    assert_eq!(inc.compiled(), &compile(inc.state(), "n0"));
+    // And it is incremental again from there.
+    let ch = change(&cfg, inc.state(), &mut rng, 99);
+    inc.stage(ch);
+    assert_eq!(inc.compiled(), &compile(inc.state(), "n0"));
+    inc.invalidate();
+    inc.recompile();
+    assert_eq!(inc.compiled(), &compile(inc.state(), "n0"));
+}

@@ -1,0 +1,217 @@
+//! Routes to the other nodes' pods, on their own schedule: converges our pod routes and the overlay
+//! (VXLAN devices, FDB, neighbours) to the validated Nodes after commits and at resync. Failures are
+//! logged, counted and retried with the routes' own backoff ([`Schedule::routes_failed`]); they
+//! never fail or delay a policy commit.
+
+use crate::metrics::Metrics;
+use crate::overlay::{self, Desired, Mode, Overlay};
+use crate::routes::{self, PodRoute, Refused, Routes};
+use crate::schedule::Schedule;
+use palisade_policy::model::Node;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// Our routes and overlay, and what we last made of them.
+pub struct RouteSync {
+    routes: Routes,
+    /// The overlay edge; `None`: every other node is reached directly.
+    overlay: Option<Overlay>,
+    node_name: String,
+    cluster_cidrs: Vec<ipnet::IpNet>,
+    encapsulation: Mode,
+    rt: tokio::runtime::Handle,
+    /// What the last successful sync converged to; `None`: unknown (check next time).
+    applied: Option<Desired>,
+    /// What the last failed sync tried to reach: while it is still what we want, only the retry
+    /// timer tries again; a different want is tried at once.
+    attempted: Option<Desired>,
+    /// The podCIDRs refused last time (logged when they change).
+    refused: Vec<Refused>,
+}
+
+impl RouteSync {
+    pub fn new(
+        routes: Routes,
+        node_name: String,
+        cluster_cidrs: Vec<ipnet::IpNet>,
+        encapsulation: Mode,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        RouteSync {
+            routes,
+            overlay: None,
+            node_name,
+            cluster_cidrs,
+            encapsulation,
+            rt,
+            applied: None,
+            attempted: None,
+            refused: Vec::new(),
+        }
+    }
+
+    /// Reach other nodes through the overlay edge (`--encapsulation`).
+    pub fn with_overlay(mut self, overlay: Overlay) -> Self {
+        self.overlay = Some(overlay);
+        self
+    }
+
+    /// Whether pods leave this node through the overlay (for the pod MTU).
+    pub fn overlay_in_use(&self) -> bool {
+        self.overlay.is_some() && self.encapsulation != Mode::Never
+    }
+
+    /// Our links and addresses (for the MTU and the overlay plan).
+    pub fn local(&self) -> crate::error::Result<overlay::Local> {
+        match &self.overlay {
+            Some(o) => self.rt.block_on(o.local()),
+            None => Ok(overlay::Local::default()),
+        }
+    }
+
+    /// Forget what was converged: the next sync checks everything again.
+    pub fn forget(&mut self) {
+        self.applied = None;
+    }
+
+    /// What routes, devices and peers the Nodes call for: `routes` (validated, via InternalIPs)
+    /// split into direct and overlay ones by `--encapsulation` and our links.
+    fn want(
+        &self,
+        nodes: &BTreeMap<String, Node>,
+        routes: &BTreeSet<PodRoute>,
+    ) -> crate::error::Result<Desired> {
+        let mode = if self.overlay.is_some() {
+            self.encapsulation
+        } else {
+            Mode::Never
+        };
+        let local = match &self.overlay {
+            Some(o) if mode != Mode::Never => self.rt.block_on(o.local())?,
+            _ => overlay::Local::default(),
+        };
+        Ok(overlay::plan(routes, nodes, &self.node_name, mode, &local))
+    }
+
+    /// Converges our routes to the validated Nodes, route by route. Unless `retry`, a want that
+    /// already failed is left to its retry time.
+    pub fn sync(
+        &mut self,
+        nodes: &BTreeMap<String, Node>,
+        sched: &mut Schedule,
+        metrics: &Metrics,
+        retry: bool,
+    ) {
+        let plan = routes::desired_routes(nodes, &self.node_name, &self.cluster_cidrs);
+        if plan.refused != self.refused {
+            for x in plan.refused.iter().filter(|x| !self.refused.contains(x)) {
+                warn!(node = %x.node, cidr = %x.cidr, reason = x.reason.label(), "{x}");
+            }
+            let mut by_reason = BTreeMap::new();
+            for x in &plan.refused {
+                *by_reason.entry(x.reason.label()).or_insert(0u64) += 1;
+            }
+            metrics.refused_pod_cidrs(by_reason);
+            self.refused = plan.refused;
+        }
+        let want = match self.want(nodes, &plan.routes) {
+            Ok(w) => w,
+            Err(e) => {
+                metrics.error(e.kind());
+                let retry_in = sched.routes_failed(Instant::now());
+                warn!(error = %e, ?retry_in, "cannot read our links and addresses to place routes; retrying on the routes' own schedule");
+                self.applied = None;
+                return;
+            }
+        };
+        if self.applied.as_ref() == Some(&want) {
+            return;
+        }
+        if !retry && sched.routes_retry_pending() && self.attempted.as_ref() == Some(&want) {
+            return; // failed before; its retry is scheduled
+        }
+        for w in plan.warnings.iter().chain(&want.warnings) {
+            warn!("{w}");
+        }
+        let retry_in = sched.route_backoff();
+        let failed = match self.rt.block_on(overlay::converge(
+            &self.routes,
+            self.overlay.as_ref(),
+            &want,
+        )) {
+            Ok(converged) => {
+                for d in &converged.overlay.done {
+                    info!("{d}");
+                }
+                for e in &converged.overlay.failed {
+                    metrics.error(e.kind());
+                    warn!(error = %e, ?retry_in,
+                        "cannot converge the overlay; retrying on the routes' own schedule, policies are not held up");
+                }
+                let overlay_failed = converged.overlay.failed.len();
+                let changes = converged.routes;
+                for a in &changes.added {
+                    info!(destination = %a.destination, via = %a.via, "pod route added");
+                }
+                for d in &changes.removed {
+                    info!(destination = %d.destination, via = %d.via, "stale pod route removed");
+                }
+                for (f, e) in &changes.failed {
+                    metrics.error(e.kind());
+                    warn!(destination = %f.destination, via = %f.via, error = %e, ?retry_in,
+                        "cannot change pod route; retrying on its own schedule, other routes and policies are not held up");
+                }
+                changes.failed.len() + overlay_failed
+            }
+            Err(e) => {
+                metrics.error(e.kind());
+                warn!(error = %e, ?retry_in, "cannot list our routes; retrying");
+                1
+            }
+        };
+        metrics.route_failures(failed as u64);
+        if failed == 0 {
+            self.applied = Some(want);
+            self.attempted = None;
+            sched.routes_converged();
+        } else {
+            self.applied = None;
+            self.attempted = Some(want);
+            sched.routes_failed(Instant::now());
+        }
+    }
+
+    /// At resync: when our routes or overlay entries differ from what the Nodes call for, a route
+    /// sync is scheduled (on the routes' own schedule: a failing route keeps its backoff).
+    pub fn check(&mut self, nodes: &BTreeMap<String, Node>, sched: &mut Schedule) {
+        self.applied = None;
+        let routes = routes::desired_routes(nodes, &self.node_name, &self.cluster_cidrs).routes;
+        let want = match self.want(nodes, &routes) {
+            Ok(w) => w,
+            Err(err) => {
+                warn!(error = %err, "cannot read our links and addresses");
+                sched.routes_soon(Instant::now());
+                return;
+            }
+        };
+        let overlay_differs = match &self.overlay {
+            Some(o) => self.rt.block_on(o.differs(&want)),
+            None => Ok(false),
+        };
+        let have = self.rt.block_on(self.routes.ours());
+        match (have, overlay_differs) {
+            (Ok(have), Ok(false)) if have == want.routes => {
+                self.applied = Some(want);
+            }
+            (Ok(_), Ok(_)) => {
+                warn!("pod routes or overlay entries differ from the cluster's Nodes; converging");
+                sched.routes_soon(Instant::now());
+            }
+            (Err(err), _) | (_, Err(err)) => {
+                warn!(error = %err, "cannot list our routes or overlay entries");
+                sched.routes_soon(Instant::now());
+            }
+        }
+    }
+}
