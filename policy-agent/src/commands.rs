@@ -28,7 +28,7 @@ async fn start_source<T: From<SourceEvent> + Send + 'static>(
     args: &SourceArgs,
     tx: mpsc::Sender<T>,
 ) -> Result<tokio::task::JoinHandle<Result<()>>> {
-    let src_err = |e: crate::source::SourceError| Error::Source(e.to_string());
+    let src_err = Error::Source;
     Ok(if let Some(dir) = &args.manifests {
         info!(dir = %dir.display(), "source: manifest directory");
         let s = ManifestSource::new(dir.clone());
@@ -152,9 +152,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         _ = term.recv() => { info!("SIGTERM: exiting; rules stay in the kernel, new pods stay pending"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting; rules stay in the kernel"); Ok(()) }
         r = &mut source => match r {
-            Ok(Ok(())) => Err(Error::Source("source ended".into())),
+            Ok(Ok(())) => Err(Error::SourceEnded { when: "while running" }),
             Ok(Err(e)) => Err(e),
-            Err(e) => Err(Error::Source(format!("source task: {e}"))),
+            Err(e) => Err(Error::SourceTask(e)),
         },
     };
     source.abort();
@@ -230,9 +230,10 @@ pub async fn list_once(args: &SourceArgs) -> Result<ClusterState> {
     }
     match task.await {
         Ok(Err(e)) => Err(e),
-        _ => Err(Error::Source(
-            "source ended before its initial list completed".into(),
-        )),
+        Ok(Ok(())) => Err(Error::SourceEnded {
+            when: "before its initial list completed",
+        }),
+        Err(e) => Err(Error::SourceTask(e)),
     }
 }
 

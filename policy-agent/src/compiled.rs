@@ -84,9 +84,7 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
             .map(|s| s.to_string())
             .or_else(|| p.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        Error::Compile(format!(
-            "compiler panicked (a bug; please report it with the objects involved): {msg}"
-        ))
+        Error::CompilerPanic(msg)
     })
 }
 
@@ -147,8 +145,7 @@ pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result
     };
     let node = node_of(&to).or_else(|| node_of(&from)).unwrap_or_default();
     let compiled = compile(state, &node)?.compiled;
-    let x = palisade_policy::explain(state, &compiled, &from, &to, port, proto)
-        .map_err(|e| Error::Compile(e.to_string()))?;
+    let x = palisade_policy::explain(state, &compiled, &from, &to, port, proto)?;
     Ok(x.to_string())
 }
 

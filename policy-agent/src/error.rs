@@ -35,15 +35,28 @@ pub enum Error {
         action: &'static str,
         message: String,
     },
-    /// A source (kube watch, manifest directory) failed.
+    /// A source (kube watch, manifest directory) could not start or failed.
     #[error("source: {0}")]
-    Source(String),
-    /// Compiling the cluster state into a ruleset failed.
-    #[error("compile: {0}")]
-    Compile(String),
+    Source(#[from] crate::source::SourceError),
+    /// A source stopped although nothing asked it to (`when` says at which point).
+    #[error("source ended {when}; restart the agent (the rules stay in the kernel meanwhile)")]
+    SourceEnded { when: &'static str },
+    /// The source's task panicked or was cancelled.
+    #[error("source task: {0}")]
+    SourceTask(#[from] tokio::task::JoinError),
+    /// The compiler panicked (a bug): the payload, and the last committed rules stay enforced.
+    #[error("compiler panicked (a bug; please report it with the objects involved): {0}")]
+    CompilerPanic(String),
+    /// `explain` could not resolve what it was asked about.
+    #[error("explain: {0}")]
+    Explain(#[from] palisade_policy::PolicyError),
     /// The conflist could not be rendered or written.
-    #[error("conflist: {0}")]
-    Conflist(String),
+    #[error("conflist of node {node}: {source}")]
+    Conflist {
+        node: String,
+        #[source]
+        source: crate::cniconf::CniConfError,
+    },
     /// The command line or its arguments are wrong.
     #[error("{0}")]
     Usage(String),
@@ -64,9 +77,9 @@ impl Error {
             Error::Nft { .. } | Error::NftRun(_) => "nft",
             Error::Netlink { .. } => "netlink",
             Error::Kube { .. } => "kube",
-            Error::Source(_) => "source",
-            Error::Compile(_) => "compile",
-            Error::Conflist(_) => "conflist",
+            Error::Source(_) | Error::SourceEnded { .. } | Error::SourceTask(_) => "source",
+            Error::CompilerPanic(_) | Error::Explain(_) => "compile",
+            Error::Conflist { .. } => "conflist",
             Error::Usage(_) => "usage",
             Error::Server { .. } => "server",
         }

@@ -701,10 +701,12 @@ impl Engine {
             ipam_data_dir: self.cfg.ipam_data_dir.clone(),
             fail_open: self.cfg.fail_open,
         };
-        let text = cniconf::render(&params)
-            .map_err(|e| Error::Conflist(format!("node {}: {e}", self.cfg.node_name)))?;
-        cniconf::write(&self.cfg.cni_conf_dir, &text)
-            .map_err(|e| Error::Conflist(e.to_string()))?;
+        let conflist = |source| Error::Conflist {
+            node: self.cfg.node_name.clone(),
+            source,
+        };
+        let text = cniconf::render(&params).map_err(conflist)?;
+        cniconf::write(&self.cfg.cni_conf_dir, &text).map_err(conflist)?;
         let path = cniconf::conflist_path(&self.cfg.cni_conf_dir);
         info!(path = %path.display(), "conflist written; the runtime can start pods on this node");
         self.conflist.written();
