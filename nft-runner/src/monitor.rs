@@ -24,7 +24,7 @@ use netlink_packet_netfilter::nftables::{
     TableAttribute,
 };
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -89,6 +89,8 @@ pub struct Drift {
     /// When the transaction's first notification was read (the kernel sends them once the new
     /// ruleset is live, so this is close to the commit); `None` from a bare [`Classifier`].
     pub first_seen: Option<Instant>,
+    /// What it touched, for a repair of only those objects (the whole table when unknown).
+    pub touched: Touched,
 }
 
 /// Distinct changes kept per drift report.
@@ -125,6 +127,7 @@ struct Txn {
     first_seen: Option<Instant>,
     changes: Vec<String>,
     more: usize,
+    touched: Touched,
 }
 
 /// Groups notifications into transactions and judges them; no I/O (the caller says which portids are
@@ -220,13 +223,15 @@ impl Classifier {
         let txn = self.txn.get_or_insert_with(|| Txn {
             portid,
             first_seen: received,
+            touched: Touched::nothing(),
             ..Txn::default()
         });
         if known_own(portid) {
             return;
         }
         let detailed = txn.changes.len() < MAX_CHANGES;
-        if let Some(change) = describe(&self.scope, ty, payload, detailed) {
+        if let Some((change, touched)) = describe(&self.scope, ty, payload, detailed) {
+            txn.touched.add(touched);
             if txn.changes.contains(&change) {
                 txn.more += 1;
             } else if txn.changes.len() < MAX_CHANGES {
@@ -252,6 +257,7 @@ impl Classifier {
             more: txn.more,
             portid: txn.portid,
             first_seen: txn.first_seen,
+            touched: txn.touched,
             ..Drift::default()
         };
         for a in gen.unwrap_or_default() {
@@ -271,7 +277,7 @@ impl Classifier {
 /// message), so notifications about other tables (kube-proxy's, say) cost no decoding. While
 /// `detailed`, a message about our table is decoded with netlink-packet-netfilter for the report;
 /// one it cannot decode keeps the raw reading, so an exotic rule expression cannot hide a change.
-fn describe(scope: &Scope, ty: u16, payload: &[u8], detailed: bool) -> Option<String> {
+fn describe(scope: &Scope, ty: u16, payload: &[u8], detailed: bool) -> Option<(String, Touched)> {
     let family = *payload.first()?;
     if family != scope.family {
         return None;
@@ -286,6 +292,7 @@ fn describe(scope: &Scope, ty: u16, payload: &[u8], detailed: bool) -> Option<St
             return None;
         }
     }
+    let touched = what.touched();
     if detailed {
         if let Ok(NetfilterMessage {
             inner: NetfilterMessageInner::NfTables(m),
@@ -294,12 +301,85 @@ fn describe(scope: &Scope, ty: u16, payload: &[u8], detailed: bool) -> Option<St
         {
             if let Some((table, decoded)) = parsed(&m) {
                 if table == scope.table {
-                    return Some(decoded.to_string());
+                    return Some((decoded.to_string(), touched));
                 }
             }
         }
     }
-    Some(what.to_string())
+    Some((what.to_string(), touched))
+}
+
+/// Which objects of the watched table a drift touched: the chains (a rule added or deleted counts
+/// for its chain) and sets or maps (an element counts for its set) by name, or the whole table (the
+/// table itself, its flags, an object of another kind, lost notifications), which only a full
+/// replace can answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Touched {
+    Objects {
+        chains: BTreeSet<String>,
+        sets: BTreeSet<String>,
+    },
+    Table,
+}
+
+impl Default for Touched {
+    /// Unknown: assume the whole table.
+    fn default() -> Self {
+        Touched::Table
+    }
+}
+
+impl Touched {
+    fn nothing() -> Self {
+        Touched::Objects {
+            chains: BTreeSet::new(),
+            sets: BTreeSet::new(),
+        }
+    }
+
+    /// Adds what another notification touched.
+    fn add(&mut self, other: Touched) {
+        match (&mut *self, other) {
+            (Touched::Table, _) => {}
+            (_, Touched::Table) => *self = Touched::Table,
+            (
+                Touched::Objects { chains, sets },
+                Touched::Objects {
+                    chains: c,
+                    sets: s,
+                },
+            ) => {
+                chains.extend(c);
+                sets.extend(s);
+            }
+        }
+    }
+}
+
+/// A rule's anonymous set, named by the kernel (`__set0`, `__map1`, ...).
+fn is_anonymous(name: &str) -> bool {
+    name.starts_with("__")
+}
+
+impl What {
+    fn touched(&self) -> Touched {
+        let one = |chain: Option<&String>, set: Option<&String>| Touched::Objects {
+            chains: chain.into_iter().cloned().collect(),
+            sets: set.into_iter().cloned().collect(),
+        };
+        match self {
+            What::Chain { name, .. } => one(Some(name), None),
+            What::Rule { chain, .. } => one(Some(chain), None),
+            // Anonymous sets (`__set%d`) belong to a rule: they come and go with it, and its
+            // chain is among the touched ones (the kernel refuses any other change to them).
+            What::Set { name, .. } | What::Element { set: name, .. } if is_anonymous(name) => {
+                one(None, None)
+            }
+            What::Set { name, .. } => one(None, Some(name)),
+            What::Element { set, .. } => one(None, Some(set)),
+            What::Table { .. } | What::Other { .. } => Touched::Table,
+        }
+    }
 }
 
 enum What {

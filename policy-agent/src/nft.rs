@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
-use palisade_nft::monitor::{Monitor, Scope};
+use palisade_nft::monitor::{Drift, Monitor, Scope};
 pub use palisade_nft::Backend;
 use serde_json::Value;
 
@@ -56,7 +56,7 @@ impl Nft {
 /// their elements (except the plugin's pending marks), table flags, the table itself. Our own commits
 /// (incremental and full replace, either backend) never call it. Lost notifications (receive buffer
 /// overrun) are reported as an unknown change. Stops when `wake` returns false.
-pub fn watch_drift(wake: impl Fn(String) -> bool + Send + 'static) -> Result<()> {
+pub fn watch_drift(wake: impl Fn(Drift) -> bool + Send + 'static) -> Result<()> {
     let scope = Scope::new(TABLE_FAMILY, TABLE_NAME, &[PENDING_SET_V4, PENDING_SET_V6])?;
     let mut monitor = Monitor::open(scope.clone())?;
     std::thread::Builder::new()
@@ -64,7 +64,7 @@ pub fn watch_drift(wake: impl Fn(String) -> bool + Send + 'static) -> Result<()>
         .spawn(move || loop {
             match monitor.next(None) {
                 Ok(Some(drift)) => {
-                    if !wake(drift.to_string()) {
+                    if !wake(drift) {
                         return;
                     }
                 }
@@ -72,7 +72,10 @@ pub fn watch_drift(wake: impl Fn(String) -> bool + Send + 'static) -> Result<()>
                 Err(e) => {
                     // Whatever happened meanwhile is unknown: have the table restored, then listen anew.
                     tracing::warn!(error = %e, "drift monitor failed; restoring our table and reopening the monitor");
-                    if !wake(format!("unknown (the drift monitor failed: {e})")) {
+                    if !wake(Drift {
+                        changes: vec![format!("unknown (the drift monitor failed: {e})")],
+                        ..Drift::default()
+                    }) {
                         return;
                     }
                     loop {
@@ -95,9 +98,6 @@ pub fn watch_drift(wake: impl Fn(String) -> bool + Send + 'static) -> Result<()>
 /// Wait before reopening a failed drift monitor.
 const MONITOR_REOPEN_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Superseded by [`watch_drift`] (the agent's `run` uses that); kept only until every caller in the
-/// tree has moved over, then deleted.
-///
 /// What we compare to notice our table was changed behind our back, and what the gauges show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TableSummary {

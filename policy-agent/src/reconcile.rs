@@ -79,9 +79,12 @@ pub enum Msg {
     AttachmentsChanged,
     /// The attachment watch stopped: poll the records from now on.
     AttachmentWatchLost,
-    /// Our table was changed by another process (seen by the drift monitor; says what and by whom):
-    /// restore it now.
-    Drift(String),
+    /// Our table was changed by another process (seen by the drift monitor; `what` says what and by
+    /// whom): repair the touched chains and sets now, or replace the table when that is unknown.
+    Drift {
+        what: String,
+        touched: palisade_nft::monitor::Touched,
+    },
     /// The snapshot reader listed our table for the commit generation `generation`.
     Snapshot {
         generation: u64,
@@ -127,6 +130,8 @@ pub struct Engine {
     /// `--keep-established-flows`).
     revoker: Option<crate::conntrack::Revoker>,
     sweep_credit: SweepCredit,
+    /// Chains and sets another process touched, to put back at the next reconcile.
+    repair: Option<(BTreeSet<String>, BTreeSet<String>)>,
     /// Compile warnings logged so far: each is logged once while it holds (an incremental commit
     /// would otherwise repeat all of them, up to hundreds per second under churn).
     warned: BTreeSet<String>,
@@ -166,6 +171,7 @@ impl Engine {
             revoker: None,
             sweep_credit: SweepCredit::new(now),
             warned: BTreeSet::new(),
+            repair: None,
         }
     }
 
@@ -268,11 +274,11 @@ impl Engine {
                 warn!(every = ?ATTACHMENT_POLL, "attachment watch stopped; polling the records instead");
                 self.sched.poll_attachments(now, ATTACHMENT_POLL);
             }
-            Msg::Drift(what) => {
-                // Straight to a full replace: no listing, no comparison (our own commits never
-                // arrive here). Before the first commit the first reconcile replaces it anyway.
+            Msg::Drift { what, touched } => {
+                // Straight to a repair: no listing, no comparison (our own commits never arrive
+                // here). Before the first commit the first reconcile replaces the table anyway.
                 if self.synced && !self.inc.is_stale() {
-                    self.restore_needed(&what);
+                    self.repair_needed(&what, touched);
                     self.sched.reconcile_now(now);
                 }
             }
@@ -420,7 +426,8 @@ impl Engine {
         // The plugin's pending marks are taken as committed (the full replace overwrites them).
         let batch = compiled::take_batch(&mut self.inc, &attachments)?;
         let mut full = full;
-        let committed = if full {
+        let repair = self.repair.take();
+        let mut committed = if full {
             self.commit_full()?;
             true
         } else {
@@ -442,6 +449,27 @@ impl Engine {
                 },
             }
         };
+        if let (Some((chains, sets)), false) = (repair, full) {
+            // After the batch: the repair writes the touched objects as the compiler has them now.
+            match self.inc.ruleset().repair(&chains, &sets) {
+                Some(b) => match self.nft.apply(&b.to_json_string()) {
+                    Ok(()) => {
+                        info!(chains = ?chains, sets = ?sets, took_ms = start.elapsed().as_secs_f64() * 1e3, "touched chains and sets repaired");
+                    }
+                    Err(e) => {
+                        self.metrics.error("nft_rejected");
+                        error!(error = %e, "nft rejected the repair; replacing the table");
+                        self.commit_full()?;
+                        full = true;
+                    }
+                },
+                None => {
+                    self.commit_full()?;
+                    full = true;
+                }
+            }
+            committed = true;
+        }
         drop(lock);
         let took = start.elapsed();
         let stats = self.inc.ruleset().stats();
@@ -601,10 +629,32 @@ impl Engine {
         }
     }
 
+    /// A drift touched `touched`: when those are chains and sets of ours, the next reconcile puts
+    /// just them back (milliseconds, where a full replace takes ~0.3 s at 10k pods); anything else
+    /// (the table, a foreign object, lost notifications) is a full replace.
+    fn repair_needed(&mut self, what: &str, touched: palisade_nft::monitor::Touched) {
+        use palisade_nft::monitor::Touched;
+        let rs = self.inc.ruleset();
+        match touched {
+            Touched::Objects { chains, sets }
+                if chains.iter().all(|c| rs.chains.contains_key(c))
+                    && sets.iter().all(|s| rs.sets.contains_key(s)) =>
+            {
+                self.metrics.restored();
+                warn!(change = %what, chains = chains.len(), sets = sets.len(), "table inet palisade was changed behind our back; repairing what was touched");
+                let (c, s) = self.repair.get_or_insert_with(Default::default);
+                c.extend(chains);
+                s.extend(sets);
+            }
+            _ => self.restore_needed(what),
+        }
+    }
+
     fn restore_needed(&mut self, what: &str) {
         self.metrics.restored();
         warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
         self.inc.invalidate();
+        self.repair = None;
         self.expected = None;
     }
 

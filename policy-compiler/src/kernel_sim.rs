@@ -147,6 +147,14 @@ impl KernelTable {
                     self.add_elements(&n, kind == "map", &e)?;
                 }
             }
+            ("flush", "set" | "map") => {
+                let n = name_of(body)?;
+                self.sets
+                    .get_mut(&n)
+                    .ok_or_else(|| bad(format!("flush of missing set {n}")))?
+                    .1
+                    .clear();
+            }
             ("delete", "set" | "map") => {
                 let n = name_of(body)?;
                 if !self.sets.contains_key(&n) {

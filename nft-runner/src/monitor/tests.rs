@@ -302,3 +302,36 @@ fn the_raw_reading_and_the_decoded_one_describe_a_change_alike() {
         assert_eq!(decoded, describe(&scope, ty, payload, false));
     }
 }
+
+#[test]
+fn a_drift_names_the_chains_and_sets_it_touched_or_the_whole_table() {
+    let (d, _) = classify(&[[
+        rule(DELRULE, NFT, "palisade", "postrouting"),
+        element(DELSETELEM, NFT, "palisade", "__set3"),
+        rule(NEWRULE, NFT, "palisade", "in_g1"),
+        element(DELSETELEM, NFT, "palisade", "ingress_v4"),
+        element(NEWSETELEM, NFT, "palisade", "pending_v4"),
+        chain(NEWCHAIN, NFT, "palisade", "egress_host"),
+        gen(NFT, "nft", 7),
+    ]
+    .concat()]);
+    assert_eq!(d.len(), 1);
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        d[0].touched,
+        Touched::Objects {
+            chains: strs(&["egress_host", "in_g1", "postrouting"]),
+            sets: strs(&["ingress_v4"]),
+        },
+        "the plugin's pending set is not ours to repair; a rule's anonymous set goes with its chain"
+    );
+    let (d, _) = classify(&[[
+        rule(DELRULE, NFT, "palisade", "postrouting"),
+        table(DELTABLE, INET, NFT, "palisade"),
+        gen(NFT, "nft", 7),
+    ]
+    .concat()]);
+    assert_eq!(d[0].touched, Touched::Table, "a table change needs a full replace");
+    let mut c = Classifier::new(Scope::new("inet", "palisade", &[]).unwrap());
+    assert_eq!(c.overrun().touched, Touched::Table, "lost notifications: unknown");
+}

@@ -250,3 +250,75 @@ fn a_stale_compiler_only_records_changes_and_recompiles_to_the_full_compile() {
     inc.recompile();
     assert_eq!(inc.compiled(), &compile(inc.state(), "n0"));
 }
+
+#[test]
+fn a_repair_of_the_touched_chains_and_sets_undoes_any_tampering_with_them() {
+    let cfg = SynthConfig::small(8);
+    let inc = IncrementalCompiler::new(synth::cluster(&cfg), "n0");
+    let rs = inc.ruleset();
+    let want = kernel_after_full(rs);
+    let obj = |name: &str| serde_json::json!({"family": "inet", "table": "palisade", "name": name});
+    // A set with elements and a map with elements to tamper with.
+    let (set, map) = {
+        let with_elems = |verdict: bool| {
+            rs.sets
+                .values()
+                .find(|s| s.verdict_map == verdict && !s.elements.is_empty())
+                .map(|s| s.name.clone())
+                .expect("the synthetic cluster fills sets and maps")
+        };
+        (with_elems(false), with_elems(true))
+    };
+    let one_elem = crate::ruleset::render::elem_json(
+        rs.sets[&set].elements.iter().next().unwrap(),
+        true,
+    );
+    let tamperings: Vec<(&str, serde_json::Value, Vec<&str>, Vec<&str>)> = vec![
+        (
+            "flush chain",
+            serde_json::json!([{"flush": {"chain": obj("postrouting")}}]),
+            vec!["postrouting"],
+            vec![],
+        ),
+        (
+            "foreign accept first",
+            serde_json::json!([{"insert": {"rule": {"family": "inet", "table": "palisade", "chain": "postrouting", "expr": [{"accept": null}]}}}]),
+            vec!["postrouting"],
+            vec![],
+        ),
+        (
+            "base chain flushed and deleted",
+            serde_json::json!([{"flush": {"chain": obj("postrouting")}}, {"delete": {"chain": obj("postrouting")}}]),
+            vec!["postrouting"],
+            vec![],
+        ),
+        (
+            "flush map",
+            serde_json::json!([{"flush": {"map": obj(&map)}}]),
+            vec![],
+            vec![map.as_str()],
+        ),
+        (
+            "delete element",
+            serde_json::json!([{"delete": {"element": {"family": "inet", "table": "palisade", "name": set, "elem": [one_elem]}}}]),
+            vec![],
+            vec![set.as_str()],
+        ),
+    ];
+    for (what, cmds, chains, sets) in tamperings {
+        let mut k = want.clone();
+        // The simulator knows `insert` as `add` (order is not what this test is about).
+        let text = serde_json::json!({"nftables": cmds}).to_string().replace("\"insert\"", "\"add\"");
+        k.apply(&serde_json::from_str(&text).unwrap())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_ne!(k, want, "{what}: the tampering changed nothing");
+        let chains: BTreeSet<String> = chains.into_iter().map(String::from).collect();
+        let sets: BTreeSet<String> = sets.into_iter().map(String::from).collect();
+        let repair = rs.repair(&chains, &sets).expect("our own objects");
+        k.apply(&repair.json).unwrap_or_else(|e| panic!("{what}: repair: {e}"));
+        assert_eq!(k, want, "{what}: not repaired");
+    }
+    let foreign: BTreeSet<String> = ["not_ours".to_string()].into();
+    assert!(rs.repair(&foreign, &BTreeSet::new()).is_none());
+    assert!(rs.repair(&BTreeSet::new(), &foreign).is_none());
+}
