@@ -45,6 +45,17 @@ enum Command {
         /// Length of each churn-only window (agent CPU/RSS while only churn runs).
         #[arg(long, default_value_t = 10)]
         churn_seconds: u64,
+        /// Irrelevant events: Pod status heartbeats per second (a new resourceVersion and condition
+        /// times, nothing compiled changes), measured beside an idle window of the same length
+        /// before the trials (0: skip).
+        #[arg(long, default_value_t = 0)]
+        irrelevant_rate: u32,
+        /// Length of each irrelevant-events window (idle, then heartbeats).
+        #[arg(long, default_value_t = 20)]
+        irrelevant_seconds: u64,
+        /// Background pods the heartbeats go round (one override file each).
+        #[arg(long, default_value_t = 1000)]
+        irrelevant_pods: usize,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value = "bench/results")]
@@ -195,6 +206,9 @@ fn real_main(cli: Cli) -> Result<()> {
             compile_changes,
             churn_seconds,
             churn_trials,
+            irrelevant_rate,
+            irrelevant_seconds,
+            irrelevant_pods,
             seed,
             out,
             name,
@@ -217,6 +231,9 @@ fn real_main(cli: Cli) -> Result<()> {
                 work_dir: work_dir.clone(),
                 churn_seconds,
                 churn_trials,
+                irrelevant_rate,
+                irrelevant_seconds,
+                irrelevant_files: irrelevant_pods,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();
@@ -268,6 +285,11 @@ a change is timestamped just before its file is renamed into (or unlinked from) 
 the nft commit and up to ~1 ms of probe granularity. Changes: policy create/delete (grant/revoke), the client's label added/removed (the policy selects it), the client pod created/deleted \
 (a remote pod entering/leaving a peer set). Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
 its CPU figures are the agent's /proc utime+stime over the scenario's wall time. \
+Irrelevant events (`--irrelevant-rate`): right after the first sync, one override file per heartbeat pod (`--irrelevant-pods` background pods spread over all nodes) is written and left 3 s to settle; \
+then two windows of `--irrelevant-seconds` each (+0.3 s for the last writes to land): idle (no writes), and a writer rewriting those files round robin at the rate, each write the same pod with a new \
+`metadata.resourceVersion` and new `lastProbeTime`/`lastTransitionTime` of its Ready/ContainersReady conditions (labels, IPs, phase, node, ports unchanged: a kubelet status heartbeat). \
+Per window: agent CPU (/proc utime+stime over the window), RSS at its end, and deltas of the agent's `palisade_reconciles_total`, `palisade_node_lock_acquisitions_total`, \
+`palisade_source_changes_total`, `palisade_transactions_total`. The files are removed before the churn windows and trials. \
 Established-flow revocation: a policy `allow-stream` admits the client on port 7002; a stream in the client pod connects (a 1 ms attempt every 1 ms while blocked), then sends one byte per ms on that one \
 connection and waits for its echo (a thread per connection in the server pod). Grant = policy written → stream connected; revoke = policy file removed → send time of the first message whose echo \
 did not come within 100 ms (the agent must delete the flow's conntrack entry: the policy alone leaves an established flow alone). A flow not cut within 5 s counts as not cut. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}\n## Charts\n{chart_md}",

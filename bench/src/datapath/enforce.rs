@@ -8,7 +8,7 @@ use super::k8s;
 use super::rng::Rng;
 use super::stats::{max, median, quantile};
 use super::topo::{Lab, CLIENT_IP, SERVER_IP};
-use super::workload::{Cluster, Shape};
+use super::workload::{Cluster, Pod, Shape};
 use crate::{io_err, Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -387,6 +387,12 @@ pub struct Config {
     pub churn_seconds: u64,
     /// Trials per scenario while churn runs (rates > 0).
     pub churn_trials: usize,
+    /// Pod status heartbeats per second for the irrelevant-events windows (0: skip them).
+    pub irrelevant_rate: u32,
+    /// Length of each irrelevant-events window (idle, then heartbeats).
+    pub irrelevant_seconds: u64,
+    /// Background pods (one override file each) the heartbeats go round.
+    pub irrelevant_files: usize,
 }
 
 /// Flip events from the probe process.
@@ -572,33 +578,66 @@ struct Churn {
 
 impl Churn {
     fn start(dir: &Path, cluster: &Cluster, rate: u32, seed: u64) -> Churn {
+        if rate == 0 {
+            return Churn::paced(0, Duration::ZERO, || false);
+        }
+        let dir = dir.to_path_buf();
+        let pods: Vec<_> = cluster
+            .pods
+            .iter()
+            .filter(|p| p.namespace != "bench")
+            .cloned()
+            .collect();
+        let mut rng = Rng::new(seed);
+        Churn::paced(rate, Duration::ZERO, move || {
+            let mut pod = pods[rng.below(pods.len() as u64) as usize].clone();
+            pod.labels
+                .insert("role".into(), format!("r{}", rng.below(20)));
+            let name = format!("70-churn-{}.json", rng.below(200));
+            write_manifest(&dir, &name, &k8s::pod(&pod)).is_ok()
+        })
+    }
+
+    /// Status heartbeats that change nothing the agent compiles: file `i` of [`heartbeat_name`] always
+    /// holds `pods[i]`, rewritten round robin from write number `first` on (see [`heartbeat_pod`]).
+    fn heartbeats(dir: &Path, pods: Arc<Vec<Pod>>, rate: u32, first: u64) -> Churn {
+        let dir = dir.to_path_buf();
+        let mut n = first;
+        // Sleeps overshoot by tens of µs, more on a busy machine: at 1 ms periods the writer makes
+        // up for up to 50 ms of lag so the rate asked for is the rate written.
+        Churn::paced(rate, Duration::from_millis(50), move || {
+            let i = (n % pods.len().max(1) as u64) as usize;
+            n += 1;
+            pods.get(i).is_some_and(|pod| {
+                write_manifest(&dir, &heartbeat_name(i), &heartbeat_pod(pod, n)).is_ok()
+            })
+        })
+    }
+
+    /// A writer thread calling `step` `rate` times per second (none at rate 0) until [`Churn::finish`];
+    /// counts the steps that wrote. A writer that falls behind catches up on at most `max_lag` of
+    /// missed steps, without sleeping; more is dropped.
+    fn paced(
+        rate: u32,
+        max_lag: Duration,
+        mut step: impl FnMut() -> bool + Send + 'static,
+    ) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(0));
         let handle = (rate > 0).then(|| {
-            let (stop, writes, dir) = (stop.clone(), writes.clone(), dir.to_path_buf());
-            let pods: Vec<_> = cluster
-                .pods
-                .iter()
-                .filter(|p| p.namespace != "bench")
-                .cloned()
-                .collect();
+            let (stop, writes) = (stop.clone(), writes.clone());
             std::thread::spawn(move || {
-                let mut rng = Rng::new(seed);
                 let period = Duration::from_secs_f64(1.0 / f64::from(rate));
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let mut pod = pods[rng.below(pods.len() as u64) as usize].clone();
-                    pod.labels
-                        .insert("role".into(), format!("r{}", rng.below(20)));
-                    let name = format!("70-churn-{}.json", rng.below(200));
-                    if write_manifest(&dir, &name, &k8s::pod(&pod)).is_ok() {
+                    if step() {
                         writes.fetch_add(1, Ordering::Relaxed);
                     }
                     next += period;
                     let now = Instant::now();
                     if next > now {
                         std::thread::sleep(next - now);
-                    } else {
+                    } else if now - next > max_lag {
                         next = now;
                     }
                 }
@@ -706,6 +745,189 @@ fn churn_window(
     })
 }
 
+/// Override file `i` of the status heartbeats (sorted before the churn files, which win over them).
+fn heartbeat_name(i: usize) -> String {
+    format!("65-status-{i:04}.json")
+}
+
+/// `pod` as the API server shows it after its `n`-th status heartbeat: a new `resourceVersion` and
+/// fresh `lastProbeTime`/`lastTransitionTime` of its conditions; labels, IPs, phase, node and ports
+/// as in the cluster list. Nothing the agent compiles changes.
+fn heartbeat_pod(pod: &Pod, n: u64) -> Value {
+    let now = format!("{}Z", crate::utc_now().replace(' ', "T"));
+    let mut v = k8s::pod(pod);
+    v["metadata"]["resourceVersion"] = json!(n.to_string());
+    v["status"]["conditions"] = json!([
+        {"type": "Ready", "status": "True", "lastProbeTime": now, "lastTransitionTime": now},
+        {"type": "ContainersReady", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}
+    ]);
+    v
+}
+
+/// The background pods that get status heartbeats: `count` of them, spread over the list (so over
+/// every node, the agent's own included).
+fn heartbeat_targets(cluster: &Cluster, count: usize) -> Vec<Pod> {
+    let pods: Vec<&Pod> = cluster
+        .pods
+        .iter()
+        .filter(|p| p.namespace != "bench")
+        .collect();
+    let count = count.min(pods.len());
+    if count == 0 {
+        return Vec::new();
+    }
+    let step = pods.len() / count;
+    pods.into_iter()
+        .step_by(step)
+        .take(count)
+        .cloned()
+        .collect()
+}
+
+/// Agent load in one window of the irrelevant-events measurement: idle (no writes) or while Pod
+/// status heartbeats stream in. Counter deltas are `None` where the agent does not export them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IrrelevantResult {
+    pub pods: usize,
+    pub policies: usize,
+    /// Writes per second asked for (0: the idle window).
+    pub rate: u32,
+    /// Override files (= pods) the heartbeats go round.
+    pub files: usize,
+    pub writes: u64,
+    /// How long the writer ran (or the idle window lasted).
+    pub write_seconds: f64,
+    /// The window as measured (writer time + settle before the counters are read).
+    pub wall_seconds: f64,
+    pub agent_cpu_seconds: f64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// `palisade_reconciles_total`
+    pub reconciles: Option<f64>,
+    /// `palisade_node_lock_acquisitions_total`
+    pub lock_acquisitions: Option<f64>,
+    /// `palisade_source_changes_total{result="unchanged"}`
+    pub unchanged: Option<f64>,
+    /// `palisade_source_changes_total{result="changed"}`
+    pub changed: Option<f64>,
+    /// `palisade_transactions_total` (every kind)
+    pub transactions: Option<f64>,
+}
+
+impl IrrelevantResult {
+    pub fn cpu_percent(&self) -> f64 {
+        100.0 * self.agent_cpu_seconds / self.wall_seconds.max(1e-9)
+    }
+
+    pub fn writes_per_second(&self) -> f64 {
+        self.writes as f64 / self.write_seconds.max(1e-9)
+    }
+
+    /// A counter delta per second of the window.
+    pub fn per_second(&self, v: Option<f64>) -> Option<f64> {
+        v.map(|v| v / self.wall_seconds.max(1e-9))
+    }
+}
+
+/// Sum of every sample of a metric family (any labels) in Prometheus text; `None` if it has none.
+pub fn metric_sum(text: &str, family: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = l.strip_prefix(family) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if let Some(v) = rest
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// One window of the irrelevant-events measurement: `rate` heartbeat writes per second (0: none)
+/// for `secs`, then 300 ms for the last ones to land; the agent's CPU, memory and counters over it.
+fn irrelevant_window(
+    obs: &Observed<'_>,
+    cluster: &Cluster,
+    targets: &Arc<Vec<Pod>>,
+    rate: u32,
+    secs: u64,
+    first: u64,
+) -> Result<IrrelevantResult> {
+    let Observed { lab, exe, dir, pid } = *obs;
+    let m0 = fetch_metrics(lab, exe);
+    let before = proc_stats(pid)?;
+    let t = Instant::now();
+    let writer = Churn::heartbeats(dir, targets.clone(), rate, first);
+    std::thread::sleep(Duration::from_secs(secs));
+    let writes = writer.finish();
+    let write_seconds = t.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let wall = t.elapsed().as_secs_f64();
+    let after = proc_stats(pid)?;
+    let m1 = fetch_metrics(lab, exe);
+    let delta = |get: &dyn Fn(&str) -> Option<f64>| Some(get(&m1)? - get(&m0)?);
+    Ok(IrrelevantResult {
+        pods: cluster.pods.len(),
+        policies: cluster.policies.len(),
+        rate,
+        files: targets.len(),
+        writes,
+        write_seconds,
+        wall_seconds: wall,
+        agent_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+        rss_kib: after.rss_kib,
+        hwm_kib: after.hwm_kib,
+        reconciles: delta(&|m| metric_value(m, "palisade_reconciles_total")),
+        lock_acquisitions: delta(&|m| metric_value(m, "palisade_node_lock_acquisitions_total")),
+        unchanged: delta(&|m| {
+            metric_value(m, "palisade_source_changes_total{result=\"unchanged\"}")
+        }),
+        changed: delta(&|m| metric_value(m, "palisade_source_changes_total{result=\"changed\"}")),
+        transactions: delta(&|m| metric_sum(m, "palisade_transactions_total")),
+    })
+}
+
+/// The irrelevant-events measurement at one size: the heartbeat files are written once and left to
+/// settle, then an idle window and a window of `rate` heartbeat writes per second, `secs` each; the
+/// files are removed afterwards (the rest of the run sees the directory as before).
+fn irrelevant_windows(
+    obs: &Observed<'_>,
+    cluster: &Cluster,
+    files: usize,
+    rate: u32,
+    secs: u64,
+) -> Result<Vec<IrrelevantResult>> {
+    let targets = Arc::new(heartbeat_targets(cluster, files));
+    if targets.is_empty() {
+        return Err(Error::Invalid(
+            "no background pods for the heartbeats".into(),
+        ));
+    }
+    for (i, pod) in targets.iter().enumerate() {
+        write_manifest(obs.dir, &heartbeat_name(i), &heartbeat_pod(pod, 0))?;
+    }
+    // The first write of each file is an object the agent already has (plus conditions): let it
+    // pass, and the drift check and memory trims after the first sync, before measuring.
+    std::thread::sleep(Duration::from_secs(3));
+    let first = targets.len() as u64;
+    let result = (|| {
+        let idle = irrelevant_window(obs, cluster, &targets, 0, secs, first)?;
+        let busy = irrelevant_window(obs, cluster, &targets, rate, secs, first)?;
+        Ok(vec![idle, busy])
+    })();
+    for i in 0..targets.len() {
+        let _ = std::fs::remove_file(obs.dir.join(heartbeat_name(i)));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    result
+}
+
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", p.display())))
@@ -722,6 +944,9 @@ pub struct RunResults {
     #[serde(default)]
     pub revocations: Vec<RevocationResult>,
     pub churn: Vec<ChurnResult>,
+    /// Agent load idle and under Pod status heartbeats (irrelevant events), per size.
+    #[serde(default)]
+    pub irrelevant: Vec<IrrelevantResult>,
     pub metrics: AgentMetrics,
     /// Seconds from agent start to its conflist (first sync committed), by pod count.
     pub first_sync_seconds: Vec<(usize, f64)>,
@@ -800,6 +1025,7 @@ pub fn run(cfg: &Config) -> Result<RunResults> {
                 all.scenarios.append(&mut r.scenarios);
                 all.revocations.append(&mut r.revocations);
                 all.churn.append(&mut r.churn);
+                all.irrelevant.append(&mut r.irrelevant);
                 all.metrics.append(&mut r.metrics);
                 all.first_sync_seconds.append(&mut r.first_sync_seconds);
             }
@@ -904,6 +1130,35 @@ fn run_size(
         first_sync_seconds: vec![(cluster.pods.len(), first_sync)],
         ..RunResults::default()
     };
+    if cfg.irrelevant_rate > 0 {
+        let obs = Observed {
+            lab,
+            exe,
+            dir: &manifests,
+            pid,
+        };
+        let windows = irrelevant_windows(
+            &obs,
+            &cluster,
+            cfg.irrelevant_files,
+            cfg.irrelevant_rate,
+            cfg.irrelevant_seconds,
+        )?;
+        for w in &windows {
+            tracing::info!(
+                pods,
+                rate = w.rate,
+                writes_per_s = w.writes_per_second(),
+                cpu_percent = w.cpu_percent(),
+                rss_mib = w.rss_kib as f64 / 1024.0,
+                reconciles = ?w.reconciles,
+                lock_acquisitions = ?w.lock_acquisitions,
+                unchanged = ?w.unchanged,
+                "irrelevant-events window done"
+            );
+        }
+        out.irrelevant = windows;
+    }
     for &rate in cfg.churn.iter().filter(|r| **r > 0) {
         let obs = Observed {
             lab,
@@ -1142,6 +1397,108 @@ pub fn compile_cost(
     Ok(out)
 }
 
+/// The irrelevant-events target, one line per size with both windows, judged from the figures, with
+/// the same run's enforcement p99 (no churn) and RSS beside it.
+fn irrelevant_verdicts(run: &RunResults) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut sizes: Vec<usize> = run.irrelevant.iter().map(|w| w.pods).collect();
+    sizes.dedup();
+    for pods in sizes {
+        let at = |busy: bool| {
+            run.irrelevant
+                .iter()
+                .find(|w| w.pods == pods && (w.rate > 0) == busy)
+        };
+        let (Some(idle), Some(busy)) = (at(false), at(true)) else {
+            continue;
+        };
+        let cpu_above = busy.cpu_percent() - idle.cpu_percent();
+        let cpu_ok = cpu_above <= 5.0;
+        let count = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.0}"));
+        // No work for them: not one reconcile or lock acquisition more than in the idle window.
+        let work_ok = match (
+            busy.reconciles,
+            idle.reconciles,
+            busy.lock_acquisitions,
+            idle.lock_acquisitions,
+        ) {
+            (Some(br), Some(ir), Some(bl), Some(il)) => Some(br <= ir && bl <= il),
+            _ => None,
+        };
+        let verdict = match work_ok {
+            Some(true) if cpu_ok => "met",
+            Some(_) => "NOT met",
+            None if cpu_ok => "not judged (reconcile/lock counters absent; CPU part met)",
+            None => "NOT met (CPU; reconcile/lock counters absent)",
+        };
+        let short = if busy.writes_per_second() < 0.9 * f64::from(busy.rate) {
+            format!(
+                " (the writer fell short of {}/s: judged at the rate achieved)",
+                busy.rate
+            )
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            "- Irrelevant events at {pods} pods / {} policies: {:.0} Pod status writes/s achieved{short}, {} reached the agent as unchanged changes ({} changed); reconciles {} (idle window {}), node-lock acquisitions {} (idle {}), agent CPU {:.1} % of a core vs {:.1} % idle (**{cpu_above:+.1} %**); target no reconcile and no lock for them, CPU ≤ 5 % of a core above idle: **{verdict}**.",
+            busy.policies,
+            busy.writes_per_second(),
+            count(busy.unchanged),
+            count(busy.changed),
+            count(busy.reconciles),
+            count(idle.reconciles),
+            count(busy.lock_acquisitions),
+            count(idle.lock_acquisitions),
+            busy.cpu_percent(),
+            idle.cpu_percent(),
+        ));
+        // The same run's latency and memory, beside BENCHMARKS.md's figures.
+        let quiet: Vec<&ScenarioResult> = run
+            .scenarios
+            .iter()
+            .filter(|r| r.pods == pods && r.churn_per_second == 0)
+            .collect();
+        let worst_p99 = quiet
+            .iter()
+            .flat_map(|r| {
+                [
+                    ScenarioResult::summary(&r.grant_ms).1,
+                    ScenarioResult::summary(&r.revoke_ms).1,
+                ]
+            })
+            .fold(f64::NAN, f64::max);
+        let best_p99 = quiet
+            .iter()
+            .flat_map(|r| {
+                [
+                    ScenarioResult::summary(&r.grant_ms).1,
+                    ScenarioResult::summary(&r.revoke_ms).1,
+                ]
+            })
+            .fold(f64::NAN, f64::min);
+        let trial_rss = quiet
+            .iter()
+            .map(|r| r.agent_after.rss_kib)
+            .max()
+            .unwrap_or(0) as f64
+            / 1024.0;
+        let (was_p99, was_rss) = if pods >= 10_000 {
+            (
+                " (BENCHMARKS.md before: 17–22 ms)",
+                " (BENCHMARKS.md before: ~50 MiB)",
+            )
+        } else {
+            ("", "")
+        };
+        out.push(format!(
+            "- Same run at {pods} pods: enforcement p99 (no churn, every change) {best_p99:.1}–{worst_p99:.1} ms{was_p99}; agent RSS {:.1} MiB idle, {:.1} MiB under the heartbeats, {trial_rss:.1} MiB after the trials{was_rss}.",
+            idle.rss_kib as f64 / 1024.0,
+            busy.rss_kib as f64 / 1024.0,
+        ));
+    }
+    out
+}
+
 /// Markdown for the enforcement results.
 pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
     use std::fmt::Write;
@@ -1172,6 +1529,34 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
                 c.hwm_kib as f64 / 1024.0,
                 c.reconciles,
                 c.reconcile_mean_ms
+            );
+        }
+        o.push('\n');
+    }
+    if !run.irrelevant.is_empty() {
+        let _ = writeln!(o, "### Irrelevant events: Pod status heartbeats that change nothing compiled (agent counters per second of the window; n/a: the agent does not export the counter)\n\n| pods | policies | window | heartbeat files | writes/s | agent CPU % of one core | RSS MiB | reconciles/s | lock acquisitions/s | unchanged changes/s | changed changes/s | transactions/s | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let rate = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}"));
+        for w in &run.irrelevant {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.1} |",
+                w.pods,
+                w.policies,
+                if w.rate == 0 {
+                    "idle".to_string()
+                } else {
+                    format!("{}/s heartbeats", w.rate)
+                },
+                w.files,
+                w.writes_per_second(),
+                w.cpu_percent(),
+                w.rss_kib as f64 / 1024.0,
+                rate(w.per_second(w.reconciles)),
+                rate(w.per_second(w.lock_acquisitions)),
+                rate(w.per_second(w.unchanged)),
+                rate(w.per_second(w.changed)),
+                rate(w.per_second(w.transactions)),
+                w.wall_seconds
             );
         }
         o.push('\n');
@@ -1289,6 +1674,9 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
             if same { "as fast" } else { "slower" }
         );
     }
+    for line in irrelevant_verdicts(run) {
+        let _ = writeln!(o, "{line}");
+    }
     for (pods, m) in metrics {
         let lines: Vec<&str> = m
             .lines()
@@ -1297,6 +1685,9 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
                     && (l.contains("reconcile_duration_seconds_sum")
                         || l.contains("reconcile_duration_seconds_count")
                         || l.contains("transactions_total")
+                        || l.starts_with("palisade_reconciles_total")
+                        || l.starts_with("palisade_node_lock_acquisitions_total")
+                        || l.starts_with("palisade_source_changes_total")
                         || l.contains("errors_total")
                         || l.starts_with("palisade_nft")
                         || l.starts_with("palisade_pods")
