@@ -1,7 +1,8 @@
-//! Runs one nftables JSON transaction and lists one table or set: libnftables in-process (dlopen'ed
-//! `libnftables.so.1`, so no build-time link; about 0.1 ms per small transaction) with `nft -j -f -`
-//! as fallback (one process per command, about 4 ms). [`setelem`] adds and deletes elements of named
-//! address sets over nfnetlink directly (no library to load; an add batch takes about 0.03 ms).
+//! Runs one nftables JSON transaction and lists one table or set: libnftables in-process
+//! (`libnftables.so.1` loaded at run time with libloading, no build-time link; about 0.1 ms per small
+//! transaction) with `nft -j -f -` as fallback (one process per command, about 4 ms). [`setelem`]
+//! adds and deletes elements of named address sets over nfnetlink directly (messages from
+//! netlink-packet-netfilter, no C library to load; an add batch takes about 0.03 ms).
 //!
 //! Shared by the agent (which owns `table inet palisade`) and the CNI plugin (which only adds and
 //! removes pending marks in it). This crate knows no table layout: callers pass the batch and the

@@ -1,9 +1,11 @@
-//! libnftables through dlopen: `nft_ctx_new`, buffered output and error, `nft_run_cmd_from_buffer`
-//! with the JSON output flag set (which makes the parser take JSON input too).
+//! libnftables loaded at run time with `libloading` (dlopen, so no build-time link): `nft_ctx_new`,
+//! buffered output and error, `nft_run_cmd_from_buffer` with the JSON output flag set (which makes
+//! the parser take JSON input too).
 //!
 //! A context keeps its netlink socket from `nft_ctx_new` on, so it acts on the network namespace of
 //! the thread that opened it.
 
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 
 /// The libnftables shared object (runtime package `libnftables1`).
@@ -26,7 +28,9 @@ type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
 
 /// One libnftables context. Not thread-safe: the caller wraps it in a mutex.
 pub struct LibNft {
-    handle: *mut c_void,
+    /// The loaded library: the function pointers below are valid while it is (it is unloaded when
+    /// dropped, after [`Drop::drop`] freed the context).
+    _lib: Library,
     ctx: *mut c_void,
     /// Network namespace (device, inode) of the thread that opened the context: a replacement context
     /// is only made from a thread in that same namespace.
@@ -45,42 +49,42 @@ pub struct LibNft {
 // no thread-local state tied to the creating thread.
 unsafe impl Send for LibNft {}
 
-unsafe fn sym<T: Copy>(handle: *mut c_void, name: &CStr) -> Result<T, String> {
-    // SAFETY: handle comes from dlopen; the caller names the symbol's true C signature as T.
-    let p = unsafe { libc::dlsym(handle, name.as_ptr()) };
-    if p.is_null() {
-        return Err(format!(
+/// Loads `soname` (RTLD_NOW: a library lacking a symbol it needs fails here, not later).
+fn load(soname: &str) -> Result<Library, String> {
+    // SAFETY: loading libnftables runs its initialisers, which have no requirements; the caller keeps
+    // the library for as long as it uses anything from it.
+    unsafe { Library::open(Some(soname), RTLD_NOW | RTLD_LOCAL) }
+        .map_err(|_| format!("cannot load {soname} (install libnftables1)"))
+}
+
+/// The function `name` of `lib`, as a plain function pointer (valid while `lib` is loaded).
+unsafe fn sym<T: Copy>(lib: &Library, name: &CStr) -> Result<T, String> {
+    // SAFETY: the caller names the symbol's true C signature as T.
+    match unsafe { lib.get::<T>(name) } {
+        Ok(f) => Ok(*f),
+        Err(_) => Err(format!(
             "{LIBNFTABLES_SONAME} lacks {}",
             name.to_string_lossy()
-        ));
+        )),
     }
-    // SAFETY: T is a function pointer type of the same size as *mut c_void.
-    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
 }
 
 impl LibNft {
     pub fn open() -> Result<Self, String> {
-        let soname = CString::new(LIBNFTABLES_SONAME).map_err(|e| e.to_string())?;
-        // SAFETY: dlopen with a valid C string; the handle is kept for the life of LibNft.
-        let handle = unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if handle.is_null() {
-            return Err(format!(
-                "cannot load {LIBNFTABLES_SONAME} (install libnftables1)"
-            ));
-        }
+        let lib = load(LIBNFTABLES_SONAME)?;
         // SAFETY: the symbol types match libnftables.h.
         unsafe {
-            let new: CtxNew = sym(handle, c"nft_ctx_new")?;
-            let free: CtxFree = sym(handle, c"nft_ctx_free")?;
-            let set_flags: SetFlags = sym(handle, c"nft_ctx_output_set_flags")?;
-            let buf_out: Buffer = sym(handle, c"nft_ctx_buffer_output")?;
-            let buf_err: Buffer = sym(handle, c"nft_ctx_buffer_error")?;
-            let get_output: GetBuffer = sym(handle, c"nft_ctx_get_output_buffer")?;
-            let get_error: GetBuffer = sym(handle, c"nft_ctx_get_error_buffer")?;
-            let run: RunCmd = sym(handle, c"nft_run_cmd_from_buffer")?;
+            let new: CtxNew = sym(&lib, c"nft_ctx_new")?;
+            let free: CtxFree = sym(&lib, c"nft_ctx_free")?;
+            let set_flags: SetFlags = sym(&lib, c"nft_ctx_output_set_flags")?;
+            let buf_out: Buffer = sym(&lib, c"nft_ctx_buffer_output")?;
+            let buf_err: Buffer = sym(&lib, c"nft_ctx_buffer_error")?;
+            let get_output: GetBuffer = sym(&lib, c"nft_ctx_get_output_buffer")?;
+            let get_error: GetBuffer = sym(&lib, c"nft_ctx_get_error_buffer")?;
+            let run: RunCmd = sym(&lib, c"nft_run_cmd_from_buffer")?;
             let ctx = new_ctx(new, set_flags, buf_out, buf_err, free)?;
             Ok(LibNft {
-                handle,
+                _lib: lib,
                 ctx,
                 netns: thread_netns(),
                 new,
@@ -201,10 +205,31 @@ impl Drop for LibNft {
     fn drop(&mut self) {
         // Notifications of what this context committed may still be queued for the monitor.
         crate::monitor::remember_own_sockets();
-        // SAFETY: ctx and handle were created in open() and are freed exactly once.
+        // SAFETY: ctx was created in open() (or reset_cache) and is freed exactly once, before the
+        // library is unloaded (fields drop after this).
         unsafe {
             (self.free)(self.ctx);
-            libc::dlclose(self.handle);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_or_symbol_is_named_in_the_error() {
+        let err = load("libpalisade-no-such-library.so.1").unwrap_err();
+        assert_eq!(
+            err,
+            "cannot load libpalisade-no-such-library.so.1 (install libnftables1)"
+        );
+        // libnftables itself is installed with nft (the kernel tests need both).
+        let lib = load(LIBNFTABLES_SONAME).unwrap();
+        // SAFETY: never called.
+        let err = unsafe { sym::<CtxFree>(&lib, c"nft_no_such_function") }.unwrap_err();
+        assert_eq!(err, "libnftables.so.1 lacks nft_no_such_function");
+        // SAFETY: the true signature of nft_ctx_free; not called.
+        assert!(unsafe { sym::<CtxFree>(&lib, c"nft_ctx_free") }.is_ok());
     }
 }
