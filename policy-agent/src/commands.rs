@@ -88,16 +88,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!(
             "--no-drift-watch: changes to our table by other processes are undone at resync only"
         );
-    } else if let Err(e) =
-        crate::nft::watch_drift(move |drift| {
+    } else if let Err(e) = crate::nft::watch_drift(move |drift| {
         drift_wake
             .blocking_send(Msg::Drift {
                 what: drift.to_string(),
                 touched: drift.touched,
             })
             .is_ok()
-    })
-    {
+    }) {
         warn!(error = %e, "cannot watch our table for changes; changes behind our back are undone at resync only (--resync-seconds); the agent needs CAP_NET_ADMIN");
     }
 

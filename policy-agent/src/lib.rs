@@ -5,7 +5,7 @@
 //! (through `compiled`), runs on the pure timers of `schedule`, commits through `nft` while holding
 //! the node `lock`, converges routes and the overlay with `route_sync` (`routes`, `overlay`), writes
 //! the conflist with `cniconf` once the first sync succeeded, cuts revoked flows with `conntrack`,
-//! and reports through `server` and `metrics`. `attachments` watches the plugin's records. `cli`
+//! reads its table back with `table_watch`, and reports through `server` and `metrics`. `attachments` watches the plugin's records. `cli`
 //! holds the clap subcommands, `commands` what they do.
 
 pub mod attachments;
@@ -26,3 +26,4 @@ pub mod routes;
 pub mod schedule;
 pub mod server;
 pub mod source;
+pub mod table_watch;

@@ -29,10 +29,11 @@ use crate::compiled;
 use crate::error::{Error, Result};
 use crate::lock::NodeLock;
 use crate::metrics::{Metrics, Sizes};
-use crate::nft::{self, Nft, TableSummary};
+use crate::nft::{Nft, TableSummary};
 use crate::route_sync::RouteSync;
 use crate::schedule::{Schedule, SweepCredit};
 use crate::source::SourceEvent;
+use crate::table_watch::{TableWatch, Verdict};
 use palisade_policy::model::Change;
 use palisade_policy::IncrementalCompiler;
 use std::collections::BTreeSet;
@@ -44,6 +45,9 @@ use tracing::{debug, error, info, warn};
 
 /// Attachment directory poll interval when inotify is unavailable.
 pub const ATTACHMENT_POLL: Duration = Duration::from_millis(200);
+
+/// Messages already waiting that are handled before the timers run (see `Engine::run`).
+const DRAIN: usize = 256;
 
 /// Capacity of the engine's channel. Sources wait when it is full (backpressure on a burst of
 /// watch events); a list page of the API (500) fits.
@@ -112,17 +116,8 @@ pub struct Engine {
     sched: Schedule,
     /// Routes and overlay; `None` with `--no-routes`.
     routes: Option<RouteSync>,
-    /// What our table looked like after the last commits (see `schedule::SNAPSHOT_DELAY`); `None`
-    /// while stale.
-    expected: Option<TableSummary>,
-    /// Lists our table off the reconcile thread (its own nft context), so a read-back of a large table
-    /// never delays a commit. Without it (tests of the engine alone) snapshots are taken inline.
-    reader: Option<std::sync::mpsc::Sender<u64>>,
-    /// Counts commits; a snapshot listed for an older generation is stale and dropped.
-    generation: u64,
-    /// Sizes of the ruleset last committed (the compiler may hold changes staged since, not yet
-    /// committed): what a snapshot's counts are judged against.
-    committed: Option<palisade_policy::ruleset::RulesetStats>,
+    /// Reads our table back after commits and judges it.
+    table: TableWatch,
     conflist: cniconf::Once,
     /// The next full replace is the periodic one (logged at debug).
     quiet_full: bool,
@@ -135,19 +130,6 @@ pub struct Engine {
     /// Compile warnings logged so far: each is logged once while it holds (an incremental commit
     /// would otherwise repeat all of them, up to hundreds per second under churn).
     warned: BTreeSet<String>,
-}
-
-/// Niceness of the snapshot thread and its `nft` processes (the lowest priority).
-const SNAPSHOT_NICE: libc::c_int = 19;
-
-/// Whether the `nft` binary can be run (the snapshot reader prefers it).
-fn nft_binary_runs() -> bool {
-    std::process::Command::new(palisade_nft::NFT_BINARY)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 impl Engine {
@@ -163,10 +145,7 @@ impl Engine {
             metrics,
             synced: false,
             routes: None,
-            expected: None,
-            reader: None,
-            generation: 0,
-            committed: None,
+            table: TableWatch::default(),
             quiet_full: false,
             revoker: None,
             sweep_credit: SweepCredit::new(now),
@@ -181,60 +160,16 @@ impl Engine {
         self
     }
 
+    /// Reads our table back on a thread of its own, answering on `reply` (see [`TableWatch`]).
+    pub fn with_snapshot_reader(mut self, reply: Sender<Msg>) -> Result<Self> {
+        self.table = TableWatch::with_reader(self.nft.backend(), reply)?;
+        Ok(self)
+    }
+
     /// After every commit, cut the established flows the new ruleset would not admit as new.
     pub fn with_revoker(mut self, revoker: crate::conntrack::Revoker) -> Self {
         self.revoker = Some(revoker);
         self
-    }
-
-    /// Takes post-commit snapshots on a thread of their own with its own nft context, answering on
-    /// `reply`. Listing a table of 100k elements takes hundreds of ms at 10k pods: on the reconcile
-    /// thread that delayed any change arriving meanwhile (the enforcement-latency tail).
-    pub fn with_snapshot_reader(mut self, reply: Sender<Msg>) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<u64>();
-        // An `nft` process per listing: off the commit path its ~4 ms start costs nothing, and the
-        // listing's cache dies with the process instead of living in a second libnftables context.
-        let backend = if nft_binary_runs() {
-            nft::Backend::Exec
-        } else {
-            self.nft.backend()
-        };
-        let nft = Nft::new(backend);
-        std::thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
-                // Lowest CPU priority for this thread and the `nft` it forks (Linux niceness is per
-                // thread and inherited): on a busy node the read-back must not compete with commits.
-                // SAFETY: setpriority on the calling thread (who 0) with a constant value.
-                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) } != 0 {
-                    debug!(
-                        "cannot lower the snapshot thread's priority; it runs at normal priority"
-                    );
-                }
-                while let Ok(mut generation) = rx.recv() {
-                    // Only the newest request matters.
-                    while let Ok(g) = rx.try_recv() {
-                        generation = g;
-                    }
-                    let listing = match nft.list_table() {
-                        Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
-                        Ok(None) => Ok(None),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if reply
-                        .blocking_send(Msg::Snapshot {
-                            generation,
-                            listing,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| Error::io("spawn snapshot thread", "reconcile", e))?;
-        self.reader = Some(tx);
-        Ok(self)
     }
 
     /// Runs until [`Msg::Stop`] or every sender is gone. `rt` runs the waits for messages.
@@ -256,6 +191,19 @@ impl Engine {
             };
             if let Some(m) = msg {
                 self.on_msg(m);
+                // What arrived together is handled together: a Pod and its policy written at once
+                // must not be split by a reconcile between them because staging the first took
+                // longer than the debounce (a busy node). Bounded, so a flood cannot starve it.
+                for _ in 0..DRAIN {
+                    match rx.try_recv() {
+                        Ok(Msg::Stop) => {
+                            info!("reconcile loop stopping; rules stay in the kernel");
+                            return;
+                        }
+                        Ok(m) => self.on_msg(m),
+                        Err(_) => break,
+                    }
+                }
             }
             self.on_timers();
         }
@@ -266,7 +214,8 @@ impl Engine {
         match msg {
             Msg::Source(ev) => {
                 if self.on_event(ev) {
-                    self.sched.changed(now);
+                    // The debounce counts from when the change is in the model.
+                    self.sched.changed(Instant::now());
                 }
             }
             Msg::AttachmentsChanged => self.sched.changed(now),
@@ -286,8 +235,9 @@ impl Engine {
                 generation,
                 listing,
             } => {
-                if self.snapshot_listed(generation, listing) {
-                    self.sched.reconcile_now(now);
+                if !self.inc.is_stale() {
+                    let verdict = self.table.listed(generation, listing);
+                    self.judged(verdict);
                 }
             }
             Msg::Stop => {}
@@ -308,8 +258,9 @@ impl Engine {
         if due.routes && self.synced {
             self.sync_routes(true);
         }
-        if due.snapshot && self.snapshot() {
-            self.sched.reconcile_now(now);
+        if due.snapshot && !self.inc.is_stale() {
+            let verdict = self.table.snapshot(&self.nft, &self.metrics);
+            self.judged(verdict);
         }
         if due.reconcile {
             if !self.synced {
@@ -500,9 +451,7 @@ impl Engine {
         };
         self.metrics.commit_ok(took, full, sizes);
         if committed {
-            self.generation += 1;
-            self.expected = None;
-            self.committed = Some(stats);
+            self.table.committed(stats);
         }
         // The conflist first: a route that cannot be added (retried with backoff) must not keep pods
         // from starting on this node. Routes fail and retry on their own schedule: a bad Node never
@@ -565,66 +514,14 @@ impl Engine {
         }
     }
 
-    /// Reads our table back and remembers its fingerprint: asks the snapshot reader when there is one
-    /// (the answer arrives as [`Msg::Snapshot`]), else lists inline. True when a restore is needed.
-    fn snapshot(&mut self) -> bool {
-        if self.inc.is_stale() {
-            return false;
-        }
-        if let Some(reader) = &self.reader {
-            if reader.send(self.generation).is_ok() {
-                return false;
-            }
-            self.reader = None; // the reader is gone: list inline from now on
-        }
-        let listing = match self.nft.list_table() {
-            Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                self.metrics.error(e.kind());
-                Err(e.to_string())
-            }
-        };
-        self.snapshot_listed(self.generation, listing)
-    }
-
-    /// Judges a listing of our table taken for commit `generation`. Chains, rules and sets map one to
-    /// one from our ruleset, so a count that differs already means someone changed the table: true
-    /// (restore). A listing from before the newest commit is dropped and a new one scheduled.
-    fn snapshot_listed(
-        &mut self,
-        generation: u64,
-        listing: std::result::Result<Option<TableSummary>, String>,
-    ) -> bool {
-        if generation != self.generation {
-            self.sched.snapshot_later(Instant::now());
-            return false;
-        }
-        let (Some(stats), false) = (self.committed, self.inc.is_stale()) else {
-            return false;
-        };
-        match listing {
-            Ok(Some(s))
-                if (s.chains, s.rules, s.sets)
-                    == (stats.chains as u64, stats.rules as u64, stats.sets as u64) =>
-            {
-                self.expected = Some(s);
-                false
-            }
-            Ok(Some(s)) => {
-                self.restore_needed(&format!(
-                    "found {} chains, {} rules, {} sets where we committed {}, {}, {}",
-                    s.chains, s.rules, s.sets, stats.chains, stats.rules, stats.sets
-                ));
-                true
-            }
-            Ok(None) => {
-                self.restore_needed("table inet palisade was removed (nft flush ruleset?)");
-                true
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot read back our table");
-                false
+    /// Acts on what a look at our table found.
+    fn judged(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Fine => {}
+            Verdict::Stale => self.sched.snapshot_later(Instant::now()),
+            Verdict::Restore(what) => {
+                self.restore_needed(&what);
+                self.sched.reconcile_now(Instant::now());
             }
         }
     }
@@ -655,7 +552,7 @@ impl Engine {
         warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
         self.inc.invalidate();
         self.repair = None;
-        self.expected = None;
+        self.table.forget();
     }
 
     /// Compares our table with what we committed; true (after logging and counting) when it was
@@ -665,39 +562,12 @@ impl Engine {
         if self.inc.is_stale() {
             return true;
         }
-        let found = match self.nft.list_table() {
-            Ok(Some(l)) => match nft::summarize(&l) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "cannot parse our table's listing");
-                    return false;
-                }
-            },
-            Ok(None) => {
-                self.restore_needed("table inet palisade was removed (nft flush ruleset?)");
-                return true;
-            }
-            Err(e) => {
-                self.metrics.error(e.kind());
-                warn!(error = %e, "cannot list our table to verify it");
-                return false;
-            }
-        };
-        match self.expected {
-            Some(exp) if exp.fingerprint != found.fingerprint => {
-                self.restore_needed(&format!(
-                    "found {} chains, {} rules, {} elements where we had {}, {}, {} (pending excluded)",
-                    found.chains,
-                    found.rules,
-                    found.elements - found.pending,
-                    exp.chains,
-                    exp.rules,
-                    exp.elements - exp.pending
-                ));
+        match self.table.check(&self.nft, &self.metrics) {
+            Verdict::Restore(what) => {
+                self.restore_needed(&what);
                 true
             }
-            // Fingerprint matches, or a snapshot is about to be taken (it checks the counts).
-            _ => {
+            Verdict::Fine | Verdict::Stale => {
                 if let Some(r) = self.routes.as_mut() {
                     r.check(&self.inc.state().nodes, &mut self.sched);
                 }

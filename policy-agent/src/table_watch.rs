@@ -1,0 +1,255 @@
+//! Reading our table back after commits, and judging what is found: the fingerprint the resync
+//! compares, and the counts a snapshot checks. The engine asks; this room lists (on a thread of its
+//! own when it can) and answers with a [`Verdict`].
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::nft::{self, Nft, TableSummary};
+use crate::reconcile::Msg;
+use palisade_policy::ruleset::RulesetStats;
+use tokio::sync::mpsc::Sender;
+use tracing::{debug, warn};
+
+/// Niceness of the snapshot thread and its `nft` processes (the lowest priority).
+const SNAPSHOT_NICE: libc::c_int = 19;
+
+/// What a look at our table found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// As committed (or nothing to judge: no commit yet, a listing failed, an answer is pending).
+    Fine,
+    /// Changed or removed behind our back: restore it (says what was found).
+    Restore(String),
+    /// The listing was taken before the newest commit: take another one later.
+    Stale,
+}
+
+/// Whether the `nft` binary can be run (the snapshot reader prefers it).
+fn nft_binary_runs() -> bool {
+    std::process::Command::new(palisade_nft::NFT_BINARY)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What we committed last, and what our table looked like after it.
+#[derive(Default)]
+pub struct TableWatch {
+    /// Lists our table off the reconcile thread (its own nft context), so a read-back of a large
+    /// table never delays a commit. Without it (tests of the engine alone) snapshots are taken inline.
+    reader: Option<std::sync::mpsc::Sender<u64>>,
+    /// Counts commits; a snapshot listed for an older generation is stale and dropped.
+    generation: u64,
+    /// Sizes of the ruleset last committed (the compiler may hold changes staged since, not yet
+    /// committed): what a snapshot's counts are judged against.
+    committed: Option<RulesetStats>,
+    /// What our table looked like after the last commits; `None` while unknown.
+    expected: Option<TableSummary>,
+}
+
+impl TableWatch {
+    /// Takes post-commit snapshots on a thread of their own with its own nft context (an `nft`
+    /// process per listing when the binary runs, else `backend`), answering on `reply`. Listing a
+    /// table of 100k elements takes hundreds of ms at 10k pods: on the reconcile thread that delayed
+    /// any change arriving meanwhile (the enforcement-latency tail).
+    pub fn with_reader(backend: nft::Backend, reply: Sender<Msg>) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        // An `nft` process per listing: off the commit path its ~4 ms start costs nothing, and the
+        // listing's cache dies with the process instead of living in a second libnftables context.
+        let backend = if nft_binary_runs() {
+            nft::Backend::Exec
+        } else {
+            backend
+        };
+        let nft = Nft::new(backend);
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                // Lowest CPU priority for this thread and the `nft` it forks (Linux niceness is per
+                // thread and inherited): on a busy node the read-back must not compete with commits.
+                // SAFETY: setpriority on the calling thread (who 0) with a constant value.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) } != 0 {
+                    debug!(
+                        "cannot lower the snapshot thread's priority; it runs at normal priority"
+                    );
+                }
+                while let Ok(mut generation) = rx.recv() {
+                    // Only the newest request matters.
+                    while let Ok(g) = rx.try_recv() {
+                        generation = g;
+                    }
+                    let listing = match nft.list_table() {
+                        Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if reply
+                        .blocking_send(Msg::Snapshot {
+                            generation,
+                            listing,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn snapshot thread", "reconcile", e))?;
+        Ok(TableWatch {
+            reader: Some(tx),
+            ..TableWatch::default()
+        })
+    }
+
+    /// A transaction of ruleset `stats` was committed: what the table looked like is unknown until
+    /// the next snapshot.
+    pub fn committed(&mut self, stats: RulesetStats) {
+        self.generation += 1;
+        self.expected = None;
+        self.committed = Some(stats);
+    }
+
+    /// The table is about to be replaced: forget what it looked like.
+    pub fn forget(&mut self) {
+        self.expected = None;
+    }
+
+    /// Reads our table back: asks the reader when there is one (the answer arrives as
+    /// [`Msg::Snapshot`], then [`Self::listed`] judges it), else lists inline and judges at once.
+    pub fn snapshot(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
+        if let Some(reader) = &self.reader {
+            if reader.send(self.generation).is_ok() {
+                return Verdict::Fine;
+            }
+            self.reader = None; // the reader is gone: list inline from now on
+        }
+        let listing = match nft.list_table() {
+            Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                metrics.error(e.kind());
+                Err(e.to_string())
+            }
+        };
+        self.listed(self.generation, listing)
+    }
+
+    /// Judges a listing of our table taken for commit `generation`. Chains, rules and sets map one
+    /// to one from our ruleset, so a count that differs already means someone changed the table.
+    pub fn listed(
+        &mut self,
+        generation: u64,
+        listing: std::result::Result<Option<TableSummary>, String>,
+    ) -> Verdict {
+        if generation != self.generation {
+            return Verdict::Stale;
+        }
+        let Some(stats) = self.committed else {
+            return Verdict::Fine;
+        };
+        match listing {
+            Ok(Some(s))
+                if (s.chains, s.rules, s.sets)
+                    == (stats.chains as u64, stats.rules as u64, stats.sets as u64) =>
+            {
+                self.expected = Some(s);
+                Verdict::Fine
+            }
+            Ok(Some(s)) => Verdict::Restore(format!(
+                "found {} chains, {} rules, {} sets where we committed {}, {}, {}",
+                s.chains, s.rules, s.sets, stats.chains, stats.rules, stats.sets
+            )),
+            Ok(None) => {
+                Verdict::Restore("table inet palisade was removed (nft flush ruleset?)".into())
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read back our table");
+                Verdict::Fine
+            }
+        }
+    }
+
+    /// At resync: lists our table and compares its fingerprint with the one taken after the last
+    /// commits (when a snapshot has not been taken yet, it will check the counts).
+    pub fn check(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
+        let found = match nft.list_table() {
+            Ok(Some(l)) => match nft::summarize(&l) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot parse our table's listing");
+                    return Verdict::Fine;
+                }
+            },
+            Ok(None) => {
+                return Verdict::Restore(
+                    "table inet palisade was removed (nft flush ruleset?)".into(),
+                )
+            }
+            Err(e) => {
+                metrics.error(e.kind());
+                warn!(error = %e, "cannot list our table to verify it");
+                return Verdict::Fine;
+            }
+        };
+        match self.expected {
+            Some(exp) if exp.fingerprint != found.fingerprint => Verdict::Restore(format!(
+                "found {} chains, {} rules, {} elements where we had {}, {}, {} (pending excluded)",
+                found.chains,
+                found.rules,
+                found.elements - found.pending,
+                exp.chains,
+                exp.rules,
+                exp.elements - exp.pending
+            )),
+            _ => Verdict::Fine,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(chains: u64, rules: u64, sets: u64, fingerprint: u64) -> TableSummary {
+        TableSummary {
+            fingerprint,
+            chains,
+            rules,
+            sets,
+            ..TableSummary::default()
+        }
+    }
+
+    fn stats(chains: usize, rules: usize, sets: usize) -> RulesetStats {
+        RulesetStats {
+            chains,
+            rules,
+            sets,
+            ..RulesetStats::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshot_is_judged_by_the_counts_of_the_last_commit_and_an_old_one_is_stale() {
+        let mut w = TableWatch::default();
+        assert_eq!(
+            w.listed(0, Ok(Some(summary(1, 1, 1, 7)))),
+            Verdict::Fine,
+            "nothing committed"
+        );
+        w.committed(stats(3, 10, 2));
+        assert_eq!(w.listed(0, Ok(Some(summary(3, 10, 2, 7)))), Verdict::Stale);
+        assert_eq!(w.listed(1, Ok(Some(summary(3, 10, 2, 7)))), Verdict::Fine);
+        assert!(
+            matches!(w.listed(1, Ok(Some(summary(3, 9, 2, 7)))), Verdict::Restore(m) if m.contains("9 rules"))
+        );
+        assert!(matches!(w.listed(1, Ok(None)), Verdict::Restore(_)));
+        assert_eq!(
+            w.listed(1, Err("nft failed".into())),
+            Verdict::Fine,
+            "cannot judge"
+        );
+    }
+}
