@@ -286,7 +286,7 @@ the nft commit and up to ~1 ms of probe granularity. Changes: policy create/dele
 (a remote pod entering/leaving a peer set). Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
 its CPU figures are the agent's /proc utime+stime over the scenario's wall time. \
 Irrelevant events (`--irrelevant-rate`): right after the first sync, one override file per heartbeat pod (`--irrelevant-pods` background pods spread over all nodes) is written and left 3 s to settle; \
-then two windows of `--irrelevant-seconds` each (+0.3 s for the last writes to land): idle (no writes), and a writer thread rewriting those files round robin at the rate (dotfile + rename; up to 250 ms of lag made up), each write the same pod with a new \
+then two windows of `--irrelevant-seconds` each (+0.3 s for the last writes to land): idle (no writes), and two writer threads rewriting those files round robin at the rate between them (each its own half; dotfile + rename; up to 250 ms of lag made up), each write the same pod with a new \
 `metadata.resourceVersion` and new `lastProbeTime`/`lastTransitionTime` of its Ready/ContainersReady conditions (labels, IPs, phase, node, ports unchanged: a kubelet status heartbeat). \
 Per window: agent CPU (/proc utime+stime over the window), RSS at its end, and deltas of the agent's `palisade_reconciles_total`, `palisade_node_lock_acquisitions_total`, \
 `palisade_source_changes_total`, `palisade_transactions_total`. The files are removed before the churn windows and trials. \
