@@ -28,13 +28,13 @@ use super::resolve::{
     self, attachment_matches, compile_policy, selector_opt_matches, Lookup, ResolvedPods,
 };
 use super::{Compiled, CompiledRule, LocalPod};
-use crate::diff::diff;
+use crate::diff::changelog::{ChangeLog, PartNames};
 use crate::model::{
     Change, ClusterState, Direction, LabelSelector, Labels, Peer, Pod, Policy, PortMatch, Protocol,
     Rule,
 };
 use crate::ruleset::names::{self, NAMED_SET_PREFIX, PEER_SET_PREFIX};
-use crate::ruleset::{Batch, Chain, Elem, Family, Ruleset, Set};
+use crate::ruleset::{Batch, Elem, Family, Ruleset};
 use palisade_contract::Attachment;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -148,137 +148,6 @@ struct Moved {
     new_ns: Labels,
 }
 
-/// Records what changes in the ruleset: old versions of replaced objects, net element changes
-/// of patched sets. [`Tracker::batch`] runs `diff` on exactly those objects.
-#[derive(Debug, Default)]
-struct Tracker {
-    old_chains: BTreeMap<String, Option<Chain>>,
-    old_sets: BTreeMap<String, Option<Set>>,
-    /// Net (removed, added) elements of sets patched in place.
-    elems: BTreeMap<String, (BTreeSet<Elem>, BTreeSet<Elem>)>,
-}
-
-impl Tracker {
-    fn put_chain(&mut self, rs: &mut Ruleset, name: &str, new: Option<Chain>) {
-        if rs.chains.get(name) == new.as_ref() {
-            return;
-        }
-        if !self.old_chains.contains_key(name) {
-            self.old_chains
-                .insert(name.to_string(), rs.chains.get(name).cloned());
-        }
-        match new {
-            Some(c) => rs.add_chain(c),
-            None => {
-                rs.chains.remove(name);
-            }
-        }
-    }
-
-    fn put_set(&mut self, rs: &mut Ruleset, name: &str, new: Option<Set>) {
-        if rs.sets.get(name) == new.as_ref() {
-            return;
-        }
-        if !self.old_sets.contains_key(name) {
-            let mut old = rs.sets.get(name).cloned();
-            if let (Some(o), Some((removed, added))) = (old.as_mut(), self.elems.remove(name)) {
-                for e in &added {
-                    o.elements.remove(e);
-                }
-                o.elements.extend(removed);
-            }
-            self.old_sets.insert(name.to_string(), old);
-        }
-        match new {
-            Some(s) => rs.add_set(s),
-            None => {
-                rs.sets.remove(name);
-            }
-        }
-    }
-
-    fn insert_elem(&mut self, rs: &mut Ruleset, set: &str, e: Elem) {
-        let Some(s) = rs.sets.get_mut(set) else {
-            return;
-        };
-        if !s.elements.insert(e.clone()) || self.old_sets.contains_key(set) {
-            return;
-        }
-        let (removed, added) = self.elems.entry(set.to_string()).or_default();
-        if !removed.remove(&e) {
-            added.insert(e);
-        }
-    }
-
-    fn remove_elem(&mut self, rs: &mut Ruleset, set: &str, e: &Elem) {
-        let Some(s) = rs.sets.get_mut(set) else {
-            return;
-        };
-        if !s.elements.remove(e) || self.old_sets.contains_key(set) {
-            return;
-        }
-        let (removed, added) = self.elems.entry(set.to_string()).or_default();
-        if !added.remove(e) {
-            removed.insert(e.clone());
-        }
-    }
-
-    /// The batch from the ruleset before the change to `rs`: `diff` of the touched objects,
-    /// which equals `diff` of the whole rulesets since every other object is unchanged.
-    fn batch(self, rs: &Ruleset) -> Batch {
-        let mut last = Ruleset::default();
-        let mut next = Ruleset::default();
-        for (name, old) in self.old_chains {
-            if let Some(c) = old {
-                last.add_chain(c);
-            }
-            if let Some(c) = rs.chains.get(&name) {
-                next.add_chain(c.clone());
-            }
-        }
-        for (name, old) in self.old_sets {
-            if let Some(s) = old {
-                last.add_set(s);
-            }
-            if let Some(s) = rs.sets.get(&name) {
-                next.add_set(s.clone());
-            }
-        }
-        for (name, (removed, added)) in self.elems {
-            if removed.is_empty() && added.is_empty() {
-                continue;
-            }
-            let Some(s) = rs.sets.get(&name) else {
-                continue;
-            };
-            let shell = |elements| Set {
-                name: s.name.clone(),
-                key: s.key,
-                interval: s.interval,
-                verdict_map: s.verdict_map,
-                comment: s.comment.clone(),
-                elements,
-            };
-            last.add_set(shell(removed));
-            next.add_set(shell(added));
-        }
-        // `diff` answers a redefinition with a full replace: of the whole table, not of the part.
-        let redefined = next
-            .chains
-            .values()
-            .any(|c| last.chains.get(&c.name).is_some_and(|l| l.base != c.base))
-            || next.sets.values().any(|s| {
-                last.sets.get(&s.name).is_some_and(|l| {
-                    l.key != s.key || l.interval != s.interval || l.verdict_map != s.verdict_map
-                })
-            });
-        if redefined {
-            return rs.full_replace();
-        }
-        diff(&last, &next)
-    }
-}
-
 /// Compiles one node incrementally; see the module documentation.
 #[derive(Debug)]
 pub struct IncrementalCompiler {
@@ -287,23 +156,16 @@ pub struct IncrementalCompiler {
     ix: SubjectIndex,
     att_by_pod: BTreeMap<String, Vec<Attachment>>,
     /// Names of the chains and sets of the local part.
-    local_names: (BTreeSet<String>, BTreeSet<String>),
+    local_names: PartNames,
     /// Names of the chains and sets of each compiled policy.
-    policy_names: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>,
+    policy_names: BTreeMap<String, PartNames>,
     /// What changed since the last [`IncrementalCompiler::take_batch`].
-    tr: Tracker,
+    tr: ChangeLog,
     /// Resolved peers of unchanged rules of a policy being recompiled, by (policy, dir, index).
     reuse: BTreeMap<(String, Direction, usize), super::PeerSet>,
     /// Set by [`IncrementalCompiler::invalidate`]: changes go to the state only, and
     /// [`IncrementalCompiler::recompile`] compiles in full.
     stale: bool,
-}
-
-fn names_of(rs: &Ruleset) -> (BTreeSet<String>, BTreeSet<String>) {
-    (
-        rs.chains.keys().cloned().collect(),
-        rs.sets.keys().cloned().collect(),
-    )
 }
 
 fn attachments_by_pod(atts: &[Attachment]) -> BTreeMap<String, Vec<Attachment>> {
@@ -398,11 +260,11 @@ impl IncrementalCompiler {
         // `compile`, keeping the names of each part's objects on the way.
         let mut compiled = resolve::resolve(&state, node);
         let (mut rs, warnings) = build::local_part(&compiled);
-        let local_names = names_of(&rs);
+        let local_names = PartNames::of(&rs);
         let mut policy_names = BTreeMap::new();
         for (k, cp) in &compiled.policies {
             let part = build::policy_part(cp);
-            policy_names.insert(k.clone(), names_of(&part));
+            policy_names.insert(k.clone(), PartNames::of(&part));
             rs.chains.extend(part.chains);
             rs.sets.extend(part.sets);
         }
@@ -422,7 +284,7 @@ impl IncrementalCompiler {
             att_by_pod,
             local_names,
             policy_names,
-            tr: Tracker::default(),
+            tr: ChangeLog::default(),
             reuse: BTreeMap::new(),
             stale: false,
         }
@@ -496,13 +358,7 @@ impl IncrementalCompiler {
         for a in attachments.iter().filter(|a| a.pending) {
             for ip in &a.ips {
                 let set = names::pending_set(Family::of(ip));
-                let committed = match tr.old_sets.get_mut(set) {
-                    Some(old) => old.as_mut(),
-                    None => self.compiled.ruleset.sets.get_mut(set),
-                };
-                if let Some(s) = committed {
-                    s.elements.insert(Elem::Addr(*ip));
-                }
+                tr.note_committed_elem(&mut self.compiled.ruleset, set, Elem::Addr(*ip));
             }
         }
         // The current ruleset is what compile says again (the marks were taken as committed).
@@ -584,7 +440,7 @@ impl IncrementalCompiler {
         change: Change,
         keys: BTreeSet<String>,
         dirty: &mut BTreeSet<String>,
-        tr: &mut Tracker,
+        tr: &mut ChangeLog,
     ) {
         let old: Vec<(String, Option<Subject>)> = keys
             .into_iter()
@@ -628,7 +484,7 @@ impl IncrementalCompiler {
         change: Change,
         ns: &str,
         dirty: &mut BTreeSet<String>,
-        tr: &mut Tracker,
+        tr: &mut ChangeLog,
     ) {
         let old_ns = self.state.namespace_labels(ns);
         self.state.apply(change);
@@ -706,7 +562,7 @@ impl IncrementalCompiler {
 
     /// Peer and named-port sets of the compiled rules (of policies not recompiled whole):
     /// memberships of the moved pods, then every address they held or hold.
-    fn patch_peers(&mut self, moved: &[Moved], dirty: &BTreeSet<String>, tr: &mut Tracker) {
+    fn patch_peers(&mut self, moved: &[Moved], dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
         if moved.is_empty() {
             return;
         }
@@ -814,7 +670,7 @@ impl IncrementalCompiler {
     }
 
     /// Recompiles whole policies: their chains and sets are replaced.
-    fn recompile_policies(&mut self, dirty: &BTreeSet<String>, tr: &mut Tracker) {
+    fn recompile_policies(&mut self, dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
         for pkey in dirty {
             self.compiled.policies.remove(pkey);
             let mut part = Ruleset::default();
@@ -851,29 +707,16 @@ impl IncrementalCompiler {
                     self.compiled.policies.insert(pkey.clone(), cp);
                 }
             }
-            let (old_chains, old_sets) = self.policy_names.remove(pkey).unwrap_or_default();
-            let new_names = names_of(&part);
-            let rs = &mut self.compiled.ruleset;
-            for name in old_chains.difference(&new_names.0) {
-                tr.put_chain(rs, name, None);
-            }
-            for name in old_sets.difference(&new_names.1) {
-                tr.put_set(rs, name, None);
-            }
-            for (name, c) in part.chains {
-                tr.put_chain(rs, &name, Some(c));
-            }
-            for (name, s) in part.sets {
-                tr.put_set(rs, &name, Some(s));
-            }
-            if !new_names.0.is_empty() || !new_names.1.is_empty() {
-                self.policy_names.insert(pkey.clone(), new_names);
+            let old = self.policy_names.remove(pkey).unwrap_or_default();
+            let new = tr.replace_part(&mut self.compiled.ruleset, &old, part);
+            if !new.is_empty() {
+                self.policy_names.insert(pkey.clone(), new);
             }
         }
     }
 
     /// Pending addresses and the local part, compared object by object.
-    fn rebuild_local(&mut self, tr: &mut Tracker) {
+    fn rebuild_local(&mut self, tr: &mut ChangeLog) {
         self.compiled.pending = self
             .state
             .attachments
@@ -892,19 +735,11 @@ impl IncrementalCompiler {
         let (sources, source_warnings) = resolve::source_bindings(&self.state.attachments);
         self.compiled.sources = sources;
         self.compiled.egress_nat = self.state.egress_nat.clone();
-        let (mut part, part_warnings) = build::local_part(&self.compiled);
+        let (part, part_warnings) = build::local_part(&self.compiled);
         // In the order of a full compile: resolve's, then the build's.
         let mut warnings = source_warnings;
         warnings.extend(part_warnings);
-        let new_names = names_of(&part);
-        let rs = &mut self.compiled.ruleset;
-        for name in self.local_names.0.union(&new_names.0) {
-            tr.put_chain(rs, name, part.chains.remove(name));
-        }
-        for name in self.local_names.1.union(&new_names.1) {
-            tr.put_set(rs, name, part.sets.remove(name));
-        }
-        self.local_names = new_names;
+        self.local_names = tr.replace_part(&mut self.compiled.ruleset, &self.local_names, part);
         self.compiled.warnings = warnings;
     }
 }
@@ -917,7 +752,7 @@ fn patch_peer_ip(
     cr: &mut CompiledRule,
     ip: IpAddr,
     rs: &mut Ruleset,
-    tr: &mut Tracker,
+    tr: &mut ChangeLog,
 ) {
     let want = ix
         .ip_owners
@@ -948,7 +783,7 @@ fn patch_named_ip(
     cr: &mut CompiledRule,
     ip: IpAddr,
     rs: &mut Ruleset,
-    tr: &mut Tracker,
+    tr: &mut ChangeLog,
 ) {
     let named: Vec<(&str, Protocol)> = spec
         .ports

@@ -1,5 +1,6 @@
 use super::*;
 use crate::compile::compile;
+use crate::diff::diff;
 use crate::kernel_sim::KernelTable;
 use crate::model::Namespace;
 use crate::synth::{self, Rng, SynthConfig};
