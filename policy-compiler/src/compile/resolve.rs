@@ -61,10 +61,12 @@ pub(crate) fn resolve_local(state: &ClusterState, ix: &PodIndex, c: &mut Compile
         .filter(|a| a.pending && !ix.claims(a))
         .flat_map(|a| a.ips.iter().copied())
         .collect();
-    let (sources, warnings) = source_bindings(&state.attachments);
-    c.sources = sources;
+    c.sources.clear();
+    c.warnings.clear();
+    for a in &state.attachments {
+        source_bindings(a, c);
+    }
     c.egress_nat = state.egress_nat.clone();
-    c.warnings = warnings;
 }
 
 /// Whether a policy applies to any direction at all (else it selects nothing to enforce).
@@ -103,25 +105,21 @@ pub(crate) fn local_pod(state: &ClusterState, key: &str, s: &Subject) -> LocalPo
     lp
 }
 
-/// (host veth, address) of every attachment record of this node: what the source guard lets in.
+/// (host veth, address) of an attachment record of this node: what the source guard lets in.
 /// A record whose host veth is not the name the plugin derives from its container id and ifname
 /// was not written by our plugin (or was edited): it binds nothing, so that veth's traffic stays
 /// dropped (fail closed), with a warning naming the record.
-fn source_bindings(attachments: &[Attachment]) -> (BTreeSet<(String, IpAddr)>, Vec<String>) {
-    let mut sources = BTreeSet::new();
-    let mut warnings = Vec::new();
-    for a in attachments {
-        let expected = palisade_contract::host_veth_name(&a.container_id, &a.ifname);
-        if a.host_veth != expected {
-            warnings.push(format!(
-                "attachment record {}_{} names host veth {:?}, not {expected:?}: its addresses are not accepted from any interface",
-                a.container_id, a.ifname, a.host_veth
-            ));
-            continue;
-        }
-        sources.extend(a.ips.iter().map(|ip| (a.host_veth.clone(), *ip)));
+fn source_bindings(a: &Attachment, c: &mut Compiled) {
+    let expected = palisade_contract::host_veth_name(&a.container_id, &a.ifname);
+    if a.host_veth != expected {
+        c.warnings.push(format!(
+            "attachment record {}_{} names host veth {:?}, not {expected:?}: its addresses are not accepted from any interface",
+            a.container_id, a.ifname, a.host_veth
+        ));
+        return;
     }
-    (sources, warnings)
+    c.sources
+        .extend(a.ips.iter().map(|ip| (a.host_veth.clone(), *ip)));
 }
 
 /// Which namespaces one pod peer draws from.
