@@ -1,6 +1,7 @@
 //! The incremental compiler: owns the cluster state, the compiled model and its ruleset, plus the
-//! compile's [`PodIndex`] kept up to date, and turns one [`Change`] into the batch that takes the
-//! kernel from the last ruleset to the next, touching only what the change can affect.
+//! compile's pod index (`index::PodIndex`) kept up to date, and turns one [`Change`] into the
+//! batch that takes the kernel from the last ruleset to the next, touching only what the change
+//! can affect.
 //!
 //! Why: a full `compile` of one node at 10k pods / 1k policies is ~80 ms (almost all of it
 //! resolving every peer set of every policy again, ~100k addresses) and `diff` over the whole
