@@ -16,21 +16,36 @@ use crate::ruleset::names::{PENDING_SET_V4, PENDING_SET_V6};
 use crate::ruleset::render::{chain_obj, cmd, element_obj, rule_obj, set_obj, set_ref};
 use crate::ruleset::{Batch, Ruleset};
 
+pub(crate) mod changelog;
+
 /// The transaction that takes the kernel from `last` to `next`. Empty (`is_empty()`) when they
 /// are equal.
 pub fn diff(last: &Ruleset, next: &Ruleset) -> Batch {
-    // Definitions that cannot change in place: fall back to a full replace.
-    let chain_redefined = next
+    diff_parts(last, next, next)
+}
+
+/// Whether some chain or set of `next` redefines one of `last` in a way the kernel cannot change
+/// in place (a base chain's hook, a set's type or flags): the one check, for `diff` and the
+/// change log alike.
+fn redefined(last: &Ruleset, next: &Ruleset) -> bool {
+    let chain = next
         .chains
         .values()
         .any(|c| last.chains.get(&c.name).is_some_and(|l| l.base != c.base));
-    let set_redefined = next.sets.values().any(|s| {
+    let set = next.sets.values().any(|s| {
         last.sets.get(&s.name).is_some_and(|l| {
             l.key != s.key || l.interval != s.interval || l.verdict_map != s.verdict_map
         })
     });
-    if chain_redefined || set_redefined {
-        return next.full_replace();
+    chain || set
+}
+
+/// `diff` of parts of two rulesets (the objects a change touched; every other object is equal
+/// in both) inside `whole`, the complete next ruleset: a redefinition is answered with a full
+/// replace of `whole`, not of the part.
+pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Batch {
+    if redefined(last, next) {
+        return whole.full_replace();
     }
     let mut cmds = Vec::new();
     // 1. new chains

@@ -1,6 +1,7 @@
-//! The incremental compiler: owns the cluster state, the compiled model and its ruleset, plus a
-//! persistent index of subject pods, and turns one [`Change`] into the batch that takes the
-//! kernel from the last ruleset to the next, touching only what the change can affect.
+//! The incremental compiler: owns the cluster state, the compiled model and its ruleset, plus the
+//! compile's pod index (`index::PodIndex`) kept up to date, and turns one [`Change`] into the
+//! batch that takes the kernel from the last ruleset to the next, touching only what the change
+//! can affect.
 //!
 //! Why: a full `compile` of one node at 10k pods / 1k policies is ~80 ms (almost all of it
 //! resolving every peer set of every policy again, ~100k addresses) and `diff` over the whole
@@ -18,411 +19,70 @@
 //! - The local part (base chains, pending/self sets, verdict maps, group chains) is small and is
 //!   rebuilt every time, compared object by object.
 //!
-//! Semantics still live in `resolve`/`build`: a recompiled policy goes through the same
-//! `compile_policy`, and patched elements follow the same rules. The property test asserts that
-//! after every change `compiled()` equals `compile(state, node)` and that the batch equals
-//! `diff(last, next)` exactly. The batch is `diff` itself, run on the touched objects only.
+//! This module only dispatches changes and patches: the subject view, the index, the pending set,
+//! namespace scope, the pods a policy selects and named ports are `index`'s and `resolve`'s, the
+//! same code a full compile runs, and the batch is the change log's (`diff` of the touched
+//! objects). The property test asserts that after every change `compiled()` equals
+//! `compile(state, node)` and that the batch equals `diff(last, next)` exactly.
 
 use super::build;
+use super::index::{Moved, PodIndex, Subject};
 use super::resolve::{
-    self, attachment_matches, compile_policy, selector_opt_matches, Lookup, ResolvedPods,
+    self, applies, local_pod, rule_selects, NamedPortScope, NamedPorts, Resolver, RuleRef,
 };
-use super::{Compiled, CompiledRule, LocalPod};
-use crate::diff::diff;
-use crate::model::{
-    Change, ClusterState, Direction, LabelSelector, Labels, Peer, Pod, Policy, PortMatch, Protocol,
-    Rule,
-};
+use super::{Compiled, CompiledRule, PeerSet};
+use crate::diff::changelog::{ChangeLog, PartNames};
+use crate::model::{namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule};
 use crate::ruleset::names::{self, NAMED_SET_PREFIX, PEER_SET_PREFIX};
-use crate::ruleset::{Batch, Chain, Elem, Family, Ruleset, Set};
+use crate::ruleset::{Batch, Elem, Family, Ruleset};
 use palisade_contract::Attachment;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::rc::Rc;
-use std::sync::Arc;
-
-/// A pod NetworkPolicy applies to, as the compiler sees it.
-#[derive(Debug, Clone, PartialEq)]
-struct Subject {
-    /// Shared with the cluster state.
-    pod: Arc<Pod>,
-    /// Status IPs ∪ IPs of this node's matching attachment records.
-    ips: BTreeSet<IpAddr>,
-    /// Enforced on this node.
-    local: bool,
-}
-
-/// Persistent lookup structures over the subject pods.
-#[derive(Debug, Default)]
-struct SubjectIndex {
-    subjects: BTreeMap<String, Subject>,
-    by_ns: BTreeMap<String, BTreeSet<String>>,
-    /// Labels of every namespace holding subjects.
-    ns_labels: BTreeMap<String, Labels>,
-    /// Subject pods claiming an address.
-    /// Nearly always one owner: a sorted vector is a tenth of a `BTreeSet`'s size.
-    ip_owners: HashMap<IpAddr, Vec<String>>,
-}
-
-impl SubjectIndex {
-    fn insert(&mut self, state: &ClusterState, key: &str, s: Subject) {
-        let ns = s.pod.namespace.clone();
-        if !self.ns_labels.contains_key(&ns) {
-            self.ns_labels
-                .insert(ns.clone(), state.namespace_labels(&ns));
-        }
-        self.by_ns.entry(ns).or_default().insert(key.to_string());
-        for ip in &s.ips {
-            let owners = self.ip_owners.entry(*ip).or_default();
-            if let Err(at) = owners.binary_search_by(|k| k.as_str().cmp(key)) {
-                owners.insert(at, key.to_string());
-            }
-        }
-        self.subjects.insert(key.to_string(), s);
-    }
-
-    fn remove(&mut self, key: &str) {
-        let Some(s) = self.subjects.remove(key) else {
-            return;
-        };
-        let ns = &s.pod.namespace;
-        if let Some(keys) = self.by_ns.get_mut(ns) {
-            keys.remove(key);
-            if keys.is_empty() {
-                self.by_ns.remove(ns);
-                self.ns_labels.remove(ns);
-            }
-        }
-        for ip in &s.ips {
-            if let Some(o) = self.ip_owners.get_mut(ip) {
-                o.retain(|k| k != key);
-                if o.is_empty() {
-                    self.ip_owners.remove(ip);
-                }
-            }
-        }
-    }
-}
-
-impl<'a> Lookup<'a> for SubjectIndex {
-    fn peer_pods(
-        &self,
-        pol: &'a Policy,
-        namespace_selector: &'a Option<LabelSelector>,
-        pod_selector: &'a Option<LabelSelector>,
-    ) -> Rc<ResolvedPods> {
-        let mut out = ResolvedPods::default();
-        for (ns, keys) in &self.by_ns {
-            let in_scope = match namespace_selector {
-                None => *ns == pol.namespace,
-                Some(sel) => self.ns_labels.get(ns).is_some_and(|l| sel.matches(l)),
-            };
-            if !in_scope {
-                continue;
-            }
-            for k in keys {
-                if let Some(s) = self.subjects.get(k) {
-                    if selector_opt_matches(pod_selector, &s.pod.labels) {
-                        out.0.insert(k.clone());
-                        out.1.extend(s.ips.iter().copied());
-                    }
-                }
-            }
-        }
-        Rc::new(out)
-    }
-    fn subject(&self, key: &str) -> Option<(&Pod, &BTreeSet<IpAddr>)> {
-        self.subjects.get(key).map(|s| (&*s.pod, &s.ips))
-    }
-    fn subject_keys(&self) -> Box<dyn Iterator<Item = &str> + '_> {
-        Box::new(self.subjects.keys().map(String::as_str))
-    }
-}
-
-/// The old and new view of one pod whose facts changed.
-struct Moved {
-    key: String,
-    old: Option<Subject>,
-    new: Option<Subject>,
-    old_ns: Labels,
-    new_ns: Labels,
-}
-
-/// Records what changes in the ruleset: old versions of replaced objects, net element changes
-/// of patched sets. [`Tracker::batch`] runs `diff` on exactly those objects.
-#[derive(Debug, Default)]
-struct Tracker {
-    old_chains: BTreeMap<String, Option<Chain>>,
-    old_sets: BTreeMap<String, Option<Set>>,
-    /// Net (removed, added) elements of sets patched in place.
-    elems: BTreeMap<String, (BTreeSet<Elem>, BTreeSet<Elem>)>,
-}
-
-impl Tracker {
-    fn put_chain(&mut self, rs: &mut Ruleset, name: &str, new: Option<Chain>) {
-        if rs.chains.get(name) == new.as_ref() {
-            return;
-        }
-        if !self.old_chains.contains_key(name) {
-            self.old_chains
-                .insert(name.to_string(), rs.chains.get(name).cloned());
-        }
-        match new {
-            Some(c) => rs.add_chain(c),
-            None => {
-                rs.chains.remove(name);
-            }
-        }
-    }
-
-    fn put_set(&mut self, rs: &mut Ruleset, name: &str, new: Option<Set>) {
-        if rs.sets.get(name) == new.as_ref() {
-            return;
-        }
-        if !self.old_sets.contains_key(name) {
-            let mut old = rs.sets.get(name).cloned();
-            if let (Some(o), Some((removed, added))) = (old.as_mut(), self.elems.remove(name)) {
-                for e in &added {
-                    o.elements.remove(e);
-                }
-                o.elements.extend(removed);
-            }
-            self.old_sets.insert(name.to_string(), old);
-        }
-        match new {
-            Some(s) => rs.add_set(s),
-            None => {
-                rs.sets.remove(name);
-            }
-        }
-    }
-
-    fn insert_elem(&mut self, rs: &mut Ruleset, set: &str, e: Elem) {
-        let Some(s) = rs.sets.get_mut(set) else {
-            return;
-        };
-        if !s.elements.insert(e.clone()) || self.old_sets.contains_key(set) {
-            return;
-        }
-        let (removed, added) = self.elems.entry(set.to_string()).or_default();
-        if !removed.remove(&e) {
-            added.insert(e);
-        }
-    }
-
-    fn remove_elem(&mut self, rs: &mut Ruleset, set: &str, e: &Elem) {
-        let Some(s) = rs.sets.get_mut(set) else {
-            return;
-        };
-        if !s.elements.remove(e) || self.old_sets.contains_key(set) {
-            return;
-        }
-        let (removed, added) = self.elems.entry(set.to_string()).or_default();
-        if !added.remove(e) {
-            removed.insert(e.clone());
-        }
-    }
-
-    /// The batch from the ruleset before the change to `rs`: `diff` of the touched objects,
-    /// which equals `diff` of the whole rulesets since every other object is unchanged.
-    fn batch(self, rs: &Ruleset) -> Batch {
-        let mut last = Ruleset::default();
-        let mut next = Ruleset::default();
-        for (name, old) in self.old_chains {
-            if let Some(c) = old {
-                last.add_chain(c);
-            }
-            if let Some(c) = rs.chains.get(&name) {
-                next.add_chain(c.clone());
-            }
-        }
-        for (name, old) in self.old_sets {
-            if let Some(s) = old {
-                last.add_set(s);
-            }
-            if let Some(s) = rs.sets.get(&name) {
-                next.add_set(s.clone());
-            }
-        }
-        for (name, (removed, added)) in self.elems {
-            if removed.is_empty() && added.is_empty() {
-                continue;
-            }
-            let Some(s) = rs.sets.get(&name) else {
-                continue;
-            };
-            let shell = |elements| Set {
-                name: s.name.clone(),
-                key: s.key,
-                interval: s.interval,
-                verdict_map: s.verdict_map,
-                comment: s.comment.clone(),
-                elements,
-            };
-            last.add_set(shell(removed));
-            next.add_set(shell(added));
-        }
-        // `diff` answers a redefinition with a full replace: of the whole table, not of the part.
-        let redefined = next
-            .chains
-            .values()
-            .any(|c| last.chains.get(&c.name).is_some_and(|l| l.base != c.base))
-            || next.sets.values().any(|s| {
-                last.sets.get(&s.name).is_some_and(|l| {
-                    l.key != s.key || l.interval != s.interval || l.verdict_map != s.verdict_map
-                })
-            });
-        if redefined {
-            return rs.full_replace();
-        }
-        diff(&last, &next)
-    }
-}
 
 /// Compiles one node incrementally; see the module documentation.
 #[derive(Debug)]
 pub struct IncrementalCompiler {
     state: ClusterState,
     compiled: Compiled,
-    ix: SubjectIndex,
-    att_by_pod: BTreeMap<String, Vec<Attachment>>,
+    ix: PodIndex,
     /// Names of the chains and sets of the local part.
-    local_names: (BTreeSet<String>, BTreeSet<String>),
+    local_names: PartNames,
     /// Names of the chains and sets of each compiled policy.
-    policy_names: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>,
+    policy_names: BTreeMap<String, PartNames>,
     /// What changed since the last [`IncrementalCompiler::take_batch`].
-    tr: Tracker,
-    /// Resolved peers of unchanged rules of a policy being recompiled, by (policy, dir, index).
-    reuse: BTreeMap<(String, Direction, usize), super::PeerSet>,
+    tr: ChangeLog,
+    /// Resolved peers of unchanged rules of a policy being recompiled, by policy.
+    reuse: BTreeMap<String, BTreeMap<RuleRef, PeerSet>>,
     /// Set by [`IncrementalCompiler::invalidate`]: changes go to the state only, and
     /// [`IncrementalCompiler::recompile`] compiles in full.
     stale: bool,
 }
 
-fn names_of(rs: &Ruleset) -> (BTreeSet<String>, BTreeSet<String>) {
-    (
-        rs.chains.keys().cloned().collect(),
-        rs.sets.keys().cloned().collect(),
-    )
-}
-
-fn attachments_by_pod(atts: &[Attachment]) -> BTreeMap<String, Vec<Attachment>> {
-    let mut m: BTreeMap<String, Vec<Attachment>> = BTreeMap::new();
-    for a in atts {
-        if let Some(k) = a.pod_key() {
-            m.entry(k).or_default().push(a.clone());
-        }
-    }
-    m
-}
-
-fn subject_view(
-    state: &ClusterState,
-    att_by_pod: &BTreeMap<String, Vec<Attachment>>,
-    node: &str,
-    key: &str,
-) -> Option<Subject> {
-    let pod = state.pods.get(key)?;
-    if !pod.is_policy_subject() {
-        return None;
-    }
-    let mut ips: BTreeSet<IpAddr> = pod.ips.iter().copied().collect();
-    let mut local = pod.node_name.as_deref() == Some(node);
-    for a in att_by_pod.get(key).into_iter().flatten() {
-        if attachment_matches(a, pod) {
-            ips.extend(a.ips.iter().copied());
-            local = true;
-        }
-    }
-    Some(Subject {
-        pod: Arc::clone(pod),
-        ips,
-        local,
-    })
-}
-
-/// Whether one rule's pod peers select a pod (semantics 13-15, 18).
-fn rule_selects(pol: &Policy, rule: &Rule, pod: &Pod, ns_labels: &Labels) -> bool {
-    rule.peers.iter().any(|peer| match peer {
-        Peer::Pods {
-            namespace_selector,
-            pod_selector,
-        } => {
-            let ns_ok = match namespace_selector {
-                None => pod.namespace == pol.namespace,
-                Some(sel) => sel.matches(ns_labels),
-            };
-            ns_ok && selector_opt_matches(pod_selector, &pod.labels)
-        }
-        Peer::IpBlock { .. } => false,
-    })
-}
-
-/// Policies of one namespace, by key.
-fn policies_in<'s>(
-    state: &'s ClusterState,
-    ns: &'s str,
-) -> impl Iterator<Item = (&'s String, &'s Policy)> + 's {
-    let prefix = format!("{ns}/");
-    state
-        .policies
-        .range(prefix.clone()..)
-        .take_while(move |(k, _)| k.starts_with(&prefix))
-        .filter(move |(_, p)| p.namespace == ns)
-}
-
-fn local_pod(state: &ClusterState, key: &str, s: &Subject) -> LocalPod {
-    let mut lp = LocalPod {
-        key: key.to_string(),
-        ips: s.ips.clone(),
-        ingress: Vec::new(),
-        egress: Vec::new(),
-    };
-    for (pkey, pol) in policies_in(state, &s.pod.namespace) {
-        if !pol.pod_selector.matches(&s.pod.labels) {
-            continue;
-        }
-        if pol.ingress.is_some() {
-            lp.ingress.push(pkey.clone());
-        }
-        if pol.egress.is_some() {
-            lp.egress.push(pkey.clone());
-        }
-    }
-    lp
-}
-
 impl IncrementalCompiler {
     /// Compiles `state` for `node` in full and keeps what later changes need.
     pub fn new(state: ClusterState, node: &str) -> Self {
-        // `compile`, keeping the names of each part's objects on the way.
-        let mut compiled = resolve::resolve(&state, node);
+        // `compile`, keeping the index and the names of each part's objects on the way.
+        let mut ix = PodIndex::build(&state, node);
+        let mut compiled = resolve::resolve(&state, &ix);
+        ix.track_owners();
         let (mut rs, warnings) = build::local_part(&compiled);
-        let local_names = names_of(&rs);
+        let local_names = PartNames::of(&rs);
         let mut policy_names = BTreeMap::new();
         for (k, cp) in &compiled.policies {
             let part = build::policy_part(cp);
-            policy_names.insert(k.clone(), names_of(&part));
+            policy_names.insert(k.clone(), PartNames::of(&part));
             rs.chains.extend(part.chains);
             rs.sets.extend(part.sets);
         }
         compiled.ruleset = rs;
         compiled.warnings.extend(warnings);
-        let att_by_pod = attachments_by_pod(&state.attachments);
-        let mut ix = SubjectIndex::default();
-        for key in state.pods.keys() {
-            if let Some(s) = subject_view(&state, &att_by_pod, node, key) {
-                ix.insert(&state, key, s);
-            }
-        }
         Self {
             state,
             compiled,
             ix,
-            att_by_pod,
             local_names,
             policy_names,
-            tr: Tracker::default(),
+            tr: ChangeLog::default(),
             reuse: BTreeMap::new(),
             stale: false,
         }
@@ -496,13 +156,7 @@ impl IncrementalCompiler {
         for a in attachments.iter().filter(|a| a.pending) {
             for ip in &a.ips {
                 let set = names::pending_set(Family::of(ip));
-                let committed = match tr.old_sets.get_mut(set) {
-                    Some(old) => old.as_mut(),
-                    None => self.compiled.ruleset.sets.get_mut(set),
-                };
-                if let Some(s) = committed {
-                    s.elements.insert(Elem::Addr(*ip));
-                }
+                tr.note_committed_elem(&mut self.compiled.ruleset, set, Elem::Addr(*ip));
             }
         }
         // The current ruleset is what compile says again (the marks were taken as committed).
@@ -584,41 +238,17 @@ impl IncrementalCompiler {
         change: Change,
         keys: BTreeSet<String>,
         dirty: &mut BTreeSet<String>,
-        tr: &mut Tracker,
+        tr: &mut ChangeLog,
     ) {
-        let old: Vec<(String, Option<Subject>)> = keys
-            .into_iter()
-            .map(|k| {
-                let s = self.ix.subjects.get(&k).cloned();
-                (k, s)
-            })
-            .collect();
         let attachments = matches!(change, Change::SetAttachments(_));
         self.state.apply(change);
         if attachments {
-            self.att_by_pod = attachments_by_pod(&self.state.attachments);
+            self.ix.set_records(&self.state.attachments);
         }
-        let node = self.compiled.node.clone();
-        let mut moved = Vec::new();
-        for (key, old) in old {
-            let new = subject_view(&self.state, &self.att_by_pod, &node, &key);
-            if new == old {
-                continue;
-            }
-            self.ix.remove(&key);
-            if let Some(s) = &new {
-                self.ix.insert(&self.state, &key, s.clone());
-            }
-            let ns = key.split_once('/').map(|(ns, _)| ns).unwrap_or_default();
-            let labels = self.state.namespace_labels(ns);
-            moved.push(Moved {
-                key,
-                old,
-                new,
-                old_ns: labels.clone(),
-                new_ns: labels,
-            });
-        }
+        let moved: Vec<Moved> = keys
+            .iter()
+            .filter_map(|key| self.ix.refresh(&self.state, key))
+            .collect();
         self.local_pods_moved(&moved, dirty);
         self.patch_peers(&moved, dirty, tr);
     }
@@ -628,7 +258,7 @@ impl IncrementalCompiler {
         change: Change,
         ns: &str,
         dirty: &mut BTreeSet<String>,
-        tr: &mut Tracker,
+        tr: &mut ChangeLog,
     ) {
         let old_ns = self.state.namespace_labels(ns);
         self.state.apply(change);
@@ -636,23 +266,7 @@ impl IncrementalCompiler {
         if old_ns == new_ns {
             return;
         }
-        let Some(keys) = self.ix.by_ns.get(ns).cloned() else {
-            return; // no pods: nothing selected changes
-        };
-        self.ix.ns_labels.insert(ns.to_string(), new_ns.clone());
-        let moved: Vec<Moved> = keys
-            .into_iter()
-            .filter_map(|key| {
-                let s = self.ix.subjects.get(&key).cloned()?;
-                Some(Moved {
-                    key,
-                    old: Some(s.clone()),
-                    new: Some(s),
-                    old_ns: old_ns.clone(),
-                    new_ns: new_ns.clone(),
-                })
-            })
-            .collect();
+        let moved = self.ix.relabel_namespace(ns, &old_ns, &new_ns);
         self.patch_peers(&moved, dirty, tr);
     }
 
@@ -671,15 +285,14 @@ impl IncrementalCompiler {
                     .pods
                     .insert(m.key.clone(), local_pod(&self.state, &m.key, s));
             }
-            let ns = m.key.split_once('/').map(|(ns, _)| ns).unwrap_or_default();
-            for (pkey, pol) in policies_in(&self.state, ns) {
-                if pol.ingress.is_none() && pol.egress.is_none() {
+            let Some(ns) = m.namespace() else {
+                continue;
+            };
+            for (pkey, pol) in namespace_entries(&self.state.policies, ns) {
+                if !applies(pol) {
                     continue;
                 }
-                let sel = |s: &Option<Subject>| {
-                    s.as_ref()
-                        .is_some_and(|s| s.local && pol.pod_selector.matches(&s.pod.labels))
-                };
+                let sel = |s: &Option<Subject>| s.as_ref().is_some_and(|s| s.selected_by(pol));
                 let (was, is) = (sel(&m.old), sel(&m.new));
                 if was == is {
                     continue;
@@ -706,7 +319,7 @@ impl IncrementalCompiler {
 
     /// Peer and named-port sets of the compiled rules (of policies not recompiled whole):
     /// memberships of the moved pods, then every address they held or hold.
-    fn patch_peers(&mut self, moved: &[Moved], dirty: &BTreeSet<String>, tr: &mut Tracker) {
+    fn patch_peers(&mut self, moved: &[Moved], dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
         if moved.is_empty() {
             return;
         }
@@ -736,29 +349,30 @@ impl IncrementalCompiler {
                     continue;
                 };
                 for (spec, cr) in specs.iter().zip(rules.iter_mut()) {
+                    let at = RulePatch {
+                        ix: &self.ix,
+                        pkey,
+                        dir,
+                    };
                     if cr.peers.uses_pods {
                         for m in moved {
-                            let was = m
-                                .old
-                                .as_ref()
-                                .is_some_and(|s| rule_selects(pol, spec, &s.pod, &m.old_ns));
-                            let is = m
-                                .new
-                                .as_ref()
-                                .is_some_and(|s| rule_selects(pol, spec, &s.pod, &m.new_ns));
-                            if is {
+                            let selects = |s: &Option<Subject>, ns| {
+                                s.as_ref()
+                                    .is_some_and(|s| rule_selects(pol, spec, &s.pod, ns))
+                            };
+                            if selects(&m.new, &m.new_ns) {
                                 cr.peers.pods.insert(m.key.clone());
-                            } else if was {
+                            } else if selects(&m.old, &m.old_ns) {
                                 cr.peers.pods.remove(&m.key);
                             }
                         }
                         for ip in &ips {
-                            patch_peer_ip(&self.ix, pkey, dir, cr, *ip, rs, tr);
+                            at.peer_ip(cr, *ip, rs, tr);
                         }
                     }
                     if cr.ports.uses_named {
                         for ip in &ips {
-                            patch_named_ip(&self.ix, pkey, dir, spec, selected, cr, *ip, rs, tr);
+                            at.named_ip(spec, selected, cr, *ip, rs, tr);
                         }
                     }
                 }
@@ -779,6 +393,7 @@ impl IncrementalCompiler {
             self.state.policies.get(&pkey),
             self.compiled.policies.get_mut(&pkey),
         ) {
+            let reuse = self.reuse.entry(pkey.clone()).or_default();
             for dir in Direction::BOTH {
                 let (Some(a), Some(b)) = (old.rules(dir), new.rules(dir)) else {
                     continue;
@@ -789,23 +404,19 @@ impl IncrementalCompiler {
                 }) else {
                     continue;
                 };
-                for (i, cr) in rules.iter_mut().enumerate() {
-                    if a.get(i).map(|r| &r.peers) == b.get(i).map(|r| &r.peers) {
-                        self.reuse
-                            .insert((pkey.clone(), dir, i), std::mem::take(&mut cr.peers));
+                for (index, cr) in rules.iter_mut().enumerate() {
+                    if a.get(index).map(|r| &r.peers) == b.get(index).map(|r| &r.peers) {
+                        reuse.insert(RuleRef { dir, index }, std::mem::take(&mut cr.peers));
                     }
                 }
             }
         }
-        let local: Vec<String> = self
-            .compiled
-            .pods
-            .keys()
-            .filter(|k| k.split_once('/').is_some_and(|(n, _)| n == ns))
-            .cloned()
+        // The policy lists of the local pods of its namespace.
+        let local: Vec<String> = namespace_entries(&self.compiled.pods, ns)
+            .map(|(k, _)| k.clone())
             .collect();
         for k in local {
-            if let Some(s) = self.ix.subjects.get(&k) {
+            if let Some(s) = self.ix.subject(&k) {
                 let lp = local_pod(&self.state, &k, s);
                 self.compiled.pods.insert(k, lp);
             }
@@ -814,192 +425,113 @@ impl IncrementalCompiler {
     }
 
     /// Recompiles whole policies: their chains and sets are replaced.
-    fn recompile_policies(&mut self, dirty: &BTreeSet<String>, tr: &mut Tracker) {
+    fn recompile_policies(&mut self, dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
+        let resolver = Resolver::new(&self.ix);
         for pkey in dirty {
             self.compiled.policies.remove(pkey);
             let mut part = Ruleset::default();
             if let Some(pol) = self.state.policies.get(pkey) {
-                let selected: BTreeSet<String> = self
-                    .ix
-                    .by_ns
-                    .get(&pol.namespace)
-                    .into_iter()
-                    .flatten()
-                    .filter(|k| {
-                        self.ix
-                            .subjects
-                            .get(*k)
-                            .is_some_and(|s| s.local && pol.pod_selector.matches(&s.pod.labels))
-                    })
-                    .cloned()
-                    .collect();
-                if !selected.is_empty() && (pol.ingress.is_some() || pol.egress.is_some()) {
-                    let reuse = self
-                        .reuse
-                        .range((pkey.clone(), Direction::Ingress, 0)..)
-                        .take_while(|((k, _, _), _)| k == pkey)
-                        .map(|((_, d, i), _)| (*d, *i))
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .filter_map(|(d, i)| {
-                            let p = self.reuse.remove(&(pkey.clone(), d, i))?;
-                            Some(((d, i), p))
-                        })
-                        .collect();
-                    let cp = compile_policy(&self.ix, pkey, pol, selected, reuse);
+                let selected = resolve::selected(&self.ix, pol);
+                if !selected.is_empty() && applies(pol) {
+                    let reuse = self.reuse.remove(pkey).unwrap_or_default();
+                    let cp = resolver.compile_policy(pkey, pol, selected, reuse);
                     part = build::policy_part(&cp);
                     self.compiled.policies.insert(pkey.clone(), cp);
                 }
             }
-            let (old_chains, old_sets) = self.policy_names.remove(pkey).unwrap_or_default();
-            let new_names = names_of(&part);
-            let rs = &mut self.compiled.ruleset;
-            for name in old_chains.difference(&new_names.0) {
-                tr.put_chain(rs, name, None);
-            }
-            for name in old_sets.difference(&new_names.1) {
-                tr.put_set(rs, name, None);
-            }
-            for (name, c) in part.chains {
-                tr.put_chain(rs, &name, Some(c));
-            }
-            for (name, s) in part.sets {
-                tr.put_set(rs, &name, Some(s));
-            }
-            if !new_names.0.is_empty() || !new_names.1.is_empty() {
-                self.policy_names.insert(pkey.clone(), new_names);
+            let old = self.policy_names.remove(pkey).unwrap_or_default();
+            let new = tr.replace_part(&mut self.compiled.ruleset, &old, part);
+            if !new.is_empty() {
+                self.policy_names.insert(pkey.clone(), new);
             }
         }
     }
 
     /// Pending addresses and the local part, compared object by object.
-    fn rebuild_local(&mut self, tr: &mut Tracker) {
-        self.compiled.pending = self
-            .state
-            .attachments
+    fn rebuild_local(&mut self, tr: &mut ChangeLog) {
+        // In the order of a full compile: resolve's warnings, then the build's.
+        resolve::resolve_local(&self.state, &self.ix, &mut self.compiled);
+        let (part, part_warnings) = build::local_part(&self.compiled);
+        self.compiled.warnings.extend(part_warnings);
+        self.local_names = tr.replace_part(&mut self.compiled.ruleset, &self.local_names, part);
+    }
+}
+
+/// Where element patches of one compiled rule go: its policy and direction, read against the index.
+struct RulePatch<'a> {
+    ix: &'a PodIndex,
+    pkey: &'a str,
+    dir: Direction,
+}
+
+impl RulePatch<'_> {
+    fn set(&self, prefix: &str, cr: &CompiledRule, ip: &IpAddr) -> String {
+        names::rule_set(prefix, self.pkey, self.dir, cr.index, Some(Family::of(ip)))
+    }
+
+    /// Whether `ip` belongs in a rule's peer addresses: some subject pod claiming it is a peer.
+    fn peer_ip(&self, cr: &mut CompiledRule, ip: IpAddr, rs: &mut Ruleset, tr: &mut ChangeLog) {
+        let want = self
+            .ix
+            .owners(&ip)
             .iter()
-            .filter(|a| {
-                a.pending
-                    && !a.pod_key().is_some_and(|k| {
-                        self.state
-                            .pods
-                            .get(&k)
-                            .is_some_and(|p| p.is_policy_subject() && attachment_matches(a, p))
-                    })
-            })
-            .flat_map(|a| a.ips.iter().copied())
-            .collect();
-        let (sources, source_warnings) = resolve::source_bindings(&self.state.attachments);
-        self.compiled.sources = sources;
-        self.compiled.egress_nat = self.state.egress_nat.clone();
-        let (mut part, part_warnings) = build::local_part(&self.compiled);
-        // In the order of a full compile: resolve's, then the build's.
-        let mut warnings = source_warnings;
-        warnings.extend(part_warnings);
-        let new_names = names_of(&part);
-        let rs = &mut self.compiled.ruleset;
-        for name in self.local_names.0.union(&new_names.0) {
-            tr.put_chain(rs, name, part.chains.remove(name));
+            .any(|k| cr.peers.pods.contains(k));
+        if want == cr.peers.pod_ips.contains(&ip) {
+            return;
         }
-        for name in self.local_names.1.union(&new_names.1) {
-            tr.put_set(rs, name, part.sets.remove(name));
+        let set = self.set(PEER_SET_PREFIX, cr, &ip);
+        if want {
+            cr.peers.pod_ips.insert(ip);
+            tr.insert_elem(rs, &set, Elem::Addr(ip));
+        } else {
+            cr.peers.pod_ips.remove(&ip);
+            tr.remove_elem(rs, &set, &Elem::Addr(ip));
         }
-        self.local_names = new_names;
-        self.compiled.warnings = warnings;
     }
-}
 
-/// Whether `ip` belongs in a rule's peer addresses: some subject pod claiming it is a peer.
-fn patch_peer_ip(
-    ix: &SubjectIndex,
-    pkey: &str,
-    dir: Direction,
-    cr: &mut CompiledRule,
-    ip: IpAddr,
-    rs: &mut Ruleset,
-    tr: &mut Tracker,
-) {
-    let want = ix
-        .ip_owners
-        .get(&ip)
-        .is_some_and(|o| o.iter().any(|k| cr.peers.pods.contains(k)));
-    if want == cr.peers.pod_ips.contains(&ip) {
-        return;
-    }
-    let set = names::rule_set(PEER_SET_PREFIX, pkey, dir, cr.index, Some(Family::of(&ip)));
-    if want {
-        cr.peers.pod_ips.insert(ip);
-        tr.insert_elem(rs, &set, Elem::Addr(ip));
-    } else {
-        cr.peers.pod_ips.remove(&ip);
-        tr.remove_elem(rs, &set, &Elem::Addr(ip));
-    }
-}
-
-/// The named-port entries of `ip` in one rule, as `resolve::compile_rule` derives them
-/// (semantics 34, 35): from the candidate pods claiming the address.
-#[allow(clippy::too_many_arguments)]
-fn patch_named_ip(
-    ix: &SubjectIndex,
-    pkey: &str,
-    dir: Direction,
-    spec: &Rule,
-    selected: &BTreeSet<String>,
-    cr: &mut CompiledRule,
-    ip: IpAddr,
-    rs: &mut Ruleset,
-    tr: &mut Tracker,
-) {
-    let named: Vec<(&str, Protocol)> = spec
-        .ports
-        .iter()
-        .filter_map(|p| match &p.port {
-            PortMatch::Named(n) => Some((n.as_str(), p.protocol)),
-            _ => None,
-        })
-        .collect();
-    let every_subject = cr.peers.any || !cr.peers.blocks.is_empty();
-    let mut want: BTreeSet<(IpAddr, Protocol, u16)> = BTreeSet::new();
-    let peer_ok = dir == Direction::Ingress || cr.peers.matches(ip).is_some();
-    for k in ix.ip_owners.get(&ip).into_iter().flatten() {
-        let candidate = match dir {
-            Direction::Ingress => selected.contains(k),
-            Direction::Egress => every_subject || cr.peers.pods.contains(k),
+    /// The named-port entries of `ip` in one rule, as a full compile derives them: from the
+    /// candidate pods claiming the address.
+    fn named_ip(
+        &self,
+        spec: &Rule,
+        selected: &BTreeSet<String>,
+        cr: &mut CompiledRule,
+        ip: IpAddr,
+        rs: &mut Ruleset,
+        tr: &mut ChangeLog,
+    ) {
+        let named = NamedPorts::of(spec);
+        let scope = NamedPortScope {
+            dir: self.dir,
+            selected,
+            peers: &cr.peers,
         };
-        let Some(s) = ix.subjects.get(k) else {
-            continue;
-        };
-        if !candidate || !peer_ok {
-            continue;
-        }
-        for cp in &s.pod.ports {
-            let hit = cp.name.as_deref().is_some_and(|cn| {
-                named
-                    .iter()
-                    .any(|(n, proto)| *n == cn && *proto == cp.protocol)
-            });
-            if hit {
-                want.insert((ip, cp.protocol, cp.port));
+        let mut want: BTreeSet<(IpAddr, Protocol, u16)> = BTreeSet::new();
+        if scope.address(&ip) {
+            for k in self.ix.owners(&ip).iter().filter(|k| scope.candidate(k)) {
+                if let Some(s) = self.ix.subject(k) {
+                    want.extend(named.entries(&s.pod, ip));
+                }
             }
         }
-    }
-    let have: BTreeSet<(IpAddr, Protocol, u16)> = cr
-        .ports
-        .named
-        .range((ip, Protocol::Tcp, 0)..=(ip, Protocol::Sctp, u16::MAX))
-        .copied()
-        .collect();
-    if want == have {
-        return;
-    }
-    let set = names::rule_set(NAMED_SET_PREFIX, pkey, dir, cr.index, Some(Family::of(&ip)));
-    for t in have.difference(&want) {
-        cr.ports.named.remove(t);
-        tr.remove_elem(rs, &set, &Elem::AddrProtoPort(t.0, t.1, t.2));
-    }
-    for t in want.difference(&have) {
-        cr.ports.named.insert(*t);
-        tr.insert_elem(rs, &set, Elem::AddrProtoPort(t.0, t.1, t.2));
+        let have: BTreeSet<(IpAddr, Protocol, u16)> = cr
+            .ports
+            .named
+            .range((ip, Protocol::Tcp, 0)..=(ip, Protocol::Sctp, u16::MAX))
+            .copied()
+            .collect();
+        if want == have {
+            return;
+        }
+        let set = self.set(NAMED_SET_PREFIX, cr, &ip);
+        for t in have.difference(&want) {
+            cr.ports.named.remove(t);
+            tr.remove_elem(rs, &set, &Elem::AddrProtoPort(t.0, t.1, t.2));
+        }
+        for t in want.difference(&have) {
+            cr.ports.named.insert(*t);
+            tr.insert_elem(rs, &set, Elem::AddrProtoPort(t.0, t.1, t.2));
+        }
     }
 }
 

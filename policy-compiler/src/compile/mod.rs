@@ -7,6 +7,7 @@
 pub mod admit;
 mod build;
 pub mod incremental;
+mod index;
 pub mod intervals;
 mod resolve;
 
@@ -177,7 +178,8 @@ impl Compiled {
 
 /// Compiles the cluster state for one node. Pure and deterministic.
 pub fn compile(state: &crate::model::ClusterState, node: &str) -> Compiled {
-    let mut c = resolve::resolve(state, node);
+    let ix = index::PodIndex::build(state, node);
+    let mut c = resolve::resolve(state, &ix);
     let (ruleset, warnings) = build::build(&c);
     c.ruleset = ruleset;
     c.warnings.extend(warnings);

@@ -1,9 +1,14 @@
 //! From cluster state to the semantic model: which local pods, which policies select them, and
-//! every rule's peers and ports resolved to addresses.
+//! every rule's peers and ports resolved to addresses. The one resolution path: a full compile
+//! runs all of it over a fresh [`PodIndex`]; the incremental compiler runs the same functions for
+//! what a change touches, and patches elements with the same predicates ([`PeerQuery::selects`],
+//! [`NamedPortScope`], [`NamedPorts`]).
 
+use super::index::{PodIndex, Subject};
 use super::{intervals, Compiled, CompiledPolicy, CompiledRule, LocalPod, PeerSet, PortSet};
 use crate::model::{
-    ClusterState, Direction, LabelSelector, Labels, Peer, Pod, Policy, PortMatch, Protocol, Rule,
+    namespace_entries, ClusterState, ContainerPort, Direction, LabelSelector, Labels, Peer, Pod,
+    Policy, PortMatch, Protocol, Rule,
 };
 use crate::ruleset::Ruleset;
 use ipnet::IpNet;
@@ -13,391 +18,425 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
 
-/// Lookup structures over the state, built once per compile.
-pub(crate) struct Index<'a> {
-    /// Every pod NetworkPolicy applies to (not hostNetwork, not terminated), with its addresses.
-    pub subjects: &'a BTreeMap<&'a str, (&'a Pod, BTreeSet<IpAddr>)>,
-    /// Subject pods by namespace.
-    pub by_ns: BTreeMap<&'a str, Vec<Subject<'a>>>,
-    /// Labels of every namespace known or holding pods.
-    pub ns_labels: BTreeMap<String, Labels>,
-    /// Pod peers already resolved in this compile, by (namespace selector, own namespace when
-    /// that is absent, pod selector): many policies repeat the same peers.
-    pub peer_cache: RefCell<HashMap<PeerKey<'a>, Rc<ResolvedPods>>>,
-}
-
-/// A subject pod: key, object, addresses.
-pub(crate) type Subject<'a> = (&'a str, &'a Pod, &'a BTreeSet<IpAddr>);
-type PeerKey<'a> = (
-    Option<&'a LabelSelector>,
-    &'a str,
-    Option<&'a LabelSelector>,
-);
-/// Keys and addresses of the pods one pod peer selects.
-pub(crate) type ResolvedPods = (BTreeSet<String>, BTreeSet<IpAddr>);
-
-/// What rule resolution reads: the per-compile [`Index`] of a full compile, or the persistent
-/// index of the incremental compiler. Both answer from the same state, so a rule resolves the same.
-pub(crate) trait Lookup<'a> {
-    /// Keys and addresses of the subject pods one pod peer of `pol` selects.
-    fn peer_pods(
-        &self,
-        pol: &'a Policy,
-        namespace_selector: &'a Option<LabelSelector>,
-        pod_selector: &'a Option<LabelSelector>,
-    ) -> Rc<ResolvedPods>;
-    /// A subject pod and its addresses.
-    fn subject(&self, key: &str) -> Option<(&Pod, &BTreeSet<IpAddr>)>;
-    /// Keys of every subject pod.
-    fn subject_keys(&self) -> Box<dyn Iterator<Item = &str> + '_>;
-}
-
-impl<'a> Lookup<'a> for Index<'a> {
-    fn peer_pods(
-        &self,
-        pol: &'a Policy,
-        namespace_selector: &'a Option<LabelSelector>,
-        pod_selector: &'a Option<LabelSelector>,
-    ) -> Rc<ResolvedPods> {
-        let scope = if namespace_selector.is_none() {
-            pol.namespace.as_str()
-        } else {
-            ""
-        };
-        let key = (namespace_selector.as_ref(), scope, pod_selector.as_ref());
-        let cached = self.peer_cache.borrow().get(&key).cloned();
-        match cached {
-            Some(f) => f,
-            None => {
-                let namespaces: Vec<&str> = match namespace_selector {
-                    // semantics 13: only the policy's own namespace.
-                    None => vec![pol.namespace.as_str()],
-                    // semantics 14, 18: namespaces whose labels match.
-                    Some(ns_sel) => self
-                        .ns_labels
-                        .iter()
-                        .filter(|(_, l)| ns_sel.matches(l))
-                        .map(|(n, _)| n.as_str())
-                        .collect(),
-                };
-                let mut out = ResolvedPods::default();
-                for ns in namespaces {
-                    for (k, p, ips) in self.by_ns.get(ns).into_iter().flatten() {
-                        // semantics 15: both selectors in one peer are ANDed.
-                        if selector_opt_matches(pod_selector, &p.labels) {
-                            out.0.insert(k.to_string());
-                            out.1.extend(ips.iter().copied());
-                        }
-                    }
-                }
-                let f = Rc::new(out);
-                self.peer_cache.borrow_mut().insert(key, f.clone());
-                f
-            }
-        }
-    }
-    fn subject(&self, key: &str) -> Option<(&Pod, &BTreeSet<IpAddr>)> {
-        self.subjects.get(key).map(|(p, ips)| (*p, ips))
-    }
-    fn subject_keys(&self) -> Box<dyn Iterator<Item = &str> + '_> {
-        Box::new(self.subjects.keys().copied())
-    }
-}
-
-/// Compiles one policy whose selected local pods are known (non-empty). `reuse` holds peers
-/// already resolved against the same state for rules (by direction and index) whose peers are
-/// unchanged; the others are resolved.
-pub(crate) fn compile_policy<'a>(
-    ix: &impl Lookup<'a>,
-    pkey: &str,
-    pol: &'a Policy,
-    selected: BTreeSet<String>,
-    mut reuse: BTreeMap<(Direction, usize), PeerSet>,
-) -> CompiledPolicy {
-    let mut compile_dir = |dir: Direction| {
-        pol.rules(dir).map(|rules| {
-            rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    let peers = reuse.remove(&(dir, i));
-                    compile_rule(ix, pol, dir, &selected, i, r, peers)
-                })
-                .collect()
-        })
-    };
-    CompiledPolicy {
-        key: pkey.to_string(),
-        namespace: pol.namespace.clone(),
-        name: pol.name.clone(),
-        ingress: compile_dir(Direction::Ingress),
-        egress: compile_dir(Direction::Egress),
-        selected,
-    }
-}
-
-pub(crate) fn attachment_matches(a: &Attachment, p: &Pod) -> bool {
-    match (a.pod_uid.as_deref(), p.uid.as_str()) {
-        (Some(au), pu) if !au.is_empty() && !pu.is_empty() => au == pu,
-        _ => true,
-    }
-}
-
-pub(crate) fn resolve(state: &ClusterState, node: &str) -> Compiled {
-    // Attachments of this node by pod key.
-    let mut att_by_pod: BTreeMap<String, Vec<&Attachment>> = BTreeMap::new();
-    for a in &state.attachments {
-        if let Some(k) = a.pod_key() {
-            att_by_pod.entry(k).or_default().push(a);
-        }
-    }
-    let mut subjects = BTreeMap::new();
-    let mut local_keys: Vec<&str> = Vec::new();
-    let mut matched_attachments: BTreeSet<(&str, &str)> = BTreeSet::new();
-    for (key, pod) in &state.pods {
-        if !pod.is_policy_subject() {
-            continue;
-        }
-        let mut ips: BTreeSet<IpAddr> = pod.ips.iter().copied().collect();
-        let mut local = pod.node_name.as_deref() == Some(node);
-        for a in att_by_pod.get(key).into_iter().flatten() {
-            if attachment_matches(a, pod) {
-                // Attachments are authoritative: they arrive before the API knows the IPs.
-                ips.extend(a.ips.iter().copied());
-                matched_attachments.insert((a.container_id.as_str(), a.ifname.as_str()));
-                local = true;
-            }
-        }
-        subjects.insert(key.as_str(), (&**pod, ips));
-        if local {
-            local_keys.push(key.as_str());
-        }
-    }
-    let mut pending = BTreeSet::new();
-    for a in &state.attachments {
-        if a.pending && !matched_attachments.contains(&(a.container_id.as_str(), a.ifname.as_str()))
-        {
-            pending.extend(a.ips.iter().copied());
-        }
-    }
-    let mut by_ns: BTreeMap<&str, Vec<Subject<'_>>> = BTreeMap::new();
-    for (k, (p, ips)) in &subjects {
-        by_ns
-            .entry(p.namespace.as_str())
-            .or_default()
-            .push((k, p, ips));
-    }
-    let mut ns_labels: BTreeMap<String, Labels> = state
-        .namespaces
-        .iter()
-        .map(|(n, ns)| (n.clone(), ns.labels.clone()))
+/// Resolves the whole model of one node from the state and its index.
+pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
+    let pods = ix
+        .subjects()
+        .filter(|(_, s)| s.local)
+        .map(|(k, s)| (k.clone(), local_pod(state, k, s)))
         .collect();
-    for ns in by_ns.keys() {
-        if !ns_labels.contains_key(*ns) {
-            ns_labels.insert(ns.to_string(), state.namespace_labels(ns));
-        }
-    }
-    let ix = Index {
-        subjects: &subjects,
-        by_ns,
-        ns_labels,
-        peer_cache: RefCell::new(HashMap::new()),
-    };
-
-    // Local pods by namespace, for policy selection.
-    let mut local_by_ns: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for k in &local_keys {
-        if let Some((p, _)) = ix.subjects.get(k) {
-            local_by_ns.entry(p.namespace.as_str()).or_default().push(k);
-        }
-    }
-    let mut pods: BTreeMap<String, LocalPod> = local_keys
-        .iter()
-        .map(|k| {
-            let ips = ix
-                .subjects
-                .get(k)
-                .map(|(_, ips)| ips.clone())
-                .unwrap_or_default();
-            (
-                k.to_string(),
-                LocalPod {
-                    key: k.to_string(),
-                    ips,
-                    ingress: Vec::new(),
-                    egress: Vec::new(),
-                },
-            )
-        })
-        .collect();
-
+    let resolver = Resolver::new(ix);
     let mut policies = BTreeMap::new();
     for (pkey, pol) in &state.policies {
-        let selected: BTreeSet<String> = local_by_ns
-            .get(pol.namespace.as_str())
-            .into_iter()
-            .flatten()
-            .filter(|k| {
-                ix.subjects
-                    .get(*k)
-                    .is_some_and(|(p, _)| pol.pod_selector.matches(&p.labels))
-            })
-            .map(|k| k.to_string())
-            .collect();
-        if selected.is_empty() || (pol.ingress.is_none() && pol.egress.is_none()) {
+        if !applies(pol) {
             continue;
         }
-        for k in &selected {
-            if let Some(lp) = pods.get_mut(k) {
-                if pol.ingress.is_some() {
-                    lp.ingress.push(pkey.clone()); // state.policies is sorted: lists stay sorted
-                }
-                if pol.egress.is_some() {
-                    lp.egress.push(pkey.clone());
-                }
-            }
+        let selected = selected(ix, pol);
+        if selected.is_empty() {
+            continue;
         }
-        policies.insert(
-            pkey.clone(),
-            compile_policy(&ix, pkey, pol, selected, BTreeMap::new()),
-        );
+        let cp = resolver.compile_policy(pkey, pol, selected, BTreeMap::new());
+        policies.insert(pkey.clone(), cp);
     }
-    let (sources, warnings) = source_bindings(&state.attachments);
-    Compiled {
-        node: node.to_string(),
+    let mut c = Compiled {
+        node: ix.node().to_string(),
         pods,
         policies,
-        pending,
-        sources,
-        egress_nat: state.egress_nat.clone(),
+        pending: BTreeSet::new(),
+        sources: BTreeSet::new(),
+        egress_nat: None,
         ruleset: Ruleset::default(),
-        warnings,
-    }
+        warnings: Vec::new(),
+    };
+    resolve_local(state, ix, &mut c);
+    c
 }
 
-/// (host veth, address) of every attachment record of this node: what the source guard lets in.
+/// The facts of the local part that come from the records and the agent: pending addresses,
+/// source bindings, egress NAT, and the warnings of resolution (which replace the model's).
+pub(crate) fn resolve_local(state: &ClusterState, ix: &PodIndex, c: &mut Compiled) {
+    c.pending = state
+        .attachments
+        .iter()
+        .filter(|a| a.pending && !ix.claims(a))
+        .flat_map(|a| a.ips.iter().copied())
+        .collect();
+    c.sources.clear();
+    c.warnings.clear();
+    for a in &state.attachments {
+        source_bindings(a, c);
+    }
+    c.egress_nat = state.egress_nat.clone();
+}
+
+/// Whether a policy applies to any direction at all (else it selects nothing to enforce).
+pub(crate) fn applies(pol: &Policy) -> bool {
+    pol.ingress.is_some() || pol.egress.is_some()
+}
+
+/// Keys of the local pods `pol` selects.
+pub(crate) fn selected(ix: &PodIndex, pol: &Policy) -> BTreeSet<String> {
+    ix.in_namespace(&pol.namespace)
+        .filter(|(_, s)| s.selected_by(pol))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// A local pod with the policies selecting it, by direction (semantics 1).
+pub(crate) fn local_pod(state: &ClusterState, key: &str, s: &Subject) -> LocalPod {
+    let mut lp = LocalPod {
+        key: key.to_string(),
+        ips: s.ips.clone(),
+        ingress: Vec::new(),
+        egress: Vec::new(),
+    };
+    // `state.policies` is sorted: the lists are sorted.
+    for (pkey, pol) in namespace_entries(&state.policies, &s.pod.namespace) {
+        if !s.selected_by(pol) {
+            continue;
+        }
+        if pol.ingress.is_some() {
+            lp.ingress.push(pkey.clone());
+        }
+        if pol.egress.is_some() {
+            lp.egress.push(pkey.clone());
+        }
+    }
+    lp
+}
+
+/// (host veth, address) of an attachment record of this node: what the source guard lets in.
 /// A record whose host veth is not the name the plugin derives from its container id and ifname
 /// was not written by our plugin (or was edited): it binds nothing, so that veth's traffic stays
 /// dropped (fail closed), with a warning naming the record.
-pub(crate) fn source_bindings(
-    attachments: &[Attachment],
-) -> (BTreeSet<(String, IpAddr)>, Vec<String>) {
-    let mut sources = BTreeSet::new();
-    let mut warnings = Vec::new();
-    for a in attachments {
-        let expected = palisade_contract::host_veth_name(&a.container_id, &a.ifname);
-        if a.host_veth != expected {
-            warnings.push(format!(
-                "attachment record {}_{} names host veth {:?}, not {expected:?}: its addresses are not accepted from any interface",
-                a.container_id, a.ifname, a.host_veth
-            ));
-            continue;
-        }
-        sources.extend(a.ips.iter().map(|ip| (a.host_veth.clone(), *ip)));
+fn source_bindings(a: &Attachment, c: &mut Compiled) {
+    let expected = palisade_contract::host_veth_name(&a.container_id, &a.ifname);
+    if a.host_veth != expected {
+        c.warnings.push(format!(
+            "attachment record {}_{} names host veth {:?}, not {expected:?}: its addresses are not accepted from any interface",
+            a.container_id, a.ifname, a.host_veth
+        ));
+        return;
     }
-    (sources, warnings)
+    c.sources
+        .extend(a.ips.iter().map(|ip| (a.host_veth.clone(), *ip)));
 }
 
-pub(crate) fn selector_opt_matches(s: &Option<LabelSelector>, labels: &Labels) -> bool {
-    s.as_ref().is_none_or(|s| s.matches(labels))
+/// Which namespaces one pod peer draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum NsScope<'a> {
+    /// No namespace selector: the policy's own namespace (semantics 13).
+    Own(&'a str),
+    /// Namespaces whose labels match (semantics 14, 18).
+    Matching(&'a LabelSelector),
 }
 
-fn compile_rule<'a>(
-    ix: &impl Lookup<'a>,
-    pol: &'a Policy,
-    dir: Direction,
-    selected: &BTreeSet<String>,
-    index: usize,
-    rule: &'a Rule,
-    reuse: Option<PeerSet>,
-) -> CompiledRule {
-    let mut peers = PeerSet {
-        any: rule.peers.is_empty(),
-        ..PeerSet::default()
-    };
-    let mut blocks: Vec<(&IpNet, &[IpNet])> = Vec::new();
-    let resolve_peers = reuse.is_none();
-    for peer in rule.peers.iter().filter(|_| resolve_peers) {
+impl NsScope<'_> {
+    fn contains(&self, ns: &str, labels: &Labels) -> bool {
+        match self {
+            Self::Own(own) => *own == ns,
+            Self::Matching(sel) => sel.matches(labels),
+        }
+    }
+}
+
+/// One pod peer of a policy's rule: which pods it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PeerQuery<'a> {
+    namespaces: NsScope<'a>,
+    /// `None`: every pod of those namespaces.
+    pods: Option<&'a LabelSelector>,
+}
+
+impl<'a> PeerQuery<'a> {
+    /// The query of a pod peer (`None` for an ipBlock).
+    pub fn of(pol: &'a Policy, peer: &'a Peer) -> Option<Self> {
         match peer {
             Peer::Pods {
                 namespace_selector,
                 pod_selector,
-            } => {
-                peers.uses_pods = true;
-                let found = ix.peer_pods(pol, namespace_selector, pod_selector);
-                if peers.pods.is_empty() {
-                    peers.pods = found.0.clone();
-                    peers.pod_ips = found.1.clone();
-                } else {
-                    peers.pods.extend(found.0.iter().cloned());
-                    peers.pod_ips.extend(found.1.iter().copied());
-                }
-            }
-            Peer::IpBlock { cidr, except } => {
-                match cidr {
-                    IpNet::V4(_) => peers.has_v4_blocks = true,
-                    IpNet::V6(_) => peers.has_v6_blocks = true,
-                }
-                blocks.push((cidr, except.as_slice()));
-            }
+            } => Some(Self {
+                namespaces: match namespace_selector {
+                    None => NsScope::Own(&pol.namespace),
+                    Some(sel) => NsScope::Matching(sel),
+                },
+                pods: pod_selector.as_ref(),
+            }),
+            Peer::IpBlock { .. } => None,
         }
-    }
-    match reuse {
-        Some(p) => peers = p,
-        None => peers.blocks = intervals::block_ranges(blocks),
     }
 
-    let mut ports = PortSet {
-        any: rule.ports.is_empty(),
-        ..PortSet::default()
-    };
-    let mut ranges = Vec::new();
-    let mut named: Vec<(&str, Protocol)> = Vec::new();
-    for spec in &rule.ports {
-        match &spec.port {
-            PortMatch::All => ranges.push((spec.protocol, 0, u16::MAX)),
-            PortMatch::Range(a, b) => ranges.push((spec.protocol, *a, *b)),
-            PortMatch::Named(n) => named.push((n.as_str(), spec.protocol)),
+    /// Whether it selects `pod`, whose namespace has `ns_labels` (semantics 15: both selectors
+    /// of one peer are ANDed).
+    pub fn selects(&self, pod: &Pod, ns_labels: &Labels) -> bool {
+        self.namespaces.contains(&pod.namespace, ns_labels) && self.matches_pod(pod)
+    }
+
+    fn matches_pod(&self, pod: &Pod) -> bool {
+        self.pods.is_none_or(|s| s.matches(&pod.labels))
+    }
+}
+
+/// Whether any pod peer of a rule selects `pod`.
+pub(crate) fn rule_selects(pol: &Policy, rule: &Rule, pod: &Pod, ns_labels: &Labels) -> bool {
+    rule.peers
+        .iter()
+        .filter_map(|peer| PeerQuery::of(pol, peer))
+        .any(|q| q.selects(pod, ns_labels))
+}
+
+/// Keys and addresses of the subject pods one pod peer selects.
+#[derive(Debug, Default)]
+struct ResolvedPods {
+    keys: BTreeSet<String>,
+    ips: BTreeSet<IpAddr>,
+}
+
+/// Which rule of a policy: direction and index in that direction's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct RuleRef {
+    pub dir: Direction,
+    pub index: usize,
+}
+
+/// Resolves policies against one index. Pod peers already resolved are kept for its lifetime:
+/// many policies repeat the same peers.
+pub(crate) struct Resolver<'a> {
+    ix: &'a PodIndex,
+    peers: RefCell<HashMap<PeerQuery<'a>, Rc<ResolvedPods>>>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(ix: &'a PodIndex) -> Self {
+        Self {
+            ix,
+            peers: RefCell::new(HashMap::new()),
         }
     }
-    ports.ranges = intervals::merge_ports(ranges);
-    if !named.is_empty() {
-        ports.uses_named = true;
-        // semantics 34: ingress → the selected local pod's own ports; egress → the peer's.
-        let candidates: Box<dyn Iterator<Item = &str>> = match dir {
-            Direction::Ingress => Box::new(selected.iter().map(String::as_str)),
-            Direction::Egress if peers.any || !peers.blocks.is_empty() => ix.subject_keys(),
-            Direction::Egress => Box::new(peers.pods.iter().map(String::as_str)),
+
+    fn peer_pods(&self, q: PeerQuery<'a>) -> Rc<ResolvedPods> {
+        if let Some(found) = self.peers.borrow().get(&q) {
+            return Rc::clone(found);
+        }
+        let namespaces: Box<dyn Iterator<Item = &str>> = match q.namespaces {
+            NsScope::Own(ns) => Box::new(std::iter::once(ns)),
+            NsScope::Matching(_) => Box::new(
+                self.ix
+                    .namespaces()
+                    .filter(|(ns, labels)| q.namespaces.contains(ns, labels))
+                    .map(|(ns, _)| ns.as_str()),
+            ),
         };
-        let mut out = BTreeSet::new();
-        for k in candidates {
-            let Some((p, ips)) = ix.subject(k) else {
-                continue;
-            };
-            for cp in &p.ports {
-                // semantics 35: name and protocol must both match.
-                let hit = cp.name.as_deref().is_some_and(|cn| {
-                    named
-                        .iter()
-                        .any(|(n, proto)| *n == cn && *proto == cp.protocol)
-                });
-                if !hit {
-                    continue;
-                }
-                for ip in ips {
-                    // For egress the destination must itself be an allowed peer.
-                    if dir == Direction::Egress && peers.matches(*ip).is_none() {
-                        continue;
-                    }
-                    out.insert((*ip, cp.protocol, cp.port));
+        let mut out = ResolvedPods::default();
+        for ns in namespaces {
+            for (k, s) in self.ix.in_namespace(ns) {
+                if q.matches_pod(&s.pod) {
+                    out.keys.insert(k.clone());
+                    out.ips.extend(s.ips.iter().copied());
                 }
             }
         }
-        ports.named = out;
+        let found = Rc::new(out);
+        self.peers.borrow_mut().insert(q, Rc::clone(&found));
+        found
     }
-    CompiledRule {
-        index,
-        peers,
-        ports,
+
+    /// Compiles one policy whose selected local pods are known (non-empty). `reuse` holds peers
+    /// already resolved against the same state for rules whose peers are unchanged; the others
+    /// are resolved.
+    pub fn compile_policy(
+        &self,
+        pkey: &str,
+        pol: &'a Policy,
+        selected: BTreeSet<String>,
+        mut reuse: BTreeMap<RuleRef, PeerSet>,
+    ) -> CompiledPolicy {
+        let mut compile_dir = |dir: Direction| {
+            pol.rules(dir).map(|rules| {
+                rules
+                    .iter()
+                    .enumerate()
+                    .map(|(index, r)| {
+                        let peers = reuse.remove(&RuleRef { dir, index });
+                        self.compile_rule(pol, dir, &selected, index, r, peers)
+                    })
+                    .collect()
+            })
+        };
+        CompiledPolicy {
+            key: pkey.to_string(),
+            namespace: pol.namespace.clone(),
+            name: pol.name.clone(),
+            ingress: compile_dir(Direction::Ingress),
+            egress: compile_dir(Direction::Egress),
+            selected,
+        }
+    }
+
+    fn compile_rule(
+        &self,
+        pol: &'a Policy,
+        dir: Direction,
+        selected: &BTreeSet<String>,
+        index: usize,
+        rule: &'a Rule,
+        reuse: Option<PeerSet>,
+    ) -> CompiledRule {
+        let peers = reuse.unwrap_or_else(|| self.peers_of(pol, rule));
+        let mut ports = PortSet {
+            any: rule.ports.is_empty(),
+            ..PortSet::default()
+        };
+        let mut ranges = Vec::new();
+        for spec in &rule.ports {
+            match &spec.port {
+                PortMatch::All => ranges.push((spec.protocol, 0, u16::MAX)),
+                PortMatch::Range(a, b) => ranges.push((spec.protocol, *a, *b)),
+                PortMatch::Named(_) => {}
+            }
+        }
+        ports.ranges = intervals::merge_ports(ranges);
+        let named = NamedPorts::of(rule);
+        if !named.is_empty() {
+            ports.uses_named = true;
+            let scope = NamedPortScope {
+                dir,
+                selected,
+                peers: &peers,
+            };
+            // The candidates of `scope`, listed rather than tested one by one.
+            let candidates: Box<dyn Iterator<Item = &Subject>> = match dir {
+                Direction::Egress if scope.every_subject() => {
+                    Box::new(self.ix.subjects().map(|(_, s)| s))
+                }
+                Direction::Ingress => Box::new(selected.iter().filter_map(|k| self.ix.subject(k))),
+                Direction::Egress => Box::new(peers.pods.iter().filter_map(|k| self.ix.subject(k))),
+            };
+            for s in candidates {
+                for ip in s.ips.iter().filter(|ip| scope.address(ip)) {
+                    ports.named.extend(named.entries(&s.pod, *ip));
+                }
+            }
+        }
+        CompiledRule {
+            index,
+            peers,
+            ports,
+        }
+    }
+
+    fn peers_of(&self, pol: &'a Policy, rule: &'a Rule) -> PeerSet {
+        let mut peers = PeerSet {
+            any: rule.peers.is_empty(),
+            ..PeerSet::default()
+        };
+        let mut blocks: Vec<(&IpNet, &[IpNet])> = Vec::new();
+        for peer in &rule.peers {
+            match peer {
+                Peer::Pods { .. } => {
+                    peers.uses_pods = true;
+                    let Some(q) = PeerQuery::of(pol, peer) else {
+                        continue;
+                    };
+                    let found = self.peer_pods(q);
+                    if peers.pods.is_empty() {
+                        peers.pods.clone_from(&found.keys);
+                        peers.pod_ips.clone_from(&found.ips);
+                    } else {
+                        peers.pods.extend(found.keys.iter().cloned());
+                        peers.pod_ips.extend(found.ips.iter().copied());
+                    }
+                }
+                Peer::IpBlock { cidr, except } => {
+                    match cidr {
+                        IpNet::V4(_) => peers.has_v4_blocks = true,
+                        IpNet::V6(_) => peers.has_v6_blocks = true,
+                    }
+                    blocks.push((cidr, except.as_slice()));
+                }
+            }
+        }
+        peers.blocks = intervals::block_ranges(blocks);
+        peers
+    }
+}
+
+/// One named port of a rule.
+struct NamedPort<'r> {
+    name: &'r str,
+    protocol: Protocol,
+}
+
+/// The named ports of one rule (semantics 34, 35).
+pub(crate) struct NamedPorts<'r>(Vec<NamedPort<'r>>);
+
+impl<'r> NamedPorts<'r> {
+    pub fn of(rule: &'r Rule) -> Self {
+        Self(
+            rule.ports
+                .iter()
+                .filter_map(|p| match &p.port {
+                    PortMatch::Named(name) => Some(NamedPort {
+                        name,
+                        protocol: p.protocol,
+                    }),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether a container port is one of them: name and protocol must both match (semantics 35).
+    fn hit(&self, cp: &ContainerPort) -> bool {
+        cp.name.as_deref().is_some_and(|cn| {
+            self.0
+                .iter()
+                .any(|n| n.name == cn && n.protocol == cp.protocol)
+        })
+    }
+
+    /// The rule's named-port entries for a candidate pod at one of its addresses.
+    pub fn entries<'p>(
+        &'p self,
+        pod: &'p Pod,
+        ip: IpAddr,
+    ) -> impl Iterator<Item = (IpAddr, Protocol, u16)> + 'p {
+        pod.ports
+            .iter()
+            .filter(|cp| self.hit(cp))
+            .map(move |cp| (ip, cp.protocol, cp.port))
+    }
+}
+
+/// Whose named ports a rule resolves, and at which of their addresses (semantics 34): for
+/// ingress the selected local pods' own; for egress the destination's, which must itself be an
+/// allowed peer.
+pub(crate) struct NamedPortScope<'c> {
+    pub dir: Direction,
+    pub selected: &'c BTreeSet<String>,
+    pub peers: &'c PeerSet,
+}
+
+impl NamedPortScope<'_> {
+    /// Egress to any peer or to ipBlocks: any subject pod may be the destination.
+    fn every_subject(&self) -> bool {
+        self.peers.any || !self.peers.blocks.is_empty()
+    }
+
+    /// Whether the pod `key` is a candidate.
+    pub fn candidate(&self, key: &str) -> bool {
+        match self.dir {
+            Direction::Ingress => self.selected.contains(key),
+            Direction::Egress => self.every_subject() || self.peers.pods.contains(key),
+        }
+    }
+
+    /// Whether a candidate's address counts.
+    pub fn address(&self, ip: &IpAddr) -> bool {
+        self.dir == Direction::Ingress || self.peers.matches(*ip).is_some()
     }
 }

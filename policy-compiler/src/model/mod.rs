@@ -16,6 +16,7 @@ use palisade_contract::Attachment;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 
 /// Label every namespace carries, equal to its name (semantics 18).
@@ -172,6 +173,17 @@ impl Pod {
 /// `namespace/name` key used for pods and policies.
 pub fn pod_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
+}
+
+/// The entries of namespace `ns` in a map keyed by [`pod_key`]: one contiguous range, since no
+/// namespace name contains `/`.
+pub(crate) fn namespace_entries<'m, V>(
+    map: &'m BTreeMap<String, V>,
+    ns: &str,
+) -> impl Iterator<Item = (&'m String, &'m V)> + 'm {
+    let prefix = format!("{ns}/");
+    map.range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(&prefix))
 }
 
 /// A node: its pod CIDRs and internal addresses (for routes).

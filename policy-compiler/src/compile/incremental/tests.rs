@@ -1,8 +1,10 @@
 use super::*;
 use crate::compile::compile;
+use crate::diff::diff;
 use crate::kernel_sim::KernelTable;
-use crate::model::Namespace;
+use crate::model::{LabelSelector, Labels, Namespace, Pod, PortMatch};
 use crate::synth::{self, Rng, SynthConfig};
+use std::sync::Arc;
 
 fn kernel_after_full(rs: &Ruleset) -> KernelTable {
     let mut k = KernelTable::default();

@@ -1,0 +1,182 @@
+//! The change log of a ruleset patched in place: what the incremental compiler changed since the
+//! last batch (old versions of replaced chains and sets, net element changes of patched sets).
+//! [`ChangeLog::batch`] runs `diff` on exactly those objects, which equals `diff` of the whole
+//! rulesets since every other object is unchanged.
+
+use super::diff_parts;
+use crate::ruleset::{Batch, Chain, Elem, Ruleset, Set};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Net element changes of one set patched in place since the last batch.
+#[derive(Debug, Default)]
+struct ElemDelta {
+    removed: BTreeSet<Elem>,
+    added: BTreeSet<Elem>,
+}
+
+/// Names of the chains and sets of one part of a ruleset (the local part, or one policy's).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct PartNames {
+    pub chains: BTreeSet<String>,
+    pub sets: BTreeSet<String>,
+}
+
+impl PartNames {
+    pub fn of(rs: &Ruleset) -> Self {
+        Self {
+            chains: rs.chains.keys().cloned().collect(),
+            sets: rs.sets.keys().cloned().collect(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.sets.is_empty()
+    }
+}
+
+/// Records what changes in a ruleset; every change to it goes through these methods.
+#[derive(Debug, Default)]
+pub(crate) struct ChangeLog {
+    /// The version of each replaced chain at the last batch (`None`: it did not exist).
+    old_chains: BTreeMap<String, Option<Chain>>,
+    /// The same for sets replaced whole.
+    old_sets: BTreeMap<String, Option<Set>>,
+    /// Sets patched element by element (and not replaced whole).
+    elems: BTreeMap<String, ElemDelta>,
+}
+
+impl ChangeLog {
+    /// Puts a chain (`None`: removes it).
+    pub fn put_chain(&mut self, rs: &mut Ruleset, name: &str, new: Option<Chain>) {
+        if rs.chains.get(name) == new.as_ref() {
+            return;
+        }
+        if !self.old_chains.contains_key(name) {
+            self.old_chains
+                .insert(name.to_string(), rs.chains.get(name).cloned());
+        }
+        match new {
+            Some(c) => rs.add_chain(c),
+            None => {
+                rs.chains.remove(name);
+            }
+        }
+    }
+
+    /// Puts a set whole (`None`: removes it).
+    pub fn put_set(&mut self, rs: &mut Ruleset, name: &str, new: Option<Set>) {
+        if rs.sets.get(name) == new.as_ref() {
+            return;
+        }
+        if !self.old_sets.contains_key(name) {
+            let mut old = rs.sets.get(name).cloned();
+            if let (Some(o), Some(d)) = (old.as_mut(), self.elems.remove(name)) {
+                for e in &d.added {
+                    o.elements.remove(e);
+                }
+                o.elements.extend(d.removed);
+            }
+            self.old_sets.insert(name.to_string(), old);
+        }
+        match new {
+            Some(s) => rs.add_set(s),
+            None => {
+                rs.sets.remove(name);
+            }
+        }
+    }
+
+    /// Replaces one part of the ruleset (named `old` so far) by `part`; returns its new names.
+    pub fn replace_part(&mut self, rs: &mut Ruleset, old: &PartNames, part: Ruleset) -> PartNames {
+        let new = PartNames::of(&part);
+        let Ruleset {
+            mut chains,
+            mut sets,
+        } = part;
+        for name in old.chains.union(&new.chains) {
+            self.put_chain(rs, name, chains.remove(name));
+        }
+        for name in old.sets.union(&new.sets) {
+            self.put_set(rs, name, sets.remove(name));
+        }
+        new
+    }
+
+    pub fn insert_elem(&mut self, rs: &mut Ruleset, set: &str, e: Elem) {
+        let Some(s) = rs.sets.get_mut(set) else {
+            return;
+        };
+        if !s.elements.insert(e.clone()) || self.old_sets.contains_key(set) {
+            return;
+        }
+        let d = self.elems.entry(set.to_string()).or_default();
+        if !d.removed.remove(&e) {
+            d.added.insert(e);
+        }
+    }
+
+    pub fn remove_elem(&mut self, rs: &mut Ruleset, set: &str, e: &Elem) {
+        let Some(s) = rs.sets.get_mut(set) else {
+            return;
+        };
+        if !s.elements.remove(e) || self.old_sets.contains_key(set) {
+            return;
+        }
+        let d = self.elems.entry(set.to_string()).or_default();
+        if !d.added.remove(e) {
+            d.removed.insert(e.clone());
+        }
+    }
+
+    /// Takes an element as committed already (someone else put it into the kernel): into the
+    /// set as of the last batch, which is the current one unless it was replaced since.
+    pub fn note_committed_elem(&mut self, rs: &mut Ruleset, set: &str, e: Elem) {
+        let committed = match self.old_sets.get_mut(set) {
+            Some(old) => old.as_mut(),
+            None => rs.sets.get_mut(set),
+        };
+        if let Some(s) = committed {
+            s.elements.insert(e);
+        }
+    }
+
+    /// The batch from the ruleset at the last batch to `rs`.
+    pub fn batch(self, rs: &Ruleset) -> Batch {
+        let mut last = Ruleset::default();
+        let mut next = Ruleset::default();
+        for (name, old) in self.old_chains {
+            if let Some(c) = old {
+                last.add_chain(c);
+            }
+            if let Some(c) = rs.chains.get(&name) {
+                next.add_chain(c.clone());
+            }
+        }
+        for (name, old) in self.old_sets {
+            if let Some(s) = old {
+                last.add_set(s);
+            }
+            if let Some(s) = rs.sets.get(&name) {
+                next.add_set(s.clone());
+            }
+        }
+        for (name, d) in self.elems {
+            if d.removed.is_empty() && d.added.is_empty() {
+                continue;
+            }
+            let Some(s) = rs.sets.get(&name) else {
+                continue;
+            };
+            let shell = |elements| Set {
+                name: s.name.clone(),
+                key: s.key,
+                interval: s.interval,
+                verdict_map: s.verdict_map,
+                comment: s.comment.clone(),
+                elements,
+            };
+            last.add_set(shell(d.removed));
+            next.add_set(shell(d.added));
+        }
+        diff_parts(&last, &next, rs)
+    }
+}
