@@ -342,13 +342,7 @@ impl Touched {
         match (&mut *self, other) {
             (Touched::Table, _) => {}
             (_, Touched::Table) => *self = Touched::Table,
-            (
-                Touched::Objects { chains, sets },
-                Touched::Objects {
-                    chains: c,
-                    sets: s,
-                },
-            ) => {
+            (Touched::Objects { chains, sets }, Touched::Objects { chains: c, sets: s }) => {
                 chains.extend(c);
                 sets.extend(s);
             }

@@ -331,7 +331,15 @@ fn a_drift_names_the_chains_and_sets_it_touched_or_the_whole_table() {
         gen(NFT, "nft", 7),
     ]
     .concat()]);
-    assert_eq!(d[0].touched, Touched::Table, "a table change needs a full replace");
+    assert_eq!(
+        d[0].touched,
+        Touched::Table,
+        "a table change needs a full replace"
+    );
     let mut c = Classifier::new(Scope::new("inet", "palisade", &[]).unwrap());
-    assert_eq!(c.overrun().touched, Touched::Table, "lost notifications: unknown");
+    assert_eq!(
+        c.overrun().touched,
+        Touched::Table,
+        "lost notifications: unknown"
+    );
 }

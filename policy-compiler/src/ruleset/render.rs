@@ -352,7 +352,10 @@ impl Ruleset {
             .iter()
             .map(|n| self.chains.get(n))
             .collect::<Option<_>>()?;
-        let sets: Vec<&Set> = sets.iter().map(|n| self.sets.get(n)).collect::<Option<_>>()?;
+        let sets: Vec<&Set> = sets
+            .iter()
+            .map(|n| self.sets.get(n))
+            .collect::<Option<_>>()?;
         let mut cmds = Vec::new();
         for c in &chains {
             cmds.push(cmd("add", chain_obj(c, true)));

@@ -271,10 +271,8 @@ fn a_repair_of_the_touched_chains_and_sets_undoes_any_tampering_with_them() {
         };
         (with_elems(false), with_elems(true))
     };
-    let one_elem = crate::ruleset::render::elem_json(
-        rs.sets[&set].elements.iter().next().unwrap(),
-        true,
-    );
+    let one_elem =
+        crate::ruleset::render::elem_json(rs.sets[&set].elements.iter().next().unwrap(), true);
     let tamperings: Vec<(&str, serde_json::Value, Vec<&str>, Vec<&str>)> = vec![
         (
             "flush chain",
@@ -310,14 +308,17 @@ fn a_repair_of_the_touched_chains_and_sets_undoes_any_tampering_with_them() {
     for (what, cmds, chains, sets) in tamperings {
         let mut k = want.clone();
         // The simulator knows `insert` as `add` (order is not what this test is about).
-        let text = serde_json::json!({"nftables": cmds}).to_string().replace("\"insert\"", "\"add\"");
+        let text = serde_json::json!({"nftables": cmds})
+            .to_string()
+            .replace("\"insert\"", "\"add\"");
         k.apply(&serde_json::from_str(&text).unwrap())
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_ne!(k, want, "{what}: the tampering changed nothing");
         let chains: BTreeSet<String> = chains.into_iter().map(String::from).collect();
         let sets: BTreeSet<String> = sets.into_iter().map(String::from).collect();
         let repair = rs.repair(&chains, &sets).expect("our own objects");
-        k.apply(&repair.json).unwrap_or_else(|e| panic!("{what}: repair: {e}"));
+        k.apply(&repair.json)
+            .unwrap_or_else(|e| panic!("{what}: repair: {e}"));
         assert_eq!(k, want, "{what}: not repaired");
     }
     let foreign: BTreeSet<String> = ["not_ours".to_string()].into();
