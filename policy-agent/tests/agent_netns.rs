@@ -967,11 +967,16 @@ fn status_heartbeats_that_change_nothing_compiled_schedule_no_reconcile_and_take
         "deny.yaml",
         &deny_ingress_yaml("demo", "deny", "target"),
     );
+    // Each beat changes a status condition (the manifest source drops those before comparing) and
+    // a container image (kept by the source, ignored by the model): the engine sees every beat as a
+    // change equal to what it holds.
     let pod = |beat: u32| {
-        pod_yaml("demo", "target", "target", NODE, Some("10.244.1.5")).replace(
-            "status: {phase: Running,",
-            &format!("status: {{phase: Running, conditions: [{{type: Ready, status: 'True', lastProbeTime: '2026-01-01T00:00:{:02}Z'}}],", beat % 60),
-        )
+        pod_yaml("demo", "target", "target", NODE, Some("10.244.1.5"))
+            .replace(
+                "status: {phase: Running,",
+                &format!("status: {{phase: Running, conditions: [{{type: Ready, status: 'True', lastProbeTime: '2026-01-01T00:00:{:02}Z'}}],", beat % 60),
+            )
+            .replace("image: x", &format!("image: x{beat}"))
     };
     manifest(&d.manifests, "pod.yaml", &pod(0));
     let mut agent = Agent::start(&n1, NODE, &d, &["--debounce-ms", "5"]);

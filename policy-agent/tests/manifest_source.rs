@@ -423,3 +423,37 @@ async fn run_returns_ok_when_the_receiver_is_dropped() {
         .expect("run ends once the receiver is gone");
     assert!(matches!(result, Ok(Ok(()))), "{result:?}");
 }
+
+#[tokio::test]
+async fn status_heartbeats_and_node_heartbeats_are_not_emitted_but_an_ip_change_is() {
+    let dir = TempDir::new("heartbeat");
+    let pod = |rv: u32, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: beat, namespace: default, resourceVersion: '{rv}', labels: {{app: a}}}}\nspec: {{nodeName: n1, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}], conditions: [{{type: Ready, status: 'True', lastProbeTime: '2026-01-01T00:00:{:02}Z'}}], containerStatuses: [{{name: c, image: x, imageID: x, ready: true, restartCount: {rv}}}]}}\n",
+            rv % 60
+        )
+    };
+    let node = |rv: u32| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, resourceVersion: '{rv}'}}\nspec: {{podCIDRs: [10.244.1.0/24]}}\nstatus: {{addresses: [{{type: InternalIP, address: 172.31.0.1}}], conditions: [{{type: Ready, status: 'True', lastHeartbeatTime: '2026-01-01T00:00:{:02}Z'}}]}}\n",
+            rv % 60
+        )
+    };
+    write_atomic(&dir.0, "beat.yaml", &pod(1, "10.244.1.5"));
+    write_atomic(&dir.0, "n1.yaml", &node(1));
+    let mut run = Running::start(dir).await;
+    for rv in 2..5 {
+        write_atomic(run.path(), "beat.yaml", &pod(rv, "10.244.1.5"));
+        write_atomic(run.path(), "n1.yaml", &node(rv));
+    }
+    let events = run.settle().await;
+    assert_eq!(
+        describe_all(&events),
+        Vec::<String>::new(),
+        "heartbeats changed only what nothing reads"
+    );
+    write_atomic(run.path(), "beat.yaml", &pod(5, "10.244.1.6"));
+    let events = run.settle().await;
+    assert_eq!(describe_all(&events), ["Applied Pod default/beat"]);
+    run.task.abort();
+}

@@ -677,6 +677,9 @@ fn normalize(mut object: Object) -> Result<Object, String> {
         return Err(format!("{kind} without metadata.name"));
     }
     let meta = object.meta_mut();
+    // Nothing here reads it (the Kubernetes source does, for its relists), and a writer that bumps
+    // it with each status heartbeat would otherwise make every heartbeat a changed object.
+    meta.resource_version = None;
     if kind.is_namespaced() {
         if meta.namespace.as_deref().unwrap_or_default().is_empty() {
             meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());

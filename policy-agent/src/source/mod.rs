@@ -227,12 +227,38 @@ impl Object {
         }
     }
 
-    /// Drops what nothing downstream reads and what makes objects large: `managedFields` and annotations.
-    /// Every source strips objects before emitting them.
+    /// Drops what nothing downstream reads, what makes objects large and what changes on every
+    /// heartbeat: `managedFields`, annotations, and the status but for what the model reads (a Pod's
+    /// phase and IPs, a Node's addresses; conditions, container statuses, probe times, capacity and
+    /// images go). Every source strips objects before emitting them; the manifest source compares
+    /// stripped objects, so a status heartbeat there is not even emitted.
     pub fn strip(mut self) -> Self {
         let meta = self.meta_mut();
         meta.managed_fields = None;
         meta.annotations = None;
+        match &mut self {
+            Object::Pod(p) => {
+                if let Some(s) = p.status.as_mut() {
+                    *s = k8s_openapi::api::core::v1::PodStatus {
+                        phase: s.phase.take(),
+                        pod_ip: s.pod_ip.take(),
+                        pod_ips: s.pod_ips.take(),
+                        host_ip: s.host_ip.take(),
+                        host_ips: s.host_ips.take(),
+                        ..Default::default()
+                    };
+                }
+            }
+            Object::Node(n) => {
+                if let Some(s) = n.status.as_mut() {
+                    *s = k8s_openapi::api::core::v1::NodeStatus {
+                        addresses: s.addresses.take(),
+                        ..Default::default()
+                    };
+                }
+            }
+            Object::Namespace(_) | Object::NetworkPolicy(_) => {}
+        }
         self
     }
 }

@@ -114,8 +114,12 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Result<Pod, ModelError> {
     let key = object_key(KIND_POD, &pod.metadata, true)?;
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let spec = pod.spec.clone().unwrap_or_default();
-    let status = pod.status.clone().unwrap_or_default();
+    // Borrowed, not cloned: a Pod's spec is most of its size, and a source may convert thousands of
+    // (mostly unchanged) pods a second.
+    let no_spec = core::PodSpec::default();
+    let no_status = core::PodStatus::default();
+    let spec = pod.spec.as_ref().unwrap_or(&no_spec);
+    let status = pod.status.as_ref().unwrap_or(&no_status);
     let mut ips = Vec::new();
     match &status.pod_ips {
         Some(list) if !list.is_empty() => {
@@ -184,7 +188,7 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Result<Pod, ModelError> {
         name,
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         labels: labels_of(&pod.metadata.labels),
-        node_name: spec.node_name.filter(|n| !n.is_empty()),
+        node_name: spec.node_name.clone().filter(|n| !n.is_empty()),
         ips,
         ports,
         host_network: spec.host_network.unwrap_or(false),
