@@ -43,9 +43,10 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 }
 
 /// The open connections: those still waiting for their request (evictable, oldest first) and those
-/// being answered. Dropping a connection's sender closes it.
-#[derive(Default)]
+/// being answered. Dropping a connection's sender closes it. Counts go to [`Metrics`]
+/// (`palisade_http_open_connections`, `palisade_http_closed_connections_total`).
 struct Conns {
+    metrics: Arc<Metrics>,
     state: Mutex<ConnState>,
 }
 
@@ -54,10 +55,6 @@ struct ConnState {
     next_id: u64,
     reading: BTreeMap<u64, oneshot::Sender<()>>,
     answering: BTreeMap<u64, oneshot::Sender<()>>,
-    /// Connections closed to make room (for /metrics).
-    evicted: u64,
-    /// Connections closed at once because every slot was answering.
-    refused: u64,
 }
 
 impl ConnState {
@@ -67,10 +64,19 @@ impl ConnState {
 }
 
 impl Conns {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        Conns {
+            metrics,
+            state: Mutex::default(),
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut ConnState) -> T) -> T {
         // A poisoned lock only means a panic in another connection; the bookkeeping stays usable.
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut g)
+        let r = f(&mut g);
+        self.metrics.http_open_connections(g.open());
+        r
     }
 
     /// A slot for a new connection, closing the oldest one still reading when all are taken; `None`
@@ -79,9 +85,9 @@ impl Conns {
         self.with(|s| {
             if s.open() >= MAX_CONNECTIONS {
                 if s.reading.pop_first().is_some() {
-                    s.evicted += 1;
+                    self.metrics.http_connection_closed("evicted");
                 } else {
-                    s.refused += 1;
+                    self.metrics.http_connection_closed("refused");
                     return None;
                 }
             }
@@ -108,17 +114,6 @@ impl Conns {
             s.answering.remove(&id);
         });
     }
-
-    fn render(&self) -> String {
-        self.with(|s| {
-            format!(
-                "# HELP palisade_http_open_connections Connections open to this endpoint (at most {MAX_CONNECTIONS}).\n# TYPE palisade_http_open_connections gauge\npalisade_http_open_connections {}\n# HELP palisade_http_closed_connections_total Connections closed because {MAX_CONNECTIONS} were open: the oldest one without a request (evicted), or the new one when all were being answered (refused).\n# TYPE palisade_http_closed_connections_total counter\npalisade_http_closed_connections_total{{reason=\"evicted\"}} {}\npalisade_http_closed_connections_total{{reason=\"refused\"}} {}\n",
-                s.open(),
-                s.evicted,
-                s.refused
-            )
-        })
-    }
 }
 
 /// Removes its connection from [`Conns`] however the connection's task ends.
@@ -135,7 +130,7 @@ impl Drop for Slot {
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    let conns = Arc::new(Conns::default());
+    let conns = Arc::new(Conns::new(metrics.clone()));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(false)
         .max_buf_size(MAX_REQUEST)
@@ -155,7 +150,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 let (m, c) = (metrics.clone(), conns.clone());
                 let service = service_fn(move |req| {
                     c.answering(id);
-                    let resp = answer(&req, &m, &c);
+                    let resp = answer(&req, &m);
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 let conn = http.serve_connection(TokioIo::new(stream), service);
@@ -193,7 +188,7 @@ pub fn respond(path: &str, metrics: &Metrics) -> (StatusCode, &'static str, Stri
         ),
         "/metrics" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::CONTENT_TYPE,
             metrics.render(),
         ),
         _ => (
@@ -205,14 +200,9 @@ pub fn respond(path: &str, metrics: &Metrics) -> (StatusCode, &'static str, Stri
 }
 
 /// One request's response (hyper leaves out the body of a HEAD response).
-fn answer<B>(req: &Request<B>, metrics: &Metrics, conns: &Conns) -> Response<String> {
-    let path = req.uri().path();
+fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<String> {
     let (status, ctype, body) = if req.method() == Method::GET || req.method() == Method::HEAD {
-        let (status, ctype, mut body) = respond(path, metrics);
-        if path == "/metrics" {
-            body.push_str(&conns.render());
-        }
-        (status, ctype, body)
+        respond(req.uri().path(), metrics)
     } else {
         (StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into())
     };
