@@ -1,15 +1,35 @@
-//! The agent's metrics, rendered in the Prometheus text format by `server`.
+//! The agent's metrics: a `prometheus-client` registry, rendered by `server` in the Prometheus text
+//! format (version 0.0.4).
 
+use prometheus_client::encoding::prometheus_text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry};
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Upper bounds (seconds) of the reconcile duration histogram.
 pub const RECONCILE_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
+
+/// Why another Node's podCIDR gets no route (`routes::RefusalReason::label`); each always shown.
+const REFUSAL_REASONS: [&str; 5] = [
+    "too_wide",
+    "outside_cluster_cidr",
+    "contains_node_address",
+    "overlaps_own_node",
+    "overlaps_other_node",
+];
+
+/// What a source change did to the model; each always shown.
+const SOURCE_RESULTS: [&str; 3] = ["changed", "unchanged", "rejected"];
 
 /// Sizes shown as gauges after every commit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -22,168 +42,270 @@ pub struct Sizes {
     pub pending: u64,
 }
 
-#[derive(Default)]
-struct Inner {
-    buckets: [u64; RECONCILE_BUCKETS.len()],
-    count: u64,
-    sum: f64,
-    last_sync: Option<f64>,
-    errors: BTreeMap<&'static str, u64>,
-    restores: u64,
-    flows_cut: u64,
-    flows_unjudged: u64,
-    full_replaces: u64,
-    incremental: u64,
-    sizes: Sizes,
-    /// Other Nodes' podCIDRs refused as routes, by reason (see `routes::RefusalReason::label`).
-    refused_pod_cidrs: BTreeMap<&'static str, u64>,
+/// One label, `name="value"`.
+type Label = [(&'static str, &'static str); 1];
+type Count = Counter<u64, AtomicU64>;
+type Level = Gauge<u64, AtomicU64>;
+
+/// Shared between the reconcile thread and the HTTP server. Every metric updates on its own (atomics;
+/// a family or the histogram takes its own short lock), so no lock is held across a commit.
+pub struct Metrics {
+    registry: Registry,
+    ready: Level,
+    reconcile_duration: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    errors: Family<Label, Count>,
+    restores: Count,
+    flows_cut: Count,
+    flows_unjudged: Count,
+    transactions: Family<Label, Count>,
+    /// Other Nodes' podCIDRs refused as routes, by reason.
+    refused_pod_cidrs: Family<Label, Level>,
     /// Pod routes that failed at the last route sync.
-    route_failures: u64,
+    route_failures: Level,
     /// Source changes by what they did to the model: changed, unchanged, rejected.
-    source_changes: BTreeMap<&'static str, u64>,
+    source_changes: Family<Label, Count>,
     /// Reconciles started (successful or not).
-    reconciles: u64,
+    reconciles: Count,
     /// Times the reconcile took the node lock.
-    lock_acquisitions: u64,
+    lock_acquisitions: Count,
+    /// pods, policies, chains, rules, set elements, pending (in `Sizes` order).
+    sizes: [Level; 6],
+    http_open: Level,
+    http_closed: Family<Label, Count>,
 }
 
-/// Shared between the reconcile thread and the HTTP server.
-#[derive(Default)]
-pub struct Metrics {
-    ready: AtomicBool,
-    inner: Mutex<Inner>,
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Registers `metric` under `name`; `help` is a sentence without its final period (the registry
+/// adds it).
+fn reg<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: &M) {
+    r.register(name, help, metric.clone());
 }
 
 impl Metrics {
-    fn with(&self, f: impl FnOnce(&mut Inner)) {
-        // A poisoned lock only means a panic elsewhere; metrics stay usable.
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut g);
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            ready: Level::default(),
+            reconcile_duration: Histogram::new(RECONCILE_BUCKETS),
+            last_sync: Gauge::default(),
+            errors: Family::default(),
+            restores: Count::default(),
+            flows_cut: Count::default(),
+            flows_unjudged: Count::default(),
+            transactions: Family::default(),
+            refused_pod_cidrs: Family::default(),
+            route_failures: Level::default(),
+            source_changes: Family::default(),
+            reconciles: Count::default(),
+            lock_acquisitions: Count::default(),
+            sizes: Default::default(),
+            http_open: Level::default(),
+            http_closed: Family::default(),
+            registry: Registry::default(),
+        };
+        // Counters are registered without `_total`: the encoder appends it (to `# HELP`, `# TYPE` and
+        // the samples), and registering a name ending in `_total` panics in debug builds.
+        reg(
+            &mut r,
+            "palisade_ready",
+            "1 once the first sync was committed",
+            &m.ready,
+        );
+        reg(
+            &mut r,
+            "palisade_reconcile_duration_seconds",
+            "Time from reading state to committed transaction",
+            &m.reconcile_duration,
+        );
+        reg(
+            &mut r,
+            "palisade_last_successful_sync_timestamp_seconds",
+            "Unix time of the last committed transaction",
+            &m.last_sync,
+        );
+        reg(&mut r, "palisade_errors", "Errors by kind", &m.errors);
+        reg(
+            &mut r,
+            "palisade_resync_restores",
+            "Times our table was found changed or removed behind our back and restored",
+            &m.restores,
+        );
+        reg(
+            &mut r,
+            "palisade_conntrack_flows_cut",
+            "Established flows cut because the ruleset no longer admits them",
+            &m.flows_cut,
+        );
+        reg(
+            &mut r,
+            "palisade_conntrack_flows_unjudged",
+            "Conntrack entries a sweep could not judge and left alone",
+            &m.flows_unjudged,
+        );
+        reg(
+            &mut r,
+            "palisade_transactions",
+            "Committed nft transactions by kind",
+            &m.transactions,
+        );
+        reg(&mut r, "palisade_refused_pod_cidrs", "Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason", &m.refused_pod_cidrs);
+        reg(
+            &mut r,
+            "palisade_pod_route_failures",
+            "Pod routes that failed at the last route sync (retried with backoff)",
+            &m.route_failures,
+        );
+        reg(&mut r, "palisade_source_changes", "Changes from the source by what they did to the model (unchanged: a status heartbeat, an ignored field; no work follows)", &m.source_changes);
+        reg(
+            &mut r,
+            "palisade_reconciles",
+            "Reconciles started",
+            &m.reconciles,
+        );
+        reg(
+            &mut r,
+            "palisade_node_lock_acquisitions",
+            "Times the agent took the node lock (the lock CNI ADD and DEL wait for)",
+            &m.lock_acquisitions,
+        );
+        for (gauge, (name, help)) in m.sizes.iter().zip([
+            ("palisade_pods", "Pods in the cluster state"),
+            ("palisade_policies", "NetworkPolicies in the cluster state"),
+            ("palisade_nft_chains", "Chains in our table"),
+            ("palisade_nft_rules", "Rules in our table"),
+            ("palisade_nft_set_elements", "Elements of our sets and maps"),
+            ("palisade_pending_pods", "Addresses in the pending sets"),
+        ]) {
+            reg(&mut r, name, help, gauge);
+        }
+        let cap = crate::server::MAX_CONNECTIONS;
+        reg(
+            &mut r,
+            "palisade_http_open_connections",
+            &format!("Connections open to this endpoint (at most {cap})"),
+            &m.http_open,
+        );
+        reg(&mut r, "palisade_http_closed_connections", &format!("Connections closed because {cap} were open: the oldest one without a request (evicted), or the new one when all were being answered (refused)"), &m.http_closed);
+        // Label sets shown from the start, at 0.
+        for kind in ["full", "incremental"] {
+            let _ = m.transactions.get_or_create(&[("kind", kind)]);
+        }
+        for reason in REFUSAL_REASONS {
+            let _ = m.refused_pod_cidrs.get_or_create(&[("reason", reason)]);
+        }
+        for result in SOURCE_RESULTS {
+            let _ = m.source_changes.get_or_create(&[("result", result)]);
+        }
+        for reason in ["evicted", "refused"] {
+            let _ = m.http_closed.get_or_create(&[("reason", reason)]);
+        }
+        Metrics { registry: r, ..m }
     }
 
     /// True once the first sync has been committed.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.get() == 1
     }
 
     /// A successful commit: duration, kind, sizes, timestamp; marks the agent ready.
     pub fn commit_ok(&self, took: Duration, full: bool, sizes: Sizes) {
-        let secs = took.as_secs_f64();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or_default();
-        self.with(|m| {
-            for (i, le) in RECONCILE_BUCKETS.iter().enumerate() {
-                if secs <= *le {
-                    m.buckets[i] += 1;
-                }
-            }
-            m.count += 1;
-            m.sum += secs;
-            m.last_sync = Some(now);
-            m.sizes = sizes;
-            if full {
-                m.full_replaces += 1;
-            } else {
-                m.incremental += 1;
-            }
-        });
-        self.ready.store(true, Ordering::Relaxed);
+        self.reconcile_duration.observe(took.as_secs_f64());
+        self.last_sync.set(now);
+        let Sizes {
+            pods,
+            policies,
+            chains,
+            rules,
+            set_elements,
+            pending,
+        } = sizes;
+        for (gauge, v) in
+            self.sizes
+                .iter()
+                .zip([pods, policies, chains, rules, set_elements, pending])
+        {
+            gauge.set(v);
+        }
+        let kind = if full { "full" } else { "incremental" };
+        self.transactions.get_or_create(&[("kind", kind)]).inc();
+        self.ready.set(1);
     }
 
     /// One error of `kind` (see `Error::kind`, plus `bad_object`, `nft_rejected`).
     pub fn error(&self, kind: &'static str) {
-        self.with(|m| *m.errors.entry(kind).or_default() += 1);
+        self.errors.get_or_create(&[("kind", kind)]).inc();
     }
 
     /// Our table was found changed or removed and was restored.
     pub fn restored(&self) {
-        self.with(|m| m.restores += 1);
+        self.restores.inc();
     }
 
     /// The podCIDRs of other Nodes that get no route now, by reason.
     pub fn refused_pod_cidrs(&self, by_reason: BTreeMap<&'static str, u64>) {
-        self.with(|m| m.refused_pod_cidrs = by_reason);
+        for reason in REFUSAL_REASONS {
+            let n = by_reason.get(reason).copied().unwrap_or(0);
+            self.refused_pod_cidrs
+                .get_or_create(&[("reason", reason)])
+                .set(n);
+        }
     }
 
     /// Pod routes that could not be added or removed at the last route sync (retried with backoff).
     pub fn route_failures(&self, n: u64) {
-        self.with(|m| m.route_failures = n);
+        self.route_failures.set(n);
     }
 
     /// One change from a source: `changed`, `unchanged` (nothing we compile differs: no work
     /// follows) or `rejected` (invalid object).
     pub fn source_change(&self, result: &'static str) {
-        self.with(|m| *m.source_changes.entry(result).or_default() += 1);
+        self.source_changes
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     /// A reconcile started.
     pub fn reconcile_started(&self) {
-        self.with(|m| m.reconciles += 1);
+        self.reconciles.inc();
     }
 
     /// The reconcile took the node lock.
     pub fn lock_acquired(&self) {
-        self.with(|m| m.lock_acquisitions += 1);
+        self.lock_acquisitions.inc();
     }
 
     /// A conntrack sweep deleted `cut` entries and left `unjudged` alone (could not judge them).
     pub fn flows_revoked(&self, cut: u64, unjudged: u64) {
-        self.with(|m| {
-            m.flows_cut += cut;
-            m.flows_unjudged += unjudged;
-        });
+        self.flows_cut.inc_by(cut);
+        self.flows_unjudged.inc_by(unjudged);
     }
 
-    /// Prometheus text exposition.
+    /// Connections now open to the HTTP endpoint (`server`).
+    pub fn http_open_connections(&self, n: usize) {
+        self.http_open.set(n as u64);
+    }
+
+    /// A connection to the HTTP endpoint closed to make room: `evicted` or `refused` (`server`).
+    pub fn http_connection_closed(&self, reason: &'static str) {
+        self.http_closed.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Prometheus text exposition; its content type is [`CONTENT_TYPE`].
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let ready = self.is_ready();
-        self.with(|m| {
-            let _ = writeln!(o, "# HELP palisade_ready 1 once the first sync was committed.\n# TYPE palisade_ready gauge\npalisade_ready {}", u8::from(ready));
-            let _ = writeln!(o, "# HELP palisade_reconcile_duration_seconds Time from reading state to committed transaction.\n# TYPE palisade_reconcile_duration_seconds histogram");
-            for (i, le) in RECONCILE_BUCKETS.iter().enumerate() {
-                let _ = writeln!(o, "palisade_reconcile_duration_seconds_bucket{{le=\"{le}\"}} {}", m.buckets[i]);
-            }
-            let _ = writeln!(o, "palisade_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {}", m.count);
-            let _ = writeln!(o, "palisade_reconcile_duration_seconds_sum {}\npalisade_reconcile_duration_seconds_count {}", m.sum, m.count);
-            let _ = writeln!(o, "# HELP palisade_last_successful_sync_timestamp_seconds Unix time of the last committed transaction.\n# TYPE palisade_last_successful_sync_timestamp_seconds gauge");
-            let _ = writeln!(o, "palisade_last_successful_sync_timestamp_seconds {}", m.last_sync.unwrap_or(0.0));
-            let _ = writeln!(o, "# HELP palisade_errors_total Errors by kind.\n# TYPE palisade_errors_total counter");
-            for (k, v) in &m.errors {
-                let _ = writeln!(o, "palisade_errors_total{{kind=\"{k}\"}} {v}");
-            }
-            let _ = writeln!(o, "# HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.\n# TYPE palisade_resync_restores_total counter\npalisade_resync_restores_total {}", m.restores);
-            let _ = writeln!(o, "# HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them.\n# TYPE palisade_conntrack_flows_cut_total counter\npalisade_conntrack_flows_cut_total {}", m.flows_cut);
-            let _ = writeln!(o, "# HELP palisade_conntrack_flows_unjudged_total Conntrack entries a sweep could not judge and left alone.\n# TYPE palisade_conntrack_flows_unjudged_total counter\npalisade_conntrack_flows_unjudged_total {}", m.flows_unjudged);
-            let _ = writeln!(o, "# HELP palisade_transactions_total Committed nft transactions by kind.\n# TYPE palisade_transactions_total counter");
-            let _ = writeln!(o, "palisade_transactions_total{{kind=\"full\"}} {}\npalisade_transactions_total{{kind=\"incremental\"}} {}", m.full_replaces, m.incremental);
-            let _ = writeln!(o, "# HELP palisade_refused_pod_cidrs Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason.\n# TYPE palisade_refused_pod_cidrs gauge");
-            for reason in ["too_wide", "outside_cluster_cidr", "contains_node_address", "overlaps_own_node", "overlaps_other_node"] {
-                let v = m.refused_pod_cidrs.get(reason).copied().unwrap_or(0);
-                let _ = writeln!(o, "palisade_refused_pod_cidrs{{reason=\"{reason}\"}} {v}");
-            }
-            let _ = writeln!(o, "# HELP palisade_pod_route_failures Pod routes that failed at the last route sync (retried with backoff).\n# TYPE palisade_pod_route_failures gauge\npalisade_pod_route_failures {}", m.route_failures);
-            let _ = writeln!(o, "# HELP palisade_source_changes_total Changes from the source by what they did to the model (unchanged: a status heartbeat, an ignored field; no work follows).\n# TYPE palisade_source_changes_total counter");
-            for result in ["changed", "unchanged", "rejected"] {
-                let v = m.source_changes.get(result).copied().unwrap_or(0);
-                let _ = writeln!(o, "palisade_source_changes_total{{result=\"{result}\"}} {v}");
-            }
-            let _ = writeln!(o, "# HELP palisade_reconciles_total Reconciles started.\n# TYPE palisade_reconciles_total counter\npalisade_reconciles_total {}", m.reconciles);
-            let _ = writeln!(o, "# HELP palisade_node_lock_acquisitions_total Times the agent took the node lock (the lock CNI ADD and DEL wait for).\n# TYPE palisade_node_lock_acquisitions_total counter\npalisade_node_lock_acquisitions_total {}", m.lock_acquisitions);
-            let s = m.sizes;
-            for (name, help, v) in [
-                ("palisade_pods", "Pods in the cluster state.", s.pods),
-                ("palisade_policies", "NetworkPolicies in the cluster state.", s.policies),
-                ("palisade_nft_chains", "Chains in our table.", s.chains),
-                ("palisade_nft_rules", "Rules in our table.", s.rules),
-                ("palisade_nft_set_elements", "Elements of our sets and maps.", s.set_elements),
-                ("palisade_pending_pods", "Addresses in the pending sets.", s.pending),
-            ] {
-                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-            }
-        });
+        if let Err(e) = encode(&mut o, &self.registry) {
+            tracing::warn!(error = %e, "cannot render the metrics");
+        }
         o
     }
 }
@@ -219,5 +341,142 @@ mod tests {
         assert!(t.contains("palisade_errors_total{kind=\"nft\"} 1"), "{t}");
         assert!(t.contains("palisade_resync_restores_total 1"), "{t}");
         assert!(t.contains("palisade_pods 2"), "{t}");
+    }
+
+    /// The text as the agent rendered it before prometheus-client (dashboards, tests and the
+    /// benchmarks read these names, types, labels and help texts), up to the order of a family's
+    /// label sets and the last sync's timestamp.
+    const TEXT: &str = r#"# HELP palisade_ready 1 once the first sync was committed.
+# TYPE palisade_ready gauge
+palisade_ready 1
+# HELP palisade_reconcile_duration_seconds Time from reading state to committed transaction.
+# TYPE palisade_reconcile_duration_seconds histogram
+palisade_reconcile_duration_seconds_bucket{le="0.0005"} 0
+palisade_reconcile_duration_seconds_bucket{le="0.001"} 0
+palisade_reconcile_duration_seconds_bucket{le="0.0025"} 0
+palisade_reconcile_duration_seconds_bucket{le="0.005"} 1
+palisade_reconcile_duration_seconds_bucket{le="0.01"} 1
+palisade_reconcile_duration_seconds_bucket{le="0.025"} 1
+palisade_reconcile_duration_seconds_bucket{le="0.05"} 1
+palisade_reconcile_duration_seconds_bucket{le="0.1"} 1
+palisade_reconcile_duration_seconds_bucket{le="0.25"} 1
+palisade_reconcile_duration_seconds_bucket{le="0.5"} 1
+palisade_reconcile_duration_seconds_bucket{le="1"} 2
+palisade_reconcile_duration_seconds_bucket{le="5"} 2
+palisade_reconcile_duration_seconds_bucket{le="+Inf"} 2
+palisade_reconcile_duration_seconds_sum 0.7031999999999999
+palisade_reconcile_duration_seconds_count 2
+# HELP palisade_last_successful_sync_timestamp_seconds Unix time of the last committed transaction.
+# TYPE palisade_last_successful_sync_timestamp_seconds gauge
+palisade_last_successful_sync_timestamp_seconds T
+# HELP palisade_errors_total Errors by kind.
+# TYPE palisade_errors_total counter
+palisade_errors_total{kind="nft"} 2
+palisade_errors_total{kind="bad_object"} 1
+# HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.
+# TYPE palisade_resync_restores_total counter
+palisade_resync_restores_total 1
+# HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them.
+# TYPE palisade_conntrack_flows_cut_total counter
+palisade_conntrack_flows_cut_total 5
+# HELP palisade_conntrack_flows_unjudged_total Conntrack entries a sweep could not judge and left alone.
+# TYPE palisade_conntrack_flows_unjudged_total counter
+palisade_conntrack_flows_unjudged_total 1
+# HELP palisade_transactions_total Committed nft transactions by kind.
+# TYPE palisade_transactions_total counter
+palisade_transactions_total{kind="incremental"} 1
+palisade_transactions_total{kind="full"} 1
+# HELP palisade_refused_pod_cidrs Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason.
+# TYPE palisade_refused_pod_cidrs gauge
+palisade_refused_pod_cidrs{reason="too_wide"} 2
+palisade_refused_pod_cidrs{reason="outside_cluster_cidr"} 0
+palisade_refused_pod_cidrs{reason="contains_node_address"} 0
+palisade_refused_pod_cidrs{reason="overlaps_own_node"} 1
+palisade_refused_pod_cidrs{reason="overlaps_other_node"} 0
+# HELP palisade_pod_route_failures Pod routes that failed at the last route sync (retried with backoff).
+# TYPE palisade_pod_route_failures gauge
+palisade_pod_route_failures 2
+# HELP palisade_source_changes_total Changes from the source by what they did to the model (unchanged: a status heartbeat, an ignored field; no work follows).
+# TYPE palisade_source_changes_total counter
+palisade_source_changes_total{result="changed"} 1
+palisade_source_changes_total{result="rejected"} 0
+palisade_source_changes_total{result="unchanged"} 2
+# HELP palisade_reconciles_total Reconciles started.
+# TYPE palisade_reconciles_total counter
+palisade_reconciles_total 1
+# HELP palisade_node_lock_acquisitions_total Times the agent took the node lock (the lock CNI ADD and DEL wait for).
+# TYPE palisade_node_lock_acquisitions_total counter
+palisade_node_lock_acquisitions_total 1
+# HELP palisade_pods Pods in the cluster state.
+# TYPE palisade_pods gauge
+palisade_pods 3
+# HELP palisade_policies NetworkPolicies in the cluster state.
+# TYPE palisade_policies gauge
+palisade_policies 2
+# HELP palisade_nft_chains Chains in our table.
+# TYPE palisade_nft_chains gauge
+palisade_nft_chains 4
+# HELP palisade_nft_rules Rules in our table.
+# TYPE palisade_nft_rules gauge
+palisade_nft_rules 28
+# HELP palisade_nft_set_elements Elements of our sets and maps.
+# TYPE palisade_nft_set_elements gauge
+palisade_nft_set_elements 6
+# HELP palisade_pending_pods Addresses in the pending sets.
+# TYPE palisade_pending_pods gauge
+palisade_pending_pods 1
+# HELP palisade_http_open_connections Connections open to this endpoint (at most 64).
+# TYPE palisade_http_open_connections gauge
+palisade_http_open_connections 0
+# HELP palisade_http_closed_connections_total Connections closed because 64 were open: the oldest one without a request (evicted), or the new one when all were being answered (refused).
+# TYPE palisade_http_closed_connections_total counter
+palisade_http_closed_connections_total{reason="refused"} 0
+palisade_http_closed_connections_total{reason="evicted"} 0
+"#;
+
+    #[test]
+    fn the_text_keeps_every_name_type_label_and_help() {
+        let m = Metrics::default();
+        m.reconcile_started();
+        m.lock_acquired();
+        m.commit_ok(Duration::from_millis(700), false, Sizes::default());
+        m.commit_ok(
+            Duration::from_micros(3200),
+            true,
+            Sizes {
+                pods: 3,
+                policies: 2,
+                chains: 4,
+                rules: 28,
+                set_elements: 6,
+                pending: 1,
+            },
+        );
+        m.error("nft");
+        m.error("bad_object");
+        m.error("nft");
+        m.restored();
+        m.refused_pod_cidrs([("too_wide", 2), ("overlaps_own_node", 1)].into());
+        m.route_failures(2);
+        m.flows_revoked(5, 1);
+        m.source_change("changed");
+        m.source_change("unchanged");
+        m.source_change("unchanged");
+        let text = m.render();
+        let stamp = "palisade_last_successful_sync_timestamp_seconds ";
+        let mut got: Vec<&str> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(stamp) {
+                    "palisade_last_successful_sync_timestamp_seconds T"
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let mut want: Vec<&str> = TEXT.lines().collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want, "{text}");
     }
 }

@@ -1,6 +1,7 @@
-//! A tiny HTTP/1.1 server: `/healthz` (process alive), `/readyz` (first sync committed), `/metrics`.
-//! Hand-rolled on tokio: one request per connection, GET only, bounded request size, read timeout,
-//! and at most [`MAX_CONNECTIONS`] connections at once.
+//! `/healthz` (process alive), `/readyz` (first sync committed), `/metrics`, served by hyper's
+//! HTTP/1 connection on tokio: one request per connection (no keep-alive), GET and HEAD only, a
+//! request head of at most [`MAX_REQUEST`] bytes (431 beyond; hyper answers that itself),
+//! [`READ_TIMEOUT`] per connection, and at most [`MAX_CONNECTIONS`] connections at once.
 //!
 //! When the cap is reached, a new connection is accepted and the oldest connection that has not sent
 //! its request yet is closed (if every connection is already being answered, the new one is closed
@@ -9,16 +10,21 @@
 //! would queue behind them and fail, and the agent be restarted. Closing the newcomer would fail the
 //! probe the same way. Closing the oldest idle one serves any client that sends its request promptly
 //! (a probe sends it within a millisecond of connecting) however many idle connections others hold.
+//! A connection counts as answering from the moment hyper hands its parsed request to our service.
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-/// Largest request head we read; a longer one is answered 431.
+/// Largest request head we read (hyper's smallest read buffer); a longer one is answered 431.
 const MAX_REQUEST: usize = 8192;
 /// How long a client may take to send its request (and we to answer it).
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -37,9 +43,10 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 }
 
 /// The open connections: those still waiting for their request (evictable, oldest first) and those
-/// being answered. Dropping a connection's sender closes it.
-#[derive(Default)]
+/// being answered. Dropping a connection's sender closes it. Counts go to [`Metrics`]
+/// (`palisade_http_open_connections`, `palisade_http_closed_connections_total`).
 struct Conns {
+    metrics: Arc<Metrics>,
     state: Mutex<ConnState>,
 }
 
@@ -48,10 +55,6 @@ struct ConnState {
     next_id: u64,
     reading: BTreeMap<u64, oneshot::Sender<()>>,
     answering: BTreeMap<u64, oneshot::Sender<()>>,
-    /// Connections closed to make room (for /metrics).
-    evicted: u64,
-    /// Connections closed at once because every slot was answering.
-    refused: u64,
 }
 
 impl ConnState {
@@ -61,10 +64,19 @@ impl ConnState {
 }
 
 impl Conns {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        Conns {
+            metrics,
+            state: Mutex::default(),
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut ConnState) -> T) -> T {
         // A poisoned lock only means a panic in another connection; the bookkeeping stays usable.
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut g)
+        let r = f(&mut g);
+        self.metrics.http_open_connections(g.open());
+        r
     }
 
     /// A slot for a new connection, closing the oldest one still reading when all are taken; `None`
@@ -73,9 +85,9 @@ impl Conns {
         self.with(|s| {
             if s.open() >= MAX_CONNECTIONS {
                 if s.reading.pop_first().is_some() {
-                    s.evicted += 1;
+                    self.metrics.http_connection_closed("evicted");
                 } else {
-                    s.refused += 1;
+                    self.metrics.http_connection_closed("refused");
                     return None;
                 }
             }
@@ -102,17 +114,6 @@ impl Conns {
             s.answering.remove(&id);
         });
     }
-
-    fn render(&self) -> String {
-        self.with(|s| {
-            format!(
-                "# HELP palisade_http_open_connections Connections open to this endpoint (at most {MAX_CONNECTIONS}).\n# TYPE palisade_http_open_connections gauge\npalisade_http_open_connections {}\n# HELP palisade_http_closed_connections_total Connections closed because {MAX_CONNECTIONS} were open: the oldest one without a request (evicted), or the new one when all were being answered (refused).\n# TYPE palisade_http_closed_connections_total counter\npalisade_http_closed_connections_total{{reason=\"evicted\"}} {}\npalisade_http_closed_connections_total{{reason=\"refused\"}} {}\n",
-                s.open(),
-                s.evicted,
-                s.refused
-            )
-        })
-    }
 }
 
 /// Removes its connection from [`Conns`] however the connection's task ends.
@@ -129,7 +130,11 @@ impl Drop for Slot {
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    let conns = Arc::new(Conns::default());
+    let conns = Arc::new(Conns::new(metrics.clone()));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(false)
+        .max_buf_size(MAX_REQUEST)
+        .max_header_size(MAX_REQUEST);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -142,11 +147,21 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     conns: conns.clone(),
                     id,
                 };
-                let m = metrics.clone();
+                let (m, c) = (metrics.clone(), conns.clone());
+                let service = service_fn(move |req| {
+                    c.answering(id);
+                    let resp = answer(&req, &m);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let conn = http.serve_connection(TokioIo::new(stream), service);
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = evicted => {}
-                        _ = tokio::time::timeout(READ_TIMEOUT, handle(stream, m, &slot)) => {}
+                        r = tokio::time::timeout(READ_TIMEOUT, conn) => {
+                            if let Ok(Err(e)) = r {
+                                tracing::debug!(%peer, error = %e, "http connection failed");
+                            }
+                        }
                     }
                     drop(slot);
                 });
@@ -159,93 +174,68 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-/// The response for a request path: status line, content type, body.
-pub fn respond(path: &str, metrics: &Metrics) -> (&'static str, &'static str, String) {
-    const TEXT: &str = "text/plain; charset=utf-8";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The response for a request path: status, content type, body.
+pub fn respond(path: &str, metrics: &Metrics) -> (StatusCode, &'static str, String) {
     match path {
-        "/healthz" => ("200 OK", TEXT, "ok\n".into()),
-        "/readyz" if metrics.is_ready() => ("200 OK", TEXT, "ready\n".into()),
+        "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz" if metrics.is_ready() => (StatusCode::OK, TEXT, "ready\n".into()),
         "/readyz" => (
-            "503 Service Unavailable",
+            StatusCode::SERVICE_UNAVAILABLE,
             TEXT,
             "not ready: first sync not committed yet\n".into(),
         ),
         "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
             metrics.render(),
         ),
         _ => (
-            "404 Not Found",
+            StatusCode::NOT_FOUND,
             TEXT,
             "not found: try /healthz, /readyz or /metrics\n".into(),
         ),
     }
 }
 
-async fn handle(mut stream: TcpStream, metrics: Arc<Metrics>, slot: &Slot) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let mut too_large = false;
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        if buf.len() + n > MAX_REQUEST {
-            too_large = true;
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    slot.conns.answering(slot.id);
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    let (status, ctype, body) = if too_large {
-        (
-            "431 Request Header Fields Too Large",
-            "text/plain",
-            format!("request head over {MAX_REQUEST} bytes\n"),
-        )
-    } else if method == "GET" || method == "HEAD" {
-        let (status, ctype, mut body) = respond(path, &metrics);
-        if path == "/metrics" {
-            body.push_str(&slot.conns.render());
-        }
-        (status, ctype, body)
+/// One request's response (hyper leaves out the body of a HEAD response).
+fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<String> {
+    let (status, ctype, body) = if req.method() == Method::GET || req.method() == Method::HEAD {
+        respond(req.uri().path(), metrics)
     } else {
-        ("405 Method Not Allowed", "text/plain", "GET only\n".into())
+        (StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into())
     };
-    let mut resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    if method != "HEAD" {
-        resp.push_str(&body);
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
+    resp
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     #[test]
     fn readyz_is_503_until_the_first_commit() {
         let m = Metrics::default();
-        assert!(respond("/readyz", &m).0.starts_with("503"));
-        assert!(respond("/healthz", &m).0.starts_with("200"));
+        assert!(respond("/readyz", &m).0 == 503);
+        assert!(respond("/healthz", &m).0 == 200);
         m.commit_ok(
             std::time::Duration::from_millis(1),
             true,
             Default::default(),
         );
-        assert!(respond("/readyz", &m).0.starts_with("200"));
+        assert!(respond("/readyz", &m).0 == 200);
         assert!(respond("/metrics", &m).2.contains("palisade_ready 1"));
-        assert!(respond("/nope", &m).0.starts_with("404"));
+        assert!(respond("/nope", &m).0 == 404);
     }
 
     #[tokio::test]
@@ -324,6 +314,38 @@ mod tests {
             metrics.contains("palisade_http_closed_connections_total{reason=\"evicted\"}"),
             "{metrics}"
         );
+    }
+
+    /// Sends `request` as is and reads the whole answer (the server closes after one response).
+    async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn http_1_0_head_and_other_methods() {
+        let l = bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default())));
+        // The benchmarks scrape with HTTP/1.0 and read to EOF.
+        let old = raw(addr, "GET /metrics?x=1 HTTP/1.0\r\nHost: x\r\n\r\n").await;
+        assert!(old.starts_with("HTTP/1.0 200 OK"), "{old}");
+        assert!(old.contains("palisade_ready 0"), "{old}");
+        let head = raw(addr, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "a body after HEAD: {head}");
+        let post = raw(
+            addr,
+            "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        let none = raw(addr, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(none.starts_with("HTTP/1.1 404"), "{none}");
+        srv.abort();
     }
 
     #[tokio::test]
