@@ -1509,8 +1509,8 @@ fn irrelevant_verdicts(run: &RunResults) -> Vec<String> {
             / 1024.0;
         let (was_p99, was_rss) = if pods >= 10_000 {
             (
-                " (BENCHMARKS.md before: 17–22 ms)",
-                " (BENCHMARKS.md before: ~50 MiB)",
+                " (BENCHMARKS.md, old/new pair of 2026-12-04 at load 2–4: p99 37–67 ms old engine, 37–59 ms new; 17–22 ms before flow revocation at load 1.3)",
+                " (BENCHMARKS.md: 51–53 MiB old engine, 47.5–49 MiB new)",
             )
         } else {
             ("", "")
