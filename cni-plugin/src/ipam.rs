@@ -10,8 +10,9 @@ use crate::cni::{CniResult, Env};
 use crate::config::{next_ip, BuiltinIpam, Ipam, NetConf, Range, RangeSet};
 use crate::error::{Error, Result};
 use ipnet::IpNet;
+use palisade_contract as contract;
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ pub struct Allocation {
 /// The store of one network, locked for as long as it lives.
 pub struct Store {
     dir: PathBuf,
-    _lock: File,
+    _lock: contract::lock::FileLock,
 }
 
 /// One reservation file.
@@ -53,15 +54,8 @@ impl Store {
         let dir = data_dir.join(network);
         fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating IPAM store {}", dir.display()), e))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("opening IPAM lock {}", lock_path.display()), e))?;
-        lock.lock()
-            .map_err(|e| Error::io(format!("locking IPAM store {}", lock_path.display()), e))?;
+        let lock = contract::lock::FileLock::acquire(&dir.join(LOCK_FILE))
+            .map_err(|e| Error::io(format!("IPAM store: {e}"), e.source))?;
         Ok(Store { dir, _lock: lock })
     }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Errors, Result};
 use crate::ipam::{self, Allocation, DelegateTarget};
 use crate::netlink::Netlink;
 use crate::netns;
-use crate::pending::{self, Mark, NodeLock};
+use crate::pending::{self, Mark};
 use crate::veth::{self, Plan};
 use palisade_contract::{self as contract, Attachment};
 use std::collections::HashSet;
@@ -172,7 +172,7 @@ async fn setup(
 /// written the mark is taken back, so a mark never exists without its record.
 fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -> Result<()> {
     let is_pod = env.args.is_pod();
-    let _lock = NodeLock::acquire(&conf.state_dir)?;
+    let _lock = pending::lock_node(&conf.state_dir)?;
     let pending = if is_pod {
         match pending::mark(ips)? {
             Mark::Marked => true,
@@ -273,7 +273,7 @@ async fn teardown(
 }
 
 fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Result<()> {
-    let _lock = NodeLock::acquire(&conf.state_dir)?;
+    let _lock = pending::lock_node(&conf.state_dir)?;
     let record = match pending::read_record(&conf.state_dir, container_id, ifname) {
         Ok(r) => r,
         Err(e) => {

@@ -11,35 +11,23 @@
 use crate::error::{Error, Result};
 use palisade_contract::{self as contract, Attachment};
 use palisade_nft::setelem::{self, ElementOp, SetOp};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
 use std::path::Path;
 
-/// The exclusive flock on `<stateDir>/nft.lock`; released on drop.
-pub struct NodeLock {
-    _file: File,
-}
+pub use contract::lock::NodeLock;
 
-impl NodeLock {
-    pub fn acquire(state_dir: &Path) -> Result<Self> {
-        fs::create_dir_all(contract::attachments_dir(state_dir)).map_err(|e| {
-            Error::io(
-                format!("creating state directory {}", state_dir.display()),
-                e,
-            )
-        })?;
-        let path = contract::lock_path(state_dir);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        file.lock()
-            .map_err(|e| Error::io(format!("locking {}", path.display()), e))?;
-        Ok(NodeLock { _file: file })
-    }
+/// Blocks until the node lock of `state_dir` is ours (the contract's one implementation), with
+/// the attachments directory made for the record written under it.
+pub fn lock_node(state_dir: &Path) -> Result<NodeLock> {
+    fs::create_dir_all(contract::attachments_dir(state_dir)).map_err(|e| {
+        Error::io(
+            format!("creating state directory {}", state_dir.display()),
+            e,
+        )
+    })?;
+    NodeLock::acquire(state_dir).map_err(|e| Error::io(e.to_string(), e.source))
 }
 
 /// Whether a mark could be set.
@@ -238,7 +226,7 @@ mod tests {
     #[test]
     fn records_are_written_atomically_read_back_and_removed() {
         let dir = std::env::temp_dir().join(format!("palisade-rec-{}", std::process::id()));
-        let _lock = NodeLock::acquire(&dir).unwrap();
+        let _lock = lock_node(&dir).unwrap();
         let a = Attachment {
             container_id: "c1".into(),
             ifname: "eth0".into(),

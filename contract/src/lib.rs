@@ -5,6 +5,8 @@
 //! and the agent reads, and the conflist the agent writes and the runtime hands to the plugin.
 //! Everything either side needs to find the other lives here, so the two can never drift apart.
 
+pub mod lock;
+
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -27,7 +27,6 @@
 use crate::cniconf;
 use crate::compiled;
 use crate::error::{Error, Result};
-use crate::lock::NodeLock;
 use crate::metrics::{Metrics, Sizes};
 use crate::nft::{Nft, TableSummary};
 use crate::route_sync::RouteSync;
@@ -367,7 +366,7 @@ impl Engine {
         }
         let full = self.inc.is_stale();
         compiled::recompile(&mut self.inc)?;
-        let lock = NodeLock::acquire(&self.cfg.state_dir)?;
+        let lock = crate::lock::acquire(&self.cfg.state_dir)?;
         self.metrics.lock_acquired();
         let attachments = self.read_attachments();
         if attachments != before {
