@@ -1,0 +1,382 @@
+//! The manifest directory's bookkeeping: which files are manifests, what each file last defined
+//! (kept as compact JSON), which file wins for an object, and what downstream has been told; from a
+//! batch of changes to the events to emit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::inotify::AddWatchFlags;
+use tracing::{debug, warn};
+
+use super::parse::{decode_encoded, encode, parse_manifests_with};
+use crate::source::{ObjectRef, SourceEvent};
+
+/// The periodic rescan leaves files modified more recently than this to inotify (they may be mid-write).
+pub const RESCAN_SETTLE: Duration = Duration::from_secs(2);
+
+/// File name extensions read as manifests.
+pub const MANIFEST_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// What one batch of inotify events asks for.
+#[derive(Debug, Default)]
+pub(super) struct Changes {
+    /// Manifest files to re-read, in the order first seen.
+    files: Vec<OsString>,
+    /// The queue overflowed or a `..data`-style symlink swap (ConfigMap volume) happened: rescan all.
+    rescan: bool,
+    /// The directory itself was removed or moved away.
+    pub(super) watch_lost: bool,
+}
+
+impl Changes {
+    pub(super) fn from_events(events: Vec<nix::sys::inotify::InotifyEvent>) -> Self {
+        let mut changes = Changes::default();
+        for event in events {
+            if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                changes.rescan = true;
+            }
+            if event.mask.intersects(
+                AddWatchFlags::IN_DELETE_SELF
+                    | AddWatchFlags::IN_MOVE_SELF
+                    | AddWatchFlags::IN_IGNORED,
+            ) {
+                changes.watch_lost = true;
+            }
+            let Some(name) = event.name else { continue };
+            if is_manifest_name(&name) {
+                if !changes.files.contains(&name) {
+                    changes.files.push(name);
+                }
+            } else if name.as_encoded_bytes().starts_with(b"..") {
+                changes.rescan = true;
+            }
+        }
+        changes
+    }
+}
+
+/// Whether a directory entry is read as a manifest: a known extension and not a dotfile.
+pub fn is_manifest_name(name: &OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    if name.starts_with('.') {
+        return false;
+    }
+    match name.rsplit_once('.') {
+        Some((stem, ext)) => !stem.is_empty() && MANIFEST_EXTENSIONS.contains(&ext),
+        None => false,
+    }
+}
+
+/// Identity of a file's content as seen by `stat`: a change of any of these means re-read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl Fingerprint {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Fingerprint {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+}
+
+/// An object as a file defines it, kept as its compact JSON (the stripped object serialized): a tenth of
+/// the parsed k8s-openapi object's size, enough to tell whether it changed, and parsed again in the rare
+/// case it must be emitted without its file being re-read (the file that defined it last dropped it).
+pub(super) type Encoded = Arc<[u8]>;
+
+#[derive(Debug, Default)]
+struct FileState {
+    fingerprint: Option<Fingerprint>,
+    objects: BTreeMap<ObjectRef, Encoded>,
+}
+
+/// The files of the directory, their last good objects, and what downstream has been told.
+#[derive(Debug)]
+pub(super) struct DirState {
+    dir: PathBuf,
+    files: BTreeMap<OsString, FileState>,
+    /// For each object, the files defining it, sorted; the last one wins. Nearly always one file: a
+    /// vector is a tenth of a `BTreeSet`'s size, which at 10k objects is ~3 MB.
+    owners: HashMap<ObjectRef, Vec<OsString>>,
+    /// The encoding of the object last emitted as `Applied` for each key still present downstream
+    /// (shared with the defining file's map).
+    emitted: HashMap<ObjectRef, Encoded>,
+}
+
+/// An event as the directory state decides it. An applied object stays encoded until it is sent
+/// ([`Emit::decode`]): a 10k-object initial scan then never holds its objects decoded all at once
+/// (that peak, ~28 MB of k8s-openapi structs, was most of the agent's start-up high-water mark).
+#[derive(Debug)]
+pub(super) enum Emit {
+    Applied(ObjectRef, Encoded),
+    Deleted(ObjectRef),
+}
+
+impl Emit {
+    /// The source event; `None` (logged) if a kept encoding no longer decodes, which would be a bug.
+    pub(super) fn decode(self) -> Option<SourceEvent> {
+        match self {
+            Emit::Deleted(key) => Some(SourceEvent::deleted(key)),
+            Emit::Applied(key, encoded) => match decode_encoded(key.kind, &encoded) {
+                Ok(object) => Some(SourceEvent::applied(object)),
+                Err(e) => {
+                    warn!(object = %key, error = %e, "manifest source: kept object cannot be decoded; not emitted");
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl DirState {
+    /// Objects downstream has been told about.
+    pub(super) fn emitted_len(&self) -> usize {
+        self.emitted.len()
+    }
+
+    pub(super) fn new(dir: PathBuf) -> Self {
+        DirState {
+            dir,
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+            emitted: HashMap::new(),
+        }
+    }
+
+    pub(super) fn apply_changes(&mut self, changes: Changes) -> Vec<Emit> {
+        if changes.rescan {
+            return self.rescan_logged(true);
+        }
+        // All files of one batch first, then the events: a rename between two manifest names (moved
+        // from + moved to in one batch) emits nothing.
+        let mut affected = BTreeSet::new();
+        for name in changes.files {
+            affected.extend(self.reload(&name, true));
+        }
+        self.emit(affected)
+    }
+
+    pub(super) fn rescan_logged(&mut self, include_fresh: bool) -> Vec<Emit> {
+        match self.rescan(include_fresh) {
+            Ok(out) => out,
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "manifest source: cannot list the directory; keeping the last objects");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Re-reads files that appeared or changed (by fingerprint) and forgets files that are gone. Unless
+    /// `include_fresh` (initial scan, inotify overflow, ConfigMap `..data` swap), files modified less
+    /// than [`RESCAN_SETTLE`] ago are left to inotify.
+    pub(super) fn rescan(&mut self, include_fresh: bool) -> io::Result<Vec<Emit>> {
+        let mut present = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !is_manifest_name(&name) {
+                continue;
+            }
+            // Follow symlinks (ConfigMap volumes are symlinks into `..data`).
+            match std::fs::metadata(entry.path()) {
+                Ok(meta) if meta.is_file() => {
+                    present.insert(name, (Fingerprint::of(&meta), meta.modified().ok()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(file = %entry.path().display(), error = %e, "manifest source: stat failed")
+                }
+            }
+        }
+        let mut affected = BTreeSet::new();
+        let gone: Vec<OsString> = self
+            .files
+            .keys()
+            .filter(|n| !present.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            affected.extend(self.reload(&name, false));
+        }
+        let now = std::time::SystemTime::now();
+        for (name, (fingerprint, modified)) in present {
+            let known = self.files.get(&name).and_then(|f| f.fingerprint);
+            if known == Some(fingerprint) {
+                continue;
+            }
+            // A file written to moments ago may still be half-written in place; its close brings an
+            // inotify event, and if that is lost the next rescan reads it.
+            let fresh = modified
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age < RESCAN_SETTLE);
+            if include_fresh || !fresh {
+                affected.extend(self.reload(&name, false));
+            }
+        }
+        Ok(self.emit(affected))
+    }
+
+    /// Reads one file again and returns the events its change causes. `from_inotify` only affects logs.
+    fn reload(&mut self, name: &OsStr, from_inotify: bool) -> BTreeSet<ObjectRef> {
+        let path = self.dir.join(name);
+        let shown = path.display().to_string();
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => {
+                debug!(file = %shown, "manifest source: not a regular file, ignored");
+                return self.replace(name, None);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                debug!(file = %shown, "manifest source: file removed");
+                return self.replace(name, None);
+            }
+            Err(e) => {
+                warn!(file = %shown, error = %e, "manifest source: cannot stat file; keeping its last objects");
+                return BTreeSet::new();
+            }
+        };
+        let fingerprint = Fingerprint::of(&meta);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.replace(name, None),
+            Err(e) => {
+                warn!(file = %shown, error = %e, "manifest source: cannot read file; keeping its last objects");
+                return BTreeSet::new();
+            }
+        };
+        // Each object is encoded as it is parsed and dropped: only the compact encodings are kept.
+        let mut map = BTreeMap::new();
+        let parsed = parse_manifests_with(&shown, &text, &mut |object| {
+            let key = object.reference();
+            let encoded = encode(&object).map_err(|e| format!("{key} cannot be encoded: {e}"))?;
+            if map.insert(key.clone(), encoded).is_some() {
+                warn!(file = %shown, object = %key, "manifest source: object defined twice in one file; the later document wins");
+            }
+            Ok(())
+        });
+        drop(text);
+        match parsed {
+            Ok(()) => {
+                debug!(file = %shown, objects = map.len(), from_inotify, "manifest source: file loaded");
+                self.replace(name, Some((fingerprint, map)))
+            }
+            Err(e) => {
+                warn!(file = %shown, document = e.document, error = %e.message, "manifest source: invalid manifest file skipped; its last good objects stay until it is fixed");
+                // Remember the fingerprint so the rescan does not re-read (and re-log) it until it changes.
+                self.files
+                    .entry(name.to_os_string())
+                    .or_default()
+                    .fingerprint = Some(fingerprint);
+                BTreeSet::new()
+            }
+        }
+    }
+
+    /// Replaces a file's objects (None: the file is gone) and returns the keys it defined before or now.
+    fn replace(
+        &mut self,
+        name: &OsStr,
+        new: Option<(Fingerprint, BTreeMap<ObjectRef, Encoded>)>,
+    ) -> BTreeSet<ObjectRef> {
+        let old = match new {
+            Some((fingerprint, objects)) => {
+                let file = self.files.entry(name.to_os_string()).or_default();
+                file.fingerprint = Some(fingerprint);
+                std::mem::replace(&mut file.objects, objects)
+            }
+            None => self
+                .files
+                .remove(name)
+                .map(|f| f.objects)
+                .unwrap_or_default(),
+        };
+        let new_keys: Vec<ObjectRef> = self
+            .files
+            .get(name)
+            .map(|f| f.objects.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut affected: BTreeSet<ObjectRef> = old.into_keys().collect();
+        for key in &affected {
+            if let Some(owners) = self.owners.get_mut(key) {
+                owners.retain(|o| o.as_os_str() != name);
+            }
+        }
+        for key in new_keys {
+            let owners = self.owners.entry(key.clone()).or_default();
+            if let Err(at) = owners.binary_search_by(|o| o.as_os_str().cmp(name)) {
+                owners.insert(at, name.to_os_string());
+            }
+            affected.insert(key);
+        }
+        affected
+    }
+
+    /// Compares the effective definition of each key with what was emitted, and emits the difference.
+    fn emit(&mut self, affected: BTreeSet<ObjectRef>) -> Vec<Emit> {
+        let mut out = Vec::new();
+        for key in affected {
+            let effective = self
+                .owners
+                .get(&key)
+                .and_then(|owners| owners.last())
+                .and_then(|owner| self.files.get(owner)?.objects.get(&key));
+            match effective {
+                Some(encoded) => {
+                    if self.emitted.get(&key) == Some(encoded) {
+                        continue;
+                    }
+                    self.emitted.insert(key.clone(), encoded.clone());
+                    out.push(Emit::Applied(key, encoded.clone()));
+                }
+                None => {
+                    self.owners.remove(&key);
+                    if self.emitted.remove(&key).is_some() {
+                        out.push(Emit::Deleted(key));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_names_exclude_dotfiles_and_temp_files() {
+        for good in ["a.yaml", "b.yml", "c.json", "x.y.yaml"] {
+            assert!(is_manifest_name(OsStr::new(good)), "{good}");
+        }
+        for bad in [
+            ".a.yaml",
+            ".yaml",
+            "a.yaml.tmp",
+            "a.yaml~",
+            "#a.yaml#",
+            "a.yaml.swp",
+            "4913",
+            "a",
+        ] {
+            assert!(!is_manifest_name(OsStr::new(bad)), "{bad}");
+        }
+    }
+}
