@@ -62,6 +62,10 @@ enum Command {
         /// agent's VXLAN devices); e.g. `--underlays routed-direct,overlay` for the overlay figure.
         #[arg(long, value_delimiter = ',', default_value = "flat")]
         underlays: Vec<String>,
+        /// One lab for all systems, each slice loading its system's ruleset first (no lab-to-lab
+        /// difference in the ratios; only for rulesets that load in well under a second).
+        #[arg(long)]
+        same_lab: bool,
     },
     /// Print one system's ruleset for one node of the synthetic cluster.
     Render {
@@ -203,6 +207,7 @@ fn real_main(cli: Cli) -> Result<()> {
             name,
             palisade_from,
             underlays,
+            same_lab,
         } => {
             let underlays = underlays
                 .iter()
@@ -248,6 +253,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 exe,
                 palisade_override,
                 underlays,
+                same_lab,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();

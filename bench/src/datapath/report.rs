@@ -179,7 +179,9 @@ namespaces only. Conntrack is on in every system (a `ct state new counter` table
 The synthetic cluster (10,000 pods over 100 nodes; `bench/src/datapath/workload.rs`) loads every policy onto one of \
 the two lab nodes; 4 ingress policies select the server and 4 egress policies select the client, each with a \
 500-IP peer set, and only the last of each four admits the other pod. For each policy count, every system gets its own \
-identical lab with its ruleset loaded once (load time reported) and its server started; then each round runs one \
+identical lab with its ruleset loaded once (load time reported) and its server started (with `--same-lab`, all \
+systems share one lab and each slice first loads its system's ruleset, so no lab-to-lab difference enters the \
+ratios); then each round runs one \
 connect/close slice of every system (the systems one after the other, order rotated per round), then one \
 request/response slice of every system, and every few rounds one iperf3 run per system (slice lengths in the \
 command). Short interleaved slices let every system see the same background load. A run is void (excluded) when allowed connections fail or when a \

@@ -10,7 +10,9 @@ use super::traffic::{CrrResult, RrResult};
 use super::workload::Cluster;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +47,8 @@ pub struct Config {
     /// Underlays every system is measured on (a sample's system name carries the suffix,
     /// `Underlay::suffix`).
     pub underlays: Vec<Underlay>,
+    /// All systems share one lab per underlay, each slice loading its system's ruleset first.
+    pub same_lab: bool,
 }
 
 /// One measurement of one system at one policy count in one round.
@@ -63,6 +67,7 @@ pub struct Sample {
     pub error: Option<String>,
 }
 
+#[derive(Clone)]
 struct Prepared {
     node1: Rendered,
     node2: Rendered,
@@ -104,14 +109,79 @@ fn exe_str(cfg: &Config) -> Result<String> {
     })
 }
 
-/// One lab per system with that system's ruleset loaded once and its server running, so rounds
-/// interleave short slices of every system without reloading (the 10k-policy naive ruleset takes
-/// minutes to load).
+/// A lab (two nodes, a client and a server pod) with its server running; `current` is the system
+/// whose ruleset is loaded in it.
+struct LabRun {
+    lab: Lab,
+    _server: ChildGuard,
+    current: Cell<Option<System>>,
+}
+
+impl LabRun {
+    /// Builds a lab on `underlay` (conntrack on in both nodes) and starts its server.
+    fn start(underlay: Underlay, exe: &str) -> Result<LabRun> {
+        let lab = Lab::create_with(underlay)?;
+        rulesets::load_base(&lab.node1)?;
+        rulesets::load_base(&lab.node2)?;
+        let mut server = ChildGuard::spawn_in(
+            &lab.server,
+            exe,
+            &[
+                "serve",
+                "--ip",
+                SERVER_IP,
+                "--crr-port",
+                &CRR_PORT.to_string(),
+                "--rr-port",
+                &RR_PORT.to_string(),
+                "--secs",
+                "7200",
+                "--cpu",
+                &SERVER_CPU.to_string(),
+            ],
+        )?;
+        wait_ready(&mut server)?;
+        Ok(LabRun {
+            lab,
+            _server: server,
+            current: Cell::new(None),
+        })
+    }
+
+    /// Loads `sys`'s ruleset into both nodes (in parallel) after removing the one loaded before;
+    /// returns the mean load time per node.
+    fn switch_to(&self, sys: System, prep: &Prepared) -> Result<Duration> {
+        if let Some(old) = self.current.take() {
+            rulesets::clear(&self.lab.node1, old)?;
+            rulesets::clear(&self.lab.node2, old)?;
+        }
+        let (n1, n2) = (self.lab.node1.clone(), self.lab.node2.clone());
+        let (r1, r2) = std::thread::scope(|s| {
+            let a = s.spawn(|| rulesets::load(&n1, &prep.node1));
+            let b = s.spawn(|| rulesets::load(&n2, &prep.node2));
+            (a.join(), b.join())
+        });
+        match (r1, r2) {
+            (Ok(Ok(a)), Ok(Ok(b))) => {
+                self.current.set(Some(sys));
+                Ok((a + b) / 2)
+            }
+            (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e),
+            _ => Err(Error::Invalid("loader thread panicked".into())),
+        }
+    }
+}
+
+/// One system on one underlay. By default every system has a lab of its own with its ruleset
+/// loaded once, so rounds interleave short slices of every system without reloading (the
+/// 10k-policy naive ruleset takes minutes to load). With `--same-lab` all systems share one lab
+/// and each slice first loads its system's ruleset (`reload`): no lab-to-lab difference (CPU
+/// placement of the softirqs, hash seeds) can pass for a difference between rulesets.
 struct Loaded {
     system: System,
     underlay: Underlay,
-    lab: Lab,
-    _server: Option<ChildGuard>,
+    lab: Rc<LabRun>,
+    reload: Option<Prepared>,
     load_ms: f64,
     rules: usize,
     elements: usize,
@@ -119,45 +189,50 @@ struct Loaded {
     error: Option<String>,
 }
 
+impl Loaded {
+    /// Makes this system's ruleset the loaded one (same-lab mode; a no-op otherwise).
+    fn activate(&self) -> Result<()> {
+        if let Some(prep) = &self.reload {
+            if self.lab.current.get() != Some(self.system) {
+                self.lab.switch_to(self.system, prep)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads `sys` into `lab` and checks the gates: a port no policy admits is dropped (unless no
+/// policy is loaded) and the measured flow passes.
 fn load_one(
     p: usize,
     sys: System,
     underlay: Underlay,
-    prep: &Prepared,
+    lab: Rc<LabRun>,
+    prep: Prepared,
+    same_lab: bool,
     exe: &str,
 ) -> Result<Loaded> {
-    let lab = Lab::create_with(underlay)?;
-    rulesets::load_base(&lab.node1)?;
-    rulesets::load_base(&lab.node2)?;
     tracing::info!(policies = p, system = sys.name(), "loading");
-    // Both nodes load in parallel; the figure is the mean per node.
-    let (n1, n2) = (lab.node1.clone(), lab.node2.clone());
-    let (r1, r2) = std::thread::scope(|s| {
-        let a = s.spawn(|| rulesets::load(&n1, &prep.node1));
-        let b = s.spawn(|| rulesets::load(&n2, &prep.node2));
-        (a.join(), b.join())
-    });
     let mut loaded = Loaded {
         system: sys,
         underlay,
         lab,
-        _server: None,
+        reload: None,
         load_ms: 0.0,
         rules: prep.node1.rules + prep.node2.rules,
         elements: prep.node1.elements + prep.node2.elements,
         deny_ok: false,
         error: None,
     };
-    match (r1, r2) {
-        (Ok(Ok(a)), Ok(Ok(b))) => loaded.load_ms = (a + b).as_secs_f64() * 1e3 / 2.0,
-        (Ok(Err(e)), _) | (_, Ok(Err(e))) => {
+    match loaded.lab.switch_to(sys, &prep) {
+        Ok(took) => loaded.load_ms = took.as_secs_f64() * 1e3,
+        Err(e) => {
             loaded.error = Some(e.to_string());
             return Ok(loaded);
         }
-        _ => {
-            loaded.error = Some("loader thread panicked".into());
-            return Ok(loaded);
-        }
+    }
+    if same_lab {
+        loaded.reload = Some(prep);
     }
     tracing::info!(
         policies = p,
@@ -165,30 +240,9 @@ fn load_one(
         load_ms = loaded.load_ms,
         "loaded"
     );
-    let mut server = ChildGuard::spawn_in(
-        &loaded.lab.server,
-        exe,
-        &[
-            "serve",
-            "--ip",
-            SERVER_IP,
-            "--crr-port",
-            &CRR_PORT.to_string(),
-            "--rr-port",
-            &RR_PORT.to_string(),
-            "--secs",
-            "7200",
-            "--cpu",
-            &SERVER_CPU.to_string(),
-        ],
-    )?;
-    wait_ready(&mut server)?;
-    loaded._server = Some(server);
-    // Gate: a port no policy admits must be dropped (timeout), unless no policy is loaded; and the
-    // measured flow must pass.
     let probe = |port: u16| {
         run_in(
-            &loaded.lab.client,
+            &loaded.lab.lab.client,
             exe,
             &[
                 "probe",
@@ -227,13 +281,29 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
             policies: vec![p],
             ..cfg.clone()
         };
-        let prepared = prepare(&single)?;
+        let mut prepared = prepare(&single)?;
         let mut labs = Vec::new();
+        let mut shared: BTreeMap<Underlay, Rc<LabRun>> = BTreeMap::new();
         for &sys in &cfg.systems {
-            if let Some(prep) = prepared.get(&(p, sys)) {
-                for &u in &cfg.underlays {
-                    labs.push(load_one(p, sys, u, prep, &exe)?);
+            for &u in &cfg.underlays {
+                let Some(prep) = prepared.remove(&(p, sys)) else {
+                    continue;
+                };
+                // Several underlays need the prepared rulesets once per lab.
+                if cfg.underlays.len() > 1 {
+                    prepared.insert((p, sys), prep.clone());
                 }
+                let lab = match shared.get(&u) {
+                    Some(lab) if cfg.same_lab => lab.clone(),
+                    _ => {
+                        let lab = Rc::new(LabRun::start(u, &exe)?);
+                        if cfg.same_lab {
+                            shared.insert(u, lab.clone());
+                        }
+                        lab
+                    }
+                };
+                labs.push(load_one(p, sys, u, lab, prep, cfg.same_lab, &exe)?);
             }
         }
         drop(prepared);
@@ -260,7 +330,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
             // Short slices, one system after the other, so every system sees the same machine.
             for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
                 if sample.error.is_none() {
-                    match client(cfg, l, &exe, "crr") {
+                    match l.activate().and_then(|()| client(cfg, l, &exe, "crr")) {
                         Ok(v) => sample.crr = serde_json::from_str(v.trim()).ok(),
                         Err(e) => sample.error = Some(e.to_string()),
                     }
@@ -268,7 +338,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
             }
             for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
                 if sample.error.is_none() {
-                    match client(cfg, l, &exe, "rr") {
+                    match l.activate().and_then(|()| client(cfg, l, &exe, "rr")) {
                         Ok(v) => sample.rr = serde_json::from_str(v.trim()).ok(),
                         Err(e) => sample.error = Some(e.to_string()),
                     }
@@ -277,7 +347,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
             if cfg.iperf && round.is_multiple_of(cfg.iperf_every.max(1)) {
                 for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
                     if sample.error.is_none() {
-                        match iperf(&l.lab, cfg.iperf_secs) {
+                        match l.activate().and_then(|()| iperf(&l.lab.lab, cfg.iperf_secs)) {
                             Ok(g) => sample.iperf_gbps = Some(g),
                             Err(e) => sample.error = Some(e.to_string()),
                         }
@@ -303,7 +373,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
 fn client(cfg: &Config, l: &Loaded, exe: &str, kind: &str) -> Result<String> {
     let port = if kind == "crr" { CRR_PORT } else { RR_PORT };
     run_in(
-        &l.lab.client,
+        &l.lab.lab.client,
         exe,
         &[
             kind,

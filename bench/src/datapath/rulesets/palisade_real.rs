@@ -21,6 +21,39 @@ pub enum SourceGuard {
     Off,
 }
 
+/// `PALISADE_BENCH_GUARD_COPIES=<n>`: the source guard's rules n times over at the top of each base
+/// chain (an experiment: whether the guard's cost grows with its rules, i.e. is the per-packet
+/// evaluation of its expressions). Unset or unparsable: 1.
+pub const GUARD_COPIES_ENV: &str = "PALISADE_BENCH_GUARD_COPIES";
+
+fn guard_copies() -> usize {
+    std::env::var(GUARD_COPIES_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Puts `copies - 1` more copies of each chain's guard rules in front of them.
+fn repeat_guard(ruleset: &mut palisade_policy::Ruleset, copies: usize) {
+    for chain in ruleset.chains.values_mut() {
+        let guard: Vec<_> = chain
+            .rules
+            .iter()
+            .filter(|r| is_guard(r))
+            .cloned()
+            .collect();
+        for _ in 1..copies {
+            chain.rules.splice(0..0, guard.iter().cloned());
+        }
+    }
+}
+
+fn is_guard(rule: &palisade_policy::ruleset::Rule) -> bool {
+    rule.stmts
+        .iter()
+        .any(|s| matches!(s, Stmt::IifSaddrNotInSet { .. }))
+}
+
 /// Compiles the node's ruleset and renders it as one `nft -j -f -` transaction.
 pub fn render(cluster: &Cluster, node: &str, guard: SourceGuard) -> Result<Rendered> {
     let mut state = k8s::cluster_state(cluster)?;
@@ -45,15 +78,14 @@ pub fn render(cluster: &Cluster, node: &str, guard: SourceGuard) -> Result<Rende
     let mut ruleset = palisade_policy::compile(&state, node).ruleset;
     if guard == SourceGuard::Off {
         for chain in ruleset.chains.values_mut() {
-            chain.rules.retain(|r| {
-                !r.stmts
-                    .iter()
-                    .any(|s| matches!(s, Stmt::IifSaddrNotInSet { .. }))
-            });
+            chain.rules.retain(|r| !is_guard(r));
         }
         for fam in Family::BOTH {
             ruleset.sets.remove(source_set(fam));
         }
+    }
+    if guard == SourceGuard::On {
+        repeat_guard(&mut ruleset, guard_copies());
     }
     let stats = ruleset.stats();
     Ok(Rendered {
