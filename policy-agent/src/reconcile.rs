@@ -126,6 +126,10 @@ pub struct Engine {
     sweep_credit: SweepCredit,
     /// Chains and sets another process touched, to put back at the next reconcile.
     repair: Option<(BTreeSet<String>, BTreeSet<String>)>,
+    /// The kernel's copy of our table is lost or unknown (deleted, flushed, changed in ways a
+    /// repair cannot name): the next reconcile replaces it with the compiler's ruleset, which is
+    /// still right (no recompile: at 10k pods that alone is ~90 ms of the restore).
+    replace: bool,
     /// Compile warnings logged so far: each is logged once while it holds (an incremental commit
     /// would otherwise repeat all of them, up to hundreds per second under churn).
     warned: BTreeSet<String>,
@@ -150,6 +154,7 @@ impl Engine {
             sweep_credit: SweepCredit::new(now),
             warned: BTreeSet::new(),
             repair: None,
+            replace: false,
         }
     }
 
@@ -225,7 +230,7 @@ impl Engine {
             Msg::Drift { what, touched } => {
                 // Straight to a repair: no listing, no comparison (our own commits never arrive
                 // here). Before the first commit the first reconcile replaces the table anyway.
-                if self.synced && !self.inc.is_stale() {
+                if self.synced && !self.replacing() {
                     self.repair_needed(&what, touched);
                     self.sched.reconcile_now(now);
                 }
@@ -234,13 +239,19 @@ impl Engine {
                 generation,
                 listing,
             } => {
-                if !self.inc.is_stale() {
+                if !self.replacing() {
                     let verdict = self.table.listed(generation, listing);
                     self.judged(verdict);
                 }
             }
             Msg::Stop => {}
         }
+    }
+
+    /// Whether the next reconcile replaces the whole table (the compiler is stale, or the kernel's
+    /// copy is lost): until then, looks at the table have nothing to compare.
+    fn replacing(&self) -> bool {
+        self.inc.is_stale() || self.replace
     }
 
     /// Does what the schedule says is due.
@@ -251,13 +262,13 @@ impl Engine {
             // Resync: say whether anything drifted (log, metric), then replace the whole table
             // anyway, so even a change the fingerprint cannot see is undone.
             let drifted = self.check_table();
-            self.quiet_full = !drifted && !self.inc.is_stale();
+            self.quiet_full = !drifted && !self.replacing();
             self.inc.invalidate();
         }
         if due.routes && self.synced {
             self.sync_routes(true);
         }
-        if due.snapshot && !self.inc.is_stale() {
+        if due.snapshot && !self.replacing() {
             let verdict = self.table.snapshot(&self.nft, &self.metrics);
             self.judged(verdict);
         }
@@ -364,7 +375,7 @@ impl Engine {
         if let Some(change) = crate::egress_nat::change(&nat, self.inc.state(), &node) {
             compiled::stage(&mut self.inc, [change])?;
         }
-        let full = self.inc.is_stale();
+        let full = self.inc.is_stale() || self.replace;
         compiled::recompile(&mut self.inc)?;
         let lock = crate::lock::acquire(&self.cfg.state_dir)?;
         self.metrics.lock_acquired();
@@ -421,6 +432,9 @@ impl Engine {
             committed = true;
         }
         drop(lock);
+        if full {
+            self.replace = false;
+        }
         let took = start.elapsed();
         let stats = self.inc.ruleset().stats();
         let pending = self.inc.compiled().pending.len();
@@ -549,7 +563,7 @@ impl Engine {
     fn restore_needed(&mut self, what: &str) {
         self.metrics.restored();
         warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
-        self.inc.invalidate();
+        self.replace = true;
         self.repair = None;
         self.table.forget();
     }
@@ -558,7 +572,7 @@ impl Engine {
     /// changed or removed behind our back and must be restored. When it matches, our routes are
     /// checked too (a difference schedules a route sync).
     fn check_table(&mut self) -> bool {
-        if self.inc.is_stale() {
+        if self.replacing() {
             return true;
         }
         match self.table.check(&self.nft, &self.metrics) {
