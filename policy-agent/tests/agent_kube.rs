@@ -1,5 +1,5 @@
 //! `palisade-agent run --kubeconfig` and `explain --kubeconfig` end to end against the in-test API
-//! server (tests/support/apiserver.rs). The test thread moves into a network namespace of its own
+//! server (palisade-testkit's `apiserver`). The test thread moves into a network namespace of its own
 //! (unshare; it dies with the thread): the API server binds its 127.0.0.1 and the agent, spawned from
 //! this thread, runs there too, so nothing touches the host's namespace. Root required.
 
@@ -80,12 +80,7 @@ fn agent_enforces_what_the_api_server_says_and_explain_reads_it_too() {
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\"}}}}]\n\
-                 users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: t, user: u}}}}]\n\
-                 current-context: c\n",
-                api.url()
-            ),
+            palisade_testkit::kubeconfig(&api.url()),
         )
         .expect("kubeconfig");
         let bin = env!("CARGO_BIN_EXE_palisade-agent");

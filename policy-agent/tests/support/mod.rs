@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-pub mod apiserver;
+pub use palisade_testkit::apiserver;
 
 use std::time::Duration;
 
