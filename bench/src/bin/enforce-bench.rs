@@ -56,6 +56,10 @@ enum Command {
         /// Background pods the heartbeats go round (one override file each).
         #[arg(long, default_value_t = 1000)]
         irrelevant_pods: usize,
+        /// Where the agent reads the cluster from: `manifests` (a directory, `--manifests`) or
+        /// `apiserver` (the in-test API server over list/watch, `--kubeconfig`: a cluster's path).
+        #[arg(long, default_value = "manifests")]
+        source: String,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value = "bench/results")]
@@ -209,10 +213,16 @@ fn real_main(cli: Cli) -> Result<()> {
             irrelevant_rate,
             irrelevant_seconds,
             irrelevant_pods,
+            source,
             seed,
             out,
             name,
         } => {
+            let source = enforce::Source::parse(&source).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "--source {source}: expected `manifests` or `apiserver`"
+                ))
+            })?;
             let exe = std::env::current_exe()
                 .map_err(palisade_bench::io_err_pub("finding this binary"))?;
             let agent = std::fs::canonicalize(&agent).map_err(palisade_bench::io_err_pub(
@@ -234,6 +244,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 irrelevant_rate,
                 irrelevant_seconds,
                 irrelevant_files: irrelevant_pods,
+                source,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();
@@ -278,7 +289,9 @@ fn real_main(cli: Cli) -> Result<()> {
             let chart_md: String = charts.iter().map(|c| format!("\n![{c}]({c})\n")).collect();
             let md = format!(
                 "# Enforcement latency and agent scale (issue 7)\n\nStarted {started} (UTC).\n\nCommand:\n\n```\n{command}\n```\n\n## Machine\n\nBefore:\n\n{before}\nAfter:\n\n{after}\n## Method\n\n\
-Lab of `bench/src/datapath/topo.rs` (client pod on node 1, server pod on node 2). The real `palisade-agent run --manifests DIR --node-name node-2 --no-routes` runs in node 2's namespace; \
+Lab of `bench/src/datapath/topo.rs` (client pod on node 1, server pod on node 2). The real `palisade-agent run --manifests DIR --node-name node-2 --no-routes` runs in node 2's namespace \
+(with `--source apiserver`: `--kubeconfig` instead, pointing at palisade-testkit's in-test API server, which listens in node 2's namespace; each file below is then the objects it holds, \
+applied or deleted through list/watch, and a change is timestamped just before the server publishes it); \
 the synthetic cluster (`Shape::for_pods`: pods spread over 100 nodes, background policies that do not select the measured pods) is one List file, the measured objects are small files. \
 The server is isolated by a deny-all ingress policy. A probe in the client pod sends a SYN to the server every 1 ms (1 ms timeout) and timestamps each flip with CLOCK_MONOTONIC; \
 a change is timestamped just before its file is renamed into (or unlinked from) the directory. Latency = flip − write, so it includes inotify, parsing, debounce (5 ms default), compile, diff, \

@@ -7,6 +7,7 @@ use super::cmd::{run_in, ChildGuard};
 use super::k8s;
 use super::rng::Rng;
 use super::stats::{max, median, quantile};
+use super::store::{ApiStore, Store};
 use super::topo::{Lab, CLIENT_IP, SERVER_IP};
 use super::workload::{Cluster, Pod, Shape};
 use crate::{io_err, Error, Result};
@@ -299,26 +300,22 @@ impl Scenario {
     }
 
     /// Puts the directory in this scenario's starting (blocked) state.
-    fn setup(self, dir: &Path) -> Result<()> {
-        let _ = std::fs::remove_file(dir.join(F_ALLOW));
-        let _ = std::fs::remove_file(dir.join(F_ALLOW_LABEL));
+    fn setup(self, store: &Store) -> Result<()> {
+        store.clear(F_ALLOW);
+        store.clear(F_ALLOW_LABEL);
         match self {
             Scenario::Policy => {
-                write_manifest(dir, F_CLIENT, &client_pod(false))?;
+                store.put(F_CLIENT, &client_pod(false))?;
             }
             Scenario::Label => {
-                write_manifest(dir, F_CLIENT, &client_pod(false))?;
-                write_manifest(
-                    dir,
-                    F_ALLOW_LABEL,
+                store.put(F_CLIENT, &client_pod(false))?;
+                store.put(F_ALLOW_LABEL,
                     &allow_policy("allow-access", json!({"access": "yes"})),
                 )?;
             }
             Scenario::Pod => {
-                let _ = std::fs::remove_file(dir.join(F_CLIENT));
-                write_manifest(
-                    dir,
-                    F_ALLOW,
+                store.clear(F_CLIENT);
+                store.put(F_ALLOW,
                     &allow_policy("allow-client", json!({"app": "client"})),
                 )?;
             }
@@ -326,23 +323,21 @@ impl Scenario {
         Ok(())
     }
 
-    fn grant(self, dir: &Path) -> Result<u64> {
+    fn grant(self, store: &Store) -> Result<u64> {
         match self {
-            Scenario::Policy => write_manifest(
-                dir,
-                F_ALLOW,
+            Scenario::Policy => store.put(F_ALLOW,
                 &allow_policy("allow-client", json!({"app": "client"})),
             ),
-            Scenario::Label => write_manifest(dir, F_CLIENT, &client_pod(true)),
-            Scenario::Pod => write_manifest(dir, F_CLIENT, &client_pod(false)),
+            Scenario::Label => store.put(F_CLIENT, &client_pod(true)),
+            Scenario::Pod => store.put(F_CLIENT, &client_pod(false)),
         }
     }
 
-    fn revoke(self, dir: &Path) -> Result<u64> {
+    fn revoke(self, store: &Store) -> Result<u64> {
         match self {
-            Scenario::Policy => remove_manifest(dir, F_ALLOW),
-            Scenario::Label => write_manifest(dir, F_CLIENT, &client_pod(false)),
-            Scenario::Pod => remove_manifest(dir, F_CLIENT),
+            Scenario::Policy => store.remove(F_ALLOW),
+            Scenario::Label => store.put(F_CLIENT, &client_pod(false)),
+            Scenario::Pod => store.remove(F_CLIENT),
         }
     }
 }
@@ -393,6 +388,27 @@ pub struct Config {
     pub irrelevant_seconds: u64,
     /// Background pods (one override file each) the heartbeats go round.
     pub irrelevant_files: usize,
+    /// Where the agent reads the cluster from.
+    pub source: Source,
+}
+
+/// The agent's source of objects in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A manifest directory (`--manifests`).
+    Manifests,
+    /// palisade-testkit's in-test API server, through the agent's kube source (`--kubeconfig`).
+    ApiServer,
+}
+
+impl Source {
+    pub fn parse(s: &str) -> Option<Source> {
+        match s {
+            "manifests" => Some(Source::Manifests),
+            "apiserver" => Some(Source::ApiServer),
+            _ => None,
+        }
+    }
 }
 
 /// Flip events from the probe process.
@@ -509,14 +525,14 @@ pub struct RevocationResult {
 fn established_flow(
     lab: &Lab,
     exe: &str,
-    dir: &Path,
+    store: &Store,
     (pods, policies, churn): (usize, usize, u32),
     trials: usize,
     seed: u64,
 ) -> Result<RevocationResult> {
     // The client pod exists (the allow-stream peer), no other allow policy.
-    Scenario::Policy.setup(dir)?;
-    let _ = std::fs::remove_file(dir.join(F_ALLOW_STREAM));
+    Scenario::Policy.setup(store)?;
+    store.clear(F_ALLOW_STREAM);
     let mut stream = Probe::stream(lab, exe)?;
     if stream.wait_for(false, Duration::from_secs(10)).is_none() {
         return Err(Error::Invalid(
@@ -534,18 +550,18 @@ fn established_flow(
     let mut rng = Rng::new(seed);
     for _ in 0..trials {
         match stream.measure(true, || {
-            write_manifest(dir, F_ALLOW_STREAM, &allow_stream_policy())
+            store.put(F_ALLOW_STREAM, &allow_stream_policy())
         })? {
             Some(ms) => res.grant_ms.push(ms),
             None => {
                 res.failures += 1;
-                let _ = std::fs::remove_file(dir.join(F_ALLOW_STREAM));
+                store.clear(F_ALLOW_STREAM);
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         }
         std::thread::sleep(Duration::from_millis(20 + rng.below(30)));
-        match stream.measure(false, || remove_manifest(dir, F_ALLOW_STREAM))? {
+        match stream.measure(false, || store.remove(F_ALLOW_STREAM))? {
             Some(ms) => res.revoke_ms.push(ms),
             None => {
                 // The flow outlived its deny: count it, start a fresh stream (blocked).
@@ -577,11 +593,11 @@ struct Churn {
 }
 
 impl Churn {
-    fn start(dir: &Path, cluster: &Cluster, rate: u32, seed: u64) -> Churn {
+    fn start(store: &Store, cluster: &Cluster, rate: u32, seed: u64) -> Churn {
         if rate == 0 {
             return Churn::paced(0, Duration::ZERO, || false);
         }
-        let dir = dir.to_path_buf();
+        let store = store.clone();
         let pods: Vec<_> = cluster
             .pods
             .iter()
@@ -594,7 +610,7 @@ impl Churn {
             pod.labels
                 .insert("role".into(), format!("r{}", rng.below(20)));
             let name = format!("70-churn-{}.json", rng.below(200));
-            write_manifest(&dir, &name, &k8s::pod(&pod)).is_ok()
+            store.put(&name, &k8s::pod(&pod)).is_ok()
         })
     }
 
@@ -602,7 +618,7 @@ impl Churn {
     /// holds `pods[i]`; [`HEARTBEAT_WRITERS`] threads share the rate, each rewriting its own files
     /// (`i` ≡ thread mod writers) round robin, its writes numbered from `first` on (see
     /// [`heartbeat_pod`]).
-    fn heartbeats(dir: &Path, pods: Arc<Vec<Pod>>, rate: u32, first: u64) -> Churn {
+    fn heartbeats(store: &Store, pods: Arc<Vec<Pod>>, rate: u32, first: u64) -> Churn {
         if pods.is_empty() {
             return Churn::paced(0, Duration::ZERO, || false);
         }
@@ -610,13 +626,13 @@ impl Churn {
         let steps = (0..writers)
             .map(|t| {
                 let share = rate / writers as u32 + u32::from((t as u32) < rate % writers as u32);
-                let (dir, pods) = (dir.to_path_buf(), pods.clone());
+                let (store, pods) = (store.clone(), pods.clone());
                 let mine: Vec<usize> = (t..pods.len()).step_by(writers).collect();
                 let mut n = first;
                 let step: Step = Box::new(move || {
                     let i = mine[(n % mine.len() as u64) as usize];
                     n += 1;
-                    write_manifest(&dir, &heartbeat_name(i), &heartbeat_pod(&pods[i], n)).is_ok()
+                    store.put(&heartbeat_name(i), &heartbeat_pod(&pods[i], n)).is_ok()
                 });
                 (share, step)
             })
@@ -723,7 +739,7 @@ fn fetch_metrics(lab: &Lab, exe: &str) -> String {
 struct Observed<'a> {
     lab: &'a Lab,
     exe: &'a str,
-    dir: &'a Path,
+    store: &'a Store,
     pid: u32,
 }
 
@@ -734,13 +750,18 @@ fn churn_window(
     secs: u64,
     seed: u64,
 ) -> Result<ChurnResult> {
-    let Observed { lab, exe, dir, pid } = *obs;
+    let Observed {
+        lab,
+        exe,
+        store,
+        pid,
+    } = *obs;
     const SUM: &str = "palisade_reconcile_duration_seconds_sum";
     const COUNT: &str = "palisade_reconcile_duration_seconds_count";
     let m0 = fetch_metrics(lab, exe);
     let before = proc_stats(pid)?;
     let t = Instant::now();
-    let churn = Churn::start(dir, cluster, rate, seed);
+    let churn = Churn::start(store, cluster, rate, seed);
     std::thread::sleep(Duration::from_secs(secs));
     let writes = churn.finish();
     // Let the last changes land before reading the counters.
@@ -884,11 +905,16 @@ fn irrelevant_window(
     secs: u64,
     first: u64,
 ) -> Result<IrrelevantResult> {
-    let Observed { lab, exe, dir, pid } = *obs;
+    let Observed {
+        lab,
+        exe,
+        store,
+        pid,
+    } = *obs;
     let m0 = fetch_metrics(lab, exe);
     let before = proc_stats(pid)?;
     let t = Instant::now();
-    let writer = Churn::heartbeats(dir, targets.clone(), rate, first);
+    let writer = Churn::heartbeats(store, targets.clone(), rate, first);
     std::thread::sleep(Duration::from_secs(secs));
     let writes = writer.finish();
     let write_seconds = t.elapsed().as_secs_f64();
@@ -935,7 +961,7 @@ fn irrelevant_windows(
         ));
     }
     for (i, pod) in targets.iter().enumerate() {
-        write_manifest(obs.dir, &heartbeat_name(i), &heartbeat_pod(pod, 0))?;
+        obs.store.put(&heartbeat_name(i), &heartbeat_pod(pod, 0))?;
     }
     // The first write of each file is an object the agent already has (plus conditions): let it
     // pass, and the drift check and memory trims after the first sync, before measuring.
@@ -947,7 +973,7 @@ fn irrelevant_windows(
         Ok(vec![idle, busy])
     })();
     for i in 0..targets.len() {
-        let _ = std::fs::remove_file(obs.dir.join(heartbeat_name(i)));
+        obs.store.clear(&heartbeat_name(i));
     }
     std::thread::sleep(Duration::from_secs(1));
     result
@@ -1108,19 +1134,23 @@ fn run_size(
         .into_iter()
         .filter(|o| o["metadata"]["name"] != "client")
         .collect();
-    write_manifest(&manifests, F_CLUSTER, &list(objects))?;
-    write_manifest(&manifests, F_DENY, &server_deny())?;
-    Scenario::Policy.setup(&manifests)?;
+    let store = match cfg.source {
+        Source::Manifests => Store::Dir(manifests.clone()),
+        Source::ApiServer => Store::Api(Arc::new(ApiStore::start(&lab.node2, work)?)),
+    };
+    store.put(F_CLUSTER, &list(objects))?;
+    store.put(F_DENY, &server_deny())?;
+    Scenario::Policy.setup(&store)?;
     let log = work.join("agent.log");
+    let source_args = store.agent_args()?;
+    let mut args: Vec<&str> = vec!["run", "--node-name", AGENT_NODE];
+    args.extend(source_args.iter().map(String::as_str));
     let agent = ChildGuard::spawn_in_logged(
         &lab.node2,
         path_str(&cfg.agent)?,
         &[
-            "run",
-            "--node-name",
-            AGENT_NODE,
-            "--manifests",
-            path_str(&manifests)?,
+            args.as_slice(),
+            &[
             "--state-dir",
             path_str(&state)?,
             "--cni-conf-dir",
@@ -1132,7 +1162,9 @@ fn run_size(
             "--no-routes",
             "--resync-seconds",
             "3600",
-        ],
+            ],
+        ]
+        .concat(),
         &log,
     )?;
     let pid = agent
@@ -1159,7 +1191,7 @@ fn run_size(
         let obs = Observed {
             lab,
             exe,
-            dir: &manifests,
+            store: &store,
             pid,
         };
         let windows = irrelevant_windows(
@@ -1188,7 +1220,7 @@ fn run_size(
         let obs = Observed {
             lab,
             exe,
-            dir: &manifests,
+            store: &store,
             pid,
         };
         let r = churn_window(&obs, &cluster, rate, cfg.churn_seconds, cfg.seed ^ 0xc4)?;
@@ -1207,7 +1239,7 @@ fn run_size(
     let mut results = Vec::new();
     for &churn in &cfg.churn {
         for scenario in Scenario::ALL {
-            scenario.setup(&manifests)?;
+            scenario.setup(&store)?;
             if probe.wait_for(false, Duration::from_secs(10)).is_none() {
                 return Err(Error::Invalid(format!(
                     "{}: probe not blocked after setup",
@@ -1215,7 +1247,7 @@ fn run_size(
                 )));
             }
             std::thread::sleep(Duration::from_millis(200));
-            let churner = Churn::start(&manifests, &cluster, churn, cfg.seed ^ u64::from(churn));
+            let churner = Churn::start(&store, &cluster, churn, cfg.seed ^ u64::from(churn));
             let before = proc_stats(pid)?;
             let t = Instant::now();
             let mut res = ScenarioResult {
@@ -1238,12 +1270,12 @@ fn run_size(
                 cfg.churn_trials
             };
             for _ in 0..trials {
-                match probe.measure(true, || scenario.grant(&manifests))? {
+                match probe.measure(true, || scenario.grant(&store))? {
                     Some(ms) => res.grant_ms.push(ms),
                     None => res.failures += 1,
                 }
                 std::thread::sleep(Duration::from_millis(10 + rng.below(20)));
-                match probe.measure(false, || scenario.revoke(&manifests))? {
+                match probe.measure(false, || scenario.revoke(&store))? {
                     Some(ms) => res.revoke_ms.push(ms),
                     None => res.failures += 1,
                 }
@@ -1272,7 +1304,7 @@ fn run_size(
             );
             results.push(res);
         }
-        let churner = Churn::start(&manifests, &cluster, churn, cfg.seed ^ u64::from(churn) ^ 1);
+        let churner = Churn::start(&store, &cluster, churn, cfg.seed ^ u64::from(churn) ^ 1);
         let trials = if churn == 0 {
             cfg.trials
         } else {
@@ -1281,7 +1313,7 @@ fn run_size(
         let rev = established_flow(
             lab,
             exe,
-            &manifests,
+            &store,
             (cluster.pods.len(), policies, churn),
             trials,
             cfg.seed,

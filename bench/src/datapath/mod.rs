@@ -9,6 +9,7 @@ pub mod rng;
 pub mod rulesets;
 pub mod run;
 pub mod stats;
+pub mod store;
 pub mod topo;
 pub mod traffic;
 pub mod workload;

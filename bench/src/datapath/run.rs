@@ -455,20 +455,27 @@ fn iperf(lab: &Lab, secs: u64) -> Result<f64> {
         })
 }
 
-/// Runs `f` on a fresh thread that has entered network namespace `ns` (only that thread moves).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+/// Moves the calling thread (only it) into the network namespace `ns` (an `ip netns` name).
+pub fn enter_netns(ns: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
     let path = format!("/run/netns/{ns}");
     let file = std::fs::File::open(&path).map_err(crate::io_err(format!("opening {path}")))?;
+    // SAFETY: setns on a valid namespace fd; it only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(Error::Io {
+            context: format!("entering network namespace {ns}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `f` on a fresh thread that has entered network namespace `ns` (only that thread moves).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let ns = ns.to_string();
     let handle = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace fd; it only changes this thread's network namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(Error::Io {
-                context: "entering the namespace".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        enter_netns(&ns)?;
         Ok(f())
     });
     handle
