@@ -1,5 +1,5 @@
 //! The Kubernetes source against an in-test API server speaking the real list/watch protocol
-//! (tests/support/apiserver.rs); kube-rs' client and watcher are used unchanged.
+//! (palisade-testkit's `apiserver`); kube-rs' client and watcher are used unchanged.
 
 mod support;
 
@@ -257,6 +257,56 @@ async fn watch_added_modified_deleted_become_applied_and_deleted() {
                 "Deleted Namespace prod",
             ],
         )
+        .await;
+    run.task.abort();
+}
+
+/// A kubelet's status heartbeat (new probe times, same labels, IPs and phase) is a MODIFIED event
+/// that changes nothing compiled: the source does not send it on, so the engine is not even woken
+/// (1,000 a second at 10k pods). A real change right after is sent; a pod deleted and created again
+/// identical is sent again.
+#[tokio::test]
+async fn a_status_heartbeat_that_changes_nothing_compiled_is_not_sent_on() {
+    let server = ApiServer::start().await;
+    let mut run = start(&server, None);
+    run.events
+        .until("Synced on an empty cluster", WAIT, |e| {
+            *e == SourceEvent::Synced
+        })
+        .await;
+    server.apply(pod("default", "a", "web"));
+    run.events
+        .until("Applied a", WAIT, |e| is(e, "Applied Pod default/a"))
+        .await;
+    for second in 1..=3 {
+        let mut heartbeat = pod("default", "a", "web");
+        heartbeat["status"]["conditions"] = json!([{"type": "Ready", "status": "True",
+            "lastProbeTime": format!("2026-12-04T00:00:0{second}Z")}]);
+        server.apply(heartbeat);
+    }
+    server.apply(pod("default", "b", "web"));
+    let events = run
+        .events
+        .until("Applied b", WAIT, |e| is(e, "Applied Pod default/b"))
+        .await;
+    assert!(
+        !describe_all(&events).contains(&"Applied Pod default/a".to_string()),
+        "heartbeats of a were sent on: {:?}",
+        describe_all(&events)
+    );
+    server.apply(pod("default", "a", "api"));
+    run.events
+        .until("a's label change", WAIT, |e| is(e, "Applied Pod default/a"))
+        .await;
+    server.delete("Pod", "default", "a");
+    run.events
+        .until("Deleted a", WAIT, |e| is(e, "Deleted Pod default/a"))
+        .await;
+    server.apply(pod("default", "a", "api"));
+    run.events
+        .until("a created again, identical", WAIT, |e| {
+            is(e, "Applied Pod default/a")
+        })
         .await;
     run.task.abort();
 }

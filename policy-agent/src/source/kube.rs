@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{Kind, Object, ObjectRef, SourceError, SourceEvent};
+use palisade_policy::model::Change;
 
 /// Server-side timeout of one watch request when none is configured (the API server's own default range
 /// is 30-60 min; client-go uses 5-10 min; kube-rs 290 s).
@@ -200,6 +201,11 @@ struct Tracker {
     /// Kinds that completed their first list.
     listed: std::collections::HashSet<Kind>,
     synced: bool,
+    /// The last change emitted per Pod, Node and Namespace: their status heartbeats (a kubelet's
+    /// probe times, a Node's conditions) arrive as watch events that, once stripped, change
+    /// nothing, and are not sent on. A Pod's is the `Arc` the engine's state shares, so this costs
+    /// a pointer per pod. Policies have no status and are always sent.
+    emitted: HashMap<ObjectRef, Change>,
 }
 
 impl Tracker {
@@ -219,7 +225,7 @@ impl Tracker {
                 known.insert(key.clone(), rv.clone());
                 self.relisting.entry(kind).or_default().insert(key, rv);
                 if !unchanged {
-                    out.push(SourceEvent::applied(object));
+                    out.extend(self.unless_repeated(SourceEvent::applied(object)));
                 }
             }
             Event::InitDone => {
@@ -236,6 +242,7 @@ impl Tracker {
                 }
                 for key in gone {
                     known.remove(&key);
+                    self.emitted.remove(&key);
                     out.push(SourceEvent::deleted(key));
                 }
                 debug!(kind = %kind, objects = known.len(), "kubernetes source: list complete");
@@ -251,11 +258,12 @@ impl Tracker {
                 let key = object.reference();
                 let rv = object.meta().resource_version.clone().unwrap_or_default();
                 self.known.entry(kind).or_default().insert(key, rv);
-                out.push(SourceEvent::applied(object));
+                out.extend(self.unless_repeated(SourceEvent::applied(object)));
             }
             Event::Delete(object) => {
                 let key = object.reference();
                 self.known.entry(kind).or_default().remove(&key);
+                self.emitted.remove(&key);
                 if let Some(relisting) = self.relisting.get_mut(&kind) {
                     relisting.remove(&key);
                 }
@@ -263,5 +271,18 @@ impl Tracker {
             }
         }
         out
+    }
+
+    /// `event`, unless it would tell the engine what it was last told about the same object.
+    fn unless_repeated(&mut self, event: SourceEvent) -> Option<SourceEvent> {
+        if let SourceEvent::Changed { object, change } = &event {
+            if matches!(object.kind, Kind::Pod | Kind::Node | Kind::Namespace) {
+                if self.emitted.get(object) == Some(change) {
+                    return None;
+                }
+                self.emitted.insert(object.clone(), change.clone());
+            }
+        }
+        Some(event)
     }
 }
