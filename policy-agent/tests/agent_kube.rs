@@ -5,9 +5,9 @@
 
 mod support;
 
+use palisade_testkit::apiserver::ApiServer;
 use serde_json::json;
 use std::time::Duration;
-use support::apiserver::ApiServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 

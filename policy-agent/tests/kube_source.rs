@@ -6,8 +6,8 @@ mod support;
 use std::time::Duration;
 
 use palisade_agent::source::{KubeSource, SourceError, SourceEvent};
+use palisade_testkit::apiserver::ApiServer;
 use serde_json::{json, Value};
-use support::apiserver::ApiServer;
 use support::{applied_pod, describe_all, is, pod_label, Events, WAIT};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

@@ -309,13 +309,15 @@ impl Scenario {
             }
             Scenario::Label => {
                 store.put(F_CLIENT, &client_pod(false))?;
-                store.put(F_ALLOW_LABEL,
+                store.put(
+                    F_ALLOW_LABEL,
                     &allow_policy("allow-access", json!({"access": "yes"})),
                 )?;
             }
             Scenario::Pod => {
                 store.clear(F_CLIENT);
-                store.put(F_ALLOW,
+                store.put(
+                    F_ALLOW,
                     &allow_policy("allow-client", json!({"app": "client"})),
                 )?;
             }
@@ -325,7 +327,8 @@ impl Scenario {
 
     fn grant(self, store: &Store) -> Result<u64> {
         match self {
-            Scenario::Policy => store.put(F_ALLOW,
+            Scenario::Policy => store.put(
+                F_ALLOW,
                 &allow_policy("allow-client", json!({"app": "client"})),
             ),
             Scenario::Label => store.put(F_CLIENT, &client_pod(true)),
@@ -549,9 +552,7 @@ fn established_flow(
     };
     let mut rng = Rng::new(seed);
     for _ in 0..trials {
-        match stream.measure(true, || {
-            store.put(F_ALLOW_STREAM, &allow_stream_policy())
-        })? {
+        match stream.measure(true, || store.put(F_ALLOW_STREAM, &allow_stream_policy()))? {
             Some(ms) => res.grant_ms.push(ms),
             None => {
                 res.failures += 1;
@@ -632,7 +633,9 @@ impl Churn {
                 let step: Step = Box::new(move || {
                     let i = mine[(n % mine.len() as u64) as usize];
                     n += 1;
-                    store.put(&heartbeat_name(i), &heartbeat_pod(&pods[i], n)).is_ok()
+                    store
+                        .put(&heartbeat_name(i), &heartbeat_pod(&pods[i], n))
+                        .is_ok()
                 });
                 (share, step)
             })
@@ -1151,17 +1154,17 @@ fn run_size(
         &[
             args.as_slice(),
             &[
-            "--state-dir",
-            path_str(&state)?,
-            "--cni-conf-dir",
-            path_str(&conf)?,
-            "--ipam-data-dir",
-            path_str(&ipam)?,
-            "--listen",
-            "127.0.0.1:9799",
-            "--no-routes",
-            "--resync-seconds",
-            "3600",
+                "--state-dir",
+                path_str(&state)?,
+                "--cni-conf-dir",
+                path_str(&conf)?,
+                "--ipam-data-dir",
+                path_str(&ipam)?,
+                "--listen",
+                "127.0.0.1:9799",
+                "--no-routes",
+                "--resync-seconds",
+                "3600",
             ],
         ]
         .concat(),

@@ -12,9 +12,9 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::rc::Rc;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Duration;
 
 pub const CRR_PORT: u16 = 7000;
@@ -347,7 +347,10 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
             if cfg.iperf && round.is_multiple_of(cfg.iperf_every.max(1)) {
                 for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
                     if sample.error.is_none() {
-                        match l.activate().and_then(|()| iperf(&l.lab.lab, cfg.iperf_secs)) {
+                        match l
+                            .activate()
+                            .and_then(|()| iperf(&l.lab.lab, cfg.iperf_secs))
+                        {
                             Ok(g) => sample.iperf_gbps = Some(g),
                             Err(e) => sample.error = Some(e.to_string()),
                         }

@@ -2,8 +2,6 @@
 
 #![allow(dead_code)]
 
-pub use palisade_testkit::apiserver;
-
 use std::time::Duration;
 
 use palisade_agent::source::{Kind, ObjectRef, SourceEvent};
