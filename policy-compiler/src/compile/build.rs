@@ -411,6 +411,21 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
         }
         if r.peers.uses_pods {
             for fam in Family::BOTH {
+                // No set (and no rule) for a family no peer pod has an address of: a rule naming
+                // an empty set matches nothing, and every set is a name the kernel looks up by
+                // walking the table's sets (single-stack clusters had half their sets empty; the
+                // commit of a full replace is quadratic in sets). The incremental compiler
+                // recompiles the policy when a family's first address comes or its last goes.
+                let elements: BTreeSet<Elem> = r
+                    .peers
+                    .pod_ips
+                    .iter()
+                    .filter(|ip| Family::of(ip) == fam)
+                    .map(|ip| Elem::Addr(*ip))
+                    .collect();
+                if elements.is_empty() {
+                    continue;
+                }
                 let name = mk(PEER_SET_PREFIX, Some(fam));
                 rs.add_set(Set {
                     name: name.clone(),
@@ -418,13 +433,7 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
                     interval: false,
                     verdict_map: false,
                     comment: comment(&format!("{what}: peer pods ({})", fam_word(fam))),
-                    elements: r
-                        .peers
-                        .pod_ips
-                        .iter()
-                        .filter(|ip| Family::of(ip) == fam)
-                        .map(|ip| Elem::Addr(*ip))
-                        .collect(),
+                    elements,
                 });
                 peer_conds.push((
                     Some(fam),

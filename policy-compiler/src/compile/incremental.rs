@@ -319,10 +319,12 @@ impl IncrementalCompiler {
 
     /// Peer and named-port sets of the compiled rules (of policies not recompiled whole):
     /// memberships of the moved pods, then every address they held or hold.
-    fn patch_peers(&mut self, moved: &[Moved], dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
+    fn patch_peers(&mut self, moved: &[Moved], dirty: &mut BTreeSet<String>, tr: &mut ChangeLog) {
         if moved.is_empty() {
             return;
         }
+        // Policies whose rules gain a peer family's set or lose one: recompiled whole below.
+        let mut whole = Vec::new();
         let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
         for m in moved {
             for s in [&m.old, &m.new].into_iter().flatten() {
@@ -367,7 +369,9 @@ impl IncrementalCompiler {
                             }
                         }
                         for ip in &ips {
-                            at.peer_ip(cr, *ip, rs, tr);
+                            if at.peer_ip(cr, *ip, rs, tr) == Patched::NeedsRecompile {
+                                whole.push(pkey.clone());
+                            }
                         }
                     }
                     if cr.ports.uses_named {
@@ -378,6 +382,7 @@ impl IncrementalCompiler {
                 }
             }
         }
+        dirty.extend(whole);
     }
 
     fn policy_changed(
@@ -457,6 +462,14 @@ impl IncrementalCompiler {
     }
 }
 
+/// What a patch of a rule's peer set came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Patched {
+    Done,
+    /// The set comes into being or goes: the policy's part must be compiled again.
+    NeedsRecompile,
+}
+
 /// Where element patches of one compiled rule go: its policy and direction, read against the index.
 struct RulePatch<'a> {
     ix: &'a PodIndex,
@@ -470,16 +483,29 @@ impl RulePatch<'_> {
     }
 
     /// Whether `ip` belongs in a rule's peer addresses: some subject pod claiming it is a peer.
-    fn peer_ip(&self, cr: &mut CompiledRule, ip: IpAddr, rs: &mut Ruleset, tr: &mut ChangeLog) {
+    /// A family's peer set exists only while it has an element (`build`): the first address of a
+    /// family, or the removal of its last, needs the policy recompiled instead of a patch.
+    fn peer_ip(
+        &self,
+        cr: &mut CompiledRule,
+        ip: IpAddr,
+        rs: &mut Ruleset,
+        tr: &mut ChangeLog,
+    ) -> Patched {
         let want = self
             .ix
             .owners(&ip)
             .iter()
             .any(|k| cr.peers.pods.contains(k));
         if want == cr.peers.pod_ips.contains(&ip) {
-            return;
+            return Patched::Done;
         }
         let set = self.set(PEER_SET_PREFIX, cr, &ip);
+        match rs.sets.get(&set).map(|s| s.elements.len()) {
+            None => return Patched::NeedsRecompile,
+            Some(1) if !want => return Patched::NeedsRecompile,
+            Some(_) => {}
+        }
         if want {
             cr.peers.pod_ips.insert(ip);
             tr.insert_elem(rs, &set, Elem::Addr(ip));
@@ -487,6 +513,7 @@ impl RulePatch<'_> {
             cr.peers.pod_ips.remove(&ip);
             tr.remove_elem(rs, &set, &Elem::Addr(ip));
         }
+        Patched::Done
     }
 
     /// The named-port entries of `ip` in one rule, as a full compile derives them: from the

@@ -435,6 +435,38 @@ fn semantics_19_notin_peer_matches_pods_without_the_label() {
     assert!(!w.can("a/bad", "a/x", 80, TCP));
 }
 
+/// A rule gets a peer set per family only while some peer pod has an address of that family (an
+/// empty set matched nothing, and every set costs the kernel's commit a walk of the table's sets):
+/// single-stack peers give no IPv6 set, the last peer leaving removes the set and its rule, the
+/// first coming back (or the first IPv6 address) brings them back, and the verdicts follow.
+#[test]
+fn a_rule_has_a_peer_set_per_family_only_while_a_peer_has_an_address_of_it() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1", "fd00::1:1"], &[]);
+    w.pod("b/y", N2, &["10.0.2.1"], &[("role", "client")]);
+    w.ns("b", &[("team", "b")]);
+    w.policy("a/p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}, "podSelector": {"matchLabels": {"role": "client"}}}]}]}));
+    let peer_sets = |w: &W| -> Vec<String> {
+        compiled(w)
+            .ruleset
+            .sets
+            .keys()
+            .filter(|n| n.starts_with(crate::ruleset::names::PEER_SET_PREFIX))
+            .cloned()
+            .collect()
+    };
+    let sets = peer_sets(&w);
+    assert_eq!(sets.len(), 1, "one IPv4 peer set, no empty IPv6 one: {sets:?}");
+    assert!(w.can("b/y", "a/x", 80, TCP));
+    w.pod("b/y", N2, &["10.0.2.1"], &[]);
+    assert!(peer_sets(&w).is_empty(), "the last peer left: no set");
+    assert!(!w.can("b/y", "a/x", 80, TCP));
+    w.pod("b/y", N2, &["10.0.2.1", "fd00::2:1"], &[("role", "client")]);
+    assert_eq!(peer_sets(&w).len(), 2, "a dual-stack peer: both families");
+    assert!(w.can("b/y", "a/x", 80, TCP));
+    assert!(w.can_fam("b/y", "a/x", 80, TCP, true));
+}
+
 #[test]
 fn semantics_20_label_changes_reevaluate_targets_peers_and_namespaces_by_elements_only() {
     let mut w = W::new();
@@ -442,6 +474,8 @@ fn semantics_20_label_changes_reevaluate_targets_peers_and_namespaces_by_element
     w.pod("a/x2", N1, &["10.0.1.2"], &[]);
     w.pod("a/x3", N1, &["10.0.1.3"], &[]); // keeps the group of pods selected by q alone alive
     w.pod("b/y", N2, &["10.0.2.1"], &[("role", "client")]);
+    // a second peer keeps the peer sets from going empty (an empty one goes, with its rule)
+    w.pod("b/y2", N2, &["10.0.2.2"], &[("role", "client")]);
     w.policy("a/p", json!({"podSelector": {"matchLabels": {"role": "db"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}, "podSelector": {"matchLabels": {"role": "client"}}}]}]}));
     w.policy("a/q", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}, "podSelector": {"matchLabels": {"role": "client"}}}]}]}));
     assert!(w.can("b/y", "a/x", 80, TCP));
