@@ -480,11 +480,18 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
             ));
         }
         // Port conditions.
-        let mut port_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
+        let mut port_conds: Vec<(Option<Family>, Vec<Stmt>)> = Vec::new();
         if r.ports.any {
-            port_conds.push((None, None));
+            port_conds.push((None, Vec::new()));
         }
-        if !r.ports.ranges.is_empty() {
+        if let [(proto, port, end)] = r.ports.ranges[..] {
+            if port == end {
+                // One port: compared in place, no set (see `Stmt::L4Proto`).
+                port_conds.push((None, vec![Stmt::L4Proto(proto), Stmt::Dport(port)]));
+            }
+        }
+        let one_port = port_conds.len() > usize::from(r.ports.any);
+        if !r.ports.ranges.is_empty() && !one_port {
             let name = mk(PORTS_SET_PREFIX, None);
             let (interval, elements) = port_elements(&r.ports.ranges);
             rs.add_set(Set {
@@ -495,7 +502,7 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
                 comment: comment(&format!("{what}: protocols and ports")),
                 elements,
             });
-            port_conds.push((None, Some(Stmt::ProtoPortInSet { set: name })));
+            port_conds.push((None, vec![Stmt::ProtoPortInSet { set: name }]));
         }
         if r.ports.uses_named {
             for fam in Family::BOTH {
@@ -522,10 +529,10 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
                 });
                 port_conds.push((
                     Some(fam),
-                    Some(Stmt::DaddrProtoPortInSet {
+                    vec![Stmt::DaddrProtoPortInSet {
                         family: fam,
                         set: name,
-                    }),
+                    }],
                 ));
             }
         }

@@ -99,6 +99,16 @@ impl Ruleset {
                             continue 'rules;
                         }
                     }
+                    Stmt::L4Proto(want) => {
+                        if p.proto != Some(*want) {
+                            continue 'rules;
+                        }
+                    }
+                    Stmt::Dport(port) => {
+                        if p.proto.is_none() || p.dport != *port {
+                            continue 'rules;
+                        }
+                    }
                     Stmt::ProtoPortInSet { set } => {
                         let Some(proto) = p.proto else {
                             continue 'rules;

@@ -127,6 +127,12 @@ pub enum Stmt {
         family: Family,
         set: String,
     },
+    /// `meta l4proto <proto>`; with [`Stmt::Dport`], a rule's only port compared in place (a set of
+    /// one element would be one more name the kernel looks up by walking the table's sets, and nft
+    /// keeps even a one-element anonymous set a set).
+    L4Proto(Protocol),
+    /// `th dport <port>` (after [`Stmt::L4Proto`] of a protocol with ports).
+    Dport(u16),
     /// `meta l4proto . th dport @set`
     ProtoPortInSet {
         set: String,

@@ -251,6 +251,11 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
             json!({"concat": [addr(*family, AddrField::Saddr), addr(*family, AddrField::Daddr)]}),
             set_ref_str(set),
         ),
+        Stmt::L4Proto(p) => matches(json!({"meta": {"key": "l4proto"}}), json!(p.nft_name())),
+        Stmt::Dport(port) => matches(
+            json!({"payload": {"protocol": "th", "field": "dport"}}),
+            json!(port),
+        ),
         Stmt::ProtoPortInSet { set } => {
             matches(json!({"concat": l4proto_dport()}), set_ref_str(set))
         }
