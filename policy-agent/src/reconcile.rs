@@ -476,8 +476,16 @@ impl Engine {
 
     /// Replaces our whole table with the compiler's ruleset; a failure leaves the compiler stale.
     fn commit_full(&mut self) -> Result<()> {
+        let start = Instant::now();
         let json = compiled::full_replace_of(self.inc.ruleset());
+        let rendered = start.elapsed();
         let applied = self.nft.apply(&json);
+        debug!(
+            render_ms = rendered.as_secs_f64() * 1e3,
+            nft_ms = (start.elapsed() - rendered).as_secs_f64() * 1e3,
+            bytes = json.len(),
+            "full replace: JSON rendered, then committed by nft"
+        );
         drop(json);
         if applied.is_err() {
             self.inc.invalidate();
