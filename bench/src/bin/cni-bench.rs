@@ -17,10 +17,10 @@
 //! shows what the pending mark costs. The last row (ptp) is the baseline of every ratio.
 
 use clap::Parser;
+use palisade_bench::datapath::run::enter_netns;
 use palisade_bench::{io_err_pub, Error, Result};
 use serde_json::json;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -269,20 +269,6 @@ fn report(phase: &str, subjects: &[Subject], samples: &[Samples]) {
     }
 }
 
-fn enter(ns: &Netns) -> Result<()> {
-    let f = std::fs::File::open(ns.path()).map_err(io_err_pub(format!("opening {}", ns.path())))?;
-    // SAFETY: setns on a valid netns fd; called before this process starts any other thread, so
-    // every thread and child inherits the node namespace (the host's own is never modified).
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(Error::Io {
-            context: "entering the node namespace".into(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
 fn default_palisade() -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(io_err_pub("locating this executable"))?;
     Ok(exe.with_file_name("palisade"))
@@ -336,7 +322,9 @@ fn real_main() -> Result<()> {
         "netns", "exec", &node.0, "nft",
         "add table inet palisade; add set inet palisade pending_v4 { type ipv4_addr; }; add set inet palisade pending_v6 { type ipv6_addr; }",
     ]))?;
-    enter(&node)?;
+    // Before this process starts any other thread, so every thread and child inherits the node
+    // namespace (the host's own is never modified).
+    enter_netns(&node.0)?;
 
     let cni_path = format!(
         "{}:{}",

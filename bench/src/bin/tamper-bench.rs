@@ -9,6 +9,7 @@
 use clap::Parser;
 use palisade_bench::datapath::cmd::{run_in, ChildGuard};
 use palisade_bench::datapath::enforce::write_manifest;
+use palisade_bench::datapath::run::enter_netns;
 use palisade_bench::datapath::stats::{max, median};
 use palisade_bench::datapath::topo::Lab;
 use palisade_bench::datapath::workload::{Cluster, Shape};
@@ -250,22 +251,24 @@ fn restore_time(events: &mpsc::Receiver<(Instant, Drift)>) -> Option<Duration> {
 fn watch(ns: &str) -> Result<mpsc::Receiver<(Instant, Drift)>> {
     let (tx, rx) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
-    let path = PathBuf::from("/run/netns").join(ns);
+    let ns_name = ns.to_string();
     std::thread::Builder::new()
         .name("tamper-watch".into())
         .spawn(move || {
-            let opened = enter(&path).and_then(|()| {
-                let scope = Scope::new(
-                    palisade_contract::TABLE_FAMILY,
-                    palisade_contract::TABLE_NAME,
-                    &[
-                        palisade_contract::PENDING_SET_V4,
-                        palisade_contract::PENDING_SET_V6,
-                    ],
-                )
-                .map_err(std::io::Error::other)?;
-                Monitor::open(scope).map_err(std::io::Error::other)
-            });
+            let opened = enter_netns(&ns_name)
+                .map_err(std::io::Error::other)
+                .and_then(|()| {
+                    let scope = Scope::new(
+                        palisade_contract::TABLE_FAMILY,
+                        palisade_contract::TABLE_NAME,
+                        &[
+                            palisade_contract::PENDING_SET_V4,
+                            palisade_contract::PENDING_SET_V6,
+                        ],
+                    )
+                    .map_err(std::io::Error::other)?;
+                    Monitor::open(scope).map_err(std::io::Error::other)
+                });
             let mut monitor = match opened {
                 Ok(m) => {
                     let _ = ready_tx.send(Ok(()));
@@ -288,16 +291,6 @@ fn watch(ns: &str) -> Result<mpsc::Receiver<(Instant, Drift)>> {
         .map_err(|_| Error::Invalid("the watch thread died".into()))?
         .map_err(io_err_pub(format!("opening an nf_tables monitor in {ns}")))?;
     Ok(rx)
-}
-
-/// Moves the calling thread into the network namespace at `path` (`ip netns` bind mount).
-fn enter(path: &Path) -> std::io::Result<()> {
-    let f = std::fs::File::open(path)?;
-    // SAFETY: setns on a valid namespace fd; only this thread moves.
-    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// `nft` arguments of one tampering, read from the table as it is now (handles and elements change
