@@ -3,7 +3,6 @@
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use serde::Deserialize;
 use tracing::warn;
 
 use super::dir::Encoded;
@@ -51,9 +50,8 @@ pub(super) fn parse_manifests_with(
         document: 0,
         message: format!("not UTF-8: {e}"),
     })?;
-    // JSON is YAML, but serde_yaml holds a document's every event and then its tree: for a large List
-    // that is ~50 times the file's size, kept by the allocator afterwards. A file that is one JSON
-    // object is read by serde_json (same value, a tenth of the memory); anything else goes through YAML.
+    // JSON is YAML, but a file that is one JSON object is read by serde_json directly (the YAML
+    // parser's events for a large List cost several times the file's size on the way).
     if text.trim_start().starts_with('{') {
         if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
             objects_from_value(file, 0, value, &mut *sink).map_err(|message| ManifestError {
@@ -63,26 +61,53 @@ pub(super) fn parse_manifests_with(
             return Ok(());
         }
     }
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let yaml = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError {
-            document: index,
-            message: e.to_string(),
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|e| {
+            ManifestError {
+                document: e
+                    .location()
+                    .map_or(0, |at| document_at_line(text, at.line())),
+                message: e.to_string(),
+            }
         })?;
-        if yaml.is_null() {
-            continue; // empty document (e.g. a trailing `---`)
+    // Completely empty documents (a trailing `---`) are not among them.
+    for (index, value) in documents.into_iter().enumerate() {
+        if value.is_null() {
+            continue;
         }
-        let value = serde_json::to_value(&yaml).map_err(|e| ManifestError {
-            document: index,
-            message: format!("not representable as JSON: {e}"),
-        })?;
-        // One tree at a time: a large List's YAML tree is many times the size of the file.
-        drop(yaml);
         objects_from_value(file, index, value, &mut *sink).map_err(|message| ManifestError {
             document: index,
             message,
         })?;
     }
     Ok(())
+}
+
+/// YAML 1.2's core schema, as serde_yaml read it before: only `true`/`false` are booleans, so a
+/// name or label value `n`, `y`, `on` or `no` stays a string (the API server's decoder, guided by
+/// the field's type, keeps them strings too). serde-saphyr's limits (they turn an alias bomb or a
+/// runaway file into an error) are raised to what a cluster's worth of objects in one YAML file
+/// needs: ~30 nodes per Pod, 10k pods and more.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        // One line per error (line and column are in it), not a multi-line source snippet.
+        with_snippet: false,
+        budget: serde_saphyr::budget! {
+            max_nodes: 20_000_000,
+            max_events: 50_000_000,
+            max_documents: 100_000,
+        },
+    }
+}
+
+/// The 0-based document a 1-based line of `text` is in (documents start after a `---` line).
+fn document_at_line(text: &str, line: u64) -> usize {
+    text.lines()
+        .take(usize::try_from(line.saturating_sub(1)).unwrap_or(usize::MAX))
+        .enumerate()
+        .filter(|(i, l)| *i > 0 && (l.trim_end() == "---" || l.starts_with("--- ")))
+        .count()
 }
 
 fn objects_from_value(
@@ -247,6 +272,45 @@ metadata: {name: skipped}
         assert_eq!(refs, ["Pod default/a", "Namespace ns1"]);
         assert_eq!(objects[0].meta().annotations, None);
         assert_eq!(objects[1].meta().namespace, None);
+    }
+
+    /// A syntax error names the document it is in, found from the line the parser reports.
+    #[test]
+    fn a_yaml_syntax_error_names_its_document() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n---\nkind: Pod\nmetadata: {name: [\n";
+        let err = parse_manifests("t.yaml", text.as_bytes()).unwrap_err();
+        assert_eq!(err.document, 2, "{err}");
+        assert_eq!(document_at_line("---\na: 1\n---\nb: 2\n", 4), 1);
+        assert_eq!(document_at_line("a: 1\n", 1), 0);
+    }
+
+    /// A cluster's worth of objects in one YAML file is within the parser's limits (8k pods are ~300k
+    /// YAML nodes, over serde-saphyr's default of 250k).
+    #[test]
+    fn a_large_yaml_list_parses_within_the_limits() {
+        let mut text = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..8_000 {
+            text.push_str(&format!(
+                "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: p{i}, namespace: n, labels: {{app: web, tier: a}}}}\n  spec: {{nodeName: node-1, containers: [{{name: c, image: x, ports: [{{containerPort: 80, name: http}}]}}]}}\n  status: {{phase: Running, podIP: 10.0.{}.{}, podIPs: [{{ip: 10.0.{}.{}}}]}}\n",
+                i / 250, i % 250, i / 250, i % 250
+            ));
+        }
+        let objects = parse_manifests("big.yaml", text.as_bytes()).expect("parses");
+        assert_eq!(objects.len(), 8_000);
+    }
+
+    /// Only `true` and `false` are booleans (YAML 1.2): YAML 1.1's `n`, `yes`, `on` are strings.
+    #[test]
+    fn yaml_1_1_boolean_words_stay_strings() {
+        let text =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: n, labels: {a: yes, b: on, c: N}}\n";
+        let objects = parse_manifests("t.yaml", text.as_bytes()).expect("parses");
+        let meta = objects[0].meta();
+        assert_eq!(meta.name.as_deref(), Some("n"));
+        let labels = meta.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get("a").map(String::as_str), Some("yes"));
+        assert_eq!(labels.get("b").map(String::as_str), Some("on"));
+        assert_eq!(labels.get("c").map(String::as_str), Some("N"));
     }
 
     #[test]
