@@ -1927,7 +1927,13 @@ pub fn has_sctp_port(v: &serde_json::Value, port: u16) -> bool {
     let holds_port = |x: &J| contains_number(x, u64::from(port));
     match v {
         J::Array(a) => {
+            // A set element `sctp . 81`, or a rule's matches `meta l4proto sctp` and `th dport 81`.
+            let matched = |want: &dyn Fn(&J) -> bool| {
+                a.iter()
+                    .any(|x| x.pointer("/match/right").is_some_and(want))
+            };
             (a.iter().any(|x| x.as_str() == Some("sctp")) && a.iter().any(is_port))
+                || (matched(&|r| r.as_str() == Some("sctp")) && matched(&is_port))
                 || a.iter().any(|x| has_sctp_port(x, port))
         }
         J::Object(o) => {
@@ -1966,6 +1972,16 @@ mod nft_json_tests {
         );
         let m = serde_json::json!({"match": {"op": "==", "left": {"payload": {"protocol": "sctp", "field": "dport"}}, "right": 81}});
         assert!(has_sctp_port(&m, 81));
+        // A rule of one port: `meta l4proto sctp th dport 81`.
+        let rule = |proto: &str| {
+            serde_json::json!({"add": {"rule": {"expr": [
+                {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 81}},
+                {"accept": null}]}}})
+        };
+        assert!(has_sctp_port(&rule("sctp"), 81));
+        assert!(!has_sctp_port(&rule("sctp"), 80));
+        assert!(!has_sctp_port(&rule("tcp"), 81));
     }
 
     #[test]
