@@ -484,25 +484,25 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
         if r.ports.any {
             port_conds.push((None, Vec::new()));
         }
-        if let [(proto, port, end)] = r.ports.ranges[..] {
-            if port == end {
-                // One port: compared in place, no set (see `Stmt::L4Proto`).
+        match r.ports.ranges[..] {
+            [] => {}
+            // One port: compared in place, no set (see `Stmt::L4Proto`).
+            [(proto, port, end)] if port == end => {
                 port_conds.push((None, vec![Stmt::L4Proto(proto), Stmt::Dport(port)]));
             }
-        }
-        let one_port = port_conds.len() > usize::from(r.ports.any);
-        if !r.ports.ranges.is_empty() && !one_port {
-            let name = mk(PORTS_SET_PREFIX, None);
-            let (interval, elements) = port_elements(&r.ports.ranges);
-            rs.add_set(Set {
-                name: name.clone(),
-                key: SetKey::ProtoPort,
-                interval,
-                verdict_map: false,
-                comment: comment(&format!("{what}: protocols and ports")),
-                elements,
-            });
-            port_conds.push((None, vec![Stmt::ProtoPortInSet { set: name }]));
+            _ => {
+                let name = mk(PORTS_SET_PREFIX, None);
+                let (interval, elements) = port_elements(&r.ports.ranges);
+                rs.add_set(Set {
+                    name: name.clone(),
+                    key: SetKey::ProtoPort,
+                    interval,
+                    verdict_map: false,
+                    comment: comment(&format!("{what}: protocols and ports")),
+                    elements,
+                });
+                port_conds.push((None, vec![Stmt::ProtoPortInSet { set: name }]));
+            }
         }
         if r.ports.uses_named {
             for fam in Family::BOTH {
