@@ -8,12 +8,12 @@
 
 use clap::Parser;
 use palisade_bench::datapath::cmd::{run_in, ChildGuard};
-use palisade_bench::datapath::enforce::write_manifest;
+use palisade_bench::datapath::enforce::{path_str, write_manifest, AgentDirs};
 use palisade_bench::datapath::run::enter_netns;
 use palisade_bench::datapath::stats::{max, median};
 use palisade_bench::datapath::topo::Lab;
 use palisade_bench::datapath::workload::{Cluster, Shape};
-use palisade_bench::datapath::{enforce, k8s, rulesets};
+use palisade_bench::datapath::{k8s, rulesets};
 use palisade_bench::{io_err_pub, Error, Result};
 use palisade_nft::monitor::{Drift, Monitor, Scope};
 use serde_json::{json, Value};
@@ -108,32 +108,22 @@ fn run(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", p.display())))
-}
-
 type Rows = Vec<(&'static str, Vec<f64>, usize)>;
 
 fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> {
     let policies = (pods as f64 * cli.policies_per_pod).round() as usize;
-    let manifests = work.join("manifests");
-    let state = work.join("state");
-    let conf = work.join("cni");
-    let ipam = work.join("ipam");
-    for d in [&manifests, &state, &conf, &ipam] {
-        std::fs::create_dir_all(d).map_err(io_err_pub(format!("creating {}", d.display())))?;
-    }
+    let dirs = AgentDirs::create(work)?;
+    let manifests = &dirs.manifests;
     let cluster = Cluster::generate_shape(Shape::for_pods(pods, policies), cli.seed)?;
     let items: Vec<Value> = k8s::objects(&cluster);
     write_manifest(
-        &manifests,
+        manifests,
         "00-cluster.json",
         &json!({"apiVersion": "v1", "kind": "List", "items": items}),
     )?;
     // The measured server is ingress-isolated, so the ingress map has an element to tamper with.
     write_manifest(
-        &manifests,
+        manifests,
         "05-server-deny.json",
         &json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -142,33 +132,17 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
         }),
     )?;
     let log = work.join("agent.log");
+    let source = ["--manifests".to_string(), path_str(manifests)?.to_string()];
+    let mut args = dirs.run_args(&source)?;
+    args.extend(["--nft-backend".to_string(), cli.nft_backend.clone()]);
     let agent = ChildGuard::spawn_in_logged(
         &lab.node2,
         path_str(&cli.agent)?,
-        &[
-            "run",
-            "--node-name",
-            enforce::AGENT_NODE,
-            "--manifests",
-            path_str(&manifests)?,
-            "--state-dir",
-            path_str(&state)?,
-            "--cni-conf-dir",
-            path_str(&conf)?,
-            "--ipam-data-dir",
-            path_str(&ipam)?,
-            "--listen",
-            "127.0.0.1:9799",
-            "--no-routes",
-            "--resync-seconds",
-            "3600",
-            "--nft-backend",
-            &cli.nft_backend,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &log,
     )?;
     let started = Instant::now();
-    let conflist = conf.join(palisade_contract::CONFLIST_FILE);
+    let conflist = dirs.conf.join(palisade_contract::CONFLIST_FILE);
     while !conflist.exists() {
         if started.elapsed() > Duration::from_secs(300) {
             return Err(Error::Invalid(format!(

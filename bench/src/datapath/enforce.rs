@@ -982,9 +982,64 @@ fn irrelevant_windows(
     result
 }
 
-fn path_str(p: &Path) -> Result<&str> {
+/// `p` as a command-line argument.
+pub fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", p.display())))
+}
+
+/// The directories of one benchmark agent under a work directory: manifests, state (attachment
+/// records, node lock), CNI config and IPAM data.
+pub struct AgentDirs {
+    pub manifests: PathBuf,
+    pub state: PathBuf,
+    pub conf: PathBuf,
+    pub ipam: PathBuf,
+}
+
+impl AgentDirs {
+    /// Creates them under `work`.
+    pub fn create(work: &Path) -> Result<AgentDirs> {
+        let dirs = AgentDirs {
+            manifests: work.join("manifests"),
+            state: work.join("state"),
+            conf: work.join("cni"),
+            ipam: work.join("ipam"),
+        };
+        for d in [&dirs.manifests, &dirs.state, &dirs.conf, &dirs.ipam] {
+            std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        Ok(dirs)
+    }
+
+    /// `palisade-agent run` arguments of a benchmark's agent in node 2: `source` (its source flags,
+    /// [`super::store::Store::agent_args`]), these directories, metrics on loopback, no routes, no
+    /// resync during the run.
+    pub fn run_args(&self, source: &[String]) -> Result<Vec<String>> {
+        let mut args: Vec<String> = ["run", "--node-name", AGENT_NODE]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.extend(source.iter().cloned());
+        for (flag, dir) in [
+            ("--state-dir", &self.state),
+            ("--cni-conf-dir", &self.conf),
+            ("--ipam-data-dir", &self.ipam),
+        ] {
+            args.extend([flag.to_string(), path_str(dir)?.to_string()]);
+        }
+        args.extend(
+            [
+                "--listen",
+                "127.0.0.1:9799",
+                "--no-routes",
+                "--resync-seconds",
+                "3600",
+            ]
+            .map(String::from),
+        );
+        Ok(args)
+    }
 }
 
 /// The agent's /metrics text at the end of each size's run, by pod count.
@@ -1123,14 +1178,8 @@ fn run_size(
     pods: usize,
     policies: usize,
 ) -> Result<RunResults> {
-    let manifests = work.join("manifests");
-    let state = work.join("state");
-    let conf = work.join("cni");
-    let ipam = work.join("ipam");
-    for d in [&manifests, &state, &conf, &ipam] {
-        std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
-    }
-    write_server_record(&state)?;
+    let dirs = AgentDirs::create(work)?;
+    write_server_record(&dirs.state)?;
     let cluster = Cluster::generate_shape(Shape::for_pods(pods, policies), cfg.seed)?;
     // Everything but the measured client pod goes into one list; the client has its own file.
     let objects: Vec<Value> = k8s::objects(&cluster)
@@ -1138,43 +1187,25 @@ fn run_size(
         .filter(|o| o["metadata"]["name"] != "client")
         .collect();
     let store = match cfg.source {
-        Source::Manifests => Store::Dir(manifests.clone()),
+        Source::Manifests => Store::Dir(dirs.manifests.clone()),
         Source::ApiServer => Store::Api(Arc::new(ApiStore::start(&lab.node2, work)?)),
     };
     store.put(F_CLUSTER, &list(objects))?;
     store.put(F_DENY, &server_deny())?;
     Scenario::Policy.setup(&store)?;
     let log = work.join("agent.log");
-    let source_args = store.agent_args()?;
-    let mut args: Vec<&str> = vec!["run", "--node-name", AGENT_NODE];
-    args.extend(source_args.iter().map(String::as_str));
+    let args = dirs.run_args(&store.agent_args()?)?;
     let agent = ChildGuard::spawn_in_logged(
         &lab.node2,
         path_str(&cfg.agent)?,
-        &[
-            args.as_slice(),
-            &[
-                "--state-dir",
-                path_str(&state)?,
-                "--cni-conf-dir",
-                path_str(&conf)?,
-                "--ipam-data-dir",
-                path_str(&ipam)?,
-                "--listen",
-                "127.0.0.1:9799",
-                "--no-routes",
-                "--resync-seconds",
-                "3600",
-            ],
-        ]
-        .concat(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &log,
     )?;
     let pid = agent
         .pid()
         .ok_or_else(|| Error::Invalid("agent has no pid".into()))?;
     let started = Instant::now();
-    let conflist = conf.join(palisade_contract::CONFLIST_FILE);
+    let conflist = dirs.conf.join(palisade_contract::CONFLIST_FILE);
     while !conflist.exists() {
         if started.elapsed() > Duration::from_secs(300) {
             return Err(Error::Invalid(format!(

@@ -208,7 +208,7 @@ fn load_one(
     sys: System,
     underlay: Underlay,
     lab: Rc<LabRun>,
-    prep: Prepared,
+    prep: &Prepared,
     same_lab: bool,
     exe: &str,
 ) -> Result<Loaded> {
@@ -224,7 +224,7 @@ fn load_one(
         deny_ok: false,
         error: None,
     };
-    match loaded.lab.switch_to(sys, &prep) {
+    match loaded.lab.switch_to(sys, prep) {
         Ok(took) => loaded.load_ms = took.as_secs_f64() * 1e3,
         Err(e) => {
             loaded.error = Some(e.to_string());
@@ -232,7 +232,7 @@ fn load_one(
         }
     }
     if same_lab {
-        loaded.reload = Some(prep);
+        loaded.reload = Some(prep.clone());
     }
     tracing::info!(
         policies = p,
@@ -281,18 +281,14 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
             policies: vec![p],
             ..cfg.clone()
         };
-        let mut prepared = prepare(&single)?;
+        let prepared = prepare(&single)?;
         let mut labs = Vec::new();
         let mut shared: BTreeMap<Underlay, Rc<LabRun>> = BTreeMap::new();
         for &sys in &cfg.systems {
+            let Some(prep) = prepared.get(&(p, sys)) else {
+                continue;
+            };
             for &u in &cfg.underlays {
-                let Some(prep) = prepared.remove(&(p, sys)) else {
-                    continue;
-                };
-                // Several underlays need the prepared rulesets once per lab.
-                if cfg.underlays.len() > 1 {
-                    prepared.insert((p, sys), prep.clone());
-                }
                 let lab = match shared.get(&u) {
                     Some(lab) if cfg.same_lab => lab.clone(),
                     _ => {

@@ -52,10 +52,10 @@ impl Store {
             Store::Dir(dir) => ("--manifests", dir.as_path()),
             Store::Api(api) => ("--kubeconfig", api.kubeconfig.as_path()),
         };
-        let path = path
-            .to_str()
-            .ok_or_else(|| Error::Invalid(format!("path {} is not UTF-8", path.display())))?;
-        Ok(vec![flag.to_string(), path.to_string()])
+        Ok(vec![
+            flag.to_string(),
+            super::enforce::path_str(path)?.to_string(),
+        ])
     }
 
     /// What the report calls this source.
