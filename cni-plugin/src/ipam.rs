@@ -563,26 +563,7 @@ pub fn exec_delegate(
 mod tests {
     use super::*;
     use crate::config::NetConf;
-
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            use std::sync::atomic::{AtomicUsize, Ordering};
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "palisade-ipam-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use palisade_testkit::temp::temp_dir;
 
     fn sets(ranges: &str) -> Vec<RangeSet> {
         let json = format!(
@@ -600,9 +581,9 @@ mod tests {
 
     #[test]
     fn allocates_round_robin_skipping_the_gateway_in_host_local_layout() {
-        let d = TempDir::new("rr");
+        let d = temp_dir("palisade-ipam-rr-");
         let s = sets(r#"[[{"subnet":"10.9.0.0/29"}]]"#);
-        let store = Store::open(&d.0, "net").unwrap();
+        let store = Store::open(d.path(), "net").unwrap();
         assert_eq!(
             store.allocate(&s, "c1", "eth0", &[]).unwrap(),
             vec![ip("10.9.0.2")]
@@ -611,7 +592,7 @@ mod tests {
             store.allocate(&s, "c2", "eth0", &[]).unwrap(),
             vec![ip("10.9.0.3")]
         );
-        let dir = d.0.join("net");
+        let dir = d.path().join("net");
         assert_eq!(
             fs::read_to_string(dir.join("10.9.0.2")).unwrap(),
             "c1\r\neth0"
@@ -631,9 +612,9 @@ mod tests {
 
     #[test]
     fn exhausted_range_errors_and_reserves_nothing_more() {
-        let d = TempDir::new("ex");
+        let d = temp_dir("palisade-ipam-ex-");
         let s = sets(r#"[[{"subnet":"10.9.0.0/30"}]]"#); // usable: .1 (gateway) and .2
-        let store = Store::open(&d.0, "net").unwrap();
+        let store = Store::open(d.path(), "net").unwrap();
         store.allocate(&s, "c1", "eth0", &[]).unwrap();
         let err = store.allocate(&s, "c2", "eth0", &[]).unwrap_err();
         assert_eq!(err.code(), crate::error::code::IPAM_EXHAUSTED, "{err}");
@@ -642,9 +623,9 @@ mod tests {
 
     #[test]
     fn dual_stack_rolls_back_the_first_family_when_the_second_fails() {
-        let d = TempDir::new("dual");
+        let d = temp_dir("palisade-ipam-dual-");
         let s = sets(r#"[[{"subnet":"10.9.0.0/24"}],[{"subnet":"fd00::/126"}]]"#);
-        let store = Store::open(&d.0, "net").unwrap();
+        let store = Store::open(d.path(), "net").unwrap();
         assert_eq!(
             store.allocate(&s, "c1", "eth0", &[]).unwrap(),
             vec![ip("10.9.0.2"), ip("fd00::2")]
@@ -659,9 +640,9 @@ mod tests {
 
     #[test]
     fn duplicate_allocation_for_the_same_attachment_is_refused() {
-        let d = TempDir::new("dup");
+        let d = temp_dir("palisade-ipam-dup-");
         let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
-        let store = Store::open(&d.0, "net").unwrap();
+        let store = Store::open(d.path(), "net").unwrap();
         store.allocate(&s, "c1", "eth0", &[]).unwrap();
         assert_eq!(
             store.allocate(&s, "c1", "eth0", &[]).unwrap_err().code(),
@@ -672,9 +653,9 @@ mod tests {
 
     #[test]
     fn requested_ips_are_honoured_or_refused() {
-        let d = TempDir::new("req");
+        let d = temp_dir("palisade-ipam-req-");
         let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
-        let store = Store::open(&d.0, "net").unwrap();
+        let store = Store::open(d.path(), "net").unwrap();
         assert_eq!(
             store
                 .allocate(&s, "c1", "eth0", &[ip("10.9.0.77")])
@@ -707,14 +688,14 @@ mod tests {
 
     #[test]
     fn store_survives_reopen_and_legacy_files_release_by_id() {
-        let d = TempDir::new("reopen");
+        let d = temp_dir("palisade-ipam-reopen-");
         let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
         {
-            let store = Store::open(&d.0, "net").unwrap();
+            let store = Store::open(d.path(), "net").unwrap();
             store.allocate(&s, "c1", "eth0", &[]).unwrap();
         }
-        fs::write(d.0.join("net").join("10.9.0.50"), "old\n").unwrap();
-        let store = Store::open(&d.0, "net").unwrap();
+        fs::write(d.path().join("net").join("10.9.0.50"), "old\n").unwrap();
+        let store = Store::open(d.path(), "net").unwrap();
         assert_eq!(
             store.allocate(&s, "c2", "eth0", &[]).unwrap(),
             vec![ip("10.9.0.3")]
@@ -728,11 +709,11 @@ mod tests {
 
     #[test]
     fn concurrent_allocations_from_threads_get_distinct_addresses() {
-        let d = TempDir::new("conc");
+        let d = temp_dir("palisade-ipam-conc-");
         let s = sets(r#"[[{"subnet":"10.9.0.0/24"}]]"#);
         let handles: Vec<_> = (0..16)
             .map(|i| {
-                let (dir, s) = (d.0.clone(), s.clone());
+                let (dir, s) = (d.path().to_path_buf(), s.clone());
                 std::thread::spawn(move || {
                     let store = Store::open(&dir, "net").unwrap();
                     store.allocate(&s, &format!("c{i}"), "eth0", &[]).unwrap()[0]

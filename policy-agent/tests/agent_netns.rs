@@ -12,11 +12,20 @@ const PORT: u16 = 7001;
 
 /// Two node namespaces joined by a veth underlay (192.168.77.1/.2, fd00:77::1/::2).
 fn two_nodes() -> (Netns, Netns) {
-    let a = Netns::new("pan");
-    let b = Netns::new("pan");
+    let a = Netns::router("pan");
+    let b = Netns::router("pan");
     let va = unique("pu");
     a.ip(&[
-        "link", "add", &va, "type", "veth", "peer", "name", "under0", "netns", &b.0,
+        "link",
+        "add",
+        &va,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "under0",
+        "netns",
+        b.name(),
     ]);
     a.ip(&["addr", "add", "192.168.77.1/24", "dev", &va]);
     a.ip(&["addr", "add", "fd00:77::1/64", "dev", &va, "nodad"]);
@@ -30,7 +39,7 @@ fn two_nodes() -> (Netns, Netns) {
 #[test]
 fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_alone() {
     let (n1, _n2) = two_nodes();
-    let t = TempDir::new("pa-routes");
+    let t = temp_dir("pa-routes");
     let d = AgentDirs::new(&t);
     let nodes = |n2: &str| {
         format!(
@@ -117,7 +126,7 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
         .contains("10.244.2.0/24")));
     drop(agent);
     let bin = env!("CARGO_BIN_EXE_palisade-agent");
-    let out = n1.exec(&[
+    let out = n1.try_exec(&[
         bin,
         "cleanup",
         "--cni-conf-dir",
@@ -147,8 +156,8 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
 
 #[test]
 fn conflist_and_readiness_wait_for_the_first_committed_sync_and_sigterm_keeps_rules() {
-    let n1 = Netns::new("pan");
-    let t = TempDir::new("pa-conf");
+    let n1 = Netns::router("pan");
+    let t = temp_dir("pa-conf");
     let d = AgentDirs::new(&t);
     manifest(
         &d.manifests,
@@ -213,8 +222,8 @@ struct Isolated {
 }
 
 fn isolated_target(extra: &[&str]) -> Isolated {
-    let n1 = Netns::new("pan");
-    let t = TempDir::new("pa-iso");
+    let n1 = Netns::router("pan");
+    let t = temp_dir("pa-iso");
     let d = AgentDirs::new(&t);
     let client = Pod::new("10.244.1.11");
     let target = Pod::new("10.244.1.10");
@@ -236,7 +245,7 @@ fn isolated_target(extra: &[&str]) -> Isolated {
         agent.wait_ready(&n1, Duration::from_secs(10)),
         "agent never became ready"
     );
-    let log = t.0.join("arrivals.log");
+    let log = t.path().join("arrivals.log");
     Isolated {
         n1,
         _client: client,
@@ -318,7 +327,7 @@ fn table_flushed_from_outside_is_restored_and_the_gap_is_measured() {
     let s = isolated_target(&[]);
     let (_rx, _tx) = start_probing_then_isolate(&s);
     let t_flush = now();
-    let out = s.n1.exec(&["nft", "flush", "ruleset"]);
+    let out = s.n1.try_exec(&["nft", "flush", "ruleset"]);
     assert!(out.status.success());
     // (No check that the table is gone: the agent may already have restored it; the restore counter
     // below proves it noticed.)
@@ -359,14 +368,14 @@ fn a_new_pod_is_never_reachable_before_its_policy_is_in() {
     // pending mark alone must keep it unreachable until its policy is in.
     let fresh_ip = "10.244.1.20";
     let fresh = Pod::new(fresh_ip);
-    let log = s.t.0.join("fresh.log");
+    let log = s.t.path().join("fresh.log");
     let _rx = Receiver::start(&fresh.ns, PORT, &log);
     let _tx = Sender::start(&s._client.ns, fresh_ip, PORT, 2);
     std::thread::sleep(Duration::from_millis(100));
 
     // The plugin's ADD, per the contract: lock → pending mark + record → unlock → wire.
     let lock = lock_state(&s.d.state);
-    let out = s.n1.exec(&[
+    let out = s.n1.try_exec(&[
         "nft",
         "add",
         "element",
@@ -385,7 +394,7 @@ fn a_new_pod_is_never_reachable_before_its_policy_is_in() {
         &palisade_contract::Attachment {
             container_id: "fresh0001".into(),
             ifname: "eth0".into(),
-            netns: format!("/run/netns/{}", fresh.ns.0),
+            netns: format!("/run/netns/{}", fresh.ns.name()),
             host_veth: fresh.host_veth.clone(),
             ips: vec![fresh_ip.parse().unwrap()],
             pod_namespace: Some("demo".into()),
@@ -400,7 +409,7 @@ fn a_new_pod_is_never_reachable_before_its_policy_is_in() {
     std::thread::sleep(Duration::from_millis(300));
     let pending = || {
         let out =
-            s.n1.exec(&["nft", "list", "set", "inet", "palisade", "pending_v4"]);
+            s.n1.try_exec(&["nft", "list", "set", "inet", "palisade", "pending_v4"]);
         String::from_utf8_lossy(&out.stdout).contains(fresh_ip)
     };
     assert!(
@@ -473,10 +482,10 @@ fn plugin_add(
     conf["name"] = list["name"].clone();
     conf["cniVersion"] = list["cniVersion"].clone();
     let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.0, bin.to_str().unwrap()])
+        .args(["netns", "exec", node.name(), bin.to_str().unwrap()])
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", format!("/run/netns/{}", pod.0))
+        .env("CNI_NETNS", format!("/run/netns/{}", pod.name()))
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", bin.parent().unwrap())
         .env("CNI_ARGS", args)
@@ -504,8 +513,8 @@ fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
         "no conflist"
     );
     let fresh_ip = "10.244.1.30";
-    let pod = Netns::new("pap");
-    let log = s.t.0.join("real.log");
+    let pod = Netns::router("pap");
+    let log = s.t.path().join("real.log");
     let _rx = Receiver::start(&pod, PORT, &log);
     let _tx = Sender::start(&s._client.ns, fresh_ip, PORT, 2);
     std::thread::sleep(Duration::from_millis(100));
@@ -547,7 +556,7 @@ fn real_plugin_add_leaves_a_new_pod_unreachable_until_its_policy_is_in() {
     let pending = || {
         String::from_utf8_lossy(
             &s.n1
-                .exec(&["nft", "list", "set", "inet", "palisade", "pending_v4"])
+                .try_exec(&["nft", "list", "set", "inet", "palisade", "pending_v4"])
                 .stdout,
         )
         .contains(fresh_ip)
@@ -589,7 +598,7 @@ fn rules_removed_behind_our_back_are_restored_at_the_next_resync() {
     let before = rules(&s.n1);
     let t_flush = now();
     let out =
-        s.n1.exec(&["nft", "flush", "chain", "inet", "palisade", "ingress"]);
+        s.n1.try_exec(&["nft", "flush", "chain", "inet", "palisade", "ingress"]);
     assert!(
         out.status.success(),
         "{}",
@@ -623,7 +632,7 @@ fn a_batch_nft_rejects_falls_back_to_a_full_replace_and_enforcement_continues() 
     let (_rx, _tx) = start_probing_then_isolate(&s);
     std::thread::sleep(Duration::from_millis(400)); // past the post-commit read-back
                                                     // Someone removes the target's map element behind our back (no resync soon: default 30 s).
-    let out = s.n1.exec(&[
+    let out = s.n1.try_exec(&[
         "nft",
         "delete",
         "element",
@@ -676,8 +685,8 @@ fn a_batch_nft_rejects_falls_back_to_a_full_replace_and_enforcement_continues() 
 
 #[test]
 fn real_plugin_dual_stack_pod_is_pending_then_isolated_on_ipv6_too() {
-    let n1 = Netns::new("pan");
-    let t = TempDir::new("pa-v6");
+    let n1 = Netns::router("pan");
+    let t = temp_dir("pa-v6");
     let d = AgentDirs::new(&t);
     let base = format!(
         "{}{}{}",
@@ -698,7 +707,7 @@ fn real_plugin_dual_stack_pod_is_pending_then_isolated_on_ipv6_too() {
     );
 
     // The client pod through the real plugin; its Pod object is known, so it is enforced at once.
-    let client = Netns::new("pap");
+    let client = Netns::router("pap");
     let out = plugin_add(
         &n1,
         &conflist,
@@ -714,8 +723,8 @@ fn real_plugin_dual_stack_pod_is_pending_then_isolated_on_ipv6_too() {
     );
 
     let fresh_ip = "fd00:10:244:1::30";
-    let pod = Netns::new("pap");
-    let log = t.0.join("v6.log");
+    let pod = Netns::router("pap");
+    let log = t.path().join("v6.log");
     let _rx = Receiver::start6(&pod, PORT, &log);
     let _tx = Sender::start(&client, fresh_ip, PORT, 2);
     std::thread::sleep(Duration::from_millis(100));
@@ -739,7 +748,7 @@ fn real_plugin_dual_stack_pod_is_pending_then_isolated_on_ipv6_too() {
     );
     let pending = || {
         String::from_utf8_lossy(
-            &n1.exec(&["nft", "list", "set", "inet", "palisade", "pending_v6"])
+            &n1.try_exec(&["nft", "list", "set", "inet", "palisade", "pending_v6"])
                 .stdout,
         )
         .contains(fresh_ip)
@@ -786,7 +795,7 @@ fn real_plugin_dual_stack_pod_is_pending_then_isolated_on_ipv6_too() {
 fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_node_delays_no_policy(
 ) {
     let (n1, _n2) = two_nodes();
-    let t = TempDir::new("pa-badnode");
+    let t = temp_dir("pa-badnode");
     let d = AgentDirs::new(&t);
     // A default route of ours left by an agent that accepted a /0 podCIDR: ours, so it must go.
     n1.ip(&[
@@ -925,7 +934,7 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
         "140",
     ]);
     let bin = env!("CARGO_BIN_EXE_palisade-agent");
-    let out = n1.exec(&[
+    let out = n1.try_exec(&[
         bin,
         "cleanup",
         "--cni-conf-dir",
@@ -953,8 +962,8 @@ fn metric(text: &str, name: &str, filter: &str) -> u64 {
 
 #[test]
 fn status_heartbeats_that_change_nothing_compiled_schedule_no_reconcile_and_take_no_lock() {
-    let n1 = Netns::new("pan");
-    let t = TempDir::new("pa-beat");
+    let n1 = Netns::router("pan");
+    let t = temp_dir("pa-beat");
     let d = AgentDirs::new(&t);
     manifest(
         &d.manifests,

@@ -26,7 +26,7 @@ impl EchoPeer {
             "import socket\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',{PORT}))\nl.listen(16)\nprint('ready',flush=True)\nwhile True:\n c,a=l.accept()\n c.sendall((a[0]+'\\n').encode())\n c.close()\n"
         );
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+            .args(["netns", "exec", ns.name(), "python3", "-c", &script])
             .stdout(Stdio::piped())
             .spawn()
             .expect("start python (needed by this test)");
@@ -51,7 +51,7 @@ fn seen_by(ns: &Netns, dst: &str) -> Option<String> {
         "import socket\ns=socket.create_connection(({dst:?},{PORT}),timeout=1.5)\nprint(s.makefile().readline().strip())\n"
     );
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+        .args(["netns", "exec", ns.name(), "python3", "-c", &script])
         .stderr(Stdio::null())
         .output()
         .expect("run python");
@@ -72,15 +72,24 @@ struct World {
 
 impl World {
     fn new(extra: &[&str]) -> Self {
-        let t = TempDir::new("nat");
+        let t = temp_dir("nat");
         let d = AgentDirs::new(&t);
-        let node = Netns::new("pan");
+        let node = Netns::router("pan");
         node.ip(&["link", "set", "lo", "up"]);
         node.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
         node.sysctl("net.ipv4.ip_forward", "1");
-        let outside = Netns::new("pao");
+        let outside = Netns::router("pao");
         node.ip(&[
-            "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &outside.0,
+            "link",
+            "add",
+            "ext0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            outside.name(),
         ]);
         node.ip(&["addr", "add", &format!("{OUTSIDE_GW}/24"), "dev", "ext0"]);
         node.ip(&["link", "set", "ext0", "up"]);

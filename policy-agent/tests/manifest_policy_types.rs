@@ -2,16 +2,8 @@
 //! defaults an empty list like an omitted one; objects read from files never meet an API server, so
 //! the model conversion must. `explain` takes the same path as the lab and the demo. No root needed.
 
-use std::path::PathBuf;
+use palisade_testkit::temp::temp_dir;
 use std::process::Command;
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const PODS: &str = "apiVersion: v1
 kind: Namespace
@@ -32,14 +24,14 @@ status: {phase: Running, podIP: 10.244.1.3, podIPs: [{ip: 10.244.1.3}]}
 ";
 
 fn explain(test: &str, policy: &str) -> String {
-    let dir = Dir(std::env::temp_dir().join(format!("pa-ptypes-{test}-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).expect("create manifest dir");
-    std::fs::write(dir.0.join("all.yaml"), format!("{PODS}{policy}")).expect("write manifests");
+    let dir = temp_dir(&format!("pa-ptypes-{test}-"));
+    std::fs::write(dir.path().join("all.yaml"), format!("{PODS}{policy}"))
+        .expect("write manifests");
     let out = Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
         .args([
             "explain",
             "--manifests",
-            dir.0.to_str().expect("utf-8 path"),
+            dir.path().to_str().expect("utf-8 path"),
         ])
         .args([
             "--from",

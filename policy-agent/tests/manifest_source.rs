@@ -4,37 +4,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use palisade_agent::source::{ManifestSource, SourceError, SourceEvent};
+use palisade_testkit::temp::{temp_dir, TempDir};
 use support::{applied_pod, describe_all, is, pod_label, Events, WAIT};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-
-/// A directory removed on drop, also when the test panics.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!(
-            "palisade-manifests-{test}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn pod(name: &str, app: &str) -> String {
     format!(
@@ -68,7 +45,8 @@ struct Running {
 impl Running {
     async fn start(dir: TempDir) -> Self {
         support::init_logging();
-        let source = ManifestSource::new(&dir.0).with_rescan_interval(Duration::from_secs(3600));
+        let source =
+            ManifestSource::new(dir.path()).with_rescan_interval(Duration::from_secs(3600));
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(source.run(tx));
         let mut running = Running {
@@ -85,7 +63,7 @@ impl Running {
     }
 
     fn path(&self) -> &Path {
-        &self.dir.0
+        self.dir.path()
     }
 
     /// Writes a new marker file and returns every event up to its `Applied`: since the source handles
@@ -96,7 +74,7 @@ impl Running {
         self.markers += 1;
         let name = format!("zzzz-marker{:04}", self.markers);
         let node = format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n");
-        write_atomic(&self.dir.0, &format!("{name}.yaml"), &node);
+        write_atomic(self.dir.path(), &format!("{name}.yaml"), &node);
         let wanted = format!("Applied Node {name}");
         let mut events = self.events.until(&wanted, WAIT, |e| is(e, &wanted)).await;
         events.pop();
@@ -110,9 +88,9 @@ fn label_of(events: &[SourceEvent], name: &str) -> Option<String> {
 
 #[tokio::test]
 async fn initial_scan_applies_every_manifest_then_synced_ignoring_dotfiles_and_temp_files() {
-    let dir = TempDir::new("initial");
+    let dir = temp_dir("palisade-manifests-initial-");
     std::fs::write(
-        dir.0.join("a.yaml"),
+        dir.path().join("a.yaml"),
         docs(&[
             pod("a", "web"),
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n".into(),
@@ -120,19 +98,19 @@ async fn initial_scan_applies_every_manifest_then_synced_ignoring_dotfiles_and_t
     )
     .expect("write");
     std::fs::write(
-        dir.0.join("b.json"),
+        dir.path().join("b.json"),
         r#"{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"deny","namespace":"prod"},"spec":{"podSelector":{}}}"#,
     )
     .expect("write");
-    std::fs::write(dir.0.join("c.yml"), "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Node, metadata: {name: n1}}\n")
+    std::fs::write(dir.path().join("c.yml"), "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Node, metadata: {name: n1}}\n")
         .expect("write");
-    std::fs::write(dir.0.join(".hidden.yaml"), pod("hidden", "x")).expect("write");
-    std::fs::write(dir.0.join("d.yaml.tmp"), pod("tmp", "x")).expect("write");
-    std::fs::write(dir.0.join("d.yaml~"), pod("backup", "x")).expect("write");
-    std::fs::write(dir.0.join("notes.txt"), pod("notes", "x")).expect("write");
+    std::fs::write(dir.path().join(".hidden.yaml"), pod("hidden", "x")).expect("write");
+    std::fs::write(dir.path().join("d.yaml.tmp"), pod("tmp", "x")).expect("write");
+    std::fs::write(dir.path().join("d.yaml~"), pod("backup", "x")).expect("write");
+    std::fs::write(dir.path().join("notes.txt"), pod("notes", "x")).expect("write");
 
     support::init_logging();
-    let source = ManifestSource::new(&dir.0).with_rescan_interval(Duration::from_secs(3600));
+    let source = ManifestSource::new(dir.path()).with_rescan_interval(Duration::from_secs(3600));
     let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(source.run(tx));
     let mut events = Events::new(rx);
@@ -156,7 +134,7 @@ async fn initial_scan_applies_every_manifest_then_synced_ignoring_dotfiles_and_t
 
 #[tokio::test]
 async fn atomic_rename_of_a_new_file_is_applied_within_milliseconds() {
-    let mut run = Running::start(TempDir::new("rename")).await;
+    let mut run = Running::start(temp_dir("palisade-manifests-rename-")).await;
     let started = Instant::now();
     write_atomic(run.path(), "new.yaml", &pod("fresh", "web"));
     run.events
@@ -175,9 +153,9 @@ async fn atomic_rename_of_a_new_file_is_applied_within_milliseconds() {
 
 #[tokio::test]
 async fn editing_a_file_applies_changed_and_new_objects_and_deletes_removed_ones() {
-    let dir = TempDir::new("edit");
+    let dir = temp_dir("palisade-manifests-edit-");
     std::fs::write(
-        dir.0.join("app.yaml"),
+        dir.path().join("app.yaml"),
         docs(&[pod("keep", "same"), pod("change", "v1"), pod("drop", "x")]),
     )
     .expect("write");
@@ -221,13 +199,13 @@ async fn editing_a_file_applies_changed_and_new_objects_and_deletes_removed_ones
 
 #[tokio::test]
 async fn deleting_a_file_deletes_all_its_objects() {
-    let dir = TempDir::new("delete");
+    let dir = temp_dir("palisade-manifests-delete-");
     std::fs::write(
-        dir.0.join("a.yaml"),
+        dir.path().join("a.yaml"),
         docs(&[pod("x", "web"), pod("y", "web")]),
     )
     .expect("write");
-    std::fs::write(dir.0.join("b.yaml"), pod("z", "web")).expect("write");
+    std::fs::write(dir.path().join("b.yaml"), pod("z", "web")).expect("write");
     let mut run = Running::start(dir).await;
     std::fs::remove_file(run.path().join("a.yaml")).expect("remove");
     let events = run.settle().await;
@@ -248,15 +226,15 @@ async fn deleting_a_file_deletes_all_its_objects() {
 
 #[tokio::test]
 async fn broken_or_half_written_files_keep_their_last_good_objects() {
-    let dir = TempDir::new("broken");
+    let dir = temp_dir("palisade-manifests-broken-");
     std::fs::write(
-        dir.0.join("a.yaml"),
+        dir.path().join("a.yaml"),
         docs(&[pod("x", "web"), pod("y", "web")]),
     )
     .expect("write");
     let json_pod =
         r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "j", "namespace": "default"}}"#;
-    std::fs::write(dir.0.join("j.json"), json_pod).expect("write");
+    std::fs::write(dir.path().join("j.json"), json_pod).expect("write");
     let mut run = Running::start(dir).await;
 
     let broken = [
@@ -324,7 +302,7 @@ async fn broken_or_half_written_files_keep_their_last_good_objects() {
 
 #[tokio::test]
 async fn multi_document_files_with_lists_skip_only_unknown_kinds() {
-    let mut run = Running::start(TempDir::new("multidoc")).await;
+    let mut run = Running::start(temp_dir("palisade-manifests-multidoc-")).await;
     let content = format!(
         "---\n{}---\n# just a comment\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n---\n\
          apiVersion: v1\nkind: List\nitems:\n- {{apiVersion: v1, kind: Namespace, metadata: {{name: prod}}}}\n\
@@ -351,9 +329,9 @@ async fn multi_document_files_with_lists_skip_only_unknown_kinds() {
 
 #[tokio::test]
 async fn objects_moving_between_files_are_never_deleted() {
-    let dir = TempDir::new("move");
+    let dir = temp_dir("palisade-manifests-move-");
     std::fs::write(
-        dir.0.join("a.yaml"),
+        dir.path().join("a.yaml"),
         docs(&[pod("x", "web"), pod("y", "db"), pod("stay", "s")]),
     )
     .expect("write");
@@ -404,8 +382,8 @@ async fn objects_moving_between_files_are_never_deleted() {
 
 #[tokio::test]
 async fn a_missing_directory_is_an_error_naming_it() {
-    let dir = TempDir::new("missing");
-    let missing = dir.0.join("nope");
+    let dir = temp_dir("palisade-manifests-missing-");
+    let missing = dir.path().join("nope");
     let (tx, _rx) = mpsc::channel::<SourceEvent>(8);
     let result = tokio::time::timeout(WAIT, ManifestSource::new(&missing).run(tx))
         .await
@@ -416,7 +394,7 @@ async fn a_missing_directory_is_an_error_naming_it() {
 
 #[tokio::test]
 async fn run_returns_ok_when_the_receiver_is_dropped() {
-    let run = Running::start(TempDir::new("drop")).await;
+    let run = Running::start(temp_dir("palisade-manifests-drop-")).await;
     run.events.close();
     let result = tokio::time::timeout(WAIT, run.task)
         .await
@@ -426,7 +404,7 @@ async fn run_returns_ok_when_the_receiver_is_dropped() {
 
 #[tokio::test]
 async fn status_heartbeats_and_node_heartbeats_are_not_emitted_but_an_ip_change_is() {
-    let dir = TempDir::new("heartbeat");
+    let dir = temp_dir("palisade-manifests-heartbeat-");
     let pod = |rv: u32, ip: &str| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: beat, namespace: default, resourceVersion: '{rv}', labels: {{app: a}}}}\nspec: {{nodeName: n1, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}], conditions: [{{type: Ready, status: 'True', lastProbeTime: '2026-01-01T00:00:{:02}Z'}}], containerStatuses: [{{name: c, image: x, imageID: x, ready: true, restartCount: {rv}}}]}}\n",
@@ -439,8 +417,8 @@ async fn status_heartbeats_and_node_heartbeats_are_not_emitted_but_an_ip_change_
             rv % 60
         )
     };
-    write_atomic(&dir.0, "beat.yaml", &pod(1, "10.244.1.5"));
-    write_atomic(&dir.0, "n1.yaml", &node(1));
+    write_atomic(dir.path(), "beat.yaml", &pod(1, "10.244.1.5"));
+    write_atomic(dir.path(), "n1.yaml", &node(1));
     let mut run = Running::start(dir).await;
     for rv in 2..5 {
         write_atomic(run.path(), "beat.yaml", &pod(rv, "10.244.1.5"));

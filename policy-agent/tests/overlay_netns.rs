@@ -17,13 +17,22 @@ const VXLAN_PORT: &str = "4796";
 /// 172.31.2.0/24 (fd00:172:31:2::/64); nodes route everything else via the router, which has no
 /// route to any pod range. Counts UDP to the overlay port it forwards.
 fn routed_nodes() -> (Netns, Netns, Netns) {
-    let r = Netns::new("par");
-    let n1 = Netns::new("pan");
-    let n2 = Netns::new("pan");
+    let r = Netns::router("par");
+    let n1 = Netns::router("pan");
+    let n2 = Netns::router("pan");
     for (n, i) in [(&n1, 1), (&n2, 2)] {
         let rv = unique("pr");
         r.ip(&[
-            "link", "add", &rv, "type", "veth", "peer", "name", "eth0", "netns", &n.0,
+            "link",
+            "add",
+            &rv,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            n.name(),
         ]);
         r.ip(&["addr", "add", &format!("172.31.{i}.254/24"), "dev", &rv]);
         r.ip(&[
@@ -60,7 +69,7 @@ fn routed_nodes() -> (Netns, Netns, Netns) {
         "add chain inet palcount c { type filter hook forward priority 0; }".to_string(),
         format!("add rule inet palcount c udp dport {VXLAN_PORT} counter"),
     ] {
-        let o = r.exec(&["nft", &cmd]);
+        let o = r.try_exec(&["nft", &cmd]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     (r, n1, n2)
@@ -68,7 +77,7 @@ fn routed_nodes() -> (Netns, Netns, Netns) {
 
 /// Packets counted on the router as UDP to the overlay port.
 fn encapsulated(r: &Netns) -> u64 {
-    let o = r.exec(&["nft", "list", "table", "inet", "palcount"]);
+    let o = r.try_exec(&["nft", "list", "table", "inet", "palcount"]);
     let s = String::from_utf8_lossy(&o.stdout);
     s.split("packets ")
         .nth(1)
@@ -99,7 +108,7 @@ fn show(n: &Netns, args: &[&str]) -> String {
 
 /// FDB and permanent neighbour entries on our IPv4 device, and our routes.
 fn overlay_state(n: &Netns) -> String {
-    let fdb = n.exec(&["bridge", "fdb", "show", "dev", "vxlan.palisade"]);
+    let fdb = n.try_exec(&["bridge", "fdb", "show", "dev", "vxlan.palisade"]);
     format!(
         "routes:\n{}fdb:\n{}neigh:\n{}",
         n.our_routes(),
@@ -120,8 +129,8 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
     let (router, n1, n2) = routed_nodes();
     // A jumbo uplink on n1: its pods' MTU and its device's come from it.
     n1.ip(&["link", "set", "eth0", "mtu", "9000"]);
-    let t1 = TempDir::new("pa-ov1");
-    let t2 = TempDir::new("pa-ov2");
+    let t1 = temp_dir("pa-ov1");
+    let t2 = temp_dir("pa-ov2");
     let (d1, d2) = (AgentDirs::new(&t1), AgentDirs::new(&t2));
     let full = nodes_yaml(Some(("10.244.2.0/24", "172.31.2.2")));
     manifest(&d1.manifests, "nodes.yaml", &full);
@@ -220,7 +229,7 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
 
     drop(a1);
     let started = Instant::now();
-    let o = n1.exec(&[
+    let o = n1.try_exec(&[
         env!("CARGO_BIN_EXE_palisade-agent"),
         "cleanup",
         "--cni-conf-dir",
@@ -239,8 +248,8 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
 #[test]
 fn with_encapsulation_never_a_node_on_another_subnet_gets_no_path_and_no_device() {
     let (router, n1, n2) = routed_nodes();
-    let t1 = TempDir::new("pa-ovn1");
-    let t2 = TempDir::new("pa-ovn2");
+    let t1 = temp_dir("pa-ovn1");
+    let t2 = temp_dir("pa-ovn2");
     let (d1, d2) = (AgentDirs::new(&t1), AgentDirs::new(&t2));
     let full = nodes_yaml(Some(("10.244.2.0/24", "172.31.2.2")));
     manifest(&d1.manifests, "nodes.yaml", &full);

@@ -23,7 +23,7 @@ impl Py {
     /// Runs `script` in `ns`; when `wait_ready`, waits for it to print `ready`.
     fn start(ns: &Netns, script: &str, wait_ready: bool) -> Self {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "python3", "-c", script])
+            .args(["netns", "exec", ns.name(), "python3", "-c", script])
             .stdout(Stdio::piped())
             .spawn()
             .expect("start python helper");
@@ -112,8 +112,8 @@ const ALLOW_CLIENT: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolic
 
 impl World {
     fn new(policies: &[(&str, &str)]) -> Self {
-        let n1 = Netns::new("prv");
-        let t = TempDir::new("pa-revoke");
+        let n1 = Netns::router("prv");
+        let t = temp_dir("pa-revoke");
         let d = AgentDirs::new(&t);
         let (client, target, other) = (Pod::new(CLIENT), Pod::new(TARGET), Pod::new(OTHER));
         for p in [&client, &target, &other] {
@@ -140,7 +140,7 @@ impl World {
     }
 
     fn log(&self, name: &str) -> PathBuf {
-        self.t.0.join(name)
+        self.t.path().join(name)
     }
 
     fn flows_cut(&self) -> u64 {
@@ -219,7 +219,7 @@ fn an_established_tcp_connection_is_cut_when_a_new_policy_denies_it_and_others_s
         "palisade_conntrack_flows_cut_total did not count the cut"
     );
     // A new connection is refused as well (the rules, not only the sweep).
-    let out = w.client.ns.exec(&[
+    let out = w.client.ns.try_exec(&[
         "python3",
         "-c",
         &format!("import socket\nsocket.create_connection(({TARGET:?},{PORT}),timeout=0.5)"),
@@ -338,12 +338,7 @@ fn a_flow_opened_while_our_table_was_missing_is_cut_when_the_agent_restores_it()
     let agent = w.agent.take().expect("agent");
     agent.signal(nix::sys::signal::Signal::SIGKILL);
     drop(agent);
-    run(
-        "ip",
-        &[
-            "netns", "exec", &w.n1.0, "nft", "delete", "table", "inet", "palisade",
-        ],
-    );
+    w.n1.exec(&["nft", "delete", "table", "inet", "palisade"]);
     let _c = Py::udp_stream(&w.client.ns, TARGET, PORT);
     flowing(&log, "udp client -> target while our table is missing");
 

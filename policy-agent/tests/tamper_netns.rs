@@ -24,8 +24,8 @@ struct Lab {
 }
 
 fn lab(extra: &[&str]) -> Lab {
-    let n1 = Netns::new("ptn");
-    let t = TempDir::new("pa-tamper");
+    let n1 = Netns::router("ptn");
+    let t = temp_dir("pa-tamper");
     let d = AgentDirs::new(&t);
     let client = Pod::new(CLIENT);
     let target = Pod::new(TARGET);
@@ -102,7 +102,7 @@ fn restores(ns: &Netns) -> u64 {
 
 /// The handle of the `counter drop` that ends the target's ingress group chain (`in_<group>`).
 fn drop_rule_handle(ns: &Netns) -> (String, String) {
-    let o = ns.exec(&["nft", "-a", "-j", "list", "table", "inet", "palisade"]);
+    let o = ns.try_exec(&["nft", "-a", "-j", "list", "table", "inet", "palisade"]);
     let v: Value = serde_json::from_slice(&o.stdout).expect("listing");
     for item in v["nftables"].as_array().expect("items") {
         let r = &item["rule"];
@@ -165,7 +165,7 @@ fn on_the_exec_backend_too_every_tampering_is_restored_once_and_its_own_nft_is_n
 fn tamper_and_check(extra: &[&str]) {
     // Default resync (30 s): every restore below must come from the drift monitor.
     let s = lab(extra);
-    let log = s.t.0.join("arrivals.log");
+    let log = s.t.path().join("arrivals.log");
     let _rx = Receiver::start(&s._pods.1.ns, PORT, &log);
     let _tx = Sender::start(&s._pods.0.ns, TARGET, PORT, 2);
     assert!(
@@ -193,7 +193,7 @@ fn tamper_and_check(extra: &[&str]) {
         cmd.extend(args.iter().map(String::as_str));
         let t0 = Instant::now();
         let t_wall = now();
-        let out = s.n1.exec(&cmd);
+        let out = s.n1.try_exec(&cmd);
         assert!(
             out.status.success(),
             "{kind}: nft {}: {}",
@@ -286,7 +286,7 @@ fn our_own_churn_of_policies_pods_and_pending_marks_never_triggers_a_restore() {
             manifest(&s.d.manifests, "churn.yaml", &extra);
             // The plugin's pending marks, from another process: legitimate.
             let mark = format!("10.244.1.{}", 100 + i % 100);
-            let out = s.n1.exec(&[
+            let out = s.n1.try_exec(&[
                 "nft",
                 "add",
                 "element",
@@ -303,7 +303,7 @@ fn our_own_churn_of_policies_pods_and_pending_marks_never_triggers_a_restore() {
                 String::from_utf8_lossy(&out.stderr)
             );
             // (A periodic full replace may have removed the mark already: it has no record.)
-            let _ = s.n1.exec(&[
+            let _ = s.n1.try_exec(&[
                 "nft",
                 "delete",
                 "element",

@@ -1,8 +1,8 @@
 //! The pure core of palisade: the trimmed cluster model, the NetworkPolicy compiler, the typed nft
 //! ruleset with its JSON rendering, the diff between two rulesets, and explain.
 //!
-//! Nothing here does I/O: no processes, no files, no sockets. Every test of the library runs
-//! without root; only the integration tests under `tests/` load rulesets into throwaway netns.
+//! Nothing here does I/O: no processes, no files, no sockets. Every test of this crate runs
+//! without root; the rulesets meet the real kernel in palisade-tests (`tests/tests/compiler_*`).
 //!
 //! The agent's loop, in short:
 //!
@@ -35,8 +35,12 @@ pub use model::{
 pub mod compile;
 pub mod diff;
 pub mod explain;
+#[cfg(any(test, feature = "testkit"))]
 pub mod kernel_sim;
 pub mod ruleset;
+#[cfg(any(test, feature = "testkit"))]
+pub mod scenarios;
+#[cfg(any(test, feature = "testkit"))]
 pub mod synth;
 
 pub use compile::incremental::IncrementalCompiler;

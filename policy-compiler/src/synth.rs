@@ -440,3 +440,25 @@ fn attachment(ns: &str, name: &str, ips: &[IpAddr], pending: bool) -> Attachment
         pending,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_gives_same_sequence_and_different_seeds_differ() {
+        let run = |seed| {
+            let mut r = Rng::new(seed);
+            (0..4).map(|_| r.next_u64()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn below_stays_below_its_bound() {
+        let mut r = Rng::new(1);
+        assert!((0..1000).all(|_| r.below(7) < 7));
+        assert_eq!(r.below(0), 0, "a zero bound is treated as one");
+    }
+}

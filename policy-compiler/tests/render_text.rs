@@ -1,11 +1,7 @@
 //! `Ruleset::full_replace_text` (streamed, for memory) is byte for byte the rendered full replace.
 
-// The compiler's clippy.toml forbids I/O in the crate; this file is not the compiler: it includes
-// tests/common, whose namespace helpers run processes (to move out of the pure crate: issue 14).
-#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
-mod common;
-
 use palisade_policy::compile;
+use palisade_policy::scenarios as common;
 
 #[test]
 fn full_replace_text_is_byte_identical_to_the_rendered_batch_for_every_golden_scenario() {

@@ -1,15 +1,29 @@
-//! What the agent's tests and the benchmarks share, so that both drive the agent's production
-//! paths the same way (one copy of each fake, not one per user):
+//! What tests and benchmarks share, so that each piece of harness exists once (one copy of each
+//! guard and fake, not one per test file):
 //!
-//! - [`apiserver`]: an in-test Kubernetes API server (list/watch over HTTP/1.1) that kube-rs'
+//! - [`netns`]: the network-namespace guard (created with a unique name, deleted on drop).
+//! - [`temp`]: temporary directories (`tempfile`) and atomic writes.
+//! - [`cmd`]: running commands with a panic that names them; [`cmd::require_root`].
+//! - [`names::unique`], [`wait::wait_until`].
+//! - `apiserver` (feature `apiserver`): an in-test Kubernetes API server (list/watch over HTTP/1.1) that kube-rs'
 //!   client and watcher use unchanged, and [`kubeconfig`] pointing a client at it.
 //!
 //! Test support, not product code: a broken invariant panics with a message (`expect`), as a test
-//! would.
+//! would. Nothing here touches the host's own network namespace.
 
+#[cfg(feature = "apiserver")]
 pub mod apiserver;
+pub mod cmd;
+pub mod names;
+pub mod netns;
+pub mod temp;
+pub mod wait;
 
-/// A kubeconfig (YAML) for a client of `server` (e.g. [`apiserver::ApiServer::url`]), no auth.
+pub use names::unique;
+pub use netns::Netns;
+pub use wait::wait_until;
+
+/// A kubeconfig (YAML) for a client of `server` (e.g. `apiserver::ApiServer::url`), no auth.
 pub fn kubeconfig(server: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{server}\"}}}}]\n\

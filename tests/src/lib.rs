@@ -11,157 +11,18 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
 /// Where the reference plugins (host-local, portmap, ptp) are installed (Debian's package).
 pub const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+pub mod nft;
 
-/// A name unique to this process and call: `<prefix><pid>x<n>`, short enough for netns names.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}x{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-/// Runs a command, returning its output; panics with the command line if it cannot start.
-pub fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-/// Runs a command and panics (with stderr) if it fails.
-pub fn must(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Fails the test (never skips) when not root: these tests must run as root, as in CI.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "these tests create network namespaces and must run as root"
-    );
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(prefix: &str) -> Self {
-        require_root();
-        let name = unique(prefix);
-        must(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// `ip netns exec <ns> <argv>`; panics on failure.
-    pub fn exec(&self, argv: &[&str]) -> String {
-        must(
-            Command::new("ip")
-                .args(["netns", "exec", &self.name])
-                .args(argv),
-        )
-    }
-
-    /// `ip netns exec <ns> <argv>`, returning the raw output.
-    pub fn try_exec(&self, argv: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(argv))
-    }
-
-    /// A command that runs inside this namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    /// Names of links in this namespace.
-    pub fn links(&self) -> Vec<String> {
-        let v: Value =
-            serde_json::from_str(&self.exec(&["ip", "-j", "link", "show"])).unwrap_or(json!([]));
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|l| l["ifname"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Destinations of the main-table routes of both families (`ip -j route`).
-    pub fn routes(&self) -> Vec<Value> {
-        let mut out = Vec::new();
-        for fam in ["-4", "-6"] {
-            let v: Value = serde_json::from_str(&self.exec(&["ip", "-j", fam, "route", "show"]))
-                .unwrap_or(json!([]));
-            out.extend(v.as_array().cloned().unwrap_or_default());
-        }
-        out
-    }
-
-    /// Addresses (without prefix) on `ifname`.
-    pub fn addresses(&self, ifname: &str) -> Vec<String> {
-        let out = self.try_exec(&["ip", "-j", "addr", "show", "dev", ifname]);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!([]));
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| a["local"].as_str().map(str::to_string))
-            .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Self {
-        let p = std::env::temp_dir().join(unique(prefix));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use nft::NftNs;
+pub use palisade_testkit::cmd::{must, require_root, run};
+pub use palisade_testkit::temp::{temp_dir, TempDir};
+pub use palisade_testkit::{unique, Netns};
 
 /// The workspace target directory of the running test binary (`target/<profile>`).
 fn target_profile_dir() -> PathBuf {
@@ -297,7 +158,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(node: &Netns, cache_dir: &Path) -> Self {
         Runtime {
-            node: node.name.clone(),
+            node: node.name().to_string(),
             cni_path: cni_path(),
             cache_dir: cache_dir.to_path_buf(),
             extra_env: Vec::new(),
@@ -557,7 +418,7 @@ pub fn exec_raw(
     stdin: &[u8],
 ) -> Result<Option<Value>, PluginError> {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &node.name]).arg(palisade_bin());
+    cmd.args(["netns", "exec", node.name()]).arg(palisade_bin());
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {

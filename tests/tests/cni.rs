@@ -19,7 +19,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let node = Netns::new("pn");
-        let dir = TempDir::new("palisade-cni-test-");
+        let dir = temp_dir("palisade-cni-test-");
         let rt = Runtime::new(&node, &dir.path().join("results"));
         Fixture {
             pods: Vec::new(),
@@ -75,7 +75,7 @@ impl Fixture {
 
     fn pod(&mut self) -> (String, usize) {
         let ns = Netns::new("pp");
-        let path = ns.path();
+        let path = ns.path().display().to_string();
         self.pods.push(ns);
         (path, self.pods.len() - 1)
     }

@@ -175,7 +175,7 @@ fn containerd_ctr_run_with_cni_gets_a_working_pod_network_from_palisade() {
     require_root();
     let node = Netns::new("pcd");
     create_pending_table(&node);
-    let tmp = TempDir::new("palisade-containerd-");
+    let tmp = temp_dir("palisade-containerd-");
     let dir = tmp.path().to_path_buf();
 
     // CNI: our plugin and the reference plugins in one bin dir, our conflist in a conf dir.
@@ -218,7 +218,7 @@ fn containerd_ctr_run_with_cni_gets_a_working_pod_network_from_palisade() {
     // A holder process in the node netns and a new private mount namespace. nsenter (not
     // `ip netns exec`) so /sys, and with it the cgroup mounts runc needs, stays as it is.
     let holder = Command::new("nsenter")
-        .arg(format!("--net={}", node.path()))
+        .arg(format!("--net={}", node.path().display()))
         .args([
             "--",
             "unshare",

@@ -19,6 +19,7 @@
 use clap::Parser;
 use palisade_bench::datapath::run::enter_netns;
 use palisade_bench::{io_err_pub, Error, Result};
+use palisade_testkit::Netns;
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -51,34 +52,6 @@ struct Args {
     rounds: usize,
 }
 
-/// A network namespace created with `ip netns add`, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Result<Self> {
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        Ok(Netns(name))
-    }
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().map_err(|source| Error::Spawn {
         command: format!("{cmd:?}"),
@@ -106,7 +79,7 @@ struct Subject {
 
 impl Subject {
     /// Runs one command for (container, netns); returns the wall time.
-    fn exec(&self, command: &str, container: &str, netns: &str) -> Result<Duration> {
+    fn exec(&self, command: &str, container: &str, netns: &Path) -> Result<Duration> {
         let mut cmd = Command::new(&self.bin);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -311,20 +284,22 @@ fn real_main() -> Result<()> {
     let palisade =
         std::fs::canonicalize(&palisade).map_err(io_err_pub("resolving the palisade path"))?;
     let pid = std::process::id();
-    let tmp = TempDir(std::env::temp_dir().join(format!("palisade-cni-bench-{pid}")));
-    std::fs::create_dir_all(&tmp.0).map_err(io_err_pub("creating the temp dir"))?;
-    let node = Netns::new(format!("pcb{pid}n"))?;
-    let seq_pod = Netns::new(format!("pcb{pid}s"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("palisade-cni-bench-{pid}-"))
+        .tempdir()
+        .map_err(io_err_pub("creating the temp dir"))?;
+    let node = Netns::create("pcbn").map_err(io_err_pub("creating the node namespace"))?;
+    let seq_pod = Netns::create("pcbs").map_err(io_err_pub("creating a pod namespace"))?;
     let pods: Vec<Netns> = (0..args.parallel)
-        .map(|i| Netns::new(format!("pcb{pid}p{i}")))
+        .map(|_| Netns::create("pcbp").map_err(io_err_pub("creating a pod namespace")))
         .collect::<Result<_>>()?;
     run(Command::new("ip").args([
-        "netns", "exec", &node.0, "nft",
+        "netns", "exec", node.name(), "nft",
         "add table inet palisade; add set inet palisade pending_v4 { type ipv4_addr; }; add set inet palisade pending_v6 { type ipv6_addr; }",
     ]))?;
     // Before this process starts any other thread, so every thread and child inherits the node
     // namespace (the host's own is never modified).
-    enter_netns(&node.0)?;
+    enter_netns(node.name())?;
 
     let cni_path = format!(
         "{}:{}",
@@ -333,8 +308,8 @@ fn real_main() -> Result<()> {
     );
     let palisade_conf = json!({
         "cniVersion": "1.0.0", "name": "benchpal", "type": "palisade", "mtu": 1500,
-        "stateDir": tmp.0.join("state"),
-        "ipam": {"type": "palisade", "dataDir": tmp.0.join("ipam"), "ranges": [[{"subnet": "10.210.0.0/16"}]]}
+        "stateDir": tmp.path().join("state"),
+        "ipam": {"type": "palisade", "dataDir": tmp.path().join("ipam"), "ranges": [[{"subnet": "10.210.0.0/16"}]]}
     })
     .to_string();
     let subjects = [
@@ -358,14 +333,14 @@ fn real_main() -> Result<()> {
             cni_path,
             conf: json!({
                 "cniVersion": "1.0.0", "name": "benchptp", "type": "ptp", "mtu": 1500, "ipMasq": false,
-                "ipam": {"type": "host-local", "dataDir": tmp.0.join("ipam"), "ranges": [[{"subnet": "10.211.0.0/16"}]],
+                "ipam": {"type": "host-local", "dataDir": tmp.path().join("ipam"), "ranges": [[{"subnet": "10.211.0.0/16"}]],
                          "routes": [{"dst": "0.0.0.0/0"}]}
             })
             .to_string(),
             pod_args: true,
         },
     ];
-    println!("cni-bench: {} sequential ADD+DEL per plugin, {} rounds of {} parallel ADDs then DELs; node netns {}", args.iterations, args.rounds, args.parallel, node.0);
+    println!("cni-bench: {} sequential ADD+DEL per plugin, {} rounds of {} parallel ADDs then DELs; node netns {}", args.iterations, args.rounds, args.parallel, node.name());
     // Warm-up (page cache, first nft run) outside the figures.
     for s in &subjects {
         s.exec("ADD", "warmup", &seq_pod.path())?;

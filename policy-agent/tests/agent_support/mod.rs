@@ -7,36 +7,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A name unique to this process and call: `<prefix><pid>x<n>`.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}x{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-/// Runs a command; panics with its stderr when it fails.
-pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+pub use palisade_testkit::temp::{sub_dir, temp_dir, write_atomic, TempDir};
+pub use palisade_testkit::{unique, wait_until, Netns};
 
 /// Wall-clock seconds (shared by all namespaces), as the probe receiver stamps packets.
 pub fn now() -> f64 {
@@ -46,65 +21,24 @@ pub fn now() -> f64 {
         .unwrap_or_default()
 }
 
-/// Polls `f` every 5 ms until it is true or `timeout` passes; returns whether it became true.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    f()
+/// What the agent's tests ask of a node namespace, beside the shared guard's commands.
+pub trait NodeNs {
+    /// `nft -j list table inet palisade` in this namespace; None when absent.
+    fn table(&self) -> Option<String>;
+    /// Routes with palisade's protocol number, both families, as `ip` prints them.
+    fn our_routes(&self) -> String;
+    /// GET http://127.0.0.1:PORT/PATH from inside the namespace: (status, body), None if unreachable.
+    fn http(&self, port: u16, path: &str) -> Option<(u16, String)>;
 }
 
-/// A network namespace we created; deleted on drop.
-pub struct Netns(pub String);
-
-impl Netns {
-    pub fn new(prefix: &str) -> Self {
-        let name = unique(prefix);
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns.sysctl("net.ipv4.ip_forward", "1");
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-        ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
-        ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
-        ns
-    }
-    pub fn ip(&self, args: &[&str]) -> Output {
-        let mut a = vec!["-n", self.0.as_str()];
-        a.extend_from_slice(args);
-        run("ip", &a)
-    }
-    pub fn exec(&self, args: &[&str]) -> Output {
-        let mut a = vec!["netns", "exec", self.0.as_str()];
-        a.extend_from_slice(args);
-        Command::new("ip").args(&a).output().expect("ip netns exec")
-    }
-    pub fn sysctl(&self, key: &str, value: &str) {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.0,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ],
-        );
-    }
-    /// `nft -j list table inet palisade` in this namespace; None when absent.
-    pub fn table(&self) -> Option<String> {
-        let o = self.exec(&["nft", "-j", "list", "table", "inet", "palisade"]);
+impl NodeNs for Netns {
+    fn table(&self) -> Option<String> {
+        let o = self.try_exec(&["nft", "-j", "list", "table", "inet", "palisade"]);
         o.status
             .success()
             .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
     }
-    /// Routes with palisade's protocol number, both families, as `ip` prints them.
-    pub fn our_routes(&self) -> String {
+    fn our_routes(&self) -> String {
         let v4 = self.ip(&["route", "show", "proto", "140"]);
         let v6 = self.ip(&["-6", "route", "show", "proto", "140"]);
         format!(
@@ -113,12 +47,11 @@ impl Netns {
             String::from_utf8_lossy(&v6.stdout)
         )
     }
-    /// GET http://127.0.0.1:PORT/PATH from inside the namespace: (status, body), None if unreachable.
-    pub fn http(&self, port: u16, path: &str) -> Option<(u16, String)> {
+    fn http(&self, port: u16, path: &str) -> Option<(u16, String)> {
         let script = format!(
             "import urllib.request,urllib.error,sys\ntry:\n r=urllib.request.urlopen('http://127.0.0.1:{port}{path}',timeout=2)\n print(r.status);print(r.read().decode())\nexcept urllib.error.HTTPError as e:\n print(e.code);print(e.read().decode())\nexcept Exception:\n sys.exit(1)\n"
         );
-        let o = self.exec(&["python3", "-c", &script]);
+        let o = self.try_exec(&["python3", "-c", &script]);
         if !o.status.success() {
             return None;
         }
@@ -126,44 +59,6 @@ impl Netns {
         let (code, body) = s.split_once('\n')?;
         Some((code.trim().parse().ok()?, body.to_string()))
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Self {
-        let d = std::env::temp_dir().join(unique(prefix));
-        std::fs::create_dir_all(&d).expect("create temp dir");
-        TempDir(d)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-    pub fn sub(&self, name: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::create_dir_all(&p).expect("create sub dir");
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes a file atomically (temp + rename), as a careful editor or kubectl would.
-pub fn write_atomic(path: &Path, content: &str) {
-    let tmp = path.with_file_name(format!(".{}.tmp", unique("w")));
-    std::fs::write(&tmp, content).expect("write temp");
-    std::fs::rename(&tmp, path).expect("rename into place");
 }
 
 /// Port of the agent's HTTP server inside its namespace.
@@ -184,10 +79,10 @@ pub struct AgentDirs {
 impl AgentDirs {
     pub fn new(t: &TempDir) -> Self {
         AgentDirs {
-            manifests: t.sub("manifests"),
-            state: t.sub("state"),
-            cni_conf: t.sub("net.d"),
-            ipam: t.sub("ipam"),
+            manifests: sub_dir(t.path(), "manifests"),
+            state: sub_dir(t.path(), "state"),
+            cni_conf: sub_dir(t.path(), "net.d"),
+            ipam: sub_dir(t.path(), "ipam"),
         }
     }
 }
@@ -200,7 +95,7 @@ impl Agent {
         let mut args = vec![
             "netns",
             "exec",
-            &ns.0,
+            ns.name(),
             bin,
             "run",
             "--node-name",
@@ -259,7 +154,7 @@ impl Pod {
     pub fn new(ip: &str) -> Self {
         let host_veth = unique("pv");
         Pod {
-            ns: Netns::new("pap"),
+            ns: Netns::router("pap"),
             ip: ip.to_string(),
             host_veth,
         }
@@ -275,7 +170,7 @@ impl Pod {
             "name",
             "eth0",
             "netns",
-            &self.ns.0,
+            self.ns.name(),
         ]);
         self.ns
             .ip(&["addr", "add", &format!("{}/32", self.ip), "dev", "eth0"]);
@@ -314,7 +209,7 @@ impl Receiver {
             "import socket,time,sys\ns=socket.socket(socket.{fam},socket.SOCK_DGRAM)\ns.bind(('{any}',{port}))\nf=open({log:?},'a',buffering=1)\nprint('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(100)\n f.write('%f %s\\n'%(time.time(),d.decode()))\n"
         );
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+            .args(["netns", "exec", ns.name(), "python3", "-c", &script])
             .stdout(Stdio::piped())
             .spawn()
             .expect("start receiver");
@@ -354,7 +249,7 @@ impl Sender {
             fam = if dst.contains(':') { "AF_INET6" } else { "AF_INET" },
         );
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "python3", "-c", &script])
+            .args(["netns", "exec", ns.name(), "python3", "-c", &script])
             .spawn()
             .expect("start sender");
         Sender(child)

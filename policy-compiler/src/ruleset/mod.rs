@@ -3,6 +3,7 @@
 //! Nothing else in palisade knows nft syntax. Chain and set names are derived from stable hashes
 //! (see [`names`]); user strings reach nft only as JSON string values in comments.
 
+#[cfg(any(test, feature = "testkit"))]
 pub mod eval;
 pub mod names;
 pub(crate) mod render;

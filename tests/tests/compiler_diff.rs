@@ -1,17 +1,14 @@
 //! Root test: a sequence of diffs applied to the real kernel leaves exactly the table a full
 //! replace produces (compared via `nft -j list table`), in throwaway netns.
 
-// The compiler's clippy.toml forbids I/O in the crate; this file is not the compiler: a kernel test: it runs nft in a network namespace (to move out of the pure crate: issue 14).
-#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
-mod common;
-
 use palisade_policy::synth::{self, Rng, SynthConfig};
 use palisade_policy::{compile, diff};
+use palisade_tests::{Netns, NftNs};
 use serde_json::Value;
 
 #[test]
 fn incremental_diffs_equal_full_replace_in_the_kernel_root() {
-    let incremental = common::Netns::new();
+    let incremental = Netns::new("pal-cmp-");
     let mut changed_steps = 0;
     for seed in [3u64, 11] {
         let cfg = SynthConfig::small(seed);
@@ -39,7 +36,7 @@ fn incremental_diffs_equal_full_replace_in_the_kernel_root() {
                         )
                     });
             }
-            let fresh = common::Netns::new();
+            let fresh = Netns::new("pal-cmp-");
             fresh
                 .nft_load(&next.full_replace().to_json_string())
                 .unwrap();

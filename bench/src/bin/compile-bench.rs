@@ -1,6 +1,6 @@
 //! Compile benchmark on a synthetic cluster: 10k pods on 100 nodes, 500 namespaces, 1k policies.
 //!
-//! `cargo run --release -p palisade-policy --example compile_bench [seed]`
+//! `cargo run --release -p palisade-bench --bin compile-bench [seed]`
 //!
 //! Prints compile time and ruleset size for one node, then for each kind of single change the
 //! cost from change to batch two ways in one run: the incremental compiler beside the old path
@@ -9,14 +9,14 @@
 //! namespace through palisade-nft's lib backend and prints the wall times (the host namespace is
 //! never touched; without root this part says so and is skipped).
 
-// The compiler's clippy.toml forbids I/O in the crate; this file is not the compiler: a benchmark binary around the compiler; the compiler itself does no I/O.
-#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+use palisade_bench::datapath::run::in_netns;
 use palisade_contract::Attachment;
 use palisade_policy::model::{
     Change, ClusterState, Peer, Pod, PortMatch, PortSpec, Protocol, Rule,
 };
 use palisade_policy::synth::{self, Rng, SynthConfig};
 use palisade_policy::{compile, diff, Batch, IncrementalCompiler};
+use palisade_testkit::Netns;
 use std::time::{Duration, Instant};
 
 const NODE: &str = "n0";
@@ -257,31 +257,15 @@ fn main() {
     commit_in_throwaway_netns(&full, &b.batches);
 }
 
-/// A network namespace of our own, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .output();
-        if !out.as_ref().is_ok_and(|o| o.status.success()) {
-            eprintln!("could not delete netns {}: {out:?}", self.0);
-        }
-    }
-}
-
 fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
-    let name = format!("palbench-{}-{}", std::process::id(), 0);
-    let created = std::process::Command::new("ip")
-        .args(["netns", "add", &name])
-        .output();
-    if !created.as_ref().is_ok_and(|o| o.status.success()) {
-        println!("commit: skipped, cannot create a network namespace (needs root): {created:?}");
-        return;
-    }
-    let ns = Netns(name);
-    let path = format!("/run/netns/{}", ns.0);
+    let ns = match Netns::create("palbench") {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("commit: skipped, cannot create a network namespace (needs root): {e}");
+            return;
+        }
+    };
+    let path = ns.path().display().to_string();
     let full_json = full.to_json_string();
     let batches: Vec<(String, String)> = batches
         .iter()
@@ -289,10 +273,7 @@ fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
         .map(|(n, b)| (n.clone(), b.to_json_string()))
         .collect();
     // A thread of our own enters the namespace: the main thread stays in the host namespace.
-    let res = std::thread::spawn(move || -> Result<Vec<String>, String> {
-        let f = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("setns {path}: {e}"))?;
+    let res = in_netns(ns.name(), move || -> Result<Vec<String>, String> {
         let t = Instant::now();
         let nft = palisade_nft::Nft::new(palisade_nft::Backend::Lib);
         let load = t.elapsed();
@@ -304,7 +285,8 @@ fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
             ms(load)
         )];
         let t = Instant::now();
-        nft.apply(&full_json).map_err(|e| format!("full table: {e}"))?;
+        nft.apply(&full_json)
+            .map_err(|e| format!("full table: {e}"))?;
         out.push(format!(
             "{:<26} {:>10}  ({} bytes)",
             "full table, first commit",
@@ -312,7 +294,8 @@ fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
             full_json.len()
         ));
         let t = Instant::now();
-        nft.apply(&full_json).map_err(|e| format!("full table again: {e}"))?;
+        nft.apply(&full_json)
+            .map_err(|e| format!("full table again: {e}"))?;
         out.push(format!(
             "{:<26} {:>10}  (resync: replaces the table in place)",
             "full table, replace",
@@ -328,12 +311,11 @@ fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
             ));
         }
         Ok(out)
-    })
-    .join();
+    });
     match res {
         Ok(Ok(lines)) => lines.iter().for_each(|l| println!("{l}")),
         Ok(Err(e)) => println!("commit: FAILED: {e}"),
-        Err(_) => println!("commit: FAILED: the commit thread panicked"),
+        Err(e) => println!("commit: FAILED: {e}"),
     }
     drop(ns);
 }

@@ -1,17 +1,15 @@
-//! Shared by the integration tests: representative scenarios and a throwaway network namespace.
-#![allow(dead_code)]
+//! Representative cluster states, small enough to read: the golden rulesets (`tests/golden/`) and
+//! the kernel tests (palisade-tests) compile these. Test support (feature `testkit`), not the
+//! compiler: a malformed scenario panics with a message, as a test would.
 
-use palisade_contract::Attachment;
-use palisade_policy::model::{
+use crate::model::{
     Change, ClusterState, EgressNat, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase,
     Policy, Rule,
 };
-use palisade_policy::policy_from_k8s;
+use crate::policy_from_k8s;
+use palisade_contract::Attachment;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub const NODE: &str = "n1";
 
@@ -26,14 +24,21 @@ pub struct Scenario {
     pub st: ClusterState,
 }
 
+impl Default for Scenario {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Scenario {
+    /// Two nodes (`n1`, `n2`) and nothing else.
     pub fn new() -> Self {
         let mut st = ClusterState::default();
         for (n, a) in [("n1", "192.168.0.1"), ("n2", "192.168.0.2")] {
             st.apply(Change::UpsertNode(Node {
                 name: n.into(),
                 pod_cidrs: vec![],
-                internal_ips: vec![a.parse().unwrap()],
+                internal_ips: vec![a.parse().expect("a well-formed scenario")],
             }));
         }
         st.apply(Change::UpsertNamespace(Namespace::new(
@@ -54,7 +59,7 @@ impl Scenario {
         l: &[(&str, &str)],
         ports: &[(&str, u16, &str)],
     ) -> Self {
-        let (ns, name) = key.split_once('/').unwrap();
+        let (ns, name) = key.split_once('/').expect("a well-formed scenario");
         self.st.apply(Change::UpsertPod(
             Pod {
                 namespace: ns.into(),
@@ -62,13 +67,17 @@ impl Scenario {
                 uid: format!("uid-{name}"),
                 labels: labels(l),
                 node_name: Some(node.into()),
-                ips: ips.iter().map(|s| s.parse::<IpAddr>().unwrap()).collect(),
+                ips: ips
+                    .iter()
+                    .map(|s| s.parse::<IpAddr>().expect("a well-formed scenario"))
+                    .collect(),
                 ports: ports
                     .iter()
-                    .map(|(n, p, proto)| palisade_policy::model::ContainerPort {
+                    .map(|(n, p, proto)| crate::model::ContainerPort {
                         name: (!n.is_empty()).then(|| n.to_string()),
                         port: *p,
-                        protocol: palisade_policy::model::Protocol::from_api(proto).unwrap(),
+                        protocol: crate::model::Protocol::from_api(proto)
+                            .expect("a well-formed scenario"),
                     })
                     .collect(),
                 host_network: false,
@@ -82,9 +91,10 @@ impl Scenario {
         let np = serde_json::from_value(
             json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}),
         )
-        .unwrap();
-        self.st
-            .apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
+        .expect("a well-formed scenario");
+        self.st.apply(Change::UpsertPolicy(
+            policy_from_k8s(&np).expect("a well-formed scenario"),
+        ));
         self
     }
     /// A policy that skipped validation (the ruleset must stay safe even then).
@@ -94,7 +104,11 @@ impl Scenario {
     }
     /// This node's egress NAT, as the agent would set it.
     pub fn egress_nat(mut self, sources: &[&str], exempt: &[&str]) -> Self {
-        let nets = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect();
+        let nets = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.parse().expect("a well-formed scenario"))
+                .collect()
+        };
         self.st.apply(Change::SetEgressNat(Some(EgressNat {
             sources: nets(sources),
             exempt: nets(exempt),
@@ -102,14 +116,17 @@ impl Scenario {
         self
     }
     pub fn attachment(mut self, key: &str, ips: &[&str], pending: bool) -> Self {
-        let (ns, name) = key.split_once('/').unwrap();
+        let (ns, name) = key.split_once('/').expect("a well-formed scenario");
         let mut a = self.st.attachments.clone();
         a.push(Attachment {
             container_id: format!("c{}", a.len()),
             ifname: "eth0".into(),
             netns: String::new(),
             host_veth: palisade_contract::host_veth_name(&format!("c{}", a.len()), "eth0"),
-            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            ips: ips
+                .iter()
+                .map(|s| s.parse().expect("a well-formed scenario"))
+                .collect(),
             pod_namespace: Some(ns.into()),
             pod_name: Some(name.into()),
             pod_uid: None,
@@ -193,131 +210,4 @@ pub fn scenarios() -> Vec<(&'static str, ClusterState)> {
                 .st,
         ),
     ]
-}
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A network namespace created for one test and deleted on drop (also on panic).
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    /// Creates `pal-cmp-<pid>-<n>`. Panics (fails the test) if it cannot: root tests must not
-    /// silently pass.
-    pub fn new() -> Self {
-        let name = format!(
-            "pal-cmp-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip netns add");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {} (these tests need root)",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Netns { name }
-    }
-
-    /// Runs `nft -j -f -` with the document on stdin inside the namespace.
-    pub fn nft_load(&self, doc: &str) -> Result<(), String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft", "-j", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(doc.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// `nft -j list table inet palisade`, normalised: no handles, no metainfo, set elements sorted.
-    pub fn list_table(&self) -> Value {
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", &self.name, "nft", "-j", "list", "table", "inet", "palisade",
-            ])
-            .output()
-            .expect("run nft list");
-        assert!(
-            out.status.success(),
-            "nft list: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        normalise(&mut v);
-        let mut items: Vec<Value> = v["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x.get("metainfo").is_none())
-            .cloned()
-            .collect();
-        // The kernel lists objects in creation order; compare by kind and name instead. The sort is
-        // stable, so the rules of one chain keep their order.
-        items.sort_by_key(|x| {
-            let (kind, body) = x.as_object().unwrap().iter().next().unwrap();
-            let name = body
-                .get("chain")
-                .or_else(|| body.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            (kind.clone(), name)
-        });
-        Value::Array(items)
-    }
-}
-
-fn normalise(v: &mut Value) {
-    match v {
-        Value::Object(o) => {
-            o.remove("handle");
-            if let Some(Value::Array(e)) = o.get_mut("elem") {
-                e.sort_by_key(|x| x.to_string());
-            }
-            o.values_mut().for_each(normalise);
-        }
-        Value::Array(a) => a.iter_mut().for_each(normalise),
-        _ => {}
-    }
-}
-
-impl Netns {
-    /// `nft list tables` inside the namespace.
-    pub fn list_tables(&self) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft", "list", "tables"])
-            .output()
-            .expect("run nft");
-        assert!(
-            out.status.success(),
-            "nft list tables: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }

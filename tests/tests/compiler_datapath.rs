@@ -6,13 +6,10 @@
 //! (`fib saddr type local`), replies to an ingress-isolated client (conntrack), and egress
 //! isolation changed through `diff` batches.
 
-// The compiler's clippy.toml forbids I/O in the crate; this file is not the compiler: a kernel test: it runs nft and probes in network namespaces (to move out of the pure crate: issue 14).
-#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
-mod common;
-
-use common::{Netns, Scenario};
 use palisade_policy::model::Change;
+use palisade_policy::scenarios::Scenario;
 use palisade_policy::{compile, diff};
+use palisade_tests::{Netns, NftNs};
 use serde_json::json;
 use std::process::{Child, Command, Stdio};
 
@@ -122,7 +119,15 @@ fn forge(ns: &str, src: &str, dst: &str, port: u16, n: u32) {
 fn guard_drops(node: &Netns) -> u64 {
     let out = Command::new("ip")
         .args([
-            "netns", "exec", &node.name, "nft", "-j", "list", "table", "inet", "palisade",
+            "netns",
+            "exec",
+            node.name(),
+            "nft",
+            "-j",
+            "list",
+            "table",
+            "inet",
+            "palisade",
         ])
         .output()
         .expect("list our table");
@@ -145,15 +150,24 @@ fn guard_drops(node: &Netns) -> u64 {
 
 fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
     run(
-        &node.name,
+        node.name(),
         &[
-            "ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
-            &pod.name,
+            "ip",
+            "link",
+            "add",
+            host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name(),
         ],
     );
-    run(&node.name, &["ip", "link", "set", host_if, "up"]);
+    run(node.name(), &["ip", "link", "set", host_if, "up"]);
     run(
-        &node.name,
+        node.name(),
         &[
             "ip",
             "addr",
@@ -164,29 +178,29 @@ fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
         ],
     );
     run(
-        &node.name,
+        node.name(),
         &["ip", "route", "add", &format!("{ip}/32"), "dev", host_if],
     );
-    run(&pod.name, &["ip", "link", "set", "lo", "up"]);
-    run(&pod.name, &["ip", "link", "set", "eth0", "up"]);
+    run(pod.name(), &["ip", "link", "set", "lo", "up"]);
+    run(pod.name(), &["ip", "link", "set", "eth0", "up"]);
     run(
-        &pod.name,
+        pod.name(),
         &["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
     );
     run(
-        &pod.name,
+        pod.name(),
         &[
             "ip", "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
         ],
     );
     run(
-        &pod.name,
+        pod.name(),
         &[
             "ip", "route", "add", "default", "via", GATEWAY, "dev", "eth0",
         ],
     );
     run(
-        &node.name,
+        node.name(),
         &[
             "ip",
             "addr",
@@ -198,7 +212,7 @@ fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
         ],
     );
     run(
-        &node.name,
+        node.name(),
         &[
             "ip",
             "-6",
@@ -210,7 +224,7 @@ fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
         ],
     );
     run(
-        &pod.name,
+        pod.name(),
         &[
             "ip",
             "addr",
@@ -222,7 +236,7 @@ fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
         ],
     );
     run(
-        &pod.name,
+        pod.name(),
         &[
             "ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
         ],
@@ -231,17 +245,17 @@ fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
 
 #[test]
 fn compiled_rules_enforce_in_the_kernel_datapath_root() {
-    let node = Netns::new();
-    let client = Netns::new();
-    let server = Netns::new();
-    run(&node.name, &["ip", "link", "set", "lo", "up"]);
+    let node = Netns::new("pal-cmp-");
+    let client = Netns::new("pal-cmp-");
+    let server = Netns::new("pal-cmp-");
+    run(node.name(), &["ip", "link", "set", "lo", "up"]);
     run(
-        &node.name,
+        node.name(),
         &["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
     );
-    run(&node.name, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    run(node.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     run(
-        &node.name,
+        node.name(),
         &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
     );
     // Host veths named as the plugin names them, for the attachment records below (c0, c1).
@@ -254,7 +268,7 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         .args([
             "netns",
             "exec",
-            &server.name,
+            server.name(),
             "python3",
             "-u",
             "-c",
@@ -274,10 +288,10 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     let _listener = Listener(child);
     assert_eq!(ready.trim(), "ready");
     assert!(
-        connects(&client.name, SERVER_IP, 8081),
+        connects(client.name(), SERVER_IP, 8081),
         "the topology itself must work before any policy"
     );
-    assert!(connects(&client.name, SERVER_IP6, 8081), "IPv6 too");
+    assert!(connects(client.name(), SERVER_IP6, 8081), "IPv6 too");
 
     let mut st = Scenario::new()
         .pod("a/client", "n1", &[CLIENT_IP, CLIENT_IP6], &[("app", "client")], &[])
@@ -293,41 +307,41 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         .unwrap();
 
     assert!(
-        connects(&client.name, SERVER_IP, 8080),
+        connects(client.name(), SERVER_IP, 8080),
         "named port allowed; replies pass the client's ingress isolation"
     );
     assert!(
-        !connects(&client.name, SERVER_IP, 8081),
+        !connects(client.name(), SERVER_IP, 8081),
         "other ports are dropped"
     );
     assert!(
-        connects(&node.name, SERVER_IP, 8081),
+        connects(node.name(), SERVER_IP, 8081),
         "the pod's own node always reaches it (semantics 39)"
     );
     // IPv6: separate sets and maps; neighbour discovery keeps working under isolation.
-    run(&node.name, &["ip", "-6", "neigh", "flush", "all"]);
-    run(&client.name, &["ip", "-6", "neigh", "flush", "all"]);
+    run(node.name(), &["ip", "-6", "neigh", "flush", "all"]);
+    run(client.name(), &["ip", "-6", "neigh", "flush", "all"]);
     assert!(
-        connects(&client.name, SERVER_IP6, 8080),
+        connects(client.name(), SERVER_IP6, 8080),
         "IPv6 named port allowed"
     );
     assert!(
-        !connects(&client.name, SERVER_IP6, 8081),
+        !connects(client.name(), SERVER_IP6, 8081),
         "IPv6 other ports dropped"
     );
     // The source guard: what the client sends from an address not its own never gets past
     // prerouting (counted there), in both families; its own address is not counted.
     let before = guard_drops(&node);
-    forge(&client.name, CLIENT_IP, SERVER_IP, 9, 5);
-    forge(&client.name, CLIENT_IP6, SERVER_IP6, 9, 5);
+    forge(client.name(), CLIENT_IP, SERVER_IP, 9, 5);
+    forge(client.name(), CLIENT_IP6, SERVER_IP6, 9, 5);
     assert_eq!(
         guard_drops(&node),
         before,
         "the pod's own addresses pass the guard"
     );
-    forge(&client.name, "10.244.1.9", SERVER_IP, 9, 5);
-    forge(&client.name, SERVER_IP, SERVER_IP, 9, 5);
-    forge(&client.name, "fd00:10:244:1::9", SERVER_IP6, 9, 5);
+    forge(client.name(), "10.244.1.9", SERVER_IP, 9, 5);
+    forge(client.name(), SERVER_IP, SERVER_IP, 9, 5);
+    forge(client.name(), "fd00:10:244:1::9", SERVER_IP6, 9, 5);
     assert_eq!(
         guard_drops(&node),
         before + 15,
@@ -351,14 +365,14 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         "egress": [{"to": [{"ipBlock": {"cidr": format!("{SERVER_IP}/32")}}], "ports": [{"protocol": "UDP", "port": 53}]}]})));
     step(&st);
     assert!(
-        !connects(&client.name, SERVER_IP, 8080),
+        !connects(client.name(), SERVER_IP, 8080),
         "egress isolation (applied by diff) now drops it"
     );
     st.apply(eg(json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
         "egress": [{"to": [{"ipBlock": {"cidr": "10.244.0.0/16", "except": ["10.244.2.0/24"]}}], "ports": [{"port": 8000, "endPort": 8080}]}]})));
     step(&st);
     assert!(
-        connects(&client.name, SERVER_IP, 8080),
+        connects(client.name(), SERVER_IP, 8080),
         "updated egress (range, ipBlock with except) allows it again"
     );
     st.apply(Change::DeletePolicy {
@@ -367,11 +381,11 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     });
     step(&st);
     assert!(
-        !connects(&client.name, SERVER_IP, 8081),
+        !connects(client.name(), SERVER_IP, 8081),
         "8081 is outside the client's egress range"
     );
     assert!(
-        connects(&client.name, SERVER_IP, 8080),
+        connects(client.name(), SERVER_IP, 8080),
         "server no longer isolated"
     );
 }
