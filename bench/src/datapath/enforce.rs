@@ -5,12 +5,12 @@
 
 use super::cmd::{run_in, ChildGuard};
 use super::k8s;
-use super::rng::Rng;
 use super::stats::{max, median, quantile};
 use super::store::{ApiStore, Store};
 use super::topo::{Lab, CLIENT_IP, SERVER_IP};
 use super::workload::{Cluster, Pod, Shape};
 use crate::{io_err, Error, Result};
+use palisade_policy::synth::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -561,7 +561,7 @@ fn established_flow(
                 continue;
             }
         }
-        std::thread::sleep(Duration::from_millis(20 + rng.below(30)));
+        std::thread::sleep(Duration::from_millis(20 + rng.below(30) as u64));
         match stream.measure(false, || store.remove(F_ALLOW_STREAM))? {
             Some(ms) => res.revoke_ms.push(ms),
             None => {
@@ -576,7 +576,7 @@ fn established_flow(
                 let _ = stream.wait_for(false, Duration::from_secs(10));
             }
         }
-        std::thread::sleep(Duration::from_millis(10 + rng.below(20)));
+        std::thread::sleep(Duration::from_millis(10 + rng.below(20) as u64));
         if res.failures > 5 {
             break;
         }
@@ -607,7 +607,7 @@ impl Churn {
             .collect();
         let mut rng = Rng::new(seed);
         Churn::paced(rate, Duration::ZERO, move || {
-            let mut pod = pods[rng.below(pods.len() as u64) as usize].clone();
+            let mut pod = pods[rng.below(pods.len())].clone();
             pod.labels
                 .insert("role".into(), format!("r{}", rng.below(20)));
             let name = format!("70-churn-{}.json", rng.below(200));
@@ -1308,12 +1308,12 @@ fn run_size(
                     Some(ms) => res.grant_ms.push(ms),
                     None => res.failures += 1,
                 }
-                std::thread::sleep(Duration::from_millis(10 + rng.below(20)));
+                std::thread::sleep(Duration::from_millis(10 + rng.below(20) as u64));
                 match probe.measure(false, || scenario.revoke(&store))? {
                     Some(ms) => res.revoke_ms.push(ms),
                     None => res.failures += 1,
                 }
-                std::thread::sleep(Duration::from_millis(10 + rng.below(20)));
+                std::thread::sleep(Duration::from_millis(10 + rng.below(20) as u64));
                 if res.failures > 5 {
                     break;
                 }
@@ -1460,7 +1460,7 @@ pub fn compile_cost(
                 }
             }
         } else {
-            let mut pod = others[rng.below(others.len() as u64) as usize].clone();
+            let mut pod = others[rng.below(others.len())].clone();
             pod.labels
                 .insert("role".into(), format!("r{}", rng.below(20)));
             k8s::change(&k8s::pod(&pod))?

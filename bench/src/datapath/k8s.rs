@@ -27,7 +27,7 @@ pub fn node(n: u32) -> Value {
 
 /// Stable uid of a pod (the agent matches attachments by uid when both sides have one).
 pub fn pod_uid(pod: &Pod) -> String {
-    format!("{:016x}", super::rng::fnv1a(&pod.key()))
+    format!("{:016x}", super::fnv1a(&pod.key()))
 }
 
 pub fn pod(pod: &Pod) -> Value {

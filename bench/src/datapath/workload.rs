@@ -17,7 +17,8 @@
 //!   10 namespaces of a team), one or two TCP ports. The measured policies sit at evenly spread
 //!   positions of the creation order.
 
-use super::rng::{fnv1a, Rng};
+use super::fnv1a;
+use palisade_policy::synth::Rng;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 

@@ -14,7 +14,7 @@
 //! A change is applied as kube-router does since v1.2: a full `ipset restore` and `iptables-restore`.
 
 use super::{join, Rendered};
-use crate::datapath::rng::fnv1a;
+use crate::datapath::fnv1a;
 use crate::datapath::workload::{Direction, NodeView};
 use std::fmt::Write;
 

@@ -9,8 +9,6 @@
 //!   chain per direction; a change is a full `nft -f` of the table.
 //! - `palisade`: the ruleset palisade-policy compiles for the node (the agent's full-replace batch).
 //! - `palisade-no-source-guard`: the same without the source guard rules and sets (its cost).
-//! - `palisade-layout-model`: the bench's own rendering of the documented layout (ARCHITECTURE.md
-//!   "The ruleset"), kept as a cross-check of the compiler's output.
 //!
 //! Every system, `none` included, runs with connection tracking on in the node namespaces (the
 //! `bench_base` table below), as it is on any node that runs kube-proxy: so "no policy" differs from
@@ -18,7 +16,6 @@
 
 pub mod iptables;
 pub mod naive_nft;
-pub mod palisade_model;
 pub mod palisade_real;
 
 use super::cmd::timed_in;
@@ -36,18 +33,15 @@ pub enum System {
     Palisade,
     /// The same without the source guard (its cost is the difference).
     PalisadeNoGuard,
-    /// The bench's own rendering of palisade's documented layout (a cross-check).
-    PalisadeModel,
 }
 
 impl System {
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 5] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
         System::Palisade,
         System::PalisadeNoGuard,
-        System::PalisadeModel,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,7 +51,6 @@ impl System {
             System::NaiveNft => "naive-nft-model",
             System::Palisade => "palisade",
             System::PalisadeNoGuard => "palisade-no-source-guard",
-            System::PalisadeModel => "palisade-layout-model",
         }
     }
 
@@ -85,7 +78,7 @@ pub const BASE_TABLE: &str = "table inet bench_base {
 /// A ruleset rendered for one node, ready to load.
 #[derive(Debug, Clone, Default)]
 pub struct Rendered {
-    /// `nft -f` input (naive, palisade model).
+    /// `nft -f` input (naive nft model).
     pub nft: Option<String>,
     /// `nft -j -f` input (palisade compiled by palisade-policy).
     pub nft_json: Option<String>,
@@ -109,7 +102,6 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::PalisadeNoGuard => {
             palisade_real::render(cluster, node, palisade_real::SourceGuard::Off)?
         }
-        System::PalisadeModel => palisade_model::render(&view),
     })
 }
 
@@ -154,11 +146,11 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
             )?;
             Ok(())
         }
-        System::Palisade | System::PalisadeNoGuard | System::PalisadeModel => {
+        System::Palisade | System::PalisadeNoGuard => {
             timed_in(
                 ns,
                 "nft",
-                &["delete", "table", "inet", palisade_model::TABLE],
+                &["delete", "table", "inet", palisade_contract::TABLE_NAME],
                 None,
             )?;
             Ok(())
