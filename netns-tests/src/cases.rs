@@ -8,7 +8,7 @@ use crate::lab::{Family, Lab};
 use crate::matrix::{Matrix, PortProto};
 use crate::probe::Protocol;
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -63,10 +63,7 @@ pub struct Step {
 /// Loads cases from a YAML file (a sequence of cases).
 pub fn load(path: &Path) -> Result<Vec<Case>> {
     let text = std::fs::read_to_string(path).map_err(LabError::io(path))?;
-    serde_yaml::from_str(&text).map_err(|e| LabError::Parse {
-        what: path.display().to_string(),
-        detail: e.to_string(),
-    })
+    crate::yaml::from_str(&text, &path.display().to_string())
 }
 
 /// The upstream cases shipped with the crate (`cases/upstream.yaml`).
@@ -183,9 +180,10 @@ pub fn model_objects(nodes: &[String]) -> Vec<Value> {
     let mut i = 0usize;
     for ns in MODEL_NAMESPACES {
         out.push(
-            serde_yaml::from_str(&format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"
-            ))
+            crate::yaml::from_str(
+                &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
+                "model namespace",
+            )
             .unwrap_or(Value::Null),
         );
     }
@@ -204,7 +202,7 @@ pub fn model_objects(nodes: &[String]) -> Vec<Value> {
             let text = format!(
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: {ns}\n  labels: {{pod: {pod}}}\nspec:\n  nodeName: {node}\n  containers:\n{containers}"
             );
-            out.push(serde_yaml::from_str(&text).unwrap_or(Value::Null));
+            out.push(crate::yaml::from_str(&text, "model pod").unwrap_or(Value::Null));
         }
     }
     out
@@ -255,7 +253,8 @@ pub fn explain_mismatch(what: &str, expected: &Matrix, observed: &Matrix) -> Str
 }
 
 fn substitute(lab: &Lab, obj: &Value) -> Result<Value> {
-    let mut text = serde_yaml::to_string(obj).map_err(|e| LabError::Parse {
+    // JSON text: placeholders sit inside strings, and JSON writes every string as it is.
+    let mut text = serde_json::to_string(obj).map_err(|e| LabError::Parse {
         what: "case object".into(),
         detail: e.to_string(),
     })?;
@@ -299,7 +298,7 @@ fn substitute(lab: &Lab, obj: &Value) -> Result<Value> {
         };
         text.replace_range(start..end + 2, &value);
     }
-    serde_yaml::from_str(&text).map_err(|e| LabError::Parse {
+    serde_json::from_str(&text).map_err(|e| LabError::Parse {
         what: "case object after substitution".into(),
         detail: e.to_string(),
     })

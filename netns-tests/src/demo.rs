@@ -6,7 +6,7 @@ use crate::k8s::{self, ObjKey};
 use crate::lab::{Family, Lab, LabOptions, DEFAULT_PROBE_TIMEOUT};
 use crate::matrix::Matrix;
 use crate::probe::Protocol;
-use serde_yaml::Value;
+use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};

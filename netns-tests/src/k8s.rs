@@ -3,7 +3,10 @@
 //! written atomically).
 
 use crate::error::{LabError, Result};
-use serde_yaml::{Mapping, Value};
+use serde_json::Value;
+
+/// A JSON object (a YAML mapping of string keys).
+pub type Mapping = serde_json::Map<String, Value>;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -105,11 +108,7 @@ pub fn key_of(obj: &Value) -> Result<ObjKey> {
 /// Parses every document of a YAML text (skipping empty ones; `kind: List` is flattened).
 pub fn parse_documents(text: &str, origin: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = <Value as serde::Deserialize>::deserialize(doc).map_err(|e| LabError::Parse {
-            what: origin.to_string(),
-            detail: e.to_string(),
-        })?;
+    for v in crate::yaml::documents::<Value>(text, origin)? {
         push_flattened(v, &mut out);
     }
     Ok(out)
@@ -118,8 +117,8 @@ pub fn parse_documents(text: &str, origin: &str) -> Result<Vec<Value>> {
 fn push_flattened(v: Value, out: &mut Vec<Value>) {
     match v {
         Value::Null => {}
-        Value::Mapping(_) if v.get("kind").and_then(Value::as_str) == Some("List") => {
-            if let Some(Value::Sequence(items)) = v.get("items") {
+        Value::Object(_) if v.get("kind").and_then(Value::as_str) == Some("List") => {
+            if let Some(Value::Array(items)) = v.get("items") {
                 for i in items.clone() {
                     push_flattened(i, out);
                 }
@@ -157,20 +156,20 @@ pub fn read_path(path: &Path) -> Result<Vec<Value>> {
 /// Mutable access to `metadata.labels`, creating it.
 pub fn labels_mut(obj: &mut Value) -> Result<&mut Mapping> {
     let meta = obj
-        .as_mapping_mut()
+        .as_object_mut()
         .ok_or_else(|| LabError::Invalid("object is not a mapping".to_string()))?
-        .entry(Value::from("metadata"))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Mapping::new()));
     let labels = meta
-        .as_mapping_mut()
+        .as_object_mut()
         .ok_or_else(|| LabError::Invalid("metadata is not a mapping".to_string()))?
-        .entry(Value::from("labels"))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
+        .entry("labels")
+        .or_insert_with(|| Value::Object(Mapping::new()));
     if labels.is_null() {
-        *labels = Value::Mapping(Mapping::new());
+        *labels = Value::Object(Mapping::new());
     }
     labels
-        .as_mapping_mut()
+        .as_object_mut()
         .ok_or_else(|| LabError::Invalid("metadata.labels is not a mapping".to_string()))
 }
 
@@ -178,10 +177,10 @@ pub fn labels_mut(obj: &mut Value) -> Result<&mut Mapping> {
 pub fn labels(obj: &Value) -> BTreeMap<String, String> {
     obj.get("metadata")
         .and_then(|m| m.get("labels"))
-        .and_then(Value::as_mapping)
+        .and_then(Value::as_object)
         .map(|m| {
             m.iter()
-                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), scalar_string(v)?)))
+                .filter_map(|(k, v)| Some((k.clone(), scalar_string(v)?)))
                 .collect()
         })
         .unwrap_or_default()
@@ -230,10 +229,10 @@ pub fn edit_labels(obj: &mut Value, edits: &[LabelEdit]) -> Result<()> {
     for e in edits {
         match e {
             LabelEdit::Set(k, v) => {
-                labels.insert(Value::from(k.as_str()), Value::from(v.as_str()));
+                labels.insert(k.clone(), Value::from(v.as_str()));
             }
             LabelEdit::Remove(k) => {
-                labels.remove(Value::from(k.as_str()));
+                labels.remove(k.as_str());
             }
         }
     }
@@ -246,13 +245,13 @@ pub fn container_ports(pod: &Value) -> Vec<(u16, String)> {
     let containers = pod
         .get("spec")
         .and_then(|s| s.get("containers"))
-        .and_then(Value::as_sequence)
+        .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
     for c in containers {
         for p in c
             .get("ports")
-            .and_then(Value::as_sequence)
+            .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default()
         {
@@ -280,18 +279,18 @@ pub fn container_ports(pod: &Value) -> Vec<(u16, String)> {
 pub fn set_path(obj: &mut Value, path: &[&str], value: Value) -> Result<()> {
     let mut cur = obj;
     for (i, seg) in path.iter().enumerate() {
-        let map = cur.as_mapping_mut().ok_or_else(|| {
+        let map = cur.as_object_mut().ok_or_else(|| {
             LabError::Invalid(format!("{} is not a mapping", path[..i].join(".")))
         })?;
         if i + 1 == path.len() {
-            map.insert(Value::from(*seg), value);
+            map.insert((*seg).to_string(), value);
             return Ok(());
         }
         cur = map
-            .entry(Value::from(*seg))
-            .or_insert_with(|| Value::Mapping(Mapping::new()));
+            .entry(*seg)
+            .or_insert_with(|| Value::Object(Mapping::new()));
         if cur.is_null() {
-            *cur = Value::Mapping(Mapping::new());
+            *cur = Value::Object(Mapping::new());
         }
     }
     Ok(())
@@ -375,9 +374,9 @@ pub fn remove_annotation(obj: &mut Value, key: &str) {
     if let Some(a) = obj
         .get_mut("metadata")
         .and_then(|m| m.get_mut("annotations"))
-        .and_then(Value::as_mapping_mut)
+        .and_then(Value::as_object_mut)
     {
-        a.remove(Value::from(key));
+        a.remove(key);
     }
 }
 
@@ -433,13 +432,13 @@ pub fn host_ports(pod: &Value) -> Result<Vec<crate::cni::PortMapping>> {
     let containers = pod
         .get("spec")
         .and_then(|s| s.get("containers"))
-        .and_then(Value::as_sequence)
+        .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
     for c in containers {
         for p in c
             .get("ports")
-            .and_then(Value::as_sequence)
+            .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default()
         {
@@ -493,10 +492,7 @@ impl ManifestDir {
     /// Writes (or replaces) one object: a hidden temp file in the same directory, then rename.
     pub fn write(&self, obj: &Value) -> Result<ObjKey> {
         let key = key_of(obj)?;
-        let text = serde_yaml::to_string(obj).map_err(|e| LabError::Parse {
-            what: key.to_string(),
-            detail: e.to_string(),
-        })?;
+        let text = crate::yaml::to_string(obj, &key.to_string())?;
         let file = self.dir.join(key.file_name());
         let tmp = self.dir.join(format!(".{}.tmp", key.file_name()));
         std::fs::write(&tmp, text).map_err(LabError::io(&tmp))?;

@@ -11,7 +11,7 @@ use crate::probe::{Outcome, Protocol, Target};
 use crate::process;
 use crate::signals;
 use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -907,10 +907,7 @@ impl Lab {
         let path = self.manifests.dir.join(key.file_name());
         let text = std::fs::read_to_string(&path)
             .map_err(|_| LabError::Invalid(format!("{key} not found")))?;
-        serde_yaml::from_str(&text).map_err(|e| LabError::Parse {
-            what: path.display().to_string(),
-            detail: e.to_string(),
-        })
+        crate::yaml::from_str(&text, &path.display().to_string())
     }
 
     fn apply_pod(&mut self, obj: Value, key: &ObjKey) -> Result<()> {
@@ -1100,9 +1097,9 @@ impl Lab {
         let pod_ips: Vec<Value> = ips
             .iter()
             .map(|ip| {
-                let mut m = serde_yaml::Mapping::new();
-                m.insert(Value::from("ip"), Value::from(ip.to_string()));
-                Value::Mapping(m)
+                let mut m = serde_json::Map::new();
+                m.insert("ip".into(), Value::from(ip.to_string()));
+                Value::Object(m)
             })
             .collect();
         k8s::set_path(&mut obj, &["status", "phase"], Value::from("Running"))?;
@@ -1111,7 +1108,7 @@ impl Lab {
             &["status", "podIP"],
             Value::from(first.to_string()),
         )?;
-        k8s::set_path(&mut obj, &["status", "podIPs"], Value::Sequence(pod_ips))?;
+        k8s::set_path(&mut obj, &["status", "podIPs"], Value::Array(pod_ips))?;
         k8s::set_path(
             &mut obj,
             &["status", "hostIP"],
@@ -1189,9 +1186,9 @@ impl Lab {
             );
             k8s::set_path(&mut obj, &["metadata", "uid"], Value::from(u.as_str()))?;
         }
-        let mut status = serde_yaml::Mapping::new();
-        status.insert(Value::from("phase"), Value::from("Pending"));
-        k8s::set_path(&mut obj, &["status"], Value::Mapping(status))?;
+        let mut status = serde_json::Map::new();
+        status.insert("phase".into(), Value::from("Pending"));
+        k8s::set_path(&mut obj, &["status"], Value::Object(status))?;
         self.state.save()?;
         self.manifests.write(&obj).map(|_| ())
     }
@@ -1220,8 +1217,8 @@ impl Lab {
             (from, to) if from == to => Ok(()),
             (Pending, Running) => {
                 k8s::remove_annotation(&mut obj, k8s::PHASE_ANNOTATION);
-                if let Some(m) = obj.as_mapping_mut() {
-                    m.remove(Value::from("status"));
+                if let Some(m) = obj.as_object_mut() {
+                    m.remove("status");
                 }
                 self.create_pod(obj, &key)
             }
@@ -1274,7 +1271,7 @@ impl Lab {
             let ips = obj
                 .get("status")
                 .and_then(|s| s.get("podIPs"))
-                .and_then(Value::as_sequence)
+                .and_then(Value::as_array)
                 .map(|l| {
                     l.iter()
                         .filter_map(|i| i.get("ip").and_then(Value::as_str).map(str::to_string))
@@ -1772,7 +1769,7 @@ fn node_object(node: &NodeState) -> Value {
         a4 = node_underlay_v4(node.index),
         a6 = node_underlay_v6(node.index),
     );
-    serde_yaml::from_str(&text).unwrap_or(Value::Null)
+    crate::yaml::from_str(&text, "node object").unwrap_or(Value::Null)
 }
 
 fn teardown_pod(state: &LabState, pod: &PodState, errors: &mut Vec<String>) {

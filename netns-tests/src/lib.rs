@@ -19,5 +19,6 @@ pub mod netns;
 pub mod probe;
 pub mod process;
 pub mod signals;
+pub mod yaml;
 
 pub use error::{LabError, Result};

@@ -12,7 +12,7 @@ use palisade_netns_tests::cases::{self, Case, MODEL_PORTS};
 use palisade_netns_tests::k8s;
 use palisade_netns_tests::lab::{self, Family, Lab, LabOptions};
 use palisade_netns_tests::probe::{Protocol, Target};
-use serde_yaml::Value;
+use serde_json::Value;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ struct Test {
 }
 
 fn yaml(text: &str) -> Value {
-    serde_yaml::from_str(text).expect("test YAML parses")
+    palisade_netns_tests::yaml::from_str(text, "test YAML").expect("test YAML parses")
 }
 
 /// Polls `check` until it returns Ok or `bound` has passed; returns the last error.
@@ -420,8 +420,9 @@ fn sctp_cases_at_rule_level(lab: &mut Lab) -> TestResult {
 /// does not depend on whether the first probe round runs before or after the agents commit:
 /// "all allowed" as the wrong expectation matched the first round whenever it won that race.
 fn harness_detects_a_wrong_expectation(lab: &mut Lab) -> TestResult {
-    let wrong: Vec<Case> = serde_yaml::from_str(
+    let wrong: Vec<Case> = palisade_netns_tests::yaml::from_str(
         "- id: SELF\n  title: wrong on purpose\n  steps:\n  - apply:\n    - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: deny-ingress, namespace: x}, spec: {podSelector: {}, policyTypes: [Ingress], ingress: []}}\n    expect: {all: [\"deny * -> y/*\"]}\n",
+        "the wrong case",
     )
     .map_err(|e| e.to_string())?;
     match cases::run_case(lab, &wrong[0]) {
