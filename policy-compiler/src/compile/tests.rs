@@ -1,4 +1,4 @@
-//! Every item of netpol-semantics.md, pinned by a test named after its number.
+//! Every item of docs/netpol-semantics.md, pinned by a test named after its number.
 //!
 //! `W::can` answers through `explain` (the semantic model) and checks that the rulesets of the
 //! nodes involved give the same answer for the same packet, so each test covers both.
