@@ -8,12 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-/// Spec versions we accept in a network configuration, oldest first.
-pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
-/// Version that introduced STATUS and GC.
-pub const VERSION_1_1_0: &str = "1.1.0";
-/// Version reported when the runtime sent none (VERSION with empty stdin).
-pub const DEFAULT_VERSION: &str = "1.1.0";
+pub use palisade_contract::cni::CniVersion;
 
 /// `CNI_COMMAND`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,16 +175,23 @@ pub fn validate_ifname(name: &str) -> std::result::Result<(), String> {
 }
 
 /// Checks the configuration's `cniVersion` against what we support and what the command needs.
-pub fn check_version(version: &str, command: Command) -> Result<()> {
-    if !SUPPORTED_VERSIONS.contains(&version) {
-        return Err(Error::IncompatibleVersion(format!(
+/// The configuration's `cniVersion` as one we speak, or an incompatible-version error (code 1).
+pub fn supported_version(version: &str) -> Result<CniVersion> {
+    CniVersion::parse(version).ok_or_else(|| {
+        Error::IncompatibleVersion(format!(
             "cniVersion {version:?} is not supported (supported: {})",
-            SUPPORTED_VERSIONS.join(", ")
-        )));
-    }
-    if matches!(command, Command::Status | Command::Gc) && version != VERSION_1_1_0 {
+            CniVersion::all_strs().join(", ")
+        ))
+    })
+}
+
+/// Refuses a command the configuration's version does not have (STATUS and GC before 1.1.0).
+pub fn check_version(version: CniVersion, command: Command) -> Result<()> {
+    if matches!(command, Command::Status | Command::Gc) && !version.has_status_and_gc() {
         return Err(Error::IncompatibleVersion(format!(
-            "{command:?} needs cniVersion {VERSION_1_1_0}, the configuration says {version:?}"
+            "{command:?} needs cniVersion {}, the configuration says {:?}",
+            CniVersion::V1_1_0,
+            version.as_str()
         )));
     }
     Ok(())
@@ -197,7 +199,7 @@ pub fn check_version(version: &str, command: Command) -> Result<()> {
 
 /// The VERSION answer.
 pub fn version_result(requested: &str) -> serde_json::Value {
-    serde_json::json!({ "cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS })
+    serde_json::json!({ "cniVersion": requested, "supportedVersions": CniVersion::all_strs() })
 }
 
 /// `interfaces[]` of a result.
@@ -369,14 +371,14 @@ mod tests {
 
     #[test]
     fn version_negotiation_accepts_1_0_and_1_1_and_gates_gc_and_status() {
-        assert!(check_version("1.0.0", Command::Add).is_ok());
-        assert!(check_version("1.1.0", Command::Gc).is_ok());
-        assert_eq!(check_version("0.4.0", Command::Add).unwrap_err().code(), 1);
-        assert_eq!(
-            check_version("1.0.0", Command::Status).unwrap_err().code(),
-            1
-        );
-        assert_eq!(check_version("1.0.0", Command::Gc).unwrap_err().code(), 1);
+        let v1_0 = supported_version("1.0.0").unwrap();
+        let v1_1 = supported_version("1.1.0").unwrap();
+        assert!(check_version(v1_0, Command::Add).is_ok());
+        assert!(check_version(v1_1, Command::Gc).is_ok());
+        assert_eq!(supported_version("0.4.0").unwrap_err().code(), 1);
+        assert_eq!(supported_version("1.10.0").unwrap_err().code(), 1);
+        assert_eq!(check_version(v1_0, Command::Status).unwrap_err().code(), 1);
+        assert_eq!(check_version(v1_0, Command::Gc).unwrap_err().code(), 1);
         let v = version_result("1.0.0");
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(

@@ -11,14 +11,9 @@ use serde_json::{Map, Value};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-/// Default MTU of both veth ends.
-pub const DEFAULT_MTU: u32 = 1500;
-/// Smallest MTU we accept (IPv4 minimum; IPv6 needs 1280, checked when an IPv6 range is set).
-pub const MIN_MTU: u32 = 576;
-/// Largest MTU we accept (jumbo frames).
-pub const MAX_MTU: u32 = 65535;
-/// IPv6 minimum link MTU.
-pub const MIN_MTU_V6: u32 = 1280;
+// MTU bounds are the contract's (the agent renders the conflist within them): the IPv4 minimum
+// for any network, IPv6's when an IPv6 range is set.
+use palisade_contract::cni::{CniVersion, DEFAULT_MTU, MAX_MTU, MIN_MTU, MIN_MTU_V6};
 
 /// GC key listing the attachments still in use (spec 1.1.0).
 pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
@@ -62,7 +57,7 @@ pub enum Ipam {
 /// The parsed network configuration.
 #[derive(Debug, Clone)]
 pub struct NetConf {
-    pub cni_version: String,
+    pub cni_version: CniVersion,
     pub name: String,
     pub mtu: u32,
     pub state_dir: PathBuf,
@@ -144,6 +139,7 @@ impl NetConf {
             .ok_or_else(|| Error::Decode(format!("expected a JSON object, got {v}")))?;
         let cni_version =
             string(obj, "", "cniVersion")?.ok_or_else(|| Error::config("cniVersion", "missing"))?;
+        let cni_version = crate::cni::supported_version(&cni_version)?;
         let name = string(obj, "", "name")?.ok_or_else(|| Error::config("name", "missing"))?;
         validate_id(&name).map_err(|r| Error::config("name", r))?;
         let mtu = match field(obj, "mtu") {

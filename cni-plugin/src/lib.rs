@@ -22,11 +22,11 @@ use error::{Error, Result};
 /// Runs one invocation; returns what to print on stdout on success (None: print nothing).
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<serde_json::Value>> {
     if env.command == Command::Version {
-        let v = config::peek_version(stdin).unwrap_or_else(|| cni::DEFAULT_VERSION.to_string());
+        let v = config::peek_version(stdin).unwrap_or_else(|| cni::CniVersion::LATEST.to_string());
         return Ok(Some(cni::version_result(&v)));
     }
     let conf = NetConf::parse(stdin)?;
-    cni::check_version(&conf.cni_version, env.command)?;
+    cni::check_version(conf.cni_version, env.command)?;
     match env.command {
         Command::Add => {
             let r = ops::add(env, &conf)?;

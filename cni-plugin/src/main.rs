@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     let version = config::peek_version(&stdin)
-        .unwrap_or_else(|| palisade_cni::cni::DEFAULT_VERSION.to_string());
+        .unwrap_or_else(|| palisade_cni::cni::CniVersion::LATEST.to_string());
     let outcome = match read {
         Err(e) => Err(palisade_cni::error::Error::io("reading stdin", e)),
         Ok(_) => Env::from_lookup(|k| std::env::var(k).ok()).and_then(|env| run(&env, &stdin)),

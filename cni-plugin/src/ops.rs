@@ -133,9 +133,9 @@ async fn setup(
         "attachment wired"
     );
     // `interfaces[].mtu` exists since spec 1.1.0.
-    let mtu = (conf.cni_version.as_str() >= crate::cni::VERSION_1_1_0).then_some(conf.mtu);
+    let mtu = conf.cni_version.has_interface_mtu().then_some(conf.mtu);
     Ok(CniResult {
-        cni_version: conf.cni_version.clone(),
+        cni_version: conf.cni_version.as_str().to_string(),
         interfaces: vec![
             Interface {
                 name: host_veth.to_string(),

@@ -5,6 +5,7 @@
 //! and the agent reads, and the conflist the agent writes and the runtime hands to the plugin.
 //! Everything either side needs to find the other lives here, so the two can never drift apart.
 
+pub mod cni;
 pub mod lock;
 
 use serde::{Deserialize, Serialize};

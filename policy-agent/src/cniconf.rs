@@ -7,6 +7,7 @@
 //! `palisade-agent cleanup`.
 
 use ipnet::IpNet;
+use palisade_contract::cni::{min_mtu, CniVersion, CONFLIST_VERSION, MAX_MTU};
 use palisade_contract::{BUILTIN_IPAM_TYPE, CONFLIST_FILE, NETWORK_NAME, PLUGIN_TYPE};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
@@ -14,21 +15,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Top-level spec version of the conflist: 1.0.0, for runtimes whose libcni predates `cniVersions`
-/// (containerd 1.6/1.7 vendor libcni 1.1.x) and so hand this version to every plugin of the chain,
-/// including a `portmap` too old for 1.1.0 (Debian 12 ships 1.1.1, which rejects it and would fail
-/// every pod's ADD). libcni >= 1.2 reads `cniVersions` and picks 1.1.0 (GC, STATUS).
-pub const CNI_VERSION: &str = "1.0.0";
-/// Every spec version we advertise; the plugin answers results in both.
-pub const CNI_VERSIONS: [&str; 2] = ["1.0.0", "1.1.0"];
 /// Type of the chained plugin that implements `hostPort`.
 pub const PORTMAP_TYPE: &str = "portmap";
-/// Smallest MTU we accept (the IPv4 minimum datagram every host must take).
-pub const MIN_MTU: u32 = 576;
-/// Smallest MTU of a link that carries IPv6 (RFC 8200).
-pub const MIN_MTU_V6: u32 = 1280;
-/// Largest MTU a Linux veth takes.
-pub const MAX_MTU: u32 = 65535;
 /// Mode of the written conflist: the runtime reads it as root; nothing in it is secret.
 const CONFLIST_MODE: u32 = 0o644;
 
@@ -199,7 +187,7 @@ fn abs_utf8<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, CniConfEr
 pub fn render(params: &ConflistParams) -> Result<String, CniConfError> {
     check_pod_cidrs(&params.pod_cidrs)?;
     let has_v6 = params.pod_cidrs.iter().any(|c| c.addr().is_ipv6());
-    let min = if has_v6 { MIN_MTU_V6 } else { MIN_MTU };
+    let min = min_mtu(has_v6);
     if !(min..=MAX_MTU).contains(&params.mtu) {
         return Err(CniConfError::BadMtu {
             mtu: params.mtu,
@@ -208,8 +196,8 @@ pub fn render(params: &ConflistParams) -> Result<String, CniConfError> {
         });
     }
     let conflist = Conflist {
-        cni_version: CNI_VERSION,
-        cni_versions: CNI_VERSIONS,
+        cni_version: CONFLIST_VERSION.as_str(),
+        cni_versions: CniVersion::all_strs(),
         name: NETWORK_NAME,
         plugins: (
             PalisadeConf {
