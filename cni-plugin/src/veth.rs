@@ -15,15 +15,11 @@ use std::os::fd::RawFd;
 /// Pod-side IPv4 gateway (contract::GATEWAY_V4).
 pub fn gateway_v4() -> Ipv4Addr {
     palisade_contract::GATEWAY_V4
-        .parse()
-        .unwrap_or(Ipv4Addr::new(169, 254, 1, 1))
 }
 
 /// Pod-side IPv6 gateway (contract::GATEWAY_V6).
 pub fn gateway_v6() -> Ipv6Addr {
     palisade_contract::GATEWAY_V6
-        .parse()
-        .unwrap_or(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1))
 }
 
 /// The gateway for an address of the given family.

@@ -9,6 +9,7 @@ pub mod cni;
 pub mod lock;
 
 use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 /// nftables family of our one table.
@@ -41,9 +42,9 @@ pub const PLUGIN_TYPE: &str = "palisade";
 /// `ipam.type` that selects palisade's built-in (host-local compatible) allocator.
 pub const BUILTIN_IPAM_TYPE: &str = "palisade";
 /// Link-local gateway every pod routes through (Calico's choice; the host veth answers ARP by proxy).
-pub const GATEWAY_V4: &str = "169.254.1.1";
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Link-local IPv6 gateway every pod routes through (the host veth owns it).
-pub const GATEWAY_V6: &str = "fe80::1";
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// Prefix of host-side veth names; the rest derives from the container id and ifname.
 pub const HOST_VETH_PREFIX: &str = "pal";
 

@@ -18,7 +18,7 @@ pub const NODE2_POD_CIDR: &str = "10.244.2.0/24";
 pub const NODE1_UNDERLAY: &str = "10.250.0.1";
 pub const NODE2_UNDERLAY: &str = "10.250.0.2";
 /// Link-local gateway every pod routes through (the contract's).
-pub const GATEWAY: &str = palisade_contract::GATEWAY_V4;
+pub const GATEWAY: std::net::Ipv4Addr = palisade_contract::GATEWAY_V4;
 /// Host-side veth name of a measured pod (`client`, `server`) inside its node namespace: the name
 /// the plugin derives from the container id `bench-<pod>` (the attachment records that palisade's
 /// source guard reads say so, `rulesets::palisade_real`).
@@ -405,16 +405,17 @@ impl Lab {
             &["-n", pod, "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
         )?;
         run("ip", &["-n", pod, "link", "set", "eth0", "up"])?;
+        let gateway = GATEWAY.to_string();
         run(
             "ip",
             &[
-                "-n", pod, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+                "-n", pod, "route", "add", &gateway, "dev", "eth0", "scope", "link",
             ],
         )?;
         run(
             "ip",
             &[
-                "-n", pod, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+                "-n", pod, "route", "add", "default", "via", &gateway, "dev", "eth0",
             ],
         )?;
         Ok(())
