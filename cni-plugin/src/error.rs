@@ -96,6 +96,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<palisade_contract::records::RecordError> for Error {
+    fn from(e: palisade_contract::records::RecordError) -> Self {
+        Error::io(
+            format!("{} attachment record {}", e.action, e.path.display()),
+            e.source,
+        )
+    }
+}
+
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

@@ -196,11 +196,11 @@ fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -
         pod_uid: env.args.pod_uid.clone(),
         pending,
     };
-    if let Err(e) = pending::write_record(&conf.state_dir, &record) {
+    if let Err(e) = contract::records::write(&conf.state_dir, &record) {
         if pending {
             let _ = pending::unmark(ips);
         }
-        return Err(e);
+        return Err(e.into());
     }
     Ok(())
 }
@@ -274,7 +274,7 @@ async fn teardown(
 
 fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Result<()> {
     let _lock = pending::lock_node(&conf.state_dir)?;
-    let record = match pending::read_record(&conf.state_dir, container_id, ifname) {
+    let record = match contract::records::read(&conf.state_dir, container_id, ifname) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "unreadable attachment record; removing it");
@@ -284,7 +284,8 @@ fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Resu
     if let Some(r) = record.as_ref().filter(|r| r.pending) {
         pending::unmark(&r.ips)?;
     }
-    pending::remove_record(&conf.state_dir, container_id, ifname)
+    contract::records::remove(&conf.state_dir, container_id, ifname)?;
+    Ok(())
 }
 
 /// Refuses a record that names a link the plugin could not have made (see
@@ -303,7 +304,8 @@ fn verify_record(path: &std::path::Path, record: &Attachment) -> Result<()> {
 pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
     // An unreadable record is the teardown's business (it warns and removes it).
-    if let Ok(Some(record)) = pending::read_record(&conf.state_dir, &env.container_id, &env.ifname)
+    if let Ok(Some(record)) =
+        contract::records::read(&conf.state_dir, &env.container_id, &env.ifname)
     {
         let path = contract::attachment_path(&conf.state_dir, &env.container_id, &env.ifname);
         verify_record(&path, &record)?;
@@ -339,7 +341,7 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<()> {
         .collect();
     let ns = open_pod_netns(env)?;
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
-    let record = pending::read_record(&conf.state_dir, &env.container_id, &env.ifname)?
+    let record = contract::records::read(&conf.state_dir, &env.container_id, &env.ifname)?
         .ok_or_else(|| {
             Error::CheckFailed(format!(
                 "no attachment record for {}/{}",

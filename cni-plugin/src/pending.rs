@@ -9,10 +9,9 @@
 //! of the calling thread: call these from a thread in the node's.
 
 use crate::error::{Error, Result};
-use palisade_contract::{self as contract, Attachment};
+use palisade_contract as contract;
 use palisade_nft::setelem::{self, ElementOp, SetOp};
-use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
+use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -141,60 +140,6 @@ pub fn agent_absent_message() -> String {
     )
 }
 
-/// Writes the attachment record atomically (temp file + rename: readers see the old state or the
-/// whole new record, never a partial one). No fsync: after a node crash the pod namespaces are
-/// gone anyway and the runtime's GC removes what is left.
-pub fn write_record(state_dir: &Path, a: &Attachment) -> Result<()> {
-    let path = contract::attachment_path(state_dir, &a.container_id, &a.ifname);
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(a)
-        .map_err(|e| Error::io("encoding the attachment record", e.into()))?;
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&body)?;
-        fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(format!("writing attachment record {}", path.display()), e)
-    })
-}
-
-/// Reads the record of (container, ifname), if any.
-pub fn read_record(
-    state_dir: &Path,
-    container_id: &str,
-    ifname: &str,
-) -> Result<Option<Attachment>> {
-    let path = contract::attachment_path(state_dir, container_id, ifname);
-    match fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-            Error::io(
-                format!("parsing attachment record {}", path.display()),
-                e.into(),
-            )
-        }),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(
-            format!("reading attachment record {}", path.display()),
-            e,
-        )),
-    }
-}
-
-/// Removes the record of (container, ifname); a missing one is fine.
-pub fn remove_record(state_dir: &Path, container_id: &str, ifname: &str) -> Result<()> {
-    let path = contract::attachment_path(state_dir, container_id, ifname);
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(
-            format!("removing attachment record {}", path.display()),
-            e,
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,29 +166,5 @@ mod tests {
                 (SetOp::Delete, contract::PENDING_SET_V4, ip),
             ]
         );
-    }
-
-    #[test]
-    fn records_are_written_atomically_read_back_and_removed() {
-        let dir = std::env::temp_dir().join(format!("palisade-rec-{}", std::process::id()));
-        let _lock = lock_node(&dir).unwrap();
-        let a = Attachment {
-            container_id: "c1".into(),
-            ifname: "eth0".into(),
-            netns: "/run/netns/p".into(),
-            host_veth: contract::host_veth_name("c1", "eth0"),
-            ips: vec!["10.1.0.2".parse().unwrap()],
-            pod_namespace: Some("ns".into()),
-            pod_name: Some("p".into()),
-            pod_uid: Some("u".into()),
-            pending: true,
-        };
-        write_record(&dir, &a).unwrap();
-        assert_eq!(read_record(&dir, "c1", "eth0").unwrap(), Some(a.clone()));
-        assert_eq!(contract::read_attachments(&dir).0, vec![a]);
-        remove_record(&dir, "c1", "eth0").unwrap();
-        remove_record(&dir, "c1", "eth0").unwrap();
-        assert_eq!(read_record(&dir, "c1", "eth0").unwrap(), None);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod cni;
 pub mod lock;
+pub mod records;
 
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -127,51 +128,7 @@ pub fn attachment_path(state_dir: &Path, container_id: &str, ifname: &str) -> Pa
     attachments_dir(state_dir).join(format!("{container_id}_{ifname}.json"))
 }
 
-/// Reads every attachment record of a state directory; unreadable records are returned as errors
-/// beside the good ones so one bad file never hides the others.
-pub fn read_attachments(state_dir: &Path) -> (Vec<Attachment>, Vec<(PathBuf, String)>) {
-    let (good, bad) = read_attachment_files(state_dir);
-    (good.into_iter().map(|(_, a)| a).collect(), bad)
-}
-
-/// Records with the file each was read from.
-pub type RecordFiles = Vec<(PathBuf, Attachment)>;
-
-/// [`read_attachments`] with the file each record was read from (sorted by container id, ifname).
-pub fn read_attachment_files(state_dir: &Path) -> (RecordFiles, Vec<(PathBuf, String)>) {
-    let mut good = Vec::new();
-    let mut bad = Vec::new();
-    let dir = attachments_dir(state_dir);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (good, bad),
-        Err(e) => {
-            bad.push((dir, e.to_string()));
-            return (good, bad);
-        }
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            // Deleted between listing and reading (a CNI DEL or GC meanwhile): gone, not bad.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                bad.push((path, e.to_string()));
-                continue;
-            }
-        };
-        match serde_json::from_slice::<Attachment>(&bytes) {
-            Ok(a) => good.push((path, a)),
-            Err(e) => bad.push((path, e.to_string())),
-        }
-    }
-    good.sort_by(|(_, a), (_, b)| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
-    (good, bad)
-}
+pub use records::{read_attachment_files, read_attachments, RecordFiles};
 
 /// Host veth name for an attachment: `pal` + 12 hex digits of a stable hash of (container id, ifname).
 /// Stable across processes and releases (FNV-1a, not std's randomised hasher), at most 15 bytes.

@@ -5,7 +5,6 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -314,15 +313,7 @@ pub fn namespace_yaml(ns: &str) -> String {
     format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n")
 }
 
-/// Writes `s` to a file in the state dir like the plugin's record write (temp + rename).
+/// Writes an attachment record exactly as the plugin does.
 pub fn write_record(state: &Path, a: &palisade_contract::Attachment) {
-    let dir = palisade_contract::attachments_dir(state);
-    std::fs::create_dir_all(&dir).expect("attachments dir");
-    let path = palisade_contract::attachment_path(state, &a.container_id, &a.ifname);
-    let tmp = dir.join(format!(".{}.tmp", unique("rec")));
-    let mut f = std::fs::File::create(&tmp).expect("temp record");
-    f.write_all(&serde_json::to_vec(a).expect("record json"))
-        .expect("write record");
-    f.sync_all().expect("fsync record");
-    std::fs::rename(&tmp, &path).expect("rename record");
+    palisade_contract::records::write(state, a).expect("write attachment record");
 }
