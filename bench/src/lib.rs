@@ -6,6 +6,7 @@
 //! nodes. Everything runs in namespaces the bench creates; the host's own namespace is never touched.
 
 pub mod datapath;
+pub mod enforce;
 
 use std::path::PathBuf;
 

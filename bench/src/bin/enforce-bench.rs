@@ -5,7 +5,8 @@
 //! needs neither. `probe-loop`, `serve` and `fetch-metrics` are run by `run` inside the namespaces.
 
 use clap::{Parser, Subcommand};
-use palisade_bench::datapath::{enforce, report, traffic};
+use palisade_bench::datapath::{report, traffic};
+use palisade_bench::enforce;
 use palisade_bench::{Error, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;

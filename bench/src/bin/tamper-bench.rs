@@ -8,12 +8,12 @@
 
 use clap::Parser;
 use palisade_bench::datapath::cmd::{run_in, ChildGuard};
-use palisade_bench::datapath::enforce::{path_str, write_manifest, AgentDirs};
 use palisade_bench::datapath::run::enter_netns;
 use palisade_bench::datapath::stats::{max, median};
 use palisade_bench::datapath::topo::Lab;
 use palisade_bench::datapath::workload::{Cluster, Shape};
 use palisade_bench::datapath::{k8s, rulesets};
+use palisade_bench::enforce::{path_str, write_manifest, AgentDirs};
 use palisade_bench::{io_err_pub, Error, Result};
 use palisade_nft::monitor::{Drift, Monitor, Scope};
 use serde_json::{json, Value};

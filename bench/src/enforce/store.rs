@@ -7,7 +7,7 @@
 //! removing it removes its objects; an object held by two names (a heartbeat override of a pod
 //! that is also in the cluster list) falls back to the other name's version when one goes.
 
-use super::run::enter_netns;
+use crate::datapath::run::enter_netns;
 use crate::{io_err, Error, Result};
 use palisade_testkit::apiserver::ApiServer;
 use serde_json::Value;
@@ -28,7 +28,7 @@ impl Store {
     /// became visible.
     pub fn put(&self, name: &str, doc: &Value) -> Result<u64> {
         match self {
-            Store::Dir(dir) => super::enforce::write_manifest(dir, name, doc),
+            Store::Dir(dir) => super::write_manifest(dir, name, doc),
             Store::Api(api) => api.put(name, doc),
         }
     }
@@ -36,7 +36,7 @@ impl Store {
     /// Removes what `name` holds; returns the monotonic time just before.
     pub fn remove(&self, name: &str) -> Result<u64> {
         match self {
-            Store::Dir(dir) => super::enforce::remove_manifest(dir, name),
+            Store::Dir(dir) => super::remove_manifest(dir, name),
             Store::Api(api) => api.remove(name),
         }
     }
@@ -52,10 +52,7 @@ impl Store {
             Store::Dir(dir) => ("--manifests", dir.as_path()),
             Store::Api(api) => ("--kubeconfig", api.kubeconfig.as_path()),
         };
-        Ok(vec![
-            flag.to_string(),
-            super::enforce::path_str(path)?.to_string(),
-        ])
+        Ok(vec![flag.to_string(), super::path_str(path)?.to_string()])
     }
 
     /// What the report calls this source.
@@ -171,7 +168,7 @@ impl ApiStore {
         let server = self.server()?;
         let mut names = self.names()?;
         let before = names.held.insert(name.to_string(), keys.clone());
-        let t = super::enforce::mono_ns();
+        let t = super::mono_ns();
         for (key, d) in keys.iter().zip(&docs) {
             let owners = names.owners.entry(key.clone()).or_default();
             owners.retain(|(n, _)| n != name);
@@ -193,7 +190,7 @@ impl ApiStore {
             .held
             .remove(name)
             .ok_or_else(|| Error::Invalid(format!("{name}: nothing was put under this name")))?;
-        let t = super::enforce::mono_ns();
+        let t = super::mono_ns();
         for key in keys {
             release(server, &mut names, &key, name);
         }

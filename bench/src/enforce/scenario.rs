@@ -1,0 +1,98 @@
+//! The measured changes (policy create/delete, label change, pod create/delete) and what each trial
+//! records.
+
+use super::*;
+
+/// The changes measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scenario {
+    /// grant: create a policy admitting the client; revoke: delete it.
+    Policy,
+    /// grant: the client pod gains the label the policy selects; revoke: loses it.
+    Label,
+    /// grant: a new (remote) pod matching the policy's peers appears; revoke: it is deleted.
+    Pod,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 3] = [Scenario::Policy, Scenario::Label, Scenario::Pod];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Policy => "policy create/delete",
+            Scenario::Label => "label change",
+            Scenario::Pod => "new/deleted pod",
+        }
+    }
+
+    /// Puts the directory in this scenario's starting (blocked) state.
+    pub(super) fn setup(self, store: &Store) -> Result<()> {
+        store.clear(F_ALLOW);
+        store.clear(F_ALLOW_LABEL);
+        match self {
+            Scenario::Policy => {
+                store.put(F_CLIENT, &client_pod(false))?;
+            }
+            Scenario::Label => {
+                store.put(F_CLIENT, &client_pod(false))?;
+                store.put(
+                    F_ALLOW_LABEL,
+                    &allow_policy("allow-access", json!({"access": "yes"})),
+                )?;
+            }
+            Scenario::Pod => {
+                store.clear(F_CLIENT);
+                store.put(
+                    F_ALLOW,
+                    &allow_policy("allow-client", json!({"app": "client"})),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn grant(self, store: &Store) -> Result<u64> {
+        match self {
+            Scenario::Policy => store.put(
+                F_ALLOW,
+                &allow_policy("allow-client", json!({"app": "client"})),
+            ),
+            Scenario::Label => store.put(F_CLIENT, &client_pod(true)),
+            Scenario::Pod => store.put(F_CLIENT, &client_pod(false)),
+        }
+    }
+
+    pub(super) fn revoke(self, store: &Store) -> Result<u64> {
+        match self {
+            Scenario::Policy => store.remove(F_ALLOW),
+            Scenario::Label => store.put(F_CLIENT, &client_pod(false)),
+            Scenario::Pod => store.remove(F_CLIENT),
+        }
+    }
+}
+
+/// Latencies of one scenario at one size, in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub pods: usize,
+    pub policies: usize,
+    pub churn_per_second: u32,
+    pub scenario: Scenario,
+    pub grant_ms: Vec<f64>,
+    pub revoke_ms: Vec<f64>,
+    pub failures: usize,
+    pub agent_before: ProcStats,
+    pub agent_after: ProcStats,
+    pub wall_seconds: f64,
+    pub churn_writes: u64,
+}
+
+impl ScenarioResult {
+    pub fn summary(v: &[f64]) -> (f64, f64, f64) {
+        (
+            median(v).unwrap_or(f64::NAN),
+            quantile(v, 0.99).unwrap_or(f64::NAN),
+            max(v).unwrap_or(f64::NAN),
+        )
+    }
+}
