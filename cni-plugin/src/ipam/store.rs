@@ -1,22 +1,15 @@
-//! IP address management: the built-in allocator (host-local's on-disk layout and semantics) and
-//! delegation to another IPAM plugin found in `CNI_PATH`, executed as libcni would.
-//!
-//! On-disk layout under `<dataDir>/<network>/` (identical to host-local, so either can read the
-//! other's store): one file per reserved address named by the address and holding
-//! `"<containerID>\r\n<ifname>"`, `last_reserved_ip.<rangeSetIndex>` for round robin, and `lock`,
-//! flock'd exclusively around every allocation and release.
+//! The built-in allocator's store: host-local's on-disk layout under `<dataDir>/<network>/` (one
+//! file per reserved address holding `"<containerID>\r\n<ifname>"`, `last_reserved_ip.<set>` for
+//! round robin, and `lock`, flock'd around every allocation and release), so either plugin can read
+//! the other's store.
 
-use crate::cni::{CniResult, Env};
-use crate::config::{next_ip, BuiltinIpam, Ipam, NetConf, Range, RangeSet};
+use crate::config::{next_ip, Range, RangeSet};
 use crate::error::{Error, Result};
-use ipnet::IpNet;
 use palisade_contract as contract;
-use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command as Process, Stdio};
 
 /// File name of host-local's lock in the network's store directory.
 pub const LOCK_FILE: &str = "lock";
@@ -24,15 +17,6 @@ pub const LOCK_FILE: &str = "lock";
 pub const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
 /// Separator between container id and ifname in a reservation file (host-local's `LineBreak`).
 pub const LINE_BREAK: &str = "\r\n";
-
-/// What IPAM gave one attachment.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Allocation {
-    pub ips: Vec<IpAddr>,
-    /// Extra routes (destinations only: the pod always routes via our link-local gateway).
-    pub routes: Vec<IpNet>,
-    pub dns: Option<serde_json::Value>,
-}
 
 /// The store of one network, locked for as long as it lives.
 pub struct Store {
@@ -115,7 +99,7 @@ impl Store {
         Ok(out)
     }
 
-    fn matches(r: &Reservation, id: &str, ifname: &str) -> bool {
+    pub(super) fn matches(r: &Reservation, id: &str, ifname: &str) -> bool {
         r.container_id == id.trim() && (r.ifname == ifname || r.ifname.is_empty())
     }
 
@@ -129,7 +113,7 @@ impl Store {
             .collect())
     }
 
-    fn remove(&self, ip: IpAddr) -> Result<()> {
+    pub(super) fn remove(&self, ip: IpAddr) -> Result<()> {
         let path = self.dir.join(ip.to_string());
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -290,280 +274,12 @@ impl<'a> Iterator for RangeIter<'a> {
     }
 }
 
-/// Runs IPAM ADD for an attachment.
-pub fn add(conf: &NetConf, env: &Env) -> Result<Allocation> {
-    match &conf.ipam {
-        Ipam::Builtin(b) => {
-            let store = Store::open(&b.data_dir, &conf.name)?;
-            let mut requested = env.args.ips.clone();
-            requested.extend(conf.requested_ips.iter().copied());
-            let ips = store.allocate(&b.range_sets, &env.container_id, &env.ifname, &requested)?;
-            Ok(Allocation {
-                ips,
-                routes: b.routes.clone(),
-                dns: None,
-            })
-        }
-        Ipam::Delegate { plugin } => {
-            let r = exec_delegate(
-                plugin,
-                "ADD",
-                env,
-                &DelegateTarget::from_env(env),
-                &conf.raw,
-            )?
-            .ok_or_else(|| Error::Delegate {
-                plugin: plugin.clone(),
-                code: crate::error::code::IO,
-                msg: "ADD printed no result".into(),
-                details: String::new(),
-            })?;
-            if r.ips.is_empty() {
-                return Err(Error::Delegate {
-                    plugin: plugin.clone(),
-                    code: crate::error::code::IO,
-                    msg: "ADD returned no IP address".into(),
-                    details: String::new(),
-                });
-            }
-            Ok(Allocation {
-                ips: r.ips.iter().map(|i| i.address.addr()).collect(),
-                routes: r.routes.iter().map(|r| r.dst).collect(),
-                dns: r
-                    .dns
-                    .filter(|d| d.as_object().is_some_and(|o| !o.is_empty())),
-            })
-        }
-    }
-}
-
-/// Releases what (container, ifname) holds. Unknown attachments are fine.
-pub fn release(conf: &NetConf, env: &Env, target: &DelegateTarget) -> Result<()> {
-    match &conf.ipam {
-        Ipam::Builtin(b) => {
-            let store = Store::open(&b.data_dir, &conf.name)?;
-            let ips = store.release_by_id(&target.container_id, &target.ifname)?;
-            tracing::debug!(container = %target.container_id, ifname = %target.ifname, ?ips, "released addresses");
-            Ok(())
-        }
-        Ipam::Delegate { plugin } => {
-            exec_delegate(plugin, "DEL", env, target, &conf.raw).map(|_| ())
-        }
-    }
-}
-
-/// Verifies the reservation of (container, ifname) holds `expected`.
-pub fn check(conf: &NetConf, env: &Env, expected: &[IpAddr]) -> Result<()> {
-    match &conf.ipam {
-        Ipam::Builtin(b) => {
-            let store = Store::open(&b.data_dir, &conf.name)?;
-            let held = store.by_id(&env.container_id, &env.ifname)?;
-            for ip in expected {
-                if !held.contains(ip) {
-                    return Err(Error::CheckFailed(format!(
-                        "{ip} is not reserved for {}/{} in IPAM store {}",
-                        env.container_id,
-                        env.ifname,
-                        b.data_dir.join(&conf.name).display()
-                    )));
-                }
-            }
-            Ok(())
-        }
-        Ipam::Delegate { plugin } => exec_delegate(
-            plugin,
-            "CHECK",
-            env,
-            &DelegateTarget::from_env(env),
-            &conf.raw,
-        )
-        .map(|_| ()),
-    }
-}
-
-/// Releases every reservation not in `valid`; forwards GC to a delegate.
-pub fn gc(conf: &NetConf, env: &Env, valid: &HashSet<(String, String)>) -> Result<()> {
-    match &conf.ipam {
-        Ipam::Builtin(b) => gc_builtin(b, &conf.name, valid),
-        Ipam::Delegate { plugin } => tolerate_unsupported(
-            plugin,
-            exec_delegate(plugin, "GC", env, &DelegateTarget::from_env(env), &conf.raw),
-        ),
-    }
-}
-
-fn gc_builtin(b: &BuiltinIpam, network: &str, valid: &HashSet<(String, String)>) -> Result<()> {
-    let store = Store::open(&b.data_dir, network)?;
-    let mut errors = crate::error::Errors::default();
-    for r in store.reservations()? {
-        let keep = valid.iter().any(|(c, i)| Store::matches(&r, c, i));
-        if !keep {
-            tracing::info!(ip = %r.ip, container = %r.container_id, ifname = %r.ifname, "GC: releasing stale reservation");
-            errors.keep(store.remove(r.ip));
-        }
-    }
-    errors.into_result()
-}
-
-/// STATUS: the store can be opened (built-in) or the delegate says it is ready.
-pub fn status(conf: &NetConf, env: &Env) -> Result<()> {
-    match &conf.ipam {
-        Ipam::Builtin(b) => Store::open(&b.data_dir, &conf.name)
-            .map(|_| ())
-            .map_err(|e| {
-                Error::NotAvailable(format!(
-                    "IPAM store {} is not usable: {e}",
-                    b.data_dir.display()
-                ))
-            }),
-        Ipam::Delegate { plugin } => tolerate_unsupported(
-            plugin,
-            exec_delegate(
-                plugin,
-                "STATUS",
-                env,
-                &DelegateTarget::from_env(env),
-                &conf.raw,
-            ),
-        ),
-    }
-}
-
-/// A delegate older than spec 1.1.0 answers GC/STATUS with "incompatible version" or "unknown
-/// command": it has nothing to collect and no status to report, so that is not a failure.
-fn tolerate_unsupported(plugin: &str, r: Result<Option<CniResult>>) -> Result<()> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(Error::Delegate { code, msg, .. })
-            if code == crate::error::code::INCOMPATIBLE_VERSION
-                || code == crate::error::code::INVALID_ENV =>
-        {
-            tracing::info!(
-                plugin,
-                code,
-                msg,
-                "delegate does not support this command; skipped"
-            );
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// The attachment a delegate call is about (the current one, or a stale one during GC).
-#[derive(Debug, Clone)]
-pub struct DelegateTarget {
-    pub container_id: String,
-    pub ifname: String,
-    pub netns: Option<String>,
-}
-
-impl DelegateTarget {
-    pub fn from_env(env: &Env) -> Self {
-        DelegateTarget {
-            container_id: env.container_id.clone(),
-            ifname: env.ifname.clone(),
-            netns: env.netns.clone(),
-        }
-    }
-}
-
-/// Finds `plugin` in `CNI_PATH`.
-pub fn find_plugin(plugin: &str, path: &[PathBuf]) -> Result<PathBuf> {
-    path.iter()
-        .map(|d| d.join(plugin))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            Error::config(
-                "ipam.type",
-                format!(
-                    "plugin {plugin:?} not found in CNI_PATH ({})",
-                    path.iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(":")
-                ),
-            )
-        })
-}
-
-/// Executes a delegate exactly as libcni does: the whole config on stdin, the CNI environment with
-/// `CNI_COMMAND` set; stdout is the result (or an error object when the exit status is non-zero).
-pub fn exec_delegate(
-    plugin: &str,
-    command: &str,
-    env: &Env,
-    target: &DelegateTarget,
-    stdin: &[u8],
-) -> Result<Option<CniResult>> {
-    let bin = find_plugin(plugin, &env.path)?;
-    let mut cmd = Process::new(&bin);
-    cmd.env("CNI_COMMAND", command)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if command == "GC" || command == "STATUS" {
-        cmd.env_remove("CNI_CONTAINERID")
-            .env_remove("CNI_IFNAME")
-            .env_remove("CNI_NETNS");
-    } else {
-        cmd.env("CNI_CONTAINERID", &target.container_id)
-            .env("CNI_IFNAME", &target.ifname);
-        match &target.netns {
-            Some(n) => cmd.env("CNI_NETNS", n),
-            None => cmd.env_remove("CNI_NETNS"),
-        };
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::io(format!("executing IPAM plugin {}", bin.display()), e))?;
-    if let Some(mut s) = child.stdin.take() {
-        s.write_all(stdin).map_err(|e| {
-            Error::io(
-                format!("writing config to IPAM plugin {}", bin.display()),
-                e,
-            )
-        })?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::io(format!("waiting for IPAM plugin {}", bin.display()), e))?;
-    if !out.status.success() {
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        return Err(Error::Delegate {
-            plugin: plugin.to_string(),
-            code: v["code"]
-                .as_u64()
-                .and_then(|c| u32::try_from(c).ok())
-                .unwrap_or(crate::error::code::IO),
-            msg: v["msg"].as_str().map(str::to_string).unwrap_or_else(|| {
-                format!(
-                    "{command} failed ({}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout)
-                )
-            }),
-            details: v["details"].as_str().unwrap_or_default().to_string(),
-        });
-    }
-    if command != "ADD" || out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    serde_json::from_slice(&out.stdout)
-        .map(Some)
-        .map_err(|e| Error::Delegate {
-            plugin: plugin.to_string(),
-            code: crate::error::code::DECODE,
-            msg: format!("cannot parse its ADD result: {e}"),
-            details: String::from_utf8_lossy(&out.stdout).into_owned(),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::NetConf;
+    use crate::config::{Ipam, NetConf};
     use palisade_testkit::temp::temp_dir;
+    use std::collections::HashSet;
 
     fn sets(ranges: &str) -> Vec<RangeSet> {
         let json = format!(
