@@ -50,8 +50,7 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().expect("ROUNDS is a number"))
         .unwrap_or(2000);
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("unshare(CLONE_NEWNET) failed: run as root");
+    palisade_testkit::netns::enter_private_netns();
 
     // setelem first, before libnftables is loaded into this process.
     let exec = Nft::new(Backend::Exec);

@@ -6,10 +6,7 @@ use palisade_nft::{Backend, Nft};
 use std::time::{Duration, Instant};
 
 /// Moves this test's thread into a fresh network namespace.
-fn private_netns() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("unshare(CLONE_NEWNET) failed: these tests must run as root");
-}
+use palisade_testkit::netns::enter_private_netns as private_netns;
 
 const FAMILY: &str = "inet";
 const TABLE_NAME: &str = "t";

@@ -7,10 +7,7 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn private_netns() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("unshare(CLONE_NEWNET) failed: these tests must run as root");
-}
+use palisade_testkit::netns::enter_private_netns as private_netns;
 
 const TABLE: &str = r#"{"nftables":[
  {"add":{"table":{"family":"inet","name":"t"}}},

@@ -14,11 +14,8 @@ const TABLE: &str = "palisade";
 const V4: &str = "pending_v4";
 const V6: &str = "pending_v6";
 
-/// Moves this test's thread into a fresh network namespace (children it spawns inherit it).
-fn private_netns() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("unshare(CLONE_NEWNET) failed: these tests must run as root");
-}
+// Moves this test's thread into a fresh network namespace (children it spawns inherit it).
+use palisade_testkit::netns::enter_private_netns as private_netns;
 
 fn nft(script: &str) {
     let mut child = Command::new("nft")

@@ -47,8 +47,7 @@ async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) {
 
 #[test]
 fn agent_enforces_what_the_api_server_says_and_explain_reads_it_too() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("unshare(CLONE_NEWNET): run as root");
+    palisade_testkit::netns::enter_private_netns();
     let lo = std::process::Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status()

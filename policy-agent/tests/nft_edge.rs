@@ -5,10 +5,7 @@
 use palisade_agent::nft::{summarize, Backend, Nft};
 
 /// Moves this test's thread into a fresh network namespace. Fails (never skips) without root.
-fn private_netns() {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .expect("unshare(CLONE_NEWNET) failed: these tests must run as root");
-}
+use palisade_testkit::netns::enter_private_netns as private_netns;
 
 const TABLE: &str = r#"{"nftables":[
  {"add":{"table":{"family":"inet","name":"palisade"}}},

@@ -148,6 +148,16 @@ impl Netns {
     }
 }
 
+/// Moves the calling thread into a fresh, unnamed network namespace of its own (`unshare`): for a
+/// test that talks to the kernel from its own thread (each test runs on a thread of its own). The
+/// namespace goes when the thread ends; the host's namespace is never touched. Fails the test when
+/// not root.
+pub fn enter_private_netns() {
+    require_root();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("unshare(CLONE_NEWNET): {e}"));
+}
+
 /// The elements of a JSON array `ip -j` printed (empty for anything else).
 fn json_list(text: &str) -> Vec<Value> {
     match serde_json::from_str(text) {
