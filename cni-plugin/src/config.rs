@@ -7,6 +7,7 @@
 use crate::cni::{validate_id, CniResult};
 use crate::error::{Error, Result};
 use ipnet::IpNet;
+use palisade_contract::netconf::{BuiltinIpamConf, PluginConf, RangeConf};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -83,6 +84,20 @@ pub fn peek_version(raw: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
+/// `v` as the contract's type `T`; a value of the wrong type is a config error naming its path
+/// (`prefix` + serde's path, e.g. `ipam.ranges[0][0].subnet`).
+fn typed<T: serde::de::DeserializeOwned>(v: &Value, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." {
+            prefix.trim_end_matches('.').to_string()
+        } else {
+            format!("{prefix}{path}")
+        };
+        Error::config(path, e.into_inner().to_string())
+    })
+}
+
 fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
@@ -98,8 +113,9 @@ fn string(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<Stri
     }
 }
 
-fn parse_ip(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<IpAddr>> {
-    string(obj, path, key)?
+fn parse_ip(value: &Option<String>, path: &str, key: &str) -> Result<Option<IpAddr>> {
+    value
+        .as_deref()
         .map(|s| {
             s.parse().map_err(|_| {
                 Error::config(
@@ -142,20 +158,21 @@ impl NetConf {
         let cni_version = crate::cni::supported_version(&cni_version)?;
         let name = string(obj, "", "name")?.ok_or_else(|| Error::config("name", "missing"))?;
         validate_id(&name).map_err(|r| Error::config("name", r))?;
-        let mtu = match field(obj, "mtu") {
+        // Our own keys (the contract's types, which the agent's conflist is written from); a key
+        // of the wrong type is an error naming its path.
+        let ours: PluginConf<Value> = typed(&v, "")?;
+        let mtu = match ours.mtu {
             None => DEFAULT_MTU,
-            Some(m) => m
-                .as_u64()
-                .and_then(|m| u32::try_from(m).ok())
-                .filter(|m| (MIN_MTU..=MAX_MTU).contains(m))
-                .ok_or_else(|| {
-                    Error::config(
-                        "mtu",
-                        format!("{m} is not an integer between {MIN_MTU} and {MAX_MTU}"),
-                    )
-                })?,
+            Some(m) if (MIN_MTU..=MAX_MTU).contains(&m) => m,
+            Some(m) => {
+                return Err(Error::config(
+                    "mtu",
+                    format!("{m} is not an integer between {MIN_MTU} and {MAX_MTU}"),
+                ))
+            }
         };
-        let state_dir = string(obj, "", "stateDir")?
+        let state_dir = ours
+            .state_dir
             .unwrap_or_else(|| palisade_contract::DEFAULT_STATE_DIR.to_string());
         if !state_dir.starts_with('/') {
             return Err(Error::config(
@@ -163,13 +180,9 @@ impl NetConf {
                 format!("{state_dir:?} is not an absolute path"),
             ));
         }
-        let fail_open = match field(obj, "failOpen") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(Error::config("failOpen", format!("{v} is not a boolean"))),
-        };
-        let ipam_obj = match field(obj, "ipam") {
-            Some(Value::Object(o)) => o,
+        let fail_open = ours.fail_open.unwrap_or(false);
+        let ipam_value = match ours.ipam {
+            Some(v @ Value::Object(_)) => v,
             Some(v) => return Err(Error::config("ipam", format!("{v} is not an object"))),
             None => {
                 return Err(Error::config(
@@ -178,10 +191,13 @@ impl NetConf {
                 ))
             }
         };
-        let ipam_type = string(ipam_obj, "ipam.", "type")?
-            .ok_or_else(|| Error::config("ipam.type", "missing"))?;
+        let ipam_type = match ipam_value.get("type").filter(|t| !t.is_null()) {
+            Some(Value::String(t)) => t.clone(),
+            Some(t) => return Err(Error::config("ipam.type", format!("{t} is not a string"))),
+            None => return Err(Error::config("ipam.type", "missing")),
+        };
         let ipam = if ipam_type == palisade_contract::BUILTIN_IPAM_TYPE {
-            Ipam::Builtin(parse_builtin(ipam_obj)?)
+            Ipam::Builtin(parse_builtin(&typed(&ipam_value, "ipam.")?)?)
         } else {
             if ipam_type.is_empty() || ipam_type.contains('/') || ipam_type.starts_with('.') {
                 return Err(Error::config(
@@ -272,8 +288,10 @@ fn parse_attachments(key: &str, v: &Value) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn parse_builtin(ipam: &Map<String, Value>) -> Result<BuiltinIpam> {
-    let data_dir = string(ipam, "ipam.", "dataDir")?
+fn parse_builtin(ipam: &BuiltinIpamConf) -> Result<BuiltinIpam> {
+    let data_dir = ipam
+        .data_dir
+        .clone()
         .unwrap_or_else(|| palisade_contract::DEFAULT_IPAM_DATA_DIR.to_string());
     if !data_dir.starts_with('/') {
         return Err(Error::config(
@@ -282,40 +300,22 @@ fn parse_builtin(ipam: &Map<String, Value>) -> Result<BuiltinIpam> {
         ));
     }
     let mut range_sets = Vec::new();
-    match field(ipam, "ranges") {
-        Some(Value::Array(sets)) => {
-            for (i, set) in sets.iter().enumerate() {
-                let ranges = set.as_array().ok_or_else(|| {
-                    Error::config(
-                        format!("ipam.ranges[{i}]"),
-                        format!("{set} is not a list of ranges"),
-                    )
-                })?;
+    match (&ipam.ranges, ipam.legacy_range()) {
+        (Some(sets), _) => {
+            for (i, ranges) in sets.iter().enumerate() {
                 if ranges.is_empty() {
                     return Err(Error::config(format!("ipam.ranges[{i}]"), "is empty"));
                 }
                 let mut parsed = Vec::new();
                 for (j, r) in ranges.iter().enumerate() {
-                    let path = format!("ipam.ranges[{i}][{j}]");
-                    let o = r
-                        .as_object()
-                        .ok_or_else(|| Error::config(&path, format!("{r} is not an object")))?;
-                    parsed.push(parse_range(o, &format!("{path}."))?);
+                    parsed.push(parse_range(r, &format!("ipam.ranges[{i}][{j}]."))?);
                 }
                 range_sets.push(parsed);
             }
         }
-        Some(v) => {
-            return Err(Error::config(
-                "ipam.ranges",
-                format!("{v} is not a list of range sets"),
-            ))
-        }
         // host-local's legacy single-range form: subnet/rangeStart/rangeEnd/gateway in ipam.
-        None if field(ipam, "subnet").is_some() => {
-            range_sets.push(vec![parse_range(ipam, "ipam.")?])
-        }
-        None => {
+        (None, Some(legacy)) => range_sets.push(vec![parse_range(&legacy, "ipam.")?]),
+        (None, None) => {
             return Err(Error::config(
                 "ipam.ranges",
                 "missing (give at least one range set)",
@@ -352,25 +352,22 @@ fn parse_builtin(ipam: &Map<String, Value>) -> Result<BuiltinIpam> {
             }
         }
     }
-    let routes = match field(ipam, "routes") {
-        None => Vec::new(),
-        Some(Value::Array(rs)) => rs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let o = r.as_object().ok_or_else(|| {
-                    Error::config(format!("ipam.routes[{i}]"), format!("{r} is not an object"))
-                })?;
-                let p = format!("ipam.routes[{i}].");
-                let dst = string(o, &p, "dst")?
-                    .ok_or_else(|| Error::config(format!("{p}dst"), "missing"))?;
-                dst.parse::<IpNet>()
-                    .map(|n| n.trunc())
-                    .map_err(|_| Error::config(format!("{p}dst"), format!("{dst:?} is not a CIDR")))
-            })
-            .collect::<Result<_>>()?,
-        Some(v) => return Err(Error::config("ipam.routes", format!("{v} is not a list"))),
-    };
+    let routes = ipam
+        .routes
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| {
+            let p = format!("ipam.routes[{i}].");
+            let dst = r
+                .dst
+                .as_deref()
+                .ok_or_else(|| Error::config(format!("{p}dst"), "missing"))?;
+            dst.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|_| Error::config(format!("{p}dst"), format!("{dst:?} is not a CIDR")))
+        })
+        .collect::<Result<_>>()?;
     Ok(BuiltinIpam {
         data_dir: PathBuf::from(data_dir),
         range_sets,
@@ -378,8 +375,10 @@ fn parse_builtin(ipam: &Map<String, Value>) -> Result<BuiltinIpam> {
     })
 }
 
-fn parse_range(o: &Map<String, Value>, path: &str) -> Result<Range> {
-    let s = string(o, path, "subnet")?
+fn parse_range(r: &RangeConf, path: &str) -> Result<Range> {
+    let s = r
+        .subnet
+        .as_deref()
         .ok_or_else(|| Error::config(format!("{path}subnet"), "missing"))?;
     let subnet: IpNet = s
         .parse()
@@ -413,9 +412,10 @@ fn parse_range(o: &Map<String, Value>, path: &str) -> Result<Range> {
         IpNet::V4(n) => IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n.broadcast()) - 1)),
         IpNet::V6(n) => IpAddr::V6(n.broadcast()),
     };
-    let gateway = in_subnet("gateway", parse_ip(o, path, "gateway")?)?.unwrap_or(first);
-    let start = in_subnet("rangeStart", parse_ip(o, path, "rangeStart")?)?.unwrap_or(first);
-    let end = in_subnet("rangeEnd", parse_ip(o, path, "rangeEnd")?)?.unwrap_or(last);
+    let gateway = in_subnet("gateway", parse_ip(&r.gateway, path, "gateway")?)?.unwrap_or(first);
+    let start =
+        in_subnet("rangeStart", parse_ip(&r.range_start, path, "rangeStart")?)?.unwrap_or(first);
+    let end = in_subnet("rangeEnd", parse_ip(&r.range_end, path, "rangeEnd")?)?.unwrap_or(last);
     if start > end {
         return Err(Error::config(
             format!("{path}rangeStart"),
@@ -527,6 +527,22 @@ mod tests {
                 "ipam.ranges",
             ),
             (conf(r#","ipam":{"type":"../x"}"#), "ipam.type"),
+            // A value of the wrong type names its path through the contract's types.
+            (
+                conf(r#","ipam":{"type":"palisade","ranges":[[{"subnet":5}]]}"#),
+                "ipam.ranges[0][0].subnet: invalid type: integer `5`",
+            ),
+            (
+                conf(r#","ipam":{"type":"palisade","ranges":{"a":1}}"#),
+                "ipam.ranges: invalid type: map",
+            ),
+            (
+                conf(
+                    r#","ipam":{"type":"palisade","dataDir":"/d","routes":[{"dst":"1.2.3.0/33"}],"ranges":[[{"subnet":"10.0.0.0/24"}]]}"#,
+                ),
+                "ipam.routes[0].dst",
+            ),
+            (conf(r#","ipam":{"type":7}"#), "ipam.type"),
             (
                 r#"{"cniVersion":"1.1.0","name":"bad name","ipam":{"type":"x"}}"#.to_string(),
                 "name",

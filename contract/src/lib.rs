@@ -7,6 +7,7 @@
 
 pub mod cni;
 pub mod lock;
+pub mod netconf;
 pub mod records;
 
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,7 @@
 
 use ipnet::IpNet;
 use palisade_contract::cni::{min_mtu, CniVersion, CONFLIST_VERSION, MAX_MTU};
+use palisade_contract::netconf::{BuiltinIpamConf, Capabilities, PluginConf, RangeConf};
 use palisade_contract::{BUILTIN_IPAM_TYPE, CONFLIST_FILE, NETWORK_NAME, PLUGIN_TYPE};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
@@ -80,45 +81,12 @@ pub struct ConflistParams {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Conflist<'a> {
+struct Conflist {
     cni_version: &'static str,
     cni_versions: [&'static str; 2],
     name: &'static str,
-    plugins: (PalisadeConf<'a>, PortmapConf),
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PalisadeConf<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    /// `ips`: a runtime hands a pod's requested addresses to us as `runtimeConfig.ips` (libcni only
-    /// passes the capabilities a plugin declares).
-    capabilities: PalisadeCapabilities,
-    mtu: u32,
-    state_dir: &'a str,
-    fail_open: bool,
-    ipam: Ipam<'a>,
-}
-
-#[derive(Serialize)]
-struct PalisadeCapabilities {
-    ips: bool,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Ipam<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    data_dir: &'a str,
-    /// One range set per podCIDR, each with one range.
-    ranges: Vec<[Range; 1]>,
-}
-
-#[derive(Serialize)]
-struct Range {
-    subnet: IpNet,
+    /// Palisade's entry (its keys are the contract's, read back by the plugin), then portmap.
+    plugins: (PluginConf<BuiltinIpamConf>, PortmapConf),
 }
 
 #[derive(Serialize)]
@@ -200,21 +168,32 @@ pub fn render(params: &ConflistParams) -> Result<String, CniConfError> {
         cni_versions: CniVersion::all_strs(),
         name: NETWORK_NAME,
         plugins: (
-            PalisadeConf {
-                kind: PLUGIN_TYPE,
-                capabilities: PalisadeCapabilities { ips: true },
-                mtu: params.mtu,
-                state_dir: abs_utf8("stateDir", &params.state_dir)?,
-                fail_open: params.fail_open,
-                ipam: Ipam {
-                    kind: BUILTIN_IPAM_TYPE,
-                    data_dir: abs_utf8("ipam dataDir", &params.ipam_data_dir)?,
-                    ranges: params
-                        .pod_cidrs
-                        .iter()
-                        .map(|c| [Range { subnet: *c }])
-                        .collect(),
-                },
+            PluginConf {
+                kind: PLUGIN_TYPE.to_string(),
+                // `ips`: a runtime hands a pod's requested addresses to us as
+                // `runtimeConfig.ips` (libcni only passes the capabilities a plugin declares).
+                capabilities: Some(Capabilities { ips: true }),
+                mtu: Some(params.mtu),
+                state_dir: Some(abs_utf8("stateDir", &params.state_dir)?.to_string()),
+                fail_open: Some(params.fail_open),
+                ipam: Some(BuiltinIpamConf {
+                    kind: BUILTIN_IPAM_TYPE.to_string(),
+                    data_dir: Some(abs_utf8("ipam dataDir", &params.ipam_data_dir)?.to_string()),
+                    // One range set per podCIDR, each with one range.
+                    ranges: Some(
+                        params
+                            .pod_cidrs
+                            .iter()
+                            .map(|c| {
+                                vec![RangeConf {
+                                    subnet: Some(c.to_string()),
+                                    ..RangeConf::default()
+                                }]
+                            })
+                            .collect(),
+                    ),
+                    ..BuiltinIpamConf::default()
+                }),
             },
             PortmapConf {
                 kind: PORTMAP_TYPE,
