@@ -141,17 +141,7 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &log,
     )?;
-    let started = Instant::now();
-    let conflist = dirs.conf.join(palisade_contract::CONFLIST_FILE);
-    while !conflist.exists() {
-        if started.elapsed() > Duration::from_secs(300) {
-            return Err(Error::Invalid(format!(
-                "agent wrote no conflist in 300 s; see {}",
-                log.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    dirs.wait_conflist(&log)?;
     std::thread::sleep(SETTLE);
     let events = watch(&lab.node2)?;
     let mut rows = Vec::new();

@@ -110,6 +110,23 @@ impl AgentDirs {
     /// `palisade-agent run` arguments of a benchmark's agent in node 2: `source` (its source flags,
     /// [`super::store::Store::agent_args`]), these directories, metrics on loopback, no routes, no
     /// resync during the run.
+    /// Waits until the agent wrote its conflist (its first commit is done: it has synced), at most
+    /// five minutes; `log` is named in the error. Returns how long it took.
+    pub fn wait_conflist(&self, log: &Path) -> Result<Duration> {
+        let started = Instant::now();
+        let conflist = self.conf.join(palisade_contract::CONFLIST_FILE);
+        while !conflist.exists() {
+            if started.elapsed() > Duration::from_secs(300) {
+                return Err(Error::Invalid(format!(
+                    "agent wrote no conflist in 300 s; see {}",
+                    log.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(started.elapsed())
+    }
+
     pub fn run_args(&self, source: &[String]) -> Result<Vec<String>> {
         let mut args: Vec<String> = ["run", "--node-name", AGENT_NODE]
             .into_iter()

@@ -133,62 +133,58 @@ pub struct RunResults {
     pub first_sync_seconds: Vec<(usize, f64)>,
 }
 
+/// Starts `exe args` in namespace `ns` and waits for the first line it prints (its "ready").
+fn spawn_ready(ns: &str, exe: &str, args: &[&str], what: &str) -> Result<ChildGuard> {
+    let mut s = ChildGuard::spawn_in(ns, exe, args)?;
+    let out = s
+        .child_mut()
+        .and_then(|c| c.stdout.take())
+        .ok_or_else(|| Error::Invalid(format!("{what}: no stdout")))?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(io_err(format!("reading the ready line of {what}")))?;
+    Ok(s)
+}
+
 /// Runs every size; returns every scenario result and the agent's metrics per size.
 pub fn run(cfg: &Config) -> Result<RunResults> {
     let lab = Lab::create()?;
     crate::datapath::rulesets::load_base(&lab.node1)?;
     crate::datapath::rulesets::load_base(&lab.node2)?;
     let exe = path_str(&cfg.exe)?.to_string();
-    let _server = {
-        let mut s = ChildGuard::spawn_in(
-            &lab.server,
-            &exe,
-            &[
-                "serve",
-                "--ip",
-                SERVER_IP,
-                "--crr-port",
-                &PROBE_PORT.to_string(),
-                "--rr-port",
-                "7001",
-                "--secs",
-                "7200",
-            ],
-        )?;
-        let out = s
-            .child_mut()
-            .and_then(|c| c.stdout.take())
-            .ok_or_else(|| Error::Invalid("server stdout".into()))?;
-        let mut line = String::new();
-        BufReader::new(out)
-            .read_line(&mut line)
-            .map_err(io_err("reading the server's ready line"))?;
-        s
-    };
-    let _stream_server = {
-        let mut s = ChildGuard::spawn_in(
-            &lab.server,
-            &exe,
-            &[
-                "stream-serve",
-                "--ip",
-                SERVER_IP,
-                "--port",
-                &STREAM_PORT.to_string(),
-                "--secs",
-                "7200",
-            ],
-        )?;
-        let out = s
-            .child_mut()
-            .and_then(|c| c.stdout.take())
-            .ok_or_else(|| Error::Invalid("stream server stdout".into()))?;
-        let mut line = String::new();
-        BufReader::new(out)
-            .read_line(&mut line)
-            .map_err(io_err("reading the stream server's ready line"))?;
-        s
-    };
+    let crr_port = PROBE_PORT.to_string();
+    let _server = spawn_ready(
+        &lab.server,
+        &exe,
+        &[
+            "serve",
+            "--ip",
+            SERVER_IP,
+            "--crr-port",
+            &crr_port,
+            "--rr-port",
+            "7001",
+            "--secs",
+            "7200",
+        ],
+        "the server",
+    )?;
+    let stream_port = STREAM_PORT.to_string();
+    let _stream_server = spawn_ready(
+        &lab.server,
+        &exe,
+        &[
+            "stream-serve",
+            "--ip",
+            SERVER_IP,
+            "--port",
+            &stream_port,
+            "--secs",
+            "7200",
+        ],
+        "the stream server",
+    )?;
     let mut all = RunResults::default();
     for (i, &pods) in cfg.pods.iter().enumerate() {
         let policies = (pods as f64 * cfg.policies_per_pod).round() as usize;
@@ -250,18 +246,7 @@ fn run_size(
     let pid = agent
         .pid()
         .ok_or_else(|| Error::Invalid("agent has no pid".into()))?;
-    let started = Instant::now();
-    let conflist = dirs.conf.join(palisade_contract::CONFLIST_FILE);
-    while !conflist.exists() {
-        if started.elapsed() > Duration::from_secs(300) {
-            return Err(Error::Invalid(format!(
-                "agent wrote no conflist in 300 s; see {}",
-                log.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let first_sync = started.elapsed().as_secs_f64();
+    let first_sync = dirs.wait_conflist(&log)?.as_secs_f64();
     tracing::info!(pods, policies, first_sync_s = first_sync, "agent synced");
     let mut out = RunResults {
         first_sync_seconds: vec![(cluster.pods.len(), first_sync)],
