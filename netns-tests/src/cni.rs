@@ -4,19 +4,22 @@
 //! DEL in reverse order, each plugin with the cached final result. Each plugin is found by its
 //! `type` in `CNI_PATH` (the lab's binaries, then the system's CNI plugins, for `portmap`) and run
 //! inside the node's network namespace.
+//!
+//! The chain itself is testkit's [`libcni`] (one mini-libcni for the CNI black-box tests and the
+//! lab); this module adds what is the lab's: its runtime arguments and pod identity, its
+//! `CNI_PATH`, and its errors.
 
-use crate::cmd;
 use crate::error::{LabError, Result};
+use palisade_testkit::libcni::{self, Attachment, Runner, StepError};
+pub use palisade_testkit::libcni::{result_ips, POD_IFNAME};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Interface name inside pods.
-pub const POD_IFNAME: &str = "eth0";
 /// Where Debian's containernetworking-plugins (portmap, ...) live; searched after the lab's binaries.
-pub const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
+pub const SYSTEM_CNI_DIR: &str = libcni::SYSTEM_PLUGIN_DIR;
 /// Capability key of host port mappings (portmap).
 pub const CAP_PORT_MAPPINGS: &str = "portMappings";
 /// Capability key of requested addresses (CNI conventions; the palisade plugin reads it).
@@ -60,7 +63,7 @@ pub struct RuntimeArgs {
 
 impl RuntimeArgs {
     /// libcni's `CapabilityArgs` map.
-    fn capability_args(&self) -> Map<String, Value> {
+    fn capability_args(&self) -> Value {
         let mut m = Map::new();
         m.insert(
             CAP_PORT_MAPPINGS.into(),
@@ -77,112 +80,75 @@ impl RuntimeArgs {
                 ),
             );
         }
-        m
+        Value::Object(m)
     }
 }
 
-/// A conflist as libcni loads it: its name, the version it hands every plugin, the plugins.
+/// A conflist as libcni loads it (testkit's [`libcni::Chain`]: name, top-level version, plugins),
+/// refused with the lab's errors.
 #[derive(Debug, Clone)]
-pub struct Chain {
-    pub name: String,
-    /// The top-level `cniVersion`: what libcni before 1.2 (containerd 1.6/1.7) hands every plugin,
-    /// and what Debian's portmap 1.1.1 speaks (see ARCHITECTURE.md, "Conflist").
-    pub cni_version: String,
-    pub plugins: Vec<Value>,
-}
+pub struct Chain(pub libcni::Chain);
 
 impl Chain {
     /// Validates what libcni insists on: a name, a version, at least one plugin, each an object
     /// with a `type`.
     pub fn from_conflist(conflist: &Value) -> Result<Chain> {
-        let bad = |detail: String| LabError::Parse {
-            what: "conflist".into(),
-            detail,
-        };
-        let name = conflist
-            .get("name")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad("no name".into()))?;
-        let cni_version = conflist
-            .get("cniVersion")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad("no cniVersion".into()))?;
-        let plugins = conflist
-            .get("plugins")
-            .and_then(Value::as_array)
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| bad("no plugins".into()))?;
-        for (i, p) in plugins.iter().enumerate() {
-            if p.get("type")
-                .and_then(Value::as_str)
-                .is_none_or(str::is_empty)
-            {
-                return Err(bad(format!("plugins[{i}] has no type")));
-            }
-        }
-        Ok(Chain {
-            name: name.to_string(),
-            cni_version: cni_version.to_string(),
-            plugins: plugins.clone(),
-        })
-    }
-
-    /// `type` of plugin `i`.
-    pub fn plugin_type(&self, i: usize) -> &str {
-        self.plugins
-            .get(i)
-            .and_then(|p| p.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-    }
-
-    /// Whether some plugin declares `capability` (`"capabilities": {"ips": true}`).
-    pub fn declares(&self, capability: &str) -> bool {
-        self.plugins.iter().any(|p| declares(p, capability))
-    }
-
-    /// The stdin of plugin `i`, as libcni's `buildOneConfig` makes it: the entry with `name` and
-    /// `cniVersion` injected, `prevResult` when given, and `runtimeConfig` holding the runtime's
-    /// capability args for exactly the capabilities this plugin declares (none: no key).
-    pub fn plugin_stdin(
-        &self,
-        i: usize,
-        prev: Option<&Value>,
-        args: &RuntimeArgs,
-    ) -> Result<Value> {
-        let entry = self.plugins.get(i).ok_or_else(|| {
-            LabError::Invalid(format!("conflist {} has no plugin {i}", self.name))
-        })?;
-        let mut conf = entry.as_object().cloned().ok_or_else(|| LabError::Parse {
-            what: "conflist".into(),
-            detail: format!("plugins[{i}] is not an object"),
-        })?;
-        conf.insert("name".into(), Value::String(self.name.clone()));
-        conf.insert("cniVersion".into(), Value::String(self.cni_version.clone()));
-        if let Some(prev) = prev {
-            conf.insert("prevResult".into(), prev.clone());
-        }
-        let mut runtime = Map::new();
-        for (cap, value) in args.capability_args() {
-            if declares(entry, &cap) {
-                runtime.insert(cap, value);
-            }
-        }
-        if !runtime.is_empty() {
-            conf.insert("runtimeConfig".into(), Value::Object(runtime));
-        }
-        Ok(Value::Object(conf))
+        libcni::Chain::from_conflist(conflist)
+            .map(Chain)
+            .map_err(LabError::from)
     }
 }
 
-fn declares(plugin: &Value, capability: &str) -> bool {
-    plugin
-        .get("capabilities")
-        .and_then(|c| c.get(capability))
-        .and_then(Value::as_bool)
-        == Some(true)
+impl Deref for Chain {
+    type Target = libcni::Chain;
+    fn deref(&self) -> &libcni::Chain {
+        &self.0
+    }
+}
+
+/// What to do about a plugin missing from the lab's `CNI_PATH`.
+const MISSING_PLUGIN_HINT: &str =
+    "build the workspace's binaries, and for portmap install containernetworking-plugins (scripts/setup.sh)";
+
+/// The detail of a libcni error, with the lab's hint where the fix is the lab user's.
+fn detail(e: &libcni::Error) -> String {
+    match e {
+        libcni::Error::NotFound { .. } => format!("{e}: {MISSING_PLUGIN_HINT}"),
+        _ => e.to_string(),
+    }
+}
+
+impl From<libcni::Error> for LabError {
+    fn from(e: libcni::Error) -> LabError {
+        match e {
+            libcni::Error::Conflist(detail) => LabError::Parse {
+                what: "conflist".into(),
+                detail,
+            },
+            libcni::Error::BadType(_) | libcni::Error::NotFound { .. } => {
+                LabError::Invalid(detail(&e))
+            }
+            libcni::Error::Exec { ref plugin, .. } => LabError::Command {
+                what: format!("CNI plugin {plugin}"),
+                detail: detail(&e),
+            },
+            libcni::Error::Plugin(ref p) => LabError::Command {
+                what: format!("CNI plugin {}", p.plugin),
+                detail: detail(&e),
+            },
+        }
+    }
+}
+
+/// A failed step of the chain, naming the verb, the plugin, its place, the pod and the node.
+fn step_error(e: StepError, inv: &Invocation<'_>) -> LabError {
+    LabError::Command {
+        what: format!(
+            "CNI {} of plugin {} ({}/{}) for pod {}/{} on {}",
+            e.verb, e.plugin, e.position, e.count, inv.pod_namespace, inv.pod_name, inv.node_netns
+        ),
+        detail: detail(&e.error),
+    }
 }
 
 /// Reads the conflist the agent wrote.
@@ -211,100 +177,21 @@ pub fn cni_path(bin_dir: &Path) -> Vec<PathBuf> {
     path
 }
 
-/// The executable of plugin type `kind`: the first `CNI_PATH` directory holding it, as libcni
-/// looks it up.
-pub fn find_plugin(kind: &str, path: &[PathBuf]) -> Result<PathBuf> {
-    if kind.contains('/') || kind == "." || kind == ".." {
-        return Err(LabError::Invalid(format!(
-            "plugin type {kind:?} is not a file name"
-        )));
+/// The attachment as the runtime passes it: the pod identity in `CNI_ARGS`, the runtime args as
+/// capability args. Requested addresses go as host-local's `IP=` when no plugin of the chain
+/// declares the `ips` capability (libcni would drop the capability arg then).
+fn attachment(chain: &Chain, args: &RuntimeArgs, inv: &Invocation<'_>) -> Attachment {
+    let mut att = Attachment::new(inv.container_id, &inv.pod_netns_path.display().to_string()).pod(
+        inv.pod_namespace,
+        inv.pod_name,
+        inv.pod_uid,
+    );
+    if !args.ips.is_empty() && !chain.declares(CAP_IPS) {
+        let ips: Vec<String> = args.ips.iter().map(IpAddr::to_string).collect();
+        att.args.push(("IP".into(), ips.join(",")));
     }
-    path.iter()
-        .map(|d| d.join(kind))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            LabError::Invalid(format!(
-                "CNI plugin {kind:?} not found in CNI_PATH {}: build the workspace's binaries, and for portmap install containernetworking-plugins (scripts/setup.sh)",
-                join_path(path)
-            ))
-        })
-}
-
-fn join_path(path: &[PathBuf]) -> String {
-    path.iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn command(
-    plugin: &Path,
-    cni_path: &[PathBuf],
-    verb: &str,
-    inv: &Invocation<'_>,
-    extra_args: &str,
-) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", inv.node_netns])
-        .arg(plugin)
-        .env("CNI_COMMAND", verb)
-        .env("CNI_CONTAINERID", inv.container_id)
-        .env("CNI_NETNS", inv.pod_netns_path)
-        .env("CNI_IFNAME", POD_IFNAME)
-        .env("CNI_PATH", join_path(cni_path))
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}{extra_args}",
-                inv.pod_namespace, inv.pod_name, inv.container_id, inv.pod_uid
-            ),
-        );
-    c
-}
-
-/// `CNI_ARGS` beyond the pod identity: requested addresses go as host-local's `IP=` when no plugin
-/// of the chain declares the `ips` capability (libcni would drop the capability arg then).
-fn extra_cni_args(chain: &Chain, args: &RuntimeArgs) -> String {
-    if args.ips.is_empty() || chain.declares(CAP_IPS) {
-        return String::new();
-    }
-    let ips: Vec<String> = args.ips.iter().map(IpAddr::to_string).collect();
-    format!(";IP={}", ips.join(","))
-}
-
-fn run_plugin(
-    chain: &Chain,
-    i: usize,
-    verb: &str,
-    stdin: &Value,
-    cni_path: &[PathBuf],
-    args: &RuntimeArgs,
-    inv: &Invocation<'_>,
-) -> Result<String> {
-    let kind = chain.plugin_type(i);
-    let what = || {
-        format!(
-            "CNI {verb} of plugin {kind} ({}/{}) for pod {}/{} on {}",
-            i + 1,
-            chain.plugins.len(),
-            inv.pod_namespace,
-            inv.pod_name,
-            inv.node_netns
-        )
-    };
-    let plugin = find_plugin(kind, cni_path).map_err(|e| LabError::Command {
-        what: what(),
-        detail: e.to_string(),
-    })?;
-    let input = serde_json::to_vec(stdin).map_err(|e| LabError::Parse {
-        what: what(),
-        detail: e.to_string(),
-    })?;
-    let c = command(&plugin, cni_path, verb, inv, &extra_cni_args(chain, args));
-    cmd::output(c, Some(&input)).map_err(|e| LabError::Command {
-        what: what(),
-        detail: e.to_string(),
-    })
+    att.capability_args = args.capability_args();
+    att
 }
 
 /// CNI ADD of the whole chain; returns the final result (what libcni caches for DEL). On failure
@@ -315,22 +202,9 @@ pub fn add(
     args: &RuntimeArgs,
     inv: &Invocation<'_>,
 ) -> Result<Value> {
-    let mut prev: Option<Value> = None;
-    for i in 0..chain.plugins.len() {
-        let stdin = chain.plugin_stdin(i, prev.as_ref(), args)?;
-        let out = run_plugin(chain, i, "ADD", &stdin, cni_path, args, inv)?;
-        let result: Value = serde_json::from_str(&out).map_err(|e| LabError::Parse {
-            what: format!(
-                "CNI ADD result of plugin {} for pod {}/{}",
-                chain.plugin_type(i),
-                inv.pod_namespace,
-                inv.pod_name
-            ),
-            detail: format!("{e}: {out}"),
-        })?;
-        prev = Some(result);
-    }
-    prev.ok_or_else(|| LabError::Invalid(format!("conflist {} has no plugins", chain.name)))
+    Runner::new(inv.node_netns, cni_path.to_vec())
+        .add(chain, &attachment(chain, args, inv))
+        .map_err(|e| step_error(e, inv))
 }
 
 /// CNI DEL of the whole chain in reverse order, each plugin with the cached final ADD result as
@@ -343,15 +217,11 @@ pub fn del(
     cached: Option<&Value>,
     inv: &Invocation<'_>,
 ) -> Result<()> {
-    let mut errors = Vec::new();
-    for i in (0..chain.plugins.len()).rev() {
-        let r = chain
-            .plugin_stdin(i, cached, args)
-            .and_then(|stdin| run_plugin(chain, i, "DEL", &stdin, cni_path, args, inv));
-        if let Err(e) = r {
-            errors.push(e.to_string());
-        }
-    }
+    let errors: Vec<String> = Runner::new(inv.node_netns, cni_path.to_vec())
+        .del_all(chain, &attachment(chain, args, inv), cached)
+        .into_iter()
+        .map(|e| step_error(e, inv).to_string())
+        .collect();
     if errors.is_empty() {
         Ok(())
     } else {
@@ -359,33 +229,11 @@ pub fn del(
     }
 }
 
-/// Pod addresses of a CNI result (`ips[].address` without prefix length).
-pub fn result_ips(result: &Value) -> Vec<IpAddr> {
-    result
-        .get("ips")
-        .and_then(Value::as_array)
-        .map(|ips| {
-            ips.iter()
-                .filter_map(|ip| ip.get("address")?.as_str()?.split('/').next()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use palisade_testkit::libcni::{example_conflist, FakePlugins};
     use serde_json::json;
-
-    fn conflist() -> Value {
-        json!({
-            "cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"], "name": "palisade",
-            "plugins": [
-                {"type": "palisade", "stateDir": "/s"},
-                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
-            ]
-        })
-    }
 
     fn http() -> RuntimeArgs {
         RuntimeArgs {
@@ -399,42 +247,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_plugin_gets_name_top_level_version_and_only_the_previous_result() {
-        let chain = Chain::from_conflist(&conflist()).unwrap();
-        let first = chain.plugin_stdin(0, None, &http()).unwrap();
-        assert_eq!(first["name"], "palisade");
-        assert_eq!(
-            first["cniVersion"], "1.0.0",
-            "libcni < 1.2 hands the top-level version"
-        );
-        assert_eq!(first["stateDir"], "/s");
-        assert!(first.get("prevResult").is_none());
-        let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.244.1.2/32"}]});
-        let second = chain.plugin_stdin(1, Some(&prev), &http()).unwrap();
-        assert_eq!(second["prevResult"], prev);
-        assert_eq!(second["snat"], true);
+    fn inv<'a>(node: &'a str, pod_netns: &'a Path) -> Invocation<'a> {
+        Invocation {
+            node_netns: node,
+            container_id: "c1",
+            pod_netns_path: pod_netns,
+            pod_namespace: "x",
+            pod_name: "p",
+            pod_uid: "u",
+        }
     }
 
     #[test]
     fn runtime_config_carries_only_the_capabilities_a_plugin_declares() {
-        let chain = Chain::from_conflist(&conflist()).unwrap();
+        let chain = Chain::from_conflist(&example_conflist()).unwrap();
         let mut args = http();
         args.ips = vec!["10.244.1.9".parse().unwrap()];
-        let palisade = chain.plugin_stdin(0, None, &args).unwrap();
+        let palisade = chain.plugin_stdin(0, None, &args.capability_args());
         assert!(
             palisade.get("runtimeConfig").is_none(),
             "palisade declares no capability: {palisade}"
         );
-        let portmap = chain.plugin_stdin(1, None, &args).unwrap();
+        let portmap = chain.plugin_stdin(1, None, &args.capability_args());
         assert_eq!(
             portmap["runtimeConfig"],
             json!({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]})
         );
         // A pod without hostPorts: containerd still passes an empty list.
-        let none = chain
-            .plugin_stdin(1, None, &RuntimeArgs::default())
-            .unwrap();
+        let none = chain.plugin_stdin(1, None, &RuntimeArgs::default().capability_args());
         assert_eq!(none["runtimeConfig"], json!({"portMappings": []}));
     }
 
@@ -447,181 +287,100 @@ mod tests {
                 "fd00:10:244:1::9".parse().unwrap(),
             ],
         };
-        let undeclared = Chain::from_conflist(&conflist()).unwrap();
+        let netns = PathBuf::from("/run/netns/pod");
+        let inv = inv("node", &netns);
+        let identity =
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=p;K8S_POD_INFRA_CONTAINER_ID=c1;K8S_POD_UID=u";
+        let undeclared = Chain::from_conflist(&example_conflist()).unwrap();
         assert_eq!(
-            extra_cni_args(&undeclared, &args),
-            ";IP=10.244.1.9,fd00:10:244:1::9"
+            attachment(&undeclared, &args, &inv).cni_args(),
+            format!("{identity};IP=10.244.1.9,fd00:10:244:1::9")
         );
-        let mut c = conflist();
+        let mut c = example_conflist();
         c["plugins"][0]["capabilities"] = json!({"ips": true});
         let declared = Chain::from_conflist(&c).unwrap();
-        assert_eq!(extra_cni_args(&declared, &args), "");
-        let stdin = declared.plugin_stdin(0, None, &args).unwrap();
+        let att = attachment(&declared, &args, &inv);
+        assert_eq!(att.cni_args(), identity);
+        let stdin = declared.plugin_stdin(0, None, &att.capability_args);
         assert_eq!(
             stdin["runtimeConfig"]["ips"],
             json!(["10.244.1.9", "fd00:10:244:1::9"])
         );
-        assert_eq!(extra_cni_args(&undeclared, &RuntimeArgs::default()), "");
+        assert_eq!(
+            attachment(&undeclared, &RuntimeArgs::default(), &inv).cni_args(),
+            identity
+        );
     }
 
     #[test]
-    fn conflists_libcni_would_refuse_are_refused() {
+    fn conflists_libcni_would_refuse_are_parse_errors() {
+        let e = Chain::from_conflist(&json!({"cniVersion": "1.0.0", "name": "n", "plugins": []}))
+            .unwrap_err();
         assert!(
-            Chain::from_conflist(&json!({"cniVersion": "1.0.0", "name": "n", "plugins": []}))
-                .is_err()
+            matches!(&e, LabError::Parse { what, .. } if what == "conflist"),
+            "{e}"
         );
-        assert!(Chain::from_conflist(
-            &json!({"cniVersion": "1.0.0", "name": "n", "plugins": [{"mtu": 1}]})
-        )
-        .is_err());
-        assert!(
-            Chain::from_conflist(&json!({"cniVersion": "1.0.0", "plugins": [{"type": "a"}]}))
-                .is_err()
-        );
-        assert!(Chain::from_conflist(&json!({"name": "n", "plugins": [{"type": "a"}]})).is_err());
-    }
-
-    #[test]
-    fn plugins_are_found_in_cni_path_order_and_never_outside_it() {
-        let dir = std::env::temp_dir().join(format!("palisade-cni-path-{}", std::process::id()));
-        let (a, b) = (dir.join("a"), dir.join("b"));
-        std::fs::create_dir_all(&a).unwrap();
-        std::fs::create_dir_all(&b).unwrap();
-        std::fs::write(a.join("portmap"), "").unwrap();
-        std::fs::write(b.join("portmap"), "").unwrap();
-        std::fs::write(b.join("bridge"), "").unwrap();
-        let path = vec![a.clone(), b.clone()];
-        assert_eq!(find_plugin("portmap", &path).unwrap(), a.join("portmap"));
-        assert_eq!(find_plugin("bridge", &path).unwrap(), b.join("bridge"));
-        let missing = find_plugin("flannel", &path).unwrap_err().to_string();
-        assert!(
-            missing.contains("flannel") && missing.contains(&a.display().to_string()),
-            "{missing}"
-        );
-        assert!(find_plugin("../b/bridge", &path).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn result_ips_strip_prefix_lengths() {
-        let r = json!({"ips": [{"address": "10.244.1.2/32"}, {"address": "fd00:10:244:1::2/128"}]});
-        let ips = result_ips(&r);
-        assert_eq!(ips.len(), 2);
-        assert_eq!(ips[0].to_string(), "10.244.1.2");
-    }
-
-    /// A node namespace for the chain tests, deleted on drop (also on panic).
-    struct TestNetns(String);
-    impl Drop for TestNetns {
-        fn drop(&mut self) {
-            let _ = crate::netns::delete(&self.0);
-        }
-    }
-
-    /// A fake plugin: records `<verb> <type>` in `seq`, its stdin in `<verb>-<type>.json`, and
-    /// answers a result naming itself (or fails with a CNI error).
-    fn fake_plugin(dir: &Path, kind: &str, fail_add: bool) {
-        use std::os::unix::fs::PermissionsExt;
-        let log = dir.join("log");
-        let fail = if fail_add {
-            "if [ \"$CNI_COMMAND\" = ADD ]; then echo '{\"code\":7,\"msg\":\"broken on purpose\"}'; exit 1; fi\n"
-        } else {
-            ""
-        };
-        let script = format!(
-            "#!/bin/sh\necho \"$CNI_COMMAND {kind} $CNI_ARGS\" >> {log}/seq\ncat > {log}/$CNI_COMMAND-{kind}.json\n{fail}echo '{{\"cniVersion\":\"1.0.0\",\"by\":\"{kind}\",\"ips\":[{{\"address\":\"10.9.0.2/32\"}}]}}'\n",
-            log = log.display()
-        );
-        let p = dir.join("bin").join(kind);
-        std::fs::write(&p, script).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-
-    fn read_json(p: PathBuf) -> Value {
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
     }
 
     /// Needs root (a network namespace, as the plugins run inside the node's).
     #[test]
-    fn add_runs_the_chain_in_order_and_del_in_reverse_with_the_cached_result() {
-        let dir = std::env::temp_dir().join(format!("palisade-cni-chain-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("bin")).unwrap();
-        std::fs::create_dir_all(dir.join("log")).unwrap();
-        fake_plugin(&dir, "first", false);
-        fake_plugin(&dir, "second", false);
-        fake_plugin(&dir, "broken", true);
-        let ns = TestNetns(format!("pl-cnitest{}", std::process::id()));
-        crate::netns::create(&ns.0).expect("create a netns (run as root)");
-        let path = vec![dir.join("bin")];
-        let pod_netns = crate::netns::path(&ns.0);
-        let inv = Invocation {
-            node_netns: &ns.0,
-            container_id: "c1",
-            pod_netns_path: &pod_netns,
-            pod_namespace: "x",
-            pod_name: "p",
-            pod_uid: "u",
-        };
-        let chain = Chain::from_conflist(&json!({"cniVersion": "1.0.0", "name": "n", "plugins": [
-            {"type": "first"}, {"type": "second", "capabilities": {"portMappings": true}}
-        ]}))
-        .unwrap();
+    fn the_chain_runs_with_the_pods_args_and_failures_name_plugin_pod_and_node() {
+        let node = palisade_testkit::Netns::new("pl-labcni");
+        let pod_netns = node.path();
+        let inv = inv(node.name(), &pod_netns);
+        // Fakes standing in for the agent's chain (palisade, then portmap), and a broken one.
+        let fakes = FakePlugins::new();
+        for (kind, fail_add) in [("palisade", false), ("portmap", false), ("broken", true)] {
+            fakes.plugin(kind, fail_add);
+        }
+        let path = vec![fakes.bin_dir()];
+        let chain = Chain::from_conflist(&example_conflist()).unwrap();
         let result = add(&chain, &path, &http(), &inv).unwrap();
+        assert_eq!(result["by"], "portmap");
         assert_eq!(
-            result["by"], "second",
-            "the chain's result is the last plugin's"
-        );
-        assert_eq!(
-            read_json(dir.join("log/ADD-second.json"))["prevResult"]["by"],
-            "first"
-        );
-        assert_eq!(
-            read_json(dir.join("log/ADD-second.json"))["runtimeConfig"]["portMappings"][0]
-                ["hostPort"],
+            fakes.stdin("ADD", "portmap")["runtimeConfig"]["portMappings"][0]["hostPort"],
             18080
         );
         del(&chain, &path, &http(), Some(&result), &inv).unwrap();
-        for kind in ["first", "second"] {
-            let stdin = read_json(dir.join(format!("log/DEL-{kind}.json")));
-            assert_eq!(
-                stdin["prevResult"]["by"], "second",
-                "{kind} DEL gets the cached result"
-            );
-        }
-        let seq = std::fs::read_to_string(dir.join("log/seq")).unwrap();
-        let order: Vec<String> = seq
-            .lines()
-            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-            .collect();
         assert_eq!(
-            order,
-            ["ADD first", "ADD second", "DEL second", "DEL first"]
+            fakes.calls(),
+            ["ADD palisade", "ADD portmap", "DEL portmap", "DEL palisade"]
         );
-        assert!(seq.contains("K8S_POD_NAMESPACE=x;K8S_POD_NAME=p"), "{seq}");
-
-        // A broken link fails ADD, naming the plugin and its message.
+        assert_eq!(
+            fakes.stdin("DEL", "portmap")["runtimeConfig"]["portMappings"][0]["hostPort"],
+            18080,
+            "DEL gets the runtime args of ADD"
+        );
+        // A broken link fails ADD, naming the plugin, its place, the pod and its message.
         let broken = Chain::from_conflist(&json!({"cniVersion": "1.0.0", "name": "n", "plugins": [
-            {"type": "first"}, {"type": "broken"}
+            {"type": "palisade"}, {"type": "broken"}
         ]}))
         .unwrap();
         let e = add(&broken, &path, &RuntimeArgs::default(), &inv)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("plugin broken (2/2)") && e.contains("broken on purpose"),
+            e.contains("plugin broken (2/2) for pod x/p") && e.contains("broken on purpose"),
             "{e}"
         );
-        // A plugin missing from CNI_PATH fails too.
+        // A plugin missing from CNI_PATH fails too, with what to do about it; DEL goes on past it.
         let missing =
             Chain::from_conflist(&json!({"cniVersion": "1.0.0", "name": "n", "plugins": [
-                {"type": "first"}, {"type": "nowhere"}
+                {"type": "palisade"}, {"type": "nowhere"}
             ]}))
             .unwrap();
         let e = add(&missing, &path, &RuntimeArgs::default(), &inv)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("\"nowhere\" not found in CNI_PATH"), "{e}");
-        drop(ns);
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.contains("\"nowhere\" not found in CNI_PATH") && e.contains("scripts/setup.sh"),
+            "{e}"
+        );
+        let e = del(&missing, &path, &RuntimeArgs::default(), None, &inv).unwrap_err();
+        assert!(
+            matches!(&e, LabError::Teardown(errors) if errors.len() == 1),
+            "{e}"
+        );
+        assert_eq!(fakes.calls().last().unwrap(), "DEL palisade");
     }
 }

@@ -5,6 +5,8 @@
 //! - [`temp`]: temporary directories (`tempfile`) and atomic writes.
 //! - [`cmd`]: running commands with a panic that names them; [`cmd::require_root`].
 //! - [`names::unique`], [`wait::wait_until`].
+//! - [`libcni`]: the small libcni that runs a whole conflist inside a node namespace (chaining,
+//!   capability args, the `CNI_*` environment, CNI errors as values), for the CNI tests and the lab.
 //! - `apiserver` (feature `apiserver`): an in-test Kubernetes API server (list/watch over HTTP/1.1) that kube-rs'
 //!   client and watcher use unchanged, and [`kubeconfig`] pointing a client at it.
 //!
@@ -14,6 +16,7 @@
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
 pub mod cmd;
+pub mod libcni;
 pub mod names;
 pub mod netns;
 pub mod temp;

@@ -149,35 +149,20 @@ impl Fixture {
     }
 }
 
-fn result_ips(r: &Value) -> Vec<String> {
-    r["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|i| {
-            i["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
 fn v4_of(r: &Value) -> String {
     result_ips(r)
         .into_iter()
-        .find(|i| !i.contains(':'))
+        .find(std::net::IpAddr::is_ipv4)
         .expect("an IPv4 address")
+        .to_string()
 }
 
 fn v6_of(r: &Value) -> String {
     result_ips(r)
         .into_iter()
-        .find(|i| i.contains(':'))
+        .find(std::net::IpAddr::is_ipv6)
         .expect("an IPv6 address")
+        .to_string()
 }
 
 #[test]
