@@ -4,6 +4,7 @@
 
 use palisade_agent::cniconf::{render, ConflistParams, PORTMAP_TYPE};
 use palisade_contract::{NETWORK_NAME, PLUGIN_TYPE};
+use palisade_testkit::libcni::Chain;
 use palisade_testkit::Netns;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -80,25 +81,6 @@ fn libcni_load(text: &str, current: &str) -> Result<(String, Vec<Value>), String
         }
     }
     Ok((version, plugins.clone()))
-}
-
-/// The stdin libcni hands one plugin of the chain: its entry with `name`, `cniVersion` and
-/// (after the first plugin) `prevResult` injected, plus `runtimeConfig` for declared capabilities.
-fn libcni_plugin_stdin(
-    entry: &Value,
-    name: &str,
-    version: &str,
-    prev: Option<&Value>,
-    runtime: Value,
-) -> Value {
-    let mut conf = entry.clone();
-    conf["name"] = json!(name);
-    conf["cniVersion"] = json!(version);
-    if let Some(prev) = prev {
-        conf["prevResult"] = prev.clone();
-    }
-    conf["runtimeConfig"] = runtime;
-    conf
 }
 
 #[test]
@@ -216,8 +198,11 @@ fn real_portmap_plugin_accepts_the_chained_entry_as_libcni_derives_it() {
         "{PORTMAP} missing: apt-get install containernetworking-plugins (scripts/setup.sh)"
     );
     let text = render(&dual_stack()).unwrap();
-    let (_, plugins) = libcni_load(&text, "1.1.0").expect("libcni loads it");
-    let entry = &plugins[1];
+    libcni_load(&text, "1.1.0").expect("libcni loads it");
+    // The stdin each plugin gets, built by the tests' one mini-libcni (name, the top-level
+    // cniVersion 1.0.0, prevResult, runtimeConfig for declared capabilities).
+    let chain = Chain::from_conflist(&serde_json::from_str(&text).expect("conflist is JSON"))
+        .expect("a valid chain");
 
     let node = Netns::new("palcc");
     let container = Netns::new("palcc");
@@ -249,7 +234,7 @@ fn real_portmap_plugin_accepts_the_chained_entry_as_libcni_derives_it() {
     ]});
 
     // ADD with a hostPort: the plugin parses our entry and programs both families.
-    let add = libcni_plugin_stdin(entry, NETWORK_NAME, "1.0.0", Some(&prev), mappings.clone());
+    let add = chain.plugin_stdin(1, Some(&prev), &mappings);
     let (ok, result) = portmap(&node, "ADD", &container, &add);
     assert!(ok, "portmap ADD rejected our entry: {result}");
     assert_eq!(
@@ -265,7 +250,7 @@ fn real_portmap_plugin_accepts_the_chained_entry_as_libcni_derives_it() {
     );
 
     // CHECK without mappings (what libcni sends for a pod without hostPorts) parses and passes.
-    let check = libcni_plugin_stdin(entry, NETWORK_NAME, "1.0.0", Some(&prev), json!({}));
+    let check = chain.plugin_stdin(1, Some(&prev), &json!({}));
     let (ok, out) = portmap(&node, "CHECK", &container, &check);
     assert!(ok, "portmap CHECK rejected our entry: {out}");
 
