@@ -79,18 +79,7 @@ impl World {
         node.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
         node.sysctl("net.ipv4.ip_forward", "1");
         let outside = Netns::router("pao");
-        node.ip(&[
-            "link",
-            "add",
-            "ext0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            outside.name(),
-        ]);
+        node.veth_to("ext0", &outside, "eth0");
         node.ip(&["addr", "add", &format!("{OUTSIDE_GW}/24"), "dev", "ext0"]);
         node.ip(&["link", "set", "ext0", "up"]);
         outside.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"]);

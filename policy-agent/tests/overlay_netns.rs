@@ -22,18 +22,7 @@ fn routed_nodes() -> (Netns, Netns, Netns) {
     let n2 = Netns::router("pan");
     for (n, i) in [(&n1, 1), (&n2, 2)] {
         let rv = unique("pr");
-        r.ip(&[
-            "link",
-            "add",
-            &rv,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            n.name(),
-        ]);
+        r.veth_to(&rv, n, "eth0");
         r.ip(&["addr", "add", &format!("172.31.{i}.254/24"), "dev", &rv]);
         r.ip(&[
             "addr",

@@ -116,6 +116,13 @@ impl Netns {
         out
     }
 
+    /// A veth pair: `name` here, its peer moved into `peer` as `peer_name` (both ends down).
+    pub fn veth_to(&self, name: &str, peer: &Netns, peer_name: &str) {
+        self.ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", peer_name, "netns", &peer.name,
+        ]);
+    }
+
     /// Sets one sysctl inside the namespace; panics unless it succeeds.
     pub fn sysctl(&self, key: &str, value: &str) {
         self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);

@@ -21,19 +21,6 @@ const CLIENT_IP6: &str = "fd00:10:244:1::2";
 const SERVER_IP6: &str = "fd00:10:244:1::3";
 const GATEWAY6: &str = "fe80::1";
 
-fn run(ns: &str, args: &[&str]) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-        .expect("run ip netns exec");
-    assert!(
-        out.status.success(),
-        "{ns}: {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 const LISTENER: &str = r#"
 import socket, select, sys
 ss = []
@@ -100,19 +87,16 @@ fn connects(ns: &str, ip: &str, port: u16) -> bool {
 }
 
 /// Sends `n` UDP datagrams from `src` (not necessarily the pod's address) to `dst`:`port`.
-fn forge(ns: &str, src: &str, dst: &str, port: u16, n: u32) {
-    run(
-        ns,
-        &[
-            "python3",
-            "-c",
-            FORGE,
-            src,
-            dst,
-            &port.to_string(),
-            &n.to_string(),
-        ],
-    );
+fn forge(ns: &Netns, src: &str, dst: &str, port: u16, n: u32) {
+    ns.exec(&[
+        "python3",
+        "-c",
+        FORGE,
+        src,
+        dst,
+        &port.to_string(),
+        &n.to_string(),
+    ]);
 }
 
 /// Packets the source guard dropped so far (the counters of its rules in every base chain).
@@ -149,98 +133,56 @@ fn guard_drops(node: &Netns) -> u64 {
 }
 
 fn wire(node: &Netns, pod: &Netns, host_if: &str, ip: &str, ip6: &str) {
-    run(
-        node.name(),
-        &[
-            "ip",
-            "link",
-            "add",
-            host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ],
-    );
-    run(node.name(), &["ip", "link", "set", host_if, "up"]);
-    run(
-        node.name(),
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{GATEWAY}/32"),
-            "dev",
-            host_if,
-        ],
-    );
-    run(
-        node.name(),
-        &["ip", "route", "add", &format!("{ip}/32"), "dev", host_if],
-    );
-    run(pod.name(), &["ip", "link", "set", "lo", "up"]);
-    run(pod.name(), &["ip", "link", "set", "eth0", "up"]);
-    run(
-        pod.name(),
-        &["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
-    );
-    run(
-        pod.name(),
-        &[
-            "ip", "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
-        ],
-    );
-    run(
-        pod.name(),
-        &[
-            "ip", "route", "add", "default", "via", GATEWAY, "dev", "eth0",
-        ],
-    );
-    run(
-        node.name(),
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{GATEWAY6}/64"),
-            "dev",
-            host_if,
-            "nodad",
-        ],
-    );
-    run(
-        node.name(),
-        &[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            &format!("{ip6}/128"),
-            "dev",
-            host_if,
-        ],
-    );
-    run(
-        pod.name(),
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{ip6}/128"),
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-    run(
-        pod.name(),
-        &[
-            "ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
-        ],
-    );
+    node.veth_to(host_if, pod, "eth0");
+    node.exec(&["ip", "link", "set", host_if, "up"]);
+    node.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{GATEWAY}/32"),
+        "dev",
+        host_if,
+    ]);
+    node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", host_if]);
+    pod.exec(&["ip", "link", "set", "lo", "up"]);
+    pod.exec(&["ip", "link", "set", "eth0", "up"]);
+    pod.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    pod.exec(&[
+        "ip", "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+    ]);
+    pod.exec(&[
+        "ip", "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+    ]);
+    node.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{GATEWAY6}/64"),
+        "dev",
+        host_if,
+        "nodad",
+    ]);
+    node.exec(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        host_if,
+    ]);
+    pod.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    pod.exec(&[
+        "ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+    ]);
 }
 
 #[test]
@@ -248,16 +190,10 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     let node = Netns::new("pal-cmp-");
     let client = Netns::new("pal-cmp-");
     let server = Netns::new("pal-cmp-");
-    run(node.name(), &["ip", "link", "set", "lo", "up"]);
-    run(
-        node.name(),
-        &["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
-    );
-    run(node.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    run(
-        node.name(),
-        &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-    );
+    node.exec(&["ip", "link", "set", "lo", "up"]);
+    node.exec(&["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
+    node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    node.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     // Host veths named as the plugin names them, for the attachment records below (c0, c1).
     let client_veth = palisade_contract::host_veth_name("c0", "eth0");
     let server_veth = palisade_contract::host_veth_name("c1", "eth0");
@@ -319,8 +255,8 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         "the pod's own node always reaches it (semantics 39)"
     );
     // IPv6: separate sets and maps; neighbour discovery keeps working under isolation.
-    run(node.name(), &["ip", "-6", "neigh", "flush", "all"]);
-    run(client.name(), &["ip", "-6", "neigh", "flush", "all"]);
+    node.exec(&["ip", "-6", "neigh", "flush", "all"]);
+    client.exec(&["ip", "-6", "neigh", "flush", "all"]);
     assert!(
         connects(client.name(), SERVER_IP6, 8080),
         "IPv6 named port allowed"
@@ -332,16 +268,16 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     // The source guard: what the client sends from an address not its own never gets past
     // prerouting (counted there), in both families; its own address is not counted.
     let before = guard_drops(&node);
-    forge(client.name(), CLIENT_IP, SERVER_IP, 9, 5);
-    forge(client.name(), CLIENT_IP6, SERVER_IP6, 9, 5);
+    forge(&client, CLIENT_IP, SERVER_IP, 9, 5);
+    forge(&client, CLIENT_IP6, SERVER_IP6, 9, 5);
     assert_eq!(
         guard_drops(&node),
         before,
         "the pod's own addresses pass the guard"
     );
-    forge(client.name(), "10.244.1.9", SERVER_IP, 9, 5);
-    forge(client.name(), SERVER_IP, SERVER_IP, 9, 5);
-    forge(client.name(), "fd00:10:244:1::9", SERVER_IP6, 9, 5);
+    forge(&client, "10.244.1.9", SERVER_IP, 9, 5);
+    forge(&client, SERVER_IP, SERVER_IP, 9, 5);
+    forge(&client, "fd00:10:244:1::9", SERVER_IP6, 9, 5);
     assert_eq!(
         guard_drops(&node),
         before + 15,

@@ -159,18 +159,7 @@ impl Pod {
         }
     }
     pub fn wire(&self, node: &Netns) {
-        node.ip(&[
-            "link",
-            "add",
-            &self.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.ns.name(),
-        ]);
+        node.veth_to(&self.host_veth, &self.ns, "eth0");
         self.ns
             .ip(&["addr", "add", &format!("{}/32", self.ip), "dev", "eth0"]);
         self.ns.ip(&["link", "set", "eth0", "up"]);
