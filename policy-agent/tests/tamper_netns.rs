@@ -6,6 +6,7 @@
 mod agent_support;
 
 use agent_support::*;
+use palisade_testkit::nft::normalized;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -51,45 +52,6 @@ fn lab(extra: &[&str]) -> Lab {
         d,
         t,
     }
-}
-
-/// Our table as a comparable value: no metainfo, handles or counter values; set elements and
-/// objects sorted (a re-created table lists them in another order), rules in order per chain.
-fn normalized(listing: &str) -> Value {
-    fn strip(v: &mut Value) {
-        match v {
-            Value::Object(m) => {
-                m.remove("handle");
-                if let Some(Value::Object(c)) = m.get_mut("counter") {
-                    c.remove("packets");
-                    c.remove("bytes");
-                }
-                if let Some(Value::Array(e)) = m.get_mut("elem") {
-                    e.sort_by_key(|x| x.to_string());
-                }
-                m.values_mut().for_each(strip);
-            }
-            Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    let mut v: Value = serde_json::from_str(listing).expect("nft listing is JSON");
-    strip(&mut v);
-    // Objects in any order (a full replace creates them in another order than incremental commits
-    // did); rules in their order within each chain.
-    let mut objects = Vec::new();
-    let mut rules = std::collections::BTreeMap::<String, Vec<Value>>::new();
-    for item in v["nftables"].as_array().cloned().unwrap_or_default() {
-        if item.get("metainfo").is_some() {
-            continue;
-        }
-        match item["rule"]["chain"].as_str() {
-            Some(chain) => rules.entry(chain.to_string()).or_default().push(item),
-            None => objects.push(item),
-        }
-    }
-    objects.sort_by_key(|x| x.to_string());
-    serde_json::json!({"objects": objects, "rules": rules})
 }
 
 fn restores(ns: &Netns) -> u64 {

@@ -2,6 +2,8 @@
 //! guard and fake, not one per test file):
 //!
 //! - [`netns`]: the network-namespace guard (created with a unique name, deleted on drop).
+//! - [`nft`]: our table listed in a comparable form ([`nft::normalized`]), loaded and listed in a
+//!   test namespace.
 //! - [`temp`]: temporary directories (`tempfile`) and atomic writes.
 //! - [`cmd`]: running commands with a panic that names them; [`cmd::require_root`].
 //! - [`names::unique`], [`wait::wait_until`].
@@ -19,6 +21,7 @@ pub mod cmd;
 pub mod libcni;
 pub mod names;
 pub mod netns;
+pub mod nft;
 pub mod temp;
 pub mod wait;
 

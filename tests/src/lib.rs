@@ -19,11 +19,9 @@ use std::sync::{Mutex, OnceLock};
 /// Where the reference plugins (host-local, portmap, ptp) are installed (Debian's package).
 pub const REFERENCE_PLUGIN_DIR: &str = libcni::SYSTEM_PLUGIN_DIR;
 
-pub mod nft;
-
-pub use nft::NftNs;
 pub use palisade_testkit::cmd::{must, require_root, run};
 pub use palisade_testkit::libcni::{result_ips, Attachment, PluginError};
+pub use palisade_testkit::nft::NftNs;
 pub use palisade_testkit::temp::{temp_dir, TempDir};
 pub use palisade_testkit::{unique, Netns};
 
