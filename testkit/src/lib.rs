@@ -6,6 +6,7 @@
 //!   test namespace.
 //! - [`temp`]: temporary directories (`tempfile`) and atomic writes.
 //! - [`cmd`]: running commands with a panic that names them; [`cmd::require_root`].
+//! - [`http`]: a plain HTTP GET, also from inside a namespace (the agent's endpoints).
 //! - [`names::unique`], [`wait::wait_until`].
 //! - [`libcni`]: the small libcni that runs a whole conflist inside a node namespace (chaining,
 //!   capability args, the `CNI_*` environment, CNI errors as values), for the CNI tests and the lab.
@@ -18,6 +19,7 @@
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
 pub mod cmd;
+pub mod http;
 pub mod libcni;
 pub mod names;
 pub mod netns;

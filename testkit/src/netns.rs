@@ -116,6 +116,12 @@ impl Netns {
         out
     }
 
+    /// `GET path` on 127.0.0.1:`port` inside this namespace; `None` when nothing answers.
+    pub fn http_get(&self, port: u16, path: &str) -> Option<crate::http::Response> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        crate::http::get_in(&self.path(), addr, path, std::time::Duration::from_secs(2)).ok()
+    }
+
     /// A veth pair: `name` here, its peer moved into `peer` as `peer_name` (both ends down).
     pub fn veth_to(&self, name: &str, peer: &Netns, peer_name: &str) {
         self.ip(&[

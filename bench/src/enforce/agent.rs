@@ -182,18 +182,7 @@ pub(super) fn write_server_record(state: &Path) -> Result<()> {
 
 /// Fetches `path` from an HTTP/1.0 server (the agent's /metrics), inside whatever namespace we run in.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(io_err(format!("connecting to {addr}")))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io_err("setting read timeout"))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .map_err(io_err("sending the request"))?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)
-        .map_err(io_err("reading the response"))?;
-    Ok(body
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or(body))
+    palisade_testkit::http::get(addr, path, Duration::from_secs(5))
+        .map(|r| r.body)
+        .map_err(|e| Error::Invalid(format!("GET {path}: {e}")))
 }

@@ -69,40 +69,8 @@ pub fn http_status_in_netns(
     path: &str,
     timeout: Duration,
 ) -> std::result::Result<u16, String> {
-    use std::io::{Read, Write};
-    let ns_path = netns::path(netns);
     let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("address {addr:?}: {e}"))?;
-    let path = path.to_string();
-    std::thread::spawn(move || {
-        let ns =
-            std::fs::File::open(&ns_path).map_err(|e| format!("{}: {e}", ns_path.display()))?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering {}: {e}", ns_path.display()))?;
-        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        s.set_write_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)
-            .map_err(|e| format!("read from {addr}: {e}"))?;
-        out.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| {
-                format!(
-                    "not an HTTP answer: {:?}",
-                    out.lines().next().unwrap_or_default()
-                )
-            })
-    })
-    .join()
-    .map_err(|_| "the HTTP thread panicked".to_string())?
+    palisade_testkit::http::get_in(&netns::path(netns), addr, path, timeout).map(|r| r.status)
 }
 
 impl Lab {

@@ -47,16 +47,7 @@ impl NodeNs for Netns {
         )
     }
     fn http(&self, port: u16, path: &str) -> Option<(u16, String)> {
-        let script = format!(
-            "import urllib.request,urllib.error,sys\ntry:\n r=urllib.request.urlopen('http://127.0.0.1:{port}{path}',timeout=2)\n print(r.status);print(r.read().decode())\nexcept urllib.error.HTTPError as e:\n print(e.code);print(e.read().decode())\nexcept Exception:\n sys.exit(1)\n"
-        );
-        let o = self.try_exec(&["python3", "-c", &script]);
-        if !o.status.success() {
-            return None;
-        }
-        let s = String::from_utf8_lossy(&o.stdout).into_owned();
-        let (code, body) = s.split_once('\n')?;
-        Some((code.trim().parse().ok()?, body.to_string()))
+        self.http_get(port, path).map(|r| (r.status, r.body))
     }
 }
 
