@@ -8,6 +8,7 @@ use crate::cni::{validate_id, CniResult};
 use crate::error::{Error, Result};
 use ipnet::IpNet;
 use palisade_contract::netconf::{BuiltinIpamConf, PluginConf, RangeConf};
+use palisade_contract::AttachmentKey;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -70,7 +71,7 @@ pub struct NetConf {
     /// Requested addresses from `args.cni.ips` and `runtimeConfig.ips`.
     pub requested_ips: Vec<IpAddr>,
     /// GC: the attachments (container id, ifname) the runtime still uses.
-    pub valid_attachments: Option<Vec<(String, String)>>,
+    pub valid_attachments: Option<Vec<AttachmentKey>>,
     /// The bytes we were given, passed unchanged to a delegate (as libcni does).
     pub raw: Vec<u8>,
 }
@@ -268,7 +269,7 @@ impl NetConf {
     }
 }
 
-fn parse_attachments(key: &str, v: &Value) -> Result<Vec<(String, String)>> {
+fn parse_attachments(key: &str, v: &Value) -> Result<Vec<AttachmentKey>> {
     let arr = v
         .as_array()
         .ok_or_else(|| Error::config(key, format!("{v} is not a list")))?;
@@ -283,7 +284,10 @@ fn parse_attachments(key: &str, v: &Value) -> Result<Vec<(String, String)>> {
                 .ok_or_else(|| Error::config(format!("{p}containerID"), "missing"))?;
             let ifname = string(o, &p, "ifname")?
                 .ok_or_else(|| Error::config(format!("{p}ifname"), "missing"))?;
-            Ok((cid, ifname))
+            Ok(AttachmentKey {
+                container_id: cid,
+                ifname,
+            })
         })
         .collect()
 }
@@ -582,7 +586,10 @@ mod tests {
             .unwrap();
             assert_eq!(
                 c.valid_attachments,
-                Some(vec![("c1".into(), "eth0".into())])
+                Some(vec![AttachmentKey {
+                    container_id: "c1".into(),
+                    ifname: "eth0".into()
+                }])
             );
         }
     }

@@ -15,7 +15,7 @@ use crate::netlink::Netlink;
 use crate::netns;
 use crate::pending::{self, Mark};
 use crate::veth::{self, Plan};
-use palisade_contract::{self as contract, Attachment};
+use palisade_contract::{self as contract, Attachment, AttachmentKey};
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::IpAddr;
@@ -419,7 +419,7 @@ pub fn status(env: &Env, conf: &NetConf) -> Result<()> {
 
 /// GC: tears down every recorded attachment not in the valid list, then IPAM's leftovers.
 pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
-    let valid: HashSet<(String, String)> = conf
+    let valid: HashSet<AttachmentKey> = conf
         .valid_attachments
         .clone()
         .ok_or_else(|| {
@@ -440,11 +440,11 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
     let mut keep = valid.clone();
     runtime()?.block_on(async {
         let node = Netlink::current()?;
-        for (path, r) in records.iter().filter(|(_, r)| !valid.contains(&(r.container_id.clone(), r.ifname.clone()))) {
+        for (path, r) in records.iter().filter(|(_, r)| !valid.contains(&r.key())) {
             if let Err(e) = verify_record(path, r) {
                 tracing::error!(error = %e, "GC: refusing a stale attachment record that names a link we could not have made");
                 errors.keep::<()>(Err(e));
-                keep.insert((r.container_id.clone(), r.ifname.clone()));
+                keep.insert(r.key());
                 continue;
             }
             tracing::info!(container = %r.container_id, ifname = %r.ifname, pod = ?r.pod_key(), "GC: removing stale attachment");

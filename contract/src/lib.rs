@@ -79,7 +79,22 @@ pub struct Attachment {
     pub pending: bool,
 }
 
+/// What identifies an attachment for the runtime and for GC: (container id, interface name).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AttachmentKey {
+    pub container_id: String,
+    pub ifname: String,
+}
+
 impl Attachment {
+    /// The (container id, ifname) this record is for.
+    pub fn key(&self) -> AttachmentKey {
+        AttachmentKey {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+
     /// Whether this record, read from `path`, names only what the plugin could have made: its file
     /// is the one of its (container id, ifname), and its `hostVeth` is the name derived from them
     /// ([`host_veth_name`], our prefix). DEL and GC delete the host veth of a record, so a record

@@ -1,7 +1,7 @@
 //! `explain`: why traffic between two endpoints is allowed or denied, read from the same
 //! compiled model the ruleset is built from (never separate logic).
 
-use crate::compile::admit::{self, Exemption, RuleVerdict};
+use crate::compile::admit::{self, AllowedBy, Exemption, RuleVerdict};
 use crate::compile::{compile, Compiled, PeerMatch};
 use crate::error::PolicyError;
 use crate::model::{pod_key, ClusterState, Direction, Protocol};
@@ -55,7 +55,7 @@ pub enum Outcome {
     /// No policy selects the pod for this direction (semantics 1).
     NotIsolated,
     /// Allowed by these (policy, rule index, how the peer matched).
-    Allowed(Vec<(String, usize, PeerMatch)>),
+    Allowed(Vec<AllowedBy>),
     /// Isolated by these policies and no rule of theirs matched.
     Denied(Vec<String>),
     /// The address is still pending (wired, policy not compiled yet): all traffic dropped.
@@ -313,7 +313,7 @@ impl fmt::Display for DirectionVerdict {
             Outcome::Allowed(by) => {
                 let list: Vec<String> = by
                     .iter()
-                    .map(|(p, i, m)| format!("policy {p} rule {i} ({m})"))
+                    .map(|b| format!("policy {} rule {} ({})", b.policy, b.rule, b.peer))
                     .collect();
                 write!(f, "{who}: allowed by {}", list.join("; "))
             }

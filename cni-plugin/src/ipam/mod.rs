@@ -10,6 +10,7 @@ use crate::cni::{CniResult, Env};
 use crate::config::{BuiltinIpam, Ipam, NetConf};
 use crate::error::{Error, Result};
 use ipnet::IpNet;
+use palisade_contract::AttachmentKey;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
@@ -120,7 +121,7 @@ pub fn check(conf: &NetConf, env: &Env, expected: &[IpAddr]) -> Result<()> {
 }
 
 /// Releases every reservation not in `valid`; forwards GC to a delegate.
-pub fn gc(conf: &NetConf, env: &Env, valid: &HashSet<(String, String)>) -> Result<()> {
+pub fn gc(conf: &NetConf, env: &Env, valid: &HashSet<AttachmentKey>) -> Result<()> {
     match &conf.ipam {
         Ipam::Builtin(b) => gc_builtin(b, &conf.name, valid),
         Ipam::Delegate { plugin } => tolerate_unsupported(
@@ -130,11 +131,13 @@ pub fn gc(conf: &NetConf, env: &Env, valid: &HashSet<(String, String)>) -> Resul
     }
 }
 
-fn gc_builtin(b: &BuiltinIpam, network: &str, valid: &HashSet<(String, String)>) -> Result<()> {
+fn gc_builtin(b: &BuiltinIpam, network: &str, valid: &HashSet<AttachmentKey>) -> Result<()> {
     let store = Store::open(&b.data_dir, network)?;
     let mut errors = crate::error::Errors::default();
     for r in store.reservations()? {
-        let keep = valid.iter().any(|(c, i)| Store::matches(&r, c, i));
+        let keep = valid
+            .iter()
+            .any(|k| Store::matches(&r, &k.container_id, &k.ifname));
         if !keep {
             tracing::info!(ip = %r.ip, container = %r.container_id, ifname = %r.ifname, "GC: releasing stale reservation");
             errors.keep(store.remove(r.ip));

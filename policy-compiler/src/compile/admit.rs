@@ -28,10 +28,19 @@ pub struct Flow {
 pub enum RuleVerdict {
     /// No policy selects the pod for this direction (semantics 1).
     NotIsolated,
-    /// Allowed by these (policy, rule index, how the peer matched).
-    Allowed(Vec<(String, usize, PeerMatch)>),
+    /// Allowed by these rules.
+    Allowed(Vec<AllowedBy>),
     /// Isolated by these policies and none of their rules matches.
     Denied(Vec<String>),
+}
+
+/// One rule that admits the traffic: its policy (`namespace/name`), its index among the
+/// direction's rules, and how its peer matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedBy {
+    pub policy: String,
+    pub rule: usize,
+    pub peer: PeerMatch,
 }
 
 /// Traffic of an isolated pod that is allowed whatever its policies say.
@@ -111,7 +120,11 @@ pub fn judge(
                 None => r.ports.any,
             };
             if let (Some(m), true) = (r.peers.matches(peer), ports) {
-                by.push((k.clone(), r.index, m));
+                by.push(AllowedBy {
+                    policy: k.clone(),
+                    rule: r.index,
+                    peer: m,
+                });
             }
         }
     }
