@@ -5,7 +5,7 @@
 mod agent_support;
 
 use agent_support::*;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const NODE: &str = "n1";
@@ -18,7 +18,9 @@ const OUTSIDE_GW: &str = "192.168.77.1";
 const PORT: u16 = 8080;
 
 /// A TCP server that answers every connection with the peer address it saw; killed on drop.
-struct EchoPeer(Child);
+struct EchoPeer {
+    _process: KillOnDrop,
+}
 
 impl EchoPeer {
     fn start(ns: &Netns) -> Self {
@@ -34,14 +36,9 @@ impl EchoPeer {
         let mut out = child.stdout.take().expect("stdout");
         let _ = std::io::Read::read_exact(&mut out, &mut buf);
         assert_eq!(&buf, b"ready\n", "echo server did not start");
-        EchoPeer(child)
-    }
-}
-
-impl Drop for EchoPeer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        EchoPeer {
+            _process: child.into(),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ mod agent_support;
 
 use agent_support::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const NODE: &str = "n1";
@@ -17,7 +17,9 @@ const OTHER: &str = "10.244.1.12";
 const PORT: u16 = 7001;
 
 /// A python helper in a pod namespace; killed on drop.
-struct Py(Child);
+struct Py {
+    _process: KillOnDrop,
+}
 
 impl Py {
     /// Runs `script` in `ns`; when `wait_ready`, waits for it to print `ready`.
@@ -33,7 +35,9 @@ impl Py {
             let _ = std::io::Read::read_exact(&mut out, &mut buf);
             assert_eq!(&buf, b"ready\n", "helper did not start");
         }
-        Py(child)
+        Py {
+            _process: child.into(),
+        }
     }
 
     /// A TCP server on `port` that logs the arrival time of every chunk it reads (one line each).
@@ -74,13 +78,6 @@ impl Py {
             "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.connect(({dst:?},{port}))\nprint('ready',flush=True)\ni=0\nwhile True:\n try:\n  s.send(str(i).encode())\n except OSError:\n  pass\n i+=1\n time.sleep(0.001)\n"
         );
         Self::start(ns, &script, true)
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

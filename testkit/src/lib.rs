@@ -7,6 +7,7 @@
 //! - [`temp`]: temporary directories (`tempfile`) and atomic writes.
 //! - [`cmd`]: running commands with a panic that names them; [`cmd::require_root`].
 //! - [`http`]: a plain HTTP GET, also from inside a namespace (the agent's endpoints).
+//! - [`process::KillOnDrop`]: a child process killed and reaped when its guard drops.
 //! - [`names::unique`], [`wait::wait_until`].
 //! - [`libcni`]: the small libcni that runs a whole conflist inside a node namespace (chaining,
 //!   capability args, the `CNI_*` environment, CNI errors as values), for the CNI tests and the lab.
@@ -24,6 +25,7 @@ pub mod libcni;
 pub mod names;
 pub mod netns;
 pub mod nft;
+pub mod process;
 pub mod temp;
 pub mod wait;
 

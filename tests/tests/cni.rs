@@ -1,12 +1,13 @@
 //! The `palisade` binary exec'd exactly as a runtime does (env + stdin, chained, results cached
 //! and replayed), inside a node namespace, with pods as namespaces. Must run as root.
 
+use palisade_testkit::process::KillOnDrop;
 use palisade_tests::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 /// One node: its namespace, its directories, and a runtime executing plugins in it.
 struct Fixture {
@@ -611,7 +612,9 @@ fn gc_removes_attachments_not_in_the_valid_list() {
 }
 
 /// A python3 server in a namespace that answers one TCP or UDP exchange; killed on drop.
-struct Server(Child);
+struct Server {
+    _process: KillOnDrop,
+}
 
 impl Server {
     fn start(ns: &Netns, proto: &str, port: u16, v6: bool) -> Self {
@@ -643,14 +646,9 @@ else:
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "ready", "server did not start");
-        Server(child)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        Server {
+            _process: child.into(),
+        }
     }
 }
 

@@ -9,9 +9,10 @@
 use palisade_policy::model::Change;
 use palisade_policy::scenarios::Scenario;
 use palisade_policy::{compile, diff};
+use palisade_testkit::process::KillOnDrop;
 use palisade_tests::{Netns, NftNs};
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 const CLIENT_IP: &str = "10.244.1.2";
 const SERVER_IP: &str = "10.244.1.3";
@@ -57,16 +58,6 @@ const CONNECT: &str = r#"
 import socket, sys
 socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0).close()
 "#;
-
-/// The listener process, killed (by its pid) on drop.
-struct Listener(Child);
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn connects(ns: &str, ip: &str, port: u16) -> bool {
     Command::new("ip")
@@ -221,7 +212,7 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
         &mut ready,
     )
     .unwrap();
-    let _listener = Listener(child);
+    let _listener = KillOnDrop::from(child);
     assert_eq!(ready.trim(), "ready");
     assert!(
         connects(client.name(), SERVER_IP, 8081),

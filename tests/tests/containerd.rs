@@ -4,24 +4,15 @@
 //! tmpfs. `ctr run --cni` then gets its pod network from `palisade` (chained with portmap), and
 //! one pod fetches a page from another. Must run as root.
 
+use palisade_testkit::process::KillOnDrop;
 use palisade_tests::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const IMAGE: &str = "docker.io/palisade/busybox:test";
 const PAGE: &str = "palisade-ok";
-
-/// A process we started, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn sha256_hex(path: &Path) -> String {
     let out = must(Command::new("sha256sum").arg(path));
@@ -109,7 +100,7 @@ fn build_image(dir: &Path) -> PathBuf {
 
 /// The private world containerd and ctr live in: node netns + a private mount namespace.
 struct World {
-    holder: Proc,
+    holder: KillOnDrop,
     dir: PathBuf,
     sock: PathBuf,
     /// containerd namespace, unique per run (runc names its cgroups after it).
@@ -122,7 +113,7 @@ impl World {
         let mut c = Command::new("nsenter");
         c.args([
             "-t",
-            &self.holder.0.id().to_string(),
+            &self.holder.id().to_string(),
             "-m",
             "-n",
             "--",
@@ -232,14 +223,14 @@ fn containerd_ctr_run_with_cni_gets_a_working_pod_network_from_palisade() {
         .spawn()
         .expect("start the namespace holder");
     let world = World {
-        holder: Proc(holder),
+        holder: holder.into(),
         dir: dir.clone(),
         sock: sock.clone(),
         namespace: unique("palisade-test-"),
     };
     let self_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_link(format!("/proc/{}/ns/mnt", world.holder.0.id()))
+    while std::fs::read_link(format!("/proc/{}/ns/mnt", world.holder.id()))
         .ok()
         .as_ref()
         == Some(&self_mnt)
@@ -283,7 +274,7 @@ fn containerd_ctr_run_with_cni_gets_a_working_pod_network_from_palisade() {
         .stderr(log)
         .spawn()
         .expect("start containerd");
-    let containerd = Proc(containerd);
+    let containerd = KillOnDrop::from(containerd);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !world.ctr(&["version"]).status.success() {
         assert!(

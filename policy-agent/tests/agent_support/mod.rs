@@ -6,9 +6,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use palisade_testkit::process::KillOnDrop;
 pub use palisade_testkit::temp::{sub_dir, temp_dir, write_atomic, TempDir};
 pub use palisade_testkit::{unique, wait_until, Netns};
 
@@ -56,7 +57,7 @@ pub const AGENT_PORT: u16 = 9799;
 
 /// The agent running in a node namespace; SIGKILLed on drop.
 pub struct Agent {
-    pub child: Child,
+    pub child: KillOnDrop,
 }
 
 pub struct AgentDirs {
@@ -108,7 +109,9 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .expect("start palisade-agent");
-        Agent { child }
+        Agent {
+            child: child.into(),
+        }
     }
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
@@ -121,13 +124,6 @@ impl Agent {
         wait_until(timeout, || {
             matches!(ns.http(AGENT_PORT, "/readyz"), Some((200, _)))
         })
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -168,7 +164,7 @@ impl Pod {
 }
 
 /// UDP probe receiver: records the arrival time of every datagram on `port` in `log` (one line each).
-pub struct Receiver(Child);
+pub struct Receiver(KillOnDrop);
 
 impl Receiver {
     pub fn start(ns: &Netns, port: u16, log: &Path) -> Self {
@@ -196,14 +192,7 @@ impl Receiver {
         let mut buf = [0u8; 6];
         let _ = std::io::Read::read_exact(&mut out, &mut buf);
         assert_eq!(&buf, b"ready\n", "receiver did not start");
-        Receiver(child)
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        Receiver(child.into())
     }
 }
 
@@ -218,7 +207,7 @@ pub fn arrivals(log: &Path) -> Vec<f64> {
 
 /// UDP probe sender: a fresh socket (so a fresh conntrack flow) every `every_ms` to `dst:port`
 /// (IPv6 when `dst` is an IPv6 address).
-pub struct Sender(Child);
+pub struct Sender(KillOnDrop);
 
 impl Sender {
     pub fn start(ns: &Netns, dst: &str, port: u16, every_ms: u32) -> Self {
@@ -231,14 +220,7 @@ impl Sender {
             .args(["netns", "exec", ns.name(), "python3", "-c", &script])
             .spawn()
             .expect("start sender");
-        Sender(child)
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        Sender(child.into())
     }
 }
 
