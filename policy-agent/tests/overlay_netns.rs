@@ -131,7 +131,8 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
         "agent n1 not ready"
     );
 
-    let conflist = std::fs::read_to_string(d1.cni_conf.join("10-palisade.conflist")).unwrap();
+    // Ready means the first sync is committed; the conflist follows that commit.
+    let conflist = read_conflist(&d1);
     assert!(
         conflist.contains("\"mtu\": 8930"),
         "pod MTU = 9000 - 70 (dual-stack node, IPv6 underlay overhead): {conflist}"
@@ -249,7 +250,8 @@ fn with_encapsulation_never_a_node_on_another_subnet_gets_no_path_and_no_device(
         a1.wait_ready(&n1, Duration::from_secs(10)),
         "agent n1 not ready"
     );
-    let conflist = std::fs::read_to_string(d1.cni_conf.join("10-palisade.conflist")).unwrap();
+    // Ready means the first sync is committed; the conflist follows that commit.
+    let conflist = read_conflist(&d1);
     assert!(conflist.contains("\"mtu\": 1500"), "{conflist}");
     let pod1 = Pod::new("10.244.1.5");
     pod1.wire(&n1);
@@ -262,4 +264,16 @@ fn with_encapsulation_never_a_node_on_another_subnet_gets_no_path_and_no_device(
     assert_eq!(arrivals(&log).len(), 0, "{}", overlay_state(&n1));
     assert_eq!(encapsulated(&router), 0);
     assert!(!show(&n1, &["link", "show"]).contains("palisade"));
+}
+
+/// The conflist the agent writes right after its first commit (so shortly after `/readyz` says
+/// ready), waited for.
+fn read_conflist(d: &AgentDirs) -> String {
+    let path = d.cni_conf.join(palisade_contract::CONFLIST_FILE);
+    assert!(
+        wait_until(Duration::from_secs(5), || path.exists()),
+        "no conflist 5 s after the agent became ready: {}",
+        path.display()
+    );
+    std::fs::read_to_string(&path).expect("read the conflist")
 }
