@@ -143,6 +143,45 @@ pub(super) struct Observed<'a> {
     pub(super) pid: u32,
 }
 
+/// What one observation window saw: the agent's CPU/memory and its metrics text before and after,
+/// how many writes the writer made, and how long it wrote and the whole window lasted.
+pub(super) struct Window {
+    pub(super) before: ProcStats,
+    pub(super) after: ProcStats,
+    pub(super) m0: String,
+    pub(super) m1: String,
+    pub(super) writes: u64,
+    pub(super) write_seconds: f64,
+    pub(super) wall_seconds: f64,
+}
+
+impl Observed<'_> {
+    /// Runs the writer `start` makes for `secs`, then 300 ms for the last writes to land before the
+    /// counters are read; measures the agent over the whole window.
+    pub(super) fn window(&self, secs: u64, start: impl FnOnce(&Store) -> Churn) -> Result<Window> {
+        let m0 = fetch_metrics(self.lab, self.exe);
+        let before = proc_stats(self.pid)?;
+        let t = Instant::now();
+        let writer = start(self.store);
+        std::thread::sleep(Duration::from_secs(secs));
+        let writes = writer.finish();
+        let write_seconds = t.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(300));
+        let wall_seconds = t.elapsed().as_secs_f64();
+        let after = proc_stats(self.pid)?;
+        let m1 = fetch_metrics(self.lab, self.exe);
+        Ok(Window {
+            before,
+            after,
+            m0,
+            m1,
+            writes,
+            write_seconds,
+            wall_seconds,
+        })
+    }
+}
+
 pub(super) fn churn_window(
     obs: &Observed<'_>,
     cluster: &Cluster,
@@ -150,38 +189,23 @@ pub(super) fn churn_window(
     secs: u64,
     seed: u64,
 ) -> Result<ChurnResult> {
-    let Observed {
-        lab,
-        exe,
-        store,
-        pid,
-    } = *obs;
     const SUM: &str = "palisade_reconcile_duration_seconds_sum";
     const COUNT: &str = "palisade_reconcile_duration_seconds_count";
-    let m0 = fetch_metrics(lab, exe);
-    let before = proc_stats(pid)?;
-    let t = Instant::now();
-    let churn = Churn::start(store, cluster, rate, seed);
-    std::thread::sleep(Duration::from_secs(secs));
-    let writes = churn.finish();
-    // Let the last changes land before reading the counters.
-    std::thread::sleep(Duration::from_millis(300));
-    let wall = t.elapsed().as_secs_f64();
-    let after = proc_stats(pid)?;
-    let m1 = fetch_metrics(lab, exe);
+    let w = obs.window(secs, |store| Churn::start(store, cluster, rate, seed))?;
     let d = |name: &str| {
-        metric_value(&m1, name).unwrap_or(f64::NAN) - metric_value(&m0, name).unwrap_or(f64::NAN)
+        metric_value(&w.m1, name).unwrap_or(f64::NAN)
+            - metric_value(&w.m0, name).unwrap_or(f64::NAN)
     };
     let reconciles = d(COUNT);
     Ok(ChurnResult {
         pods: cluster.pods.len(),
         policies: cluster.policies.len(),
         rate,
-        writes,
-        wall_seconds: wall,
-        agent_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
-        rss_kib: after.rss_kib,
-        hwm_kib: after.hwm_kib,
+        writes: w.writes,
+        wall_seconds: w.wall_seconds,
+        agent_cpu_seconds: w.after.cpu_seconds - w.before.cpu_seconds,
+        rss_kib: w.after.rss_kib,
+        hwm_kib: w.after.hwm_kib,
         reconciles,
         reconcile_mean_ms: if reconciles > 0.0 {
             d(SUM) * 1e3 / reconciles

@@ -101,35 +101,21 @@ pub(super) fn irrelevant_window(
     secs: u64,
     first: u64,
 ) -> Result<IrrelevantResult> {
-    let Observed {
-        lab,
-        exe,
-        store,
-        pid,
-    } = *obs;
-    let m0 = fetch_metrics(lab, exe);
-    let before = proc_stats(pid)?;
-    let t = Instant::now();
-    let writer = Churn::heartbeats(store, targets.clone(), rate, first);
-    std::thread::sleep(Duration::from_secs(secs));
-    let writes = writer.finish();
-    let write_seconds = t.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(300));
-    let wall = t.elapsed().as_secs_f64();
-    let after = proc_stats(pid)?;
-    let m1 = fetch_metrics(lab, exe);
-    let delta = |get: &dyn Fn(&str) -> Option<f64>| Some(get(&m1)? - get(&m0)?);
+    let w = obs.window(secs, |store| {
+        Churn::heartbeats(store, targets.clone(), rate, first)
+    })?;
+    let delta = |get: &dyn Fn(&str) -> Option<f64>| Some(get(&w.m1)? - get(&w.m0)?);
     Ok(IrrelevantResult {
         pods: cluster.pods.len(),
         policies: cluster.policies.len(),
         rate,
         files: targets.len(),
-        writes,
-        write_seconds,
-        wall_seconds: wall,
-        agent_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
-        rss_kib: after.rss_kib,
-        hwm_kib: after.hwm_kib,
+        writes: w.writes,
+        write_seconds: w.write_seconds,
+        wall_seconds: w.wall_seconds,
+        agent_cpu_seconds: w.after.cpu_seconds - w.before.cpu_seconds,
+        rss_kib: w.after.rss_kib,
+        hwm_kib: w.after.hwm_kib,
         reconciles: delta(&|m| metric_value(m, "palisade_reconciles_total")),
         lock_acquisitions: delta(&|m| metric_value(m, "palisade_node_lock_acquisitions_total")),
         unchanged: delta(&|m| {
