@@ -98,10 +98,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<palisade_contract::records::RecordError> for Error {
     fn from(e: palisade_contract::records::RecordError) -> Self {
-        Error::io(
-            format!("{} attachment record {}", e.action, e.path.display()),
-            e.source,
-        )
+        Error::io(format!("{} {}", e.action, e.path.display()), e.source)
     }
 }
 

@@ -6,6 +6,7 @@
 //! Everything either side needs to find the other lives here, so the two can never drift apart.
 
 pub mod cni;
+pub mod file_error;
 pub mod lock;
 pub mod netconf;
 pub mod records;

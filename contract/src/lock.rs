@@ -4,34 +4,12 @@
 //! writes a record, the agent while it reads the records and commits), and any store lock (the IPAM
 //! store's).
 
+use crate::file_error::FileError;
 use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Why a lock could not be taken: what was being done, on which path, and the OS error.
-#[derive(Debug)]
-pub struct LockError {
-    pub action: &'static str,
-    pub path: PathBuf,
-    pub source: std::io::Error,
-}
-
-impl std::fmt::Display for LockError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.action,
-            self.path.display(),
-            self.source
-        )
-    }
-}
-
-impl std::error::Error for LockError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
-}
+/// Why a lock could not be taken.
+pub type LockError = FileError;
 
 /// An exclusive lock on a file, held until dropped.
 #[derive(Debug)]
@@ -43,21 +21,16 @@ impl FileLock {
     /// Blocks until the exclusive lock on `path` is ours. Creates the file's directory and the file
     /// when missing (the file's content is never touched).
     pub fn acquire(path: &Path) -> Result<Self, LockError> {
-        let err = |action, source| LockError {
-            action,
-            path: path.to_path_buf(),
-            source,
-        };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err("create the directory of", e))?;
+            std::fs::create_dir_all(dir).map_err(FileError::of("create the directory of", path))?;
         }
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|e| err("open lock file", e))?;
-        file.lock().map_err(|e| err("lock", e))?;
+            .map_err(FileError::of("open lock file", path))?;
+        file.lock().map_err(FileError::of("lock", path))?;
         Ok(FileLock { file })
     }
 }

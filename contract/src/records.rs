@@ -3,53 +3,23 @@
 //! removes it on DEL or GC; the agent reads them all. A record is replaced atomically (a temp file
 //! in the same directory, then rename), so a reader sees the old record or the whole new one.
 
+use crate::file_error::FileError;
 use crate::{attachment_path, attachments_dir, Attachment};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
-/// Why a record could not be written, read or removed: what was being done, on which file, and
-/// the OS error (a record that is not valid JSON is `InvalidData`).
-#[derive(Debug)]
-pub struct RecordError {
-    pub action: &'static str,
-    pub path: PathBuf,
-    pub source: std::io::Error,
-}
-
-impl std::fmt::Display for RecordError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} attachment record {}: {}",
-            self.action,
-            self.path.display(),
-            self.source
-        )
-    }
-}
-
-impl std::error::Error for RecordError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
-}
-
-fn error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecordError {
-    let path = path.to_path_buf();
-    move |source| RecordError {
-        action,
-        path,
-        source,
-    }
-}
+/// Why a record could not be written, read or removed (a record that is not valid JSON is the
+/// OS error `InvalidData`).
+pub type RecordError = FileError;
 
 /// Writes (or replaces) the record of `a` atomically. No fsync: after a node crash the pod
 /// namespaces are gone anyway and the runtime's GC removes what is left.
 pub fn write(state_dir: &Path, a: &Attachment) -> Result<(), RecordError> {
     let path = attachment_path(state_dir, &a.container_id, &a.ifname);
     let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(a).map_err(|e| error("encoding", &path)(e.into()))?;
+    let body = serde_json::to_vec_pretty(a)
+        .map_err(|e| FileError::of("encoding attachment record", &path)(e.into()))?;
     let attempt = || -> std::io::Result<()> {
         fs::create_dir_all(attachments_dir(state_dir))?;
         let mut f = File::create(&tmp)?;
@@ -58,7 +28,7 @@ pub fn write(state_dir: &Path, a: &Attachment) -> Result<(), RecordError> {
     };
     attempt().map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        error("writing", &path)(e)
+        FileError::of("writing attachment record", &path)(e)
     })
 }
 
@@ -72,9 +42,9 @@ pub fn read(
     match fs::read(&path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| error("parsing", &path)(e.into())),
+            .map_err(|e| FileError::of("parsing attachment record", &path)(e.into())),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(error("reading", &path)(e)),
+        Err(e) => Err(FileError::of("reading attachment record", &path)(e)),
     }
 }
 
@@ -84,7 +54,7 @@ pub fn remove(state_dir: &Path, container_id: &str, ifname: &str) -> Result<(), 
     match fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(error("removing", &path)(e)),
+        Err(e) => Err(FileError::of("removing attachment record", &path)(e)),
     }
 }
 
