@@ -137,6 +137,14 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
         conflist.contains("\"mtu\": 8930"),
         "pod MTU = 9000 - 70 (dual-stack node, IPv6 underlay overhead): {conflist}"
     );
+    // Routes and the device follow the conflist by a few milliseconds (the same loop turn).
+    assert!(
+        wait_until(Duration::from_secs(10), || n1
+            .try_exec(&["ip", "link", "show", "vxlan.palisade"])
+            .status
+            .success()),
+        "n1 never created its VXLAN device"
+    );
     let dev = show(&n1, &["-d", "link", "show", "vxlan.palisade"]);
     for want in [
         "mtu 8950",
