@@ -831,6 +831,7 @@ mod tests {
             name: "n1".into(),
             pod_cidrs: vec![],
             internal_ips: vec![ip("192.168.0.1")],
+            ..Node::default()
         }));
         st.apply(Change::UpsertNamespace(Namespace::new(
             "a",

@@ -479,6 +479,7 @@ mod tests {
             name: name.to_string(),
             pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             internal_ips: ips.iter().map(|c| c.parse().unwrap()).collect(),
+            ..Node::default()
         };
         (name.to_string(), n)
     }

@@ -1,7 +1,7 @@
 //! `explain`: why traffic between two endpoints is allowed or denied, read from the same
 //! compiled model the ruleset is built from (never separate logic).
 
-use crate::compile::admit::{self, AllowedBy, Exemption, RuleVerdict};
+use crate::compile::admit::{self, AllowedBy, ClusterMatch, Exemption, RuleVerdict, TierVerdict};
 use crate::compile::{compile, Compiled, PeerMatch};
 use crate::error::PolicyError;
 use crate::model::{pod_key, ClusterState, Direction, Protocol};
@@ -52,8 +52,13 @@ pub enum Outcome {
     NotApplicable(String),
     /// Always allowed, whatever the policies say (semantics 38, 39).
     AlwaysAllowed(String),
-    /// No policy selects the pod for this direction (semantics 1).
+    /// No policy of any tier selects the pod for this direction (semantics 1).
     NotIsolated,
+    /// A ClusterNetworkPolicy rule decided (Accept or Deny).
+    Cluster(ClusterMatch),
+    /// ClusterNetworkPolicies select the pod, but no tier decided: allowed (the Kubernetes
+    /// default); `passed`: the Admin-tier Pass rule that handed it on, if one did.
+    Default { passed: Option<ClusterMatch> },
     /// Allowed by these (policy, rule index, how the peer matched).
     Allowed(Vec<AllowedBy>),
     /// Isolated by these policies and no rule of theirs matched.
@@ -64,7 +69,11 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn allows(&self) -> bool {
-        !matches!(self, Self::Denied(_) | Self::Pending)
+        match self {
+            Self::Denied(_) | Self::Pending => false,
+            Self::Cluster(m) => m.action == crate::model::Action::Accept,
+            _ => true,
+        }
     }
 }
 
@@ -248,10 +257,16 @@ pub fn explain(
             v.outcome = Outcome::NotIsolated;
             return v;
         };
-        v.outcome = match admit::judge(&model, lp, dir, peer, to_ip, Some(proto), port) {
-            RuleVerdict::NotIsolated => Outcome::NotIsolated,
-            RuleVerdict::Allowed(by) => Outcome::Allowed(by),
-            RuleVerdict::Denied(policies) => Outcome::Denied(policies),
+        if !lp.governed(dir) {
+            v.outcome = Outcome::NotIsolated;
+            return v;
+        }
+        v.outcome = match admit::decide(&model, lp, dir, peer, to_ip, Some(proto), port) {
+            TierVerdict::Cluster(m) => Outcome::Cluster(m),
+            TierVerdict::NetworkPolicy(RuleVerdict::NotIsolated) => Outcome::NotIsolated,
+            TierVerdict::NetworkPolicy(RuleVerdict::Allowed(by)) => Outcome::Allowed(by),
+            TierVerdict::NetworkPolicy(RuleVerdict::Denied(policies)) => Outcome::Denied(policies),
+            TierVerdict::Default { passed } => Outcome::Default { passed },
         };
         v
     };
@@ -287,7 +302,18 @@ impl fmt::Display for PeerMatch {
             PeerMatch::Any => "any peer",
             PeerMatch::Pod => "peer pod selected",
             PeerMatch::IpBlock => "peer address in ipBlock",
+            PeerMatch::Node => "peer is a selected node's address",
         })
+    }
+}
+
+impl fmt::Display for ClusterMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} tier clusternetworkpolicy {} (priority {}) rule {}: {} ({})",
+            self.tier, self.policy, self.priority, self.rule, self.action, self.peer
+        )
     }
 }
 
@@ -305,6 +331,18 @@ impl fmt::Display for DirectionVerdict {
                 f,
                 "{who}: allowed, no policy selects the pod for {}",
                 self.direction
+            ),
+            Outcome::Cluster(m) if m.action == crate::model::Action::Accept => {
+                write!(f, "{who}: allowed by {m}")
+            }
+            Outcome::Cluster(m) => write!(f, "{who}: DENIED by {m}"),
+            Outcome::Default { passed: Some(m) } => write!(
+                f,
+                "{who}: allowed, passed on by {m}; no later tier decided (the Kubernetes default)"
+            ),
+            Outcome::Default { passed: None } => write!(
+                f,
+                "{who}: allowed, no rule of the ClusterNetworkPolicies selecting the pod matched and no NetworkPolicy selects it (the Kubernetes default)"
             ),
             Outcome::Pending => write!(
                 f,

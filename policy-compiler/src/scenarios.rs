@@ -2,6 +2,7 @@
 //! the kernel tests (palisade-tests) compile these. Test support (feature `testkit`), not the
 //! compiler: a malformed scenario panics with a message, as a test would.
 
+use crate::model::cluster_policy_from_api;
 use crate::model::{
     Change, ClusterState, EgressNat, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase,
     Policy, Rule,
@@ -39,6 +40,8 @@ impl Scenario {
                 name: n.into(),
                 pod_cidrs: vec![],
                 internal_ips: vec![a.parse().expect("a well-formed scenario")],
+                addresses: vec![a.parse().expect("a well-formed scenario")],
+                ..Node::default()
             }));
         }
         st.apply(Change::UpsertNamespace(Namespace::new(
@@ -98,6 +101,16 @@ impl Scenario {
         self
     }
     /// A policy that skipped validation (the ruleset must stay safe even then).
+    /// A ClusterNetworkPolicy from its API spec.
+    pub fn cnp(mut self, name: &str, spec: Value) -> Self {
+        let o = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))
+            .expect("a well-formed scenario");
+        self.st.apply(Change::UpsertClusterPolicy(
+            cluster_policy_from_api(&o).expect("a well-formed scenario"),
+        ));
+        self
+    }
+
     pub fn policy_unchecked(mut self, p: Policy) -> Self {
         self.st.apply(Change::UpsertPolicy(p));
         self
@@ -196,6 +209,27 @@ pub fn scenarios() -> Vec<(&'static str, ClusterState)> {
                 })
                 .attachment("a/x", &["10.244.1.2"], false)
                 .attachment("a/not-yet-known", &["10.244.1.9", "fd00:10:244:1::9"], true)
+                .st,
+        ),
+        (
+            "cluster_tiers_dual_stack",
+            Scenario::new()
+                .pod("a/web", "n1", &["10.244.1.2", "fd00:10:244:1::2"], &[("app", "web")], &[("http", 8080, "TCP")])
+                .pod("a/db", "n1", &["10.244.1.3", "fd00:10:244:1::3"], &[("app", "db")], &[])
+                .pod("b/mon", "n2", &["10.244.2.2", "fd00:10:244:2::2"], &[("app", "mon")], &[])
+                .policy("a", "web", json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"ports": [{"port": "http"}]}]}))
+                .cnp("sensitive", json!({"tier": "Admin", "priority": 10,
+                    "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                    "ingress": [{"name": "monitoring", "action": "Accept", "from": [{"pods": {"namespaceSelector": {"matchLabels": {"team": "b"}}, "podSelector": {"matchLabels": {"app": "mon"}}}}]},
+                                {"name": "own-team", "action": "Pass", "from": [{"namespaces": {"matchLabels": {"team": "a"}}}]},
+                                {"name": "everyone-else", "action": "Deny", "from": [{"namespaces": {}}]}],
+                    "egress": [{"name": "dns-and-nodes", "action": "Accept", "to": [{"nodes": {}}, {"networks": ["10.96.0.10/32", "fd00:96::a/128"]}],
+                                "protocols": [{"udp": {"destinationPort": {"number": 53}}}, {"tcp": {"destinationPort": {"range": {"start": 10250, "end": 10255}}}}]}]}))
+                .cnp("default-deny", json!({"tier": "Baseline", "priority": 100,
+                    "subject": {"namespaces": {}},
+                    "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
+                    "egress": [{"action": "Accept", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}}],
+                                "protocols": [{"destinationNamedPort": "http"}]}]}))
                 .st,
         ),
         (

@@ -2,8 +2,9 @@
 //! the compile benchmark.
 
 use crate::model::{
-    pod_key, Change, ClusterState, ContainerPort, LabelSelector, Labels, Namespace, Node, Peer,
-    Pod, PodPhase, Policy, PortMatch, PortSpec, Protocol, Requirement, Rule,
+    pod_key, Action, Change, ClusterPolicy, ClusterRule, ClusterState, ClusterSubject,
+    ContainerPort, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase, Policy, PortMatch,
+    PortSpec, Protocol, Requirement, Rule, Tier,
 };
 use palisade_contract::Attachment;
 use std::collections::BTreeSet;
@@ -41,6 +42,8 @@ pub struct SynthConfig {
     pub namespaces: usize,
     pub pods: usize,
     pub policies: usize,
+    /// ClusterNetworkPolicies (Admin and Baseline).
+    pub cluster_policies: usize,
     pub seed: u64,
     /// Give every pod an IPv6 address too.
     pub dual_stack: bool,
@@ -54,6 +57,7 @@ impl SynthConfig {
             namespaces: 500,
             pods: 10_000,
             policies: 1_000,
+            cluster_policies: 0,
             seed,
             dual_stack: true,
         }
@@ -65,6 +69,7 @@ impl SynthConfig {
             namespaces: 4,
             pods: 24,
             policies: 8,
+            cluster_policies: 4,
             seed,
             dual_stack: true,
         }
@@ -310,6 +315,93 @@ pub fn make_policy(cfg: &SynthConfig, rng: &mut Rng, i: usize) -> Policy {
     }
 }
 
+/// ClusterNetworkPolicy number `i`: either tier, priorities from a small range (so ties happen),
+/// subjects by namespace or by namespace and pod, and rules of every action and peer kind.
+pub fn make_cluster_policy(rng: &mut Rng, i: usize) -> ClusterPolicy {
+    let team = |rng: &mut Rng| sel(&[("team", format!("t{}", rng.below(TEAMS)))]);
+    let app = |rng: &mut Rng| sel(&[("app", format!("app{}", rng.below(APPS)))]);
+    let subject = match rng.below(3) {
+        0 => ClusterSubject::Namespaces(team(rng)),
+        1 => ClusterSubject::Namespaces(LabelSelector::everything()),
+        _ => ClusterSubject::Pods {
+            namespace_selector: LabelSelector::everything(),
+            pod_selector: app(rng),
+        },
+    };
+    let action = |rng: &mut Rng| match rng.below(3) {
+        0 => Action::Accept,
+        1 => Action::Deny,
+        _ => Action::Pass,
+    };
+    let rule = |rng: &mut Rng, egress: bool| -> ClusterRule {
+        let peers = match rng.below(if egress { 5 } else { 3 }) {
+            0 => vec![Peer::Pods {
+                namespace_selector: Some(team(rng)),
+                pod_selector: None,
+            }],
+            1 => vec![Peer::Pods {
+                namespace_selector: Some(LabelSelector::everything()),
+                pod_selector: Some(app(rng)),
+            }],
+            2 => vec![Peer::Pods {
+                namespace_selector: Some(sel(&[("env", "prod".to_string())])),
+                pod_selector: Some(sel(&[("tier", TIERS[rng.below(3)].to_string())])),
+            }],
+            3 => vec![Peer::Nodes(sel(&[("zone", format!("z{}", rng.below(3)))]))],
+            _ => vec![
+                Peer::IpBlock {
+                    cidr: net("10.0.0.0/20"),
+                    except: vec![],
+                },
+                Peer::IpBlock {
+                    cidr: net("fd00::/120"),
+                    except: vec![],
+                },
+            ],
+        };
+        let addresses_only = peers
+            .iter()
+            .all(|p| matches!(p, Peer::IpBlock { .. } | Peer::Nodes(_)));
+        let ports = match rng.below(4) {
+            0 => vec![],
+            1 => vec![port(Protocol::Tcp, PortMatch::Range(80, 80))],
+            2 => vec![
+                port(Protocol::Tcp, PortMatch::Range(8000, 8100)),
+                port(Protocol::Udp, PortMatch::All),
+            ],
+            _ if addresses_only => vec![port(Protocol::Udp, PortMatch::Range(53, 53))],
+            _ => Protocol::ALL
+                .into_iter()
+                .map(|p| port(p, PortMatch::Named("http".into())))
+                .collect(),
+        };
+        let inert = rng.chance(5);
+        ClusterRule {
+            name: rng.chance(50).then(|| format!("r{}", rng.below(100))),
+            action: action(rng),
+            rule: Rule {
+                peers: if inert { vec![] } else { peers },
+                ports: if inert { vec![] } else { ports },
+            },
+            inert,
+        }
+    };
+    let ingress = (0..rng.below(4)).map(|_| rule(rng, false)).collect();
+    let egress = (0..rng.below(4)).map(|_| rule(rng, true)).collect();
+    ClusterPolicy {
+        name: format!("cnp{i}"),
+        tier: if rng.chance(50) {
+            Tier::Admin
+        } else {
+            Tier::Baseline
+        },
+        priority: rng.below(4) as u32 * 10,
+        subject,
+        ingress,
+        egress,
+    }
+}
+
 fn make_namespace(rng: &mut Rng, i: usize) -> Namespace {
     let mut l = Labels::new();
     l.insert("team".into(), format!("t{}", rng.below(TEAMS)));
@@ -324,16 +416,7 @@ pub fn cluster(cfg: &SynthConfig) -> ClusterState {
     let mut rng = Rng::new(cfg.seed);
     let mut st = ClusterState::default();
     for i in 0..cfg.nodes {
-        st.apply(Change::UpsertNode(Node {
-            name: node_name(i),
-            pod_cidrs: vec![],
-            internal_ips: vec![IpAddr::V4(Ipv4Addr::new(
-                192,
-                168,
-                (i / 250) as u8,
-                (i % 250 + 1) as u8,
-            ))],
-        }));
+        st.apply(Change::UpsertNode(make_node(i, i % 3)));
     }
     st.apply(Change::UpsertNamespace(Namespace::new(
         "kube-system",
@@ -348,13 +431,70 @@ pub fn cluster(cfg: &SynthConfig) -> ClusterState {
     for i in 0..cfg.policies {
         st.apply(Change::UpsertPolicy(make_policy(cfg, &mut rng, i)));
     }
+    for i in 0..cfg.cluster_policies {
+        st.apply(Change::UpsertClusterPolicy(make_cluster_policy(
+            &mut rng, i,
+        )));
+    }
     st
+}
+
+/// Node `i` in zone `z<zone>` (label `zone`), its InternalIP its one address.
+fn make_node(i: usize, zone: usize) -> Node {
+    let ip = IpAddr::V4(Ipv4Addr::new(
+        192,
+        168,
+        (i / 250) as u8,
+        (i % 250 + 1) as u8,
+    ));
+    Node {
+        name: node_name(i),
+        pod_cidrs: vec![],
+        internal_ips: vec![ip],
+        labels: [("zone".to_string(), format!("z{zone}"))].into(),
+        addresses: vec![ip],
+    }
 }
 
 /// A random change to a synthetic cluster, as a watch stream would deliver. `serial` makes new
 /// names unique.
 pub fn random_change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) -> Change {
     let pick = |rng: &mut Rng, n: usize| rng.below(n);
+    // ClusterNetworkPolicy and Node changes only where the config has ClusterNetworkPolicies: the
+    // streams of configs without them stay what they were.
+    if cfg.cluster_policies > 0 && rng.chance(25) {
+        return match rng.below(4) {
+            0 => {
+                Change::UpsertClusterPolicy(make_cluster_policy(rng, cfg.cluster_policies + serial))
+            }
+            1 => match st
+                .cluster_policies
+                .values()
+                .nth(pick(rng, st.cluster_policies.len()))
+            {
+                Some(p) => {
+                    let mut np = make_cluster_policy(rng, 0);
+                    np.name = p.name.clone();
+                    Change::UpsertClusterPolicy(np)
+                }
+                None => Change::SetAttachments(vec![]),
+            },
+            2 => match st
+                .cluster_policies
+                .values()
+                .nth(pick(rng, st.cluster_policies.len()))
+            {
+                Some(p) => Change::DeleteClusterPolicy {
+                    name: p.name.clone(),
+                },
+                None => Change::SetAttachments(vec![]),
+            },
+            _ => {
+                let i = pick(rng, cfg.nodes);
+                Change::UpsertNode(make_node(i, rng.below(3)))
+            }
+        };
+    }
     match rng.below(11) {
         0 | 1 => {
             let mut p = make_pod(cfg, rng, cfg.pods + serial);

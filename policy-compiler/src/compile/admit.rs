@@ -4,7 +4,7 @@
 //! uses [`Admitter`] to find established flows the current ruleset would no longer admit as new.
 
 use super::{Compiled, LocalPod, PeerMatch};
-use crate::model::{Direction, Protocol};
+use crate::model::{Action, Direction, Protocol, Tier};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
@@ -135,13 +135,108 @@ pub fn judge(
     }
 }
 
+/// The ClusterNetworkPolicy rule that decided a direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMatch {
+    pub tier: Tier,
+    /// The policy's name.
+    pub policy: String,
+    pub priority: u32,
+    /// The rule's `name`, or `#<index>`.
+    pub rule: String,
+    /// Accept or Deny (a Pass goes on to the next tier).
+    pub action: Action,
+    pub peer: PeerMatch,
+}
+
+/// What the tiers say about one direction of a packet of a local pod, in evaluation order: Admin
+/// tier, NetworkPolicies (when one selects the pod), Baseline tier, the Kubernetes default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TierVerdict {
+    /// A ClusterNetworkPolicy rule accepted or denied it.
+    Cluster(ClusterMatch),
+    /// NetworkPolicies select the pod: they decided (`Allowed` or `Denied`).
+    NetworkPolicy(RuleVerdict),
+    /// No tier decided: allowed. `passed`: the Admin-tier Pass rule that handed it on, if any.
+    Default { passed: Option<ClusterMatch> },
+}
+
+impl TierVerdict {
+    pub fn allows(&self) -> bool {
+        match self {
+            TierVerdict::Cluster(m) => m.action == Action::Accept,
+            TierVerdict::NetworkPolicy(v) => !matches!(v, RuleVerdict::Denied(_)),
+            TierVerdict::Default { .. } => true,
+        }
+    }
+}
+
+/// Evaluates one direction of a packet of `lp` through every tier, as its group chain does (the
+/// exemptions are the caller's: they come first).
+pub fn decide(
+    model: &Compiled,
+    lp: &LocalPod,
+    dir: Direction,
+    peer: IpAddr,
+    dst: IpAddr,
+    proto: Option<Protocol>,
+    port: u16,
+) -> TierVerdict {
+    let mut passed = None;
+    match tier_match(model, lp, Tier::Admin, dir, peer, dst, proto, port) {
+        Some(m) if m.action == Action::Pass => passed = Some(m),
+        Some(m) => return TierVerdict::Cluster(m),
+        None => {}
+    }
+    if lp.isolated(dir) {
+        return TierVerdict::NetworkPolicy(judge(model, lp, dir, peer, dst, proto, port));
+    }
+    match tier_match(model, lp, Tier::Baseline, dir, peer, dst, proto, port) {
+        Some(m) if m.action != Action::Pass => TierVerdict::Cluster(m),
+        _ => TierVerdict::Default { passed },
+    }
+}
+
+/// The first rule of one tier's ClusterNetworkPolicies of `lp` that matches, in order.
+#[allow(clippy::too_many_arguments)]
+fn tier_match(
+    model: &Compiled,
+    lp: &LocalPod,
+    tier: Tier,
+    dir: Direction,
+    peer: IpAddr,
+    dst: IpAddr,
+    proto: Option<Protocol>,
+    port: u16,
+) -> Option<ClusterMatch> {
+    for key in lp.cluster(dir).tier(tier) {
+        let Some(cp) = model.cluster_policies.get(key) else {
+            continue;
+        };
+        for r in cp.rules(dir) {
+            if let Some(m) = r.matches(peer, dst, proto, port) {
+                return Some(ClusterMatch {
+                    tier,
+                    policy: cp.name.clone(),
+                    priority: cp.priority,
+                    rule: r.label(),
+                    action: r.action,
+                    peer: m,
+                });
+            }
+        }
+    }
+    None
+}
+
 /// The answer of [`Admitter::admit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     Admitted,
     /// Dropped because this address is pending (wired, its pod not compiled yet).
     Pending(IpAddr),
-    /// Dropped by the policies isolating `pod` in `direction`.
+    /// Dropped by the policies isolating `pod` in `direction`, or by the ClusterNetworkPolicy
+    /// rule named in `policies` (`clusternetworkpolicy <name> rule <rule>`).
     Denied {
         direction: Direction,
         pod: String,
@@ -175,10 +270,10 @@ impl<'a> Admitter<'a> {
         for pod in model.pods.values() {
             for ip in &pod.ips {
                 local.insert(*ip);
-                if pod.isolated(Direction::Egress) {
+                if pod.governed(Direction::Egress) {
                     egress.entry(*ip).or_insert(pod);
                 }
-                if pod.isolated(Direction::Ingress) {
+                if pod.governed(Direction::Ingress) {
                     ingress.entry(*ip).or_insert(pod);
                 }
             }
@@ -217,14 +312,28 @@ impl<'a> Admitter<'a> {
                 // An exemption accepts: the packet's verdict is final in either group chain.
                 return Admission::Admitted;
             }
-            if let RuleVerdict::Denied(policies) =
-                judge(self.model, lp, dir, peer, f.dst, f.proto, f.port)
-            {
-                return Admission::Denied {
-                    direction: dir,
-                    pod: lp.key.clone(),
-                    policies,
-                };
+            match decide(self.model, lp, dir, peer, f.dst, f.proto, f.port) {
+                TierVerdict::NetworkPolicy(RuleVerdict::Denied(policies)) => {
+                    return Admission::Denied {
+                        direction: dir,
+                        pod: lp.key.clone(),
+                        policies,
+                    };
+                }
+                TierVerdict::Cluster(m) if m.action == Action::Deny => {
+                    return Admission::Denied {
+                        direction: dir,
+                        pod: lp.key.clone(),
+                        policies: vec![format!(
+                            "clusternetworkpolicy {} rule {}",
+                            m.policy, m.rule
+                        )],
+                    };
+                }
+                // An ingress Accept is final; an egress Accept goes on to the destination's
+                // ingress, as any other egress allow.
+                TierVerdict::Cluster(_) if dir == Direction::Ingress => return Admission::Admitted,
+                _ => {}
             }
         }
         Admission::Admitted
@@ -546,13 +655,14 @@ mod tests {
 
     #[test]
     fn admission_agrees_with_the_ruleset_over_generated_states() {
-        let (mut checked, mut denied) = (0usize, 0usize);
+        let (mut checked, mut denied, mut by_cluster) = (0usize, 0usize, 0usize);
         for seed in 0..10u64 {
             let cfg = SynthConfig {
                 nodes: 3,
                 namespaces: 4,
                 pods: 30,
                 policies: 12,
+                cluster_policies: 6,
                 seed,
                 dual_stack: seed % 2 == 1,
             };
@@ -602,11 +712,19 @@ mod tests {
                 assert_eq!(got.admitted(), want, "seed {seed}: {f:?} -> {got:?}");
                 checked += 1;
                 denied += usize::from(!want);
+                if let Admission::Denied { policies, .. } = &got {
+                    by_cluster += usize::from(policies[0].starts_with("clusternetworkpolicy"));
+                }
             }
         }
         assert!(
             denied > checked / 20 && denied < checked * 19 / 20,
             "{denied} of {checked} denied: not a useful mix"
+        );
+        // The tiers must decide a fair share, or this proves nothing about them.
+        assert!(
+            by_cluster > 10,
+            "only {by_cluster} of {denied} denials by a ClusterNetworkPolicy"
         );
     }
 }

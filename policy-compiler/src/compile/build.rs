@@ -3,9 +3,9 @@
 //! Chains depend only on policy specs and on which combinations of policies select local pods;
 //! pods, labels and addresses only ever change set and map elements.
 
-use super::{intervals, Compiled, CompiledPolicy, CompiledRule};
+use super::{intervals, Compiled, CompiledClusterPolicy, CompiledPolicy, CompiledRule, LocalPod};
 use crate::model::EgressNat;
-use crate::model::{Direction, Protocol};
+use crate::model::{Action, Direction, Protocol, Tier};
 use crate::ruleset::names::{self, *};
 use crate::ruleset::{
     AddrField, BaseHook, Chain, ChainKind, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
@@ -17,6 +17,9 @@ pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>) {
     let (mut rs, warnings) = local_part(c);
     for pol in c.policies.values() {
         policy_part_into(&mut rs, pol);
+    }
+    for cp in c.cluster_policies.values() {
+        cluster_part_into(&mut rs, cp);
     }
     (rs, warnings)
 }
@@ -31,30 +34,21 @@ pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>) {
     let mut owner: BTreeMap<(Direction, IpAddr), &str> = BTreeMap::new();
     base(&mut rs, c);
     // Group chains and the verdict maps pointing at them.
+    let mut ties = BTreeSet::new();
     for pod in c.pods.values() {
         for dir in Direction::BOTH {
-            let keys = pod.policies(dir);
-            if keys.is_empty() {
+            if !pod.governed(dir) {
                 continue;
             }
-            let group = group_chain(keys, dir);
+            let keys = pod.policies(dir);
+            let tiers = pod.cluster(dir);
+            let group = group_chain(keys, &tiers.admin, &tiers.baseline, dir);
             if !rs.chains.contains_key(&group) {
-                let mut rules = group_exemptions(dir);
-                rules.extend(keys.iter().map(|k| {
-                    Rule::new(vec![Stmt::Jump(policy_chain(k, dir))])
-                        .with_comment(comment(&format!("policy {k}")))
-                }));
-                let what = format!(
-                    "{dir} of pods selected by {}: nothing allowed it",
-                    keys.join(", ")
-                );
-                rules.push(Rule::new(vec![Stmt::Counter, Stmt::Drop]).with_comment(comment(&what)));
-                rs.add_chain(Chain {
-                    name: group.clone(),
-                    base: None,
-                    comment: comment(&format!("{dir} of pods selected by {}", keys.join(", "))),
-                    rules,
-                });
+                let chain = group_chain_of(&mut rs, c, pod, dir, group.clone());
+                rs.add_chain(chain);
+            }
+            for tier in Tier::BOTH {
+                same_priority(c, pod, dir, tier, &mut ties);
             }
             for ip in &pod.ips {
                 if let Some(first) = owner.get(&(dir, *ip)) {
@@ -71,7 +65,148 @@ pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>) {
             }
         }
     }
+    for (dir, tier, a, b, p) in ties {
+        warnings.push(format!(
+            "ClusterNetworkPolicies {a} and {b} ({tier} tier, priority {p}) both select pods of this node for {dir}; {a} is evaluated first (same priority: by name)"
+        ));
+    }
     (rs, warnings)
+}
+
+/// The group chain of pods that the policies `keys` (NetworkPolicies) and `tiers`
+/// (ClusterNetworkPolicies) select in `dir`: exemptions, the Admin tier, then the NetworkPolicies
+/// (which decide) or else the Baseline tier, then the Kubernetes default (allowed). The tiers' own
+/// chains are added to `rs` on the way.
+fn group_chain_of(
+    rs: &mut Ruleset,
+    c: &Compiled,
+    pod: &LocalPod,
+    dir: Direction,
+    name: String,
+) -> Chain {
+    let keys = pod.policies(dir);
+    let tiers = pod.cluster(dir);
+    let mut rules = group_exemptions(dir);
+    let mut what = Vec::new();
+    if !tiers.admin.is_empty() {
+        rules.push(tier_jump(rs, c, &tiers.admin, Tier::Admin, dir));
+        what.push(format!("Admin tier {}", tiers.admin.join(", ")));
+    }
+    if !keys.is_empty() {
+        rules.extend(keys.iter().map(|k| {
+            Rule::new(vec![Stmt::Jump(policy_chain(k, dir))])
+                .with_comment(comment(&format!("policy {k}")))
+        }));
+        let why = format!(
+            "{dir} of pods selected by {}: nothing allowed it",
+            keys.join(", ")
+        );
+        rules.push(Rule::new(vec![Stmt::Counter, Stmt::Drop]).with_comment(comment(&why)));
+        what.push(format!("policies {}", keys.join(", ")));
+    } else {
+        if !tiers.baseline.is_empty() {
+            rules.push(tier_jump(rs, c, &tiers.baseline, Tier::Baseline, dir));
+            what.push(format!("Baseline tier {}", tiers.baseline.join(", ")));
+        }
+        rules.push(
+            Rule::new(vec![allow(dir)])
+                .with_comment("no tier decided: allowed (the Kubernetes default)"),
+        );
+    }
+    let text = if tiers.is_empty() {
+        format!("{dir} of pods selected by {}", keys.join(", "))
+    } else {
+        format!("{dir}: {}", what.join("; then "))
+    };
+    Chain {
+        name,
+        base: None,
+        comment: comment(&text),
+        rules,
+    }
+}
+
+/// `jump` to the chain of one tier's ClusterNetworkPolicies `keys` (in evaluation order), added to
+/// `rs` unless another group already did. Their rules are inlined there in order, so a Pass
+/// (`return`) skips the rest of the tier: Accept and Deny end the direction's evaluation.
+fn tier_jump(rs: &mut Ruleset, c: &Compiled, keys: &[String], tier: Tier, dir: Direction) -> Rule {
+    let ordered: Vec<(String, u32)> = keys
+        .iter()
+        .filter_map(|k| c.cluster_policies.get(k))
+        .map(|cp| (cp.key.clone(), cp.priority))
+        .collect();
+    let name = names::tier_chain(&ordered, tier, dir);
+    if !rs.chains.contains_key(&name) {
+        let mut rules = Vec::new();
+        let mut listed = Vec::new();
+        for k in keys {
+            let Some(cp) = c.cluster_policies.get(k) else {
+                continue;
+            };
+            listed.push(format!("{} ({})", cp.name, cp.priority));
+            let mut scratch = Ruleset::default();
+            for r in cp.rules(dir).iter().filter(|r| !r.inert) {
+                let what = format!("cnp {} {dir} rule {}: {}", cp.name, r.label(), r.action);
+                for mut stmts in rule_matches(&mut scratch, k, dir, &r.rule) {
+                    match r.action {
+                        Action::Accept => stmts.push(allow(dir)),
+                        Action::Deny => stmts.extend([Stmt::Counter, Stmt::Drop]),
+                        Action::Pass => stmts.push(Stmt::Return),
+                    }
+                    rules.push(Rule::new(stmts).with_comment(comment(&what)));
+                }
+            }
+        }
+        rs.add_chain(Chain {
+            name: name.clone(),
+            base: None,
+            comment: comment(&format!(
+                "{tier} tier, {dir}, by priority: {}",
+                listed.join(", ")
+            )),
+            rules,
+        });
+    }
+    Rule::new(vec![Stmt::Jump(name)]).with_comment(comment(&format!("{tier} tier")))
+}
+
+/// Two ClusterNetworkPolicies of one tier with the same priority that select the same local pod in
+/// `dir`: their order is by name (deterministic on every node), which the operator should know.
+fn same_priority(
+    c: &Compiled,
+    pod: &LocalPod,
+    dir: Direction,
+    tier: Tier,
+    ties: &mut BTreeSet<(Direction, Tier, String, String, u32)>,
+) {
+    let keys = pod.cluster(dir).tier(tier);
+    for pair in keys.windows(2) {
+        let (Some(a), Some(b)) = (
+            c.cluster_policies.get(&pair[0]),
+            c.cluster_policies.get(&pair[1]),
+        ) else {
+            continue;
+        };
+        if a.priority == b.priority {
+            ties.insert((dir, tier, a.name.clone(), b.name.clone(), a.priority));
+        }
+    }
+}
+
+/// The sets of one compiled ClusterNetworkPolicy (its rules are inlined in the tier chains of the
+/// local part).
+pub(crate) fn cluster_part(cp: &CompiledClusterPolicy) -> Ruleset {
+    let mut rs = Ruleset::default();
+    cluster_part_into(&mut rs, cp);
+    rs
+}
+
+fn cluster_part_into(rs: &mut Ruleset, cp: &CompiledClusterPolicy) {
+    for dir in Direction::BOTH {
+        for r in cp.rules(dir).iter().filter(|r| !r.inert) {
+            rule_matches(rs, &cp.key, dir, &r.rule);
+        }
+    }
 }
 
 /// The chains and sets of one compiled policy.
@@ -394,81 +529,62 @@ fn vmap_lookups(dir: Direction) -> Vec<Rule> {
 
 fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[CompiledRule]) {
     let key = &pol.key;
-    let chain = policy_chain(key, dir);
+    let mut out = Vec::new();
+    for r in rules {
+        let what = format!("{key} {dir} rule {}", r.index);
+        for mut stmts in rule_matches(rs, key, dir, r) {
+            stmts.push(allow(dir));
+            out.push(Rule::new(stmts).with_comment(comment(&what)));
+        }
+    }
+    rs.add_chain(Chain {
+        name: policy_chain(key, dir),
+        base: None,
+        comment: comment(&format!("policy {key} {dir}")),
+        rules: out,
+    });
+}
+
+/// The match statements of one resolved rule of the policy `key` (a NetworkPolicy or a
+/// ClusterNetworkPolicy), one list per nft rule (peer kinds × port kinds, families kept apart),
+/// without a verdict; the rule's named sets are added to `rs`.
+fn rule_matches(rs: &mut Ruleset, key: &str, dir: Direction, r: &CompiledRule) -> Vec<Vec<Stmt>> {
     let peer_field = match dir {
         Direction::Ingress => AddrField::Saddr,
         Direction::Egress => AddrField::Daddr,
     };
-    let mut out = Vec::new();
-    for r in rules {
-        let what = format!("{key} {dir} rule {}", r.index);
-        let mk =
-            |prefix: &str, fam: Option<Family>| names::rule_set(prefix, key, dir, r.index, fam);
-        // Peer conditions, each with the family it implies.
-        let mut peer_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
-        if r.peers.any {
-            peer_conds.push((None, None));
-        }
-        if r.peers.uses_pods {
-            for fam in Family::BOTH {
-                // No set (and no rule) for a family no peer pod has an address of: a rule naming
-                // an empty set matches nothing, and every set is a name the kernel looks up by
-                // walking the table's sets (single-stack clusters had half their sets empty; the
-                // commit of a full replace is quadratic in sets). The incremental compiler
-                // recompiles the policy when a family's first address comes or its last goes.
-                let elements: BTreeSet<Elem> = r
-                    .peers
-                    .pod_ips
-                    .iter()
-                    .filter(|ip| Family::of(ip) == fam)
-                    .map(|ip| Elem::Addr(*ip))
-                    .collect();
-                if elements.is_empty() {
-                    continue;
-                }
-                let name = mk(PEER_SET_PREFIX, Some(fam));
-                rs.add_set(Set {
-                    name: name.clone(),
-                    key: addr_key(fam),
-                    interval: false,
-                    verdict_map: false,
-                    comment: comment(&format!("{what}: peer pods ({})", fam_word(fam))),
-                    elements,
-                });
-                peer_conds.push((
-                    Some(fam),
-                    Some(Stmt::AddrInSet {
-                        family: fam,
-                        field: peer_field,
-                        set: name,
-                    }),
-                ));
-            }
-        }
-        for (fam, has) in [
-            (Family::V4, r.peers.has_v4_blocks),
-            (Family::V6, r.peers.has_v6_blocks),
-        ] {
-            if !has {
+    let what = format!("{key} {dir} rule {}", r.index);
+    let mk = |prefix: &str, fam: Option<Family>| names::rule_set(prefix, key, dir, r.index, fam);
+    // Peer conditions, each with the family it implies.
+    let mut peer_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
+    if r.peers.any {
+        peer_conds.push((None, None));
+    }
+    if r.peers.uses_pods {
+        for fam in Family::BOTH {
+            // No set (and no rule) for a family no peer pod has an address of: a rule naming
+            // an empty set matches nothing, and every set is a name the kernel looks up by
+            // walking the table's sets (single-stack clusters had half their sets empty; the
+            // commit of a full replace is quadratic in sets). The incremental compiler
+            // recompiles the policy when a family's first address comes or its last goes.
+            let elements: BTreeSet<Elem> = r
+                .peers
+                .pod_ips
+                .iter()
+                .filter(|ip| Family::of(ip) == fam)
+                .map(|ip| Elem::Addr(*ip))
+                .collect();
+            if elements.is_empty() {
                 continue;
             }
-            let name = mk(CIDR_SET_PREFIX, Some(fam));
+            let name = mk(PEER_SET_PREFIX, Some(fam));
             rs.add_set(Set {
                 name: name.clone(),
                 key: addr_key(fam),
-                interval: true,
+                interval: false,
                 verdict_map: false,
-                comment: comment(&format!(
-                    "{what}: ipBlocks minus excepts ({})",
-                    fam_word(fam)
-                )),
-                elements: r
-                    .peers
-                    .blocks
-                    .iter()
-                    .filter(|(a, _)| Family::of(a) == fam)
-                    .map(|(a, b)| Elem::Range(*a, *b))
-                    .collect(),
+                comment: comment(&format!("{what}: peer pods ({})", fam_word(fam))),
+                elements,
             });
             peer_conds.push((
                 Some(fam),
@@ -479,82 +595,110 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
                 }),
             ));
         }
-        // Port conditions.
-        let mut port_conds: Vec<(Option<Family>, Vec<Stmt>)> = Vec::new();
-        if r.ports.any {
-            port_conds.push((None, Vec::new()));
+    }
+    for (fam, has) in [
+        (Family::V4, r.peers.has_v4_blocks),
+        (Family::V6, r.peers.has_v6_blocks),
+    ] {
+        if !has {
+            continue;
         }
-        match r.ports.ranges[..] {
-            [] => {}
-            // One port: compared in place, no set (see `Stmt::L4Proto`).
-            [(proto, port, end)] if port == end => {
-                port_conds.push((None, vec![Stmt::L4Proto(proto), Stmt::Dport(port)]));
-            }
-            _ => {
-                let name = mk(PORTS_SET_PREFIX, None);
-                let (interval, elements) = port_elements(&r.ports.ranges);
-                rs.add_set(Set {
-                    name: name.clone(),
-                    key: SetKey::ProtoPort,
-                    interval,
-                    verdict_map: false,
-                    comment: comment(&format!("{what}: protocols and ports")),
-                    elements,
-                });
-                port_conds.push((None, vec![Stmt::ProtoPortInSet { set: name }]));
-            }
+        let name = mk(CIDR_SET_PREFIX, Some(fam));
+        rs.add_set(Set {
+            name: name.clone(),
+            key: addr_key(fam),
+            interval: true,
+            verdict_map: false,
+            comment: comment(&format!(
+                "{what}: ipBlocks minus excepts ({})",
+                fam_word(fam)
+            )),
+            elements: r
+                .peers
+                .blocks
+                .iter()
+                .filter(|(a, _)| Family::of(a) == fam)
+                .map(|(a, b)| Elem::Range(*a, *b))
+                .collect(),
+        });
+        peer_conds.push((
+            Some(fam),
+            Some(Stmt::AddrInSet {
+                family: fam,
+                field: peer_field,
+                set: name,
+            }),
+        ));
+    }
+    // Port conditions.
+    let mut port_conds: Vec<(Option<Family>, Vec<Stmt>)> = Vec::new();
+    if r.ports.any {
+        port_conds.push((None, Vec::new()));
+    }
+    match r.ports.ranges[..] {
+        [] => {}
+        // One port: compared in place, no set (see `Stmt::L4Proto`).
+        [(proto, port, end)] if port == end => {
+            port_conds.push((None, vec![Stmt::L4Proto(proto), Stmt::Dport(port)]));
         }
-        if r.ports.uses_named {
-            for fam in Family::BOTH {
-                let name = mk(NAMED_SET_PREFIX, Some(fam));
-                rs.add_set(Set {
-                    name: name.clone(),
-                    key: match fam {
-                        Family::V4 => SetKey::Ipv4ProtoPort,
-                        Family::V6 => SetKey::Ipv6ProtoPort,
-                    },
-                    interval: false,
-                    verdict_map: false,
-                    comment: comment(&format!(
-                        "{what}: named ports per destination pod ({})",
-                        fam_word(fam)
-                    )),
-                    elements: r
-                        .ports
-                        .named
-                        .iter()
-                        .filter(|(ip, _, _)| Family::of(ip) == fam)
-                        .map(|(ip, p, port)| Elem::AddrProtoPort(*ip, *p, *port))
-                        .collect(),
-                });
-                port_conds.push((
-                    Some(fam),
-                    vec![Stmt::DaddrProtoPortInSet {
-                        family: fam,
-                        set: name,
-                    }],
-                ));
-            }
-        }
-        for (pf, pc) in &peer_conds {
-            for (qf, qc) in &port_conds {
-                if let (Some(a), Some(b)) = (pf, qf) {
-                    if a != b {
-                        continue; // an IPv4 peer never meets an IPv6 destination
-                    }
-                }
-                let mut stmts: Vec<Stmt> = pc.iter().chain(qc.iter()).cloned().collect();
-                stmts.push(allow(dir));
-                out.push(Rule::new(stmts).with_comment(comment(&what)));
-            }
+        _ => {
+            let name = mk(PORTS_SET_PREFIX, None);
+            let (interval, elements) = port_elements(&r.ports.ranges);
+            rs.add_set(Set {
+                name: name.clone(),
+                key: SetKey::ProtoPort,
+                interval,
+                verdict_map: false,
+                comment: comment(&format!("{what}: protocols and ports")),
+                elements,
+            });
+            port_conds.push((None, vec![Stmt::ProtoPortInSet { set: name }]));
         }
     }
-    rs.add_chain(Chain {
-        name: chain,
-        base: None,
-        comment: comment(&format!("policy {key} {dir}")),
-        rules: out,
-    });
+    if r.ports.uses_named {
+        for fam in Family::BOTH {
+            let name = mk(NAMED_SET_PREFIX, Some(fam));
+            rs.add_set(Set {
+                name: name.clone(),
+                key: match fam {
+                    Family::V4 => SetKey::Ipv4ProtoPort,
+                    Family::V6 => SetKey::Ipv6ProtoPort,
+                },
+                interval: false,
+                verdict_map: false,
+                comment: comment(&format!(
+                    "{what}: named ports per destination pod ({})",
+                    fam_word(fam)
+                )),
+                elements: r
+                    .ports
+                    .named
+                    .iter()
+                    .filter(|(ip, _, _)| Family::of(ip) == fam)
+                    .map(|(ip, p, port)| Elem::AddrProtoPort(*ip, *p, *port))
+                    .collect(),
+            });
+            port_conds.push((
+                Some(fam),
+                vec![Stmt::DaddrProtoPortInSet {
+                    family: fam,
+                    set: name,
+                }],
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    for (pf, pc) in &peer_conds {
+        for (qf, qc) in &port_conds {
+            if let (Some(a), Some(b)) = (pf, qf) {
+                if a != b {
+                    continue; // an IPv4 peer never meets an IPv6 destination
+                }
+            }
+            out.push(pc.iter().chain(qc.iter()).cloned().collect());
+        }
+    }
+    out
 }
 
 /// What a policy rule that matches does: an ingress allow is final; an egress allow goes on to the

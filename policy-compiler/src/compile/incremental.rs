@@ -28,11 +28,14 @@
 use super::build;
 use super::index::{Moved, PodIndex, Subject};
 use super::resolve::{
-    self, applies, local_pod, rule_selects, NamedPortScope, NamedPorts, Resolver, RuleRef,
+    self, applies, cluster_selected, cluster_selects, local_pod, rule_selects, NamedPortScope,
+    NamedPorts, Resolver, RuleRef,
 };
 use super::{Compiled, CompiledRule, PeerSet};
 use crate::diff::changelog::{ChangeLog, PartNames};
-use crate::model::{namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule};
+use crate::model::{
+    namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule, CLUSTER_KEY_PREFIX,
+};
 use crate::ruleset::names::{self, NAMED_SET_PREFIX, PEER_SET_PREFIX};
 use crate::ruleset::{Batch, Elem, Family, Ruleset};
 use palisade_contract::Attachment;
@@ -68,8 +71,17 @@ impl IncrementalCompiler {
         let (mut rs, warnings) = build::local_part(&compiled);
         let local_names = PartNames::of(&rs);
         let mut policy_names = BTreeMap::new();
-        for (k, cp) in &compiled.policies {
-            let part = build::policy_part(cp);
+        let parts = compiled
+            .policies
+            .iter()
+            .map(|(k, cp)| (k, build::policy_part(cp)))
+            .chain(
+                compiled
+                    .cluster_policies
+                    .iter()
+                    .map(|(k, cp)| (k, build::cluster_part(cp))),
+            );
+        for (k, part) in parts {
             policy_names.insert(k.clone(), PartNames::of(&part));
             rs.chains.extend(part.chains);
             rs.sets.extend(part.sets);
@@ -220,7 +232,27 @@ impl IncrementalCompiler {
                 self.policy_changed(key, &namespace, None, &mut dirty);
             }
             ch @ (Change::UpsertNode(_) | Change::DeleteNode { .. }) => {
-                self.state.apply(ch); // nodes are for routes: nothing compiled reads them
+                // Routes read Nodes; of the compiled model only `nodes` peers do.
+                self.state.apply(ch);
+                for (k, cp) in &self.compiled.cluster_policies {
+                    let uses_nodes = Direction::BOTH
+                        .into_iter()
+                        .flat_map(|d| cp.rules(d))
+                        .any(|r| r.rule.peers.uses_nodes);
+                    if uses_nodes {
+                        dirty.insert(k.clone());
+                    }
+                }
+            }
+            Change::UpsertClusterPolicy(cp) => {
+                let key = cp.key();
+                self.state.apply(Change::UpsertClusterPolicy(cp));
+                self.cluster_policy_changed(key, &mut dirty);
+            }
+            Change::DeleteClusterPolicy { name } => {
+                let key = crate::model::cluster_key(&name);
+                self.state.apply(Change::DeleteClusterPolicy { name });
+                self.cluster_policy_changed(key, &mut dirty);
             }
             ch @ Change::SetEgressNat(_) => {
                 self.state.apply(ch); // the local part, rebuilt below, renders it
@@ -267,7 +299,27 @@ impl IncrementalCompiler {
             return;
         }
         let moved = self.ix.relabel_namespace(ns, &old_ns, &new_ns);
+        // ClusterNetworkPolicies select their subjects by namespace labels too.
+        self.local_pods_moved(&moved, dirty);
         self.patch_peers(&moved, dirty, tr);
+    }
+
+    /// A ClusterNetworkPolicy changed (the state holds the new one): it is compiled again, and the
+    /// tier lists of every local pod (it is cluster-wide) are made again.
+    fn cluster_policy_changed(&mut self, key: String, dirty: &mut BTreeSet<String>) {
+        let local: Vec<String> = self.compiled.pods.keys().cloned().collect();
+        self.relist_local(local);
+        dirty.insert(key);
+    }
+
+    /// The policy lists of these local pods, again.
+    fn relist_local(&mut self, keys: Vec<String>) {
+        for k in keys {
+            if let Some(s) = self.ix.subject(&k) {
+                let lp = local_pod(&self.state, &k, s);
+                self.compiled.pods.insert(k, lp);
+            }
+        }
     }
 
     /// Local pods whose facts changed: their map entries and groups, and the `selected` sets of
@@ -293,32 +345,33 @@ impl IncrementalCompiler {
                     continue;
                 }
                 let sel = |s: &Option<Subject>| s.as_ref().is_some_and(|s| s.selected_by(pol));
-                let (was, is) = (sel(&m.old), sel(&m.new));
-                if was == is {
-                    continue;
-                }
-                match self.compiled.policies.get_mut(pkey) {
-                    Some(cp) => {
-                        if is {
-                            cp.selected.insert(m.key.clone());
-                        } else {
-                            cp.selected.remove(&m.key);
-                        }
-                        if cp.selected.is_empty() {
-                            dirty.insert(pkey.clone());
-                        }
-                    }
-                    None if is => {
-                        dirty.insert(pkey.clone());
-                    }
-                    None => {}
-                }
+                let selected = self
+                    .compiled
+                    .policies
+                    .get_mut(pkey)
+                    .map(|cp| &mut cp.selected);
+                moved_selection(pkey, &m.key, (sel(&m.old), sel(&m.new)), selected, dirty);
+            }
+            for cp in self.state.cluster_policies.values() {
+                let sel = |s: &Option<Subject>, ns| {
+                    s.as_ref()
+                        .is_some_and(|s| s.local && cluster_selects(cp, s, ns))
+                };
+                let pkey = cp.key();
+                let change = (sel(&m.old, &m.old_ns), sel(&m.new, &m.new_ns));
+                let selected = self
+                    .compiled
+                    .cluster_policies
+                    .get_mut(&pkey)
+                    .map(|cp| &mut cp.selected);
+                moved_selection(&pkey, &m.key, change, selected, dirty);
             }
         }
     }
 
-    /// Peer and named-port sets of the compiled rules (of policies not recompiled whole):
-    /// memberships of the moved pods, then every address they held or hold.
+    /// Peer and named-port sets of the compiled rules (of policies not recompiled whole), of
+    /// NetworkPolicies and ClusterNetworkPolicies alike: memberships of the moved pods, then every
+    /// address they held or hold.
     fn patch_peers(&mut self, moved: &[Moved], dirty: &mut BTreeSet<String>, tr: &mut ChangeLog) {
         if moved.is_empty() {
             return;
@@ -331,6 +384,7 @@ impl IncrementalCompiler {
                 ips.extend(s.ips.iter().copied());
             }
         }
+        let patch = Patch { moved, ips: &ips };
         let rs = &mut self.compiled.ruleset;
         for (pkey, cp) in self.compiled.policies.iter_mut() {
             if dirty.contains(pkey) {
@@ -339,7 +393,6 @@ impl IncrementalCompiler {
             let Some(pol) = self.state.policies.get(pkey) else {
                 continue;
             };
-            let selected = &cp.selected;
             for dir in Direction::BOTH {
                 let (Some(specs), Some(rules)) = (
                     pol.rules(dir),
@@ -356,28 +409,36 @@ impl IncrementalCompiler {
                         pkey,
                         dir,
                     };
-                    if cr.peers.uses_pods {
-                        for m in moved {
-                            let selects = |s: &Option<Subject>, ns| {
-                                s.as_ref()
-                                    .is_some_and(|s| rule_selects(pol, spec, &s.pod, ns))
-                            };
-                            if selects(&m.new, &m.new_ns) {
-                                cr.peers.pods.insert(m.key.clone());
-                            } else if selects(&m.old, &m.old_ns) {
-                                cr.peers.pods.remove(&m.key);
-                            }
-                        }
-                        for ip in &ips {
-                            if at.peer_ip(cr, *ip, rs, tr) == Patched::NeedsRecompile {
-                                whole.push(pkey.clone());
-                            }
-                        }
+                    if patch.rule(&at, &pol.namespace, spec, &cp.selected, cr, rs, tr) {
+                        whole.push(pkey.clone());
                     }
-                    if cr.ports.uses_named {
-                        for ip in &ips {
-                            at.named_ip(spec, selected, cr, *ip, rs, tr);
-                        }
+                }
+            }
+        }
+        for (pkey, ccp) in self.compiled.cluster_policies.iter_mut() {
+            if dirty.contains(pkey) {
+                continue;
+            }
+            let Some(cp) = pkey
+                .strip_prefix(CLUSTER_KEY_PREFIX)
+                .and_then(|name| self.state.cluster_policies.get(name))
+            else {
+                continue;
+            };
+            for dir in Direction::BOTH {
+                let selected = &ccp.selected;
+                let rules = match dir {
+                    Direction::Ingress => &mut ccp.ingress,
+                    Direction::Egress => &mut ccp.egress,
+                };
+                for (spec, cr) in cp.rules(dir).iter().zip(rules.iter_mut()) {
+                    let at = RulePatch {
+                        ix: &self.ix,
+                        pkey,
+                        dir,
+                    };
+                    if patch.rule(&at, "", &spec.rule, selected, &mut cr.rule, rs, tr) {
+                        whole.push(pkey.clone());
                     }
                 }
             }
@@ -431,11 +492,22 @@ impl IncrementalCompiler {
 
     /// Recompiles whole policies: their chains and sets are replaced.
     fn recompile_policies(&mut self, dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
-        let resolver = Resolver::new(&self.ix);
+        let resolver = Resolver::new(&self.ix, &self.state.nodes);
         for pkey in dirty {
             self.compiled.policies.remove(pkey);
+            self.compiled.cluster_policies.remove(pkey);
             let mut part = Ruleset::default();
-            if let Some(pol) = self.state.policies.get(pkey) {
+            if let Some(cp) = pkey
+                .strip_prefix(CLUSTER_KEY_PREFIX)
+                .and_then(|name| self.state.cluster_policies.get(name))
+            {
+                let selected = cluster_selected(&self.ix, cp);
+                if !selected.is_empty() {
+                    let ccp = resolver.compile_cluster_policy(cp, selected, BTreeMap::new());
+                    part = build::cluster_part(&ccp);
+                    self.compiled.cluster_policies.insert(pkey.clone(), ccp);
+                }
+            } else if let Some(pol) = self.state.policies.get(pkey) {
                 let selected = resolve::selected(&self.ix, pol);
                 if !selected.is_empty() && applies(pol) {
                     let reuse = self.reuse.remove(pkey).unwrap_or_default();
@@ -462,12 +534,91 @@ impl IncrementalCompiler {
     }
 }
 
+/// A moved pod's selection by one policy changed from `was` to `is` (`.0`, `.1`): its compiled
+/// `selected` set (if compiled) follows, or the policy is compiled again when it starts selecting
+/// its first local pod or stops selecting its last.
+fn moved_selection(
+    pkey: &str,
+    pod: &str,
+    (was, is): (bool, bool),
+    selected: Option<&mut BTreeSet<String>>,
+    dirty: &mut BTreeSet<String>,
+) {
+    if was == is {
+        return;
+    }
+    match selected {
+        Some(selected) => {
+            if is {
+                selected.insert(pod.to_string());
+            } else {
+                selected.remove(pod);
+            }
+            if selected.is_empty() {
+                dirty.insert(pkey.to_string());
+            }
+        }
+        None if is => {
+            dirty.insert(pkey.to_string());
+        }
+        None => {}
+    }
+}
+
 /// What a patch of a rule's peer set came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Patched {
     Done,
     /// The set comes into being or goes: the policy's part must be compiled again.
     NeedsRecompile,
+}
+
+/// The pods that moved and every address they held or hold: what [`Patch::rule`] patches.
+struct Patch<'a> {
+    moved: &'a [Moved],
+    ips: &'a BTreeSet<IpAddr>,
+}
+
+impl Patch<'_> {
+    /// Patches one compiled rule (`cr`, of the spec `spec` of a policy in namespace `own`, which
+    /// selects the local pods `selected`); returns whether its policy must be compiled again.
+    #[allow(clippy::too_many_arguments)]
+    fn rule(
+        &self,
+        at: &RulePatch,
+        own: &str,
+        spec: &Rule,
+        selected: &BTreeSet<String>,
+        cr: &mut CompiledRule,
+        rs: &mut Ruleset,
+        tr: &mut ChangeLog,
+    ) -> bool {
+        let mut whole = false;
+        if cr.peers.uses_pods {
+            for m in self.moved {
+                let selects = |s: &Option<Subject>, ns| {
+                    s.as_ref()
+                        .is_some_and(|s| rule_selects(own, spec, &s.pod, ns))
+                };
+                if selects(&m.new, &m.new_ns) {
+                    cr.peers.pods.insert(m.key.clone());
+                } else if selects(&m.old, &m.old_ns) {
+                    cr.peers.pods.remove(&m.key);
+                }
+            }
+            for ip in self.ips {
+                if at.peer_ip(cr, *ip, rs, tr) == Patched::NeedsRecompile {
+                    whole = true;
+                }
+            }
+        }
+        if cr.ports.uses_named {
+            for ip in self.ips {
+                at.named_ip(spec, selected, cr, *ip, rs, tr);
+            }
+        }
+        whole
+    }
 }
 
 /// Where element patches of one compiled rule go: its policy and direction, read against the index.

@@ -11,7 +11,7 @@ mod index;
 pub mod intervals;
 mod resolve;
 
-use crate::model::{Direction, Protocol};
+use crate::model::{Action, Direction, Protocol, Tier};
 use crate::ruleset::Ruleset;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -27,6 +27,37 @@ pub struct LocalPod {
     pub ingress: Vec<String>,
     /// Same for egress.
     pub egress: Vec<String>,
+    /// Keys of the ClusterNetworkPolicies selecting the pod for ingress (with ingress rules), per
+    /// tier, in evaluation order.
+    pub cluster_ingress: TierLists,
+    /// Same for egress.
+    pub cluster_egress: TierLists,
+}
+
+/// The ClusterNetworkPolicies of one direction of a pod, per tier, in evaluation order
+/// (priority, then name).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TierLists {
+    pub admin: Vec<String>,
+    pub baseline: Vec<String>,
+}
+
+impl TierLists {
+    pub fn tier(&self, tier: Tier) -> &[String] {
+        match tier {
+            Tier::Admin => &self.admin,
+            Tier::Baseline => &self.baseline,
+        }
+    }
+    pub fn tier_mut(&mut self, tier: Tier) -> &mut Vec<String> {
+        match tier {
+            Tier::Admin => &mut self.admin,
+            Tier::Baseline => &mut self.baseline,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.admin.is_empty() && self.baseline.is_empty()
+    }
 }
 
 impl LocalPod {
@@ -37,8 +68,90 @@ impl LocalPod {
             Direction::Egress => &self.egress,
         }
     }
+    /// Whether a NetworkPolicy selects the pod in `dir` (it is isolated: they decide).
     pub fn isolated(&self, dir: Direction) -> bool {
         !self.policies(dir).is_empty()
+    }
+    /// ClusterNetworkPolicies selecting the pod in a direction.
+    pub fn cluster(&self, dir: Direction) -> &TierLists {
+        match dir {
+            Direction::Ingress => &self.cluster_ingress,
+            Direction::Egress => &self.cluster_egress,
+        }
+    }
+    /// Whether any policy of any tier applies to the pod in `dir` (then its packets of that
+    /// direction go through its group chain; otherwise they cost one map miss).
+    pub fn governed(&self, dir: Direction) -> bool {
+        self.isolated(dir) || !self.cluster(dir).is_empty()
+    }
+}
+
+/// A ClusterNetworkPolicy that selects at least one local pod, with its rules resolved by the same
+/// resolution as a NetworkPolicy's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledClusterPolicy {
+    /// `cnp:<name>`
+    pub key: String,
+    pub name: String,
+    pub tier: Tier,
+    pub priority: u32,
+    /// Local pods it selects (in either direction).
+    pub selected: BTreeSet<String>,
+    pub ingress: Vec<CompiledClusterRule>,
+    pub egress: Vec<CompiledClusterRule>,
+}
+
+impl CompiledClusterPolicy {
+    pub fn rules(&self, dir: Direction) -> &[CompiledClusterRule] {
+        match dir {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+    pub fn rules_mut(&mut self, dir: Direction) -> &mut [CompiledClusterRule] {
+        match dir {
+            Direction::Ingress => &mut self.ingress,
+            Direction::Egress => &mut self.egress,
+        }
+    }
+}
+
+/// One rule of a ClusterNetworkPolicy, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledClusterRule {
+    /// Peers and ports, as a NetworkPolicy rule's; `index` is the rule's place in its direction.
+    pub rule: CompiledRule,
+    pub name: Option<String>,
+    pub action: Action,
+    /// Matches nothing (an Accept rule whose every peer had no known field).
+    pub inert: bool,
+}
+
+impl CompiledClusterRule {
+    /// `name`, or `#<index>`.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => format!("#{}", self.rule.index),
+        }
+    }
+    /// Whether the rule matches a packet whose peer is `peer`, going to `dst` on `proto`/`port`
+    /// (`None`: a protocol without ports, which only a rule without `protocols` matches).
+    pub fn matches(
+        &self,
+        peer: IpAddr,
+        dst: IpAddr,
+        proto: Option<Protocol>,
+        port: u16,
+    ) -> Option<PeerMatch> {
+        if self.inert {
+            return None;
+        }
+        let ports = match proto {
+            Some(proto) => self.rule.ports.matches(dst, proto, port),
+            None => self.rule.ports.any,
+        };
+        self.rule.peers.matches(peer).filter(|_| ports)
     }
 }
 
@@ -89,8 +202,11 @@ pub enum PeerMatch {
     Any,
     /// The address belongs to a pod its selectors chose.
     Pod,
-    /// The address is inside one of its ipBlocks (and outside their excepts).
+    /// The address is inside one of its ipBlocks (and outside their excepts), or a
+    /// ClusterNetworkPolicy's networks.
     IpBlock,
+    /// The address is one of a Node's its `nodes` peer selects (ClusterNetworkPolicy).
+    Node,
 }
 
 /// The peers of a rule, resolved to addresses.
@@ -107,7 +223,13 @@ pub struct PeerSet {
     /// The rule has IPv4 / IPv6 ipBlocks (spec-derived).
     pub has_v4_blocks: bool,
     pub has_v6_blocks: bool,
-    /// Union of all ipBlocks minus their excepts: disjoint inclusive ranges.
+    /// The rule has `nodes` peers (spec-derived; their addresses are in `blocks` too, so the
+    /// rule has a CIDR set of both families).
+    pub uses_nodes: bool,
+    /// Addresses of the Nodes its `nodes` peers select.
+    pub node_ips: BTreeSet<IpAddr>,
+    /// Union of all ipBlocks minus their excepts (and of the node addresses): disjoint inclusive
+    /// ranges.
     pub blocks: Vec<(IpAddr, IpAddr)>,
 }
 
@@ -117,6 +239,8 @@ impl PeerSet {
             Some(PeerMatch::Any)
         } else if self.pod_ips.contains(&ip) {
             Some(PeerMatch::Pod)
+        } else if self.node_ips.contains(&ip) {
+            Some(PeerMatch::Node)
         } else if intervals::ranges_contain(&self.blocks, ip) {
             Some(PeerMatch::IpBlock)
         } else {
@@ -157,6 +281,8 @@ pub struct Compiled {
     pub pods: BTreeMap<String, LocalPod>,
     /// Policies selecting at least one local pod, by `namespace/name`.
     pub policies: BTreeMap<String, CompiledPolicy>,
+    /// ClusterNetworkPolicies selecting at least one local pod, by `cnp:<name>`.
+    pub cluster_policies: BTreeMap<String, CompiledClusterPolicy>,
     /// Addresses of local attachments still pending (their pod is not known yet).
     pub pending: BTreeSet<IpAddr>,
     /// (host veth, address) of every local pod interface: a packet coming in through a pod's veth

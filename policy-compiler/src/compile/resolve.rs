@@ -5,10 +5,13 @@
 //! [`NamedPortScope`], [`NamedPorts`]).
 
 use super::index::{PodIndex, Subject};
-use super::{intervals, Compiled, CompiledPolicy, CompiledRule, LocalPod, PeerSet, PortSet};
+use super::{
+    intervals, Compiled, CompiledClusterPolicy, CompiledClusterRule, CompiledPolicy, CompiledRule,
+    LocalPod, PeerSet, PortSet, TierLists,
+};
 use crate::model::{
-    namespace_entries, ClusterState, ContainerPort, Direction, LabelSelector, Labels, Peer, Pod,
-    Policy, PortMatch, Protocol, Rule,
+    namespace_entries, ClusterPolicy, ClusterState, ClusterSubject, ContainerPort, Direction,
+    LabelSelector, Labels, Node, Peer, Pod, Policy, PortMatch, Protocol, Rule,
 };
 use crate::ruleset::Ruleset;
 use ipnet::IpNet;
@@ -25,7 +28,7 @@ pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
         .filter(|(_, s)| s.local)
         .map(|(k, s)| (k.clone(), local_pod(state, k, s)))
         .collect();
-    let resolver = Resolver::new(ix);
+    let resolver = Resolver::new(ix, &state.nodes);
     let mut policies = BTreeMap::new();
     for (pkey, pol) in &state.policies {
         if !applies(pol) {
@@ -38,10 +41,20 @@ pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
         let cp = resolver.compile_policy(pkey, pol, selected, BTreeMap::new());
         policies.insert(pkey.clone(), cp);
     }
+    let mut cluster_policies = BTreeMap::new();
+    for cp in state.cluster_policies.values() {
+        let selected = cluster_selected(ix, cp);
+        if selected.is_empty() {
+            continue;
+        }
+        let ccp = resolver.compile_cluster_policy(cp, selected, BTreeMap::new());
+        cluster_policies.insert(ccp.key.clone(), ccp);
+    }
     let mut c = Compiled {
         node: ix.node().to_string(),
         pods,
         policies,
+        cluster_policies,
         pending: BTreeSet::new(),
         sources: BTreeSet::new(),
         egress_nat: None,
@@ -82,13 +95,61 @@ pub(crate) fn selected(ix: &PodIndex, pol: &Policy) -> BTreeSet<String> {
         .collect()
 }
 
+/// Keys of the local pods a ClusterNetworkPolicy selects (hostNetwork pods are no subjects).
+pub(crate) fn cluster_selected(ix: &PodIndex, cp: &ClusterPolicy) -> BTreeSet<String> {
+    let q = PeerQuery::subject(&cp.subject);
+    let mut out = BTreeSet::new();
+    for (ns, labels) in ix.namespaces() {
+        if !q.namespaces.contains(ns, labels) {
+            continue;
+        }
+        for (k, s) in ix.in_namespace(ns) {
+            if s.local && q.matches_pod(&s.pod) {
+                out.insert(k.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Whether a ClusterNetworkPolicy selects the subject `s` (local or not), whose namespace has
+/// `ns_labels`.
+pub(crate) fn cluster_selects(cp: &ClusterPolicy, s: &Subject, ns_labels: &Labels) -> bool {
+    PeerQuery::subject(&cp.subject).selects(&s.pod, ns_labels)
+}
+
+/// The ClusterNetworkPolicies selecting a local pod, per direction and tier, in evaluation order.
+/// A policy without rules of a direction does not affect that direction.
+fn cluster_lists(state: &ClusterState, s: &Subject) -> (TierLists, TierLists) {
+    let ns_labels = state.namespace_labels(&s.pod.namespace);
+    let mut found: Vec<&ClusterPolicy> = state
+        .cluster_policies
+        .values()
+        .filter(|cp| cluster_selects(cp, s, &ns_labels))
+        .collect();
+    found.sort_by(|a, b| a.order().cmp(&b.order()));
+    let mut lists = (TierLists::default(), TierLists::default());
+    for cp in found {
+        if !cp.ingress.is_empty() {
+            lists.0.tier_mut(cp.tier).push(cp.key());
+        }
+        if !cp.egress.is_empty() {
+            lists.1.tier_mut(cp.tier).push(cp.key());
+        }
+    }
+    lists
+}
+
 /// A local pod with the policies selecting it, by direction (semantics 1).
 pub(crate) fn local_pod(state: &ClusterState, key: &str, s: &Subject) -> LocalPod {
+    let (cluster_ingress, cluster_egress) = cluster_lists(state, s);
     let mut lp = LocalPod {
         key: key.to_string(),
         ips: s.ips.clone(),
         ingress: Vec::new(),
         egress: Vec::new(),
+        cluster_ingress,
+        cluster_egress,
     };
     // `state.policies` is sorted: the lists are sorted.
     for (pkey, pol) in namespace_entries(&state.policies, &s.pod.namespace) {
@@ -149,20 +210,39 @@ pub(crate) struct PeerQuery<'a> {
 }
 
 impl<'a> PeerQuery<'a> {
-    /// The query of a pod peer (`None` for an ipBlock).
-    pub fn of(pol: &'a Policy, peer: &'a Peer) -> Option<Self> {
+    /// The query of a pod peer of a policy in namespace `own` (`None` for an ipBlock or nodes
+    /// peer). A ClusterNetworkPolicy's pod peers always carry a namespace selector.
+    pub fn of(own: &'a str, peer: &'a Peer) -> Option<Self> {
         match peer {
             Peer::Pods {
                 namespace_selector,
                 pod_selector,
             } => Some(Self {
                 namespaces: match namespace_selector {
-                    None => NsScope::Own(&pol.namespace),
+                    None => NsScope::Own(own),
                     Some(sel) => NsScope::Matching(sel),
                 },
                 pods: pod_selector.as_ref(),
             }),
-            Peer::IpBlock { .. } => None,
+            Peer::IpBlock { .. } | Peer::Nodes(_) => None,
+        }
+    }
+
+    /// The pods a ClusterNetworkPolicy's subject chooses: the same namespace AND pod selection as
+    /// a pod peer.
+    pub fn subject(subject: &'a ClusterSubject) -> Self {
+        match subject {
+            ClusterSubject::Namespaces(ns) => Self {
+                namespaces: NsScope::Matching(ns),
+                pods: None,
+            },
+            ClusterSubject::Pods {
+                namespace_selector,
+                pod_selector,
+            } => Self {
+                namespaces: NsScope::Matching(namespace_selector),
+                pods: Some(pod_selector),
+            },
         }
     }
 
@@ -177,11 +257,11 @@ impl<'a> PeerQuery<'a> {
     }
 }
 
-/// Whether any pod peer of a rule selects `pod`.
-pub(crate) fn rule_selects(pol: &Policy, rule: &Rule, pod: &Pod, ns_labels: &Labels) -> bool {
+/// Whether any pod peer of a rule of a policy in namespace `own` selects `pod`.
+pub(crate) fn rule_selects(own: &str, rule: &Rule, pod: &Pod, ns_labels: &Labels) -> bool {
     rule.peers
         .iter()
-        .filter_map(|peer| PeerQuery::of(pol, peer))
+        .filter_map(|peer| PeerQuery::of(own, peer))
         .any(|q| q.selects(pod, ns_labels))
 }
 
@@ -203,13 +283,16 @@ pub(crate) struct RuleRef {
 /// many policies repeat the same peers.
 pub(crate) struct Resolver<'a> {
     ix: &'a PodIndex,
+    /// The cluster's Nodes (a ClusterNetworkPolicy's `nodes` peers).
+    nodes: &'a BTreeMap<String, Node>,
     peers: RefCell<HashMap<PeerQuery<'a>, Rc<ResolvedPods>>>,
 }
 
 impl<'a> Resolver<'a> {
-    pub fn new(ix: &'a PodIndex) -> Self {
+    pub fn new(ix: &'a PodIndex, nodes: &'a BTreeMap<String, Node>) -> Self {
         Self {
             ix,
+            nodes,
             peers: RefCell::new(HashMap::new()),
         }
     }
@@ -258,7 +341,7 @@ impl<'a> Resolver<'a> {
                     .enumerate()
                     .map(|(index, r)| {
                         let peers = reuse.remove(&RuleRef { dir, index });
-                        self.compile_rule(pol, dir, &selected, index, r, peers)
+                        self.compile_rule(&pol.namespace, dir, &selected, index, r, peers)
                     })
                     .collect()
             })
@@ -273,16 +356,50 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// Compiles one ClusterNetworkPolicy whose selected local pods are known (non-empty), its rules
+    /// by the same path as a NetworkPolicy's (`reuse` as for [`Self::compile_policy`]).
+    pub fn compile_cluster_policy(
+        &self,
+        cp: &'a ClusterPolicy,
+        selected: BTreeSet<String>,
+        mut reuse: BTreeMap<RuleRef, PeerSet>,
+    ) -> CompiledClusterPolicy {
+        let mut compile_dir = |dir: Direction| -> Vec<CompiledClusterRule> {
+            cp.rules(dir)
+                .iter()
+                .enumerate()
+                .map(|(index, r)| {
+                    let peers = reuse.remove(&RuleRef { dir, index });
+                    CompiledClusterRule {
+                        rule: self.compile_rule("", dir, &selected, index, &r.rule, peers),
+                        name: r.name.clone(),
+                        action: r.action,
+                        inert: r.inert,
+                    }
+                })
+                .collect()
+        };
+        CompiledClusterPolicy {
+            key: cp.key(),
+            name: cp.name.clone(),
+            tier: cp.tier,
+            priority: cp.priority,
+            ingress: compile_dir(Direction::Ingress),
+            egress: compile_dir(Direction::Egress),
+            selected,
+        }
+    }
+
     fn compile_rule(
         &self,
-        pol: &'a Policy,
+        own: &'a str,
         dir: Direction,
         selected: &BTreeSet<String>,
         index: usize,
         rule: &'a Rule,
         reuse: Option<PeerSet>,
     ) -> CompiledRule {
-        let peers = reuse.unwrap_or_else(|| self.peers_of(pol, rule));
+        let peers = reuse.unwrap_or_else(|| self.peers_of(own, rule));
         let mut ports = PortSet {
             any: rule.ports.is_empty(),
             ..PortSet::default()
@@ -325,17 +442,28 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    fn peers_of(&self, pol: &'a Policy, rule: &'a Rule) -> PeerSet {
+    fn peers_of(&self, own: &'a str, rule: &'a Rule) -> PeerSet {
         let mut peers = PeerSet {
             any: rule.peers.is_empty(),
             ..PeerSet::default()
         };
         let mut blocks: Vec<(&IpNet, &[IpNet])> = Vec::new();
+        let mut node_nets: Vec<IpNet> = Vec::new();
         for peer in &rule.peers {
             match peer {
+                Peer::Nodes(sel) => {
+                    // Both families' CIDR sets exist whatever the Nodes hold: the rule's shape
+                    // follows its spec, and Node changes only move elements.
+                    peers.uses_nodes = true;
+                    peers.has_v4_blocks = true;
+                    peers.has_v6_blocks = true;
+                    for n in self.nodes.values().filter(|n| sel.matches(&n.labels)) {
+                        peers.node_ips.extend(n.addresses.iter().copied());
+                    }
+                }
                 Peer::Pods { .. } => {
                     peers.uses_pods = true;
-                    let Some(q) = PeerQuery::of(pol, peer) else {
+                    let Some(q) = PeerQuery::of(own, peer) else {
                         continue;
                     };
                     let found = self.peer_pods(q);
@@ -356,6 +484,8 @@ impl<'a> Resolver<'a> {
                 }
             }
         }
+        node_nets.extend(peers.node_ips.iter().map(|ip| IpNet::from(*ip)));
+        blocks.extend(node_nets.iter().map(|n| (n, &[][..])));
         peers.blocks = intervals::block_ranges(blocks);
         peers
     }

@@ -44,6 +44,8 @@ impl W {
                 name: n.into(),
                 pod_cidrs: vec![],
                 internal_ips: vec![ip(a)],
+                addresses: vec![ip(a)],
+                ..Node::default()
             }));
         }
         let mut w = W { st };
@@ -91,6 +93,16 @@ impl W {
         .unwrap();
         self.st
             .apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
+    }
+    /// A ClusterNetworkPolicy from its API spec, converted as the agent's sources do.
+    pub fn cnp(&mut self, name: &str, spec: Value) {
+        let o = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+        let cp = cluster_policy_from_api(&o).unwrap_or_else(|e| panic!("{e}"));
+        self.st.apply(Change::UpsertClusterPolicy(cp));
+    }
+    pub fn del_cnp(&mut self, name: &str) {
+        self.st
+            .apply(Change::DeleteClusterPolicy { name: name.into() });
     }
     pub fn del_policy(&mut self, key: &str) {
         let (ns, name) = key.split_once('/').unwrap();
@@ -147,6 +159,8 @@ impl W {
         }
     }
 }
+
+mod cluster;
 
 fn compiled(w: &W) -> Compiled {
     compile(&w.st, N1)
@@ -1029,7 +1043,7 @@ fn attachment_ips_count_for_local_pods_before_the_api_knows_them_and_pending_cle
     let c = compiled(&w);
     assert!(c.pending.is_empty());
     assert_eq!(c.pods["a/x"].ips, [ip("10.0.1.1"), ip("fd00:1::1")].into());
-    let group = group_chain(&["a/p".to_string()], Direction::Ingress);
+    let group = group_chain(&["a/p".to_string()], &[], &[], Direction::Ingress);
     assert!(c.ruleset.sets[MAP_INGRESS_V4]
         .elements
         .contains(&Elem::GotoChain(ip("10.0.1.1"), group.clone())));
@@ -1236,7 +1250,7 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
     let rs = compiled(&w).ruleset;
     let keys = ["a/p".to_string()];
     let is_self = |r: &crate::ruleset::Rule, fam: Family| matches!(&r.stmts[0], Stmt::SelfTraffic { family, .. } if *family == fam);
-    let ing = &rs.chains[&group_chain(&keys, Direction::Ingress)].rules;
+    let ing = &rs.chains[&group_chain(&keys, &[], &[], Direction::Ingress)].rules;
     assert_eq!(ing[0].stmts, vec![Stmt::FibSaddrLocal, Stmt::Accept]);
     assert!(is_self(&ing[1], Family::V4));
     assert!(is_self(&ing[2], Family::V6));
@@ -1244,7 +1258,7 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
         ing[3].stmts,
         vec![Stmt::Jump(policy_chain("a/p", Direction::Ingress))]
     );
-    let eg = &rs.chains[&group_chain(&keys, Direction::Egress)].rules;
+    let eg = &rs.chains[&group_chain(&keys, &[], &[], Direction::Egress)].rules;
     assert!(is_self(&eg[0], Family::V4));
     assert!(is_self(&eg[1], Family::V6));
     assert_eq!(
@@ -1353,6 +1367,7 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
             namespaces: 4,
             pods: 30,
             policies: 12,
+            cluster_policies: 5,
             seed,
             dual_stack: false,
         };

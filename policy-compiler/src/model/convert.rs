@@ -85,6 +85,7 @@ pub fn node_from_k8s(node: &core::Node) -> Result<Node, ModelError> {
         pod_cidrs.push(net.trunc());
     }
     let mut internal_ips = Vec::new();
+    let mut addresses = Vec::new();
     for (i, a) in node
         .status
         .as_ref()
@@ -93,19 +94,27 @@ pub fn node_from_k8s(node: &core::Node) -> Result<Node, ModelError> {
         .flatten()
         .enumerate()
     {
-        if a.type_ == "InternalIP" {
-            internal_ips.push(parse_ip(
-                KIND_NODE,
-                &name,
-                &format!("status.addresses[{i}]"),
-                &a.address,
-            )?);
+        let field = format!("status.addresses[{i}]");
+        match a.type_.as_str() {
+            "InternalIP" | "ExternalIP" => {
+                let ip = parse_ip(KIND_NODE, &name, &field, &a.address)?;
+                if a.type_ == "InternalIP" {
+                    internal_ips.push(ip);
+                }
+                addresses.push(ip);
+            }
+            // Hostname, InternalDNS, ExternalDNS: an address only when it is one.
+            _ => addresses.extend(a.address.trim().parse::<IpAddr>().ok()),
         }
     }
+    addresses.sort();
+    addresses.dedup();
     Ok(Node {
         name,
         pod_cidrs,
         internal_ips,
+        labels: labels_of(&node.metadata.labels),
+        addresses,
     })
 }
 
@@ -202,7 +211,10 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Result<Pod, ModelError> {
 /// manifest directory are never defaulted by an API server, and `policyTypes: []` isolated nothing.
 pub fn policy_from_k8s(np: &net::NetworkPolicy) -> Result<Policy, ModelError> {
     let key = object_key(KIND_POLICY, &np.metadata, true)?;
-    let v = Validator { key: &key };
+    let v = Validator {
+        kind: KIND_POLICY,
+        key: &key,
+    };
     let spec = np.spec.clone().unwrap_or_default();
     let pod_selector = match &spec.pod_selector {
         Some(s) => v.selector(s, "spec.podSelector")?,
@@ -258,13 +270,15 @@ pub fn policy_from_k8s(np: &net::NetworkPolicy) -> Result<Policy, ModelError> {
     })
 }
 
+/// Validation of one object's fields, with errors naming it.
 struct Validator<'a> {
+    kind: &'static str,
     key: &'a str,
 }
 
 impl Validator<'_> {
     fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> ModelError {
-        ModelError::new(KIND_POLICY, self.key, field, reason)
+        ModelError::new(self.kind, self.key, field, reason)
     }
 
     fn selector(&self, s: &meta::LabelSelector, field: &str) -> Result<LabelSelector, ModelError> {
@@ -351,6 +365,15 @@ impl Validator<'_> {
                 .push(self.peer(p, &format!("{field}.{peer_field}[{i}]"))?);
         }
         Ok(rule)
+    }
+
+    /// A CIDR (host bits are cleared, as for ipBlocks: semantics 26).
+    fn cidr(&self, s: &str, field: &str) -> Result<IpNet, ModelError> {
+        let net: IpNet = s
+            .trim()
+            .parse()
+            .map_err(|e| self.err(field, format!("{s:?} is not a valid CIDR: {e}")))?;
+        Ok(net.trunc())
     }
 
     fn port(&self, p: &net::NetworkPolicyPort, field: &str) -> Result<PortSpec, ModelError> {
@@ -443,20 +466,11 @@ impl Validator<'_> {
                 if b.cidr.is_empty() {
                     return Err(self.err(format!("{f}.cidr"), "required"));
                 }
-                let cidr: IpNet = b.cidr.trim().parse().map_err(|e| {
-                    self.err(
-                        format!("{f}.cidr"),
-                        format!("{:?} is not a valid CIDR: {e}", b.cidr),
-                    )
-                })?;
-                let cidr = cidr.trunc(); // semantics 26: host bits are legacy-valid
+                let cidr = self.cidr(&b.cidr, &format!("{f}.cidr"))?; // semantics 26
                 let mut except = Vec::new();
                 for (i, e) in b.except.iter().flatten().enumerate() {
                     let ef = format!("{f}.except[{i}]");
-                    let ex: IpNet = e.trim().parse().map_err(|err| {
-                        self.err(&ef, format!("{e:?} is not a valid CIDR: {err}"))
-                    })?;
-                    let ex = ex.trunc();
+                    let ex = self.cidr(e, &ef)?;
                     // Strict subset (semantics 23).
                     if !cidr.contains(&ex) || ex.prefix_len() <= cidr.prefix_len() {
                         return Err(self.err(
@@ -541,6 +555,9 @@ fn validate_port_name(s: &str) -> Result<(), &'static str> {
     }
     Ok(())
 }
+
+mod cluster;
+pub use cluster::{cluster_policy_from_api, ClusterNetworkPolicyApi};
 
 #[cfg(test)]
 mod tests;

@@ -4,11 +4,18 @@
 //! would and name the object and field on error) and through [`Change`]s applied to a
 //! [`ClusterState`].
 
+mod cluster;
 mod convert;
 mod labels;
 mod selector;
 
-pub use convert::{namespace_from_k8s, node_from_k8s, pod_from_k8s, policy_from_k8s};
+pub use cluster::{
+    cluster_key, Action, ClusterPolicy, ClusterRule, ClusterSubject, Tier, CLUSTER_KEY_PREFIX,
+};
+pub use convert::{
+    cluster_policy_from_api, namespace_from_k8s, node_from_k8s, pod_from_k8s, policy_from_k8s,
+    ClusterNetworkPolicyApi,
+};
 pub use labels::Labels;
 pub use selector::{LabelSelector, Requirement};
 
@@ -186,12 +193,16 @@ pub(crate) fn namespace_entries<'m, V>(
         .take_while(move |(k, _)| k.starts_with(&prefix))
 }
 
-/// A node: its pod CIDRs and internal addresses (for routes).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A node: its pod CIDRs and internal addresses (for routes), its labels and every address of
+/// `status.addresses` (a ClusterNetworkPolicy's `nodes` peer).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Node {
     pub name: String,
     pub pod_cidrs: Vec<ipnet::IpNet>,
     pub internal_ips: Vec<IpAddr>,
+    pub labels: Labels,
+    /// Every IP address in `status.addresses` (InternalIP, ExternalIP, ...), deduplicated.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Egress NAT of this node, decided by the agent (which validates the Nodes it comes from): a
@@ -255,6 +266,8 @@ pub enum Peer {
         cidr: ipnet::IpNet,
         except: Vec<ipnet::IpNet>,
     },
+    /// The addresses of the Nodes whose labels match (ClusterNetworkPolicy egress only).
+    Nodes(LabelSelector),
 }
 
 /// One `ports` element: protocol and which destination ports.
@@ -298,6 +311,10 @@ pub enum Change {
     DeleteNode {
         name: String,
     },
+    UpsertClusterPolicy(ClusterPolicy),
+    DeleteClusterPolicy {
+        name: String,
+    },
     /// The complete current set of this node's attachment records (from the CNI plugin).
     SetAttachments(Vec<Attachment>),
     /// This node's egress NAT (`None`: off).
@@ -316,6 +333,8 @@ pub struct ClusterState {
     pub policies: BTreeMap<String, Policy>,
     /// By name.
     pub nodes: BTreeMap<String, Node>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, ClusterPolicy>,
     /// Attachment records of THIS node (set by the agent).
     pub attachments: Vec<Attachment>,
     /// Egress NAT of THIS node (set by the agent); `None`: no NAT in our table.
@@ -356,6 +375,8 @@ impl ClusterState {
             }
             Change::UpsertNode(n) => self.nodes.get(&n.name) != Some(n),
             Change::DeleteNode { name } => self.nodes.contains_key(name),
+            Change::UpsertClusterPolicy(p) => self.cluster_policies.get(&p.name) != Some(p),
+            Change::DeleteClusterPolicy { name } => self.cluster_policies.contains_key(name),
             Change::SetAttachments(a) => self.attachments != *a,
             Change::SetEgressNat(n) => self.egress_nat != *n,
         }
@@ -398,6 +419,12 @@ impl ClusterState {
             }
             Change::DeleteNode { name } => {
                 self.nodes.remove(&name);
+            }
+            Change::UpsertClusterPolicy(p) => {
+                self.cluster_policies.insert(p.name.clone(), p);
+            }
+            Change::DeleteClusterPolicy { name } => {
+                self.cluster_policies.remove(&name);
             }
             Change::SetAttachments(a) => {
                 self.attachments = a;

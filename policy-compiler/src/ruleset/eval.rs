@@ -156,6 +156,7 @@ impl Ruleset {
                     Stmt::Counter => {}
                     Stmt::Accept => return Verdict::Accept,
                     Stmt::Drop => return Verdict::Drop,
+                    Stmt::Return => return Verdict::Return,
                     // The goto'd chain's end is this chain's end.
                     Stmt::Goto(t) => return self.eval_chain(t, p, depth + 1),
                     Stmt::Jump(t) => match self.eval_chain(t, p, depth + 1) {

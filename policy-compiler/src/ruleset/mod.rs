@@ -153,6 +153,9 @@ pub enum Stmt {
     Accept,
     Drop,
     Jump(String),
+    /// Back to the rule after the `jump` that entered this chain (a ClusterNetworkPolicy's Pass:
+    /// the rest of its tier is skipped).
+    Return,
     /// Continue in another chain without returning here (its end returns to this chain's caller).
     Goto(String),
 }

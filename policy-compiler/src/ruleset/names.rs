@@ -3,7 +3,7 @@
 //! Derived names never contain user strings, so no namespace, policy or label can reach nft
 //! syntax through a name.
 
-use crate::model::Direction;
+use crate::model::{Direction, Tier};
 use crate::ruleset::Family;
 pub use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 
@@ -133,11 +133,39 @@ pub fn policy_chain(policy_key: &str, dir: Direction) -> String {
     )
 }
 
-/// `<in|eg>_<hash of the sorted policy keys>`: the group chain of pods selected by exactly these.
-pub fn group_chain(policy_keys: &[String], dir: Direction) -> String {
+/// `<in|eg>_<hash>`: the group chain of pods selected by exactly these NetworkPolicies (sorted
+/// keys) and these ClusterNetworkPolicies of each tier (in evaluation order). Without the latter
+/// the hash is of the NetworkPolicy keys alone.
+pub fn group_chain(
+    policy_keys: &[String],
+    admin: &[String],
+    baseline: &[String],
+    dir: Direction,
+) -> String {
     let mut parts: Vec<&str> = vec!["group"];
     parts.extend(policy_keys.iter().map(String::as_str));
+    if !admin.is_empty() || !baseline.is_empty() {
+        // `|` never starts a policy key.
+        parts.push("|admin");
+        parts.extend(admin.iter().map(String::as_str));
+        parts.push("|baseline");
+        parts.extend(baseline.iter().map(String::as_str));
+    }
     format!("{}_{:016x}", dir.tag(), stable_hash(&parts))
+}
+
+/// `<in|eg>_<adm|bl>_<hash of the keys and priorities in order>`: the chain of one tier's
+/// ClusterNetworkPolicies for pods selected by exactly these, their rules inlined in evaluation
+/// order. The priorities are in the name because they are in the chain's comment, which nft cannot
+/// change in place.
+pub fn tier_chain(keys: &[(String, u32)], tier: Tier, dir: Direction) -> String {
+    let priorities: Vec<String> = keys.iter().map(|(_, p)| p.to_string()).collect();
+    let mut parts: Vec<&str> = vec!["tier", tier.tag()];
+    for ((k, _), p) in keys.iter().zip(&priorities) {
+        parts.push(k);
+        parts.push(p);
+    }
+    format!("{}_{}_{:016x}", dir.tag(), tier.tag(), stable_hash(&parts))
 }
 
 /// Name of a per-rule set: `<prefix><policy id>_<in|eg>_<rule>[_<v4|v6>]`.

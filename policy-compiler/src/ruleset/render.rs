@@ -274,6 +274,7 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::Drop => json!({"drop": null}),
         Stmt::Jump(target) => json!({"jump": {"target": target}}),
         Stmt::Goto(target) => json!({"goto": {"target": target}}),
+        Stmt::Return => json!({"return": null}),
     }
 }
 
