@@ -3,7 +3,7 @@
 
 1. kustomization: every resource exists, every manifest is listed; `kubectl kustomize` output when kubectl is there.
 2. Every Kubernetes manifest against the Kubernetes JSON schemas (kubernetes-validate, strict).
-3. The manifests keep their promises: ClusterRole read-only on four resources, the agent's capabilities,
+3. The manifests keep their promises: ClusterRole read-only on five resources, the agent's capabilities,
    host paths, probes, env paths equal to the contract crate's constants, kind configs.
 4. The init container's install script, run against a temp dir (atomic, executable result).
 5. Containerfile: COPY sources exist, every workspace member is copied, cargo's -p names and the
@@ -43,7 +43,8 @@ AGENT_DS = ("DaemonSet", "palisade-system", "palisade-agent")
 CLEANUP_DS = ("DaemonSet", "palisade-system", "palisade-cleanup")
 AGENT_HOST_PATHS = {"/opt/cni/bin", "/etc/cni/net.d", "/var/lib/palisade"}
 CLEANUP_HOST_PATHS = {"/opt/cni/bin", "/etc/cni/net.d"}
-ROLE_RULES = {("", "pods"), ("", "namespaces"), ("", "nodes"), ("networking.k8s.io", "networkpolicies")}
+ROLE_RULES = {("", "pods"), ("", "namespaces"), ("", "nodes"), ("networking.k8s.io", "networkpolicies"),
+              ("policy.networking.k8s.io", "clusternetworkpolicies")}
 READ_VERBS = {"get", "list", "watch"}
 AGENT_CAPS = {"NET_ADMIN"}
 
@@ -242,7 +243,8 @@ def check_promises(objs: dict[tuple, dict]) -> None:
         if got != ROLE_RULES:
             fail(f"ClusterRole covers {sorted(got)}, want exactly {sorted(ROLE_RULES)}")
         else:
-            ok("ClusterRole: get/list/watch on pods, namespaces, nodes, networkpolicies, nothing more")
+            ok("ClusterRole: get/list/watch on pods, namespaces, nodes, networkpolicies, "
+               "clusternetworkpolicies, nothing more")
     binding = objs.get(("ClusterRoleBinding", "", "palisade-agent"))
     sa = objs.get(("ServiceAccount", "palisade-system", "palisade-agent"))
     if not binding or not sa:

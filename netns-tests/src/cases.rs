@@ -47,7 +47,7 @@ pub struct Step {
     /// Objects to delete, as `Kind ns/name`.
     #[serde(default)]
     pub delete: Vec<String>,
-    /// Delete every NetworkPolicy.
+    /// Delete every NetworkPolicy and ClusterNetworkPolicy.
     #[serde(default)]
     pub delete_all_policies: bool,
     /// Label edits: `pod ns/name k=v`, `ns name k=v` (`k-` removes).
@@ -69,6 +69,12 @@ pub fn load(path: &Path) -> Result<Vec<Case>> {
 /// The upstream cases shipped with the crate (`cases/upstream.yaml`).
 pub fn upstream_cases_path() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/upstream.yaml")
+}
+
+/// ClusterNetworkPolicy cases (`cases/cluster.yaml`): the upstream network-policy-api conformance
+/// suite's scenarios, on the same 3x3 model.
+pub fn cluster_cases_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/cluster.yaml")
 }
 
 /// Our own cases of the same shape (`cases/extra.yaml`).
@@ -514,7 +520,9 @@ mod tests {
         }
         let extra = load(&extra_cases_path()).unwrap();
         assert!(extra.iter().any(|c| c.family.as_deref() == Some("ipv6")));
-        for c in cases.iter().chain(&extra) {
+        let cluster = load(&cluster_cases_path()).unwrap();
+        assert!(cluster.iter().any(|c| c.family.as_deref() == Some("ipv6")));
+        for c in cases.iter().chain(&extra).chain(&cluster) {
             assert!(!c.steps.is_empty(), "{}", c.id);
             for s in &c.steps {
                 expected_matrix(&s.expect, &pods(), &MODEL_PORTS).unwrap();

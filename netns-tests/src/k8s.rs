@@ -56,7 +56,7 @@ impl std::fmt::Display for ObjKey {
 
 /// Kinds that live in a namespace (the others the lab knows are cluster-scoped).
 fn is_namespaced(kind: &str) -> bool {
-    !matches!(kind, "Namespace" | "Node")
+    !matches!(kind, "Namespace" | "Node" | "ClusterNetworkPolicy")
 }
 
 /// A DNS-1123 name check: lowercase alphanumerics, `-` and `.`, starting and ending alphanumeric.

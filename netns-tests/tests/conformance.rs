@@ -447,6 +447,9 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::extra_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "extra"));
     }
+    for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
+        tests.push(case_test(c, "cluster"));
+    }
     let named: [(&str, LabTest); 11] = [
         (
             "extra::same_subnet_pod_traffic_is_not_encapsulated",

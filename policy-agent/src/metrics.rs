@@ -40,6 +40,9 @@ pub struct Sizes {
     pub rules: u64,
     pub set_elements: u64,
     pub pending: u64,
+    pub cluster_policies: u64,
+    /// Same-tier, same-priority ClusterNetworkPolicy pairs selecting one local pod.
+    pub priority_ties: u64,
 }
 
 /// One label, `name="value"`.
@@ -69,8 +72,9 @@ pub struct Metrics {
     reconciles: Count,
     /// Times the reconcile took the node lock.
     lock_acquisitions: Count,
-    /// pods, policies, chains, rules, set elements, pending (in `Sizes` order).
-    sizes: [Level; 6],
+    /// pods, policies, chains, rules, set elements, pending, cluster policies, priority ties (in
+    /// `Sizes` order).
+    sizes: [Level; 8],
     http_open: Level,
     http_closed: Family<Label, Count>,
 }
@@ -181,6 +185,14 @@ impl Metrics {
             ("palisade_nft_rules", "Rules in our table"),
             ("palisade_nft_set_elements", "Elements of our sets and maps"),
             ("palisade_pending_pods", "Addresses in the pending sets"),
+            (
+                "palisade_cluster_network_policies",
+                "ClusterNetworkPolicies in the cluster state",
+            ),
+            (
+                "palisade_cluster_network_policy_priority_ties",
+                "Pairs of ClusterNetworkPolicies of one tier and priority that select the same pod of this node in one direction (evaluated by name; give them distinct priorities)",
+            ),
         ]) {
             reg(&mut r, name, help, gauge);
         }
@@ -228,12 +240,19 @@ impl Metrics {
             rules,
             set_elements,
             pending,
+            cluster_policies,
+            priority_ties,
         } = sizes;
-        for (gauge, v) in
-            self.sizes
-                .iter()
-                .zip([pods, policies, chains, rules, set_elements, pending])
-        {
+        for (gauge, v) in self.sizes.iter().zip([
+            pods,
+            policies,
+            chains,
+            rules,
+            set_elements,
+            pending,
+            cluster_policies,
+            priority_ties,
+        ]) {
             gauge.set(v);
         }
         let kind = if full { "full" } else { "incremental" };
@@ -425,6 +444,12 @@ palisade_nft_set_elements 6
 # HELP palisade_pending_pods Addresses in the pending sets.
 # TYPE palisade_pending_pods gauge
 palisade_pending_pods 1
+# HELP palisade_cluster_network_policies ClusterNetworkPolicies in the cluster state.
+# TYPE palisade_cluster_network_policies gauge
+palisade_cluster_network_policies 2
+# HELP palisade_cluster_network_policy_priority_ties Pairs of ClusterNetworkPolicies of one tier and priority that select the same pod of this node in one direction (evaluated by name; give them distinct priorities).
+# TYPE palisade_cluster_network_policy_priority_ties gauge
+palisade_cluster_network_policy_priority_ties 1
 # HELP palisade_http_open_connections Connections open to this endpoint (at most 64).
 # TYPE palisade_http_open_connections gauge
 palisade_http_open_connections 0
@@ -450,6 +475,8 @@ palisade_http_closed_connections_total{reason="evicted"} 0
                 rules: 28,
                 set_elements: 6,
                 pending: 1,
+                cluster_policies: 2,
+                priority_ties: 1,
             },
         );
         m.error("nft");

@@ -461,6 +461,8 @@ impl Engine {
             rules: stats.rules as u64,
             set_elements: stats.elements as u64,
             pending: pending as u64,
+            cluster_policies: st.cluster_policies.len() as u64,
+            priority_ties: self.inc.compiled().priority_ties.len() as u64,
         };
         self.metrics.commit_ok(took, full, sizes);
         if committed {

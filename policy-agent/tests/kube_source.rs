@@ -155,6 +155,57 @@ async fn initial_list_follows_continue_tokens_beyond_one_page() {
     run.task.abort();
 }
 
+fn cnp(name: &str, peer: Value) -> Value {
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": name},
+           "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+                    "egress": [{"action": "Accept", "to": [peer]}]},
+           "status": {"conditions": []}})
+}
+
+#[tokio::test]
+async fn cluster_network_policies_are_watched_and_a_missing_crd_means_none_not_a_stall() {
+    let server = ApiServer::start().await;
+    populate(&server);
+    server.installed("clusternetworkpolicies", false);
+    let mut run = start(&server, None);
+    // The CRD is not installed: the source syncs anyway (there can be no such policy).
+    run.events
+        .until("Synced", WAIT, |e| *e == SourceEvent::Synced)
+        .await;
+    server.installed("clusternetworkpolicies", true);
+    server.apply(cnp("dns", json!({"networks": ["10.96.0.10/32"]})));
+    // A domainNames peer is refused by name and field, not silently ignored.
+    server.apply(cnp("fqdn", json!({"domainNames": ["example.com"]})));
+    let events = run
+        .events
+        .until_all(
+            WAIT_WITH_BACKOFF,
+            &[
+                "Applied ClusterNetworkPolicy dns",
+                "Rejected ClusterNetworkPolicy fqdn",
+            ],
+        )
+        .await;
+    let why = events
+        .iter()
+        .find_map(|e| match e {
+            SourceEvent::Rejected { error, .. } => Some(error.to_string()),
+            _ => None,
+        })
+        .expect("a rejection");
+    assert!(
+        why.contains("spec.egress[0].to[0].domainNames"),
+        "names the field: {why}"
+    );
+    // The CRD is deleted (and with it every ClusterNetworkPolicy): they are deleted here too.
+    server.installed("clusternetworkpolicies", false);
+    run.events
+        .until_all(WAIT_WITH_BACKOFF, &["Deleted ClusterNetworkPolicy dns"])
+        .await;
+    run.task.abort();
+}
+
 #[tokio::test]
 async fn synced_waits_until_every_kind_is_listed() {
     let server = ApiServer::start().await;

@@ -10,7 +10,8 @@
 //!
 //! Test controls: [`ApiServer::disconnect`] cuts every watch connection and answers 503 to every request
 //! until [`ApiServer::reconnect`]; [`ApiServer::compact`] drops the history (resumes then get 410);
-//! [`ApiServer::refuse`] answers 503 for one resource. Every request line is recorded.
+//! [`ApiServer::refuse`] answers 503 for one resource; [`ApiServer::installed`] takes a resource (a
+//! CRD's) out of the API, which then answers 404 for it, and back. Every request line is recorded.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// The resources the agent watches, by URL path.
-pub const RESOURCES: [(&str, &str, &str, &str); 4] = [
+pub const RESOURCES: [(&str, &str, &str, &str); 5] = [
     ("/api/v1/pods", "pods", "v1", "Pod"),
     ("/api/v1/namespaces", "namespaces", "v1", "Namespace"),
     ("/api/v1/nodes", "nodes", "v1", "Node"),
@@ -32,6 +33,12 @@ pub const RESOURCES: [(&str, &str, &str, &str); 4] = [
         "networkpolicies",
         "networking.k8s.io/v1",
         "NetworkPolicy",
+    ),
+    (
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        "clusternetworkpolicies",
+        "policy.networking.k8s.io/v1alpha2",
+        "ClusterNetworkPolicy",
     ),
 ];
 
@@ -68,6 +75,8 @@ struct State {
     /// Bumped by `disconnect`: watch streams of an older epoch are cut.
     epoch: u64,
     refused: HashSet<String>,
+    /// Resources the API does not serve (a CRD not installed): 404.
+    missing: HashSet<String>,
     requests: Vec<Request>,
 }
 
@@ -235,6 +244,21 @@ impl ApiServer {
         }
     }
 
+    /// Serves `resource` ("clusternetworkpolicies", ...) or not (404, as for a CRD that is not
+    /// installed). Every resource is served at start.
+    pub fn installed(&self, resource: &str, installed: bool) {
+        {
+            let mut state = self.lock();
+            if installed {
+                state.missing.remove(resource);
+            } else {
+                state.missing.insert(resource.to_owned());
+                state.epoch += 1; // its open watches end, as when a CRD is deleted
+            }
+        }
+        self.bump();
+    }
+
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
@@ -335,7 +359,10 @@ async fn serve_connection(
             })
             .collect();
         let watch = params.get("watch").map(String::as_str) == Some("true");
-        let resource = RESOURCES.into_iter().find(|r| r.0 == path);
+        let resource = RESOURCES
+            .into_iter()
+            .find(|r| r.0 == path)
+            .filter(|r| !state.lock().expect("state").missing.contains(r.1));
         let mut request = Request {
             resource: resource
                 .map(|r| r.1.to_owned())

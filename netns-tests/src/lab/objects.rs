@@ -503,12 +503,12 @@ impl Lab {
             .collect())
     }
 
-    /// Deletes every NetworkPolicy in every namespace.
+    /// Deletes every NetworkPolicy in every namespace, and every ClusterNetworkPolicy.
     pub fn delete_all_policies(&mut self) -> Result<()> {
         for k in self
             .objects()?
             .into_iter()
-            .filter(|k| k.kind == "NetworkPolicy")
+            .filter(|k| k.kind == "NetworkPolicy" || k.kind == "ClusterNetworkPolicy")
         {
             self.manifests.remove(&k)?;
         }

@@ -1,5 +1,9 @@
-//! The Kubernetes source: one kube-rs watcher per kind (Pods, Namespaces, NetworkPolicies, Nodes, all
-//! namespaces), merged into one stream of [`SourceEvent`]s.
+//! The Kubernetes source: one kube-rs watcher per kind (Pods, Namespaces, NetworkPolicies, Nodes,
+//! ClusterNetworkPolicies; all namespaces), merged into one stream of [`SourceEvent`]s.
+//!
+//! ClusterNetworkPolicy is a CRD: where it is not installed the API answers 404, which counts as an
+//! empty list (no such policy can exist), so the agent syncs and enforces NetworkPolicies; the
+//! watcher keeps retrying with backoff and picks the CRD up when it is installed.
 //!
 //! Memory: objects are never cached here. Per kind only the keys of the objects we have emitted (and their
 //! resourceVersion) are kept, which is what it takes to turn a relist into `Deleted` events for objects
@@ -23,7 +27,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Kind, Object, ObjectRef, SourceError, SourceEvent};
+use super::{ClusterNetworkPolicy, Kind, Object, ObjectRef, SourceError, SourceEvent};
 use palisade_policy::model::Change;
 
 /// Server-side timeout of one watch request when none is configured (the API server's own default range
@@ -123,10 +127,17 @@ impl KubeSource {
             kind_stream::<Node>(&self.client, &config, Kind::Node, |o| {
                 Object::Node(Box::new(o))
             }),
+            kind_stream::<ClusterNetworkPolicy>(
+                &self.client,
+                &config,
+                Kind::ClusterNetworkPolicy,
+                |o| Object::ClusterNetworkPolicy(Box::new(o)),
+            ),
         ];
         let mut events = stream::select_all(streams);
         let mut tracker = Tracker::default();
-        info!("kubernetes source: watching pods, namespaces, networkpolicies and nodes");
+        let mut crd_missing = false;
+        info!("kubernetes source: watching pods, namespaces, networkpolicies, nodes and clusternetworkpolicies");
         loop {
             let next = tokio::select! {
                 next = events.next() => next,
@@ -143,6 +154,22 @@ impl KubeSource {
                     info!(kind = %kind, message = %status.message, "kubernetes watch expired (410 Gone); relisting");
                     continue;
                 }
+                Err(err) if kind == Kind::ClusterNetworkPolicy && not_found(&err) => {
+                    if !crd_missing {
+                        crd_missing = true;
+                        info!(
+                            kind = %kind,
+                            "the ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) is not installed: none are enforced; watching for it (kubectl apply -f deploy/ installs it)"
+                        );
+                    }
+                    let absent = tracker.absent(kind);
+                    for out in absent {
+                        if tx.send(out.into()).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    continue;
+                }
                 Err(err) => {
                     warn!(
                         kind = %kind,
@@ -152,6 +179,10 @@ impl KubeSource {
                     continue;
                 }
             };
+            if kind == Kind::ClusterNetworkPolicy && crd_missing {
+                crd_missing = false;
+                info!(kind = %kind, "the ClusterNetworkPolicy CRD is installed now: enforcing them");
+            }
             for out in tracker.handle(kind, event) {
                 if tx.send(out.into()).await.is_err() {
                     debug!("kubernetes source: receiver dropped, stopping");
@@ -159,6 +190,17 @@ impl KubeSource {
                 }
             }
         }
+    }
+}
+
+/// Whether a watch error says the resource does not exist (404: a CRD that is not installed).
+fn not_found(err: &watcher::Error) -> bool {
+    match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
     }
 }
 
@@ -270,6 +312,17 @@ impl Tracker {
                 out.push(SourceEvent::deleted(key));
             }
         }
+        out
+    }
+
+    /// The API has no such resource (its CRD is not installed): as an empty list, so objects known
+    /// before are deleted and the kind counts as listed for `Synced`.
+    fn absent(&mut self, kind: Kind) -> Vec<SourceEvent> {
+        if self.listed.contains(&kind) && self.known.get(&kind).is_none_or(HashMap::is_empty) {
+            return Vec::new(); // told already
+        }
+        let mut out = self.handle(kind, Event::Init);
+        out.extend(self.handle(kind, Event::InitDone));
         out
     }
 

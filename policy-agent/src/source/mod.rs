@@ -7,6 +7,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use palisade_policy::model::{self, Change};
 use palisade_policy::ModelError;
 
+pub use self::cluster_policy::ClusterNetworkPolicy;
+
 /// One cluster object of a kind the agent cares about, as the API serves it (inside the sources).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
@@ -14,6 +16,7 @@ pub enum Object {
     Namespace(Box<Namespace>),
     NetworkPolicy(Box<NetworkPolicy>),
     Node(Box<Node>),
+    ClusterNetworkPolicy(Box<ClusterNetworkPolicy>),
 }
 
 /// Kind of an [`Object`].
@@ -23,6 +26,7 @@ pub enum Kind {
     Namespace,
     NetworkPolicy,
     Node,
+    ClusterNetworkPolicy,
 }
 
 /// Identity of an object: kind, namespace (empty for cluster-scoped kinds) and name.
@@ -73,6 +77,7 @@ impl SourceEvent {
     }
 }
 
+pub mod cluster_policy;
 pub mod kube;
 pub mod manifests;
 
@@ -107,7 +112,13 @@ pub enum SourceError {
 
 impl Kind {
     /// Every kind the agent watches, in a stable order.
-    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy, Kind::Node];
+    pub const ALL: [Kind; 5] = [
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+        Kind::Node,
+        Kind::ClusterNetworkPolicy,
+    ];
 
     /// Whether objects of this kind live in a namespace.
     pub fn is_namespaced(self) -> bool {
@@ -121,6 +132,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Node => "Node",
+            Kind::ClusterNetworkPolicy => cluster_policy::KIND,
         }
     }
 }
@@ -150,6 +162,7 @@ impl ObjectRef {
             Kind::Namespace => Change::DeleteNamespace { name },
             Kind::NetworkPolicy => Change::DeletePolicy { namespace, name },
             Kind::Node => Change::DeleteNode { name },
+            Kind::ClusterNetworkPolicy => Change::DeleteClusterPolicy { name },
         }
     }
 
@@ -180,6 +193,9 @@ impl Object {
             Object::Namespace(n) => Change::UpsertNamespace(model::namespace_from_k8s(&n)?),
             Object::NetworkPolicy(p) => Change::UpsertPolicy(model::policy_from_k8s(&p)?),
             Object::Node(n) => Change::UpsertNode(model::node_from_k8s(&n)?),
+            Object::ClusterNetworkPolicy(p) => {
+                Change::UpsertClusterPolicy(model::cluster_policy_from_api(&p.0)?)
+            }
         })
     }
 
@@ -190,6 +206,7 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
             Object::Node(_) => Kind::Node,
+            Object::ClusterNetworkPolicy(_) => Kind::ClusterNetworkPolicy,
         }
     }
 
@@ -200,6 +217,7 @@ impl Object {
             Object::Namespace(o) => o.meta(),
             Object::NetworkPolicy(o) => o.meta(),
             Object::Node(o) => o.meta(),
+            Object::ClusterNetworkPolicy(o) => o.meta(),
         }
     }
 
@@ -209,6 +227,7 @@ impl Object {
             Object::Namespace(o) => o.meta_mut(),
             Object::NetworkPolicy(o) => o.meta_mut(),
             Object::Node(o) => o.meta_mut(),
+            Object::ClusterNetworkPolicy(o) => o.meta_mut(),
         }
     }
 
@@ -257,7 +276,8 @@ impl Object {
                     };
                 }
             }
-            Object::Namespace(_) | Object::NetworkPolicy(_) => {}
+            // A ClusterNetworkPolicy's status is not even decoded.
+            Object::Namespace(_) | Object::NetworkPolicy(_) | Object::ClusterNetworkPolicy(_) => {}
         }
         self
     }

@@ -3,7 +3,9 @@
 //! Chains depend only on policy specs and on which combinations of policies select local pods;
 //! pods, labels and addresses only ever change set and map elements.
 
-use super::{intervals, Compiled, CompiledClusterPolicy, CompiledPolicy, CompiledRule, LocalPod};
+use super::{
+    intervals, Compiled, CompiledClusterPolicy, CompiledPolicy, CompiledRule, LocalPod, PriorityTie,
+};
 use crate::model::EgressNat;
 use crate::model::{Action, Direction, Protocol, Tier};
 use crate::ruleset::names::{self, *};
@@ -13,20 +15,20 @@ use crate::ruleset::{
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>) {
-    let (mut rs, warnings) = local_part(c);
+pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie>) {
+    let (mut rs, warnings, ties) = local_part(c);
     for pol in c.policies.values() {
         policy_part_into(&mut rs, pol);
     }
     for cp in c.cluster_policies.values() {
         cluster_part_into(&mut rs, cp);
     }
-    (rs, warnings)
+    (rs, warnings, ties)
 }
 
 /// The objects that depend on local pods and pending addresses only: base chains, pending and
-/// self sets, verdict maps and group chains.
-pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>) {
+/// self sets, verdict maps, group and tier chains; with the warnings and the priority ties.
+pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie>) {
     let mut rs = Ruleset::default();
     let mut warnings = Vec::new();
     // A verdict map holds one verdict per address: two local pods claiming one address (a stale
@@ -65,12 +67,13 @@ pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>) {
             }
         }
     }
-    for (dir, tier, a, b, p) in ties {
+    for t in &ties {
         warnings.push(format!(
-            "ClusterNetworkPolicies {a} and {b} ({tier} tier, priority {p}) both select pods of this node for {dir}; {a} is evaluated first (same priority: by name)"
+            "ClusterNetworkPolicies {} and {} ({} tier, priority {}) both select pods of this node for {}; {} is evaluated first (same priority: by name)",
+            t.first, t.second, t.tier, t.priority, t.direction, t.first
         ));
     }
-    (rs, warnings)
+    (rs, warnings, ties.into_iter().collect())
 }
 
 /// The group chain of pods that the policies `keys` (NetworkPolicies) and `tiers`
@@ -177,7 +180,7 @@ fn same_priority(
     pod: &LocalPod,
     dir: Direction,
     tier: Tier,
-    ties: &mut BTreeSet<(Direction, Tier, String, String, u32)>,
+    ties: &mut BTreeSet<PriorityTie>,
 ) {
     let keys = pod.cluster(dir).tier(tier);
     for pair in keys.windows(2) {
@@ -188,7 +191,13 @@ fn same_priority(
             continue;
         };
         if a.priority == b.priority {
-            ties.insert((dir, tier, a.name.clone(), b.name.clone(), a.priority));
+            ties.insert(PriorityTie {
+                direction: dir,
+                tier,
+                priority: a.priority,
+                first: a.name.clone(),
+                second: b.name.clone(),
+            });
         }
     }
 }

@@ -68,7 +68,8 @@ impl IncrementalCompiler {
         let mut ix = PodIndex::build(&state, node);
         let mut compiled = resolve::resolve(&state, &ix);
         ix.track_owners();
-        let (mut rs, warnings) = build::local_part(&compiled);
+        let (mut rs, warnings, ties) = build::local_part(&compiled);
+        compiled.priority_ties = ties;
         let local_names = PartNames::of(&rs);
         let mut policy_names = BTreeMap::new();
         let parts = compiled
@@ -528,8 +529,9 @@ impl IncrementalCompiler {
     fn rebuild_local(&mut self, tr: &mut ChangeLog) {
         // In the order of a full compile: resolve's warnings, then the build's.
         resolve::resolve_local(&self.state, &self.ix, &mut self.compiled);
-        let (part, part_warnings) = build::local_part(&self.compiled);
+        let (part, part_warnings, ties) = build::local_part(&self.compiled);
         self.compiled.warnings.extend(part_warnings);
+        self.compiled.priority_ties = ties;
         self.local_names = tr.replace_part(&mut self.compiled.ruleset, &self.local_names, part);
     }
 }

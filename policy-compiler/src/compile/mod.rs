@@ -293,6 +293,20 @@ pub struct Compiled {
     pub ruleset: Ruleset,
     /// Problems the compiler worked around, each naming the objects (for the agent's log).
     pub warnings: Vec<String>,
+    /// Pairs of ClusterNetworkPolicies of one tier with the same priority that select the same
+    /// local pod in the same direction: ordered by name (a warning each, and a metric).
+    pub priority_ties: Vec<PriorityTie>,
+}
+
+/// Two ClusterNetworkPolicies of one tier and priority both selecting a local pod in `direction`;
+/// `first` (by name) is evaluated before `second`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PriorityTie {
+    pub direction: Direction,
+    pub tier: Tier,
+    pub priority: u32,
+    pub first: String,
+    pub second: String,
 }
 
 impl Compiled {
@@ -306,9 +320,10 @@ impl Compiled {
 pub fn compile(state: &crate::model::ClusterState, node: &str) -> Compiled {
     let ix = index::PodIndex::build(state, node);
     let mut c = resolve::resolve(state, &ix);
-    let (ruleset, warnings) = build::build(&c);
+    let (ruleset, warnings, ties) = build::build(&c);
     c.ruleset = ruleset;
     c.warnings.extend(warnings);
+    c.priority_ties = ties;
     c
 }
 

@@ -60,6 +60,7 @@ pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
         egress_nat: None,
         ruleset: Ruleset::default(),
         warnings: Vec::new(),
+        priority_ties: Vec::new(),
     };
     resolve_local(state, ix, &mut c);
     c

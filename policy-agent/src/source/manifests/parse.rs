@@ -6,7 +6,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use tracing::warn;
 
 use super::dir::Encoded;
-use crate::source::{Kind, Object};
+use crate::source::{cluster_policy, ClusterNetworkPolicy, Kind, Object};
 
 /// Namespace given to namespaced objects that name none (what `kubectl apply` does).
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -141,6 +141,9 @@ fn objects_from_value(
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             decode::<NetworkPolicy>(value).map(|o| Object::NetworkPolicy(Box::new(o)))
         }
+        (cluster_policy::API_VERSION, cluster_policy::KIND) => {
+            decode::<ClusterNetworkPolicy>(value).map(|o| Object::ClusterNetworkPolicy(Box::new(o)))
+        }
         _ => {
             warn!(
                 file,
@@ -163,6 +166,7 @@ pub(super) fn encode(object: &Object) -> Result<Encoded, serde_json::Error> {
         Object::Namespace(o) => serde_json::to_vec(o),
         Object::NetworkPolicy(o) => serde_json::to_vec(o),
         Object::Node(o) => serde_json::to_vec(o),
+        Object::ClusterNetworkPolicy(o) => serde_json::to_vec(o),
     }?;
     Ok(bytes.into())
 }
@@ -174,6 +178,9 @@ pub(super) fn decode_encoded(kind: Kind, encoded: &[u8]) -> Result<Object, serde
         Kind::Namespace => Object::Namespace(Box::new(serde_json::from_slice(encoded)?)),
         Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(serde_json::from_slice(encoded)?)),
         Kind::Node => Object::Node(Box::new(serde_json::from_slice(encoded)?)),
+        Kind::ClusterNetworkPolicy => {
+            Object::ClusterNetworkPolicy(Box::new(serde_json::from_slice(encoded)?))
+        }
     })
 }
 
