@@ -72,12 +72,19 @@ fn declared_ports(objects: &[Value]) -> Vec<(u16, Protocol)> {
 }
 
 fn describe_policy(o: &Value) -> String {
-    let key = k8s::key_of(o)
-        .map(|k| format!("{}/{}", k.namespace, k.name))
+    let (kind, key) = k8s::key_of(o)
+        .map(|k| {
+            let key = if k.namespace.is_empty() {
+                k.name.clone()
+            } else {
+                format!("{}/{}", k.namespace, k.name)
+            };
+            (k.kind, key)
+        })
         .unwrap_or_default();
     let what =
         k8s::get_str(o, &["metadata", "annotations", "description"]).unwrap_or("(no description)");
-    format!("  NetworkPolicy {key}: {what}\n")
+    format!("  {kind} {key}: {what}\n")
 }
 
 fn probe(lab: &Lab, ports: &[(u16, Protocol)]) -> Result<Matrix> {
@@ -110,7 +117,7 @@ pub fn run(opts: &LabOptions, dir: &Path, color: bool) -> Result<()> {
             dir.display()
         )));
     }
-    println!("Palisade demo: Kubernetes NetworkPolicies enforced by palisade, in a two-node lab.");
+    println!("Palisade demo: Kubernetes network policies enforced by palisade, in a two-node lab.");
     println!("Every node and pod below is a Linux network namespace on this machine; the real");
     println!("palisade-agent runs on each node and the real palisade CNI plugin wired each pod.\n");
     let mut o = opts.clone();
@@ -121,12 +128,14 @@ pub fn run(opts: &LabOptions, dir: &Path, color: bool) -> Result<()> {
     print!("{}", describe_lab(&lab));
     println!();
 
-    println!("1) No NetworkPolicy yet. Kubernetes allows all traffic, so every pod reaches every other:\n");
+    println!(
+        "1) No policy yet. Kubernetes allows all traffic, so every pod reaches every other:\n"
+    );
     let before = probe(&lab, &ports)?;
     print!("{}", before.render(None, false));
 
     println!(
-        "2) Applying {} NetworkPolicies from {}:",
+        "2) Applying {} policies from {}:",
         policies.len(),
         policies_dir.display()
     );

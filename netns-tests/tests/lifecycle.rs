@@ -219,6 +219,45 @@ fn demo_explains_the_change_and_leaves_nothing() {
     assert_nothing_left(&name);
 }
 
+#[test]
+fn cluster_tiers_demo_enforces_admin_networkpolicy_and_baseline_tiers() {
+    let name = lab::unique_name();
+    let _guard = DownOnDrop(name.clone());
+    let mut demo = cli(&name);
+    demo.args(["demo", "examples/cluster-tiers"]);
+    let out = run_ok(demo);
+    for blocked in [
+        // Admin tier Deny: another namespace into payments.
+        "shop/frontend -> payments/api TCP/80: connected -> blocked",
+        // Baseline tier Deny: guests.
+        "guest/visitor -> monitoring/prometheus TCP/80: connected -> blocked",
+    ] {
+        assert!(out.contains(blocked), "{blocked}: {out}");
+    }
+    for kept in [
+        // Admin tier Accept.
+        "monitoring/prometheus -> payments/api TCP/80",
+        // Admin tier Pass, then nothing denies.
+        "payments/ledger -> payments/api TCP/80",
+    ] {
+        assert!(out.contains(kept), "{kept}: {out}");
+        assert!(
+            !out.contains(&format!("{kept}: connected -> blocked")),
+            "{out}"
+        );
+    }
+    // The NetworkPolicy overrides the baseline for the frontend.
+    assert!(
+        !out.contains("guest/visitor -> shop/frontend TCP/80: connected -> blocked"),
+        "{out}"
+    );
+    assert!(
+        out.contains("5 of 20 pod-to-pod connections are now blocked"),
+        "{out}"
+    );
+    assert_nothing_left(&name);
+}
+
 /// Starts `up` and waits until the lab has pods (so there is plenty to leave behind).
 fn start_up_and_wait_for_pods(name: &str) -> std::process::Child {
     let mut up = cli(name);
