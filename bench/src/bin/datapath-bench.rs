@@ -66,6 +66,10 @@ enum Command {
         /// difference in the ratios; only for rulesets that load in well under a second).
         #[arg(long)]
         same_lab: bool,
+        /// ClusterNetworkPolicies (Admin and Baseline) added to every cluster; `palisade-no-cnp`
+        /// is palisade without them.
+        #[arg(long, default_value_t = 0)]
+        cluster_policies: usize,
     },
     /// Print one system's ruleset for one node of the synthetic cluster.
     Render {
@@ -77,6 +81,8 @@ enum Command {
         node: String,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        #[arg(long, default_value_t = 0)]
+        cluster_policies: usize,
     },
     /// Serve the connect/close and request/response protocols (inside the server pod).
     Serve {
@@ -180,10 +186,12 @@ fn real_main(cli: Cli) -> Result<()> {
             system,
             node,
             seed,
+            cluster_policies,
         } => {
             let sys = rulesets::System::parse(&system)
                 .ok_or_else(|| Error::Invalid(format!("unknown system {system}")))?;
-            let cluster = workload::Cluster::generate(policies, seed)?;
+            let cluster = workload::Cluster::generate(policies, seed)?
+                .with_cluster_policies(cluster_policies);
             let r = rulesets::render(sys, &cluster, &node)?;
             for part in [r.ipset, r.iptables, r.nft, r.nft_json]
                 .into_iter()
@@ -208,6 +216,7 @@ fn real_main(cli: Cli) -> Result<()> {
             palisade_from,
             underlays,
             same_lab,
+            cluster_policies,
         } => {
             let underlays = underlays
                 .iter()
@@ -254,6 +263,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 palisade_override,
                 underlays,
                 same_lab,
+                cluster_policies,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();

@@ -61,6 +61,10 @@ enum Command {
         /// `apiserver` (the in-test API server over list/watch, `--kubeconfig`: a cluster's path).
         #[arg(long, default_value = "manifests")]
         source: String,
+        /// Scenarios: policy, label, pod (NetworkPolicy), cnp (an Admin-tier ClusterNetworkPolicy
+        /// created/deleted), cnp-priority (its priority moved before/after a Deny), or `all`.
+        #[arg(long, value_delimiter = ',', default_value = "policy,label,pod")]
+        scenarios: Vec<String>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value = "bench/results")]
@@ -215,10 +219,25 @@ fn real_main(cli: Cli) -> Result<()> {
             irrelevant_seconds,
             irrelevant_pods,
             source,
+            scenarios,
             seed,
             out,
             name,
         } => {
+            let scenarios = if scenarios.iter().any(|s| s == "all") {
+                enforce::Scenario::EVERY.to_vec()
+            } else {
+                scenarios
+                    .iter()
+                    .map(|s| {
+                        enforce::Scenario::parse(s).ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "--scenarios {s}: expected policy, label, pod, cnp, cnp-priority or all"
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
             let source = enforce::Source::parse(&source).ok_or_else(|| {
                 Error::Invalid(format!(
                     "--source {source}: expected `manifests` or `apiserver`"
@@ -246,6 +265,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 irrelevant_seconds,
                 irrelevant_files: irrelevant_pods,
                 source,
+                scenarios,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();
@@ -297,7 +317,8 @@ the synthetic cluster (`Shape::for_pods`: pods spread over 100 nodes, background
 The server is isolated by a deny-all ingress policy. A probe in the client pod sends a SYN to the server every 1 ms (1 ms timeout) and timestamps each flip with CLOCK_MONOTONIC; \
 a change is timestamped just before its file is renamed into (or unlinked from) the directory. Latency = flip − write, so it includes inotify, parsing, debounce (5 ms default), compile, diff, \
 the nft commit and up to ~1 ms of probe granularity. Changes: policy create/delete (grant/revoke), the client's label added/removed (the policy selects it), the client pod created/deleted \
-(a remote pod entering/leaving a peer set). Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
+(a remote pod entering/leaving a peer set); with `--scenarios cnp,cnp-priority`: an Admin-tier ClusterNetworkPolicy accepting the client created/deleted (over the server's NetworkPolicy deny), \
+and an Admin Accept moved from priority 60 to 40 and back around an Admin Deny at 50. Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
 its CPU figures are the agent's /proc utime+stime over the scenario's wall time. \
 Irrelevant events (`--irrelevant-rate`): right after the first sync, one override file per heartbeat pod (`--irrelevant-pods` background pods spread over all nodes) is written and left 3 s to settle; \
 then two windows of `--irrelevant-seconds` each (+0.3 s for the last writes to land): idle (no writes), and two writer threads rewriting those files round robin at the rate between them (each its own half; dotfile + rename; up to 250 ms of lag made up), each write the same pod with a new \

@@ -84,6 +84,7 @@ pub fn objects(cluster: &Cluster) -> Vec<Value> {
     out.extend((1..=super::workload::NODES).map(node));
     out.extend(cluster.pods.iter().map(pod));
     out.extend(cluster.policies.iter().map(policy));
+    out.extend(cluster.cluster_policies.iter().cloned());
     out
 }
 
@@ -119,6 +120,10 @@ pub fn change(v: &Value) -> Result<Change> {
         ),
         Some("NetworkPolicy") => Change::UpsertPolicy(
             palisade_policy::policy_from_k8s(&parse::<net::NetworkPolicy>(v, "NetworkPolicy")?)
+                .map_err(model_err)?,
+        ),
+        Some("ClusterNetworkPolicy") => Change::UpsertClusterPolicy(
+            palisade_policy::model::cluster_policy_from_api(&parse(v, "ClusterNetworkPolicy")?)
                 .map_err(model_err)?,
         ),
         other => return Err(Error::Invalid(format!("unexpected kind {other:?}"))),

@@ -49,6 +49,8 @@ pub struct Config {
     pub underlays: Vec<Underlay>,
     /// All systems share one lab per underlay, each slice loading its system's ruleset first.
     pub same_lab: bool,
+    /// ClusterNetworkPolicies added to every cluster (`Cluster::with_cluster_policies`).
+    pub cluster_policies: usize,
 }
 
 /// One measurement of one system at one policy count in one round.
@@ -76,7 +78,8 @@ struct Prepared {
 fn prepare(cfg: &Config) -> Result<BTreeMap<(usize, System), Prepared>> {
     let mut out = BTreeMap::new();
     for &p in &cfg.policies {
-        let cluster = Cluster::generate(p, cfg.seed)?;
+        let cluster =
+            Cluster::generate(p, cfg.seed)?.with_cluster_policies(cfg.cluster_policies);
         for &sys in &cfg.systems {
             let mut prepared = Prepared {
                 node1: rulesets::render(sys, &cluster, "node-1")?,

@@ -19,6 +19,7 @@
 
 use super::fnv1a;
 use palisade_policy::synth::Rng;
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
@@ -102,6 +103,9 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     /// In creation order.
     pub policies: Vec<Policy>,
+    /// ClusterNetworkPolicies (as API objects; only palisade reads them, the models are of
+    /// NetworkPolicy only). See [`Cluster::with_cluster_policies`].
+    pub cluster_policies: Vec<serde_json::Value>,
 }
 
 fn matches(selector: &Labels, labels: &Labels) -> bool {
@@ -287,7 +291,53 @@ impl Cluster {
             namespaces,
             pods,
             policies: ordered,
+            cluster_policies: Vec::new(),
         })
+    }
+
+    /// Adds `n` ClusterNetworkPolicies of an administrator's kind, alternately Admin and Baseline,
+    /// priorities spread over 0..1000. Policy `i` selects the namespaces of team `t<i mod 10>`, or
+    /// every namespace (the measured pods' included) when `i mod 10` is 0 or 5: so 1 in 5 of them
+    /// (half Admin, half Baseline) are evaluated for the measured pods. Ingress: Deny TCP 22 from
+    /// another team, Pass from one role of a third; egress: Accept DNS to 10.96.0.0/12, Deny the
+    /// kubelet port of every node. None matches the measured traffic (TCP 5201/7000/7001 between
+    /// the two bench pods), so their cost is what a connection pays to be evaluated by them and
+    /// then decided by the NetworkPolicies.
+    pub fn with_cluster_policies(mut self, n: usize) -> Cluster {
+        self.cluster_policies = (0..n)
+            .map(|i| {
+                let team = |k: usize| json!({"matchLabels": {"team": format!("t{}", k % 10)}});
+                let subject = if i % 10 == 0 || i % 10 == 5 {
+                    json!({"namespaces": {}})
+                } else {
+                    json!({"namespaces": team(i)})
+                };
+                json!({
+                    "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                    "kind": "ClusterNetworkPolicy",
+                    "metadata": {"name": format!("cnp-{i}")},
+                    "spec": {
+                        "tier": if i % 2 == 0 { "Admin" } else { "Baseline" },
+                        "priority": (i * 7) % 1000,
+                        "subject": subject,
+                        "ingress": [
+                            {"name": "no-ssh", "action": "Deny", "from": [{"namespaces": team(i + 3)}],
+                             "protocols": [{"tcp": {"destinationPort": {"number": 22}}}]},
+                            {"name": "pass-role", "action": "Pass",
+                             "from": [{"pods": {"namespaceSelector": team(i + 5),
+                                                "podSelector": {"matchLabels": {"role": format!("r{}", i % 20)}}}}]}
+                        ],
+                        "egress": [
+                            {"name": "dns", "action": "Accept", "to": [{"networks": ["10.96.0.0/12"]}],
+                             "protocols": [{"udp": {"destinationPort": {"number": 53}}}]},
+                            {"name": "no-kubelet", "action": "Deny", "to": [{"nodes": {}}],
+                             "protocols": [{"tcp": {"destinationPort": {"number": 10250}}}]}
+                        ]
+                    }
+                })
+            })
+            .collect();
+        self
     }
 
     /// Indices of the pods of each namespace.

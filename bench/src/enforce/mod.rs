@@ -37,8 +37,8 @@ use agent::{fetch_metrics, write_server_record};
 use churn::{churn_window, Churn, Observed};
 use irrelevant::{heartbeat_name, heartbeat_pod, irrelevant_windows, HEARTBEAT_WRITERS};
 use objects::{
-    allow_policy, allow_stream_policy, client_pod, list, server_deny, F_ALLOW, F_ALLOW_LABEL,
-    F_ALLOW_STREAM, F_CLIENT, F_CLUSTER, F_DENY,
+    admin_client_policy, allow_policy, allow_stream_policy, client_pod, list, server_deny, F_ALLOW,
+    F_ALLOW_LABEL, F_ALLOW_STREAM, F_CLIENT, F_CLUSTER, F_CNP_ACCEPT, F_CNP_DENY, F_DENY,
 };
 use probe::Probe;
 use revocation::established_flow;
@@ -90,6 +90,8 @@ pub struct Config {
     pub irrelevant_files: usize,
     /// Where the agent reads the cluster from.
     pub source: Source,
+    /// The scenarios measured (default: the NetworkPolicy ones, `Scenario::ALL`).
+    pub scenarios: Vec<Scenario>,
 }
 
 /// The agent's source of objects in a run.
@@ -303,7 +305,7 @@ fn run_size(
     let mut probe = Probe::start(lab, exe)?;
     let mut results = Vec::new();
     for &churn in &cfg.churn {
-        for scenario in Scenario::ALL {
+        for &scenario in &cfg.scenarios {
             scenario.setup(&store)?;
             if probe.wait_for(false, Duration::from_secs(10)).is_none() {
                 return Err(Error::Invalid(format!(

@@ -66,6 +66,21 @@ pub(super) fn allow_stream_policy() -> Value {
     })
 }
 
+/// An Admin-tier ClusterNetworkPolicy on the server whose one rule does `action` to the client on
+/// the probe port.
+pub(super) fn admin_client_policy(name: &str, action: &str, priority: u32) -> Value {
+    let bench = json!({"matchLabels": {"kubernetes.io/metadata.name": "bench"}});
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"tier": "Admin", "priority": priority,
+                 "subject": {"pods": {"namespaceSelector": bench, "podSelector": {"matchLabels": {"app": "server"}}}},
+                 "ingress": [{"name": "client", "action": action,
+                              "from": [{"pods": {"namespaceSelector": bench, "podSelector": {"matchLabels": {"app": "client"}}}}],
+                              "protocols": [{"tcp": {"destinationPort": {"number": PROBE_PORT}}}]}]}
+    })
+}
+
 /// The server's default deny (always present): the server is ingress-isolated.
 pub(super) fn server_deny() -> Value {
     json!({
@@ -86,3 +101,7 @@ pub(super) const F_ALLOW: &str = "60-allow.json";
 pub(super) const F_ALLOW_LABEL: &str = "61-allow-access.json";
 
 pub(super) const F_ALLOW_STREAM: &str = "62-allow-stream.json";
+
+pub(super) const F_CNP_DENY: &str = "70-cnp-deny-client.json";
+
+pub(super) const F_CNP_ACCEPT: &str = "71-cnp-accept-client.json";

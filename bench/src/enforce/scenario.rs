@@ -12,24 +12,69 @@ pub enum Scenario {
     Label,
     /// grant: a new (remote) pod matching the policy's peers appears; revoke: it is deleted.
     Pod,
+    /// grant: create an Admin-tier ClusterNetworkPolicy accepting the client (over the server's
+    /// NetworkPolicy deny); revoke: delete it.
+    ClusterPolicy,
+    /// An Admin-tier Deny of the client at priority 50 and an Accept at 60. grant: the Accept's
+    /// priority becomes 40 (before the Deny); revoke: back to 60.
+    ClusterPriority,
 }
 
 impl Scenario {
+    /// The NetworkPolicy scenarios (the default of a run).
     pub const ALL: [Scenario; 3] = [Scenario::Policy, Scenario::Label, Scenario::Pod];
+    /// Every scenario (`--scenarios all`).
+    pub const EVERY: [Scenario; 5] = [
+        Scenario::Policy,
+        Scenario::Label,
+        Scenario::Pod,
+        Scenario::ClusterPolicy,
+        Scenario::ClusterPriority,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Policy => "policy create/delete",
             Scenario::Label => "label change",
             Scenario::Pod => "new/deleted pod",
+            Scenario::ClusterPolicy => "cnp create/delete",
+            Scenario::ClusterPriority => "cnp priority change",
         }
+    }
+
+    /// The `--scenarios` spelling.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Scenario::Policy => "policy",
+            Scenario::Label => "label",
+            Scenario::Pod => "pod",
+            Scenario::ClusterPolicy => "cnp",
+            Scenario::ClusterPriority => "cnp-priority",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Scenario::EVERY.into_iter().find(|sc| sc.arg() == s)
     }
 
     /// Puts the directory in this scenario's starting (blocked) state.
     pub(super) fn setup(self, store: &Store) -> Result<()> {
         store.clear(F_ALLOW);
         store.clear(F_ALLOW_LABEL);
+        store.clear(F_CNP_ACCEPT);
+        store.clear(F_CNP_DENY);
         match self {
+            Scenario::ClusterPolicy => {
+                store.put(F_CLIENT, &client_pod(false))?;
+            }
+            Scenario::ClusterPriority => {
+                store.put(F_CLIENT, &client_pod(false))?;
+                store.put(F_CNP_DENY, &admin_client_policy("deny-client", "Deny", 50))?;
+                store.put(
+                    F_CNP_ACCEPT,
+                    &admin_client_policy("accept-client", "Accept", 60),
+                )?;
+            }
             Scenario::Policy => {
                 store.put(F_CLIENT, &client_pod(false))?;
             }
@@ -59,6 +104,14 @@ impl Scenario {
             ),
             Scenario::Label => store.put(F_CLIENT, &client_pod(true)),
             Scenario::Pod => store.put(F_CLIENT, &client_pod(false)),
+            Scenario::ClusterPolicy => store.put(
+                F_CNP_ACCEPT,
+                &admin_client_policy("accept-client", "Accept", 10),
+            ),
+            Scenario::ClusterPriority => store.put(
+                F_CNP_ACCEPT,
+                &admin_client_policy("accept-client", "Accept", 40),
+            ),
         }
     }
 
@@ -67,6 +120,11 @@ impl Scenario {
             Scenario::Policy => store.remove(F_ALLOW),
             Scenario::Label => store.put(F_CLIENT, &client_pod(false)),
             Scenario::Pod => store.remove(F_CLIENT),
+            Scenario::ClusterPolicy => store.remove(F_CNP_ACCEPT),
+            Scenario::ClusterPriority => store.put(
+                F_CNP_ACCEPT,
+                &admin_client_policy("accept-client", "Accept", 60),
+            ),
         }
     }
 }

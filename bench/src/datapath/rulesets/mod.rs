@@ -9,6 +9,8 @@
 //!   chain per direction; a change is a full `nft -f` of the table.
 //! - `palisade`: the ruleset palisade-policy compiles for the node (the agent's full-replace batch).
 //! - `palisade-no-source-guard`: the same without the source guard rules and sets (its cost).
+//! - `palisade-no-cnp`: palisade for the same cluster without its ClusterNetworkPolicies (their cost,
+//!   with `--cluster-policies`).
 //!
 //! Every system, `none` included, runs with connection tracking on in the node namespaces (the
 //! `bench_base` table below), as it is on any node that runs kube-proxy: so "no policy" differs from
@@ -33,15 +35,18 @@ pub enum System {
     Palisade,
     /// The same without the source guard (its cost is the difference).
     PalisadeNoGuard,
+    /// palisade for the cluster without its ClusterNetworkPolicies.
+    PalisadeNoCnp,
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 6] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
         System::Palisade,
         System::PalisadeNoGuard,
+        System::PalisadeNoCnp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +56,7 @@ impl System {
             System::NaiveNft => "naive-nft-model",
             System::Palisade => "palisade",
             System::PalisadeNoGuard => "palisade-no-source-guard",
+            System::PalisadeNoCnp => "palisade-no-cnp",
         }
     }
 
@@ -102,6 +108,11 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::PalisadeNoGuard => {
             palisade_real::render(cluster, node, palisade_real::SourceGuard::Off)?
         }
+        System::PalisadeNoCnp => {
+            let mut without = cluster.clone();
+            without.cluster_policies.clear();
+            palisade_real::render(&without, node, palisade_real::SourceGuard::On)?
+        }
     })
 }
 
@@ -146,7 +157,7 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
             )?;
             Ok(())
         }
-        System::Palisade | System::PalisadeNoGuard => {
+        System::Palisade | System::PalisadeNoGuard | System::PalisadeNoCnp => {
             timed_in(
                 ns,
                 "nft",
