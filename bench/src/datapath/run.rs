@@ -78,8 +78,7 @@ struct Prepared {
 fn prepare(cfg: &Config) -> Result<BTreeMap<(usize, System), Prepared>> {
     let mut out = BTreeMap::new();
     for &p in &cfg.policies {
-        let cluster =
-            Cluster::generate(p, cfg.seed)?.with_cluster_policies(cfg.cluster_policies);
+        let cluster = Cluster::generate(p, cfg.seed)?.with_cluster_policies(cfg.cluster_policies);
         for &sys in &cfg.systems {
             let mut prepared = Prepared {
                 node1: rulesets::render(sys, &cluster, "node-1")?,
