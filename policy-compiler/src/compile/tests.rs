@@ -123,6 +123,20 @@ impl W {
         }
     }
 
+    /// What explain says of `from` → `to` on port/proto, from node n1's model.
+    pub fn why(&self, from: &str, to: &str, port: u16, proto: Protocol) -> crate::Explanation {
+        let c = compile(&self.st, N1);
+        explain(
+            &self.st,
+            &c,
+            &from.parse().unwrap(),
+            &to.parse().unwrap(),
+            port,
+            proto,
+        )
+        .unwrap()
+    }
+
     /// May `from` open a connection to `to` on port/proto? Explain and the rulesets must agree.
     pub fn can(&self, from: &str, to: &str, port: u16, proto: Protocol) -> bool {
         self.can_fam(from, to, port, proto, false)

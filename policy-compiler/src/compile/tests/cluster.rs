@@ -31,17 +31,7 @@ fn cnp_admin_deny_overrides_a_networkpolicy_allow() {
         w.can("a/z", "a/x", 80, TCP),
         "other peers still meet the NetworkPolicy"
     );
-    let c = compiled(&w);
-    let x = explain(
-        &w.st,
-        &c,
-        &"b/y".parse().unwrap(),
-        &"a/x".parse().unwrap(),
-        80,
-        TCP,
-    )
-    .unwrap();
-    let text = x.to_string();
+    let text = w.why("b/y", "a/x", 80, TCP).to_string();
     assert!(
         text.contains(
             "DENIED by Admin tier clusternetworkpolicy deny-b (priority 10) rule no-b: Deny"
