@@ -557,7 +557,7 @@ fn validate_port_name(s: &str) -> Result<(), &'static str> {
 }
 
 mod cluster;
-pub use cluster::{cluster_policy_from_api, ClusterNetworkPolicyApi};
+pub use cluster::cluster_policy_from_api;
 
 #[cfg(test)]
 mod tests;

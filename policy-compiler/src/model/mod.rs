@@ -5,6 +5,7 @@
 //! [`ClusterState`].
 
 mod cluster;
+pub mod cluster_api;
 mod convert;
 mod labels;
 mod selector;
@@ -12,9 +13,9 @@ mod selector;
 pub use cluster::{
     cluster_key, Action, ClusterPolicy, ClusterRule, ClusterSubject, Tier, CLUSTER_KEY_PREFIX,
 };
+pub use cluster_api::ClusterNetworkPolicyApi;
 pub use convert::{
     cluster_policy_from_api, namespace_from_k8s, node_from_k8s, pod_from_k8s, policy_from_k8s,
-    ClusterNetworkPolicyApi,
 };
 pub use labels::Labels;
 pub use selector::{LabelSelector, Requirement};

@@ -261,7 +261,7 @@ fn cnp_protocols_ports_ranges_and_named_ports_of_the_destination() {
                "ingress": [{"action": "Accept", "from": [{"namespaces": {}}],
                             "protocols": [{"tcp": {"destinationPort": {"number": 80}}},
                                           {"udp": {"destinationPort": {"range": {"start": 1000, "end": 1010}}}},
-                                          {"sctp": {}},
+                                          {"sctp": {"destinationPort": {"range": {"start": 1, "end": 65535}}}},
                                           {"destinationNamedPort": "web"},
                                           {"destinationNamedPort": "dns"}]},
                            {"action": "Deny", "from": [{"namespaces": {}}]}]}),
@@ -272,7 +272,7 @@ fn cnp_protocols_ports_ranges_and_named_ports_of_the_destination() {
     assert!(!w.can("b/y", "a/x", 1011, UDP));
     assert!(
         w.can("b/y", "a/x", 4242, SCTP),
-        "a protocol without a port: all its ports"
+        "a range over every port of a protocol"
     );
     assert!(
         w.can("b/y", "a/x", 8080, TCP),
@@ -356,6 +356,11 @@ fn cnp_objects_the_crd_would_refuse_are_refused_naming_the_field() {
         (
             json!({"ingress": [{"action": "Allow", "from": [{"namespaces": {}}]}]}),
             "spec.ingress[0].action",
+        ),
+        (
+            json!({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}],
+                                "protocols": [{"udp": {}}]}]}),
+            "spec.ingress[0].protocols[0].udp.destinationPort",
         ),
         (
             json!({"ingress": [{"action": "Deny", "from": []}]}),

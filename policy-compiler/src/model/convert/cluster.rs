@@ -1,145 +1,19 @@
-//! ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2): the API object as serde types, with
-//! the upstream field names, and its conversion with the validation the upstream CRD's schema and
-//! CEL rules make the API server do (an object a manifest directory hands us was never validated).
+//! ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2): the conversion of the API object
+//! (`model::cluster_api`) with the validation the upstream CRD's schema and CEL rules make the API
+//! server do (an object a manifest directory hands us was never validated).
 
 use super::{object_key, Validator};
 use crate::error::ModelError;
+use crate::model::cluster_api::{
+    ClusterNetworkPolicyApi, NamespacedPod, PeerApi, PortApi, ProtocolApi, Subject, MAX_ITEMS,
+    PRIORITY_MAX, RULE_NAME_MAX,
+};
 use crate::model::{
     Action, ClusterPolicy, ClusterRule, ClusterSubject, LabelSelector, Peer, PortMatch, PortSpec,
     Protocol, Rule, Tier,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
-use serde::{Deserialize, Serialize};
 
 const KIND: &str = "ClusterNetworkPolicy";
-/// `spec.priority` bounds.
-pub const PRIORITY_MAX: i64 = 1000;
-/// Rules per direction, peers per rule, protocols per rule, networks per peer.
-const MAX_ITEMS: usize = 25;
-const RULE_NAME_MAX: usize = 100;
-
-/// A ClusterNetworkPolicy as the API serves it (what the agent's sources deserialize).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterNetworkPolicyApi {
-    #[serde(default)]
-    pub metadata: meta::ObjectMeta,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spec: Option<Spec>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Spec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tier: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub priority: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<Subject>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ingress: Option<Vec<IngressRule>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Vec<EgressRule>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Subject {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespaces: Option<meta::LabelSelector>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pods: Option<NamespacedPod>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NamespacedPod {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<meta::LabelSelector>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<meta::LabelSelector>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct IngressRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<Vec<PeerApi>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocols: Option<Vec<ProtocolApi>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EgressRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<Vec<PeerApi>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocols: Option<Vec<ProtocolApi>>,
-}
-
-/// An ingress or egress peer (ingress allows only `namespaces` and `pods`: one type, so that a
-/// manifest's ingress peer naming an egress-only kind is refused by name rather than read as a peer
-/// with no known field).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerApi {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespaces: Option<meta::LabelSelector>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pods: Option<NamespacedPod>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nodes: Option<meta::LabelSelector>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub networks: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain_names: Option<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProtocolApi {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<ProtocolPorts>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub udp: Option<ProtocolPorts>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sctp: Option<ProtocolPorts>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destination_named_port: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProtocolPorts {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destination_port: Option<PortApi>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PortApi {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub number: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub range: Option<PortRangeApi>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PortRangeApi {
-    pub start: i64,
-    pub end: i64,
-}
 
 /// Converts and validates a ClusterNetworkPolicy. Refused (an error naming the field): what the
 /// upstream CRD's validation refuses, and `domainNames` peers, which Palisade does not implement
@@ -479,7 +353,8 @@ impl Validator<'_> {
         };
         let f = format!("{field}.{what}.destinationPort");
         let port = match &ports.destination_port {
-            None => PortMatch::All,
+            // The CRD requires it (every port of a protocol is the range 1-65535).
+            None => return Err(self.err(&f, "required")),
             Some(PortApi {
                 number: Some(n),
                 range: None,
