@@ -253,7 +253,7 @@ impl ApiServer {
                 state.missing.remove(resource);
             } else {
                 state.missing.insert(resource.to_owned());
-                state.epoch += 1; // its open watches end, as when a CRD is deleted
+                state.epoch += 1; // every open watch ends (watchers resume; its relist gets 404)
             }
         }
         self.bump();
