@@ -1,6 +1,6 @@
 //! Compile benchmark on a synthetic cluster: 10k pods on 100 nodes, 500 namespaces, 1k policies.
 //!
-//! `cargo run --release -p palisade-bench --bin compile-bench [seed]`
+//! `cargo run --release -p palisade-bench --bin compile-bench [seed] [cluster network policies]`
 //!
 //! Prints compile time and ruleset size for one node, then for each kind of single change the
 //! cost from change to batch two ways in one run: the incremental compiler beside the old path
@@ -99,15 +99,24 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(42);
-    let cfg = SynthConfig::large(seed);
+    // Second argument: ClusterNetworkPolicies added to the cluster (default none).
+    let cluster_policies = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let cfg = SynthConfig {
+        cluster_policies,
+        ..SynthConfig::large(seed)
+    };
     let t = Instant::now();
     let st = synth::cluster(&cfg);
     println!(
-        "synthetic cluster (seed {seed}): {} pods, {} nodes, {} namespaces, {} policies, dual stack; generated in {}",
+        "synthetic cluster (seed {seed}): {} pods, {} nodes, {} namespaces, {} policies, {} cluster network policies, dual stack; generated in {}",
         st.pods.len(),
         st.nodes.len(),
         st.namespaces.len(),
         st.policies.len(),
+        st.cluster_policies.len(),
         ms(t.elapsed())
     );
     let t = Instant::now();

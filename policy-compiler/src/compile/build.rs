@@ -16,7 +16,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie>) {
-    let (mut rs, warnings, ties) = local_part(c);
+    let LocalPart {
+        mut rs,
+        warnings,
+        ties,
+        tiers,
+    } = local_part(c);
+    for (name, t) in &tiers {
+        let part = tier_part(c, name, t);
+        rs.chains.extend(part.chains);
+    }
     for pol in c.policies.values() {
         policy_part_into(&mut rs, pol);
     }
@@ -26,10 +35,32 @@ pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie>) {
     (rs, warnings, ties)
 }
 
+/// The tier chain a group jumps to: one tier's ClusterNetworkPolicies in evaluation order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TierChain {
+    pub tier: Tier,
+    pub dir: Direction,
+    /// Their keys, in evaluation order.
+    pub keys: Vec<String>,
+}
+
+/// What [`local_part`] makes.
+pub(crate) struct LocalPart {
+    /// Base chains, pending, self and source sets, verdict maps, group chains, egress NAT.
+    pub rs: Ruleset,
+    pub warnings: Vec<String>,
+    pub ties: Vec<PriorityTie>,
+    /// The tier chains the group chains jump to, by name (built apart, by [`tier_part`]: they
+    /// hold the rules of many policies, and change only when one of those does).
+    pub tiers: BTreeMap<String, TierChain>,
+}
+
 /// The objects that depend on local pods and pending addresses only: base chains, pending and
-/// self sets, verdict maps, group and tier chains; with the warnings and the priority ties.
-pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie>) {
+/// self sets, verdict maps and group chains; with the warnings, the priority ties and the tier
+/// chains the groups need.
+pub(crate) fn local_part(c: &Compiled) -> LocalPart {
     let mut rs = Ruleset::default();
+    let mut tier_chains = BTreeMap::new();
     let mut warnings = Vec::new();
     // A verdict map holds one verdict per address: two local pods claiming one address (a stale
     // status) would make the kernel reject the whole batch. The first pod (by key) keeps it.
@@ -46,7 +77,7 @@ pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie
             let tiers = pod.cluster(dir);
             let group = group_chain(keys, &tiers.admin, &tiers.baseline, dir);
             if !rs.chains.contains_key(&group) {
-                let chain = group_chain_of(&mut rs, c, pod, dir, group.clone());
+                let chain = group_chain_of(&mut tier_chains, c, pod, dir, group.clone());
                 rs.add_chain(chain);
             }
             for tier in Tier::BOTH {
@@ -73,15 +104,20 @@ pub(crate) fn local_part(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie
             t.first, t.second, t.tier, t.priority, t.direction, t.first
         ));
     }
-    (rs, warnings, ties.into_iter().collect())
+    LocalPart {
+        rs,
+        warnings,
+        ties: ties.into_iter().collect(),
+        tiers: tier_chains,
+    }
 }
 
 /// The group chain of pods that the policies `keys` (NetworkPolicies) and `tiers`
 /// (ClusterNetworkPolicies) select in `dir`: exemptions, the Admin tier, then the NetworkPolicies
-/// (which decide) or else the Baseline tier, then the Kubernetes default (allowed). The tiers' own
-/// chains are added to `rs` on the way.
+/// (which decide) or else the Baseline tier, then the Kubernetes default (allowed). The tier
+/// chains it jumps to are noted in `tiers`.
 fn group_chain_of(
-    rs: &mut Ruleset,
+    tiers_needed: &mut BTreeMap<String, TierChain>,
     c: &Compiled,
     pod: &LocalPod,
     dir: Direction,
@@ -92,7 +128,7 @@ fn group_chain_of(
     let mut rules = group_exemptions(dir);
     let mut what = Vec::new();
     if !tiers.admin.is_empty() {
-        rules.push(tier_jump(rs, c, &tiers.admin, Tier::Admin, dir));
+        rules.push(tier_jump(tiers_needed, c, &tiers.admin, Tier::Admin, dir));
         what.push(format!("Admin tier {}", tiers.admin.join(", ")));
     }
     if !keys.is_empty() {
@@ -108,7 +144,13 @@ fn group_chain_of(
         what.push(format!("policies {}", keys.join(", ")));
     } else {
         if !tiers.baseline.is_empty() {
-            rules.push(tier_jump(rs, c, &tiers.baseline, Tier::Baseline, dir));
+            rules.push(tier_jump(
+                tiers_needed,
+                c,
+                &tiers.baseline,
+                Tier::Baseline,
+                dir,
+            ));
             what.push(format!("Baseline tier {}", tiers.baseline.join(", ")));
         }
         rules.push(
@@ -129,48 +171,67 @@ fn group_chain_of(
     }
 }
 
-/// `jump` to the chain of one tier's ClusterNetworkPolicies `keys` (in evaluation order), added to
-/// `rs` unless another group already did. Their rules are inlined there in order, so a Pass
-/// (`return`) skips the rest of the tier: Accept and Deny end the direction's evaluation.
-fn tier_jump(rs: &mut Ruleset, c: &Compiled, keys: &[String], tier: Tier, dir: Direction) -> Rule {
+/// `jump` to the chain of one tier's ClusterNetworkPolicies `keys` (in evaluation order), noted in
+/// `tiers_needed` (see [`tier_part`]).
+fn tier_jump(
+    tiers_needed: &mut BTreeMap<String, TierChain>,
+    c: &Compiled,
+    keys: &[String],
+    tier: Tier,
+    dir: Direction,
+) -> Rule {
     let ordered: Vec<(String, u32)> = keys
         .iter()
         .filter_map(|k| c.cluster_policies.get(k))
         .map(|cp| (cp.key.clone(), cp.priority))
         .collect();
     let name = names::tier_chain(&ordered, tier, dir);
-    if !rs.chains.contains_key(&name) {
-        let mut rules = Vec::new();
-        let mut listed = Vec::new();
-        for k in keys {
-            let Some(cp) = c.cluster_policies.get(k) else {
-                continue;
-            };
-            listed.push(format!("{} ({})", cp.name, cp.priority));
-            let mut scratch = Ruleset::default();
-            for r in cp.rules(dir).iter().filter(|r| !r.inert) {
-                let what = format!("cnp {} {dir} rule {}: {}", cp.name, r.label(), r.action);
-                for mut stmts in rule_matches(&mut scratch, k, dir, &r.rule) {
-                    match r.action {
-                        Action::Accept => stmts.push(allow(dir)),
-                        Action::Deny => stmts.extend([Stmt::Counter, Stmt::Drop]),
-                        Action::Pass => stmts.push(Stmt::Return),
-                    }
-                    rules.push(Rule::new(stmts).with_comment(comment(&what)));
+    tiers_needed
+        .entry(name.clone())
+        .or_insert_with(|| TierChain {
+            tier,
+            dir,
+            keys: keys.to_vec(),
+        });
+    Rule::new(vec![Stmt::Jump(name)]).with_comment(comment(&format!("{tier} tier")))
+}
+
+/// The tier chain `name`: the rules of its ClusterNetworkPolicies inlined in evaluation order, so a
+/// Pass (`return`) skips the rest of the tier; Accept and Deny end the direction's evaluation. It
+/// only names the policies' sets (their parts hold them).
+pub(crate) fn tier_part(c: &Compiled, name: &str, t: &TierChain) -> Ruleset {
+    let dir = t.dir;
+    let mut rules = Vec::new();
+    let mut listed = Vec::new();
+    for k in &t.keys {
+        let Some(cp) = c.cluster_policies.get(k) else {
+            continue;
+        };
+        listed.push(format!("{} ({})", cp.name, cp.priority));
+        for r in cp.rules(dir).iter().filter(|r| !r.inert) {
+            let what = format!("cnp {} {dir} rule {}: {}", cp.name, r.label(), r.action);
+            for mut stmts in rule_matches(None, k, dir, &r.rule) {
+                match r.action {
+                    Action::Accept => stmts.push(allow(dir)),
+                    Action::Deny => stmts.extend([Stmt::Counter, Stmt::Drop]),
+                    Action::Pass => stmts.push(Stmt::Return),
                 }
+                rules.push(Rule::new(stmts).with_comment(comment(&what)));
             }
         }
-        rs.add_chain(Chain {
-            name: name.clone(),
-            base: None,
-            comment: comment(&format!(
-                "{tier} tier, {dir}, by priority: {}",
-                listed.join(", ")
-            )),
-            rules,
-        });
     }
-    Rule::new(vec![Stmt::Jump(name)]).with_comment(comment(&format!("{tier} tier")))
+    let mut rs = Ruleset::default();
+    rs.add_chain(Chain {
+        name: name.to_string(),
+        base: None,
+        comment: comment(&format!(
+            "{} tier, {dir}, by priority: {}",
+            t.tier,
+            listed.join(", ")
+        )),
+        rules,
+    });
+    rs
 }
 
 /// Two ClusterNetworkPolicies of one tier with the same priority that select the same local pod in
@@ -213,7 +274,7 @@ pub(crate) fn cluster_part(cp: &CompiledClusterPolicy) -> Ruleset {
 fn cluster_part_into(rs: &mut Ruleset, cp: &CompiledClusterPolicy) {
     for dir in Direction::BOTH {
         for r in cp.rules(dir).iter().filter(|r| !r.inert) {
-            rule_matches(rs, &cp.key, dir, &r.rule);
+            rule_matches(Some(&mut *rs), &cp.key, dir, &r.rule);
         }
     }
 }
@@ -541,7 +602,7 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
     let mut out = Vec::new();
     for r in rules {
         let what = format!("{key} {dir} rule {}", r.index);
-        for mut stmts in rule_matches(rs, key, dir, r) {
+        for mut stmts in rule_matches(Some(&mut *rs), key, dir, r) {
             stmts.push(allow(dir));
             out.push(Rule::new(stmts).with_comment(comment(&what)));
         }
@@ -557,43 +618,59 @@ fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[Compi
 /// The match statements of one resolved rule of the policy `key` (a NetworkPolicy or a
 /// ClusterNetworkPolicy), one list per nft rule (peer kinds × port kinds, families kept apart),
 /// without a verdict; the rule's named sets are added to `rs`.
-fn rule_matches(rs: &mut Ruleset, key: &str, dir: Direction, r: &CompiledRule) -> Vec<Vec<Stmt>> {
+fn rule_matches(
+    mut sets: Option<&mut Ruleset>,
+    key: &str,
+    dir: Direction,
+    r: &CompiledRule,
+) -> Vec<Vec<Stmt>> {
     let peer_field = match dir {
         Direction::Ingress => AddrField::Saddr,
         Direction::Egress => AddrField::Daddr,
     };
-    let what = format!("{key} {dir} rule {}", r.index);
+    let what = || format!("{key} {dir} rule {}", r.index);
     let mk = |prefix: &str, fam: Option<Family>| names::rule_set(prefix, key, dir, r.index, fam);
+    // A set goes into `sets` when asked for (the policy's part); the tier chains, which only name
+    // them, build no elements.
+    let mut add = |make: &dyn Fn() -> Set| {
+        if let Some(rs) = sets.as_deref_mut() {
+            rs.add_set(make());
+        }
+    };
     // Peer conditions, each with the family it implies.
     let mut peer_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
     if r.peers.any {
         peer_conds.push((None, None));
     }
     if r.peers.uses_pods {
+        // Addresses sort IPv4 before IPv6: the ends tell which families there are.
+        let has = |fam: Family| match fam {
+            Family::V4 => r.peers.pod_ips.first().is_some_and(IpAddr::is_ipv4),
+            Family::V6 => r.peers.pod_ips.last().is_some_and(IpAddr::is_ipv6),
+        };
         for fam in Family::BOTH {
             // No set (and no rule) for a family no peer pod has an address of: a rule naming
             // an empty set matches nothing, and every set is a name the kernel looks up by
             // walking the table's sets (single-stack clusters had half their sets empty; the
             // commit of a full replace is quadratic in sets). The incremental compiler
             // recompiles the policy when a family's first address comes or its last goes.
-            let elements: BTreeSet<Elem> = r
-                .peers
-                .pod_ips
-                .iter()
-                .filter(|ip| Family::of(ip) == fam)
-                .map(|ip| Elem::Addr(*ip))
-                .collect();
-            if elements.is_empty() {
+            if !has(fam) {
                 continue;
             }
             let name = mk(PEER_SET_PREFIX, Some(fam));
-            rs.add_set(Set {
+            add(&|| Set {
                 name: name.clone(),
                 key: addr_key(fam),
                 interval: false,
                 verdict_map: false,
-                comment: comment(&format!("{what}: peer pods ({})", fam_word(fam))),
-                elements,
+                comment: comment(&format!("{}: peer pods ({})", what(), fam_word(fam))),
+                elements: r
+                    .peers
+                    .pod_ips
+                    .iter()
+                    .filter(|ip| Family::of(ip) == fam)
+                    .map(|ip| Elem::Addr(*ip))
+                    .collect(),
             });
             peer_conds.push((
                 Some(fam),
@@ -613,13 +690,14 @@ fn rule_matches(rs: &mut Ruleset, key: &str, dir: Direction, r: &CompiledRule) -
             continue;
         }
         let name = mk(CIDR_SET_PREFIX, Some(fam));
-        rs.add_set(Set {
+        add(&|| Set {
             name: name.clone(),
             key: addr_key(fam),
             interval: true,
             verdict_map: false,
             comment: comment(&format!(
-                "{what}: ipBlocks minus excepts ({})",
+                "{}: ipBlocks minus excepts ({})",
+                what(),
                 fam_word(fam)
             )),
             elements: r
@@ -652,14 +730,16 @@ fn rule_matches(rs: &mut Ruleset, key: &str, dir: Direction, r: &CompiledRule) -
         }
         _ => {
             let name = mk(PORTS_SET_PREFIX, None);
-            let (interval, elements) = port_elements(&r.ports.ranges);
-            rs.add_set(Set {
-                name: name.clone(),
-                key: SetKey::ProtoPort,
-                interval,
-                verdict_map: false,
-                comment: comment(&format!("{what}: protocols and ports")),
-                elements,
+            add(&|| {
+                let (interval, elements) = port_elements(&r.ports.ranges);
+                Set {
+                    name: name.clone(),
+                    key: SetKey::ProtoPort,
+                    interval,
+                    verdict_map: false,
+                    comment: comment(&format!("{}: protocols and ports", what())),
+                    elements,
+                }
             });
             port_conds.push((None, vec![Stmt::ProtoPortInSet { set: name }]));
         }
@@ -667,7 +747,7 @@ fn rule_matches(rs: &mut Ruleset, key: &str, dir: Direction, r: &CompiledRule) -
     if r.ports.uses_named {
         for fam in Family::BOTH {
             let name = mk(NAMED_SET_PREFIX, Some(fam));
-            rs.add_set(Set {
+            add(&|| Set {
                 name: name.clone(),
                 key: match fam {
                     Family::V4 => SetKey::Ipv4ProtoPort,
@@ -676,7 +756,8 @@ fn rule_matches(rs: &mut Ruleset, key: &str, dir: Direction, r: &CompiledRule) -
                 interval: false,
                 verdict_map: false,
                 comment: comment(&format!(
-                    "{what}: named ports per destination pod ({})",
+                    "{}: named ports per destination pod ({})",
+                    what(),
                     fam_word(fam)
                 )),
                 elements: r

@@ -17,7 +17,10 @@
 //! - A policy change recompiles that policy (its chains and sets) and the groups of the local
 //!   pods of its namespace.
 //! - The local part (base chains, pending/self sets, verdict maps, group chains) is small and is
-//!   rebuilt every time, compared object by object.
+//!   rebuilt every time, compared object by object. The tier chains it names (the rules of many
+//!   ClusterNetworkPolicies inlined) are parts of their own, built again only when one of their
+//!   policies is recompiled or a new combination appears (rebuilding them with every change cost
+//!   ~10 ms at 10k pods and 100 ClusterNetworkPolicies).
 //!
 //! This module only dispatches changes and patches: the subject view, the index, the pending set,
 //! namespace scope, the pods a policy selects and named ports are `index`'s and `resolve`'s, the
@@ -52,6 +55,9 @@ pub struct IncrementalCompiler {
     local_names: PartNames,
     /// Names of the chains and sets of each compiled policy.
     policy_names: BTreeMap<String, PartNames>,
+    /// The tier chains in the ruleset, by name: what each was built from, and its part's names.
+    /// A tier chain is built again only when one of its ClusterNetworkPolicies is recompiled.
+    tier_parts: BTreeMap<String, (build::TierChain, PartNames)>,
     /// What changed since the last [`IncrementalCompiler::take_batch`].
     tr: ChangeLog,
     /// Resolved peers of unchanged rules of a policy being recompiled, by policy.
@@ -68,9 +74,20 @@ impl IncrementalCompiler {
         let mut ix = PodIndex::build(&state, node);
         let mut compiled = resolve::resolve(&state, &ix);
         ix.track_owners();
-        let (mut rs, warnings, ties) = build::local_part(&compiled);
+        let build::LocalPart {
+            mut rs,
+            warnings,
+            ties,
+            tiers,
+        } = build::local_part(&compiled);
         compiled.priority_ties = ties;
         let local_names = PartNames::of(&rs);
+        let mut tier_parts = BTreeMap::new();
+        for (name, t) in tiers {
+            let part = build::tier_part(&compiled, &name, &t);
+            tier_parts.insert(name, (t, PartNames::of(&part)));
+            rs.chains.extend(part.chains);
+        }
         let mut policy_names = BTreeMap::new();
         let parts = compiled
             .policies
@@ -95,6 +112,7 @@ impl IncrementalCompiler {
             ix,
             local_names,
             policy_names,
+            tier_parts,
             tr: ChangeLog::default(),
             reuse: BTreeMap::new(),
             stale: false,
@@ -173,7 +191,7 @@ impl IncrementalCompiler {
             }
         }
         // The current ruleset is what compile says again (the marks were taken as committed).
-        self.rebuild_local(&mut tr);
+        self.rebuild_local(&mut tr, &BTreeSet::new());
         self.tr = tr;
     }
 
@@ -261,7 +279,7 @@ impl IncrementalCompiler {
         }
         self.recompile_policies(&dirty, &mut tr);
         self.reuse.clear(); // peers of a policy that no longer selects a local pod
-        self.rebuild_local(&mut tr);
+        self.rebuild_local(&mut tr, &dirty);
         self.tr = tr;
         true
     }
@@ -525,14 +543,48 @@ impl IncrementalCompiler {
         }
     }
 
-    /// Pending addresses and the local part, compared object by object.
-    fn rebuild_local(&mut self, tr: &mut ChangeLog) {
+    /// Pending addresses and the local part, compared object by object; then the tier chains the
+    /// groups need: a new one is built, one of a policy in `recompiled` is built again, one no group
+    /// needs goes.
+    fn rebuild_local(&mut self, tr: &mut ChangeLog, recompiled: &BTreeSet<String>) {
         // In the order of a full compile: resolve's warnings, then the build's.
         resolve::resolve_local(&self.state, &self.ix, &mut self.compiled);
-        let (part, part_warnings, ties) = build::local_part(&self.compiled);
-        self.compiled.warnings.extend(part_warnings);
+        let build::LocalPart {
+            rs: part,
+            warnings,
+            ties,
+            tiers,
+        } = build::local_part(&self.compiled);
+        self.compiled.warnings.extend(warnings);
         self.compiled.priority_ties = ties;
         self.local_names = tr.replace_part(&mut self.compiled.ruleset, &self.local_names, part);
+        let gone: Vec<String> = self
+            .tier_parts
+            .keys()
+            .filter(|n| !tiers.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some((_, names)) = self.tier_parts.remove(&name) {
+                tr.replace_part(&mut self.compiled.ruleset, &names, Ruleset::default());
+            }
+        }
+        for (name, t) in tiers {
+            let fresh = self.tier_parts.get(&name).is_some_and(|(held, _)| {
+                *held == t && !t.keys.iter().any(|k| recompiled.contains(k))
+            });
+            if fresh {
+                continue;
+            }
+            let part = build::tier_part(&self.compiled, &name, &t);
+            let old = self
+                .tier_parts
+                .remove(&name)
+                .map(|(_, names)| names)
+                .unwrap_or_default();
+            let names = tr.replace_part(&mut self.compiled.ruleset, &old, part);
+            self.tier_parts.insert(name, (t, names));
+        }
     }
 }
 
