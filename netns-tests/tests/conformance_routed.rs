@@ -1,5 +1,6 @@
-//! Conformance over the overlay: the upstream cases T01-T42 (IPv4) and the IPv6 sample of
-//! `cases/extra.yaml` (V6-*) against ONE two-node lab in the routed topology (`Topology::Routed`:
+//! Conformance over the overlay: the upstream cases T01-T42 (IPv4), the IPv6 sample of
+//! `cases/extra.yaml` (V6-*) and the ClusterNetworkPolicy integration cases of `cases/cluster.yaml`
+//! (C12, C14) against ONE two-node lab in the routed topology (`Topology::Routed`:
 //! the nodes are on different segments behind a router that knows no pod range), where every
 //! cross-node pod packet rides the agents' VXLAN devices; the router must have carried encapsulated
 //! traffic (UDP to the overlay port), and the policies must hold exactly as over direct routes.
@@ -23,6 +24,11 @@ fn selected(filters: &[&String]) -> Result<Vec<Case>, String> {
     }
     for c in cases::load(&cases::extra_cases_path()).map_err(|e| e.to_string())? {
         if c.family.as_deref() == Some("ipv6") {
+            out.push(c);
+        }
+    }
+    for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
+        if c.id.starts_with("C12") || c.id.starts_with("C14") || c.id.starts_with("C15") {
             out.push(c);
         }
     }
