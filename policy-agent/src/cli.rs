@@ -66,7 +66,7 @@ pub struct SourceArgs {
     /// --manifests is given.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Directory of YAML/JSON manifests (Pods, Namespaces, NetworkPolicies, Nodes) used instead of an
+    /// Directory of YAML/JSON manifests (Pods, Namespaces, NetworkPolicies, ClusterNetworkPolicies, Nodes) used instead of an
     /// API server; watched for changes.
     #[arg(long, env = "PALISADE_MANIFESTS")]
     pub manifests: Option<PathBuf>,

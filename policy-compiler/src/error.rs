@@ -7,7 +7,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{kind} {key}: {field}: {reason}")]
 pub struct ModelError {
-    /// `Pod`, `Namespace`, `NetworkPolicy` or `Node`.
+    /// `Pod`, `Namespace`, `NetworkPolicy`, `Node` or `ClusterNetworkPolicy`.
     pub kind: &'static str,
     /// `namespace/name` (or `name` for cluster-scoped objects).
     pub key: String,

@@ -76,6 +76,11 @@ fn cnp_admin_pass_hands_over_to_networkpolicies_then_baseline() {
         w.can("b/y", "a/x", 80, TCP),
         "passed: no NetworkPolicy, no baseline"
     );
+    let text = w.why("b/y", "a/x", 80, TCP).to_string();
+    assert!(
+        text.contains("allowed, passed on by Admin tier clusternetworkpolicy pass-b (priority 1) rule #0: Pass"),
+        "explain names the Pass: {text}"
+    );
     w.cnp("baseline-deny-b", deny_from_b("Baseline", 0));
     assert!(
         !w.can("b/y", "a/x", 80, TCP),
