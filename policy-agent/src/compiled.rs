@@ -125,8 +125,12 @@ pub fn parse_port(s: &str) -> std::result::Result<(u16, Protocol), String> {
 }
 
 /// Explains `from` → `to` on `port`: compiles for the destination's node (else the source's), and
-/// the compiler's explain compiles any other node it needs.
+/// the compiler's explain compiles any other node it needs. Pods without an address or a node yet
+/// (manifests not applied) get placeholders (`palisade_policy::with_placeholders`), and the answer
+/// says so: it is then by labels, namespaces and ports.
 pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result<String> {
+    let (placeheld, given) = palisade_policy::with_placeholders(state);
+    let state = &placeheld;
     let from: Endpoint = from
         .parse()
         .map_err(|e| Error::Usage(format!("--from: {e}")))?;
@@ -146,7 +150,18 @@ pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result
     let node = node_of(&to).or_else(|| node_of(&from)).unwrap_or_default();
     let compiled = compile(state, &node)?.compiled;
     let x = palisade_policy::explain(state, &compiled, &from, &to, port, proto)?;
-    Ok(x.to_string())
+    let mut text = x.to_string();
+    let concerned = |p: &palisade_policy::Placeholder| {
+        [&from, &to].iter().any(
+            |e| matches!(e, Endpoint::Pod { namespace, name } if pod_key(namespace, name) == p.pod),
+        )
+    };
+    for p in given.iter().filter(|p| concerned(p)) {
+        text.push_str(&format!(
+            "\n  note: {p}; the answer is by labels, namespaces and ports (rules matching addresses, ipBlocks and networks, may answer otherwise once it has its own)"
+        ));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -286,6 +286,100 @@ pub fn explain(
     })
 }
 
+/// Node name given to pods without one in [`with_placeholders`].
+pub const PLACEHOLDER_NODE: &str = "(unscheduled)";
+
+/// What [`with_placeholders`] gave a pod that had no address (or no node) yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placeholder {
+    /// `namespace/name`
+    pub pod: String,
+    /// The addresses it was given (none when it had its own).
+    pub ips: Vec<IpAddr>,
+    /// Whether it was given [`PLACEHOLDER_NODE`].
+    pub unscheduled: bool,
+}
+
+impl fmt::Display for Placeholder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut what = Vec::new();
+        if !self.ips.is_empty() {
+            let ips: Vec<String> = self.ips.iter().map(IpAddr::to_string).collect();
+            what.push(format!(
+                "has no address yet: placeholder {} used",
+                ips.join(", ")
+            ));
+        }
+        if self.unscheduled {
+            what.push(format!(
+                "is not scheduled: judged as if on node {PLACEHOLDER_NODE}"
+            ));
+        }
+        write!(f, "{} {}", self.pod, what.join("; "))
+    }
+}
+
+/// The state with every pod NetworkPolicy applies to that has no address yet given one of each
+/// family, from ranges no cluster hands out to pods (198.18.0.0/15, RFC 2544; 2001:db8::/32, RFC
+/// 3849) and not held by any pod or node, and every pod without a node given
+/// [`PLACEHOLDER_NODE`]: so explain answers for manifests not applied yet ("explain before you
+/// apply") by labels, namespaces and ports through the same compile. Rules that match addresses
+/// (ipBlocks, networks) may answer otherwise once the pod has its real address.
+pub fn with_placeholders(state: &ClusterState) -> (ClusterState, Vec<Placeholder>) {
+    let mut taken: std::collections::BTreeSet<IpAddr> = state
+        .pods
+        .values()
+        .flat_map(|p| p.ips.iter().copied())
+        .chain(
+            state
+                .nodes
+                .values()
+                .flat_map(|n| n.addresses.iter().copied()),
+        )
+        .collect();
+    let mut next = 0u32;
+    let mut fresh = |v6: bool| -> IpAddr {
+        loop {
+            next += 1;
+            let ip = if v6 {
+                IpAddr::V6(std::net::Ipv6Addr::from(
+                    0x2001_0db8_u128 << 96 | u128::from(next),
+                ))
+            } else {
+                IpAddr::V4(std::net::Ipv4Addr::from(
+                    0xc612_0000_u32 | (next & 0x1_ffff),
+                ))
+            };
+            if taken.insert(ip) {
+                return ip;
+            }
+        }
+    };
+    let mut out = state.clone();
+    let mut given = Vec::new();
+    for (key, pod) in out.pods.iter_mut() {
+        if !pod.is_policy_subject() || (!pod.ips.is_empty() && pod.node_name.is_some()) {
+            continue;
+        }
+        let p = std::sync::Arc::make_mut(pod);
+        let mut note = Placeholder {
+            pod: key.clone(),
+            ips: Vec::new(),
+            unscheduled: false,
+        };
+        if p.ips.is_empty() {
+            p.ips = vec![fresh(false), fresh(true)];
+            note.ips = p.ips.clone();
+        }
+        if p.node_name.is_none() {
+            p.node_name = Some(PLACEHOLDER_NODE.to_string());
+            note.unscheduled = true;
+        }
+        given.push(note);
+    }
+    (out, given)
+}
+
 fn foreign_state(state: &ClusterState) -> Cow<'_, ClusterState> {
     if state.attachments.is_empty() {
         Cow::Borrowed(state)

@@ -46,5 +46,5 @@ pub mod synth;
 pub use compile::incremental::IncrementalCompiler;
 pub use compile::{compile, Compiled};
 pub use diff::diff;
-pub use explain::{explain, Endpoint, Explanation};
+pub use explain::{explain, with_placeholders, Endpoint, Explanation, Placeholder};
 pub use ruleset::{Batch, Ruleset};

@@ -1587,3 +1587,55 @@ fn semantics_36_short_port_ranges_become_exact_elements_of_a_hash_set() {
     assert!(w.can("10.9.9.9", "a/x", 8500, TCP));
     assert!(!w.can("10.9.9.9", "a/x", 7003, TCP));
 }
+
+#[test]
+fn explain_before_apply_gives_pods_without_address_or_node_placeholders_nobody_holds() {
+    let mut w = W::new();
+    w.pod("a/ready", N1, &["198.18.0.1"], &[("app", "ready")]);
+    w.pod("a/new", N1, &[], &[("app", "new")]);
+    w.pod("b/unscheduled", N2, &[], &[("app", "u")]);
+    std::sync::Arc::make_mut(w.st.pods.get_mut("b/unscheduled").unwrap()).node_name = None;
+    w.policy(
+        "a/only-ready",
+        json!({"podSelector": {"matchLabels": {"app": "new"}},
+               "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "ready"}}}]}]}),
+    );
+    let (st, given) = crate::explain::with_placeholders(&w.st);
+    assert_eq!(given.len(), 2, "{given:?}");
+    assert_eq!(
+        st.pods["a/ready"].ips, w.st.pods["a/ready"].ips,
+        "real addresses kept"
+    );
+    let new = &st.pods["a/new"];
+    assert_eq!(new.ips.len(), 2, "one of each family");
+    assert!(
+        !new.ips.contains(&ip("198.18.0.1")),
+        "never an address someone holds"
+    );
+    assert_eq!(
+        st.pods["b/unscheduled"].node_name.as_deref(),
+        Some(crate::explain::PLACEHOLDER_NODE)
+    );
+    // The same compile answers by identity.
+    let c = compile(&st, N1);
+    let ok = explain(
+        &st,
+        &c,
+        &"a/ready".parse().unwrap(),
+        &"a/new".parse().unwrap(),
+        80,
+        TCP,
+    )
+    .unwrap();
+    assert!(ok.allowed, "{ok}");
+    let no = explain(
+        &st,
+        &c,
+        &"b/unscheduled".parse().unwrap(),
+        &"a/new".parse().unwrap(),
+        80,
+        TCP,
+    )
+    .unwrap();
+    assert!(!no.allowed, "{no}");
+}
