@@ -15,6 +15,7 @@ Exits non-zero on the first failing section's end, after printing every problem 
 from __future__ import annotations
 
 import argparse
+import atexit
 import fnmatch
 import ipaddress
 import json
@@ -123,7 +124,9 @@ def check_kustomization() -> list[Path]:
         else:
             built = [d for d in yaml.safe_load_all(r.stdout) if d]
             ok(f"kubectl kustomize deploy/ builds {len(built)} objects")
-            out = Path(tempfile.mkdtemp(prefix="palisade-kustomize-")) / "built.yaml"
+            built_dir = tempfile.mkdtemp(prefix="palisade-kustomize-")
+            atexit.register(shutil.rmtree, built_dir, True)  # removed when the check ends
+            out = Path(built_dir) / "built.yaml"
             out.write_text(r.stdout)
             paths.append(out)
     else:

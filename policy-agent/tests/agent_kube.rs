@@ -74,8 +74,9 @@ fn agent_enforces_what_the_api_server_says_and_explain_reads_it_too() {
             "metadata": {"name": "deny", "namespace": "demo"},
             "spec": {"podSelector": {"matchLabels": {"app": "target"}}, "policyTypes": ["Ingress"]}}));
 
-        let dir = std::env::temp_dir().join(format!("pa-kube-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        // Removed on drop, also when an assertion fails.
+        let tmp = palisade_testkit::temp::temp_dir("pa-kube-");
+        let dir = tmp.path().to_path_buf();
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
@@ -123,6 +124,6 @@ fn agent_enforces_what_the_api_server_says_and_explain_reads_it_too() {
 
         agent.start_kill().expect("kill agent");
         let _ = agent.wait().await;
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(tmp);
     });
 }
