@@ -172,14 +172,21 @@ pub struct ExplainArgs {
     #[command(flatten)]
     pub source: SourceArgs,
     /// Source: `namespace/pod` or an IP address.
-    #[arg(long)]
-    pub from: String,
+    #[arg(long, required_unless_present = "matrix", conflicts_with = "matrix")]
+    pub from: Option<String>,
     /// Destination: `namespace/pod` or an IP address.
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required_unless_present = "matrix", conflicts_with = "matrix")]
+    pub to: Option<String>,
     /// Destination port and protocol, e.g. `80/TCP`, `53/udp` (protocol defaults to TCP).
     #[arg(long)]
     pub port: String,
+    /// Instead of one pair: every pod of these namespaces (comma-separated) to every other, as a
+    /// table (rows: from, columns: to; `.` allowed, `X` denied), like the demo's.
+    #[arg(long, value_delimiter = ',')]
+    pub matrix: Option<Vec<String>>,
+    /// Output of `--matrix`: `text` or `json` (every cell with both directions' reasons).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
 }
 
 #[derive(Debug, Clone, Args)]

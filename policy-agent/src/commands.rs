@@ -267,7 +267,19 @@ pub async fn compile(args: CompileArgs) -> Result<()> {
 /// `palisade-agent explain`.
 pub async fn explain(args: ExplainArgs) -> Result<()> {
     let st = list_once(&args.source).await?;
-    let text = compiled::explain(&st, &args.from, &args.to, &args.port)?;
+    let text = match (&args.matrix, &args.from, &args.to) {
+        (Some(namespaces), _, _) => {
+            let m = compiled::explain_matrix(&st, namespaces, &args.port)?;
+            if args.output == "json" {
+                serde_json::to_string_pretty(&m.to_json())
+                    .map_err(|e| Error::Usage(format!("--output json: {e}")))?
+            } else {
+                m.to_string()
+            }
+        }
+        (None, Some(from), Some(to)) => compiled::explain(&st, from, to, &args.port)?,
+        _ => return Err(Error::Usage("--from and --to, or --matrix".into())),
+    };
     println!("{text}");
     Ok(())
 }

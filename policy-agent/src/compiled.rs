@@ -164,6 +164,136 @@ pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result
     Ok(text)
 }
 
+/// `explain --matrix`: every pod of some namespaces to every other on one port.
+#[derive(Debug, Clone)]
+pub struct ExplainMatrix {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `namespace/name`, sorted.
+    pub pods: Vec<String>,
+    /// (from, to) → the explanation.
+    pub cells: std::collections::BTreeMap<(String, String), palisade_policy::Explanation>,
+    /// Pods judged with placeholder addresses or node (no status yet).
+    pub placeholders: Vec<palisade_policy::Placeholder>,
+}
+
+/// Explains every ordered pair of the pods (policy subjects) of `namespaces` on `port`.
+pub fn explain_matrix(
+    state: &ClusterState,
+    namespaces: &[String],
+    port: &str,
+) -> Result<ExplainMatrix> {
+    let (port, proto) = parse_port(port).map_err(|e| Error::Usage(format!("--port: {e}")))?;
+    let (state, given) = palisade_policy::with_placeholders(state);
+    let pods: Vec<String> = state
+        .pods
+        .iter()
+        .filter(|(_, p)| p.is_policy_subject() && namespaces.contains(&p.namespace))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if pods.is_empty() {
+        return Err(Error::Usage(format!(
+            "--matrix {}: no pods there",
+            namespaces.join(",")
+        )));
+    }
+    // One compile per node, reused for every pair whose destination lives there.
+    let mut models: std::collections::BTreeMap<String, Compiled> = Default::default();
+    let mut cells = std::collections::BTreeMap::new();
+    for to in &pods {
+        let node = state.pods[to].node_name.clone().unwrap_or_default();
+        if !models.contains_key(&node) {
+            models.insert(node.clone(), compile(&state, &node)?.compiled);
+        }
+        let model = &models[&node];
+        let to_e: Endpoint = to.parse().map_err(Error::Usage)?;
+        for from in pods.iter().filter(|f| *f != to) {
+            let from_e: Endpoint = from.parse().map_err(Error::Usage)?;
+            let x = palisade_policy::explain(&state, model, &from_e, &to_e, port, proto)?;
+            cells.insert((from.clone(), to.clone()), x);
+        }
+    }
+    let placeholders = given
+        .into_iter()
+        .filter(|p| pods.contains(&p.pod))
+        .collect();
+    Ok(ExplainMatrix {
+        port,
+        protocol: proto,
+        pods,
+        cells,
+        placeholders,
+    })
+}
+
+impl ExplainMatrix {
+    /// Every cell with its verdict and both directions' reasons.
+    pub fn to_json(&self) -> serde_json::Value {
+        let cells: Vec<serde_json::Value> = self
+            .cells
+            .iter()
+            .map(|((from, to), x)| {
+                serde_json::json!({
+                    "from": from, "to": to, "allowed": x.allowed,
+                    "egress": x.egress.to_string(), "ingress": x.ingress.to_string(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "port": self.port,
+            "protocol": self.protocol.as_api(),
+            "pods": self.pods,
+            "cells": cells,
+            "placeholders": self.placeholders.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl std::fmt::Display for ExplainMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let width = self.pods.iter().map(String::len).max().unwrap_or(0).max(4);
+        writeln!(
+            f,
+            "{}/{}   (rows: from, columns: to; . allowed, X denied)",
+            self.protocol, self.port
+        )?;
+        write!(f, "{:width$}", "")?;
+        for to in &self.pods {
+            write!(f, "  {to:>width$}")?;
+        }
+        writeln!(f)?;
+        for from in &self.pods {
+            write!(f, "{from:width$}")?;
+            for to in &self.pods {
+                let mark = match self.cells.get(&(from.clone(), to.clone())) {
+                    None => "-",
+                    Some(x) if x.allowed => ".",
+                    Some(_) => "X",
+                };
+                write!(f, "  {mark:>width$}")?;
+            }
+            writeln!(f)?;
+        }
+        let denied: Vec<&palisade_policy::Explanation> =
+            self.cells.values().filter(|x| !x.allowed).collect();
+        if !denied.is_empty() {
+            writeln!(f, "\nDenied, and why:")?;
+            for x in denied {
+                let why = if x.egress.outcome.allows() {
+                    &x.ingress
+                } else {
+                    &x.egress
+                };
+                writeln!(f, "  {} -> {}: {why}", x.from, x.to)?;
+            }
+        }
+        for p in &self.placeholders {
+            writeln!(f, "note: {p}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,9 +6,12 @@ use palisade_testkit::temp::temp_dir;
 use std::path::Path;
 use std::process::Command;
 
-fn demo_dir() -> palisade_testkit::temp::TempDir {
-    let dir = temp_dir("pa-explain-demo-");
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+/// An example directory (its manifests and its `policies/`) flattened into one manifest directory.
+fn example_dir(example: &str) -> palisade_testkit::temp::TempDir {
+    let dir = temp_dir("pa-explain-example-");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(example);
     for sub in [demo.clone(), demo.join("policies")] {
         for entry in std::fs::read_dir(&sub).expect("examples/demo") {
             let path = entry.expect("entry").path();
@@ -26,9 +29,14 @@ fn demo_dir() -> palisade_testkit::temp::TempDir {
 }
 
 fn explain(dir: &Path, from: &str, to: &str) -> String {
+    run(dir, &["--from", from, "--to", to])
+}
+
+fn run(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
         .args(["explain", "--manifests", dir.to_str().expect("utf-8 path")])
-        .args(["--from", from, "--to", to, "--port", "80/TCP"])
+        .args(args)
+        .args(["--port", "80/TCP"])
         .env_remove("KUBECONFIG")
         .output()
         .expect("run palisade-agent explain");
@@ -42,7 +50,7 @@ fn explain(dir: &Path, from: &str, to: &str) -> String {
 
 #[test]
 fn explain_answers_for_manifests_whose_pods_have_no_address_yet() {
-    let dir = demo_dir();
+    let dir = example_dir("demo");
     let denied = explain(dir.path(), "guest/visitor", "shop/backend");
     assert!(denied.contains("DENIED"), "{denied}");
     assert!(
@@ -59,5 +67,52 @@ fn explain_answers_for_manifests_whose_pods_have_no_address_yet() {
         allowed.contains("ALLOWED")
             && allowed.contains("allowed by policy shop/allow-frontend-to-backend rule 0"),
         "{allowed}"
+    );
+}
+
+#[test]
+fn explain_matrix_shows_what_the_lab_demo_shows_for_the_cluster_tiers_example() {
+    let dir = example_dir("cluster-tiers");
+    let json = run(
+        dir.path(),
+        &[
+            "--matrix",
+            "payments,monitoring,shop,guest",
+            "--output",
+            "json",
+        ],
+    );
+    let m: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let denied: Vec<String> = m["cells"]
+        .as_array()
+        .expect("cells")
+        .iter()
+        .filter(|c| c["allowed"] == false)
+        .map(|c| {
+            format!(
+                "{} -> {}",
+                c["from"].as_str().unwrap(),
+                c["to"].as_str().unwrap()
+            )
+        })
+        .collect();
+    // The same five the live demo blocks (netns-tests lifecycle test).
+    assert_eq!(
+        denied,
+        [
+            "guest/visitor -> monitoring/prometheus",
+            "guest/visitor -> payments/api",
+            "guest/visitor -> payments/ledger",
+            "shop/frontend -> payments/api",
+            "shop/frontend -> payments/ledger",
+        ],
+        "{json}"
+    );
+    assert_eq!(m["cells"].as_array().unwrap().len(), 20);
+    let text = run(dir.path(), &["--matrix", "payments,shop"]);
+    assert!(
+        text.contains("shop/frontend -> payments/api: ingress of payments/api")
+            && text.contains("DENIED by Admin tier clusternetworkpolicy protect-payments"),
+        "{text}"
     );
 }
