@@ -36,9 +36,7 @@ use super::resolve::{
 };
 use super::{Compiled, CompiledRule, PeerSet};
 use crate::diff::changelog::{ChangeLog, PartNames};
-use crate::model::{
-    namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule, CLUSTER_KEY_PREFIX,
-};
+use crate::model::{namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule};
 use crate::ruleset::names::{self, NAMED_SET_PREFIX, PEER_SET_PREFIX};
 use crate::ruleset::{Batch, Elem, Family, Ruleset};
 use palisade_contract::Attachment;
@@ -438,10 +436,7 @@ impl IncrementalCompiler {
             if dirty.contains(pkey) {
                 continue;
             }
-            let Some(cp) = pkey
-                .strip_prefix(CLUSTER_KEY_PREFIX)
-                .and_then(|name| self.state.cluster_policies.get(name))
-            else {
+            let Some(cp) = self.state.cluster_policy_by_key(pkey) else {
                 continue;
             };
             for dir in Direction::BOTH {
@@ -516,10 +511,7 @@ impl IncrementalCompiler {
             self.compiled.policies.remove(pkey);
             self.compiled.cluster_policies.remove(pkey);
             let mut part = Ruleset::default();
-            if let Some(cp) = pkey
-                .strip_prefix(CLUSTER_KEY_PREFIX)
-                .and_then(|name| self.state.cluster_policies.get(name))
-            {
+            if let Some(cp) = self.state.cluster_policy_by_key(pkey) {
                 let selected = cluster_selected(&self.ix, cp);
                 if !selected.is_empty() {
                     let ccp = resolver.compile_cluster_policy(cp, selected, BTreeMap::new());

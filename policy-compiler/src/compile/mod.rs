@@ -108,12 +108,6 @@ impl CompiledClusterPolicy {
             Direction::Egress => &self.egress,
         }
     }
-    pub fn rules_mut(&mut self, dir: Direction) -> &mut [CompiledClusterRule] {
-        match dir {
-            Direction::Ingress => &mut self.ingress,
-            Direction::Egress => &mut self.egress,
-        }
-    }
 }
 
 /// One rule of a ClusterNetworkPolicy, resolved.

@@ -437,6 +437,12 @@ impl ClusterState {
         true
     }
 
+    /// The ClusterNetworkPolicy whose compiler key (`cnp:<name>`, see [`cluster_key`]) is `key`.
+    pub fn cluster_policy_by_key(&self, key: &str) -> Option<&ClusterPolicy> {
+        key.strip_prefix(CLUSTER_KEY_PREFIX)
+            .and_then(|name| self.cluster_policies.get(name))
+    }
+
     /// Labels of a namespace. A namespace not (yet) known still carries its name label, so
     /// `kubernetes.io/metadata.name` selectors work before the namespace event arrives.
     pub fn namespace_labels(&self, name: &str) -> Labels {
