@@ -2,9 +2,10 @@
 //! (examples/demo as a new user has it), answered by labels, namespaces and ports through the same
 //! compile, saying that it used placeholder addresses. No root needed.
 
+mod support;
+
 use palisade_testkit::temp::temp_dir;
 use std::path::Path;
-use std::process::Command;
 
 /// An example directory (its manifests and its `policies/`) flattened into one manifest directory.
 fn example_dir(example: &str) -> palisade_testkit::temp::TempDir {
@@ -33,19 +34,9 @@ fn explain(dir: &Path, from: &str, to: &str) -> String {
 }
 
 fn run(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
-        .args(["explain", "--manifests", dir.to_str().expect("utf-8 path")])
-        .args(args)
-        .args(["--port", "80/TCP"])
-        .env_remove("KUBECONFIG")
-        .output()
-        .expect("run palisade-agent explain");
-    assert!(
-        out.status.success(),
-        "explain failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut all = args.to_vec();
+    all.extend(["--port", "80/TCP"]);
+    support::explain_manifests(dir, &all)
 }
 
 #[test]

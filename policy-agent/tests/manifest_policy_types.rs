@@ -2,8 +2,9 @@
 //! defaults an empty list like an omitted one; objects read from files never meet an API server, so
 //! the model conversion must. `explain` takes the same path as the lab and the demo. No root needed.
 
+mod support;
+
 use palisade_testkit::temp::temp_dir;
-use std::process::Command;
 
 const PODS: &str = "apiVersion: v1
 kind: Namespace
@@ -27,29 +28,17 @@ fn explain(test: &str, policy: &str) -> String {
     let dir = temp_dir(&format!("pa-ptypes-{test}-"));
     std::fs::write(dir.path().join("all.yaml"), format!("{PODS}{policy}"))
         .expect("write manifests");
-    let out = Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
-        .args([
-            "explain",
-            "--manifests",
-            dir.path().to_str().expect("utf-8 path"),
-        ])
-        .args([
+    support::explain_manifests(
+        dir.path(),
+        &[
             "--from",
             "demo/client",
             "--to",
             "demo/target",
             "--port",
             "80/TCP",
-        ])
-        .env_remove("KUBECONFIG")
-        .output()
-        .expect("run palisade-agent explain");
-    assert!(
-        out.status.success(),
-        "explain failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        ],
+    )
 }
 
 #[test]

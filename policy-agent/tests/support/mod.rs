@@ -143,3 +143,20 @@ pub fn pod_ref(namespace: &str, name: &str) -> ObjectRef {
         name: name.into(),
     }
 }
+
+/// `palisade-agent explain --manifests DIR ARGS...` without a kubeconfig: its stdout. The test fails
+/// when explain does.
+pub fn explain_manifests(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+        .args(["explain", "--manifests", dir.to_str().expect("utf-8 path")])
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run palisade-agent explain");
+    assert!(
+        out.status.success(),
+        "explain failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
