@@ -4,8 +4,8 @@
 
 use crate::model::cluster_policy_from_api;
 use crate::model::{
-    Change, ClusterState, EgressNat, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase,
-    Policy, Rule,
+    Change, ClusterState, EgressNat, FlowLog, LabelSelector, Labels, Namespace, Node, Peer, Pod,
+    PodPhase, Policy, Rule,
 };
 use crate::policy_from_k8s;
 use palisade_contract::Attachment;
@@ -128,6 +128,16 @@ impl Scenario {
         })));
         self
     }
+    /// This node's flow log, as the agent would set it.
+    pub fn flow_log(mut self, allowed: bool) -> Self {
+        self.st.apply(Change::SetFlowLog(Some(FlowLog {
+            group: 2411,
+            rate: 100,
+            burst: 200,
+            allowed,
+        })));
+        self
+    }
     pub fn attachment(mut self, key: &str, ips: &[&str], pending: bool) -> Self {
         let (ns, name) = key.split_once('/').expect("a well-formed scenario");
         let mut a = self.st.attachments.clone();
@@ -241,6 +251,17 @@ pub fn scenarios() -> Vec<(&'static str, ClusterState)> {
                     &["10.244.0.0/16", "fd00:10:244::/48"],
                     &["10.244.0.0/16", "172.31.0.1/32", "172.31.0.2/32", "fd00:10:244::/48", "fd00:172:31::/64"],
                 )
+                .st,
+        ),
+        (
+            "flow_log_dual_stack",
+            Scenario::new()
+                .pod("a/x", "n1", &["10.244.1.2", "fd00:10:244:1::2"], &[("app", "x")], &[])
+                .policy("a", "deny-all", json!({"podSelector": {}, "policyTypes": ["Ingress"]}))
+                .cnp("no-egress-to-b", json!({"tier": "Admin", "priority": 5,
+                    "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "a"}}},
+                    "egress": [{"action": "Deny", "to": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}}]}]}))
+                .flow_log(true)
                 .st,
         ),
     ]

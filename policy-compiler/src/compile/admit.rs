@@ -295,8 +295,40 @@ impl<'a> Admitter<'a> {
     /// Whether this node's ruleset admits `f` as a new packet: pending addresses, then the egress
     /// of the source, then the ingress of the destination (both must allow, semantics 7).
     pub fn admit(&self, f: &Flow) -> Admission {
-        if let Some(ip) = pending_drop(&self.model.pending, f.src, f.dst, f.from_this_node) {
+        let j = self.judge(f);
+        if let Some(ip) = j.pending {
             return Admission::Pending(ip);
+        }
+        for (dir, verdict) in [
+            (Direction::Egress, &j.egress),
+            (Direction::Ingress, &j.ingress),
+        ] {
+            let Some((pod, v)) = verdict else { continue };
+            let policies = match v {
+                TierVerdict::NetworkPolicy(RuleVerdict::Denied(policies)) => policies.clone(),
+                TierVerdict::Cluster(m) if m.action == Action::Deny => {
+                    vec![format!("clusternetworkpolicy {} rule {}", m.policy, m.rule)]
+                }
+                _ => continue,
+            };
+            return Admission::Denied {
+                direction: dir,
+                pod: pod.to_string(),
+                policies,
+            };
+        }
+        Admission::Admitted
+    }
+
+    /// What decided each direction of `f` on this node, in the order the ruleset evaluates them: a
+    /// pending address, else the egress of the source (if a local pod some tier governs), then the
+    /// ingress of the destination; evaluation stops where the ruleset's does (a drop, an
+    /// exemption, an ingress decision). For the flow log: which policies dropped or admitted it.
+    pub fn judge(&self, f: &Flow) -> Judgement<'a> {
+        let mut j = Judgement::default();
+        if let Some(ip) = pending_drop(&self.model.pending, f.src, f.dst, f.from_this_node) {
+            j.pending = Some(ip);
+            return j;
         }
         let self_traffic = f.src == f.dst && self.local.contains(&f.src);
         for (dir, own, peer) in [
@@ -308,36 +340,40 @@ impl<'a> Admitter<'a> {
                 Direction::Ingress => &self.ingress,
             };
             let Some(lp) = owners.get(&own) else { continue };
-            if exemption(dir, self_traffic, f.from_this_node).is_some() {
+            if let Some(e) = exemption(dir, self_traffic, f.from_this_node) {
                 // An exemption accepts: the packet's verdict is final in either group chain.
-                return Admission::Admitted;
+                j.exempt = Some((dir, lp.key.as_str(), e));
+                return j;
             }
-            match decide(self.model, lp, dir, peer, f.dst, f.proto, f.port) {
-                TierVerdict::NetworkPolicy(RuleVerdict::Denied(policies)) => {
-                    return Admission::Denied {
-                        direction: dir,
-                        pod: lp.key.clone(),
-                        policies,
-                    };
-                }
-                TierVerdict::Cluster(m) if m.action == Action::Deny => {
-                    return Admission::Denied {
-                        direction: dir,
-                        pod: lp.key.clone(),
-                        policies: vec![format!(
-                            "clusternetworkpolicy {} rule {}",
-                            m.policy, m.rule
-                        )],
-                    };
-                }
-                // An ingress Accept is final; an egress Accept goes on to the destination's
-                // ingress, as any other egress allow.
-                TierVerdict::Cluster(_) if dir == Direction::Ingress => return Admission::Admitted,
-                _ => {}
+            let v = decide(self.model, lp, dir, peer, f.dst, f.proto, f.port);
+            // A drop is final; an ingress decision is the last; an egress Accept goes on to the
+            // destination's ingress, as any other egress allow.
+            let last = !v.allows() || dir == Direction::Ingress;
+            let slot = match dir {
+                Direction::Egress => &mut j.egress,
+                Direction::Ingress => &mut j.ingress,
+            };
+            *slot = Some((lp.key.as_str(), v));
+            if last {
+                break;
             }
         }
-        Admission::Admitted
+        j
     }
+}
+
+/// What [`Admitter::judge`] found: each field is what the ruleset met on the way, `None` where it
+/// met nothing (an address of no governed local pod, or evaluation ended before).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Judgement<'a> {
+    /// Dropped: this address is pending.
+    pub pending: Option<IpAddr>,
+    /// Accepted whatever the policies say, in this direction of this pod.
+    pub exempt: Option<(Direction, &'a str, Exemption)>,
+    /// The source pod and what its egress tiers said.
+    pub egress: Option<(&'a str, TierVerdict)>,
+    /// The destination pod and what its ingress tiers said.
+    pub ingress: Option<(&'a str, TierVerdict)>,
 }
 
 /// [`Admitter::admit`] for one packet (builds the index: for many, keep an [`Admitter`]).

@@ -6,8 +6,8 @@
 use super::{
     intervals, Compiled, CompiledClusterPolicy, CompiledPolicy, CompiledRule, LocalPod, PriorityTie,
 };
-use crate::model::EgressNat;
 use crate::model::{Action, Direction, Protocol, Tier};
+use crate::model::{EgressNat, FlowLog};
 use crate::ruleset::names::{self, *};
 use crate::ruleset::{
     AddrField, BaseHook, Chain, ChainKind, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
@@ -140,7 +140,7 @@ fn group_chain_of(
             "{dir} of pods selected by {}: nothing allowed it",
             keys.join(", ")
         );
-        rules.push(Rule::new(vec![Stmt::Counter, Stmt::Drop]).with_comment(comment(&why)));
+        rules.push(Rule::new(deny(c).to_vec()).with_comment(comment(&why)));
         what.push(format!("policies {}", keys.join(", ")));
     } else {
         if !tiers.baseline.is_empty() {
@@ -213,7 +213,7 @@ pub(crate) fn tier_part(c: &Compiled, name: &str, t: &TierChain) -> Ruleset {
             for mut stmts in rule_matches(None, k, dir, &r.rule) {
                 match r.action {
                     Action::Accept => stmts.push(allow(dir)),
-                    Action::Deny => stmts.extend([Stmt::Counter, Stmt::Drop]),
+                    Action::Deny => stmts.extend(deny(c)),
                     Action::Pass => stmts.push(Stmt::Return),
                 }
                 rules.push(Rule::new(stmts).with_comment(comment(&what)));
@@ -439,6 +439,9 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
     if let Some(nat) = &c.egress_nat {
         egress_nat(rs, nat);
     }
+    if let Some(log) = &c.flow_log {
+        flow_log(rs, log);
+    }
     let mut rules = vmap_lookups(Direction::Ingress);
     rules.push(
         Rule::new(vec![Stmt::Accept]).with_comment("egress allowed; destination not isolated"),
@@ -449,6 +452,64 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         comment: "ingress of local pods, after the egress check".to_string(),
         rules,
     });
+}
+
+/// The flow log's chains: `flow_drop`, where every policy drop ends (a copy to NFLOG within the
+/// rate, then drop), and with `allowed` a base chain after ours on each hook that logs the first
+/// packet of every connection we let through (the agent keeps those some policy admitted). Each
+/// logging rule has its own budget: a flood of drops cannot hide admitted connections, nor the other
+/// way round. Packets over the rate are still dropped (or admitted), only not logged.
+fn flow_log(rs: &mut Ruleset, log: &FlowLog) {
+    let logged = |prefix: &str| {
+        [
+            Stmt::Limit {
+                rate: log.rate,
+                burst: log.burst,
+            },
+            Stmt::Log {
+                group: log.group,
+                prefix: prefix.to_string(),
+                snaplen: FLOW_SNAPLEN,
+            },
+        ]
+    };
+    rs.add_chain(Chain {
+        name: CHAIN_FLOW_DROP.to_string(),
+        base: None,
+        comment: "policy drops: to the flow log (rate-limited), then dropped".to_string(),
+        rules: vec![
+            Rule::new(logged(FLOW_PREFIX_DROP).to_vec()),
+            Rule::new(vec![Stmt::Drop]),
+        ],
+    });
+    if !log.allowed {
+        return;
+    }
+    for (name, hook, priority) in [
+        (CHAIN_FLOW_ALLOW, Hook::Postrouting, PRIORITY_FLOW_ALLOW),
+        (CHAIN_FLOW_ALLOW_HOST, Hook::Input, PRIORITY_FLOW_ALLOW_HOST),
+    ] {
+        let mut stmts = vec![Stmt::CtNew];
+        stmts.extend(logged(FLOW_PREFIX_ALLOW));
+        rs.add_chain(Chain {
+            name: name.to_string(),
+            base: Some(BaseHook {
+                kind: ChainKind::Filter,
+                hook,
+                priority,
+            }),
+            comment: "connections we admitted: to the flow log (rate-limited)".to_string(),
+            rules: vec![Rule::new(stmts)],
+        });
+    }
+}
+
+/// What a policy drop does: count, then drop (through the flow log when it is on).
+fn deny(c: &Compiled) -> [Stmt; 2] {
+    match c.flow_log {
+        Some(_) => [Stmt::Counter, Stmt::Goto(CHAIN_FLOW_DROP.to_string())],
+        None => [Stmt::Counter, Stmt::Drop],
+    }
 }
 
 /// The source guard's sets: (host veth . address) of every local attachment record.

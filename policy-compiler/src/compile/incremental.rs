@@ -274,6 +274,13 @@ impl IncrementalCompiler {
             ch @ Change::SetEgressNat(_) => {
                 self.state.apply(ch); // the local part, rebuilt below, renders it
             }
+            ch @ Change::SetFlowLog(_) => {
+                // Every drop of every chain changes (a start-up setting): compile in full.
+                self.state.apply(ch);
+                self.tr = tr;
+                self.stale = true;
+                return true;
+            }
         }
         self.recompile_policies(&dirty, &mut tr);
         self.reuse.clear(); // peers of a policy that no longer selects a local pod

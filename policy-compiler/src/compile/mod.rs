@@ -284,6 +284,8 @@ pub struct Compiled {
     pub sources: BTreeSet<(String, IpAddr)>,
     /// This node's egress NAT, as the agent set it.
     pub egress_nat: Option<crate::model::EgressNat>,
+    /// This node's flow log, as the agent set it.
+    pub flow_log: Option<crate::model::FlowLog>,
     pub ruleset: Ruleset,
     /// Problems the compiler worked around, each naming the objects (for the agent's log).
     pub warnings: Vec<String>,

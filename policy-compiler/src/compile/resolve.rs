@@ -58,6 +58,7 @@ pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
         pending: BTreeSet::new(),
         sources: BTreeSet::new(),
         egress_nat: None,
+        flow_log: None,
         ruleset: Ruleset::default(),
         warnings: Vec::new(),
         priority_ties: Vec::new(),
@@ -81,6 +82,7 @@ pub(crate) fn resolve_local(state: &ClusterState, ix: &PodIndex, c: &mut Compile
         source_bindings(a, c);
     }
     c.egress_nat = state.egress_nat.clone();
+    c.flow_log = state.flow_log;
 }
 
 /// Whether a policy applies to any direction at all (else it selects nothing to enforce).

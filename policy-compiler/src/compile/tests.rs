@@ -1214,6 +1214,109 @@ fn egress_nat_masquerades_pod_sources_to_destinations_outside_the_exempt_ranges(
     assert!(!compiled(&w).ruleset.chains.contains_key(CHAIN_EGRESS_NAT));
 }
 
+fn flow_log(allowed: bool) -> Option<FlowLog> {
+    Some(FlowLog {
+        group: 7,
+        rate: 50,
+        burst: 60,
+        allowed,
+    })
+}
+
+fn gotos_to(rs: &crate::ruleset::Ruleset, target: &str) -> usize {
+    rs.chains
+        .values()
+        .flat_map(|c| &c.rules)
+        .filter(|r| r.stmts.last() == Some(&Stmt::Goto(target.to_string())))
+        .count()
+}
+
+#[test]
+fn flow_log_sends_every_policy_drop_through_one_rate_limited_log_and_changes_no_verdict() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.pod("b/y", N1, &["10.0.1.2"], &[]);
+    w.policy("a/deny-all", json!({"podSelector": {}}));
+    w.cnp("no-b", json!({"tier": "Admin", "priority": 1,
+        "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}},
+        "egress": [{"action": "Deny", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {}}}]}]}));
+    let off = compiled(&w).ruleset;
+    assert!(!off.chains.contains_key(CHAIN_FLOW_DROP));
+    assert_eq!(gotos_to(&off, CHAIN_FLOW_DROP), 0);
+    assert!(!w.can("b/y", "a/x", 80, TCP));
+
+    w.st.apply(Change::SetFlowLog(flow_log(false)));
+    let on = compiled(&w).ruleset;
+    let drop = &on.chains[CHAIN_FLOW_DROP];
+    assert_eq!(
+        drop.rules[0].stmts,
+        vec![
+            Stmt::Limit {
+                rate: 50,
+                burst: 60
+            },
+            Stmt::Log {
+                group: 7,
+                prefix: FLOW_PREFIX_DROP.to_string(),
+                snaplen: FLOW_SNAPLEN
+            }
+        ]
+    );
+    assert_eq!(drop.rules[1].stmts, vec![Stmt::Drop]);
+    // The NetworkPolicy group's drop and the Admin tier's Deny both end there; no plain drop is
+    // left in a group or tier chain.
+    assert_eq!(gotos_to(&on, CHAIN_FLOW_DROP), 2);
+    assert!(on
+        .chains
+        .values()
+        .filter(|c| c.base.is_none() && c.name != CHAIN_FLOW_DROP)
+        .flat_map(|c| &c.rules)
+        .all(|r| r.stmts.last() != Some(&Stmt::Drop)));
+    assert!(!on.chains.contains_key(CHAIN_FLOW_ALLOW));
+    // Verdicts are the same (the model and the ruleset agree through `can`).
+    assert!(!w.can("b/y", "a/x", 80, TCP));
+
+    w.st.apply(Change::SetFlowLog(flow_log(true)));
+    let all = compiled(&w).ruleset;
+    for (name, prio) in [
+        (CHAIN_FLOW_ALLOW, PRIORITY_FLOW_ALLOW),
+        (CHAIN_FLOW_ALLOW_HOST, PRIORITY_FLOW_ALLOW_HOST),
+    ] {
+        let c = &all.chains[name];
+        assert_eq!(c.base.unwrap().priority, prio);
+        assert_eq!(c.rules.len(), 1);
+        assert_eq!(c.rules[0].stmts[0], Stmt::CtNew);
+        assert!(
+            !c.rules[0]
+                .stmts
+                .iter()
+                .any(|s| matches!(s, Stmt::Accept | Stmt::Drop)),
+            "logging admitted connections decides nothing"
+        );
+    }
+    assert!(
+        PRIORITY_FLOW_ALLOW > PRIORITY_POSTROUTING && PRIORITY_FLOW_ALLOW < PRIORITY_EGRESS_NAT
+    );
+    assert!(PRIORITY_FLOW_ALLOW_HOST > PRIORITY_EGRESS_HOST);
+}
+
+#[test]
+fn turning_the_flow_log_on_makes_the_incremental_compiler_compile_in_full() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.policy("a/deny-all", json!({"podSelector": {}}));
+    let mut inc = crate::IncrementalCompiler::new(w.st.clone(), N1);
+    assert!(inc.stage(Change::SetFlowLog(flow_log(false))));
+    assert!(inc.is_stale());
+    inc.recompile();
+    w.st.apply(Change::SetFlowLog(flow_log(false)));
+    assert_eq!(inc.ruleset(), &compiled(&w).ruleset);
+    assert!(
+        !inc.stage(Change::SetFlowLog(flow_log(false))),
+        "the same setting is no change"
+    );
+}
+
 #[test]
 fn base_chains_have_the_documented_shape() {
     let w = W::new();

@@ -216,6 +216,18 @@ pub struct EgressNat {
     pub exempt: Vec<ipnet::IpNet>,
 }
 
+/// The flow log of this node, decided by the agent (`--flow-log`): the packets a policy drops (and,
+/// when `allowed`, the first packet of each connection admitted) are handed to the agent through
+/// NFLOG `group`, at most `rate` per second (burst `burst`) for each kind, counted in the kernel
+/// before the log so that a flood is cut there, not in the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLog {
+    pub group: u16,
+    pub rate: u32,
+    pub burst: u32,
+    pub allowed: bool,
+}
+
 /// A validated NetworkPolicy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -320,6 +332,8 @@ pub enum Change {
     SetAttachments(Vec<Attachment>),
     /// This node's egress NAT (`None`: off).
     SetEgressNat(Option<EgressNat>),
+    /// This node's flow log (`None`: off).
+    SetFlowLog(Option<FlowLog>),
 }
 
 /// Everything the compiler reads.
@@ -340,6 +354,8 @@ pub struct ClusterState {
     pub attachments: Vec<Attachment>,
     /// Egress NAT of THIS node (set by the agent); `None`: no NAT in our table.
     pub egress_nat: Option<EgressNat>,
+    /// Flow log of THIS node (set by the agent); `None`: no log statements in our table.
+    pub flow_log: Option<FlowLog>,
 }
 
 impl ClusterState {
@@ -380,6 +396,7 @@ impl ClusterState {
             Change::DeleteClusterPolicy { name } => self.cluster_policies.contains_key(name),
             Change::SetAttachments(a) => self.attachments != *a,
             Change::SetEgressNat(n) => self.egress_nat != *n,
+            Change::SetFlowLog(f) => self.flow_log != *f,
         }
     }
 
@@ -432,6 +449,9 @@ impl ClusterState {
             }
             Change::SetEgressNat(n) => {
                 self.egress_nat = n;
+            }
+            Change::SetFlowLog(f) => {
+                self.flow_log = f;
             }
         }
         true

@@ -94,6 +94,8 @@ pub enum Stmt {
     CtEstablishedRelated,
     /// `ct state invalid`
     CtInvalid,
+    /// `ct state new`
+    CtNew,
     /// `fib saddr type local`: the source is an address of this node.
     FibSaddrLocal,
     /// `fib saddr type != local`: the source is not an address of this node.
@@ -150,6 +152,18 @@ pub enum Stmt {
         map: String,
     },
     Counter,
+    /// `limit rate <rate>/second burst <burst> packets`: matches while under the rate (its state is
+    /// the rule's own: one rule, one budget).
+    Limit {
+        rate: u32,
+        burst: u32,
+    },
+    /// `log group <group> prefix <prefix> snaplen <snaplen>`: a copy of the packet to NFLOG.
+    Log {
+        group: u16,
+        prefix: String,
+        snaplen: u32,
+    },
     Accept,
     Drop,
     Jump(String),

@@ -49,6 +49,22 @@ pub fn nat_exempt_set(fam: Family) -> &'static str {
 pub const PRIORITY_POSTROUTING: i32 = 90;
 /// srcnat + 1 on input: after IPVS's LOCAL_IN (98).
 pub const PRIORITY_EGRESS_HOST: i32 = 101;
+/// The flow log's drop: every policy drop goes here (`counter goto flow_drop`), which hands the
+/// packet to NFLOG within the rate limit, then drops it.
+pub const CHAIN_FLOW_DROP: &str = "flow_drop";
+/// The flow log of admitted connections (only with `allowed`): a base chain after ours on each hook,
+/// so only what we accepted reaches it.
+pub const CHAIN_FLOW_ALLOW: &str = "flow_allow";
+pub const CHAIN_FLOW_ALLOW_HOST: &str = "flow_allow_host";
+/// After our postrouting chain (90), before egress NAT (100).
+pub const PRIORITY_FLOW_ALLOW: i32 = 95;
+/// After our input chain (101).
+pub const PRIORITY_FLOW_ALLOW_HOST: i32 = 102;
+/// NFLOG prefixes: what the agent reads to tell a drop from an admitted connection.
+pub const FLOW_PREFIX_DROP: &str = "palisade drop";
+pub const FLOW_PREFIX_ALLOW: &str = "palisade allow";
+/// Bytes of each logged packet handed to the agent: IP header (with options) and L4 ports.
+pub const FLOW_SNAPLEN: u32 = 128;
 /// Verdict maps: local pod IP → goto its group chain.
 pub const MAP_EGRESS_V4: &str = "egress_v4";
 pub const MAP_EGRESS_V6: &str = "egress_v6";

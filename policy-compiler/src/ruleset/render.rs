@@ -221,6 +221,9 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::CtInvalid => {
             json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}})
         }
+        Stmt::CtNew => {
+            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}})
+        }
         Stmt::FibSaddrLocal => matches(
             json!({"fib": {"result": "type", "flags": ["saddr"]}}),
             json!("local"),
@@ -270,6 +273,14 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
             json!({"vmap": {"key": addr(*family, *field), "data": set_ref_str(map)}})
         }
         Stmt::Counter => json!({"counter": null}),
+        Stmt::Limit { rate, burst } => {
+            json!({"limit": {"rate": rate, "per": "second", "burst": burst}})
+        }
+        Stmt::Log {
+            group,
+            prefix,
+            snaplen,
+        } => json!({"log": {"prefix": prefix, "group": group, "snaplen": snaplen}}),
         Stmt::Accept => json!({"accept": null}),
         Stmt::Drop => json!({"drop": null}),
         Stmt::Jump(target) => json!({"jump": {"target": target}}),
