@@ -75,6 +75,35 @@ impl Outcome {
             _ => true,
         }
     }
+
+    /// The policies that decided, each once: `namespace/name` of NetworkPolicies,
+    /// `clusternetworkpolicy <name>` of a ClusterNetworkPolicy (the one that passed it on, too).
+    pub fn policies(&self) -> Vec<String> {
+        let cnp = |m: &ClusterMatch| format!("clusternetworkpolicy {}", m.policy);
+        let mut out: Vec<String> = match self {
+            Self::Denied(pols) => pols.clone(),
+            Self::Allowed(by) => by.iter().map(|b| b.policy.clone()).collect(),
+            Self::Cluster(m) => vec![cnp(m)],
+            Self::Default { passed } => passed.iter().map(cnp).collect(),
+            Self::NotApplicable(_) | Self::AlwaysAllowed(_) | Self::NotIsolated | Self::Pending => {
+                Vec::new()
+            }
+        };
+        out.dedup();
+        out
+    }
+}
+
+impl From<TierVerdict> for Outcome {
+    fn from(v: TierVerdict) -> Self {
+        match v {
+            TierVerdict::Cluster(m) => Outcome::Cluster(m),
+            TierVerdict::NetworkPolicy(RuleVerdict::NotIsolated) => Outcome::NotIsolated,
+            TierVerdict::NetworkPolicy(RuleVerdict::Allowed(by)) => Outcome::Allowed(by),
+            TierVerdict::NetworkPolicy(RuleVerdict::Denied(policies)) => Outcome::Denied(policies),
+            TierVerdict::Default { passed } => Outcome::Default { passed },
+        }
+    }
 }
 
 /// The verdict of one direction.
@@ -261,13 +290,7 @@ pub fn explain(
             v.outcome = Outcome::NotIsolated;
             return v;
         }
-        v.outcome = match admit::decide(&model, lp, dir, peer, to_ip, Some(proto), port) {
-            TierVerdict::Cluster(m) => Outcome::Cluster(m),
-            TierVerdict::NetworkPolicy(RuleVerdict::NotIsolated) => Outcome::NotIsolated,
-            TierVerdict::NetworkPolicy(RuleVerdict::Allowed(by)) => Outcome::Allowed(by),
-            TierVerdict::NetworkPolicy(RuleVerdict::Denied(policies)) => Outcome::Denied(policies),
-            TierVerdict::Default { passed } => Outcome::Default { passed },
-        };
+        v.outcome = admit::decide(&model, lp, dir, peer, to_ip, Some(proto), port).into();
         v
     };
     let egress = verdict(Direction::Egress, &f, from_ip, to_ip);

@@ -60,6 +60,11 @@ pub const CHAIN_FLOW_ALLOW_HOST: &str = "flow_allow_host";
 pub const PRIORITY_FLOW_ALLOW: i32 = 95;
 /// After our input chain (101).
 pub const PRIORITY_FLOW_ALLOW_HOST: i32 = 102;
+// The admitted-connection log sees only what our chains accepted, and pod addresses before NAT.
+const _: () = assert!(
+    PRIORITY_FLOW_ALLOW > PRIORITY_POSTROUTING && PRIORITY_FLOW_ALLOW < PRIORITY_EGRESS_NAT
+);
+const _: () = assert!(PRIORITY_FLOW_ALLOW_HOST > PRIORITY_EGRESS_HOST);
 /// NFLOG prefixes: what the agent reads to tell a drop from an admitted connection.
 pub const FLOW_PREFIX_DROP: &str = "palisade drop";
 pub const FLOW_PREFIX_ALLOW: &str = "palisade allow";
