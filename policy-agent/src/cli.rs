@@ -57,6 +57,8 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Print the nft JSON a node would get (debug aid; no root, no kernel).
     Compile(CompileArgs),
+    /// Print this node's recent flow-log lines (the agent's `--flow-log`); `--follow` for new ones.
+    Flows(FlowsArgs),
 }
 
 /// Where cluster objects come from: a kubeconfig, a manifest directory, or (neither) in-cluster config.
@@ -155,6 +157,34 @@ pub struct RunArgs {
     /// new rules would not admit as new are deleted, so their next packet meets the rules.
     #[arg(long, env = "PALISADE_KEEP_ESTABLISHED_FLOWS")]
     pub keep_established_flows: bool,
+    /// Log every connection a policy drops, one JSON line each (pods, port, protocol, the policies
+    /// that decided), to this file, or `-` for stdout; the recent lines are also served to
+    /// `palisade-agent flows` on this node. Unset: no flow log (no log rules in the kernel).
+    #[arg(long, env = "PALISADE_FLOW_LOG")]
+    pub flow_log: Option<String>,
+    /// Also log connections a policy admitted (costs a base chain on each hook while on).
+    #[arg(long, env = "PALISADE_FLOW_LOG_ALLOWED", requires = "flow_log")]
+    pub flow_log_allowed: bool,
+    /// Most packets per second the kernel hands to the flow log, for drops and for admitted
+    /// connections each; beyond, they are still dropped (or admitted), only not logged.
+    #[arg(long, env = "PALISADE_FLOW_LOG_RATE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub flow_log_rate: u32,
+    /// Packets the kernel may log at once above the rate.
+    #[arg(long, env = "PALISADE_FLOW_LOG_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub flow_log_burst: u32,
+    /// NFLOG group of the flow log (change it if another program of the node uses this one).
+    #[arg(long, env = "PALISADE_FLOW_LOG_GROUP", default_value_t = crate::flow_log::DEFAULT_GROUP)]
+    pub flow_log_group: u16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FlowsArgs {
+    /// The agent's state directory (its flow log socket is there).
+    #[arg(long, env = "PALISADE_STATE_DIR", default_value = palisade_contract::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// After the recent lines, print new ones as they come, until interrupted.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(Debug, Clone, Args)]

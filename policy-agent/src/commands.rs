@@ -1,7 +1,7 @@
 //! What the subcommands do. `run` wires the edges together; the others are one-shot.
 
 use crate::attachments;
-use crate::cli::{CleanupArgs, CompileArgs, ExplainArgs, RunArgs, SourceArgs};
+use crate::cli::{CleanupArgs, CompileArgs, ExplainArgs, FlowsArgs, RunArgs, SourceArgs};
 use crate::cniconf;
 use crate::compiled;
 use crate::error::{Error, Result};
@@ -114,7 +114,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         poll_attachments,
     };
     let rt = tokio::runtime::Handle::current();
-    let mut engine = Engine::new(cfg, nft, metrics).with_snapshot_reader(tx.clone())?;
+    let mut engine = Engine::new(cfg, nft, metrics.clone()).with_snapshot_reader(tx.clone())?;
     if !args.no_routes {
         info!(
             mode = args.encapsulation.label(),
@@ -142,6 +142,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
+    if let Some(output) = &args.flow_log {
+        engine = start_flow_log(&args, output, engine, &metrics, tx.clone()).await?;
+    }
     let engine_rt = rt.clone();
     let engine_thread = std::thread::Builder::new()
         .name("reconcile".into())
@@ -166,6 +169,61 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let _ = tx.send(Msg::Stop).await;
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
     result
+}
+
+/// `--flow-log`: binds the NFLOG group (in this namespace, before the first commit puts the log
+/// rules in), starts the writer and the reader thread. A group another process holds is an error
+/// at start, not a silent gap.
+async fn start_flow_log(
+    args: &RunArgs,
+    output: &str,
+    engine: Engine,
+    metrics: &Arc<Metrics>,
+    tx: mpsc::Sender<Msg>,
+) -> Result<Engine> {
+    use crate::flow_log::{nflog::NflogSocket, writer, FlowLog};
+    let cfg = palisade_policy::model::FlowLog {
+        group: args.flow_log_group,
+        rate: args.flow_log_rate,
+        burst: args.flow_log_burst,
+        allowed: args.flow_log_allowed,
+    };
+    let mut socket = NflogSocket::bind(cfg.group)?;
+    let (lines, rx) = mpsc::channel(crate::flow_log::QUEUE);
+    let writing = writer::start(writer::Output::parse(output), &args.state_dir, rx).await?;
+    tokio::spawn(writing);
+    std::thread::Builder::new()
+        .name("flow-log".into())
+        .spawn(move || loop {
+            match socket.read() {
+                Ok(read) => {
+                    let empty = read.packets.is_empty() && read.unreadable == 0 && !read.overflowed;
+                    if !empty && tx.blocking_send(Msg::Flows(read)).is_err() {
+                        return; // the engine is gone
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "flow log stopped: cannot read its NFLOG socket; restart the agent to log again");
+                    return;
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawn flow log thread", "flow-log", e))?;
+    info!(
+        output,
+        group = cfg.group,
+        rate = cfg.rate,
+        burst = cfg.burst,
+        allowed = cfg.allowed,
+        socket = %args.state_dir.join(writer::SOCKET).display(),
+        "flow log on"
+    );
+    Ok(engine.with_flow_log(cfg, FlowLog::new(&args.node_name, lines, metrics.clone())))
+}
+
+/// `palisade-agent flows`: this node's recent flow-log lines, and with `--follow` every new one.
+pub async fn flows(args: FlowsArgs) -> Result<()> {
+    crate::flow_log::writer::read(&args.state_dir, args.follow).await
 }
 
 /// `palisade-agent cleanup`: our table, our routes, our conflist. Keeps going past failures and

@@ -29,6 +29,13 @@ pub enum Error {
         action: &'static str,
         message: String,
     },
+    /// The flow log's NFLOG socket failed.
+    #[error("flow log: {action}: {source}")]
+    FlowLog {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// The Kubernetes client could not be built or a request failed.
     #[error("kubernetes {action}: {message}")]
     Kube {
@@ -76,6 +83,7 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Nft { .. } | Error::NftRun(_) => "nft",
             Error::Netlink { .. } => "netlink",
+            Error::FlowLog { .. } => "flow_log",
             Error::Kube { .. } => "kube",
             Error::Source(_) | Error::SourceEnded { .. } | Error::SourceTask(_) => "source",
             Error::CompilerPanic(_) | Error::Explain(_) => "compile",

@@ -4,7 +4,7 @@
 //! sends them to `reconcile`, whose loop keeps the one cluster state inside the incremental compiler
 //! (through `compiled`), runs on the pure timers of `schedule`, commits through `nft` while holding
 //! the node `lock`, converges routes and the overlay with `route_sync` (`routes`, `overlay`), writes
-//! the conflist with `cniconf` once the first sync succeeded, cuts revoked flows with `conntrack`,
+//! the conflist with `cniconf` once the first sync succeeded, cuts revoked flows with `conntrack`, logs what the policies decided with `flow_log`,
 //! reads its table back with `table_watch`, and reports through `server` and `metrics`. `attachments` watches the plugin's records. `cli`
 //! holds the clap subcommands, `commands` what they do.
 
@@ -16,6 +16,7 @@ pub mod compiled;
 pub mod conntrack;
 pub mod egress_nat;
 pub mod error;
+pub mod flow_log;
 pub mod lock;
 pub mod metrics;
 pub mod nft;

@@ -98,6 +98,7 @@ fn main() -> ExitCode {
             Command::Cleanup(a) => commands::cleanup(a).await,
             Command::Explain(a) => commands::explain(a).await,
             Command::Compile(a) => commands::compile(a).await,
+            Command::Flows(a) => commands::flows(a).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

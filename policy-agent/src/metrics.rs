@@ -31,6 +31,17 @@ const REFUSAL_REASONS: [&str; 5] = [
 /// What a source change did to the model; each always shown.
 const SOURCE_RESULTS: [&str; 3] = ["changed", "unchanged", "rejected"];
 
+/// What became of a packet the flow log was handed; each always shown.
+const FLOW_LOG_RESULTS: [&str; 7] = [
+    "dropped",
+    "allowed",
+    "repeat",
+    "default_allowed",
+    "lost",
+    "unreadable",
+    "kernel_overflow",
+];
+
 /// Sizes shown as gauges after every commit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sizes {
@@ -77,6 +88,8 @@ pub struct Metrics {
     sizes: [Level; 8],
     http_open: Level,
     http_closed: Family<Label, Count>,
+    /// Flow-log packets by what became of them (`FLOW_LOG_RESULTS`).
+    flow_log: Family<Label, Count>,
 }
 
 impl Default for Metrics {
@@ -111,6 +124,7 @@ impl Metrics {
             sizes: Default::default(),
             http_open: Level::default(),
             http_closed: Family::default(),
+            flow_log: Family::default(),
             registry: Registry::default(),
         };
         // Counters are registered without `_total`: the encoder appends it (to `# HELP`, `# TYPE` and
@@ -204,6 +218,7 @@ impl Metrics {
             &m.http_open,
         );
         reg(&mut r, "palisade_http_closed_connections", &format!("Connections closed because {cap} were open: the oldest one without a request (evicted), or the new one when all were being answered (refused)"), &m.http_closed);
+        reg(&mut r, "palisade_flow_log_packets", "Packets the kernel handed to the flow log, by what became of them: dropped and allowed (a line written), repeat (a flow already logged within 10 s), default_allowed (admitted by no policy: not logged), lost (the writer was behind), unreadable, kernel_overflow (times the kernel dropped log messages: the socket was full)", &m.flow_log);
         // Label sets shown from the start, at 0.
         for kind in ["full", "incremental"] {
             let _ = m.transactions.get_or_create(&[("kind", kind)]);
@@ -216,6 +231,9 @@ impl Metrics {
         }
         for reason in ["evicted", "refused"] {
             let _ = m.http_closed.get_or_create(&[("reason", reason)]);
+        }
+        for result in FLOW_LOG_RESULTS {
+            let _ = m.flow_log.get_or_create(&[("result", result)]);
         }
         Metrics { registry: r, ..m }
     }
@@ -317,6 +335,13 @@ impl Metrics {
     /// A connection to the HTTP endpoint closed to make room: `evicted` or `refused` (`server`).
     pub fn http_connection_closed(&self, reason: &'static str) {
         self.http_closed.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// `n` flow-log packets had `result` (one of `FLOW_LOG_RESULTS`).
+    pub fn flow_log(&self, result: &'static str, n: u64) {
+        if n > 0 {
+            self.flow_log.get_or_create(&[("result", result)]).inc_by(n);
+        }
     }
 
     /// Prometheus text exposition; its content type is [`CONTENT_TYPE`].
@@ -457,6 +482,15 @@ palisade_http_open_connections 0
 # TYPE palisade_http_closed_connections_total counter
 palisade_http_closed_connections_total{reason="refused"} 0
 palisade_http_closed_connections_total{reason="evicted"} 0
+# HELP palisade_flow_log_packets_total Packets the kernel handed to the flow log, by what became of them: dropped and allowed (a line written), repeat (a flow already logged within 10 s), default_allowed (admitted by no policy: not logged), lost (the writer was behind), unreadable, kernel_overflow (times the kernel dropped log messages: the socket was full).
+# TYPE palisade_flow_log_packets_total counter
+palisade_flow_log_packets_total{result="dropped"} 2
+palisade_flow_log_packets_total{result="allowed"} 0
+palisade_flow_log_packets_total{result="repeat"} 1
+palisade_flow_log_packets_total{result="default_allowed"} 0
+palisade_flow_log_packets_total{result="lost"} 0
+palisade_flow_log_packets_total{result="unreadable"} 0
+palisade_flow_log_packets_total{result="kernel_overflow"} 0
 "#;
 
     #[test]
@@ -489,6 +523,9 @@ palisade_http_closed_connections_total{reason="evicted"} 0
         m.source_change("changed");
         m.source_change("unchanged");
         m.source_change("unchanged");
+        m.flow_log("dropped", 2);
+        m.flow_log("repeat", 1);
+        m.flow_log("lost", 0);
         let text = m.render();
         let stamp = "palisade_last_successful_sync_timestamp_seconds ";
         let mut got: Vec<&str> = text

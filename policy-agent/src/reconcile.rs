@@ -93,6 +93,8 @@ pub enum Msg {
         generation: u64,
         listing: std::result::Result<Option<TableSummary>, String>,
     },
+    /// What the flow log's NFLOG reader got: attributed with the model, then written.
+    Flows(crate::flow_log::nflog::Read),
     /// Leave the loop (rules stay in the kernel).
     Stop,
 }
@@ -133,6 +135,8 @@ pub struct Engine {
     /// Compile warnings logged so far: each is logged once while it holds (an incremental commit
     /// would otherwise repeat all of them, up to hundreds per second under churn).
     warned: BTreeSet<String>,
+    /// Attributes and writes what the kernel logged (`--flow-log`).
+    flow_log: Option<crate::flow_log::FlowLog>,
 }
 
 impl Engine {
@@ -155,7 +159,22 @@ impl Engine {
             warned: BTreeSet::new(),
             repair: None,
             replace: false,
+            flow_log: None,
         }
+    }
+
+    /// Log policy drops (and with `cfg.allowed`, admitted connections) through NFLOG group
+    /// `cfg.group`, attributed here and written by `log`'s writer.
+    pub fn with_flow_log(
+        mut self,
+        cfg: palisade_policy::model::FlowLog,
+        log: crate::flow_log::FlowLog,
+    ) -> Self {
+        // While the compiler is stale (at start) this only sets the state; the first commit is a
+        // full replace with the log rules in it.
+        let _ = compiled::stage(&mut self.inc, [Change::SetFlowLog(Some(cfg))]);
+        self.flow_log = Some(log);
+        self
     }
 
     /// Converge routes and the overlay after commits (without: `--no-routes`).
@@ -220,6 +239,14 @@ impl Engine {
                 if self.on_event(ev) {
                     // The debounce counts from when the change is in the model.
                     self.sched.changed(Instant::now());
+                    if let Some(f) = &mut self.flow_log {
+                        f.state_changed();
+                    }
+                }
+            }
+            Msg::Flows(read) => {
+                if let Some(f) = &mut self.flow_log {
+                    f.record(read, self.inc.state(), self.inc.compiled());
                 }
             }
             Msg::AttachmentsChanged => self.sched.changed(now),
