@@ -200,8 +200,83 @@ pub fn run(opts: &LabOptions, dir: &Path, color: bool) -> Result<()> {
         "\n{blocked} of {total} pod-to-pod connections are now blocked; everything the policies allow still works,\n\
          and pods no policy selects are untouched.\n"
     );
+    print_flow_log(&lab)?;
     let name = lab.name().to_string();
     lab.down()?;
     println!("Lab {name} torn down: its namespaces, processes and files are gone.");
+    Ok(())
+}
+
+/// The demo's ending: what each node's flow log recorded of the connections it blocked, read the
+/// way an operator does on a node (`palisade-agent flows`, from the agent's socket).
+fn print_flow_log(lab: &Lab) -> Result<()> {
+    println!("4) What the policies dropped, from each node's flow log (`palisade-agent flows`):\n");
+    let mut shown = 0;
+    let mut example = None;
+    // Each probe round is a new connection: the same pair once, with its count.
+    let mut seen: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for node in &lab.state().nodes {
+        let state_dir = node.dir.join("state");
+        let agent = lab.state().bins.agent();
+        let args: [&std::ffi::OsStr; 6] = [
+            "netns".as_ref(),
+            "exec".as_ref(),
+            node.netns.as_ref(),
+            agent.as_os_str(),
+            "flows".as_ref(),
+            "--state-dir".as_ref(),
+        ];
+        let mut args = args.to_vec();
+        args.push(state_dir.as_os_str());
+        let out = crate::cmd::ip(&args)?;
+        for line in out.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if v["verdict"] != "dropped" {
+                continue;
+            }
+            let end = |e: &Value| {
+                e["pod"].as_str().or(e["node"].as_str()).map_or_else(
+                    || e["ip"].as_str().unwrap_or("?").to_string(),
+                    str::to_string,
+                )
+            };
+            let policies: Vec<&str> = v["policies"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let text = format!(
+                "{} -> {} {}/{}: dropped at {} by {}",
+                end(&v["source"]),
+                end(&v["destination"]),
+                v["protocol"].as_str().unwrap_or("?"),
+                v["destination"]["port"],
+                v["direction"].as_str().unwrap_or("?"),
+                if policies.is_empty() {
+                    "(a change in flight)".to_string()
+                } else {
+                    policies.join(", ")
+                }
+            );
+            *seen.entry((node.name.clone(), text)).or_insert(0) += 1;
+            shown += 1;
+            example.get_or_insert_with(|| line.to_string());
+        }
+    }
+    for ((node, text), n) in &seen {
+        let times = if *n > 1 {
+            format!(" ({n} attempts)")
+        } else {
+            String::new()
+        };
+        println!("  {node:<7} {text}{times}");
+    }
+    if shown == 0 {
+        println!("  (nothing was logged)");
+    }
+    if let Some(line) = example {
+        println!("\nEach is one JSON line on the node (agent flag --flow-log), e.g.:\n  {line}\n");
+    }
     Ok(())
 }

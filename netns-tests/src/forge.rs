@@ -44,8 +44,15 @@ pub fn send_forged(src: IpAddr, dst: SocketAddr, proto: Protocol, count: u32) ->
             }
         }
         Protocol::Tcp => {
-            let mut pending = Vec::new();
+            // Each SYN leaves inside connect(); a socket is kept a while only so that no
+            // retransmission is due before it closes, and at most PENDING at once (a flood of
+            // 100k attempts must not need 100k descriptors).
+            const PENDING: usize = 256;
+            let mut pending = std::collections::VecDeque::new();
             for _ in 0..count {
+                if pending.len() == PENDING {
+                    pending.pop_front();
+                }
                 let s = socket(Type::STREAM)?;
                 s.set_nonblocking(true)?;
                 match s.connect(&to) {
@@ -53,7 +60,7 @@ pub fn send_forged(src: IpAddr, dst: SocketAddr, proto: Protocol, count: u32) ->
                     Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
                     Err(e) => return Err(e),
                 }
-                pending.push(s);
+                pending.push_back(s);
                 sent += 1;
             }
             // Long enough for every SYN to leave, well before the first retransmission (1 s).

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 #[path = "conformance/cluster_pods.rs"]
 mod cluster_pods;
+#[path = "conformance/flow_log.rs"]
+mod flow_log;
 #[path = "conformance/forged.rs"]
 mod forged;
 #[path = "conformance/overlay.rs"]
@@ -450,7 +452,15 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 11] = [
+    let named: [(&str, LabTest); 13] = [
+        (
+            "extra::flow_log_a_denied_connection_is_one_line_naming_both_pods_and_the_isolating_policy",
+            flow_log::a_denied_connection_is_one_line_naming_both_pods_and_the_isolating_policy,
+        ),
+        (
+            "extra::flow_log_a_flood_of_denied_syns_is_logged_at_the_configured_rate_and_enforcement_goes_on",
+            flow_log::a_flood_of_denied_syns_is_logged_at_the_configured_rate_and_enforcement_goes_on,
+        ),
         (
             "extra::same_subnet_pod_traffic_is_not_encapsulated",
             overlay::same_subnet_pod_traffic_is_not_encapsulated,

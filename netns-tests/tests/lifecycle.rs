@@ -216,6 +216,15 @@ fn demo_explains_the_change_and_leaves_nothing() {
         "{out}"
     );
     assert!(out.contains("X!"), "changed cells are marked: {out}");
+    // It ends with the flow log: each blocked connection with the policies that isolate its target.
+    assert!(
+        out.contains("guest/visitor -> shop/backend TCP/80: dropped at ingress by shop/allow-frontend-to-backend, shop/default-deny-ingress"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("shop/frontend -> shop/backend TCP/80: dropped"),
+        "an allowed connection is not in the flow log: {out}"
+    );
     assert_nothing_left(&name);
 }
 

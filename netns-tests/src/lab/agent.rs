@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 /// Where each agent listens (inside its node namespace, so every node can use the same address).
 pub const AGENT_LISTEN: &str = "127.0.0.1:9799";
+/// Each node's agent writes its flow log (`--flow-log`) to this file of the node's directory.
+pub const FLOW_LOG: &str = "flows.jsonl";
 
 /// How long agents get to write their conflist.
 const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,6 +97,8 @@ impl Lab {
                 node.dir.join("ipam").display().to_string(),
                 "--listen".into(),
                 AGENT_LISTEN.into(),
+                "--flow-log".into(),
+                node.dir.join(FLOW_LOG).display().to_string(),
             ]
         };
         // A restarted agent's log goes after the old one's.

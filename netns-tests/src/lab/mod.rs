@@ -11,7 +11,7 @@ mod topology;
 
 pub use agent::{
     has_sctp_port, http_status_in_netns, map_has_element, run_agent_compile, AgentHealth,
-    AGENT_LISTEN, HEALTHZ_TIMEOUT,
+    AGENT_LISTEN, FLOW_LOG, HEALTHZ_TIMEOUT,
 };
 pub use probe::{Family, ProbeRecord, DEFAULT_PROBE_TIMEOUT};
 pub use state::{down_run_dir, list_labs, teardown, ExternalState, LabState, NodeState, PodState};

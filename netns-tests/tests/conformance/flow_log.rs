@@ -1,0 +1,173 @@
+//! The flow log (issue 16): a denied connection is one line naming both pods and the policy that
+//! isolates the destination; an admitted one is none (the lab's agents log drops only); a flood of
+//! denied SYNs reaches the agent at the configured rate at most, and the agent keeps enforcing.
+
+use super::{apply, expect_reach, pod_ip, policy, target, with_cleanup, TestResult};
+use palisade_netns_tests::lab::{self, Family, Lab};
+use palisade_netns_tests::probe::Protocol;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DENY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: flow-deny, namespace: x}
+spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress]}";
+
+/// The agent's defaults (`--flow-log-rate`, `--flow-log-burst`), which the lab keeps.
+const RATE: f64 = 100.0;
+const BURST: f64 = 200.0;
+
+fn flow_log_of(lab: &Lab, pod: &str) -> Result<PathBuf, String> {
+    let node = &lab.pod(pod).map_err(|e| e.to_string())?.node;
+    let n = lab.node_state(node).map_err(|e| e.to_string())?;
+    Ok(n.dir.join(lab::FLOW_LOG))
+}
+
+/// The lines of the log after byte `from`.
+fn lines_after(path: &PathBuf, from: usize) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("flow log line {l:?}: {e}")))
+        .collect()
+}
+
+fn len(path: &PathBuf) -> usize {
+    std::fs::metadata(path).map_or(0, |m| m.len() as usize)
+}
+
+fn is(line: &Value, from: &str, to: &str, port: u16) -> bool {
+    line["source"]["pod"] == from
+        && line["destination"]["pod"] == to
+        && line["destination"]["port"] == port
+}
+
+/// Sum of `palisade_flow_log_packets_total` of a node's agent: packets the kernel handed over.
+fn logged_packets(lab: &Lab, node: &str) -> Result<f64, String> {
+    let n = lab.node_state(node).map_err(|e| e.to_string())?;
+    let addr = lab::AGENT_LISTEN.parse().map_err(|e| format!("{e}"))?;
+    let r = palisade_testkit::http::get_in(
+        &palisade_netns_tests::netns::path(&n.netns),
+        addr,
+        "/metrics",
+        Duration::from_secs(2),
+    )?;
+    Ok(r.body
+        .lines()
+        .filter(|l| l.starts_with("palisade_flow_log_packets_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+pub fn a_denied_connection_is_one_line_naming_both_pods_and_the_isolating_policy(
+    lab: &mut Lab,
+) -> TestResult {
+    with_cleanup(lab, "flow log", |lab| {
+        apply(lab, policy(DENY))?;
+        let xa = pod_ip(lab, "x/a", Family::V4)?;
+        let yb = pod_ip(lab, "y/b", Family::V4)?;
+        let to_xa = target("x/a", xa, 80, Protocol::Tcp);
+        expect_reach(lab, &[("y/a", to_xa.clone(), false)])?;
+        let log = flow_log_of(lab, "x/a")?;
+        let from = len(&log);
+        // One denied connection, one admitted one (x/a may send anywhere).
+        expect_reach(lab, &[("y/a", to_xa, false)])?;
+        expect_reach(lab, &[("x/a", target("y/b", yb, 80, Protocol::Tcp), true)])?;
+        std::thread::sleep(Duration::from_millis(500));
+        let mut lines = lines_after(&log, from)?;
+        lines.extend(
+            lines_after(&flow_log_of(lab, "y/b")?, 0)?
+                .into_iter()
+                .filter(|l| is(l, "x/a", "y/b", 80)),
+        );
+        let denied: Vec<&Value> = lines.iter().filter(|l| is(l, "y/a", "x/a", 80)).collect();
+        if denied.len() != 1 {
+            return Err(format!(
+                "expected one line for y/a -> x/a:80, got {}: {lines:?}",
+                denied.len()
+            ));
+        }
+        let d = denied[0];
+        let ok = d["verdict"] == "dropped"
+            && d["direction"] == "ingress"
+            && d["protocol"] == "TCP"
+            && d["policies"] == serde_json::json!(["x/flow-deny"])
+            && d["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("x/flow-deny"));
+        if !ok {
+            return Err(format!("the line does not say what decided: {d}"));
+        }
+        if lines.iter().any(|l| is(l, "x/a", "y/b", 80)) {
+            return Err(format!(
+                "an admitted connection was logged (the lab logs drops only): {lines:?}"
+            ));
+        }
+        Ok(())
+    })
+}
+
+pub fn a_flood_of_denied_syns_is_logged_at_the_configured_rate_and_enforcement_goes_on(
+    lab: &mut Lab,
+) -> TestResult {
+    with_cleanup(lab, "flow log flood", |lab| {
+        apply(lab, policy(DENY))?;
+        let xa = pod_ip(lab, "x/a", Family::V4)?;
+        let ya = pod_ip(lab, "y/a", Family::V4)?;
+        expect_reach(lab, &[("y/a", target("x/a", xa, 80, Protocol::Tcp), false)])?;
+        let node = lab.pod("x/a").map_err(|e| e.to_string())?.node.clone();
+        let log = flow_log_of(lab, "x/a")?;
+        let (lines_before, packets_before) = (len(&log), logged_packets(lab, &node)?);
+        let netns = lab.pod("y/a").map_err(|e| e.to_string())?.netns.clone();
+        let probe = lab.state().bins.probe();
+        let start = Instant::now();
+        // 100k SYNs from y/a's own address, each its own connection attempt.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .arg(&probe)
+            .args(["forge", "--source", &ya.to_string(), "--count", "100000"])
+            .arg(format!("tcp:{}", SocketAddr::new(xa, 80)))
+            .output()
+            .map_err(|e| format!("flood: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("flood: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        // While the kernel still drains it: an unrelated change is enforced as usual.
+        let change = Instant::now();
+        apply(
+            lab,
+            policy(
+                "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: flow-unrelated, namespace: z}
+spec: {podSelector: {matchLabels: {pod: c}}, policyTypes: [Ingress]}",
+            ),
+        )?;
+        let zc = pod_ip(lab, "z/c", Family::V4)?;
+        expect_reach(lab, &[("y/b", target("z/c", zc, 80, Protocol::Tcp), false)])?;
+        let enforced = change.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let elapsed = start.elapsed().as_secs_f64();
+        let packets = logged_packets(lab, &node)? - packets_before;
+        let lines = lines_after(&log, lines_before)?
+            .into_iter()
+            .filter(|l| is(l, "y/a", "x/a", 80))
+            .count() as f64;
+        let bound = BURST + RATE * (elapsed + 1.0);
+        println!(
+            "    flood: 100k SYNs; the agent was handed {packets} packets and wrote {lines} lines in {elapsed:.1} s (bound {bound:.0}); an unrelated change was enforced {} ms after it was written",
+            enforced.as_millis()
+        );
+        if packets > bound || lines > packets {
+            return Err(format!("{packets} packets / {lines} lines reached the agent in {elapsed:.1} s: more than the rate allows ({bound:.0})"));
+        }
+        if lines < BURST / 2.0 {
+            return Err(format!("only {lines} lines for 100k denied SYNs: the flood did not meet the drop, or the log lost them"));
+        }
+        Ok(())
+    })
+}
