@@ -1,11 +1,11 @@
 //! `diff(last, next)`: one nft transaction taking the kernel from `last` to `next`.
 //!
 //! Order inside the batch (every step only refers to what exists at that point):
-//! 1. add new chains (empty), 2. add new sets and maps (empty),
+//! 1. add new chains (empty), 2. add new sets and maps (empty), and new named counters,
 //! 3. delete stale elements of kept sets (pending: `add` + `delete`, see below),
 //! 4. flush kept chains whose rules changed, 5. add new elements (maps may now `goto` new chains),
 //! 6. add the rules of new and changed chains, 7. flush then delete stale chains,
-//! 8. delete stale sets.
+//! 8. delete stale sets and counters.
 //!
 //! Pending-set deletions are emitted as `add element` + `delete element`: the CNI plugin may
 //! already have removed the element, and a bare delete of a missing element fails the batch.
@@ -13,7 +13,9 @@
 //! make that impossible, but should it happen the result is a full replace.
 
 use crate::ruleset::names::{PENDING_SET_V4, PENDING_SET_V6};
-use crate::ruleset::render::{chain_obj, cmd, element_obj, rule_obj, set_obj, set_ref};
+use crate::ruleset::render::{
+    chain_obj, cmd, counter_obj, element_obj, rule_obj, set_obj, set_ref,
+};
 use crate::ruleset::{Batch, Ruleset};
 
 pub(crate) mod changelog;
@@ -63,6 +65,9 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .filter(|s| !last.sets.contains_key(&s.name))
     {
         cmds.push(cmd("add", set_obj(s, None)));
+    }
+    for n in next.counters.difference(&last.counters) {
+        cmds.push(cmd("add", counter_obj(n)));
     }
     // 3. stale elements of kept sets
     for s in next.sets.values() {
@@ -130,6 +135,9 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .filter(|s| !next.sets.contains_key(&s.name))
     {
         cmds.push(cmd("delete", set_ref(s)));
+    }
+    for n in last.counters.difference(&next.counters) {
+        cmds.push(cmd("delete", counter_obj(n)));
     }
     Batch::from_commands(cmds)
 }

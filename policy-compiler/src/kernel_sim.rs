@@ -16,6 +16,16 @@ pub struct KernelTable {
     pub chains: BTreeMap<String, (String, Vec<String>)>,
     /// Set or map name → (definition JSON without elements, key JSON text → value JSON text).
     pub sets: BTreeMap<String, (String, BTreeMap<String, String>)>,
+    /// Named counters.
+    pub counters: BTreeSet<String>,
+}
+
+/// What rules and map elements refer to by name.
+#[derive(Default)]
+struct Refs {
+    sets: BTreeSet<String>,
+    chains: BTreeSet<String>,
+    counters: BTreeSet<String>,
 }
 
 fn bad(msg: impl Into<String>) -> PolicyError {
@@ -29,22 +39,25 @@ fn name_of(body: &Value) -> Result<String, PolicyError> {
         .ok_or_else(|| bad(format!("no name in {body}")))
 }
 
-fn refs(v: &Value, sets: &mut BTreeSet<String>, chains: &mut BTreeSet<String>) {
+fn refs(v: &Value, r: &mut Refs) {
     match v {
         Value::String(s) => {
             if let Some(n) = s.strip_prefix('@') {
-                sets.insert(n.to_string());
+                r.sets.insert(n.to_string());
             }
         }
-        Value::Array(a) => a.iter().for_each(|x| refs(x, sets, chains)),
+        Value::Array(a) => a.iter().for_each(|x| refs(x, r)),
         Value::Object(o) => {
             for (k, x) in o {
                 if k == "jump" || k == "goto" {
                     if let Some(t) = x.get("target").and_then(Value::as_str) {
-                        chains.insert(t.to_string());
+                        r.chains.insert(t.to_string());
                     }
                 }
-                refs(x, sets, chains);
+                if let (true, Some(n)) = (k == "counter", x.as_str()) {
+                    r.counters.insert(n.to_string());
+                }
+                refs(x, r);
             }
         }
         _ => {}
@@ -67,24 +80,23 @@ impl KernelTable {
         Ok(())
     }
 
-    fn referenced(&self) -> (BTreeSet<String>, BTreeSet<String>) {
-        let mut sets = BTreeSet::new();
-        let mut chains = BTreeSet::new();
+    fn referenced(&self) -> Refs {
+        let mut found = Refs::default();
         for (_, rules) in self.chains.values() {
             for r in rules {
                 if let Ok(v) = serde_json::from_str::<Value>(r) {
-                    refs(&v, &mut sets, &mut chains);
+                    refs(&v, &mut found);
                 }
             }
         }
         for (_, elems) in self.sets.values() {
             for val in elems.values() {
                 if let Ok(v) = serde_json::from_str::<Value>(val) {
-                    refs(&v, &mut sets, &mut chains);
+                    refs(&v, &mut found);
                 }
             }
         }
-        (sets, chains)
+        found
     }
 
     fn command(&mut self, c: &Value) -> Result<(), PolicyError> {
@@ -130,7 +142,7 @@ impl KernelTable {
                 if !rules.is_empty() {
                     return Err(bad(format!("delete of non-empty chain {n}")));
                 }
-                if self.referenced().1.contains(&n) {
+                if self.referenced().chains.contains(&n) {
                     return Err(bad(format!("delete of referenced chain {n}")));
                 }
                 self.chains.remove(&n);
@@ -160,7 +172,7 @@ impl KernelTable {
                 if !self.sets.contains_key(&n) {
                     return Err(bad(format!("delete of missing set {n}")));
                 }
-                if self.referenced().0.contains(&n) {
+                if self.referenced().sets.contains(&n) {
                     return Err(bad(format!("delete of referenced set {n}")));
                 }
                 self.sets.remove(&n);
@@ -199,16 +211,21 @@ impl KernelTable {
                     .and_then(Value::as_str)
                     .ok_or_else(|| bad("rule without chain"))?
                     .to_string();
-                let (mut sets, mut chains) = (BTreeSet::new(), BTreeSet::new());
-                refs(body, &mut sets, &mut chains);
-                for s in &sets {
+                let mut named = Refs::default();
+                refs(body, &mut named);
+                for s in &named.sets {
                     if !self.sets.contains_key(s) {
                         return Err(bad(format!("rule refers to missing set {s}")));
                     }
                 }
-                for t in &chains {
+                for t in &named.chains {
                     if !self.chains.contains_key(t) {
                         return Err(bad(format!("rule jumps to missing chain {t}")));
+                    }
+                }
+                for c in &named.counters {
+                    if !self.counters.contains(c) {
+                        return Err(bad(format!("rule refers to missing counter {c}")));
                     }
                 }
                 let mut r = body.clone();
@@ -220,6 +237,19 @@ impl KernelTable {
                     .ok_or_else(|| bad(format!("no chain {chain}")))?
                     .1
                     .push(r.to_string());
+            }
+            ("add", "counter") => {
+                self.counters.insert(name_of(body)?);
+            }
+            ("delete", "counter") => {
+                let n = name_of(body)?;
+                if !self.counters.contains(&n) {
+                    return Err(bad(format!("delete of missing counter {n}")));
+                }
+                if self.referenced().counters.contains(&n) {
+                    return Err(bad(format!("delete of referenced counter {n}")));
+                }
+                self.counters.remove(&n);
             }
             (v, k) => return Err(bad(format!("unsupported command {v} {k}"))),
         }
@@ -238,9 +268,9 @@ impl KernelTable {
                 (other, false) => (other.to_string(), String::new()),
             };
             if is_map {
-                let (mut s, mut c) = (BTreeSet::new(), BTreeSet::new());
-                refs(&e, &mut s, &mut c);
-                if let Some(missing) = c.iter().find(|t| !self.chains.contains_key(*t)) {
+                let mut named = Refs::default();
+                refs(&e, &mut named);
+                if let Some(missing) = named.chains.iter().find(|t| !self.chains.contains_key(*t)) {
                     return Err(bad(format!("map element goes to missing chain {missing}")));
                 }
             }

@@ -23,8 +23,7 @@ pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie>) {
         tiers,
     } = local_part(c);
     for (name, t) in &tiers {
-        let part = tier_part(c, name, t);
-        rs.chains.extend(part.chains);
+        rs.merge(tier_part(c, name, t));
     }
     for pol in c.policies.values() {
         policy_part_into(&mut rs, pol);
@@ -79,6 +78,9 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
             if !rs.chains.contains_key(&group) {
                 let chain = group_chain_of(&mut tier_chains, c, pod, dir, group.clone());
                 rs.add_chain(chain);
+                if !keys.is_empty() {
+                    rs.add_counter(group_counter(&group));
+                }
             }
             for tier in Tier::BOTH {
                 same_priority(c, pod, dir, tier, &mut ties);
@@ -140,7 +142,7 @@ fn group_chain_of(
             "{dir} of pods selected by {}: nothing allowed it",
             keys.join(", ")
         );
-        rules.push(Rule::new(deny(c).to_vec()).with_comment(comment(&why)));
+        rules.push(Rule::new(deny(c, group_counter(&name)).to_vec()).with_comment(comment(&why)));
         what.push(format!("policies {}", keys.join(", ")));
     } else {
         if !tiers.baseline.is_empty() {
@@ -210,11 +212,16 @@ pub(crate) fn tier_part(c: &Compiled, name: &str, t: &TierChain) -> Ruleset {
         listed.push(format!("{} ({})", cp.name, cp.priority));
         for r in cp.rules(dir).iter().filter(|r| !r.inert) {
             let what = format!("cnp {} {dir} rule {}: {}", cp.name, r.label(), r.action);
+            let counter = cluster_counter(k, dir, r.action);
             for mut stmts in rule_matches(None, k, dir, &r.rule) {
                 match r.action {
-                    Action::Accept => stmts.push(allow(dir)),
-                    Action::Deny => stmts.extend(deny(c)),
-                    Action::Pass => stmts.push(Stmt::Return),
+                    Action::Accept => {
+                        stmts.extend([Stmt::CounterNamed(counter.clone()), allow(dir)])
+                    }
+                    Action::Deny => stmts.extend(deny(c, counter.clone())),
+                    Action::Pass => {
+                        stmts.extend([Stmt::CounterNamed(counter.clone()), Stmt::Return])
+                    }
                 }
                 rules.push(Rule::new(stmts).with_comment(comment(&what)));
             }
@@ -274,7 +281,11 @@ pub(crate) fn cluster_part(cp: &CompiledClusterPolicy) -> Ruleset {
 fn cluster_part_into(rs: &mut Ruleset, cp: &CompiledClusterPolicy) {
     for dir in Direction::BOTH {
         for r in cp.rules(dir).iter().filter(|r| !r.inert) {
-            rule_matches(Some(&mut *rs), &cp.key, dir, &r.rule);
+            // The tier chains' rules count here (they live in the local part; the counters go
+            // with the policy).
+            if !rule_matches(Some(&mut *rs), &cp.key, dir, &r.rule).is_empty() {
+                rs.add_counter(cluster_counter(&cp.key, dir, r.action));
+            }
         }
     }
 }
@@ -504,11 +515,12 @@ fn flow_log(rs: &mut Ruleset, log: &FlowLog) {
     }
 }
 
-/// What a policy drop does: count, then drop (through the flow log when it is on).
-fn deny(c: &Compiled) -> [Stmt; 2] {
+/// What a policy drop does: count in `counter`, then drop (through the flow log when it is on).
+fn deny(c: &Compiled, counter: String) -> [Stmt; 2] {
+    let counted = Stmt::CounterNamed(counter);
     match c.flow_log {
-        Some(_) => [Stmt::Counter, Stmt::Goto(CHAIN_FLOW_DROP.to_string())],
-        None => [Stmt::Counter, Stmt::Drop],
+        Some(_) => [counted, Stmt::Goto(CHAIN_FLOW_DROP.to_string())],
+        None => [counted, Stmt::Drop],
     }
 }
 
@@ -660,13 +672,17 @@ fn vmap_lookups(dir: Direction) -> Vec<Rule> {
 
 fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[CompiledRule]) {
     let key = &pol.key;
+    let counter = policy_counter(key, dir);
     let mut out = Vec::new();
     for r in rules {
         let what = format!("{key} {dir} rule {}", r.index);
         for mut stmts in rule_matches(Some(&mut *rs), key, dir, r) {
-            stmts.push(allow(dir));
+            stmts.extend([Stmt::CounterNamed(counter.clone()), allow(dir)]);
             out.push(Rule::new(stmts).with_comment(comment(&what)));
         }
+    }
+    if !out.is_empty() {
+        rs.add_counter(counter);
     }
     rs.add_chain(Chain {
         name: policy_chain(key, dir),

@@ -84,7 +84,7 @@ impl IncrementalCompiler {
         for (name, t) in tiers {
             let part = build::tier_part(&compiled, &name, &t);
             tier_parts.insert(name, (t, PartNames::of(&part)));
-            rs.chains.extend(part.chains);
+            rs.merge(part);
         }
         let mut policy_names = BTreeMap::new();
         let parts = compiled
@@ -99,8 +99,7 @@ impl IncrementalCompiler {
             );
         for (k, part) in parts {
             policy_names.insert(k.clone(), PartNames::of(&part));
-            rs.chains.extend(part.chains);
-            rs.sets.extend(part.sets);
+            rs.merge(part);
         }
         compiled.ruleset = rs;
         compiled.warnings.extend(warnings);

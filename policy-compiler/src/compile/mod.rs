@@ -6,6 +6,7 @@
 
 pub mod admit;
 mod build;
+pub mod counters;
 pub mod incremental;
 mod index;
 pub mod intervals;

@@ -19,6 +19,7 @@ struct ElemDelta {
 pub(crate) struct PartNames {
     pub chains: BTreeSet<String>,
     pub sets: BTreeSet<String>,
+    pub counters: BTreeSet<String>,
 }
 
 impl PartNames {
@@ -26,10 +27,11 @@ impl PartNames {
         Self {
             chains: rs.chains.keys().cloned().collect(),
             sets: rs.sets.keys().cloned().collect(),
+            counters: rs.counters.clone(),
         }
     }
     pub fn is_empty(&self) -> bool {
-        self.chains.is_empty() && self.sets.is_empty()
+        self.chains.is_empty() && self.sets.is_empty() && self.counters.is_empty()
     }
 }
 
@@ -42,6 +44,8 @@ pub(crate) struct ChangeLog {
     old_sets: BTreeMap<String, Option<Set>>,
     /// Sets patched element by element (and not replaced whole).
     elems: BTreeMap<String, ElemDelta>,
+    /// Named counters added or removed: whether each existed at the last batch.
+    old_counters: BTreeMap<String, bool>,
 }
 
 impl ChangeLog {
@@ -85,18 +89,37 @@ impl ChangeLog {
         }
     }
 
+    /// Puts a named counter (`false`: removes it).
+    pub fn put_counter(&mut self, rs: &mut Ruleset, name: &str, present: bool) {
+        if rs.counters.contains(name) == present {
+            return;
+        }
+        self.old_counters
+            .entry(name.to_string())
+            .or_insert(!present);
+        if present {
+            rs.counters.insert(name.to_string());
+        } else {
+            rs.counters.remove(name);
+        }
+    }
+
     /// Replaces one part of the ruleset (named `old` so far) by `part`; returns its new names.
     pub fn replace_part(&mut self, rs: &mut Ruleset, old: &PartNames, part: Ruleset) -> PartNames {
         let new = PartNames::of(&part);
         let Ruleset {
             mut chains,
             mut sets,
+            counters,
         } = part;
         for name in old.chains.union(&new.chains) {
             self.put_chain(rs, name, chains.remove(name));
         }
         for name in old.sets.union(&new.sets) {
             self.put_set(rs, name, sets.remove(name));
+        }
+        for name in old.counters.union(&new.counters) {
+            self.put_counter(rs, name, counters.contains(name));
         }
         new
     }
@@ -157,6 +180,14 @@ impl ChangeLog {
             }
             if let Some(s) = rs.sets.get(&name) {
                 next.add_set(s.clone());
+            }
+        }
+        for (name, existed) in self.old_counters {
+            if existed {
+                last.add_counter(name.clone());
+            }
+            if rs.counters.contains(&name) {
+                next.add_counter(name);
             }
         }
         for (name, d) in self.elems {

@@ -156,7 +156,7 @@ impl Ruleset {
                             None => continue 'rules,
                         }
                     }
-                    Stmt::Counter => {}
+                    Stmt::Counter | Stmt::CounterNamed(_) => {}
                     Stmt::Accept => return Verdict::Accept,
                     Stmt::Drop => return Verdict::Drop,
                     Stmt::Return => return Verdict::Return,

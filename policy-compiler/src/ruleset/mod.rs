@@ -152,6 +152,9 @@ pub enum Stmt {
         map: String,
     },
     Counter,
+    /// `counter name <name>`: a named counter object of our table (read by name for the
+    /// per-policy metrics).
+    CounterNamed(String),
     /// `limit rate <rate>/second burst <burst> packets`: matches while under the rate (its state is
     /// the rule's own: one rule, one budget).
     Limit {
@@ -271,6 +274,8 @@ impl Set {
 pub struct Ruleset {
     pub chains: BTreeMap<String, Chain>,
     pub sets: BTreeMap<String, Set>,
+    /// Named counter objects (`counter name` in rules refers to them).
+    pub counters: BTreeSet<String>,
 }
 
 /// Size figures of a ruleset.
@@ -288,6 +293,15 @@ impl Ruleset {
     }
     pub fn add_set(&mut self, s: Set) {
         self.sets.insert(s.name.clone(), s);
+    }
+    pub fn add_counter(&mut self, name: String) {
+        self.counters.insert(name);
+    }
+    /// Adds every object of `part` (parts never share a name).
+    pub fn merge(&mut self, part: Ruleset) {
+        self.chains.extend(part.chains);
+        self.sets.extend(part.sets);
+        self.counters.extend(part.counters);
     }
     pub fn stats(&self) -> RulesetStats {
         RulesetStats {

@@ -3,7 +3,7 @@
 //! Derived names never contain user strings, so no namespace, policy or label can reach nft
 //! syntax through a name.
 
-use crate::model::{Direction, Tier};
+use crate::model::{Action, Direction, Tier};
 use crate::ruleset::Family;
 pub use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 
@@ -149,6 +149,35 @@ pub fn policy_id(policy_key: &str) -> String {
 pub fn policy_chain(policy_key: &str, dir: Direction) -> String {
     format!(
         "{POLICY_CHAIN_PREFIX}{}_{}",
+        policy_id(policy_key),
+        dir.tag()
+    )
+}
+
+/// Prefix of our named counters.
+pub const COUNTER_PREFIX: &str = "cnt_";
+
+/// `cnt_<policy id>_<in|eg>`: what a NetworkPolicy admitted in one direction (every rule of its
+/// chain counts here).
+pub fn policy_counter(policy_key: &str, dir: Direction) -> String {
+    format!("{COUNTER_PREFIX}{}_{}", policy_id(policy_key), dir.tag())
+}
+
+/// `cnt_<group chain>`: what a group chain dropped (no rule of its NetworkPolicies allowed it).
+pub fn group_counter(group_chain: &str) -> String {
+    format!("{COUNTER_PREFIX}{group_chain}")
+}
+
+/// `cnt_<policy id>_<in|eg>_<accept|deny|pass>`: what a ClusterNetworkPolicy's rules of one action
+/// matched in one direction.
+pub fn cluster_counter(policy_key: &str, dir: Direction, action: Action) -> String {
+    let a = match action {
+        Action::Accept => "accept",
+        Action::Deny => "deny",
+        Action::Pass => "pass",
+    };
+    format!(
+        "{COUNTER_PREFIX}{}_{}_{a}",
         policy_id(policy_key),
         dir.tag()
     )

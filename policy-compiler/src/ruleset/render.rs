@@ -273,6 +273,7 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
             json!({"vmap": {"key": addr(*family, *field), "data": set_ref_str(map)}})
         }
         Stmt::Counter => json!({"counter": null}),
+        Stmt::CounterNamed(name) => json!({"counter": name}),
         Stmt::Limit { rate, burst } => {
             json!({"limit": {"rate": rate, "per": "second", "burst": burst}})
         }
@@ -287,6 +288,11 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::Goto(target) => json!({"goto": {"target": target}}),
         Stmt::Return => json!({"return": null}),
     }
+}
+
+/// `{"counter": {...}}`: a named counter object of our table.
+pub(crate) fn counter_obj(name: &str) -> Value {
+    json!({"counter": {"family": TABLE_FAMILY, "table": TABLE_NAME, "name": name}})
 }
 
 /// `{"rule": {...}}` appending `r` to chain `chain`.
@@ -315,6 +321,9 @@ impl Ruleset {
         for s in self.sets.values() {
             let elems = s.elements.iter().map(|e| elem_json(e, false)).collect();
             emit(cmd("add", set_obj(s, Some(elems))));
+        }
+        for n in &self.counters {
+            emit(cmd("add", counter_obj(n)));
         }
         for c in self.chains.values() {
             for r in &c.rules {
@@ -383,6 +392,20 @@ impl Ruleset {
             if !s.elements.is_empty() {
                 cmds.push(cmd("add", element_obj(s, &s.elements, false)));
             }
+        }
+        // Counters the rules name, in case they went with the rules (an `add` of an existing one
+        // keeps its values).
+        let counters: BTreeSet<&String> = chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .flat_map(|r| &r.stmts)
+            .filter_map(|s| match s {
+                Stmt::CounterNamed(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        for n in counters {
+            cmds.push(cmd("add", counter_obj(n)));
         }
         for c in &chains {
             cmds.push(cmd("flush", chain_obj(c, false)));

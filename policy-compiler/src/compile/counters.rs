@@ -1,0 +1,157 @@
+//! What each of our named counters counts, for the per-policy metrics: the kernel counts, the
+//! agent reads the counters by name and labels them with this.
+//!
+//! - `cnt_<policy>_<in|eg>`: new connections a NetworkPolicy admitted in one direction (only a
+//!   connection's first packet meets policy rules; established ones are accepted before).
+//! - `cnt_<group chain>`: packets dropped because no rule of the NetworkPolicies isolating a group
+//!   of pods allowed them; every one of those policies is named (a drop isolated by two policies
+//!   counts for both).
+//! - `cnt_<cnp>_<in|eg>_<accept|deny|pass>`: what a ClusterNetworkPolicy's rules of one action
+//!   matched.
+
+use super::Compiled;
+use crate::model::{Action, Direction};
+use crate::ruleset::names;
+use std::collections::BTreeMap;
+
+/// The verdict a counter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Counted {
+    Allow,
+    Drop,
+    /// A ClusterNetworkPolicy's Pass: handed to the next tier.
+    Pass,
+}
+
+impl Counted {
+    pub fn label(self) -> &'static str {
+        match self {
+            Counted::Allow => "allow",
+            Counted::Drop => "drop",
+            Counted::Pass => "pass",
+        }
+    }
+}
+
+/// One named counter of our table and what it counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyCounter {
+    /// The counter object's name.
+    pub counter: String,
+    pub direction: Direction,
+    pub verdict: Counted,
+    /// The policies it counts for: `namespace/name` of NetworkPolicies, `cnp:<name>` of a
+    /// ClusterNetworkPolicy.
+    pub policies: Vec<String>,
+}
+
+impl Compiled {
+    /// Every named counter of this node's ruleset, with what it counts.
+    pub fn policy_counters(&self) -> Vec<PolicyCounter> {
+        let exists = |n: &String| self.ruleset.counters.contains(n);
+        let mut out = Vec::new();
+        for (key, pol) in &self.policies {
+            for dir in Direction::BOTH {
+                let counter = names::policy_counter(key, dir);
+                if pol.rules(dir).is_some() && exists(&counter) {
+                    out.push(PolicyCounter {
+                        counter,
+                        direction: dir,
+                        verdict: Counted::Allow,
+                        policies: vec![key.clone()],
+                    });
+                }
+            }
+        }
+        let mut groups: BTreeMap<String, PolicyCounter> = BTreeMap::new();
+        for pod in self.pods.values() {
+            for dir in Direction::BOTH {
+                let keys = pod.policies(dir);
+                if keys.is_empty() {
+                    continue;
+                }
+                let tiers = pod.cluster(dir);
+                let group = names::group_chain(keys, &tiers.admin, &tiers.baseline, dir);
+                let counter = names::group_counter(&group);
+                if exists(&counter) && !groups.contains_key(&counter) {
+                    groups.insert(
+                        counter.clone(),
+                        PolicyCounter {
+                            counter,
+                            direction: dir,
+                            verdict: Counted::Drop,
+                            policies: keys.to_vec(),
+                        },
+                    );
+                }
+            }
+        }
+        out.extend(groups.into_values());
+        for (key, cp) in &self.cluster_policies {
+            for dir in Direction::BOTH {
+                for (action, verdict) in [
+                    (Action::Accept, Counted::Allow),
+                    (Action::Deny, Counted::Drop),
+                    (Action::Pass, Counted::Pass),
+                ] {
+                    let counter = names::cluster_counter(key, dir, action);
+                    if exists(&counter) {
+                        out.push(PolicyCounter {
+                            counter,
+                            direction: dir,
+                            verdict,
+                            policies: vec![key.clone()],
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::scenarios::Scenario;
+    use serde_json::json;
+
+    #[test]
+    fn every_named_counter_of_the_ruleset_is_described_once() {
+        let st = Scenario::new()
+            .pod("a/x", "n1", &["10.244.1.2"], &[("app", "x")], &[])
+            .pod("a/y", "n1", &["10.244.1.3"], &[("app", "y")], &[])
+            .policy("a", "deny-all", json!({"podSelector": {}}))
+            .policy("a", "allow-y", json!({"podSelector": {"matchLabels": {"app": "x"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "y"}}}]}]}))
+            .cnp("guard", json!({"tier": "Admin", "priority": 1,
+                "subject": {"namespaces": {}},
+                "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}}]},
+                            {"action": "Pass", "from": [{"namespaces": {}}]}]}))
+            .pod("b/z", "n2", &["10.244.2.2"], &[], &[])
+            .st;
+        let c = compile(&st, "n1");
+        let described = c.policy_counters();
+        let names: std::collections::BTreeSet<&String> =
+            described.iter().map(|p| &p.counter).collect();
+        assert_eq!(names.len(), described.len(), "each counter once");
+        assert_eq!(
+            names,
+            c.ruleset.counters.iter().collect(),
+            "every counter of the ruleset, and only those"
+        );
+        let find = |pol: &str, verdict: Counted| {
+            described
+                .iter()
+                .filter(|p| p.verdict == verdict && p.policies.iter().any(|k| k == pol))
+                .count()
+        };
+        assert_eq!(find("a/allow-y", Counted::Allow), 1);
+        // x is isolated by both policies, y by deny-all alone: two groups.
+        assert_eq!(find("a/deny-all", Counted::Drop), 2);
+        assert_eq!(find("a/allow-y", Counted::Drop), 1);
+        assert_eq!(find("cnp:guard", Counted::Drop), 1);
+        assert_eq!(find("cnp:guard", Counted::Pass), 1);
+    }
+}
