@@ -87,7 +87,7 @@ impl Compiled {
             }
         }
         out.extend(groups.into_values());
-        for (key, cp) in &self.cluster_policies {
+        for key in self.cluster_policies.keys() {
             for dir in Direction::BOTH {
                 for (action, verdict) in [
                     (Action::Accept, Counted::Allow),
