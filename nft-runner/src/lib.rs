@@ -77,6 +77,12 @@ impl Nft {
         self.list("list table", &["table", family, table])
     }
 
+    /// Lists the named counters of `table FAMILY NAME` (and their values) as nft JSON; `None` when
+    /// the table does not exist.
+    pub fn list_counters(&self, family: &str, table: &str) -> Result<Option<String>> {
+        self.list("list counters", &["counters", "table", family, table])
+    }
+
     /// Lists `set FAMILY TABLE SET` as nft JSON; `None` when the table or the set does not exist.
     pub fn list_set(&self, family: &str, table: &str, set: &str) -> Result<Option<String>> {
         self.list("list set", &["set", family, table, set])

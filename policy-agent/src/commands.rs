@@ -57,15 +57,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let cluster_cidrs = crate::routes::cluster_cidrs(&args.cluster_cidrs)?;
     let metrics = Arc::new(Metrics::default());
-    let listener = server::bind(&args.listen).await?;
-    info!(listen = %args.listen, "serving /healthz, /readyz, /metrics");
-    tokio::spawn(server::serve(listener, metrics.clone()));
-
     let nft = Nft::new(args.nft_backend);
     info!(backend = ?nft.backend(), "nft backend");
-    // One channel into the engine: the source, the attachment watch, the drift monitor and the
-    // snapshot reader all send here (the threads with `blocking_send`).
+    // One channel into the engine: the source, the attachment watch, the drift monitor, the
+    // snapshot reader, the flow log and the metrics scrape all send here (the threads with
+    // `blocking_send`).
     let (tx, rx) = mpsc::channel::<Msg>(reconcile::CHANNEL);
+    let listener = server::bind(&args.listen).await?;
+    info!(listen = %args.listen, "serving /healthz, /readyz, /metrics");
+    let policies = crate::policy_metrics::PolicyMetrics::new(tx.clone(), nft.backend());
+    tokio::spawn(server::serve(
+        listener,
+        metrics.clone(),
+        Some(Arc::new(policies)),
+    ));
     let wake = tx.clone();
     let lost = tx.clone();
     let poll_attachments = match attachments::watch(

@@ -21,6 +21,7 @@ pub mod lock;
 pub mod metrics;
 pub mod nft;
 pub mod overlay;
+pub mod policy_metrics;
 pub mod reconcile;
 pub mod route_sync;
 pub mod routes;

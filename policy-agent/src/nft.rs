@@ -38,6 +38,11 @@ impl Nft {
         Ok(self.runner.list_table(TABLE_FAMILY, TABLE_NAME)?)
     }
 
+    /// Lists our table's named counters with their values as nft JSON; `None` without the table.
+    pub fn list_counters(&self) -> Result<Option<String>> {
+        Ok(self.runner.list_counters(TABLE_FAMILY, TABLE_NAME)?)
+    }
+
     /// Deletes our table (cleanup). Absent is success.
     pub fn delete_table(&self) -> Result<bool> {
         let batch = serde_json::json!({"nftables": [

@@ -95,6 +95,10 @@ pub enum Msg {
     },
     /// What the flow log's NFLOG reader got: attributed with the model, then written.
     Flows(crate::flow_log::nflog::Read),
+    /// A scrape asks what each named counter of our table counts (`policy_metrics`).
+    PolicyCounters(
+        tokio::sync::oneshot::Sender<Vec<palisade_policy::compile::counters::PolicyCounter>>,
+    ),
     /// Leave the loop (rules stay in the kernel).
     Stop,
 }
@@ -243,6 +247,9 @@ impl Engine {
                         f.state_changed();
                     }
                 }
+            }
+            Msg::PolicyCounters(reply) => {
+                let _ = reply.send(self.inc.compiled().policy_counters());
             }
             Msg::Flows(read) => {
                 if let Some(f) = &mut self.flow_log {

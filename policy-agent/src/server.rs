@@ -128,8 +128,12 @@ impl Drop for Slot {
     }
 }
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// Serves until the task is dropped. `policies` adds the per-policy counters to `/metrics`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    policies: Option<Arc<crate::policy_metrics::PolicyMetrics>>,
+) {
     let conns = Arc::new(Conns::new(metrics.clone()));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(false)
@@ -147,11 +151,20 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     conns: conns.clone(),
                     id,
                 };
-                let (m, c) = (metrics.clone(), conns.clone());
+                let (m, c, p) = (metrics.clone(), conns.clone(), policies.clone());
                 let service = service_fn(move |req| {
                     c.answering(id);
-                    let resp = answer(&req, &m);
-                    async move { Ok::<_, Infallible>(resp) }
+                    let mut resp = answer(&req, &m);
+                    let more = p.clone().filter(|_| {
+                        req.uri().path() == "/metrics" && resp.status() == StatusCode::OK
+                    });
+                    async move {
+                        if let Some(p) = more {
+                            let text = p.render().await;
+                            resp.body_mut().push_str(&text);
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let conn = http.serve_connection(TokioIo::new(stream), service);
                 tokio::spawn(async move {
@@ -243,7 +256,7 @@ mod tests {
         let l = bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let m = Arc::new(Metrics::default());
-        let srv = tokio::spawn(serve(l, m));
+        let srv = tokio::spawn(serve(l, m, None));
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -282,7 +295,7 @@ mod tests {
     async fn healthz_answers_while_many_idle_connections_are_held_and_open_ones_stay_capped() {
         let l = bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default())));
+        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default()), None));
         // 300 connections that never send a request (17.6k were held before the cap).
         let mut held = Vec::new();
         for _ in 0..300 {
@@ -329,7 +342,7 @@ mod tests {
     async fn http_1_0_head_and_other_methods() {
         let l = bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default())));
+        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default()), None));
         // The benchmarks scrape with HTTP/1.0 and read to EOF.
         let old = raw(addr, "GET /metrics?x=1 HTTP/1.0\r\nHost: x\r\n\r\n").await;
         assert!(old.starts_with("HTTP/1.0 200 OK"), "{old}");
@@ -352,7 +365,7 @@ mod tests {
     async fn an_oversized_request_head_is_refused_with_431() {
         let l = bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default())));
+        let srv = tokio::spawn(serve(l, Arc::new(Metrics::default()), None));
         let mut s = TcpStream::connect(addr).await.unwrap();
         let head = format!(
             "GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n",

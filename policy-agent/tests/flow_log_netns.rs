@@ -1,7 +1,8 @@
-//! The flow log on a real node (issue 16), in namespaces we create (root; never the host's own):
-//! with `--flow-log-allowed`, an admitted connection is one `allowed` line naming the policy that
-//! admitted it, a denied one one `dropped` line naming the isolating policy, a connection no
-//! policy governs none; `palisade-agent flows` serves the same lines from the agent's socket.
+//! What the policies do, seen on a real node (issue 16), in namespaces we create (root; never the
+//! host's own): the flow log (with `--flow-log-allowed`, an admitted connection is one `allowed`
+//! line naming the policy that admitted it, a denied one one `dropped` line naming the isolating
+//! policy, a connection no policy governs none; `palisade-agent flows` serves the same lines from
+//! the agent's socket), and the per-policy counters in `/metrics`.
 
 mod agent_support;
 
@@ -53,39 +54,65 @@ fn metric(ns: &Netns, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One node with three pods (client, target, other) and `ALLOW_CLIENT`, the agent ready.
+struct World {
+    // Dropped first: the agent stops before its directories and namespaces go.
+    agent: Option<Agent>,
+    n1: Netns,
+    client: Pod,
+    target: Pod,
+    other: Pod,
+    d: AgentDirs,
+    t: TempDir,
+}
+
+impl World {
+    fn new(extra: &[&str]) -> Self {
+        let n1 = Netns::router("pfl");
+        let t = temp_dir("pa-flowlog");
+        let d = AgentDirs::new(&t);
+        let (client, target, other) = (Pod::new(CLIENT), Pod::new(TARGET), Pod::new(OTHER));
+        for p in [&client, &target, &other] {
+            p.wire(&n1);
+        }
+        manifest(
+            &d.manifests,
+            "base.yaml",
+            &format!(
+                "{}{}{}{}{}",
+                node_yaml(NODE, &["10.244.1.0/24"], &["192.168.78.1"]),
+                namespace_yaml("demo"),
+                pod_yaml("demo", "client", "client", NODE, Some(CLIENT)),
+                pod_yaml("demo", "target", "target", NODE, Some(TARGET)),
+                pod_yaml("demo", "other", "other", NODE, Some(OTHER)),
+            ),
+        );
+        manifest(&d.manifests, "policy.yaml", ALLOW_CLIENT);
+        let agent = Agent::start(&n1, NODE, &d, extra);
+        assert!(
+            agent.wait_ready(&n1, Duration::from_secs(10)),
+            "agent never became ready"
+        );
+        World {
+            agent: Some(agent),
+            n1,
+            client,
+            target,
+            other,
+            d,
+            t,
+        }
+    }
+}
+
 #[test]
 fn admitted_and_dropped_connections_are_one_line_each_naming_the_policy_and_the_default_is_not_logged(
 ) {
-    let n1 = Netns::router("pfl");
-    let t = temp_dir("pa-flowlog");
-    let d = AgentDirs::new(&t);
-    let (client, target, other) = (Pod::new(CLIENT), Pod::new(TARGET), Pod::new(OTHER));
-    for p in [&client, &target, &other] {
-        p.wire(&n1);
-    }
-    manifest(
-        &d.manifests,
-        "base.yaml",
-        &format!(
-            "{}{}{}{}{}{ALLOW_CLIENT}",
-            node_yaml(NODE, &["10.244.1.0/24"], &["192.168.78.1"]),
-            namespace_yaml("demo"),
-            pod_yaml("demo", "client", "client", NODE, Some(CLIENT)),
-            pod_yaml("demo", "target", "target", NODE, Some(TARGET)),
-            pod_yaml("demo", "other", "other", NODE, Some(OTHER)),
-        ),
-    );
-    let log = t.path().join("flows.jsonl");
-    let agent = Agent::start(
-        &n1,
-        NODE,
-        &d,
-        &["--flow-log", log.to_str().unwrap(), "--flow-log-allowed"],
-    );
-    assert!(
-        agent.wait_ready(&n1, Duration::from_secs(10)),
-        "agent never became ready"
-    );
+    let log_dir = temp_dir("pa-flowlog-out");
+    let log = log_dir.path().join("flows.jsonl");
+    let w = World::new(&["--flow-log", log.to_str().unwrap(), "--flow-log-allowed"]);
+    let (n1, t, d) = (&w.n1, &w.t, &w.d);
+    let (client, target, other) = (&w.client, &w.target, &w.other);
     let (at_target, at_other) = (t.path().join("target.log"), t.path().join("other.log"));
     let _r1 = Receiver::start(&target.ns, PORT, &at_target);
     let _r2 = Receiver::start(&other.ns, PORT, &at_other);
@@ -147,7 +174,7 @@ fn admitted_and_dropped_connections_are_one_line_each_naming_the_policy_and_the_
     );
     assert!(
         metric(
-            &n1,
+            n1,
             "palisade_flow_log_packets_total{result=\"default_allowed\"} "
         ) >= 1.0,
         "the kernel handed it over and the agent left it out"
@@ -172,7 +199,61 @@ fn admitted_and_dropped_connections_are_one_line_each_naming_the_policy_and_the_
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), text);
     assert_socket_is_owner_only(&d.state.join("flows.sock"));
-    drop(agent);
+}
+
+/// `palisade_policy_packets_total` of one series (0 when absent), and whether the policy has any.
+fn policy_packets(ns: &Netns, policy: &str, verdict: &str) -> (f64, bool) {
+    let (_, body) = ns.http(AGENT_PORT, "/metrics").unwrap_or_default();
+    let of_policy: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("palisade_policy_packets_total{"))
+        .filter(|l| l.contains(&format!("policy=\"{policy}\"")))
+        .collect();
+    let n = of_policy
+        .iter()
+        .find(|l| l.contains(&format!("direction=\"ingress\",verdict=\"{verdict}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    (n, !of_policy.is_empty())
+}
+
+#[test]
+fn per_policy_counters_move_with_the_traffic_they_count_and_a_deleted_policys_series_disappear() {
+    let w = World::new(&[]);
+    assert_eq!(policy_packets(&w.n1, "allow-client", "allow"), (0.0, true));
+    assert_eq!(policy_packets(&w.n1, "allow-client", "drop"), (0.0, true));
+    let at_target = w.t.path().join("target.log");
+    let _r = Receiver::start(&w.target.ns, PORT, &at_target);
+
+    // Three datagrams each, never answered: all three meet the rules (a flow is established only
+    // once a reply is seen).
+    udp_flow(&w.client.ns, TARGET);
+    udp_flow(&w.other.ns, TARGET);
+    assert!(
+        wait_until(Duration::from_secs(5), || arrivals(&at_target).len() == 3),
+        "control: the client's datagrams did not arrive"
+    );
+    assert_eq!(policy_packets(&w.n1, "allow-client", "allow").0, 3.0);
+    let dropped = || policy_packets(&w.n1, "allow-client", "drop").0;
+    assert!(
+        wait_until(Duration::from_secs(2), || dropped() == 3.0),
+        "drops counted: {} of 3\n{}\n{}",
+        dropped(),
+        w.n1.http(AGENT_PORT, "/metrics").unwrap_or_default().1,
+        w.n1.exec(&["nft", "list", "table", "inet", "palisade"])
+    );
+
+    std::fs::remove_file(w.d.manifests.join("policy.yaml")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || !policy_packets(
+            &w.n1,
+            "allow-client",
+            "allow"
+        )
+        .1),
+        "a deleted policy's series stay"
+    );
+    drop(w.agent);
 }
 
 fn assert_socket_is_owner_only(path: &Path) {

@@ -1,8 +1,9 @@
 //! What each of our named counters counts, for the per-policy metrics: the kernel counts, the
 //! agent reads the counters by name and labels them with this.
 //!
-//! - `cnt_<policy>_<in|eg>`: new connections a NetworkPolicy admitted in one direction (only a
-//!   connection's first packet meets policy rules; established ones are accepted before).
+//! - `cnt_<policy>_<in|eg>`: packets a NetworkPolicy admitted in one direction (only packets of
+//!   connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the
+//!   first reply; established ones are accepted before).
 //! - `cnt_<group chain>`: packets dropped because no rule of the NetworkPolicies isolating a group
 //!   of pods allowed them; every one of those policies is named (a drop isolated by two policies
 //!   counts for both).
