@@ -32,9 +32,10 @@ const REFUSAL_REASONS: [&str; 5] = [
 const SOURCE_RESULTS: [&str; 3] = ["changed", "unchanged", "rejected"];
 
 /// What became of a packet the flow log was handed; each always shown.
-const FLOW_LOG_RESULTS: [&str; 7] = [
+const FLOW_LOG_RESULTS: [&str; 8] = [
     "dropped",
     "allowed",
+    "would_drop",
     "repeat",
     "default_allowed",
     "lost",
@@ -218,7 +219,7 @@ impl Metrics {
             &m.http_open,
         );
         reg(&mut r, "palisade_http_closed_connections", &format!("Connections closed because {cap} were open: the oldest one without a request (evicted), or the new one when all were being answered (refused)"), &m.http_closed);
-        reg(&mut r, "palisade_flow_log_packets", "Packets the kernel handed to the flow log, by what became of them: dropped and allowed (a line written), repeat (a flow already logged within 10 s), default_allowed (admitted by no policy: not logged), lost (the writer was behind), unreadable, kernel_overflow (times the kernel dropped log messages: the socket was full)", &m.flow_log);
+        reg(&mut r, "palisade_flow_log_packets", "Packets the kernel handed to the flow log, by what became of them: dropped, allowed and would_drop (a line written), repeat (a flow already logged within 10 s), default_allowed (admitted by no policy: not logged), lost (the writer was behind), unreadable, kernel_overflow (times the kernel dropped log messages: the socket was full)", &m.flow_log);
         // Label sets shown from the start, at 0.
         for kind in ["full", "incremental"] {
             let _ = m.transactions.get_or_create(&[("kind", kind)]);
@@ -482,10 +483,11 @@ palisade_http_open_connections 0
 # TYPE palisade_http_closed_connections_total counter
 palisade_http_closed_connections_total{reason="refused"} 0
 palisade_http_closed_connections_total{reason="evicted"} 0
-# HELP palisade_flow_log_packets_total Packets the kernel handed to the flow log, by what became of them: dropped and allowed (a line written), repeat (a flow already logged within 10 s), default_allowed (admitted by no policy: not logged), lost (the writer was behind), unreadable, kernel_overflow (times the kernel dropped log messages: the socket was full).
+# HELP palisade_flow_log_packets_total Packets the kernel handed to the flow log, by what became of them: dropped, allowed and would_drop (a line written), repeat (a flow already logged within 10 s), default_allowed (admitted by no policy: not logged), lost (the writer was behind), unreadable, kernel_overflow (times the kernel dropped log messages: the socket was full).
 # TYPE palisade_flow_log_packets_total counter
 palisade_flow_log_packets_total{result="dropped"} 2
 palisade_flow_log_packets_total{result="allowed"} 0
+palisade_flow_log_packets_total{result="would_drop"} 0
 palisade_flow_log_packets_total{result="repeat"} 1
 palisade_flow_log_packets_total{result="default_allowed"} 0
 palisade_flow_log_packets_total{result="lost"} 0

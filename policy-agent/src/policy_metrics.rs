@@ -103,7 +103,7 @@ pub fn render(described: &[PolicyCounter], values: &HashMap<String, u64>) -> Str
         }
     }
     let mut out = String::from(
-        "# HELP palisade_policy_packets_total Packets each policy decided on this node, by direction and verdict: allow counts the packets a rule of the policy admitted (only packets of connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the first reply), drop the packets dropped because the policy isolates the pod and no rule allowed them (a drop isolated by several policies counts for each), a ClusterNetworkPolicy's pass what it handed to the next tier. From zero again after a full replace of our table.\n# TYPE palisade_policy_packets_total counter\n",
+        "# HELP palisade_policy_packets_total Packets each policy decided on this node, by direction and verdict: allow counts the packets a rule of the policy admitted (only packets of connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the first reply), drop the packets dropped because the policy isolates the pod and no rule allowed them (a drop isolated by several policies counts for each), a ClusterNetworkPolicy's pass what it handed to the next tier, would_drop what a NetworkPolicy in audit mode would have dropped (nothing was). From zero again after a full replace of our table.\n# TYPE palisade_policy_packets_total counter\n",
     );
     for ((kind, ns, name, dir, verdict), n) in sums {
         out.push_str(&format!(

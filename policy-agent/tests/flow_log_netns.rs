@@ -66,8 +66,15 @@ struct World {
     t: TempDir,
 }
 
+/// `ALLOW_CLIENT` in audit mode's place: a deny-all of the target's ingress, audited.
+const AUDIT_DENY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: audit-deny, namespace: demo, annotations: {palisade.dev/audit: \"true\"}}\nspec: {podSelector: {matchLabels: {app: target}}, policyTypes: [Ingress]}\n";
+
 impl World {
     fn new(extra: &[&str]) -> Self {
+        Self::with_policy(ALLOW_CLIENT, extra)
+    }
+
+    fn with_policy(policy: &str, extra: &[&str]) -> Self {
         let n1 = Netns::router("pfl");
         let t = temp_dir("pa-flowlog");
         let d = AgentDirs::new(&t);
@@ -87,7 +94,7 @@ impl World {
                 pod_yaml("demo", "other", "other", NODE, Some(OTHER)),
             ),
         );
-        manifest(&d.manifests, "policy.yaml", ALLOW_CLIENT);
+        manifest(&d.manifests, "policy.yaml", policy);
         let agent = Agent::start(&n1, NODE, &d, extra);
         assert!(
             agent.wait_ready(&n1, Duration::from_secs(10)),
@@ -199,6 +206,48 @@ fn admitted_and_dropped_connections_are_one_line_each_naming_the_policy_and_the_
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), text);
     assert_socket_is_owner_only(&d.state.join("flows.sock"));
+}
+
+#[test]
+fn a_deny_all_in_audit_mode_drops_nothing_and_logs_every_connection_it_would_drop() {
+    let log_dir = temp_dir("pa-flowlog-out");
+    let log = log_dir.path().join("flows.jsonl");
+    let w = World::with_policy(AUDIT_DENY, &["--flow-log", log.to_str().unwrap()]);
+    let at_target = w.t.path().join("target.log");
+    let _r = Receiver::start(&w.target.ns, PORT, &at_target);
+    udp_flow(&w.client.ns, TARGET);
+    udp_flow(&w.other.ns, TARGET);
+    assert!(
+        wait_until(Duration::from_secs(5), || arrivals(&at_target).len() == 6),
+        "the audited deny-all dropped something: {} of 6 datagrams arrived",
+        arrivals(&at_target).len()
+    );
+    let read = || lines(&std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        wait_until(Duration::from_secs(5), || read().len() >= 2),
+        "no audit lines: {:?}",
+        read()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let all = read();
+    for from in [CLIENT, OTHER] {
+        let l = between(&all, from, TARGET);
+        assert_eq!(l.len(), 1, "one line per flow from {from}: {all:?}");
+        assert_eq!(l[0]["verdict"], "would_drop", "{}", l[0]);
+        assert_eq!(
+            l[0]["policies"],
+            serde_json::json!(["demo/audit-deny"]),
+            "{}",
+            l[0]
+        );
+        assert_eq!(l[0]["destination"]["pod"], "demo/target", "{}", l[0]);
+    }
+    assert!(
+        all.iter().all(|l| l["verdict"] == "would_drop"),
+        "nothing was dropped: {all:?}"
+    );
+    // Counted in the kernel: every datagram the audited policy would have dropped.
+    assert_eq!(policy_packets(&w.n1, "audit-deny", "would_drop").0, 6.0);
 }
 
 /// `palisade_policy_packets_total` of one series (0 when absent), and whether the policy has any.

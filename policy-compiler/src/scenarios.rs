@@ -100,6 +100,16 @@ impl Scenario {
         ));
         self
     }
+    /// A NetworkPolicy in audit mode (its annotation).
+    pub fn audit_policy(mut self, ns: &str, name: &str, spec: Value) -> Self {
+        let np = serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name,
+            "annotations": {crate::model::AUDIT_ANNOTATION: "true"}}, "spec": spec}))
+        .expect("a well-formed scenario");
+        self.st.apply(Change::UpsertPolicy(
+            policy_from_k8s(&np).expect("a well-formed scenario"),
+        ));
+        self
+    }
     /// A policy that skipped validation (the ruleset must stay safe even then).
     /// A ClusterNetworkPolicy from its API spec.
     pub fn cnp(mut self, name: &str, spec: Value) -> Self {
@@ -216,6 +226,7 @@ pub fn scenarios() -> Vec<(&'static str, ClusterState)> {
                         ports: vec![],
                     }]),
                     egress: None,
+                    audit: false,
                 })
                 .attachment("a/x", &["10.244.1.2"], false)
                 .attachment("a/not-yet-known", &["10.244.1.9", "fd00:10:244:1::9"], true)
@@ -258,6 +269,9 @@ pub fn scenarios() -> Vec<(&'static str, ClusterState)> {
             Scenario::new()
                 .pod("a/x", "n1", &["10.244.1.2", "fd00:10:244:1::2"], &[("app", "x")], &[])
                 .policy("a", "deny-all", json!({"podSelector": {}, "policyTypes": ["Ingress"]}))
+                .pod("c/w", "n1", &["10.244.1.3", "fd00:10:244:1::3"], &[("app", "w")], &[])
+                .audit_policy("c", "would-allow-x", json!({"podSelector": {}, "ingress": [
+                    {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "x"}}}], "ports": [{"port": 80}]}]}))
                 .cnp("no-egress-to-b", json!({"tier": "Admin", "priority": 5,
                     "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "a"}}},
                     "egress": [{"action": "Deny", "to": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}}]}]}))

@@ -47,6 +47,8 @@ pub struct SynthConfig {
     pub seed: u64,
     /// Give every pod an IPv6 address too.
     pub dual_stack: bool,
+    /// Every n-th policy is in audit mode (0: none).
+    pub audit_every: usize,
 }
 
 impl SynthConfig {
@@ -60,6 +62,7 @@ impl SynthConfig {
             cluster_policies: 0,
             seed,
             dual_stack: true,
+            audit_every: 0,
         }
     }
     /// A small cluster where most things touch node `n0` (property tests).
@@ -72,6 +75,7 @@ impl SynthConfig {
             cluster_policies: 4,
             seed,
             dual_stack: true,
+            audit_every: 5,
         }
     }
 }
@@ -312,6 +316,7 @@ pub fn make_policy(cfg: &SynthConfig, rng: &mut Rng, i: usize) -> Policy {
         pod_selector: target,
         ingress,
         egress,
+        audit: cfg.audit_every > 0 && i % cfg.audit_every == cfg.audit_every - 1,
     }
 }
 

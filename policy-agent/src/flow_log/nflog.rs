@@ -12,7 +12,11 @@ use netlink_packet_netfilter::nflog::{
 };
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-use palisade_policy::ruleset::names::{FLOW_PREFIX_ALLOW, FLOW_PREFIX_DROP, FLOW_SNAPLEN};
+use palisade_policy::model::Direction;
+use palisade_policy::ruleset::names::{
+    FLOW_PREFIX_ALLOW, FLOW_PREFIX_AUDIT_EGRESS, FLOW_PREFIX_AUDIT_INGRESS, FLOW_PREFIX_DROP,
+    FLOW_SNAPLEN,
+};
 
 /// Socket receive buffer: ~2 s of the default rate at its burst, with room to spare.
 const RCVBUF: usize = 1 << 20;
@@ -154,6 +158,12 @@ fn logged(nlas: &[PacketNla]) -> Option<Logged> {
                 kind = match p.to_bytes() {
                     b if b == FLOW_PREFIX_DROP.as_bytes() => Some(Kind::Dropped),
                     b if b == FLOW_PREFIX_ALLOW.as_bytes() => Some(Kind::Allowed),
+                    b if b == FLOW_PREFIX_AUDIT_INGRESS.as_bytes() => {
+                        Some(Kind::WouldDrop(Direction::Ingress))
+                    }
+                    b if b == FLOW_PREFIX_AUDIT_EGRESS.as_bytes() => {
+                        Some(Kind::WouldDrop(Direction::Egress))
+                    }
                     _ => None,
                 }
             }

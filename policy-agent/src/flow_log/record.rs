@@ -16,6 +16,9 @@ pub enum Kind {
     Dropped,
     /// The first packet of a connection we let through (`flow_allow*`).
     Allowed,
+    /// What NetworkPolicies in audit mode would have dropped in this direction (`flow_audit_*`);
+    /// the packet went on to the enforced rules.
+    WouldDrop(Direction),
 }
 
 impl Kind {
@@ -23,6 +26,7 @@ impl Kind {
         match self {
             Kind::Dropped => "dropped",
             Kind::Allowed => "allowed",
+            Kind::WouldDrop(_) => "would_drop",
         }
     }
 }
@@ -102,7 +106,8 @@ pub struct FlowRecord {
     pub time: String,
     /// The node that logged it.
     pub node: String,
-    /// `dropped` or `allowed`.
+    /// `dropped`, `allowed`, or `would_drop` (a policy in audit mode would have dropped it; it was
+    /// not).
     pub verdict: &'static str,
     /// The direction whose policies decided: `egress` (of the source), `ingress` (of the
     /// destination), or `egress,ingress` when both admitted it.
@@ -153,7 +158,26 @@ pub fn attribute(
         outcome,
     };
     let mut decided: Vec<DirectionVerdict> = Vec::new();
+    let mut audit_note = None;
     match logged.kind {
+        Kind::WouldDrop(dir) => {
+            let own = match dir {
+                Direction::Egress => f.src,
+                Direction::Ingress => f.dst,
+            };
+            let lp = adm.governed_pod(dir, own)?;
+            let keys = lp.audited(dir).to_vec();
+            if keys.is_empty() {
+                return None; // the model changed since: nothing is audited there now
+            }
+            audit_note = Some(format!(
+                "{dir} of {} (node {node}): would be DENIED by {} in audit mode (not enforced): isolated by {} and none of their rules matches",
+                lp.key,
+                keys.join(", "),
+                keys.join(", ")
+            ));
+            decided.push(verdict(dir, &lp.key, Outcome::Denied(keys)));
+        }
         Kind::Dropped => {
             if let Some(ip) = j.pending {
                 let dir = if ip == f.src {
@@ -194,7 +218,9 @@ pub fn attribute(
             }
         }
     }
-    let reason = if decided.is_empty() {
+    let reason = if let Some(note) = audit_note {
+        note
+    } else if decided.is_empty() {
         "dropped by this node's ruleset, but the policies in force now admit it: a change was \
          being committed (the next attempt meets the new rules)"
             .to_string()
@@ -306,6 +332,53 @@ mod tests {
         assert!(r.policies.is_empty());
         assert_eq!(r.direction, None);
         assert!(r.reason.contains("a change was being committed"));
+    }
+
+    #[test]
+    fn what_an_audited_policy_would_drop_names_it_and_says_nothing_was_dropped() {
+        let st = Scenario::new()
+            .pod(
+                "shop/backend",
+                "n1",
+                &["10.244.1.2"],
+                &[("app", "backend")],
+                &[],
+            )
+            .pod(
+                "guest/visitor",
+                "n2",
+                &["10.244.2.2"],
+                &[("app", "visitor")],
+                &[],
+            )
+            .audit_policy("shop", "deny-all", json!({"podSelector": {}}))
+            .st;
+        let c = compile(&st, "n1");
+        let adm = Admitter::new(&c);
+        let logged = Logged {
+            kind: Kind::WouldDrop(Direction::Ingress),
+            facts: tcp("10.244.2.2", "10.244.1.2", 80),
+            from_this_node: false,
+        };
+        let r = attribute(&logged, &adm, &Names::of(&st), "n1", "T".into()).unwrap();
+        assert_eq!(r.verdict, "would_drop");
+        assert_eq!(r.direction.as_deref(), Some("ingress"));
+        assert_eq!(r.policies, ["shop/deny-all"]);
+        assert_eq!(r.source.pod.as_deref(), Some("guest/visitor"));
+        assert!(
+            r.reason.contains("audit mode (not enforced)"),
+            "{}",
+            r.reason
+        );
+        // A pod nothing audits any more (the model moved on): no line.
+        let other = Logged {
+            facts: tcp("10.244.1.2", "10.244.2.2", 80),
+            ..logged
+        };
+        assert_eq!(
+            attribute(&other, &adm, &Names::of(&st), "n1", "T".into()),
+            None
+        );
     }
 
     #[test]

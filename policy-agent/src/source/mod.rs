@@ -247,14 +247,21 @@ impl Object {
     }
 
     /// Drops what nothing downstream reads, what makes objects large and what changes on every
-    /// heartbeat: `managedFields`, annotations, and the status but for what the model reads (a Pod's
+    /// heartbeat: `managedFields`, annotations (but a NetworkPolicy's audit annotation,
+    /// `palisade.dev/audit`, which the model reads), and the status but for what the model reads (a Pod's
     /// phase and IPs, a Node's addresses; conditions, container statuses, probe times, capacity and
     /// images go). Every source strips objects before emitting them; the manifest source compares
     /// stripped objects, so a status heartbeat there is not even emitted.
     pub fn strip(mut self) -> Self {
+        let keep_audit = matches!(self, Object::NetworkPolicy(_));
         let meta = self.meta_mut();
         meta.managed_fields = None;
-        meta.annotations = None;
+        let audit = meta
+            .annotations
+            .take()
+            .and_then(|mut a| a.remove_entry(palisade_policy::model::AUDIT_ANNOTATION))
+            .filter(|_| keep_audit);
+        meta.annotations = audit.map(|(k, v)| [(k, v)].into());
         match &mut self {
             Object::Pod(p) => {
                 if let Some(s) = p.status.as_mut() {
@@ -289,6 +296,33 @@ mod tests {
 
     fn policy(json: serde_json::Value) -> Object {
         Object::NetworkPolicy(Box::new(serde_json::from_value(json).unwrap()))
+    }
+
+    #[test]
+    fn strip_keeps_a_network_policys_audit_annotation_and_drops_every_other() {
+        let np = policy(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "audited", "annotations": {
+                "palisade.dev/audit": "true", "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"podSelector": {}}
+        }))
+        .strip();
+        assert_eq!(
+            np.meta().annotations,
+            Some([("palisade.dev/audit".to_string(), "true".to_string())].into())
+        );
+        match SourceEvent::applied(np) {
+            SourceEvent::Changed {
+                change: Change::UpsertPolicy(p),
+                ..
+            } => assert!(p.audit),
+            other => panic!("{other:?}"),
+        }
+        let plain = policy(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "p", "annotations": {"x": "y"}},
+            "spec": {"podSelector": {}}
+        }))
+        .strip();
+        assert_eq!(plain.meta().annotations, None);
     }
 
     #[test]

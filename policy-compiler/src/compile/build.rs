@@ -34,13 +34,25 @@ pub(crate) fn build(c: &Compiled) -> (Ruleset, Vec<String>, Vec<PriorityTie>) {
     (rs, warnings, ties)
 }
 
-/// The tier chain a group jumps to: one tier's ClusterNetworkPolicies in evaluation order.
+/// A chain a group jumps to that inlines the rules of several policies (so it changes only when
+/// one of them does): one tier's ClusterNetworkPolicies in evaluation order, or the audit chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TierChain {
-    pub tier: Tier,
+    pub kind: Inlined,
     pub dir: Direction,
-    /// Their keys, in evaluation order.
+    /// Their keys, in evaluation order (audit: sorted).
     pub keys: Vec<String>,
+}
+
+/// What a [`TierChain`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inlined {
+    /// One tier's ClusterNetworkPolicies.
+    Tier(Tier),
+    /// The NetworkPolicies in audit mode that would isolate the pods were they enforced: any rule
+    /// that matches returns; otherwise the packet would have been dropped: counted, and logged
+    /// (through `flow_audit_<dir>`) when the flow log is on.
+    Audit,
 }
 
 /// What [`local_part`] makes.
@@ -73,8 +85,7 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
                 continue;
             }
             let keys = pod.policies(dir);
-            let tiers = pod.cluster(dir);
-            let group = group_chain(keys, &tiers.admin, &tiers.baseline, dir);
+            let group = pod.group_chain(dir);
             if !rs.chains.contains_key(&group) {
                 let chain = group_chain_of(&mut tier_chains, c, pod, dir, group.clone());
                 rs.add_chain(chain);
@@ -133,6 +144,21 @@ fn group_chain_of(
         rules.push(tier_jump(tiers_needed, c, &tiers.admin, Tier::Admin, dir));
         what.push(format!("Admin tier {}", tiers.admin.join(", ")));
     }
+    // Where NetworkPolicies would be evaluated: what the audited ones would drop is judged here
+    // (only for a pod no enforced NetworkPolicy isolates: see `LocalPod::audited`).
+    if !pod.audited(dir).is_empty() {
+        let keys = pod.audited(dir).to_vec();
+        let name = names::audit_chain(&keys, dir);
+        tiers_needed
+            .entry(name.clone())
+            .or_insert_with(|| TierChain {
+                kind: Inlined::Audit,
+                dir,
+                keys,
+            });
+        rules.push(Rule::new(vec![Stmt::Jump(name)]).with_comment("audit mode"));
+        what.push(format!("audit {}", pod.audited(dir).join(", ")));
+    }
     if !keys.is_empty() {
         rules.extend(keys.iter().map(|k| {
             Rule::new(vec![Stmt::Jump(policy_chain(k, dir))])
@@ -160,7 +186,7 @@ fn group_chain_of(
                 .with_comment("no tier decided: allowed (the Kubernetes default)"),
         );
     }
-    let text = if tiers.is_empty() {
+    let text = if tiers.is_empty() && pod.audited(dir).is_empty() {
         format!("{dir} of pods selected by {}", keys.join(", "))
     } else {
         format!("{dir}: {}", what.join("; then "))
@@ -191,7 +217,7 @@ fn tier_jump(
     tiers_needed
         .entry(name.clone())
         .or_insert_with(|| TierChain {
-            tier,
+            kind: Inlined::Tier(tier),
             dir,
             keys: keys.to_vec(),
         });
@@ -202,6 +228,10 @@ fn tier_jump(
 /// Pass (`return`) skips the rest of the tier; Accept and Deny end the direction's evaluation. It
 /// only names the policies' sets (their parts hold them).
 pub(crate) fn tier_part(c: &Compiled, name: &str, t: &TierChain) -> Ruleset {
+    let tier = match t.kind {
+        Inlined::Tier(tier) => tier,
+        Inlined::Audit => return audit_part(c, name, t),
+    };
     let dir = t.dir;
     let mut rules = Vec::new();
     let mut listed = Vec::new();
@@ -233,12 +263,63 @@ pub(crate) fn tier_part(c: &Compiled, name: &str, t: &TierChain) -> Ruleset {
         base: None,
         comment: comment(&format!(
             "{} tier, {dir}, by priority: {}",
-            t.tier,
+            tier,
             listed.join(", ")
         )),
         rules,
     });
     rs
+}
+
+/// The audit chain `name`: every rule of the NetworkPolicies in audit mode `t.keys` in turn, a
+/// match returning to the group chain; past them all, the packet would have been dropped were they
+/// enforced: counted (`cnt_<name>`) and handed to the audit log. It names
+/// the policies' sets (their parts hold them).
+fn audit_part(c: &Compiled, name: &str, t: &TierChain) -> Ruleset {
+    let dir = t.dir;
+    let mut rules = Vec::new();
+    for k in &t.keys {
+        let Some(pol) = c.policies.get(k) else {
+            continue;
+        };
+        for r in pol.rules(dir).into_iter().flatten() {
+            let what = format!("{k} {dir} rule {}", r.index);
+            for mut stmts in rule_matches(None, k, dir, r) {
+                stmts.push(Stmt::Return);
+                rules.push(Rule::new(stmts).with_comment(comment(&what)));
+            }
+        }
+    }
+    let counter = group_counter(name);
+    let mut last = vec![Stmt::CounterNamed(counter.clone())];
+    if c.flow_log.is_some() {
+        last.push(Stmt::Jump(flow_audit_chain(dir).to_string()));
+    }
+    rules.push(Rule::new(last).with_comment("no rule allows it: would be dropped"));
+    let mut rs = Ruleset::default();
+    rs.add_chain(Chain {
+        name: name.to_string(),
+        base: None,
+        comment: comment(&format!(
+            "audit, {dir}: would {} isolate it? ({})",
+            if t.keys.len() == 1 {
+                "this policy"
+            } else {
+                "these policies"
+            },
+            t.keys.join(", ")
+        )),
+        rules,
+    });
+    rs.add_counter(counter);
+    rs
+}
+
+fn flow_audit_chain(dir: Direction) -> &'static str {
+    match dir {
+        Direction::Ingress => CHAIN_FLOW_AUDIT_INGRESS,
+        Direction::Egress => CHAIN_FLOW_AUDIT_EGRESS,
+    }
 }
 
 /// Two ClusterNetworkPolicies of one tier with the same priority that select the same local pod in
@@ -299,7 +380,15 @@ pub(crate) fn policy_part(pol: &CompiledPolicy) -> Ruleset {
 
 fn policy_part_into(rs: &mut Ruleset, pol: &CompiledPolicy) {
     for dir in Direction::BOTH {
-        if let Some(rules) = pol.rules(dir) {
+        let Some(rules) = pol.rules(dir) else {
+            continue;
+        };
+        if pol.audit {
+            // Its rules live in the audit chains only; its part holds their sets.
+            for r in rules {
+                rule_matches(Some(&mut *rs), &pol.key, dir, r);
+            }
+        } else {
             policy(rs, pol, dir, rules);
         }
     }
@@ -493,6 +582,18 @@ fn flow_log(rs: &mut Ruleset, log: &FlowLog) {
             Rule::new(vec![Stmt::Drop]),
         ],
     });
+    for (dir, prefix) in [
+        (Direction::Ingress, FLOW_PREFIX_AUDIT_INGRESS),
+        (Direction::Egress, FLOW_PREFIX_AUDIT_EGRESS),
+    ] {
+        rs.add_chain(Chain {
+            name: flow_audit_chain(dir).to_string(),
+            base: None,
+            comment: "what policies in audit mode would drop: to the flow log (rate-limited)"
+                .to_string(),
+            rules: vec![Rule::new(logged(prefix).to_vec())],
+        });
+    }
     if !log.allowed {
         return;
     }

@@ -7,6 +7,8 @@
 //! - `cnt_<group chain>`: packets dropped because no rule of the NetworkPolicies isolating a group
 //!   of pods allowed them; every one of those policies is named (a drop isolated by two policies
 //!   counts for both).
+//! - `cnt_<audit chain>`: packets the NetworkPolicies in audit mode of a group of pods would have
+//!   dropped (nothing was), named for those policies.
 //! - `cnt_<cnp>_<in|eg>_<accept|deny|pass>`: what a ClusterNetworkPolicy's rules of one action
 //!   matched.
 
@@ -22,6 +24,8 @@ pub enum Counted {
     Drop,
     /// A ClusterNetworkPolicy's Pass: handed to the next tier.
     Pass,
+    /// What a NetworkPolicy in audit mode would have dropped (nothing was).
+    WouldDrop,
 }
 
 impl Counted {
@@ -30,6 +34,7 @@ impl Counted {
             Counted::Allow => "allow",
             Counted::Drop => "drop",
             Counted::Pass => "pass",
+            Counted::WouldDrop => "would_drop",
         }
     }
 }
@@ -71,8 +76,7 @@ impl Compiled {
                 if keys.is_empty() {
                     continue;
                 }
-                let tiers = pod.cluster(dir);
-                let group = names::group_chain(keys, &tiers.admin, &tiers.baseline, dir);
+                let group = pod.group_chain(dir);
                 let counter = names::group_counter(&group);
                 if exists(&counter) && !groups.contains_key(&counter) {
                     groups.insert(
@@ -88,6 +92,27 @@ impl Compiled {
             }
         }
         out.extend(groups.into_values());
+        let mut audits: BTreeMap<String, PolicyCounter> = BTreeMap::new();
+        for pod in self.pods.values() {
+            for dir in Direction::BOTH {
+                if pod.audited(dir).is_empty() {
+                    continue;
+                }
+                let counter = names::group_counter(&names::audit_chain(pod.audited(dir), dir));
+                if exists(&counter) && !audits.contains_key(&counter) {
+                    audits.insert(
+                        counter.clone(),
+                        PolicyCounter {
+                            counter,
+                            direction: dir,
+                            verdict: Counted::WouldDrop,
+                            policies: pod.audited(dir).to_vec(),
+                        },
+                    );
+                }
+            }
+        }
+        out.extend(audits.into_values());
         for key in self.cluster_policies.keys() {
             for dir in Direction::BOTH {
                 for (action, verdict) in [

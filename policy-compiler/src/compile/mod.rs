@@ -33,6 +33,11 @@ pub struct LocalPod {
     pub cluster_ingress: TierLists,
     /// Same for egress.
     pub cluster_egress: TierLists,
+    /// Keys of the NetworkPolicies in audit mode selecting the pod for ingress, sorted: they
+    /// isolate nothing; what they would drop is counted and logged.
+    pub audit_ingress: Vec<String>,
+    /// Same for egress.
+    pub audit_egress: Vec<String>,
 }
 
 /// The ClusterNetworkPolicies of one direction of a pod, per tier, in evaluation order
@@ -80,10 +85,39 @@ impl LocalPod {
             Direction::Egress => &self.cluster_egress,
         }
     }
-    /// Whether any policy of any tier applies to the pod in `dir` (then its packets of that
-    /// direction go through its group chain; otherwise they cost one map miss).
+    /// NetworkPolicies in audit mode selecting the pod in a direction.
+    pub fn audit(&self, dir: Direction) -> &[String] {
+        match dir {
+            Direction::Ingress => &self.audit_ingress,
+            Direction::Egress => &self.audit_egress,
+        }
+    }
+    /// The policies in audit mode that would drop something of the pod in `dir` were they
+    /// enforced: those selecting it while no enforced NetworkPolicy does. (Where one does, the pod
+    /// is isolated already and another policy could only allow more: NetworkPolicies add up.)
+    pub fn audited(&self, dir: Direction) -> &[String] {
+        if self.isolated(dir) {
+            &[]
+        } else {
+            self.audit(dir)
+        }
+    }
+    /// The name of the pod's group chain in `dir` (pods with the same policies of every kind share
+    /// one).
+    pub fn group_chain(&self, dir: Direction) -> String {
+        let tiers = self.cluster(dir);
+        crate::ruleset::names::group_chain(
+            self.policies(dir),
+            &tiers.admin,
+            &tiers.baseline,
+            self.audited(dir),
+            dir,
+        )
+    }
+    /// Whether any policy of any tier (or in audit mode) applies to the pod in `dir` (then its
+    /// packets of that direction go through its group chain; otherwise they cost one map miss).
     pub fn governed(&self, dir: Direction) -> bool {
-        self.isolated(dir) || !self.cluster(dir).is_empty()
+        self.isolated(dir) || !self.cluster(dir).is_empty() || !self.audited(dir).is_empty()
     }
 }
 
@@ -161,6 +195,9 @@ pub struct CompiledPolicy {
     /// `Some` iff the policy applies to ingress.
     pub ingress: Option<Vec<CompiledRule>>,
     pub egress: Option<Vec<CompiledRule>>,
+    /// In audit mode: its rules are only evaluated in the audit chains (its part holds its sets,
+    /// no chain of its own).
+    pub audit: bool,
 }
 
 impl CompiledPolicy {

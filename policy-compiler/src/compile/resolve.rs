@@ -153,17 +153,24 @@ pub(crate) fn local_pod(state: &ClusterState, key: &str, s: &Subject) -> LocalPo
         egress: Vec::new(),
         cluster_ingress,
         cluster_egress,
+        audit_ingress: Vec::new(),
+        audit_egress: Vec::new(),
     };
     // `state.policies` is sorted: the lists are sorted.
     for (pkey, pol) in namespace_entries(&state.policies, &s.pod.namespace) {
         if !s.selected_by(pol) {
             continue;
         }
+        let (ingress, egress) = if pol.audit {
+            (&mut lp.audit_ingress, &mut lp.audit_egress)
+        } else {
+            (&mut lp.ingress, &mut lp.egress)
+        };
         if pol.ingress.is_some() {
-            lp.ingress.push(pkey.clone());
+            ingress.push(pkey.clone());
         }
         if pol.egress.is_some() {
-            lp.egress.push(pkey.clone());
+            egress.push(pkey.clone());
         }
     }
     lp
@@ -356,6 +363,7 @@ impl<'a> Resolver<'a> {
             ingress: compile_dir(Direction::Ingress),
             egress: compile_dir(Direction::Egress),
             selected,
+            audit: pol.audit,
         }
     }
 

@@ -7,7 +7,7 @@ use super::*;
 use crate::explain::{explain, Endpoint};
 use crate::model::*;
 use crate::ruleset::eval::Packet;
-use crate::ruleset::names::*;
+use crate::ruleset::names::{self, *};
 use crate::ruleset::{AddrField, Elem, Family, SetKey, Stmt};
 use palisade_contract::Attachment;
 use serde_json::{json, Value};
@@ -90,6 +90,15 @@ impl W {
         let np = serde_json::from_value(
             json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}),
         )
+        .unwrap();
+        self.st
+            .apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
+    }
+    /// A NetworkPolicy in audit mode (its annotation), converted as the agent's sources do.
+    pub fn audit_policy(&mut self, key: &str, spec: Value) {
+        let (ns, name) = key.split_once('/').unwrap();
+        let np = serde_json::from_value(json!({"metadata": {"namespace": ns, "name": name,
+            "annotations": {AUDIT_ANNOTATION: "true"}}, "spec": spec}))
         .unwrap();
         self.st
             .apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
@@ -1057,7 +1066,7 @@ fn attachment_ips_count_for_local_pods_before_the_api_knows_them_and_pending_cle
     let c = compiled(&w);
     assert!(c.pending.is_empty());
     assert_eq!(c.pods["a/x"].ips, [ip("10.0.1.1"), ip("fd00:1::1")].into());
-    let group = group_chain(&["a/p".to_string()], &[], &[], Direction::Ingress);
+    let group = group_chain(&["a/p".to_string()], &[], &[], &[], Direction::Ingress);
     assert!(c.ruleset.sets[MAP_INGRESS_V4]
         .elements
         .contains(&Elem::GotoChain(ip("10.0.1.1"), group.clone())));
@@ -1314,6 +1323,73 @@ fn turning_the_flow_log_on_makes_the_incremental_compiler_compile_in_full() {
 }
 
 #[test]
+fn a_policy_in_audit_mode_enforces_nothing_and_counts_what_it_would_drop_where_no_policy_isolates()
+{
+    use crate::compile::counters::Counted;
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.pod("a/y", N1, &["10.0.1.2"], &[("app", "y")]);
+    w.pod("b/z", N2, &["10.0.2.1"], &[]);
+    w.audit_policy("a/deny-all", json!({"podSelector": {}}));
+    // Nothing is isolated: everything still flows (model and ruleset agree through `can`).
+    assert!(w.can("b/z", "a/x", 80, TCP));
+    assert!(w.can("a/y", "a/x", 80, TCP));
+    let c = compiled(&w);
+    assert!(!c.pods["a/x"].isolated(Direction::Ingress));
+    assert_eq!(c.pods["a/x"].audited(Direction::Ingress), ["a/deny-all"]);
+    let audit = names::audit_chain(&["a/deny-all".to_string()], Direction::Ingress);
+    let chain = &c.ruleset.chains[&audit];
+    // deny-all has no rules: every packet reaching the chain would be dropped, and is counted.
+    assert_eq!(
+        chain.rules.last().unwrap().stmts,
+        vec![Stmt::CounterNamed(names::group_counter(&audit))]
+    );
+    let group = &c.ruleset.chains[&c.pods["a/x"].group_chain(Direction::Ingress)];
+    assert!(group
+        .rules
+        .iter()
+        .any(|r| r.stmts == vec![Stmt::Jump(audit.clone())]));
+    assert!(
+        !c.ruleset
+            .chains
+            .contains_key(&policy_chain("a/deny-all", Direction::Ingress)),
+        "an audited policy has no chain of its own"
+    );
+    let would: Vec<_> = c
+        .policy_counters()
+        .into_iter()
+        .filter(|p| p.verdict == Counted::WouldDrop)
+        .collect();
+    assert_eq!(would.len(), 1);
+    assert_eq!(would[0].policies, ["a/deny-all"]);
+
+    // Where an enforced policy isolates the pod, an audited one could only allow more: no audit.
+    w.policy(
+        "a/only-y",
+        json!({"podSelector": {"matchLabels": {"app": "x"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "y"}}}]}]}),
+    );
+    assert!(!w.can("b/z", "a/x", 80, TCP));
+    assert!(w.can("a/y", "a/x", 80, TCP));
+    let c = compiled(&w);
+    assert!(c.pods["a/x"].audited(Direction::Ingress).is_empty());
+    assert!(!c.pods["a/y"].audited(Direction::Ingress).is_empty());
+
+    // With the flow log on, what it would drop goes to the audit log's chain of its direction.
+    w.st.apply(Change::SetFlowLog(flow_log(false)));
+    let c = compiled(&w);
+    let audit = names::audit_chain(&["a/deny-all".to_string()], Direction::Ingress);
+    assert_eq!(
+        c.ruleset.chains[&audit].rules.last().unwrap().stmts,
+        vec![
+            Stmt::CounterNamed(names::group_counter(&audit)),
+            Stmt::Jump(CHAIN_FLOW_AUDIT_INGRESS.to_string())
+        ]
+    );
+    assert!(w.can("b/z", "a/y", 80, TCP));
+}
+
+#[test]
 fn base_chains_have_the_documented_shape() {
     let w = W::new();
     let rs = compiled(&w).ruleset;
@@ -1363,7 +1439,7 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
     let rs = compiled(&w).ruleset;
     let keys = ["a/p".to_string()];
     let is_self = |r: &crate::ruleset::Rule, fam: Family| matches!(&r.stmts[0], Stmt::SelfTraffic { family, .. } if *family == fam);
-    let ing = &rs.chains[&group_chain(&keys, &[], &[], Direction::Ingress)].rules;
+    let ing = &rs.chains[&group_chain(&keys, &[], &[], &[], Direction::Ingress)].rules;
     assert_eq!(ing[0].stmts, vec![Stmt::FibSaddrLocal, Stmt::Accept]);
     assert!(is_self(&ing[1], Family::V4));
     assert!(is_self(&ing[2], Family::V6));
@@ -1371,7 +1447,7 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
         ing[3].stmts,
         vec![Stmt::Jump(policy_chain("a/p", Direction::Ingress))]
     );
-    let eg = &rs.chains[&group_chain(&keys, &[], &[], Direction::Egress)].rules;
+    let eg = &rs.chains[&group_chain(&keys, &[], &[], &[], Direction::Egress)].rules;
     assert!(is_self(&eg[0], Family::V4));
     assert!(is_self(&eg[1], Family::V6));
     assert_eq!(
@@ -1428,6 +1504,7 @@ fn names_are_hashes_and_hostile_strings_stay_inside_json_comments() {
             }],
         }]),
         egress: None,
+        audit: false,
     }));
     let rs = compiled(&w).ruleset;
     assert!(rs.chains.len() > 3);
@@ -1483,6 +1560,7 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
             cluster_policies: 5,
             seed,
             dual_stack: false,
+            audit_every: 4,
         };
         let mut st = synth::cluster(&cfg);
         let mut rng = Rng::new(seed + 1000);

@@ -261,12 +261,29 @@ pub fn policy_from_k8s(np: &net::NetworkPolicy) -> Result<Policy, ModelError> {
             "to",
         )?);
     }
+    let audit = match np
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::AUDIT_ANNOTATION))
+        .map(String::as_str)
+    {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(v.err(
+                format!("metadata.annotations[{}]", super::AUDIT_ANNOTATION),
+                format!("{other:?} is neither \"true\" nor \"false\""),
+            ))
+        }
+    };
     Ok(Policy {
         namespace: np.metadata.namespace.clone().unwrap_or_default(),
         name: np.metadata.name.clone().unwrap_or_default(),
         pod_selector,
         ingress: want_in.then_some(ingress),
         egress: want_eg.then_some(egress),
+        audit,
     })
 }
 

@@ -239,7 +239,13 @@ pub struct Policy {
     pub ingress: Option<Vec<Rule>>,
     /// Same for `Egress`.
     pub egress: Option<Vec<Rule>>,
+    /// Audit mode (annotation [`AUDIT_ANNOTATION`]`: "true"`): compiled, counted and logged as
+    /// what it would drop, never enforced (it isolates no pod and allows nothing).
+    pub audit: bool,
 }
+
+/// The annotation that puts a NetworkPolicy in audit mode (value `"true"`).
+pub const AUDIT_ANNOTATION: &str = "palisade.dev/audit";
 
 impl Policy {
     /// `namespace/name`.

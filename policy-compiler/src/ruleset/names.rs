@@ -68,6 +68,12 @@ const _: () = assert!(PRIORITY_FLOW_ALLOW_HOST > PRIORITY_EGRESS_HOST);
 /// NFLOG prefixes: what the agent reads to tell a drop from an admitted connection.
 pub const FLOW_PREFIX_DROP: &str = "palisade drop";
 pub const FLOW_PREFIX_ALLOW: &str = "palisade allow";
+/// What a policy in audit mode would have dropped, by direction.
+pub const FLOW_PREFIX_AUDIT_INGRESS: &str = "palisade audit ingress";
+pub const FLOW_PREFIX_AUDIT_EGRESS: &str = "palisade audit egress";
+/// The audit log's chains (one rate budget per direction): `jump`ed to by the audit chains.
+pub const CHAIN_FLOW_AUDIT_INGRESS: &str = "flow_audit_in";
+pub const CHAIN_FLOW_AUDIT_EGRESS: &str = "flow_audit_eg";
 /// Bytes of each logged packet handed to the agent: IP header (with options) and L4 ports.
 pub const FLOW_SNAPLEN: u32 = 128;
 /// Verdict maps: local pod IP → goto its group chain.
@@ -184,12 +190,13 @@ pub fn cluster_counter(policy_key: &str, dir: Direction, action: Action) -> Stri
 }
 
 /// `<in|eg>_<hash>`: the group chain of pods selected by exactly these NetworkPolicies (sorted
-/// keys) and these ClusterNetworkPolicies of each tier (in evaluation order). Without the latter
-/// the hash is of the NetworkPolicy keys alone.
+/// keys), these ClusterNetworkPolicies of each tier (in evaluation order) and these NetworkPolicies
+/// in audit mode (sorted). Without the latter two the hash is of the NetworkPolicy keys alone.
 pub fn group_chain(
     policy_keys: &[String],
     admin: &[String],
     baseline: &[String],
+    audit: &[String],
     dir: Direction,
 ) -> String {
     let mut parts: Vec<&str> = vec!["group"];
@@ -201,7 +208,19 @@ pub fn group_chain(
         parts.push("|baseline");
         parts.extend(baseline.iter().map(String::as_str));
     }
+    if !audit.is_empty() {
+        parts.push("|audit");
+        parts.extend(audit.iter().map(String::as_str));
+    }
     format!("{}_{:016x}", dir.tag(), stable_hash(&parts))
+}
+
+/// `<in|eg>_au_<hash of the keys>`: the audit chain of pods that these NetworkPolicies in audit
+/// mode (sorted) would isolate were they enforced.
+pub fn audit_chain(keys: &[String], dir: Direction) -> String {
+    let mut parts: Vec<&str> = vec!["audit"];
+    parts.extend(keys.iter().map(String::as_str));
+    format!("{}_au_{:016x}", dir.tag(), stable_hash(&parts))
 }
 
 /// `<in|eg>_<adm|bl>_<hash of the keys and priorities in order>`: the chain of one tier's

@@ -216,6 +216,7 @@ fn incremental_changes_equal_full_compile_on_a_medium_cluster() {
         cluster_policies: 10,
         seed,
         dual_stack: true,
+        audit_every: 6,
     };
     let nonempty = run(0..2, 60, cfg);
     assert!(

@@ -323,3 +323,26 @@ fn invalid_label_keys_and_values_in_selectors_are_rejected() {
     assert_eq!(e.field, "spec.podSelector.matchExpressions[0].values");
     assert!(policy_from_k8s(&np(json!({"podSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-1", "app.kubernetes.io/name": "", "A_b.c": "V1"}}}))).is_ok());
 }
+
+#[test]
+fn the_audit_annotation_puts_a_policy_in_audit_mode_and_another_value_is_refused_by_name() {
+    let with = |v: &str| -> net::NetworkPolicy {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "annotations": {crate::model::AUDIT_ANNOTATION: v}},
+            "spec": {"podSelector": {}},
+        }))
+        .unwrap()
+    };
+    assert!(policy_from_k8s(&with("true")).unwrap().audit);
+    assert!(!policy_from_k8s(&with("false")).unwrap().audit);
+    assert!(
+        !policy_from_k8s(&np(json!({"podSelector": {}})))
+            .unwrap()
+            .audit
+    );
+    let e = policy_from_k8s(&with("yes")).unwrap_err().to_string();
+    assert!(
+        e.contains("palisade.dev/audit") && e.contains("\"yes\""),
+        "{e}"
+    );
+}
