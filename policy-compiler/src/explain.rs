@@ -115,6 +115,9 @@ pub struct DirectionVerdict {
     /// The node enforcing it.
     pub node: Option<String>,
     pub outcome: Outcome,
+    /// What the NetworkPolicies in audit mode selecting the pod would say, were they enforced
+    /// (`Denied` or `Allowed`); `None` when none would have a say.
+    pub audit: Option<Outcome>,
 }
 
 /// The answer of [`explain`].
@@ -234,6 +237,7 @@ pub fn explain(
             pod: r.pod.clone(),
             node: r.node.clone(),
             outcome: Outcome::NotIsolated,
+            audit: None,
         };
         if same_pod {
             v.outcome = Outcome::AlwaysAllowed(Exemption::SelfTraffic.why().into());
@@ -291,6 +295,18 @@ pub fn explain(
             return v;
         }
         v.outcome = admit::decide(&model, lp, dir, peer, to_ip, Some(proto), port).into();
+        // Policies in audit mode are judged where NetworkPolicies would be: after the Admin tier.
+        let admin_decided =
+            matches!(&v.outcome, Outcome::Cluster(m) if m.tier == crate::model::Tier::Admin);
+        if !lp.audited(dir).is_empty() && !admin_decided {
+            let keys = lp.audited(dir);
+            v.audit = Some(
+                match admit::judge_keys(&model, keys, dir, peer, to_ip, Some(proto), port) {
+                    RuleVerdict::Allowed(by) => Outcome::Allowed(by),
+                    _ => Outcome::Denied(keys.to_vec()),
+                },
+            );
+        }
         v
     };
     let egress = verdict(Direction::Egress, &f, from_ip, to_ip);
@@ -441,7 +457,7 @@ impl fmt::Display for DirectionVerdict {
             (Some(p), None) => format!("{} of {p}", self.direction),
             _ => format!("{}", self.direction),
         };
-        match &self.outcome {
+        (match &self.outcome {
             Outcome::NotApplicable(why) => write!(f, "{who}: allowed, {why}"),
             Outcome::AlwaysAllowed(why) => write!(f, "{who}: allowed, {why}"),
             Outcome::NotIsolated => write!(
@@ -477,6 +493,21 @@ impl fmt::Display for DirectionVerdict {
                 "{who}: DENIED, isolated by {} and none of their rules matches",
                 pols.join(", ")
             ),
+        })?;
+        match &self.audit {
+            Some(Outcome::Denied(pols)) => write!(
+                f,
+                "; in audit mode {} would DENY it (not enforced)",
+                pols.join(", ")
+            ),
+            Some(Outcome::Allowed(by)) => {
+                let list: Vec<String> = by
+                    .iter()
+                    .map(|b| format!("{} rule {}", b.policy, b.rule))
+                    .collect();
+                write!(f, "; in audit mode allowed by {}", list.join("; "))
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -156,6 +156,7 @@ pub fn attribute(
         pod: Some(pod.to_string()),
         node: Some(node.to_string()),
         outcome,
+        audit: None,
     };
     let mut decided: Vec<DirectionVerdict> = Vec::new();
     let mut audit_note = None;

@@ -102,7 +102,19 @@ pub fn judge(
     proto: Option<Protocol>,
     port: u16,
 ) -> RuleVerdict {
-    let keys = lp.policies(dir);
+    judge_keys(model, lp.policies(dir), dir, peer, dst, proto, port)
+}
+
+/// [`judge`] by the NetworkPolicies `keys` (e.g. those in audit mode: what they would say).
+pub fn judge_keys(
+    model: &Compiled,
+    keys: &[String],
+    dir: Direction,
+    peer: IpAddr,
+    dst: IpAddr,
+    proto: Option<Protocol>,
+    port: u16,
+) -> RuleVerdict {
     if keys.is_empty() {
         return RuleVerdict::NotIsolated;
     }

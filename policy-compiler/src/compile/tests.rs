@@ -1362,6 +1362,22 @@ fn a_policy_in_audit_mode_enforces_nothing_and_counts_what_it_would_drop_where_n
         .collect();
     assert_eq!(would.len(), 1);
     assert_eq!(would[0].policies, ["a/deny-all"]);
+    // Explain says what it would do, beside what is enforced.
+    let x = explain(
+        &w.st,
+        &c,
+        &"b/z".parse::<Endpoint>().unwrap(),
+        &"a/x".parse::<Endpoint>().unwrap(),
+        80,
+        TCP,
+    )
+    .unwrap();
+    assert!(x.allowed);
+    let text = x.to_string();
+    assert!(
+        text.contains("in audit mode a/deny-all would DENY it (not enforced)"),
+        "{text}"
+    );
 
     // Where an enforced policy isolates the pod, an audited one could only allow more: no audit.
     w.policy(
