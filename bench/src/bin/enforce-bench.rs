@@ -65,6 +65,10 @@ enum Command {
         /// created/deleted), cnp-priority (its priority moved before/after a Deny), or `all`.
         #[arg(long, value_delimiter = ',', default_value = "policy,label,pod")]
         scenarios: Vec<String>,
+        /// Also measure every scenario while the client floods the server with denied SYNs (to a
+        /// port no policy admits; the agent runs with --flow-log in both windows).
+        #[arg(long)]
+        flood: bool,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value = "bench/results")]
@@ -101,6 +105,13 @@ enum Command {
         target: SocketAddr,
         #[arg(long, default_value_t = 1000)]
         interval_us: u64,
+        #[arg(long)]
+        secs: u64,
+    },
+    /// Denied SYNs as fast as one thread sends them (a new connection attempt each); prints the count.
+    SynFlood {
+        #[arg(long)]
+        target: SocketAddr,
         #[arg(long)]
         secs: u64,
     },
@@ -172,6 +183,10 @@ fn real_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::SynFlood { target, secs } => {
+            enforce::syn_flood(target, Duration::from_secs(secs));
+            Ok(())
+        }
         Command::StreamServe { ip, port, secs } => {
             enforce::stream_serve(&ip, port, Duration::from_secs(secs))
         }
@@ -220,6 +235,7 @@ fn real_main(cli: Cli) -> Result<()> {
             irrelevant_pods,
             source,
             scenarios,
+            flood,
             seed,
             out,
             name,
@@ -266,6 +282,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 irrelevant_files: irrelevant_pods,
                 source,
                 scenarios,
+                flood,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");
             let started = palisade_bench::utc_now();
@@ -327,7 +344,10 @@ Per window: agent CPU (/proc utime+stime over the window), RSS at its end, and d
 `palisade_source_changes_total`, `palisade_transactions_total`. The files are removed before the churn windows and trials. \
 Established-flow revocation: a policy `allow-stream` admits the client on port 7002; a stream in the client pod connects (a 1 ms attempt every 1 ms while blocked), then sends one byte per ms on that one \
 connection and waits for its echo (a thread per connection in the server pod). Grant = policy written → stream connected; revoke = policy file removed → send time of the first message whose echo \
-did not come within 100 ms (the agent must delete the flow's conntrack entry: the policy alone leaves an established flow alone). A flow not cut within 5 s counts as not cut. Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}\n## Charts\n{chart_md}",
+did not come within 100 ms (the agent must delete the flow's conntrack entry: the policy alone leaves an established flow alone). A flow not cut within 5 s counts as not cut. \
+With `--flood`, the agent runs with `--flow-log` and every scenario is measured twice: as above, and while the client pod sends denied SYNs to the server's port 7999 as fast as one thread can \
+(a non-blocking connect per SYN, a new source port each); the last columns are the packets the policies dropped per second meanwhile (the agent's per-policy counters; the probe's own SYNs, 1,000/s while blocked, are among them) and \
+what the kernel handed to the flow log per second (its rate limit, 100/s burst 200 by default). Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}\n## Charts\n{chart_md}",
                 enforce::markdown(&results, &costs)
             );
             let md_path = out.join(format!("{stem}.md"));

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 path = sys.argv[1]
 samples = [s for s in json.load(open(path)) if not s.get("error")]
 base = os.path.splitext(path)[0]
-order = ["none", "iptables-model", "naive-nft-model", "palisade", "palisade-no-source-guard"]
+order = ["none", "iptables-model", "naive-nft-model", "palisade", "palisade-no-source-guard", "palisade-no-counters"]
 
 def metric(name):
     def f(s):

@@ -164,6 +164,7 @@ pub fn markdown(
         "naive-nft-model",
         "palisade",
         "palisade-no-source-guard",
+        "palisade-no-counters",
     ];
     systems.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(99));
     let mut policies: Vec<usize> = samples.iter().map(|s| s.policies).collect();
@@ -190,7 +191,8 @@ run of the same round and policy count; `none`'s absolute values across policy c
 Systems: `none` (a); `iptables-model` (b) = a MODEL of the kube-router/Calico iptables+ipset layout \
 (`bench/src/datapath/rulesets/iptables.rs`); `naive-nft-model` (c) = a MODEL of a naive nftables ruleset, one rule \
 per (pod, policy, peer), full reload per change (`rulesets/naive_nft.rs`); `palisade` = palisade's layout; \
-`palisade-no-source-guard` = the same ruleset without its source guard (the guard's cost is the difference).\n",
+`palisade-no-source-guard` = the same ruleset without its source guard (the guard's cost is the difference); \
+`palisade-no-counters` = the same without the named counters of the per-policy metrics.\n",
     );
     let palisade_source = if samples.iter().any(|s| s.system == "palisade") {
         "The `palisade` ruleset is what palisade-policy compiles for each node from the same synthetic cluster, rendered \
@@ -311,30 +313,36 @@ pub fn targets(samples: &[Sample]) -> String {
         }
         None => o.push_str("- New connections/s with 1,000 policies: not measured in this run.\n"),
     }
-    // The source guard's cost: palisade against itself without the guard, paired by round.
-    let mut paired: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    let mut without: BTreeMap<(usize, usize), f64> = BTreeMap::new();
-    for s in valid(samples).filter(|s| s.system == "palisade-no-source-guard") {
-        if let Some(v) = crr_rate(s) {
-            without.insert((s.round, s.policies), v);
-        }
-    }
-    for s in valid(samples).filter(|s| s.system == "palisade") {
-        if let (Some(v), Some(w)) = (crr_rate(s), without.get(&(s.round, s.policies))) {
-            if *w > 0.0 {
-                paired.entry(s.policies).or_default().push(v / w);
+    // What a part of the ruleset costs: palisade against itself without it, paired by round.
+    for (variant, what, target) in [
+        ("palisade-no-source-guard", "Source guard", Some(0.99)),
+        ("palisade-no-counters", "Per-policy counters", None),
+    ] {
+        let mut paired: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut without: BTreeMap<(usize, usize), f64> = BTreeMap::new();
+        for s in valid(samples).filter(|s| s.system == variant) {
+            if let Some(v) = crr_rate(s) {
+                without.insert((s.round, s.policies), v);
             }
         }
-    }
-    for (p, ratios) in &paired {
-        if let Some(m) = median(ratios) {
-            let verdict = if m >= 0.99 { "met" } else { "NOT met" };
-            let target = if *p == 1000 {
-                format!("; target ≥ 0.99: **{verdict}**")
-            } else {
-                String::new()
-            };
-            let _ = writeln!(o, "- Source guard with {p} policies: new connections/s ×{m:.3} of the same ruleset without it (median of {} paired rounds){target}.", ratios.len());
+        for s in valid(samples).filter(|s| s.system == "palisade") {
+            if let (Some(v), Some(w)) = (crr_rate(s), without.get(&(s.round, s.policies))) {
+                if *w > 0.0 {
+                    paired.entry(s.policies).or_default().push(v / w);
+                }
+            }
+        }
+        for (p, ratios) in &paired {
+            if let Some(m) = median(ratios) {
+                let target = match target {
+                    Some(t) if *p == 1000 => {
+                        let verdict = if m >= t { "met" } else { "NOT met" };
+                        format!("; target ≥ {t}: **{verdict}**")
+                    }
+                    _ => String::new(),
+                };
+                let _ = writeln!(o, "- {what} with {p} policies: new connections/s ×{m:.3} of the same ruleset without them (median of {} paired rounds){target}.", ratios.len());
+            }
         }
     }
     // Noise band of throughput: spread of the no-policy runs themselves (each divided by the median

@@ -48,7 +48,7 @@ pub use churn::ChurnResult;
 pub use compile_cost::{compile_cost, CompileCost};
 pub use irrelevant::IrrelevantResult;
 pub use objects::{remove_manifest, write_manifest};
-pub use probe::{mono_ns, probe_loop, stream_loop, stream_serve};
+pub use probe::{mono_ns, probe_loop, stream_loop, stream_serve, syn_flood};
 pub use report::markdown;
 pub use revocation::RevocationResult;
 pub use scenario::{Scenario, ScenarioResult};
@@ -92,7 +92,13 @@ pub struct Config {
     pub source: Source,
     /// The scenarios measured (default: the NetworkPolicy ones, `Scenario::ALL`).
     pub scenarios: Vec<Scenario>,
+    /// Also measure every scenario while the client floods the server with denied SYNs (the agent
+    /// then runs with `--flow-log`, in both windows).
+    pub flood: bool,
 }
+
+/// Port the flood's SYNs go to: no policy ever admits it.
+pub const FLOOD_PORT: u16 = 7999;
 
 /// The agent's source of objects in a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +244,13 @@ fn run_size(
     store.put(F_DENY, &server_deny())?;
     Scenario::Policy.setup(&store)?;
     let log = work.join("agent.log");
-    let args = dirs.run_args(&store.agent_args()?)?;
+    let mut args = dirs.run_args(&store.agent_args()?)?;
+    if cfg.flood {
+        args.extend([
+            "--flow-log".to_string(),
+            path_str(&work.join("flows.jsonl"))?.to_string(),
+        ]);
+    }
     let agent = ChildGuard::spawn_in_logged(
         &lab.node2,
         path_str(&cfg.agent)?,
@@ -304,8 +316,12 @@ fn run_size(
     }
     let mut probe = Probe::start(lab, exe)?;
     let mut results = Vec::new();
+    let floods: &[bool] = if cfg.flood { &[false, true] } else { &[false] };
     for &churn in &cfg.churn {
-        for &scenario in &cfg.scenarios {
+        for (&flood, &scenario) in floods
+            .iter()
+            .flat_map(|f| cfg.scenarios.iter().map(move |s| (f, s)))
+        {
             scenario.setup(&store)?;
             if probe.wait_for(false, Duration::from_secs(10)).is_none() {
                 return Err(Error::Invalid(format!(
@@ -315,6 +331,33 @@ fn run_size(
             }
             std::thread::sleep(Duration::from_millis(200));
             let churner = Churn::start(&store, &cluster, churn, cfg.seed ^ u64::from(churn));
+            // (packets handed to the flow log, packets policies dropped) so far.
+            let logged = || {
+                let text = fetch_metrics(lab, exe);
+                let dropped: f64 = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("palisade_policy_packets_total{")
+                            && l.contains("verdict=\"drop\"")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                (
+                    metric_sum(&text, "palisade_flow_log_packets_total").unwrap_or(0.0),
+                    dropped,
+                )
+            };
+            let logged_before = logged();
+            let flooder = if flood {
+                let target = format!("{SERVER_IP}:{FLOOD_PORT}");
+                Some(ChildGuard::spawn_in(
+                    &lab.client,
+                    exe,
+                    &["syn-flood", "--target", &target, "--secs", "3600"],
+                )?)
+            } else {
+                None
+            };
             let before = proc_stats(pid)?;
             let t = Instant::now();
             let mut res = ScenarioResult {
@@ -329,6 +372,9 @@ fn run_size(
                 agent_after: before,
                 wall_seconds: 0.0,
                 churn_writes: 0,
+                flood,
+                flow_log_packets: 0.0,
+                dropped_packets: 0.0,
             };
             let mut rng = Rng::new(cfg.seed);
             let trials = if churn == 0 {
@@ -354,12 +400,17 @@ fn run_size(
             res.churn_writes = churner.finish();
             res.wall_seconds = t.elapsed().as_secs_f64();
             res.agent_after = proc_stats(pid)?;
+            drop(flooder);
+            let logged_after = logged();
+            res.flow_log_packets = logged_after.0 - logged_before.0;
+            res.dropped_packets = logged_after.1 - logged_before.1;
             let (g50, g99, gmax) = ScenarioResult::summary(&res.grant_ms);
             let (r50, r99, rmax) = ScenarioResult::summary(&res.revoke_ms);
             tracing::info!(
                 pods,
                 churn,
                 scenario = scenario.name(),
+                flood,
                 g50,
                 g99,
                 gmax,

@@ -50,6 +50,50 @@ pub fn probe_loop(
     }
 }
 
+/// Denied SYNs as fast as one thread sends them: a non-blocking connect per SYN (a new source port
+/// each), the socket closed at once (a SYN_SENT socket sends nothing when closed). Prints how many
+/// it sent when `duration` is over.
+pub fn syn_flood(target: std::net::SocketAddr, duration: Duration) {
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    let (family, addr) = match target {
+        std::net::SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            (libc::AF_INET, sin)
+        }
+        std::net::SocketAddr::V6(_) => {
+            eprintln!("syn-flood: IPv4 targets only");
+            return;
+        }
+    };
+    while start.elapsed() < duration {
+        // SAFETY: plain socket calls on a descriptor we own and close; `addr` lives across them.
+        unsafe {
+            let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            if fd < 0 {
+                continue;
+            }
+            let r = libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            if r == 0 || *libc::__errno_location() == libc::EINPROGRESS {
+                sent += 1;
+            }
+            libc::close(fd);
+        }
+    }
+    println!("{sent}");
+}
+
 /// The measured established flow, client side: connects (a 1 ms attempt every `interval` while
 /// blocked), then sends one byte every `interval` on that one connection and waits for its echo.
 /// Prints `<mono_ns> open` when connected, `<mono_ns> blocked` with the send time of the first

@@ -171,15 +171,26 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
         o,
         "### Enforcement latency (ms, change written → probe flips; probe period 1 ms)\n"
     );
-    let _ = writeln!(o, "| pods | policies | churn/s | change | grant p50 | grant p99 | grant max | revoke p50 | revoke p99 | revoke max | n (grant/revoke) | failed |");
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "| pods | policies | churn/s | flood | change | grant p50 | grant p99 | grant max | revoke p50 | revoke p99 | revoke max | n (grant/revoke) | failed | denied packets/s | flow-log packets/s |");
+    let _ = writeln!(
+        o,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in results {
         let (g50, g99, gmax) = ScenarioResult::summary(&r.grant_ms);
         let (r50, r99, rmax) = ScenarioResult::summary(&r.revoke_ms);
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {g50:.1} | {g99:.1} | {gmax:.1} | {r50:.1} | {r99:.1} | {rmax:.1} | {}/{} | {} |",
-            r.pods, r.policies, r.churn_per_second, r.scenario.name(), r.grant_ms.len(), r.revoke_ms.len(), r.failures
+            "| {} | {} | {} | {} | {} | {g50:.1} | {g99:.1} | {gmax:.1} | {r50:.1} | {r99:.1} | {rmax:.1} | {}/{} | {} | {} | {:.0} |",
+            r.pods, r.policies, r.churn_per_second, if r.flood { "SYN flood" } else { "-" }, r.scenario.name(), r.grant_ms.len(), r.revoke_ms.len(), r.failures,
+            // The server's group chain (and its drop counter) is replaced whenever the set of
+            // policies selecting it changes: only label and pod changes keep it.
+            if matches!(r.scenario, Scenario::Label | Scenario::Pod) {
+                format!("{:.0}", r.dropped_packets / r.wall_seconds.max(0.001))
+            } else {
+                "n/a".to_string()
+            },
+            r.flow_log_packets / r.wall_seconds.max(0.001)
         );
     }
     if !run.revocations.is_empty() {

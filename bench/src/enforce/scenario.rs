@@ -143,6 +143,16 @@ pub struct ScenarioResult {
     pub agent_after: ProcStats,
     pub wall_seconds: f64,
     pub churn_writes: u64,
+    /// Measured while the client flooded the server with denied SYNs.
+    #[serde(default)]
+    pub flood: bool,
+    /// Packets the kernel handed to the agent's flow log meanwhile (`--flood` runs).
+    #[serde(default)]
+    pub flow_log_packets: f64,
+    /// Packets the policies dropped meanwhile (the agent's per-policy counters; the probe's own
+    /// SYNs while blocked are among them).
+    #[serde(default)]
+    pub dropped_packets: f64,
 }
 
 impl ScenarioResult {

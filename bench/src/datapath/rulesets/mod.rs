@@ -9,6 +9,7 @@
 //!   chain per direction; a change is a full `nft -f` of the table.
 //! - `palisade`: the ruleset palisade-policy compiles for the node (the agent's full-replace batch).
 //! - `palisade-no-source-guard`: the same without the source guard rules and sets (its cost).
+//! - `palisade-no-counters`: the same without the named counters of the per-policy metrics.
 //! - `palisade-no-cnp`: palisade for the same cluster without its ClusterNetworkPolicies (their cost,
 //!   with `--cluster-policies`).
 //!
@@ -37,16 +38,19 @@ pub enum System {
     PalisadeNoGuard,
     /// palisade for the cluster without its ClusterNetworkPolicies.
     PalisadeNoCnp,
+    /// The same without the per-policy counters (their cost is the difference).
+    PalisadeNoCounters,
 }
 
 impl System {
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 7] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
         System::Palisade,
         System::PalisadeNoGuard,
         System::PalisadeNoCnp,
+        System::PalisadeNoCounters,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl System {
             System::Palisade => "palisade",
             System::PalisadeNoGuard => "palisade-no-source-guard",
             System::PalisadeNoCnp => "palisade-no-cnp",
+            System::PalisadeNoCounters => "palisade-no-counters",
         }
     }
 
@@ -104,14 +109,17 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::None => Rendered::default(),
         System::Iptables => iptables::render(&view),
         System::NaiveNft => naive_nft::render(&view),
-        System::Palisade => palisade_real::render(cluster, node, palisade_real::SourceGuard::On)?,
+        System::Palisade => palisade_real::render(cluster, node, palisade_real::Variant::Whole)?,
         System::PalisadeNoGuard => {
-            palisade_real::render(cluster, node, palisade_real::SourceGuard::Off)?
+            palisade_real::render(cluster, node, palisade_real::Variant::NoSourceGuard)?
+        }
+        System::PalisadeNoCounters => {
+            palisade_real::render(cluster, node, palisade_real::Variant::NoCounters)?
         }
         System::PalisadeNoCnp => {
             let mut without = cluster.clone();
             without.cluster_policies.clear();
-            palisade_real::render(&without, node, palisade_real::SourceGuard::On)?
+            palisade_real::render(&without, node, palisade_real::Variant::Whole)?
         }
     })
 }
@@ -157,7 +165,10 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
             )?;
             Ok(())
         }
-        System::Palisade | System::PalisadeNoGuard | System::PalisadeNoCnp => {
+        System::Palisade
+        | System::PalisadeNoGuard
+        | System::PalisadeNoCnp
+        | System::PalisadeNoCounters => {
             timed_in(
                 ns,
                 "nft",

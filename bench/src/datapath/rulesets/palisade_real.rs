@@ -14,11 +14,15 @@ use palisade_policy::model::Change;
 use palisade_policy::ruleset::names::source_set;
 use palisade_policy::ruleset::{Family, Stmt};
 
-/// Whether the source guard stays in (the A/B of `palisade` against `palisade-no-source-guard`).
+/// Which part of the ruleset is left out, for an A/B against `palisade` of what that part costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SourceGuard {
-    On,
-    Off,
+pub enum Variant {
+    /// The ruleset as compiled.
+    Whole,
+    /// Without the source guard (`palisade-no-source-guard`).
+    NoSourceGuard,
+    /// Without the named counters of the per-policy metrics (`palisade-no-counters`).
+    NoCounters,
 }
 
 /// `PALISADE_BENCH_GUARD_COPIES=<n>`: the source guard's rules n times over at the top of each base
@@ -55,7 +59,7 @@ fn is_guard(rule: &palisade_policy::ruleset::Rule) -> bool {
 }
 
 /// Compiles the node's ruleset and renders it as one `nft -j -f -` transaction.
-pub fn render(cluster: &Cluster, node: &str, guard: SourceGuard) -> Result<Rendered> {
+pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendered> {
     let mut state = k8s::cluster_state(cluster)?;
     state.apply(Change::SetAttachments(
         cluster
@@ -76,16 +80,24 @@ pub fn render(cluster: &Cluster, node: &str, guard: SourceGuard) -> Result<Rende
             .collect(),
     ));
     let mut ruleset = palisade_policy::compile(&state, node).ruleset;
-    if guard == SourceGuard::Off {
-        for chain in ruleset.chains.values_mut() {
-            chain.rules.retain(|r| !is_guard(r));
+    match variant {
+        Variant::NoSourceGuard => {
+            for chain in ruleset.chains.values_mut() {
+                chain.rules.retain(|r| !is_guard(r));
+            }
+            for fam in Family::BOTH {
+                ruleset.sets.remove(source_set(fam));
+            }
         }
-        for fam in Family::BOTH {
-            ruleset.sets.remove(source_set(fam));
+        Variant::NoCounters => {
+            for chain in ruleset.chains.values_mut() {
+                for r in &mut chain.rules {
+                    r.stmts.retain(|s| !matches!(s, Stmt::CounterNamed(_)));
+                }
+            }
+            ruleset.counters.clear();
         }
-    }
-    if guard == SourceGuard::On {
-        repeat_guard(&mut ruleset, guard_copies());
+        Variant::Whole => repeat_guard(&mut ruleset, guard_copies()),
     }
     let stats = ruleset.stats();
     Ok(Rendered {
