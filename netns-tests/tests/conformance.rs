@@ -452,7 +452,15 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 13] = [
+    let named: [(&str, LabTest); 15] = [
+        (
+            "extra::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy",
+            flow_log::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy,
+        ),
+        (
+            "extra::audit_a_deny_all_in_audit_mode_drops_nothing_and_logs_what_it_would_drop",
+            flow_log::a_deny_all_in_audit_mode_drops_nothing_and_logs_what_it_would_drop,
+        ),
         (
             "extra::flow_log_a_denied_connection_is_one_line_naming_both_pods_and_the_isolating_policy",
             flow_log::a_denied_connection_is_one_line_naming_both_pods_and_the_isolating_policy,
