@@ -51,7 +51,8 @@ pub enum Command {
     /// Run the agent: watch the cluster (or a manifest directory), enforce policies, route, serve metrics.
     #[command(after_long_help = RUN_HELP)]
     Run(RunArgs),
-    /// Remove everything the agent put on this node: our nft table, our routes, our conflist.
+    /// Remove everything the agent put on this node: our nft table, our routes, our conflist, the
+    /// flow log's socket.
     Cleanup(CleanupArgs),
     /// Say whether traffic from one pod (or IP) to another on PORT/PROTO is allowed, and why.
     Explain(ExplainArgs),
@@ -192,6 +193,9 @@ pub struct CleanupArgs {
     /// Directory holding our conflist.
     #[arg(long, env = "PALISADE_CNI_CONF_DIR", default_value = palisade_contract::DEFAULT_CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
+    /// The agent's state directory (its flow log socket is removed; the plugin's records stay).
+    #[arg(long, env = "PALISADE_STATE_DIR", default_value = palisade_contract::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Leave routes alone.
     #[arg(long, env = "PALISADE_NO_ROUTES")]
     pub no_routes: bool,

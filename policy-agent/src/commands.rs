@@ -264,6 +264,11 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
         Ok(false) => info!(dir = %args.cni_conf_dir.display(), "no conflist to remove"),
         Err(e) => errors.push(e.to_string()),
     }
+    match crate::flow_log::writer::remove_socket(&args.state_dir) {
+        Ok(true) => info!(dir = %args.state_dir.display(), "flow log socket removed"),
+        Ok(false) => {}
+        Err(e) => errors.push(e.to_string()),
+    }
     if errors.is_empty() {
         Ok(())
     } else {

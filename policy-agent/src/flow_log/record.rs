@@ -172,10 +172,10 @@ pub fn attribute(
                 return None; // the model changed since: nothing is audited there now
             }
             audit_note = Some(format!(
-                "{dir} of {} (node {node}): would be DENIED by {} in audit mode (not enforced): isolated by {} and none of their rules matches",
+                "{dir} of {} (node {node}): would be DENIED by {} in audit mode (not enforced): no rule of {} matches",
                 lp.key,
                 keys.join(", "),
-                keys.join(", ")
+                if keys.len() == 1 { "it" } else { "theirs" }
             ));
             decided.push(verdict(dir, &lp.key, Outcome::Denied(keys)));
         }

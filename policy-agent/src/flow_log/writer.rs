@@ -58,14 +58,21 @@ pub async fn start(
                 .map_err(|e| Error::io("open flow log", path.display().to_string(), e))?,
         ),
     };
-    let listener = listen(&state_dir.join(SOCKET))?;
+    let listener = listen(state_dir)?;
     let recent: Recent = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT)));
     let (tx, _) = broadcast::channel::<Arc<str>>(1024);
     let serving = tokio::spawn(serve(listener, recent.clone(), tx.clone()));
     Ok(async move {
+        // Warned once per failing stretch, not per line (a full disk would repeat it 100 times a second).
+        let mut failing = false;
         while let Some(line) = rx.recv().await {
-            if let Err(e) = write_line(&mut out, &line).await {
-                warn!(error = %e, "cannot write the flow log; lines are still served on the socket");
+            match write_line(&mut out, &line).await {
+                Err(e) if !failing => {
+                    failing = true;
+                    warn!(error = %e, "cannot write the flow log; lines are still served on the socket (said once until a write succeeds)");
+                }
+                Err(_) => {}
+                Ok(()) => failing = false,
             }
             if let Ok(mut r) = recent.lock() {
                 if r.len() == RECENT {
@@ -85,26 +92,38 @@ async fn write_line(out: &mut (dyn AsyncWrite + Unpin + Send), line: &str) -> st
     out.flush().await
 }
 
-/// Binds the socket, replacing a stale one of a previous run, readable by its owner only.
-fn listen(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+/// Removes the socket a previous run left in `state_dir` (only a socket: anything else of that name
+/// is refused); true when there was one.
+pub fn remove_socket(state_dir: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = state_dir.join(SOCKET);
     let shown = || path.display().to_string();
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::io(
-                "flow log socket",
-                shown(),
-                std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "exists and is not a socket; remove it",
-                ),
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io("remove stale flow log socket", shown(), e))?;
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return Ok(false);
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::io(
+            "flow log socket",
+            shown(),
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; remove it",
+            ),
+        ));
     }
-    let l = UnixListener::bind(path).map_err(|e| Error::io("bind flow log socket", shown(), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    std::fs::remove_file(&path).map_err(|e| Error::io("remove flow log socket", shown(), e))?;
+    Ok(true)
+}
+
+/// Binds the socket in `state_dir`, replacing a stale one of a previous run, readable by its owner
+/// only.
+fn listen(state_dir: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    remove_socket(state_dir)?;
+    let path = state_dir.join(SOCKET);
+    let shown = || path.display().to_string();
+    let l = UnixListener::bind(&path).map_err(|e| Error::io("bind flow log socket", shown(), e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io("restrict flow log socket", shown(), e))?;
     Ok(l)
 }
@@ -185,4 +204,24 @@ pub async fn read(state_dir: &Path, follow: bool) -> Result<()> {
         .await
         .map_err(|e| Error::io("write stdout", "-", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remove_socket_removes_only_a_socket() {
+        let dir = palisade_testkit::temp::temp_dir("pa-flowsock");
+        assert!(!remove_socket(dir.path()).unwrap(), "nothing there");
+        let _l = std::os::unix::net::UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+        assert!(remove_socket(dir.path()).unwrap());
+        assert!(!dir.path().join(SOCKET).exists());
+        std::fs::write(dir.path().join(SOCKET), "not a socket").unwrap();
+        assert!(
+            remove_socket(dir.path()).is_err(),
+            "a regular file is left alone"
+        );
+        assert!(dir.path().join(SOCKET).exists());
+    }
 }
