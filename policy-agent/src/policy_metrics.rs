@@ -7,7 +7,7 @@
 
 use crate::nft::{Backend, Nft};
 use crate::reconcile::Msg;
-use palisade_policy::compile::counters::PolicyCounter;
+use palisade_policy::compile::counters::{PolicyCounter, Unit};
 use palisade_policy::model::CLUSTER_KEY_PREFIX;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -90,27 +90,39 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The family in the Prometheus text format; a counter missing from the kernel counts 0.
+/// The families in the Prometheus text format; a counter missing from the kernel counts 0.
 pub fn render(described: &[PolicyCounter], values: &HashMap<String, u64>) -> String {
-    let mut sums: BTreeMap<(&str, &str, &str, String, &str), u64> = BTreeMap::new();
-    for c in described {
-        let n = values.get(&c.counter).copied().unwrap_or(0);
-        for key in &c.policies {
-            let (kind, ns, name) = policy_labels(key);
-            *sums
-                .entry((kind, ns, name, c.direction.to_string(), c.verdict.label()))
-                .or_insert(0) += n;
+    let mut out = String::new();
+    for (unit, name, help) in [
+        (
+            Unit::Packets,
+            "palisade_policy_packets_total",
+            "Packets each policy decided on this node, by direction and verdict: allow counts the packets a rule of the policy admitted (only packets of connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the first reply), drop the packets dropped because the policy isolates the pod and no rule allowed them (a drop isolated by several policies counts for each), a ClusterNetworkPolicy's pass what it handed to the next tier, would_drop what a NetworkPolicy in audit mode would have dropped (nothing was). From zero again after a full replace of our table.",
+        ),
+        (
+            Unit::Connections,
+            "palisade_policy_connections_total",
+            "New connections each NetworkPolicy decided on this node (each connection's first packet): allow those a rule of the policy admitted, drop the connection attempts dropped because it isolates the pod and no rule allowed them (a retransmitted first packet is an attempt again; one isolated by several policies counts for each). From zero again after a full replace of our table.",
+        ),
+    ] {
+        let mut sums: BTreeMap<(&str, &str, &str, String, &str), u64> = BTreeMap::new();
+        for c in described.iter().filter(|c| c.unit == unit) {
+            let n = values.get(&c.counter).copied().unwrap_or(0);
+            for key in &c.policies {
+                let (kind, ns, policy) = policy_labels(key);
+                *sums
+                    .entry((kind, ns, policy, c.direction.to_string(), c.verdict.label()))
+                    .or_insert(0) += n;
+            }
         }
-    }
-    let mut out = String::from(
-        "# HELP palisade_policy_packets_total Packets each policy decided on this node, by direction and verdict: allow counts the packets a rule of the policy admitted (only packets of connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the first reply), drop the packets dropped because the policy isolates the pod and no rule allowed them (a drop isolated by several policies counts for each), a ClusterNetworkPolicy's pass what it handed to the next tier, would_drop what a NetworkPolicy in audit mode would have dropped (nothing was). From zero again after a full replace of our table.\n# TYPE palisade_policy_packets_total counter\n",
-    );
-    for ((kind, ns, name, dir, verdict), n) in sums {
-        out.push_str(&format!(
-            "palisade_policy_packets_total{{kind=\"{kind}\",namespace=\"{}\",policy=\"{}\",direction=\"{dir}\",verdict=\"{verdict}\"}} {n}\n",
-            escape(ns),
-            escape(name)
-        ));
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for ((kind, ns, policy, dir, verdict), n) in sums {
+            out.push_str(&format!(
+                "{name}{{kind=\"{kind}\",namespace=\"{}\",policy=\"{}\",direction=\"{dir}\",verdict=\"{verdict}\"}} {n}\n",
+                escape(ns),
+                escape(policy)
+            ));
+        }
     }
     out
 }
@@ -130,6 +142,7 @@ mod tests {
             counter: name.into(),
             direction: dir,
             verdict,
+            unit: Unit::Packets,
             policies: policies.iter().map(|p| p.to_string()).collect(),
         }
     }
@@ -150,6 +163,15 @@ mod tests {
                 &["shop/allow-fe", "shop/deny-all"],
             ),
             counter("cnt_c", Direction::Egress, Counted::Pass, &["cnp:guard"]),
+            PolicyCounter {
+                unit: Unit::Connections,
+                ..counter(
+                    "cnt_g",
+                    Direction::Ingress,
+                    Counted::Drop,
+                    &["shop/deny-all"],
+                )
+            },
         ];
         let text = render(&described, &values(LISTING));
         for line in [
@@ -160,8 +182,10 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
         }
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 4);
+        assert!(text.lines().any(|l| l == r#"palisade_policy_connections_total{kind="NetworkPolicy",namespace="shop",policy="deny-all",direction="ingress",verdict="drop"} 3"#), "{text}");
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 5);
         assert!(text.contains("# TYPE palisade_policy_packets_total counter"));
+        assert!(text.contains("# TYPE palisade_policy_connections_total counter"));
     }
 
     #[test]

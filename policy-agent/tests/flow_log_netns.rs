@@ -252,10 +252,19 @@ fn a_deny_all_in_audit_mode_drops_nothing_and_logs_every_connection_it_would_dro
 
 /// `palisade_policy_packets_total` of one series (0 when absent), and whether the policy has any.
 fn policy_packets(ns: &Netns, policy: &str, verdict: &str) -> (f64, bool) {
+    policy_series(ns, "palisade_policy_packets_total", policy, verdict)
+}
+
+/// The same of `palisade_policy_connections_total`.
+fn policy_connections(ns: &Netns, policy: &str, verdict: &str) -> (f64, bool) {
+    policy_series(ns, "palisade_policy_connections_total", policy, verdict)
+}
+
+fn policy_series(ns: &Netns, family: &str, policy: &str, verdict: &str) -> (f64, bool) {
     let (_, body) = ns.http(AGENT_PORT, "/metrics").unwrap_or_default();
     let of_policy: Vec<&str> = body
         .lines()
-        .filter(|l| l.starts_with("palisade_policy_packets_total{"))
+        .filter(|l| l.starts_with(&format!("{family}{{")))
         .filter(|l| l.contains(&format!("policy=\"{policy}\"")))
         .collect();
     let n = of_policy
@@ -283,6 +292,9 @@ fn per_policy_counters_move_with_the_traffic_they_count_and_a_deleted_policys_se
         "control: the client's datagrams did not arrive"
     );
     assert_eq!(policy_packets(&w.n1, "allow-client", "allow").0, 3.0);
+    // One connection admitted (its first datagram); the dropped flow's entry is never confirmed,
+    // so each of its datagrams is an attempt.
+    assert_eq!(policy_connections(&w.n1, "allow-client", "allow").0, 1.0);
     let dropped = || policy_packets(&w.n1, "allow-client", "drop").0;
     assert!(
         wait_until(Duration::from_secs(2), || dropped() == 3.0),
@@ -291,6 +303,8 @@ fn per_policy_counters_move_with_the_traffic_they_count_and_a_deleted_policys_se
         w.n1.http(AGENT_PORT, "/metrics").unwrap_or_default().1,
         w.n1.exec(&["nft", "list", "table", "inet", "palisade"])
     );
+
+    assert_eq!(policy_connections(&w.n1, "allow-client", "drop").0, 3.0);
 
     std::fs::remove_file(w.d.manifests.join("policy.yaml")).unwrap();
     assert!(

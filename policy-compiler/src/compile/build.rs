@@ -91,6 +91,7 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
                 rs.add_chain(chain);
                 if !keys.is_empty() {
                     rs.add_counter(group_counter(&group));
+                    rs.add_counter(group_conn_counter(&group));
                 }
             }
             for tier in Tier::BOTH {
@@ -168,6 +169,10 @@ fn group_chain_of(
             "{dir} of pods selected by {}: nothing allowed it",
             keys.join(", ")
         );
+        rules.push(Rule::new(vec![
+            Stmt::CtNotConfirmed,
+            Stmt::CounterNamed(group_conn_counter(&name)),
+        ]));
         rules.push(Rule::new(deny(c, group_counter(&name)).to_vec()).with_comment(comment(&why)));
         what.push(format!("policies {}", keys.join(", ")));
     } else {
@@ -773,17 +778,33 @@ fn vmap_lookups(dir: Direction) -> Vec<Rule> {
 
 fn policy(rs: &mut Ruleset, pol: &CompiledPolicy, dir: Direction, rules: &[CompiledRule]) {
     let key = &pol.key;
-    let counter = policy_counter(key, dir);
+    let accept = accept_chain(key, dir);
     let mut out = Vec::new();
     for r in rules {
         let what = format!("{key} {dir} rule {}", r.index);
         for mut stmts in rule_matches(Some(&mut *rs), key, dir, r) {
-            stmts.extend([Stmt::CounterNamed(counter.clone()), allow(dir)]);
+            stmts.push(Stmt::Goto(accept.clone()));
             out.push(Rule::new(stmts).with_comment(comment(&what)));
         }
     }
     if !out.is_empty() {
-        rs.add_counter(counter);
+        // Every matching rule ends here: the connections (first packets) and the packets the
+        // policy admitted are counted without repeating any rule's matches.
+        let (packets, connections) = (policy_counter(key, dir), policy_conn_counter(key, dir));
+        rs.add_chain(Chain {
+            name: accept.clone(),
+            base: None,
+            comment: comment(&format!("policy {key} {dir}: admitted, counted")),
+            rules: vec![
+                Rule::new(vec![
+                    Stmt::CtNotConfirmed,
+                    Stmt::CounterNamed(connections.clone()),
+                ]),
+                Rule::new(vec![Stmt::CounterNamed(packets.clone()), allow(dir)]),
+            ],
+        });
+        rs.add_counter(packets);
+        rs.add_counter(connections);
     }
     rs.add_chain(Chain {
         name: policy_chain(key, dir),

@@ -1,10 +1,11 @@
 //! What each of our named counters counts, for the per-policy metrics: the kernel counts, the
 //! agent reads the counters by name and labels them with this.
 //!
-//! - `cnt_<policy>_<in|eg>`: packets a NetworkPolicy admitted in one direction (only packets of
+//! - `cnt_<policy>_<in|eg>[_conn]`: packets (connections: their first packets, counted in the
+//!   policy's `acc_` chain) a NetworkPolicy admitted in one direction (only packets of
 //!   connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the
 //!   first reply; established ones are accepted before).
-//! - `cnt_<group chain>`: packets dropped because no rule of the NetworkPolicies isolating a group
+//! - `cnt_<group chain>[_conn]`: packets (connection attempts) dropped because no rule of the NetworkPolicies isolating a group
 //!   of pods allowed them; every one of those policies is named (a drop isolated by two policies
 //!   counts for both).
 //! - `cnt_<audit chain>`: packets the NetworkPolicies in audit mode of a group of pods would have
@@ -39,6 +40,16 @@ impl Counted {
     }
 }
 
+/// What a counter's count is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Unit {
+    Packets,
+    /// Connections: the first packet of each (its conntrack entry not confirmed yet). For drops,
+    /// connection attempts: a dropped connection is never confirmed, so each retransmitted first
+    /// packet is an attempt again.
+    Connections,
+}
+
 /// One named counter of our table and what it counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyCounter {
@@ -46,6 +57,7 @@ pub struct PolicyCounter {
     pub counter: String,
     pub direction: Direction,
     pub verdict: Counted,
+    pub unit: Unit,
     /// The policies it counts for: `namespace/name` of NetworkPolicies, `cnp:<name>` of a
     /// ClusterNetworkPolicy.
     pub policies: Vec<String>,
@@ -58,14 +70,19 @@ impl Compiled {
         let mut out = Vec::new();
         for (key, pol) in &self.policies {
             for dir in Direction::BOTH {
-                let counter = names::policy_counter(key, dir);
-                if pol.rules(dir).is_some() && exists(&counter) {
-                    out.push(PolicyCounter {
-                        counter,
-                        direction: dir,
-                        verdict: Counted::Allow,
-                        policies: vec![key.clone()],
-                    });
+                for (counter, unit) in [
+                    (names::policy_counter(key, dir), Unit::Packets),
+                    (names::policy_conn_counter(key, dir), Unit::Connections),
+                ] {
+                    if pol.rules(dir).is_some() && exists(&counter) {
+                        out.push(PolicyCounter {
+                            counter,
+                            direction: dir,
+                            verdict: Counted::Allow,
+                            unit,
+                            policies: vec![key.clone()],
+                        });
+                    }
                 }
             }
         }
@@ -77,17 +94,22 @@ impl Compiled {
                     continue;
                 }
                 let group = pod.group_chain(dir);
-                let counter = names::group_counter(&group);
-                if exists(&counter) && !groups.contains_key(&counter) {
-                    groups.insert(
-                        counter.clone(),
-                        PolicyCounter {
-                            counter,
-                            direction: dir,
-                            verdict: Counted::Drop,
-                            policies: keys.to_vec(),
-                        },
-                    );
+                for (counter, unit) in [
+                    (names::group_counter(&group), Unit::Packets),
+                    (names::group_conn_counter(&group), Unit::Connections),
+                ] {
+                    if exists(&counter) && !groups.contains_key(&counter) {
+                        groups.insert(
+                            counter.clone(),
+                            PolicyCounter {
+                                counter,
+                                direction: dir,
+                                verdict: Counted::Drop,
+                                unit,
+                                policies: keys.to_vec(),
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -106,6 +128,7 @@ impl Compiled {
                             counter,
                             direction: dir,
                             verdict: Counted::WouldDrop,
+                            unit: Unit::Packets,
                             policies: pod.audited(dir).to_vec(),
                         },
                     );
@@ -126,6 +149,7 @@ impl Compiled {
                             counter,
                             direction: dir,
                             verdict,
+                            unit: Unit::Packets,
                             policies: vec![key.clone()],
                         });
                     }
@@ -173,10 +197,11 @@ mod tests {
                 .filter(|p| p.verdict == verdict && p.policies.iter().any(|k| k == pol))
                 .count()
         };
-        assert_eq!(find("a/allow-y", Counted::Allow), 1);
+        // Packets and connections of each.
+        assert_eq!(find("a/allow-y", Counted::Allow), 2);
         // x is isolated by both policies, y by deny-all alone: two groups.
-        assert_eq!(find("a/deny-all", Counted::Drop), 2);
-        assert_eq!(find("a/allow-y", Counted::Drop), 1);
+        assert_eq!(find("a/deny-all", Counted::Drop), 4);
+        assert_eq!(find("a/allow-y", Counted::Drop), 2);
         assert_eq!(find("cnp:guard", Counted::Drop), 1);
         assert_eq!(find("cnp:guard", Counted::Pass), 1);
     }

@@ -699,10 +699,21 @@ fn semantics_7_an_egress_allow_goes_on_to_the_ingress_check() {
                "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "y"}}}]}]}),
     );
     let rs = compiled(&w).ruleset;
+    // Every matching rule goes to the policy's accept chain, which counts and goes on to ingress.
+    let accept = accept_chain("a/x-out", Direction::Egress);
     let pol = &rs.chains[&policy_chain("a/x-out", Direction::Egress)].rules;
     assert!(pol
         .iter()
-        .all(|r| r.stmts.last() == Some(&Stmt::Goto(CHAIN_INGRESS.to_string()))));
+        .all(|r| r.stmts.last() == Some(&Stmt::Goto(accept.clone()))));
+    let acc = &rs.chains[&accept].rules;
+    assert_eq!(
+        acc.last().unwrap().stmts.last(),
+        Some(&Stmt::Goto(CHAIN_INGRESS.to_string()))
+    );
+    assert!(
+        acc.iter().all(|r| !r.stmts.contains(&Stmt::Accept)),
+        "an egress allow never accepts"
+    );
     assert!(
         w.can("a/x", "a/y", 80, TCP),
         "y is not isolated for ingress"

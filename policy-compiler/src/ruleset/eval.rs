@@ -60,9 +60,9 @@ impl Ruleset {
                     Stmt::CtEstablishedRelated
                     | Stmt::CtInvalid
                     | Stmt::Icmpv6NeighbourDiscovery => continue 'rules,
-                    // The model's packets are new ones; the flow log's rate limit and log
-                    // statement never change a verdict.
-                    Stmt::CtNew | Stmt::Limit { .. } | Stmt::Log { .. } => {}
+                    // The model's packets are a connection's first; the flow log's rate limit and
+                    // log statement never change a verdict.
+                    Stmt::CtNew | Stmt::CtNotConfirmed | Stmt::Limit { .. } | Stmt::Log { .. } => {}
                     // The packet model has no input interface (it models what passed the source
                     // guard, which the kernel tests check): the guard's rules never match here.
                     Stmt::IifnamePrefix(_)

@@ -96,6 +96,9 @@ pub enum Stmt {
     CtInvalid,
     /// `ct state new`
     CtNew,
+    /// `ct status ! confirmed`: the first packet of a connection (its conntrack entry is confirmed
+    /// only after our hooks, at the end of postrouting or input).
+    CtNotConfirmed,
     /// `fib saddr type local`: the source is an address of this node.
     FibSaddrLocal,
     /// `fib saddr type != local`: the source is not an address of this node.

@@ -169,6 +169,22 @@ pub fn policy_counter(policy_key: &str, dir: Direction) -> String {
     format!("{COUNTER_PREFIX}{}_{}", policy_id(policy_key), dir.tag())
 }
 
+/// `cnt_<policy id>_<in|eg>_conn`: the connections a NetworkPolicy admitted (their first packet).
+pub fn policy_conn_counter(policy_key: &str, dir: Direction) -> String {
+    format!("{}_conn", policy_counter(policy_key, dir))
+}
+
+/// `acc_<policy id>_<in|eg>`: where a NetworkPolicy's matching rules go: count, then allow.
+pub fn accept_chain(policy_key: &str, dir: Direction) -> String {
+    format!("acc_{}_{}", policy_id(policy_key), dir.tag())
+}
+
+/// `cnt_<group chain>_conn`: the connection attempts a group chain dropped (each first packet; a
+/// retransmitted SYN of a dropped connection is an attempt again).
+pub fn group_conn_counter(group_chain: &str) -> String {
+    format!("{}_conn", group_counter(group_chain))
+}
+
 /// `cnt_<group chain>`: what a group chain dropped (no rule of its NetworkPolicies allowed it).
 pub fn group_counter(group_chain: &str) -> String {
     format!("{COUNTER_PREFIX}{group_chain}")

@@ -221,6 +221,9 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::CtInvalid => {
             json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}})
         }
+        Stmt::CtNotConfirmed => {
+            json!({"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "confirmed"}})
+        }
         Stmt::CtNew => {
             json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}})
         }

@@ -21,7 +21,8 @@ pub enum Variant {
     Whole,
     /// Without the source guard (`palisade-no-source-guard`).
     NoSourceGuard,
-    /// Without the named counters of the per-policy metrics (`palisade-no-counters`).
+    /// Without the named counters of the per-policy metrics and the policies' `acc_` chains that
+    /// count connections (`palisade-no-counters`).
     NoCounters,
 }
 
@@ -90,10 +91,29 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             }
         }
         Variant::NoCounters => {
+            // A policy's matching rules go to its `acc_` chain only to be counted: they allow
+            // directly instead, and the rules that only count go.
+            let verdicts: std::collections::BTreeMap<String, Stmt> = ruleset
+                .chains
+                .iter()
+                .filter(|(n, _)| n.starts_with("acc_"))
+                .filter_map(|(n, c)| Some((n.clone(), c.rules.last()?.stmts.last()?.clone())))
+                .collect();
+            ruleset.chains.retain(|n, _| !verdicts.contains_key(n));
             for chain in ruleset.chains.values_mut() {
                 for r in &mut chain.rules {
                     r.stmts.retain(|s| !matches!(s, Stmt::CounterNamed(_)));
+                    let direct = match r.stmts.last() {
+                        Some(Stmt::Goto(t)) => verdicts.get(t).cloned(),
+                        _ => None,
+                    };
+                    if let (Some(v), Some(last)) = (direct, r.stmts.last_mut()) {
+                        *last = v;
+                    }
                 }
+                chain
+                    .rules
+                    .retain(|r| !(r.stmts.is_empty() || r.stmts == [Stmt::CtNotConfirmed]));
             }
             ruleset.counters.clear();
         }
