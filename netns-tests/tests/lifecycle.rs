@@ -267,10 +267,14 @@ fn cluster_tiers_demo_enforces_admin_networkpolicy_and_baseline_tiers() {
     assert_nothing_left(&name);
 }
 
-/// Starts `up` and waits until the lab has pods (so there is plenty to leave behind).
-fn start_up_and_wait_for_pods(name: &str) -> std::process::Child {
+/// Starts `up` and waits until the lab has pods (so there is plenty to leave behind). Its stderr
+/// goes to a file in the returned directory (removed when it is dropped).
+fn start_up_and_wait_for_pods(
+    name: &str,
+) -> (std::process::Child, palisade_testkit::temp::TempDir) {
     let mut up = cli(name);
-    let log = std::env::temp_dir().join(format!("palisade-lab-{name}.log"));
+    let dir = palisade_testkit::temp::temp_dir("palisade-lab-up");
+    let log = dir.path().join(format!("{name}.log"));
     let file = std::fs::File::create(&log).unwrap();
     up.args(["up", "examples/demo"])
         .stdout(Stdio::null())
@@ -292,14 +296,14 @@ fn start_up_and_wait_for_pods(name: &str) -> std::process::Child {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    child
+    (child, dir)
 }
 
 #[test]
 fn down_after_a_crash_removes_everything() {
     let name = lab::unique_name();
     let _guard = DownOnDrop(name.clone());
-    let mut child = start_up_and_wait_for_pods(&name);
+    let (mut child, _log) = start_up_and_wait_for_pods(&name);
     child.kill().unwrap(); // SIGKILL: no handler runs, like a crash.
     child.wait().unwrap();
     assert!(
@@ -320,7 +324,7 @@ fn down_after_a_crash_removes_everything() {
 fn sigint_during_up_tears_the_lab_down() {
     let name = lab::unique_name();
     let _guard = DownOnDrop(name.clone());
-    let child = start_up_and_wait_for_pods(&name);
+    let (child, _log) = start_up_and_wait_for_pods(&name);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
