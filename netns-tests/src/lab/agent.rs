@@ -76,6 +76,16 @@ pub fn http_status_in_netns(
 }
 
 impl Lab {
+    /// The `/metrics` text of `node`'s agent.
+    pub fn agent_metrics(&self, node: &str) -> std::result::Result<String, String> {
+        let n = self.node(node).map_err(|e| e.to_string())?;
+        let addr: std::net::SocketAddr = AGENT_LISTEN
+            .parse()
+            .map_err(|e| format!("address {AGENT_LISTEN:?}: {e}"))?;
+        palisade_testkit::http::get_in(&netns::path(&n.netns), addr, "/metrics", HEALTHZ_TIMEOUT)
+            .map(|r| r.body)
+    }
+
     pub(super) fn start_agent(&mut self, i: usize) -> Result<()> {
         check_interrupted()?;
         let node = self.state.nodes[i].clone();

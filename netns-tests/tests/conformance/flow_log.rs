@@ -48,15 +48,8 @@ fn is(line: &Value, from: &str, to: &str, port: u16) -> bool {
 
 /// Sum of `palisade_flow_log_packets_total` of a node's agent: packets the kernel handed over.
 fn logged_packets(lab: &Lab, node: &str) -> Result<f64, String> {
-    let n = lab.node_state(node).map_err(|e| e.to_string())?;
-    let addr = lab::AGENT_LISTEN.parse().map_err(|e| format!("{e}"))?;
-    let r = palisade_testkit::http::get_in(
-        &palisade_netns_tests::netns::path(&n.netns),
-        addr,
-        "/metrics",
-        Duration::from_secs(2),
-    )?;
-    Ok(r.body
+    Ok(lab
+        .agent_metrics(node)?
         .lines()
         .filter(|l| l.starts_with("palisade_flow_log_packets_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -183,16 +176,8 @@ fn policy_packets(
     policy: &str,
     verdict: &str,
 ) -> Result<(f64, bool), String> {
-    let n = lab.node_state(node).map_err(|e| e.to_string())?;
-    let addr = lab::AGENT_LISTEN.parse().map_err(|e| format!("{e}"))?;
-    let r = palisade_testkit::http::get_in(
-        &palisade_netns_tests::netns::path(&n.netns),
-        addr,
-        "/metrics",
-        Duration::from_secs(2),
-    )?;
-    let of_policy: Vec<&str> = r
-        .body
+    let metrics = lab.agent_metrics(node)?;
+    let of_policy: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("palisade_policy_packets_total{"))
         .filter(|l| l.contains(&format!("policy=\"{policy}\"")))
