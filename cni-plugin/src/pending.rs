@@ -90,8 +90,10 @@ pub fn mark(ips: &[IpAddr]) -> Result<Mark> {
 /// Removes the pending marks of `ips` (call with the [`NodeLock`] held). Absent table: nothing to do.
 ///
 /// Each mark is probed first (~0.05 ms) and only the ones still there are removed: the agent usually
-/// cleared them long before DEL, and any kernel batch containing a delete costs ~16 ms, which parallel
-/// DELs would otherwise queue for behind the node lock. The probe cannot race: every writer of the
+/// cleared them long before DEL, and a process that commits to nf_tables waits ~8–16 ms when it
+/// closes its netlink socket (the kernel frees the commit's transactions after an RCU grace period
+/// first; see palisade-nft's `setelem`), which parallel DELs would otherwise queue for behind the
+/// node lock. The probe cannot race: every writer of the
 /// pending sets (this plugin, the agent) holds the node lock.
 pub fn unmark(ips: &[IpAddr]) -> Result<()> {
     let mut present = Vec::with_capacity(ips.len());

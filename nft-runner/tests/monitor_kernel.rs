@@ -184,3 +184,37 @@ fn lost_notifications_are_reported_as_drift_of_unknown_content() {
     }
     assert!(seen, "no drift for the change after the overrun");
 }
+
+#[test]
+fn an_element_writers_commits_on_its_kept_socket_are_ours_and_a_foreign_element_is_drift() {
+    private_netns();
+    let nft = Nft::new(Backend::Lib);
+    nft.apply(TABLE).unwrap();
+    nft.apply(
+        r#"{"nftables":[{"add":{"set":{"family":"inet","table":"t","name":"peer_v4","type":"ipv4_addr"}}}]}"#,
+    )
+    .unwrap();
+    let mut m = Monitor::open(scope()).unwrap();
+    let mut w = palisade_nft::setelem::ElementWriter::new();
+    let a: IpAddr = "10.0.0.7".parse().unwrap();
+    for _ in 0..20 {
+        w.apply("inet", "t", &[(SetOp::Add, "peer_v4", a)]).unwrap();
+        w.apply("inet", "t", &[(SetOp::Delete, "peer_v4", a)])
+            .unwrap();
+    }
+    assert_eq!(quiet(&mut m, Duration::from_millis(300)), None);
+    // A failed batch (the element is gone) drops the socket; the next one opens another.
+    let err = w
+        .apply("inet", "t", &[(SetOp::Delete, "peer_v4", a)])
+        .unwrap_err();
+    assert!(matches!(err, palisade_nft::Error::Absent { .. }), "{err}");
+    w.apply("inet", "t", &[(SetOp::Add, "peer_v4", a)]).unwrap();
+    assert_eq!(quiet(&mut m, Duration::from_millis(300)), None);
+    foreign_nft("add element inet t peer_v4 { 10.0.0.8 }");
+    let d = quiet(&mut m, Duration::from_secs(2)).expect("a foreign element is drift");
+    assert!(
+        d.changes.iter().any(|c| c.contains("peer_v4")),
+        "{:?}",
+        d.changes
+    );
+}
