@@ -28,6 +28,9 @@ impl Desired {
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub json: String,
+    /// The same batch as address element changes, when that is all it is (see
+    /// `palisade_policy::Batch::address_element_changes`): committed without nft.
+    pub elements: Option<Vec<palisade_policy::ruleset::ElementChange>>,
     /// What the batch touches, for logs.
     pub stats: String,
 }
@@ -104,6 +107,7 @@ fn batch(b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
     }
     let s = next.stats();
     Some(Batch {
+        elements: b.address_element_changes(next),
         json: b.to_json_string(),
         stats: format!(
             "{} commands, {} bytes; target {} chains, {} rules, {} sets, {} elements",

@@ -7,11 +7,14 @@ use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 use palisade_nft::monitor::{Drift, Monitor, Scope};
 pub use palisade_nft::Backend;
+use palisade_policy::ruleset::ElementChange;
 use serde_json::Value;
 
 /// palisade-nft bound to our table, with errors in the agent's type.
 pub struct Nft {
     runner: palisade_nft::Nft,
+    /// Address element transactions on one socket kept open (see [`Nft::apply_elements`]).
+    elements: std::sync::Mutex<palisade_nft::setelem::ElementWriter>,
 }
 
 impl Nft {
@@ -20,6 +23,7 @@ impl Nft {
     pub fn new(backend: Backend) -> Self {
         Nft {
             runner: palisade_nft::Nft::new(backend),
+            elements: Default::default(),
         }
     }
 
@@ -31,6 +35,25 @@ impl Nft {
     /// Applies one JSON batch (`{"nftables":[...]}`) as one atomic transaction.
     pub fn apply(&self, batch: &str) -> Result<()> {
         Ok(self.runner.apply(batch)?)
+    }
+
+    /// Adds and deletes address elements of our table's sets, in order, as one atomic transaction
+    /// of nfnetlink set element messages (palisade-nft's `setelem`): no libnftables run, so no
+    /// refetch of its cache of our chains, sets and counters, which at 10k pods cost more than
+    /// the change. One socket, opened at first use in the calling thread's namespace and kept (a
+    /// socket per transaction would wait a grace period at each close); its portid counts as ours
+    /// for the drift monitor.
+    pub fn apply_elements(&self, changes: &[ElementChange]) -> Result<()> {
+        use palisade_nft::setelem::{self, SetOp};
+        let ops: Vec<setelem::ElementOp<'_>> = changes
+            .iter()
+            .map(|c| {
+                let op = if c.add { SetOp::Add } else { SetOp::Delete };
+                (op, c.set.as_str(), c.addr)
+            })
+            .collect();
+        let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(writer.apply(TABLE_FAMILY, TABLE_NAME, &ops)?)
     }
 
     /// Lists our table as nft JSON; `None` when the table does not exist.

@@ -428,7 +428,10 @@ impl Engine {
         } else {
             match batch {
                 None => false,
-                Some(batch) => match self.nft.apply(&batch.json) {
+                Some(batch) => match match &batch.elements {
+                    Some(changes) => self.nft.apply_elements(changes),
+                    None => self.nft.apply(&batch.json),
+                } {
                     Ok(()) => {
                         debug!(stats = %batch.stats, "incremental transaction committed");
                         true

@@ -38,6 +38,71 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.commands == 0
     }
+
+    /// The batch as address element changes, in order, when that is all it is: every command adds
+    /// or deletes elements of a plain address set of `rs` (`ipv4_addr` or `ipv6_addr`; no interval
+    /// set, no map), each element an address of the set's family, at most
+    /// [`MAX_ELEMENT_CHANGES`] of them. Such a batch (peer pods coming and going, pending marks)
+    /// can be written as nfnetlink set element messages directly; anything else returns `None`.
+    pub fn address_element_changes(&self, rs: &Ruleset) -> Option<Vec<ElementChange>> {
+        let cmds = self.json.get("nftables")?.as_array()?;
+        let mut out = Vec::new();
+        for cmd in cmds {
+            let obj = cmd.as_object()?;
+            if obj.len() != 1 {
+                return None;
+            }
+            let (verb, body) = obj.iter().next()?;
+            let add = match verb.as_str() {
+                "add" => true,
+                "delete" => false,
+                _ => return None,
+            };
+            let el = body.as_object()?.get("element")?.as_object()?;
+            if el.get("family")?.as_str()? != TABLE_FAMILY
+                || el.get("table")?.as_str()? != TABLE_NAME
+            {
+                return None;
+            }
+            let name = el.get("name")?.as_str()?;
+            let set = rs.sets.get(name)?;
+            let v4 = match set.key {
+                SetKey::Ipv4 => true,
+                SetKey::Ipv6 => false,
+                _ => return None,
+            };
+            if set.interval || set.verdict_map {
+                return None;
+            }
+            for e in el.get("elem")?.as_array()? {
+                let addr: IpAddr = e.as_str()?.parse().ok()?;
+                if addr.is_ipv4() != v4 || out.len() == MAX_ELEMENT_CHANGES {
+                    return None;
+                }
+                out.push(ElementChange {
+                    add,
+                    set: name.to_string(),
+                    addr,
+                });
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Most element changes [`Batch::address_element_changes`] returns (one netlink message each);
+/// a larger batch goes through nft.
+pub const MAX_ELEMENT_CHANGES: usize = 1024;
+
+/// One address added to or deleted from a named set of our table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementChange {
+    pub add: bool,
+    pub set: String,
+    pub addr: IpAddr,
+}
+
+impl Batch {
     /// The JSON text to feed to `nft -j -f -`, allocated once at its final size (growing a ~10 MB
     /// string by doubling would hold two copies at the last step).
     pub fn to_json_string(&self) -> String {
@@ -422,5 +487,124 @@ impl Ruleset {
     /// The whole ruleset as nft JSON (the same document as [`Ruleset::full_replace`]).
     pub fn to_json(&self) -> Value {
         self.full_replace().json
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::diff;
+
+    fn set(name: &str, key: SetKey, interval: bool, elements: &[Elem]) -> Set {
+        Set {
+            name: name.into(),
+            key,
+            interval,
+            verdict_map: false,
+            comment: String::new(),
+            elements: elements.iter().cloned().collect(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn table(sets: Vec<Set>) -> Ruleset {
+        let mut rs = Ruleset::default();
+        for s in sets {
+            rs.add_set(s);
+        }
+        rs
+    }
+
+    #[test]
+    fn a_batch_of_peer_addresses_coming_and_going_is_address_element_changes_in_order() {
+        let a = Elem::Addr(ip("10.0.0.1"));
+        let b = Elem::Addr(ip("10.0.0.2"));
+        let c = Elem::Addr(ip("fd00::3"));
+        let last = table(vec![
+            set("peer_v4", SetKey::Ipv4, false, std::slice::from_ref(&a)),
+            set("peer_v6", SetKey::Ipv6, false, &[]),
+        ]);
+        let next = table(vec![
+            set("peer_v4", SetKey::Ipv4, false, std::slice::from_ref(&b)),
+            set("peer_v6", SetKey::Ipv6, false, std::slice::from_ref(&c)),
+        ]);
+        let batch = diff(&last, &next);
+        let mut got = batch
+            .address_element_changes(&next)
+            .expect("element-only batch");
+        got.sort_by(|x, y| (&x.set, x.addr, x.add).cmp(&(&y.set, y.addr, y.add)));
+        assert_eq!(
+            got,
+            vec![
+                ElementChange {
+                    add: false,
+                    set: "peer_v4".into(),
+                    addr: ip("10.0.0.1")
+                },
+                ElementChange {
+                    add: true,
+                    set: "peer_v4".into(),
+                    addr: ip("10.0.0.2")
+                },
+                ElementChange {
+                    add: true,
+                    set: "peer_v6".into(),
+                    addr: ip("fd00::3")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn anything_but_plain_address_elements_goes_through_nft() {
+        let one = Elem::Addr(ip("10.0.0.1"));
+        // An interval set: its elements need interval ends, which only nft writes.
+        let last = table(vec![set("cidr_v4", SetKey::Ipv4, true, &[])]);
+        let next = table(vec![set(
+            "cidr_v4",
+            SetKey::Ipv4,
+            true,
+            &[Elem::Range(ip("10.0.0.1"), ip("10.0.0.1"))],
+        )]);
+        assert_eq!(diff(&last, &next).address_element_changes(&next), None);
+        // A concatenated set.
+        let last = table(vec![set("self_v4", SetKey::Ipv4Pair, false, &[])]);
+        let next = table(vec![set(
+            "self_v4",
+            SetKey::Ipv4Pair,
+            false,
+            &[Elem::AddrPair(ip("10.0.0.1"), ip("10.0.0.1"))],
+        )]);
+        assert_eq!(diff(&last, &next).address_element_changes(&next), None);
+        // A new set, not only its elements.
+        let last = table(vec![]);
+        let next = table(vec![set(
+            "peer_v4",
+            SetKey::Ipv4,
+            false,
+            std::slice::from_ref(&one),
+        )]);
+        assert_eq!(diff(&last, &next).address_element_changes(&next), None);
+        // A set the ruleset does not know.
+        let last = table(vec![set("peer_v4", SetKey::Ipv4, false, &[])]);
+        let next = table(vec![set(
+            "peer_v4",
+            SetKey::Ipv4,
+            false,
+            std::slice::from_ref(&one),
+        )]);
+        assert_eq!(
+            diff(&last, &next).address_element_changes(&Ruleset::default()),
+            None
+        );
+        // More changes than one transaction of messages may carry.
+        let many: Vec<Elem> = (0..=MAX_ELEMENT_CHANGES as u32)
+            .map(|i| Elem::Addr(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))))
+            .collect();
+        let next = table(vec![set("peer_v4", SetKey::Ipv4, false, &many)]);
+        assert_eq!(diff(&last, &next).address_element_changes(&next), None);
     }
 }
