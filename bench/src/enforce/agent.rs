@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// CPU seconds (user + system) and memory of a process, from /proc.
+/// CPU seconds (user + system, its own and its waited-for children's: the agent's `nft` listings)
+/// and memory of a process, from /proc.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct ProcStats {
     pub cpu_seconds: f64,
@@ -18,7 +19,8 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats> {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the state field (index 0).
+    // utime, stime, cutime, cstime are fields 14-17 of stat, i.e. 11-14 after the state field
+    // (index 0). A child's time is in cutime/cstime once it has exited and been waited for.
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -32,7 +34,7 @@ pub fn proc_stats(pid: u32) -> Result<ProcStats> {
             .unwrap_or(0)
     };
     Ok(ProcStats {
-        cpu_seconds: (ticks(11) + ticks(12)) / hz,
+        cpu_seconds: (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / hz,
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
     })
