@@ -9,15 +9,10 @@
 //! the entries that would not be admitted now (by original tuple, zone and id), so the next packet
 //! of such a flow meets the rules. Entries it cannot judge are left alone and counted.
 //!
-//! The entries come from a dump only when the event-fed [`crate::flow_table::FlowTable`] cannot
-//! be trusted (at start, after lost events); otherwise a sweep walks that table: a dump walks the
-//! kernel's whole conntrack hash table, ~10 ms at 262,144 buckets, whatever it returns.
-//!
 //! "From this node" (`fib saddr type local`) is answered from this namespace's own addresses, read
 //! over rtnetlink and cached for [`ADDRS_MAX_AGE`].
 
 use crate::error::{Error, Result};
-use crate::flow_table::FlowTable;
 use crate::metrics::Metrics;
 use futures::TryStreamExt;
 use netlink_packet_core::{
@@ -209,11 +204,8 @@ pub struct Cut {
 /// What one [`Revoker::sweep`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Entries looked at (in the dump, or in the flow table).
+    /// Entries in the dumps.
     pub scanned: u64,
-    /// Whether the entries came from a dump (the flow table could not be trusted) rather than
-    /// from the flow table kept from conntrack events.
-    pub dumped: bool,
     /// Entries involving a local pod or pending address (judged).
     pub judged: u64,
     /// Entries deleted.
@@ -236,7 +228,6 @@ pub fn log_report(report: &SweepReport, metrics: &Metrics) {
         tracing::debug!(
             took_ms,
             scanned = report.scanned,
-            dumped = report.dumped,
             judged = report.judged,
             unjudged = report.unjudged,
             "conntrack sweep: no established flow lost its permission"
@@ -320,8 +311,6 @@ pub struct Revoker {
     /// Flows cut recently, watched for a comeback in the other direction (see [`Revoker::recheck`]).
     watched: Vec<Watched>,
     next_recheck: Option<Instant>,
-    /// The entries kept from conntrack events (`None`: the subscription failed; every sweep dumps).
-    table: Option<FlowTable>,
 }
 
 /// A cut flow whose reply direction may pick it up again: a packet of the peer that answers (a TCP
@@ -374,11 +363,6 @@ impl Revoker {
             rtnetlink::new_connection().map_err(nl("open address socket"))?
         };
         rt.spawn(conn);
-        let table = FlowTable::open()
-            .inspect_err(|e| {
-                tracing::warn!(error = %e, "cannot subscribe to conntrack events; every sweep dumps the conntrack table (~10 ms each)");
-            })
-            .ok();
         Ok(Revoker {
             socket,
             seq: 0,
@@ -391,7 +375,6 @@ impl Revoker {
             },
             watched: Vec::new(),
             next_recheck: None,
-            table,
         })
     }
 
@@ -567,16 +550,8 @@ impl Revoker {
             Cut,
         );
         let mut doomed: Vec<Doomed> = Vec::new();
-        let from_table = match self.table.as_mut().map(|t| t.drain().map(|_| t.usable())) {
-            Some(Ok(usable)) => usable,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read conntrack events; sweeps dump the conntrack table from now on");
-                self.table = None;
-                false
-            }
-            None => false,
-        };
-        report.dumped = !from_table;
+        // One dump of both families (family unspecified): the kernel walks its whole conntrack hash
+        // table (all namespaces' buckets) per dump, ~10 ms at 256k buckets, whatever we keep.
         {
             let addrs = &self.addrs;
             let mut undecodable = 0;
@@ -610,39 +585,13 @@ impl Revoker {
                     ));
                 }
             };
-            if from_table {
-                for e in self.table.iter().flat_map(FlowTable::entries) {
-                    each(e.family, &e.attrs);
-                }
-            } else {
-                // One dump of both families (family unspecified), which also refills the table.
-                let mut table = self.table.as_mut();
-                if let Some(t) = table.as_mut() {
-                    t.begin_rebuild()?;
-                }
-                let mut each_and_keep =
-                    |family: NetfilterProtoFamily, attrs: &[ConntrackAttribute]| {
-                        if let Some(t) = table.as_mut() {
-                            t.dumped(family, attrs);
-                        }
-                        each(family, attrs);
-                    };
-                // The closure reads `self.addrs` while the dump borrows the socket.
-                let mut dumper = Dumper {
-                    socket: &self.socket,
-                    seq: &mut self.seq,
-                    buf: &mut self.buf,
-                };
-                let dumped = dumper.dump(
-                    NetfilterProtoFamily::Unspec,
-                    &mut each_and_keep,
-                    &mut undecodable,
-                );
-                if let Some(t) = table.as_mut() {
-                    t.rebuilt(dumped.is_ok());
-                }
-                dumped?;
-            }
+            // The closure reads `self.addrs` while the dump borrows the socket.
+            let mut dumper = Dumper {
+                socket: &self.socket,
+                seq: &mut self.seq,
+                buf: &mut self.buf,
+            };
+            dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable)?;
             report.unjudged += undecodable;
         }
         for (family, key, watch, cut) in doomed {

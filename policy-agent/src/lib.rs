@@ -17,7 +17,6 @@ pub mod conntrack;
 pub mod egress_nat;
 pub mod error;
 pub mod flow_log;
-pub mod flow_table;
 pub mod lock;
 pub mod metrics;
 pub mod nft;

@@ -73,8 +73,6 @@ pub struct Metrics {
     restores: Count,
     flows_cut: Count,
     flows_unjudged: Count,
-    /// Conntrack sweeps by where their entries came from: `dump` or `events` (the flow table).
-    sweeps: Family<Label, Count>,
     transactions: Family<Label, Count>,
     /// Other Nodes' podCIDRs refused as routes, by reason.
     refused_pod_cidrs: Family<Label, Level>,
@@ -118,7 +116,6 @@ impl Metrics {
             restores: Count::default(),
             flows_cut: Count::default(),
             flows_unjudged: Count::default(),
-            sweeps: Family::default(),
             transactions: Family::default(),
             refused_pod_cidrs: Family::default(),
             route_failures: Level::default(),
@@ -169,12 +166,6 @@ impl Metrics {
             "palisade_conntrack_flows_unjudged",
             "Conntrack entries a sweep could not judge and left alone",
             &m.flows_unjudged,
-        );
-        reg(
-            &mut r,
-            "palisade_conntrack_sweeps",
-            "Conntrack sweeps by source of their entries: dump (the kernel's whole table) or events (the table kept from conntrack events)",
-            &m.sweeps,
         );
         reg(
             &mut r,
@@ -232,9 +223,6 @@ impl Metrics {
         // Label sets shown from the start, at 0.
         for kind in ["full", "incremental"] {
             let _ = m.transactions.get_or_create(&[("kind", kind)]);
-        }
-        for source in ["dump", "events"] {
-            let _ = m.sweeps.get_or_create(&[("source", source)]);
         }
         for reason in REFUSAL_REASONS {
             let _ = m.refused_pod_cidrs.get_or_create(&[("reason", reason)]);
@@ -340,12 +328,6 @@ impl Metrics {
         self.flows_unjudged.inc_by(unjudged);
     }
 
-    /// A conntrack sweep ran, on a dump (`dumped`) or on the flow table kept from events.
-    pub fn swept(&self, dumped: bool) {
-        let source = if dumped { "dump" } else { "events" };
-        self.sweeps.get_or_create(&[("source", source)]).inc();
-    }
-
     /// Connections now open to the HTTP endpoint (`server`).
     pub fn http_open_connections(&self, n: usize) {
         self.http_open.set(n as u64);
@@ -445,10 +427,6 @@ palisade_conntrack_flows_cut_total 5
 # HELP palisade_conntrack_flows_unjudged_total Conntrack entries a sweep could not judge and left alone.
 # TYPE palisade_conntrack_flows_unjudged_total counter
 palisade_conntrack_flows_unjudged_total 1
-# HELP palisade_conntrack_sweeps_total Conntrack sweeps by source of their entries: dump (the kernel's whole table) or events (the table kept from conntrack events).
-# TYPE palisade_conntrack_sweeps_total counter
-palisade_conntrack_sweeps_total{source="dump"} 0
-palisade_conntrack_sweeps_total{source="events"} 0
 # HELP palisade_transactions_total Committed nft transactions by kind.
 # TYPE palisade_transactions_total counter
 palisade_transactions_total{kind="incremental"} 1

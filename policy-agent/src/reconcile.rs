@@ -546,10 +546,7 @@ impl Engine {
         let swept = revoker.sweep(self.inc.compiled());
         self.sweep_credit.spend(Instant::now(), start.elapsed());
         match swept {
-            Ok(report) => {
-                self.metrics.swept(report.dumped);
-                crate::conntrack::log_report(&report, &self.metrics)
-            }
+            Ok(report) => crate::conntrack::log_report(&report, &self.metrics),
             Err(e) => {
                 self.metrics.error(e.kind());
                 warn!(error = %e, "cannot sweep conntrack; flows that lost permission live on until a later commit's sweep succeeds (the resync commits at least every --resync-seconds)");
