@@ -110,12 +110,25 @@ impl Churn {
         }
     }
 
-    pub(super) fn finish(self) -> u64 {
+    pub(super) fn finish(mut self) -> u64 {
+        self.stop_writers();
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn stop_writers(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for h in self.handles {
+        for h in self.handles.drain(..) {
             let _ = h.join();
         }
-        self.writes.load(Ordering::Relaxed)
+    }
+}
+
+/// A scenario that fails returns with `?` before [`Churn::finish`]: its writers must stop then too,
+/// or they go on writing pod files into the work directory after the run removed it (six
+/// `palisade-enforce-<pid>/…/manifests` directories were left in /tmp so).
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop_writers();
     }
 }
 
