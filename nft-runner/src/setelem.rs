@@ -425,9 +425,7 @@ fn parse_answers(mut data: &[u8]) -> std::result::Result<Answers, String> {
     Ok(Answers::Acks(acks))
 }
 
-/// A NETLINK_NETFILTER socket (unbound: the kernel binds it on the first send) that waits at most
-/// [`RECV_TIMEOUT`] for an answer.
-/// A NETLINK_NETFILTER socket with a receive timeout, bound before anything is sent, so the portid
+/// A NETLINK_NETFILTER socket that waits at most [`RECV_TIMEOUT`] for an answer, bound before anything is sent, so the portid
 /// the kernel stamps on its transactions' notifications is known: this process's drift monitor (if
 /// any) counts it as ours, not as tampering, for as long as the socket lives and
 /// [`crate::monitor::RETIRED_PORTID_TTL`] after.

@@ -37,6 +37,15 @@ impl Nft {
         Ok(self.runner.apply(batch)?)
     }
 
+    /// Commits an incremental batch: as set element messages when that is all it is
+    /// ([`Nft::apply_elements`]), else its JSON through nft.
+    pub fn apply_batch(&self, batch: &crate::compiled::Batch) -> Result<()> {
+        match &batch.elements {
+            Some(changes) => self.apply_elements(changes),
+            None => self.apply(&batch.json),
+        }
+    }
+
     /// Adds and deletes address elements of our table's sets, in order, as one atomic transaction
     /// of nfnetlink set element messages (palisade-nft's `setelem`): no libnftables run, so no
     /// refetch of its cache of our chains, sets and counters, which at 10k pods cost more than

@@ -428,10 +428,7 @@ impl Engine {
         } else {
             match batch {
                 None => false,
-                Some(batch) => match match &batch.elements {
-                    Some(changes) => self.nft.apply_elements(changes),
-                    None => self.nft.apply(&batch.json),
-                } {
+                Some(batch) => match self.nft.apply_batch(&batch) {
                     Ok(()) => {
                         debug!(stats = %batch.stats, "incremental transaction committed");
                         true

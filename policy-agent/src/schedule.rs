@@ -391,31 +391,34 @@ mod tests {
     #[test]
     fn under_churn_no_snapshot_and_a_commit_after_a_pause_gets_one_soon() {
         let (c, mut s) = schedule();
-        // A commit every 15 ms for 10 s (100 changes/s under the debounce), the reconcile thread
-        // firing every millisecond: no read-back while commits keep coming.
-        let mut fired = Vec::new();
-        for t in 0..10_000u64 {
-            if t % 15 == 0 {
-                s.reconciled(c.at(t), true, None);
+        // Commits every `every` ms over `span`, the reconcile thread firing every millisecond:
+        // the times a read-back fired.
+        fn commit_every(
+            s: &mut Schedule,
+            c: &Clock,
+            span: std::ops::Range<u64>,
+            every: u64,
+        ) -> Vec<u64> {
+            let mut fired = Vec::new();
+            for t in span {
+                if t % every == 0 {
+                    s.reconciled(c.at(t), true, None);
+                }
+                if s.fire(c.at(t)).snapshot {
+                    fired.push(t);
+                }
             }
-            if s.fire(c.at(t)).snapshot {
-                fired.push(t);
-            }
+            fired
         }
+        // A commit every 15 ms for 10 s (100 changes/s under the debounce): no read-back while
+        // commits keep coming.
+        let fired = commit_every(&mut s, &c, 0..10_000, 15);
         assert_eq!(fired, Vec::<u64>::new(), "a listing under churn is stale");
         // The churn stops (last commit at 9_990): read back 200 ms after it.
         assert!(!s.fire(c.at(10_189)).snapshot);
         assert!(s.fire(c.at(10_190)).snapshot);
         // Commits a second apart: one read-back after each.
-        let mut fired = Vec::new();
-        for t in 20_000..25_000u64 {
-            if t % 1_000 == 0 {
-                s.reconciled(c.at(t), true, None);
-            }
-            if s.fire(c.at(t)).snapshot {
-                fired.push(t);
-            }
-        }
+        let fired = commit_every(&mut s, &c, 20_000..25_000, 1_000);
         assert_eq!(fired, vec![20_200, 21_200, 22_200, 23_200, 24_200]);
     }
 

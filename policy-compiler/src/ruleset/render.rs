@@ -88,6 +88,16 @@ impl Batch {
         }
         Some(out)
     }
+
+    /// The JSON text to feed to `nft -j -f -`, allocated once at its final size (growing a ~10 MB
+    /// string by doubling would hold two copies at the last step).
+    pub fn to_json_string(&self) -> String {
+        let mut out = Vec::with_capacity(self.bytes);
+        if serde_json::to_writer(&mut out, &self.json).is_err() {
+            return self.json.to_string();
+        }
+        String::from_utf8(out).unwrap_or_else(|_| self.json.to_string())
+    }
 }
 
 /// Most element changes [`Batch::address_element_changes`] returns (one netlink message each);
@@ -100,18 +110,6 @@ pub struct ElementChange {
     pub add: bool,
     pub set: String,
     pub addr: IpAddr,
-}
-
-impl Batch {
-    /// The JSON text to feed to `nft -j -f -`, allocated once at its final size (growing a ~10 MB
-    /// string by doubling would hold two copies at the last step).
-    pub fn to_json_string(&self) -> String {
-        let mut out = Vec::with_capacity(self.bytes);
-        if serde_json::to_writer(&mut out, &self.json).is_err() {
-            return self.json.to_string();
-        }
-        String::from_utf8(out).unwrap_or_else(|_| self.json.to_string())
-    }
 }
 
 /// An `io::Write` that only counts bytes.
