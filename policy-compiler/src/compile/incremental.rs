@@ -205,15 +205,18 @@ impl IncrementalCompiler {
         }
         let mut tr = std::mem::take(&mut self.tr);
         let mut dirty: BTreeSet<String> = BTreeSet::new();
+        // Whether the local part may have changed; only a pod that is not ours and shares no
+        // address with ours leaves it as it is (see `touches_local`).
+        let mut local = true;
         match change {
             Change::UpsertPod(p) => {
                 let key = p.key();
-                self.pods_changed(Change::UpsertPod(p), [key].into(), &mut dirty, &mut tr);
+                local = self.pods_changed(Change::UpsertPod(p), [key].into(), &mut dirty, &mut tr);
             }
             Change::DeletePod { namespace, name } => {
                 let key = crate::model::pod_key(&namespace, &name);
                 let ch = Change::DeletePod { namespace, name };
-                self.pods_changed(ch, [key].into(), &mut dirty, &mut tr);
+                local = self.pods_changed(ch, [key].into(), &mut dirty, &mut tr);
             }
             Change::SetAttachments(atts) => {
                 let keys: BTreeSet<String> = self
@@ -283,18 +286,24 @@ impl IncrementalCompiler {
         }
         self.recompile_policies(&dirty, &mut tr);
         self.reuse.clear(); // peers of a policy that no longer selects a local pod
-        self.rebuild_local(&mut tr, &dirty);
+        if local || !dirty.is_empty() {
+            // A remote pod's change (a label, a new pod elsewhere) patches peer sets only: the
+            // local part (the node's pods, their groups, maps and tier lists) cannot change, and
+            // rebuilding it to find that out was most of a change's cost at 10k pods.
+            self.rebuild_local(&mut tr, &dirty);
+        }
         self.tr = tr;
         true
     }
 
+    /// Applies a pod or attachment change; returns whether it may touch the local part.
     fn pods_changed(
         &mut self,
         change: Change,
         keys: BTreeSet<String>,
         dirty: &mut BTreeSet<String>,
         tr: &mut ChangeLog,
-    ) {
+    ) -> bool {
         let attachments = matches!(change, Change::SetAttachments(_));
         self.state.apply(change);
         if attachments {
@@ -304,8 +313,38 @@ impl IncrementalCompiler {
             .iter()
             .filter_map(|key| self.ix.refresh(&self.state, key))
             .collect();
+        let local = attachments || self.touches_local(&moved, &keys);
         self.local_pods_moved(&moved, dirty);
         self.patch_peers(&moved, dirty, tr);
+        local
+    }
+
+    /// Whether the local part may differ after `moved` (of pods `keys`): one of them was or is a
+    /// local pod, or holds an address a local pod or an attachment record holds (the pending
+    /// marks and address owners are the local part's). A key that moved no subject (it is none
+    /// before and after) is taken as touching it: nothing is guessed.
+    fn touches_local(&self, moved: &[Moved], keys: &BTreeSet<String>) -> bool {
+        if moved.len() != keys.len() {
+            return true; // a key that moved no subject: do not guess
+        }
+        let ours: BTreeSet<IpAddr> = self
+            .compiled
+            .pods
+            .values()
+            .flat_map(|p| p.ips.iter().copied())
+            .chain(
+                self.state
+                    .attachments
+                    .iter()
+                    .flat_map(|a| a.ips.iter().copied()),
+            )
+            .collect();
+        moved.iter().any(|m| {
+            [&m.old, &m.new]
+                .into_iter()
+                .flatten()
+                .any(|s| s.local || s.ips.iter().any(|ip| ours.contains(ip)))
+        })
     }
 
     fn namespace_changed(
