@@ -71,8 +71,11 @@ pub struct Metrics {
     last_sync: Gauge<f64, AtomicU64>,
     errors: Family<Label, Count>,
     restores: Count,
-    flows_cut: Count,
+    /// Flows cut, by the kind of sweep that cut them (`full`, `targeted`).
+    flows_cut: Family<Label, Count>,
     flows_unjudged: Count,
+    /// Conntrack sweeps, by kind.
+    sweeps: Family<Label, Count>,
     transactions: Family<Label, Count>,
     /// Other Nodes' podCIDRs refused as routes, by reason.
     refused_pod_cidrs: Family<Label, Level>,
@@ -114,8 +117,9 @@ impl Metrics {
             last_sync: Gauge::default(),
             errors: Family::default(),
             restores: Count::default(),
-            flows_cut: Count::default(),
+            flows_cut: Family::default(),
             flows_unjudged: Count::default(),
+            sweeps: Family::default(),
             transactions: Family::default(),
             refused_pod_cidrs: Family::default(),
             route_failures: Level::default(),
@@ -158,8 +162,14 @@ impl Metrics {
         reg(
             &mut r,
             "palisade_conntrack_flows_cut",
-            "Established flows cut because the ruleset no longer admits them",
+            "Established flows cut because the ruleset no longer admits them, by the sweep that cut them (full: a walk of the conntrack table; targeted: the known flows of the addresses a commit moved; recheck: a cut flow that came back in its reply direction)",
             &m.flows_cut,
+        );
+        reg(
+            &mut r,
+            "palisade_conntrack_sweeps",
+            "Conntrack sweeps, by kind (full: a walk of the whole conntrack table; targeted: the known flows of the addresses a commit moved; recheck: lookups of cut flows' comebacks)",
+            &m.sweeps,
         );
         reg(
             &mut r,
@@ -322,9 +332,11 @@ impl Metrics {
         self.lock_acquisitions.inc();
     }
 
-    /// A conntrack sweep deleted `cut` entries and left `unjudged` alone (could not judge them).
-    pub fn flows_revoked(&self, cut: u64, unjudged: u64) {
-        self.flows_cut.inc_by(cut);
+    /// A conntrack sweep of `kind` (`full`, `targeted`, `recheck`) deleted `cut` entries and left `unjudged`
+    /// alone (could not judge them).
+    pub fn flows_revoked(&self, kind: &'static str, cut: u64, unjudged: u64) {
+        self.sweeps.get_or_create(&[("kind", kind)]).inc();
+        self.flows_cut.get_or_create(&[("sweep", kind)]).inc_by(cut);
         self.flows_unjudged.inc_by(unjudged);
     }
 
@@ -421,9 +433,14 @@ palisade_errors_total{kind="bad_object"} 1
 # HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.
 # TYPE palisade_resync_restores_total counter
 palisade_resync_restores_total 1
-# HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them.
+# HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them, by the sweep that cut them (full: a walk of the conntrack table; targeted: the known flows of the addresses a commit moved; recheck: a cut flow that came back in its reply direction).
 # TYPE palisade_conntrack_flows_cut_total counter
-palisade_conntrack_flows_cut_total 5
+palisade_conntrack_flows_cut_total{sweep="full"} 5
+palisade_conntrack_flows_cut_total{sweep="targeted"} 2
+# HELP palisade_conntrack_sweeps_total Conntrack sweeps, by kind (full: a walk of the whole conntrack table; targeted: the known flows of the addresses a commit moved; recheck: lookups of cut flows' comebacks).
+# TYPE palisade_conntrack_sweeps_total counter
+palisade_conntrack_sweeps_total{kind="full"} 1
+palisade_conntrack_sweeps_total{kind="targeted"} 1
 # HELP palisade_conntrack_flows_unjudged_total Conntrack entries a sweep could not judge and left alone.
 # TYPE palisade_conntrack_flows_unjudged_total counter
 palisade_conntrack_flows_unjudged_total 1
@@ -521,7 +538,8 @@ palisade_flow_log_packets_total{result="kernel_overflow"} 0
         m.restored();
         m.refused_pod_cidrs([("too_wide", 2), ("overlaps_own_node", 1)].into());
         m.route_failures(2);
-        m.flows_revoked(5, 1);
+        m.flows_revoked("full", 5, 1);
+        m.flows_revoked("targeted", 2, 0);
         m.source_change("changed");
         m.source_change("unchanged");
         m.source_change("unchanged");

@@ -109,6 +109,16 @@ impl From<SourceEvent> for Msg {
     }
 }
 
+/// What one reconcile committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Committed {
+    Nothing,
+    /// One incremental transaction that only added or deleted these addresses in address sets.
+    Addresses(BTreeSet<std::net::IpAddr>),
+    /// Anything else: rules, chains, maps, a full replace, a repair.
+    Rules,
+}
+
 /// The engine's state between reconciles.
 pub struct Engine {
     cfg: Config,
@@ -312,9 +322,9 @@ impl Engine {
                 self.sched.cancel_reconcile();
             } else {
                 match self.reconcile() {
-                    Ok(committed) => {
-                        let sweep = (committed && self.revoker.is_some())
-                            .then(|| self.sweep_credit.wait(Instant::now()));
+                    Ok(commit) => {
+                        let sweep = self.revoke_after(&commit);
+                        let committed = !matches!(commit, Committed::Nothing);
                         self.sched.reconciled(Instant::now(), committed, sweep);
                     }
                     Err(e) => {
@@ -394,8 +404,8 @@ impl Engine {
     /// One reconcile: stage the attachment records and egress NAT and compile (outside the lock, so
     /// the plugin waits only for the commit), then under the node lock re-read the records (their
     /// change is one more change to stage) and commit one transaction; then conflist and routes.
-    /// True when something was committed.
-    fn reconcile(&mut self) -> Result<bool> {
+    /// Says what was committed.
+    fn reconcile(&mut self) -> Result<Committed> {
         self.metrics.reconcile_started();
         let start = Instant::now();
         let node = self.cfg.node_name.clone();
@@ -422,6 +432,8 @@ impl Engine {
         let batch = compiled::take_batch(&mut self.inc, &attachments)?;
         let mut full = full;
         let repair = self.repair.take();
+        // The addresses the batch moved in or out of address sets, when that is all it did.
+        let mut moved: Option<BTreeSet<std::net::IpAddr>> = None;
         let mut committed = if full {
             self.commit_full()?;
             true
@@ -431,6 +443,10 @@ impl Engine {
                 Some(batch) => match self.nft.apply_batch(&batch) {
                     Ok(()) => {
                         debug!(stats = %batch.stats, "incremental transaction committed");
+                        moved = batch
+                            .elements
+                            .as_ref()
+                            .map(|changes| changes.iter().map(|c| c.addr).collect());
                         true
                     }
                     Err(e) => {
@@ -445,7 +461,8 @@ impl Engine {
             }
         };
         if let (Some((chains, sets)), false) = (repair, full) {
-            // After the batch: the repair writes the touched objects as the compiler has them now.
+            moved = None; // the repair rewrites chains and sets
+                          // After the batch: the repair writes the touched objects as the compiler has them now.
             match self.inc.ruleset().repair(&chains, &sets) {
                 Some(b) => match self.nft.apply(&b.to_json_string()) {
                     Ok(()) => {
@@ -507,7 +524,11 @@ impl Engine {
         // delays a policy commit.
         self.write_conflist()?;
         self.sync_routes(false);
-        Ok(committed)
+        Ok(match (committed, moved) {
+            (false, _) => Committed::Nothing,
+            (true, Some(addrs)) if !full => Committed::Addresses(addrs),
+            (true, _) => Committed::Rules,
+        })
     }
 
     /// Replaces our whole table with the compiler's ruleset; a failure leaves the compiler stale.
@@ -527,6 +548,38 @@ impl Engine {
             self.inc.invalidate();
         }
         applied
+    }
+
+    /// After a commit: the wait before the full conntrack sweep it calls for (`None`: no sweep, as
+    /// nothing was committed or established flows are kept). A commit that only moved addresses in
+    /// or out of address sets first has the flows of those addresses that the last full sweep saw
+    /// judged at once; its full sweep (for flows younger than that one) then waits for the credit
+    /// and for [`crate::conntrack::YOUNG_FLOWS_GAP`] since the last one.
+    fn revoke_after(&mut self, commit: &Committed) -> Option<Duration> {
+        let addrs = match commit {
+            Committed::Nothing => return None,
+            Committed::Rules => {
+                self.revoker.as_ref()?;
+                return Some(self.sweep_credit.wait(Instant::now()));
+            }
+            Committed::Addresses(addrs) => addrs,
+        };
+        let revoker = self.revoker.as_mut()?;
+        let swept = revoker.sweep_targeted(self.inc.compiled(), addrs);
+        let now = Instant::now();
+        let credit = self.sweep_credit.wait(now);
+        match swept {
+            Ok(Some(report)) => {
+                crate::conntrack::log_report(&report, &self.metrics);
+                Some(credit.max(revoker.young_flows_wait(now)))
+            }
+            Ok(None) => Some(credit),
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, "cannot re-judge the known flows of the addresses a commit moved; a full sweep follows");
+                Some(credit)
+            }
+        }
     }
 
     /// Cuts the established flows the committed ruleset would not admit as new (`conntrack`). The

@@ -186,7 +186,10 @@ impl Schedule {
         if committed {
             self.schedule_snapshot(now);
             if let Some(wait) = sweep_after {
-                self.sweep.get_or_insert(now + wait);
+                // A sweep already due sooner covers this commit too; one due later is brought
+                // forward (a targeted sweep's follow-up waits longer than a rule change's sweep).
+                let at = now + wait;
+                self.sweep = Some(self.sweep.map_or(at, |d| d.min(at)));
             }
         }
     }
@@ -433,10 +436,19 @@ mod tests {
     fn a_sweep_follows_a_commit_after_the_wait_it_was_given() {
         let (c, mut s) = schedule();
         s.reconciled(c.at(0), true, Some(ms(40)));
-        s.reconciled(c.at(10), true, Some(Duration::ZERO)); // the earlier sweep covers it
+        s.reconciled(c.at(10), true, Some(ms(50))); // the sweep due at 40 covers it
         assert!(!s.fire(c.at(39)).sweep);
         assert!(s.fire(c.at(40)).sweep);
-        assert!(!s.fire(c.at(41)).sweep);
+        assert!(!s.fire(c.at(61)).sweep);
+    }
+
+    #[test]
+    fn a_commit_that_needs_its_sweep_sooner_brings_the_due_one_forward() {
+        let (c, mut s) = schedule();
+        s.reconciled(c.at(0), true, Some(ms(250))); // a targeted sweep's follow-up
+        s.reconciled(c.at(10), true, Some(Duration::ZERO)); // a rule change: at once
+        assert!(s.fire(c.at(10)).sweep);
+        assert!(!s.fire(c.at(250)).sweep, "one sweep covers both commits");
     }
 
     #[test]

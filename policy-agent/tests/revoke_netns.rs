@@ -140,12 +140,18 @@ impl World {
         self.t.path().join(name)
     }
 
+    /// Flows cut by every kind of sweep.
     fn flows_cut(&self) -> u64 {
+        self.metric_sum("palisade_conntrack_flows_cut_total{")
+    }
+
+    /// The sum of the samples whose line starts with `prefix` (a name and the `{` of its labels).
+    fn metric_sum(&self, prefix: &str) -> u64 {
         let (_, body) = self.n1.http(AGENT_PORT, "/metrics").unwrap_or_default();
         body.lines()
-            .find_map(|l| l.strip_prefix("palisade_conntrack_flows_cut_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+            .sum()
     }
 }
 
@@ -270,6 +276,42 @@ fn a_label_change_that_removes_permission_cuts_the_connection_it_allowed() {
     let ms = cut_within(&cut_log, t_write, "client relabelled app=intruder");
     eprintln!("tcp: flow cut {ms:.1} ms after the label change was written");
     survives(&keep_log, "client -> other (not isolated)");
+}
+
+#[test]
+fn a_peer_label_change_cuts_a_flow_the_last_full_sweep_saw_without_walking_the_table() {
+    // Another app=client pod elsewhere keeps allow-client's peer set (and its rule) in place when
+    // the client leaves it, so the change is a commit of set elements only.
+    let far = pod_yaml("demo", "far", "client", "node-2", Some("10.244.2.9"));
+    let w = World::new(&[("allow.yaml", ALLOW_CLIENT), ("far.yaml", &far)]);
+    let log = w.log("target.log");
+    let _s = Py::tcp_server(&w.target.ns, PORT, &log);
+    let _c = Py::tcp_stream(&w.client.ns, TARGET, PORT);
+    flowing(&log, "client -> target (allowed by allow-client)");
+    // A rule change (a new group for "other"): a full sweep, which sees client -> target.
+    let full = || w.metric_sum("palisade_conntrack_sweeps_total{kind=\"full\"");
+    let full_before = full();
+    manifest(
+        &w.d.manifests,
+        "deny-other.yaml",
+        &deny_ingress_yaml("demo", "deny-other", "other"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || full() > full_before),
+        "no full sweep after the rule change"
+    );
+    let targeted = || w.metric_sum("palisade_conntrack_flows_cut_total{sweep=\"targeted\"");
+    let before = targeted();
+    // The client leaves the peer set of allow-client: a commit of set elements only.
+    let t_write = now();
+    manifest(&w.d.manifests, "base.yaml", &base_yaml("intruder"));
+    let ms = cut_within(&log, t_write, "client relabelled app=intruder");
+    eprintln!("tcp: known flow cut {ms:.1} ms after the label change was written");
+    assert_eq!(
+        targeted(),
+        before + 1,
+        "the flow was not cut by the targeted sweep of the moved address"
+    );
 }
 
 #[test]

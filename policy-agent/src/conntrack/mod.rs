@@ -11,10 +11,20 @@
 //!
 //! "From this node" (`fib saddr type local`) is answered from this namespace's own addresses, read
 //! over rtnetlink and cached for [`ADDRS_MAX_AGE`].
+//!
+//! A dump walks the kernel's whole conntrack hash table (~10 ms at 256k buckets, whatever it holds).
+//! A commit that only moved addresses in or out of address sets (peer pods coming, going, changing
+//! labels) can only change the verdict of flows judged by those addresses: the flows the last dump
+//! kept ([`known`]) are looked up one by one and judged at once ([`Revoker::sweep_targeted`]); the
+//! flows younger than that dump wait for the next full sweep, which under such churn runs at most
+//! every [`YOUNG_FLOWS_GAP`].
+
+mod known;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use futures::TryStreamExt;
+use known::{Known, KnownFlows, Recording};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
@@ -30,12 +40,17 @@ use palisade_policy::compile::admit::{Admission, Admitter, Flow};
 use palisade_policy::compile::Compiled;
 use palisade_policy::model::Protocol;
 use rtnetlink::packet_route::address::AddressAttribute;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// How long the node's own addresses are trusted before they are listed again.
 pub const ADDRS_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// After a targeted sweep, the full sweep that catches flows younger than the last one runs at
+/// most this long after that last one started: under churn of peer pods, one walk of the conntrack
+/// table per this much time, not one per commit. Flows the last full sweep saw are judged at once.
+pub const YOUNG_FLOWS_GAP: Duration = Duration::from_millis(250);
 
 /// `CTA_ID`: the entry's id; a delete carrying it removes exactly the entry we judged.
 const CTA_ID: u16 = 12;
@@ -215,6 +230,30 @@ pub struct SweepReport {
     /// Entries left alone because they could not be judged (or a delete failed).
     pub unjudged: u64,
     pub took: Duration,
+    pub kind: SweepKind,
+}
+
+/// What a sweep looked at.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum SweepKind {
+    /// A dump of the whole conntrack table.
+    #[default]
+    Full,
+    /// The known flows of the addresses a commit moved ([`Revoker::sweep_targeted`]).
+    Targeted,
+    /// The comebacks of flows cut earlier ([`Revoker::recheck`]).
+    Recheck,
+}
+
+impl SweepReport {
+    /// `full`, `targeted` or `recheck`, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self.kind {
+            SweepKind::Full => "full",
+            SweepKind::Targeted => "targeted",
+            SweepKind::Recheck => "recheck",
+        }
+    }
 }
 
 /// At most this many cut flows are logged one by one per sweep (the rest are counted).
@@ -222,7 +261,7 @@ const LOG_FLOWS_MAX: usize = 20;
 
 /// Logs a sweep (each cut flow with the pod and policies that denied it, at info) and counts it.
 pub fn log_report(report: &SweepReport, metrics: &Metrics) {
-    metrics.flows_revoked(report.cut.len() as u64, report.unjudged);
+    metrics.flows_revoked(report.kind(), report.cut.len() as u64, report.unjudged);
     let took_ms = report.took.as_secs_f64() * 1e3;
     if report.cut.is_empty() {
         tracing::debug!(
@@ -230,6 +269,7 @@ pub fn log_report(report: &SweepReport, metrics: &Metrics) {
             scanned = report.scanned,
             judged = report.judged,
             unjudged = report.unjudged,
+            sweep = report.kind(),
             "conntrack sweep: no established flow lost its permission"
         );
         return;
@@ -260,6 +300,7 @@ pub fn log_report(report: &SweepReport, metrics: &Metrics) {
         unjudged = report.unjudged,
         scanned = report.scanned,
         took_ms,
+        sweep = report.kind(),
         "established flows that lost their permission were cut; their next packets meet the rules"
     );
 }
@@ -311,6 +352,57 @@ pub struct Revoker {
     /// Flows cut recently, watched for a comeback in the other direction (see [`Revoker::recheck`]).
     watched: Vec<Watched>,
     next_recheck: Option<Instant>,
+    /// The flows the last full sweep kept.
+    known: KnownFlows,
+}
+
+/// An entry judged denied: its family, delete key, comeback key and why.
+type Doomed = (
+    NetfilterProtoFamily,
+    Vec<ConntrackAttribute>,
+    Vec<ConntrackAttribute>,
+    Cut,
+);
+
+/// What one entry comes to.
+enum Judged {
+    /// Not ours to judge (no local pod or pending address), closed, or always admitted.
+    Skip,
+    Unjudged,
+    Admitted(Flow),
+    Denied(Cut),
+}
+
+/// Judges one entry as our postrouting hook saw its first packet, by `adm`.
+fn judge(addrs: &NodeAddrs, adm: &Admitter<'_>, attrs: &[ConntrackAttribute]) -> Judged {
+    let mut flow = match seen(attrs) {
+        Ok(Seen::Judge(f)) => f,
+        Ok(Seen::AlwaysAdmitted | Seen::Closed) => return Judged::Skip,
+        Err(_) => return Judged::Unjudged,
+    };
+    if !adm.concerns(flow.src) && !adm.concerns(flow.dst) {
+        return Judged::Skip;
+    }
+    flow.from_this_node = addrs.is_local(flow.src);
+    let why = adm.admit(&flow);
+    if why.admitted() {
+        Judged::Admitted(flow)
+    } else {
+        Judged::Denied(Cut { flow, why })
+    }
+}
+
+/// The attributes a GET needs to find an entry again: original tuple and zone.
+fn lookup_key(attrs: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
+    attrs
+        .iter()
+        .filter(|a| match a {
+            ConntrackAttribute::CtaTupleOrig(_) => true,
+            ConntrackAttribute::Other(n) => n.kind() == CTA_ZONE,
+            _ => false,
+        })
+        .cloned()
+        .collect()
 }
 
 /// A cut flow whose reply direction may pick it up again: a packet of the peer that answers (a TCP
@@ -375,6 +467,15 @@ impl Revoker {
             },
             watched: Vec::new(),
             next_recheck: None,
+            known: KnownFlows::default(),
+        })
+    }
+
+    /// How long after `now` the full sweep that follows a targeted one may run: at once when the
+    /// last full sweep started [`YOUNG_FLOWS_GAP`] ago or more.
+    pub fn young_flows_wait(&self, now: Instant) -> Duration {
+        self.known.swept_at().map_or(Duration::ZERO, |t| {
+            (t + YOUNG_FLOWS_GAP).saturating_duration_since(now)
         })
     }
 
@@ -386,7 +487,10 @@ impl Revoker {
     /// Cuts watched flows that came back in their reply direction while still denied by `model`.
     pub fn recheck(&mut self, model: &Compiled) -> Result<SweepReport> {
         let start = Instant::now();
-        let mut report = SweepReport::default();
+        let mut report = SweepReport {
+            kind: SweepKind::Recheck,
+            ..SweepReport::default()
+        };
         self.watched.retain(|w| w.until > start);
         let watched = std::mem::take(&mut self.watched);
         let mut adm: Option<Admitter<'_>> = None;
@@ -534,25 +638,22 @@ impl Revoker {
 
     /// Judges every conntrack entry of this namespace against `model` and deletes those of flows the
     /// ruleset built from it would not admit as new. Entries involving no local pod or pending
-    /// address are skipped after the parse (the ruleset cannot drop them).
+    /// address are skipped after the parse (the ruleset cannot drop them). The flows it keeps are
+    /// remembered for [`Revoker::sweep_targeted`].
     pub fn sweep(&mut self, model: &Compiled) -> Result<SweepReport> {
         let start = Instant::now();
         let mut report = SweepReport::default();
         if model.pods.is_empty() && model.pending.is_empty() {
+            self.known.replace(Recording::new(start));
             return Ok(report);
         }
         self.addrs.refresh()?;
         let adm = Admitter::new(model);
-        type Doomed = (
-            NetfilterProtoFamily,
-            Vec<ConntrackAttribute>,
-            Vec<ConntrackAttribute>,
-            Cut,
-        );
         let mut doomed: Vec<Doomed> = Vec::new();
+        let mut rec = Recording::new(start);
         // One dump of both families (family unspecified): the kernel walks its whole conntrack hash
         // table (all namespaces' buckets) per dump, ~10 ms at 256k buckets, whatever we keep.
-        {
+        let dumped = {
             let addrs = &self.addrs;
             let mut undecodable = 0;
             let (scanned, judged, unjudged) = (
@@ -562,27 +663,22 @@ impl Revoker {
             );
             let mut each = |family: NetfilterProtoFamily, attrs: &[ConntrackAttribute]| {
                 *scanned += 1;
-                let mut flow = match seen(attrs) {
-                    Ok(Seen::Judge(f)) => f,
-                    Ok(Seen::AlwaysAdmitted | Seen::Closed) => return,
-                    Err(_) => {
-                        *unjudged += 1;
-                        return;
+                match judge(addrs, &adm, attrs) {
+                    Judged::Skip => {}
+                    Judged::Unjudged => *unjudged += 1,
+                    Judged::Admitted(flow) => {
+                        *judged += 1;
+                        rec.keep(Known {
+                            family,
+                            key: lookup_key(attrs),
+                            src: flow.src,
+                            dst: flow.dst,
+                        });
                     }
-                };
-                if !adm.concerns(flow.src) && !adm.concerns(flow.dst) {
-                    return;
-                }
-                *judged += 1;
-                flow.from_this_node = addrs.is_local(flow.src);
-                let why = adm.admit(&flow);
-                if !why.admitted() {
-                    doomed.push((
-                        family,
-                        delete_key(attrs),
-                        comeback_key(attrs),
-                        Cut { flow, why },
-                    ));
+                    Judged::Denied(cut) => {
+                        *judged += 1;
+                        doomed.push((family, delete_key(attrs), comeback_key(attrs), cut));
+                    }
                 }
             };
             // The closure reads `self.addrs` while the dump borrows the socket.
@@ -591,9 +687,76 @@ impl Revoker {
                 seq: &mut self.seq,
                 buf: &mut self.buf,
             };
-            dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable)?;
+            let dumped = dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable);
             report.unjudged += undecodable;
+            dumped
+        };
+        if let Err(e) = dumped {
+            self.known.forget();
+            return Err(e);
         }
+        self.known.replace(rec);
+        self.cut(doomed, &mut report);
+        report.took = start.elapsed();
+        Ok(report)
+    }
+
+    /// Judges against `model` only the flows the last full sweep kept whose source or destination is
+    /// in `scope` (the addresses a commit moved in or out of address sets), each looked up again
+    /// first, and deletes those it would not admit as new. `Ok(None)`: nothing is known (no full
+    /// sweep yet, or it found too many flows); a full sweep must do.
+    pub fn sweep_targeted(
+        &mut self,
+        model: &Compiled,
+        scope: &BTreeSet<IpAddr>,
+    ) -> Result<Option<SweepReport>> {
+        let start = Instant::now();
+        let Some(concerned) = self.known.concerned(scope) else {
+            return Ok(None);
+        };
+        let mut report = SweepReport {
+            kind: SweepKind::Targeted,
+            ..SweepReport::default()
+        };
+        if concerned.is_empty() {
+            report.took = start.elapsed();
+            return Ok(Some(report));
+        }
+        self.addrs.refresh()?;
+        let adm = Admitter::new(model);
+        let mut doomed: Vec<Doomed> = Vec::new();
+        let mut done: BTreeSet<usize> = BTreeSet::new();
+        for i in concerned {
+            let Some(k) = self.known.get(i) else {
+                continue;
+            };
+            let (family, key) = (k.family, k.key.clone());
+            let Some(attrs) = self.get(family, key)? else {
+                done.insert(i); // closed and gone since the dump
+                continue;
+            };
+            report.scanned += 1;
+            match judge(&self.addrs, &adm, &attrs) {
+                Judged::Skip => {
+                    done.insert(i); // closed since, or another flow on the same tuple
+                }
+                Judged::Unjudged => report.unjudged += 1,
+                Judged::Admitted(_) => report.judged += 1,
+                Judged::Denied(cut) => {
+                    report.judged += 1;
+                    done.insert(i);
+                    doomed.push((family, delete_key(&attrs), comeback_key(&attrs), cut));
+                }
+            }
+        }
+        self.known.drop_indices(&done);
+        self.cut(doomed, &mut report);
+        report.took = start.elapsed();
+        Ok(Some(report))
+    }
+
+    /// Deletes the doomed entries and watches each for a comeback in its reply direction.
+    fn cut(&mut self, doomed: Vec<Doomed>, report: &mut SweepReport) {
         for (family, key, watch, cut) in doomed {
             match self.delete(family, key) {
                 Ok(true) => {
@@ -620,8 +783,6 @@ impl Revoker {
                 }
             }
         }
-        report.took = start.elapsed();
-        Ok(report)
     }
 }
 
