@@ -928,15 +928,26 @@ fn rule_matches(
             port_conds.push((None, vec![Stmt::L4Proto(proto), Stmt::Dport(port)]));
         }
         _ => {
-            let name = mk(PORTS_SET_PREFIX, None);
+            // Shared by every rule with the same ports (named by its content): the comment
+            // says what it holds, not whose it is.
+            let name = names::ports_set(&r.ports.ranges);
             add(&|| {
                 let (interval, elements) = port_elements(&r.ports.ranges);
+                let held: Vec<String> = r
+                    .ports
+                    .ranges
+                    .iter()
+                    .map(|(p, lo, hi)| match lo == hi {
+                        true => format!("{}/{lo}", p.as_api()),
+                        false => format!("{}/{lo}-{hi}", p.as_api()),
+                    })
+                    .collect();
                 Set {
                     name: name.clone(),
                     key: SetKey::ProtoPort,
                     interval,
                     verdict_map: false,
-                    comment: comment(&format!("{}: protocols and ports", what())),
+                    comment: comment(&format!("protocols and ports: {}", held.join(" "))),
                     elements,
                 }
             });

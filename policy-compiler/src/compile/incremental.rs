@@ -35,7 +35,7 @@ use super::resolve::{
     NamedPorts, Resolver, RuleRef,
 };
 use super::{Compiled, CompiledRule, PeerSet};
-use crate::diff::changelog::{ChangeLog, PartNames};
+use crate::diff::changelog::{ChangeLog, PartNames, SetHolders};
 use crate::model::{namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule};
 use crate::ruleset::names::{self, NAMED_SET_PREFIX, PEER_SET_PREFIX};
 use crate::ruleset::{Batch, Elem, Family, Ruleset};
@@ -56,6 +56,8 @@ pub struct IncrementalCompiler {
     /// The tier chains in the ruleset, by name: what each was built from, and its part's names.
     /// A tier chain is built again only when one of its ClusterNetworkPolicies is recompiled.
     tier_parts: BTreeMap<String, (build::TierChain, PartNames)>,
+    /// How many of the parts above hold each set (shared port sets are held by several).
+    holders: SetHolders,
     /// What changed since the last [`IncrementalCompiler::take_batch`].
     tr: ChangeLog,
     /// Resolved peers of unchanged rules of a policy being recompiled, by policy.
@@ -103,6 +105,11 @@ impl IncrementalCompiler {
         }
         compiled.ruleset = rs;
         compiled.warnings.extend(warnings);
+        let holders = SetHolders::of(
+            std::iter::once(&local_names)
+                .chain(tier_parts.values().map(|(_, n)| n))
+                .chain(policy_names.values()),
+        );
         Self {
             state,
             compiled,
@@ -110,6 +117,7 @@ impl IncrementalCompiler {
             local_names,
             policy_names,
             tier_parts,
+            holders,
             tr: ChangeLog::default(),
             reuse: BTreeMap::new(),
             stale: false,
@@ -573,7 +581,7 @@ impl IncrementalCompiler {
                 }
             }
             let old = self.policy_names.remove(pkey).unwrap_or_default();
-            let new = tr.replace_part(&mut self.compiled.ruleset, &old, part);
+            let new = tr.replace_part(&mut self.compiled.ruleset, &old, part, &mut self.holders);
             if !new.is_empty() {
                 self.policy_names.insert(pkey.clone(), new);
             }
@@ -594,7 +602,12 @@ impl IncrementalCompiler {
         } = build::local_part(&self.compiled);
         self.compiled.warnings.extend(warnings);
         self.compiled.priority_ties = ties;
-        self.local_names = tr.replace_part(&mut self.compiled.ruleset, &self.local_names, part);
+        self.local_names = tr.replace_part(
+            &mut self.compiled.ruleset,
+            &self.local_names,
+            part,
+            &mut self.holders,
+        );
         let gone: Vec<String> = self
             .tier_parts
             .keys()
@@ -603,7 +616,12 @@ impl IncrementalCompiler {
             .collect();
         for name in gone {
             if let Some((_, names)) = self.tier_parts.remove(&name) {
-                tr.replace_part(&mut self.compiled.ruleset, &names, Ruleset::default());
+                tr.replace_part(
+                    &mut self.compiled.ruleset,
+                    &names,
+                    Ruleset::default(),
+                    &mut self.holders,
+                );
             }
         }
         for (name, t) in tiers {
@@ -619,7 +637,7 @@ impl IncrementalCompiler {
                 .remove(&name)
                 .map(|(_, names)| names)
                 .unwrap_or_default();
-            let names = tr.replace_part(&mut self.compiled.ruleset, &old, part);
+            let names = tr.replace_part(&mut self.compiled.ruleset, &old, part, &mut self.holders);
             self.tier_parts.insert(name, (t, names));
         }
     }

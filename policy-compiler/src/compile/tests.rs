@@ -1774,14 +1774,14 @@ fn semantics_36_short_port_ranges_become_exact_elements_of_a_hash_set() {
                "ingress": [{"ports": [{"port": 8000, "endPort": 9000}]}]}),
     );
     let rs = compiled(&w).ruleset;
-    let set = |key: &str| &rs.sets[&rule_set(PORTS_SET_PREFIX, key, Direction::Ingress, 0, None)];
-    let short = set("a/short");
+    let set = |ranges: &[(Protocol, u16, u16)]| &rs.sets[&crate::ruleset::names::ports_set(ranges)];
+    let short = set(&[(Protocol::Tcp, 80, 80), (Protocol::Tcp, 7000, 7002)]);
     assert!(!short.interval, "exact ports: a hash set, no pipapo lookup");
     assert_eq!(short.elements.len(), 4, "80 and 7000..=7002");
     assert!(short
         .elements
         .contains(&Elem::ProtoPort(Protocol::Tcp, 7001, 7001)));
-    let long = set("a/long");
+    let long = set(&[(Protocol::Tcp, 8000, 9000)]);
     assert!(long.interval);
     assert_eq!(
         long.elements,
@@ -1790,6 +1790,70 @@ fn semantics_36_short_port_ranges_become_exact_elements_of_a_hash_set() {
     assert!(w.can("10.9.9.9", "a/x", 7001, TCP));
     assert!(w.can("10.9.9.9", "a/x", 8500, TCP));
     assert!(!w.can("10.9.9.9", "a/x", 7003, TCP));
+}
+
+#[test]
+fn rules_with_the_same_ports_share_one_set_which_goes_with_its_last_rule() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.pod("a/y", N1, &["10.0.1.2"], &[("app", "y")]);
+    let web = json!([{"port": 8080}, {"port": 8443}]);
+    w.policy(
+        "a/one",
+        json!({"podSelector": {"matchLabels": {"app": "x"}}, "ingress": [{"ports": web}]}),
+    );
+    w.policy(
+        "a/two",
+        json!({"podSelector": {"matchLabels": {"app": "y"}}, "ingress": [{"ports": web}]}),
+    );
+    let name = crate::ruleset::names::ports_set(&[
+        (Protocol::Tcp, 8080, 8080),
+        (Protocol::Tcp, 8443, 8443),
+    ]);
+    let ports_sets = |rs: &Ruleset| {
+        rs.sets
+            .keys()
+            .filter(|n| n.starts_with(PORTS_SET_PREFIX))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ports_sets(&compiled(&w).ruleset),
+        vec![name.clone()],
+        "one set for both rules"
+    );
+    assert!(w.can("10.9.9.9", "a/y", 8443, TCP));
+    // The incremental compiler keeps the set while a rule still names it, and its batches are the
+    // full compile's diffs.
+    let mut inc = crate::IncrementalCompiler::new(w.st.clone(), N1);
+    for key in ["a/one", "a/two"] {
+        let before = inc.ruleset().clone();
+        let (ns, n) = key.split_once('/').unwrap();
+        let batch = inc.apply(Change::DeletePolicy {
+            namespace: ns.into(),
+            name: n.into(),
+        });
+        w.del_policy(key);
+        let full = compiled(&w).ruleset;
+        assert_eq!(inc.ruleset(), &full, "after deleting {key}");
+        assert_eq!(
+            batch,
+            crate::diff::diff(&before, &full),
+            "after deleting {key}"
+        );
+    }
+    assert!(
+        ports_sets(inc.ruleset()).is_empty(),
+        "gone with its last rule"
+    );
+    // And back: the first rule to name it brings it.
+    let before = inc.ruleset().clone();
+    let spec = json!({"podSelector": {"matchLabels": {"app": "y"}}, "ingress": [{"ports": web}]});
+    w.policy("a/two", spec);
+    let pol = w.st.policies.values().next().unwrap().clone();
+    let batch = inc.apply(Change::UpsertPolicy(pol));
+    assert_eq!(ports_sets(inc.ruleset()), vec![name]);
+    assert_eq!(batch, crate::diff::diff(&before, &compiled(&w).ruleset));
 }
 
 #[test]

@@ -35,6 +35,39 @@ impl PartNames {
     }
 }
 
+/// How many parts of a ruleset hold each set (most sets: one).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct SetHolders(BTreeMap<String, usize>);
+
+impl SetHolders {
+    /// Counts the sets of `parts`.
+    pub fn of<'a>(parts: impl IntoIterator<Item = &'a PartNames>) -> Self {
+        let mut h = SetHolders::default();
+        for p in parts {
+            for s in &p.sets {
+                h.hold(s);
+            }
+        }
+        h
+    }
+    pub fn hold(&mut self, set: &str) {
+        *self.0.entry(set.to_string()).or_default() += 1;
+    }
+    /// One holder lets `set` go; true when it was the last.
+    pub fn release(&mut self, set: &str) -> bool {
+        match self.0.get_mut(set) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.0.remove(set);
+                true
+            }
+        }
+    }
+}
+
 /// Records what changes in a ruleset; every change to it goes through these methods.
 #[derive(Debug, Default)]
 pub(crate) struct ChangeLog {
@@ -105,7 +138,15 @@ impl ChangeLog {
     }
 
     /// Replaces one part of the ruleset (named `old` so far) by `part`; returns its new names.
-    pub fn replace_part(&mut self, rs: &mut Ruleset, old: &PartNames, part: Ruleset) -> PartNames {
+    /// A set several parts hold (a shared port set, named by its content and so equal in each)
+    /// goes only when its last holder lets it go: `holders` counts the parts holding each set.
+    pub fn replace_part(
+        &mut self,
+        rs: &mut Ruleset,
+        old: &PartNames,
+        part: Ruleset,
+        holders: &mut SetHolders,
+    ) -> PartNames {
         let new = PartNames::of(&part);
         let Ruleset {
             mut chains,
@@ -116,7 +157,18 @@ impl ChangeLog {
             self.put_chain(rs, name, chains.remove(name));
         }
         for name in old.sets.union(&new.sets) {
-            self.put_set(rs, name, sets.remove(name));
+            match (old.sets.contains(name), new.sets.contains(name)) {
+                (true, false) => {
+                    if holders.release(name) {
+                        self.put_set(rs, name, None);
+                    }
+                }
+                (false, true) => {
+                    holders.hold(name);
+                    self.put_set(rs, name, sets.remove(name));
+                }
+                _ => self.put_set(rs, name, sets.remove(name)),
+            }
         }
         for name in old.counters.union(&new.counters) {
             self.put_counter(rs, name, counters.contains(name));

