@@ -856,13 +856,19 @@ fn rule_matches(
             if !has(fam) {
                 continue;
             }
-            let name = mk(PEER_SET_PREFIX, Some(fam));
+            // Shared by every rule with the same pod peers: the comment says whose pods it
+            // holds, not which rule names it.
+            let name = names::peer_set(&r.peers.pod_key, fam);
             add(&|| Set {
                 name: name.clone(),
                 key: addr_key(fam),
                 interval: false,
                 verdict_map: false,
-                comment: comment(&format!("{}: peer pods ({})", what(), fam_word(fam))),
+                comment: comment(&format!(
+                    "peer pods ({}): {}",
+                    fam_word(fam),
+                    r.peers.pod_label
+                )),
                 elements: r
                     .peers
                     .pod_ips

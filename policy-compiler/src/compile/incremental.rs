@@ -37,7 +37,7 @@ use super::resolve::{
 use super::{Compiled, CompiledRule, PeerSet};
 use crate::diff::changelog::{ChangeLog, PartNames, SetHolders};
 use crate::model::{namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule};
-use crate::ruleset::names::{self, NAMED_SET_PREFIX, PEER_SET_PREFIX};
+use crate::ruleset::names::{self, NAMED_SET_PREFIX};
 use crate::ruleset::{Batch, Elem, Family, Ruleset};
 use palisade_contract::Attachment;
 use std::collections::{BTreeMap, BTreeSet};
@@ -760,7 +760,7 @@ impl RulePatch<'_> {
         if want == cr.peers.pod_ips.contains(&ip) {
             return Patched::Done;
         }
-        let set = self.set(PEER_SET_PREFIX, cr, &ip);
+        let set = names::peer_set(&cr.peers.pod_key, Family::of(&ip));
         match rs.sets.get(&set).map(|s| s.elements.len()) {
             None => return Patched::NeedsRecompile,
             Some(1) if !want => return Patched::NeedsRecompile,

@@ -248,6 +248,12 @@ pub struct PeerSet {
     pub any: bool,
     /// The rule has pod/namespace selector peers (spec-derived; decides the rule's shape).
     pub uses_pods: bool,
+    /// Who its pod peers are (each one's namespace scope and pod selector, in a canonical
+    /// order; empty without pod peers): the identity of its peer sets, which every rule with the
+    /// same pod peers shares (`names::peer_set`).
+    pub pod_key: String,
+    /// The same, readable (selectors as written in the API), for the sets' comments.
+    pub pod_label: String,
     /// Keys of the pods the selectors chose.
     pub pods: BTreeSet<String>,
     /// Their addresses.

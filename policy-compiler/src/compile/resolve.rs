@@ -238,6 +238,22 @@ impl<'a> PeerQuery<'a> {
         }
     }
 
+    /// This query exactly (`Debug` quotes every label, so distinct queries never meet), and as
+    /// an operator would read it.
+    fn identity(&self) -> (String, String) {
+        let (ns_key, ns_label) = match self.namespaces {
+            NsScope::Own(ns) => (format!("own {ns:?}"), format!("namespace {ns}")),
+            NsScope::Matching(sel) => (format!("ns {sel:?}"), format!("namespaces {sel}")),
+        };
+        match self.pods {
+            None => (ns_key, format!("{ns_label}, every pod")),
+            Some(sel) => (
+                format!("{ns_key} pods {sel:?}"),
+                format!("{ns_label}, pods {sel}"),
+            ),
+        }
+    }
+
     /// The pods a ClusterNetworkPolicy's subject chooses: the same namespace AND pod selection as
     /// a pod peer.
     pub fn subject(subject: &'a ClusterSubject) -> Self {
@@ -460,6 +476,7 @@ impl<'a> Resolver<'a> {
         };
         let mut blocks: Vec<(&IpNet, &[IpNet])> = Vec::new();
         let mut node_nets: Vec<IpNet> = Vec::new();
+        let mut identities: BTreeSet<(String, String)> = BTreeSet::new();
         for peer in &rule.peers {
             match peer {
                 Peer::Nodes(sel) => {
@@ -477,6 +494,7 @@ impl<'a> Resolver<'a> {
                     let Some(q) = PeerQuery::of(own, peer) else {
                         continue;
                     };
+                    identities.insert(q.identity());
                     let found = self.peer_pods(q);
                     if peers.pods.is_empty() {
                         peers.pods.clone_from(&found.keys);
@@ -495,6 +513,9 @@ impl<'a> Resolver<'a> {
                 }
             }
         }
+        let (keys, labels): (Vec<String>, Vec<String>) = identities.into_iter().unzip();
+        peers.pod_key = keys.join(" | ");
+        peers.pod_label = labels.join("; ");
         node_nets.extend(peers.node_ips.iter().map(|ip| IpNet::from(*ip)));
         blocks.extend(node_nets.iter().map(|n| (n, &[][..])));
         peers.blocks = intervals::block_ranges(blocks);

@@ -1857,6 +1857,76 @@ fn rules_with_the_same_ports_share_one_set_which_goes_with_its_last_rule() {
 }
 
 #[test]
+fn rules_with_the_same_pod_peers_share_their_peer_set_which_follows_pods_and_goes_with_its_last_rule(
+) {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.pod("a/y", N1, &["10.0.1.2"], &[("app", "y")]);
+    w.pod("b/c", N2, &["10.0.2.1"], &[("role", "client")]);
+    let from =
+        json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}}]);
+    w.policy(
+        "a/one",
+        json!({"podSelector": {"matchLabels": {"app": "x"}}, "ingress": [{"from": from}]}),
+    );
+    w.policy(
+        "a/two",
+        json!({"podSelector": {"matchLabels": {"app": "y"}}, "ingress": [{"from": from}]}),
+    );
+    // Same selectors written in another policy's namespace without namespaceSelector: other peers.
+    w.policy(
+        "a/own",
+        json!({"podSelector": {"matchLabels": {"app": "y"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]}),
+    );
+    let peer_sets = |rs: &Ruleset| {
+        rs.sets
+            .iter()
+            .filter(|(n, _)| n.starts_with(crate::ruleset::names::PEER_SET_PREFIX))
+            .map(|(n, s)| (n.clone(), s.elements.len()))
+            .collect::<Vec<_>>()
+    };
+    let full = compiled(&w).ruleset;
+    assert_eq!(
+        peer_sets(&full).len(),
+        1,
+        "one set for one/two; own's has no address yet: {:?}",
+        peer_sets(&full)
+    );
+    assert!(w.can("10.0.2.1", "a/y", 80, TCP));
+    let mut inc = crate::IncrementalCompiler::new(w.st.clone(), N1);
+    let step = |inc: &mut crate::IncrementalCompiler, w: &mut W, what: &str, change: Change| {
+        let before = inc.ruleset().clone();
+        let batch = inc.apply(change.clone());
+        w.st.apply(change);
+        let full = compiled(w).ruleset;
+        assert_eq!(inc.ruleset(), &full, "after {what}");
+        assert_eq!(batch, crate::diff::diff(&before, &full), "after {what}");
+    };
+    // A second client joins: the shared set gets it once, for both rules.
+    let mut scratch = W::new();
+    scratch.pod("b/c2", N2, &["10.0.2.2"], &[("role", "client")]);
+    let c2 = scratch.st.pods["b/c2"].clone();
+    step(&mut inc, &mut w, "a second client", Change::UpsertPod(c2));
+    assert_eq!(
+        peer_sets(inc.ruleset()),
+        vec![(peer_sets(&full)[0].0.clone(), 2)]
+    );
+    for key in ["a/one", "a/two"] {
+        let (ns, n) = key.split_once('/').unwrap();
+        let ch = Change::DeletePolicy {
+            namespace: ns.into(),
+            name: n.into(),
+        };
+        step(&mut inc, &mut w, key, ch);
+    }
+    assert!(
+        peer_sets(inc.ruleset()).is_empty(),
+        "gone with its last rule"
+    );
+}
+
+#[test]
 fn explain_before_apply_gives_pods_without_address_or_node_placeholders_nobody_holds() {
     let mut w = W::new();
     w.pod("a/ready", N1, &["198.18.0.1"], &[("app", "ready")]);

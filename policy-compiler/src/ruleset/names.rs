@@ -266,6 +266,18 @@ pub fn ports_set(ranges: &[(crate::model::Protocol, u16, u16)]) -> String {
     format!("{PORTS_SET_PREFIX}{:016x}", stable_hash(&parts))
 }
 
+/// Name of the peer set of a family of every rule whose pod peers are `pod_key`
+/// (`PeerSet::pod_key`): `peer_<hash of the peers>_<v4|v6>`. Its content follows from the peers
+/// alone, so rules with the same peers share it (10k policies held 5,060 per-rule peer sets of
+/// 1,928 distinct contents).
+pub fn peer_set(pod_key: &str, fam: Family) -> String {
+    format!(
+        "{PEER_SET_PREFIX}{:016x}_{}",
+        stable_hash(&[pod_key]),
+        fam.tag()
+    )
+}
+
 /// Name of a per-rule set: `<prefix><policy id>_<in|eg>_<rule>[_<v4|v6>]`.
 pub fn rule_set(
     prefix: &str,
