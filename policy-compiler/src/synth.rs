@@ -65,6 +65,16 @@ impl SynthConfig {
             audit_every: 0,
         }
     }
+    /// Ten times [`SynthConfig::large`]: 100k pods on 1,000 nodes, 5,000 namespaces, 10k policies.
+    pub fn huge(seed: u64) -> Self {
+        Self {
+            nodes: 1_000,
+            namespaces: 5_000,
+            pods: 100_000,
+            policies: 10_000,
+            ..Self::large(seed)
+        }
+    }
     /// A small cluster where most things touch node `n0` (property tests).
     pub fn small(seed: u64) -> Self {
         Self {

@@ -1,6 +1,8 @@
 //! Compile benchmark on a synthetic cluster: 10k pods on 100 nodes, 500 namespaces, 1k policies.
 //!
-//! `cargo run --release -p palisade-bench --bin compile-bench [seed] [cluster network policies]`
+//! `cargo run --release -p palisade-bench --bin compile-bench [seed] [cluster network policies] [huge]`
+//!
+//! `huge`: ten times the cluster (100k pods on 1,000 nodes, 5,000 namespaces, 10k policies).
 //!
 //! Prints compile time and ruleset size for one node, then for each kind of single change the
 //! cost from change to batch two ways in one run: the incremental compiler beside the old path
@@ -104,9 +106,14 @@ fn main() {
         .nth(2)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    let huge = std::env::args().nth(3).as_deref() == Some("huge");
     let cfg = SynthConfig {
         cluster_policies,
-        ..SynthConfig::large(seed)
+        ..if huge {
+            SynthConfig::huge(seed)
+        } else {
+            SynthConfig::large(seed)
+        }
     };
     let t = Instant::now();
     let st = synth::cluster(&cfg);
@@ -327,4 +334,18 @@ fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
         Err(e) => println!("commit: FAILED: {e}"),
     }
     drop(ns);
+    println!(
+        "peak RSS of this process (cluster state, full compile, incremental compiler, batches): {}",
+        peak_rss()
+    );
+}
+
+/// This process's peak resident set (getrusage), for the scale it ran at.
+fn peak_rss() -> String {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return "unknown".into();
+    }
+    format!("{:.1} MiB", ru.ru_maxrss as f64 / 1024.0)
 }
