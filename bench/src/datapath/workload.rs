@@ -112,6 +112,22 @@ fn matches(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// Most namespaces of background pods: 1,000 × [`NODES`] = 100k pods.
+pub const MAX_NAMESPACES: u32 = 1_000;
+
+/// Address of the background pod of namespace `k` on node `m` (0-based): `10.244.<m+1>.<20+k>`
+/// for the first 200 namespaces (inside the node's podCIDR, as every run before 100k pods had
+/// it); past them `10.<128+m>.<j/250>.<j%250+1>` (j = k - 200), outside every podCIDR, the lab
+/// and the Service range: policies only match these addresses, nothing routes to them.
+fn background_ip(m: u32, k: u32) -> Ipv4Addr {
+    if k < 200 {
+        Ipv4Addr::new(10, 244, (m + 1) as u8, (20 + k) as u8)
+    } else {
+        let j = k - 200;
+        Ipv4Addr::new(10, (128 + m) as u8, (j / 250) as u8, (j % 250 + 1) as u8)
+    }
+}
+
 /// Size of a synthetic cluster: `namespaces` × [`NODES`] other pods, `policies` policies.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -127,7 +143,7 @@ impl Shape {
     /// `policies` policies, none selecting the measured pods.
     pub fn for_pods(pods: usize, policies: usize) -> Shape {
         Shape {
-            namespaces: (pods / NODES as usize).clamp(1, 200) as u32,
+            namespaces: (pods / NODES as usize).clamp(1, MAX_NAMESPACES as usize) as u32,
             policies,
             measured: false,
         }
@@ -155,9 +171,9 @@ impl Cluster {
             policies,
             measured: with_measured,
         } = shape;
-        if ns_count == 0 || ns_count > 200 {
+        if ns_count == 0 || ns_count > MAX_NAMESPACES {
             return Err(crate::Error::Invalid(format!(
-                "{ns_count} namespaces: use 1..=200"
+                "{ns_count} namespaces: use 1..={MAX_NAMESPACES}"
             )));
         }
         if with_measured && policies != 0 && policies < MEASURED_POLICIES {
@@ -199,7 +215,7 @@ impl Cluster {
                     namespace: format!("ns-{k}"),
                     name: format!("p-{m}"),
                     node: format!("node-{}", m + 1),
-                    ip: Ipv4Addr::new(10, 244, (m + 1) as u8, (20 + k) as u8),
+                    ip: background_ip(m, k),
                     labels: labels(&[
                         ("app", &format!("a{}", m % 10)),
                         ("role", &format!("r{}", (m + k) % 20)),
@@ -509,6 +525,20 @@ mod tests {
         assert_eq!(cluster.pods.len(), 1000 + 2);
         assert_eq!(cluster.policies.len(), 100);
         assert!(cluster.policies.iter().all(|p| !p.measured));
+    }
+
+    #[test]
+    fn background_addresses_are_unique_up_to_100k_pods() {
+        let mut seen = std::collections::HashSet::new();
+        for m in 0..NODES {
+            for k in 0..MAX_NAMESPACES {
+                assert!(seen.insert(background_ip(m, k)), "node {m} namespace {k}");
+            }
+        }
+        assert!(
+            !seen.contains(&Ipv4Addr::new(10, 244, 1, 10))
+                && !seen.contains(&Ipv4Addr::new(10, 244, 2, 10))
+        );
     }
 
     #[test]
