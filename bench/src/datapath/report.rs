@@ -165,6 +165,7 @@ pub fn markdown(
         "palisade",
         "palisade-no-source-guard",
         "palisade-no-counters",
+        "palisade-ingress-guard",
     ];
     systems.sort_by_key(|s| order.iter().position(|o| o == s).unwrap_or(99));
     let mut policies: Vec<usize> = samples.iter().map(|s| s.policies).collect();
@@ -317,6 +318,11 @@ pub fn targets(samples: &[Sample]) -> String {
     for (variant, what, target) in [
         ("palisade-no-source-guard", "Source guard", Some(0.99)),
         ("palisade-no-counters", "Per-policy counters", None),
+        (
+            "palisade-ingress-guard",
+            "Inline guard against the ingress-hook experiment",
+            None,
+        ),
     ] {
         let mut paired: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let mut without: BTreeMap<(usize, usize), f64> = BTreeMap::new();

@@ -12,6 +12,7 @@
 //! - `palisade-no-counters`: the same without the named counters of the per-policy metrics.
 //! - `palisade-no-cnp`: palisade for the same cluster without its ClusterNetworkPolicies (their cost,
 //!   with `--cluster-policies`).
+//! - `palisade-ingress-guard`: an experiment, the source guard moved to per-veth ingress chains.
 //!
 //! Every system, `none` included, runs with connection tracking on in the node namespaces (the
 //! `bench_base` table below), as it is on any node that runs kube-proxy: so "no policy" differs from
@@ -40,10 +41,14 @@ pub enum System {
     PalisadeNoCnp,
     /// The same without the per-policy counters (their cost is the difference).
     PalisadeNoCounters,
+    /// EXPERIMENT (not what the agent does): the source guard as one ingress-hook chain per
+    /// measured pod's host veth (a constant compare of the source, no set, before conntrack),
+    /// the base chains without it. Whether moving the guard off the base chains pays.
+    PalisadeIngressGuard,
 }
 
 impl System {
-    pub const ALL: [System; 7] = [
+    pub const ALL: [System; 8] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
@@ -51,6 +56,7 @@ impl System {
         System::PalisadeNoGuard,
         System::PalisadeNoCnp,
         System::PalisadeNoCounters,
+        System::PalisadeIngressGuard,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +68,7 @@ impl System {
             System::PalisadeNoGuard => "palisade-no-source-guard",
             System::PalisadeNoCnp => "palisade-no-cnp",
             System::PalisadeNoCounters => "palisade-no-counters",
+            System::PalisadeIngressGuard => "palisade-ingress-guard",
         }
     }
 
@@ -116,6 +123,9 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::PalisadeNoCounters => {
             palisade_real::render(cluster, node, palisade_real::Variant::NoCounters)?
         }
+        System::PalisadeIngressGuard => {
+            palisade_real::render(cluster, node, palisade_real::Variant::IngressGuard)?
+        }
         System::PalisadeNoCnp => {
             let mut without = cluster.clone();
             without.cluster_policies.clear();
@@ -168,7 +178,16 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         System::Palisade
         | System::PalisadeNoGuard
         | System::PalisadeNoCnp
-        | System::PalisadeNoCounters => {
+        | System::PalisadeNoCounters
+        | System::PalisadeIngressGuard => {
+            if system == System::PalisadeIngressGuard {
+                timed_in(
+                    ns,
+                    "nft",
+                    &["delete", "table", "inet", palisade_real::GUARD_TABLE],
+                    None,
+                )?;
+            }
             timed_in(
                 ns,
                 "nft",

@@ -24,7 +24,13 @@ pub enum Variant {
     /// Without the named counters of the per-policy metrics and the policies' `acc_` chains that
     /// count connections (`palisade-no-counters`).
     NoCounters,
+    /// EXPERIMENT: without the inline guard; instead one ingress chain per measured pod's host veth
+    /// in [`GUARD_TABLE`], comparing the source with the pod's address.
+    IngressGuard,
 }
+
+/// The table of [`Variant::IngressGuard`]'s chains.
+pub const GUARD_TABLE: &str = "palisade_guard";
 
 /// `PALISADE_BENCH_GUARD_COPIES=<n>`: the source guard's rules n times over at the top of each base
 /// chain (an experiment: whether the guard's cost grows with its rules, i.e. is the per-packet
@@ -81,7 +87,31 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             .collect(),
     ));
     let mut ruleset = palisade_policy::compile(&state, node).ruleset;
+    let mut extra = None;
     match variant {
+        Variant::IngressGuard => {
+            for chain in ruleset.chains.values_mut() {
+                chain.rules.retain(|r| !is_guard(r));
+            }
+            for fam in Family::BOTH {
+                ruleset.sets.remove(source_set(fam));
+            }
+            let mut t = format!("table inet {GUARD_TABLE} {{\n");
+            for (i, p) in cluster
+                .pods
+                .iter()
+                .filter(|p| p.namespace == BENCH_NS && p.node == node)
+                .enumerate()
+            {
+                t.push_str(&format!(
+                    "  chain g{i} {{\n    type filter hook ingress device \"{}\" priority -500; policy accept;\n    meta nfproto ipv4 ip saddr != {} counter drop\n    meta nfproto ipv6 ip6 saddr != {{ fe80::/10, :: }} counter drop\n  }}\n",
+                    topo::host_veth(&p.name),
+                    p.ip
+                ));
+            }
+            t.push_str("}\n");
+            extra = Some(t);
+        }
         Variant::NoSourceGuard => {
             for chain in ruleset.chains.values_mut() {
                 chain.rules.retain(|r| !is_guard(r));
@@ -122,6 +152,7 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
     let stats = ruleset.stats();
     Ok(Rendered {
         nft_json: Some(ruleset.full_replace().to_json_string()),
+        nft: extra,
         rules: stats.rules,
         elements: stats.elements,
         ..Rendered::default()
