@@ -10,11 +10,14 @@
 //! cargo run -p palisade-bench --bin cni-bench -- --palisade target/release/palisade
 //! ```
 //!
-//! Both plugins get an IPv4-only network and the same MTU. palisade runs as in a cluster: the
-//! runtime passes the pod identity, so every ADD also takes the node lock, marks the pod pending in
-//! `table inet palisade` (created here as the agent would; one `nft` run per ADD and per DEL) and
-//! writes the attachment record. A second palisade row without the pod identity (no `nft` run)
-//! shows what the pending mark costs. The last row (ptp) is the baseline of every ratio.
+//! Both plugins get an IPv4-only network and the same MTU. palisade runs as on a node: the runtime
+//! passes the pod identity, so every ADD also takes the node lock, marks the pod pending in
+//! `table inet palisade` and writes the attachment record; the node's palisade-agent (started here
+//! on a manifest directory holding every bench pod's Pod object) compiles the pod and clears its
+//! mark, and the bench waits for that before the DEL (untimed), as a pod lives a while before it is
+//! deleted. `--no-agent` creates the table's pending sets by hand instead, so every DEL finds its
+//! mark. A second palisade row without the pod identity (no mark) shows what the mark costs. The
+//! last row (ptp) is the baseline of every ratio.
 
 use clap::Parser;
 use palisade_bench::datapath::run::enter_netns;
@@ -50,7 +53,20 @@ struct Args {
     /// Parallel rounds per plugin.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// The palisade-agent binary (default: `palisade-agent` next to the plugin).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Run without an agent: the pending sets are created by hand and every DEL finds its mark.
+    #[arg(long)]
+    no_agent: bool,
 }
+
+/// Namespace of the bench pods (their Pod objects, for the agent).
+const POD_NS: &str = "bench";
+/// palisade's pod range in this bench (its IPAM range, and the agent's Node's podCIDR).
+const POD_CIDR: &str = "10.210.0.0/16";
+/// Longest wait for the agent to clear a new pod's pending mark.
+const MARK_WAIT: Duration = Duration::from_secs(10);
 
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().map_err(|source| Error::Spawn {
@@ -80,6 +96,21 @@ struct Subject {
 impl Subject {
     /// Runs one command for (container, netns); returns the wall time.
     fn exec(&self, command: &str, container: &str, netns: &Path) -> Result<Duration> {
+        self.exec_out(command, container, netns)
+            .map(|(took, _)| took)
+    }
+
+    /// ADD, then (with the agent) waits untimed until the agent cleared the pod's pending mark.
+    fn add(&self, container: &str, netns: &Path, agent: bool) -> Result<Duration> {
+        let (took, out) = self.exec_out("ADD", container, netns)?;
+        if agent && self.pod_args {
+            wait_unmarked(container, &out)?;
+        }
+        Ok(took)
+    }
+
+    /// Runs one command for (container, netns); returns the wall time and the plugin's stdout.
+    fn exec_out(&self, command: &str, container: &str, netns: &Path) -> Result<(Duration, String)> {
         let mut cmd = Command::new(&self.bin);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -95,7 +126,7 @@ impl Subject {
         if self.pod_args {
             cmd.env(
                 "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container};K8S_POD_UID=uid-{container}"),
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={POD_NS};K8S_POD_NAME={container};K8S_POD_UID=uid-{container}"),
             );
         }
         let start = Instant::now();
@@ -123,8 +154,67 @@ impl Subject {
                 ),
             });
         }
-        Ok(took)
+        Ok((took, String::from_utf8_lossy(&out.stdout).into_owned()))
     }
+}
+
+/// Waits until no pending set holds an address of the ADD result `result` (the agent compiled the
+/// pod `container`).
+fn wait_unmarked(container: &str, result: &str) -> Result<()> {
+    let parsed: serde_json::Value = serde_json::from_str(result).map_err(|e| Error::Parse {
+        what: format!("ADD result of {container}"),
+        detail: e.to_string(),
+    })?;
+    let ips: Vec<std::net::IpAddr> = parsed["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+        .collect();
+    let started = Instant::now();
+    for ip in ips {
+        let set = if ip.is_ipv4() {
+            palisade_contract::PENDING_SET_V4
+        } else {
+            palisade_contract::PENDING_SET_V6
+        };
+        loop {
+            let marked = palisade_nft::setelem::element_exists(
+                palisade_contract::TABLE_FAMILY,
+                palisade_contract::TABLE_NAME,
+                set,
+                ip,
+            )
+            .map_err(|e| Error::Invalid(format!("probing the mark of {ip}: {e}")))?;
+            if !marked {
+                break;
+            }
+            if started.elapsed() > MARK_WAIT {
+                return Err(Error::Invalid(format!(
+                    "the agent did not clear the pending mark of {container} ({ip}) in {MARK_WAIT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok(())
+}
+
+/// The Pod objects of every container id the bench uses, for the agent's manifest source.
+fn pod_objects(ids: &[String], node: &str) -> serde_json::Value {
+    let mut items = vec![
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": POD_NS, "labels": {"kubernetes.io/metadata.name": POD_NS}}}),
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+            "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.77.2"}]}}),
+    ];
+    items.extend(ids.iter().map(|id| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": id, "namespace": POD_NS, "uid": format!("uid-{id}")},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none"}]}})
+    }));
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
 #[derive(Default)]
@@ -147,20 +237,31 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn sequential(subjects: &[Subject], pod: &Netns, iterations: usize) -> Result<Vec<Samples>> {
+fn sequential(
+    subjects: &[Subject],
+    pod: &Netns,
+    iterations: usize,
+    agent: bool,
+) -> Result<Vec<Samples>> {
     let mut out: Vec<Samples> = subjects.iter().map(|_| Samples::default()).collect();
     for i in 0..iterations {
         // Interleaved, so drift on a shared machine hits both plugins alike.
         for (s, samples) in subjects.iter().zip(out.iter_mut()) {
             let cid = format!("seq-{i}");
-            samples.add.push(s.exec("ADD", &cid, &pod.path())?);
+            samples.add.push(s.add(&cid, &pod.path(), agent)?);
             samples.del.push(s.exec("DEL", &cid, &pod.path())?);
         }
     }
     Ok(out)
 }
 
-fn parallel_round(s: &Subject, pods: &[Netns], round: usize, samples: &mut Samples) -> Result<()> {
+fn parallel_round(
+    s: &Subject,
+    pods: &[Netns],
+    round: usize,
+    agent: bool,
+    samples: &mut Samples,
+) -> Result<()> {
     for command in ["ADD", "DEL"] {
         let barrier = Arc::new(Barrier::new(pods.len()));
         let results: Vec<Result<Duration>> = std::thread::scope(|scope| {
@@ -170,8 +271,14 @@ fn parallel_round(s: &Subject, pods: &[Netns], round: usize, samples: &mut Sampl
                 .map(|(i, pod)| {
                     let barrier = Arc::clone(&barrier);
                     scope.spawn(move || {
+                        let cid = format!("par-{round}-{i}");
                         barrier.wait();
-                        s.exec(command, &format!("par-{round}-{i}"), &pod.path())
+                        if command == "ADD" {
+                            // The wait for the agent comes after the ADD's time is taken.
+                            s.add(&cid, &pod.path(), agent)
+                        } else {
+                            s.exec(command, &cid, &pod.path())
+                        }
                     })
                 })
                 .collect();
@@ -195,11 +302,16 @@ fn parallel_round(s: &Subject, pods: &[Netns], round: usize, samples: &mut Sampl
     Ok(())
 }
 
-fn parallel(subjects: &[Subject], pods: &[Netns], rounds: usize) -> Result<Vec<Samples>> {
+fn parallel(
+    subjects: &[Subject],
+    pods: &[Netns],
+    rounds: usize,
+    agent: bool,
+) -> Result<Vec<Samples>> {
     let mut out: Vec<Samples> = subjects.iter().map(|_| Samples::default()).collect();
     for round in 0..rounds {
         for (s, samples) in subjects.iter().zip(out.iter_mut()) {
-            parallel_round(s, pods, round, samples)?;
+            parallel_round(s, pods, round, agent, samples)?;
         }
     }
     Ok(out)
@@ -293,10 +405,46 @@ fn real_main() -> Result<()> {
     let pods: Vec<Netns> = (0..args.parallel)
         .map(|_| Netns::create("pcbp").map_err(io_err_pub("creating a pod namespace")))
         .collect::<Result<_>>()?;
-    run(Command::new("ip").args([
-        "netns", "exec", node.name(), "nft",
-        "add table inet palisade; add set inet palisade pending_v4 { type ipv4_addr; }; add set inet palisade pending_v6 { type ipv6_addr; }",
-    ]))?;
+    let agent_dirs = palisade_bench::enforce::AgentDirs::create(&tmp.path().join("agent"))?;
+    // The node's agent, on a manifest directory with every bench pod's Pod object (it clears a
+    // new pod's pending mark once it compiled the pod), or the pending sets alone.
+    let _agent = if args.no_agent {
+        run(Command::new("ip").args([
+            "netns", "exec", node.name(), "nft",
+            "add table inet palisade; add set inet palisade pending_v4 { type ipv4_addr; }; add set inet palisade pending_v6 { type ipv6_addr; }",
+        ]))?;
+        None
+    } else {
+        let agent = match &args.agent {
+            Some(a) => a.clone(),
+            None => palisade.with_file_name("palisade-agent"),
+        };
+        let mut ids: Vec<String> = vec!["warmup".into()];
+        ids.extend((0..args.iterations).map(|i| format!("seq-{i}")));
+        for round in 0..args.rounds {
+            ids.extend((0..args.parallel).map(|i| format!("par-{round}-{i}")));
+        }
+        palisade_bench::enforce::write_manifest(
+            &agent_dirs.manifests,
+            "pods.json",
+            &pod_objects(&ids, palisade_bench::enforce::AGENT_NODE),
+        )?;
+        let source = [
+            "--manifests".to_string(),
+            palisade_bench::enforce::path_str(&agent_dirs.manifests)?.to_string(),
+        ];
+        let agent_args = agent_dirs.run_args(&source)?;
+        let log = tmp.path().join("agent.log");
+        let guard = palisade_bench::datapath::cmd::ChildGuard::spawn_in_logged(
+            node.name(),
+            palisade_bench::enforce::path_str(&agent)?,
+            &agent_args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &log,
+        )?;
+        agent_dirs.wait_conflist(&log)?;
+        Some(guard)
+    };
+    let with_agent = !args.no_agent;
     // Before this process starts any other thread, so every thread and child inherits the node
     // namespace (the host's own is never modified).
     enter_netns(node.name())?;
@@ -308,8 +456,8 @@ fn real_main() -> Result<()> {
     );
     let palisade_conf = json!({
         "cniVersion": "1.0.0", "name": "benchpal", "type": "palisade", "mtu": 1500,
-        "stateDir": tmp.path().join("state"),
-        "ipam": {"type": "palisade", "dataDir": tmp.path().join("ipam"), "ranges": [[{"subnet": "10.210.0.0/16"}]]}
+        "stateDir": agent_dirs.state,
+        "ipam": {"type": "palisade", "dataDir": agent_dirs.ipam, "ranges": [[{"subnet": POD_CIDR}]]}
     })
     .to_string();
     let subjects = [
@@ -343,12 +491,20 @@ fn real_main() -> Result<()> {
     println!("cni-bench: {} sequential ADD+DEL per plugin, {} rounds of {} parallel ADDs then DELs; node netns {}", args.iterations, args.rounds, args.parallel, node.name());
     // Warm-up (page cache, first nft run) outside the figures.
     for s in &subjects {
-        s.exec("ADD", "warmup", &seq_pod.path())?;
+        s.add("warmup", &seq_pod.path(), with_agent)?;
         s.exec("DEL", "warmup", &seq_pod.path())?;
     }
-    let seq = sequential(&subjects, &seq_pod, args.iterations)?;
+    println!(
+        "{}",
+        if with_agent {
+            "with the node's palisade-agent running (each DEL after the agent cleared the pod's mark)"
+        } else {
+            "without an agent (--no-agent: every DEL finds its pod's mark)"
+        }
+    );
+    let seq = sequential(&subjects, &seq_pod, args.iterations, with_agent)?;
     report("sequential (one attachment at a time)", &subjects, &seq);
-    let par = parallel(&subjects, &pods, args.rounds)?;
+    let par = parallel(&subjects, &pods, args.rounds, with_agent)?;
     report(
         &format!(
             "parallel ({} attachments at once; latency of each)",
