@@ -461,8 +461,9 @@ impl Engine {
             }
         };
         if let (Some((chains, sets)), false) = (repair, full) {
-            moved = None; // the repair rewrites chains and sets
-                          // After the batch: the repair writes the touched objects as the compiler has them now.
+            // After the batch: the repair writes the touched objects as the compiler has them now
+            // (chains and sets: not a commit of addresses only).
+            moved = None;
             match self.inc.ruleset().repair(&chains, &sets) {
                 Some(b) => match self.nft.apply(&b.to_json_string()) {
                     Ok(()) => {
