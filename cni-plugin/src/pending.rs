@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use palisade_contract as contract;
-use palisade_nft::setelem::{self, ElementOp, SetOp};
+use palisade_nft::setelem::{self, ElementOp, Key, SetOp};
 use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
@@ -48,7 +48,7 @@ fn set_for(ip: &IpAddr) -> &'static str {
 /// The element changes that mark `ips` pending.
 pub fn mark_ops(ips: &[IpAddr]) -> Vec<ElementOp<'static>> {
     ips.iter()
-        .map(|ip| (SetOp::Add, set_for(ip), *ip))
+        .map(|ip| (SetOp::Add, set_for(ip), Key::Addr(*ip)))
         .collect()
 }
 
@@ -58,8 +58,8 @@ pub fn unmark_ops(ips: &[IpAddr]) -> Vec<ElementOp<'static>> {
     ips.iter()
         .flat_map(|ip| {
             [
-                (SetOp::Add, set_for(ip), *ip),
-                (SetOp::Delete, set_for(ip), *ip),
+                (SetOp::Add, set_for(ip), Key::Addr(*ip)),
+                (SetOp::Delete, set_for(ip), Key::Addr(*ip)),
             ]
         })
         .collect()
@@ -152,8 +152,8 @@ mod tests {
         assert_eq!(
             mark_ops(&ips),
             vec![
-                (SetOp::Add, contract::PENDING_SET_V4, ips[0]),
-                (SetOp::Add, contract::PENDING_SET_V6, ips[1]),
+                (SetOp::Add, contract::PENDING_SET_V4, Key::Addr(ips[0])),
+                (SetOp::Add, contract::PENDING_SET_V6, Key::Addr(ips[1])),
             ]
         );
     }
@@ -164,8 +164,8 @@ mod tests {
         assert_eq!(
             unmark_ops(&[ip]),
             vec![
-                (SetOp::Add, contract::PENDING_SET_V4, ip),
-                (SetOp::Delete, contract::PENDING_SET_V4, ip),
+                (SetOp::Add, contract::PENDING_SET_V4, Key::Addr(ip)),
+                (SetOp::Delete, contract::PENDING_SET_V4, Key::Addr(ip)),
             ]
         );
     }

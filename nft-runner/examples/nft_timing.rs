@@ -56,7 +56,12 @@ fn main() {
     let exec = Nft::new(Backend::Exec);
     exec.apply(TABLE).expect("nft must be installed");
     let (first, add) = time(rounds, |i| {
-        setelem::apply("inet", "palisade", &[(SetOp::Add, "pending_v4", addr(i))]).unwrap()
+        setelem::apply(
+            "inet",
+            "palisade",
+            &[(SetOp::Add, "pending_v4", addr(i).into())],
+        )
+        .unwrap()
     });
     println!(
         "setelem add batch (1 element): first {}, median {}",

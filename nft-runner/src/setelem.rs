@@ -9,8 +9,9 @@
 //!
 //! One batch is `NFNL_MSG_BATCH_BEGIN`, one `NFT_MSG_NEWSETELEM`/`NFT_MSG_DELSETELEM` per element,
 //! `NFNL_MSG_BATCH_END`; the kernel commits all of it or none of it. Elements are encoded from
-//! [`IpAddr`] values only; the only strings that reach the kernel are the table and set names, which
-//! must be plain identifiers. The messages are built with `netlink-packet-netfilter` (the nf_tables
+//! [`IpAddr`] values and, in `ifname . addr` keys, an interface name; the only strings that reach
+//! the kernel are the table and set names and those interface names, which must all be plain
+//! identifiers (an interface name at most 15 bytes). The messages are built with `netlink-packet-netfilter` (the nf_tables
 //! message and attribute types) and `netlink-packet-core` (netlink header, error/ack decoding); the
 //! socket is `netlink-sys`'s. Only the message flags and the batch's `res_id` are chosen here.
 //!
@@ -60,9 +61,68 @@ pub enum SetOp {
     Delete,
 }
 
-/// One element change: the operation, the set's name, the address (4 bytes for an `ipv4_addr` set,
-/// 16 for an `ipv6_addr` set).
-pub type ElementOp<'a> = (SetOp, &'a str, IpAddr);
+/// One element change: the operation, the set's name, the element's key.
+pub type ElementOp<'a> = (SetOp, &'a str, Key<'a>);
+
+/// The key of one element, as the set's type lays it out: each part of a concatenation padded to a
+/// multiple of 4 bytes (nf_tables registers), an interface name to `IFNAMSIZ` (16) bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key<'a> {
+    /// `ipv4_addr` (4 bytes) or `ipv6_addr` (16).
+    Addr(IpAddr),
+    /// `ifname . ipv4_addr` (20 bytes) or `ifname . ipv6_addr` (32).
+    IfnameAddr(&'a str, IpAddr),
+    /// `ipv4_addr . ipv4_addr` (8 bytes) or `ipv6_addr . ipv6_addr` (32).
+    AddrPair(IpAddr, IpAddr),
+}
+
+/// Bytes of an interface name field (`IFNAMSIZ`, the name zero-padded; at most 15 bytes of name).
+const IFNAMSIZ: usize = 16;
+
+impl From<IpAddr> for Key<'_> {
+    fn from(ip: IpAddr) -> Self {
+        Key::Addr(ip)
+    }
+}
+
+impl std::str::FromStr for Key<'static> {
+    type Err = std::net::AddrParseError;
+    /// An address key from its text.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        s.parse().map(Key::Addr)
+    }
+}
+
+fn octets(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+impl Key<'_> {
+    /// The key's bytes as the kernel compares them.
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Key::Addr(ip) => octets(ip),
+            Key::IfnameAddr(name, ip) => {
+                let mut b = name.as_bytes().to_vec();
+                b.resize(IFNAMSIZ, 0);
+                b.extend(octets(ip));
+                b
+            }
+            Key::AddrPair(a, b) => [octets(a), octets(b)].concat(),
+        }
+    }
+
+    /// The interface name the key carries, if any (checked like the set names).
+    fn ifname(&self) -> Option<&str> {
+        match self {
+            Key::IfnameAddr(name, _) => Some(name),
+            _ => None,
+        }
+    }
+}
 
 /// nfnetlink's number for an nft family name (`inet`, `ip`, `ip6`).
 pub(crate) fn family_number(action: &'static str, family: &str) -> Result<u8> {
@@ -114,8 +174,23 @@ fn prepare<'a>(
     let nfproto = family_number(ACTION, family)?;
     check_names(
         ACTION,
-        std::iter::once(table).chain(ops.iter().map(|o| o.1)),
+        std::iter::once(table)
+            .chain(ops.iter().map(|o| o.1))
+            .chain(ops.iter().filter_map(|o| o.2.ifname())),
     )?;
+    for (_, _, key) in ops {
+        let bad = match key {
+            Key::IfnameAddr(name, _) => name.len() >= IFNAMSIZ,
+            Key::AddrPair(a, b) => a.is_ipv4() != b.is_ipv4(),
+            Key::Addr(_) => false,
+        };
+        if bad {
+            return Err(Error::BadName {
+                action: ACTION,
+                name: format!("{key:?}"),
+            });
+        }
+    }
     if ops.is_empty() {
         return Ok(None);
     }
@@ -190,7 +265,7 @@ pub fn set_exists(family: &str, table: &str, set: &str) -> Result<bool> {
 /// lock every writer holds.
 pub fn element_exists(family: &str, table: &str, set: &str, addr: IpAddr) -> Result<bool> {
     probe("get set element", family, table, set, || {
-        NfTablesMessage::GetSetElement(element_list(table, set, &addr))
+        NfTablesMessage::GetSetElement(element_list(table, set, &Key::Addr(addr)))
     })
 }
 
@@ -227,12 +302,9 @@ fn probe(
 }
 
 /// The element-list attributes naming one element of `set` in `table`: table, set, and one list
-/// element whose key is the address.
-fn element_list(table: &str, set: &str, addr: &IpAddr) -> SetElementMessage {
-    let key = match addr {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    };
+/// element with `key`.
+fn element_list(table: &str, set: &str, key: &Key<'_>) -> SetElementMessage {
+    let key = key.bytes();
     SetElementMessage {
         attributes: vec![
             SetElementList::Table(table.to_string()),
@@ -553,8 +625,38 @@ mod tests {
     }
 
     #[test]
+    fn concatenated_keys_are_laid_out_as_nf_tables_registers() {
+        let v4: IpAddr = "10.1.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        let k = Key::IfnameAddr("palab12", v4).bytes();
+        assert_eq!(k.len(), 20, "ifname is IFNAMSIZ bytes, then 4");
+        assert_eq!(&k[..7], b"palab12");
+        assert!(k[7..16].iter().all(|b| *b == 0));
+        assert_eq!(&k[16..], &[10, 1, 0, 2]);
+        assert_eq!(Key::IfnameAddr("palab12", v6).bytes().len(), 32);
+        assert_eq!(Key::AddrPair(v4, v4).bytes(), [10, 1, 0, 2, 10, 1, 0, 2]);
+        assert_eq!(Key::AddrPair(v6, v6).bytes().len(), 32);
+    }
+
+    #[test]
+    fn an_interface_name_that_is_no_identifier_or_too_long_and_mixed_pairs_never_reach_the_kernel()
+    {
+        let v4: IpAddr = "10.1.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        for key in [
+            Key::IfnameAddr("pal x", v4),
+            Key::IfnameAddr("pal\0x", v4),
+            Key::IfnameAddr("a23456789012345x", v4),
+            Key::AddrPair(v4, v6),
+        ] {
+            let err = apply("inet", "palisade", &[(SetOp::Add, "sources_v4", key)]).unwrap_err();
+            assert!(matches!(err, Error::BadName { .. }), "{key:?}: {err}");
+        }
+    }
+
+    #[test]
     fn names_that_are_not_identifiers_and_unknown_families_never_reach_the_kernel() {
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = Key::Addr("10.0.0.1".parse().unwrap());
         let err = apply("inet", "palisade", &[(SetOp::Add, "x y", a)]).unwrap_err();
         assert!(matches!(err, Error::BadName { .. }), "{err}");
         let err = apply("inet", "pal;isade", &[(SetOp::Add, "s", a)]).unwrap_err();

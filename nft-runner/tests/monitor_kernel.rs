@@ -142,7 +142,8 @@ fn our_own_commits_on_both_backends_are_never_drift() {
         let addr: IpAddr = "10.0.0.7".parse().unwrap();
         let nft = Nft::new(backend);
         nft.apply(TABLE).unwrap();
-        palisade_nft::setelem::apply("inet", "t", &[(SetOp::Add, "pending_v4", addr)]).unwrap();
+        palisade_nft::setelem::apply("inet", "t", &[(SetOp::Add, "pending_v4", addr.into())])
+            .unwrap();
         assert_eq!(
             quiet(&mut m, Duration::from_millis(300)),
             None,
@@ -198,17 +199,19 @@ fn an_element_writers_commits_on_its_kept_socket_are_ours_and_a_foreign_element_
     let mut w = palisade_nft::setelem::ElementWriter::new();
     let a: IpAddr = "10.0.0.7".parse().unwrap();
     for _ in 0..20 {
-        w.apply("inet", "t", &[(SetOp::Add, "peer_v4", a)]).unwrap();
-        w.apply("inet", "t", &[(SetOp::Delete, "peer_v4", a)])
+        w.apply("inet", "t", &[(SetOp::Add, "peer_v4", a.into())])
+            .unwrap();
+        w.apply("inet", "t", &[(SetOp::Delete, "peer_v4", a.into())])
             .unwrap();
     }
     assert_eq!(quiet(&mut m, Duration::from_millis(300)), None);
     // A failed batch (the element is gone) drops the socket; the next one opens another.
     let err = w
-        .apply("inet", "t", &[(SetOp::Delete, "peer_v4", a)])
+        .apply("inet", "t", &[(SetOp::Delete, "peer_v4", a.into())])
         .unwrap_err();
     assert!(matches!(err, palisade_nft::Error::Absent { .. }), "{err}");
-    w.apply("inet", "t", &[(SetOp::Add, "peer_v4", a)]).unwrap();
+    w.apply("inet", "t", &[(SetOp::Add, "peer_v4", a.into())])
+        .unwrap();
     assert_eq!(quiet(&mut m, Duration::from_millis(300)), None);
     foreign_nft("add element inet t peer_v4 { 10.0.0.8 }");
     let d = quiet(&mut m, Duration::from_secs(2)).expect("a foreign element is drift");

@@ -83,9 +83,9 @@ fn adds_and_deletes_v4_and_v6_elements_in_one_batch() {
         FAMILY,
         TABLE,
         &[
-            (SetOp::Add, V4, ip("10.1.0.2")),
-            (SetOp::Add, V4, ip("10.1.0.3")),
-            (SetOp::Add, V6, ip("fd00::2")),
+            (SetOp::Add, V4, ip("10.1.0.2").into()),
+            (SetOp::Add, V4, ip("10.1.0.3").into()),
+            (SetOp::Add, V6, ip("fd00::2").into()),
         ],
     )
     .unwrap();
@@ -97,9 +97,9 @@ fn adds_and_deletes_v4_and_v6_elements_in_one_batch() {
         FAMILY,
         TABLE,
         &[
-            (SetOp::Add, V4, ip("10.1.0.2")),
-            (SetOp::Delete, V4, ip("10.1.0.3")),
-            (SetOp::Delete, V6, ip("fd00::2")),
+            (SetOp::Add, V4, ip("10.1.0.2").into()),
+            (SetOp::Delete, V4, ip("10.1.0.3").into()),
+            (SetOp::Delete, V6, ip("fd00::2").into()),
         ],
     )
     .unwrap();
@@ -111,14 +111,14 @@ fn adds_and_deletes_v4_and_v6_elements_in_one_batch() {
 fn add_then_delete_removes_an_element_whether_or_not_it_was_there() {
     private_netns();
     make_table();
-    setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("10.1.0.2"))]).unwrap();
+    setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("10.1.0.2").into())]).unwrap();
     for _ in 0..2 {
         setelem::apply(
             FAMILY,
             TABLE,
             &[
-                (SetOp::Add, V4, ip("10.1.0.2")),
-                (SetOp::Delete, V4, ip("10.1.0.2")),
+                (SetOp::Add, V4, ip("10.1.0.2").into()),
+                (SetOp::Delete, V4, ip("10.1.0.2").into()),
             ],
         )
         .unwrap();
@@ -127,9 +127,94 @@ fn add_then_delete_removes_an_element_whether_or_not_it_was_there() {
 }
 
 #[test]
+fn concatenated_keys_land_as_the_elements_nft_lists() {
+    use palisade_nft::setelem::Key;
+    private_netns();
+    nft("table inet palisade {\n set sources_v4 { type ifname . ipv4_addr; }\n set sources_v6 { type ifname . ipv6_addr; }\n set self_v4 { type ipv4_addr . ipv4_addr; }\n set self_v6 { type ipv6_addr . ipv6_addr; }\n}\n");
+    setelem::apply(
+        FAMILY,
+        TABLE,
+        &[
+            (
+                SetOp::Add,
+                "sources_v4",
+                Key::IfnameAddr("palab12", ip("10.1.0.2")),
+            ),
+            (
+                SetOp::Add,
+                "sources_v6",
+                Key::IfnameAddr("palab12", ip("fd00::2")),
+            ),
+            (
+                SetOp::Add,
+                "self_v4",
+                Key::AddrPair(ip("10.1.0.2"), ip("10.1.0.2")),
+            ),
+            (
+                SetOp::Add,
+                "self_v6",
+                Key::AddrPair(ip("fd00::2"), ip("fd00::2")),
+            ),
+        ],
+    )
+    .unwrap();
+    let listed_json = |set: &str| {
+        let out = Command::new("nft")
+            .args(["-j", "list", "set", FAMILY, TABLE, set])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|i| i.get("set"))
+            .map(|s| s["elem"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        listed_json("sources_v4"),
+        serde_json::json!([{"concat": ["palab12", "10.1.0.2"]}])
+    );
+    assert_eq!(
+        listed_json("sources_v6"),
+        serde_json::json!([{"concat": ["palab12", "fd00::2"]}])
+    );
+    assert_eq!(
+        listed_json("self_v4"),
+        serde_json::json!([{"concat": ["10.1.0.2", "10.1.0.2"]}])
+    );
+    assert_eq!(
+        listed_json("self_v6"),
+        serde_json::json!([{"concat": ["fd00::2", "fd00::2"]}])
+    );
+    // And they go again by the same keys.
+    setelem::apply(
+        FAMILY,
+        TABLE,
+        &[
+            (
+                SetOp::Delete,
+                "sources_v4",
+                Key::IfnameAddr("palab12", ip("10.1.0.2")),
+            ),
+            (
+                SetOp::Delete,
+                "self_v6",
+                Key::AddrPair(ip("fd00::2"), ip("fd00::2")),
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(listed_json("sources_v4"), serde_json::Value::Null);
+    assert_eq!(listed_json("self_v6"), serde_json::Value::Null);
+}
+
+#[test]
 fn a_missing_table_or_set_is_the_absent_error_and_the_probe_says_false() {
     private_netns();
-    let err = setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("10.1.0.2"))]).unwrap_err();
+    let err =
+        setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("10.1.0.2").into())]).unwrap_err();
     assert!(matches!(err, Error::Absent { .. }), "{err}");
     assert!(err.is_absent());
     assert!(!setelem::set_exists(FAMILY, TABLE, V4).unwrap());
@@ -138,7 +223,12 @@ fn a_missing_table_or_set_is_the_absent_error_and_the_probe_says_false() {
     assert!(setelem::set_exists(FAMILY, TABLE, V4).unwrap());
     assert!(setelem::set_exists(FAMILY, TABLE, V6).unwrap());
     assert!(!setelem::set_exists(FAMILY, TABLE, "nope").unwrap());
-    let err = setelem::apply(FAMILY, TABLE, &[(SetOp::Add, "nope", ip("10.1.0.2"))]).unwrap_err();
+    let err = setelem::apply(
+        FAMILY,
+        TABLE,
+        &[(SetOp::Add, "nope", ip("10.1.0.2").into())],
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Absent { .. }), "{err}");
 }
 
@@ -150,8 +240,8 @@ fn a_batch_whose_second_op_fails_leaves_the_first_undone() {
         FAMILY,
         TABLE,
         &[
-            (SetOp::Add, V4, ip("10.1.0.2")),
-            (SetOp::Add, "nope", ip("10.1.0.3")),
+            (SetOp::Add, V4, ip("10.1.0.2").into()),
+            (SetOp::Add, "nope", ip("10.1.0.3").into()),
         ],
     )
     .unwrap_err();
@@ -167,8 +257,8 @@ fn a_batch_whose_second_op_fails_leaves_the_first_undone() {
         FAMILY,
         TABLE,
         &[
-            (SetOp::Add, V6, ip("fd00::2")),
-            (SetOp::Delete, V4, ip("10.9.9.9")),
+            (SetOp::Add, V6, ip("fd00::2").into()),
+            (SetOp::Delete, V4, ip("10.9.9.9").into()),
         ],
     )
     .unwrap_err();
@@ -180,7 +270,7 @@ fn a_batch_whose_second_op_fails_leaves_the_first_undone() {
 fn a_key_of_the_wrong_length_is_a_netlink_error_with_the_errno_text() {
     private_netns();
     make_table();
-    let err = setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("fd00::2"))]).unwrap_err();
+    let err = setelem::apply(FAMILY, TABLE, &[(SetOp::Add, V4, ip("fd00::2").into())]).unwrap_err();
     assert!(matches!(err, Error::Netlink { .. }), "{err}");
     assert!(!err.is_absent());
     eprintln!("{err}");
@@ -197,8 +287,8 @@ fn the_element_probe_sees_exactly_the_elements_nft_lists_and_false_without_table
         FAMILY,
         TABLE,
         &[
-            (SetOp::Add, V4, ip("10.1.0.2")),
-            (SetOp::Add, V6, ip("fd00::2")),
+            (SetOp::Add, V4, ip("10.1.0.2").into()),
+            (SetOp::Add, V6, ip("fd00::2").into()),
         ],
     )
     .unwrap();
@@ -208,6 +298,6 @@ fn the_element_probe_sees_exactly_the_elements_nft_lists_and_false_without_table
     assert!(!setelem::element_exists(FAMILY, TABLE, V4, ip("10.1.0.3")).unwrap());
     assert!(!setelem::element_exists(FAMILY, TABLE, V6, ip("fd00::3")).unwrap());
     assert!(!setelem::element_exists(FAMILY, TABLE, "nope", ip("10.1.0.2")).unwrap());
-    setelem::apply(FAMILY, TABLE, &[(SetOp::Delete, V4, ip("10.1.0.2"))]).unwrap();
+    setelem::apply(FAMILY, TABLE, &[(SetOp::Delete, V4, ip("10.1.0.2").into())]).unwrap();
     assert!(!setelem::element_exists(FAMILY, TABLE, V4, ip("10.1.0.2")).unwrap());
 }

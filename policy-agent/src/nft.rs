@@ -46,19 +46,25 @@ impl Nft {
         }
     }
 
-    /// Adds and deletes address elements of our table's sets, in order, as one atomic transaction
+    /// Adds and deletes elements of our table's address-keyed sets, in order, as one atomic transaction
     /// of nfnetlink set element messages (palisade-nft's `setelem`): no libnftables run, so no
     /// refetch of its cache of our chains, sets and counters, which at 10k pods cost more than
     /// the change. One socket, opened at first use in the calling thread's namespace and kept (a
     /// socket per transaction would wait a grace period at each close); its portid counts as ours
     /// for the drift monitor.
     pub fn apply_elements(&self, changes: &[ElementChange]) -> Result<()> {
-        use palisade_nft::setelem::{self, SetOp};
+        use palisade_nft::setelem::{self, Key, SetOp};
+        use palisade_policy::ruleset::ElementKey;
         let ops: Vec<setelem::ElementOp<'_>> = changes
             .iter()
             .map(|c| {
                 let op = if c.add { SetOp::Add } else { SetOp::Delete };
-                (op, c.set.as_str(), c.addr)
+                let key = match &c.key {
+                    ElementKey::Addr(a) => Key::Addr(*a),
+                    ElementKey::IfaceAddr(name, a) => Key::IfnameAddr(name.as_str(), *a),
+                    ElementKey::AddrPair(a, b) => Key::AddrPair(*a, *b),
+                };
+                (op, c.set.as_str(), key)
             })
             .collect();
         let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());

@@ -446,7 +446,7 @@ impl Engine {
                         moved = batch
                             .elements
                             .as_ref()
-                            .map(|changes| changes.iter().map(|c| c.addr).collect());
+                            .map(|changes| changes.iter().flat_map(|c| c.key.addrs()).collect());
                         true
                     }
                     Err(e) => {

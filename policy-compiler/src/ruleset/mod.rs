@@ -8,7 +8,7 @@ pub mod eval;
 pub mod names;
 pub(crate) mod render;
 
-pub use render::{Batch, ElementChange, MAX_ELEMENT_CHANGES};
+pub use render::{Batch, ElementChange, ElementKey, MAX_ELEMENT_CHANGES};
 
 use crate::model::Protocol;
 use std::collections::{BTreeMap, BTreeSet};

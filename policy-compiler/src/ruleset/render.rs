@@ -40,10 +40,12 @@ impl Batch {
     }
 
     /// The batch as address element changes, in order, when that is all it is: every command adds
-    /// or deletes elements of a plain address set of `rs` (`ipv4_addr` or `ipv6_addr`; no interval
-    /// set, no map), each element an address of the set's family, at most
-    /// [`MAX_ELEMENT_CHANGES`] of them. Such a batch (peer pods coming and going, pending marks)
-    /// can be written as nfnetlink set element messages directly; anything else returns `None`.
+    /// or deletes elements of a set of `rs` keyed by addresses (`ipv4_addr`/`ipv6_addr`, `ifname .
+    /// addr`, `addr . addr`; no interval set, no map), every address of the set's family, every
+    /// interface name a plain name of at most 15 bytes, at most [`MAX_ELEMENT_CHANGES`] of them.
+    /// Such a batch (peer pods coming and going, pending marks, a new pod's source binding and
+    /// self pair) can be written as nfnetlink set element messages directly; anything else
+    /// returns `None`.
     pub fn address_element_changes(&self, rs: &Ruleset) -> Option<Vec<ElementChange>> {
         let cmds = self.json.get("nftables")?.as_array()?;
         let mut out = Vec::new();
@@ -66,23 +68,27 @@ impl Batch {
             }
             let name = el.get("name")?.as_str()?;
             let set = rs.sets.get(name)?;
-            let v4 = match set.key {
-                SetKey::Ipv4 => true,
-                SetKey::Ipv6 => false,
+            let (shape, v4) = match set.key {
+                SetKey::Ipv4 => (KeyShape::Addr, true),
+                SetKey::Ipv6 => (KeyShape::Addr, false),
+                SetKey::IfnameIpv4 => (KeyShape::IfaceAddr, true),
+                SetKey::IfnameIpv6 => (KeyShape::IfaceAddr, false),
+                SetKey::Ipv4Pair => (KeyShape::AddrPair, true),
+                SetKey::Ipv6Pair => (KeyShape::AddrPair, false),
                 _ => return None,
             };
             if set.interval || set.verdict_map {
                 return None;
             }
             for e in el.get("elem")?.as_array()? {
-                let addr: IpAddr = e.as_str()?.parse().ok()?;
-                if addr.is_ipv4() != v4 || out.len() == MAX_ELEMENT_CHANGES {
+                let key = shape.parse(e)?;
+                if key.addrs().any(|a| a.is_ipv4() != v4) || out.len() == MAX_ELEMENT_CHANGES {
                     return None;
                 }
                 out.push(ElementChange {
                     add,
                     set: name.to_string(),
-                    addr,
+                    key,
                 });
             }
         }
@@ -104,12 +110,73 @@ impl Batch {
 /// a larger batch goes through nft.
 pub const MAX_ELEMENT_CHANGES: usize = 1024;
 
-/// One address added to or deleted from a named set of our table.
+/// One element added to or deleted from a named set of our table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElementChange {
     pub add: bool,
     pub set: String,
-    pub addr: IpAddr,
+    pub key: ElementKey,
+}
+
+/// The key of an element of a set keyed by addresses.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ElementKey {
+    Addr(IpAddr),
+    /// `ifname . addr`: a host veth and an address it may send from.
+    IfaceAddr(String, IpAddr),
+    /// `addr . addr`
+    AddrPair(IpAddr, IpAddr),
+}
+
+impl ElementKey {
+    /// The addresses in the key.
+    pub fn addrs(&self) -> impl Iterator<Item = IpAddr> {
+        let (a, b) = match self {
+            ElementKey::Addr(a) | ElementKey::IfaceAddr(_, a) => (*a, None),
+            ElementKey::AddrPair(a, b) => (*a, Some(*b)),
+        };
+        std::iter::once(a).chain(b)
+    }
+}
+
+/// How the elements of a set are keyed, for reading them back from the batch's JSON.
+#[derive(Debug, Clone, Copy)]
+enum KeyShape {
+    Addr,
+    IfaceAddr,
+    AddrPair,
+}
+
+impl KeyShape {
+    /// One element of the batch's JSON as rendered by `elem_json` (`None`: not of this shape, or
+    /// an interface name that is not a plain name of at most 15 bytes).
+    fn parse(self, e: &Value) -> Option<ElementKey> {
+        let ip = |v: &Value| v.as_str()?.parse::<IpAddr>().ok();
+        match self {
+            KeyShape::Addr => ip(e).map(ElementKey::Addr),
+            KeyShape::IfaceAddr | KeyShape::AddrPair => {
+                let parts = e.get("concat")?.as_array()?;
+                let [first, second] = parts.as_slice() else {
+                    return None;
+                };
+                match self {
+                    KeyShape::IfaceAddr => {
+                        let name = first.as_str()?;
+                        let plain = !name.is_empty()
+                            && name.len() < 16
+                            && name.bytes().all(|b| {
+                                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+                            });
+                        if !plain {
+                            return None;
+                        }
+                        Some(ElementKey::IfaceAddr(name.to_string(), ip(second)?))
+                    }
+                    _ => Some(ElementKey::AddrPair(ip(first)?, ip(second)?)),
+                }
+            }
+        }
+    }
 }
 
 /// An `io::Write` that only counts bytes.
@@ -533,31 +600,69 @@ mod tests {
         let mut got = batch
             .address_element_changes(&next)
             .expect("element-only batch");
-        got.sort_by(|x, y| (&x.set, x.addr, x.add).cmp(&(&y.set, y.addr, y.add)));
+        got.sort_by(|x, y| (&x.set, &x.key, x.add).cmp(&(&y.set, &y.key, y.add)));
         assert_eq!(
             got,
             vec![
                 ElementChange {
                     add: false,
                     set: "peer_v4".into(),
-                    addr: ip("10.0.0.1")
+                    key: ElementKey::Addr(ip("10.0.0.1"))
                 },
                 ElementChange {
                     add: true,
                     set: "peer_v4".into(),
-                    addr: ip("10.0.0.2")
+                    key: ElementKey::Addr(ip("10.0.0.2"))
                 },
                 ElementChange {
                     add: true,
                     set: "peer_v6".into(),
-                    addr: ip("fd00::3")
+                    key: ElementKey::Addr(ip("fd00::3"))
                 },
             ]
         );
     }
 
     #[test]
-    fn anything_but_plain_address_elements_goes_through_nft() {
+    fn a_new_pods_source_binding_and_self_pair_are_address_element_changes_too() {
+        let last = table(vec![
+            set("sources_v4", SetKey::IfnameIpv4, false, &[]),
+            set("self_v6", SetKey::Ipv6Pair, false, &[]),
+        ]);
+        let next = table(vec![
+            set(
+                "sources_v4",
+                SetKey::IfnameIpv4,
+                false,
+                &[Elem::IfaceAddr("palab12".into(), ip("10.0.0.1"))],
+            ),
+            set(
+                "self_v6",
+                SetKey::Ipv6Pair,
+                false,
+                &[Elem::AddrPair(ip("fd00::1"), ip("fd00::1"))],
+            ),
+        ]);
+        let mut got = diff(&last, &next)
+            .address_element_changes(&next)
+            .expect("element-only batch");
+        got.sort_by(|x, y| x.set.cmp(&y.set));
+        let keys: Vec<ElementKey> = got.iter().map(|c| c.key.clone()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                ElementKey::AddrPair(ip("fd00::1"), ip("fd00::1")),
+                ElementKey::IfaceAddr("palab12".into(), ip("10.0.0.1")),
+            ]
+        );
+        assert_eq!(
+            got[0].key.addrs().collect::<Vec<_>>(),
+            vec![ip("fd00::1"), ip("fd00::1")]
+        );
+    }
+
+    #[test]
+    fn anything_but_address_keyed_elements_goes_through_nft() {
         let one = Elem::Addr(ip("10.0.0.1"));
         // An interval set: its elements need interval ends, which only nft writes.
         let last = table(vec![set("cidr_v4", SetKey::Ipv4, true, &[])]);
@@ -568,15 +673,30 @@ mod tests {
             &[Elem::Range(ip("10.0.0.1"), ip("10.0.0.1"))],
         )]);
         assert_eq!(diff(&last, &next).address_element_changes(&next), None);
-        // A concatenated set.
-        let last = table(vec![set("self_v4", SetKey::Ipv4Pair, false, &[])]);
+        // A set keyed by protocols and ports.
+        let last = table(vec![set("ports_x", SetKey::ProtoPort, false, &[])]);
         let next = table(vec![set(
-            "self_v4",
-            SetKey::Ipv4Pair,
+            "ports_x",
+            SetKey::ProtoPort,
             false,
-            &[Elem::AddrPair(ip("10.0.0.1"), ip("10.0.0.1"))],
+            &[Elem::ProtoPort(crate::model::Protocol::Tcp, 80, 80)],
         )]);
         assert_eq!(diff(&last, &next).address_element_changes(&next), None);
+        // An interface name that is not a plain name of at most 15 bytes.
+        for bad in ["pal x", "a23456789012345x"] {
+            let last = table(vec![set("sources_v4", SetKey::IfnameIpv4, false, &[])]);
+            let next = table(vec![set(
+                "sources_v4",
+                SetKey::IfnameIpv4,
+                false,
+                &[Elem::IfaceAddr(bad.into(), ip("10.0.0.1"))],
+            )]);
+            assert_eq!(
+                diff(&last, &next).address_element_changes(&next),
+                None,
+                "{bad}"
+            );
+        }
         // A new set, not only its elements.
         let last = table(vec![]);
         let next = table(vec![set(
