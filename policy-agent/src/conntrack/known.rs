@@ -3,10 +3,10 @@
 //! addresses at once, without walking the kernel's whole conntrack table
 //! ([`super::Revoker::sweep_targeted`]).
 //!
-//! Why that is enough for the flows it knows: a plain address set is only ever matched against a
-//! packet's source or destination, so moving address X in or out of one changes the verdict of no
-//! flow whose judged source and destination (original source; reply source, i.e. after DNAT) are
-//! both other than X. Flows that started after the last full sweep are not known here: the agent
+//! Why that is enough for the flows it knows: an address-keyed set (`addr`, `addr . addr`,
+//! `ifname . addr`) is only ever matched against a packet's own addresses, so moving an element with
+//! address X in or out of one changes the verdict of no flow whose judged source and destination
+//! (original source; reply source, i.e. after DNAT) are both other than X. Flows that started after the last full sweep are not known here: the agent
 //! follows a targeted sweep with a full one, at most every [`super::YOUNG_FLOWS_GAP`].
 
 use netlink_packet_netfilter::conntrack::ConntrackAttribute;
