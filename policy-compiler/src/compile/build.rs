@@ -943,9 +943,12 @@ fn rule_matches(
                     .ports
                     .ranges
                     .iter()
-                    .map(|(p, lo, hi)| match lo == hi {
-                        true => format!("{}/{lo}", p.as_api()),
-                        false => format!("{}/{lo}-{hi}", p.as_api()),
+                    .map(|(p, lo, hi)| {
+                        if lo == hi {
+                            format!("{}/{lo}", p.as_api())
+                        } else {
+                            format!("{}/{lo}-{hi}", p.as_api())
+                        }
                     })
                     .collect();
                 Set {

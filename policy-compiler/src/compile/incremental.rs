@@ -56,7 +56,7 @@ pub struct IncrementalCompiler {
     /// The tier chains in the ruleset, by name: what each was built from, and its part's names.
     /// A tier chain is built again only when one of its ClusterNetworkPolicies is recompiled.
     tier_parts: BTreeMap<String, (build::TierChain, PartNames)>,
-    /// How many of the parts above hold each set (shared port sets are held by several).
+    /// How many of the parts above hold each set (shared port and peer sets are held by several).
     holders: SetHolders,
     /// What changed since the last [`IncrementalCompiler::take_batch`].
     tr: ChangeLog,
@@ -738,8 +738,16 @@ struct RulePatch<'a> {
 }
 
 impl RulePatch<'_> {
-    fn set(&self, prefix: &str, cr: &CompiledRule, ip: &IpAddr) -> String {
-        names::rule_set(prefix, self.pkey, self.dir, cr.index, Some(Family::of(ip)))
+    /// The rule's named-port set of `ip`'s family (peer sets are named by their peers instead:
+    /// `names::peer_set`).
+    fn named_set(&self, cr: &CompiledRule, ip: &IpAddr) -> String {
+        names::rule_set(
+            NAMED_SET_PREFIX,
+            self.pkey,
+            self.dir,
+            cr.index,
+            Some(Family::of(ip)),
+        )
     }
 
     /// Whether `ip` belongs in a rule's peer addresses: some subject pod claiming it is a peer.
@@ -810,7 +818,7 @@ impl RulePatch<'_> {
         if want == have {
             return;
         }
-        let set = self.set(NAMED_SET_PREFIX, cr, &ip);
+        let set = self.named_set(cr, &ip);
         for t in have.difference(&want) {
             cr.ports.named.remove(t);
             tr.remove_elem(rs, &set, &Elem::AddrProtoPort(t.0, t.1, t.2));

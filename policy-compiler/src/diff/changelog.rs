@@ -138,7 +138,8 @@ impl ChangeLog {
     }
 
     /// Replaces one part of the ruleset (named `old` so far) by `part`; returns its new names.
-    /// A set several parts hold (a shared port set, named by its content and so equal in each)
+    /// A set several parts hold (a shared port or peer set, named by what decides its content and
+    /// so equal in each)
     /// goes only when its last holder lets it go: `holders` counts the parts holding each set.
     pub fn replace_part(
         &mut self,

@@ -300,8 +300,8 @@ impl Ruleset {
     pub fn add_counter(&mut self, name: String) {
         self.counters.insert(name);
     }
-    /// Adds every object of `part` (parts share no name but that of a port set, which is named by
-    /// its content and so the same in each).
+    /// Adds every object of `part` (parts share no name but that of a peer or port set, which is
+    /// named by what decides its content and so the same in each).
     pub fn merge(&mut self, part: Ruleset) {
         self.chains.extend(part.chains);
         self.sets.extend(part.sets);

@@ -83,7 +83,7 @@ pub const MAP_INGRESS_V4: &str = "ingress_v4";
 pub const MAP_INGRESS_V6: &str = "ingress_v6";
 /// Prefix of a policy's chain.
 pub const POLICY_CHAIN_PREFIX: &str = "pol_";
-/// Prefixes of per-rule sets (and of the shared port sets, [`ports_set`]).
+/// Prefixes of per-rule sets (and of the shared peer and port sets, [`peer_set`], [`ports_set`]).
 pub const PEER_SET_PREFIX: &str = "peer_";
 pub const CIDR_SET_PREFIX: &str = "cidr_";
 pub const PORTS_SET_PREFIX: &str = "ports_";
