@@ -39,8 +39,8 @@ fn make_table() {
     nft("table inet palisade {\n set pending_v4 { type ipv4_addr; }\n set pending_v6 { type ipv6_addr; }\n}\n");
 }
 
-/// The elements of a set as `nft -j list set` shows them, sorted.
-fn listed(set: &str) -> Vec<IpAddr> {
+/// The `elem` of a set as `nft -j list set` shows it (`Null` when the set is empty).
+fn listed_elem(set: &str) -> serde_json::Value {
     let out = Command::new("nft")
         .args(["-j", "list", "set", FAMILY, TABLE, set])
         .output()
@@ -51,18 +51,21 @@ fn listed(set: &str) -> Vec<IpAddr> {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let set = v["nftables"]
+    v["nftables"]
         .as_array()
         .unwrap()
         .iter()
         .find_map(|i| i.get("set"))
-        .expect("a set in the listing");
-    let mut elems: Vec<IpAddr> = set
-        .get("elem")
+        .expect("a set in the listing")["elem"]
+        .clone()
+}
+
+/// The elements of an address set as `nft -j list set` shows them, sorted.
+fn listed(set: &str) -> Vec<IpAddr> {
+    let mut elems: Vec<IpAddr> = listed_elem(set)
+        .as_array()
         .map(|e| {
-            e.as_array()
-                .unwrap()
-                .iter()
+            e.iter()
                 .map(|x| x.as_str().unwrap().parse().unwrap())
                 .collect()
         })
@@ -158,34 +161,20 @@ fn concatenated_keys_land_as_the_elements_nft_lists() {
         ],
     )
     .unwrap();
-    let listed_json = |set: &str| {
-        let out = Command::new("nft")
-            .args(["-j", "list", "set", FAMILY, TABLE, set])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find_map(|i| i.get("set"))
-            .map(|s| s["elem"].clone())
-            .unwrap()
-    };
     assert_eq!(
-        listed_json("sources_v4"),
+        listed_elem("sources_v4"),
         serde_json::json!([{"concat": ["palab12", "10.1.0.2"]}])
     );
     assert_eq!(
-        listed_json("sources_v6"),
+        listed_elem("sources_v6"),
         serde_json::json!([{"concat": ["palab12", "fd00::2"]}])
     );
     assert_eq!(
-        listed_json("self_v4"),
+        listed_elem("self_v4"),
         serde_json::json!([{"concat": ["10.1.0.2", "10.1.0.2"]}])
     );
     assert_eq!(
-        listed_json("self_v6"),
+        listed_elem("self_v6"),
         serde_json::json!([{"concat": ["fd00::2", "fd00::2"]}])
     );
     // And they go again by the same keys.
@@ -206,8 +195,8 @@ fn concatenated_keys_land_as_the_elements_nft_lists() {
         ],
     )
     .unwrap();
-    assert_eq!(listed_json("sources_v4"), serde_json::Value::Null);
-    assert_eq!(listed_json("self_v6"), serde_json::Value::Null);
+    assert_eq!(listed_elem("sources_v4"), serde_json::Value::Null);
+    assert_eq!(listed_elem("self_v6"), serde_json::Value::Null);
 }
 
 #[test]

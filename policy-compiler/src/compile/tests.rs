@@ -1792,6 +1792,26 @@ fn semantics_36_short_port_ranges_become_exact_elements_of_a_hash_set() {
     assert!(!w.can("10.9.9.9", "a/x", 7003, TCP));
 }
 
+/// Applies `change` to `inc` and to `w`'s state; `inc`'s ruleset must then be the full compile's
+/// and its batch the full compile's diff from before.
+fn incremental_step(inc: &mut crate::IncrementalCompiler, w: &mut W, what: &str, change: Change) {
+    let before = inc.ruleset().clone();
+    let batch = inc.apply(change.clone());
+    w.st.apply(change);
+    let full = compiled(w).ruleset;
+    assert_eq!(inc.ruleset(), &full, "after {what}");
+    assert_eq!(batch, crate::diff::diff(&before, &full), "after {what}");
+}
+
+/// The change deleting the policy `ns/name`.
+fn delete_policy(key: &str) -> Change {
+    let (ns, name) = key.split_once('/').unwrap();
+    Change::DeletePolicy {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
 #[test]
 fn rules_with_the_same_ports_share_one_set_which_goes_with_its_last_rule() {
     let mut w = W::new();
@@ -1827,33 +1847,19 @@ fn rules_with_the_same_ports_share_one_set_which_goes_with_its_last_rule() {
     // full compile's diffs.
     let mut inc = crate::IncrementalCompiler::new(w.st.clone(), N1);
     for key in ["a/one", "a/two"] {
-        let before = inc.ruleset().clone();
-        let (ns, n) = key.split_once('/').unwrap();
-        let batch = inc.apply(Change::DeletePolicy {
-            namespace: ns.into(),
-            name: n.into(),
-        });
-        w.del_policy(key);
-        let full = compiled(&w).ruleset;
-        assert_eq!(inc.ruleset(), &full, "after deleting {key}");
-        assert_eq!(
-            batch,
-            crate::diff::diff(&before, &full),
-            "after deleting {key}"
-        );
+        incremental_step(&mut inc, &mut w, key, delete_policy(key));
     }
     assert!(
         ports_sets(inc.ruleset()).is_empty(),
         "gone with its last rule"
     );
     // And back: the first rule to name it brings it.
-    let before = inc.ruleset().clone();
+    let mut scratch = W::new();
     let spec = json!({"podSelector": {"matchLabels": {"app": "y"}}, "ingress": [{"ports": web}]});
-    w.policy("a/two", spec);
-    let pol = w.st.policies.values().next().unwrap().clone();
-    let batch = inc.apply(Change::UpsertPolicy(pol));
+    scratch.policy("a/two", spec);
+    let pol = scratch.st.policies.values().next().unwrap().clone();
+    incremental_step(&mut inc, &mut w, "a/two back", Change::UpsertPolicy(pol));
     assert_eq!(ports_sets(inc.ruleset()), vec![name]);
-    assert_eq!(batch, crate::diff::diff(&before, &compiled(&w).ruleset));
 }
 
 #[test]
@@ -1895,30 +1901,17 @@ fn rules_with_the_same_pod_peers_share_their_peer_set_which_follows_pods_and_goe
     );
     assert!(w.can("10.0.2.1", "a/y", 80, TCP));
     let mut inc = crate::IncrementalCompiler::new(w.st.clone(), N1);
-    let step = |inc: &mut crate::IncrementalCompiler, w: &mut W, what: &str, change: Change| {
-        let before = inc.ruleset().clone();
-        let batch = inc.apply(change.clone());
-        w.st.apply(change);
-        let full = compiled(w).ruleset;
-        assert_eq!(inc.ruleset(), &full, "after {what}");
-        assert_eq!(batch, crate::diff::diff(&before, &full), "after {what}");
-    };
     // A second client joins: the shared set gets it once, for both rules.
     let mut scratch = W::new();
     scratch.pod("b/c2", N2, &["10.0.2.2"], &[("role", "client")]);
     let c2 = scratch.st.pods["b/c2"].clone();
-    step(&mut inc, &mut w, "a second client", Change::UpsertPod(c2));
+    incremental_step(&mut inc, &mut w, "a second client", Change::UpsertPod(c2));
     assert_eq!(
         peer_sets(inc.ruleset()),
         vec![(peer_sets(&full)[0].0.clone(), 2)]
     );
     for key in ["a/one", "a/two"] {
-        let (ns, n) = key.split_once('/').unwrap();
-        let ch = Change::DeletePolicy {
-            namespace: ns.into(),
-            name: n.into(),
-        };
-        step(&mut inc, &mut w, key, ch);
+        incremental_step(&mut inc, &mut w, key, delete_policy(key));
     }
     assert!(
         peer_sets(inc.ruleset()).is_empty(),
