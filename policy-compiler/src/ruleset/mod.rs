@@ -1,13 +1,16 @@
 //! The typed model of our one nft table and its rendering to nft JSON (`nft -j -f -`).
 //!
-//! Nothing else in palisade knows nft syntax. Chain and set names are derived from stable hashes
+//! Nothing else in palisade knows nft syntax or nf_tables messages ([`netlink`] writes the same
+//! table as nfnetlink messages). Chain and set names are derived from stable hashes
 //! (see [`names`]); user strings reach nft only as JSON string values in comments.
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod eval;
 pub mod names;
+pub mod netlink;
 pub(crate) mod render;
 
+pub use netlink::{NetlinkBatch, Unsupported};
 pub use render::{Batch, ElementChange, ElementKey, MAX_ELEMENT_CHANGES};
 
 use crate::model::Protocol;
@@ -103,7 +106,7 @@ pub enum Stmt {
     FibSaddrLocal,
     /// `fib saddr type != local`: the source is not an address of this node.
     FibSaddrNotLocal,
-    /// `icmpv6 type { nd-* }` (types 133-137).
+    /// `icmpv6 type 133-137` (nd-router-solicit to nd-redirect).
     Icmpv6NeighbourDiscovery,
     /// `iifname "<prefix>*"`: the packet came in through a pod's host veth.
     IifnamePrefix(String),
@@ -112,7 +115,7 @@ pub enum Stmt {
         family: Family,
         set: String,
     },
-    /// `ip6 saddr != { ::, fe80::/10 }`: neither link-local nor unspecified (DAD).
+    /// `ip6 saddr != :: ip6 saddr != fe80::/10`: neither unspecified (DAD) nor link-local.
     Ip6SaddrNotLinkLocal,
     /// `ip[6] <field> @set`
     AddrInSet {

@@ -343,8 +343,23 @@ fn matches(left: Value, right: Value) -> Value {
     json!({"match": {"op": "==", "left": left, "right": right}})
 }
 
-pub(crate) fn stmt_json(s: &Stmt) -> Value {
-    match s {
+/// The JSON of one statement: one object, but two for [`Stmt::Ip6SaddrNotLinkLocal`] (two
+/// comparisons cost less than an anonymous interval set of two elements, and need no set).
+pub(crate) fn push_stmt_json(s: &Stmt, out: &mut Vec<Value>) {
+    match one_stmt_json(s) {
+        Some(v) => out.push(v),
+        None => {
+            let saddr = addr(Family::V6, AddrField::Saddr);
+            out.push(json!({"match": {"op": "!=", "left": saddr, "right": "::"}}));
+            out.push(json!({"match": {"op": "!=", "left": saddr, "right": {"prefix": {"addr": "fe80::", "len": 10}}}}));
+        }
+    }
+}
+
+/// The JSON object of a statement that is one (`None`: [`Stmt::Ip6SaddrNotLinkLocal`]).
+fn one_stmt_json(s: &Stmt) -> Option<Value> {
+    Some(match s {
+        Stmt::Ip6SaddrNotLinkLocal => return None,
         Stmt::CtEstablishedRelated => {
             json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}})
         }
@@ -364,9 +379,11 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::FibSaddrNotLocal => {
             json!({"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["saddr"]}}, "right": "local"}})
         }
+        // nd-router-solicit (133) to nd-redirect (137): a range is two comparisons, where a set
+        // of the five would be an anonymous set to create and look up.
         Stmt::Icmpv6NeighbourDiscovery => matches(
             json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
-            json!({"set": ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect"]}),
+            json!({"range": [133, 137]}),
         ),
         Stmt::IifnamePrefix(prefix) => matches(
             json!({"meta": {"key": "iifname"}}),
@@ -374,9 +391,6 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         ),
         Stmt::IifSaddrNotInSet { family, set } => {
             json!({"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "iifname"}}, addr(*family, AddrField::Saddr)]}, "right": set_ref_str(set)}})
-        }
-        Stmt::Ip6SaddrNotLinkLocal => {
-            json!({"match": {"op": "!=", "left": addr(Family::V6, AddrField::Saddr), "right": {"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}}})
         }
         Stmt::AddrInSet { family, field, set } => matches(addr(*family, *field), set_ref_str(set)),
         Stmt::AddrNotInSet { family, field, set } => {
@@ -420,7 +434,7 @@ pub(crate) fn stmt_json(s: &Stmt) -> Value {
         Stmt::Jump(target) => json!({"jump": {"target": target}}),
         Stmt::Goto(target) => json!({"goto": {"target": target}}),
         Stmt::Return => json!({"return": null}),
-    }
+    })
 }
 
 /// `{"counter": {...}}`: a named counter object of our table.
@@ -436,7 +450,13 @@ pub(crate) fn rule_obj(chain: &str, r: &Rule) -> Value {
     o.insert("chain".into(), json!(chain));
     o.insert(
         "expr".into(),
-        Value::Array(r.stmts.iter().map(stmt_json).collect()),
+        Value::Array({
+            let mut out = Vec::with_capacity(r.stmts.len());
+            for st in &r.stmts {
+                push_stmt_json(st, &mut out);
+            }
+            out
+        }),
     );
     if let Some(c) = &r.comment {
         o.insert("comment".into(), json!(c));

@@ -1,0 +1,707 @@
+//! The typed ruleset as one nf_tables transaction of nfnetlink messages: what `nft -j -f -` would
+//! send for [`Ruleset::full_replace`], built here without JSON, without libnftables and without
+//! its cache. At 10k pods a full replace through libnftables spends about as long in userspace
+//! (JSON parsing, evaluation, allocation) as the kernel spends committing it; this builds the same
+//! messages in a few milliseconds. Pure: bytes in, bytes out; palisade-nft sends them.
+//!
+//! The messages are the ones nft sends (captured from nft 1.1 and matched field by field, including
+//! the set user data `nft list` reads key types from), so a table written either way lists the
+//! same; a kernel test holds both paths to that. Chain and set comments are not sent: nft's JSON
+//! input drops them too. Whatever this module cannot encode is [`Unsupported`], and the caller
+//! falls back to the JSON path.
+
+mod expr;
+mod nla;
+
+use super::names::{TABLE_FAMILY, TABLE_NAME};
+use super::{Chain, ChainKind, Elem, Hook, Ruleset, Set, SetKey};
+use nla::Writer;
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+/// Why a ruleset was not encoded (the JSON path takes it instead).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unsupported {
+    #[error("a rule names set {0:?}, which is not in the ruleset")]
+    UnknownSet(String),
+    #[error("set {set:?}: {what}")]
+    Set { set: String, what: &'static str },
+    #[error("table family {0:?} is not inet")]
+    Family(&'static str),
+    #[error("comment of {0} bytes (user data holds at most 255)")]
+    Comment(usize),
+}
+
+/// One nf_tables transaction: `NFNL_MSG_BATCH_BEGIN`, the messages, `NFNL_MSG_BATCH_END`, as one
+/// datagram. Only the last message asks for an acknowledgement: the kernel answers a failed
+/// message with its error whether asked or not, and commits all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetlinkBatch {
+    pub bytes: Vec<u8>,
+    /// Messages between begin and end.
+    pub messages: usize,
+}
+
+// linux/netfilter/nfnetlink.h, nf_tables.h, netlink.h
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_NEWOBJ: u16 = 18;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NFPROTO_INET: u8 = 1;
+const NFPROTO_UNSPEC: u8 = 0;
+
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_MAP: u32 = 0x8;
+const NFT_SET_CONCAT: u32 = 0x80;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+
+/// nft's data type numbers (`enum datatypes`), combined for a concatenation 6 bits per part.
+const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_IFNAME: u32 = 41;
+const TYPE_BITS: u32 = 6;
+
+/// Bytes of an interface name in a key (`IFNAMSIZ`).
+const IFNAMSIZ: usize = 16;
+/// A set element message stays under this many bytes of elements (an attribute's length is 16
+/// bits; nft cuts its element messages at the same boundary).
+const ELEMENTS_PER_MESSAGE_BYTES: usize = 60 * 1024;
+
+/// The parts of a key: nft type number and length in bytes (unpadded).
+fn key_parts(k: SetKey) -> &'static [(u32, u32)] {
+    match k {
+        SetKey::Ipv4 => &[(TYPE_IPADDR, 4)],
+        SetKey::Ipv6 => &[(TYPE_IP6ADDR, 16)],
+        SetKey::ProtoPort => &[(TYPE_INET_PROTOCOL, 1), (TYPE_INET_SERVICE, 2)],
+        SetKey::Ipv4ProtoPort => &[
+            (TYPE_IPADDR, 4),
+            (TYPE_INET_PROTOCOL, 1),
+            (TYPE_INET_SERVICE, 2),
+        ],
+        SetKey::Ipv6ProtoPort => &[
+            (TYPE_IP6ADDR, 16),
+            (TYPE_INET_PROTOCOL, 1),
+            (TYPE_INET_SERVICE, 2),
+        ],
+        SetKey::Ipv4Pair => &[(TYPE_IPADDR, 4), (TYPE_IPADDR, 4)],
+        SetKey::Ipv6Pair => &[(TYPE_IP6ADDR, 16), (TYPE_IP6ADDR, 16)],
+        SetKey::IfnameIpv4 => &[(TYPE_IFNAME, IFNAMSIZ as u32), (TYPE_IPADDR, 4)],
+        SetKey::IfnameIpv6 => &[(TYPE_IFNAME, IFNAMSIZ as u32), (TYPE_IP6ADDR, 16)],
+    }
+}
+
+fn padded(len: u32) -> u32 {
+    len.div_ceil(4) * 4
+}
+
+/// The set's user data as nft writes it: the key's byte order (big endian for one address, none
+/// for a concatenation, which carries its own record), a map's data byte order and interval flag.
+/// `nft list` reads the key type back from it.
+fn set_udata(s: &Set) -> Vec<u8> {
+    const KEYBYTEORDER: u8 = 0;
+    const DATABYTEORDER: u8 = 1;
+    const CONCAT_RECORD: u8 = 3;
+    const DATA_INTERVAL: u8 = 6;
+    const BIG_ENDIAN: u32 = 2;
+    let concat = key_parts(s.key).len() > 1;
+    let mut records: Vec<(u8, Vec<u8>)> = Vec::new();
+    if concat {
+        records.push((KEYBYTEORDER, 0u32.to_ne_bytes().to_vec()));
+        records.push((
+            CONCAT_RECORD,
+            vec![0x00, 0x04, 0x0d, 0x00, 0x00, 0x00, 0x01, 0x00],
+        ));
+    } else {
+        records.push((KEYBYTEORDER, BIG_ENDIAN.to_ne_bytes().to_vec()));
+    }
+    if s.verdict_map {
+        records.push((DATABYTEORDER, 0u32.to_ne_bytes().to_vec()));
+        records.push((DATA_INTERVAL, 0u32.to_ne_bytes().to_vec()));
+    }
+    let refs: Vec<(u8, &[u8])> = records.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    nla::udata(&refs)
+}
+
+fn addr_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// One key part padded to 4 bytes.
+fn push_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(part);
+    nla::pad(out);
+}
+
+/// The key (and, for a concatenation's range, the key's end) of an element in a set of `key`.
+fn elem_key(set: &Set, e: &Elem) -> Result<(Vec<u8>, Option<Vec<u8>>), Unsupported> {
+    let bad = |what| Unsupported::Set {
+        set: set.name.clone(),
+        what,
+    };
+    let fam_ok = |ip: &IpAddr, v4: bool| ip.is_ipv4() == v4;
+    let mut k = Vec::new();
+    let mut end = None;
+    match (set.key, e) {
+        (SetKey::Ipv4 | SetKey::Ipv6, Elem::Addr(ip) | Elem::GotoChain(ip, _))
+            if fam_ok(ip, set.key == SetKey::Ipv4) =>
+        {
+            push_part(&mut k, &addr_bytes(ip))
+        }
+        (SetKey::ProtoPort, Elem::ProtoPort(p, lo, hi)) => {
+            push_part(&mut k, &[expr::proto_number(*p)]);
+            push_part(&mut k, &lo.to_be_bytes());
+            if set.interval {
+                let mut e = Vec::new();
+                push_part(&mut e, &[expr::proto_number(*p)]);
+                push_part(&mut e, &hi.to_be_bytes());
+                end = Some(e);
+            } else if lo != hi {
+                return Err(bad("a port range in a set without the interval flag"));
+            }
+        }
+        (SetKey::Ipv4ProtoPort | SetKey::Ipv6ProtoPort, Elem::AddrProtoPort(ip, p, port))
+            if fam_ok(ip, set.key == SetKey::Ipv4ProtoPort) =>
+        {
+            push_part(&mut k, &addr_bytes(ip));
+            push_part(&mut k, &[expr::proto_number(*p)]);
+            push_part(&mut k, &port.to_be_bytes());
+        }
+        (SetKey::Ipv4Pair | SetKey::Ipv6Pair, Elem::AddrPair(a, b))
+            if fam_ok(a, set.key == SetKey::Ipv4Pair) && fam_ok(b, set.key == SetKey::Ipv4Pair) =>
+        {
+            push_part(&mut k, &addr_bytes(a));
+            push_part(&mut k, &addr_bytes(b));
+        }
+        (SetKey::IfnameIpv4 | SetKey::IfnameIpv6, Elem::IfaceAddr(name, ip))
+            if fam_ok(ip, set.key == SetKey::IfnameIpv4) && name.len() < IFNAMSIZ =>
+        {
+            let mut n = name.as_bytes().to_vec();
+            n.resize(IFNAMSIZ, 0);
+            push_part(&mut k, &n);
+            push_part(&mut k, &addr_bytes(ip));
+        }
+        _ => return Err(bad("an element that does not fit the set's key")),
+    }
+    Ok((k, end))
+}
+
+/// The address after `ip`, `None` after the last one.
+fn next_addr(ip: &IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(a) => u32::from(*a).checked_add(1).map(|n| IpAddr::V4(n.into())),
+        IpAddr::V6(a) => u128::from(*a).checked_add(1).map(|n| IpAddr::V6(n.into())),
+    }
+}
+
+/// An interval set of one address field as the kernel's rbtree holds it, which is how nft writes
+/// it: each range `[a, b]` as a start element `a` and an end element `b + 1` flagged
+/// `INTERVAL_END` (none after the last address: the range stays open, marked so in the element's
+/// user data), and an end element at address zero first when the first range starts later.
+/// `ranges` are disjoint, not adjacent, sorted (the compiler merges them).
+fn interval_elements(set: &Set) -> Result<Vec<ElemMsg>, Unsupported> {
+    let v4 = set.key == SetKey::Ipv4;
+    let mut ranges = Vec::new();
+    for e in &set.elements {
+        let (a, b) = match e {
+            Elem::Range(a, b) => (*a, *b),
+            Elem::Addr(a) => (*a, *a),
+            _ => {
+                return Err(Unsupported::Set {
+                    set: set.name.clone(),
+                    what: "an element that is not an address or a range in an interval set",
+                })
+            }
+        };
+        if a.is_ipv4() != v4 || b.is_ipv4() != v4 || a > b {
+            return Err(Unsupported::Set {
+                set: set.name.clone(),
+                what: "a range of the wrong family or reversed",
+            });
+        }
+        ranges.push((a, b));
+    }
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        if next_addr(&pair[0].1).is_none_or(|n| n >= pair[1].0) {
+            return Err(Unsupported::Set {
+                set: set.name.clone(),
+                what: "overlapping or adjacent ranges",
+            });
+        }
+    }
+    let zero = if v4 {
+        IpAddr::V4(0.into())
+    } else {
+        IpAddr::V6(0.into())
+    };
+    let mut out = Vec::new();
+    if ranges.first().is_some_and(|(a, _)| *a != zero) {
+        out.push(ElemMsg::end(addr_bytes(&zero)));
+    }
+    for (a, b) in ranges {
+        out.push(ElemMsg::key(addr_bytes(&a)));
+        match next_addr(&b) {
+            Some(n) => out.push(ElemMsg::end(addr_bytes(&n))),
+            None => {
+                if let Some(last) = out.last_mut() {
+                    last.open = true;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One element as the messages carry it.
+struct ElemMsg {
+    key: Vec<u8>,
+    key_end: Option<Vec<u8>>,
+    interval_end: bool,
+    /// The last range runs to the last address (`NFTNL_SET_ELEM_F_INTERVAL_OPEN` in user data).
+    open: bool,
+    goto: Option<String>,
+}
+
+impl ElemMsg {
+    fn key(key: Vec<u8>) -> Self {
+        ElemMsg {
+            key,
+            key_end: None,
+            interval_end: false,
+            open: false,
+            goto: None,
+        }
+    }
+    fn end(key: Vec<u8>) -> Self {
+        ElemMsg {
+            interval_end: true,
+            ..ElemMsg::key(key)
+        }
+    }
+}
+
+/// Builds the messages of one batch.
+struct Batch {
+    w: Writer,
+    seq: u32,
+    messages: usize,
+    last_header: usize,
+}
+
+impl Batch {
+    fn new() -> Self {
+        let mut b = Batch {
+            w: Writer::default(),
+            seq: 0,
+            messages: 0,
+            last_header: 0,
+        };
+        b.control(NFNL_MSG_BATCH_BEGIN);
+        b
+    }
+
+    /// Opens a message (netlink header, nfgenmsg); the attributes follow; `close` sets its length.
+    fn open(&mut self, ty: u16, flags: u16, family: u8, res_id: u16) -> usize {
+        let at = self.w.buf.len();
+        self.seq += 1;
+        self.w.buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, patched
+        self.w.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.w.buf.extend_from_slice(&flags.to_ne_bytes());
+        self.w.buf.extend_from_slice(&self.seq.to_ne_bytes());
+        self.w.buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+        self.w.buf.push(family);
+        self.w.buf.push(0); // NFNETLINK_V0
+        self.w.buf.extend_from_slice(&res_id.to_be_bytes());
+        at
+    }
+
+    fn close(&mut self, at: usize) {
+        let len = (self.w.buf.len() - at) as u32;
+        self.w.buf[at..at + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn control(&mut self, ty: u16) {
+        let at = self.open(ty, NLM_F_REQUEST, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES);
+        self.close(at);
+    }
+
+    /// An nf_tables message whose attributes `body` writes.
+    fn msg(&mut self, ty: u16, flags: u16, body: impl FnOnce(&mut Writer)) {
+        let at = self.open(
+            (NFNL_SUBSYS_NFTABLES << 8) | ty,
+            NLM_F_REQUEST | flags,
+            NFPROTO_INET,
+            0,
+        );
+        body(&mut self.w);
+        self.close(at);
+        self.messages += 1;
+        self.last_header = at;
+    }
+
+    fn finish(mut self) -> NetlinkBatch {
+        // The last message asks for the acknowledgement that tells the sender the batch is done.
+        let flags_at = self.last_header + 6;
+        let flags =
+            u16::from_ne_bytes([self.w.buf[flags_at], self.w.buf[flags_at + 1]]) | NLM_F_ACK;
+        self.w.buf[flags_at..flags_at + 2].copy_from_slice(&flags.to_ne_bytes());
+        self.control(NFNL_MSG_BATCH_END);
+        NetlinkBatch {
+            bytes: self.w.buf,
+            messages: self.messages,
+        }
+    }
+}
+
+fn hook_number(h: Hook) -> u32 {
+    match h {
+        Hook::Prerouting => 0,
+        Hook::Input => 1,
+        Hook::Postrouting => 4,
+    }
+}
+
+fn chain_msg(b: &mut Batch, c: &Chain) {
+    b.msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, |w| {
+        w.strz(1, TABLE_NAME); // NFTA_CHAIN_TABLE
+        w.strz(3, &c.name); // NFTA_CHAIN_NAME
+        if let Some(base) = c.base {
+            w.strz(
+                7, // NFTA_CHAIN_TYPE
+                match base.kind {
+                    ChainKind::Filter => "filter",
+                    ChainKind::Nat => "nat",
+                },
+            );
+            w.u32(5, expr::NF_ACCEPT); // NFTA_CHAIN_POLICY
+            let hook = w.begin(4); // NFTA_CHAIN_HOOK
+            w.u32(1, hook_number(base.hook)); // NFTA_HOOK_HOOKNUM
+            w.u32(2, base.priority as u32); // NFTA_HOOK_PRIORITY
+            w.end(hook);
+        }
+    });
+}
+
+fn set_msgs(b: &mut Batch, s: &Set, id: u32) -> Result<(), Unsupported> {
+    let parts = key_parts(s.key);
+    let concat = parts.len() > 1;
+    if s.verdict_map && (concat || s.interval) {
+        return Err(Unsupported::Set {
+            set: s.name.clone(),
+            what: "a verdict map keyed by more than one address",
+        });
+    }
+    if s.interval && concat && s.key != SetKey::ProtoPort {
+        return Err(Unsupported::Set {
+            set: s.name.clone(),
+            what: "an interval set of a concatenation other than protocol . port",
+        });
+    }
+    let key_type = parts.iter().fold(0, |t, (ty, _)| (t << TYPE_BITS) | ty);
+    let key_len: u32 = parts.iter().map(|(_, l)| padded(*l)).sum();
+    let mut flags = 0;
+    if s.interval {
+        flags |= NFT_SET_INTERVAL;
+        if concat {
+            flags |= NFT_SET_CONCAT;
+        }
+    }
+    if s.verdict_map {
+        flags |= NFT_SET_MAP;
+    }
+    let udata = set_udata(s);
+    b.msg(NFT_MSG_NEWSET, NLM_F_CREATE, |w| {
+        w.strz(1, TABLE_NAME); // NFTA_SET_TABLE
+        w.strz(2, &s.name); // NFTA_SET_NAME
+        w.u32(3, flags); // NFTA_SET_FLAGS
+        w.u32(4, key_type); // NFTA_SET_KEY_TYPE
+        w.u32(5, key_len); // NFTA_SET_KEY_LEN
+        if s.verdict_map {
+            w.u32(6, NFT_DATA_VERDICT); // NFTA_SET_DATA_TYPE
+            w.u32(7, 0); // NFTA_SET_DATA_LEN
+        }
+        w.u32(10, id); // NFTA_SET_ID
+        if s.interval && concat {
+            let desc = w.begin(9); // NFTA_SET_DESC
+            let fields = w.begin(2); // NFTA_SET_DESC_CONCAT
+            for (_, len) in parts {
+                let f = w.begin(1); // NFTA_LIST_ELEM
+                w.u32(1, *len); // NFTA_SET_FIELD_LEN
+                w.end(f);
+            }
+            w.end(fields);
+            w.end(desc);
+        }
+        w.bytes(13, &udata); // NFTA_SET_USERDATA
+    });
+    let elems: Vec<ElemMsg> = if s.interval && !concat {
+        interval_elements(s)?
+    } else {
+        s.elements
+            .iter()
+            .map(|e| {
+                let (key, end) = elem_key(s, e)?;
+                let mut m = ElemMsg::key(key);
+                m.key_end = if s.interval && concat {
+                    Some(end.unwrap_or_else(|| m.key.clone()))
+                } else {
+                    None
+                };
+                if let Elem::GotoChain(_, chain) = e {
+                    m.goto = Some(chain.clone());
+                }
+                Ok(m)
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if s.verdict_map && elems.iter().any(|e| e.goto.is_none()) {
+        return Err(Unsupported::Set {
+            set: s.name.clone(),
+            what: "a verdict map element without a verdict",
+        });
+    }
+    let mut rest = elems.as_slice();
+    while !rest.is_empty() {
+        b.msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_SET_ELEM_LIST_TABLE
+            w.strz(2, &s.name); // NFTA_SET_ELEM_LIST_SET
+            w.u32(4, id); // NFTA_SET_ELEM_LIST_SET_ID
+            let list = w.begin(3); // NFTA_SET_ELEM_LIST_ELEMENTS
+            let mut index: u16 = 0;
+            while let Some((e, tail)) = rest.split_first() {
+                if w.nest_len(&list) > ELEMENTS_PER_MESSAGE_BYTES {
+                    break;
+                }
+                index += 1;
+                elem(w, index, e);
+                rest = tail;
+            }
+            w.end(list);
+        });
+    }
+    Ok(())
+}
+
+/// One element of a message's list; nft numbers them 1, 2, ... in each message (the kernel reads
+/// any number).
+fn elem(w: &mut Writer, index: u16, e: &ElemMsg) {
+    const NFTNL_UDATA_SET_ELEM_FLAGS: u8 = 1;
+    const NFTNL_SET_ELEM_F_INTERVAL_OPEN: u32 = 1;
+    let el = w.begin(index);
+    if e.interval_end {
+        w.u32(3, NFT_SET_ELEM_INTERVAL_END); // NFTA_SET_ELEM_FLAGS
+    }
+    let k = w.begin(1); // NFTA_SET_ELEM_KEY
+    w.bytes(1, &e.key); // NFTA_DATA_VALUE
+    w.end(k);
+    if let Some(end) = &e.key_end {
+        let k = w.begin(10); // NFTA_SET_ELEM_KEY_END
+        w.bytes(1, end);
+        w.end(k);
+    }
+    if let Some(chain) = &e.goto {
+        let d = w.begin(2); // NFTA_SET_ELEM_DATA
+        let v = w.begin(2); // NFTA_DATA_VERDICT
+        w.u32(1, expr::NFT_GOTO); // NFTA_VERDICT_CODE
+        w.strz(2, chain); // NFTA_VERDICT_CHAIN
+        w.end(v);
+        w.end(d);
+    }
+    if e.open {
+        let flags = NFTNL_SET_ELEM_F_INTERVAL_OPEN.to_ne_bytes();
+        w.bytes(6, &nla::udata(&[(NFTNL_UDATA_SET_ELEM_FLAGS, &flags)])); // NFTA_SET_ELEM_USERDATA
+    }
+    w.end(el);
+}
+
+fn counter_msg(b: &mut Batch, name: &str) {
+    b.msg(NFT_MSG_NEWOBJ, NLM_F_CREATE, |w| {
+        w.strz(1, TABLE_NAME); // NFTA_OBJ_TABLE
+        w.strz(2, name); // NFTA_OBJ_NAME
+        w.u32(3, 1); // NFTA_OBJ_TYPE: NFT_OBJECT_COUNTER
+        let data = w.begin(4); // NFTA_OBJ_DATA
+        w.u64(1, 0); // NFTA_COUNTER_BYTES
+        w.u64(2, 0); // NFTA_COUNTER_PACKETS
+        w.end(data);
+    });
+}
+
+impl Ruleset {
+    /// [`Ruleset::full_replace`] as nfnetlink messages: `add table; delete table; add table`,
+    /// chains, sets with their elements, counters, rules, in one transaction.
+    pub fn full_replace_netlink(&self) -> Result<NetlinkBatch, Unsupported> {
+        if TABLE_FAMILY != "inet" {
+            return Err(Unsupported::Family(TABLE_FAMILY));
+        }
+        let mut b = Batch::new();
+        let table = |w: &mut Writer| w.strz(1, TABLE_NAME); // NFTA_TABLE_NAME
+        b.msg(NFT_MSG_NEWTABLE, 0, |w| {
+            table(w);
+            w.u32(2, 0); // NFTA_TABLE_FLAGS
+        });
+        b.msg(NFT_MSG_DELTABLE, 0, table);
+        b.msg(NFT_MSG_NEWTABLE, 0, |w| {
+            table(w);
+            w.u32(2, 0);
+        });
+        for c in self.chains.values() {
+            chain_msg(&mut b, c);
+        }
+        let mut set_ids: HashMap<&str, u32> = HashMap::with_capacity(self.sets.len());
+        for (i, s) in self.sets.values().enumerate() {
+            let id = i as u32 + 1;
+            set_ids.insert(s.name.as_str(), id);
+            set_msgs(&mut b, s, id)?;
+        }
+        for n in &self.counters {
+            counter_msg(&mut b, n);
+        }
+        for c in self.chains.values() {
+            for r in &c.rules {
+                let udata = match &r.comment {
+                    Some(text) => {
+                        let mut z = text.as_bytes().to_vec();
+                        z.push(0);
+                        if z.len() > usize::from(u8::MAX) {
+                            return Err(Unsupported::Comment(text.len()));
+                        }
+                        Some(nla::udata(&[(0, &z)])) // NFTNL_UDATA_RULE_COMMENT
+                    }
+                    None => None,
+                };
+                let mut failed = None;
+                b.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |w| {
+                    w.strz(1, TABLE_NAME); // NFTA_RULE_TABLE
+                    w.strz(2, &c.name); // NFTA_RULE_CHAIN
+                    let exprs = w.begin(4); // NFTA_RULE_EXPRESSIONS
+                    if let Err(e) = expr::lower(w, &r.stmts, &set_ids) {
+                        failed = Some(e);
+                    }
+                    w.end(exprs);
+                    if let Some(u) = &udata {
+                        w.bytes(7, u); // NFTA_RULE_USERDATA
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(b.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+    use std::collections::BTreeSet;
+
+    /// The messages of a batch as (type, attributes after the first, which names the table).
+    fn messages(b: &NetlinkBatch) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < b.bytes.len() {
+            let len = u32::from_ne_bytes(b.bytes[at..at + 4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes([b.bytes[at + 4], b.bytes[at + 5]]);
+            let attrs = &b.bytes[at + 20..at + len];
+            let skip = if attrs.is_empty() {
+                0
+            } else {
+                (usize::from(u16::from_ne_bytes([attrs[0], attrs[1]])) + 3) & !3
+            };
+            out.push((ty, attrs[skip..].to_vec()));
+            at += (len + 3) & !3;
+        }
+        out
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// What nft 1.1 sent for `set iv4 { type ipv4_addr; flags interval; elements = { 10.0.0.0/24,
+    /// 10.1.0.5, 10.2.0.0-255.255.255.255 } }`, `set iv6 { type ipv6_addr; flags interval;
+    /// elements = { ::-fd00::ff } }` and `set ppi { type inet_proto . inet_service; flags interval;
+    /// elements = { tcp . 80-90, udp . 53 } }` (captured with strace, little-endian host), after
+    /// the table name. The kernel test compares listings, which do not show an interval set's
+    /// end elements or the zero element before the first range; this holds those to nft's bytes.
+    #[test]
+    fn interval_sets_are_encoded_byte_for_byte_as_nft_encodes_them() {
+        if cfg!(target_endian = "big") {
+            return;
+        }
+        let set = |name: &str, key, elements: Vec<Elem>| Set {
+            name: name.into(),
+            key,
+            interval: true,
+            verdict_map: false,
+            comment: String::new(),
+            elements: elements.into_iter().collect::<BTreeSet<_>>(),
+        };
+        let mut rs = Ruleset::default();
+        rs.add_set(set(
+            "iv4",
+            SetKey::Ipv4,
+            vec![
+                Elem::Range(ip("10.0.0.0"), ip("10.0.0.255")),
+                Elem::Addr(ip("10.1.0.5")),
+                Elem::Range(ip("10.2.0.0"), ip("255.255.255.255")),
+            ],
+        ));
+        rs.add_set(set(
+            "iv6",
+            SetKey::Ipv6,
+            vec![Elem::Range(ip("::"), ip("fd00::ff"))],
+        ));
+        rs.add_set(set(
+            "ppi",
+            SetKey::ProtoPort,
+            vec![
+                Elem::ProtoPort(Protocol::Tcp, 80, 90),
+                Elem::ProtoPort(Protocol::Udp, 53, 53),
+            ],
+        ));
+        let got = messages(&rs.full_replace_netlink().unwrap());
+        let nft: [(u16, &str); 6] = [
+            (0xa09, "080002006976340008000300000000040800040000000007080005000000000408000a00000000010a000d000004020000000000"),
+            (0xa0c, "08000200697634000800040000000001880003801800018008000300000000010c0001800800010000000000100002800c000180080001000a0000001800038008000300000000010c000180080001000a000100100004800c000180080001000a0100051800058008000300000000010c000180080001000a0100061c0006800c000180080001000a0200000a0006000104010000000000"),
+            (0xa09, "080002006976360008000300000000040800040000000008080005000000001008000a00000000020a000d000004020000000000"),
+            (0xa0c, "08000200697636000800040000000002440003801c0001801800018014000100000000000000000000000000000000002400028008000300000000011800018014000100fd000000000000000000000000000100"),
+            (0xa09, "08000200707069000800030000000084080004000000030d080005000000000808000a0000000003200009801c0002800c00018008000100000000010c000180080001000000000214000d00000400000000030800040d0000000100"),
+            (0xa0c, "080002007070690008000400000000034c00038024000180100001800c000100060000000050000010000a800c00010006000000005a000024000280100001800c000100110000000035000010000a800c0001001100000000350000"),
+        ];
+        let sets: Vec<&(u16, Vec<u8>)> = got
+            .iter()
+            .filter(|(t, _)| *t == 0xa09 || *t == 0xa0c)
+            .collect();
+        assert_eq!(sets.len(), 6);
+        for (i, ((want_ty, want), (ty, attrs))) in nft.iter().zip(sets).enumerate() {
+            assert_eq!(want_ty, ty, "message {i}");
+            assert_eq!(&hex(want), attrs, "message {i}");
+        }
+    }
+}
