@@ -96,11 +96,6 @@ pub fn full_replace(d: &Desired) -> String {
     d.ruleset().full_replace_text()
 }
 
-/// One transaction that replaces our whole table with `rs`.
-pub fn full_replace_of(rs: &Ruleset) -> String {
-    rs.full_replace_text()
-}
-
 fn batch(b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
     if b.is_empty() {
         return None;

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 use palisade_nft::monitor::{Drift, Monitor, Scope};
 pub use palisade_nft::Backend;
-use palisade_policy::ruleset::ElementChange;
+use palisade_policy::ruleset::{ElementChange, Ruleset};
 use serde_json::Value;
 
 /// palisade-nft bound to our table, with errors in the agent's type.
@@ -71,6 +71,47 @@ impl Nft {
         Ok(writer.apply(TABLE_FAMILY, TABLE_NAME, &ops)?)
     }
 
+    /// Replaces our whole table with `rs` in one transaction: as nfnetlink messages built by the
+    /// compiler (`Ruleset::full_replace_netlink`), on the element writer's socket (so the drift
+    /// monitor counts it as ours), else, when the compiler cannot encode the ruleset or the kernel
+    /// refuses the messages, as JSON through nft. Nothing is half applied either way.
+    pub fn replace_table(&self, rs: &Ruleset) -> Result<ReplacedBy> {
+        let start = std::time::Instant::now();
+        let why = match rs.full_replace_netlink() {
+            Ok(batch) => {
+                let built = start.elapsed();
+                let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
+                match writer.commit_prepared("full replace", TABLE_NAME, &batch.bytes) {
+                    Ok(()) => {
+                        return Ok(ReplacedBy::Netlink {
+                            build: built,
+                            commit: start.elapsed() - built,
+                            bytes: batch.bytes.len(),
+                        })
+                    }
+                    Err(e) => format!("the kernel refused the netlink batch: {e}"),
+                }
+            }
+            Err(e) => format!("the ruleset has what the netlink writer does not encode: {e}"),
+        };
+        // Said once as a warning (a ruleset or kernel that needs it keeps needing it), then at debug.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!(reason = %why, "full replace through nft's JSON instead of netlink messages");
+        } else {
+            tracing::warn!(reason = %why, "full replace through nft's JSON instead of netlink messages (slower at scale, same table); please report the reason");
+        }
+        let start = std::time::Instant::now();
+        let json = rs.full_replace_text();
+        let rendered = start.elapsed();
+        self.apply(&json)?;
+        Ok(ReplacedBy::Json {
+            render: rendered,
+            commit: start.elapsed() - rendered,
+            bytes: json.len(),
+        })
+    }
+
     /// Lists our table as nft JSON; `None` when the table does not exist.
     pub fn list_table(&self) -> Result<Option<String>> {
         Ok(self.runner.list_table(TABLE_FAMILY, TABLE_NAME)?)
@@ -91,6 +132,21 @@ impl Nft {
         self.apply(&batch.to_string())?;
         Ok(existed)
     }
+}
+
+/// How a full replace reached the kernel, and what each step took.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplacedBy {
+    Netlink {
+        build: std::time::Duration,
+        commit: std::time::Duration,
+        bytes: usize,
+    },
+    Json {
+        render: std::time::Duration,
+        commit: std::time::Duration,
+        bytes: usize,
+    },
 }
 
 /// Starts a thread that watches our table through nf_tables notifications (palisade-nft's monitor,

@@ -534,21 +534,32 @@ impl Engine {
 
     /// Replaces our whole table with the compiler's ruleset; a failure leaves the compiler stale.
     fn commit_full(&mut self) -> Result<()> {
-        let start = Instant::now();
-        let json = compiled::full_replace_of(self.inc.ruleset());
-        let rendered = start.elapsed();
-        let applied = self.nft.apply(&json);
-        debug!(
-            render_ms = rendered.as_secs_f64() * 1e3,
-            nft_ms = (start.elapsed() - rendered).as_secs_f64() * 1e3,
-            bytes = json.len(),
-            "full replace: JSON rendered, then committed by nft"
-        );
-        drop(json);
-        if applied.is_err() {
-            self.inc.invalidate();
+        let applied = self.nft.replace_table(self.inc.ruleset());
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        match &applied {
+            Ok(crate::nft::ReplacedBy::Netlink {
+                build,
+                commit,
+                bytes,
+            }) => debug!(
+                build_ms = ms(*build),
+                commit_ms = ms(*commit),
+                bytes,
+                "full replace: netlink messages built, then committed"
+            ),
+            Ok(crate::nft::ReplacedBy::Json {
+                render,
+                commit,
+                bytes,
+            }) => debug!(
+                render_ms = ms(*render),
+                nft_ms = ms(*commit),
+                bytes,
+                "full replace: JSON rendered, then committed by nft"
+            ),
+            Err(_) => self.inc.invalidate(),
         }
-        applied
+        applied.map(|_| ())
     }
 
     /// After a commit: the wait before the full conntrack sweep it calls for (`None`: no sweep, as

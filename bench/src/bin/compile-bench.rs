@@ -133,6 +133,9 @@ fn main() {
     let t = Instant::now();
     let full = c.ruleset.full_replace();
     let render_t = t.elapsed();
+    let t = Instant::now();
+    let full_netlink = c.ruleset.full_replace_netlink();
+    let netlink_t = t.elapsed();
     dump("full.json", &full.to_json_string());
     println!(
         "node {NODE}: {} local pods, {} policies select them; full compile {}",
@@ -270,10 +273,23 @@ fn main() {
     );
 
     println!();
-    commit_in_throwaway_netns(&full, &b.batches);
+    match &full_netlink {
+        Ok(n) => println!(
+            "full table as netlink messages: built in {} ({} messages, {} bytes)",
+            ms(netlink_t),
+            n.messages,
+            n.bytes.len()
+        ),
+        Err(e) => println!("full table as netlink messages: not encoded: {e}"),
+    }
+    commit_in_throwaway_netns(&full, full_netlink.ok(), &b.batches);
 }
 
-fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
+fn commit_in_throwaway_netns(
+    full: &Batch,
+    full_netlink: Option<palisade_policy::ruleset::NetlinkBatch>,
+    batches: &[(String, Batch)],
+) {
     let ns = match Netns::create("palbench") {
         Ok(ns) => ns,
         Err(e) => {
@@ -317,6 +333,27 @@ fn commit_in_throwaway_netns(full: &Batch, batches: &[(String, Batch)]) {
             "full table, replace",
             ms(t.elapsed())
         ));
+        // The same table as the agent commits it: nfnetlink messages, no libnftables. Over the
+        // table (a resync or a repair's replace), then over none (a restore after `delete table`).
+        if let Some(nl) = &full_netlink {
+            let mut writer = palisade_nft::setelem::ElementWriter::new();
+            for (what, drop_first) in [("replace", false), ("first commit", true)] {
+                if drop_first {
+                    nft.apply(r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"palisade"}}}]}"#)
+                        .map_err(|e| format!("delete table: {e}"))?;
+                }
+                let t = Instant::now();
+                writer
+                    .commit_prepared("full replace", "palisade", &nl.bytes)
+                    .map_err(|e| format!("netlink full table: {e}"))?;
+                out.push(format!(
+                    "{:<26} {:>10}  (netlink messages, {} bytes)",
+                    format!("full table, {what}"),
+                    ms(t.elapsed()),
+                    nl.bytes.len()
+                ));
+            }
+        }
         for (name, json) in &batches {
             let t = Instant::now();
             nft.apply(json).map_err(|e| format!("{name}: {e}"))?;
