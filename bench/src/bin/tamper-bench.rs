@@ -43,6 +43,9 @@ struct Cli {
     /// Copy each size's agent log here (`agent-<pods>.log`) before the work directory is removed.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
+    /// Kinds of tampering to try, in this order (default: all, in the order of the table).
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
 }
 
 /// Longest wait for one notification.
@@ -145,7 +148,23 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
     std::thread::sleep(SETTLE);
     let events = watch(&lab.node2)?;
     let mut rows = Vec::new();
-    for kind in KINDS {
+    let kinds: Vec<&'static str> = if cli.kinds.is_empty() {
+        KINDS.to_vec()
+    } else {
+        cli.kinds
+            .iter()
+            .map(|k| {
+                KINDS
+                    .iter()
+                    .copied()
+                    .find(|known| known == k)
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("unknown tampering {k:?}; one of {KINDS:?}"))
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
+    for &kind in &kinds {
         let mut ms = Vec::new();
         for _ in 0..cli.tries {
             while events.try_recv().is_ok() {}
@@ -183,7 +202,7 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
     let text =
         std::fs::read_to_string(&log).map_err(io_err_pub(format!("reading {}", log.display())))?;
     let restores = text.matches("changed behind our back").count();
-    let tampered = KINDS.len() * cli.tries;
+    let tampered = kinds.len() * cli.tries;
     println!(
         "<!-- {pods} pods: {restores} restores logged by the agent for {tampered} tamperings -->"
     );
