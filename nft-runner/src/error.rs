@@ -65,6 +65,14 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether the kernel refused a transaction because another one was committed after the
+    /// generation it was bound to (`ERESTART`; see `setelem::ElementWriter::commit_prepared_at`).
+    pub fn is_generation_moved(&self) -> bool {
+        matches!(self, Error::Netlink { source, .. } if source.raw_os_error() == Some(libc::ERESTART))
+    }
+}
+
 /// Result with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 

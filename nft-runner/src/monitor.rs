@@ -25,7 +25,7 @@ use netlink_packet_netfilter::nftables::{
 };
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -695,6 +695,62 @@ fn sockopt(fd: libc::c_int, opt: libc::c_int) -> Option<libc::c_int> {
     (rc == 0).then_some(v)
 }
 
+/// Switches a [`Monitor`]'s subscription to the notification group off and on again, from another
+/// thread (a duplicate of its socket: membership belongs to the socket, not the descriptor).
+///
+/// While nobody in a namespace subscribes, the kernel builds no notification at all; a process
+/// whose own large transaction would otherwise make it build (and its monitor read) one message per
+/// rule, set element and object, at 100k pods seconds of a full replace, leaves the group for that
+/// transaction. Whatever else is committed meanwhile is unseen: the caller must prove nothing was
+/// (the transaction generation, see `setelem::ElementWriter::generation`).
+#[derive(Debug)]
+pub struct Membership {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Membership {
+    fn set(&self, join: bool) -> Result<()> {
+        const SOL_NETLINK: libc::c_int = 270;
+        const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
+        const NETLINK_DROP_MEMBERSHIP: libc::c_int = 2;
+        let group = NFNLGRP_NFTABLES as libc::c_int;
+        let opt = if join {
+            NETLINK_ADD_MEMBERSHIP
+        } else {
+            NETLINK_DROP_MEMBERSHIP
+        };
+        // SAFETY: setsockopt with an int option value on a descriptor we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                SOL_NETLINK,
+                opt,
+                (&group as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::Monitor {
+                action: if join {
+                    "rejoin the nf_tables notification group"
+                } else {
+                    "leave the nf_tables notification group"
+                },
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+    /// Stops the notifications (the monitor hears nothing until [`Membership::join`]).
+    pub fn leave(&self) -> Result<()> {
+        self.set(false)
+    }
+    /// Subscribes again.
+    pub fn join(&self) -> Result<()> {
+        self.set(true)
+    }
+}
+
 /// The socket and the classifier. Opened in the network namespace of the calling thread.
 pub struct Monitor {
     socket: netlink_sys::Socket,
@@ -744,6 +800,19 @@ impl Monitor {
             buf: vec![0; 1 << 20],
             queued: Default::default(),
         })
+    }
+
+    /// A switch for this monitor's subscription, usable from another thread.
+    pub fn membership(&self) -> Result<Membership> {
+        let fd = self
+            .socket
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| Error::Monitor {
+                action: "duplicate the monitor socket",
+                source,
+            })?;
+        Ok(Membership { fd })
     }
 
     /// Waits for the next drift; `None` when `timeout` passed first (`None` waits forever).

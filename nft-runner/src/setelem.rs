@@ -258,23 +258,171 @@ impl ElementWriter {
         table: &str,
         bytes: &[u8],
     ) -> Result<()> {
+        self.commit_prepared_at(action, table, bytes, None)
+    }
+
+    /// [`ElementWriter::commit_prepared`], refused by the kernel (nothing committed,
+    /// [`Error::is_generation_moved`]) unless the ruleset's generation is still `generation`
+    /// (`NFNL_BATCH_GENID`): so this transaction's generation is `generation + 1` and nobody
+    /// committed between the read of `generation` and this one.
+    pub fn commit_prepared_at(
+        &mut self,
+        action: &'static str,
+        table: &str,
+        bytes: &[u8],
+        generation: Option<u32>,
+    ) -> Result<()> {
         let ctx = Context {
             action,
             family: "inet",
             table,
             sets: Vec::new(),
         };
+        // The batch begins with NFNL_MSG_BATCH_BEGIN: a netlink header and an nfgenmsg, no attributes.
+        const BEGIN_LEN: usize = 20;
+        if bytes.len() < BEGIN_LEN
+            || u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize != BEGIN_LEN
+        {
+            return Err(
+                ctx.protocol("a prepared batch must begin with a bare NFNL_MSG_BATCH_BEGIN")
+            );
+        }
+        let mut begin = bytes[..BEGIN_LEN].to_vec();
+        if let Some(g) = generation {
+            const NFNL_BATCH_GENID: u16 = 1;
+            begin[..4].copy_from_slice(&((BEGIN_LEN + 8) as u32).to_ne_bytes());
+            begin.extend_from_slice(&8u16.to_ne_bytes());
+            begin.extend_from_slice(&NFNL_BATCH_GENID.to_ne_bytes());
+            begin.extend_from_slice(&g.to_be_bytes());
+        }
         let sock = match self.sock.take() {
             Some(s) => s,
             None => open_socket().map_err(|e| ctx.io(e))?,
         };
-        grow_send_buffer(&sock, bytes.len()).map_err(|e| ctx.io(e))?;
-        let out = talk(&sock, &ctx, bytes, 1);
+        let len = begin.len() + bytes.len() - BEGIN_LEN;
+        grow_send_buffer(&sock, len).map_err(|e| ctx.io(e))?;
+        let out = send_parts(&sock, &[&begin, &bytes[BEGIN_LEN..]])
+            .map_err(|e| ctx.io(e))
+            .and_then(|sent| {
+                if sent == len {
+                    receive_acks(&sock, &ctx, 1)
+                } else {
+                    Err(ctx.protocol(format!("sent {sent} of {len} bytes")))
+                }
+            });
         if out.is_ok() {
             self.sock = Some(sock);
         }
         out
     }
+
+    /// The ruleset's transaction generation (`NFT_MSG_GETGEN`): every transaction committed in
+    /// this namespace, to any table by any process, adds one.
+    pub fn generation(&mut self) -> Result<u32> {
+        let ctx = Context {
+            action: "get generation",
+            family: "inet",
+            table: "",
+            sets: Vec::new(),
+        };
+        let sock = match self.sock.take() {
+            Some(s) => s,
+            None => open_socket().map_err(|e| ctx.io(e))?,
+        };
+        let out = query_generation(&sock, &ctx);
+        if out.is_ok() {
+            self.sock = Some(sock);
+        }
+        out
+    }
+}
+
+/// One datagram of `parts` (a netlink socket takes a message in pieces with `sendmsg`).
+fn send_parts(sock: &netlink_sys::Socket, parts: &[&[u8]]) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = parts
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    // SAFETY: an all-zero msghdr is valid (no address: the kernel, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len();
+    loop {
+        // SAFETY: msg points at iovecs of slices that live for the duration of the call.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Sends `NFT_MSG_GETGEN` and reads the generation from the `NFT_MSG_NEWGEN` answer.
+fn query_generation(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<u32> {
+    const NFT_MSG_GETGEN: u16 = 16;
+    const NFT_MSG_NEWGEN: u16 = 15;
+    const NFTA_GEN_ID: u16 = 1;
+    let subsys = u16::from(u8::from(NetfilterSubsystem::NfTables));
+    let mut req = Vec::with_capacity(20);
+    req.extend_from_slice(&20u32.to_ne_bytes());
+    req.extend_from_slice(&((subsys << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&FIRST_SEQ.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[0, NFNETLINK_V0, 0, 0]);
+    let sent = sock.send(&req, 0).map_err(|e| ctx.io(e))?;
+    if sent != req.len() {
+        return Err(ctx.protocol(format!("sent {sent} of {} bytes", req.len())));
+    }
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    loop {
+        buf.clear();
+        match sock.recv(&mut buf, 0) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(ctx.io(e)),
+        }
+        let mut data = buf.as_slice();
+        while !data.is_empty() {
+            let msg = NetlinkBuffer::new_checked(data).map_err(|e| ctx.protocol(e.to_string()))?;
+            let len = msg.length() as usize;
+            if msg.message_type() == NLMSG_ERROR {
+                if let Some(code) = ErrorBuffer::new_checked(msg.payload())
+                    .map_err(|e| ctx.protocol(e.to_string()))?
+                    .code()
+                {
+                    return Err(ctx.io(io::Error::from_raw_os_error(-code.get())));
+                }
+            } else if msg.message_type() == (subsys << 8) | NFT_MSG_NEWGEN {
+                return generation_attr(msg.payload().get(4..).unwrap_or_default(), NFTA_GEN_ID)
+                    .ok_or_else(|| ctx.protocol("NFT_MSG_NEWGEN without NFTA_GEN_ID"));
+            }
+            data = &data[len
+                .next_multiple_of(usize::from(NLMSG_ALIGNTO))
+                .min(data.len())..];
+        }
+    }
+}
+
+/// The big-endian u32 attribute `kind` among `attrs` (length, type, value, padded to 4).
+fn generation_attr(mut attrs: &[u8], kind: u16) -> Option<u32> {
+    while attrs.len() >= 4 {
+        let alen = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        if alen < 4 || alen > attrs.len() {
+            return None;
+        }
+        if u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff == kind && alen == 8 {
+            return Some(u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]));
+        }
+        attrs = &attrs[alen.next_multiple_of(4).min(attrs.len())..];
+    }
+    None
 }
 
 /// Raises the socket's send buffer to hold a `len`-byte datagram (the kernel refuses a datagram
@@ -508,6 +656,12 @@ fn talk(sock: &netlink_sys::Socket, ctx: &Context<'_>, request: &[u8], acks: usi
     if sent != request.len() {
         return Err(ctx.protocol(format!("sent {sent} of {} bytes", request.len())));
     }
+    receive_acks(sock, ctx, acks)
+}
+
+/// Reads the kernel's answers to what was just sent until `acks` acknowledgements arrived or it
+/// reported an error.
+fn receive_acks(sock: &netlink_sys::Socket, ctx: &Context<'_>, acks: usize) -> Result<()> {
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     let mut acked = 0;
     let mut received_any = false;

@@ -221,3 +221,95 @@ fn an_element_writers_commits_on_its_kept_socket_are_ours_and_a_foreign_element_
         d.changes
     );
 }
+
+/// The quiet full replace's parts: a monitor out of the group hears nothing and hears again once
+/// back; every commit moves the generation by one; a transaction bound to a generation that moved
+/// is refused whole (so a commit bound to the generation read just before it is the next one).
+#[test]
+fn a_monitor_out_of_the_group_hears_nothing_and_a_transaction_bound_to_an_old_generation_is_refused(
+) {
+    private_netns();
+    let nft = Nft::new(Backend::Lib);
+    nft.apply(TABLE).unwrap();
+    let mut m = Monitor::open(scope()).unwrap();
+    let switch = m.membership().unwrap();
+    let mut writer = palisade_nft::setelem::ElementWriter::new();
+
+    switch.leave().unwrap();
+    foreign_nft("add chain inet t unheard");
+    switch.join().unwrap();
+    assert_eq!(
+        quiet(&mut m, Duration::from_millis(300)),
+        None,
+        "heard while out of the group"
+    );
+    foreign_nft("add chain inet t heard");
+    assert!(
+        quiet(&mut m, Duration::from_secs(2)).is_some(),
+        "deaf after rejoining"
+    );
+
+    let g = writer.generation().unwrap();
+    foreign_nft("add chain inet t another");
+    assert_eq!(
+        writer.generation().unwrap(),
+        g.wrapping_add(1),
+        "one commit, one generation"
+    );
+
+    // A prepared batch bound to the generation before that commit: refused, nothing changed.
+    let batch = element_batch("10.9.9.9");
+    let err = writer
+        .commit_prepared_at("test", "t", &batch, Some(g))
+        .unwrap_err();
+    assert!(err.is_generation_moved(), "{err}");
+    let listed = nft.list_set("inet", "t", "pending_v4").unwrap().unwrap();
+    assert!(
+        !listed.contains("10.9.9.9"),
+        "a refused batch changed the set: {listed}"
+    );
+    // Bound to the current generation: committed, and it is the next one.
+    let now = writer.generation().unwrap();
+    writer
+        .commit_prepared_at("test", "t", &batch, Some(now))
+        .unwrap();
+    assert_eq!(writer.generation().unwrap(), now.wrapping_add(1));
+    let listed = nft.list_set("inet", "t", "pending_v4").unwrap().unwrap();
+    assert!(listed.contains("10.9.9.9"), "{listed}");
+}
+
+/// A prepared batch (BATCH_BEGIN, one NEWSETELEM of `addr` into `t`'s pending_v4 asking for an
+/// ack, BATCH_END), as a full replace's is laid out.
+fn element_batch(addr: &str) -> Vec<u8> {
+    let ip: std::net::Ipv4Addr = addr.parse().unwrap();
+    let attr = |kind: u16, value: &[u8]| -> Vec<u8> {
+        let mut a = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(value);
+        while !a.len().is_multiple_of(4) {
+            a.push(0);
+        }
+        a
+    };
+    let nest = |kind: u16, inner: Vec<u8>| attr(kind | 0x8000, &inner);
+    let msg = |ty: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: Vec<u8>| {
+        let mut m = ((20 + attrs.len()) as u32).to_ne_bytes().to_vec();
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[family, 0]);
+        m.extend_from_slice(&res_id.to_be_bytes());
+        m.extend(attrs);
+        m
+    };
+    let mut body = attr(1, b"t\0");
+    body.extend(attr(2, b"pending_v4\0"));
+    body.extend(nest(3, nest(1, nest(1, attr(1, &ip.octets())))));
+    [
+        msg(0x10, 1, 1, 0, 10, vec![]),
+        msg(0x0a0c, 0x405, 2, 1, 0, body),
+        msg(0x11, 1, 3, 0, 10, vec![]),
+    ]
+    .concat()
+}

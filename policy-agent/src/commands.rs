@@ -93,7 +93,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!(
             "--no-drift-watch: changes to our table by other processes are undone at resync only"
         );
-    } else if let Err(e) = crate::nft::watch_drift(move |drift| {
+    } else if let Err(e) = crate::nft::watch_drift(nft.monitor_switch(), move |drift| {
         drift_wake
             .blocking_send(Msg::Drift {
                 what: drift.to_string(),

@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
-use palisade_nft::monitor::{Drift, Monitor, Scope};
+use palisade_nft::monitor::{Drift, Membership, Monitor, Scope};
 pub use palisade_nft::Backend;
 use palisade_policy::ruleset::{ElementChange, Ruleset};
 use serde_json::Value;
@@ -15,7 +15,16 @@ pub struct Nft {
     runner: palisade_nft::Nft,
     /// Address element transactions on one socket kept open (see [`Nft::apply_elements`]).
     elements: std::sync::Mutex<palisade_nft::setelem::ElementWriter>,
+    /// The drift monitor's subscription switch, while one runs (see [`Nft::replace_table`]).
+    monitor: MonitorSwitch,
 }
+
+/// Where the drift monitor's thread leaves its [`Membership`] switch (a new one when it reopens).
+pub type MonitorSwitch = std::sync::Arc<std::sync::Mutex<Option<Membership>>>;
+
+/// Tries of a full replace bound to the generation read just before it (another process's commit
+/// in between refuses it) before it goes without leaving the notification group.
+const QUIET_REPLACE_TRIES: usize = 3;
 
 impl Nft {
     /// A runner for `backend`. A `Lib` backend whose library cannot be loaded degrades to exec.
@@ -24,6 +33,7 @@ impl Nft {
         Nft {
             runner: palisade_nft::Nft::new(backend),
             elements: Default::default(),
+            monitor: Default::default(),
         }
     }
 
@@ -71,22 +81,32 @@ impl Nft {
         Ok(writer.apply(TABLE_FAMILY, TABLE_NAME, &ops)?)
     }
 
+    /// The slot the drift monitor's thread keeps its subscription switch in.
+    pub fn monitor_switch(&self) -> MonitorSwitch {
+        self.monitor.clone()
+    }
+
     /// Replaces our whole table with `rs` in one transaction: as nfnetlink messages built by the
     /// compiler (`Ruleset::full_replace_netlink`), on the element writer's socket (so the drift
     /// monitor counts it as ours), else, when the compiler cannot encode the ruleset or the kernel
     /// refuses the messages, as JSON through nft. Nothing is half applied either way.
+    ///
+    /// With a drift monitor running, the commit goes quiet ([`Nft::commit_quietly`]): the kernel
+    /// builds a notification per rule, element and object of the transaction for every listener,
+    /// and ours is usually the only one (at 100k pods that was most of a 5 s commit).
     pub fn replace_table(&self, rs: &Ruleset) -> Result<ReplacedBy> {
         let start = std::time::Instant::now();
         let why = match rs.full_replace_netlink() {
             Ok(batch) => {
                 let built = start.elapsed();
                 let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
-                match writer.commit_prepared("full replace", TABLE_NAME, &batch.bytes) {
-                    Ok(()) => {
+                match self.commit_quietly(&mut writer, &batch.bytes) {
+                    Ok(quiet) => {
                         return Ok(ReplacedBy::Netlink {
                             build: built,
                             commit: start.elapsed() - built,
                             bytes: batch.bytes.len(),
+                            quiet,
                         })
                     }
                     Err(e) => format!("the kernel refused the netlink batch: {e}"),
@@ -110,6 +130,46 @@ impl Nft {
             commit: start.elapsed() - rendered,
             bytes: json.len(),
         })
+    }
+
+    /// Commits a prepared full replace with the drift monitor out of the notification group, and
+    /// proves nobody else committed while it was out: the transaction is bound to the generation
+    /// read after leaving (another commit before ours refuses it; we try again), and the
+    /// generation read after rejoining must be the next one (ours). When it is not (someone
+    /// committed after us, unseen) or the tries run out, the batch is committed again with the
+    /// monitor listening, which replaces whatever that was. `Ok(true)` when it went quiet.
+    fn commit_quietly(
+        &self,
+        writer: &mut palisade_nft::setelem::ElementWriter,
+        bytes: &[u8],
+    ) -> Result<bool> {
+        let switch = self.monitor.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = switch.as_ref() {
+            for _ in 0..QUIET_REPLACE_TRIES {
+                m.leave()?;
+                let committed = writer.generation().and_then(|g| {
+                    writer
+                        .commit_prepared_at("full replace", TABLE_NAME, bytes, Some(g))
+                        .map(|()| g)
+                });
+                // Listening again comes first, whatever happened.
+                m.join()?;
+                match committed {
+                    Ok(g) => {
+                        if writer.generation()? == g.wrapping_add(1) {
+                            return Ok(true);
+                        }
+                        tracing::debug!("another transaction was committed while the drift monitor was out; replacing again with it listening");
+                        break;
+                    }
+                    Err(e) if e.is_generation_moved() => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        drop(switch);
+        writer.commit_prepared("full replace", TABLE_NAME, bytes)?;
+        Ok(false)
     }
 
     /// Lists our table as nft JSON; `None` when the table does not exist.
@@ -141,6 +201,8 @@ pub enum ReplacedBy {
         build: std::time::Duration,
         commit: std::time::Duration,
         bytes: usize,
+        /// Committed with the drift monitor out of the notification group.
+        quiet: bool,
     },
     Json {
         render: std::time::Duration,
@@ -155,9 +217,27 @@ pub enum ReplacedBy {
 /// their elements (except the plugin's pending marks), table flags, the table itself. Our own commits
 /// (incremental and full replace, either backend) never call it. Lost notifications (receive buffer
 /// overrun) are reported as an unknown change. Stops when `wake` returns false.
-pub fn watch_drift(wake: impl Fn(Drift) -> bool + Send + 'static) -> Result<()> {
+///
+/// The monitor's subscription switch goes into `switch` (and is replaced when the monitor reopens),
+/// for [`Nft::replace_table`].
+pub fn watch_drift(
+    switch: MonitorSwitch,
+    wake: impl Fn(Drift) -> bool + Send + 'static,
+) -> Result<()> {
     let scope = Scope::new(TABLE_FAMILY, TABLE_NAME, &[PENDING_SET_V4, PENDING_SET_V6])?;
     let mut monitor = Monitor::open(scope.clone())?;
+    let publish = move |m: &Monitor| {
+        let handle = m.membership();
+        let mut slot = switch.lock().unwrap_or_else(|p| p.into_inner());
+        match handle {
+            Ok(h) => *slot = Some(h),
+            Err(e) => {
+                *slot = None;
+                tracing::warn!(error = %e, "full replaces keep the drift monitor listening (the kernel then writes a notification per object for it)");
+            }
+        }
+    };
+    publish(&monitor);
     std::thread::Builder::new()
         .name("drift-monitor".into())
         .spawn(move || loop {
@@ -181,6 +261,7 @@ pub fn watch_drift(wake: impl Fn(Drift) -> bool + Send + 'static) -> Result<()> 
                         std::thread::sleep(MONITOR_REOPEN_DELAY);
                         match Monitor::open(scope.clone()) {
                             Ok(m) => {
+                                publish(&m);
                                 monitor = m;
                                 break;
                             }

@@ -541,10 +541,12 @@ impl Engine {
                 build,
                 commit,
                 bytes,
+                quiet,
             }) => debug!(
                 build_ms = ms(*build),
                 commit_ms = ms(*commit),
                 bytes,
+                quiet,
                 "full replace: netlink messages built, then committed"
             ),
             Ok(crate::nft::ReplacedBy::Json {
