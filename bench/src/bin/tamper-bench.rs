@@ -46,7 +46,23 @@ struct Cli {
     /// Kinds of tampering to try, in this order (default: all, in the order of the table).
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<String>,
+    /// How the bench sees the tampering and the restore: `notifications` (an nf_tables monitor of
+    /// its own: the kernel then builds a notification per object of the agent's restore for it,
+    /// which a node without such a listener does not pay) or `generation` (no listener: the
+    /// ruleset's generation polled every 250 µs; the tampering is the next transaction, the
+    /// restore the one after).
+    #[arg(long, value_enum, default_value = "notifications")]
+    probe: Probe,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Probe {
+    Notifications,
+    Generation,
+}
+
+/// Poll period of `--probe generation`.
+const GENERATION_POLL: Duration = Duration::from_micros(250);
 
 /// Longest wait for one notification.
 const WAIT: Duration = Duration::from_secs(5);
@@ -146,7 +162,10 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
     )?;
     dirs.wait_conflist(&log)?;
     std::thread::sleep(SETTLE);
-    let events = watch(&lab.node2)?;
+    let probe = match cli.probe {
+        Probe::Notifications => Watcher::Notifications(watch(&lab.node2)?),
+        Probe::Generation => Watcher::Generation(GenerationProbe::start(&lab.node2)?),
+    };
     let mut rows = Vec::new();
     let kinds: Vec<&'static str> = if cli.kinds.is_empty() {
         KINDS.to_vec()
@@ -167,11 +186,11 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
     for &kind in &kinds {
         let mut ms = Vec::new();
         for _ in 0..cli.tries {
-            while events.try_recv().is_ok() {}
             let args = tamper_args(&lab.node2, kind)?;
             let words: Vec<&str> = args.iter().map(String::as_str).collect();
+            probe.arm()?;
             run_in(&lab.node2, "nft", &words, None)?;
-            match restore_time(&events) {
+            match probe.restore_time() {
                 Some(t) => {
                     tracing::debug!(
                         kind,
@@ -210,6 +229,106 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
         tracing::warn!(pods, restores, tampered, log = %log.display(), "restores differ from tamperings");
     }
     Ok(rows)
+}
+
+/// What sees the tampering and the restore.
+enum Watcher {
+    Notifications(mpsc::Receiver<(Instant, Drift)>),
+    Generation(GenerationProbe),
+}
+
+impl Watcher {
+    /// Ready for the next tampering.
+    fn arm(&self) -> Result<()> {
+        match self {
+            Watcher::Notifications(events) => {
+                while events.try_recv().is_ok() {}
+                Ok(())
+            }
+            Watcher::Generation(p) => p.arm(),
+        }
+    }
+    fn restore_time(&self) -> Option<Duration> {
+        match self {
+            Watcher::Notifications(events) => restore_time(events),
+            Watcher::Generation(p) => p.restore_time(),
+        }
+    }
+}
+
+/// A thread in the node's namespace that, once armed, polls the ruleset's generation until it moved
+/// twice (the tampering, then the restore) and reports the time between the two moves.
+struct GenerationProbe {
+    arm: mpsc::Sender<()>,
+    armed: mpsc::Receiver<std::result::Result<(), String>>,
+    done: mpsc::Receiver<Option<Duration>>,
+}
+
+impl GenerationProbe {
+    fn start(ns: &str) -> Result<Self> {
+        let (arm_tx, arm_rx) = mpsc::channel::<()>();
+        let (armed_tx, armed_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let ns_name = ns.to_string();
+        std::thread::Builder::new()
+            .name("tamper-generation".into())
+            .spawn(move || {
+                if let Err(e) = enter_netns(&ns_name) {
+                    let _ = armed_tx.send(Err(e.to_string()));
+                    return;
+                }
+                let mut writer = palisade_nft::setelem::ElementWriter::new();
+                while arm_rx.recv().is_ok() {
+                    let g0 = match writer.generation() {
+                        Ok(g) => g,
+                        Err(e) => {
+                            let _ = armed_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = armed_tx.send(Ok(()));
+                    let deadline = Instant::now() + 2 * WAIT;
+                    let mut tampered = None;
+                    let mut out = None;
+                    while Instant::now() < deadline {
+                        let Ok(g) = writer.generation() else { break };
+                        let now = Instant::now();
+                        let moved = g.wrapping_sub(g0);
+                        if moved >= 1 && tampered.is_none() {
+                            tampered = Some(now);
+                        }
+                        if moved >= 2 {
+                            out = tampered.map(|t: Instant| now.saturating_duration_since(t));
+                            break;
+                        }
+                        std::thread::sleep(GENERATION_POLL);
+                    }
+                    if done_tx.send(out).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(io_err_pub("spawning the generation probe"))?;
+        Ok(GenerationProbe {
+            arm: arm_tx,
+            armed: armed_rx,
+            done: done_rx,
+        })
+    }
+    fn arm(&self) -> Result<()> {
+        // An answer of an earlier try that timed out is dropped.
+        while self.done.try_recv().is_ok() {}
+        self.arm
+            .send(())
+            .map_err(|_| Error::Invalid("the generation probe died".into()))?;
+        self.armed
+            .recv()
+            .map_err(|_| Error::Invalid("the generation probe died".into()))?
+            .map_err(|e| Error::Invalid(format!("the generation probe: {e}")))
+    }
+    fn restore_time(&self) -> Option<Duration> {
+        self.done.recv_timeout(3 * WAIT).ok().flatten()
+    }
 }
 
 /// From the tampering's first notification to the first notification of the next transaction of
