@@ -13,6 +13,7 @@
 //! make that impossible, but should it happen the result is a full replace.
 
 use crate::ruleset::names::{PENDING_SET_V4, PENDING_SET_V6};
+use crate::ruleset::netlink::Transaction;
 use crate::ruleset::render::{
     chain_obj, cmd, counter_obj, element_obj, rule_obj, set_obj, set_ref,
 };
@@ -47,9 +48,13 @@ fn redefined(last: &Ruleset, next: &Ruleset) -> bool {
 /// replace of `whole`, not of the part.
 pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Batch {
     if redefined(last, next) {
-        return whole.full_replace();
+        let mut b = whole.full_replace();
+        b.netlink = whole.full_replace_netlink().ok();
+        return b;
     }
     let mut cmds = Vec::new();
+    // The same steps as nfnetlink messages (`Batch::netlink`), when each can be encoded.
+    let mut nl = Transaction::new();
     // 1. new chains
     for c in next
         .chains
@@ -57,6 +62,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .filter(|c| !last.chains.contains_key(&c.name))
     {
         cmds.push(cmd("add", chain_obj(c, true)));
+        nl.add_chain(c);
     }
     // 2. new sets
     for s in next
@@ -65,9 +71,11 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .filter(|s| !last.sets.contains_key(&s.name))
     {
         cmds.push(cmd("add", set_obj(s, None)));
+        nl.add_set(s);
     }
     for n in next.counters.difference(&last.counters) {
         cmds.push(cmd("add", counter_obj(n)));
+        nl.add_counter(n);
     }
     // 3. stale elements of kept sets
     for s in next.sets.values() {
@@ -80,8 +88,10 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         }
         if s.name == PENDING_SET_V4 || s.name == PENDING_SET_V6 {
             cmds.push(cmd("add", element_obj(s, gone.iter().copied(), false)));
+            nl.add_elements(l, gone.iter().copied());
         }
         cmds.push(cmd("delete", element_obj(s, gone.iter().copied(), true)));
+        nl.delete_elements(l, gone.iter().copied());
     }
     // 4. flush changed chains
     let changed: Vec<_> = next
@@ -91,6 +101,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .collect();
     for c in &changed {
         cmds.push(cmd("flush", chain_obj(c, false)));
+        nl.flush_chain(&c.name);
     }
     // 5. new elements
     for s in next.sets.values() {
@@ -99,7 +110,8 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
             None => s.elements.iter().collect(),
         };
         if !new.is_empty() {
-            cmds.push(cmd("add", element_obj(s, new, false)));
+            cmds.push(cmd("add", element_obj(s, new.iter().copied(), false)));
+            nl.add_elements(s, new);
         }
     }
     // 6. rules of new and changed chains
@@ -111,6 +123,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         if refill {
             for r in &c.rules {
                 cmds.push(cmd("add", rule_obj(&c.name, r)));
+                nl.add_rule(&c.name, r);
             }
         }
     }
@@ -123,10 +136,12 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
     for c in &stale {
         if !c.rules.is_empty() {
             cmds.push(cmd("flush", chain_obj(c, false)));
+            nl.flush_chain(&c.name);
         }
     }
     for c in &stale {
         cmds.push(cmd("delete", chain_obj(c, false)));
+        nl.delete_chain(&c.name);
     }
     // 8. stale sets
     for s in last
@@ -135,11 +150,15 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .filter(|s| !next.sets.contains_key(&s.name))
     {
         cmds.push(cmd("delete", set_ref(s)));
+        nl.delete_set(&s.name);
     }
     for n in last.counters.difference(&next.counters) {
         cmds.push(cmd("delete", counter_obj(n)));
+        nl.delete_counter(n);
     }
-    Batch::from_commands(cmds)
+    let mut b = Batch::from_commands(cmds);
+    b.netlink = nl.finish().ok().flatten();
+    b
 }
 
 #[cfg(test)]
@@ -296,11 +315,11 @@ mod redefinition_tests {
         {
             b.priority += 1;
         }
-        assert_eq!(diff(&last, &next), next.full_replace());
+        assert_eq!(diff(&last, &next).json, next.full_replace().json);
         let mut next = last.clone();
         if let Some(s) = next.sets.get_mut(MAP_INGRESS_V4) {
             s.interval = true;
         }
-        assert_eq!(diff(&last, &next), next.full_replace());
+        assert_eq!(diff(&last, &next).json, next.full_replace().json);
     }
 }

@@ -74,26 +74,14 @@ fn golden_rulesets_load_into_real_nft_root() {
     }
 }
 
-/// Our table as `nft -j list` shows it, without handles (which count up with every load).
+/// Our table as `nft -j list` shows it, normalized as every kernel test compares tables.
 fn listed_without_handles() -> serde_json::Value {
     let nft = palisade_nft::Nft::new(palisade_nft::Backend::Lib);
     let text = nft
         .list_table("inet", "palisade")
         .unwrap()
         .expect("table listed");
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                m.remove("handle");
-                m.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    strip(&mut v);
-    v
+    palisade_testkit::nft::normalized(&text)
 }
 
 /// A ruleset with every statement, every set key, interval sets (from address zero, open to the

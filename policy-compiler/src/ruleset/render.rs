@@ -15,6 +15,9 @@ pub struct Batch {
     pub commands: usize,
     /// Length of the serialized JSON in bytes.
     pub bytes: usize,
+    /// The same transaction as nfnetlink messages, when `diff` could encode every step of it
+    /// (`None` for other batches, or one that is empty).
+    pub netlink: Option<super::NetlinkBatch>,
 }
 
 impl Batch {
@@ -32,6 +35,7 @@ impl Batch {
             json,
             commands,
             bytes,
+            netlink: None,
         }
     }
     /// Whether the batch changes nothing (the agent can skip running nft).

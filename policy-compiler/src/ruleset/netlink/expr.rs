@@ -5,7 +5,6 @@
 //! registers, each field padded to 4 bytes.
 
 use super::nla::Writer;
-use super::Unsupported;
 use crate::model::Protocol;
 use crate::ruleset::{AddrField, Family, Stmt};
 use std::collections::HashMap;
@@ -93,16 +92,11 @@ fn reg_at(word: u32) -> u32 {
 }
 
 /// Writes the expressions of one rule (`stmts`) into an open `NFTA_RULE_EXPRESSIONS` nest.
-pub(super) fn lower(
-    w: &mut Writer,
-    stmts: &[Stmt],
-    set_ids: &HashMap<&str, u32>,
-) -> Result<(), Unsupported> {
+pub(super) fn lower(w: &mut Writer, stmts: &[Stmt], set_ids: &HashMap<String, u32>) {
     let mut cx = Context::default();
     for s in stmts {
-        stmt(w, &mut cx, s, set_ids)?;
+        stmt(w, &mut cx, s, set_ids);
     }
-    Ok(())
 }
 
 fn expr(w: &mut Writer, name: &str, body: impl FnOnce(&mut Writer)) {
@@ -154,28 +148,23 @@ fn bitwise(w: &mut Writer, mask: &[u8]) {
     });
 }
 
-fn lookup(
-    w: &mut Writer,
-    set: &str,
-    set_ids: &HashMap<&str, u32>,
-    invert: bool,
-    verdict: bool,
-) -> Result<(), Unsupported> {
-    let id = *set_ids
-        .get(set)
-        .ok_or_else(|| Unsupported::UnknownSet(set.to_string()))?;
+/// A lookup in `set`, by name, and by id too when the set is created in the same transaction (as
+/// nft does; the kernel finds it by name either way).
+fn lookup(w: &mut Writer, set: &str, set_ids: &HashMap<String, u32>, invert: bool, verdict: bool) {
+    let id = set_ids.get(set).copied();
     expr(w, "lookup", |w| {
         w.u32(2, NFT_REG_1); // NFTA_LOOKUP_SREG
         if verdict {
             w.u32(3, NFT_REG_VERDICT); // NFTA_LOOKUP_DREG
         }
         w.strz(1, set); // NFTA_LOOKUP_SET
-        w.u32(4, id); // NFTA_LOOKUP_SET_ID
+        if let Some(id) = id {
+            w.u32(4, id); // NFTA_LOOKUP_SET_ID
+        }
         if invert {
             w.u32(5, NFT_LOOKUP_F_INV); // NFTA_LOOKUP_FLAGS
         }
     });
-    Ok(())
 }
 
 /// `ct <key>` & mask, compared with 0 (`op`: NEQ for "any of these bits", EQ for "none").
@@ -254,12 +243,7 @@ fn load_dport(w: &mut Writer, word: u32) -> u32 {
     1
 }
 
-fn stmt(
-    w: &mut Writer,
-    cx: &mut Context,
-    s: &Stmt,
-    set_ids: &HashMap<&str, u32>,
-) -> Result<(), Unsupported> {
+fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u32>) {
     match s {
         Stmt::CtEstablishedRelated => ct_bits(
             w,
@@ -291,7 +275,7 @@ fn stmt(
             need_family(w, cx, *family);
             meta(w, NFT_META_IIFNAME, reg_at(0));
             load_addr(w, *family, AddrField::Saddr, 4);
-            lookup(w, set, set_ids, true, false)?;
+            lookup(w, set, set_ids, true, false);
         }
         Stmt::Ip6SaddrNotLinkLocal => {
             need_family(w, cx, Family::V6);
@@ -312,14 +296,14 @@ fn stmt(
             need_family(w, cx, *family);
             load_addr(w, *family, *field, 0);
             let invert = matches!(s, Stmt::AddrNotInSet { .. });
-            lookup(w, set, set_ids, invert, false)?;
+            lookup(w, set, set_ids, invert, false);
         }
         Stmt::Masquerade => expr(w, "masq", |_| {}),
         Stmt::SelfTraffic { family, set } => {
             need_family(w, cx, *family);
             let used = load_addr(w, *family, AddrField::Saddr, 0);
             load_addr(w, *family, AddrField::Daddr, used);
-            lookup(w, set, set_ids, false, false)?;
+            lookup(w, set, set_ids, false, false);
         }
         Stmt::L4Proto(p) => {
             let n = proto_number(*p);
@@ -334,19 +318,19 @@ fn stmt(
         Stmt::ProtoPortInSet { set } => {
             let used = load_l4proto(w, 0);
             load_dport(w, used);
-            lookup(w, set, set_ids, false, false)?;
+            lookup(w, set, set_ids, false, false);
         }
         Stmt::DaddrProtoPortInSet { family, set } => {
             need_family(w, cx, *family);
             let mut word = load_addr(w, *family, AddrField::Daddr, 0);
             word += load_l4proto(w, word);
             load_dport(w, word);
-            lookup(w, set, set_ids, false, false)?;
+            lookup(w, set, set_ids, false, false);
         }
         Stmt::VmapLookup { family, field, map } => {
             need_family(w, cx, *family);
             load_addr(w, *family, *field, 0);
-            lookup(w, map, set_ids, false, true)?;
+            lookup(w, map, set_ids, false, true);
         }
         Stmt::Counter => expr(w, "counter", |_| {}),
         Stmt::CounterNamed(name) => expr(w, "objref", |w| {
@@ -375,5 +359,4 @@ fn stmt(
         Stmt::Goto(target) => verdict(w, NFT_GOTO, Some(target)),
         Stmt::Return => verdict(w, NFT_RETURN, None),
     }
-    Ok(())
 }

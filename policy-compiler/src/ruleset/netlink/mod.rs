@@ -14,7 +14,7 @@ mod expr;
 mod nla;
 
 use super::names::{TABLE_FAMILY, TABLE_NAME};
-use super::{Chain, ChainKind, Elem, Hook, Ruleset, Set, SetKey};
+use super::{Chain, ChainKind, Elem, Hook, Rule, Ruleset, Set, SetKey};
 use nla::Writer;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -22,8 +22,6 @@ use std::net::IpAddr;
 /// Why a ruleset was not encoded (the JSON path takes it instead).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unsupported {
-    #[error("a rule names set {0:?}, which is not in the ruleset")]
-    UnknownSet(String),
     #[error("set {set:?}: {what}")]
     Set { set: String, what: &'static str },
     #[error("table family {0:?} is not inet")]
@@ -50,9 +48,15 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_NEWOBJ: u16 = 18;
+const NFT_MSG_DELOBJ: u16 = 20;
+const NFT_OBJECT_COUNTER: u32 = 1;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
@@ -297,16 +301,16 @@ impl ElemMsg {
 }
 
 /// Builds the messages of one batch.
-struct Batch {
+struct Messages {
     w: Writer,
     seq: u32,
     messages: usize,
     last_header: usize,
 }
 
-impl Batch {
+impl Messages {
     fn new() -> Self {
-        let mut b = Batch {
+        let mut b = Messages {
             w: Writer::default(),
             seq: 0,
             messages: 0,
@@ -377,125 +381,319 @@ fn hook_number(h: Hook) -> u32 {
     }
 }
 
-fn chain_msg(b: &mut Batch, c: &Chain) {
-    b.msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, |w| {
-        w.strz(1, TABLE_NAME); // NFTA_CHAIN_TABLE
-        w.strz(3, &c.name); // NFTA_CHAIN_NAME
-        if let Some(base) = c.base {
-            w.strz(
-                7, // NFTA_CHAIN_TYPE
-                match base.kind {
-                    ChainKind::Filter => "filter",
-                    ChainKind::Nat => "nat",
-                },
-            );
-            w.u32(5, expr::NF_ACCEPT); // NFTA_CHAIN_POLICY
-            let hook = w.begin(4); // NFTA_CHAIN_HOOK
-            w.u32(1, hook_number(base.hook)); // NFTA_HOOK_HOOKNUM
-            w.u32(2, base.priority as u32); // NFTA_HOOK_PRIORITY
-            w.end(hook);
-        }
-    });
+/// The elements of `s` as messages carry them: all of an interval set of one field at once (its
+/// ranges become start and end elements together), else each element on its own.
+fn element_msgs<'a>(
+    s: &Set,
+    elements: impl IntoIterator<Item = &'a Elem>,
+) -> Result<Vec<ElemMsg>, Unsupported> {
+    let concat = key_parts(s.key).len() > 1;
+    elements
+        .into_iter()
+        .map(|e| {
+            let (key, end) = elem_key(s, e)?;
+            let mut m = ElemMsg::key(key);
+            m.key_end = if s.interval && concat {
+                Some(end.unwrap_or_else(|| m.key.clone()))
+            } else {
+                None
+            };
+            if let Elem::GotoChain(_, chain) = e {
+                m.goto = Some(chain.clone());
+            }
+            Ok(m)
+        })
+        .collect()
 }
 
-fn set_msgs(b: &mut Batch, s: &Set, id: u32) -> Result<(), Unsupported> {
-    let parts = key_parts(s.key);
-    let concat = parts.len() > 1;
-    if s.verdict_map && (concat || s.interval) {
-        return Err(Unsupported::Set {
-            set: s.name.clone(),
-            what: "a verdict map keyed by more than one address",
-        });
+/// One nf_tables transaction on our table, built step by step (what `diff` emits, in its order;
+/// a full replace is the same steps over an emptied table). A step it cannot encode is remembered
+/// and [`Transaction::finish`] returns it.
+pub struct Transaction {
+    msgs: Messages,
+    /// Sets created in this transaction: rules and elements name them by id too, as nft does.
+    set_ids: HashMap<String, u32>,
+    failed: Option<Unsupported>,
+}
+
+impl Default for Transaction {
+    fn default() -> Self {
+        Self::new()
     }
-    if s.interval && concat && s.key != SetKey::ProtoPort {
-        return Err(Unsupported::Set {
-            set: s.name.clone(),
-            what: "an interval set of a concatenation other than protocol . port",
-        });
-    }
-    let key_type = parts.iter().fold(0, |t, (ty, _)| (t << TYPE_BITS) | ty);
-    let key_len: u32 = parts.iter().map(|(_, l)| padded(*l)).sum();
-    let mut flags = 0;
-    if s.interval {
-        flags |= NFT_SET_INTERVAL;
-        if concat {
-            flags |= NFT_SET_CONCAT;
+}
+
+impl Transaction {
+    pub fn new() -> Self {
+        Transaction {
+            msgs: Messages::new(),
+            set_ids: HashMap::new(),
+            failed: None,
         }
     }
-    if s.verdict_map {
-        flags |= NFT_SET_MAP;
+
+    fn fail(&mut self, e: Unsupported) {
+        self.failed.get_or_insert(e);
     }
-    let udata = set_udata(s);
-    b.msg(NFT_MSG_NEWSET, NLM_F_CREATE, |w| {
-        w.strz(1, TABLE_NAME); // NFTA_SET_TABLE
-        w.strz(2, &s.name); // NFTA_SET_NAME
-        w.u32(3, flags); // NFTA_SET_FLAGS
-        w.u32(4, key_type); // NFTA_SET_KEY_TYPE
-        w.u32(5, key_len); // NFTA_SET_KEY_LEN
+
+    /// `add table; delete table; add table`: whatever the kernel held, an empty table.
+    fn empty_table(&mut self) {
+        let table = |w: &mut Writer| w.strz(1, TABLE_NAME); // NFTA_TABLE_NAME
+        self.msgs.msg(NFT_MSG_NEWTABLE, 0, |w| {
+            table(w);
+            w.u32(2, 0); // NFTA_TABLE_FLAGS
+        });
+        self.msgs.msg(NFT_MSG_DELTABLE, 0, table);
+        self.msgs.msg(NFT_MSG_NEWTABLE, 0, |w| {
+            table(w);
+            w.u32(2, 0);
+        });
+    }
+
+    /// `add chain` with its hook, if a base chain.
+    pub fn add_chain(&mut self, c: &Chain) {
+        self.msgs.msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_CHAIN_TABLE
+            w.strz(3, &c.name); // NFTA_CHAIN_NAME
+            if let Some(base) = c.base {
+                w.strz(
+                    7, // NFTA_CHAIN_TYPE
+                    match base.kind {
+                        ChainKind::Filter => "filter",
+                        ChainKind::Nat => "nat",
+                    },
+                );
+                w.u32(5, expr::NF_ACCEPT); // NFTA_CHAIN_POLICY
+                let hook = w.begin(4); // NFTA_CHAIN_HOOK
+                w.u32(1, hook_number(base.hook)); // NFTA_HOOK_HOOKNUM
+                w.u32(2, base.priority as u32); // NFTA_HOOK_PRIORITY
+                w.end(hook);
+            }
+        });
+    }
+
+    /// `flush chain`: all its rules go.
+    pub fn flush_chain(&mut self, name: &str) {
+        self.msgs.msg(NFT_MSG_DELRULE, 0, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_RULE_TABLE
+            w.strz(2, name); // NFTA_RULE_CHAIN
+        });
+    }
+
+    /// `delete chain` (empty, not jumped to).
+    pub fn delete_chain(&mut self, name: &str) {
+        self.msgs.msg(NFT_MSG_DELCHAIN, 0, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_CHAIN_TABLE
+            w.strz(3, name); // NFTA_CHAIN_NAME
+        });
+    }
+
+    /// `add set` (its definition; elements go with [`Transaction::add_elements`]).
+    pub fn add_set(&mut self, s: &Set) {
+        let parts = key_parts(s.key);
+        let concat = parts.len() > 1;
+        if s.verdict_map && (concat || s.interval) {
+            return self.fail(Unsupported::Set {
+                set: s.name.clone(),
+                what: "a verdict map keyed by more than one address",
+            });
+        }
+        if s.interval && concat && s.key != SetKey::ProtoPort {
+            return self.fail(Unsupported::Set {
+                set: s.name.clone(),
+                what: "an interval set of a concatenation other than protocol . port",
+            });
+        }
+        let id = self.set_ids.len() as u32 + 1;
+        self.set_ids.insert(s.name.clone(), id);
+        let key_type = parts.iter().fold(0, |t, (ty, _)| (t << TYPE_BITS) | ty);
+        let key_len: u32 = parts.iter().map(|(_, l)| padded(*l)).sum();
+        let mut flags = 0;
+        if s.interval {
+            flags |= NFT_SET_INTERVAL;
+            if concat {
+                flags |= NFT_SET_CONCAT;
+            }
+        }
         if s.verdict_map {
-            w.u32(6, NFT_DATA_VERDICT); // NFTA_SET_DATA_TYPE
-            w.u32(7, 0); // NFTA_SET_DATA_LEN
+            flags |= NFT_SET_MAP;
         }
-        w.u32(10, id); // NFTA_SET_ID
-        if s.interval && concat {
-            let desc = w.begin(9); // NFTA_SET_DESC
-            let fields = w.begin(2); // NFTA_SET_DESC_CONCAT
-            for (_, len) in parts {
-                let f = w.begin(1); // NFTA_LIST_ELEM
-                w.u32(1, *len); // NFTA_SET_FIELD_LEN
-                w.end(f);
+        let udata = set_udata(s);
+        self.msgs.msg(NFT_MSG_NEWSET, NLM_F_CREATE, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_SET_TABLE
+            w.strz(2, &s.name); // NFTA_SET_NAME
+            w.u32(3, flags); // NFTA_SET_FLAGS
+            w.u32(4, key_type); // NFTA_SET_KEY_TYPE
+            w.u32(5, key_len); // NFTA_SET_KEY_LEN
+            if s.verdict_map {
+                w.u32(6, NFT_DATA_VERDICT); // NFTA_SET_DATA_TYPE
+                w.u32(7, 0); // NFTA_SET_DATA_LEN
             }
-            w.end(fields);
-            w.end(desc);
-        }
-        w.bytes(13, &udata); // NFTA_SET_USERDATA
-    });
-    let elems: Vec<ElemMsg> = if s.interval && !concat {
-        interval_elements(s)?
-    } else {
-        s.elements
-            .iter()
-            .map(|e| {
-                let (key, end) = elem_key(s, e)?;
-                let mut m = ElemMsg::key(key);
-                m.key_end = if s.interval && concat {
-                    Some(end.unwrap_or_else(|| m.key.clone()))
-                } else {
-                    None
-                };
-                if let Elem::GotoChain(_, chain) = e {
-                    m.goto = Some(chain.clone());
+            w.u32(10, id); // NFTA_SET_ID
+            if s.interval && concat {
+                let desc = w.begin(9); // NFTA_SET_DESC
+                let fields = w.begin(2); // NFTA_SET_DESC_CONCAT
+                for (_, len) in parts {
+                    let f = w.begin(1); // NFTA_LIST_ELEM
+                    w.u32(1, *len); // NFTA_SET_FIELD_LEN
+                    w.end(f);
                 }
-                Ok(m)
-            })
-            .collect::<Result<_, _>>()?
-    };
-    if s.verdict_map && elems.iter().any(|e| e.goto.is_none()) {
-        return Err(Unsupported::Set {
-            set: s.name.clone(),
-            what: "a verdict map element without a verdict",
+                w.end(fields);
+                w.end(desc);
+            }
+            w.bytes(13, &udata); // NFTA_SET_USERDATA
         });
     }
-    let mut rest = elems.as_slice();
-    while !rest.is_empty() {
-        b.msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |w| {
-            w.strz(1, TABLE_NAME); // NFTA_SET_ELEM_LIST_TABLE
-            w.strz(2, &s.name); // NFTA_SET_ELEM_LIST_SET
-            w.u32(4, id); // NFTA_SET_ELEM_LIST_SET_ID
-            let list = w.begin(3); // NFTA_SET_ELEM_LIST_ELEMENTS
-            let mut index: u16 = 0;
-            while let Some((e, tail)) = rest.split_first() {
-                if w.nest_len(&list) > ELEMENTS_PER_MESSAGE_BYTES {
-                    break;
-                }
-                index += 1;
-                elem(w, index, e);
-                rest = tail;
-            }
-            w.end(list);
+
+    /// `delete set`.
+    pub fn delete_set(&mut self, name: &str) {
+        self.msgs.msg(NFT_MSG_DELSET, 0, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_SET_TABLE
+            w.strz(2, name); // NFTA_SET_NAME
         });
     }
-    Ok(())
+
+    /// All elements of `s`, into the set just created for it.
+    fn fill_set(&mut self, s: &Set) {
+        let msgs = if s.interval && key_parts(s.key).len() == 1 {
+            interval_elements(s)
+        } else {
+            element_msgs(s, &s.elements)
+        };
+        match msgs {
+            Ok(m) => self.elements(s, &m, false),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// `add element` of some elements to `s` (a set of the kernel or of this transaction). Not for
+    /// an interval set: its ranges' end elements depend on its neighbours in the kernel.
+    pub fn add_elements<'a>(&mut self, s: &Set, elements: impl IntoIterator<Item = &'a Elem>) {
+        self.some_elements(s, elements, false)
+    }
+
+    /// `delete element` (by key) of some elements of `s`; not for an interval set.
+    pub fn delete_elements<'a>(&mut self, s: &Set, elements: impl IntoIterator<Item = &'a Elem>) {
+        self.some_elements(s, elements, true)
+    }
+
+    fn some_elements<'a>(
+        &mut self,
+        s: &Set,
+        elements: impl IntoIterator<Item = &'a Elem>,
+        delete: bool,
+    ) {
+        if s.interval {
+            return self.fail(Unsupported::Set {
+                set: s.name.clone(),
+                what: "elements added to or deleted from an interval set",
+            });
+        }
+        match element_msgs(s, elements) {
+            Ok(mut m) => {
+                if delete {
+                    m.iter_mut().for_each(|e| e.goto = None);
+                }
+                self.elements(s, &m, delete)
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn elements(&mut self, s: &Set, elems: &[ElemMsg], delete: bool) {
+        if s.verdict_map && !delete && elems.iter().any(|e| e.goto.is_none()) {
+            return self.fail(Unsupported::Set {
+                set: s.name.clone(),
+                what: "a verdict map element without a verdict",
+            });
+        }
+        let id = self.set_ids.get(&s.name).copied();
+        let (ty, flags) = if delete {
+            (NFT_MSG_DELSETELEM, 0)
+        } else {
+            (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
+        };
+        let mut rest = elems;
+        while !rest.is_empty() {
+            self.msgs.msg(ty, flags, |w| {
+                w.strz(1, TABLE_NAME); // NFTA_SET_ELEM_LIST_TABLE
+                w.strz(2, &s.name); // NFTA_SET_ELEM_LIST_SET
+                if let Some(id) = id {
+                    w.u32(4, id); // NFTA_SET_ELEM_LIST_SET_ID
+                }
+                let list = w.begin(3); // NFTA_SET_ELEM_LIST_ELEMENTS
+                let mut index: u16 = 0;
+                while let Some((e, tail)) = rest.split_first() {
+                    if w.nest_len(&list) > ELEMENTS_PER_MESSAGE_BYTES {
+                        break;
+                    }
+                    index += 1;
+                    elem(w, index, e);
+                    rest = tail;
+                }
+                w.end(list);
+            });
+        }
+    }
+
+    /// `add counter` (a named counter object).
+    pub fn add_counter(&mut self, name: &str) {
+        self.msgs.msg(NFT_MSG_NEWOBJ, NLM_F_CREATE, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_OBJ_TABLE
+            w.strz(2, name); // NFTA_OBJ_NAME
+            w.u32(3, NFT_OBJECT_COUNTER); // NFTA_OBJ_TYPE
+            let data = w.begin(4); // NFTA_OBJ_DATA
+            w.u64(1, 0); // NFTA_COUNTER_BYTES
+            w.u64(2, 0); // NFTA_COUNTER_PACKETS
+            w.end(data);
+        });
+    }
+
+    /// `delete counter`.
+    pub fn delete_counter(&mut self, name: &str) {
+        self.msgs.msg(NFT_MSG_DELOBJ, 0, |w| {
+            w.strz(1, TABLE_NAME); // NFTA_OBJ_TABLE
+            w.strz(2, name); // NFTA_OBJ_NAME
+            w.u32(3, NFT_OBJECT_COUNTER); // NFTA_OBJ_TYPE
+        });
+    }
+
+    /// `add rule` at the end of `chain`.
+    pub fn add_rule(&mut self, chain: &str, r: &Rule) {
+        let udata = match &r.comment {
+            Some(text) => {
+                let mut z = text.as_bytes().to_vec();
+                z.push(0);
+                if z.len() > usize::from(u8::MAX) {
+                    return self.fail(Unsupported::Comment(text.len()));
+                }
+                Some(nla::udata(&[(0, &z)])) // NFTNL_UDATA_RULE_COMMENT
+            }
+            None => None,
+        };
+        let set_ids = &self.set_ids;
+        self.msgs
+            .msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |w| {
+                w.strz(1, TABLE_NAME); // NFTA_RULE_TABLE
+                w.strz(2, chain); // NFTA_RULE_CHAIN
+                let exprs = w.begin(4); // NFTA_RULE_EXPRESSIONS
+                expr::lower(w, &r.stmts, set_ids);
+                w.end(exprs);
+                if let Some(u) = &udata {
+                    w.bytes(7, u); // NFTA_RULE_USERDATA
+                }
+            });
+    }
+
+    /// The transaction (`None` when it holds no step), or the first step it could not encode.
+    pub fn finish(self) -> Result<Option<NetlinkBatch>, Unsupported> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        if self.msgs.messages == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.msgs.finish()))
+    }
 }
 
 /// One element of a message's list; nft numbers them 1, 2, ... in each message (the kernel reads
@@ -530,18 +728,6 @@ fn elem(w: &mut Writer, index: u16, e: &ElemMsg) {
     w.end(el);
 }
 
-fn counter_msg(b: &mut Batch, name: &str) {
-    b.msg(NFT_MSG_NEWOBJ, NLM_F_CREATE, |w| {
-        w.strz(1, TABLE_NAME); // NFTA_OBJ_TABLE
-        w.strz(2, name); // NFTA_OBJ_NAME
-        w.u32(3, 1); // NFTA_OBJ_TYPE: NFT_OBJECT_COUNTER
-        let data = w.begin(4); // NFTA_OBJ_DATA
-        w.u64(1, 0); // NFTA_COUNTER_BYTES
-        w.u64(2, 0); // NFTA_COUNTER_PACKETS
-        w.end(data);
-    });
-}
-
 impl Ruleset {
     /// [`Ruleset::full_replace`] as nfnetlink messages: `add table; delete table; add table`,
     /// chains, sets with their elements, counters, rules, in one transaction.
@@ -549,61 +735,25 @@ impl Ruleset {
         if TABLE_FAMILY != "inet" {
             return Err(Unsupported::Family(TABLE_FAMILY));
         }
-        let mut b = Batch::new();
-        let table = |w: &mut Writer| w.strz(1, TABLE_NAME); // NFTA_TABLE_NAME
-        b.msg(NFT_MSG_NEWTABLE, 0, |w| {
-            table(w);
-            w.u32(2, 0); // NFTA_TABLE_FLAGS
-        });
-        b.msg(NFT_MSG_DELTABLE, 0, table);
-        b.msg(NFT_MSG_NEWTABLE, 0, |w| {
-            table(w);
-            w.u32(2, 0);
-        });
+        let mut t = Transaction::new();
+        t.empty_table();
         for c in self.chains.values() {
-            chain_msg(&mut b, c);
+            t.add_chain(c);
         }
-        let mut set_ids: HashMap<&str, u32> = HashMap::with_capacity(self.sets.len());
-        for (i, s) in self.sets.values().enumerate() {
-            let id = i as u32 + 1;
-            set_ids.insert(s.name.as_str(), id);
-            set_msgs(&mut b, s, id)?;
+        for s in self.sets.values() {
+            t.add_set(s);
+            t.fill_set(s);
         }
         for n in &self.counters {
-            counter_msg(&mut b, n);
+            t.add_counter(n);
         }
         for c in self.chains.values() {
             for r in &c.rules {
-                let udata = match &r.comment {
-                    Some(text) => {
-                        let mut z = text.as_bytes().to_vec();
-                        z.push(0);
-                        if z.len() > usize::from(u8::MAX) {
-                            return Err(Unsupported::Comment(text.len()));
-                        }
-                        Some(nla::udata(&[(0, &z)])) // NFTNL_UDATA_RULE_COMMENT
-                    }
-                    None => None,
-                };
-                let mut failed = None;
-                b.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |w| {
-                    w.strz(1, TABLE_NAME); // NFTA_RULE_TABLE
-                    w.strz(2, &c.name); // NFTA_RULE_CHAIN
-                    let exprs = w.begin(4); // NFTA_RULE_EXPRESSIONS
-                    if let Err(e) = expr::lower(w, &r.stmts, &set_ids) {
-                        failed = Some(e);
-                    }
-                    w.end(exprs);
-                    if let Some(u) = &udata {
-                        w.bytes(7, u); // NFTA_RULE_USERDATA
-                    }
-                });
-                if let Some(e) = failed {
-                    return Err(e);
-                }
+                t.add_rule(&c.name, r);
             }
         }
-        Ok(b.finish())
+        // The table's three messages are always there.
+        t.finish()?.ok_or(Unsupported::Family(TABLE_FAMILY))
     }
 }
 
