@@ -31,6 +31,9 @@ pub struct Batch {
     /// The same batch as address element changes, when that is all it is (see
     /// `palisade_policy::Batch::address_element_changes`): committed without nft.
     pub elements: Option<Vec<palisade_policy::ruleset::ElementChange>>,
+    /// The same batch as nfnetlink messages (`palisade_policy::Batch::netlink`), when the compiler
+    /// could encode each of its steps: committed without nft and without its cache of our table.
+    pub netlink: Option<Vec<u8>>,
     /// What the batch touches, for logs.
     pub stats: String,
 }
@@ -104,6 +107,7 @@ fn batch(b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
     Some(Batch {
         elements: b.address_element_changes(next),
         json: b.to_json_string(),
+        netlink: b.netlink.map(|n| n.bytes),
         stats: format!(
             "{} commands, {} bytes; target {} chains, {} rules, {} sets, {} elements",
             b.commands, b.bytes, s.chains, s.rules, s.sets, s.elements

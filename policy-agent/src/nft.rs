@@ -48,12 +48,24 @@ impl Nft {
     }
 
     /// Commits an incremental batch: as set element messages when that is all it is
-    /// ([`Nft::apply_elements`]), else its JSON through nft.
+    /// ([`Nft::apply_elements`]), else as the compiler's nfnetlink messages for it on the same
+    /// kept socket (libnftables would first refetch its cache of our whole table: at 100k pods
+    /// ~50 ms of every change), else (or when the kernel refuses those) its JSON through nft,
+    /// whose error says what is wrong.
     pub fn apply_batch(&self, batch: &crate::compiled::Batch) -> Result<()> {
-        match &batch.elements {
-            Some(changes) => self.apply_elements(changes),
-            None => self.apply(&batch.json),
+        if let Some(changes) = &batch.elements {
+            return self.apply_elements(changes);
         }
+        if let Some(bytes) = &batch.netlink {
+            let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
+            match writer.commit_prepared("incremental batch", TABLE_NAME, bytes) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "netlink batch refused; committing its JSON through nft for nft's account of it")
+                }
+            }
+        }
+        self.apply(&batch.json)
     }
 
     /// Adds and deletes elements of our table's address-keyed sets, in order, as one atomic transaction
