@@ -19,8 +19,28 @@ pub struct Nft {
     monitor: MonitorSwitch,
 }
 
-/// Where the drift monitor's thread leaves its [`Membership`] switch (a new one when it reopens).
-pub type MonitorSwitch = std::sync::Arc<std::sync::Mutex<Option<Membership>>>;
+/// Where the drift monitor's thread leaves its [`Membership`] switch (a new one when it reopens),
+/// and how a quiet full replace that could not make it listen again tells the thread to reopen.
+#[derive(Clone, Default)]
+pub struct MonitorSwitch(std::sync::Arc<SwitchState>);
+
+#[derive(Default)]
+struct SwitchState {
+    membership: std::sync::Mutex<Option<Membership>>,
+    /// Set when rejoining the group failed: the monitor hears nothing until it reopens.
+    deaf: std::sync::atomic::AtomicBool,
+}
+
+impl MonitorSwitch {
+    /// The monitor could not rejoin the notification group: its thread reopens it (a fresh
+    /// subscription) and reports an unknown change, so what it missed is restored.
+    pub fn report_rejoin_failure(&self) {
+        self.0.deaf.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How often the drift monitor's thread looks at [`SwitchState::deaf`] while it hears nothing.
+const DEAF_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Tries of a full replace bound to the generation read just before it (another process's commit
 /// in between refuses it) before it goes without leaving the notification group.
@@ -155,7 +175,12 @@ impl Nft {
         writer: &mut palisade_nft::setelem::ElementWriter,
         bytes: &[u8],
     ) -> Result<bool> {
-        let switch = self.monitor.lock().unwrap_or_else(|p| p.into_inner());
+        let switch = self
+            .monitor
+            .0
+            .membership
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(m) = switch.as_ref() {
             for _ in 0..QUIET_REPLACE_TRIES {
                 m.leave()?;
@@ -164,8 +189,12 @@ impl Nft {
                         .commit_prepared_at("full replace", TABLE_NAME, bytes, Some(g))
                         .map(|()| g)
                 });
-                // Listening again comes first, whatever happened.
-                m.join()?;
+                // Listening again comes first, whatever happened; a monitor that cannot rejoin
+                // is reopened by its thread (and what it missed is restored).
+                if let Err(e) = m.join().or_else(|_| m.join()) {
+                    self.monitor.report_rejoin_failure();
+                    return Err(e.into());
+                }
                 match committed {
                     Ok(g) => {
                         if writer.generation()? == g.wrapping_add(1) {
@@ -238,9 +267,14 @@ pub fn watch_drift(
 ) -> Result<()> {
     let scope = Scope::new(TABLE_FAMILY, TABLE_NAME, &[PENDING_SET_V4, PENDING_SET_V6])?;
     let mut monitor = Monitor::open(scope.clone())?;
+    let state = switch.0.clone();
     let publish = move |m: &Monitor| {
         let handle = m.membership();
-        let mut slot = switch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = switch
+            .0
+            .membership
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         match handle {
             Ok(h) => *slot = Some(h),
             Err(e) => {
@@ -253,7 +287,15 @@ pub fn watch_drift(
     std::thread::Builder::new()
         .name("drift-monitor".into())
         .spawn(move || loop {
-            match monitor.next(None) {
+            let next = if state.deaf.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                Err(palisade_nft::Error::Monitor {
+                    action: "rejoin the notification group after a quiet full replace",
+                    source: std::io::Error::other("setsockopt(NETLINK_ADD_MEMBERSHIP) failed"),
+                })
+            } else {
+                monitor.next(Some(DEAF_CHECK))
+            };
+            match next {
                 Ok(Some(drift)) => {
                     if !wake(drift) {
                         return;

@@ -66,3 +66,45 @@ fn exec_backend_applies_lists_rejects_and_deletes_our_table() {
 fn lib_backend_applies_lists_rejects_and_deletes_our_table() {
     exercise(Backend::Lib);
 }
+
+/// A full replace with the drift monitor running goes quiet and never wakes it; a tampering right
+/// after it does (the monitor is back in the group); a monitor that could not rejoin is reopened
+/// by its thread and reports an unknown change.
+#[test]
+fn a_quiet_full_replace_wakes_nobody_and_the_monitor_hears_again_after_it() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    private_netns();
+    let nft = Nft::new(Backend::Lib);
+    let switch = nft.monitor_switch();
+    let (tx, rx) = mpsc::channel();
+    palisade_agent::nft::watch_drift(switch.clone(), move |d| tx.send(d.to_string()).is_ok())
+        .unwrap();
+    let st = palisade_policy::synth::cluster(&palisade_policy::synth::SynthConfig::small(5));
+    let rs = palisade_policy::compile(&st, "n0").ruleset;
+    for _ in 0..3 {
+        match nft.replace_table(&rs).unwrap() {
+            palisade_agent::nft::ReplacedBy::Netlink { quiet, .. } => assert!(quiet),
+            other => panic!("not the netlink path: {other:?}"),
+        }
+    }
+    assert_eq!(
+        rx.recv_timeout(Duration::from_millis(500)).ok(),
+        None,
+        "our own full replace woke the drift watch"
+    );
+    let out = std::process::Command::new("nft")
+        .args(["add", "chain", "inet", "palisade", "foreign"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let seen = rx
+        .recv_timeout(Duration::from_secs(2))
+        .expect("a tampering after a quiet replace went unheard");
+    assert!(seen.contains("foreign"), "{seen}");
+    switch.report_rejoin_failure();
+    let seen = rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("a monitor that could not rejoin stayed deaf");
+    assert!(seen.contains("unknown"), "{seen}");
+}
