@@ -14,6 +14,7 @@ mod exec;
 mod libnftables;
 pub mod monitor;
 pub mod setelem;
+mod sockopt;
 
 pub use error::{Error, Result};
 pub use exec::NFT_BINARY;

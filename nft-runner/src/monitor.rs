@@ -17,6 +17,7 @@
 //! notifications: it is reported as drift of unknown content (restoring is always safe).
 
 use crate::error::{Error, Result};
+use crate::sockopt::{get_int, set_int};
 use netlink_packet_core::NetlinkBuffer;
 use netlink_packet_core::ParseableParametrized;
 use netlink_packet_netfilter::nftables::{
@@ -25,7 +26,7 @@ use netlink_packet_netfilter::nftables::{
 };
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -657,8 +658,8 @@ pub fn own_portids() -> Vec<u32> {
         if !is_socket {
             continue;
         }
-        if sockopt(fd, libc::SO_DOMAIN) != Some(libc::AF_NETLINK)
-            || sockopt(fd, libc::SO_PROTOCOL) != Some(NETLINK_NETFILTER)
+        if get_int(fd, libc::SO_DOMAIN) != Some(libc::AF_NETLINK)
+            || get_int(fd, libc::SO_PROTOCOL) != Some(NETLINK_NETFILTER)
         {
             continue;
         }
@@ -679,22 +680,6 @@ pub fn own_portids() -> Vec<u32> {
     out
 }
 
-fn sockopt(fd: libc::c_int, opt: libc::c_int) -> Option<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into an int.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(v)
-}
-
 /// Switches a [`Monitor`]'s subscription to the notification group off and on again, from another
 /// thread (a duplicate of its socket: membership belongs to the socket, not the descriptor).
 ///
@@ -703,51 +688,37 @@ fn sockopt(fd: libc::c_int, opt: libc::c_int) -> Option<libc::c_int> {
 /// rule, set element and object, at 100k pods seconds of a full replace, leaves the group for that
 /// transaction. Whatever else is committed meanwhile is unseen: the caller must prove nothing was
 /// (the transaction generation, see `setelem::ElementWriter::generation`).
-#[derive(Debug)]
 pub struct Membership {
-    fd: std::os::fd::OwnedFd,
+    /// The monitor's socket through a descriptor of our own.
+    socket: netlink_sys::Socket,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("fd", &self.socket.as_raw_fd())
+            .finish()
+    }
 }
 
 impl Membership {
-    fn set(&self, join: bool) -> Result<()> {
-        const SOL_NETLINK: libc::c_int = 270;
-        const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
-        const NETLINK_DROP_MEMBERSHIP: libc::c_int = 2;
-        let group = NFNLGRP_NFTABLES as libc::c_int;
-        let opt = if join {
-            NETLINK_ADD_MEMBERSHIP
-        } else {
-            NETLINK_DROP_MEMBERSHIP
-        };
-        // SAFETY: setsockopt with an int option value on a descriptor we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                SOL_NETLINK,
-                opt,
-                (&group as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(Error::Monitor {
-                action: if join {
-                    "rejoin the nf_tables notification group"
-                } else {
-                    "leave the nf_tables notification group"
-                },
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
-    }
     /// Stops the notifications (the monitor hears nothing until [`Membership::join`]).
     pub fn leave(&self) -> Result<()> {
-        self.set(false)
+        self.socket
+            .drop_membership(NFNLGRP_NFTABLES)
+            .map_err(|source| Error::Monitor {
+                action: "leave the nf_tables notification group",
+                source,
+            })
     }
     /// Subscribes again.
     pub fn join(&self) -> Result<()> {
-        self.set(true)
+        self.socket
+            .add_membership(NFNLGRP_NFTABLES)
+            .map_err(|source| Error::Monitor {
+                action: "rejoin the nf_tables notification group",
+                source,
+            })
     }
 }
 
@@ -775,17 +746,7 @@ impl Monitor {
             .bind(&netlink_sys::SocketAddr::new(0, 0))
             .map_err(err("bind the monitor socket"))?;
         let size = bytes.min(i32::MAX as usize) as libc::c_int;
-        // SAFETY: setsockopt with an int option value on our own socket.
-        let forced = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        } == 0;
-        if !forced {
+        if set_int(socket.as_raw_fd(), libc::SO_RCVBUFFORCE, size).is_err() {
             // Without CAP_NET_ADMIN: as much as rmem_max allows.
             socket
                 .set_rx_buf_sz(bytes)
@@ -812,7 +773,10 @@ impl Monitor {
                 action: "duplicate the monitor socket",
                 source,
             })?;
-        Ok(Membership { fd })
+        // SAFETY: the descriptor is ours alone (just duplicated) and a NETLINK_NETFILTER socket;
+        // the Socket closes it when dropped.
+        let socket = unsafe { netlink_sys::Socket::from_raw_fd(fd.into_raw_fd()) };
+        Ok(Membership { socket })
     }
 
     /// Waits for the next drift; `None` when `timeout` passed first (`None` waits forever).

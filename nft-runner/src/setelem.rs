@@ -20,13 +20,15 @@
 
 use crate::error::{Error, Result};
 use crate::is_identifier;
+use crate::sockopt::{get_int, set_int};
+use netlink_packet_core::ParseableParametrized;
 use netlink_packet_core::{
     ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_ALIGNTO,
     NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::nftables::{
-    DataAttribute, ListAttribute, NfTablesMessage, SetAttribute, SetElementAttribute,
-    SetElementList, SetElementMessage, SetMessage,
+    DataAttribute, GenAttribute, GenMessage, ListAttribute, NfTablesMessage, SetAttribute,
+    SetElementAttribute, SetElementList, SetElementMessage, SetMessage,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{
@@ -363,22 +365,25 @@ fn send_parts(sock: &netlink_sys::Socket, parts: &[&[u8]]) -> io::Result<usize> 
     }
 }
 
-/// Sends `NFT_MSG_GETGEN` and reads the generation from the `NFT_MSG_NEWGEN` answer.
+/// Sends `NFT_MSG_GETGEN` and reads the generation from the `NFT_MSG_NEWGEN` answer (both through
+/// netlink-packet-netfilter's `GenMessage`, as the monitor reads a transaction's `NEWGEN`).
 fn query_generation(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<u32> {
-    const NFT_MSG_GETGEN: u16 = 16;
-    const NFT_MSG_NEWGEN: u16 = 15;
-    const NFTA_GEN_ID: u16 = 1;
-    let subsys = u16::from(u8::from(NetfilterSubsystem::NfTables));
-    let mut req = Vec::with_capacity(20);
-    req.extend_from_slice(&20u32.to_ne_bytes());
-    req.extend_from_slice(&((subsys << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req.extend_from_slice(&FIRST_SEQ.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&[0, NFNETLINK_V0, 0, 0]);
-    let sent = sock.send(&req, 0).map_err(|e| ctx.io(e))?;
-    if sent != req.len() {
-        return Err(ctx.protocol(format!("sent {sent} of {} bytes", req.len())));
+    let request = serialize(&[message(
+        NfTablesMessage::GetGen(GenMessage { attributes: vec![] }),
+        NLM_F_REQUEST,
+        FIRST_SEQ,
+        NetfilterProtoFamily::Unspec,
+        0,
+    )]);
+    let sent = sock.send(&request, 0).map_err(|e| ctx.io(e))?;
+    if sent != request.len() {
+        return Err(ctx.protocol(format!("sent {sent} of {} bytes", request.len())));
+    }
+    /// What the kernel answered.
+    enum Answer {
+        Generation(u32),
+        NoGeneration,
+        Errno(i32),
     }
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     loop {
@@ -388,41 +393,38 @@ fn query_generation(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<u32
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(ctx.io(e)),
         }
-        let mut data = buf.as_slice();
-        while !data.is_empty() {
-            let msg = NetlinkBuffer::new_checked(data).map_err(|e| ctx.protocol(e.to_string()))?;
-            let len = msg.length() as usize;
-            if msg.message_type() == NLMSG_ERROR {
-                if let Some(code) = ErrorBuffer::new_checked(msg.payload())
-                    .map_err(|e| ctx.protocol(e.to_string()))?
+        let mut found = None;
+        each_message(&buf, |ty, payload| {
+            if ty == NLMSG_ERROR {
+                if let Some(code) = ErrorBuffer::new_checked(payload)
+                    .map_err(|e| e.to_string())?
                     .code()
                 {
-                    return Err(ctx.io(io::Error::from_raw_os_error(-code.get())));
+                    found = Some(Answer::Errno(-code.get()));
                 }
-            } else if msg.message_type() == (subsys << 8) | NFT_MSG_NEWGEN {
-                return generation_attr(msg.payload().get(4..).unwrap_or_default(), NFTA_GEN_ID)
-                    .ok_or_else(|| ctx.protocol("NFT_MSG_NEWGEN without NFTA_GEN_ID"));
+            } else if let Ok(NetfilterMessage {
+                inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewGen(g)),
+                ..
+            }) = NetfilterMessage::parse_with_param(payload, ty)
+            {
+                let id = g.attributes.iter().find_map(|a| match a {
+                    GenAttribute::Id(id) => Some(*id),
+                    _ => None,
+                });
+                found = Some(id.map_or(Answer::NoGeneration, Answer::Generation));
             }
-            data = &data[len
-                .next_multiple_of(usize::from(NLMSG_ALIGNTO))
-                .min(data.len())..];
+            Ok(found.is_none())
+        })
+        .map_err(|m| ctx.protocol(m))?;
+        match found {
+            Some(Answer::Generation(id)) => return Ok(id),
+            Some(Answer::NoGeneration) => {
+                return Err(ctx.protocol("NFT_MSG_NEWGEN without NFTA_GEN_ID"))
+            }
+            Some(Answer::Errno(errno)) => return Err(ctx.io(io::Error::from_raw_os_error(errno))),
+            None => {}
         }
     }
-}
-
-/// The big-endian u32 attribute `kind` among `attrs` (length, type, value, padded to 4).
-fn generation_attr(mut attrs: &[u8], kind: u16) -> Option<u32> {
-    while attrs.len() >= 4 {
-        let alen = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        if alen < 4 || alen > attrs.len() {
-            return None;
-        }
-        if u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff == kind && alen == 8 {
-            return Some(u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]));
-        }
-        attrs = &attrs[alen.next_multiple_of(4).min(attrs.len())..];
-    }
-    None
 }
 
 /// Raises the socket's send buffer to hold a `len`-byte datagram (the kernel refuses a datagram
@@ -431,38 +433,11 @@ fn grow_send_buffer(sock: &netlink_sys::Socket, len: usize) -> io::Result<()> {
     // The kernel doubles the value it is given and keeps some for its own bookkeeping.
     let want = libc::c_int::try_from(len.saturating_add(64 * 1024))
         .map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
-    let mut have: libc::c_int = 0;
-    let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into a live c_int with its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&mut have as *mut libc::c_int).cast(),
-            &mut size,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let have = get_int(sock.as_raw_fd(), libc::SO_SNDBUF).ok_or_else(io::Error::last_os_error)?;
     if have / 2 >= want {
         return Ok(());
     }
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            (&want as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_int(sock.as_raw_fd(), libc::SO_SNDBUFFORCE, want)
 }
 
 /// Whether `set FAMILY TABLE SET` exists (one `NFT_MSG_GETSET`; absence of table or set is `false`).
@@ -701,26 +676,42 @@ enum Answers {
 
 /// Reads only headers and `NLMSG_ERROR` codes: replies to a probe (the set or element itself) are
 /// never decoded, so an attribute a newer kernel adds cannot fail a probe.
-fn parse_answers(mut data: &[u8]) -> std::result::Result<Answers, String> {
+fn parse_answers(data: &[u8]) -> std::result::Result<Answers, String> {
     let mut acks = 0;
-    while !data.is_empty() {
-        let msg = NetlinkBuffer::new_checked(data).map_err(|e| e.to_string())?;
-        let len = msg.length() as usize;
+    let mut error = None;
+    each_message(data, |ty, payload| {
         // Anything else (a GETSET's reply, NFT_MSG_NEWSET) is not an acknowledgement.
-        if msg.message_type() == NLMSG_ERROR {
-            match ErrorBuffer::new_checked(msg.payload())
+        if ty == NLMSG_ERROR {
+            match ErrorBuffer::new_checked(payload)
                 .map_err(|e| e.to_string())?
                 .code()
             {
                 None => acks += 1,
-                Some(code) => return Ok(Answers::Error(-code.get())),
+                Some(code) => error = Some(-code.get()),
             }
+        }
+        Ok(error.is_none())
+    })?;
+    Ok(error.map_or(Answers::Acks(acks), Answers::Error))
+}
+
+/// Calls `f` with the type and payload of each netlink message of one datagram, in order, while it
+/// returns `Ok(true)`.
+fn each_message(
+    mut data: &[u8],
+    mut f: impl FnMut(u16, &[u8]) -> std::result::Result<bool, String>,
+) -> std::result::Result<(), String> {
+    while !data.is_empty() {
+        let msg = NetlinkBuffer::new_checked(data).map_err(|e| e.to_string())?;
+        let len = msg.length() as usize;
+        if !f(msg.message_type(), msg.payload())? {
+            break;
         }
         data = &data[len
             .next_multiple_of(usize::from(NLMSG_ALIGNTO))
             .min(data.len())..];
     }
-    Ok(Answers::Acks(acks))
+    Ok(())
 }
 
 /// A NETLINK_NETFILTER socket that waits at most [`RECV_TIMEOUT`] for an answer, bound before anything is sent, so the portid
