@@ -126,7 +126,7 @@ impl Nft {
     /// With a drift monitor running, the commit goes quiet ([`Nft::commit_quietly`]): the kernel
     /// builds a notification per rule, element and object of the transaction for every listener,
     /// and ours is usually the only one (at 100k pods that was most of a 5 s commit).
-    pub fn replace_table(&self, rs: &Ruleset) -> Result<ReplacedBy> {
+    pub fn replace_table(&self, rs: &Ruleset) -> Result<Replaced> {
         let start = std::time::Instant::now();
         let why = match rs.full_replace_netlink() {
             Ok(batch) => {
@@ -134,11 +134,11 @@ impl Nft {
                 let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
                 match self.commit_quietly(&mut writer, &batch.bytes) {
                     Ok(quiet) => {
-                        return Ok(ReplacedBy::Netlink {
-                            build: built,
+                        return Ok(Replaced {
+                            by: ReplacePath::Netlink { quiet },
+                            prepare: built,
                             commit: start.elapsed() - built,
                             bytes: batch.bytes.len(),
-                            quiet,
                         })
                     }
                     Err(e) => format!("the kernel refused the netlink batch: {e}"),
@@ -157,8 +157,9 @@ impl Nft {
         let json = rs.full_replace_text();
         let rendered = start.elapsed();
         self.apply(&json)?;
-        Ok(ReplacedBy::Json {
-            render: rendered,
+        Ok(Replaced {
+            by: ReplacePath::Json,
+            prepare: rendered,
             commit: start.elapsed() - rendered,
             bytes: json.len(),
         })
@@ -237,19 +238,23 @@ impl Nft {
 
 /// How a full replace reached the kernel, and what each step took.
 #[derive(Debug, Clone, Copy)]
-pub enum ReplacedBy {
-    Netlink {
-        build: std::time::Duration,
-        commit: std::time::Duration,
-        bytes: usize,
-        /// Committed with the drift monitor out of the notification group.
-        quiet: bool,
-    },
-    Json {
-        render: std::time::Duration,
-        commit: std::time::Duration,
-        bytes: usize,
-    },
+pub struct Replaced {
+    pub by: ReplacePath,
+    /// Building the messages, or rendering the JSON.
+    pub prepare: std::time::Duration,
+    pub commit: std::time::Duration,
+    /// Size of the messages or of the JSON text.
+    pub bytes: usize,
+}
+
+/// The way a full replace went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplacePath {
+    /// The compiler's nfnetlink messages; `quiet`: with the drift monitor out of the notification
+    /// group.
+    Netlink { quiet: bool },
+    /// Its JSON through nft.
+    Json,
 }
 
 /// Starts a thread that watches our table through nf_tables notifications (palisade-nft's monitor,

@@ -535,29 +535,13 @@ impl Engine {
     /// Replaces our whole table with the compiler's ruleset; a failure leaves the compiler stale.
     fn commit_full(&mut self) -> Result<()> {
         let applied = self.nft.replace_table(self.inc.ruleset());
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         match &applied {
-            Ok(crate::nft::ReplacedBy::Netlink {
-                build,
-                commit,
-                bytes,
-                quiet,
-            }) => debug!(
-                build_ms = ms(*build),
-                commit_ms = ms(*commit),
-                bytes,
-                quiet,
-                "full replace: netlink messages built, then committed"
-            ),
-            Ok(crate::nft::ReplacedBy::Json {
-                render,
-                commit,
-                bytes,
-            }) => debug!(
-                render_ms = ms(*render),
-                nft_ms = ms(*commit),
-                bytes,
-                "full replace: JSON rendered, then committed by nft"
+            Ok(r) => debug!(
+                by = ?r.by,
+                prepare_ms = r.prepare.as_secs_f64() * 1e3,
+                commit_ms = r.commit.as_secs_f64() * 1e3,
+                bytes = r.bytes,
+                "full replace committed"
             ),
             Err(_) => self.inc.invalidate(),
         }

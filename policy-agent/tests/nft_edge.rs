@@ -83,10 +83,12 @@ fn a_quiet_full_replace_wakes_nobody_and_the_monitor_hears_again_after_it() {
     let st = palisade_policy::synth::cluster(&palisade_policy::synth::SynthConfig::small(5));
     let rs = palisade_policy::compile(&st, "n0").ruleset;
     for _ in 0..3 {
-        match nft.replace_table(&rs).unwrap() {
-            palisade_agent::nft::ReplacedBy::Netlink { quiet, .. } => assert!(quiet),
-            other => panic!("not the netlink path: {other:?}"),
-        }
+        let r = nft.replace_table(&rs).unwrap();
+        assert_eq!(
+            r.by,
+            palisade_agent::nft::ReplacePath::Netlink { quiet: true },
+            "{r:?}"
+        );
     }
     assert_eq!(
         rx.recv_timeout(Duration::from_millis(500)).ok(),
