@@ -1,30 +1,75 @@
 //! Root test: a sequence of diffs applied to the real kernel leaves exactly the table a full
 //! replace produces (compared via `nft -j list table`), in throwaway netns.
 
+use palisade_policy::ruleset::{Batch, Ruleset};
 use palisade_policy::synth::{self, Rng, SynthConfig};
 use palisade_policy::{compile, diff};
 use palisade_tests::{Netns, NftNs};
 use serde_json::Value;
 
-#[test]
-fn incremental_diffs_equal_full_replace_in_the_kernel_root() {
-    let incremental = Netns::new("pal-cmp-");
-    let mut changed_steps = 0;
-    for seed in [3u64, 11] {
+/// Seeded random change sequences on small synthetic clusters (node `n0`, 25 steps of 1–3
+/// changes each): `start` gets each seed's first ruleset, `step` each step's seed, index, next
+/// ruleset and the diff from the last one.
+fn diff_sequences(
+    seeds: &[u64],
+    mut start: impl FnMut(&Ruleset),
+    mut step: impl FnMut(u64, usize, &Ruleset, &Batch),
+) {
+    for &seed in seeds {
         let cfg = SynthConfig::small(seed);
         let mut st = synth::cluster(&cfg);
         let mut rng = Rng::new(seed);
         let mut last = compile(&st, "n0").ruleset;
-        incremental
-            .nft_load(&last.full_replace().to_json_string())
-            .unwrap();
-        for step in 0..25 {
+        start(&last);
+        for i in 0..25 {
             for j in 0..=rng.below(2) {
-                let ch = synth::random_change(&cfg, &st, &mut rng, step * 4 + j);
+                let ch = synth::random_change(&cfg, &st, &mut rng, i * 4 + j);
                 st.apply(ch);
             }
             let next = compile(&st, "n0").ruleset;
             let b = diff(&last, &next);
+            step(seed, i, &next, &b);
+            last = next;
+        }
+    }
+}
+
+/// What only `got` and only `want` hold, two listings normalized by `palisade_testkit::nft`
+/// (objects, and each chain's rules in order).
+fn differences(got: &Value, want: &Value) -> (Vec<String>, Vec<String>) {
+    let items = |v: &Value| -> Vec<String> {
+        let mut out: Vec<String> = v["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(Value::to_string)
+            .collect();
+        out.extend(
+            v["rules"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(c, r)| format!("{c}: {r}")),
+        );
+        out
+    };
+    let (g, w) = (items(got), items(want));
+    let only = |a: &[String], b: &[String]| a.iter().filter(|x| !b.contains(x)).cloned().collect();
+    (only(&g, &w), only(&w, &g))
+}
+
+#[test]
+fn incremental_diffs_equal_full_replace_in_the_kernel_root() {
+    let incremental = Netns::new("pal-cmp-");
+    let mut changed_steps = 0;
+    diff_sequences(
+        &[3, 11],
+        |first| {
+            incremental
+                .nft_load(&first.full_replace().to_json_string())
+                .unwrap()
+        },
+        |seed, step, next, b| {
             if !b.is_empty() {
                 changed_steps += 1;
                 incremental
@@ -42,25 +87,11 @@ fn incremental_diffs_equal_full_replace_in_the_kernel_root() {
                 .unwrap();
             let (got, want) = (incremental.list_table(), fresh.list_table());
             if got != want {
-                let g: Vec<String> = got
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(Value::to_string)
-                    .collect();
-                let w: Vec<String> = want
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(Value::to_string)
-                    .collect();
-                let extra: Vec<&String> = g.iter().filter(|x| !w.contains(x)).collect();
-                let missing: Vec<&String> = w.iter().filter(|x| !g.contains(x)).collect();
+                let (extra, missing) = differences(&got, &want);
                 panic!("seed {seed} step {step}: kernel differs\nonly incremental: {extra:#?}\nonly full: {missing:#?}");
             }
-            last = next;
-        }
-    }
+        },
+    );
     assert!(
         changed_steps > 10,
         "only {changed_steps} steps changed anything"
@@ -80,19 +111,10 @@ fn incremental_netlink_diffs_equal_full_replace_in_the_kernel_root() {
         palisade_testkit::nft::normalized(&nft.list_table("inet", "palisade").unwrap().unwrap())
     };
     let (mut by_netlink, mut by_json) = (0, 0);
-    for seed in [3u64, 11, 29] {
-        let cfg = SynthConfig::small(seed);
-        let mut st = synth::cluster(&cfg);
-        let mut rng = Rng::new(seed);
-        let mut last = compile(&st, "n0").ruleset;
-        nft.apply(&last.full_replace_text()).unwrap();
-        for step in 0..25 {
-            for j in 0..=rng.below(2) {
-                let ch = synth::random_change(&cfg, &st, &mut rng, step * 4 + j);
-                st.apply(ch);
-            }
-            let next = compile(&st, "n0").ruleset;
-            let b = diff(&last, &next);
+    diff_sequences(
+        &[3, 11, 29],
+        |first| nft.apply(&first.full_replace_text()).unwrap(),
+        |seed, step, next, b| {
             match &b.netlink {
                 Some(nl) => {
                     by_netlink += 1;
@@ -115,33 +137,14 @@ fn incremental_netlink_diffs_equal_full_replace_in_the_kernel_root() {
             nft.apply(&next.full_replace_text()).unwrap();
             let want = listed(&nft);
             if got != want {
-                let items = |v: &Value| -> Vec<String> {
-                    let mut out: Vec<String> = v["objects"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(Value::to_string)
-                        .collect();
-                    out.extend(
-                        v["rules"]
-                            .as_object()
-                            .unwrap()
-                            .iter()
-                            .map(|(c, r)| format!("{c}: {r}")),
-                    );
-                    out
-                };
-                let (g, w) = (items(&got), items(&want));
-                let extra: Vec<&String> = g.iter().filter(|x| !w.contains(x)).collect();
-                let missing: Vec<&String> = w.iter().filter(|x| !g.contains(x)).collect();
+                let (extra, missing) = differences(&got, &want);
                 panic!(
                     "seed {seed} step {step}: the netlink diff left another table\nbatch: {}\nonly netlink: {extra:#?}\nonly full: {missing:#?}",
                     b.to_json_string()
                 );
             }
-            last = next;
-        }
-    }
+        },
+    );
     assert!(
         by_netlink > 20,
         "only {by_netlink} diffs went as netlink messages ({by_json} as JSON)"

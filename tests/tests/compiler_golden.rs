@@ -75,7 +75,7 @@ fn golden_rulesets_load_into_real_nft_root() {
 }
 
 /// Our table as `nft -j list` shows it, normalized as every kernel test compares tables.
-fn listed_without_handles() -> serde_json::Value {
+fn listed_normalized() -> serde_json::Value {
     let nft = palisade_nft::Nft::new(palisade_nft::Backend::Lib);
     let text = nft
         .list_table("inet", "palisade")
@@ -377,7 +377,7 @@ fn netlink_full_replace_lists_as_the_json_one_root() {
     for (name, rs) in cases {
         nft.apply(&rs.full_replace_text())
             .unwrap_or_else(|e| panic!("{name}: JSON load: {e}"));
-        let by_json = listed_without_handles();
+        let by_json = listed_normalized();
         let batch = rs
             .full_replace_netlink()
             .unwrap_or_else(|e| panic!("{name}: not encoded: {e}"));
@@ -392,7 +392,7 @@ fn netlink_full_replace_lists_as_the_json_one_root() {
             writer
                 .commit_prepared("full replace", "palisade", &batch.bytes)
                 .unwrap_or_else(|e| panic!("{name}, over {over}: kernel refused: {e}"));
-            let by_netlink = listed_without_handles();
+            let by_netlink = listed_normalized();
             assert!(
                 by_json == by_netlink,
                 "{name}, over {over}: listings differ\nJSON:    {}\nnetlink: {}",

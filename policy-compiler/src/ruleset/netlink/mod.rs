@@ -686,13 +686,18 @@ impl Transaction {
 
     /// The transaction (`None` when it holds no step), or the first step it could not encode.
     pub fn finish(self) -> Result<Option<NetlinkBatch>, Unsupported> {
-        if let Some(e) = self.failed {
-            return Err(e);
-        }
-        if self.msgs.messages == 0 {
+        if self.msgs.messages == 0 && self.failed.is_none() {
             return Ok(None);
         }
-        Ok(Some(self.msgs.finish()))
+        self.into_batch().map(Some)
+    }
+
+    /// The transaction, or the first step it could not encode.
+    fn into_batch(self) -> Result<NetlinkBatch, Unsupported> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok(self.msgs.finish()),
+        }
     }
 }
 
@@ -752,8 +757,7 @@ impl Ruleset {
                 t.add_rule(&c.name, r);
             }
         }
-        // The table's three messages are always there.
-        t.finish()?.ok_or(Unsupported::Family(TABLE_FAMILY))
+        t.into_batch()
     }
 }
 
