@@ -3,7 +3,8 @@
 //!
 //! Modules: `cni` (protocol: env, versions, results), `config` (stdin), `error` (codes), `ops`
 //! (operations), `netlink` + `veth` (links, addresses, routes), `netns` (entering a namespace from
-//! one thread), `ipam` (built-in allocator, delegation), `pending` (node contract: lock, mark, record).
+//! one thread), `ipam` (built-in allocator, delegation), `pending` (node contract: lock, mark, record), `reaper` (DEL's
+//! link deletion after the answer).
 
 pub mod cni;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod netlink;
 pub mod netns;
 pub mod ops;
 pub mod pending;
+pub mod reaper;
 pub mod veth;
 
 use cni::{Command, Env};

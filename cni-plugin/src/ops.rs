@@ -14,6 +14,7 @@ use crate::ipam::{self, Allocation, DelegateTarget};
 use crate::netlink::Netlink;
 use crate::netns;
 use crate::pending::{self, Mark};
+use crate::reaper::{self, Reaper};
 use crate::veth::{self, Plan};
 use palisade_contract::{self as contract, Attachment, AttachmentKey};
 use std::collections::HashSet;
@@ -60,17 +61,23 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
     runtime()?.block_on(async {
         let node = Netlink::current()?;
         let pod = Netlink::from_socket(netns::netlink_socket_in(&ns)?)?;
+        if node.link_by_name(&host_veth).await?.is_some() {
+            if contract::records::read(&conf.state_dir, &env.container_id, &env.ifname)?.is_some() {
+                return Err(Error::InterfaceExists(format!(
+                    "host veth {host_veth} of {}/{} already exists on the node (DEL the old attachment first)",
+                    env.container_id, env.ifname
+                )));
+            }
+            // No record: a DEL of this attachment answered and its reaper has not deleted the
+            // pair yet (or never ran). The name is ours (derived); nothing routes to it.
+            tracing::info!(link = %host_veth, "deleting the down host veth a DEL of this attachment left to its reaper");
+            node.delete_link(&host_veth).await?;
+        }
         if pod.link_by_name(&env.ifname).await?.is_some() {
             return Err(Error::InterfaceExists(format!(
                 "interface {} already exists in {}",
                 env.ifname,
                 netns_path(env)?
-            )));
-        }
-        if node.link_by_name(&host_veth).await?.is_some() {
-            return Err(Error::InterfaceExists(format!(
-                "host veth {host_veth} of {}/{} already exists on the node (DEL the old attachment first)",
-                env.container_id, env.ifname
             )));
         }
         let t_checked = t0.elapsed();
@@ -83,7 +90,7 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, container = %env.container_id, ifname = %env.ifname, "ADD failed; rolling back");
-                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await {
+                if let Err(re) = teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth, None).await {
                     tracing::error!(error = %re, "rollback after a failed ADD was incomplete; DEL will finish it");
                 }
                 Err(e)
@@ -225,20 +232,31 @@ fn ensure_forwarding(ips: &[IpAddr]) -> Result<()> {
 
 /// Removes everything of one attachment, keeping going on errors. First the host veth goes down,
 /// which takes the pod off the network (its routes die with the link state); then the slow kernel
-/// deletion of the pair runs while, under the lock, the pending mark and the record are removed,
-/// and after them the IPAM reservation. So an address is never free while our mark for it could
-/// still be removed, and a pod is never reachable without its mark.
+/// deletion of the pair runs (in DEL's reaper, or here on a thread beside) while, under the lock,
+/// the pending mark and the record are removed, and after them the IPAM reservation. So an address
+/// is never free while our mark for it could still be removed, and a pod is never reachable without
+/// its mark. The reaper is let go only once the link is down; otherwise the pair is deleted here.
 async fn teardown(
     node: &Netlink,
     conf: &NetConf,
     env: &Env,
     target: &DelegateTarget,
     host_veth: &str,
+    reaper: Option<Reaper>,
 ) -> Result<()> {
     let mut errors = Errors::default();
-    let exists = errors
-        .keep(node.set_down_by_name(host_veth).await)
-        .unwrap_or(true);
+    let down = errors.keep(node.set_down_by_name(host_veth).await);
+    if let (Some(reaper), Some(_)) = (reaper, down) {
+        reaper.release();
+        errors.keep(unmark_and_unrecord(
+            conf,
+            &target.container_id,
+            &target.ifname,
+        ));
+        errors.keep(ipam::release(conf, env, target));
+        return errors.into_result();
+    }
+    let exists = down.unwrap_or(true);
     let (conf_c, env_c, target_c) = (conf.clone(), env.clone(), target.clone());
     let records = std::thread::Builder::new()
         .name("teardown".into())
@@ -300,7 +318,9 @@ fn verify_record(path: &std::path::Path, record: &Attachment) -> Result<()> {
 }
 
 /// DEL: idempotent; works with the netns gone or unset (nothing here needs it). A record of this
-/// attachment that names a foreign link is refused before anything is touched.
+/// attachment that names a foreign link is refused before anything is touched. DEL answers once
+/// the pod is off the network and its mark, record and address are released; the veth pair's
+/// deletion (the kernel's slow part) finishes in the reaper (`reaper`) right after.
 pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host_veth = contract::host_veth_name(&env.container_id, &env.ifname);
     // An unreadable record is the teardown's business (it warns and removes it).
@@ -310,9 +330,22 @@ pub fn del(env: &Env, conf: &NetConf) -> Result<()> {
         let path = contract::attachment_path(&conf.state_dir, &env.container_id, &env.ifname);
         verify_record(&path, &record)?;
     }
+    // Forked before the runtime exists (one thread); it deletes the pair after we let it go.
+    let reaper = reaper::fork_for(&host_veth).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, link = %host_veth, "no reaper for the host veth; deleting it before DEL answers");
+        None
+    });
     runtime()?.block_on(async {
         let node = Netlink::current()?;
-        teardown(&node, conf, env, &DelegateTarget::from_env(env), &host_veth).await
+        teardown(
+            &node,
+            conf,
+            env,
+            &DelegateTarget::from_env(env),
+            &host_veth,
+            reaper,
+        )
+        .await
     })
 }
 
@@ -449,7 +482,7 @@ pub fn gc(env: &Env, conf: &NetConf) -> Result<()> {
             }
             tracing::info!(container = %r.container_id, ifname = %r.ifname, pod = ?r.pod_key(), "GC: removing stale attachment");
             let target = DelegateTarget { container_id: r.container_id.clone(), ifname: r.ifname.clone(), netns: None };
-            errors.keep(teardown(&node, conf, env, &target, &r.host_veth).await);
+            errors.keep(teardown(&node, conf, env, &target, &r.host_veth, None).await);
         }
         Ok::<_, Error>(())
     })?;

@@ -2,6 +2,7 @@
 //! and replayed), inside a node namespace, with pods as namespaces. Must run as root.
 
 use palisade_testkit::process::KillOnDrop;
+use palisade_testkit::wait::wait_until;
 use palisade_tests::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -119,7 +120,20 @@ impl Fixture {
             .collect()
     }
 
-    /// Nothing of any attachment is left: no address, veth, route, record or pending mark.
+    /// Host veths that are up.
+    fn pal_links_up(&self) -> Vec<String> {
+        self.node
+            .exec(&["ip", "-o", "link", "show", "up"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with(palisade_contract::HOST_VETH_PREFIX))
+            .collect()
+    }
+
+    /// Nothing of any attachment is left: no address, route, record or pending mark, no host veth
+    /// up at once (DEL answers once the pod is off the network), and no host veth at all a moment
+    /// later (its reaper deletes the pair after DEL answered).
     fn assert_clean(&self, ctx: &str) {
         assert_eq!(
             self.reserved(),
@@ -127,9 +141,17 @@ impl Fixture {
             "{ctx}: addresses still reserved"
         );
         assert_eq!(
+            self.pal_links_up(),
+            Vec::<String>::new(),
+            "{ctx}: host veths still up"
+        );
+        wait_until(std::time::Duration::from_secs(5), || {
+            self.pal_links().is_empty()
+        });
+        assert_eq!(
             self.pal_links(),
             Vec::<String>::new(),
-            "{ctx}: host veths left"
+            "{ctx}: host veths left 5 s after DEL"
         );
         assert_eq!(
             self.pod_routes_on_node(),
@@ -1052,4 +1074,63 @@ fn gc_and_del_refuse_a_record_naming_a_link_the_plugin_could_not_have_made() {
     f.rt.gc(&list, &[]).unwrap_or_else(|e| panic!("GC: {e}"));
     f.assert_clean("after DEL of the repaired record");
     assert!(f.node.links().iter().any(|x| x == "eth9"), "eth9 deleted");
+}
+
+/// DEL leaves the veth pair's deletion to a reaper; an ADD of the same attachment that comes before
+/// the reaper (or after one that never ran) finds the derived host veth down and without a record,
+/// deletes it and goes on. With a record (a live attachment) the same ADD is refused.
+#[test]
+fn add_replaces_a_host_veth_left_without_a_record_and_refuses_a_live_one() {
+    let mut f = Fixture::with_table();
+    let list = f.dual();
+    let (ns, _) = f.pod();
+    let att = Attachment::new("ctr-again", &ns).pod("default", "again", "uid-again");
+    let host_veth = palisade_contract::host_veth_name("ctr-again", "eth0");
+    // What a DEL whose reaper has not run yet leaves: the derived host veth, down, no record.
+    f.node.exec(&[
+        "ip",
+        "link",
+        "add",
+        &host_veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "stale-peer",
+    ]);
+    let r =
+        f.rt.add(&list, &att)
+            .unwrap_or_else(|e| panic!("ADD over a reaped-later veth: {e}"));
+    assert_eq!(r["interfaces"][0]["name"], json!(host_veth));
+    assert!(
+        !f.node.links().iter().any(|l| l == "stale-peer"),
+        "the stale pair was not deleted"
+    );
+    assert_eq!(f.pal_links_up(), vec![host_veth.clone()]);
+    // A second ADD of the live attachment is refused and changes nothing.
+    let e = f.rt.add(&list, &att).expect_err("ADD of a live attachment");
+    assert_eq!(e.code, 102, "{e}");
+    assert_eq!(f.pal_links_up(), vec![host_veth.clone()]);
+    assert_eq!(f.records().len(), 1);
+    f.rt.del(&list, &att).unwrap_or_else(|e| panic!("DEL: {e}"));
+    f.assert_clean("after DEL");
+}
+
+/// DEL answers before the pair is deleted, but the pod is off the network by then, and an ADD of the
+/// same attachment right after DEL works (however far its reaper got).
+#[test]
+fn add_right_after_del_of_the_same_attachment_works() {
+    let mut f = Fixture::with_table();
+    let list = f.dual();
+    let (ns, _) = f.pod();
+    let att = Attachment::new("ctr-quick", &ns).pod("default", "quick", "uid-quick");
+    for round in 0..10 {
+        f.rt.add(&list, &att)
+            .unwrap_or_else(|e| panic!("ADD {round}: {e}"));
+        f.rt.del(&list, &att)
+            .unwrap_or_else(|e| panic!("DEL {round}: {e}"));
+        assert_eq!(f.pal_links_up(), Vec::<String>::new(), "round {round}");
+        assert_eq!(f.pod_routes_on_node(), Vec::<Value>::new(), "round {round}");
+    }
+    f.assert_clean("after ten ADD/DEL rounds");
 }

@@ -18,6 +18,11 @@
 //! deleted. `--no-agent` creates the table's pending sets by hand instead, so every DEL finds its
 //! mark. A second palisade row without the pod identity (no mark) shows what the mark costs. The
 //! last row (ptp) is the baseline of every ratio.
+//!
+//! palisade's DEL answers once the pod is off the network and its resources are released; a reaper
+//! deletes the veth pair right after. So that this deferred kernel work never lands on the next
+//! measurement, the bench waits (untimed) after every DEL until the node has no link left, and the
+//! sequential phase also reports when the pair was gone.
 
 use clap::Parser;
 use palisade_bench::datapath::run::enter_netns;
@@ -221,6 +226,70 @@ fn pod_objects(ids: &[String], node: &str) -> serde_json::Value {
 struct Samples {
     add: Vec<Duration>,
     del: Vec<Duration>,
+    /// Sequential phase: from DEL's start until the pair is gone from the node and the kernel is
+    /// done with it (palisade's DEL answers before its reaper has deleted the pair; ptp's after).
+    gone: Vec<Duration>,
+}
+
+/// Links of the node namespace besides `lo` (`/proc/self/net/dev` is this thread's namespace's).
+fn node_links() -> Result<usize> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev")
+        .map_err(io_err_pub("reading /proc/self/net/dev"))?;
+    Ok(dev
+        .lines()
+        .skip(2)
+        .filter(|l| l.trim_start().split(':').next() != Some("lo"))
+        .count())
+}
+
+/// palisade's reapers still running (this bench is their subreaper: they are its children once
+/// their plugin exited); the finished ones are reaped here.
+fn reapers_running() -> Result<usize> {
+    let me = std::process::id().to_string();
+    let mut running = 0;
+    for entry in std::fs::read_dir("/proc").map_err(io_err_pub("listing /proc"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid != Some(me.as_str()) || !head.ends_with("(palisade") {
+            continue;
+        }
+        match state {
+            Some("Z") => {
+                if let Some(Ok(pid)) = head.split_whitespace().next().map(str::parse::<i32>) {
+                    // SAFETY: reaps one exited child of this process.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+                }
+            }
+            _ => running += 1,
+        }
+    }
+    Ok(running)
+}
+
+/// Waits (untimed, up to 5 s) until the node has no link but `lo` and no reaper of palisade runs:
+/// a plugin's background work must not land on the next measurement. Returns when it got there.
+fn settle() -> Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if node_links()? == 0 && reapers_running()? == 0 {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Teardown(format!(
+                "{} links still in the node namespace 5 s after DEL",
+                node_links()?
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 fn percentile(v: &[Duration], p: f64) -> Duration {
@@ -249,7 +318,9 @@ fn sequential(
         for (s, samples) in subjects.iter().zip(out.iter_mut()) {
             let cid = format!("seq-{i}");
             samples.add.push(s.add(&cid, &pod.path(), agent)?);
+            let start = Instant::now();
             samples.del.push(s.exec("DEL", &cid, &pod.path())?);
+            samples.gone.push(settle()? - start);
         }
     }
     Ok(out)
@@ -312,6 +383,7 @@ fn parallel(
     for round in 0..rounds {
         for (s, samples) in subjects.iter().zip(out.iter_mut()) {
             parallel_round(s, pods, round, agent, samples)?;
+            settle()?;
         }
     }
     Ok(out)
@@ -333,6 +405,16 @@ fn report(phase: &str, subjects: &[Subject], samples: &[Samples]) {
             ms(percentile(&v.del, 50.0)),
             ms(percentile(&v.del, 99.0))
         );
+    }
+    if samples.iter().any(|v| !v.gone.is_empty()) {
+        for (s, v) in subjects.iter().zip(samples) {
+            println!(
+                "{:<28} pair deleted after DEL's start: p50 {:.2}ms  p99 {:.2}ms",
+                s.label,
+                ms(percentile(&v.gone, 50.0)),
+                ms(percentile(&v.gone, 99.0))
+            );
+        }
     }
     // The last subject is the baseline; every other one is compared with it.
     let (Some(base), Some(base_subject)) = (samples.last(), subjects.last()) else {
@@ -395,6 +477,15 @@ fn real_main() -> Result<()> {
     }
     let palisade =
         std::fs::canonicalize(&palisade).map_err(io_err_pub("resolving the palisade path"))?;
+    // palisade's DEL leaves a reaper behind (double-forked); as their subreaper the bench sees
+    // when they are done (`settle`) and reaps them.
+    // SAFETY: prctl with an integer argument; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        return Err(Error::Invalid(format!(
+            "PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
     let pid = std::process::id();
     let tmp = tempfile::Builder::new()
         .prefix(&format!("palisade-cni-bench-{pid}-"))
@@ -513,8 +604,15 @@ fn real_main() -> Result<()> {
         &subjects,
         &par,
     );
-    let leftovers = run(Command::new("ip").args(["-o", "link", "show"]))?;
-    let left = leftovers.lines().filter(|l| !l.contains(": lo:")).count();
+    // palisade's DEL answers before its reaper has deleted the pair; give the reapers a moment.
+    let links_left = || -> Result<(usize, String)> {
+        let all = run(Command::new("ip").args(["-o", "link", "show"]))?;
+        Ok((all.lines().filter(|l| !l.contains(": lo:")).count(), all))
+    };
+    palisade_testkit::wait::wait_until(Duration::from_secs(5), || {
+        links_left().is_ok_and(|(n, _)| n == 0)
+    });
+    let (left, leftovers) = links_left()?;
     if left > 0 {
         return Err(Error::Teardown(format!(
             "{left} links left in the node namespace:\n{leftovers}"
