@@ -17,6 +17,7 @@ use crate::pending::{self, Mark};
 use crate::reaper::{self, Reaper};
 use crate::veth::{self, Plan};
 use palisade_contract::{self as contract, Attachment, AttachmentKey};
+use palisade_nft::setelem::ElementWriter;
 use std::collections::HashSet;
 use std::fs::File;
 use std::net::IpAddr;
@@ -205,7 +206,7 @@ fn mark_and_record(env: &Env, conf: &NetConf, host_veth: &str, ips: &[IpAddr]) -
     };
     if let Err(e) = contract::records::write(&conf.state_dir, &record) {
         if pending {
-            let _ = pending::unmark(ips);
+            let _ = pending::unmark(&mut ElementWriter::new(), ips);
         }
         return Err(e.into());
     }
@@ -247,13 +248,24 @@ async fn teardown(
     let mut errors = Errors::default();
     let down = errors.keep(node.set_down_by_name(host_veth).await);
     if let (Some(reaper), Some(_)) = (reaper, down) {
-        reaper.release();
+        if let Err(e) = reaper.delete_link_now() {
+            tracing::warn!(error = %e, link = %host_veth, "the reaper is gone; deleting the host veth before DEL answers");
+            errors.keep(node.delete_link(host_veth).await);
+        }
+        let mut writer = ElementWriter::new();
         errors.keep(unmark_and_unrecord(
+            &mut writer,
             conf,
             &target.container_id,
             &target.ifname,
         ));
         errors.keep(ipam::release(conf, env, target));
+        // Our nf_tables socket's close may wait for others' commits; the reaper closes it.
+        if let Some(sock) = writer.into_fd() {
+            if let Err(e) = reaper.adopt(sock) {
+                tracing::debug!(error = %e, "the reaper did not take our nf_tables socket; closing it here");
+            }
+        }
         return errors.into_result();
     }
     let exists = down.unwrap_or(true);
@@ -263,6 +275,7 @@ async fn teardown(
         .spawn(move || {
             let mut errors = Errors::default();
             errors.keep(unmark_and_unrecord(
+                &mut ElementWriter::new(),
                 &conf_c,
                 &target_c.container_id,
                 &target_c.ifname,
@@ -290,7 +303,12 @@ async fn teardown(
     errors.into_result()
 }
 
-fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Result<()> {
+fn unmark_and_unrecord(
+    writer: &mut ElementWriter,
+    conf: &NetConf,
+    container_id: &str,
+    ifname: &str,
+) -> Result<()> {
     let _lock = pending::lock_node(&conf.state_dir)?;
     let record = match contract::records::read(&conf.state_dir, container_id, ifname) {
         Ok(r) => r,
@@ -300,7 +318,7 @@ fn unmark_and_unrecord(conf: &NetConf, container_id: &str, ifname: &str) -> Resu
         }
     };
     if let Some(r) = record.as_ref().filter(|r| r.pending) {
-        pending::unmark(&r.ips)?;
+        pending::unmark(writer, &r.ips)?;
     }
     contract::records::remove(&conf.state_dir, container_id, ifname)?;
     Ok(())

@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use palisade_contract as contract;
-use palisade_nft::setelem::{self, ElementOp, Key, SetOp};
+use palisade_nft::setelem::{self, ElementOp, ElementWriter, Key, SetOp};
 use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
@@ -66,8 +66,8 @@ pub fn unmark_ops(ips: &[IpAddr]) -> Vec<ElementOp<'static>> {
 }
 
 /// Runs one transaction on our table's pending sets; Ok(false) when the table or a set is absent.
-fn apply(ops: &[ElementOp<'_>]) -> Result<bool> {
-    match setelem::apply(contract::TABLE_FAMILY, contract::TABLE_NAME, ops) {
+fn apply(writer: &mut ElementWriter, ops: &[ElementOp<'_>]) -> Result<bool> {
+    match writer.apply(contract::TABLE_FAMILY, contract::TABLE_NAME, ops) {
         Ok(()) => Ok(true),
         Err(e) if e.is_absent() => Ok(false),
         Err(e) => Err(Error::Nft(e.to_string())),
@@ -80,7 +80,7 @@ pub fn mark(ips: &[IpAddr]) -> Result<Mark> {
     if ips.is_empty() {
         return Ok(Mark::Marked);
     }
-    Ok(if apply(&mark_ops(ips))? {
+    Ok(if apply(&mut ElementWriter::new(), &mark_ops(ips))? {
         Mark::Marked
     } else {
         Mark::TableAbsent
@@ -94,17 +94,20 @@ pub fn mark(ips: &[IpAddr]) -> Result<Mark> {
 /// closes its netlink socket (the kernel frees the commit's transactions after an RCU grace period
 /// first; see palisade-nft's `setelem`), which parallel DELs would otherwise queue for behind the
 /// node lock. The probe cannot race: every writer of the
-/// pending sets (this plugin, the agent) holds the node lock.
-pub fn unmark(ips: &[IpAddr]) -> Result<()> {
+/// pending sets (this plugin, the agent) holds the node lock. Probes and removal share `writer`'s
+/// socket; even a socket that only probed waits in its close when others committed just before, so
+/// DEL hands it to its reaper ([`ElementWriter::into_fd`]) instead of closing it.
+pub fn unmark(writer: &mut ElementWriter, ips: &[IpAddr]) -> Result<()> {
     let mut present = Vec::with_capacity(ips.len());
     for ip in ips {
-        let there = setelem::element_exists(
-            contract::TABLE_FAMILY,
-            contract::TABLE_NAME,
-            set_for(ip),
-            *ip,
-        )
-        .map_err(|e| Error::Nft(e.to_string()))?;
+        let there = writer
+            .element_exists(
+                contract::TABLE_FAMILY,
+                contract::TABLE_NAME,
+                set_for(ip),
+                *ip,
+            )
+            .map_err(|e| Error::Nft(e.to_string()))?;
         if there {
             present.push(*ip);
         }
@@ -112,7 +115,7 @@ pub fn unmark(ips: &[IpAddr]) -> Result<()> {
     if present.is_empty() {
         return Ok(());
     }
-    if !apply(&unmark_ops(&present))? {
+    if !apply(writer, &unmark_ops(&present))? {
         tracing::debug!(
             ips = ?present,
             "table inet palisade is absent; no pending mark to remove"

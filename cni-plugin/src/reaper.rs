@@ -4,34 +4,72 @@
 //! more than everything else DEL does, and `ptp` pays it too. What DEL must have done before it
 //! answers is take the pod off the network (the host veth down: its routes go with it) and release
 //! what it held (pending mark, record, address). So DEL forks a reaper first, while the plugin is
-//! still single-threaded, and the reaper deletes the pair as soon as DEL lets it go
-//! ([`Reaper::release`], or the plugin's exit): the runtime gets its answer without waiting for the
+//! still single-threaded, and the reaper deletes the pair as soon as DEL tells it
+//! ([`Reaper::delete_link_now`], or the plugin's exit): the runtime gets its answer without waiting for the
 //! kernel, and the pair is gone a few milliseconds later (or with the pod's namespace, whichever
 //! comes first).
 //!
 //! The reaper is double-forked (reparented to init, never a zombie of the runtime), in its own
 //! session, with /dev/null for stdio (the runtime's pipes close when DEL exits), and bounded by an
-//! alarm. A reaper that never ran leaves a down link without a record: the next ADD of that
+//! alarm. It also adopts DEL's nf_tables socket ([`Reaper::adopt`]): that socket's close waits for
+//! the kernel to free other processes' recent commits, which parallel DELs would otherwise queue for. A reaper that never ran leaves a down link without a record: the next ADD of that
 //! attachment deletes it (`ops::add`), and nothing routes to it.
 
 use crate::error::{Error, Result};
 use crate::netlink::Netlink;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult};
-use std::os::fd::OwnedFd;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// How long a reaper may live at most (it needs milliseconds; this only bounds a wedged one).
 const REAPER_DEADLINE_SECS: u32 = 30;
+/// Parent to reaper: delete the link now.
+const DELETE_NOW: u8 = b'D';
+/// Parent to reaper: a descriptor to close when done (its close may wait; see `adopt`).
+const ADOPT: u8 = b'F';
 
-/// The parent's end of a forked reaper: releasing it (or exiting) lets the reaper delete the link.
+/// The parent's end of a forked reaper. Dropping it (or exiting) tells the reaper DEL is over: it
+/// deletes the link if it has not yet, closes what it adopted, and exits.
 pub struct Reaper {
-    go: OwnedFd,
+    chan: OwnedFd,
 }
 
 impl Reaper {
-    /// The link is no longer needed: the reaper deletes it now.
-    pub fn release(self) {
-        drop(self.go);
+    /// The link is down and no longer needed: the reaper deletes it now, while DEL goes on.
+    pub fn delete_link_now(&self) -> Result<()> {
+        self.send(DELETE_NOW, None)
+    }
+
+    /// Gives `fd` to the reaper, which closes it after the link is gone. For a NETLINK_NETFILTER
+    /// socket whose close would wait for other processes' commits to be freed (see palisade-nft's
+    /// `ElementWriter::into_fd`): in flight and then held by the reaper, the socket outlives
+    /// our copy, so our close (and our exit) does not wait.
+    pub fn adopt(&self, fd: OwnedFd) -> Result<()> {
+        self.send(ADOPT, Some(&fd))
+    }
+
+    fn send(&self, what: u8, fd: Option<&OwnedFd>) -> Result<()> {
+        let byte = [what];
+        let iov = [IoSlice::new(&byte)];
+        let fds = fd.map(|f| [f.as_raw_fd()]);
+        let cmsgs: Vec<ControlMessage<'_>> = fds
+            .as_ref()
+            .map(|f| vec![ControlMessage::ScmRights(f)])
+            .unwrap_or_default();
+        sendmsg::<()>(
+            self.chan.as_raw_fd(),
+            &iov,
+            &cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| errno("writing to the link reaper", e))
     }
 }
 
@@ -41,24 +79,29 @@ pub fn fork_for(link: &str) -> Result<Option<Reaper>> {
     if !link_exists(link) || thread_count()? != 1 {
         return Ok(None);
     }
-    let (wait_end, go_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| errno("a pipe", e))?;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| errno("a socket pair for the link reaper", e))?;
     // SAFETY: the process has exactly one thread (checked above), so the child may run any code:
     // no lock can be held by a thread that does not exist in it.
     match unsafe { fork() }.map_err(|e| errno("forking the link reaper", e))? {
         ForkResult::Parent { child } => {
-            drop(wait_end);
+            drop(theirs);
             // The intermediate child exits at once; reap it so it is never a zombie.
             waitpid(child, None).map_err(|e| errno("waiting for the reaper's parent", e))?;
-            Ok(Some(Reaper { go: go_end }))
+            Ok(Some(Reaper { chan: ours }))
         }
         ForkResult::Child => {
-            drop(go_end);
+            drop(ours);
             let _ = nix::unistd::setsid();
             // SAFETY: still one thread (this child of a single-threaded parent).
             match unsafe { fork() } {
                 Ok(ForkResult::Child) => {
-                    let code = reap(link, wait_end);
+                    let code = reap(link, theirs);
                     std::process::exit(code);
                 }
                 _ => {
@@ -71,8 +114,9 @@ pub fn fork_for(link: &str) -> Result<Option<Reaper>> {
     }
 }
 
-/// The reaper: stdio to /dev/null, wait for the parent to let go, delete the link, exit.
-fn reap(link: &str, wait_end: OwnedFd) -> i32 {
+/// The reaper: stdio to /dev/null; delete the link when told (or when the parent is gone), keep
+/// what the parent hands over until then, exit.
+fn reap(link: &str, chan: OwnedFd) -> i32 {
     // SAFETY: alarm only arms a timer; SIGALRM's default action ends the process.
     unsafe { libc::alarm(REAPER_DEADLINE_SECS) };
     if let Ok(null) = std::fs::OpenOptions::new()
@@ -80,32 +124,56 @@ fn reap(link: &str, wait_end: OwnedFd) -> i32 {
         .write(true)
         .open("/dev/null")
     {
-        use std::os::fd::AsRawFd;
         for fd in 0..=2 {
             // SAFETY: dup2 onto the standard descriptors of this process only.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
     }
-    let mut buf = [0u8; 1];
-    // Returns at EOF: the parent released us or exited.
-    loop {
-        match nix::unistd::read(&wait_end, &mut buf) {
-            Ok(0) => break,
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => break,
-        }
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(_) => return 1,
+    else {
+        return 1;
     };
-    match rt.block_on(async { Netlink::current()?.delete_link(link).await }) {
-        Ok(_) => 0,
-        Err(_) => 1,
+    let delete = || rt.block_on(async { Netlink::current()?.delete_link(link).await });
+    let mut deleted: Option<Result<bool>> = None;
+    let mut adopted: Vec<OwnedFd> = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let msg = match recvmsg::<()>(
+            chan.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        };
+        let n = msg.bytes;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    // SAFETY: descriptors just received with SCM_RIGHTS: new and ours alone.
+                    adopted.extend(
+                        fds.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if byte[0] == DELETE_NOW && deleted.is_none() {
+            deleted = Some(delete());
+        }
     }
+    let deleted = deleted.unwrap_or_else(delete);
+    drop(adopted);
+    i32::from(deleted.is_err())
 }
 
 fn link_exists(name: &str) -> bool {

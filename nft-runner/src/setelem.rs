@@ -230,6 +230,39 @@ impl ElementWriter {
         Self::default()
     }
 
+    /// [`element_exists`] on this writer's socket.
+    pub fn element_exists(
+        &mut self,
+        family: &str,
+        table: &str,
+        set: &str,
+        addr: IpAddr,
+    ) -> Result<bool> {
+        let (request, ctx) = probe_request("get set element", family, table, set, || {
+            NfTablesMessage::GetSetElement(element_list(table, set, &Key::Addr(addr)))
+        })?;
+        let sock = match self.sock.take() {
+            Some(s) => s,
+            None => open_socket().map_err(|e| ctx.io(e))?,
+        };
+        let out = probe_on(&sock, &ctx, &request);
+        if out.is_ok() {
+            self.sock = Some(sock);
+        }
+        out
+    }
+
+    /// Hands this writer's socket over (None: it has none open). Closing a NETLINK_NETFILTER
+    /// socket that ever sent waits for the kernel's pending transaction frees under the commit
+    /// mutex (one RCU grace period per waiting closer when others committed just before): a
+    /// process that must answer quickly gives the socket to one that may close it later.
+    pub fn into_fd(self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the descriptor comes out of the socket, which gives up its ownership.
+        self.sock
+            .map(|s| unsafe { std::os::fd::OwnedFd::from_raw_fd(s.into_raw_fd()) })
+    }
+
     /// Applies `ops` as one transaction, as [`apply`] does.
     pub fn apply(&mut self, family: &str, table: &str, ops: &[ElementOp<'_>]) -> Result<()> {
         let Some((batch, ctx)) = prepare(family, table, ops)? else {
@@ -473,6 +506,19 @@ fn probe(
     set: &str,
     msg: impl FnOnce() -> NfTablesMessage,
 ) -> Result<bool> {
+    let (request, ctx) = probe_request(action, family, table, set, msg)?;
+    let sock = open_socket().map_err(|e| ctx.io(e))?;
+    probe_on(&sock, &ctx, &request)
+}
+
+/// The bytes and error context of one read-only request about `set` of `table FAMILY TABLE`.
+fn probe_request<'a>(
+    action: &'static str,
+    family: &'a str,
+    table: &'a str,
+    set: &'a str,
+    msg: impl FnOnce() -> NfTablesMessage,
+) -> Result<(Vec<u8>, Context<'a>)> {
     let nfproto = family_number(action, family)?;
     check_names(action, [table, set])?;
     let request = serialize(&[message(
@@ -488,8 +534,12 @@ fn probe(
         table,
         sets: vec![set],
     };
-    let sock = open_socket().map_err(|e| ctx.io(e))?;
-    match talk(&sock, &ctx, &request, 1) {
+    Ok((request, ctx))
+}
+
+/// One read-only request on `sock`: true when the kernel answers it, false when the object is absent.
+fn probe_on(sock: &netlink_sys::Socket, ctx: &Context<'_>, request: &[u8]) -> Result<bool> {
+    match talk(sock, ctx, request, 1) {
         Ok(()) => Ok(true),
         Err(Error::Absent { .. }) => Ok(false),
         Err(e) => Err(e),
