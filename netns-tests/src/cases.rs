@@ -6,6 +6,7 @@ use crate::error::{LabError, Result};
 use crate::k8s::{self, LabelEdit, ObjKey};
 use crate::lab::{Family, Lab};
 use crate::matrix::{Matrix, PortProto};
+use crate::model::Model;
 use crate::probe::Protocol;
 use serde::Deserialize;
 use serde_json::Value;
@@ -34,13 +35,25 @@ pub struct Case {
     pub title: String,
     #[serde(default)]
     pub family: Option<String>,
+    /// The pods it runs on (`crate::model`): absent for the 3x3 model.
+    #[serde(default)]
+    pub model: Option<String>,
     pub steps: Vec<Step>,
+}
+
+impl Case {
+    pub fn model(&self) -> Result<Model> {
+        Model::named(self.model.as_deref())
+    }
 }
 
 /// One step: actions, then the expected matrix.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
+    /// What the step is (for a transcribed case: the upstream subtest).
+    #[serde(default)]
+    pub title: Option<String>,
     /// Objects to apply (policies; `{{ip ns/pod}}` and `{{cidr4 ns/pod}}` are replaced).
     #[serde(default)]
     pub apply: Vec<Value>,
@@ -58,6 +71,62 @@ pub struct Step {
     /// with `*`, `x/*`, `*/a` or `x/a` patterns; later rules override earlier ones.
     #[serde(default)]
     pub expect: BTreeMap<String, Vec<String>>,
+    /// A transcribed case's upstream probes, `ns/pod -> ns/pod proto/port allow|deny`: each must
+    /// agree with `expect` ([`check_pokes`]), so a hand-derived matrix is held to the upstream's own
+    /// assertions before it meets the kernel.
+    #[serde(default)]
+    pub pokes: Vec<String>,
+}
+
+/// Checks that every poke of `step` agrees with its expected matrix over `model`.
+pub fn check_pokes(step: &Step, model: Model) -> Result<()> {
+    let m = expected_matrix(&step.expect, &model.pods(), model.ports())?;
+    for poke in &step.pokes {
+        let bad = || {
+            LabError::Invalid(format!(
+                "poke {poke:?}: expected `ns/pod -> ns/pod proto/port allow|deny`"
+            ))
+        };
+        let (from, rest) = poke.split_once("->").ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split_whitespace().collect();
+        let [to, pp, verdict] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let allow = match *verdict {
+            "allow" => true,
+            "deny" => false,
+            _ => return Err(bad()),
+        };
+        let pp = parse_port_proto(pp)?;
+        let from = from.trim();
+        let got = m.get(&pp, from, to).ok_or_else(|| {
+            LabError::Invalid(format!("poke {poke:?}: no such cell in the model's matrix"))
+        })?;
+        if got != allow {
+            return Err(LabError::Invalid(format!(
+                "poke {poke:?} disagrees with the step's expected matrix ({})",
+                if got { "allow" } else { "deny" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The network-policy-api conformance suite's cases, transcribed (`cases/network-policy-api/*.yaml`).
+pub fn network_policy_api_cases() -> Result<Vec<Case>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/network-policy-api");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(LabError::io(&dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        out.extend(load(&f)?);
+    }
+    Ok(out)
 }
 
 /// Loads cases from a YAML file (a sequence of cases).
@@ -179,39 +248,9 @@ pub fn expected_matrix(
     Ok(m)
 }
 
-/// The model's pods as YAML: label `pod=<name>`, one container per port/protocol with port names
-/// `serve-<port>-<proto>`, spread over `nodes` round-robin.
+/// The 3x3 model's namespaces and pods (`Model::ThreeByThree`), spread over `nodes` round-robin.
 pub fn model_objects(nodes: &[String]) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut i = 0usize;
-    for ns in MODEL_NAMESPACES {
-        out.push(
-            crate::yaml::from_str(
-                &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
-                "model namespace",
-            )
-            .unwrap_or(Value::Null),
-        );
-    }
-    for ns in MODEL_NAMESPACES {
-        for pod in MODEL_PODS {
-            let node = &nodes[i % nodes.len()];
-            i += 1;
-            let mut containers = String::new();
-            for (port, proto) in MODEL_PORTS {
-                let p = proto.as_str();
-                containers.push_str(&format!(
-                    "  - name: cont-{port}-{p}\n    image: registry.k8s.io/e2e-test-images/agnhost:2.53\n    ports:\n    - {{name: serve-{port}-{p}, containerPort: {port}, protocol: {P}}}\n",
-                    P = proto
-                ));
-            }
-            let text = format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: {ns}\n  labels: {{pod: {pod}}}\nspec:\n  nodeName: {node}\n  containers:\n{containers}"
-            );
-            out.push(crate::yaml::from_str(&text, "model pod").unwrap_or(Value::Null));
-        }
-    }
-    out
+    Model::ThreeByThree.objects(nodes)
 }
 
 /// Probes the lab's pods and returns the observed matrix.
@@ -317,10 +356,17 @@ pub fn run_case(lab: &mut Lab, case: &Case) -> std::result::Result<(), String> {
         Some("ipv6") => Family::V6,
         _ => Family::V4,
     };
+    let model = case.model().map_err(|e| e.to_string())?;
     let mut original_labels: BTreeMap<ObjKey, Value> = BTreeMap::new();
-    let outcome = run_steps(lab, case, family, &mut original_labels);
+    let outcome = run_steps(lab, case, model, family, &mut original_labels);
     let cleanup = cleanup(lab, &original_labels);
-    let baseline = check_baseline(lab, family, &format!("{} baseline after cleanup", case.id));
+    let baseline = baseline_within(
+        lab,
+        model.ports(),
+        family,
+        &format!("{} baseline after cleanup", case.id),
+        CONVERGENCE,
+    );
     let mut problems = Vec::new();
     if let Err(e) = outcome {
         problems.push(e);
@@ -341,16 +387,22 @@ pub fn run_case(lab: &mut Lab, case: &Case) -> std::result::Result<(), String> {
 fn run_steps(
     lab: &mut Lab,
     case: &Case,
+    model: Model,
     family: Family,
     original_labels: &mut BTreeMap<ObjKey, Value>,
 ) -> std::result::Result<(), String> {
     let pods: Vec<String> = lab.pods().map(|p| p.key()).collect();
+    let ports = model.ports();
     for (i, step) in case.steps.iter().enumerate() {
-        let what = format!("{} step {}", case.id, i + 1);
+        let what = match &step.title {
+            Some(t) => format!("{} step {} ({t})", case.id, i + 1),
+            None => format!("{} step {}", case.id, i + 1),
+        };
+        check_pokes(step, model).map_err(|e| format!("{what}: {e}"))?;
         do_actions(lab, step, original_labels).map_err(|e| format!("{what}: {e}"))?;
-        let expected = expected_matrix(&step.expect, &pods, &MODEL_PORTS)
-            .map_err(|e| format!("{what}: {e}"))?;
-        match converge(lab, &expected, &MODEL_PORTS, family, CONVERGENCE)
+        let expected =
+            expected_matrix(&step.expect, &pods, ports).map_err(|e| format!("{what}: {e}"))?;
+        match converge(lab, &expected, ports, family, CONVERGENCE)
             .map_err(|e| format!("{what}: {e}"))?
         {
             Ok(_) => {}
@@ -442,12 +494,20 @@ pub fn check_baseline_within(
     what: &str,
     bound: Duration,
 ) -> std::result::Result<(), String> {
+    baseline_within(lab, &MODEL_PORTS, family, what, bound)
+}
+
+/// Checks the all-allowed matrix over `ports` within `bound`.
+pub fn baseline_within(
+    lab: &Lab,
+    ports: &[(u16, Protocol)],
+    family: Family,
+    what: &str,
+    bound: Duration,
+) -> std::result::Result<(), String> {
     let pods: Vec<String> = lab.pods().map(|p| p.key()).collect();
-    let expected =
-        expected_matrix(&BTreeMap::new(), &pods, &MODEL_PORTS).map_err(|e| e.to_string())?;
-    match converge(lab, &expected, &MODEL_PORTS, family, bound)
-        .map_err(|e| format!("{what}: {e}"))?
-    {
+    let expected = expected_matrix(&BTreeMap::new(), &pods, ports).map_err(|e| e.to_string())?;
+    match converge(lab, &expected, ports, family, bound).map_err(|e| format!("{what}: {e}"))? {
         Ok(_) => Ok(()),
         Err(observed) => Err(explain_mismatch(what, &expected, &observed)),
     }
@@ -531,5 +591,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every transcribed network-policy-api case parses, names a known model, and every upstream
+    /// poke agrees with its step's hand-derived matrix.
+    #[test]
+    fn network_policy_api_cases_parse_and_every_poke_agrees_with_its_matrix() {
+        let cases = network_policy_api_cases().unwrap();
+        let mut problems = Vec::new();
+        for c in &cases {
+            let model = c.model().unwrap();
+            assert_eq!(model, Model::NetworkPolicyApi, "{}", c.id);
+            for (i, step) in c.steps.iter().enumerate() {
+                if let Err(e) = check_pokes(step, model) {
+                    problems.push(format!("{} step {}: {e}", c.id, i + 1));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn a_poke_that_disagrees_with_the_matrix_is_refused() {
+        let step: Step = serde_json::from_value(serde_json::json!({
+            "expect": {"all": ["deny network-policy-conformance-slytherin/* -> network-policy-conformance-gryffindor/*"]},
+            "pokes": ["network-policy-conformance-slytherin/draco-malfoy-0 -> network-policy-conformance-gryffindor/harry-potter-0 tcp/80 allow"]
+        }))
+        .unwrap();
+        let e = check_pokes(&step, Model::NetworkPolicyApi).unwrap_err();
+        assert!(e.to_string().contains("disagrees"), "{e}");
     }
 }

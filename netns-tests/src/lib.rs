@@ -3,7 +3,7 @@
 //!
 //! Modules: `lab` (nodes, underlay, pods, run directory, teardown), `k8s` (plain YAML objects and
 //! the shared manifest directory), `cni` (exec'ing the plugin as a runtime does), `probe` (servers
-//! and batch probes run inside pods), `matrix` (truth tables), `cases` (the upstream conformance
+//! and batch probes run inside pods), `matrix` (truth tables), `model` (the pod populations a lab holds), `cases` (the upstream conformance
 //! cases as data), `netns`/`process`/`cmd` (the edges), `signals` (teardown on signals).
 
 pub mod cases;
@@ -15,10 +15,12 @@ pub mod forge;
 pub mod k8s;
 pub mod lab;
 pub mod matrix;
+pub mod model;
 pub mod netns;
 pub mod probe;
 pub mod process;
 pub mod signals;
+pub mod suite;
 pub mod yaml;
 
 pub use error::{LabError, Result};

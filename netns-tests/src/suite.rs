@@ -1,0 +1,156 @@
+//! A custom test harness (`harness = false`) that runs a list of cases against one lab: filter and
+//! `--list` like libtest, bring the lab up, run a setup, every case, a final check, tear the lab
+//! down, and fail on anything the teardown left behind (namespaces, processes).
+
+use crate::cases::{self, Case};
+use crate::lab::{Lab, LabOptions};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Cases run against one lab; `prefix` names them (`prefix::ID title`).
+pub struct CaseSuite {
+    pub prefix: &'static str,
+    pub opts: LabOptions,
+    pub cases: Vec<Case>,
+}
+
+type Failures = Vec<(String, String)>;
+
+impl CaseSuite {
+    fn name(&self, c: &Case) -> String {
+        format!("{}::{} {}", self.prefix, c.id, c.title)
+    }
+
+    /// Runs the suite with the test binary's arguments (`[FILTER...] [--list]`).
+    pub fn main(
+        mut self,
+        args: &[String],
+        setup: impl FnOnce(&mut Lab) -> Result<(), String>,
+        after: impl FnOnce(&Lab) -> Result<(), String>,
+    ) -> ExitCode {
+        let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+        let cases = std::mem::take(&mut self.cases);
+        let cases: Vec<Case> = cases
+            .into_iter()
+            .filter(|c| {
+                let name = self.name(c);
+                filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+            })
+            .collect();
+        if args.iter().any(|a| a == "--list") {
+            for c in &cases {
+                println!("{}: test", self.name(c));
+            }
+            return ExitCode::SUCCESS;
+        }
+        if cases.is_empty() {
+            println!("running 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored");
+            return ExitCode::SUCCESS;
+        }
+        println!("running {} tests", cases.len());
+        let started = Instant::now();
+        let mut lab = match Lab::up(&self.opts) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("{}: the lab did not come up: {e}", self.prefix);
+                return ExitCode::FAILURE;
+            }
+        };
+        let (passed, mut failed) = self.run_all(&mut lab, &cases, setup, after, started);
+        let mut ok = failed.is_empty();
+        if let Err(e) = lab.down() {
+            println!("teardown: {e}");
+            ok = false;
+        }
+        for problem in leftovers(&self.opts.name) {
+            println!("{problem}");
+            ok = false;
+        }
+        if !failed.is_empty() {
+            println!("\nfailures:\n");
+            for (name, e) in &failed {
+                println!("---- {name} ----\n{e}\n");
+            }
+        }
+        println!(
+            "\ntest result: {}. {passed} passed; {} failed; finished in {:.1}s",
+            if ok { "ok" } else { "FAILED" },
+            failed.len(),
+            started.elapsed().as_secs_f64()
+        );
+        failed.clear();
+        if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+
+    fn run_all(
+        &self,
+        lab: &mut Lab,
+        cases: &[Case],
+        setup: impl FnOnce(&mut Lab) -> Result<(), String>,
+        after: impl FnOnce(&Lab) -> Result<(), String>,
+        started: Instant,
+    ) -> (usize, Failures) {
+        let mut failed = Vec::new();
+        let mut passed = 0;
+        if let Err(e) = setup(lab) {
+            eprintln!("{}: lab setup failed, every test fails:\n{e}", self.prefix);
+            failed.extend(
+                cases
+                    .iter()
+                    .map(|c| (self.name(c), "lab setup failed".to_string())),
+            );
+            return (passed, failed);
+        }
+        println!(
+            "lab {} up with {} pods in {:.1}s",
+            lab.name(),
+            lab.pods().count(),
+            started.elapsed().as_secs_f64()
+        );
+        for c in cases {
+            let name = self.name(c);
+            let t0 = Instant::now();
+            let r = cases::run_case(lab, c);
+            let secs = t0.elapsed().as_secs_f64();
+            match r {
+                Ok(()) => {
+                    passed += 1;
+                    println!("test {name} ... ok ({secs:.1}s)");
+                }
+                Err(e) => {
+                    println!("test {name} ... FAILED ({secs:.1}s)");
+                    failed.push((name, e));
+                }
+            }
+        }
+        if let Err(e) = after(lab) {
+            failed.push((format!("{}::after all cases", self.prefix), e));
+        }
+        (passed, failed)
+    }
+}
+
+/// What a torn-down lab left behind: its namespaces and processes, one line each.
+pub fn leftovers(lab_name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let netns: Vec<String> = std::fs::read_dir(crate::netns::NETNS_DIR)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("pl-{lab_name}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !netns.is_empty() {
+        out.push(format!("teardown left namespaces behind: {netns:?}"));
+    }
+    let pids = crate::process::lab_pids(lab_name);
+    if !pids.is_empty() {
+        out.push(format!("teardown left processes behind: {pids:?}"));
+    }
+    out
+}
