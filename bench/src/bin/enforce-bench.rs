@@ -31,6 +31,10 @@ enum Command {
         /// Background policies per pod (0.1: 1,000 policies at 10,000 pods).
         #[arg(long, default_value_t = 0.1)]
         policies_per_pod: f64,
+        /// Nodes the pods are spread over (the agent's node holds pods / nodes of them); 2..=1000,
+        /// at most 128 past 20,000 pods per 100 nodes' worth of namespaces.
+        #[arg(long, default_value_t = palisade_bench::datapath::workload::NODES)]
+        nodes: u32,
         /// Trials per scenario (each a grant and a revoke).
         #[arg(long, default_value_t = 100)]
         trials: usize,
@@ -225,6 +229,7 @@ fn real_main(cli: Cli) -> Result<()> {
             agent,
             pods,
             policies_per_pod,
+            nodes,
             trials,
             churn,
             compile_changes,
@@ -271,6 +276,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 exe,
                 pods: pods.clone(),
                 policies_per_pod,
+                nodes,
                 trials,
                 churn,
                 seed,

@@ -9,7 +9,12 @@ use serde_json::{json, Value};
 
 /// Underlay address of `node-<n>` (the lab's underlay is 10.250.0.0/24).
 pub fn node_internal_ip(n: u32) -> String {
-    format!("10.250.0.{n}")
+    format!("10.250.{}.{}", n / 256, n % 256)
+}
+
+fn pod_cidr(n: u32) -> String {
+    let [a, b, c] = super::workload::node_pod_net(n);
+    format!("{a}.{b}.{c}.0/24")
 }
 
 pub fn namespace(ns: &Namespace) -> Value {
@@ -20,7 +25,7 @@ pub fn node(n: u32) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": format!("node-{n}")},
-        "spec": {"podCIDR": format!("10.244.{n}.0/24"), "podCIDRs": [format!("10.244.{n}.0/24")]},
+        "spec": {"podCIDR": pod_cidr(n), "podCIDRs": [pod_cidr(n)]},
         "status": {"addresses": [{"type": "InternalIP", "address": node_internal_ip(n)}]}
     })
 }
@@ -81,7 +86,7 @@ pub fn policy(p: &Policy) -> Value {
 /// Every object of the cluster: namespaces, nodes, pods, policies.
 pub fn objects(cluster: &Cluster) -> Vec<Value> {
     let mut out: Vec<Value> = cluster.namespaces.iter().map(namespace).collect();
-    out.extend((1..=super::workload::NODES).map(node));
+    out.extend((1..=cluster.nodes).map(node));
     out.extend(cluster.pods.iter().map(pod));
     out.extend(cluster.policies.iter().map(policy));
     out.extend(cluster.cluster_policies.iter().cloned());

@@ -99,6 +99,8 @@ impl Policy {
 
 #[derive(Debug, Clone)]
 pub struct Cluster {
+    /// Nodes `node-1..node-<nodes>`.
+    pub nodes: u32,
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     /// In creation order.
@@ -121,16 +123,32 @@ pub const MAX_NAMESPACES: u32 = 1_000;
 /// and the Service range: policies only match these addresses, nothing routes to them.
 fn background_ip(m: u32, k: u32) -> Ipv4Addr {
     if k < 200 {
-        Ipv4Addr::new(10, 244, (m + 1) as u8, (20 + k) as u8)
+        let [a, b, c] = node_pod_net(m + 1);
+        Ipv4Addr::new(a, b, c, (20 + k) as u8)
     } else {
         let j = k - 200;
         Ipv4Addr::new(10, (128 + m) as u8, (j / 250) as u8, (j % 250 + 1) as u8)
     }
 }
 
-/// Size of a synthetic cluster: `namespaces` × [`NODES`] other pods, `policies` policies.
+/// The first three octets of node `n`'s pod /24 (1-based): `10.244.<n>` up to node 255 (the lab's
+/// nodes and every run before 1,000 nodes), `100.<64 + n/256>.<n%256>` past it.
+pub fn node_pod_net(n: u32) -> [u8; 3] {
+    if n <= 255 {
+        [10, 244, n as u8]
+    } else {
+        [100, (64 + n / 256) as u8, (n % 256) as u8]
+    }
+}
+
+/// Most nodes of a synthetic cluster.
+pub const MAX_NODES: u32 = 1_000;
+
+/// Size of a synthetic cluster: `namespaces` × `nodes` other pods, `policies` policies.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    /// Nodes `node-1..node-<nodes>` (one pod of every `ns-*` namespace each).
+    pub nodes: u32,
     pub namespaces: u32,
     pub policies: usize,
     /// Whether the 8 policies selecting the measured pods are part of the policy count (datapath
@@ -142,8 +160,14 @@ impl Shape {
     /// The enforcement bench's cluster of about `pods` pods (rounded to a multiple of 100) with
     /// `policies` policies, none selecting the measured pods.
     pub fn for_pods(pods: usize, policies: usize) -> Shape {
+        Shape::for_pods_on(pods, policies, NODES)
+    }
+
+    /// The same over `nodes` nodes: about `pods / nodes` pods on each, the agent's node included.
+    pub fn for_pods_on(pods: usize, policies: usize, nodes: u32) -> Shape {
         Shape {
-            namespaces: (pods / NODES as usize).clamp(1, MAX_NAMESPACES as usize) as u32,
+            nodes,
+            namespaces: (pods / nodes.max(1) as usize).clamp(1, MAX_NAMESPACES as usize) as u32,
             policies,
             measured: false,
         }
@@ -156,6 +180,7 @@ impl Cluster {
     pub fn generate(policies: usize, seed: u64) -> crate::Result<Cluster> {
         Cluster::generate_shape(
             Shape {
+                nodes: NODES,
                 namespaces: NAMESPACES,
                 policies,
                 measured: true,
@@ -167,6 +192,7 @@ impl Cluster {
     /// Generates a cluster of the given shape.
     pub fn generate_shape(shape: Shape, seed: u64) -> crate::Result<Cluster> {
         let Shape {
+            nodes,
             namespaces: ns_count,
             policies,
             measured: with_measured,
@@ -174,6 +200,13 @@ impl Cluster {
         if ns_count == 0 || ns_count > MAX_NAMESPACES {
             return Err(crate::Error::Invalid(format!(
                 "{ns_count} namespaces: use 1..={MAX_NAMESPACES}"
+            )));
+        }
+        // Past 200 namespaces the addresses leave the nodes' podCIDRs (`background_ip`): that plan
+        // holds 128 nodes.
+        if !(2..=MAX_NODES).contains(&nodes) || (ns_count > 200 && nodes > 128) {
+            return Err(crate::Error::Invalid(format!(
+                "{nodes} nodes with {ns_count} namespaces: use 2..={MAX_NODES} nodes, at most 128 past 200 namespaces"
             )));
         }
         if with_measured && policies != 0 && policies < MEASURED_POLICIES {
@@ -210,7 +243,7 @@ impl Cluster {
                 ]),
                 name,
             });
-            for m in 0..NODES {
+            for m in 0..nodes {
                 pods.push(Pod {
                     namespace: format!("ns-{k}"),
                     name: format!("p-{m}"),
@@ -304,6 +337,7 @@ impl Cluster {
         }
         ordered.extend(others_iter);
         Ok(Cluster {
+            nodes,
             namespaces,
             pods,
             policies: ordered,
@@ -539,6 +573,25 @@ mod tests {
             !seen.contains(&Ipv4Addr::new(10, 244, 1, 10))
                 && !seen.contains(&Ipv4Addr::new(10, 244, 2, 10))
         );
+    }
+
+    #[test]
+    fn a_thousand_nodes_of_a_hundred_pods_have_unique_addresses_in_their_nodes_pod_ranges() {
+        let cluster = Cluster::generate_shape(Shape::for_pods_on(100_000, 10, 1000), 1).unwrap();
+        assert_eq!(cluster.nodes, 1000);
+        assert_eq!(cluster.pods.len(), 100_000 + 2);
+        let mut seen = std::collections::HashSet::new();
+        for p in &cluster.pods {
+            assert!(seen.insert(p.ip), "{} {}", p.key(), p.ip);
+            let n: u32 = p.node.trim_start_matches("node-").parse().unwrap();
+            let [a, b, c] = node_pod_net(n);
+            assert_eq!(&p.ip.octets()[..3], &[a, b, c], "{} on {}", p.key(), p.node);
+        }
+        assert_eq!(
+            cluster.pods.iter().filter(|p| p.node == "node-2").count(),
+            100 + 1
+        );
+        assert!(Cluster::generate_shape(Shape::for_pods_on(100_000, 10, 200), 1).is_err());
     }
 
     #[test]

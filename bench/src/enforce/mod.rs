@@ -74,6 +74,8 @@ pub struct Config {
     pub exe: PathBuf,
     pub pods: Vec<usize>,
     pub policies_per_pod: f64,
+    /// Nodes of the synthetic cluster (`Shape::for_pods_on`).
+    pub nodes: u32,
     pub trials: usize,
     pub churn: Vec<u32>,
     pub seed: u64,
@@ -230,7 +232,7 @@ fn run_size(
 ) -> Result<RunResults> {
     let dirs = AgentDirs::create(work)?;
     write_server_record(&dirs.state)?;
-    let cluster = Cluster::generate_shape(Shape::for_pods(pods, policies), cfg.seed)?;
+    let cluster = Cluster::generate_shape(Shape::for_pods_on(pods, policies, cfg.nodes), cfg.seed)?;
     // Everything but the measured client pod goes into one list; the client has its own file.
     let objects: Vec<Value> = k8s::objects(&cluster)
         .into_iter()
