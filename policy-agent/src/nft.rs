@@ -353,18 +353,39 @@ pub struct TableSummary {
 }
 
 /// Summarises a listing of our table (see [`TableSummary`]). Unknown shapes are hashed as they are.
+///
+/// Item by item: the listing's objects are parsed one at a time from the text (borrowed, unparsed
+/// until their turn) and hashed as they are normalized, so a listing of 100k pods' table (11 MB of
+/// JSON) never becomes one tree (~60 MiB at once, after every commit's read-back).
 pub fn summarize(listing: &str) -> Result<TableSummary> {
-    let mut v: Value = serde_json::from_str(listing).map_err(|e| Error::Nft {
+    #[derive(serde::Deserialize)]
+    struct Listing<'a> {
+        #[serde(borrow)]
+        nftables: Vec<&'a serde_json::value::RawValue>,
+    }
+    let parse_error = |e: serde_json::Error| Error::Nft {
         action: "parse listing",
         message: e.to_string(),
-    })?;
+    };
+    let Ok(listing_items) = serde_json::from_str::<Listing<'_>>(listing) else {
+        // Not the shape nft lists: hashed whole (after the same normalization).
+        let mut v: Value = serde_json::from_str(listing).map_err(parse_error)?;
+        normalize(&mut v);
+        let mut hash = Fnv1a::default();
+        serde_json::to_writer(&mut hash, &v).map_err(parse_error)?;
+        return Ok(TableSummary {
+            fingerprint: hash.0,
+            ..TableSummary::default()
+        });
+    };
     let mut s = TableSummary::default();
-    if let Some(items) = v.get_mut("nftables").and_then(Value::as_array_mut) {
-        items.retain(|i| i.get("metainfo").is_none());
-        for item in items.iter_mut() {
-            let Some(obj) = item.as_object_mut() else {
-                continue;
-            };
+    let mut hash = Fnv1a::default();
+    for raw in listing_items.nftables {
+        let mut item: Value = serde_json::from_str(raw.get()).map_err(parse_error)?;
+        if item.get("metainfo").is_some() {
+            continue;
+        }
+        if let Some(obj) = item.as_object_mut() {
             if obj.contains_key("chain") {
                 s.chains += 1;
             } else if obj.contains_key("rule") {
@@ -386,10 +407,42 @@ pub fn summarize(listing: &str) -> Result<TableSummary> {
                 }
             }
         }
+        normalize(&mut item);
+        serde_json::to_writer(&mut hash, &item).map_err(parse_error)?;
+        // Items are delimited, so moving content between neighbours changes the hash.
+        hash.feed(b"\n");
     }
-    normalize(&mut v);
-    s.fingerprint = fnv1a(v.to_string().as_bytes());
+    s.fingerprint = hash.0;
     Ok(s)
+}
+
+/// FNV-1a over everything written to it.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn feed(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+impl std::io::Write for Fnv1a {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Drops what changes without anyone changing our rules: handles and counter values.
@@ -406,15 +459,6 @@ fn normalize(v: &mut Value) {
         Value::Array(a) => a.iter_mut().for_each(normalize),
         _ => {}
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]
