@@ -42,6 +42,7 @@ use crate::ruleset::{Batch, Elem, Family, Ruleset};
 use palisade_contract::Attachment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Compiles one node incrementally; see the module documentation.
 #[derive(Debug)]
@@ -709,10 +710,13 @@ impl Patch<'_> {
                     s.as_ref()
                         .is_some_and(|s| rule_selects(own, spec, &s.pod, ns))
                 };
+                // Written only when it changes: the set may be shared (copy on write).
                 if selects(&m.new, &m.new_ns) {
-                    cr.peers.pods.insert(m.key.clone());
-                } else if selects(&m.old, &m.old_ns) {
-                    cr.peers.pods.remove(&m.key);
+                    if !cr.peers.pods.contains(&m.key) {
+                        Arc::make_mut(&mut cr.peers.pods).insert(m.key.clone());
+                    }
+                } else if selects(&m.old, &m.old_ns) && cr.peers.pods.contains(&m.key) {
+                    Arc::make_mut(&mut cr.peers.pods).remove(&m.key);
                 }
             }
             for ip in self.ips {
@@ -775,10 +779,10 @@ impl RulePatch<'_> {
             Some(_) => {}
         }
         if want {
-            cr.peers.pod_ips.insert(ip);
+            Arc::make_mut(&mut cr.peers.pod_ips).insert(ip);
             tr.insert_elem(rs, &set, Elem::Addr(ip));
         } else {
-            cr.peers.pod_ips.remove(&ip);
+            Arc::make_mut(&mut cr.peers.pod_ips).remove(&ip);
             tr.remove_elem(rs, &set, &Elem::Addr(ip));
         }
         Patched::Done

@@ -294,8 +294,8 @@ pub(crate) fn rule_selects(own: &str, rule: &Rule, pod: &Pod, ns_labels: &Labels
 /// Keys and addresses of the subject pods one pod peer selects.
 #[derive(Debug, Default)]
 struct ResolvedPods {
-    keys: BTreeSet<String>,
-    ips: BTreeSet<IpAddr>,
+    keys: std::sync::Arc<BTreeSet<String>>,
+    ips: std::sync::Arc<BTreeSet<IpAddr>>,
 }
 
 /// Which rule of a policy: direction and index in that direction's list.
@@ -336,16 +336,19 @@ impl<'a> Resolver<'a> {
                     .map(|(ns, _)| ns.as_str()),
             ),
         };
-        let mut out = ResolvedPods::default();
+        let (mut keys, mut ips) = (BTreeSet::new(), BTreeSet::new());
         for ns in namespaces {
             for (k, s) in self.ix.in_namespace(ns) {
                 if q.matches_pod(&s.pod) {
-                    out.keys.insert(k.clone());
-                    out.ips.extend(s.ips.iter().copied());
+                    keys.insert(k.clone());
+                    ips.extend(s.ips.iter().copied());
                 }
             }
         }
-        let found = Rc::new(out);
+        let found = Rc::new(ResolvedPods {
+            keys: keys.into(),
+            ips: ips.into(),
+        });
         self.peers.borrow_mut().insert(q, Rc::clone(&found));
         found
     }
@@ -497,11 +500,14 @@ impl<'a> Resolver<'a> {
                     identities.insert(q.identity());
                     let found = self.peer_pods(q);
                     if peers.pods.is_empty() {
-                        peers.pods.clone_from(&found.keys);
-                        peers.pod_ips.clone_from(&found.ips);
+                        // Shared, not copied: rules with the same peers hold one set.
+                        peers.pods = std::sync::Arc::clone(&found.keys);
+                        peers.pod_ips = std::sync::Arc::clone(&found.ips);
                     } else {
-                        peers.pods.extend(found.keys.iter().cloned());
-                        peers.pod_ips.extend(found.ips.iter().copied());
+                        std::sync::Arc::make_mut(&mut peers.pods)
+                            .extend(found.keys.iter().cloned());
+                        std::sync::Arc::make_mut(&mut peers.pod_ips)
+                            .extend(found.ips.iter().copied());
                     }
                 }
                 Peer::IpBlock { cidr, except } => {
