@@ -13,8 +13,9 @@ use std::sync::Arc;
 pub(crate) struct Subject {
     /// Shared with the cluster state.
     pub pod: Arc<Pod>,
-    /// Status IPs ∪ IPs of this node's attachment records that match the pod.
-    pub ips: BTreeSet<IpAddr>,
+    /// Status IPs ∪ IPs of this node's attachment records that match the pod: sorted, no
+    /// duplicates (one or two: a slice, where a `BTreeSet` took a 200-byte node per pod).
+    pub ips: Box<[IpAddr]>,
     /// Enforced on this node.
     pub local: bool,
 }
@@ -36,7 +37,7 @@ impl Subject {
         }
         Some(Self {
             pod: Arc::clone(pod),
-            ips,
+            ips: ips.into_iter().collect(),
             local,
         })
     }

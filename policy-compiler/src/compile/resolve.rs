@@ -148,7 +148,7 @@ pub(crate) fn local_pod(state: &ClusterState, key: &str, s: &Subject) -> LocalPo
     let (cluster_ingress, cluster_egress) = cluster_lists(state, s);
     let mut lp = LocalPod {
         key: key.to_string(),
-        ips: s.ips.clone(),
+        ips: s.ips.iter().copied().collect(),
         ingress: Vec::new(),
         egress: Vec::new(),
         cluster_ingress,
