@@ -112,19 +112,22 @@ pub fn check_pokes(step: &Step, model: Model) -> Result<()> {
     Ok(())
 }
 
-/// The network-policy-api conformance suite's cases, transcribed (`cases/network-policy-api/*.yaml`).
+/// The network-policy-api conformance suite's cases, transcribed (`cases/network-policy-api/*.yaml`,
+/// and the node-peer tests on their own model in `cases/network-policy-api-nodes/*.yaml`).
 pub fn network_policy_api_cases() -> Result<Vec<Case>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/network-policy-api");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .map_err(LabError::io(&dir))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
     let mut out = Vec::new();
-    for f in files {
-        out.extend(load(&f)?);
+    for sub in ["cases/network-policy-api", "cases/network-policy-api-nodes"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(sub);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(LabError::io(&dir))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        for f in files {
+            out.extend(load(&f)?);
+        }
     }
     Ok(out)
 }
@@ -601,7 +604,14 @@ mod tests {
         let mut problems = Vec::new();
         for c in &cases {
             let model = c.model().unwrap();
-            assert_eq!(model, Model::NetworkPolicyApi, "{}", c.id);
+            assert!(
+                matches!(
+                    model,
+                    Model::NetworkPolicyApi | Model::NetworkPolicyApiNodes
+                ),
+                "{}",
+                c.id
+            );
             for (i, step) in c.steps.iter().enumerate() {
                 if let Err(e) = check_pokes(step, model) {
                     problems.push(format!("{} step {}: {e}", c.id, i + 1));

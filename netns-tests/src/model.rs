@@ -9,6 +9,10 @@
 //!   with the same label; TCP 80 (named `web`), TCP 8080, UDP 53 (named `dns`), UDP 5353. Left out:
 //!   the SCTP ports (this kernel has no SCTP) and the hostNetwork `centaur` pods of the
 //!   forbidden-forrest namespace (the namespace is there).
+//! - `network-policy-api-nodes`: the same, and the suite's two hostNetwork `centaur` pods of
+//!   forbidden-forrest (one per node: a process in the node's namespace, with its addresses), every
+//!   pod serving the suite's host-network ports 34345/TCP, 34346/TCP, 34347/UDP and 34349/UDP (its
+//!   `HostNetworkPorts` 0, 1, 2, 4; the others are HTTP side ports and SCTP): for the node-peer tests.
 
 use crate::error::{LabError, Result};
 use crate::probe::Protocol;
@@ -19,6 +23,7 @@ use serde_json::{json, Value};
 pub enum Model {
     ThreeByThree,
     NetworkPolicyApi,
+    NetworkPolicyApiNodes,
 }
 
 /// The 3x3 model's ports.
@@ -43,6 +48,20 @@ const NPA_PORTS_PROBED: [(u16, Protocol); 4] = [
     (5353, Protocol::Udp),
 ];
 
+/// The node-peer model's ports (the suite's `HostNetworkPorts` 0, 1, 2 and 4) and their names.
+const NPA_NODE_PORTS: [(u16, Protocol, &str); 4] = [
+    (34345, Protocol::Tcp, "web-34345"),
+    (34346, Protocol::Tcp, "web-34346"),
+    (34347, Protocol::Udp, "dns-34347"),
+    (34349, Protocol::Udp, "dns-34349"),
+];
+const NPA_NODE_PORTS_PROBED: [(u16, Protocol); 4] = [
+    (34345, Protocol::Tcp),
+    (34346, Protocol::Tcp),
+    (34347, Protocol::Udp),
+    (34349, Protocol::Udp),
+];
+
 /// (house, StatefulSet name) of the network-policy-api model; `forbidden-forrest` has no pods here.
 const NPA_HOUSES: [(&str, Option<&str>); 5] = [
     ("gryffindor", Some("harry-potter")),
@@ -58,8 +77,9 @@ impl Model {
         match name {
             None | Some("3x3") => Ok(Model::ThreeByThree),
             Some("network-policy-api") => Ok(Model::NetworkPolicyApi),
+            Some("network-policy-api-nodes") => Ok(Model::NetworkPolicyApiNodes),
             Some(other) => Err(LabError::Invalid(format!(
-                "unknown model {other:?}: expected 3x3 or network-policy-api"
+                "unknown model {other:?}: expected 3x3, network-policy-api or network-policy-api-nodes"
             ))),
         }
     }
@@ -69,6 +89,16 @@ impl Model {
         match self {
             Model::ThreeByThree => &THREE_BY_THREE_PORTS,
             Model::NetworkPolicyApi => &NPA_PORTS_PROBED,
+            Model::NetworkPolicyApiNodes => &NPA_NODE_PORTS_PROBED,
+        }
+    }
+
+    /// Its name in a case's `model:`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Model::ThreeByThree => "3x3",
+            Model::NetworkPolicyApi => "network-policy-api",
+            Model::NetworkPolicyApiNodes => "network-policy-api-nodes",
         }
     }
 
@@ -91,6 +121,17 @@ impl Model {
                         .map(move |p| (ns.to_string(), p.to_string(), p.to_string()))
                 })
                 .collect(),
+            Model::NetworkPolicyApiNodes => {
+                let mut pods = Model::NetworkPolicyApi.pod_specs();
+                pods.extend((0..2).map(|i| {
+                    (
+                        "network-policy-conformance-forbidden-forrest".to_string(),
+                        format!("centaur-{i}"),
+                        "forbidden-forrest".to_string(),
+                    )
+                }));
+                pods
+            }
             Model::NetworkPolicyApi => NPA_HOUSES
                 .iter()
                 .filter_map(|(house, set)| set.map(|s| (house, s)))
@@ -118,7 +159,7 @@ impl Model {
                     );
                 }
             }
-            Model::NetworkPolicyApi => {
+            Model::NetworkPolicyApi | Model::NetworkPolicyApiNodes => {
                 for (house, _) in NPA_HOUSES {
                     out.push(
                         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
@@ -129,8 +170,13 @@ impl Model {
             }
         }
         for (i, (ns, name, label)) in self.pod_specs().into_iter().enumerate() {
+            // The centaurs are the suite's hostNetwork StatefulSet: one per node.
+            let centaur = name
+                .strip_prefix("centaur-")
+                .and_then(|n| n.parse::<usize>().ok());
+            let at = centaur.unwrap_or(i);
             let node = nodes
-                .get(i % nodes.len().max(1))
+                .get(at % nodes.len().max(1))
                 .cloned()
                 .unwrap_or_default();
             let (key, containers): (&str, Vec<Value>) = match self {
@@ -150,10 +196,21 @@ impl Model {
                         .map(|(port, proto, pname)| container(*port, *proto, pname))
                         .collect(),
                 ),
+                Model::NetworkPolicyApiNodes => (
+                    "conformance-house",
+                    NPA_NODE_PORTS
+                        .iter()
+                        .map(|(port, proto, pname)| container(*port, *proto, pname))
+                        .collect(),
+                ),
             };
-            out.push(json!({"apiVersion": "v1", "kind": "Pod",
+            let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": ns, "labels": {key: label}},
-                "spec": {"nodeName": node, "containers": containers}}));
+                "spec": {"nodeName": node, "containers": containers}});
+            if centaur.is_some() {
+                pod["spec"]["hostNetwork"] = json!(true);
+            }
+            out.push(pod);
         }
         out
     }
@@ -199,6 +256,27 @@ mod tests {
             "{names:?}"
         );
         assert_eq!(Model::NetworkPolicyApi.pods().len(), 8);
+    }
+
+    #[test]
+    fn the_node_peer_model_adds_one_host_network_centaur_per_node() {
+        let objs = Model::NetworkPolicyApiNodes.objects(&["n1".into(), "n2".into()]);
+        let pods: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "Pod").collect();
+        assert_eq!(pods.len(), 10);
+        for (i, node) in ["n1", "n2"].iter().enumerate() {
+            let c = pods
+                .iter()
+                .find(|p| p["metadata"]["name"] == format!("centaur-{i}"))
+                .unwrap();
+            assert_eq!(c["spec"]["hostNetwork"], true);
+            assert_eq!(c["spec"]["nodeName"], *node);
+        }
+        assert_eq!(
+            pods.iter()
+                .filter(|p| p["spec"]["hostNetwork"] == true)
+                .count(),
+            2
+        );
     }
 
     #[test]

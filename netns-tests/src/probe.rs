@@ -162,9 +162,15 @@ pub fn probe_all(targets: &[Target], timeout: Duration) -> Vec<Outcome> {
     })
 }
 
-/// Serves TCP and UDP on the given ports (all addresses, v4 and v6) until the process is killed.
-/// Each TCP connection gets `name\n` and is closed; each UDP datagram is answered with `name\n`.
-pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> std::io::Result<()> {
+/// Serves TCP and UDP on the given ports (all addresses, v4 and v6; UDP on `udp_listen` only when
+/// given) until the process is killed. Each TCP connection gets `name\n` and is closed; each UDP
+/// datagram is answered with `name\n`.
+pub fn serve(
+    name: &str,
+    tcp_ports: &[u16],
+    udp_ports: &[u16],
+    udp_listen: &[std::net::IpAddr],
+) -> std::io::Result<()> {
     let reply = format!("{name}\n");
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
@@ -173,7 +179,12 @@ pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> std::io::Resul
         tcp.push(TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?);
     }
     for &port in udp_ports {
-        udp.push(UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))?);
+        if udp_listen.is_empty() {
+            udp.push(UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))?);
+        }
+        for addr in udp_listen {
+            udp.push(UdpSocket::bind(SocketAddr::new(*addr, port))?);
+        }
     }
     std::thread::scope(|s| {
         for listener in &tcp {

@@ -1,9 +1,10 @@
-//! A custom test harness (`harness = false`) that runs a list of cases against one lab: filter and
-//! `--list` like libtest, bring the lab up, run a setup, every case, a final check, tear the lab
-//! down, and fail on anything the teardown left behind (namespaces, processes).
+//! A custom test harness (`harness = false`) that runs a list of cases against labs: filter and
+//! `--list` like libtest, bring up a lab per model the cases name, run a setup, every case, a final
+//! check, tear the lab down, and fail on anything the teardown left behind (namespaces, processes).
 
 use crate::cases::{self, Case};
 use crate::lab::{Lab, LabOptions};
+use crate::model::Model;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -21,12 +22,14 @@ impl CaseSuite {
         format!("{}::{} {}", self.prefix, c.id, c.title)
     }
 
-    /// Runs the suite with the test binary's arguments (`[FILTER...] [--list]`).
+    /// Runs the suite with the test binary's arguments (`[FILTER...] [--list]`): one lab for each
+    /// model the cases name (`crate::model`), in the order they first name it; `setup` prepares a
+    /// lab for its model, `after` looks at it once its cases ran.
     pub fn main(
         mut self,
         args: &[String],
-        setup: impl FnOnce(&mut Lab) -> Result<(), String>,
-        after: impl FnOnce(&Lab) -> Result<(), String>,
+        setup: impl Fn(&mut Lab, Model) -> Result<(), String>,
+        after: impl Fn(&Lab) -> Result<(), String>,
     ) -> ExitCode {
         let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
         let cases = std::mem::take(&mut self.cases);
@@ -49,23 +52,51 @@ impl CaseSuite {
         }
         println!("running {} tests", cases.len());
         let started = Instant::now();
-        let mut lab = match Lab::up(&self.opts) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("{}: the lab did not come up: {e}", self.prefix);
-                return ExitCode::FAILURE;
+        let mut failed: Failures = Vec::new();
+        let mut groups: Vec<(Model, Vec<Case>)> = Vec::new();
+        for c in cases {
+            match c.model() {
+                Ok(m) => match groups.iter_mut().find(|(g, _)| *g == m) {
+                    Some((_, list)) => list.push(c),
+                    None => groups.push((m, vec![c])),
+                },
+                Err(e) => failed.push((self.name(&c), e.to_string())),
             }
-        };
-        let (passed, mut failed) = self.run_all(&mut lab, &cases, setup, after, started);
-        let mut ok = failed.is_empty();
-        if let Err(e) = lab.down() {
-            println!("teardown: {e}");
-            ok = false;
         }
-        for problem in leftovers(&self.opts.name) {
-            println!("{problem}");
-            ok = false;
+        let mut passed = 0;
+        let mut ok = true;
+        for (i, (model, cases)) in groups.iter().enumerate() {
+            let mut opts = self.opts.clone();
+            if i > 0 {
+                opts.name = crate::lab::unique_name();
+            }
+            let mut lab = match Lab::up(&opts) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("{}: the lab did not come up: {e}", self.prefix);
+                    failed.extend(cases.iter().map(|c| {
+                        (
+                            self.name(c),
+                            format!("the {} lab did not come up", model.name()),
+                        )
+                    }));
+                    ok = false;
+                    continue;
+                }
+            };
+            let (p, f) = self.run_all(&mut lab, cases, |lab| setup(lab, *model), &after, started);
+            passed += p;
+            failed.extend(f);
+            if let Err(e) = lab.down() {
+                println!("teardown: {e}");
+                ok = false;
+            }
+            for problem in leftovers(&opts.name) {
+                println!("{problem}");
+                ok = false;
+            }
         }
+        ok &= failed.is_empty();
         if !failed.is_empty() {
             println!("\nfailures:\n");
             for (name, e) in &failed {
@@ -78,7 +109,6 @@ impl CaseSuite {
             failed.len(),
             started.elapsed().as_secs_f64()
         );
-        failed.clear();
         if ok {
             ExitCode::SUCCESS
         } else {
@@ -91,7 +121,7 @@ impl CaseSuite {
         lab: &mut Lab,
         cases: &[Case],
         setup: impl FnOnce(&mut Lab) -> Result<(), String>,
-        after: impl FnOnce(&Lab) -> Result<(), String>,
+        after: &impl Fn(&Lab) -> Result<(), String>,
         started: Instant,
     ) -> (usize, Failures) {
         let mut failed = Vec::new();

@@ -72,9 +72,13 @@ fn main() -> ExitCode {
         opts,
         cases,
     }
-    .main(&args, setup, |lab| {
-        let n = lab.encapsulated_packets().map_err(|e| e.to_string())?;
-        println!("the router carried {n} encapsulated packets");
-        Ok(())
-    })
+    .main(
+        &args,
+        |lab, _| setup(lab),
+        |lab| {
+            let n = lab.encapsulated_packets().map_err(|e| e.to_string())?;
+            println!("the router carried {n} encapsulated packets");
+            Ok(())
+        },
+    )
 }

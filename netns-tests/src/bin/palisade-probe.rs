@@ -33,6 +33,13 @@ enum Command {
         /// UDP ports, comma separated.
         #[arg(long, value_delimiter = ',')]
         udp: Vec<u16>,
+        /// Addresses the UDP sockets bind to, comma separated (default: all). A server in a node's
+        /// namespace (a hostNetwork pod) binds its node's addresses, as agnhost's
+        /// `--udp-listen-addresses` does upstream: a socket on the wildcard address answers from
+        /// whatever source the route back picks, which a connected client does not take as the
+        /// answer.
+        #[arg(long, value_delimiter = ',')]
+        udp_listen: Vec<std::net::IpAddr>,
     },
     /// Probe targets read as JSON from stdin (or given as PROTO:ADDR:PORT arguments), print JSON.
     Connect {
@@ -71,9 +78,12 @@ fn parse_target(s: &str) -> Result<Target, String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Serve { name, tcp, udp } => {
-            probe::serve(&name, &tcp, &udp).map_err(|e| format!("serve {name}: {e}"))
-        }
+        Command::Serve {
+            name,
+            tcp,
+            udp,
+            udp_listen,
+        } => probe::serve(&name, &tcp, &udp, &udp_listen).map_err(|e| format!("serve {name}: {e}")),
         Command::Connect {
             timeout_ms,
             targets,

@@ -207,12 +207,20 @@ impl Lab {
             p.cni_result = Some(result);
         }
         self.state.save()?;
-        self.start_server(&pod_key, &obj, &pod_ns)?;
+        self.start_server(&pod_key, &obj, &pod_ns, &[])?;
         self.write_running(obj, &ips, &node)
     }
 
     /// `palisade-probe serve` in `netns` on the pod's declared TCP and UDP container ports.
-    fn start_server(&mut self, pod_key: &str, obj: &Value, netns: &str) -> Result<()> {
+    /// Starts the pod's server in `netns`; `udp_listen`: the addresses its UDP sockets bind (a
+    /// hostNetwork pod's: its node's), empty for all.
+    fn start_server(
+        &mut self,
+        pod_key: &str,
+        obj: &Value,
+        netns: &str,
+        udp_listen: &[IpAddr],
+    ) -> Result<()> {
         let pod_key = pod_key.to_string();
         let key = k8s::key_of(obj)?;
         let ports = k8s::container_ports(obj);
@@ -235,6 +243,10 @@ impl Lab {
         }
         if !udp.is_empty() {
             args.extend(["--udp".to_string(), udp.join(",")]);
+            if !udp_listen.is_empty() {
+                let addrs: Vec<String> = udp_listen.iter().map(IpAddr::to_string).collect();
+                args.extend(["--udp-listen".to_string(), addrs.join(",")]);
+            }
         }
         let log = self
             .state
@@ -321,7 +333,7 @@ impl Lab {
             },
         );
         self.state.save()?;
-        self.start_server(&pod_key, &obj, &node.netns)?;
+        self.start_server(&pod_key, &obj, &node.netns, &ips)?;
         self.write_running(obj, &ips, node)
     }
 

@@ -471,7 +471,7 @@ impl Lab {
 
 fn node_object(node: &NodeState) -> Value {
     let text = format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    kubernetes.io/hostname: {name}\nspec:\n  podCIDR: {v4}\n  podCIDRs: [\"{v4}\", \"{v6}\"]\nstatus:\n  addresses:\n  - {{type: InternalIP, address: \"{a4}\"}}\n  - {{type: InternalIP, address: \"{a6}\"}}\n  - {{type: Hostname, address: {name}}}\n",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\nspec:\n  podCIDR: {v4}\n  podCIDRs: [\"{v4}\", \"{v6}\"]\nstatus:\n  addresses:\n  - {{type: InternalIP, address: \"{a4}\"}}\n  - {{type: InternalIP, address: \"{a6}\"}}\n  - {{type: Hostname, address: {name}}}\n",
         name = node.name,
         v4 = node.pod_cidr_v4,
         v6 = node.pod_cidr_v6,
