@@ -127,6 +127,8 @@ pub(super) struct DirState {
     /// The encoding of the object last emitted as `Applied` for each key still present downstream
     /// (shared with the defining file's map).
     emitted: HashMap<Key, Encoded>,
+    /// Files read so far (a test holds the directory to reading only what changed).
+    reads: std::cell::Cell<u64>,
 }
 
 /// A file as read: its fingerprint and the encodings of its objects.
@@ -181,6 +183,7 @@ impl DirState {
             files: BTreeMap::new(),
             owners: HashMap::new(),
             emitted: HashMap::new(),
+            reads: std::cell::Cell::new(0),
         }
     }
 
@@ -274,6 +277,7 @@ impl DirState {
             Err(e) => return Err(ReadError::Io(format!("cannot stat file: {e}"))),
         };
         let fingerprint = Fingerprint::of(&meta);
+        self.reads.set(self.reads.get() + 1);
         let text = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -394,6 +398,71 @@ impl DirState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod_json(name: &str, app: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"default","labels":{{"app":"{app}"}}}},"spec":{{"containers":[{{"name":"c"}}]}}}}"#
+        )
+    }
+
+    fn describe(out: &[Emit]) -> Vec<String> {
+        out.iter()
+            .map(|e| match e {
+                Emit::Applied(k, enc) => format!(
+                    "Applied {} {}",
+                    k.name,
+                    String::from_utf8_lossy(enc).contains(r#""app":"list""#)
+                ),
+                Emit::Deleted(k) => format!("Deleted {}", k.name),
+            })
+            .collect()
+    }
+
+    /// A small file overriding pods of a big List: when the override moves to another pod, the
+    /// dropped pod's List definition is emitted again from what the directory kept, without
+    /// reading the List again (a parse of the whole List per change cost a core under churn).
+    #[test]
+    fn an_override_moving_to_another_pod_restores_the_list_definition_without_rereading_the_list() {
+        let dir = palisade_testkit::temp::temp_dir("pa-manifest-override");
+        let items: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|n| pod_json(n, "list"))
+            .collect();
+        std::fs::write(
+            dir.path().join("00-list.json"),
+            format!(
+                r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+                items.join(",")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("70-override.json"),
+            pod_json("a", "override"),
+        )
+        .unwrap();
+        let mut st = DirState::new(dir.path().to_path_buf());
+        let first = st.rescan(true).unwrap();
+        assert_eq!(first.len(), 3);
+        let reads = st.reads.get();
+        std::fs::write(
+            dir.path().join("70-override.json"),
+            pod_json("b", "override"),
+        )
+        .unwrap();
+        let out = st.apply_changes(Changes {
+            files: vec!["70-override.json".into()],
+            ..Changes::default()
+        });
+        let mut got = describe(&out);
+        got.sort();
+        assert_eq!(got, ["Applied a true", "Applied b false"]);
+        assert_eq!(
+            st.reads.get(),
+            reads + 1,
+            "only the override file is read again"
+        );
+    }
 
     #[test]
     fn manifest_names_exclude_dotfiles_and_temp_files() {
