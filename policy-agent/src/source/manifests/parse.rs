@@ -32,19 +32,27 @@ impl std::error::Error for ManifestError {}
 /// Documents of kinds we do not watch are skipped with a warning. Any other problem rejects the file.
 pub fn parse_manifests(file: &str, content: &[u8]) -> Result<Vec<Object>, ManifestError> {
     let mut objects = Vec::new();
-    parse_manifests_with(file, content, &mut |object| {
+    parse_manifests_with(file, content, &mut |object, _| {
         objects.push(object);
         Ok(())
     })?;
     Ok(objects)
 }
 
+/// Where an object of a JSON file is in it: the byte range of its JSON object (a List's item, or
+/// the whole file); [`object_at`] decodes it again from those bytes alone.
+pub(super) type Span = std::ops::Range<usize>;
+
+/// What [`parse_manifests_with`] hands each object to, with its [`Span`] in a JSON file (`None` in
+/// a YAML file).
+pub(super) type Sink<'a> = dyn FnMut(Object, Option<Span>) -> Result<(), String> + 'a;
+
 /// [`parse_manifests`], handing each object to `sink` as soon as it is decoded; an error from the sink
 /// rejects the file like any other.
 pub(super) fn parse_manifests_with(
     file: &str,
     content: &[u8],
-    sink: &mut dyn FnMut(Object) -> Result<(), String>,
+    sink: &mut Sink<'_>,
 ) -> Result<(), ManifestError> {
     let text = std::str::from_utf8(content).map_err(|e| ManifestError {
         document: 0,
@@ -57,7 +65,7 @@ pub(super) fn parse_manifests_with(
     if text.trim_start().starts_with('{') {
         // The head parses only if the whole text is one JSON value; otherwise it is YAML.
         if let Ok(head) = serde_json::from_str::<JsonHead<'_>>(text) {
-            objects_from_json(file, 0, head, text, &mut *sink).map_err(|message| {
+            objects_from_json(file, 0, head, text, text, &mut *sink).map_err(|message| {
                 ManifestError {
                     document: 0,
                     message,
@@ -128,13 +136,27 @@ struct JsonHead<'a> {
     items: Option<&'a serde_json::value::RawValue>,
 }
 
-/// One JSON object (`text`, whose head is `head`): a List's items one by one, or the object itself.
+/// The one object whose JSON text is `text` (a [`Span`] of a file read again), checked, defaulted
+/// and stripped as when the file was read.
+pub(super) fn object_at(file: &str, text: &str) -> Result<Object, String> {
+    let head = serde_json::from_str::<JsonHead<'_>>(text).map_err(|e| e.to_string())?;
+    let mut found = None;
+    objects_from_json(file, 0, head, text, text, &mut |object, _| {
+        found = Some(object);
+        Ok(())
+    })?;
+    found.ok_or_else(|| "no object of a watched kind there".to_string())
+}
+
+/// One JSON object (`text`, a slice of `file_text`, whose head is `head`): a List's items one by
+/// one, or the object itself, with its span in `file_text`.
 fn objects_from_json(
     file: &str,
     index: usize,
     head: JsonHead<'_>,
     text: &str,
-    out: &mut dyn FnMut(Object) -> Result<(), String>,
+    file_text: &str,
+    out: &mut Sink<'_>,
 ) -> Result<(), String> {
     let kind = head.kind.ok_or_else(|| NO_KIND.to_string())?;
     let api_version = head.api_version.unwrap_or_default();
@@ -148,13 +170,15 @@ fn objects_from_json(
         for (item_index, item) in items.into_iter().enumerate() {
             let item_head = serde_json::from_str::<JsonHead<'_>>(item.get())
                 .map_err(|e| format!("items[{item_index}]: {e}"))?;
-            objects_from_json(file, index, item_head, item.get(), out)
+            objects_from_json(file, index, item_head, item.get(), file_text, out)
                 .map_err(|e| format!("items[{item_index}]: {e}"))?;
         }
         return Ok(());
     }
+    let start = (text.as_ptr() as usize).wrapping_sub(file_text.as_ptr() as usize);
+    let span = (start + text.len() <= file_text.len()).then(|| start..start + text.len());
     match typed(file, index, &api_version, &kind, text)? {
-        Some(object) => out(normalize(object)?),
+        Some(object) => out(normalize(object)?, span),
         None => Ok(()),
     }
 }
@@ -163,7 +187,7 @@ fn objects_from_value(
     file: &str,
     index: usize,
     mut value: serde_json::Value,
-    out: &mut dyn FnMut(Object) -> Result<(), String>,
+    out: &mut Sink<'_>,
 ) -> Result<(), String> {
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
     let Some(kind) = field("kind") else {
@@ -184,7 +208,7 @@ fn objects_from_value(
         return Ok(());
     }
     match typed(file, index, &api_version, &kind, value)? {
-        Some(object) => out(normalize(object)?),
+        Some(object) => out(normalize(object)?, None),
         None => Ok(()),
     }
 }
