@@ -143,9 +143,9 @@ pub(super) struct DirState {
     owners: HashMap<Key, Vec<FileName>>,
     /// The digest of the object last emitted as `Applied` for each key still present downstream.
     emitted: HashMap<Key, u64>,
-    /// The encodings read in the batch being processed, by file: what `emit` sends. Empty between
-    /// batches.
-    fresh: HashMap<FileName, BTreeMap<Key, Encoded>>,
+    /// The encodings read in the batch being processed, by file, with their digests: what `emit`
+    /// sends. Empty between batches.
+    fresh: HashMap<FileName, BTreeMap<Key, (Encoded, u64)>>,
     hasher: std::collections::hash_map::RandomState,
     /// Files read so far (a test holds the directory to reading only what changed).
     reads: std::cell::Cell<u64>,
@@ -340,7 +340,7 @@ impl DirState {
                         None => Again::Encoded(encoded.clone()),
                     };
                     kept.insert(key.clone(), Kept { digest, again });
-                    encodings.insert(key, encoded);
+                    encodings.insert(key, (encoded, digest));
                 }
                 let name: FileName = Arc::from(name);
                 self.fresh.insert(name.clone(), encodings);
@@ -422,11 +422,10 @@ impl DirState {
                     if self.emitted.get(&key) == Some(&kept.digest) {
                         continue;
                     }
-                    let Some(encoded) = self.encoding(&owner, &key, &kept) else {
+                    // What goes out (a file read again may hold a newer version than `kept`).
+                    let Some((encoded, digest)) = self.encoding(&owner, &key, &kept) else {
                         continue;
                     };
-                    // What goes out (a file read again may hold a newer version than `kept`).
-                    let digest = self.hasher.hash_one(&encoded[..]);
                     self.emitted.insert(key.clone(), digest);
                     out.push(Emit::Applied((*key).clone(), encoded));
                 }
@@ -445,14 +444,15 @@ impl DirState {
     /// The encoding `owner` gives `key`: read in this batch, kept, or decoded again from its span
     /// (while the file is as it was read; otherwise the file is read again: it changed, and its
     /// own event follows).
-    fn encoding(&mut self, owner: &FileName, key: &Key, kept: &Kept) -> Option<Encoded> {
+    /// Returns it with its digest.
+    fn encoding(&mut self, owner: &FileName, key: &Key, kept: &Kept) -> Option<(Encoded, u64)> {
         if let Some(e) = self.fresh.get(owner).and_then(|m| m.get(key)) {
             return Some(e.clone());
         }
         let path = self.dir.join(owner.as_ref());
         let shown = path.display().to_string();
         if let Again::Encoded(e) = &kept.again {
-            return Some(e.clone());
+            return Some((e.clone(), kept.digest));
         }
         if let Again::Span { offset, len } = kept.again {
             let unchanged = std::fs::metadata(&path).ok().map(|m| Fingerprint::of(&m))
@@ -460,15 +460,20 @@ impl DirState {
             if unchanged {
                 if let Some(e) = self.read_span(&path, offset, len) {
                     if self.hasher.hash_one(&e[..]) == kept.digest {
-                        return Some(e);
+                        return Some((e, kept.digest));
                     }
                 }
             }
         }
         match self.read_file(owner) {
             Ok(Some((_, read))) => {
-                let encodings: BTreeMap<Key, Encoded> =
-                    read.into_iter().map(|(k, (e, _))| (k, e)).collect();
+                let encodings: BTreeMap<Key, (Encoded, u64)> = read
+                    .into_iter()
+                    .map(|(k, (e, _))| {
+                        let digest = self.hasher.hash_one(&e[..]);
+                        (k, (e, digest))
+                    })
+                    .collect();
                 let found = encodings.get(key).cloned();
                 self.fresh.insert(owner.clone(), encodings);
                 if found.is_none() {
@@ -505,6 +510,25 @@ mod tests {
         )
     }
 
+    /// Writes `name` as a JSON List of pods `pods`, labelled `app`.
+    fn write_list(dir: &std::path::Path, name: &str, pods: &[&str], app: &str) {
+        let items: Vec<String> = pods.iter().map(|n| pod_json(n, app)).collect();
+        let list = format!(
+            r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+            items.join(",")
+        );
+        std::fs::write(dir.join(name), list).unwrap();
+    }
+
+    /// Rewrites the override file to pod `pod` and hands its change to the directory.
+    fn move_override(st: &mut DirState, dir: &std::path::Path, pod: &str) -> Vec<Emit> {
+        std::fs::write(dir.join("70-override.json"), pod_json(pod, "override")).unwrap();
+        st.apply_changes(Changes {
+            files: vec!["70-override.json".into()],
+            ..Changes::default()
+        })
+    }
+
     fn describe(out: &[Emit]) -> Vec<String> {
         out.iter()
             .map(|e| match e {
@@ -524,37 +548,16 @@ mod tests {
     #[test]
     fn an_override_moving_to_another_pod_restores_the_list_definition_without_rereading_the_list() {
         let dir = palisade_testkit::temp::temp_dir("pa-manifest-override");
-        let items: Vec<String> = ["a", "b", "c"]
-            .iter()
-            .map(|n| pod_json(n, "list"))
-            .collect();
-        std::fs::write(
-            dir.path().join("00-list.json"),
-            format!(
-                r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
-                items.join(",")
-            ),
-        )
-        .unwrap();
+        write_list(dir.path(), "00-list.json", &["a", "b", "c"], "list");
         std::fs::write(
             dir.path().join("70-override.json"),
             pod_json("a", "override"),
         )
         .unwrap();
         let mut st = DirState::new(dir.path().to_path_buf());
-        let first = st.rescan(true).unwrap();
-        assert_eq!(first.len(), 3);
+        assert_eq!(st.rescan(true).unwrap().len(), 3);
         let reads = st.reads.get();
-        std::fs::write(
-            dir.path().join("70-override.json"),
-            pod_json("b", "override"),
-        )
-        .unwrap();
-        let out = st.apply_changes(Changes {
-            files: vec!["70-override.json".into()],
-            ..Changes::default()
-        });
-        let mut got = describe(&out);
+        let mut got = describe(&move_override(&mut st, dir.path(), "b"));
         got.sort();
         assert_eq!(got, ["Applied a true", "Applied b false"]);
         assert_eq!(
@@ -565,27 +568,8 @@ mod tests {
 
         // The List changed on disk (its own event not handled yet): its kept spans no longer hold,
         // so the dropped pod comes from the List read again, as it is now.
-        let items: Vec<String> = ["a", "b", "c"]
-            .iter()
-            .map(|n| pod_json(n, "list2"))
-            .collect();
-        std::fs::write(
-            dir.path().join("00-list.json"),
-            format!(
-                r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
-                items.join(",")
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("70-override.json"),
-            pod_json("c", "override"),
-        )
-        .unwrap();
-        let out = st.apply_changes(Changes {
-            files: vec!["70-override.json".into()],
-            ..Changes::default()
-        });
+        write_list(dir.path(), "00-list.json", &["a", "b", "c"], "list2");
+        let out = move_override(&mut st, dir.path(), "c");
         let restored: Vec<String> = out
             .iter()
             .filter_map(|e| match e {
@@ -618,16 +602,7 @@ mod tests {
         let mut st = DirState::new(dir.path().to_path_buf());
         assert_eq!(st.rescan(true).unwrap().len(), 2);
         let reads = st.reads.get();
-        std::fs::write(
-            dir.path().join("70-override.json"),
-            pod_json("b", "override"),
-        )
-        .unwrap();
-        let out = st.apply_changes(Changes {
-            files: vec!["70-override.json".into()],
-            ..Changes::default()
-        });
-        let mut got = describe(&out);
+        let mut got = describe(&move_override(&mut st, dir.path(), "b"));
         got.sort();
         assert_eq!(got, ["Applied a true", "Applied b false"]);
         assert_eq!(st.reads.get(), reads + 1);
