@@ -41,12 +41,7 @@ const NPA_PORTS: [(u16, Protocol, &str); 4] = [
     (53, Protocol::Udp, "dns"),
     (5353, Protocol::Udp, "udp-5353"),
 ];
-const NPA_PORTS_PROBED: [(u16, Protocol); 4] = [
-    (80, Protocol::Tcp),
-    (8080, Protocol::Tcp),
-    (53, Protocol::Udp),
-    (5353, Protocol::Udp),
-];
+const NPA_PORTS_PROBED: [(u16, Protocol); 4] = unnamed(NPA_PORTS);
 
 /// The node-peer model's ports (the suite's `HostNetworkPorts` 0, 1, 2 and 4) and their names.
 const NPA_NODE_PORTS: [(u16, Protocol, &str); 4] = [
@@ -55,12 +50,18 @@ const NPA_NODE_PORTS: [(u16, Protocol, &str); 4] = [
     (34347, Protocol::Udp, "dns-34347"),
     (34349, Protocol::Udp, "dns-34349"),
 ];
-const NPA_NODE_PORTS_PROBED: [(u16, Protocol); 4] = [
-    (34345, Protocol::Tcp),
-    (34346, Protocol::Tcp),
-    (34347, Protocol::Udp),
-    (34349, Protocol::Udp),
-];
+const NPA_NODE_PORTS_PROBED: [(u16, Protocol); 4] = unnamed(NPA_NODE_PORTS);
+
+/// The (port, protocol) pairs of a named port list: what the matrix probes.
+const fn unnamed<const N: usize>(named: [(u16, Protocol, &str); N]) -> [(u16, Protocol); N] {
+    let mut out = [(0, Protocol::Tcp); N];
+    let mut i = 0;
+    while i < N {
+        out[i] = (named[i].0, named[i].1);
+        i += 1;
+    }
+    out
+}
 
 /// (house, StatefulSet name) of the network-policy-api model; `forbidden-forrest` has no pods here.
 const NPA_HOUSES: [(&str, Option<&str>); 5] = [

@@ -87,33 +87,9 @@ impl CaseSuite {
             let (p, f) = self.run_all(&mut lab, cases, |lab| setup(lab, *model), &after, started);
             passed += p;
             failed.extend(f);
-            if let Err(e) = lab.down() {
-                println!("teardown: {e}");
-                ok = false;
-            }
-            for problem in leftovers(&opts.name) {
-                println!("{problem}");
-                ok = false;
-            }
+            ok &= tear_down(lab, &opts.name);
         }
-        ok &= failed.is_empty();
-        if !failed.is_empty() {
-            println!("\nfailures:\n");
-            for (name, e) in &failed {
-                println!("---- {name} ----\n{e}\n");
-            }
-        }
-        println!(
-            "\ntest result: {}. {passed} passed; {} failed; finished in {:.1}s",
-            if ok { "ok" } else { "FAILED" },
-            failed.len(),
-            started.elapsed().as_secs_f64()
-        );
-        if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }
+        report(passed, &failed, ok, started)
     }
 
     fn run_all(
@@ -164,8 +140,46 @@ impl CaseSuite {
     }
 }
 
+/// Prints the failures and libtest's summary line; success only with no failure and `ok` (the
+/// teardowns' verdict).
+pub fn report(passed: usize, failed: &[(String, String)], ok: bool, started: Instant) -> ExitCode {
+    let ok = ok && failed.is_empty();
+    if !failed.is_empty() {
+        println!("\nfailures:\n");
+        for (name, e) in failed {
+            println!("---- {name} ----\n{e}\n");
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {} failed; finished in {:.1}s",
+        if ok { "ok" } else { "FAILED" },
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Tears a lab down and checks nothing of it is left (its namespaces, its processes); false, with
+/// what went wrong printed, otherwise.
+pub fn tear_down(lab: Lab, lab_name: &str) -> bool {
+    let mut ok = true;
+    if let Err(e) = lab.down() {
+        println!("teardown: {e}");
+        ok = false;
+    }
+    for problem in leftovers(lab_name) {
+        println!("{problem}");
+        ok = false;
+    }
+    ok
+}
+
 /// What a torn-down lab left behind: its namespaces and processes, one line each.
-pub fn leftovers(lab_name: &str) -> Vec<String> {
+fn leftovers(lab_name: &str) -> Vec<String> {
     let mut out = Vec::new();
     let netns: Vec<String> = std::fs::read_dir(crate::netns::NETNS_DIR)
         .map(|rd| {

@@ -621,44 +621,6 @@ fn main() -> ExitCode {
             }
         }
     }
-    let teardown = lab.down();
-    if !failed.is_empty() {
-        println!("\nfailures:\n");
-        for (name, e) in &failed {
-            println!("---- {name} ----\n{e}\n");
-        }
-    }
-    let leftovers: Vec<String> = std::fs::read_dir(palisade_netns_tests::netns::NETNS_DIR)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&format!("pl-{}-", opts.name)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut ok = failed.is_empty();
-    if let Err(e) = teardown {
-        println!("teardown: {e}");
-        ok = false;
-    }
-    let leftover_pids = palisade_netns_tests::process::lab_pids(&opts.name);
-    if !leftover_pids.is_empty() {
-        println!("teardown left processes behind: {leftover_pids:?}");
-        ok = false;
-    }
-    if !leftovers.is_empty() {
-        println!("teardown left namespaces behind: {leftovers:?}");
-        ok = false;
-    }
-    println!(
-        "\ntest result: {}. {passed} passed; {} failed; finished in {:.1}s",
-        if ok { "ok" } else { "FAILED" },
-        failed.len(),
-        started.elapsed().as_secs_f64()
-    );
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    let ok = palisade_netns_tests::suite::tear_down(lab, &opts.name);
+    palisade_netns_tests::suite::report(passed, &failed, ok, started)
 }
