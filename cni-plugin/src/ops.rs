@@ -253,13 +253,7 @@ async fn teardown(
             errors.keep(node.delete_link(host_veth).await);
         }
         let mut writer = ElementWriter::new();
-        errors.keep(unmark_and_unrecord(
-            &mut writer,
-            conf,
-            &target.container_id,
-            &target.ifname,
-        ));
-        errors.keep(ipam::release(conf, env, target));
+        errors.keep(release(&mut writer, conf, env, target));
         // Our nf_tables socket's close may wait for others' commits; the reaper closes it.
         if let Some(sock) = writer.into_fd() {
             if let Err(e) = reaper.adopt(sock) {
@@ -272,17 +266,7 @@ async fn teardown(
     let (conf_c, env_c, target_c) = (conf.clone(), env.clone(), target.clone());
     let records = std::thread::Builder::new()
         .name("teardown".into())
-        .spawn(move || {
-            let mut errors = Errors::default();
-            errors.keep(unmark_and_unrecord(
-                &mut ElementWriter::new(),
-                &conf_c,
-                &target_c.container_id,
-                &target_c.ifname,
-            ));
-            errors.keep(ipam::release(&conf_c, &env_c, &target_c));
-            errors.into_result()
-        })
+        .spawn(move || release(&mut ElementWriter::new(), &conf_c, &env_c, &target_c))
         .map_err(|e| Error::io("spawning the teardown thread", e));
     if exists {
         errors.keep(node.delete_link(host_veth).await);
@@ -300,6 +284,25 @@ async fn teardown(
             errors.keep::<()>(Err(e));
         }
     }
+    errors.into_result()
+}
+
+/// What an attachment holds besides its link: under the lock its pending mark and record, then
+/// its address (in that order: an address is never free while our mark for it could still go).
+fn release(
+    writer: &mut ElementWriter,
+    conf: &NetConf,
+    env: &Env,
+    target: &DelegateTarget,
+) -> Result<()> {
+    let mut errors = Errors::default();
+    errors.keep(unmark_and_unrecord(
+        writer,
+        conf,
+        &target.container_id,
+        &target.ifname,
+    ));
+    errors.keep(ipam::release(conf, env, target));
     errors.into_result()
 }
 
