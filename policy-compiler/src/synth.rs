@@ -279,7 +279,7 @@ pub fn make_policy(cfg: &SynthConfig, rng: &mut Rng, i: usize) -> Policy {
                         match_labels: Default::default(),
                         expressions: vec![Requirement::NotIn {
                             key: "team".into(),
-                            values,
+                            values: values.into(),
                         }],
                     }),
                     pod_selector: Some(LabelSelector {

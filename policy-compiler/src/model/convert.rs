@@ -300,7 +300,7 @@ impl Validator<'_> {
 
     fn selector(&self, s: &meta::LabelSelector, field: &str) -> Result<LabelSelector, ModelError> {
         let mut out = LabelSelector {
-            match_labels: s.match_labels.clone().unwrap_or_default(),
+            match_labels: s.match_labels.clone().unwrap_or_default().into(),
             expressions: Vec::new(),
         };
         for (k, v) in &out.match_labels {
@@ -334,6 +334,7 @@ impl Validator<'_> {
                             format!("must be specified when operator is {}", r.operator),
                         ));
                     }
+                    let values = values.into();
                     if r.operator == "In" {
                         Requirement::In { key, values }
                     } else {
