@@ -142,7 +142,7 @@ pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result
     let node_of = |e: &Endpoint| match e {
         Endpoint::Pod { namespace, name } => state
             .pods
-            .get(&pod_key(namespace, name))
+            .get(pod_key(namespace, name).as_str())
             .and_then(|p| p.node_name.clone()),
         Endpoint::Ip(ip) => state
             .pods
@@ -192,7 +192,7 @@ pub fn explain_matrix(
         .pods
         .iter()
         .filter(|(_, p)| p.is_policy_subject() && namespaces.contains(&p.namespace))
-        .map(|(k, _)| k.clone())
+        .map(|(k, _)| k.to_string())
         .collect();
     if pods.is_empty() {
         return Err(Error::Usage(format!(
@@ -204,7 +204,10 @@ pub fn explain_matrix(
     let mut models: std::collections::BTreeMap<String, Compiled> = Default::default();
     let mut cells = std::collections::BTreeMap::new();
     for to in &pods {
-        let node = state.pods[to].node_name.clone().unwrap_or_default();
+        let node = state.pods[to.as_str()]
+            .node_name
+            .clone()
+            .unwrap_or_default();
         if !models.contains_key(&node) {
             models.insert(node.clone(), compile(&state, &node)?.compiled);
         }

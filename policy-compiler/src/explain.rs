@@ -153,7 +153,7 @@ fn resolve(
             let key = pod_key(namespace, name);
             let pod = state
                 .pods
-                .get(&key)
+                .get(key.as_str())
                 .ok_or_else(|| PolicyError::UnknownPod(key.clone()))?;
             let mut ips: Vec<IpAddr> = match compiled.pods.get(&key) {
                 Some(lp) => lp.ips.iter().copied().collect(),
@@ -402,7 +402,7 @@ pub fn with_placeholders(state: &ClusterState) -> (ClusterState, Vec<Placeholder
         }
         let p = std::sync::Arc::make_mut(pod);
         let mut note = Placeholder {
-            pod: key.clone(),
+            pod: key.to_string(),
             ips: Vec::new(),
             unscheduled: false,
         };

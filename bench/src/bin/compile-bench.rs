@@ -186,7 +186,7 @@ fn main() {
         .find(|lp| !lp.ingress.is_empty())
         .map(|lp| lp.key.clone())
         .unwrap_or(p.key());
-    let mut pod = Pod::clone(&b.st.pods[&key]);
+    let mut pod = Pod::clone(&b.st.pods[key.as_str()]);
     pod.labels.insert("tier".into(), "db".into());
     pod.labels.insert("env".into(), "prod".into());
     b.change("label change, this node", Change::UpsertPod(pod.into()));

@@ -402,11 +402,11 @@ impl IncrementalCompiler {
             if !was_local && !is_local {
                 continue;
             }
-            self.compiled.pods.remove(&m.key);
+            self.compiled.pods.remove(&*m.key);
             if let Some(s) = m.new.as_ref().filter(|s| s.local) {
                 self.compiled
                     .pods
-                    .insert(m.key.clone(), local_pod(&self.state, &m.key, s));
+                    .insert(m.key.to_string(), local_pod(&self.state, &m.key, s));
             }
             let Some(ns) = m.namespace() else {
                 continue;

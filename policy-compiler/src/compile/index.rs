@@ -2,9 +2,10 @@
 //! in `resolve`. A full compile builds it from the state; the incremental compiler builds it once
 //! and keeps it up to date per change ([`PodIndex::refresh`], [`PodIndex::relabel_namespace`]).
 
-use crate::model::{namespace_entries, ClusterState, Labels, Pod, Policy};
+use super::owners::AddressOwners;
+use crate::model::{namespace_entries, ClusterState, Labels, Pod, PodKey, Policy};
 use palisade_contract::Attachment;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -64,7 +65,7 @@ fn attachment_matches(a: &Attachment, p: &Pod) -> bool {
 /// and after.
 #[derive(Debug)]
 pub(crate) struct Moved {
-    pub key: String,
+    pub key: PodKey,
     pub old: Option<Subject>,
     pub new: Option<Subject>,
     pub old_ns: Labels,
@@ -84,13 +85,12 @@ impl Moved {
 pub(crate) struct PodIndex {
     node: String,
     /// By `namespace/name`: the subjects of one namespace are one range ([`namespace_entries`]).
-    subjects: BTreeMap<String, Subject>,
+    subjects: BTreeMap<PodKey, Subject>,
     /// Labels of every namespace holding subjects.
     namespaces: BTreeMap<String, Labels>,
     /// Subject pods claiming an address, for patching elements; a full compile never asks, so
     /// it is kept only after [`Self::track_owners`] (~a third of a full compile's time otherwise).
-    /// Nearly always one owner: a sorted vector is a tenth of a `BTreeSet`'s size.
-    ip_owners: Option<HashMap<IpAddr, Vec<String>>>,
+    ip_owners: Option<AddressOwners>,
     /// This node's attachment records, by the key of the pod they name.
     records: BTreeMap<String, Vec<Attachment>>,
 }
@@ -100,7 +100,7 @@ impl PodIndex {
         let records = records_by_pod(&state.attachments);
         let records_of = |key: &str| records.get(key).map_or(&[][..], Vec::as_slice);
         // Collected from sorted keys: built in bulk, not insert by insert.
-        let subjects: BTreeMap<String, Subject> = state
+        let subjects: BTreeMap<PodKey, Subject> = state
             .pods
             .iter()
             .filter_map(|(key, pod)| {
@@ -132,12 +132,12 @@ impl PodIndex {
     }
 
     /// Every subject, by key.
-    pub fn subjects(&self) -> impl Iterator<Item = (&String, &Subject)> {
+    pub fn subjects(&self) -> impl Iterator<Item = (&PodKey, &Subject)> {
         self.subjects.iter()
     }
 
     /// The subjects of one namespace.
-    pub fn in_namespace<'s>(&'s self, ns: &str) -> impl Iterator<Item = (&'s String, &'s Subject)> {
+    pub fn in_namespace<'s>(&'s self, ns: &str) -> impl Iterator<Item = (&'s PodKey, &'s Subject)> {
         namespace_entries(&self.subjects, ns)
     }
 
@@ -148,29 +148,26 @@ impl PodIndex {
 
     /// Keeps the owners of every address from now on (see [`Self::owners`]).
     pub fn track_owners(&mut self) {
-        let mut owners: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        let mut owners = AddressOwners::default();
         for (key, s) in &self.subjects {
             for ip in &s.ips {
-                owners.entry(*ip).or_default().push(key.clone()); // keys in order: sorted
+                owners.insert(*ip, key);
             }
         }
         self.ip_owners = Some(owners);
     }
 
     /// Keys of the subjects claiming an address, sorted. Only after [`Self::track_owners`].
-    pub fn owners(&self, ip: &IpAddr) -> &[String] {
+    pub fn owners(&self, ip: &IpAddr) -> &[PodKey] {
         debug_assert!(self.ip_owners.is_some(), "address owners are not tracked");
-        self.ip_owners
-            .as_ref()
-            .and_then(|o| o.get(ip))
-            .map_or(&[], Vec::as_slice)
+        self.ip_owners.as_ref().map_or(&[], |o| o.get(ip))
     }
 
     /// Whether a record's pod is a subject the record matches (then the record's addresses are
     /// that pod's; otherwise a pending record's addresses stay pending).
     pub fn claims(&self, a: &Attachment) -> bool {
         a.pod_key()
-            .and_then(|k| self.subjects.get(&k))
+            .and_then(|k| self.subjects.get(k.as_str()))
             .is_some_and(|s| attachment_matches(a, &s.pod))
     }
 
@@ -178,7 +175,7 @@ impl PodIndex {
         self.records.get(key).map_or(&[], Vec::as_slice)
     }
 
-    fn insert(&mut self, state: &ClusterState, key: &str, s: Subject) {
+    fn insert(&mut self, state: &ClusterState, key: &PodKey, s: Subject) {
         let ns = &s.pod.namespace;
         if !self.namespaces.contains_key(ns) {
             self.namespaces
@@ -186,13 +183,10 @@ impl PodIndex {
         }
         if let Some(owners) = self.ip_owners.as_mut() {
             for ip in &s.ips {
-                let o = owners.entry(*ip).or_default();
-                if let Err(at) = o.binary_search_by(|k| k.as_str().cmp(key)) {
-                    o.insert(at, key.to_string());
-                }
+                owners.insert(*ip, key);
             }
         }
-        self.subjects.insert(key.to_string(), s);
+        self.subjects.insert(PodKey::clone(key), s);
     }
 
     fn remove(&mut self, key: &str) {
@@ -205,12 +199,7 @@ impl PodIndex {
         }
         if let Some(owners) = self.ip_owners.as_mut() {
             for ip in &s.ips {
-                if let Some(o) = owners.get_mut(ip) {
-                    o.retain(|k| k != key);
-                    if o.is_empty() {
-                        owners.remove(ip);
-                    }
-                }
+                owners.remove(ip, key);
             }
         }
     }
@@ -223,23 +212,26 @@ impl PodIndex {
 
     /// Views one pod of the (changed) state again; returns how it moved, if it did.
     pub fn refresh(&mut self, state: &ClusterState, key: &str) -> Option<Moved> {
-        let new = state
-            .pods
-            .get(key)
-            .and_then(|pod| Subject::view(pod, self.records_of(key), &self.node));
-        let old = self.subjects.get(key);
-        if new.as_ref() == old {
+        let held = state.pods.get_key_value(key);
+        let new = held.and_then(|(_, pod)| Subject::view(pod, self.records_of(key), &self.node));
+        let had = self.subjects.get_key_value(key);
+        if new.as_ref() == had.map(|(_, s)| s) {
             return None;
         }
-        let old = old.cloned();
+        // The pod's one key: the state's while it holds the pod, else the one we held.
+        let shared = held
+            .map(|(k, _)| k)
+            .or(had.map(|(k, _)| k))
+            .map_or_else(|| PodKey::from(key), PodKey::clone);
+        let old = had.map(|(_, s)| s.clone());
         self.remove(key);
         if let Some(s) = &new {
-            self.insert(state, key, s.clone());
+            self.insert(state, &shared, s.clone());
         }
         let ns = &new.as_ref().or(old.as_ref())?.pod.namespace;
         let labels = state.namespace_labels(ns);
         Some(Moved {
-            key: key.to_string(),
+            key: shared,
             old,
             new,
             old_ns: labels.clone(),

@@ -10,6 +10,7 @@ pub mod counters;
 pub mod incremental;
 mod index;
 pub mod intervals;
+mod owners;
 mod resolve;
 
 use crate::model::{Action, Direction, Protocol, Tier};
@@ -257,7 +258,7 @@ pub struct PeerSet {
     /// Keys of the pods the selectors chose. Shared (copy on write) with every rule whose pod
     /// peers resolved alike in the same compile: at 100k pods the per-rule copies were the largest
     /// part of the agent's memory.
-    pub pods: std::sync::Arc<BTreeSet<String>>,
+    pub pods: std::sync::Arc<BTreeSet<crate::model::PodKey>>,
     /// Their addresses (shared likewise).
     pub pod_ips: std::sync::Arc<BTreeSet<IpAddr>>,
     /// The rule has IPv4 / IPv6 ipBlocks (spec-derived).

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::model::{
     namespace_entries, ClusterPolicy, ClusterState, ClusterSubject, ContainerPort, Direction,
-    LabelSelector, Labels, Node, Peer, Pod, Policy, PortMatch, Protocol, Rule,
+    LabelSelector, Labels, Node, Peer, Pod, PodKey, Policy, PortMatch, Protocol, Rule,
 };
 use crate::ruleset::Ruleset;
 use ipnet::IpNet;
@@ -26,7 +26,7 @@ pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
     let pods = ix
         .subjects()
         .filter(|(_, s)| s.local)
-        .map(|(k, s)| (k.clone(), local_pod(state, k, s)))
+        .map(|(k, s)| (k.to_string(), local_pod(state, k, s)))
         .collect();
     let resolver = Resolver::new(ix, &state.nodes);
     let mut policies = BTreeMap::new();
@@ -94,7 +94,7 @@ pub(crate) fn applies(pol: &Policy) -> bool {
 pub(crate) fn selected(ix: &PodIndex, pol: &Policy) -> BTreeSet<String> {
     ix.in_namespace(&pol.namespace)
         .filter(|(_, s)| s.selected_by(pol))
-        .map(|(k, _)| k.clone())
+        .map(|(k, _)| k.to_string())
         .collect()
 }
 
@@ -108,7 +108,7 @@ pub(crate) fn cluster_selected(ix: &PodIndex, cp: &ClusterPolicy) -> BTreeSet<St
         }
         for (k, s) in ix.in_namespace(ns) {
             if s.local && q.matches_pod(&s.pod) {
-                out.insert(k.clone());
+                out.insert(k.to_string());
             }
         }
     }
@@ -294,7 +294,7 @@ pub(crate) fn rule_selects(own: &str, rule: &Rule, pod: &Pod, ns_labels: &Labels
 /// Keys and addresses of the subject pods one pod peer selects.
 #[derive(Debug, Default)]
 struct ResolvedPods {
-    keys: std::sync::Arc<BTreeSet<String>>,
+    keys: std::sync::Arc<BTreeSet<PodKey>>,
     ips: std::sync::Arc<BTreeSet<IpAddr>>,
 }
 

@@ -124,7 +124,7 @@ impl W {
     fn endpoint_ip(&self, e: &Endpoint, v6: bool) -> IpAddr {
         match e {
             Endpoint::Ip(i) => *i,
-            Endpoint::Pod { namespace, name } => *self.st.pods[&pod_key(namespace, name)]
+            Endpoint::Pod { namespace, name } => *self.st.pods[pod_key(namespace, name).as_str()]
                 .ips
                 .iter()
                 .find(|i| i.is_ipv6() == v6)

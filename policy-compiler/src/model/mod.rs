@@ -183,15 +183,23 @@ pub fn pod_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// A pod's [`pod_key`] as the compiler holds it: allocated once, when the pod enters the
+/// [`ClusterState`], and shared by every map and set that names the pod (the index, the owners of
+/// each address, every peer set). At 100k pods the per-map copies of the key were ~20 MB.
+pub type PodKey = Arc<str>;
+
 /// The entries of namespace `ns` in a map keyed by [`pod_key`]: one contiguous range, since no
 /// namespace name contains `/`.
-pub(crate) fn namespace_entries<'m, V>(
-    map: &'m BTreeMap<String, V>,
+pub(crate) fn namespace_entries<'m, K, V>(
+    map: &'m BTreeMap<K, V>,
     ns: &str,
-) -> impl Iterator<Item = (&'m String, &'m V)> + 'm {
+) -> impl Iterator<Item = (&'m K, &'m V)> + 'm
+where
+    K: std::borrow::Borrow<str> + Ord,
+{
     let prefix = format!("{ns}/");
     map.range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
-        .take_while(move |(k, _)| k.starts_with(&prefix))
+        .take_while(move |(k, _)| (*k).borrow().starts_with(&prefix))
 }
 
 /// A node: its pod CIDRs and internal addresses (for routes), its labels and every address of
@@ -348,8 +356,8 @@ pub struct ClusterState {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
     /// By `namespace/name`. Succeeded/Failed pods are never stored. Shared (see [`Change::UpsertPod`]):
-    /// cloning a state does not copy its pods.
-    pub pods: BTreeMap<String, Arc<Pod>>,
+    /// cloning a state does not copy its pods. The key is the one [`PodKey`] of the pod.
+    pub pods: BTreeMap<PodKey, Arc<Pod>>,
     /// By `namespace/name`.
     pub policies: BTreeMap<String, Policy>,
     /// By name.
@@ -382,7 +390,7 @@ impl ClusterState {
             },
             Change::DeleteNamespace { name } => self.namespaces.contains_key(name),
             Change::UpsertPod(pod) => {
-                let held = self.pods.get(&pod.key());
+                let held = self.pods.get(pod.key().as_str());
                 if pod.phase.is_terminated() {
                     held.is_some()
                 } else {
@@ -390,7 +398,7 @@ impl ClusterState {
                 }
             }
             Change::DeletePod { namespace, name } => {
-                self.pods.contains_key(&pod_key(namespace, name))
+                self.pods.contains_key(pod_key(namespace, name).as_str())
             }
             Change::UpsertPolicy(p) => self.policies.get(&p.key()) != Some(p),
             Change::DeletePolicy { namespace, name } => {
@@ -424,13 +432,15 @@ impl ClusterState {
             Change::UpsertPod(pod) => {
                 let key = pod.key();
                 if pod.phase.is_terminated() {
-                    self.pods.remove(&key);
+                    self.pods.remove(key.as_str());
+                } else if let Some(held) = self.pods.get_mut(key.as_str()) {
+                    *held = pod; // the key stays the one already shared
                 } else {
-                    self.pods.insert(key, pod);
+                    self.pods.insert(PodKey::from(key), pod);
                 }
             }
             Change::DeletePod { namespace, name } => {
-                self.pods.remove(&pod_key(&namespace, &name));
+                self.pods.remove(pod_key(&namespace, &name).as_str());
             }
             Change::UpsertPolicy(p) => {
                 self.policies.insert(p.key(), p);
