@@ -329,8 +329,10 @@ impl DirState {
         match self.read_file(name) {
             Ok(Some((fingerprint, read))) => {
                 debug!(file = %shown, objects = read.len(), from_inotify, "manifest source: file loaded");
-                let mut kept = BTreeMap::new();
-                let mut encodings = BTreeMap::new();
+                // Built in bulk from the (sorted) read: a map filled insert by insert keeps its
+                // nodes about half full (at 100k objects that was ~6 MB).
+                let mut kept = Vec::with_capacity(read.len());
+                let mut encodings = Vec::with_capacity(read.len());
                 for (key, (encoded, span)) in read {
                     let digest = self.hasher.hash_one(&encoded[..]);
                     let again = match span.and_then(|s| {
@@ -339,12 +341,13 @@ impl DirState {
                         Some((offset, len)) => Again::Span { offset, len },
                         None => Again::Encoded(encoded.clone()),
                     };
-                    kept.insert(key.clone(), Kept { digest, again });
-                    encodings.insert(key, (encoded, digest));
+                    kept.push((key.clone(), Kept { digest, again }));
+                    encodings.push((key, (encoded, digest)));
                 }
                 let name: FileName = Arc::from(name);
-                self.fresh.insert(name.clone(), encodings);
-                self.replace(&name, Some((fingerprint, kept)))
+                self.fresh
+                    .insert(name.clone(), encodings.into_iter().collect());
+                self.replace(&name, Some((fingerprint, kept.into_iter().collect())))
             }
             Ok(None) => self.replace(&Arc::from(name), None),
             Err(ReadError::Io(e)) => {
