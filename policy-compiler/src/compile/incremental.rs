@@ -150,7 +150,7 @@ impl IncrementalCompiler {
     /// should the compile panic, this compiler still holds the whole state and stays stale.
     pub fn recompile(&mut self) {
         if self.stale {
-            *self = Self::new(self.state.clone(), &self.compiled.node);
+            *self = Self::new(self.state.compacted(), &self.compiled.node);
         }
     }
 

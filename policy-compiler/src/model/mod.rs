@@ -373,6 +373,25 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// A copy whose maps are built in bulk, with full nodes. A map filled change by change (an
+    /// initial list arrives in key order) keeps its nodes about half full, and `clone` copies
+    /// that shape: at 100k pods and 10k policies the difference is ~5 MB.
+    pub fn compacted(&self) -> Self {
+        fn bulk<K: Ord + Clone, V: Clone>(m: &BTreeMap<K, V>) -> BTreeMap<K, V> {
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        }
+        Self {
+            namespaces: bulk(&self.namespaces),
+            pods: bulk(&self.pods),
+            policies: bulk(&self.policies),
+            nodes: bulk(&self.nodes),
+            cluster_policies: bulk(&self.cluster_policies),
+            attachments: self.attachments.clone(),
+            egress_nat: self.egress_nat.clone(),
+            flow_log: self.flow_log,
+        }
+    }
+
     /// Whether applying `change` would change this state. A source re-emits every modified object
     /// (a status heartbeat, a resourceVersion bump, an annotation) and the model keeps only what the
     /// compiler reads, so most such events are equal to what is held: they are no-ops, and callers
@@ -561,5 +580,15 @@ mod tests {
             namespace: "ns".into(),
             name: "p".into()
         }));
+    }
+
+    #[test]
+    fn a_compacted_state_is_the_same_state_sharing_its_pods_and_keys() {
+        let st = crate::synth::cluster(&crate::synth::SynthConfig::small(7));
+        let c = st.compacted();
+        assert_eq!(c, st);
+        let (k, p) = st.pods.iter().next().unwrap();
+        let (ck, cp) = c.pods.get_key_value(&**k).unwrap();
+        assert!(Arc::ptr_eq(k, ck) && Arc::ptr_eq(p, cp));
     }
 }
