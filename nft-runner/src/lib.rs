@@ -9,6 +9,7 @@
 //! names. Only what is asked for is listed; other tables are never parsed. [`monitor`] reports
 //! changes to one table that this process did not commit (nf_tables notifications).
 
+pub mod counters;
 mod error;
 mod exec;
 mod libnftables;
@@ -76,12 +77,6 @@ impl Nft {
     /// Lists `table FAMILY NAME` as nft JSON; `None` when the table does not exist.
     pub fn list_table(&self, family: &str, table: &str) -> Result<Option<String>> {
         self.list("list table", &["table", family, table])
-    }
-
-    /// Lists the named counters of `table FAMILY NAME` (and their values) as nft JSON; `None` when
-    /// the table does not exist.
-    pub fn list_counters(&self, family: &str, table: &str) -> Result<Option<String>> {
-        self.list("list counters", &["counters", "table", family, table])
     }
 
     /// Lists `set FAMILY TABLE SET` as nft JSON; `None` when the table or the set does not exist.

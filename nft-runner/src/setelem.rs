@@ -49,9 +49,9 @@ const RECV_TIMEOUT: libc::timeval = libc::timeval {
     tv_usec: 0,
 };
 /// Receive buffer: an error answer echoes the failed message, ours are a few hundred bytes.
-const RECV_BUFFER: usize = 64 * 1024;
+pub(crate) const RECV_BUFFER: usize = 64 * 1024;
 /// First sequence number of a call (any value works: the socket is ours alone).
-const FIRST_SEQ: u32 = 1;
+pub(crate) const FIRST_SEQ: u32 = 1;
 
 /// What to do with one element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +142,10 @@ pub(crate) fn family_number(action: &'static str, family: &str) -> Result<u8> {
     Ok(family.into())
 }
 
-fn check_names<'a>(action: &'static str, names: impl IntoIterator<Item = &'a str>) -> Result<()> {
+pub(crate) fn check_names<'a>(
+    action: &'static str,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
     match names.into_iter().find(|n| !is_identifier(n)) {
         Some(bad) => Err(Error::BadName {
             action,
@@ -563,7 +566,7 @@ fn element_list(table: &str, set: &str, key: &Key<'_>) -> SetElementMessage {
 
 /// One finalized netlink message (length and type set) carrying `inner` after an nfgenmsg of
 /// `family`, version 0 and `res_id`; the port id is 0 (the kernel).
-fn message(
+pub(crate) fn message(
     inner: impl Into<NetfilterMessageInner>,
     flags: u16,
     seq: u32,
@@ -583,7 +586,7 @@ fn message(
 }
 
 /// The messages one after the other, as one datagram.
-fn serialize(msgs: &[NetlinkMessage<NetfilterMessage>]) -> Vec<u8> {
+pub(crate) fn serialize(msgs: &[NetlinkMessage<NetfilterMessage>]) -> Vec<u8> {
     let mut buf = vec![0u8; msgs.iter().map(|m| m.buffer_len()).sum()];
     let mut at = 0;
     for m in msgs {
@@ -639,15 +642,15 @@ pub(crate) fn encode_batch(nfproto: u8, table: &str, ops: &[ElementOp<'_>], seq:
 }
 
 /// What a call is about, for its errors.
-struct Context<'a> {
-    action: &'static str,
-    family: &'a str,
-    table: &'a str,
-    sets: Vec<&'a str>,
+pub(crate) struct Context<'a> {
+    pub(crate) action: &'static str,
+    pub(crate) family: &'a str,
+    pub(crate) table: &'a str,
+    pub(crate) sets: Vec<&'a str>,
 }
 
 impl Context<'_> {
-    fn io(&self, source: io::Error) -> Error {
+    pub(crate) fn io(&self, source: io::Error) -> Error {
         if source.raw_os_error() == Some(libc::ENOENT) {
             let mut sets: Vec<String> = self.sets.iter().map(|s| s.to_string()).collect();
             sets.dedup();
@@ -665,7 +668,7 @@ impl Context<'_> {
         }
     }
 
-    fn protocol(&self, message: impl Into<String>) -> Error {
+    pub(crate) fn protocol(&self, message: impl Into<String>) -> Error {
         Error::Protocol {
             action: self.action,
             message: message.into(),
@@ -768,7 +771,7 @@ fn each_message(
 /// the kernel stamps on its transactions' notifications is known: this process's drift monitor (if
 /// any) counts it as ours, not as tampering, for as long as the socket lives and
 /// [`crate::monitor::RETIRED_PORTID_TTL`] after.
-fn open_socket() -> io::Result<netlink_sys::Socket> {
+pub(crate) fn open_socket() -> io::Result<netlink_sys::Socket> {
     let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
     // SAFETY: setsockopt with a pointer to a live timeval and its size (netlink-sys has no setter).
     let rc = unsafe {

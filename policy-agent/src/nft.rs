@@ -219,9 +219,10 @@ impl Nft {
         Ok(self.runner.list_table(TABLE_FAMILY, TABLE_NAME)?)
     }
 
-    /// Lists our table's named counters with their values as nft JSON; `None` without the table.
-    pub fn list_counters(&self) -> Result<Option<String>> {
-        Ok(self.runner.list_counters(TABLE_FAMILY, TABLE_NAME)?)
+    /// Packets of each named counter of our table, by name (over nfnetlink, whatever the backend:
+    /// `palisade_nft::counters`); empty without the table.
+    pub fn counter_packets() -> Result<std::collections::HashMap<String, u64>> {
+        Ok(palisade_nft::counters::packets(TABLE_FAMILY, TABLE_NAME)?)
     }
 
     /// Deletes our table (cleanup). Absent is success.

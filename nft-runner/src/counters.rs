@@ -1,0 +1,278 @@
+//! The packet counts of a table's named counters, read over nfnetlink (`NFT_MSG_GETOBJ` dump,
+//! counters of one table only).
+//!
+//! Why not `nft -j list counters table ...`: nft 1.0.6 fills its cache with the whole table first,
+//! every set with every element, to list a few counters. At 100k pods and 10k policies (185k set
+//! elements) one such listing took the agent's resident memory from 163 to 296 MiB for the length
+//! of a `/metrics` scrape; the dump holds only the counters (~100 bytes each on the wire).
+
+use crate::error::Result;
+use crate::setelem::{
+    check_names, family_number, message, open_socket, serialize, Context, FIRST_SEQ, RECV_BUFFER,
+};
+use netlink_packet_core::{
+    DefaultNla, ErrorBuffer, NetlinkBuffer, NlasIterator, NLMSG_ALIGNTO, NLMSG_DONE, NLMSG_ERROR,
+    NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::nftables::NfTablesMessage;
+use std::collections::HashMap;
+use std::io;
+
+/// `NFTA_OBJ_*` (linux/netfilter/nf_tables.h).
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+/// `NFT_OBJECT_COUNTER`.
+const NFT_OBJECT_COUNTER: u32 = 1;
+/// `NFTA_COUNTER_PACKETS`.
+const NFTA_COUNTER_PACKETS: u16 = 2;
+/// `NLM_F_DUMP_INTR`: the ruleset changed while the dump ran; its parts may not agree.
+const NLM_F_DUMP_INTR: u16 = 0x10;
+/// Dumps interrupted by a commit are started again this many times before giving up.
+const ATTEMPTS: usize = 5;
+
+/// Packets counted by each named counter of `table FAMILY TABLE`, by name; empty when the table
+/// does not exist (or has no counter).
+pub fn packets(family: &str, table: &str) -> Result<HashMap<String, u64>> {
+    let action = "list counters";
+    let nfproto = family_number(action, family)?;
+    check_names(action, [table])?;
+    let ctx = Context {
+        action,
+        family,
+        table,
+        sets: Vec::new(),
+    };
+    let mut name = table.as_bytes().to_vec();
+    name.push(0);
+    let request = serialize(&[message(
+        NfTablesMessage::GetObject(vec![
+            DefaultNla::new(NFTA_OBJ_TABLE, name),
+            DefaultNla::new(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER.to_be_bytes().to_vec()),
+        ]),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        FIRST_SEQ,
+        nfproto.into(),
+        0,
+    )]);
+    let sock = open_socket().map_err(|e| ctx.io(e))?;
+    for _ in 0..ATTEMPTS {
+        let sent = sock.send(&request, 0).map_err(|e| ctx.io(e))?;
+        if sent != request.len() {
+            return Err(ctx.protocol(format!("sent {sent} of {} bytes", request.len())));
+        }
+        match receive_dump(&sock, &ctx)? {
+            Dump::Complete(counts) => return Ok(counts),
+            Dump::Interrupted => continue,
+        }
+    }
+    Err(ctx.protocol(format!(
+        "the ruleset changed during each of {ATTEMPTS} dumps"
+    )))
+}
+
+enum Dump {
+    Complete(HashMap<String, u64>),
+    Interrupted,
+}
+
+/// Reads one dump to its `NLMSG_DONE`.
+fn receive_dump(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<Dump> {
+    let mut counts = HashMap::new();
+    let mut interrupted = false;
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    loop {
+        buf.clear();
+        match sock.recv(&mut buf, 0) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(ctx.io(e)),
+        }
+        let mut step = Step::More;
+        each_datagram(&buf, &mut counts, &mut interrupted, &mut step)
+            .map_err(|m| ctx.protocol(m))?;
+        match step {
+            Step::More => {}
+            Step::Done if interrupted => return Ok(Dump::Interrupted),
+            Step::Done => return Ok(Dump::Complete(counts)),
+            // The dump of a table that does not exist is empty, not an error; an error here is
+            // one (ENOENT: the family has no such table on an older kernel).
+            Step::Errno(libc::ENOENT) => return Ok(Dump::Complete(HashMap::new())),
+            Step::Errno(errno) => return Err(ctx.io(io::Error::from_raw_os_error(errno))),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    More,
+    Done,
+    Errno(i32),
+}
+
+/// Takes the counters of one datagram of the dump.
+fn each_datagram(
+    mut data: &[u8],
+    counts: &mut HashMap<String, u64>,
+    interrupted: &mut bool,
+    step: &mut Step,
+) -> std::result::Result<(), String> {
+    while !data.is_empty() {
+        let msg = NetlinkBuffer::new_checked(data).map_err(|e| e.to_string())?;
+        if msg.flags() & NLM_F_DUMP_INTR != 0 {
+            *interrupted = true;
+        }
+        match msg.message_type() {
+            NLMSG_DONE => {
+                *step = Step::Done;
+                return Ok(());
+            }
+            NLMSG_ERROR => {
+                if let Some(code) = ErrorBuffer::new_checked(msg.payload())
+                    .map_err(|e| e.to_string())?
+                    .code()
+                {
+                    *step = Step::Errno(-code.get());
+                    return Ok(());
+                }
+            }
+            _ => {
+                if let Some((name, packets)) = counter_of(msg.payload())? {
+                    counts.insert(name, packets);
+                }
+            }
+        }
+        let len = (msg.length() as usize).next_multiple_of(usize::from(NLMSG_ALIGNTO));
+        data = &data[len.min(data.len())..];
+    }
+    Ok(())
+}
+
+/// Name and packets of one `NFT_MSG_NEWOBJ` payload (nfgenmsg, then attributes); `None` for a
+/// message that is not a counter.
+fn counter_of(payload: &[u8]) -> std::result::Result<Option<(String, u64)>, String> {
+    let Some(attrs) = payload.get(4..) else {
+        return Err("a message shorter than its nfgenmsg".into());
+    };
+    let (mut name, mut packets) = (None, None);
+    for nla in NlasIterator::new(attrs) {
+        let nla = nla.map_err(|e| e.to_string())?;
+        match nla.kind() {
+            NFTA_OBJ_NAME => {
+                let v = nla.value();
+                let v = v.strip_suffix(&[0]).unwrap_or(v);
+                name = Some(String::from_utf8_lossy(v).into_owned());
+            }
+            NFTA_OBJ_DATA => {
+                for inner in NlasIterator::new(nla.value()) {
+                    let inner = inner.map_err(|e| e.to_string())?;
+                    if inner.kind() == NFTA_COUNTER_PACKETS {
+                        let bytes: [u8; 8] = inner
+                            .value()
+                            .try_into()
+                            .map_err(|_| "a counter's packets are not 8 bytes".to_string())?;
+                        packets = Some(u64::from_be_bytes(bytes));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(name.zip(packets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+    use netlink_packet_core::Emitable;
+
+    /// A NEWOBJ message as the kernel sends it for counter `name` with `packets`.
+    fn newobj(name: &str, packets: u64, flags: u16) -> Vec<u8> {
+        let mut nested = vec![0u8; 0];
+        for a in [
+            DefaultNla::new(1, 99u64.to_be_bytes().to_vec()), // bytes
+            DefaultNla::new(NFTA_COUNTER_PACKETS, packets.to_be_bytes().to_vec()),
+        ] {
+            let mut b = vec![0u8; a.buffer_len()];
+            a.emit(&mut b);
+            nested.extend(b);
+        }
+        let mut zname = name.as_bytes().to_vec();
+        zname.push(0);
+        let attrs = [
+            DefaultNla::new(NFTA_OBJ_TABLE, b"palisade\0".to_vec()),
+            DefaultNla::new(NFTA_OBJ_NAME, zname),
+            DefaultNla::new(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER.to_be_bytes().to_vec()),
+            DefaultNla::new(NFTA_OBJ_DATA | 0x8000, nested),
+        ];
+        let mut payload = vec![1u8, 0, 0, 0]; // nfgenmsg: inet, v0, res 0
+        for a in attrs {
+            let mut b = vec![0u8; a.buffer_len()];
+            a.emit(&mut b);
+            payload.extend(b);
+        }
+        let len = 16 + payload.len();
+        let mut msg = Vec::new();
+        msg.extend((len as u32).to_ne_bytes());
+        msg.extend(((10u16 << 8) | 18).to_ne_bytes()); // NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWOBJ
+        msg.extend(flags.to_ne_bytes());
+        msg.extend(1u32.to_ne_bytes());
+        msg.extend(0u32.to_ne_bytes());
+        msg.extend(payload);
+        msg
+    }
+
+    fn done() -> Vec<u8> {
+        let mut msg = Vec::new();
+        msg.extend(20u32.to_ne_bytes());
+        msg.extend(NLMSG_DONE.to_ne_bytes());
+        msg.extend(0u16.to_ne_bytes());
+        msg.extend(1u32.to_ne_bytes());
+        msg.extend(0u32.to_ne_bytes());
+        msg.extend(0i32.to_ne_bytes());
+        msg
+    }
+
+    #[test]
+    fn a_dump_datagram_yields_each_counters_packets_and_its_end() {
+        let mut data = newobj("cnt_a", 7, 0x2);
+        data.extend(newobj("cnt_b", 0, 0x2));
+        data.extend(done());
+        let (mut counts, mut intr, mut step) = (HashMap::new(), false, Step::More);
+        each_datagram(&data, &mut counts, &mut intr, &mut step).unwrap();
+        assert_eq!(step, Step::Done);
+        assert!(!intr);
+        assert_eq!(counts.len(), 2);
+        assert_eq!(counts["cnt_a"], 7);
+        assert_eq!(counts["cnt_b"], 0);
+    }
+
+    #[test]
+    fn a_dump_the_ruleset_changed_under_is_marked_interrupted() {
+        let mut data = newobj("cnt_a", 7, 0x2 | NLM_F_DUMP_INTR);
+        data.extend(done());
+        let (mut counts, mut intr, mut step) = (HashMap::new(), false, Step::More);
+        each_datagram(&data, &mut counts, &mut intr, &mut step).unwrap();
+        assert!(intr);
+        assert_eq!(step, Step::Done);
+    }
+
+    #[test]
+    fn a_truncated_message_is_a_protocol_error_not_a_panic() {
+        let data = newobj("cnt_a", 7, 0x2);
+        let (mut counts, mut intr, mut step) = (HashMap::new(), false, Step::More);
+        assert!(each_datagram(&data[..data.len() - 3], &mut counts, &mut intr, &mut step).is_err());
+        assert!(counter_of(&[1, 0]).is_err());
+    }
+
+    #[test]
+    fn names_that_are_not_identifiers_never_reach_the_kernel() {
+        assert!(matches!(
+            packets("inet", "pal isade"),
+            Err(Error::BadName { .. })
+        ));
+        assert!(packets("bogus", "palisade").is_err());
+    }
+}
