@@ -7,13 +7,16 @@
 //!
 //! Memory: objects are never cached here. Per kind only the keys of the objects we have emitted (and their
 //! resourceVersion) are kept, which is what it takes to turn a relist into `Deleted` events for objects
-//! that vanished while the watch was down, and to skip re-emitting objects a relist shows unchanged.
+//! that vanished while the watch was down, and to skip re-emitting objects a relist shows unchanged;
+//! for Pods, Nodes and Namespaces also the change emitted last (a Pod's is the engine's own `Arc`),
+//! so that a status heartbeat is not sent on. ~100 bytes per object.
 //!
 //! Errors: every watch error is logged with the kind and retried with kube's default backoff (800 ms
 //! doubling to 30 s, client-go's parameters); a 410 Gone makes the watcher relist. Nothing here panics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -234,20 +237,50 @@ fn map_event<K>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
     }
 }
 
+/// What was last told the engine about one object.
+struct Known {
+    /// Its resourceVersion then (empty when the object had none).
+    rv: Box<str>,
+    /// The change emitted last, kept for Pods, Nodes and Namespaces only: their status heartbeats
+    /// (a kubelet's probe times, a Node's conditions) arrive as watch events that, once stripped,
+    /// change nothing, and are not sent on. Policies have no status and are always sent.
+    last: Option<Last>,
+}
+
+/// A change as [`Known`] keeps it. A Pod's is the `Arc` the engine's state shares: a pointer per
+/// pod, where a whole `Change` (sized for a policy) took ~180 bytes and, with its own copy of the
+/// key, ~30 MB at 100k pods.
+enum Last {
+    Pod(Arc<palisade_policy::model::Pod>),
+    Other(Box<Change>),
+}
+
+impl Last {
+    fn of(change: &Change) -> Self {
+        match change {
+            Change::UpsertPod(p) => Last::Pod(Arc::clone(p)),
+            other => Last::Other(Box::new(other.clone())),
+        }
+    }
+
+    fn is(&self, change: &Change) -> bool {
+        match (self, change) {
+            (Last::Pod(held), Change::UpsertPod(p)) => Arc::ptr_eq(held, p) || **held == **p,
+            (Last::Other(held), c) => **held == *c,
+            _ => false,
+        }
+    }
+}
+
 /// Keys (and resourceVersions) of the objects emitted per kind; turns watcher events into source events.
 #[derive(Default)]
 struct Tracker {
-    known: HashMap<Kind, HashMap<ObjectRef, String>>,
+    known: HashMap<Kind, HashMap<ObjectRef, Known>>,
     /// Objects seen since the last `Init` of each kind (a relist in progress).
-    relisting: HashMap<Kind, HashMap<ObjectRef, String>>,
+    relisting: HashMap<Kind, HashSet<ObjectRef>>,
     /// Kinds that completed their first list.
-    listed: std::collections::HashSet<Kind>,
+    listed: HashSet<Kind>,
     synced: bool,
-    /// The last change emitted per Pod, Node and Namespace: their status heartbeats (a kubelet's
-    /// probe times, a Node's conditions) arrive as watch events that, once stripped, change
-    /// nothing, and are not sent on. A Pod's is the `Arc` the engine's state shares, so this costs
-    /// a pointer per pod. Policies have no status and are always sent.
-    emitted: HashMap<ObjectRef, Change>,
 }
 
 impl Tracker {
@@ -256,26 +289,31 @@ impl Tracker {
         match event {
             Event::Init => {
                 debug!(kind = %kind, "kubernetes source: (re)list started");
-                self.relisting.insert(kind, HashMap::new());
+                self.relisting.insert(kind, HashSet::new());
             }
             Event::InitApply(object) => {
                 let object = object.strip();
                 let key = object.reference();
-                let rv = object.meta().resource_version.clone().unwrap_or_default();
+                let rv = object
+                    .meta()
+                    .resource_version
+                    .as_deref()
+                    .unwrap_or_default();
+                self.relisting.entry(kind).or_default().insert(key.clone());
                 let known = self.known.entry(kind).or_default();
-                let unchanged = !rv.is_empty() && known.get(&key) == Some(&rv);
-                known.insert(key.clone(), rv.clone());
-                self.relisting.entry(kind).or_default().insert(key, rv);
-                if !unchanged {
-                    out.extend(self.unless_repeated(SourceEvent::applied(object)));
+                let unchanged = !rv.is_empty() && known.get(&key).is_some_and(|k| *k.rv == *rv);
+                if unchanged {
+                    return out;
                 }
+                let rv = rv.into();
+                out.extend(emit(known, key, rv, SourceEvent::applied(object)));
             }
             Event::InitDone => {
                 let listed = self.relisting.remove(&kind).unwrap_or_default();
                 let known = self.known.entry(kind).or_default();
                 let mut gone: Vec<ObjectRef> = known
                     .keys()
-                    .filter(|key| !listed.contains_key(*key))
+                    .filter(|key| !listed.contains(*key))
                     .cloned()
                     .collect();
                 gone.sort();
@@ -284,7 +322,6 @@ impl Tracker {
                 }
                 for key in gone {
                     known.remove(&key);
-                    self.emitted.remove(&key);
                     out.push(SourceEvent::deleted(key));
                 }
                 debug!(kind = %kind, objects = known.len(), "kubernetes source: list complete");
@@ -298,14 +335,18 @@ impl Tracker {
             Event::Apply(object) => {
                 let object = object.strip();
                 let key = object.reference();
-                let rv = object.meta().resource_version.clone().unwrap_or_default();
-                self.known.entry(kind).or_default().insert(key, rv);
-                out.extend(self.unless_repeated(SourceEvent::applied(object)));
+                let rv = object
+                    .meta()
+                    .resource_version
+                    .as_deref()
+                    .unwrap_or_default()
+                    .into();
+                let known = self.known.entry(kind).or_default();
+                out.extend(emit(known, key, rv, SourceEvent::applied(object)));
             }
             Event::Delete(object) => {
                 let key = object.reference();
                 self.known.entry(kind).or_default().remove(&key);
-                self.emitted.remove(&key);
                 if let Some(relisting) = self.relisting.get_mut(&kind) {
                     relisting.remove(&key);
                 }
@@ -325,17 +366,29 @@ impl Tracker {
         out.extend(self.handle(kind, Event::InitDone));
         out
     }
+}
 
-    /// `event`, unless it would tell the engine what it was last told about the same object.
-    fn unless_repeated(&mut self, event: SourceEvent) -> Option<SourceEvent> {
-        if let SourceEvent::Changed { object, change } = &event {
-            if matches!(object.kind, Kind::Pod | Kind::Node | Kind::Namespace) {
-                if self.emitted.get(object) == Some(change) {
-                    return None;
-                }
-                self.emitted.insert(object.clone(), change.clone());
+/// Records `key` at `rv` and returns `event`, unless it would tell the engine what it was last
+/// told about the same object.
+fn emit(
+    known: &mut HashMap<ObjectRef, Known>,
+    key: ObjectRef,
+    rv: Box<str>,
+    event: SourceEvent,
+) -> Option<SourceEvent> {
+    let keeps_last = matches!(key.kind, Kind::Pod | Kind::Node | Kind::Namespace);
+    let entry = known.entry(key).or_insert_with(|| Known {
+        rv: Box::default(),
+        last: None,
+    });
+    entry.rv = rv;
+    if let SourceEvent::Changed { change, .. } = &event {
+        if keeps_last {
+            if entry.last.as_ref().is_some_and(|l| l.is(change)) {
+                return None;
             }
+            entry.last = Some(Last::of(change));
         }
-        Some(event)
     }
+    Some(event)
 }
