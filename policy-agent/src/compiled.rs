@@ -191,7 +191,7 @@ pub fn explain_matrix(
     let pods: Vec<String> = state
         .pods
         .iter()
-        .filter(|(_, p)| p.is_policy_subject() && namespaces.contains(&p.namespace))
+        .filter(|(_, p)| p.is_policy_subject() && namespaces.iter().any(|n| **n == *p.namespace))
         .map(|(k, _)| k.to_string())
         .collect();
     if pods.is_empty() {
@@ -206,8 +206,9 @@ pub fn explain_matrix(
     for to in &pods {
         let node = state.pods[to.as_str()]
             .node_name
-            .clone()
-            .unwrap_or_default();
+            .as_deref()
+            .unwrap_or_default()
+            .to_string();
         if !models.contains_key(&node) {
             models.insert(node.clone(), compile(&state, &node)?.compiled);
         }

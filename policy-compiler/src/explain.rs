@@ -163,7 +163,7 @@ fn resolve(
             ips.dedup();
             Ok(Resolved {
                 pod: pod.is_policy_subject().then_some(key),
-                node: pod.node_name.clone(),
+                node: pod.node_name.as_deref().map(str::to_string),
                 ips,
                 host_network: pod.host_network,
             })
@@ -184,7 +184,7 @@ fn resolve(
             Ok(match found {
                 Some(p) => Resolved {
                     pod: Some(p.key()),
-                    node: p.node_name.clone(),
+                    node: p.node_name.as_deref().map(str::to_string),
                     ips: vec![*ip],
                     host_network: false,
                 },
@@ -411,7 +411,7 @@ pub fn with_placeholders(state: &ClusterState) -> (ClusterState, Vec<Placeholder
             note.ips = p.ips.clone();
         }
         if p.node_name.is_none() {
-            p.node_name = Some(PLACEHOLDER_NODE.to_string());
+            p.node_name = Some(PLACEHOLDER_NODE.into());
             note.unscheduled = true;
         }
         given.push(note);

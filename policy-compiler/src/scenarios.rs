@@ -67,7 +67,7 @@ impl Scenario {
             Pod {
                 namespace: ns.into(),
                 name: name.into(),
-                uid: format!("uid-{name}"),
+                uid: format!("uid-{name}").into(),
                 labels: labels(l),
                 node_name: Some(node.into()),
                 ips: ips

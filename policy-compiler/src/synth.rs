@@ -154,11 +154,11 @@ fn pod_ports(rng: &mut Rng) -> Vec<ContainerPort> {
 /// Pod number `i` of a cluster.
 pub fn make_pod(cfg: &SynthConfig, rng: &mut Rng, i: usize) -> Pod {
     Pod {
-        namespace: ns_name(rng.below(cfg.namespaces)),
-        name: format!("pod{i}"),
-        uid: format!("uid-{i}-{}", rng.next_u64() % 1000),
+        namespace: ns_name(rng.below(cfg.namespaces)).into(),
+        name: format!("pod{i}").into(),
+        uid: format!("uid-{i}-{}", rng.next_u64() % 1000).into(),
         labels: pod_labels(rng),
-        node_name: Some(node_name(rng.below(cfg.nodes))),
+        node_name: Some(node_name(rng.below(cfg.nodes)).into()),
         ips: pod_ips(i, cfg.dual_stack),
         ports: pod_ports(rng),
         host_network: false,
@@ -514,14 +514,14 @@ pub fn random_change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial
         0 | 1 => {
             let mut p = make_pod(cfg, rng, cfg.pods + serial);
             if rng.chance(50) {
-                p.node_name = Some(node_name(0));
+                p.node_name = Some(node_name(0).into());
             }
             Change::UpsertPod(p.into())
         }
         2 => match st.pods.values().nth(pick(rng, st.pods.len())) {
             Some(p) => Change::DeletePod {
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
+                namespace: p.namespace.to_string(),
+                name: p.name.to_string(),
             },
             None => Change::SetAttachments(vec![]),
         },
@@ -549,8 +549,8 @@ pub fn random_change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial
         },
         8 => match st.policies.values().nth(pick(rng, st.policies.len())) {
             Some(p) => Change::DeletePolicy {
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
+                namespace: p.namespace.to_string(),
+                name: p.name.to_string(),
             },
             None => Change::SetAttachments(vec![]),
         },

@@ -89,9 +89,9 @@ fn attachment(p: &Pod, pending: bool) -> Attachment {
         ifname: "eth0".into(),
         netns: String::new(),
         ips: p.ips.clone(),
-        pod_namespace: Some(p.namespace.clone()),
-        pod_name: Some(p.name.clone()),
-        pod_uid: Some(p.uid.clone()),
+        pod_namespace: Some(p.namespace.to_string()),
+        pod_name: Some(p.name.to_string()),
+        pod_uid: Some(p.uid.to_string()),
         pending,
     }
 }
@@ -197,15 +197,15 @@ fn main() {
     b.change(
         "pod delete, other node",
         Change::DeletePod {
-            namespace: q.namespace.clone(),
-            name: q.name.clone(),
+            namespace: q.namespace.to_string(),
+            name: q.name.to_string(),
         },
     );
     b.change(
         "pod delete, this node",
         Change::DeletePod {
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
+            namespace: p.namespace.to_string(),
+            name: p.name.to_string(),
         },
     );
     b.change(
@@ -213,7 +213,7 @@ fn main() {
         Change::SetAttachments(
             b.st.attachments
                 .iter()
-                .filter(|a| a.pod_name.as_deref() != Some(p.name.as_str()))
+                .filter(|a| a.pod_name.as_deref() != Some(p.name.as_ref()))
                 .cloned()
                 .collect(),
         ),
@@ -222,7 +222,11 @@ fn main() {
     // A namespace's labels (namespace selectors of every policy see its pods come or go).
     let ns_of_local = key.split_once('/').map(|(n, _)| n).unwrap_or_default();
     if let Some(mut ns) = b.st.namespaces.get(ns_of_local).cloned() {
-        let team = ns.labels.get("team").cloned().unwrap_or_default();
+        let team = ns
+            .labels
+            .get("team")
+            .map(str::to_string)
+            .unwrap_or_default();
         let other = if team == "t1" { "t2" } else { "t1" };
         ns.labels.insert("team".into(), other.into());
         ns.labels.insert("env".into(), "prod".into());

@@ -45,14 +45,14 @@ pub fn applied_pod<'a>(
         SourceEvent::Changed {
             change: palisade_policy::model::Change::UpsertPod(p),
             ..
-        } if p.name == name => Some(&**p),
+        } if &*p.name == name => Some(&**p),
         _ => None,
     })
 }
 
 /// The `app` label of that pod.
 pub fn pod_label(pod: &palisade_policy::model::Pod) -> Option<String> {
-    pod.labels.get("app").cloned()
+    pod.labels.get("app").map(str::to_string)
 }
 
 pub fn describe_all(events: &[SourceEvent]) -> Vec<String> {

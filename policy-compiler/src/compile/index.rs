@@ -47,7 +47,7 @@ impl Subject {
     /// pod selector matches.
     pub fn selected_by(&self, pol: &Policy) -> bool {
         self.local
-            && self.pod.namespace == pol.namespace
+            && *self.pod.namespace == *pol.namespace
             && pol.pod_selector.matches(&self.pod.labels)
     }
 }
@@ -55,7 +55,7 @@ impl Subject {
 /// Whether an attachment record naming pod `p` is one of `p`'s (not of an earlier pod of the same
 /// name): the UIDs agree, or one of them is unknown.
 fn attachment_matches(a: &Attachment, p: &Pod) -> bool {
-    match (a.pod_uid.as_deref(), p.uid.as_str()) {
+    match (a.pod_uid.as_deref(), &*p.uid) {
         (Some(au), pu) if !au.is_empty() && !pu.is_empty() => au == pu,
         _ => true,
     }
@@ -110,8 +110,8 @@ impl PodIndex {
         let mut namespaces = BTreeMap::new();
         for s in subjects.values() {
             let ns = &s.pod.namespace;
-            if !namespaces.contains_key(ns) {
-                namespaces.insert(ns.clone(), state.namespace_labels(ns));
+            if !namespaces.contains_key(&**ns) {
+                namespaces.insert(ns.to_string(), state.namespace_labels(ns));
             }
         }
         Self {
@@ -177,9 +177,9 @@ impl PodIndex {
 
     fn insert(&mut self, state: &ClusterState, key: &PodKey, s: Subject) {
         let ns = &s.pod.namespace;
-        if !self.namespaces.contains_key(ns) {
+        if !self.namespaces.contains_key(&**ns) {
             self.namespaces
-                .insert(ns.clone(), state.namespace_labels(ns));
+                .insert(ns.to_string(), state.namespace_labels(ns));
         }
         if let Some(owners) = self.ip_owners.as_mut() {
             for ip in &s.ips {
@@ -195,7 +195,7 @@ impl PodIndex {
         };
         let ns = &s.pod.namespace;
         if self.in_namespace(ns).next().is_none() {
-            self.namespaces.remove(ns);
+            self.namespaces.remove(&**ns);
         }
         if let Some(owners) = self.ip_owners.as_mut() {
             for ip in &s.ips {

@@ -63,7 +63,7 @@ impl W {
             Pod {
                 namespace: ns.into(),
                 name: name.into(),
-                uid: format!("uid-{key}"),
+                uid: format!("uid-{key}").into(),
                 labels: labels(l),
                 node_name: Some(node.into()),
                 ips: ips.iter().map(|s| ip(s)).collect(),
@@ -1628,8 +1628,8 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
                 Endpoint::Ip(ip("192.168.77.5"))
             } else {
                 Endpoint::Pod {
-                    namespace: a.namespace.clone(),
-                    name: a.name.clone(),
+                    namespace: a.namespace.to_string(),
+                    name: a.name.to_string(),
                 }
             };
             let pending: Vec<IpAddr> = models["n0"]
@@ -1642,8 +1642,8 @@ fn explain_and_rulesets_agree_on_random_clusters_and_packets() {
                 Endpoint::Ip(pending[rng.below(pending.len())])
             } else {
                 Endpoint::Pod {
-                    namespace: b.namespace.clone(),
-                    name: b.name.clone(),
+                    namespace: b.namespace.to_string(),
+                    name: b.name.to_string(),
                 }
             };
             let proto = Protocol::ALL[rng.below(3)];

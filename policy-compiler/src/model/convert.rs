@@ -193,11 +193,15 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Result<Pod, ModelError> {
     ports.sort();
     ports.dedup();
     Ok(Pod {
-        namespace,
-        name,
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: pod.metadata.uid.clone().unwrap_or_default().into(),
         labels: labels_of(&pod.metadata.labels),
-        node_name: spec.node_name.clone().filter(|n| !n.is_empty()),
+        node_name: spec
+            .node_name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .map(Into::into),
         ips,
         ports,
         host_network: spec.host_network.unwrap_or(false),

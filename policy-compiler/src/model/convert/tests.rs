@@ -227,20 +227,14 @@ fn semantics_18_namespace_always_carries_its_name_label() {
     let ns: core::Namespace =
         serde_json::from_value(json!({"metadata": {"name": "a", "labels": {"x": "y"}}})).unwrap();
     let n = namespace_from_k8s(&ns).unwrap();
-    assert_eq!(
-        n.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
-        Some("a")
-    );
+    assert_eq!(n.labels.get(NAMESPACE_NAME_LABEL), Some("a"));
     let mut st = ClusterState::default();
     st.apply(Change::UpsertNamespace(crate::model::Namespace {
         name: "b".into(),
         labels: Labels::new(),
     }));
     assert_eq!(
-        st.namespaces["b"]
-            .labels
-            .get(NAMESPACE_NAME_LABEL)
-            .map(String::as_str),
+        st.namespaces["b"].labels.get(NAMESPACE_NAME_LABEL),
         Some("b")
     );
 }
