@@ -107,7 +107,8 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
                 }
                 owner.insert((dir, *ip), pod.key.as_str());
                 if let Some(m) = rs.sets.get_mut(map_name(dir, Family::of(ip))) {
-                    m.elements.insert(Elem::GotoChain(*ip, group.clone()));
+                    m.elements
+                        .insert(Elem::GotoChain(*ip, group.clone().into()));
                 }
             }
         }
@@ -646,7 +647,7 @@ fn source_sets(rs: &mut Ruleset, c: &Compiled) {
                 .sources
                 .iter()
                 .filter(|(_, ip)| Family::of(ip) == fam)
-                .map(|(veth, ip)| Elem::IfaceAddr(veth.clone(), *ip))
+                .map(|(veth, ip)| Elem::IfaceAddr(veth.clone().into(), *ip))
                 .collect(),
         });
     }

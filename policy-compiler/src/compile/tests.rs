@@ -1080,10 +1080,10 @@ fn attachment_ips_count_for_local_pods_before_the_api_knows_them_and_pending_cle
     let group = group_chain(&["a/p".to_string()], &[], &[], &[], Direction::Ingress);
     assert!(c.ruleset.sets[MAP_INGRESS_V4]
         .elements
-        .contains(&Elem::GotoChain(ip("10.0.1.1"), group.clone())));
+        .contains(&Elem::GotoChain(ip("10.0.1.1"), group.clone().into())));
     assert!(c.ruleset.sets[MAP_INGRESS_V6]
         .elements
-        .contains(&Elem::GotoChain(ip("fd00:1::1"), group)));
+        .contains(&Elem::GotoChain(ip("fd00:1::1"), group.into())));
 }
 
 #[test]
@@ -1098,15 +1098,15 @@ fn source_guard_binds_each_records_addresses_to_its_own_veth_only() {
     assert_eq!(
         c.ruleset.sets[SOURCE_SET_V4].elements,
         [
-            Elem::IfaceAddr(vx.clone(), ip("10.0.1.1")),
-            Elem::IfaceAddr(vy, ip("10.0.1.2")),
+            Elem::IfaceAddr(vx.clone().into(), ip("10.0.1.1")),
+            Elem::IfaceAddr(vy.into(), ip("10.0.1.2")),
         ]
         .into(),
         "a pending pod's binding is there before its pod is known: pending drops it anyway"
     );
     assert_eq!(
         c.ruleset.sets[SOURCE_SET_V6].elements,
-        [Elem::IfaceAddr(vx, ip("fd00:1::1"))].into()
+        [Elem::IfaceAddr(vx.into(), ip("fd00:1::1"))].into()
     );
     assert_eq!(c.ruleset.sets[SOURCE_SET_V4].key, SetKey::IfnameIpv4);
 }

@@ -245,10 +245,11 @@ pub enum Elem {
     AddrProtoPort(IpAddr, Protocol, u16),
     /// `addr . addr`
     AddrPair(IpAddr, IpAddr),
-    /// Verdict map element: `addr : goto <chain>`.
-    GotoChain(IpAddr, String),
+    /// Verdict map element: `addr : goto <chain>`. (Names are boxed: with a `String` here every
+    /// element of every set was 48 bytes instead of 40, ~2 MB at 185k elements.)
+    GotoChain(IpAddr, Box<str>),
     /// `ifname . addr`: an address a pod may send from, and the host veth it comes in through.
-    IfaceAddr(String, IpAddr),
+    IfaceAddr(Box<str>, IpAddr),
 }
 
 /// A named set or verdict map.
@@ -317,5 +318,16 @@ impl Ruleset {
             sets: self.sets.len(),
             elements: self.sets.values().map(|s| s.elements.len()).sum(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Elem;
+
+    #[test]
+    fn a_set_element_is_five_words() {
+        // Every peer address of every set is an `Elem`: 185k of them at 100k pods.
+        assert_eq!(std::mem::size_of::<Elem>(), 40);
     }
 }

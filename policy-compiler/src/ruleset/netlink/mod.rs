@@ -399,7 +399,7 @@ fn element_msgs<'a>(
                 None
             };
             if let Elem::GotoChain(_, chain) = e {
-                m.goto = Some(chain.clone());
+                m.goto = Some(chain.to_string());
             }
             Ok(m)
         })
