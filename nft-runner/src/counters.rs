@@ -8,11 +8,11 @@
 
 use crate::error::Result;
 use crate::setelem::{
-    check_names, family_number, message, open_socket, serialize, Context, FIRST_SEQ, RECV_BUFFER,
+    check_names, each_message, family_number, message, open_socket, recv_datagram, serialize,
+    Context, FIRST_SEQ, RECV_BUFFER,
 };
 use netlink_packet_core::{
-    DefaultNla, ErrorBuffer, NetlinkBuffer, NlasIterator, NLMSG_ALIGNTO, NLMSG_DONE, NLMSG_ERROR,
-    NLM_F_DUMP, NLM_F_REQUEST,
+    DefaultNla, ErrorBuffer, NlasIterator, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::nftables::NfTablesMessage;
 use std::collections::HashMap;
@@ -83,12 +83,7 @@ fn receive_dump(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<Dump> {
     let mut interrupted = false;
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     loop {
-        buf.clear();
-        match sock.recv(&mut buf, 0) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(ctx.io(e)),
-        }
+        recv_datagram(sock, &mut buf, 0).map_err(|e| ctx.io(e))?;
         let mut step = Step::More;
         each_datagram(&buf, &mut counts, &mut interrupted, &mut step)
             .map_err(|m| ctx.protocol(m))?;
@@ -96,8 +91,8 @@ fn receive_dump(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<Dump> {
             Step::More => {}
             Step::Done if interrupted => return Ok(Dump::Interrupted),
             Step::Done => return Ok(Dump::Complete(counts)),
-            // The dump of a table that does not exist is empty, not an error; an error here is
-            // one (ENOENT: the family has no such table on an older kernel).
+            // The dump of a table that does not exist is empty; should a kernel answer ENOENT
+            // instead, that means the same: no counters.
             Step::Errno(libc::ENOENT) => return Ok(Dump::Complete(HashMap::new())),
             Step::Errno(errno) => return Err(ctx.io(io::Error::from_raw_os_error(errno))),
         }
@@ -113,20 +108,19 @@ enum Step {
 
 /// Takes the counters of one datagram of the dump.
 fn each_datagram(
-    mut data: &[u8],
+    data: &[u8],
     counts: &mut HashMap<String, u64>,
     interrupted: &mut bool,
     step: &mut Step,
 ) -> std::result::Result<(), String> {
-    while !data.is_empty() {
-        let msg = NetlinkBuffer::new_checked(data).map_err(|e| e.to_string())?;
+    each_message(data, |msg| {
         if msg.flags() & NLM_F_DUMP_INTR != 0 {
             *interrupted = true;
         }
         match msg.message_type() {
             NLMSG_DONE => {
                 *step = Step::Done;
-                return Ok(());
+                return Ok(false);
             }
             NLMSG_ERROR => {
                 if let Some(code) = ErrorBuffer::new_checked(msg.payload())
@@ -134,7 +128,7 @@ fn each_datagram(
                     .code()
                 {
                     *step = Step::Errno(-code.get());
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             _ => {
@@ -143,10 +137,8 @@ fn each_datagram(
                 }
             }
         }
-        let len = (msg.length() as usize).next_multiple_of(usize::from(NLMSG_ALIGNTO));
-        data = &data[len.min(data.len())..];
-    }
-    Ok(())
+        Ok(true)
+    })
 }
 
 /// Name and packets of one `NFT_MSG_NEWOBJ` payload (nfgenmsg, then attributes); `None` for a

@@ -423,14 +423,10 @@ fn query_generation(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<u32
     }
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     loop {
-        buf.clear();
-        match sock.recv(&mut buf, 0) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(ctx.io(e)),
-        }
+        recv_datagram(sock, &mut buf, 0).map_err(|e| ctx.io(e))?;
         let mut found = None;
-        each_message(&buf, |ty, payload| {
+        each_message(&buf, |msg| {
+            let (ty, payload) = (msg.message_type(), msg.payload());
             if ty == NLMSG_ERROR {
                 if let Some(code) = ErrorBuffer::new_checked(payload)
                     .map_err(|e| e.to_string())?
@@ -695,10 +691,8 @@ fn receive_acks(sock: &netlink_sys::Socket, ctx: &Context<'_>, acks: usize) -> R
     let mut received_any = false;
     loop {
         let flags = if received_any { libc::MSG_DONTWAIT } else { 0 };
-        buf.clear();
-        if let Err(e) = sock.recv(&mut buf, flags) {
+        if let Err(e) = recv_datagram(sock, &mut buf, flags) {
             match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) if received_any => {
                     return Err(
                         ctx.protocol(format!("{acked} of {acks} acknowledgements and no error"))
@@ -732,10 +726,10 @@ enum Answers {
 fn parse_answers(data: &[u8]) -> std::result::Result<Answers, String> {
     let mut acks = 0;
     let mut error = None;
-    each_message(data, |ty, payload| {
+    each_message(data, |msg| {
         // Anything else (a GETSET's reply, NFT_MSG_NEWSET) is not an acknowledgement.
-        if ty == NLMSG_ERROR {
-            match ErrorBuffer::new_checked(payload)
+        if msg.message_type() == NLMSG_ERROR {
+            match ErrorBuffer::new_checked(msg.payload())
                 .map_err(|e| e.to_string())?
                 .code()
             {
@@ -748,16 +742,16 @@ fn parse_answers(data: &[u8]) -> std::result::Result<Answers, String> {
     Ok(error.map_or(Answers::Acks(acks), Answers::Error))
 }
 
-/// Calls `f` with the type and payload of each netlink message of one datagram, in order, while it
-/// returns `Ok(true)`.
-fn each_message(
+/// Calls `f` with each netlink message of one datagram (its type, flags and payload through
+/// `NetlinkBuffer`), in order, while it returns `Ok(true)`.
+pub(crate) fn each_message(
     mut data: &[u8],
-    mut f: impl FnMut(u16, &[u8]) -> std::result::Result<bool, String>,
+    mut f: impl FnMut(&NetlinkBuffer<&[u8]>) -> std::result::Result<bool, String>,
 ) -> std::result::Result<(), String> {
     while !data.is_empty() {
         let msg = NetlinkBuffer::new_checked(data).map_err(|e| e.to_string())?;
         let len = msg.length() as usize;
-        if !f(msg.message_type(), msg.payload())? {
+        if !f(&msg)? {
             break;
         }
         data = &data[len
@@ -765,6 +759,22 @@ fn each_message(
             .min(data.len())..];
     }
     Ok(())
+}
+
+/// Receives one datagram into `buf` (emptied first), again when a signal interrupted the call.
+pub(crate) fn recv_datagram(
+    sock: &netlink_sys::Socket,
+    buf: &mut Vec<u8>,
+    flags: libc::c_int,
+) -> io::Result<()> {
+    loop {
+        buf.clear();
+        match sock.recv(buf, flags) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A NETLINK_NETFILTER socket that waits at most [`RECV_TIMEOUT`] for an answer, bound before anything is sent, so the portid
