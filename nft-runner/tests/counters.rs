@@ -5,25 +5,10 @@
 
 use palisade_nft::counters;
 use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use palisade_testkit::netns::enter_private_netns as private_netns;
-
-fn nft(script: &str) {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft must be installed");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft -f - failed");
-}
+use palisade_testkit::nft::load_here as nft;
 
 /// Packets of each named counter of `table inet palisade`, as `nft -j list counters` shows them.
 fn listed() -> HashMap<String, u64> {

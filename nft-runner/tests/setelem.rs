@@ -5,9 +5,8 @@
 
 use palisade_nft::setelem::{self, SetOp};
 use palisade_nft::Error;
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const FAMILY: &str = "inet";
 const TABLE: &str = "palisade";
@@ -16,24 +15,7 @@ const V6: &str = "pending_v6";
 
 // Moves this test's thread into a fresh network namespace (children it spawns inherit it).
 use palisade_testkit::netns::enter_private_netns as private_netns;
-
-fn nft(script: &str) {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft must be installed");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "nft -f - failed on {script}"
-    );
-}
+use palisade_testkit::nft::load_here as nft;
 
 fn make_table() {
     nft("table inet palisade {\n set pending_v4 { type ipv4_addr; }\n set pending_v6 { type ipv6_addr; }\n}\n");

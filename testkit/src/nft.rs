@@ -43,6 +43,31 @@ pub fn normalized(listing: &str) -> Value {
     serde_json::json!({"objects": objects, "rules": rules})
 }
 
+/// Runs `nft -f -` with `script` on stdin in the calling thread's network namespace (a test that
+/// entered its own with `netns::enter_private_netns`); panics with nft's stderr when nft refuses it.
+pub fn load_here(script: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft must be installed");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script.as_bytes())
+        .expect("nft reads its script");
+    let out = child.wait_with_output().expect("nft runs");
+    assert!(
+        out.status.success(),
+        "nft -f - refused the script: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// What kernel tests ask of a namespace's nftables.
 pub trait NftNs {
     /// Runs `nft -j -f -` with the document on stdin inside the namespace; nft's stderr on failure.
