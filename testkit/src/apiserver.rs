@@ -2,7 +2,8 @@
 //! 127.0.0.1, enough for kube-rs' watcher used unchanged:
 //!
 //! - list: `GET /api/v1/pods?limit=500[&continue=T]` → `{"kind":"PodList","metadata":{"resourceVersion":
-//!   "N","continue":"T"},"items":[..]}` (pages honour `limit` / `continue`);
+//!   "N","continue":"T"},"items":[..]}` (pages honour `limit` / `continue`; a token names the last
+//!   key served);
 //! - watch: `GET /api/v1/pods?watch=true&timeoutSeconds=S&allowWatchBookmarks=true&resourceVersion=N` →
 //!   chunked newline-delimited JSON events (ADDED/MODIFIED/DELETED) replayed from the history after `N`,
 //!   then live; the stream ends cleanly after `S` seconds (with a BOOKMARK first when allowed); a
@@ -15,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -355,7 +357,7 @@ async fn serve_connection(
             .filter(|p| !p.is_empty())
             .map(|p| {
                 let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (k.to_owned(), v.to_owned())
+                (k.to_owned(), percent_decode(v))
             })
             .collect();
         let watch = params.get("watch").map(String::as_str) == Some("true");
@@ -419,11 +421,39 @@ async fn serve_connection(
         } else {
             let body = list(&state, resource, &params);
             record(&state, request);
-            if respond_json(&mut write, 200, &body).await.is_err() {
+            if respond_bytes(&mut write, 200, &body).await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// A query value as sent (`application/x-www-form-urlencoded`: `%XX` escapes, `+` for a space).
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| value.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[i], escaped) {
+            (_, Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn record(state: &Mutex<State>, request: Request) {
@@ -440,48 +470,76 @@ fn record(state: &Mutex<State>, request: Request) {
     state.lock().expect("state").requests.push(request);
 }
 
+/// One page of a list, serialized under the lock. The continue token names the last key served
+/// (a real server's token does, opaquely): the next page starts after it however many objects came
+/// or went meanwhile, and finding it is a B-tree search, not a walk over the pages before it. Items
+/// are written from the stored objects, without a copy.
 fn list(
     state: &Mutex<State>,
     resource: (&str, &'static str, &str, &str),
     params: &BTreeMap<String, String>,
-) -> Value {
+) -> Vec<u8> {
     let s = state.lock().expect("state");
     let (_, name, api_version, kind) = resource;
-    let items: Vec<&Value> = s
-        .objects
-        .get(name)
-        .map(|o| o.values().collect())
-        .unwrap_or_default();
-    let offset: usize = params
+    let empty = BTreeMap::new();
+    let objects = s.objects.get(name).unwrap_or(&empty);
+    let after: Option<(String, String)> = params
         .get("continue")
-        .and_then(|c| c.strip_prefix("offset"))
-        .and_then(|o| o.parse().ok())
-        .unwrap_or(0);
+        .and_then(|c| c.strip_prefix("after:"))
+        .and_then(|k| k.split_once('/'))
+        .map(|(ns, n)| (ns.to_owned(), n.to_owned()));
     let limit: usize = params
         .get("limit")
         .and_then(|l| l.parse().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
-    let page: Vec<Value> = items
-        .iter()
-        .skip(offset)
-        .take(limit)
-        .map(|item| {
-            // Items of a list carry no apiVersion/kind on a real server.
-            let mut item = (*item).clone();
-            if let Some(map) = item.as_object_mut() {
-                map.remove("apiVersion");
-                map.remove("kind");
-            }
-            item
-        })
-        .collect();
-    let next = offset.saturating_add(page.len());
+    let mut rest = match after {
+        Some(key) => objects.range((Bound::Excluded(key), Bound::Unbounded)),
+        None => objects.range::<(String, String), _>(..),
+    };
+    let page: Vec<(&(String, String), &Value)> = rest.by_ref().take(limit).collect();
     let mut metadata = json!({"resourceVersion": s.rv.to_string()});
-    if next < items.len() {
-        metadata["continue"] = json!(format!("offset{next}"));
+    if let (Some(_), Some(((ns, n), _))) = (rest.next(), page.last()) {
+        metadata["continue"] = json!(format!("after:{ns}/{n}"));
     }
-    json!({"apiVersion": api_version, "kind": format!("{kind}List"), "metadata": metadata, "items": page})
+    serde_json::to_vec(&ListBody {
+        api_version,
+        kind: format!("{kind}List"),
+        metadata,
+        items: page.into_iter().map(|(_, v)| ListItem(v)).collect(),
+    })
+    .expect("json")
+}
+
+#[derive(serde::Serialize)]
+struct ListBody<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'a str,
+    kind: String,
+    metadata: Value,
+    items: Vec<ListItem<'a>>,
+}
+
+/// A stored object as a list item: items of a list carry no apiVersion/kind on a real server.
+struct ListItem<'a>(&'a Value);
+
+impl serde::Serialize for ListItem<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Value::Object(fields) = self.0 else {
+            return self.0.serialize(serializer);
+        };
+        let kept = || {
+            fields
+                .iter()
+                .filter(|(k, _)| k.as_str() != "apiVersion" && k.as_str() != "kind")
+        };
+        let mut map = serializer.serialize_map(Some(kept().count()))?;
+        for (k, v) in kept() {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 async fn respond_json(
@@ -489,7 +547,14 @@ async fn respond_json(
     code: u16,
     body: &Value,
 ) -> std::io::Result<()> {
-    let body = serde_json::to_vec(body).expect("json");
+    respond_bytes(write, code, &serde_json::to_vec(body).expect("json")).await
+}
+
+async fn respond_bytes(
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    code: u16,
+    body: &[u8],
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         404 => "Not Found",
@@ -500,7 +565,7 @@ async fn respond_json(
         body.len()
     );
     write.write_all(head.as_bytes()).await?;
-    write.write_all(&body).await?;
+    write.write_all(body).await?;
     write.flush().await
 }
 
@@ -600,5 +665,62 @@ async fn serve_watch(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams};
+
+    fn pod(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ns", "name": name}})
+    }
+
+    /// One page through kube's client, as the agent's watcher lists: names and continue token.
+    async fn page(server: &ApiServer, token: Option<String>) -> (Vec<String>, Option<String>) {
+        let mut params = ListParams::default().limit(2);
+        if let Some(token) = token {
+            params = params.continue_token(&token);
+        }
+        let list = Api::<Pod>::all(server.client())
+            .list(&params)
+            .await
+            .expect("list");
+        let names = list
+            .items
+            .iter()
+            .map(|p| p.metadata.name.clone().expect("name"))
+            .collect();
+        (names, list.metadata.continue_.filter(|c| !c.is_empty()))
+    }
+
+    #[tokio::test]
+    async fn pages_continue_after_the_last_key_served_even_when_objects_go_between_pages() {
+        let server = ApiServer::start().await;
+        for name in ["a", "b", "c", "d", "e"] {
+            server.apply(pod(name));
+        }
+        let (first, token) = page(&server, None).await;
+        assert_eq!(first, ["a", "b"]);
+        // A deletion before the continue point shifts nothing: "c" is neither skipped nor repeated.
+        server.delete("Pod", "ns", "a");
+        let (second, token) = page(&server, token).await;
+        assert_eq!(second, ["c", "d"]);
+        let (last, token) = page(&server, token).await;
+        assert_eq!(last, ["e"]);
+        assert_eq!(token, None, "the last page has no continue token");
+    }
+
+    #[test]
+    fn list_items_carry_no_api_version_or_kind() {
+        let item = serde_json::to_value(ListItem(&pod("a"))).expect("json");
+        assert_eq!(item, json!({"metadata": {"namespace": "ns", "name": "a"}}));
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("after%3Ans%2Fa+b%zz"), "after:ns/a b%zz");
     }
 }
