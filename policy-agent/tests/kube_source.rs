@@ -155,6 +155,46 @@ async fn initial_list_follows_continue_tokens_beyond_one_page() {
     run.task.abort();
 }
 
+#[tokio::test]
+async fn the_next_page_is_fetched_while_the_consumer_still_works_through_the_current_one() {
+    let server = ApiServer::start().await;
+    populate(&server);
+    for i in 0..1201 {
+        server.apply(pod("big", &format!("p{i:04}"), "bulk"));
+    }
+    let mut run = start(&server, None);
+    // Nobody reads the events yet: the source blocks once its channel (64) is full, far into the
+    // first page of 500; the watcher, polled by a task of its own, asks for the second page anyway.
+    server
+        .wait_for_requests(
+            "the second page of pods before any event is read",
+            WAIT,
+            |r| {
+                r.iter()
+                    .filter(|r| {
+                        r.resource == "pods" && !r.watch && r.params.contains_key("continue")
+                    })
+                    .count()
+                    >= 1
+            },
+        )
+        .await;
+    let events = run
+        .events
+        .until("Synced", WAIT, |e| *e == SourceEvent::Synced)
+        .await;
+    let bulk: Vec<String> = describe_all(&events)
+        .into_iter()
+        .filter(|d| d.starts_with("Applied Pod big/"))
+        .collect();
+    assert_eq!(
+        bulk.len(),
+        1201,
+        "every pod of every page, once, before Synced"
+    );
+    run.task.abort();
+}
+
 fn cnp(name: &str, peer: Value) -> Value {
     json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
            "metadata": {"name": name},
