@@ -9,7 +9,9 @@
 //! resourceVersion) are kept, which is what it takes to turn a relist into `Deleted` events for objects
 //! that vanished while the watch was down, and to skip re-emitting objects a relist shows unchanged;
 //! for Pods, Nodes and Namespaces also the change emitted last (a Pod's is the engine's own `Arc`),
-//! so that a status heartbeat is not sent on. ~100 bytes per object. In flight: up to one list
+//! so that a status heartbeat is not sent on: one map entry per object, its key one string
+//! (`namespace/name`), its resourceVersion a number, and the number of the list that last showed it
+//! (a relist needs no second set of keys). In flight: up to one list
 //! page of decoded objects per kind, which each kind's watcher task may run ahead of the consumer.
 //!
 //! Errors: every watch error is logged with the kind and retried with kube's default backoff (800 ms
@@ -272,12 +274,50 @@ fn map_event<K>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
 
 /// What was last told the engine about one object.
 struct Known {
-    /// Its resourceVersion then (empty when the object had none).
-    rv: Box<str>,
+    /// Its resourceVersion then.
+    rv: Rv,
+    /// The (re)list of its kind that last showed it: a relist deletes what it did not show.
+    seen: u32,
     /// The change emitted last, kept for Pods, Nodes and Namespaces only: their status heartbeats
     /// (a kubelet's probe times, a Node's conditions) arrive as watch events that, once stripped,
     /// change nothing, and are not sent on. Policies have no status and are always sent.
     last: Option<Last>,
+}
+
+/// A resourceVersion as kept: opaque to clients by contract, a decimal number in practice (etcd's
+/// revision), kept as one without an allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rv {
+    None,
+    Number(u64),
+    Text(Box<str>),
+}
+
+impl Rv {
+    fn of(rv: Option<&str>) -> Self {
+        match rv {
+            None | Some("") => Rv::None,
+            Some(text) => match text.parse::<u64>() {
+                Ok(n) if n.to_string() == text => Rv::Number(n),
+                _ => Rv::Text(text.into()),
+            },
+        }
+    }
+}
+
+/// An object's key within its kind: `namespace/name` in one string (`/name` for cluster-scoped
+/// kinds; neither part can hold a `/`), where an [`ObjectRef`] takes two.
+fn key_of(object: &ObjectRef) -> Box<str> {
+    format!("{}/{}", object.namespace, object.name).into()
+}
+
+fn reference_of(kind: Kind, key: &str) -> ObjectRef {
+    let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+    ObjectRef {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    }
 }
 
 /// A change as [`Known`] keeps it. A Pod's is the `Arc` the engine's state shares: a pointer per
@@ -308,9 +348,11 @@ impl Last {
 /// Keys (and resourceVersions) of the objects emitted per kind; turns watcher events into source events.
 #[derive(Default)]
 struct Tracker {
-    known: HashMap<Kind, HashMap<ObjectRef, Known>>,
-    /// Objects seen since the last `Init` of each kind (a relist in progress).
-    relisting: HashMap<Kind, HashSet<ObjectRef>>,
+    known: HashMap<Kind, HashMap<Box<str>, Known>>,
+    /// Per kind, the number of its current (re)list: the one in progress between `Init` and
+    /// `InitDone`, else the last one. An object the list shows is marked with it, so a relist needs
+    /// no second set of every key.
+    lists: HashMap<Kind, u32>,
     /// Kinds that completed their first list.
     listed: HashSet<Kind>,
     synced: bool,
@@ -322,32 +364,38 @@ impl Tracker {
         match event {
             Event::Init => {
                 debug!(kind = %kind, "kubernetes source: (re)list started");
-                self.relisting.insert(kind, HashSet::new());
+                let list = self.lists.entry(kind).or_default();
+                *list = list.wrapping_add(1);
             }
             Event::InitApply(object) => {
                 let object = object.strip();
-                let key = object.reference();
-                let rv = object
-                    .meta()
-                    .resource_version
-                    .as_deref()
-                    .unwrap_or_default();
-                self.relisting.entry(kind).or_default().insert(key.clone());
+                let reference = object.reference();
+                let rv = Rv::of(object.meta().resource_version.as_deref());
+                let list = self.lists.get(&kind).copied().unwrap_or_default();
                 let known = self.known.entry(kind).or_default();
-                let unchanged = !rv.is_empty() && known.get(&key).is_some_and(|k| *k.rv == *rv);
-                if unchanged {
-                    return out;
+                let key = key_of(&reference);
+                if let Some(k) = known.get_mut(&key) {
+                    k.seen = list;
+                    if rv != Rv::None && k.rv == rv {
+                        return out;
+                    }
                 }
-                let rv = rv.into();
-                out.extend(emit(known, key, rv, SourceEvent::applied(object)));
+                out.extend(emit(
+                    known,
+                    kind,
+                    key,
+                    rv,
+                    list,
+                    SourceEvent::applied(object),
+                ));
             }
             Event::InitDone => {
-                let listed = self.relisting.remove(&kind).unwrap_or_default();
+                let list = self.lists.get(&kind).copied().unwrap_or_default();
                 let known = self.known.entry(kind).or_default();
-                let mut gone: Vec<ObjectRef> = known
-                    .keys()
-                    .filter(|key| !listed.contains(*key))
-                    .cloned()
+                let mut gone: Vec<Box<str>> = known
+                    .iter()
+                    .filter(|(_, k)| k.seen != list)
+                    .map(|(key, _)| key.clone())
                     .collect();
                 gone.sort();
                 if !gone.is_empty() {
@@ -355,7 +403,7 @@ impl Tracker {
                 }
                 for key in gone {
                     known.remove(&key);
-                    out.push(SourceEvent::deleted(key));
+                    out.push(SourceEvent::deleted(reference_of(kind, &key)));
                 }
                 debug!(kind = %kind, objects = known.len(), "kubernetes source: list complete");
                 self.listed.insert(kind);
@@ -367,23 +415,26 @@ impl Tracker {
             }
             Event::Apply(object) => {
                 let object = object.strip();
-                let key = object.reference();
-                let rv = object
-                    .meta()
-                    .resource_version
-                    .as_deref()
-                    .unwrap_or_default()
-                    .into();
+                let key = key_of(&object.reference());
+                let rv = Rv::of(object.meta().resource_version.as_deref());
+                let list = self.lists.get(&kind).copied().unwrap_or_default();
                 let known = self.known.entry(kind).or_default();
-                out.extend(emit(known, key, rv, SourceEvent::applied(object)));
+                out.extend(emit(
+                    known,
+                    kind,
+                    key,
+                    rv,
+                    list,
+                    SourceEvent::applied(object),
+                ));
             }
             Event::Delete(object) => {
-                let key = object.reference();
-                self.known.entry(kind).or_default().remove(&key);
-                if let Some(relisting) = self.relisting.get_mut(&kind) {
-                    relisting.remove(&key);
-                }
-                out.push(SourceEvent::deleted(key));
+                let reference = object.reference();
+                self.known
+                    .entry(kind)
+                    .or_default()
+                    .remove(&*key_of(&reference));
+                out.push(SourceEvent::deleted(reference));
             }
         }
         out
@@ -401,20 +452,24 @@ impl Tracker {
     }
 }
 
-/// Records `key` at `rv` and returns `event`, unless it would tell the engine what it was last
-/// told about the same object.
+/// Records `key` of `kind` at `rv` (shown by list number `list`) and returns `event`, unless it would tell
+/// the engine what it was last told about the same object.
 fn emit(
-    known: &mut HashMap<ObjectRef, Known>,
-    key: ObjectRef,
-    rv: Box<str>,
+    known: &mut HashMap<Box<str>, Known>,
+    kind: Kind,
+    key: Box<str>,
+    rv: Rv,
+    list: u32,
     event: SourceEvent,
 ) -> Option<SourceEvent> {
-    let keeps_last = matches!(key.kind, Kind::Pod | Kind::Node | Kind::Namespace);
+    let keeps_last = matches!(kind, Kind::Pod | Kind::Node | Kind::Namespace);
     let entry = known.entry(key).or_insert_with(|| Known {
-        rv: Box::default(),
+        rv: Rv::None,
+        seen: list,
         last: None,
     });
     entry.rv = rv;
+    entry.seen = list;
     if let SourceEvent::Changed { change, .. } = &event {
         if keeps_last {
             if entry.last.as_ref().is_some_and(|l| l.is(change)) {
@@ -424,4 +479,115 @@ fn emit(
         }
     }
     Some(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ns(name: &str, rv: &str, team: &str) -> Object {
+        Object::Namespace(Box::new(
+            serde_json::from_value(json!({"metadata": {"name": name, "resourceVersion": rv,
+                                          "labels": {"team": team}}}))
+            .expect("namespace"),
+        ))
+    }
+
+    fn said(events: &[SourceEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                SourceEvent::Changed { object, change } => {
+                    let verb = if matches!(change, Change::DeleteNamespace { .. }) {
+                        "deleted"
+                    } else {
+                        "applied"
+                    };
+                    format!("{verb} {object}")
+                }
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn list(t: &mut Tracker, objects: Vec<Object>) -> Vec<String> {
+        let mut out = t.handle(Kind::Namespace, Event::Init);
+        for o in objects {
+            out.extend(t.handle(Kind::Namespace, Event::InitApply(o)));
+        }
+        out.extend(t.handle(Kind::Namespace, Event::InitDone));
+        said(&out)
+    }
+
+    #[test]
+    fn a_relist_deletes_what_it_did_not_show_and_repeats_nothing_unchanged() {
+        let mut t = Tracker::default();
+        let first = list(
+            &mut t,
+            vec![ns("a", "1", "x"), ns("b", "2", "x"), ns("c", "3", "x")],
+        );
+        assert_eq!(
+            first,
+            [
+                "applied Namespace a",
+                "applied Namespace b",
+                "applied Namespace c"
+            ]
+        );
+        // a unchanged (same resourceVersion), b changed, c gone, d new.
+        let second = list(
+            &mut t,
+            vec![ns("a", "1", "x"), ns("b", "9", "y"), ns("d", "10", "x")],
+        );
+        assert_eq!(
+            second,
+            [
+                "applied Namespace b",
+                "applied Namespace d",
+                "deleted Namespace c"
+            ]
+        );
+        // An object deleted by a watch event is not deleted again by the next relist.
+        t.handle(Kind::Namespace, Event::Delete(ns("d", "11", "x")));
+        let third = list(&mut t, vec![ns("a", "1", "x"), ns("b", "9", "y")]);
+        assert!(third.is_empty(), "{third:?}");
+    }
+
+    #[test]
+    fn an_object_applied_by_a_watch_between_relists_survives_the_next_relist_that_shows_it() {
+        let mut t = Tracker::default();
+        list(&mut t, vec![ns("a", "1", "x")]);
+        t.handle(Kind::Namespace, Event::Apply(ns("b", "2", "x")));
+        let relist = list(&mut t, vec![ns("a", "1", "x"), ns("b", "2", "x")]);
+        assert!(relist.is_empty(), "{relist:?}");
+    }
+
+    #[test]
+    fn resource_versions_are_numbers_when_they_print_back_the_same_else_text() {
+        assert_eq!(Rv::of(None), Rv::None);
+        assert_eq!(Rv::of(Some("")), Rv::None);
+        assert_eq!(Rv::of(Some("123456")), Rv::Number(123456));
+        assert_eq!(Rv::of(Some("0123")), Rv::Text("0123".into()));
+        assert_eq!(Rv::of(Some("abc")), Rv::Text("abc".into()));
+        assert_ne!(Rv::of(Some("0123")), Rv::of(Some("123")));
+    }
+
+    #[test]
+    fn keys_round_trip_for_namespaced_and_cluster_scoped_objects() {
+        for object in [
+            ObjectRef {
+                kind: Kind::Pod,
+                namespace: "default".into(),
+                name: "web-1".into(),
+            },
+            ObjectRef {
+                kind: Kind::Node,
+                namespace: String::new(),
+                name: "node-1".into(),
+            },
+        ] {
+            assert_eq!(reference_of(object.kind, &key_of(&object)), object);
+        }
+    }
 }
