@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{ClusterNetworkPolicy, Kind, Object, ObjectRef, SourceError, SourceEvent};
-use palisade_policy::model::Change;
+use palisade_policy::model::{Change, LabelSets};
 
 /// Server-side timeout of one watch request when none is configured (the API server's own default range
 /// is 30-60 min; client-go uses 5-10 min; kube-rs 290 s).
@@ -356,6 +356,8 @@ struct Tracker {
     /// Kinds that completed their first list.
     listed: HashSet<Kind>,
     synced: bool,
+    /// Pods' label sets, shared.
+    label_sets: LabelSets,
 }
 
 impl Tracker {
@@ -386,7 +388,7 @@ impl Tracker {
                     key,
                     rv,
                     list,
-                    SourceEvent::applied(object),
+                    SourceEvent::applied(object).share_labels(&mut self.label_sets),
                 ));
             }
             Event::InitDone => {
@@ -425,7 +427,7 @@ impl Tracker {
                     key,
                     rv,
                     list,
-                    SourceEvent::applied(object),
+                    SourceEvent::applied(object).share_labels(&mut self.label_sets),
                 ));
             }
             Event::Delete(object) => {

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use palisade_policy::model::{self, Change};
+use palisade_policy::model::{self, Change, LabelSets};
 use palisade_policy::ModelError;
 
 pub use self::cluster_policy::ClusterNetworkPolicy;
@@ -68,6 +68,21 @@ impl SourceEvent {
                 error,
             },
         }
+    }
+
+    /// Hands a new Pod's labels to `sets`, so that pods with equal labels (a ReplicaSet's) share
+    /// one copy; the event's Pod is its own (an `Arc` just made), else it is left as it is.
+    pub fn share_labels(mut self, sets: &mut LabelSets) -> Self {
+        if let SourceEvent::Changed {
+            change: Change::UpsertPod(pod),
+            ..
+        } = &mut self
+        {
+            if let Some(pod) = std::sync::Arc::get_mut(pod) {
+                pod.labels = sets.share(std::mem::take(&mut pod.labels));
+            }
+        }
+        self
     }
 
     /// The event for an object that is gone.
@@ -323,6 +338,32 @@ mod tests {
         }))
         .strip();
         assert_eq!(plain.meta().annotations, None);
+    }
+
+    #[test]
+    fn pods_with_equal_labels_share_one_copy_of_them() {
+        let pod = |name: &str, app: &str| {
+            Object::Pod(Box::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"namespace": "ns", "name": name, "labels": {"app": app, "tier": "x"}}
+                }))
+                .unwrap(),
+            ))
+        };
+        let mut sets = LabelSets::default();
+        let labels = |event: SourceEvent| match event {
+            SourceEvent::Changed {
+                change: Change::UpsertPod(p),
+                ..
+            } => p.labels.clone(),
+            other => panic!("{other:?}"),
+        };
+        let a = labels(SourceEvent::applied(pod("a", "web")).share_labels(&mut sets));
+        let b = labels(SourceEvent::applied(pod("b", "web")).share_labels(&mut sets));
+        let c = labels(SourceEvent::applied(pod("c", "db")).share_labels(&mut sets));
+        assert!(a.is_shared_with(&b), "same labels, one copy");
+        assert!(!a.is_shared_with(&c) && a != c);
+        assert_eq!(sets.len(), 2);
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub use cluster_api::ClusterNetworkPolicyApi;
 pub use convert::{
     cluster_policy_from_api, namespace_from_k8s, node_from_k8s, pod_from_k8s, policy_from_k8s,
 };
-pub use labels::Labels;
+pub use labels::{LabelSets, Labels};
 pub use selector::{LabelSelector, Requirement, Values};
 
 use palisade_contract::Attachment;
