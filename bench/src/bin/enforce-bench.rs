@@ -35,6 +35,10 @@ enum Command {
         /// at most 128 past 20,000 pods per 100 nodes' worth of namespaces.
         #[arg(long, default_value_t = palisade_bench::datapath::workload::NODES)]
         nodes: u32,
+        /// Every background pod carries a label of its own (`pod=<namespace>.<name>`): no two pods
+        /// share a label set, the worst case for the agent's shared label sets.
+        #[arg(long)]
+        unique_pod_labels: bool,
         /// Trials per scenario (each a grant and a revoke).
         #[arg(long, default_value_t = 100)]
         trials: usize,
@@ -230,6 +234,7 @@ fn real_main(cli: Cli) -> Result<()> {
             pods,
             policies_per_pod,
             nodes,
+            unique_pod_labels,
             trials,
             churn,
             compile_changes,
@@ -277,6 +282,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 pods: pods.clone(),
                 policies_per_pod,
                 nodes,
+                unique_pod_labels,
                 trials,
                 churn,
                 seed,

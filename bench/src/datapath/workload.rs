@@ -154,6 +154,10 @@ pub struct Shape {
     /// Whether the 8 policies selecting the measured pods are part of the policy count (datapath
     /// bench); without them, every policy selects other pods (enforcement bench).
     pub measured: bool,
+    /// Every background pod also carries a label of its own (`pod=<namespace>.<name>`, as a
+    /// StatefulSet's pod-name label): no two pods share a label set (the worst case for sharing
+    /// them). Selects nothing more.
+    pub unique_labels: bool,
 }
 
 impl Shape {
@@ -170,6 +174,7 @@ impl Shape {
             namespaces: (pods / nodes.max(1) as usize).clamp(1, MAX_NAMESPACES as usize) as u32,
             policies,
             measured: false,
+            unique_labels: false,
         }
     }
 }
@@ -184,6 +189,7 @@ impl Cluster {
                 namespaces: NAMESPACES,
                 policies,
                 measured: true,
+                unique_labels: false,
             },
             seed,
         )
@@ -196,6 +202,7 @@ impl Cluster {
             namespaces: ns_count,
             policies,
             measured: with_measured,
+            unique_labels,
         } = shape;
         if ns_count == 0 || ns_count > MAX_NAMESPACES {
             return Err(crate::Error::Invalid(format!(
@@ -249,10 +256,16 @@ impl Cluster {
                     name: format!("p-{m}"),
                     node: format!("node-{}", m + 1),
                     ip: background_ip(m, k),
-                    labels: labels(&[
-                        ("app", &format!("a{}", m % 10)),
-                        ("role", &format!("r{}", (m + k) % 20)),
-                    ]),
+                    labels: {
+                        let mut l = labels(&[
+                            ("app", &format!("a{}", m % 10)),
+                            ("role", &format!("r{}", (m + k) % 20)),
+                        ]);
+                        if unique_labels {
+                            l.insert("pod".into(), format!("ns-{k}.p-{m}"));
+                        }
+                        l
+                    },
                 });
             }
         }

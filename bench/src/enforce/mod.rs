@@ -76,6 +76,8 @@ pub struct Config {
     pub policies_per_pod: f64,
     /// Nodes of the synthetic cluster (`Shape::for_pods_on`).
     pub nodes: u32,
+    /// Every background pod carries a label of its own (`Shape::unique_labels`).
+    pub unique_pod_labels: bool,
     pub trials: usize,
     pub churn: Vec<u32>,
     pub seed: u64,
@@ -232,7 +234,13 @@ fn run_size(
 ) -> Result<RunResults> {
     let dirs = AgentDirs::create(work)?;
     write_server_record(&dirs.state)?;
-    let cluster = Cluster::generate_shape(Shape::for_pods_on(pods, policies, cfg.nodes), cfg.seed)?;
+    let cluster = Cluster::generate_shape(
+        Shape {
+            unique_labels: cfg.unique_pod_labels,
+            ..Shape::for_pods_on(pods, policies, cfg.nodes)
+        },
+        cfg.seed,
+    )?;
     // Everything but the measured client pod goes into one list; the client has its own file.
     let objects: Vec<Value> = k8s::objects(&cluster)
         .into_iter()

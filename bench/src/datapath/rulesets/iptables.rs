@@ -125,5 +125,6 @@ pub fn render(view: &NodeView) -> Rendered {
         rules: n_rules,
         elements: n_elements,
         nft_json: None,
+        nft_after: None,
     }
 }

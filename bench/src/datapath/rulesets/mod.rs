@@ -13,6 +13,8 @@
 //! - `palisade-no-cnp`: palisade for the same cluster without its ClusterNetworkPolicies (their cost,
 //!   with `--cluster-policies`).
 //! - `palisade-ingress-guard`: an experiment, the source guard moved to per-veth ingress chains.
+//! - `palisade-lean-prologue`: an experiment, the base chains' guard and ct state rules in fewer
+//!   expressions (a jump to a guard chain, one `ct state vmap`).
 //!
 //! Every system, `none` included, runs with connection tracking on in the node namespaces (the
 //! `bench_base` table below), as it is on any node that runs kube-proxy: so "no policy" differs from
@@ -45,10 +47,13 @@ pub enum System {
     /// measured pod's host veth (a constant compare of the source, no set, before conntrack),
     /// the base chains without it. Whether moving the guard off the base chains pays.
     PalisadeIngressGuard,
+    /// EXPERIMENT: the base chains' prologue leaner: `iifname "pal*" jump` to a guard chain that
+    /// returns for a bound source, and one `ct state vmap` for established, related and invalid.
+    PalisadeLeanPrologue,
 }
 
 impl System {
-    pub const ALL: [System; 8] = [
+    pub const ALL: [System; 9] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
@@ -57,6 +62,7 @@ impl System {
         System::PalisadeNoCnp,
         System::PalisadeNoCounters,
         System::PalisadeIngressGuard,
+        System::PalisadeLeanPrologue,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +75,7 @@ impl System {
             System::PalisadeNoCnp => "palisade-no-cnp",
             System::PalisadeNoCounters => "palisade-no-counters",
             System::PalisadeIngressGuard => "palisade-ingress-guard",
+            System::PalisadeLeanPrologue => "palisade-lean-prologue",
         }
     }
 
@@ -100,6 +107,8 @@ pub struct Rendered {
     pub nft: Option<String>,
     /// `nft -j -f` input (palisade compiled by palisade-policy).
     pub nft_json: Option<String>,
+    /// `nft -f` input loaded after `nft_json` (an experiment's changes to palisade's table).
+    pub nft_after: Option<String>,
     /// `ipset restore` input (iptables model).
     pub ipset: Option<String>,
     /// `iptables-restore` input (iptables model).
@@ -126,6 +135,9 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::PalisadeIngressGuard => {
             palisade_real::render(cluster, node, palisade_real::Variant::IngressGuard)?
         }
+        System::PalisadeLeanPrologue => {
+            palisade_real::render(cluster, node, palisade_real::Variant::LeanPrologue)?
+        }
         System::PalisadeNoCnp => {
             let mut without = cluster.clone();
             without.cluster_policies.clear();
@@ -148,6 +160,9 @@ pub fn load(ns: &str, rendered: &Rendered) -> Result<Duration> {
     }
     if let Some(json) = &rendered.nft_json {
         total += timed_in(ns, "nft", &["-j", "-f", "-"], Some(json.as_bytes()))?.1;
+    }
+    if let Some(nft) = &rendered.nft_after {
+        total += timed_in(ns, "nft", &["-f", "-"], Some(nft.as_bytes()))?.1;
     }
     Ok(total)
 }
@@ -179,7 +194,8 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         | System::PalisadeNoGuard
         | System::PalisadeNoCnp
         | System::PalisadeNoCounters
-        | System::PalisadeIngressGuard => {
+        | System::PalisadeIngressGuard
+        | System::PalisadeLeanPrologue => {
             if system == System::PalisadeIngressGuard {
                 timed_in(
                     ns,

@@ -59,5 +59,6 @@ pub fn render(view: &NodeView) -> Rendered {
         rules: n_rules,
         elements: 0,
         nft_json: None,
+        nft_after: None,
     }
 }

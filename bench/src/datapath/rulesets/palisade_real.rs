@@ -27,6 +27,10 @@ pub enum Variant {
     /// EXPERIMENT: without the inline guard; instead one ingress chain per measured pod's host veth
     /// in [`GUARD_TABLE`], comparing the source with the pod's address.
     IngressGuard,
+    /// EXPERIMENT: the base chains open with `iifname "pal*" jump guard` (a chain that returns for
+    /// a bound source and drops the rest) and one `ct state vmap`, instead of two guard rules and
+    /// the two ct state rules.
+    LeanPrologue,
 }
 
 /// The table of [`Variant::IngressGuard`]'s chains.
@@ -88,7 +92,39 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
     ));
     let mut ruleset = palisade_policy::compile(&state, node).ruleset;
     let mut extra = None;
+    let mut after = None;
     match variant {
+        Variant::LeanPrologue => {
+            let base: Vec<String> = ruleset
+                .chains
+                .iter()
+                .filter(|(_, c)| c.base.is_some() && c.rules.iter().any(is_guard))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in &base {
+                if let Some(chain) = ruleset.chains.get_mut(name) {
+                    chain.rules.retain(|r| {
+                        !is_guard(r)
+                            && r.stmts != [Stmt::CtEstablishedRelated, Stmt::Accept]
+                            && r.stmts != [Stmt::CtInvalid, Stmt::Drop]
+                    });
+                }
+            }
+            let t = palisade_contract::TABLE_NAME;
+            let mut text = format!(
+                "add chain inet {t} guard\n\
+                 add rule inet {t} guard meta nfproto ipv4 iifname . ip saddr @sources_v4 return\n\
+                 add rule inet {t} guard meta nfproto ipv4 counter drop comment \"forged source\"\n\
+                 add rule inet {t} guard ip6 saddr != :: ip6 saddr != fe80::/10 iifname . ip6 saddr != @sources_v6 counter drop comment \"forged source\"\n"
+            );
+            for name in &base {
+                text.push_str(&format!(
+                    "insert rule inet {t} {name} ct state vmap {{ established : accept, related : accept, invalid : drop }}\n\
+                     insert rule inet {t} {name} iifname \"pal*\" jump guard\n"
+                ));
+            }
+            after = Some(text);
+        }
         Variant::IngressGuard => {
             for chain in ruleset.chains.values_mut() {
                 chain.rules.retain(|r| !is_guard(r));
@@ -153,6 +189,7 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
     Ok(Rendered {
         nft_json: Some(ruleset.full_replace().to_json_string()),
         nft: extra,
+        nft_after: after,
         rules: stats.rules,
         elements: stats.elements,
         ..Rendered::default()
