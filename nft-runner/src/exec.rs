@@ -1,6 +1,6 @@
 //! The fallback backend: one `nft` process per command (about 4 ms, the process start dominates).
 
-use std::io::Write;
+use std::io::{BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -32,6 +32,54 @@ pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, String> 
     result
 }
 
+/// Runs `nft ARGS` and hands its stdout to `read` as it arrives (a listing is never held whole);
+/// returns what `read` made of it, or stderr (with the exit status) when nft failed.
+pub(crate) fn run_reading<T>(
+    args: &[&str],
+    read: impl FnOnce(&mut dyn Read) -> T,
+) -> Result<T, String> {
+    let mut child = Command::new(NFT_BINARY)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!("cannot run `{NFT_BINARY}` (is nftables installed and on PATH?): {e}")
+        })?;
+    let pid = child.id();
+    crate::monitor::remember_portid(pid, Duration::from_secs(3600));
+    let result = match child.stdout.take() {
+        Some(stdout) => {
+            let mut stdout = BufReader::with_capacity(READ_BUFFER, stdout);
+            let value = read(&mut stdout);
+            // Whatever `read` left (it stopped at an error): nft must be able to finish writing.
+            let drained = std::io::copy(&mut stdout, &mut std::io::sink());
+            drop(stdout);
+            match (child.wait_with_output(), drained) {
+                (Ok(out), _) if !out.status.success() => Err(format!(
+                    "{} ({})",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    out.status
+                )),
+                (Ok(_), Ok(_)) => Ok(value),
+                (Ok(_), Err(e)) => Err(format!("reading nft's output: {e}")),
+                (Err(e), _) => Err(format!("waiting for nft: {e}")),
+            }
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err("nft's stdout was not captured".to_string())
+        }
+    };
+    crate::monitor::retire_portid(pid);
+    result
+}
+
+/// Read size of a streamed listing.
+const READ_BUFFER: usize = 64 * 1024;
+
 fn finish(mut child: std::process::Child, stdin: Option<&str>) -> Result<String, String> {
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // On a write error nft has exited; its stderr (read below) says why.
@@ -52,7 +100,9 @@ fn finish(mut child: std::process::Child, stdin: Option<&str>) -> Result<String,
         .wait_with_output()
         .map_err(|e| format!("waiting for nft: {e}"))?;
     if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        // The output as read, not a copy of it: a listing of a 100k-pod node's table is ~12 MB.
+        Ok(String::from_utf8(out.stdout)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     } else {
         Err(format!(
             "{} ({})",

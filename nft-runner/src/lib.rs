@@ -79,6 +79,35 @@ impl Nft {
         self.list("list table", &["table", family, table])
     }
 
+    /// Lists `table FAMILY NAME` as nft JSON into `read` as the text arrives (on the exec backend
+    /// straight from nft's stdout: a big table's listing is never held whole); `None` when the
+    /// table does not exist (what `read` made of the empty output is dropped then).
+    pub fn list_table_with<T>(
+        &self,
+        family: &str,
+        table: &str,
+        read: impl FnOnce(&mut dyn std::io::Read) -> T,
+    ) -> Result<Option<T>> {
+        let action = "list table";
+        let words = ["table", family, table];
+        let command = checked_list_command(action, &words)?;
+        let out = match &self.lib {
+            Some(_) => self
+                .run(action, &command, &[], None)
+                .map(|text| read(&mut text.as_bytes())),
+            None => {
+                let mut args = vec!["-j", "list"];
+                args.extend_from_slice(&words);
+                exec::run_reading(&args, read).map_err(|message| Error::Failed { action, message })
+            }
+        };
+        match out {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_absent() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Lists `set FAMILY TABLE SET` as nft JSON; `None` when the table or the set does not exist.
     pub fn list_set(&self, family: &str, table: &str, set: &str) -> Result<Option<String>> {
         self.list("list set", &["set", family, table, set])
@@ -87,13 +116,7 @@ impl Nft {
     /// `list WORDS...`, with absence as `None`. The words are checked to be plain identifiers, so the
     /// command text and the argv are the same command.
     fn list(&self, action: &'static str, words: &[&str]) -> Result<Option<String>> {
-        if let Some(bad) = words.iter().find(|w| !is_identifier(w)) {
-            return Err(Error::BadName {
-                action,
-                name: (*bad).to_string(),
-            });
-        }
-        let command = format!("list {}", words.join(" "));
+        let command = checked_list_command(action, words)?;
         let mut args = vec!["-j", "list"];
         args.extend_from_slice(words);
         match self.run(action, &command, &args, None) {
@@ -120,6 +143,18 @@ impl Nft {
         };
         out.map_err(|message| Error::Failed { action, message })
     }
+}
+
+/// `list WORDS...` once every word is a plain identifier (so the command text and the argv are the
+/// same command).
+fn checked_list_command(action: &'static str, words: &[&str]) -> Result<String> {
+    if let Some(bad) = words.iter().find(|w| !is_identifier(w)) {
+        return Err(Error::BadName {
+            action,
+            name: (*bad).to_string(),
+        });
+    }
+    Ok(format!("list {}", words.join(" ")))
 }
 
 /// An nft identifier as we use them: ASCII letters, digits, `_`, `-`, `.`; not empty, not a flag.
@@ -151,6 +186,10 @@ mod tests {
         let err = nft.list_table("inet", "x; flush ruleset").unwrap_err();
         assert!(matches!(err, Error::BadName { .. }), "{err}");
         let err = nft.list_set("inet", "palisade", "-f").unwrap_err();
+        assert!(matches!(err, Error::BadName { .. }), "{err}");
+        let err = nft
+            .list_table_with("inet", "t; flush ruleset", |_| ())
+            .unwrap_err();
         assert!(matches!(err, Error::BadName { .. }), "{err}");
     }
 }

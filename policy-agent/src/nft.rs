@@ -219,6 +219,14 @@ impl Nft {
         Ok(self.runner.list_table(TABLE_FAMILY, TABLE_NAME)?)
     }
 
+    /// Lists our table and summarises it as the listing is read (see [`summarize_from`]); `None`
+    /// when the table does not exist.
+    pub fn summarize_table(&self) -> Result<Option<TableSummary>> {
+        self.runner
+            .list_table_with(TABLE_FAMILY, TABLE_NAME, |r| summarize_from(r))?
+            .transpose()
+    }
+
     /// Packets of each named counter of our table, by name (over nfnetlink, whatever the backend:
     /// `palisade_nft::counters`); empty without the table.
     pub fn counter_packets() -> Result<std::collections::HashMap<String, u64>> {
@@ -353,39 +361,47 @@ pub struct TableSummary {
     pub pending: u64,
 }
 
-/// Summarises a listing of our table (see [`TableSummary`]). Unknown shapes are hashed as they are.
-///
-/// Item by item: the listing's objects are parsed one at a time from the text (borrowed, unparsed
-/// until their turn) and hashed as they are normalized, so a listing of 100k pods' table (11 MB of
-/// JSON) never becomes one tree (~60 MiB at once, after every commit's read-back).
+/// Summarises a listing of our table (see [`TableSummary`]).
 pub fn summarize(listing: &str) -> Result<TableSummary> {
-    #[derive(serde::Deserialize)]
-    struct Listing<'a> {
-        #[serde(borrow)]
-        nftables: Vec<&'a serde_json::value::RawValue>,
-    }
+    summarize_from(listing.as_bytes())
+}
+
+/// Summarises a listing of our table as it is read (see [`TableSummary`]).
+///
+/// Item by item, from the stream: each of the listing's objects is parsed, counted, normalized and
+/// hashed before the next is read, so a listing of a 100k-pod node's table (~12 MB of JSON) is
+/// never held whole, let alone as one tree (~60 MiB). Members of the top-level object other than
+/// `nftables` are hashed as they are; anything but an object is an error.
+pub fn summarize_from(reader: impl std::io::Read) -> Result<TableSummary> {
+    use serde::de::DeserializeSeed;
     let parse_error = |e: serde_json::Error| Error::Nft {
         action: "parse listing",
         message: e.to_string(),
     };
-    let Ok(listing_items) = serde_json::from_str::<Listing<'_>>(listing) else {
-        // Not the shape nft lists: hashed whole (after the same normalization).
-        let mut v: Value = serde_json::from_str(listing).map_err(parse_error)?;
-        normalize(&mut v);
-        let mut hash = Fnv1a::default();
-        serde_json::to_writer(&mut hash, &v).map_err(parse_error)?;
-        return Ok(TableSummary {
-            fingerprint: hash.0,
-            ..TableSummary::default()
-        });
-    };
-    let mut s = TableSummary::default();
-    let mut hash = Fnv1a::default();
-    for raw in listing_items.nftables {
-        let mut item: Value = serde_json::from_str(raw.get()).map_err(parse_error)?;
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let mut acc = Summing::default();
+    ListingSeed(&mut acc)
+        .deserialize(&mut de)
+        .map_err(parse_error)?;
+    de.end().map_err(parse_error)?;
+    acc.summary.fingerprint = acc.hash.0;
+    Ok(acc.summary)
+}
+
+/// A summary being made.
+#[derive(Default)]
+struct Summing {
+    summary: TableSummary,
+    hash: Fnv1a,
+}
+
+impl Summing {
+    /// Counts, normalizes and hashes one item of the listing.
+    fn item(&mut self, mut item: Value) -> std::result::Result<(), serde_json::Error> {
         if item.get("metainfo").is_some() {
-            continue;
+            return Ok(());
         }
+        let s = &mut self.summary;
         if let Some(obj) = item.as_object_mut() {
             if obj.contains_key("chain") {
                 s.chains += 1;
@@ -409,12 +425,74 @@ pub fn summarize(listing: &str) -> Result<TableSummary> {
             }
         }
         normalize(&mut item);
-        serde_json::to_writer(&mut hash, &item).map_err(parse_error)?;
+        serde_json::to_writer(&mut self.hash, &item)?;
         // Items are delimited, so moving content between neighbours changes the hash.
-        hash.feed(b"\n");
+        self.hash.feed(b"\n");
+        Ok(())
     }
-    s.fingerprint = hash.0;
-    Ok(s)
+}
+
+/// The listing's top-level object: `nftables` item by item, any other member hashed whole.
+struct ListingSeed<'a>(&'a mut Summing);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ListingSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ListingSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an nft JSON listing (an object with an `nftables` array)")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<(), A::Error> {
+        use serde::de::Error as _;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "nftables" {
+                map.next_value_seed(ItemsSeed(&mut *self.0))?;
+            } else {
+                let mut other: Value = map.next_value()?;
+                normalize(&mut other);
+                let h = &mut self.0.hash;
+                h.feed(key.as_bytes());
+                serde_json::to_writer(&mut *h, &other).map_err(A::Error::custom)?;
+                h.feed(b"\n");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `nftables` array, one item at a time.
+struct ItemsSeed<'a>(&'a mut Summing);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("the array of a listing's objects")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<(), A::Error> {
+        use serde::de::Error as _;
+        while let Some(item) = seq.next_element::<Value>()? {
+            self.0.item(item).map_err(A::Error::custom)?;
+        }
+        Ok(())
+    }
 }
 
 /// FNV-1a over everything written to it.
@@ -497,6 +575,30 @@ mod tests {
         let b = summarize(&LISTING.replace(r#"["10.0.0.2",{"goto":{"target":"eg_1"}}]"#, ""))
             .unwrap_or_default();
         assert_ne!(a.fingerprint, b.fingerprint);
+    }
+
+    /// Hands out its text a few bytes per read, as a pipe may.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(7);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_listing_read_from_a_stream_sums_up_as_the_text_does() {
+        let whole = summarize(LISTING).unwrap();
+        assert_eq!(summarize_from(Trickle(LISTING.as_bytes())).unwrap(), whole);
+        assert_ne!(whole.fingerprint, TableSummary::default().fingerprint);
+        // Another top-level member is part of the fingerprint; a truncated listing is an error.
+        let extra = LISTING.replacen('{', r#"{"extra":1,"#, 1);
+        assert_ne!(summarize(&extra).unwrap().fingerprint, whole.fingerprint);
+        assert!(summarize_from(Trickle(&LISTING.as_bytes()[..LISTING.len() / 2])).is_err());
+        assert!(summarize("[1,2]").is_err(), "not an object");
     }
 
     #[test]

@@ -80,11 +80,7 @@ impl TableWatch {
                     while let Ok(g) = rx.try_recv() {
                         generation = g;
                     }
-                    let listing = match nft.list_table() {
-                        Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
-                        Ok(None) => Ok(None),
-                        Err(e) => Err(e.to_string()),
-                    };
+                    let listing = nft.summarize_table().map_err(|e| e.to_string());
                     if reply
                         .blocking_send(Msg::Snapshot {
                             generation,
@@ -125,14 +121,10 @@ impl TableWatch {
             }
             self.reader = None; // the reader is gone: list inline from now on
         }
-        let listing = match nft.list_table() {
-            Ok(Some(l)) => nft::summarize(&l).map(Some).map_err(|e| e.to_string()),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                metrics.error(e.kind());
-                Err(e.to_string())
-            }
-        };
+        let listing = nft.summarize_table().map_err(|e| {
+            metrics.error(e.kind());
+            e.to_string()
+        });
         self.listed(self.generation, listing)
     }
 
@@ -174,14 +166,8 @@ impl TableWatch {
     /// At resync: lists our table and compares its fingerprint with the one taken after the last
     /// commits (when a snapshot has not been taken yet, it will check the counts).
     pub fn check(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
-        let found = match nft.list_table() {
-            Ok(Some(l)) => match nft::summarize(&l) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "cannot parse our table's listing");
-                    return Verdict::Fine;
-                }
-            },
+        let found = match nft.summarize_table() {
+            Ok(Some(s)) => s,
             Ok(None) => {
                 return Verdict::Restore(
                     "table inet palisade was removed (nft flush ruleset?)".into(),
@@ -189,7 +175,7 @@ impl TableWatch {
             }
             Err(e) => {
                 metrics.error(e.kind());
-                warn!(error = %e, "cannot list our table to verify it");
+                warn!(error = %e, "cannot list or parse our table to verify it; checked again at the next resync");
                 return Verdict::Fine;
             }
         };
