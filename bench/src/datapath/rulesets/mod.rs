@@ -13,6 +13,7 @@
 //! - `palisade-no-cnp`: palisade for the same cluster without its ClusterNetworkPolicies (their cost,
 //!   with `--cluster-policies`).
 //! - `palisade-ingress-guard`: an experiment, the source guard moved to per-veth ingress chains.
+//! - `palisade-sized-sets`: an experiment, sets declared with a size (fixed-size hash in the kernel).
 //! - `palisade-lean-prologue`: an experiment, the base chains' guard and ct state rules in fewer
 //!   expressions (a jump to a guard chain, one `ct state vmap`).
 //!
@@ -50,10 +51,14 @@ pub enum System {
     /// EXPERIMENT: the base chains' prologue leaner: `iifname "pal*" jump` to a guard chain that
     /// returns for a bound source, and one `ct state vmap` for established, related and invalid.
     PalisadeLeanPrologue,
+    /// EXPERIMENT: sets declared with a `size` (the kernel then picks its fixed-size hash over the
+    /// resizable rhashtable): the source guard's sets, or every set and map with
+    /// `PALISADE_BENCH_SIZED_SETS=all`.
+    PalisadeSizedSets,
 }
 
 impl System {
-    pub const ALL: [System; 9] = [
+    pub const ALL: [System; 10] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
@@ -63,6 +68,7 @@ impl System {
         System::PalisadeNoCounters,
         System::PalisadeIngressGuard,
         System::PalisadeLeanPrologue,
+        System::PalisadeSizedSets,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +82,7 @@ impl System {
             System::PalisadeNoCounters => "palisade-no-counters",
             System::PalisadeIngressGuard => "palisade-ingress-guard",
             System::PalisadeLeanPrologue => "palisade-lean-prologue",
+            System::PalisadeSizedSets => "palisade-sized-sets",
         }
     }
 
@@ -138,6 +145,9 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::PalisadeLeanPrologue => {
             palisade_real::render(cluster, node, palisade_real::Variant::LeanPrologue)?
         }
+        System::PalisadeSizedSets => {
+            palisade_real::render(cluster, node, palisade_real::Variant::SizedSets)?
+        }
         System::PalisadeNoCnp => {
             let mut without = cluster.clone();
             without.cluster_policies.clear();
@@ -195,7 +205,8 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         | System::PalisadeNoCnp
         | System::PalisadeNoCounters
         | System::PalisadeIngressGuard
-        | System::PalisadeLeanPrologue => {
+        | System::PalisadeLeanPrologue
+        | System::PalisadeSizedSets => {
             if system == System::PalisadeIngressGuard {
                 timed_in(
                     ns,

@@ -31,6 +31,9 @@ pub enum Variant {
     /// a bound source and drops the rest) and one `ct state vmap`, instead of two guard rules and
     /// the two ct state rules.
     LeanPrologue,
+    /// EXPERIMENT: the source guard's sets (or, with `PALISADE_BENCH_SIZED_SETS=all`, every set and
+    /// map without intervals) declared with a `size`: four times their elements, at least 1,024.
+    SizedSets,
 }
 
 /// The table of [`Variant::IngressGuard`]'s chains.
@@ -67,6 +70,37 @@ fn is_guard(rule: &palisade_policy::ruleset::Rule) -> bool {
     rule.stmts
         .iter()
         .any(|s| matches!(s, Stmt::IifSaddrNotInSet { .. }))
+}
+
+/// [`Variant::SizedSets`]: a `size` on the chosen sets of a rendered batch.
+fn sized_sets(json: &str) -> Result<String> {
+    let all = std::env::var("PALISADE_BENCH_SIZED_SETS").is_ok_and(|v| v == "all");
+    let mut batch: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| crate::Error::Invalid(format!("rendered batch: {e}")))?;
+    for item in batch["nftables"].as_array_mut().into_iter().flatten() {
+        for kind in ["set", "map"] {
+            let Some(set) = item
+                .get_mut("add")
+                .and_then(|a| a.get_mut(kind))
+                .and_then(|s| s.as_object_mut())
+            else {
+                continue;
+            };
+            let name = set.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+            let interval = set
+                .get("flags")
+                .is_some_and(|f| f.to_string().contains("interval"));
+            if interval || !(all || name.starts_with("sources_")) {
+                continue;
+            }
+            let n = set
+                .get("elem")
+                .and_then(|e| e.as_array())
+                .map_or(0, |e| e.len());
+            set.insert("size".into(), (4 * n).max(1024).into());
+        }
+    }
+    Ok(batch.to_string())
 }
 
 /// Compiles the node's ruleset and renders it as one `nft -j -f -` transaction.
@@ -184,10 +218,15 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             ruleset.counters.clear();
         }
         Variant::Whole => repeat_guard(&mut ruleset, guard_copies()),
+        Variant::SizedSets => {}
     }
     let stats = ruleset.stats();
+    let mut json = ruleset.full_replace().to_json_string();
+    if variant == Variant::SizedSets {
+        json = sized_sets(&json)?;
+    }
     Ok(Rendered {
-        nft_json: Some(ruleset.full_replace().to_json_string()),
+        nft_json: Some(json),
         nft: extra,
         nft_after: after,
         rules: stats.rules,
