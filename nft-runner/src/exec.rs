@@ -1,7 +1,7 @@
 //! The fallback backend: one `nft` process per command (about 4 ms, the process start dominates).
 
 use std::io::{BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// The `nft` binary, looked up on PATH.
@@ -10,26 +10,8 @@ pub const NFT_BINARY: &str = "nft";
 /// Runs `nft ARGS`, feeding `stdin`; returns stdout, or stderr (with the exit status) on failure.
 /// Arguments are passed as argv, never through a shell.
 pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let child = Command::new(NFT_BINARY)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!("cannot run `{NFT_BINARY}` (is nftables installed and on PATH?): {e}")
-        })?;
-    // Its netlink socket is autobound to portid = its pid (in our pid namespace): the monitor must take
-    // its commits for ours, also when their notifications are read after it exited.
-    let pid = child.id();
-    crate::monitor::remember_portid(pid, Duration::from_secs(3600));
-    let result = finish(child, stdin);
-    crate::monitor::retire_portid(pid);
-    result
+    let child = spawn(args, stdin.is_some())?;
+    as_ours(child, |child| finish(child, stdin))
 }
 
 /// Runs `nft ARGS` and hands its stdout to `read` as it arrives (a listing is never held whole);
@@ -38,41 +20,49 @@ pub(crate) fn run_reading<T>(
     args: &[&str],
     read: impl FnOnce(&mut dyn Read) -> T,
 ) -> Result<T, String> {
-    let mut child = Command::new(NFT_BINARY)
+    let child = spawn(args, false)?;
+    as_ours(child, |mut child| {
+        let Some(stdout) = child.stdout.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("nft's stdout was not captured".to_string());
+        };
+        let mut stdout = BufReader::with_capacity(READ_BUFFER, stdout);
+        let value = read(&mut stdout);
+        // Whatever `read` left (it stopped at an error): nft must be able to finish writing.
+        let drained = std::io::copy(&mut stdout, &mut std::io::sink());
+        drop(stdout);
+        match (child.wait_with_output(), drained) {
+            (Ok(out), _) if !out.status.success() => Err(format!(
+                "{} ({})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            )),
+            (Ok(_), Ok(_)) => Ok(value),
+            (Ok(_), Err(e)) => Err(format!("reading nft's output: {e}")),
+            (Err(e), _) => Err(format!("waiting for nft: {e}")),
+        }
+    })
+}
+
+/// `nft ARGS` started, stdout and stderr piped, stdin piped only when there is input.
+fn spawn(args: &[&str], stdin: bool) -> Result<Child, String> {
+    Command::new(NFT_BINARY)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            format!("cannot run `{NFT_BINARY}` (is nftables installed and on PATH?): {e}")
-        })?;
+        .map_err(|e| format!("cannot run `{NFT_BINARY}` (is nftables installed and on PATH?): {e}"))
+}
+
+/// Runs `f` on `child` while the drift monitor takes its commits for ours: its netlink socket is
+/// autobound to portid = its pid (in our pid namespace), also when their notifications are read
+/// after it exited.
+fn as_ours<T>(child: Child, f: impl FnOnce(Child) -> T) -> T {
     let pid = child.id();
     crate::monitor::remember_portid(pid, Duration::from_secs(3600));
-    let result = match child.stdout.take() {
-        Some(stdout) => {
-            let mut stdout = BufReader::with_capacity(READ_BUFFER, stdout);
-            let value = read(&mut stdout);
-            // Whatever `read` left (it stopped at an error): nft must be able to finish writing.
-            let drained = std::io::copy(&mut stdout, &mut std::io::sink());
-            drop(stdout);
-            match (child.wait_with_output(), drained) {
-                (Ok(out), _) if !out.status.success() => Err(format!(
-                    "{} ({})",
-                    String::from_utf8_lossy(&out.stderr).trim(),
-                    out.status
-                )),
-                (Ok(_), Ok(_)) => Ok(value),
-                (Ok(_), Err(e)) => Err(format!("reading nft's output: {e}")),
-                (Err(e), _) => Err(format!("waiting for nft: {e}")),
-            }
-        }
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err("nft's stdout was not captured".to_string())
-        }
-    };
+    let result = f(child);
     crate::monitor::retire_portid(pid);
     result
 }
@@ -80,7 +70,7 @@ pub(crate) fn run_reading<T>(
 /// Read size of a streamed listing.
 const READ_BUFFER: usize = 64 * 1024;
 
-fn finish(mut child: std::process::Child, stdin: Option<&str>) -> Result<String, String> {
+fn finish(mut child: Child, stdin: Option<&str>) -> Result<String, String> {
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // On a write error nft has exited; its stderr (read below) says why.
         let written = pipe.write_all(input.as_bytes());

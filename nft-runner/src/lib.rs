@@ -101,11 +101,7 @@ impl Nft {
                 exec::run_reading(&args, read).map_err(|message| Error::Failed { action, message })
             }
         };
-        match out {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.is_absent() => Ok(None),
-            Err(e) => Err(e),
-        }
+        absent_as_none(out)
     }
 
     /// Lists `set FAMILY TABLE SET` as nft JSON; `None` when the table or the set does not exist.
@@ -119,11 +115,7 @@ impl Nft {
         let command = checked_list_command(action, words)?;
         let mut args = vec!["-j", "list"];
         args.extend_from_slice(words);
-        match self.run(action, &command, &args, None) {
-            Ok(s) => Ok(Some(s)),
-            Err(e) if e.is_absent() => Ok(None),
-            Err(e) => Err(e),
-        }
+        absent_as_none(self.run(action, &command, &args, None))
     }
 
     /// Runs `command` in-process, or `nft ARGS` (fed `stdin`) on the exec backend.
@@ -142,6 +134,15 @@ impl Nft {
             None => exec::run(args, stdin),
         };
         out.map_err(|message| Error::Failed { action, message })
+    }
+}
+
+/// A listing's outcome with a missing table or set as `None`.
+fn absent_as_none<T>(out: Result<T>) -> Result<Option<T>> {
+    match out {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_absent() => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
