@@ -297,10 +297,15 @@ impl Rv {
     fn of(rv: Option<&str>) -> Self {
         match rv {
             None | Some("") => Rv::None,
-            Some(text) => match text.parse::<u64>() {
-                Ok(n) if n.to_string() == text => Rv::Number(n),
-                _ => Rv::Text(text.into()),
-            },
+            // Digits only and no leading zero: exactly the texts a u64 prints back as.
+            Some(text)
+                if text.bytes().all(|b| b.is_ascii_digit())
+                    && (text.len() == 1 || !text.starts_with('0')) =>
+            {
+                text.parse()
+                    .map_or_else(|_| Rv::Text(text.into()), Rv::Number)
+            }
+            Some(text) => Rv::Text(text.into()),
         }
     }
 }
@@ -371,28 +376,19 @@ impl Tracker {
             }
             Event::InitApply(object) => {
                 let object = object.strip();
-                let reference = object.reference();
+                let key = key_of(&object.reference());
                 let rv = Rv::of(object.meta().resource_version.as_deref());
-                let list = self.lists.get(&kind).copied().unwrap_or_default();
-                let known = self.known.entry(kind).or_default();
-                let key = key_of(&reference);
-                if let Some(k) = known.get_mut(&key) {
+                let list = self.list_of(kind);
+                if let Some(k) = self.known.entry(kind).or_default().get_mut(&key) {
                     k.seen = list;
                     if rv != Rv::None && k.rv == rv {
                         return out;
                     }
                 }
-                out.extend(emit(
-                    known,
-                    kind,
-                    key,
-                    rv,
-                    list,
-                    SourceEvent::applied(object).share_labels(&mut self.label_sets),
-                ));
+                out.extend(self.emit(kind, key, rv, object));
             }
             Event::InitDone => {
-                let list = self.lists.get(&kind).copied().unwrap_or_default();
+                let list = self.list_of(kind);
                 let known = self.known.entry(kind).or_default();
                 let mut gone: Vec<Box<str>> = known
                     .iter()
@@ -419,16 +415,7 @@ impl Tracker {
                 let object = object.strip();
                 let key = key_of(&object.reference());
                 let rv = Rv::of(object.meta().resource_version.as_deref());
-                let list = self.lists.get(&kind).copied().unwrap_or_default();
-                let known = self.known.entry(kind).or_default();
-                out.extend(emit(
-                    known,
-                    kind,
-                    key,
-                    rv,
-                    list,
-                    SourceEvent::applied(object).share_labels(&mut self.label_sets),
-                ));
+                out.extend(self.emit(kind, key, rv, object));
             }
             Event::Delete(object) => {
                 let reference = object.reference();
@@ -442,6 +429,41 @@ impl Tracker {
         out
     }
 
+    /// The number of `kind`'s current (or last) list.
+    fn list_of(&self, kind: Kind) -> u32 {
+        self.lists.get(&kind).copied().unwrap_or_default()
+    }
+
+    /// Records `object` (of `kind`, under `key`) at `rv`, shown by the current list, and returns
+    /// its event (its labels shared), unless it would tell the engine what it was last told about
+    /// the same object.
+    fn emit(&mut self, kind: Kind, key: Box<str>, rv: Rv, object: Object) -> Option<SourceEvent> {
+        let list = self.list_of(kind);
+        let event = SourceEvent::applied(object).share_labels(&mut self.label_sets);
+        let keeps_last = matches!(kind, Kind::Pod | Kind::Node | Kind::Namespace);
+        let entry = self
+            .known
+            .entry(kind)
+            .or_default()
+            .entry(key)
+            .or_insert_with(|| Known {
+                rv: Rv::None,
+                seen: list,
+                last: None,
+            });
+        entry.rv = rv;
+        entry.seen = list;
+        if let SourceEvent::Changed { change, .. } = &event {
+            if keeps_last {
+                if entry.last.as_ref().is_some_and(|l| l.is(change)) {
+                    return None;
+                }
+                entry.last = Some(Last::of(change));
+            }
+        }
+        Some(event)
+    }
+
     /// The API has no such resource (its CRD is not installed): as an empty list, so objects known
     /// before are deleted and the kind counts as listed for `Synced`.
     fn absent(&mut self, kind: Kind) -> Vec<SourceEvent> {
@@ -452,35 +474,6 @@ impl Tracker {
         out.extend(self.handle(kind, Event::InitDone));
         out
     }
-}
-
-/// Records `key` of `kind` at `rv` (shown by list number `list`) and returns `event`, unless it would tell
-/// the engine what it was last told about the same object.
-fn emit(
-    known: &mut HashMap<Box<str>, Known>,
-    kind: Kind,
-    key: Box<str>,
-    rv: Rv,
-    list: u32,
-    event: SourceEvent,
-) -> Option<SourceEvent> {
-    let keeps_last = matches!(kind, Kind::Pod | Kind::Node | Kind::Namespace);
-    let entry = known.entry(key).or_insert_with(|| Known {
-        rv: Rv::None,
-        seen: list,
-        last: None,
-    });
-    entry.rv = rv;
-    entry.seen = list;
-    if let SourceEvent::Changed { change, .. } = &event {
-        if keeps_last {
-            if entry.last.as_ref().is_some_and(|l| l.is(change)) {
-                return None;
-            }
-            entry.last = Some(Last::of(change));
-        }
-    }
-    Some(event)
 }
 
 #[cfg(test)]
@@ -572,6 +565,9 @@ mod tests {
         assert_eq!(Rv::of(Some("123456")), Rv::Number(123456));
         assert_eq!(Rv::of(Some("0123")), Rv::Text("0123".into()));
         assert_eq!(Rv::of(Some("abc")), Rv::Text("abc".into()));
+        assert_eq!(Rv::of(Some("+5")), Rv::Text("+5".into()));
+        let past_u64 = "18446744073709551616";
+        assert_eq!(Rv::of(Some(past_u64)), Rv::Text(past_u64.into()));
         assert_ne!(Rv::of(Some("0123")), Rv::of(Some("123")));
     }
 
