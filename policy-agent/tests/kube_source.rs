@@ -120,22 +120,34 @@ async fn initial_list_emits_every_object_stripped_then_synced_once() {
     run.task.abort();
 }
 
+/// Pods of namespace `big` beside the usual small cluster: three list pages of 500.
+const BULK_PODS: usize = 1201;
+
+fn populate_bulk(server: &ApiServer) {
+    populate(server);
+    for i in 0..BULK_PODS {
+        server.apply(pod("big", &format!("p{i:04}"), "bulk"));
+    }
+}
+
+/// How many of `events` applied a pod of namespace `big`.
+fn bulk_applied(events: &[SourceEvent]) -> usize {
+    describe_all(events)
+        .iter()
+        .filter(|d| d.starts_with("Applied Pod big/"))
+        .count()
+}
+
 #[tokio::test]
 async fn initial_list_follows_continue_tokens_beyond_one_page() {
     let server = ApiServer::start().await;
-    populate(&server);
-    for i in 0..1201 {
-        server.apply(pod("big", &format!("p{i:04}"), "bulk"));
-    }
+    populate_bulk(&server);
     let mut run = start(&server, None);
     let events = run
         .events
         .until("Synced", WAIT, |e| *e == SourceEvent::Synced)
         .await;
-    let bulk = events
-        .iter()
-        .filter(|e| describe_all(std::slice::from_ref(e))[0].starts_with("Applied Pod big/"))
-        .count();
+    let bulk = bulk_applied(&events);
     assert_eq!(
         bulk, 1201,
         "every pod of every page is applied before Synced"
@@ -158,10 +170,7 @@ async fn initial_list_follows_continue_tokens_beyond_one_page() {
 #[tokio::test]
 async fn the_next_page_is_fetched_while_the_consumer_still_works_through_the_current_one() {
     let server = ApiServer::start().await;
-    populate(&server);
-    for i in 0..1201 {
-        server.apply(pod("big", &format!("p{i:04}"), "bulk"));
-    }
+    populate_bulk(&server);
     let mut run = start(&server, None);
     // Nobody reads the events yet: the source blocks once its channel (64) is full, far into the
     // first page of 500; the watcher, polled by a task of its own, asks for the second page anyway.
@@ -183,12 +192,8 @@ async fn the_next_page_is_fetched_while_the_consumer_still_works_through_the_cur
         .events
         .until("Synced", WAIT, |e| *e == SourceEvent::Synced)
         .await;
-    let bulk: Vec<String> = describe_all(&events)
-        .into_iter()
-        .filter(|d| d.starts_with("Applied Pod big/"))
-        .collect();
     assert_eq!(
-        bulk.len(),
+        bulk_applied(&events),
         1201,
         "every pod of every page, once, before Synced"
     );
