@@ -5,22 +5,13 @@
 
 use palisade_nft::counters;
 use std::collections::HashMap;
-use std::process::Command;
 
 use palisade_testkit::netns::enter_private_netns as private_netns;
-use palisade_testkit::nft::load_here as nft;
+use palisade_testkit::nft::{list_here, load_here as nft};
 
 /// Packets of each named counter of `table inet palisade`, as `nft -j list counters` shows them.
 fn listed() -> HashMap<String, u64> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "counters", "table", "inet", "palisade"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["nftables"]
-        .as_array()
-        .unwrap()
+    list_here(&["counters", "table", "inet", "palisade"])
         .iter()
         .filter_map(|i| i.get("counter"))
         .map(|c| {

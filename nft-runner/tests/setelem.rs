@@ -6,7 +6,6 @@
 use palisade_nft::setelem::{self, SetOp};
 use palisade_nft::Error;
 use std::net::IpAddr;
-use std::process::Command;
 
 const FAMILY: &str = "inet";
 const TABLE: &str = "palisade";
@@ -15,7 +14,7 @@ const V6: &str = "pending_v6";
 
 // Moves this test's thread into a fresh network namespace (children it spawns inherit it).
 use palisade_testkit::netns::enter_private_netns as private_netns;
-use palisade_testkit::nft::load_here as nft;
+use palisade_testkit::nft::{list_here, load_here as nft};
 
 fn make_table() {
     nft("table inet palisade {\n set pending_v4 { type ipv4_addr; }\n set pending_v6 { type ipv6_addr; }\n}\n");
@@ -23,19 +22,7 @@ fn make_table() {
 
 /// The `elem` of a set as `nft -j list set` shows it (`Null` when the set is empty).
 fn listed_elem(set: &str) -> serde_json::Value {
-    let out = Command::new("nft")
-        .args(["-j", "list", "set", FAMILY, TABLE, set])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["nftables"]
-        .as_array()
-        .unwrap()
+    list_here(&["set", FAMILY, TABLE, set])
         .iter()
         .find_map(|i| i.get("set"))
         .expect("a set in the listing")["elem"]

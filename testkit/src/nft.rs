@@ -68,6 +68,31 @@ pub fn load_here(script: &str) {
     );
 }
 
+/// The items of `nft -j list WORDS...` run in the calling thread's network namespace; panics with
+/// nft's stderr when the listing fails.
+pub fn list_here(words: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new("nft")
+        .arg("-j")
+        .arg("list")
+        .args(words)
+        .output()
+        .expect("nft must be installed");
+    assert!(
+        out.status.success(),
+        "nft -j list {} failed: {}",
+        words.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut listing: Value = serde_json::from_slice(&out.stdout).expect("nft lists JSON");
+    match listing["nftables"].take() {
+        Value::Array(items) => items,
+        other => panic!(
+            "nft -j list {}: no nftables array: {other}",
+            words.join(" ")
+        ),
+    }
+}
+
 /// What kernel tests ask of a namespace's nftables.
 pub trait NftNs {
     /// Runs `nft -j -f -` with the document on stdin inside the namespace; nft's stderr on failure.
