@@ -424,9 +424,14 @@ impl Summing {
                 }
             }
         }
-        normalize(&mut item);
-        serde_json::to_writer(&mut self.hash, &item)?;
-        // Items are delimited, so moving content between neighbours changes the hash.
+        self.hash_value(&mut item)
+    }
+
+    /// Hashes `v` normalized, then a delimiter, so moving content between neighbours changes the
+    /// hash.
+    fn hash_value(&mut self, v: &mut Value) -> std::result::Result<(), serde_json::Error> {
+        normalize(v);
+        serde_json::to_writer(&mut self.hash, v)?;
         self.hash.feed(b"\n");
         Ok(())
     }
@@ -457,11 +462,8 @@ impl<'de> serde::de::Visitor<'de> for ListingSeed<'_> {
                 map.next_value_seed(ItemsSeed(&mut *self.0))?;
             } else {
                 let mut other: Value = map.next_value()?;
-                normalize(&mut other);
-                let h = &mut self.0.hash;
-                h.feed(key.as_bytes());
-                serde_json::to_writer(&mut *h, &other).map_err(A::Error::custom)?;
-                h.feed(b"\n");
+                self.0.hash.feed(key.as_bytes());
+                self.0.hash_value(&mut other).map_err(A::Error::custom)?;
             }
         }
         Ok(())
