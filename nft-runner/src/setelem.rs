@@ -284,19 +284,21 @@ impl ElementWriter {
 }
 
 impl ElementWriter {
-    /// Commits a prepared nf_tables transaction of any kind (`bytes`: `NFNL_MSG_BATCH_BEGIN`,
-    /// nf_tables messages of which only the last asks for an acknowledgement, `NFNL_MSG_BATCH_END`,
-    /// as palisade-policy's `Ruleset::full_replace_netlink` builds it) on this writer's socket, so
+    /// Commits a prepared nf_tables transaction of any kind (`parts`, in order, of one datagram:
+    /// `NFNL_MSG_BATCH_BEGIN`, nf_tables messages of which only the last asks for an
+    /// acknowledgement, `NFNL_MSG_BATCH_END`, as palisade-policy's `Ruleset::full_replace_netlink`
+    /// builds it; the first part holds at least the begin message) on this writer's socket, so
     /// the drift monitor counts it as ours. The kernel takes a batch in one datagram: the socket's
     /// send buffer grows to hold it (`SO_SNDBUFFORCE`, which needs CAP_NET_ADMIN, as committing
-    /// does). `action` and `table` name it in errors; nothing is committed on error.
+    /// does), and the parts go out together (one iovec each). `action` and `table` name it in
+    /// errors; nothing is committed on error.
     pub fn commit_prepared(
         &mut self,
         action: &'static str,
         table: &str,
-        bytes: &[u8],
+        parts: &[&[u8]],
     ) -> Result<()> {
-        self.commit_prepared_at(action, table, bytes, None)
+        self.commit_prepared_at(action, table, parts, None)
     }
 
     /// [`ElementWriter::commit_prepared`], refused by the kernel (nothing committed,
@@ -307,7 +309,7 @@ impl ElementWriter {
         &mut self,
         action: &'static str,
         table: &str,
-        bytes: &[u8],
+        parts: &[&[u8]],
         generation: Option<u32>,
     ) -> Result<()> {
         let ctx = Context {
@@ -318,6 +320,7 @@ impl ElementWriter {
         };
         // The batch begins with NFNL_MSG_BATCH_BEGIN: a netlink header and an nfgenmsg, no attributes.
         const BEGIN_LEN: usize = 20;
+        let bytes = parts.first().copied().unwrap_or_default();
         if bytes.len() < BEGIN_LEN
             || u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize != BEGIN_LEN
         {
@@ -333,13 +336,22 @@ impl ElementWriter {
             begin.extend_from_slice(&NFNL_BATCH_GENID.to_ne_bytes());
             begin.extend_from_slice(&g.to_be_bytes());
         }
+        let mut iov: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        iov.extend([&begin[..], &bytes[BEGIN_LEN..]]);
+        iov.extend_from_slice(&parts[1..]);
+        if iov.len() > MAX_PARTS {
+            return Err(ctx.protocol(format!(
+                "a prepared batch of {} parts (at most {MAX_PARTS} go into one datagram)",
+                parts.len()
+            )));
+        }
         let sock = match self.sock.take() {
             Some(s) => s,
             None => open_socket().map_err(|e| ctx.io(e))?,
         };
-        let len = begin.len() + bytes.len() - BEGIN_LEN;
+        let len = iov.iter().map(|p| p.len()).sum();
         grow_send_buffer(&sock, len).map_err(|e| ctx.io(e))?;
-        let out = send_parts(&sock, &[&begin, &bytes[BEGIN_LEN..]])
+        let out = send_parts(&sock, &iov)
             .map_err(|e| ctx.io(e))
             .and_then(|sent| {
                 if sent == len {
@@ -374,6 +386,9 @@ impl ElementWriter {
         out
     }
 }
+
+/// The iovecs one `sendmsg` takes (`IOV_MAX`, `UIO_MAXIOV` in the kernel).
+const MAX_PARTS: usize = 1024;
 
 /// One datagram of `parts` (a netlink socket takes a message in pieces with `sendmsg`).
 fn send_parts(sock: &netlink_sys::Socket, parts: &[&[u8]]) -> io::Result<usize> {

@@ -260,7 +260,7 @@ fn a_monitor_out_of_the_group_hears_nothing_and_a_transaction_bound_to_an_old_ge
     // A prepared batch bound to the generation before that commit: refused, nothing changed.
     let batch = element_batch("10.9.9.9");
     let err = writer
-        .commit_prepared_at("test", "t", &batch, Some(g))
+        .commit_prepared_at("test", "t", &[&batch], Some(g))
         .unwrap_err();
     assert!(err.is_generation_moved(), "{err}");
     let listed = nft.list_set("inet", "t", "pending_v4").unwrap().unwrap();
@@ -268,10 +268,13 @@ fn a_monitor_out_of_the_group_hears_nothing_and_a_transaction_bound_to_an_old_ge
         !listed.contains("10.9.9.9"),
         "a refused batch changed the set: {listed}"
     );
-    // Bound to the current generation: committed, and it is the next one.
+    // Bound to the current generation: committed, and it is the next one. In three parts (the
+    // begin message, the element message, the end message), as one datagram.
     let now = writer.generation().unwrap();
+    let (begin, rest) = batch.split_at(20);
+    let (element, end) = rest.split_at(rest.len() - 20);
     writer
-        .commit_prepared_at("test", "t", &batch, Some(now))
+        .commit_prepared_at("test", "t", &[begin, element, end], Some(now))
         .unwrap();
     assert_eq!(writer.generation().unwrap(), now.wrapping_add(1));
     let listed = nft.list_set("inet", "t", "pending_v4").unwrap().unwrap();

@@ -33,7 +33,7 @@ pub struct Batch {
     pub elements: Option<Vec<palisade_policy::ruleset::ElementChange>>,
     /// The same batch as nfnetlink messages (`palisade_policy::Batch::netlink`), when the compiler
     /// could encode each of its steps: committed without nft and without its cache of our table.
-    pub netlink: Option<Vec<u8>>,
+    pub netlink: Option<palisade_policy::ruleset::NetlinkBatch>,
     /// What the batch touches, for logs.
     pub stats: String,
 }
@@ -107,7 +107,7 @@ fn batch(b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
     Some(Batch {
         elements: b.address_element_changes(next),
         json: b.to_json_string(),
-        netlink: b.netlink.map(|n| n.bytes),
+        netlink: b.netlink,
         stats: format!(
             "{} commands, {} bytes; target {} chains, {} rules, {} sets, {} elements",
             b.commands, b.bytes, s.chains, s.rules, s.sets, s.elements

@@ -76,9 +76,9 @@ impl Nft {
         if let Some(changes) = &batch.elements {
             return self.apply_elements(changes);
         }
-        if let Some(bytes) = &batch.netlink {
+        if let Some(netlink) = &batch.netlink {
             let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
-            match writer.commit_prepared("incremental batch", TABLE_NAME, bytes) {
+            match writer.commit_prepared("incremental batch", TABLE_NAME, &netlink.parts()) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::debug!(error = %e, "netlink batch refused; committing its JSON through nft for nft's account of it")
@@ -132,13 +132,13 @@ impl Nft {
             Ok(batch) => {
                 let built = start.elapsed();
                 let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
-                match self.commit_quietly(&mut writer, &batch.bytes) {
+                match self.commit_quietly(&mut writer, &batch.parts()) {
                     Ok(quiet) => {
                         return Ok(Replaced {
                             by: ReplacePath::Netlink { quiet },
                             prepare: built,
                             commit: start.elapsed() - built,
-                            bytes: batch.bytes.len(),
+                            bytes: batch.len(),
                         })
                     }
                     Err(e) => format!("the kernel refused the netlink batch: {e}"),
@@ -174,7 +174,7 @@ impl Nft {
     fn commit_quietly(
         &self,
         writer: &mut palisade_nft::setelem::ElementWriter,
-        bytes: &[u8],
+        bytes: &[&[u8]],
     ) -> Result<bool> {
         let switch = self
             .monitor

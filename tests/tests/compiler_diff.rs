@@ -119,7 +119,7 @@ fn incremental_netlink_diffs_equal_full_replace_in_the_kernel_root() {
                 Some(nl) => {
                     by_netlink += 1;
                     writer
-                        .commit_prepared("diff", "palisade", &nl.bytes)
+                        .commit_prepared("diff", "palisade", &nl.parts())
                         .unwrap_or_else(|e| {
                             panic!(
                                 "seed {seed} step {step}: kernel rejected the netlink diff: {e}\n{}",

@@ -390,7 +390,7 @@ fn netlink_full_replace_lists_as_the_json_one_root() {
                 .unwrap();
             }
             writer
-                .commit_prepared("full replace", "palisade", &batch.bytes)
+                .commit_prepared("full replace", "palisade", &batch.parts())
                 .unwrap_or_else(|e| panic!("{name}, over {over}: kernel refused: {e}"));
             let by_netlink = listed_normalized();
             assert!(

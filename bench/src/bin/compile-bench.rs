@@ -282,7 +282,7 @@ fn main() {
             "full table as netlink messages: built in {} ({} messages, {} bytes)",
             ms(netlink_t),
             n.messages,
-            n.bytes.len()
+            n.len()
         ),
         Err(e) => println!("full table as netlink messages: not encoded: {e}"),
     }
@@ -348,13 +348,13 @@ fn commit_in_throwaway_netns(
                 }
                 let t = Instant::now();
                 writer
-                    .commit_prepared("full replace", "palisade", &nl.bytes)
+                    .commit_prepared("full replace", "palisade", &nl.parts())
                     .map_err(|e| format!("netlink full table: {e}"))?;
                 out.push(format!(
                     "{:<26} {:>10}  (netlink messages, {} bytes)",
                     format!("full table, {what}"),
                     ms(t.elapsed()),
-                    nl.bytes.len()
+                    nl.len()
                 ));
             }
         }

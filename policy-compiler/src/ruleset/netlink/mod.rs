@@ -33,11 +33,39 @@ pub enum Unsupported {
 /// One nf_tables transaction: `NFNL_MSG_BATCH_BEGIN`, the messages, `NFNL_MSG_BATCH_END`, as one
 /// datagram. Only the last message asks for an acknowledgement: the kernel answers a failed
 /// message with its error whether asked or not, and commits all or nothing.
+///
+/// The bytes are held in parts of about [`PART_BYTES`], each ending at a message's end, and sent
+/// as one datagram from all of them (`sendmsg` with one iovec per part): one buffer grown by
+/// doubling held up to twice a full replace's bytes, and both copies while it grew (at 100k pods
+/// a 16 MB buffer on top of the agent's steady state when it commits its first sync).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetlinkBatch {
-    pub bytes: Vec<u8>,
+    parts: Vec<Vec<u8>>,
     /// Messages between begin and end.
     pub messages: usize,
+}
+
+/// A batch part is closed at the first message end past this many bytes.
+pub const PART_BYTES: usize = 1 << 20;
+
+impl NetlinkBatch {
+    /// The datagram, in order: the first part begins with `NFNL_MSG_BATCH_BEGIN`, the last ends
+    /// with `NFNL_MSG_BATCH_END`.
+    pub fn parts(&self) -> Vec<&[u8]> {
+        self.parts.iter().map(Vec::as_slice).collect()
+    }
+    /// Bytes of the whole datagram.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Vec::len).sum()
+    }
+    /// Never true: a batch holds at least its begin and end messages.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The datagram as one buffer (tests, and a reader that wants the messages in one piece).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.parts.concat()
+    }
 }
 
 // linux/netfilter/nfnetlink.h, nf_tables.h, netlink.h
@@ -302,9 +330,12 @@ impl ElemMsg {
 
 /// Builds the messages of one batch.
 struct Messages {
+    /// The part being written; `done` the parts before it.
     w: Writer,
+    done: Vec<Vec<u8>>,
     seq: u32,
     messages: usize,
+    /// Where the last nf_tables message begins in `w` (a part is closed only before one).
     last_header: usize,
 }
 
@@ -312,6 +343,7 @@ impl Messages {
     fn new() -> Self {
         let mut b = Messages {
             w: Writer::default(),
+            done: Vec::new(),
             seq: 0,
             messages: 0,
             last_header: 0,
@@ -347,6 +379,11 @@ impl Messages {
 
     /// An nf_tables message whose attributes `body` writes.
     fn msg(&mut self, ty: u16, flags: u16, body: impl FnOnce(&mut Writer)) {
+        if self.w.buf.len() >= PART_BYTES {
+            // Room for the next part's messages without a regrowth (one is at most ~64 KiB).
+            let next = Vec::with_capacity(PART_BYTES + PART_BYTES / 8);
+            self.done.push(std::mem::replace(&mut self.w.buf, next));
+        }
         let at = self.open(
             (NFNL_SUBSYS_NFTABLES << 8) | ty,
             NLM_F_REQUEST | flags,
@@ -366,8 +403,9 @@ impl Messages {
             u16::from_ne_bytes([self.w.buf[flags_at], self.w.buf[flags_at + 1]]) | NLM_F_ACK;
         self.w.buf[flags_at..flags_at + 2].copy_from_slice(&flags.to_ne_bytes());
         self.control(NFNL_MSG_BATCH_END);
+        self.done.push(self.w.buf);
         NetlinkBatch {
-            bytes: self.w.buf,
+            parts: self.done,
             messages: self.messages,
         }
     }
@@ -769,12 +807,13 @@ mod tests {
 
     /// The messages of a batch as (type, attributes after the first, which names the table).
     fn messages(b: &NetlinkBatch) -> Vec<(u16, Vec<u8>)> {
+        let bytes = b.to_bytes();
         let mut out = Vec::new();
         let mut at = 0;
-        while at < b.bytes.len() {
-            let len = u32::from_ne_bytes(b.bytes[at..at + 4].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes([b.bytes[at + 4], b.bytes[at + 5]]);
-            let attrs = &b.bytes[at + 20..at + len];
+        while at < bytes.len() {
+            let len = u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes([bytes[at + 4], bytes[at + 5]]);
+            let attrs = &bytes[at + 20..at + len];
             let skip = if attrs.is_empty() {
                 0
             } else {
@@ -795,6 +834,56 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// A batch past [`PART_BYTES`] is held in parts that each end where a message ends (the
+    /// kernel reads one datagram, so a message cut between two parts would still arrive whole;
+    /// what matters is that no part is regrown or copied), and the parts together are the same
+    /// messages in the same order.
+    #[test]
+    fn a_large_batch_is_held_in_parts_that_end_at_message_ends() {
+        let mut rs = Ruleset::default();
+        let elements: BTreeSet<Elem> = (0..200_000u32)
+            .map(|i| Elem::Addr(IpAddr::V4((0x0a00_0000 + i).into())))
+            .collect();
+        rs.add_set(Set {
+            name: "big".into(),
+            key: SetKey::Ipv4,
+            interval: false,
+            verdict_map: false,
+            comment: String::new(),
+            elements,
+        });
+        let b = rs.full_replace_netlink().unwrap();
+        let parts = b.parts();
+        assert!(
+            parts.len() >= 3,
+            "{} bytes in {} parts",
+            b.len(),
+            parts.len()
+        );
+        for (i, part) in parts.iter().enumerate() {
+            let mut at = 0;
+            while at < part.len() {
+                let len = u32::from_ne_bytes(part[at..at + 4].try_into().unwrap()) as usize;
+                assert!(len >= 20, "part {i}: a message of {len} bytes at {at}");
+                at += (len + 3) & !3;
+            }
+            assert_eq!(at, part.len(), "part {i} ends inside a message");
+            if i + 1 < parts.len() {
+                assert!(part.len() >= PART_BYTES, "part {i} closed early");
+                assert!(part.len() < PART_BYTES + (1 << 16), "part {i} ran on");
+            }
+        }
+        let all = messages(&b);
+        assert_eq!(all.len(), b.messages + 2, "begin, the messages, end");
+        assert_eq!(all.first().unwrap().0, NFNL_MSG_BATCH_BEGIN);
+        assert_eq!(all.last().unwrap().0, NFNL_MSG_BATCH_END);
+        let elements_sent: usize = all
+            .iter()
+            .filter(|(ty, _)| *ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM)
+            .count();
+        assert!(elements_sent > 1, "elements go in messages of < 64 KiB");
     }
 
     /// What nft 1.1 sent for `set iv4 { type ipv4_addr; flags interval; elements = { 10.0.0.0/24,
