@@ -143,12 +143,12 @@ pub fn explain(state: &ClusterState, from: &str, to: &str, port: &str) -> Result
         Endpoint::Pod { namespace, name } => state
             .pods
             .get(pod_key(namespace, name).as_str())
-            .and_then(|p| p.node_name.clone()),
+            .and_then(|p| p.node_name.as_deref().map(str::to_string)),
         Endpoint::Ip(ip) => state
             .pods
             .values()
             .find(|p| p.ips.contains(ip))
-            .and_then(|p| p.node_name.clone()),
+            .and_then(|p| p.node_name.as_deref().map(str::to_string)),
     };
     let node = node_of(&to).or_else(|| node_of(&from)).unwrap_or_default();
     let compiled = compile(state, &node)?.compiled;

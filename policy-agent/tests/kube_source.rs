@@ -102,7 +102,7 @@ async fn initial_list_emits_every_object_stripped_then_synced_once() {
     assert_eq!(pod_label(a).as_deref(), Some("web"), "labels are kept");
     assert_eq!(
         a.ips,
-        vec!["10.244.1.5".parse::<std::net::IpAddr>().unwrap()],
+        vec!["10.244.1.5".parse::<std::net::IpAddr>().unwrap()].into(),
         "status IPs are kept"
     );
 

@@ -157,7 +157,7 @@ fn resolve(
                 .ok_or_else(|| PolicyError::UnknownPod(key.clone()))?;
             let mut ips: Vec<IpAddr> = match compiled.pods.get(&key) {
                 Some(lp) => lp.ips.iter().copied().collect(),
-                None => pod.ips.clone(),
+                None => pod.ips.to_vec(),
             };
             ips.sort();
             ips.dedup();
@@ -407,8 +407,8 @@ pub fn with_placeholders(state: &ClusterState) -> (ClusterState, Vec<Placeholder
             unscheduled: false,
         };
         if p.ips.is_empty() {
-            p.ips = vec![fresh(false), fresh(true)];
-            note.ips = p.ips.clone();
+            note.ips = vec![fresh(false), fresh(true)];
+            p.ips = note.ips.clone().into();
         }
         if p.node_name.is_none() {
             p.node_name = Some(PLACEHOLDER_NODE.into());

@@ -159,8 +159,8 @@ pub fn make_pod(cfg: &SynthConfig, rng: &mut Rng, i: usize) -> Pod {
         uid: format!("uid-{i}-{}", rng.next_u64() % 1000).into(),
         labels: pod_labels(rng),
         node_name: Some(node_name(rng.below(cfg.nodes)).into()),
-        ips: pod_ips(i, cfg.dual_stack),
-        ports: pod_ports(rng),
+        ips: pod_ips(i, cfg.dual_stack).into(),
+        ports: pod_ports(rng).into(),
         host_network: false,
         phase: PodPhase::Running,
     }

@@ -88,10 +88,12 @@ fn attachment(p: &Pod, pending: bool) -> Attachment {
         container_id: cid,
         ifname: "eth0".into(),
         netns: String::new(),
-        ips: p.ips.clone(),
+        ips: p.ips.to_vec(),
         pod_namespace: Some(p.namespace.to_string()),
         pod_name: Some(p.name.to_string()),
-        pod_uid: Some(p.uid.to_string()),
+        // The model keeps a UID as 16 bytes, not its text; a record without one names the pod by
+        // namespace and name alone, as the compiler's cost is the same.
+        pod_uid: None,
         pending,
     }
 }

@@ -1008,8 +1008,8 @@ mod tests {
                         .into_iter()
                         .collect(),
                     node_name: Some("n1".into()),
-                    ips: vec![ip(addr)],
-                    ports: vec![],
+                    ips: vec![ip(addr)].into(),
+                    ports: vec![].into(),
                     host_network: false,
                     phase: PodPhase::Running,
                 }

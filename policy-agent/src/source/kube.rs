@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{ClusterNetworkPolicy, Kind, Object, ObjectRef, SourceError, SourceEvent};
-use palisade_policy::model::{Change, LabelSets};
+use palisade_policy::model::{Change, PodSharing};
 
 /// Server-side timeout of one watch request when none is configured (the API server's own default range
 /// is 30-60 min; client-go uses 5-10 min; kube-rs 290 s).
@@ -361,8 +361,8 @@ struct Tracker {
     /// Kinds that completed their first list.
     listed: HashSet<Kind>,
     synced: bool,
-    /// Pods' label sets, shared.
-    label_sets: LabelSets,
+    /// Pods' label sets, namespaces and node names, shared.
+    sharing: PodSharing,
 }
 
 impl Tracker {
@@ -439,7 +439,7 @@ impl Tracker {
     /// the same object.
     fn emit(&mut self, kind: Kind, key: Box<str>, rv: Rv, object: Object) -> Option<SourceEvent> {
         let list = self.list_of(kind);
-        let event = SourceEvent::applied(object).share_labels(&mut self.label_sets);
+        let event = SourceEvent::applied(object).share(&mut self.sharing);
         let keeps_last = matches!(kind, Kind::Pod | Kind::Node | Kind::Namespace);
         let entry = self
             .known

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use self::dir::{Changes, DirState, Emit};
 use super::{SourceError, SourceEvent};
-use palisade_policy::model::LabelSets;
+use palisade_policy::model::PodSharing;
 
 /// How often the directory is rescanned as a safety net behind inotify.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(30);
@@ -93,10 +93,10 @@ impl ManifestSource {
                 .map_err(|e| dir_error("register inotify with tokio", e.into()))?;
 
         let mut state = DirState::new(self.dir.clone());
-        let mut label_sets = LabelSets::default();
+        let mut sharing = PodSharing::default();
         let initial = state.rescan(true).map_err(|e| dir_error("list", e))?;
         info!(dir = %self.dir.display(), objects = state.emitted_len(), "manifest source: initial scan done");
-        if !send_all(&tx, initial, &mut label_sets).await
+        if !send_all(&tx, initial, &mut sharing).await
             || tx.send(SourceEvent::Synced.into()).await.is_err()
         {
             return Ok(());
@@ -147,7 +147,7 @@ impl ManifestSource {
                 }
                 _ = tx.closed() => return Ok(()),
             };
-            if !send_all(&tx, out, &mut label_sets).await {
+            if !send_all(&tx, out, &mut sharing).await {
                 return Ok(());
             }
         }
@@ -165,11 +165,11 @@ fn watch_flags() -> AddWatchFlags {
 }
 
 /// Sends events in order, decoding each applied object only when the channel has room for it (a
-/// Pod's labels shared through `label_sets`); false when the receiver is gone.
+/// Pod's labels, namespace and node name shared through `sharing`); false when the receiver is gone.
 async fn send_all<T: From<SourceEvent>>(
     tx: &mpsc::Sender<T>,
     events: Vec<Emit>,
-    label_sets: &mut LabelSets,
+    sharing: &mut PodSharing,
 ) -> bool {
     for event in events {
         let Ok(permit) = tx.reserve().await else {
@@ -177,7 +177,7 @@ async fn send_all<T: From<SourceEvent>>(
             return false;
         };
         if let Some(event) = event.decode() {
-            permit.send(event.share_labels(label_sets).into());
+            permit.send(event.share(sharing).into());
         }
     }
     true

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use palisade_policy::model::{self, Change, LabelSets};
+use palisade_policy::model::{self, Change, PodSharing};
 use palisade_policy::ModelError;
 
 pub use self::cluster_policy::ClusterNetworkPolicy;
@@ -70,16 +70,17 @@ impl SourceEvent {
         }
     }
 
-    /// Hands a new Pod's labels to `sets`, so that pods with equal labels (a ReplicaSet's) share
-    /// one copy; the event's Pod is its own (an `Arc` just made), else it is left as it is.
-    pub fn share_labels(mut self, sets: &mut LabelSets) -> Self {
+    /// Hands a new Pod to `sharing`, so that pods with equal labels (a ReplicaSet's), namespaces
+    /// and node names share one copy of each; the event's Pod is its own (an `Arc` just made),
+    /// else it is left as it is.
+    pub fn share(mut self, sharing: &mut PodSharing) -> Self {
         if let SourceEvent::Changed {
             change: Change::UpsertPod(pod),
             ..
         } = &mut self
         {
             if let Some(pod) = std::sync::Arc::get_mut(pod) {
-                pod.labels = sets.share(std::mem::take(&mut pod.labels));
+                sharing.share(pod);
             }
         }
         self
@@ -341,29 +342,34 @@ mod tests {
     }
 
     #[test]
-    fn pods_with_equal_labels_share_one_copy_of_them() {
-        let pod = |name: &str, app: &str| {
+    fn pods_with_equal_labels_namespaces_and_nodes_share_one_copy_of_each() {
+        let pod = |name: &str, app: &str, node: &str| {
             Object::Pod(Box::new(
                 serde_json::from_value(serde_json::json!({
-                    "metadata": {"namespace": "ns", "name": name, "labels": {"app": app, "tier": "x"}}
+                    "metadata": {"namespace": "ns", "name": name, "labels": {"app": app, "tier": "x"}},
+                    "spec": {"containers": [], "nodeName": node}
                 }))
                 .unwrap(),
             ))
         };
-        let mut sets = LabelSets::default();
-        let labels = |event: SourceEvent| match event {
+        let mut sharing = PodSharing::default();
+        let pod_of = |event: SourceEvent| match event {
             SourceEvent::Changed {
                 change: Change::UpsertPod(p),
                 ..
-            } => p.labels.clone(),
+            } => p,
             other => panic!("{other:?}"),
         };
-        let a = labels(SourceEvent::applied(pod("a", "web")).share_labels(&mut sets));
-        let b = labels(SourceEvent::applied(pod("b", "web")).share_labels(&mut sets));
-        let c = labels(SourceEvent::applied(pod("c", "db")).share_labels(&mut sets));
-        assert!(a.is_shared_with(&b), "same labels, one copy");
-        assert!(!a.is_shared_with(&c) && a != c);
-        assert_eq!(sets.len(), 2);
+        let a = pod_of(SourceEvent::applied(pod("a", "web", "n1")).share(&mut sharing));
+        let b = pod_of(SourceEvent::applied(pod("b", "web", "n1")).share(&mut sharing));
+        let c = pod_of(SourceEvent::applied(pod("c", "db", "n2")).share(&mut sharing));
+        assert!(a.labels.is_shared_with(&b.labels), "same labels, one copy");
+        assert!(!a.labels.is_shared_with(&c.labels) && a.labels != c.labels);
+        assert_eq!(sharing.label_sets(), 2);
+        assert!(a.namespace.is_shared_with(&c.namespace), "one namespace");
+        let node = |p: &model::Pod| p.node_name.clone().unwrap();
+        assert!(node(&a).is_shared_with(&node(&b)), "one node name");
+        assert!(!node(&a).is_shared_with(&node(&c)) && node(&c) == "n2");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and keeps it up to date per change ([`PodIndex::refresh`], [`PodIndex::relabel_namespace`]).
 
 use super::owners::AddressOwners;
-use crate::model::{namespace_entries, ClusterState, Labels, Pod, PodKey, Policy};
+use crate::model::{namespace_entries, ClusterState, Labels, Pod, PodKey, PodUid, Policy};
 use palisade_contract::Attachment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -55,8 +55,8 @@ impl Subject {
 /// Whether an attachment record naming pod `p` is one of `p`'s (not of an earlier pod of the same
 /// name): the UIDs agree, or one of them is unknown.
 fn attachment_matches(a: &Attachment, p: &Pod) -> bool {
-    match (a.pod_uid.as_deref(), &*p.uid) {
-        (Some(au), pu) if !au.is_empty() && !pu.is_empty() => au == pu,
+    match a.pod_uid.as_deref() {
+        Some(au) if !au.is_empty() && p.uid.is_known() => PodUid::of(au) == p.uid,
         _ => true,
     }
 }
@@ -265,4 +265,54 @@ fn records_by_pod(attachments: &[Attachment]) -> BTreeMap<String, Vec<Attachment
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PodPhase;
+
+    /// An attachment record names its pod by namespace, name and UID: a record left by an earlier
+    /// pod of the same name (another UID) is not the new pod's, so its addresses are not the new
+    /// pod's either.
+    #[test]
+    fn an_attachment_is_a_pods_only_when_their_uids_agree_or_one_is_unknown() {
+        let uuid = "0f8e2b4a-1c3d-4e5f-8a9b-0c1d2e3f4a5b";
+        let pod = |uid: &str| Pod {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: uid.into(),
+            labels: Labels::default(),
+            node_name: Some("n1".into()),
+            ips: Box::default(),
+            ports: Box::default(),
+            host_network: false,
+            phase: PodPhase::Running,
+        };
+        let record = |uid: Option<&str>| Attachment {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            netns: String::new(),
+            host_veth: "palx".into(),
+            ips: Vec::new(),
+            pod_namespace: Some("ns".into()),
+            pod_name: Some("p".into()),
+            pod_uid: uid.map(Into::into),
+            pending: true,
+        };
+        assert!(attachment_matches(&record(Some(uuid)), &pod(uuid)));
+        assert!(attachment_matches(
+            &record(Some(&uuid.to_uppercase())),
+            &pod(uuid)
+        ));
+        assert!(!attachment_matches(
+            &record(Some("0f8e2b4a-1c3d-4e5f-8a9b-0c1d2e3f4a5c")),
+            &pod(uuid)
+        ));
+        assert!(attachment_matches(&record(Some("uid-1")), &pod("uid-1")));
+        assert!(!attachment_matches(&record(Some("uid-1")), &pod("uid-2")));
+        assert!(attachment_matches(&record(None), &pod(uuid)));
+        assert!(attachment_matches(&record(Some("")), &pod(uuid)));
+        assert!(attachment_matches(&record(Some(uuid)), &pod("")));
+    }
 }

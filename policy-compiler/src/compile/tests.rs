@@ -67,7 +67,7 @@ impl W {
                 labels: labels(l),
                 node_name: Some(node.into()),
                 ips: ips.iter().map(|s| ip(s)).collect(),
-                ports: vec![],
+                ports: vec![].into(),
                 host_network: false,
                 phase: PodPhase::Running,
             }

@@ -4,8 +4,8 @@
 //! and skip that object without disturbing others (semantics 42).
 
 use super::{
-    ContainerPort, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase, Policy, PortMatch,
-    PortSpec, Protocol, Requirement, Rule,
+    ContainerPort, LabelSelector, Labels, Namespace, Node, Peer, Pod, PodPhase, PodUid, Policy,
+    PortMatch, PortSpec, Protocol, Requirement, Rule,
 };
 use crate::error::ModelError;
 use ipnet::IpNet;
@@ -192,22 +192,20 @@ pub fn pod_from_k8s(pod: &core::Pod) -> Result<Pod, ModelError> {
     }
     ports.sort();
     ports.dedup();
-    // Kept for the pod's life: exactly as long as they are (a pushed-to Vec holds four addresses,
-    // 68 bytes, for one or two: ~5 MB at 100k pods).
-    ips.shrink_to_fit();
-    ports.shrink_to_fit();
+    // Kept for the pod's life as boxed slices: exactly as long as they are (a pushed-to Vec holds
+    // four addresses, 68 bytes, for one or two: ~5 MB at 100k pods).
     Ok(Pod {
         namespace: namespace.into(),
         name: name.into(),
-        uid: pod.metadata.uid.clone().unwrap_or_default().into(),
+        uid: PodUid::of(pod.metadata.uid.as_deref().unwrap_or_default()),
         labels: labels_of(&pod.metadata.labels),
         node_name: spec
             .node_name
             .as_deref()
             .filter(|n| !n.is_empty())
             .map(Into::into),
-        ips,
-        ports,
+        ips: ips.into(),
+        ports: ports.into(),
         host_network: spec.host_network.unwrap_or(false),
         phase: PodPhase::from_api(status.phase.as_deref()),
     })

@@ -273,19 +273,6 @@ fn pod_conversion_reads_ips_ports_and_phase_and_terminated_pods_leave_the_state(
 }
 
 #[test]
-fn a_converted_pod_keeps_its_addresses_and_ports_without_spare_capacity() {
-    let pod: core::Pod = serde_json::from_value(json!({
-        "metadata": {"name": "a", "namespace": "ns"},
-        "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80}]}]},
-        "status": {"podIPs": [{"ip": "10.0.0.5"}]}
-    }))
-    .unwrap();
-    let p = pod_from_k8s(&pod).unwrap();
-    assert_eq!((p.ips.len(), p.ips.capacity()), (1, 1));
-    assert_eq!((p.ports.len(), p.ports.capacity()), (1, 1));
-}
-
-#[test]
 fn pod_with_bad_ip_names_pod_and_field() {
     let pod: core::Pod = serde_json::from_value(json!({
         "metadata": {"name": "a", "namespace": "ns"},
