@@ -285,12 +285,14 @@ struct Known {
 }
 
 /// A resourceVersion as kept: opaque to clients by contract, a decimal number in practice (etcd's
-/// revision), kept as one without an allocation.
+/// revision), kept as one without an allocation. Two words: other text is boxed twice (a thin
+/// pointer), so a [`Known`] is 40 bytes, not 48 (1 MB of the tracker's table at 100k pods).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Rv {
     None,
     Number(u64),
-    Text(Box<str>),
+    #[allow(clippy::box_collection)]
+    Text(Box<String>),
 }
 
 impl Rv {
@@ -303,9 +305,9 @@ impl Rv {
                     && (text.len() == 1 || !text.starts_with('0')) =>
             {
                 text.parse()
-                    .map_or_else(|_| Rv::Text(text.into()), Rv::Number)
+                    .map_or_else(|_| Rv::Text(Box::new(text.into())), Rv::Number)
             }
-            Some(text) => Rv::Text(text.into()),
+            Some(text) => Rv::Text(Box::new(text.into())),
         }
     }
 }
@@ -563,12 +565,15 @@ mod tests {
         assert_eq!(Rv::of(None), Rv::None);
         assert_eq!(Rv::of(Some("")), Rv::None);
         assert_eq!(Rv::of(Some("123456")), Rv::Number(123456));
-        assert_eq!(Rv::of(Some("0123")), Rv::Text("0123".into()));
-        assert_eq!(Rv::of(Some("abc")), Rv::Text("abc".into()));
-        assert_eq!(Rv::of(Some("+5")), Rv::Text("+5".into()));
+        assert_eq!(Rv::of(Some("0123")), Rv::Text(Box::new("0123".into())));
+        assert_eq!(Rv::of(Some("abc")), Rv::Text(Box::new("abc".into())));
+        assert_eq!(Rv::of(Some("+5")), Rv::Text(Box::new("+5".into())));
         let past_u64 = "18446744073709551616";
-        assert_eq!(Rv::of(Some(past_u64)), Rv::Text(past_u64.into()));
+        assert_eq!(Rv::of(Some(past_u64)), Rv::Text(Box::new(past_u64.into())));
         assert_ne!(Rv::of(Some("0123")), Rv::of(Some("123")));
+        // The tracker keeps one per object: 100k pods make every word 1 MB of its table.
+        assert_eq!(std::mem::size_of::<Rv>(), 16);
+        assert!(std::mem::size_of::<Known>() <= 40);
     }
 
     #[test]
