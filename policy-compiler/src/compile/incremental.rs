@@ -68,12 +68,21 @@ pub struct IncrementalCompiler {
     stale: bool,
 }
 
-impl IncrementalCompiler {
-    /// Compiles `state` for `node` in full and keeps what later changes need.
-    pub fn new(state: ClusterState, node: &str) -> Self {
-        // `compile`, keeping the index and the names of each part's objects on the way.
-        let mut ix = PodIndex::build(&state, node);
-        let mut compiled = resolve::resolve(&state, &ix);
+/// What a full compile of one node keeps for later changes, built from a state it only reads.
+struct Built {
+    compiled: Compiled,
+    ix: PodIndex,
+    local_names: PartNames,
+    policy_names: BTreeMap<String, PartNames>,
+    tier_parts: BTreeMap<String, (build::TierChain, PartNames)>,
+    holders: SetHolders,
+}
+
+impl Built {
+    /// `compile`, keeping the index and the names of each part's objects on the way.
+    fn of(state: &ClusterState, node: &str) -> Self {
+        let mut ix = PodIndex::build(state, node);
+        let mut compiled = resolve::resolve(state, &ix);
         ix.track_owners();
         let build::LocalPart {
             mut rs,
@@ -111,14 +120,34 @@ impl IncrementalCompiler {
                 .chain(tier_parts.values().map(|(_, n)| n))
                 .chain(policy_names.values()),
         );
-        Self {
-            state,
+        Built {
             compiled,
             ix,
             local_names,
             policy_names,
             tier_parts,
             holders,
+        }
+    }
+}
+
+impl IncrementalCompiler {
+    /// Compiles `state` for `node` in full and keeps what later changes need.
+    pub fn new(state: ClusterState, node: &str) -> Self {
+        let built = Built::of(&state, node);
+        Self::from_parts(state, built)
+    }
+
+    /// A fresh start from a full compile's parts: empty change log, nothing to reuse, not stale.
+    fn from_parts(state: ClusterState, b: Built) -> Self {
+        Self {
+            state,
+            compiled: b.compiled,
+            ix: b.ix,
+            local_names: b.local_names,
+            policy_names: b.policy_names,
+            tier_parts: b.tier_parts,
+            holders: b.holders,
             tr: ChangeLog::default(),
             reuse: BTreeMap::new(),
             stale: false,
@@ -145,13 +174,25 @@ impl IncrementalCompiler {
     }
 
     /// Compiles the held state in full (a fresh start: the next batch is relative to this
-    /// ruleset, which callers commit as a full replace); nothing to do unless stale. The state is
-    /// cloned, not moved, into the new compile (pods are shared, so it is cheap beside the compile):
-    /// should the compile panic, this compiler still holds the whole state and stays stale.
+    /// ruleset, which callers commit as a full replace); nothing to do unless stale.
+    ///
+    /// What the last compile built is dropped first (stale, it is of no use past this point; at
+    /// 100k pods the new compile stood beside ~40 MB of it at every resync), then the state is
+    /// rebuilt with full map nodes ([`ClusterState::compacted`]; the maps it replaces go before the
+    /// compile allocates), and compiled from where it is held. Should the compile panic, this
+    /// compiler still holds the whole state, stays stale, and shows an empty model until a
+    /// recompile succeeds.
     pub fn recompile(&mut self) {
-        if self.stale {
-            *self = Self::new(self.state.compacted(), &self.compiled.node);
+        if !self.stale {
+            return;
         }
+        let node = self.compiled.node.clone();
+        let held = std::mem::replace(self, Self::empty(&node)).into_state();
+        self.state = held.compacted();
+        drop(held);
+        let built = Built::of(&self.state, &node);
+        let state = std::mem::take(&mut self.state);
+        *self = Self::from_parts(state, built);
     }
 
     pub fn node(&self) -> &str {
