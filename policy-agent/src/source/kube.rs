@@ -322,8 +322,8 @@ fn reference_of(kind: Kind, key: &str) -> ObjectRef {
     let (namespace, name) = key.split_once('/').unwrap_or(("", key));
     ObjectRef {
         kind,
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
+        namespace: namespace.into(),
+        name: name.into(),
     }
 }
 
@@ -586,7 +586,7 @@ mod tests {
             },
             ObjectRef {
                 kind: Kind::Node,
-                namespace: String::new(),
+                namespace: "".into(),
                 name: "node-1".into(),
             },
         ] {

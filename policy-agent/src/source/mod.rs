@@ -29,12 +29,14 @@ pub enum Kind {
     ClusterNetworkPolicy,
 }
 
-/// Identity of an object: kind, namespace (empty for cluster-scoped kinds) and name.
+/// Identity of an object: kind, namespace (empty for cluster-scoped kinds) and name. Its strings
+/// are boxed (two words, no spare capacity): the manifest source keeps one per object, shared by
+/// `Arc`, which is then a 56-byte allocation instead of 80 (~2.7 MB at 111k objects).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
     pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Box<str>,
+    pub name: Box<str>,
 }
 
 /// What a source tells the reconcile engine.
@@ -172,7 +174,7 @@ impl std::fmt::Display for ObjectRef {
 impl ObjectRef {
     /// The model change that removes this object.
     pub fn delete_change(&self) -> Change {
-        let (namespace, name) = (self.namespace.clone(), self.name.clone());
+        let (namespace, name) = (self.namespace.to_string(), self.name.to_string());
         match self.kind {
             Kind::Pod => Change::DeletePod { namespace, name },
             Kind::Namespace => Change::DeleteNamespace { name },
@@ -183,7 +185,11 @@ impl ObjectRef {
     }
 
     /// A reference to a namespaced object.
-    pub fn namespaced(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn namespaced(
+        kind: Kind,
+        namespace: impl Into<Box<str>>,
+        name: impl Into<Box<str>>,
+    ) -> Self {
         ObjectRef {
             kind,
             namespace: namespace.into(),
@@ -192,10 +198,10 @@ impl ObjectRef {
     }
 
     /// A reference to a cluster-scoped object (empty namespace).
-    pub fn cluster(kind: Kind, name: impl Into<String>) -> Self {
+    pub fn cluster(kind: Kind, name: impl Into<Box<str>>) -> Self {
         ObjectRef {
             kind,
-            namespace: String::new(),
+            namespace: "".into(),
             name: name.into(),
         }
     }
@@ -250,15 +256,14 @@ impl Object {
     /// The object's identity: kind, namespace (empty for cluster-scoped kinds) and name.
     pub fn reference(&self) -> ObjectRef {
         let meta = self.meta();
-        let namespace = if self.kind().is_namespaced() {
-            meta.namespace.clone().unwrap_or_default()
-        } else {
-            String::new()
+        let namespace = match &meta.namespace {
+            Some(ns) if self.kind().is_namespaced() => ns.as_str(),
+            _ => "",
         };
         ObjectRef {
             kind: self.kind(),
-            namespace,
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: namespace.into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
         }
     }
 
@@ -339,6 +344,16 @@ mod tests {
         }))
         .strip();
         assert_eq!(plain.meta().annotations, None);
+    }
+
+    #[test]
+    fn an_object_reference_is_five_words_at_most() {
+        // The manifest source keeps one per object behind an `Arc`: 40 bytes + the counts fit
+        // the allocator's 56-byte class (with `String`s it was 80).
+        assert!(std::mem::size_of::<ObjectRef>() <= 40);
+        let r = ObjectRef::namespaced(Kind::Pod, "ns", "a");
+        assert_eq!(r.to_string(), "Pod ns/a");
+        assert_eq!(ObjectRef::cluster(Kind::Node, "n1").to_string(), "Node n1");
     }
 
     #[test]

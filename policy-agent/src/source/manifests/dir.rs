@@ -580,7 +580,7 @@ mod tests {
         let restored: Vec<String> = out
             .iter()
             .filter_map(|e| match e {
-                Emit::Applied(k, enc) if k.name == "b" => {
+                Emit::Applied(k, enc) if &*k.name == "b" => {
                     Some(String::from_utf8_lossy(enc).into_owned())
                 }
                 _ => None,
@@ -592,7 +592,7 @@ mod tests {
 
         // Owners in order, the last one winning; one owner is held without an allocation.
         let owners = |name: &str| {
-            let (_, files) = st.owners.iter().find(|(k, _)| k.name == name).unwrap();
+            let (_, files) = st.owners.iter().find(|(k, _)| &*k.name == name).unwrap();
             let names: Vec<String> = files.iter().map(|f| f.to_string_lossy().into()).collect();
             (names, files.spilled())
         };

@@ -334,7 +334,7 @@ mod tests {
         )
         .expect("flow yaml");
         assert_eq!(flow.len(), 1);
-        assert_eq!(flow[0].reference().name, "n");
+        assert_eq!(&*flow[0].reference().name, "n");
     }
 
     /// The JSON path decodes a List's items from the text one by one; it must refuse and skip
