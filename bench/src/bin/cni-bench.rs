@@ -524,7 +524,7 @@ fn real_main() -> Result<()> {
             "--manifests".to_string(),
             palisade_bench::enforce::path_str(&agent_dirs.manifests)?.to_string(),
         ];
-        let agent_args = agent_dirs.run_args(&source)?;
+        let agent_args = agent_dirs.run_args(&source, palisade_bench::enforce::NO_RESYNC)?;
         let log = tmp.path().join("agent.log");
         let guard = palisade_bench::datapath::cmd::ChildGuard::spawn_in_logged(
             node.name(),

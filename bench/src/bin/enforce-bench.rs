@@ -39,6 +39,10 @@ enum Command {
         /// share a label set, the worst case for the agent's shared label sets.
         #[arg(long)]
         unique_pod_labels: bool,
+        /// The agent's periodic resync (a full replace of its table) in seconds; the default keeps
+        /// it out of the run. With a shorter period the peak RSS column includes the resyncs'.
+        #[arg(long, default_value_t = palisade_bench::enforce::NO_RESYNC)]
+        resync_seconds: u64,
         /// Trials per scenario (each a grant and a revoke).
         #[arg(long, default_value_t = 100)]
         trials: usize,
@@ -235,6 +239,7 @@ fn real_main(cli: Cli) -> Result<()> {
             policies_per_pod,
             nodes,
             unique_pod_labels,
+            resync_seconds,
             trials,
             churn,
             compile_changes,
@@ -283,6 +288,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 policies_per_pod,
                 nodes,
                 unique_pod_labels,
+                resync_seconds,
                 trials,
                 churn,
                 seed,

@@ -152,7 +152,7 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
     )?;
     let log = work.join("agent.log");
     let source = ["--manifests".to_string(), path_str(manifests)?.to_string()];
-    let mut args = dirs.run_args(&source)?;
+    let mut args = dirs.run_args(&source, palisade_bench::enforce::NO_RESYNC)?;
     args.extend(["--nft-backend".to_string(), cli.nft_backend.clone()]);
     let agent = ChildGuard::spawn_in_logged(
         &lab.node2,

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// A resync period no benchmark run reaches: the agent's periodic full replace stays out of the
+/// figures unless a run asks for it (`enforce-bench --resync-seconds`).
+pub const NO_RESYNC: u64 = 3600;
+
 /// CPU seconds (user + system, its own and its waited-for children's: the agent's `nft` listings)
 /// and memory of a process, from /proc.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -110,8 +114,8 @@ impl AgentDirs {
     }
 
     /// `palisade-agent run` arguments of a benchmark's agent in node 2: `source` (its source flags,
-    /// [`super::store::Store::agent_args`]), these directories, metrics on loopback, no routes, no
-    /// resync during the run.
+    /// [`super::store::Store::agent_args`]), these directories, metrics on loopback, no routes, a
+    /// resync every `resync_seconds` ([`NO_RESYNC`]: none during the run).
     /// Waits until the agent wrote its conflist (its first commit is done: it has synced), at most
     /// five minutes; `log` is named in the error. Returns how long it took.
     pub fn wait_conflist(&self, log: &Path) -> Result<Duration> {
@@ -129,7 +133,7 @@ impl AgentDirs {
         Ok(started.elapsed())
     }
 
-    pub fn run_args(&self, source: &[String]) -> Result<Vec<String>> {
+    pub fn run_args(&self, source: &[String], resync_seconds: u64) -> Result<Vec<String>> {
         let mut args: Vec<String> = ["run", "--node-name", AGENT_NODE]
             .into_iter()
             .map(String::from)
@@ -148,10 +152,10 @@ impl AgentDirs {
                 "127.0.0.1:9799",
                 "--no-routes",
                 "--resync-seconds",
-                "3600",
             ]
             .map(String::from),
         );
+        args.push(resync_seconds.to_string());
         Ok(args)
     }
 }

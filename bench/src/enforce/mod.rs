@@ -43,7 +43,9 @@ use objects::{
 use probe::Probe;
 use revocation::established_flow;
 
-pub use agent::{http_get, metric_sum, metric_value, path_str, proc_stats, AgentDirs, ProcStats};
+pub use agent::{
+    http_get, metric_sum, metric_value, path_str, proc_stats, AgentDirs, ProcStats, NO_RESYNC,
+};
 pub use churn::ChurnResult;
 pub use compile_cost::{compile_cost, CompileCost};
 pub use irrelevant::IrrelevantResult;
@@ -78,6 +80,8 @@ pub struct Config {
     pub nodes: u32,
     /// Every background pod carries a label of its own (`Shape::unique_labels`).
     pub unique_pod_labels: bool,
+    /// The agent's `--resync-seconds` (`agent::NO_RESYNC`: none during the run).
+    pub resync_seconds: u64,
     pub trials: usize,
     pub churn: Vec<u32>,
     pub seed: u64,
@@ -143,6 +147,9 @@ pub struct RunResults {
     pub metrics: AgentMetrics,
     /// Seconds from agent start to its conflist (first sync committed), by pod count.
     pub first_sync_seconds: Vec<(usize, f64)>,
+    /// The agent's `--resync-seconds` (0: a run from before it was recorded).
+    #[serde(default)]
+    pub resync_seconds: u64,
 }
 
 /// Starts `exe args` in namespace `ns` and waits for the first line it prints (its "ready").
@@ -217,6 +224,7 @@ pub fn run(cfg: &Config) -> Result<RunResults> {
                 all.irrelevant.append(&mut r.irrelevant);
                 all.metrics.append(&mut r.metrics);
                 all.first_sync_seconds.append(&mut r.first_sync_seconds);
+                all.resync_seconds = r.resync_seconds;
             }
             Err(e) => tracing::error!(pods, error = %e, "size failed; continuing with the next"),
         }
@@ -254,7 +262,7 @@ fn run_size(
     store.put(F_DENY, &server_deny())?;
     Scenario::Policy.setup(&store)?;
     let log = work.join("agent.log");
-    let mut args = dirs.run_args(&store.agent_args()?)?;
+    let mut args = dirs.run_args(&store.agent_args()?, cfg.resync_seconds)?;
     if cfg.flood {
         args.extend([
             "--flow-log".to_string(),
@@ -274,6 +282,7 @@ fn run_size(
     tracing::info!(pods, policies, first_sync_s = first_sync, "agent synced");
     let mut out = RunResults {
         first_sync_seconds: vec![(cluster.pods.len(), first_sync)],
+        resync_seconds: cfg.resync_seconds,
         ..RunResults::default()
     };
     if cfg.irrelevant_rate > 0 {

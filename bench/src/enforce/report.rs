@@ -111,6 +111,13 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
     let results = &run.scenarios;
     let metrics = &run.metrics;
     let mut o = String::new();
+    if run.resync_seconds > 0 && run.resync_seconds < super::NO_RESYNC {
+        let _ = writeln!(
+            o,
+            "The agent ran with `--resync-seconds {}`: its periodic full replaces are in the CPU, latency and peak RSS figures.\n",
+            run.resync_seconds
+        );
+    }
     if !run.first_sync_seconds.is_empty() {
         let _ = writeln!(o, "### Agent start → first sync committed (conflist written)\n\n| pods | seconds |\n|---|---|");
         for (p, s) in &run.first_sync_seconds {
