@@ -102,9 +102,10 @@ pub struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "PALISADE_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: String,
-    /// Seconds between resyncs: our table is compared with what we committed (drift is logged and
-    /// counted) and replaced as a whole. A change to our table by another process is undone at once
-    /// (see --no-drift-watch), not only here.
+    /// Seconds between resyncs: our table is listed and compared with what we committed (a drift
+    /// is logged, counted and restored), and every 10th resync it is compiled and replaced as a
+    /// whole anyway. A change to our table by another process is undone at once (see
+    /// --no-drift-watch), not only here.
     #[arg(long, env = "PALISADE_RESYNC_SECONDS", default_value_t = 30)]
     pub resync_seconds: u64,
     /// Milliseconds to wait for more events before compiling (changes arriving together are coalesced).

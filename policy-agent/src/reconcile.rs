@@ -10,16 +10,16 @@
 //!   attachment records and stage them (outside the lock, so the plugin waits only for the commit),
 //!   take the node lock, re-read the records (a change of them is one more change to stage), teach
 //!   the compiler the pending marks the plugin added, and commit ONE nft transaction: a full replace
-//!   when the compiler is stale (at start, at every resync, after a failure, when our table was
-//!   changed behind our back); otherwise the incremental compiler's batch, which applies the changes
+//!   when the compiler is stale (at start, at every [`FULL_RESYNC_EVERY`]th resync, after a
+//!   failure, when our table was changed behind our back); otherwise the incremental compiler's batch, which applies the changes
 //!   since the last commit to what they can affect only (~1 ms at 10k pods, where a full compile +
 //!   diff takes ~90 ms) and equals the diff against the last committed ruleset.
 //! - A rejected incremental batch falls back to a full replace; any failure leaves the compiler
 //!   stale and is retried with backoff while the last committed rules stay in the kernel.
 //! - 200 ms after commits our table is read back once, on a thread of its own (a commit never waits
 //!   for it): its chain/rule/set counts must match the ruleset, and its fingerprint is what the
-//!   resync compares. A change to our table by any other process (seen by the drift monitor,
-//!   nf_tables notifications) is restored at once with a full replace.
+//!   resync compares (listed on that thread too; a difference is restored). A change to our table
+//!   by any other process (seen by the drift monitor, nf_tables notifications) is restored at once.
 //! - The conflist (once) and routes follow each commit; routes retry on their own schedule.
 //! - Nothing is enforced before the source reported `Synced`: until then the rules of a previous run
 //!   stay in the kernel and new pods stay pending (fail closed).
@@ -47,6 +47,13 @@ pub const ATTACHMENT_POLL: Duration = Duration::from_millis(200);
 
 /// Messages already waiting that are handled before the timers run (see `Engine::run`).
 const DRAIN: usize = 256;
+
+/// Every this many resyncs the table is compiled and replaced in full (at the default 30 s, every
+/// 5 minutes); the others list it off the reconcile thread and restore it only when its fingerprint
+/// differs from the one taken after our last commit. At 100k pods a full resync held the reconcile
+/// thread ~1.7 s (the listing 0.8 s, the compile and the kernel's commit 0.9 s): at every 30 s,
+/// about one change in twenty waited up to ~2 s (BENCHMARKS.md, "The periodic resync").
+pub const FULL_RESYNC_EVERY: u32 = 10;
 
 /// Capacity of the engine's channel. Sources wait when it is full (backpressure on a burst of
 /// watch events); a list page of the API (500) fits.
@@ -88,10 +95,12 @@ pub enum Msg {
         what: String,
         touched: palisade_nft::monitor::Touched,
     },
-    /// The snapshot reader listed our table for the commit generation `generation`.
+    /// The snapshot reader listed our table for the commit generation `generation` (`check`: for
+    /// the resync's check, judged by fingerprint).
     Snapshot {
         generation: u64,
         listing: std::result::Result<Option<TableSummary>, String>,
+        check: bool,
     },
     /// What the flow log's NFLOG reader got: attributed with the model, then written.
     Flows(crate::flow_log::nflog::Read),
@@ -136,6 +145,8 @@ pub struct Engine {
     conflist: cniconf::Once,
     /// The next full replace is the periodic one (logged at debug).
     quiet_full: bool,
+    /// Resyncs so far: every [`FULL_RESYNC_EVERY`]th compiles and replaces the table in full.
+    resyncs: u32,
     /// Cuts established flows the committed ruleset no longer admits (`None`: they are kept,
     /// `--keep-established-flows`).
     revoker: Option<crate::conntrack::Revoker>,
@@ -168,6 +179,7 @@ impl Engine {
             routes: None,
             table: TableWatch::default(),
             quiet_full: false,
+            resyncs: 0,
             revoker: None,
             sweep_credit: SweepCredit::new(now),
             warned: BTreeSet::new(),
@@ -282,10 +294,16 @@ impl Engine {
             Msg::Snapshot {
                 generation,
                 listing,
+                check,
             } => {
                 if !self.replacing() {
-                    let verdict = self.table.listed(generation, listing);
-                    self.judged(verdict);
+                    if check {
+                        let verdict = self.table.checked(generation, listing);
+                        self.checked(verdict);
+                    } else {
+                        let verdict = self.table.listed(generation, listing);
+                        self.judged(verdict);
+                    }
                 }
             }
             Msg::Stop => {}
@@ -303,11 +321,19 @@ impl Engine {
         let now = Instant::now();
         let due = self.sched.fire(now);
         if due.resync && self.synced {
-            // Resync: say whether anything drifted (log, metric), then replace the whole table
-            // anyway, so even a change the fingerprint cannot see is undone.
-            let drifted = self.check_table();
-            self.quiet_full = !drifted && !self.replacing();
-            self.inc.invalidate();
+            self.resyncs = self.resyncs.wrapping_add(1);
+            if self.resyncs.is_multiple_of(FULL_RESYNC_EVERY) {
+                // The backstop: say whether anything drifted (log, metric), then compile and
+                // replace the whole table anyway, so even a change the fingerprint cannot see (or
+                // an incremental compile that went astray) is undone.
+                let drifted = self.check_table();
+                self.quiet_full = !drifted && !self.replacing();
+                self.inc.invalidate();
+            } else if !self.replacing() && !self.table.request_check() {
+                // No reader thread (the engine's own tests): the check inline; a drift it finds
+                // is restored by the reconcile the resync asks for.
+                self.check_table();
+            }
         }
         if due.routes && self.synced {
             self.sync_routes(true);
@@ -663,24 +689,34 @@ impl Engine {
         self.table.forget();
     }
 
-    /// Compares our table with what we committed; true (after logging and counting) when it was
-    /// changed or removed behind our back and must be restored. When it matches, our routes are
-    /// checked too (a difference schedules a route sync).
+    /// Compares our table with what we committed, inline; true (after logging and counting) when
+    /// it was changed or removed behind our back and must be restored. When it matches, our routes
+    /// are checked too (a difference schedules a route sync).
     fn check_table(&mut self) -> bool {
         if self.replacing() {
             return true;
         }
-        match self.table.check(&self.nft, &self.metrics) {
+        let verdict = self.table.check(&self.nft, &self.metrics);
+        self.checked(verdict)
+    }
+
+    /// Acts on the resync's check: a drift is restored by the next reconcile (scheduled now);
+    /// a table as committed has our routes checked too. True when a restore is due.
+    fn checked(&mut self, verdict: Verdict) -> bool {
+        match verdict {
             Verdict::Restore(what) => {
                 self.restore_needed(&what);
+                self.sched.reconcile_now(Instant::now());
                 true
             }
-            Verdict::Fine | Verdict::Stale => {
+            Verdict::Fine => {
                 if let Some(r) = self.routes.as_mut() {
                     r.check(&self.inc.state().nodes, &mut self.sched);
                 }
                 false
             }
+            // Taken before a later commit: the next resync checks again.
+            Verdict::Stale => false,
         }
     }
 

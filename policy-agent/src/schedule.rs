@@ -110,7 +110,8 @@ impl SweepCredit {
 /// What is due now (see [`Schedule::fire`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Due {
-    /// The periodic resync: verify the table, then replace it in full.
+    /// The periodic resync: verify the table (and, every `FULL_RESYNC_EVERY`th time, replace it in
+    /// full; the engine counts).
     pub resync: bool,
     /// Retry (or re-check) the routes.
     pub routes: bool,

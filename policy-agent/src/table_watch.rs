@@ -34,12 +34,20 @@ fn nft_binary_runs() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A listing asked of the reader thread: for commit `generation`, and whether it is the resync's
+/// check (judged by fingerprint) rather than a post-commit snapshot (judged by counts).
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    generation: u64,
+    check: bool,
+}
+
 /// What we committed last, and what our table looked like after it.
 #[derive(Default)]
 pub struct TableWatch {
     /// Lists our table off the reconcile thread (its own nft context), so a read-back of a large
     /// table never delays a commit. Without it (tests of the engine alone) snapshots are taken inline.
-    reader: Option<std::sync::mpsc::Sender<u64>>,
+    reader: Option<std::sync::mpsc::Sender<Request>>,
     /// Lists our table for the resync's check on the reconcile thread: an `nft` process per listing
     /// when the binary runs. Through the engine's own libnftables context a listing builds
     /// libnftables' cache of the whole table in the agent (at 100k pods ~215 MB, at every resync).
@@ -60,7 +68,7 @@ impl TableWatch {
     /// table of 100k elements takes hundreds of ms at 10k pods: on the reconcile thread that delayed
     /// any change arriving meanwhile (the enforcement-latency tail).
     pub fn with_reader(backend: nft::Backend, reply: Sender<Msg>) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
         // An `nft` process per listing: off the commit path its ~4 ms start costs nothing, and the
         // listing's cache dies with the process instead of living in a second libnftables context.
         let exec = nft_binary_runs();
@@ -77,16 +85,21 @@ impl TableWatch {
                         "cannot lower the snapshot thread's priority; it runs at normal priority"
                     );
                 }
-                while let Ok(mut generation) = rx.recv() {
-                    // Only the newest request matters.
-                    while let Ok(g) = rx.try_recv() {
-                        generation = g;
+                while let Ok(mut req) = rx.recv() {
+                    // Only the newest generation matters; one listing answers a check and a
+                    // snapshot asked meanwhile alike.
+                    while let Ok(r) = rx.try_recv() {
+                        req = Request {
+                            generation: r.generation,
+                            check: req.check || r.check,
+                        };
                     }
                     let listing = nft.summarize_table().map_err(|e| e.to_string());
                     if reply
                         .blocking_send(Msg::Snapshot {
-                            generation,
+                            generation: req.generation,
                             listing,
+                            check: req.check,
                         })
                         .is_err()
                     {
@@ -118,11 +131,8 @@ impl TableWatch {
     /// Reads our table back: asks the reader when there is one (the answer arrives as
     /// [`Msg::Snapshot`], then [`Self::listed`] judges it), else lists inline and judges at once.
     pub fn snapshot(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
-        if let Some(reader) = &self.reader {
-            if reader.send(self.generation).is_ok() {
-                return Verdict::Fine;
-            }
-            self.reader = None; // the reader is gone: list inline from now on
+        if self.ask_reader(false) {
+            return Verdict::Fine;
         }
         let listing = self
             .lister
@@ -171,10 +181,55 @@ impl TableWatch {
         }
     }
 
-    /// At resync: lists our table and compares its fingerprint with the one taken after the last
-    /// commits (when a snapshot has not been taken yet, it will check the counts).
+    /// Asks the reader thread for a listing; false when there is none (or it is gone: from then
+    /// on listings are taken inline).
+    fn ask_reader(&mut self, check: bool) -> bool {
+        if let Some(reader) = &self.reader {
+            let generation = self.generation;
+            if reader.send(Request { generation, check }).is_ok() {
+                return true;
+            }
+            self.reader = None;
+        }
+        false
+    }
+
+    /// At resync, without waiting: asks the reader thread to list our table for the check (the
+    /// answer arrives as [`Msg::Snapshot`] with `check`, then [`Self::checked`] judges it); false
+    /// when there is no reader, and the caller checks inline ([`Self::check`]). At 100k pods the
+    /// listing takes ~0.8 s, which on the reconcile thread every change arriving meanwhile waited
+    /// for.
+    pub fn request_check(&mut self) -> bool {
+        self.ask_reader(true)
+    }
+
+    /// At resync, inline: lists our table and judges it as [`Self::checked`] does.
     pub fn check(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
-        let found = match self.lister.as_ref().unwrap_or(nft).summarize_table() {
+        let listing = self
+            .lister
+            .as_ref()
+            .unwrap_or(nft)
+            .summarize_table()
+            .map_err(|e| {
+                metrics.error(e.kind());
+                e.to_string()
+            });
+        self.checked(self.generation, listing)
+    }
+
+    /// Judges the resync's listing of our table, taken for commit `generation`: its fingerprint
+    /// against the one taken after the last commits; when no snapshot has been taken since, by
+    /// the counts, as a snapshot is (and its fingerprint is kept). A listing from before a later
+    /// commit is stale (the next resync checks again).
+    pub fn checked(
+        &mut self,
+        generation: u64,
+        listing: std::result::Result<Option<TableSummary>, String>,
+    ) -> Verdict {
+        if generation != self.generation {
+            return Verdict::Stale;
+        }
+        let found = match listing {
             Ok(Some(s)) => s,
             Ok(None) => {
                 return Verdict::Restore(
@@ -182,12 +237,12 @@ impl TableWatch {
                 )
             }
             Err(e) => {
-                metrics.error(e.kind());
                 warn!(error = %e, "cannot list or parse our table to verify it; checked again at the next resync");
                 return Verdict::Fine;
             }
         };
         match self.expected {
+            None => self.listed(generation, Ok(Some(found))),
             Some(exp) if exp.fingerprint != found.fingerprint => Verdict::Restore(format!(
                 "found {} chains, {} rules, {} elements where we had {}, {}, {} (pending excluded)",
                 found.chains,
@@ -245,5 +300,27 @@ mod tests {
             Verdict::Fine,
             "cannot judge"
         );
+    }
+
+    #[test]
+    fn the_resync_check_compares_fingerprints_and_falls_back_to_counts_before_a_snapshot() {
+        let mut w = TableWatch::default();
+        w.committed(stats(3, 10, 2));
+        // No snapshot since the commit: judged by the counts, and its fingerprint kept.
+        assert!(matches!(
+            w.checked(1, Ok(Some(summary(3, 9, 2, 7)))),
+            Verdict::Restore(_)
+        ));
+        assert_eq!(w.checked(1, Ok(Some(summary(3, 10, 2, 7)))), Verdict::Fine);
+        // Then by the fingerprint: equal counts with another fingerprint are a drift.
+        assert_eq!(w.checked(1, Ok(Some(summary(3, 10, 2, 7)))), Verdict::Fine);
+        assert!(
+            matches!(w.checked(1, Ok(Some(summary(3, 10, 2, 8)))), Verdict::Restore(m) if m.contains("where we had"))
+        );
+        assert!(matches!(w.checked(1, Ok(None)), Verdict::Restore(m) if m.contains("removed")));
+        assert_eq!(w.checked(1, Err("nft failed".into())), Verdict::Fine);
+        // A listing taken before a later commit says nothing about it.
+        w.committed(stats(3, 11, 2));
+        assert_eq!(w.checked(1, Ok(Some(summary(3, 10, 2, 8)))), Verdict::Stale);
     }
 }
