@@ -1,5 +1,5 @@
 //! [`Labels`]: a small sorted map of label keys to values, and [`LabelSets`], which shares equal
-//! ones.
+//! ones (an `Interner`).
 //!
 //! Why not `BTreeMap<String, String>`: a B-tree allocates a whole node (eleven keys and eleven values,
 //! 544 bytes) even for one label, and every pod and namespace carries a label map. At 10k pods that was
@@ -8,12 +8,13 @@
 //! a handful of entries.
 //!
 //! The slice is shared (`Arc`): the pods of one ReplicaSet carry the same labels, and a source that
-//! passes each new pod through `PodSharing` (whose [`LabelSets::share`] this is) keeps one copy per
+//! passes each new pod through `PodSharing` (its label sets an `Interner`) keeps one copy per
 //! distinct set. At 100k
 //! pods the labels were 14 MB, one copy per pod. Changing a label copies the slice (rare: labels
 //! change by whole objects).
 
-use std::collections::{BTreeMap, HashSet};
+use super::interner::{Interner, Shareable};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -86,7 +87,7 @@ impl Labels {
         self.pairs().iter().map(|(k, _)| &**k)
     }
 
-    /// Whether both hold the very same pairs (one set shared, as [`LabelSets::share`] makes it),
+    /// Whether both hold the very same pairs (one set shared, as [`LabelSets`] makes it),
     /// not merely equal ones.
     pub fn is_shared_with(&self, other: &Labels) -> bool {
         match (&self.0, &other.0) {
@@ -170,46 +171,16 @@ impl IntoIterator for Labels {
     }
 }
 
-/// Equal label sets, shared: [`LabelSets::share`] hands back the copy it holds of an equal set, so
-/// the pods of one ReplicaSet (same labels, pod-template-hash included) hold one. Sets no one else
-/// holds any more are forgotten once the table has doubled since the last sweep, so it stays within
-/// twice the sets in use.
-#[derive(Debug, Default)]
-pub struct LabelSets {
-    sets: HashSet<Labels>,
-    /// Sets held after the last sweep.
-    kept: usize,
-}
+/// Equal label sets, shared: the pods of one ReplicaSet (same labels, pod-template-hash included)
+/// hold one copy (see `super::interner`).
+pub(crate) type LabelSets = Interner<Labels>;
 
-/// Sweeps never run below this many sets.
-const LABEL_SETS_SWEEP_FLOOR: usize = 1024;
-
-impl LabelSets {
-    /// `labels`, or the equal set held already.
-    pub fn share(&mut self, labels: Labels) -> Labels {
-        if labels.is_empty() {
-            return labels;
-        }
-        if let Some(held) = self.sets.get(&labels) {
-            return held.clone();
-        }
-        if self.sets.len() >= 2 * self.kept.max(LABEL_SETS_SWEEP_FLOOR) {
-            self.sweep();
-        }
-        self.sets.insert(labels.clone());
-        labels
+impl Shareable for Labels {
+    fn held_elsewhere(&self) -> bool {
+        self.0.as_ref().is_some_and(|a| Arc::strong_count(a) > 1)
     }
-
-    /// Distinct sets held.
-    pub fn len(&self) -> usize {
-        self.sets.len()
-    }
-
-    /// Forgets the sets only this table holds.
-    pub fn sweep(&mut self) {
-        self.sets
-            .retain(|l| l.0.as_ref().is_some_and(|a| Arc::strong_count(a) > 1));
-        self.kept = self.sets.len();
+    fn worth_sharing(&self) -> bool {
+        !self.is_empty()
     }
 }
 
@@ -290,9 +261,13 @@ mod tests {
     #[test]
     fn the_table_stays_within_twice_the_sets_in_use() {
         let mut sets = LabelSets::default();
-        for i in 0..10 * LABEL_SETS_SWEEP_FLOOR {
+        for i in 0..10 * crate::model::interner::SWEEP_FLOOR {
             drop(sets.share(l(&[("pod", &i.to_string())])));
         }
-        assert!(sets.len() <= 2 * LABEL_SETS_SWEEP_FLOOR, "{}", sets.len());
+        assert!(
+            sets.len() <= 2 * crate::model::interner::SWEEP_FLOOR,
+            "{}",
+            sets.len()
+        );
     }
 }

@@ -7,6 +7,7 @@
 mod cluster;
 pub mod cluster_api;
 mod convert;
+mod interner;
 mod labels;
 mod selector;
 mod shared;

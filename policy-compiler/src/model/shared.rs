@@ -6,10 +6,9 @@
 //! name (two words and an allocation each), a UID's 36-byte text, and a `Pod` in the allocator's
 //! 160-byte class; with these a pod is one 128-byte allocation and its name.
 
+use super::interner::{Interner, Shareable};
 use super::labels::LabelSets;
 use super::Pod;
-use std::borrow::Borrow;
-use std::collections::HashSet;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
@@ -32,12 +31,6 @@ impl SharedStr {
 impl Deref for SharedStr {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Borrow<str> for SharedStr {
-    fn borrow(&self) -> &str {
         &self.0
     }
 }
@@ -77,7 +70,7 @@ impl Ord for SharedStr {
     }
 }
 
-/// As its text's (so a set of them is looked up by `&str`).
+/// As its text's.
 impl Hash for SharedStr {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.as_str().hash(state)
@@ -187,28 +180,10 @@ fn uuid_bytes(text: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-/// Strings shared as [`LabelSets`] shares label sets: the copy held of an equal one is handed
-/// back; those no one else holds are forgotten once the table doubled since the last sweep.
-#[derive(Debug, Default)]
-struct StrSet {
-    strings: HashSet<SharedStr>,
-    kept: usize,
-}
-
-/// Sweeps never run below this many strings.
-const STR_SET_SWEEP_FLOOR: usize = 1024;
-
-impl StrSet {
-    fn share(&mut self, s: SharedStr) -> SharedStr {
-        if let Some(held) = self.strings.get(s.as_str()) {
-            return held.clone();
-        }
-        if self.strings.len() >= 2 * self.kept.max(STR_SET_SWEEP_FLOOR) {
-            self.strings.retain(|s| Arc::strong_count(&s.0) > 1);
-            self.kept = self.strings.len();
-        }
-        self.strings.insert(s.clone());
-        s
+/// The copy that matters is the `Arc`: held by pods and by the interner.
+impl Shareable for SharedStr {
+    fn held_elsewhere(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
     }
 }
 
@@ -216,7 +191,7 @@ impl StrSet {
 #[derive(Debug, Default)]
 pub struct PodSharing {
     labels: LabelSets,
-    strings: StrSet,
+    strings: Interner<SharedStr>,
 }
 
 impl PodSharing {
@@ -259,7 +234,7 @@ mod tests {
 
     #[test]
     fn equal_names_are_one_copy_and_unused_ones_are_swept() {
-        let mut set = StrSet::default();
+        let mut set = Interner::<SharedStr>::default();
         let a = set.share("ns-1".into());
         let b = set.share(String::from("ns-1").into());
         assert!(a.is_shared_with(&b));
@@ -267,11 +242,11 @@ mod tests {
         assert!(a < set.share("ns-2".into()));
         drop((a, b));
         // Past the floor, a sweep forgets what only the set holds.
-        for i in 0..2 * STR_SET_SWEEP_FLOOR {
+        for i in 0..2 * crate::model::interner::SWEEP_FLOOR {
             set.share(format!("x-{i}").into());
         }
-        assert!(set.strings.len() <= 2 * STR_SET_SWEEP_FLOOR);
-        assert!(!set.strings.contains("ns-1"));
+        assert!(set.len() <= 2 * crate::model::interner::SWEEP_FLOOR);
+        assert!(!set.holds(&"ns-1".into()));
     }
 
     #[test]
