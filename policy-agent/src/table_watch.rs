@@ -13,6 +13,9 @@ use tracing::{debug, warn};
 /// Niceness of the snapshot thread and its `nft` processes (the lowest priority).
 const SNAPSHOT_NICE: libc::c_int = 19;
 
+/// What a listing that found no table says.
+const TABLE_REMOVED: &str = "table inet palisade was removed (nft flush ruleset?)";
+
 /// What a look at our table found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -134,16 +137,25 @@ impl TableWatch {
         if self.ask_reader(false) {
             return Verdict::Fine;
         }
-        let listing = self
-            .lister
+        let listing = self.list_inline(nft, metrics);
+        self.listed(self.generation, listing)
+    }
+
+    /// Lists our table on the calling thread (through an `nft` process when the binary runs, else
+    /// `nft`), a failure counted.
+    fn list_inline(
+        &self,
+        nft: &Nft,
+        metrics: &Metrics,
+    ) -> std::result::Result<Option<TableSummary>, String> {
+        self.lister
             .as_ref()
             .unwrap_or(nft)
             .summarize_table()
             .map_err(|e| {
                 metrics.error(e.kind());
                 e.to_string()
-            });
-        self.listed(self.generation, listing)
+            })
     }
 
     /// Judges a listing of our table taken for commit `generation`. Chains, rules and sets map one
@@ -171,9 +183,7 @@ impl TableWatch {
                 "found {} chains, {} rules, {} sets where we committed {}, {}, {}",
                 s.chains, s.rules, s.sets, stats.chains, stats.rules, stats.sets
             )),
-            Ok(None) => {
-                Verdict::Restore("table inet palisade was removed (nft flush ruleset?)".into())
-            }
+            Ok(None) => Verdict::Restore(TABLE_REMOVED.into()),
             Err(e) => {
                 warn!(error = %e, "cannot read back our table");
                 Verdict::Fine
@@ -205,15 +215,7 @@ impl TableWatch {
 
     /// At resync, inline: lists our table and judges it as [`Self::checked`] does.
     pub fn check(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
-        let listing = self
-            .lister
-            .as_ref()
-            .unwrap_or(nft)
-            .summarize_table()
-            .map_err(|e| {
-                metrics.error(e.kind());
-                e.to_string()
-            });
+        let listing = self.list_inline(nft, metrics);
         self.checked(self.generation, listing)
     }
 
@@ -231,11 +233,7 @@ impl TableWatch {
         }
         let found = match listing {
             Ok(Some(s)) => s,
-            Ok(None) => {
-                return Verdict::Restore(
-                    "table inet palisade was removed (nft flush ruleset?)".into(),
-                )
-            }
+            Ok(None) => return Verdict::Restore(TABLE_REMOVED.into()),
             Err(e) => {
                 warn!(error = %e, "cannot list or parse our table to verify it; checked again at the next resync");
                 return Verdict::Fine;
