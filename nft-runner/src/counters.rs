@@ -6,17 +6,14 @@
 //! elements) one such listing took the agent's resident memory from 163 to 296 MiB for the length
 //! of a `/metrics` scrape; the dump holds only the counters (~100 bytes each on the wire).
 
+use crate::dump;
 use crate::error::Result;
 use crate::setelem::{
-    check_names, each_message, family_number, message, open_socket, recv_datagram, serialize,
-    Context, FIRST_SEQ, RECV_BUFFER,
+    check_names, family_number, message, open_socket, serialize, Context, FIRST_SEQ,
 };
-use netlink_packet_core::{
-    DefaultNla, ErrorBuffer, NlasIterator, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{DefaultNla, NlasIterator, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_netfilter::nftables::NfTablesMessage;
 use std::collections::HashMap;
-use std::io;
 
 /// `NFTA_OBJ_*` (linux/netfilter/nf_tables.h).
 const NFTA_OBJ_TABLE: u16 = 1;
@@ -27,8 +24,6 @@ const NFTA_OBJ_DATA: u16 = 4;
 const NFT_OBJECT_COUNTER: u32 = 1;
 /// `NFTA_COUNTER_PACKETS`.
 const NFTA_COUNTER_PACKETS: u16 = 2;
-/// `NLM_F_DUMP_INTR`: the ruleset changed while the dump ran; its parts may not agree.
-const NLM_F_DUMP_INTR: u16 = 0x10;
 /// Dumps interrupted by a commit are started again this many times before giving up.
 const ATTEMPTS: usize = 5;
 
@@ -57,88 +52,26 @@ pub fn packets(family: &str, table: &str) -> Result<HashMap<String, u64>> {
         0,
     )]);
     let sock = open_socket().map_err(|e| ctx.io(e))?;
+    let mut buf = dump::buffer();
     for _ in 0..ATTEMPTS {
-        let sent = sock.send(&request, 0).map_err(|e| ctx.io(e))?;
-        if sent != request.len() {
-            return Err(ctx.protocol(format!("sent {sent} of {} bytes", request.len())));
-        }
-        match receive_dump(&sock, &ctx)? {
-            Dump::Complete(counts) => return Ok(counts),
-            Dump::Interrupted => continue,
+        let mut counts = HashMap::new();
+        let end = dump::dump(&sock, &ctx, &request, &mut buf, |_, payload| {
+            if let Some((name, packets)) = counter_of(payload)? {
+                counts.insert(name, packets);
+            }
+            Ok(())
+        })?;
+        match end {
+            dump::End::Complete => return Ok(counts),
+            // The dump of a table that does not exist is empty; should a kernel answer ENOENT
+            // instead, that means the same: no counters.
+            dump::End::Absent => return Ok(HashMap::new()),
+            dump::End::Interrupted => continue,
         }
     }
     Err(ctx.protocol(format!(
         "the ruleset changed during each of {ATTEMPTS} dumps"
     )))
-}
-
-enum Dump {
-    Complete(HashMap<String, u64>),
-    Interrupted,
-}
-
-/// Reads one dump to its `NLMSG_DONE`.
-fn receive_dump(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<Dump> {
-    let mut counts = HashMap::new();
-    let mut interrupted = false;
-    let mut buf = Vec::with_capacity(RECV_BUFFER);
-    loop {
-        recv_datagram(sock, &mut buf, 0).map_err(|e| ctx.io(e))?;
-        let mut step = Step::More;
-        each_datagram(&buf, &mut counts, &mut interrupted, &mut step)
-            .map_err(|m| ctx.protocol(m))?;
-        match step {
-            Step::More => {}
-            Step::Done if interrupted => return Ok(Dump::Interrupted),
-            Step::Done => return Ok(Dump::Complete(counts)),
-            // The dump of a table that does not exist is empty; should a kernel answer ENOENT
-            // instead, that means the same: no counters.
-            Step::Errno(libc::ENOENT) => return Ok(Dump::Complete(HashMap::new())),
-            Step::Errno(errno) => return Err(ctx.io(io::Error::from_raw_os_error(errno))),
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Step {
-    More,
-    Done,
-    Errno(i32),
-}
-
-/// Takes the counters of one datagram of the dump.
-fn each_datagram(
-    data: &[u8],
-    counts: &mut HashMap<String, u64>,
-    interrupted: &mut bool,
-    step: &mut Step,
-) -> std::result::Result<(), String> {
-    each_message(data, |msg| {
-        if msg.flags() & NLM_F_DUMP_INTR != 0 {
-            *interrupted = true;
-        }
-        match msg.message_type() {
-            NLMSG_DONE => {
-                *step = Step::Done;
-                return Ok(false);
-            }
-            NLMSG_ERROR => {
-                if let Some(code) = ErrorBuffer::new_checked(msg.payload())
-                    .map_err(|e| e.to_string())?
-                    .code()
-                {
-                    *step = Step::Errno(-code.get());
-                    return Ok(false);
-                }
-            }
-            _ => {
-                if let Some((name, packets)) = counter_of(msg.payload())? {
-                    counts.insert(name, packets);
-                }
-            }
-        }
-        Ok(true)
-    })
 }
 
 /// Name and packets of one `NFT_MSG_NEWOBJ` payload (nfgenmsg, then attributes); `None` for a
@@ -178,7 +111,7 @@ fn counter_of(payload: &[u8]) -> std::result::Result<Option<(String, u64)>, Stri
 mod tests {
     use super::*;
     use crate::Error;
-    use netlink_packet_core::Emitable;
+    use netlink_packet_core::{Emitable, NLMSG_DONE};
 
     /// A NEWOBJ message as the kernel sends it for counter `name` with `packets`.
     fn newobj(name: &str, packets: u64, flags: u16) -> Vec<u8> {
@@ -227,14 +160,26 @@ mod tests {
         msg
     }
 
+    /// What one datagram of a counter dump yields: the counters, whether it was interrupted, and
+    /// where the dump is.
+    fn read(data: &[u8]) -> std::result::Result<(HashMap<String, u64>, bool, dump::Step), String> {
+        let (mut counts, mut intr) = (HashMap::new(), false);
+        let step = dump::step(data, &mut intr, &mut |_, payload: &[u8]| {
+            if let Some((name, packets)) = counter_of(payload)? {
+                counts.insert(name, packets);
+            }
+            Ok(())
+        })?;
+        Ok((counts, intr, step))
+    }
+
     #[test]
     fn a_dump_datagram_yields_each_counters_packets_and_its_end() {
         let mut data = newobj("cnt_a", 7, 0x2);
         data.extend(newobj("cnt_b", 0, 0x2));
         data.extend(done());
-        let (mut counts, mut intr, mut step) = (HashMap::new(), false, Step::More);
-        each_datagram(&data, &mut counts, &mut intr, &mut step).unwrap();
-        assert_eq!(step, Step::Done);
+        let (counts, intr, step) = read(&data).unwrap();
+        assert_eq!(step, dump::Step::Done);
         assert!(!intr);
         assert_eq!(counts.len(), 2);
         assert_eq!(counts["cnt_a"], 7);
@@ -243,19 +188,17 @@ mod tests {
 
     #[test]
     fn a_dump_the_ruleset_changed_under_is_marked_interrupted() {
-        let mut data = newobj("cnt_a", 7, 0x2 | NLM_F_DUMP_INTR);
+        let mut data = newobj("cnt_a", 7, 0x2 | dump::NLM_F_DUMP_INTR);
         data.extend(done());
-        let (mut counts, mut intr, mut step) = (HashMap::new(), false, Step::More);
-        each_datagram(&data, &mut counts, &mut intr, &mut step).unwrap();
+        let (_, intr, step) = read(&data).unwrap();
         assert!(intr);
-        assert_eq!(step, Step::Done);
+        assert_eq!(step, dump::Step::Done);
     }
 
     #[test]
     fn a_truncated_message_is_a_protocol_error_not_a_panic() {
         let data = newobj("cnt_a", 7, 0x2);
-        let (mut counts, mut intr, mut step) = (HashMap::new(), false, Step::More);
-        assert!(each_datagram(&data[..data.len() - 3], &mut counts, &mut intr, &mut step).is_err());
+        assert!(read(&data[..data.len() - 3]).is_err());
         assert!(counter_of(&[1, 0]).is_err());
     }
 

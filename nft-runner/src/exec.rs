@@ -1,6 +1,6 @@
 //! The fallback backend: one `nft` process per command (about 4 ms, the process start dominates).
 
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,37 +12,6 @@ pub const NFT_BINARY: &str = "nft";
 pub(crate) fn run(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
     let child = spawn(args, stdin.is_some())?;
     as_ours(child, |child| finish(child, stdin))
-}
-
-/// Runs `nft ARGS` and hands its stdout to `read` as it arrives (a listing is never held whole);
-/// returns what `read` made of it, or stderr (with the exit status) when nft failed.
-pub(crate) fn run_reading<T>(
-    args: &[&str],
-    read: impl FnOnce(&mut dyn Read) -> T,
-) -> Result<T, String> {
-    let child = spawn(args, false)?;
-    as_ours(child, |mut child| {
-        let Some(stdout) = child.stdout.take() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("nft's stdout was not captured".to_string());
-        };
-        let mut stdout = BufReader::with_capacity(READ_BUFFER, stdout);
-        let value = read(&mut stdout);
-        // Whatever `read` left (it stopped at an error): nft must be able to finish writing.
-        let drained = std::io::copy(&mut stdout, &mut std::io::sink());
-        drop(stdout);
-        match (child.wait_with_output(), drained) {
-            (Ok(out), _) if !out.status.success() => Err(format!(
-                "{} ({})",
-                String::from_utf8_lossy(&out.stderr).trim(),
-                out.status
-            )),
-            (Ok(_), Ok(_)) => Ok(value),
-            (Ok(_), Err(e)) => Err(format!("reading nft's output: {e}")),
-            (Err(e), _) => Err(format!("waiting for nft: {e}")),
-        }
-    })
 }
 
 /// `nft ARGS` started, stdout and stderr piped, stdin piped only when there is input.
@@ -66,9 +35,6 @@ fn as_ours<T>(child: Child, f: impl FnOnce(Child) -> T) -> T {
     crate::monitor::retire_portid(pid);
     result
 }
-
-/// Read size of a streamed listing.
-const READ_BUFFER: usize = 64 * 1024;
 
 fn finish(mut child: Child, stdin: Option<&str>) -> Result<String, String> {
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {

@@ -7,15 +7,18 @@
 //! Shared by the agent (which owns `table inet palisade`) and the CNI plugin (which only adds and
 //! removes pending marks in it). This crate knows no table layout: callers pass the batch and the
 //! names. Only what is asked for is listed; other tables are never parsed. [`monitor`] reports
-//! changes to one table that this process did not commit (nf_tables notifications).
+//! changes to one table that this process did not commit (nf_tables notifications); [`summary`]
+//! counts and fingerprints one table from nfnetlink dumps, [`counters`] reads its named counters.
 
 pub mod counters;
+mod dump;
 mod error;
 mod exec;
 mod libnftables;
 pub mod monitor;
 pub mod setelem;
 mod sockopt;
+pub mod summary;
 
 pub use error::{Error, Result};
 pub use exec::NFT_BINARY;
@@ -77,31 +80,6 @@ impl Nft {
     /// Lists `table FAMILY NAME` as nft JSON; `None` when the table does not exist.
     pub fn list_table(&self, family: &str, table: &str) -> Result<Option<String>> {
         self.list("list table", &["table", family, table])
-    }
-
-    /// Lists `table FAMILY NAME` as nft JSON into `read` as the text arrives (on the exec backend
-    /// straight from nft's stdout: a big table's listing is never held whole); `None` when the
-    /// table does not exist (what `read` made of the empty output is dropped then).
-    pub fn list_table_with<T>(
-        &self,
-        family: &str,
-        table: &str,
-        read: impl FnOnce(&mut dyn std::io::Read) -> T,
-    ) -> Result<Option<T>> {
-        let action = "list table";
-        let words = ["table", family, table];
-        let command = checked_list_command(action, &words)?;
-        let out = match &self.lib {
-            Some(_) => self
-                .run(action, &command, &[], None)
-                .map(|text| read(&mut text.as_bytes())),
-            None => {
-                let mut args = vec!["-j", "list"];
-                args.extend_from_slice(&words);
-                exec::run_reading(&args, read).map_err(|message| Error::Failed { action, message })
-            }
-        };
-        absent_as_none(out)
     }
 
     /// Lists `set FAMILY TABLE SET` as nft JSON; `None` when the table or the set does not exist.
@@ -187,10 +165,6 @@ mod tests {
         let err = nft.list_table("inet", "x; flush ruleset").unwrap_err();
         assert!(matches!(err, Error::BadName { .. }), "{err}");
         let err = nft.list_set("inet", "palisade", "-f").unwrap_err();
-        assert!(matches!(err, Error::BadName { .. }), "{err}");
-        let err = nft
-            .list_table_with("inet", "t; flush ruleset", |_| ())
-            .unwrap_err();
         assert!(matches!(err, Error::BadName { .. }), "{err}");
     }
 }

@@ -418,7 +418,7 @@ fn send_parts(sock: &netlink_sys::Socket, parts: &[&[u8]]) -> io::Result<usize> 
 
 /// Sends `NFT_MSG_GETGEN` and reads the generation from the `NFT_MSG_NEWGEN` answer (both through
 /// netlink-packet-netfilter's `GenMessage`, as the monitor reads a transaction's `NEWGEN`).
-fn query_generation(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<u32> {
+pub(crate) fn query_generation(sock: &netlink_sys::Socket, ctx: &Context<'_>) -> Result<u32> {
     let request = serialize(&[message(
         NfTablesMessage::GetGen(GenMessage { attributes: vec![] }),
         NLM_F_REQUEST,

@@ -1,14 +1,13 @@
 //! The agent's nft edge: our table through palisade-nft (which runs the transactions: libnftables
 //! in-process, `nft -j -f -` as fallback), the drift watch (nf_tables notifications of changes we
-//! did not commit), and the summary the resync compares to notice changes behind our back. Only our table is ever listed (`list table inet palisade`); other tables
-//! are never parsed.
+//! did not commit), and the summary the resync compares to notice changes behind our back (read
+//! over nfnetlink by palisade-nft). Only our table is ever listed; other tables are never parsed.
 
 use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 use palisade_nft::monitor::{Drift, Membership, Monitor, Scope};
 pub use palisade_nft::Backend;
 use palisade_policy::ruleset::{ElementChange, Ruleset};
-use serde_json::Value;
 
 /// palisade-nft bound to our table, with errors in the agent's type.
 pub struct Nft {
@@ -219,12 +218,14 @@ impl Nft {
         Ok(self.runner.list_table(TABLE_FAMILY, TABLE_NAME)?)
     }
 
-    /// Lists our table and summarises it as the listing is read (see [`summarize_from`]); `None`
-    /// when the table does not exist.
-    pub fn summarize_table(&self) -> Result<Option<TableSummary>> {
-        self.runner
-            .list_table_with(TABLE_FAMILY, TABLE_NAME, |r| summarize_from(r))?
-            .transpose()
+    /// Summarises our table as the kernel dumps it (see [`TableSummary`]); `None` when the table
+    /// does not exist. Over nfnetlink whatever the backend: no `nft` process, no listing held.
+    pub fn summarize_table() -> Result<Option<TableSummary>> {
+        Ok(palisade_nft::summary::table(
+            TABLE_FAMILY,
+            TABLE_NAME,
+            &[PENDING_SET_V4, PENDING_SET_V6],
+        )?)
     }
 
     /// Packets of each named counter of our table, by name (over nfnetlink, whatever the backend:
@@ -346,265 +347,6 @@ pub fn watch_drift(
 /// Wait before reopening a failed drift monitor.
 const MONITOR_REOPEN_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// What we compare to notice our table was changed behind our back, and what the gauges show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TableSummary {
-    /// Hash of the listing without handles, counter values and pending elements (which the plugin owns).
-    pub fingerprint: u64,
-    pub chains: u64,
-    pub rules: u64,
-    /// Named sets and maps.
-    pub sets: u64,
-    /// Elements of all sets and maps, pending ones included.
-    pub elements: u64,
-    /// Elements of the pending sets.
-    pub pending: u64,
-}
-
-/// Summarises a listing of our table (see [`TableSummary`]).
-pub fn summarize(listing: &str) -> Result<TableSummary> {
-    summarize_from(listing.as_bytes())
-}
-
-/// Summarises a listing of our table as it is read (see [`TableSummary`]).
-///
-/// Item by item, from the stream: each of the listing's objects is parsed, counted, normalized and
-/// hashed before the next is read, so a listing of a 100k-pod node's table (~12 MB of JSON) is
-/// never held whole, let alone as one tree (~60 MiB). Members of the top-level object other than
-/// `nftables` are hashed as they are; anything but an object is an error.
-pub fn summarize_from(reader: impl std::io::Read) -> Result<TableSummary> {
-    use serde::de::DeserializeSeed;
-    let parse_error = |e: serde_json::Error| Error::Nft {
-        action: "parse listing",
-        message: e.to_string(),
-    };
-    let mut de = serde_json::Deserializer::from_reader(reader);
-    let mut acc = Summing::default();
-    ListingSeed(&mut acc)
-        .deserialize(&mut de)
-        .map_err(parse_error)?;
-    de.end().map_err(parse_error)?;
-    acc.summary.fingerprint = acc.hash.0;
-    Ok(acc.summary)
-}
-
-/// A summary being made.
-#[derive(Default)]
-struct Summing {
-    summary: TableSummary,
-    hash: Fnv1a,
-}
-
-impl Summing {
-    /// Counts, normalizes and hashes one item of the listing.
-    fn item(&mut self, mut item: Value) -> std::result::Result<(), serde_json::Error> {
-        if item.get("metainfo").is_some() {
-            return Ok(());
-        }
-        let s = &mut self.summary;
-        if let Some(obj) = item.as_object_mut() {
-            if obj.contains_key("chain") {
-                s.chains += 1;
-            } else if obj.contains_key("rule") {
-                s.rules += 1;
-            }
-            for key in ["set", "map"] {
-                if let Some(set) = obj.get_mut(key).and_then(Value::as_object_mut) {
-                    s.sets += 1;
-                    let n = set
-                        .get("elem")
-                        .and_then(Value::as_array)
-                        .map_or(0, |a| a.len() as u64);
-                    s.elements += n;
-                    let name = set.get("name").and_then(Value::as_str).unwrap_or_default();
-                    if name == PENDING_SET_V4 || name == PENDING_SET_V6 {
-                        s.pending += n;
-                        set.remove("elem");
-                    }
-                }
-            }
-        }
-        self.hash_value(&mut item)
-    }
-
-    /// Hashes `v` normalized, then a delimiter, so moving content between neighbours changes the
-    /// hash.
-    fn hash_value(&mut self, v: &mut Value) -> std::result::Result<(), serde_json::Error> {
-        normalize(v);
-        serde_json::to_writer(&mut self.hash, v)?;
-        self.hash.feed(b"\n");
-        Ok(())
-    }
-}
-
-/// The listing's top-level object: `nftables` item by item, any other member hashed whole.
-struct ListingSeed<'a>(&'a mut Summing);
-
-impl<'de> serde::de::DeserializeSeed<'de> for ListingSeed<'_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ListingSeed<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an nft JSON listing (an object with an `nftables` array)")
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(
-        self,
-        mut map: A,
-    ) -> std::result::Result<(), A::Error> {
-        use serde::de::Error as _;
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "nftables" {
-                map.next_value_seed(ItemsSeed(&mut *self.0))?;
-            } else {
-                let mut other: Value = map.next_value()?;
-                self.0.hash.feed(key.as_bytes());
-                self.0.hash_value(&mut other).map_err(A::Error::custom)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The `nftables` array, one item at a time.
-struct ItemsSeed<'a>(&'a mut Summing);
-
-impl<'de> serde::de::DeserializeSeed<'de> for ItemsSeed<'_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ItemsSeed<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("the array of a listing's objects")
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(
-        self,
-        mut seq: A,
-    ) -> std::result::Result<(), A::Error> {
-        use serde::de::Error as _;
-        while let Some(item) = seq.next_element::<Value>()? {
-            self.0.item(item).map_err(A::Error::custom)?;
-        }
-        Ok(())
-    }
-}
-
-/// FNV-1a over everything written to it.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv1a {
-    fn feed(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
-
-impl std::io::Write for Fnv1a {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.feed(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Drops what changes without anyone changing our rules: handles and counter values.
-fn normalize(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            m.remove("handle");
-            if let Some(Value::Object(c)) = m.get_mut("counter") {
-                c.remove("packets");
-                c.remove("bytes");
-            }
-            m.values_mut().for_each(normalize);
-        }
-        Value::Array(a) => a.iter_mut().for_each(normalize),
-        _ => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const LISTING: &str = r#"{"nftables":[{"metainfo":{"version":"1.0.6"}},
-      {"table":{"family":"inet","name":"palisade","handle":7}},
-      {"set":{"family":"inet","name":"pending_v4","table":"palisade","type":"ipv4_addr","handle":2,"elem":["10.0.0.9"]}},
-      {"map":{"family":"inet","name":"egress_v4","table":"palisade","type":"ipv4_addr","map":"verdict","handle":3,"elem":[["10.0.0.2",{"goto":{"target":"eg_1"}}]]}},
-      {"chain":{"family":"inet","table":"palisade","name":"egress","handle":1}},
-      {"rule":{"family":"inet","table":"palisade","chain":"egress","handle":4,"expr":[{"counter":{"packets":3,"bytes":180}},{"drop":null}]}}]}"#;
-
-    #[test]
-    fn summary_ignores_counters_handles_and_pending_elements() {
-        let a = summarize(LISTING).unwrap();
-        let b = summarize(
-            &LISTING
-                .replace("\"packets\":3", "\"packets\":99")
-                .replace("\"handle\":4", "\"handle\":40")
-                .replace("[\"10.0.0.9\"]", "[\"10.0.0.9\",\"10.0.0.10\"]"),
-        )
-        .unwrap();
-        assert_eq!(a.fingerprint, b.fingerprint);
-        assert_eq!(
-            (a.chains, a.rules, a.sets, a.elements, a.pending),
-            (1, 1, 2, 2, 1)
-        );
-        assert_eq!(b.pending, 2);
-    }
-
-    #[test]
-    fn summary_notices_a_removed_rule_or_map_element() {
-        let a = summarize(LISTING).unwrap();
-        let b = summarize(&LISTING.replace(r#"["10.0.0.2",{"goto":{"target":"eg_1"}}]"#, ""))
-            .unwrap_or_default();
-        assert_ne!(a.fingerprint, b.fingerprint);
-    }
-
-    /// Hands out its text a few bytes per read, as a pipe may.
-    struct Trickle<'a>(&'a [u8]);
-
-    impl std::io::Read for Trickle<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = buf.len().min(self.0.len()).min(7);
-            buf[..n].copy_from_slice(&self.0[..n]);
-            self.0 = &self.0[n..];
-            Ok(n)
-        }
-    }
-
-    #[test]
-    fn a_listing_read_from_a_stream_sums_up_as_the_text_does() {
-        let whole = summarize(LISTING).unwrap();
-        assert_eq!(summarize_from(Trickle(LISTING.as_bytes())).unwrap(), whole);
-        assert_ne!(whole.fingerprint, TableSummary::default().fingerprint);
-        // Another top-level member is part of the fingerprint; a truncated listing is an error.
-        let extra = LISTING.replacen('{', r#"{"extra":1,"#, 1);
-        assert_ne!(summarize(&extra).unwrap().fingerprint, whole.fingerprint);
-        assert!(summarize_from(Trickle(&LISTING.as_bytes()[..LISTING.len() / 2])).is_err());
-        assert!(summarize("[1,2]").is_err(), "not an object");
-    }
-
-    #[test]
-    fn summary_rejects_garbage_with_an_error() {
-        assert!(summarize("not json").is_err());
-    }
-}
+/// What we compare to notice our table was changed behind our back: counts and a fingerprint
+/// without handles, counter values and the pending marks (which the plugin owns).
+pub use palisade_nft::summary::TableSummary;

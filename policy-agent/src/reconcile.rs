@@ -211,7 +211,7 @@ impl Engine {
 
     /// Reads our table back on a thread of its own, answering on `reply` (see [`TableWatch`]).
     pub fn with_snapshot_reader(mut self, reply: Sender<Msg>) -> Result<Self> {
-        self.table = TableWatch::with_reader(self.nft.backend(), reply)?;
+        self.table = TableWatch::with_reader(reply)?;
         Ok(self)
     }
 
@@ -339,7 +339,7 @@ impl Engine {
             self.sync_routes(true);
         }
         if due.snapshot && !self.replacing() {
-            let verdict = self.table.snapshot(&self.nft, &self.metrics);
+            let verdict = self.table.snapshot(&self.metrics);
             self.judged(verdict);
         }
         if due.reconcile {
@@ -696,7 +696,7 @@ impl Engine {
         if self.replacing() {
             return true;
         }
-        let verdict = self.table.check(&self.nft, &self.metrics);
+        let verdict = self.table.check(&self.metrics);
         self.checked(verdict)
     }
 

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::nft::{self, Nft, TableSummary};
+use crate::nft::{Nft, TableSummary};
 use crate::reconcile::Msg;
 use palisade_policy::ruleset::RulesetStats;
 use tokio::sync::mpsc::Sender;
@@ -27,16 +27,6 @@ pub enum Verdict {
     Stale,
 }
 
-/// Whether the `nft` binary can be run (the snapshot reader prefers it).
-fn nft_binary_runs() -> bool {
-    std::process::Command::new(palisade_nft::NFT_BINARY)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// A listing asked of the reader thread: for commit `generation`, and whether it is the resync's
 /// check (judged by fingerprint) rather than a post-commit snapshot (judged by counts).
 #[derive(Debug, Clone, Copy)]
@@ -48,14 +38,9 @@ struct Request {
 /// What we committed last, and what our table looked like after it.
 #[derive(Default)]
 pub struct TableWatch {
-    /// Lists our table off the reconcile thread (its own nft context), so a read-back of a large
-    /// table never delays a commit. Without it (tests of the engine alone) snapshots are taken inline.
+    /// Lists our table off the reconcile thread, so a read-back of a large table never delays a
+    /// commit. Without it (tests of the engine alone) snapshots are taken inline.
     reader: Option<std::sync::mpsc::Sender<Request>>,
-    /// Lists our table for the resync's check on the reconcile thread: an `nft` process per listing
-    /// when the binary runs. Through the engine's own libnftables context a listing builds
-    /// libnftables' cache of the whole table in the agent (at 100k pods ~215 MB, at every resync).
-    /// `None`: the engine's context lists.
-    lister: Option<Nft>,
     /// Counts commits; a snapshot listed for an older generation is stale and dropped.
     generation: u64,
     /// Sizes of the ruleset last committed (the compiler may hold changes staged since, not yet
@@ -66,22 +51,17 @@ pub struct TableWatch {
 }
 
 impl TableWatch {
-    /// Takes post-commit snapshots on a thread of their own with its own nft context (an `nft`
-    /// process per listing when the binary runs, else `backend`), answering on `reply`. Listing a
-    /// table of 100k elements takes hundreds of ms at 10k pods: on the reconcile thread that delayed
+    /// Takes post-commit snapshots on a thread of their own, answering on `reply`. Listing a
+    /// table of 100k elements takes tens of ms at 10k pods: on the reconcile thread that delayed
     /// any change arriving meanwhile (the enforcement-latency tail).
-    pub fn with_reader(backend: nft::Backend, reply: Sender<Msg>) -> Result<Self> {
+    pub fn with_reader(reply: Sender<Msg>) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Request>();
-        // An `nft` process per listing: off the commit path its ~4 ms start costs nothing, and the
-        // listing's cache dies with the process instead of living in a second libnftables context.
-        let exec = nft_binary_runs();
-        let backend = if exec { nft::Backend::Exec } else { backend };
-        let nft = Nft::new(backend);
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
-                // Lowest CPU priority for this thread and the `nft` it forks (Linux niceness is per
-                // thread and inherited): on a busy node the read-back must not compete with commits.
+                // Lowest CPU priority for this thread (Linux niceness is per thread; the kernel's
+                // dump work runs in its syscalls): on a busy node the read-back must not compete
+                // with commits.
                 // SAFETY: setpriority on the calling thread (who 0) with a constant value.
                 if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SNAPSHOT_NICE) } != 0 {
                     debug!(
@@ -97,7 +77,7 @@ impl TableWatch {
                             check: req.check || r.check,
                         };
                     }
-                    let listing = nft.summarize_table().map_err(|e| e.to_string());
+                    let listing = Nft::summarize_table().map_err(|e| e.to_string());
                     if reply
                         .blocking_send(Msg::Snapshot {
                             generation: req.generation,
@@ -113,7 +93,6 @@ impl TableWatch {
             .map_err(|e| Error::io("spawn snapshot thread", "reconcile", e))?;
         Ok(TableWatch {
             reader: Some(tx),
-            lister: exec.then(|| Nft::new(nft::Backend::Exec)),
             ..TableWatch::default()
         })
     }
@@ -133,29 +112,20 @@ impl TableWatch {
 
     /// Reads our table back: asks the reader when there is one (the answer arrives as
     /// [`Msg::Snapshot`], then [`Self::listed`] judges it), else lists inline and judges at once.
-    pub fn snapshot(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
+    pub fn snapshot(&mut self, metrics: &Metrics) -> Verdict {
         if self.ask_reader(false) {
             return Verdict::Fine;
         }
-        let listing = self.list_inline(nft, metrics);
+        let listing = Self::list_inline(metrics);
         self.listed(self.generation, listing)
     }
 
-    /// Lists our table on the calling thread (through an `nft` process when the binary runs, else
-    /// `nft`), a failure counted.
-    fn list_inline(
-        &self,
-        nft: &Nft,
-        metrics: &Metrics,
-    ) -> std::result::Result<Option<TableSummary>, String> {
-        self.lister
-            .as_ref()
-            .unwrap_or(nft)
-            .summarize_table()
-            .map_err(|e| {
-                metrics.error(e.kind());
-                e.to_string()
-            })
+    /// Lists our table on the calling thread, a failure counted.
+    fn list_inline(metrics: &Metrics) -> std::result::Result<Option<TableSummary>, String> {
+        Nft::summarize_table().map_err(|e| {
+            metrics.error(e.kind());
+            e.to_string()
+        })
     }
 
     /// Judges a listing of our table taken for commit `generation`. Chains, rules and sets map one
@@ -214,8 +184,8 @@ impl TableWatch {
     }
 
     /// At resync, inline: lists our table and judges it as [`Self::checked`] does.
-    pub fn check(&mut self, nft: &Nft, metrics: &Metrics) -> Verdict {
-        let listing = self.list_inline(nft, metrics);
+    pub fn check(&mut self, metrics: &Metrics) -> Verdict {
+        let listing = Self::list_inline(metrics);
         self.checked(self.generation, listing)
     }
 

@@ -2,7 +2,7 @@
 //! namespace of its own (unshare on the test thread: the namespace dies with it; the host's ruleset is
 //! never touched). Run as root. The backends' own tests and timings live in palisade-nft.
 
-use palisade_agent::nft::{summarize, Backend, Nft};
+use palisade_agent::nft::{Backend, Nft};
 
 /// Moves this test's thread into a fresh network namespace. Fails (never skips) without root.
 use palisade_testkit::netns::enter_private_netns as private_netns;
@@ -37,11 +37,14 @@ fn exercise(backend: Backend) {
     );
     assert_eq!(nft.list_table().unwrap(), None, "fresh netns has no table");
     nft.apply(TABLE).unwrap();
-    let listed = nft.list_table().unwrap().expect("table listed after apply");
-    let a = summarize(&listed).unwrap();
+    assert!(
+        nft.list_table().unwrap().is_some(),
+        "table listed after apply"
+    );
+    let a = Nft::summarize_table().unwrap().expect("table summarised");
     assert_eq!((a.chains, a.rules, a.sets), (1, 1, 2));
     nft.apply(&element("add", 1)).unwrap();
-    let b = summarize(&nft.list_table().unwrap().unwrap()).unwrap();
+    let b = Nft::summarize_table().unwrap().unwrap();
     assert_ne!(
         a.fingerprint, b.fingerprint,
         "a new element changes the fingerprint"
@@ -51,6 +54,7 @@ fn exercise(backend: Backend) {
     assert!(err.to_string().contains("nft apply failed"), "{err}");
     assert!(nft.delete_table().unwrap());
     assert_eq!(nft.list_table().unwrap(), None);
+    assert_eq!(Nft::summarize_table().unwrap(), None);
     assert!(
         !nft.delete_table().unwrap(),
         "deleting an absent table is fine"

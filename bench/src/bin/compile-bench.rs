@@ -360,6 +360,7 @@ fn commit_in_throwaway_netns(
                 ));
             }
         }
+        out.extend(read_back_both_ways());
         for (name, json) in &batches {
             let t = Instant::now();
             nft.apply(json).map_err(|e| format!("{name}: {e}"))?;
@@ -381,6 +382,92 @@ fn commit_in_throwaway_netns(
         "peak RSS of this process (cluster state, full compile, incremental compiler, batches): {}",
         peak_rss()
     );
+}
+
+/// The committed table read back for the agent's check two ways, alternating, three times each:
+/// `nft -j list table` (what the agent ran until the summary moved to nfnetlink; wall time and
+/// the `nft` process's peak RSS) and `palisade_nft::summary::table` (wall time; it holds one
+/// 64 KiB receive buffer and the set names).
+fn read_back_both_ways() -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut listing, mut summary) = (Vec::new(), Vec::new());
+    let mut listed_bytes = 0;
+    let mut nft_rss_kib: Option<u64> = None;
+    let mut found = None;
+    // The `nft` process's own peak comes from GNU time (a small parent): a child started from this
+    // process inherits its high-water mark at exec, whatever nft itself used.
+    let timed = std::path::Path::new("/usr/bin/time").exists();
+    for _ in 0..3 {
+        let mut cmd = if timed {
+            let mut c = std::process::Command::new("/usr/bin/time");
+            c.args(["-f", "%M", "nft"]);
+            c
+        } else {
+            std::process::Command::new("nft")
+        };
+        let t = Instant::now();
+        match cmd
+            .args(["-j", "list", "table", "inet", "palisade"])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                listing.push(t.elapsed());
+                listed_bytes = o.stdout.len();
+                let last = String::from_utf8_lossy(&o.stderr);
+                if let Some(kib) = last
+                    .lines()
+                    .last()
+                    .and_then(|l| l.trim().parse::<u64>().ok())
+                {
+                    nft_rss_kib = Some(nft_rss_kib.unwrap_or(0).max(kib));
+                }
+            }
+            Ok(o) => {
+                out.push(format!(
+                    "read back: nft failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+                return out;
+            }
+            Err(e) => {
+                out.push(format!("read back: cannot run nft: {e}"));
+                return out;
+            }
+        }
+        let t = Instant::now();
+        match palisade_nft::summary::table("inet", "palisade", &["pending_v4", "pending_v6"]) {
+            Ok(s) => {
+                summary.push(t.elapsed());
+                found = s;
+            }
+            Err(e) => {
+                out.push(format!("read back: summary failed: {e}"));
+                return out;
+            }
+        }
+    }
+    let child_rss = nft_rss_kib.map_or_else(
+        || "unknown (no /usr/bin/time)".to_string(),
+        |k| format!("{:.1} MiB", k as f64 / 1024.0),
+    );
+    let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
+    let all = |v: &[Duration]| v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ");
+    out.push(format!(
+        "read back, nft -j list table:    {} (best of {}; {listed_bytes} bytes of JSON; nft peak RSS {child_rss})",
+        all(&listing),
+        listing.len()
+    ));
+    out.push(format!(
+        "read back, nfnetlink summary:    {} (best of {}; {:?})",
+        all(&summary),
+        summary.len(),
+        found
+    ));
+    out.push(format!(
+        "read back, summary / listing:    {:.3}x of the time (best against best)",
+        best(&summary).as_secs_f64() / best(&listing).as_secs_f64().max(1e-9)
+    ));
+    out
 }
 
 /// This process's peak resident set (getrusage), for the scale it ran at.

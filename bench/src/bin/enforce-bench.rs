@@ -354,7 +354,7 @@ a change is timestamped just before its file is renamed into (or unlinked from) 
 the nft commit and up to ~1 ms of probe granularity. Changes: policy create/delete (grant/revoke), the client's label added/removed (the policy selects it), the client pod created/deleted \
 (a remote pod entering/leaving a peer set); with `--scenarios cnp,cnp-priority`: an Admin-tier ClusterNetworkPolicy accepting the client created/deleted (over the server's NetworkPolicy deny), \
 and an Admin Accept moved from priority 60 to 40 and back around an Admin Deny at 50. Churn: a writer thread rewrites one of 200 pod files per change (a random background pod's `role` label) at the given rate during the trials; \
-its CPU figures are the agent's /proc utime+stime+cutime+cstime (its own and the `nft` listings it runs and waits for) over the scenario's wall time. \
+its CPU figures are the agent's /proc utime+stime+cutime+cstime (its own and any `nft` process it runs and waits for) over the scenario's wall time. \
 Irrelevant events (`--irrelevant-rate`): right after the first sync, one override file per heartbeat pod (`--irrelevant-pods` background pods spread over all nodes) is written and left 3 s to settle; \
 then two windows of `--irrelevant-seconds` each (+0.3 s for the last writes to land): idle (no writes), and two writer threads rewriting those files round robin at the rate between them (each its own half; dotfile + rename; up to 250 ms of lag made up), each write the same pod with a new \
 `metadata.resourceVersion` and new `lastProbeTime`/`lastTransitionTime` of its Ready/ContainersReady conditions (labels, IPs, phase, node, ports unchanged: a kubelet status heartbeat). \
