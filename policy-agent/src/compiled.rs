@@ -24,10 +24,12 @@ impl Desired {
     }
 }
 
-/// One transaction, ready for `nft`.
+/// One transaction, ready for the kernel.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    pub json: String,
+    /// The compiler's batch: its nft JSON is rendered only when nft must run it
+    /// ([`Batch::json_text`]).
+    pub compiled: palisade_policy::Batch,
     /// The same batch as address element changes, when that is all it is (see
     /// `palisade_policy::Batch::address_element_changes`): committed without nft.
     pub elements: Option<Vec<palisade_policy::ruleset::ElementChange>>,
@@ -99,20 +101,36 @@ pub fn full_replace(d: &Desired) -> String {
     d.ruleset().full_replace_text()
 }
 
-fn batch(b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
+fn batch(mut b: palisade_policy::Batch, next: &Ruleset) -> Option<Batch> {
     if b.is_empty() {
         return None;
     }
     let s = next.stats();
+    let size = b
+        .netlink
+        .as_ref()
+        .map_or_else(String::new, |n| format!(", {} bytes of netlink", n.len()));
     Some(Batch {
         elements: b.address_element_changes(next),
-        json: b.to_json_string(),
-        netlink: b.netlink,
+        netlink: b.netlink.take(),
         stats: format!(
-            "{} commands, {} bytes; target {} chains, {} rules, {} sets, {} elements",
-            b.commands, b.bytes, s.chains, s.rules, s.sets, s.elements
+            "{} commands{size}; target {} chains, {} rules, {} sets, {} elements",
+            b.commands(),
+            s.chains,
+            s.rules,
+            s.sets,
+            s.elements
         ),
+        compiled: b,
     })
+}
+
+impl Batch {
+    /// The batch as nft JSON text, rendered now (nft runs it only when the netlink messages
+    /// could not be built or were refused).
+    pub fn json_text(&self) -> String {
+        self.compiled.to_json_string()
+    }
 }
 
 /// Parses `80/TCP`, `53/udp` or `443` (TCP) into a port and protocol.

@@ -84,7 +84,7 @@ impl Nft {
                 }
             }
         }
-        self.apply(&batch.json)
+        self.apply(&batch.json_text())
     }
 
     /// Adds and deletes elements of our table's address-keyed sets, in order, as one atomic transaction

@@ -478,7 +478,7 @@ impl Engine {
                     Err(e) => {
                         self.metrics.error("nft_rejected");
                         error!(error = %e, objects = %batch.stats, "nft rejected the incremental batch; falling back to a full replace");
-                        debug!(batch = %batch.json, "rejected batch");
+                        debug!(batch = %batch.json_text(), "rejected batch");
                         self.commit_full()?;
                         full = true;
                         true

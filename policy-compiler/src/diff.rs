@@ -14,9 +14,7 @@
 
 use crate::ruleset::names::{PENDING_SET_V4, PENDING_SET_V6};
 use crate::ruleset::netlink::Transaction;
-use crate::ruleset::render::{
-    chain_obj, cmd, counter_obj, element_obj, rule_obj, set_obj, set_ref,
-};
+use crate::ruleset::render::{chain_obj, cmd, counter_obj, rule_obj, set_obj, set_ref, Command};
 use crate::ruleset::{Batch, Ruleset};
 
 pub(crate) mod changelog;
@@ -52,7 +50,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         b.netlink = whole.full_replace_netlink().ok();
         return b;
     }
-    let mut cmds = Vec::new();
+    let mut cmds: Vec<Command> = Vec::new();
     // The same steps as nfnetlink messages (`Batch::netlink`), when each can be encoded.
     let mut nl = Transaction::new();
     // 1. new chains
@@ -61,7 +59,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .values()
         .filter(|c| !last.chains.contains_key(&c.name))
     {
-        cmds.push(cmd("add", chain_obj(c, true)));
+        cmds.push(cmd("add", chain_obj(c, true)).into());
         nl.add_chain(c);
     }
     // 2. new sets
@@ -70,11 +68,11 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .values()
         .filter(|s| !last.sets.contains_key(&s.name))
     {
-        cmds.push(cmd("add", set_obj(s, None)));
+        cmds.push(cmd("add", set_obj(s, None)).into());
         nl.add_set(s);
     }
     for n in next.counters.difference(&last.counters) {
-        cmds.push(cmd("add", counter_obj(n)));
+        cmds.push(cmd("add", counter_obj(n)).into());
         nl.add_counter(n);
     }
     // 3. stale elements of kept sets
@@ -87,10 +85,10 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
             continue;
         }
         if s.name == PENDING_SET_V4 || s.name == PENDING_SET_V6 {
-            cmds.push(cmd("add", element_obj(s, gone.iter().copied(), false)));
+            cmds.push(Command::elements(true, s, gone.iter().copied()));
             nl.add_elements(l, gone.iter().copied());
         }
-        cmds.push(cmd("delete", element_obj(s, gone.iter().copied(), true)));
+        cmds.push(Command::elements(false, s, gone.iter().copied()));
         nl.delete_elements(l, gone.iter().copied());
     }
     // 4. flush changed chains
@@ -100,7 +98,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .filter(|c| last.chains.get(&c.name).is_some_and(|l| l.rules != c.rules))
         .collect();
     for c in &changed {
-        cmds.push(cmd("flush", chain_obj(c, false)));
+        cmds.push(cmd("flush", chain_obj(c, false)).into());
         nl.flush_chain(&c.name);
     }
     // 5. new elements
@@ -110,7 +108,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
             None => s.elements.iter().collect(),
         };
         if !new.is_empty() {
-            cmds.push(cmd("add", element_obj(s, new.iter().copied(), false)));
+            cmds.push(Command::elements(true, s, new.iter().copied()));
             nl.add_elements(s, new);
         }
     }
@@ -122,7 +120,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         };
         if refill {
             for r in &c.rules {
-                cmds.push(cmd("add", rule_obj(&c.name, r)));
+                cmds.push(cmd("add", rule_obj(&c.name, r)).into());
                 nl.add_rule(&c.name, r);
             }
         }
@@ -135,12 +133,12 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .collect();
     for c in &stale {
         if !c.rules.is_empty() {
-            cmds.push(cmd("flush", chain_obj(c, false)));
+            cmds.push(cmd("flush", chain_obj(c, false)).into());
             nl.flush_chain(&c.name);
         }
     }
     for c in &stale {
-        cmds.push(cmd("delete", chain_obj(c, false)));
+        cmds.push(cmd("delete", chain_obj(c, false)).into());
         nl.delete_chain(&c.name);
     }
     // 8. stale sets
@@ -149,11 +147,11 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .values()
         .filter(|s| !next.sets.contains_key(&s.name))
     {
-        cmds.push(cmd("delete", set_ref(s)));
+        cmds.push(cmd("delete", set_ref(s)).into());
         nl.delete_set(&s.name);
     }
     for n in last.counters.difference(&next.counters) {
-        cmds.push(cmd("delete", counter_obj(n)));
+        cmds.push(cmd("delete", counter_obj(n)).into());
         nl.delete_counter(n);
     }
     let mut b = Batch::from_commands(cmds);
@@ -173,12 +171,12 @@ mod tests {
 
     fn kernel_after_full(rs: &Ruleset) -> KernelTable {
         let mut k = KernelTable::default();
-        k.apply(&rs.full_replace().json).unwrap();
+        k.apply(&rs.full_replace().json()).unwrap();
         k
     }
 
     fn verbs_and_kinds(b: &Batch) -> Vec<(String, String)> {
-        b.json["nftables"]
+        b.json()["nftables"]
             .as_array()
             .unwrap()
             .iter()
@@ -198,7 +196,7 @@ mod tests {
         let rs = compile(&st, "n0").ruleset;
         let b = diff(&rs, &rs);
         assert!(b.is_empty());
-        assert_eq!(b.commands, 0);
+        assert_eq!(b.commands(), 0);
     }
 
     #[test]
@@ -232,8 +230,8 @@ mod tests {
             .unwrap()
             .elements
             .remove(&Elem::Addr("10.0.0.1".parse().unwrap()));
-        k.apply(&already.full_replace().json).unwrap();
-        k.apply(&b.json).unwrap();
+        k.apply(&already.full_replace().json()).unwrap();
+        k.apply(&b.json()).unwrap();
         assert_eq!(k, kernel_after_full(&next));
     }
 
@@ -273,14 +271,14 @@ mod tests {
                 let next = compile(&st, "n0").ruleset;
                 let b = diff(&last, &next);
                 kernel
-                    .apply(&b.json)
+                    .apply(&b.json())
                     .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
                 steps += 1;
                 nonempty += usize::from(!b.is_empty());
                 chain_changes += usize::from(verbs_and_kinds(&b).iter().any(|(_, k)| k == "chain"));
                 assert_eq!(kernel, kernel_after_full(&next), "seed {seed} step {step}");
                 let round: Value = serde_json::from_str(&b.to_json_string()).unwrap();
-                assert_eq!(round, b.json);
+                assert_eq!(round, b.json());
                 last = next;
             }
         }
@@ -315,11 +313,11 @@ mod redefinition_tests {
         {
             b.priority += 1;
         }
-        assert_eq!(diff(&last, &next).json, next.full_replace().json);
+        assert_eq!(diff(&last, &next).json(), next.full_replace().json());
         let mut next = last.clone();
         if let Some(s) = next.sets.get_mut(MAP_INGRESS_V4) {
             s.interval = true;
         }
-        assert_eq!(diff(&last, &next).json, next.full_replace().json);
+        assert_eq!(diff(&last, &next).json(), next.full_replace().json());
     }
 }

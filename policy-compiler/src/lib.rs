@@ -16,7 +16,7 @@
 //! state.apply(Change::UpsertNamespace(Namespace::new("default", Default::default())));
 //! let first = compile(&state, "node-1");
 //! let start = first.ruleset.full_replace(); // at start and on resync: `nft -j -f -` this
-//! assert!(start.commands > 0);
+//! assert!(start.commands() > 0);
 //! let next = compile(&state, "node-1");
 //! let batch = diff(&first.ruleset, &next.ruleset); // afterwards: one transaction per change
 //! assert!(batch.is_empty());

@@ -20,7 +20,7 @@ fn rendered() -> Vec<(&'static str, String)> {
             let rs = compile(&st, common::NODE).ruleset;
             (
                 name,
-                serde_json::to_string_pretty(&rs.full_replace().json).unwrap() + "\n",
+                serde_json::to_string_pretty(&rs.full_replace().json()).unwrap() + "\n",
             )
         })
         .collect()

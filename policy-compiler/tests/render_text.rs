@@ -12,6 +12,6 @@ fn full_replace_text_is_byte_identical_to_the_rendered_batch_for_every_golden_sc
         let batch = rs.full_replace();
         let text = rs.full_replace_text();
         assert_eq!(text, batch.to_json_string(), "scenario {name}");
-        assert_eq!(text.len(), batch.bytes, "scenario {name}: byte count");
+        assert_eq!(text.len(), batch.bytes(), "scenario {name}: byte count");
     }
 }

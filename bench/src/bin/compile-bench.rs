@@ -64,8 +64,8 @@ impl Bench {
             ms(compile_t + diff_t),
             ms(compile_t),
             ms(diff_t),
-            batch.commands,
-            batch.bytes,
+            batch.commands(),
+            batch.bytes(),
             if same { "same result" } else { "DIFFERENT RESULT" }
         );
         if !same {
@@ -151,8 +151,8 @@ fn main() {
         s.rules,
         s.sets,
         s.elements,
-        full.commands,
-        full.bytes,
+        full.commands(),
+        full.bytes(),
         ms(render_t)
     );
     let copy = st.clone();
@@ -305,10 +305,20 @@ fn commit_in_throwaway_netns(
     };
     let path = ns.path().display().to_string();
     let full_json = full.to_json_string();
-    let batches: Vec<(String, String)> = batches
+    // Each change as the agent commits it: its netlink messages, or its JSON through nft when the
+    // compiler could not encode them.
+    let batches: Vec<(
+        String,
+        Result<palisade_policy::ruleset::NetlinkBatch, String>,
+    )> = batches
         .iter()
         .filter(|(_, b)| !b.is_empty())
-        .map(|(n, b)| (n.clone(), b.to_json_string()))
+        .map(|(n, b)| {
+            (
+                n.clone(),
+                b.netlink.clone().ok_or_else(|| b.to_json_string()),
+            )
+        })
         .collect();
     // A thread of our own enters the namespace: the main thread stays in the host namespace.
     let res = in_netns(ns.name(), move || -> Result<Vec<String>, String> {
@@ -361,13 +371,24 @@ fn commit_in_throwaway_netns(
             }
         }
         out.extend(read_back_both_ways());
-        for (name, json) in &batches {
+        let mut writer = palisade_nft::setelem::ElementWriter::new();
+        for (name, batch) in &batches {
             let t = Instant::now();
-            nft.apply(json).map_err(|e| format!("{name}: {e}"))?;
+            let (how, bytes) = match batch {
+                Ok(nl) => {
+                    writer
+                        .commit_prepared("incremental batch", "palisade", &nl.parts())
+                        .map_err(|e| format!("{name}: {e}"))?;
+                    ("netlink", nl.len())
+                }
+                Err(json) => {
+                    nft.apply(json).map_err(|e| format!("{name}: {e}"))?;
+                    ("JSON through libnftables", json.len())
+                }
+            };
             out.push(format!(
-                "{name:<26} {:>10}  ({} bytes)",
-                ms(t.elapsed()),
-                json.len()
+                "{name:<26} {:>10}  ({how}, {bytes} bytes)",
+                ms(t.elapsed())
             ));
         }
         Ok(out)

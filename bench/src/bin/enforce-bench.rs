@@ -365,7 +365,7 @@ connection and waits for its echo (a thread per connection in the server pod). G
 did not come within 100 ms (the agent must delete the flow's conntrack entry: the policy alone leaves an established flow alone). A flow not cut within 5 s counts as not cut. \
 With `--flood`, the agent runs with `--flow-log` and every scenario is measured twice: as above, and while the client pod sends denied SYNs to the server's port 7999 as fast as one thread can \
 (a non-blocking connect per SYN, a new source port each); the last columns are the packets the policies dropped per second meanwhile (the agent's per-policy counters; the probe's own SYNs, 1,000/s while blocked, are among them) and \
-what the kernel handed to the flow log per second (its rate limit, 100/s burst 200 by default). Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + JSON, the path the agent runs.\n\n## Results\n\n{}\n## Charts\n{chart_md}",
+what the kernel handed to the flow log per second (its rate limit, 100/s burst 200 by default). Compiler cost: `palisade_policy` in this process, per change apply + compile(node) + diff + nfnetlink messages, the path the agent runs (its JSON, for nft only, is rendered outside the timing to check both ways agree).\n\n## Results\n\n{}\n## Charts\n{chart_md}",
                 enforce::markdown(&results, &costs)
             );
             let md_path = out.join(format!("{stem}.md"));

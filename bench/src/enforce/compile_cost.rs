@@ -1,4 +1,4 @@
-//! The compiler's cost per change in this process (apply + compile + diff + JSON), the path the
+//! The compiler's cost per change in this process (apply + compile + diff + netlink messages), the path the
 //! agent runs, beside the full compile.
 
 use super::*;
@@ -11,9 +11,9 @@ pub struct CompileCost {
     pub policies: usize,
     pub initial_compile_ms: f64,
     pub initial_batch_bytes: usize,
-    /// The agent's path: `IncrementalCompiler::stage` + `take_batch` + JSON.
+    /// The agent's path: `IncrementalCompiler::stage` + `take_batch` (netlink messages built).
     pub change_ms: Vec<f64>,
-    /// The same change by full compile of the node + diff + JSON, for comparison.
+    /// The same change by full compile of the node + diff, for comparison.
     pub full_change_ms: Vec<f64>,
     pub batch_bytes: Vec<f64>,
     pub batch_commands: Vec<f64>,
@@ -48,7 +48,7 @@ pub fn compile_cost(
         pods: cluster.pods.len(),
         policies,
         initial_compile_ms,
-        initial_batch_bytes: initial_batch.bytes,
+        initial_batch_bytes: initial_batch.bytes(),
         change_ms: Vec::new(),
         full_change_ms: Vec::new(),
         batch_bytes: Vec::new(),
@@ -76,21 +76,23 @@ pub fn compile_cost(
         let t = Instant::now();
         inc.stage(change.clone());
         let batch = inc.take_batch();
-        let text = batch.to_json_string();
+        // The agent commits the batch's netlink messages; its JSON is rendered here only to
+        // check it against the full compile's.
         out.change_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let text = batch.to_json_string();
         let t = Instant::now();
         state.apply(change);
         let next = palisade_policy::compile(&state, AGENT_NODE);
         let full = palisade_policy::diff(&last.ruleset, &next.ruleset);
-        let full_text = full.to_json_string();
         out.full_change_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let full_text = full.to_json_string();
         if text != full_text {
             return Err(Error::Check(format!(
                 "change {i}: the incremental batch differs from the full compile's diff"
             )));
         }
-        out.batch_bytes.push(batch.bytes as f64);
-        out.batch_commands.push(batch.commands as f64);
+        out.batch_bytes.push(batch.bytes() as f64);
+        out.batch_commands.push(batch.commands() as f64);
         last = next;
     }
     Ok(out)

@@ -243,7 +243,7 @@ pub fn markdown(run: &RunResults, costs: &[CompileCost]) -> String {
         );
     }
     if !costs.is_empty() {
-        let _ = writeln!(o, "\n### Compiler cost per change, in process: the agent's incremental compiler (stage + batch + JSON) beside a full compile of the node + diff + JSON (same batch, checked)\n");
+        let _ = writeln!(o, "\n### Compiler cost per change, in process: the agent's incremental compiler (stage + batch, netlink messages built) beside a full compile of the node + diff (same batch, checked by its JSON, rendered outside the timing)\n");
         let _ = writeln!(o, "| pods | policies | initial compile ms | initial batch KiB | incremental p50 ms | p99 ms | max ms | full compile + diff p50 ms | p99 ms | batch bytes p50 | p99 | commands p50 |");
         let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for c in costs {

@@ -1545,9 +1545,9 @@ fn names_are_hashes_and_hostile_strings_stay_inside_json_comments() {
     let batch = rs.full_replace();
     let text = batch.to_json_string();
     let back: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(back, batch.json, "the rendering round-trips");
+    assert_eq!(back, batch.json(), "the rendering round-trips");
     let cmds = back["nftables"].as_array().unwrap();
-    assert_eq!(cmds.len(), batch.commands);
+    assert_eq!(cmds.len(), batch.commands());
     // No command but ours: every command is add/delete of table/chain/set/map/rule of our table.
     for c in cmds {
         let (verb, obj) = c.as_object().unwrap().iter().next().unwrap();
@@ -1756,7 +1756,7 @@ fn two_local_pods_claiming_one_address_never_break_the_batch() {
         c.warnings
     );
     let mut k = crate::kernel_sim::KernelTable::default();
-    k.apply(&c.ruleset.full_replace().json).unwrap();
+    k.apply(&c.ruleset.full_replace().json()).unwrap();
 }
 
 #[test]

@@ -6,41 +6,106 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-/// One nft transaction: the JSON document and its size.
+/// One nft transaction: its commands, rendered to nft JSON when asked ([`Batch::json`],
+/// [`Batch::to_json_string`]), and the same transaction as nfnetlink messages when the compiler
+/// could encode it. The agent commits the messages; the JSON is for nft (a fallback, `compile`,
+/// tests), so a batch's element lists, most of its bulk, are kept as elements and rendered only
+/// then (rendering and measuring them was ~80 % of an incremental compile whose policies bring
+/// 100k peer addresses).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
-    /// `{"nftables": [...]}`
-    pub json: Value,
-    /// Number of commands in it.
-    pub commands: usize,
-    /// Length of the serialized JSON in bytes.
-    pub bytes: usize,
+    commands: Vec<Command>,
     /// The same transaction as nfnetlink messages, when `diff` could encode every step of it
     /// (`None` for other batches, or one that is empty).
     pub netlink: Option<super::NetlinkBatch>,
 }
 
+/// One command of a batch: rendered when the batch is built, or elements of a named set added
+/// or deleted (deleted map elements by key only), rendered when the JSON is asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Command {
+    Rendered(Value),
+    Elements {
+        add: bool,
+        set: String,
+        elems: Vec<Elem>,
+    },
+}
+
+impl Command {
+    /// `add` (or `delete`, map elements by key only) of `elems` in set `s`.
+    pub(crate) fn elements<'a>(
+        add: bool,
+        s: &Set,
+        elems: impl IntoIterator<Item = &'a Elem>,
+    ) -> Self {
+        Command::Elements {
+            add,
+            set: s.name.clone(),
+            elems: elems.into_iter().cloned().collect(),
+        }
+    }
+
+    /// The command as nft JSON, handed to `f` (a rendered one by reference, elements rendered
+    /// for the call and dropped after it).
+    fn with_json<T>(&self, f: impl FnOnce(&Value) -> T) -> T {
+        match self {
+            Command::Rendered(v) => f(v),
+            Command::Elements { add, set, elems } => {
+                let verb = if *add { "add" } else { "delete" };
+                f(&cmd(verb, element_obj(set, elems, !add)))
+            }
+        }
+    }
+}
+
+impl From<Value> for Command {
+    fn from(v: Value) -> Self {
+        Command::Rendered(v)
+    }
+}
+
 impl Batch {
-    pub(crate) fn from_commands(cmds: Vec<Value>) -> Self {
-        let commands = cmds.len();
-        let json = json!({ "nftables": cmds });
-        // Counted, not rendered: a full replace at 10k pods is ~10 MB of text.
-        let mut counter = ByteCounter(0);
-        let bytes = match serde_json::to_writer(&mut counter, &json) {
-            Ok(()) => counter.0,
-            // Unreachable (a Value always serializes, the counter never fails); the size is informative.
-            Err(_) => 0,
-        };
+    pub(crate) fn from_commands(commands: Vec<Command>) -> Self {
         Self {
-            json,
             commands,
-            bytes,
             netlink: None,
         }
     }
+
+    pub(crate) fn from_values(cmds: Vec<Value>) -> Self {
+        Self::from_commands(cmds.into_iter().map(Command::Rendered).collect())
+    }
+
+    /// Number of commands in it.
+    pub fn commands(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// `{"nftables": [...]}`
+    pub fn json(&self) -> Value {
+        let cmds = self.commands.iter().map(|c| c.with_json(Value::clone));
+        json!({ "nftables": cmds.collect::<Vec<_>>() })
+    }
+
+    /// Writes the JSON text one command at a time (a whole document's tree is never held).
+    fn write_json<W: std::io::Write>(&self, out: W) -> serde_json::Result<W> {
+        let mut doc = Document::new(out)?;
+        for c in &self.commands {
+            c.with_json(|v| doc.command(v))?;
+        }
+        doc.finish()
+    }
+
+    /// Length of the JSON text in bytes (counted, not held).
+    pub fn bytes(&self) -> usize {
+        // A Value always serializes and the counter never fails; the size is informative.
+        self.write_json(ByteCounter(0)).map_or(0, |c| c.0)
+    }
+
     /// Whether the batch changes nothing (the agent can skip running nft).
     pub fn is_empty(&self) -> bool {
-        self.commands == 0
+        self.commands.is_empty()
     }
 
     /// The batch as address element changes, in order, when that is all it is: every command adds
@@ -51,26 +116,16 @@ impl Batch {
     /// self pair) can be written as nfnetlink set element messages directly; anything else
     /// returns `None`.
     pub fn address_element_changes(&self, rs: &Ruleset) -> Option<Vec<ElementChange>> {
-        let cmds = self.json.get("nftables")?.as_array()?;
         let mut out = Vec::new();
-        for cmd in cmds {
-            let obj = cmd.as_object()?;
-            if obj.len() != 1 {
+        for c in &self.commands {
+            let Command::Elements {
+                add,
+                set: name,
+                elems,
+            } = c
+            else {
                 return None;
-            }
-            let (verb, body) = obj.iter().next()?;
-            let add = match verb.as_str() {
-                "add" => true,
-                "delete" => false,
-                _ => return None,
             };
-            let el = body.as_object()?.get("element")?.as_object()?;
-            if el.get("family")?.as_str()? != TABLE_FAMILY
-                || el.get("table")?.as_str()? != TABLE_NAME
-            {
-                return None;
-            }
-            let name = el.get("name")?.as_str()?;
             let set = rs.sets.get(name)?;
             let (shape, v4) = match set.key {
                 SetKey::Ipv4 => (KeyShape::Addr, true),
@@ -84,14 +139,14 @@ impl Batch {
             if set.interval || set.verdict_map {
                 return None;
             }
-            for e in el.get("elem")?.as_array()? {
-                let key = shape.parse(e)?;
+            for e in elems {
+                let key = shape.key(e)?;
                 if key.addrs().any(|a| a.is_ipv4() != v4) || out.len() == MAX_ELEMENT_CHANGES {
                     return None;
                 }
                 out.push(ElementChange {
-                    add,
-                    set: name.to_string(),
+                    add: *add,
+                    set: name.clone(),
                     key,
                 });
             }
@@ -99,14 +154,11 @@ impl Batch {
         Some(out)
     }
 
-    /// The JSON text to feed to `nft -j -f -`, allocated once at its final size (growing a ~10 MB
-    /// string by doubling would hold two copies at the last step).
+    /// The JSON text to feed to `nft -j -f -`, written one command at a time.
     pub fn to_json_string(&self) -> String {
-        let mut out = Vec::with_capacity(self.bytes);
-        if serde_json::to_writer(&mut out, &self.json).is_err() {
-            return self.json.to_string();
-        }
-        String::from_utf8(out).unwrap_or_else(|_| self.json.to_string())
+        // Writing Values into a Vec cannot fail.
+        let out = self.write_json(Vec::new()).unwrap_or_default();
+        String::from_utf8(out).unwrap_or_else(|_| self.json().to_string())
     }
 }
 
@@ -143,7 +195,7 @@ impl ElementKey {
     }
 }
 
-/// How the elements of a set are keyed, for reading them back from the batch's JSON.
+/// How the elements of an address-keyed set are keyed.
 #[derive(Debug, Clone, Copy)]
 enum KeyShape {
     Addr,
@@ -152,34 +204,49 @@ enum KeyShape {
 }
 
 impl KeyShape {
-    /// One element of the batch's JSON as rendered by `elem_json` (`None`: not of this shape, or
-    /// an interface name that is not a plain name of at most 15 bytes).
-    fn parse(self, e: &Value) -> Option<ElementKey> {
-        let ip = |v: &Value| v.as_str()?.parse::<IpAddr>().ok();
-        match self {
-            KeyShape::Addr => ip(e).map(ElementKey::Addr),
-            KeyShape::IfaceAddr | KeyShape::AddrPair => {
-                let parts = e.get("concat")?.as_array()?;
-                let [first, second] = parts.as_slice() else {
-                    return None;
-                };
-                match self {
-                    KeyShape::IfaceAddr => {
-                        let name = first.as_str()?;
-                        let plain = !name.is_empty()
-                            && name.len() < 16
-                            && name.bytes().all(|b| {
-                                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
-                            });
-                        if !plain {
-                            return None;
-                        }
-                        Some(ElementKey::IfaceAddr(name.to_string(), ip(second)?))
-                    }
-                    _ => Some(ElementKey::AddrPair(ip(first)?, ip(second)?)),
-                }
+    /// One element as a key of this shape (`None`: not of this shape, or an interface name that
+    /// is not a plain name of at most 15 bytes).
+    fn key(self, e: &Elem) -> Option<ElementKey> {
+        match (self, e) {
+            (KeyShape::Addr, Elem::Addr(a)) => Some(ElementKey::Addr(*a)),
+            (KeyShape::Addr, Elem::Range(a, b)) if a == b => Some(ElementKey::Addr(*a)),
+            (KeyShape::IfaceAddr, Elem::IfaceAddr(name, a)) => {
+                let plain = !name.is_empty()
+                    && name.len() < 16
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+                plain.then(|| ElementKey::IfaceAddr(name.to_string(), *a))
             }
+            (KeyShape::AddrPair, Elem::AddrPair(a, b)) => Some(ElementKey::AddrPair(*a, *b)),
+            _ => None,
         }
+    }
+}
+
+/// `{"nftables":[...]}` written one command at a time (a whole document's tree is never held).
+struct Document<W> {
+    out: W,
+    first: bool,
+}
+
+impl<W: std::io::Write> Document<W> {
+    fn new(mut out: W) -> serde_json::Result<Self> {
+        out.write_all(br#"{"nftables":["#)
+            .map_err(serde_json::Error::io)?;
+        Ok(Document { out, first: true })
+    }
+
+    fn command(&mut self, v: &Value) -> serde_json::Result<()> {
+        if !std::mem::take(&mut self.first) {
+            self.out.write_all(b",").map_err(serde_json::Error::io)?;
+        }
+        serde_json::to_writer(&mut self.out, v)
+    }
+
+    fn finish(mut self) -> serde_json::Result<W> {
+        self.out.write_all(b"]}").map_err(serde_json::Error::io)?;
+        Ok(self.out)
     }
 }
 
@@ -278,14 +345,15 @@ pub(crate) fn set_ref(s: &Set) -> Value {
     Value::Object(w)
 }
 
-/// `{"element": {...}}` for adding (`key_only` false) or deleting (map elements by key only).
+/// `{"element": {...}}` of set `name` for adding (`key_only` false) or deleting (map elements by
+/// key only).
 pub(crate) fn element_obj<'a>(
-    s: &Set,
+    name: &str,
     elems: impl IntoIterator<Item = &'a Elem>,
     key_only: bool,
 ) -> Value {
     let e: Vec<Value> = elems.into_iter().map(|e| elem_json(e, key_only)).collect();
-    json!({"element": {"family": TABLE_FAMILY, "table": TABLE_NAME, "name": s.name, "elem": e}})
+    json!({"element": {"family": TABLE_FAMILY, "table": TABLE_NAME, "name": name, "elem": e}})
 }
 
 fn ip_json(ip: &IpAddr) -> Value {
@@ -502,25 +570,26 @@ impl Ruleset {
     pub fn full_replace(&self) -> Batch {
         let mut cmds = Vec::new();
         self.each_full_replace_command(|c| cmds.push(c));
-        Batch::from_commands(cmds)
+        Batch::from_values(cmds)
     }
 
     /// The text of [`Ruleset::full_replace`] (byte for byte `full_replace().to_json_string()`), written
     /// one command at a time: the JSON tree of a whole 10k-pod table is ~30 times its ~1 MB of text,
     /// this holds one command's tree besides the text.
     pub fn full_replace_text(&self) -> String {
-        let mut out = br#"{"nftables":["#.to_vec();
-        let mut first = true;
-        self.each_full_replace_command(|c| {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            // Writing a Value into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut out, &c);
+        // Writing Values into a Vec cannot fail.
+        let text = Document::new(Vec::new()).and_then(|mut doc| {
+            let mut result = Ok(());
+            self.each_full_replace_command(|c| {
+                if result.is_ok() {
+                    result = doc.command(&c);
+                }
+            });
+            result.and_then(|()| doc.finish())
         });
-        out.extend_from_slice(b"]}");
-        String::from_utf8(out).unwrap_or_else(|_| self.full_replace().to_json_string())
+        text.ok()
+            .and_then(|t| String::from_utf8(t).ok())
+            .unwrap_or_else(|| self.full_replace().to_json_string())
     }
 
     /// One transaction that puts the named chains and sets (maps too) of this ruleset back as they
@@ -539,15 +608,15 @@ impl Ruleset {
             .iter()
             .map(|n| self.sets.get(n))
             .collect::<Option<_>>()?;
-        let mut cmds = Vec::new();
+        let mut cmds: Vec<Command> = Vec::new();
         for c in &chains {
-            cmds.push(cmd("add", chain_obj(c, true)));
+            cmds.push(cmd("add", chain_obj(c, true)).into());
         }
         for s in &sets {
-            cmds.push(cmd("add", set_obj(s, None)));
-            cmds.push(cmd("flush", set_ref(s)));
+            cmds.push(cmd("add", set_obj(s, None)).into());
+            cmds.push(cmd("flush", set_ref(s)).into());
             if !s.elements.is_empty() {
-                cmds.push(cmd("add", element_obj(s, &s.elements, false)));
+                cmds.push(Command::elements(true, s, &s.elements));
             }
         }
         // Counters the rules name, in case they went with the rules (an `add` of an existing one
@@ -562,12 +631,12 @@ impl Ruleset {
             })
             .collect();
         for n in counters {
-            cmds.push(cmd("add", counter_obj(n)));
+            cmds.push(cmd("add", counter_obj(n)).into());
         }
         for c in &chains {
-            cmds.push(cmd("flush", chain_obj(c, false)));
+            cmds.push(cmd("flush", chain_obj(c, false)).into());
             for r in &c.rules {
-                cmds.push(cmd("add", rule_obj(&c.name, r)));
+                cmds.push(cmd("add", rule_obj(&c.name, r)).into());
             }
         }
         Some(Batch::from_commands(cmds))
@@ -575,7 +644,7 @@ impl Ruleset {
 
     /// The whole ruleset as nft JSON (the same document as [`Ruleset::full_replace`]).
     pub fn to_json(&self) -> Value {
-        self.full_replace().json
+        self.full_replace().json()
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 fn kernel_after_full(rs: &Ruleset) -> KernelTable {
     let mut k = KernelTable::default();
-    k.apply(&rs.full_replace().json).unwrap();
+    k.apply(&rs.full_replace().json()).unwrap();
     k
 }
 
@@ -147,7 +147,7 @@ fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthC
             if rng.chance(30) {
                 let atts = inc.state().attachments.clone();
                 let noted = with_plugin_pending(&last, &atts);
-                kernel.apply(&diff(&last, &noted).json).unwrap();
+                kernel.apply(&diff(&last, &noted).json()).unwrap();
                 last = noted;
                 inc.note_plugin_pending(&atts);
                 what.push_str(" + plugin pending marks");
@@ -158,7 +158,7 @@ fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthC
             assert_eq!(inc.compiled(), &full, "{what}");
             assert_eq!(batch, diff(&last, &full.ruleset), "{what}");
             kernel
-                .apply(&batch.json)
+                .apply(&batch.json())
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             let want = kernel_after_full(&full.ruleset);
             if kernel != want {
@@ -167,7 +167,7 @@ fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthC
                         panic!(
                             "chain {k}: have {:#?} want {v:#?}\n{}",
                             kernel.chains.get(k),
-                            batch.json
+                            batch.json()
                         );
                     }
                 }
@@ -176,7 +176,7 @@ fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthC
                         panic!(
                             "set {k}: have {:?} want {v:?}\n{}",
                             kernel.sets.get(k),
-                            batch.json
+                            batch.json()
                         );
                     }
                 }
@@ -380,7 +380,7 @@ fn a_repair_of_the_touched_chains_and_sets_undoes_any_tampering_with_them() {
         let chains: BTreeSet<String> = chains.into_iter().map(String::from).collect();
         let sets: BTreeSet<String> = sets.into_iter().map(String::from).collect();
         let repair = rs.repair(&chains, &sets).expect("our own objects");
-        k.apply(&repair.json)
+        k.apply(&repair.json())
             .unwrap_or_else(|e| panic!("{what}: repair: {e}"));
         assert_eq!(k, want, "{what}: not repaired");
     }
