@@ -75,7 +75,11 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         cmds.push(cmd("add", counter_obj(n)).into());
         nl.add_counter(n);
     }
-    // 3. stale elements of kept sets
+    // 3. stale elements of kept sets. An interval set's ranges are written with end elements
+    // that depend on their neighbours, so as messages it is flushed and written whole at step 5
+    // (`refill`), as a full replace writes it; the JSON names the elements and nft works the
+    // ends out.
+    let mut refill = std::collections::BTreeSet::new();
     for s in next.sets.values() {
         let Some(l) = last.sets.get(&s.name) else {
             continue;
@@ -89,7 +93,11 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
             nl.add_elements(l, gone.iter().copied());
         }
         cmds.push(Command::elements(false, s, gone.iter().copied()));
-        nl.delete_elements(l, gone.iter().copied());
+        if s.interval {
+            refill.insert(&s.name);
+        } else {
+            nl.delete_elements(l, gone.iter().copied());
+        }
     }
     // 4. flush changed chains
     let changed: Vec<_> = next
@@ -109,7 +117,16 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         };
         if !new.is_empty() {
             cmds.push(Command::elements(true, s, new.iter().copied()));
-            nl.add_elements(s, new);
+        }
+        if !s.interval {
+            if !new.is_empty() {
+                nl.add_elements(s, new);
+            }
+        } else if !new.is_empty() || refill.contains(&s.name) {
+            match whole.sets.get(&s.name) {
+                Some(w) => nl.refill_set(w, last.sets.contains_key(&s.name)),
+                None => nl.refill_set(s, last.sets.contains_key(&s.name)),
+            }
         }
     }
     // 6. rules of new and changed chains

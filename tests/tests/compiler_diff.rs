@@ -145,8 +145,10 @@ fn incremental_netlink_diffs_equal_full_replace_in_the_kernel_root() {
             }
         },
     );
+    // Every diff of these sequences can be encoded (interval sets changed in place included:
+    // they are flushed and written whole).
     assert!(
-        by_netlink > 20,
-        "only {by_netlink} diffs went as netlink messages ({by_json} as JSON)"
+        by_netlink > 20 && by_json == 0,
+        "{by_netlink} diffs went as netlink messages, {by_json} as JSON"
     );
 }

@@ -590,6 +590,21 @@ impl Transaction {
         });
     }
 
+    /// All elements of `s`, written whole: into a set created in this transaction, or
+    /// (`existing`) into the kernel's set after a flush. How an interval set changes in place:
+    /// its ranges' end elements depend on their neighbours, so the set is written as a full
+    /// replace writes it.
+    pub fn refill_set(&mut self, s: &Set, existing: bool) {
+        if existing {
+            // `flush set`: a DELSETELEM without an element list.
+            self.msgs.msg(NFT_MSG_DELSETELEM, 0, |w| {
+                w.strz(1, TABLE_NAME); // NFTA_SET_ELEM_LIST_TABLE
+                w.strz(2, &s.name); // NFTA_SET_ELEM_LIST_SET
+            });
+        }
+        self.fill_set(s);
+    }
+
     /// All elements of `s`, into the set just created for it.
     fn fill_set(&mut self, s: &Set) {
         let msgs = if s.interval && key_parts(s.key).len() == 1 {
@@ -604,7 +619,8 @@ impl Transaction {
     }
 
     /// `add element` of some elements to `s` (a set of the kernel or of this transaction). Not for
-    /// an interval set: its ranges' end elements depend on its neighbours in the kernel.
+    /// an interval set: its ranges' end elements depend on its neighbours in the kernel
+    /// ([`Transaction::refill_set`] writes one whole).
     pub fn add_elements<'a>(&mut self, s: &Set, elements: impl IntoIterator<Item = &'a Elem>) {
         self.some_elements(s, elements, false)
     }
