@@ -440,8 +440,12 @@ pub fn cluster(cfg: &SynthConfig) -> ClusterState {
     for i in 0..cfg.namespaces {
         st.apply(Change::UpsertNamespace(make_namespace(&mut rng, i)));
     }
+    // Label sets, namespaces and node names shared as the agent's sources share them.
+    let mut sharing = crate::model::PodSharing::default();
     for i in 0..cfg.pods {
-        st.apply(Change::UpsertPod(make_pod(cfg, &mut rng, i).into()));
+        let mut pod = make_pod(cfg, &mut rng, i);
+        sharing.share(&mut pod);
+        st.apply(Change::UpsertPod(pod.into()));
     }
     for i in 0..cfg.policies {
         st.apply(Change::UpsertPolicy(make_policy(cfg, &mut rng, i)));

@@ -58,13 +58,17 @@ impl W {
             .apply(Change::UpsertNamespace(Namespace::new(name, labels(l))));
     }
     pub fn pod(&mut self, key: &str, node: &str, ips: &[&str], l: &[(&str, &str)]) {
+        self.pod_labelled(key, node, ips, labels(l));
+    }
+    /// A pod holding `labels` as given (a clone shares its pairs, as the sources share them).
+    pub fn pod_labelled(&mut self, key: &str, node: &str, ips: &[&str], labels: Labels) {
         let (ns, name) = key.split_once('/').unwrap();
         self.st.apply(Change::UpsertPod(
             Pod {
                 namespace: ns.into(),
                 name: name.into(),
                 uid: format!("uid-{key}").into(),
-                labels: labels(l),
+                labels,
                 node_name: Some(node.into()),
                 ips: ips.iter().map(|s| ip(s)).collect(),
                 ports: vec![].into(),
@@ -416,6 +420,34 @@ fn semantics_15_selectors_in_one_peer_are_anded_separate_peers_are_ored() {
     w.policy("a/and", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}, {"podSelector": {"matchLabels": {"app": "web"}}}]}]}));
     assert!(w.can("b/db", "a/x", 80, TCP));
     assert!(w.can("a/web", "a/x", 80, TCP));
+}
+
+/// The resolver matches a selector once per shared label set: pods sharing one set, pods with an
+/// equal set of their own and pods with another set are each selected exactly as their labels say.
+#[test]
+fn pods_sharing_a_label_set_are_selected_as_pods_with_their_own_copy() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1"], &[]);
+    let web = labels(&[("app", "web")]);
+    let db = labels(&[("app", "db")]);
+    w.pod_labelled("b/web1", N2, &["10.0.2.1"], web.clone());
+    w.pod_labelled("a/web2", N2, &["10.0.2.2"], web.clone());
+    w.pod_labelled("b/db1", N2, &["10.0.2.3"], db.clone());
+    w.pod_labelled("a/db2", N2, &["10.0.2.4"], db.clone());
+    w.pod("b/web3", N2, &["10.0.2.5"], &[("app", "web")]);
+    assert!(w.st.pods["b/web1"]
+        .labels
+        .is_shared_with(&w.st.pods["a/web2"].labels));
+    assert!(!w.st.pods["b/web1"]
+        .labels
+        .is_shared_with(&w.st.pods["b/web3"].labels));
+    w.policy("a/p", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}]}]}));
+    for from in ["b/web1", "a/web2", "b/web3"] {
+        assert!(w.can(from, "a/x", 80, TCP), "{from}");
+    }
+    for from in ["b/db1", "a/db2"] {
+        assert!(!w.can(from, "a/x", 80, TCP), "{from}");
+    }
 }
 
 #[test]

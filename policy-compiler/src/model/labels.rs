@@ -87,6 +87,15 @@ impl Labels {
         self.pairs().iter().map(|(k, _)| &**k)
     }
 
+    /// Which set of pairs this is: the same number for label sets that share their pairs (as
+    /// [`LabelSets`] makes them), 0 for no labels. Equal sets that do not share have different
+    /// numbers. Valid while the pairs live (a memo within one pass over the pods).
+    pub(crate) fn identity(&self) -> usize {
+        self.0
+            .as_ref()
+            .map_or(0, |a| Arc::as_ptr(a).cast::<u8>() as usize)
+    }
+
     /// Whether both hold the very same pairs (one set shared, as [`LabelSets`] makes it),
     /// not merely equal ones.
     pub fn is_shared_with(&self, other: &Labels) -> bool {
