@@ -52,11 +52,10 @@ const NFT_MSG_NEWSET: u8 = 9;
 const NFT_MSG_NEWSETELEM: u8 = 12;
 const NFT_MSG_NEWOBJ: u8 = 18;
 
-/// Attribute 1 of every nf_tables object message is its table's name; 2 is the object's name
-/// (a chain's is 3).
+/// Attribute 1 of every nf_tables object message is its table's name (a table's own name too);
+/// 2 is a set's or object's name.
 const ATTR_TABLE: u16 = 1;
 const ATTR_NAME: u16 = 2;
-const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_OBJ_TABLE: u16 = 1;
 const NFTA_OBJ_TYPE: u16 = 3;
 const NFTA_OBJ_DATA: u16 = 4;
@@ -234,12 +233,7 @@ impl Summing {
     ) -> std::result::Result<(), String> {
         let attrs = attributes(payload)?;
         let kind = (ty & 0xff) as u8;
-        let owner = if kind == NFT_MSG_NEWTABLE {
-            NFTA_TABLE_NAME
-        } else {
-            ATTR_TABLE
-        };
-        if string_attr(attrs, owner)? != Some(table) {
+        if string_attr(attrs, ATTR_TABLE)? != Some(table) {
             return Ok(());
         }
         let skip = match kind {

@@ -27,8 +27,8 @@ impl Desired {
 /// One transaction, ready for the kernel.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// The compiler's batch: its nft JSON is rendered only when nft must run it
-    /// ([`Batch::json_text`]).
+    /// The compiler's batch (its netlink messages moved to `netlink`): its nft JSON is rendered
+    /// only when nft must run it ([`Batch::json_text`]).
     pub compiled: palisade_policy::Batch,
     /// The same batch as address element changes, when that is all it is (see
     /// `palisade_policy::Batch::address_element_changes`): committed without nft.
