@@ -2,8 +2,11 @@
 //! direction, verdict}`, read from the kernel's named counters of our table at each scrape and
 //! labelled with what the compiled model says each counts (`Compiled::policy_counters`, asked of
 //! the engine, which owns the model). Only policies that have a counter now are shown: a deleted
-//! policy's series disappear with its counters. A full replace of our table starts the counters
-//! from zero again (a counter reset, which Prometheus' `rate` handles).
+//! policy's series disappear with its counters. A full replace of our table starts the kernel's
+//! counters from zero again; the engine reads them just before and carries what they held
+//! ([`Carried`]), so the series keep counting up (a restarted agent finds the counters in the
+//! table it left and carries them too). A table deleted from outside takes what its counters held
+//! since the last replace with it (a counter reset).
 
 use crate::nft::Nft;
 use crate::reconcile::Msg;
@@ -15,6 +18,52 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How long a scrape waits for the engine (busy with a commit) before leaving the family out.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the engine answers a scrape: what each counter counts, and what the counters held
+/// before the engine's full replaces since they were created.
+#[derive(Debug, Default)]
+pub struct CounterReport {
+    pub described: Vec<PolicyCounter>,
+    pub carried: HashMap<String, u64>,
+}
+
+/// What the kernel's named counters held when the engine replaced our table (which starts them
+/// from zero), summed over its replaces, by counter name.
+#[derive(Debug, Default, Clone)]
+pub struct Carried(HashMap<String, u64>);
+
+impl Carried {
+    /// Takes the counts read just before a full replace that then committed.
+    pub fn replaced(&mut self, read: HashMap<String, u64>) {
+        for (name, n) in read {
+            let c = self.0.entry(name).or_insert(0);
+            *c = c.saturating_add(n);
+        }
+    }
+
+    /// Forgets counters the ruleset no longer has: one created again later starts from zero.
+    pub fn retain(&mut self, exists: impl Fn(&str) -> bool) {
+        if !self.0.is_empty() {
+            self.0.retain(|name, _| exists(name));
+        }
+    }
+
+    pub fn values(&self) -> &HashMap<String, u64> {
+        &self.0
+    }
+}
+
+/// The kernel's counts with what was carried over the engine's replaces added.
+pub fn with_carried(
+    mut kernel: HashMap<String, u64>,
+    carried: &HashMap<String, u64>,
+) -> HashMap<String, u64> {
+    for (name, n) in carried {
+        let c = kernel.entry(name.clone()).or_insert(0);
+        *c = c.saturating_add(*n);
+    }
+    kernel
+}
 
 /// The scrape's half: asks the engine, reads the kernel.
 pub struct PolicyMetrics {
@@ -33,12 +82,12 @@ impl PolicyMetrics {
             tracing::debug!("per-policy counters left out: the engine's queue is full");
             return String::new();
         }
-        let Ok(Ok(described)) = tokio::time::timeout(ASK_TIMEOUT, rx).await else {
+        let Ok(Ok(report)) = tokio::time::timeout(ASK_TIMEOUT, rx).await else {
             tracing::debug!("per-policy counters left out: the engine did not answer in time");
             return String::new();
         };
         match tokio::task::spawn_blocking(Nft::counter_packets).await {
-            Ok(Ok(values)) => render(&described, &values),
+            Ok(Ok(values)) => render(&report.described, &with_carried(values, &report.carried)),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "per-policy counters left out: cannot read them");
                 String::new()
@@ -73,12 +122,12 @@ pub fn render(described: &[PolicyCounter], values: &HashMap<String, u64>) -> Str
         (
             Unit::Packets,
             "palisade_policy_packets_total",
-            "Packets each policy decided on this node, by direction and verdict: allow counts the packets a rule of the policy admitted (only packets of connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the first reply), drop the packets dropped because the policy isolates the pod and no rule allowed them (a drop isolated by several policies counts for each), a ClusterNetworkPolicy's pass what it handed to the next tier, would_drop what a NetworkPolicy in audit mode would have dropped (nothing was). From zero again after a full replace of our table.",
+            "Packets each policy decided on this node, by direction and verdict: allow counts the packets a rule of the policy admitted (only packets of connections not established yet meet policy rules: a TCP SYN, a UDP flow's datagrams until the first reply), drop the packets dropped because the policy isolates the pod and no rule allowed them (a drop isolated by several policies counts for each), a ClusterNetworkPolicy's pass what it handed to the next tier, would_drop what a NetworkPolicy in audit mode would have dropped (nothing was). The agent's own full replaces of our table keep the counts; a table deleted from outside loses what was counted since the last one (a counter reset).",
         ),
         (
             Unit::Connections,
             "palisade_policy_connections_total",
-            "New connections each NetworkPolicy decided on this node (each connection's first packet): allow those a rule of the policy admitted, drop the connection attempts dropped because it isolates the pod and no rule allowed them (a retransmitted first packet is an attempt again; one isolated by several policies counts for each). From zero again after a full replace of our table.",
+            "New connections each NetworkPolicy decided on this node (each connection's first packet): allow those a rule of the policy admitted, drop the connection attempts dropped because it isolates the pod and no rule allowed them (a retransmitted first packet is an attempt again; one isolated by several policies counts for each). The agent's own full replaces of our table keep the counts; a table deleted from outside loses what was counted since the last one (a counter reset).",
         ),
     ] {
         let mut sums: BTreeMap<(&str, &str, &str, String, &str), u64> = BTreeMap::new();
@@ -162,6 +211,36 @@ mod tests {
         assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 5);
         assert!(text.contains("# TYPE palisade_policy_packets_total counter"));
         assert!(text.contains("# TYPE palisade_policy_connections_total counter"));
+    }
+
+    #[test]
+    fn counts_carried_over_full_replaces_keep_a_series_counting_up() {
+        let described = [counter(
+            "cnt_a",
+            Direction::Ingress,
+            Counted::Allow,
+            &["shop/allow-fe"],
+        )];
+        let line = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("palisade_policy_packets_total{"))
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+        };
+        let mut carried = Carried::default();
+        // 7 counted, then a replace (the kernel starts from zero), 2 counted since.
+        carried.replaced(values());
+        let kernel: HashMap<String, u64> = [("cnt_a".to_string(), 2)].into();
+        let text = render(&described, &with_carried(kernel.clone(), carried.values()));
+        assert_eq!(line(&text).as_deref(), Some("9"), "{text}");
+        // Another replace with 2 counted: 7 + 2 carried.
+        carried.replaced(kernel);
+        assert_eq!(carried.values()["cnt_a"], 9);
+        // The policy went: its counter's carried count goes; created again, it starts from zero.
+        carried.retain(|n| n != "cnt_a");
+        assert!(!carried.values().contains_key("cnt_a"));
+        assert_eq!(carried.values()["cnt_g"], 3);
+        let text = render(&described, &with_carried(HashMap::new(), carried.values()));
+        assert_eq!(line(&text).as_deref(), Some("0"), "{text}");
     }
 
     #[test]

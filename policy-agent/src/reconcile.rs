@@ -105,9 +105,7 @@ pub enum Msg {
     /// What the flow log's NFLOG reader got: attributed with the model, then written.
     Flows(crate::flow_log::nflog::Read),
     /// A scrape asks what each named counter of our table counts (`policy_metrics`).
-    PolicyCounters(
-        tokio::sync::oneshot::Sender<Vec<palisade_policy::compile::counters::PolicyCounter>>,
-    ),
+    PolicyCounters(tokio::sync::oneshot::Sender<crate::policy_metrics::CounterReport>),
     /// Leave the loop (rules stay in the kernel).
     Stop,
 }
@@ -162,6 +160,8 @@ pub struct Engine {
     warned: BTreeSet<String>,
     /// Attributes and writes what the kernel logged (`--flow-log`).
     flow_log: Option<crate::flow_log::FlowLog>,
+    /// What the named counters held before our full replaces (which start them from zero).
+    carried: crate::policy_metrics::Carried,
 }
 
 impl Engine {
@@ -186,6 +186,7 @@ impl Engine {
             repair: None,
             replace: false,
             flow_log: None,
+            carried: Default::default(),
         }
     }
 
@@ -271,7 +272,10 @@ impl Engine {
                 }
             }
             Msg::PolicyCounters(reply) => {
-                let _ = reply.send(self.inc.compiled().policy_counters());
+                let _ = reply.send(crate::policy_metrics::CounterReport {
+                    described: self.inc.compiled().policy_counters(),
+                    carried: self.carried.values().clone(),
+                });
             }
             Msg::Flows(read) => {
                 if let Some(f) = &mut self.flow_log {
@@ -545,6 +549,10 @@ impl Engine {
         self.metrics.commit_ok(took, full, sizes);
         if committed {
             self.table.committed(stats);
+            if !full {
+                // A policy deleted since carries nothing into one created again later.
+                self.forget_gone_counters();
+            }
         }
         // The conflist first: a route that cannot be added (retried with backoff) must not keep pods
         // from starting on this node. Routes fail and retry on their own schedule: a bad Node never
@@ -559,19 +567,36 @@ impl Engine {
     }
 
     /// Replaces our whole table with the compiler's ruleset; a failure leaves the compiler stale.
+    /// The named counters are read first: the replace starts them from zero, and what they
+    /// held is carried in the per-policy metrics.
     fn commit_full(&mut self) -> Result<()> {
+        let counts = Nft::counter_packets().map_err(|e| {
+            debug!(error = %e, "cannot read the named counters before the full replace; the per-policy counters restart from zero");
+        });
         let applied = self.nft.replace_table(self.inc.ruleset());
         match &applied {
-            Ok(r) => debug!(
-                by = ?r.by,
-                prepare_ms = r.prepare.as_secs_f64() * 1e3,
-                commit_ms = r.commit.as_secs_f64() * 1e3,
-                bytes = r.bytes,
-                "full replace committed"
-            ),
+            Ok(r) => {
+                debug!(
+                    by = ?r.by,
+                    prepare_ms = r.prepare.as_secs_f64() * 1e3,
+                    commit_ms = r.commit.as_secs_f64() * 1e3,
+                    bytes = r.bytes,
+                    "full replace committed"
+                );
+                if let Ok(counts) = counts {
+                    self.carried.replaced(counts);
+                }
+                self.forget_gone_counters();
+            }
             Err(_) => self.inc.invalidate(),
         }
         applied.map(|_| ())
+    }
+
+    /// Drops what was carried for counters our ruleset no longer has.
+    fn forget_gone_counters(&mut self) {
+        let counters = &self.inc.ruleset().counters;
+        self.carried.retain(|n| counters.contains(n));
     }
 
     /// After a commit: the wait before the full conntrack sweep it calls for (`None`: no sweep, as

@@ -324,3 +324,52 @@ fn assert_socket_is_owner_only(path: &Path) {
     let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the flow log names pods and addresses");
 }
+
+/// The agent's periodic full replace (every tenth resync; one a second here) starts the kernel's
+/// named counters from zero; the per-policy series carry what they held and keep counting up.
+#[test]
+fn per_policy_counters_keep_counting_across_the_agents_own_full_replace() {
+    let w = World::new(&["--resync-seconds", "1"]);
+    let at_target = w.t.path().join("target.log");
+    let _r = Receiver::start(&w.target.ns, PORT, &at_target);
+    udp_flow(&w.client.ns, TARGET);
+    assert!(
+        wait_until(Duration::from_secs(5), || arrivals(&at_target).len() == 3),
+        "control: the client's datagrams did not arrive"
+    );
+    assert_eq!(policy_packets(&w.n1, "allow-client", "allow").0, 3.0);
+    let full_replaces = || {
+        let (_, body) = w.n1.http(AGENT_PORT, "/metrics").unwrap_or_default();
+        body.lines()
+            .find(|l| l.starts_with("palisade_transactions_total{kind=\"full\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = full_replaces();
+    assert!(
+        wait_until(Duration::from_secs(20), || full_replaces() > before),
+        "no periodic full replace within 20 s (one every tenth resync)"
+    );
+    let kernel =
+        w.n1.exec(&["nft", "list", "counters", "table", "inet", "palisade"]);
+    let counted: Vec<&str> = kernel
+        .split("packets ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(
+        !counted.is_empty() && counted.iter().all(|n| *n == "0"),
+        "control: the replace started the kernel's counters from zero\n{kernel}"
+    );
+    assert_eq!(
+        policy_packets(&w.n1, "allow-client", "allow").0,
+        3.0,
+        "the series lost what the counter held before the replace"
+    );
+    udp_flow(&w.client.ns, TARGET);
+    assert!(
+        wait_until(Duration::from_secs(5), || arrivals(&at_target).len() == 6),
+        "control: the second flow's datagrams did not arrive"
+    );
+    assert_eq!(policy_packets(&w.n1, "allow-client", "allow").0, 6.0);
+}
