@@ -75,16 +75,36 @@ impl Nft {
         if let Some(changes) = &batch.elements {
             return self.apply_elements(changes);
         }
-        if let Some(netlink) = &batch.netlink {
+        self.commit("incremental batch", batch.netlink.as_ref(), || {
+            batch.json_text()
+        })
+    }
+
+    /// Commits a repair of touched chains and sets (`Ruleset::repair`) as [`Nft::apply_batch`]
+    /// commits a batch that is not only elements.
+    pub fn apply_repair(&self, batch: &palisade_policy::Batch) -> Result<()> {
+        self.commit("repair", batch.netlink.as_ref(), || batch.to_json_string())
+    }
+
+    /// Commits a transaction as the compiler's nfnetlink messages on the kept socket when it has
+    /// them, else (or when the kernel refuses them) as its JSON through nft, whose error says
+    /// what is wrong.
+    fn commit(
+        &self,
+        action: &'static str,
+        netlink: Option<&palisade_policy::ruleset::NetlinkBatch>,
+        json: impl FnOnce() -> String,
+    ) -> Result<()> {
+        if let Some(netlink) = netlink {
             let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
-            match writer.commit_prepared("incremental batch", TABLE_NAME, &netlink.parts()) {
+            match writer.commit_prepared(action, TABLE_NAME, &netlink.parts()) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::debug!(error = %e, "netlink batch refused; committing its JSON through nft for nft's account of it")
+                    tracing::debug!(error = %e, action, "netlink transaction refused; committing its JSON through nft for nft's account of it")
                 }
             }
         }
-        self.apply(&batch.json_text())
+        self.apply(&json())
     }
 
     /// Adds and deletes elements of our table's address-keyed sets, in order, as one atomic transaction

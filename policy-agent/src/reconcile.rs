@@ -495,7 +495,7 @@ impl Engine {
             // (chains and sets: not a commit of addresses only).
             moved = None;
             match self.inc.ruleset().repair(&chains, &sets) {
-                Some(b) => match self.nft.apply(&b.to_json_string()) {
+                Some(b) => match self.nft.apply_repair(&b) {
                     Ok(()) => {
                         info!(chains = ?chains, sets = ?sets, took_ms = start.elapsed().as_secs_f64() * 1e3, "touched chains and sets repaired");
                     }

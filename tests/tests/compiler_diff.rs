@@ -152,3 +152,75 @@ fn incremental_netlink_diffs_equal_full_replace_in_the_kernel_root() {
         "{by_netlink} diffs went as netlink messages, {by_json} as JSON"
     );
 }
+
+/// A repair of touched chains and sets (`Ruleset::repair`), committed as its nfnetlink messages as
+/// the agent commits it, puts the table back as a full replace lists it, whatever was done to
+/// them: a chain flushed, a foreign rule inserted, sets emptied, a foreign element added.
+#[test]
+fn a_repair_committed_as_netlink_messages_restores_what_was_tampered_with_root() {
+    palisade_testkit::netns::enter_private_netns();
+    let nft = palisade_nft::Nft::new(palisade_nft::Backend::Lib);
+    let mut writer = palisade_nft::setelem::ElementWriter::new();
+    let listed = |nft: &palisade_nft::Nft| -> Value {
+        palisade_testkit::nft::normalized(&nft.list_table("inet", "palisade").unwrap().unwrap())
+    };
+    let cfg = SynthConfig::small(7);
+    let rs = compile(&synth::cluster(&cfg), "n0").ruleset;
+    nft.apply(&rs.full_replace_text()).unwrap();
+    let want = listed(&nft);
+    let chain = rs
+        .chains
+        .values()
+        .find(|c| c.rules.len() > 1)
+        .expect("a chain with rules");
+    let set = rs
+        .sets
+        .values()
+        .find(|s| {
+            s.key == palisade_policy::ruleset::SetKey::Ipv4
+                && !s.interval
+                && !s.verdict_map
+                && s.elements.len() > 1
+        })
+        .expect("a plain IPv4 set with elements");
+    let interval = rs
+        .sets
+        .values()
+        .find(|s| s.interval && !s.elements.is_empty())
+        .expect("an interval set with elements");
+    let tamper = [
+        format!("flush chain inet palisade {}", chain.name),
+        format!("insert rule inet palisade {} accept", chain.name),
+        format!("flush set inet palisade {}", set.name),
+        format!("add element inet palisade {} {{ 203.0.113.99 }}", set.name),
+        format!("flush set inet palisade {}", interval.name),
+    ];
+    for t in &tamper {
+        palisade_testkit::nft::load_here(t);
+    }
+    assert_ne!(
+        listed(&nft),
+        want,
+        "control: the tampering changed the table"
+    );
+    let chains = [chain.name.clone()].into();
+    let sets = [set.name.clone(), interval.name.clone()].into();
+    let repair = rs.repair(&chains, &sets).expect("our own objects");
+    let nl = repair
+        .netlink
+        .as_ref()
+        .expect("a repair is encoded as netlink messages");
+    writer
+        .commit_prepared("repair", "palisade", &nl.parts())
+        .unwrap_or_else(|e| {
+            panic!(
+                "the kernel refused the repair: {e}\n{}",
+                repair.to_json_string()
+            )
+        });
+    let got = listed(&nft);
+    if got != want {
+        let (extra, missing) = differences(&got, &want);
+        panic!("the repair left another table\nonly repaired: {extra:#?}\nonly full: {missing:#?}");
+    }
+}

@@ -609,8 +609,13 @@ impl Ruleset {
             .map(|n| self.sets.get(n))
             .collect::<Option<_>>()?;
         let mut cmds: Vec<Command> = Vec::new();
+        // The same steps as nfnetlink messages (`Batch::netlink`): an `add` without NLM_F_EXCL
+        // of what exists changes nothing, as nft's does; elements and rules name sets by name
+        // first, so an existing set is found.
+        let mut nl = super::netlink::Transaction::new();
         for c in &chains {
             cmds.push(cmd("add", chain_obj(c, true)).into());
+            nl.add_chain(c);
         }
         for s in &sets {
             cmds.push(cmd("add", set_obj(s, None)).into());
@@ -618,6 +623,8 @@ impl Ruleset {
             if !s.elements.is_empty() {
                 cmds.push(Command::elements(true, s, &s.elements));
             }
+            nl.add_set(s);
+            nl.refill_set(s, true);
         }
         // Counters the rules name, in case they went with the rules (an `add` of an existing one
         // keeps its values).
@@ -632,14 +639,19 @@ impl Ruleset {
             .collect();
         for n in counters {
             cmds.push(cmd("add", counter_obj(n)).into());
+            nl.add_counter(n);
         }
         for c in &chains {
             cmds.push(cmd("flush", chain_obj(c, false)).into());
+            nl.flush_chain(&c.name);
             for r in &c.rules {
                 cmds.push(cmd("add", rule_obj(&c.name, r)).into());
+                nl.add_rule(&c.name, r);
             }
         }
-        Some(Batch::from_commands(cmds))
+        let mut b = Batch::from_commands(cmds);
+        b.netlink = nl.finish().ok().flatten();
+        Some(b)
     }
 
     /// The whole ruleset as nft JSON (the same document as [`Ruleset::full_replace`]).
