@@ -39,6 +39,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The ruleset changed during every try of a listing that must see one generation (commits
+    /// came in between each time); nothing is wrong, a later listing may settle.
+    #[error("nfnetlink {action}: the ruleset changed during each of {attempts} tries")]
+    Unsettled {
+        action: &'static str,
+        attempts: usize,
+    },
     /// The kernel's answer was not what the protocol promises (truncated or missing acks).
     #[error("nfnetlink {action}: unexpected answer from the kernel: {message}")]
     Protocol {
@@ -60,12 +67,18 @@ impl Error {
             Error::BadName { .. }
             | Error::Netlink { .. }
             | Error::Protocol { .. }
+            | Error::Unsettled { .. }
             | Error::Monitor { .. } => false,
         }
     }
 }
 
 impl Error {
+    /// Whether a listing gave up because the ruleset kept changing under it ([`Error::Unsettled`]).
+    pub fn is_unsettled(&self) -> bool {
+        matches!(self, Error::Unsettled { .. })
+    }
+
     /// Whether the kernel refused a transaction because another one was committed after the
     /// generation it was bound to (`ERESTART`; see `setelem::ElementWriter::commit_prepared_at`).
     pub fn is_generation_moved(&self) -> bool {
@@ -98,5 +111,11 @@ mod tests {
         }
         .is_absent());
         assert!(absent.to_string().starts_with("nft apply failed: "));
+        let unsettled = Error::Unsettled {
+            action: "summarize table",
+            attempts: 8,
+        };
+        assert!(!unsettled.is_absent() && unsettled.is_unsettled());
+        assert!(!absent.is_unsettled());
     }
 }

@@ -13,7 +13,7 @@
 //! is not stable across kernels (attributes a newer kernel adds change it) or builds.
 
 use crate::dump::{self, End};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::setelem::{
     check_names, family_number, message, open_socket, query_generation, serialize, Context,
     FIRST_SEQ,
@@ -41,8 +41,9 @@ pub struct TableSummary {
     pub pending: u64,
 }
 
-/// Listings started again when the ruleset changed while one was read.
-const ATTEMPTS: usize = 5;
+/// Listings started again when the ruleset changed while one was read (a commit every ~20 ms
+/// leaves a 60 ms listing about one chance in twenty per try).
+const ATTEMPTS: usize = 8;
 
 /// `NFT_MSG_NEW*` message types as the kernel answers dumps (low byte of the netlink type).
 const NFT_MSG_NEWTABLE: u8 = 0;
@@ -88,7 +89,7 @@ const SKIP_ELEMENT: &[u16] = &[5, 8]; // EXPIRATION, PAD
 /// Summarises `table FAMILY TABLE` (see [`TableSummary`]); the elements of `unhashed_sets` are
 /// counted, not hashed. `None` when the table does not exist. The listing is consistent: the
 /// ruleset generation is read before and after it, and a listing a commit came between is read
-/// again (up to five times; then an error).
+/// again (up to eight times; then [`Error::Unsettled`]).
 pub fn table(family: &str, table: &str, unhashed_sets: &[&str]) -> Result<Option<TableSummary>> {
     let action = "summarize table";
     let nfproto = family_number(action, family)?;
@@ -123,9 +124,10 @@ pub fn table(family: &str, table: &str, unhashed_sets: &[&str]) -> Result<Option
             Read::Interrupted => continue,
         }
     }
-    Err(ctx.protocol(format!(
-        "the ruleset changed during each of {ATTEMPTS} listings"
-    )))
+    Err(Error::Unsettled {
+        action,
+        attempts: ATTEMPTS,
+    })
 }
 
 /// What one listing found.

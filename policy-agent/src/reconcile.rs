@@ -28,7 +28,7 @@ use crate::cniconf;
 use crate::compiled;
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Sizes};
-use crate::nft::{Nft, TableSummary};
+use crate::nft::Nft;
 use crate::route_sync::RouteSync;
 use crate::schedule::{Schedule, SweepCredit};
 use crate::source::SourceEvent;
@@ -99,7 +99,7 @@ pub enum Msg {
     /// the resync's check, judged by fingerprint).
     Snapshot {
         generation: u64,
-        listing: std::result::Result<Option<TableSummary>, String>,
+        listing: crate::table_watch::Listing,
         check: bool,
     },
     /// What the flow log's NFLOG reader got: attributed with the model, then written.

@@ -27,6 +27,33 @@ pub enum Verdict {
     Stale,
 }
 
+/// What a listing of our table found: its summary, `None` without the table.
+pub type Listing = std::result::Result<Option<TableSummary>, ListingError>;
+
+/// Why a listing of our table gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListingError {
+    pub message: String,
+    /// The ruleset kept changing while it was listed (commits came in between every try):
+    /// nothing is wrong, a later listing may settle.
+    pub unsettled: bool,
+}
+
+impl From<crate::error::Error> for ListingError {
+    fn from(e: crate::error::Error) -> Self {
+        let unsettled = matches!(&e, crate::error::Error::NftRun(n) if n.is_unsettled());
+        ListingError {
+            message: e.to_string(),
+            unsettled,
+        }
+    }
+}
+
+/// Summarises our table (the one way every listing here is taken).
+fn list() -> Listing {
+    Nft::summarize_table().map_err(ListingError::from)
+}
+
 /// A listing asked of the reader thread: for commit `generation`, and whether it is the resync's
 /// check (judged by fingerprint) rather than a post-commit snapshot (judged by counts).
 #[derive(Debug, Clone, Copy)]
@@ -77,7 +104,7 @@ impl TableWatch {
                             check: req.check || r.check,
                         };
                     }
-                    let listing = Nft::summarize_table().map_err(|e| e.to_string());
+                    let listing = list();
                     if reply
                         .blocking_send(Msg::Snapshot {
                             generation: req.generation,
@@ -121,20 +148,17 @@ impl TableWatch {
     }
 
     /// Lists our table on the calling thread, a failure counted.
-    fn list_inline(metrics: &Metrics) -> std::result::Result<Option<TableSummary>, String> {
-        Nft::summarize_table().map_err(|e| {
-            metrics.error(e.kind());
-            e.to_string()
+    fn list_inline(metrics: &Metrics) -> Listing {
+        list().inspect_err(|e| {
+            if !e.unsettled {
+                metrics.error("nft");
+            }
         })
     }
 
     /// Judges a listing of our table taken for commit `generation`. Chains, rules and sets map one
     /// to one from our ruleset, so a count that differs already means someone changed the table.
-    pub fn listed(
-        &mut self,
-        generation: u64,
-        listing: std::result::Result<Option<TableSummary>, String>,
-    ) -> Verdict {
+    pub fn listed(&mut self, generation: u64, listing: Listing) -> Verdict {
         if generation != self.generation {
             return Verdict::Stale;
         }
@@ -154,8 +178,12 @@ impl TableWatch {
                 s.chains, s.rules, s.sets, stats.chains, stats.rules, stats.sets
             )),
             Ok(None) => Verdict::Restore(TABLE_REMOVED.into()),
+            Err(e) if e.unsettled => {
+                debug!(error = %e.message, "our table kept changing while it was read back; the next commit's read-back tries again");
+                Verdict::Fine
+            }
             Err(e) => {
-                warn!(error = %e, "cannot read back our table");
+                warn!(error = %e.message, "cannot read back our table");
                 Verdict::Fine
             }
         }
@@ -193,19 +221,19 @@ impl TableWatch {
     /// against the one taken after the last commits; when no snapshot has been taken since, by
     /// the counts, as a snapshot is (and its fingerprint is kept). A listing from before a later
     /// commit is stale (the next resync checks again).
-    pub fn checked(
-        &mut self,
-        generation: u64,
-        listing: std::result::Result<Option<TableSummary>, String>,
-    ) -> Verdict {
+    pub fn checked(&mut self, generation: u64, listing: Listing) -> Verdict {
         if generation != self.generation {
             return Verdict::Stale;
         }
         let found = match listing {
             Ok(Some(s)) => s,
             Ok(None) => return Verdict::Restore(TABLE_REMOVED.into()),
+            Err(e) if e.unsettled => {
+                debug!(error = %e.message, "our table kept changing while it was listed (commits under churn); checked again at the next resync");
+                return Verdict::Fine;
+            }
             Err(e) => {
-                warn!(error = %e, "cannot list or parse our table to verify it; checked again at the next resync");
+                warn!(error = %e.message, "cannot list or parse our table to verify it; checked again at the next resync");
                 return Verdict::Fine;
             }
         };
@@ -228,6 +256,33 @@ impl TableWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failed() -> ListingError {
+        ListingError {
+            message: "nft failed".into(),
+            unsettled: false,
+        }
+    }
+
+    #[test]
+    fn a_listing_given_up_under_churn_is_unsettled_and_other_failures_are_not() {
+        let unsettled = ListingError::from(crate::error::Error::NftRun(
+            palisade_nft::Error::Unsettled {
+                action: "summarize table",
+                attempts: 8,
+            },
+        ));
+        assert!(unsettled.unsettled, "{unsettled:?}");
+        let other =
+            ListingError::from(crate::error::Error::NftRun(palisade_nft::Error::Protocol {
+                action: "summarize table",
+                message: "truncated".into(),
+            }));
+        assert!(!other.unsettled);
+        let mut w = TableWatch::default();
+        w.committed(palisade_policy::ruleset::RulesetStats::default());
+        assert_eq!(w.checked(1, Err(unsettled)), Verdict::Fine);
+    }
 
     fn summary(chains: u64, rules: u64, sets: u64, fingerprint: u64) -> TableSummary {
         TableSummary {
@@ -263,11 +318,7 @@ mod tests {
             matches!(w.listed(1, Ok(Some(summary(3, 9, 2, 7)))), Verdict::Restore(m) if m.contains("9 rules"))
         );
         assert!(matches!(w.listed(1, Ok(None)), Verdict::Restore(_)));
-        assert_eq!(
-            w.listed(1, Err("nft failed".into())),
-            Verdict::Fine,
-            "cannot judge"
-        );
+        assert_eq!(w.listed(1, Err(failed())), Verdict::Fine, "cannot judge");
     }
 
     #[test]
@@ -286,7 +337,7 @@ mod tests {
             matches!(w.checked(1, Ok(Some(summary(3, 10, 2, 8)))), Verdict::Restore(m) if m.contains("where we had"))
         );
         assert!(matches!(w.checked(1, Ok(None)), Verdict::Restore(m) if m.contains("removed")));
-        assert_eq!(w.checked(1, Err("nft failed".into())), Verdict::Fine);
+        assert_eq!(w.checked(1, Err(failed())), Verdict::Fine);
         // A listing taken before a later commit says nothing about it.
         w.committed(stats(3, 11, 2));
         assert_eq!(w.checked(1, Ok(Some(summary(3, 10, 2, 8)))), Verdict::Stale);
