@@ -130,6 +130,38 @@ pub fn table(family: &str, table: &str, unhashed_sets: &[&str]) -> Result<Option
     })
 }
 
+/// Whether `table FAMILY TABLE` exists: one dump of the family's tables (names and flags only,
+/// nothing of their contents).
+pub fn exists(family: &str, table: &str) -> Result<bool> {
+    let action = "look for table";
+    let nfproto = family_number(action, family)?;
+    check_names(action, [table])?;
+    let ctx = Context {
+        action,
+        family,
+        table,
+        sets: Vec::new(),
+    };
+    let sock = open_socket().map_err(|e| ctx.io(e))?;
+    let request = serialize(&[message(
+        NfTablesMessage::GetTable(TableMessage { attributes: vec![] }),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        FIRST_SEQ,
+        nfproto.into(),
+        0,
+    )]);
+    let mut found = false;
+    dump::dump(&sock, &ctx, &request, &mut dump::buffer(), |ty, payload| {
+        if (ty & 0xff) as u8 == NFT_MSG_NEWTABLE
+            && string_attr(attributes(payload)?, ATTR_TABLE)? == Some(table.as_bytes())
+        {
+            found = true;
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// What one listing found.
 enum Read {
     Complete(TableSummary),

@@ -44,7 +44,13 @@ fn fresh(then: &str) -> TableSummary {
 fn a_summary_counts_the_table_and_absence_is_none() {
     enter_private_netns();
     assert_eq!(summary::table("inet", "t", &["pending_v4"]).unwrap(), None);
+    assert!(!summary::exists("inet", "t").unwrap());
     load_here(TABLE);
+    assert!(summary::exists("inet", "t").unwrap());
+    assert!(
+        !summary::exists("ip", "t").unwrap(),
+        "another family's table of that name"
+    );
     load_here("add element inet t pending_v4 { 10.9.0.1, 10.9.0.2 }");
     let s = summarize();
     assert_eq!((s.chains, s.rules, s.sets), (2, 4, 4));
@@ -52,6 +58,7 @@ fn a_summary_counts_the_table_and_absence_is_none() {
     assert_eq!((s.elements, s.pending), (8, 2));
     load_here("delete table inet t");
     assert_eq!(summary::table("inet", "t", &[]).unwrap(), None);
+    assert!(!summary::exists("inet", "t").unwrap());
     assert!(summary::table("inet", "t; flush ruleset", &[]).is_err());
 }
 

@@ -233,11 +233,6 @@ impl Nft {
         Ok(false)
     }
 
-    /// Lists our table as nft JSON; `None` when the table does not exist.
-    pub fn list_table(&self) -> Result<Option<String>> {
-        Ok(self.runner.list_table(TABLE_FAMILY, TABLE_NAME)?)
-    }
-
     /// Summarises our table as the kernel dumps it (see [`TableSummary`]); `None` when the table
     /// does not exist. Over nfnetlink whatever the backend: no `nft` process, no listing held.
     pub fn summarize_table() -> Result<Option<TableSummary>> {
@@ -260,7 +255,9 @@ impl Nft {
             {"add": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}},
             {"delete": {"table": {"family": TABLE_FAMILY, "name": TABLE_NAME}}}
         ]});
-        let existed = self.list_table()?.is_some();
+        // Asked of the kernel directly: `nft list table` would build a cache of the whole table
+        // (hundreds of MB at 100k pods) to answer whether it exists.
+        let existed = palisade_nft::summary::exists(TABLE_FAMILY, TABLE_NAME)?;
         self.apply(&batch.to_string())?;
         Ok(existed)
     }
