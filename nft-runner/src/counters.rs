@@ -8,10 +8,7 @@
 
 use crate::dump;
 use crate::error::Result;
-use crate::setelem::{
-    check_names, family_number, message, open_socket, serialize, Context, FIRST_SEQ,
-};
-use netlink_packet_core::{DefaultNla, NlasIterator, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{DefaultNla, NlasIterator};
 use netlink_packet_netfilter::nftables::NfTablesMessage;
 use std::collections::HashMap;
 
@@ -30,32 +27,14 @@ const ATTEMPTS: usize = 5;
 /// Packets counted by each named counter of `table FAMILY TABLE`, by name; empty when the table
 /// does not exist (or has no counter).
 pub fn packets(family: &str, table: &str) -> Result<HashMap<String, u64>> {
-    let action = "list counters";
-    let nfproto = family_number(action, family)?;
-    check_names(action, [table])?;
-    let ctx = Context {
-        action,
-        family,
-        table,
-        sets: Vec::new(),
-    };
-    let mut name = table.as_bytes().to_vec();
-    name.push(0);
-    let request = serialize(&[message(
-        NfTablesMessage::GetObject(vec![
-            DefaultNla::new(NFTA_OBJ_TABLE, name),
-            DefaultNla::new(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER.to_be_bytes().to_vec()),
-        ]),
-        NLM_F_REQUEST | NLM_F_DUMP,
-        FIRST_SEQ,
-        nfproto.into(),
-        0,
-    )]);
-    let sock = open_socket().map_err(|e| ctx.io(e))?;
-    let mut buf = dump::buffer();
+    let mut dumper = dump::Dumper::open("list counters", family, table, &[])?;
+    let request = NfTablesMessage::GetObject(vec![
+        DefaultNla::new(NFTA_OBJ_TABLE, dump::nul(table)),
+        DefaultNla::new(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER.to_be_bytes().to_vec()),
+    ]);
     for _ in 0..ATTEMPTS {
         let mut counts = HashMap::new();
-        let end = dump::dump(&sock, &ctx, &request, &mut buf, |_, payload| {
+        let end = dumper.dump(request.clone(), |_, payload| {
             if let Some((name, packets)) = counter_of(payload)? {
                 counts.insert(name, packets);
             }
@@ -69,9 +48,7 @@ pub fn packets(family: &str, table: &str) -> Result<HashMap<String, u64>> {
             dump::End::Interrupted => continue,
         }
     }
-    Err(ctx.protocol(format!(
-        "the ruleset changed during each of {ATTEMPTS} dumps"
-    )))
+    Err(dumper.unsettled(ATTEMPTS))
 }
 
 /// Name and packets of one `NFT_MSG_NEWOBJ` payload (nfgenmsg, then attributes); `None` for a

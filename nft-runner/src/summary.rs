@@ -12,13 +12,9 @@
 //! The fingerprint compares a table with itself at another time, by the same code and kernel; it
 //! is not stable across kernels (attributes a newer kernel adds change it) or builds.
 
-use crate::dump::{self, End};
-use crate::error::{Error, Result};
-use crate::setelem::{
-    check_names, family_number, message, open_socket, query_generation, serialize, Context,
-    FIRST_SEQ,
-};
-use netlink_packet_core::{DefaultNla, NlasIterator, NLM_F_DUMP, NLM_F_REQUEST};
+use crate::dump::{self, Dumper, End};
+use crate::error::Result;
+use netlink_packet_core::{DefaultNla, NlasIterator};
 use netlink_packet_netfilter::nftables::{
     ChainMessage, NfTablesMessage, RuleAttribute, RuleMessage, SetAttribute, SetElementList,
     SetElementMessage, SetMessage, TableMessage,
@@ -91,31 +87,15 @@ const SKIP_ELEMENT: &[u16] = &[5, 8]; // EXPIRATION, PAD
 /// ruleset generation is read before and after it, and a listing a commit came between is read
 /// again (up to eight times; then [`Error::Unsettled`]).
 pub fn table(family: &str, table: &str, unhashed_sets: &[&str]) -> Result<Option<TableSummary>> {
-    let action = "summarize table";
-    let nfproto = family_number(action, family)?;
-    check_names(
-        action,
-        std::iter::once(table).chain(unhashed_sets.iter().copied()),
-    )?;
-    let ctx = Context {
-        action,
-        family,
-        table,
-        sets: Vec::new(),
-    };
-    let sock = open_socket().map_err(|e| ctx.io(e))?;
     let mut reader = Reader {
-        sock: &sock,
-        ctx: &ctx,
-        nfproto,
+        dumper: Dumper::open("summarize table", family, table, unhashed_sets)?,
         table,
         unhashed: unhashed_sets,
-        buf: dump::buffer(),
     };
     for _ in 0..ATTEMPTS {
-        let before = query_generation(&sock, &ctx)?;
+        let before = reader.dumper.generation()?;
         let read = reader.read()?;
-        if query_generation(&sock, &ctx)? != before {
+        if reader.dumper.generation()? != before {
             continue;
         }
         match read {
@@ -124,41 +104,25 @@ pub fn table(family: &str, table: &str, unhashed_sets: &[&str]) -> Result<Option
             Read::Interrupted => continue,
         }
     }
-    Err(Error::Unsettled {
-        action,
-        attempts: ATTEMPTS,
-    })
+    Err(reader.dumper.unsettled(ATTEMPTS))
 }
 
 /// Whether `table FAMILY TABLE` exists: one dump of the family's tables (names and flags only,
 /// nothing of their contents).
 pub fn exists(family: &str, table: &str) -> Result<bool> {
-    let action = "look for table";
-    let nfproto = family_number(action, family)?;
-    check_names(action, [table])?;
-    let ctx = Context {
-        action,
-        family,
-        table,
-        sets: Vec::new(),
-    };
-    let sock = open_socket().map_err(|e| ctx.io(e))?;
-    let request = serialize(&[message(
-        NfTablesMessage::GetTable(TableMessage { attributes: vec![] }),
-        NLM_F_REQUEST | NLM_F_DUMP,
-        FIRST_SEQ,
-        nfproto.into(),
-        0,
-    )]);
+    let mut dumper = Dumper::open("look for table", family, table, &[])?;
     let mut found = false;
-    dump::dump(&sock, &ctx, &request, &mut dump::buffer(), |ty, payload| {
-        if (ty & 0xff) as u8 == NFT_MSG_NEWTABLE
-            && string_attr(attributes(payload)?, ATTR_TABLE)? == Some(table.as_bytes())
-        {
-            found = true;
-        }
-        Ok(())
-    })?;
+    dumper.dump(
+        NfTablesMessage::GetTable(TableMessage { attributes: vec![] }),
+        |ty, payload| {
+            if (ty & 0xff) as u8 == NFT_MSG_NEWTABLE
+                && string_attr(attributes(payload)?, ATTR_TABLE)? == Some(table.as_bytes())
+            {
+                found = true;
+            }
+            Ok(())
+        },
+    )?;
     Ok(found)
 }
 
@@ -170,12 +134,9 @@ enum Read {
 }
 
 struct Reader<'a> {
-    sock: &'a netlink_sys::Socket,
-    ctx: &'a Context<'a>,
-    nfproto: u8,
+    dumper: Dumper<'a>,
     table: &'a str,
     unhashed: &'a [&'a str],
-    buf: Vec<u8>,
 }
 
 impl Reader<'_> {
@@ -192,12 +153,13 @@ impl Reader<'_> {
             NfTablesMessage::GetSet(SetMessage {
                 attributes: vec![SetAttribute::Table(table.clone())],
             }),
-            NfTablesMessage::GetObject(vec![DefaultNla::new(NFTA_OBJ_TABLE, nul(&table))]),
+            NfTablesMessage::GetObject(vec![DefaultNla::new(NFTA_OBJ_TABLE, dump::nul(&table))]),
         ];
         let mut sets = Vec::new();
         for request in dumps {
-            let end = self.dump(request, |ty, payload| {
-                s.object(self.table.as_bytes(), ty, payload, &mut sets)
+            let table = self.table.as_bytes();
+            let end = self.dumper.dump(request, |ty, payload| {
+                s.object(table, ty, payload, &mut sets)
             })?;
             match end {
                 End::Complete => {}
@@ -219,7 +181,7 @@ impl Reader<'_> {
                 ],
             });
             let mut elements = Elements::default();
-            let end = self.dump(request, |ty, payload| {
+            let end = self.dumper.dump(request, |ty, payload| {
                 elements.message(ty, payload, unhashed)
             })?;
             match end {
@@ -229,21 +191,6 @@ impl Reader<'_> {
             }
         }
         Ok(Read::Complete(s.finish()))
-    }
-
-    fn dump(
-        &mut self,
-        request: NfTablesMessage,
-        each: impl FnMut(u16, &[u8]) -> std::result::Result<(), String>,
-    ) -> Result<End> {
-        let request = serialize(&[message(
-            request,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            FIRST_SEQ,
-            self.nfproto.into(),
-            0,
-        )]);
-        dump::dump(self.sock, self.ctx, &request, &mut self.buf, each)
     }
 }
 
@@ -455,13 +402,6 @@ fn be_u32(v: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(v.try_into().ok()?))
 }
 
-/// `name` as a NUL-terminated attribute value.
-fn nul(name: &str) -> Vec<u8> {
-    let mut v = name.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,7 +417,11 @@ mod tests {
 
     /// A rule of table `t` whose one expression is `name` with `data`, handle `handle`.
     fn rule(handle: u64, name: &str, data: &[u8]) -> Vec<u8> {
-        let expr = [nla(NFTA_EXPR_NAME, &nul(name)), nla(NFTA_EXPR_DATA, data)].concat();
+        let expr = [
+            nla(NFTA_EXPR_NAME, &dump::nul(name)),
+            nla(NFTA_EXPR_DATA, data),
+        ]
+        .concat();
         let exprs = nla(1, &expr);
         let mut payload = vec![1, 0, 0, 0];
         payload.extend(nla(ATTR_TABLE, b"t\0"));
