@@ -34,6 +34,21 @@ fn diff_sequences(
     }
 }
 
+/// This test thread in a network namespace of its own: a libnftables runner and a netlink writer
+/// (the agent's kept socket) in it.
+fn private_kernel() -> (palisade_nft::Nft, palisade_nft::setelem::ElementWriter) {
+    palisade_testkit::netns::enter_private_netns();
+    (
+        palisade_nft::Nft::new(palisade_nft::Backend::Lib),
+        palisade_nft::setelem::ElementWriter::new(),
+    )
+}
+
+/// Our table as listed there, normalized by `palisade_testkit::nft`.
+fn listed(nft: &palisade_nft::Nft) -> Value {
+    palisade_testkit::nft::normalized(&nft.list_table("inet", "palisade").unwrap().unwrap())
+}
+
 /// What only `got` and only `want` hold, two listings normalized by `palisade_testkit::nft`
 /// (objects, and each chain's rules in order).
 fn differences(got: &Value, want: &Value) -> (Vec<String>, Vec<String>) {
@@ -104,12 +119,7 @@ fn incremental_diffs_equal_full_replace_in_the_kernel_root() {
 /// element left behind, a flush that misses, a rule in the wrong place).
 #[test]
 fn incremental_netlink_diffs_equal_full_replace_in_the_kernel_root() {
-    palisade_testkit::netns::enter_private_netns();
-    let nft = palisade_nft::Nft::new(palisade_nft::Backend::Lib);
-    let mut writer = palisade_nft::setelem::ElementWriter::new();
-    let listed = |nft: &palisade_nft::Nft| -> Value {
-        palisade_testkit::nft::normalized(&nft.list_table("inet", "palisade").unwrap().unwrap())
-    };
+    let (nft, mut writer) = private_kernel();
     let (mut by_netlink, mut by_json) = (0, 0);
     diff_sequences(
         &[3, 11, 29],
@@ -158,12 +168,7 @@ fn incremental_netlink_diffs_equal_full_replace_in_the_kernel_root() {
 /// them: a chain flushed, a foreign rule inserted, sets emptied, a foreign element added.
 #[test]
 fn a_repair_committed_as_netlink_messages_restores_what_was_tampered_with_root() {
-    palisade_testkit::netns::enter_private_netns();
-    let nft = palisade_nft::Nft::new(palisade_nft::Backend::Lib);
-    let mut writer = palisade_nft::setelem::ElementWriter::new();
-    let listed = |nft: &palisade_nft::Nft| -> Value {
-        palisade_testkit::nft::normalized(&nft.list_table("inet", "palisade").unwrap().unwrap())
-    };
+    let (nft, mut writer) = private_kernel();
     let cfg = SynthConfig::small(7);
     let rs = compile(&synth::cluster(&cfg), "n0").ruleset;
     nft.apply(&rs.full_replace_text()).unwrap();
