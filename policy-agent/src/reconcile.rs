@@ -549,8 +549,9 @@ impl Engine {
         self.metrics.commit_ok(took, full, sizes);
         if committed {
             self.table.committed(stats);
-            if !full {
-                // A policy deleted since carries nothing into one created again later.
+            if !full && moved.is_none() {
+                // A policy deleted since carries nothing into one created again later (a batch
+                // of address elements only, the common one under churn, deletes no counter).
                 self.forget_gone_counters();
             }
         }
