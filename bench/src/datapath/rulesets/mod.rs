@@ -14,6 +14,8 @@
 //!   with `--cluster-policies`).
 //! - `palisade-ingress-guard`: an experiment, the source guard moved to per-veth ingress chains.
 //! - `palisade-sized-sets`: an experiment, sets declared with a size (fixed-size hash in the kernel).
+//! - `palisade-after`: an experiment, palisade's table and then the `nft -f` commands of
+//!   `$PALISADE_BENCH_AFTER/<node>.nft` (a hand-written change measured against `palisade`).
 //! - `palisade-lean-prologue`: an experiment, the base chains' guard and ct state rules in fewer
 //!   expressions (a jump to a guard chain, one `ct state vmap`).
 //!
@@ -55,10 +57,12 @@ pub enum System {
     /// resizable rhashtable): the source guard's sets, or every set and map with
     /// `PALISADE_BENCH_SIZED_SETS=all`.
     PalisadeSizedSets,
+    /// EXPERIMENT: palisade's table, then the `nft -f` commands in `$PALISADE_BENCH_AFTER/<node>.nft`.
+    PalisadeAfter,
 }
 
 impl System {
-    pub const ALL: [System; 10] = [
+    pub const ALL: [System; 11] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
@@ -69,6 +73,7 @@ impl System {
         System::PalisadeIngressGuard,
         System::PalisadeLeanPrologue,
         System::PalisadeSizedSets,
+        System::PalisadeAfter,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +88,7 @@ impl System {
             System::PalisadeIngressGuard => "palisade-ingress-guard",
             System::PalisadeLeanPrologue => "palisade-lean-prologue",
             System::PalisadeSizedSets => "palisade-sized-sets",
+            System::PalisadeAfter => "palisade-after",
         }
     }
 
@@ -97,6 +103,9 @@ impl System {
             })
     }
 }
+
+/// The directory of `palisade-after`'s `<node>.nft` files.
+pub const AFTER_ENV: &str = "PALISADE_BENCH_AFTER";
 
 /// Conntrack on in every run: a kube-proxy stand-in that only reads the ct state.
 pub const BASE_TABLE: &str = "table inet bench_base {
@@ -147,6 +156,20 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         }
         System::PalisadeSizedSets => {
             palisade_real::render(cluster, node, palisade_real::Variant::SizedSets)?
+        }
+        System::PalisadeAfter => {
+            let mut r = palisade_real::render(cluster, node, palisade_real::Variant::Whole)?;
+            let dir = std::env::var(AFTER_ENV).map_err(|_| {
+                crate::Error::Invalid(format!(
+                    "palisade-after needs {AFTER_ENV}=<dir with <node>.nft>"
+                ))
+            })?;
+            let path = std::path::Path::new(&dir).join(format!("{node}.nft"));
+            r.nft_after = Some(
+                std::fs::read_to_string(&path)
+                    .map_err(crate::io_err(format!("reading {}", path.display())))?,
+            );
+            r
         }
         System::PalisadeNoCnp => {
             let mut without = cluster.clone();
@@ -206,7 +229,8 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         | System::PalisadeNoCounters
         | System::PalisadeIngressGuard
         | System::PalisadeLeanPrologue
-        | System::PalisadeSizedSets => {
+        | System::PalisadeSizedSets
+        | System::PalisadeAfter => {
             if system == System::PalisadeIngressGuard {
                 timed_in(
                     ns,
