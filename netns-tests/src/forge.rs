@@ -6,7 +6,7 @@
 use crate::probe::Protocol;
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 /// Sends `count` UDP datagrams, or `count` TCP SYNs (one connection attempt each, abandoned before
@@ -69,4 +69,105 @@ pub fn send_forged(src: IpAddr, dst: SocketAddr, proto: Protocol, count: u32) ->
         }
     }
     Ok(sent)
+}
+
+/// A VXLAN datagram (RFC 7348) for `vni` whose inner Ethernet frame, to `dst_mac`, holds a TCP SYN
+/// from `src` to `dst`: what any pod can send to a node's overlay port with a plain UDP socket (no
+/// capability needed). Decapsulated by that node, the SYN would enter through its overlay device
+/// carrying `src`, whoever sent it.
+pub fn vxlan_syn(vni: u32, dst_mac: [u8; 6], src: Ipv4Addr, dst: SocketAddrV4) -> Vec<u8> {
+    fn checksum(data: &[u8]) -> u16 {
+        let mut sum: u32 = data
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&40_000u16.to_be_bytes()); // source port
+    tcp.extend_from_slice(&dst.port().to_be_bytes());
+    tcp.extend_from_slice(&1u32.to_be_bytes()); // sequence
+    tcp.extend_from_slice(&0u32.to_be_bytes()); // acknowledgment
+    tcp.extend_from_slice(&[5 << 4, 0x02]); // 20-byte header, SYN
+    tcp.extend_from_slice(&65_535u16.to_be_bytes()); // window
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    let mut pseudo = Vec::with_capacity(12 + tcp.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = Vec::with_capacity(20);
+    ip.extend_from_slice(&[0x45, 0]);
+    ip.extend_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0, 0, 64, 6, 0, 0]); // id, no fragment, TTL 64, TCP, checksum
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.ip().octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut out = Vec::with_capacity(8 + 14 + ip.len() + tcp.len());
+    out.extend_from_slice(&[0x08, 0, 0, 0]); // flags: VNI present
+    out.extend_from_slice(&(vni << 8).to_be_bytes());
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&[0x0e, 0x70, 0, 0, 0, 1]); // any source MAC
+    out.extend_from_slice(&[0x08, 0x00]); // IPv4
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&tcp);
+    out
+}
+
+/// Sends `payload` `count` times from an ordinary UDP socket; returns how many left.
+pub fn send_datagrams(to: SocketAddr, payload: &[u8], count: u32) -> io::Result<u32> {
+    let domain = if to.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::DGRAM, None)?;
+    let to = SockAddr::from(to);
+    for _ in 0..count {
+        s.send_to(payload, &to)?;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vxlan_syn_carries_valid_inner_checksums() {
+        let d = vxlan_syn(
+            0x50_41_4c,
+            [0x0e, 0x70, 172, 31, 0, 2],
+            Ipv4Addr::new(10, 244, 1, 2),
+            SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 2), 80),
+        );
+        assert_eq!(&d[..8], &[0x08, 0, 0, 0, 0x50, 0x41, 0x4c, 0]);
+        let ip = &d[22..42];
+        // A header with its checksum in place sums to 0xffff (checksum 0 of it).
+        let fold = |data: &[u8]| {
+            let mut s: u32 = data
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+                .sum();
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            s
+        };
+        assert_eq!(fold(ip), 0xffff);
+        let tcp = &d[42..];
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&ip[12..20]);
+        pseudo.extend_from_slice(&[0, 6, 0, tcp.len() as u8]);
+        pseudo.extend_from_slice(tcp);
+        assert_eq!(fold(&pseudo), 0xffff);
+        assert_eq!(tcp[13], 0x02, "a SYN");
+    }
 }

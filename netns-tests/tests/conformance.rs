@@ -452,7 +452,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 15] = [
+    let named: [(&str, LabTest); 16] = [
         (
             "extra::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy",
             flow_log::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy,
@@ -476,6 +476,10 @@ fn all_tests() -> Result<Vec<Test>, String> {
         (
             "extra::forged_sources_are_dropped_at_the_pods_veth",
             forged::forged_sources_are_dropped_at_the_pods_veth,
+        ),
+        (
+            "extra::forged_overlay_packets_are_dropped_before_decapsulation",
+            forged::forged_overlay_packets_are_dropped_before_decapsulation,
         ),
         (
             "extra::harness_detects_a_wrong_expectation",

@@ -29,3 +29,4 @@ pub mod schedule;
 pub mod server;
 pub mod source;
 pub mod table_watch;
+pub mod tunnel_guard;

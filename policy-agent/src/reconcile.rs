@@ -431,7 +431,7 @@ impl Engine {
         }
     }
 
-    /// One reconcile: stage the attachment records and egress NAT and compile (outside the lock, so
+    /// One reconcile: stage the attachment records, egress NAT and tunnel guard and compile (outside the lock, so
     /// the plugin waits only for the commit), then under the node lock re-read the records (their
     /// change is one more change to stage) and commit one transaction; then conflist and routes.
     /// Says what was committed.
@@ -447,6 +447,12 @@ impl Engine {
             no_masquerade: self.cfg.no_masquerade_cidrs.clone(),
         };
         if let Some(change) = crate::egress_nat::change(&nat, self.inc.state(), &node) {
+            compiled::stage(&mut self.inc, [change])?;
+        }
+        let overlay = self.routes.as_ref().is_some_and(RouteSync::overlay_in_use);
+        if let Some(change) =
+            crate::tunnel_guard::change(overlay, self.inc.state(), &node, &self.cfg.cluster_cidrs)
+        {
             compiled::stage(&mut self.inc, [change])?;
         }
         let full = self.inc.is_stale() || self.replace;

@@ -59,6 +59,37 @@ enum Command {
         /// PROTO:ADDR:PORT, e.g. udp:10.244.1.5:81.
         target: String,
     },
+    /// Send COUNT VXLAN datagrams (a plain UDP socket: no capability needed) to a node's overlay
+    /// port, each carrying a TCP SYN from SOURCE to TARGET for the device with MAC `--mac`; prints
+    /// how many left.
+    Vxlan {
+        /// ADDR:PORT of the node's overlay socket, e.g. 172.31.0.2:4796.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        vni: u32,
+        /// MAC of the overlay device that should take the inner frame, e.g. 0e:70:ac:1f:00:02.
+        #[arg(long)]
+        mac: String,
+        /// The inner packet's (forged) IPv4 source.
+        #[arg(long)]
+        source: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+        /// IPv4 ADDR:PORT the inner SYN goes to.
+        target: std::net::SocketAddrV4,
+    },
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("MAC {s:?}: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("MAC {s:?}: expected six bytes"))
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -113,6 +144,21 @@ fn run(cli: Cli) -> Result<(), String> {
             let t = parse_target(&target)?;
             let sent = palisade_netns_tests::forge::send_forged(source, t.addr, t.protocol, count)
                 .map_err(|e| format!("forging {} from {source} to {}: {e}", t.protocol, t.addr))?;
+            println!("{sent}");
+            Ok(())
+        }
+        Command::Vxlan {
+            to,
+            vni,
+            mac,
+            source,
+            count,
+            target,
+        } => {
+            let datagram =
+                palisade_netns_tests::forge::vxlan_syn(vni, parse_mac(&mac)?, source, target);
+            let sent = palisade_netns_tests::forge::send_datagrams(to, &datagram, count)
+                .map_err(|e| format!("sending VXLAN to {to}: {e}"))?;
             println!("{sent}");
             Ok(())
         }

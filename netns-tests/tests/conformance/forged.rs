@@ -279,3 +279,189 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
         Ok(())
     })
 }
+
+/// VNI of the agent's overlay devices (`palisade_agent::overlay::VNI`).
+const OVERLAY_VNI: u32 = 0x50_41_4c;
+
+/// MAC of a node's overlay device (what the inner frame must be addressed to).
+fn device_mac(node_netns: &str, device: &str) -> Result<[u8; 6], String> {
+    let out = run(node_netns, &["ip", "-j", "link", "show", device])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("ip -j link in {node_netns}: {e}"))?;
+    let mac = v[0]["address"]
+        .as_str()
+        .ok_or(format!("{device} in {node_netns} has no MAC: {out}"))?;
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("MAC {mac}: {e}"))?;
+    bytes.try_into().map_err(|_| format!("MAC {mac}"))
+}
+
+/// Packets the tunnel guard of a node dropped so far.
+fn tunnel_drops(node_netns: &str) -> Result<u64, String> {
+    Ok(counters(node_netns, &["table", "inet", "palisade"])?
+        .into_iter()
+        .filter(|(c, _)| c.starts_with("forged overlay packet"))
+        .map(|(_, n)| n)
+        .sum())
+}
+
+/// Sends COUNT VXLAN datagrams from `netns` to `node`'s overlay port, each a SYN from `source` to
+/// `to`:80 for that node's device (over its IPv4 or IPv6 underlay address).
+fn vxlan(
+    lab: &Lab,
+    netns: &str,
+    underlay: IpAddr,
+    mac: [u8; 6],
+    source: IpAddr,
+    to: IpAddr,
+) -> Result<(), String> {
+    let (IpAddr::V4(source), IpAddr::V4(to)) = (source, to) else {
+        return Err("the inner packet is IPv4".into());
+    };
+    let probe = lab.state().bins.probe();
+    let mac = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    run(
+        netns,
+        &[
+            &probe.to_string_lossy(),
+            "vxlan",
+            "--to",
+            &SocketAddr::new(underlay, lab::OVERLAY_UDP_PORT).to_string(),
+            "--vni",
+            &OVERLAY_VNI.to_string(),
+            "--mac",
+            &mac,
+            "--source",
+            &source.to_string(),
+            "--count",
+            &COUNT.to_string(),
+            &SocketAddr::new(to.into(), 80).to_string(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// A pod (a plain UDP socket is enough) sending VXLAN to a node's overlay port, the inner packet
+/// under an address the victim admits, over either underlay family: the node's input chain drops
+/// it before the VXLAN socket decapsulates it, and counts it. The same datagram from a node's own
+/// address is decapsulated and delivered, so the packet is well formed and only its sender
+/// decides. (Every node runs the overlay device, with or without peers: its socket listens.)
+pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) -> TestResult {
+    with_cleanup(lab, "forged overlay packets", |lab| {
+        let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
+        let nodes = lab.state().nodes.clone();
+        let victim_node = nodes
+            .iter()
+            .find(|n| n.name == victim.node)
+            .ok_or("victim's node unknown")?
+            .clone();
+        let other_node = nodes
+            .iter()
+            .find(|n| n.name != victim.node)
+            .ok_or("a second node is needed")?
+            .clone();
+        let admitted = lab
+            .pods()
+            .find(|p| p.namespace == "y")
+            .cloned()
+            .ok_or("the model has pods in y")?;
+        // Attackers: the pods of z, on both nodes; none is admitted to x/a, none is isolated.
+        let attackers: Vec<_> = lab.pods().filter(|p| p.namespace == "z").cloned().collect();
+        if !attackers.iter().any(|p| p.node == victim.node)
+            || !attackers.iter().any(|p| p.node != victim.node)
+        {
+            return Err("the model must place pods of z on both nodes".into());
+        }
+        apply(lab, vec![super::yaml(
+            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: admit-y, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}}",
+        )])?;
+        let victim4 = pod_ip(lab, VICTIM, Family::V4)?;
+        let source = pod_ip(lab, &admitted.key(), Family::V4)?;
+        let mut checks = vec![(
+            admitted.key(),
+            target(VICTIM, victim4, 80, Protocol::Tcp),
+            true,
+        )];
+        for a in &attackers {
+            checks.push((a.key(), target(VICTIM, victim4, 80, Protocol::Tcp), false));
+        }
+        let checks: Vec<(&str, _, bool)> = checks
+            .iter()
+            .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
+            .collect();
+        expect_reach(lab, &checks)?;
+        let _ = run(
+            &victim.netns,
+            &["nft", "delete", "table", "inet", COUNT_TABLE],
+        );
+        install_counters(&victim.netns, &[source])?;
+        let mut report = Vec::new();
+        for (underlay, device) in [
+            (
+                IpAddr::V4(lab::node_underlay_v4(victim_node.index)),
+                "vxlan.palisade",
+            ),
+            (
+                IpAddr::V6(lab::node_underlay_v6(victim_node.index)),
+                "vxlan6.palisade",
+            ),
+        ] {
+            let mac = device_mac(&victim_node.netns, device)?;
+            for a in &attackers {
+                let drops = tunnel_drops(&victim_node.netns)?;
+                let before = delivered(&victim.netns, source)?;
+                vxlan(lab, &a.netns, underlay, mac, source, victim4)?;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let n = delivered(&victim.netns, source)? - before;
+                if n != 0 {
+                    return Err(format!(
+                        "{} sent VXLAN to {underlay} ({device}) carrying SYNs from {source}: {n} of {COUNT} reached {VICTIM}",
+                        a.key()
+                    ));
+                }
+                let dropped = tunnel_drops(&victim_node.netns)? - drops;
+                if dropped < u64::from(COUNT) {
+                    return Err(format!(
+                        "{} sent {COUNT} VXLAN datagrams to {underlay}: the tunnel guard of {} counted {dropped}",
+                        a.key(),
+                        victim_node.name
+                    ));
+                }
+            }
+            // The other node may: its datagram is decapsulated and the SYN meets x/a's policy,
+            // which admits y.
+            let before = delivered(&victim.netns, source)?;
+            let from_node = match underlay {
+                IpAddr::V4(_) => IpAddr::V4(lab::node_underlay_v4(other_node.index)),
+                IpAddr::V6(_) => IpAddr::V6(lab::node_underlay_v6(other_node.index)),
+            };
+            vxlan(lab, &other_node.netns, underlay, mac, source, victim4)?;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let n = delivered(&victim.netns, source)? - before;
+            if n < u64::from(COUNT) {
+                return Err(format!(
+                    "{} ({from_node}) sent VXLAN to {underlay} ({device}): {n} of {COUNT} inner SYNs delivered; the crafted datagram must be what a node sends",
+                    other_node.name
+                ));
+            }
+            report.push(format!(
+                "{device} at {underlay}: {} pods' datagrams dropped, {}'s delivered",
+                attackers.len(),
+                other_node.name
+            ));
+        }
+        let _ = run(
+            &victim.netns,
+            &["nft", "delete", "table", "inet", COUNT_TABLE],
+        );
+        println!("  forged overlay packets: {}", report.join("; "));
+        Ok(())
+    })
+}

@@ -7,7 +7,7 @@ use super::{
     intervals, Compiled, CompiledClusterPolicy, CompiledPolicy, CompiledRule, LocalPod, PriorityTie,
 };
 use crate::model::{Action, Direction, Protocol, Tier};
-use crate::model::{EgressNat, FlowLog};
+use crate::model::{EgressNat, FlowLog, Tunnel};
 use crate::ruleset::names::{self, *};
 use crate::ruleset::{
     AddrField, BaseHook, Chain, ChainKind, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
@@ -509,8 +509,24 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         rules.extend([
             Rule::new(vec![Stmt::CtEstablishedRelated, Stmt::Accept]),
             Rule::new(vec![Stmt::CtInvalid, Stmt::Drop]),
-            Rule::new(vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]),
         ]);
+        // A new packet to the overlay port (outer VXLAN, delivered locally): only a node may send
+        // it. Here, not before the established accept: a dropped packet is never confirmed, so no
+        // flow to the port from another source ever becomes established.
+        if let (Hook::Input, Some(t)) = (hook, &c.tunnel) {
+            rules.push(
+                Rule::new(vec![
+                    Stmt::L4Proto(Protocol::Udp),
+                    Stmt::Dport(t.port),
+                    Stmt::Jump(CHAIN_TUNNEL.to_string()),
+                ])
+                .with_comment("overlay port: only nodes may send to it"),
+            );
+        }
+        rules.push(Rule::new(vec![
+            Stmt::Icmpv6NeighbourDiscovery,
+            Stmt::Accept,
+        ]));
         for fam in Family::BOTH {
             for f in [AddrField::Saddr, AddrField::Daddr] {
                 let mut stmts = vec![Stmt::AddrInSet {
@@ -547,6 +563,9 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
     }
     if let Some(log) = &c.flow_log {
         flow_log(rs, log);
+    }
+    if let Some(t) = &c.tunnel {
+        tunnel(rs, t);
     }
     let mut rules = vmap_lookups(Direction::Ingress);
     rules.push(
@@ -686,6 +705,54 @@ pub(crate) fn source_guard_rules() -> Vec<Rule> {
         ])
         .with_comment(what),
     ]
+}
+
+/// The overlay's guard: the input chain jumps here for a new packet to the overlay port; a node's
+/// underlay address returns (the VXLAN socket decapsulates it), anything else is counted and
+/// dropped. Without it a pod, or any host that reaches a node, could send a VXLAN datagram whose
+/// inner packet carries another pod's address: decapsulated, it would enter through the overlay
+/// device, where no source guard looks, and meet the policies as that pod.
+fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
+    let mut rules = Vec::new();
+    for fam in Family::BOTH {
+        rs.add_set(Set {
+            name: tunnel_peers_set(fam).to_string(),
+            key: match fam {
+                Family::V4 => SetKey::Ipv4,
+                Family::V6 => SetKey::Ipv6,
+            },
+            interval: false,
+            verdict_map: false,
+            comment: comment("underlay addresses of the nodes: who may send to the overlay port"),
+            elements: t
+                .peers
+                .iter()
+                .filter(|ip| Family::of(ip) == fam)
+                .map(|ip| Elem::Addr(*ip))
+                .collect(),
+        });
+        rules.push(
+            Rule::new(vec![
+                Stmt::AddrInSet {
+                    family: fam,
+                    field: AddrField::Saddr,
+                    set: tunnel_peers_set(fam).to_string(),
+                },
+                Stmt::Return,
+            ])
+            .with_comment("a node: the overlay decapsulates it"),
+        );
+    }
+    rules.push(
+        Rule::new(vec![Stmt::Counter, Stmt::Drop])
+            .with_comment("forged overlay packet: the sender is not a node"),
+    );
+    rs.add_chain(Chain {
+        name: CHAIN_TUNNEL.to_string(),
+        base: None,
+        comment: "new packets to the overlay port: nodes only".to_string(),
+        rules,
+    });
 }
 
 /// Egress NAT: a nat chain at srcnat, after every policy check (postrouting 90), masquerades what a

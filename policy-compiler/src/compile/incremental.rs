@@ -323,7 +323,7 @@ impl IncrementalCompiler {
                 self.state.apply(Change::DeleteClusterPolicy { name });
                 self.cluster_policy_changed(key, &mut dirty);
             }
-            ch @ Change::SetEgressNat(_) => {
+            ch @ (Change::SetEgressNat(_) | Change::SetTunnel(_)) => {
                 self.state.apply(ch); // the local part, rebuilt below, renders it
             }
             ch @ Change::SetFlowLog(_) => {

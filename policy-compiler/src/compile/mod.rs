@@ -333,6 +333,8 @@ pub struct Compiled {
     pub egress_nat: Option<crate::model::EgressNat>,
     /// This node's flow log, as the agent set it.
     pub flow_log: Option<crate::model::FlowLog>,
+    /// This node's overlay port and peers, as the agent set them.
+    pub tunnel: Option<crate::model::Tunnel>,
     pub ruleset: Ruleset,
     /// Problems the compiler worked around, each naming the objects (for the agent's log).
     pub warnings: Vec<String>,

@@ -59,6 +59,7 @@ pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
         sources: BTreeSet::new(),
         egress_nat: None,
         flow_log: None,
+        tunnel: None,
         ruleset: Ruleset::default(),
         warnings: Vec::new(),
         priority_ties: Vec::new(),
@@ -83,6 +84,7 @@ pub(crate) fn resolve_local(state: &ClusterState, ix: &PodIndex, c: &mut Compile
     }
     c.egress_nat = state.egress_nat.clone();
     c.flow_log = state.flow_log;
+    c.tunnel = state.tunnel.clone();
 }
 
 /// Whether a policy applies to any direction at all (else it selects nothing to enforce).

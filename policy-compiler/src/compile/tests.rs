@@ -1196,6 +1196,83 @@ fn source_guard_opens_every_base_chain_before_the_established_accept() {
 }
 
 #[test]
+fn only_a_node_may_send_to_the_overlay_port() {
+    let rs = compiled(&W::new()).ruleset;
+    assert!(
+        !rs.chains.contains_key(CHAIN_TUNNEL) && !rs.sets.contains_key(TUNNEL_PEERS_V4),
+        "no overlay, no rule"
+    );
+    let mut w = W::new();
+    w.st.apply(Change::SetTunnel(Some(Tunnel {
+        port: 4796,
+        peers: vec![ip("172.31.0.1"), ip("172.31.1.2"), ip("fd00:172:31::1")],
+    })));
+    let rs = compiled(&w).ruleset;
+    let vxlan = |saddr: &str, daddr: &str, dport: u16| Packet {
+        saddr: ip(saddr),
+        daddr: ip(daddr),
+        proto: Some(Protocol::Udp),
+        dport,
+        from_this_node: false,
+    };
+    for (saddr, daddr, passes, what) in [
+        ("172.31.1.2", "172.31.0.1", true, "another node"),
+        ("fd00:172:31::1", "fd00:172:31::1", true, "a node over IPv6"),
+        (
+            "10.244.1.2",
+            "172.31.0.1",
+            false,
+            "a pod (forged inner packets)",
+        ),
+        ("192.168.77.2", "172.31.0.1", false, "an outside host"),
+        (
+            "fd00:10:244:1::2",
+            "fd00:172:31::1",
+            false,
+            "a pod over IPv6",
+        ),
+    ] {
+        assert_eq!(
+            rs.eval_to_host(&vxlan(saddr, daddr, 4796)),
+            passes,
+            "{what} ({saddr}) sending to the overlay port"
+        );
+    }
+    assert!(
+        rs.eval_to_host(&vxlan("10.244.1.2", "172.31.0.1", 4797)),
+        "another port is not the tunnel's business"
+    );
+    let input = &rs.chains[CHAIN_EGRESS_HOST].rules;
+    let at = input
+        .iter()
+        .position(|r| r.stmts.contains(&Stmt::Jump(CHAIN_TUNNEL.to_string())))
+        .expect("the input chain jumps to the tunnel chain");
+    let invalid = input
+        .iter()
+        .position(|r| r.stmts == [Stmt::CtInvalid, Stmt::Drop])
+        .unwrap();
+    assert!(
+        at > invalid,
+        "only new packets meet it: established ones pay nothing"
+    );
+    assert!(
+        !rs.chains[CHAIN_POSTROUTING]
+            .rules
+            .iter()
+            .any(|r| r.stmts.contains(&Stmt::Jump(CHAIN_TUNNEL.to_string()))),
+        "the outer packets we send are not checked"
+    );
+    assert_eq!(
+        rs.sets[TUNNEL_PEERS_V4].elements,
+        [Elem::Addr(ip("172.31.0.1")), Elem::Addr(ip("172.31.1.2"))].into()
+    );
+    assert_eq!(
+        rs.sets[TUNNEL_PEERS_V6].elements,
+        [Elem::Addr(ip("fd00:172:31::1"))].into()
+    );
+}
+
+#[test]
 fn egress_nat_is_absent_until_the_agent_sets_it() {
     let rs = compiled(&W::new()).ruleset;
     assert!(!rs.chains.contains_key(CHAIN_EGRESS_NAT));

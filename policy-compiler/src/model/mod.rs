@@ -232,6 +232,18 @@ pub struct EgressNat {
     pub exempt: Vec<ipnet::IpNet>,
 }
 
+/// This node's overlay, as the agent runs it: UDP `port` of its VXLAN devices and the underlay
+/// addresses allowed to send to it (every Node's InternalIPs). The kernel decapsulates whatever
+/// reaches the port from anywhere, and a decapsulated packet carries whatever inner source its
+/// sender wrote: a pod (with a plain UDP socket) or an outside host could otherwise deliver packets
+/// under another pod's address. Our input chain drops packets to `port` from any other source
+/// before the VXLAN socket sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tunnel {
+    pub port: u16,
+    pub peers: Vec<IpAddr>,
+}
+
 /// The flow log of this node, decided by the agent (`--flow-log`): the packets a policy drops (and,
 /// when `allowed`, the first packet of each connection admitted) are handed to the agent through
 /// NFLOG `group`, at most `rate` per second (burst `burst`) for each kind, counted in the kernel
@@ -356,6 +368,8 @@ pub enum Change {
     SetEgressNat(Option<EgressNat>),
     /// This node's flow log (`None`: off).
     SetFlowLog(Option<FlowLog>),
+    /// This node's overlay port and its peers (`None`: no overlay, no rule).
+    SetTunnel(Option<Tunnel>),
 }
 
 /// Everything the compiler reads.
@@ -378,6 +392,8 @@ pub struct ClusterState {
     pub egress_nat: Option<EgressNat>,
     /// Flow log of THIS node (set by the agent); `None`: no log statements in our table.
     pub flow_log: Option<FlowLog>,
+    /// Overlay of THIS node (set by the agent); `None`: no tunnel rule in our table.
+    pub tunnel: Option<Tunnel>,
 }
 
 impl ClusterState {
@@ -397,6 +413,7 @@ impl ClusterState {
             attachments: self.attachments.clone(),
             egress_nat: self.egress_nat.clone(),
             flow_log: self.flow_log,
+            tunnel: self.tunnel.clone(),
         }
     }
 
@@ -438,6 +455,7 @@ impl ClusterState {
             Change::SetAttachments(a) => self.attachments != *a,
             Change::SetEgressNat(n) => self.egress_nat != *n,
             Change::SetFlowLog(f) => self.flow_log != *f,
+            Change::SetTunnel(t) => self.tunnel != *t,
         }
     }
 
@@ -495,6 +513,9 @@ impl ClusterState {
             }
             Change::SetFlowLog(f) => {
                 self.flow_log = f;
+            }
+            Change::SetTunnel(t) => {
+                self.tunnel = t;
             }
         }
         true

@@ -45,6 +45,21 @@ pub fn nat_exempt_set(fam: Family) -> &'static str {
     }
 }
 
+/// Regular chain the input chain jumps to for a new packet to the overlay's UDP port: returns for
+/// a node's underlay address, drops (counted) the rest before the VXLAN socket decapsulates it.
+pub const CHAIN_TUNNEL: &str = "tunnel_in";
+/// Underlay addresses of the nodes (who may send to the overlay port).
+pub const TUNNEL_PEERS_V4: &str = "tunnel_peers_v4";
+pub const TUNNEL_PEERS_V6: &str = "tunnel_peers_v6";
+
+/// Overlay peer set of a family.
+pub fn tunnel_peers_set(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => TUNNEL_PEERS_V4,
+        Family::V6 => TUNNEL_PEERS_V6,
+    }
+}
+
 /// srcnat - 10: after DNAT (and IPVS), before SNAT.
 pub const PRIORITY_POSTROUTING: i32 = 90;
 /// srcnat + 1 on input: after IPVS's LOCAL_IN (98).

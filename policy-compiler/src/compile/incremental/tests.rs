@@ -15,7 +15,14 @@ fn kernel_after_full(rs: &Ruleset) -> KernelTable {
 /// A random change, now and then one `random_change` does not make: a namespace deleted or
 /// relabelled to match nothing, a pod moved onto this node, a pod turned hostNetwork.
 fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) -> Change {
-    match rng.below(18) {
+    match rng.below(20) {
+        18 => Change::SetTunnel(None),
+        19 => Change::SetTunnel(Some(crate::model::Tunnel {
+            port: 4796,
+            peers: (0..rng.below(3))
+                .map(|i| std::net::IpAddr::from([172, 31, 0, i as u8 + 1]))
+                .collect(),
+        })),
         16 => Change::SetEgressNat(None),
         17 => {
             let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();

@@ -1,0 +1,140 @@
+//! Who may send to the overlay's UDP port. The kernel's VXLAN socket decapsulates whatever reaches
+//! [`crate::overlay::PORT`] with our VNI, from any source, and the inner packet then enters through
+//! our overlay device with whatever source its sender wrote: a pod (a plain UDP socket is enough)
+//! or any host that reaches a node could deliver packets to a pod under another pod's address, past
+//! the source guard (which watches pod veths) and past the policies that trust that address. The
+//! agent decides who may (`palisade_policy::model::Tunnel`), the compiler renders it into our
+//! input chain: new packets to the port from anything but a node's InternalIP are counted and
+//! dropped before the socket sees them.
+//!
+//! The peers are our own InternalIPs and those of every Node whose routes pass validation (the
+//! nodes we route to, directly or over the overlay; a refused Node adds none). With the overlay
+//! off (`--encapsulation never`, or routes not managed) there is no device and no rule.
+
+use crate::routes;
+use ipnet::IpNet;
+use palisade_policy::model::{Change, ClusterState, Tunnel};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use tracing::info;
+
+/// The tunnel guard our table needs; `None` when the overlay is not in use.
+pub fn desired(
+    overlay_in_use: bool,
+    state: &ClusterState,
+    self_name: &str,
+    cluster_cidrs: &[IpNet],
+) -> Option<Tunnel> {
+    if !overlay_in_use {
+        return None;
+    }
+    let mut peers: BTreeSet<IpAddr> = state
+        .nodes
+        .get(self_name)
+        .map(|me| me.internal_ips.iter().copied().collect())
+        .unwrap_or_default();
+    let plan = routes::desired_routes(&state.nodes, self_name, cluster_cidrs);
+    peers.extend(plan.routes.iter().map(|r| r.via));
+    Some(Tunnel {
+        port: crate::overlay::PORT,
+        peers: peers.into_iter().collect(),
+    })
+}
+
+/// The change that brings `state` to the tunnel guard its Nodes call for (logged), `None` when it
+/// has that already.
+pub fn change(
+    overlay_in_use: bool,
+    state: &ClusterState,
+    self_name: &str,
+    cluster_cidrs: &[IpNet],
+) -> Option<Change> {
+    let want = desired(overlay_in_use, state, self_name, cluster_cidrs);
+    if want == state.tunnel {
+        return None;
+    }
+    match &want {
+        Some(t) => info!(
+            port = t.port,
+            peers = %t.peers.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", "),
+            "overlay port open to these node addresses only; anything else sending to it is dropped (counted in chain tunnel_in)"
+        ),
+        None => info!("overlay not in use: no rule for its port"),
+    }
+    Some(Change::SetTunnel(want))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_policy::model::Node;
+
+    fn node(name: &str, cidrs: &[&str], ips: &[&str]) -> Node {
+        Node {
+            name: name.to_string(),
+            pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            internal_ips: ips.iter().map(|c| c.parse().unwrap()).collect(),
+            ..Node::default()
+        }
+    }
+
+    fn state(nodes: Vec<Node>) -> ClusterState {
+        let mut st = ClusterState::default();
+        for n in nodes {
+            st.apply(Change::UpsertNode(n));
+        }
+        st
+    }
+
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn peers_are_our_own_and_every_valid_nodes_internal_ips() {
+        let st = state(vec![
+            node("a", &["10.244.1.0/24"], &["172.31.0.1", "fd00:172:31::1"]),
+            node(
+                "b",
+                &["10.244.2.0/24", "fd00:10:244:2::/64"],
+                &["172.31.1.2", "fd00:172:31:1::2"],
+            ),
+        ]);
+        let t = desired(true, &st, "a", &[]).unwrap();
+        assert_eq!(t.port, crate::overlay::PORT);
+        assert_eq!(
+            t.peers,
+            ips(&[
+                "172.31.0.1",
+                "172.31.1.2",
+                "fd00:172:31::1",
+                "fd00:172:31:1::2"
+            ])
+        );
+    }
+
+    #[test]
+    fn a_node_whose_routes_are_refused_may_not_send_to_the_overlay() {
+        let st = state(vec![
+            node("a", &["10.244.1.0/24"], &["172.31.0.1"]),
+            node("evil", &["0.0.0.0/0"], &["192.168.50.9"]),
+        ]);
+        let t = desired(true, &st, "a", &[]).unwrap();
+        assert_eq!(t.peers, ips(&["172.31.0.1"]));
+    }
+
+    #[test]
+    fn no_overlay_no_guard_and_the_change_is_asked_for_once() {
+        let mut st = state(vec![node("a", &["10.244.1.0/24"], &["172.31.0.1"])]);
+        assert_eq!(desired(false, &st, "a", &[]), None);
+        assert_eq!(change(false, &st, "a", &[]), None, "already off");
+        let c = change(true, &st, "a", &[]);
+        assert!(matches!(c, Some(Change::SetTunnel(Some(_)))), "{c:?}");
+        assert!(st.apply(c.unwrap()));
+        assert_eq!(change(true, &st, "a", &[]), None, "nothing changed");
+        assert!(matches!(
+            change(false, &st, "a", &[]),
+            Some(Change::SetTunnel(None))
+        ));
+    }
+}
