@@ -10,8 +10,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 /// Sends `count` UDP datagrams, or `count` TCP SYNs (one connection attempt each, abandoned before
-/// any retransmission), from `src` to `dst`. Returns how many were handed to the kernel.
-pub fn send_forged(src: IpAddr, dst: SocketAddr, proto: Protocol, count: u32) -> io::Result<u32> {
+/// any retransmission), from `from` (port 0: any) to `dst`. Returns how many were handed to the kernel.
+pub fn send_forged(
+    from: SocketAddr,
+    dst: SocketAddr,
+    proto: Protocol,
+    count: u32,
+) -> io::Result<u32> {
+    let src = from.ip();
     if src.is_ipv4() != dst.is_ipv4() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -30,7 +36,7 @@ pub fn send_forged(src: IpAddr, dst: SocketAddr, proto: Protocol, count: u32) ->
         } else {
             s.set_ip_transparent_v6(true)?;
         }
-        s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+        s.bind(&SockAddr::from(from))?;
         Ok(s)
     };
     let to = SockAddr::from(dst);
@@ -76,16 +82,6 @@ pub fn send_forged(src: IpAddr, dst: SocketAddr, proto: Protocol, count: u32) ->
 /// capability needed). Decapsulated by that node, the SYN would enter through its overlay device
 /// carrying `src`, whoever sent it.
 pub fn vxlan_syn(vni: u32, dst_mac: [u8; 6], src: Ipv4Addr, dst: SocketAddrV4) -> Vec<u8> {
-    fn checksum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
     let mut tcp = Vec::with_capacity(20);
     tcp.extend_from_slice(&40_000u16.to_be_bytes()); // source port
     tcp.extend_from_slice(&dst.port().to_be_bytes());
@@ -134,6 +130,83 @@ pub fn send_datagrams(to: SocketAddr, payload: &[u8], count: u32) -> io::Result<
         s.send_to(payload, &to)?;
     }
     Ok(count)
+}
+
+/// Sends `count` ICMP "port unreachable" errors (ICMPv6 for IPv6) to `to` from a raw socket
+/// (CAP_NET_RAW), each quoting a UDP datagram from `quoted_src` to `quoted_dst` and carrying more
+/// bytes after the quote: conntrack marks such an error related to the connection it quotes,
+/// whoever sends it. Returns how many left.
+pub fn send_icmp_errors(
+    to: IpAddr,
+    quoted_src: SocketAddr,
+    quoted_dst: SocketAddr,
+    count: u32,
+) -> io::Result<u32> {
+    const EXTRA: &[u8] = b"bytes no policy let through";
+    let mut quote = Vec::new();
+    let (domain, proto, mut msg) = match (quoted_src.ip(), quoted_dst.ip(), to) {
+        (IpAddr::V4(s), IpAddr::V4(d), IpAddr::V4(_)) => {
+            quote.extend_from_slice(&[0x45, 0]);
+            quote.extend_from_slice(&((20 + 8 + EXTRA.len()) as u16).to_be_bytes());
+            quote.extend_from_slice(&[0, 1, 0, 0, 64, 17, 0, 0]);
+            quote.extend_from_slice(&s.octets());
+            quote.extend_from_slice(&d.octets());
+            let sum = checksum(&quote);
+            quote[10..12].copy_from_slice(&sum.to_be_bytes());
+            (
+                Domain::IPV4,
+                socket2::Protocol::ICMPV4,
+                vec![3, 3, 0, 0, 0, 0, 0, 0],
+            )
+        }
+        (IpAddr::V6(s), IpAddr::V6(d), IpAddr::V6(_)) => {
+            quote.extend_from_slice(&[0x60, 0, 0, 0]);
+            quote.extend_from_slice(&((8 + EXTRA.len()) as u16).to_be_bytes());
+            quote.extend_from_slice(&[17, 64]);
+            quote.extend_from_slice(&s.octets());
+            quote.extend_from_slice(&d.octets());
+            // The kernel computes an ICMPv6 raw socket's checksum.
+            (
+                Domain::IPV6,
+                socket2::Protocol::ICMPV6,
+                vec![1, 4, 0, 0, 0, 0, 0, 0],
+            )
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{quoted_src}, {quoted_dst} and {to} are not of one family"),
+            ))
+        }
+    };
+    quote.extend_from_slice(&quoted_src.port().to_be_bytes());
+    quote.extend_from_slice(&quoted_dst.port().to_be_bytes());
+    quote.extend_from_slice(&((8 + EXTRA.len()) as u16).to_be_bytes());
+    quote.extend_from_slice(&[0, 0]);
+    quote.extend_from_slice(EXTRA);
+    msg.extend_from_slice(&quote);
+    if domain == Domain::IPV4 {
+        let sum = checksum(&msg);
+        msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    let s = Socket::new(domain, Type::RAW, Some(proto))?;
+    let to = SockAddr::from(SocketAddr::new(to, 0));
+    for _ in 0..count {
+        s.send_to(&msg, &to)?;
+    }
+    Ok(count)
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 #[cfg(test)]

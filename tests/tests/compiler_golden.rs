@@ -196,7 +196,24 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
     let s = |v: Vec<Stmt>| Rule::new(v);
     let (v4, v6) = (Family::V4, Family::V6);
     let rules = vec![
-        s(vec![Stmt::CtEstablishedRelated, Stmt::Accept]).with_comment("q\"uote'; } { #"),
+        s(vec![Stmt::CtEstablished, Stmt::Accept]).with_comment("q\"uote'; } { #"),
+        s(vec![Stmt::CtRelated, Stmt::Jump("target".into())]),
+        s(vec![
+            Stmt::IifCtSaddrInSet {
+                family: v4,
+                dir: CtDir::Original,
+                set: "f4".into(),
+            },
+            Stmt::Accept,
+        ]),
+        s(vec![
+            Stmt::IifCtSaddrInSet {
+                family: v6,
+                dir: CtDir::Reply,
+                set: "f6".into(),
+            },
+            Stmt::Accept,
+        ]),
         s(vec![Stmt::CtInvalid, Stmt::Counter, Stmt::Drop]),
         s(vec![Stmt::CtNew, Stmt::CtNotConfirmed, Stmt::Return]),
         s(vec![Stmt::FibSaddrLocal, Stmt::Jump("target".into())]),

@@ -8,6 +8,7 @@
 use clap::{Parser, Subcommand};
 use palisade_netns_tests::probe::{self, Protocol, Target};
 use std::io::Read;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -54,10 +55,24 @@ enum Command {
         /// The source address to put on the packets.
         #[arg(long)]
         source: std::net::IpAddr,
+        /// The source port (0: any).
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
         #[arg(long, default_value_t = 20)]
         count: u32,
         /// PROTO:ADDR:PORT, e.g. udp:10.244.1.5:81.
         target: String,
+    },
+    /// Send COUNT ICMP (ICMPv6) port-unreachable errors to ADDR from a raw socket, quoting a UDP
+    /// datagram from `--quoted-src` to `--quoted-dst`; prints how many left.
+    IcmpError {
+        #[arg(long)]
+        quoted_src: std::net::SocketAddr,
+        #[arg(long)]
+        quoted_dst: std::net::SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+        to: std::net::IpAddr,
     },
     /// Send COUNT VXLAN datagrams (a plain UDP socket: no capability needed) to a node's overlay
     /// port, each carrying a TCP SYN from SOURCE to TARGET for the device with MAC `--mac`; prints
@@ -136,14 +151,32 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{json}");
             Ok(())
         }
+        Command::IcmpError {
+            quoted_src,
+            quoted_dst,
+            count,
+            to,
+        } => {
+            let sent =
+                palisade_netns_tests::forge::send_icmp_errors(to, quoted_src, quoted_dst, count)
+                    .map_err(|e| format!("sending ICMP errors to {to}: {e}"))?;
+            println!("{sent}");
+            Ok(())
+        }
         Command::Forge {
             source,
+            source_port,
             count,
             target,
         } => {
             let t = parse_target(&target)?;
-            let sent = palisade_netns_tests::forge::send_forged(source, t.addr, t.protocol, count)
-                .map_err(|e| format!("forging {} from {source} to {}: {e}", t.protocol, t.addr))?;
+            let sent = palisade_netns_tests::forge::send_forged(
+                SocketAddr::new(source, source_port),
+                t.addr,
+                t.protocol,
+                count,
+            )
+            .map_err(|e| format!("forging {} from {source} to {}: {e}", t.protocol, t.addr))?;
             println!("{sent}");
             Ok(())
         }

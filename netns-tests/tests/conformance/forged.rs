@@ -4,7 +4,7 @@
 
 use super::{apply, expect_reach, pod_ip, target, with_cleanup, TestResult};
 use palisade_netns_tests::lab::{self, Family, Lab};
-use palisade_netns_tests::probe::Protocol;
+use palisade_netns_tests::probe::{Protocol, Target};
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
@@ -462,6 +462,194 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
             &["nft", "delete", "table", "inet", COUNT_TABLE],
         );
         println!("  forged overlay packets: {}", report.join("; "));
+        Ok(())
+    })
+}
+
+/// Installs counters of ICMP (ICMPv6) destination-unreachable errors per source in `netns`.
+fn install_icmp_counters(netns: &str, sources: &[IpAddr]) -> Result<(), String> {
+    let _ = run(netns, &["nft", "delete", "table", "inet", COUNT_TABLE]);
+    let mut text = format!(
+        "table inet {COUNT_TABLE} {{\n  chain pre {{\n    type filter hook prerouting priority -500; policy accept;\n"
+    );
+    for s in sources {
+        let (fam, icmp) = if s.is_ipv4() {
+            ("ip", "icmp")
+        } else {
+            ("ip6", "icmpv6")
+        };
+        text.push_str(&format!(
+            "    {fam} saddr {s} {icmp} type destination-unreachable counter comment \"{s}\"\n"
+        ));
+    }
+    text.push_str("  }\n}\n");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft in {netns}: {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        use std::io::Write;
+        i.write_all(text.as_bytes())
+            .map_err(|e| format!("nft in {netns}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("nft in {netns}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ICMP counting table in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// ICMP errors counted in `netns` from `source`.
+fn icmp_delivered(netns: &str, source: IpAddr) -> Result<u64, String> {
+    delivered(netns, source)
+}
+
+/// Related packets dropped so far by a node's related chain.
+fn related_drops(node_netns: &str) -> Result<u64, String> {
+    Ok(counters(node_netns, &["table", "inet", "palisade"])?
+        .into_iter()
+        .filter(|(c, _)| c.starts_with("related to a connection"))
+        .map(|(_, n)| n)
+        .sum())
+}
+
+/// Sends COUNT port-unreachable errors from `netns` to `to`, quoting `quoted_src` → `quoted_dst`.
+fn icmp_error(
+    lab: &Lab,
+    netns: &str,
+    to: IpAddr,
+    quoted_src: SocketAddr,
+    quoted_dst: SocketAddr,
+) -> Result<(), String> {
+    let probe = lab.state().bins.probe();
+    run(
+        netns,
+        &[
+            &probe.to_string_lossy(),
+            "icmp-error",
+            "--quoted-src",
+            &quoted_src.to_string(),
+            "--quoted-dst",
+            &quoted_dst.to_string(),
+            "--count",
+            &COUNT.to_string(),
+            &to.to_string(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Conntrack marks an ICMP error related to the connection it quotes, whoever sends it: a pod the
+/// victim's policy denies (the pods of z) quoting the victim's own UDP flow to an admitted peer
+/// gets its errors, and whatever bytes follow the quote, dropped on its node and counted; the
+/// peer, an endpoint of that flow, still gets the same error through. Both families.
+pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab) -> TestResult {
+    with_cleanup(lab, "ICMP errors", |lab| {
+        let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
+        let nodes = lab.state().nodes.clone();
+        // The admitted peer on the other node, so both nodes track the victim's flow.
+        let peer = lab
+            .pods()
+            .find(|p| p.namespace == "y" && p.node != victim.node)
+            .cloned()
+            .ok_or("the model must place a pod of y on a second node")?;
+        let attackers: Vec<_> = lab.pods().filter(|p| p.namespace == "z").cloned().collect();
+        if !attackers.iter().any(|p| p.node == victim.node)
+            || !attackers.iter().any(|p| p.node != victim.node)
+        {
+            return Err("the model must place pods of z on both nodes".into());
+        }
+        apply(lab, vec![super::yaml(
+            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: admit-y, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}}",
+        )])?;
+        let drops_of_nodes =
+            || -> Result<u64, String> { nodes.iter().map(|n| related_drops(&n.netns)).sum() };
+        let probe = lab.state().bins.probe();
+        let mut report = Vec::new();
+        for (i, fam) in [Family::V4, Family::V6].into_iter().enumerate() {
+            let pick = |ips: &[IpAddr]| fam.pick(ips).ok_or(format!("no {fam:?} address"));
+            let v = pick(&victim.ips)?;
+            let y = pick(&peer.ips)?;
+            let checks: Vec<(String, Target, bool)> = attackers
+                .iter()
+                .map(|a| (a.key(), target(VICTIM, v, 80, Protocol::Tcp), false))
+                .chain([(peer.key(), target(VICTIM, v, 80, Protocol::Tcp), true)])
+                .collect();
+            let checks: Vec<(&str, Target, bool)> = checks
+                .iter()
+                .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
+                .collect();
+            expect_reach(lab, &checks)?;
+            // The victim's flow: one datagram from a known port to the peer's UDP 81.
+            let quoted_src = SocketAddr::new(v, 5555 + i as u16);
+            let quoted_dst = SocketAddr::new(y, 81);
+            run(
+                &victim.netns,
+                &[
+                    &probe.to_string_lossy(),
+                    "forge",
+                    "--source",
+                    &v.to_string(),
+                    "--source-port",
+                    &quoted_src.port().to_string(),
+                    "--count",
+                    "1",
+                    &format!("udp:{quoted_dst}"),
+                ],
+            )?;
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut sources: Vec<IpAddr> = attackers
+                .iter()
+                .map(|a| pick(&a.ips))
+                .collect::<Result<_, _>>()?;
+            sources.push(y);
+            install_icmp_counters(&victim.netns, &sources)?;
+            for a in &attackers {
+                let s = pick(&a.ips)?;
+                let drops = drops_of_nodes()?;
+                icmp_error(lab, &a.netns, v, quoted_src, quoted_dst)?;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let n = icmp_delivered(&victim.netns, s)?;
+                if n != 0 {
+                    return Err(format!(
+                        "{} ({s}) quoting {VICTIM}'s flow {quoted_src} -> {quoted_dst}: {n} of {COUNT} ICMP errors reached {VICTIM}, whose policy denies it",
+                        a.key()
+                    ));
+                }
+                let dropped = drops_of_nodes()? - drops;
+                if dropped < u64::from(COUNT) {
+                    return Err(format!(
+                        "{} sent {COUNT} ICMP errors quoting {VICTIM}'s flow: the related chains counted {dropped}",
+                        a.key()
+                    ));
+                }
+            }
+            icmp_error(lab, &peer.netns, v, quoted_src, quoted_dst)?;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let n = icmp_delivered(&victim.netns, y)?;
+            if n < u64::from(COUNT) {
+                return Err(format!(
+                    "{} ({y}), the other end of {quoted_src} -> {quoted_dst}: {n} of {COUNT} of its ICMP errors delivered",
+                    peer.key()
+                ));
+            }
+            report.push(format!(
+                "{fam:?}: {} attackers' errors dropped, the peer's {n} delivered",
+                attackers.len()
+            ));
+        }
+        let _ = run(
+            &victim.netns,
+            &["nft", "delete", "table", "inet", COUNT_TABLE],
+        );
+        println!("  ICMP errors: {}", report.join("; "));
         Ok(())
     })
 }

@@ -10,7 +10,8 @@ use crate::model::{Action, Direction, Protocol, Tier};
 use crate::model::{EgressNat, FlowLog, Tunnel};
 use crate::ruleset::names::{self, *};
 use crate::ruleset::{
-    AddrField, BaseHook, Chain, ChainKind, Elem, Family, Hook, Rule, Ruleset, Set, SetKey, Stmt,
+    AddrField, BaseHook, Chain, ChainKind, CtDir, Elem, Family, Hook, Rule, Ruleset, Set, SetKey,
+    Stmt,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -507,7 +508,8 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
     for (name, hook, priority, what) in chains {
         let mut rules = source_guard_rules();
         rules.extend([
-            Rule::new(vec![Stmt::CtEstablishedRelated, Stmt::Accept]),
+            Rule::new(vec![Stmt::CtEstablished, Stmt::Accept]),
+            Rule::new(vec![Stmt::CtRelated, Stmt::Jump(CHAIN_RELATED.to_string())]),
             Rule::new(vec![Stmt::CtInvalid, Stmt::Drop]),
         ]);
         // A new packet to the overlay port (outer VXLAN, delivered locally): only a node may send
@@ -558,6 +560,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         });
     }
     source_sets(rs, c);
+    related(rs);
     if let Some(nat) = &c.egress_nat {
         egress_nat(rs, nat);
     }
@@ -705,6 +708,43 @@ pub(crate) fn source_guard_rules() -> Vec<Rule> {
         ])
         .with_comment(what),
     ]
+}
+
+/// Related packets: conntrack marks an ICMP error related to the connection its quoted header
+/// names, whoever sent it, so `ct state related accept` would let any pod send errors, with any
+/// payload after the quoted header, to a pod its policies deny (a channel out of an egress deny-all,
+/// and a way to cut other pods' connections). From a pod's veth a related packet passes only when
+/// that pod is an endpoint of the connection (its source in either direction is an address bound
+/// to the veth); from anywhere else (a router, another node, this node) it passes as before.
+fn related(rs: &mut Ruleset) {
+    let mut rules = Vec::new();
+    for fam in Family::BOTH {
+        for dir in CtDir::BOTH {
+            rules.push(Rule::new(vec![
+                Stmt::IifCtSaddrInSet {
+                    family: fam,
+                    dir,
+                    set: source_set(fam).to_string(),
+                },
+                Stmt::Accept,
+            ]));
+        }
+    }
+    rules.push(
+        Rule::new(vec![
+            Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+            Stmt::Counter,
+            Stmt::Drop,
+        ])
+        .with_comment("related to a connection the pod behind this veth is not part of"),
+    );
+    rules.push(Rule::new(vec![Stmt::Accept]).with_comment("an error from a router or a node"));
+    rs.add_chain(Chain {
+        name: CHAIN_RELATED.to_string(),
+        base: None,
+        comment: "related packets: from a pod, only about its own connections".to_string(),
+        rules,
+    });
 }
 
 /// The overlay's guard: the input chain jumps here for a new packet to the overlay port; a node's

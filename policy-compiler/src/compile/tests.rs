@@ -318,10 +318,15 @@ fn semantics_09_replies_pass_through_conntrack_before_any_policy() {
         let rules = &rs.chains[chain].rules[2..];
         assert_eq!(
             rules[0].stmts,
-            vec![Stmt::CtEstablishedRelated, Stmt::Accept],
+            vec![Stmt::CtEstablished, Stmt::Accept],
             "{chain}"
         );
-        assert_eq!(rules[1].stmts, vec![Stmt::CtInvalid, Stmt::Drop], "{chain}");
+        assert_eq!(
+            rules[1].stmts,
+            vec![Stmt::CtRelated, Stmt::Jump(CHAIN_RELATED.to_string())],
+            "{chain}"
+        );
+        assert_eq!(rules[2].stmts, vec![Stmt::CtInvalid, Stmt::Drop], "{chain}");
     }
 }
 
@@ -357,7 +362,16 @@ fn semantics_11_deleting_the_last_policy_removes_isolation() {
     assert!(w.can("b/y", "a/x", 80, TCP));
     let rs = compiled(&w).ruleset;
     assert!(rs.sets[MAP_INGRESS_V4].elements.is_empty());
-    assert_eq!(rs.chains.len(), 3, "only the base chains remain");
+    assert_eq!(
+        rs.chains.keys().collect::<Vec<_>>(),
+        [
+            CHAIN_EGRESS_HOST,
+            CHAIN_INGRESS,
+            CHAIN_POSTROUTING,
+            CHAIN_RELATED
+        ],
+        "only the base chains and what they always use remain"
+    );
 }
 
 // ---------------------------------------------------------------- peers
@@ -1171,10 +1185,7 @@ fn source_guard_opens_every_base_chain_before_the_established_accept() {
             guard[..],
             "{name}: a forged packet neither opens nor rides a connection"
         );
-        assert_eq!(
-            rules[2].stmts,
-            vec![Stmt::CtEstablishedRelated, Stmt::Accept]
-        );
+        assert_eq!(rules[2].stmts, vec![Stmt::CtEstablished, Stmt::Accept]);
     }
     assert_eq!(
         guard[0].stmts,
@@ -1193,6 +1204,50 @@ fn source_guard_opens_every_base_chain_before_the_established_accept() {
     let json = rs.to_json().to_string();
     assert!(json.contains(r#""right":"pal*""#), "{json}");
     assert!(json.contains(r#""type":["ifname","ipv4_addr"]"#), "{json}");
+}
+
+#[test]
+fn a_related_packet_from_a_pod_passes_only_about_that_pods_own_connections() {
+    let rs = compiled(&W::new()).ruleset;
+    let rules = &rs.chains[CHAIN_RELATED].rules;
+    let mut endpoint_checks = Vec::new();
+    for fam in [Family::V4, Family::V6] {
+        for dir in [
+            crate::ruleset::CtDir::Original,
+            crate::ruleset::CtDir::Reply,
+        ] {
+            endpoint_checks.push(vec![
+                Stmt::IifCtSaddrInSet {
+                    family: fam,
+                    dir,
+                    set: source_set(fam).into(),
+                },
+                Stmt::Accept,
+            ]);
+        }
+    }
+    let got: Vec<_> = rules.iter().map(|r| r.stmts.clone()).collect();
+    assert_eq!(
+        got[..4],
+        endpoint_checks[..],
+        "an endpoint (either direction) passes"
+    );
+    assert_eq!(
+        got[4],
+        vec![
+            Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.into()),
+            Stmt::Counter,
+            Stmt::Drop
+        ],
+        "any other pod's is dropped, counted"
+    );
+    assert_eq!(got[5], vec![Stmt::Accept], "a router's or a node's passes");
+    assert_eq!(got.len(), 6);
+    let json = rs.to_json().to_string();
+    assert!(
+        json.contains(r#"{"ct":{"dir":"reply","key":"ip6 saddr"}}"#),
+        "{json}"
+    );
 }
 
 #[test]
@@ -1393,12 +1448,12 @@ fn flow_log_sends_every_policy_drop_through_one_rate_limited_log_and_changes_no_
     );
     assert_eq!(drop.rules[1].stmts, vec![Stmt::Drop]);
     // The NetworkPolicy group's drop and the Admin tier's Deny both end there; no plain drop is
-    // left in a group or tier chain.
+    // left in a group or tier chain (the related chain's, like the source guard's, is no policy's).
     assert_eq!(gotos_to(&on, CHAIN_FLOW_DROP), 2);
     assert!(on
         .chains
         .values()
-        .filter(|c| c.base.is_none() && c.name != CHAIN_FLOW_DROP)
+        .filter(|c| c.base.is_none() && c.name != CHAIN_FLOW_DROP && c.name != CHAIN_RELATED)
         .flat_map(|c| &c.rules)
         .all(|r| r.stmts.last() != Some(&Stmt::Drop)));
     assert!(!on.chains.contains_key(CHAIN_FLOW_ALLOW));
@@ -1531,27 +1586,31 @@ fn base_chains_have_the_documented_shape() {
     let rs = compiled(&w).ruleset;
     // After the two source guard rules (their own test).
     let eg = &rs.chains[CHAIN_POSTROUTING].rules[2..];
-    assert_eq!(eg[0].stmts, vec![Stmt::CtEstablishedRelated, Stmt::Accept]);
-    assert_eq!(eg[1].stmts, vec![Stmt::CtInvalid, Stmt::Drop]);
+    assert_eq!(eg[0].stmts, vec![Stmt::CtEstablished, Stmt::Accept]);
     assert_eq!(
-        eg[2].stmts,
+        eg[1].stmts,
+        vec![Stmt::CtRelated, Stmt::Jump(CHAIN_RELATED.to_string())]
+    );
+    assert_eq!(eg[2].stmts, vec![Stmt::CtInvalid, Stmt::Drop]);
+    assert_eq!(
+        eg[3].stmts,
         vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]
     );
-    assert!(eg[3..7].iter().all(|r| r.stmts.last() == Some(&Stmt::Drop)));
+    assert!(eg[4..8].iter().all(|r| r.stmts.last() == Some(&Stmt::Drop)));
     // Pending destinations are dropped unless this node sends (kubelet probes).
-    assert_eq!(eg[4].stmts[1], Stmt::FibSaddrNotLocal);
+    assert_eq!(eg[5].stmts[1], Stmt::FibSaddrNotLocal);
     assert!(
-        matches!(&eg[7].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_EGRESS_V4)
+        matches!(&eg[8].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_EGRESS_V4)
     );
-    assert_eq!(eg[9].stmts, vec![Stmt::Goto(CHAIN_INGRESS.to_string())]);
-    assert_eq!(eg.len(), 10);
+    assert_eq!(eg[10].stmts, vec![Stmt::Goto(CHAIN_INGRESS.to_string())]);
+    assert_eq!(eg.len(), 11);
     let ing = &rs.chains[CHAIN_INGRESS].rules;
     assert!(
         matches!(&ing[0].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_INGRESS_V4)
     );
     assert_eq!(ing[2].stmts, vec![Stmt::Accept]);
     let host = &rs.chains[CHAIN_EGRESS_HOST].rules[2..];
-    assert_eq!(host.len(), 9, "input: the egress check only");
+    assert_eq!(host.len(), 10, "input: the egress check only");
     // No FIB lookup and no self check for a packet no policy isolates.
     assert!(!eg.iter().any(|r| r
         .stmts

@@ -57,7 +57,8 @@ impl Ruleset {
         'rules: for rule in &chain.rules {
             for s in &rule.stmts {
                 match s {
-                    Stmt::CtEstablishedRelated
+                    Stmt::CtEstablished
+                    | Stmt::CtRelated
                     | Stmt::CtInvalid
                     | Stmt::Icmpv6NeighbourDiscovery => continue 'rules,
                     // The model's packets are a connection's first; the flow log's rate limit and
@@ -67,6 +68,7 @@ impl Ruleset {
                     // guard, which the kernel tests check): the guard's rules never match here.
                     Stmt::IifnamePrefix(_)
                     | Stmt::IifSaddrNotInSet { .. }
+                    | Stmt::IifCtSaddrInSet { .. }
                     | Stmt::Ip6SaddrNotLinkLocal => continue 'rules,
                     Stmt::FibSaddrLocal => {
                         if !p.from_this_node {

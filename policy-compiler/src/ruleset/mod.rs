@@ -90,11 +90,25 @@ pub enum AddrField {
     Daddr,
 }
 
+/// A direction of a conntrack entry (`ct original ...`, `ct reply ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtDir {
+    Original,
+    Reply,
+}
+
+impl CtDir {
+    pub const BOTH: [CtDir; 2] = [CtDir::Original, CtDir::Reply];
+}
+
 /// A typed statement (match or verdict) of a rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stmt {
-    /// `ct state established,related`
-    CtEstablishedRelated,
+    /// `ct state established`
+    CtEstablished,
+    /// `ct state related`: an ICMP error about a tracked connection (its entry is that
+    /// connection's), or a connection a helper expected.
+    CtRelated,
     /// `ct state invalid`
     CtInvalid,
     /// `ct state new`
@@ -113,6 +127,13 @@ pub enum Stmt {
     /// `iifname . ip[6] saddr != @set`: the source address is not one of the pod's behind this veth.
     IifSaddrNotInSet {
         family: Family,
+        set: String,
+    },
+    /// `iifname . ct <dir> ip[6] saddr @set`: the connection's source in that direction is an
+    /// address of the pod behind this veth (it is an endpoint of the connection).
+    IifCtSaddrInSet {
+        family: Family,
+        dir: CtDir,
         set: String,
     },
     /// `ip6 saddr != :: ip6 saddr != fe80::/10`: neither unspecified (DAD) nor link-local.

@@ -45,6 +45,9 @@ pub fn nat_exempt_set(fam: Family) -> &'static str {
     }
 }
 
+/// Regular chain both base chains jump to for a related packet (an ICMP error about a tracked
+/// connection): from a pod's veth it passes only when that pod is an endpoint of the connection.
+pub const CHAIN_RELATED: &str = "related";
 /// Regular chain the input chain jumps to for a new packet to the overlay's UDP port: returns for
 /// a node's underlay address, drops (counted) the rest before the VXLAN socket decapsulates it.
 pub const CHAIN_TUNNEL: &str = "tunnel_in";

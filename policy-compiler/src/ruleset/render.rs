@@ -1,7 +1,7 @@
 //! Rendering of the typed ruleset to nft JSON (`{"nftables": [...]}`, as `nft -j -f -` reads it).
 
 use super::names::{TABLE_FAMILY, TABLE_NAME};
-use super::{AddrField, Chain, Elem, Family, Rule, Ruleset, Set, SetKey, Stmt};
+use super::{AddrField, Chain, CtDir, Elem, Family, Rule, Ruleset, Set, SetKey, Stmt};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -432,8 +432,22 @@ pub(crate) fn push_stmt_json(s: &Stmt, out: &mut Vec<Value>) {
 fn one_stmt_json(s: &Stmt) -> Option<Value> {
     Some(match s {
         Stmt::Ip6SaddrNotLinkLocal => return None,
-        Stmt::CtEstablishedRelated => {
-            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}})
+        Stmt::CtEstablished => {
+            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "established"}})
+        }
+        Stmt::CtRelated => {
+            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "related"}})
+        }
+        Stmt::IifCtSaddrInSet { family, dir, set } => {
+            let dir = match dir {
+                CtDir::Original => "original",
+                CtDir::Reply => "reply",
+            };
+            let key = format!("{} saddr", fam_proto(*family));
+            matches(
+                json!({"concat": [{"meta": {"key": "iifname"}}, {"ct": {"key": key, "dir": dir}}]}),
+                set_ref_str(set),
+            )
         }
         Stmt::CtInvalid => {
             json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}})

@@ -139,7 +139,8 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
                 if let Some(chain) = ruleset.chains.get_mut(name) {
                     chain.rules.retain(|r| {
                         !is_guard(r)
-                            && r.stmts != [Stmt::CtEstablishedRelated, Stmt::Accept]
+                            && r.stmts != [Stmt::CtEstablished, Stmt::Accept]
+                            && r.stmts != [Stmt::CtRelated, Stmt::Jump("related".into())]
                             && r.stmts != [Stmt::CtInvalid, Stmt::Drop]
                     });
                 }
@@ -153,7 +154,7 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             );
             for name in &base {
                 text.push_str(&format!(
-                    "insert rule inet {t} {name} ct state vmap {{ established : accept, related : accept, invalid : drop }}\n\
+                    "insert rule inet {t} {name} ct state vmap {{ established : accept, related : jump related, invalid : drop }}\n\
                      insert rule inet {t} {name} iifname \"pal*\" jump guard\n"
                 ));
             }

@@ -6,7 +6,7 @@
 
 use super::nla::Writer;
 use crate::model::Protocol;
-use crate::ruleset::{AddrField, Family, Stmt};
+use crate::ruleset::{AddrField, CtDir, Family, Stmt};
 use std::collections::HashMap;
 
 // linux/netfilter/nf_tables.h
@@ -36,6 +36,8 @@ const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 
 const NFT_CT_STATE: u32 = 0;
 const NFT_CT_STATUS: u32 = 2;
+const NFT_CT_SRC_IP: u32 = 19;
+const NFT_CT_SRC_IP6: u32 = 21;
 /// `ct state` bits (host order in the register).
 const CT_STATE_INVALID: u32 = 1;
 const CT_STATE_ESTABLISHED: u32 = 2;
@@ -245,12 +247,29 @@ fn load_dport(w: &mut Writer, word: u32) -> u32 {
 
 fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u32>) {
     match s {
-        Stmt::CtEstablishedRelated => ct_bits(
-            w,
-            NFT_CT_STATE,
-            CT_STATE_ESTABLISHED | CT_STATE_RELATED,
-            NFT_CMP_NEQ,
-        ),
+        Stmt::CtEstablished => ct_bits(w, NFT_CT_STATE, CT_STATE_ESTABLISHED, NFT_CMP_NEQ),
+        Stmt::CtRelated => ct_bits(w, NFT_CT_STATE, CT_STATE_RELATED, NFT_CMP_NEQ),
+        Stmt::IifCtSaddrInSet { family, dir, set } => {
+            meta(w, NFT_META_IIFNAME, reg_at(0));
+            expr(w, "ct", |w| {
+                w.u32(
+                    2,
+                    match family {
+                        Family::V4 => NFT_CT_SRC_IP,
+                        Family::V6 => NFT_CT_SRC_IP6,
+                    },
+                ); // NFTA_CT_KEY
+                w.u32(1, reg_at(4)); // NFTA_CT_DREG
+                w.bytes(
+                    3,
+                    &[match dir {
+                        CtDir::Original => 0,
+                        CtDir::Reply => 1,
+                    }],
+                ); // NFTA_CT_DIRECTION (u8)
+            });
+            lookup(w, set, set_ids, false, false);
+        }
         Stmt::CtInvalid => ct_bits(w, NFT_CT_STATE, CT_STATE_INVALID, NFT_CMP_NEQ),
         Stmt::CtNew => ct_bits(w, NFT_CT_STATE, CT_STATE_NEW, NFT_CMP_NEQ),
         Stmt::CtNotConfirmed => ct_bits(w, NFT_CT_STATUS, CT_STATUS_CONFIRMED, NFT_CMP_EQ),
