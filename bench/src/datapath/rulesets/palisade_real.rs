@@ -11,8 +11,7 @@ use crate::datapath::workload::{Cluster, BENCH_NS};
 use crate::Result;
 use palisade_contract::Attachment;
 use palisade_policy::model::Change;
-use palisade_policy::ruleset::names::source_set;
-use palisade_policy::ruleset::{Family, Stmt};
+use palisade_policy::ruleset::Stmt;
 
 /// Which part of the ruleset is left out, for an A/B against `palisade` of what that part costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,9 +163,8 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             for chain in ruleset.chains.values_mut() {
                 chain.rules.retain(|r| !is_guard(r));
             }
-            for fam in Family::BOTH {
-                ruleset.sets.remove(source_set(fam));
-            }
+            // The source sets stay: the related chain also reads them (and a set costs a packet
+            // nothing unless a rule looks it up).
             let mut t = format!("table inet {GUARD_TABLE} {{\n");
             for (i, p) in cluster
                 .pods
@@ -187,9 +185,8 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             for chain in ruleset.chains.values_mut() {
                 chain.rules.retain(|r| !is_guard(r));
             }
-            for fam in Family::BOTH {
-                ruleset.sets.remove(source_set(fam));
-            }
+            // The source sets stay: the related chain also reads them (and a set costs a packet
+            // nothing unless a rule looks it up).
         }
         Variant::NoCounters => {
             // A policy's matching rules go to its `acc_` chain only to be counted: they allow
