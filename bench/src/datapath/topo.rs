@@ -83,10 +83,25 @@ impl Underlay {
 /// Agent overlay settings the bench reproduces (policy-agent/src/overlay.rs).
 const OVERLAY_DEV: &str = "vxlan.palisade";
 const OVERLAY_VNI: &str = "5259596";
-const OVERLAY_PORT: &str = "4796";
+/// UDP port of the agent's overlay devices (its tunnel guard admits only the nodes to it).
+pub const OVERLAY_UDP_PORT: u16 = 4796;
 /// Node underlay addresses in the routed variants (two /24s, the router at .254 of each).
 const ROUTED_NODE: [&str; 2] = ["10.250.1.1", "10.250.2.2"];
 const ROUTED_GW: [&str; 2] = ["10.250.1.254", "10.250.2.254"];
+
+/// Every underlay address a lab node may have (flat and routed): the peers of the agent's tunnel
+/// guard.
+pub fn node_underlays() -> Vec<std::net::IpAddr> {
+    [
+        NODE1_UNDERLAY,
+        NODE2_UNDERLAY,
+        ROUTED_NODE[0],
+        ROUTED_NODE[1],
+    ]
+    .iter()
+    .filter_map(|a| a.parse().ok())
+    .collect()
+}
 
 /// The agent's VTEP MAC of a node with IPv4 InternalIP `ip` (`0e:70:` + the address).
 fn vtep_mac(ip: &str) -> Result<String> {
@@ -198,7 +213,7 @@ impl Lab {
                         "id",
                         OVERLAY_VNI,
                         "dstport",
-                        OVERLAY_PORT,
+                        &OVERLAY_UDP_PORT.to_string(),
                         "local",
                         ROUTED_NODE[me],
                         "nolearning",

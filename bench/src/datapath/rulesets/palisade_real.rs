@@ -1,6 +1,7 @@
 //! palisade's real ruleset: the synthetic cluster converted by palisade-policy's k8s converters,
 //! compiled by `palisade_policy::compile` for the node, rendered as the agent's full-replace batch
-//! (nft JSON). This is exactly what the agent would commit at start, with the attachment records
+//! (nft JSON). This is exactly what the agent would commit at start (the overlay in use, as with the
+//! default `--encapsulation cross-subnet`), with the attachment records
 //! the plugin would have written for the measured pods wired on this node (so the source guard
 //! binds their veths to their addresses).
 
@@ -10,7 +11,7 @@ use crate::datapath::topo;
 use crate::datapath::workload::{Cluster, BENCH_NS};
 use crate::Result;
 use palisade_contract::Attachment;
-use palisade_policy::model::Change;
+use palisade_policy::model::{Change, Tunnel};
 use palisade_policy::ruleset::Stmt;
 
 /// Which part of the ruleset is left out, for an A/B against `palisade` of what that part costs.
@@ -105,6 +106,12 @@ fn sized_sets(json: &str) -> Result<String> {
 /// Compiles the node's ruleset and renders it as one `nft -j -f -` transaction.
 pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendered> {
     let mut state = k8s::cluster_state(cluster)?;
+    // The overlay is in use on every node the agent runs with routes (cross-subnet, the default):
+    // it admits the nodes to the overlay port.
+    state.apply(Change::SetTunnel(Some(Tunnel {
+        port: topo::OVERLAY_UDP_PORT,
+        peers: topo::node_underlays(),
+    })));
     state.apply(Change::SetAttachments(
         cluster
             .pods
