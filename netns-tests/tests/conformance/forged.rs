@@ -7,6 +7,7 @@ use palisade_netns_tests::lab::{self, Family, Lab};
 use palisade_netns_tests::probe::{Protocol, Target};
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
+use std::time::Duration;
 
 /// Datagrams, and SYNs, per forged source and family.
 const COUNT: u32 = 20;
@@ -418,7 +419,18 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                 let drops = tunnel_drops(&victim_node.netns)?;
                 let before = delivered(&victim.netns, source)?;
                 vxlan(lab, &a.netns, underlay, mac, source, victim4)?;
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                // Every datagram counted as dropped: none is still on its way.
+                let counted = super::poll(Duration::from_secs(3), || {
+                    let dropped = tunnel_drops(&victim_node.netns)? - drops;
+                    if dropped < u64::from(COUNT) {
+                        return Err(format!(
+                            "{} sent {COUNT} VXLAN datagrams to {underlay}: the tunnel guard of {} counted {dropped}",
+                            a.key(),
+                            victim_node.name
+                        ));
+                    }
+                    Ok(())
+                });
                 let n = delivered(&victim.netns, source)? - before;
                 if n != 0 {
                     return Err(format!(
@@ -426,14 +438,7 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                         a.key()
                     ));
                 }
-                let dropped = tunnel_drops(&victim_node.netns)? - drops;
-                if dropped < u64::from(COUNT) {
-                    return Err(format!(
-                        "{} sent {COUNT} VXLAN datagrams to {underlay}: the tunnel guard of {} counted {dropped}",
-                        a.key(),
-                        victim_node.name
-                    ));
-                }
+                counted?;
             }
             // The other node may: its datagram is decapsulated and the SYN meets x/a's policy,
             // which admits y.
@@ -443,14 +448,16 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                 IpAddr::V6(_) => IpAddr::V6(lab::node_underlay_v6(other_node.index)),
             };
             vxlan(lab, &other_node.netns, underlay, mac, source, victim4)?;
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            let n = delivered(&victim.netns, source)? - before;
-            if n < u64::from(COUNT) {
-                return Err(format!(
-                    "{} ({from_node}) sent VXLAN to {underlay} ({device}): {n} of {COUNT} inner SYNs delivered; the crafted datagram must be what a node sends",
-                    other_node.name
-                ));
-            }
+            super::poll(Duration::from_secs(3), || {
+                let n = delivered(&victim.netns, source)? - before;
+                if n < u64::from(COUNT) {
+                    return Err(format!(
+                        "{} ({from_node}) sent VXLAN to {underlay} ({device}): {n} of {COUNT} inner SYNs delivered; the crafted datagram must be what a node sends",
+                        other_node.name
+                    ));
+                }
+                Ok(())
+            })?;
             report.push(format!(
                 "{device} at {underlay}: {} pods' datagrams dropped, {}'s delivered",
                 attackers.len(),
@@ -615,7 +622,17 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
                 let s = pick(&a.ips)?;
                 let drops = drops_of_nodes()?;
                 icmp_error(lab, &a.netns, v, quoted_src, quoted_dst)?;
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                // Every error counted as dropped: none is still on its way.
+                let counted = super::poll(Duration::from_secs(3), || {
+                    let dropped = drops_of_nodes()? - drops;
+                    if dropped < u64::from(COUNT) {
+                        return Err(format!(
+                            "{} sent {COUNT} ICMP errors quoting {VICTIM}'s flow: the related chains counted {dropped}",
+                            a.key()
+                        ));
+                    }
+                    Ok(())
+                });
                 let n = icmp_delivered(&victim.netns, s)?;
                 if n != 0 {
                     return Err(format!(
@@ -623,23 +640,20 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
                         a.key()
                     ));
                 }
-                let dropped = drops_of_nodes()? - drops;
-                if dropped < u64::from(COUNT) {
-                    return Err(format!(
-                        "{} sent {COUNT} ICMP errors quoting {VICTIM}'s flow: the related chains counted {dropped}",
-                        a.key()
-                    ));
-                }
+                counted?;
             }
             icmp_error(lab, &peer.netns, v, quoted_src, quoted_dst)?;
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            let n = icmp_delivered(&victim.netns, y)?;
-            if n < u64::from(COUNT) {
-                return Err(format!(
-                    "{} ({y}), the other end of {quoted_src} -> {quoted_dst}: {n} of {COUNT} of its ICMP errors delivered",
-                    peer.key()
-                ));
-            }
+            let mut n = 0;
+            super::poll(Duration::from_secs(3), || {
+                n = icmp_delivered(&victim.netns, y)?;
+                if n < u64::from(COUNT) {
+                    return Err(format!(
+                        "{} ({y}), the other end of {quoted_src} -> {quoted_dst}: {n} of {COUNT} of its ICMP errors delivered",
+                        peer.key()
+                    ));
+                }
+                Ok(())
+            })?;
             report.push(format!(
                 "{fam:?}: {} attackers' errors dropped, the peer's {n} delivered",
                 attackers.len()
