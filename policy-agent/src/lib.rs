@@ -17,6 +17,7 @@ pub mod conntrack;
 pub mod egress_nat;
 pub mod error;
 pub mod flow_log;
+pub mod forged_metrics;
 pub mod lock;
 pub mod metrics;
 pub mod nft;

@@ -6,7 +6,7 @@
 //! counters from zero again; the engine reads them just before and carries what they held
 //! ([`Carried`]), so the series keep counting up (a restarted agent finds the counters in the
 //! table it left and carries them too). A table deleted from outside takes what its counters held
-//! since the last replace with it (a counter reset).
+//! since the last replace with it (a counter reset). The same read feeds `forged_metrics`.
 
 use crate::nft::Nft;
 use crate::reconcile::Msg;
@@ -87,7 +87,10 @@ impl PolicyMetrics {
             return String::new();
         };
         match tokio::task::spawn_blocking(Nft::counter_packets).await {
-            Ok(Ok(values)) => render(&report.described, &with_carried(values, &report.carried)),
+            Ok(Ok(values)) => {
+                let values = with_carried(values, &report.carried);
+                render(&report.described, &values) + &crate::forged_metrics::render(&values)
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "per-policy counters left out: cannot read them");
                 String::new()

@@ -90,7 +90,8 @@ fn forge(ns: &Netns, src: &str, dst: &str, port: u16, n: u32) {
     ]);
 }
 
-/// Packets the source guard dropped so far (the counters of its rules in every base chain).
+/// Packets the source guard dropped so far (its named counter, shared by its rules in every base
+/// chain).
 fn guard_drops(node: &Netns) -> u64 {
     let out = Command::new("ip")
         .args([
@@ -100,25 +101,19 @@ fn guard_drops(node: &Netns) -> u64 {
             "nft",
             "-j",
             "list",
-            "table",
+            "counter",
             "inet",
             "palisade",
+            palisade_policy::ruleset::names::CNT_FORGED_SOURCE,
         ])
         .output()
-        .expect("list our table");
+        .expect("list the source guard's counter");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
     v["nftables"]
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|i| i.get("rule"))
-        .filter(|r| {
-            r["comment"]
-                .as_str()
-                .is_some_and(|c| c.starts_with("forged source"))
-        })
-        .flat_map(|r| r["expr"].as_array().unwrap().iter())
-        .filter_map(|e| e.get("counter"))
+        .filter_map(|i| i.get("counter"))
         .map(|c| c["packets"].as_u64().unwrap())
         .sum()
 }

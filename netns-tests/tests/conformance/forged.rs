@@ -122,13 +122,21 @@ fn delivered(netns: &str, source: IpAddr) -> Result<u64, String> {
         .sum())
 }
 
+/// `palisade_forged_packets_total{kind}` of a node's agent, what an operator sees (0 while the
+/// series is absent).
+fn forged(lab: &Lab, node: &str, kind: &str) -> Result<u64, String> {
+    let text = lab.agent_metrics(node)?;
+    let prefix = format!("palisade_forged_packets_total{{kind=\"{kind}\"}} ");
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0))
+}
+
 /// Packets the source guard of a node dropped so far.
-fn guard_drops(node_netns: &str) -> Result<u64, String> {
-    Ok(counters(node_netns, &["table", "inet", "palisade"])?
-        .into_iter()
-        .filter(|(c, _)| c.starts_with("forged source"))
-        .map(|(_, n)| n)
-        .sum())
+fn guard_drops(lab: &Lab, node: &str) -> Result<u64, String> {
+    forged(lab, node, "source")
 }
 
 pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult {
@@ -211,10 +219,10 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
             install_counters(&victim.netns, &sources)?;
             let sent = 2 * u64::from(COUNT);
             for (what, s) in &forged {
-                let drops_before = guard_drops(&attacker_node.netns)?;
+                let drops_before = guard_drops(lab, &attacker_node.name)?;
                 forge(lab, &attacker.netns, *s, to)?;
                 std::thread::sleep(std::time::Duration::from_millis(100));
-                let dropped = guard_drops(&attacker_node.netns)? - drops_before;
+                let dropped = guard_drops(lab, &attacker_node.name)? - drops_before;
                 let n = delivered(&victim.netns, *s)?;
                 if n != 0 {
                     return Err(format!(
@@ -301,12 +309,8 @@ fn device_mac(node_netns: &str, device: &str) -> Result<[u8; 6], String> {
 }
 
 /// Packets the tunnel guard of a node dropped so far.
-fn tunnel_drops(node_netns: &str) -> Result<u64, String> {
-    Ok(counters(node_netns, &["table", "inet", "palisade"])?
-        .into_iter()
-        .filter(|(c, _)| c.starts_with("forged overlay packet"))
-        .map(|(_, n)| n)
-        .sum())
+fn tunnel_drops(lab: &Lab, node: &str) -> Result<u64, String> {
+    forged(lab, node, "overlay")
 }
 
 /// Sends COUNT VXLAN datagrams from `netns` to `node`'s overlay port, each a SYN from `source` to
@@ -416,12 +420,12 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
         ] {
             let mac = device_mac(&victim_node.netns, device)?;
             for a in &attackers {
-                let drops = tunnel_drops(&victim_node.netns)?;
+                let drops = tunnel_drops(lab, &victim_node.name)?;
                 let before = delivered(&victim.netns, source)?;
                 vxlan(lab, &a.netns, underlay, mac, source, victim4)?;
                 // Every datagram counted as dropped: none is still on its way.
                 let counted = super::poll(Duration::from_secs(3), || {
-                    let dropped = tunnel_drops(&victim_node.netns)? - drops;
+                    let dropped = tunnel_drops(lab, &victim_node.name)? - drops;
                     if dropped < u64::from(COUNT) {
                         return Err(format!(
                             "{} sent {COUNT} VXLAN datagrams to {underlay}: the tunnel guard of {} counted {dropped}",
@@ -519,12 +523,8 @@ fn icmp_delivered(netns: &str, source: IpAddr) -> Result<u64, String> {
 }
 
 /// Related packets dropped so far by a node's related chain.
-fn related_drops(node_netns: &str) -> Result<u64, String> {
-    Ok(counters(node_netns, &["table", "inet", "palisade"])?
-        .into_iter()
-        .filter(|(c, _)| c.starts_with("related to a connection"))
-        .map(|(_, n)| n)
-        .sum())
+fn related_drops(lab: &Lab, node: &str) -> Result<u64, String> {
+    forged(lab, node, "related")
 }
 
 /// Sends COUNT port-unreachable errors from `netns` to `to`, quoting `quoted_src` → `quoted_dst`.
@@ -576,8 +576,9 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
         apply(lab, vec![super::yaml(
             "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: admit-y, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}}",
         )])?;
-        let drops_of_nodes =
-            || -> Result<u64, String> { nodes.iter().map(|n| related_drops(&n.netns)).sum() };
+        let drops_of_nodes = |lab: &Lab| -> Result<u64, String> {
+            nodes.iter().map(|n| related_drops(lab, &n.name)).sum()
+        };
         let probe = lab.state().bins.probe();
         let mut report = Vec::new();
         for (i, fam) in [Family::V4, Family::V6].into_iter().enumerate() {
@@ -620,11 +621,11 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
             install_icmp_counters(&victim.netns, &sources)?;
             for a in &attackers {
                 let s = pick(&a.ips)?;
-                let drops = drops_of_nodes()?;
+                let drops = drops_of_nodes(lab)?;
                 icmp_error(lab, &a.netns, v, quoted_src, quoted_dst)?;
                 // Every error counted as dropped: none is still on its way.
                 let counted = super::poll(Duration::from_secs(3), || {
-                    let dropped = drops_of_nodes()? - drops;
+                    let dropped = drops_of_nodes(lab)? - drops;
                     if dropped < u64::from(COUNT) {
                         return Err(format!(
                             "{} sent {COUNT} ICMP errors quoting {VICTIM}'s flow: the related chains counted {dropped}",

@@ -560,6 +560,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         });
     }
     source_sets(rs, c);
+    rs.add_counter(CNT_FORGED_SOURCE.to_string());
     related(rs);
     if let Some(nat) = &c.egress_nat {
         egress_nat(rs, nat);
@@ -692,7 +693,7 @@ pub(crate) fn source_guard_rules() -> Vec<Rule> {
                 family: Family::V4,
                 set: source_set(Family::V4).to_string(),
             },
-            Stmt::Counter,
+            Stmt::CounterNamed(CNT_FORGED_SOURCE.to_string()),
             Stmt::Drop,
         ])
         .with_comment(what),
@@ -703,7 +704,7 @@ pub(crate) fn source_guard_rules() -> Vec<Rule> {
                 family: Family::V6,
                 set: source_set(Family::V6).to_string(),
             },
-            Stmt::Counter,
+            Stmt::CounterNamed(CNT_FORGED_SOURCE.to_string()),
             Stmt::Drop,
         ])
         .with_comment(what),
@@ -733,12 +734,13 @@ fn related(rs: &mut Ruleset) {
     rules.push(
         Rule::new(vec![
             Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
-            Stmt::Counter,
+            Stmt::CounterNamed(CNT_FORGED_RELATED.to_string()),
             Stmt::Drop,
         ])
         .with_comment("related to a connection the pod behind this veth is not part of"),
     );
     rules.push(Rule::new(vec![Stmt::Accept]).with_comment("an error from a router or a node"));
+    rs.add_counter(CNT_FORGED_RELATED.to_string());
     rs.add_chain(Chain {
         name: CHAIN_RELATED.to_string(),
         base: None,
@@ -784,9 +786,13 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
         );
     }
     rules.push(
-        Rule::new(vec![Stmt::Counter, Stmt::Drop])
-            .with_comment("forged overlay packet: the sender is not a node"),
+        Rule::new(vec![
+            Stmt::CounterNamed(CNT_FORGED_OVERLAY.to_string()),
+            Stmt::Drop,
+        ])
+        .with_comment("forged overlay packet: the sender is not a node"),
     );
+    rs.add_counter(CNT_FORGED_OVERLAY.to_string());
     rs.add_chain(Chain {
         name: CHAIN_TUNNEL.to_string(),
         base: None,

@@ -1195,7 +1195,7 @@ fn source_guard_opens_every_base_chain_before_the_established_accept() {
                 family: Family::V4,
                 set: SOURCE_SET_V4.into()
             },
-            Stmt::Counter,
+            Stmt::CounterNamed(CNT_FORGED_SOURCE.into()),
             Stmt::Drop
         ]
     );
@@ -1236,11 +1236,12 @@ fn a_related_packet_from_a_pod_passes_only_about_that_pods_own_connections() {
         got[4],
         vec![
             Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.into()),
-            Stmt::Counter,
+            Stmt::CounterNamed(CNT_FORGED_RELATED.into()),
             Stmt::Drop
         ],
         "any other pod's is dropped, counted"
     );
+    assert!(rs.counters.contains(CNT_FORGED_RELATED));
     assert_eq!(got[5], vec![Stmt::Accept], "a router's or a node's passes");
     assert_eq!(got.len(), 6);
     let json = rs.to_json().to_string();
@@ -1317,6 +1318,11 @@ fn only_a_node_may_send_to_the_overlay_port() {
             .any(|r| r.stmts.contains(&Stmt::Jump(CHAIN_TUNNEL.to_string()))),
         "the outer packets we send are not checked"
     );
+    assert_eq!(
+        rs.chains[CHAIN_TUNNEL].rules.last().unwrap().stmts,
+        vec![Stmt::CounterNamed(CNT_FORGED_OVERLAY.into()), Stmt::Drop]
+    );
+    assert!(rs.counters.contains(CNT_FORGED_OVERLAY));
     assert_eq!(
         rs.sets[TUNNEL_PEERS_V4].elements,
         [Elem::Addr(ip("172.31.0.1")), Elem::Addr(ip("172.31.1.2"))].into()

@@ -45,6 +45,20 @@ pub fn nat_exempt_set(fam: Family) -> &'static str {
     }
 }
 
+/// Named counters of what a node drops before any policy because its sender lied: the source
+/// guard (a pod's packet not from its own address), the overlay port's guard (a datagram from a
+/// host that is not a node), the related chain (a pod's related packet about a connection it is
+/// not part of). `/metrics`: `palisade_forged_packets_total{kind}`.
+pub const CNT_FORGED_SOURCE: &str = "cnt_forged_source";
+pub const CNT_FORGED_OVERLAY: &str = "cnt_forged_overlay";
+pub const CNT_FORGED_RELATED: &str = "cnt_forged_related";
+/// Those three, with the `kind` label `/metrics` gives each.
+pub const FORGED_KINDS: [(&str, &str); 3] = [
+    (CNT_FORGED_SOURCE, "source"),
+    (CNT_FORGED_OVERLAY, "overlay"),
+    (CNT_FORGED_RELATED, "related"),
+];
+
 /// Regular chain both base chains jump to for a related packet (an ICMP error about a tracked
 /// connection): from a pod's veth it passes only when that pod is an endpoint of the connection.
 pub const CHAIN_RELATED: &str = "related";
