@@ -430,10 +430,7 @@ fn group_exemptions(dir: Direction) -> Vec<Rule> {
 
 fn base(rs: &mut Ruleset, c: &Compiled) {
     for fam in Family::BOTH {
-        let key = match fam {
-            Family::V4 => SetKey::Ipv4,
-            Family::V6 => SetKey::Ipv6,
-        };
+        let key = addr_key(fam);
         rs.add_set(Set {
             name: pending_set(fam).to_string(),
             key,
@@ -759,10 +756,7 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
     for fam in Family::BOTH {
         rs.add_set(Set {
             name: tunnel_peers_set(fam).to_string(),
-            key: match fam {
-                Family::V4 => SetKey::Ipv4,
-                Family::V6 => SetKey::Ipv6,
-            },
+            key: addr_key(fam),
             interval: false,
             verdict_map: false,
             comment: comment("underlay addresses of the nodes: who may send to the overlay port"),
@@ -820,10 +814,7 @@ fn egress_nat(rs: &mut Ruleset, nat: &EgressNat) {
             .map(|(a, b)| Elem::Range(a, b))
             .collect()
         };
-        let key = match fam {
-            Family::V4 => SetKey::Ipv4,
-            Family::V6 => SetKey::Ipv6,
-        };
+        let key = addr_key(fam);
         rs.add_set(Set {
             name: nat_sources_set(fam).to_string(),
             key,
