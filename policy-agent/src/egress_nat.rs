@@ -8,7 +8,7 @@
 //! exempt ranges, so it cannot switch NAT off for the cluster. Exempt: the pod networks, every
 //! Node's InternalIPs (pod → node keeps the pod's address), and `--no-masquerade-cidr`.
 
-use crate::routes::{self, RoutePlan};
+use crate::routes::RoutePlan;
 use ipnet::IpNet;
 use palisade_policy::model::{Change, ClusterState, EgressNat, Node};
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,10 +52,15 @@ pub fn desired(
 }
 
 /// The change that brings `state` to the egress NAT its Nodes and `cfg` call for (logged), `None`
-/// when it has that already.
-pub fn change(cfg: &NatConfig, state: &ClusterState, self_name: &str) -> Option<Change> {
-    let plan = routes::desired_routes(&state.nodes, self_name, &cfg.cluster_cidrs);
-    let nat = desired(cfg, &state.nodes, self_name, &plan);
+/// when it has that already. `plan`: the validated routes of `state`'s Nodes
+/// (`routes::desired_routes` with `cfg.cluster_cidrs`), computed once per reconcile.
+pub fn change(
+    cfg: &NatConfig,
+    state: &ClusterState,
+    self_name: &str,
+    plan: &RoutePlan,
+) -> Option<Change> {
+    let nat = desired(cfg, &state.nodes, self_name, plan);
     if nat == state.egress_nat {
         return None;
     }
@@ -165,12 +170,13 @@ mod tests {
         let (name, n) = node("a", &["10.244.1.0/24"], &["172.31.0.1"]);
         st.apply(Change::UpsertNode(n));
         let cfg = on();
-        let c = change(&cfg, &st, &name);
+        let plan = desired_routes(&st.nodes, &name, &[]);
+        let c = change(&cfg, &st, &name, &plan);
         assert!(matches!(c, Some(Change::SetEgressNat(Some(_)))), "{c:?}");
         assert!(st.egress_nat.is_none(), "asking changes nothing");
         assert!(st.apply(c.unwrap()));
         assert_eq!(
-            change(&cfg, &st, &name),
+            change(&cfg, &st, &name, &plan),
             None,
             "nothing changed: nothing to stage"
         );

@@ -446,13 +446,14 @@ impl Engine {
             cluster_cidrs: self.cfg.cluster_cidrs.clone(),
             no_masquerade: self.cfg.no_masquerade_cidrs.clone(),
         };
-        if let Some(change) = crate::egress_nat::change(&nat, self.inc.state(), &node) {
+        // One route plan for both: the Nodes they read are the state's, unchanged between them.
+        let plan =
+            crate::routes::desired_routes(&self.inc.state().nodes, &node, &nat.cluster_cidrs);
+        if let Some(change) = crate::egress_nat::change(&nat, self.inc.state(), &node, &plan) {
             compiled::stage(&mut self.inc, [change])?;
         }
         let overlay = self.routes.as_ref().is_some_and(RouteSync::overlay_in_use);
-        if let Some(change) =
-            crate::tunnel_guard::change(overlay, self.inc.state(), &node, &self.cfg.cluster_cidrs)
-        {
+        if let Some(change) = crate::tunnel_guard::change(overlay, self.inc.state(), &node, &plan) {
             compiled::stage(&mut self.inc, [change])?;
         }
         let full = self.inc.is_stale() || self.replace;

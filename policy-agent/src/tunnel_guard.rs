@@ -11,19 +11,19 @@
 //! nodes we route to, directly or over the overlay; a refused Node adds none). With the overlay
 //! off (`--encapsulation never`, or routes not managed) there is no device and no rule.
 
-use crate::routes;
-use ipnet::IpNet;
+use crate::routes::RoutePlan;
 use palisade_policy::model::{Change, ClusterState, Tunnel};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use tracing::info;
 
-/// The tunnel guard our table needs; `None` when the overlay is not in use.
+/// The tunnel guard our table needs; `None` when the overlay is not in use. `plan`: the validated
+/// routes of `state`'s Nodes (`routes::desired_routes`), computed once per reconcile.
 pub fn desired(
     overlay_in_use: bool,
     state: &ClusterState,
     self_name: &str,
-    cluster_cidrs: &[IpNet],
+    plan: &RoutePlan,
 ) -> Option<Tunnel> {
     if !overlay_in_use {
         return None;
@@ -33,7 +33,6 @@ pub fn desired(
         .get(self_name)
         .map(|me| me.internal_ips.iter().copied().collect())
         .unwrap_or_default();
-    let plan = routes::desired_routes(&state.nodes, self_name, cluster_cidrs);
     peers.extend(plan.routes.iter().map(|r| r.via));
     Some(Tunnel {
         port: crate::overlay::PORT,
@@ -47,9 +46,9 @@ pub fn change(
     overlay_in_use: bool,
     state: &ClusterState,
     self_name: &str,
-    cluster_cidrs: &[IpNet],
+    plan: &RoutePlan,
 ) -> Option<Change> {
-    let want = desired(overlay_in_use, state, self_name, cluster_cidrs);
+    let want = desired(overlay_in_use, state, self_name, plan);
     if want == state.tunnel {
         return None;
     }
@@ -67,7 +66,12 @@ pub fn change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes::desired_routes;
     use palisade_policy::model::Node;
+
+    fn plan(st: &ClusterState) -> RoutePlan {
+        desired_routes(&st.nodes, "a", &[])
+    }
 
     fn node(name: &str, cidrs: &[&str], ips: &[&str]) -> Node {
         Node {
@@ -100,7 +104,7 @@ mod tests {
                 &["172.31.1.2", "fd00:172:31:1::2"],
             ),
         ]);
-        let t = desired(true, &st, "a", &[]).unwrap();
+        let t = desired(true, &st, "a", &plan(&st)).unwrap();
         assert_eq!(t.port, crate::overlay::PORT);
         assert_eq!(
             t.peers,
@@ -119,21 +123,21 @@ mod tests {
             node("a", &["10.244.1.0/24"], &["172.31.0.1"]),
             node("evil", &["0.0.0.0/0"], &["192.168.50.9"]),
         ]);
-        let t = desired(true, &st, "a", &[]).unwrap();
+        let t = desired(true, &st, "a", &plan(&st)).unwrap();
         assert_eq!(t.peers, ips(&["172.31.0.1"]));
     }
 
     #[test]
     fn no_overlay_no_guard_and_the_change_is_asked_for_once() {
         let mut st = state(vec![node("a", &["10.244.1.0/24"], &["172.31.0.1"])]);
-        assert_eq!(desired(false, &st, "a", &[]), None);
-        assert_eq!(change(false, &st, "a", &[]), None, "already off");
-        let c = change(true, &st, "a", &[]);
+        assert_eq!(desired(false, &st, "a", &plan(&st)), None);
+        assert_eq!(change(false, &st, "a", &plan(&st)), None, "already off");
+        let c = change(true, &st, "a", &plan(&st));
         assert!(matches!(c, Some(Change::SetTunnel(Some(_)))), "{c:?}");
         assert!(st.apply(c.unwrap()));
-        assert_eq!(change(true, &st, "a", &[]), None, "nothing changed");
+        assert_eq!(change(true, &st, "a", &plan(&st)), None, "nothing changed");
         assert!(matches!(
-            change(false, &st, "a", &[]),
+            change(false, &st, "a", &plan(&st)),
             Some(Change::SetTunnel(None))
         ));
     }
