@@ -3,7 +3,7 @@
 //! still gets through where policy allows it.
 
 use super::{apply, expect_reach, pod_ip, target, with_cleanup, TestResult};
-use palisade_netns_tests::lab::{self, Family, Lab};
+use palisade_netns_tests::lab::{self, Family, Lab, PodState};
 use palisade_netns_tests::probe::{Protocol, Target};
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
@@ -54,39 +54,32 @@ fn forge(lab: &Lab, netns: &str, source: IpAddr, to: IpAddr) -> Result<(), Strin
     Ok(())
 }
 
-/// Installs a counter per source address in the victim's namespace, before its own stack.
-fn install_counters(netns: &str, sources: &[IpAddr]) -> Result<(), String> {
+/// (Re)installs the counting table in `netns`, before its own stack: one counter per source
+/// address, on what `matched` says of that source's packets, commented with the address.
+fn install_count_table(
+    netns: &str,
+    sources: &[IpAddr],
+    matched: impl Fn(IpAddr) -> &'static str,
+) -> Result<(), String> {
+    let _ = run(netns, &["nft", "delete", "table", "inet", COUNT_TABLE]);
     let mut rules = String::new();
     for s in sources {
         let fam = if s.is_ipv4() { "ip" } else { "ip6" };
         rules.push_str(&format!(
-            "    {fam} saddr {s} th dport {{ 80, 81 }} counter comment \"{s}\"\n"
+            "    {fam} saddr {s} {} counter comment \"{s}\"\n",
+            matched(*s)
         ));
     }
     let text = format!(
         "table inet {COUNT_TABLE} {{\n  chain pre {{\n    type filter hook prerouting priority -500; policy accept;\n{rules}  }}\n}}\n"
     );
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            if let Some(mut i) = c.stdin.take() {
-                i.write_all(text.as_bytes())?;
-            }
-            c.wait_with_output()
-        })
-        .map_err(|e| format!("nft in {netns}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "counting table in {netns}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
+    palisade_netns_tests::netns::nft(netns, &text)
+        .map_err(|e| format!("counting table in {netns}: {e}"))
+}
+
+/// Counts, per source address, TCP and UDP to ports 80 and 81 arriving in `netns`.
+fn install_counters(netns: &str, sources: &[IpAddr]) -> Result<(), String> {
+    install_count_table(netns, sources, |_| "th dport { 80, 81 }")
 }
 
 /// Packets counted so far per comment (source address) in a chain's rules.
@@ -212,10 +205,6 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
                 ("an external address", outside),
             ];
             let sources: Vec<IpAddr> = forged.iter().map(|(_, s)| *s).collect();
-            let _ = run(
-                &victim.netns,
-                &["nft", "delete", "table", "inet", COUNT_TABLE],
-            );
             install_counters(&victim.netns, &sources)?;
             let sent = 2 * u64::from(COUNT);
             for (what, s) in &forged {
@@ -289,23 +278,33 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
     })
 }
 
+/// Makes x/a (the victim) admit the pods of y only; returns the pods of z, its attackers (on both
+/// nodes, none admitted, none isolated).
+fn admit_only_y(lab: &mut Lab, victim: &PodState) -> Result<Vec<PodState>, String> {
+    let attackers: Vec<_> = lab.pods().filter(|p| p.namespace == "z").cloned().collect();
+    if !attackers.iter().any(|p| p.node == victim.node)
+        || !attackers.iter().any(|p| p.node != victim.node)
+    {
+        return Err("the model must place pods of z on both nodes".into());
+    }
+    apply(lab, vec![super::yaml(
+        "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: admit-y, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}}",
+    )])?;
+    Ok(attackers)
+}
+
 /// VNI of the agent's overlay devices (`palisade_agent::overlay::VNI`).
 const OVERLAY_VNI: u32 = 0x50_41_4c;
 
 /// MAC of a node's overlay device (what the inner frame must be addressed to).
-fn device_mac(node_netns: &str, device: &str) -> Result<[u8; 6], String> {
+fn device_mac(node_netns: &str, device: &str) -> Result<String, String> {
     let out = run(node_netns, &["ip", "-j", "link", "show", device])?;
     let v: serde_json::Value =
         serde_json::from_str(&out).map_err(|e| format!("ip -j link in {node_netns}: {e}"))?;
-    let mac = v[0]["address"]
+    v[0]["address"]
         .as_str()
-        .ok_or(format!("{device} in {node_netns} has no MAC: {out}"))?;
-    let bytes: Vec<u8> = mac
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("MAC {mac}: {e}"))?;
-    bytes.try_into().map_err(|_| format!("MAC {mac}"))
+        .map(str::to_string)
+        .ok_or(format!("{device} in {node_netns} has no MAC: {out}"))
 }
 
 /// Packets the tunnel guard of a node dropped so far.
@@ -319,7 +318,7 @@ fn vxlan(
     lab: &Lab,
     netns: &str,
     underlay: IpAddr,
-    mac: [u8; 6],
+    mac: &str,
     source: IpAddr,
     to: IpAddr,
 ) -> Result<(), String> {
@@ -327,11 +326,6 @@ fn vxlan(
         return Err("the inner packet is IPv4".into());
     };
     let probe = lab.state().bins.probe();
-    let mac = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
     run(
         netns,
         &[
@@ -342,7 +336,7 @@ fn vxlan(
             "--vni",
             &OVERLAY_VNI.to_string(),
             "--mac",
-            &mac,
+            mac,
             "--source",
             &source.to_string(),
             "--count",
@@ -377,16 +371,7 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
             .find(|p| p.namespace == "y")
             .cloned()
             .ok_or("the model has pods in y")?;
-        // Attackers: the pods of z, on both nodes; none is admitted to x/a, none is isolated.
-        let attackers: Vec<_> = lab.pods().filter(|p| p.namespace == "z").cloned().collect();
-        if !attackers.iter().any(|p| p.node == victim.node)
-            || !attackers.iter().any(|p| p.node != victim.node)
-        {
-            return Err("the model must place pods of z on both nodes".into());
-        }
-        apply(lab, vec![super::yaml(
-            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: admit-y, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}}",
-        )])?;
+        let attackers = admit_only_y(lab, &victim)?;
         let victim4 = pod_ip(lab, VICTIM, Family::V4)?;
         let source = pod_ip(lab, &admitted.key(), Family::V4)?;
         let mut checks = vec![(
@@ -402,10 +387,6 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
             .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
             .collect();
         expect_reach(lab, &checks)?;
-        let _ = run(
-            &victim.netns,
-            &["nft", "delete", "table", "inet", COUNT_TABLE],
-        );
         install_counters(&victim.netns, &[source])?;
         let mut report = Vec::new();
         for (underlay, device) in [
@@ -422,7 +403,7 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
             for a in &attackers {
                 let drops = tunnel_drops(lab, &victim_node.name)?;
                 let before = delivered(&victim.netns, source)?;
-                vxlan(lab, &a.netns, underlay, mac, source, victim4)?;
+                vxlan(lab, &a.netns, underlay, &mac, source, victim4)?;
                 // Every datagram counted as dropped: none is still on its way.
                 let counted = super::poll(Duration::from_secs(3), || {
                     let dropped = tunnel_drops(lab, &victim_node.name)? - drops;
@@ -451,7 +432,7 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                 IpAddr::V4(_) => IpAddr::V4(lab::node_underlay_v4(other_node.index)),
                 IpAddr::V6(_) => IpAddr::V6(lab::node_underlay_v6(other_node.index)),
             };
-            vxlan(lab, &other_node.netns, underlay, mac, source, victim4)?;
+            vxlan(lab, &other_node.netns, underlay, &mac, source, victim4)?;
             super::poll(Duration::from_secs(3), || {
                 let n = delivered(&victim.netns, source)? - before;
                 if n < u64::from(COUNT) {
@@ -477,49 +458,15 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
     })
 }
 
-/// Installs counters of ICMP (ICMPv6) destination-unreachable errors per source in `netns`.
+/// Counts, per source address, ICMP (ICMPv6) destination-unreachable errors arriving in `netns`.
 fn install_icmp_counters(netns: &str, sources: &[IpAddr]) -> Result<(), String> {
-    let _ = run(netns, &["nft", "delete", "table", "inet", COUNT_TABLE]);
-    let mut text = format!(
-        "table inet {COUNT_TABLE} {{\n  chain pre {{\n    type filter hook prerouting priority -500; policy accept;\n"
-    );
-    for s in sources {
-        let (fam, icmp) = if s.is_ipv4() {
-            ("ip", "icmp")
+    install_count_table(netns, sources, |s| {
+        if s.is_ipv4() {
+            "icmp type destination-unreachable"
         } else {
-            ("ip6", "icmpv6")
-        };
-        text.push_str(&format!(
-            "    {fam} saddr {s} {icmp} type destination-unreachable counter comment \"{s}\"\n"
-        ));
-    }
-    text.push_str("  }\n}\n");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("nft in {netns}: {e}"))?;
-    if let Some(mut i) = child.stdin.take() {
-        use std::io::Write;
-        i.write_all(text.as_bytes())
-            .map_err(|e| format!("nft in {netns}: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("nft in {netns}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ICMP counting table in {netns}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
-/// ICMP errors counted in `netns` from `source`.
-fn icmp_delivered(netns: &str, source: IpAddr) -> Result<u64, String> {
-    delivered(netns, source)
+            "icmpv6 type destination-unreachable"
+        }
+    })
 }
 
 /// Related packets dropped so far by a node's related chain.
@@ -567,15 +514,7 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
             .find(|p| p.namespace == "y" && p.node != victim.node)
             .cloned()
             .ok_or("the model must place a pod of y on a second node")?;
-        let attackers: Vec<_> = lab.pods().filter(|p| p.namespace == "z").cloned().collect();
-        if !attackers.iter().any(|p| p.node == victim.node)
-            || !attackers.iter().any(|p| p.node != victim.node)
-        {
-            return Err("the model must place pods of z on both nodes".into());
-        }
-        apply(lab, vec![super::yaml(
-            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: admit-y, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}}",
-        )])?;
+        let attackers = admit_only_y(lab, &victim)?;
         let drops_of_nodes = |lab: &Lab| -> Result<u64, String> {
             nodes.iter().map(|n| related_drops(lab, &n.name)).sum()
         };
@@ -634,7 +573,7 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
                     }
                     Ok(())
                 });
-                let n = icmp_delivered(&victim.netns, s)?;
+                let n = delivered(&victim.netns, s)?;
                 if n != 0 {
                     return Err(format!(
                         "{} ({s}) quoting {VICTIM}'s flow {quoted_src} -> {quoted_dst}: {n} of {COUNT} ICMP errors reached {VICTIM}, whose policy denies it",
@@ -646,7 +585,7 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
             icmp_error(lab, &peer.netns, v, quoted_src, quoted_dst)?;
             let mut n = 0;
             super::poll(Duration::from_secs(3), || {
-                n = icmp_delivered(&victim.netns, y)?;
+                n = delivered(&victim.netns, y)?;
                 if n < u64::from(COUNT) {
                     return Err(format!(
                         "{} ({y}), the other end of {quoted_src} -> {quoted_dst}: {n} of {COUNT} of its ICMP errors delivered",
