@@ -1109,7 +1109,16 @@ fn rule_matches(
                     continue; // an IPv4 peer never meets an IPv6 destination
                 }
             }
-            out.push(pc.iter().chain(qc.iter()).cloned().collect());
+            // A single port is two compares, a peer a set lookup: when the port is one
+            // value, it goes first, so a rule for another port or protocol (a tier's "deny
+            // TCP 22 from ...") costs a new connection two compares and no lookup. A ports
+            // set is a lookup too: the peer stays first.
+            let cheap_port = matches!(qc[..], [Stmt::L4Proto(_), Stmt::Dport(_)]);
+            out.push(if cheap_port {
+                qc.iter().chain(pc.iter()).cloned().collect()
+            } else {
+                pc.iter().chain(qc.iter()).cloned().collect()
+            });
         }
     }
     out
