@@ -452,7 +452,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 17] = [
+    let named: [(&str, LabTest); 18] = [
         (
             "extra::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy",
             flow_log::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy,
@@ -520,6 +520,10 @@ fn all_tests() -> Result<Vec<Test>, String> {
         (
             "extra::terminated_pods_address_reused_carries_only_the_new_pods_policies",
             cluster_pods::terminated_pods_address_reused_carries_only_the_new_pods_policies,
+        ),
+        (
+            "extra::an_egress_isolated_pod_reaches_no_node_service_at_its_link_local_gateway",
+            cluster_pods::an_egress_isolated_pod_reaches_no_node_service_at_its_link_local_gateway,
         ),
     ];
     for (name, f) in named {

@@ -192,6 +192,14 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
     let mut vm6 = set("vm6", SetKey::Ipv6, false, vec![]);
     vm6.verdict_map = true;
     rs.add_set(vm6);
+    let mut vml = set(
+        "vml",
+        SetKey::Ifname,
+        false,
+        vec![Elem::IfaceGoto("pal0123456789ab".into(), "target".into())],
+    );
+    vml.verdict_map = true;
+    rs.add_set(vml);
     rs.add_counter("cnt".into());
     let s = |v: Vec<Stmt>| Rule::new(v);
     let (v4, v6) = (Family::V4, Family::V6);
@@ -308,6 +316,10 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
             field: AddrField::Saddr,
             map: "vm6".into(),
         }]),
+        s(vec![
+            Stmt::IifnamePrefix("pal".into()),
+            Stmt::IifnameVmap { map: "vml".into() },
+        ]),
         s(vec![
             Stmt::Limit { rate: 10, burst: 5 },
             Stmt::Log {

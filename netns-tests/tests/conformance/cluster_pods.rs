@@ -321,3 +321,74 @@ pub fn terminated_pods_address_reused_carries_only_the_new_pods_policies(
     })();
     cleanup(lab, "terminated pod", &[("x", "new"), ("x", "old")], r)
 }
+
+/// The index of `eth0` in a pod's namespace: the scope of its link-local gateway.
+fn eth0_index(netns: &str) -> Result<u32, String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", "dev", "eth0"])
+        .output()
+        .map_err(|e| format!("running ip -n {netns} link show: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| format!("no eth0 index in {netns}: {text:?}"))
+}
+
+/// A node's services listening on `::` (the kubelet does) answer at every address of the node,
+/// the pod veth's `fe80::1` too, and a pod reaches that one from its own link-local address,
+/// which the source guard lets through (neighbour discovery) and no address map holds. An
+/// egress-isolated pod's packet to it takes its pod's egress verdict: a deny-all denies it, an
+/// egress rule that covers it (`::/0`) allows it.
+pub fn an_egress_isolated_pod_reaches_no_node_service_at_its_link_local_gateway(
+    lab: &mut Lab,
+) -> TestResult {
+    let r = (|| {
+        let xa = lab.pod("x/a").map_err(|e| e.to_string())?;
+        let (xa_node, xa_netns) = (xa.node.clone(), xa.netns.clone());
+        let node = lab.node_state(&xa_node).map_err(|e| e.to_string())?;
+        let n6 = IpAddr::V6(lab::node_underlay_v6(node.index));
+        apply(
+            lab,
+            vec![yaml(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: svc, namespace: y, labels: {{pod: svc}}}}\nspec:\n  nodeName: {}\n  hostNetwork: true\n  containers:\n  - name: s\n    ports: [{{containerPort: 80}}]\n",
+                xa_node
+            ))],
+        )?;
+        let gateway = std::net::SocketAddrV6::new(
+            "fe80::1".parse().map_err(|e| format!("{e}"))?,
+            80,
+            0,
+            eth0_index(&xa_netns)?,
+        );
+        let to_gateway = Target {
+            id: "y/svc at fe80::1".to_string(),
+            addr: gateway.into(),
+            protocol: Protocol::Tcp,
+        };
+        let to_node = target("y/svc", n6, 80, Protocol::Tcp);
+        expect_reach(
+            lab,
+            &[
+                ("x/a", to_gateway.clone(), true),
+                ("x/a", to_node.clone(), true),
+            ],
+        )?;
+        apply(lab, policy(
+            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: a-no-egress, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress]}}",
+        ))?;
+        expect_reach(
+            lab,
+            &[
+                ("x/a", to_node.clone(), false),
+                ("x/a", to_gateway.clone(), false),
+                ("x/b", to_node.clone(), true),
+            ],
+        )?;
+        apply(lab, policy(
+            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: a-no-egress, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]}}",
+        ))?;
+        expect_reach(lab, &[("x/a", to_gateway, true), ("x/a", to_node, true)])
+    })();
+    cleanup(lab, "link-local gateway", &[("y", "svc")], r)
+}

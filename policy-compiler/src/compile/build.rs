@@ -78,6 +78,14 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
     // status) would make the kernel reject the whole batch. The first pod (by key) keeps it.
     let mut owner: BTreeMap<(Direction, IpAddr), &str> = BTreeMap::new();
     base(&mut rs, c);
+    // The host veth of each local address (the attachment records'), and each veth's egress
+    // group: the first pod (by key) whose address the veth carries.
+    let veth_of: BTreeMap<IpAddr, &str> = c
+        .sources
+        .iter()
+        .map(|(veth, ip)| (*ip, veth.as_str()))
+        .collect();
+    let mut links: BTreeMap<&str, String> = BTreeMap::new();
     // Group chains and the verdict maps pointing at them.
     let mut ties = BTreeSet::new();
     for pod in c.pods.values() {
@@ -111,8 +119,18 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
                     m.elements
                         .insert(Elem::GotoChain(*ip, group.clone().into()));
                 }
+                if let (Direction::Egress, Some(veth)) = (dir, veth_of.get(ip)) {
+                    links.entry(veth).or_insert_with(|| group.clone());
+                }
             }
         }
+    }
+    if let Some(m) = rs.sets.get_mut(MAP_EGRESS_LINKS) {
+        m.elements.extend(
+            links
+                .into_iter()
+                .map(|(veth, group)| Elem::IfaceGoto(veth.into(), group.into())),
+        );
     }
     for t in &ties {
         warnings.push(format!(
@@ -476,6 +494,16 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             });
         }
     }
+    rs.add_set(Set {
+        name: MAP_EGRESS_LINKS.to_string(),
+        key: SetKey::Ifname,
+        interval: false,
+        verdict_map: true,
+        comment: comment(
+            "host veth of an egress-isolated local pod -> its group chain (link-local sources)",
+        ),
+        elements: BTreeSet::new(),
+    });
     // Two base chains, one per hook: every packet crosses one of ours per hook, established ones
     // after a single rule. Postrouting checks the egress of the source (a verdict map hit goes to
     // its group; an egress policy's allow continues in the ingress chain), then the ingress of the
@@ -544,6 +572,21 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         rules.extend(vmap_lookups(Direction::Egress));
         if hook == Hook::Postrouting {
             rules.push(Rule::new(vec![Stmt::Goto(CHAIN_INGRESS.to_string())]));
+        } else {
+            // What is left from a pod's veth here has a source no address map holds: IPv6
+            // link-local or unspecified (the source guard passes only those besides the pod's
+            // own addresses; the kernel never forwards them, so only the input hook sees them).
+            // A service of the node listening on `::` answers at the veth's `fe80::1`: an
+            // egress-isolated pod's packet takes its pod's egress verdict, as from its address.
+            rules.push(
+                Rule::new(vec![
+                    Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+                    Stmt::IifnameVmap {
+                        map: MAP_EGRESS_LINKS.to_string(),
+                    },
+                ])
+                .with_comment("a pod's link-local source: the egress of the pod behind the veth"),
+            );
         }
         rs.add_chain(Chain {
             name: name.to_string(),

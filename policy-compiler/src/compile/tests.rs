@@ -1158,6 +1158,47 @@ fn source_guard_binds_each_records_addresses_to_its_own_veth_only() {
 }
 
 #[test]
+fn link_local_sources_of_an_egress_isolated_pod_take_its_egress_verdict() {
+    // A node service on `::` answers at the veth's fe80::1; the pod's link-local source is in no
+    // address map, so the veth's name leads to the pod's egress group.
+    let mut w = W::new();
+    let x = attachment("a/x", &["10.0.1.1", "fd00:1::1"], false);
+    let y = attachment("a/y", &["10.0.1.2"], false);
+    let vx = x.host_veth.clone();
+    w.st.apply(Change::SetAttachments(vec![x, y]));
+    w.pod("a/x", N1, &["10.0.1.1", "fd00:1::1"], &[("app", "x")]);
+    w.pod("a/y", N1, &["10.0.1.2"], &[("app", "y")]);
+    w.policy(
+        "a/x-no-egress",
+        json!({"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Egress"]}),
+    );
+    w.policy(
+        "a/y-no-ingress",
+        json!({"podSelector": {"matchLabels": {"app": "y"}}, "policyTypes": ["Ingress"]}),
+    );
+    let c = compiled(&w);
+    let group = group_chain(
+        &["a/x-no-egress".to_string()],
+        &[],
+        &[],
+        &[],
+        Direction::Egress,
+    );
+    assert_eq!(
+        c.ruleset.sets[MAP_EGRESS_LINKS].elements,
+        [Elem::IfaceGoto(vx.into(), group.into())].into(),
+        "x's veth (once for both its addresses); not y's: y's egress is not isolated"
+    );
+    assert!(c.ruleset.sets[MAP_EGRESS_LINKS].verdict_map);
+    assert_eq!(c.ruleset.sets[MAP_EGRESS_LINKS].key, SetKey::Ifname);
+    // The policy goes: the element goes with it.
+    w.st.apply(delete_policy("a/x-no-egress"));
+    assert!(compiled(&w).ruleset.sets[MAP_EGRESS_LINKS]
+        .elements
+        .is_empty());
+}
+
+#[test]
 fn source_guard_refuses_a_record_whose_veth_is_not_the_derived_name() {
     let mut w = W::new();
     let mut a = attachment("a/x", &["10.0.1.1"], false);
@@ -1616,7 +1657,17 @@ fn base_chains_have_the_documented_shape() {
     );
     assert_eq!(ing[2].stmts, vec![Stmt::Accept]);
     let host = &rs.chains[CHAIN_EGRESS_HOST].rules[2..];
-    assert_eq!(host.len(), 10, "input: the egress check only");
+    assert_eq!(host.len(), 11, "input: the egress check only");
+    // Last, a pod's link-local source: the egress of the pod behind the veth.
+    assert_eq!(
+        host[10].stmts,
+        vec![
+            Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+            Stmt::IifnameVmap {
+                map: MAP_EGRESS_LINKS.to_string()
+            }
+        ]
+    );
     // No FIB lookup and no self check for a packet no policy isolates.
     assert!(!eg.iter().any(|r| r
         .stmts

@@ -69,6 +69,7 @@ impl Ruleset {
                     Stmt::IifnamePrefix(_)
                     | Stmt::IifSaddrNotInSet { .. }
                     | Stmt::IifCtSaddrInSet { .. }
+                    | Stmt::IifnameVmap { .. }
                     | Stmt::Ip6SaddrNotLinkLocal => continue 'rules,
                     Stmt::FibSaddrLocal => {
                         if !p.from_this_node {

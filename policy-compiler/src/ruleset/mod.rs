@@ -178,6 +178,10 @@ pub enum Stmt {
         field: AddrField,
         map: String,
     },
+    /// `iifname vmap @map`: the verdict of the interface the packet came in through.
+    IifnameVmap {
+        map: String,
+    },
     Counter,
     /// `counter name <name>`: a named counter object of our table (read by name for the
     /// per-policy metrics).
@@ -252,6 +256,8 @@ pub enum SetKey {
     IfnameIpv4,
     /// `ifname . ipv6_addr`
     IfnameIpv6,
+    /// `ifname`
+    Ifname,
 }
 
 /// One element of a set or map.
@@ -271,6 +277,8 @@ pub enum Elem {
     GotoChain(IpAddr, Box<str>),
     /// `ifname . addr`: an address a pod may send from, and the host veth it comes in through.
     IfaceAddr(Box<str>, IpAddr),
+    /// Verdict map element: `ifname : goto <chain>`.
+    IfaceGoto(Box<str>, Box<str>),
 }
 
 /// A named set or verdict map.

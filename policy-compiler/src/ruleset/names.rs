@@ -139,6 +139,12 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
     h
 }
 
+/// Verdict map `ifname : goto eg_<group>`: the host veth of every egress-isolated local pod. A
+/// pod's IPv6 link-local and unspecified sources (which the source guard lets through for
+/// neighbour discovery, and which no address map holds) reach its node with the egress verdict
+/// of the pod behind the veth.
+pub const MAP_EGRESS_LINKS: &str = "egress_links";
+
 /// Verdict map of a direction and family.
 pub fn map_name(dir: Direction, fam: Family) -> &'static str {
     match (dir, fam) {

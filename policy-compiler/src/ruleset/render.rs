@@ -310,6 +310,7 @@ fn key_type(k: SetKey) -> Value {
         SetKey::Ipv6Pair => json!(["ipv6_addr", "ipv6_addr"]),
         SetKey::IfnameIpv4 => json!(["ifname", "ipv4_addr"]),
         SetKey::IfnameIpv6 => json!(["ifname", "ipv6_addr"]),
+        SetKey::Ifname => json!("ifname"),
     }
 }
 
@@ -379,6 +380,8 @@ pub(crate) fn elem_json(e: &Elem, key_only: bool) -> Value {
         Elem::GotoChain(ip, target) if key_only => ip_json(ip),
         Elem::GotoChain(ip, target) => json!([ip.to_string(), {"goto": {"target": target}}]),
         Elem::IfaceAddr(name, ip) => json!({"concat": [name, ip.to_string()]}),
+        Elem::IfaceGoto(name, _) if key_only => json!(name),
+        Elem::IfaceGoto(name, target) => json!([name, {"goto": {"target": target}}]),
     }
 }
 
@@ -504,6 +507,9 @@ fn one_stmt_json(s: &Stmt) -> Option<Value> {
         }
         Stmt::VmapLookup { family, field, map } => {
             json!({"vmap": {"key": addr(*family, *field), "data": set_ref_str(map)}})
+        }
+        Stmt::IifnameVmap { map } => {
+            json!({"vmap": {"key": {"meta": {"key": "iifname"}}, "data": set_ref_str(map)}})
         }
         Stmt::Counter => json!({"counter": null}),
         Stmt::CounterNamed(name) => json!({"counter": name}),

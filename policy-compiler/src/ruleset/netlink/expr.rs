@@ -351,6 +351,10 @@ fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u3
             load_addr(w, *family, *field, 0);
             lookup(w, map, set_ids, false, true);
         }
+        Stmt::IifnameVmap { map } => {
+            meta(w, NFT_META_IIFNAME, NFT_REG_1);
+            lookup(w, map, set_ids, false, true);
+        }
         Stmt::Counter => expr(w, "counter", |_| {}),
         Stmt::CounterNamed(name) => expr(w, "objref", |w| {
             w.u32(1, NFT_OBJECT_COUNTER); // NFTA_OBJREF_IMM_TYPE

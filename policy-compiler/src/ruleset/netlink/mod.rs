@@ -132,6 +132,7 @@ fn key_parts(k: SetKey) -> &'static [(u32, u32)] {
         SetKey::Ipv6Pair => &[(TYPE_IP6ADDR, 16), (TYPE_IP6ADDR, 16)],
         SetKey::IfnameIpv4 => &[(TYPE_IFNAME, IFNAMSIZ as u32), (TYPE_IPADDR, 4)],
         SetKey::IfnameIpv6 => &[(TYPE_IFNAME, IFNAMSIZ as u32), (TYPE_IP6ADDR, 16)],
+        SetKey::Ifname => &[(TYPE_IFNAME, IFNAMSIZ as u32)],
     }
 }
 
@@ -139,14 +140,16 @@ fn padded(len: u32) -> u32 {
     len.div_ceil(4) * 4
 }
 
-/// The set's user data as nft writes it: the key's byte order (big endian for one address, none
-/// for a concatenation, which carries its own record), a map's data byte order and interval flag.
+/// The set's user data as nft writes it: the key's byte order (big endian for one address, host
+/// for an interface name, none for a concatenation, which carries its own record), a map's data
+/// byte order and interval flag.
 /// `nft list` reads the key type back from it.
 fn set_udata(s: &Set) -> Vec<u8> {
     const KEYBYTEORDER: u8 = 0;
     const DATABYTEORDER: u8 = 1;
     const CONCAT_RECORD: u8 = 3;
     const DATA_INTERVAL: u8 = 6;
+    const HOST_ENDIAN: u32 = 1;
     const BIG_ENDIAN: u32 = 2;
     let concat = key_parts(s.key).len() > 1;
     let mut records: Vec<(u8, Vec<u8>)> = Vec::new();
@@ -156,6 +159,8 @@ fn set_udata(s: &Set) -> Vec<u8> {
             CONCAT_RECORD,
             vec![0x00, 0x04, 0x0d, 0x00, 0x00, 0x00, 0x01, 0x00],
         ));
+    } else if s.key == SetKey::Ifname {
+        records.push((KEYBYTEORDER, HOST_ENDIAN.to_ne_bytes().to_vec()));
     } else {
         records.push((KEYBYTEORDER, BIG_ENDIAN.to_ne_bytes().to_vec()));
     }
@@ -227,6 +232,11 @@ fn elem_key(set: &Set, e: &Elem) -> Result<(Vec<u8>, Option<Vec<u8>>), Unsupport
             n.resize(IFNAMSIZ, 0);
             push_part(&mut k, &n);
             push_part(&mut k, &addr_bytes(ip));
+        }
+        (SetKey::Ifname, Elem::IfaceGoto(name, _)) if name.len() < IFNAMSIZ => {
+            let mut n = name.as_bytes().to_vec();
+            n.resize(IFNAMSIZ, 0);
+            push_part(&mut k, &n);
         }
         _ => return Err(bad("an element that does not fit the set's key")),
     }
@@ -436,7 +446,7 @@ fn element_msgs<'a>(
             } else {
                 None
             };
-            if let Elem::GotoChain(_, chain) = e {
+            if let Elem::GotoChain(_, chain) | Elem::IfaceGoto(_, chain) = e {
                 m.goto = Some(chain.to_string());
             }
             Ok(m)
