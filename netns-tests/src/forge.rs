@@ -6,7 +6,7 @@
 use crate::probe::Protocol;
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 /// Sends `count` UDP datagrams, or `count` TCP SYNs (one connection attempt each, abandoned before
@@ -191,6 +191,30 @@ pub fn send_icmp_errors(
     }
     let s = Socket::new(domain, Type::RAW, Some(proto))?;
     let to = SockAddr::from(SocketAddr::new(to, 0));
+    for _ in 0..count {
+        s.send_to(&msg, &to)?;
+    }
+    Ok(count)
+}
+
+/// Sends `count` ICMPv6 messages of neighbour discovery type `icmp_type` (133-137) to `to` from a
+/// raw socket (CAP_NET_RAW) with hop limit 255, as neighbour discovery must be sent, each
+/// carrying `to` as its target and bytes after it: a message no node should forward. Returns
+/// how many left.
+pub fn send_neighbour_discovery(to: Ipv6Addr, icmp_type: u8, count: u32) -> io::Result<u32> {
+    if !(133..=137).contains(&icmp_type) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("ICMPv6 type {icmp_type} is not neighbour discovery (133-137)"),
+        ));
+    }
+    let mut msg = vec![icmp_type, 0, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&to.octets());
+    msg.extend_from_slice(b"bytes no policy let through");
+    let s = Socket::new(Domain::IPV6, Type::RAW, Some(socket2::Protocol::ICMPV6))?;
+    s.set_unicast_hops_v6(255)?;
+    let to = SockAddr::from(SocketAddr::new(IpAddr::V6(to), 0));
+    // The kernel computes an ICMPv6 raw socket's checksum.
     for _ in 0..count {
         s.send_to(&msg, &to)?;
     }

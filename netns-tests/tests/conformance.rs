@@ -452,7 +452,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 18] = [
+    let named: [(&str, LabTest); 19] = [
         (
             "extra::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy",
             flow_log::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy,
@@ -484,6 +484,10 @@ fn all_tests() -> Result<Vec<Test>, String> {
         (
             "extra::icmp_errors_pass_only_from_an_endpoint_of_their_connection",
             forged::icmp_errors_pass_only_from_an_endpoint_of_their_connection,
+        ),
+        (
+            "extra::neighbour_discovery_messages_are_never_forwarded_past_policy",
+            forged::neighbour_discovery_messages_are_never_forwarded_past_policy,
         ),
         (
             "extra::harness_detects_a_wrong_expectation",

@@ -226,7 +226,11 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
         s(vec![Stmt::CtNew, Stmt::CtNotConfirmed, Stmt::Return]),
         s(vec![Stmt::FibSaddrLocal, Stmt::Jump("target".into())]),
         s(vec![Stmt::FibSaddrNotLocal, Stmt::Goto("target".into())]),
-        s(vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]),
+        s(vec![
+            Stmt::Icmpv6NeighbourDiscovery,
+            Stmt::Ip6HopLimit255,
+            Stmt::Accept,
+        ]),
         s(vec![
             Stmt::IifnamePrefix("pal".into()),
             Stmt::IifSaddrNotInSet {

@@ -74,6 +74,15 @@ enum Command {
         count: u32,
         to: std::net::IpAddr,
     },
+    /// Send COUNT ICMPv6 neighbour discovery messages of TYPE (133-137) to ADDR from a raw socket,
+    /// hop limit 255; prints how many left.
+    Nd {
+        #[arg(long = "type")]
+        icmp_type: u8,
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+        to: std::net::Ipv6Addr,
+    },
     /// Send COUNT VXLAN datagrams (a plain UDP socket: no capability needed) to a node's overlay
     /// port, each carrying a TCP SYN from SOURCE to TARGET for the device with MAC `--mac`; prints
     /// how many left.
@@ -177,6 +186,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 count,
             )
             .map_err(|e| format!("forging {} from {source} to {}: {e}", t.protocol, t.addr))?;
+            println!("{sent}");
+            Ok(())
+        }
+        Command::Nd {
+            icmp_type,
+            count,
+            to,
+        } => {
+            let sent = palisade_netns_tests::forge::send_neighbour_discovery(to, icmp_type, count)
+                .map_err(|e| format!("sending ICMPv6 type {icmp_type} to {to}: {e}"))?;
             println!("{sent}");
             Ok(())
         }

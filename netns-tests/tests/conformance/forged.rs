@@ -607,3 +607,101 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
         Ok(())
     })
 }
+
+/// Neighbour discovery is link-local: a message of its types (router solicitation to redirect)
+/// addressed to another pod is forwarded by the node, and was accepted before any policy. The
+/// pods of z, which x/a's policy denies, send 20 neighbour solicitations and 20 router
+/// advertisements each (hop limit 255, bytes after the target) to x/a's IPv6 address: none
+/// arrive. A pod of y, which the policy admits, sends the same and they do (the messages are
+/// forwarded and meet the policy as any packet does). IPv6 between the pods still works (its
+/// own neighbour discovery on each link).
+pub fn neighbour_discovery_messages_are_never_forwarded_past_policy(lab: &mut Lab) -> TestResult {
+    with_cleanup(lab, "neighbour discovery", |lab| {
+        let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
+        let attackers = admit_only_y(lab, &victim)?;
+        let admitted = lab
+            .pods()
+            .find(|p| p.namespace == "y")
+            .cloned()
+            .ok_or("the model must have a pod of y")?;
+        let pick = |ips: &[IpAddr]| Family::V6.pick(ips).ok_or("no IPv6 address".to_string());
+        let v = pick(&victim.ips)?;
+        let IpAddr::V6(v6) = v else {
+            return Err(format!("{v} is not IPv6"));
+        };
+        let mut checks: Vec<(String, Target, bool)> = attackers
+            .iter()
+            .map(|a| (a.key(), target(VICTIM, v, 80, Protocol::Tcp), false))
+            .collect();
+        checks.push((admitted.key(), target(VICTIM, v, 80, Protocol::Tcp), true));
+        let checks: Vec<(&str, Target, bool)> = checks
+            .iter()
+            .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
+            .collect();
+        expect_reach(lab, &checks)?;
+        let mut sources: Vec<IpAddr> = attackers
+            .iter()
+            .map(|a| pick(&a.ips))
+            .collect::<Result<_, _>>()?;
+        let y = pick(&admitted.ips)?;
+        sources.push(y);
+        install_count_table(&victim.netns, &sources, |_| "icmpv6 type { 134, 135 }")?;
+        let probe = lab.state().bins.probe();
+        let send = |netns: &str| -> Result<(), String> {
+            for icmp_type in ["134", "135"] {
+                run(
+                    netns,
+                    &[
+                        &probe.to_string_lossy(),
+                        "nd",
+                        "--type",
+                        icmp_type,
+                        "--count",
+                        &COUNT.to_string(),
+                        &v6.to_string(),
+                    ],
+                )?;
+            }
+            Ok(())
+        };
+        for a in &attackers {
+            send(&a.netns)?;
+        }
+        send(&admitted.netns)?;
+        // The admitted pod's messages arrive: once they have, the attackers' had their time.
+        let mut n = 0;
+        super::poll(Duration::from_secs(3), || {
+            n = delivered(&victim.netns, y)?;
+            if n < u64::from(2 * COUNT) {
+                return Err(format!(
+                    "{} ({y}), admitted by {VICTIM}'s policy: {n} of {} of its neighbour discovery messages arrived",
+                    admitted.key(),
+                    2 * COUNT
+                ));
+            }
+            Ok(())
+        })?;
+        for a in &attackers {
+            let s = pick(&a.ips)?;
+            let got = delivered(&victim.netns, s)?;
+            if got != 0 {
+                return Err(format!(
+                    "{} ({s}, on {}; {VICTIM} on {}): {got} of {} neighbour discovery messages with a payload reached {VICTIM}, whose policy denies it",
+                    a.key(),
+                    a.node,
+                    victim.node,
+                    2 * COUNT
+                ));
+            }
+        }
+        let _ = run(
+            &victim.netns,
+            &["nft", "delete", "table", "inet", COUNT_TABLE],
+        );
+        println!(
+            "  neighbour discovery: {} attackers' messages dropped, the admitted pod's {n} delivered",
+            attackers.len()
+        );
+        Ok(())
+    })
+}

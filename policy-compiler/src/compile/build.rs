@@ -550,10 +550,18 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
                 .with_comment("overlay port: only nodes may send to it"),
             );
         }
-        rules.push(Rule::new(vec![
-            Stmt::Icmpv6NeighbourDiscovery,
-            Stmt::Accept,
-        ]));
+        // Neighbour discovery is never forwarded: with hop limit 255 only (RFC 4861), which no
+        // forwarded packet has here. Without it, a pod under any policy sent its ICMPv6 messages
+        // of these types, with any payload, to every pod and past the node (an egress deny-all's
+        // way out, an ingress deny-all's way in); forwarded, they meet the policies.
+        rules.push(
+            Rule::new(vec![
+                Stmt::Icmpv6NeighbourDiscovery,
+                Stmt::Ip6HopLimit255,
+                Stmt::Accept,
+            ])
+            .with_comment("neighbour discovery on the link (never forwarded)"),
+        );
         for fam in Family::BOTH {
             for f in [AddrField::Saddr, AddrField::Daddr] {
                 let mut stmts = vec![Stmt::AddrInSet {

@@ -1641,7 +1641,11 @@ fn base_chains_have_the_documented_shape() {
     assert_eq!(eg[2].stmts, vec![Stmt::CtInvalid, Stmt::Drop]);
     assert_eq!(
         eg[3].stmts,
-        vec![Stmt::Icmpv6NeighbourDiscovery, Stmt::Accept]
+        vec![
+            Stmt::Icmpv6NeighbourDiscovery,
+            Stmt::Ip6HopLimit255,
+            Stmt::Accept
+        ]
     );
     assert!(eg[4..8].iter().all(|r| r.stmts.last() == Some(&Stmt::Drop)));
     // Pending destinations are dropped unless this node sends (kubelet probes).

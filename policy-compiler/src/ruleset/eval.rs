@@ -60,7 +60,8 @@ impl Ruleset {
                     Stmt::CtEstablished
                     | Stmt::CtRelated
                     | Stmt::CtInvalid
-                    | Stmt::Icmpv6NeighbourDiscovery => continue 'rules,
+                    | Stmt::Icmpv6NeighbourDiscovery
+                    | Stmt::Ip6HopLimit255 => continue 'rules,
                     // The model's packets are a connection's first; the flow log's rate limit and
                     // log statement never change a verdict.
                     Stmt::CtNew | Stmt::CtNotConfirmed | Stmt::Limit { .. } | Stmt::Log { .. } => {}

@@ -122,6 +122,9 @@ pub enum Stmt {
     FibSaddrNotLocal,
     /// `icmpv6 type 133-137` (nd-router-solicit to nd-redirect).
     Icmpv6NeighbourDiscovery,
+    /// `ip6 hoplimit 255`: a packet nobody forwarded (neighbour discovery's hop limit, RFC 4861;
+    /// a router decrements it before the forward and postrouting hooks see the packet).
+    Ip6HopLimit255,
     /// `iifname "<prefix>*"`: the packet came in through a pod's host veth.
     IifnamePrefix(String),
     /// `iifname . ip[6] saddr != @set`: the source address is not one of the pod's behind this veth.

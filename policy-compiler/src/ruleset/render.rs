@@ -461,6 +461,10 @@ fn one_stmt_json(s: &Stmt) -> Option<Value> {
         Stmt::CtNew => {
             json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}})
         }
+        Stmt::Ip6HopLimit255 => matches(
+            json!({"payload": {"protocol": "ip6", "field": "hoplimit"}}),
+            json!(255),
+        ),
         Stmt::FibSaddrLocal => matches(
             json!({"fib": {"result": "type", "flags": ["saddr"]}}),
             json!("local"),

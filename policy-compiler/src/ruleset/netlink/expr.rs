@@ -286,6 +286,11 @@ fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u3
             cmp(w, NFT_CMP_GTE, &[ICMPV6_ND_FIRST]);
             cmp(w, NFT_CMP_LTE, &[ICMPV6_ND_LAST]);
         }
+        Stmt::Ip6HopLimit255 => {
+            need_family(w, cx, Family::V6);
+            payload(w, NFT_PAYLOAD_NETWORK_HEADER, 7, 1, NFT_REG_1);
+            cmp(w, NFT_CMP_EQ, &[255]);
+        }
         Stmt::IifnamePrefix(prefix) => {
             meta(w, NFT_META_IIFNAME, NFT_REG_1);
             cmp(w, NFT_CMP_EQ, prefix.as_bytes());
