@@ -8,7 +8,9 @@
 //! dropped before the socket sees them.
 //!
 //! The peers are our own InternalIPs and those of every Node whose routes pass validation (the
-//! nodes we route to, directly or over the overlay; a refused Node adds none). With the overlay
+//! nodes we route to, directly or over the overlay; a refused Node adds none), and they must send
+//! to one of our own InternalIPs: a pod's datagram to another address of a node (one that is not
+//! an InternalIP, so egress NAT masquerades it) leaves with its node's address, a peer's. With the overlay
 //! off (`--encapsulation never`, or routes not managed) there is no device and no rule.
 
 use crate::routes::RoutePlan;
@@ -28,15 +30,17 @@ pub fn desired(
     if !overlay_in_use {
         return None;
     }
-    let mut peers: BTreeSet<IpAddr> = state
+    let local: BTreeSet<IpAddr> = state
         .nodes
         .get(self_name)
         .map(|me| me.internal_ips.iter().copied().collect())
         .unwrap_or_default();
+    let mut peers = local.clone();
     peers.extend(plan.routes.iter().map(|r| r.via));
     Some(Tunnel {
         port: crate::overlay::PORT,
         peers: peers.into_iter().collect(),
+        local: local.into_iter().collect(),
     })
 }
 
@@ -56,7 +60,8 @@ pub fn change(
         Some(t) => info!(
             port = t.port,
             peers = %t.peers.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", "),
-            "overlay port open to these node addresses only; anything else sending to it is dropped (counted in chain tunnel_in)"
+            local = %t.local.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", "),
+            "overlay port open to these node addresses sending to our InternalIPs (local) only; anything else sending to it is dropped (counted in chain tunnel_in)"
         ),
         None => info!("overlay not in use: no rule for its port"),
     }
@@ -115,6 +120,7 @@ mod tests {
                 "fd00:172:31:1::2"
             ])
         );
+        assert_eq!(t.local, ips(&["172.31.0.1", "fd00:172:31::1"]));
     }
 
     #[test]

@@ -449,6 +449,60 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                 other_node.name
             ));
         }
+        // An address of the victim's node that is not an InternalIP: egress NAT masquerades a
+        // pod's datagram to it, which then arrives from the pod's node, a peer. Only datagrams to
+        // our InternalIP are the overlay's.
+        let extra = IpAddr::V4(lab::node_underlay_v4(201));
+        let extra_cidr = format!("{extra}/32");
+        run(
+            &victim_node.netns,
+            &["ip", "addr", "add", &extra_cidr, "dev", "eth0"],
+        )?;
+        let masqueraded = (|| {
+            let mac = device_mac(&victim_node.netns, "vxlan.palisade")?;
+            let remote: Vec<&PodState> =
+                attackers.iter().filter(|a| a.node != victim.node).collect();
+            if remote.is_empty() {
+                return Err("the model must place a pod of z on the other node".to_string());
+            }
+            for a in &remote {
+                let drops = tunnel_drops(lab, &victim_node.name)?;
+                let before = delivered(&victim.netns, source)?;
+                vxlan(lab, &a.netns, extra, &mac, source, victim4)?;
+                let counted = super::poll(Duration::from_secs(3), || {
+                    let dropped = tunnel_drops(lab, &victim_node.name)? - drops;
+                    if dropped < u64::from(COUNT) {
+                        return Err(format!(
+                            "{} sent {COUNT} VXLAN datagrams to {extra} (an address of {}, not its InternalIP; masqueraded by {}): the tunnel guard counted {dropped}",
+                            a.key(),
+                            victim_node.name,
+                            a.node
+                        ));
+                    }
+                    Ok(())
+                });
+                let n = delivered(&victim.netns, source)? - before;
+                if n != 0 {
+                    return Err(format!(
+                        "{} sent VXLAN to {extra} (an address of {}, not its InternalIP; masqueraded by {} to its own address) carrying SYNs from {source}: {n} of {COUNT} reached {VICTIM}",
+                        a.key(),
+                        victim_node.name,
+                        a.node
+                    ));
+                }
+                counted?;
+            }
+            Ok(format!(
+                "to {extra} (not an InternalIP): {} masqueraded pods' datagrams dropped",
+                remote.len()
+            ))
+        })();
+        let removed = run(
+            &victim_node.netns,
+            &["ip", "addr", "del", &extra_cidr, "dev", "eth0"],
+        );
+        report.push(masqueraded?);
+        removed?;
         let _ = run(
             &victim.netns,
             &["nft", "delete", "table", "inet", COUNT_TABLE],

@@ -818,6 +818,19 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
                 .map(|ip| Elem::Addr(*ip))
                 .collect(),
         });
+        rs.add_set(Set {
+            name: tunnel_local_set(fam).to_string(),
+            key: addr_key(fam),
+            interval: false,
+            verdict_map: false,
+            comment: comment("this node's InternalIPs: where the nodes send the overlay's packets"),
+            elements: t
+                .local
+                .iter()
+                .filter(|ip| Family::of(ip) == fam)
+                .map(|ip| Elem::Addr(*ip))
+                .collect(),
+        });
         rules.push(
             Rule::new(vec![
                 Stmt::AddrInSet {
@@ -825,9 +838,14 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
                     field: AddrField::Saddr,
                     set: tunnel_peers_set(fam).to_string(),
                 },
+                Stmt::AddrInSet {
+                    family: fam,
+                    field: AddrField::Daddr,
+                    set: tunnel_local_set(fam).to_string(),
+                },
                 Stmt::Return,
             ])
-            .with_comment("a node: the overlay decapsulates it"),
+            .with_comment("a node to our InternalIP: the overlay decapsulates it"),
         );
     }
     rules.push(
@@ -835,7 +853,7 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
             Stmt::CounterNamed(CNT_FORGED_OVERLAY.to_string()),
             Stmt::Drop,
         ])
-        .with_comment("forged overlay packet: the sender is not a node"),
+        .with_comment("forged overlay packet: not a node, or not to our InternalIP"),
     );
     rs.add_counter(CNT_FORGED_OVERLAY.to_string());
     rs.add_chain(Chain {

@@ -1303,6 +1303,7 @@ fn only_a_node_may_send_to_the_overlay_port() {
     w.st.apply(Change::SetTunnel(Some(Tunnel {
         port: 4796,
         peers: vec![ip("172.31.0.1"), ip("172.31.1.2"), ip("fd00:172:31::1")],
+        local: vec![ip("172.31.0.1"), ip("fd00:172:31::1")],
     })));
     let rs = compiled(&w).ruleset;
     let vxlan = |saddr: &str, daddr: &str, dport: u16| Packet {
@@ -1322,6 +1323,12 @@ fn only_a_node_may_send_to_the_overlay_port() {
             "a pod (forged inner packets)",
         ),
         ("192.168.77.2", "172.31.0.1", false, "an outside host"),
+        (
+            "172.31.1.2",
+            "172.31.9.1",
+            false,
+            "a node to an address of ours not an InternalIP (a pod's datagram masqueraded there)",
+        ),
         (
             "fd00:10:244:1::2",
             "fd00:172:31::1",
@@ -1371,6 +1378,10 @@ fn only_a_node_may_send_to_the_overlay_port() {
     assert_eq!(
         rs.sets[TUNNEL_PEERS_V6].elements,
         [Elem::Addr(ip("fd00:172:31::1"))].into()
+    );
+    assert_eq!(
+        rs.sets[TUNNEL_LOCAL_V4].elements,
+        [Elem::Addr(ip("172.31.0.1"))].into()
     );
 }
 

@@ -242,6 +242,11 @@ pub struct EgressNat {
 pub struct Tunnel {
     pub port: u16,
     pub peers: Vec<IpAddr>,
+    /// This node's InternalIPs: the only addresses other nodes encapsulate to. A datagram to
+    /// another address of the node is not the overlay's, even from a peer: a pod's datagram
+    /// masqueraded on its way to an address of a node that is not an InternalIP leaves with its
+    /// node's (a peer's) address.
+    pub local: Vec<IpAddr>,
 }
 
 /// The flow log of this node, decided by the agent (`--flow-log`): the packets a policy drops (and,

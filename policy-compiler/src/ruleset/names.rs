@@ -69,6 +69,18 @@ pub const CHAIN_TUNNEL: &str = "tunnel_in";
 pub const TUNNEL_PEERS_V4: &str = "tunnel_peers_v4";
 pub const TUNNEL_PEERS_V6: &str = "tunnel_peers_v6";
 
+/// This node's InternalIPs (the only destinations of the overlay's packets).
+pub const TUNNEL_LOCAL_V4: &str = "tunnel_local_v4";
+pub const TUNNEL_LOCAL_V6: &str = "tunnel_local_v6";
+
+/// Overlay local address set of a family.
+pub fn tunnel_local_set(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => TUNNEL_LOCAL_V4,
+        Family::V6 => TUNNEL_LOCAL_V6,
+    }
+}
+
 /// Overlay peer set of a family.
 pub fn tunnel_peers_set(fam: Family) -> &'static str {
     match fam {

@@ -111,6 +111,8 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
     state.apply(Change::SetTunnel(Some(Tunnel {
         port: topo::OVERLAY_UDP_PORT,
         peers: topo::node_underlays(),
+        // Every node's: the bench measures the rule's cost, not whom it admits.
+        local: topo::node_underlays(),
     })));
     state.apply(Change::SetAttachments(
         cluster

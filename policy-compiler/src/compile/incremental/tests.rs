@@ -22,6 +22,9 @@ fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) ->
             peers: (0..rng.below(3))
                 .map(|i| std::net::IpAddr::from([172, 31, 0, i as u8 + 1]))
                 .collect(),
+            local: (0..rng.below(2))
+                .map(|i| std::net::IpAddr::from([172, 31, 0, i as u8 + 1]))
+                .collect(),
         })),
         16 => Change::SetEgressNat(None),
         17 => {
