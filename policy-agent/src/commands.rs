@@ -130,7 +130,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let sync = RouteSync::new(
             Routes::new()?,
             args.node_name.clone(),
-            cluster_cidrs,
             args.encapsulation,
             rt.clone(),
         )

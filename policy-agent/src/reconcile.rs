@@ -340,7 +340,7 @@ impl Engine {
             }
         }
         if due.routes && self.synced {
-            self.sync_routes(true);
+            self.sync_routes(self.route_plan(), true);
         }
         if due.snapshot && !self.replacing() {
             let verdict = self.table.snapshot(&self.metrics);
@@ -446,9 +446,9 @@ impl Engine {
             cluster_cidrs: self.cfg.cluster_cidrs.clone(),
             no_masquerade: self.cfg.no_masquerade_cidrs.clone(),
         };
-        // One route plan for both: the Nodes they read are the state's, unchanged between them.
-        let plan =
-            crate::routes::desired_routes(&self.inc.state().nodes, &node, &nat.cluster_cidrs);
+        // One route plan for egress NAT, the tunnel guard and the routes: the Nodes they read are
+        // the state's, unchanged until this reconcile ends.
+        let plan = self.route_plan();
         if let Some(change) = crate::egress_nat::change(&nat, self.inc.state(), &node, &plan) {
             compiled::stage(&mut self.inc, [change])?;
         }
@@ -566,7 +566,7 @@ impl Engine {
         // from starting on this node. Routes fail and retry on their own schedule: a bad Node never
         // delays a policy commit.
         self.write_conflist()?;
-        self.sync_routes(false);
+        self.sync_routes(plan, false);
         Ok(match (committed, moved) {
             (false, _) => Committed::Nothing,
             (true, Some(addrs)) if !full => Committed::Addresses(addrs),
@@ -743,8 +743,9 @@ impl Engine {
                 true
             }
             Verdict::Fine => {
+                let plan = self.route_plan();
                 if let Some(r) = self.routes.as_mut() {
-                    r.check(&self.inc.state().nodes, &mut self.sched);
+                    r.check(&self.inc.state().nodes, &plan.routes, &mut self.sched);
                 }
                 false
             }
@@ -753,10 +754,21 @@ impl Engine {
         }
     }
 
-    fn sync_routes(&mut self, retry: bool) {
+    /// The routes the Nodes call for (validated): what route sync converges to, egress NAT
+    /// exempts and the tunnel guard admits.
+    fn route_plan(&self) -> crate::routes::RoutePlan {
+        crate::routes::desired_routes(
+            &self.inc.state().nodes,
+            &self.cfg.node_name,
+            &self.cfg.cluster_cidrs,
+        )
+    }
+
+    fn sync_routes(&mut self, plan: crate::routes::RoutePlan, retry: bool) {
         if let Some(r) = self.routes.as_mut() {
             r.sync(
                 &self.inc.state().nodes,
+                plan,
                 &mut self.sched,
                 &self.metrics,
                 retry,

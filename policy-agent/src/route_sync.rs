@@ -5,7 +5,7 @@
 
 use crate::metrics::Metrics;
 use crate::overlay::{self, Desired, Mode, Overlay};
-use crate::routes::{self, PodRoute, Refused, Routes};
+use crate::routes::{PodRoute, Refused, RoutePlan, Routes};
 use crate::schedule::Schedule;
 use palisade_policy::model::Node;
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,7 +18,6 @@ pub struct RouteSync {
     /// The overlay edge; `None`: every other node is reached directly.
     overlay: Option<Overlay>,
     node_name: String,
-    cluster_cidrs: Vec<ipnet::IpNet>,
     encapsulation: Mode,
     rt: tokio::runtime::Handle,
     /// What the last successful sync converged to; `None`: unknown (check next time).
@@ -34,7 +33,6 @@ impl RouteSync {
     pub fn new(
         routes: Routes,
         node_name: String,
-        cluster_cidrs: Vec<ipnet::IpNet>,
         encapsulation: Mode,
         rt: tokio::runtime::Handle,
     ) -> Self {
@@ -42,7 +40,6 @@ impl RouteSync {
             routes,
             overlay: None,
             node_name,
-            cluster_cidrs,
             encapsulation,
             rt,
             applied: None,
@@ -94,16 +91,17 @@ impl RouteSync {
         Ok(overlay::plan(routes, nodes, &self.node_name, mode, &local))
     }
 
-    /// Converges our routes to the validated Nodes, route by route. Unless `retry`, a want that
-    /// already failed is left to its retry time.
+    /// Converges our routes to the validated Nodes (`plan`: their routes, `routes::desired_routes`
+    /// of `nodes`, which the engine derives once per reconcile), route by route. Unless `retry`, a
+    /// want that already failed is left to its retry time.
     pub fn sync(
         &mut self,
         nodes: &BTreeMap<String, Node>,
+        plan: RoutePlan,
         sched: &mut Schedule,
         metrics: &Metrics,
         retry: bool,
     ) {
-        let plan = routes::desired_routes(nodes, &self.node_name, &self.cluster_cidrs);
         if plan.refused != self.refused {
             for x in plan.refused.iter().filter(|x| !self.refused.contains(x)) {
                 warn!(node = %x.node, cidr = %x.cidr, reason = x.reason.label(), "{x}");
@@ -182,12 +180,17 @@ impl RouteSync {
         }
     }
 
-    /// At resync: when our routes or overlay entries differ from what the Nodes call for, a route
-    /// sync is scheduled (on the routes' own schedule: a failing route keeps its backoff).
-    pub fn check(&mut self, nodes: &BTreeMap<String, Node>, sched: &mut Schedule) {
+    /// At resync: when our routes or overlay entries differ from what the Nodes call for (`routes`:
+    /// their validated routes), a route sync is scheduled (on the routes' own schedule: a failing
+    /// route keeps its backoff).
+    pub fn check(
+        &mut self,
+        nodes: &BTreeMap<String, Node>,
+        routes: &BTreeSet<PodRoute>,
+        sched: &mut Schedule,
+    ) {
         self.applied = None;
-        let routes = routes::desired_routes(nodes, &self.node_name, &self.cluster_cidrs).routes;
-        let want = match self.want(nodes, &routes) {
+        let want = match self.want(nodes, routes) {
             Ok(w) => w,
             Err(err) => {
                 warn!(error = %err, "cannot read our links and addresses");
