@@ -145,8 +145,10 @@ impl Lab {
             .collect())
     }
 
-    /// Installs a ClusterIP stand-in in a node's namespace: `vip:port` DNAT to the backend pod.
-    /// This is what kube-proxy does before our chains see the packet.
+    /// Installs a ClusterIP stand-in in a node's namespace: `vip:port` DNAT to the backend pod,
+    /// and the backend reaching itself through the VIP masqueraded (kube-proxy's hairpin
+    /// `KUBE-MARK-MASQ`: a pod drops a packet from its own address as a martian). This is what
+    /// kube-proxy does around our chains: DNAT before them, SNAT after.
     pub fn add_cluster_ip(
         &self,
         node: &str,
@@ -162,7 +164,7 @@ impl Lab {
             .ok_or_else(|| LabError::Invalid(format!("pod {backend} has no IPv4")))?;
         let proto = protocol.as_str();
         let script = format!(
-            "table ip pl_svc {{\n  chain svc_prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {vip} {proto} dport {port} dnat to {ip}:{port}\n  }}\n}}\n"
+            "table ip pl_svc {{\n  chain svc_prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {vip} {proto} dport {port} dnat to {ip}:{port}\n  }}\n  chain svc_postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {ip} ip daddr {ip} masquerade\n  }}\n}}\n"
         );
         netns::nft(&n.netns, &script)
     }

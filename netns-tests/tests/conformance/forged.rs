@@ -759,3 +759,73 @@ pub fn neighbour_discovery_messages_are_never_forwarded_past_policy(lab: &mut La
         Ok(())
     })
 }
+
+/// A pod reaching itself is always allowed (semantics 38), but only from its own veth: another
+/// host that routes to the pod (here the other node, as any host on the underlay or a network
+/// that routes the pod CIDRs could) writing the pod's own address as source and destination gets
+/// through while the pod is not isolated (the control: the packets are well formed and routed)
+/// and not at all once a policy isolates it, in either family.
+pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut Lab) -> TestResult {
+    with_cleanup(lab, "self-addressed packets", |lab| {
+        let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
+        let other = lab
+            .state()
+            .nodes
+            .iter()
+            .find(|n| n.name != victim.node)
+            .cloned()
+            .ok_or("a second node is needed")?;
+        // Only what came in from the wire: the pod's answers to itself go through lo.
+        install_count_table(&victim.netns, &victim.ips, |_| {
+            "iifname \"eth0\" th dport { 80, 81 }"
+        })?;
+        let mut report = Vec::new();
+        for &own in &victim.ips {
+            forge(lab, &other.netns, own, own)?;
+            let mut n = 0;
+            super::poll(Duration::from_secs(3), || {
+                n = delivered(&victim.netns, own)?;
+                if n < u64::from(COUNT) {
+                    return Err(format!(
+                        "control: {} sent packets from {own} to {own} ({VICTIM}, not isolated yet): {n} arrived",
+                        other.name
+                    ));
+                }
+                Ok(())
+            })?;
+            report.push(format!("{own}: {n} arrived while not isolated"));
+        }
+        let attackers = admit_only_y(lab, &victim)?;
+        let checks: Vec<(String, Target, bool)> = attackers
+            .iter()
+            .map(|a| {
+                let v4 = Family::V4.pick(&victim.ips).unwrap_or(victim.ips[0]);
+                (a.key(), target(VICTIM, v4, 80, Protocol::Tcp), false)
+            })
+            .collect();
+        let checks: Vec<(&str, Target, bool)> = checks
+            .iter()
+            .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
+            .collect();
+        expect_reach(lab, &checks)?;
+        for &own in &victim.ips {
+            let before = delivered(&victim.netns, own)?;
+            forge(lab, &other.netns, own, own)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let n = delivered(&victim.netns, own)? - before;
+            if n != 0 {
+                return Err(format!(
+                    "{} sent packets from {own} to {own}: {n} reached {VICTIM}, whose policy admits only y (a pod reaches itself only from its own veth)",
+                    other.name
+                ));
+            }
+            report.push(format!("{own}: none once isolated"));
+        }
+        let _ = run(
+            &victim.netns,
+            &["nft", "delete", "table", "inet", COUNT_TABLE],
+        );
+        println!("  self-addressed packets: {}", report.join("; "));
+        Ok(())
+    })
+}

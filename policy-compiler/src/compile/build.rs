@@ -422,7 +422,9 @@ fn policy_part_into(rs: &mut Ruleset, pol: &CompiledPolicy) {
 /// The first rules of a group chain (the packet belongs to a pod some policy isolates in `dir`):
 /// traffic from this node to the pod (kubelet probes, hostNetwork pods) and a pod reaching itself
 /// (semantics 38) are always allowed. In the group chain rather than the base chain, so that only
-/// packets of isolated pods pay for these checks.
+/// packets of isolated pods pay for these checks. A pod reaching itself comes in through a pod's
+/// veth (the source guard then says it is the pod's own): source and destination alone are what
+/// any host that routes to the pod can write, and were a way into every isolated pod.
 fn group_exemptions(dir: Direction) -> Vec<Rule> {
     let mut rules = Vec::new();
     if dir == Direction::Ingress {
@@ -434,6 +436,7 @@ fn group_exemptions(dir: Direction) -> Vec<Rule> {
     for fam in Family::BOTH {
         rules.push(
             Rule::new(vec![
+                Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
                 Stmt::SelfTraffic {
                     family: fam,
                     set: self_set(fam).to_string(),

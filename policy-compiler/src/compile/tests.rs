@@ -1705,7 +1705,12 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
     );
     let rs = compiled(&w).ruleset;
     let keys = ["a/p".to_string()];
-    let is_self = |r: &crate::ruleset::Rule, fam: Family| matches!(&r.stmts[0], Stmt::SelfTraffic { family, .. } if *family == fam);
+    // From a pod's veth only: the source guard says a source there is the pod's own, where any
+    // host that routes to the pod can write source and destination.
+    let is_self = |r: &crate::ruleset::Rule, fam: Family| {
+        r.stmts[0] == Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string())
+            && matches!(&r.stmts[1], Stmt::SelfTraffic { family, .. } if *family == fam)
+    };
     let ing = &rs.chains[&group_chain(&keys, &[], &[], &[], Direction::Ingress)].rules;
     assert_eq!(ing[0].stmts, vec![Stmt::FibSaddrLocal, Stmt::Accept]);
     assert!(is_self(&ing[1], Family::V4));

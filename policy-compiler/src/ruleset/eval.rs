@@ -3,7 +3,7 @@
 //! Used by tests to check that the ruleset implements the compiled model (the same answers as
 //! `explain`), without root. It models only the statements we emit.
 
-use super::names::{CHAIN_EGRESS_HOST, CHAIN_POSTROUTING};
+use super::names::{self_set, CHAIN_EGRESS_HOST, CHAIN_POSTROUTING};
 use super::{AddrField, Elem, Family, Ruleset, Stmt};
 use crate::model::Protocol;
 use std::net::IpAddr;
@@ -66,9 +66,20 @@ impl Ruleset {
                     // log statement never change a verdict.
                     Stmt::CtNew | Stmt::CtNotConfirmed | Stmt::Limit { .. } | Stmt::Log { .. } => {}
                     // The packet model has no input interface (it models what passed the source
-                    // guard, which the kernel tests check): the guard's rules never match here.
-                    Stmt::IifnamePrefix(_)
-                    | Stmt::IifSaddrNotInSet { .. }
+                    // guard, which the kernel tests check): a packet with a local pod's source
+                    // came in through a pod's veth, and the guard's rules never match here.
+                    Stmt::IifnamePrefix(_) => {
+                        let own = Elem::AddrPair(p.saddr, p.saddr);
+                        if p.from_this_node
+                            || !self
+                                .sets
+                                .get(self_set(Family::of(&p.saddr)))
+                                .is_some_and(|s| s.elements.contains(&own))
+                        {
+                            continue 'rules;
+                        }
+                    }
+                    Stmt::IifSaddrNotInSet { .. }
                     | Stmt::IifCtSaddrInSet { .. }
                     | Stmt::IifnameVmap { .. }
                     | Stmt::Ip6SaddrNotLinkLocal => continue 'rules,
