@@ -232,6 +232,11 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
             Stmt::Accept,
         ]),
         s(vec![
+            Stmt::NoInputInterface,
+            Stmt::FibSaddrLocal,
+            Stmt::Accept,
+        ]),
+        s(vec![
             Stmt::IifnamePrefix("pal".into()),
             Stmt::IifSaddrNotInSet {
                 family: v4,

@@ -764,7 +764,9 @@ pub fn neighbour_discovery_messages_are_never_forwarded_past_policy(lab: &mut La
 /// host that routes to the pod (here the other node, as any host on the underlay or a network
 /// that routes the pod CIDRs could) writing the pod's own address as source and destination gets
 /// through while the pod is not isolated (the control: the packets are well formed and routed)
-/// and not at all once a policy isolates it, in either family.
+/// and not at all once a policy isolates it, in either family. Nor does one writing the pod's
+/// node's addresses as source (traffic from the pod's own node is always allowed, semantics 39:
+/// from the node itself, not from whoever claims its address).
 pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut Lab) -> TestResult {
     with_cleanup(lab, "self-addressed packets", |lab| {
         let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
@@ -775,8 +777,20 @@ pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut La
             .find(|n| n.name != victim.node)
             .cloned()
             .ok_or("a second node is needed")?;
+        let victim_node = lab
+            .state()
+            .nodes
+            .iter()
+            .find(|n| n.name == victim.node)
+            .cloned()
+            .ok_or("the victim's node is unknown")?;
+        let node_addrs = [
+            IpAddr::V4(lab::node_underlay_v4(victim_node.index)),
+            IpAddr::V6(lab::node_underlay_v6(victim_node.index)),
+        ];
+        let counted: Vec<IpAddr> = victim.ips.iter().chain(&node_addrs).copied().collect();
         // Only what came in from the wire: the pod's answers to itself go through lo.
-        install_count_table(&victim.netns, &victim.ips, |_| {
+        install_count_table(&victim.netns, &counted, |_| {
             "iifname \"eth0\" th dport { 80, 81 }"
         })?;
         let mut report = Vec::new();
@@ -820,6 +834,25 @@ pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut La
                 ));
             }
             report.push(format!("{own}: none once isolated"));
+        }
+        for &node_addr in &node_addrs {
+            let Some(&own) = victim
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == node_addr.is_ipv4())
+            else {
+                continue;
+            };
+            forge(lab, &other.netns, node_addr, own)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let n = delivered(&victim.netns, node_addr)?;
+            if n != 0 {
+                return Err(format!(
+                    "{} sent packets from {node_addr} ({}'s address) to {own}: {n} reached {VICTIM}, whose policy admits only y",
+                    other.name, victim_node.name
+                ));
+            }
+            report.push(format!("from {node_addr} ({}): none", victim_node.name));
         }
         let _ = run(
             &victim.netns,

@@ -428,9 +428,17 @@ fn policy_part_into(rs: &mut Ruleset, pol: &CompiledPolicy) {
 fn group_exemptions(dir: Direction) -> Vec<Rule> {
     let mut rules = Vec::new();
     if dir == Direction::Ingress {
+        // Sent by this node: no input interface, and its own source. The source alone is what
+        // any host routing to the pod can write (the kernel drops IPv4 from outside claiming an
+        // address of ours; IPv6 it forwards). A forwarded packet stops at the first compare: no
+        // FIB lookup for it.
         rules.push(
-            Rule::new(vec![Stmt::FibSaddrLocal, Stmt::Accept])
-                .with_comment("from this node (kubelet probes, hostNetwork)"),
+            Rule::new(vec![
+                Stmt::NoInputInterface,
+                Stmt::FibSaddrLocal,
+                Stmt::Accept,
+            ])
+            .with_comment("from this node (kubelet probes, hostNetwork)"),
         );
     }
     for fam in Family::BOTH {
@@ -573,10 +581,10 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
                     set: pending_set(fam).to_string(),
                 }];
                 // This node may reach a pending pod (kubelet probes start as soon as it runs).
-                if f == AddrField::Daddr {
-                    stmts.push(Stmt::FibSaddrNotLocal);
-                }
-                stmts.push(Stmt::Drop);
+                stmts.push(match f {
+                    AddrField::Daddr => Stmt::Jump(CHAIN_PENDING_DST.to_string()),
+                    AddrField::Saddr => Stmt::Drop,
+                });
                 rules.push(Rule::new(stmts).with_comment("pending pod"));
             }
         }
@@ -610,6 +618,21 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             rules,
         });
     }
+    rs.add_chain(Chain {
+        name: CHAIN_PENDING_DST.to_string(),
+        base: None,
+        comment: "to a pending pod: from this node only".to_string(),
+        rules: vec![
+            // Sent by this node, not only claiming its address (see `group_exemptions`).
+            Rule::new(vec![
+                Stmt::NoInputInterface,
+                Stmt::FibSaddrLocal,
+                Stmt::Return,
+            ])
+            .with_comment("this node (kubelet probes start as soon as the pod runs)"),
+            Rule::new(vec![Stmt::Drop]).with_comment("pending pod"),
+        ],
+    });
     source_sets(rs, c);
     rs.add_counter(CNT_FORGED_SOURCE.to_string());
     related(rs);

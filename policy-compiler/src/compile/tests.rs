@@ -367,6 +367,7 @@ fn semantics_11_deleting_the_last_policy_removes_isolation() {
         [
             CHAIN_EGRESS_HOST,
             CHAIN_INGRESS,
+            CHAIN_PENDING_DST,
             CHAIN_POSTROUTING,
             CHAIN_RELATED
         ],
@@ -1506,12 +1507,16 @@ fn flow_log_sends_every_policy_drop_through_one_rate_limited_log_and_changes_no_
     );
     assert_eq!(drop.rules[1].stmts, vec![Stmt::Drop]);
     // The NetworkPolicy group's drop and the Admin tier's Deny both end there; no plain drop is
-    // left in a group or tier chain (the related chain's, like the source guard's, is no policy's).
+    // left in a group or tier chain (the related and pending chains', like the source guard's, are
+    // no policy's).
     assert_eq!(gotos_to(&on, CHAIN_FLOW_DROP), 2);
     assert!(on
         .chains
         .values()
-        .filter(|c| c.base.is_none() && c.name != CHAIN_FLOW_DROP && c.name != CHAIN_RELATED)
+        .filter(|c| {
+            c.base.is_none()
+                && ![CHAIN_FLOW_DROP, CHAIN_RELATED, CHAIN_PENDING_DST].contains(&c.name.as_str())
+        })
         .flat_map(|c| &c.rules)
         .all(|r| r.stmts.last() != Some(&Stmt::Drop)));
     assert!(!on.chains.contains_key(CHAIN_FLOW_ALLOW));
@@ -1658,9 +1663,21 @@ fn base_chains_have_the_documented_shape() {
             Stmt::Accept
         ]
     );
-    assert!(eg[4..8].iter().all(|r| r.stmts.last() == Some(&Stmt::Drop)));
     // Pending destinations are dropped unless this node sends (kubelet probes).
-    assert_eq!(eg[5].stmts[1], Stmt::FibSaddrNotLocal);
+    assert!(eg[4..8]
+        .iter()
+        .step_by(2)
+        .all(|r| r.stmts.last() == Some(&Stmt::Drop)));
+    assert_eq!(eg[5].stmts[1], Stmt::Jump(CHAIN_PENDING_DST.to_string()));
+    assert_eq!(
+        rs.chains[CHAIN_PENDING_DST].rules[0].stmts,
+        vec![Stmt::NoInputInterface, Stmt::FibSaddrLocal, Stmt::Return],
+        "sent by this node, not only claiming its address"
+    );
+    assert_eq!(
+        rs.chains[CHAIN_PENDING_DST].rules[1].stmts,
+        vec![Stmt::Drop]
+    );
     assert!(
         matches!(&eg[8].stmts[0], Stmt::VmapLookup { family: Family::V4, map, .. } if map == MAP_EGRESS_V4)
     );
@@ -1712,7 +1729,11 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
             && matches!(&r.stmts[1], Stmt::SelfTraffic { family, .. } if *family == fam)
     };
     let ing = &rs.chains[&group_chain(&keys, &[], &[], &[], Direction::Ingress)].rules;
-    assert_eq!(ing[0].stmts, vec![Stmt::FibSaddrLocal, Stmt::Accept]);
+    assert_eq!(
+        ing[0].stmts,
+        vec![Stmt::NoInputInterface, Stmt::FibSaddrLocal, Stmt::Accept],
+        "from this node: sent by it, not only claiming its address"
+    );
     assert!(is_self(&ing[1], Family::V4));
     assert!(is_self(&ing[2], Family::V6));
     assert_eq!(

@@ -83,7 +83,7 @@ impl Ruleset {
                     | Stmt::IifCtSaddrInSet { .. }
                     | Stmt::IifnameVmap { .. }
                     | Stmt::Ip6SaddrNotLinkLocal => continue 'rules,
-                    Stmt::FibSaddrLocal => {
+                    Stmt::FibSaddrLocal | Stmt::NoInputInterface => {
                         if !p.from_this_node {
                             continue 'rules;
                         }

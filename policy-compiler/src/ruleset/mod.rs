@@ -118,6 +118,10 @@ pub enum Stmt {
     CtNotConfirmed,
     /// `fib saddr type local`: the source is an address of this node.
     FibSaddrLocal,
+    /// `meta iif 0`: the packet came in through no interface: this node sent it. (A source
+    /// address is what any sender writes; the kernel drops an IPv4 packet from outside claiming
+    /// one of ours, not an IPv6 one.)
+    NoInputInterface,
     /// `fib saddr type != local`: the source is not an address of this node.
     FibSaddrNotLocal,
     /// `icmpv6 type 133-137` (nd-router-solicit to nd-redirect).

@@ -62,6 +62,9 @@ pub const FORGED_KINDS: [(&str, &str); 3] = [
 /// Regular chain both base chains jump to for a related packet (an ICMP error about a tracked
 /// connection): from a pod's veth it passes only when that pod is an endpoint of the connection.
 pub const CHAIN_RELATED: &str = "related";
+/// Regular chain both base chains jump to for a new packet to a pending pod: this node may reach
+/// it (kubelet probes start as soon as it runs), nothing else.
+pub const CHAIN_PENDING_DST: &str = "pending_dst";
 /// Regular chain the input chain jumps to for a new packet to the overlay's UDP port: returns for
 /// a node's underlay address, drops (counted) the rest before the VXLAN socket decapsulates it.
 pub const CHAIN_TUNNEL: &str = "tunnel_in";

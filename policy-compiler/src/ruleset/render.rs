@@ -461,6 +461,7 @@ fn one_stmt_json(s: &Stmt) -> Option<Value> {
         Stmt::CtNew => {
             json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}})
         }
+        Stmt::NoInputInterface => matches(json!({"meta": {"key": "iif"}}), json!(0)),
         Stmt::Ip6HopLimit255 => matches(
             json!({"payload": {"protocol": "ip6", "field": "hoplimit"}}),
             json!(255),

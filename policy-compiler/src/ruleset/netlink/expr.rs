@@ -27,6 +27,7 @@ const NFT_CMP_NEQ: u32 = 1;
 const NFT_CMP_LTE: u32 = 3;
 const NFT_CMP_GTE: u32 = 5;
 
+const NFT_META_IIF: u32 = 4;
 const NFT_META_IIFNAME: u32 = 6;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
@@ -285,6 +286,10 @@ fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u3
             payload(w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1);
             cmp(w, NFT_CMP_GTE, &[ICMPV6_ND_FIRST]);
             cmp(w, NFT_CMP_LTE, &[ICMPV6_ND_LAST]);
+        }
+        Stmt::NoInputInterface => {
+            meta(w, NFT_META_IIF, NFT_REG_1);
+            cmp(w, NFT_CMP_EQ, &[0; 4]);
         }
         Stmt::Ip6HopLimit255 => {
             need_family(w, cx, Family::V6);
