@@ -221,6 +221,25 @@ pub fn send_neighbour_discovery(to: Ipv6Addr, icmp_type: u8, count: u32) -> io::
     Ok(count)
 }
 
+/// Sends `count` ICMPv6 router advertisements (router lifetime 1800 s: "use me as your default
+/// router") to `to` on the interface with index `scope`, from a raw socket (CAP_NET_RAW) with hop
+/// limit 255 and the interface's link-local source, as a router sends them. Returns how many left.
+pub fn send_router_advertisements(to: Ipv6Addr, scope: u32, count: u32) -> io::Result<u32> {
+    // type, code, checksum (the kernel's), current hop limit, flags, router lifetime,
+    // reachable time, retransmission timer.
+    let mut msg = vec![134, 0, 0, 0, 64, 0];
+    msg.extend_from_slice(&1800u16.to_be_bytes());
+    msg.extend_from_slice(&[0; 8]);
+    let s = Socket::new(Domain::IPV6, Type::RAW, Some(socket2::Protocol::ICMPV6))?;
+    s.set_unicast_hops_v6(255)?;
+    s.set_multicast_hops_v6(255)?;
+    let to = SockAddr::from(std::net::SocketAddrV6::new(to, 0, 0, scope));
+    for _ in 0..count {
+        s.send_to(&msg, &to)?;
+    }
+    Ok(count)
+}
+
 /// The Internet checksum (RFC 1071) of `data`.
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data

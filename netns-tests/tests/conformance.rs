@@ -453,7 +453,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 20] = [
+    let named: [(&str, LabTest); 21] = [
         (
             "extra::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy",
             flow_log::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy,
@@ -493,6 +493,10 @@ fn all_tests() -> Result<Vec<Test>, String> {
         (
             "extra::a_pod_is_not_reached_under_its_own_address_from_another_host",
             forged::a_pod_is_not_reached_under_its_own_address_from_another_host,
+        ),
+        (
+            "extra::a_pod_cannot_advertise_itself_as_its_nodes_router",
+            forged::a_pod_cannot_advertise_itself_as_its_nodes_router,
         ),
         (
             "extra::harness_detects_a_wrong_expectation",

@@ -238,6 +238,11 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
         ]),
         s(vec![
             Stmt::IifnamePrefix("pal".into()),
+            Stmt::Icmpv6Type(134),
+            Stmt::Drop,
+        ]),
+        s(vec![
+            Stmt::IifnamePrefix("pal".into()),
             Stmt::IifSaddrNotInSet {
                 family: v4,
                 set: "f4".into(),

@@ -83,6 +83,15 @@ enum Command {
         count: u32,
         to: std::net::Ipv6Addr,
     },
+    /// Send COUNT ICMPv6 router advertisements (router lifetime 1800 s) to ADDR through DEV (a
+    /// link-local ADDR needs it), from a raw socket, hop limit 255; prints how many left.
+    RouterAdvert {
+        #[arg(long)]
+        dev: String,
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+        to: std::net::Ipv6Addr,
+    },
     /// Send COUNT VXLAN datagrams (a plain UDP socket: no capability needed) to a node's overlay
     /// port, each carrying a TCP SYN from SOURCE to TARGET for the device with MAC `--mac`; prints
     /// how many left.
@@ -196,6 +205,18 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             let sent = palisade_netns_tests::forge::send_neighbour_discovery(to, icmp_type, count)
                 .map_err(|e| format!("sending ICMPv6 type {icmp_type} to {to}: {e}"))?;
+            println!("{sent}");
+            Ok(())
+        }
+        Command::RouterAdvert { dev, count, to } => {
+            let path = format!("/sys/class/net/{dev}/ifindex");
+            let scope: u32 = std::fs::read_to_string(&path)
+                .map_err(|e| format!("reading {path}: {e}"))?
+                .trim()
+                .parse()
+                .map_err(|e| format!("{path}: {e}"))?;
+            let sent = palisade_netns_tests::forge::send_router_advertisements(to, scope, count)
+                .map_err(|e| format!("sending router advertisements to {to}%{dev}: {e}"))?;
             println!("{sent}");
             Ok(())
         }

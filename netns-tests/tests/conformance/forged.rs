@@ -862,3 +862,65 @@ pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut La
         Ok(())
     })
 }
+
+/// The node is its pods' router. A node set to take router advertisements while forwarding
+/// (`accept_ra=2`, which new interfaces inherit from `default`) would take a pod's: a default
+/// route through the pod, the node's own traffic to it. x/a's host veth gets `accept_ra=2`; x/a
+/// sends 20 router advertisements (router lifetime 1800 s) to its gateway `fe80::1`: its node
+/// counts them as `router` and has no route through x/a.
+pub fn a_pod_cannot_advertise_itself_as_its_nodes_router(lab: &mut Lab) -> TestResult {
+    let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
+    let node = lab
+        .node_state(&victim.node)
+        .map_err(|e| e.to_string())?
+        .clone();
+    let veth = palisade_contract::host_veth_name(&victim.container_id, "eth0");
+    let key = format!("net.ipv6.conf.{veth}.accept_ra");
+    let was = run(&node.netns, &["sysctl", "-n", &key])?;
+    run(&node.netns, &["sysctl", "-qw", &format!("{key}=2")])?;
+    let r = (|| {
+        let before = forged(lab, &node.name, "router")?;
+        let probe = lab.state().bins.probe();
+        run(
+            &victim.netns,
+            &[
+                &probe.to_string_lossy(),
+                "router-advert",
+                "--dev",
+                "eth0",
+                "--count",
+                &COUNT.to_string(),
+                "fe80::1",
+            ],
+        )?;
+        super::poll(Duration::from_secs(3), || {
+            let n = forged(lab, &node.name, "router")? - before;
+            if n < u64::from(COUNT) {
+                return Err(format!(
+                    "{VICTIM} sent {COUNT} router advertisements to its gateway: {} counted {n} as router",
+                    node.name
+                ));
+            }
+            Ok(())
+        })?;
+        let routes = run(&node.netns, &["ip", "-6", "route", "show", "dev", &veth])?;
+        if routes
+            .lines()
+            .any(|l| l.starts_with("default") || l.contains("proto ra"))
+        {
+            return Err(format!(
+                "{VICTIM}'s router advertisements gave {} routes through it: {routes}",
+                node.name
+            ));
+        }
+        println!(
+            "  router advertisements: {COUNT} from {VICTIM} counted and dropped, no route through it"
+        );
+        Ok(())
+    })();
+    let restored = run(
+        &node.netns,
+        &["sysctl", "-qw", &format!("{key}={}", was.trim())],
+    );
+    r.and(restored.map(|_| ()))
+}

@@ -569,7 +569,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             Rule::new(vec![
                 Stmt::Icmpv6NeighbourDiscovery,
                 Stmt::Ip6HopLimit255,
-                Stmt::Accept,
+                Stmt::Jump(CHAIN_NEIGHBOUR.to_string()),
             ])
             .with_comment("neighbour discovery on the link (never forwarded)"),
         );
@@ -618,6 +618,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             rules,
         });
     }
+    neighbour(rs);
     rs.add_chain(Chain {
         name: CHAIN_PENDING_DST.to_string(),
         base: None,
@@ -784,6 +785,45 @@ pub(crate) fn source_guard_rules() -> Vec<Rule> {
         .with_comment(what),
     ]
 }
+
+/// Neighbour discovery on the link: solicitations and answers pass; router advertisements and
+/// redirects from a pod's veth are counted and dropped. The node is the pods' router: with
+/// `accept_ra=2` on a host veth (a node set to take router advertisements while forwarding, which
+/// new interfaces inherit), a pod's advertisement would give the node a default route through
+/// the pod, and a redirect would move its routes.
+fn neighbour(rs: &mut Ruleset) {
+    let prefix = palisade_contract::HOST_VETH_PREFIX.to_string();
+    let mut rules = Vec::new();
+    for (t, what) in [
+        (
+            ICMPV6_ROUTER_ADVERT,
+            "a pod advertising itself as the node's router",
+        ),
+        (ICMPV6_REDIRECT, "a pod redirecting the node's routes"),
+    ] {
+        rules.push(
+            Rule::new(vec![
+                Stmt::IifnamePrefix(prefix.clone()),
+                Stmt::Icmpv6Type(t),
+                Stmt::CounterNamed(CNT_FORGED_ROUTER.to_string()),
+                Stmt::Drop,
+            ])
+            .with_comment(what),
+        );
+    }
+    rules.push(Rule::new(vec![Stmt::Accept]));
+    rs.add_counter(CNT_FORGED_ROUTER.to_string());
+    rs.add_chain(Chain {
+        name: CHAIN_NEIGHBOUR.to_string(),
+        base: None,
+        comment: "neighbour discovery on the link: no router messages from a pod".to_string(),
+        rules,
+    });
+}
+
+/// ICMPv6 router advertisement and redirect (RFC 4861).
+const ICMPV6_ROUTER_ADVERT: u8 = 134;
+const ICMPV6_REDIRECT: u8 = 137;
 
 /// Related packets: conntrack marks an ICMP error related to the connection its quoted header
 /// names, whoever sent it, so `ct state related accept` would let any pod send errors, with any

@@ -367,6 +367,7 @@ fn semantics_11_deleting_the_last_policy_removes_isolation() {
         [
             CHAIN_EGRESS_HOST,
             CHAIN_INGRESS,
+            CHAIN_NEIGHBOUR,
             CHAIN_PENDING_DST,
             CHAIN_POSTROUTING,
             CHAIN_RELATED
@@ -1294,6 +1295,31 @@ fn a_related_packet_from_a_pod_passes_only_about_that_pods_own_connections() {
 }
 
 #[test]
+fn router_messages_from_a_pods_veth_are_counted_and_dropped() {
+    let rs = compiled(&W::new()).ruleset;
+    let nb = &rs.chains[CHAIN_NEIGHBOUR].rules;
+    for (i, t) in [134u8, 137].into_iter().enumerate() {
+        assert_eq!(
+            nb[i].stmts,
+            vec![
+                Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+                Stmt::Icmpv6Type(t),
+                Stmt::CounterNamed(CNT_FORGED_ROUTER.into()),
+                Stmt::Drop
+            ],
+            "ICMPv6 type {t} from a pod"
+        );
+    }
+    assert_eq!(
+        nb[2].stmts,
+        vec![Stmt::Accept],
+        "solicitations and answers pass, and a router's messages on the uplink"
+    );
+    assert!(rs.counters.contains(CNT_FORGED_ROUTER));
+    assert!(names::FORGED_KINDS.contains(&(CNT_FORGED_ROUTER, "router")));
+}
+
+#[test]
 fn only_a_node_may_send_to_the_overlay_port() {
     let rs = compiled(&W::new()).ruleset;
     assert!(
@@ -1515,7 +1541,13 @@ fn flow_log_sends_every_policy_drop_through_one_rate_limited_log_and_changes_no_
         .values()
         .filter(|c| {
             c.base.is_none()
-                && ![CHAIN_FLOW_DROP, CHAIN_RELATED, CHAIN_PENDING_DST].contains(&c.name.as_str())
+                && ![
+                    CHAIN_FLOW_DROP,
+                    CHAIN_RELATED,
+                    CHAIN_PENDING_DST,
+                    CHAIN_NEIGHBOUR,
+                ]
+                .contains(&c.name.as_str())
         })
         .flat_map(|c| &c.rules)
         .all(|r| r.stmts.last() != Some(&Stmt::Drop)));
@@ -1660,7 +1692,7 @@ fn base_chains_have_the_documented_shape() {
         vec![
             Stmt::Icmpv6NeighbourDiscovery,
             Stmt::Ip6HopLimit255,
-            Stmt::Accept
+            Stmt::Jump(CHAIN_NEIGHBOUR.to_string())
         ]
     );
     // Pending destinations are dropped unless this node sends (kubelet probes).

@@ -61,6 +61,7 @@ impl Ruleset {
                     | Stmt::CtRelated
                     | Stmt::CtInvalid
                     | Stmt::Icmpv6NeighbourDiscovery
+                    | Stmt::Icmpv6Type(_)
                     | Stmt::Ip6HopLimit255 => continue 'rules,
                     // The model's packets are a connection's first; the flow log's rate limit and
                     // log statement never change a verdict.

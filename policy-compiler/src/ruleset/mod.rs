@@ -126,6 +126,8 @@ pub enum Stmt {
     FibSaddrNotLocal,
     /// `icmpv6 type 133-137` (nd-router-solicit to nd-redirect).
     Icmpv6NeighbourDiscovery,
+    /// `icmpv6 type <type>`
+    Icmpv6Type(u8),
     /// `ip6 hoplimit 255`: a packet nobody forwarded (neighbour discovery's hop limit, RFC 4861;
     /// a router decrements it before the forward and postrouting hooks see the packet).
     Ip6HopLimit255,

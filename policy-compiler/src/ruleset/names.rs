@@ -52,12 +52,19 @@ pub fn nat_exempt_set(fam: Family) -> &'static str {
 pub const CNT_FORGED_SOURCE: &str = "cnt_forged_source";
 pub const CNT_FORGED_OVERLAY: &str = "cnt_forged_overlay";
 pub const CNT_FORGED_RELATED: &str = "cnt_forged_related";
-/// Those three, with the `kind` label `/metrics` gives each.
-pub const FORGED_KINDS: [(&str, &str); 3] = [
+/// Router advertisements and redirects from a pod's veth, dropped in `neighbour`.
+pub const CNT_FORGED_ROUTER: &str = "cnt_forged_router";
+/// Those four, with the `kind` label `/metrics` gives each.
+pub const FORGED_KINDS: [(&str, &str); 4] = [
     (CNT_FORGED_SOURCE, "source"),
     (CNT_FORGED_OVERLAY, "overlay"),
     (CNT_FORGED_RELATED, "related"),
+    (CNT_FORGED_ROUTER, "router"),
 ];
+
+/// Regular chain both base chains jump to for neighbour discovery on the link: a pod may solicit
+/// and answer, never advertise itself as the node's router nor redirect it.
+pub const CHAIN_NEIGHBOUR: &str = "neighbour";
 
 /// Regular chain both base chains jump to for a related packet (an ICMP error about a tracked
 /// connection): from a pod's veth it passes only when that pod is an endpoint of the connection.

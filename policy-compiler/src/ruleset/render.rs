@@ -479,6 +479,10 @@ fn one_stmt_json(s: &Stmt) -> Option<Value> {
             json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
             json!({"range": [133, 137]}),
         ),
+        Stmt::Icmpv6Type(t) => matches(
+            json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
+            json!(t),
+        ),
         Stmt::IifnamePrefix(prefix) => matches(
             json!({"meta": {"key": "iifname"}}),
             json!(format!("{prefix}*")),

@@ -296,6 +296,16 @@ fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u3
             payload(w, NFT_PAYLOAD_NETWORK_HEADER, 7, 1, NFT_REG_1);
             cmp(w, NFT_CMP_EQ, &[255]);
         }
+        Stmt::Icmpv6Type(t) => {
+            need_family(w, cx, Family::V6);
+            if cx.l4proto != Some(IPPROTO_ICMPV6) {
+                meta(w, NFT_META_L4PROTO, NFT_REG_1);
+                cmp(w, NFT_CMP_EQ, &[IPPROTO_ICMPV6]);
+                cx.l4proto = Some(IPPROTO_ICMPV6);
+            }
+            payload(w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1);
+            cmp(w, NFT_CMP_EQ, &[*t]);
+        }
         Stmt::IifnamePrefix(prefix) => {
             meta(w, NFT_META_IIFNAME, NFT_REG_1);
             cmp(w, NFT_CMP_EQ, prefix.as_bytes());
