@@ -327,8 +327,19 @@ pub async fn compile(args: CompileArgs) -> Result<()> {
     for w in d.warnings() {
         warn!("{w}");
     }
-    println!("{}", compiled::full_replace(&d));
-    Ok(())
+    print_out(&compiled::full_replace(&d))
+}
+
+/// Writes `text` and a newline to stdout; a reader that went away (`| head`) is no error.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::io("write stdout", "-", e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `palisade-agent explain`.
@@ -347,6 +358,5 @@ pub async fn explain(args: ExplainArgs) -> Result<()> {
         (None, Some(from), Some(to)) => compiled::explain(&st, from, to, &args.port)?,
         _ => return Err(Error::Usage("--from and --to, or --matrix".into())),
     };
-    println!("{text}");
-    Ok(())
+    print_out(&text)
 }

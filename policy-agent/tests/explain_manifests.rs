@@ -107,3 +107,28 @@ fn explain_matrix_shows_what_the_lab_demo_shows_for_the_cluster_tiers_example() 
         "{text}"
     );
 }
+
+/// `palisade-agent compile ... | head -c 100`: the reader goes away (here before the ruleset is
+/// written, so the write meets a closed pipe every time). The command ends without an error and
+/// without a panic (Rust's `println!` panics on a closed pipe).
+#[test]
+fn compile_to_a_reader_that_goes_away_ends_quietly() {
+    let dir = example_dir("demo");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_palisade-agent"))
+        .args(["compile", "--manifests", dir.path().to_str().unwrap()])
+        .args(["--node-name", "node1"])
+        .env_remove("KUBECONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run palisade-agent compile");
+    // The pipe's only read end, closed before the agent has read its manifests.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "status {:?}: {stderr}",
+        out.status
+    );
+}

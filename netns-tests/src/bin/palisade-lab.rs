@@ -12,6 +12,31 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `print!` that ends the process quietly once stdout's reader is gone (`palisade-lab status |
+/// head`), as a Unix tool does on SIGPIPE; Rust ignores SIGPIPE, and `print!` would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+/// `println!` as [`out!`] writes.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "palisade-lab",
@@ -130,8 +155,8 @@ fn run(cli: Cli) -> Result<(), LabError> {
             let mut lab = Lab::up(&o)?;
             lab.apply(objects)?;
             lab.wait_pods_ready(Duration::from_secs(20))?;
-            print!("{}", demo::describe_lab(&lab));
-            println!(
+            out!("{}", demo::describe_lab(&lab));
+            outln!(
                 "lab {} is up; `palisade-lab --name {} down` removes it",
                 lab.name(),
                 lab.name()
@@ -145,7 +170,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             let n = objects.len();
             lab.apply(objects)?;
             lab.wait_pods_ready(Duration::from_secs(20))?;
-            println!("applied {n} object(s)");
+            outln!("applied {n} object(s)");
             Ok(())
         }
         Command::Delete { file } => {
@@ -153,7 +178,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             let objects = k8s::read_path(file)?;
             let n = objects.len();
             lab.delete(objects)?;
-            println!("deleted {n} object(s)");
+            outln!("deleted {n} object(s)");
             Ok(())
         }
         Command::Label {
@@ -178,7 +203,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
                     )))
                 }
             }
-            println!("labelled {kind} {target}");
+            outln!("labelled {kind} {target}");
             Ok(())
         }
         Command::Probe {
@@ -204,7 +229,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             let records = lab.probe_matrix(&pp, family, Duration::from_millis(*timeout_ms))?;
             if *json {
                 for r in &records {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string(r).map_err(|e| LabError::Parse {
                             what: "probe record".into(),
@@ -214,7 +239,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
                 }
             } else {
                 let pods: Vec<String> = lab.pods().map(|p| p.key()).collect();
-                print!(
+                out!(
                     "{}",
                     Matrix::from_records(pods, &records).render(None, false)
                 );
@@ -231,25 +256,25 @@ fn run(cli: Cli) -> Result<(), LabError> {
             if phase == PodPhase::Running {
                 lab.wait_pods_ready(Duration::from_secs(20))?;
             }
-            println!("pod {target} is {phase}");
+            outln!("pod {target} is {phase}");
             Ok(())
         }
         Command::Status => {
             let lab = Lab::open(&cli.run_root, &cli.name)?;
-            println!("Topology: {}", lab.state().topology);
-            print!("{}", demo::describe_lab(&lab));
+            outln!("Topology: {}", lab.state().topology);
+            out!("{}", demo::describe_lab(&lab));
             let parked = lab.pods_without_sandbox()?;
             if !parked.is_empty() {
-                println!("Pods without a sandbox (objects only):");
+                outln!("Pods without a sandbox (objects only):");
                 for (pod, phase, ips) in parked {
-                    println!("  {pod:<16} {phase:<10} {}", ips.join(" "));
+                    outln!("  {pod:<16} {phase:<10} {}", ips.join(" "));
                 }
             }
-            println!("Agents:");
+            outln!("Agents:");
             let mut unhealthy = Vec::new();
             for n in &lab.state().nodes {
                 let h = lab.agent_health(&n.name)?;
-                println!("{h}");
+                outln!("{h}");
                 if !h.healthy() {
                     unhealthy.push(n.name.clone());
                 }
@@ -268,7 +293,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             let start = std::time::Instant::now();
             let (old, new) = lab.restart_agent(node)?;
             let old = old.map_or_else(|| "none".to_string(), |p| p.to_string());
-            println!(
+            outln!(
                 "{node}: agent restarted (pid {old} -> {new}), ready after {:?}",
                 start.elapsed()
             );
@@ -283,7 +308,7 @@ fn run(cli: Cli) -> Result<(), LabError> {
             let mut errors = Vec::new();
             for d in dirs {
                 match lab::down_run_dir(&d) {
-                    Ok(()) => println!("lab at {} removed", d.display()),
+                    Ok(()) => outln!("lab at {} removed", d.display()),
                     Err(e) => errors.push(format!("{}: {e}", d.display())),
                 }
             }

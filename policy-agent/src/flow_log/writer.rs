@@ -197,13 +197,16 @@ pub async fn read(state_dir: &Path, follow: bool) -> Result<()> {
         .await
         .map_err(|e| Error::io("ask the flow log", shown.clone(), e))?;
     let mut out = tokio::io::stdout();
-    tokio::io::copy(&mut stream, &mut out)
-        .await
-        .map_err(|e| Error::io("read the flow log", shown, e))?;
-    out.flush()
-        .await
-        .map_err(|e| Error::io("write stdout", "-", e))?;
-    Ok(())
+    // A reader of our stdout that went away (`| head`) ends the command, no error.
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::BrokenPipe;
+    match tokio::io::copy(&mut stream, &mut out).await {
+        Err(e) if gone(&e) => return Ok(()),
+        r => r.map_err(|e| Error::io("read the flow log", shown, e))?,
+    };
+    match out.flush().await {
+        Err(e) if !gone(&e) => Err(Error::io("write stdout", "-", e)),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
