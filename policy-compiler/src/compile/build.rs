@@ -419,6 +419,11 @@ fn policy_part_into(rs: &mut Ruleset, pol: &CompiledPolicy) {
     }
 }
 
+/// `iifname "pal*"`: the packet came in through a pod's host veth (`contract::host_veth_name`).
+fn from_pod_veth() -> Stmt {
+    Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string())
+}
+
 /// The first rules of a group chain (the packet belongs to a pod some policy isolates in `dir`):
 /// traffic from this node to the pod (kubelet probes, hostNetwork pods) and a pod reaching itself
 /// (semantics 38) are always allowed. In the group chain rather than the base chain, so that only
@@ -444,7 +449,7 @@ fn group_exemptions(dir: Direction) -> Vec<Rule> {
     for fam in Family::BOTH {
         rules.push(
             Rule::new(vec![
-                Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+                from_pod_veth(),
                 Stmt::SelfTraffic {
                     family: fam,
                     set: self_set(fam).to_string(),
@@ -599,7 +604,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
             // egress-isolated pod's packet takes its pod's egress verdict, as from its address.
             rules.push(
                 Rule::new(vec![
-                    Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+                    from_pod_veth(),
                     Stmt::IifnameVmap {
                         map: MAP_EGRESS_LINKS.to_string(),
                     },
@@ -759,11 +764,10 @@ fn source_sets(rs: &mut Ruleset, c: &Compiled) {
 /// never forwards them. In the base chains rather than a prerouting chain of its own: a base chain
 /// more is a hook invocation more for every packet (measured: x0.94 of new connections).
 pub(crate) fn source_guard_rules() -> Vec<Rule> {
-    let prefix = palisade_contract::HOST_VETH_PREFIX.to_string();
     let what = "forged source: not an address of the pod behind this veth";
     vec![
         Rule::new(vec![
-            Stmt::IifnamePrefix(prefix.clone()),
+            from_pod_veth(),
             Stmt::IifSaddrNotInSet {
                 family: Family::V4,
                 set: source_set(Family::V4).to_string(),
@@ -773,7 +777,7 @@ pub(crate) fn source_guard_rules() -> Vec<Rule> {
         ])
         .with_comment(what),
         Rule::new(vec![
-            Stmt::IifnamePrefix(prefix),
+            from_pod_veth(),
             Stmt::Ip6SaddrNotLinkLocal,
             Stmt::IifSaddrNotInSet {
                 family: Family::V6,
@@ -792,7 +796,6 @@ pub(crate) fn source_guard_rules() -> Vec<Rule> {
 /// new interfaces inherit), a pod's advertisement would give the node a default route through
 /// the pod, and a redirect would move its routes.
 fn neighbour(rs: &mut Ruleset) {
-    let prefix = palisade_contract::HOST_VETH_PREFIX.to_string();
     let mut rules = Vec::new();
     for (t, what) in [
         (
@@ -803,7 +806,7 @@ fn neighbour(rs: &mut Ruleset) {
     ] {
         rules.push(
             Rule::new(vec![
-                Stmt::IifnamePrefix(prefix.clone()),
+                from_pod_veth(),
                 Stmt::Icmpv6Type(t),
                 Stmt::CounterNamed(CNT_FORGED_ROUTER.to_string()),
                 Stmt::Drop,
@@ -847,7 +850,7 @@ fn related(rs: &mut Ruleset) {
     }
     rules.push(
         Rule::new(vec![
-            Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string()),
+            from_pod_veth(),
             Stmt::CounterNamed(CNT_FORGED_RELATED.to_string()),
             Stmt::Drop,
         ])
