@@ -419,6 +419,27 @@ fn policy_part_into(rs: &mut Ruleset, pol: &CompiledPolicy) {
     }
 }
 
+/// A hash set of the addresses of family `fam` among `ips`.
+fn addr_set<'a>(
+    name: &str,
+    fam: Family,
+    comment: String,
+    ips: impl IntoIterator<Item = &'a IpAddr>,
+) -> Set {
+    Set {
+        name: name.to_string(),
+        key: addr_key(fam),
+        interval: false,
+        verdict_map: false,
+        comment,
+        elements: ips
+            .into_iter()
+            .filter(|ip| Family::of(ip) == fam)
+            .map(|ip| Elem::Addr(*ip))
+            .collect(),
+    }
+}
+
 /// `iifname "pal*"`: the packet came in through a pod's host veth (`contract::host_veth_name`).
 fn from_pod_veth() -> Stmt {
     Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string())
@@ -465,21 +486,14 @@ fn group_exemptions(dir: Direction) -> Vec<Rule> {
 fn base(rs: &mut Ruleset, c: &Compiled) {
     for fam in Family::BOTH {
         let key = addr_key(fam);
-        rs.add_set(Set {
-            name: pending_set(fam).to_string(),
-            key,
-            interval: false,
-            verdict_map: false,
-            comment: comment(
+        rs.add_set(addr_set(
+            pending_set(fam),
+            fam,
+            comment(
                 "pod addresses wired by the CNI plugin whose policy is not compiled yet: dropped",
             ),
-            elements: c
-                .pending
-                .iter()
-                .filter(|ip| Family::of(ip) == fam)
-                .map(|ip| Elem::Addr(*ip))
-                .collect(),
-        });
+            &c.pending,
+        ));
         rs.add_set(Set {
             name: self_set(fam).to_string(),
             key: match fam {
@@ -874,32 +888,18 @@ fn related(rs: &mut Ruleset) {
 fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
     let mut rules = Vec::new();
     for fam in Family::BOTH {
-        rs.add_set(Set {
-            name: tunnel_peers_set(fam).to_string(),
-            key: addr_key(fam),
-            interval: false,
-            verdict_map: false,
-            comment: comment("underlay addresses of the nodes: who may send to the overlay port"),
-            elements: t
-                .peers
-                .iter()
-                .filter(|ip| Family::of(ip) == fam)
-                .map(|ip| Elem::Addr(*ip))
-                .collect(),
-        });
-        rs.add_set(Set {
-            name: tunnel_local_set(fam).to_string(),
-            key: addr_key(fam),
-            interval: false,
-            verdict_map: false,
-            comment: comment("this node's InternalIPs: where the nodes send the overlay's packets"),
-            elements: t
-                .local
-                .iter()
-                .filter(|ip| Family::of(ip) == fam)
-                .map(|ip| Elem::Addr(*ip))
-                .collect(),
-        });
+        rs.add_set(addr_set(
+            tunnel_peers_set(fam),
+            fam,
+            comment("underlay addresses of the nodes: who may send to the overlay port"),
+            &t.peers,
+        ));
+        rs.add_set(addr_set(
+            tunnel_local_set(fam),
+            fam,
+            comment("this node's InternalIPs: where the nodes send the overlay's packets"),
+            &t.local,
+        ));
         rules.push(
             Rule::new(vec![
                 Stmt::AddrInSet {
@@ -1102,23 +1102,17 @@ fn rule_matches(
             // Shared by every rule with the same pod peers: the comment says whose pods it
             // holds, not which rule names it.
             let name = names::peer_set(&r.peers.pod_key, fam);
-            add(&|| Set {
-                name: name.clone(),
-                key: addr_key(fam),
-                interval: false,
-                verdict_map: false,
-                comment: comment(&format!(
-                    "peer pods ({}): {}",
-                    fam_word(fam),
-                    r.peers.pod_label
-                )),
-                elements: r
-                    .peers
-                    .pod_ips
-                    .iter()
-                    .filter(|ip| Family::of(ip) == fam)
-                    .map(|ip| Elem::Addr(*ip))
-                    .collect(),
+            add(&|| {
+                addr_set(
+                    &name,
+                    fam,
+                    comment(&format!(
+                        "peer pods ({}): {}",
+                        fam_word(fam),
+                        r.peers.pod_label
+                    )),
+                    r.peers.pod_ips.iter(),
+                )
             });
             peer_conds.push((
                 Some(fam),

@@ -180,6 +180,17 @@ fn ct_bits(w: &mut Writer, key: u32, mask: u32, op: u32) {
     cmp(w, op, &[0; 4]);
 }
 
+/// The ICMPv6 type into register 1, after the family and protocol checks the rule has not made yet.
+fn load_icmpv6_type(w: &mut Writer, cx: &mut Context) {
+    need_family(w, cx, Family::V6);
+    if cx.l4proto != Some(IPPROTO_ICMPV6) {
+        meta(w, NFT_META_L4PROTO, NFT_REG_1);
+        cmp(w, NFT_CMP_EQ, &[IPPROTO_ICMPV6]);
+        cx.l4proto = Some(IPPROTO_ICMPV6);
+    }
+    payload(w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1);
+}
+
 fn fib_saddr_type(w: &mut Writer, op: u32) {
     expr(w, "fib", |w| {
         w.u32(3, NFTA_FIB_F_SADDR); // NFTA_FIB_FLAGS
@@ -277,13 +288,7 @@ fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u3
         Stmt::FibSaddrLocal => fib_saddr_type(w, NFT_CMP_EQ),
         Stmt::FibSaddrNotLocal => fib_saddr_type(w, NFT_CMP_NEQ),
         Stmt::Icmpv6NeighbourDiscovery => {
-            need_family(w, cx, Family::V6);
-            if cx.l4proto != Some(IPPROTO_ICMPV6) {
-                meta(w, NFT_META_L4PROTO, NFT_REG_1);
-                cmp(w, NFT_CMP_EQ, &[IPPROTO_ICMPV6]);
-                cx.l4proto = Some(IPPROTO_ICMPV6);
-            }
-            payload(w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1);
+            load_icmpv6_type(w, cx);
             cmp(w, NFT_CMP_GTE, &[ICMPV6_ND_FIRST]);
             cmp(w, NFT_CMP_LTE, &[ICMPV6_ND_LAST]);
         }
@@ -297,13 +302,7 @@ fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u3
             cmp(w, NFT_CMP_EQ, &[255]);
         }
         Stmt::Icmpv6Type(t) => {
-            need_family(w, cx, Family::V6);
-            if cx.l4proto != Some(IPPROTO_ICMPV6) {
-                meta(w, NFT_META_L4PROTO, NFT_REG_1);
-                cmp(w, NFT_CMP_EQ, &[IPPROTO_ICMPV6]);
-                cx.l4proto = Some(IPPROTO_ICMPV6);
-            }
-            payload(w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1);
+            load_icmpv6_type(w, cx);
             cmp(w, NFT_CMP_EQ, &[*t]);
         }
         Stmt::IifnamePrefix(prefix) => {
