@@ -743,9 +743,12 @@ impl Engine {
                 true
             }
             Verdict::Fine => {
-                let plan = self.route_plan();
-                if let Some(r) = self.routes.as_mut() {
-                    r.check(&self.inc.state().nodes, &plan.routes, &mut self.sched);
+                // No plan to derive when routes are not ours (`--no-routes`).
+                if self.routes.is_some() {
+                    let plan = self.route_plan();
+                    if let Some(r) = self.routes.as_mut() {
+                        r.check(&self.inc.state().nodes, &plan.routes, &mut self.sched);
+                    }
                 }
                 false
             }
