@@ -61,7 +61,7 @@ fn install_count_table(
     sources: &[IpAddr],
     matched: impl Fn(IpAddr) -> &'static str,
 ) -> Result<(), String> {
-    let _ = run(netns, &["nft", "delete", "table", "inet", COUNT_TABLE]);
+    remove_count_table(netns);
     let mut rules = String::new();
     for s in sources {
         let fam = if s.is_ipv4() { "ip" } else { "ip6" };
@@ -268,10 +268,7 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
                     ));
                 }
             }
-            let _ = run(
-                &victim.netns,
-                &["nft", "delete", "table", "inet", COUNT_TABLE],
-            );
+            remove_count_table(&victim.netns);
         }
         println!("  forged sources: {}", report.join("; "));
         Ok(())
@@ -291,6 +288,31 @@ fn admit_only_y(lab: &mut Lab, victim: &PodState) -> Result<Vec<PodState>, Strin
         "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: admit-y, namespace: x}, spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}}",
     )])?;
     Ok(attackers)
+}
+
+/// Waits until x/a's policy is in force at its address `v` (TCP 80): `blocked` pods cannot reach
+/// it, `admitted` ones can.
+fn expect_victim_reach(
+    lab: &Lab,
+    v: IpAddr,
+    blocked: &[PodState],
+    admitted: &[&PodState],
+) -> TestResult {
+    let keys: Vec<(String, bool)> = blocked
+        .iter()
+        .map(|p| (p.key(), false))
+        .chain(admitted.iter().map(|p| (p.key(), true)))
+        .collect();
+    let checks: Vec<(&str, Target, bool)> = keys
+        .iter()
+        .map(|(k, want)| (k.as_str(), target(VICTIM, v, 80, Protocol::Tcp), *want))
+        .collect();
+    expect_reach(lab, &checks)
+}
+
+/// Removes the counting table from `netns` (gone with the lab anyway).
+fn remove_count_table(netns: &str) {
+    let _ = run(netns, &["nft", "delete", "table", "inet", COUNT_TABLE]);
 }
 
 /// VNI of the agent's overlay devices (`palisade_agent::overlay::VNI`).
@@ -374,19 +396,7 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
         let attackers = admit_only_y(lab, &victim)?;
         let victim4 = pod_ip(lab, VICTIM, Family::V4)?;
         let source = pod_ip(lab, &admitted.key(), Family::V4)?;
-        let mut checks = vec![(
-            admitted.key(),
-            target(VICTIM, victim4, 80, Protocol::Tcp),
-            true,
-        )];
-        for a in &attackers {
-            checks.push((a.key(), target(VICTIM, victim4, 80, Protocol::Tcp), false));
-        }
-        let checks: Vec<(&str, _, bool)> = checks
-            .iter()
-            .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
-            .collect();
-        expect_reach(lab, &checks)?;
+        expect_victim_reach(lab, victim4, &attackers, &[&admitted])?;
         install_counters(&victim.netns, &[source])?;
         let mut report = Vec::new();
         for (underlay, device) in [
@@ -503,10 +513,7 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
         );
         report.push(masqueraded?);
         removed?;
-        let _ = run(
-            &victim.netns,
-            &["nft", "delete", "table", "inet", COUNT_TABLE],
-        );
+        remove_count_table(&victim.netns);
         println!("  forged overlay packets: {}", report.join("; "));
         Ok(())
     })
@@ -578,16 +585,7 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
             let pick = |ips: &[IpAddr]| fam.pick(ips).ok_or(format!("no {fam:?} address"));
             let v = pick(&victim.ips)?;
             let y = pick(&peer.ips)?;
-            let checks: Vec<(String, Target, bool)> = attackers
-                .iter()
-                .map(|a| (a.key(), target(VICTIM, v, 80, Protocol::Tcp), false))
-                .chain([(peer.key(), target(VICTIM, v, 80, Protocol::Tcp), true)])
-                .collect();
-            let checks: Vec<(&str, Target, bool)> = checks
-                .iter()
-                .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
-                .collect();
-            expect_reach(lab, &checks)?;
+            expect_victim_reach(lab, v, &attackers, &[&peer])?;
             // The victim's flow: one datagram from a known port to the peer's UDP 81.
             let quoted_src = SocketAddr::new(v, 5555 + i as u16);
             let quoted_dst = SocketAddr::new(y, 81);
@@ -653,10 +651,7 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
                 attackers.len()
             ));
         }
-        let _ = run(
-            &victim.netns,
-            &["nft", "delete", "table", "inet", COUNT_TABLE],
-        );
+        remove_count_table(&victim.netns);
         println!("  ICMP errors: {}", report.join("; "));
         Ok(())
     })
@@ -683,16 +678,7 @@ pub fn neighbour_discovery_messages_are_never_forwarded_past_policy(lab: &mut La
         let IpAddr::V6(v6) = v else {
             return Err(format!("{v} is not IPv6"));
         };
-        let mut checks: Vec<(String, Target, bool)> = attackers
-            .iter()
-            .map(|a| (a.key(), target(VICTIM, v, 80, Protocol::Tcp), false))
-            .collect();
-        checks.push((admitted.key(), target(VICTIM, v, 80, Protocol::Tcp), true));
-        let checks: Vec<(&str, Target, bool)> = checks
-            .iter()
-            .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
-            .collect();
-        expect_reach(lab, &checks)?;
+        expect_victim_reach(lab, v, &attackers, &[&admitted])?;
         let mut sources: Vec<IpAddr> = attackers
             .iter()
             .map(|a| pick(&a.ips))
@@ -748,10 +734,7 @@ pub fn neighbour_discovery_messages_are_never_forwarded_past_policy(lab: &mut La
                 ));
             }
         }
-        let _ = run(
-            &victim.netns,
-            &["nft", "delete", "table", "inet", COUNT_TABLE],
-        );
+        remove_count_table(&victim.netns);
         println!(
             "  neighbour discovery: {} attackers' messages dropped, the admitted pod's {n} delivered",
             attackers.len()
@@ -810,18 +793,8 @@ pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut La
             report.push(format!("{own}: {n} arrived while not isolated"));
         }
         let attackers = admit_only_y(lab, &victim)?;
-        let checks: Vec<(String, Target, bool)> = attackers
-            .iter()
-            .map(|a| {
-                let v4 = Family::V4.pick(&victim.ips).unwrap_or(victim.ips[0]);
-                (a.key(), target(VICTIM, v4, 80, Protocol::Tcp), false)
-            })
-            .collect();
-        let checks: Vec<(&str, Target, bool)> = checks
-            .iter()
-            .map(|(k, t, b)| (k.as_str(), t.clone(), *b))
-            .collect();
-        expect_reach(lab, &checks)?;
+        let v4 = Family::V4.pick(&victim.ips).unwrap_or(victim.ips[0]);
+        expect_victim_reach(lab, v4, &attackers, &[])?;
         for &own in &victim.ips {
             let before = delivered(&victim.netns, own)?;
             forge(lab, &other.netns, own, own)?;
@@ -854,10 +827,7 @@ pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut La
             }
             report.push(format!("from {node_addr} ({}): none", victim_node.name));
         }
-        let _ = run(
-            &victim.netns,
-            &["nft", "delete", "table", "inet", COUNT_TABLE],
-        );
+        remove_count_table(&victim.netns);
         println!("  self-addressed packets: {}", report.join("; "));
         Ok(())
     })
