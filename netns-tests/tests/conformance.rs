@@ -25,6 +25,8 @@ mod flow_log;
 mod forged;
 #[path = "conformance/overlay.rs"]
 mod overlay;
+#[path = "conformance/pod_range.rs"]
+mod pod_range;
 
 type TestResult = Result<(), String>;
 type LabTest = fn(&mut Lab) -> TestResult;
@@ -48,6 +50,22 @@ fn poll(bound: Duration, mut check: impl FnMut() -> TestResult) -> TestResult {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs `args` inside `netns` (`ip netns exec`); its stdout, or an error with its stderr.
+fn run_in(netns: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .output()
+        .map_err(|e| format!("{args:?} in {netns}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?} in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn pod_ip(lab: &Lab, pod: &str, family: Family) -> Result<IpAddr, String> {
@@ -453,7 +471,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 21] = [
+    let named: [(&str, LabTest); 22] = [
         (
             "extra::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy",
             flow_log::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy,
@@ -537,6 +555,10 @@ fn all_tests() -> Result<Vec<Test>, String> {
         (
             "extra::an_egress_isolated_pod_reaches_no_node_service_at_its_link_local_gateway",
             cluster_pods::an_egress_isolated_pod_reaches_no_node_service_at_its_link_local_gateway,
+        ),
+        (
+            "extra::an_address_of_a_pod_range_without_a_pod_never_leaves_by_the_default_route",
+            pod_range::an_address_of_a_pod_range_without_a_pod_never_leaves_by_the_default_route,
         ),
     ];
     for (name, f) in named {

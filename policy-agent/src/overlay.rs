@@ -15,7 +15,7 @@
 //! [`Overlay`] is the netlink edge that converges devices, FDB and neighbour entries to it.
 
 use crate::error::{Error, Result};
-use crate::routes::PodRoute;
+use crate::routes::{Hop, PodRoute};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use palisade_policy::model::Node;
@@ -269,7 +269,7 @@ pub fn plan(
         out.routes.insert(PodRoute {
             destination: r.destination,
             via: vtep,
-            overlay: true,
+            hop: Hop::Overlay,
         });
     }
     out.devices = devices.into_values().rev().collect();
@@ -904,7 +904,11 @@ mod tests {
                     "{} via {}{}",
                     r.destination,
                     r.via,
-                    if r.overlay { " overlay" } else { "" }
+                    if r.hop == Hop::Overlay {
+                        " overlay"
+                    } else {
+                        ""
+                    }
                 )
             })
             .collect()
@@ -952,11 +956,19 @@ mod tests {
     #[test]
     fn always_tunnels_to_every_node_and_never_routes_every_node_directly() {
         let d = plan_for(Mode::Always, &cluster(), &a_local());
-        assert!(d.routes.iter().all(|r| r.overlay), "{:?}", show(&d));
+        assert!(
+            d.routes.iter().all(|r| r.hop == Hop::Overlay),
+            "{:?}",
+            show(&d)
+        );
         assert_eq!(d.routes.len(), 4);
         assert_eq!(d.devices[0].peers.len(), 2);
         let d = plan_for(Mode::Never, &cluster(), &a_local());
-        assert!(d.routes.iter().all(|r| !r.overlay), "{:?}", show(&d));
+        assert!(
+            d.routes.iter().all(|r| r.hop != Hop::Overlay),
+            "{:?}",
+            show(&d)
+        );
         assert!(d.devices.is_empty());
         assert_eq!(
             show(&d)[1],
@@ -970,7 +982,11 @@ mod tests {
         // /32 and /128 addresses (as GCP hands out): nothing is on-link through them.
         let l = local(&[("172.31.1.1/32", 1460), ("fd00:172:31:1::1/128", 1460)]);
         let d = plan_for(Mode::CrossSubnet, &cluster(), &l);
-        assert!(d.routes.iter().all(|r| r.overlay), "{:?}", show(&d));
+        assert!(
+            d.routes.iter().all(|r| r.hop == Hop::Overlay),
+            "{:?}",
+            show(&d)
+        );
         assert_eq!(d.devices[0].mtu, 1410);
     }
 
@@ -1001,7 +1017,7 @@ mod tests {
         nodes.remove("c");
         let gone = plan_for(Mode::CrossSubnet, &nodes, &a_local());
         assert!(gone.devices[0].peers.is_empty());
-        assert!(gone.routes.iter().all(|r| !r.overlay));
+        assert!(gone.routes.iter().all(|r| r.hop != Hop::Overlay));
         // The device stays (it receives from nodes that tunnel to us) while we have an InternalIP
         // and podCIDR of its family.
         assert_eq!(gone.devices.len(), 2);
@@ -1036,7 +1052,7 @@ mod tests {
         let routes: BTreeSet<PodRoute> = [PodRoute {
             destination: "10.244.7.0/24".parse().unwrap(),
             via: "172.31.1.1".parse().unwrap(),
-            overlay: false,
+            hop: Hop::Gateway,
         }]
         .into();
         let d = plan(&routes, &nodes, "a", Mode::Always, &a_local());

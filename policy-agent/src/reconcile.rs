@@ -747,7 +747,7 @@ impl Engine {
                 if self.routes.is_some() {
                     let plan = self.route_plan();
                     if let Some(r) = self.routes.as_mut() {
-                        r.check(&self.inc.state().nodes, &plan.routes, &mut self.sched);
+                        r.check(&self.inc.state().nodes, &plan, &mut self.sched);
                     }
                 }
                 false

@@ -8,7 +8,7 @@ use crate::overlay::{self, Desired, Mode, Overlay};
 use crate::routes::{PodRoute, Refused, RoutePlan, Routes};
 use crate::schedule::Schedule;
 use palisade_policy::model::Node;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 use tracing::{info, warn};
 
@@ -72,12 +72,13 @@ impl RouteSync {
         self.applied = None;
     }
 
-    /// What routes, devices and peers the Nodes call for: `routes` (validated, via InternalIPs)
-    /// split into direct and overlay ones by `--encapsulation` and our links.
+    /// What routes, devices and peers the Nodes call for: the plan's routes (validated, via
+    /// InternalIPs) split into direct and overlay ones by `--encapsulation` and our links, and an
+    /// `unreachable` route under each of our own podCIDRs.
     fn want(
         &self,
         nodes: &BTreeMap<String, Node>,
-        routes: &BTreeSet<PodRoute>,
+        plan: &RoutePlan,
     ) -> crate::error::Result<Desired> {
         let mode = if self.overlay.is_some() {
             self.encapsulation
@@ -88,7 +89,10 @@ impl RouteSync {
             Some(o) if mode != Mode::Never => self.rt.block_on(o.local())?,
             _ => overlay::Local::default(),
         };
-        Ok(overlay::plan(routes, nodes, &self.node_name, mode, &local))
+        let mut want = overlay::plan(&plan.routes, nodes, &self.node_name, mode, &local);
+        want.routes
+            .extend(plan.own.iter().copied().map(PodRoute::unreachable));
+        Ok(want)
     }
 
     /// Converges our routes to the validated Nodes (`plan`: their routes, `routes::desired_routes`
@@ -111,9 +115,9 @@ impl RouteSync {
                 *by_reason.entry(x.reason.label()).or_insert(0u64) += 1;
             }
             metrics.refused_pod_cidrs(by_reason);
-            self.refused = plan.refused;
+            self.refused = plan.refused.clone();
         }
-        let want = match self.want(nodes, &plan.routes) {
+        let want = match self.want(nodes, &plan) {
             Ok(w) => w,
             Err(e) => {
                 metrics.error(e.kind());
@@ -150,14 +154,14 @@ impl RouteSync {
                 let overlay_failed = converged.overlay.failed.len();
                 let changes = converged.routes;
                 for a in &changes.added {
-                    info!(destination = %a.destination, via = %a.via, "pod route added");
+                    info!(route = %a, "pod route added");
                 }
                 for d in &changes.removed {
-                    info!(destination = %d.destination, via = %d.via, "stale pod route removed");
+                    info!(route = %d, "stale pod route removed");
                 }
                 for (f, e) in &changes.failed {
                     metrics.error(e.kind());
-                    warn!(destination = %f.destination, via = %f.via, error = %e, ?retry_in,
+                    warn!(route = %f, error = %e, ?retry_in,
                         "cannot change pod route; retrying on its own schedule, other routes and policies are not held up");
                 }
                 changes.failed.len() + overlay_failed
@@ -180,17 +184,17 @@ impl RouteSync {
         }
     }
 
-    /// At resync: when our routes or overlay entries differ from what the Nodes call for (`routes`:
+    /// At resync: when our routes or overlay entries differ from what the Nodes call for (`plan`:
     /// their validated routes), a route sync is scheduled (on the routes' own schedule: a failing
     /// route keeps its backoff).
     pub fn check(
         &mut self,
         nodes: &BTreeMap<String, Node>,
-        routes: &BTreeSet<PodRoute>,
+        plan: &RoutePlan,
         sched: &mut Schedule,
     ) {
         self.applied = None;
-        let want = match self.want(nodes, routes) {
+        let want = match self.want(nodes, plan) {
             Ok(w) => w,
             Err(err) => {
                 warn!(error = %err, "cannot read our links and addresses");

@@ -1,12 +1,13 @@
 //! The routes edge: for every other Node, a route to each of its podCIDRs via its InternalIP of the same
-//! family, in the main table, tagged with [`ROUTE_PROTOCOL`] so we only ever list, replace or delete our own.
+//! family, and for each of our own podCIDRs an `unreachable` route under the pods' own routes, in the
+//! main table, tagged with [`ROUTE_PROTOCOL`] so we only ever list, replace or delete our own.
 
 use crate::error::{Error, Result};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use palisade_policy::model::Node;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::RouteMessageBuilder;
@@ -17,14 +18,53 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// /etc/iproute2/rt_protos; everything else in the routing table is left alone.
 pub const ROUTE_PROTOCOL: u8 = 140;
 
-/// One route to another node's pod range.
+/// One route of ours: to another node's pod range, or under our own.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodRoute {
     pub destination: IpNet,
+    /// The gateway; the family's unspecified address for [`Hop::Unreachable`].
     pub via: IpAddr,
+    pub hop: Hop,
+}
+
+/// How a route of ours forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hop {
+    /// Via the other node's InternalIP, on a directly connected subnet.
+    Gateway,
     /// Through our overlay device of the family (`onlink`, via the other node's VTEP address; see
     /// `overlay`), not via its InternalIP.
-    pub overlay: bool,
+    Overlay,
+    /// One of our own podCIDRs: each pod has its own route to its veth, more specific; an address
+    /// of the range without a pod (a deleted pod's, one never handed out) is answered "unreachable"
+    /// here instead of following the node's default route out of the cluster (where a cloud
+    /// network routes it back to us, until its TTL runs out).
+    Unreachable,
+}
+
+impl PodRoute {
+    /// The `unreachable` route under one of our own podCIDRs.
+    pub fn unreachable(destination: IpNet) -> Self {
+        let via = match destination {
+            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        PodRoute {
+            destination,
+            via,
+            hop: Hop::Unreachable,
+        }
+    }
+}
+
+impl std::fmt::Display for PodRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.hop {
+            Hop::Gateway => write!(f, "{} via {}", self.destination, self.via),
+            Hop::Overlay => write!(f, "{} via {} (overlay)", self.destination, self.via),
+            Hop::Unreachable => write!(f, "unreachable {} (our own pod range)", self.destination),
+        }
+    }
 }
 
 /// Shortest IPv4 podCIDR prefix we route. A node's range holds its pods (kubelet's max-pods is 110 by
@@ -126,7 +166,11 @@ impl std::fmt::Display for Refused {
 /// What [`desired_routes`] decided.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RoutePlan {
+    /// To other nodes' podCIDRs, each via its node's InternalIP ([`Hop::Gateway`]).
     pub routes: BTreeSet<PodRoute>,
+    /// Our own podCIDRs that pass validation: each gets an `unreachable` route
+    /// ([`PodRoute::unreachable`]).
+    pub own: BTreeSet<IpNet>,
     /// podCIDRs refused, sorted (node, cidr).
     pub refused: Vec<Refused>,
     /// podCIDRs accepted but without an InternalIP of their family (no route).
@@ -152,11 +196,46 @@ fn start_end(n: &IpNet) -> (u128, u128) {
     }
 }
 
+/// The checks every podCIDR must pass, ours included: not wider than [`MIN_PREFIX_V4`] /
+/// [`MIN_PREFIX_V6`], inside a `--cluster-cidr` of its family (when there is one), holding no
+/// Node's InternalIP. `None`: it passes; otherwise why not, and the detail for the log line.
+fn checked(
+    cidr: &IpNet,
+    nodes: &BTreeMap<String, Node>,
+    cluster_cidrs: &[IpNet],
+) -> Option<(RefusalReason, String)> {
+    let min = match cidr {
+        IpNet::V4(_) => MIN_PREFIX_V4,
+        IpNet::V6(_) => MIN_PREFIX_V6,
+    };
+    let family: Vec<&IpNet> = cluster_cidrs.iter().filter(|c| v4(c) == v4(cidr)).collect();
+    if cidr.prefix_len() < min {
+        return Some((RefusalReason::TooWide, String::new()));
+    }
+    if !family.is_empty() && !family.iter().any(|c| c.contains(cidr)) {
+        let list: Vec<String> = family.iter().map(|c| c.to_string()).collect();
+        return Some((RefusalReason::OutsideClusterCidr, list.join(", ")));
+    }
+    nodes.iter().find_map(|(holder, h)| {
+        h.internal_ips
+            .iter()
+            .find(|ip| cidr.contains(*ip))
+            .map(|ip| {
+                (
+                    RefusalReason::ContainsNodeAddress,
+                    format!("InternalIP {ip} of node {holder}"),
+                )
+            })
+    })
+}
+
 /// Routes this node wants: every other node's podCIDRs via its first InternalIP of the same family,
 /// for the podCIDRs that pass validation. A podCIDR is refused when it is wider than
 /// [`MIN_PREFIX_V4`]/[`MIN_PREFIX_V6`], lies outside every `cluster_cidrs` entry of its family (when
 /// there is one), contains any Node's InternalIP, overlaps our own Node's podCIDRs, or overlaps a
-/// podCIDR of another Node.
+/// podCIDR of another Node. Our own podCIDRs that pass the first three checks are `own` (each gets an
+/// `unreachable` route); one that fails them is refused under our name (an `unreachable` route over a
+/// node's address would cut the path between nodes).
 ///
 /// Two Nodes claiming overlapping ranges are both refused: kube-controller-manager never hands out
 /// overlapping ranges, so one of the claims is wrong and we cannot tell which (names and order of
@@ -173,6 +252,18 @@ pub fn desired_routes(
         .get(self_name)
         .map(|n| n.pod_cidrs.iter().map(IpNet::trunc).collect())
         .unwrap_or_default();
+    for cidr in &own {
+        if let Some((reason, detail)) = checked(cidr, nodes, cluster_cidrs) {
+            plan.refused.push(Refused {
+                node: self_name.to_string(),
+                cidr: *cidr,
+                reason,
+                detail,
+            });
+        } else {
+            plan.own.insert(*cidr);
+        }
+    }
     // Claims that pass the per-CIDR checks: (cidr, node).
     let mut claims: Vec<(IpNet, &str)> = Vec::new();
     for (name, n) in nodes {
@@ -190,31 +281,8 @@ pub fn desired_routes(
                 reason,
                 detail,
             };
-            let min = match cidr {
-                IpNet::V4(_) => MIN_PREFIX_V4,
-                IpNet::V6(_) => MIN_PREFIX_V6,
-            };
-            let family: Vec<&IpNet> = cluster_cidrs
-                .iter()
-                .filter(|c| v4(c) == v4(&cidr))
-                .collect();
-            if cidr.prefix_len() < min {
-                plan.refused
-                    .push(refuse(RefusalReason::TooWide, String::new()));
-            } else if !family.is_empty() && !family.iter().any(|c| c.contains(&cidr)) {
-                let list: Vec<String> = family.iter().map(|c| c.to_string()).collect();
-                plan.refused
-                    .push(refuse(RefusalReason::OutsideClusterCidr, list.join(", ")));
-            } else if let Some((holder, ip)) = nodes.iter().find_map(|(holder, h)| {
-                h.internal_ips
-                    .iter()
-                    .find(|ip| cidr.contains(*ip))
-                    .map(|ip| (holder, ip))
-            }) {
-                plan.refused.push(refuse(
-                    RefusalReason::ContainsNodeAddress,
-                    format!("InternalIP {ip} of node {holder}"),
-                ));
+            if let Some((reason, detail)) = checked(&cidr, nodes, cluster_cidrs) {
+                plan.refused.push(refuse(reason, detail));
             } else if let Some(o) = own.iter().find(|o| overlaps(o, &cidr)) {
                 plan.refused
                     .push(refuse(RefusalReason::OverlapsOwnNode, o.to_string()));
@@ -263,7 +331,7 @@ pub fn desired_routes(
                 plan.routes.insert(PodRoute {
                     destination: *cidr,
                     via: *via,
-                    overlay: false,
+                    hop: Hop::Gateway,
                 });
             }
             None => plan.warnings.push(format!(
@@ -391,11 +459,7 @@ impl Routes {
         if c.failed.is_empty() {
             return Ok(c.removed.len());
         }
-        let failed: Vec<String> = c
-            .failed
-            .iter()
-            .map(|(r, e)| format!("{} via {}: {e}", r.destination, r.via))
-            .collect();
+        let failed: Vec<String> = c.failed.iter().map(|(r, e)| format!("{r}: {e}")).collect();
         Err(Error::Netlink {
             action: "delete routes",
             message: failed.join("; "),
@@ -414,10 +478,12 @@ fn message(r: &PodRoute, devices: &BTreeMap<bool, u32>) -> Result<RouteMessage> 
     let b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(r.destination.addr(), r.destination.prefix_len())
         .map_err(bad)?
-        .gateway(r.via)
-        .map_err(bad)?
         .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
-    if !r.overlay {
+    if r.hop == Hop::Unreachable {
+        return Ok(b.kind(RouteType::Unreachable).build());
+    }
+    let b = b.gateway(r.via).map_err(bad)?;
+    if r.hop == Hop::Gateway {
         return Ok(b.build());
     }
     let dev = devices
@@ -463,10 +529,17 @@ fn parse_ours(r: &RouteMessage) -> Option<PodRoute> {
         None => return None,
     };
     let destination = IpNet::new(dst, r.header.destination_prefix_length).ok()?;
+    let hop = if r.header.kind == RouteType::Unreachable {
+        Hop::Unreachable
+    } else if r.header.flags.contains(RouteFlags::Onlink) {
+        Hop::Overlay
+    } else {
+        Hop::Gateway
+    };
     Some(PodRoute {
         destination,
         via: via.unwrap_or(unspecified),
-        overlay: r.header.flags.contains(RouteFlags::Onlink),
+        hop,
     })
 }
 
@@ -690,6 +763,69 @@ mod tests {
             ],
         );
         assert_eq!(routes(&plan), vec!["10.244.1.0/24 via 192.168.0.2"]);
+    }
+
+    #[test]
+    fn our_own_pod_cidrs_get_an_unreachable_route_unless_they_fail_the_checks() {
+        let mut nodes = BTreeMap::new();
+        nodes.extend([node(
+            "a",
+            &[
+                "10.244.0.0/24",
+                "fd00:10:244::/64",
+                "::/0",
+                "192.168.0.0/24",
+                "10.99.0.0/24",
+            ],
+            &["192.168.0.1"],
+        )]);
+        nodes.extend([node("b", &["10.244.1.0/24"], &["192.168.0.2"])]);
+        let plan = desired_routes(&nodes, "a", &["10.0.0.0/8".parse().unwrap()]);
+        let own: Vec<String> = plan.own.iter().map(IpNet::to_string).collect();
+        assert_eq!(
+            own,
+            vec!["10.99.0.0/24", "10.244.0.0/24", "fd00:10:244::/64"]
+        );
+        // Ours are refused under our name: a default route or one over the node addresses would
+        // cut this node off; one outside the cluster CIDR is not a pod range.
+        assert_eq!(
+            refused(&plan),
+            vec!["a 192.168.0.0/24 outside_cluster_cidr", "a ::/0 too_wide",]
+        );
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert_eq!(
+            refused(&plan),
+            vec!["a 192.168.0.0/24 contains_node_address", "a ::/0 too_wide",]
+        );
+        // Another node's routes are unchanged by ours.
+        assert_eq!(routes(&plan), vec!["10.244.1.0/24 via 192.168.0.2"]);
+        let r = PodRoute::unreachable("fd00:10:244::/64".parse().unwrap());
+        assert_eq!(
+            r.to_string(),
+            "unreachable fd00:10:244::/64 (our own pod range)"
+        );
+        assert_eq!(r.via, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    }
+
+    #[test]
+    fn an_unreachable_route_is_written_and_read_back_as_one() {
+        let want = PodRoute::unreachable("10.244.0.0/24".parse().unwrap());
+        let m = message(&want, &BTreeMap::new()).unwrap();
+        assert_eq!(m.header.kind, RouteType::Unreachable);
+        assert!(
+            !m.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Gateway(_))),
+            "{m:?}"
+        );
+        assert_eq!(parse_ours(&m), Some(want));
+        let gw = PodRoute {
+            destination: "10.244.1.0/24".parse().unwrap(),
+            via: "192.168.0.2".parse().unwrap(),
+            hop: Hop::Gateway,
+        };
+        let m = message(&gw, &BTreeMap::new()).unwrap();
+        assert_eq!(parse_ours(&m), Some(gw));
     }
 
     fn our_message(family: AddressFamily, prefix: u8, attrs: Vec<RouteAttribute>) -> RouteMessage {

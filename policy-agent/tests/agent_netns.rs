@@ -77,9 +77,16 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
         "routes to n2 missing: {}",
         n1.our_routes()
     );
+    // Our own range: no route to it, an `unreachable` one under the pods' own routes (an address
+    // without a pod never follows a default route out of the node).
+    let r = n1.our_routes();
     assert!(
-        !n1.our_routes().contains("10.244.1.0/24"),
-        "no route to our own pod range"
+        !r.contains("10.244.1.0/24 via"),
+        "a route to our own pod range: {r}"
+    );
+    assert!(
+        r.contains("unreachable 10.244.1.0/24") && r.contains("unreachable fd00:10:244:1::/64"),
+        "no unreachable route under our own pod range: {r}"
     );
 
     // n2's range changes: the old route goes, the new one comes.
@@ -99,13 +106,13 @@ fn routes_to_other_nodes_pod_cidrs_follow_node_objects_and_leave_other_routes_al
         n1.our_routes()
     );
 
-    // n2 goes away: its route goes too.
+    // n2 goes away: its route goes too; what is left is under our own range.
     manifest(&d.manifests, "nodes.yaml", &nodes(""));
     assert!(
         wait_until(Duration::from_secs(10), || n1
             .our_routes()
-            .trim()
-            .is_empty()),
+            .lines()
+            .all(|l| l.starts_with("unreachable "))),
         "stale route: {}",
         n1.our_routes()
     );
@@ -870,13 +877,15 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
     assert!(
         wait_until(Duration::from_secs(10), || {
             let r = n1.our_routes();
-            r.trim().lines().count() == 1 && r.contains("10.244.2.0/24 via 192.168.77.2")
+            r.trim().lines().count() == 2
+                && r.contains("10.244.2.0/24 via 192.168.77.2")
+                && r.contains("unreachable 10.244.1.0/24")
         }),
-        "want only n2's route (the default routes of ours removed): {}",
+        "want only n2's route and the one under our own range (the default routes of ours removed): {}",
         n1.our_routes()
     );
     let routes = n1.our_routes();
-    for refused in ["10.244.1.0/24", "10.99.0.0", "10.244.3.0/24"] {
+    for refused in ["10.244.1.0/24 via", "10.99.0.0", "10.244.3.0/24"] {
         assert!(!routes.contains(refused), "{refused} routed: {routes}");
     }
     let (_, metrics) = n1.http(AGENT_PORT, "/metrics").expect("metrics");

@@ -2,11 +2,10 @@
 //! dropped at its veth, before any policy, whatever address it borrows; the owner of an address
 //! still gets through where policy allows it.
 
-use super::{apply, expect_reach, pod_ip, target, with_cleanup, TestResult};
+use super::{apply, expect_reach, pod_ip, run_in as run, target, with_cleanup, TestResult};
 use palisade_netns_tests::lab::{self, Family, Lab, PodState};
 use palisade_netns_tests::probe::{Protocol, Target};
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 use std::time::Duration;
 
 /// Datagrams, and SYNs, per forged source and family.
@@ -16,21 +15,6 @@ const VICTIM: &str = "x/a";
 const ATTACKER: &str = "z/b";
 /// Counting table in the victim pod's own namespace (the lab's pods are ours to instrument).
 const COUNT_TABLE: &str = "forgecount";
-
-fn run(netns: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(args)
-        .output()
-        .map_err(|e| format!("{args:?} in {netns}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{args:?} in {netns}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Sends COUNT UDP datagrams to port 81 and COUNT TCP SYNs to port 80 of `to` from `source`.
 fn forge(lab: &Lab, netns: &str, source: IpAddr, to: IpAddr) -> Result<(), String> {

@@ -1,0 +1,168 @@
+//! A node's own pod range: an address of it without a pod (a deleted pod's, one never handed out)
+//! is answered at the node (the agent's `unreachable` route under its podCIDR), never sent out by
+//! the node's default route, where a cloud network would route it back to the node until its TTL
+//! ran out and anything on the way would see pod traffic.
+
+use super::{expect_reach, run_in, target, TestResult};
+use palisade_netns_tests::lab::{self, Lab};
+use palisade_netns_tests::probe::Protocol;
+use std::net::IpAddr;
+
+/// Counting table in the external network's namespace (ours: the lab made it).
+const COUNT_TABLE: &str = "rangecount";
+
+fn ip(netns: &str, args: &[&str]) -> Result<String, String> {
+    let mut all = vec!["ip"];
+    all.extend_from_slice(args);
+    run_in(netns, &all)
+}
+
+/// Packets to `unused` seen arriving in the external network so far.
+fn arrived(ext: &str, unused: IpAddr) -> Result<u64, String> {
+    let text = run_in(ext, &["nft", "list", "table", "inet", COUNT_TABLE])?;
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("daddr {unused} ")))
+        .ok_or(format!("no counter for {unused} in {ext}: {text}"))?;
+    line.split("packets ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or(format!("no packet count in {line:?}"))
+}
+
+/// An address of `cidr` (`a.b.c.0/24`, `x::/64`) that no pod of the lab holds.
+fn unused_in(lab: &Lab, cidr: &str) -> Result<IpAddr, String> {
+    let net: ipnet::IpNet = cidr.parse().map_err(|e| format!("{cidr}: {e}"))?;
+    let taken: Vec<IpAddr> = lab
+        .state()
+        .pods
+        .values()
+        .flat_map(|p| p.ips.clone())
+        .collect();
+    net.hosts()
+        .skip(200)
+        .find(|a| !taken.contains(a))
+        .ok_or(format!("no free address in {cidr}"))
+}
+
+pub fn an_address_of_a_pod_range_without_a_pod_never_leaves_by_the_default_route(
+    lab: &mut Lab,
+) -> TestResult {
+    let node = lab.state().nodes[0].clone();
+    let ext = lab
+        .state()
+        .external
+        .as_ref()
+        .ok_or("the lab has no external network")?
+        .clone();
+    if ext.behind != node.name {
+        return Err(format!(
+            "the external network is behind {}, not {}",
+            ext.behind, node.name
+        ));
+    }
+    let unused = [
+        unused_in(lab, &node.pod_cidr_v4)?,
+        unused_in(lab, &node.pod_cidr_v6)?,
+    ];
+    // The node's default route via the external network, as a node has one via its gateway.
+    let (gw4, gw6) = (lab::EXTERNAL_V4.to_string(), lab::EXTERNAL_V6.to_string());
+    let defaults = [
+        vec!["route", "add", "default", "via", gw4.as_str()],
+        vec!["-6", "route", "add", "default", "via", gw6.as_str()],
+    ];
+    let r = (|| {
+        for d in &defaults {
+            ip(&node.netns, d)?;
+        }
+        let mut rules = String::new();
+        for u in &unused {
+            let fam = if u.is_ipv4() { "ip" } else { "ip6" };
+            rules.push_str(&format!("    {fam} daddr {u} counter\n"));
+        }
+        palisade_netns_tests::netns::nft(
+            &ext.netns,
+            &format!("table inet {COUNT_TABLE} {{\n  chain pre {{\n    type filter hook prerouting priority -500; policy accept;\n{rules}  }}\n}}\n"),
+        )
+        .map_err(|e| format!("counting table in {}: {e}", ext.netns))?;
+        let routes = ip(&node.netns, &["route", "show", "proto", "140"])?
+            + &ip(&node.netns, &["-6", "route", "show", "proto", "140"])?;
+        for cidr in [&node.pod_cidr_v4, &node.pod_cidr_v6] {
+            if !routes.contains(&format!("unreachable {cidr}")) {
+                return Err(format!(
+                    "{}: no unreachable route under {cidr}: {routes}",
+                    node.name
+                ));
+            }
+        }
+        // From a pod of this node and from one of the other node, TCP and UDP.
+        let from_here = lab
+            .state()
+            .pods
+            .values()
+            .find(|p| p.node == node.name && !p.host_network)
+            .map(|p| p.key())
+            .ok_or("no pod on the first node")?;
+        let from_there = lab
+            .state()
+            .pods
+            .values()
+            .find(|p| p.node != node.name && !p.host_network)
+            .map(|p| p.key())
+            .ok_or("no pod on another node")?;
+        let mut checks = Vec::new();
+        for from in [&from_here, &from_there] {
+            for u in unused {
+                checks.push((from.as_str(), target("no pod", u, 80, Protocol::Tcp), false));
+                checks.push((from.as_str(), target("no pod", u, 81, Protocol::Udp), false));
+            }
+        }
+        expect_reach(lab, &checks)?;
+        for u in unused {
+            let n = arrived(&ext.netns, u)?;
+            if n != 0 {
+                return Err(format!(
+                    "{n} packets to {u} (no pod holds it) left {} by its default route",
+                    node.name
+                ));
+            }
+        }
+        // Control: without the route under the range, the same probes do leave (so the check
+        // above can fail). The route is put back as the agent writes it.
+        for (cidr, six) in [(&node.pod_cidr_v4, false), (&node.pod_cidr_v6, true)] {
+            let mut args = if six { vec!["-6"] } else { vec![] };
+            args.extend(["route", "del", "unreachable", cidr.as_str(), "proto", "140"]);
+            ip(&node.netns, &args)?;
+        }
+        let left = (|| {
+            expect_reach(lab, &checks)?;
+            unused
+                .iter()
+                .map(|u| arrived(&ext.netns, *u).map(|n| (*u, n)))
+                .collect::<Result<Vec<_>, String>>()
+        })();
+        for (cidr, six) in [(&node.pod_cidr_v4, false), (&node.pod_cidr_v6, true)] {
+            let mut args = if six { vec!["-6"] } else { vec![] };
+            args.extend(["route", "add", "unreachable", cidr.as_str(), "proto", "140"]);
+            ip(&node.netns, &args)?;
+        }
+        for (u, n) in left? {
+            if n == 0 {
+                return Err(format!(
+                    "control: with the unreachable route removed, nothing to {u} reached the external network; the check proves nothing"
+                ));
+            }
+        }
+        Ok(())
+    })();
+    let _ = run_in(&ext.netns, &["nft", "delete", "table", "inet", COUNT_TABLE]);
+    for d in &defaults {
+        let mut del: Vec<&str> = d.clone();
+        if let Some(a) = del.iter_mut().find(|a| **a == "add") {
+            *a = "del";
+        }
+        let _ = ip(&node.netns, &del);
+    }
+    r
+}
