@@ -52,3 +52,22 @@ fn a_missing_table_has_no_counters() {
     nft("table ip palisade {\n counter cnt_a { packets 1 bytes 1 }\n}\n");
     assert!(counters::packets("inet", "palisade").unwrap().is_empty());
 }
+
+#[test]
+fn a_kept_reader_reads_each_state_of_the_table_over_one_socket() {
+    private_netns();
+    let mut reader = counters::CounterReader::new("inet", "palisade");
+    assert!(reader.packets().unwrap().is_empty(), "no table yet");
+    nft("table inet palisade {\n counter cnt_a { packets 5 bytes 1 }\n}\n");
+    assert_eq!(reader.packets().unwrap()["cnt_a"], 5);
+    nft("delete table inet palisade\ntable inet palisade {\n counter cnt_b { packets 7 bytes 1 }\n counter cnt_c { packets 9 bytes 1 }\n}\n");
+    let got = reader.packets().unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!((got["cnt_b"], got["cnt_c"]), (7, 9));
+    nft("delete table inet palisade\n");
+    assert!(reader.packets().unwrap().is_empty(), "table gone");
+    assert_eq!(
+        reader.packets().unwrap(),
+        counters::packets("inet", "palisade").unwrap()
+    );
+}

@@ -65,7 +65,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (tx, rx) = mpsc::channel::<Msg>(reconcile::CHANNEL);
     let listener = server::bind(&args.listen).await?;
     info!(listen = %args.listen, "serving /healthz, /readyz, /metrics");
-    let policies = crate::policy_metrics::PolicyMetrics::new(tx.clone());
+    let policies = crate::policy_metrics::PolicyMetrics::new(tx.clone(), nft.counters().clone());
     tokio::spawn(server::serve(
         listener,
         metrics.clone(),

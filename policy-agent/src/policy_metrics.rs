@@ -8,7 +8,7 @@
 //! table it left and carries them too). A table deleted from outside takes what its counters held
 //! since the last replace with it (a counter reset). The same read feeds `forged_metrics`.
 
-use crate::nft::Nft;
+use crate::nft::Counters;
 use crate::reconcile::Msg;
 use palisade_policy::compile::counters::{PolicyCounter, Unit};
 use palisade_policy::model::CLUSTER_KEY_PREFIX;
@@ -68,11 +68,12 @@ pub fn with_carried(
 /// The scrape's half: asks the engine, reads the kernel.
 pub struct PolicyMetrics {
     engine: mpsc::Sender<Msg>,
+    counters: Counters,
 }
 
 impl PolicyMetrics {
-    pub fn new(engine: mpsc::Sender<Msg>) -> Self {
-        PolicyMetrics { engine }
+    pub fn new(engine: mpsc::Sender<Msg>, counters: Counters) -> Self {
+        PolicyMetrics { engine, counters }
     }
 
     /// The family's text (empty when the engine or the kernel cannot answer now; logged at debug).
@@ -86,7 +87,8 @@ impl PolicyMetrics {
             tracing::debug!("per-policy counters left out: the engine did not answer in time");
             return String::new();
         };
-        match tokio::task::spawn_blocking(Nft::counter_packets).await {
+        let counters = self.counters.clone();
+        match tokio::task::spawn_blocking(move || counters.packets()).await {
             Ok(Ok(values)) => {
                 let values = with_carried(values, &report.carried);
                 render(&report.described, &values) + &crate::forged_metrics::render(&values)

@@ -578,7 +578,7 @@ impl Engine {
     /// The named counters are read first: the replace starts them from zero, and what they
     /// held is carried in the per-policy metrics.
     fn commit_full(&mut self) -> Result<()> {
-        let counts = Nft::counter_packets().map_err(|e| {
+        let counts = self.nft.counters().packets().map_err(|e| {
             debug!(error = %e, "cannot read the named counters before the full replace; the per-policy counters restart from zero");
         });
         let applied = self.nft.replace_table(self.inc.ruleset());
