@@ -217,6 +217,23 @@ pub enum Stmt {
     Goto(String),
 }
 
+impl Stmt {
+    /// The named set or map this statement looks up, if any.
+    pub fn set_name(&self) -> Option<&str> {
+        match self {
+            Stmt::IifSaddrNotInSet { set, .. }
+            | Stmt::IifCtSaddrInSet { set, .. }
+            | Stmt::AddrInSet { set, .. }
+            | Stmt::AddrNotInSet { set, .. }
+            | Stmt::SelfTraffic { set, .. }
+            | Stmt::ProtoPortInSet { set, .. }
+            | Stmt::DaddrProtoPortInSet { set, .. } => Some(set),
+            Stmt::VmapLookup { map, .. } | Stmt::IifnameVmap { map, .. } => Some(map),
+            _ => None,
+        }
+    }
+}
+
 /// One rule: statements in order, and an optional comment (a plain JSON string).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
