@@ -126,5 +126,6 @@ pub fn render(view: &NodeView) -> Rendered {
         elements: n_elements,
         nft_json: None,
         nft_after: None,
+        rp_filter: Vec::new(),
     }
 }

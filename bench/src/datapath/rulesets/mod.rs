@@ -18,6 +18,8 @@
 //!   `$PALISADE_BENCH_AFTER/<node>.nft` (a hand-written change measured against `palisade`).
 //! - `palisade-lean-prologue`: an experiment, the base chains' guard and ct state rules in fewer
 //!   expressions (a jump to a guard chain, one `ct state vmap`).
+//! - `palisade-rpfilter`: an experiment, the guard's IPv4 rule replaced by the kernel's strict
+//!   reverse-path filter (`rp_filter=1`) on the measured pods' host veths.
 //!
 //! Every system, `none` included, runs with connection tracking on in the node namespaces (the
 //! `bench_base` table below), as it is on any node that runs kube-proxy: so "no policy" differs from
@@ -59,10 +61,13 @@ pub enum System {
     PalisadeSizedSets,
     /// EXPERIMENT: palisade's table, then the `nft -f` commands in `$PALISADE_BENCH_AFTER/<node>.nft`.
     PalisadeAfter,
+    /// EXPERIMENT: the IPv4 source guard as the kernel's strict reverse-path filter on the measured
+    /// pods' host veths instead of the guard's IPv4 rule.
+    PalisadeRpFilter,
 }
 
 impl System {
-    pub const ALL: [System; 11] = [
+    pub const ALL: [System; 12] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
@@ -74,6 +79,7 @@ impl System {
         System::PalisadeLeanPrologue,
         System::PalisadeSizedSets,
         System::PalisadeAfter,
+        System::PalisadeRpFilter,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +95,7 @@ impl System {
             System::PalisadeLeanPrologue => "palisade-lean-prologue",
             System::PalisadeSizedSets => "palisade-sized-sets",
             System::PalisadeAfter => "palisade-after",
+            System::PalisadeRpFilter => "palisade-rpfilter",
         }
     }
 
@@ -125,6 +132,8 @@ pub struct Rendered {
     pub nft_json: Option<String>,
     /// `nft -f` input loaded after `nft_json` (an experiment's changes to palisade's table).
     pub nft_after: Option<String>,
+    /// Interfaces that get `rp_filter=1` at load and `0` at clear (`palisade-rpfilter`).
+    pub rp_filter: Vec<String>,
     /// `ipset restore` input (iptables model).
     pub ipset: Option<String>,
     /// `iptables-restore` input (iptables model).
@@ -156,6 +165,9 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         }
         System::PalisadeSizedSets => {
             palisade_real::render(cluster, node, palisade_real::Variant::SizedSets)?
+        }
+        System::PalisadeRpFilter => {
+            palisade_real::render(cluster, node, palisade_real::Variant::RpFilter)?
         }
         System::PalisadeAfter => {
             let mut r = palisade_real::render(cluster, node, palisade_real::Variant::Whole)?;
@@ -197,6 +209,10 @@ pub fn load(ns: &str, rendered: &Rendered) -> Result<Duration> {
     if let Some(nft) = &rendered.nft_after {
         total += timed_in(ns, "nft", &["-f", "-"], Some(nft.as_bytes()))?.1;
     }
+    for dev in &rendered.rp_filter {
+        let key = format!("net.ipv4.conf.{dev}.rp_filter=1");
+        total += timed_in(ns, "sysctl", &["-qw", &key], None)?.1;
+    }
     Ok(total)
 }
 
@@ -230,7 +246,20 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         | System::PalisadeIngressGuard
         | System::PalisadeLeanPrologue
         | System::PalisadeSizedSets
-        | System::PalisadeAfter => {
+        | System::PalisadeAfter
+        | System::PalisadeRpFilter => {
+            if system == System::PalisadeRpFilter {
+                // Every interface back to no reverse-path filter (the others' setting).
+                timed_in(
+                    ns,
+                    "sh",
+                    &[
+                        "-c",
+                        "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
+                    ],
+                    None,
+                )?;
+            }
             if system == System::PalisadeIngressGuard {
                 timed_in(
                     ns,

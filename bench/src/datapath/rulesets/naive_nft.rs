@@ -60,5 +60,6 @@ pub fn render(view: &NodeView) -> Rendered {
         elements: 0,
         nft_json: None,
         nft_after: None,
+        rp_filter: Vec::new(),
     }
 }

@@ -34,6 +34,10 @@ pub enum Variant {
     /// EXPERIMENT: the source guard's sets (or, with `PALISADE_BENCH_SIZED_SETS=all`, every set and
     /// map without intervals) declared with a `size`: four times their elements, at least 1,024.
     SizedSets,
+    /// EXPERIMENT: the IPv4 guard rule left to the kernel's strict reverse-path filter on the
+    /// measured pods' host veths (`rp_filter=1`, set at load by [`super::load`]); IPv6 keeps its
+    /// rule (IPv6 has no reverse-path filter).
+    RpFilter,
 }
 
 /// The table of [`Variant::IngressGuard`]'s chains.
@@ -135,6 +139,7 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
     let mut ruleset = palisade_policy::compile(&state, node).ruleset;
     let mut extra = None;
     let mut after = None;
+    let mut rp_filter = Vec::new();
     match variant {
         Variant::LeanPrologue => {
             let base: Vec<String> = ruleset
@@ -224,6 +229,27 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             }
             ruleset.counters.clear();
         }
+        Variant::RpFilter => {
+            for chain in ruleset.chains.values_mut() {
+                chain.rules.retain(|r| {
+                    !r.stmts.iter().any(|s| {
+                        matches!(
+                            s,
+                            Stmt::IifSaddrNotInSet {
+                                family: palisade_policy::ruleset::Family::V4,
+                                ..
+                            }
+                        )
+                    })
+                });
+            }
+            rp_filter = cluster
+                .pods
+                .iter()
+                .filter(|p| p.namespace == BENCH_NS && p.node == node)
+                .map(|p| topo::host_veth(&p.name))
+                .collect();
+        }
         Variant::Whole => repeat_guard(&mut ruleset, guard_copies()),
         Variant::SizedSets => {}
     }
@@ -236,6 +262,7 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
         nft_json: Some(json),
         nft: extra,
         nft_after: after,
+        rp_filter,
         rules: stats.rules,
         elements: stats.elements,
         ..Rendered::default()
