@@ -156,7 +156,8 @@ pub struct RunArgs {
     pub nft_backend: Backend,
     /// Keep established connections when a policy change (or a restore of our table) revokes their
     /// permission, as Calico does. Default: after such commits the conntrack entries of flows the
-    /// new rules would not admit as new are deleted, so their next packet meets the rules.
+    /// new rules would not admit as new are deleted, so their next packet meets the rules. Either
+    /// way a deleted pod's flows are flushed with it (never passed to the next pod at its address).
     #[arg(long, env = "PALISADE_KEEP_ESTABLISHED_FLOWS")]
     pub keep_established_flows: bool,
     /// Log every connection a policy drops, one JSON line each (pods, port, protocol, the policies

@@ -136,15 +136,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .with_overlay(crate::overlay::Overlay::new()?);
         engine = engine.with_routes(sync);
     }
-    if args.keep_established_flows {
-        info!("--keep-established-flows: connections stay up when a policy revokes them");
-    } else {
-        match crate::conntrack::Revoker::new(&rt) {
-            Ok(r) => engine = engine.with_revoker(r),
-            Err(e) => {
-                warn!(error = %e, "cannot open conntrack; established flows are not cut when a policy revokes them (is nf_conntrack_netlink available?)")
-            }
+    match crate::conntrack::Revoker::new(&rt) {
+        Ok(r) => engine = engine.with_revoker(r),
+        Err(e) => {
+            warn!(error = %e, "cannot open conntrack; established flows are not cut when a policy revokes them or their pod goes away (is nf_conntrack_netlink available?)")
         }
+    }
+    if args.keep_established_flows {
+        info!("--keep-established-flows: connections stay up when a policy revokes them (a deleted pod's still end with it)");
+        engine = engine.keep_established_flows();
     }
     if let Some(output) = &args.flow_log {
         engine = start_flow_log(&args, output, engine, &metrics, tx.clone()).await?;

@@ -162,7 +162,7 @@ impl Metrics {
         reg(
             &mut r,
             "palisade_conntrack_flows_cut",
-            "Established flows cut because the ruleset no longer admits them, by the sweep that cut them (full: a walk of the conntrack table; targeted: the known flows of the addresses a commit moved; recheck: a cut flow that came back in its reply direction)",
+            "Established flows cut because the ruleset no longer admits them, by the sweep that cut them (full: a walk of the conntrack table; targeted: the known flows of the addresses a commit moved; recheck: a cut flow that came back in its reply direction; released: the flows of an address whose pod went away)",
             &m.flows_cut,
         );
         reg(
@@ -332,7 +332,7 @@ impl Metrics {
         self.lock_acquisitions.inc();
     }
 
-    /// A conntrack sweep of `kind` (`full`, `targeted`, `recheck`) deleted `cut` entries and left `unjudged`
+    /// A conntrack sweep of `kind` (`full`, `targeted`, `recheck`, `released`) deleted `cut` entries and left `unjudged`
     /// alone (could not judge them).
     pub fn flows_revoked(&self, kind: &'static str, cut: u64, unjudged: u64) {
         self.sweeps.get_or_create(&[("kind", kind)]).inc();
@@ -433,7 +433,7 @@ palisade_errors_total{kind="bad_object"} 1
 # HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.
 # TYPE palisade_resync_restores_total counter
 palisade_resync_restores_total 1
-# HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them, by the sweep that cut them (full: a walk of the conntrack table; targeted: the known flows of the addresses a commit moved; recheck: a cut flow that came back in its reply direction).
+# HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them, by the sweep that cut them (full: a walk of the conntrack table; targeted: the known flows of the addresses a commit moved; recheck: a cut flow that came back in its reply direction; released: the flows of an address whose pod went away).
 # TYPE palisade_conntrack_flows_cut_total counter
 palisade_conntrack_flows_cut_total{sweep="full"} 5
 palisade_conntrack_flows_cut_total{sweep="targeted"} 2

@@ -35,7 +35,7 @@ use crate::source::SourceEvent;
 use crate::table_watch::{TableWatch, Verdict};
 use palisade_policy::model::Change;
 use palisade_policy::IncrementalCompiler;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,6 +148,11 @@ pub struct Engine {
     /// Cuts established flows the committed ruleset no longer admits (`None`: they are kept,
     /// `--keep-established-flows`).
     revoker: Option<crate::conntrack::Revoker>,
+    /// Whether flows a policy change revokes are cut (off with `--keep-established-flows`; the
+    /// flows of a released address are flushed either way).
+    policy_sweeps: bool,
+    /// Which attachment held each local pod address at the last commit (`None` before the first).
+    owners: Option<BTreeMap<std::net::IpAddr, palisade_contract::AttachmentKey>>,
     sweep_credit: SweepCredit,
     /// Chains and sets another process touched, to put back at the next reconcile.
     repair: Option<(BTreeSet<String>, BTreeSet<String>)>,
@@ -181,6 +186,8 @@ impl Engine {
             quiet_full: false,
             resyncs: 0,
             revoker: None,
+            policy_sweeps: true,
+            owners: None,
             sweep_credit: SweepCredit::new(now),
             warned: BTreeSet::new(),
             repair: None,
@@ -216,10 +223,61 @@ impl Engine {
         Ok(self)
     }
 
-    /// After every commit, cut the established flows the new ruleset would not admit as new.
+    /// After every commit, cut the established flows the new ruleset would not admit as new, and
+    /// flush the flows of addresses whose pod went away.
     pub fn with_revoker(mut self, revoker: crate::conntrack::Revoker) -> Self {
         self.revoker = Some(revoker);
         self
+    }
+
+    /// `--keep-established-flows`: flows a policy change revokes stay up; the flows of an address
+    /// whose pod went away are still flushed (they were never the next pod's).
+    pub fn keep_established_flows(mut self) -> Self {
+        self.policy_sweeps = false;
+        self
+    }
+
+    /// Flushes from conntrack the flows of every address whose attachment went away or changed
+    /// since the last commit (a deleted pod's, or one a new pod now holds): without it a peer's
+    /// established flow to a deleted pod went on to the next pod given its address, whatever that
+    /// pod's policies say, with `--keep-established-flows` for as long as the flow lasted. The
+    /// first commit only records the owners (an agent restart keeps every flow).
+    fn flush_released(&mut self, attachments: &[palisade_contract::Attachment]) {
+        let now: BTreeMap<std::net::IpAddr, palisade_contract::AttachmentKey> = attachments
+            .iter()
+            .flat_map(|a| a.ips.iter().map(move |ip| (*ip, a.key())))
+            .collect();
+        let released: BTreeSet<std::net::IpAddr> = match &self.owners {
+            Some(before) => before
+                .iter()
+                .filter(|(ip, key)| now.get(*ip) != Some(*key))
+                .map(|(ip, _)| *ip)
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        self.owners = Some(now);
+        let Some(revoker) = self.revoker.as_mut() else {
+            return;
+        };
+        if released.is_empty() {
+            return;
+        }
+        let list = released
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        match revoker.flush_addresses(&released) {
+            Ok(0) => debug!(addresses = %list, "released addresses had no flows"),
+            Ok(n) => {
+                self.metrics.flows_revoked("released", n, 0);
+                info!(addresses = %list, flows = n, "flows of addresses whose pod went away flushed from conntrack; a pod given one of them later starts with none");
+            }
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, addresses = %list, "cannot flush the flows of released addresses; a pod given one of them may receive its predecessor's established flows until they end");
+            }
+        }
     }
 
     /// Runs until [`Msg::Stop`] or every sender is gone. `rt` runs the waits for messages.
@@ -524,6 +582,7 @@ impl Engine {
         if full {
             self.replace = false;
         }
+        self.flush_released(&attachments);
         let took = start.elapsed();
         let stats = self.inc.ruleset().stats();
         let pending = self.inc.compiled().pending.len();
@@ -613,6 +672,9 @@ impl Engine {
     /// judged at once; its full sweep (for flows younger than that one) then waits for the credit
     /// and for [`crate::conntrack::YOUNG_FLOWS_GAP`] since the last one.
     fn revoke_after(&mut self, commit: &Committed) -> Option<Duration> {
+        if !self.policy_sweeps {
+            return None;
+        }
         let addrs = match commit {
             Committed::Nothing => return None,
             Committed::Rules => {
@@ -643,7 +705,7 @@ impl Engine {
     /// compiler's model may already hold changes staged after that commit (due within the debounce):
     /// a flow they revoke is cut a few milliseconds early, one they grant is kept.
     fn revoke(&mut self) {
-        if self.inc.is_stale() {
+        if self.inc.is_stale() || !self.policy_sweeps {
             return; // the next commit schedules its own sweep
         }
         let Some(revoker) = self.revoker.as_mut() else {

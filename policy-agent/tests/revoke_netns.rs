@@ -72,6 +72,15 @@ impl Py {
         Self::start(ns, &script, true)
     }
 
+    /// A UDP server on `port` that answers every datagram (its flows are replied, established)
+    /// and logs its arrival time (one line each).
+    fn udp_echo_server(ns: &Netns, port: u16, log: &Path) -> Self {
+        let script = format!(
+            "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',{port}))\nf=open({log:?},'a',buffering=1)\nprint('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(4096)\n f.write('%f %d\\n'%(time.time(),len(d)))\n s.sendto(d,a)\n"
+        );
+        Self::start(ns, &script, true)
+    }
+
     /// One UDP socket (one conntrack flow) sending to `dst:port` every ms.
     fn udp_stream(ns: &Netns, dst: &str, port: u16) -> Self {
         let script = format!(
@@ -134,6 +143,43 @@ impl World {
             d,
             t,
         }
+    }
+
+    /// [`World::new`] without policies, its agent restarted with `--keep-established-flows`.
+    fn keeping_established_flows() -> Self {
+        let mut w = World::new(&[]);
+        drop(w.agent.take());
+        let agent = Agent::start(&w.n1, NODE, &w.d, &["--keep-established-flows"]);
+        assert!(
+            agent.wait_ready(&w.n1, Duration::from_secs(10)),
+            "agent never became ready"
+        );
+        w.agent = Some(agent);
+        w
+    }
+
+    /// A TCP connection from the client to the target and one to the other pod, a message per ms
+    /// each, both flowing; their servers' logs (target, other) and the helpers to keep alive.
+    fn two_tcp_flows(&self) -> (PathBuf, PathBuf, [Py; 4]) {
+        let (cut_log, keep_log) = (self.log("target.log"), self.log("other.log"));
+        let helpers = [
+            Py::tcp_server(&self.target.ns, PORT, &cut_log),
+            Py::tcp_server(&self.other.ns, PORT, &keep_log),
+            Py::tcp_stream(&self.client.ns, TARGET, PORT),
+            Py::tcp_stream(&self.client.ns, OTHER, PORT),
+        ];
+        flowing(&cut_log, "client -> target");
+        flowing(&keep_log, "client -> other");
+        (cut_log, keep_log, helpers)
+    }
+
+    /// Writes a deny-all ingress policy for the target.
+    fn deny_target(&self) {
+        manifest(
+            &self.d.manifests,
+            "deny.yaml",
+            &deny_ingress_yaml("demo", "deny", "target"),
+        );
     }
 
     fn log(&self, name: &str) -> PathBuf {
@@ -199,21 +245,11 @@ fn survives(log: &Path, what: &str) {
 #[test]
 fn an_established_tcp_connection_is_cut_when_a_new_policy_denies_it_and_others_survive() {
     let w = World::new(&[]);
-    let (cut_log, keep_log) = (w.log("target.log"), w.log("other.log"));
-    let _s1 = Py::tcp_server(&w.target.ns, PORT, &cut_log);
-    let _s2 = Py::tcp_server(&w.other.ns, PORT, &keep_log);
-    let _c1 = Py::tcp_stream(&w.client.ns, TARGET, PORT);
-    let _c2 = Py::tcp_stream(&w.client.ns, OTHER, PORT);
-    flowing(&cut_log, "client -> target");
-    flowing(&keep_log, "client -> other");
+    let (cut_log, keep_log, _flows) = w.two_tcp_flows();
     let before = w.flows_cut();
 
     let t_write = now();
-    manifest(
-        &w.d.manifests,
-        "deny.yaml",
-        &deny_ingress_yaml("demo", "deny", "target"),
-    );
+    w.deny_target();
     let ms = cut_within(&cut_log, t_write, "deny-all ingress on target");
     eprintln!("tcp: established flow cut {ms:.1} ms after the policy was written");
     survives(&keep_log, "client -> other (not selected)");
@@ -244,11 +280,7 @@ fn a_revoked_flow_whose_server_keeps_answering_does_not_come_back_in_the_reply_d
     let _c = Py::tcp_stream_reading(&w.client.ns, TARGET, PORT);
     flowing(&log, "client -> echoing target");
     let t_write = now();
-    manifest(
-        &w.d.manifests,
-        "deny.yaml",
-        &deny_ingress_yaml("demo", "deny", "target"),
-    );
+    w.deny_target();
     let ms = cut_within(&log, t_write, "deny-all ingress on the echoing target");
     eprintln!("tcp echo: flow cut {ms:.1} ms after the policy was written");
     let t_cut = now();
@@ -358,11 +390,7 @@ fn an_established_udp_flow_is_cut_when_a_new_policy_denies_it_and_others_survive
     flowing(&keep_log, "udp client -> other");
 
     let t_write = now();
-    manifest(
-        &w.d.manifests,
-        "deny.yaml",
-        &deny_ingress_yaml("demo", "deny", "target"),
-    );
+    w.deny_target();
     let ms = cut_within(&cut_log, t_write, "deny-all ingress on target (udp)");
     eprintln!("udp: established flow cut {ms:.1} ms after the policy was written");
     survives(&keep_log, "udp client -> other (not selected)");
@@ -396,25 +424,82 @@ fn a_flow_opened_while_our_table_was_missing_is_cut_when_the_agent_restores_it()
 
 #[test]
 fn keep_established_flows_leaves_a_revoked_connection_alone() {
-    let mut w = World::new(&[]);
-    // Restart with the flag.
-    drop(w.agent.take());
-    let agent = Agent::start(&w.n1, NODE, &w.d, &["--keep-established-flows"]);
-    assert!(
-        agent.wait_ready(&w.n1, Duration::from_secs(10)),
-        "agent never became ready"
-    );
-    w.agent = Some(agent);
+    let w = World::keeping_established_flows();
     let log = w.log("target.log");
     let _s = Py::tcp_server(&w.target.ns, PORT, &log);
     let _c = Py::tcp_stream(&w.client.ns, TARGET, PORT);
     flowing(&log, "client -> target");
-    manifest(
-        &w.d.manifests,
-        "deny.yaml",
-        &deny_ingress_yaml("demo", "deny", "target"),
-    );
+    w.deny_target();
     std::thread::sleep(Duration::from_millis(300));
     survives(&log, "client -> target with --keep-established-flows");
     let _ = (&w.other, &w.client);
+}
+
+/// A pod's established flows end with the pod, `--keep-established-flows` or not: a peer's flow to
+/// a deleted pod's address went on to the next pod given that address, whatever that pod's
+/// policies said (in the lab: every datagram of a replied UDP flow delivered to the new pod, which
+/// denies all ingress). When the old pod's attachment record goes, the agent flushes the address's
+/// conntrack entries; the flow's next datagram is a new one, which the policy drops.
+#[test]
+fn a_new_pod_at_a_deleted_pods_address_receives_none_of_its_flows_even_when_they_are_kept() {
+    let w = World::keeping_established_flows();
+    let record = |container: &str| palisade_contract::Attachment {
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        netns: "/var/run/netns/unused".into(),
+        host_veth: palisade_contract::host_veth_name(container, "eth0"),
+        ips: vec![TARGET.parse().unwrap()],
+        pod_namespace: Some("demo".into()),
+        pod_name: Some("target".into()),
+        pod_uid: None,
+        pending: false,
+    };
+    let committed = || {
+        let out =
+            w.n1.try_exec(&["nft", "list", "set", "inet", "palisade", "sources_v4"]);
+        String::from_utf8_lossy(&out.stdout).contains(TARGET)
+    };
+    palisade_contract::records::write(&w.d.state, &record("revoke-old")).expect("write the record");
+    assert!(
+        wait_until(Duration::from_secs(10), committed),
+        "the agent never committed the record"
+    );
+    // A replied (established) UDP flow from the client to the old pod, then a policy that denies
+    // it: kept, as the flag asks.
+    let old_log = w.log("old.log");
+    let echo = Py::udp_echo_server(&w.target.ns, PORT, &old_log);
+    let _client = Py::udp_stream(&w.client.ns, TARGET, PORT);
+    flowing(&old_log, "client -> old pod");
+    w.deny_target();
+    std::thread::sleep(Duration::from_millis(300));
+    survives(
+        &old_log,
+        "client -> old pod, revoked, with --keep-established-flows",
+    );
+
+    // The old pod goes (its server, its veth, its record); its flows are flushed.
+    drop(echo);
+    w.n1.ip(&["link", "del", &w.target.host_veth]);
+    let cut_before = w.metric_sum("palisade_conntrack_flows_cut_total{sweep=\"released\"}");
+    palisade_contract::records::remove(&w.d.state, "revoke-old", "eth0")
+        .expect("remove the record");
+    assert!(
+        wait_until(Duration::from_secs(10), || w.metric_sum(
+            "palisade_conntrack_flows_cut_total{sweep=\"released\"}"
+        ) > cut_before),
+        "the agent never flushed the flows of the released address"
+    );
+    // A new pod given the same address (the Pod object keeps the deny policy over it).
+    let new = Pod::new(TARGET);
+    new.wire(&w.n1);
+    palisade_contract::records::write(&w.d.state, &record("revoke-new")).expect("write the record");
+    let new_log = w.log("new.log");
+    let _r = Receiver::start(&new.ns, PORT, &new_log);
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = arrivals(&new_log).len();
+    assert_eq!(
+        got, 0,
+        "{got} datagrams of the old pod's flow reached the new pod at its address"
+    );
+    let _ = &w.other;
 }

@@ -149,11 +149,23 @@ pub fn seen(attrs: &[ConntrackAttribute]) -> std::result::Result<Seen, Unjudged>
 }
 
 fn ip_src(tuple: &[Tuple]) -> Option<IpAddr> {
+    ip_part(tuple, |p| match p {
+        IPTuple::SourceAddress(a) => Some(*a),
+        _ => None,
+    })
+}
+
+fn ip_dst(tuple: &[Tuple]) -> Option<IpAddr> {
+    ip_part(tuple, |p| match p {
+        IPTuple::DestinationAddress(a) => Some(*a),
+        _ => None,
+    })
+}
+
+/// The first part of a tuple's IP half that `pick` takes.
+fn ip_part(tuple: &[Tuple], pick: impl Fn(&IPTuple) -> Option<IpAddr>) -> Option<IpAddr> {
     tuple.iter().find_map(|t| match t {
-        Tuple::Ip(parts) => parts.iter().find_map(|p| match p {
-            IPTuple::SourceAddress(a) => Some(*a),
-            _ => None,
-        }),
+        Tuple::Ip(parts) => parts.iter().find_map(&pick),
         _ => None,
     })
 }
@@ -753,6 +765,43 @@ impl Revoker {
         self.cut(doomed, &mut report);
         report.took = start.elapsed();
         Ok(Some(report))
+    }
+
+    /// Deletes every entry whose original or reply tuple holds one of `released` (addresses whose
+    /// pod went away or changed): a flow belongs to the pod that held the address when it was
+    /// admitted, never to the next pod given that address. Policies play no part (this holds with
+    /// `--keep-established-flows` too). Returns how many entries were deleted.
+    pub fn flush_addresses(&mut self, released: &BTreeSet<IpAddr>) -> Result<u64> {
+        if released.is_empty() {
+            return Ok(0);
+        }
+        let mut doomed: Vec<(NetfilterProtoFamily, Vec<ConntrackAttribute>)> = Vec::new();
+        let mut undecodable = 0;
+        let mut each = |family: NetfilterProtoFamily, attrs: &[ConntrackAttribute]| {
+            let involved = attrs.iter().any(|a| match a {
+                ConntrackAttribute::CtaTupleOrig(t) | ConntrackAttribute::CtaTupleReply(t) => {
+                    ip_src(t).is_some_and(|ip| released.contains(&ip))
+                        || ip_dst(t).is_some_and(|ip| released.contains(&ip))
+                }
+                _ => false,
+            });
+            if involved {
+                doomed.push((family, delete_key(attrs)));
+            }
+        };
+        let mut dumper = Dumper {
+            socket: &self.socket,
+            seq: &mut self.seq,
+            buf: &mut self.buf,
+        };
+        dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable)?;
+        let mut deleted = 0;
+        for (family, key) in doomed {
+            if self.delete(family, key)? {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Deletes the doomed entries and watches each for a comeback in its reply direction.
