@@ -145,8 +145,8 @@ pub struct Engine {
     quiet_full: bool,
     /// Resyncs so far: every [`FULL_RESYNC_EVERY`]th compiles and replaces the table in full.
     resyncs: u32,
-    /// Cuts established flows the committed ruleset no longer admits (`None`: they are kept,
-    /// `--keep-established-flows`).
+    /// Cuts established flows the committed ruleset no longer admits, and flushes those of
+    /// released addresses (`None`: conntrack could not be opened).
     revoker: Option<crate::conntrack::Revoker>,
     /// Whether flows a policy change revokes are cut (off with `--keep-established-flows`; the
     /// flows of a released address are flushed either way).

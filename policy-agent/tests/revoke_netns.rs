@@ -182,6 +182,17 @@ impl World {
         );
     }
 
+    /// With `--keep-established-flows`: denies the target, and the flow logged in `log` still
+    /// delivers.
+    fn deny_target_and_see_it_kept(&self, log: &Path, what: &str) {
+        self.deny_target();
+        std::thread::sleep(Duration::from_millis(300));
+        survives(
+            log,
+            &format!("{what}, revoked, with --keep-established-flows"),
+        );
+    }
+
     fn log(&self, name: &str) -> PathBuf {
         self.t.path().join(name)
     }
@@ -429,9 +440,7 @@ fn keep_established_flows_leaves_a_revoked_connection_alone() {
     let _s = Py::tcp_server(&w.target.ns, PORT, &log);
     let _c = Py::tcp_stream(&w.client.ns, TARGET, PORT);
     flowing(&log, "client -> target");
-    w.deny_target();
-    std::thread::sleep(Duration::from_millis(300));
-    survives(&log, "client -> target with --keep-established-flows");
+    w.deny_target_and_see_it_kept(&log, "client -> target");
     let _ = (&w.other, &w.client);
 }
 
@@ -470,12 +479,7 @@ fn a_new_pod_at_a_deleted_pods_address_receives_none_of_its_flows_even_when_they
     let echo = Py::udp_echo_server(&w.target.ns, PORT, &old_log);
     let _client = Py::udp_stream(&w.client.ns, TARGET, PORT);
     flowing(&old_log, "client -> old pod");
-    w.deny_target();
-    std::thread::sleep(Duration::from_millis(300));
-    survives(
-        &old_log,
-        "client -> old pod, revoked, with --keep-established-flows",
-    );
+    w.deny_target_and_see_it_kept(&old_log, "client -> old pod");
 
     // The old pod goes (its server, its veth, its record); its flows are flushed.
     drop(echo);

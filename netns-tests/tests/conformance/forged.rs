@@ -294,6 +294,23 @@ fn expect_victim_reach(
     expect_reach(lab, &checks)
 }
 
+/// Polls `count` for up to 3 s until it reaches COUNT: the last count, or `short(count)` as the
+/// error once the time is up.
+fn reaches_count(
+    mut count: impl FnMut() -> Result<u64, String>,
+    short: impl Fn(u64) -> String,
+) -> Result<u64, String> {
+    let mut n = 0;
+    super::poll(Duration::from_secs(3), || {
+        n = count()?;
+        if n < u64::from(COUNT) {
+            return Err(short(n));
+        }
+        Ok(())
+    })?;
+    Ok(n)
+}
+
 /// Removes the counting table from `netns` (gone with the lab anyway).
 fn remove_count_table(netns: &str) {
     let _ = run(netns, &["nft", "delete", "table", "inet", COUNT_TABLE]);
@@ -399,17 +416,16 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                 let before = delivered(&victim.netns, source)?;
                 vxlan(lab, &a.netns, underlay, &mac, source, victim4)?;
                 // Every datagram counted as dropped: none is still on its way.
-                let counted = super::poll(Duration::from_secs(3), || {
-                    let dropped = tunnel_drops(lab, &victim_node.name)? - drops;
-                    if dropped < u64::from(COUNT) {
-                        return Err(format!(
+                let counted = reaches_count(
+                    || Ok(tunnel_drops(lab, &victim_node.name)? - drops),
+                    |dropped| {
+                        format!(
                             "{} sent {COUNT} VXLAN datagrams to {underlay}: the tunnel guard of {} counted {dropped}",
                             a.key(),
                             victim_node.name
-                        ));
-                    }
-                    Ok(())
-                });
+                        )
+                    },
+                );
                 let n = delivered(&victim.netns, source)? - before;
                 if n != 0 {
                     return Err(format!(
@@ -427,16 +443,15 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                 IpAddr::V6(_) => IpAddr::V6(lab::node_underlay_v6(other_node.index)),
             };
             vxlan(lab, &other_node.netns, underlay, &mac, source, victim4)?;
-            super::poll(Duration::from_secs(3), || {
-                let n = delivered(&victim.netns, source)? - before;
-                if n < u64::from(COUNT) {
-                    return Err(format!(
+            reaches_count(
+                || Ok(delivered(&victim.netns, source)? - before),
+                |n| {
+                    format!(
                         "{} ({from_node}) sent VXLAN to {underlay} ({device}): {n} of {COUNT} inner SYNs delivered; the crafted datagram must be what a node sends",
                         other_node.name
-                    ));
-                }
-                Ok(())
-            })?;
+                    )
+                },
+            )?;
             report.push(format!(
                 "{device} at {underlay}: {} pods' datagrams dropped, {}'s delivered",
                 attackers.len(),
@@ -463,18 +478,17 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
                 let drops = tunnel_drops(lab, &victim_node.name)?;
                 let before = delivered(&victim.netns, source)?;
                 vxlan(lab, &a.netns, extra, &mac, source, victim4)?;
-                let counted = super::poll(Duration::from_secs(3), || {
-                    let dropped = tunnel_drops(lab, &victim_node.name)? - drops;
-                    if dropped < u64::from(COUNT) {
-                        return Err(format!(
+                let counted = reaches_count(
+                    || Ok(tunnel_drops(lab, &victim_node.name)? - drops),
+                    |dropped| {
+                        format!(
                             "{} sent {COUNT} VXLAN datagrams to {extra} (an address of {}, not its InternalIP; masqueraded by {}): the tunnel guard counted {dropped}",
                             a.key(),
                             victim_node.name,
                             a.node
-                        ));
-                    }
-                    Ok(())
-                });
+                        )
+                    },
+                );
                 let n = delivered(&victim.netns, source)? - before;
                 if n != 0 {
                     return Err(format!(
@@ -599,16 +613,15 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
                 let drops = drops_of_nodes(lab)?;
                 icmp_error(lab, &a.netns, v, quoted_src, quoted_dst)?;
                 // Every error counted as dropped: none is still on its way.
-                let counted = super::poll(Duration::from_secs(3), || {
-                    let dropped = drops_of_nodes(lab)? - drops;
-                    if dropped < u64::from(COUNT) {
-                        return Err(format!(
+                let counted = reaches_count(
+                    || Ok(drops_of_nodes(lab)? - drops),
+                    |dropped| {
+                        format!(
                             "{} sent {COUNT} ICMP errors quoting {VICTIM}'s flow: the related chains counted {dropped}",
                             a.key()
-                        ));
-                    }
-                    Ok(())
-                });
+                        )
+                    },
+                );
                 let n = delivered(&victim.netns, s)?;
                 if n != 0 {
                     return Err(format!(
@@ -619,17 +632,15 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
                 counted?;
             }
             icmp_error(lab, &peer.netns, v, quoted_src, quoted_dst)?;
-            let mut n = 0;
-            super::poll(Duration::from_secs(3), || {
-                n = delivered(&victim.netns, y)?;
-                if n < u64::from(COUNT) {
-                    return Err(format!(
+            let n = reaches_count(
+                || delivered(&victim.netns, y),
+                |n| {
+                    format!(
                         "{} ({y}), the other end of {quoted_src} -> {quoted_dst}: {n} of {COUNT} of its ICMP errors delivered",
                         peer.key()
-                    ));
-                }
-                Ok(())
-            })?;
+                    )
+                },
+            )?;
             report.push(format!(
                 "{fam:?}: {} attackers' errors dropped, the peer's {n} delivered",
                 attackers.len()
@@ -763,17 +774,15 @@ pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut La
         let mut report = Vec::new();
         for &own in &victim.ips {
             forge(lab, &other.netns, own, own)?;
-            let mut n = 0;
-            super::poll(Duration::from_secs(3), || {
-                n = delivered(&victim.netns, own)?;
-                if n < u64::from(COUNT) {
-                    return Err(format!(
+            let n = reaches_count(
+                || delivered(&victim.netns, own),
+                |n| {
+                    format!(
                         "control: {} sent packets from {own} to {own} ({VICTIM}, not isolated yet): {n} arrived",
                         other.name
-                    ));
-                }
-                Ok(())
-            })?;
+                    )
+                },
+            )?;
             report.push(format!("{own}: {n} arrived while not isolated"));
         }
         let attackers = admit_only_y(lab, &victim)?;
@@ -847,16 +856,15 @@ pub fn a_pod_cannot_advertise_itself_as_its_nodes_router(lab: &mut Lab) -> TestR
                 "fe80::1",
             ],
         )?;
-        super::poll(Duration::from_secs(3), || {
-            let n = forged(lab, &node.name, "router")? - before;
-            if n < u64::from(COUNT) {
-                return Err(format!(
+        reaches_count(
+            || Ok(forged(lab, &node.name, "router")? - before),
+            |n| {
+                format!(
                     "{VICTIM} sent {COUNT} router advertisements to its gateway: {} counted {n} as router",
                     node.name
-                ));
-            }
-            Ok(())
-        })?;
+                )
+            },
+        )?;
         let routes = run(&node.netns, &["ip", "-6", "route", "show", "dev", &veth])?;
         if routes
             .lines()
