@@ -19,15 +19,6 @@ pub const RECONCILE_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
-/// Why another Node's podCIDR gets no route (`routes::RefusalReason::label`); each always shown.
-const REFUSAL_REASONS: [&str; 5] = [
-    "too_wide",
-    "outside_cluster_cidr",
-    "contains_node_address",
-    "overlaps_own_node",
-    "overlaps_other_node",
-];
-
 /// What a source change did to the model; each always shown.
 const SOURCE_RESULTS: [&str; 3] = ["changed", "unchanged", "rejected"];
 
@@ -77,7 +68,7 @@ pub struct Metrics {
     /// Conntrack sweeps, by kind.
     sweeps: Family<Label, Count>,
     transactions: Family<Label, Count>,
-    /// Other Nodes' podCIDRs refused as routes, by reason.
+    /// Nodes' podCIDRs refused as routes, by reason.
     refused_pod_cidrs: Family<Label, Level>,
     /// Pod routes that failed at the last route sync.
     route_failures: Level,
@@ -183,7 +174,7 @@ impl Metrics {
             "Committed nft transactions by kind",
             &m.transactions,
         );
-        reg(&mut r, "palisade_refused_pod_cidrs", "Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason", &m.refused_pod_cidrs);
+        reg(&mut r, "palisade_refused_pod_cidrs", "Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, holding a node's address, overlapping, or of a Node that claims a pod's address), by reason", &m.refused_pod_cidrs);
         reg(
             &mut r,
             "palisade_pod_route_failures",
@@ -234,8 +225,10 @@ impl Metrics {
         for kind in ["full", "incremental"] {
             let _ = m.transactions.get_or_create(&[("kind", kind)]);
         }
-        for reason in REFUSAL_REASONS {
-            let _ = m.refused_pod_cidrs.get_or_create(&[("reason", reason)]);
+        for reason in crate::routes::RefusalReason::ALL {
+            let _ = m
+                .refused_pod_cidrs
+                .get_or_create(&[("reason", reason.label())]);
         }
         for result in SOURCE_RESULTS {
             let _ = m.source_changes.get_or_create(&[("result", result)]);
@@ -299,9 +292,9 @@ impl Metrics {
         self.restores.inc();
     }
 
-    /// The podCIDRs of other Nodes that get no route now, by reason.
+    /// The Nodes' podCIDRs that get no route now, by reason.
     pub fn refused_pod_cidrs(&self, by_reason: BTreeMap<&'static str, u64>) {
-        for reason in REFUSAL_REASONS {
+        for reason in crate::routes::RefusalReason::ALL.map(|r| r.label()) {
             let n = by_reason.get(reason).copied().unwrap_or(0);
             self.refused_pod_cidrs
                 .get_or_create(&[("reason", reason)])
@@ -448,13 +441,14 @@ palisade_conntrack_flows_unjudged_total 1
 # TYPE palisade_transactions_total counter
 palisade_transactions_total{kind="incremental"} 1
 palisade_transactions_total{kind="full"} 1
-# HELP palisade_refused_pod_cidrs Other Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, overlapping), by reason.
+# HELP palisade_refused_pod_cidrs Nodes' podCIDRs refused as routes (too wide, outside the cluster CIDR, holding a node's address, overlapping, or of a Node that claims a pod's address), by reason.
 # TYPE palisade_refused_pod_cidrs gauge
 palisade_refused_pod_cidrs{reason="too_wide"} 2
 palisade_refused_pod_cidrs{reason="outside_cluster_cidr"} 0
 palisade_refused_pod_cidrs{reason="contains_node_address"} 0
 palisade_refused_pod_cidrs{reason="overlaps_own_node"} 1
 palisade_refused_pod_cidrs{reason="overlaps_other_node"} 0
+palisade_refused_pod_cidrs{reason="node_address_in_pod_network"} 0
 # HELP palisade_pod_route_failures Pod routes that failed at the last route sync (retried with backoff).
 # TYPE palisade_pod_route_failures gauge
 palisade_pod_route_failures 2

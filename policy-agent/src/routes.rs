@@ -109,9 +109,22 @@ pub enum RefusalReason {
     OverlapsOwnNode,
     /// Overlaps a podCIDR another Node claims too (both claims are refused).
     OverlapsOtherNode,
+    /// Its Node claims an InternalIP of that family inside `--cluster-cidr`: an address of the
+    /// pods' network, never a node's (a route or tunnel to it would hand the range to a pod).
+    NodeAddressInPodNetwork,
 }
 
 impl RefusalReason {
+    /// Every reason, in the order the metric shows them.
+    pub const ALL: [RefusalReason; 6] = [
+        RefusalReason::TooWide,
+        RefusalReason::OutsideClusterCidr,
+        RefusalReason::ContainsNodeAddress,
+        RefusalReason::OverlapsOwnNode,
+        RefusalReason::OverlapsOtherNode,
+        RefusalReason::NodeAddressInPodNetwork,
+    ];
+
     /// A stable label for the `palisade_refused_pod_cidrs{reason=...}` gauge.
     pub fn label(self) -> &'static str {
         match self {
@@ -120,6 +133,7 @@ impl RefusalReason {
             RefusalReason::ContainsNodeAddress => "contains_node_address",
             RefusalReason::OverlapsOwnNode => "overlaps_own_node",
             RefusalReason::OverlapsOtherNode => "overlaps_other_node",
+            RefusalReason::NodeAddressInPodNetwork => "node_address_in_pod_network",
         }
     }
 }
@@ -159,6 +173,10 @@ impl std::fmt::Display for Refused {
                 f,
                 "node {node}: podCIDR {cidr} overlaps {detail}; both claims are refused (no route to either) until one Node is fixed"
             ),
+            RefusalReason::NodeAddressInPodNetwork => write!(
+                f,
+                "node {node}: podCIDR {cidr} refused: the Node claims InternalIP {detail}, an address of the pods' network, never a node's (a route or tunnel to it would hand the range to a pod); no route, no tunnel peer, and no other Node's range is refused for holding it. Check who wrote this Node"
+            ),
         }
     }
 }
@@ -196,12 +214,34 @@ fn start_end(n: &IpNet) -> (u128, u128) {
     }
 }
 
+/// Whether `ip` lies inside a `--cluster-cidr` (the pods' network), where no node address can be.
+fn in_pod_network(ip: &IpAddr, cluster_cidrs: &[IpNet]) -> bool {
+    cluster_cidrs.iter().any(|c| c.contains(ip))
+}
+
+/// A Node's InternalIPs that count as node addresses: all of ours (we do not refuse ourselves), and
+/// of another Node those outside the pods' network (`--cluster-cidr`): an address inside it is a
+/// pod's, claimed by a Node that is wrong or forged.
+fn node_addresses<'a>(
+    name: &str,
+    n: &'a Node,
+    self_name: &str,
+    cluster_cidrs: &'a [IpNet],
+) -> impl Iterator<Item = &'a IpAddr> + 'a {
+    let trust_all = name == self_name;
+    n.internal_ips
+        .iter()
+        .filter(move |ip| trust_all || !in_pod_network(ip, cluster_cidrs))
+}
+
 /// The checks every podCIDR must pass, ours included: not wider than [`MIN_PREFIX_V4`] /
 /// [`MIN_PREFIX_V6`], inside a `--cluster-cidr` of its family (when there is one), holding no
-/// Node's InternalIP. `None`: it passes; otherwise why not, and the detail for the log line.
+/// Node's InternalIP (of those [`node_addresses`] counts). `None`: it passes; otherwise why not,
+/// and the detail for the log line.
 fn checked(
     cidr: &IpNet,
     nodes: &BTreeMap<String, Node>,
+    self_name: &str,
     cluster_cidrs: &[IpNet],
 ) -> Option<(RefusalReason, String)> {
     let min = match cidr {
@@ -217,8 +257,7 @@ fn checked(
         return Some((RefusalReason::OutsideClusterCidr, list.join(", ")));
     }
     nodes.iter().find_map(|(holder, h)| {
-        h.internal_ips
-            .iter()
+        node_addresses(holder, h, self_name, cluster_cidrs)
             .find(|ip| cidr.contains(*ip))
             .map(|ip| {
                 (
@@ -233,7 +272,9 @@ fn checked(
 /// for the podCIDRs that pass validation. A podCIDR is refused when it is wider than
 /// [`MIN_PREFIX_V4`]/[`MIN_PREFIX_V6`], lies outside every `cluster_cidrs` entry of its family (when
 /// there is one), contains any Node's InternalIP, overlaps our own Node's podCIDRs, or overlaps a
-/// podCIDR of another Node. Our own podCIDRs that pass the first three checks are `own` (each gets an
+/// podCIDR of another Node; every podCIDR of a family is refused for a Node that claims an
+/// InternalIP of that family inside `cluster_cidrs` (a pod's address: such a Node would make a pod
+/// the next hop or tunnel peer for its range), and that address refuses no other Node's range. Our own podCIDRs that pass the first three checks are `own` (each gets an
 /// `unreachable` route); one that fails them is refused under our name (an `unreachable` route over a
 /// node's address would cut the path between nodes).
 ///
@@ -253,7 +294,7 @@ pub fn desired_routes(
         .map(|n| n.pod_cidrs.iter().map(IpNet::trunc).collect())
         .unwrap_or_default();
     for cidr in &own {
-        if let Some((reason, detail)) = checked(cidr, nodes, cluster_cidrs) {
+        if let Some((reason, detail)) = checked(cidr, nodes, self_name, cluster_cidrs) {
             plan.refused.push(Refused {
                 node: self_name.to_string(),
                 cidr: *cidr,
@@ -281,7 +322,19 @@ pub fn desired_routes(
                 reason,
                 detail,
             };
-            if let Some((reason, detail)) = checked(&cidr, nodes, cluster_cidrs) {
+            let claimed_pod_address = n
+                .internal_ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == v4(&cidr) && in_pod_network(ip, cluster_cidrs));
+            if let Some(ip) = claimed_pod_address {
+                let within = cluster_cidrs.iter().find(|c| c.contains(ip));
+                let detail = match within {
+                    Some(c) => format!("{ip} (inside the cluster CIDR {c})"),
+                    None => ip.to_string(),
+                };
+                plan.refused
+                    .push(refuse(RefusalReason::NodeAddressInPodNetwork, detail));
+            } else if let Some((reason, detail)) = checked(&cidr, nodes, self_name, cluster_cidrs) {
                 plan.refused.push(refuse(reason, detail));
             } else if let Some(o) = own.iter().find(|o| overlaps(o, &cidr)) {
                 plan.refused
@@ -672,6 +725,65 @@ mod tests {
         assert!(plan.refused[0]
             .to_string()
             .contains("InternalIP 192.168.77.1 of node a"));
+    }
+
+    #[test]
+    fn a_node_claiming_a_pods_address_is_refused_and_cannot_take_the_range_that_holds_it() {
+        // "evil" claims the address of a pod on "b" as its InternalIP. Without a cluster CIDR we
+        // cannot tell the pod's address from a node's: b's range is refused for holding it, as
+        // before. With one, the address is a pod's by definition: evil's ranges of that family are
+        // refused (no route via the pod, no tunnel peer), and b's range keeps its route.
+        let mut nodes = BTreeMap::new();
+        nodes.extend([node("a", &["10.244.0.0/24"], &["192.168.0.1"])]);
+        nodes.extend([node("b", &["10.244.1.0/24"], &["192.168.0.2"])]);
+        nodes.extend([node(
+            "evil",
+            &["10.244.9.0/24", "fd00:10:244:9::/64"],
+            &["10.244.1.7", "fd00::9"],
+        )]);
+        let plan = desired_routes(&nodes, "a", &[]);
+        assert_eq!(
+            refused(&plan),
+            vec!["b 10.244.1.0/24 contains_node_address"]
+        );
+        let cluster: Vec<IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+        let plan = desired_routes(&nodes, "a", &cluster);
+        assert_eq!(
+            routes(&plan),
+            vec![
+                "10.244.1.0/24 via 192.168.0.2",
+                "fd00:10:244:9::/64 via fd00::9"
+            ]
+        );
+        assert_eq!(
+            refused(&plan),
+            vec!["evil 10.244.9.0/24 node_address_in_pod_network"]
+        );
+        let line = plan.refused[0].to_string();
+        assert!(
+            line.contains("node evil")
+                && line.contains("10.244.1.7 (inside the cluster CIDR 10.244.0.0/16)"),
+            "{line}"
+        );
+        // Seen from b, whose own range holds the address: b's range stays its own (an unreachable
+        // route, not refused under b's name).
+        let plan = desired_routes(&nodes, "b", &cluster);
+        assert!(plan.own.contains(&"10.244.1.0/24".parse().unwrap()));
+        assert!(
+            plan.refused.iter().all(|r| r.node == "evil"),
+            "{:?}",
+            plan.refused
+        );
+        // Our own InternalIP is never judged: a misconfigured self still counts as a node address.
+        nodes.extend([node("a", &["10.244.0.0/24"], &["10.244.1.9"])]);
+        let plan = desired_routes(&nodes, "a", &cluster);
+        assert_eq!(
+            refused(&plan),
+            vec![
+                "b 10.244.1.0/24 contains_node_address",
+                "evil 10.244.9.0/24 node_address_in_pod_network"
+            ]
+        );
     }
 
     #[test]

@@ -851,6 +851,12 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
         node_yaml("far", &["10.244.3.0/24"], &["10.9.9.9"]),
         // Claims the range of the operator's route (EEXIST: left alone).
         node_yaml("n5", &["10.244.5.0/24"], &["192.168.77.2"]),
+    ) + &node_yaml(
+        // Claims a pod's address of n2's range as its InternalIP: refused itself, and n2's
+        // range keeps its route.
+        "podip",
+        &["10.244.6.0/24"],
+        &["10.244.2.9"],
     );
     manifest(
         &d.manifests,
@@ -885,7 +891,12 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
         n1.our_routes()
     );
     let routes = n1.our_routes();
-    for refused in ["10.244.1.0/24 via", "10.99.0.0", "10.244.3.0/24"] {
+    for refused in [
+        "10.244.1.0/24 via",
+        "10.99.0.0",
+        "10.244.3.0/24",
+        "10.244.6.0/24",
+    ] {
         assert!(!routes.contains(refused), "{refused} routed: {routes}");
     }
     let (_, metrics) = n1.http(AGENT_PORT, "/metrics").expect("metrics");
@@ -893,6 +904,8 @@ fn forged_node_cidrs_get_no_route_default_routes_of_ours_are_removed_and_a_bad_n
         "palisade_refused_pod_cidrs{reason=\"too_wide\"} 2",
         "palisade_refused_pod_cidrs{reason=\"overlaps_own_node\"} 1",
         "palisade_refused_pod_cidrs{reason=\"outside_cluster_cidr\"} 1",
+        "palisade_refused_pod_cidrs{reason=\"node_address_in_pod_network\"} 1",
+        "palisade_refused_pod_cidrs{reason=\"contains_node_address\"} 0",
         // "far" (unreachable) and "n5" (a route not ours is in the way).
         "palisade_pod_route_failures 2",
     ] {
