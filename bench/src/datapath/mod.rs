@@ -3,6 +3,7 @@
 
 pub mod cmd;
 pub mod k8s;
+pub mod quiet;
 pub mod report;
 pub mod rulesets;
 pub mod run;

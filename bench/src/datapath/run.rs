@@ -4,6 +4,7 @@
 //! iperf3 throughput from the client pod to the server pod.
 
 use super::cmd::{run_in, ChildGuard};
+use super::quiet;
 use super::rulesets::{self, Rendered, System};
 use super::topo::{Lab, Underlay, CLIENT_IP, SERVER_IP};
 use super::traffic::{CrrResult, RrResult};
@@ -25,6 +26,10 @@ pub const DENIED_PORT: u16 = 7999;
 /// CPUs the client and the server side are pinned to.
 pub const CLIENT_CPU: usize = 0;
 pub const SERVER_CPU: usize = 1;
+/// After a ruleset swap: at most this share of all CPUs busy over one window counts as quiet.
+const QUIET_BUSY: f64 = 0.05;
+const QUIET_WINDOW: Duration = Duration::from_millis(100);
+const QUIET_LIMIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -192,11 +197,27 @@ struct Loaded {
 }
 
 impl Loaded {
-    /// Makes this system's ruleset the loaded one (same-lab mode; a no-op otherwise).
+    /// Makes this system's ruleset the loaded one (same-lab mode; a no-op otherwise), and after a
+    /// swap waits for the machine to go quiet (the old table freed, the loaders' work drained), so
+    /// the slice that follows measures the ruleset, not the swap.
     fn activate(&self) -> Result<()> {
         if let Some(prep) = &self.reload {
             if self.lab.current.get() != Some(self.system) {
                 self.lab.switch_to(self.system, prep)?;
+                let (waited, quiet) = quiet::wait_quiet(QUIET_BUSY, QUIET_WINDOW, QUIET_LIMIT);
+                if quiet {
+                    tracing::debug!(
+                        system = self.system.name(),
+                        waited_ms = waited.as_millis() as u64,
+                        "quiet after the swap"
+                    );
+                } else {
+                    tracing::warn!(
+                        system = self.system.name(),
+                        waited_ms = waited.as_millis() as u64,
+                        "the machine did not go quiet after the swap; measuring anyway"
+                    );
+                }
             }
         }
         Ok(())
