@@ -471,7 +471,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
     for c in cases::load(&cases::cluster_cases_path()).map_err(|e| e.to_string())? {
         tests.push(case_test(c, "cluster"));
     }
-    let named: [(&str, LabTest); 22] = [
+    let named: [(&str, LabTest); 23] = [
         (
             "extra::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy",
             flow_log::per_policy_counters_move_with_the_probes_they_count_and_go_with_the_policy,
@@ -499,6 +499,10 @@ fn all_tests() -> Result<Vec<Test>, String> {
         (
             "extra::forged_overlay_packets_are_dropped_before_decapsulation",
             forged::forged_overlay_packets_are_dropped_before_decapsulation,
+        ),
+        (
+            "extra::a_pod_reaches_no_socket_of_its_node_under_another_pods_address",
+            forged::a_pod_reaches_no_socket_of_its_node_under_another_pods_address,
         ),
         (
             "extra::icmp_errors_pass_only_from_an_endpoint_of_their_connection",

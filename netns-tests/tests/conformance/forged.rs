@@ -38,10 +38,25 @@ fn forge(lab: &Lab, netns: &str, source: IpAddr, to: IpAddr) -> Result<(), Strin
     Ok(())
 }
 
+/// Where a pod's namespace counts: as packets arrive, before its own stack.
+const COUNT_AT_ARRIVAL: &str = "prerouting priority -500";
+/// Where a node's namespace counts what reaches its sockets: input, after our chain (101).
+const COUNT_PAST_OUR_INPUT: &str = "input priority 200";
+
 /// (Re)installs the counting table in `netns`, before its own stack: one counter per source
 /// address, on what `matched` says of that source's packets, commented with the address.
 fn install_count_table(
     netns: &str,
+    sources: &[IpAddr],
+    matched: impl Fn(IpAddr) -> &'static str,
+) -> Result<(), String> {
+    install_count_table_at(netns, COUNT_AT_ARRIVAL, sources, matched)
+}
+
+/// [`install_count_table`] at another hook and priority (`hook`: "input priority 200").
+fn install_count_table_at(
+    netns: &str,
+    hook: &str,
     sources: &[IpAddr],
     matched: impl Fn(IpAddr) -> &'static str,
 ) -> Result<(), String> {
@@ -55,7 +70,7 @@ fn install_count_table(
         ));
     }
     let text = format!(
-        "table inet {COUNT_TABLE} {{\n  chain pre {{\n    type filter hook prerouting priority -500; policy accept;\n{rules}  }}\n}}\n"
+        "table inet {COUNT_TABLE} {{\n  chain count {{\n    type filter hook {hook}; policy accept;\n{rules}  }}\n}}\n"
     );
     palisade_netns_tests::netns::nft(netns, &text)
         .map_err(|e| format!("counting table in {netns}: {e}"))
@@ -92,7 +107,7 @@ fn counters(netns: &str, args: &[&str]) -> Result<Vec<(String, u64)>, String> {
 }
 
 fn delivered(netns: &str, source: IpAddr) -> Result<u64, String> {
-    Ok(counters(netns, &["chain", "inet", COUNT_TABLE, "pre"])?
+    Ok(counters(netns, &["chain", "inet", COUNT_TABLE, "count"])?
         .into_iter()
         .filter(|(c, _)| *c == source.to_string())
         .map(|(_, n)| n)
@@ -255,6 +270,69 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
             remove_count_table(&victim.netns);
         }
         println!("  forged sources: {}", report.join("; "));
+        Ok(())
+    })
+}
+
+/// The node's own sockets (the input path, where the guard is the first rule of our input chain):
+/// a pod no policy isolates sends to its node's address under the address of another pod of the
+/// same node, and nothing gets past our chain; the owner of that address, sending the same, does.
+/// (Where the kernel's reverse-path filter would not even look: a datagram that UDP early demux
+/// hands to a connected socket skips routing.)
+pub fn a_pod_reaches_no_socket_of_its_node_under_another_pods_address(lab: &mut Lab) -> TestResult {
+    with_cleanup(lab, "forged sources to the node", |lab| {
+        let attacker = lab.pod(ATTACKER).map_err(|e| e.to_string())?.clone();
+        let owner = lab
+            .pods()
+            .find(|p| p.node == attacker.node && p.key() != attacker.key())
+            .cloned()
+            .ok_or("the model must place two pods on the attacker's node")?;
+        let node = lab
+            .state()
+            .nodes
+            .iter()
+            .find(|n| n.name == attacker.node)
+            .ok_or("attacker's node unknown")?
+            .clone();
+        let mut report = Vec::new();
+        for fam in [Family::V4, Family::V6] {
+            let pick = |ips: &[IpAddr]| fam.pick(ips).ok_or(format!("no {fam:?} address"));
+            let borrowed = pick(&owner.ips)?;
+            let to = match fam {
+                Family::V4 => IpAddr::V4(lab::node_underlay_v4(node.index)),
+                Family::V6 => IpAddr::V6(lab::node_underlay_v6(node.index)),
+            };
+            install_count_table_at(&node.netns, COUNT_PAST_OUR_INPUT, &[borrowed], |_| {
+                "th dport { 80, 81 }"
+            })?;
+            let sent = 2 * u64::from(COUNT);
+            let drops_before = guard_drops(lab, &node.name)?;
+            forge(lab, &attacker.netns, borrowed, to)?;
+            std::thread::sleep(Duration::from_millis(100));
+            let dropped = guard_drops(lab, &node.name)? - drops_before;
+            let n = delivered(&node.netns, borrowed)?;
+            if n != 0 || dropped < sent {
+                remove_count_table(&node.netns);
+                return Err(format!(
+                    "{fam:?}: {ATTACKER} sending to its node {to} as {} ({borrowed}): {n} of {sent} got past our input chain, the source guard counted {dropped}",
+                    owner.key()
+                ));
+            }
+            forge(lab, &owner.netns, borrowed, to)?;
+            std::thread::sleep(Duration::from_millis(200));
+            let n = delivered(&node.netns, borrowed)?;
+            remove_count_table(&node.netns);
+            if n < sent {
+                return Err(format!(
+                    "{fam:?}: {} sending to its node {to} from its own address {borrowed}: {n} of {sent} got past our input chain",
+                    owner.key()
+                ));
+            }
+            report.push(format!(
+                "{fam:?}: as {borrowed} 0 of {sent} reached the node (the guard dropped them), the owner's {n} did"
+            ));
+        }
+        println!("  forged sources to the node: {}", report.join("; "));
         Ok(())
     })
 }
