@@ -142,6 +142,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             warn!(error = %e, "cannot open conntrack; established flows are not cut when a policy revokes them or their pod goes away (is nf_conntrack_netlink available?)")
         }
     }
+    engine = engine.with_bindings_left();
     if args.keep_established_flows {
         info!("--keep-established-flows: connections stay up when a policy revokes them (a deleted pod's still end with it)");
         engine = engine.keep_established_flows();

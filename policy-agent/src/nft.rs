@@ -276,6 +276,24 @@ impl Nft {
         &self.counters
     }
 
+    /// The source bindings (pod address → host veth) in our table as the kernel holds it now:
+    /// before the first commit, what an earlier agent left (empty without a table).
+    pub fn bindings(&self) -> Result<std::collections::BTreeMap<std::net::IpAddr, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        for set in [
+            palisade_policy::ruleset::names::SOURCE_SET_V4,
+            palisade_policy::ruleset::names::SOURCE_SET_V6,
+        ] {
+            if let Some(json) = self.runner.list_set(TABLE_FAMILY, TABLE_NAME, set)? {
+                out.extend(parse_bindings(&json).map_err(|message| Error::Nft {
+                    action: "reading the source bindings",
+                    message: format!("set {set}: {message}"),
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes our table (cleanup). Absent is success.
     pub fn delete_table(&self) -> Result<bool> {
         let batch = serde_json::json!({"nftables": [
@@ -394,3 +412,58 @@ const MONITOR_REOPEN_DELAY: std::time::Duration = std::time::Duration::from_mill
 /// What we compare to notice our table was changed behind our back: counts and a fingerprint
 /// without handles, counter values and the pending marks (which the plugin owns).
 pub use palisade_nft::summary::TableSummary;
+
+/// The `(address, veth)` elements of a source set as `nft -j list set` prints it (each element a
+/// concatenation `[ifname, address]`).
+fn parse_bindings(json: &str) -> std::result::Result<Vec<(std::net::IpAddr, String)>, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(elems) = item.get("set").and_then(|s| s.get("elem")) else {
+            continue;
+        };
+        for e in elems.as_array().into_iter().flatten() {
+            // An element with a comment or a timeout comes wrapped: {"elem": {"val": ...}}.
+            let val = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
+            let parts = val["concat"]
+                .as_array()
+                .filter(|p| p.len() == 2)
+                .ok_or_else(|| format!("element {val} is not an (interface, address) pair"))?;
+            let (Some(veth), Some(ip)) = (parts[0].as_str(), parts[1].as_str()) else {
+                return Err(format!("element {val} is not an (interface, address) pair"));
+            };
+            let ip = ip
+                .parse()
+                .map_err(|_| format!("element {val}: {ip:?} is not an address"))?;
+            out.push((ip, veth.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_bindings_are_read_from_the_sets_listing() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"set": {"family": "inet", "name": "sources_v4", "table": "palisade",
+             "type": ["ifname", "ipv4_addr"], "handle": 7, "flags": ["constant"],
+             "elem": [{"concat": ["pal0123456789ab", "10.244.1.5"]},
+                      {"elem": {"val": {"concat": ["pal0000000000ff", "10.244.1.6"]}, "comment": "x"}}]}}]}"#;
+        assert_eq!(
+            parse_bindings(json).unwrap(),
+            vec![
+                ("10.244.1.5".parse().unwrap(), "pal0123456789ab".to_string()),
+                ("10.244.1.6".parse().unwrap(), "pal0000000000ff".to_string()),
+            ]
+        );
+        let empty = r#"{"nftables": [{"set": {"name": "sources_v6", "table": "palisade"}}]}"#;
+        assert!(parse_bindings(empty).unwrap().is_empty());
+        let bad = r#"{"nftables": [{"set": {"elem": ["10.244.1.5"]}}]}"#;
+        assert!(parse_bindings(bad)
+            .unwrap_err()
+            .contains("not an (interface, address) pair"));
+    }
+}

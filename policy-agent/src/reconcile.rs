@@ -151,8 +151,9 @@ pub struct Engine {
     /// Whether flows a policy change revokes are cut (off with `--keep-established-flows`; the
     /// flows of a released address are flushed either way).
     policy_sweeps: bool,
-    /// Which attachment held each local pod address at the last commit (`None` before the first).
-    owners: Option<BTreeMap<std::net::IpAddr, palisade_contract::AttachmentKey>>,
+    /// Which pod veth held each local pod address at the last commit (`None` before the first,
+    /// unless an earlier agent's table held bindings: see [`Engine::with_bindings_left`]).
+    owners: Option<BTreeMap<std::net::IpAddr, String>>,
     sweep_credit: SweepCredit,
     /// Chains and sets another process touched, to put back at the next reconcile.
     repair: Option<(BTreeSet<String>, BTreeSet<String>)>,
@@ -237,15 +238,42 @@ impl Engine {
         self
     }
 
+    /// Starts from the source bindings an earlier agent left in our table (read before our first
+    /// commit replaces them): the first commit then flushes the flows of every address whose pod
+    /// changed while no agent ran, as later commits do for changes they see. Without a table (a
+    /// node's first start, or after a reboot, when conntrack is empty too) the first commit only
+    /// records the owners. An agent restart with no pod changed keeps every flow.
+    pub fn with_bindings_left(mut self) -> Self {
+        match self.nft.bindings() {
+            Ok(left) if left.is_empty() => {}
+            Ok(left) => {
+                info!(
+                    addresses = left.len(),
+                    "source bindings found in the table an earlier agent left; flows of the addresses whose pod changed since are flushed at the first commit"
+                );
+                self.owners = Some(left);
+            }
+            Err(e) => {
+                self.metrics.error(e.kind());
+                warn!(error = %e, "cannot read the source bindings an earlier agent left; flows of pods deleted while no agent ran are not flushed (a pod given such an address may receive its predecessor's established flows until they end)");
+            }
+        }
+        self
+    }
+
     /// Flushes from conntrack the flows of every address whose attachment went away or changed
     /// since the last commit (a deleted pod's, or one a new pod now holds): without it a peer's
     /// established flow to a deleted pod went on to the next pod given its address, whatever that
-    /// pod's policies say, with `--keep-established-flows` for as long as the flow lasted. The
-    /// first commit only records the owners (an agent restart keeps every flow).
+    /// pod's policies say, with `--keep-established-flows` for as long as the flow lasted. An
+    /// attachment is known by the veth its addresses are bound to (the name the record's ids
+    /// derive), as our table's source sets bind them.
     fn flush_released(&mut self, attachments: &[palisade_contract::Attachment]) {
-        let now: BTreeMap<std::net::IpAddr, palisade_contract::AttachmentKey> = attachments
+        let now: BTreeMap<std::net::IpAddr, String> = attachments
             .iter()
-            .flat_map(|a| a.ips.iter().map(move |ip| (*ip, a.key())))
+            .flat_map(|a| {
+                let veth = palisade_contract::host_veth_name(&a.container_id, &a.ifname);
+                a.ips.iter().map(move |ip| (*ip, veth.clone()))
+            })
             .collect();
         let released: BTreeSet<std::net::IpAddr> = match &self.owners {
             Some(before) => before

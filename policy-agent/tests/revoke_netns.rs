@@ -507,3 +507,74 @@ fn a_new_pod_at_a_deleted_pods_address_receives_none_of_its_flows_even_when_they
     );
     let _ = &w.other;
 }
+
+/// The same, with the pod deleted and its address given to a new pod while no agent ran (a
+/// DaemonSet update, a crash): the restarted agent reads the bindings the old table still holds
+/// before its first commit replaces it, and flushes the flows of the address whose pod changed.
+/// Before, the first commit only recorded who held what, and the old pod's flow went on into the
+/// new pod.
+#[test]
+fn a_pod_given_an_address_while_no_agent_ran_receives_none_of_its_predecessors_flows() {
+    let mut w = World::keeping_established_flows();
+    let record = |container: &str| palisade_contract::Attachment {
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        netns: "/var/run/netns/unused".into(),
+        host_veth: palisade_contract::host_veth_name(container, "eth0"),
+        ips: vec![TARGET.parse().unwrap()],
+        pod_namespace: Some("demo".into()),
+        pod_name: Some("target".into()),
+        pod_uid: None,
+        pending: false,
+    };
+    palisade_contract::records::write(&w.d.state, &record("restart-old"))
+        .expect("write the record");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let out =
+                w.n1.try_exec(&["nft", "list", "set", "inet", "palisade", "sources_v4"]);
+            String::from_utf8_lossy(&out.stdout).contains(TARGET)
+        }),
+        "the agent never committed the record"
+    );
+    let old_log = w.log("old.log");
+    let echo = Py::udp_echo_server(&w.target.ns, PORT, &old_log);
+    let _client = Py::udp_stream(&w.client.ns, TARGET, PORT);
+    flowing(&old_log, "client -> old pod");
+    w.deny_target_and_see_it_kept(&old_log, "client -> old pod");
+
+    // No agent: the old pod goes and a new one gets its address.
+    let agent = w.agent.take().expect("agent");
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(agent);
+    drop(echo);
+    w.n1.ip(&["link", "del", &w.target.host_veth]);
+    palisade_contract::records::remove(&w.d.state, "restart-old", "eth0")
+        .expect("remove the record");
+    let new = Pod::new(TARGET);
+    new.wire(&w.n1);
+    palisade_contract::records::write(&w.d.state, &record("restart-new"))
+        .expect("write the record");
+
+    let again = Agent::start(&w.n1, NODE, &w.d, &["--keep-established-flows"]);
+    assert!(
+        again.wait_ready(&w.n1, Duration::from_secs(10)),
+        "restarted agent never became ready"
+    );
+    w.agent = Some(again);
+    let new_log = w.log("new.log");
+    let _r = Receiver::start(&new.ns, PORT, &new_log);
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = arrivals(&new_log).len();
+    assert_eq!(
+        got, 0,
+        "{got} datagrams of the old pod's flow reached the new pod at its address"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || w.metric_sum(
+            "palisade_conntrack_flows_cut_total{sweep=\"released\"}"
+        ) > 0),
+        "the restarted agent never counted the flows it flushed for the address whose pod changed"
+    );
+    let _ = &w.other;
+}
