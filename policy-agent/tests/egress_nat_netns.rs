@@ -134,6 +134,15 @@ fn pods_reach_the_outside_with_the_nodes_address_and_each_other_with_their_own()
         Some(OUTSIDE_GW),
         "the outside sees the node's address on that link, never the pod's"
     );
+    // The pod resolves every destination by the node's proxy ARP, which answers a first request
+    // after a random delay of up to `proxy_delay` (0.8 s): one probe of 1.5 s to a destination not
+    // yet resolved can time out on a loaded machine (it did once in CI). Probe until it answers,
+    // then judge the address.
+    assert!(
+        wait_until(Duration::from_secs(10), || seen_by(&w.pod.ns, PEER)
+            .is_some()),
+        "the pod reaches its peer pod"
+    );
     assert_eq!(
         seen_by(&w.pod.ns, PEER).as_deref(),
         Some(POD),
