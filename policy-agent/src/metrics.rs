@@ -41,6 +41,7 @@ pub struct Sizes {
     pub policies: u64,
     pub chains: u64,
     pub rules: u64,
+    pub sets: u64,
     pub set_elements: u64,
     pub pending: u64,
     pub cluster_policies: u64,
@@ -60,6 +61,8 @@ pub struct Metrics {
     ready: Level,
     reconcile_duration: Histogram,
     last_sync: Gauge<f64, AtomicU64>,
+    /// Seconds the last full replace took.
+    last_full: Gauge<f64, AtomicU64>,
     errors: Family<Label, Count>,
     restores: Count,
     /// Flows cut, by the kind of sweep that cut them (`full`, `targeted`).
@@ -78,9 +81,9 @@ pub struct Metrics {
     reconciles: Count,
     /// Times the reconcile took the node lock.
     lock_acquisitions: Count,
-    /// pods, policies, chains, rules, set elements, pending, cluster policies, priority ties (in
-    /// `Sizes` order).
-    sizes: [Level; 8],
+    /// pods, policies, chains, rules, sets, set elements, pending, cluster policies, priority ties
+    /// (in `Sizes` order).
+    sizes: [Level; 9],
     http_open: Level,
     http_closed: Family<Label, Count>,
     /// Flow-log packets by what became of them (`FLOW_LOG_RESULTS`).
@@ -106,6 +109,7 @@ impl Metrics {
             ready: Level::default(),
             reconcile_duration: Histogram::new(RECONCILE_BUCKETS),
             last_sync: Gauge::default(),
+            last_full: Gauge::default(),
             errors: Family::default(),
             restores: Count::default(),
             flows_cut: Family::default(),
@@ -142,6 +146,12 @@ impl Metrics {
             "palisade_last_successful_sync_timestamp_seconds",
             "Unix time of the last committed transaction",
             &m.last_sync,
+        );
+        reg(
+            &mut r,
+            "palisade_last_full_replace_seconds",
+            "How long the last full replace of our table took (at start, at a restore, at a periodic resync): what the next one will cost",
+            &m.last_full,
         );
         reg(&mut r, "palisade_errors", "Errors by kind", &m.errors);
         reg(
@@ -199,6 +209,7 @@ impl Metrics {
             ("palisade_policies", "NetworkPolicies in the cluster state"),
             ("palisade_nft_chains", "Chains in our table"),
             ("palisade_nft_rules", "Rules in our table"),
+            ("palisade_nft_sets", "Named sets and maps in our table (a full replace's kernel time grows with the square of their number)"),
             ("palisade_nft_set_elements", "Elements of our sets and maps"),
             ("palisade_pending_pods", "Addresses in the pending sets"),
             (
@@ -260,6 +271,7 @@ impl Metrics {
             policies,
             chains,
             rules,
+            sets,
             set_elements,
             pending,
             cluster_policies,
@@ -270,12 +282,16 @@ impl Metrics {
             policies,
             chains,
             rules,
+            sets,
             set_elements,
             pending,
             cluster_policies,
             priority_ties,
         ]) {
             gauge.set(v);
+        }
+        if full {
+            self.last_full.set(took.as_secs_f64());
         }
         let kind = if full { "full" } else { "incremental" };
         self.transactions.get_or_create(&[("kind", kind)]).inc();
@@ -419,6 +435,9 @@ palisade_reconcile_duration_seconds_count 2
 # HELP palisade_last_successful_sync_timestamp_seconds Unix time of the last committed transaction.
 # TYPE palisade_last_successful_sync_timestamp_seconds gauge
 palisade_last_successful_sync_timestamp_seconds T
+# HELP palisade_last_full_replace_seconds How long the last full replace of our table took (at start, at a restore, at a periodic resync): what the next one will cost.
+# TYPE palisade_last_full_replace_seconds gauge
+palisade_last_full_replace_seconds 0.0032
 # HELP palisade_errors_total Errors by kind.
 # TYPE palisade_errors_total counter
 palisade_errors_total{kind="nft"} 2
@@ -475,6 +494,9 @@ palisade_nft_chains 4
 # HELP palisade_nft_rules Rules in our table.
 # TYPE palisade_nft_rules gauge
 palisade_nft_rules 28
+# HELP palisade_nft_sets Named sets and maps in our table (a full replace's kernel time grows with the square of their number).
+# TYPE palisade_nft_sets gauge
+palisade_nft_sets 5
 # HELP palisade_nft_set_elements Elements of our sets and maps.
 # TYPE palisade_nft_set_elements gauge
 palisade_nft_set_elements 6
@@ -520,6 +542,7 @@ palisade_flow_log_packets_total{result="kernel_overflow"} 0
                 policies: 2,
                 chains: 4,
                 rules: 28,
+                sets: 5,
                 set_elements: 6,
                 pending: 1,
                 cluster_policies: 2,

@@ -635,6 +635,7 @@ impl Engine {
             policies: st.policies.len() as u64,
             chains: stats.chains as u64,
             rules: stats.rules as u64,
+            sets: stats.sets as u64,
             set_elements: stats.elements as u64,
             pending: pending as u64,
             cluster_policies: st.cluster_policies.len() as u64,
