@@ -798,8 +798,6 @@ fn elem(w: &mut Writer, index: u16, e: &ElemMsg) {
 }
 
 impl Ruleset {
-    /// [`Ruleset::full_replace`] as nfnetlink messages: `add table; delete table; add table`,
-    /// chains, sets with their elements, counters, rules, in one transaction.
     /// The sets, the ones most rules look up first. The kernel finds a set by name by walking the
     /// table's list of sets in the order they were created, for every rule that names one (and
     /// for each set's own creation and elements): at 10k pods a group chain's self exemption names
@@ -818,6 +816,9 @@ impl Ruleset {
         sets
     }
 
+    /// [`Ruleset::full_replace`] as nfnetlink messages: `add table; delete table; add table`,
+    /// chains, sets with their elements, counters, rules, in one transaction; the sets
+    /// in [`Self::sets_by_references`] order.
     pub fn full_replace_netlink(&self) -> Result<NetlinkBatch, Unsupported> {
         if TABLE_FAMILY != "inet" {
             return Err(Unsupported::Family(TABLE_FAMILY));
