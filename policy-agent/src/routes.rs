@@ -214,9 +214,9 @@ fn start_end(n: &IpNet) -> (u128, u128) {
     }
 }
 
-/// Whether `ip` lies inside a `--cluster-cidr` (the pods' network), where no node address can be.
-fn in_pod_network(ip: &IpAddr, cluster_cidrs: &[IpNet]) -> bool {
-    cluster_cidrs.iter().any(|c| c.contains(ip))
+/// The `--cluster-cidr` (the pods' network, where no node address can be) that holds `ip`, if any.
+fn pod_network_of<'a>(ip: &IpAddr, cluster_cidrs: &'a [IpNet]) -> Option<&'a IpNet> {
+    cluster_cidrs.iter().find(|c| c.contains(ip))
 }
 
 /// A Node's InternalIPs that count as node addresses: all of ours (we do not refuse ourselves), and
@@ -231,7 +231,7 @@ fn node_addresses<'a>(
     let trust_all = name == self_name;
     n.internal_ips
         .iter()
-        .filter(move |ip| trust_all || !in_pod_network(ip, cluster_cidrs))
+        .filter(move |ip| trust_all || pod_network_of(ip, cluster_cidrs).is_none())
 }
 
 /// The checks every podCIDR must pass, ours included: not wider than [`MIN_PREFIX_V4`] /
@@ -274,9 +274,10 @@ fn checked(
 /// there is one), contains any Node's InternalIP, overlaps our own Node's podCIDRs, or overlaps a
 /// podCIDR of another Node; every podCIDR of a family is refused for a Node that claims an
 /// InternalIP of that family inside `cluster_cidrs` (a pod's address: such a Node would make a pod
-/// the next hop or tunnel peer for its range), and that address refuses no other Node's range. Our own podCIDRs that pass the first three checks are `own` (each gets an
-/// `unreachable` route); one that fails them is refused under our name (an `unreachable` route over a
-/// node's address would cut the path between nodes).
+/// the next hop or tunnel peer for its range), and that address refuses no other Node's range.
+/// Our own podCIDRs that pass the first three checks are `own` (each gets an `unreachable` route);
+/// one that fails them is refused under our name (an `unreachable` route over a node's address
+/// would cut the path between nodes).
 ///
 /// Two Nodes claiming overlapping ranges are both refused: kube-controller-manager never hands out
 /// overlapping ranges, so one of the claims is wrong and we cannot tell which (names and order of
@@ -325,15 +326,13 @@ pub fn desired_routes(
             let claimed_pod_address = n
                 .internal_ips
                 .iter()
-                .find(|ip| ip.is_ipv4() == v4(&cidr) && in_pod_network(ip, cluster_cidrs));
-            if let Some(ip) = claimed_pod_address {
-                let within = cluster_cidrs.iter().find(|c| c.contains(ip));
-                let detail = match within {
-                    Some(c) => format!("{ip} (inside the cluster CIDR {c})"),
-                    None => ip.to_string(),
-                };
-                plan.refused
-                    .push(refuse(RefusalReason::NodeAddressInPodNetwork, detail));
+                .filter(|ip| ip.is_ipv4() == v4(&cidr))
+                .find_map(|ip| Some((ip, pod_network_of(ip, cluster_cidrs)?)));
+            if let Some((ip, within)) = claimed_pod_address {
+                plan.refused.push(refuse(
+                    RefusalReason::NodeAddressInPodNetwork,
+                    format!("{ip} (inside the cluster CIDR {within})"),
+                ));
             } else if let Some((reason, detail)) = checked(&cidr, nodes, self_name, cluster_cidrs) {
                 plan.refused.push(refuse(reason, detail));
             } else if let Some(o) = own.iter().find(|o| overlaps(o, &cidr)) {
