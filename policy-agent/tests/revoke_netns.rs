@@ -149,13 +149,83 @@ impl World {
     fn keeping_established_flows() -> Self {
         let mut w = World::new(&[]);
         drop(w.agent.take());
-        let agent = Agent::start(&w.n1, NODE, &w.d, &["--keep-established-flows"]);
+        w.start_agent(&["--keep-established-flows"]);
+        w
+    }
+
+    /// Kills the agent (SIGKILL: nothing of ours is cleaned up, as after a crash).
+    fn kill_agent(&mut self) {
+        let agent = self.agent.take().expect("agent");
+        agent.signal(nix::sys::signal::Signal::SIGKILL);
+        drop(agent);
+    }
+
+    /// Starts an agent (none may be running) and waits until it is ready.
+    fn start_agent(&mut self, args: &[&str]) {
+        let agent = Agent::start(&self.n1, NODE, &self.d, args);
         assert!(
-            agent.wait_ready(&w.n1, Duration::from_secs(10)),
+            agent.wait_ready(&self.n1, Duration::from_secs(10)),
             "agent never became ready"
         );
-        w.agent = Some(agent);
-        w
+        self.agent = Some(agent);
+    }
+
+    /// Writes the target's attachment record as container `container` made it, and waits until
+    /// the agent has bound the target's address to that record's veth.
+    fn bind_target(&self, container: &str) {
+        palisade_contract::records::write(&self.d.state, &target_record(container))
+            .expect("write the record");
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let out =
+                    self.n1
+                        .try_exec(&["nft", "list", "set", "inet", "palisade", "sources_v4"]);
+                String::from_utf8_lossy(&out.stdout).contains(TARGET)
+            }),
+            "the agent never committed the record"
+        );
+    }
+
+    /// A replied (established) UDP flow from the client to the target, then a policy that denies
+    /// it: kept, as `--keep-established-flows` asks. The target's echo server (to stop when the
+    /// target goes) and the client (to keep).
+    fn kept_udp_flow_to_target(&self) -> (Py, Py) {
+        let log = self.log("old.log");
+        let echo = Py::udp_echo_server(&self.target.ns, PORT, &log);
+        let client = Py::udp_stream(&self.client.ns, TARGET, PORT);
+        flowing(&log, "client -> old pod");
+        self.deny_target_and_see_it_kept(&log, "client -> old pod");
+        (echo, client)
+    }
+
+    /// The old target is gone: its server, its veth and the record of `container`.
+    fn remove_target(&self, echo: Py, container: &str) {
+        drop(echo);
+        self.n1.ip(&["link", "del", &self.target.host_veth]);
+        palisade_contract::records::remove(&self.d.state, container, "eth0")
+            .expect("remove the record");
+    }
+
+    /// A new pod at the target's address (the Pod object keeps the deny policy over it), with its
+    /// record as container `container` made it.
+    fn new_target(&self, container: &str) -> Pod {
+        let new = Pod::new(TARGET);
+        new.wire(&self.n1);
+        palisade_contract::records::write(&self.d.state, &target_record(container))
+            .expect("write the record");
+        new
+    }
+
+    /// None of the old target's flow reaches `new`, the pod now at its address.
+    fn receives_nothing(&self, new: &Pod) {
+        let new_log = self.log("new.log");
+        let _r = Receiver::start(&new.ns, PORT, &new_log);
+        std::thread::sleep(Duration::from_millis(1500));
+        let got = arrivals(&new_log).len();
+        assert_eq!(
+            got, 0,
+            "{got} datagrams of the old pod's flow reached the new pod at its address"
+        );
     }
 
     /// A TCP connection from the client to the target and one to the other pod, a message per ms
@@ -413,24 +483,17 @@ fn a_flow_opened_while_our_table_was_missing_is_cut_when_the_agent_restores_it()
     let log = w.log("target.log");
     let _r = Receiver::start(&w.target.ns, PORT, &log);
     // The agent is down and our table is gone: the denied flow gets in.
-    let agent = w.agent.take().expect("agent");
-    agent.signal(nix::sys::signal::Signal::SIGKILL);
-    drop(agent);
+    w.kill_agent();
     w.n1.exec(&["nft", "delete", "table", "inet", "palisade"]);
     let _c = Py::udp_stream(&w.client.ns, TARGET, PORT);
     flowing(&log, "udp client -> target while our table is missing");
 
     let t_start = now();
-    let again = Agent::start(&w.n1, NODE, &w.d, &[]);
-    assert!(
-        again.wait_ready(&w.n1, Duration::from_secs(10)),
-        "restarted agent never became ready"
-    );
+    w.start_agent(&[]);
     let ms = cut_within(&log, t_start, "flow opened in the gap");
     eprintln!(
         "udp: flow opened while the table was missing cut {ms:.1} ms after the agent started"
     );
-    w.agent = Some(again);
 }
 
 #[test]
@@ -449,10 +512,9 @@ fn keep_established_flows_leaves_a_revoked_connection_alone() {
 /// policies said (in the lab: every datagram of a replied UDP flow delivered to the new pod, which
 /// denies all ingress). When the old pod's attachment record goes, the agent flushes the address's
 /// conntrack entries; the flow's next datagram is a new one, which the policy drops.
-#[test]
-fn a_new_pod_at_a_deleted_pods_address_receives_none_of_its_flows_even_when_they_are_kept() {
-    let w = World::keeping_established_flows();
-    let record = |container: &str| palisade_contract::Attachment {
+/// The target's attachment record as container `container` made it (the veth its ids derive).
+fn target_record(container: &str) -> palisade_contract::Attachment {
+    palisade_contract::Attachment {
         container_id: container.into(),
         ifname: "eth0".into(),
         netns: "/var/run/netns/unused".into(),
@@ -462,49 +524,26 @@ fn a_new_pod_at_a_deleted_pods_address_receives_none_of_its_flows_even_when_they
         pod_name: Some("target".into()),
         pod_uid: None,
         pending: false,
-    };
-    let committed = || {
-        let out =
-            w.n1.try_exec(&["nft", "list", "set", "inet", "palisade", "sources_v4"]);
-        String::from_utf8_lossy(&out.stdout).contains(TARGET)
-    };
-    palisade_contract::records::write(&w.d.state, &record("revoke-old")).expect("write the record");
-    assert!(
-        wait_until(Duration::from_secs(10), committed),
-        "the agent never committed the record"
-    );
-    // A replied (established) UDP flow from the client to the old pod, then a policy that denies
-    // it: kept, as the flag asks.
-    let old_log = w.log("old.log");
-    let echo = Py::udp_echo_server(&w.target.ns, PORT, &old_log);
-    let _client = Py::udp_stream(&w.client.ns, TARGET, PORT);
-    flowing(&old_log, "client -> old pod");
-    w.deny_target_and_see_it_kept(&old_log, "client -> old pod");
+    }
+}
+
+#[test]
+fn a_new_pod_at_a_deleted_pods_address_receives_none_of_its_flows_even_when_they_are_kept() {
+    let w = World::keeping_established_flows();
+    w.bind_target("revoke-old");
+    let (echo, _client) = w.kept_udp_flow_to_target();
 
     // The old pod goes (its server, its veth, its record); its flows are flushed.
-    drop(echo);
-    w.n1.ip(&["link", "del", &w.target.host_veth]);
     let cut_before = w.metric_sum("palisade_conntrack_flows_cut_total{sweep=\"released\"}");
-    palisade_contract::records::remove(&w.d.state, "revoke-old", "eth0")
-        .expect("remove the record");
+    w.remove_target(echo, "revoke-old");
     assert!(
         wait_until(Duration::from_secs(10), || w.metric_sum(
             "palisade_conntrack_flows_cut_total{sweep=\"released\"}"
         ) > cut_before),
         "the agent never flushed the flows of the released address"
     );
-    // A new pod given the same address (the Pod object keeps the deny policy over it).
-    let new = Pod::new(TARGET);
-    new.wire(&w.n1);
-    palisade_contract::records::write(&w.d.state, &record("revoke-new")).expect("write the record");
-    let new_log = w.log("new.log");
-    let _r = Receiver::start(&new.ns, PORT, &new_log);
-    std::thread::sleep(Duration::from_millis(1500));
-    let got = arrivals(&new_log).len();
-    assert_eq!(
-        got, 0,
-        "{got} datagrams of the old pod's flow reached the new pod at its address"
-    );
+    let new = w.new_target("revoke-new");
+    w.receives_nothing(&new);
     let _ = &w.other;
 }
 
@@ -516,60 +555,16 @@ fn a_new_pod_at_a_deleted_pods_address_receives_none_of_its_flows_even_when_they
 #[test]
 fn a_pod_given_an_address_while_no_agent_ran_receives_none_of_its_predecessors_flows() {
     let mut w = World::keeping_established_flows();
-    let record = |container: &str| palisade_contract::Attachment {
-        container_id: container.into(),
-        ifname: "eth0".into(),
-        netns: "/var/run/netns/unused".into(),
-        host_veth: palisade_contract::host_veth_name(container, "eth0"),
-        ips: vec![TARGET.parse().unwrap()],
-        pod_namespace: Some("demo".into()),
-        pod_name: Some("target".into()),
-        pod_uid: None,
-        pending: false,
-    };
-    palisade_contract::records::write(&w.d.state, &record("restart-old"))
-        .expect("write the record");
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            let out =
-                w.n1.try_exec(&["nft", "list", "set", "inet", "palisade", "sources_v4"]);
-            String::from_utf8_lossy(&out.stdout).contains(TARGET)
-        }),
-        "the agent never committed the record"
-    );
-    let old_log = w.log("old.log");
-    let echo = Py::udp_echo_server(&w.target.ns, PORT, &old_log);
-    let _client = Py::udp_stream(&w.client.ns, TARGET, PORT);
-    flowing(&old_log, "client -> old pod");
-    w.deny_target_and_see_it_kept(&old_log, "client -> old pod");
+    w.bind_target("restart-old");
+    let (echo, _client) = w.kept_udp_flow_to_target();
 
-    // No agent: the old pod goes and a new one gets its address.
-    let agent = w.agent.take().expect("agent");
-    agent.signal(nix::sys::signal::Signal::SIGKILL);
-    drop(agent);
-    drop(echo);
-    w.n1.ip(&["link", "del", &w.target.host_veth]);
-    palisade_contract::records::remove(&w.d.state, "restart-old", "eth0")
-        .expect("remove the record");
-    let new = Pod::new(TARGET);
-    new.wire(&w.n1);
-    palisade_contract::records::write(&w.d.state, &record("restart-new"))
-        .expect("write the record");
-
-    let again = Agent::start(&w.n1, NODE, &w.d, &["--keep-established-flows"]);
-    assert!(
-        again.wait_ready(&w.n1, Duration::from_secs(10)),
-        "restarted agent never became ready"
-    );
-    w.agent = Some(again);
-    let new_log = w.log("new.log");
-    let _r = Receiver::start(&new.ns, PORT, &new_log);
-    std::thread::sleep(Duration::from_millis(1500));
-    let got = arrivals(&new_log).len();
-    assert_eq!(
-        got, 0,
-        "{got} datagrams of the old pod's flow reached the new pod at its address"
-    );
+    // No agent: the old pod goes and a new one gets its address (written before the restart,
+    // judged after it).
+    w.kill_agent();
+    w.remove_target(echo, "restart-old");
+    let new = w.new_target("restart-new");
+    w.start_agent(&["--keep-established-flows"]);
+    w.receives_nothing(&new);
     assert!(
         wait_until(Duration::from_secs(10), || w.metric_sum(
             "palisade_conntrack_flows_cut_total{sweep=\"released\"}"
