@@ -136,10 +136,9 @@ pub fn forged_sources_are_dropped_at_the_pods_veth(lab: &mut Lab) -> TestResult 
         let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
         let attacker = lab.pod(ATTACKER).map_err(|e| e.to_string())?.clone();
         let nodes = lab.state().nodes.clone();
-        let attacker_node = nodes
-            .iter()
-            .find(|n| n.name == attacker.node)
-            .ok_or("attacker's node unknown")?
+        let attacker_node = lab
+            .node_state(&attacker.node)
+            .map_err(|e| e.to_string())?
             .clone();
         let other_node = nodes
             .iter()
@@ -288,11 +287,8 @@ pub fn a_pod_reaches_no_socket_of_its_node_under_another_pods_address(lab: &mut 
             .cloned()
             .ok_or("the model must place two pods on the attacker's node")?;
         let node = lab
-            .state()
-            .nodes
-            .iter()
-            .find(|n| n.name == attacker.node)
-            .ok_or("attacker's node unknown")?
+            .node_state(&attacker.node)
+            .map_err(|e| e.to_string())?
             .clone();
         let mut report = Vec::new();
         for fam in [Family::V4, Family::V6] {
@@ -457,10 +453,9 @@ pub fn forged_overlay_packets_are_dropped_before_decapsulation(lab: &mut Lab) ->
     with_cleanup(lab, "forged overlay packets", |lab| {
         let victim = lab.pod(VICTIM).map_err(|e| e.to_string())?.clone();
         let nodes = lab.state().nodes.clone();
-        let victim_node = nodes
-            .iter()
-            .find(|n| n.name == victim.node)
-            .ok_or("victim's node unknown")?
+        let victim_node = lab
+            .node_state(&victim.node)
+            .map_err(|e| e.to_string())?
             .clone();
         let other_node = nodes
             .iter()
@@ -834,12 +829,9 @@ pub fn a_pod_is_not_reached_under_its_own_address_from_another_host(lab: &mut La
             .cloned()
             .ok_or("a second node is needed")?;
         let victim_node = lab
-            .state()
-            .nodes
-            .iter()
-            .find(|n| n.name == victim.node)
-            .cloned()
-            .ok_or("the victim's node is unknown")?;
+            .node_state(&victim.node)
+            .map_err(|e| e.to_string())?
+            .clone();
         let node_addrs = [
             IpAddr::V4(lab::node_underlay_v4(victim_node.index)),
             IpAddr::V6(lab::node_underlay_v6(victim_node.index)),
