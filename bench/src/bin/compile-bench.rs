@@ -220,6 +220,7 @@ fn main() {
                 .collect(),
         ),
     );
+    land_in_kubernetes_order(&mut b, &cfg, &mut rng, &p);
 
     // A namespace's labels (namespace selectors of every policy see its pods come or go).
     let ns_of_local = key.split_once('/').map(|(n, _)| n).unwrap_or_default();
@@ -289,6 +290,47 @@ fn main() {
         Err(e) => println!("full table as netlink messages: not encoded: {e}"),
     }
     commit_in_throwaway_netns(&full, full_netlink.ok(), &b.batches);
+}
+
+/// The same pod (namespace and labels of `like`) landing on this node in the order a cluster
+/// delivers it: the scheduler's binding (the Pod on this node, no address yet: the policies that
+/// select it bring their peer sets now, before the kubelet has made its sandbox), the plugin's
+/// record at CNI ADD (its addresses: the change its traffic waits for, as it is pending until
+/// committed), then the kubelet's status with the IPs. The one-step "pod add, this node" above is
+/// what the agent sees only when it hears of the binding after the CNI ADD. Then both go again.
+fn land_in_kubernetes_order(b: &mut Bench, cfg: &SynthConfig, rng: &mut Rng, like: &Pod) {
+    let mut pod = synth::make_pod(cfg, rng, cfg.pods + 3);
+    pod.namespace = like.namespace.clone();
+    pod.labels = like.labels.clone();
+    pod.node_name = Some(NODE.into());
+    let running = pod.clone();
+    pod.ips = Box::new([]);
+    pod.phase = palisade_policy::model::PodPhase::Pending;
+    b.change("bound here, no address", Change::UpsertPod(pod.into()));
+    let mut atts = b.st.attachments.clone();
+    atts.push(attachment(&running, true));
+    b.change("then its CNI ADD record", Change::SetAttachments(atts));
+    b.change(
+        "then its status IPs",
+        Change::UpsertPod(running.clone().into()),
+    );
+    b.change(
+        "its delete, this node",
+        Change::DeletePod {
+            namespace: running.namespace.to_string(),
+            name: running.name.to_string(),
+        },
+    );
+    b.change(
+        "then its CNI DEL record",
+        Change::SetAttachments(
+            b.st.attachments
+                .iter()
+                .filter(|a| a.pod_name.as_deref() != Some(running.name.as_ref()))
+                .cloned()
+                .collect(),
+        ),
+    );
 }
 
 fn commit_in_throwaway_netns(
