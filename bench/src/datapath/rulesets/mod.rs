@@ -52,6 +52,11 @@ pub enum System {
     /// measured pod's host veth (a constant compare of the source, no set, before conntrack),
     /// the base chains without it. Whether moving the guard off the base chains pays.
     PalisadeIngressGuard,
+    /// EXPERIMENT: `palisade-ingress-guard` with what would keep it fail-closed for a veth whose
+    /// chain the agent has not made yet: the plugin would create host veths in a device group of
+    /// their own, the agent move each out of it once its chain is in, and each base chain open
+    /// with `meta iifgroup <that group> drop` (here no veth is in the group: its cost, not its use).
+    PalisadeIngressGuardGroup,
     /// EXPERIMENT: the base chains' prologue leaner: `iifname "pal*" jump` to a guard chain that
     /// returns for a bound source, and one `ct state vmap` for established, related and invalid.
     PalisadeLeanPrologue,
@@ -67,7 +72,7 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 12] = [
+    pub const ALL: [System; 13] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
@@ -76,6 +81,7 @@ impl System {
         System::PalisadeNoCnp,
         System::PalisadeNoCounters,
         System::PalisadeIngressGuard,
+        System::PalisadeIngressGuardGroup,
         System::PalisadeLeanPrologue,
         System::PalisadeSizedSets,
         System::PalisadeAfter,
@@ -92,6 +98,7 @@ impl System {
             System::PalisadeNoCnp => "palisade-no-cnp",
             System::PalisadeNoCounters => "palisade-no-counters",
             System::PalisadeIngressGuard => "palisade-ingress-guard",
+            System::PalisadeIngressGuardGroup => "palisade-ingress-guard-group",
             System::PalisadeLeanPrologue => "palisade-lean-prologue",
             System::PalisadeSizedSets => "palisade-sized-sets",
             System::PalisadeAfter => "palisade-after",
@@ -159,6 +166,9 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         }
         System::PalisadeIngressGuard => {
             palisade_real::render(cluster, node, palisade_real::Variant::IngressGuard)?
+        }
+        System::PalisadeIngressGuardGroup => {
+            palisade_real::render(cluster, node, palisade_real::Variant::IngressGuardGroup)?
         }
         System::PalisadeLeanPrologue => {
             palisade_real::render(cluster, node, palisade_real::Variant::LeanPrologue)?
@@ -244,6 +254,7 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         | System::PalisadeNoCnp
         | System::PalisadeNoCounters
         | System::PalisadeIngressGuard
+        | System::PalisadeIngressGuardGroup
         | System::PalisadeLeanPrologue
         | System::PalisadeSizedSets
         | System::PalisadeAfter
@@ -260,7 +271,10 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
                     None,
                 )?;
             }
-            if system == System::PalisadeIngressGuard {
+            if matches!(
+                system,
+                System::PalisadeIngressGuard | System::PalisadeIngressGuardGroup
+            ) {
                 timed_in(
                     ns,
                     "nft",

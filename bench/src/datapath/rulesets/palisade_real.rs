@@ -27,6 +27,10 @@ pub enum Variant {
     /// EXPERIMENT: without the inline guard; instead one ingress chain per measured pod's host veth
     /// in [`GUARD_TABLE`], comparing the source with the pod's address.
     IngressGuard,
+    /// EXPERIMENT: [`Variant::IngressGuard`], and each base chain that held the inline guard opens
+    /// with `meta iifgroup` [`PENDING_GROUP`] `drop` (the fail-closed rule for veths whose ingress
+    /// chain is not made yet; no bench veth is in the group).
+    IngressGuardGroup,
     /// EXPERIMENT: the base chains open with `iifname "pal*" jump guard` (a chain that returns for
     /// a bound source and drops the rest) and one `ct state vmap`, instead of two guard rules and
     /// the two ct state rules.
@@ -39,6 +43,9 @@ pub enum Variant {
     /// rule (IPv6 has no reverse-path filter).
     RpFilter,
 }
+
+/// The device group of [`Variant::IngressGuardGroup`]'s fail-closed rule.
+pub const PENDING_GROUP: u32 = 5259597;
 
 /// The table of [`Variant::IngressGuard`]'s chains.
 pub const GUARD_TABLE: &str = "palisade_guard";
@@ -173,7 +180,22 @@ pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendere
             }
             after = Some(text);
         }
-        Variant::IngressGuard => {
+        Variant::IngressGuard | Variant::IngressGuardGroup => {
+            if variant == Variant::IngressGuardGroup {
+                let t = palisade_contract::TABLE_NAME;
+                after = Some(
+                    ruleset
+                        .chains
+                        .iter()
+                        .filter(|(_, c)| c.base.is_some() && c.rules.iter().any(is_guard))
+                        .map(|(name, _)| {
+                            format!(
+                                "insert rule inet {t} {name} meta iifgroup {PENDING_GROUP} drop\n"
+                            )
+                        })
+                        .collect(),
+                );
+            }
             for chain in ruleset.chains.values_mut() {
                 chain.rules.retain(|r| !is_guard(r));
             }
