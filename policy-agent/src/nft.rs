@@ -18,6 +18,8 @@ pub struct Nft {
     monitor: MonitorSwitch,
     /// Our named counters, read before each full replace and at each scrape.
     counters: Counters,
+    /// Incremental batches this large or larger go quiet ([`QUIET_BATCH_BYTES`] by default).
+    quiet_batch_bytes: usize,
 }
 
 /// Our table's named counters over one kept nfnetlink socket
@@ -72,6 +74,24 @@ const DEAF_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 /// in between refuses it) before it goes without leaving the notification group.
 const QUIET_REPLACE_TRIES: usize = 3;
 
+/// Incremental batches of this many bytes of messages or more are committed with the drift
+/// monitor out of the notification group ([`Nft::commit_batch_quietly`]); smaller ones cost the
+/// kernel little to notify, and going quiet costs two generation reads.
+pub const QUIET_BATCH_BYTES: usize = 256 << 10;
+
+/// How an incremental batch or a repair went in, and whether the drift monitor heard of every
+/// transaction other than ours meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// Committed with the monitor listening (small batches; no monitor running).
+    Listening,
+    /// Committed with the monitor out of the notification group, and nobody else committed.
+    Quiet,
+    /// Another process committed while the monitor was out for a quiet commit of ours: what
+    /// that changed is unknown, so our table must be restored.
+    NotAll,
+}
+
 impl Nft {
     /// A runner for `backend`. A `Lib` backend whose library cannot be loaded degrades to exec.
     /// The lib backend acts on the network namespace of the calling thread.
@@ -81,7 +101,14 @@ impl Nft {
             elements: Default::default(),
             monitor: Default::default(),
             counters: Default::default(),
+            quiet_batch_bytes: QUIET_BATCH_BYTES,
         }
+    }
+
+    /// Incremental batches of `bytes` or more go quiet (tests make every batch go quiet).
+    pub fn with_quiet_batch_bytes(mut self, bytes: usize) -> Self {
+        self.quiet_batch_bytes = bytes;
+        self
     }
 
     /// The backend actually in use.
@@ -99,9 +126,11 @@ impl Nft {
     /// kept socket (libnftables would first refetch its cache of our whole table: at 100k pods
     /// ~50 ms of every change), else (or when the kernel refuses those) its JSON through nft,
     /// whose error says what is wrong.
-    pub fn apply_batch(&self, batch: &crate::compiled::Batch) -> Result<()> {
+    ///
+    /// A large batch goes quiet ([`QUIET_BATCH_BYTES`], [`Nft::commit_batch_quietly`]).
+    pub fn apply_batch(&self, batch: &crate::compiled::Batch) -> Result<Heard> {
         if let Some(changes) = &batch.elements {
-            return self.apply_elements(changes);
+            return self.apply_elements(changes).map(|()| Heard::Listening);
         }
         self.commit("incremental batch", batch.netlink.as_ref(), || {
             batch.json_text()
@@ -110,7 +139,7 @@ impl Nft {
 
     /// Commits a repair of touched chains and sets (`Ruleset::repair`) as [`Nft::apply_batch`]
     /// commits a batch that is not only elements.
-    pub fn apply_repair(&self, batch: &palisade_policy::Batch) -> Result<()> {
+    pub fn apply_repair(&self, batch: &palisade_policy::Batch) -> Result<Heard> {
         self.commit("repair", batch.netlink.as_ref(), || batch.to_json_string())
     }
 
@@ -122,17 +151,110 @@ impl Nft {
         action: &'static str,
         netlink: Option<&palisade_policy::ruleset::NetlinkBatch>,
         json: impl FnOnce() -> String,
-    ) -> Result<()> {
+    ) -> Result<Heard> {
         if let Some(netlink) = netlink {
             let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
-            match writer.commit_prepared(action, TABLE_NAME, &netlink.parts()) {
-                Ok(()) => return Ok(()),
+            let parts = netlink.parts();
+            let committed = if netlink.len() >= self.quiet_batch_bytes {
+                self.commit_batch_quietly(&mut writer, action, &parts)
+            } else {
+                writer
+                    .commit_prepared(action, TABLE_NAME, &parts)
+                    .map(|()| Heard::Listening)
+                    .map_err(Error::from)
+            };
+            match committed {
+                Ok(heard) => return Ok(heard),
                 Err(e) => {
                     tracing::debug!(error = %e, action, "netlink transaction refused; committing its JSON through nft for nft's account of it")
                 }
             }
         }
-        self.apply(&json())
+        self.apply(&json())?;
+        Ok(Heard::Listening)
+    }
+
+    /// Commits a large incremental batch with the drift monitor out of the notification group
+    /// (the kernel would build a notification per element for it: at 100k pods a binding that
+    /// brings 2 MB of peer-set elements took ~180 ms to commit with the monitor listening, ~90
+    /// without). The batch is bound to the generation read while still listening, so another
+    /// process's commit before ours refuses it, and the generation after rejoining must be the
+    /// next one (ours). Either way round, another transaction landed while the monitor was out
+    /// and what it changed is unknown: [`Heard::NotAll`], whether the batch went in or not, and
+    /// the engine replaces the table at once (which carries the batch). Without a monitor
+    /// running, an ordinary commit.
+    fn commit_batch_quietly(
+        &self,
+        writer: &mut palisade_nft::setelem::ElementWriter,
+        action: &'static str,
+        bytes: &[&[u8]],
+    ) -> Result<Heard> {
+        self.quiet_commit(writer, |w, generation| {
+            w.commit_prepared_at(action, TABLE_NAME, bytes, generation)
+        })
+    }
+
+    /// The protocol of [`Nft::commit_batch_quietly`] around `commit`, which commits on the writer
+    /// bound to the generation it is given (`None`: unbound, no monitor running).
+    fn quiet_commit(
+        &self,
+        writer: &mut palisade_nft::setelem::ElementWriter,
+        commit: impl FnOnce(
+            &mut palisade_nft::setelem::ElementWriter,
+            Option<u32>,
+        ) -> palisade_nft::Result<()>,
+    ) -> Result<Heard> {
+        let before = writer.generation()?;
+        let mut commit = Some(commit);
+        let outcome = self.out_of_group(|| match commit.take() {
+            Some(c) => c(writer, Some(before)),
+            None => Ok(()),
+        })?;
+        let (heard, committed) = match outcome {
+            None => {
+                if let Some(c) = commit.take() {
+                    c(writer, None)?;
+                }
+                return Ok(Heard::Listening);
+            }
+            Some((_, false)) => (false, Ok(())),
+            Some((Ok(()), true)) => (writer.generation()? == before.wrapping_add(1), Ok(())),
+            Some((Err(e), true)) if e.is_generation_moved() => (false, Ok(())),
+            // Refused for a reason of its own: nobody else may have committed while we were out.
+            Some((Err(e), true)) => (writer.generation()? == before, Err(e)),
+        };
+        if !heard {
+            return Ok(Heard::NotAll);
+        }
+        committed?;
+        Ok(Heard::Quiet)
+    }
+
+    /// Runs `commit` with the drift monitor out of the notification group, and has it listen
+    /// again whatever happened; `None` (without running it) when no monitor runs. A monitor that
+    /// cannot rejoin is reopened by its thread, which has what it missed restored; the second
+    /// value says whether it rejoined.
+    fn out_of_group<T>(&self, commit: impl FnOnce() -> T) -> Result<Option<(T, bool)>> {
+        let switch = self
+            .monitor
+            .0
+            .membership
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(m) = switch.as_ref() else {
+            return Ok(None);
+        };
+        m.leave()?;
+        let out = commit();
+        let rejoined = match m.join().or_else(|_| m.join()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the drift monitor could not rejoin the notification group after a quiet commit; reopening it and restoring our table");
+                self.monitor.report_rejoin_failure();
+                false
+            }
+        };
+        Ok(Some((out, rejoined)))
     }
 
     /// Adds and deletes elements of our table's address-keyed sets, in order, as one atomic transaction
@@ -223,40 +345,30 @@ impl Nft {
         writer: &mut palisade_nft::setelem::ElementWriter,
         bytes: &[&[u8]],
     ) -> Result<bool> {
-        let switch = self
-            .monitor
-            .0
-            .membership
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = switch.as_ref() {
-            for _ in 0..QUIET_REPLACE_TRIES {
-                m.leave()?;
-                let committed = writer.generation().and_then(|g| {
+        for _ in 0..QUIET_REPLACE_TRIES {
+            let committed = self.out_of_group(|| {
+                writer.generation().and_then(|g| {
                     writer
                         .commit_prepared_at("full replace", TABLE_NAME, bytes, Some(g))
                         .map(|()| g)
-                });
-                // Listening again comes first, whatever happened; a monitor that cannot rejoin
-                // is reopened by its thread (and what it missed is restored).
-                if let Err(e) = m.join().or_else(|_| m.join()) {
-                    self.monitor.report_rejoin_failure();
-                    return Err(e.into());
-                }
-                match committed {
-                    Ok(g) => {
-                        if writer.generation()? == g.wrapping_add(1) {
-                            return Ok(true);
-                        }
-                        tracing::debug!("another transaction was committed while the drift monitor was out; replacing again with it listening");
-                        break;
+                })
+            })?;
+            match committed {
+                None => break,
+                // What the monitor missed is restored once its thread has reopened it.
+                Some((Ok(_), false)) => return Ok(true),
+                Some((Err(e), false)) => return Err(e.into()),
+                Some((Ok(g), true)) => {
+                    if writer.generation()? == g.wrapping_add(1) {
+                        return Ok(true);
                     }
-                    Err(e) if e.is_generation_moved() => continue,
-                    Err(e) => return Err(e.into()),
+                    tracing::debug!("another transaction was committed while the drift monitor was out; replacing again with it listening");
+                    break;
                 }
+                Some((Err(e), true)) if e.is_generation_moved() => continue,
+                Some((Err(e), true)) => return Err(e.into()),
             }
         }
-        drop(switch);
         writer.commit_prepared("full replace", TABLE_NAME, bytes)?;
         Ok(false)
     }
@@ -444,6 +556,69 @@ fn parse_bindings(json: &str) -> std::result::Result<Vec<(std::net::IpAddr, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quiet commit says whether another process's transaction went unheard while the drift
+    /// monitor was out: one landing before ours (which is then refused, bound to the generation)
+    /// or after it; with none, all was heard. The other process's transaction here is the
+    /// plugin's kind (a pending mark added and removed on a socket of its own).
+    #[test]
+    fn a_quiet_commit_says_when_another_transaction_landed_while_the_monitor_was_out() {
+        use palisade_nft::setelem::{ElementWriter, Key, SetOp};
+        palisade_testkit::netns::enter_private_netns();
+        let nft = Nft::new(Backend::Lib);
+        watch_drift(nft.monitor_switch(), |_| true).unwrap();
+        let st = palisade_policy::synth::cluster(&palisade_policy::synth::SynthConfig::small(5));
+        let rs = palisade_policy::compile(&st, "n0").ruleset;
+        nft.replace_table(&rs).unwrap();
+        let table = rs.full_replace_netlink().unwrap();
+        let mut other = ElementWriter::new();
+        let mut another_transaction = move || {
+            let ip = Key::Addr("10.255.0.1".parse().unwrap());
+            other
+                .apply(
+                    TABLE_FAMILY,
+                    TABLE_NAME,
+                    &[
+                        (SetOp::Add, PENDING_SET_V4, ip),
+                        (SetOp::Delete, PENDING_SET_V4, ip),
+                    ],
+                )
+                .unwrap();
+        };
+        let mut writer = ElementWriter::new();
+        let ours = |w: &mut ElementWriter, g: Option<u32>| {
+            w.commit_prepared_at("test", TABLE_NAME, &table.parts(), g)
+        };
+        let heard = nft.quiet_commit(&mut writer, ours).unwrap();
+        assert_eq!(heard, Heard::Quiet, "nobody else committed");
+        let heard = nft
+            .quiet_commit(&mut writer, |w, g| {
+                another_transaction();
+                let refused = ours(w, g).unwrap_err();
+                assert!(refused.is_generation_moved(), "{refused}");
+                Err(refused)
+            })
+            .unwrap();
+        assert_eq!(heard, Heard::NotAll, "a transaction before ours");
+        let heard = nft
+            .quiet_commit(&mut writer, |w, g| {
+                ours(w, g)?;
+                another_transaction();
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(heard, Heard::NotAll, "a transaction after ours");
+        // Without a monitor running: an ordinary commit, unbound.
+        let alone = Nft::new(Backend::Lib);
+        let heard = alone
+            .quiet_commit(&mut writer, |w, g| {
+                assert_eq!(g, None, "bound to a generation without a monitor");
+                another_transaction();
+                ours(w, g)
+            })
+            .unwrap();
+        assert_eq!(heard, Heard::Listening);
+    }
 
     #[test]
     fn source_bindings_are_read_from_the_sets_listing() {

@@ -113,3 +113,64 @@ fn a_quiet_full_replace_wakes_nobody_and_the_monitor_hears_again_after_it() {
         .expect("a monitor that could not rejoin stayed deaf");
     assert!(seen.contains("unknown"), "{seen}");
 }
+
+/// An incremental batch large enough to go quiet (here: every batch) commits with the drift
+/// monitor out of the group, all heard, and wakes nobody. (What it says when another process
+/// commits meanwhile: the unit test beside `Nft::quiet_commit`.)
+#[test]
+fn a_quiet_incremental_batch_commits_and_wakes_nobody() {
+    use palisade_agent::compiled;
+    use palisade_agent::nft::Heard;
+    use palisade_policy::synth::{self, Rng, SynthConfig};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    private_netns();
+    let nft = Nft::new(Backend::Lib).with_quiet_batch_bytes(0);
+    let (tx, rx) = mpsc::channel();
+    palisade_agent::nft::watch_drift(nft.monitor_switch(), move |d| {
+        tx.send(d.to_string()).is_ok()
+    })
+    .unwrap();
+    let cfg = SynthConfig::small(5);
+    let mut inc = palisade_policy::IncrementalCompiler::new(synth::cluster(&cfg), "n0");
+    nft.replace_table(inc.ruleset()).unwrap();
+    // A policy in the namespace of a pod of this node selects it: chains and rules to commit.
+    let ns = inc
+        .compiled()
+        .pods
+        .keys()
+        .next()
+        .and_then(|k| k.split_once('/'))
+        .map(|(ns, _)| ns.to_string())
+        .expect("a pod on n0");
+    let mut pol = synth::make_policy(&cfg, &mut Rng::new(9), cfg.policies + 1);
+    pol.namespace = ns;
+    pol.pod_selector = Default::default();
+    compiled::stage(
+        &mut inc,
+        [palisade_policy::model::Change::UpsertPolicy(pol)],
+    )
+    .unwrap();
+    let batch = compiled::take_batch(&mut inc, &[])
+        .unwrap()
+        .expect("a batch");
+    assert!(
+        batch.elements.is_none() && batch.netlink.is_some(),
+        "a batch of rules, as messages"
+    );
+    let before = Nft::summarize_table().unwrap().unwrap();
+
+    assert_eq!(nft.apply_batch(&batch).unwrap(), Heard::Quiet);
+    let after = Nft::summarize_table().unwrap().unwrap();
+    let want = inc.ruleset().stats();
+    assert_ne!(before.fingerprint, after.fingerprint, "the batch went in");
+    assert_eq!(
+        (after.chains as usize, after.rules as usize),
+        (want.chains, want.rules)
+    );
+    assert_eq!(
+        rx.recv_timeout(Duration::from_millis(300)).ok(),
+        None,
+        "our own quiet batch woke the drift watch"
+    );
+}

@@ -413,14 +413,42 @@ fn commit_in_throwaway_netns(
             }
         }
         out.extend(read_back_both_ways());
+        // With `PALISADE_BENCH_LISTEN=1` the changes are committed with a drift monitor listening,
+        // as the agent's is: the kernel then builds a notification per rule and element. With
+        // `=quiet`, the monitor leaves the notification group for batches of 256 KiB or more
+        // (the agent's `QUIET_BATCH_BYTES`) and joins it again after them, as the agent does.
+        let how_listening = std::env::var(LISTEN_ENV).ok();
+        let quiet = how_listening.as_deref() == Some("quiet");
+        let listener = how_listening.map(|_| Listener::start()).transpose()?;
+        if listener.is_some() {
+            out.push(format!(
+                "changes committed with a drift monitor listening{}",
+                if quiet {
+                    ", out of the group for batches of 256 KiB or more"
+                } else {
+                    ""
+                }
+            ));
+        }
         let mut writer = palisade_nft::setelem::ElementWriter::new();
         for (name, batch) in &batches {
             let t = Instant::now();
             let (how, bytes) = match batch {
                 Ok(nl) => {
-                    writer
+                    let out_of_group = listener
+                        .as_ref()
+                        .filter(|_| quiet && nl.len() >= 256 << 10)
+                        .map(|l| &l.membership);
+                    if let Some(m) = out_of_group {
+                        m.leave().map_err(|e| format!("leave: {e}"))?;
+                    }
+                    let committed = writer
                         .commit_prepared("incremental batch", "palisade", &nl.parts())
-                        .map_err(|e| format!("{name}: {e}"))?;
+                        .map_err(|e| format!("{name}: {e}"));
+                    if let Some(m) = out_of_group {
+                        m.join().map_err(|e| format!("join: {e}"))?;
+                    }
+                    committed?;
                     ("netlink", nl.len())
                 }
                 Err(json) => {
@@ -432,6 +460,9 @@ fn commit_in_throwaway_netns(
                 "{name:<26} {:>10}  ({how}, {bytes} bytes)",
                 ms(t.elapsed())
             ));
+        }
+        if let Some(l) = listener {
+            out.push(format!("the listener read {} drift reports", l.stop()));
         }
         Ok(out)
     });
@@ -445,6 +476,51 @@ fn commit_in_throwaway_netns(
         "peak RSS of this process (cluster state, full compile, incremental compiler, batches): {}",
         peak_rss()
     );
+}
+
+/// The environment variable that puts a drift monitor beside the commits of the changes.
+const LISTEN_ENV: &str = "PALISADE_BENCH_LISTEN";
+
+/// A drift monitor of our table, drained by a thread of its own until stopped.
+struct Listener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+    membership: palisade_nft::monitor::Membership,
+}
+
+impl Listener {
+    /// Opens the monitor in the calling thread's network namespace.
+    fn start() -> Result<Self, String> {
+        use palisade_nft::monitor::{Monitor, Scope};
+        let scope = Scope::new("inet", "palisade", &["pending_v4", "pending_v6"])
+            .map_err(|e| format!("monitor scope: {e}"))?;
+        let mut monitor = Monitor::open(scope).map_err(|e| format!("monitor: {e}"))?;
+        let membership = monitor
+            .membership()
+            .map_err(|e| format!("monitor membership: {e}"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut reports = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(Some(_)) = monitor.next(Some(Duration::from_millis(50))) {
+                    reports += 1;
+                }
+            }
+            reports
+        });
+        Ok(Self {
+            stop,
+            thread,
+            membership,
+        })
+    }
+
+    /// Stops the thread; how many drift reports it read.
+    fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 /// The committed table read back for the agent's check two ways, alternating, three times each:
