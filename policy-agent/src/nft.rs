@@ -82,14 +82,14 @@ pub const QUIET_BATCH_BYTES: usize = 256 << 10;
 /// How an incremental batch or a repair went in, and whether the drift monitor heard of every
 /// transaction other than ours meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Heard {
+pub enum Commit {
     /// Committed with the monitor listening (small batches; no monitor running).
-    Listening,
+    Heard,
     /// Committed with the monitor out of the notification group, and nobody else committed.
     Quiet,
     /// Another process committed while the monitor was out for a quiet commit of ours: what
-    /// that changed is unknown, so our table must be restored.
-    NotAll,
+    /// that changed is unknown, so our table must be restored (the batch may not be in).
+    Unheard,
 }
 
 impl Nft {
@@ -128,9 +128,9 @@ impl Nft {
     /// whose error says what is wrong.
     ///
     /// A large batch goes quiet ([`QUIET_BATCH_BYTES`], [`Nft::commit_batch_quietly`]).
-    pub fn apply_batch(&self, batch: &crate::compiled::Batch) -> Result<Heard> {
+    pub fn apply_batch(&self, batch: &crate::compiled::Batch) -> Result<Commit> {
         if let Some(changes) = &batch.elements {
-            return self.apply_elements(changes).map(|()| Heard::Listening);
+            return self.apply_elements(changes).map(|()| Commit::Heard);
         }
         self.commit("incremental batch", batch.netlink.as_ref(), || {
             batch.json_text()
@@ -139,7 +139,7 @@ impl Nft {
 
     /// Commits a repair of touched chains and sets (`Ruleset::repair`) as [`Nft::apply_batch`]
     /// commits a batch that is not only elements.
-    pub fn apply_repair(&self, batch: &palisade_policy::Batch) -> Result<Heard> {
+    pub fn apply_repair(&self, batch: &palisade_policy::Batch) -> Result<Commit> {
         self.commit("repair", batch.netlink.as_ref(), || batch.to_json_string())
     }
 
@@ -151,7 +151,7 @@ impl Nft {
         action: &'static str,
         netlink: Option<&palisade_policy::ruleset::NetlinkBatch>,
         json: impl FnOnce() -> String,
-    ) -> Result<Heard> {
+    ) -> Result<Commit> {
         if let Some(netlink) = netlink {
             let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());
             let parts = netlink.parts();
@@ -160,7 +160,7 @@ impl Nft {
             } else {
                 writer
                     .commit_prepared(action, TABLE_NAME, &parts)
-                    .map(|()| Heard::Listening)
+                    .map(|()| Commit::Heard)
                     .map_err(Error::from)
             };
             match committed {
@@ -171,7 +171,7 @@ impl Nft {
             }
         }
         self.apply(&json())?;
-        Ok(Heard::Listening)
+        Ok(Commit::Heard)
     }
 
     /// Commits a large incremental batch with the drift monitor out of the notification group
@@ -180,7 +180,7 @@ impl Nft {
     /// without). The batch is bound to the generation read while still listening, so another
     /// process's commit before ours refuses it, and the generation after rejoining must be the
     /// next one (ours). Either way round, another transaction landed while the monitor was out
-    /// and what it changed is unknown: [`Heard::NotAll`], whether the batch went in or not, and
+    /// and what it changed is unknown: [`Commit::Unheard`], whether the batch went in or not, and
     /// the engine replaces the table at once (which carries the batch). Without a monitor
     /// running, an ordinary commit.
     fn commit_batch_quietly(
@@ -188,7 +188,7 @@ impl Nft {
         writer: &mut palisade_nft::setelem::ElementWriter,
         action: &'static str,
         bytes: &[&[u8]],
-    ) -> Result<Heard> {
+    ) -> Result<Commit> {
         self.quiet_commit(writer, |w, generation| {
             w.commit_prepared_at(action, TABLE_NAME, bytes, generation)
         })
@@ -203,7 +203,7 @@ impl Nft {
             &mut palisade_nft::setelem::ElementWriter,
             Option<u32>,
         ) -> palisade_nft::Result<()>,
-    ) -> Result<Heard> {
+    ) -> Result<Commit> {
         let before = writer.generation()?;
         let mut commit = Some(commit);
         let outcome = self.out_of_group(|| match commit.take() {
@@ -215,7 +215,7 @@ impl Nft {
                 if let Some(c) = commit.take() {
                     c(writer, None)?;
                 }
-                return Ok(Heard::Listening);
+                return Ok(Commit::Heard);
             }
             Some((_, false)) => (false, Ok(())),
             Some((Ok(()), true)) => (writer.generation()? == before.wrapping_add(1), Ok(())),
@@ -224,10 +224,10 @@ impl Nft {
             Some((Err(e), true)) => (writer.generation()? == before, Err(e)),
         };
         if !heard {
-            return Ok(Heard::NotAll);
+            return Ok(Commit::Unheard);
         }
         committed?;
-        Ok(Heard::Quiet)
+        Ok(Commit::Quiet)
     }
 
     /// Runs `commit` with the drift monitor out of the notification group, and has it listen
@@ -590,7 +590,7 @@ mod tests {
             w.commit_prepared_at("test", TABLE_NAME, &table.parts(), g)
         };
         let heard = nft.quiet_commit(&mut writer, ours).unwrap();
-        assert_eq!(heard, Heard::Quiet, "nobody else committed");
+        assert_eq!(heard, Commit::Quiet, "nobody else committed");
         let heard = nft
             .quiet_commit(&mut writer, |w, g| {
                 another_transaction();
@@ -599,7 +599,7 @@ mod tests {
                 Err(refused)
             })
             .unwrap();
-        assert_eq!(heard, Heard::NotAll, "a transaction before ours");
+        assert_eq!(heard, Commit::Unheard, "a transaction before ours");
         let heard = nft
             .quiet_commit(&mut writer, |w, g| {
                 ours(w, g)?;
@@ -607,7 +607,7 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        assert_eq!(heard, Heard::NotAll, "a transaction after ours");
+        assert_eq!(heard, Commit::Unheard, "a transaction after ours");
         // Without a monitor running: an ordinary commit, unbound.
         let alone = Nft::new(Backend::Lib);
         let heard = alone
@@ -617,7 +617,7 @@ mod tests {
                 ours(w, g)
             })
             .unwrap();
-        assert_eq!(heard, Heard::Listening);
+        assert_eq!(heard, Commit::Heard);
     }
 
     #[test]

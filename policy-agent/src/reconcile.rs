@@ -28,7 +28,7 @@ use crate::cniconf;
 use crate::compiled;
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Sizes};
-use crate::nft::{Heard, Nft};
+use crate::nft::{Commit, Nft};
 use crate::route_sync::RouteSync;
 use crate::schedule::{Schedule, SweepCredit};
 use crate::source::SourceEvent;
@@ -49,7 +49,7 @@ pub const ATTACHMENT_POLL: Duration = Duration::from_millis(200);
 const DRAIN: usize = 256;
 
 /// What a restore says when another process committed while the drift monitor was out for a
-/// large commit of ours ([`Heard::NotAll`]).
+/// large commit of ours ([`Commit::Unheard`]).
 const UNHEARD: &str = "unknown (another transaction landed while the drift monitor was out for a large commit of ours)";
 
 /// Every this many resyncs the table is compiled and replaced in full (at the default 30 s, every
@@ -568,13 +568,13 @@ impl Engine {
             match batch {
                 None => false,
                 Some(batch) => match self.nft.apply_batch(&batch) {
-                    Ok(Heard::NotAll) => {
+                    Ok(Commit::Unheard) => {
                         self.restore_needed(UNHEARD);
                         self.commit_full()?;
                         full = true;
                         true
                     }
-                    Ok(Heard::Listening | Heard::Quiet) => {
+                    Ok(Commit::Heard | Commit::Quiet) => {
                         debug!(stats = %batch.stats, "incremental transaction committed");
                         moved = batch
                             .elements
@@ -599,12 +599,12 @@ impl Engine {
             moved = None;
             match self.inc.ruleset().repair(&chains, &sets) {
                 Some(b) => match self.nft.apply_repair(&b) {
-                    Ok(Heard::NotAll) => {
+                    Ok(Commit::Unheard) => {
                         self.restore_needed(UNHEARD);
                         self.commit_full()?;
                         full = true;
                     }
-                    Ok(Heard::Listening | Heard::Quiet) => {
+                    Ok(Commit::Heard | Commit::Quiet) => {
                         info!(chains = ?chains, sets = ?sets, took_ms = start.elapsed().as_secs_f64() * 1e3, "touched chains and sets repaired");
                     }
                     Err(e) => {

@@ -120,7 +120,7 @@ fn a_quiet_full_replace_wakes_nobody_and_the_monitor_hears_again_after_it() {
 #[test]
 fn a_quiet_incremental_batch_commits_and_wakes_nobody() {
     use palisade_agent::compiled;
-    use palisade_agent::nft::Heard;
+    use palisade_agent::nft::Commit;
     use palisade_policy::synth::{self, Rng, SynthConfig};
     use std::sync::mpsc;
     use std::time::Duration;
@@ -160,7 +160,7 @@ fn a_quiet_incremental_batch_commits_and_wakes_nobody() {
     );
     let before = Nft::summarize_table().unwrap().unwrap();
 
-    assert_eq!(nft.apply_batch(&batch).unwrap(), Heard::Quiet);
+    assert_eq!(nft.apply_batch(&batch).unwrap(), Commit::Quiet);
     let after = Nft::summarize_table().unwrap().unwrap();
     let want = inc.ruleset().stats();
     assert_ne!(before.fingerprint, after.fingerprint, "the batch went in");
