@@ -491,8 +491,10 @@ struct Listener {
 impl Listener {
     /// Opens the monitor in the calling thread's network namespace.
     fn start() -> Result<Self, String> {
+        use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
         use palisade_nft::monitor::{Monitor, Scope};
-        let scope = Scope::new("inet", "palisade", &["pending_v4", "pending_v6"])
+        // The agent's scope (its `nft::watch_drift`): our table, the plugin's marks left out.
+        let scope = Scope::new(TABLE_FAMILY, TABLE_NAME, &[PENDING_SET_V4, PENDING_SET_V6])
             .map_err(|e| format!("monitor scope: {e}"))?;
         let mut monitor = Monitor::open(scope).map_err(|e| format!("monitor: {e}"))?;
         let membership = monitor
