@@ -262,7 +262,6 @@ impl<'a> NodeAddressIndex<'a> {
         self.sorted[from..]
             .iter()
             .take_while(|(ip, ..)| *ip <= cidr.broadcast())
-            .filter(|(ip, ..)| cidr.contains(ip))
             .min_by_key(|(_, node, place, _)| (*node, *place))
             .map(|(ip, _, _, name)| (*name, *ip))
     }
