@@ -65,6 +65,7 @@ pub struct Metrics {
     last_full: Gauge<f64, AtomicU64>,
     errors: Family<Label, Count>,
     restores: Count,
+    unheard: Count,
     /// Flows cut, by the kind of sweep that cut them (`full`, `targeted`).
     flows_cut: Family<Label, Count>,
     flows_unjudged: Count,
@@ -112,6 +113,7 @@ impl Metrics {
             last_full: Gauge::default(),
             errors: Family::default(),
             restores: Count::default(),
+            unheard: Count::default(),
             flows_cut: Family::default(),
             flows_unjudged: Count::default(),
             sweeps: Family::default(),
@@ -159,6 +161,12 @@ impl Metrics {
             "palisade_resync_restores",
             "Times our table was found changed or removed behind our back and restored",
             &m.restores,
+        );
+        reg(
+            &mut r,
+            "palisade_unheard_commits",
+            "Large commits of ours during which another process's transaction landed unseen (the drift monitor was out of the notification group): our table was replaced in full, as what that transaction changed is unknown. Not by itself a sign of tampering (kube-proxy commits often)",
+            &m.unheard,
         );
         reg(
             &mut r,
@@ -308,6 +316,12 @@ impl Metrics {
         self.restores.inc();
     }
 
+    /// Another process's transaction landed unseen during a quiet commit of ours; the table was
+    /// replaced in full to be sure.
+    pub fn unheard(&self) {
+        self.unheard.inc();
+    }
+
     /// The Nodes' podCIDRs that get no route now, by reason.
     pub fn refused_pod_cidrs(&self, by_reason: BTreeMap<&'static str, u64>) {
         for reason in crate::routes::RefusalReason::ALL.map(|r| r.label()) {
@@ -445,6 +459,9 @@ palisade_errors_total{kind="bad_object"} 1
 # HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.
 # TYPE palisade_resync_restores_total counter
 palisade_resync_restores_total 1
+# HELP palisade_unheard_commits_total Large commits of ours during which another process's transaction landed unseen (the drift monitor was out of the notification group): our table was replaced in full, as what that transaction changed is unknown. Not by itself a sign of tampering (kube-proxy commits often).
+# TYPE palisade_unheard_commits_total counter
+palisade_unheard_commits_total 1
 # HELP palisade_conntrack_flows_cut_total Established flows cut because the ruleset no longer admits them, by the sweep that cut them (full: a walk of the conntrack table; targeted: the known flows of the addresses a commit moved; recheck: a cut flow that came back in its reply direction; released: the flows of an address whose pod went away).
 # TYPE palisade_conntrack_flows_cut_total counter
 palisade_conntrack_flows_cut_total{sweep="full"} 5
@@ -553,6 +570,7 @@ palisade_flow_log_packets_total{result="kernel_overflow"} 0
         m.error("bad_object");
         m.error("nft");
         m.restored();
+        m.unheard();
         m.refused_pod_cidrs([("too_wide", 2), ("overlaps_own_node", 1)].into());
         m.route_failures(2);
         m.flows_revoked("full", 5, 1);

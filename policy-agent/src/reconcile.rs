@@ -48,10 +48,6 @@ pub const ATTACHMENT_POLL: Duration = Duration::from_millis(200);
 /// Messages already waiting that are handled before the timers run (see `Engine::run`).
 const DRAIN: usize = 256;
 
-/// What a restore says when another process committed while the drift monitor was out for a
-/// large commit of ours ([`Commit::Unheard`]).
-const UNHEARD: &str = "unknown (another transaction landed while the drift monitor was out for a large commit of ours)";
-
 /// Every this many resyncs the table is compiled and replaced in full (at the default 30 s, every
 /// 5 minutes); the others list it off the reconcile thread and restore it only when its fingerprint
 /// differs from the one taken after our last commit. At 100k pods a full resync held the reconcile
@@ -569,7 +565,7 @@ impl Engine {
                 None => false,
                 Some(batch) => match self.nft.apply_batch(&batch) {
                     Ok(Commit::Unheard) => {
-                        self.restore_needed(UNHEARD);
+                        self.unheard();
                         self.commit_full()?;
                         full = true;
                         true
@@ -600,7 +596,7 @@ impl Engine {
             match self.inc.ruleset().repair(&chains, &sets) {
                 Some(b) => match self.nft.apply_repair(&b) {
                     Ok(Commit::Unheard) => {
-                        self.restore_needed(UNHEARD);
+                        self.unheard();
                         self.commit_full()?;
                         full = true;
                     }
@@ -823,6 +819,21 @@ impl Engine {
     fn restore_needed(&mut self, what: &str) {
         self.metrics.restored();
         warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
+        self.replace_all();
+    }
+
+    /// Another process committed while the drift monitor was out for a large commit of ours
+    /// ([`Commit::Unheard`]): what it changed is unknown, so our table is replaced in full. Counted
+    /// apart from restores: on a node where kube-proxy commits often this is a collision of
+    /// timing, not tampering.
+    fn unheard(&mut self) {
+        self.metrics.unheard();
+        info!("another process committed nf_tables while the drift monitor was out for a large commit of ours; replacing our table in full, as what it changed went unseen (palisade_unheard_commits_total counts this; nothing to do unless it grows with every change)");
+        self.replace_all();
+    }
+
+    /// The next commit replaces the whole table; nothing known of the committed one is kept.
+    fn replace_all(&mut self) {
         self.replace = true;
         self.repair = None;
         self.table.forget();
