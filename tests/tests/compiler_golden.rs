@@ -116,16 +116,16 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
         SetKey::Ipv4,
         true,
         vec![
-            Elem::Range(ip("10.0.0.0"), ip("10.0.0.255")),
+            Elem::range(ip("10.0.0.0"), ip("10.0.0.255")),
             Elem::Addr(ip("10.1.0.5")),
-            Elem::Range(ip("10.2.0.0"), ip("255.255.255.255")),
+            Elem::range(ip("10.2.0.0"), ip("255.255.255.255")),
         ],
     ));
     rs.add_set(set(
         "i6",
         SetKey::Ipv6,
         true,
-        vec![Elem::Range(ip("::"), ip("fd00::ff"))],
+        vec![Elem::range(ip("::"), ip("fd00::ff"))],
     ));
     rs.add_set(set(
         "pp",
@@ -161,31 +161,31 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
         "s4",
         SetKey::Ipv4Pair,
         false,
-        vec![Elem::AddrPair(ip("10.0.0.1"), ip("10.0.0.1"))],
+        vec![Elem::addr_pair(ip("10.0.0.1"), ip("10.0.0.1"))],
     ));
     rs.add_set(set(
         "s6",
         SetKey::Ipv6Pair,
         false,
-        vec![Elem::AddrPair(ip("fd00::1"), ip("fd00::1"))],
+        vec![Elem::addr_pair(ip("fd00::1"), ip("fd00::1"))],
     ));
     rs.add_set(set(
         "f4",
         SetKey::IfnameIpv4,
         false,
-        vec![Elem::IfaceAddr("pal0123456789ab".into(), ip("10.0.0.1"))],
+        vec![Elem::iface_addr("pal0123456789ab".into(), ip("10.0.0.1"))],
     ));
     rs.add_set(set(
         "f6",
         SetKey::IfnameIpv6,
         false,
-        vec![Elem::IfaceAddr("pal1".into(), ip("fd00::1"))],
+        vec![Elem::iface_addr("pal1".into(), ip("fd00::1"))],
     ));
     let mut vm = set(
         "vm",
         SetKey::Ipv4,
         false,
-        vec![Elem::GotoChain(ip("10.0.0.1"), "target".into())],
+        vec![Elem::goto_chain(ip("10.0.0.1"), "target".into())],
     );
     vm.verdict_map = true;
     rs.add_set(vm);
@@ -196,7 +196,7 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
         "vml",
         SetKey::Ifname,
         false,
-        vec![Elem::IfaceGoto("pal0123456789ab".into(), "target".into())],
+        vec![Elem::iface_goto("pal0123456789ab".into(), "target".into())],
     );
     vml.verdict_map = true;
     rs.add_set(vml);

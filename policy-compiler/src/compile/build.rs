@@ -117,7 +117,7 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
                 owner.insert((dir, *ip), pod.key.as_str());
                 if let Some(m) = rs.sets.get_mut(map_name(dir, Family::of(ip))) {
                     m.elements
-                        .insert(Elem::GotoChain(*ip, group.clone().into()));
+                        .insert(Elem::goto_chain(*ip, group.clone().into()));
                 }
                 if let (Direction::Egress, Some(veth)) = (dir, veth_of.get(ip)) {
                     links.entry(veth).or_insert_with(|| group.clone());
@@ -129,7 +129,7 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
         m.elements.extend(
             links
                 .into_iter()
-                .map(|(veth, group)| Elem::IfaceGoto(veth.into(), group.into())),
+                .map(|(veth, group)| Elem::iface_goto(veth.into(), group.into())),
         );
     }
     for t in &ties {
@@ -508,7 +508,7 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
                 .values()
                 .flat_map(|p| p.ips.iter())
                 .filter(|ip| Family::of(ip) == fam)
-                .map(|ip| Elem::AddrPair(*ip, *ip))
+                .map(|ip| Elem::addr_pair(*ip, *ip))
                 .collect(),
         });
         for dir in Direction::BOTH {
@@ -764,7 +764,7 @@ fn source_sets(rs: &mut Ruleset, c: &Compiled) {
                 .sources
                 .iter()
                 .filter(|(_, ip)| Family::of(ip) == fam)
-                .map(|(veth, ip)| Elem::IfaceAddr(veth.clone().into(), *ip))
+                .map(|(veth, ip)| Elem::iface_addr(veth.clone().into(), *ip))
                 .collect(),
         });
     }
@@ -949,7 +949,7 @@ fn egress_nat(rs: &mut Ruleset, nat: &EgressNat) {
                     .map(|n| (n, empty)),
             )
             .into_iter()
-            .map(|(a, b)| Elem::Range(a, b))
+            .map(|(a, b)| Elem::range(a, b))
             .collect()
         };
         let key = addr_key(fam);
@@ -1147,7 +1147,7 @@ fn rule_matches(
                 .blocks
                 .iter()
                 .filter(|(a, _)| Family::of(a) == fam)
-                .map(|(a, b)| Elem::Range(*a, *b))
+                .map(|(a, b)| Elem::range(*a, *b))
                 .collect(),
         });
         peer_conds.push((

@@ -979,7 +979,7 @@ fn semantics_38_a_pod_can_always_reach_itself() {
     let c = compiled(&w);
     assert!(c.ruleset.sets[SELF_SET_V4]
         .elements
-        .contains(&Elem::AddrPair(ip("10.0.1.1"), ip("10.0.1.1"))));
+        .contains(&Elem::addr_pair(ip("10.0.1.1"), ip("10.0.1.1"))));
 }
 
 #[test]
@@ -1128,10 +1128,10 @@ fn attachment_ips_count_for_local_pods_before_the_api_knows_them_and_pending_cle
     let group = group_chain(&["a/p".to_string()], &[], &[], &[], Direction::Ingress);
     assert!(c.ruleset.sets[MAP_INGRESS_V4]
         .elements
-        .contains(&Elem::GotoChain(ip("10.0.1.1"), group.clone().into())));
+        .contains(&Elem::goto_chain(ip("10.0.1.1"), group.clone().into())));
     assert!(c.ruleset.sets[MAP_INGRESS_V6]
         .elements
-        .contains(&Elem::GotoChain(ip("fd00:1::1"), group.into())));
+        .contains(&Elem::goto_chain(ip("fd00:1::1"), group.into())));
 }
 
 #[test]
@@ -1146,15 +1146,15 @@ fn source_guard_binds_each_records_addresses_to_its_own_veth_only() {
     assert_eq!(
         c.ruleset.sets[SOURCE_SET_V4].elements,
         [
-            Elem::IfaceAddr(vx.clone().into(), ip("10.0.1.1")),
-            Elem::IfaceAddr(vy.into(), ip("10.0.1.2")),
+            Elem::iface_addr(vx.clone().into(), ip("10.0.1.1")),
+            Elem::iface_addr(vy.into(), ip("10.0.1.2")),
         ]
         .into(),
         "a pending pod's binding is there before its pod is known: pending drops it anyway"
     );
     assert_eq!(
         c.ruleset.sets[SOURCE_SET_V6].elements,
-        [Elem::IfaceAddr(vx.into(), ip("fd00:1::1"))].into()
+        [Elem::iface_addr(vx.into(), ip("fd00:1::1"))].into()
     );
     assert_eq!(c.ruleset.sets[SOURCE_SET_V4].key, SetKey::IfnameIpv4);
 }
@@ -1188,7 +1188,7 @@ fn link_local_sources_of_an_egress_isolated_pod_take_its_egress_verdict() {
     );
     assert_eq!(
         c.ruleset.sets[MAP_EGRESS_LINKS].elements,
-        [Elem::IfaceGoto(vx.into(), group.into())].into(),
+        [Elem::iface_goto(vx.into(), group.into())].into(),
         "x's veth (once for both its addresses); not y's: y's egress is not isolated"
     );
     assert!(c.ruleset.sets[MAP_EGRESS_LINKS].verdict_map);
@@ -1443,13 +1443,13 @@ fn egress_nat_masquerades_pod_sources_to_destinations_outside_the_exempt_ranges(
     );
     assert_eq!(
         rs.sets[NAT_SOURCES_V4].elements,
-        [Elem::Range(ip("10.244.0.0"), ip("10.244.255.255"))].into()
+        [Elem::range(ip("10.244.0.0"), ip("10.244.255.255"))].into()
     );
     assert_eq!(
         rs.sets[NAT_EXEMPT_V4].elements,
         [
-            Elem::Range(ip("10.244.0.0"), ip("10.244.255.255")),
-            Elem::Range(ip("172.31.0.1"), ip("172.31.0.2")),
+            Elem::range(ip("10.244.0.0"), ip("10.244.255.255")),
+            Elem::range(ip("172.31.0.1"), ip("172.31.0.2")),
         ]
         .into(),
         "adjacent node addresses merge into one interval"

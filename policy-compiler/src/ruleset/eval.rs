@@ -70,7 +70,7 @@ impl Ruleset {
                     // guard, which the kernel tests check): a packet with a local pod's source
                     // came in through a pod's veth, and the guard's rules never match here.
                     Stmt::IifnamePrefix(_) => {
-                        let own = Elem::AddrPair(p.saddr, p.saddr);
+                        let own = Elem::addr_pair(p.saddr, p.saddr);
                         if p.from_this_node
                             || !self
                                 .sets
@@ -108,7 +108,7 @@ impl Ruleset {
                         }
                     }
                     Stmt::SelfTraffic { family, set } => {
-                        let want = Elem::AddrPair(p.saddr, p.daddr);
+                        let want = Elem::addr_pair(p.saddr, p.daddr);
                         if Family::of(&p.saddr) != *family
                             || !self
                                 .sets
@@ -162,7 +162,7 @@ impl Ruleset {
                         }
                         let target = self.sets.get(map).and_then(|m| {
                             m.elements.iter().find_map(|e| match e {
-                                Elem::GotoChain(k, t) if *k == ip => Some(t.clone()),
+                                Elem::GotoChain(g) if g.0 == ip => Some(g.1.clone()),
                                 _ => None,
                             })
                         });
@@ -192,7 +192,10 @@ impl Ruleset {
         self.sets.get(set).is_some_and(|s| {
             s.elements.iter().any(|e| match e {
                 Elem::Addr(a) => *a == ip,
-                Elem::Range(a, b) => Family::of(a) == Family::of(&ip) && *a <= ip && ip <= *b,
+                Elem::Range(r) => {
+                    let (a, b) = **r;
+                    Family::of(&a) == Family::of(&ip) && a <= ip && ip <= b
+                }
                 _ => false,
             })
         })

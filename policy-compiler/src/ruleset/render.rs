@@ -209,8 +209,9 @@ impl KeyShape {
     fn key(self, e: &Elem) -> Option<ElementKey> {
         match (self, e) {
             (KeyShape::Addr, Elem::Addr(a)) => Some(ElementKey::Addr(*a)),
-            (KeyShape::Addr, Elem::Range(a, b)) if a == b => Some(ElementKey::Addr(*a)),
-            (KeyShape::IfaceAddr, Elem::IfaceAddr(name, a)) => {
+            (KeyShape::Addr, Elem::Range(r)) if r.0 == r.1 => Some(ElementKey::Addr(r.0)),
+            (KeyShape::IfaceAddr, Elem::IfaceAddr(pair)) => {
+                let (name, a) = &**pair;
                 let plain = !name.is_empty()
                     && name.len() < 16
                     && name
@@ -218,7 +219,9 @@ impl KeyShape {
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
                 plain.then(|| ElementKey::IfaceAddr(name.to_string(), *a))
             }
-            (KeyShape::AddrPair, Elem::AddrPair(a, b)) => Some(ElementKey::AddrPair(*a, *b)),
+            (KeyShape::AddrPair, Elem::AddrPair(pair)) => {
+                Some(ElementKey::AddrPair(pair.0, pair.1))
+            }
             _ => None,
         }
     }
@@ -372,16 +375,16 @@ fn port_json(lo: u16, hi: u16) -> Value {
 pub(crate) fn elem_json(e: &Elem, key_only: bool) -> Value {
     match e {
         Elem::Addr(ip) => ip_json(ip),
-        Elem::Range(a, b) if a == b => ip_json(a),
-        Elem::Range(a, b) => json!({"range": [a.to_string(), b.to_string()]}),
+        Elem::Range(r) if r.0 == r.1 => ip_json(&r.0),
+        Elem::Range(r) => json!({"range": [r.0.to_string(), r.1.to_string()]}),
         Elem::ProtoPort(p, lo, hi) => json!({"concat": [p.nft_name(), port_json(*lo, *hi)]}),
         Elem::AddrProtoPort(ip, p, port) => json!({"concat": [ip.to_string(), p.nft_name(), port]}),
-        Elem::AddrPair(a, b) => json!({"concat": [a.to_string(), b.to_string()]}),
-        Elem::GotoChain(ip, target) if key_only => ip_json(ip),
-        Elem::GotoChain(ip, target) => json!([ip.to_string(), {"goto": {"target": target}}]),
-        Elem::IfaceAddr(name, ip) => json!({"concat": [name, ip.to_string()]}),
-        Elem::IfaceGoto(name, _) if key_only => json!(name),
-        Elem::IfaceGoto(name, target) => json!([name, {"goto": {"target": target}}]),
+        Elem::AddrPair(p) => json!({"concat": [p.0.to_string(), p.1.to_string()]}),
+        Elem::GotoChain(g) if key_only => ip_json(&g.0),
+        Elem::GotoChain(g) => json!([g.0.to_string(), {"goto": {"target": g.1}}]),
+        Elem::IfaceAddr(p) => json!({"concat": [p.0, p.1.to_string()]}),
+        Elem::IfaceGoto(g) if key_only => json!(g.0),
+        Elem::IfaceGoto(g) => json!([g.0, {"goto": {"target": g.1}}]),
     }
 }
 
@@ -768,13 +771,13 @@ mod tests {
                 "sources_v4",
                 SetKey::IfnameIpv4,
                 false,
-                &[Elem::IfaceAddr("palab12".into(), ip("10.0.0.1"))],
+                &[Elem::iface_addr("palab12".into(), ip("10.0.0.1"))],
             ),
             set(
                 "self_v6",
                 SetKey::Ipv6Pair,
                 false,
-                &[Elem::AddrPair(ip("fd00::1"), ip("fd00::1"))],
+                &[Elem::addr_pair(ip("fd00::1"), ip("fd00::1"))],
             ),
         ]);
         let mut got = diff(&last, &next)
@@ -804,7 +807,7 @@ mod tests {
             "cidr_v4",
             SetKey::Ipv4,
             true,
-            &[Elem::Range(ip("10.0.0.1"), ip("10.0.0.1"))],
+            &[Elem::range(ip("10.0.0.1"), ip("10.0.0.1"))],
         )]);
         assert_eq!(diff(&last, &next).address_element_changes(&next), None);
         // A set keyed by protocols and ports.
@@ -823,7 +826,7 @@ mod tests {
                 "sources_v4",
                 SetKey::IfnameIpv4,
                 false,
-                &[Elem::IfaceAddr(bad.into(), ip("10.0.0.1"))],
+                &[Elem::iface_addr(bad.into(), ip("10.0.0.1"))],
             )]);
             assert_eq!(
                 diff(&last, &next).address_element_changes(&next),

@@ -396,7 +396,7 @@ fn cnp_pods_no_cnp_selects_pay_nothing_for_them() {
             !c.ruleset.sets[m]
                 .elements
                 .iter()
-                .any(|e| matches!(e, Elem::GotoChain(ip, _) if *ip == self::ip("10.0.2.1") || *ip == self::ip("fd00::2:1"))),
+                .any(|e| matches!(e, Elem::GotoChain(g) if g.0 == self::ip("10.0.2.1") || g.0 == self::ip("fd00::2:1"))),
             "{m}"
         );
     }
@@ -404,7 +404,7 @@ fn cnp_pods_no_cnp_selects_pay_nothing_for_them() {
     assert!(c.ruleset.sets[MAP_INGRESS_V4]
         .elements
         .iter()
-        .any(|e| matches!(e, Elem::GotoChain(ip, _) if *ip == self::ip("10.0.2.2"))));
+        .any(|e| matches!(e, Elem::GotoChain(g) if g.0 == self::ip("10.0.2.2"))));
 }
 
 #[test]

@@ -48,6 +48,10 @@ pub struct NetlinkBatch {
 /// A batch part is closed at the first message end past this many bytes.
 pub const PART_BYTES: usize = 1 << 20;
 
+/// A part's room: [`PART_BYTES`] and the message that crosses it (one is at most ~64 KiB), so a
+/// part is never regrown once it has its room.
+const PART_ROOM: usize = PART_BYTES + PART_BYTES / 8;
+
 impl NetlinkBatch {
     /// The datagram, in order: the first part begins with `NFNL_MSG_BATCH_BEGIN`, the last ends
     /// with `NFNL_MSG_BATCH_END`.
@@ -195,10 +199,13 @@ fn elem_key(set: &Set, e: &Elem) -> Result<(Vec<u8>, Option<Vec<u8>>), Unsupport
     let mut k = Vec::new();
     let mut end = None;
     match (set.key, e) {
-        (SetKey::Ipv4 | SetKey::Ipv6, Elem::Addr(ip) | Elem::GotoChain(ip, _))
-            if fam_ok(ip, set.key == SetKey::Ipv4) =>
-        {
+        (SetKey::Ipv4 | SetKey::Ipv6, Elem::Addr(ip)) if fam_ok(ip, set.key == SetKey::Ipv4) => {
             push_part(&mut k, &addr_bytes(ip))
+        }
+        (SetKey::Ipv4 | SetKey::Ipv6, Elem::GotoChain(g))
+            if fam_ok(&g.0, set.key == SetKey::Ipv4) =>
+        {
+            push_part(&mut k, &addr_bytes(&g.0))
         }
         (SetKey::ProtoPort, Elem::ProtoPort(p, lo, hi)) => {
             push_part(&mut k, &[expr::proto_number(*p)]);
@@ -219,22 +226,23 @@ fn elem_key(set: &Set, e: &Elem) -> Result<(Vec<u8>, Option<Vec<u8>>), Unsupport
             push_part(&mut k, &[expr::proto_number(*p)]);
             push_part(&mut k, &port.to_be_bytes());
         }
-        (SetKey::Ipv4Pair | SetKey::Ipv6Pair, Elem::AddrPair(a, b))
-            if fam_ok(a, set.key == SetKey::Ipv4Pair) && fam_ok(b, set.key == SetKey::Ipv4Pair) =>
+        (SetKey::Ipv4Pair | SetKey::Ipv6Pair, Elem::AddrPair(pair))
+            if fam_ok(&pair.0, set.key == SetKey::Ipv4Pair)
+                && fam_ok(&pair.1, set.key == SetKey::Ipv4Pair) =>
         {
-            push_part(&mut k, &addr_bytes(a));
-            push_part(&mut k, &addr_bytes(b));
+            push_part(&mut k, &addr_bytes(&pair.0));
+            push_part(&mut k, &addr_bytes(&pair.1));
         }
-        (SetKey::IfnameIpv4 | SetKey::IfnameIpv6, Elem::IfaceAddr(name, ip))
-            if fam_ok(ip, set.key == SetKey::IfnameIpv4) && name.len() < IFNAMSIZ =>
+        (SetKey::IfnameIpv4 | SetKey::IfnameIpv6, Elem::IfaceAddr(pair))
+            if fam_ok(&pair.1, set.key == SetKey::IfnameIpv4) && pair.0.len() < IFNAMSIZ =>
         {
-            let mut n = name.as_bytes().to_vec();
+            let mut n = pair.0.as_bytes().to_vec();
             n.resize(IFNAMSIZ, 0);
             push_part(&mut k, &n);
-            push_part(&mut k, &addr_bytes(ip));
+            push_part(&mut k, &addr_bytes(&pair.1));
         }
-        (SetKey::Ifname, Elem::IfaceGoto(name, _)) if name.len() < IFNAMSIZ => {
-            let mut n = name.as_bytes().to_vec();
+        (SetKey::Ifname, Elem::IfaceGoto(g)) if g.0.len() < IFNAMSIZ => {
+            let mut n = g.0.as_bytes().to_vec();
             n.resize(IFNAMSIZ, 0);
             push_part(&mut k, &n);
         }
@@ -261,7 +269,7 @@ fn interval_elements(set: &Set) -> Result<Vec<ElemMsg>, Unsupported> {
     let mut ranges = Vec::new();
     for e in &set.elements {
         let (a, b) = match e {
-            Elem::Range(a, b) => (*a, *b),
+            Elem::Range(r) => **r,
             Elem::Addr(a) => (*a, *a),
             _ => {
                 return Err(Unsupported::Set {
@@ -389,10 +397,14 @@ impl Messages {
 
     /// An nf_tables message whose attributes `body` writes.
     fn msg(&mut self, ty: u16, flags: u16, body: impl FnOnce(&mut Writer)) {
-        if self.w.buf.len() >= PART_BYTES {
-            // Room for the next part's messages without a regrowth (one is at most ~64 KiB).
-            let next = Vec::with_capacity(PART_BYTES + PART_BYTES / 8);
+        let len = self.w.buf.len();
+        if len >= PART_BYTES {
+            let next = Vec::with_capacity(PART_ROOM);
             self.done.push(std::mem::replace(&mut self.w.buf, next));
+        } else if len >= PART_BYTES / 4 && self.w.buf.capacity() < PART_ROOM {
+            // The first part grows by doubling (most batches are small); one past a quarter of a
+            // part gets its room at once instead of doubling on to 2 MiB, half of it unused.
+            self.w.buf.reserve_exact(PART_ROOM - len);
         }
         let at = self.open(
             (NFNL_SUBSYS_NFTABLES << 8) | ty,
@@ -446,8 +458,10 @@ fn element_msgs<'a>(
             } else {
                 None
             };
-            if let Elem::GotoChain(_, chain) | Elem::IfaceGoto(_, chain) = e {
-                m.goto = Some(chain.to_string());
+            match e {
+                Elem::GotoChain(g) => m.goto = Some(g.1.to_string()),
+                Elem::IfaceGoto(g) => m.goto = Some(g.1.to_string()),
+                _ => {}
             }
             Ok(m)
         })
@@ -884,7 +898,7 @@ mod tests {
     /// A batch past [`PART_BYTES`] is held in parts that each end where a message ends (the
     /// kernel reads one datagram, so a message cut between two parts would still arrive whole;
     /// what matters is that no part is regrown or copied), and the parts together are the same
-    /// messages in the same order.
+    /// messages in the same order; no part, the first included, grows past its room.
     #[test]
     fn a_large_batch_is_held_in_parts_that_end_at_message_ends() {
         let mut rs = Ruleset::default();
@@ -900,6 +914,9 @@ mod tests {
             elements,
         });
         let b = rs.full_replace_netlink().unwrap();
+        for (i, part) in b.parts.iter().enumerate() {
+            assert!(part.capacity() <= PART_ROOM, "part {i} was regrown");
+        }
         let parts = b.parts();
         assert!(
             parts.len() >= 3,
@@ -1002,15 +1019,15 @@ mod tests {
             "iv4",
             SetKey::Ipv4,
             vec![
-                Elem::Range(ip("10.0.0.0"), ip("10.0.0.255")),
+                Elem::range(ip("10.0.0.0"), ip("10.0.0.255")),
                 Elem::Addr(ip("10.1.0.5")),
-                Elem::Range(ip("10.2.0.0"), ip("255.255.255.255")),
+                Elem::range(ip("10.2.0.0"), ip("255.255.255.255")),
             ],
         ));
         rs.add_set(set(
             "iv6",
             SetKey::Ipv6,
-            vec![Elem::Range(ip("::"), ip("fd00::ff"))],
+            vec![Elem::range(ip("::"), ip("fd00::ff"))],
         ));
         rs.add_set(set(
             "ppi",
