@@ -178,6 +178,17 @@ pub struct RunArgs {
     /// NFLOG group of the flow log (change it if another program of the node uses this one).
     #[arg(long, env = "PALISADE_FLOW_LOG_GROUP", default_value_t = crate::flow_log::DEFAULT_GROUP)]
     pub flow_log_group: u16,
+    /// Most pod peers (podSelector / namespaceSelector entries, over all its rules) one
+    /// NetworkPolicy may have; one with more is refused on this node: the pods it selects are
+    /// isolated in its directions and it allows them nothing (logged as a warning). Each peer is
+    /// matched against the pods of every namespace it draws from.
+    #[arg(long, env = "PALISADE_MAX_POLICY_POD_PEERS", default_value_t = palisade_policy::model::PolicyLimits::DEFAULT.pod_peers, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_policy_pod_peers: usize,
+    /// Most pods the pod peers of one NetworkPolicy may select on this node's table, summed over
+    /// the peers; past it the policy is refused as above. Bounds what one tenant's policy costs
+    /// the agent and the kernel (a few hundred bytes per selected pod).
+    #[arg(long, env = "PALISADE_MAX_POLICY_PEER_PODS", default_value_t = palisade_policy::model::PolicyLimits::DEFAULT.peer_pods, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_policy_peer_pods: usize,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -119,7 +119,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         poll_attachments,
     };
     let rt = tokio::runtime::Handle::current();
-    let mut engine = Engine::new(cfg, nft, metrics.clone()).with_snapshot_reader(tx.clone())?;
+    let mut engine = Engine::new(cfg, nft, metrics.clone())
+        .with_snapshot_reader(tx.clone())?
+        .with_policy_limits(palisade_policy::model::PolicyLimits {
+            pod_peers: args.max_policy_pod_peers,
+            peer_pods: args.max_policy_peer_pods,
+        });
     if !args.no_routes {
         info!(
             mode = args.encapsulation.label(),

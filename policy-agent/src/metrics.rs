@@ -47,6 +47,8 @@ pub struct Sizes {
     pub cluster_policies: u64,
     /// Same-tier, same-priority ClusterNetworkPolicy pairs selecting one local pod.
     pub priority_ties: u64,
+    /// NetworkPolicies refused on this node for their size (`--max-policy-*`).
+    pub refused_policies: u64,
 }
 
 /// One label, `name="value"`.
@@ -84,7 +86,7 @@ pub struct Metrics {
     lock_acquisitions: Count,
     /// pods, policies, chains, rules, sets, set elements, pending, cluster policies, priority ties
     /// (in `Sizes` order).
-    sizes: [Level; 9],
+    sizes: [Level; 10],
     http_open: Level,
     http_closed: Family<Label, Count>,
     /// Flow-log packets by what became of them (`FLOW_LOG_RESULTS`).
@@ -228,6 +230,10 @@ impl Metrics {
                 "palisade_cluster_network_policy_priority_ties",
                 "Pairs of ClusterNetworkPolicies of one tier and priority that select the same pod of this node in one direction (evaluated by name; give them distinct priorities)",
             ),
+            (
+                "palisade_refused_policies",
+                "NetworkPolicies refused on this node for their size (over --max-policy-pod-peers or --max-policy-peer-pods): they isolate the pods they select and allow them nothing; the agent's warnings name them",
+            ),
         ]) {
             reg(&mut r, name, help, gauge);
         }
@@ -284,6 +290,7 @@ impl Metrics {
             pending,
             cluster_policies,
             priority_ties,
+            refused_policies,
         } = sizes;
         for (gauge, v) in self.sizes.iter().zip([
             pods,
@@ -295,6 +302,7 @@ impl Metrics {
             pending,
             cluster_policies,
             priority_ties,
+            refused_policies,
         ]) {
             gauge.set(v);
         }
@@ -526,6 +534,9 @@ palisade_cluster_network_policies 2
 # HELP palisade_cluster_network_policy_priority_ties Pairs of ClusterNetworkPolicies of one tier and priority that select the same pod of this node in one direction (evaluated by name; give them distinct priorities).
 # TYPE palisade_cluster_network_policy_priority_ties gauge
 palisade_cluster_network_policy_priority_ties 1
+# HELP palisade_refused_policies NetworkPolicies refused on this node for their size (over --max-policy-pod-peers or --max-policy-peer-pods): they isolate the pods they select and allow them nothing; the agent's warnings name them.
+# TYPE palisade_refused_policies gauge
+palisade_refused_policies 1
 # HELP palisade_http_open_connections Connections open to this endpoint (at most 64).
 # TYPE palisade_http_open_connections gauge
 palisade_http_open_connections 0
@@ -564,6 +575,7 @@ palisade_flow_log_packets_total{result="kernel_overflow"} 0
                 pending: 1,
                 cluster_policies: 2,
                 priority_ties: 1,
+                refused_policies: 1,
             },
         );
         m.error("nft");

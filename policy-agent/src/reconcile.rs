@@ -212,6 +212,14 @@ impl Engine {
         self
     }
 
+    /// What one NetworkPolicy may cost this node (`--max-policy-pod-peers`,
+    /// `--max-policy-peer-pods`).
+    pub fn with_policy_limits(mut self, limits: palisade_policy::model::PolicyLimits) -> Self {
+        // While the compiler is stale (at start) this only sets the state.
+        let _ = compiled::stage(&mut self.inc, [Change::SetPolicyLimits(limits)]);
+        self
+    }
+
     /// Converge routes and the overlay after commits (without: `--no-routes`).
     pub fn with_routes(mut self, routes: RouteSync) -> Self {
         self.routes = Some(routes);
@@ -651,6 +659,13 @@ impl Engine {
             pending: pending as u64,
             cluster_policies: st.cluster_policies.len() as u64,
             priority_ties: self.inc.compiled().priority_ties.len() as u64,
+            refused_policies: self
+                .inc
+                .compiled()
+                .policies
+                .values()
+                .filter(|p| p.refused.is_some())
+                .count() as u64,
         };
         self.metrics.commit_ok(took, full, sizes);
         if committed {

@@ -632,6 +632,58 @@ fn rules_removed_behind_our_back_are_restored_at_the_next_resync() {
     assert!(m.contains("palisade_resync_restores_total 1"), "{m}");
 }
 
+/// A NetworkPolicy over `--max-policy-pod-peers` is refused: the pod it selects is isolated and it
+/// allows nothing (what it would allow stays blocked); within the limit the same allow works.
+#[test]
+fn a_policy_over_the_agents_limit_isolates_its_pods_and_allows_nothing() {
+    let s = isolated_target(&["--max-policy-pod-peers", "1"]);
+    let rx = Receiver::start(&s.target.ns, PORT, &s.log);
+    let _tx = Sender::start(&s._client.ns, "10.244.1.10", PORT, 3);
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(&s.log).len() > 5),
+        "control: probes do not arrive without policy"
+    );
+    let allow = |peers: &str| {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow, namespace: demo}}\nspec: {{podSelector: {{matchLabels: {{app: target}}}}, ingress: [{{from: [{peers}]}}]}}\n")
+    };
+    // Two pod peers, one of which selects the client: refused, so the target is isolated.
+    manifest(
+        &s.d.manifests,
+        "allow.yaml",
+        &allow("{podSelector: {matchLabels: {app: client}}}, {podSelector: {matchLabels: {app: other}}}"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(&s.log)
+            .last()
+            .is_some_and(|l| now() - l > 0.3)),
+        "probes still arrive: the policy over the limit allowed its peers"
+    );
+    let refused = || {
+        s.n1.http(AGENT_PORT, "/metrics")
+            .and_then(|(_, m)| {
+                m.lines()
+                    .find(|l| l.starts_with("palisade_refused_policies "))
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(refused(), "palisade_refused_policies 1");
+    // One peer: within the limit, the client is allowed again.
+    manifest(
+        &s.d.manifests,
+        "allow.yaml",
+        &allow("{podSelector: {matchLabels: {app: client}}}"),
+    );
+    let before = arrivals(&s.log).len();
+    assert!(
+        wait_until(Duration::from_secs(10), || arrivals(&s.log).len()
+            > before + 5),
+        "the policy within the limit does not allow the client"
+    );
+    assert_eq!(refused(), "palisade_refused_policies 0");
+    drop(rx);
+}
+
 #[test]
 fn a_batch_nft_rejects_falls_back_to_a_full_replace_and_enforcement_continues() {
     // Without the drift watch, which would undo the tampering below before our next batch.

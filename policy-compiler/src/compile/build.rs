@@ -132,6 +132,14 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
                 .map(|(veth, group)| Elem::iface_goto(veth.into(), group.into())),
         );
     }
+    for p in c.policies.values() {
+        if let Some(why) = &p.refused {
+            warnings.push(format!(
+                "NetworkPolicy {} is refused on this node: {why}; the pods it selects here are isolated in its directions and it allows them nothing (fail closed). Split it into smaller policies, or raise the limit of this node's agent",
+                p.key
+            ));
+        }
+    }
     for t in &ties {
         warnings.push(format!(
             "ClusterNetworkPolicies {} and {} ({} tier, priority {}) both select pods of this node for {}; {} is evaluated first (same priority: by name)",

@@ -31,7 +31,7 @@
 use super::build;
 use super::index::{Moved, PodIndex, Subject};
 use super::resolve::{
-    self, applies, cluster_selected, cluster_selects, local_pod, rule_selects, NamedPortScope,
+    self, applies, cluster_selected, cluster_selects, local_pod, rule_selections, NamedPortScope,
     NamedPorts, Resolver, RuleRef,
 };
 use super::{Compiled, CompiledRule, PeerSet};
@@ -334,8 +334,9 @@ impl IncrementalCompiler {
             ch @ (Change::SetEgressNat(_) | Change::SetTunnel(_)) => {
                 self.state.apply(ch); // the local part, rebuilt below, renders it
             }
-            ch @ Change::SetFlowLog(_) => {
-                // Every drop of every chain changes (a start-up setting): compile in full.
+            ch @ (Change::SetFlowLog(_) | Change::SetPolicyLimits(_)) => {
+                // Every drop of every chain, or which policies are refused, changes (start-up
+                // settings): compile in full.
                 self.state.apply(ch);
                 self.tr = tr;
                 self.stale = true;
@@ -373,8 +374,9 @@ impl IncrementalCompiler {
             .collect();
         let local = attachments || self.touches_local(&moved, &keys);
         self.local_pods_moved(&moved, dirty);
-        self.patch_peers(&moved, dirty, tr);
-        local
+        // A refused policy's count is in the local part's warnings.
+        let recounted = self.patch_peers(&moved, dirty, tr);
+        local || recounted
     }
 
     /// Whether the local part may differ after `moved` (of pods `keys`): one of them was or is a
@@ -492,9 +494,17 @@ impl IncrementalCompiler {
     /// Peer and named-port sets of the compiled rules (of policies not recompiled whole), of
     /// NetworkPolicies and ClusterNetworkPolicies alike: memberships of the moved pods, then every
     /// address they held or hold.
-    fn patch_peers(&mut self, moved: &[Moved], dirty: &mut BTreeSet<String>, tr: &mut ChangeLog) {
+    /// Patches the peer sets of the compiled rules the moved pods join or leave; returns whether
+    /// the count of a refused policy changed.
+    fn patch_peers(
+        &mut self,
+        moved: &[Moved],
+        dirty: &mut BTreeSet<String>,
+        tr: &mut ChangeLog,
+    ) -> bool {
+        let mut recounted = false;
         if moved.is_empty() {
-            return;
+            return recounted;
         }
         // Policies whose rules gain a peer family's set or lose one: recompiled whole below.
         let mut whole = Vec::new();
@@ -506,6 +516,7 @@ impl IncrementalCompiler {
         }
         let patch = Patch { moved, ips: &ips };
         let rs = &mut self.compiled.ruleset;
+        let limits = self.state.policy_limits;
         for (pkey, cp) in self.compiled.policies.iter_mut() {
             if dirty.contains(pkey) {
                 continue;
@@ -513,6 +524,22 @@ impl IncrementalCompiler {
             let Some(pol) = self.state.policies.get(pkey) else {
                 continue;
             };
+            // What its pod peers select, summed, follows the pods that moved; a policy that
+            // crosses its limit either way is compiled again, which decides it as a full
+            // compile does. One refused for its number of peers stays so (the spec decides).
+            match &mut cp.refused {
+                Some(super::Refusal::PodPeers { .. }) => continue,
+                Some(super::Refusal::PeerPods { found, limit }) => {
+                    let now = patch.selections(&pol.namespace, pol, *found);
+                    recounted |= now != *found;
+                    *found = now;
+                    if *found <= *limit {
+                        whole.push(pkey.clone());
+                    }
+                    continue;
+                }
+                None => {}
+            }
             for dir in Direction::BOTH {
                 let (Some(specs), Some(rules)) = (
                     pol.rules(dir),
@@ -533,6 +560,9 @@ impl IncrementalCompiler {
                         whole.push(pkey.clone());
                     }
                 }
+            }
+            if cp.peer_pods() > limits.peer_pods {
+                whole.push(pkey.clone());
             }
         }
         for (pkey, ccp) in self.compiled.cluster_policies.iter_mut() {
@@ -561,6 +591,7 @@ impl IncrementalCompiler {
             }
         }
         dirty.extend(whole);
+        recounted
     }
 
     fn policy_changed(
@@ -609,7 +640,7 @@ impl IncrementalCompiler {
 
     /// Recompiles whole policies: their chains and sets are replaced.
     fn recompile_policies(&mut self, dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
-        let resolver = Resolver::new(&self.ix, &self.state.nodes);
+        let resolver = Resolver::new(&self.ix, &self.state.nodes, self.state.policy_limits);
         for pkey in dirty {
             self.compiled.policies.remove(pkey);
             self.compiled.cluster_policies.remove(pkey);
@@ -739,8 +770,27 @@ struct Patch<'a> {
 }
 
 impl Patch<'_> {
+    /// `was`, the pods the pod peers of a refused policy's rules selected (summed over the
+    /// peers), after the moves ([`Patch::rule`] keeps a compiled rule's count).
+    fn selections(&self, own: &str, pol: &Policy, was: usize) -> usize {
+        let count = |spec, s: &Option<Subject>, ns| {
+            s.as_ref()
+                .map_or(0, |s| resolve::rule_selections(own, spec, &s.pod, ns))
+        };
+        Direction::BOTH
+            .into_iter()
+            .flat_map(|d| pol.rules(d).unwrap_or_default())
+            .fold(was, |n, spec| {
+                self.moved.iter().fold(n, |n, m| {
+                    (n + count(spec, &m.new, &m.new_ns))
+                        .saturating_sub(count(spec, &m.old, &m.old_ns))
+                })
+            })
+    }
+
     /// Patches one compiled rule (`cr`, of the spec `spec` of a policy in namespace `own`, which
-    /// selects the local pods `selected`); returns whether its policy must be compiled again.
+    /// selects the local pods `selected`), and its count of selected pods
+    /// ([`PeerSet::matched`]); returns whether its policy must be compiled again.
     #[allow(clippy::too_many_arguments)]
     fn rule(
         &self,
@@ -755,16 +805,19 @@ impl Patch<'_> {
         let mut whole = false;
         if cr.peers.uses_pods {
             for m in self.moved {
-                let selects = |s: &Option<Subject>, ns| {
+                // How many of its pod peers select the pod, before and after.
+                let selections = |s: &Option<Subject>, ns| {
                     s.as_ref()
-                        .is_some_and(|s| rule_selects(own, spec, &s.pod, ns))
+                        .map_or(0, |s| rule_selections(own, spec, &s.pod, ns))
                 };
+                let (was, is) = (selections(&m.old, &m.old_ns), selections(&m.new, &m.new_ns));
+                cr.peers.matched = (cr.peers.matched + is).saturating_sub(was);
                 // Written only when it changes: the set may be shared (copy on write).
-                if selects(&m.new, &m.new_ns) {
+                if is > 0 {
                     if !cr.peers.pods.contains(&m.key) {
                         Arc::make_mut(&mut cr.peers.pods).insert(m.key.clone());
                     }
-                } else if selects(&m.old, &m.old_ns) && cr.peers.pods.contains(&m.key) {
+                } else if was > 0 && cr.peers.pods.contains(&m.key) {
                     Arc::make_mut(&mut cr.peers.pods).remove(&m.key);
                 }
             }

@@ -199,6 +199,9 @@ pub struct CompiledPolicy {
     /// In audit mode: its rules are only evaluated in the audit chains (its part holds its sets,
     /// no chain of its own).
     pub audit: bool,
+    /// Over the node's [`crate::model::PolicyLimits`]: its directions hold no rules (it isolates
+    /// the pods it selects and allows nothing).
+    pub refused: Option<Refusal>,
 }
 
 impl CompiledPolicy {
@@ -206,6 +209,44 @@ impl CompiledPolicy {
         match dir {
             Direction::Ingress => self.ingress.as_deref(),
             Direction::Egress => self.egress.as_deref(),
+        }
+    }
+
+    /// Pods its pod peers select, summed over the peers (what [`crate::model::PolicyLimits::peer_pods`]
+    /// bounds); 0 when it was refused for its number of pod peers (they were not resolved).
+    pub fn peer_pods(&self) -> usize {
+        match self.refused {
+            Some(Refusal::PeerPods { found, .. }) => found,
+            Some(Refusal::PodPeers { .. }) => 0,
+            None => Direction::BOTH
+                .into_iter()
+                .flat_map(|d| self.rules(d).unwrap_or_default())
+                .map(|r| r.peers.matched)
+                .sum(),
+        }
+    }
+}
+
+/// Why a policy was refused, with what it came to and the limit it passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Pod peers over all its rules (`found` of at most `limit`).
+    PodPeers { found: usize, limit: usize },
+    /// Pods its pod peers select, summed over the peers.
+    PeerPods { found: usize, limit: usize },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::PodPeers { found, limit } => write!(
+                f,
+                "it has {found} pod peers (podSelector/namespaceSelector entries), over the limit of {limit} (--max-policy-pod-peers)"
+            ),
+            Refusal::PeerPods { found, limit } => write!(
+                f,
+                "its pod peers select {found} pods (summed over the peers), over the limit of {limit} (--max-policy-peer-pods)"
+            ),
         }
     }
 }
@@ -261,6 +302,9 @@ pub struct PeerSet {
     pub pods: std::sync::Arc<BTreeSet<crate::model::PodKey>>,
     /// Their addresses (shared likewise).
     pub pod_ips: std::sync::Arc<BTreeSet<IpAddr>>,
+    /// Pods its pod peers select, summed over the peers (a pod two peers select counts twice;
+    /// `pods` holds it once): what it counts against [`crate::model::PolicyLimits::peer_pods`].
+    pub matched: usize,
     /// The rule has IPv4 / IPv6 ipBlocks (spec-derived).
     pub has_v4_blocks: bool,
     pub has_v6_blocks: bool,

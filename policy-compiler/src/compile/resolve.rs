@@ -7,11 +7,12 @@
 use super::index::{PodIndex, Subject};
 use super::{
     intervals, Compiled, CompiledClusterPolicy, CompiledClusterRule, CompiledPolicy, CompiledRule,
-    LocalPod, PeerSet, PortSet, TierLists,
+    LocalPod, PeerSet, PortSet, Refusal, TierLists,
 };
 use crate::model::{
     namespace_entries, ClusterPolicy, ClusterState, ClusterSubject, ContainerPort, Direction,
-    LabelSelector, Labels, Node, Peer, Pod, PodKey, Policy, PortMatch, Protocol, Rule,
+    LabelSelector, Labels, Node, Peer, Pod, PodKey, Policy, PolicyLimits, PortMatch, Protocol,
+    Rule,
 };
 use crate::ruleset::Ruleset;
 use ipnet::IpNet;
@@ -28,7 +29,7 @@ pub(crate) fn resolve(state: &ClusterState, ix: &PodIndex) -> Compiled {
         .filter(|(_, s)| s.local)
         .map(|(k, s)| (k.to_string(), local_pod(state, k, s)))
         .collect();
-    let resolver = Resolver::new(ix, &state.nodes);
+    let resolver = Resolver::new(ix, &state.nodes, state.policy_limits);
     let mut policies = BTreeMap::new();
     for (pkey, pol) in &state.policies {
         if !applies(pol) {
@@ -285,12 +286,24 @@ impl<'a> PeerQuery<'a> {
     }
 }
 
-/// Whether any pod peer of a rule of a policy in namespace `own` selects `pod`.
-pub(crate) fn rule_selects(own: &str, rule: &Rule, pod: &Pod, ns_labels: &Labels) -> bool {
+/// How many pod peers of a rule of a policy in namespace `own` select `pod` (each counts: what
+/// [`PeerSet::matched`] sums).
+pub(crate) fn rule_selections(own: &str, rule: &Rule, pod: &Pod, ns_labels: &Labels) -> usize {
     rule.peers
         .iter()
         .filter_map(|peer| PeerQuery::of(own, peer))
-        .any(|q| q.selects(pod, ns_labels))
+        .filter(|q| q.selects(pod, ns_labels))
+        .count()
+}
+
+/// Pod peers of a policy, over all its rules (what [`PolicyLimits::pod_peers`] bounds).
+pub(crate) fn pod_peers(pol: &Policy) -> usize {
+    Direction::BOTH
+        .into_iter()
+        .flat_map(|d| pol.rules(d).unwrap_or_default())
+        .flat_map(|r| &r.peers)
+        .filter(|p| matches!(p, Peer::Pods { .. }))
+        .count()
 }
 
 /// Keys and addresses of the subject pods one pod peer selects.
@@ -313,22 +326,24 @@ pub(crate) struct Resolver<'a> {
     ix: &'a PodIndex,
     /// The cluster's Nodes (a ClusterNetworkPolicy's `nodes` peers).
     nodes: &'a BTreeMap<String, Node>,
+    /// What one NetworkPolicy may cost (ClusterNetworkPolicies, an administrator's, are not
+    /// bounded).
+    limits: PolicyLimits,
     peers: RefCell<HashMap<PeerQuery<'a>, Rc<ResolvedPods>>>,
 }
 
 impl<'a> Resolver<'a> {
-    pub fn new(ix: &'a PodIndex, nodes: &'a BTreeMap<String, Node>) -> Self {
+    pub fn new(ix: &'a PodIndex, nodes: &'a BTreeMap<String, Node>, limits: PolicyLimits) -> Self {
         Self {
             ix,
             nodes,
+            limits,
             peers: RefCell::new(HashMap::new()),
         }
     }
 
-    fn peer_pods(&self, q: PeerQuery<'a>) -> Rc<ResolvedPods> {
-        if let Some(found) = self.peers.borrow().get(&q) {
-            return Rc::clone(found);
-        }
+    /// Calls `hit` with each subject `q` selects.
+    fn each_selected(&self, q: PeerQuery<'a>, mut hit: impl FnMut(&'a PodKey, &'a Subject)) {
         let namespaces: Box<dyn Iterator<Item = &str>> = match q.namespaces {
             NsScope::Own(ns) => Box::new(std::iter::once(ns)),
             NsScope::Matching(_) => Box::new(
@@ -338,10 +353,6 @@ impl<'a> Resolver<'a> {
                     .map(|(ns, _)| ns.as_str()),
             ),
         };
-        // Gathered into vectors and built in bulk: a B-tree filled insert by insert keeps its
-        // nodes about half full, one built from a sorted run fills them (at 100k pods the peer
-        // sets were the compiler's largest part).
-        let (mut keys, mut ips) = (Vec::new(), Vec::new());
         // Pods share their label sets (the sources intern them): the selector is matched once
         // per distinct set, not once per pod (at 100k pods the matching was ~half of a full
         // compile, most of it comparing label strings).
@@ -349,15 +360,38 @@ impl<'a> Resolver<'a> {
         for ns in namespaces {
             for (k, s) in self.ix.in_namespace(ns) {
                 let labels = &s.pod.labels;
-                let hit = *matched
+                let selects = *matched
                     .entry(labels.identity())
                     .or_insert_with(|| q.matches_pod(&s.pod));
-                if hit {
-                    keys.push(PodKey::clone(k));
-                    ips.extend(s.ips.iter().copied());
+                if selects {
+                    hit(k, s);
                 }
             }
         }
+    }
+
+    /// How many subjects `q` selects, without keeping them (a refused policy's count).
+    fn count_selected(&self, q: PeerQuery<'a>) -> usize {
+        if let Some(found) = self.peers.borrow().get(&q) {
+            return found.keys.len();
+        }
+        let mut n = 0;
+        self.each_selected(q, |_, _| n += 1);
+        n
+    }
+
+    fn peer_pods(&self, q: PeerQuery<'a>) -> Rc<ResolvedPods> {
+        if let Some(found) = self.peers.borrow().get(&q) {
+            return Rc::clone(found);
+        }
+        // Gathered into vectors and built in bulk: a B-tree filled insert by insert keeps its
+        // nodes about half full, one built from a sorted run fills them (at 100k pods the peer
+        // sets were the compiler's largest part).
+        let (mut keys, mut ips) = (Vec::new(), Vec::new());
+        self.each_selected(q, |k, s| {
+            keys.push(PodKey::clone(k));
+            ips.extend(s.ips.iter().copied());
+        });
         let found = Rc::new(ResolvedPods {
             keys: std::sync::Arc::new(keys.into_iter().collect()),
             ips: std::sync::Arc::new(ips.into_iter().collect()),
@@ -369,6 +403,11 @@ impl<'a> Resolver<'a> {
     /// Compiles one policy whose selected local pods are known (non-empty). `reuse` holds peers
     /// already resolved against the same state for rules whose peers are unchanged; the others
     /// are resolved.
+    ///
+    /// Over the [`PolicyLimits`] it is refused ([`CompiledPolicy::refused`]): its directions keep
+    /// no rule. Its pod peers are counted before any is resolved, and the pods they select are
+    /// counted as they are resolved: past the limit the rest are only counted (nothing is kept),
+    /// so a refused policy holds no more than the limit in memory while it is found out.
     pub fn compile_policy(
         &self,
         pkey: &str,
@@ -376,27 +415,80 @@ impl<'a> Resolver<'a> {
         selected: BTreeSet<String>,
         mut reuse: BTreeMap<RuleRef, PeerSet>,
     ) -> CompiledPolicy {
-        let mut compile_dir = |dir: Direction| {
-            pol.rules(dir).map(|rules| {
-                rules
-                    .iter()
-                    .enumerate()
-                    .map(|(index, r)| {
-                        let peers = reuse.remove(&RuleRef { dir, index });
-                        self.compile_rule(&pol.namespace, dir, &selected, index, r, peers)
-                    })
-                    .collect()
-            })
+        let limits = self.limits;
+        let own = pol.namespace.as_str();
+        let peers_n = pod_peers(pol);
+        let mut refused = (peers_n > limits.pod_peers).then_some(Refusal::PodPeers {
+            found: peers_n,
+            limit: limits.pod_peers,
+        });
+        // Pods the pod peers select so far, summed over the peers.
+        let mut total = 0usize;
+        let mut compile_dir = |dir: Direction| -> Option<Vec<CompiledRule>> {
+            let rules = pol.rules(dir)?;
+            let mut out = Vec::with_capacity(rules.len());
+            for (index, r) in rules.iter().enumerate() {
+                let reused = reuse.remove(&RuleRef { dir, index });
+                match refused {
+                    Some(Refusal::PodPeers { .. }) => continue,
+                    Some(Refusal::PeerPods { .. }) => {
+                        total += match reused {
+                            Some(p) => p.matched,
+                            None => self.count_rule(own, r),
+                        };
+                        continue;
+                    }
+                    None => {}
+                }
+                let peers = match reused {
+                    Some(p) => Ok(p),
+                    None => self.peers_within(own, r, limits.peer_pods - total),
+                };
+                match peers {
+                    Ok(p) if total + p.matched <= limits.peer_pods => {
+                        total += p.matched;
+                        out.push(self.compile_rule(dir, &selected, index, r, p));
+                    }
+                    Ok(PeerSet { matched: n, .. }) | Err(n) => {
+                        total += n;
+                        refused = Some(Refusal::PeerPods {
+                            found: 0,
+                            limit: limits.peer_pods,
+                        });
+                    }
+                }
+            }
+            Some(out)
         };
+        let mut ingress = compile_dir(Direction::Ingress);
+        let mut egress = compile_dir(Direction::Egress);
+        if let Some(Refusal::PeerPods { found, .. }) = &mut refused {
+            *found = total;
+        }
+        if refused.is_some() {
+            for rules in [&mut ingress, &mut egress].into_iter().flatten() {
+                rules.clear();
+            }
+        }
         CompiledPolicy {
             key: pkey.to_string(),
             namespace: pol.namespace.clone(),
             name: pol.name.clone(),
-            ingress: compile_dir(Direction::Ingress),
-            egress: compile_dir(Direction::Egress),
+            ingress,
+            egress,
             selected,
             audit: pol.audit,
+            refused,
         }
+    }
+
+    /// Pods the pod peers of `rule` select, summed over the peers, without keeping them.
+    fn count_rule(&self, own: &'a str, rule: &'a Rule) -> usize {
+        rule.peers
+            .iter()
+            .filter_map(|peer| PeerQuery::of(own, peer))
+            .map(|q| self.count_selected(q))
+            .sum()
     }
 
     /// Compiles one ClusterNetworkPolicy whose selected local pods are known (non-empty), its rules
@@ -412,9 +504,12 @@ impl<'a> Resolver<'a> {
                 .iter()
                 .enumerate()
                 .map(|(index, r)| {
-                    let peers = reuse.remove(&RuleRef { dir, index });
+                    let peers = match reuse.remove(&RuleRef { dir, index }) {
+                        Some(p) => p,
+                        None => self.peers_of("", &r.rule),
+                    };
                     CompiledClusterRule {
-                        rule: self.compile_rule("", dir, &selected, index, &r.rule, peers),
+                        rule: self.compile_rule(dir, &selected, index, &r.rule, peers),
                         name: r.name.clone(),
                         action: r.action,
                         inert: r.inert,
@@ -435,14 +530,12 @@ impl<'a> Resolver<'a> {
 
     fn compile_rule(
         &self,
-        own: &'a str,
         dir: Direction,
         selected: &BTreeSet<String>,
         index: usize,
         rule: &'a Rule,
-        reuse: Option<PeerSet>,
+        peers: PeerSet,
     ) -> CompiledRule {
-        let peers = reuse.unwrap_or_else(|| self.peers_of(own, rule));
         let mut ports = PortSet {
             any: rule.ports.is_empty(),
             ..PortSet::default()
@@ -499,7 +592,15 @@ impl<'a> Resolver<'a> {
         }
     }
 
+    /// The peers of a rule, without a limit (a ClusterNetworkPolicy's).
     fn peers_of(&self, own: &'a str, rule: &'a Rule) -> PeerSet {
+        // `Err` would take more than usize::MAX selections.
+        self.peers_within(own, rule, usize::MAX).unwrap_or_default()
+    }
+
+    /// The peers of a rule whose pod peers select at most `budget` pods (summed over the peers);
+    /// past it, `Err` with how many they select (the rest counted, not kept).
+    fn peers_within(&self, own: &'a str, rule: &'a Rule, budget: usize) -> Result<PeerSet, usize> {
         let mut peers = PeerSet {
             any: rule.peers.is_empty(),
             ..PeerSet::default()
@@ -524,8 +625,16 @@ impl<'a> Resolver<'a> {
                     let Some(q) = PeerQuery::of(own, peer) else {
                         continue;
                     };
+                    if peers.matched > budget {
+                        peers.matched += self.count_selected(q);
+                        continue;
+                    }
                     identities.insert(q.identity());
                     let found = self.peer_pods(q);
+                    peers.matched += found.keys.len();
+                    if peers.matched > budget {
+                        continue;
+                    }
                     if peers.pods.is_empty() {
                         // Shared, not copied: rules with the same peers hold one set.
                         peers.pods = std::sync::Arc::clone(&found.keys);
@@ -551,8 +660,11 @@ impl<'a> Resolver<'a> {
         peers.pod_label = labels.join("; ");
         node_nets.extend(peers.node_ips.iter().map(|ip| IpNet::from(*ip)));
         blocks.extend(node_nets.iter().map(|n| (n, &[][..])));
+        if peers.matched > budget {
+            return Err(peers.matched);
+        }
         peers.blocks = intervals::block_ranges(blocks);
-        peers
+        Ok(peers)
     }
 }
 

@@ -249,6 +249,40 @@ pub struct Tunnel {
     pub local: Vec<IpAddr>,
 }
 
+/// What one NetworkPolicy may cost a node (set by the agent: `--max-policy-pod-peers`,
+/// `--max-policy-peer-pods`). A namespace's tenant writes its policies, and the API bounds an
+/// object's bytes, not what it resolves to: a 600 KB policy of 4,000 pod peers, each selecting
+/// every pod, took a 10k-pod compile 14 s and 1.7 GB, and one of 4,000 rules with a peer each put
+/// 40 million elements into the table. A policy over either limit is refused: it still isolates
+/// the pods it selects in its directions and allows nothing (fail closed, and only its own
+/// namespace's pods are affected), and the compile says so in its warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyLimits {
+    /// Pod peers (`podSelector` / `namespaceSelector` entries) over all rules of one policy:
+    /// each is matched against the pods of the namespaces it draws from, whether it selects them
+    /// or not.
+    pub pod_peers: usize,
+    /// Pods those peers select, summed over the peers (a pod two peers select counts twice):
+    /// what the policy's peer sets hold on the node.
+    pub peer_pods: usize,
+}
+
+impl PolicyLimits {
+    /// The agent's defaults: far above any policy written by hand (256 selector peers; a million
+    /// selected pods is ten peers that each select every pod of a 100k-pod cluster), and a bound
+    /// on what one tenant's policy costs every node its pods run on.
+    pub const DEFAULT: PolicyLimits = PolicyLimits {
+        pod_peers: 256,
+        peer_pods: 1_000_000,
+    };
+}
+
+impl Default for PolicyLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// The flow log of this node, decided by the agent (`--flow-log`): the packets a policy drops (and,
 /// when `allowed`, the first packet of each connection admitted) are handed to the agent through
 /// NFLOG `group`, at most `rate` per second (burst `burst`) for each kind, counted in the kernel
@@ -375,6 +409,8 @@ pub enum Change {
     SetFlowLog(Option<FlowLog>),
     /// This node's overlay port and its peers (`None`: no overlay, no rule).
     SetTunnel(Option<Tunnel>),
+    /// What one NetworkPolicy may cost this node.
+    SetPolicyLimits(PolicyLimits),
 }
 
 /// Everything the compiler reads.
@@ -399,6 +435,8 @@ pub struct ClusterState {
     pub flow_log: Option<FlowLog>,
     /// Overlay of THIS node (set by the agent); `None`: no tunnel rule in our table.
     pub tunnel: Option<Tunnel>,
+    /// What one NetworkPolicy may cost THIS node (set by the agent).
+    pub policy_limits: PolicyLimits,
 }
 
 impl ClusterState {
@@ -419,6 +457,7 @@ impl ClusterState {
             egress_nat: self.egress_nat.clone(),
             flow_log: self.flow_log,
             tunnel: self.tunnel.clone(),
+            policy_limits: self.policy_limits,
         }
     }
 
@@ -461,6 +500,7 @@ impl ClusterState {
             Change::SetEgressNat(n) => self.egress_nat != *n,
             Change::SetFlowLog(f) => self.flow_log != *f,
             Change::SetTunnel(t) => self.tunnel != *t,
+            Change::SetPolicyLimits(l) => self.policy_limits != *l,
         }
     }
 
@@ -521,6 +561,9 @@ impl ClusterState {
             }
             Change::SetTunnel(t) => {
                 self.tunnel = t;
+            }
+            Change::SetPolicyLimits(l) => {
+                self.policy_limits = l;
             }
         }
         true

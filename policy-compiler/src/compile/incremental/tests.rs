@@ -2,7 +2,7 @@ use super::*;
 use crate::compile::compile;
 use crate::diff::diff;
 use crate::kernel_sim::KernelTable;
-use crate::model::{LabelSelector, Labels, Namespace, Pod, PortMatch};
+use crate::model::{LabelSelector, Labels, Namespace, Pod, PolicyLimits, PortMatch};
 use crate::synth::{self, Rng, SynthConfig};
 use std::sync::Arc;
 
@@ -135,10 +135,32 @@ fn first_difference(a: &crate::Compiled, b: &crate::Compiled, what: &str) {
 }
 
 fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthConfig) -> usize {
+    run_limited(seeds, steps, cfg_of, |_| PolicyLimits::DEFAULT).0
+}
+
+/// [`run`] with each seed's cluster under `limits_of(seed)`; also returns how many times a
+/// compiled policy was refused after a step, and how many times one went from refused to
+/// accepted or back between two steps.
+fn run_limited(
+    seeds: std::ops::Range<u64>,
+    steps: usize,
+    cfg_of: impl Fn(u64) -> SynthConfig,
+    limits_of: impl Fn(u64) -> PolicyLimits,
+) -> (usize, usize, usize) {
     let mut nonempty = 0;
+    let (mut refused, mut flips) = (0, 0);
     for seed in seeds {
         let cfg = cfg_of(seed);
-        let mut inc = IncrementalCompiler::new(synth::cluster(&cfg), "n0");
+        let mut st = synth::cluster(&cfg);
+        st.apply(Change::SetPolicyLimits(limits_of(seed)));
+        let mut inc = IncrementalCompiler::new(st, "n0");
+        let refusals = |c: &Compiled| -> BTreeMap<String, bool> {
+            c.policies
+                .iter()
+                .map(|(k, p)| (k.clone(), p.refused.is_some()))
+                .collect()
+        };
+        let mut was = refusals(inc.compiled());
         assert_eq!(
             inc.compiled(),
             &compile(inc.state(), "n0"),
@@ -201,9 +223,16 @@ fn run(seeds: std::ops::Range<u64>, steps: usize, cfg_of: impl Fn(u64) -> SynthC
             }
             assert_eq!(kernel, want, "{what}");
             nonempty += usize::from(!batch.is_empty());
+            let now = refusals(inc.compiled());
+            refused += now.values().filter(|r| **r).count();
+            flips += now
+                .iter()
+                .filter(|(k, r)| was.get(*k).is_some_and(|w| w != *r))
+                .count();
+            was = now;
         }
     }
-    nonempty
+    (nonempty, refused, flips)
 }
 
 #[test]
@@ -213,6 +242,28 @@ fn incremental_changes_equal_full_compile_and_diff_on_small_clusters() {
     assert!(
         nonempty > 60 * 60 / 3,
         "only {nonempty} batches changed something"
+    );
+}
+
+/// Limits small enough that the random changes push policies over them and back (pods joining
+/// and leaving their peers, relabelled namespaces, edited policies): a refusal and its end are
+/// decided as a full compile decides them, and the batch takes the kernel there.
+#[test]
+fn policies_refused_over_their_limits_follow_a_full_compile() {
+    let limits = |seed: u64| PolicyLimits {
+        pod_peers: 1 + (seed % 3) as usize,
+        peer_pods: 4 + (seed % 12) as usize,
+    };
+    let (nonempty, refused, flips) = run_limited(0..40, 50, SynthConfig::small, limits);
+    assert!(
+        nonempty > 60 * 60 / 3,
+        "only {nonempty} batches changed something"
+    );
+    // Refusals must come and go, or this proves nothing about following them.
+    assert!(refused > 200, "only {refused} refused policies seen");
+    assert!(
+        flips > 15,
+        "only {flips} refusals began or ended ({refused} refused)"
     );
 }
 
