@@ -118,6 +118,9 @@ pub struct DirectionVerdict {
     /// What the NetworkPolicies in audit mode selecting the pod would say, were they enforced
     /// (`Denied` or `Allowed`); `None` when none would have a say.
     pub audit: Option<Outcome>,
+    /// The NetworkPolicies selecting the pod in this direction that the node refused for their
+    /// size (they isolate it and allow nothing), each with why.
+    pub refused: Vec<String>,
 }
 
 /// The answer of [`explain`].
@@ -238,6 +241,7 @@ pub fn explain(
             node: r.node.clone(),
             outcome: Outcome::NotIsolated,
             audit: None,
+            refused: Vec::new(),
         };
         if same_pod {
             v.outcome = Outcome::AlwaysAllowed(Exemption::SelfTraffic.why().into());
@@ -295,6 +299,14 @@ pub fn explain(
             return v;
         }
         v.outcome = admit::decide(&model, lp, dir, peer, to_ip, Some(proto), port).into();
+        v.refused = lp
+            .policies(dir)
+            .iter()
+            .filter_map(|k| {
+                let why = model.policies.get(k)?.refused?;
+                Some(format!("{k} ({why})"))
+            })
+            .collect();
         // Policies in audit mode are judged where NetworkPolicies would be: after the Admin tier.
         let admin_decided =
             matches!(&v.outcome, Outcome::Cluster(m) if m.tier == crate::model::Tier::Admin);
@@ -494,6 +506,13 @@ impl fmt::Display for DirectionVerdict {
                 pols.join(", ")
             ),
         })?;
+        if !self.refused.is_empty() {
+            write!(
+                f,
+                "; refused on this node, allowing nothing: {}",
+                self.refused.join("; ")
+            )?;
+        }
         match &self.audit {
             Some(Outcome::Denied(pols)) => write!(
                 f,

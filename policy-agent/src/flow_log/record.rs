@@ -157,6 +157,7 @@ pub fn attribute(
         node: Some(node.to_string()),
         outcome,
         audit: None,
+        refused: Vec::new(),
     };
     let mut decided: Vec<DirectionVerdict> = Vec::new();
     let mut audit_note = None;

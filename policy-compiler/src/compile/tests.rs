@@ -470,6 +470,11 @@ fn a_policy_over_its_limits_isolates_its_pods_and_allows_nothing() {
     );
     assert!(!w.can("b/web", "a/x", 80, TCP), "refused: nothing allowed");
     assert!(!w.can("b/db", "a/x", 5432, TCP));
+    let why = w.why("b/web", "a/x", 80, TCP).to_string();
+    assert!(
+        why.contains("refused on this node, allowing nothing: a/big (its pod peers select 4 pods"),
+        "{why}"
+    );
     assert!(w.can("a/x", "b/web", 80, TCP), "egress: not its direction");
     let c = compiled(&w);
     assert!(
