@@ -770,22 +770,25 @@ struct Patch<'a> {
 }
 
 impl Patch<'_> {
+    /// How many pod peers of `spec` (a rule of a policy in namespace `own`) selected the moved
+    /// pod `m` before, and select it now.
+    fn selections_of(own: &str, spec: &Rule, m: &Moved) -> (usize, usize) {
+        let count = |s: &Option<Subject>, ns| {
+            s.as_ref()
+                .map_or(0, |s| rule_selections(own, spec, &s.pod, ns))
+        };
+        (count(&m.old, &m.old_ns), count(&m.new, &m.new_ns))
+    }
+
     /// `was`, the pods the pod peers of a refused policy's rules selected (summed over the
     /// peers), after the moves ([`Patch::rule`] keeps a compiled rule's count).
     fn selections(&self, own: &str, pol: &Policy, was: usize) -> usize {
-        let count = |spec, s: &Option<Subject>, ns| {
-            s.as_ref()
-                .map_or(0, |s| resolve::rule_selections(own, spec, &s.pod, ns))
-        };
-        Direction::BOTH
-            .into_iter()
-            .flat_map(|d| pol.rules(d).unwrap_or_default())
-            .fold(was, |n, spec| {
-                self.moved.iter().fold(n, |n, m| {
-                    (n + count(spec, &m.new, &m.new_ns))
-                        .saturating_sub(count(spec, &m.old, &m.old_ns))
-                })
+        pol.all_rules().fold(was, |n, spec| {
+            self.moved.iter().fold(n, |n, m| {
+                let (before, now) = Self::selections_of(own, spec, m);
+                (n + now).saturating_sub(before)
             })
+        })
     }
 
     /// Patches one compiled rule (`cr`, of the spec `spec` of a policy in namespace `own`, which
@@ -805,12 +808,7 @@ impl Patch<'_> {
         let mut whole = false;
         if cr.peers.uses_pods {
             for m in self.moved {
-                // How many of its pod peers select the pod, before and after.
-                let selections = |s: &Option<Subject>, ns| {
-                    s.as_ref()
-                        .map_or(0, |s| rule_selections(own, spec, &s.pod, ns))
-                };
-                let (was, is) = (selections(&m.old, &m.old_ns), selections(&m.new, &m.new_ns));
+                let (was, is) = Self::selections_of(own, spec, m);
                 cr.peers.matched = (cr.peers.matched + is).saturating_sub(was);
                 // Written only when it changes: the set may be shared (copy on write).
                 if is > 0 {

@@ -298,9 +298,7 @@ pub(crate) fn rule_selections(own: &str, rule: &Rule, pod: &Pod, ns_labels: &Lab
 
 /// Pod peers of a policy, over all its rules (what [`PolicyLimits::pod_peers`] bounds).
 pub(crate) fn pod_peers(pol: &Policy) -> usize {
-    Direction::BOTH
-        .into_iter()
-        .flat_map(|d| pol.rules(d).unwrap_or_default())
+    pol.all_rules()
         .flat_map(|r| &r.peers)
         .filter(|p| matches!(p, Peer::Pods { .. }))
         .count()
@@ -418,27 +416,25 @@ impl<'a> Resolver<'a> {
         let limits = self.limits;
         let own = pol.namespace.as_str();
         let peers_n = pod_peers(pol);
-        let mut refused = (peers_n > limits.pod_peers).then_some(Refusal::PodPeers {
-            found: peers_n,
-            limit: limits.pod_peers,
-        });
-        // Pods the pod peers select so far, summed over the peers.
+        let too_many_peers = peers_n > limits.pod_peers;
+        // Pods the pod peers select so far, summed over the peers, and whether that passed the
+        // limit (the rest is then only counted).
         let mut total = 0usize;
+        let mut too_many_pods = false;
         let mut compile_dir = |dir: Direction| -> Option<Vec<CompiledRule>> {
             let rules = pol.rules(dir)?;
             let mut out = Vec::with_capacity(rules.len());
             for (index, r) in rules.iter().enumerate() {
                 let reused = reuse.remove(&RuleRef { dir, index });
-                match refused {
-                    Some(Refusal::PodPeers { .. }) => continue,
-                    Some(Refusal::PeerPods { .. }) => {
-                        total += match reused {
-                            Some(p) => p.matched,
-                            None => self.count_rule(own, r),
-                        };
-                        continue;
-                    }
-                    None => {}
+                if too_many_peers {
+                    continue;
+                }
+                if too_many_pods {
+                    total += match reused {
+                        Some(p) => p.matched,
+                        None => self.count_rule(own, r),
+                    };
+                    continue;
                 }
                 let peers = match reused {
                     Some(p) => Ok(p),
@@ -451,10 +447,7 @@ impl<'a> Resolver<'a> {
                     }
                     Ok(PeerSet { matched: n, .. }) | Err(n) => {
                         total += n;
-                        refused = Some(Refusal::PeerPods {
-                            found: 0,
-                            limit: limits.peer_pods,
-                        });
+                        too_many_pods = true;
                     }
                 }
             }
@@ -462,9 +455,19 @@ impl<'a> Resolver<'a> {
         };
         let mut ingress = compile_dir(Direction::Ingress);
         let mut egress = compile_dir(Direction::Egress);
-        if let Some(Refusal::PeerPods { found, .. }) = &mut refused {
-            *found = total;
-        }
+        let refused = if too_many_peers {
+            Some(Refusal::PodPeers {
+                found: peers_n,
+                limit: limits.pod_peers,
+            })
+        } else if too_many_pods {
+            Some(Refusal::PeerPods {
+                found: total,
+                limit: limits.peer_pods,
+            })
+        } else {
+            None
+        };
         if refused.is_some() {
             for rules in [&mut ingress, &mut egress].into_iter().flatten() {
                 rules.clear();

@@ -509,15 +509,15 @@ fn hostile_policies_are_refused_before_they_cost_the_node() {
         w.pod(&format!("b/p{i}"), node, &[&ip], &[("app", "web")]);
     }
     w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
-    let many_peers: Vec<Value> = (0..1000)
-        .map(|i| json!({"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": format!("x{i}"), "operator": "DoesNotExist"}]}}))
-        .collect();
+    // A distinct peer each (no two resolve as one) that selects every pod.
+    let every_pod = |i: usize| json!({"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": format!("x{i}"), "operator": "DoesNotExist"}]}});
+    let many_peers: Vec<Value> = (0..1000).map(every_pod).collect();
     w.policy(
         "a/peers",
         json!({"podSelector": {}, "ingress": [{"from": many_peers}]}),
     );
     let many_rules: Vec<Value> = (0..3000)
-        .map(|i| json!({"from": [{"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": format!("x{i}"), "operator": "DoesNotExist"}]}}], "ports": [{"port": i % 60000 + 1}]}))
+        .map(|i| json!({"from": [every_pod(i)], "ports": [{"port": i % 60000 + 1}]}))
         .collect();
     w.policy("a/rules", json!({"podSelector": {}, "ingress": many_rules}));
     w.st.apply(Change::SetPolicyLimits(PolicyLimits {
@@ -533,9 +533,7 @@ fn hostile_policies_are_refused_before_they_cost_the_node() {
         })
     );
     // 250 peers would pass the first limit: the pods they select stop it.
-    let some_peers: Vec<Value> = (0..250)
-        .map(|i| json!({"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": format!("x{i}"), "operator": "DoesNotExist"}]}}))
-        .collect();
+    let some_peers: Vec<Value> = (0..250).map(every_pod).collect();
     w.policy(
         "a/peers",
         json!({"podSelector": {}, "ingress": [{"from": some_peers}]}),

@@ -326,6 +326,12 @@ impl Policy {
             Direction::Egress => self.egress.as_deref(),
         }
     }
+    /// The rules of every direction it applies to, ingress first.
+    pub fn all_rules(&self) -> impl Iterator<Item = &Rule> {
+        Direction::BOTH
+            .into_iter()
+            .flat_map(|d| self.rules(d).unwrap_or_default())
+    }
 }
 
 /// One ingress or egress rule.
