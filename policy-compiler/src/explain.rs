@@ -299,14 +299,7 @@ pub fn explain(
             return v;
         }
         v.outcome = admit::decide(&model, lp, dir, peer, to_ip, Some(proto), port).into();
-        v.refused = lp
-            .policies(dir)
-            .iter()
-            .filter_map(|k| {
-                let why = model.policies.get(k)?.refused?;
-                Some(format!("{k} ({why})"))
-            })
-            .collect();
+        v.refused = model.refusals(key, dir);
         // Policies in audit mode are judged where NetworkPolicies would be: after the Admin tier.
         let admin_decided =
             matches!(&v.outcome, Outcome::Cluster(m) if m.tier == crate::model::Tier::Admin);

@@ -157,7 +157,7 @@ pub fn attribute(
         node: Some(node.to_string()),
         outcome,
         audit: None,
-        refused: Vec::new(),
+        refused: adm.refusals(pod, dir),
     };
     let mut decided: Vec<DirectionVerdict> = Vec::new();
     let mut audit_note = None;
@@ -287,15 +287,18 @@ mod tests {
     }
 
     fn record(kind: Kind, facts: PacketFacts) -> Option<FlowRecord> {
-        let st = state();
-        let c = compile(&st, "n1");
+        record_in(&state(), kind, facts)
+    }
+
+    fn record_in(st: &ClusterState, kind: Kind, facts: PacketFacts) -> Option<FlowRecord> {
+        let c = compile(st, "n1");
         let adm = Admitter::new(&c);
         let logged = Logged {
             kind,
             facts,
             from_this_node: false,
         };
-        attribute(&logged, &adm, &Names::of(&st), "n1", "T".into())
+        attribute(&logged, &adm, &Names::of(st), "n1", "T".into())
     }
 
     #[test]
@@ -312,6 +315,23 @@ mod tests {
         let line = serde_json::to_value(&r).unwrap();
         assert_eq!(line["source"]["ip"], "10.244.2.2");
         assert_eq!(line["source"]["port"], 40000);
+    }
+
+    #[test]
+    fn a_drop_by_a_policy_the_node_refused_says_it_was_refused_and_why() {
+        let mut st = state();
+        // One pod peer is over the limit: frontend-to-backend is refused and allows nothing.
+        st.policy_limits.pod_peers = 0;
+        let r = record_in(&st, Kind::Dropped, tcp("10.244.1.3", "10.244.1.2", 80)).unwrap();
+        assert_eq!(r.verdict, "dropped");
+        assert!(
+            r.reason.contains("refused on this node, allowing nothing: shop/frontend-to-backend (it has 1 pod peers"),
+            "{}",
+            r.reason
+        );
+        // Within the limits a drop mentions no refusal.
+        let r = record(Kind::Dropped, tcp("10.244.2.2", "10.244.1.2", 80)).unwrap();
+        assert!(!r.reason.contains("refused"), "{}", r.reason);
     }
 
     #[test]

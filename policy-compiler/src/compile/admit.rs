@@ -306,6 +306,11 @@ impl<'a> Admitter<'a> {
         }
     }
 
+    /// [`Compiled::refusals`] of the local pod `pod` (a key) in `dir`.
+    pub fn refusals(&self, pod: &str, dir: Direction) -> Vec<String> {
+        self.model.refusals(pod, dir)
+    }
+
     /// Whether the address is a local pod's or a pending one: only packets from or to such an
     /// address can be dropped by this node's ruleset.
     pub fn concerns(&self, ip: IpAddr) -> bool {

@@ -403,6 +403,22 @@ impl Compiled {
     pub fn local_pod_by_ip(&self, ip: IpAddr) -> Option<&LocalPod> {
         self.pods.values().find(|p| p.ips.contains(&ip))
     }
+
+    /// The NetworkPolicies selecting the local pod `pod` (a key) in `dir` that this node refused
+    /// for their size (they isolate it and allow nothing), each as `namespace/name (why)`: what
+    /// `explain` and the flow log add to a verdict.
+    pub fn refusals(&self, pod: &str, dir: Direction) -> Vec<String> {
+        let Some(lp) = self.pods.get(pod) else {
+            return Vec::new();
+        };
+        lp.policies(dir)
+            .iter()
+            .filter_map(|k| {
+                let why = self.policies.get(k)?.refused?;
+                Some(format!("{k} ({why})"))
+            })
+            .collect()
+    }
 }
 
 /// Compiles the cluster state for one node. Pure and deterministic.
