@@ -3,26 +3,29 @@
 //! Order inside the batch (every step only refers to what exists at that point):
 //! 1. add new chains (empty), 2. add new sets and maps (empty), and new named counters,
 //! 3. delete stale elements of kept sets (pending: `add` + `delete`, see below),
-//! 4. flush kept chains whose rules changed, 5. add new elements (maps may now `goto` new chains),
-//! 6. add the rules of new and changed chains, 7. flush then delete stale chains,
-//! 8. delete stale sets and counters.
+//! 4. flush kept chains whose rules changed or that name a set outgrowing its size, then delete
+//!    and add each such set again at its new size (`Set::size`: the kernel cannot resize one),
+//! 5. add new elements (all of a re-added set's; maps may now `goto` new chains),
+//! 6. add the rules of new and changed chains and of those flushed for a resized set,
+//! 7. flush then delete stale chains, 8. delete stale sets and counters.
 //!
 //! Pending-set deletions are emitted as `add element` + `delete element`: the CNI plugin may
 //! already have removed the element, and a bare delete of a missing element fails the batch.
 //! A chain whose hook changed or a set whose type changed cannot be altered in place; our names
 //! make that impossible, but should it happen the result is a full replace.
 
-use crate::ruleset::names::{PENDING_SET_V4, PENDING_SET_V6};
+use crate::ruleset::names::is_pending_set;
 use crate::ruleset::netlink::Transaction;
 use crate::ruleset::render::{chain_obj, cmd, counter_obj, rule_obj, set_obj, set_ref, Command};
-use crate::ruleset::{Batch, Ruleset};
+use crate::ruleset::{Batch, Chain, Ruleset, Stmt};
+use std::collections::{BTreeMap, BTreeSet};
 
 pub(crate) mod changelog;
 
 /// The transaction that takes the kernel from `last` to `next`. Empty (`is_empty()`) when they
 /// are equal.
 pub fn diff(last: &Ruleset, next: &Ruleset) -> Batch {
-    diff_parts(last, next, next)
+    diff_parts(last, next, next, &BTreeMap::new())
 }
 
 /// Whether some chain or set of `next` redefines one of `last` in a way the kernel cannot change
@@ -43,8 +46,15 @@ fn redefined(last: &Ruleset, next: &Ruleset) -> bool {
 
 /// `diff` of parts of two rulesets (the objects a change touched; every other object is equal
 /// in both) inside `whole`, the complete next ruleset: a redefinition is answered with a full
-/// replace of `whole`, not of the part.
-pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Batch {
+/// replace of `whole`, not of the part. A set of the parts may be a shell holding only the
+/// elements that changed: `shells` has how many elements each such set held in `last` (its
+/// whole is in `whole`).
+pub(crate) fn diff_parts(
+    last: &Ruleset,
+    next: &Ruleset,
+    whole: &Ruleset,
+    shells: &BTreeMap<String, usize>,
+) -> Batch {
     if redefined(last, next) {
         let mut b = whole.full_replace();
         b.netlink = whole.full_replace_netlink().ok();
@@ -75,20 +85,61 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         cmds.push(cmd("add", counter_obj(n)).into());
         nl.add_counter(n);
     }
+    // Kept sets whose elements outgrow the size the kernel holds them at (`Set::size`): a set's
+    // size cannot change in place, so each is deleted and added again with its new size, after
+    // every rule naming it is flushed (step 4) and before any is written again (step 6). Only
+    // growth past the size does it: a smaller size would fit as well, and `size()` follows the
+    // elements alone, so the kernel's size is never below what `last` implies.
+    let resized: BTreeSet<&str> = next
+        .sets
+        .values()
+        .filter(|s| {
+            last.sets.get(&s.name).is_some_and(|l| {
+                let had = shells.get(&s.name).copied().unwrap_or(l.elements.len());
+                whole.sets.get(&s.name).unwrap_or(s).size() > l.size_holding(had)
+            })
+        })
+        .map(|s| s.name.as_str())
+        .collect();
+    let names_resized = |c: &Chain| {
+        c.rules
+            .iter()
+            .flat_map(|r| &r.stmts)
+            .filter_map(Stmt::set_name)
+            .any(|n| resized.contains(n))
+    };
+    // The chains the kernel holds that name one: those of `last` (kept or stale) and those no
+    // change touched (in `whole` only).
+    let rewritten: Vec<&Chain> = if resized.is_empty() {
+        Vec::new()
+    } else {
+        whole
+            .chains
+            .values()
+            .filter(|c| last.chains.contains_key(&c.name) || !next.chains.contains_key(&c.name))
+            .chain(last.chains.values().filter(|c| {
+                !next.chains.contains_key(&c.name) && !whole.chains.contains_key(&c.name)
+            }))
+            .filter(|c| names_resized(c))
+            .collect()
+    };
     // 3. stale elements of kept sets. An interval set's ranges are written with end elements
     // that depend on their neighbours, so as messages it is flushed and written whole at step 5
     // (`refill`), as a full replace writes it; the JSON names the elements and nft works the
     // ends out.
-    let mut refill = std::collections::BTreeSet::new();
+    let mut refill = BTreeSet::new();
     for s in next.sets.values() {
         let Some(l) = last.sets.get(&s.name) else {
             continue;
         };
+        if resized.contains(s.name.as_str()) {
+            continue;
+        }
         let gone: Vec<_> = l.elements.difference(&s.elements).collect();
         if gone.is_empty() {
             continue;
         }
-        if s.name == PENDING_SET_V4 || s.name == PENDING_SET_V6 {
+        if is_pending_set(&s.name) {
             cmds.push(Command::elements(true, s, gone.iter().copied()));
             nl.add_elements(l, gone.iter().copied());
         }
@@ -109,9 +160,33 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         cmds.push(cmd("flush", chain_obj(c, false)).into());
         nl.flush_chain(&c.name);
     }
+    let rewritten: Vec<&Chain> = rewritten
+        .into_iter()
+        .filter(|c| !changed.iter().any(|x| x.name == c.name))
+        .collect();
+    for c in &rewritten {
+        cmds.push(cmd("flush", chain_obj(c, false)).into());
+        nl.flush_chain(&c.name);
+    }
+    // The resized sets, now that no rule names them.
+    for name in &resized {
+        if let (Some(l), Some(s)) = (last.sets.get(*name), whole.sets.get(*name)) {
+            cmds.push(cmd("delete", set_ref(l)).into());
+            nl.delete_set(name);
+            cmds.push(cmd("add", set_obj(s, None)).into());
+            nl.add_set(s);
+        }
+    }
     // 5. new elements
     for s in next.sets.values() {
         let new: Vec<_> = match last.sets.get(&s.name) {
+            Some(_) if resized.contains(s.name.as_str()) => whole
+                .sets
+                .get(&s.name)
+                .unwrap_or(s)
+                .elements
+                .iter()
+                .collect(),
             Some(l) => s.elements.difference(&l.elements).collect(),
             None => s.elements.iter().collect(),
         };
@@ -129,17 +204,30 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
             }
         }
     }
-    // 6. rules of new and changed chains
-    for c in next.chains.values() {
-        let refill = match last.chains.get(&c.name) {
+    // 6. rules of new and changed chains, and of the kept ones that name a resized set (in name
+    // order, whichever part holds them, so a diff of parts equals the diff of the wholes)
+    let mut fill: BTreeMap<&str, &Chain> = next
+        .chains
+        .values()
+        .filter(|c| match last.chains.get(&c.name) {
             None => true,
             Some(l) => l.rules != c.rules,
-        };
-        if refill {
-            for r in &c.rules {
-                cmds.push(cmd("add", rule_obj(&c.name, r)).into());
-                nl.add_rule(&c.name, r);
-            }
+        })
+        .map(|c| (c.name.as_str(), c))
+        .collect();
+    for c in &rewritten {
+        if let Some(w) = next
+            .chains
+            .get(&c.name)
+            .or_else(|| whole.chains.get(&c.name))
+        {
+            fill.insert(&w.name, w);
+        }
+    }
+    for c in fill.values() {
+        for r in &c.rules {
+            cmds.push(cmd("add", rule_obj(&c.name, r)).into());
+            nl.add_rule(&c.name, r);
         }
     }
     // 7. stale chains: flush all first (they may jump to each other), then delete.
@@ -149,7 +237,7 @@ pub(crate) fn diff_parts(last: &Ruleset, next: &Ruleset, whole: &Ruleset) -> Bat
         .filter(|c| !next.chains.contains_key(&c.name))
         .collect();
     for c in &stale {
-        if !c.rules.is_empty() {
+        if !c.rules.is_empty() && !rewritten.iter().any(|x| x.name == c.name) {
             cmds.push(cmd("flush", chain_obj(c, false)).into());
             nl.flush_chain(&c.name);
         }
@@ -182,6 +270,7 @@ mod tests {
     use crate::compile::compile;
     use crate::kernel_sim::KernelTable;
     use crate::model::{Change, ClusterState};
+    use crate::ruleset::names::PENDING_SET_V4;
     use crate::ruleset::{Elem, Set};
     use crate::synth::{self, Rng, SynthConfig};
     use serde_json::Value;
@@ -273,7 +362,7 @@ mod tests {
     /// a full replace of the final ruleset, and every intermediate batch is valid.
     #[test]
     fn diff_sequences_equal_full_replace_on_the_kernel_model() {
-        let (mut steps, mut nonempty, mut chain_changes) = (0, 0, 0);
+        let (mut steps, mut nonempty, mut chain_changes, mut resized) = (0, 0, 0, 0);
         for seed in 0..40u64 {
             let cfg = SynthConfig::small(seed);
             let mut st: ClusterState = synth::cluster(&cfg);
@@ -293,6 +382,12 @@ mod tests {
                 steps += 1;
                 nonempty += usize::from(!b.is_empty());
                 chain_changes += usize::from(verbs_and_kinds(&b).iter().any(|(_, k)| k == "chain"));
+                // A set outgrowing its size is deleted and added again in the same batch.
+                resized += next
+                    .sets
+                    .values()
+                    .filter(|s| last.sets.get(&s.name).is_some_and(|l| s.size() > l.size()))
+                    .count();
                 assert_eq!(kernel, kernel_after_full(&next), "seed {seed} step {step}");
                 let round: Value = serde_json::from_str(&b.to_json_string()).unwrap();
                 assert_eq!(round, b.json());
@@ -308,6 +403,7 @@ mod tests {
             chain_changes * 10 > steps,
             "{chain_changes} of {steps} batches changed chains"
         );
+        assert!(resized >= 10, "{resized} sets outgrew their size");
     }
 }
 

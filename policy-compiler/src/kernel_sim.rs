@@ -18,7 +18,23 @@ pub struct KernelTable {
     pub sets: BTreeMap<String, (String, BTreeMap<String, String>)>,
     /// Named counters.
     pub counters: BTreeSet<String>,
+    /// The `size` each set was added with: a limit, not content (two tables holding the same
+    /// elements are equal whatever sizes their sets were added with; `diff` recreates a set
+    /// only when it outgrows its size, so a shrunk one keeps the larger).
+    pub sizes: SetSizes,
 }
+
+/// Set name → the `size` it was added with; never part of a table's equality.
+#[derive(Debug, Clone, Default)]
+pub struct SetSizes(pub BTreeMap<String, u64>);
+
+impl PartialEq for SetSizes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SetSizes {}
 
 /// What rules and map elements refer to by name.
 #[derive(Default)]
@@ -151,7 +167,14 @@ impl KernelTable {
                 let n = name_of(body)?;
                 let mut def = body.clone();
                 let elems = def.as_object_mut().and_then(|o| o.remove("elem"));
+                let size = def
+                    .as_object_mut()
+                    .and_then(|o| o.remove("size"))
+                    .and_then(|v| v.as_u64());
                 if !self.sets.contains_key(&n) {
+                    if let Some(size) = size {
+                        self.sizes.0.insert(n.clone(), size);
+                    }
                     self.sets
                         .insert(n.clone(), (def.to_string(), BTreeMap::new()));
                 }
@@ -176,6 +199,7 @@ impl KernelTable {
                     return Err(bad(format!("delete of referenced set {n}")));
                 }
                 self.sets.remove(&n);
+                self.sizes.0.remove(&n);
             }
             ("add", "element") => {
                 let n = name_of(body)?;
@@ -261,6 +285,7 @@ impl KernelTable {
             .as_array()
             .ok_or_else(|| bad("elem is not a list"))?
             .clone();
+        let size = self.sizes.0.get(set).copied();
         for e in list {
             let (key, val) = match (&e, is_map) {
                 (Value::Array(kv), true) if kv.len() == 2 => (kv[0].to_string(), kv[1].to_string()),
@@ -285,7 +310,17 @@ impl KernelTable {
                         "element {key} of {set} exists with another value"
                     )))
                 }
-                _ => {
+                Some(_) => {}
+                None => {
+                    // A set's `size` is a limit: the kernel answers ENFILE past it. Whether an
+                    // `add` of an existing set changes its size differs between kernels (6.18
+                    // takes the new one); the model keeps the first, the strictest.
+                    if size.is_some_and(|size| entry.len() as u64 >= size) {
+                        return Err(bad(format!(
+                            "set {set} is full ({} elements, its size): the kernel answers ENFILE",
+                            entry.len()
+                        )));
+                    }
                     entry.insert(key, val);
                 }
             }
@@ -346,6 +381,15 @@ mod tests {
             json!({"add": {"chain": chain("x")}})
         )
         .contains("table does not exist"));
+        // A set is full at its size, whatever an `add` of it says later.
+        let mut full = k.clone();
+        full.apply(&json!({"nftables": [
+            {"add": {"set": {"family": "inet", "table": "palisade", "name": "sized", "type": "ipv4_addr", "size": 2, "elem": ["10.0.0.1", "10.0.0.2"]}}},
+            {"add": {"set": {"family": "inet", "table": "palisade", "name": "sized", "type": "ipv4_addr", "size": 4}}},
+            {"add": {"element": {"family": "inet", "table": "palisade", "name": "sized", "elem": ["10.0.0.2"]}}},
+        ]}))
+        .unwrap();
+        assert!(rejects(&full, json!({"add": {"element": {"family": "inet", "table": "palisade", "name": "sized", "elem": ["10.0.0.3"]}}})).contains("ENFILE"));
         // And accepts the valid order: flush, then delete.
         let mut k2 = k.clone();
         k2.apply(&json!({"nftables": [{"flush": {"chain": chain("a")}}, {"delete": {"chain": chain("a")}}, {"delete": {"set": chain("s")}}]})).unwrap();

@@ -4,8 +4,10 @@
 use crate::netns::Netns;
 use serde_json::Value;
 
-/// Our table as a comparable value: no metainfo, handles or counter values; set elements and
-/// objects sorted (a re-created table lists them in another order), rules in order per chain.
+/// Our table as a comparable value: no metainfo, handles, counter values or set sizes (a limit,
+/// raised by a diff only when a set outgrows it: a table patched since its full replace may hold
+/// a set at a larger size than a new full replace gives it); set elements and objects sorted (a
+/// re-created table lists them in another order), rules in order per chain.
 pub fn normalized(listing: &str) -> Value {
     fn strip(v: &mut Value) {
         match v {
@@ -14,6 +16,11 @@ pub fn normalized(listing: &str) -> Value {
                 if let Some(Value::Object(c)) = m.get_mut("counter") {
                     c.remove("packets");
                     c.remove("bytes");
+                }
+                for kind in ["set", "map"] {
+                    if let Some(Value::Object(s)) = m.get_mut(kind) {
+                        s.remove("size");
+                    }
                 }
                 if let Some(Value::Array(e)) = m.get_mut("elem") {
                     e.sort_by_key(|x| x.to_string());

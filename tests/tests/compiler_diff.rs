@@ -44,6 +44,18 @@ fn private_kernel() -> (palisade_nft::Nft, palisade_nft::setelem::ElementWriter)
     )
 }
 
+/// Commits `b` as its nfnetlink messages, as the agent does; panics naming `what` (and showing the
+/// batch) when it has none or the kernel refuses them.
+fn commit_as_netlink(writer: &mut palisade_nft::setelem::ElementWriter, what: &str, b: &Batch) {
+    let nl = b
+        .netlink
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: not encoded as netlink messages"));
+    writer
+        .commit_prepared("diff", "palisade", &nl.parts())
+        .unwrap_or_else(|e| panic!("{what}: the kernel refused it: {e}\n{}", b.to_json_string()));
+}
+
 /// Our table as listed there, normalized by `palisade_testkit::nft`.
 fn listed(nft: &palisade_nft::Nft) -> Value {
     palisade_testkit::nft::normalized(&nft.list_table("inet", "palisade").unwrap().unwrap())
@@ -211,21 +223,88 @@ fn a_repair_committed_as_netlink_messages_restores_what_was_tampered_with_root()
     let chains = [chain.name.clone()].into();
     let sets = [set.name.clone(), interval.name.clone()].into();
     let repair = rs.repair(&chains, &sets).expect("our own objects");
-    let nl = repair
-        .netlink
-        .as_ref()
-        .expect("a repair is encoded as netlink messages");
-    writer
-        .commit_prepared("repair", "palisade", &nl.parts())
-        .unwrap_or_else(|e| {
-            panic!(
-                "the kernel refused the repair: {e}\n{}",
-                repair.to_json_string()
-            )
-        });
+    commit_as_netlink(&mut writer, "the repair", &repair);
     let got = listed(&nft);
     if got != want {
         let (extra, missing) = differences(&got, &want);
         panic!("the repair left another table\nonly repaired: {extra:#?}\nonly full: {missing:#?}");
     }
+}
+
+/// A set is declared with a size (`Set::size`, a limit the kernel cannot change), so one that
+/// outgrows it is deleted and added again in the diff's transaction, with every rule naming it
+/// (here a policy chain's peer set and the base chains' verdict maps). Clients join one by one, half
+/// of them on this node, until the peer set has crossed 16, 32 and 64: each diff commits as its
+/// nfnetlink messages and as JSON, and the table then lists as a full replace does. Fails when a
+/// set is not recreated (ENFILE) or its rules are not written again (a missing or stale rule).
+#[test]
+fn sets_that_outgrow_their_size_are_recreated_with_their_rules_root() {
+    use palisade_policy::scenarios::Scenario;
+    let (nft, mut writer) = private_kernel();
+    let by_json = Netns::new("pal-size-");
+    let mut sc = Scenario::new()
+        .pod("a/server", "n1", &["10.244.1.2"], &[("app", "server")], &[])
+        .policy(
+            "a",
+            "from-clients",
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}],
+                "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]}),
+        )
+        .policy(
+            "a",
+            "clients-out",
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "server"}}}]}]}),
+        );
+    let mut last = compile(&sc.st, "n1").ruleset;
+    nft.apply(&last.full_replace_text()).unwrap();
+    by_json
+        .nft_load(&last.full_replace().to_json_string())
+        .unwrap();
+    let mut resized = std::collections::BTreeSet::new();
+    for i in 0..70u32 {
+        let (node, net) = if i % 2 == 0 { ("n1", 1) } else { ("n2", 2) };
+        let ip = format!("10.244.{net}.{}", 10 + i);
+        sc = sc.pod(
+            &format!("a/client{i}"),
+            node,
+            &[&ip],
+            &[("app", "client")],
+            &[],
+        );
+        let next = compile(&sc.st, "n1").ruleset;
+        let b = diff(&last, &next);
+        for s in next.sets.values() {
+            if last.sets.get(&s.name).is_some_and(|l| s.size() > l.size()) {
+                resized.insert(format!("{} at {}", s.name, s.elements.len()));
+            }
+        }
+        commit_as_netlink(&mut writer, &format!("client {i}: the diff"), &b);
+        by_json.nft_load(&b.to_json_string()).unwrap_or_else(|e| {
+            panic!(
+                "client {i}: kernel rejected the diff: {e}\n{}",
+                b.to_json_string()
+            )
+        });
+        let got = listed(&nft);
+        nft.apply(&next.full_replace_text()).unwrap();
+        let want = listed(&nft);
+        if got != want {
+            let (extra, missing) = differences(&got, &want);
+            panic!("client {i}: the netlink diff left another table\nonly netlink: {extra:#?}\nonly full: {missing:#?}");
+        }
+        last = next;
+    }
+    let fresh = Netns::new("pal-size-");
+    fresh
+        .nft_load(&last.full_replace().to_json_string())
+        .unwrap();
+    assert_eq!(
+        by_json.list_table(),
+        fresh.list_table(),
+        "the JSON diffs left another table"
+    );
+    // The peer sets (16, 32, 64 crossed) and this node's maps (16, 32) at least.
+    assert!(resized.len() >= 5, "sets resized: {resized:?}");
 }

@@ -274,6 +274,7 @@ impl ChangeLog {
                 next.add_counter(name);
             }
         }
+        let mut shells = BTreeMap::new();
         for (name, d) in self.elems {
             if d.removed.is_empty() && d.added.is_empty() {
                 continue;
@@ -281,6 +282,10 @@ impl ChangeLog {
             let Some(s) = rs.sets.get(&name) else {
                 continue;
             };
+            // What it held at the last batch: the elements since added were not in it, the ones
+            // since removed were.
+            let had = (s.elements.len() + d.removed.len()).saturating_sub(d.added.len());
+            shells.insert(name.clone(), had);
             let shell = |elements| Set {
                 name: s.name.clone(),
                 key: s.key,
@@ -292,6 +297,6 @@ impl ChangeLog {
             last.add_set(shell(d.removed));
             next.add_set(shell(d.added));
         }
-        diff_parts(&last, &next, rs)
+        diff_parts(&last, &next, rs, &shells)
     }
 }

@@ -206,6 +206,11 @@ pub fn pending_set(fam: Family) -> &'static str {
     }
 }
 
+/// Whether `name` is one of the pending sets (the CNI plugin writes into them between our commits).
+pub fn is_pending_set(name: &str) -> bool {
+    name == PENDING_SET_V4 || name == PENDING_SET_V6
+}
+
 /// Stable id of a policy (`namespace/name`), 16 hex digits.
 pub fn policy_id(policy_key: &str) -> String {
     format!("{:016x}", stable_hash(&["policy", policy_key]))

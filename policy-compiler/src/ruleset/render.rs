@@ -330,6 +330,9 @@ pub(crate) fn set_obj(s: &Set, elems: Option<Vec<Value>>) -> Value {
     if s.interval {
         o.insert("flags".into(), json!(["interval"]));
     }
+    if let Some(size) = s.size() {
+        o.insert("size".into(), json!(size));
+    }
     o.insert("comment".into(), json!(s.comment));
     if let Some(e) = elems.filter(|e| !e.is_empty()) {
         o.insert("elem".into(), Value::Array(e));

@@ -601,6 +601,10 @@ impl Transaction {
                 }
                 w.end(fields);
                 w.end(desc);
+            } else if let Some(size) = s.size() {
+                let desc = w.begin(9); // NFTA_SET_DESC
+                w.u32(1, size); // NFTA_SET_DESC_SIZE
+                w.end(desc);
             }
             w.bytes(13, &udata); // NFTA_SET_USERDATA
         });
