@@ -234,7 +234,7 @@ fn a_repair_committed_as_netlink_messages_restores_what_was_tampered_with_root()
 /// A set is declared with a size (`Set::size`, a limit the kernel cannot change), so one that
 /// outgrows it is deleted and added again in the diff's transaction, with every rule naming it
 /// (here a policy chain's peer set and the base chains' verdict maps). Clients join one by one, half
-/// of them on this node, until the peer set has crossed 16, 32 and 64: each diff commits as its
+/// of them on this node, until the peer set has crossed 12, 24 and 48: each diff commits as its
 /// nfnetlink messages and as JSON, and the table then lists as a full replace does. Fails when a
 /// set is not recreated (ENFILE) or its rules are not written again (a missing or stale rule).
 #[test]
@@ -305,6 +305,6 @@ fn sets_that_outgrow_their_size_are_recreated_with_their_rules_root() {
         fresh.list_table(),
         "the JSON diffs left another table"
     );
-    // The peer sets (16, 32, 64 crossed) and this node's maps (16, 32) at least.
+    // The peer sets (12, 24, 48 crossed) and this node's maps (12, 24) at least.
     assert!(resized.len() >= 5, "sets resized: {resized:?}");
 }
