@@ -354,9 +354,9 @@ impl Set {
     ///
     /// With a size the kernel gives a hash set a table of that capacity at once (its fixed-size
     /// hash) instead of a resizable one grown while the elements go in: at 100k pods the full
-    /// replace's commit took 0.38–0.47 s instead of 0.91–1.0 s, and a landing pod's 66k named-port
-    /// elements 38–47 ms instead of 108–115. The size is also a limit (`ENFILE` past it), and the
-    /// kernel cannot change it, so it depends on the elements alone and a set that outgrows it is
+    /// replace's commit took 0.26–0.38 s instead of 0.87–1.07 s, and a landing pod's 66k
+    /// named-port elements 23–42 ms instead of 89–124. The size is also a limit (`ENFILE` past
+    /// it), and a kernel may not let it change, so it depends on the elements alone and a set that outgrows it is
     /// recreated by `diff` with its new size (its rules rewritten in the same transaction). The
     /// kernel gives a set of size `s` a table of `s * 4 / 3` buckets rounded up to a power of
     /// two: the size is three quarters of the power of two that holds the elements (at least
