@@ -17,7 +17,7 @@
 use crate::ruleset::names::is_pending_set;
 use crate::ruleset::netlink::Transaction;
 use crate::ruleset::render::{chain_obj, cmd, counter_obj, rule_obj, set_obj, set_ref, Command};
-use crate::ruleset::{Batch, Chain, Ruleset, Stmt};
+use crate::ruleset::{Batch, Chain, Ruleset, Set, Stmt};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(crate) mod changelog;
@@ -90,39 +90,17 @@ pub(crate) fn diff_parts(
     // every rule naming it is flushed (step 4) and before any is written again (step 6). Only
     // growth past the size does it: a smaller size would fit as well, and `size()` follows the
     // elements alone, so the kernel's size is never below what `last` implies.
-    let resized: BTreeSet<&str> = next
+    // Each with its whole next version (a part may hold a shell of it).
+    let resized: BTreeMap<&str, &Set> = next
         .sets
         .values()
-        .filter(|s| {
-            last.sets.get(&s.name).is_some_and(|l| {
-                let had = shells.get(&s.name).copied().unwrap_or(l.elements.len());
-                whole.sets.get(&s.name).unwrap_or(s).size() > l.size_holding(had)
-            })
+        .filter_map(|s| {
+            let l = last.sets.get(&s.name)?;
+            let w = whole.sets.get(&s.name).unwrap_or(s);
+            let had = shells.get(&s.name).copied().unwrap_or(l.elements.len());
+            w.outgrows(had).then_some((s.name.as_str(), w))
         })
-        .map(|s| s.name.as_str())
         .collect();
-    let names_resized = |c: &Chain| {
-        c.rules
-            .iter()
-            .flat_map(|r| &r.stmts)
-            .filter_map(Stmt::set_name)
-            .any(|n| resized.contains(n))
-    };
-    // The chains the kernel holds that name one: those of `last` (kept or stale) and those no
-    // change touched (in `whole` only).
-    let rewritten: Vec<&Chain> = if resized.is_empty() {
-        Vec::new()
-    } else {
-        whole
-            .chains
-            .values()
-            .filter(|c| last.chains.contains_key(&c.name) || !next.chains.contains_key(&c.name))
-            .chain(last.chains.values().filter(|c| {
-                !next.chains.contains_key(&c.name) && !whole.chains.contains_key(&c.name)
-            }))
-            .filter(|c| names_resized(c))
-            .collect()
-    };
     // 3. stale elements of kept sets. An interval set's ranges are written with end elements
     // that depend on their neighbours, so as messages it is flushed and written whole at step 5
     // (`refill`), as a full replace writes it; the JSON names the elements and nft works the
@@ -132,7 +110,7 @@ pub(crate) fn diff_parts(
         let Some(l) = last.sets.get(&s.name) else {
             continue;
         };
-        if resized.contains(s.name.as_str()) {
+        if resized.contains_key(s.name.as_str()) {
             continue;
         }
         let gone: Vec<_> = l.elements.difference(&s.elements).collect();
@@ -160,35 +138,45 @@ pub(crate) fn diff_parts(
         cmds.push(cmd("flush", chain_obj(c, false)).into());
         nl.flush_chain(&c.name);
     }
-    let rewritten: Vec<&Chain> = rewritten
-        .into_iter()
-        .filter(|c| !changed.iter().any(|x| x.name == c.name))
-        .collect();
+    // The other chains the kernel holds that name a resized set: those of `last` (kept or
+    // stale) and those no change touched (in `whole` only).
+    let names_resized = |c: &Chain| {
+        c.rules
+            .iter()
+            .flat_map(|r| &r.stmts)
+            .filter_map(Stmt::set_name)
+            .any(|n| resized.contains_key(n))
+    };
+    let rewritten: Vec<&Chain> = if resized.is_empty() {
+        Vec::new()
+    } else {
+        whole
+            .chains
+            .values()
+            .filter(|c| last.chains.contains_key(&c.name) || !next.chains.contains_key(&c.name))
+            .chain(last.chains.values().filter(|c| {
+                !next.chains.contains_key(&c.name) && !whole.chains.contains_key(&c.name)
+            }))
+            .filter(|c| names_resized(c) && !changed.iter().any(|x| x.name == c.name))
+            .collect()
+    };
     for c in &rewritten {
         cmds.push(cmd("flush", chain_obj(c, false)).into());
         nl.flush_chain(&c.name);
     }
     // The resized sets, now that no rule names them.
-    for name in &resized {
-        if let (Some(l), Some(s)) = (last.sets.get(*name), whole.sets.get(*name)) {
-            cmds.push(cmd("delete", set_ref(l)).into());
-            nl.delete_set(name);
-            cmds.push(cmd("add", set_obj(s, None)).into());
-            nl.add_set(s);
-        }
+    for s in resized.values() {
+        cmds.push(cmd("delete", set_ref(s)).into());
+        nl.delete_set(&s.name);
+        cmds.push(cmd("add", set_obj(s, None)).into());
+        nl.add_set(s);
     }
     // 5. new elements
     for s in next.sets.values() {
-        let new: Vec<_> = match last.sets.get(&s.name) {
-            Some(_) if resized.contains(s.name.as_str()) => whole
-                .sets
-                .get(&s.name)
-                .unwrap_or(s)
-                .elements
-                .iter()
-                .collect(),
-            Some(l) => s.elements.difference(&l.elements).collect(),
-            None => s.elements.iter().collect(),
+        let new: Vec<_> = match (resized.get(s.name.as_str()), last.sets.get(&s.name)) {
+            (Some(w), _) => w.elements.iter().collect(),
+            (None, Some(l)) => s.elements.difference(&l.elements).collect(),
+            (None, None) => s.elements.iter().collect(),
         };
         if !new.is_empty() {
             cmds.push(Command::elements(true, s, new.iter().copied()));
@@ -215,14 +203,9 @@ pub(crate) fn diff_parts(
         })
         .map(|c| (c.name.as_str(), c))
         .collect();
-    for c in &rewritten {
-        if let Some(w) = next
-            .chains
-            .get(&c.name)
-            .or_else(|| whole.chains.get(&c.name))
-        {
-            fill.insert(&w.name, w);
-        }
+    // A stale one is not written again (it is deleted at step 7).
+    for w in rewritten.iter().filter_map(|c| whole.chains.get(&c.name)) {
+        fill.insert(&w.name, w);
     }
     for c in fill.values() {
         for r in &c.rules {
@@ -386,7 +369,11 @@ mod tests {
                 resized += next
                     .sets
                     .values()
-                    .filter(|s| last.sets.get(&s.name).is_some_and(|l| s.size() > l.size()))
+                    .filter(|s| {
+                        last.sets
+                            .get(&s.name)
+                            .is_some_and(|l| s.outgrows(l.elements.len()))
+                    })
                     .count();
                 assert_eq!(kernel, kernel_after_full(&next), "seed {seed} step {step}");
                 let round: Value = serde_json::from_str(&b.to_json_string()).unwrap();

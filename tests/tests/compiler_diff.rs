@@ -276,7 +276,11 @@ fn sets_that_outgrow_their_size_are_recreated_with_their_rules_root() {
         let next = compile(&sc.st, "n1").ruleset;
         let b = diff(&last, &next);
         for s in next.sets.values() {
-            if last.sets.get(&s.name).is_some_and(|l| s.size() > l.size()) {
+            if last
+                .sets
+                .get(&s.name)
+                .is_some_and(|l| s.outgrows(l.elements.len()))
+            {
                 resized.insert(format!("{} at {}", s.name, s.elements.len()));
             }
         }
