@@ -1210,7 +1210,7 @@ fn rule_matches(
     }
     if r.ports.uses_named {
         for fam in Family::BOTH {
-            let name = mk(NAMED_SET_PREFIX, Some(fam));
+            let name = r.named_set(key, dir, fam);
             add(&|| Set {
                 name: name.clone(),
                 key: match fam {
@@ -1219,11 +1219,21 @@ fn rule_matches(
                 },
                 interval: false,
                 verdict_map: false,
-                comment: comment(&format!(
-                    "{}: named ports per destination pod ({})",
-                    what(),
-                    fam_word(fam)
-                )),
+                // A shared set's comment says what it holds, not which rule names it.
+                comment: comment(&if r.shares_named(dir) {
+                    format!(
+                        "named ports {} of peer pods ({}): {}",
+                        r.ports.named_key,
+                        fam_word(fam),
+                        r.peers.pod_label
+                    )
+                } else {
+                    format!(
+                        "{}: named ports per destination pod ({})",
+                        what(),
+                        fam_word(fam)
+                    )
+                }),
                 elements: r
                     .ports
                     .named

@@ -31,13 +31,13 @@
 use super::build;
 use super::index::{Moved, PodIndex, Subject};
 use super::resolve::{
-    self, applies, cluster_selected, cluster_selects, local_pod, rule_selections, NamedPortScope,
-    NamedPorts, Resolver, RuleRef,
+    self, applies, cluster_selected, cluster_selects, local_pod, rule_selections, Kept,
+    NamedPortScope, NamedPorts, Resolver, RuleRef,
 };
 use super::{Compiled, CompiledRule, PeerSet};
 use crate::diff::changelog::{ChangeLog, PartNames, SetHolders};
 use crate::model::{namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule};
-use crate::ruleset::names::{self, NAMED_SET_PREFIX};
+use crate::ruleset::names;
 use crate::ruleset::{Batch, Elem, Family, Ruleset};
 use palisade_contract::Attachment;
 use std::collections::{BTreeMap, BTreeSet};
@@ -638,19 +638,29 @@ impl IncrementalCompiler {
         dirty.insert(pkey);
     }
 
-    /// Recompiles whole policies: their chains and sets are replaced.
+    /// Recompiles whole policies: their chains and sets are replaced. The policies kept lend
+    /// what they resolved to those compiled now (the same peers, the same named ports).
     fn recompile_policies(&mut self, dirty: &BTreeSet<String>, tr: &mut ChangeLog) {
-        let resolver = Resolver::new(&self.ix, &self.state.nodes, self.state.policy_limits);
         for pkey in dirty {
             self.compiled.policies.remove(pkey);
             self.compiled.cluster_policies.remove(pkey);
+        }
+        let kept = Kept {
+            compiled: &self.compiled.policies,
+            policies: &self.state.policies,
+        };
+        let resolver =
+            Resolver::new(&self.ix, &self.state.nodes, self.state.policy_limits).keeping(kept);
+        let mut done = Vec::with_capacity(dirty.len());
+        for pkey in dirty {
             let mut part = Ruleset::default();
+            let mut compiled = Recompiled::Gone;
             if let Some(cp) = self.state.cluster_policy_by_key(pkey) {
                 let selected = cluster_selected(&self.ix, cp);
                 if !selected.is_empty() {
                     let ccp = resolver.compile_cluster_policy(cp, selected, BTreeMap::new());
                     part = build::cluster_part(&ccp);
-                    self.compiled.cluster_policies.insert(pkey.clone(), ccp);
+                    compiled = Recompiled::Cluster(ccp);
                 }
             } else if let Some(pol) = self.state.policies.get(pkey) {
                 let selected = resolve::selected(&self.ix, pol);
@@ -658,8 +668,21 @@ impl IncrementalCompiler {
                     let reuse = self.reuse.remove(pkey).unwrap_or_default();
                     let cp = resolver.compile_policy(pkey, pol, selected, reuse);
                     part = build::policy_part(&cp);
+                    compiled = Recompiled::Policy(cp);
+                }
+            }
+            done.push((pkey, compiled, part));
+        }
+        drop(resolver);
+        for (pkey, compiled, part) in done {
+            match compiled {
+                Recompiled::Policy(cp) => {
                     self.compiled.policies.insert(pkey.clone(), cp);
                 }
+                Recompiled::Cluster(ccp) => {
+                    self.compiled.cluster_policies.insert(pkey.clone(), ccp);
+                }
+                Recompiled::Gone => {}
             }
             let old = self.policy_names.remove(pkey).unwrap_or_default();
             let new = tr.replace_part(&mut self.compiled.ruleset, &old, part, &mut self.holders);
@@ -763,6 +786,13 @@ enum Patched {
     NeedsRecompile,
 }
 
+/// A policy compiled again: what it is now (nothing when it selects no local pod or is gone).
+enum Recompiled {
+    Policy(super::CompiledPolicy),
+    Cluster(super::CompiledClusterPolicy),
+    Gone,
+}
+
 /// The pods that moved and every address they held or hold: what [`Patch::rule`] patches.
 struct Patch<'a> {
     moved: &'a [Moved],
@@ -842,16 +872,9 @@ struct RulePatch<'a> {
 }
 
 impl RulePatch<'_> {
-    /// The rule's named-port set of `ip`'s family (peer sets are named by their peers instead:
-    /// `names::peer_set`).
+    /// The rule's named-port set of `ip`'s family.
     fn named_set(&self, cr: &CompiledRule, ip: &IpAddr) -> String {
-        names::rule_set(
-            NAMED_SET_PREFIX,
-            self.pkey,
-            self.dir,
-            cr.index,
-            Some(Family::of(ip)),
-        )
+        cr.named_set(self.pkey, self.dir, Family::of(ip))
     }
 
     /// Whether `ip` belongs in a rule's peer addresses: some subject pod claiming it is a peer.
@@ -923,12 +946,14 @@ impl RulePatch<'_> {
             return;
         }
         let set = self.named_set(cr, &ip);
+        // Written only when it changes (above): the entries may be shared (copy on write).
+        let named = Arc::make_mut(&mut cr.ports.named);
         for t in have.difference(&want) {
-            cr.ports.named.remove(t);
+            named.remove(t);
             tr.remove_elem(rs, &set, &Elem::AddrProtoPort(t.0, t.1, t.2));
         }
         for t in want.difference(&have) {
-            cr.ports.named.insert(*t);
+            named.insert(*t);
             tr.insert_elem(rs, &set, Elem::AddrProtoPort(t.0, t.1, t.2));
         }
     }

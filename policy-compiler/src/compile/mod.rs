@@ -14,7 +14,7 @@ mod owners;
 mod resolve;
 
 use crate::model::{Action, Direction, Protocol, Tier};
-use crate::ruleset::Ruleset;
+use crate::ruleset::{names, Family, Ruleset};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -267,6 +267,31 @@ impl CompiledRule {
     pub fn allows(&self, peer: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> bool {
         self.peers.matches(peer).is_some() && self.ports.matches(dst, proto, port)
     }
+
+    /// Whether its named-port entries follow from its pod peers and port names alone, so that
+    /// every such rule of any policy holds one set (spec-derived): an egress rule whose peers
+    /// are all pod peers. An ingress rule's entries are the pods its policy selects; an egress
+    /// rule with ipBlocks, `nodes` or no peers reaches every subject pod at the addresses those
+    /// hold.
+    pub(crate) fn shares_named(&self, dir: Direction) -> bool {
+        dir == Direction::Egress && self.ports.uses_named && self.peers.pods_only()
+    }
+
+    /// Name of its named-port set of `fam` (it is a rule of the policy `policy_key`, in `dir`):
+    /// named by content when [`Self::shares_named`], else its own.
+    pub(crate) fn named_set(&self, policy_key: &str, dir: Direction, fam: Family) -> String {
+        if self.shares_named(dir) {
+            names::shared_named_set(&self.peers.pod_key, &self.ports.named_key, fam)
+        } else {
+            names::rule_set(
+                names::NAMED_SET_PREFIX,
+                policy_key,
+                dir,
+                self.index,
+                Some(fam),
+            )
+        }
+    }
 }
 
 /// How a peer matched.
@@ -319,6 +344,11 @@ pub struct PeerSet {
 }
 
 impl PeerSet {
+    /// Its peers are pod peers only (spec-derived): no ipBlocks, `nodes` or "any peer".
+    pub(crate) fn pods_only(&self) -> bool {
+        self.uses_pods && !(self.any || self.has_v4_blocks || self.has_v6_blocks || self.uses_nodes)
+    }
+
     pub fn matches(&self, ip: IpAddr) -> Option<PeerMatch> {
         if self.any {
             Some(PeerMatch::Any)
@@ -343,8 +373,14 @@ pub struct PortSet {
     pub ranges: Vec<(Protocol, u16, u16)>,
     /// The rule has named ports (spec-derived).
     pub uses_named: bool,
+    /// Its named ports as `protocol/name`, sorted, each once (spec-derived; empty without
+    /// named ports): with the pod peers, the identity of a shared named-port set
+    /// ([`CompiledRule::named_set`]).
+    pub named_key: String,
     /// Named ports resolved per destination pod: (pod address, protocol, port) (semantics 34).
-    pub named: BTreeSet<(IpAddr, Protocol, u16)>,
+    /// Shared (copy on write) with every egress rule of the same pod peers and port names
+    /// ([`CompiledRule::shares_named`]).
+    pub named: std::sync::Arc<BTreeSet<(IpAddr, Protocol, u16)>>,
 }
 
 impl PortSet {

@@ -17,7 +17,7 @@ use crate::model::{
 use crate::ruleset::Ruleset;
 use ipnet::IpNet;
 use palisade_contract::Attachment;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -318,6 +318,18 @@ pub(crate) struct RuleRef {
     pub index: usize,
 }
 
+/// Named-port entries of a rule: (pod address, protocol, port).
+type NamedEntries = std::sync::Arc<BTreeSet<(IpAddr, Protocol, u16)>>;
+
+/// NetworkPolicies compiled before and kept (the incremental compiler's, up to date with the
+/// index), with their specs: their resolved peers and named-port entries serve a policy compiled
+/// now whose rules repeat them.
+#[derive(Clone, Copy)]
+pub(crate) struct Kept<'a> {
+    pub compiled: &'a BTreeMap<String, CompiledPolicy>,
+    pub policies: &'a BTreeMap<String, Policy>,
+}
+
 /// Resolves policies against one index. Pod peers already resolved are kept for its lifetime:
 /// many policies repeat the same peers.
 pub(crate) struct Resolver<'a> {
@@ -328,6 +340,14 @@ pub(crate) struct Resolver<'a> {
     /// bounded).
     limits: PolicyLimits,
     peers: RefCell<HashMap<PeerQuery<'a>, Rc<ResolvedPods>>>,
+    /// Entries of the rules that share them ([`CompiledRule::shares_named`]), by pod peers and
+    /// port names ([`PeerSet::pod_key`], [`PortSet::named_key`]).
+    named: RefCell<HashMap<(String, String), NamedEntries>>,
+    /// Read into `peers` and `named` at their first miss (a landing pod's policy at 100k pods
+    /// spent ~60 % of its ~90 ms compile resolving peers and named ports that three kept
+    /// policies held already).
+    kept: Option<Kept<'a>>,
+    seeded: Cell<bool>,
 }
 
 impl<'a> Resolver<'a> {
@@ -337,7 +357,80 @@ impl<'a> Resolver<'a> {
             nodes,
             limits,
             peers: RefCell::new(HashMap::new()),
+            named: RefCell::new(HashMap::new()),
+            kept: None,
+            seeded: Cell::new(false),
         }
+    }
+
+    /// The same, also taking what `kept` resolved.
+    pub fn keeping(self, kept: Kept<'a>) -> Self {
+        Self {
+            kept: Some(kept),
+            ..self
+        }
+    }
+
+    /// Reads the kept policies' peers and named-port entries into the caches, once; returns
+    /// whether it did so now (so a miss is worth looking up again).
+    fn seed(&self) -> bool {
+        let Some(kept) = self.kept else {
+            return false;
+        };
+        if self.seeded.replace(true) {
+            return false;
+        }
+        let mut peers = self.peers.borrow_mut();
+        let mut named = self.named.borrow_mut();
+        for (pkey, cp) in kept.compiled {
+            let Some(pol) = kept.policies.get(pkey) else {
+                continue;
+            };
+            for dir in Direction::BOTH {
+                let (Some(specs), Some(rules)) = (pol.rules(dir), cp.rules(dir)) else {
+                    continue;
+                };
+                for cr in rules {
+                    if cr.shares_named(dir) {
+                        named
+                            .entry((cr.peers.pod_key.clone(), cr.ports.named_key.clone()))
+                            .or_insert_with(|| std::sync::Arc::clone(&cr.ports.named));
+                    }
+                    // A rule whose pod peers are one query holds exactly what it selects.
+                    let Some(spec) = specs.get(cr.index) else {
+                        continue;
+                    };
+                    let mut queries = spec
+                        .peers
+                        .iter()
+                        .filter_map(|p| PeerQuery::of(&pol.namespace, p));
+                    let Some(q) = queries.next() else {
+                        continue;
+                    };
+                    if queries.any(|o| o != q) {
+                        continue;
+                    }
+                    peers.entry(q).or_insert_with(|| {
+                        Rc::new(ResolvedPods {
+                            keys: std::sync::Arc::clone(&cr.peers.pods),
+                            ips: std::sync::Arc::clone(&cr.peers.pod_ips),
+                        })
+                    });
+                }
+            }
+        }
+        true
+    }
+
+    /// What `q` selects, if resolved already (in this compile or by a kept policy).
+    fn resolved(&self, q: &PeerQuery<'a>) -> Option<Rc<ResolvedPods>> {
+        if let Some(found) = self.peers.borrow().get(q) {
+            return Some(Rc::clone(found));
+        }
+        if self.seed() {
+            return self.peers.borrow().get(q).cloned();
+        }
+        None
     }
 
     /// Calls `hit` with each subject `q` selects.
@@ -370,7 +463,7 @@ impl<'a> Resolver<'a> {
 
     /// How many subjects `q` selects, without keeping them (a refused policy's count).
     fn count_selected(&self, q: PeerQuery<'a>) -> usize {
-        if let Some(found) = self.peers.borrow().get(&q) {
+        if let Some(found) = self.resolved(&q) {
             return found.keys.len();
         }
         let mut n = 0;
@@ -379,8 +472,8 @@ impl<'a> Resolver<'a> {
     }
 
     fn peer_pods(&self, q: PeerQuery<'a>) -> Rc<ResolvedPods> {
-        if let Some(found) = self.peers.borrow().get(&q) {
-            return Rc::clone(found);
+        if let Some(found) = self.resolved(&q) {
+            return found;
         }
         // Gathered into vectors and built in bulk: a B-tree filled insert by insert keeps its
         // nodes about half full, one built from a sorted run fills them (at 100k pods the peer
@@ -555,44 +648,75 @@ impl<'a> Resolver<'a> {
         let named = NamedPorts::of(rule);
         if !named.is_empty() {
             ports.uses_named = true;
-            let scope = NamedPortScope {
-                dir,
-                selected,
-                peers: &peers,
-            };
-            // The candidates of `scope`, listed rather than tested one by one, and whether their
-            // addresses still need [`NamedPortScope::address`]: an ingress candidate's always
-            // count, and so do a peer pod's (the peer set holds its addresses); a subject
-            // among all of them counts only at an address the peers match.
-            let (candidates, every_address): (Box<dyn Iterator<Item = &Subject>>, bool) = match dir
-            {
-                Direction::Egress if scope.every_subject() => {
-                    (Box::new(self.ix.subjects().map(|(_, s)| s)), false)
+            ports.named_key = named.key();
+            // Resolved once for every rule that shares them (`CompiledRule::shares_named`).
+            let shared = (dir == Direction::Egress && peers.pods_only())
+                .then(|| (peers.pod_key.clone(), ports.named_key.clone()));
+            let known = shared.as_ref().and_then(|id| {
+                let found = self.named.borrow().get(id).cloned();
+                found.or_else(|| self.seed().then(|| self.named.borrow().get(id).cloned())?)
+            });
+            ports.named = match known {
+                Some(entries) => entries,
+                None => {
+                    let entries =
+                        std::sync::Arc::new(self.named_entries(dir, selected, &peers, &named));
+                    if let Some(id) = shared {
+                        self.named
+                            .borrow_mut()
+                            .insert(id, std::sync::Arc::clone(&entries));
+                    }
+                    entries
                 }
-                Direction::Ingress => (
-                    Box::new(selected.iter().filter_map(|k| self.ix.subject(k))),
-                    true,
-                ),
-                Direction::Egress => (
-                    Box::new(peers.pods.iter().filter_map(|k| self.ix.subject(k))),
-                    true,
-                ),
             };
-            // Gathered, then built in bulk (at 100k pods, inserting one by one was a fifth of a
-            // pod's landing when its policies name ports).
-            let mut entries = Vec::new();
-            for s in candidates {
-                for ip in s.ips.iter().filter(|ip| every_address || scope.address(ip)) {
-                    entries.extend(named.entries(&s.pod, *ip));
-                }
-            }
-            ports.named = entries.into_iter().collect();
         }
         CompiledRule {
             index,
             peers,
             ports,
         }
+    }
+
+    /// The named-port entries of a rule in `dir` with `peers` and `named`, of a policy selecting
+    /// the local pods `selected`.
+    fn named_entries(
+        &self,
+        dir: Direction,
+        selected: &BTreeSet<String>,
+        peers: &PeerSet,
+        named: &NamedPorts<'_>,
+    ) -> BTreeSet<(IpAddr, Protocol, u16)> {
+        let scope = NamedPortScope {
+            dir,
+            selected,
+            peers,
+        };
+        // The candidates of `scope`, listed rather than tested one by one, and whether their
+        // addresses still need [`NamedPortScope::address`]: an ingress candidate's always
+        // count, and so do a peer pod's (the peer set holds its addresses); a subject
+        // among all of them counts only at an address the peers match.
+        let (candidates, every_address): (Box<dyn Iterator<Item = &Subject>>, bool) = match dir {
+            Direction::Egress if scope.every_subject() => {
+                (Box::new(self.ix.subjects().map(|(_, s)| s)), false)
+            }
+            Direction::Ingress => (
+                Box::new(selected.iter().filter_map(|k| self.ix.subject(k))),
+                true,
+            ),
+            Direction::Egress => (
+                Box::new(peers.pods.iter().filter_map(|k| self.ix.subject(k))),
+                true,
+            ),
+        };
+        // Gathered, then built in bulk (at 100k pods, inserting one by one was a fifth of a
+        // pod's landing when its policies name ports).
+        let mut entries = Vec::new();
+        for s in candidates {
+            for ip in s.ips.iter().filter(|ip| every_address || scope.address(ip)) {
+                entries.extend(named.entries(&s.pod, *ip));
+            }
+        }
+        entries.into_iter().collect()
     }
 
     /// The peers of a rule, without a limit (a ClusterNetworkPolicy's).
@@ -698,6 +822,19 @@ impl<'r> NamedPorts<'r> {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Each as `protocol/"name"`, sorted, each once ([`PortSet::named_key`]; quoted as `Debug`
+    /// quotes, so distinct lists never meet).
+    pub fn key(&self) -> String {
+        let mut all: Vec<String> = self
+            .0
+            .iter()
+            .map(|n| format!("{}/{:?}", n.protocol.as_api(), n.name))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.join(" ")
     }
 
     /// Whether a container port is one of them: name and protocol must both match (semantics 35).

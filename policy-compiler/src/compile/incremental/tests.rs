@@ -449,3 +449,110 @@ fn a_repair_of_the_touched_chains_and_sets_undoes_any_tampering_with_them() {
     assert!(rs.repair(&foreign, &BTreeSet::new()).is_none());
     assert!(rs.repair(&BTreeSet::new(), &foreign).is_none());
 }
+
+/// Egress rules of one template (the same pod peers, the same port names) in several policies
+/// hold one named-port set: a policy going keeps it for the others, the last one takes it.
+#[test]
+fn egress_rules_of_one_template_share_one_named_port_set_until_the_last_goes() {
+    use crate::compile::tests::W;
+    use crate::model::Protocol;
+    use serde_json::json;
+    let mut w = W::new();
+    w.pod("a/cli", "n1", &["10.0.1.1"], &[("app", "cli")]);
+    w.pod("b/cli", "n1", &["10.0.1.2"], &[("app", "cli")]);
+    w.pod("b/web", "n2", &["10.0.2.1"], &[("app", "web")]);
+    w.ports("b/web", &[("http", 8080, Protocol::Tcp)]);
+    let template = json!({"podSelector": {}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}],
+                    "ports": [{"port": "http"}]}]});
+    w.policy("a/to-web", template.clone());
+    w.policy("b/to-web", template);
+    let mut inc = IncrementalCompiler::new(w.st.clone(), "n1");
+    let named = |rs: &Ruleset| -> Vec<(String, usize)> {
+        rs.sets
+            .values()
+            .filter(|s| s.name.starts_with(names::NAMED_SET_PREFIX))
+            .map(|s| (s.name.clone(), s.elements.len()))
+            .collect()
+    };
+    let shared = named(&inc.compiled().ruleset);
+    assert_eq!(
+        shared.len(),
+        2,
+        "one set per family for both policies: {shared:?}"
+    );
+    assert_eq!(shared.iter().map(|(_, n)| n).sum::<usize>(), 1);
+    for key in ["a/to-web", "b/to-web"] {
+        let chain = names::policy_chain(key, Direction::Egress);
+        let rules = format!("{:?}", inc.compiled().ruleset.chains[&chain].rules);
+        // The IPv4 one: no peer has an IPv6 address, so no rule looks up the other.
+        let v4 = shared.iter().find(|(s, _)| s.ends_with("_v4")).unwrap();
+        assert!(rules.contains(v4.0.as_str()), "{key}: {rules}");
+    }
+    for (i, key) in ["a/to-web", "b/to-web"].into_iter().enumerate() {
+        w.del_policy(key);
+        let (namespace, name) = key.split_once('/').unwrap();
+        inc.apply(Change::DeletePolicy {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
+        assert_eq!(
+            inc.compiled(),
+            &compile(&w.st, "n1"),
+            "after deleting {key}"
+        );
+        let left = named(&inc.compiled().ruleset);
+        assert_eq!(
+            left.len(),
+            if i == 0 { 2 } else { 0 },
+            "after deleting {key}"
+        );
+    }
+}
+
+/// A policy compiled while others are kept takes what they resolved only where it is the same:
+/// not the pods of a kept rule with two pod peers for one of them, not a kept ingress rule's named
+/// ports (its own pods') for a destination's.
+#[test]
+fn a_policy_compiled_later_resolves_as_a_full_compile_whatever_the_kept_policies_hold() {
+    use crate::compile::tests::W;
+    use crate::model::Protocol;
+    use serde_json::json;
+    let mut w = W::new();
+    w.pod("a/x", "n1", &["10.0.1.1"], &[("app", "x")]);
+    w.pod("b/web", "n2", &["10.0.2.1"], &[("app", "web")]);
+    w.pod("b/db", "n2", &["10.0.2.2"], &[("app", "db")]);
+    w.ports("a/x", &[("http", 80, Protocol::Tcp)]);
+    w.ports("b/web", &[("http", 8080, Protocol::Tcp)]);
+    w.ports("b/db", &[("http", 5432, Protocol::Tcp)]);
+    let web = json!({"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}});
+    let db = json!({"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "db"}}});
+    // Kept first (keys in order): the two-peer rule, then the ingress rule of web's peer alone.
+    w.policy(
+        "a/kept",
+        json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [web, db], "ports": [{"port": "http"}]}]}),
+    );
+    w.policy(
+        "a/kept-in",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [web], "ports": [{"port": "http"}]}]}),
+    );
+    let mut inc = IncrementalCompiler::new(w.st.clone(), "n1");
+    w.policy(
+        "a/later",
+        json!({"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [web], "ports": [{"port": "http"}]}]}),
+    );
+    inc.apply(Change::UpsertPolicy(w.st.policies["a/later"].clone()));
+    let full = compile(&w.st, "n1");
+    first_difference(inc.compiled(), &full, "a policy compiled beside a kept one");
+    assert_eq!(inc.compiled(), &full);
+    let later = &inc.compiled().policies["a/later"].egress.as_ref().unwrap()[0];
+    assert_eq!(later.peers.pods.len(), 1, "only web");
+    let entries: Vec<_> = later.ports.named.iter().copied().collect();
+    assert_eq!(
+        entries,
+        vec![("10.0.2.1".parse().unwrap(), Protocol::Tcp, 8080)]
+    );
+}
