@@ -99,19 +99,16 @@ impl Built {
             rs.merge(part);
         }
         let mut policy_names = BTreeMap::new();
-        let parts = compiled
-            .policies
-            .iter()
-            .map(|(k, cp)| (k, build::policy_part(cp)))
-            .chain(
-                compiled
-                    .cluster_policies
-                    .iter()
-                    .map(|(k, cp)| (k, build::cluster_part(cp))),
-            );
-        for (k, part) in parts {
-            policy_names.insert(k.clone(), PartNames::of(&part));
-            rs.merge(part);
+        // A set named by its content that an earlier part built is only named by the later ones.
+        for (k, cp) in &compiled.policies {
+            let part = build::policy_part(cp, &|n| rs.sets.contains_key(n));
+            policy_names.insert(k.clone(), PartNames::of_borrowing(&part.rs, &part.borrowed));
+            rs.merge(part.rs);
+        }
+        for (k, cp) in &compiled.cluster_policies {
+            let part = build::cluster_part(cp, &|n| rs.sets.contains_key(n));
+            policy_names.insert(k.clone(), PartNames::of_borrowing(&part.rs, &part.borrowed));
+            rs.merge(part.rs);
         }
         compiled.ruleset = rs;
         compiled.warnings.extend(warnings);
@@ -653,13 +650,11 @@ impl IncrementalCompiler {
             Resolver::new(&self.ix, &self.state.nodes, self.state.policy_limits).keeping(kept);
         let mut done = Vec::with_capacity(dirty.len());
         for pkey in dirty {
-            let mut part = Ruleset::default();
             let mut compiled = Recompiled::Gone;
             if let Some(cp) = self.state.cluster_policy_by_key(pkey) {
                 let selected = cluster_selected(&self.ix, cp);
                 if !selected.is_empty() {
                     let ccp = resolver.compile_cluster_policy(cp, selected, BTreeMap::new());
-                    part = build::cluster_part(&ccp);
                     compiled = Recompiled::Cluster(ccp);
                 }
             } else if let Some(pol) = self.state.policies.get(pkey) {
@@ -667,14 +662,29 @@ impl IncrementalCompiler {
                 if !selected.is_empty() && applies(pol) {
                     let reuse = self.reuse.remove(pkey).unwrap_or_default();
                     let cp = resolver.compile_policy(pkey, pol, selected, reuse);
-                    part = build::policy_part(&cp);
                     compiled = Recompiled::Policy(cp);
                 }
             }
-            done.push((pkey, compiled, part));
+            done.push((pkey, compiled));
         }
         drop(resolver);
-        for (pkey, compiled, part) in done {
+        // A set named by its content that a kept part holds was patched with every move: the
+        // parts built now only name it. One that only recompiled parts hold was patched by none
+        // of them: the first part that names it builds it again.
+        let mut stale = self.held_by_dirty_only(dirty);
+        for (pkey, compiled) in done {
+            let part = {
+                let rs = &self.compiled.ruleset;
+                let borrow = |n: &str| rs.sets.contains_key(n) && !stale.contains(n);
+                match &compiled {
+                    Recompiled::Policy(cp) => build::policy_part(cp, &borrow),
+                    Recompiled::Cluster(ccp) => build::cluster_part(ccp, &borrow),
+                    Recompiled::Gone => build::Part::default(),
+                }
+            };
+            for name in part.rs.sets.keys() {
+                stale.remove(name);
+            }
             match compiled {
                 Recompiled::Policy(cp) => {
                     self.compiled.policies.insert(pkey.clone(), cp);
@@ -685,11 +695,31 @@ impl IncrementalCompiler {
                 Recompiled::Gone => {}
             }
             let old = self.policy_names.remove(pkey).unwrap_or_default();
-            let new = tr.replace_part(&mut self.compiled.ruleset, &old, part, &mut self.holders);
+            let new = tr.replace_part_borrowing(
+                &mut self.compiled.ruleset,
+                &old,
+                part.rs,
+                &part.borrowed,
+                &mut self.holders,
+            );
             if !new.is_empty() {
                 self.policy_names.insert(pkey.clone(), new);
             }
         }
+    }
+
+    /// The sets only parts of `dirty` hold (nothing patched them since they were built).
+    fn held_by_dirty_only(&self, dirty: &BTreeSet<String>) -> BTreeSet<String> {
+        let mut held: BTreeMap<&str, usize> = BTreeMap::new();
+        for names in dirty.iter().filter_map(|k| self.policy_names.get(k)) {
+            for set in names.sets.iter() {
+                *held.entry(set).or_default() += 1;
+            }
+        }
+        held.into_iter()
+            .filter(|(set, n)| self.holders.count(set) == *n)
+            .map(|(set, _)| set.to_string())
+            .collect()
     }
 
     /// Pending addresses and the local part, compared object by object; then the tier chains the

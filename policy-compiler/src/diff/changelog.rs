@@ -30,6 +30,16 @@ impl PartNames {
             counters: Names::of(rs.counters.iter()),
         }
     }
+    /// The names of a part that also holds the sets `borrowed`, which it does not carry.
+    pub fn of_borrowing(rs: &Ruleset, borrowed: &BTreeSet<String>) -> Self {
+        let mut sets: Vec<&String> = rs.sets.keys().chain(borrowed).collect();
+        sets.sort_unstable();
+        sets.dedup();
+        Self {
+            sets: Names::of(sets.into_iter()),
+            ..Self::of(rs)
+        }
+    }
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty() && self.sets.is_empty() && self.counters.is_empty()
     }
@@ -85,6 +95,10 @@ impl SetHolders {
         *self.0.entry(set.to_string()).or_default() += 1;
     }
     /// One holder lets `set` go; true when it was the last.
+    /// How many parts hold `set`.
+    pub fn count(&self, set: &str) -> usize {
+        self.0.get(set).copied().unwrap_or(0)
+    }
     pub fn release(&mut self, set: &str) -> bool {
         match self.0.get_mut(set) {
             Some(n) if *n > 1 => {
@@ -179,7 +193,20 @@ impl ChangeLog {
         part: Ruleset,
         holders: &mut SetHolders,
     ) -> PartNames {
-        let new = PartNames::of(&part);
+        self.replace_part_borrowing(rs, old, part, &BTreeSet::new(), holders)
+    }
+
+    /// The same for a part that also holds the sets `borrowed` without carrying them: sets named
+    /// by their content that `rs` holds up to date (`compile::build::SetSink`), kept as they are.
+    pub fn replace_part_borrowing(
+        &mut self,
+        rs: &mut Ruleset,
+        old: &PartNames,
+        part: Ruleset,
+        borrowed: &BTreeSet<String>,
+        holders: &mut SetHolders,
+    ) -> PartNames {
+        let new = PartNames::of_borrowing(&part, borrowed);
         let Ruleset {
             mut chains,
             mut sets,
@@ -197,8 +224,11 @@ impl ChangeLog {
                 }
                 (false, true) => {
                     holders.hold(name);
-                    self.put_set(rs, name, sets.remove(name));
+                    if !borrowed.contains(name) {
+                        self.put_set(rs, name, sets.remove(name));
+                    }
                 }
+                _ if borrowed.contains(name) => {}
                 _ => self.put_set(rs, name, sets.remove(name)),
             }
         }
