@@ -274,7 +274,7 @@ impl CompiledRule {
     /// rule with ipBlocks, `nodes` or no peers reaches every subject pod at the addresses those
     /// hold.
     pub(crate) fn shares_named(&self, dir: Direction) -> bool {
-        dir == Direction::Egress && self.ports.uses_named && self.peers.pods_only()
+        self.ports.uses_named && self.peers.share_named_ports(dir)
     }
 
     /// Name of its named-port set of `fam` (it is a rule of the policy `policy_key`, in `dir`):
@@ -344,9 +344,13 @@ pub struct PeerSet {
 }
 
 impl PeerSet {
-    /// Its peers are pod peers only (spec-derived): no ipBlocks, `nodes` or "any peer".
-    pub(crate) fn pods_only(&self) -> bool {
-        self.uses_pods && !(self.any || self.has_v4_blocks || self.has_v6_blocks || self.uses_nodes)
+    /// Whether a rule in `dir` with these peers shares its named-port entries with every rule
+    /// of the same pod peers and port names ([`CompiledRule::shares_named`]; spec-derived): an
+    /// egress rule whose peers are pod peers only (no ipBlocks, `nodes` or "any peer").
+    pub(crate) fn share_named_ports(&self, dir: Direction) -> bool {
+        dir == Direction::Egress
+            && self.uses_pods
+            && !(self.any || self.has_v4_blocks || self.has_v6_blocks || self.uses_nodes)
     }
 
     pub fn matches(&self, ip: IpAddr) -> Option<PeerMatch> {

@@ -650,7 +650,8 @@ impl<'a> Resolver<'a> {
             ports.uses_named = true;
             ports.named_key = named.key();
             // Resolved once for every rule that shares them (`CompiledRule::shares_named`).
-            let shared = (dir == Direction::Egress && peers.pods_only())
+            let shared = peers
+                .share_named_ports(dir)
                 .then(|| (peers.pod_key.clone(), ports.named_key.clone()));
             let known = shared.as_ref().and_then(|id| {
                 let found = self.named.borrow().get(id).cloned();
