@@ -1,9 +1,12 @@
 use super::*;
 use crate::compile::compile;
+use crate::compile::tests::W;
 use crate::diff::diff;
 use crate::kernel_sim::KernelTable;
+use crate::model::Protocol;
 use crate::model::{LabelSelector, Labels, Namespace, Pod, PolicyLimits, PortMatch};
 use crate::synth::{self, Rng, SynthConfig};
+use serde_json::json;
 use std::sync::Arc;
 
 fn kernel_after_full(rs: &Ruleset) -> KernelTable {
@@ -454,9 +457,6 @@ fn a_repair_of_the_touched_chains_and_sets_undoes_any_tampering_with_them() {
 /// hold one named-port set: a policy going keeps it for the others, the last one takes it.
 #[test]
 fn egress_rules_of_one_template_share_one_named_port_set_until_the_last_goes() {
-    use crate::compile::tests::W;
-    use crate::model::Protocol;
-    use serde_json::json;
     let mut w = W::new();
     w.pod("a/cli", "n1", &["10.0.1.1"], &[("app", "cli")]);
     w.pod("b/cli", "n1", &["10.0.1.2"], &[("app", "cli")]);
@@ -515,9 +515,6 @@ fn egress_rules_of_one_template_share_one_named_port_set_until_the_last_goes() {
 /// ports (its own pods') for a destination's.
 #[test]
 fn a_policy_compiled_later_resolves_as_a_full_compile_whatever_the_kept_policies_hold() {
-    use crate::compile::tests::W;
-    use crate::model::Protocol;
-    use serde_json::json;
     let mut w = W::new();
     w.pod("a/x", "n1", &["10.0.1.1"], &[("app", "x")]);
     w.pod("b/web", "n2", &["10.0.2.1"], &[("app", "web")]);
