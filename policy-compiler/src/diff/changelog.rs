@@ -94,11 +94,11 @@ impl SetHolders {
     pub fn hold(&mut self, set: &str) {
         *self.0.entry(set.to_string()).or_default() += 1;
     }
-    /// One holder lets `set` go; true when it was the last.
     /// How many parts hold `set`.
     pub fn count(&self, set: &str) -> usize {
         self.0.get(set).copied().unwrap_or(0)
     }
+    /// One holder lets `set` go; true when it was the last.
     pub fn release(&mut self, set: &str) -> bool {
         match self.0.get_mut(set) {
             Some(n) if *n > 1 => {
