@@ -430,9 +430,8 @@ fn same_priority(
     }
 }
 
-/// The sets of one compiled ClusterNetworkPolicy (its rules are inlined in the tier chains of the
-/// local part).
-/// The counters and sets of one compiled ClusterNetworkPolicy (`borrow`: see [`SetSink`]).
+/// The counters and sets of one compiled ClusterNetworkPolicy (its rules are inlined in the tier
+/// chains of the local part; `borrow`: see [`SetSink`]).
 pub(crate) fn cluster_part(cp: &CompiledClusterPolicy, borrow: &dyn Fn(&str) -> bool) -> Part {
     let mut rs = Ruleset::default();
     let mut sink = SetSink::new(&mut rs, borrow);
@@ -1316,11 +1315,23 @@ fn rule_matches(
             // TCP 22 from ...") costs a new connection two compares and no lookup. A ports
             // set is a lookup too: the peer stays first.
             let cheap_port = matches!(qc[..], [Stmt::L4Proto(_), Stmt::Dport(_)]);
-            out.push(if cheap_port {
+            // An egress rule's named-port entries are addresses its peers match, by
+            // construction (`NamedPortScope`): looking the destination up with its port there
+            // implies the peer lookup, which goes (one lookup less on a connection's first
+            // packet; every peer condition of the family then gives the same rule, once).
+            let implies_peer =
+                dir == Direction::Egress && matches!(qc[..], [Stmt::DaddrProtoPortInSet { .. }]);
+            let stmts: Vec<Stmt> = if implies_peer {
+                qc.clone()
+            } else if cheap_port {
                 qc.iter().chain(pc.iter()).cloned().collect()
             } else {
                 pc.iter().chain(qc.iter()).cloned().collect()
-            });
+            };
+            if implies_peer && out.contains(&stmts) {
+                continue;
+            }
+            out.push(stmts);
         }
     }
     out
