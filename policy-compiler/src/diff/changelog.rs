@@ -24,20 +24,22 @@ pub(crate) struct PartNames {
 
 impl PartNames {
     pub fn of(rs: &Ruleset) -> Self {
-        Self {
-            chains: Names::of(rs.chains.keys()),
-            sets: Names::of(rs.sets.keys()),
-            counters: Names::of(rs.counters.iter()),
-        }
+        Self::of_borrowing(rs, &BTreeSet::new())
     }
     /// The names of a part that also holds the sets `borrowed`, which it does not carry.
     pub fn of_borrowing(rs: &Ruleset, borrowed: &BTreeSet<String>) -> Self {
-        let mut sets: Vec<&String> = rs.sets.keys().chain(borrowed).collect();
-        sets.sort_unstable();
-        sets.dedup();
+        let sets = if borrowed.is_empty() {
+            Names::of(rs.sets.keys())
+        } else {
+            let mut all: Vec<&String> = rs.sets.keys().chain(borrowed).collect();
+            all.sort_unstable();
+            all.dedup();
+            Names::of(all.into_iter())
+        };
         Self {
-            sets: Names::of(sets.into_iter()),
-            ..Self::of(rs)
+            chains: Names::of(rs.chains.keys()),
+            sets,
+            counters: Names::of(rs.counters.iter()),
         }
     }
     pub fn is_empty(&self) -> bool {
