@@ -1138,24 +1138,25 @@ fn rule_matches(
             sink.add(name, by_content, make);
         }
     };
-    // Peer conditions, each with the family it implies.
+    // Peer conditions, each with the family it implies. A rule whose ports are all named
+    // egress ports never looks its peers up (below): it keeps their families, not their sets.
+    let lookup = r.looks_peers_up(dir);
     let mut peer_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
     if r.peers.any {
         peer_conds.push((None, None));
     }
     if r.peers.uses_pods {
-        // Addresses sort IPv4 before IPv6: the ends tell which families there are.
-        let has = |fam: Family| match fam {
-            Family::V4 => r.peers.pod_ips.first().is_some_and(IpAddr::is_ipv4),
-            Family::V6 => r.peers.pod_ips.last().is_some_and(IpAddr::is_ipv6),
-        };
         for fam in Family::BOTH {
             // No set (and no rule) for a family no peer pod has an address of: a rule naming
             // an empty set matches nothing, and every set is a name the kernel looks up by
             // walking the table's sets (single-stack clusters had half their sets empty; the
             // commit of a full replace is quadratic in sets). The incremental compiler
             // recompiles the policy when a family's first address comes or its last goes.
-            if !has(fam) {
+            if r.peers.pod_ips_of_family_upto_two(fam) == 0 {
+                continue;
+            }
+            if !lookup {
+                peer_conds.push((Some(fam), None));
                 continue;
             }
             // Shared by every rule with the same pod peers: the comment says whose pods it
@@ -1188,6 +1189,10 @@ fn rule_matches(
         (Family::V6, r.peers.has_v6_blocks),
     ] {
         if !has {
+            continue;
+        }
+        if !lookup {
+            peer_conds.push((Some(fam), None));
             continue;
         }
         let name = mk(CIDR_SET_PREFIX, Some(fam));
@@ -1321,6 +1326,10 @@ fn rule_matches(
             // packet; every peer condition of the family then gives the same rule, once).
             let implies_peer =
                 dir == Direction::Egress && matches!(qc[..], [Stmt::DaddrProtoPortInSet { .. }]);
+            debug_assert!(
+                lookup || implies_peer,
+                "a rule that builds no peer set never looks peers up"
+            );
             let stmts: Vec<Stmt> = if implies_peer {
                 qc.clone()
             } else if cheap_port {

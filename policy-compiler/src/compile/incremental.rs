@@ -908,8 +908,9 @@ impl RulePatch<'_> {
     }
 
     /// Whether `ip` belongs in a rule's peer addresses: some subject pod claiming it is a peer.
-    /// A family's peer set exists only while it has an element (`build`): the first address of a
-    /// family, or the removal of its last, needs the policy recompiled instead of a patch.
+    /// A family's rules (and peer set) exist only while it has an address (`build`): the first
+    /// address of a family, or the removal of its last, needs the policy recompiled instead of a
+    /// patch. A rule that does not look its peers up has no peer set to patch.
     fn peer_ip(
         &self,
         cr: &mut CompiledRule,
@@ -925,18 +926,25 @@ impl RulePatch<'_> {
         if want == cr.peers.pod_ips.contains(&ip) {
             return Patched::Done;
         }
-        let set = names::peer_set(&cr.peers.pod_key, Family::of(&ip));
-        match rs.sets.get(&set).map(|s| s.elements.len()) {
-            None => return Patched::NeedsRecompile,
-            Some(1) if !want => return Patched::NeedsRecompile,
-            Some(_) => {}
+        let fam = Family::of(&ip);
+        match cr.peers.pod_ips_of_family_upto_two(fam) {
+            0 => return Patched::NeedsRecompile,
+            1 if !want => return Patched::NeedsRecompile,
+            _ => {}
         }
+        let set = cr
+            .looks_peers_up(self.dir)
+            .then(|| names::peer_set(&cr.peers.pod_key, fam));
         if want {
             Arc::make_mut(&mut cr.peers.pod_ips).insert(ip);
-            tr.insert_elem(rs, &set, Elem::Addr(ip));
+            if let Some(set) = set {
+                tr.insert_elem(rs, &set, Elem::Addr(ip));
+            }
         } else {
             Arc::make_mut(&mut cr.peers.pod_ips).remove(&ip);
-            tr.remove_elem(rs, &set, &Elem::Addr(ip));
+            if let Some(set) = set {
+                tr.remove_elem(rs, &set, &Elem::Addr(ip));
+            }
         }
         Patched::Done
     }

@@ -277,6 +277,17 @@ impl CompiledRule {
         self.ports.uses_named && self.peers.share_named_ports(dir)
     }
 
+    /// Whether its nft rules look its peers up (in a peer or ipBlock set): every rule but an
+    /// egress rule whose ports are all named, whose lookup of the destination with its port
+    /// implies the peer (its entries are peer addresses by construction, `NamedPortScope`).
+    /// Such a rule builds no peer or ipBlock set: none of its rules would name it.
+    pub(crate) fn looks_peers_up(&self, dir: Direction) -> bool {
+        !(dir == Direction::Egress
+            && self.ports.uses_named
+            && !self.ports.any
+            && self.ports.ranges.is_empty())
+    }
+
     /// Name of its named-port set of `fam` (it is a rule of the policy `policy_key`, in `dir`):
     /// named by content when [`Self::shares_named`], else its own.
     pub(crate) fn named_set(&self, policy_key: &str, dir: Direction, fam: Family) -> String {
@@ -344,6 +355,24 @@ pub struct PeerSet {
 }
 
 impl PeerSet {
+    /// How many of its pod addresses are of `fam`, counted up to two (what decides whether
+    /// the family's rule exists, and whether a change is its first or last address).
+    pub(crate) fn pod_ips_of_family_upto_two(&self, fam: Family) -> usize {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        // Addresses sort IPv4 before IPv6: a family is one range.
+        let range = match fam {
+            Family::V4 => (
+                std::ops::Bound::Included(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                std::ops::Bound::Included(IpAddr::V4(Ipv4Addr::BROADCAST)),
+            ),
+            Family::V6 => (
+                std::ops::Bound::Included(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                std::ops::Bound::Unbounded,
+            ),
+        };
+        self.pod_ips.range(range).take(2).count()
+    }
+
     /// Whether a rule in `dir` with these peers shares its named-port entries with every rule
     /// of the same pod peers and port names ([`CompiledRule::shares_named`]; spec-derived): an
     /// egress rule whose peers are pod peers only (no ipBlocks, `nodes` or "any peer").

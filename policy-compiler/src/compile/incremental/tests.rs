@@ -510,6 +510,88 @@ fn egress_rules_of_one_template_share_one_named_port_set_until_the_last_goes() {
     }
 }
 
+/// An egress rule whose ports are all named looks its destination up with the port alone (the
+/// entries are peer addresses): it builds no peer set, while its peers come and go (patched, the
+/// family's first and last address recompiled) as a full compile has them. An ingress rule with
+/// the same peers still looks them up, in the set both would share.
+#[test]
+fn an_egress_rule_of_named_ports_only_holds_no_peer_set_while_its_peers_move() {
+    let mut w = W::new();
+    w.pod("a/cli", "n1", &["10.0.1.1"], &[("app", "cli")]);
+    w.pod("b/web", "n2", &["10.0.2.1"], &[("app", "web")]);
+    w.ports("b/web", &[("http", 8080, Protocol::Tcp)]);
+    let web = json!({"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}});
+    w.policy(
+        "a/to-web",
+        json!({"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [web.clone()], "ports": [{"port": "http"}]}]}),
+    );
+    let peer_sets = |rs: &Ruleset| -> Vec<(String, usize)> {
+        rs.sets
+            .values()
+            .filter(|s| s.name.starts_with("peer_"))
+            .map(|s| (s.name.clone(), s.elements.len()))
+            .collect()
+    };
+    let mut inc = IncrementalCompiler::new(w.st.clone(), "n1");
+    assert_eq!(peer_sets(&inc.compiled().ruleset), vec![]);
+    let step = |w: &W, inc: &mut IncrementalCompiler, change: Change, what: &str| {
+        inc.apply(change);
+        assert_eq!(inc.compiled(), &compile(&w.st, "n1"), "{what}");
+        assert_eq!(peer_sets(&inc.compiled().ruleset), vec![], "{what}");
+    };
+    // A second web pod (patched), its IPv6 address (the family's first), then both gone.
+    w.pod("b/web2", "n2", &["10.0.2.2"], &[("app", "web")]);
+    w.ports("b/web2", &[("http", 8081, Protocol::Tcp)]);
+    let pod = |w: &W, key: &str| Change::UpsertPod(w.st.pods[key].clone());
+    step(&w, &mut inc, pod(&w, "b/web2"), "a second peer");
+    w.pod("b/web2", "n2", &["10.0.2.2", "fd00::2"], &[("app", "web")]);
+    w.ports("b/web2", &[("http", 8081, Protocol::Tcp)]);
+    step(
+        &w,
+        &mut inc,
+        pod(&w, "b/web2"),
+        "the first IPv6 peer address",
+    );
+    let v6 = format!(
+        "{:?}",
+        inc.compiled().ruleset.chains[&names::policy_chain("a/to-web", Direction::Egress)].rules
+    );
+    assert!(v6.contains("_v6"), "the IPv6 named lookup: {v6}");
+    for key in ["b/web2", "b/web"] {
+        let (namespace, name) = key.split_once('/').unwrap();
+        let gone = Change::DeletePod {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        w.st.apply(gone.clone());
+        step(&w, &mut inc, gone, &format!("{key} gone"));
+    }
+    // An ingress rule of the same peers looks them up: their one set, patched for both.
+    w.pod("b/web", "n2", &["10.0.2.1"], &[("app", "web")]);
+    w.ports("b/web", &[("http", 8080, Protocol::Tcp)]);
+    w.policy(
+        "a/from-web",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [web]}]}),
+    );
+    let mut inc = IncrementalCompiler::new(w.st.clone(), "n1");
+    assert_eq!(peer_sets(&inc.compiled().ruleset).len(), 1);
+    w.pod("b/web2", "n2", &["10.0.2.2"], &[("app", "web")]);
+    inc.apply(pod(&w, "b/web2"));
+    assert_eq!(
+        inc.compiled(),
+        &compile(&w.st, "n1"),
+        "a second peer of both"
+    );
+    assert_eq!(
+        peer_sets(&inc.compiled().ruleset)
+            .iter()
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+}
+
 /// A policy compiled while others are kept takes what they resolved only where it is the same:
 /// not the pods of a kept rule with two pod peers for one of them, not a kept ingress rule's named
 /// ports (its own pods') for a destination's.
