@@ -628,15 +628,30 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         // A new packet to the overlay port (outer VXLAN, delivered locally): only a node may send
         // it. Here, not before the established accept: a dropped packet is never confirmed, so no
         // flow to the port from another source ever becomes established.
-        if let (Hook::Input, Some(t)) = (hook, &c.tunnel) {
-            rules.push(
+        // A verdict as soon as it is known: the outer packets' source port follows the inner
+        // flow, so every connection over the overlay opens two new outer flows, which walked the
+        // whole chain at both ends to the accept every packet that is neither from nor to a pod
+        // meets (measured: ~3 % of the new-connection rate over the overlay). Exact: a node
+        // address is never a pod's (routes refuse such a Node), and our InternalIP as a source
+        // means this node sent it (the kernel drops it as martian from anywhere else).
+        match (hook, &c.tunnel) {
+            (Hook::Input, Some(t)) => rules.push(
                 Rule::new(vec![
                     Stmt::L4Proto(Protocol::Udp),
                     Stmt::Dport(t.port),
                     Stmt::Jump(CHAIN_TUNNEL.to_string()),
                 ])
                 .with_comment("overlay port: only nodes may send to it"),
-            );
+            ),
+            (Hook::Postrouting, Some(t)) => rules.push(
+                Rule::new(vec![
+                    Stmt::L4Proto(Protocol::Udp),
+                    Stmt::Dport(t.port),
+                    Stmt::Jump(CHAIN_TUNNEL_OUT.to_string()),
+                ])
+                .with_comment("overlay port: what this node sends to a node"),
+            ),
+            _ => {}
         }
         // Neighbour discovery is never forwarded: with hop limit 255 only (RFC 4861), which no
         // forwarded packet has here. Without it, a pod under any policy sent its ICMPv6 messages
@@ -939,8 +954,10 @@ fn related(rs: &mut Ruleset) {
 }
 
 /// The overlay's guard: the input chain jumps here for a new packet to the overlay port; a node's
-/// underlay address returns (the VXLAN socket decapsulates it), anything else is counted and
-/// dropped. Without it a pod, or any host that reaches a node, could send a VXLAN datagram whose
+/// underlay address is accepted (the VXLAN socket decapsulates it; nothing after this in the chain
+/// would stop it), anything else is counted and dropped. The postrouting chain jumps to
+/// `tunnel_out` for a new packet to the port: our InternalIP to a node is accepted there (an outer
+/// packet this node sends), the rest returns to the walk. Without it a pod, or any host that reaches a node, could send a VXLAN datagram whose
 /// inner packet carries another pod's address: decapsulated, it would enter through the overlay
 /// device, where no source guard looks, and meet the policies as that pod.
 fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
@@ -970,7 +987,7 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
                     field: AddrField::Daddr,
                     set: tunnel_local_set(fam).to_string(),
                 },
-                Stmt::Return,
+                Stmt::Accept,
             ])
             .with_comment("a node to our InternalIP: the overlay decapsulates it"),
         );
@@ -988,6 +1005,31 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
         base: None,
         comment: "new packets to the overlay port: nodes only".to_string(),
         rules,
+    });
+    let sends = Family::BOTH
+        .into_iter()
+        .map(|fam| {
+            Rule::new(vec![
+                Stmt::AddrInSet {
+                    family: fam,
+                    field: AddrField::Saddr,
+                    set: tunnel_local_set(fam).to_string(),
+                },
+                Stmt::AddrInSet {
+                    family: fam,
+                    field: AddrField::Daddr,
+                    set: tunnel_peers_set(fam).to_string(),
+                },
+                Stmt::Accept,
+            ])
+            .with_comment("our InternalIP to a node: an overlay packet this node sends")
+        })
+        .collect();
+    rs.add_chain(Chain {
+        name: CHAIN_TUNNEL_OUT.to_string(),
+        base: None,
+        comment: "new packets this node sends to the overlay port of a node".to_string(),
+        rules: sends,
     });
 }
 

@@ -1444,6 +1444,82 @@ fn router_messages_from_a_pods_veth_are_counted_and_dropped() {
     assert!(names::FORGED_KINDS.contains(&(CNT_FORGED_ROUTER, "router")));
 }
 
+/// The outer packets this node sends (their source port follows the inner flow: two new outer
+/// flows per connection) are accepted right after the ct rules, where the walk would end in the
+/// same accept; a pod's datagram to a node's overlay port still meets the pod's egress policy.
+#[test]
+fn the_overlay_packets_this_node_sends_get_their_verdict_after_the_ct_rules() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.244.1.2"], &[("app", "x")]);
+    w.policy(
+        "a/deny",
+        json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+    );
+    let jump_out = |rs: &Ruleset| -> Vec<usize> {
+        rs.chains[CHAIN_POSTROUTING]
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.stmts.contains(&Stmt::Jump(CHAIN_TUNNEL_OUT.to_string())))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let rs = compiled(&w).ruleset;
+    assert!(
+        jump_out(&rs).is_empty() && !rs.chains.contains_key(CHAIN_TUNNEL_OUT),
+        "no overlay, no rule"
+    );
+    w.st.apply(Change::SetTunnel(Some(Tunnel {
+        port: 4796,
+        peers: vec![
+            ip("172.31.0.1"),
+            ip("172.31.1.2"),
+            ip("fd00:172:31::1"),
+            ip("fd00:172:31::2"),
+        ],
+        local: vec![ip("172.31.0.1"), ip("fd00:172:31::1")],
+    })));
+    let rs = compiled(&w).ruleset;
+    let post = &rs.chains[CHAIN_POSTROUTING].rules;
+    let invalid = post
+        .iter()
+        .position(|r| r.stmts == [Stmt::CtInvalid, Stmt::Drop])
+        .unwrap();
+    assert_eq!(
+        jump_out(&rs),
+        vec![invalid + 1],
+        "new outer flows only, before the walk"
+    );
+    assert_eq!(
+        rs.chains[CHAIN_TUNNEL_OUT]
+            .rules
+            .iter()
+            .filter(|r| r.stmts.last() == Some(&Stmt::Accept))
+            .count(),
+        2,
+        "one accept per family"
+    );
+    let udp = |saddr: &str, daddr: &str, from_this_node: bool| Packet {
+        saddr: ip(saddr),
+        daddr: ip(daddr),
+        proto: Some(Protocol::Udp),
+        dport: 4796,
+        from_this_node,
+    };
+    assert!(
+        rs.eval_forward(&udp("172.31.0.1", "172.31.1.2", true)),
+        "our outer packet"
+    );
+    assert!(
+        rs.eval_forward(&udp("fd00:172:31::1", "fd00:172:31::2", true)),
+        "over IPv6"
+    );
+    assert!(
+        !rs.eval_forward(&udp("10.244.1.2", "172.31.1.2", false)),
+        "an egress-isolated pod's datagram to a node's overlay port meets its policy"
+    );
+}
+
 #[test]
 fn only_a_node_may_send_to_the_overlay_port() {
     let rs = compiled(&W::new()).ruleset;

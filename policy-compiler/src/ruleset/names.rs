@@ -72,9 +72,12 @@ pub const CHAIN_RELATED: &str = "related";
 /// Regular chain both base chains jump to for a new packet to a pending pod: this node may reach
 /// it (kubelet probes start as soon as it runs), nothing else.
 pub const CHAIN_PENDING_DST: &str = "pending_dst";
-/// Regular chain the input chain jumps to for a new packet to the overlay's UDP port: returns for
-/// a node's underlay address, drops (counted) the rest before the VXLAN socket decapsulates it.
+/// Regular chain the input chain jumps to for a new packet to the overlay's UDP port: accepts a
+/// node's underlay address, drops (counted) the rest before the VXLAN socket decapsulates it.
 pub const CHAIN_TUNNEL: &str = "tunnel_in";
+/// Regular chain the postrouting chain jumps to for a new packet to the overlay's UDP port:
+/// accepts an outer packet this node sends to a node, returns for the rest.
+pub const CHAIN_TUNNEL_OUT: &str = "tunnel_out";
 /// Underlay addresses of the nodes (who may send to the overlay port).
 pub const TUNNEL_PEERS_V4: &str = "tunnel_peers_v4";
 pub const TUNNEL_PEERS_V6: &str = "tunnel_peers_v6";
