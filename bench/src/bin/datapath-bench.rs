@@ -40,6 +40,10 @@ enum Command {
         /// Seconds of one iperf3 run.
         #[arg(long, default_value_t = 1)]
         iperf_secs: u64,
+        /// Seconds at the start of each iperf3 run left out of its figure (iperf3 `--omit`: TCP's
+        /// slow start and first windows), run on top of `--iperf-secs`.
+        #[arg(long, default_value_t = 0)]
+        iperf_omit: u64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long)]
@@ -208,6 +212,7 @@ fn real_main(cli: Cli) -> Result<()> {
             rounds,
             slice_ms,
             iperf_secs,
+            iperf_omit,
             seed,
             no_iperf,
             iperf_every,
@@ -256,6 +261,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 rounds,
                 slice_ms,
                 iperf_secs,
+                iperf_omit,
                 seed,
                 iperf: !no_iperf,
                 iperf_every,

@@ -40,6 +40,8 @@ pub struct Config {
     pub slice_ms: u64,
     /// Length of one iperf3 run.
     pub iperf_secs: u64,
+    /// Seconds left out at the start of each iperf3 run (slow start), run before `iperf_secs`.
+    pub iperf_omit: u64,
     pub seed: u64,
     pub iperf: bool,
     /// Run iperf3 only in every n-th round (it is the slowest and least noisy measurement).
@@ -368,7 +370,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                     if sample.error.is_none() {
                         match l
                             .activate()
-                            .and_then(|()| iperf(&l.lab.lab, cfg.iperf_secs))
+                            .and_then(|()| iperf(&l.lab.lab, cfg.iperf_secs, cfg.iperf_omit))
                         {
                             Ok(g) => sample.iperf_gbps = Some(g),
                             Err(e) => sample.error = Some(e.to_string()),
@@ -428,8 +430,9 @@ fn wait_ready(server: &mut ChildGuard) -> Result<()> {
     Ok(())
 }
 
-/// iperf3 bulk throughput client pod -> server pod, in Gbit/s.
-fn iperf(lab: &Lab, secs: u64) -> Result<f64> {
+/// iperf3 bulk throughput client pod -> server pod, in Gbit/s, over `secs` seconds after the
+/// first `omit` (left out of the figure).
+fn iperf(lab: &Lab, secs: u64, omit: u64) -> Result<f64> {
     let server = ChildGuard::spawn_in(
         &lab.server,
         "iperf3",
@@ -457,6 +460,8 @@ fn iperf(lab: &Lab, secs: u64) -> Result<f64> {
             &IPERF_PORT.to_string(),
             "-t",
             &secs.to_string(),
+            "-O",
+            &omit.to_string(),
             "-J",
             "-A",
             &CLIENT_CPU.to_string(),
