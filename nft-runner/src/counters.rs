@@ -24,16 +24,6 @@ const NFTA_COUNTER_PACKETS: u16 = 2;
 /// Dumps interrupted by a commit are started again this many times before giving up.
 const ATTEMPTS: usize = 5;
 
-/// Packets counted by each named counter of `table FAMILY TABLE`, by name; empty when the table
-/// does not exist (or has no counter). Opens a socket of its own; a caller that reads often keeps
-/// a [`CounterReader`].
-pub fn packets(family: &str, table: &str) -> Result<HashMap<String, u64>> {
-    read(
-        &mut dump::Dumper::open("list counters", family, table, &[])?,
-        table,
-    )
-}
-
 /// Reads one table's named counters over a socket it keeps. Closing an nfnetlink socket makes the
 /// kernel flush nf_tables' pending destroy work under its commit mutex before it returns: right
 /// after a large deletion (our table flushed or deleted behind our back: ~1k chains, ~3k rules at
@@ -56,7 +46,8 @@ impl CounterReader {
         }
     }
 
-    /// As [`packets`], over the kept socket.
+    /// Packets counted by each named counter of the table, by name; empty when the table does
+    /// not exist (or has no counter). Over the kept socket.
     pub fn packets(&mut self) -> Result<HashMap<String, u64>> {
         let mut dumper = match self.dumper.take() {
             Some(d) => d,
@@ -225,9 +216,9 @@ mod tests {
     #[test]
     fn names_that_are_not_identifiers_never_reach_the_kernel() {
         assert!(matches!(
-            packets("inet", "pal isade"),
+            CounterReader::new("inet", "pal isade").packets(),
             Err(Error::BadName { .. })
         ));
-        assert!(packets("bogus", "palisade").is_err());
+        assert!(CounterReader::new("bogus", "palisade").packets().is_err());
     }
 }
