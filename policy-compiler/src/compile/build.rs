@@ -1318,11 +1318,13 @@ fn rule_matches(
                 },
                 interval: false,
                 verdict_map: false,
-                // A shared set's comment says what it holds, not which rule names it.
+                // A shared set's comment says what it holds, not which rule names it: the port
+                // names as written (the identity quotes them so distinct lists never meet; a
+                // port name, an IANA service name, holds no quote or space to confuse here).
                 comment: comment(&if r.shares_named(dir) {
                     format!(
                         "named ports {} of peer pods ({}): {}",
-                        r.ports.named_key,
+                        r.ports.named_key.replace('"', ""),
                         fam_word(fam),
                         r.peers.pod_label
                     )
