@@ -634,24 +634,22 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         // meets (A/B runs: ~3 % of the overlay's new connections; BENCHMARKS). Exact: a node
         // address is never a pod's (routes refuse such a Node), and our InternalIP as a source
         // means this node sent it (the kernel drops it as martian from anywhere else).
-        match (hook, &c.tunnel) {
-            (Hook::Input, Some(t)) => rules.push(
+        if let Some(t) = &c.tunnel {
+            let (chain, what) = match hook {
+                Hook::Input => (CHAIN_TUNNEL, "overlay port: only nodes may send to it"),
+                _ => (
+                    CHAIN_TUNNEL_OUT,
+                    "overlay port: what this node sends to a node",
+                ),
+            };
+            rules.push(
                 Rule::new(vec![
                     Stmt::L4Proto(Protocol::Udp),
                     Stmt::Dport(t.port),
-                    Stmt::Jump(CHAIN_TUNNEL.to_string()),
+                    Stmt::Jump(chain.to_string()),
                 ])
-                .with_comment("overlay port: only nodes may send to it"),
-            ),
-            (Hook::Postrouting, Some(t)) => rules.push(
-                Rule::new(vec![
-                    Stmt::L4Proto(Protocol::Udp),
-                    Stmt::Dport(t.port),
-                    Stmt::Jump(CHAIN_TUNNEL_OUT.to_string()),
-                ])
-                .with_comment("overlay port: what this node sends to a node"),
-            ),
-            _ => {}
+                .with_comment(what),
+            );
         }
         // Neighbour discovery is never forwarded: with hop limit 255 only (RFC 4861), which no
         // forwarded packet has here. Without it, a pod under any policy sent its ICMPv6 messages
@@ -977,20 +975,8 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
             &t.local,
         ));
         rules.push(
-            Rule::new(vec![
-                Stmt::AddrInSet {
-                    family: fam,
-                    field: AddrField::Saddr,
-                    set: tunnel_peers_set(fam).to_string(),
-                },
-                Stmt::AddrInSet {
-                    family: fam,
-                    field: AddrField::Daddr,
-                    set: tunnel_local_set(fam).to_string(),
-                },
-                Stmt::Accept,
-            ])
-            .with_comment("a node to our InternalIP: the overlay decapsulates it"),
+            accept_between(fam, tunnel_peers_set(fam), tunnel_local_set(fam))
+                .with_comment("a node to our InternalIP: the overlay decapsulates it"),
         );
     }
     rules.push(
@@ -1010,20 +996,8 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
     let sends = Family::BOTH
         .into_iter()
         .map(|fam| {
-            Rule::new(vec![
-                Stmt::AddrInSet {
-                    family: fam,
-                    field: AddrField::Saddr,
-                    set: tunnel_local_set(fam).to_string(),
-                },
-                Stmt::AddrInSet {
-                    family: fam,
-                    field: AddrField::Daddr,
-                    set: tunnel_peers_set(fam).to_string(),
-                },
-                Stmt::Accept,
-            ])
-            .with_comment("our InternalIP to a node: an overlay packet this node sends")
+            accept_between(fam, tunnel_local_set(fam), tunnel_peers_set(fam))
+                .with_comment("our InternalIP to a node: an overlay packet this node sends")
         })
         .collect();
     rs.add_chain(Chain {
@@ -1032,6 +1006,23 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
         comment: "new packets this node sends to the overlay port of a node".to_string(),
         rules: sends,
     });
+}
+
+/// `ip saddr @from ip daddr @to accept` (or ip6, for `fam`).
+fn accept_between(fam: Family, from: &str, to: &str) -> Rule {
+    Rule::new(vec![
+        Stmt::AddrInSet {
+            family: fam,
+            field: AddrField::Saddr,
+            set: from.to_string(),
+        },
+        Stmt::AddrInSet {
+            family: fam,
+            field: AddrField::Daddr,
+            set: to.to_string(),
+        },
+        Stmt::Accept,
+    ])
 }
 
 /// Egress NAT: a nat chain at srcnat, after every policy check (postrouting 90), masquerades what a
