@@ -253,7 +253,7 @@ fn external_address_is_reachable_only_by_ipblock(lab: &mut Lab) -> TestResult {
     let ext = |ip| target("external", ip, 80, Protocol::Tcp);
     let ext_udp = |ip| target("external", ip, 81, Protocol::Udp);
     with_cleanup(lab, "external", |lab| {
-        // Baseline: pods on both nodes reach it (node2's pods through node1).
+        // Baseline: pods on both nodes reach it (through their node's NAT and the router).
         expect_reach(
             lab,
             &[

@@ -698,3 +698,170 @@ fn broken_conflist_chain_fails_the_pod_and_leaves_no_sandbox() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_nothing_left(&name);
 }
+
+/// Packets each counted source sent to the external host's port 80 (TCP, both families), from the
+/// counting table the test put in the external namespace.
+fn counted_sources(ext: &str, sources: &[IpAddr]) -> Vec<(IpAddr, u64)> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ext, "nft", "list", "table", "inet", "seen"])
+        .output()
+        .expect("nft runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    sources
+        .iter()
+        .map(|s| {
+            let line = text
+                .lines()
+                .find(|l| l.contains(&format!("saddr {s} ")))
+                .unwrap_or_else(|| panic!("no counter for {s}: {text}"));
+            let n = line
+                .split("packets ")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no packet count in {line:?}"));
+            (*s, n)
+        })
+        .collect()
+}
+
+/// Issue 12, a lab that behaves like a cluster: in the routed topology (nodes on two segments,
+/// the router knows node addresses only) the external host sits behind the nodes' router, their
+/// default gateway. A pod on either segment reaches it through its node's egress NAT (the host
+/// sees the node's address, never a pod's) while pod to pod across the segments rides the overlay
+/// with pod addresses, and the outside cannot reach a pod (no route to any pod range).
+#[test]
+fn a_routed_lab_s_pods_reach_the_outside_through_their_node_s_nat_over_the_default_route() {
+    use palisade_netns_tests::probe::{Protocol, Target};
+    use std::net::SocketAddr;
+    let name = lab::unique_name();
+    let mut opts = LabOptions::new(&name);
+    opts.topology = lab::Topology::Routed;
+    opts.external = true;
+    let mut lab = Lab::up(&opts).unwrap();
+    let pods = palisade_netns_tests::k8s::parse_documents(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec:\n  nodeName: node1\n  containers:\n  - {name: c, ports: [{containerPort: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\nspec:\n  nodeName: node2\n  containers:\n  - {name: c, ports: [{containerPort: 80}]}\n",
+        "two pods",
+    )
+    .unwrap();
+    lab.apply(pods).unwrap();
+    lab.wait_pods_ready(Duration::from_secs(30)).unwrap();
+    let ext = lab
+        .state()
+        .external
+        .clone()
+        .expect("an external host")
+        .netns;
+    let (a, b) = (
+        lab.pod("x/a").unwrap().clone(),
+        lab.pod("x/b").unwrap().clone(),
+    );
+    let nodes: Vec<IpAddr> = lab
+        .state()
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            [
+                IpAddr::V4(lab::node_underlay_v4(n.index)),
+                IpAddr::V6(lab::node_underlay_v6(n.index)),
+            ]
+        })
+        .collect();
+    let pod_ips: Vec<IpAddr> = a.ips.iter().chain(&b.ips).copied().collect();
+    let mut rules = String::new();
+    for s in nodes.iter().chain(&pod_ips) {
+        let fam = if s.is_ipv4() { "ip" } else { "ip6" };
+        rules.push_str(&format!("    {fam} saddr {s} tcp dport 80 counter\n"));
+    }
+    netns::nft(
+        &ext,
+        &format!("table inet seen {{\n  chain pre {{\n    type filter hook prerouting priority -500; policy accept;\n{rules}  }}\n}}\n"),
+    )
+    .unwrap();
+    for n in &lab.state().nodes {
+        for six in [false, true] {
+            let mut args = vec!["-n", n.netns.as_str()];
+            if six {
+                args.push("-6");
+            }
+            args.extend(["route", "show", "default"]);
+            let out = Command::new("ip").args(&args).output().unwrap();
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("default via"),
+                "{} has no default route (IPv6: {six})",
+                n.name
+            );
+        }
+    }
+    let target = |id: &str, ip: IpAddr, port: u16, protocol: Protocol| Target {
+        id: id.to_string(),
+        addr: SocketAddr::new(ip, port),
+        protocol,
+    };
+    let outside = [
+        target("external", IpAddr::V4(lab::EXTERNAL_V4), 80, Protocol::Tcp),
+        target("external", IpAddr::V6(lab::EXTERNAL_V6), 80, Protocol::Tcp),
+        target("external", IpAddr::V4(lab::EXTERNAL_V4), 81, Protocol::Udp),
+    ];
+    let encapsulated = lab.encapsulated_packets().unwrap();
+    let mut checks: Vec<(String, Vec<Target>, &str)> = Vec::new();
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        checks.push((from.netns.clone(), outside.to_vec(), lab::EXTERNAL_NAME));
+        let peers = to
+            .ips
+            .iter()
+            .map(|ip| target(&to.key(), *ip, 80, Protocol::Tcp))
+            .collect();
+        checks.push((from.netns.clone(), peers, "x/"));
+    }
+    let start = Instant::now();
+    loop {
+        let wrong: Vec<String> = checks
+            .iter()
+            .flat_map(|(netns, targets, want)| {
+                lab.probe_from_netns(netns, targets, lab::DEFAULT_PROBE_TIMEOUT)
+                    .unwrap()
+                    .into_iter()
+                    .filter(move |o| {
+                        !(o.connected && o.reply.as_deref().is_some_and(|r| r.starts_with(want)))
+                    })
+                    .map(move |o| format!("{netns} -> {} {}: {o:?}", o.addr, o.protocol))
+            })
+            .collect();
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not every probe answered: {wrong:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (src, n) in counted_sources(&ext, &nodes) {
+        assert!(
+            n > 0,
+            "the external host saw nothing from node address {src}"
+        );
+    }
+    for (src, n) in counted_sources(&ext, &pod_ips) {
+        assert_eq!(n, 0, "the external host saw pod address {src}: no NAT");
+    }
+    assert!(
+        lab.encapsulated_packets().unwrap() > encapsulated,
+        "pod to pod across the segments did not ride the overlay"
+    );
+    // The outside has no route to a pod: it reaches none.
+    let to_pods: Vec<Target> = b
+        .ips
+        .iter()
+        .map(|ip| target("x/b", *ip, 80, Protocol::Tcp))
+        .collect();
+    for o in lab
+        .probe_from_netns(&ext, &to_pods, lab::DEFAULT_PROBE_TIMEOUT)
+        .unwrap()
+    {
+        assert!(!o.connected, "the external host reached a pod: {o:?}");
+    }
+    lab.down().unwrap();
+    assert_nothing_left(&name);
+}

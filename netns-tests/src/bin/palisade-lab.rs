@@ -60,7 +60,7 @@ enum Command {
         path: PathBuf,
         #[arg(long, default_value_t = 2)]
         nodes: usize,
-        /// Also put an external network (192.168.77.2, fd00:192:168:77::2) behind node1.
+        /// Also put an external network (192.168.77.2, fd00:192:168:77::2) behind the nodes' router.
         #[arg(long)]
         external: bool,
         /// `flat`: one L2 segment. `routed`: nodes on two segments behind a router, no node address

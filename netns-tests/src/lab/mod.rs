@@ -17,7 +17,7 @@ pub use probe::{Family, ProbeRecord, DEFAULT_PROBE_TIMEOUT};
 pub use state::{down_run_dir, list_labs, teardown, ExternalState, LabState, NodeState, PodState};
 pub use topology::{
     node_underlay_v4, node_underlay_v6, Topology, EXTERNAL_NAME, EXTERNAL_V4, EXTERNAL_V6,
-    OVERLAY_UDP_PORT,
+    NODE_UPLINK, OVERLAY_UDP_PORT,
 };
 
 use self::state::STATE_FILE;
@@ -93,7 +93,7 @@ pub struct LabOptions {
     pub nodes: usize,
     pub run_root: PathBuf,
     pub bins: Bins,
-    /// Also build an external network (a namespace with a server) behind node 1.
+    /// Also build an external network (a namespace with a server) behind the underlay's router.
     pub external: bool,
     /// How the nodes' underlay is laid out.
     pub topology: Topology,

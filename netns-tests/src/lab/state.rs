@@ -57,7 +57,6 @@ impl PodState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExternalState {
     pub netns: String,
-    pub behind: String,
     pub server_pid: Option<u32>,
 }
 

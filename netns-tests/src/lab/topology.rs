@@ -1,5 +1,6 @@
-//! The lab's network: namespaces, the underlay (flat bridge or routed segments), the nodes and
-//! their links, the external network behind node 1, and the overlay counters in the underlay.
+//! The lab's network: namespaces, the underlay (flat bridge or routed segments) with its router,
+//! the nodes and their links, the external network behind the router, and the overlay counters in
+//! the underlay.
 
 use super::{check_interrupted, cmd_ip, ExternalState, Lab, LabOptions, NodeState};
 use crate::error::{LabError, Result};
@@ -17,11 +18,12 @@ const LAB_UDP_CT_STREAM_TIMEOUT: &str = "net.netfilter.nf_conntrack_udp_timeout_
 /// Bridge joining the nodes, inside the underlay namespace.
 const UNDERLAY_BRIDGE: &str = "br0";
 /// Name of a node's underlay interface inside its namespace.
-const NODE_UPLINK: &str = "eth0";
-/// Interface of the node that has the external network behind it.
-const NODE_EXTERNAL_LINK: &str = "ext0";
+pub const NODE_UPLINK: &str = "eth0";
+/// The router's interface toward the external network, in the underlay namespace.
+const ROUTER_EXTERNAL_LINK: &str = "ext0";
 
-/// The external network behind node 1 (an address outside every pod CIDR, reached via ipBlock).
+/// The external network behind the underlay's router (an address outside every pod CIDR,
+/// reached via ipBlock).
 pub const EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 const EXTERNAL_GW_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x77, 0, 0, 0, 2);
@@ -43,7 +45,8 @@ pub fn node_underlay_v6(n: usize) -> Ipv6Addr {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Topology {
-    /// One L2 segment: every node's address is on-link (172.31.0.0/24, fd00:172:31::/64).
+    /// One L2 segment: every node's address is on-link (172.31.0.0/24, fd00:172:31::/64), the
+    /// router at .254 (::fe) the nodes' default gateway.
     #[default]
     Flat,
     /// Two L2 segments (odd nodes, even nodes) behind a router namespace (the underlay namespace),
@@ -77,7 +80,10 @@ impl std::str::FromStr for Topology {
 pub const OVERLAY_UDP_PORT: u16 = 4796;
 /// Second underlay bridge (even nodes) of the routed topology.
 const UNDERLAY_BRIDGE_B: &str = "br1";
-/// The router's IPv4 address on each segment (a /32, reached `onlink`).
+/// The router's addresses on the flat topology's one segment: the nodes' default gateway.
+const FLAT_ROUTER_V4: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 254);
+const FLAT_ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, 0xfe);
+/// The router's IPv4 address on each segment of the routed topology (a /32, reached `onlink`).
 const ROUTER_V4: [Ipv4Addr; 2] = [
     Ipv4Addr::new(172, 31, 255, 1),
     Ipv4Addr::new(172, 31, 255, 2),
@@ -102,15 +108,22 @@ impl Lab {
         let ul = self.new_netns("ul")?;
         cmd_ip(&["-n", &ul, "link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
         cmd_ip(&["-n", &ul, "link", "set", UNDERLAY_BRIDGE, "up"])?;
+        // The underlay namespace is also the nodes' router (their default gateway, as a cloud
+        // network or a kind host is), routing node addresses only: it knows no pod range.
+        netns::sysctl(
+            &ul,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
         for i in 1..=opts.nodes {
             self.add_node(&ul, i)?;
         }
         self.count_encapsulation(&ul)?;
-        if opts.topology == Topology::Routed {
-            self.route_underlay(&ul, opts)?;
+        match opts.topology {
+            Topology::Flat => self.route_flat(&ul)?,
+            Topology::Routed => self.route_underlay(&ul)?,
         }
         if opts.external {
-            self.add_external()?;
+            self.add_external(&ul)?;
         }
         for i in 0..self.state.nodes.len() {
             self.start_agent(i)?;
@@ -203,20 +216,16 @@ impl Lab {
         self.state.save()
     }
 
-    fn add_external(&mut self) -> Result<()> {
+    /// The external network: a namespace with a server on a link of its own to the underlay's
+    /// router.
+    fn add_external(&mut self, ul: &str) -> Result<()> {
         let ext = self.new_netns("ext")?;
-        let behind = self
-            .state
-            .nodes
-            .first()
-            .cloned()
-            .ok_or_else(|| LabError::Invalid("no node".into()))?;
         cmd_ip(&[
             "-n",
-            &behind.netns,
+            ul,
             "link",
             "add",
-            NODE_EXTERNAL_LINK,
+            ROUTER_EXTERNAL_LINK,
             "type",
             "veth",
             "peer",
@@ -227,24 +236,24 @@ impl Lab {
         ])?;
         cmd_ip(&[
             "-n",
-            &behind.netns,
+            ul,
             "addr",
             "add",
             &format!("{EXTERNAL_GW_V4}/24"),
             "dev",
-            NODE_EXTERNAL_LINK,
+            ROUTER_EXTERNAL_LINK,
         ])?;
         cmd_ip(&[
             "-n",
-            &behind.netns,
+            ul,
             "addr",
             "add",
             &format!("{EXTERNAL_GW_V6}/64"),
             "dev",
-            NODE_EXTERNAL_LINK,
+            ROUTER_EXTERNAL_LINK,
             "nodad",
         ])?;
-        cmd_ip(&["-n", &behind.netns, "link", "set", NODE_EXTERNAL_LINK, "up"])?;
+        cmd_ip(&["-n", ul, "link", "set", ROUTER_EXTERNAL_LINK, "up"])?;
         cmd_ip(&[
             "-n",
             &ext,
@@ -288,28 +297,6 @@ impl Lab {
                 &EXTERNAL_GW_V6.to_string(),
             ])?;
         }
-        // The other nodes reach the external network through node 1's underlay address.
-        for n in self.state.nodes.iter().filter(|n| n.name != behind.name) {
-            cmd_ip(&[
-                "-n",
-                &n.netns,
-                "route",
-                "add",
-                "192.168.77.0/24",
-                "via",
-                &node_underlay_v4(behind.index).to_string(),
-            ])?;
-            cmd_ip(&[
-                "-n",
-                &n.netns,
-                "-6",
-                "route",
-                "add",
-                "fd00:192:168:77::/64",
-                "via",
-                &node_underlay_v6(behind.index).to_string(),
-            ])?;
-        }
         let log = self.state.run_dir.join("external.log");
         let pid = process::spawn_in_netns(
             &self.state.name,
@@ -328,14 +315,14 @@ impl Lab {
         )?;
         self.state.external = Some(ExternalState {
             netns: ext,
-            behind: behind.name,
             server_pid: Some(pid),
         });
         self.state.save()
     }
 
-    /// The underlay namespace (bridge, or router in the routed topology).
-    fn underlay_netns(&self) -> String {
+    /// The underlay namespace: the bridges of the segments, and the router between them and the
+    /// external network.
+    pub fn underlay_netns(&self) -> String {
         format!("pl-{}-ul", self.state.name)
     }
 
@@ -373,21 +360,58 @@ impl Lab {
         Ok(total)
     }
 
-    /// Turns the flat underlay built by `add_node` into the routed one: even nodes move to a second
-    /// bridge, every node's address becomes a /32 (/128) with a route to the router, and the
-    /// underlay namespace routes between the segments (node addresses only).
-    fn route_underlay(&mut self, ul: &str, opts: &LabOptions) -> Result<()> {
-        if opts.external {
-            return Err(LabError::Invalid(
-                "--external is not available with --topology routed yet".into(),
-            ));
+    /// The flat underlay's router: an address on the one segment, every node's default route.
+    fn route_flat(&mut self, ul: &str) -> Result<()> {
+        cmd_ip(&[
+            "-n",
+            ul,
+            "addr",
+            "add",
+            &format!("{FLAT_ROUTER_V4}/24"),
+            "dev",
+            UNDERLAY_BRIDGE,
+        ])?;
+        cmd_ip(&[
+            "-n",
+            ul,
+            "addr",
+            "add",
+            &format!("{FLAT_ROUTER_V6}/64"),
+            "dev",
+            UNDERLAY_BRIDGE,
+            "nodad",
+        ])?;
+        for node in &self.state.nodes {
+            let ns = node.netns.as_str();
+            cmd_ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &FLAT_ROUTER_V4.to_string(),
+            ])?;
+            cmd_ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &FLAT_ROUTER_V6.to_string(),
+            ])?;
         }
+        Ok(())
+    }
+
+    /// Turns the flat underlay built by `add_node` into the routed one: even nodes move to a second
+    /// bridge, every node's address becomes a /32 (/128) with its default route via the router,
+    /// and the underlay namespace routes between the segments (node addresses only).
+    fn route_underlay(&mut self, ul: &str) -> Result<()> {
         cmd_ip(&["-n", ul, "link", "add", UNDERLAY_BRIDGE_B, "type", "bridge"])?;
         cmd_ip(&["-n", ul, "link", "set", UNDERLAY_BRIDGE_B, "up"])?;
-        netns::sysctl(
-            ul,
-            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-        )?;
         for (seg, bridge) in [UNDERLAY_BRIDGE, UNDERLAY_BRIDGE_B].iter().enumerate() {
             cmd_ip(&[
                 "-n",
@@ -434,7 +458,7 @@ impl Lab {
                 ns,
                 "route",
                 "add",
-                "172.31.0.0/16",
+                "default",
                 "via",
                 &ROUTER_V4[seg].to_string(),
                 "dev",
@@ -447,7 +471,7 @@ impl Lab {
                 "-6",
                 "route",
                 "add",
-                "fd00:172:31::/48",
+                "default",
                 "via",
                 ROUTER_V6,
                 "dev",

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 const HOST_PORT_TCP: u16 = 18080;
 const HOST_PORT_UDP: u16 = 18081;
 
-/// Node 1's InternalIPs (the external network sits behind node 1).
+/// Node 1's InternalIPs (the external host reaches them through the router).
 fn node1_ips(lab: &Lab) -> Result<(IpAddr, IpAddr), String> {
     let n = lab.node_state("node1").map_err(|e| e.to_string())?;
     Ok((
