@@ -609,6 +609,7 @@ impl Engine {
                         full = true;
                     }
                     Ok(Commit::Heard | Commit::Quiet) => {
+                        self.inc.sets_repaired(&sets);
                         info!(chains = ?chains, sets = ?sets, took_ms = start.elapsed().as_secs_f64() * 1e3, "touched chains and sets repaired");
                     }
                     Err(e) => {
@@ -705,6 +706,7 @@ impl Engine {
                     bytes = r.bytes,
                     "full replace committed"
                 );
+                self.inc.table_replaced();
                 if let Ok(counts) = counts {
                     self.carried.replaced(counts);
                 }

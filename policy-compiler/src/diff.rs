@@ -3,8 +3,9 @@
 //! Order inside the batch (every step only refers to what exists at that point):
 //! 1. add new chains (empty), 2. add new sets and maps (empty), and new named counters,
 //! 3. delete stale elements of kept sets (pending: `add` + `delete`, see below),
-//! 4. flush kept chains whose rules changed or that name a set outgrowing its size, then delete
-//!    and add each such set again at its new size (`Set::size`: the kernel cannot resize one),
+//! 4. flush kept chains whose rules changed or that name a set outgrowing the size the kernel
+//!    holds it at (`DeclaredSizes`), then delete and add each such set again at its new size
+//!    (`Set::size`: the kernel cannot resize one),
 //! 5. add new elements (all of a re-added set's; maps may now `goto` new chains),
 //! 6. add the rules of new and changed chains and of those flushed for a resized set,
 //! 7. flush then delete stale chains, 8. delete stale sets and counters.
@@ -21,11 +22,20 @@ use crate::ruleset::{Batch, Chain, Ruleset, Set, Stmt};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(crate) mod changelog;
+mod declared;
+
+pub use declared::DeclaredSizes;
 
 /// The transaction that takes the kernel from `last` to `next`. Empty (`is_empty()`) when they
-/// are equal.
+/// are equal. Each set is taken to be held at the size its elements in `last` give it.
 pub fn diff(last: &Ruleset, next: &Ruleset) -> Batch {
-    diff_parts(last, next, next, &BTreeMap::new())
+    diff_holding(last, next, &mut DeclaredSizes::default())
+}
+
+/// [`diff`] when the kernel holds the sets `declared` names at the larger sizes it says (they
+/// shrank since they were declared); `declared` becomes what the kernel holds after the batch.
+pub fn diff_holding(last: &Ruleset, next: &Ruleset, declared: &mut DeclaredSizes) -> Batch {
+    diff_parts(last, next, next, &BTreeMap::new(), declared)
 }
 
 /// Whether some chain or set of `next` redefines one of `last` in a way the kernel cannot change
@@ -48,14 +58,16 @@ fn redefined(last: &Ruleset, next: &Ruleset) -> bool {
 /// in both) inside `whole`, the complete next ruleset: a redefinition is answered with a full
 /// replace of `whole`, not of the part. A set of the parts may be a shell holding only the
 /// elements that changed: `shells` has how many elements each such set held in `last` (its
-/// whole is in `whole`).
+/// whole is in `whole`). `declared` is brought to the sizes the kernel holds sets at after it.
 pub(crate) fn diff_parts(
     last: &Ruleset,
     next: &Ruleset,
     whole: &Ruleset,
     shells: &BTreeMap<String, usize>,
+    declared: &mut DeclaredSizes,
 ) -> Batch {
     if redefined(last, next) {
+        declared.clear();
         let mut b = whole.full_replace();
         b.netlink = whole.full_replace_netlink().ok();
         return b;
@@ -85,22 +97,33 @@ pub(crate) fn diff_parts(
         cmds.push(cmd("add", counter_obj(n)).into());
         nl.add_counter(n);
     }
-    // Kept sets whose elements outgrow the size the kernel holds them at (`Set::size`): a set's
-    // size cannot change in place, so each is deleted and added again with its new size, after
-    // every rule naming it is flushed (step 4) and before any is written again (step 6). Only
-    // growth past the size does it: a smaller size would fit as well, and `size()` follows the
-    // elements alone, so the kernel's size is never below what `last` implies.
+    // Kept sets whose elements outgrow the size the kernel holds them at (`Set::size` when it
+    // was declared, `declared`): a set's size cannot change in place, so each is deleted and
+    // added again with its new size, after every rule naming it is flushed (step 4) and before
+    // any is written again (step 6). Only growth past the size does it: a smaller size would
+    // fit as well, so a set that shrinks keeps its size, and `declared` remembers it.
     // Each with its whole next version (a part may hold a shell of it).
+    let had = |s: &Set, l: &Set| shells.get(&s.name).copied().unwrap_or(l.elements.len());
     let resized: BTreeMap<&str, &Set> = next
         .sets
         .values()
         .filter_map(|s| {
             let l = last.sets.get(&s.name)?;
             let w = whole.sets.get(&s.name).unwrap_or(s);
-            let had = shells.get(&s.name).copied().unwrap_or(l.elements.len());
-            w.outgrows(had).then_some((s.name.as_str(), w))
+            (w.size() > declared.held(w, had(s, l))).then_some((s.name.as_str(), w))
         })
         .collect();
+    // What the kernel holds the sets of the parts at after this batch: a new or recreated one at
+    // its elements' size, a kept one at the size it had.
+    for s in next.sets.values() {
+        let w = whole.sets.get(&s.name).unwrap_or(s);
+        let size = match last.sets.get(&s.name) {
+            Some(l) if !resized.contains_key(s.name.as_str()) => declared.held(w, had(s, l)),
+            _ => w.size(),
+        };
+        declared.hold(w, size);
+    }
+    declared.forget(last.sets.keys().filter(|n| !whole.sets.contains_key(*n)));
     // 3. stale elements of kept sets. An interval set's ranges are written with end elements
     // that depend on their neighbours, so as messages it is flushed and written whole at step 5
     // (`refill`), as a full replace writes it; the JSON names the elements and nft works the
@@ -342,23 +365,27 @@ mod tests {
     }
 
     /// Seeded random change sequences: applying each diff in turn gives the same kernel table as
-    /// a full replace of the final ruleset, and every intermediate batch is valid.
+    /// a full replace of the final ruleset, and every intermediate batch is valid (the kernel
+    /// model refuses a set filled past the size it was added with, so a set held larger than
+    /// its elements give it is never counted on beyond what the kernel holds).
     #[test]
     fn diff_sequences_equal_full_replace_on_the_kernel_model() {
         let (mut steps, mut nonempty, mut chain_changes, mut resized) = (0, 0, 0, 0);
+        let mut held_larger = 0;
         for seed in 0..40u64 {
             let cfg = SynthConfig::small(seed);
             let mut st: ClusterState = synth::cluster(&cfg);
             let mut rng = Rng::new(seed * 7919 + 1);
             let mut last = compile(&st, "n0").ruleset;
             let mut kernel = kernel_after_full(&last);
+            let mut declared = DeclaredSizes::default();
             for step in 0..40 {
                 for j in 0..=rng.below(3) {
                     let ch = synth::random_change(&cfg, &st, &mut rng, step * 8 + j);
                     st.apply(ch);
                 }
                 let next = compile(&st, "n0").ruleset;
-                let b = diff(&last, &next);
+                let b = diff_holding(&last, &next, &mut declared);
                 kernel
                     .apply(&b.json())
                     .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
@@ -366,15 +393,8 @@ mod tests {
                 nonempty += usize::from(!b.is_empty());
                 chain_changes += usize::from(verbs_and_kinds(&b).iter().any(|(_, k)| k == "chain"));
                 // A set outgrowing its size is deleted and added again in the same batch.
-                resized += next
-                    .sets
-                    .values()
-                    .filter(|s| {
-                        last.sets
-                            .get(&s.name)
-                            .is_some_and(|l| s.outgrows(l.elements.len()))
-                    })
-                    .count();
+                resized += b.recreated_sets().len();
+                held_larger += declared.names().len();
                 assert_eq!(kernel, kernel_after_full(&next), "seed {seed} step {step}");
                 let round: Value = serde_json::from_str(&b.to_json_string()).unwrap();
                 assert_eq!(round, b.json());
@@ -391,6 +411,10 @@ mod tests {
             "{chain_changes} of {steps} batches changed chains"
         );
         assert!(resized >= 10, "{resized} sets outgrew their size");
+        assert!(
+            held_larger >= 10,
+            "{held_larger}: sets were never held larger than their elements"
+        );
     }
 }
 

@@ -45,6 +45,6 @@ pub mod synth;
 
 pub use compile::incremental::IncrementalCompiler;
 pub use compile::{compile, Compiled};
-pub use diff::diff;
+pub use diff::{diff, diff_holding, DeclaredSizes};
 pub use explain::{explain, with_placeholders, Endpoint, Explanation, Placeholder};
 pub use ruleset::{Batch, Ruleset};

@@ -275,14 +275,8 @@ fn sets_that_outgrow_their_size_are_recreated_with_their_rules_root() {
         );
         let next = compile(&sc.st, "n1").ruleset;
         let b = diff(&last, &next);
-        for s in next.sets.values() {
-            if last
-                .sets
-                .get(&s.name)
-                .is_some_and(|l| s.outgrows(l.elements.len()))
-            {
-                resized.insert(format!("{} at {}", s.name, s.elements.len()));
-            }
+        for s in b.recreated_sets() {
+            resized.insert(format!("{s} at {}", next.sets[&s].elements.len()));
         }
         commit_as_netlink(&mut writer, &format!("client {i}: the diff"), &b);
         by_json.nft_load(&b.to_json_string()).unwrap_or_else(|e| {
@@ -311,4 +305,84 @@ fn sets_that_outgrow_their_size_are_recreated_with_their_rules_root() {
     );
     // The peer sets (12, 24, 48 crossed) and this node's maps (12, 24) at least.
     assert!(resized.len() >= 5, "sets resized: {resized:?}");
+}
+
+/// A set keeps the size it was declared with as it shrinks, and the incremental compiler counts on
+/// it (`DeclaredSizes`): a peer set whose count moves back and forth across a size boundary (24 |
+/// 25) is recreated at the first crossing upward only, each batch committed as nfnetlink messages
+/// into the same table, never replaced in full. Fails when the kernel refuses a batch (a set
+/// counted on at a size it does not hold fills up: ENFILE), when the table then lists otherwise
+/// than a full replace, or when the set is recreated again.
+#[test]
+fn a_set_moving_back_and_forth_across_its_size_is_recreated_once_root() {
+    use palisade_policy::model::Change;
+    use palisade_policy::scenarios::Scenario;
+    use palisade_policy::IncrementalCompiler;
+    let (nft, mut writer) = private_kernel();
+    let full = Netns::new("pal-size-");
+    let server = serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]});
+    let mut sc = Scenario::new()
+        .pod("a/server", "n1", &["10.244.1.2"], &[("app", "server")], &[])
+        .policy("a", "from-clients", server);
+    let client = |sc: Scenario, i: u32| {
+        let ip = format!("10.244.2.{}", 10 + i);
+        sc.pod(&format!("a/c{i}"), "n2", &[&ip], &[("app", "client")], &[])
+    };
+    for i in 0..24 {
+        sc = client(sc, i);
+    }
+    let mut inc = IncrementalCompiler::new(sc.st.clone(), "n1");
+    nft.apply(&inc.ruleset().full_replace_text()).unwrap();
+    let peers = inc
+        .ruleset()
+        .sets
+        .values()
+        .find(|s| s.name.starts_with("peer_") && s.elements.len() == 24)
+        .map(|s| s.name.clone())
+        .expect("the policy's peer set of 24 clients");
+    let sc_after = client(sc, 24);
+    let c24 = sc_after.st.pods["a/c24"].clone();
+    let mut recreated = 0;
+    for round in 0..4 {
+        for (what, change) in [
+            ("25 clients", Change::UpsertPod(c24.clone())),
+            (
+                "24 clients",
+                Change::DeletePod {
+                    namespace: "a".into(),
+                    name: "c24".into(),
+                },
+            ),
+        ] {
+            let what = format!("round {round}, {what}");
+            let b = inc.apply(change);
+            commit_as_netlink(&mut writer, &what, &b);
+            recreated += usize::from(b.recreated_sets().contains(&peers));
+            full.nft_load(&inc.ruleset().full_replace().to_json_string())
+                .unwrap();
+            let (got, want) = (listed(&nft), full.list_table());
+            if got != want {
+                let (extra, missing) = differences(&got, &want);
+                panic!("{what}: the table differs from a full replace\nonly here: {extra:#?}\nonly full: {missing:#?}");
+            }
+        }
+    }
+    assert_eq!(recreated, 1, "the peer set was recreated {recreated} times");
+    // The kernel holds it at 48: growing to 48 fits, the 49th client recreates it (counting on
+    // a larger size than the kernel's would fill it: ENFILE, the commit refused).
+    let mut sc = sc_after;
+    for i in 24..49 {
+        sc = client(sc, i);
+        let pod = sc.st.pods[format!("a/c{i}").as_str()].clone();
+        let what = format!("{} clients", i + 1);
+        let b = inc.apply(Change::UpsertPod(pod));
+        commit_as_netlink(&mut writer, &what, &b);
+        assert_eq!(b.recreated_sets().contains(&peers), i == 48, "{what}");
+    }
+    assert_eq!(listed(&nft), {
+        full.nft_load(&inc.ruleset().full_replace().to_json_string())
+            .unwrap();
+        full.list_table()
+    });
 }

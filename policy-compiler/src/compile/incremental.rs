@@ -36,6 +36,7 @@ use super::resolve::{
 };
 use super::{Compiled, CompiledRule, PeerSet};
 use crate::diff::changelog::{ChangeLog, PartNames, SetHolders};
+use crate::diff::DeclaredSizes;
 use crate::model::{namespace_entries, Change, ClusterState, Direction, Policy, Protocol, Rule};
 use crate::ruleset::names;
 use crate::ruleset::{Batch, Elem, Family, Ruleset};
@@ -61,6 +62,9 @@ pub struct IncrementalCompiler {
     holders: SetHolders,
     /// What changed since the last [`IncrementalCompiler::take_batch`].
     tr: ChangeLog,
+    /// The sets the kernel holds larger than their elements give them, after the batches taken
+    /// (a set keeps the size it was declared with as it shrinks).
+    declared: DeclaredSizes,
     /// Resolved peers of unchanged rules of a policy being recompiled, by policy.
     reuse: BTreeMap<String, BTreeMap<RuleRef, PeerSet>>,
     /// Set by [`IncrementalCompiler::invalidate`]: changes go to the state only, and
@@ -146,6 +150,7 @@ impl IncrementalCompiler {
             tier_parts: b.tier_parts,
             holders: b.holders,
             tr: ChangeLog::default(),
+            declared: DeclaredSizes::default(),
             reuse: BTreeMap::new(),
             stale: false,
         }
@@ -219,7 +224,24 @@ impl IncrementalCompiler {
     /// The one batch from the ruleset of the last `take_batch` (or of `new`) to the current one,
     /// however many changes were staged since.
     pub fn take_batch(&mut self) -> Batch {
-        std::mem::take(&mut self.tr).batch(&self.compiled.ruleset)
+        std::mem::take(&mut self.tr).batch(&self.compiled.ruleset, &mut self.declared)
+    }
+
+    /// Our table was replaced in full with [`Self::ruleset`] (every set declared at its elements'
+    /// size), so the next batch must not count on any larger one. A batch that is not committed
+    /// is followed by a full replace, so this is all the taken batches need to stay true.
+    pub fn table_replaced(&mut self) {
+        self.declared.clear();
+    }
+
+    /// A repair wrote these sets (adding each that was missing at its elements' size).
+    pub fn sets_repaired(&mut self, sets: &BTreeSet<String>) {
+        self.declared.forget(sets);
+    }
+
+    /// The sets the kernel holds larger than their elements give them.
+    pub fn declared_sizes(&self) -> &DeclaredSizes {
+        &self.declared
     }
 
     /// Pending marks the CNI plugin put into the kernel behind our back (from the attachment

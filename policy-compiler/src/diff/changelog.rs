@@ -3,7 +3,7 @@
 //! [`ChangeLog::batch`] runs `diff` on exactly those objects, which equals `diff` of the whole
 //! rulesets since every other object is unchanged.
 
-use super::diff_parts;
+use super::{diff_parts, DeclaredSizes};
 use crate::ruleset::{Batch, Chain, Elem, Ruleset, Set};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -278,8 +278,9 @@ impl ChangeLog {
         }
     }
 
-    /// The batch from the ruleset at the last batch to `rs`.
-    pub fn batch(self, rs: &Ruleset) -> Batch {
+    /// The batch from the ruleset at the last batch to `rs`, the kernel holding sets at the
+    /// sizes `declared` says (which becomes what it holds after the batch).
+    pub fn batch(self, rs: &Ruleset, declared: &mut DeclaredSizes) -> Batch {
         let mut last = Ruleset::default();
         let mut next = Ruleset::default();
         for (name, old) in self.old_chains {
@@ -329,6 +330,6 @@ impl ChangeLog {
             last.add_set(shell(d.removed));
             next.add_set(shell(d.added));
         }
-        diff_parts(&last, &next, rs, &shells)
+        diff_parts(&last, &next, rs, &shells, declared)
     }
 }

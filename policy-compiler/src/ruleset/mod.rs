@@ -357,8 +357,8 @@ impl Set {
     /// replace's commit took 0.26–0.38 s instead of 0.87–1.07 s, and a landing pod's 66k
     /// named-port elements 23–42 ms instead of 89–124. The size is also a limit (`ENFILE` past
     /// it), and a kernel may not let it change, so it depends on the elements alone and a set
-    /// that outgrows it is recreated by `diff` with its new size (its rules rewritten in the same
-    /// transaction). The
+    /// that outgrows the size the kernel holds it at (`diff::DeclaredSizes`) is recreated by
+    /// `diff` with its new size (its rules rewritten in the same transaction). The
     /// kernel gives a set of size `s` a table of `s * 4 / 3` buckets rounded up to a power of
     /// two: the size is three quarters of the power of two that holds the elements (at least
     /// [`SET_SIZE_MIN`]) at that load, so no bucket is paid for that the size does not use
@@ -378,12 +378,6 @@ impl Set {
             .max(u64::from(SET_SIZE_MIN));
         let buckets = n.saturating_mul(4).div_ceil(3).next_power_of_two();
         Some(u32::try_from(buckets / 4 * 3).unwrap_or(u32::MAX))
-    }
-
-    /// Whether the set outgrows the size it was declared with when it held `had` elements: then
-    /// the kernel must be given it again at its new size (`diff` recreates it).
-    pub fn outgrows(&self, had: usize) -> bool {
-        self.size() > self.size_holding(had)
     }
 
     /// Whether two sets have the same definition (everything but the elements).

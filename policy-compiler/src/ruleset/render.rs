@@ -103,6 +103,26 @@ impl Batch {
         self.write_json(ByteCounter(0)).map_or(0, |c| c.0)
     }
 
+    /// The sets and maps the batch deletes and adds again (recreated at a new size).
+    #[cfg(any(test, feature = "testkit"))]
+    pub fn recreated_sets(&self) -> std::collections::BTreeSet<String> {
+        let named = |verb: &str| -> std::collections::BTreeSet<String> {
+            self.commands
+                .iter()
+                .filter_map(|c| match c {
+                    Command::Rendered(v) => v.get(verb).cloned(),
+                    Command::Elements { .. } => None,
+                })
+                .filter_map(|o| o.get("set").or_else(|| o.get("map")).cloned())
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        };
+        named("delete")
+            .intersection(&named("add"))
+            .cloned()
+            .collect()
+    }
+
     /// Whether the batch changes nothing (the agent can skip running nft).
     pub fn is_empty(&self) -> bool {
         self.commands.is_empty()

@@ -1,7 +1,7 @@
 use super::*;
 use crate::compile::compile;
 use crate::compile::tests::W;
-use crate::diff::diff;
+use crate::diff::{diff, diff_holding, DeclaredSizes};
 use crate::kernel_sim::KernelTable;
 use crate::model::Protocol;
 use crate::model::{LabelSelector, Labels, Namespace, Pod, PolicyLimits, PortMatch};
@@ -171,6 +171,8 @@ fn run_limited(
         );
         let mut rng = Rng::new(seed * 7919 + 3);
         let mut kernel = kernel_after_full(inc.ruleset());
+        // What the kernel holds sets at, as `diff` of the whole rulesets keeps it.
+        let mut declared = DeclaredSizes::default();
         for step in 0..steps {
             let mut last = inc.ruleset().clone();
             let mut what = format!("seed {seed} step {step}:");
@@ -191,7 +193,12 @@ fn run_limited(
             let full = compile(inc.state(), "n0");
             first_difference(inc.compiled(), &full, &what);
             assert_eq!(inc.compiled(), &full, "{what}");
-            assert_eq!(batch, diff(&last, &full.ruleset), "{what}");
+            assert_eq!(
+                batch,
+                diff_holding(&last, &full.ruleset, &mut declared),
+                "{what}"
+            );
+            assert_eq!(inc.declared_sizes(), &declared, "{what}");
             kernel
                 .apply(&batch.json())
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -634,4 +641,103 @@ fn a_policy_compiled_later_resolves_as_a_full_compile_whatever_the_kept_policies
         entries,
         vec![("10.0.2.1".parse().unwrap(), Protocol::Tcp, 8080)]
     );
+}
+
+/// A set keeps the size it was declared with as it shrinks, so one whose count moves back and
+/// forth across a size boundary (12 | 13 addresses here) is recreated, with every rule naming it,
+/// at the first crossing upward only; it was at every one. The kernel model refuses a set filled
+/// past the size it was added with, so counting on a size the kernel does not hold fails here too.
+/// A full replace declares every set anew: the next crossing recreates it again.
+#[test]
+fn a_set_moving_back_and_forth_across_a_size_boundary_is_recreated_once() {
+    let mut w = W::new();
+    w.pod("a/server", "n1", &["10.0.1.2"], &[("app", "server")]);
+    w.policy(
+        "a/from-clients",
+        json!({"podSelector": {"matchLabels": {"app": "server"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]}),
+    );
+    let client = |w: &mut W, i: u8| {
+        let key = format!("a/c{i}");
+        w.pod(
+            &key,
+            "n2",
+            &[&format!("10.0.2.{}", 10 + i)],
+            &[("app", "client")],
+        );
+        Change::UpsertPod(w.st.pods[key.as_str()].clone())
+    };
+    let gone = |i: u8| Change::DeletePod {
+        namespace: "a".into(),
+        name: format!("c{i}"),
+    };
+    for i in 0..12 {
+        client(&mut w, i);
+    }
+    let mut inc = IncrementalCompiler::new(w.st.clone(), "n1");
+    let peers = inc
+        .ruleset()
+        .sets
+        .values()
+        .find(|s| s.name.starts_with("peer_") && s.elements.len() == 12)
+        .map(|s| s.name.clone())
+        .expect("the policy's peer set of 12 clients");
+    assert_eq!(inc.ruleset().sets[&peers].size(), Some(12));
+    let mut kernel = kernel_after_full(inc.ruleset());
+    /// Commits one change; whether the peer set was recreated.
+    fn step(
+        inc: &mut IncrementalCompiler,
+        kernel: &mut KernelTable,
+        peers: &str,
+        change: Change,
+        what: &str,
+    ) -> bool {
+        let b = inc.apply(change);
+        kernel
+            .apply(&b.json())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(*kernel, kernel_after_full(inc.ruleset()), "{what}");
+        b.recreated_sets().contains(peers)
+    }
+    let c12 = client(&mut w, 12);
+    assert!(step(
+        &mut inc,
+        &mut kernel,
+        &peers,
+        c12.clone(),
+        "13 clients"
+    ));
+    for round in 0..3 {
+        let what = format!("round {round}: 12 clients");
+        assert!(!step(&mut inc, &mut kernel, &peers, gone(12), &what));
+        assert_eq!(inc.declared_sizes().names(), [peers.as_str()].into());
+        let what = format!("round {round}: 13 clients");
+        assert!(
+            !step(&mut inc, &mut kernel, &peers, c12.clone(), &what),
+            "{what}: recreated again, though the kernel holds it at 24"
+        );
+    }
+    // Past the size it was recreated with: recreated again.
+    for i in 13..25 {
+        let c = client(&mut w, i);
+        let what = format!("{} clients", i + 1);
+        assert_eq!(
+            step(&mut inc, &mut kernel, &peers, c, &what),
+            i == 24,
+            "{what}"
+        );
+    }
+    // A full replace declares every set at its elements' size: 24 then 25 recreates it again.
+    step(&mut inc, &mut kernel, &peers, gone(24), "24 clients");
+    kernel = kernel_after_full(inc.ruleset());
+    inc.table_replaced();
+    assert!(inc.declared_sizes().names().is_empty());
+    let c24 = client(&mut w, 24);
+    assert!(step(
+        &mut inc,
+        &mut kernel,
+        &peers,
+        c24,
+        "25 clients after a full replace"
+    ));
 }
