@@ -1,7 +1,7 @@
 //! Tampering with our table behind the agent's back, in network namespaces we create (root; never
 //! the host's own namespace): every kind of change is restored at once (the drift monitor, not the
-//! resync), a denied probe flood gets nothing through after the restore, and our own churn never
-//! triggers a restore.
+//! resync), a denied probe flood gets nothing through after the restore, our own churn never
+//! triggers a restore, and another process's commit during our quiet one is caught, not missed.
 
 mod agent_support;
 
@@ -295,4 +295,99 @@ fn our_own_churn_of_policies_pods_and_pending_marks_never_triggers_a_restore() {
         );
         let _ = &s.agent;
     }
+}
+
+/// A gauge or counter of the agent's /metrics (the first sample of that name).
+fn metric(ns: &Netns, name: &str) -> u64 {
+    let (_, m) = ns.http(AGENT_PORT, "/metrics").expect("metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("{name} in /metrics: {m}"))
+}
+
+/// Another process committing all the time (kube-proxy does, to tables of its own) while the agent
+/// commits large batches with its drift monitor out of the notification group (a policy that
+/// brings 20k peer addresses: ~400 KB of set elements): a transaction landing unseen in that window
+/// is caught by the generation check (`Commit::Unheard`) and our table replaced in full, counted
+/// as such and not as a restore; the table then is what the agent builds from the same inputs from
+/// scratch. The end-to-end side of `nft::Nft::commit_batch_quietly`'s edge tests.
+#[test]
+fn a_commit_by_another_process_during_our_quiet_commit_is_caught_and_our_table_replaced() {
+    const PEERS: usize = 20_000;
+    let s = lab(&[]);
+    let mut peers = namespace_yaml("peers");
+    for i in 0..PEERS {
+        let ip = format!("10.245.{}.{}", i / 250, 1 + i % 250);
+        peers.push_str(&pod_yaml(
+            "peers",
+            &format!("p{i}"),
+            "peer",
+            "n2",
+            Some(&ip),
+        ));
+    }
+    manifest(&s.d.manifests, "peers.yaml", &peers);
+    assert!(
+        wait_until(Duration::from_secs(30), || metric(&s.n1, "palisade_pods")
+            as usize
+            > PEERS),
+        "the agent never held the peer pods"
+    );
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-peers, namespace: demo}\nspec: {podSelector: {matchLabels: {app: target}}, ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: peer}}}]}]}\n";
+    // kube-proxy's stand-in: a table of its own added and deleted without pause.
+    let committer = std::process::Command::new("ip")
+        .args(["netns", "exec", s.n1.name(), "sh", "-c"])
+        .arg("while :; do nft add table inet kp && nft delete table inet kp; done")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the committer");
+    let committer = palisade_testkit::process::KillOnDrop::from(committer);
+    let mut rounds = 0;
+    while metric(&s.n1, "palisade_unheard_commits_total") == 0 && rounds < 10 {
+        rounds += 1;
+        manifest(&s.d.manifests, "policy.yaml", policy);
+        assert!(
+            wait_until(
+                Duration::from_secs(20),
+                || metric(&s.n1, "palisade_nft_set_elements") as usize > PEERS
+            ),
+            "round {rounds}: the peer set never came"
+        );
+        std::fs::remove_file(s.d.manifests.join("policy.yaml")).unwrap();
+        assert!(
+            wait_until(
+                Duration::from_secs(20),
+                || (metric(&s.n1, "palisade_nft_set_elements") as usize) < PEERS
+            ),
+            "round {rounds}: the peer set never went"
+        );
+    }
+    drop(committer);
+    let unheard = metric(&s.n1, "palisade_unheard_commits_total");
+    eprintln!("{unheard} unheard commits in {rounds} rounds");
+    assert!(
+        unheard > 0,
+        "no quiet commit of {rounds} met another process's transaction"
+    );
+    assert_eq!(restores(&s.n1), 0, "a collision was counted as tampering");
+    // The table is the one a fresh agent builds from the same inputs.
+    manifest(&s.d.manifests, "policy.yaml", policy);
+    assert!(wait_until(
+        Duration::from_secs(20),
+        || metric(&s.n1, "palisade_nft_set_elements") as usize > PEERS
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let ours = normalized(&s.n1.table().expect("our table"));
+    let Lab { agent, n1, d, .. } = s;
+    drop(agent);
+    let fresh = Agent::start(&n1, NODE, &d, &[]);
+    assert!(fresh.wait_ready(&n1, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        ours == normalized(&n1.table().expect("our table")),
+        "the table after the collisions differs from a fresh agent's"
+    );
 }
