@@ -3,7 +3,9 @@
 
 use crate::error::{LabError, Result};
 use crate::k8s::{self, ObjKey};
-use crate::lab::{Family, Lab, LabOptions, DEFAULT_PROBE_TIMEOUT};
+use crate::lab::{
+    Family, Lab, LabOptions, Topology, DEFAULT_PROBE_TIMEOUT, EXTERNAL_V4, EXTERNAL_V6,
+};
 use crate::matrix::Matrix;
 use crate::probe::Protocol;
 use serde_json::Value;
@@ -18,8 +20,14 @@ const SETTLE_BOUND: Duration = Duration::from_secs(5);
 
 /// Nodes and pods of a lab, for people.
 pub fn describe_lab(lab: &Lab) -> String {
-    let mut s = String::from(
-        "Nodes (network namespaces joined by a bridge, each running palisade-agent):\n",
+    let joined = match lab.state().topology {
+        Topology::Flat => "on one bridge",
+        Topology::Routed => {
+            "on two segments behind a router (cross-node pod traffic rides the agents' overlay)"
+        }
+    };
+    let mut s = format!(
+        "Nodes (network namespaces {joined}, default route via the underlay's router, each running palisade-agent):\n"
     );
     for n in &lab.state().nodes {
         s.push_str(&format!(
@@ -28,6 +36,11 @@ pub fn describe_lab(lab: &Lab) -> String {
             crate::lab::node_underlay_v4(n.index),
             n.pod_cidr_v4,
             n.pod_cidr_v6
+        ));
+    }
+    if lab.state().external.is_some() {
+        s.push_str(&format!(
+            "External host {EXTERNAL_V4} {EXTERNAL_V6} behind the router (it knows node addresses only: pods reach it through their node's egress NAT)\n"
         ));
     }
     s.push_str("Pods (network namespaces wired by the palisade CNI plugin; hostNetwork pods share their node's):\n");
