@@ -96,8 +96,8 @@ impl RouteSync {
     }
 
     /// Converges our routes to the validated Nodes (`plan`: their routes, `routes::desired_routes`
-    /// of `nodes`, which the engine derives once per reconcile), route by route. Unless `retry`, a
-    /// want that already failed is left to its retry time.
+    /// of `nodes`, which the engine derives again only after a Node event), route by route.
+    /// Unless `retry`, a want that already failed is left to its retry time.
     pub fn sync(
         &mut self,
         nodes: &BTreeMap<String, Node>,
