@@ -391,3 +391,102 @@ fn a_commit_by_another_process_during_our_quiet_commit_is_caught_and_our_table_r
         "the table after the collisions differs from a fresh agent's"
     );
 }
+
+/// The peer set of `n` elements in our table (name), and the chains whose rules name it.
+fn peer_set_of(ns: &Netns, n: usize) -> Option<(String, Vec<String>)> {
+    let v: Value = serde_json::from_str(&ns.table()?).ok()?;
+    let items = v["nftables"].as_array()?;
+    let set = items.iter().find_map(|i| {
+        let s = &i["set"];
+        let name = s["name"].as_str()?;
+        let len = s["elem"].as_array().map_or(0, Vec::len);
+        (name.starts_with("peer_") && len == n).then(|| name.to_string())
+    })?;
+    let mut chains: Vec<String> = items
+        .iter()
+        .filter_map(|i| {
+            let r = &i["rule"];
+            r["expr"]
+                .to_string()
+                .contains(&format!("\"@{set}\""))
+                .then(|| r["chain"].as_str().map(str::to_string))?
+        })
+        .collect();
+    chains.dedup();
+    Some((set, chains))
+}
+
+/// Errors of a kind counted in /metrics (0 when none was).
+fn errors(ns: &Netns, kind: &str) -> u64 {
+    let (_, m) = ns.http(AGENT_PORT, "/metrics").expect("metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("palisade_errors_total{{kind=\"{kind}\"}} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A set that shrank is held by the kernel at the larger size it was declared with, and the
+/// agent counts on that size (`DeclaredSizes`), so it is not recreated when it grows back. A set
+/// deleted behind our back and put back by a repair is declared anew at its elements' size: the
+/// agent must then forget the larger size, or the next growth fills the set past the size the
+/// kernel holds (ENFILE), the batch is refused and the table replaced in full.
+#[test]
+fn a_set_put_back_by_a_repair_is_not_counted_on_at_the_larger_size_it_had() {
+    let s = lab(&[]);
+    let peers = |n: usize| {
+        let mut y = namespace_yaml("peers");
+        for i in 0..n {
+            y.push_str(&pod_yaml(
+                "peers",
+                &format!("p{i}"),
+                "peer",
+                "n2",
+                Some(&format!("10.245.0.{}", 10 + i)),
+            ));
+        }
+        y
+    };
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-peers, namespace: demo}\nspec: {podSelector: {matchLabels: {app: target}}, ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: peer}}}]}]}\n";
+    manifest(&s.d.manifests, "policy.yaml", policy);
+    // 12 peers (size 12), 13 (recreated at 24), 12 again: held at 24.
+    for n in [12, 13, 12] {
+        manifest(&s.d.manifests, "peers.yaml", &peers(n));
+        assert!(
+            wait_until(Duration::from_secs(10), || peer_set_of(&s.n1, n).is_some()),
+            "the peer set never held {n}"
+        );
+    }
+    let (set, chains) = peer_set_of(&s.n1, 12).unwrap();
+    assert!(!chains.is_empty(), "no rule names {set}");
+    // Deleted behind our back (its rules first), then put back by the repair at size 12.
+    let mut script = String::new();
+    for c in &chains {
+        script.push_str(&format!("flush chain inet palisade {c}\n"));
+    }
+    script.push_str(&format!("delete set inet palisade {set}\n"));
+    let path = s.t.path().join("tamper.nft");
+    std::fs::write(&path, script).unwrap();
+    let out = s.n1.try_exec(&["nft", "-f", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || restores(&s.n1) == 1
+            && peer_set_of(&s.n1, 12).is_some()),
+        "the set was not put back"
+    );
+    // 13 peers: the set must be recreated at 24, not filled past the 12 the kernel holds.
+    manifest(&s.d.manifests, "peers.yaml", &peers(13));
+    assert!(
+        wait_until(Duration::from_secs(10), || peer_set_of(&s.n1, 13).is_some()),
+        "the peer set never held 13 again"
+    );
+    assert_eq!(
+        errors(&s.n1, "nft_rejected"),
+        0,
+        "a batch was refused: the repaired set was counted on at its old size"
+    );
+    let _ = &s.agent;
+}
