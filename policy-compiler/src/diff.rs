@@ -102,24 +102,23 @@ pub(crate) fn diff_parts(
     // added again with its new size, after every rule naming it is flushed (step 4) and before
     // any is written again (step 6). Only growth past the size does it: a smaller size would
     // fit as well, so a set that shrinks keeps its size, and `declared` remembers it.
-    // Each with its whole next version (a part may hold a shell of it).
-    let had = |s: &Set, l: &Set| shells.get(&s.name).copied().unwrap_or(l.elements.len());
-    let resized: BTreeMap<&str, &Set> = next
-        .sets
-        .values()
-        .filter_map(|s| {
-            let l = last.sets.get(&s.name)?;
-            let w = whole.sets.get(&s.name).unwrap_or(s);
-            (w.size() > declared.held(w, had(s, l))).then_some((s.name.as_str(), w))
-        })
-        .collect();
-    // What the kernel holds the sets of the parts at after this batch: a new or recreated one at
-    // its elements' size, a kept one at the size it had.
+    // Each with its whole next version (a part may hold a shell of it). After this batch the
+    // kernel holds a new or recreated set at its elements' size, a kept one at the size it had;
+    // each set's entry in `declared` is its own, so it is brought up to date as the set is passed.
+    let mut resized: BTreeMap<&str, &Set> = BTreeMap::new();
     for s in next.sets.values() {
         let w = whole.sets.get(&s.name).unwrap_or(s);
-        let size = match last.sets.get(&s.name) {
-            Some(l) if !resized.contains_key(s.name.as_str()) => declared.held(w, had(s, l)),
-            _ => w.size(),
+        let held = last.sets.get(&s.name).map(|l| {
+            let had = shells.get(&s.name).copied().unwrap_or(l.elements.len());
+            declared.held(w, had)
+        });
+        let size = match held {
+            Some(h) if w.size() > h => {
+                resized.insert(s.name.as_str(), w);
+                w.size()
+            }
+            Some(h) => h,
+            None => w.size(),
         };
         declared.hold(w, size);
     }
