@@ -53,6 +53,25 @@ pub fn sysctl(name: &str, settings: &[&str]) -> Result<()> {
     cmd::ip(&args).map(|_| ())
 }
 
+/// Packets counted by the rule of `table inet <table>` in a namespace whose listing contains
+/// `needle` (a counting table a test or the lab wrote: `... <match> counter` rules).
+pub fn counted(name: &str, table: &str, needle: &str) -> Result<u64> {
+    let text = cmd::ip(&["netns", "exec", name, "nft", "list", "table", "inet", table])?;
+    let parse = |detail: String| LabError::Parse {
+        what: format!("table inet {table} in {name}"),
+        detail,
+    };
+    let line = text
+        .lines()
+        .find(|l| l.contains(needle))
+        .ok_or_else(|| parse(format!("no rule with {needle:?}: {text}")))?;
+    line.split("packets ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| parse(format!("no packet count in {line:?}")))
+}
+
 /// Runs `nft -f -` with `script` inside a namespace.
 pub fn nft(name: &str, script: &str) -> Result<()> {
     cmd::run(

@@ -702,24 +702,11 @@ fn broken_conflist_chain_fails_the_pod_and_leaves_no_sandbox() {
 /// Packets each counted source sent to the external host's port 80 (TCP, both families), from the
 /// counting table the test put in the external namespace.
 fn counted_sources(ext: &str, sources: &[IpAddr]) -> Vec<(IpAddr, u64)> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ext, "nft", "list", "table", "inet", "seen"])
-        .output()
-        .expect("nft runs");
-    let text = String::from_utf8_lossy(&out.stdout);
     sources
         .iter()
         .map(|s| {
-            let line = text
-                .lines()
-                .find(|l| l.contains(&format!("saddr {s} ")))
-                .unwrap_or_else(|| panic!("no counter for {s}: {text}"));
-            let n = line
-                .split("packets ")
-                .nth(1)
-                .and_then(|t| t.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no packet count in {line:?}"));
+            let n = netns::counted(ext, "seen", &format!("saddr {s} "))
+                .unwrap_or_else(|e| panic!("{e}"));
             (*s, n)
         })
         .collect()

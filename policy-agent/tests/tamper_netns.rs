@@ -54,12 +54,22 @@ fn lab(extra: &[&str]) -> Lab {
     }
 }
 
-fn restores(ns: &Netns) -> u64 {
+/// One sample of the agent's /metrics by its name with labels (`None`: not exported yet).
+fn sample(ns: &Netns, name: &str) -> Option<u64> {
     let (_, m) = ns.http(AGENT_PORT, "/metrics").expect("metrics");
     m.lines()
-        .find_map(|l| l.strip_prefix("palisade_resync_restores_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("palisade_resync_restores_total in /metrics")
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// A gauge or counter the agent always exports.
+fn metric(ns: &Netns, name: &str) -> u64 {
+    sample(ns, name).unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+fn restores(ns: &Netns) -> u64 {
+    metric(ns, "palisade_resync_restores_total")
 }
 
 /// The handle of the `counter drop` that ends the target's ingress group chain (`in_<group>`).
@@ -297,16 +307,6 @@ fn our_own_churn_of_policies_pods_and_pending_marks_never_triggers_a_restore() {
     }
 }
 
-/// A gauge or counter of the agent's /metrics (the first sample of that name).
-fn metric(ns: &Netns, name: &str) -> u64 {
-    let (_, m) = ns.http(AGENT_PORT, "/metrics").expect("metrics");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("{name} in /metrics: {m}"))
-}
-
 /// Another process committing all the time (kube-proxy does, to tables of its own) while the agent
 /// commits large batches with its drift monitor out of the notification group (a policy that
 /// brings 20k peer addresses: ~400 KB of set elements): a transaction landing unseen in that window
@@ -418,11 +418,7 @@ fn peer_set_of(ns: &Netns, n: usize) -> Option<(String, Vec<String>)> {
 
 /// Errors of a kind counted in /metrics (0 when none was).
 fn errors(ns: &Netns, kind: &str) -> u64 {
-    let (_, m) = ns.http(AGENT_PORT, "/metrics").expect("metrics");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&format!("palisade_errors_total{{kind=\"{kind}\"}} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    sample(ns, &format!("palisade_errors_total{{kind=\"{kind}\"}}")).unwrap_or(0)
 }
 
 /// A set that shrank is held by the kernel at the larger size it was declared with, and the

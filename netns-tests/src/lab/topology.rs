@@ -382,26 +382,11 @@ impl Lab {
             "nodad",
         ])?;
         for node in &self.state.nodes {
-            let ns = node.netns.as_str();
-            cmd_ip(&[
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
+            default_routes(
+                &node.netns,
                 &FLAT_ROUTER_V4.to_string(),
-            ])?;
-            cmd_ip(&[
-                "-n",
-                ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
                 &FLAT_ROUTER_V6.to_string(),
-            ])?;
+            )?;
         }
         Ok(())
     }
@@ -453,30 +438,7 @@ impl Lab {
                 }
                 cmd_ip(&add)?;
             }
-            cmd_ip(&[
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &ROUTER_V4[seg].to_string(),
-                "dev",
-                NODE_UPLINK,
-                "onlink",
-            ])?;
-            cmd_ip(&[
-                "-n",
-                ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                ROUTER_V6,
-                "dev",
-                NODE_UPLINK,
-            ])?;
+            default_routes(ns, &ROUTER_V4[seg].to_string(), ROUTER_V6)?;
             cmd_ip(&["-n", ul, "route", "add", &format!("{v4}/32"), "dev", bridge])?;
             cmd_ip(&[
                 "-n",
@@ -491,6 +453,36 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// A node's default routes, IPv4 and IPv6, via the router's addresses on its segment, out of its
+/// uplink (the IPv4 gateway `onlink`: in the routed topology the node holds a /32).
+fn default_routes(ns: &str, gw4: &str, gw6: &str) -> Result<()> {
+    cmd_ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        gw4,
+        "dev",
+        NODE_UPLINK,
+        "onlink",
+    ])?;
+    cmd_ip(&[
+        "-n",
+        ns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        gw6,
+        "dev",
+        NODE_UPLINK,
+    ])
+    .map(|_| ())
 }
 
 fn node_object(node: &NodeState) -> Value {

@@ -20,16 +20,8 @@ fn ip(netns: &str, args: &[&str]) -> Result<String, String> {
 
 /// Packets to `unused` that left the node through its uplink so far.
 fn left(node: &str, unused: IpAddr) -> Result<u64, String> {
-    let text = run_in(node, &["nft", "list", "table", "inet", COUNT_TABLE])?;
-    let line = text
-        .lines()
-        .find(|l| l.contains(&format!("daddr {unused} ")))
-        .ok_or(format!("no counter for {unused} in {node}: {text}"))?;
-    line.split("packets ")
-        .nth(1)
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .ok_or(format!("no packet count in {line:?}"))
+    palisade_netns_tests::netns::counted(node, COUNT_TABLE, &format!("daddr {unused} "))
+        .map_err(|e| e.to_string())
 }
 
 /// An address of `cidr` (`a.b.c.0/24`, `x::/64`) that no pod of the lab holds.
