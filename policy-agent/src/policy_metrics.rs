@@ -1,8 +1,9 @@
 //! Per-policy counters in `/metrics`: `palisade_policy_packets_total{kind, namespace, policy,
 //! direction, verdict}`, read from the kernel's named counters of our table at each scrape and
 //! labelled with what the compiled model says each counts (`Compiled::policy_counters`, asked of
-//! the engine, which owns the model). Only policies that have a counter now are shown: a deleted
-//! policy's series disappear with its counters. A full replace of our table starts the kernel's
+//! the engine, which owns the model; a scrape never waits long on a busy engine and takes its last
+//! answer instead). Only policies that have a counter now are shown: a deleted policy's series
+//! disappear with its counters. A full replace of our table starts the kernel's
 //! counters from zero again; the engine reads them just before and carries what they held
 //! ([`Carried`]), so the series keep counting up (a restarted agent finds the counters in the
 //! table it left and carries them too). A table deleted from outside takes what its counters held
@@ -16,8 +17,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// How long a scrape waits for the engine (busy with a commit) before leaving the family out.
-const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a scrape waits for the engine's answer before it uses the last one it had: an idle
+/// engine answers in microseconds; a busy one (a long compile or commit) must not hold a scrape
+/// (Prometheus gives up after its scrape timeout, and a probe after its own).
+const ASK_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// What the engine answers a scrape: what each counter counts, and what the counters held
 /// before the engine's full replaces since they were created.
@@ -67,31 +70,31 @@ pub fn with_carried(
 
 /// The scrape's half: asks the engine, reads the kernel.
 pub struct PolicyMetrics {
-    engine: mpsc::Sender<Msg>,
+    reports: Reports,
     counters: Counters,
 }
 
 impl PolicyMetrics {
     pub fn new(engine: mpsc::Sender<Msg>, counters: Counters) -> Self {
-        PolicyMetrics { engine, counters }
+        PolicyMetrics {
+            reports: Reports::new(engine, ASK_TIMEOUT),
+            counters,
+        }
     }
 
-    /// The family's text (empty when the engine or the kernel cannot answer now; logged at debug).
+    /// The family's text (empty when neither the engine nor the kernel can answer now; logged at
+    /// debug).
     pub async fn render(&self) -> String {
-        let (tx, rx) = oneshot::channel();
-        if self.engine.try_send(Msg::PolicyCounters(tx)).is_err() {
-            tracing::debug!("per-policy counters left out: the engine's queue is full");
-            return String::new();
-        }
-        let Ok(Ok(report)) = tokio::time::timeout(ASK_TIMEOUT, rx).await else {
-            tracing::debug!("per-policy counters left out: the engine did not answer in time");
+        let Some(report) = self.reports.latest().await else {
             return String::new();
         };
         let counters = self.counters.clone();
         match tokio::task::spawn_blocking(move || counters.packets()).await {
             Ok(Ok(values)) => {
                 let values = with_carried(values, &report.carried);
-                render(&report.described, &values) + &crate::forged_metrics::render(&values)
+                // An answer from before the engine's last commit may name counters deleted since.
+                let described = still_counting(&report.described, &values);
+                render(&described, &values) + &crate::forged_metrics::render(&values)
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "per-policy counters left out: cannot read them");
@@ -100,6 +103,77 @@ impl PolicyMetrics {
             Err(_) => String::new(),
         }
     }
+}
+
+/// The engine's answers to scrapes: a scrape asks and waits up to `wait`; when the engine is
+/// busy, the scrape takes the last answer and the question stays asked, so the next scrape finds
+/// the engine's answer as soon as it gave one (never more than one question in its queue).
+struct Reports {
+    engine: mpsc::Sender<Msg>,
+    wait: Duration,
+    state: tokio::sync::Mutex<Asked>,
+}
+
+#[derive(Default)]
+struct Asked {
+    last: Option<std::sync::Arc<CounterReport>>,
+    pending: Option<oneshot::Receiver<CounterReport>>,
+}
+
+impl Reports {
+    fn new(engine: mpsc::Sender<Msg>, wait: Duration) -> Self {
+        Reports {
+            engine,
+            wait,
+            state: tokio::sync::Mutex::new(Asked::default()),
+        }
+    }
+
+    /// The engine's answer to this scrape (or to an earlier one it answered late), or the last
+    /// one when it is busy (`None`: it never answered yet).
+    async fn latest(&self) -> Option<std::sync::Arc<CounterReport>> {
+        let mut asked = self.state.lock().await;
+        let rx = match asked.pending.take() {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = oneshot::channel();
+                if self.engine.try_send(Msg::PolicyCounters(tx)).is_err() {
+                    tracing::debug!(
+                        "per-policy counters: the engine's queue is full; the last answer is used"
+                    );
+                    return asked.last.clone();
+                }
+                rx
+            }
+        };
+        let mut rx = rx;
+        match tokio::time::timeout(self.wait, &mut rx).await {
+            Ok(Ok(report)) => {
+                let report = std::sync::Arc::new(report);
+                asked.last = Some(report.clone());
+                Some(report)
+            }
+            // The engine stopped: nothing more will come.
+            Ok(Err(_)) => asked.last.clone(),
+            Err(_elapsed) => {
+                tracing::debug!("per-policy counters: the engine is busy; the last answer is used");
+                asked.pending = Some(rx);
+                asked.last.clone()
+            }
+        }
+    }
+}
+
+/// The counters of `described` the kernel has now (a series shows only while its counter exists).
+fn still_counting(
+    described: &[PolicyCounter],
+    values: &HashMap<String, u64>,
+) -> Vec<PolicyCounter> {
+    described
+        .iter()
+        .filter(|c| values.contains_key(&c.counter))
+        .cloned()
+        .collect()
 }
 
 /// `(kind, namespace, name)` of a compiler policy key.
@@ -175,6 +249,85 @@ mod tests {
             unit: Unit::Packets,
             policies: policies.iter().map(|p| p.to_string()).collect(),
         }
+    }
+
+    fn report(counter: &str) -> CounterReport {
+        CounterReport {
+            described: vec![PolicyCounter {
+                counter: counter.into(),
+                direction: Direction::Ingress,
+                verdict: Counted::Allow,
+                unit: Unit::Packets,
+                policies: vec!["ns/p".into()],
+            }],
+            carried: HashMap::new(),
+        }
+    }
+
+    /// Answers the engine's next question with `report`.
+    async fn answer(rx: &mut mpsc::Receiver<Msg>, report: CounterReport) {
+        match rx.recv().await {
+            Some(Msg::PolicyCounters(reply)) => {
+                let _ = reply.send(report);
+            }
+            _ => panic!("the scrape asked nothing"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scrape_takes_the_engine_s_answer_when_it_comes_in_time() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let reports = Reports::new(tx, Duration::from_secs(30));
+        let engine = tokio::spawn(async move { answer(&mut rx, report("cnt_a")).await });
+        let got = reports.latest().await.expect("an answer");
+        assert_eq!(got.described[0].counter, "cnt_a");
+        engine.await.unwrap();
+    }
+
+    /// A busy engine (a long compile) must not hold a scrape past its timeout: the scrape takes
+    /// the last answer, leaves its question asked, and the next scrape finds the late answer
+    /// without asking twice.
+    #[tokio::test]
+    async fn a_busy_engine_does_not_hold_a_scrape_which_takes_the_last_answer() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let reports = Reports::new(tx, Duration::from_millis(20));
+        // Nobody answers: no earlier answer either.
+        assert!(reports.latest().await.is_none());
+        let Some(Msg::PolicyCounters(first)) = rx.try_recv().ok() else {
+            panic!("the scrape asked nothing");
+        };
+        // Still busy: the question stays asked, none is added.
+        assert!(reports.latest().await.is_none());
+        assert!(
+            rx.try_recv().is_err(),
+            "a second question while one is pending"
+        );
+        // The engine answers late: the next scrape has it.
+        first.send(report("cnt_a")).unwrap();
+        assert_eq!(
+            reports.latest().await.unwrap().described[0].counter,
+            "cnt_a"
+        );
+        // Busy again: the last answer serves.
+        let got = reports.latest().await.expect("the last answer");
+        assert_eq!(got.described[0].counter, "cnt_a");
+        assert!(matches!(rx.try_recv(), Ok(Msg::PolicyCounters(_))));
+    }
+
+    #[test]
+    fn an_earlier_answer_shows_only_the_counters_the_kernel_still_has() {
+        let described = vec![
+            counter("cnt_a", Direction::Ingress, Counted::Allow, &["ns/p"]),
+            counter(
+                "cnt_gone",
+                Direction::Ingress,
+                Counted::Allow,
+                &["ns/deleted"],
+            ),
+        ];
+        let text = render(&still_counting(&described, &values()), &values());
+        assert!(text.contains("policy=\"p\""), "{text}");
+        assert!(!text.contains("policy=\"deleted\""), "{text}");
     }
 
     #[test]
