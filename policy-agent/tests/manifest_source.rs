@@ -435,3 +435,47 @@ async fn status_heartbeats_and_node_heartbeats_are_not_emitted_but_an_ip_change_
     assert_eq!(describe_all(&events), ["Applied Pod default/beat"]);
     run.task.abort();
 }
+
+/// Reading and parsing files happens off the runtime's threads: the agent's HTTP endpoint shares
+/// them, and a thread held for as long as a large manifest takes to parse (20k pods: ~5 s in a
+/// debug build) left its probes and scrapes unanswered all that time. On this test's one-thread
+/// runtime, a task ticking every millisecond must keep ticking while 10,000 pods are parsed.
+#[tokio::test]
+async fn a_large_manifest_is_parsed_without_holding_the_runtime() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = temp_dir("palisade-manifests-large-");
+    let pods: Vec<String> = (0..10_000).map(|i| pod(&format!("p{i}"), "a")).collect();
+    std::fs::write(dir.path().join("pods.yaml"), docs(&pods)).expect("write");
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ticker = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let (tx, mut rx) = mpsc::channel::<SourceEvent>(64);
+    let started = Instant::now();
+    let before = ticks.load(Ordering::Relaxed);
+    let task = tokio::spawn(
+        ManifestSource::new(dir.path())
+            .with_rescan_interval(Duration::from_secs(3600))
+            .run(tx),
+    );
+    // The first event comes once the whole directory is read and parsed.
+    let first = tokio::time::timeout(WAIT, rx.recv()).await;
+    let (scan, during) = (started.elapsed(), ticks.load(Ordering::Relaxed) - before);
+    assert!(matches!(first, Ok(Some(_))), "no event from the scan");
+    eprintln!("initial scan of 10,000 pods: {scan:?}, {during} ticks meanwhile");
+    assert!(
+        during >= 10,
+        "the runtime was held while the manifest was parsed ({scan:?}): {during} ticks"
+    );
+    task.abort();
+    ticker.abort();
+}

@@ -92,9 +92,13 @@ impl ManifestSource {
             unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), Interest::READABLE) }
                 .map_err(|e| dir_error("register inotify with tokio", e.into()))?;
 
-        let mut state = DirState::new(self.dir.clone());
         let mut sharing = PodSharing::default();
-        let initial = state.rescan(true).map_err(|e| dir_error("list", e))?;
+        let Some((mut state, initial)) =
+            off_workers(DirState::new(self.dir.clone()), |st| st.rescan(true)).await
+        else {
+            return Ok(());
+        };
+        let initial = initial.map_err(|e| dir_error("list", e))?;
         info!(dir = %self.dir.display(), objects = state.emitted_len(), "manifest source: initial scan done");
         if !send_all(&tx, initial, &mut sharing).await
             || tx.send(SourceEvent::Synced.into()).await.is_err()
@@ -109,7 +113,7 @@ impl ManifestSource {
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watching = true;
         loop {
-            let out = tokio::select! {
+            let work = tokio::select! {
                 ready = inotify.readable() => {
                     let mut guard = match ready {
                         Ok(guard) => guard,
@@ -124,11 +128,11 @@ impl ManifestSource {
                                 warn!(dir = %self.dir.display(), "manifest directory removed or moved; recreate it, the rescan re-watches it");
                                 watching = false;
                             }
-                            state.apply_changes(changes)
+                            Work::Apply(changes)
                         }
                         Ok(Err(e)) => {
                             warn!(dir = %self.dir.display(), error = %e, "manifest source: reading inotify events failed; rescanning");
-                            state.rescan_logged(true)
+                            Work::Rescan { include_fresh: true }
                         }
                         Err(_would_block) => continue,
                     }
@@ -143,14 +147,50 @@ impl ManifestSource {
                             Err(e) => debug!(dir = %self.dir.display(), error = %e, "manifest directory still missing"),
                         }
                     }
-                    state.rescan_logged(false)
+                    Work::Rescan { include_fresh: false }
                 }
                 _ = tx.closed() => return Ok(()),
             };
+            let Some((next, out)) = off_workers(state, move |st| match work {
+                Work::Apply(changes) => st.apply_changes(changes),
+                Work::Rescan { include_fresh } => st.rescan_logged(include_fresh),
+            })
+            .await
+            else {
+                return Ok(());
+            };
+            state = next;
             if !send_all(&tx, out, &mut sharing).await {
                 return Ok(());
             }
         }
+    }
+}
+
+/// What the directory's state is asked to do next.
+enum Work {
+    Apply(Changes),
+    Rescan { include_fresh: bool },
+}
+
+/// Runs `work` (reading and parsing files) on a blocking thread, off the runtime's few workers: a
+/// large manifest takes a while to parse (20k pods: ~5 s in a debug build), and a worker held that
+/// long starves the rest of the runtime, the HTTP endpoint's probes and scrapes included (seen
+/// unanswered for 5.4 s). A panic in `work` is the parser's bug: it is raised here again. `None`:
+/// the runtime is shutting down.
+async fn off_workers<R: Send + 'static>(
+    mut state: DirState,
+    work: impl FnOnce(&mut DirState) -> R + Send + 'static,
+) -> Option<(DirState, R)> {
+    match tokio::task::spawn_blocking(move || {
+        let out = work(&mut state);
+        (state, out)
+    })
+    .await
+    {
+        Ok(done) => Some(done),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_cancelled) => None,
     }
 }
 
