@@ -187,6 +187,23 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
     );
     let before = encapsulated(&router);
     assert!(before >= 5, "router saw {before} encapsulated packets");
+    // The outer packets between the nodes are not tracked (each inner flow's hashed source port
+    // left two unreplied entries behind for 30 s); the inner flow is, on both nodes.
+    for n in [&n1, &n2] {
+        let tracked =
+            String::from_utf8_lossy(&n.try_exec(&["cat", "/proc/net/nf_conntrack"]).stdout)
+                .into_owned();
+        assert!(
+            !tracked.contains("dport=4796"),
+            "{}: an outer flow is tracked: {tracked}",
+            n.name()
+        );
+        assert!(
+            tracked.contains("dst=10.244.2.5"),
+            "{}: the inner flow is not tracked: {tracked}",
+            n.name()
+        );
+    }
 
     // n2 changes address: its device is recreated with the new local address and MAC, n1's FDB
     // entry follows; traffic flows again.

@@ -382,6 +382,20 @@ fn every_statement() -> palisade_policy::ruleset::Ruleset {
         rules: vec![],
     });
     rs.add_chain(Chain {
+        name: "raw_out".into(),
+        base: Some(BaseHook {
+            kind: ChainKind::Filter,
+            hook: Hook::Output,
+            priority: -300,
+        }),
+        comment: "r".into(),
+        rules: vec![s(vec![
+            Stmt::L4Proto(Protocol::Udp),
+            Stmt::Dport(4796),
+            Stmt::Notrack,
+        ])],
+    });
+    rs.add_chain(Chain {
         name: "main".into(),
         base: Some(BaseHook {
             kind: ChainKind::Filter,

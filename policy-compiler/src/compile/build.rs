@@ -627,7 +627,8 @@ fn base(rs: &mut Ruleset, c: &Compiled) {
         ]);
         // A new packet to the overlay port (outer VXLAN, delivered locally): only a node may send
         // it. Here, not before the established accept: a dropped packet is never confirmed, so no
-        // flow to the port from another source ever becomes established.
+        // flow to the port from another source ever becomes established (and a node's own outer
+        // packets are not tracked at all, see `tunnel`: they always walk to here).
         // A verdict as soon as it is known: the outer packets' source port follows the inner
         // flow, so every connection over the overlay opens two new outer flows, which walked the
         // whole chain at both ends to the accept every packet that is neither from nor to a pod
@@ -959,7 +960,68 @@ fn related(rs: &mut Ruleset) {
 /// the policies as that pod. The postrouting chain jumps to `tunnel_out` for a new packet to the
 /// port: our InternalIP to a node's is accepted there (an outer packet this node sends), the rest
 /// returns to the walk.
+///
+/// Outer packets between nodes are not tracked (`tunnel_untrack_in`, `tunnel_untrack_out`, before
+/// conntrack): each end sends from a source port hashed from the inner flow, so conntrack never
+/// sees an answer; every inner connection left two unreplied entries behind for 30 s (conntrack
+/// table room a busy node needs), and every outer packet paid a lookup and met our chains as new.
+/// Only the exact node-to-node packets the guard accepts go untracked; anything else sending to
+/// the port stays tracked and meets the guard as before (an untracked packet is not
+/// `established` either: it always walks to the guard).
 fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
+    let untracked = |fam: Family, from: &str, to: &str| {
+        Rule::new(vec![
+            Stmt::L4Proto(Protocol::Udp),
+            Stmt::Dport(t.port),
+            Stmt::AddrInSet {
+                family: fam,
+                field: AddrField::Saddr,
+                set: from.to_string(),
+            },
+            Stmt::AddrInSet {
+                family: fam,
+                field: AddrField::Daddr,
+                set: to.to_string(),
+            },
+            Stmt::Notrack,
+        ])
+    };
+    for (name, hook, what, outgoing) in [
+        (
+            CHAIN_UNTRACK_IN,
+            Hook::Prerouting,
+            "overlay packets from a node to our InternalIP: not tracked",
+            false,
+        ),
+        (
+            CHAIN_UNTRACK_OUT,
+            Hook::Output,
+            "overlay packets from our InternalIP to a node: not tracked",
+            true,
+        ),
+    ] {
+        let rules = Family::BOTH
+            .into_iter()
+            .map(|fam| {
+                let (peers, local) = (tunnel_peers_set(fam), tunnel_local_set(fam));
+                if outgoing {
+                    untracked(fam, local, peers)
+                } else {
+                    untracked(fam, peers, local)
+                }
+            })
+            .collect();
+        rs.add_chain(Chain {
+            name: name.to_string(),
+            base: Some(BaseHook {
+                kind: ChainKind::Filter,
+                hook,
+                priority: PRIORITY_UNTRACK,
+            }),
+            comment: what.to_string(),
+            rules,
+        });
+    }
     let mut rules = Vec::new();
     for fam in Family::BOTH {
         rs.add_set(addr_set(

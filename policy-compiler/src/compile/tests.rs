@@ -1520,6 +1520,77 @@ fn the_overlay_packets_this_node_sends_get_their_verdict_after_the_ct_rules() {
     );
 }
 
+/// The outer packets between nodes are not tracked (their hashed source ports leave unreplied
+/// entries behind): before conntrack, on prerouting (a node to our InternalIP) and output (ours to
+/// a node), and only those: a packet to the port from anyone else stays tracked for the guard.
+#[test]
+fn only_the_overlay_packets_between_nodes_go_untracked() {
+    use crate::ruleset::{BaseHook, ChainKind, Hook};
+    let rs = compiled(&W::new()).ruleset;
+    assert!(
+        !rs.chains.contains_key(CHAIN_UNTRACK_IN) && !rs.chains.contains_key(CHAIN_UNTRACK_OUT),
+        "no overlay, nothing untracked"
+    );
+    let mut w = W::new();
+    w.st.apply(Change::SetTunnel(Some(Tunnel {
+        port: 4796,
+        peers: vec![ip("172.31.0.1"), ip("172.31.1.2")],
+        local: vec![ip("172.31.0.1")],
+    })));
+    let rs = compiled(&w).ruleset;
+    for (chain, hook, from, to) in [
+        (
+            CHAIN_UNTRACK_IN,
+            Hook::Prerouting,
+            TUNNEL_PEERS_V4,
+            TUNNEL_LOCAL_V4,
+        ),
+        (
+            CHAIN_UNTRACK_OUT,
+            Hook::Output,
+            TUNNEL_LOCAL_V4,
+            TUNNEL_PEERS_V4,
+        ),
+    ] {
+        let c = &rs.chains[chain];
+        assert_eq!(
+            c.base,
+            Some(BaseHook {
+                kind: ChainKind::Filter,
+                hook,
+                priority: PRIORITY_UNTRACK
+            })
+        );
+        assert_eq!(c.rules.len(), 2, "one rule per family");
+        assert_eq!(
+            c.rules[0].stmts,
+            vec![
+                Stmt::L4Proto(Protocol::Udp),
+                Stmt::Dport(4796),
+                Stmt::AddrInSet {
+                    family: Family::V4,
+                    field: AddrField::Saddr,
+                    set: from.into()
+                },
+                Stmt::AddrInSet {
+                    family: Family::V4,
+                    field: AddrField::Daddr,
+                    set: to.into()
+                },
+                Stmt::Notrack,
+            ],
+            "{chain}"
+        );
+    }
+    let untracking: Vec<&str> = rs
+        .chains
+        .values()
+        .filter(|c| c.rules.iter().any(|r| r.stmts.contains(&Stmt::Notrack)))
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(untracking.len(), 2, "notrack nowhere else: {untracking:?}");
+}
+
 #[test]
 fn only_a_node_may_send_to_the_overlay_port() {
     let rs = compiled(&W::new()).ruleset;

@@ -65,7 +65,12 @@ impl Ruleset {
                     | Stmt::Ip6HopLimit255 => continue 'rules,
                     // The model's packets are a connection's first; the flow log's rate limit and
                     // log statement never change a verdict.
-                    Stmt::CtNew | Stmt::CtNotConfirmed | Stmt::Limit { .. } | Stmt::Log { .. } => {}
+                    // `notrack` only decides what conntrack sees, never a verdict.
+                    Stmt::CtNew
+                    | Stmt::CtNotConfirmed
+                    | Stmt::Limit { .. }
+                    | Stmt::Log { .. }
+                    | Stmt::Notrack => {}
                     // The packet model has no input interface (it models what passed the source
                     // guard, which the kernel tests check): a packet with a local pod's source
                     // came in through a pod's veth, and the guard's rules never match here.

@@ -23,6 +23,7 @@ pub enum Hook {
     Prerouting,
     Postrouting,
     Input,
+    Output,
 }
 
 impl Hook {
@@ -31,6 +32,7 @@ impl Hook {
             Self::Prerouting => "prerouting",
             Self::Postrouting => "postrouting",
             Self::Input => "input",
+            Self::Output => "output",
         }
     }
 }
@@ -161,6 +163,9 @@ pub enum Stmt {
     },
     /// `masquerade` (nat chains only): the packet leaves with the address of its output interface.
     Masquerade,
+    /// `notrack` (a chain before conntrack, priority raw): conntrack never sees the packet, whose
+    /// `ct state` is then `untracked`.
+    Notrack,
     /// `ip[6] saddr . ip[6] daddr @set`: source and destination are the same local pod.
     SelfTraffic {
         family: Family,

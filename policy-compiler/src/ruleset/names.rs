@@ -78,6 +78,15 @@ pub const CHAIN_TUNNEL: &str = "tunnel_in";
 /// Regular chain the postrouting chain jumps to for a new packet to the overlay's UDP port:
 /// accepts an outer packet this node sends to a node, returns for the rest.
 pub const CHAIN_TUNNEL_OUT: &str = "tunnel_out";
+/// Base chain before conntrack (priority raw) on prerouting: the overlay's outer packets a node
+/// sends to our InternalIP are not tracked.
+pub const CHAIN_UNTRACK_IN: &str = "tunnel_untrack_in";
+/// Base chain before conntrack (priority raw) on output: the overlay's outer packets this node
+/// sends to a node are not tracked.
+pub const CHAIN_UNTRACK_OUT: &str = "tunnel_untrack_out";
+/// raw: before conntrack (-200) looks at a packet.
+pub const PRIORITY_UNTRACK: i32 = -300;
+const _: () = assert!(PRIORITY_UNTRACK < -200);
 /// Underlay addresses of the nodes (who may send to the overlay port).
 pub const TUNNEL_PEERS_V4: &str = "tunnel_peers_v4";
 pub const TUNNEL_PEERS_V6: &str = "tunnel_peers_v6";

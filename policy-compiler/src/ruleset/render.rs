@@ -521,6 +521,7 @@ fn one_stmt_json(s: &Stmt) -> Option<Value> {
             json!({"match": {"op": "!=", "left": addr(*family, *field), "right": set_ref_str(set)}})
         }
         Stmt::Masquerade => json!({"masquerade": null}),
+        Stmt::Notrack => json!({"notrack": null}),
         Stmt::SelfTraffic { family, set } => matches(
             json!({"concat": [addr(*family, AddrField::Saddr), addr(*family, AddrField::Daddr)]}),
             set_ref_str(set),

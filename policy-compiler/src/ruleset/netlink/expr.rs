@@ -337,6 +337,7 @@ fn stmt(w: &mut Writer, cx: &mut Context, s: &Stmt, set_ids: &HashMap<String, u3
             lookup(w, set, set_ids, invert, false);
         }
         Stmt::Masquerade => expr(w, "masq", |_| {}),
+        Stmt::Notrack => expr(w, "notrack", |_| {}),
         Stmt::SelfTraffic { family, set } => {
             need_family(w, cx, *family);
             let used = load_addr(w, *family, AddrField::Saddr, 0);

@@ -437,6 +437,7 @@ fn hook_number(h: Hook) -> u32 {
     match h {
         Hook::Prerouting => 0,
         Hook::Input => 1,
+        Hook::Output => 3,
         Hook::Postrouting => 4,
     }
 }
