@@ -970,21 +970,10 @@ fn related(rs: &mut Ruleset) {
 /// `established` either: it always walks to the guard).
 fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
     let untracked = |fam: Family, from: &str, to: &str| {
-        Rule::new(vec![
-            Stmt::L4Proto(Protocol::Udp),
-            Stmt::Dport(t.port),
-            Stmt::AddrInSet {
-                family: fam,
-                field: AddrField::Saddr,
-                set: from.to_string(),
-            },
-            Stmt::AddrInSet {
-                family: fam,
-                field: AddrField::Daddr,
-                set: to.to_string(),
-            },
-            Stmt::Notrack,
-        ])
+        let mut stmts = vec![Stmt::L4Proto(Protocol::Udp), Stmt::Dport(t.port)];
+        stmts.extend(between(fam, from, to));
+        stmts.push(Stmt::Notrack);
+        Rule::new(stmts)
     };
     for (name, hook, what, outgoing) in [
         (
@@ -1072,7 +1061,13 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
 
 /// `ip saddr @from ip daddr @to accept` (or ip6, for `fam`).
 fn accept_between(fam: Family, from: &str, to: &str) -> Rule {
-    Rule::new(vec![
+    let [s, d] = between(fam, from, to);
+    Rule::new(vec![s, d, Stmt::Accept])
+}
+
+/// `ip saddr @from ip daddr @to` (or ip6, for `fam`).
+fn between(fam: Family, from: &str, to: &str) -> [Stmt; 2] {
+    [
         Stmt::AddrInSet {
             family: fam,
             field: AddrField::Saddr,
@@ -1083,8 +1078,7 @@ fn accept_between(fam: Family, from: &str, to: &str) -> Rule {
             field: AddrField::Daddr,
             set: to.to_string(),
         },
-        Stmt::Accept,
-    ])
+    ]
 }
 
 /// Egress NAT: a nat chain at srcnat, after every policy check (postrouting 90), masquerades what a
