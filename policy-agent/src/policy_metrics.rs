@@ -133,7 +133,7 @@ impl Reports {
     /// one when it is busy (`None`: it never answered yet).
     async fn latest(&self) -> Option<std::sync::Arc<CounterReport>> {
         let mut asked = self.state.lock().await;
-        let rx = match asked.pending.take() {
+        let mut rx = match asked.pending.take() {
             Some(rx) => rx,
             None => {
                 let (tx, rx) = oneshot::channel();
@@ -146,7 +146,6 @@ impl Reports {
                 rx
             }
         };
-        let mut rx = rx;
         match tokio::time::timeout(self.wait, &mut rx).await {
             Ok(Ok(report)) => {
                 let report = std::sync::Arc::new(report);
