@@ -441,6 +441,7 @@ impl Engine {
         if due.routes && self.synced {
             let plan = self.route_plan();
             self.sync_routes(plan, true);
+            self.follow_overlay_use();
         }
         if due.snapshot && !self.replacing() {
             let verdict = self.table.snapshot(&self.metrics);
@@ -456,6 +457,7 @@ impl Engine {
                         let sweep = self.revoke_after(&commit);
                         let committed = !matches!(commit, Committed::Nothing);
                         self.sched.reconciled(Instant::now(), committed, sweep);
+                        self.follow_overlay_use();
                     }
                     Err(e) => {
                         self.metrics.error(e.kind());
@@ -556,7 +558,7 @@ impl Engine {
         if let Some(change) = crate::egress_nat::change(&nat, self.inc.state(), &node, &plan) {
             compiled::stage(&mut self.inc, [change])?;
         }
-        let overlay = self.routes.as_ref().is_some_and(RouteSync::overlay_in_use);
+        let overlay = self.overlay_use();
         if let Some(change) = crate::tunnel_guard::change(overlay, self.inc.state(), &node, &plan) {
             compiled::stage(&mut self.inc, [change])?;
         }
@@ -893,6 +895,7 @@ impl Engine {
                     if let Some(r) = self.routes.as_mut() {
                         r.check(&self.inc.state().nodes, &plan, &mut self.sched);
                     }
+                    self.follow_overlay_use();
                 }
                 false
             }
@@ -923,6 +926,29 @@ impl Engine {
                 &self.metrics,
                 retry,
             );
+        }
+    }
+
+    /// What the overlay asks of our table (nothing without managed routes).
+    fn overlay_use(&self) -> crate::tunnel_guard::Use {
+        self.routes
+            .as_ref()
+            .map_or(crate::tunnel_guard::Use::NONE, RouteSync::overlay_use)
+    }
+
+    /// Route sync plans after the commit: when its plan moved the first route onto the overlay or
+    /// the last one off it (a Node joining, leaving or moving, our addresses changing), the tunnel
+    /// guard the table holds is no longer the one wanted, and a reconcile brings it.
+    fn follow_overlay_use(&mut self) {
+        let plan = self.route_plan();
+        let want = crate::tunnel_guard::desired(
+            self.overlay_use(),
+            self.inc.state(),
+            &self.cfg.node_name,
+            &plan,
+        );
+        if want != self.inc.state().tunnel {
+            self.sched.changed(Instant::now());
         }
     }
 

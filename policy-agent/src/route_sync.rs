@@ -7,6 +7,7 @@ use crate::metrics::Metrics;
 use crate::overlay::{self, Desired, Mode, Overlay};
 use crate::routes::{PodRoute, Refused, RoutePlan, Routes};
 use crate::schedule::Schedule;
+use crate::tunnel_guard;
 use palisade_policy::model::Node;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -27,6 +28,8 @@ pub struct RouteSync {
     attempted: Option<Desired>,
     /// The podCIDRs refused last time (logged when they change).
     refused: Vec<Refused>,
+    /// Whether the last plan sent some route over the overlay; `None` before the first.
+    over_overlay: Option<bool>,
 }
 
 impl RouteSync {
@@ -45,6 +48,7 @@ impl RouteSync {
             applied: None,
             attempted: None,
             refused: Vec::new(),
+            over_overlay: None,
         }
     }
 
@@ -57,6 +61,18 @@ impl RouteSync {
     /// Whether pods leave this node through the overlay (for the pod MTU).
     pub fn overlay_in_use(&self) -> bool {
         self.overlay.is_some() && self.encapsulation != Mode::Never
+    }
+
+    /// What the overlay asks of our table: the device's port guarded while it exists, and its
+    /// outer packets untracked while some route goes over it (the last plan's answer; before the
+    /// first plan, assumed so: an untrack chain too many costs a hook's entry, one too few leaves
+    /// unreplied conntrack entries until the plan comes, a reconcile later).
+    pub fn overlay_use(&self) -> tunnel_guard::Use {
+        let device = self.overlay_in_use();
+        tunnel_guard::Use {
+            device,
+            carries_routes: device && self.over_overlay.unwrap_or(true),
+        }
     }
 
     /// Our links and addresses (for the MTU and the overlay plan).
@@ -95,6 +111,12 @@ impl RouteSync {
         Ok(want)
     }
 
+    /// Notes whether `want` sends a route over the overlay (see [`Self::overlay_use`]).
+    fn planned(&mut self, want: Desired) -> Desired {
+        self.over_overlay = Some(want.devices.iter().any(|d| !d.peers.is_empty()));
+        want
+    }
+
     /// Converges our routes to the validated Nodes (`plan`: their routes, `routes::desired_routes`
     /// of `nodes`, which the engine derives again only after a Node event), route by route.
     /// Unless `retry`, a want that already failed is left to its retry time.
@@ -118,7 +140,7 @@ impl RouteSync {
             self.refused = plan.refused.clone();
         }
         let want = match self.want(nodes, &plan) {
-            Ok(w) => w,
+            Ok(w) => self.planned(w),
             Err(e) => {
                 metrics.error(e.kind());
                 let retry_in = sched.routes_failed(Instant::now());
@@ -195,7 +217,7 @@ impl RouteSync {
     ) {
         self.applied = None;
         let want = match self.want(nodes, plan) {
-            Ok(w) => w,
+            Ok(w) => self.planned(w),
             Err(err) => {
                 warn!(error = %err, "cannot read our links and addresses");
                 sched.routes_soon(Instant::now());

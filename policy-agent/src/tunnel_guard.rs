@@ -19,15 +19,33 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use tracing::info;
 
+/// What the overlay asks of our table: who may send to its port (`Tunnel::peers`, `local`), and
+/// whether outer packets flow (`carries_routes`: some route of ours goes over it, as the routes'
+/// last plan found; the table then keeps them out of conntrack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Use {
+    /// The device exists (`--encapsulation` other than `never`, routes managed).
+    pub device: bool,
+    pub carries_routes: bool,
+}
+
+impl Use {
+    /// No overlay (routes not managed, or `--encapsulation never`).
+    pub const NONE: Use = Use {
+        device: false,
+        carries_routes: false,
+    };
+}
+
 /// The tunnel guard our table needs; `None` when the overlay is not in use. `plan`: the validated
 /// routes of `state`'s Nodes (`routes::desired_routes`), computed once per reconcile.
 pub fn desired(
-    overlay_in_use: bool,
+    overlay: Use,
     state: &ClusterState,
     self_name: &str,
     plan: &RoutePlan,
 ) -> Option<Tunnel> {
-    if !overlay_in_use {
+    if !overlay.device {
         return None;
     }
     let local: BTreeSet<IpAddr> = state
@@ -41,18 +59,19 @@ pub fn desired(
         port: crate::overlay::PORT,
         peers: peers.into_iter().collect(),
         local: local.into_iter().collect(),
+        carries_routes: overlay.carries_routes,
     })
 }
 
 /// The change that brings `state` to the tunnel guard its Nodes call for (logged), `None` when it
 /// has that already.
 pub fn change(
-    overlay_in_use: bool,
+    overlay: Use,
     state: &ClusterState,
     self_name: &str,
     plan: &RoutePlan,
 ) -> Option<Change> {
-    let want = desired(overlay_in_use, state, self_name, plan);
+    let want = desired(overlay, state, self_name, plan);
     if want == state.tunnel {
         return None;
     }
@@ -61,7 +80,8 @@ pub fn change(
             port = t.port,
             peers = %t.peers.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", "),
             local = %t.local.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", "),
-            "overlay port open to these node addresses sending to our InternalIPs (local) only; anything else sending to it is dropped (counted in chain tunnel_in)"
+            outer_packets_untracked = t.carries_routes,
+            "overlay port open to these node addresses sending to our InternalIPs (local) only; anything else sending to it is dropped (counted in chain tunnel_in). Outer packets are kept out of conntrack while some route of ours goes over the overlay"
         ),
         None => info!("overlay not in use: no rule for its port"),
     }
@@ -73,6 +93,12 @@ mod tests {
     use super::*;
     use crate::routes::desired_routes;
     use palisade_policy::model::Node;
+
+    const ROUTED: Use = Use {
+        device: true,
+        carries_routes: true,
+    };
+    const OFF: Use = Use::NONE;
 
     fn plan(st: &ClusterState) -> RoutePlan {
         desired_routes(&st.nodes, "a", &[])
@@ -109,7 +135,7 @@ mod tests {
                 &["172.31.1.2", "fd00:172:31:1::2"],
             ),
         ]);
-        let t = desired(true, &st, "a", &plan(&st)).unwrap();
+        let t = desired(ROUTED, &st, "a", &plan(&st)).unwrap();
         assert_eq!(t.port, crate::overlay::PORT);
         assert_eq!(
             t.peers,
@@ -129,22 +155,49 @@ mod tests {
             node("a", &["10.244.1.0/24"], &["172.31.0.1"]),
             node("evil", &["0.0.0.0/0"], &["192.168.50.9"]),
         ]);
-        let t = desired(true, &st, "a", &plan(&st)).unwrap();
+        let t = desired(ROUTED, &st, "a", &plan(&st)).unwrap();
         assert_eq!(t.peers, ips(&["172.31.0.1"]));
     }
 
     #[test]
     fn no_overlay_no_guard_and_the_change_is_asked_for_once() {
         let mut st = state(vec![node("a", &["10.244.1.0/24"], &["172.31.0.1"])]);
-        assert_eq!(desired(false, &st, "a", &plan(&st)), None);
-        assert_eq!(change(false, &st, "a", &plan(&st)), None, "already off");
-        let c = change(true, &st, "a", &plan(&st));
+        assert_eq!(desired(OFF, &st, "a", &plan(&st)), None);
+        assert_eq!(change(OFF, &st, "a", &plan(&st)), None, "already off");
+        let c = change(ROUTED, &st, "a", &plan(&st));
         assert!(matches!(c, Some(Change::SetTunnel(Some(_)))), "{c:?}");
         assert!(st.apply(c.unwrap()));
-        assert_eq!(change(true, &st, "a", &plan(&st)), None, "nothing changed");
+        assert_eq!(
+            change(ROUTED, &st, "a", &plan(&st)),
+            None,
+            "nothing changed"
+        );
         assert!(matches!(
-            change(false, &st, "a", &plan(&st)),
+            change(OFF, &st, "a", &plan(&st)),
             Some(Change::SetTunnel(None))
         ));
+    }
+
+    #[test]
+    fn outer_packets_are_untracked_only_while_a_route_rides_the_overlay() {
+        let mut st = state(vec![
+            node("a", &["10.244.1.0/24"], &["172.31.0.1"]),
+            node("b", &["10.244.2.0/24"], &["172.31.0.2"]),
+        ]);
+        let direct = Use {
+            device: true,
+            carries_routes: false,
+        };
+        let c = change(direct, &st, "a", &plan(&st));
+        let Some(Change::SetTunnel(Some(t))) = &c else {
+            panic!("the device listens: its port needs the guard ({c:?})");
+        };
+        assert!(!t.carries_routes, "{t:?}");
+        assert!(st.apply(c.unwrap()));
+        let c = change(ROUTED, &st, "a", &plan(&st));
+        assert!(
+            matches!(&c, Some(Change::SetTunnel(Some(t))) if t.carries_routes && t.peers.len() == 2),
+            "a route over the overlay now: the same guard, outer packets untracked ({c:?})"
+        );
     }
 }

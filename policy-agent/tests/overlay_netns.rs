@@ -260,6 +260,65 @@ fn cross_subnet_pod_traffic_rides_the_overlay_and_node_changes_leave_nothing_sta
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// Whether chain `name` is in n's table.
+fn has_chain(n: &Netns, name: &str) -> bool {
+    n.try_exec(&["nft", "list", "chain", "inet", "palisade", name])
+        .status
+        .success()
+}
+
+/// The outer packets are kept out of conntrack by two base chains, whose hooks every packet of
+/// the node enters: only while some route rides the overlay. A node on our subnet (kind's layout)
+/// is reached directly: the device is there and its port guarded, and nothing is untracked; the
+/// node moving to another subnet brings the untracking within a reconcile, moving back removes
+/// it.
+#[test]
+fn outer_packets_are_untracked_only_while_a_route_rides_the_overlay() {
+    let (_router, n1, _n2) = routed_nodes();
+    let t1 = temp_dir("pa-ovu1");
+    let d1 = AgentDirs::new(&t1);
+    let on_our_subnet = nodes_yaml(Some(("10.244.2.0/24", "172.31.1.2")));
+    manifest(&d1.manifests, "nodes.yaml", &on_our_subnet);
+    let a1 = Agent::start(&n1, "n1", &d1, &[]);
+    assert!(
+        a1.wait_ready(&n1, Duration::from_secs(10)),
+        "agent n1 not ready"
+    );
+    let untracking =
+        |n: &Netns| has_chain(n, "tunnel_untrack_in") || has_chain(n, "tunnel_untrack_out");
+    let settled = |want: bool| {
+        wait_until(Duration::from_secs(10), || {
+            untracking(&n1) == want && has_chain(&n1, "tunnel_in")
+        })
+    };
+    assert!(
+        settled(false),
+        "every node on our subnet: the port guarded, nothing untracked: {}",
+        overlay_state(&n1)
+    );
+    assert!(
+        n1.our_routes().contains("10.244.2.0/24 via 172.31.1.2"),
+        "{}",
+        n1.our_routes()
+    );
+    manifest(
+        &d1.manifests,
+        "nodes.yaml",
+        &nodes_yaml(Some(("10.244.2.0/24", "172.31.2.2"))),
+    );
+    assert!(
+        settled(true),
+        "n2 on another subnet, reached over the overlay: its outer packets untracked: {}",
+        overlay_state(&n1)
+    );
+    manifest(&d1.manifests, "nodes.yaml", &on_our_subnet);
+    assert!(
+        settled(false),
+        "n2 back on our subnet: no untracking left: {}",
+        overlay_state(&n1)
+    );
+}
+
 #[test]
 fn with_encapsulation_never_a_node_on_another_subnet_gets_no_path_and_no_device() {
     let (router, n1, n2) = routed_nodes();

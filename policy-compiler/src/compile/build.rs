@@ -967,49 +967,12 @@ fn related(rs: &mut Ruleset) {
 /// table room a busy node needs), and every outer packet paid a lookup and met our chains as new.
 /// Only the exact node-to-node packets the guard accepts go untracked; anything else sending to
 /// the port stays tracked and meets the guard as before (an untracked packet is not
-/// `established` either: it always walks to the guard).
+/// `established` either: it always walks to the guard). Only while some route of ours goes over
+/// the overlay (`Tunnel::carries_routes`): otherwise no outer packet flows, and the two chains
+/// would only cost every packet of the node a hook's entry.
 fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
-    let untracked = |fam: Family, from: &str, to: &str| {
-        let mut stmts = vec![Stmt::L4Proto(Protocol::Udp), Stmt::Dport(t.port)];
-        stmts.extend(between(fam, from, to));
-        stmts.push(Stmt::Notrack);
-        Rule::new(stmts)
-    };
-    for (name, hook, what, outgoing) in [
-        (
-            CHAIN_UNTRACK_IN,
-            Hook::Prerouting,
-            "overlay packets from a node to our InternalIP: not tracked",
-            false,
-        ),
-        (
-            CHAIN_UNTRACK_OUT,
-            Hook::Output,
-            "overlay packets from our InternalIP to a node: not tracked",
-            true,
-        ),
-    ] {
-        let rules = Family::BOTH
-            .into_iter()
-            .map(|fam| {
-                let (peers, local) = (tunnel_peers_set(fam), tunnel_local_set(fam));
-                if outgoing {
-                    untracked(fam, local, peers)
-                } else {
-                    untracked(fam, peers, local)
-                }
-            })
-            .collect();
-        rs.add_chain(Chain {
-            name: name.to_string(),
-            base: Some(BaseHook {
-                kind: ChainKind::Filter,
-                hook,
-                priority: PRIORITY_UNTRACK,
-            }),
-            comment: what.to_string(),
-            rules,
-        });
+    if t.carries_routes {
+        untrack_outer_packets(rs, t);
     }
     let mut rules = Vec::new();
     for fam in Family::BOTH {
@@ -1057,6 +1020,53 @@ fn tunnel(rs: &mut Ruleset, t: &Tunnel) {
         comment: "new packets this node sends to the overlay port of a node".to_string(),
         rules: sends,
     });
+}
+
+/// `tunnel_untrack_in` and `tunnel_untrack_out`: the node-to-node packets to the overlay port
+/// skip conntrack (see `tunnel`).
+fn untrack_outer_packets(rs: &mut Ruleset, t: &Tunnel) {
+    let untracked = |fam: Family, from: &str, to: &str| {
+        let mut stmts = vec![Stmt::L4Proto(Protocol::Udp), Stmt::Dport(t.port)];
+        stmts.extend(between(fam, from, to));
+        stmts.push(Stmt::Notrack);
+        Rule::new(stmts)
+    };
+    for (name, hook, what, outgoing) in [
+        (
+            CHAIN_UNTRACK_IN,
+            Hook::Prerouting,
+            "overlay packets from a node to our InternalIP: not tracked",
+            false,
+        ),
+        (
+            CHAIN_UNTRACK_OUT,
+            Hook::Output,
+            "overlay packets from our InternalIP to a node: not tracked",
+            true,
+        ),
+    ] {
+        let rules = Family::BOTH
+            .into_iter()
+            .map(|fam| {
+                let (peers, local) = (tunnel_peers_set(fam), tunnel_local_set(fam));
+                if outgoing {
+                    untracked(fam, local, peers)
+                } else {
+                    untracked(fam, peers, local)
+                }
+            })
+            .collect();
+        rs.add_chain(Chain {
+            name: name.to_string(),
+            base: Some(BaseHook {
+                kind: ChainKind::Filter,
+                hook,
+                priority: PRIORITY_UNTRACK,
+            }),
+            comment: what.to_string(),
+            rules,
+        });
+    }
 }
 
 /// `ip saddr @from ip daddr @to accept` (or ip6, for `fam`).

@@ -1478,6 +1478,7 @@ fn the_overlay_packets_this_node_sends_get_their_verdict_after_the_ct_rules() {
             ip("fd00:172:31::2"),
         ],
         local: vec![ip("172.31.0.1"), ip("fd00:172:31::1")],
+        carries_routes: true,
     })));
     let rs = compiled(&w).ruleset;
     let post = &rs.chains[CHAIN_POSTROUTING].rules;
@@ -1532,11 +1533,24 @@ fn only_the_overlay_packets_between_nodes_go_untracked() {
         "no overlay, nothing untracked"
     );
     let mut w = W::new();
-    w.st.apply(Change::SetTunnel(Some(Tunnel {
+    let mut tunnel = Tunnel {
         port: 4796,
         peers: vec![ip("172.31.0.1"), ip("172.31.1.2")],
         local: vec![ip("172.31.0.1")],
-    })));
+        carries_routes: false,
+    };
+    w.st.apply(Change::SetTunnel(Some(tunnel.clone())));
+    let rs = compiled(&w).ruleset;
+    assert!(
+        !rs.chains.contains_key(CHAIN_UNTRACK_IN) && !rs.chains.contains_key(CHAIN_UNTRACK_OUT),
+        "every node reached directly: no outer packet to untrack, no hook to enter for it"
+    );
+    assert!(
+        rs.chains.contains_key(CHAIN_TUNNEL),
+        "the device listens all the same: its port keeps its guard"
+    );
+    tunnel.carries_routes = true;
+    w.st.apply(Change::SetTunnel(Some(tunnel)));
     let rs = compiled(&w).ruleset;
     for (chain, hook, from, to) in [
         (
@@ -1603,6 +1617,7 @@ fn only_a_node_may_send_to_the_overlay_port() {
         port: 4796,
         peers: vec![ip("172.31.0.1"), ip("172.31.1.2"), ip("fd00:172:31::1")],
         local: vec![ip("172.31.0.1"), ip("fd00:172:31::1")],
+        carries_routes: true,
     })));
     let rs = compiled(&w).ruleset;
     let vxlan = |saddr: &str, daddr: &str, dport: u16| Packet {

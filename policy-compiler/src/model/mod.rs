@@ -247,6 +247,14 @@ pub struct Tunnel {
     /// masqueraded on its way to an address of a node that is not an InternalIP leaves with its
     /// node's (a peer's) address.
     pub local: Vec<IpAddr>,
+    /// Whether some route of this node goes over the overlay (the agent's route plan: the mode,
+    /// and which nodes are on a connected subnet). Only then do outer packets leave and arrive,
+    /// and only then are they kept out of conntrack: two base chains before it, whose hook every
+    /// packet of the node enters. A cluster whose nodes share one subnet (kind) has the device
+    /// and its guard, and no untracking to pay for. A node that tunnels to us while we reach it
+    /// directly (subnets seen differently at both ends) still gets through: its outer packets are
+    /// tracked here, which costs a lookup each, not a verdict.
+    pub carries_routes: bool,
 }
 
 /// What one NetworkPolicy may cost a node (set by the agent: `--max-policy-pod-peers`,

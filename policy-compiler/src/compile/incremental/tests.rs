@@ -28,6 +28,7 @@ fn change(cfg: &SynthConfig, st: &ClusterState, rng: &mut Rng, serial: usize) ->
             local: (0..rng.below(2))
                 .map(|i| std::net::IpAddr::from([172, 31, 0, i as u8 + 1]))
                 .collect(),
+            carries_routes: rng.chance(50),
         })),
         16 => Change::SetEgressNat(None),
         17 => {
