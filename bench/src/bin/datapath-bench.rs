@@ -5,7 +5,7 @@
 //! `rr` and `probe` are the traffic tools it runs inside the pod namespaces.
 
 use clap::{Parser, Subcommand};
-use palisade_bench::datapath::{report, rulesets, run, traffic, workload};
+use palisade_bench::datapath::{report, rulesets, run, topo, traffic, workload};
 use palisade_bench::{Error, Result};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -87,6 +87,10 @@ enum Command {
         seed: u64,
         #[arg(long, default_value_t = 0)]
         cluster_policies: usize,
+        /// The underlay the table is for: flat, routed-direct or overlay (what the agent's table
+        /// holds of the overlay differs).
+        #[arg(long, default_value = "flat")]
+        underlay: String,
     },
     /// Serve the connect/close and request/response protocols (inside the server pod).
     Serve {
@@ -191,12 +195,15 @@ fn real_main(cli: Cli) -> Result<()> {
             node,
             seed,
             cluster_policies,
+            underlay,
         } => {
             let sys = rulesets::System::parse(&system)
                 .ok_or_else(|| Error::Invalid(format!("unknown system {system}")))?;
+            let underlay = topo::Underlay::parse(&underlay)
+                .ok_or_else(|| Error::Invalid(format!("unknown underlay {underlay}")))?;
             let cluster = workload::Cluster::generate(policies, seed)?
                 .with_cluster_policies(cluster_policies);
-            let r = rulesets::render(sys, &cluster, &node)?;
+            let r = rulesets::render(sys, &cluster, &node, underlay)?;
             for part in [r.ipset, r.iptables, r.nft, r.nft_json]
                 .into_iter()
                 .flatten()
@@ -226,7 +233,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let underlays = underlays
                 .iter()
                 .map(|u| {
-                    palisade_bench::datapath::topo::Underlay::parse(u).ok_or_else(|| {
+                    topo::Underlay::parse(u).ok_or_else(|| {
                         Error::Invalid(format!(
                             "unknown underlay {u}: want flat, routed-direct or overlay"
                         ))

@@ -82,14 +82,18 @@ struct Prepared {
     node2: Rendered,
 }
 
-fn prepare(cfg: &Config) -> Result<BTreeMap<(usize, System), Prepared>> {
+fn prepare(cfg: &Config) -> Result<BTreeMap<(usize, System, Underlay), Prepared>> {
     let mut out = BTreeMap::new();
     for &p in &cfg.policies {
         let cluster = Cluster::generate(p, cfg.seed)?.with_cluster_policies(cfg.cluster_policies);
-        for &sys in &cfg.systems {
+        for (&sys, &u) in cfg
+            .systems
+            .iter()
+            .flat_map(|s| cfg.underlays.iter().map(move |u| (s, u)))
+        {
             let mut prepared = Prepared {
-                node1: rulesets::render(sys, &cluster, "node-1")?,
-                node2: rulesets::render(sys, &cluster, "node-2")?,
+                node1: rulesets::render(sys, &cluster, "node-1", u)?,
+                node2: rulesets::render(sys, &cluster, "node-2", u)?,
             };
             if sys == System::Palisade {
                 if let Some((a, b)) = cfg.palisade_override.get(&p) {
@@ -103,7 +107,7 @@ fn prepare(cfg: &Config) -> Result<BTreeMap<(usize, System), Prepared>> {
                 rules = prepared.node1.rules + prepared.node2.rules,
                 "rendered"
             );
-            out.insert((p, sys), prepared);
+            out.insert((p, sys, u), prepared);
         }
     }
     Ok(out)
@@ -310,10 +314,10 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
         let mut labs = Vec::new();
         let mut shared: BTreeMap<Underlay, Rc<LabRun>> = BTreeMap::new();
         for &sys in &cfg.systems {
-            let Some(prep) = prepared.get(&(p, sys)) else {
-                continue;
-            };
             for &u in &cfg.underlays {
+                let Some(prep) = prepared.get(&(p, sys, u)) else {
+                    continue;
+                };
                 let lab = match shared.get(&u) {
                     Some(lab) if cfg.same_lab => lab.clone(),
                     _ => {
@@ -534,7 +538,11 @@ mod tests {
             .filter(|s| *s != System::PalisadeAfter)
         {
             for (ns, node) in [(&lab.node1, "node-1"), (&lab.node2, "node-2")] {
-                rulesets::load(ns, &rulesets::render(sys, &cluster, node).unwrap()).unwrap();
+                rulesets::load(
+                    ns,
+                    &rulesets::render(sys, &cluster, node, Underlay::Flat).unwrap(),
+                )
+                .unwrap();
             }
             let t = Duration::from_millis(300);
             let ok = in_netns(&lab.client, move || probe_once(allowed, t)).unwrap();

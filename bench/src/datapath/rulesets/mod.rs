@@ -30,6 +30,7 @@ pub mod naive_nft;
 pub mod palisade_real;
 
 use super::cmd::timed_in;
+use super::topo::Underlay;
 use super::workload::Cluster;
 use crate::Result;
 use std::time::Duration;
@@ -150,37 +151,58 @@ pub struct Rendered {
     pub elements: usize,
 }
 
-/// Renders `system`'s ruleset for one node of `cluster`.
-pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered> {
+/// Renders `system`'s ruleset for one node of `cluster` on `underlay` (palisade's table holds
+/// what the agent's would there: the overlay's rules only where it runs the overlay).
+pub fn render(
+    system: System,
+    cluster: &Cluster,
+    node: &str,
+    underlay: Underlay,
+) -> Result<Rendered> {
     let view = cluster.node_view(node);
     Ok(match system {
         System::None => Rendered::default(),
         System::Iptables => iptables::render(&view),
         System::NaiveNft => naive_nft::render(&view),
-        System::Palisade => palisade_real::render(cluster, node, palisade_real::Variant::Whole)?,
-        System::PalisadeNoGuard => {
-            palisade_real::render(cluster, node, palisade_real::Variant::NoSourceGuard)?
+        System::Palisade => {
+            palisade_real::render(cluster, node, palisade_real::Variant::Whole, underlay)?
         }
+        System::PalisadeNoGuard => palisade_real::render(
+            cluster,
+            node,
+            palisade_real::Variant::NoSourceGuard,
+            underlay,
+        )?,
         System::PalisadeNoCounters => {
-            palisade_real::render(cluster, node, palisade_real::Variant::NoCounters)?
+            palisade_real::render(cluster, node, palisade_real::Variant::NoCounters, underlay)?
         }
-        System::PalisadeIngressGuard => {
-            palisade_real::render(cluster, node, palisade_real::Variant::IngressGuard)?
-        }
-        System::PalisadeIngressGuardGroup => {
-            palisade_real::render(cluster, node, palisade_real::Variant::IngressGuardGroup)?
-        }
-        System::PalisadeLeanPrologue => {
-            palisade_real::render(cluster, node, palisade_real::Variant::LeanPrologue)?
-        }
+        System::PalisadeIngressGuard => palisade_real::render(
+            cluster,
+            node,
+            palisade_real::Variant::IngressGuard,
+            underlay,
+        )?,
+        System::PalisadeIngressGuardGroup => palisade_real::render(
+            cluster,
+            node,
+            palisade_real::Variant::IngressGuardGroup,
+            underlay,
+        )?,
+        System::PalisadeLeanPrologue => palisade_real::render(
+            cluster,
+            node,
+            palisade_real::Variant::LeanPrologue,
+            underlay,
+        )?,
         System::PalisadeSizedSets => {
-            palisade_real::render(cluster, node, palisade_real::Variant::SizedSets)?
+            palisade_real::render(cluster, node, palisade_real::Variant::SizedSets, underlay)?
         }
         System::PalisadeRpFilter => {
-            palisade_real::render(cluster, node, palisade_real::Variant::RpFilter)?
+            palisade_real::render(cluster, node, palisade_real::Variant::RpFilter, underlay)?
         }
         System::PalisadeAfter => {
-            let mut r = palisade_real::render(cluster, node, palisade_real::Variant::Whole)?;
+            let mut r =
+                palisade_real::render(cluster, node, palisade_real::Variant::Whole, underlay)?;
             let dir = std::env::var(AFTER_ENV).map_err(|_| {
                 crate::Error::Invalid(format!(
                     "palisade-after needs {AFTER_ENV}=<dir with <node>.nft>"
@@ -196,7 +218,7 @@ pub fn render(system: System, cluster: &Cluster, node: &str) -> Result<Rendered>
         System::PalisadeNoCnp => {
             let mut without = cluster.clone();
             without.cluster_policies.clear();
-            palisade_real::render(&without, node, palisade_real::Variant::Whole)?
+            palisade_real::render(&without, node, palisade_real::Variant::Whole, underlay)?
         }
     })
 }

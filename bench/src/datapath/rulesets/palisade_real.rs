@@ -7,7 +7,7 @@
 
 use super::Rendered;
 use crate::datapath::k8s;
-use crate::datapath::topo;
+use crate::datapath::topo::{self, Underlay};
 use crate::datapath::workload::{Cluster, BENCH_NS};
 use crate::Result;
 use palisade_contract::Attachment;
@@ -115,16 +115,30 @@ fn sized_sets(json: &str) -> Result<String> {
 }
 
 /// Compiles the node's ruleset and renders it as one `nft -j -f -` transaction.
-pub fn render(cluster: &Cluster, node: &str, variant: Variant) -> Result<Rendered> {
+pub fn render(
+    cluster: &Cluster,
+    node: &str,
+    variant: Variant,
+    underlay: Underlay,
+) -> Result<Rendered> {
     let mut state = k8s::cluster_state(cluster)?;
-    // The overlay is in use on every node the agent runs with routes (cross-subnet, the default):
-    // it admits the nodes to the overlay port.
-    state.apply(Change::SetTunnel(Some(Tunnel {
+    // What the agent's table holds on this underlay: on one subnet (kind; `--encapsulation
+    // cross-subnet`, the default) the device exists and its port is guarded, but every route is
+    // direct; on two subnets whose router routes the pod ranges (a cloud route table) the operator
+    // runs `--encapsulation never`: no device, no rule; over the overlay, the guard and the outer
+    // packets untracked.
+    let tunnel = |carries_routes| Tunnel {
         port: topo::OVERLAY_UDP_PORT,
         peers: topo::node_underlays(),
         // Every node's: the bench measures the rule's cost, not whom it admits.
         local: topo::node_underlays(),
-    })));
+        carries_routes,
+    };
+    state.apply(Change::SetTunnel(match underlay {
+        Underlay::Flat => Some(tunnel(false)),
+        Underlay::RoutedDirect => None,
+        Underlay::RoutedOverlay => Some(tunnel(true)),
+    }));
     state.apply(Change::SetAttachments(
         cluster
             .pods
