@@ -70,6 +70,7 @@ impl CaseSuite {
             if i > 0 {
                 opts.name = crate::lab::unique_name();
             }
+            let lab_started = Instant::now();
             let mut lab = match Lab::up(&opts) {
                 Ok(l) => l,
                 Err(e) => {
@@ -84,7 +85,13 @@ impl CaseSuite {
                     continue;
                 }
             };
-            let (p, f) = self.run_all(&mut lab, cases, |lab| setup(lab, *model), &after, started);
+            let (p, f) = self.run_all(
+                &mut lab,
+                cases,
+                |lab| setup(lab, *model),
+                &after,
+                lab_started,
+            );
             passed += p;
             failed.extend(f);
             ok &= tear_down(lab, &opts.name);
@@ -98,7 +105,7 @@ impl CaseSuite {
         cases: &[Case],
         setup: impl FnOnce(&mut Lab) -> Result<(), String>,
         after: &impl Fn(&Lab) -> Result<(), String>,
-        started: Instant,
+        lab_started: Instant,
     ) -> (usize, Failures) {
         let mut failed = Vec::new();
         let mut passed = 0;
@@ -115,11 +122,12 @@ impl CaseSuite {
             "lab {} up with {} pods in {:.1}s",
             lab.name(),
             lab.pods().count(),
-            started.elapsed().as_secs_f64()
+            lab_started.elapsed().as_secs_f64()
         );
         for c in cases {
             let name = self.name(c);
             let t0 = Instant::now();
+            let mark = lab.agent_log_mark();
             let r = cases::run_case(lab, c);
             let secs = t0.elapsed().as_secs_f64();
             match r {
@@ -129,7 +137,8 @@ impl CaseSuite {
                 }
                 Err(e) => {
                     println!("test {name} ... FAILED ({secs:.1}s)");
-                    failed.push((name, e));
+                    let logs = lab.agent_logs_since(&mark, crate::lab::REPORT_LINES);
+                    failed.push((name, format!("{e}\n{logs}")));
                 }
             }
         }

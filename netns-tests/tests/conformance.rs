@@ -611,7 +611,7 @@ fn main() -> ExitCode {
     }
     println!("running {} tests", selected.len());
     let started = Instant::now();
-    let mut opts = LabOptions::new(&lab::unique_name());
+    let mut opts = LabOptions::for_tests(&lab::unique_name());
     opts.external = true;
     let mut lab = match Lab::up(&opts) {
         Ok(l) => l,
@@ -658,6 +658,7 @@ fn main() -> ExitCode {
         );
         for t in &selected {
             let t0 = Instant::now();
+            let mark = lab.agent_log_mark();
             let r = (t.run)(&mut lab);
             let secs = t0.elapsed().as_secs_f64();
             match r {
@@ -667,7 +668,8 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     println!("test {} ... FAILED ({secs:.1}s)", t.name);
-                    failed.push((t.name.clone(), e));
+                    let logs = lab.agent_logs_since(&mark, lab::REPORT_LINES);
+                    failed.push((t.name.clone(), format!("{e}\n{logs}")));
                 }
             }
         }

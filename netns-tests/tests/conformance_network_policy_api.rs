@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     };
     CaseSuite {
         prefix: "network-policy-api",
-        opts: LabOptions::new(&lab::unique_name()),
+        opts: LabOptions::for_tests(&lab::unique_name()),
         cases,
     }
     .main(&args, setup, |_| Ok(()))

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut opts = LabOptions::new(&lab::unique_name());
+    let mut opts = LabOptions::for_tests(&lab::unique_name());
     opts.topology = Topology::Routed;
     CaseSuite {
         prefix: "routed",

@@ -93,7 +93,7 @@ impl Lab {
         let args: Vec<String> = if !node.agent_args.is_empty() {
             node.agent_args.clone()
         } else {
-            vec![
+            let mut args: Vec<String> = vec![
                 "run".into(),
                 "--node-name".into(),
                 node.name.clone(),
@@ -109,7 +109,11 @@ impl Lab {
                 AGENT_LISTEN.into(),
                 "--flow-log".into(),
                 node.dir.join(FLOW_LOG).display().to_string(),
-            ]
+            ];
+            if let Some(level) = &self.state.agent_log_level {
+                args.extend(["--log-level".into(), level.clone()]);
+            }
+            args
         };
         // A restarted agent's log goes after the old one's.
         let log = node.dir.join("agent.log");

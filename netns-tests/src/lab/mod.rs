@@ -4,6 +4,7 @@
 //! `down` after a crash) find everything the lab created.
 
 mod agent;
+mod agent_logs;
 mod objects;
 mod probe;
 mod state;
@@ -13,6 +14,7 @@ pub use agent::{
     has_sctp_port, http_status_in_netns, map_has_element, run_agent_compile, AgentHealth,
     AGENT_LISTEN, FLOW_LOG, HEALTHZ_TIMEOUT,
 };
+pub use agent_logs::{AgentLogMark, REPORT_LINES};
 pub use probe::{Family, ProbeRecord, DEFAULT_PROBE_TIMEOUT};
 pub use state::{down_run_dir, list_labs, teardown, ExternalState, LabState, NodeState, PodState};
 pub use topology::{
@@ -97,6 +99,8 @@ pub struct LabOptions {
     pub external: bool,
     /// How the nodes' underlay is laid out.
     pub topology: Topology,
+    /// The agents' `--log-level` (RUST_LOG syntax); `None`: theirs (`info`, or `RUST_LOG`).
+    pub agent_log_level: Option<String>,
 }
 
 impl LabOptions {
@@ -108,9 +112,23 @@ impl LabOptions {
             bins: Bins::from_env(),
             external: false,
             topology: Topology::Flat,
+            agent_log_level: None,
+        }
+    }
+
+    /// The test suites' options: every commit and every object the agents see is logged, so
+    /// a failed case's report (which carries the agents' log lines of the case) shows when each
+    /// node committed what.
+    pub fn for_tests(name: &str) -> Self {
+        Self {
+            agent_log_level: Some(TEST_AGENT_LOG_LEVEL.into()),
+            ..Self::new(name)
         }
     }
 }
+
+/// The agents' log filter in test labs ([`LabOptions::for_tests`]).
+pub const TEST_AGENT_LOG_LEVEL: &str = "info,palisade_agent::reconcile=debug";
 
 /// A unique lab name for a test: `t<pid><counter>`.
 pub fn unique_name() -> String {
@@ -185,6 +203,7 @@ impl Lab {
             external: None,
             counter: 0,
             topology: opts.topology,
+            agent_log_level: opts.agent_log_level.clone(),
         };
         state.save()?;
         signals::register(&run_dir);

@@ -76,6 +76,9 @@ pub struct LabState {
     /// Recorded so `status` and tests know it; absent in older state files: flat.
     #[serde(default)]
     pub topology: Topology,
+    /// The agents' `--log-level`, when the lab was asked for one.
+    #[serde(default)]
+    pub agent_log_level: Option<String>,
 }
 
 impl LabState {
