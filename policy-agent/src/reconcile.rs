@@ -941,13 +941,13 @@ impl Engine {
     /// guard the table holds is no longer the one wanted, and a reconcile brings it.
     fn follow_overlay_use(&mut self) {
         let plan = self.route_plan();
-        let want = crate::tunnel_guard::desired(
+        let unmet = crate::tunnel_guard::unmet(
             self.overlay_use(),
             self.inc.state(),
             &self.cfg.node_name,
             &plan,
         );
-        if want != self.inc.state().tunnel {
+        if unmet.is_some() {
             self.sched.changed(Instant::now());
         }
     }

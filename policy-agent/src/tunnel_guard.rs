@@ -63,6 +63,18 @@ pub fn desired(
     })
 }
 
+/// The tunnel guard its Nodes call for when `state` does not hold it yet (`Some(None)`: no guard
+/// wanted, one held); `None` when it holds it already.
+pub fn unmet(
+    overlay: Use,
+    state: &ClusterState,
+    self_name: &str,
+    plan: &RoutePlan,
+) -> Option<Option<Tunnel>> {
+    let want = desired(overlay, state, self_name, plan);
+    (want != state.tunnel).then_some(want)
+}
+
 /// The change that brings `state` to the tunnel guard its Nodes call for (logged), `None` when it
 /// has that already.
 pub fn change(
@@ -71,10 +83,7 @@ pub fn change(
     self_name: &str,
     plan: &RoutePlan,
 ) -> Option<Change> {
-    let want = desired(overlay, state, self_name, plan);
-    if want == state.tunnel {
-        return None;
-    }
+    let want = unmet(overlay, state, self_name, plan)?;
     match &want {
         Some(t) => info!(
             port = t.port,
