@@ -35,7 +35,7 @@ use crate::source::SourceEvent;
 use crate::table_watch::{TableWatch, Verdict};
 use palisade_policy::model::Change;
 use palisade_policy::IncrementalCompiler;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +58,11 @@ pub const FULL_RESYNC_EVERY: u32 = 10;
 /// Capacity of the engine's channel. Sources wait when it is full (backpressure on a burst of
 /// watch events); a list page of the API (500) fits.
 pub const CHANNEL: usize = 512;
+
+/// How long a full conntrack sweep gives way to waiting messages (a change to stage and commit
+/// first) after it was first due; then it runs to its end whatever waits, so churn cannot put off
+/// the cuts for longer.
+pub const SWEEP_GIVES_WAY: Duration = Duration::from_secs(1);
 
 /// What the engine needs to know.
 #[derive(Debug, Clone)]
@@ -110,6 +115,33 @@ pub enum Msg {
     Stop,
 }
 
+impl Msg {
+    /// Whether handling it may stage a change or a repair to commit (a conntrack sweep gives way to
+    /// such a message); read-backs, flow log reads and scrapes do not.
+    fn calls_for_commit(&self) -> bool {
+        match self {
+            Msg::Source(_)
+            | Msg::AttachmentsChanged
+            | Msg::AttachmentWatchLost
+            | Msg::Drift { .. }
+            | Msg::Stop => true,
+            Msg::Snapshot { .. } | Msg::Flows(_) | Msg::PolicyCounters(_) => false,
+        }
+    }
+}
+
+/// Takes the messages waiting on `rx` into `held` (up to [`CHANNEL`] held): whether one of them
+/// calls for a commit, or the engine is that far behind.
+fn hold_waiting(rx: &mut Receiver<Msg>, held: &mut VecDeque<Msg>) -> bool {
+    while held.len() < CHANNEL {
+        match rx.try_recv() {
+            Ok(m) => held.push_back(m),
+            Err(_) => break,
+        }
+    }
+    held.len() >= CHANNEL || held.iter().any(Msg::calls_for_commit)
+}
+
 impl From<SourceEvent> for Msg {
     fn from(ev: SourceEvent) -> Self {
         Msg::Source(ev)
@@ -155,6 +187,8 @@ pub struct Engine {
     /// unless an earlier agent's table held bindings: see [`Engine::with_bindings_left`]).
     owners: Option<BTreeMap<std::net::IpAddr, String>>,
     sweep_credit: SweepCredit,
+    /// Since when a full sweep is owed that gave way to waiting messages (see [`SWEEP_GIVES_WAY`]).
+    sweep_owed_since: Option<Instant>,
     /// Chains and sets another process touched, to put back at the next reconcile.
     repair: Option<(BTreeSet<String>, BTreeSet<String>)>,
     /// The kernel's copy of our table is lost or unknown (deleted, flushed, changed in ways a
@@ -194,6 +228,7 @@ impl Engine {
             policy_sweeps: true,
             owners: None,
             sweep_credit: SweepCredit::new(now),
+            sweep_owed_since: None,
             warned: BTreeSet::new(),
             repair: None,
             replace: false,
@@ -323,28 +358,41 @@ impl Engine {
 
     /// Runs until [`Msg::Stop`] or every sender is gone. `rt` runs the waits for messages.
     pub fn run(mut self, mut rx: Receiver<Msg>, rt: tokio::runtime::Handle) {
+        // Messages a sweep took off the channel while asking whether to give way: handled first,
+        // in their order.
+        let mut held: VecDeque<Msg> = VecDeque::new();
         loop {
-            let recheck = self.revoker.as_ref().and_then(|r| r.recheck_due());
-            let wait = self
-                .sched
-                .next_wake(recheck)
-                .saturating_duration_since(Instant::now());
-            // The timer is made inside the block: it needs the runtime's context.
-            let msg = match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
-                Ok(None) | Ok(Some(Msg::Stop)) => {
+            let first = match held.pop_front() {
+                Some(m) => Some(m),
+                None => {
+                    let recheck = self.revoker.as_ref().and_then(|r| r.recheck_due());
+                    let wait = self
+                        .sched
+                        .next_wake(recheck)
+                        .saturating_duration_since(Instant::now());
+                    // The timer is made inside the block: it needs the runtime's context.
+                    match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                        Ok(None) => Some(Msg::Stop),
+                        Ok(Some(m)) => Some(m),
+                        Err(_elapsed) => None,
+                    }
+                }
+            };
+            if let Some(m) = first {
+                if matches!(m, Msg::Stop) {
                     info!("reconcile loop stopping; rules stay in the kernel");
                     return;
                 }
-                Ok(Some(m)) => Some(m),
-                Err(_elapsed) => None,
-            };
-            if let Some(m) = msg {
                 self.on_msg(m);
                 // What arrived together is handled together: a Pod and its policy written at once
                 // must not be split by a reconcile between them because staging the first took
                 // longer than the debounce (a busy node). Bounded, so a flood cannot starve it.
                 for _ in 0..DRAIN {
-                    match rx.try_recv() {
+                    let next = match held.pop_front() {
+                        Some(m) => Ok(m),
+                        None => rx.try_recv(),
+                    };
+                    match next {
                         Ok(Msg::Stop) => {
                             info!("reconcile loop stopping; rules stay in the kernel");
                             return;
@@ -354,7 +402,7 @@ impl Engine {
                     }
                 }
             }
-            self.on_timers();
+            self.on_timers(&mut || hold_waiting(&mut rx, &mut held));
         }
     }
 
@@ -419,8 +467,9 @@ impl Engine {
         self.inc.is_stale() || self.replace
     }
 
-    /// Does what the schedule says is due.
-    fn on_timers(&mut self) {
+    /// Does what the schedule says is due. `waiting`: whether a message waits that calls for a
+    /// commit (a sweep gives way to it).
+    fn on_timers(&mut self, waiting: &mut dyn FnMut() -> bool) {
         let now = Instant::now();
         let due = self.sched.fire(now);
         if due.resync && self.synced {
@@ -469,7 +518,7 @@ impl Engine {
             }
         }
         if due.sweep {
-            self.revoke();
+            self.revoke(waiting);
         }
         self.recheck_revoked();
     }
@@ -773,19 +822,34 @@ impl Engine {
     /// Cuts the established flows the committed ruleset would not admit as new (`conntrack`). The
     /// compiler's model may already hold changes staged after that commit (due within the debounce):
     /// a flow they revoke is cut a few milliseconds early, one they grant is kept.
-    fn revoke(&mut self) {
+    ///
+    /// A change waiting in `waiting`'s messages is committed first: the sweep stops judging, cuts
+    /// what it found so far and is due again after that commit, for up to [`SWEEP_GIVES_WAY`].
+    fn revoke(&mut self, waiting: &mut dyn FnMut() -> bool) {
         if self.inc.is_stale() || !self.policy_sweeps {
+            self.sweep_owed_since = None;
             return; // the next commit schedules its own sweep
         }
         let Some(revoker) = self.revoker.as_mut() else {
             return;
         };
         let start = Instant::now();
-        let swept = revoker.sweep(self.inc.compiled());
-        self.sweep_credit.spend(Instant::now(), start.elapsed());
+        let owed = *self.sweep_owed_since.get_or_insert(start);
+        let may_give_way = start.saturating_duration_since(owed) < SWEEP_GIVES_WAY;
+        let swept = revoker.sweep(self.inc.compiled(), &mut || may_give_way && waiting());
+        let now = Instant::now();
+        self.sweep_credit.spend(now, now - start);
         match swept {
-            Ok(report) => crate::conntrack::log_report(&report, &self.metrics),
+            Ok(report) if report.yielded => {
+                crate::conntrack::log_report(&report, &self.metrics);
+                self.sched.sweep_yielded(now);
+            }
+            Ok(report) => {
+                self.sweep_owed_since = None;
+                crate::conntrack::log_report(&report, &self.metrics);
+            }
             Err(e) => {
+                self.sweep_owed_since = None;
                 self.metrics.error(e.kind());
                 warn!(error = %e, "cannot sweep conntrack; flows that lost permission live on until a later commit's sweep succeeds (the resync commits at least every --resync-seconds)");
             }
@@ -996,5 +1060,36 @@ impl Engine {
         info!(path = %path.display(), "conflist written; the runtime can start pods on this node");
         self.conflist.written();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep asks whether to give way: read-backs, flow log reads and scrapes do not make it
+    /// stop, a change to commit does; whatever it took off the channel is kept, in order.
+    #[test]
+    fn a_sweep_gives_way_only_to_messages_that_call_for_a_commit() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(CHANNEL);
+        let mut held = VecDeque::new();
+        assert!(!hold_waiting(&mut rx, &mut held), "nothing waits");
+        let (scrape, _answer) = tokio::sync::oneshot::channel();
+        tx.try_send(Msg::PolicyCounters(scrape)).unwrap();
+        assert!(!hold_waiting(&mut rx, &mut held), "a scrape is no change");
+        tx.try_send(Msg::AttachmentsChanged).unwrap();
+        assert!(hold_waiting(&mut rx, &mut held), "a new pod's record waits");
+        assert!(matches!(
+            held.iter().collect::<Vec<_>>()[..],
+            [Msg::PolicyCounters(_), Msg::AttachmentsChanged]
+        ));
+        // A full backlog gives way too (the channel's producers wait on us).
+        let mut held = VecDeque::new();
+        for _ in 0..CHANNEL {
+            let (scrape, _) = tokio::sync::oneshot::channel();
+            tx.try_send(Msg::PolicyCounters(scrape)).unwrap();
+        }
+        assert!(hold_waiting(&mut rx, &mut held));
+        assert_eq!(held.len(), CHANNEL);
     }
 }

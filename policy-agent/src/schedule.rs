@@ -251,12 +251,16 @@ impl Schedule {
     /// Until when the thread may block waiting for messages; `extra` is another deadline of the
     /// engine's (the revoked-flow recheck).
     pub fn next_wake(&self, extra: Option<Instant>) -> Instant {
+        // The snapshot and the sweep wait for a scheduled reconcile (see `fire`): waking for them
+        // before it would find nothing due.
+        let after_reconcile =
+            |t: Option<Instant>| t.map(|t| self.reconcile.map_or(t, |r| t.max(r)));
         [
             self.reconcile,
             self.next_poll,
-            self.snapshot,
+            after_reconcile(self.snapshot),
             self.routes,
-            self.sweep,
+            after_reconcile(self.sweep),
             extra,
         ]
         .into_iter()
@@ -287,11 +291,19 @@ impl Schedule {
             due.snapshot = true;
         }
         due.reconcile = due.resync || self.reconcile.is_some_and(|d| now >= d);
-        if self.sweep.is_some_and(|d| now >= d) {
+        // A sweep waits for a scheduled reconcile (a change is staged): the commit comes first,
+        // and the sweep then judges the flows against it.
+        if self.sweep.is_some_and(|d| now >= d) && (due.reconcile || self.reconcile.is_none()) {
             self.sweep = None;
             due.sweep = true;
         }
         due
+    }
+
+    /// A sweep gave way to waiting messages before its end: due again at once (after the
+    /// reconcile they may schedule).
+    pub fn sweep_yielded(&mut self, now: Instant) {
+        self.sweep = Some(self.sweep.map_or(now, |d| d.min(now)));
     }
 }
 
@@ -450,6 +462,47 @@ mod tests {
         s.reconciled(c.at(10), true, Some(Duration::ZERO)); // a rule change: at once
         assert!(s.fire(c.at(10)).sweep);
         assert!(!s.fire(c.at(250)).sweep, "one sweep covers both commits");
+    }
+
+    #[test]
+    fn a_due_sweep_waits_for_the_reconcile_of_a_staged_change() {
+        let (c, mut s) = schedule();
+        s.reconciled(c.at(0), true, Some(Duration::ZERO));
+        s.changed(c.at(0)); // due at the debounce
+        let debounce = s.reconcile.expect("a reconcile is scheduled");
+        assert!(debounce > c.at(0), "the test needs a debounce");
+        assert!(
+            !s.fire(c.at(0)).sweep,
+            "the sweep ran before the staged change's commit"
+        );
+        assert_eq!(
+            s.next_wake(None),
+            debounce,
+            "the thread wakes for a sweep that cannot run yet"
+        );
+        let due = s.fire(debounce);
+        assert!(
+            due.reconcile && due.sweep,
+            "the sweep follows the reconcile: {due:?}"
+        );
+        s.reconciled(debounce, true, None);
+        assert!(!s.fire(debounce + ms(1)).sweep, "one sweep");
+    }
+
+    #[test]
+    fn a_sweep_that_gave_way_is_due_again_once_the_commit_it_gave_way_to_is_made() {
+        let (c, mut s) = schedule();
+        s.sweep_yielded(c.at(100));
+        s.changed(c.at(100)); // the message it gave way to
+        let debounce = s.reconcile.expect("a reconcile is scheduled");
+        assert!(!s.fire(c.at(100)).sweep);
+        // The commit asks for no sweep of its own (it only widened): the one owed still runs.
+        let due = s.fire(debounce);
+        assert!(due.reconcile && due.sweep, "{due:?}");
+        // A message that schedules nothing: the sweep is due at once.
+        s.reconciled(debounce, true, None);
+        s.sweep_yielded(debounce + ms(5));
+        assert!(s.fire(debounce + ms(5)).sweep);
     }
 
     #[test]

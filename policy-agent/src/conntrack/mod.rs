@@ -26,7 +26,8 @@ use crate::metrics::Metrics;
 use futures::TryStreamExt;
 use known::{Known, KnownFlows, Recording};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK,
+    NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
@@ -243,6 +244,9 @@ pub struct SweepReport {
     pub unjudged: u64,
     pub took: Duration,
     pub kind: SweepKind,
+    /// A full sweep that gave way to waiting work before its end (the entries after that point
+    /// not judged; the sweep is owed again).
+    pub yielded: bool,
 }
 
 /// What a sweep looked at.
@@ -282,6 +286,7 @@ pub fn log_report(report: &SweepReport, metrics: &Metrics) {
             judged = report.judged,
             unjudged = report.unjudged,
             sweep = report.kind(),
+            gave_way = report.yielded,
             "conntrack sweep: no established flow lost its permission"
         );
         return;
@@ -313,6 +318,7 @@ pub fn log_report(report: &SweepReport, metrics: &Metrics) {
         scanned = report.scanned,
         took_ms,
         sweep = report.kind(),
+        gave_way = report.yielded,
         "established flows that lost their permission were cut; their next packets meet the rules"
     );
 }
@@ -446,6 +452,9 @@ pub const WATCH_MAX: usize = 4096;
 /// Receive buffer: a dump answers in batches of this much at most.
 const RECV_BUF: usize = 1 << 20;
 
+/// How many entries a full sweep judges between two questions whether to give way.
+pub const GIVE_WAY_EVERY: u64 = 256;
+
 fn nl(action: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |e| Error::Netlink {
         action,
@@ -457,11 +466,7 @@ impl Revoker {
     /// Opens an nfnetlink socket and an rtnetlink connection (run on `rt`) in the calling thread's
     /// network namespace.
     pub fn new(rt: &tokio::runtime::Handle) -> Result<Self> {
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(nl("open conntrack socket"))?;
-        socket.bind_auto().map_err(nl("bind conntrack socket"))?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(nl("connect conntrack socket"))?;
+        let socket = conntrack_socket()?;
         let (conn, handle, _) = {
             let _guard = rt.enter();
             rtnetlink::new_connection().map_err(nl("open address socket"))?
@@ -652,7 +657,17 @@ impl Revoker {
     /// ruleset built from it would not admit as new. Entries involving no local pod or pending
     /// address are skipped after the parse (the ruleset cannot drop them). The flows it keeps are
     /// remembered for [`Revoker::sweep_targeted`].
-    pub fn sweep(&mut self, model: &Compiled) -> Result<SweepReport> {
+    ///
+    /// `give_way` is asked every [`GIVE_WAY_EVERY`] entries (from the first); once it says yes,
+    /// the rest of the dump is left unread and the report says `yielded`: what was
+    /// found doomed until then is cut, nothing is remembered (a partial view), and the caller owes
+    /// a sweep. A change waiting to be committed must not wait for a whole table's judgement
+    /// (~30 µs an entry in a debug build, tens of thousands of entries on a busy node).
+    pub fn sweep(
+        &mut self,
+        model: &Compiled,
+        give_way: &mut dyn FnMut() -> bool,
+    ) -> Result<SweepReport> {
         let start = Instant::now();
         let mut report = SweepReport::default();
         if model.pods.is_empty() && model.pending.is_empty() {
@@ -673,7 +688,12 @@ impl Revoker {
                 &mut report.judged,
                 &mut report.unjudged,
             );
+            let yielded = &mut report.yielded;
             let mut each = |family: NetfilterProtoFamily, attrs: &[ConntrackAttribute]| {
+                if *scanned % GIVE_WAY_EVERY == 0 && give_way() {
+                    *yielded = true;
+                    return false;
+                }
                 *scanned += 1;
                 match judge(addrs, &adm, attrs) {
                     Judged::Skip => {}
@@ -692,6 +712,7 @@ impl Revoker {
                         doomed.push((family, delete_key(attrs), comeback_key(attrs), cut));
                     }
                 }
+                true
             };
             // The closure reads `self.addrs` while the dump borrows the socket.
             let mut dumper = Dumper {
@@ -703,11 +724,31 @@ impl Revoker {
             report.unjudged += undecodable;
             dumped
         };
-        if let Err(e) = dumped {
-            self.known.forget();
-            return Err(e);
+        let abandoned = match dumped {
+            Ok(a) => a,
+            Err(e) => {
+                self.known.forget();
+                return Err(e);
+            }
+        };
+        if let Some(seq) = abandoned {
+            // Closing the socket ends the kernel's dump at once; reading its rest would take
+            // about as long as judging it did. Without a new socket, the rest is read.
+            match conntrack_socket() {
+                Ok(fresh) => self.socket = fresh,
+                Err(_) => Dumper {
+                    socket: &self.socket,
+                    seq: &mut self.seq,
+                    buf: &mut self.buf,
+                }
+                .drain(seq)?,
+            }
         }
-        self.known.replace(rec);
+        if report.yielded {
+            self.known.forget();
+        } else {
+            self.known.replace(rec);
+        }
         self.cut(doomed, &mut report);
         report.took = start.elapsed();
         Ok(report)
@@ -788,12 +829,14 @@ impl Revoker {
             if involved {
                 doomed.push((family, delete_key(attrs)));
             }
+            true
         };
         let mut dumper = Dumper {
             socket: &self.socket,
             seq: &mut self.seq,
             buf: &mut self.buf,
         };
+        // `each` never declines: the dump is read to its end.
         dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable)?;
         let mut deleted = 0;
         for (family, key) in doomed {
@@ -863,6 +906,19 @@ fn send(
 
 /// The dump half of [`Revoker`], borrowing its socket, so the per-entry closure can read the
 /// revoker's cached addresses meanwhile.
+/// An nfnetlink socket for conntrack in the calling thread's network namespace.
+fn conntrack_socket() -> Result<Socket> {
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(nl("open conntrack socket"))?;
+    socket.bind_auto().map_err(nl("bind conntrack socket"))?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(nl("connect conntrack socket"))?;
+    Ok(socket)
+}
+
+/// What a dump hands each entry to: false to stop reading.
+type EachEntry<'a> = dyn FnMut(NetfilterProtoFamily, &[ConntrackAttribute]) -> bool + 'a;
+
 struct Dumper<'a> {
     socket: &'a Socket,
     seq: &'a mut u32,
@@ -873,9 +929,9 @@ impl Dumper<'_> {
     fn dump(
         &mut self,
         family: NetfilterProtoFamily,
-        each: &mut dyn FnMut(NetfilterProtoFamily, &[ConntrackAttribute]),
+        each: &mut EachEntry<'_>,
         undecodable: &mut u64,
-    ) -> Result<()> {
+    ) -> Result<Option<u32>> {
         let seq = send(
             self.socket,
             self.seq,
@@ -883,6 +939,23 @@ impl Dumper<'_> {
             NLM_F_REQUEST | NLM_F_DUMP,
             ConntrackMessage::Get(vec![]),
         )?;
+        self.read(seq, Some(each), undecodable)
+    }
+
+    /// Reads the rest of dump `seq` without decoding its entries, so the socket can dump again.
+    fn drain(&mut self, seq: u32) -> Result<()> {
+        let mut undecodable = 0;
+        self.read(seq, None, &mut undecodable).map(|_| ())
+    }
+
+    /// Reads dump `seq`, handing each entry to `each` (none: skipped undecoded) until its end
+    /// (`None`) or until `each` declines (`Some(seq)`: the rest is unread, see [`Dumper::drain`]).
+    fn read(
+        &mut self,
+        seq: u32,
+        mut each: Option<&mut EachEntry<'_>>,
+        undecodable: &mut u64,
+    ) -> Result<Option<u32>> {
         loop {
             self.buf.clear();
             let n = self
@@ -905,6 +978,10 @@ impl Dumper<'_> {
                 }
                 let bytes = &self.buf[off..off + len];
                 off += (len + 3) & !3;
+                let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
+                if each.is_none() && kind != NLMSG_DONE && kind != NLMSG_ERROR {
+                    continue;
+                }
                 let msg = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
                     Ok(m) => m,
                     Err(_) => {
@@ -916,7 +993,7 @@ impl Dumper<'_> {
                     continue;
                 }
                 match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Done(_) => return Ok(None),
                     NetlinkPayload::Error(e) if e.code.is_some() => {
                         return Err(Error::Netlink {
                             action: "dump conntrack",
@@ -927,7 +1004,13 @@ impl Dumper<'_> {
                         header,
                         inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
                         ..
-                    }) => each(header.family, &attrs),
+                    }) => {
+                        if let Some(each) = each.as_mut() {
+                            if !each(header.family, &attrs) {
+                                return Ok(Some(seq));
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -1072,6 +1155,80 @@ mod tests {
         .unwrap();
         st.apply(Change::UpsertPolicy(policy_from_k8s(&np).unwrap()));
         palisade_policy::compile(&st, "n1")
+    }
+
+    /// A full sweep asked to give way stops judging where it was asked (every
+    /// [`GIVE_WAY_EVERY`] entries), remembers nothing of its partial view (a targeted sweep then
+    /// cannot stand in for a full one), and the next sweep judges the whole table. Real conntrack
+    /// entries in a namespace of the test's own: UDP flows from a/cli to a/web, both addresses on
+    /// `lo`.
+    #[test]
+    fn a_sweep_that_gives_way_stops_judging_and_remembers_nothing() {
+        palisade_testkit::netns::enter_private_netns();
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "10.0.1.1/32", "dev", "lo"],
+            &["addr", "add", "10.0.1.2/32", "dev", "lo"],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        }
+        // Conntrack tracks this namespace once a rule asks for it.
+        palisade_testkit::nft::load_here(
+            "table inet t {\n chain c {\n type filter hook output priority 0;\n ct state new accept\n }\n}\n",
+        );
+        const FLOWS: u64 = 3 * GIVE_WAY_EVERY;
+        let _server = std::net::UdpSocket::bind("10.0.1.1:80").unwrap();
+        // Each its own source port: the sockets stay open until the sweeps are done.
+        let _clients: Vec<std::net::UdpSocket> = (0..FLOWS)
+            .map(|_| {
+                let s = std::net::UdpSocket::bind("10.0.1.2:0").unwrap();
+                s.send_to(b"x", "10.0.1.1:80").unwrap();
+                s
+            })
+            .collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut r = Revoker::new(rt.handle()).unwrap();
+        let model = deny_web();
+        let web: BTreeSet<IpAddr> = [ip("10.0.1.1")].into();
+
+        let asked = std::cell::Cell::new(0);
+        let gave_way = r
+            .sweep(&model, &mut || {
+                asked.set(asked.get() + 1);
+                asked.get() == 2
+            })
+            .unwrap();
+        assert!(gave_way.yielded, "{gave_way:?}");
+        assert_eq!(
+            asked.get(),
+            2,
+            "asked at the first entry and then after {GIVE_WAY_EVERY}"
+        );
+        assert_eq!(
+            gave_way.scanned, GIVE_WAY_EVERY,
+            "judged on after giving way"
+        );
+        assert!(
+            r.sweep_targeted(&model, &web).unwrap().is_none(),
+            "a partial view stands in for a full sweep"
+        );
+
+        let whole = r.sweep(&model, &mut || false).unwrap();
+        assert!(!whole.yielded);
+        assert!(whole.scanned >= FLOWS, "{whole:?}");
+        assert!(whole.judged >= FLOWS, "{whole:?}");
+        assert!(
+            r.sweep_targeted(&model, &web).unwrap().is_some(),
+            "a whole sweep is remembered"
+        );
     }
 
     /// Entry → what the hook saw → verdict, as a sweep does it.
