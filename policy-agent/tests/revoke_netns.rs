@@ -573,3 +573,88 @@ fn a_pod_given_an_address_while_no_agent_ran_receives_none_of_its_predecessors_f
     );
     let _ = &w.other;
 }
+
+/// Benchmark (not in CI: `cargo test --release -p palisade-agent --test revoke_netns --
+/// --ignored --nocapture a_change_written_during_a_sweep`): how long a policy change written while
+/// a full conntrack sweep runs waits for its commit, beside one written while none runs, same
+/// run. The node's conntrack table holds ~`FLOWS` UDP flows (other -> target, refreshed before
+/// each pair); each change adds a deny-all on app=client (a rule change: a full sweep follows it
+/// that judges every flow and cuts none). A commit is seen when the table lists the policy.
+#[test]
+#[ignore]
+fn a_change_written_during_a_sweep_is_committed_without_waiting_for_it() {
+    const FLOWS: u32 = 100_000;
+    const PAIRS: usize = 10;
+    let w = World::new(&[]);
+    let fill = || {
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{OTHER}',5000))\nfor p in range(1,{}):\n s.sendto(b'x',('{TARGET}',p))\n",
+            FLOWS.min(65_535)
+        );
+        let script2 = format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{OTHER}',5001))\nfor p in range(1,{}):\n s.sendto(b'x',('{TARGET}',p))\n",
+            FLOWS.saturating_sub(65_534).max(1)
+        );
+        for s in [script, script2] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", w.other.ns.name(), "python3", "-c", &s])
+                .output()
+                .expect("python");
+            assert!(out.status.success(), "{out:?}");
+        }
+    };
+    let committed_after = |name: &str, t_write: f64| -> f64 {
+        let needle = format!("demo/{name}");
+        loop {
+            let out = w.n1.try_exec(&["nft", "list", "table", "inet", "palisade"]);
+            if String::from_utf8_lossy(&out.stdout).contains(&needle) {
+                return (now() - t_write) * 1e3;
+            }
+            assert!(now() - t_write < 10.0, "{name} never committed");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let (mut idle, mut during) = (Vec::new(), Vec::new());
+    for i in 0..PAIRS {
+        fill();
+        std::thread::sleep(Duration::from_millis(2500)); // the sweep credit back
+                                                         // Alone: no sweep runs when it is written.
+        let t = now();
+        manifest(
+            &w.d.manifests,
+            &format!("a{i}.yaml"),
+            &deny_ingress_yaml("demo", &format!("a{i}"), "client"),
+        );
+        idle.push(committed_after(&format!("a{i}"), t));
+        std::thread::sleep(Duration::from_millis(2500));
+        // Behind a sweep: b starts one (its commit is ~ms), c comes 50 ms later.
+        let t = now();
+        manifest(
+            &w.d.manifests,
+            &format!("b{i}.yaml"),
+            &deny_ingress_yaml("demo", &format!("b{i}"), "client"),
+        );
+        committed_after(&format!("b{i}"), t);
+        std::thread::sleep(Duration::from_millis(50));
+        let t = now();
+        manifest(
+            &w.d.manifests,
+            &format!("c{i}.yaml"),
+            &deny_ingress_yaml("demo", &format!("c{i}"), "client"),
+        );
+        during.push(committed_after(&format!("c{i}"), t));
+    }
+    let sweeps = w.metric_sum("palisade_conntrack_sweeps_total{kind=\"full\"");
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mi, md) = (med(&mut idle), med(&mut during));
+    eprintln!("flows {FLOWS}; full sweeps {sweeps}");
+    eprintln!("commit after write, ms, alone: {idle:.1?}");
+    eprintln!("commit after write, ms, during a sweep: {during:.1?}");
+    eprintln!(
+        "median alone {mi:.1} ms, during a sweep {md:.1} ms, ratio {:.2}",
+        md / mi
+    );
+}
