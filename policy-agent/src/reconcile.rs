@@ -60,7 +60,7 @@ pub const FULL_RESYNC_EVERY: u32 = 10;
 pub const CHANNEL: usize = 512;
 
 /// How long a full conntrack sweep gives way to waiting messages (a change to stage and commit
-/// first) after it was first due; then it runs to its end whatever waits, so churn cannot put off
+/// first) after it first started; then it runs to its end whatever waits, so churn cannot put off
 /// the cuts for longer.
 pub const SWEEP_GIVES_WAY: Duration = Duration::from_secs(1);
 
@@ -116,8 +116,8 @@ pub enum Msg {
 }
 
 impl Msg {
-    /// Whether handling it may stage a change or a repair to commit (a conntrack sweep gives way to
-    /// such a message); read-backs, flow log reads and scrapes do not.
+    /// Whether handling it may stage a change or a repair to commit, or stops the loop (a conntrack
+    /// sweep gives way to such a message); read-backs, flow log reads and scrapes do not.
     fn calls_for_commit(&self) -> bool {
         match self {
             Msg::Source(_)
@@ -187,7 +187,8 @@ pub struct Engine {
     /// unless an earlier agent's table held bindings: see [`Engine::with_bindings_left`]).
     owners: Option<BTreeMap<std::net::IpAddr, String>>,
     sweep_credit: SweepCredit,
-    /// Since when a full sweep is owed that gave way to waiting messages (see [`SWEEP_GIVES_WAY`]).
+    /// When the full sweep now owed first started (cleared once one runs to its end; see
+    /// [`SWEEP_GIVES_WAY`]).
     sweep_owed_since: Option<Instant>,
     /// Chains and sets another process touched, to put back at the next reconcile.
     repair: Option<(BTreeSet<String>, BTreeSet<String>)>,

@@ -586,24 +586,34 @@ fn a_change_written_during_a_sweep_is_committed_without_waiting_for_it() {
     const FLOWS: u32 = 100_000;
     const PAIRS: usize = 10;
     let w = World::new(&[]);
+    // ~FLOWS flows other -> target, one per (source port, destination port): 65,534 ports a socket.
     let fill = || {
-        let script = format!(
-            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{OTHER}',5000))\nfor p in range(1,{}):\n s.sendto(b'x',('{TARGET}',p))\n",
-            FLOWS.min(65_535)
-        );
-        let script2 = format!(
-            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{OTHER}',5001))\nfor p in range(1,{}):\n s.sendto(b'x',('{TARGET}',p))\n",
-            FLOWS.saturating_sub(65_534).max(1)
-        );
-        for s in [script, script2] {
+        let mut left = FLOWS;
+        for src_port in 5000.. {
+            if left == 0 {
+                break;
+            }
+            let ports = left.min(65_534);
+            left -= ports;
+            let script = format!(
+                "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{OTHER}',{src_port}))\nfor p in range(1,{}):\n s.sendto(b'x',('{TARGET}',p))\n",
+                ports + 1
+            );
             let out = Command::new("ip")
-                .args(["netns", "exec", w.other.ns.name(), "python3", "-c", &s])
+                .args(["netns", "exec", w.other.ns.name(), "python3", "-c", &script])
                 .output()
                 .expect("python");
             assert!(out.status.success(), "{out:?}");
         }
     };
-    let committed_after = |name: &str, t_write: f64| -> f64 {
+    // Writes a deny-all on app=client named `name`; the ms until the table lists it.
+    let commit_ms = |name: &str| -> f64 {
+        let t_write = now();
+        manifest(
+            &w.d.manifests,
+            &format!("{name}.yaml"),
+            &deny_ingress_yaml("demo", name, "client"),
+        );
         let needle = format!("demo/{name}");
         loop {
             let out = w.n1.try_exec(&["nft", "list", "table", "inet", "palisade"]);
@@ -617,32 +627,14 @@ fn a_change_written_during_a_sweep_is_committed_without_waiting_for_it() {
     let (mut idle, mut during) = (Vec::new(), Vec::new());
     for i in 0..PAIRS {
         fill();
-        std::thread::sleep(Duration::from_millis(2500)); // the sweep credit back
-                                                         // Alone: no sweep runs when it is written.
-        let t = now();
-        manifest(
-            &w.d.manifests,
-            &format!("a{i}.yaml"),
-            &deny_ingress_yaml("demo", &format!("a{i}"), "client"),
-        );
-        idle.push(committed_after(&format!("a{i}"), t));
+        // The sweep credit back; then alone: no sweep runs when it is written.
+        std::thread::sleep(Duration::from_millis(2500));
+        idle.push(commit_ms(&format!("a{i}")));
         std::thread::sleep(Duration::from_millis(2500));
         // Behind a sweep: b starts one (its commit is ~ms), c comes 50 ms later.
-        let t = now();
-        manifest(
-            &w.d.manifests,
-            &format!("b{i}.yaml"),
-            &deny_ingress_yaml("demo", &format!("b{i}"), "client"),
-        );
-        committed_after(&format!("b{i}"), t);
+        commit_ms(&format!("b{i}"));
         std::thread::sleep(Duration::from_millis(50));
-        let t = now();
-        manifest(
-            &w.d.manifests,
-            &format!("c{i}.yaml"),
-            &deny_ingress_yaml("demo", &format!("c{i}"), "client"),
-        );
-        during.push(committed_after(&format!("c{i}"), t));
+        during.push(commit_ms(&format!("c{i}")));
     }
     let sweeps = w.metric_sum("palisade_conntrack_sweeps_total{kind=\"full\"");
     let med = |v: &mut Vec<f64>| {

@@ -731,23 +731,23 @@ impl Revoker {
                 return Err(e);
             }
         };
-        if let Some(seq) = abandoned {
-            // Closing the socket ends the kernel's dump at once; reading its rest would take
-            // about as long as judging it did. Without a new socket, the rest is read.
-            match conntrack_socket() {
-                Ok(fresh) => self.socket = fresh,
-                Err(_) => Dumper {
-                    socket: &self.socket,
-                    seq: &mut self.seq,
-                    buf: &mut self.buf,
+        match abandoned {
+            // Gave way: a partial view is not remembered.
+            Some(seq) => {
+                self.known.forget();
+                // Closing the socket ends the kernel's dump at once; reading its rest would take
+                // about as long as judging it did. Without a new socket, the rest is read.
+                match conntrack_socket() {
+                    Ok(fresh) => self.socket = fresh,
+                    Err(_) => Dumper {
+                        socket: &self.socket,
+                        seq: &mut self.seq,
+                        buf: &mut self.buf,
+                    }
+                    .drain(seq)?,
                 }
-                .drain(seq)?,
             }
-        }
-        if report.yielded {
-            self.known.forget();
-        } else {
-            self.known.replace(rec);
+            None => self.known.replace(rec),
         }
         self.cut(doomed, &mut report);
         report.took = start.elapsed();
@@ -904,8 +904,6 @@ fn send(
     Ok(*seq)
 }
 
-/// The dump half of [`Revoker`], borrowing its socket, so the per-entry closure can read the
-/// revoker's cached addresses meanwhile.
 /// An nfnetlink socket for conntrack in the calling thread's network namespace.
 fn conntrack_socket() -> Result<Socket> {
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(nl("open conntrack socket"))?;
@@ -919,6 +917,8 @@ fn conntrack_socket() -> Result<Socket> {
 /// What a dump hands each entry to: false to stop reading.
 type EachEntry<'a> = dyn FnMut(NetfilterProtoFamily, &[ConntrackAttribute]) -> bool + 'a;
 
+/// The dump half of [`Revoker`], borrowing its socket, so the per-entry closure can read the
+/// revoker's cached addresses meanwhile.
 struct Dumper<'a> {
     socket: &'a Socket,
     seq: &'a mut u32,
@@ -1199,17 +1199,16 @@ mod tests {
         let model = deny_web();
         let web: BTreeSet<IpAddr> = [ip("10.0.1.1")].into();
 
-        let asked = std::cell::Cell::new(0);
+        let mut asked = 0;
         let gave_way = r
             .sweep(&model, &mut || {
-                asked.set(asked.get() + 1);
-                asked.get() == 2
+                asked += 1;
+                asked == 2
             })
             .unwrap();
         assert!(gave_way.yielded, "{gave_way:?}");
         assert_eq!(
-            asked.get(),
-            2,
+            asked, 2,
             "asked at the first entry and then after {GIVE_WAY_EVERY}"
         );
         assert_eq!(
