@@ -15,14 +15,15 @@ pub struct CaseSuite {
     pub cases: Vec<Case>,
 }
 
-type Failures = Vec<(String, String)>;
+/// Failed tests: (name, what went wrong).
+pub type Failures = Vec<(String, String)>;
 
 impl CaseSuite {
     fn name(&self, c: &Case) -> String {
         format!("{}::{} {}", self.prefix, c.id, c.title)
     }
 
-    /// Runs the suite with the test binary's arguments (`[FILTER...] [--list]`): one lab for each
+    /// Runs the suite with the test binary's arguments ([`Selection`]): one lab for each
     /// model the cases name (`crate::model`), in the order they first name it; `setup` prepares a
     /// lab for its model, `after` looks at it once its cases ran.
     pub fn main(
@@ -31,26 +32,16 @@ impl CaseSuite {
         setup: impl Fn(&mut Lab, Model) -> Result<(), String>,
         after: impl Fn(&Lab) -> Result<(), String>,
     ) -> ExitCode {
-        let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+        let selection = Selection::of(args);
         let cases = std::mem::take(&mut self.cases);
         let cases: Vec<Case> = cases
             .into_iter()
-            .filter(|c| {
-                let name = self.name(c);
-                filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
-            })
+            .filter(|c| selection.selects(&self.name(c)))
             .collect();
-        if args.iter().any(|a| a == "--list") {
-            for c in &cases {
-                println!("{}: test", self.name(c));
-            }
-            return ExitCode::SUCCESS;
+        let names: Vec<String> = cases.iter().map(|c| self.name(c)).collect();
+        if let Some(done) = selection.announce(&names) {
+            return done;
         }
-        if cases.is_empty() {
-            println!("running 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored");
-            return ExitCode::SUCCESS;
-        }
-        println!("running {} tests", cases.len());
         let started = Instant::now();
         let mut failed: Failures = Vec::new();
         let mut groups: Vec<(Model, Vec<Case>)> = Vec::new();
@@ -110,13 +101,8 @@ impl CaseSuite {
         let mut failed = Vec::new();
         let mut passed = 0;
         if let Err(e) = setup(lab) {
-            eprintln!("{}: lab setup failed, every test fails:\n{e}", self.prefix);
-            failed.extend(
-                cases
-                    .iter()
-                    .map(|c| (self.name(c), "lab setup failed".to_string())),
-            );
-            return (passed, failed);
+            let names: Vec<String> = cases.iter().map(|c| self.name(c)).collect();
+            return (passed, setup_failed(self.prefix, &e, &names));
         }
         println!(
             "lab {} up with {} pods in {:.1}s",
@@ -125,21 +111,9 @@ impl CaseSuite {
             lab_started.elapsed().as_secs_f64()
         );
         for c in cases {
-            let name = self.name(c);
-            let t0 = Instant::now();
-            let mark = lab.agent_log_mark();
-            let r = cases::run_case(lab, c);
-            let secs = t0.elapsed().as_secs_f64();
-            match r {
-                Ok(()) => {
-                    passed += 1;
-                    println!("test {name} ... ok ({secs:.1}s)");
-                }
-                Err(e) => {
-                    println!("test {name} ... FAILED ({secs:.1}s)");
-                    let logs = lab.agent_logs_since(&mark, crate::lab::REPORT_LINES);
-                    failed.push((name, format!("{e}\n{logs}")));
-                }
+            match run_one(lab, self.name(c), |lab| cases::run_case(lab, c)) {
+                Ok(()) => passed += 1,
+                Err(f) => failed.push(f),
             }
         }
         if let Err(e) = after(lab) {
@@ -147,6 +121,89 @@ impl CaseSuite {
         }
         (passed, failed)
     }
+}
+
+/// Which tests the binary's arguments select, as libtest reads them: `[FILTER...]` (a name
+/// containing any filter; the name itself with `--exact`), `--list` to name them instead.
+pub struct Selection {
+    filters: Vec<String>,
+    exact: bool,
+    list: bool,
+}
+
+impl Selection {
+    pub fn of(args: &[String]) -> Self {
+        Self {
+            filters: args
+                .iter()
+                .filter(|a| !a.starts_with('-'))
+                .cloned()
+                .collect(),
+            exact: args.iter().any(|a| a == "--exact"),
+            list: args.iter().any(|a| a == "--list"),
+        }
+    }
+
+    pub fn selects(&self, name: &str) -> bool {
+        self.filters.is_empty()
+            || self.filters.iter().any(|f| {
+                if self.exact {
+                    name == f
+                } else {
+                    name.contains(f.as_str())
+                }
+            })
+    }
+
+    /// Before the selected tests (`names`) run: with `--list` names them, with none says so as
+    /// libtest does; either way the binary is done (`Some`). Else says how many will run.
+    pub fn announce(&self, names: &[String]) -> Option<ExitCode> {
+        if self.list {
+            for n in names {
+                println!("{n}: test");
+            }
+            return Some(ExitCode::SUCCESS);
+        }
+        if names.is_empty() {
+            println!("running 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored");
+            return Some(ExitCode::SUCCESS);
+        }
+        println!("running {} tests", names.len());
+        None
+    }
+}
+
+/// Runs one test against `lab`: libtest's line with its time, and on failure (name, the error
+/// and what each agent logged while the test ran).
+pub fn run_one(
+    lab: &mut Lab,
+    name: String,
+    test: impl FnOnce(&mut Lab) -> Result<(), String>,
+) -> Result<(), (String, String)> {
+    let t0 = Instant::now();
+    let mark = lab.agent_log_mark();
+    let r = test(lab);
+    let secs = t0.elapsed().as_secs_f64();
+    match r {
+        Ok(()) => {
+            println!("test {name} ... ok ({secs:.1}s)");
+            Ok(())
+        }
+        Err(e) => {
+            println!("test {name} ... FAILED ({secs:.1}s)");
+            let logs = lab.agent_logs_since(&mark, crate::lab::REPORT_LINES);
+            Err((name, format!("{e}\n{logs}")))
+        }
+    }
+}
+
+/// A lab's setup failed (`error`): every test meant for it (`names`) fails with that said.
+pub fn setup_failed(prefix: &str, error: &str, names: &[String]) -> Failures {
+    eprintln!("{prefix}: lab setup failed, every test fails:\n{error}");
+    names
+        .iter()
+        .map(|n| (n.clone(), "lab setup failed".to_string()))
+        .collect()
 }
 
 /// Prints the failures and libtest's summary line; success only with no failure and `ok` (the

@@ -12,6 +12,7 @@ use palisade_netns_tests::cases::{self, Case, MODEL_PORTS};
 use palisade_netns_tests::k8s;
 use palisade_netns_tests::lab::{self, Family, Lab, LabOptions};
 use palisade_netns_tests::probe::{Protocol, Target};
+use palisade_netns_tests::suite;
 use serde_json::Value;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -576,9 +577,7 @@ fn all_tests() -> Result<Vec<Test>, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let list = args.iter().any(|a| a == "--list");
-    let exact = args.iter().any(|a| a == "--exact");
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let selection = suite::Selection::of(&args);
     let tests = match all_tests() {
         Ok(t) => t,
         Err(e) => {
@@ -588,28 +587,12 @@ fn main() -> ExitCode {
     };
     let selected: Vec<&Test> = tests
         .iter()
-        .filter(|t| {
-            filters.is_empty()
-                || filters.iter().any(|f| {
-                    if exact {
-                        t.name == **f
-                    } else {
-                        t.name.contains(f.as_str())
-                    }
-                })
-        })
+        .filter(|t| selection.selects(&t.name))
         .collect();
-    if list {
-        for t in &selected {
-            println!("{}: test", t.name);
-        }
-        return ExitCode::SUCCESS;
+    let names: Vec<String> = selected.iter().map(|t| t.name.clone()).collect();
+    if let Some(done) = selection.announce(&names) {
+        return done;
     }
-    if selected.is_empty() {
-        println!("running 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored");
-        return ExitCode::SUCCESS;
-    }
-    println!("running {} tests", selected.len());
     let started = Instant::now();
     let mut opts = LabOptions::for_tests(&lab::unique_name());
     opts.external = true;
@@ -645,35 +628,19 @@ fn main() -> ExitCode {
     let mut failed = Vec::new();
     let mut passed = 0;
     if let Err(e) = setup {
-        eprintln!("conformance: lab setup failed, every test fails:\n{e}");
-        failed.extend(
-            selected
-                .iter()
-                .map(|t| (t.name.clone(), "lab setup failed".to_string())),
-        );
+        failed = suite::setup_failed("conformance", &e, &names);
     } else {
         println!(
             "lab {} up with 9 pods on 2 nodes in {setup_secs:.1}s",
             lab.name()
         );
         for t in &selected {
-            let t0 = Instant::now();
-            let mark = lab.agent_log_mark();
-            let r = (t.run)(&mut lab);
-            let secs = t0.elapsed().as_secs_f64();
-            match r {
-                Ok(()) => {
-                    passed += 1;
-                    println!("test {} ... ok ({secs:.1}s)", t.name);
-                }
-                Err(e) => {
-                    println!("test {} ... FAILED ({secs:.1}s)", t.name);
-                    let logs = lab.agent_logs_since(&mark, lab::REPORT_LINES);
-                    failed.push((t.name.clone(), format!("{e}\n{logs}")));
-                }
+            match suite::run_one(&mut lab, t.name.clone(), |lab| (t.run)(lab)) {
+                Ok(()) => passed += 1,
+                Err(f) => failed.push(f),
             }
         }
     }
-    let ok = palisade_netns_tests::suite::tear_down(lab, &opts.name);
-    palisade_netns_tests::suite::report(passed, &failed, ok, started)
+    let ok = suite::tear_down(lab, &opts.name);
+    suite::report(passed, &failed, ok, started)
 }
