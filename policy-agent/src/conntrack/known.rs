@@ -9,7 +9,6 @@
 //! (original source; reply source, i.e. after DNAT) are both other than X. Flows that started after the last full sweep are not known here: the agent
 //! follows a targeted sweep with a full one, at most every [`super::YOUNG_FLOWS_GAP`].
 
-use netlink_packet_netfilter::conntrack::ConntrackAttribute;
 use netlink_packet_netfilter::NetfilterProtoFamily;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -23,8 +22,10 @@ pub const KNOWN_MAX: usize = 32_768;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
     pub family: NetfilterProtoFamily,
-    /// Original tuple and zone: what a conntrack GET needs.
-    pub key: Vec<ConntrackAttribute>,
+    /// Original tuple and zone, the attributes as the kernel sent them (read with
+    /// [`super::Entry::new`]): what a conntrack GET needs. One allocation of ~60 bytes a flow,
+    /// where the crate's parsed attributes took six.
+    pub key: Box<[u8]>,
     /// What the rules judge it by: original source, reply source.
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -56,14 +57,14 @@ impl Recording {
         }
     }
 
-    /// Notes a flow the sweep kept.
-    pub fn keep(&mut self, known: Known) {
+    /// Notes a flow the sweep kept (`known` makes it: not called once the record overflowed).
+    pub fn keep(&mut self, known: impl FnOnce() -> Known) {
         if self.flows.len() >= KNOWN_MAX {
             self.overflow = true;
             self.flows = Vec::new();
         }
         if !self.overflow {
-            self.flows.push(known);
+            self.flows.push(known());
         }
     }
 }
@@ -123,7 +124,7 @@ mod tests {
     fn known(src: &str, dst: &str) -> Known {
         Known {
             family: NetfilterProtoFamily::IPv4,
-            key: vec![],
+            key: Box::default(),
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
         }
@@ -144,9 +145,9 @@ mod tests {
     fn a_targeted_sweep_concerns_the_flows_judged_by_an_address_of_its_scope() {
         let t = Instant::now();
         let mut rec = Recording::new(t);
-        rec.keep(known("10.0.0.1", "10.0.1.5")); // by source
-        rec.keep(known("10.0.2.7", "10.0.0.1")); // by destination
-        rec.keep(known("10.0.2.7", "10.0.1.5")); // neither
+        rec.keep(|| known("10.0.0.1", "10.0.1.5")); // by source
+        rec.keep(|| known("10.0.2.7", "10.0.0.1")); // by destination
+        rec.keep(|| known("10.0.2.7", "10.0.1.5")); // neither
         let mut k = KnownFlows::default();
         k.replace(rec);
         assert_eq!(k.swept_at(), Some(t));
@@ -161,10 +162,7 @@ mod tests {
     fn a_sweep_that_finds_too_many_flows_leaves_nothing_known() {
         let mut rec = Recording::new(Instant::now());
         for i in 0..=KNOWN_MAX {
-            rec.keep(known(
-                "10.0.0.1",
-                &format!("10.1.{}.{}", i / 256 % 256, i % 256),
-            ));
+            rec.keep(|| known("10.0.0.1", &format!("10.1.{}.{}", i / 256 % 256, i % 256)));
         }
         let mut k = KnownFlows::default();
         k.replace(rec);
@@ -174,7 +172,7 @@ mod tests {
     #[test]
     fn a_failed_full_sweep_forgets_the_record() {
         let mut rec = Recording::new(Instant::now());
-        rec.keep(known("10.0.0.1", "10.0.1.5"));
+        rec.keep(|| known("10.0.0.1", "10.0.1.5"));
         let mut k = KnownFlows::default();
         k.replace(rec);
         k.forget();

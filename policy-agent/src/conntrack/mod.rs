@@ -19,23 +19,21 @@
 //! flows younger than that dump wait for the next full sweep, which under such churn runs at most
 //! every [`YOUNG_FLOWS_GAP`].
 
+mod entry;
 mod known;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+pub use entry::Entry;
+use entry::{CTA_ID, CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ZONE};
 use futures::TryStreamExt;
 use known::{Known, KnownFlows, Recording};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK,
-    NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP,
+    NLM_F_REQUEST,
 };
-use netlink_packet_netfilter::conntrack::{
-    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
-    Protocol as CtProto, Tuple,
-};
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
+use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use palisade_policy::compile::admit::{Admission, Admitter, Flow};
 use palisade_policy::compile::Compiled;
@@ -53,12 +51,6 @@ pub const ADDRS_MAX_AGE: Duration = Duration::from_secs(5);
 /// table per this much time, not one per commit. Flows the last full sweep saw are judged at once.
 pub const YOUNG_FLOWS_GAP: Duration = Duration::from_millis(250);
 
-/// `CTA_ID`: the entry's id; a delete carrying it removes exactly the entry we judged.
-const CTA_ID: u16 = 12;
-/// `CTA_ZONE`: the entry's conntrack zone (u16); a delete must name it.
-const CTA_ZONE: u16 = 18;
-/// `CTA_PROTO_ICMPV6_TYPE` inside a tuple's protocol part.
-const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
 /// ICMPv6 neighbour discovery types (router solicit .. redirect): accepted by our base chains before
 /// any policy, whatever the addresses.
 const ND_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
@@ -87,57 +79,36 @@ pub enum Unjudged {
     NoReplyPort,
 }
 
-/// Maps one entry's attributes to the packet our postrouting hook judged: source = original-tuple
-/// source (before SNAT), destination = reply-tuple source (after DNAT, e.g. a Service VIP's
-/// backend), port = reply-tuple source port; ICMP and other protocols without ports are judged as
-/// the ruleset does (only rules without `ports` admit them).
-pub fn seen(attrs: &[ConntrackAttribute]) -> std::result::Result<Seen, Unjudged> {
-    let mut orig = None;
-    let mut reply = None;
-    for a in attrs {
-        match a {
-            ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t.as_slice()),
-            ConntrackAttribute::CtaTupleReply(t) => reply = Some(t.as_slice()),
-            ConntrackAttribute::CtaProtoInfo(infos) => {
-                let closed = infos.iter().any(|i| match i {
-                    ProtoInfo::TCP(parts) => parts.iter().any(
-                        |p| matches!(p, ProtoInfoTCP::State(s) if TCP_CLOSED_STATES.contains(s)),
-                    ),
-                    _ => false,
-                });
-                if closed {
-                    return Ok(Seen::Closed);
-                }
-            }
-            _ => {}
-        }
+/// IP protocol numbers of the protocols a policy names, and ICMPv6.
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// Maps one entry to the packet our postrouting hook judged: source = original-tuple source
+/// (before SNAT), destination = reply-tuple source (after DNAT, e.g. a Service VIP's backend),
+/// port = reply-tuple source port; ICMP and other protocols without ports are judged as the
+/// ruleset does (only rules without `ports` admit them).
+pub fn seen(e: &Entry<'_>) -> std::result::Result<Seen, Unjudged> {
+    if e.tcp_state()
+        .is_some_and(|s| TCP_CLOSED_STATES.contains(&s))
+    {
+        return Ok(Seen::Closed);
     }
-    let orig = orig.unwrap_or_default();
-    let reply = reply.unwrap_or_default();
-    let src = ip_src(orig).ok_or(Unjudged::NoOriginalSource)?;
-    let dst = ip_src(reply).ok_or(Unjudged::NoReplySource)?;
-    let proto = proto_parts(orig)
-        .find_map(|p| match p {
-            ProtoTuple::Protocol(p) => Some(*p),
-            _ => None,
-        })
-        .ok_or(Unjudged::NoProtocol)?;
-    let proto = match proto {
-        CtProto::Tcp => Some(Protocol::Tcp),
-        CtProto::Udp => Some(Protocol::Udp),
-        CtProto::Sctp => Some(Protocol::Sctp),
-        CtProto::Ipv6Icmp if icmpv6_type(orig).is_some_and(|t| ND_TYPES.contains(&t)) => {
+    let (orig, reply) = (e.orig(), e.reply());
+    let src = orig.src.ok_or(Unjudged::NoOriginalSource)?;
+    let dst = reply.src.ok_or(Unjudged::NoReplySource)?;
+    let proto = match orig.proto.ok_or(Unjudged::NoProtocol)? {
+        IPPROTO_TCP => Some(Protocol::Tcp),
+        IPPROTO_UDP => Some(Protocol::Udp),
+        IPPROTO_SCTP => Some(Protocol::Sctp),
+        IPPROTO_ICMPV6 if orig.icmpv6_type.is_some_and(|t| ND_TYPES.contains(&t)) => {
             return Ok(Seen::AlwaysAdmitted)
         }
         _ => None,
     };
     let port = match proto {
-        Some(_) => proto_parts(reply)
-            .find_map(|p| match p {
-                ProtoTuple::SourcePort(p) => Some(*p),
-                _ => None,
-            })
-            .ok_or(Unjudged::NoReplyPort)?,
+        Some(_) => reply.src_port.ok_or(Unjudged::NoReplyPort)?,
         None => 0,
     };
     Ok(Seen::Judge(Flow {
@@ -149,75 +120,19 @@ pub fn seen(attrs: &[ConntrackAttribute]) -> std::result::Result<Seen, Unjudged>
     }))
 }
 
-fn ip_src(tuple: &[Tuple]) -> Option<IpAddr> {
-    ip_part(tuple, |p| match p {
-        IPTuple::SourceAddress(a) => Some(*a),
-        _ => None,
-    })
-}
-
-fn ip_dst(tuple: &[Tuple]) -> Option<IpAddr> {
-    ip_part(tuple, |p| match p {
-        IPTuple::DestinationAddress(a) => Some(*a),
-        _ => None,
-    })
-}
-
-/// The first part of a tuple's IP half that `pick` takes.
-fn ip_part(tuple: &[Tuple], pick: impl Fn(&IPTuple) -> Option<IpAddr>) -> Option<IpAddr> {
-    tuple.iter().find_map(|t| match t {
-        Tuple::Ip(parts) => parts.iter().find_map(&pick),
-        _ => None,
-    })
-}
-
-fn proto_parts(tuple: &[Tuple]) -> impl Iterator<Item = &ProtoTuple> {
-    tuple
-        .iter()
-        .filter_map(|t| match t {
-            Tuple::Proto(parts) => Some(parts.iter()),
-            _ => None,
-        })
-        .flatten()
-}
-
-fn icmpv6_type(tuple: &[Tuple]) -> Option<u8> {
-    proto_parts(tuple).find_map(|p| match p {
-        ProtoTuple::Other(n) if n.kind() == CTA_PROTO_ICMPV6_TYPE => {
-            let mut v = [0u8; 1];
-            (n.value_len() == 1).then(|| {
-                n.emit_value(&mut v);
-                v[0]
-            })
-        }
-        _ => None,
-    })
-}
-
 /// The attributes that name an entry for deletion: original tuple, zone, id.
-fn delete_key(attrs: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
-    attrs
-        .iter()
-        .filter(|a| match a {
-            ConntrackAttribute::CtaTupleOrig(_) => true,
-            ConntrackAttribute::Other(n) => n.kind() == CTA_ZONE || n.kind() == CTA_ID,
-            _ => false,
-        })
-        .cloned()
-        .collect()
+fn delete_key(e: &Entry<'_>) -> Vec<ConntrackAttribute> {
+    e.attributes(&[CTA_TUPLE_ORIG, CTA_ZONE, CTA_ID])
 }
 
 /// The original tuple (and zone) of an entry the flow's reply direction would create: the entry's
 /// reply tuple.
-fn comeback_key(attrs: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
-    attrs
-        .iter()
-        .filter_map(|a| match a {
-            ConntrackAttribute::CtaTupleReply(t) => {
-                Some(ConntrackAttribute::CtaTupleOrig(t.clone()))
-            }
-            ConntrackAttribute::Other(n) if n.kind() == CTA_ZONE => Some(a.clone()),
-            _ => None,
+fn comeback_key(e: &Entry<'_>) -> Vec<ConntrackAttribute> {
+    e.attributes(&[CTA_TUPLE_REPLY, CTA_ZONE])
+        .into_iter()
+        .map(|a| match a {
+            ConntrackAttribute::CtaTupleReply(t) => ConntrackAttribute::CtaTupleOrig(t),
+            other => other,
         })
         .collect()
 }
@@ -392,8 +307,8 @@ enum Judged {
 }
 
 /// Judges one entry as our postrouting hook saw its first packet, by `adm`.
-fn judge(addrs: &NodeAddrs, adm: &Admitter<'_>, attrs: &[ConntrackAttribute]) -> Judged {
-    let mut flow = match seen(attrs) {
+fn judge(addrs: &NodeAddrs, adm: &Admitter<'_>, e: &Entry<'_>) -> Judged {
+    let mut flow = match seen(e) {
         Ok(Seen::Judge(f)) => f,
         Ok(Seen::AlwaysAdmitted | Seen::Closed) => return Judged::Skip,
         Err(_) => return Judged::Unjudged,
@@ -410,17 +325,9 @@ fn judge(addrs: &NodeAddrs, adm: &Admitter<'_>, attrs: &[ConntrackAttribute]) ->
     }
 }
 
-/// The attributes a GET needs to find an entry again: original tuple and zone.
-fn lookup_key(attrs: &[ConntrackAttribute]) -> Vec<ConntrackAttribute> {
-    attrs
-        .iter()
-        .filter(|a| match a {
-            ConntrackAttribute::CtaTupleOrig(_) => true,
-            ConntrackAttribute::Other(n) => n.kind() == CTA_ZONE,
-            _ => false,
-        })
-        .cloned()
-        .collect()
+/// What a GET needs to find an entry again: original tuple and zone, as the kernel sent them.
+fn lookup_key(e: &Entry<'_>) -> Box<[u8]> {
+    e.copy_of(&[CTA_TUPLE_ORIG, CTA_ZONE])
 }
 
 /// A cut flow whose reply direction may pick it up again: a packet of the peer that answers (a TCP
@@ -517,7 +424,7 @@ impl Revoker {
                 continue;
             }
             w.next = start + ((start - w.since) / 8).clamp(RECHECK_EVERY, RECHECK_MAX);
-            let Some(found) = self.get(w.family, w.key.clone())? else {
+            let Some((family, found)) = self.get(w.family, w.key.clone())? else {
                 continue;
             };
             report.scanned += 1;
@@ -529,7 +436,7 @@ impl Revoker {
                 continue; // allowed again: the comeback is legitimate
             }
             report.judged += 1;
-            match self.delete(w.family, delete_key(&found)) {
+            match self.delete(w.family, delete_key(&Entry::new(family, &found))) {
                 Ok(true) => report.cut.push(Cut { flow, why }),
                 Ok(false) => report.gone += 1,
                 Err(e) => {
@@ -544,12 +451,14 @@ impl Revoker {
         Ok(report)
     }
 
-    /// Looks one entry up by original tuple (and zone); `None` when there is none.
+    /// Looks one entry up by original tuple (and zone): its family and attributes (see
+    /// [`Entry::new`]); `None` when there is none.
     fn get(
         &mut self,
         family: NetfilterProtoFamily,
         key: Vec<ConntrackAttribute>,
-    ) -> Result<Option<Vec<ConntrackAttribute>>> {
+    ) -> Result<Option<(NetfilterProtoFamily, Vec<u8>)>> {
+        const ACTION: &str = "read conntrack get answer";
         let seq = send(
             &self.socket,
             &mut self.seq,
@@ -560,51 +469,25 @@ impl Revoker {
         let mut found = None;
         loop {
             self.buf.clear();
-            let n = self
-                .socket
-                .recv(&mut self.buf, 0)
-                .map_err(nl("read conntrack get answer"))?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes([
-                    self.buf[off],
-                    self.buf[off + 1],
-                    self.buf[off + 2],
-                    self.buf[off + 3],
-                ]) as usize;
-                if len < 16 || off + len > n {
-                    return Err(Error::Netlink {
-                        action: "read conntrack get answer",
-                        message: format!("truncated message ({len} bytes at {off} of {n})"),
-                    });
-                }
-                let bytes = &self.buf[off..off + len];
-                off += (len + 3) & !3;
-                let msg = NetlinkMessage::<NetfilterMessage>::deserialize(bytes).map_err(|e| {
-                    Error::Netlink {
-                        action: "read conntrack get answer",
-                        message: e.to_string(),
-                    }
-                })?;
-                if msg.header.sequence_number != seq {
+            let n = self.socket.recv(&mut self.buf, 0).map_err(nl(ACTION))?;
+            for frame in frames(&self.buf[..n], ACTION) {
+                let frame = frame?;
+                if frame.seq != seq {
                     continue;
                 }
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(NetfilterMessage {
-                        inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
-                        ..
-                    }) => found = Some(attrs),
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(found),
-                            Some(c) if c.get() == -libc::ENOENT => Ok(None),
-                            Some(_) => Err(Error::Netlink {
-                                action: "look up a conntrack entry",
-                                message: e.to_io().to_string(),
-                            }),
-                        };
-                    }
-                    _ => {}
+                if let Some(e) = frame.entry() {
+                    found = Some((e.family, frame.bytes[ENTRY_ATTRS..].to_vec()));
+                    continue;
+                }
+                if let NetlinkPayload::Error(e) = frame.status(ACTION)? {
+                    return match e.code {
+                        None => Ok(found),
+                        Some(c) if c.get() == -libc::ENOENT => Ok(None),
+                        Some(_) => Err(Error::Netlink {
+                            action: "look up a conntrack entry",
+                            message: e.to_io().to_string(),
+                        }),
+                    };
                 }
             }
         }
@@ -682,34 +565,33 @@ impl Revoker {
         // table (all namespaces' buckets) per dump, ~10 ms at 256k buckets, whatever we keep.
         let dumped = {
             let addrs = &self.addrs;
-            let mut undecodable = 0;
             let (scanned, judged, unjudged) = (
                 &mut report.scanned,
                 &mut report.judged,
                 &mut report.unjudged,
             );
             let yielded = &mut report.yielded;
-            let mut each = |family: NetfilterProtoFamily, attrs: &[ConntrackAttribute]| {
+            let mut each = |e: &Entry<'_>| {
                 if *scanned % GIVE_WAY_EVERY == 0 && give_way() {
                     *yielded = true;
                     return false;
                 }
                 *scanned += 1;
-                match judge(addrs, &adm, attrs) {
+                match judge(addrs, &adm, e) {
                     Judged::Skip => {}
                     Judged::Unjudged => *unjudged += 1,
                     Judged::Admitted(flow) => {
                         *judged += 1;
-                        rec.keep(Known {
-                            family,
-                            key: lookup_key(attrs),
+                        rec.keep(|| Known {
+                            family: e.family,
+                            key: lookup_key(e),
                             src: flow.src,
                             dst: flow.dst,
                         });
                     }
                     Judged::Denied(cut) => {
                         *judged += 1;
-                        doomed.push((family, delete_key(attrs), comeback_key(attrs), cut));
+                        doomed.push((e.family, delete_key(e), comeback_key(e), cut));
                     }
                 }
                 true
@@ -720,9 +602,7 @@ impl Revoker {
                 seq: &mut self.seq,
                 buf: &mut self.buf,
             };
-            let dumped = dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable);
-            report.unjudged += undecodable;
-            dumped
+            dumper.dump(NetfilterProtoFamily::Unspec, &mut each)
         };
         let abandoned = match dumped {
             Ok(a) => a,
@@ -783,13 +663,17 @@ impl Revoker {
             let Some(k) = self.known.get(i) else {
                 continue;
             };
-            let (family, key) = (k.family, k.key.clone());
-            let Some(attrs) = self.get(family, key)? else {
+            let (family, key) = (
+                k.family,
+                Entry::new(k.family, &k.key).attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]),
+            );
+            let Some((family, attrs)) = self.get(family, key)? else {
                 done.insert(i); // closed and gone since the dump
                 continue;
             };
             report.scanned += 1;
-            match judge(&self.addrs, &adm, &attrs) {
+            let e = Entry::new(family, &attrs);
+            match judge(&self.addrs, &adm, &e) {
                 Judged::Skip => {
                     done.insert(i); // closed since, or another flow on the same tuple
                 }
@@ -798,7 +682,7 @@ impl Revoker {
                 Judged::Denied(cut) => {
                     report.judged += 1;
                     done.insert(i);
-                    doomed.push((family, delete_key(&attrs), comeback_key(&attrs), cut));
+                    doomed.push((family, delete_key(&e), comeback_key(&e), cut));
                 }
             }
         }
@@ -817,17 +701,14 @@ impl Revoker {
             return Ok(0);
         }
         let mut doomed: Vec<(NetfilterProtoFamily, Vec<ConntrackAttribute>)> = Vec::new();
-        let mut undecodable = 0;
-        let mut each = |family: NetfilterProtoFamily, attrs: &[ConntrackAttribute]| {
-            let involved = attrs.iter().any(|a| match a {
-                ConntrackAttribute::CtaTupleOrig(t) | ConntrackAttribute::CtaTupleReply(t) => {
-                    ip_src(t).is_some_and(|ip| released.contains(&ip))
-                        || ip_dst(t).is_some_and(|ip| released.contains(&ip))
-                }
-                _ => false,
-            });
+        let mut each = |e: &Entry<'_>| {
+            let (o, r) = (e.orig(), e.reply());
+            let involved = [o.src, o.dst, r.src, r.dst]
+                .into_iter()
+                .flatten()
+                .any(|ip| released.contains(&ip));
             if involved {
-                doomed.push((family, delete_key(attrs)));
+                doomed.push((e.family, delete_key(e)));
             }
             true
         };
@@ -837,7 +718,7 @@ impl Revoker {
             buf: &mut self.buf,
         };
         // `each` never declines: the dump is read to its end.
-        dumper.dump(NetfilterProtoFamily::Unspec, &mut each, &mut undecodable)?;
+        dumper.dump(NetfilterProtoFamily::Unspec, &mut each)?;
         let mut deleted = 0;
         for (family, key) in doomed {
             if self.delete(family, key)? {
@@ -915,7 +796,66 @@ fn conntrack_socket() -> Result<Socket> {
 }
 
 /// What a dump hands each entry to: false to stop reading.
-type EachEntry<'a> = dyn FnMut(NetfilterProtoFamily, &[ConntrackAttribute]) -> bool + 'a;
+type EachEntry<'a> = dyn FnMut(&Entry<'_>) -> bool + 'a;
+
+/// `(NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW`: a message that carries one entry.
+const CT_NEW: u16 = 1 << 8;
+/// Where an entry message's attributes start: after the netlink (16 bytes) and netfilter (4)
+/// headers.
+const ENTRY_ATTRS: usize = 20;
+
+/// One netlink message of what a read got.
+struct Frame<'a> {
+    kind: u16,
+    seq: u32,
+    bytes: &'a [u8],
+}
+
+impl Frame<'_> {
+    /// The entry it carries, read in place (see [`Entry`]).
+    fn entry(&self) -> Option<Entry<'_>> {
+        (self.kind == CT_NEW && self.bytes.len() >= ENTRY_ATTRS).then(|| {
+            Entry::new(
+                NetfilterProtoFamily::from(self.bytes[16]),
+                &self.bytes[ENTRY_ATTRS..],
+            )
+        })
+    }
+
+    /// Any other message (a dump's end, an error or acknowledgement), parsed by the crate.
+    fn status(&self, action: &'static str) -> Result<NetlinkPayload<NetfilterMessage>> {
+        NetlinkMessage::<NetfilterMessage>::deserialize(self.bytes)
+            .map(|m| m.payload)
+            .map_err(|e| Error::Netlink {
+                action,
+                message: e.to_string(),
+            })
+    }
+}
+
+/// The messages of one read (`buf`: what it got); a length that overruns it is an error.
+fn frames<'a>(buf: &'a [u8], action: &'static str) -> impl Iterator<Item = Result<Frame<'a>>> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let rest = buf.get(off..).filter(|r| r.len() >= 16)?;
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < 16 || len > rest.len() {
+            let e = Error::Netlink {
+                action,
+                message: format!("truncated message ({len} bytes at {off} of {})", buf.len()),
+            };
+            off = buf.len();
+            return Some(Err(e));
+        }
+        let bytes = &rest[..len];
+        off += (len + 3) & !3;
+        Some(Ok(Frame {
+            kind: u16::from_ne_bytes([bytes[4], bytes[5]]),
+            seq: u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+            bytes,
+        }))
+    })
+}
 
 /// The dump half of [`Revoker`], borrowing its socket, so the per-entry closure can read the
 /// revoker's cached addresses meanwhile.
@@ -930,7 +870,6 @@ impl Dumper<'_> {
         &mut self,
         family: NetfilterProtoFamily,
         each: &mut EachEntry<'_>,
-        undecodable: &mut u64,
     ) -> Result<Option<u32>> {
         let seq = send(
             self.socket,
@@ -939,75 +878,43 @@ impl Dumper<'_> {
             NLM_F_REQUEST | NLM_F_DUMP,
             ConntrackMessage::Get(vec![]),
         )?;
-        self.read(seq, Some(each), undecodable)
+        self.read(seq, Some(each))
     }
 
-    /// Reads the rest of dump `seq` without decoding its entries, so the socket can dump again.
+    /// Reads the rest of dump `seq` without reading its entries, so the socket can dump again.
     fn drain(&mut self, seq: u32) -> Result<()> {
-        let mut undecodable = 0;
-        self.read(seq, None, &mut undecodable).map(|_| ())
+        self.read(seq, None).map(|_| ())
     }
 
-    /// Reads dump `seq`, handing each entry to `each` (none: skipped undecoded) until its end
+    /// Reads dump `seq`, handing each entry to `each` (none: skipped unread) until its end
     /// (`None`) or until `each` declines (`Some(seq)`: the rest is unread, see [`Dumper::drain`]).
-    fn read(
-        &mut self,
-        seq: u32,
-        mut each: Option<&mut EachEntry<'_>>,
-        undecodable: &mut u64,
-    ) -> Result<Option<u32>> {
+    fn read(&mut self, seq: u32, mut each: Option<&mut EachEntry<'_>>) -> Result<Option<u32>> {
+        const ACTION: &str = "read conntrack dump";
         loop {
             self.buf.clear();
-            let n = self
-                .socket
-                .recv(self.buf, 0)
-                .map_err(nl("read conntrack dump"))?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes([
-                    self.buf[off],
-                    self.buf[off + 1],
-                    self.buf[off + 2],
-                    self.buf[off + 3],
-                ]) as usize;
-                if len < 16 || off + len > n {
-                    return Err(Error::Netlink {
-                        action: "read conntrack dump",
-                        message: format!("truncated message ({len} bytes at {off} of {n})"),
-                    });
-                }
-                let bytes = &self.buf[off..off + len];
-                off += (len + 3) & !3;
-                let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
-                if each.is_none() && kind != NLMSG_DONE && kind != NLMSG_ERROR {
+            let n = self.socket.recv(self.buf, 0).map_err(nl(ACTION))?;
+            for frame in frames(&self.buf[..n], ACTION) {
+                let frame = frame?;
+                if frame.seq != seq {
                     continue;
                 }
-                let msg = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
-                    Ok(m) => m,
-                    Err(_) => {
-                        *undecodable += 1;
-                        continue;
+                if let Some(e) = frame.entry() {
+                    if let Some(each) = each.as_mut() {
+                        if !each(&e) {
+                            return Ok(Some(seq));
+                        }
                     }
-                };
-                if msg.header.sequence_number != seq {
                     continue;
                 }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(None),
-                    NetlinkPayload::Error(e) if e.code.is_some() => {
-                        return Err(Error::Netlink {
-                            action: "dump conntrack",
-                            message: e.to_io().to_string(),
-                        })
-                    }
-                    NetlinkPayload::InnerMessage(NetfilterMessage {
-                        header,
-                        inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
-                        ..
-                    }) => {
-                        if let Some(each) = each.as_mut() {
-                            if !each(header.family, &attrs) {
-                                return Ok(Some(seq));
+                match frame.kind {
+                    NLMSG_DONE => return Ok(None),
+                    NLMSG_ERROR => {
+                        if let NetlinkPayload::Error(e) = frame.status(ACTION)? {
+                            if e.code.is_some() {
+                                return Err(Error::Netlink {
+                                    action: "dump conntrack",
+                                    message: e.to_io().to_string(),
+                                });
                             }
                         }
                     }
@@ -1021,7 +928,22 @@ impl Dumper<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::DefaultNla;
+    use entry::CTA_PROTO_ICMPV6_TYPE;
+    use netlink_packet_core::{DefaultNla, Emitable, Nla, NlasIterator, Parseable};
+    use netlink_packet_netfilter::conntrack::{
+        IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Protocol as CtProto, Tuple,
+    };
+
+    /// The attributes as the kernel sends them (the crate's emitter), read as a sweep reads them.
+    fn emitted(attrs: &[ConntrackAttribute]) -> Vec<u8> {
+        let mut out = vec![0; attrs.buffer_len()];
+        attrs.emit(&mut out);
+        out
+    }
+
+    fn seen_of(attrs: &[ConntrackAttribute]) -> std::result::Result<Seen, Unjudged> {
+        seen(&Entry::new(NetfilterProtoFamily::IPv4, &emitted(attrs)))
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -1069,7 +991,7 @@ mod tests {
             tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
         );
         assert_eq!(
-            seen(&e),
+            seen_of(&e),
             Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Tcp), 80))
         );
     }
@@ -1082,7 +1004,7 @@ mod tests {
             tuple("10.0.1.1", "10.0.1.2", CtProto::Udp, Some((5353, 40000))),
         );
         assert_eq!(
-            seen(&e),
+            seen_of(&e),
             Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Udp), 5353))
         );
     }
@@ -1095,7 +1017,7 @@ mod tests {
             tuple("8.8.8.8", "192.168.0.1", CtProto::Sctp, Some((9, 61000))),
         );
         assert_eq!(
-            seen(&e),
+            seen_of(&e),
             Ok(flow("10.0.1.2", "8.8.8.8", Some(Protocol::Sctp), 9))
         );
     }
@@ -1106,12 +1028,12 @@ mod tests {
             tuple("fd00::1:2", "fd00::1:1", CtProto::Ipv6Icmp, None),
             tuple("fd00::1:1", "fd00::1:2", CtProto::Ipv6Icmp, None),
         );
-        assert_eq!(seen(&e), Ok(flow("fd00::1:2", "fd00::1:1", None, 0)));
+        assert_eq!(seen_of(&e), Ok(flow("fd00::1:2", "fd00::1:1", None, 0)));
         let e = entry(
             tuple("10.0.1.2", "10.0.1.1", CtProto::Icmp, None),
             tuple("10.0.1.1", "10.0.1.2", CtProto::Icmp, None),
         );
-        assert_eq!(seen(&e), Ok(flow("10.0.1.2", "10.0.1.1", None, 0)));
+        assert_eq!(seen_of(&e), Ok(flow("10.0.1.2", "10.0.1.1", None, 0)));
     }
 
     /// Node n1 (192.168.0.1) with a/web (10.0.1.1, ingress denied to all) and a/cli (10.0.1.2).
@@ -1157,13 +1079,30 @@ mod tests {
         palisade_policy::compile(&st, "n1")
     }
 
-    /// A full sweep asked to give way stops judging where it was asked (every
-    /// [`GIVE_WAY_EVERY`] entries), remembers nothing of its partial view (a targeted sweep then
-    /// cannot stand in for a full one), and the next sweep judges the whole table. Real conntrack
-    /// entries in a namespace of the test's own: UDP flows from a/cli to a/web, both addresses on
-    /// `lo`.
-    #[test]
-    fn a_sweep_that_gives_way_stops_judging_and_remembers_nothing() {
+    /// A revoker in the calling thread's namespace, and the runtime its rtnetlink half runs on.
+    fn revoker() -> (tokio::runtime::Runtime, Revoker) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = Revoker::new(rt.handle()).unwrap();
+        (rt, r)
+    }
+
+    /// Dumps both families, handing each entry to `each`.
+    fn dump_all(r: &mut Revoker, each: &mut EachEntry<'_>) -> Result<Option<u32>> {
+        Dumper {
+            socket: &r.socket,
+            seq: &mut r.seq,
+            buf: &mut r.buf,
+        }
+        .dump(NetfilterProtoFamily::Unspec, each)
+    }
+
+    /// Moves the test's thread into a namespace of its own where a/web (10.0.1.1) and a/cli
+    /// (10.0.1.2) are addresses on `lo` and conntrack tracks every flow.
+    fn enter_netns_of_web_and_cli() {
         palisade_testkit::netns::enter_private_netns();
         for args in [
             &["link", "set", "lo", "up"][..],
@@ -1180,6 +1119,16 @@ mod tests {
         palisade_testkit::nft::load_here(
             "table inet t {\n chain c {\n type filter hook output priority 0;\n ct state new accept\n }\n}\n",
         );
+    }
+
+    /// A full sweep asked to give way stops judging where it was asked (every
+    /// [`GIVE_WAY_EVERY`] entries), remembers nothing of its partial view (a targeted sweep then
+    /// cannot stand in for a full one), and the next sweep judges the whole table. Real conntrack
+    /// entries in a namespace of the test's own: UDP flows from a/cli to a/web, both addresses on
+    /// `lo`.
+    #[test]
+    fn a_sweep_that_gives_way_stops_judging_and_remembers_nothing() {
+        enter_netns_of_web_and_cli();
         const FLOWS: u64 = 3 * GIVE_WAY_EVERY;
         let _server = std::net::UdpSocket::bind("10.0.1.1:80").unwrap();
         // Each its own source port: the sockets stay open until the sweeps are done.
@@ -1190,12 +1139,7 @@ mod tests {
                 s
             })
             .collect();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut r = Revoker::new(rt.handle()).unwrap();
+        let (_rt, mut r) = revoker();
         let model = deny_web();
         let web: BTreeSet<IpAddr> = [ip("10.0.1.1")].into();
 
@@ -1230,10 +1174,156 @@ mod tests {
         );
     }
 
+    /// What a sweep remembers a kept flow by is read back into the very attributes a GET must
+    /// name: the original tuple and the zone, nothing else.
+    #[test]
+    fn a_kept_flows_key_reads_back_as_its_original_tuple_and_zone() {
+        let orig = tuple("10.0.1.2", "10.96.0.10", CtProto::Tcp, Some((40000, 80)));
+        let e = entry(
+            orig.clone(),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((8080, 40000))),
+        );
+        let bytes = emitted(&e);
+        let key = lookup_key(&Entry::new(NetfilterProtoFamily::IPv4, &bytes));
+        assert_eq!(
+            Entry::new(NetfilterProtoFamily::IPv4, &key).attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]),
+            vec![
+                ConntrackAttribute::CtaTupleOrig(orig),
+                ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, vec![0, 3])),
+            ]
+        );
+    }
+
+    /// An entry cut short anywhere (a kernel or a reader bug) is read without a panic and judged
+    /// by what it still says, or not judged; never as another flow.
+    #[test]
+    fn an_entry_cut_short_is_never_misread() {
+        let e = entry(
+            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
+        );
+        let whole = emitted(&e);
+        let right = seen_of(&e).unwrap();
+        for len in 0..whole.len() {
+            if let Ok(s) = seen(&Entry::new(NetfilterProtoFamily::IPv4, &whole[..len])) {
+                assert_eq!(s, right, "cut at {len}");
+            }
+        }
+    }
+
+    /// Benchmark (not in CI: `cargo test --release -p palisade-agent --lib -- --ignored
+    /// --nocapture what_a_full_sweep_spends`): what a full sweep of 20k and 50k conntrack entries
+    /// spends beside the dump alone, same run, interleaved: the dump's messages unread (the
+    /// kernel's walk and the reads: the floor), each entry read in place as a sweep reads it, each
+    /// entry's attributes parsed by netlink-packet-netfilter (what a sweep did before [`Entry`]),
+    /// and the whole sweep (every entry judged admitted and remembered). Real entries in a namespace of
+    /// the test's own: UDP flows from a/web to a/cli, one per destination port.
+    #[test]
+    #[ignore]
+    fn what_a_full_sweep_spends() {
+        // Under and over what a sweep remembers (`known::KNOWN_MAX`).
+        const SIZES: [u16; 2] = [20_000, 50_000];
+        const ROUNDS: usize = 7;
+        enter_netns_of_web_and_cli();
+        let web = std::net::UdpSocket::bind("10.0.1.1:0").unwrap();
+        let (_rt, mut r) = revoker();
+        let model = deny_web();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let mut sent = 0;
+        for flows in SIZES {
+            // The flows' entries live 30 s unanswered: the rounds take a few.
+            for port in sent + 1..=flows {
+                web.send_to(b"x", ("10.0.1.2", port)).unwrap();
+            }
+            sent = flows;
+            let (mut raw, mut in_place, mut crate_parse, mut swept) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                let t = Instant::now();
+                let seq = send(
+                    &r.socket,
+                    &mut r.seq,
+                    NetfilterProtoFamily::Unspec,
+                    NLM_F_REQUEST | NLM_F_DUMP,
+                    ConntrackMessage::Get(vec![]),
+                )
+                .unwrap();
+                Dumper {
+                    socket: &r.socket,
+                    seq: &mut r.seq,
+                    buf: &mut r.buf,
+                }
+                .drain(seq)
+                .unwrap();
+                raw.push(ms(t));
+
+                // What a sweep reads of each entry, in place.
+                let t = Instant::now();
+                let mut entries = 0u64;
+                dump_all(&mut r, &mut |e| {
+                    entries += 1;
+                    std::hint::black_box(seen(e)).is_ok()
+                })
+                .unwrap();
+                in_place.push(ms(t));
+                assert!(entries >= u64::from(flows), "{entries} entries");
+
+                // What a sweep read before: every attribute parsed by the crate.
+                let t = Instant::now();
+                let mut parsed = 0u64;
+                dump_all(&mut r, &mut |e| {
+                    let attrs: Vec<ConntrackAttribute> = NlasIterator::new(e.bytes())
+                        .map_while(|n| n.ok())
+                        .filter_map(|n| ConntrackAttribute::parse(&n).ok())
+                        .collect();
+                    parsed += u64::from(!std::hint::black_box(attrs).is_empty());
+                    true
+                })
+                .unwrap();
+                crate_parse.push(ms(t));
+                assert!(parsed >= u64::from(flows), "{parsed} entries parsed");
+
+                let t = Instant::now();
+                let report = r.sweep(&model, &mut || false).unwrap();
+                swept.push(ms(t));
+                assert!(report.judged >= u64::from(flows), "{report:?}");
+                assert!(report.cut.is_empty(), "{report:?}");
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (r0, i0, c0, s0) = (
+                med(&mut raw),
+                med(&mut in_place),
+                med(&mut crate_parse),
+                med(&mut swept),
+            );
+            let per = |m: f64| m * 1e3 / f64::from(flows);
+            eprintln!("{flows} flows, median of {ROUNDS} rounds, ms (us an entry):");
+            eprintln!("  dump unread           {r0:7.1} ({:.2})", per(r0));
+            eprintln!(
+                "  read in place         {i0:7.1} ({:.2})  reading: {:.2} us",
+                per(i0),
+                per(i0 - r0)
+            );
+            eprintln!(
+                "  parsed by the crate   {c0:7.1} ({:.2})  parsing: {:.2} us",
+                per(c0),
+                per(c0 - r0)
+            );
+            eprintln!(
+                "  full sweep            {s0:7.1} ({:.2})  x{:.2} of the dump unread",
+                per(s0),
+                s0 / r0
+            );
+        }
+    }
+
     /// Entry → what the hook saw → verdict, as a sweep does it.
     fn verdict(c: &Compiled, e: &[ConntrackAttribute], from_this_node: bool) -> Option<Admission> {
         let adm = Admitter::new(c);
-        match seen(e).unwrap() {
+        match seen_of(e).unwrap() {
             Seen::Judge(mut f) => {
                 if !adm.concerns(f.src) && !adm.concerns(f.dst) {
                     return None;
@@ -1294,13 +1384,13 @@ mod tests {
         e.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(
             vec![ProtoInfoTCP::State(7)],
         )]));
-        assert_eq!(seen(&e), Ok(Seen::Closed));
+        assert_eq!(seen_of(&e), Ok(Seen::Closed));
         e.pop();
         e.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(
             vec![ProtoInfoTCP::State(3)],
         )]));
         assert_eq!(
-            seen(&e),
+            seen_of(&e),
             Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Tcp), 80))
         );
     }
@@ -1315,19 +1405,19 @@ mod tests {
             )));
         }
         let e = entry(orig, tuple("fe80::2", "fe80::1", CtProto::Ipv6Icmp, None));
-        assert_eq!(seen(&e), Ok(Seen::AlwaysAdmitted));
+        assert_eq!(seen_of(&e), Ok(Seen::AlwaysAdmitted));
     }
 
     #[test]
     fn an_entry_missing_what_the_hook_saw_is_not_judged() {
         let orig = tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80)));
         assert_eq!(
-            seen(&[ConntrackAttribute::CtaTupleOrig(orig.clone())]),
+            seen_of(&[ConntrackAttribute::CtaTupleOrig(orig.clone())]),
             Err(Unjudged::NoReplySource)
         );
         let e = entry(orig, tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, None));
-        assert_eq!(seen(&e), Err(Unjudged::NoReplyPort));
-        assert_eq!(seen(&[]), Err(Unjudged::NoOriginalSource));
+        assert_eq!(seen_of(&e), Err(Unjudged::NoReplyPort));
+        assert_eq!(seen_of(&[]), Err(Unjudged::NoOriginalSource));
     }
 
     #[test]
@@ -1336,7 +1426,7 @@ mod tests {
             tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
             tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
         );
-        let key = delete_key(&e);
+        let key = delete_key(&Entry::new(NetfilterProtoFamily::IPv4, &emitted(&e)));
         assert_eq!(key.len(), 3);
         assert!(matches!(key[0], ConntrackAttribute::CtaTupleOrig(_)));
         let kinds: Vec<u16> = key[1..].iter().map(|a| a.kind()).collect();
