@@ -134,7 +134,10 @@ impl Entry<'_> {
                 let bytes = nla.into_inner();
                 // The iterator checked `len` against the buffer; the padding to 4 may be cut off
                 // at its end.
-                let padded = bytes.get(..(len + 3) & !3).unwrap_or(&bytes[..len]);
+                let padded = bytes
+                    .get(..(len + 3) & !3)
+                    .or_else(|| bytes.get(..len))
+                    .unwrap_or_default();
                 out.extend_from_slice(padded);
                 out.resize((out.len() + 3) & !3, 0);
             }
