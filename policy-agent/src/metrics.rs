@@ -73,6 +73,10 @@ pub struct Metrics {
     flows_unjudged: Count,
     /// Conntrack sweeps, by kind.
     sweeps: Family<Label, Count>,
+    /// Seconds spent in conntrack sweeps, by kind.
+    sweep_seconds: Family<Label, Counter<f64, AtomicU64>>,
+    /// Conntrack entries the sweeps read, by kind.
+    sweep_entries: Family<Label, Count>,
     transactions: Family<Label, Count>,
     /// Nodes' podCIDRs refused as routes, by reason.
     refused_pod_cidrs: Family<Label, Level>,
@@ -119,6 +123,8 @@ impl Metrics {
             flows_cut: Family::default(),
             flows_unjudged: Count::default(),
             sweeps: Family::default(),
+            sweep_seconds: Family::default(),
+            sweep_entries: Family::default(),
             transactions: Family::default(),
             refused_pod_cidrs: Family::default(),
             route_failures: Level::default(),
@@ -181,6 +187,18 @@ impl Metrics {
             "palisade_conntrack_sweeps",
             "Conntrack sweeps, by kind (full: a walk of the whole conntrack table; targeted: the known flows of the addresses a commit moved; recheck: lookups of cut flows' comebacks)",
             &m.sweeps,
+        );
+        reg(
+            &mut r,
+            "palisade_conntrack_sweep_seconds",
+            "Time the conntrack sweeps took, by kind, on the thread that commits (its rate is the share of that thread revocation takes; a full sweep gives way to a change waiting to be committed)",
+            &m.sweep_seconds,
+        );
+        reg(
+            &mut r,
+            "palisade_conntrack_sweep_entries",
+            "Conntrack entries the sweeps read, by kind (full: every entry of the node's table, a pod's or not; targeted and recheck: the entries looked up)",
+            &m.sweep_entries,
         );
         reg(
             &mut r,
@@ -371,6 +389,16 @@ impl Metrics {
         self.flows_unjudged.inc_by(unjudged);
     }
 
+    /// A conntrack sweep of `kind` read `entries` entries in `took`.
+    pub fn sweep_cost(&self, kind: &'static str, took: Duration, entries: u64) {
+        self.sweep_seconds
+            .get_or_create(&[("kind", kind)])
+            .inc_by(took.as_secs_f64());
+        self.sweep_entries
+            .get_or_create(&[("kind", kind)])
+            .inc_by(entries);
+    }
+
     /// Connections now open to the HTTP endpoint (`server`).
     pub fn http_open_connections(&self, n: usize) {
         self.http_open.set(n as u64);
@@ -478,6 +506,12 @@ palisade_conntrack_flows_cut_total{sweep="targeted"} 2
 # TYPE palisade_conntrack_sweeps_total counter
 palisade_conntrack_sweeps_total{kind="full"} 1
 palisade_conntrack_sweeps_total{kind="targeted"} 1
+# HELP palisade_conntrack_sweep_seconds_total Time the conntrack sweeps took, by kind, on the thread that commits (its rate is the share of that thread revocation takes; a full sweep gives way to a change waiting to be committed).
+# TYPE palisade_conntrack_sweep_seconds_total counter
+palisade_conntrack_sweep_seconds_total{kind="full"} 0.25
+# HELP palisade_conntrack_sweep_entries_total Conntrack entries the sweeps read, by kind (full: every entry of the node's table, a pod's or not; targeted and recheck: the entries looked up).
+# TYPE palisade_conntrack_sweep_entries_total counter
+palisade_conntrack_sweep_entries_total{kind="full"} 20000
 # HELP palisade_conntrack_flows_unjudged_total Conntrack entries a sweep could not judge and left alone.
 # TYPE palisade_conntrack_flows_unjudged_total counter
 palisade_conntrack_flows_unjudged_total 1
@@ -587,6 +621,7 @@ palisade_flow_log_packets_total{result="kernel_overflow"} 0
         m.route_failures(2);
         m.flows_revoked("full", 5, 1);
         m.flows_revoked("targeted", 2, 0);
+        m.sweep_cost("full", Duration::from_millis(250), 20_000);
         m.source_change("changed");
         m.source_change("unchanged");
         m.source_change("unchanged");

@@ -338,6 +338,11 @@ fn an_established_tcp_connection_is_cut_when_a_new_policy_denies_it_and_others_s
         w.flows_cut() > before,
         "palisade_conntrack_flows_cut_total did not count the cut"
     );
+    // What the sweeps cost is shown: the full ones read at least the flows set up here.
+    assert!(
+        w.metric_sum("palisade_conntrack_sweep_entries_total{kind=\"full\"") >= 2,
+        "palisade_conntrack_sweep_entries_total did not count the entries a full sweep read"
+    );
     // A new connection is refused as well (the rules, not only the sweep).
     let out = w.client.ns.try_exec(&[
         "python3",

@@ -193,6 +193,7 @@ const LOG_FLOWS_MAX: usize = 20;
 /// Logs a sweep (each cut flow with the pod and policies that denied it, at info) and counts it.
 pub fn log_report(report: &SweepReport, metrics: &Metrics) {
     metrics.flows_revoked(report.kind(), report.cut.len() as u64, report.unjudged);
+    metrics.sweep_cost(report.kind(), report.took, report.scanned);
     let took_ms = report.took.as_secs_f64() * 1e3;
     if report.cut.is_empty() {
         tracing::debug!(
