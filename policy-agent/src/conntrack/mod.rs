@@ -120,21 +120,44 @@ pub fn seen(e: &Entry<'_>) -> std::result::Result<Seen, Unjudged> {
     }))
 }
 
-/// The attributes that name an entry for deletion: original tuple, zone, id.
-fn delete_key(e: &Entry<'_>) -> Vec<ConntrackAttribute> {
-    e.attributes(&[CTA_TUPLE_ORIG, CTA_ZONE, CTA_ID])
+/// Attributes that name one conntrack entry in a GET or DELETE: always an original tuple, with
+/// the zone (and, to delete, the id). The kernel takes a DELETE that names no tuple as "flush the
+/// whole table", so no request is sent without one: an entry whose tuple the crate cannot parse
+/// is left alone (unjudged), never turned into a flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EntryKey(Vec<ConntrackAttribute>);
+
+impl EntryKey {
+    fn of(attrs: Vec<ConntrackAttribute>) -> Option<Self> {
+        attrs
+            .iter()
+            .any(|a| matches!(a, ConntrackAttribute::CtaTupleOrig(_)))
+            .then_some(EntryKey(attrs))
+    }
+}
+
+/// What names an entry for deletion: original tuple, zone, id.
+fn delete_key(e: &Entry<'_>) -> Option<EntryKey> {
+    EntryKey::of(e.attributes(&[CTA_TUPLE_ORIG, CTA_ZONE, CTA_ID]))
 }
 
 /// The original tuple (and zone) of an entry the flow's reply direction would create: the entry's
 /// reply tuple.
-fn comeback_key(e: &Entry<'_>) -> Vec<ConntrackAttribute> {
-    e.attributes(&[CTA_TUPLE_REPLY, CTA_ZONE])
-        .into_iter()
-        .map(|a| match a {
-            ConntrackAttribute::CtaTupleReply(t) => ConntrackAttribute::CtaTupleOrig(t),
-            other => other,
-        })
-        .collect()
+fn comeback_key(e: &Entry<'_>) -> Option<EntryKey> {
+    EntryKey::of(
+        e.attributes(&[CTA_TUPLE_REPLY, CTA_ZONE])
+            .into_iter()
+            .map(|a| match a {
+                ConntrackAttribute::CtaTupleReply(t) => ConntrackAttribute::CtaTupleOrig(t),
+                other => other,
+            })
+            .collect(),
+    )
+}
+
+/// What a GET of a kept flow names it by (its original tuple and zone as the kernel sent them).
+fn known_key(k: &Known) -> Option<EntryKey> {
+    EntryKey::of(Entry::new(k.family, &k.key).attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]))
 }
 
 /// One flow cut, with what denied it (for the log).
@@ -291,12 +314,12 @@ pub struct Revoker {
 }
 
 /// An entry judged denied: its family, delete key, comeback key and why.
-type Doomed = (
-    NetfilterProtoFamily,
-    Vec<ConntrackAttribute>,
-    Vec<ConntrackAttribute>,
-    Cut,
-);
+type Doomed = (NetfilterProtoFamily, EntryKey, EntryKey, Cut);
+
+/// An entry judged denied, to be cut: `None` (and counted unjudged) when it cannot be named.
+fn doom(e: &Entry<'_>, cut: Cut) -> Option<Doomed> {
+    Some((e.family, delete_key(e)?, comeback_key(e)?, cut))
+}
 
 /// What one entry comes to.
 enum Judged {
@@ -342,7 +365,7 @@ struct Watched {
     until: Instant,
     family: NetfilterProtoFamily,
     /// The cut entry's reply tuple (and zone): the original tuple of such a comeback.
-    key: Vec<ConntrackAttribute>,
+    key: EntryKey,
     flow: Flow,
 }
 
@@ -437,7 +460,11 @@ impl Revoker {
                 continue; // allowed again: the comeback is legitimate
             }
             report.judged += 1;
-            match self.delete(w.family, delete_key(&Entry::new(family, &found))) {
+            let Some(key) = delete_key(&Entry::new(family, &found)) else {
+                report.unjudged += 1;
+                continue;
+            };
+            match self.delete(w.family, key) {
                 Ok(true) => report.cut.push(Cut { flow, why }),
                 Ok(false) => report.gone += 1,
                 Err(e) => {
@@ -457,7 +484,7 @@ impl Revoker {
     fn get(
         &mut self,
         family: NetfilterProtoFamily,
-        key: Vec<ConntrackAttribute>,
+        key: EntryKey,
     ) -> Result<Option<(NetfilterProtoFamily, Vec<u8>)>> {
         const ACTION: &str = "read conntrack get answer";
         let seq = send(
@@ -465,7 +492,7 @@ impl Revoker {
             &mut self.seq,
             family,
             NLM_F_REQUEST | NLM_F_ACK,
-            ConntrackMessage::Get(key),
+            ConntrackMessage::Get(key.0),
         )?;
         let mut found = None;
         loop {
@@ -495,17 +522,13 @@ impl Revoker {
     }
 
     /// Deletes one entry; false when it was already gone.
-    fn delete(
-        &mut self,
-        family: NetfilterProtoFamily,
-        key: Vec<ConntrackAttribute>,
-    ) -> Result<bool> {
+    fn delete(&mut self, family: NetfilterProtoFamily, key: EntryKey) -> Result<bool> {
         let seq = send(
             &self.socket,
             &mut self.seq,
             family,
             NLM_F_REQUEST | NLM_F_ACK,
-            ConntrackMessage::Delete(key),
+            ConntrackMessage::Delete(key.0),
         )?;
         loop {
             self.buf.clear();
@@ -560,7 +583,7 @@ impl Revoker {
         }
         self.addrs.refresh()?;
         let adm = Admitter::new(model);
-        let mut doomed: Vec<Doomed> = Vec::new();
+        let mut to_cut: Vec<Doomed> = Vec::new();
         let mut rec = Recording::new(start);
         // One dump of both families (family unspecified): the kernel walks its whole conntrack hash
         // table (all namespaces' buckets) per dump, ~10 ms at 256k buckets, whatever we keep.
@@ -590,10 +613,13 @@ impl Revoker {
                             dst: flow.dst,
                         });
                     }
-                    Judged::Denied(cut) => {
-                        *judged += 1;
-                        doomed.push((e.family, delete_key(e), comeback_key(e), cut));
-                    }
+                    Judged::Denied(cut) => match doom(e, cut) {
+                        Some(d) => {
+                            *judged += 1;
+                            to_cut.push(d);
+                        }
+                        None => *unjudged += 1,
+                    },
                 }
                 true
             };
@@ -630,7 +656,7 @@ impl Revoker {
             }
             None => self.known.replace(rec),
         }
-        self.cut(doomed, &mut report);
+        self.cut(to_cut, &mut report);
         report.took = start.elapsed();
         Ok(report)
     }
@@ -658,16 +684,17 @@ impl Revoker {
         }
         self.addrs.refresh()?;
         let adm = Admitter::new(model);
-        let mut doomed: Vec<Doomed> = Vec::new();
+        let mut to_cut: Vec<Doomed> = Vec::new();
         let mut done: BTreeSet<usize> = BTreeSet::new();
         for i in concerned {
             let Some(k) = self.known.get(i) else {
                 continue;
             };
-            let (family, key) = (
-                k.family,
-                Entry::new(k.family, &k.key).attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]),
-            );
+            let family = k.family;
+            let Some(key) = known_key(k) else {
+                done.insert(i); // cannot be named: a full sweep judges it
+                continue;
+            };
             let Some((family, attrs)) = self.get(family, key)? else {
                 done.insert(i); // closed and gone since the dump
                 continue;
@@ -680,15 +707,18 @@ impl Revoker {
                 }
                 Judged::Unjudged => report.unjudged += 1,
                 Judged::Admitted(_) => report.judged += 1,
-                Judged::Denied(cut) => {
-                    report.judged += 1;
-                    done.insert(i);
-                    doomed.push((family, delete_key(&e), comeback_key(&e), cut));
-                }
+                Judged::Denied(cut) => match doom(&e, cut) {
+                    Some(d) => {
+                        report.judged += 1;
+                        done.insert(i);
+                        to_cut.push(d);
+                    }
+                    None => report.unjudged += 1,
+                },
             }
         }
         self.known.drop_indices(&done);
-        self.cut(doomed, &mut report);
+        self.cut(to_cut, &mut report);
         report.took = start.elapsed();
         Ok(Some(report))
     }
@@ -701,7 +731,8 @@ impl Revoker {
         if released.is_empty() {
             return Ok(0);
         }
-        let mut doomed: Vec<(NetfilterProtoFamily, Vec<ConntrackAttribute>)> = Vec::new();
+        let mut doomed: Vec<(NetfilterProtoFamily, EntryKey)> = Vec::new();
+        let mut unnamed = 0u64;
         let mut each = |e: &Entry<'_>| {
             let (o, r) = (e.orig(), e.reply());
             let involved = [o.src, o.dst, r.src, r.dst]
@@ -709,7 +740,10 @@ impl Revoker {
                 .flatten()
                 .any(|ip| released.contains(&ip));
             if involved {
-                doomed.push((e.family, delete_key(e)));
+                match delete_key(e) {
+                    Some(key) => doomed.push((e.family, key)),
+                    None => unnamed += 1,
+                }
             }
             true
         };
@@ -720,6 +754,9 @@ impl Revoker {
         };
         // `each` never declines: the dump is read to its end.
         dumper.dump(NetfilterProtoFamily::Unspec, &mut each)?;
+        if unnamed > 0 {
+            tracing::warn!(entries = unnamed, "conntrack entries of released addresses whose tuple cannot be read were left alone; they end with their timeouts");
+        }
         let mut deleted = 0;
         for (family, key) in doomed {
             if self.delete(family, key)? {
@@ -1421,13 +1458,53 @@ mod tests {
         assert_eq!(seen_of(&[]), Err(Unjudged::NoOriginalSource));
     }
 
+    /// The kernel flushes the whole conntrack table on a DELETE that names no tuple: an entry whose
+    /// original tuple the crate cannot parse (here a port two bytes short of the kernel's) gives
+    /// no key at all, where a key of its zone and id alone would have flushed every flow.
+    #[test]
+    fn an_entry_whose_tuple_cannot_be_parsed_is_never_named_by_its_zone_alone() {
+        let mut bytes = emitted(&entry(
+            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, None),
+            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
+        ));
+        // The original tuple's protocol half, with a 1-byte destination port appended.
+        let odd = [5u8, 0, 3, 0, 80, 0, 0, 0];
+        let orig_len = u16::from_ne_bytes([bytes[0], bytes[1]]) as usize;
+        let proto_at = 4 + u16::from_ne_bytes([bytes[4], bytes[5]]) as usize;
+        for (at, grow) in [(0, 8u16), (proto_at, 8)] {
+            let len = u16::from_ne_bytes([bytes[at], bytes[at + 1]]) + grow;
+            bytes[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+        }
+        bytes.splice(orig_len..orig_len, odd);
+        let e = Entry::new(NetfilterProtoFamily::IPv4, &bytes);
+        assert!(
+            matches!(seen(&e), Ok(Seen::Judge(_))),
+            "read in place: the entry is still judged ({:?})",
+            seen(&e)
+        );
+        assert_eq!(delete_key(&e), None, "a delete without the original tuple");
+        assert_eq!(
+            comeback_key(&e).map(|k| k.0.len()),
+            Some(2),
+            "the reply tuple is fine"
+        );
+        assert_eq!(
+            EntryKey::of(vec![ConntrackAttribute::Other(DefaultNla::new(
+                CTA_ZONE,
+                vec![0, 3]
+            ))]),
+            None
+        );
+    }
+
     #[test]
     fn a_delete_names_the_original_tuple_zone_and_id_only() {
         let e = entry(
             tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
             tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
         );
-        let key = delete_key(&Entry::new(NetfilterProtoFamily::IPv4, &emitted(&e)));
+        let EntryKey(key) =
+            delete_key(&Entry::new(NetfilterProtoFamily::IPv4, &emitted(&e))).unwrap();
         assert_eq!(key.len(), 3);
         assert!(matches!(key[0], ConntrackAttribute::CtaTupleOrig(_)));
         let kinds: Vec<u16> = key[1..].iter().map(|a| a.kind()).collect();
