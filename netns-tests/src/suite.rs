@@ -264,3 +264,34 @@ fn leftovers(lab_name: &str) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Selection;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// As libtest reads its arguments: a filter selects the names containing it, `--exact` only
+    /// the name itself, no filter every test; options are never filters.
+    #[test]
+    fn a_selection_reads_filters_and_exact_as_libtest_does() {
+        let name = "upstream::T02 should support a 'default-deny-all' policy";
+        for (given, selects) in [
+            (&[][..], true),
+            (&["T02"][..], true),
+            (&["T03"][..], false),
+            (&["T03", "deny-all"][..], true),
+            (&["--exact", "T02"][..], false),
+            (&["--exact", name][..], true),
+            (&["--nocapture"][..], true),
+        ] {
+            assert_eq!(
+                Selection::of(&args(given)).selects(name),
+                selects,
+                "{given:?}"
+            );
+        }
+    }
+}

@@ -1212,6 +1212,36 @@ mod tests {
         );
     }
 
+    /// One read holds several messages, each padded to 4 bytes; a length that runs past what was
+    /// read is an error (and ends the read), never a slice past the buffer.
+    #[test]
+    fn a_read_splits_into_its_messages_and_refuses_one_cut_short() {
+        fn message(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+            let len = 16 + body.len();
+            let mut m = Vec::new();
+            m.extend_from_slice(&(len as u32).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&0u16.to_ne_bytes());
+            m.extend_from_slice(&seq.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(body);
+            m.resize((len + 3) & !3, 0);
+            m
+        }
+        let mut buf = message(CT_NEW, 7, &[2, 0, 0, 0, 1]);
+        buf.extend(message(NLMSG_DONE, 7, &[0, 0, 0, 0]));
+        let got: Vec<(u16, u32, usize)> = frames(&buf, "test")
+            .map(|f| f.map(|f| (f.kind, f.seq, f.bytes.len())).unwrap())
+            .collect();
+        assert_eq!(got, vec![(CT_NEW, 7, 21), (NLMSG_DONE, 7, 20)]);
+
+        let mut cut = message(CT_NEW, 8, &[2, 0, 0, 0]);
+        cut[0] = 200; // claims 200 bytes of the 20 read
+        let got: Vec<_> = frames(&cut, "test").collect();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_err());
+    }
+
     /// What a sweep remembers a kept flow by is read back into the very attributes a GET must
     /// name: the original tuple and the zone, nothing else.
     #[test]
