@@ -1289,7 +1289,7 @@ mod tests {
     #[test]
     #[ignore]
     fn what_a_full_sweep_spends() {
-        // Under and over what a sweep remembers (`known::KNOWN_MAX`).
+        // Both under what a sweep remembers (`known::KNOWN_MAX`): every flow's key is kept.
         const SIZES: [u16; 2] = [20_000, 50_000];
         const ROUNDS: usize = 7;
         enter_netns_of_web_and_cli();
@@ -1386,6 +1386,49 @@ mod tests {
                 s0 / r0
             );
         }
+    }
+
+    /// Benchmark (not in CI: `cargo test --release -p palisade-agent --lib -- --ignored
+    /// --nocapture what_a_kept_flows_key_costs`): the memory of what a sweep remembers a kept
+    /// flow by, 30k real entries, as the crate's parsed attributes (before) and as the raw
+    /// attributes (now): the growth of the process's resident memory per key.
+    #[test]
+    #[ignore]
+    fn what_a_kept_flows_key_costs() {
+        const FLOWS: u16 = 30_000;
+        enter_netns_of_web_and_cli();
+        let web = std::net::UdpSocket::bind("10.0.1.1:0").unwrap();
+        for port in 1..=FLOWS {
+            web.send_to(b"x", ("10.0.1.2", port)).unwrap();
+        }
+        let (_rt, mut r) = revoker();
+        let rss = || -> u64 {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+            pages * 4096
+        };
+        let (mut parsed, mut raw) = (Vec::new(), Vec::new());
+        let before = rss();
+        dump_all(&mut r, &mut |e| {
+            parsed.push(e.attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]));
+            true
+        })
+        .unwrap();
+        let between = rss();
+        dump_all(&mut r, &mut |e| {
+            raw.push(lookup_key(e));
+            true
+        })
+        .unwrap();
+        let after = rss();
+        assert!(parsed.len() >= usize::from(FLOWS) && raw.len() == parsed.len());
+        eprintln!(
+            "{} keys: as parsed attributes {} bytes each, raw {} bytes each",
+            raw.len(),
+            (between - before) / parsed.len() as u64,
+            (after - between) / raw.len() as u64
+        );
+        std::hint::black_box((parsed, raw));
     }
 
     /// Entry → what the hook saw → verdict, as a sweep does it.
