@@ -841,13 +841,13 @@ impl Engine {
         let now = Instant::now();
         self.sweep_credit.spend(now, now - start);
         match swept {
-            Ok(report) if report.yielded => {
-                crate::conntrack::log_report(&report, &self.metrics);
-                self.sched.sweep_yielded(now);
-            }
             Ok(report) => {
-                self.sweep_owed_since = None;
                 crate::conntrack::log_report(&report, &self.metrics);
+                if report.yielded {
+                    self.sched.sweep_yielded(now);
+                } else {
+                    self.sweep_owed_since = None;
+                }
             }
             Err(e) => {
                 self.sweep_owed_since = None;

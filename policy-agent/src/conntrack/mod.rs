@@ -302,9 +302,9 @@ impl NodeAddrs {
 
 /// Cuts established flows that lost their permission. Lives on the reconcile thread.
 pub struct Revoker {
-    socket: Socket,
-    seq: u32,
-    buf: Vec<u8>,
+    /// The conntrack socket and what requests on it need; a field of its own, so a dump's
+    /// per-entry closure can read `addrs` meanwhile.
+    link: Link,
     addrs: NodeAddrs,
     /// Flows cut recently, watched for a comeback in the other direction (see [`Revoker::recheck`]).
     watched: Vec<Watched>,
@@ -404,9 +404,11 @@ impl Revoker {
         };
         rt.spawn(conn);
         Ok(Revoker {
-            socket,
-            seq: 0,
-            buf: Vec::with_capacity(RECV_BUF),
+            link: Link {
+                socket,
+                seq: 0,
+                buf: Vec::with_capacity(RECV_BUF),
+            },
             addrs: NodeAddrs {
                 handle,
                 rt: rt.clone(),
@@ -448,7 +450,7 @@ impl Revoker {
                 continue;
             }
             w.next = start + ((start - w.since) / 8).clamp(RECHECK_EVERY, RECHECK_MAX);
-            let Some((family, found)) = self.get(w.family, w.key.clone())? else {
+            let Some((family, found)) = self.link.get(w.family, w.key.clone())? else {
                 continue;
             };
             report.scanned += 1;
@@ -464,7 +466,7 @@ impl Revoker {
                 report.unjudged += 1;
                 continue;
             };
-            match self.delete(w.family, key) {
+            match self.link.delete(w.family, key) {
                 Ok(true) => report.cut.push(Cut { flow, why }),
                 Ok(false) => report.gone += 1,
                 Err(e) => {
@@ -477,87 +479,6 @@ impl Revoker {
         self.next_recheck = self.watched.iter().map(|w| w.next).min();
         report.took = start.elapsed();
         Ok(report)
-    }
-
-    /// Looks one entry up by original tuple (and zone): its family and attributes (see
-    /// [`Entry::new`]); `None` when there is none.
-    fn get(
-        &mut self,
-        family: NetfilterProtoFamily,
-        key: EntryKey,
-    ) -> Result<Option<(NetfilterProtoFamily, Vec<u8>)>> {
-        const ACTION: &str = "read conntrack get answer";
-        let seq = send(
-            &self.socket,
-            &mut self.seq,
-            family,
-            NLM_F_REQUEST | NLM_F_ACK,
-            ConntrackMessage::Get(key.0),
-        )?;
-        let mut found = None;
-        loop {
-            self.buf.clear();
-            let n = self.socket.recv(&mut self.buf, 0).map_err(nl(ACTION))?;
-            for frame in frames(&self.buf[..n], ACTION) {
-                let frame = frame?;
-                if frame.seq != seq {
-                    continue;
-                }
-                if let Some(e) = frame.entry() {
-                    found = Some((e.family, frame.bytes[ENTRY_ATTRS..].to_vec()));
-                    continue;
-                }
-                if let NetlinkPayload::Error(e) = frame.status(ACTION)? {
-                    return match e.code {
-                        None => Ok(found),
-                        Some(c) if c.get() == -libc::ENOENT => Ok(None),
-                        Some(_) => Err(Error::Netlink {
-                            action: "look up a conntrack entry",
-                            message: e.to_io().to_string(),
-                        }),
-                    };
-                }
-            }
-        }
-    }
-
-    /// Deletes one entry; false when it was already gone.
-    fn delete(&mut self, family: NetfilterProtoFamily, key: EntryKey) -> Result<bool> {
-        let seq = send(
-            &self.socket,
-            &mut self.seq,
-            family,
-            NLM_F_REQUEST | NLM_F_ACK,
-            ConntrackMessage::Delete(key.0),
-        )?;
-        loop {
-            self.buf.clear();
-            let n = self
-                .socket
-                .recv(&mut self.buf, 0)
-                .map_err(nl("read conntrack delete answer"))?;
-            let msg =
-                NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[..n]).map_err(|e| {
-                    Error::Netlink {
-                        action: "read conntrack delete answer",
-                        message: e.to_string(),
-                    }
-                })?;
-            if msg.header.sequence_number != seq {
-                continue;
-            }
-            return match msg.payload {
-                NetlinkPayload::Error(e) => match e.code {
-                    None => Ok(true),
-                    Some(c) if c.get() == -libc::ENOENT => Ok(false),
-                    Some(_) => Err(Error::Netlink {
-                        action: "delete conntrack entry",
-                        message: e.to_io().to_string(),
-                    }),
-                },
-                _ => Ok(true),
-            };
-        }
     }
 
     /// Judges every conntrack entry of this namespace against `model` and deletes those of flows the
@@ -623,13 +544,7 @@ impl Revoker {
                 }
                 true
             };
-            // The closure reads `self.addrs` while the dump borrows the socket.
-            let mut dumper = Dumper {
-                socket: &self.socket,
-                seq: &mut self.seq,
-                buf: &mut self.buf,
-            };
-            dumper.dump(NetfilterProtoFamily::Unspec, &mut each)
+            self.link.dump(NetfilterProtoFamily::Unspec, &mut each)
         };
         let abandoned = match dumped {
             Ok(a) => a,
@@ -645,13 +560,8 @@ impl Revoker {
                 // Closing the socket ends the kernel's dump at once; reading its rest would take
                 // about as long as judging it did. Without a new socket, the rest is read.
                 match conntrack_socket() {
-                    Ok(fresh) => self.socket = fresh,
-                    Err(_) => Dumper {
-                        socket: &self.socket,
-                        seq: &mut self.seq,
-                        buf: &mut self.buf,
-                    }
-                    .drain(seq)?,
+                    Ok(fresh) => self.link.socket = fresh,
+                    Err(_) => self.link.drain(seq)?,
                 }
             }
             None => self.known.replace(rec),
@@ -695,7 +605,7 @@ impl Revoker {
                 done.insert(i); // cannot be named: a full sweep judges it
                 continue;
             };
-            let Some((family, attrs)) = self.get(family, key)? else {
+            let Some((family, attrs)) = self.link.get(family, key)? else {
                 done.insert(i); // closed and gone since the dump
                 continue;
             };
@@ -747,19 +657,14 @@ impl Revoker {
             }
             true
         };
-        let mut dumper = Dumper {
-            socket: &self.socket,
-            seq: &mut self.seq,
-            buf: &mut self.buf,
-        };
         // `each` never declines: the dump is read to its end.
-        dumper.dump(NetfilterProtoFamily::Unspec, &mut each)?;
+        self.link.dump(NetfilterProtoFamily::Unspec, &mut each)?;
         if unnamed > 0 {
             tracing::warn!(entries = unnamed, "conntrack entries of released addresses whose tuple cannot be read were left alone; they end with their timeouts");
         }
         let mut deleted = 0;
         for (family, key) in doomed {
-            if self.delete(family, key)? {
+            if self.link.delete(family, key)? {
                 deleted += 1;
             }
         }
@@ -769,7 +674,7 @@ impl Revoker {
     /// Deletes the doomed entries and watches each for a comeback in its reply direction.
     fn cut(&mut self, doomed: Vec<Doomed>, report: &mut SweepReport) {
         for (family, key, watch, cut) in doomed {
-            match self.delete(family, key) {
+            match self.link.delete(family, key) {
                 Ok(true) => {
                     if self.watched.len() >= WATCH_MAX {
                         self.watched.remove(0);
@@ -795,32 +700,6 @@ impl Revoker {
             }
         }
     }
-}
-
-/// Sends one conntrack request with the next sequence number, which it returns.
-fn send(
-    socket: &Socket,
-    seq: &mut u32,
-    family: NetfilterProtoFamily,
-    flags: u16,
-    msg: ConntrackMessage,
-) -> Result<u32> {
-    *seq = seq.wrapping_add(1);
-    let mut hdr = NetlinkHeader::default();
-    hdr.flags = flags;
-    hdr.sequence_number = *seq;
-    let mut packet = NetlinkMessage::new(
-        hdr,
-        NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(family, 0, 0),
-            msg,
-        )),
-    );
-    packet.finalize();
-    let mut out = vec![0; packet.buffer_len()];
-    packet.serialize(&mut out);
-    socket.send(&out, 0).map_err(nl("send conntrack request"))?;
-    Ok(*seq)
 }
 
 /// An nfnetlink socket for conntrack in the calling thread's network namespace.
@@ -895,23 +774,118 @@ fn frames<'a>(buf: &'a [u8], action: &'static str) -> impl Iterator<Item = Resul
     })
 }
 
-/// The dump half of [`Revoker`], borrowing its socket, so the per-entry closure can read the
-/// revoker's cached addresses meanwhile.
-struct Dumper<'a> {
-    socket: &'a Socket,
-    seq: &'a mut u32,
-    buf: &'a mut Vec<u8>,
+/// The conntrack socket of a [`Revoker`]: its requests and the reading of their answers.
+struct Link {
+    socket: Socket,
+    seq: u32,
+    /// Where answers are read into ([`RECV_BUF`]).
+    buf: Vec<u8>,
 }
 
-impl Dumper<'_> {
+impl Link {
+    /// Sends one conntrack request with the next sequence number, which it returns.
+    fn send(
+        &mut self,
+        family: NetfilterProtoFamily,
+        flags: u16,
+        msg: ConntrackMessage,
+    ) -> Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut hdr = NetlinkHeader::default();
+        hdr.flags = flags;
+        hdr.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(
+            hdr,
+            NetlinkPayload::from(NetfilterMessage::new(
+                NetfilterHeader::new(family, 0, 0),
+                msg,
+            )),
+        );
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket
+            .send(&out, 0)
+            .map_err(nl("send conntrack request"))?;
+        Ok(self.seq)
+    }
+
+    /// Looks one entry up by original tuple (and zone): its family and attributes (see
+    /// [`Entry::new`]); `None` when there is none.
+    fn get(
+        &mut self,
+        family: NetfilterProtoFamily,
+        key: EntryKey,
+    ) -> Result<Option<(NetfilterProtoFamily, Vec<u8>)>> {
+        const ACTION: &str = "read conntrack get answer";
+        let seq = self.send(
+            family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            ConntrackMessage::Get(key.0),
+        )?;
+        let mut found = None;
+        self.answer(seq, ACTION, |frame| {
+            if let Some(e) = frame.entry() {
+                found = Some((e.family, frame.bytes[ENTRY_ATTRS..].to_vec()));
+                return Ok(None);
+            }
+            match frame.status(ACTION)? {
+                NetlinkPayload::Error(e) => match e.code {
+                    None => Ok(Some(found.take())),
+                    Some(c) if c.get() == -libc::ENOENT => Ok(Some(None)),
+                    Some(_) => Err(Error::Netlink {
+                        action: "look up a conntrack entry",
+                        message: e.to_io().to_string(),
+                    }),
+                },
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// Deletes one entry; false when it was already gone.
+    fn delete(&mut self, family: NetfilterProtoFamily, key: EntryKey) -> Result<bool> {
+        let seq = self.send(
+            family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            ConntrackMessage::Delete(key.0),
+        )?;
+        loop {
+            self.buf.clear();
+            let n = self
+                .socket
+                .recv(&mut self.buf, 0)
+                .map_err(nl("read conntrack delete answer"))?;
+            let msg =
+                NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[..n]).map_err(|e| {
+                    Error::Netlink {
+                        action: "read conntrack delete answer",
+                        message: e.to_string(),
+                    }
+                })?;
+            if msg.header.sequence_number != seq {
+                continue;
+            }
+            return match msg.payload {
+                NetlinkPayload::Error(e) => match e.code {
+                    None => Ok(true),
+                    Some(c) if c.get() == -libc::ENOENT => Ok(false),
+                    Some(_) => Err(Error::Netlink {
+                        action: "delete conntrack entry",
+                        message: e.to_io().to_string(),
+                    }),
+                },
+                _ => Ok(true),
+            };
+        }
+    }
+
     fn dump(
         &mut self,
         family: NetfilterProtoFamily,
         each: &mut EachEntry<'_>,
     ) -> Result<Option<u32>> {
-        let seq = send(
-            self.socket,
-            self.seq,
+        let seq = self.send(
             family,
             NLM_F_REQUEST | NLM_F_DUMP,
             ConntrackMessage::Get(vec![]),
@@ -925,38 +899,45 @@ impl Dumper<'_> {
     }
 
     /// Reads dump `seq`, handing each entry to `each` (none: skipped unread) until its end
-    /// (`None`) or until `each` declines (`Some(seq)`: the rest is unread, see [`Dumper::drain`]).
+    /// (`None`) or until `each` declines (`Some(seq)`: the rest is unread, see [`Link::drain`]).
     fn read(&mut self, seq: u32, mut each: Option<&mut EachEntry<'_>>) -> Result<Option<u32>> {
         const ACTION: &str = "read conntrack dump";
+        self.answer(seq, ACTION, |frame| {
+            if let Some(e) = frame.entry() {
+                let declined = each.as_mut().is_some_and(|each| !each(&e));
+                return Ok(declined.then_some(Some(seq)));
+            }
+            match frame.kind {
+                NLMSG_DONE => Ok(Some(None)),
+                NLMSG_ERROR => match frame.status(ACTION)? {
+                    NetlinkPayload::Error(e) if e.code.is_some() => Err(Error::Netlink {
+                        action: "dump conntrack",
+                        message: e.to_io().to_string(),
+                    }),
+                    _ => Ok(None),
+                },
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// Reads the answers to request `seq`, handing each of their messages to `on` until it
+    /// returns a result (`Some`) or an error.
+    fn answer<R>(
+        &mut self,
+        seq: u32,
+        action: &'static str,
+        mut on: impl FnMut(&Frame<'_>) -> Result<Option<R>>,
+    ) -> Result<R> {
         loop {
             self.buf.clear();
-            let n = self.socket.recv(self.buf, 0).map_err(nl(ACTION))?;
-            for frame in frames(&self.buf[..n], ACTION) {
+            let n = self.socket.recv(&mut self.buf, 0).map_err(nl(action))?;
+            for frame in frames(&self.buf[..n], action) {
                 let frame = frame?;
-                if frame.seq != seq {
-                    continue;
-                }
-                if let Some(e) = frame.entry() {
-                    if let Some(each) = each.as_mut() {
-                        if !each(&e) {
-                            return Ok(Some(seq));
-                        }
+                if frame.seq == seq {
+                    if let Some(r) = on(&frame)? {
+                        return Ok(r);
                     }
-                    continue;
-                }
-                match frame.kind {
-                    NLMSG_DONE => return Ok(None),
-                    NLMSG_ERROR => {
-                        if let NetlinkPayload::Error(e) = frame.status(ACTION)? {
-                            if e.code.is_some() {
-                                return Err(Error::Netlink {
-                                    action: "dump conntrack",
-                                    message: e.to_io().to_string(),
-                                });
-                            }
-                        }
-                    }
-                    _ => {}
                 }
             }
         }
@@ -1126,16 +1107,6 @@ mod tests {
             .unwrap();
         let r = Revoker::new(rt.handle()).unwrap();
         (rt, r)
-    }
-
-    /// Dumps both families, handing each entry to `each`.
-    fn dump_all(r: &mut Revoker, each: &mut EachEntry<'_>) -> Result<Option<u32>> {
-        Dumper {
-            socket: &r.socket,
-            seq: &mut r.seq,
-            buf: &mut r.buf,
-        }
-        .dump(NetfilterProtoFamily::Unspec, each)
     }
 
     /// Moves the test's thread into a namespace of its own where a/web (10.0.1.1) and a/cli
@@ -1308,46 +1279,42 @@ mod tests {
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 let t = Instant::now();
-                let seq = send(
-                    &r.socket,
-                    &mut r.seq,
-                    NetfilterProtoFamily::Unspec,
-                    NLM_F_REQUEST | NLM_F_DUMP,
-                    ConntrackMessage::Get(vec![]),
-                )
-                .unwrap();
-                Dumper {
-                    socket: &r.socket,
-                    seq: &mut r.seq,
-                    buf: &mut r.buf,
-                }
-                .drain(seq)
-                .unwrap();
+                let seq = r
+                    .link
+                    .send(
+                        NetfilterProtoFamily::Unspec,
+                        NLM_F_REQUEST | NLM_F_DUMP,
+                        ConntrackMessage::Get(vec![]),
+                    )
+                    .unwrap();
+                r.link.drain(seq).unwrap();
                 raw.push(ms(t));
 
                 // What a sweep reads of each entry, in place.
                 let t = Instant::now();
                 let mut entries = 0u64;
-                dump_all(&mut r, &mut |e| {
-                    entries += 1;
-                    std::hint::black_box(seen(e)).is_ok()
-                })
-                .unwrap();
+                r.link
+                    .dump(NetfilterProtoFamily::Unspec, &mut |e| {
+                        entries += 1;
+                        std::hint::black_box(seen(e)).is_ok()
+                    })
+                    .unwrap();
                 in_place.push(ms(t));
                 assert!(entries >= u64::from(flows), "{entries} entries");
 
                 // What a sweep read before: every attribute parsed by the crate.
                 let t = Instant::now();
                 let mut parsed = 0u64;
-                dump_all(&mut r, &mut |e| {
-                    let attrs: Vec<ConntrackAttribute> = NlasIterator::new(e.bytes())
-                        .map_while(|n| n.ok())
-                        .filter_map(|n| ConntrackAttribute::parse(&n).ok())
-                        .collect();
-                    parsed += u64::from(!std::hint::black_box(attrs).is_empty());
-                    true
-                })
-                .unwrap();
+                r.link
+                    .dump(NetfilterProtoFamily::Unspec, &mut |e| {
+                        let attrs: Vec<ConntrackAttribute> = NlasIterator::new(e.bytes())
+                            .map_while(|n| n.ok())
+                            .filter_map(|n| ConntrackAttribute::parse(&n).ok())
+                            .collect();
+                        parsed += u64::from(!std::hint::black_box(attrs).is_empty());
+                        true
+                    })
+                    .unwrap();
                 crate_parse.push(ms(t));
                 assert!(parsed >= u64::from(flows), "{parsed} entries parsed");
 
@@ -1409,17 +1376,19 @@ mod tests {
         };
         let (mut parsed, mut raw) = (Vec::new(), Vec::new());
         let before = rss();
-        dump_all(&mut r, &mut |e| {
-            parsed.push(e.attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]));
-            true
-        })
-        .unwrap();
+        r.link
+            .dump(NetfilterProtoFamily::Unspec, &mut |e| {
+                parsed.push(e.attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]));
+                true
+            })
+            .unwrap();
         let between = rss();
-        dump_all(&mut r, &mut |e| {
-            raw.push(lookup_key(e));
-            true
-        })
-        .unwrap();
+        r.link
+            .dump(NetfilterProtoFamily::Unspec, &mut |e| {
+                raw.push(lookup_key(e));
+                true
+            })
+            .unwrap();
         let after = rss();
         assert!(parsed.len() >= usize::from(FLOWS) && raw.len() == parsed.len());
         eprintln!(
