@@ -70,6 +70,17 @@ enum Command {
         /// difference in the ratios; only for rulesets that load in well under a second).
         #[arg(long)]
         same_lab: bool,
+        /// Exactly two systems, each in a lab of its own on every underlay: all their
+        /// connect/close slices become one slice whose connections alternate between the labs,
+        /// and every other round the two labs of an underlay trade rulesets (so a difference
+        /// between labs cancels). Resolves a cost far below the drift between two slices (the
+        /// source guard's, issue 11).
+        #[arg(long, conflicts_with = "same_lab")]
+        alternate: bool,
+        /// With `--alternate`: connections from one lab before the other's turn (1: each
+        /// connection meets the caches the other lab left; more: its own, warm).
+        #[arg(long, default_value_t = 1)]
+        alternate_turn: usize,
         /// ClusterNetworkPolicies (Admin and Baseline) added to every cluster; `palisade-no-cnp`
         /// is palisade without them.
         #[arg(long, default_value_t = 0)]
@@ -109,6 +120,23 @@ enum Command {
     Crr {
         #[arg(long)]
         target: SocketAddr,
+        /// Duration in milliseconds.
+        #[arg(long)]
+        ms: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// Connect/close loop alternating connection by connection between the client pods of
+    /// several labs (`--netns`, each an `ip netns` name, all serving `--target`); prints a JSON
+    /// array, one result per namespace in the order given. Run from the host, not in a pod.
+    CrrAlternate {
+        #[arg(long, required = true, num_args = 1)]
+        netns: Vec<String>,
+        #[arg(long)]
+        target: SocketAddr,
+        /// Connections from one namespace before the next one's turn.
+        #[arg(long, default_value_t = 1)]
+        turn: usize,
         /// Duration in milliseconds.
         #[arg(long)]
         ms: u64,
@@ -165,6 +193,35 @@ fn real_main(cli: Cli) -> Result<()> {
                 "{}",
                 serde_json::to_string(&r).map_err(|e| Error::Parse {
                     what: "crr result".into(),
+                    detail: e.to_string()
+                })?
+            );
+            Ok(())
+        }
+        Command::CrrAlternate {
+            netns,
+            target,
+            turn,
+            ms,
+            cpu,
+        } => {
+            if let Some(c) = cpu {
+                traffic::pin_to_cpu(c);
+            }
+            let sides = netns
+                .iter()
+                .map(|ns| {
+                    let path = format!("/run/netns/{ns}");
+                    std::fs::File::open(&path)
+                        .map(|f| (f, target))
+                        .map_err(palisade_bench::io_err_pub(format!("opening {path}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let r = traffic::crr_alternate(&sides, turn, Duration::from_millis(ms))?;
+            println!(
+                "{}",
+                serde_json::to_string(&r).map_err(|e| Error::Parse {
+                    what: "crr-alternate result".into(),
                     detail: e.to_string()
                 })?
             );
@@ -228,6 +285,8 @@ fn real_main(cli: Cli) -> Result<()> {
             palisade_from,
             underlays,
             same_lab,
+            alternate,
+            alternate_turn,
             cluster_policies,
         } => {
             let underlays = underlays
@@ -276,6 +335,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 palisade_override,
                 underlays,
                 same_lab,
+                alternate,
+                alternate_turn,
                 cluster_policies,
             };
             let command: String = std::env::args().collect::<Vec<_>>().join(" ");

@@ -183,7 +183,9 @@ the two lab nodes; 4 ingress policies select the server and 4 egress policies se
 500-IP peer set, and only the last of each four admits the other pod. For each policy count, every system gets its own \
 identical lab with its ruleset loaded once (load time reported) and its server started (with `--same-lab`, all \
 systems share one lab and each slice first loads its system's ruleset, so no lab-to-lab difference enters the \
-ratios); then each round runs one \
+ratios; with `--alternate`, two systems' connect/close slices are one slice whose connections alternate between \
+their two labs, each system's rate its connections over the time they took, and the labs trade rulesets every \
+round, so a lab's bias falls on both systems alike); then each round runs one \
 connect/close slice of every system (the systems one after the other, order rotated per round), then one \
 request/response slice of every system, and every few rounds one iperf3 run per system (slice lengths in the \
 command). Short interleaved slices let every system see the same background load. A run is void (excluded) when allowed connections fail or when a \

@@ -3,7 +3,7 @@
 //! port no policy admits is dropped, then measure connect/close rate, request/response latency and
 //! iperf3 throughput from the client pod to the server pod.
 
-use super::cmd::{run_in, ChildGuard};
+use super::cmd::{self, run_in, ChildGuard};
 use super::quiet;
 use super::rulesets::{self, Rendered, System};
 use super::topo::{Lab, Underlay, CLIENT_IP, SERVER_IP};
@@ -56,6 +56,12 @@ pub struct Config {
     pub underlays: Vec<Underlay>,
     /// All systems share one lab per underlay, each slice loading its system's ruleset first.
     pub same_lab: bool,
+    /// Two systems on each underlay, every one in a lab of its own, all their connect/close
+    /// slices one slice alternating between the labs; the two labs of an underlay trade rulesets
+    /// every round (`--alternate`).
+    pub alternate: bool,
+    /// Connections from one lab before the other's turn (`--alternate-turn`).
+    pub alternate_turn: usize,
     /// ClusterNetworkPolicies added to every cluster (`Cluster::with_cluster_policies`).
     pub cluster_policies: usize,
 }
@@ -238,7 +244,7 @@ fn load_one(
     underlay: Underlay,
     lab: Rc<LabRun>,
     prep: &Prepared,
-    same_lab: bool,
+    reloads: bool,
     exe: &str,
 ) -> Result<Loaded> {
     tracing::info!(policies = p, system = sys.name(), "loading");
@@ -260,7 +266,7 @@ fn load_one(
             return Ok(loaded);
         }
     }
-    if same_lab {
+    if reloads {
         loaded.reload = Some(prep.clone());
     }
     tracing::info!(
@@ -304,6 +310,13 @@ fn load_one(
 /// Runs the whole matrix; returns every sample (failed measurements carry `error`).
 pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
     let exe = exe_str(cfg)?;
+    if cfg.alternate && (cfg.systems.len() != 2 || cfg.same_lab) {
+        return Err(Error::Invalid(
+            "--alternate measures exactly two systems, each in a lab of its own on every \
+             underlay (not with --same-lab)"
+                .into(),
+        ));
+    }
     let mut samples = Vec::new();
     for &p in &cfg.policies {
         let single = Config {
@@ -328,11 +341,24 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                         lab
                     }
                 };
-                labs.push(load_one(p, sys, u, lab, prep, cfg.same_lab, &exe)?);
+                let reloads = cfg.same_lab || cfg.alternate;
+                labs.push(load_one(p, sys, u, lab, prep, reloads, &exe)?);
             }
         }
         drop(prepared);
         for round in 0..cfg.rounds {
+            if cfg.alternate && round > 0 {
+                // The two labs of each underlay trade rulesets: on even rounds each system is in
+                // the lab it was loaded in, on odd rounds in the other's (`activate` reloads).
+                // `labs` holds the first system's underlays, then the second's, in one order.
+                let half = labs.len() / 2;
+                let (first, second) = labs.split_at_mut(half);
+                for (a, b) in first.iter_mut().zip(second.iter_mut()) {
+                    if a.underlay == b.underlay {
+                        std::mem::swap(&mut a.lab, &mut b.lab);
+                    }
+                }
+            }
             let mut order: Vec<&Loaded> = labs.iter().collect();
             let shift = round % order.len().max(1);
             order.rotate_left(shift);
@@ -352,9 +378,12 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                     error: l.error.clone(),
                 })
                 .collect();
+            if cfg.alternate {
+                crr_alternate(cfg, &order, &mut round_samples, &exe);
+            }
             // Short slices, one system after the other, so every system sees the same machine.
             for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
-                if sample.error.is_none() {
+                if sample.error.is_none() && !cfg.alternate {
                     match l.activate().and_then(|()| client(cfg, l, &exe, "crr")) {
                         Ok(v) => sample.crr = serde_json::from_str(v.trim()).ok(),
                         Err(e) => sample.error = Some(e.to_string()),
@@ -395,6 +424,64 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
         }
     }
     Ok(samples)
+}
+
+/// One connect/close slice alternating connection by connection between the labs of `order`
+/// (`crr-alternate`, from the host), each lab's result into its sample. A failure voids every
+/// sample of the slice.
+fn crr_alternate(cfg: &Config, order: &[&Loaded], samples: &mut [Sample], exe: &str) {
+    if samples.iter().any(|s| s.error.is_some()) {
+        return;
+    }
+    let measured = (|| -> Result<Vec<CrrResult>> {
+        for l in order {
+            l.activate()?;
+        }
+        let slice = cfg.slice_ms.to_string();
+        let cpu = CLIENT_CPU.to_string();
+        let target = format!("{SERVER_IP}:{CRR_PORT}");
+        let turn = cfg.alternate_turn.to_string();
+        let mut args = vec![
+            "crr-alternate",
+            "--target",
+            &target,
+            "--turn",
+            &turn,
+            "--ms",
+            &slice,
+            "--cpu",
+            &cpu,
+        ];
+        for l in order {
+            args.extend(["--netns", l.lab.lab.client.as_str()]);
+        }
+        let out = cmd::run(exe, &args)?;
+        let results: Vec<CrrResult> =
+            serde_json::from_str(out.trim()).map_err(|e| Error::Parse {
+                what: "crr-alternate result".into(),
+                detail: e.to_string(),
+            })?;
+        if results.len() != order.len() {
+            return Err(Error::Invalid(format!(
+                "crr-alternate answered {} results for {} labs",
+                results.len(),
+                order.len()
+            )));
+        }
+        Ok(results)
+    })();
+    match measured {
+        Ok(results) => {
+            for (sample, r) in samples.iter_mut().zip(results) {
+                sample.crr = Some(r);
+            }
+        }
+        Err(e) => {
+            for sample in samples.iter_mut() {
+                sample.error = Some(e.to_string());
+            }
+        }
+    }
 }
 
 /// Runs one `crr` or `rr` slice in the lab's client pod; returns its JSON.
@@ -519,6 +606,47 @@ mod tests {
     use super::*;
     use crate::datapath::traffic::{probe_once, ProbeOutcome};
     use std::net::{SocketAddr, TcpListener};
+
+    /// `--alternate`'s client: every lab gets its turns, each lab's connections are counted on its
+    /// own side in the order the labs were given, and a lab whose server is gone fails alone.
+    #[test]
+    fn alternating_connections_are_counted_on_each_labs_own_side() {
+        use crate::datapath::traffic::{crr_alternate, serve};
+        let labs = [Lab::create().unwrap(), Lab::create().unwrap()];
+        let ns = labs[0].server.clone();
+        let server = std::thread::spawn(move || {
+            enter_netns(&ns)?;
+            serve(SERVER_IP, CRR_PORT, RR_PORT, Duration::from_millis(1500))
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        let target: SocketAddr = format!("{SERVER_IP}:{CRR_PORT}").parse().unwrap();
+        let sides: Vec<_> = labs
+            .iter()
+            .map(|l| {
+                let ns = std::fs::File::open(format!("/run/netns/{}", l.client)).unwrap();
+                (ns, target)
+            })
+            .collect();
+        let turn = 3;
+        let r = crr_alternate(&sides, turn, Duration::from_millis(300)).unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r[0].connections > 0, "the served lab connects: {:?}", r[0]);
+        assert_eq!(r[0].failures, 0, "{:?}", r[0]);
+        assert_eq!(
+            r[1].connections, 0,
+            "no server in the second lab: {:?}",
+            r[1]
+        );
+        assert!(r[1].failures > 0, "{:?}", r[1]);
+        let tries = |i: usize| r[i].connections + r[i].failures;
+        assert!(
+            tries(0).abs_diff(tries(1)) <= turn as u64,
+            "turns of {turn}: {} against {}",
+            tries(0),
+            tries(1)
+        );
+        server.join().unwrap().unwrap();
+    }
 
     /// Needs root (we always run tests as root): fails, never skips, when it cannot build the lab.
     #[test]

@@ -132,45 +132,108 @@ pub struct CrrResult {
     pub p99_us: f64,
 }
 
+/// One connection: connect, a 1-byte request, its 1-byte response, close.
+fn one_connection(target: SocketAddr, buf: &mut [u8; 8]) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.write_all(b"x")?;
+    s.read_exact(&mut buf[..1])?;
+    // The server closes first; wait for its FIN so the TIME_WAIT is on its side.
+    let _ = s.read(buf);
+    let _ = s.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+/// Connections of one side counted: successes, failures, the time they took, their latencies.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    failures: u64,
+    busy: Duration,
+    samples: Vec<f64>,
+}
+
+impl Tally {
+    fn add(&mut self, took: Duration, outcome: std::io::Result<()>) {
+        self.busy += took;
+        match outcome {
+            Ok(()) => {
+                self.ok += 1;
+                if self.samples.len() < 1_000_000 {
+                    self.samples.push(took.as_secs_f64() * 1e6);
+                }
+            }
+            Err(_) => self.failures += 1,
+        }
+    }
+
+    /// The result over `seconds` (the slice's wall time, or this side's share of it).
+    fn result(&self, seconds: f64) -> CrrResult {
+        CrrResult {
+            connections: self.ok,
+            failures: self.failures,
+            seconds,
+            per_second: self.ok as f64 / seconds,
+            p50_us: super::stats::median(&self.samples).unwrap_or(f64::NAN),
+            p99_us: super::stats::quantile(&self.samples, 0.99).unwrap_or(f64::NAN),
+        }
+    }
+}
+
 /// Opens, uses (1-byte request, 1-byte response) and closes connections one after another.
 pub fn crr(target: SocketAddr, duration: Duration) -> Result<CrrResult> {
     let start = Instant::now();
-    let mut ok = 0u64;
-    let mut failures = 0u64;
-    let mut samples: Vec<f64> = Vec::with_capacity(1 << 16);
+    let mut tally = Tally::default();
     let mut buf = [0u8; 8];
-    while start.elapsed() < duration && ok + failures < MAX_COUNT {
+    while start.elapsed() < duration && tally.ok + tally.failures < MAX_COUNT {
         let t0 = Instant::now();
-        let attempt = (|| -> std::io::Result<()> {
-            let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(Duration::from_secs(1)))?;
-            s.write_all(b"x")?;
-            s.read_exact(&mut buf[..1])?;
-            // The server closes first; wait for its FIN so the TIME_WAIT is on its side.
-            let _ = s.read(&mut buf);
-            let _ = s.shutdown(Shutdown::Both);
-            Ok(())
-        })();
-        match attempt {
-            Ok(()) => {
-                ok += 1;
-                if samples.len() < 1_000_000 {
-                    samples.push(t0.elapsed().as_secs_f64() * 1e6);
-                }
+        let outcome = one_connection(target, &mut buf);
+        tally.add(t0.elapsed(), outcome);
+    }
+    Ok(tally.result(start.elapsed().as_secs_f64()))
+}
+
+/// Moves the calling thread into the network namespace open as `ns`.
+fn set_netns(ns: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: setns on an open namespace fd; it changes only this thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Like [`crr`], but in turns from each of `sides` (a client pod's network namespace and the
+/// server it connects to): `turn` connections from the first, `turn` from the second, and so on.
+/// Two labs measured this way meet the same machine within a few connections of each other, so
+/// their ratio resolves costs far below the machine's drift between two slices. A turn of one
+/// connection measures each with the caches the other lab's left (what a node busy with many
+/// flows sees); longer turns, with its own warm. Each side's rate is its connections over the
+/// time they took (`seconds`: that side's share of the slice).
+pub fn crr_alternate(
+    sides: &[(std::fs::File, SocketAddr)],
+    turn: usize,
+    duration: Duration,
+) -> Result<Vec<CrrResult>> {
+    let mut tallies: Vec<Tally> = sides.iter().map(|_| Tally::default()).collect();
+    let start = Instant::now();
+    let mut buf = [0u8; 8];
+    let mut n = 0u64;
+    while start.elapsed() < duration && n < MAX_COUNT {
+        for ((ns, target), tally) in sides.iter().zip(tallies.iter_mut()) {
+            set_netns(ns).map_err(io_err("entering a client pod's network namespace"))?;
+            for _ in 0..turn.max(1) {
+                let t0 = Instant::now();
+                let outcome = one_connection(*target, &mut buf);
+                tally.add(t0.elapsed(), outcome);
+                n += 1;
             }
-            Err(_) => failures += 1,
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(CrrResult {
-        connections: ok,
-        failures,
-        seconds,
-        per_second: ok as f64 / seconds,
-        p50_us: super::stats::median(&samples).unwrap_or(f64::NAN),
-        p99_us: super::stats::quantile(&samples, 0.99).unwrap_or(f64::NAN),
-    })
+    Ok(tallies
+        .iter()
+        .map(|t| t.result(t.busy.as_secs_f64()))
+        .collect())
 }
 
 /// Result of a request/response run.
