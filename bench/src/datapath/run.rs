@@ -660,10 +660,11 @@ mod tests {
         let cluster = Cluster::generate(100, 42).unwrap();
         let allowed: SocketAddr = format!("{SERVER_IP}:{CRR_PORT}").parse().unwrap();
         let denied: SocketAddr = format!("{SERVER_IP}:{DENIED_PORT}").parse().unwrap();
-        // palisade-after is palisade plus commands an experimenter writes; there are none here.
+        // palisade-after is palisade plus commands an experimenter writes, palisade-tc-guard
+        // needs BPF objects built by hand (llc); there are none here.
         for sys in System::ALL
             .into_iter()
-            .filter(|s| *s != System::PalisadeAfter)
+            .filter(|s| !matches!(s, System::PalisadeAfter | System::PalisadeTcGuard))
         {
             for (ns, node) in [(&lab.node1, "node-1"), (&lab.node2, "node-2")] {
                 rulesets::load(

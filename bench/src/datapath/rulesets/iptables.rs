@@ -127,5 +127,6 @@ pub fn render(view: &NodeView) -> Rendered {
         nft_json: None,
         nft_after: None,
         rp_filter: Vec::new(),
+        tc_guard: Vec::new(),
     }
 }

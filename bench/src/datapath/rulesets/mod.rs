@@ -32,7 +32,7 @@ pub mod palisade_real;
 use super::cmd::timed_in;
 use super::topo::Underlay;
 use super::workload::Cluster;
-use crate::Result;
+use crate::{Error, Result};
 use std::time::Duration;
 
 /// The compared systems.
@@ -70,10 +70,15 @@ pub enum System {
     /// EXPERIMENT: the IPv4 source guard as the kernel's strict reverse-path filter on the measured
     /// pods' host veths instead of the guard's IPv4 rule.
     PalisadeRpFilter,
+    /// EXPERIMENT: the source guard outside nftables: a tc BPF classifier (direct action) on the
+    /// measured pods' host veths, `$PALISADE_BENCH_TC_GUARD/guard-<pod IPv4>.o` (the pod's
+    /// address passes, any other IPv4 source is dropped; IPv6 only from fe80::/10 or ::), no
+    /// guard rule in the base chains. The objects: `bench/results/alternate-20261207/tc-guard/`.
+    PalisadeTcGuard,
 }
 
 impl System {
-    pub const ALL: [System; 13] = [
+    pub const ALL: [System; 14] = [
         System::None,
         System::Iptables,
         System::NaiveNft,
@@ -87,6 +92,7 @@ impl System {
         System::PalisadeSizedSets,
         System::PalisadeAfter,
         System::PalisadeRpFilter,
+        System::PalisadeTcGuard,
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +110,7 @@ impl System {
             System::PalisadeSizedSets => "palisade-sized-sets",
             System::PalisadeAfter => "palisade-after",
             System::PalisadeRpFilter => "palisade-rpfilter",
+            System::PalisadeTcGuard => "palisade-tc-guard",
         }
     }
 
@@ -118,6 +125,9 @@ impl System {
             })
     }
 }
+
+/// The directory of `palisade-tc-guard`'s BPF objects, `guard-<pod IPv4>.o`.
+pub const TC_GUARD_ENV: &str = "PALISADE_BENCH_TC_GUARD";
 
 /// The directory of `palisade-after`'s `<node>.nft` files.
 pub const AFTER_ENV: &str = "PALISADE_BENCH_AFTER";
@@ -142,6 +152,8 @@ pub struct Rendered {
     pub nft_after: Option<String>,
     /// Interfaces that get `rp_filter=1` at load and `0` at clear (`palisade-rpfilter`).
     pub rp_filter: Vec<String>,
+    /// (host veth, the pod's IPv4 address) that get `palisade-tc-guard`'s tc filters at load.
+    pub tc_guard: Vec<(String, String)>,
     /// `ipset restore` input (iptables model).
     pub ipset: Option<String>,
     /// `iptables-restore` input (iptables model).
@@ -197,6 +209,9 @@ pub fn render(
         System::PalisadeSizedSets => {
             palisade_real::render(cluster, node, palisade_real::Variant::SizedSets, underlay)?
         }
+        System::PalisadeTcGuard => {
+            palisade_real::render(cluster, node, palisade_real::Variant::TcGuard, underlay)?
+        }
         System::PalisadeRpFilter => {
             palisade_real::render(cluster, node, palisade_real::Variant::RpFilter, underlay)?
         }
@@ -241,6 +256,29 @@ pub fn load(ns: &str, rendered: &Rendered) -> Result<Duration> {
     if let Some(nft) = &rendered.nft_after {
         total += timed_in(ns, "nft", &["-f", "-"], Some(nft.as_bytes()))?.1;
     }
+    for (dev, ip) in &rendered.tc_guard {
+        let dir = std::env::var(TC_GUARD_ENV).map_err(|_| {
+            Error::Invalid(format!(
+                "palisade-tc-guard needs ${TC_GUARD_ENV}: a directory of guard-<pod IPv4>.o"
+            ))
+        })?;
+        let obj = format!("{dir}/guard-{ip}.o");
+        total += timed_in(ns, "tc", &["qdisc", "add", "dev", dev, "clsact"], None)?.1;
+        let args = [
+            "filter",
+            "add",
+            "dev",
+            dev,
+            "ingress",
+            "bpf",
+            "da",
+            "obj",
+            &obj,
+            "sec",
+            "classifier",
+        ];
+        total += timed_in(ns, "tc", &args, None)?.1;
+    }
     for dev in &rendered.rp_filter {
         let key = format!("net.ipv4.conf.{dev}.rp_filter=1");
         total += timed_in(ns, "sysctl", &["-qw", &key], None)?.1;
@@ -280,7 +318,20 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         | System::PalisadeLeanPrologue
         | System::PalisadeSizedSets
         | System::PalisadeAfter
-        | System::PalisadeRpFilter => {
+        | System::PalisadeRpFilter
+        | System::PalisadeTcGuard => {
+            if system == System::PalisadeTcGuard {
+                // Every interface's clsact qdisc (only the tc guard adds one).
+                timed_in(
+                    ns,
+                    "sh",
+                    &[
+                        "-c",
+                        "for d in $(ls /sys/class/net); do tc qdisc del dev $d clsact 2>/dev/null; done; true",
+                    ],
+                    None,
+                )?;
+            }
             if system == System::PalisadeRpFilter {
                 // Every interface back to no reverse-path filter (the others' setting).
                 timed_in(

@@ -42,6 +42,9 @@ pub enum Variant {
     /// measured pods' host veths (`rp_filter=1`, set at load by [`super::load`]); IPv6 keeps its
     /// rule (IPv6 has no reverse-path filter).
     RpFilter,
+    /// EXPERIMENT: no guard rule; tc filters on the measured pods' host veths instead
+    /// ([`Rendered::tc_guard`]).
+    TcGuard,
 }
 
 /// The device group of [`Variant::IngressGuardGroup`]'s fail-closed rule.
@@ -161,6 +164,7 @@ pub fn render(
     let mut extra = None;
     let mut after = None;
     let mut rp_filter = Vec::new();
+    let mut tc_guard = Vec::new();
     match variant {
         Variant::LeanPrologue => {
             let base: Vec<String> = ruleset
@@ -286,6 +290,17 @@ pub fn render(
                 .map(|p| topo::host_veth(&p.name))
                 .collect();
         }
+        Variant::TcGuard => {
+            for chain in ruleset.chains.values_mut() {
+                chain.rules.retain(|r| !is_guard(r));
+            }
+            tc_guard = cluster
+                .pods
+                .iter()
+                .filter(|p| p.namespace == BENCH_NS && p.node == node)
+                .map(|p| (topo::host_veth(&p.name), p.ip.to_string()))
+                .collect();
+        }
         Variant::Whole => repeat_guard(&mut ruleset, guard_copies()),
         Variant::SizedSets => {}
     }
@@ -299,6 +314,7 @@ pub fn render(
         nft: extra,
         nft_after: after,
         rp_filter,
+        tc_guard,
         rules: stats.rules,
         elements: stats.elements,
         ..Rendered::default()
