@@ -575,18 +575,12 @@ fn iperf(lab: &Lab, secs: u64, omit: u64) -> Result<f64> {
 
 /// Moves the calling thread (only it) into the network namespace `ns` (an `ip netns` name).
 pub fn enter_netns(ns: &str) -> Result<()> {
-    use std::os::fd::AsRawFd;
     let path = format!("/run/netns/{ns}");
     let file = std::fs::File::open(&path).map_err(crate::io_err(format!("opening {path}")))?;
-    // SAFETY: setns on a valid namespace fd; it only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(Error::Io {
-            context: format!("entering network namespace {ns}"),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    super::traffic::set_netns(&file).map_err(|source| Error::Io {
+        context: format!("entering network namespace {ns}"),
+        source,
+    })
 }
 
 /// Runs `f` on a fresh thread that has entered network namespace `ns` (only that thread moves).

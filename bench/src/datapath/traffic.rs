@@ -194,8 +194,8 @@ pub fn crr(target: SocketAddr, duration: Duration) -> Result<CrrResult> {
     Ok(tally.result(start.elapsed().as_secs_f64()))
 }
 
-/// Moves the calling thread into the network namespace open as `ns`.
-fn set_netns(ns: &std::fs::File) -> std::io::Result<()> {
+/// Moves the calling thread (only it) into the network namespace open as `ns`.
+pub fn set_netns(ns: &std::fs::File) -> std::io::Result<()> {
     // SAFETY: setns on an open namespace fd; it changes only this thread's network namespace.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error());
