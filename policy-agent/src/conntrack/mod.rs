@@ -845,39 +845,23 @@ impl Link {
 
     /// Deletes one entry; false when it was already gone.
     fn delete(&mut self, family: NetfilterProtoFamily, key: EntryKey) -> Result<bool> {
+        const ACTION: &str = "read conntrack delete answer";
         let seq = self.send(
             family,
             NLM_F_REQUEST | NLM_F_ACK,
             ConntrackMessage::Delete(key.0),
         )?;
-        loop {
-            self.buf.clear();
-            let n = self
-                .socket
-                .recv(&mut self.buf, 0)
-                .map_err(nl("read conntrack delete answer"))?;
-            let msg =
-                NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[..n]).map_err(|e| {
-                    Error::Netlink {
-                        action: "read conntrack delete answer",
-                        message: e.to_string(),
-                    }
-                })?;
-            if msg.header.sequence_number != seq {
-                continue;
-            }
-            return match msg.payload {
-                NetlinkPayload::Error(e) => match e.code {
-                    None => Ok(true),
-                    Some(c) if c.get() == -libc::ENOENT => Ok(false),
-                    Some(_) => Err(Error::Netlink {
-                        action: "delete conntrack entry",
-                        message: e.to_io().to_string(),
-                    }),
-                },
-                _ => Ok(true),
-            };
-        }
+        self.answer(seq, ACTION, |frame| match frame.status(ACTION)? {
+            NetlinkPayload::Error(e) => match e.code {
+                None => Ok(Some(true)),
+                Some(c) if c.get() == -libc::ENOENT => Ok(Some(false)),
+                Some(_) => Err(Error::Netlink {
+                    action: "delete conntrack entry",
+                    message: e.to_io().to_string(),
+                }),
+            },
+            _ => Ok(Some(true)),
+        })
     }
 
     fn dump(
