@@ -170,6 +170,16 @@ fn main() {
     }
 }
 
+/// Prints a traffic tool's result as one line of JSON (what `run` reads back).
+fn print_json(what: &str, v: &impl serde::Serialize) -> Result<()> {
+    let line = serde_json::to_string(v).map_err(|e| Error::Parse {
+        what: what.into(),
+        detail: e.to_string(),
+    })?;
+    println!("{line}");
+    Ok(())
+}
+
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
@@ -189,14 +199,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 traffic::pin_to_cpu(c);
             }
             let r = traffic::crr(target, Duration::from_millis(ms))?;
-            println!(
-                "{}",
-                serde_json::to_string(&r).map_err(|e| Error::Parse {
-                    what: "crr result".into(),
-                    detail: e.to_string()
-                })?
-            );
-            Ok(())
+            print_json("crr result", &r)
         }
         Command::CrrAlternate {
             netns,
@@ -210,36 +213,17 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             let sides = netns
                 .iter()
-                .map(|ns| {
-                    let path = format!("/run/netns/{ns}");
-                    std::fs::File::open(&path)
-                        .map(|f| (f, target))
-                        .map_err(palisade_bench::io_err_pub(format!("opening {path}")))
-                })
+                .map(|ns| traffic::open_netns(ns).map(|f| (f, target)))
                 .collect::<Result<Vec<_>>>()?;
             let r = traffic::crr_alternate(&sides, turn, Duration::from_millis(ms))?;
-            println!(
-                "{}",
-                serde_json::to_string(&r).map_err(|e| Error::Parse {
-                    what: "crr-alternate result".into(),
-                    detail: e.to_string()
-                })?
-            );
-            Ok(())
+            print_json("crr-alternate result", &r)
         }
         Command::Rr { target, ms, cpu } => {
             if let Some(c) = cpu {
                 traffic::pin_to_cpu(c);
             }
             let r = traffic::rr(target, Duration::from_millis(ms))?;
-            println!(
-                "{}",
-                serde_json::to_string(&r).map_err(|e| Error::Parse {
-                    what: "rr result".into(),
-                    detail: e.to_string()
-                })?
-            );
-            Ok(())
+            print_json("rr result", &r)
         }
         Command::Probe { target, timeout_ms } => {
             let outcome = traffic::probe_once(target, Duration::from_millis(timeout_ms));

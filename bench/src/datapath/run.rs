@@ -575,8 +575,7 @@ fn iperf(lab: &Lab, secs: u64, omit: u64) -> Result<f64> {
 
 /// Moves the calling thread (only it) into the network namespace `ns` (an `ip netns` name).
 pub fn enter_netns(ns: &str) -> Result<()> {
-    let path = format!("/run/netns/{ns}");
-    let file = std::fs::File::open(&path).map_err(crate::io_err(format!("opening {path}")))?;
+    let file = super::traffic::open_netns(ns)?;
     super::traffic::set_netns(&file).map_err(|source| Error::Io {
         context: format!("entering network namespace {ns}"),
         source,
@@ -605,7 +604,7 @@ mod tests {
     /// own side in the order the labs were given, and a lab whose server is gone fails alone.
     #[test]
     fn alternating_connections_are_counted_on_each_labs_own_side() {
-        use crate::datapath::traffic::{crr_alternate, serve};
+        use crate::datapath::traffic::{crr_alternate, open_netns, serve};
         let labs = [Lab::create().unwrap(), Lab::create().unwrap()];
         let ns = labs[0].server.clone();
         let server = std::thread::spawn(move || {
@@ -616,10 +615,7 @@ mod tests {
         let target: SocketAddr = format!("{SERVER_IP}:{CRR_PORT}").parse().unwrap();
         let sides: Vec<_> = labs
             .iter()
-            .map(|l| {
-                let ns = std::fs::File::open(format!("/run/netns/{}", l.client)).unwrap();
-                (ns, target)
-            })
+            .map(|l| (open_netns(&l.client).unwrap(), target))
             .collect();
         let turn = 3;
         let r = crr_alternate(&sides, turn, Duration::from_millis(300)).unwrap();

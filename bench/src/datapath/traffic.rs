@@ -203,6 +203,12 @@ pub fn crr(target: SocketAddr, duration: Duration) -> Result<CrrResult> {
     Ok(tally.result(start.elapsed().as_secs_f64()))
 }
 
+/// Opens the network namespace `ns` (an `ip netns` name) for [`set_netns`].
+pub fn open_netns(ns: &str) -> Result<std::fs::File> {
+    let path = format!("/run/netns/{ns}");
+    std::fs::File::open(&path).map_err(io_err(format!("opening {path}")))
+}
+
 /// Moves the calling thread (only it) into the network namespace open as `ns`.
 pub fn set_netns(ns: &std::fs::File) -> std::io::Result<()> {
     // SAFETY: setns on an open namespace fd; it changes only this thread's network namespace.
