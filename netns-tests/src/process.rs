@@ -82,9 +82,21 @@ pub fn is_ours(pid: u32, lab: &str) -> bool {
     environ.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
 }
 
-/// Whether a process is still running (a zombie counts as gone).
+/// Whether a process is still running: some thread of it is not a zombie. The leader alone is
+/// not enough: on exit it can turn zombie while another thread still runs and still holds the
+/// process's files (a restarted agent then found the old one's NFLOG socket bound).
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(threads) => threads
+            .flatten()
+            .any(|t| thread_running(&t.path().join("stat"))),
+        Err(_) => false,
+    }
+}
+
+/// Whether the thread whose `/proc/.../stat` is at `stat` still exists and is not a zombie.
+fn thread_running(stat: &std::path::Path) -> bool {
+    match std::fs::read_to_string(stat) {
         Ok(stat) => !stat
             .rsplit_once(')')
             .map(|(_, rest)| rest.trim_start().starts_with('Z'))
@@ -144,4 +156,29 @@ pub fn lab_pids(lab: &str) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
         .filter(|pid| *pid != me && is_ours(*pid, lab) && alive(*pid as i32))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running child is alive; killed and not yet reaped (a zombie) it is gone.
+    #[test]
+    fn a_zombie_is_gone_and_a_running_process_alive() {
+        assert!(alive(std::process::id() as i32), "this test's own process");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        assert!(alive(pid), "a running child");
+        child.kill().expect("kill our child");
+        let start = Instant::now();
+        while alive(pid) && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!alive(pid), "killed, not reaped: a zombie counts as gone");
+        child.wait().expect("reap our child");
+        assert!(!alive(pid), "reaped");
+    }
 }
