@@ -660,21 +660,29 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
             // The victim's flow: one datagram from a known port to the peer's UDP 81.
             let quoted_src = SocketAddr::new(v, 5555 + i as u16);
             let quoted_dst = SocketAddr::new(y, 81);
-            run(
-                &victim.netns,
-                &[
-                    &probe.to_string_lossy(),
-                    "forge",
-                    "--source",
-                    &v.to_string(),
-                    "--source-port",
-                    &quoted_src.port().to_string(),
-                    "--count",
-                    "1",
-                    &format!("udp:{quoted_dst}"),
-                ],
-            )?;
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            // Lab nodes expire a UDP entry 1 s after its last packet (`LAB_UDP_CT_TIMEOUT`) and
+            // an ICMP error does not refresh it, so the flow is sent again before each sender's
+            // errors: once per family, a slow run (a debug-built agent sweeping its conntrack
+            // table at the same time) let the entry expire before the last attacker's turn, and
+            // the errors were dropped as invalid instead of by the related chain.
+            let refresh_flow = || -> TestResult {
+                run(
+                    &victim.netns,
+                    &[
+                        &probe.to_string_lossy(),
+                        "forge",
+                        "--source",
+                        &v.to_string(),
+                        "--source-port",
+                        &quoted_src.port().to_string(),
+                        "--count",
+                        "1",
+                        &format!("udp:{quoted_dst}"),
+                    ],
+                )?;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                Ok(())
+            };
             let mut sources: Vec<IpAddr> = attackers
                 .iter()
                 .map(|a| pick(&a.ips))
@@ -684,14 +692,17 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
             for a in &attackers {
                 let s = pick(&a.ips)?;
                 let drops = drops_of_nodes(lab)?;
+                refresh_flow()?;
                 icmp_error(lab, &a.netns, v, quoted_src, quoted_dst)?;
                 // Every error counted as dropped: none is still on its way.
                 let counted = reaches_count(
                     || Ok(drops_of_nodes(lab)? - drops),
                     |dropped| {
                         format!(
-                            "{} sent {COUNT} ICMP errors quoting {VICTIM}'s flow: the related chains counted {dropped}",
-                            a.key()
+                            "{} ({fam:?}, on {}; {VICTIM} on {}) sent {COUNT} ICMP errors quoting {VICTIM}'s flow {quoted_src} -> {quoted_dst}: the related chains counted {dropped}",
+                            a.key(),
+                            a.node,
+                            victim.node
                         )
                     },
                 );
@@ -704,6 +715,7 @@ pub fn icmp_errors_pass_only_from_an_endpoint_of_their_connection(lab: &mut Lab)
                 }
                 counted?;
             }
+            refresh_flow()?;
             icmp_error(lab, &peer.netns, v, quoted_src, quoted_dst)?;
             let n = reaches_count(
                 || delivered(&victim.netns, y),
