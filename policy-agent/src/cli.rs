@@ -28,7 +28,8 @@ const RUN_HELP: &str = "\
 Behaviour:
   - Nothing is enforced until the source listed everything once; then our table `inet palisade` is
     replaced atomically, and later changes go in as one incremental transaction each.
-  - /readyz turns 200 and the conflist is written only after that first commit.
+  - The conflist is written only after that first commit, and /readyz turns 200 after that
+    (at once when the Node has no podCIDRs yet: the log says why there is no conflist).
   - Fail closed: while the agent is down the rules stay in the kernel and new pods stay pending
     (dropped). SIGTERM exits 0 and leaves the rules in place; `palisade-agent cleanup` removes them.
   - If our table is changed or removed behind our back (e.g. `nft flush ruleset`) it is restored and

@@ -285,12 +285,12 @@ impl Metrics {
         Metrics { registry: r, ..m }
     }
 
-    /// True once the first sync has been committed.
+    /// True once the first sync has been committed and the conflist step after it has run.
     pub fn is_ready(&self) -> bool {
         self.ready.get() == 1
     }
 
-    /// A successful commit: duration, kind, sizes, timestamp; marks the agent ready.
+    /// A successful commit: duration, kind, sizes, timestamp.
     pub fn commit_ok(&self, took: Duration, full: bool, sizes: Sizes) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -329,6 +329,12 @@ impl Metrics {
         }
         let kind = if full { "full" } else { "incremental" };
         self.transactions.get_or_create(&[("kind", kind)]).inc();
+    }
+
+    /// Marks the agent ready: a commit went in and the conflist was written after it (or cannot be
+    /// yet, for a reason the log names: no Node, no podCIDRs), so a 200 from /readyz means pods
+    /// can start here as far as the agent goes.
+    pub fn set_ready(&self) {
         self.ready.set(1);
     }
 
@@ -442,6 +448,11 @@ mod tests {
                 ..Sizes::default()
             },
         );
+        assert!(
+            !m.is_ready(),
+            "a commit alone is not ready: the conflist step comes after it"
+        );
+        m.set_ready();
         m.error("nft");
         m.restored();
         assert!(m.is_ready());
@@ -612,6 +623,7 @@ palisade_flow_log_packets_total{result="kernel_overflow"} 0
                 refused_policies: 1,
             },
         );
+        m.set_ready();
         m.error("nft");
         m.error("bad_object");
         m.error("nft");

@@ -743,6 +743,8 @@ impl Engine {
         // from starting on this node. Routes fail and retry on their own schedule: a bad Node never
         // delays a policy commit.
         self.write_conflist()?;
+        // Ready only now: /readyz must not say 200 while the runtime still has no conflist.
+        self.metrics.set_ready();
         self.sync_routes(plan, false);
         Ok(match (committed, moved) {
             (false, _) => Committed::Nothing,

@@ -246,6 +246,7 @@ mod tests {
             true,
             Default::default(),
         );
+        m.set_ready();
         assert!(respond("/readyz", &m).0 == 200);
         assert!(respond("/metrics", &m).2.contains("palisade_ready 1"));
         assert!(respond("/nope", &m).0 == 404);
