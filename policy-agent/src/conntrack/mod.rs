@@ -15,30 +15,35 @@
 //! A dump walks the kernel's whole conntrack hash table (~10 ms at 256k buckets, whatever it holds).
 //! A commit that only moved addresses in or out of address sets (peer pods coming, going, changing
 //! labels) can only change the verdict of flows judged by those addresses: the flows the last dump
-//! kept ([`known`]) are looked up one by one and judged at once ([`Revoker::sweep_targeted`]); the
+//! kept (`known`) are looked up one by one and judged at once ([`Revoker::sweep_targeted`]); the
 //! flows younger than that dump wait for the next full sweep, which under such churn runs at most
 //! every [`YOUNG_FLOWS_GAP`].
+//!
+//! Rooms: `seen` (what the hook saw of an entry, pure), `link` (the conntrack socket and its
+//! requests), `entry` (an entry's attributes read in place), `known` (the flows a full sweep
+//! kept), `report` (what a sweep did, logged and counted); the sweeps themselves here.
 
 mod entry;
+#[cfg(test)]
+mod fixtures;
 mod known;
+mod link;
+mod report;
+mod seen;
 
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
 pub use entry::Entry;
 use entry::{CTA_ID, CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ZONE};
 use futures::TryStreamExt;
 use known::{Known, KnownFlows, Recording};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_REQUEST,
-};
-use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage};
-use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-use palisade_policy::compile::admit::{Admission, Admitter, Flow};
+use link::{nl, EntryKey, Link};
+use netlink_packet_netfilter::conntrack::ConntrackAttribute;
+use netlink_packet_netfilter::NetfilterProtoFamily;
+use palisade_policy::compile::admit::{Admitter, Flow};
 use palisade_policy::compile::Compiled;
-use palisade_policy::model::Protocol;
+pub use report::{log_report, Cut, SweepKind, SweepReport};
 use rtnetlink::packet_route::address::AddressAttribute;
+pub use seen::{seen, Seen, Unjudged};
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -50,91 +55,6 @@ pub const ADDRS_MAX_AGE: Duration = Duration::from_secs(5);
 /// most this long after that last one started: under churn of peer pods, one walk of the conntrack
 /// table per this much time, not one per commit. Flows the last full sweep saw are judged at once.
 pub const YOUNG_FLOWS_GAP: Duration = Duration::from_millis(250);
-
-/// ICMPv6 neighbour discovery types (router solicit .. redirect): accepted by our base chains before
-/// any policy, whatever the addresses.
-const ND_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
-
-/// What the postrouting hook saw of one conntrack entry's first packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seen {
-    /// Judge it as this (new) packet; `from_this_node` is still to be filled in.
-    Judge(Flow),
-    /// Accepted by our base chains whatever the policies (neighbour discovery).
-    AlwaysAdmitted,
-    /// A TCP connection already closed (TIME_WAIT, CLOSE): it carries nothing more, and a new SYN on
-    /// its tuple starts a new entry that the rules judge. Left alone.
-    Closed,
-}
-
-/// Conntrack TCP states of a closed connection (`TCP_CONNTRACK_TIME_WAIT`, `TCP_CONNTRACK_CLOSE`).
-const TCP_CLOSED_STATES: [u8; 2] = [7, 8];
-
-/// Why an entry could not be judged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unjudged {
-    NoOriginalSource,
-    NoReplySource,
-    NoProtocol,
-    NoReplyPort,
-}
-
-/// IP protocol numbers of the protocols a policy names, and ICMPv6.
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
-const IPPROTO_ICMPV6: u8 = 58;
-
-/// Maps one entry to the packet our postrouting hook judged: source = original-tuple source
-/// (before SNAT), destination = reply-tuple source (after DNAT, e.g. a Service VIP's backend),
-/// port = reply-tuple source port; ICMP and other protocols without ports are judged as the
-/// ruleset does (only rules without `ports` admit them).
-pub fn seen(e: &Entry<'_>) -> std::result::Result<Seen, Unjudged> {
-    if e.tcp_state()
-        .is_some_and(|s| TCP_CLOSED_STATES.contains(&s))
-    {
-        return Ok(Seen::Closed);
-    }
-    let (orig, reply) = (e.orig(), e.reply());
-    let src = orig.src.ok_or(Unjudged::NoOriginalSource)?;
-    let dst = reply.src.ok_or(Unjudged::NoReplySource)?;
-    let proto = match orig.proto.ok_or(Unjudged::NoProtocol)? {
-        IPPROTO_TCP => Some(Protocol::Tcp),
-        IPPROTO_UDP => Some(Protocol::Udp),
-        IPPROTO_SCTP => Some(Protocol::Sctp),
-        IPPROTO_ICMPV6 if orig.icmpv6_type.is_some_and(|t| ND_TYPES.contains(&t)) => {
-            return Ok(Seen::AlwaysAdmitted)
-        }
-        _ => None,
-    };
-    let port = match proto {
-        Some(_) => reply.src_port.ok_or(Unjudged::NoReplyPort)?,
-        None => 0,
-    };
-    Ok(Seen::Judge(Flow {
-        src,
-        dst,
-        proto,
-        port,
-        from_this_node: false,
-    }))
-}
-
-/// Attributes that name one conntrack entry in a GET or DELETE: always an original tuple, with
-/// the zone (and, to delete, the id). The kernel takes a DELETE that names no tuple as "flush the
-/// whole table", so no request is sent without one: an entry whose tuple the crate cannot parse
-/// is left alone (unjudged), never turned into a flush.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct EntryKey(Vec<ConntrackAttribute>);
-
-impl EntryKey {
-    fn of(attrs: Vec<ConntrackAttribute>) -> Option<Self> {
-        attrs
-            .iter()
-            .any(|a| matches!(a, ConntrackAttribute::CtaTupleOrig(_)))
-            .then_some(EntryKey(attrs))
-    }
-}
 
 /// What names an entry for deletion: original tuple, zone, id.
 fn delete_key(e: &Entry<'_>) -> Option<EntryKey> {
@@ -158,108 +78,6 @@ fn comeback_key(e: &Entry<'_>) -> Option<EntryKey> {
 /// What a GET of a kept flow names it by (its original tuple and zone as the kernel sent them).
 fn known_key(k: &Known) -> Option<EntryKey> {
     EntryKey::of(Entry::new(k.family, &k.key).attributes(&[CTA_TUPLE_ORIG, CTA_ZONE]))
-}
-
-/// One flow cut, with what denied it (for the log).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cut {
-    pub flow: Flow,
-    pub why: Admission,
-}
-
-/// What one [`Revoker::sweep`] did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct SweepReport {
-    /// Entries in the dumps.
-    pub scanned: u64,
-    /// Entries involving a local pod or pending address (judged).
-    pub judged: u64,
-    /// Entries deleted.
-    pub cut: Vec<Cut>,
-    /// Entries to delete that were already gone.
-    pub gone: u64,
-    /// Entries left alone because they could not be judged (or a delete failed).
-    pub unjudged: u64,
-    pub took: Duration,
-    pub kind: SweepKind,
-    /// A full sweep that gave way to waiting work before its end (the entries after that point
-    /// not judged; the sweep is owed again).
-    pub yielded: bool,
-}
-
-/// What a sweep looked at.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum SweepKind {
-    /// A dump of the whole conntrack table.
-    #[default]
-    Full,
-    /// The known flows of the addresses a commit moved ([`Revoker::sweep_targeted`]).
-    Targeted,
-    /// The comebacks of flows cut earlier ([`Revoker::recheck`]).
-    Recheck,
-}
-
-impl SweepReport {
-    /// `full`, `targeted` or `recheck`, for metrics and logs.
-    pub fn kind(&self) -> &'static str {
-        match self.kind {
-            SweepKind::Full => "full",
-            SweepKind::Targeted => "targeted",
-            SweepKind::Recheck => "recheck",
-        }
-    }
-}
-
-/// At most this many cut flows are logged one by one per sweep (the rest are counted).
-const LOG_FLOWS_MAX: usize = 20;
-
-/// Logs a sweep (each cut flow with the pod and policies that denied it, at info) and counts it.
-pub fn log_report(report: &SweepReport, metrics: &Metrics) {
-    metrics.flows_revoked(report.kind(), report.cut.len() as u64, report.unjudged);
-    metrics.sweep_cost(report.kind(), report.took, report.scanned);
-    let took_ms = report.took.as_secs_f64() * 1e3;
-    if report.cut.is_empty() {
-        tracing::debug!(
-            took_ms,
-            scanned = report.scanned,
-            judged = report.judged,
-            unjudged = report.unjudged,
-            sweep = report.kind(),
-            gave_way = report.yielded,
-            "conntrack sweep: no established flow lost its permission"
-        );
-        return;
-    }
-    for c in report.cut.iter().take(LOG_FLOWS_MAX) {
-        let proto = c.flow.proto.map_or("other", |p| p.as_api());
-        let (src, dst, port) = (c.flow.src, c.flow.dst, c.flow.port);
-        match &c.why {
-            Admission::Denied {
-                direction,
-                pod,
-                policies,
-            } => tracing::info!(
-                %src, %dst, proto, port, %pod, direction = %direction, policies = %policies.join(","),
-                "established flow cut: the policies isolating the pod no longer allow it"
-            ),
-            Admission::Pending(ip) => tracing::info!(
-                %src, %dst, proto, port, pending = %ip,
-                "established flow cut: the address is pending (its pod is not known to the agent)"
-            ),
-            Admission::Admitted => {}
-        }
-    }
-    tracing::info!(
-        cut = report.cut.len(),
-        not_logged = report.cut.len().saturating_sub(LOG_FLOWS_MAX),
-        already_gone = report.gone,
-        unjudged = report.unjudged,
-        scanned = report.scanned,
-        took_ms,
-        sweep = report.kind(),
-        gave_way = report.yielded,
-        "established flows that lost their permission were cut; their next packets meet the rules"
-    );
 }
 
 /// This namespace's own addresses (`fib saddr type local`), cached.
@@ -380,35 +198,20 @@ pub const RECHECK_MAX: Duration = Duration::from_secs(1);
 /// At most this many cut flows are watched (the oldest are dropped first).
 pub const WATCH_MAX: usize = 4096;
 
-/// Receive buffer: a dump answers in batches of this much at most.
-const RECV_BUF: usize = 1 << 20;
-
 /// How many entries a full sweep judges between two questions whether to give way.
 pub const GIVE_WAY_EVERY: u64 = 256;
-
-fn nl(action: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::Netlink {
-        action,
-        message: e.to_string(),
-    }
-}
 
 impl Revoker {
     /// Opens an nfnetlink socket and an rtnetlink connection (run on `rt`) in the calling thread's
     /// network namespace.
     pub fn new(rt: &tokio::runtime::Handle) -> Result<Self> {
-        let socket = conntrack_socket()?;
         let (conn, handle, _) = {
             let _guard = rt.enter();
             rtnetlink::new_connection().map_err(nl("open address socket"))?
         };
         rt.spawn(conn);
         Ok(Revoker {
-            link: Link {
-                socket,
-                seq: 0,
-                buf: Vec::with_capacity(RECV_BUF),
-            },
+            link: Link::open()?,
             addrs: NodeAddrs {
                 handle,
                 rt: rt.clone(),
@@ -557,12 +360,7 @@ impl Revoker {
             // Gave way: a partial view is not remembered.
             Some(seq) => {
                 self.known.forget();
-                // Closing the socket ends the kernel's dump at once; reading its rest would take
-                // about as long as judging it did. Without a new socket, the rest is read.
-                match conntrack_socket() {
-                    Ok(fresh) => self.link.socket = fresh,
-                    Err(_) => self.link.drain(seq)?,
-                }
+                self.link.abandon(seq)?;
             }
             None => self.known.replace(rec),
         }
@@ -702,342 +500,13 @@ impl Revoker {
     }
 }
 
-/// An nfnetlink socket for conntrack in the calling thread's network namespace.
-fn conntrack_socket() -> Result<Socket> {
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(nl("open conntrack socket"))?;
-    socket.bind_auto().map_err(nl("bind conntrack socket"))?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(nl("connect conntrack socket"))?;
-    Ok(socket)
-}
-
-/// What a dump hands each entry to: false to stop reading.
-type EachEntry<'a> = dyn FnMut(&Entry<'_>) -> bool + 'a;
-
-/// `(NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW`: a message that carries one entry.
-const CT_NEW: u16 = 1 << 8;
-/// Where an entry message's attributes start: after the netlink (16 bytes) and netfilter (4)
-/// headers.
-const ENTRY_ATTRS: usize = 20;
-
-/// One netlink message of what a read got.
-struct Frame<'a> {
-    kind: u16,
-    seq: u32,
-    bytes: &'a [u8],
-}
-
-impl Frame<'_> {
-    /// The entry it carries, read in place (see [`Entry`]).
-    fn entry(&self) -> Option<Entry<'_>> {
-        (self.kind == CT_NEW && self.bytes.len() >= ENTRY_ATTRS).then(|| {
-            Entry::new(
-                NetfilterProtoFamily::from(self.bytes[16]),
-                &self.bytes[ENTRY_ATTRS..],
-            )
-        })
-    }
-
-    /// Any other message (a dump's end, an error or acknowledgement), parsed by the crate.
-    fn status(&self, action: &'static str) -> Result<NetlinkPayload<NetfilterMessage>> {
-        NetlinkMessage::<NetfilterMessage>::deserialize(self.bytes)
-            .map(|m| m.payload)
-            .map_err(|e| Error::Netlink {
-                action,
-                message: e.to_string(),
-            })
-    }
-}
-
-/// The messages of one read (`buf`: what it got); a length that overruns it is an error.
-fn frames<'a>(buf: &'a [u8], action: &'static str) -> impl Iterator<Item = Result<Frame<'a>>> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        let rest = buf.get(off..).filter(|r| r.len() >= 16)?;
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len < 16 || len > rest.len() {
-            let e = Error::Netlink {
-                action,
-                message: format!("truncated message ({len} bytes at {off} of {})", buf.len()),
-            };
-            off = buf.len();
-            return Some(Err(e));
-        }
-        let bytes = &rest[..len];
-        off += (len + 3) & !3;
-        Some(Ok(Frame {
-            kind: u16::from_ne_bytes([bytes[4], bytes[5]]),
-            seq: u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
-            bytes,
-        }))
-    })
-}
-
-/// The conntrack socket of a [`Revoker`]: its requests and the reading of their answers.
-struct Link {
-    socket: Socket,
-    seq: u32,
-    /// Where answers are read into ([`RECV_BUF`]).
-    buf: Vec<u8>,
-}
-
-impl Link {
-    /// Sends one conntrack request with the next sequence number, which it returns.
-    fn send(
-        &mut self,
-        family: NetfilterProtoFamily,
-        flags: u16,
-        msg: ConntrackMessage,
-    ) -> Result<u32> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut hdr = NetlinkHeader::default();
-        hdr.flags = flags;
-        hdr.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(
-            hdr,
-            NetlinkPayload::from(NetfilterMessage::new(
-                NetfilterHeader::new(family, 0, 0),
-                msg,
-            )),
-        );
-        packet.finalize();
-        let mut out = vec![0; packet.buffer_len()];
-        packet.serialize(&mut out);
-        self.socket
-            .send(&out, 0)
-            .map_err(nl("send conntrack request"))?;
-        Ok(self.seq)
-    }
-
-    /// Looks one entry up by original tuple (and zone): its family and attributes (see
-    /// [`Entry::new`]); `None` when there is none.
-    fn get(
-        &mut self,
-        family: NetfilterProtoFamily,
-        key: EntryKey,
-    ) -> Result<Option<(NetfilterProtoFamily, Vec<u8>)>> {
-        const ACTION: &str = "read conntrack get answer";
-        let seq = self.send(
-            family,
-            NLM_F_REQUEST | NLM_F_ACK,
-            ConntrackMessage::Get(key.0),
-        )?;
-        let mut found = None;
-        self.answer(seq, ACTION, |frame| {
-            if let Some(e) = frame.entry() {
-                found = Some((e.family, frame.bytes[ENTRY_ATTRS..].to_vec()));
-                return Ok(None);
-            }
-            match frame.status(ACTION)? {
-                NetlinkPayload::Error(e) => match e.code {
-                    None => Ok(Some(found.take())),
-                    Some(c) if c.get() == -libc::ENOENT => Ok(Some(None)),
-                    Some(_) => Err(Error::Netlink {
-                        action: "look up a conntrack entry",
-                        message: e.to_io().to_string(),
-                    }),
-                },
-                _ => Ok(None),
-            }
-        })
-    }
-
-    /// Deletes one entry; false when it was already gone.
-    fn delete(&mut self, family: NetfilterProtoFamily, key: EntryKey) -> Result<bool> {
-        const ACTION: &str = "read conntrack delete answer";
-        let seq = self.send(
-            family,
-            NLM_F_REQUEST | NLM_F_ACK,
-            ConntrackMessage::Delete(key.0),
-        )?;
-        self.answer(seq, ACTION, |frame| match frame.status(ACTION)? {
-            NetlinkPayload::Error(e) => match e.code {
-                None => Ok(Some(true)),
-                Some(c) if c.get() == -libc::ENOENT => Ok(Some(false)),
-                Some(_) => Err(Error::Netlink {
-                    action: "delete conntrack entry",
-                    message: e.to_io().to_string(),
-                }),
-            },
-            _ => Ok(Some(true)),
-        })
-    }
-
-    fn dump(
-        &mut self,
-        family: NetfilterProtoFamily,
-        each: &mut EachEntry<'_>,
-    ) -> Result<Option<u32>> {
-        let seq = self.send(
-            family,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            ConntrackMessage::Get(vec![]),
-        )?;
-        self.read(seq, Some(each))
-    }
-
-    /// Reads the rest of dump `seq` without reading its entries, so the socket can dump again.
-    fn drain(&mut self, seq: u32) -> Result<()> {
-        self.read(seq, None).map(|_| ())
-    }
-
-    /// Reads dump `seq`, handing each entry to `each` (none: skipped unread) until its end
-    /// (`None`) or until `each` declines (`Some(seq)`: the rest is unread, see [`Link::drain`]).
-    fn read(&mut self, seq: u32, mut each: Option<&mut EachEntry<'_>>) -> Result<Option<u32>> {
-        const ACTION: &str = "read conntrack dump";
-        self.answer(seq, ACTION, |frame| {
-            if let Some(e) = frame.entry() {
-                let declined = each.as_mut().is_some_and(|each| !each(&e));
-                return Ok(declined.then_some(Some(seq)));
-            }
-            match frame.kind {
-                NLMSG_DONE => Ok(Some(None)),
-                NLMSG_ERROR => match frame.status(ACTION)? {
-                    NetlinkPayload::Error(e) if e.code.is_some() => Err(Error::Netlink {
-                        action: "dump conntrack",
-                        message: e.to_io().to_string(),
-                    }),
-                    _ => Ok(None),
-                },
-                _ => Ok(None),
-            }
-        })
-    }
-
-    /// Reads the answers to request `seq`, handing each of their messages to `on` until it
-    /// returns a result (`Some`) or an error.
-    fn answer<R>(
-        &mut self,
-        seq: u32,
-        action: &'static str,
-        mut on: impl FnMut(&Frame<'_>) -> Result<Option<R>>,
-    ) -> Result<R> {
-        loop {
-            self.buf.clear();
-            let n = self.socket.recv(&mut self.buf, 0).map_err(nl(action))?;
-            for frame in frames(&self.buf[..n], action) {
-                let frame = frame?;
-                if frame.seq == seq {
-                    if let Some(r) = on(&frame)? {
-                        return Ok(r);
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::fixtures::{emitted, entry, ip, seen_of, tuple};
     use super::*;
-    use entry::CTA_PROTO_ICMPV6_TYPE;
-    use netlink_packet_core::{DefaultNla, Emitable, Nla, NlasIterator, Parseable};
-    use netlink_packet_netfilter::conntrack::{
-        IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Protocol as CtProto, Tuple,
-    };
-
-    /// The attributes as the kernel sends them (the crate's emitter), read as a sweep reads them.
-    fn emitted(attrs: &[ConntrackAttribute]) -> Vec<u8> {
-        let mut out = vec![0; attrs.buffer_len()];
-        attrs.emit(&mut out);
-        out
-    }
-
-    fn seen_of(attrs: &[ConntrackAttribute]) -> std::result::Result<Seen, Unjudged> {
-        seen(&Entry::new(NetfilterProtoFamily::IPv4, &emitted(attrs)))
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn tuple(src: &str, dst: &str, proto: CtProto, ports: Option<(u16, u16)>) -> Vec<Tuple> {
-        let mut p = vec![ProtoTuple::Protocol(proto)];
-        if let Some((s, d)) = ports {
-            p.push(ProtoTuple::SourcePort(s));
-            p.push(ProtoTuple::DestinationPort(d));
-        }
-        vec![
-            Tuple::Ip(vec![
-                IPTuple::SourceAddress(ip(src)),
-                IPTuple::DestinationAddress(ip(dst)),
-            ]),
-            Tuple::Proto(p),
-        ]
-    }
-
-    fn entry(orig: Vec<Tuple>, reply: Vec<Tuple>) -> Vec<ConntrackAttribute> {
-        vec![
-            ConntrackAttribute::CtaTupleOrig(orig),
-            ConntrackAttribute::CtaTupleReply(reply),
-            ConntrackAttribute::CtaTimeout(120),
-            ConntrackAttribute::Other(DefaultNla::new(CTA_ID, vec![0, 0, 0, 7])),
-            ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, vec![0, 3])),
-        ]
-    }
-
-    fn flow(src: &str, dst: &str, proto: Option<Protocol>, port: u16) -> Seen {
-        Seen::Judge(Flow {
-            src: ip(src),
-            dst: ip(dst),
-            proto,
-            port,
-            from_this_node: false,
-        })
-    }
-
-    #[test]
-    fn a_plain_tcp_entry_is_judged_as_its_first_packet() {
-        let e = entry(
-            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
-            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
-        );
-        assert_eq!(
-            seen_of(&e),
-            Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Tcp), 80))
-        );
-    }
-
-    #[test]
-    fn a_service_flow_is_judged_by_its_backend_and_target_port() {
-        // 10.0.1.2 -> VIP 10.96.0.10:53, DNAT to the backend pod 10.0.1.1:5353.
-        let e = entry(
-            tuple("10.0.1.2", "10.96.0.10", CtProto::Udp, Some((40000, 53))),
-            tuple("10.0.1.1", "10.0.1.2", CtProto::Udp, Some((5353, 40000))),
-        );
-        assert_eq!(
-            seen_of(&e),
-            Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Udp), 5353))
-        );
-    }
-
-    #[test]
-    fn a_masqueraded_flow_keeps_the_pod_source_our_hook_saw() {
-        // The pod's egress is SNATed to the node after our hook: the reply goes to the node address.
-        let e = entry(
-            tuple("10.0.1.2", "8.8.8.8", CtProto::Sctp, Some((40000, 9))),
-            tuple("8.8.8.8", "192.168.0.1", CtProto::Sctp, Some((9, 61000))),
-        );
-        assert_eq!(
-            seen_of(&e),
-            Ok(flow("10.0.1.2", "8.8.8.8", Some(Protocol::Sctp), 9))
-        );
-    }
-
-    #[test]
-    fn icmp_is_judged_without_ports_like_the_ruleset_does() {
-        let e = entry(
-            tuple("fd00::1:2", "fd00::1:1", CtProto::Ipv6Icmp, None),
-            tuple("fd00::1:1", "fd00::1:2", CtProto::Ipv6Icmp, None),
-        );
-        assert_eq!(seen_of(&e), Ok(flow("fd00::1:2", "fd00::1:1", None, 0)));
-        let e = entry(
-            tuple("10.0.1.2", "10.0.1.1", CtProto::Icmp, None),
-            tuple("10.0.1.1", "10.0.1.2", CtProto::Icmp, None),
-        );
-        assert_eq!(seen_of(&e), Ok(flow("10.0.1.2", "10.0.1.1", None, 0)));
-    }
+    use netlink_packet_core::{DefaultNla, Nla, NlasIterator, Parseable};
+    use netlink_packet_netfilter::conntrack::Protocol as CtProto;
+    use palisade_policy::compile::admit::Admission;
 
     /// Node n1 (192.168.0.1) with a/web (10.0.1.1, ingress denied to all) and a/cli (10.0.1.2).
     fn deny_web() -> Compiled {
@@ -1167,36 +636,6 @@ mod tests {
         );
     }
 
-    /// One read holds several messages, each padded to 4 bytes; a length that runs past what was
-    /// read is an error (and ends the read), never a slice past the buffer.
-    #[test]
-    fn a_read_splits_into_its_messages_and_refuses_one_cut_short() {
-        fn message(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-            let len = 16 + body.len();
-            let mut m = Vec::new();
-            m.extend_from_slice(&(len as u32).to_ne_bytes());
-            m.extend_from_slice(&kind.to_ne_bytes());
-            m.extend_from_slice(&0u16.to_ne_bytes());
-            m.extend_from_slice(&seq.to_ne_bytes());
-            m.extend_from_slice(&0u32.to_ne_bytes());
-            m.extend_from_slice(body);
-            m.resize((len + 3) & !3, 0);
-            m
-        }
-        let mut buf = message(CT_NEW, 7, &[2, 0, 0, 0, 1]);
-        buf.extend(message(NLMSG_DONE, 7, &[0, 0, 0, 0]));
-        let got: Vec<(u16, u32, usize)> = frames(&buf, "test")
-            .map(|f| f.map(|f| (f.kind, f.seq, f.bytes.len())).unwrap())
-            .collect();
-        assert_eq!(got, vec![(CT_NEW, 7, 21), (NLMSG_DONE, 7, 20)]);
-
-        let mut cut = message(CT_NEW, 8, &[2, 0, 0, 0]);
-        cut[0] = 200; // claims 200 bytes of the 20 read
-        let got: Vec<_> = frames(&cut, "test").collect();
-        assert_eq!(got.len(), 1);
-        assert!(got[0].is_err());
-    }
-
     /// What a sweep remembers a kept flow by is read back into the very attributes a GET must
     /// name: the original tuple and the zone, nothing else.
     #[test]
@@ -1215,23 +654,6 @@ mod tests {
                 ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, vec![0, 3])),
             ]
         );
-    }
-
-    /// An entry cut short anywhere (a kernel or a reader bug) is read without a panic and judged
-    /// by what it still says, or not judged; never as another flow.
-    #[test]
-    fn an_entry_cut_short_is_never_misread() {
-        let e = entry(
-            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
-            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
-        );
-        let whole = emitted(&e);
-        let right = seen_of(&e).unwrap();
-        for len in 0..whole.len() {
-            if let Ok(s) = seen(&Entry::new(NetfilterProtoFamily::IPv4, &whole[..len])) {
-                assert_eq!(s, right, "cut at {len}");
-            }
-        }
     }
 
     /// Benchmark (not in CI: `cargo test --release -p palisade-agent --lib -- --ignored
@@ -1263,15 +685,7 @@ mod tests {
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 let t = Instant::now();
-                let seq = r
-                    .link
-                    .send(
-                        NetfilterProtoFamily::Unspec,
-                        NLM_F_REQUEST | NLM_F_DUMP,
-                        ConntrackMessage::Get(vec![]),
-                    )
-                    .unwrap();
-                r.link.drain(seq).unwrap();
+                r.link.dump_unread(NetfilterProtoFamily::Unspec).unwrap();
                 raw.push(ms(t));
 
                 // What a sweep reads of each entry, in place.
@@ -1437,51 +851,6 @@ mod tests {
             tuple("8.8.8.8", "10.0.2.7", CtProto::Tcp, Some((443, 40000))),
         );
         assert_eq!(verdict(&c, &transit, false), None);
-    }
-
-    #[test]
-    fn a_closed_tcp_connection_is_left_alone() {
-        let mut e = entry(
-            tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80))),
-            tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, Some((80, 40000))),
-        );
-        e.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(
-            vec![ProtoInfoTCP::State(7)],
-        )]));
-        assert_eq!(seen_of(&e), Ok(Seen::Closed));
-        e.pop();
-        e.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(
-            vec![ProtoInfoTCP::State(3)],
-        )]));
-        assert_eq!(
-            seen_of(&e),
-            Ok(flow("10.0.1.2", "10.0.1.1", Some(Protocol::Tcp), 80))
-        );
-    }
-
-    #[test]
-    fn neighbour_discovery_is_always_admitted() {
-        let mut orig = tuple("fe80::1", "fe80::2", CtProto::Ipv6Icmp, None);
-        if let Tuple::Proto(p) = &mut orig[1] {
-            p.push(ProtoTuple::Other(DefaultNla::new(
-                CTA_PROTO_ICMPV6_TYPE,
-                vec![135],
-            )));
-        }
-        let e = entry(orig, tuple("fe80::2", "fe80::1", CtProto::Ipv6Icmp, None));
-        assert_eq!(seen_of(&e), Ok(Seen::AlwaysAdmitted));
-    }
-
-    #[test]
-    fn an_entry_missing_what_the_hook_saw_is_not_judged() {
-        let orig = tuple("10.0.1.2", "10.0.1.1", CtProto::Tcp, Some((40000, 80)));
-        assert_eq!(
-            seen_of(&[ConntrackAttribute::CtaTupleOrig(orig.clone())]),
-            Err(Unjudged::NoReplySource)
-        );
-        let e = entry(orig, tuple("10.0.1.1", "10.0.1.2", CtProto::Tcp, None));
-        assert_eq!(seen_of(&e), Err(Unjudged::NoReplyPort));
-        assert_eq!(seen_of(&[]), Err(Unjudged::NoOriginalSource));
     }
 
     /// The kernel flushes the whole conntrack table on a DELETE that names no tuple: an entry whose
