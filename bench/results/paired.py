@@ -5,12 +5,12 @@ from collections import defaultdict
 
 def per_round(path,metric,key=lambda x:(x['policies'],x['round']),name=lambda x:x['system']):
     """{key(sample): {name(sample): value}} over the samples without error that have `metric`
-    (a dict's `per_second`)."""
+    (a dict's `per_second`, or `gbps` for `stream`)."""
     d=json.load(open(path)); s=d['samples'] if isinstance(d,dict) else d
     r=defaultdict(dict)
     for x in s:
         v=x.get(metric)
-        if isinstance(v,dict): v=v.get('per_second')
+        if isinstance(v,dict): v=v.get('per_second',v.get('gbps'))
         if v and not x.get('error'): r[key(x)][name(x)]=v
     return r
 

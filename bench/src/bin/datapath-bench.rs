@@ -74,7 +74,9 @@ enum Command {
         /// connect/close slices become one slice whose connections alternate between the labs,
         /// and every other round the two labs of an underlay trade rulesets (so a difference
         /// between labs cancels). Resolves a cost far below the drift between two slices (the
-        /// source guard's, issue 11).
+        /// source guard's, issue 11). In place of iperf3 (same rounds, `--iperf-secs` long), one
+        /// TCP stream per lab sends 4 MiB chunks in turns, each acknowledged by the server
+        /// (`stream-alternate`): bulk throughput with the labs' turns milliseconds apart.
         #[arg(long, conflicts_with = "same_lab")]
         alternate: bool,
         /// With `--alternate`: connections from one lab before the other's turn (1: each
@@ -111,6 +113,9 @@ enum Command {
         crr_port: u16,
         #[arg(long)]
         rr_port: u16,
+        /// Also serve the acknowledged stream of `stream-alternate` on this port.
+        #[arg(long)]
+        stream_port: Option<u16>,
         #[arg(long)]
         secs: u64,
         #[arg(long)]
@@ -137,6 +142,23 @@ enum Command {
         /// Connections from one namespace before the next one's turn.
         #[arg(long, default_value_t = 1)]
         turn: usize,
+        /// Duration in milliseconds.
+        #[arg(long)]
+        ms: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// Bulk throughput in turns of acknowledged chunks over one connection per client pod of
+    /// several labs (`--netns`, each an `ip netns` name, all serving the stream on `--target`);
+    /// prints a JSON array, one result per namespace in the order given. Run from the host.
+    StreamAlternate {
+        #[arg(long, required = true, num_args = 1)]
+        netns: Vec<String>,
+        #[arg(long)]
+        target: SocketAddr,
+        /// Unmeasured turns per namespace first (slow start).
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
         /// Duration in milliseconds.
         #[arg(long)]
         ms: u64,
@@ -186,13 +208,20 @@ fn real_main(cli: Cli) -> Result<()> {
             ip,
             crr_port,
             rr_port,
+            stream_port,
             secs,
             cpu,
         } => {
             if let Some(c) = cpu {
                 traffic::pin_to_cpu(c);
             }
-            traffic::serve(&ip, crr_port, rr_port, Duration::from_secs(secs))
+            traffic::serve(
+                &ip,
+                crr_port,
+                rr_port,
+                stream_port,
+                Duration::from_secs(secs),
+            )
         }
         Command::Crr { target, ms, cpu } => {
             if let Some(c) = cpu {
@@ -217,6 +246,23 @@ fn real_main(cli: Cli) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             let r = traffic::crr_alternate(&sides, turn, Duration::from_millis(ms))?;
             print_json("crr-alternate result", &r)
+        }
+        Command::StreamAlternate {
+            netns,
+            target,
+            warmup,
+            ms,
+            cpu,
+        } => {
+            if let Some(c) = cpu {
+                traffic::pin_to_cpu(c);
+            }
+            let sides = netns
+                .iter()
+                .map(|ns| traffic::open_netns(ns).map(|f| (f, target)))
+                .collect::<Result<Vec<_>>>()?;
+            let r = traffic::stream_alternate(&sides, warmup, Duration::from_millis(ms))?;
+            print_json("stream-alternate result", &r)
         }
         Command::Rr { target, ms, cpu } => {
             if let Some(c) = cpu {

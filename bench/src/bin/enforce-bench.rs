@@ -207,7 +207,7 @@ fn real_main(cli: Cli) -> Result<()> {
             crr_port,
             rr_port,
             secs,
-        } => traffic::serve(&ip, crr_port, rr_port, Duration::from_secs(secs)),
+        } => traffic::serve(&ip, crr_port, rr_port, None, Duration::from_secs(secs)),
         Command::FetchMetrics { addr } => {
             print!("{}", enforce::http_get(addr, "/metrics")?);
             Ok(())

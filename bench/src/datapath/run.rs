@@ -1,13 +1,15 @@
 //! The datapath run: for every round, every policy count and every system (order rotated per round),
 //! load that system's ruleset into both node namespaces, check that allowed traffic passes and a
 //! port no policy admits is dropped, then measure connect/close rate, request/response latency and
-//! iperf3 throughput from the client pod to the server pod.
+//! iperf3 throughput from the client pod to the server pod. With `--alternate` the labs are
+//! measured in turns by one client from the host: connections (`crr-alternate`) and, in place of
+//! iperf3, a bulk stream in acknowledged chunks (`stream-alternate`).
 
 use super::cmd::{self, run_in, ChildGuard};
 use super::quiet;
 use super::rulesets::{self, Rendered, System};
 use super::topo::{Lab, Underlay, CLIENT_IP, SERVER_IP};
-use super::traffic::{CrrResult, RrResult};
+use super::traffic::{CrrResult, RrResult, StreamResult};
 use super::workload::Cluster;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -79,6 +81,9 @@ pub struct Sample {
     pub crr: Option<CrrResult>,
     pub rr: Option<RrResult>,
     pub iperf_gbps: Option<f64>,
+    /// `--alternate`'s bulk throughput (in place of iperf3).
+    #[serde(default)]
+    pub stream: Option<StreamResult>,
     pub error: Option<String>,
 }
 
@@ -137,28 +142,35 @@ struct LabRun {
 }
 
 impl LabRun {
-    /// Builds a lab on `underlay` (conntrack on in both nodes) and starts its server.
-    fn start(underlay: Underlay, exe: &str) -> Result<LabRun> {
+    /// Builds a lab on `underlay` (conntrack on in both nodes) and starts its server (serving the
+    /// acknowledged stream on [`IPERF_PORT`] with `stream`: no iperf3 server runs then).
+    fn start(underlay: Underlay, exe: &str, stream: bool) -> Result<LabRun> {
         let lab = Lab::create_with(underlay)?;
         rulesets::load_base(&lab.node1)?;
         rulesets::load_base(&lab.node2)?;
-        let mut server = ChildGuard::spawn_in(
-            &lab.server,
-            exe,
-            &[
-                "serve",
-                "--ip",
-                SERVER_IP,
-                "--crr-port",
-                &CRR_PORT.to_string(),
-                "--rr-port",
-                &RR_PORT.to_string(),
-                "--secs",
-                "7200",
-                "--cpu",
-                &SERVER_CPU.to_string(),
-            ],
-        )?;
+        let (crr, rr, iperf, cpu) = (
+            CRR_PORT.to_string(),
+            RR_PORT.to_string(),
+            IPERF_PORT.to_string(),
+            SERVER_CPU.to_string(),
+        );
+        let mut args = vec![
+            "serve",
+            "--ip",
+            SERVER_IP,
+            "--crr-port",
+            &crr,
+            "--rr-port",
+            &rr,
+            "--secs",
+            "7200",
+            "--cpu",
+            &cpu,
+        ];
+        if stream {
+            args.extend(["--stream-port", &iperf]);
+        }
+        let mut server = ChildGuard::spawn_in(&lab.server, exe, &args)?;
         wait_ready(&mut server)?;
         Ok(LabRun {
             lab,
@@ -334,7 +346,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                 let lab = match shared.get(&u) {
                     Some(lab) if cfg.same_lab => lab.clone(),
                     _ => {
-                        let lab = Rc::new(LabRun::start(u, &exe)?);
+                        let lab = Rc::new(LabRun::start(u, &exe, cfg.alternate)?);
                         if cfg.same_lab {
                             shared.insert(u, lab.clone());
                         }
@@ -375,6 +387,7 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                     crr: None,
                     rr: None,
                     iperf_gbps: None,
+                    stream: None,
                     error: l.error.clone(),
                 })
                 .collect();
@@ -398,7 +411,9 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                     }
                 }
             }
-            if cfg.iperf && round.is_multiple_of(cfg.iperf_every.max(1)) {
+            if cfg.iperf && cfg.alternate && round.is_multiple_of(cfg.iperf_every.max(1)) {
+                stream_alternate(cfg, &order, &mut round_samples, &exe);
+            } else if cfg.iperf && round.is_multiple_of(cfg.iperf_every.max(1)) {
                 for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
                     if sample.error.is_none() {
                         match l
@@ -430,40 +445,58 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
 /// (`crr-alternate`, from the host), each lab's result into its sample. A failure voids every
 /// sample of the slice.
 fn crr_alternate(cfg: &Config, order: &[&Loaded], samples: &mut [Sample], exe: &str) {
+    let target = format!("{SERVER_IP}:{CRR_PORT}");
+    let (turn, ms) = (cfg.alternate_turn.to_string(), cfg.slice_ms.to_string());
+    let args = ["--target", &target, "--turn", &turn, "--ms", &ms];
+    alternate(order, samples, exe, "crr-alternate", &args, |s, r| {
+        s.crr = Some(r)
+    });
+}
+
+/// One bulk slice of `--iperf-secs` in acknowledged chunks, in turns between the labs of `order`
+/// (`stream-alternate`, from the host), each lab's result into its sample. A failure voids every
+/// sample of the slice.
+fn stream_alternate(cfg: &Config, order: &[&Loaded], samples: &mut [Sample], exe: &str) {
+    let target = format!("{SERVER_IP}:{IPERF_PORT}");
+    let ms = (cfg.iperf_secs * 1000).to_string();
+    let args = ["--target", &target, "--ms", &ms];
+    alternate(order, samples, exe, "stream-alternate", &args, |s, r| {
+        s.stream = Some(r)
+    });
+}
+
+/// Runs the bench's `kind` client (`crr-alternate`, `stream-alternate`) from the host over the
+/// client pods of `order` (all their rulesets loaded), pinned as the pods' clients are, and
+/// hands each lab's result to `put` with its sample; a failure voids every sample of the slice.
+fn alternate<R: serde::de::DeserializeOwned>(
+    order: &[&Loaded],
+    samples: &mut [Sample],
+    exe: &str,
+    kind: &str,
+    args: &[&str],
+    put: impl Fn(&mut Sample, R),
+) {
     if samples.iter().any(|s| s.error.is_some()) {
         return;
     }
-    let measured = (|| -> Result<Vec<CrrResult>> {
+    let measured = (|| -> Result<Vec<R>> {
         for l in order {
             l.activate()?;
         }
-        let slice = cfg.slice_ms.to_string();
         let cpu = CLIENT_CPU.to_string();
-        let target = format!("{SERVER_IP}:{CRR_PORT}");
-        let turn = cfg.alternate_turn.to_string();
-        let mut args = vec![
-            "crr-alternate",
-            "--target",
-            &target,
-            "--turn",
-            &turn,
-            "--ms",
-            &slice,
-            "--cpu",
-            &cpu,
-        ];
+        let mut all = vec![kind, "--cpu", &cpu];
+        all.extend(args);
         for l in order {
-            args.extend(["--netns", l.lab.lab.client.as_str()]);
+            all.extend(["--netns", l.lab.lab.client.as_str()]);
         }
-        let out = cmd::run(exe, &args)?;
-        let results: Vec<CrrResult> =
-            serde_json::from_str(out.trim()).map_err(|e| Error::Parse {
-                what: "crr-alternate result".into(),
-                detail: e.to_string(),
-            })?;
+        let out = cmd::run(exe, &all)?;
+        let results: Vec<R> = serde_json::from_str(out.trim()).map_err(|e| Error::Parse {
+            what: format!("{kind} result"),
+            detail: e.to_string(),
+        })?;
         if results.len() != order.len() {
             return Err(Error::Invalid(format!(
-                "crr-alternate answered {} results for {} labs",
+                "{kind} answered {} results for {} labs",
                 results.len(),
                 order.len()
             )));
@@ -473,7 +506,7 @@ fn crr_alternate(cfg: &Config, order: &[&Loaded], samples: &mut [Sample], exe: &
     match measured {
         Ok(results) => {
             for (sample, r) in samples.iter_mut().zip(results) {
-                sample.crr = Some(r);
+                put(sample, r);
             }
         }
         Err(e) => {
@@ -609,7 +642,13 @@ mod tests {
         let ns = labs[0].server.clone();
         let server = std::thread::spawn(move || {
             enter_netns(&ns)?;
-            serve(SERVER_IP, CRR_PORT, RR_PORT, Duration::from_millis(1500))
+            serve(
+                SERVER_IP,
+                CRR_PORT,
+                RR_PORT,
+                None,
+                Duration::from_millis(1500),
+            )
         });
         std::thread::sleep(Duration::from_millis(400));
         let target: SocketAddr = format!("{SERVER_IP}:{CRR_PORT}").parse().unwrap();
@@ -636,6 +675,71 @@ mod tests {
             tries(1)
         );
         server.join().unwrap().unwrap();
+    }
+
+    /// `--alternate`'s bulk client: both labs' streams get the same number of turns, each counted
+    /// on its own side in the order given, every byte acknowledged; a lab without a stream server
+    /// fails the slice with an error naming its side.
+    #[test]
+    fn alternating_streams_take_equal_turns_and_count_on_each_labs_own_side() {
+        use crate::datapath::traffic::{open_netns, serve, stream_alternate, STREAM_CHUNK};
+        let labs = [Lab::create().unwrap(), Lab::create().unwrap()];
+        let servers: Vec<_> = labs
+            .iter()
+            .map(|l| {
+                let ns = l.server.clone();
+                std::thread::spawn(move || {
+                    enter_netns(&ns)?;
+                    serve(
+                        SERVER_IP,
+                        CRR_PORT,
+                        RR_PORT,
+                        Some(IPERF_PORT),
+                        Duration::from_millis(2500),
+                    )
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(400));
+        let target: SocketAddr = format!("{SERVER_IP}:{IPERF_PORT}").parse().unwrap();
+        let sides: Vec<_> = labs
+            .iter()
+            .map(|l| (open_netns(&l.client).unwrap(), target))
+            .collect();
+        let r = stream_alternate(&sides, 2, Duration::from_millis(300)).unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r[0].turns > 0, "{:?}", r[0]);
+        assert_eq!(r[0].turns, r[1].turns, "turns in alternation: {r:?}");
+        for side in &r {
+            assert_eq!(side.bytes, side.turns * STREAM_CHUNK as u64, "{side:?}");
+            assert!(side.gbps > 0.0 && side.seconds > 0.0, "{side:?}");
+        }
+        // A crr-only server (no stream port) in a third lab: the slice fails, naming that side.
+        let third = Lab::create().unwrap();
+        let ns = third.server.clone();
+        let crr_only = std::thread::spawn(move || {
+            enter_netns(&ns)?;
+            serve(
+                SERVER_IP,
+                CRR_PORT,
+                RR_PORT,
+                None,
+                Duration::from_millis(1200),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        let sides = vec![
+            (open_netns(&labs[0].client).unwrap(), target),
+            (open_netns(&third.client).unwrap(), target),
+        ];
+        let e = stream_alternate(&sides, 1, Duration::from_millis(100))
+            .expect_err("no stream server in the second lab")
+            .to_string();
+        assert!(e.contains("side 1"), "{e}");
+        for s in servers {
+            s.join().unwrap().unwrap();
+        }
+        crr_only.join().unwrap().unwrap();
     }
 
     /// Needs root (we always run tests as root): fails, never skips, when it cannot build the lab.

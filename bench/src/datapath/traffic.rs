@@ -1,6 +1,6 @@
 //! Traffic generators, run inside the pod namespaces: a connect/close loop (TCP_CRR-like), a
-//! request/response ping-pong on one connection (TCP_RR-like), their server, and a SYN probe.
-//! Every loop is bounded by a duration and a count.
+//! request/response ping-pong on one connection (TCP_RR-like), a bulk stream in acknowledged
+//! chunks, their server, and a SYN probe. Every loop is bounded by a duration and a count.
 
 use crate::{io_err, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -69,16 +69,41 @@ fn set_linger_zero(stream: &TcpStream) {
     }
 }
 
-/// Serves both protocols until `duration` has passed: on `crr_port` each connection gets one byte
-/// back for its one-byte request and is then closed by the server; on `rr_port` every byte is echoed.
-/// Prints `ready` on stdout once both listeners are bound.
-pub fn serve(ip: &str, crr_port: u16, rr_port: u16, duration: Duration) -> Result<()> {
+/// Bytes of one turn of [`stream_alternate`]: the server answers each with one byte.
+pub const STREAM_CHUNK: usize = 4 << 20;
+
+/// Serves until `duration` has passed: on `crr_port` each connection gets one byte back for its
+/// one-byte request and is then closed by the server; on `rr_port` every byte is echoed; on
+/// `stream_port` (when given) every [`STREAM_CHUNK`] bytes read are acknowledged with one byte.
+/// Prints `ready` on stdout once every listener is bound.
+pub fn serve(
+    ip: &str,
+    crr_port: u16,
+    rr_port: u16,
+    stream_port: Option<u16>,
+    duration: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + duration;
     let crr =
         TcpListener::bind((ip, crr_port)).map_err(io_err(format!("binding {ip}:{crr_port}")))?;
     let rr = TcpListener::bind((ip, rr_port)).map_err(io_err(format!("binding {ip}:{rr_port}")))?;
     set_accept_timeout(&crr, Duration::from_millis(200))?;
     set_accept_timeout(&rr, Duration::from_millis(200))?;
+    let stream = match stream_port {
+        Some(port) => {
+            let l =
+                TcpListener::bind((ip, port)).map_err(io_err(format!("binding {ip}:{port}")))?;
+            set_accept_timeout(&l, Duration::from_millis(200))?;
+            Some(std::thread::spawn(move || {
+                while Instant::now() < deadline {
+                    if let Ok((s, _)) = l.accept() {
+                        std::thread::spawn(move || sink(s, deadline));
+                    }
+                }
+            }))
+        }
+        None => None,
+    };
     println!("ready");
     let _ = std::io::stdout().flush();
     let rr_thread = std::thread::spawn(move || {
@@ -118,7 +143,37 @@ pub fn serve(ip: &str, crr_port: u16, rr_port: u16, duration: Duration) -> Resul
         drop(s);
     }
     let _ = rr_thread.join();
+    if let Some(t) = stream {
+        let _ = t.join();
+    }
     Ok(())
+}
+
+/// The stream server's side of one connection: reads, and acknowledges every [`STREAM_CHUNK`]
+/// bytes with one byte, until the client closes or `deadline`.
+fn sink(mut s: TcpStream, deadline: Instant) {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0usize;
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                while got >= STREAM_CHUNK {
+                    got -= STREAM_CHUNK;
+                    if s.write_all(b"k").is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// Result of a connect/close loop.
@@ -248,6 +303,83 @@ pub fn crr_alternate(
     Ok(tallies
         .iter()
         .map(|t| t.result(t.busy.as_secs_f64()))
+        .collect())
+}
+
+/// One side's bulk throughput from [`stream_alternate`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamResult {
+    /// Chunks sent and acknowledged (after the warm-up).
+    pub turns: u64,
+    pub bytes: u64,
+    /// The time this side's turns took (its share of the slice).
+    pub seconds: f64,
+    pub gbps: f64,
+    /// Median time of one turn (a chunk sent until its acknowledgement).
+    pub p50_ms: f64,
+}
+
+/// Bulk throughput in turns over one TCP connection per side (a client pod's network namespace
+/// and the stream server it connects to): [`STREAM_CHUNK`] bytes to the first side's server and
+/// its one-byte acknowledgement, then the same on the second, and so on, for `duration` after
+/// `warmup` unmeasured turns each (slow start, buffers). Where iperf3 measures one lab for a
+/// second while the machine drifts, both sides here meet the same machine within a few
+/// milliseconds of each other. Each side's figure is its bytes over the time its turns took.
+/// The connections stay open across turns (a turn is a few ms, under TCP's idle restart).
+pub fn stream_alternate(
+    sides: &[(std::fs::File, SocketAddr)],
+    warmup: usize,
+    duration: Duration,
+) -> Result<Vec<StreamResult>> {
+    // A socket stays in the namespace it was created in: one per side, made from inside it.
+    let mut conns = Vec::with_capacity(sides.len());
+    for (i, (ns, target)) in sides.iter().enumerate() {
+        set_netns(ns).map_err(io_err("entering a client pod's network namespace"))?;
+        let s = TcpStream::connect_timeout(target, Duration::from_secs(2)).map_err(io_err(
+            format!("side {i}: connecting to the stream server {target}"),
+        ))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(io_err("setting the read timeout"))?;
+        conns.push(s);
+    }
+    let chunk = vec![0u8; STREAM_CHUNK];
+    let turn = |i: usize, s: &mut TcpStream| -> Result<Duration> {
+        let t0 = Instant::now();
+        let mut ack = [0u8; 1];
+        s.write_all(&chunk)
+            .and_then(|()| s.read_exact(&mut ack))
+            .map_err(|e| io_err(format!("side {i}: a chunk and its acknowledgement"))(e))?;
+        Ok(t0.elapsed())
+    };
+    for _ in 0..warmup {
+        for (i, s) in conns.iter_mut().enumerate() {
+            turn(i, s)?;
+        }
+    }
+    let mut took: Vec<Vec<f64>> = conns.iter().map(|_| Vec::with_capacity(4096)).collect();
+    let mut busy = vec![Duration::ZERO; conns.len()];
+    let start = Instant::now();
+    while start.elapsed() < duration && (took[0].len() as u64) < MAX_COUNT {
+        for (i, s) in conns.iter_mut().enumerate() {
+            let t = turn(i, s)?;
+            busy[i] += t;
+            took[i].push(t.as_secs_f64() * 1e3);
+        }
+    }
+    Ok(took
+        .iter()
+        .zip(&busy)
+        .map(|(t, b)| {
+            let bytes = (t.len() * STREAM_CHUNK) as u64;
+            let seconds = b.as_secs_f64();
+            StreamResult {
+                turns: t.len() as u64,
+                bytes,
+                seconds,
+                gbps: bytes as f64 * 8.0 / seconds / 1e9,
+                p50_ms: super::stats::median(t).unwrap_or(f64::NAN),
+            }
+        })
         .collect())
 }
 
