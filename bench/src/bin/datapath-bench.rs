@@ -202,6 +202,22 @@ fn print_json(what: &str, v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// An alternating client's sides: each client pod's namespace (opened) with the one target all
+/// serve; pinned to `cpu` first, as the clients in the pods are.
+fn alternate_sides(
+    netns: &[String],
+    target: SocketAddr,
+    cpu: Option<usize>,
+) -> Result<Vec<(std::fs::File, SocketAddr)>> {
+    if let Some(c) = cpu {
+        traffic::pin_to_cpu(c);
+    }
+    netns
+        .iter()
+        .map(|ns| traffic::open_netns(ns).map(|f| (f, target)))
+        .collect()
+}
+
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
@@ -237,13 +253,7 @@ fn real_main(cli: Cli) -> Result<()> {
             ms,
             cpu,
         } => {
-            if let Some(c) = cpu {
-                traffic::pin_to_cpu(c);
-            }
-            let sides = netns
-                .iter()
-                .map(|ns| traffic::open_netns(ns).map(|f| (f, target)))
-                .collect::<Result<Vec<_>>>()?;
+            let sides = alternate_sides(&netns, target, cpu)?;
             let r = traffic::crr_alternate(&sides, turn, Duration::from_millis(ms))?;
             print_json("crr-alternate result", &r)
         }
@@ -254,13 +264,7 @@ fn real_main(cli: Cli) -> Result<()> {
             ms,
             cpu,
         } => {
-            if let Some(c) = cpu {
-                traffic::pin_to_cpu(c);
-            }
-            let sides = netns
-                .iter()
-                .map(|ns| traffic::open_netns(ns).map(|f| (f, target)))
-                .collect::<Result<Vec<_>>>()?;
+            let sides = alternate_sides(&netns, target, cpu)?;
             let r = traffic::stream_alternate(&sides, warmup, Duration::from_millis(ms))?;
             print_json("stream-alternate result", &r)
         }

@@ -633,24 +633,31 @@ mod tests {
     use crate::datapath::traffic::{probe_once, ProbeOutcome};
     use std::net::{SocketAddr, TcpListener};
 
+    /// The bench's server in `lab`'s server pod for `ms` (the stream too on `stream`), on a thread
+    /// of its own; returns once it had time to bind.
+    fn serve_in(lab: &Lab, stream: Option<u16>, ms: u64) -> std::thread::JoinHandle<Result<()>> {
+        let ns = lab.server.clone();
+        let t = std::thread::spawn(move || {
+            enter_netns(&ns)?;
+            crate::datapath::traffic::serve(
+                SERVER_IP,
+                CRR_PORT,
+                RR_PORT,
+                stream,
+                Duration::from_millis(ms),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        t
+    }
+
     /// `--alternate`'s client: every lab gets its turns, each lab's connections are counted on its
     /// own side in the order the labs were given, and a lab whose server is gone fails alone.
     #[test]
     fn alternating_connections_are_counted_on_each_labs_own_side() {
-        use crate::datapath::traffic::{crr_alternate, open_netns, serve};
+        use crate::datapath::traffic::{crr_alternate, open_netns};
         let labs = [Lab::create().unwrap(), Lab::create().unwrap()];
-        let ns = labs[0].server.clone();
-        let server = std::thread::spawn(move || {
-            enter_netns(&ns)?;
-            serve(
-                SERVER_IP,
-                CRR_PORT,
-                RR_PORT,
-                None,
-                Duration::from_millis(1500),
-            )
-        });
-        std::thread::sleep(Duration::from_millis(400));
+        let server = serve_in(&labs[0], None, 1500);
         let target: SocketAddr = format!("{SERVER_IP}:{CRR_PORT}").parse().unwrap();
         let sides: Vec<_> = labs
             .iter()
@@ -682,25 +689,12 @@ mod tests {
     /// fails the slice with an error naming its side.
     #[test]
     fn alternating_streams_take_equal_turns_and_count_on_each_labs_own_side() {
-        use crate::datapath::traffic::{open_netns, serve, stream_alternate, STREAM_CHUNK};
+        use crate::datapath::traffic::{open_netns, stream_alternate, STREAM_CHUNK};
         let labs = [Lab::create().unwrap(), Lab::create().unwrap()];
         let servers: Vec<_> = labs
             .iter()
-            .map(|l| {
-                let ns = l.server.clone();
-                std::thread::spawn(move || {
-                    enter_netns(&ns)?;
-                    serve(
-                        SERVER_IP,
-                        CRR_PORT,
-                        RR_PORT,
-                        Some(IPERF_PORT),
-                        Duration::from_millis(2500),
-                    )
-                })
-            })
+            .map(|l| serve_in(l, Some(IPERF_PORT), 2500))
             .collect();
-        std::thread::sleep(Duration::from_millis(400));
         let target: SocketAddr = format!("{SERVER_IP}:{IPERF_PORT}").parse().unwrap();
         let sides: Vec<_> = labs
             .iter()
@@ -716,18 +710,7 @@ mod tests {
         }
         // A crr-only server (no stream port) in a third lab: the slice fails, naming that side.
         let third = Lab::create().unwrap();
-        let ns = third.server.clone();
-        let crr_only = std::thread::spawn(move || {
-            enter_netns(&ns)?;
-            serve(
-                SERVER_IP,
-                CRR_PORT,
-                RR_PORT,
-                None,
-                Duration::from_millis(1200),
-            )
-        });
-        std::thread::sleep(Duration::from_millis(400));
+        let crr_only = serve_in(&third, None, 1200);
         let sides = vec![
             (open_netns(&labs[0].client).unwrap(), target),
             (open_netns(&third.client).unwrap(), target),
