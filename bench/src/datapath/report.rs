@@ -30,7 +30,7 @@ pub fn machine() -> String {
         cmd("nft", &["--version"]),
         cmd("iptables", &["--version"]),
         cmd("ipset", &["--version"]),
-        cmd("bulk", &["--version"]).lines().next().unwrap_or_default(),
+        cmd("iperf3", &["--version"]).lines().next().unwrap_or_default(),
         loadavg.trim()
     )
 }
