@@ -411,9 +411,10 @@ pub fn run(cfg: &Config) -> Result<Vec<Sample>> {
                     }
                 }
             }
-            if cfg.iperf && cfg.alternate && round.is_multiple_of(cfg.iperf_every.max(1)) {
+            let bulk_round = cfg.iperf && round.is_multiple_of(cfg.iperf_every.max(1));
+            if bulk_round && cfg.alternate {
                 stream_alternate(cfg, &order, &mut round_samples, &exe);
-            } else if cfg.iperf && round.is_multiple_of(cfg.iperf_every.max(1)) {
+            } else if bulk_round {
                 for (l, sample) in order.iter().zip(round_samples.iter_mut()) {
                     if sample.error.is_none() {
                         match l
