@@ -4,8 +4,8 @@
 use super::Entry;
 use crate::error::{Error, Result};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_REQUEST,
+    ErrorMessage, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage};
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
@@ -109,6 +109,19 @@ fn frames<'a>(buf: &'a [u8], action: &'static str) -> impl Iterator<Item = Resul
     })
 }
 
+/// The kernel's answer to a GET or DELETE of one entry: true for its acknowledgement, false when
+/// there is no such entry (ENOENT), any other error as one naming `action`.
+fn acked(e: &ErrorMessage, action: &'static str) -> Result<bool> {
+    match e.code {
+        None => Ok(true),
+        Some(c) if c.get() == -libc::ENOENT => Ok(false),
+        Some(_) => Err(Error::Netlink {
+            action,
+            message: e.to_io().to_string(),
+        }),
+    }
+}
+
 /// The conntrack socket: its requests and the reading of their answers.
 pub(super) struct Link {
     socket: Socket,
@@ -187,14 +200,10 @@ impl Link {
                 return Ok(None);
             }
             match frame.status(ACTION)? {
-                NetlinkPayload::Error(e) => match e.code {
-                    None => Ok(Some(found.take())),
-                    Some(c) if c.get() == -libc::ENOENT => Ok(Some(None)),
-                    Some(_) => Err(Error::Netlink {
-                        action: "look up a conntrack entry",
-                        message: e.to_io().to_string(),
-                    }),
-                },
+                NetlinkPayload::Error(e) => {
+                    let there = acked(&e, "look up a conntrack entry")?;
+                    Ok(Some(if there { found.take() } else { None }))
+                }
                 _ => Ok(None),
             }
         })
@@ -209,14 +218,7 @@ impl Link {
             ConntrackMessage::Delete(key.0),
         )?;
         self.answer(seq, ACTION, |frame| match frame.status(ACTION)? {
-            NetlinkPayload::Error(e) => match e.code {
-                None => Ok(Some(true)),
-                Some(c) if c.get() == -libc::ENOENT => Ok(Some(false)),
-                Some(_) => Err(Error::Netlink {
-                    action: "delete conntrack entry",
-                    message: e.to_io().to_string(),
-                }),
-            },
+            NetlinkPayload::Error(e) => acked(&e, "delete conntrack entry").map(Some),
             _ => Ok(Some(true)),
         })
     }
