@@ -241,38 +241,36 @@ pub fn edit_labels(obj: &mut Value, edits: &[LabelEdit]) -> Result<()> {
 
 /// Container ports of a Pod: (port, protocol) with protocol defaulting to TCP.
 pub fn container_ports(pod: &Value) -> Vec<(u16, String)> {
-    let mut out = Vec::new();
-    let containers = pod
-        .get("spec")
-        .and_then(|s| s.get("containers"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    for c in containers {
-        for p in c
-            .get("ports")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-        {
-            let Some(port) = p
+    let mut out: Vec<(u16, String)> = port_entries(pod)
+        .filter_map(|p| {
+            let port = p
                 .get("containerPort")
                 .and_then(Value::as_u64)
-                .and_then(|n| u16::try_from(n).ok())
-            else {
-                continue;
-            };
-            let proto = p
-                .get("protocol")
-                .and_then(Value::as_str)
-                .unwrap_or("TCP")
-                .to_ascii_uppercase();
-            out.push((port, proto));
-        }
-    }
+                .and_then(|n| u16::try_from(n).ok())?;
+            Some((port, protocol(p).to_ascii_uppercase()))
+        })
+        .collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// Every entry of `ports` of every container of a Pod, in order.
+fn port_entries(pod: &Value) -> impl Iterator<Item = &Value> {
+    pod.get("spec")
+        .and_then(|s| s.get("containers"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("ports").and_then(Value::as_array))
+        .flatten()
+}
+
+/// A port entry's protocol, as written (`TCP` when absent, as the API server defaults it).
+fn protocol(port: &Value) -> &str {
+    port.get("protocol")
+        .and_then(Value::as_str)
+        .unwrap_or("TCP")
 }
 
 /// Sets `path...` = value in a nested mapping, creating intermediate mappings.
@@ -429,51 +427,32 @@ pub fn requested_ips(pod: &Value) -> Result<Vec<std::net::IpAddr>> {
 /// passes them); ports without a `hostPort` are skipped.
 pub fn host_ports(pod: &Value) -> Result<Vec<crate::cni::PortMapping>> {
     let mut out = Vec::new();
-    let containers = pod
-        .get("spec")
-        .and_then(|s| s.get("containers"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    for c in containers {
-        for p in c
-            .get("ports")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-        {
-            let Some(host) = p
-                .get("hostPort")
-                .and_then(Value::as_u64)
+    for p in port_entries(pod) {
+        let Some(host) = p
+            .get("hostPort")
+            .and_then(Value::as_u64)
+            .filter(|n| *n != 0)
+        else {
+            continue;
+        };
+        let port = |v: Option<u64>, field: &str| {
+            v.and_then(|n| u16::try_from(n).ok())
                 .filter(|n| *n != 0)
-            else {
-                continue;
-            };
-            let port = |v: Option<u64>, field: &str| {
-                v.and_then(|n| u16::try_from(n).ok())
-                    .filter(|n| *n != 0)
-                    .ok_or_else(|| {
-                        LabError::Invalid(format!("{field} {v:?} is not a port (1-65535)"))
-                    })
-            };
-            out.push(crate::cni::PortMapping {
-                host_port: port(Some(host), "hostPort")?,
-                container_port: port(
-                    p.get("containerPort").and_then(Value::as_u64),
-                    "containerPort",
-                )?,
-                protocol: p
-                    .get("protocol")
-                    .and_then(Value::as_str)
-                    .unwrap_or("TCP")
-                    .to_ascii_lowercase(),
-                host_ip: p
-                    .get("hostIP")
-                    .and_then(Value::as_str)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string),
-            });
-        }
+                .ok_or_else(|| LabError::Invalid(format!("{field} {v:?} is not a port (1-65535)")))
+        };
+        out.push(crate::cni::PortMapping {
+            host_port: port(Some(host), "hostPort")?,
+            container_port: port(
+                p.get("containerPort").and_then(Value::as_u64),
+                "containerPort",
+            )?,
+            protocol: protocol(p).to_ascii_lowercase(),
+            host_ip: p
+                .get("hostIP")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        });
     }
     Ok(out)
 }
