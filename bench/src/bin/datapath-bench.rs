@@ -378,24 +378,8 @@ fn real_main(cli: Cli) -> Result<()> {
             let before = report::machine();
             let samples = run::run(&cfg)?;
             let after = report::machine();
-            std::fs::create_dir_all(&out).map_err(palisade_bench::io_err_pub(format!(
-                "creating {}",
-                out.display()
-            )))?;
             let stem = name.unwrap_or_else(|| format!("datapath-{}", palisade_bench::unix_now()));
-            let json = out.join(format!("{stem}.json"));
-            let text = serde_json::to_string_pretty(&samples).map_err(|e| Error::Parse {
-                what: "samples".into(),
-                detail: e.to_string(),
-            })?;
-            std::fs::write(&json, text).map_err(|source| Error::Write {
-                path: json.clone(),
-                source,
-            })?;
-            let charts = report::charts(&json).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "no charts (python3 with matplotlib needed: pip install matplotlib)");
-                Vec::new()
-            });
+            let charts = report::write_results(&out, &stem, &samples, report::Charts::Datapath)?;
             let mut md = report::markdown(&samples, &command, &before, &after, &started, &charts);
             md.push_str(&report::underlay_summary(&samples));
             let md_path = out.join(format!("{stem}.md"));

@@ -323,25 +323,9 @@ fn real_main(cli: Cli) -> Result<()> {
                 }
             }
             let after = report::machine();
-            std::fs::create_dir_all(&out).map_err(palisade_bench::io_err_pub(format!(
-                "creating {}",
-                out.display()
-            )))?;
             let stem = name.unwrap_or_else(|| format!("enforce-{}", palisade_bench::unix_now()));
-            let json_path = out.join(format!("{stem}.json"));
             let json = serde_json::json!({"run": results, "compile_cost": costs});
-            let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Parse {
-                what: "results".into(),
-                detail: e.to_string(),
-            })?;
-            std::fs::write(&json_path, text).map_err(|source| Error::Write {
-                path: json_path.clone(),
-                source,
-            })?;
-            let charts = report::charts_enforce(&json_path).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "no charts (python3 with matplotlib needed: pip install matplotlib)");
-                Vec::new()
-            });
+            let charts = report::write_results(&out, &stem, &json, report::Charts::Enforce)?;
             let chart_md: String = charts.iter().map(|c| format!("\n![{c}]({c})\n")).collect();
             let md = format!(
                 "# Enforcement latency and agent scale (issue 7)\n\nStarted {started} (UTC).\n\nCommand:\n\n```\n{command}\n```\n\n## Machine\n\nBefore:\n\n{before}\nAfter:\n\n{after}\n## Method\n\n\

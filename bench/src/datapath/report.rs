@@ -396,14 +396,41 @@ pub fn targets(samples: &[Sample]) -> String {
 const PLOT: &str = include_str!("plot_datapath.py");
 const PLOT_ENFORCE: &str = include_str!("plot_enforce.py");
 
-/// Draws the datapath charts with python3 + matplotlib; returns the PNG file names written next to `json`.
-pub fn charts(json: &Path) -> Result<Vec<String>> {
-    charts_with(PLOT, json)
+/// Which charts a run's results draw.
+#[derive(Debug, Clone, Copy)]
+pub enum Charts {
+    Datapath,
+    Enforce,
 }
 
-/// Draws the enforcement charts (see [`charts`]).
-pub fn charts_enforce(json: &Path) -> Result<Vec<String>> {
-    charts_with(PLOT_ENFORCE, json)
+/// Writes a run's results as `<out>/<stem>.json` (creating `out`) and draws its charts next to it
+/// with python3 + matplotlib; returns the PNG file names (none, with a warning, when the charts
+/// cannot be drawn: the figures are in the JSON and the report either way).
+pub fn write_results(
+    out: &Path,
+    stem: &str,
+    results: &impl serde::Serialize,
+    charts: Charts,
+) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out)
+        .map_err(crate::io_err_pub(format!("creating {}", out.display())))?;
+    let json = out.join(format!("{stem}.json"));
+    let text = serde_json::to_string_pretty(results).map_err(|e| Error::Parse {
+        what: "results".into(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(&json, text).map_err(|source| Error::Write {
+        path: json.clone(),
+        source,
+    })?;
+    let script = match charts {
+        Charts::Datapath => PLOT,
+        Charts::Enforce => PLOT_ENFORCE,
+    };
+    Ok(charts_with(script, &json).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no charts (python3 with matplotlib needed: pip install matplotlib)");
+        Vec::new()
+    }))
 }
 
 fn charts_with(script: &str, json: &Path) -> Result<Vec<String>> {
