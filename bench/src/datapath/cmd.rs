@@ -90,13 +90,23 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `program args` inside `ns` with stdout piped and stderr inherited.
     pub fn spawn_in(ns: &str, program: &str, args: &[&str]) -> Result<ChildGuard> {
+        Self::spawn_with(ns, program, args, Stdio::piped(), Stdio::inherit())
+    }
+
+    fn spawn_with(
+        ns: &str,
+        program: &str,
+        args: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<ChildGuard> {
         let command = describe(program, args);
         let child = Command::new("ip")
             .args(["netns", "exec", ns, program])
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .map_err(|source| Error::Spawn {
                 command: command.clone(),
@@ -115,7 +125,6 @@ impl ChildGuard {
         args: &[&str],
         log: &std::path::Path,
     ) -> Result<ChildGuard> {
-        let command = describe(program, args);
         let open = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -126,21 +135,7 @@ impl ChildGuard {
                     source,
                 })
         };
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, program])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(open()?)
-            .stderr(open()?)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-        Ok(ChildGuard {
-            name: command,
-            child: Some(child),
-        })
+        Self::spawn_with(ns, program, args, open()?.into(), open()?.into())
     }
 
     /// Process id of the child (`ip netns exec` execs the program, so this is the program's pid).

@@ -438,9 +438,14 @@ fn same_priority(
 /// The counters and sets of one compiled ClusterNetworkPolicy (its rules are inlined in the tier
 /// chains of the local part; `borrow`: see [`SetSink`]).
 pub(crate) fn cluster_part(cp: &CompiledClusterPolicy, borrow: &dyn Fn(&str) -> bool) -> Part {
+    part(borrow, |sink| cluster_part_into(sink, cp))
+}
+
+/// A part of its own, filled by `fill` (`borrow`: see [`SetSink`]).
+fn part(borrow: &dyn Fn(&str) -> bool, fill: impl FnOnce(&mut SetSink<'_>)) -> Part {
     let mut rs = Ruleset::default();
     let mut sink = SetSink::new(&mut rs, borrow);
-    cluster_part_into(&mut sink, cp);
+    fill(&mut sink);
     let borrowed = sink.borrowed;
     Part { rs, borrowed }
 }
@@ -459,11 +464,7 @@ fn cluster_part_into(sink: &mut SetSink<'_>, cp: &CompiledClusterPolicy) {
 
 /// The chains, counters and sets of one compiled policy (`borrow`: see [`SetSink`]).
 pub(crate) fn policy_part(pol: &CompiledPolicy, borrow: &dyn Fn(&str) -> bool) -> Part {
-    let mut rs = Ruleset::default();
-    let mut sink = SetSink::new(&mut rs, borrow);
-    policy_part_into(&mut sink, pol);
-    let borrowed = sink.borrowed;
-    Part { rs, borrowed }
+    part(borrow, |sink| policy_part_into(sink, pol))
 }
 
 fn policy_part_into(sink: &mut SetSink<'_>, pol: &CompiledPolicy) {
