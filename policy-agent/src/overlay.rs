@@ -184,7 +184,20 @@ impl DeviceWant {
     pub fn v4(&self) -> bool {
         self.local.is_ipv4()
     }
+
+    /// The FDB entries (a peer's MAC → its underlay address) and neighbour entries (a peer's VTEP
+    /// address → its MAC) the device should hold: one of each per peer.
+    fn wanted_entries(&self) -> (BTreeSet<FdbEntry>, BTreeSet<NeighEntry>) {
+        let fdb = self.peers.iter().map(|p| (p.mac.to_vec(), p.underlay));
+        let neigh = self.peers.iter().map(|p| (p.vtep, p.mac.to_vec()));
+        (fdb.collect(), neigh.collect())
+    }
 }
+
+/// An FDB entry of the device: (MAC, underlay destination).
+type FdbEntry = (Vec<u8>, IpAddr);
+/// A neighbour entry of the device: (VTEP address, MAC).
+type NeighEntry = (IpAddr, Vec<u8>);
 
 /// Everything the routes edge and the overlay edge converge to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -658,16 +671,9 @@ impl Overlay {
         changes: &mut OverlayChanges,
     ) -> Result<()> {
         let (fdb, neigh) = self.entries(index, d.v4()).await?;
-        let want_fdb: BTreeSet<(Vec<u8>, IpAddr)> = d
-            .peers
-            .iter()
-            .map(|p| (p.mac.to_vec(), p.underlay))
-            .collect();
-        let want_neigh: BTreeSet<(IpAddr, Vec<u8>)> =
-            d.peers.iter().map(|p| (p.vtep, p.mac.to_vec())).collect();
-        let have_fdb: BTreeSet<(Vec<u8>, IpAddr)> =
-            fdb.iter().map(|(_, m, d)| (m.clone(), *d)).collect();
-        let have_neigh: BTreeSet<(IpAddr, Vec<u8>)> =
+        let (want_fdb, want_neigh) = d.wanted_entries();
+        let have_fdb: BTreeSet<FdbEntry> = fdb.iter().map(|(_, m, d)| (m.clone(), *d)).collect();
+        let have_neigh: BTreeSet<NeighEntry> =
             neigh.iter().map(|(_, d, m)| (*d, m.clone())).collect();
         for (msg, mac, dst) in &fdb {
             if !want_fdb.contains(&(mac.clone(), *dst)) {
@@ -780,18 +786,10 @@ impl Overlay {
                 return Ok(true);
             }
             let (fdb, neigh) = self.entries(h.index, d.v4()).await?;
-            let have_fdb: BTreeSet<(Vec<u8>, IpAddr)> =
-                fdb.into_iter().map(|(_, m, d)| (m, d)).collect();
-            let have_neigh: BTreeSet<(IpAddr, Vec<u8>)> =
+            let have_fdb: BTreeSet<FdbEntry> = fdb.into_iter().map(|(_, m, d)| (m, d)).collect();
+            let have_neigh: BTreeSet<NeighEntry> =
                 neigh.into_iter().map(|(_, d, m)| (d, m)).collect();
-            let want_fdb: BTreeSet<(Vec<u8>, IpAddr)> = d
-                .peers
-                .iter()
-                .map(|p| (p.mac.to_vec(), p.underlay))
-                .collect();
-            let want_neigh: BTreeSet<(IpAddr, Vec<u8>)> =
-                d.peers.iter().map(|p| (p.vtep, p.mac.to_vec())).collect();
-            if have_fdb != want_fdb || have_neigh != want_neigh {
+            if (have_fdb, have_neigh) != d.wanted_entries() {
                 return Ok(true);
             }
         }
