@@ -67,7 +67,7 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
     move |source| Error::Io { context, source }
 }
 
-/// [`io_err`] for the binaries.
+/// `io_err` for the binaries.
 pub fn io_err_pub(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     io_err(context)
 }

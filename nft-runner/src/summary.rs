@@ -85,7 +85,7 @@ const SKIP_ELEMENT: &[u16] = &[5, 8]; // EXPIRATION, PAD
 /// Summarises `table FAMILY TABLE` (see [`TableSummary`]); the elements of `unhashed_sets` are
 /// counted, not hashed. `None` when the table does not exist. The listing is consistent: the
 /// ruleset generation is read before and after it, and a listing a commit came between is read
-/// again (up to eight times; then [`Error::Unsettled`]).
+/// again (up to eight times; then [`Error::Unsettled`](crate::Error::Unsettled)).
 pub fn table(family: &str, table: &str, unhashed_sets: &[&str]) -> Result<Option<TableSummary>> {
     let mut reader = Reader {
         dumper: Dumper::open("summarize table", family, table, unhashed_sets)?,

@@ -1,6 +1,6 @@
 //! Rendering and atomic writing of the conflist (see ARCHITECTURE.md, "Conflist").
 //!
-//! [`render`] is pure: the node's podCIDRs and a few settings in, the conflist text out. [`write`]
+//! [`render`] is pure: the node's podCIDRs and a few settings in, the conflist text out. [`write()`]
 //! puts that text at `<cniConfDir>/10-palisade.conflist` atomically (temp file in the same directory,
 //! fsync, rename, fsync of the directory) and leaves the file alone when its content is already what
 //! we want, so the runtime never sees a half-written file nor a pointless change. [`remove`] is for
@@ -238,7 +238,7 @@ pub fn conflist_path(conf_dir: &Path) -> PathBuf {
     conf_dir.join(CONFLIST_FILE)
 }
 
-/// What [`write`] did.
+/// What [`write()`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// The file was created or replaced.

@@ -75,7 +75,7 @@ const DEAF_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 const QUIET_REPLACE_TRIES: usize = 3;
 
 /// Incremental batches of this many bytes of messages or more are committed with the drift
-/// monitor out of the notification group ([`Nft::commit_batch_quietly`]); smaller ones cost the
+/// monitor out of the notification group (`Nft::commit_batch_quietly`); smaller ones cost the
 /// kernel little to notify, and going quiet costs two generation reads.
 pub const QUIET_BATCH_BYTES: usize = 256 << 10;
 
@@ -127,7 +127,7 @@ impl Nft {
     /// ~50 ms of every change), else (or when the kernel refuses those) its JSON through nft,
     /// whose error says what is wrong.
     ///
-    /// A large batch goes quiet ([`QUIET_BATCH_BYTES`], [`Nft::commit_batch_quietly`]).
+    /// A large batch goes quiet ([`QUIET_BATCH_BYTES`], `Nft::commit_batch_quietly`).
     pub fn apply_batch(&self, batch: &crate::compiled::Batch) -> Result<Commit> {
         if let Some(changes) = &batch.elements {
             return self.apply_elements(changes).map(|()| Commit::Heard);
@@ -292,7 +292,7 @@ impl Nft {
     /// monitor counts it as ours), else, when the compiler cannot encode the ruleset or the kernel
     /// refuses the messages, as JSON through nft. Nothing is half applied either way.
     ///
-    /// With a drift monitor running, the commit goes quiet ([`Nft::commit_quietly`]): the kernel
+    /// With a drift monitor running, the commit goes quiet (`Nft::commit_quietly`): the kernel
     /// builds a notification per rule, element and object of the transaction for every listener,
     /// and ours is usually the only one (at 100k pods that was most of a 5 s commit).
     pub fn replace_table(&self, rs: &Ruleset) -> Result<Replaced> {

@@ -1,7 +1,7 @@
 //! `/healthz` (process alive), `/readyz` (first sync committed), `/metrics`, served by hyper's
 //! HTTP/1 connection on tokio: one request per connection (no keep-alive), GET and HEAD only, a
-//! request head of at most [`MAX_REQUEST`] bytes (431 beyond; hyper answers that itself),
-//! [`READ_TIMEOUT`] per connection, and at most [`MAX_CONNECTIONS`] connections at once.
+//! request head of at most `MAX_REQUEST` bytes (431 beyond; hyper answers that itself),
+//! `READ_TIMEOUT` per connection, and at most [`MAX_CONNECTIONS`] connections at once.
 //!
 //! When the cap is reached, a new connection is accepted and the oldest connection that has not sent
 //! its request yet is closed (if every connection is already being answered, the new one is closed

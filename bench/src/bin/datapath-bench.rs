@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the matrix and write bench/results/datapath-<stamp>.{json,md,png}.
+    /// Run the matrix and write `bench/results/datapath-<stamp>.{json,md,png}`.
     Run {
         #[arg(long, value_delimiter = ',', default_value = "0,100,1000,10000")]
         policies: Vec<usize>,
@@ -54,7 +54,7 @@ enum Command {
         /// Directory for the results.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Name stem of the results files (default: datapath-<unix time>).
+        /// Name stem of the results files (default: `datapath-<unix time>`).
         #[arg(long)]
         name: Option<String>,
         /// Directory with palisade's compiled rulesets as `nft -f` input, `<policies>-node-1.nft` and

@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure enforcement latency and agent CPU/RSS; write bench/results/<name>.{json,md}.
+    /// Measure enforcement latency and agent CPU/RSS; write `bench/results/<name>.{json,md}`.
     Run {
         /// palisade-agent binary.
         #[arg(long, default_value = "target/release/palisade-agent")]

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Per-change cost of the compiler as the agent uses it (apply one change, compile the node, diff
-/// against the last ruleset), under the same churn as [`Churn`]; one figure per change.
+/// against the last ruleset), under the same churn as `Churn`; one figure per change.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompileCost {
     pub pods: usize,

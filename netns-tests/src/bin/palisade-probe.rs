@@ -46,7 +46,7 @@ enum Command {
     Connect {
         #[arg(long, default_value_t = 500)]
         timeout_ms: u64,
-        /// Targets like tcp:10.0.0.1:80 or udp:[fd00::1]:81; when none, a JSON array on stdin.
+        /// Targets like `tcp:10.0.0.1:80` or `udp:[fd00::1]:81`; when none, a JSON array on stdin.
         targets: Vec<String>,
     },
     /// Send COUNT UDP datagrams or TCP SYNs to a target from SOURCE, an address that need not be

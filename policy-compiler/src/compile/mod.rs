@@ -408,11 +408,11 @@ pub struct PortSet {
     pub uses_named: bool,
     /// Its named ports as `protocol/name`, sorted, each once (spec-derived; empty without
     /// named ports): with the pod peers, the identity of a shared named-port set
-    /// ([`CompiledRule::named_set`]).
+    /// (`CompiledRule::named_set`).
     pub named_key: String,
     /// Named ports resolved per destination pod: (pod address, protocol, port) (semantics 34).
     /// Shared (copy on write) with every egress rule of the same pod peers and port names
-    /// ([`CompiledRule::shares_named`]).
+    /// (`CompiledRule::shares_named`).
     pub named: std::sync::Arc<BTreeSet<(IpAddr, Protocol, u16)>>,
 }
 

@@ -96,7 +96,7 @@ impl Labels {
             .map_or(0, |a| Arc::as_ptr(a).cast::<u8>() as usize)
     }
 
-    /// Whether both hold the very same pairs (one set shared, as [`LabelSets`] makes it),
+    /// Whether both hold the very same pairs (one set shared, as `LabelSets` makes it),
     /// not merely equal ones.
     pub fn is_shared_with(&self, other: &Labels) -> bool {
         match (&self.0, &other.0) {

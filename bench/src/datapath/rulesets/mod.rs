@@ -1,4 +1,4 @@
-//! The rulesets of every compared system, rendered from the same [`NodeView`], and how each is loaded
+//! The rulesets of every compared system, rendered from the same [`NodeView`](crate::datapath::workload::NodeView), and how each is loaded
 //! into (and removed from) a node namespace.
 //!
 //! - `none`: no policy at all (a).

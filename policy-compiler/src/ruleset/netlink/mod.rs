@@ -837,7 +837,7 @@ impl Ruleset {
 
     /// [`Ruleset::full_replace`] as nfnetlink messages: `add table; delete table; add table`,
     /// chains, sets with their elements, counters, rules, in one transaction; the sets
-    /// in [`Self::sets_by_references`] order.
+    /// in `Self::sets_by_references` order.
     pub fn full_replace_netlink(&self) -> Result<NetlinkBatch, Unsupported> {
         if TABLE_FAMILY != "inet" {
             return Err(Unsupported::Family(TABLE_FAMILY));
