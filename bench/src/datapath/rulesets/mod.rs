@@ -321,28 +321,22 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
         | System::PalisadeRpFilter
         | System::PalisadeTcGuard => {
             if system == System::PalisadeTcGuard {
-                // Every interface's clsact qdisc (only the tc guard adds one).
-                timed_in(
-                    ns,
-                    "sh",
-                    &[
-                        "-c",
-                        "for d in $(ls /sys/class/net); do tc qdisc del dev $d clsact 2>/dev/null; done; true",
-                    ],
-                    None,
-                )?;
+                // Every interface's clsact qdisc (only the tc guard adds one; an interface
+                // without one answers an error, which is no error here).
+                for dev in interfaces(ns)? {
+                    let _ = timed_in(ns, "tc", &["qdisc", "del", "dev", &dev, "clsact"], None);
+                }
             }
             if system == System::PalisadeRpFilter {
                 // Every interface back to no reverse-path filter (the others' setting).
-                timed_in(
-                    ns,
-                    "sh",
-                    &[
-                        "-c",
-                        "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
-                    ],
-                    None,
-                )?;
+                for dev in interfaces(ns)?
+                    .iter()
+                    .map(String::as_str)
+                    .chain(["all", "default"])
+                {
+                    let key = format!("net.ipv4.conf.{dev}.rp_filter=0");
+                    timed_in(ns, "sysctl", &["-qw", &key], None)?;
+                }
             }
             if matches!(
                 system,
@@ -364,6 +358,16 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The names of the interfaces in `ns` (`ip -o link show`: `<index>: <name>[@<peer>]: ...`).
+fn interfaces(ns: &str) -> Result<Vec<String>> {
+    let out = super::cmd::run_in(ns, "ip", &["-o", "link", "show"], None)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .collect())
 }
 
 /// Loads the conntrack-on base table into a node namespace.
