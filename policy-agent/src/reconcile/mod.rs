@@ -24,6 +24,9 @@
 //! - Nothing is enforced before the source reported `Synced`: until then the rules of a previous run
 //!   stay in the kernel and new pods stay pending (fail closed).
 
+mod drift;
+mod revoke;
+
 use crate::cniconf;
 use crate::compiled;
 use crate::error::{Error, Result};
@@ -32,7 +35,7 @@ use crate::nft::{Commit, Nft};
 use crate::route_sync::RouteSync;
 use crate::schedule::{Schedule, SweepCredit};
 use crate::source::SourceEvent;
-use crate::table_watch::{TableWatch, Verdict};
+use crate::table_watch::TableWatch;
 use palisade_policy::model::Change;
 use palisade_policy::IncrementalCompiler;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -785,190 +788,6 @@ impl Engine {
     fn forget_gone_counters(&mut self) {
         let counters = &self.inc.ruleset().counters;
         self.carried.retain(|n| counters.contains(n));
-    }
-
-    /// After a commit: the wait before the full conntrack sweep it calls for (`None`: no sweep, as
-    /// nothing was committed or established flows are kept). A commit that only moved addresses in
-    /// or out of address sets first has the flows of those addresses that the last full sweep saw
-    /// judged at once; its full sweep (for flows younger than that one) then waits for the credit
-    /// and for [`crate::conntrack::YOUNG_FLOWS_GAP`] since the last one.
-    fn revoke_after(&mut self, commit: &Committed) -> Option<Duration> {
-        if !self.policy_sweeps {
-            return None;
-        }
-        let addrs = match commit {
-            Committed::Nothing => return None,
-            Committed::Rules => {
-                self.revoker.as_ref()?;
-                return Some(self.sweep_credit.wait(Instant::now()));
-            }
-            Committed::Addresses(addrs) => addrs,
-        };
-        let revoker = self.revoker.as_mut()?;
-        let swept = revoker.sweep_targeted(self.inc.compiled(), addrs);
-        let now = Instant::now();
-        let credit = self.sweep_credit.wait(now);
-        match swept {
-            Ok(Some(report)) => {
-                crate::conntrack::log_report(&report, &self.metrics);
-                Some(credit.max(revoker.young_flows_wait(now)))
-            }
-            Ok(None) => Some(credit),
-            Err(e) => {
-                self.metrics.error(e.kind());
-                warn!(error = %e, "cannot re-judge the known flows of the addresses a commit moved; a full sweep follows");
-                Some(credit)
-            }
-        }
-    }
-
-    /// Cuts the established flows the committed ruleset would not admit as new (`conntrack`). The
-    /// compiler's model may already hold changes staged after that commit (due within the debounce):
-    /// a flow they revoke is cut a few milliseconds early, one they grant is kept.
-    ///
-    /// A change waiting in `waiting`'s messages is committed first: the sweep stops judging, cuts
-    /// what it found so far and is due again after that commit, for up to [`SWEEP_GIVES_WAY`].
-    fn revoke(&mut self, waiting: &mut dyn FnMut() -> bool) {
-        if self.inc.is_stale() || !self.policy_sweeps {
-            self.sweep_owed_since = None;
-            return; // the next commit schedules its own sweep
-        }
-        let Some(revoker) = self.revoker.as_mut() else {
-            return;
-        };
-        let start = Instant::now();
-        let owed = *self.sweep_owed_since.get_or_insert(start);
-        let may_give_way = start.saturating_duration_since(owed) < SWEEP_GIVES_WAY;
-        let swept = revoker.sweep(self.inc.compiled(), &mut || may_give_way && waiting());
-        let now = Instant::now();
-        self.sweep_credit.spend(now, now - start);
-        match swept {
-            Ok(report) => {
-                crate::conntrack::log_report(&report, &self.metrics);
-                if report.yielded {
-                    self.sched.sweep_yielded(now);
-                } else {
-                    self.sweep_owed_since = None;
-                }
-            }
-            Err(e) => {
-                self.sweep_owed_since = None;
-                self.metrics.error(e.kind());
-                warn!(error = %e, "cannot sweep conntrack; flows that lost permission live on until a later commit's sweep succeeds (the resync commits at least every --resync-seconds)");
-            }
-        }
-    }
-
-    /// Cuts flows cut earlier that came back in their reply direction while still denied.
-    fn recheck_revoked(&mut self) {
-        if self.inc.is_stale() {
-            return;
-        }
-        let Some(revoker) = self.revoker.as_mut() else {
-            return;
-        };
-        if revoker.recheck_due().is_none_or(|d| Instant::now() < d) {
-            return;
-        }
-        match revoker.recheck(self.inc.compiled()) {
-            Ok(report) => crate::conntrack::log_report(&report, &self.metrics),
-            Err(e) => {
-                self.metrics.error(e.kind());
-                warn!(error = %e, "cannot recheck revoked flows; one that came back in its reply direction lives on until the next sweep");
-            }
-        }
-    }
-
-    /// Acts on what a look at our table found.
-    fn judged(&mut self, verdict: Verdict) {
-        match verdict {
-            Verdict::Fine => {}
-            Verdict::Stale => self.sched.snapshot_later(Instant::now()),
-            Verdict::Restore(what) => {
-                self.restore_needed(&what);
-                self.sched.reconcile_now(Instant::now());
-            }
-        }
-    }
-
-    /// A drift touched `touched`: when those are chains and sets of ours, the next reconcile puts
-    /// just them back (milliseconds, where a full replace takes ~0.3 s at 10k pods); anything else
-    /// (the table, a foreign object, lost notifications) is a full replace.
-    fn repair_needed(&mut self, what: &str, touched: palisade_nft::monitor::Touched) {
-        use palisade_nft::monitor::Touched;
-        let rs = self.inc.ruleset();
-        match touched {
-            Touched::Objects { chains, sets }
-                if chains.iter().all(|c| rs.chains.contains_key(c))
-                    && sets.iter().all(|s| rs.sets.contains_key(s)) =>
-            {
-                self.metrics.restored();
-                warn!(change = %what, chains = chains.len(), sets = sets.len(), "table inet palisade was changed behind our back; repairing what was touched");
-                let (c, s) = self.repair.get_or_insert_with(Default::default);
-                c.extend(chains);
-                s.extend(sets);
-            }
-            _ => self.restore_needed(what),
-        }
-    }
-
-    fn restore_needed(&mut self, what: &str) {
-        self.metrics.restored();
-        warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
-        self.replace_all();
-    }
-
-    /// Another process committed while the drift monitor was out for a large commit of ours
-    /// ([`Commit::Unheard`]): what it changed is unknown, so our table is replaced in full. Counted
-    /// apart from restores: on a node where kube-proxy commits often this is a collision of
-    /// timing, not tampering.
-    fn unheard(&mut self) {
-        self.metrics.unheard();
-        info!("another process committed nf_tables while the drift monitor was out for a large commit of ours; replacing our table in full, as what it changed went unseen (palisade_unheard_commits_total counts this; nothing to do unless it grows with every change)");
-        self.replace_all();
-    }
-
-    /// The next commit replaces the whole table; nothing known of the committed one is kept.
-    fn replace_all(&mut self) {
-        self.replace = true;
-        self.repair = None;
-        self.table.forget();
-    }
-
-    /// Compares our table with what we committed, inline; true (after logging and counting) when
-    /// it was changed or removed behind our back and must be restored. When it matches, our routes
-    /// are checked too (a difference schedules a route sync).
-    fn check_table(&mut self) -> bool {
-        if self.replacing() {
-            return true;
-        }
-        let verdict = self.table.check(&self.metrics);
-        self.checked(verdict)
-    }
-
-    /// Acts on the resync's check: a drift is restored by the next reconcile (scheduled now);
-    /// a table as committed has our routes checked too. True when a restore is due.
-    fn checked(&mut self, verdict: Verdict) -> bool {
-        match verdict {
-            Verdict::Restore(what) => {
-                self.restore_needed(&what);
-                self.sched.reconcile_now(Instant::now());
-                true
-            }
-            Verdict::Fine => {
-                // No plan to derive when routes are not ours (`--no-routes`).
-                if self.routes.is_some() {
-                    let plan = self.route_plan();
-                    if let Some(r) = self.routes.as_mut() {
-                        r.check(&self.inc.state().nodes, &plan, &mut self.sched);
-                    }
-                    self.follow_overlay_use();
-                }
-                false
-            }
-            // Taken before a later commit: the next resync checks again.
-            Verdict::Stale => false,
-        }
     }
 
     /// The routes the Nodes call for (validated): what route sync converges to, egress NAT

@@ -1,0 +1,102 @@
+//! The engine's answer to drift: what the drift monitor or a look at our table found changed
+//! behind our back is repaired (the touched chains and sets) or restored (the whole table) by the
+//! next commit.
+
+use super::Engine;
+use crate::table_watch::Verdict;
+use std::time::Instant;
+use tracing::{info, warn};
+
+impl Engine {
+    /// Acts on what a look at our table found.
+    pub(super) fn judged(&mut self, verdict: Verdict) {
+        match verdict {
+            Verdict::Fine => {}
+            Verdict::Stale => self.sched.snapshot_later(Instant::now()),
+            Verdict::Restore(what) => {
+                self.restore_needed(&what);
+                self.sched.reconcile_now(Instant::now());
+            }
+        }
+    }
+
+    /// A drift touched `touched`: when those are chains and sets of ours, the next reconcile puts
+    /// just them back (milliseconds, where a full replace takes ~0.3 s at 10k pods); anything else
+    /// (the table, a foreign object, lost notifications) is a full replace.
+    pub(super) fn repair_needed(&mut self, what: &str, touched: palisade_nft::monitor::Touched) {
+        use palisade_nft::monitor::Touched;
+        let rs = self.inc.ruleset();
+        match touched {
+            Touched::Objects { chains, sets }
+                if chains.iter().all(|c| rs.chains.contains_key(c))
+                    && sets.iter().all(|s| rs.sets.contains_key(s)) =>
+            {
+                self.metrics.restored();
+                warn!(change = %what, chains = chains.len(), sets = sets.len(), "table inet palisade was changed behind our back; repairing what was touched");
+                let (c, s) = self.repair.get_or_insert_with(Default::default);
+                c.extend(chains);
+                s.extend(sets);
+            }
+            _ => self.restore_needed(what),
+        }
+    }
+
+    pub(super) fn restore_needed(&mut self, what: &str) {
+        self.metrics.restored();
+        warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
+        self.replace_all();
+    }
+
+    /// Another process committed while the drift monitor was out for a large commit of ours
+    /// ([`Commit::Unheard`]): what it changed is unknown, so our table is replaced in full. Counted
+    /// apart from restores: on a node where kube-proxy commits often this is a collision of
+    /// timing, not tampering.
+    pub(super) fn unheard(&mut self) {
+        self.metrics.unheard();
+        info!("another process committed nf_tables while the drift monitor was out for a large commit of ours; replacing our table in full, as what it changed went unseen (palisade_unheard_commits_total counts this; nothing to do unless it grows with every change)");
+        self.replace_all();
+    }
+
+    /// The next commit replaces the whole table; nothing known of the committed one is kept.
+    pub(super) fn replace_all(&mut self) {
+        self.replace = true;
+        self.repair = None;
+        self.table.forget();
+    }
+
+    /// Compares our table with what we committed, inline; true (after logging and counting) when
+    /// it was changed or removed behind our back and must be restored. When it matches, our routes
+    /// are checked too (a difference schedules a route sync).
+    pub(super) fn check_table(&mut self) -> bool {
+        if self.replacing() {
+            return true;
+        }
+        let verdict = self.table.check(&self.metrics);
+        self.checked(verdict)
+    }
+
+    /// Acts on the resync's check: a drift is restored by the next reconcile (scheduled now);
+    /// a table as committed has our routes checked too. True when a restore is due.
+    pub(super) fn checked(&mut self, verdict: Verdict) -> bool {
+        match verdict {
+            Verdict::Restore(what) => {
+                self.restore_needed(&what);
+                self.sched.reconcile_now(Instant::now());
+                true
+            }
+            Verdict::Fine => {
+                // No plan to derive when routes are not ours (`--no-routes`).
+                if self.routes.is_some() {
+                    let plan = self.route_plan();
+                    if let Some(r) = self.routes.as_mut() {
+                        r.check(&self.inc.state().nodes, &plan, &mut self.sched);
+                    }
+                    self.follow_overlay_use();
+                }
+                false
+            }
+            // Taken before a later commit: the next resync checks again.
+            Verdict::Stale => false,
+        }
+    }
+}
