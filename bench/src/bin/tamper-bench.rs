@@ -82,7 +82,18 @@ const KINDS: [&str; 8] = [
 
 fn main() {
     palisade_bench::init_logging();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // A missing agent would only show as "no conflist" after the start-up wait.
+    match std::fs::canonicalize(&cli.agent) {
+        Ok(agent) => cli.agent = agent,
+        Err(e) => {
+            eprintln!(
+                "tamper-bench failed: the agent binary {}: {e} (build it: cargo build --release -p palisade-agent, or pass --agent)",
+                cli.agent.display()
+            );
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = run(&cli) {
         eprintln!("tamper-bench failed: {e}");
         std::process::exit(1);
