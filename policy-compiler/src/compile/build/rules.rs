@@ -78,6 +78,18 @@ pub(super) fn rule_matches(
     // egress ports never looks its peers up (below): it keeps their families, not their sets.
     let lookup = r.looks_peers_up(dir);
     let mut peer_conds: Vec<(Option<Family>, Option<Stmt>)> = Vec::new();
+    // The peer's address (source for ingress, destination for egress) in the named set.
+    let in_set = |fam: Family, set: String| {
+        let field = peer_field;
+        (
+            Some(fam),
+            Some(Stmt::AddrInSet {
+                family: fam,
+                field,
+                set,
+            }),
+        )
+    };
     if r.peers.any {
         peer_conds.push((None, None));
     }
@@ -110,14 +122,7 @@ pub(super) fn rule_matches(
                     r.peers.pod_ips.iter(),
                 )
             });
-            peer_conds.push((
-                Some(fam),
-                Some(Stmt::AddrInSet {
-                    family: fam,
-                    field: peer_field,
-                    set: name,
-                }),
-            ));
+            peer_conds.push(in_set(fam, name));
         }
     }
     for (fam, has) in [
@@ -150,14 +155,7 @@ pub(super) fn rule_matches(
                 .map(|(a, b)| Elem::range(*a, *b))
                 .collect(),
         });
-        peer_conds.push((
-            Some(fam),
-            Some(Stmt::AddrInSet {
-                family: fam,
-                field: peer_field,
-                set: name,
-            }),
-        ));
+        peer_conds.push(in_set(fam, name));
     }
     // Port conditions.
     let mut port_conds: Vec<(Option<Family>, Vec<Stmt>)> = Vec::new();
