@@ -84,16 +84,11 @@ pub fn serve(
     duration: Duration,
 ) -> Result<()> {
     let deadline = Instant::now() + duration;
-    let crr =
-        TcpListener::bind((ip, crr_port)).map_err(io_err(format!("binding {ip}:{crr_port}")))?;
-    let rr = TcpListener::bind((ip, rr_port)).map_err(io_err(format!("binding {ip}:{rr_port}")))?;
-    set_accept_timeout(&crr, Duration::from_millis(200))?;
-    set_accept_timeout(&rr, Duration::from_millis(200))?;
+    let crr = listen(ip, crr_port)?;
+    let rr = listen(ip, rr_port)?;
     let stream = match stream_port {
         Some(port) => {
-            let l =
-                TcpListener::bind((ip, port)).map_err(io_err(format!("binding {ip}:{port}")))?;
-            set_accept_timeout(&l, Duration::from_millis(200))?;
+            let l = listen(ip, port)?;
             Some(std::thread::spawn(move || {
                 while Instant::now() < deadline {
                     if let Ok((s, _)) = l.accept() {
@@ -108,26 +103,10 @@ pub fn serve(
     let _ = std::io::stdout().flush();
     let rr_thread = std::thread::spawn(move || {
         while Instant::now() < deadline {
-            let Ok((mut s, _)) = rr.accept() else {
+            let Ok((s, _)) = rr.accept() else {
                 continue;
             };
-            let _ = s.set_nodelay(true);
-            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-            let mut buf = [0u8; 64];
-            while Instant::now() < deadline {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e)
-                        if e.kind() == std::io::ErrorKind::WouldBlock
-                            || e.kind() == std::io::ErrorKind::TimedOut => {}
-                    Err(_) => break,
-                }
-            }
+            answer_reads(s, deadline, 64, |s, bytes| s.write_all(bytes).is_ok());
         }
     });
     let mut buf = [0u8; 1];
@@ -149,23 +128,31 @@ pub fn serve(
     Ok(())
 }
 
-/// The stream server's side of one connection: reads, and acknowledges every [`STREAM_CHUNK`]
-/// bytes with one byte, until the client closes or `deadline`.
-fn sink(mut s: TcpStream, deadline: Instant) {
+/// A listener on `ip:port` whose accept gives up every 200 ms (so a serving loop sees its deadline).
+fn listen(ip: &str, port: u16) -> Result<TcpListener> {
+    let l = TcpListener::bind((ip, port)).map_err(io_err(format!("binding {ip}:{port}")))?;
+    set_accept_timeout(&l, Duration::from_millis(200))?;
+    Ok(l)
+}
+
+/// The server's side of one long-lived connection: reads (up to `buf_len` bytes at a time) until
+/// the client closes, an error, or `deadline`, handing each read to `answer`, which replies on the
+/// stream and says whether to go on. A read times out every 500 ms to look at the deadline.
+fn answer_reads(
+    mut s: TcpStream,
+    deadline: Instant,
+    buf_len: usize,
+    mut answer: impl FnMut(&mut TcpStream, &[u8]) -> bool,
+) {
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0usize;
+    let mut buf = vec![0u8; buf_len];
     while Instant::now() < deadline {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                got += n;
-                while got >= STREAM_CHUNK {
-                    got -= STREAM_CHUNK;
-                    if s.write_all(b"k").is_err() {
-                        return;
-                    }
+                if !answer(&mut s, &buf[..n]) {
+                    break;
                 }
             }
             Err(e)
@@ -174,6 +161,22 @@ fn sink(mut s: TcpStream, deadline: Instant) {
             Err(_) => break,
         }
     }
+}
+
+/// The stream server's side of one connection: acknowledges every [`STREAM_CHUNK`] bytes read
+/// with one byte, until the client closes or `deadline`.
+fn sink(s: TcpStream, deadline: Instant) {
+    let mut got = 0usize;
+    answer_reads(s, deadline, 256 << 10, |s, bytes| {
+        got += bytes.len();
+        while got >= STREAM_CHUNK {
+            got -= STREAM_CHUNK;
+            if s.write_all(b"k").is_err() {
+                return false;
+            }
+        }
+        true
+    });
 }
 
 /// Result of a connect/close loop.
@@ -357,21 +360,17 @@ pub fn stream_alternate(
         }
     }
     let mut took: Vec<Vec<f64>> = conns.iter().map(|_| Vec::with_capacity(4096)).collect();
-    let mut busy = vec![Duration::ZERO; conns.len()];
     let start = Instant::now();
     while start.elapsed() < duration && (took[0].len() as u64) < MAX_COUNT {
         for (i, s) in conns.iter_mut().enumerate() {
-            let t = turn(i, s)?;
-            busy[i] += t;
-            took[i].push(t.as_secs_f64() * 1e3);
+            took[i].push(turn(i, s)?.as_secs_f64() * 1e3);
         }
     }
     Ok(took
         .iter()
-        .zip(&busy)
-        .map(|(t, b)| {
+        .map(|t| {
             let bytes = (t.len() * STREAM_CHUNK) as u64;
-            let seconds = b.as_secs_f64();
+            let seconds = t.iter().sum::<f64>() / 1e3;
             StreamResult {
                 turns: t.len() as u64,
                 bytes,
