@@ -228,23 +228,24 @@ impl Link {
         family: NetfilterProtoFamily,
         each: &mut EachEntry<'_>,
     ) -> Result<Option<u32>> {
-        let seq = self.send(
-            family,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            ConntrackMessage::Get(vec![]),
-        )?;
+        let seq = self.ask_dump(family)?;
         self.read(seq, Some(each))
     }
 
     /// A dump whose entries are received and left unread: what any dump costs at least.
     #[cfg(test)]
     pub(super) fn dump_unread(&mut self, family: NetfilterProtoFamily) -> Result<()> {
-        let seq = self.send(
+        let seq = self.ask_dump(family)?;
+        self.drain(seq)
+    }
+
+    /// Asks for a dump of `family`'s entries; its sequence number.
+    fn ask_dump(&mut self, family: NetfilterProtoFamily) -> Result<u32> {
+        self.send(
             family,
             NLM_F_REQUEST | NLM_F_DUMP,
             ConntrackMessage::Get(vec![]),
-        )?;
-        self.drain(seq)
+        )
     }
 
     /// Reads the rest of dump `seq` without reading its entries, so the socket can dump again.
