@@ -360,13 +360,17 @@ pub fn clear(ns: &str, system: System) -> Result<()> {
     }
 }
 
-/// The names of the interfaces in `ns` (`ip -o link show`: `<index>: <name>[@<peer>]: ...`).
+/// The names of the interfaces in `ns` (`ip -j link show`'s `ifname`s, as testkit's
+/// `Netns::links` reads them).
 fn interfaces(ns: &str) -> Result<Vec<String>> {
-    let out = super::cmd::run_in(ns, "ip", &["-o", "link", "show"], None)?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+    let out = super::cmd::run_in(ns, "ip", &["-j", "link", "show"], None)?;
+    let links: Vec<serde_json::Value> = serde_json::from_str(&out).map_err(|e| Error::Parse {
+        what: format!("ip -j link show in {ns}"),
+        detail: e.to_string(),
+    })?;
+    Ok(links
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
         .collect())
 }
 
