@@ -312,30 +312,25 @@ fn source_sets(rs: &mut Ruleset, c: &Compiled) {
 /// never forwards them. In the base chains rather than a prerouting chain of its own: a base chain
 /// more is a hook invocation more for every packet (measured: x0.94 of new connections).
 pub(crate) fn source_guard_rules() -> Vec<Rule> {
-    let what = "forged source: not an address of the pod behind this veth";
-    vec![
-        Rule::new(vec![
-            from_pod_veth(),
-            Stmt::IifSaddrNotInSet {
-                family: Family::V4,
-                set: source_set(Family::V4).to_string(),
-            },
-            Stmt::CounterNamed(CNT_FORGED_SOURCE.to_string()),
-            Stmt::Drop,
-        ])
-        .with_comment(what),
-        Rule::new(vec![
-            from_pod_veth(),
-            Stmt::Ip6SaddrNotLinkLocal,
-            Stmt::IifSaddrNotInSet {
-                family: Family::V6,
-                set: source_set(Family::V6).to_string(),
-            },
-            Stmt::CounterNamed(CNT_FORGED_SOURCE.to_string()),
-            Stmt::Drop,
-        ])
-        .with_comment(what),
-    ]
+    Family::BOTH
+        .into_iter()
+        .map(|family| {
+            let mut stmts = vec![from_pod_veth()];
+            if family == Family::V6 {
+                stmts.push(Stmt::Ip6SaddrNotLinkLocal);
+            }
+            stmts.extend([
+                Stmt::IifSaddrNotInSet {
+                    family,
+                    set: source_set(family).to_string(),
+                },
+                Stmt::CounterNamed(CNT_FORGED_SOURCE.to_string()),
+                Stmt::Drop,
+            ]);
+            Rule::new(stmts)
+                .with_comment("forged source: not an address of the pod behind this veth")
+        })
+        .collect()
 }
 
 /// Neighbour discovery on the link: solicitations and answers pass; router advertisements and
