@@ -4,7 +4,7 @@
 //! our table is loaded into the node; python3 opens TCP connections. Checks: a named-port
 //! ingress rule (vmap goto, concat sets), denial of other ports, node-originated traffic
 //! (`fib saddr type local`), replies to an ingress-isolated client (conntrack), and egress
-//! isolation changed through `diff` batches.
+//! isolation changed through `diff` batches, and the lockdown table a restore commits first.
 
 use palisade_policy::model::Change;
 use palisade_policy::scenarios::Scenario;
@@ -309,5 +309,30 @@ fn compiled_rules_enforce_in_the_kernel_datapath_root() {
     assert!(
         connects(client.name(), SERVER_IP, 8080),
         "server no longer isolated"
+    );
+
+    // The lockdown table, what the agent commits ahead of a full restore: no new connection of
+    // a local pod gets through, in either family; this node still reaches its pods. The full
+    // table back admits what it admitted.
+    let c = compile(&st, "n1");
+    node.nft_load(&c.lockdown([]).full_replace().to_json_string())
+        .unwrap();
+    assert!(
+        !connects(client.name(), SERVER_IP, 8080),
+        "lockdown: a pod's new connection is dropped"
+    );
+    assert!(
+        !connects(client.name(), SERVER_IP6, 8080),
+        "lockdown: IPv6 too"
+    );
+    assert!(
+        connects(node.name(), SERVER_IP, 8081),
+        "lockdown: the node still reaches its pods (kubelet probes)"
+    );
+    node.nft_load(&c.ruleset.full_replace().to_json_string())
+        .unwrap();
+    assert!(
+        connects(client.name(), SERVER_IP, 8080),
+        "the full table back admits it again"
     );
 }

@@ -488,6 +488,15 @@ impl Compiled {
             })
             .collect()
     }
+
+    /// The lockdown table of this node: the base chains with every local pod address pending and
+    /// no policy (`build/lockdown.rs`). What the agent commits first when its table must be
+    /// restored in full: every new connection of a local pod is dropped until the full table
+    /// replaces it, which takes the kernel far longer to commit. `also`: addresses pending too
+    /// (the attachment records' as they are now, when this compiled state may predate some).
+    pub fn lockdown(&self, also: impl IntoIterator<Item = IpAddr>) -> crate::ruleset::Ruleset {
+        build::lockdown(self, also)
+    }
 }
 
 /// Compiles the cluster state for one node. Pure and deterministic.

@@ -12,7 +12,9 @@ use crate::ruleset::{
 };
 use std::collections::BTreeSet;
 
-pub(super) fn base(rs: &mut Ruleset, c: &Compiled) {
+/// `pending`: the addresses the pending sets hold (the compiled state's pending addresses; every
+/// local address in a lockdown, `super::lockdown`).
+pub(super) fn base(rs: &mut Ruleset, c: &Compiled, pending: &BTreeSet<std::net::IpAddr>) {
     for fam in Family::BOTH {
         let key = addr_key(fam);
         rs.add_set(addr_set(
@@ -21,7 +23,7 @@ pub(super) fn base(rs: &mut Ruleset, c: &Compiled) {
             comment(
                 "pod addresses wired by the CNI plugin whose policy is not compiled yet: dropped",
             ),
-            &c.pending,
+            pending,
         ));
         rs.add_set(Set {
             name: self_set(fam).to_string(),

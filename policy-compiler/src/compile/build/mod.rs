@@ -7,11 +7,13 @@
 //! per policy); `base` writes the base chains every node holds, `rules` a policy rule's matches.
 
 mod base;
+mod lockdown;
 mod rules;
 
 use base::base;
 #[cfg(test)]
 pub(crate) use base::source_guard_rules;
+pub(crate) use lockdown::lockdown;
 use rules::{policy, rule_matches};
 
 use super::{Compiled, CompiledClusterPolicy, CompiledPolicy, LocalPod, PriorityTie};
@@ -128,7 +130,7 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
     // A verdict map holds one verdict per address: two local pods claiming one address (a stale
     // status) would make the kernel reject the whole batch. The first pod (by key) keeps it.
     let mut owner: BTreeMap<(Direction, IpAddr), &str> = BTreeMap::new();
-    base(&mut rs, c);
+    base(&mut rs, c, &c.pending);
     // The host veth of each local address (the attachment records'), and each veth's egress
     // group: the first pod (by key) whose address the veth carries.
     let veth_of: BTreeMap<IpAddr, &str> = c

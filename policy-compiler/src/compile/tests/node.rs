@@ -18,6 +18,17 @@ fn attachment(key: &str, ips: &[&str], pending: bool) -> Attachment {
     }
 }
 
+/// A TCP packet to port 8080.
+fn packet(saddr: &str, daddr: &str, from_this_node: bool) -> Packet {
+    Packet {
+        saddr: ip(saddr),
+        daddr: ip(daddr),
+        proto: Some(TCP),
+        dport: 8080,
+        from_this_node,
+    }
+}
+
 #[test]
 fn a_pending_pod_is_reached_only_by_its_own_node_and_reaches_nothing() {
     let mut w = W::new();
@@ -28,13 +39,6 @@ fn a_pending_pod_is_reached_only_by_its_own_node_and_reaches_nothing() {
         true,
     )]));
     let rs = compiled(&w).ruleset;
-    let packet = |saddr: &str, daddr: &str, from_this_node: bool| Packet {
-        saddr: ip(saddr),
-        daddr: ip(daddr),
-        proto: Some(TCP),
-        dport: 8080,
-        from_this_node,
-    };
     assert!(
         rs.eval_forward(&packet(N1_IP, "10.0.1.1", true)),
         "kubelet probe to a pending pod"
@@ -263,4 +267,81 @@ fn router_messages_from_a_pods_veth_are_counted_and_dropped() {
     );
     assert!(rs.counters.contains(CNT_FORGED_ROUTER));
     assert!(names::FORGED_KINDS.contains(&(CNT_FORGED_ROUTER, "router")));
+}
+
+#[test]
+fn a_lockdown_drops_every_new_connection_of_a_local_pod_and_lets_its_node_and_other_traffic_pass() {
+    let mut w = W::new();
+    w.pod("a/x", N1, &["10.0.1.1", "fd00:1::1"], &[]);
+    w.pod("a/y", N1, &["10.0.1.2"], &[]);
+    w.pod("a/r", N2, &["10.0.2.1"], &[]);
+    // An isolated pod: the full table holds its group chain and its policy's.
+    w.pod("b/q", N1, &["10.0.1.4"], &[]);
+    w.policy("b/p", json!({"podSelector": {}}));
+    // A pod the API does not know yet, and the source binding of a known one.
+    w.st.apply(Change::SetAttachments(vec![
+        attachment("a/z", &["10.0.1.3"], true),
+        attachment("a/x", &["10.0.1.1", "fd00:1::1"], false),
+    ]));
+    let c = compiled(&w);
+    let full = &c.ruleset;
+    // An address of a record newer than the compiled state.
+    let lock = c.lockdown([ip("10.0.1.5")]);
+    // No policy: the full table lets these through; the lockdown none of them.
+    for (s, d) in [
+        ("10.0.1.1", "10.0.1.2"),
+        ("10.0.2.1", "10.0.1.1"),
+        ("10.0.1.2", "10.0.2.1"),
+        ("10.0.1.1", "203.0.113.9"),
+        ("203.0.113.9", "10.0.1.2"),
+    ] {
+        assert!(full.eval_forward(&packet(s, d, false)), "{s} -> {d} (full)");
+        assert!(
+            !lock.eval_forward(&packet(s, d, false)),
+            "{s} -> {d} (lockdown)"
+        );
+    }
+    assert!(
+        !lock.eval_forward(&packet("fd00:2::1", "fd00:1::1", false)),
+        "IPv6 too"
+    );
+    assert!(
+        !lock.eval_to_host(&packet("10.0.1.1", N1_IP, false)),
+        "pod to its node"
+    );
+    assert!(
+        lock.eval_forward(&packet(N1_IP, "10.0.1.1", true)),
+        "this node still reaches its pods (kubelet probes)"
+    );
+    assert!(
+        lock.eval_forward(&packet("203.0.113.9", "10.0.2.1", false)),
+        "what touches no local pod passes as in the full table"
+    );
+    // Every local address pending, the guard's bindings kept, no policy's or group's chain.
+    for a in ["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.5"] {
+        assert!(
+            lock.sets[PENDING_SET_V4]
+                .elements
+                .contains(&Elem::Addr(ip(a))),
+            "{a}"
+        );
+    }
+    assert!(lock.sets[PENDING_SET_V6]
+        .elements
+        .contains(&Elem::Addr(ip("fd00:1::1"))));
+    assert!(!lock.sets[PENDING_SET_V4]
+        .elements
+        .contains(&Elem::Addr(ip("10.0.2.1"))));
+    assert_eq!(
+        lock.sets[SOURCE_SET_V4].elements,
+        full.sets[SOURCE_SET_V4].elements
+    );
+    assert!(lock.chains.keys().all(|k| full.chains.contains_key(k)));
+    assert!(lock.chains.len() < full.chains.len());
+    // Each replaces the other in one transaction, whatever the kernel held.
+    let mut k = crate::kernel_sim::KernelTable::default();
+    for rs in [full, &lock, full] {
+        k.apply(&rs.full_replace().json())
+            .expect("full replace applies");
+    }
 }
