@@ -67,6 +67,7 @@ pub struct Metrics {
     last_full: Gauge<f64, AtomicU64>,
     errors: Family<Label, Count>,
     restores: Count,
+    lockdowns: Count,
     unheard: Count,
     /// Flows cut, by the kind of sweep that cut them (`full`, `targeted`).
     flows_cut: Family<Label, Count>,
@@ -119,6 +120,7 @@ impl Metrics {
             last_full: Gauge::default(),
             errors: Family::default(),
             restores: Count::default(),
+            lockdowns: Count::default(),
             unheard: Count::default(),
             flows_cut: Family::default(),
             flows_unjudged: Count::default(),
@@ -169,6 +171,12 @@ impl Metrics {
             "palisade_resync_restores",
             "Times our table was found changed or removed behind our back and restored",
             &m.restores,
+        );
+        reg(
+            &mut r,
+            "palisade_restore_lockdowns",
+            "Lockdown tables committed ahead of a full restore: from then until the restore committed, every new connection of this node's pods was dropped",
+            &m.lockdowns,
         );
         reg(
             &mut r,
@@ -348,6 +356,11 @@ impl Metrics {
         self.restores.inc();
     }
 
+    /// The lockdown table was committed ahead of a full restore.
+    pub fn locked_down(&self) {
+        self.lockdowns.inc();
+    }
+
     /// Another process's transaction landed unseen during a quiet commit of ours; the table was
     /// replaced in full to be sure.
     pub fn unheard(&self) {
@@ -506,6 +519,9 @@ palisade_errors_total{kind="bad_object"} 1
 # HELP palisade_resync_restores_total Times our table was found changed or removed behind our back and restored.
 # TYPE palisade_resync_restores_total counter
 palisade_resync_restores_total 1
+# HELP palisade_restore_lockdowns_total Lockdown tables committed ahead of a full restore: from then until the restore committed, every new connection of this node's pods was dropped.
+# TYPE palisade_restore_lockdowns_total counter
+palisade_restore_lockdowns_total 1
 # HELP palisade_unheard_commits_total Large commits of ours during which another process's transaction landed unseen (the drift monitor was out of the notification group): our table was replaced in full, as what that transaction changed is unknown. Not by itself a sign of tampering (kube-proxy commits often).
 # TYPE palisade_unheard_commits_total counter
 palisade_unheard_commits_total 1
@@ -628,6 +644,7 @@ palisade_flow_log_packets_total{result="kernel_overflow"} 0
         m.error("bad_object");
         m.error("nft");
         m.restored();
+        m.locked_down();
         m.unheard();
         m.refused_pod_cidrs([("too_wide", 2), ("overlaps_own_node", 1)].into());
         m.route_failures(2);

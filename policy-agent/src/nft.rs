@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME};
 use palisade_nft::monitor::{Drift, Membership, Monitor, Scope};
 pub use palisade_nft::Backend;
+use palisade_policy::ruleset::netlink::NetlinkBatch;
 use palisade_policy::ruleset::{ElementChange, Ruleset};
 
 /// palisade-nft bound to our table, with errors in the agent's type.
@@ -296,8 +297,22 @@ impl Nft {
     /// builds a notification per rule, element and object of the transaction for every listener,
     /// and ours is usually the only one (at 100k pods that was most of a 5 s commit).
     pub fn replace_table(&self, rs: &Ruleset) -> Result<Replaced> {
+        self.replace_table_with(rs, None)
+    }
+
+    /// [`Nft::replace_table`], with `rs`'s netlink messages already built (`prebuilt`, from
+    /// `Ruleset::full_replace_netlink` of this very ruleset) when the caller has them.
+    pub fn replace_table_with(
+        &self,
+        rs: &Ruleset,
+        prebuilt: Option<NetlinkBatch>,
+    ) -> Result<Replaced> {
         let start = std::time::Instant::now();
-        let why = match rs.full_replace_netlink() {
+        let built = match prebuilt {
+            Some(b) => Ok(b),
+            None => rs.full_replace_netlink(),
+        };
+        let why = match built {
             Ok(batch) => {
                 let built = start.elapsed();
                 let mut writer = self.elements.lock().unwrap_or_else(|p| p.into_inner());

@@ -158,6 +158,7 @@ fn tamper_and_check(extra: &[&str]) {
     std::thread::sleep(Duration::from_millis(300)); // past the post-commit read-back
     let before = normalized(&s.n1.table().expect("our table"));
     let mut restored = 0;
+    let mut lockdowns = 0;
     for k in 0..tamperings(&s.n1).len() {
         // Listed anew each time: a restore gives our rules new handles.
         let (kind, args) = tamperings(&s.n1).swap_remove(k);
@@ -206,6 +207,14 @@ fn tamper_and_check(extra: &[&str]) {
             restores(&s.n1),
             restored,
             "{kind}: one tampering, one restore"
+        );
+        // A table gone is restored in full, the lockdown table first; what a repair can name
+        // is put back without one.
+        lockdowns += u64::from(matches!(kind, "flush ruleset" | "delete table"));
+        assert_eq!(
+            metric(&s.n1, "palisade_restore_lockdowns_total"),
+            lockdowns,
+            "{kind}: a lockdown ahead of each full restore, and only then"
         );
     }
     // No restore loop: the count stays where it is.

@@ -37,6 +37,7 @@ use crate::schedule::{Schedule, SweepCredit};
 use crate::source::SourceEvent;
 use crate::table_watch::TableWatch;
 use palisade_policy::model::Change;
+use palisade_policy::ruleset::netlink::NetlinkBatch;
 use palisade_policy::IncrementalCompiler;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -199,6 +200,8 @@ pub struct Engine {
     /// repair cannot name): the next reconcile replaces it with the compiler's ruleset, which is
     /// still right (no recompile: at 10k pods that alone is ~90 ms of the restore).
     replace: bool,
+    /// That replace restores a drift: the lockdown table goes first (see [`Engine::lock_down`]).
+    lockdown: bool,
     /// Compile warnings logged so far: each is logged once while it holds (an incremental commit
     /// would otherwise repeat all of them, up to hundreds per second under churn).
     warned: BTreeSet<String>,
@@ -236,6 +239,7 @@ impl Engine {
             warned: BTreeSet::new(),
             repair: None,
             replace: false,
+            lockdown: false,
             flow_log: None,
             carried: Default::default(),
             plan: None,
@@ -597,6 +601,12 @@ impl Engine {
     fn reconcile(&mut self) -> Result<Committed> {
         self.metrics.reconcile_started();
         let start = Instant::now();
+        // The full table's messages, built while the lockdown waited (with the records then).
+        let prebuilt = if std::mem::take(&mut self.lockdown) {
+            self.lock_down()
+        } else {
+            None
+        };
         let node = self.cfg.node_name.clone();
         let before = self.read_attachments();
         compiled::stage(&mut self.inc, [Change::SetAttachments(before.clone())])?;
@@ -615,7 +625,8 @@ impl Engine {
         if let Some(change) = crate::tunnel_guard::change(overlay, self.inc.state(), &node, &plan) {
             compiled::stage(&mut self.inc, [change])?;
         }
-        let full = self.inc.is_stale() || self.replace;
+        let stale = self.inc.is_stale();
+        let full = stale || self.replace;
         compiled::recompile(&mut self.inc)?;
         let lock = crate::lock::acquire(&self.cfg.state_dir)?;
         self.metrics.lock_acquired();
@@ -626,12 +637,17 @@ impl Engine {
         self.log_new_warnings();
         // The plugin's pending marks are taken as committed (the full replace overwrites them).
         let batch = compiled::take_batch(&mut self.inc, &attachments)?;
+        // Built from this very ruleset only if nothing was staged since and the records are the
+        // ones it was built with (a pending mark the plugin added since is in the ruleset now).
+        let prebuilt = prebuilt
+            .filter(|(records, _)| !stale && batch.is_none() && *records == attachments)
+            .map(|(_, b)| b);
         let mut full = full;
         let repair = self.repair.take();
         // The addresses the batch moved in or out of address sets, when that is all it did.
         let mut moved: Option<BTreeSet<std::net::IpAddr>> = None;
         let mut committed = if full {
-            self.commit_full()?;
+            self.commit_full(prebuilt)?;
             true
         } else {
             match batch {
@@ -639,7 +655,7 @@ impl Engine {
                 Some(batch) => match self.nft.apply_batch(&batch) {
                     Ok(Commit::Unheard) => {
                         self.unheard();
-                        self.commit_full()?;
+                        self.commit_full(None)?;
                         full = true;
                         true
                     }
@@ -655,7 +671,7 @@ impl Engine {
                         self.metrics.error("nft_rejected");
                         error!(error = %e, objects = %batch.stats, "nft rejected the incremental batch; falling back to a full replace");
                         debug!(batch = %batch.json_text(), "rejected batch");
-                        self.commit_full()?;
+                        self.commit_full(None)?;
                         full = true;
                         true
                     }
@@ -670,7 +686,7 @@ impl Engine {
                 Some(b) => match self.nft.apply_repair(&b) {
                     Ok(Commit::Unheard) => {
                         self.unheard();
-                        self.commit_full()?;
+                        self.commit_full(None)?;
                         full = true;
                     }
                     Ok(Commit::Heard | Commit::Quiet) => {
@@ -680,12 +696,12 @@ impl Engine {
                     Err(e) => {
                         self.metrics.error("nft_rejected");
                         error!(error = %e, "nft rejected the repair; replacing the table");
-                        self.commit_full()?;
+                        self.commit_full(None)?;
                         full = true;
                     }
                 },
                 None => {
-                    self.commit_full()?;
+                    self.commit_full(None)?;
                     full = true;
                 }
             }
@@ -759,11 +775,12 @@ impl Engine {
     /// Replaces our whole table with the compiler's ruleset; a failure leaves the compiler stale.
     /// The named counters are read first: the replace starts them from zero, and what they
     /// held is carried in the per-policy metrics.
-    fn commit_full(&mut self) -> Result<()> {
+    /// `prebuilt`: the ruleset's netlink messages, when built already (see [`Engine::lock_down`]).
+    fn commit_full(&mut self, prebuilt: Option<NetlinkBatch>) -> Result<()> {
         let counts = self.nft.counters().packets().map_err(|e| {
             debug!(error = %e, "cannot read the named counters before the full replace; the per-policy counters restart from zero");
         });
-        let applied = self.nft.replace_table(self.inc.ruleset());
+        let applied = self.nft.replace_table_with(self.inc.ruleset(), prebuilt);
         match &applied {
             Ok(r) => {
                 debug!(
