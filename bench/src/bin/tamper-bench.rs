@@ -2,8 +2,11 @@
 //! its back, per kind of change (issue 11's list), p50 / max over `--tries`.
 //!
 //! The time is commit to commit: from the kernel's first notification of the tampering transaction
-//! to the first of the agent's restore, both read by one nf_tables monitor (palisade-nft's) that
-//! this bench runs inside the agent's node namespace. It needs root; it creates the enforce-bench lab (its
+//! to the agent's restore, both read by one nf_tables monitor (palisade-nft's) that this bench runs
+//! inside the agent's node namespace. Two moments per try: "isolated", the agent's first commit
+//! after the tampering (the lockdown table, when the table must be restored in full; else the
+//! repair), and "restored", its last before the table is quiet for [`QUIET`] (the full table).
+//! A kind repaired in one commit has both the same. It needs root; it creates the enforce-bench lab (its
 //! own namespaces, deleted at the end, also on failure) and never touches the host's namespace.
 
 use clap::Parser;
@@ -68,6 +71,9 @@ const GENERATION_POLL: Duration = Duration::from_micros(250);
 const WAIT: Duration = Duration::from_secs(5);
 /// Pause after each restore (the agent's post-commit read-back comes 200 ms after a commit).
 const SETTLE: Duration = Duration::from_millis(300);
+/// After the agent's first commit, how long no commit must follow for its last to be the restore
+/// (the lockdown and the full table are two commits, tens of ms apart at 10k pods).
+const QUIET: Duration = Duration::from_millis(250);
 
 const KINDS: [&str; 8] = [
     "flush chain",
@@ -103,8 +109,10 @@ fn main() {
 fn run(cli: &Cli) -> Result<()> {
     let lab = Lab::create()?;
     rulesets::load_base(&lab.node2)?;
-    println!("| pods | kind | p50 ms | max ms | restored / tries |");
-    println!("|---:|---|---:|---:|---:|");
+    println!(
+        "| pods | kind | isolated p50 ms | isolated max ms | restored p50 ms | restored max ms | restored / tries |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     for &pods in &cli.pods {
         let work = std::env::temp_dir().join(format!(
             "palisade-tamper-bench-{}-{pods}",
@@ -126,9 +134,12 @@ fn run(cli: &Cli) -> Result<()> {
             &["delete", "table", "inet", palisade_contract::TABLE_NAME],
             None,
         );
-        for (kind, ms, tries) in r? {
+        for (kind, times, tries) in r? {
+            let (iso, ms): (Vec<f64>, Vec<f64>) = times.into_iter().unzip();
             println!(
-                "| {pods} | {kind} | {:.1} | {:.1} | {}/{tries} |",
+                "| {pods} | {kind} | {:.1} | {:.1} | {:.1} | {:.1} | {}/{tries} |",
+                median(&iso).unwrap_or(f64::NAN),
+                max(&iso).unwrap_or(f64::NAN),
                 median(&ms).unwrap_or(f64::NAN),
                 max(&ms).unwrap_or(f64::NAN),
                 ms.len()
@@ -138,7 +149,8 @@ fn run(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-type Rows = Vec<(&'static str, Vec<f64>, usize)>;
+/// Per kind: (isolated, restored) ms of each try that saw both, and the tries.
+type Rows = Vec<(&'static str, Vec<(f64, f64)>, usize)>;
 
 fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> {
     let policies = (pods as f64 * cli.policies_per_pod).round() as usize;
@@ -203,12 +215,17 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
             run_in(&lab.node2, "nft", &words, None)?;
             match probe.restore_time() {
                 Some(t) => {
+                    let (iso, back) = (
+                        t.isolated.as_secs_f64() * 1e3,
+                        t.restored.as_secs_f64() * 1e3,
+                    );
                     tracing::debug!(
                         kind,
-                        ms = t.as_secs_f64() * 1e3,
+                        isolated_ms = iso,
+                        ms = back,
                         "restored (logged at the restore's notification)"
                     );
-                    ms.push(t.as_secs_f64() * 1e3)
+                    ms.push((iso, back))
                 }
                 None => tracing::warn!(kind, pods, "no restore seen within 5 s"),
             }
@@ -217,11 +234,12 @@ fn measure_size(cli: &Cli, lab: &Lab, work: &Path, pods: usize) -> Result<Rows> 
             }
             std::thread::sleep(SETTLE);
         }
+        let back: Vec<f64> = ms.iter().map(|t| t.1).collect();
         tracing::info!(
             kind,
             pods,
-            p50_ms = median(&ms).unwrap_or(f64::NAN),
-            max_ms = max(&ms).unwrap_or(f64::NAN),
+            p50_ms = median(&back).unwrap_or(f64::NAN),
+            max_ms = max(&back).unwrap_or(f64::NAN),
             "tampering kind done"
         );
         rows.push((kind, ms, cli.tries));
@@ -259,7 +277,7 @@ impl Watcher {
             Watcher::Generation(p) => p.arm(),
         }
     }
-    fn restore_time(&self) -> Option<Duration> {
+    fn restore_time(&self) -> Option<Restore> {
         match self {
             Watcher::Notifications(events) => restore_time(events),
             Watcher::Generation(p) => p.restore_time(),
@@ -267,12 +285,39 @@ impl Watcher {
     }
 }
 
+/// One try's two moments, from the tampering's commit.
+#[derive(Debug, Clone, Copy)]
+struct Restore {
+    /// The agent's first commit after the tampering.
+    isolated: Duration,
+    /// Its last before [`QUIET`].
+    restored: Duration,
+}
+
+/// Follows the agent's commits after the tampering at `t0`: `next` gives the time of each (`None`
+/// once none came within the time it is given).
+fn follow(
+    t0: Instant,
+    first: Instant,
+    mut next: impl FnMut(Duration) -> Option<Instant>,
+) -> Restore {
+    let mut last = first;
+    while let Some(t) = next(QUIET) {
+        last = t;
+    }
+    Restore {
+        isolated: first.saturating_duration_since(t0),
+        restored: last.saturating_duration_since(t0),
+    }
+}
+
 /// A thread in the node's namespace that, once armed, polls the ruleset's generation until it moved
-/// twice (the tampering, then the restore) and reports the time between the two moves.
+/// twice (the tampering, then the agent's first commit), then until it stays for [`QUIET`], and
+/// reports the moves' times from the tampering's.
 struct GenerationProbe {
     arm: mpsc::Sender<()>,
     armed: mpsc::Receiver<std::result::Result<(), String>>,
-    done: mpsc::Receiver<Option<Duration>>,
+    done: mpsc::Receiver<Option<Restore>>,
 }
 
 impl GenerationProbe {
@@ -309,7 +354,20 @@ impl GenerationProbe {
                             tampered = Some(now);
                         }
                         if moved >= 2 {
-                            out = tampered.map(|t: Instant| now.saturating_duration_since(t));
+                            let t0 = tampered.unwrap_or(now);
+                            let mut seen = g;
+                            out = Some(follow(t0, now, |quiet| {
+                                let until = Instant::now() + quiet;
+                                while Instant::now() < until {
+                                    let g = writer.generation().ok()?;
+                                    if g != seen {
+                                        seen = g;
+                                        return Some(Instant::now());
+                                    }
+                                    std::thread::sleep(GENERATION_POLL);
+                                }
+                                None
+                            }));
                             break;
                         }
                         std::thread::sleep(GENERATION_POLL);
@@ -337,26 +395,30 @@ impl GenerationProbe {
             .map_err(|_| Error::Invalid("the generation probe died".into()))?
             .map_err(|e| Error::Invalid(format!("the generation probe: {e}")))
     }
-    fn restore_time(&self) -> Option<Duration> {
+    fn restore_time(&self) -> Option<Restore> {
         self.done.recv_timeout(3 * WAIT).ok().flatten()
     }
 }
 
-/// From the tampering's first notification to the first notification of the next transaction of
-/// another committer (the agent's restore): the kernel sends a transaction's notifications once it
-/// is live, so this is commit to commit, without the time this bench takes to parse them. `None`
+/// From the tampering's first notification to the first notification of the next transactions of
+/// another committer (the agent's): the kernel sends a transaction's notifications once it is
+/// live, so this is commit to commit, without the time this bench takes to parse them. `None`
 /// when either does not come within [`WAIT`].
-fn restore_time(events: &mpsc::Receiver<(Instant, Drift)>) -> Option<Duration> {
+fn restore_time(events: &mpsc::Receiver<(Instant, Drift)>) -> Option<Restore> {
     let (t0, tamper) = events.recv_timeout(WAIT).ok()?;
     let t0 = tamper.first_seen.unwrap_or(t0);
     let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+    let agent = |events: &mpsc::Receiver<(Instant, Drift)>, until: Instant| loop {
+        let left = until.saturating_duration_since(Instant::now());
         let (t1, d) = events.recv_timeout(left).ok()?;
         if d.portid != tamper.portid {
-            return Some(d.first_seen.unwrap_or(t1).saturating_duration_since(t0));
+            return Some(d.first_seen.unwrap_or(t1));
         }
-    }
+    };
+    let first = agent(events, deadline)?;
+    Some(follow(t0, first, |quiet| {
+        agent(events, Instant::now() + quiet)
+    }))
 }
 
 /// A thread in `ns` reading nf_tables notifications: every transaction on our table not committed
