@@ -53,10 +53,9 @@ impl Engine {
     /// ms to commit at 10k pods, the lockdown about a millisecond, and until the full table is
     /// back every new connection of this node's pods is dropped instead of let through
     /// unchecked. Under the node lock, with the attachment records' addresses as they are now
-    /// pending too. The full table's messages are built before the lockdown commits (the kernel
-    /// holds its commit mutex for the tamperer's exit meanwhile) and returned with those records,
-    /// for the restore to use when nothing changed since. A failure is logged and the restore
-    /// goes on.
+    /// pending too. The full table's messages are built meanwhile (the kernel holds its commit
+    /// mutex for the tamperer's exit then) and returned with those records, for the restore to
+    /// use when nothing changed since. A failure is logged and the restore goes on.
     pub(super) fn lock_down(
         &mut self,
     ) -> Option<(Vec<palisade_contract::Attachment>, super::NetlinkBatch)> {
@@ -74,14 +73,24 @@ impl Engine {
             .inc
             .compiled()
             .lockdown(records.iter().flat_map(|a| a.ips.iter().copied()));
-        let t = Instant::now();
-        let full = self.inc.ruleset().full_replace_netlink().ok();
-        let prepare_ms = t.elapsed().as_secs_f64() * 1e3;
-        // What a table still there counted is carried, as before a full replace (`commit_full`).
-        let counts = self.nft.counters().packets();
-        let t = Instant::now();
-        let done = self.nft.replace_table(&rs);
-        let commit_ms = t.elapsed().as_secs_f64() * 1e3;
+        // The full table's messages are built on a thread of their own while the lockdown
+        // commits: neither waits for the other (the lockdown's commit mostly waits for the
+        // kernel's commit mutex; when that is free at once, the building would delay it).
+        let (inc, nft) = (&self.inc, &self.nft);
+        let (full, prepare_ms, counts, done, commit_ms) = std::thread::scope(|s| {
+            let building = s.spawn(|| {
+                let t = Instant::now();
+                let full = inc.ruleset().full_replace_netlink().ok();
+                (full, t.elapsed().as_secs_f64() * 1e3)
+            });
+            // What a table still there counted is carried, as before a full replace.
+            let counts = nft.counters().packets();
+            let t = Instant::now();
+            let done = nft.replace_table(&rs);
+            let commit_ms = t.elapsed().as_secs_f64() * 1e3;
+            let (full, prepare_ms) = building.join().unwrap_or((None, f64::NAN));
+            (full, prepare_ms, counts, done, commit_ms)
+        });
         drop(lock);
         let took_ms = start.elapsed().as_secs_f64() * 1e3;
         match done {
