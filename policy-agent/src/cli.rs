@@ -161,6 +161,20 @@ pub struct RunArgs {
     /// way a deleted pod's flows are flushed with it (never passed to the next pod at its address).
     #[arg(long, env = "PALISADE_KEEP_ESTABLISHED_FLOWS")]
     pub keep_established_flows: bool,
+    /// When our table must be restored in full after a change behind our back (deleted, `nft
+    /// flush ruleset`), commit a lockdown table first: every new connection of this node's pods
+    /// is dropped (the node still reaches them, established ones go on) until the full table
+    /// commits, tens of ms later at 10k pods, instead of passing unchecked. `--restore-lockdown=false`
+    /// lets them through until then.
+    #[arg(
+        long,
+        env = "PALISADE_RESTORE_LOCKDOWN",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub restore_lockdown: bool,
     /// Log every connection a policy drops, one JSON line each (pods, port, protocol, the policies
     /// that decided), to this file, or `-` for stdout; the recent lines are also served to
     /// `palisade-agent flows` on this node. Unset: no flow log (no log rules in the kernel).

@@ -152,6 +152,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!("--keep-established-flows: connections stay up when a policy revokes them (a deleted pod's still end with it)");
         engine = engine.keep_established_flows();
     }
+    if !args.restore_lockdown {
+        info!("--restore-lockdown=false: after our table is deleted or flushed behind our back, pods' new connections pass unchecked until the full table is restored");
+        engine = engine.without_restore_lockdown();
+    }
     if let Some(output) = &args.flow_log {
         engine = start_flow_log(&args, output, engine, &metrics, tx.clone()).await?;
     }

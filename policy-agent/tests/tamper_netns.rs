@@ -134,7 +134,13 @@ fn on_the_exec_backend_too_every_tampering_is_restored_once_and_its_own_nft_is_n
     tamper_and_check(&["--nft-backend", "exec"]);
 }
 
+#[test]
+fn without_the_lockdown_a_table_gone_is_restored_in_full_with_no_lockdown_first() {
+    tamper_and_check(&["--restore-lockdown=false"]);
+}
+
 fn tamper_and_check(extra: &[&str]) {
+    let lockdown_on = !extra.contains(&"--restore-lockdown=false");
     // Default resync (30 s): every restore below must come from the drift monitor.
     let s = lab(extra);
     let log = s.t.path().join("arrivals.log");
@@ -210,7 +216,7 @@ fn tamper_and_check(extra: &[&str]) {
         );
         // A table gone is restored in full, the lockdown table first; what a repair can name
         // is put back without one.
-        lockdowns += u64::from(matches!(kind, "flush ruleset" | "delete table"));
+        lockdowns += u64::from(lockdown_on && matches!(kind, "flush ruleset" | "delete table"));
         assert_eq!(
             metric(&s.n1, "palisade_restore_lockdowns_total"),
             lockdowns,

@@ -45,7 +45,7 @@ impl Engine {
         self.metrics.restored();
         warn!(change = %what, "table inet palisade was changed behind our back; restoring it");
         self.replace_all();
-        self.lockdown = true;
+        self.lockdown = self.restore_lockdown;
     }
 
     /// Commits the lockdown table (`Compiled::lockdown`: the base chains, every local pod

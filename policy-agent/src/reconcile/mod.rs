@@ -202,6 +202,8 @@ pub struct Engine {
     replace: bool,
     /// That replace restores a drift: the lockdown table goes first (see [`Engine::lock_down`]).
     lockdown: bool,
+    /// Whether a restore commits the lockdown table first (`--restore-lockdown`, default on).
+    restore_lockdown: bool,
     /// Compile warnings logged so far: each is logged once while it holds (an incremental commit
     /// would otherwise repeat all of them, up to hundreds per second under churn).
     warned: BTreeSet<String>,
@@ -240,6 +242,7 @@ impl Engine {
             repair: None,
             replace: false,
             lockdown: false,
+            restore_lockdown: true,
             flow_log: None,
             carried: Default::default(),
             plan: None,
@@ -291,6 +294,13 @@ impl Engine {
     /// whose pod went away are still flushed (they were never the next pod's).
     pub fn keep_established_flows(mut self) -> Self {
         self.policy_sweeps = false;
+        self
+    }
+
+    /// A full restore after drift commits the full table only, no lockdown table first
+    /// (`--restore-lockdown=false`).
+    pub fn without_restore_lockdown(mut self) -> Self {
+        self.restore_lockdown = false;
         self
     }
 
