@@ -296,17 +296,10 @@ impl Nft {
     /// With a drift monitor running, the commit goes quiet (`Nft::commit_quietly`): the kernel
     /// builds a notification per rule, element and object of the transaction for every listener,
     /// and ours is usually the only one (at 100k pods that was most of a 5 s commit).
-    pub fn replace_table(&self, rs: &Ruleset) -> Result<Replaced> {
-        self.replace_table_with(rs, None)
-    }
-
-    /// [`Nft::replace_table`], with `rs`'s netlink messages already built (`prebuilt`, from
-    /// `Ruleset::full_replace_netlink` of this very ruleset) when the caller has them.
-    pub fn replace_table_with(
-        &self,
-        rs: &Ruleset,
-        prebuilt: Option<NetlinkBatch>,
-    ) -> Result<Replaced> {
+    ///
+    /// `prebuilt`: `rs`'s netlink messages when the caller built them already (from
+    /// `Ruleset::full_replace_netlink` of this very ruleset).
+    pub fn replace_table(&self, rs: &Ruleset, prebuilt: Option<NetlinkBatch>) -> Result<Replaced> {
         let start = std::time::Instant::now();
         let built = match prebuilt {
             Some(b) => Ok(b),
@@ -584,7 +577,7 @@ mod tests {
         watch_drift(nft.monitor_switch(), |_| true).unwrap();
         let st = palisade_policy::synth::cluster(&palisade_policy::synth::SynthConfig::small(5));
         let rs = palisade_policy::compile(&st, "n0").ruleset;
-        nft.replace_table(&rs).unwrap();
+        nft.replace_table(&rs, None).unwrap();
         let table = rs.full_replace_netlink().unwrap();
         let mut other = ElementWriter::new();
         let mut another_transaction = move || {

@@ -86,7 +86,7 @@ fn a_quiet_full_replace_wakes_nobody_and_the_monitor_hears_again_after_it() {
     let st = palisade_policy::synth::cluster(&palisade_policy::synth::SynthConfig::small(5));
     let rs = palisade_policy::compile(&st, "n0").ruleset;
     for _ in 0..3 {
-        let r = nft.replace_table(&rs).unwrap();
+        let r = nft.replace_table(&rs, None).unwrap();
         assert_eq!(
             r.by,
             palisade_agent::nft::ReplacePath::Netlink { quiet: true },
@@ -133,7 +133,7 @@ fn a_quiet_incremental_batch_commits_and_wakes_nobody() {
     .unwrap();
     let cfg = SynthConfig::small(5);
     let mut inc = palisade_policy::IncrementalCompiler::new(synth::cluster(&cfg), "n0");
-    nft.replace_table(inc.ruleset()).unwrap();
+    nft.replace_table(inc.ruleset(), None).unwrap();
     // A policy in the namespace of a pod of this node selects it: chains and rules to commit.
     let ns = inc
         .compiled()

@@ -76,29 +76,22 @@ impl Engine {
         // The full table's messages are built on a thread of their own while the lockdown
         // commits: neither waits for the other (the lockdown's commit mostly waits for the
         // kernel's commit mutex; when that is free at once, the building would delay it).
-        let (inc, nft) = (&self.inc, &self.nft);
-        let (full, prepare_ms, counts, done, commit_ms) = std::thread::scope(|s| {
+        let (inc, nft, carried) = (&self.inc, &self.nft, &mut self.carried);
+        let (full, prepare_ms, done) = std::thread::scope(|s| {
             let building = s.spawn(|| {
                 let t = Instant::now();
                 let full = inc.ruleset().full_replace_netlink().ok();
                 (full, t.elapsed().as_secs_f64() * 1e3)
             });
-            // What a table still there counted is carried, as before a full replace.
-            let counts = nft.counters().packets();
-            let t = Instant::now();
-            let done = nft.replace_table(&rs);
-            let commit_ms = t.elapsed().as_secs_f64() * 1e3;
+            let done = super::replace_carrying(nft, carried, &rs, None);
             let (full, prepare_ms) = building.join().unwrap_or((None, f64::NAN));
-            (full, prepare_ms, counts, done, commit_ms)
+            (full, prepare_ms, done)
         });
         drop(lock);
         let took_ms = start.elapsed().as_secs_f64() * 1e3;
         match done {
-            Ok(_) => {
+            Ok(r) => {
                 self.metrics.locked_down();
-                if let Ok(counts) = counts {
-                    self.carried.replaced(counts);
-                }
                 let pending: usize = [PENDING_SET_V4, PENDING_SET_V6]
                     .iter()
                     .filter_map(|n| rs.sets.get(*n))
@@ -106,7 +99,7 @@ impl Engine {
                     .sum();
                 info!(
                     took_ms,
-                    commit_ms,
+                    commit_ms = r.commit.as_secs_f64() * 1e3,
                     full_prepared_ms = prepare_ms,
                     pending,
                     "table locked down until the restore commits: new connections of this node's pods are dropped, established ones go on"

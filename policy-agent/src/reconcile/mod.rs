@@ -787,10 +787,7 @@ impl Engine {
     /// held is carried in the per-policy metrics.
     /// `prebuilt`: the ruleset's netlink messages, when built already (see [`Engine::lock_down`]).
     fn commit_full(&mut self, prebuilt: Option<NetlinkBatch>) -> Result<()> {
-        let counts = self.nft.counters().packets().map_err(|e| {
-            debug!(error = %e, "cannot read the named counters before the full replace; the per-policy counters restart from zero");
-        });
-        let applied = self.nft.replace_table_with(self.inc.ruleset(), prebuilt);
+        let applied = replace_carrying(&self.nft, &mut self.carried, self.inc.ruleset(), prebuilt);
         match &applied {
             Ok(r) => {
                 debug!(
@@ -801,9 +798,6 @@ impl Engine {
                     "full replace committed"
                 );
                 self.inc.table_replaced();
-                if let Ok(counts) = counts {
-                    self.carried.replaced(counts);
-                }
                 self.forget_gone_counters();
             }
             Err(_) => self.inc.invalidate(),
@@ -910,6 +904,25 @@ impl Engine {
         self.conflist.written();
         Ok(())
     }
+}
+
+/// Replaces our whole table with `rs` (`Nft::replace_table`), carrying what its named
+/// counters held into `carried` once the replace committed: they are read first, as the replace
+/// starts them from zero. The full replace and the lockdown ahead of a restore both go this way.
+fn replace_carrying(
+    nft: &Nft,
+    carried: &mut crate::policy_metrics::Carried,
+    rs: &palisade_policy::ruleset::Ruleset,
+    prebuilt: Option<NetlinkBatch>,
+) -> Result<crate::nft::Replaced> {
+    let counts = nft.counters().packets().map_err(|e| {
+        debug!(error = %e, "cannot read the named counters before the full replace; the per-policy counters restart from zero");
+    });
+    let applied = nft.replace_table(rs, prebuilt);
+    if let (Ok(_), Ok(counts)) = (&applied, counts) {
+        carried.replaced(counts);
+    }
+    applied
 }
 
 #[cfg(test)]
