@@ -370,6 +370,8 @@ fn semantics_11_deleting_the_last_policy_removes_isolation() {
         rs.chains.keys().collect::<Vec<_>>(),
         [
             CHAIN_EGRESS_HOST,
+            CHAIN_EXEMPT_EG,
+            CHAIN_EXEMPT_IN,
             CHAIN_INGRESS,
             CHAIN_NEIGHBOUR,
             CHAIN_PENDING_DST,

@@ -220,7 +220,9 @@ fn group_chain_of(
 ) -> Chain {
     let keys = pod.policies(dir);
     let tiers = pod.cluster(dir);
-    let mut rules = group_exemptions(dir);
+    // What no policy decides (from this node, a pod reaching itself): one shared chain.
+    let mut rules = vec![Rule::new(vec![Stmt::Jump(exempt_chain(dir).to_string())])
+        .with_comment("always allowed: from this node (ingress), a pod reaching itself")];
     let mut what = Vec::new();
     if !tiers.admin.is_empty() {
         rules.push(tier_jump(tiers_needed, c, &tiers.admin, Tier::Admin, dir));
@@ -509,44 +511,6 @@ fn addr_set<'a>(
 /// `iifname "pal*"`: the packet came in through a pod's host veth (`contract::host_veth_name`).
 fn from_pod_veth() -> Stmt {
     Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string())
-}
-
-/// The first rules of a group chain (the packet belongs to a pod some policy isolates in `dir`):
-/// traffic from this node to the pod (kubelet probes, hostNetwork pods) and a pod reaching itself
-/// (semantics 38) are always allowed. In the group chain rather than the base chain, so that only
-/// packets of isolated pods pay for these checks. A pod reaching itself comes in through a pod's
-/// veth (the source guard then says it is the pod's own): source and destination alone are what
-/// any host that routes to the pod can write, and were a way into every isolated pod.
-fn group_exemptions(dir: Direction) -> Vec<Rule> {
-    let mut rules = Vec::new();
-    if dir == Direction::Ingress {
-        // Sent by this node: no input interface, and its own source. The source alone is what
-        // any host routing to the pod can write (the kernel drops IPv4 from outside claiming an
-        // address of ours; IPv6 it forwards). A forwarded packet stops at the first compare: no
-        // FIB lookup for it.
-        rules.push(
-            Rule::new(vec![
-                Stmt::NoInputInterface,
-                Stmt::FibSaddrLocal,
-                Stmt::Accept,
-            ])
-            .with_comment("from this node (kubelet probes, hostNetwork)"),
-        );
-    }
-    for fam in Family::BOTH {
-        rules.push(
-            Rule::new(vec![
-                from_pod_veth(),
-                Stmt::SelfTraffic {
-                    family: fam,
-                    set: self_set(fam).to_string(),
-                },
-                Stmt::Accept,
-            ])
-            .with_comment("a pod reaching itself (semantics 38)"),
-        );
-    }
-    rules
 }
 
 /// What a policy drop does: count in `counter`, then drop (through the flow log when it is on).

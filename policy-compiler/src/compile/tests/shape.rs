@@ -73,22 +73,27 @@ fn base_chains_have_the_documented_shape() {
 }
 
 #[test]
-fn group_chains_start_with_the_node_and_self_exemptions() {
+fn group_chains_start_with_the_node_and_self_exemptions_held_once() {
     let mut w = W::new();
     w.pod("a/x", N1, &["10.0.1.1"], &[("app", "x")]);
+    w.pod("a/y", N1, &["10.0.1.2"], &[("app", "y")]);
     w.policy(
         "a/p",
         json!({"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress", "Egress"]}),
     );
+    w.policy(
+        "a/q",
+        json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+    );
     let rs = compiled(&w).ruleset;
-    let keys = ["a/p".to_string()];
     // From a pod's veth only: the source guard says a source there is the pod's own, where any
     // host that routes to the pod can write source and destination.
     let is_self = |r: &crate::ruleset::Rule, fam: Family| {
         r.stmts[0] == Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string())
             && matches!(&r.stmts[1], Stmt::SelfTraffic { family, .. } if *family == fam)
     };
-    let ing = &rs.chains[&group_chain(&keys, &[], &[], &[], Direction::Ingress)].rules;
+    let ing = &rs.chains[CHAIN_EXEMPT_IN].rules;
+    assert_eq!(ing.len(), 3);
     assert_eq!(
         ing[0].stmts,
         vec![Stmt::NoInputInterface, Stmt::FibSaddrLocal, Stmt::Accept],
@@ -96,16 +101,47 @@ fn group_chains_start_with_the_node_and_self_exemptions() {
     );
     assert!(is_self(&ing[1], Family::V4));
     assert!(is_self(&ing[2], Family::V6));
-    assert_eq!(
-        ing[3].stmts,
-        vec![Stmt::Jump(policy_chain("a/p", Direction::Ingress))]
-    );
-    let eg = &rs.chains[&group_chain(&keys, &[], &[], &[], Direction::Egress)].rules;
+    let eg = &rs.chains[CHAIN_EXEMPT_EG].rules;
+    assert_eq!(eg.len(), 2);
     assert!(is_self(&eg[0], Family::V4));
     assert!(is_self(&eg[1], Family::V6));
+    // Every group chain (two groups here: x is selected by both policies, y by one) jumps there
+    // first, then to its policies; none holds a copy of the exemptions.
+    for (keys, dir) in [
+        (
+            vec!["a/p".to_string(), "a/q".to_string()],
+            Direction::Ingress,
+        ),
+        (vec!["a/q".to_string()], Direction::Ingress),
+        (
+            vec!["a/p".to_string(), "a/q".to_string()],
+            Direction::Egress,
+        ),
+        (vec!["a/q".to_string()], Direction::Egress),
+    ] {
+        let group = &rs.chains[&group_chain(&keys, &[], &[], &[], dir)].rules;
+        assert_eq!(
+            group[0].stmts,
+            vec![Stmt::Jump(exempt_chain(dir).to_string())]
+        );
+        assert_eq!(
+            group[1].stmts,
+            vec![Stmt::Jump(policy_chain(&keys[0], dir))]
+        );
+    }
+    let copies = rs
+        .chains
+        .values()
+        .flat_map(|c| &c.rules)
+        .filter(|r| {
+            r.stmts
+                .iter()
+                .any(|s| matches!(s, Stmt::SelfTraffic { .. }))
+        })
+        .count();
     assert_eq!(
-        eg[2].stmts,
-        vec![Stmt::Jump(policy_chain("a/p", Direction::Egress))]
+        copies, 4,
+        "the self rules are in the two exemption chains only"
     );
 }
 
