@@ -75,9 +75,9 @@ pub(super) fn base(rs: &mut Ruleset, c: &Compiled, pending: &BTreeSet<std::net::
     // The base chains hold only what must be decided for every new packet: established/related,
     // invalid, neighbour discovery, and pending addresses (an unknown pod is denied whether or not a
     // policy selects it). What only matters for a packet of an isolated pod (from this node, a pod
-    // reaching itself) is in the chains the group chains jump to first (`exemptions`), so a new
-    // connection of a pod no policy selects costs two map lookups after the pending check, and no
-    // FIB lookup.
+    // reaching itself) is in the chains the group chains jump to first (`super::exemptions`), so a
+    // new connection of a pod no policy selects costs two map lookups after the pending check, and
+    // no FIB lookup.
     let chains = [
         (
             CHAIN_POSTROUTING,
@@ -184,13 +184,12 @@ pub(super) fn base(rs: &mut Ruleset, c: &Compiled, pending: &BTreeSet<std::net::
         });
     }
     neighbour(rs);
-    exemptions(rs);
     rs.add_chain(Chain {
         name: CHAIN_PENDING_DST.to_string(),
         base: None,
         comment: "to a pending pod: from this node only".to_string(),
         rules: vec![
-            // Sent by this node, not only claiming its address (see `exemptions`).
+            // Sent by this node, not only claiming its address (see `super::exemptions`).
             Rule::new(vec![
                 Stmt::NoInputInterface,
                 Stmt::FibSaddrLocal,
@@ -222,53 +221,6 @@ pub(super) fn base(rs: &mut Ruleset, c: &Compiled, pending: &BTreeSet<std::net::
         comment: "ingress of local pods, after the egress check".to_string(),
         rules,
     });
-}
-
-/// The exemption chains every group chain of a direction jumps to first (the packet belongs to a
-/// pod some policy isolates): traffic from this node to the pod (kubelet probes, hostNetwork pods;
-/// ingress) and a pod reaching itself (semantics 38) are always allowed. Reached from the group
-/// chains rather than the base chains, so that only packets of isolated pods pay for these checks;
-/// one chain for all groups, so that the table holds these rules once. A pod reaching itself comes
-/// in through a pod's veth (the source guard then says it is the pod's own): source and
-/// destination alone are what any host that routes to the pod can write, and were a way into every
-/// isolated pod.
-fn exemptions(rs: &mut Ruleset) {
-    for dir in Direction::BOTH {
-        let mut rules = Vec::new();
-        if dir == Direction::Ingress {
-            // Sent by this node: no input interface, and its own source. The source alone is what
-            // any host routing to the pod can write (the kernel drops IPv4 from outside claiming
-            // an address of ours; IPv6 it forwards). A forwarded packet stops at the first
-            // compare: no FIB lookup for it.
-            rules.push(
-                Rule::new(vec![
-                    Stmt::NoInputInterface,
-                    Stmt::FibSaddrLocal,
-                    Stmt::Accept,
-                ])
-                .with_comment("from this node (kubelet probes, hostNetwork)"),
-            );
-        }
-        for fam in Family::BOTH {
-            rules.push(
-                Rule::new(vec![
-                    from_pod_veth(),
-                    Stmt::SelfTraffic {
-                        family: fam,
-                        set: self_set(fam).to_string(),
-                    },
-                    Stmt::Accept,
-                ])
-                .with_comment("a pod reaching itself (semantics 38)"),
-            );
-        }
-        rs.add_chain(Chain {
-            name: exempt_chain(dir).to_string(),
-            base: None,
-            comment: format!("{dir} of an isolated pod allowed whatever the policies say"),
-            rules,
-        });
-    }
 }
 
 /// The flow log's chains: `flow_drop`, where every policy drop ends (a copy to NFLOG within the

@@ -131,6 +131,7 @@ pub(crate) fn local_part(c: &Compiled) -> LocalPart {
     // status) would make the kernel reject the whole batch. The first pod (by key) keeps it.
     let mut owner: BTreeMap<(Direction, IpAddr), &str> = BTreeMap::new();
     base(&mut rs, c, &c.pending);
+    exemptions(&mut rs);
     // The host veth of each local address (the attachment records'), and each veth's egress
     // group: the first pod (by key) whose address the veth carries.
     let veth_of: BTreeMap<IpAddr, &str> = c
@@ -511,6 +512,53 @@ fn addr_set<'a>(
 /// `iifname "pal*"`: the packet came in through a pod's host veth (`contract::host_veth_name`).
 fn from_pod_veth() -> Stmt {
     Stmt::IifnamePrefix(palisade_contract::HOST_VETH_PREFIX.to_string())
+}
+
+/// The exemption chains every group chain of a direction jumps to first (the packet belongs to a
+/// pod some policy isolates): traffic from this node to the pod (kubelet probes, hostNetwork pods;
+/// ingress) and a pod reaching itself (semantics 38) are always allowed. Reached from the group
+/// chains rather than the base chains, so that only packets of isolated pods pay for these checks;
+/// one chain for all groups, so that the table holds these rules once. A pod reaching itself comes
+/// in through a pod's veth (the source guard then says it is the pod's own): source and
+/// destination alone are what any host that routes to the pod can write, and were a way into every
+/// isolated pod.
+fn exemptions(rs: &mut Ruleset) {
+    for dir in Direction::BOTH {
+        let mut rules = Vec::new();
+        if dir == Direction::Ingress {
+            // Sent by this node: no input interface, and its own source. The source alone is what
+            // any host routing to the pod can write (the kernel drops IPv4 from outside claiming
+            // an address of ours; IPv6 it forwards). A forwarded packet stops at the first
+            // compare: no FIB lookup for it.
+            rules.push(
+                Rule::new(vec![
+                    Stmt::NoInputInterface,
+                    Stmt::FibSaddrLocal,
+                    Stmt::Accept,
+                ])
+                .with_comment("from this node (kubelet probes, hostNetwork)"),
+            );
+        }
+        for fam in Family::BOTH {
+            rules.push(
+                Rule::new(vec![
+                    from_pod_veth(),
+                    Stmt::SelfTraffic {
+                        family: fam,
+                        set: self_set(fam).to_string(),
+                    },
+                    Stmt::Accept,
+                ])
+                .with_comment("a pod reaching itself (semantics 38)"),
+            );
+        }
+        rs.add_chain(Chain {
+            name: exempt_chain(dir).to_string(),
+            base: None,
+            comment: format!("{dir} of an isolated pod allowed whatever the policies say"),
+            rules,
+        });
+    }
 }
 
 /// What a policy drop does: count in `counter`, then drop (through the flow log when it is on).

@@ -338,6 +338,10 @@ fn a_lockdown_drops_every_new_connection_of_a_local_pod_and_lets_its_node_and_ot
     );
     assert!(lock.chains.keys().all(|k| full.chains.contains_key(k)));
     assert!(lock.chains.len() < full.chains.len());
+    // No policy, so no group chain, nor the exemptions only group chains jump to.
+    assert!(Direction::BOTH
+        .iter()
+        .all(|d| !lock.chains.contains_key(exempt_chain(*d))));
     // Each replaces the other in one transaction, whatever the kernel held.
     let mut k = crate::kernel_sim::KernelTable::default();
     for rs in [full, &lock, full] {
