@@ -3,6 +3,7 @@
 //! back with our comments verbatim and no other table: no user string became nft syntax.
 
 use palisade_policy::compile;
+use palisade_policy::ruleset::NewSetNaming;
 use palisade_policy::scenarios::{scenarios, NODE};
 use palisade_tests::{Netns, NftNs};
 
@@ -435,27 +436,33 @@ fn netlink_full_replace_lists_as_the_json_one_root() {
         nft.apply(&rs.full_replace_text())
             .unwrap_or_else(|e| panic!("{name}: JSON load: {e}"));
         let by_json = listed_normalized();
-        let batch = rs
-            .full_replace_netlink()
-            .unwrap_or_else(|e| panic!("{name}: not encoded: {e}"));
-        // Over the table the JSON load left, and over no table.
-        for over in ["existing table", "no table"] {
-            if over == "no table" {
-                nft.apply(
-                    r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"palisade"}}}]}"#,
-                )
-                .unwrap();
+        // New sets' elements named as nft names them, and by ID alone (the agent's choice on
+        // Linux 6.12 and later; any kernel takes it).
+        for naming in [NewSetNaming::NameAndId, NewSetNaming::IdOnly] {
+            let batch = rs
+                .full_replace_netlink_naming(naming)
+                .unwrap_or_else(|e| panic!("{name}: not encoded: {e}"));
+            // Over the table the JSON load (or the last commit) left, and over no table.
+            for over in ["existing table", "no table"] {
+                if over == "no table" {
+                    nft.apply(
+                        r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"palisade"}}}]}"#,
+                    )
+                    .unwrap();
+                }
+                writer
+                    .commit_prepared("full replace", "palisade", &batch.parts())
+                    .unwrap_or_else(|e| {
+                        panic!("{name}, {naming:?}, over {over}: kernel refused: {e}")
+                    });
+                let by_netlink = listed_normalized();
+                assert!(
+                    by_json == by_netlink,
+                    "{name}, {naming:?}, over {over}: listings differ\nJSON:    {}\nnetlink: {}",
+                    serde_json::to_string(&by_json).unwrap(),
+                    serde_json::to_string(&by_netlink).unwrap()
+                );
             }
-            writer
-                .commit_prepared("full replace", "palisade", &batch.parts())
-                .unwrap_or_else(|e| panic!("{name}, over {over}: kernel refused: {e}"));
-            let by_netlink = listed_normalized();
-            assert!(
-                by_json == by_netlink,
-                "{name}, over {over}: listings differ\nJSON:    {}\nnetlink: {}",
-                serde_json::to_string(&by_json).unwrap(),
-                serde_json::to_string(&by_netlink).unwrap()
-            );
         }
     }
 }

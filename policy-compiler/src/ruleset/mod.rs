@@ -10,7 +10,7 @@ pub mod names;
 pub mod netlink;
 pub(crate) mod render;
 
-pub use netlink::{NetlinkBatch, Unsupported};
+pub use netlink::{NetlinkBatch, NewSetNaming, Unsupported};
 pub use render::{Batch, ElementChange, ElementKey, MAX_ELEMENT_CHANGES};
 
 use crate::model::Protocol;
