@@ -8,12 +8,14 @@
 //! removes pending marks in it). This crate knows no table layout: callers pass the batch and the
 //! names. Only what is asked for is listed; other tables are never parsed. [`monitor`] reports
 //! changes to one table that this process did not commit (nf_tables notifications); [`summary`]
-//! counts and fingerprints one table from nfnetlink dumps, [`counters`] reads its named counters.
+//! counts and fingerprints one table from nfnetlink dumps, [`counters`] reads its named counters;
+//! [`kernel`] says what the running kernel's nf_tables does that decides how a batch is written.
 
 pub mod counters;
 mod dump;
 mod error;
 mod exec;
+pub mod kernel;
 mod libnftables;
 pub mod monitor;
 pub mod setelem;

@@ -8,7 +8,7 @@ use palisade_contract::{PENDING_SET_V4, PENDING_SET_V6, TABLE_FAMILY, TABLE_NAME
 use palisade_nft::monitor::{Drift, Membership, Monitor, Scope};
 pub use palisade_nft::Backend;
 use palisade_policy::ruleset::netlink::NetlinkBatch;
-use palisade_policy::ruleset::{ElementChange, Ruleset};
+use palisade_policy::ruleset::{ElementChange, NewSetNaming, Ruleset, Unsupported};
 
 /// palisade-nft bound to our table, with errors in the agent's type.
 pub struct Nft {
@@ -21,6 +21,9 @@ pub struct Nft {
     counters: Counters,
     /// Incremental batches this large or larger go quiet ([`QUIET_BATCH_BYTES`] by default).
     quiet_batch_bytes: usize,
+    /// How a full replace's element messages name the sets it creates: by ID alone on a kernel
+    /// that finds them so at once (`palisade_nft::kernel`), else as nft does.
+    naming: NewSetNaming,
 }
 
 /// Our table's named counters over one kept nfnetlink socket
@@ -103,7 +106,20 @@ impl Nft {
             monitor: Default::default(),
             counters: Default::default(),
             quiet_batch_bytes: QUIET_BATCH_BYTES,
+            naming: if palisade_nft::kernel::finds_new_sets_by_id() {
+                NewSetNaming::IdOnly
+            } else {
+                NewSetNaming::NameAndId
+            },
         }
+    }
+
+    /// `rs`'s full replace as nfnetlink messages, written for this kernel (see `naming`).
+    pub fn full_replace_netlink(
+        &self,
+        rs: &Ruleset,
+    ) -> std::result::Result<NetlinkBatch, Unsupported> {
+        rs.full_replace_netlink_naming(self.naming)
     }
 
     /// Incremental batches of `bytes` or more go quiet (tests make every batch go quiet).
@@ -303,7 +319,7 @@ impl Nft {
         let start = std::time::Instant::now();
         let built = match prebuilt {
             Some(b) => Ok(b),
-            None => rs.full_replace_netlink(),
+            None => self.full_replace_netlink(rs),
         };
         let why = match built {
             Ok(batch) => {

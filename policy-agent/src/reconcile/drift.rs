@@ -80,7 +80,7 @@ impl Engine {
         let (full, prepare_ms, done) = std::thread::scope(|s| {
             let building = s.spawn(|| {
                 let t = Instant::now();
-                let full = inc.ruleset().full_replace_netlink().ok();
+                let full = nft.full_replace_netlink(inc.ruleset()).ok();
                 (full, t.elapsed().as_secs_f64() * 1e3)
             });
             let done = super::replace_carrying(nft, carried, &rs, None);
