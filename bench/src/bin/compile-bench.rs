@@ -137,6 +137,10 @@ fn main() {
     let render_t = t.elapsed();
     let t = Instant::now();
     let full_netlink = c.ruleset.full_replace_netlink();
+    let full_by_id = c
+        .ruleset
+        .full_replace_netlink_naming(palisade_policy::ruleset::NewSetNaming::IdOnly)
+        .ok();
     let netlink_t = t.elapsed();
     dump("full.json", &full.to_json_string());
     println!(
@@ -289,7 +293,7 @@ fn main() {
         ),
         Err(e) => println!("full table as netlink messages: not encoded: {e}"),
     }
-    commit_in_throwaway_netns(&full, full_netlink.ok(), &b.batches);
+    commit_in_throwaway_netns(&full, full_netlink.ok(), full_by_id, &b.batches);
 }
 
 /// The same pod (namespace and labels of `like`) landing on this node in the order a cluster
@@ -333,9 +337,13 @@ fn land_in_kubernetes_order(b: &mut Bench, cfg: &SynthConfig, rng: &mut Rng, lik
     );
 }
 
+/// Full commits of each way of naming new sets (in turns) for their medians.
+const NAMING_ROUNDS: usize = 15;
+
 fn commit_in_throwaway_netns(
     full: &Batch,
     full_netlink: Option<palisade_policy::ruleset::NetlinkBatch>,
+    full_by_id: Option<palisade_policy::ruleset::NetlinkBatch>,
     batches: &[(String, Batch)],
 ) {
     let ns = match Netns::create("palbench") {
@@ -409,6 +417,36 @@ fn commit_in_throwaway_netns(
                     format!("full table, {what}"),
                     ms(t.elapsed()),
                     nl.len()
+                ));
+            }
+            // Element messages naming their new set by name and ID (as nft) against by ID alone
+            // (the agent's choice on Linux 6.12 and later), each over no table, in turns.
+            if let Some(by_id) = &full_by_id {
+                let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+                for round in 0..2 * NAMING_ROUNDS {
+                    let (side, batch) = if round % 2 == 0 { (0, nl) } else { (1, by_id) };
+                    nft.apply(r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"palisade"}}}]}"#)
+                        .map_err(|e| format!("delete table: {e}"))?;
+                    let t = Instant::now();
+                    writer
+                        .commit_prepared("full replace", "palisade", &batch.parts())
+                        .map_err(|e| {
+                            format!("netlink full table ({}): {e}", ["by name", "by id"][side])
+                        })?;
+                    times[side].push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                let [by_name, by_id] = times.map(|mut v| {
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                });
+                out.push(format!(
+                    "full table, first commit, {NAMING_ROUNDS} in turns: new sets' elements by name and ID {by_name:.3} ms, by ID alone {by_id:.3} ms (medians; by ID / by name x{:.3}; {})",
+                    by_id / by_name,
+                    if palisade_nft::kernel::finds_new_sets_by_id() {
+                        "this kernel finds new sets by ID at once: the agent names them so"
+                    } else {
+                        "this kernel walks the transaction for an ID: the agent names sets as nft does"
+                    }
                 ));
             }
         }
