@@ -137,11 +137,12 @@ fn main() {
     let render_t = t.elapsed();
     let t = Instant::now();
     let full_netlink = c.ruleset.full_replace_netlink();
+    let netlink_t = t.elapsed();
+    // Built after the timing above: "built in" is one full replace's messages.
     let full_by_id = c
         .ruleset
         .full_replace_netlink_naming(palisade_policy::ruleset::NewSetNaming::IdOnly)
         .ok();
-    let netlink_t = t.elapsed();
     dump("full.json", &full.to_json_string());
     println!(
         "node {NODE}: {} local pods, {} policies select them; full compile {}",
@@ -340,6 +341,10 @@ fn land_in_kubernetes_order(b: &mut Bench, cfg: &SynthConfig, rng: &mut Rng, lik
 /// Full commits of each way of naming new sets (in turns) for their medians.
 const NAMING_ROUNDS: usize = 15;
 
+/// Our table deleted, for a full commit over none.
+const DELETE_TABLE: &str =
+    r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"palisade"}}}]}"#;
+
 fn commit_in_throwaway_netns(
     full: &Batch,
     full_netlink: Option<palisade_policy::ruleset::NetlinkBatch>,
@@ -405,7 +410,7 @@ fn commit_in_throwaway_netns(
             let mut writer = palisade_nft::setelem::ElementWriter::new();
             for (what, drop_first) in [("replace", false), ("first commit", true)] {
                 if drop_first {
-                    nft.apply(r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"palisade"}}}]}"#)
+                    nft.apply(DELETE_TABLE)
                         .map_err(|e| format!("delete table: {e}"))?;
                 }
                 let t = Instant::now();
@@ -425,7 +430,7 @@ fn commit_in_throwaway_netns(
                 let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
                 for round in 0..2 * NAMING_ROUNDS {
                     let (side, batch) = if round % 2 == 0 { (0, nl) } else { (1, by_id) };
-                    nft.apply(r#"{"nftables":[{"delete":{"table":{"family":"inet","name":"palisade"}}}]}"#)
+                    nft.apply(DELETE_TABLE)
                         .map_err(|e| format!("delete table: {e}"))?;
                     let t = Instant::now();
                     writer
