@@ -939,6 +939,18 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A plain set of IPv4 addresses.
+    fn v4_set(name: &str, elements: impl IntoIterator<Item = Elem>) -> Set {
+        Set {
+            name: name.into(),
+            key: SetKey::Ipv4,
+            interval: false,
+            verdict_map: false,
+            comment: String::new(),
+            elements: elements.into_iter().collect(),
+        }
+    }
+
     /// A batch past [`PART_BYTES`] is held in parts that each end where a message ends (the
     /// kernel reads one datagram, so a message cut between two parts would still arrive whole;
     /// what matters is that no part is regrown or copied), and the parts together are the same
@@ -949,14 +961,7 @@ mod tests {
         let elements: BTreeSet<Elem> = (0..200_000u32)
             .map(|i| Elem::Addr(IpAddr::V4((0x0a00_0000 + i).into())))
             .collect();
-        rs.add_set(Set {
-            name: "big".into(),
-            key: SetKey::Ipv4,
-            interval: false,
-            verdict_map: false,
-            comment: String::new(),
-            elements,
-        });
+        rs.add_set(v4_set("big", elements));
         let b = rs.full_replace_netlink().unwrap();
         for (i, part) in b.parts.iter().enumerate() {
             assert!(part.capacity() <= PART_ROOM, "part {i} was regrown");
@@ -996,17 +1001,9 @@ mod tests {
     /// that names one: the sets most rules look up are created first, the rest in name order.
     #[test]
     fn the_full_replace_creates_the_most_looked_up_sets_first() {
-        let set = |name: &str| Set {
-            name: name.into(),
-            key: SetKey::Ipv4,
-            interval: false,
-            verdict_map: false,
-            comment: String::new(),
-            elements: BTreeSet::new(),
-        };
         let mut rs = Ruleset::default();
         for name in ["a_peer", "b_peer", "self_v4", "z_unused"] {
-            rs.add_set(set(name));
+            rs.add_set(v4_set(name, []));
         }
         let lookup = |name: &str| {
             Rule::new(vec![Stmt::AddrInSet {
@@ -1106,14 +1103,7 @@ mod tests {
     /// by its name; with the default, both by name, the new one by its ID too (as nft, above).
     #[test]
     fn elements_name_a_new_set_by_id_alone_when_asked_and_an_existing_one_by_name() {
-        let set = |name: &str| Set {
-            name: name.into(),
-            key: SetKey::Ipv4,
-            interval: false,
-            verdict_map: false,
-            comment: String::new(),
-            elements: [Elem::Addr(ip("10.0.0.1"))].into_iter().collect(),
-        };
+        let set = |name: &str| v4_set(name, [Elem::Addr(ip("10.0.0.1"))]);
         let (created, existing) = (set("new_set"), set("old_set"));
         let elements = |naming| -> Vec<Vec<u8>> {
             let mut t = Transaction::naming_new_sets(naming);
